@@ -1,0 +1,1 @@
+"""Shared by every service: settings, typed messages, errors, Redis metadata, sampling, models, KV."""

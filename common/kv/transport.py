@@ -1,0 +1,68 @@
+"""The KV transport contract: one interface, two implementations (UCX, asyncio TCP).
+
+Tensors move only over a transport; control messages go over HTTP. A transport carries
+*frames*: one small header (bytes) plus one contiguous payload (bytes-like, may be empty),
+delivered whole and in order on a connection. Connections are bidirectional: the receiver of
+KV answers with acknowledgement frames on the same connection.
+
+Who calls what:
+- a service calls `listen()` once at start-up (inside its asyncio loop, i.e. the FastAPI
+  lifespan: UCX must be initialised per process, after any fork) and advertises the address;
+- a sender calls `connect(address)` and keeps the connection for many messages;
+- `Connection.send` may be called by many tasks at once: each frame is sent atomically.
+- `Connection.recv` is called by a single reader task per connection.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+
+# Given the header of an incoming frame and its payload size in bytes, return a writable,
+# C-contiguous uint8 numpy array of exactly that size to receive the payload into (zero-copy
+# where the transport allows it). Called once per frame, before the payload is read.
+Allocator = Callable[[bytes, int], np.ndarray]
+
+
+class TransportError(Exception):
+    """The peer is gone, the connection broke, or a frame was malformed."""
+
+
+class Connection(abc.ABC):
+    @abc.abstractmethod
+    async def send(self, header: bytes, payload: np.ndarray | memoryview | bytes | None = None) -> None:
+        """Send one frame. Returns once the payload buffer may be reused. Raises TransportError."""
+
+    @abc.abstractmethod
+    async def recv(self, alloc: Allocator | None = None) -> tuple[bytes, np.ndarray]:
+        """Receive one frame: (header, payload as uint8 array). Raises TransportError on EOF/break."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close; idempotent. A pending recv on either side then raises TransportError."""
+
+    @property
+    @abc.abstractmethod
+    def closed(self) -> bool: ...
+
+
+Handler = Callable[[Connection], Awaitable[None]]
+
+
+class Transport(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    async def listen(self, handler: Handler, host: str, port: int = 0) -> str:
+        """Accept connections; run `handler(conn)` as a task for each. Returns the address
+        ("host:port") that peers pass to `connect`. port=0 picks a free port."""
+
+    @abc.abstractmethod
+    async def connect(self, address: str, timeout: float = 5.0) -> Connection:
+        """Open a connection to a listening peer. Raises TransportError if it can't."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop listening and close every connection; the process may then exit cleanly."""

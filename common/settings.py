@@ -1,0 +1,176 @@
+"""Settings: the one module that reads the environment.
+
+Every service has one frozen dataclass. A field `foo_bar` is set, highest precedence first, by
+the CLI flag `--foo-bar`, the environment variable `DEJAVU_FOO_BAR`, or its default. Values are
+validated when the dataclass is built; a bad one stops the service at start with a message that
+names the flag and the variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+ENV_PREFIX = "DEJAVU_"
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names the flag and the environment variable."""
+
+
+def setting(default: Any, help: str, choices: tuple | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """What every service process has."""
+
+    host: str = setting("127.0.0.1", "interface to bind the HTTP server to")
+    port: int = setting(0, "HTTP port (0 picks a free one)")
+    advertise_host: str = setting("", "host other services use to reach this one (default: --host, or the hostname when --host is 0.0.0.0)")
+    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis holding request metadata and the service registry")
+    service_id: str = setting("", "unique id in the registry (default: KIND-HOSTNAME-PID)")
+    lease_ttl_s: float = setting(3.0, "a service whose lease is older than this is dead (s)")
+    lease_renew_s: float = setting(1.0, "how often the lease is renewed (s)")
+    log_level: str = setting("info", "logging level", ("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        _check(self, 0 <= self.port <= 65535, "port", "must be in 0..65535")
+        _check(self, self.lease_renew_s > 0, "lease_renew_s", "must be > 0")
+        _check(self, self.lease_ttl_s > self.lease_renew_s, "lease_ttl_s", "must be greater than --lease-renew-s")
+        _check(self, self.redis_url.startswith(("redis://", "rediss://", "unix://")), "redis_url",
+               "must start with redis://, rediss:// or unix://")
+
+    @property
+    def public_host(self) -> str:
+        if self.advertise_host:
+            return self.advertise_host
+        return socket.gethostname() if self.host in ("0.0.0.0", "::") else self.host
+
+
+@dataclass(frozen=True)
+class ModelSettings(ServiceSettings):
+    """Services that run the model."""
+
+    model: str = setting("smollm2", "'smollm2' (the bundled model) or a Hugging Face model folder")
+    max_model_len: int = setting(2048, "longest sequence (prompt + output tokens) served")
+    kv_transport: str = setting("ucx", "KV transport", ("ucx", "tcp"))
+    kv_port: int = setting(0, "KV transport port (0 picks a free one)")
+    threads: int = setting(0, "torch CPU threads (0: torch's default)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self, 16 <= self.max_model_len <= 1 << 20, "max_model_len", "must be in 16..1048576")
+        _check(self, 0 <= self.kv_port <= 65535, "kv_port", "must be in 0..65535")
+        _check(self, self.threads >= 0, "threads", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class PromptSettings(ModelSettings):
+    max_batch_tokens: int = setting(4096, "most prompt tokens prefilled in one forward pass")
+    ack_timeout_s: float = setting(30.0, "how long to wait for the token service to acknowledge the KV (s)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self, self.max_batch_tokens >= 16, "max_batch_tokens", "must be >= 16")
+
+
+@dataclass(frozen=True)
+class TokenSettings(ModelSettings):
+    max_seqs: int = setting(16, "most sequences decoding at once (each holds --max-model-len tokens of KV)")
+    reservation_ttl_s: float = setting(120.0, "KV room reserved but never used is freed after this (s)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self, 1 <= self.max_seqs <= 4096, "max_seqs", "must be in 1..4096")
+        _check(self, self.reservation_ttl_s > 0, "reservation_ttl_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class GatewaySettings(ServiceSettings):
+    port: int = setting(8000, "HTTP port")
+    model: str = setting("smollm2", "'smollm2' (the bundled model) or a Hugging Face model folder")
+    served_model_name: str = setting("", "model name clients use (default: 'smollm2' or the folder name)")
+    max_model_len: int = setting(2048, "longest sequence (prompt + output tokens) served")
+    max_body_bytes: int = setting(4 << 20, "largest request body accepted (bytes)")
+    max_tokens_default: int = setting(256, "max_tokens when a request gives none")
+    request_timeout_s: float = setting(600.0, "longest a request may take end to end (s)")
+    route_timeout_s: float = setting(30.0, "how long to wait for a token service with free KV room (s)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self, 16 <= self.max_model_len <= 1 << 20, "max_model_len", "must be in 16..1048576")
+        _check(self, self.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
+        _check(self, self.max_tokens_default >= 1, "max_tokens_default", "must be >= 1")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or os.path.basename(os.path.normpath(self.model))
+
+
+@dataclass(frozen=True)
+class CacheStoreSettings(ServiceSettings):
+    kv_transport: str = setting("ucx", "KV transport", ("ucx", "tcp"))
+    kv_port: int = setting(0, "KV transport port (0 picks a free one)")
+    memory_bytes: int = setting(2 << 30, "replica bytes kept in host memory before spilling to disk")
+    spill_dir: str = setting("", "where replicas spill past --memory-bytes (default: a temporary folder)")
+
+
+def _check(obj: Any, ok: bool, name: str, why: str) -> None:
+    if not ok:
+        value = getattr(obj, name)
+        raise SettingsError(f"{flag_name(name)} / {env_name(name)} = {value!r}: {why}")
+
+
+def _convert(f: dataclasses.Field, raw: str) -> Any:
+    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+    if kind is bool:
+        if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise SettingsError(f"{flag_name(f.name)} / {env_name(f.name)} = {raw!r}: must be true or false")
+        return raw.lower() in ("1", "true", "yes")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise SettingsError(f"{flag_name(f.name)} / {env_name(f.name)} = {raw!r}: must be {kind.__name__}") from None
+
+
+def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        parser.add_argument(flag_name(f.name), dest=f.name, default=None, choices=f.metadata["choices"],
+                            help=f"{f.metadata['help']} [env {env_name(f.name)}] (default: {f.default!r})")
+    return parser
+
+
+def load(cls: type[T], argv: list[str] | None = None, prog: str = "", description: str = "",
+         environ: dict[str, str] | None = None) -> T:
+    """Build `cls` from CLI flags, then DEJAVU_* variables, then defaults. Raises SettingsError."""
+    environ = os.environ if environ is None else environ
+    args = vars(build_parser(cls, prog, description).parse_args(argv or []))
+    values = {}
+    for f in dataclasses.fields(cls):
+        raw = args.get(f.name)
+        if raw is None:
+            raw = environ.get(env_name(f.name))
+        if raw is None:
+            continue
+        choices = f.metadata["choices"]
+        if choices and raw not in choices:
+            raise SettingsError(f"{flag_name(f.name)} / {env_name(f.name)} = {raw!r}: must be one of {', '.join(choices)}")
+        values[f.name] = _convert(f, raw)
+    return cls(**values)
