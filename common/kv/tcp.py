@@ -15,41 +15,26 @@ import asyncio
 import contextlib
 import logging
 import socket
-import struct
 from collections.abc import Callable
 
 import numpy as np
 
-from common.kv.transport import Allocator, Connection, Handler, Transport, TransportError
+from common.kv.transport import (
+    FRAME_PREFIX,
+    MAX_HEADER_LEN,
+    Allocator,
+    Connection,
+    Handler,
+    Transport,
+    TransportError,
+    checked_buffer,
+    default_alloc,
+    split_address,
+)
 
 logger = logging.getLogger(__name__)
 
-PREFIX = struct.Struct("<QQ")  # (header_len, payload_len), 16 bytes
-MAX_HEADER_LEN = 1 << 20  # a longer header means a corrupt stream, not a big message
 _CLOSE_GRACE_S = 1.0  # how long close() waits for in-flight socket calls to wake
-
-
-def default_alloc(header: bytes, nbytes: int) -> np.ndarray:
-    """The allocator used when the caller passes none: a fresh uint8 array."""
-    return np.empty(nbytes, dtype=np.uint8)
-
-
-def checked_buffer(alloc: Allocator, header: bytes, nbytes: int) -> np.ndarray:
-    """Call `alloc` and check it kept the Allocator contract (shared with the UCX transport)."""
-    buf = alloc(header, nbytes)
-    if buf.dtype != np.uint8 or buf.ndim != 1 or buf.size != nbytes or not buf.flags.c_contiguous:
-        raise TransportError(f"allocator must return a contiguous uint8 array of {nbytes} bytes")
-    if not buf.flags.writeable:
-        raise TransportError("allocator returned a read-only array")
-    return buf
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """'host:port' -> (host, port); raises TransportError on anything else."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise TransportError(f"bad transport address {address!r}: expected 'host:port'")
-    return host, int(port)
 
 
 class TcpConnection(Connection):
@@ -74,7 +59,7 @@ class TcpConnection(Connection):
 
     async def send(self, header: bytes, payload: np.ndarray | memoryview | bytes | None = None) -> None:
         body = memoryview(b"" if payload is None else payload).cast("B")
-        prefix = PREFIX.pack(len(header), body.nbytes)
+        prefix = FRAME_PREFIX.pack(len(header), body.nbytes)
         async with self._send_lock:
             with self._io("send"):
                 await self._loop.sock_sendall(self._sock, prefix + header)
@@ -83,9 +68,9 @@ class TcpConnection(Connection):
 
     async def recv(self, alloc: Allocator | None = None) -> tuple[bytes, np.ndarray]:
         with self._io("recv"):
-            prefix = bytearray(PREFIX.size)
+            prefix = bytearray(FRAME_PREFIX.size)
             await self._recv_exactly(memoryview(prefix))
-            header_len, payload_len = PREFIX.unpack(prefix)
+            header_len, payload_len = FRAME_PREFIX.unpack(prefix)
             if header_len > MAX_HEADER_LEN:
                 self._broken = True
                 raise TransportError(f"header of {header_len} bytes: stream is corrupt")
@@ -121,8 +106,8 @@ class TcpConnection(Connection):
     @contextlib.contextmanager
     def _io(self, what: str):
         """Count a socket call in flight and turn socket errors into TransportError."""
-        if self._closed:
-            raise TransportError(f"{what} on a closed connection")
+        if self.closed:  # once broken, always broken: the peer is gone or the stream corrupt
+            raise TransportError(f"{what} on a {'closed' if self._closed else 'broken'} connection")
         self._inflight += 1
         self._idle.clear()
         try:

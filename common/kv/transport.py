@@ -16,6 +16,7 @@ Who calls what:
 from __future__ import annotations
 
 import abc
+import struct
 from collections.abc import Awaitable, Callable
 
 import numpy as np
@@ -24,6 +25,10 @@ import numpy as np
 # C-contiguous uint8 numpy array of exactly that size to receive the payload into (zero-copy
 # where the transport allows it). Called once per frame, before the payload is read.
 Allocator = Callable[[bytes, int], np.ndarray]
+
+# Both implementations open a frame with (header_len, payload_len): uint64 little endian, 16 bytes.
+FRAME_PREFIX = struct.Struct("<QQ")
+MAX_HEADER_LEN = 1 << 20  # a longer header means a corrupt stream, not a big message
 
 
 class TransportError(Exception):
@@ -66,3 +71,29 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Stop listening and close every connection; the process may then exit cleanly."""
+
+
+# Helpers shared by the implementations.
+
+
+def default_alloc(header: bytes, nbytes: int) -> np.ndarray:
+    """The allocator used when the caller passes none: a fresh uint8 array."""
+    return np.empty(nbytes, dtype=np.uint8)
+
+
+def checked_buffer(alloc: Allocator, header: bytes, nbytes: int) -> np.ndarray:
+    """Call `alloc` and check that its array keeps the Allocator contract."""
+    buf = alloc(header, nbytes)
+    if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or buf.shape != (nbytes,):
+        raise TransportError(f"allocator must return a uint8 array of shape ({nbytes},)")
+    if not (buf.flags.c_contiguous and buf.flags.writeable):
+        raise TransportError("allocator must return a writable, C-contiguous array")
+    return buf
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """'host:port' -> (host, port); raises TransportError on anything else."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise TransportError(f"bad transport address {address!r}: expected 'host:port'")
+    return host, int(port)

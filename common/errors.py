@@ -1,0 +1,129 @@
+"""One exception tree; every service turns it into an HTTP response here, and only here.
+
+    DejavuError                       500 server_error
+    ├── BadRequest                    400 invalid_request_error   (the caller's fault: says what to change)
+    │   └── ContextLengthExceeded     400 invalid_request_error / context_length_exceeded
+    ├── NotFound                      404 invalid_request_error / model_not_found (or not_found)
+    ├── PayloadTooLarge               413 invalid_request_error
+    ├── Unavailable                   503 service_unavailable     (Redis down, no engine, ...)
+    │   └── KVFull                    503 service_unavailable / kv_full  (a token service has no room)
+    └── UpstreamError                 502 server_error            (another service failed the request)
+
+The body is OpenAI's: {"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class DejavuError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param = message, param
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+class BadRequest(DejavuError):
+    status, type = 400, "invalid_request_error"
+
+
+class ContextLengthExceeded(BadRequest):
+    code = "context_length_exceeded"
+
+
+class NotFound(DejavuError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class PayloadTooLarge(DejavuError):
+    status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class Unavailable(DejavuError):
+    status, type, code = 503, "service_unavailable", "service_unavailable"
+
+
+class KVFull(Unavailable):
+    code = "kv_full"
+
+
+class UpstreamError(DejavuError):
+    status, type, code = 502, "server_error", "upstream_error"
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def from_body(status: int, text: str) -> DejavuError:
+    """Rebuild the error another service answered with (so a 503 kv_full stays a KVFull)."""
+    try:
+        err = json.loads(text)["error"]
+        message, code = err["message"], err.get("code")
+    except (ValueError, KeyError, TypeError):
+        message, code = text[:500] or f"HTTP {status}", None
+    if status == 503:
+        return (KVFull if code == "kv_full" else Unavailable)(message)
+    if status == 404:
+        return NotFound(message)
+    if 400 <= status < 500:
+        return BadRequest(message, code=code)
+    return UpstreamError(message)
+
+
+def _param(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) or None
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    first = exc.errors()[0]
+    if first.get("type") == "json_invalid":
+        return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+    param = _param(tuple(first.get("loc", ())))
+    if first.get("type") == "missing":
+        return f"'{param}' is required", param
+    return f"'{param}': {first.get('msg')}" if param else str(first.get("msg")), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(DejavuError)
+    async def _dejavu(request: Request, exc: DejavuError):
+        if exc.status >= 500:
+            log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        return JSONResponse(error_body(message, kind), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)

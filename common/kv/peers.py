@@ -1,0 +1,99 @@
+"""Sender-side links to KV receivers (prompt service -> token service, token service -> store).
+
+A `PeerLink` is one connection plus a reader task that matches every acknowledgement frame the
+receiver sends back to the send that asked for it, keyed by (request_id, layer_start,
+token_start). `send()` returns once the frame is out; `await ack` returns once the receiver has
+stored it (or raises KVRejected / TransportError). `Peers` keeps one link per address and
+reconnects after a break.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import numpy as np
+import torch
+
+from common.kv.transport import Connection, Transport, TransportError
+from common.kv.wire import Header, stream_in, stream_out
+
+log = logging.getLogger(__name__)
+
+
+class KVRejected(Exception):
+    """The receiver refused a KV message (unknown request, wrong shape, fenced epoch)."""
+
+
+def ack_key(h: Header) -> tuple[str, int, int]:
+    return (h.request_id, h.layer_start, h.token_start)
+
+
+class PeerLink:
+    def __init__(self, address: str, conn: Connection):
+        self.address, self.conn = address, conn
+        self.waiting: dict[tuple[str, int, int], asyncio.Future] = {}
+        self.reader = asyncio.create_task(self._read_acks())
+
+    async def send(self, payload: torch.Tensor | np.ndarray, **fields) -> asyncio.Future:
+        """Send one KV message; returns a future resolved by the receiver's acknowledgement."""
+        if self.conn.closed:
+            raise TransportError(f"link to {self.address} is closed")
+        key = (fields["request_id"], fields.get("layer_start", 0), fields.get("token_start", 0))
+        ack = asyncio.get_running_loop().create_future()
+        self.waiting[key] = ack
+        try:
+            await stream_out(self.conn, payload, **fields)
+        except BaseException:
+            self.waiting.pop(key, None)
+            raise
+        return ack
+
+    async def _read_acks(self) -> None:
+        try:
+            while True:
+                header, _ = await stream_in(self.conn)
+                ack = self.waiting.pop(ack_key(header), None)
+                if ack is None or ack.done():
+                    continue
+                if header.kind == "ack":
+                    ack.set_result(header)
+                else:
+                    ack.set_exception(KVRejected(header.message or "rejected"))
+        except (TransportError, ValueError) as exc:
+            self._fail_all(TransportError(f"link to {self.address} broke: {exc}"))
+        except asyncio.CancelledError:
+            self._fail_all(TransportError(f"link to {self.address} closed"))
+            raise
+
+    def _fail_all(self, exc: Exception) -> None:
+        for ack in self.waiting.values():
+            if not ack.done():
+                ack.set_exception(exc)
+        self.waiting.clear()
+
+    async def close(self) -> None:
+        self.reader.cancel()
+        await self.conn.close()
+
+
+class Peers:
+    def __init__(self, transport: Transport, connect_timeout: float = 5.0):
+        self.transport, self.connect_timeout = transport, connect_timeout
+        self.links: dict[str, PeerLink] = {}
+        self.lock = asyncio.Lock()
+
+    async def get(self, address: str) -> PeerLink:
+        async with self.lock:
+            link = self.links.get(address)
+            if link is None or link.conn.closed or link.reader.done():
+                if link is not None:
+                    await link.close()
+                conn = await self.transport.connect(address, timeout=self.connect_timeout)
+                link = self.links[address] = PeerLink(address, conn)
+            return link
+
+    async def close(self) -> None:
+        for link in self.links.values():
+            await link.close()
+        self.links.clear()

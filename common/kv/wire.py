@@ -1,0 +1,168 @@
+"""The KV message format, on top of any transport `Connection`.
+
+Every message is one transport frame:
+
+    header:  compact UTF-8 JSON of `Header` (its fields, nothing else)
+    payload: the tensor's raw bytes, C order, `header.nbytes` long (empty for "ack"/"error")
+
+A "kv" message carries one slab of the KV cache: layers [layer_start, layer_end) and tokens
+[token_start, token_end) of a request, as a tensor of `dtype` and `shape`, with a CRC-32 of the
+bytes. The receiver answers on the same connection with an "ack" (stored) or an "error" frame.
+
+bfloat16 has no numpy type: send `t.view(torch.int16)` and rebuild with `.view(torch.bfloat16)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import zlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from common.kv.transport import Connection
+
+if TYPE_CHECKING:
+    import torch
+
+KINDS = ("kv", "ack", "error")
+
+# Given the decoded header of an incoming "kv" frame, return a writable C-contiguous uint8 array
+# of exactly `header.nbytes` to receive the payload into (e.g. a view of a preallocated cache).
+HeaderAllocator = Callable[["Header"], np.ndarray]
+
+
+class WireError(ValueError):
+    """A message broke the format: bad header, size or checksum mismatch."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    kind: str  # "kv" | "ack" | "error"
+    request_id: str
+    epoch: int  # the sender's view of the request's epoch; stale epochs are ignored upstream
+    layer_start: int = 0  # layers [layer_start, layer_end)
+    layer_end: int = 0
+    token_start: int = 0  # token positions [token_start, token_end)
+    token_end: int = 0
+    dtype: str = "uint8"  # numpy dtype name of the payload tensor
+    shape: tuple[int, ...] = (0,)  # payload tensor shape
+    nbytes: int = 0  # payload size in bytes = prod(shape) * itemsize
+    checksum: int = 0  # zlib.crc32 of the payload bytes; 0 when empty
+    message: str = ""  # human-readable detail of an "ack"/"error"
+
+    def __post_init__(self) -> None:
+        _check(self.kind in KINDS, f"kind must be one of {KINDS}, got {self.kind!r}")
+        _check(isinstance(self.request_id, str) and isinstance(self.message, str), "ids must be str")
+        for name in ("epoch", "layer_start", "layer_end", "token_start", "token_end", "nbytes", "checksum"):
+            value = getattr(self, name)
+            _check(type(value) is int and value >= 0, f"{name} must be an int >= 0, got {value!r}")
+        _check(self.layer_start <= self.layer_end, "layer_start > layer_end")
+        _check(self.token_start <= self.token_end, "token_start > token_end")
+        _check(self.checksum < 1 << 32, "checksum must fit in 32 bits")
+        _check(isinstance(self.shape, tuple), "shape must be a tuple")
+        _check(all(type(d) is int and d >= 0 for d in self.shape), f"bad shape {self.shape!r}")
+        size = math.prod(self.shape) * _dtype(self.dtype).itemsize
+        _check(size == self.nbytes, f"nbytes {self.nbytes} != {size} for {self.dtype}{list(self.shape)}")
+
+    def encode(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Header:
+        """Parse a header; anything malformed raises WireError."""
+        try:
+            fields = json.loads(raw)
+        except ValueError as e:  # also catches UnicodeDecodeError
+            raise WireError(f"header is not JSON: {e}") from None
+        _check(isinstance(fields, dict), "header must be a JSON object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        _check(fields.keys() == names, f"header fields {sorted(fields)} != {sorted(names)}")
+        _check(isinstance(fields["shape"], list), "shape must be a list")
+        return cls(**{**fields, "shape": tuple(fields["shape"])})
+
+
+async def stream_out(
+    conn: Connection,
+    payload: np.ndarray | torch.Tensor,
+    *,
+    request_id: str,
+    epoch: int,
+    layer_start: int,
+    layer_end: int,
+    token_start: int,
+    token_end: int,
+) -> Header:
+    """Send one "kv" message; returns the header sent. The payload is not copied: a contiguous
+    CPU numpy array, or torch tensor (sent through `.numpy()`, a view). Raises TransportError."""
+    array = _as_numpy(payload)
+    data = array.reshape(-1).view(np.uint8)
+    header = Header(
+        "kv", request_id, epoch, layer_start, layer_end, token_start, token_end,
+        dtype=array.dtype.name, shape=tuple(array.shape), nbytes=data.nbytes, checksum=zlib.crc32(data),
+    )  # fmt: skip
+    await conn.send(header.encode(), data)
+    return header
+
+
+async def send_ack(conn: Connection, request_id: str, epoch: int, message: str = "") -> None:
+    """Tell the sender its KV for `request_id` is stored."""
+    await conn.send(Header("ack", request_id, epoch, message=message).encode())
+
+
+async def send_error(conn: Connection, request_id: str, epoch: int, message: str) -> None:
+    """Tell the sender its KV for `request_id` was refused, and why."""
+    await conn.send(Header("error", request_id, epoch, message=message).encode())
+
+
+async def stream_in(conn: Connection, alloc: HeaderAllocator | None = None) -> tuple[Header, np.ndarray]:
+    """Receive one message: (header, payload as an array of header.dtype and header.shape, a view
+    of the received buffer). Raises TransportError if the connection breaks, WireError if the
+    message is malformed; after a WireError the connection is still in step and usable."""
+    problem: list[WireError] = []  # raised only once the whole frame is read
+
+    def place(raw: bytes, nbytes: int) -> np.ndarray:
+        try:
+            header = Header.decode(raw)
+            _check(header.nbytes == nbytes, f"header says {header.nbytes} bytes, frame has {nbytes}")
+        except WireError as e:
+            problem.append(e)
+            return np.empty(nbytes, dtype=np.uint8)
+        return alloc(header) if alloc is not None else np.empty(nbytes, dtype=np.uint8)
+
+    raw, data = await conn.recv(place)
+    if problem:
+        raise problem[0]
+    header = Header.decode(raw)
+    _check(zlib.crc32(data) == header.checksum, f"checksum mismatch for {header.request_id!r}")
+    return header, data.view(header.dtype).reshape(header.shape)
+
+
+def _as_numpy(payload: np.ndarray | torch.Tensor) -> np.ndarray:
+    if not isinstance(payload, np.ndarray):  # a torch tensor; not imported here, it is heavy
+        if payload.device.type != "cpu":
+            raise ValueError(f"KV payload must be on the CPU, not {payload.device}")
+        try:
+            payload = payload.detach().numpy()  # shares the tensor's memory
+        except TypeError as e:
+            raise TypeError(f"{payload.dtype} has no numpy type; send t.view(torch.int16)") from e
+    if not payload.flags.c_contiguous:
+        raise ValueError("KV payload must be C-contiguous: call .contiguous() first")
+    return payload
+
+
+def _dtype(name: str) -> np.dtype:
+    try:
+        dtype = np.dtype(name)
+    except TypeError:
+        raise WireError(f"unknown dtype {name!r}") from None
+    _check(dtype.kind in "biuf" and dtype.name == name, f"unsupported dtype {name!r}")
+    return dtype
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise WireError(message)

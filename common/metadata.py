@@ -1,0 +1,111 @@
+"""Redis: the service registry (leases) and request metadata.
+
+Keys (all under the `dejavu:` prefix):
+  svc:{id}        JSON ServiceInfo, expires after the lease TTL unless renewed
+  svcs            set of registered ids (members whose key expired are dead and get pruned)
+  req:{id}        hash: prompt_ids, sampling, owner, epoch, status, replicated, output_tokens, ...
+
+Data before metadata: `replicated` only advances through `advance_replicated`, which refuses an
+old epoch (a fenced owner) and never goes backwards.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from common.errors import Unavailable
+from common.protocol import ServiceInfo, ServiceKind
+
+PREFIX = "dejavu:"
+REQUEST_TTL_S = 3600  # request metadata is kept an hour after its last write
+
+_ADVANCE = """
+local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '-1')
+if epoch ~= tonumber(ARGV[1]) then return -1 end
+local cur = tonumber(redis.call('HGET', KEYS[1], 'replicated') or '0')
+if tonumber(ARGV[2]) > cur then redis.call('HSET', KEYS[1], 'replicated', ARGV[2]) return tonumber(ARGV[2]) end
+return cur
+"""
+
+
+def connect(url: str) -> aioredis.Redis:
+    return aioredis.from_url(url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5,
+                             health_check_interval=10)
+
+
+class Registry:
+    def __init__(self, redis: aioredis.Redis):
+        self.redis = redis
+
+    async def renew(self, info: ServiceInfo, ttl_s: float) -> None:
+        info = info.model_copy(update={"renewed_at": time.time()})
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(PREFIX + "svc:" + info.id, info.model_dump_json(), px=int(ttl_s * 1000))
+            pipe.sadd(PREFIX + "svcs", info.id)
+            await pipe.execute()
+
+    async def deregister(self, service_id: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(PREFIX + "svc:" + service_id)
+            pipe.srem(PREFIX + "svcs", service_id)
+            await pipe.execute()
+
+    async def services(self, kind: ServiceKind | None = None) -> list[ServiceInfo]:
+        """Live services (lease not expired), optionally of one kind. Raises Unavailable if Redis is down."""
+        try:
+            ids = sorted(await self.redis.smembers(PREFIX + "svcs"))
+            values = await self.redis.mget([PREFIX + "svc:" + i for i in ids]) if ids else []
+            dead = [i for i, v in zip(ids, values) if v is None]
+            if dead:
+                await self.redis.srem(PREFIX + "svcs", *dead)
+        except RedisError as exc:
+            raise Unavailable(f"the registry (Redis) is unreachable: {exc}") from exc
+        infos = [ServiceInfo.model_validate_json(v) for v in values if v is not None]
+        return [i for i in infos if kind is None or i.kind == kind]
+
+
+class RequestStore:
+    def __init__(self, redis: aioredis.Redis):
+        self.redis = redis
+        self._advance = redis.register_script(_ADVANCE)
+
+    def _key(self, request_id: str) -> str:
+        return PREFIX + "req:" + request_id
+
+    async def create(self, request_id: str, fields: dict) -> None:
+        values = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
+        values.update(epoch="0", replicated="0", created_at=str(time.time()))
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self._key(request_id), mapping=values)
+                pipe.expire(self._key(request_id), REQUEST_TTL_S)
+                await pipe.execute()
+        except RedisError as exc:
+            raise Unavailable(f"request metadata store (Redis) is unreachable: {exc}") from exc
+
+    async def update(self, request_id: str, **fields) -> None:
+        values = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._key(request_id), mapping=values)
+            pipe.expire(self._key(request_id), REQUEST_TTL_S)
+            await pipe.execute()
+
+    async def get(self, request_id: str) -> dict[str, str]:
+        return await self.redis.hgetall(self._key(request_id))
+
+    async def fence(self, request_id: str, new_owner: str) -> int:
+        """Make `new_owner` the owner under a new epoch; the old owner's writes are refused from now on."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(self._key(request_id), "epoch", 1)
+            pipe.hset(self._key(request_id), "owner", new_owner)
+            epoch, _ = await pipe.execute()
+        return int(epoch)
+
+    async def advance_replicated(self, request_id: str, epoch: int, n: int) -> int:
+        """Set replicated = n if `epoch` is current and n is larger; returns the index now in
+        force, or -1 when `epoch` is fenced."""
+        return int(await self._advance(keys=[self._key(request_id)], args=[epoch, n]))

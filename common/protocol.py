@@ -1,0 +1,128 @@
+"""Typed messages for every hop between services (HTTP/JSON control plane).
+
+gateway -> token service   POST /reserve  ReserveRequest -> Reservation        (503 kv_full when full)
+gateway -> prompt service  POST /prefill  PrefillRequest -> PrefillResult      (KV goes P -> T directly)
+gateway -> token service   POST /decode   DecodeRequest  -> NDJSON DecodeEvent lines
+gateway -> any engine      POST /abort    AbortRequest   -> AbortResult
+every service -> Redis     ServiceInfo (the registry lease)
+
+Token positions: output index i is the i-th generated token (0 is the one the prompt service
+samples); the token at output index i sits at sequence position len(prompt) + i.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServiceKind(str, Enum):
+    GATEWAY = "gateway"
+    PROMPT = "prompt"
+    TOKEN = "token"
+    CACHE_STORE = "cache_store"
+
+
+class ServiceInfo(Message):
+    kind: ServiceKind
+    id: str
+    url: str                      # base URL of its HTTP API
+    host: str
+    pid: int
+    model: str = ""               # model folder it serves ("" for gateway/cache_store)
+    kv_address: str = ""          # "host:port" of its KV transport listener ("" if none)
+    kv_transport: str = ""        # "ucx" | "tcp"
+    max_model_len: int = 0        # tokens per sequence
+    active_requests: int = 0
+    kv_bytes_used: int = 0        # bytes
+    kv_bytes_free: int = 0        # bytes
+    started_at: float = 0.0       # unix s
+    renewed_at: float = 0.0       # unix s
+
+
+class SamplingParams(Message):
+    temperature: float = 0.0      # 0 = greedy
+    top_p: float = 1.0            # (0, 1]
+    top_k: int = 0                # 0 = off
+    seed: int = 0                 # the RNG of output index i is derived from (seed, i) only
+    max_tokens: int = 16          # output tokens, EOS included
+    stop_token_ids: list[int] = Field(default_factory=list)  # EOS ids (and any extra); ends the request
+    ignore_eos: bool = False
+    logprobs: int | None = None   # None: none; k >= 0: the sampled token's logprob + top k
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class ReserveRequest(Message):
+    request_id: str
+    prompt_tokens: int            # tokens
+    max_tokens: int               # tokens
+
+
+class Reservation(Message):
+    request_id: str
+    service_id: str
+    kv_address: str               # where the prompt service streams the KV
+    kv_transport: str
+    slot: int
+
+
+class PrefillRequest(Message):
+    request_id: str
+    epoch: int = 0
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    target_service_id: str
+    target_kv_address: str
+
+
+class TopLogprob(Message):
+    token_id: int
+    logprob: float
+
+
+class TokenEvent(Message):
+    request_id: str
+    index: int                    # output index
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[TopLogprob] | None = None
+    finish_reason: str | None = None   # "stop" (EOS) | "length" | None while going on
+
+
+class PrefillResult(Message):
+    request_id: str
+    first: TokenEvent             # output index 0
+    prefill_ms: float             # forward pass, ms
+    stream_tail_ms: float         # from the last layer computed to the last layer acknowledged, ms
+
+
+class DecodeRequest(Message):
+    request_id: str
+    epoch: int = 0
+    prompt_ids: list[int]
+    first_token: int              # output index 0, sampled by the prompt service
+    sampling: SamplingParams
+
+
+class DecodeEvent(Message):
+    """One NDJSON line of the decode stream: a token, or an error that ends the stream."""
+
+    token: TokenEvent | None = None
+    error: str | None = None
+
+
+class AbortRequest(Message):
+    request_id: str
+
+
+class AbortResult(Message):
+    request_id: str
+    found: bool

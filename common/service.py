@@ -1,0 +1,140 @@
+"""What every service process shares: logging that names the request, serving on a chosen or free
+port, the registry lease, /health and /metrics, and fail-loud background tasks.
+
+A service's lifecycle:
+1. `main()` parses its settings (bad ones stop it here) and calls `run(app, settings)`.
+2. `run` binds the HTTP socket first (so port 0 becomes a real port the lease can advertise),
+   then uvicorn runs the app's lifespan, which creates clients (Redis, httpx, KV transport) and
+   starts a `Lease`.
+3. The lease writes the service's ServiceInfo to Redis every --lease-renew-s; if the process
+   dies the entry lapses after --lease-ttl-s and the gateway stops routing to it.
+4. A background task that dies takes the whole process down (`supervise`), so the lease lapses
+   instead of a zombie answering /health.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+import uvicorn
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
+
+from common.metadata import Registry
+from common.protocol import ServiceInfo, ServiceKind
+from common.settings import ServiceSettings
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+log = logging.getLogger(__name__)
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        return True
+
+
+def configure_logging(level: str, service_id: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_RequestIdFilter())
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s %(levelname)s {service_id} [%(request_id)s] %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def service_id(kind: ServiceKind, settings: ServiceSettings) -> str:
+    return settings.service_id or f"{kind.value}-{socket.gethostname()}-{os.getpid()}"
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def supervise(task: asyncio.Task, what: str) -> asyncio.Task:
+    """A background task that fails kills the process: better dead (lease lapses) than a zombie."""
+
+    def _done(t: asyncio.Task) -> None:
+        if t.cancelled():
+            return
+        if (exc := t.exception()) is not None:
+            log.critical("%s died: %r; exiting so that the lease lapses", what, exc, exc_info=exc)
+            logging.shutdown()
+            os._exit(70)
+
+    task.add_done_callback(_done)
+    return task
+
+
+class Lease:
+    """Keeps this service's registry entry alive. `info()` gives the current ServiceInfo."""
+
+    def __init__(self, registry: Registry, info: Callable[[], ServiceInfo], settings: ServiceSettings):
+        self.registry, self.info, self.settings = registry, info, settings
+        self.task: asyncio.Task | None = None
+        self.last_ok = 0.0
+
+    async def start(self) -> None:
+        await self.registry.renew(self.info(), self.settings.lease_ttl_s)  # fail at start if no Redis
+        self.last_ok = time.monotonic()
+        self.task = supervise(asyncio.create_task(self._loop()), "lease renewal")
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lease_renew_s)
+            try:
+                await self.registry.renew(self.info(), self.settings.lease_ttl_s)
+                self.last_ok = time.monotonic()
+            except (RedisError, OSError) as exc:  # Redis down: keep serving, keep trying
+                log.warning("lease renewal failed: %s", exc)
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+        try:
+            await self.registry.deregister(self.info().id)
+        except (RedisError, OSError) as exc:
+            log.warning("could not deregister: %s", exc)
+
+
+def add_health_and_metrics(app: FastAPI, health: Callable[[], Awaitable[dict]] | None = None) -> None:
+    @app.get("/health")
+    async def _health() -> dict:
+        return {"status": "ok", **(await health() if health else {})}
+
+    @app.get("/metrics")
+    async def _metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def run(app: FastAPI, settings: ServiceSettings, kind: ServiceKind) -> None:
+    """Bind, publish the real URL on app.state, serve until SIGINT/SIGTERM."""
+    sock = bind(settings.host, settings.port)
+    port = sock.getsockname()[1]
+    app.state.service_id = service_id(kind, settings)
+    app.state.url = f"http://{settings.public_host}:{port}"
+    configure_logging(settings.log_level, app.state.service_id)
+    log.info("%s listening on %s", kind.value, app.state.url)
+    config = uvicorn.Config(app, log_level=settings.log_level, access_log=False, log_config=None,
+                            timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def ready_line(kind: ServiceKind, url: str) -> None:
+    """The line `dejavu up` (and tests) wait for on stdout."""
+    print(f"DEJAVU_READY {kind.value} {url}", flush=True)

@@ -1,0 +1,201 @@
+"""Gateway HTTP API (OpenAI-compatible). Handlers are thin: build a Job, then `serve` it.
+
+GET  /v1/models
+POST /v1/completions, /v1/chat/completions   (stream or not)
+GET  /health, /metrics
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from common import metadata
+from common.errors import DejavuError, PayloadTooLarge, error_body, install_error_handlers
+from common.model import context_length, eos_token_ids, load_tokenizer, resolve_model_path
+from common.protocol import ServiceInfo, ServiceKind
+from common.service import Lease, add_health_and_metrics, ready_line, request_id_var
+from common.settings import GatewaySettings
+from gateway.jobs import IN_FLIGHT, REQUESTS, Job, Limits, chat_job, completion_job, deltas
+from gateway.openai_types import ChatRequest, CompletionRequest
+from gateway.responses import ChunkWriter, Totals, chat_body, completion_body, sse
+from gateway.router import Router
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        path = resolve_model_path(settings.model, progress=log.info)
+        app.state.tokenizer = tokenizer = await asyncio.to_thread(load_tokenizer, path)
+        app.state.limits = Limits(settings.model_name, min(settings.max_model_len, context_length(path)),
+                                  len(tokenizer), eos_token_ids(path), settings.max_tokens_default)
+        redis = metadata.connect(settings.redis_url)
+        app.state.store = metadata.RequestStore(redis)
+        client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+        app.state.router = Router(metadata.Registry(redis), client, settings)
+        started = time.time()
+        lease = Lease(metadata.Registry(redis), lambda: ServiceInfo(
+            kind=ServiceKind.GATEWAY, id=app.state.service_id, url=app.state.url, host=socket.gethostname(),
+            pid=os.getpid(), model=str(path), max_model_len=app.state.limits.max_model_len,
+            active_requests=int(IN_FLIGHT._value.get()), started_at=started), settings)  # noqa: SLF001
+        await lease.start()
+        log.info("gateway ready: serving %r (%s), max context %d", settings.model_name, path, app.state.limits.max_model_len)
+        ready_line(ServiceKind.GATEWAY, app.state.url)
+        try:
+            yield
+        finally:
+            await lease.stop()
+            await client.aclose()
+            await redis.aclose()
+
+    app = FastAPI(title="DéjàVu gateway", lifespan=lifespan)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    add_health_and_metrics(app, lambda: _health(app))
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        limits: Limits = app.state.limits
+        return {"object": "list", "data": [{"id": limits.model_name, "object": "model", "created": 0,
+                                            "owned_by": "dejavu", "max_model_len": limits.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await serve(app, completion_job(body, app.state.tokenizer, app.state.limits), request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        return await serve(app, chat_job(body, app.state.tokenizer, app.state.limits), request, chat=True)
+
+    return app
+
+
+async def _health(app: FastAPI) -> dict:
+    return {"kind": "gateway", "in_flight": int(IN_FLIGHT._value.get())}  # noqa: SLF001
+
+
+async def serve(app: FastAPI, job: Job, request: Request, chat: bool):
+    request_id_var.set(job.request_id)
+    await app.state.store.create(job.request_id, {"prompt_ids": job.prompt_ids, "sampling": job.sampling.model_dump(),
+                                                   "status": "running", "stream": job.stream})
+    log.info("%s: %d prompt tokens, max_tokens %d, stream %s", "chat" if chat else "completion",
+             len(job.prompt_ids), job.sampling.max_tokens, job.stream)
+    IN_FLIGHT.inc()
+    gen = deltas(app.state.router, app.state.tokenizer, job)
+    try:
+        if job.stream:  # the first token before any header: routing errors still get their status
+            first = await anext(gen)
+            return StreamingResponse(_stream(app, job, gen, first, chat), media_type="text/event-stream")
+        return await _with_cancellation(_collect(app, job, gen, chat), request)
+    except BaseException as exc:
+        await _finish(app, job, None, exc)
+        raise
+
+
+async def _collect(app: FastAPI, job: Job, gen, chat: bool) -> JSONResponse:
+    totals = Totals()
+    async for delta in gen:
+        totals.add(delta)
+    await _finish(app, job, totals, None)
+    body = (chat_body if chat else completion_body)(job, totals, app.state.tokenizer)
+    return JSONResponse(body)
+
+
+async def _stream(app: FastAPI, job: Job, gen, first, chat: bool):
+    request_id_var.set(job.request_id)
+    writer, totals, error = ChunkWriter(job, app.state.tokenizer, chat), Totals(), None
+    try:
+        for chunk in writer.first():
+            yield chunk
+        delta = first
+        while delta is not None:
+            totals.add(delta)
+            if (chunk := writer.delta(delta)) is not None:
+                yield chunk
+            delta = await anext(gen, None)
+        if job.include_usage:
+            yield writer.usage(totals)
+    except DejavuError as exc:
+        error = exc
+        log.warning("stream failed: %s", exc.message)
+        yield sse(exc.body())
+    except BaseException as exc:  # client gone (cancelled) or a bug: record it, let it propagate
+        error = exc
+        raise
+    finally:
+        await gen.aclose()
+        await _finish(app, job, totals, error)
+    yield sse("[DONE]")
+
+
+async def _with_cancellation(coro, request: Request):
+    """Run a non-streaming request; if the client disconnects, cancel it (aborting downstream)."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                log.info("client disconnected: aborting")
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                return JSONResponse(error_body("client disconnected", "invalid_request_error"), status_code=499)
+    finally:
+        task.cancel()
+
+
+async def _finish(app: FastAPI, job: Job, totals: Totals | None, error: BaseException | None) -> None:
+    if getattr(job, "_finished", False):
+        return
+    job._finished = True  # type: ignore[attr-defined]
+    IN_FLIGHT.dec()
+    outcome = "ok" if error is None else ("cancelled" if isinstance(error, (asyncio.CancelledError, GeneratorExit))
+                                          else "error")
+    REQUESTS.labels(outcome).inc()
+    fields = {"status": "finished" if error is None else outcome, "finished_at": time.time()}
+    if totals is not None:
+        fields.update(completion_tokens=len(totals.tokens), finish_reason=totals.finish_reason or "")
+    try:
+        await asyncio.shield(app.state.store.update(job.request_id, **fields))
+    except Exception as exc:  # Redis trouble must not break a response already made
+        log.warning("could not record the request's outcome: %s", exc)
+
+
+class BodyLimit:
+    """413 for a body over the limit (by Content-Length, or counted as it streams in)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._reject(send)
+        seen = 0
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise PayloadTooLarge(f"request body is over {self.max_bytes} bytes")
+            return message
+
+        return await self.app(scope, counting_receive, send)
+
+    async def _reject(self, send) -> None:
+        err = PayloadTooLarge(f"request body is over the limit of {self.max_bytes} bytes; send a smaller request")
+        await JSONResponse(err.body(), status_code=413)({"type": "http"}, None, send)

@@ -1,0 +1,66 @@
+"""Turning tokens into text as they arrive, and cutting at stop strings.
+
+Incremental detokenization never emits a broken UTF-8 character: a token that ends mid-character
+decodes to U+FFFD and is held back until the character completes. `finish()` returns whatever
+makes the concatenation equal `tokenizer.decode(all_ids, skip_special_tokens=True)` exactly.
+"""
+
+from __future__ import annotations
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # decoding starts here, so leading-space rules match the full decode
+        self.read_offset = 0    # text of ids[:read_offset] has been emitted
+        self.emitted: list[str] = []
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:])
+        if len(text) <= len(prefix) or text.endswith("\ufffd") or not text.startswith(prefix):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return self._emit(text[len(prefix):])
+
+    def finish(self) -> str:
+        full, done = self._decode(self.ids), "".join(self.emitted)
+        return self._emit(full[len(done):]) if full.startswith(done) else ""
+
+    def _emit(self, text: str) -> str:
+        self.emitted.append(text)
+        return text
+
+
+class StopStrings:
+    """Holds back the last (longest stop - 1) characters until they cannot start a stop string."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        """Text safe to release now. After a stop string is seen, `stopped` is set and the
+        stop string and anything after it are dropped."""
+        if self.stopped:
+            return ""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[: min(hits)], ""
+            return out
+        cut = max(len(self.pending) - self.hold, 0)
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out

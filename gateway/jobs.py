@@ -1,0 +1,146 @@
+"""From an OpenAI request to a Job: the validated, tokenized request, and its run as text deltas.
+
+A request's life in the gateway:
+1. validate the body (openai_types) and tokenize the prompt (or chat messages);
+2. check the context length, pick the seed, record the request in Redis;
+3. run it through the cluster (Router.generate) and turn token events into text deltas
+   (incremental detokenization, stop strings: a stop string ends the request downstream);
+4. the handler formats deltas as SSE chunks or one JSON body, and records the outcome.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from common.errors import BadRequest, ContextLengthExceeded, NotFound
+from common.protocol import SamplingParams, TokenEvent
+from gateway.detokenizer import IncrementalDetokenizer, StopStrings
+from gateway.openai_types import ChatRequest, CompletionRequest, SamplingFields
+from gateway.router import Router
+
+TTFT = Histogram("dejavu_gateway_ttft_seconds", "time to first token",
+                 buckets=(.05, .1, .25, .5, 1, 2, 4, 8, 16, 32))
+TPOT = Histogram("dejavu_gateway_time_per_output_token_seconds", "mean time between output tokens of a request",
+                 buckets=(.01, .025, .05, .1, .2, .4, .8, 1.6))
+IN_FLIGHT = Gauge("dejavu_gateway_in_flight_requests", "requests being served")
+REQUESTS = Counter("dejavu_gateway_requests_total", "finished requests", ["outcome"])
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+@dataclass
+class Job:
+    request_id: str
+    model: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    stops: list[str]
+    stream: bool
+    include_usage: bool
+    echo_text: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass
+class Delta:
+    text: str
+    tokens: list[TokenEvent]
+    finish_reason: str | None
+
+
+@dataclass
+class Limits:
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+    eos_ids: list[int]
+    chat_max_tokens: int
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def completion_job(body: CompletionRequest, tokenizer, limits: Limits) -> Job:
+    body.check()
+    _check_model(body, limits)
+    prompt = body.single_prompt()
+    if isinstance(prompt, str):
+        ids = tokenizer(prompt)["input_ids"]
+        if not ids:
+            raise BadRequest("'prompt' tokenizes to no tokens", "prompt")
+    else:
+        bad = [t for t in prompt if not 0 <= t < limits.vocab_size]
+        if bad:
+            raise BadRequest(f"'prompt' token id {bad[0]} is outside the vocabulary [0, {limits.vocab_size})", "prompt")
+        ids = list(prompt)
+    echo = (prompt if isinstance(prompt, str) else tokenizer.decode(ids, skip_special_tokens=True)) if body.echo else ""
+    return _job(body, ids, limits, COMPLETION_DEFAULT_MAX_TOKENS, body.logprobs, echo)
+
+
+def chat_job(body: ChatRequest, tokenizer, limits: Limits) -> Job:
+    body.check()
+    _check_model(body, limits)
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except Exception as exc:  # a template that rejects this conversation is the caller's problem
+        raise BadRequest(f"'messages' cannot be formatted by the model's chat template: {exc}", "messages") from exc
+    ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+    return _job(body, ids, limits, limits.chat_max_tokens, body.logprobs_k, "")
+
+
+def _check_model(body: SamplingFields, limits: Limits) -> None:
+    if body.model is not None and body.model != limits.model_name:
+        raise NotFound(f"model '{body.model}' does not exist; this server serves '{limits.model_name}'",
+                       "model", code="model_not_found")
+
+
+def _job(body: SamplingFields, ids: list[int], limits: Limits, default_max: int, logprobs: int | None,
+         echo: str) -> Job:
+    room = limits.max_model_len - len(ids)
+    max_tokens = body.max_tokens if body.max_tokens is not None else min(default_max, room)
+    if len(ids) + max_tokens > limits.max_model_len or room < 1:
+        raise ContextLengthExceeded(
+            f"this model's maximum context length is {limits.max_model_len} tokens, but you requested "
+            f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} for the completion); "
+            f"shorten the prompt or lower max_tokens", "max_tokens" if body.max_tokens else "prompt")
+    temperature = 1.0 if body.temperature is None else float(body.temperature)
+    sampling = SamplingParams(
+        temperature=temperature, top_p=1.0 if body.top_p is None else float(body.top_p),
+        top_k=max(body.top_k or 0, 0), seed=(body.seed if body.seed is not None else random.getrandbits(63)) & ((1 << 64) - 1),
+        max_tokens=max_tokens, stop_token_ids=limits.eos_ids, ignore_eos=body.ignore_eos, logprobs=logprobs)
+    return Job(new_request_id(), limits.model_name, ids, sampling, body.stop_list, body.stream,
+               body.include_usage, echo)
+
+
+async def deltas(router: Router, tokenizer, job: Job) -> AsyncIterator[Delta]:
+    """The request's text, piece by piece; the last delta has the finish reason."""
+    detok, stops = IncrementalDetokenizer(tokenizer), StopStrings(job.stops)
+    start, first_at, count = time.perf_counter(), None, 0
+    gen = router.generate(job.request_id, job.prompt_ids, job.sampling)
+    try:
+        async for event in gen:
+            count += 1
+            if first_at is None:
+                first_at = time.perf_counter()
+                TTFT.observe(first_at - start)
+            text = stops.push(detok.add(event.token_id))
+            finish = event.finish_reason
+            if finish and not stops.stopped:
+                text += stops.push(detok.finish())
+                text += stops.flush()
+            if stops.stopped:
+                finish = "stop"
+            yield Delta(text, [event], finish)
+            if finish:
+                if count > 1:
+                    TPOT.observe((time.perf_counter() - first_at) / (count - 1))
+                return
+    finally:
+        await gen.aclose()

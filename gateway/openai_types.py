@@ -1,0 +1,142 @@
+"""OpenAI request bodies (/v1/completions, /v1/chat/completions) and their validation.
+
+Types are strict (a string where a number belongs is a 400, not a coercion); unknown fields are
+ignored, as OpenAI does. Each check names the parameter and says what to change.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from common.errors import BadRequest
+
+Number = StrictFloat | StrictInt
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool = False
+
+
+class SamplingFields(BaseModel):
+    """What completions and chat share."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr | None = None
+    max_tokens: StrictInt | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    top_k: StrictInt | None = None            # extension (as vLLM): 0 or -1 = off
+    seed: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    n: StrictInt = 1
+    user: StrictStr | None = None
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    logit_bias: dict[str, Number] | None = None
+    ignore_eos: StrictBool = False            # extension (as vLLM)
+
+    def check_common(self) -> None:
+        if self.n != 1:
+            raise BadRequest(f"'n' = {self.n}: only n = 1 is supported; send n requests instead", "n")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise BadRequest(f"'max_tokens' = {self.max_tokens}: must be at least 1", "max_tokens")
+        if self.temperature is not None and not 0 <= self.temperature <= 2:
+            raise BadRequest(f"'temperature' = {self.temperature}: must be between 0 and 2 (0 = greedy)", "temperature")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise BadRequest(f"'top_p' = {self.top_p}: must be in (0, 1]", "top_p")
+        if self.top_k is not None and self.top_k < -1:
+            raise BadRequest(f"'top_k' = {self.top_k}: must be -1 or 0 (off) or a positive number", "top_k")
+        if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 64:
+            raise BadRequest(f"'seed' = {self.seed}: must fit in 64 bits", "seed")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise BadRequest(f"'{name}' is not supported yet; leave it at 0", name)
+        if self.logit_bias:
+            raise BadRequest("'logit_bias' is not supported yet; leave it empty", "logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise BadRequest("'stream_options' is only allowed with 'stream': true", "stream_options")
+        if any(s == "" for s in self.stop_list):
+            raise BadRequest("'stop' strings must not be empty", "stop")
+        if len(self.stop_list) > 16:
+            raise BadRequest(f"'stop' has {len(self.stop_list)} strings: at most 16", "stop")
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]] | None = None
+    echo: StrictBool = False
+    logprobs: StrictInt | None = None
+    best_of: StrictInt | None = None
+    suffix: StrictStr | None = None
+
+    def check(self) -> None:
+        self.check_common()
+        if self.logprobs is not None and not 0 <= self.logprobs <= 5:
+            raise BadRequest(f"'logprobs' = {self.logprobs}: must be between 0 and 5", "logprobs")
+        if self.echo and self.logprobs is not None:
+            raise BadRequest("'echo' with 'logprobs' (prompt logprobs) is not supported; drop one", "echo")
+        if self.best_of not in (None, 1):
+            raise BadRequest(f"'best_of' = {self.best_of}: only 1 is supported", "best_of")
+        if self.suffix:
+            raise BadRequest("'suffix' is not supported", "suffix")
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt, as text or token ids."""
+        p = self.prompt
+        if p is None:
+            raise BadRequest("'prompt' is required", "prompt")
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            if len(p) != 1:
+                raise BadRequest(f"'prompt' holds {len(p)} prompts: send one prompt per request", "prompt")
+            p = p[0]
+        if len(p) == 0:
+            raise BadRequest("'prompt' must not be empty", "prompt")
+        return p
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: StrictStr | list[dict] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            parts = []
+            for part in self.content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise BadRequest("message content parts must be {'type': 'text', 'text': ...}", "messages")
+                parts.append(part["text"])
+            return "".join(parts)
+        return self.content or ""
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(default_factory=list)
+    max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = None
+
+    def check(self) -> None:
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        self.check_common()
+        if not self.messages:
+            raise BadRequest("'messages' must hold at least one message", "messages")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 5:
+            raise BadRequest(f"'top_logprobs' = {self.top_logprobs}: must be between 0 and 5", "top_logprobs")
+
+    @property
+    def logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None

@@ -1,0 +1,1 @@
+"""Prompt service: the prefill engine. See engine.py for a request's lifecycle here."""

@@ -1,0 +1,150 @@
+"""The prefill engine. A request's life on a prompt service:
+
+1. `submit`   the gateway asks to prefill a prompt into KV room it reserved on token service T;
+              a link to T's KV address is opened (or reused) and the job queued.
+2. `run`      jobs are batched up to --max-batch-tokens and run as one left-padded forward pass
+              in a worker thread.
+3. on_layer   inside the forward, as soon as layer l's K/V exists, each job's slice is copied
+              into one contiguous buffer and handed to the job's sender task, which streams it
+              to T while layer l+1 computes (layer-by-layer streaming).
+4. sample     the first output token is sampled from the last prompt position.
+5. answer     once T has acknowledged every layer, the job resolves with the first token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from prometheus_client import Gauge, Histogram
+
+from common.errors import UpstreamError
+from common.kv.copy import gather_prefill
+from common.kv.peers import KVRejected, PeerLink, Peers
+from common.kv.transport import TransportError
+from common.protocol import PrefillRequest, PrefillResult, TokenEvent
+from common.runner import ModelRunner
+from common.sampling import sample
+from common.service import request_id_var
+from common.settings import PromptSettings
+
+log = logging.getLogger(__name__)
+
+PREFILL_SECONDS = Histogram("dejavu_prompt_prefill_seconds", "one prefill forward pass (a batch)",
+                            buckets=(.05, .1, .25, .5, 1, 2, 4, 8, 16))
+STREAM_TAIL_SECONDS = Histogram("dejavu_prompt_stream_tail_seconds",
+                                "from the last layer computed to the last layer acknowledged",
+                                buckets=(.001, .003, .01, .03, .1, .3, 1))
+QUEUED = Gauge("dejavu_prompt_queued_requests", "prefills waiting for a batch")
+IN_FLIGHT = Gauge("dejavu_prompt_in_flight_requests", "prefills accepted and not yet answered")
+
+
+@dataclass
+class PrefillJob:
+    req: PrefillRequest
+    link: PeerLink
+    result: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # (layer, buffer); <= layers items
+    first: TokenEvent | None = None
+    prefill_ms: float = 0.0
+    computed_at: float = 0.0        # perf_counter when the last layer was computed
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.req.prompt_ids)
+
+
+class PrefillEngine:
+    def __init__(self, runner: ModelRunner, settings: PromptSettings, peers: Peers):
+        self.runner, self.settings, self.peers = runner, settings, peers
+        self.queue: asyncio.Queue[PrefillJob] = asyncio.Queue()
+        self.jobs: dict[str, PrefillJob] = {}
+
+    async def submit(self, req: PrefillRequest) -> PrefillResult:
+        try:
+            link = await self.peers.get(req.target_kv_address)
+        except TransportError as exc:
+            raise UpstreamError(f"cannot reach token service {req.target_service_id} at "
+                                f"{req.target_kv_address}: {exc}") from exc
+        job = self.jobs[req.request_id] = PrefillJob(req, link)
+        IN_FLIGHT.inc()
+        sender = asyncio.create_task(self._send_layers(job))
+        self.queue.put_nowait(job)
+        QUEUED.set(self.queue.qsize())
+        try:
+            return await job.result
+        finally:
+            sender.cancel()
+            self.jobs.pop(req.request_id, None)
+            IN_FLIGHT.dec()
+
+    def abort(self, request_id: str) -> bool:
+        job = self.jobs.get(request_id)
+        if job and not job.result.done():
+            job.result.set_exception(UpstreamError(f"request {request_id} aborted"))
+        return job is not None
+
+    async def run(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            budget = self.settings.max_batch_tokens - batch[0].num_tokens
+            while not self.queue.empty() and self.queue._queue[0].num_tokens <= budget:  # noqa: SLF001
+                budget -= self.queue._queue[0].num_tokens  # noqa: SLF001
+                batch.append(self.queue.get_nowait())
+            QUEUED.set(self.queue.qsize())
+            batch = [j for j in batch if not j.result.done()]  # aborted while queued
+            if batch:
+                await self._execute(batch)
+
+    async def _execute(self, batch: list[PrefillJob]) -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:  # runs in the worker thread
+            for row, job in enumerate(batch):
+                loop.call_soon_threadsafe(job.outbox.put_nowait, (layer, gather_prefill(k, v, row, job.num_tokens)))
+
+        start = time.perf_counter()
+        try:
+            logits = await asyncio.to_thread(self.runner.prefill, [j.req.prompt_ids for j in batch], on_layer)
+        except Exception as exc:  # a bad batch fails its requests, never the service
+            log.exception("prefill forward failed")
+            for job in batch:
+                if not job.result.done():
+                    job.result.set_exception(UpstreamError(f"prefill failed: {type(exc).__name__}: {exc}"))
+            return
+        done = time.perf_counter()
+        PREFILL_SECONDS.observe(done - start)
+        events = sample(logits, [j.req.sampling for j in batch], [0] * len(batch), [j.req.request_id for j in batch])
+        for job, event in zip(batch, events):
+            job.first, job.prefill_ms, job.computed_at = _with_finish(job.req, event), (done - start) * 1000, done
+            loop.call_soon(job.outbox.put_nowait, None)  # after every layer: the sender may answer
+
+    async def _send_layers(self, job: PrefillJob) -> None:
+        request_id_var.set(job.req.request_id)
+        try:
+            acks = []
+            while (item := await job.outbox.get()) is not None:
+                layer, buf = item
+                acks.append(await job.link.send(buf, request_id=job.req.request_id, epoch=job.req.epoch,
+                                                layer_start=layer, layer_end=layer + 1,
+                                                token_start=0, token_end=job.num_tokens))
+            await asyncio.wait_for(asyncio.gather(*acks), self.settings.ack_timeout_s)
+            tail = time.perf_counter() - job.computed_at
+            STREAM_TAIL_SECONDS.observe(tail)
+            if not job.result.done():
+                job.result.set_result(PrefillResult(request_id=job.req.request_id, first=job.first,
+                                                    prefill_ms=job.prefill_ms, stream_tail_ms=tail * 1000))
+        except (TransportError, KVRejected, asyncio.TimeoutError) as exc:
+            if not job.result.done():
+                job.result.set_exception(UpstreamError(
+                    f"streaming KV to token service {job.req.target_service_id} failed: {type(exc).__name__}: {exc}"))
+
+
+def _with_finish(req: PrefillRequest, event: TokenEvent) -> TokenEvent:
+    p = req.sampling
+    reason = "stop" if (not p.ignore_eos and event.token_id in p.stop_token_ids) else (
+        "length" if p.max_tokens <= 1 else None)
+    return event.model_copy(update={"finish_reason": reason}) if reason else event

@@ -1,0 +1,241 @@
+"""Transport contract tests, run identically against every implementation (UCX and TCP).
+
+Also a script: `python tests/unit/test_transport.py NAME` serves an "inverting echo" on
+127.0.0.1 (each frame comes back with its payload bit-inverted) and prints `LISTENING addr`.
+The two-process test runs it as its peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytest_asyncio
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # also when run as a script by the two-process test
+
+from common.kv import TRANSPORTS, Connection, TransportError, make_transport  # noqa: E402
+
+MiB = 1 << 20
+BOUND_S = 5.0  # bound on every wait that must not hang; never asserted as a latency
+
+
+async def echo(conn: Connection) -> None:
+    """Send every frame back as it came, until the peer goes away."""
+    while True:
+        header, payload = await conn.recv()
+        await conn.send(header, payload)
+
+
+async def inverting_echo(conn: Connection) -> None:
+    while True:
+        header, payload = await conn.recv()
+        await conn.send(header, np.bitwise_not(payload))
+
+
+def random_bytes(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(params=TRANSPORTS)
+def name(request) -> str:
+    return request.param
+
+
+@pytest_asyncio.fixture
+async def pair(name):
+    """(server transport, client transport), closed after the test."""
+    server, client = make_transport(name), make_transport(name)
+    try:
+        yield server, client
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def connect_to(pair, handler=echo) -> Connection:
+    server, client = pair
+    address = await server.listen(handler, "127.0.0.1")
+    return await client.connect(address)
+
+
+@pytest.mark.asyncio
+async def test_make_transport_rejects_unknown_name():
+    with pytest.raises(ValueError, match="ucx, tcp"):
+        make_transport("carrier-pigeon")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("size", [0, 1024, 16 * MiB])
+async def test_echo_keeps_frames_intact(pair, size):
+    conn = await connect_to(pair)
+    payload = random_bytes(size, seed=size)
+    await conn.send(b"header-%d" % size, payload)
+    header, back = await asyncio.wait_for(conn.recv(), BOUND_S)
+    assert header == b"header-%d" % size
+    assert back.dtype == np.uint8 and back.shape == (size,)
+    np.testing.assert_array_equal(back, payload)
+
+
+@pytest.mark.asyncio
+async def test_recv_fills_the_allocators_buffer(pair):
+    conn = await connect_to(pair)
+    arena = np.zeros(3 * MiB, dtype=np.uint8)
+    seen = []
+
+    def alloc(header: bytes, nbytes: int) -> np.ndarray:
+        seen.append((header, nbytes))
+        return arena[MiB : MiB + nbytes]
+
+    payload = random_bytes(MiB)
+    await conn.send(b"h", memoryview(payload.tobytes()))
+    _, back = await asyncio.wait_for(conn.recv(alloc), BOUND_S)
+    assert seen == [(b"h", MiB)]
+    assert np.shares_memory(back, arena)
+    np.testing.assert_array_equal(arena[MiB : 2 * MiB], payload)
+    assert not arena[:MiB].any() and not arena[2 * MiB :].any()
+
+
+@pytest.mark.asyncio
+async def test_concurrent_senders_keep_frames_whole(pair):
+    conn = await connect_to(pair)
+    senders, frames = 8, 12
+
+    def frame(i: int, j: int) -> tuple[bytes, np.ndarray]:
+        size = (i * 7919 + j * 104729) % (256 * 1024) + (MiB if j % 5 == 0 else 0)
+        return f"{i}:{j}".encode(), np.full(size, (i * frames + j) % 256, dtype=np.uint8)
+
+    async def sender(i: int) -> None:
+        for j in range(frames):
+            await conn.send(*frame(i, j))
+
+    async def reader() -> list[bytes]:
+        headers = []
+        for _ in range(senders * frames):
+            header, payload = await conn.recv()
+            i, j = map(int, header.decode().split(":"))
+            np.testing.assert_array_equal(payload, frame(i, j)[1])
+            headers.append(header)
+        return headers
+
+    reading = asyncio.create_task(reader())
+    await asyncio.wait_for(asyncio.gather(*(sender(i) for i in range(senders))), 4 * BOUND_S)
+    headers = await asyncio.wait_for(reading, 4 * BOUND_S)
+    for i in range(senders):  # each sender's frames arrive in the order it sent them
+        mine = [h for h in headers if h.startswith(b"%d:" % i)]
+        assert mine == [b"%d:%d" % (i, j) for j in range(frames)]
+
+
+@pytest.mark.asyncio
+async def test_peer_close_fails_pending_recv(pair):
+    handler_done = asyncio.get_running_loop().create_future()
+
+    async def close_after_one_frame(conn: Connection) -> None:
+        await conn.recv()
+        await conn.close()
+        handler_done.set_result(conn.closed)
+
+    conn = await connect_to(pair, close_after_one_frame)
+    await conn.send(b"bye")
+    with pytest.raises(TransportError):
+        await asyncio.wait_for(conn.recv(), BOUND_S)
+    assert conn.closed
+    with pytest.raises(TransportError):
+        await conn.send(b"after")
+    assert await asyncio.wait_for(handler_done, BOUND_S) is True
+
+
+@pytest.mark.asyncio
+async def test_local_close_fails_pending_recv_on_both_sides(pair):
+    server_saw = asyncio.get_running_loop().create_future()
+
+    async def wait_for_frame(conn: Connection) -> None:
+        try:
+            await conn.recv()
+        except TransportError as e:
+            server_saw.set_result(e)
+            raise
+
+    conn = await connect_to(pair, wait_for_frame)
+    pending = asyncio.create_task(conn.recv())
+    await asyncio.sleep(0.05)  # let the recv block
+    await conn.close()
+    await conn.close()  # idempotent
+    with pytest.raises(TransportError):
+        await asyncio.wait_for(pending, BOUND_S)
+    assert isinstance(await asyncio.wait_for(server_saw, BOUND_S), TransportError)
+
+
+@pytest.mark.asyncio
+async def test_connect_to_dead_port_fails(pair):
+    _, client = pair
+    with pytest.raises(TransportError):
+        await asyncio.wait_for(client.connect(f"127.0.0.1:{free_port()}", timeout=1.0), BOUND_S)
+
+
+@pytest.mark.asyncio
+async def test_connect_rejects_bad_address(pair):
+    _, client = pair
+    with pytest.raises(TransportError, match="host:port"):
+        await client.connect("no-port-here")
+
+
+@pytest.mark.asyncio
+async def test_two_processes_exchange_then_peer_dies(pair, name):
+    _, client = pair
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, name, stdout=asyncio.subprocess.PIPE, cwd=ROOT
+    )
+    try:
+        address = await asyncio.wait_for(read_address(child), 60)
+        conn = await client.connect(address)
+        payload = random_bytes(16 * MiB, seed=1)
+        await asyncio.wait_for(conn.send(b"big", payload), BOUND_S)
+        header, back = await asyncio.wait_for(conn.recv(), BOUND_S)
+        assert header == b"big"
+        np.testing.assert_array_equal(back, np.bitwise_not(payload))
+
+        os.kill(child.pid, signal.SIGKILL)
+        await asyncio.wait_for(child.wait(), BOUND_S)
+        with pytest.raises(TransportError):
+            await asyncio.wait_for(conn.recv(), BOUND_S)
+        with pytest.raises(TransportError):
+            await asyncio.wait_for(conn.send(b"anyone?", payload), BOUND_S)
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+
+
+async def read_address(child: asyncio.subprocess.Process) -> str:
+    while line := await child.stdout.readline():
+        if line.startswith(b"LISTENING "):
+            return line.split()[1].decode()
+    raise RuntimeError(f"peer exited ({await child.wait()}) before listening")
+
+
+async def serve(name: str) -> None:
+    transport = make_transport(name)
+    address = await transport.listen(inverting_echo, "127.0.0.1")
+    print("LISTENING", address, flush=True)
+    try:
+        await asyncio.Event().wait()  # until killed
+    finally:
+        await transport.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve(sys.argv[1]))

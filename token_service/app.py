@@ -1,0 +1,115 @@
+"""Token service HTTP API: thin handlers over TokenEngine.
+
+POST /reserve  ReserveRequest -> Reservation (503 kv_full when there is no room)
+POST /decode   DecodeRequest  -> NDJSON stream of DecodeEvent, one per token; ends at finish
+POST /abort    AbortRequest   -> AbortResult
+GET  /health, /metrics
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+from common import metadata
+from common.errors import install_error_handlers
+from common.kv import make_transport
+from common.kv.transport import split_address
+from common.model import load_model, resolve_model_path
+from common.protocol import (AbortRequest, AbortResult, DecodeEvent, DecodeRequest, Reservation, ReserveRequest,
+                             ServiceInfo, ServiceKind)
+from common.runner import ModelRunner
+from common.service import Lease, add_health_and_metrics, ready_line, request_id_var, supervise
+from common.settings import TokenSettings
+from token_service.engine import TokenEngine
+from token_service.kv_receiver import make_handler
+from token_service.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: TokenSettings) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        path = resolve_model_path(settings.model, progress=log.info)
+        runner = ModelRunner(await asyncio.to_thread(load_model, path, settings.threads))
+        transport = make_transport(settings.kv_transport)
+        engine: TokenEngine | None = None
+        listen_host = "0.0.0.0" if settings.host in ("0.0.0.0", "::") else settings.host
+        address = await transport.listen(lambda conn: make_handler(engine)(conn), listen_host, settings.kv_port)
+        kv_address = f"{settings.public_host}:{split_address(address)[1]}"
+        engine = app.state.engine = TokenEngine(runner, settings, app.state.service_id, kv_address)
+        redis = metadata.connect(settings.redis_url)
+        started = time.time()
+
+        def info() -> ServiceInfo:
+            return ServiceInfo(kind=ServiceKind.TOKEN, id=app.state.service_id, url=app.state.url,
+                               host=socket.gethostname(), pid=os.getpid(), model=str(path), kv_address=kv_address,
+                               kv_transport=settings.kv_transport, max_model_len=settings.max_model_len,
+                               active_requests=len(engine.scheduler.seqs), kv_bytes_used=engine.slots.num_used * engine.slot_bytes,
+                               kv_bytes_free=engine.kv_bytes_free, started_at=started)
+
+        lease = Lease(metadata.Registry(redis), info, settings)
+        await lease.start()
+        loop_task = supervise(asyncio.create_task(engine.run()), "decode loop")
+        log.info("token service ready: model %s, %d rows x %d tokens, KV on %s (%s)", path, settings.max_seqs,
+                 settings.max_model_len, kv_address, settings.kv_transport)
+        ready_line(ServiceKind.TOKEN, app.state.url)
+        try:
+            yield
+        finally:
+            loop_task.cancel()
+            await lease.stop()
+            await transport.close()
+            await redis.aclose()
+
+    app = FastAPI(title="DéjàVu token service", lifespan=lifespan)
+    install_error_handlers(app)
+
+    async def health() -> dict:
+        engine: TokenEngine = app.state.engine
+        return {"kind": "token", "requests": len(engine.scheduler.seqs), "kv_rows_free": engine.slots.num_free}
+
+    add_health_and_metrics(app, health)
+
+    @app.post("/reserve")
+    async def reserve(req: ReserveRequest) -> Reservation:
+        request_id_var.set(req.request_id)
+        return app.state.engine.reserve(req)
+
+    @app.post("/decode")
+    async def decode(req: DecodeRequest, request: Request) -> StreamingResponse:
+        request_id_var.set(req.request_id)
+        seq = app.state.engine.start_decode(req)
+        return StreamingResponse(_events(app.state.engine, seq), media_type="application/x-ndjson")
+
+    @app.post("/abort")
+    async def abort(req: AbortRequest) -> AbortResult:
+        request_id_var.set(req.request_id)
+        return AbortResult(request_id=req.request_id, found=app.state.engine.abort(req.request_id))
+
+    return app
+
+
+async def _events(engine: TokenEngine, seq: Sequence):
+    """The decode stream; if the gateway goes away mid-stream the request is aborted here."""
+    finished = False
+    try:
+        while True:
+            event: DecodeEvent = await seq.events.get()
+            yield event.model_dump_json(exclude_none=True) + "\n"
+            if event.error or (event.token and event.token.finish_reason):
+                finished = True
+                return
+    finally:
+        if not finished:
+            request_id_var.set(seq.request_id)
+            log.info("decode stream closed before the end: aborting")
+            engine.abort(seq.request_id)

@@ -1,0 +1,68 @@
+"""Continuous batching: which sequences run this step, and what their results mean.
+
+Every step takes every sequence that is ready (decode request in, KV complete); sequences join
+and leave between any two steps. The batch is pool rows [0, n) where n-1 is the highest running
+row; rows in between that are not running are idle and only write to the scratch column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.protocol import TokenEvent
+from token_service.sequence import Sequence, SeqStatus
+
+
+@dataclass
+class Batch:
+    seqs: list[Sequence]          # running sequences, in row order
+    tokens: list[int]             # (rows,) input token per row
+    positions: list[int]          # (rows,) its sequence position
+    running: list[bool]           # (rows,)
+
+
+class Scheduler:
+    def __init__(self) -> None:
+        self.seqs: dict[str, Sequence] = {}
+
+    def add(self, seq: Sequence) -> None:
+        self.seqs[seq.request_id] = seq
+
+    def schedule(self) -> Batch | None:
+        for seq in self.seqs.values():
+            if seq.status is SeqStatus.WAITING_FOR_KV and seq.decoding:
+                seq.status = SeqStatus.RUNNING
+        running = sorted((s for s in self.seqs.values() if s.status is SeqStatus.RUNNING), key=lambda s: s.slot)
+        if not running:
+            return None
+        rows = running[-1].slot + 1
+        tokens, positions, live = [0] * rows, [0] * rows, [False] * rows
+        for s in running:
+            tokens[s.slot], positions[s.slot], live[s.slot] = s.output[-1], s.last_position, True
+        return Batch(running, tokens, positions, live)
+
+    def postprocess(self, batch: Batch, events: list[TokenEvent]) -> list[tuple[Sequence, TokenEvent]]:
+        """Append each sampled token and decide whether its sequence finishes."""
+        out = []
+        for seq, event in zip(batch.seqs, events):
+            if seq.done:  # aborted while the step ran
+                continue
+            seq.output.append(event.token_id)
+            reason = finish_reason(seq, event.token_id)
+            if reason:
+                event = event.model_copy(update={"finish_reason": reason})
+                seq.status = SeqStatus.FINISHED
+            out.append((seq, event))
+        return out
+
+    def remove(self, request_id: str) -> Sequence | None:
+        return self.seqs.pop(request_id, None)
+
+
+def finish_reason(seq: Sequence, token: int) -> str | None:
+    p = seq.sampling
+    if not p.ignore_eos and token in p.stop_token_ids:
+        return "stop"
+    if len(seq.output) >= seq.max_tokens:
+        return "length"
+    return None

@@ -1,0 +1,59 @@
+"""A request as the token service sees it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+from common.protocol import DecodeEvent, SamplingParams
+
+
+class SeqStatus(Enum):
+    WAITING_FOR_KV = "waiting_for_kv"   # reserved; KV arriving from the prompt service
+    RUNNING = "running"                 # in the running batch
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    slot: int                           # row of the KV pool it owns
+    prompt_len: int                     # tokens
+    max_tokens: int                     # output tokens, EOS included
+    num_layers: int
+    created: float = field(default_factory=time.monotonic)
+    status: SeqStatus = SeqStatus.WAITING_FOR_KV
+    layers_received: set[int] = field(default_factory=set)
+    sampling: SamplingParams | None = None   # set when the decode request arrives
+    output: list[int] = field(default_factory=list)  # output tokens; [0] came from the prompt service
+    events: asyncio.Queue[DecodeEvent] = field(default_factory=asyncio.Queue)
+
+    def __post_init__(self) -> None:
+        if self.prompt_len < 1 or self.max_tokens < 1:
+            raise ValueError(f"sequence {self.request_id}: prompt_len and max_tokens must be >= 1")
+
+    @property
+    def kv_ready(self) -> bool:
+        return len(self.layers_received) == self.num_layers
+
+    @property
+    def decoding(self) -> bool:
+        """Its decode request has arrived and its KV is complete: it can run."""
+        return self.sampling is not None and self.kv_ready
+
+    @property
+    def last_position(self) -> int:
+        """Sequence position of the newest output token: the input of the next step."""
+        return self.prompt_len + len(self.output) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens whose KV this sequence holds (after the next step's write)."""
+        return self.prompt_len + len(self.output)
+
+    @property
+    def done(self) -> bool:
+        return self.status in (SeqStatus.FINISHED, SeqStatus.ABORTED)
