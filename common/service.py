@@ -138,3 +138,20 @@ def run(app: FastAPI, settings: ServiceSettings, kind: ServiceKind) -> None:
 def ready_line(kind: ServiceKind, url: str) -> None:
     """The line `dejavu up` (and tests) wait for on stdout."""
     print(f"DEJAVU_READY {kind.value} {url}", flush=True)
+
+
+def main(kind: ServiceKind, settings_cls: type, description: str, app_factory: str,
+         argv: list[str] | None = None) -> None:
+    """Entry point of `python -m <service>`: settings (bad ones stop here, before any heavy
+    import, so --help is instant), then the app from "module:function", then serve."""
+    import importlib
+
+    from common.settings import SettingsError, load
+
+    prog = f"python -m {app_factory.split('.')[0]}"
+    try:
+        settings = load(settings_cls, sys.argv[1:] if argv is None else argv, prog=prog, description=description)
+    except SettingsError as exc:
+        sys.exit(f"{prog}: bad setting: {exc}")
+    module, func = app_factory.split(":")
+    run(getattr(importlib.import_module(module), func)(settings), settings, kind)

@@ -1,22 +1,8 @@
 """python -m token_service: the decode engine (see --help)."""
 
-import sys
-
 from common.protocol import ServiceKind
-from common.service import run
-from common.settings import SettingsError, TokenSettings, load
-
-
-def main(argv: list[str] | None = None) -> None:
-    try:
-        settings = load(TokenSettings, sys.argv[1:] if argv is None else argv, prog="python -m token_service",
-                        description="DéjàVu token service: continuous-batching decode; receives KV from prompt services.")
-    except SettingsError as exc:
-        sys.exit(f"token_service: bad setting: {exc}")
-    from token_service.app import create_app
-
-    run(create_app(settings), settings, ServiceKind.TOKEN)
-
+from common.service import main
+from common.settings import TokenSettings
 
 if __name__ == "__main__":
-    main()
+    main(ServiceKind.TOKEN, TokenSettings, "DéjàVu token service: continuous-batching decode of requests whose KV a prompt service streamed in.", "token_service.app:create_app")

@@ -95,8 +95,10 @@ def import_ucxx():
 
 
 def _as_bytes(buf: np.ndarray | memoryview | bytes) -> np.ndarray:
-    """A uint8 view for ucxx, which accepts numpy but refuses torch tensors."""
-    return np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf.view(np.uint8).reshape(-1)
+    """A flat uint8 view (no copy) for ucxx, which takes numpy but refuses torch tensors."""
+    if isinstance(buf, np.ndarray):
+        return buf.reshape(-1).view(np.uint8)
+    return np.frombuffer(buf, dtype=np.uint8)
 
 
 class UcxConnection(Connection):
@@ -104,7 +106,7 @@ class UcxConnection(Connection):
 
     def __init__(self, ep, ucxx, on_close=None):
         self._ep = ep
-        self._errors = (ucxx.exceptions.UCXError, AttributeError)  # ucxx raises the latter once aborted
+        self._errors = ucxx.exceptions.UCXError
         self._on_close = on_close  # lets the transport forget this connection
         self._send_lock = asyncio.Lock()
         self._closed = False
@@ -178,9 +180,7 @@ class UcxTransport(Transport):
             raise TransportError("already listening")
         self._start()
         try:
-            self._listener = self._ucxx.create_listener(
-                functools.partial(self._serve, handler), port=port
-            )
+            self._listener = self._ucxx.create_listener(functools.partial(self._serve, handler), port=port)
         except self._ucxx.exceptions.UCXError as e:
             raise TransportError(f"cannot listen on port {port}: {e}") from e
         address = f"{host}:{self._listener.port}"

@@ -14,6 +14,7 @@ bfloat16 has no numpy type: send `t.view(torch.int16)` and rebuild with `.view(t
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import math
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     import torch
 
 KINDS = ("kv", "ack", "error")
+INT_FIELDS = ("epoch", "layer_start", "layer_end", "token_start", "token_end", "nbytes", "checksum")
+CRC_THREAD_MIN_BYTES = 4 << 20
 
 # Given the decoded header of an incoming "kv" frame, return a writable C-contiguous uint8 array
 # of exactly `header.nbytes` to receive the payload into (e.g. a view of a preallocated cache).
@@ -56,8 +59,9 @@ class Header:
 
     def __post_init__(self) -> None:
         _check(self.kind in KINDS, f"kind must be one of {KINDS}, got {self.kind!r}")
-        _check(isinstance(self.request_id, str) and isinstance(self.message, str), "ids must be str")
-        for name in ("epoch", "layer_start", "layer_end", "token_start", "token_end", "nbytes", "checksum"):
+        _check(isinstance(self.request_id, str), "request_id must be a str")
+        _check(isinstance(self.message, str), "message must be a str")
+        for name in INT_FIELDS:
             value = getattr(self, name)
             _check(type(value) is int and value >= 0, f"{name} must be an int >= 0, got {value!r}")
         _check(self.layer_start <= self.layer_end, "layer_start > layer_end")
@@ -66,7 +70,7 @@ class Header:
         _check(isinstance(self.shape, tuple), "shape must be a tuple")
         _check(all(type(d) is int and d >= 0 for d in self.shape), f"bad shape {self.shape!r}")
         size = math.prod(self.shape) * _dtype(self.dtype).itemsize
-        _check(size == self.nbytes, f"nbytes {self.nbytes} != {size} for {self.dtype}{list(self.shape)}")
+        _check(size == self.nbytes, f"nbytes {self.nbytes} != {size} for {self.dtype}{self.shape}")
 
     def encode(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()
@@ -102,23 +106,26 @@ async def stream_out(
     data = array.reshape(-1).view(np.uint8)
     header = Header(
         "kv", request_id, epoch, layer_start, layer_end, token_start, token_end,
-        dtype=array.dtype.name, shape=tuple(array.shape), nbytes=data.nbytes, checksum=zlib.crc32(data),
+        dtype=array.dtype.name, shape=tuple(array.shape), nbytes=data.nbytes,
+        checksum=await _crc32(data),
     )  # fmt: skip
     await conn.send(header.encode(), data)
     return header
 
 
-async def send_ack(conn: Connection, request_id: str, epoch: int, message: str = "") -> None:
-    """Tell the sender its KV for `request_id` is stored."""
-    await conn.send(Header("ack", request_id, epoch, message=message).encode())
+async def send_ack(conn: Connection, kv: Header, message: str = "") -> None:
+    """Answer the "kv" message `kv`: stored. The reply names the same request, layers and tokens."""
+    await conn.send(_reply("ack", kv, message).encode())
 
 
-async def send_error(conn: Connection, request_id: str, epoch: int, message: str) -> None:
-    """Tell the sender its KV for `request_id` was refused, and why."""
-    await conn.send(Header("error", request_id, epoch, message=message).encode())
+async def send_error(conn: Connection, kv: Header, message: str) -> None:
+    """Answer the "kv" message `kv`: refused, and why."""
+    await conn.send(_reply("error", kv, message).encode())
 
 
-async def stream_in(conn: Connection, alloc: HeaderAllocator | None = None) -> tuple[Header, np.ndarray]:
+async def stream_in(
+    conn: Connection, alloc: HeaderAllocator | None = None
+) -> tuple[Header, np.ndarray]:
     """Receive one message: (header, payload as an array of header.dtype and header.shape, a view
     of the received buffer). Raises TransportError if the connection breaks, WireError if the
     message is malformed; after a WireError the connection is still in step and usable."""
@@ -127,7 +134,7 @@ async def stream_in(conn: Connection, alloc: HeaderAllocator | None = None) -> t
     def place(raw: bytes, nbytes: int) -> np.ndarray:
         try:
             header = Header.decode(raw)
-            _check(header.nbytes == nbytes, f"header says {header.nbytes} bytes, frame has {nbytes}")
+            _check(header.nbytes == nbytes, f"header says {header.nbytes} B, frame has {nbytes}")
         except WireError as e:
             problem.append(e)
             return np.empty(nbytes, dtype=np.uint8)
@@ -137,8 +144,21 @@ async def stream_in(conn: Connection, alloc: HeaderAllocator | None = None) -> t
     if problem:
         raise problem[0]
     header = Header.decode(raw)
-    _check(zlib.crc32(data) == header.checksum, f"checksum mismatch for {header.request_id!r}")
+    _check(await _crc32(data) == header.checksum, f"checksum mismatch for {header.request_id!r}")
     return header, data.view(header.dtype).reshape(header.shape)
+
+
+async def _crc32(data: np.ndarray) -> int:
+    # ~3 GB/s: a big payload's checksum would stall the event loop for tens of ms, so it runs in
+    # a thread (zlib releases the GIL); a small one is cheaper inline than a thread hop.
+    if data.nbytes < CRC_THREAD_MIN_BYTES:
+        return zlib.crc32(data)
+    return await asyncio.to_thread(zlib.crc32, data)
+
+
+def _reply(kind: str, kv: Header, message: str) -> Header:
+    return Header(kind, kv.request_id, kv.epoch, kv.layer_start, kv.layer_end,
+                  kv.token_start, kv.token_end, message=message)  # fmt: skip
 
 
 def _as_numpy(payload: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.serve` compares our server with Hugging Face generate."""

@@ -1,0 +1,1 @@
+"""Cache store: holds KV replicas that token services send, for recovery (issue #3 completes it)."""

@@ -1,0 +1,91 @@
+"""Cache store HTTP API and KV listener.
+
+KV transport: "kv" messages are stored and acknowledged (an "error" answers a fenced epoch).
+POST /drop   AbortRequest -> AbortResult   (the request ended: free its replica)
+GET  /health, /metrics
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+
+from fastapi import FastAPI
+
+from cache_store.store import ReplicaStore, StaleEpoch
+from common import metadata
+from common.errors import install_error_handlers
+from common.kv import make_transport
+from common.kv.transport import Connection, TransportError, split_address
+from common.kv.wire import Header, WireError, stream_in
+from common.protocol import AbortRequest, AbortResult, ServiceInfo, ServiceKind
+from common.service import Lease, add_health_and_metrics, ready_line, request_id_var
+from common.settings import CacheStoreSettings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: CacheStoreSettings) -> FastAPI:
+    store = ReplicaStore()
+
+    async def receive(conn: Connection) -> None:
+        while True:
+            try:
+                header, payload = await stream_in(conn)
+            except TransportError:
+                return
+            except WireError as exc:
+                log.warning("malformed KV message: %s", exc)
+                continue
+            request_id_var.set(header.request_id)
+            try:
+                store.put(header, payload)
+                kind, message = "ack", ""
+            except StaleEpoch as exc:
+                kind, message = "error", str(exc)
+            try:
+                await conn.send(Header(kind, header.request_id, header.epoch, header.layer_start, header.layer_end,
+                                       header.token_start, header.token_end, message=message).encode())
+            except TransportError:
+                return
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        transport = make_transport(settings.kv_transport)
+        listen_host = "0.0.0.0" if settings.host in ("0.0.0.0", "::") else settings.host
+        address = await transport.listen(receive, listen_host, settings.kv_port)
+        kv_address = f"{settings.public_host}:{split_address(address)[1]}"
+        redis = metadata.connect(settings.redis_url)
+        started = time.time()
+        lease = Lease(metadata.Registry(redis), lambda: ServiceInfo(
+            kind=ServiceKind.CACHE_STORE, id=app.state.service_id, url=app.state.url, host=socket.gethostname(),
+            pid=os.getpid(), kv_address=kv_address, kv_transport=settings.kv_transport,
+            active_requests=len(store.replicas), kv_bytes_used=store.bytes_held,
+            kv_bytes_free=max(settings.memory_bytes - store.bytes_held, 0), started_at=started), settings)
+        await lease.start()
+        log.info("cache store ready: KV on %s (%s), %d MiB in memory", kv_address, settings.kv_transport,
+                 settings.memory_bytes >> 20)
+        ready_line(ServiceKind.CACHE_STORE, app.state.url)
+        try:
+            yield
+        finally:
+            await lease.stop()
+            await transport.close()
+            await redis.aclose()
+
+    app = FastAPI(title="DéjàVu cache store", lifespan=lifespan)
+    install_error_handlers(app)
+
+    async def health() -> dict:
+        return {"kind": "cache_store", "replicas": len(store.replicas), "bytes_held": store.bytes_held}
+
+    add_health_and_metrics(app, health)
+
+    @app.post("/drop")
+    async def drop(req: AbortRequest) -> AbortResult:
+        return AbortResult(request_id=req.request_id, found=store.drop(req.request_id))
+
+    return app

@@ -1,0 +1,1 @@
+"""The `dejavu` command: run a local cluster (`dejavu up`), inspect it, benchmark it."""

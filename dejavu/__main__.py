@@ -1,0 +1,3 @@
+from dejavu.cli import main
+
+main()

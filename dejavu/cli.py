@@ -1,0 +1,132 @@
+"""dejavu: run and inspect a DéjàVu serving cluster.
+
+  dejavu up [--model M] [--port 8000] [--prompt-services 1] [--token-services 1] [--cache-stores 1]
+            [--redis-url URL] [--kv-transport ucx|tcp]
+  dejavu status [--redis-url URL] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+
+from common.model import ModelNotFound, resolve_model_path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="dejavu", description="DéjàVu serving: fault-tolerant, disaggregated "
+                                     "LLM serving with an OpenAI-compatible API.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="run the whole cluster locally, one process per service",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    up.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a Hugging Face model folder")
+    up.add_argument("--port", type=int, default=8000, help="gateway port")
+    up.add_argument("--host", default="127.0.0.1", help="interface every service binds to")
+    up.add_argument("--prompt-services", type=int, default=1, help="prefill engines")
+    up.add_argument("--token-services", type=int, default=1, help="decode engines")
+    up.add_argument("--cache-stores", type=int, default=1, help="KV replica stores")
+    up.add_argument("--redis-url", default=None, help="use this Redis instead of starting an embedded one")
+    up.add_argument("--kv-transport", choices=("ucx", "tcp"), default="ucx", help="KV transport")
+    up.add_argument("--max-model-len", type=int, default=2048, help="longest sequence served (tokens)")
+    up.add_argument("--max-seqs", type=int, default=16, help="sequences decoding at once per token service")
+    up.add_argument("--quiet", action="store_true", help="don't echo the services' logs")
+    status = sub.add_parser("status", help="list the services registered in Redis")
+    status.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    sys.exit(cmd_up(args, parser) if args.command == "up" else cmd_status(args))
+
+
+def cmd_up(args, parser) -> int:
+    for name in ("prompt_services", "token_services"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.cache_stores < 0:
+        parser.error("--cache-stores must be >= 0")
+    try:
+        resolve_model_path(args.model)  # convert the bundled model once, with progress, before the services start
+    except ModelNotFound as exc:
+        parser.error(str(exc))
+    from dejavu.cluster import Cluster, ClusterError
+    from dejavu.redis_server import RedisNotInstalled
+
+    env = {"DEJAVU_KV_TRANSPORT": args.kv_transport, "DEJAVU_MAX_MODEL_LEN": str(args.max_model_len),
+           "DEJAVU_MAX_SEQS": str(args.max_seqs)}
+    cluster = Cluster(args.model, args.port, args.prompt_services, args.token_services, args.cache_stores,
+                      args.redis_url, env, echo_logs=not args.quiet, host=args.host)
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"[dejavu] starting: {args.token_services} token, {args.prompt_services} prompt, {args.cache_stores} "
+          f"cache store(s), gateway on port {args.port}, KV over {args.kv_transport} ...", file=sys.stderr, flush=True)
+    start = time.monotonic()
+    try:
+        cluster.start()
+    except (ClusterError, RedisNotInstalled, RuntimeError) as exc:
+        print(f"[dejavu] {exc}", file=sys.stderr)
+        return 1
+    print(f"\n[dejavu] ready in {time.monotonic() - start:.0f} s: OpenAI API at {cluster.url}/v1 "
+          f"(redis {cluster.redis_url})\n\n  curl {cluster.url}/v1/completions -H 'Content-Type: application/json' \\\n"
+          f"    -d '{{\"model\": \"{_served_name(args.model)}\", \"prompt\": \"The capital of France is\", "
+          f"\"max_tokens\": 16, \"temperature\": 0}}'\n\n[dejavu] Ctrl-C stops everything.", flush=True)
+    code = 0
+    while not stopping:
+        dead = cluster.dead()
+        if dead:
+            for child in dead:
+                print(f"[dejavu] {child.describe_exit()}", file=sys.stderr)
+            print("[dejavu] a service died: stopping the cluster", file=sys.stderr)
+            code = 1
+            break
+        time.sleep(0.5)
+    print("[dejavu] stopping ...", file=sys.stderr, flush=True)
+    cluster.stop()
+    print("[dejavu] stopped", file=sys.stderr)
+    return code
+
+
+def _served_name(model: str) -> str:
+    import os
+
+    return os.path.basename(os.path.normpath(model))
+
+
+def cmd_status(args) -> int:
+    from common import metadata
+    from common.errors import Unavailable
+
+    async def fetch():
+        redis = metadata.connect(args.redis_url)
+        try:
+            return await metadata.Registry(redis).services()
+        finally:
+            await redis.aclose()
+
+    try:
+        services = asyncio.run(fetch())
+    except Unavailable as exc:
+        print(f"dejavu status: {exc.message}", file=sys.stderr)
+        return 1
+    now = time.time()
+    rows = [{**s.model_dump(mode="json"), "lease_age_s": round(now - s.renewed_at, 2)} for s in services]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'KIND':<12}{'ID':<36}{'URL':<28}{'PID':>8}{'ACTIVE':>8}{'KV USED':>12}{'KV FREE':>12}{'LEASE':>7}")
+    for r in rows:
+        print(f"{r['kind']:<12}{r['id']:<36}{r['url']:<28}{r['pid']:>8}{r['active_requests']:>8}"
+              f"{r['kv_bytes_used'] / 2**20:>10.1f}Mi{r['kv_bytes_free'] / 2**20:>10.1f}Mi{r['lease_age_s']:>6.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

