@@ -84,6 +84,9 @@ class HFBaseline:
         import torch
 
         self.torch, self.model = torch, load_model(path)
+        config = self.model.generation_config  # a pad id keeps generate from warning on every call
+        pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        self.pad_id = pad[0] if isinstance(pad, (list, tuple)) else pad
 
     def generate(self, ids: list[int], new_tokens: int) -> float:
         """Seconds for one greedy generate of exactly `new_tokens` tokens."""
@@ -91,7 +94,9 @@ class HFBaseline:
         start = time.perf_counter()
         with self.torch.inference_mode():
             self.model.generate(inputs, attention_mask=self.torch.ones_like(inputs), do_sample=False,
-                                max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=2)
+                                max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=self.pad_id)
+        if inputs.is_cuda:
+            self.torch.cuda.synchronize()
         return time.perf_counter() - start
 
     def measure(self, repeat: int, concurrency: int, ids: list[int], new_tokens: int) -> Measurement:

@@ -89,8 +89,9 @@ def from_body(status: int, text: str) -> DejavuError:
 
 
 def _param(loc: tuple) -> str | None:
+    """The top-level field (pydantic appends union type tags like 'float' to the location)."""
     parts = [str(p) for p in loc if p not in ("body", "query", "path")]
-    return ".".join(parts) or None
+    return parts[0] if parts else None
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -100,7 +101,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     param = _param(tuple(first.get("loc", ())))
     if first.get("type") == "missing":
         return f"'{param}' is required", param
-    return f"'{param}': {first.get('msg')}" if param else str(first.get("msg")), param
+    where = ".".join(str(p) for p in first.get("loc", ())[1:])
+    return f"'{where}': {first.get('msg')}" if param else str(first.get("msg")), param
 
 
 def install_error_handlers(app: FastAPI) -> None:

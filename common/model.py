@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import settings
+
 log = logging.getLogger(__name__)
 
 BUNDLED = "smollm2"
@@ -32,9 +34,7 @@ class ModelNotFound(Exception):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("DEJAVU_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dejavu")
-    return Path(root)
+    return Path(settings.cache_dir())
 
 
 def resolve_model_path(model: str, progress=print) -> Path:

@@ -130,6 +130,12 @@ class CacheStoreSettings(ServiceSettings):
     spill_dir: str = setting("", "where replicas spill past --memory-bytes (default: a temporary folder)")
 
 
+def cache_dir() -> str:
+    """Where converted models live: $DEJAVU_CACHE_DIR, else $XDG_CACHE_HOME/dejavu, else ~/.cache/dejavu."""
+    return os.environ.get(env_name("cache_dir")) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dejavu")
+
+
 def _check(obj: Any, ok: bool, name: str, why: str) -> None:
     if not ok:
         value = getattr(obj, name)

@@ -38,7 +38,7 @@ class IncrementalDetokenizer:
 
 
 class StopStrings:
-    """Holds back the last (longest stop - 1) characters until they cannot start a stop string."""
+    """Holds back the longest tail of the text that could still grow into a stop string."""
 
     def __init__(self, stops: list[str]):
         self.stops = stops
@@ -57,9 +57,16 @@ class StopStrings:
             self.stopped = True
             out, self.pending = self.pending[: min(hits)], ""
             return out
-        cut = max(len(self.pending) - self.hold, 0)
+        cut = len(self.pending) - self._held()
         out, self.pending = self.pending[:cut], self.pending[cut:]
         return out
+
+    def _held(self) -> int:
+        for n in range(min(self.hold, len(self.pending)), 0, -1):
+            tail = self.pending[-n:]
+            if any(s.startswith(tail) for s in self.stops):
+                return n
+        return 0
 
     def flush(self) -> str:
         out, self.pending = ("" if self.stopped else self.pending), ""

@@ -112,7 +112,8 @@ class TcpConnection(Connection):
         self._idle.clear()
         try:
             yield
-        except TransportError:
+        except (TransportError, asyncio.CancelledError):
+            # Cancelled, the frame may be half sent or half read: the stream is out of step.
             self._broken = True
             raise
         except OSError as e:

@@ -10,7 +10,10 @@ Who calls what:
   lifespan: UCX must be initialised per process, after any fork) and advertises the address;
 - a sender calls `connect(address)` and keeps the connection for many messages;
 - `Connection.send` may be called by many tasks at once: each frame is sent atomically.
-- `Connection.recv` is called by a single reader task per connection.
+- `Connection.recv` is called by a single reader task per connection, which should always be
+  reading: with UCX a large send completes only once the peer has received it.
+- Cancelling a `send` or `recv` that has started breaks the connection (`closed` becomes True):
+  its frame may be half sent or half read.
 """
 
 from __future__ import annotations

@@ -71,18 +71,27 @@ class _Runtime:
         cls.users -= 1
         if cls.users:
             return
-        # The notifier thread is not a daemon: left running, the interpreter never exits. It
-        # polls for shutdown once a second; waking it first makes close() take ms, not 1 s.
-        ctx = getattr(ucxx.core, "_ctx", None)  # private, hence the getattr guards
-        if getattr(ctx, "notifier_thread", None) is not None:
-            ctx.worker.stop_request_notifier_thread()
-        del ctx  # reset() refuses while anything, this frame included, holds the context
-        ucxx.stop_notifier_thread()
+        _stop_notifier(ucxx)
         gc.collect()  # closed endpoints caught in reference cycles still pin the context
         try:
             ucxx.reset()
         except ucxx.exceptions.UCXError as e:
             logger.warning("UCX not reset, something still holds an endpoint: %s", e)
+
+
+def _stop_notifier(ucxx) -> None:
+    """Stop ucxx's notifier thread: not a daemon, so left running the interpreter never exits."""
+    # ucxx.stop_notifier_thread() alone waits for the thread's next once-a-second poll; waking it
+    # first makes close() take ms. The context is private, hence the getattr guards.
+    ctx = getattr(ucxx.core, "_ctx", None)
+    worker = ctx.worker if getattr(ctx, "notifier_thread", None) is not None else None
+    if worker is not None:
+        worker.stop_request_notifier_thread()
+    ucxx.stop_notifier_thread()
+    if worker is not None:
+        # The thread consumed the stop flag on its way out; set it again, or the worker's
+        # destructor takes the notifier for running and logs a warning.
+        worker.stop_request_notifier_thread()
 
 
 def import_ucxx():
@@ -157,6 +166,11 @@ class UcxConnection(Connection):
             raise TransportError(f"{method} on a {'closed' if self._closed else 'broken'} connection")
         try:
             await getattr(self._ep, method)(buf)
+        except asyncio.CancelledError:
+            # The UCX request stays posted (a recv would swallow the next message) and the frame
+            # may be half sent: the stream is out of step.
+            self._broken = True
+            raise
         except self._errors as e:
             self._broken = True  # a failed message leaves the stream out of step: unusable
             raise TransportError(f"{method} failed: {type(e).__name__}: {e}") from e

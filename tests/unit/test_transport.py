@@ -69,7 +69,7 @@ async def pair(name):
 async def connect_to(pair, handler=echo) -> Connection:
     server, client = pair
     address = await server.listen(handler, "127.0.0.1")
-    return await client.connect(address)
+    return await asyncio.wait_for(client.connect(address), BOUND_S)
 
 
 @pytest.mark.asyncio
@@ -83,7 +83,7 @@ async def test_make_transport_rejects_unknown_name():
 async def test_echo_keeps_frames_intact(pair, size):
     conn = await connect_to(pair)
     payload = random_bytes(size, seed=size)
-    await conn.send(b"header-%d" % size, payload)
+    await asyncio.wait_for(conn.send(b"header-%d" % size, payload), BOUND_S)
     header, back = await asyncio.wait_for(conn.recv(), BOUND_S)
     assert header == b"header-%d" % size
     assert back.dtype == np.uint8 and back.shape == (size,)
@@ -101,7 +101,7 @@ async def test_recv_fills_the_allocators_buffer(pair):
         return arena[MiB : MiB + nbytes]
 
     payload = random_bytes(MiB)
-    await conn.send(b"h", memoryview(payload.tobytes()))
+    await asyncio.wait_for(conn.send(b"h", memoryview(payload.tobytes())), BOUND_S)
     _, back = await asyncio.wait_for(conn.recv(alloc), BOUND_S)
     assert seen == [(b"h", MiB)]
     assert np.shares_memory(back, arena)
@@ -149,12 +149,12 @@ async def test_peer_close_fails_pending_recv(pair):
         handler_done.set_result(conn.closed)
 
     conn = await connect_to(pair, close_after_one_frame)
-    await conn.send(b"bye")
+    await asyncio.wait_for(conn.send(b"bye"), BOUND_S)
     with pytest.raises(TransportError):
         await asyncio.wait_for(conn.recv(), BOUND_S)
     assert conn.closed
     with pytest.raises(TransportError):
-        await conn.send(b"after")
+        await asyncio.wait_for(conn.send(b"after"), BOUND_S)
     assert await asyncio.wait_for(handler_done, BOUND_S) is True
 
 
@@ -180,6 +180,16 @@ async def test_local_close_fails_pending_recv_on_both_sides(pair):
 
 
 @pytest.mark.asyncio
+async def test_cancelled_recv_breaks_the_connection(pair):
+    conn = await connect_to(pair)
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(conn.recv(), 0.05)
+    assert conn.closed  # its frame might have been half read
+    with pytest.raises(TransportError):
+        await asyncio.wait_for(conn.send(b"x"), BOUND_S)
+
+
+@pytest.mark.asyncio
 async def test_connect_to_dead_port_fails(pair):
     _, client = pair
     with pytest.raises(TransportError):
@@ -201,7 +211,7 @@ async def test_two_processes_exchange_then_peer_dies(pair, name):
     )
     try:
         address = await asyncio.wait_for(read_address(child), 60)
-        conn = await client.connect(address)
+        conn = await asyncio.wait_for(client.connect(address), BOUND_S)
         payload = random_bytes(16 * MiB, seed=1)
         await asyncio.wait_for(conn.send(b"big", payload), BOUND_S)
         header, back = await asyncio.wait_for(conn.recv(), BOUND_S)

@@ -110,6 +110,14 @@ async def link(request):
         await server.close()
 
 
+async def transfer(sender, receiver, payload, alloc=None) -> tuple[Header, Header, np.ndarray]:
+    """stream_out and stream_in at once: a big UCX send completes only once the peer receives."""
+    sent, (header, got) = await asyncio.wait_for(
+        asyncio.gather(stream_out(sender, payload, **SLAB), stream_in(receiver, alloc)), BOUND_S
+    )
+    return sent, header, got
+
+
 ARRAYS = {
     "float32": np.arange(2 * 16 * 3 * 8, dtype=np.float32).reshape(2, 16, 3, 8),
     "float16": np.linspace(-1, 1, 600, dtype=np.float16).reshape(2, 3, 100),
@@ -123,8 +131,7 @@ ARRAYS = {
 @pytest.mark.parametrize("which", ARRAYS)
 async def test_numpy_slab_round_trips(link, which):
     sender, receiver = link
-    sent = await stream_out(sender, ARRAYS[which], **SLAB)
-    header, got = await asyncio.wait_for(stream_in(receiver), BOUND_S)
+    sent, header, got = await transfer(sender, receiver, ARRAYS[which])
     assert header == sent
     assert (header.request_id, header.epoch) == ("req-7", 2)
     assert (header.layer_start, header.layer_end, header.token_start, header.token_end) == (4, 6, 0, 16)
@@ -137,15 +144,13 @@ async def test_numpy_slab_round_trips(link, which):
 async def test_torch_tensors_go_out_without_copy_and_bfloat16_as_int16(link):
     sender, receiver = link
     kv = torch.randn(2, 3, 16, 8)  # (layers, kv_heads, tokens, head_dim)
-    await stream_out(sender, kv, **SLAB)
-    _, got = await asyncio.wait_for(stream_in(receiver), BOUND_S)
+    _, _, got = await transfer(sender, receiver, kv)
     assert torch.equal(torch.from_numpy(got), kv)
 
     bf16 = kv.to(torch.bfloat16)
     with pytest.raises(TypeError, match="int16"):
         await stream_out(sender, bf16, **SLAB)
-    header = await stream_out(sender, bf16.view(torch.int16), **SLAB)
-    _, got = await asyncio.wait_for(stream_in(receiver), BOUND_S)
+    _, header, got = await transfer(sender, receiver, bf16.view(torch.int16))
     assert header.dtype == "int16"
     assert torch.equal(torch.from_numpy(got).view(torch.bfloat16), bf16)
 
@@ -168,8 +173,7 @@ async def test_stream_in_receives_into_the_allocators_buffer(link):
     def place(header: Header) -> np.ndarray:  # the slab's rows of the cache, as bytes
         return cache[header.layer_start : header.layer_end].reshape(-1).view(np.uint8)
 
-    await stream_out(sender, slab, **SLAB)
-    _, got = await asyncio.wait_for(stream_in(receiver, place), BOUND_S)
+    _, _, got = await transfer(sender, receiver, slab, place)
     assert np.shares_memory(got, cache)
     assert cache[4:6].all() and not cache[:4].any() and not cache[6:].any()
 
@@ -177,8 +181,7 @@ async def test_stream_in_receives_into_the_allocators_buffer(link):
 @pytest.mark.asyncio
 async def test_acks_and_errors_name_the_message_they_answer(link):
     sender, receiver = link
-    sent = await stream_out(sender, ARRAYS["float32"], **SLAB)
-    kv, _ = await asyncio.wait_for(stream_in(receiver), BOUND_S)
+    sent, kv, _ = await transfer(sender, receiver, ARRAYS["float32"])
     await send_ack(receiver, kv, "stored")
     await send_error(receiver, kv, "no room")
     ack, ack_payload = await asyncio.wait_for(stream_in(sender), BOUND_S)
@@ -203,9 +206,9 @@ async def test_acks_and_errors_name_the_message_they_answer(link):
 async def test_bad_messages_raise_wire_error_and_leave_the_link_usable(link, header, payload):
     sender, receiver = link
     raw = header.encode() if isinstance(header, Header) else header
-    await sender.send(raw, payload)
+    sending = asyncio.create_task(sender.send(raw, payload))
     with pytest.raises(WireError):
         await asyncio.wait_for(stream_in(receiver), BOUND_S)
-    await stream_out(sender, ARRAYS["float16"], **SLAB)  # the next message still arrives whole
-    _, got = await asyncio.wait_for(stream_in(receiver), BOUND_S)
+    await asyncio.wait_for(sending, BOUND_S)
+    _, _, got = await transfer(sender, receiver, ARRAYS["float16"])  # the next one arrives whole
     np.testing.assert_array_equal(got, ARRAYS["float16"])

@@ -1,0 +1,92 @@
+"""Every bad input gets the OpenAI error body with the right status, and leaves every service
+healthy: a good request right after still works."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.cluster.test_serving import assert_no_kv_held
+
+GOOD = {"prompt": "Hello there", "max_tokens": 4, "temperature": 0}
+
+CASES = [
+    # (name, body or raw bytes, status, param)
+    ("missing prompt", {"max_tokens": 4}, 400, "prompt"),
+    ("empty prompt", {"prompt": ""}, 400, "prompt"),
+    ("empty token list", {"prompt": []}, 400, "prompt"),
+    ("token id out of vocabulary", {"prompt": [1, 2, 10**9]}, 400, "prompt"),
+    ("several prompts", {"prompt": ["a", "b"]}, 400, "prompt"),
+    ("negative max_tokens", {**GOOD, "max_tokens": -5}, 400, "max_tokens"),
+    ("zero max_tokens", {**GOOD, "max_tokens": 0}, 400, "max_tokens"),
+    ("absurd max_tokens", {**GOOD, "max_tokens": 10**12}, 400, "max_tokens"),
+    ("prompt + max_tokens over context", {"prompt": [5] * 1000, "max_tokens": 100}, 400, "max_tokens"),
+    ("prompt alone over context", {"prompt": [5] * 5000}, 400, "prompt"),
+    ("negative temperature", {**GOOD, "temperature": -0.1}, 400, "temperature"),
+    ("top_p zero", {**GOOD, "top_p": 0}, 400, "top_p"),
+    ("top_p above one", {**GOOD, "top_p": 1.5}, 400, "top_p"),
+    ("n > 1", {**GOOD, "n": 2}, 400, "n"),
+    ("max_tokens as string", {**GOOD, "max_tokens": "10"}, 400, "max_tokens"),
+    ("temperature as string", {**GOOD, "temperature": "hot"}, 400, "temperature"),
+    ("stream as string", {**GOOD, "stream": "yes"}, 400, "stream"),
+    ("prompt as number", {"prompt": 42}, 400, "prompt"),
+    ("stop as number", {**GOOD, "stop": 7}, 400, "stop"),
+    ("logprobs too many", {**GOOD, "logprobs": 50}, 400, "logprobs"),
+    ("body is a list", [1, 2, 3], 400, None),
+    ("unknown model", {**GOOD, "model": "gpt-17"}, 404, "model"),
+]
+
+
+@pytest.fixture(scope="module")
+def url(tiny_cluster):
+    return tiny_cluster.url
+
+
+@pytest.mark.parametrize("name,body,status,param", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_openai_error(url, name, body, status, param):
+    resp = httpx.post(url + "/v1/completions", json=body, timeout=30)
+    assert_openai_error(resp, status, param)
+
+
+def test_malformed_json(url):
+    resp = httpx.post(url + "/v1/completions", content=b'{"prompt": "hi", ', timeout=30,
+                      headers={"content-type": "application/json"})
+    assert_openai_error(resp, 400, None)
+    assert "JSON" in resp.json()["error"]["message"]
+
+
+def test_oversized_body(url):
+    resp = httpx.post(url + "/v1/completions", json={"prompt": "x" * (5 << 20)}, timeout=30)
+    assert_openai_error(resp, 413, None)
+
+
+def test_chat_bad_input(url):
+    assert_openai_error(httpx.post(url + "/v1/chat/completions", json={"messages": []}, timeout=30), 400, "messages")
+    assert_openai_error(httpx.post(url + "/v1/chat/completions", timeout=30,
+                                   json={"messages": [{"role": "wizard", "content": "hi"}]}), 400, None)
+
+
+def test_unknown_route_is_openai_404(url):
+    assert_openai_error(httpx.get(url + "/v1/nothing", timeout=30), 404, None)
+
+
+def test_services_healthy_after_bad_input(tiny_cluster, url):
+    for case in CASES[:5]:
+        httpx.post(url + "/v1/completions", json=case[1], timeout=30)
+    resp = httpx.post(url + "/v1/completions", json=GOOD, timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["completion_tokens"] >= 1
+    for child in tiny_cluster.children:
+        assert httpx.get(child.url + "/health", timeout=10).json()["status"] == "ok", child.name
+    assert not tiny_cluster.dead()
+    assert_no_kv_held(tiny_cluster)
+
+
+def assert_openai_error(resp: httpx.Response, status: int, param: str | None) -> None:
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert error["message"] and isinstance(error["message"], str)
+    assert error["type"] == "invalid_request_error"
+    if param is not None:
+        assert error["param"] == param, error

@@ -1,0 +1,67 @@
+"""Registry and request metadata against a real Redis server."""
+
+import asyncio
+import time
+
+import pytest
+
+from common import metadata
+from common.protocol import ServiceInfo, ServiceKind
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def info(i: str, kind=ServiceKind.TOKEN) -> ServiceInfo:
+    return ServiceInfo(kind=kind, id=i, url=f"http://h/{i}", host="h", pid=1)
+
+
+def test_registry_lease_expires(redis_server):
+    async def go():
+        redis = metadata.connect(redis_server.url)
+        reg = metadata.Registry(redis)
+        await reg.renew(info("t-short"), ttl_s=0.3)
+        await reg.renew(info("p-long", ServiceKind.PROMPT), ttl_s=30)
+        ids = {s.id for s in await reg.services()}
+        assert {"t-short", "p-long"} <= ids
+        assert [s.id for s in await reg.services(ServiceKind.PROMPT) if s.id == "p-long"] == ["p-long"]
+        await asyncio.sleep(0.5)
+        ids = {s.id for s in await reg.services()}
+        assert "t-short" not in ids and "p-long" in ids
+        await reg.deregister("p-long")
+        assert "p-long" not in {s.id for s in await reg.services()}
+        await redis.aclose()
+
+    run(go())
+
+
+def test_replicated_index_only_advances_for_the_current_epoch(redis_server):
+    async def go():
+        redis = metadata.connect(redis_server.url)
+        store = metadata.RequestStore(redis)
+        rid = f"req-{time.time_ns()}"
+        await store.create(rid, {"status": "running"})
+        assert await store.advance_replicated(rid, 0, 10) == 10
+        assert await store.advance_replicated(rid, 0, 5) == 10      # never backwards
+        epoch = await store.fence(rid, "token-b")
+        assert epoch == 1
+        assert await store.advance_replicated(rid, 0, 20) == -1     # the fenced owner is refused
+        assert (await store.get(rid))["replicated"] == "10"
+        assert await store.advance_replicated(rid, 1, 20) == 20
+        assert (await store.get(rid))["owner"] == "token-b"
+        await redis.aclose()
+
+    run(go())
+
+
+def test_registry_unreachable_is_unavailable():
+    from common.errors import Unavailable
+
+    async def go():
+        redis = metadata.connect("redis://127.0.0.1:1/0")
+        with pytest.raises(Unavailable):
+            await metadata.Registry(redis).services()
+        await redis.aclose()
+
+    run(go())

@@ -1,0 +1,28 @@
+import pytest
+
+from common.settings import GatewaySettings, SettingsError, TokenSettings, load
+
+
+def test_flag_beats_env_beats_default():
+    assert load(TokenSettings, [], environ={}).max_seqs == 16
+    assert load(TokenSettings, [], environ={"DEJAVU_MAX_SEQS": "4"}).max_seqs == 4
+    assert load(TokenSettings, ["--max-seqs", "2"], environ={"DEJAVU_MAX_SEQS": "4"}).max_seqs == 2
+
+
+@pytest.mark.parametrize("argv,env,needle", [
+    (["--max-seqs", "0"], {}, "--max-seqs / DEJAVU_MAX_SEQS"),
+    ([], {"DEJAVU_PORT": "http"}, "DEJAVU_PORT"),
+    ([], {"DEJAVU_KV_TRANSPORT": "carrier-pigeon"}, "ucx, tcp"),
+    ([], {"DEJAVU_REDIS_URL": "localhost:6379"}, "--redis-url"),
+    (["--lease-ttl-s", "0.5", "--lease-renew-s", "1"], {}, "--lease-ttl-s"),
+])
+def test_bad_settings_name_the_flag_and_variable(argv, env, needle):
+    with pytest.raises(SettingsError) as err:
+        load(TokenSettings, argv, environ=env)
+    assert needle in str(err.value)
+
+
+def test_gateway_model_name():
+    assert load(GatewaySettings, [], environ={}).model_name == "smollm2"
+    assert load(GatewaySettings, ["--model", "/models/Llama-3/"], environ={}).model_name == "Llama-3"
+    assert load(GatewaySettings, ["--served-model-name", "x"], environ={}).model_name == "x"
