@@ -96,8 +96,8 @@ class PrefillEngine:
                 batch.append(self.queue.get_nowait())
             QUEUED.set(self.queue.qsize())
             batch = [j for j in batch if not j.result.done()]  # aborted while queued
-            if batch:
-                await self._execute(batch)
+            for group in _by_length(batch):  # no padding: each group runs on the unmasked causal path
+                await self._execute(group)
 
     async def _execute(self, batch: list[PrefillJob]) -> None:
         loop = asyncio.get_running_loop()
@@ -141,6 +141,13 @@ class PrefillEngine:
             if not job.result.done():
                 job.result.set_exception(UpstreamError(
                     f"streaming KV to token service {job.req.target_service_id} failed: {type(exc).__name__}: {exc}"))
+
+
+def _by_length(jobs: list[PrefillJob]) -> list[list[PrefillJob]]:
+    groups: dict[int, list[PrefillJob]] = {}
+    for job in jobs:
+        groups.setdefault(job.num_tokens, []).append(job)
+    return list(groups.values())
 
 
 def _with_finish(req: PrefillRequest, event: TokenEvent) -> TokenEvent:

@@ -41,6 +41,7 @@ class TcpConnection(Connection):
     """One connected, non-blocking TCP socket."""
 
     def __init__(self, sock: socket.socket, on_close: Callable[[TcpConnection], None] | None = None):
+        """Takes ownership of a connected socket; `on_close(self)` runs once it is closed."""
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
@@ -72,7 +73,6 @@ class TcpConnection(Connection):
             await self._recv_exactly(memoryview(prefix))
             header_len, payload_len = FRAME_PREFIX.unpack(prefix)
             if header_len > MAX_HEADER_LEN:
-                self._broken = True
                 raise TransportError(f"header of {header_len} bytes: stream is corrupt")
             header = bytearray(header_len)
             await self._recv_exactly(memoryview(header))
@@ -112,13 +112,14 @@ class TcpConnection(Connection):
         self._idle.clear()
         try:
             yield
-        except (TransportError, asyncio.CancelledError):
-            # Cancelled, the frame may be half sent or half read: the stream is out of step.
-            self._broken = True
-            raise
         except OSError as e:
             self._broken = True
             raise TransportError(f"{what} failed: {e}") from e
+        except BaseException:
+            # Out of step for good: the peer is gone, or a frame is half sent or half read
+            # (cancelled, or the allocator failed).
+            self._broken = True
+            raise
         finally:
             self._inflight -= 1
             if not self._inflight:

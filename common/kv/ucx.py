@@ -21,10 +21,12 @@ within ~20 ms instead of hanging. The listener binds 0.0.0.0 (ucxx takes no host
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import logging
 import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -113,7 +115,8 @@ def _as_bytes(buf: np.ndarray | memoryview | bytes) -> np.ndarray:
 class UcxConnection(Connection):
     """One ucxx endpoint, from `create_endpoint` or accepted by the listener."""
 
-    def __init__(self, ep, ucxx, on_close=None):
+    def __init__(self, ep, ucxx, on_close: Callable[[UcxConnection], None] | None = None):
+        """Takes ownership of a ucxx Endpoint; `on_close(self)` runs once it is closed."""
         self._ep = ep
         self._errors = ucxx.exceptions.UCXError
         self._on_close = on_close  # lets the transport forget this connection
@@ -129,24 +132,25 @@ class UcxConnection(Connection):
         body = _as_bytes(b"" if payload is None else payload)
         prefix = np.frombuffer(FRAME_PREFIX.pack(len(header), body.nbytes), dtype=np.uint8)
         async with self._send_lock:
-            await self._call("send", prefix)
-            await self._call("send", _as_bytes(header))
-            if body.nbytes:
-                await self._call("send", body)
+            with self._frame("send"):
+                await self._call("send", prefix)
+                await self._call("send", _as_bytes(header))
+                if body.nbytes:
+                    await self._call("send", body)
 
     async def recv(self, alloc: Allocator | None = None) -> tuple[bytes, np.ndarray]:
-        prefix = np.empty(FRAME_PREFIX.size, dtype=np.uint8)
-        await self._call("recv", prefix)
-        header_len, payload_len = FRAME_PREFIX.unpack(prefix)
-        if header_len > MAX_HEADER_LEN:
-            self._broken = True
-            raise TransportError(f"header of {header_len} bytes: stream is corrupt")
-        header = np.empty(header_len, dtype=np.uint8)
-        await self._call("recv", header)
-        payload = checked_buffer(alloc or default_alloc, header.tobytes(), payload_len)
-        if payload_len:
-            await self._call("recv", payload)
-        return header.tobytes(), payload
+        with self._frame("recv"):
+            prefix = np.empty(FRAME_PREFIX.size, dtype=np.uint8)
+            await self._call("recv", prefix)
+            header_len, payload_len = FRAME_PREFIX.unpack(prefix)
+            if header_len > MAX_HEADER_LEN:
+                raise TransportError(f"header of {header_len} bytes: stream is corrupt")
+            header = np.empty(header_len, dtype=np.uint8)
+            await self._call("recv", header)
+            payload = checked_buffer(alloc or default_alloc, header.tobytes(), payload_len)
+            if payload_len:
+                await self._call("recv", payload)
+            return header.tobytes(), payload
 
     async def close(self) -> None:
         if self._closed:
@@ -160,19 +164,26 @@ class UcxConnection(Connection):
         if self._on_close is not None:
             self._on_close(self)
 
-    async def _call(self, method: str, buf: np.ndarray) -> None:
-        """`ep.send(buf)` or `ep.recv(buf)`, with ucxx's errors turned into TransportError."""
-        if self.closed:  # once broken, always broken: the peer is gone or the stream corrupt
-            raise TransportError(f"{method} on a {'closed' if self._closed else 'broken'} connection")
+    @contextlib.contextmanager
+    def _frame(self, what: str):
+        """Around the messages of one frame: any failure leaves the stream out of step for good."""
+        if self.closed:
+            raise TransportError(f"{what} on a {'closed' if self._closed else 'broken'} connection")
         try:
-            await getattr(self._ep, method)(buf)
-        except asyncio.CancelledError:
-            # The UCX request stays posted (a recv would swallow the next message) and the frame
-            # may be half sent: the stream is out of step.
+            yield
+        except BaseException:
+            # The peer is gone, or the frame is half sent or half read (cancelled, or the
+            # allocator failed); a cancelled recv even stays posted and would swallow a message.
             self._broken = True
             raise
+
+    async def _call(self, method: str, buf: np.ndarray) -> None:
+        """`ep.send(buf)` or `ep.recv(buf)`, with ucxx's errors turned into TransportError."""
+        if self._closed:  # closed by another task between two messages of this frame
+            raise TransportError(f"{method} on a closed connection")
+        try:
+            await getattr(self._ep, method)(buf)
         except self._errors as e:
-            self._broken = True  # a failed message leaves the stream out of step: unusable
             raise TransportError(f"{method} failed: {type(e).__name__}: {e}") from e
 
 

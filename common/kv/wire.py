@@ -33,8 +33,9 @@ KINDS = ("kv", "ack", "error")
 INT_FIELDS = ("epoch", "layer_start", "layer_end", "token_start", "token_end", "nbytes", "checksum")
 CRC_THREAD_MIN_BYTES = 4 << 20
 
-# Given the decoded header of an incoming "kv" frame, return a writable C-contiguous uint8 array
-# of exactly `header.nbytes` to receive the payload into (e.g. a view of a preallocated cache).
+# Given the decoded header of an incoming frame, return a writable C-contiguous uint8 array of
+# exactly `header.nbytes` to receive the payload into (e.g. a view of a preallocated cache). It
+# may raise to refuse the message: stream_in reads the payload into scratch, then re-raises.
 HeaderAllocator = Callable[["Header"], np.ndarray]
 
 
@@ -128,17 +129,19 @@ async def stream_in(
 ) -> tuple[Header, np.ndarray]:
     """Receive one message: (header, payload as an array of header.dtype and header.shape, a view
     of the received buffer). Raises TransportError if the connection breaks, WireError if the
-    message is malformed; after a WireError the connection is still in step and usable."""
-    problem: list[WireError] = []  # raised only once the whole frame is read
+    message is malformed. After a WireError, or an exception raised by `alloc` (re-raised here),
+    the frame has been read whole: the connection is still in step and usable."""
+    problem: list[Exception] = []  # raised only once the whole frame is read
 
     def place(raw: bytes, nbytes: int) -> np.ndarray:
         try:
             header = Header.decode(raw)
             _check(header.nbytes == nbytes, f"header says {header.nbytes} B, frame has {nbytes}")
-        except WireError as e:
-            problem.append(e)
-            return np.empty(nbytes, dtype=np.uint8)
-        return alloc(header) if alloc is not None else np.empty(nbytes, dtype=np.uint8)
+            if alloc is not None:
+                return alloc(header)
+        except Exception as e:
+            problem.append(e)  # the payload still has to be read, into scratch, to stay in step
+        return np.empty(nbytes, dtype=np.uint8)
 
     raw, data = await conn.recv(place)
     if problem:

@@ -34,3 +34,15 @@ def test_batched_prefill_and_pooled_decode_equal_generate(tiny_oracle):
             if live[i]:
                 out[i].append(int(logits[slot].argmax()))
     assert out == want
+
+
+def test_unpadded_and_padded_prefill_agree_with_generate(tiny_oracle):
+    """Equal lengths take the unmasked path, mixed lengths the padded one: both give HF's first token."""
+    runner = ModelRunner(tiny_oracle.model)
+    tok = tiny_oracle.tokenizer
+    same = [tok("one two three")["input_ids"], tok("four five six")["input_ids"]]
+    assert len(same[0]) == len(same[1])
+    mixed = same + [tok("x")["input_ids"]]
+    for prompts in (same, mixed):
+        first = runner.prefill(prompts, lambda *a: None).argmax(-1).tolist()
+        assert first == [tiny_oracle.generate_ids(p, 1)[0] for p in prompts]

@@ -110,6 +110,21 @@ async def test_recv_fills_the_allocators_buffer(pair):
 
 
 @pytest.mark.asyncio
+async def test_failing_allocator_breaks_the_connection(pair):
+    conn = await connect_to(pair)
+
+    def refuse(header: bytes, nbytes: int) -> np.ndarray:
+        raise LookupError("no room")
+
+    await asyncio.wait_for(conn.send(b"h", random_bytes(1024)), BOUND_S)
+    with pytest.raises(LookupError):
+        await asyncio.wait_for(conn.recv(refuse), BOUND_S)
+    assert conn.closed  # the payload was left unread: the stream is out of step
+    with pytest.raises(TransportError):
+        await asyncio.wait_for(conn.recv(), BOUND_S)
+
+
+@pytest.mark.asyncio
 async def test_concurrent_senders_keep_frames_whole(pair):
     conn = await connect_to(pair)
     senders, frames = 8, 12

@@ -179,6 +179,19 @@ async def test_stream_in_receives_into_the_allocators_buffer(link):
 
 
 @pytest.mark.asyncio
+async def test_allocator_refusal_is_reraised_and_leaves_the_link_usable(link):
+    sender, receiver = link
+
+    def refuse(header: Header) -> np.ndarray:
+        raise LookupError(f"unknown request {header.request_id}")
+
+    with pytest.raises(LookupError, match="req-7"):
+        await transfer(sender, receiver, ARRAYS["float32"], refuse)
+    _, _, got = await transfer(sender, receiver, ARRAYS["float16"])
+    np.testing.assert_array_equal(got, ARRAYS["float16"])
+
+
+@pytest.mark.asyncio
 async def test_acks_and_errors_name_the_message_they_answer(link):
     sender, receiver = link
     sent, kv, _ = await transfer(sender, receiver, ARRAYS["float32"])
