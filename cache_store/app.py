@@ -20,7 +20,7 @@ from common import metadata
 from common.errors import install_error_handlers
 from common.kv import make_transport
 from common.kv.transport import Connection, TransportError, split_address
-from common.kv.wire import Header, WireError, stream_in
+from common.kv.wire import WireError, send_ack, send_error, stream_in
 from common.protocol import AbortRequest, AbortResult, ServiceInfo, ServiceKind
 from common.service import Lease, add_health_and_metrics, ready_line, request_id_var
 from common.settings import CacheStoreSettings
@@ -43,12 +43,9 @@ def create_app(settings: CacheStoreSettings) -> FastAPI:
             request_id_var.set(header.request_id)
             try:
                 store.put(header, payload)
-                kind, message = "ack", ""
+                await send_ack(conn, header)
             except StaleEpoch as exc:
-                kind, message = "error", str(exc)
-            try:
-                await conn.send(Header(kind, header.request_id, header.epoch, header.layer_start, header.layer_end,
-                                       header.token_start, header.token_end, message=message).encode())
+                await send_error(conn, header, str(exc))
             except TransportError:
                 return
 

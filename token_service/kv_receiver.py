@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from common.kv.transport import Connection, TransportError
-from common.kv.wire import Header, WireError, stream_in
+from common.kv.wire import WireError, send_ack, send_error, stream_in
 from common.service import request_id_var
 from token_service.engine import KVMessageError, TokenEngine
 
@@ -27,17 +27,12 @@ def make_handler(engine: TokenEngine):
             request_id_var.set(header.request_id)
             try:
                 engine.receive_kv(header, payload)
-                await conn.send(reply(header, "ack").encode())
+                await send_ack(conn, header)
             except KVMessageError as exc:
                 log.warning("refused KV message: %s", exc)
-                await conn.send(reply(header, "error", str(exc)).encode())
+                await send_error(conn, header, str(exc))
             except TransportError:
                 return
 
     return handle
 
-
-def reply(header: Header, kind: str, message: str = "") -> Header:
-    """An ack/error naming the same request, layers and tokens, so the sender can match it."""
-    return Header(kind, header.request_id, header.epoch, header.layer_start, header.layer_end,
-                  header.token_start, header.token_end, message=message)

@@ -1,0 +1,87 @@
+"""`dejavu up` as a user runs it: it starts everything, prints the URL, serves, names a child that
+dies, and stops every child on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from dejavu.redis_server import free_port
+
+
+class Up:
+    def __init__(self, model: str, port: int):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dejavu", "up", "--model", model, "--port", str(port), "--kv-transport", "tcp",
+             "--max-seqs", "2", "--max-model-len", "256", "--quiet"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+            if "ready in" in line:
+                self.ready.set()
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        if not self.ready.wait(timeout):
+            self.proc.kill()
+            pytest.fail("dejavu up not ready:\n" + "\n".join(self.lines[-30:]))
+
+    def children(self) -> list[psutil.Process]:
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+    def wait_exit(self, timeout: float = 60) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+def test_up_serves_and_stops_cleanly_on_sigterm(tiny_model_path):
+    port = free_port()
+    up = Up(str(tiny_model_path), port)
+    try:
+        up.wait_ready()
+        output = "\n".join(up.lines)
+        assert f"http://127.0.0.1:{port}/v1" in output and "curl" in output
+        children = up.children()
+        kinds = " ".join(" ".join(c.cmdline()) for c in children)
+        for module in ("redis-server", "gateway", "prompt_service", "token_service", "cache_store"):
+            assert module in kinds
+        resp = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                          json={"prompt": "Hello", "max_tokens": 5, "temperature": 0})
+        assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 5
+        up.proc.send_signal(signal.SIGTERM)
+        assert up.wait_exit() == 0
+        gone, alive = psutil.wait_procs(children, timeout=15)
+        assert not alive, f"children left running: {alive}"
+    finally:
+        if up.proc.poll() is None:
+            up.proc.kill()
+
+
+def test_up_names_a_child_that_dies(tiny_model_path):
+    up = Up(str(tiny_model_path), free_port())
+    try:
+        up.wait_ready()
+        token = next(c for c in up.children() if "token_service" in " ".join(c.cmdline()))
+        os.kill(token.pid, signal.SIGKILL)
+        assert up.wait_exit() == 1
+        output = "\n".join(up.lines)
+        assert re.search(rf"token-0 \(pid {token.pid}\) killed by signal SIGKILL", output), output[-2000:]
+    finally:
+        if up.proc.poll() is None:
+            up.proc.kill()
