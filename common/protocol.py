@@ -62,8 +62,8 @@ class SamplingParams(Message):
 
 class ReserveRequest(Message):
     request_id: str
-    prompt_tokens: int            # tokens
-    max_tokens: int               # tokens
+    prompt_tokens: int = Field(ge=1)   # tokens
+    max_tokens: int = Field(ge=1)      # tokens
 
 
 class Reservation(Message):
@@ -77,7 +77,7 @@ class Reservation(Message):
 class PrefillRequest(Message):
     request_id: str
     epoch: int = 0
-    prompt_ids: list[int]
+    prompt_ids: list[int] = Field(min_length=1)
     sampling: SamplingParams
     target_service_id: str
     target_kv_address: str

@@ -53,7 +53,7 @@ def sample_one(logits: torch.Tensor, p: SamplingParams, index: int) -> int:
         return int(torch.argmax(logits).item())
     probs, order = _filtered_probs(logits, p)
     u = uniform(p.seed, index)
-    pick = int(torch.searchsorted(torch.cumsum(probs, dim=-1), torch.tensor([u], dtype=probs.dtype)).item())
+    pick = int(torch.searchsorted(torch.cumsum(probs, dim=-1), torch.tensor([u], dtype=probs.dtype, device=probs.device)).item())
     return int(order[min(pick, order.numel() - 1)].item())
 
 

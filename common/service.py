@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 
 import uvicorn
 from fastapi import FastAPI, Response
+from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
@@ -110,6 +111,21 @@ class Lease:
             await self.registry.deregister(self.info().id)
         except (RedisError, OSError) as exc:
             log.warning("could not deregister: %s", exc)
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse whose `on_close` always runs, also when the client left before the
+    body started (Starlette then never starts the generator, so its `finally` would not run)."""
+
+    def __init__(self, content, on_close: Callable[[], Awaitable[None]], **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.on_close()
 
 
 def add_health_and_metrics(app: FastAPI, health: Callable[[], Awaitable[dict]] | None = None) -> None:

@@ -110,12 +110,15 @@ class GatewaySettings(ServiceSettings):
     max_tokens_default: int = setting(256, "max_tokens when a request gives none")
     request_timeout_s: float = setting(600.0, "longest a request may take end to end (s)")
     route_timeout_s: float = setting(30.0, "how long to wait for a token service with free KV room (s)")
+    token_timeout_s: float = setting(60.0, "a decode stream silent for this long is treated as hung (s)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self, 16 <= self.max_model_len <= 1 << 20, "max_model_len", "must be in 16..1048576")
         _check(self, self.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
         _check(self, self.max_tokens_default >= 1, "max_tokens_default", "must be >= 1")
+        for name in ("request_timeout_s", "route_timeout_s", "token_timeout_s"):
+            _check(self, getattr(self, name) > 0, name, "must be > 0")
 
     @property
     def model_name(self) -> str:

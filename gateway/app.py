@@ -16,13 +16,14 @@ import time
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from common import metadata
 from common.errors import DejavuError, PayloadTooLarge, error_body, install_error_handlers
 from common.model import context_length, eos_token_ids, load_tokenizer, resolve_model_path
 from common.protocol import ServiceInfo, ServiceKind
-from common.service import Lease, add_health_and_metrics, ready_line, request_id_var
+from common.service import ClosingStreamingResponse, Lease, add_health_and_metrics, ready_line, request_id_var
 from common.settings import GatewaySettings
 from gateway.jobs import IN_FLIGHT, REQUESTS, Job, Limits, chat_job, completion_job, deltas
 from gateway.openai_types import ChatRequest, CompletionRequest
@@ -43,11 +44,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.state.store = metadata.RequestStore(redis)
         client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
         app.state.router = Router(metadata.Registry(redis), client, settings)
+        app.state.active = set()  # request ids being served
         started = time.time()
         lease = Lease(metadata.Registry(redis), lambda: ServiceInfo(
             kind=ServiceKind.GATEWAY, id=app.state.service_id, url=app.state.url, host=socket.gethostname(),
             pid=os.getpid(), model=str(path), max_model_len=app.state.limits.max_model_len,
-            active_requests=int(IN_FLIGHT._value.get()), started_at=started), settings)  # noqa: SLF001
+            active_requests=len(app.state.active), started_at=started), settings)
         await lease.start()
         log.info("gateway ready: serving %r (%s), max context %d", settings.model_name, path, app.state.limits.max_model_len)
         ready_line(ServiceKind.GATEWAY, app.state.url)
@@ -60,6 +62,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     app = FastAPI(title="DéjàVu gateway", lifespan=lifespan)
     install_error_handlers(app)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone):  # nobody reads it; for the access log
+        return JSONResponse(error_body("client disconnected", "invalid_request_error"), status_code=499)
+
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     add_health_and_metrics(app, lambda: _health(app))
 
@@ -81,7 +88,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
 
 async def _health(app: FastAPI) -> dict:
-    return {"kind": "gateway", "in_flight": int(IN_FLIGHT._value.get())}  # noqa: SLF001
+    return {"kind": "gateway", "in_flight": len(app.state.active)}
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
 
 
 async def serve(app: FastAPI, job: Job, request: Request, chat: bool):
@@ -90,25 +101,39 @@ async def serve(app: FastAPI, job: Job, request: Request, chat: bool):
                                                    "status": "running", "stream": job.stream})
     log.info("%s: %d prompt tokens, max_tokens %d, stream %s", "chat" if chat else "completion",
              len(job.prompt_ids), job.sampling.max_tokens, job.stream)
-    IN_FLIGHT.inc()
+    app.state.active.add(job.request_id)
+    IN_FLIGHT.set(len(app.state.active))
     gen = deltas(app.state.router, app.state.tokenizer, job)
-    try:
-        if job.stream:  # the first token before any header: routing errors still get their status
-            first = await anext(gen)
-            return StreamingResponse(_stream(app, job, gen, first, chat), media_type="text/event-stream")
+    if not job.stream:
         return await _with_cancellation(_collect(app, job, gen, chat), request)
+    try:  # the first token before any header: routing errors still get their own status
+        first = await _with_cancellation(anext(gen), request)
     except BaseException as exc:
+        await gen.aclose()
         await _finish(app, job, None, exc)
         raise
+    stream = _stream(app, job, gen, first, chat)
+
+    async def on_close() -> None:  # runs even if the client left before the body started
+        await stream.aclose()
+        await gen.aclose()
+        await _finish(app, job, None, ClientGone())
+
+    return ClosingStreamingResponse(stream, on_close, media_type="text/event-stream")
 
 
 async def _collect(app: FastAPI, job: Job, gen, chat: bool) -> JSONResponse:
-    totals = Totals()
-    async for delta in gen:
-        totals.add(delta)
-    await _finish(app, job, totals, None)
-    body = (chat_body if chat else completion_body)(job, totals, app.state.tokenizer)
-    return JSONResponse(body)
+    totals, error = Totals(), None
+    try:
+        async for delta in gen:
+            totals.add(delta)
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        await gen.aclose()
+        await _finish(app, job, totals, error)
+    return JSONResponse((chat_body if chat else completion_body)(job, totals, app.state.tokenizer))
 
 
 async def _stream(app: FastAPI, job: Job, gen, first, chat: bool):
@@ -138,9 +163,9 @@ async def _stream(app: FastAPI, job: Job, gen, first, chat: bool):
     yield sse("[DONE]")
 
 
-async def _with_cancellation(coro, request: Request):
-    """Run a non-streaming request; if the client disconnects, cancel it (aborting downstream)."""
-    task = asyncio.ensure_future(coro)
+async def _with_cancellation(awaitable, request: Request):
+    """Await it; if the client disconnects meanwhile, cancel it (aborting downstream), raise ClientGone."""
+    task = asyncio.ensure_future(awaitable)
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=0.5)
@@ -150,18 +175,20 @@ async def _with_cancellation(coro, request: Request):
                 log.info("client disconnected: aborting")
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-                return JSONResponse(error_body("client disconnected", "invalid_request_error"), status_code=499)
+                raise ClientGone()
     finally:
         task.cancel()
 
 
 async def _finish(app: FastAPI, job: Job, totals: Totals | None, error: BaseException | None) -> None:
-    if getattr(job, "_finished", False):
+    """Count the outcome and record it in Redis, once per request."""
+    if job.recorded:
         return
-    job._finished = True  # type: ignore[attr-defined]
-    IN_FLIGHT.dec()
-    outcome = "ok" if error is None else ("cancelled" if isinstance(error, (asyncio.CancelledError, GeneratorExit))
-                                          else "error")
+    job.recorded = True
+    app.state.active.discard(job.request_id)
+    IN_FLIGHT.set(len(app.state.active))
+    cancelled = isinstance(error, (asyncio.CancelledError, GeneratorExit, ClientGone))
+    outcome = "ok" if error is None else ("cancelled" if cancelled else "error")
     REQUESTS.labels(outcome).inc()
     fields = {"status": "finished" if error is None else outcome, "finished_at": time.time()}
     if totals is not None:
@@ -190,8 +217,8 @@ class BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise PayloadTooLarge(f"request body is over {self.max_bytes} bytes")
+            if seen > self.max_bytes:  # an HTTPException passes FastAPI's body reader unchanged
+                raise HTTPException(413, f"request body is over the limit of {self.max_bytes} bytes")
             return message
 
         return await self.app(scope, counting_receive, send)

@@ -44,6 +44,7 @@ class Job:
     include_usage: bool
     echo_text: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
+    recorded: bool = False        # its outcome has been counted and written to Redis
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 
@@ -28,8 +29,27 @@ def usage(job: Job, totals: Totals) -> dict:
     return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": n, "total_tokens": len(job.prompt_ids) + n}
 
 
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE (GPT-2 style) spells each byte as one printable character: invert that."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The raw bytes a token stands for (a piece of a multi-byte character stays a piece)."""
+    token = tokenizer.convert_ids_to_tokens(token_id)
+    if token in tokenizer.all_special_tokens:
+        return b""
+    decoder = _byte_decoder()
+    if token and all(c in decoder for c in token):
+        return bytes(decoder[c] for c in token)
+    return tokenizer.convert_tokens_to_string([token]).encode()  # SentencePiece and others
+
+
 def _piece(tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id])
+    return token_bytes(tokenizer, token_id).decode(errors="replace")
 
 
 def completion_logprobs(tokenizer, tokens: list[TokenEvent], offset: int) -> dict | None:
@@ -50,8 +70,8 @@ def chat_logprobs(tokenizer, tokens: list[TokenEvent]) -> dict | None:
         return None
 
     def entry(token_id: int, logprob: float) -> dict:
-        piece = _piece(tokenizer, token_id)
-        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
+        raw = token_bytes(tokenizer, token_id)
+        return {"token": raw.decode(errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
     return {"content": [{**entry(t.token_id, t.logprob),
                          "top_logprobs": [entry(x.token_id, x.logprob) for x in (t.top_logprobs or [])]}

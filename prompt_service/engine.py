@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from dataclasses import dataclass, field
@@ -56,11 +57,19 @@ class PrefillJob:
     def num_tokens(self) -> int:
         return len(self.req.prompt_ids)
 
+    def fail(self, exc: Exception) -> None:
+        """End the job with an error; its sender stops at the next frame boundary (a frame cut
+        in the middle would break the link every other request to that token service shares)."""
+        if not self.result.done():
+            self.result.set_exception(exc)
+        self.outbox.put_nowait(None)
+
 
 class PrefillEngine:
     def __init__(self, runner: ModelRunner, settings: PromptSettings, peers: Peers):
         self.runner, self.settings, self.peers = runner, settings, peers
-        self.queue: asyncio.Queue[PrefillJob] = asyncio.Queue()
+        self.queue: collections.deque[PrefillJob] = collections.deque()
+        self.queued = asyncio.Event()
         self.jobs: dict[str, PrefillJob] = {}
 
     async def submit(self, req: PrefillRequest) -> PrefillResult:
@@ -72,29 +81,34 @@ class PrefillEngine:
         job = self.jobs[req.request_id] = PrefillJob(req, link)
         IN_FLIGHT.inc()
         sender = asyncio.create_task(self._send_layers(job))
-        self.queue.put_nowait(job)
-        QUEUED.set(self.queue.qsize())
+        self.queue.append(job)
+        self.queued.set()
+        QUEUED.set(len(self.queue))
         try:
             return await job.result
         finally:
-            sender.cancel()
+            job.fail(UpstreamError(f"request {req.request_id} ended"))  # no-op unless cancelled
             self.jobs.pop(req.request_id, None)
             IN_FLIGHT.dec()
+            await asyncio.shield(sender)
 
     def abort(self, request_id: str) -> bool:
         job = self.jobs.get(request_id)
-        if job and not job.result.done():
-            job.result.set_exception(UpstreamError(f"request {request_id} aborted"))
+        if job:
+            job.fail(UpstreamError(f"request {request_id} aborted"))
         return job is not None
 
     async def run(self) -> None:
         while True:
-            batch = [await self.queue.get()]
+            await self.queued.wait()
+            batch = [self.queue.popleft()]
             budget = self.settings.max_batch_tokens - batch[0].num_tokens
-            while not self.queue.empty() and self.queue._queue[0].num_tokens <= budget:  # noqa: SLF001
-                budget -= self.queue._queue[0].num_tokens  # noqa: SLF001
-                batch.append(self.queue.get_nowait())
-            QUEUED.set(self.queue.qsize())
+            while self.queue and self.queue[0].num_tokens <= budget:
+                budget -= self.queue[0].num_tokens
+                batch.append(self.queue.popleft())
+            if not self.queue:
+                self.queued.clear()
+            QUEUED.set(len(self.queue))
             batch = [j for j in batch if not j.result.done()]  # aborted while queued
             for group in _by_length(batch):  # no padding: each group runs on the unmasked causal path
                 await self._execute(group)
@@ -112,8 +126,7 @@ class PrefillEngine:
         except Exception as exc:  # a bad batch fails its requests, never the service
             log.exception("prefill forward failed")
             for job in batch:
-                if not job.result.done():
-                    job.result.set_exception(UpstreamError(f"prefill failed: {type(exc).__name__}: {exc}"))
+                job.fail(UpstreamError(f"prefill failed: {type(exc).__name__}: {exc}"))
             return
         done = time.perf_counter()
         PREFILL_SECONDS.observe(done - start)
@@ -127,20 +140,25 @@ class PrefillEngine:
         try:
             acks = []
             while (item := await job.outbox.get()) is not None:
+                if job.result.done():
+                    continue  # ended: drain without sending
                 layer, buf = item
                 acks.append(await job.link.send(buf, request_id=job.req.request_id, epoch=job.req.epoch,
                                                 layer_start=layer, layer_end=layer + 1,
                                                 token_start=0, token_end=job.num_tokens))
+            if job.result.done():
+                return
             await asyncio.wait_for(asyncio.gather(*acks), self.settings.ack_timeout_s)
             tail = time.perf_counter() - job.computed_at
             STREAM_TAIL_SECONDS.observe(tail)
             if not job.result.done():
                 job.result.set_result(PrefillResult(request_id=job.req.request_id, first=job.first,
                                                     prefill_ms=job.prefill_ms, stream_tail_ms=tail * 1000))
-        except (TransportError, KVRejected, asyncio.TimeoutError) as exc:
-            if not job.result.done():
-                job.result.set_exception(UpstreamError(
-                    f"streaming KV to token service {job.req.target_service_id} failed: {type(exc).__name__}: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - whatever broke, the request fails, the service stays
+            if not isinstance(exc, (TransportError, KVRejected, asyncio.TimeoutError)):
+                log.exception("KV sender failed")
+            job.fail(UpstreamError(
+                f"streaming KV to token service {job.req.target_service_id} failed: {type(exc).__name__}: {exc}"))
 
 
 def _by_length(jobs: list[PrefillJob]) -> list[list[PrefillJob]]:

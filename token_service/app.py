@@ -15,8 +15,7 @@ import os
 import socket
 import time
 
-from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi import FastAPI
 
 from common import metadata
 from common.errors import install_error_handlers
@@ -26,7 +25,7 @@ from common.model import load_model, resolve_model_path
 from common.protocol import (AbortRequest, AbortResult, DecodeEvent, DecodeRequest, Reservation, ReserveRequest,
                              ServiceInfo, ServiceKind)
 from common.runner import ModelRunner
-from common.service import Lease, add_health_and_metrics, ready_line, request_id_var, supervise
+from common.service import ClosingStreamingResponse, Lease, add_health_and_metrics, ready_line, request_id_var, supervise
 from common.settings import TokenSettings
 from token_service.engine import TokenEngine
 from token_service.kv_receiver import make_handler
@@ -85,10 +84,15 @@ def create_app(settings: TokenSettings) -> FastAPI:
         return app.state.engine.reserve(req)
 
     @app.post("/decode")
-    async def decode(req: DecodeRequest, request: Request) -> StreamingResponse:
+    async def decode(req: DecodeRequest) -> ClosingStreamingResponse:
         request_id_var.set(req.request_id)
-        seq = app.state.engine.start_decode(req)
-        return StreamingResponse(_events(app.state.engine, seq), media_type="application/x-ndjson")
+        engine: TokenEngine = app.state.engine
+        seq = engine.start_decode(req)
+
+        async def on_close() -> None:  # the gateway went away (or the stream ended): free the row
+            engine.abort(seq.request_id)
+
+        return ClosingStreamingResponse(_events(engine, seq), on_close, media_type="application/x-ndjson")
 
     @app.post("/abort")
     async def abort(req: AbortRequest) -> AbortResult:

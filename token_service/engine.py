@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -116,14 +117,16 @@ class TokenEngine:
 
     # -- the loop -------------------------------------------------------------------------------
     async def run(self) -> None:
+        next_expiry = 0.0
         while True:
+            if time.monotonic() >= next_expiry:  # also under load: a busy service must not leak rows
+                self.expire_reservations()
+                next_expiry = time.monotonic() + 1.0
             batch = self.scheduler.schedule()
             if batch is None:
                 self.wakeup.clear()
-                try:
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.wakeup.wait(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    self.expire_reservations()
                 continue
             await self.step(batch)
 

@@ -14,7 +14,7 @@ import torch
 
 def gather(pool: torch.Tensor, slot: int, layers: slice, tokens: slice) -> torch.Tensor:
     """Copy one sequence's K/V for a layer range and token range out of the pool."""
-    return pool[layers, :, slot, :, tokens].contiguous()
+    return pool[layers, :, slot, :, tokens].contiguous().cpu()
 
 
 def scatter(pool: torch.Tensor, slot: int, layers: slice, tokens: slice, data: torch.Tensor) -> None:
@@ -26,4 +26,4 @@ def gather_prefill(k: torch.Tensor, v: torch.Tensor, row: int, length: int) -> t
     """One prompt's K/V of one layer out of a left-padded prefill batch.
     k, v: (batch, kv_heads, T, head_dim) -> (1, 2, kv_heads, length, head_dim), contiguous."""
     T = k.shape[2]
-    return torch.stack((k[row, :, T - length:], v[row, :, T - length:]))[None]
+    return torch.stack((k[row, :, T - length:], v[row, :, T - length:]))[None].cpu()  # the wire takes host memory

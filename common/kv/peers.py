@@ -10,6 +10,7 @@ reconnects after a break.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 
 import numpy as np
@@ -81,10 +82,10 @@ class Peers:
     def __init__(self, transport: Transport, connect_timeout: float = 5.0):
         self.transport, self.connect_timeout = transport, connect_timeout
         self.links: dict[str, PeerLink] = {}
-        self.lock = asyncio.Lock()
+        self.locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)  # one peer slow to connect stalls only its own sends
 
     async def get(self, address: str) -> PeerLink:
-        async with self.lock:
+        async with self.locks[address]:
             link = self.links.get(address)
             if link is None or link.conn.closed or link.reader.done():
                 if link is not None:

@@ -90,3 +90,14 @@ def assert_openai_error(resp: httpx.Response, status: int, param: str | None) ->
     assert error["type"] == "invalid_request_error"
     if param is not None:
         assert error["param"] == param, error
+
+
+def test_oversized_chunked_body_without_length(url):
+    def body():
+        yield b'{"prompt": "'
+        for _ in range(6):
+            yield b"x" * (1 << 20)
+        yield b'"}'
+
+    resp = httpx.post(url + "/v1/completions", content=body(), timeout=30, headers={"content-type": "application/json"})
+    assert_openai_error(resp, 413, None)

@@ -165,3 +165,11 @@ def assert_no_kv_held(cluster, timeout: float = 15.0) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"KV or requests still held after {timeout:.0f} s: {values}")
         time.sleep(0.2)
+
+
+def test_non_streaming_client_that_leaves_frees_everything(tiny_cluster):
+    """A non-streaming client that gives up: the gateway notices, aborts downstream, counts nothing in flight."""
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(tiny_cluster.url + "/v1/completions", timeout=httpx.Timeout(10, read=1.0),
+                   json={"prompt": "Tell me everything", "max_tokens": 900, "temperature": 0, "ignore_eos": True})
+    assert_no_kv_held(tiny_cluster)
