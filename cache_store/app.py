@@ -19,10 +19,9 @@ from cache_store.store import ReplicaStore, StaleEpoch
 from common import metadata
 from common.errors import install_error_handlers
 from common.kv import make_transport
-from common.kv.transport import Connection, TransportError, split_address
-from common.kv.wire import WireError, send_ack, send_error, stream_in
+from common.kv.receiver import kv_server
 from common.protocol import AbortRequest, AbortResult, ServiceInfo, ServiceKind
-from common.service import Lease, add_health_and_metrics, ready_line, request_id_var
+from common.service import Lease, add_health_and_metrics, listen_kv, ready_line, request_id_var
 from common.settings import CacheStoreSettings
 
 log = logging.getLogger(__name__)
@@ -31,30 +30,10 @@ log = logging.getLogger(__name__)
 def create_app(settings: CacheStoreSettings) -> FastAPI:
     store = ReplicaStore()
 
-    async def receive(conn: Connection) -> None:
-        while True:
-            try:
-                header, payload = await stream_in(conn)
-            except TransportError:
-                return
-            except WireError as exc:
-                log.warning("malformed KV message: %s", exc)
-                continue
-            request_id_var.set(header.request_id)
-            try:
-                store.put(header, payload)
-                await send_ack(conn, header)
-            except StaleEpoch as exc:
-                await send_error(conn, header, str(exc))
-            except TransportError:
-                return
-
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         transport = make_transport(settings.kv_transport)
-        listen_host = "0.0.0.0" if settings.host in ("0.0.0.0", "::") else settings.host
-        address = await transport.listen(receive, listen_host, settings.kv_port)
-        kv_address = f"{settings.public_host}:{split_address(address)[1]}"
+        kv_address = await listen_kv(transport, kv_server(store.put, (StaleEpoch,), request_id_var), settings)
         redis = metadata.connect(settings.redis_url)
         started = time.time()
         lease = Lease(metadata.Registry(redis), lambda: ServiceInfo(

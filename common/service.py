@@ -67,6 +67,15 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+async def listen_kv(transport, handler, settings) -> str:
+    """Start the KV listener; returns the address other services reach it at ("host:port")."""
+    from common.kv.transport import split_address
+
+    host = "0.0.0.0" if settings.host in ("0.0.0.0", "::") else settings.host
+    address = await transport.listen(handler, host, settings.kv_port)
+    return f"{settings.public_host}:{split_address(address)[1]}"
+
+
 def supervise(task: asyncio.Task, what: str) -> asyncio.Task:
     """A background task that fails kills the process: better dead (lease lapses) than a zombie."""
 
@@ -169,5 +178,9 @@ def main(kind: ServiceKind, settings_cls: type, description: str, app_factory: s
         settings = load(settings_cls, sys.argv[1:] if argv is None else argv, prog=prog, description=description)
     except SettingsError as exc:
         sys.exit(f"{prog}: bad setting: {exc}")
+    # Engines share cores with each other and the gateway; OpenMP workers that spin while idle
+    # steal them and stall every torch op (measured: 3.2x -> 3.8x HF tokens/s at 16 concurrent on
+    # 2 cores). Set before torch loads; an explicit OMP_WAIT_POLICY wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     module, func = app_factory.split(":")
     run(getattr(importlib.import_module(module), func)(settings), settings, kind)

@@ -44,28 +44,27 @@ class Router:
     async def generate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> AsyncIterator[TokenEvent]:
         reservation, token_svc = await self.reserve(request_id, len(prompt_ids), sampling.max_tokens)
         self.in_flight[token_svc.id] += 1
-        finished, holders = False, [token_svc]  # holders: services that may still hold something of it
+        released, holders = False, [token_svc]  # holders: services that may still hold something of it
         try:
             result = await self.prefill(PrefillRequest(
                 request_id=request_id, prompt_ids=prompt_ids, sampling=sampling,
                 target_service_id=token_svc.id, target_kv_address=reservation.kv_address), holders)
             del holders[1:]  # prefill answered: the prompt service holds nothing any more
-            finished = bool(result.first.finish_reason)
             yield result.first
-            if finished:
-                return
+            if result.first.finish_reason:
+                return  # done at the first token: the reserved row is released in `finally`
             decode = DecodeRequest(request_id=request_id, prompt_ids=prompt_ids, first_token=result.first.token_id,
                                    sampling=sampling)
             async with contextlib.aclosing(self.decode(token_svc, decode)) as events:
                 async for event in events:
-                    finished = bool(event.finish_reason)
+                    released = bool(event.finish_reason)  # a finished decode frees its own row
                     yield event
-                    if finished:
+                    if released:
                         return
             raise UpstreamError(f"token service {token_svc.id} ended the stream before the request finished")
         finally:
             self.in_flight[token_svc.id] -= 1
-            if not finished:  # ended early (stop string, client gone, error): free it everywhere
+            if not released:  # early end (stop string, client gone, error) or no decode at all
                 await asyncio.shield(self._abort_all(request_id, holders))
 
     async def reserve(self, request_id: str, prompt_tokens: int, max_tokens: int) -> tuple[Reservation, ServiceInfo]:

@@ -20,15 +20,15 @@ from fastapi import FastAPI
 from common import metadata
 from common.errors import install_error_handlers
 from common.kv import make_transport
-from common.kv.transport import split_address
+from common.kv.receiver import kv_server
 from common.model import load_model, resolve_model_path
 from common.protocol import (AbortRequest, AbortResult, DecodeEvent, DecodeRequest, Reservation, ReserveRequest,
                              ServiceInfo, ServiceKind)
 from common.runner import ModelRunner
-from common.service import ClosingStreamingResponse, Lease, add_health_and_metrics, ready_line, request_id_var, supervise
+from common.service import (ClosingStreamingResponse, Lease, add_health_and_metrics, listen_kv, ready_line,
+                            request_id_var, supervise)
 from common.settings import TokenSettings
-from token_service.engine import TokenEngine
-from token_service.kv_receiver import make_handler
+from token_service.engine import KVMessageError, TokenEngine
 from token_service.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -39,12 +39,10 @@ def create_app(settings: TokenSettings) -> FastAPI:
     async def lifespan(app: FastAPI):
         path = resolve_model_path(settings.model, progress=log.info)
         runner = ModelRunner(await asyncio.to_thread(load_model, path, settings.threads))
+        engine = app.state.engine = TokenEngine(runner, settings, app.state.service_id)
         transport = make_transport(settings.kv_transport)
-        engine: TokenEngine | None = None
-        listen_host = "0.0.0.0" if settings.host in ("0.0.0.0", "::") else settings.host
-        address = await transport.listen(lambda conn: make_handler(engine)(conn), listen_host, settings.kv_port)
-        kv_address = f"{settings.public_host}:{split_address(address)[1]}"
-        engine = app.state.engine = TokenEngine(runner, settings, app.state.service_id, kv_address)
+        kv_address = engine.kv_address = await listen_kv(
+            transport, kv_server(engine.receive_kv, (KVMessageError,), request_id_var), settings)
         redis = metadata.connect(settings.redis_url)
         started = time.time()
 

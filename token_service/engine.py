@@ -48,8 +48,9 @@ class KVMessageError(Exception):
 
 
 class TokenEngine:
-    def __init__(self, runner: ModelRunner, settings: TokenSettings, service_id: str, kv_address: str):
-        self.runner, self.settings, self.service_id, self.kv_address = runner, settings, service_id, kv_address
+    def __init__(self, runner: ModelRunner, settings: TokenSettings, service_id: str):
+        self.runner, self.settings, self.service_id = runner, settings, service_id
+        self.kv_address = ""  # set once the KV listener is up
         self.pool = runner.new_pool(settings.max_seqs, settings.max_model_len)
         self.slots = SlotManager(settings.max_seqs, settings.max_model_len)
         self.scheduler = Scheduler()

@@ -173,3 +173,11 @@ def test_non_streaming_client_that_leaves_frees_everything(tiny_cluster):
         httpx.post(tiny_cluster.url + "/v1/completions", timeout=httpx.Timeout(10, read=1.0),
                    json={"prompt": "Tell me everything", "max_tokens": 900, "temperature": 0, "ignore_eos": True})
     assert_no_kv_held(tiny_cluster)
+
+
+def test_requests_done_at_the_first_token_free_their_row(tiny_cluster):
+    """max_tokens=1 ends at the prompt service's token: the reserved row must be released anyway."""
+    for _ in range(3):
+        got = completion(tiny_cluster.url, prompt="Hello there", max_tokens=1, temperature=0)
+        assert got["choices"][0]["finish_reason"] == "length" and got["usage"]["completion_tokens"] == 1
+    assert_no_kv_held(tiny_cluster, timeout=5)
