@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import socket
-import time
 
 from fastapi import FastAPI
 
 from cache_store.store import ReplicaStore, StaleEpoch
-from common import metadata
 from common.errors import install_error_handlers
 from common.kv import make_transport
 from common.kv.receiver import kv_server
-from common.protocol import AbortRequest, AbortResult, ServiceInfo, ServiceKind
-from common.service import Lease, add_health_and_metrics, listen_kv, ready_line, request_id_var
+from common.protocol import AbortRequest, AbortResult, ServiceKind
+from common.service import registered, add_health_and_metrics, listen_kv, request_id_var
 from common.settings import CacheStoreSettings
 
 log = logging.getLogger(__name__)
@@ -34,23 +30,16 @@ def create_app(settings: CacheStoreSettings) -> FastAPI:
     async def lifespan(app: FastAPI):
         transport = make_transport(settings.kv_transport)
         kv_address = await listen_kv(transport, kv_server(store.put, (StaleEpoch,), request_id_var), settings)
-        redis = metadata.connect(settings.redis_url)
-        started = time.time()
-        lease = Lease(metadata.Registry(redis), lambda: ServiceInfo(
-            kind=ServiceKind.CACHE_STORE, id=app.state.service_id, url=app.state.url, host=socket.gethostname(),
-            pid=os.getpid(), kv_address=kv_address, kv_transport=settings.kv_transport,
-            active_requests=len(store.replicas), kv_bytes_used=store.bytes_held,
-            kv_bytes_free=max(settings.memory_bytes - store.bytes_held, 0), started_at=started), settings)
-        await lease.start()
         log.info("cache store ready: KV on %s (%s), %d MiB in memory", kv_address, settings.kv_transport,
                  settings.memory_bytes >> 20)
-        ready_line(ServiceKind.CACHE_STORE, app.state.url)
+        lease_fields = lambda: dict(  # noqa: E731
+            kv_address=kv_address, kv_transport=settings.kv_transport, active_requests=len(store.replicas),
+            kv_bytes_used=store.bytes_held, kv_bytes_free=max(settings.memory_bytes - store.bytes_held, 0))
         try:
-            yield
+            async with registered(app, settings, ServiceKind.CACHE_STORE, lease_fields):
+                yield
         finally:
-            await lease.stop()
             await transport.close()
-            await redis.aclose()
 
     app = FastAPI(title="DéjàVu cache store", lifespan=lifespan)
     install_error_handlers(app)

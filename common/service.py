@@ -15,6 +15,7 @@ A service's lifecycle:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
@@ -135,6 +136,29 @@ class ClosingStreamingResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.on_close()
+
+
+@contextlib.asynccontextmanager
+async def registered(app: FastAPI, settings: ServiceSettings, kind: ServiceKind, fields: Callable[[], dict]):
+    """For a lifespan: connect to Redis and hold this service's lease in the registry (its
+    ServiceInfo: the common fields plus `fields()`, read at every renewal), then say ready.
+    Yields the Redis client; deregisters and closes on the way out."""
+    from common.metadata import connect
+
+    redis, started = connect(settings.redis_url), time.time()
+
+    def info() -> ServiceInfo:
+        return ServiceInfo(kind=kind, id=app.state.service_id, url=app.state.url, host=socket.gethostname(),
+                           pid=os.getpid(), started_at=started, **fields())
+
+    lease = Lease(Registry(redis), info, settings)
+    try:
+        await lease.start()
+        ready_line(kind, app.state.url)
+        yield redis
+    finally:
+        await lease.stop()
+        await redis.aclose()
 
 
 def add_health_and_metrics(app: FastAPI, health: Callable[[], Awaitable[dict]] | None = None) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import time
 
 import httpx
@@ -22,8 +20,8 @@ from starlette.exceptions import HTTPException
 from common import metadata
 from common.errors import DejavuError, PayloadTooLarge, error_body, install_error_handlers
 from common.model import context_length, eos_token_ids, load_tokenizer, resolve_model_path
-from common.protocol import ServiceInfo, ServiceKind
-from common.service import ClosingStreamingResponse, Lease, add_health_and_metrics, ready_line, request_id_var
+from common.protocol import ServiceKind
+from common.service import registered, ClosingStreamingResponse, add_health_and_metrics, request_id_var
 from common.settings import GatewaySettings
 from gateway.jobs import IN_FLIGHT, REQUESTS, Job, Limits, chat_job, completion_job, deltas
 from gateway.openai_types import ChatRequest, CompletionRequest
@@ -40,25 +38,19 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.state.tokenizer = tokenizer = await asyncio.to_thread(load_tokenizer, path)
         app.state.limits = Limits(settings.model_name, min(settings.max_model_len, context_length(path)),
                                   len(tokenizer), eos_token_ids(path), settings.max_tokens_default)
-        redis = metadata.connect(settings.redis_url)
-        app.state.store = metadata.RequestStore(redis)
-        client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
-        app.state.router = Router(metadata.Registry(redis), client, settings)
         app.state.active = set()  # request ids being served
-        started = time.time()
-        lease = Lease(metadata.Registry(redis), lambda: ServiceInfo(
-            kind=ServiceKind.GATEWAY, id=app.state.service_id, url=app.state.url, host=socket.gethostname(),
-            pid=os.getpid(), model=str(path), max_model_len=app.state.limits.max_model_len,
-            active_requests=len(app.state.active), started_at=started), settings)
-        await lease.start()
-        log.info("gateway ready: serving %r (%s), max context %d", settings.model_name, path, app.state.limits.max_model_len)
-        ready_line(ServiceKind.GATEWAY, app.state.url)
+        client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+        lease_fields = lambda: dict(model=str(path), max_model_len=app.state.limits.max_model_len,  # noqa: E731
+                                    active_requests=len(app.state.active))
+        log.info("gateway ready: serving %r (%s), max context %d", settings.model_name, path,
+                 app.state.limits.max_model_len)
         try:
-            yield
+            async with registered(app, settings, ServiceKind.GATEWAY, lease_fields) as redis:
+                app.state.store = metadata.RequestStore(redis)
+                app.state.router = Router(metadata.Registry(redis), client, settings)
+                yield
         finally:
-            await lease.stop()
             await client.aclose()
-            await redis.aclose()
 
     app = FastAPI(title="DéjàVu gateway", lifespan=lifespan)
     install_error_handlers(app)

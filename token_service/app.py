@@ -11,21 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
-import time
 
 from fastapi import FastAPI
 
-from common import metadata
 from common.errors import install_error_handlers
 from common.kv import make_transport
 from common.kv.receiver import kv_server
 from common.model import load_model, resolve_model_path
 from common.protocol import (AbortRequest, AbortResult, DecodeEvent, DecodeRequest, Reservation, ReserveRequest,
-                             ServiceInfo, ServiceKind)
+                             ServiceKind)
 from common.runner import ModelRunner
-from common.service import (ClosingStreamingResponse, Lease, add_health_and_metrics, listen_kv, ready_line,
+from common.service import (ClosingStreamingResponse, add_health_and_metrics, listen_kv, registered,
                             request_id_var, supervise)
 from common.settings import TokenSettings
 from token_service.engine import KVMessageError, TokenEngine
@@ -43,29 +39,19 @@ def create_app(settings: TokenSettings) -> FastAPI:
         transport = make_transport(settings.kv_transport)
         kv_address = engine.kv_address = await listen_kv(
             transport, kv_server(engine.receive_kv, (KVMessageError,), request_id_var), settings)
-        redis = metadata.connect(settings.redis_url)
-        started = time.time()
-
-        def info() -> ServiceInfo:
-            return ServiceInfo(kind=ServiceKind.TOKEN, id=app.state.service_id, url=app.state.url,
-                               host=socket.gethostname(), pid=os.getpid(), model=str(path), kv_address=kv_address,
-                               kv_transport=settings.kv_transport, max_model_len=settings.max_model_len,
-                               active_requests=len(engine.scheduler.seqs), kv_bytes_used=engine.slots.num_used * engine.slot_bytes,
-                               kv_bytes_free=engine.kv_bytes_free, started_at=started)
-
-        lease = Lease(metadata.Registry(redis), info, settings)
-        await lease.start()
         loop_task = supervise(asyncio.create_task(engine.run()), "decode loop")
         log.info("token service ready: model %s, %d rows x %d tokens, KV on %s (%s)", path, settings.max_seqs,
                  settings.max_model_len, kv_address, settings.kv_transport)
-        ready_line(ServiceKind.TOKEN, app.state.url)
+        lease_fields = lambda: dict(  # noqa: E731
+            model=str(path), kv_address=kv_address, kv_transport=settings.kv_transport,
+            max_model_len=settings.max_model_len, active_requests=len(engine.scheduler.seqs),
+            kv_bytes_used=engine.slots.num_used * engine.slot_bytes, kv_bytes_free=engine.kv_bytes_free)
         try:
-            yield
+            async with registered(app, settings, ServiceKind.TOKEN, lease_fields):
+                yield
         finally:
             loop_task.cancel()
-            await lease.stop()
             await transport.close()
-            await redis.aclose()
 
     app = FastAPI(title="DéjàVu token service", lifespan=lifespan)
     install_error_handlers(app)

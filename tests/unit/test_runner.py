@@ -1,7 +1,6 @@
 """ModelRunner against HF generate, in process: a left-padded prefill batch, then pooled decode
 steps where sequences of different lengths share the batch, join late and leave early."""
 
-import torch
 
 from common.kv.copy import gather_prefill, scatter
 from common.runner import ModelRunner
