@@ -58,6 +58,31 @@ def cmd_up(args, parser) -> int:
            "DEJAVU_MAX_SEQS": str(args.max_seqs)}
     cluster = Cluster(args.model, args.port, args.prompt_services, args.token_services, args.cache_stores,
                       args.redis_url, env, echo_logs=not args.quiet, host=args.host)
+    print(f"[dejavu] starting: {args.token_services} token, {args.prompt_services} prompt, {args.cache_stores} "
+          f"cache store(s), gateway on port {args.port}, KV over {args.kv_transport} ...", file=sys.stderr, flush=True)
+    start = time.monotonic()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # while starting, SIGTERM = Ctrl-C
+    try:
+        cluster.start()  # stops whatever it started if it fails or is interrupted
+    except KeyboardInterrupt:
+        print("[dejavu] interrupted while starting: stopped", file=sys.stderr)
+        return 130
+    except (ClusterError, RedisNotInstalled, RuntimeError) as exc:
+        print(f"[dejavu] {exc}", file=sys.stderr)
+        return 1
+    print(f"\n[dejavu] ready in {time.monotonic() - start:.0f} s: OpenAI API at {cluster.url}/v1 "
+          f"(redis {cluster.redis_url})\n\n  curl {cluster.url}/v1/completions -H 'Content-Type: application/json' \\\n"
+          f"    -d '{{\"model\": \"{_served_name(args.model)}\", \"prompt\": \"The capital of France is\", "
+          f"\"max_tokens\": 16, \"temperature\": 0}}'\n\n[dejavu] Ctrl-C stops everything.", flush=True)
+    code = _watch(cluster)
+    print("[dejavu] stopping ...", file=sys.stderr, flush=True)
+    cluster.stop()
+    print("[dejavu] stopped", file=sys.stderr)
+    return code
+
+
+def _watch(cluster) -> int:
+    """Until SIGINT/SIGTERM (exit 0) or a child's death (named, with why; exit 1)."""
     stopping = False
 
     def on_signal(signum, frame):
@@ -66,32 +91,14 @@ def cmd_up(args, parser) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    print(f"[dejavu] starting: {args.token_services} token, {args.prompt_services} prompt, {args.cache_stores} "
-          f"cache store(s), gateway on port {args.port}, KV over {args.kv_transport} ...", file=sys.stderr, flush=True)
-    start = time.monotonic()
-    try:
-        cluster.start()
-    except (ClusterError, RedisNotInstalled, RuntimeError) as exc:
-        print(f"[dejavu] {exc}", file=sys.stderr)
-        return 1
-    print(f"\n[dejavu] ready in {time.monotonic() - start:.0f} s: OpenAI API at {cluster.url}/v1 "
-          f"(redis {cluster.redis_url})\n\n  curl {cluster.url}/v1/completions -H 'Content-Type: application/json' \\\n"
-          f"    -d '{{\"model\": \"{_served_name(args.model)}\", \"prompt\": \"The capital of France is\", "
-          f"\"max_tokens\": 16, \"temperature\": 0}}'\n\n[dejavu] Ctrl-C stops everything.", flush=True)
-    code = 0
     while not stopping:
-        dead = cluster.dead()
-        if dead:
+        if dead := cluster.dead():
             for child in dead:
                 print(f"[dejavu] {child.describe_exit()}", file=sys.stderr)
             print("[dejavu] a service died: stopping the cluster", file=sys.stderr)
-            code = 1
-            break
+            return 1
         time.sleep(0.5)
-    print("[dejavu] stopping ...", file=sys.stderr, flush=True)
-    cluster.stop()
-    print("[dejavu] stopped", file=sys.stderr)
-    return code
+    return 0
 
 
 def _served_name(model: str) -> str:

@@ -70,13 +70,7 @@ def create_app(settings: TokenSettings) -> FastAPI:
     @app.post("/decode")
     async def decode(req: DecodeRequest) -> ClosingStreamingResponse:
         request_id_var.set(req.request_id)
-        engine: TokenEngine = app.state.engine
-        seq = engine.start_decode(req)
-
-        async def on_close() -> None:  # the gateway went away (or the stream ended): free the row
-            engine.abort(seq.request_id)
-
-        return ClosingStreamingResponse(_events(engine, seq), on_close, media_type="application/x-ndjson")
+        return _decode_stream(app.state.engine, req)
 
     @app.post("/abort")
     async def abort(req: AbortRequest) -> AbortResult:
@@ -84,6 +78,15 @@ def create_app(settings: TokenSettings) -> FastAPI:
         return AbortResult(request_id=req.request_id, found=app.state.engine.abort(req.request_id))
 
     return app
+
+
+def _decode_stream(engine: TokenEngine, req: DecodeRequest) -> ClosingStreamingResponse:
+    seq = engine.start_decode(req)
+
+    async def on_close() -> None:  # the gateway went away (or the stream ended): free the row
+        engine.abort(seq.request_id)
+
+    return ClosingStreamingResponse(_events(engine, seq), on_close, media_type="application/x-ndjson")
 
 
 async def _events(engine: TokenEngine, seq: Sequence):
