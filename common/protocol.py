@@ -105,10 +105,14 @@ class PrefillResult(Message):
 
 
 class DecodeRequest(Message):
+    """Start decoding a request whose KV [0, len(prompt_ids)) is in its reserved row. On a resume,
+    prompt_ids is the original prompt plus every output token but the newest."""
+
     request_id: str
     epoch: int = 0
     prompt_ids: list[int]
-    first_token: int              # output index 0, sampled by the prompt service
+    first_token: int              # the newest output token: the input of the first decode step
+    first_index: int = Field(default=0, ge=0)  # its output index (> 0 when resuming elsewhere)
     sampling: SamplingParams
 
 

@@ -2,8 +2,10 @@
 
 The random number for output index i is drawn from a generator seeded with mix(seed, i) only, so
 a request resumed on another service (or batched differently) draws the same numbers. The draw
-is an inverse-CDF over the probabilities sorted by (prob desc, token id asc): deterministic given
-the distribution and the number.
+is an inverse CDF over the kept tokens in token-id order, not in probability order: logits that
+differ in the last bits (KV recomputed on a resume, another batch shape) reorder near-equal
+probabilities, which would move the pick; in id order the pick changes only if the number falls
+within that tiny difference of a boundary.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def sample_one(logits: torch.Tensor, p: SamplingParams, index: int) -> int:
     if p.greedy:
         return int(torch.argmax(logits).item())
     probs, order = _filtered_probs(logits, p)
+    by_id = torch.argsort(order)
+    probs, order = probs[by_id], order[by_id]
     u = uniform(p.seed, index)
     pick = int(torch.searchsorted(torch.cumsum(probs, dim=-1), torch.tensor([u], dtype=probs.dtype, device=probs.device)).item())
     return int(order[min(pick, order.numel() - 1)].item())

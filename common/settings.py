@@ -110,7 +110,7 @@ class GatewaySettings(ServiceSettings):
     max_tokens_default: int = setting(256, "max_tokens when a request gives none")
     request_timeout_s: float = setting(600.0, "longest a request may take end to end (s)")
     route_timeout_s: float = setting(30.0, "how long to wait for a token service with free KV room (s)")
-    token_timeout_s: float = setting(60.0, "a decode stream silent for this long is treated as hung (s)")
+    token_timeout_s: float = setting(10.0, "a decode stream silent this long means a hung token service: resume elsewhere (s)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 
 import httpx
+from prometheus_client import Counter as Counter_
 
 from common.errors import DejavuError, KVFull, Unavailable, UpstreamError, from_body
 from common.metadata import Registry
@@ -26,6 +27,12 @@ from common.settings import GatewaySettings
 log = logging.getLogger(__name__)
 REGISTRY_CACHE_S = 0.5
 PREFILL_ATTEMPTS = 3
+RESUME_ATTEMPTS = 3  # token services that may fail one request before it is given up
+RECOVERIES = Counter_("dejavu_gateway_recoveries_total", "requests moved off a failed token service", ["path"])
+
+
+class TokenServiceLost(UpstreamError):
+    """The decode stream broke, or went silent past --token-timeout-s: its token service died or hangs."""
 
 
 class Router:
@@ -33,6 +40,7 @@ class Router:
         self.registry, self.client, self.settings = registry, client, settings
         self._cache: tuple[float, list[ServiceInfo]] = (0.0, [])
         self.in_flight: Counter[str] = Counter()  # service id -> requests this gateway has there
+        self.background: set[asyncio.Task] = set()
 
     async def services(self, kind: ServiceKind) -> list[ServiceInfo]:
         at, infos = self._cache
@@ -42,36 +50,75 @@ class Router:
         return [i for i in infos if i.kind == kind]
 
     async def generate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> AsyncIterator[TokenEvent]:
-        reservation, token_svc = await self.reserve(request_id, len(prompt_ids), sampling.max_tokens)
+        """The request's tokens, in order. If its token service dies or hangs mid-decode, the
+        request goes on elsewhere: the client sees a pause, the same tokens, none repeated."""
+        outputs: list[int] = []      # output token ids so far
+        lost: set[str] = set()       # token services that failed this request
+        while True:
+            try:
+                async with contextlib.aclosing(self._attempt(request_id, prompt_ids, sampling, outputs, lost)) as events:
+                    async for event in events:
+                        outputs.append(event.token_id)
+                        yield event
+                return
+            except TokenServiceLost as exc:
+                if len(lost) > RESUME_ATTEMPTS:
+                    raise UpstreamError(f"the request could not be saved: {len(lost)} token services failed it "
+                                        f"(last: {exc.message})") from exc
+                RECOVERIES.labels("reprefill").inc()
+                log.warning("%s; resuming on another token service after %d tokens", exc.message, len(outputs))
+            except (Unavailable, UpstreamError) as exc:
+                if not lost:
+                    raise
+                raise UpstreamError(f"the request could not be saved after {len(outputs)} tokens: its token "
+                                    f"service failed and resuming failed: {exc.message}") from exc
+
+    async def _attempt(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, outputs: list[int],
+                       lost: set[str]) -> AsyncIterator[TokenEvent]:
+        """One try: reserve, prefill the prompt (plus the tokens already out, on a resume), decode."""
+        prefix = prompt_ids + outputs[:-1]  # KV the token service needs; outputs[-1] is the next input
+        remaining = sampling.max_tokens - max(len(outputs) - 1, 0)
+        reservation, token_svc = await self.reserve(request_id, len(prefix), remaining, exclude=lost)
         self.in_flight[token_svc.id] += 1
         released, holders = False, [token_svc]  # holders: services that may still hold something of it
         try:
-            result = await self.prefill(PrefillRequest(
-                request_id=request_id, prompt_ids=prompt_ids, sampling=sampling,
-                target_service_id=token_svc.id, target_kv_address=reservation.kv_address), holders)
+            try:
+                result = await self.prefill(PrefillRequest(
+                    request_id=request_id, prompt_ids=prefix, sampling=sampling,
+                    target_service_id=token_svc.id, target_kv_address=reservation.kv_address), holders)
+            except UpstreamError as exc:
+                if not await self._alive(token_svc):  # the KV had nowhere to go: its target died
+                    raise TokenServiceLost(f"token service {token_svc.id} died during prefill") from exc
+                raise
             del holders[1:]  # prefill answered: the prompt service holds nothing any more
-            yield result.first
-            if result.first.finish_reason:
-                return  # done at the first token: the reserved row is released in `finally`
-            decode = DecodeRequest(request_id=request_id, prompt_ids=prompt_ids, first_token=result.first.token_id,
-                                   sampling=sampling)
+            if not outputs:
+                yield result.first
+                if result.first.finish_reason:
+                    return  # done at the first token: the reserved row is released in `finally`
+            first = outputs[-1] if outputs else result.first.token_id  # on a resume, P's sample is not used
+            decode = DecodeRequest(request_id=request_id, prompt_ids=prefix, first_token=first,
+                                   first_index=max(len(outputs) - 1, 0), sampling=sampling)
             async with contextlib.aclosing(self.decode(token_svc, decode)) as events:
                 async for event in events:
                     released = bool(event.finish_reason)  # a finished decode frees its own row
                     yield event
                     if released:
                         return
-            raise UpstreamError(f"token service {token_svc.id} ended the stream before the request finished")
+            raise TokenServiceLost(f"token service {token_svc.id} ended the stream before the request finished")
+        except TokenServiceLost:
+            lost.add(token_svc.id)
+            raise
         finally:
             self.in_flight[token_svc.id] -= 1
-            if not released:  # early end (stop string, client gone, error) or no decode at all
-                await asyncio.shield(self._abort_all(request_id, holders))
+            if not released:  # early end (stop string, client gone, failure) or no decode at all
+                self._spawn(self._abort_all(request_id, holders))
 
-    async def reserve(self, request_id: str, prompt_tokens: int, max_tokens: int) -> tuple[Reservation, ServiceInfo]:
+    async def reserve(self, request_id: str, prompt_tokens: int, max_tokens: int,
+                      exclude: set[str] = frozenset()) -> tuple[Reservation, ServiceInfo]:
         deadline = time.monotonic() + self.settings.route_timeout_s
         req = ReserveRequest(request_id=request_id, prompt_tokens=prompt_tokens, max_tokens=max_tokens)
         while True:
-            services = await self.services(ServiceKind.TOKEN)
+            services = [s for s in await self.services(ServiceKind.TOKEN) if s.id not in exclude]
             if not services:
                 raise Unavailable("no token service is registered: start one (python -m token_service)")
             fitting = [s for s in services if s.max_model_len >= prompt_tokens + max_tokens]
@@ -122,7 +169,8 @@ class Router:
             async with self.client.stream("POST", svc.url + "/decode", content=req.model_dump_json(),
                                           headers={"content-type": "application/json"}, timeout=timeout) as resp:
                 if resp.status_code != 200:
-                    raise _internal(svc, resp.status_code, (await resp.aread()).decode(errors="replace"))
+                    err = _internal(svc, resp.status_code, (await resp.aread()).decode(errors="replace"))
+                    raise TokenServiceLost(err.message)
                 async for line in resp.aiter_lines():
                     if not line:
                         continue
@@ -130,8 +178,8 @@ class Router:
                     if event.error:
                         raise UpstreamError(f"token service {svc.id}: {event.error}")
                     yield event.token
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"decode stream from token service {svc.id} broke: {type(exc).__name__}: {exc}") from exc
+        except httpx.HTTPError as exc:  # refused, reset, or silent past --token-timeout-s (a hang)
+            raise TokenServiceLost(f"decode stream from token service {svc.id} broke: {type(exc).__name__}: {exc}") from exc
 
     async def _post(self, svc: ServiceInfo, path: str, body, timeout: float | None = 30.0) -> dict:
         try:
@@ -143,6 +191,18 @@ class Router:
         if resp.status_code != 200:
             raise _internal(svc, resp.status_code, resp.text)
         return resp.json()
+
+    async def _alive(self, svc: ServiceInfo) -> bool:
+        try:
+            return (await self.client.get(svc.url + "/health", timeout=2.0)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _spawn(self, coro) -> None:
+        """Run in the background (an abort must not wait on a hung service), keeping a reference."""
+        task = asyncio.ensure_future(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     async def _abort_all(self, request_id: str, services: list[ServiceInfo]) -> None:
         for svc in services:

@@ -97,7 +97,9 @@ class TokenEngine:
         if not seq.kv_ready:
             raise BadRequest(f"request {req.request_id}: KV incomplete ({len(seq.layers_received)} of "
                              f"{seq.num_layers} layers)", code="kv_incomplete")
-        seq.sampling, seq.output = req.sampling, [req.first_token]
+        if req.first_index + 1 > req.sampling.max_tokens:
+            raise BadRequest(f"request {req.request_id}: first_index {req.first_index} is past max_tokens")
+        seq.sampling, seq.output, seq.first_index = req.sampling, [req.first_token], req.first_index
         self.wakeup.set()
         return seq
 
@@ -135,7 +137,7 @@ class TokenEngine:
         start = time.perf_counter()
         logits = await asyncio.to_thread(self.runner.decode, self.pool, batch.tokens, batch.positions, batch.running)
         rows = torch.tensor([s.slot for s in batch.seqs])
-        events = sample(logits[rows], [s.sampling for s in batch.seqs], [len(s.output) for s in batch.seqs],
+        events = sample(logits[rows], [s.sampling for s in batch.seqs], [s.next_index for s in batch.seqs],
                         [s.request_id for s in batch.seqs])
         for seq, event in self.scheduler.postprocess(batch, events):
             seq.events.put_nowait(DecodeEvent(token=event))

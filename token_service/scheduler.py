@@ -63,6 +63,6 @@ def finish_reason(seq: Sequence, token: int) -> str | None:
     p = seq.sampling
     if not p.ignore_eos and token in p.stop_token_ids:
         return "stop"
-    if len(seq.output) >= seq.max_tokens:
+    if seq.first_index + len(seq.output) >= p.max_tokens:
         return "length"
     return None

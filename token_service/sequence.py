@@ -28,7 +28,8 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING_FOR_KV
     layers_received: set[int] = field(default_factory=set)
     sampling: SamplingParams | None = None   # set when the decode request arrives
-    output: list[int] = field(default_factory=list)  # output tokens; [0] came from the prompt service
+    output: list[int] = field(default_factory=list)  # output tokens from first_index on
+    first_index: int = 0                # output index of output[0] (> 0 on a resumed request)
     events: asyncio.Queue[DecodeEvent] = field(default_factory=asyncio.Queue)
 
     def __post_init__(self) -> None:
@@ -43,6 +44,11 @@ class Sequence:
     def decoding(self) -> bool:
         """Its decode request has arrived and its KV is complete: it can run."""
         return self.sampling is not None and self.kv_ready
+
+    @property
+    def next_index(self) -> int:
+        """Output index of the token the next step produces."""
+        return self.first_index + len(self.output)
 
     @property
     def last_position(self) -> int:

@@ -1,0 +1,106 @@
+"""A token service that dies or hangs mid-stream costs the client a pause, not the request: the
+gateway re-prefills the prompt and the tokens already streamed on a prompt service into another
+token service, and decoding continues at the next output index. The text equals HF `generate`
+(greedy) or the failure-free run (seeded sampling). Real processes, real signals."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import httpx
+import pytest
+
+from dejavu.cluster import Cluster
+from tests.cluster.conftest import CLUSTER_ENV, metric
+from tests.cluster.test_serving import assert_no_kv_held
+
+PROMPT = "Once upon a time, in a land far away, there lived a dragon who"
+MAX_TOKENS = 600  # long enough to act mid-stream
+
+
+@pytest.fixture
+def cluster(tiny_model_path, redis_server):
+    """Two token services (a spare), one prompt service; a silent stream counts as hung after 3 s."""
+    env = {**CLUSTER_ENV, "DEJAVU_KV_TRANSPORT": "tcp", "DEJAVU_TOKEN_TIMEOUT_S": "3"}
+    with Cluster(str(tiny_model_path), port=0, token_services=2, cache_stores=0, redis_url=redis_server.url,
+                 env=env, echo_logs=False) as c:
+        yield c
+        for child in c.of("token"):  # a stopped one must run again to stop
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGCONT)
+
+
+def serving(cluster):
+    """The token service holding KV right now."""
+    holders = [t for t in cluster.of("token") if t.proc.poll() is None and metric(t.url, "dejavu_token_kv_slots_used")]
+    assert len(holders) == 1, "exactly one token service should hold the request"
+    return holders[0]
+
+
+def stream_with_fault(cluster, body: dict, sig: int | None, after: int = 20) -> tuple[str, dict, list]:
+    """Stream a completion; after `after` chunks send `sig` to the token service serving it."""
+    text, usage, victims = [], None, []
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", cluster.url + "/v1/completions", json=body, timeout=120) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            if event["choices"]:
+                text.append(event["choices"][0]["text"])
+            usage = event.get("usage") or usage
+            if sig is not None and len(text) == after:
+                victims.append(serving(cluster))
+                cluster.kill(victims[-1], sig)
+    return "".join(text), usage, victims
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_greedy_stream_survives_a_token_service_failure(cluster, tiny_oracle, sig):
+    ids = tiny_oracle.tokenizer(PROMPT)["input_ids"]
+    want, n = tiny_oracle.text(ids, MAX_TOKENS)
+    text, usage, victims = stream_with_fault(cluster, {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}, sig)
+    assert victims, "the fault was never injected"
+    assert text == want
+    assert usage["completion_tokens"] == n
+    assert metric(cluster.url, "dejavu_gateway_recoveries_total" + '{path="reprefill"}') >= 1
+    survivors = [t for t in cluster.of("token") if t is not victims[0]]
+    assert_no_kv_held_on(survivors, cluster)
+
+
+def test_seeded_sampling_is_identical_across_a_failover(cluster):
+    body = {"prompt": PROMPT, "max_tokens": 300, "temperature": 0.8, "top_p": 0.95, "seed": 7, "ignore_eos": True}
+    clean, _, _ = stream_with_fault(cluster, body, None)
+    failed, usage, victims = stream_with_fault(cluster, body, signal.SIGKILL, after=40)
+    assert victims and failed == clean and usage["completion_tokens"] == 300
+
+
+def test_a_request_that_cannot_be_saved_ends_with_an_error_event(cluster):
+    body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+    events, killed = [], 0
+    with httpx.stream("POST", cluster.url + "/v1/completions", json=body, timeout=120) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) in (10, 30) and killed < 2:  # the first, then its replacement
+                    for t in cluster.of("token"):
+                        if t.proc.poll() is None and metric(t.url, "dejavu_token_kv_slots_used"):
+                            cluster.kill(t, signal.SIGKILL)
+                            killed += 1
+    assert killed == 2
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and "token service" in error["message"]
+
+
+def assert_no_kv_held_on(tokens, cluster) -> None:
+    class View:  # the survivors only: a dead service has no metrics
+        url = cluster.url
+
+        def of(self, kind):
+            return tokens if kind == "token" else cluster.of(kind)
+
+    assert_no_kv_held(View())
