@@ -82,8 +82,9 @@ def cmd_up(args, parser) -> int:
 
 
 def _watch(cluster) -> int:
-    """Until SIGINT/SIGTERM (exit 0) or a child's death (named, with why; exit 1)."""
-    stopping = False
+    """Until SIGINT/SIGTERM (exit 0). A service that dies is named, with why, and the rest go on
+    serving (its requests resume elsewhere); only the gateway's or Redis's death stops it all (exit 1)."""
+    stopping, reported = False, set()
 
     def on_signal(signum, frame):
         nonlocal stopping
@@ -92,10 +93,19 @@ def _watch(cluster) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     while not stopping:
-        if dead := cluster.dead():
-            for child in dead:
-                print(f"[dejavu] {child.describe_exit()}", file=sys.stderr)
-            print("[dejavu] a service died: stopping the cluster", file=sys.stderr)
+        for child in cluster.dead():
+            if child.name in reported:
+                continue
+            reported.add(child.name)
+            print(f"[dejavu] {child.describe_exit()}", file=sys.stderr, flush=True)
+            if child.kind == "gateway":
+                print("[dejavu] the gateway died: stopping the cluster", file=sys.stderr)
+                return 1
+            left = sum(c.proc.poll() is None for c in cluster.of(child.kind))
+            print(f"[dejavu] {left} {child.kind} service(s) left; the rest of the cluster goes on", file=sys.stderr,
+                  flush=True)
+        if cluster.redis and cluster.redis.proc.poll() is not None:
+            print("[dejavu] the embedded Redis died: stopping the cluster", file=sys.stderr)
             return 1
         time.sleep(0.5)
     return 0

@@ -4,11 +4,11 @@ dies, and stops every child on SIGTERM."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import psutil
@@ -72,15 +72,24 @@ def test_up_serves_and_stops_cleanly_on_sigterm(tiny_model_path):
             up.proc.kill()
 
 
-def test_up_names_a_child_that_dies(tiny_model_path):
-    up = Up(str(tiny_model_path), free_port())
+def test_up_names_a_dead_service_keeps_serving_and_stops_when_the_gateway_dies(tiny_model_path):
+    port = free_port()
+    up = Up(str(tiny_model_path), port)
     try:
         up.wait_ready()
         token = next(c for c in up.children() if "token_service" in " ".join(c.cmdline()))
         os.kill(token.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not any(f"token-0 (pid {token.pid}) killed by signal SIGKILL" in line for line in up.lines):
+            assert time.monotonic() < deadline, "\n".join(up.lines[-20:])
+            time.sleep(0.2)
+        time.sleep(1)
+        assert up.proc.poll() is None, "dejavu up must outlive a token service"
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+        gateway = next(c for c in up.children() if c.cmdline()[-1] == "gateway")
+        os.kill(gateway.pid, signal.SIGKILL)
         assert up.wait_exit() == 1
-        output = "\n".join(up.lines)
-        assert re.search(rf"token-0 \(pid {token.pid}\) killed by signal SIGKILL", output), output[-2000:]
+        assert "the gateway died" in "\n".join(up.lines)
     finally:
         if up.proc.poll() is None:
             up.proc.kill()
