@@ -74,11 +74,19 @@ def cmd_up(args, parser) -> int:
           f"(redis {cluster.redis_url})\n\n  curl {cluster.url}/v1/completions -H 'Content-Type: application/json' \\\n"
           f"    -d '{{\"model\": \"{_served_name(args.model)}\", \"prompt\": \"The capital of France is\", "
           f"\"max_tokens\": 16, \"temperature\": 0}}'\n\n[dejavu] Ctrl-C stops everything.", flush=True)
-    code = _watch(cluster)
-    print("[dejavu] stopping ...", file=sys.stderr, flush=True)
-    cluster.stop()
-    print("[dejavu] stopped", file=sys.stderr)
-    return code
+    try:
+        return _watch(cluster)
+    finally:  # whatever happens here (even a closed terminal), no child is left behind
+        _say("[dejavu] stopping ...")
+        cluster.stop()
+        _say("[dejavu] stopped")
+
+
+def _say(message: str) -> None:
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except OSError:  # stderr gone (closed pipe or terminal): keep going
+        pass
 
 
 def _watch(cluster) -> int:
@@ -90,22 +98,21 @@ def _watch(cluster) -> int:
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     while not stopping:
         for child in cluster.dead():
             if child.name in reported:
                 continue
             reported.add(child.name)
-            print(f"[dejavu] {child.describe_exit()}", file=sys.stderr, flush=True)
+            _say(f"[dejavu] {child.describe_exit()}")
             if child.kind == "gateway":
-                print("[dejavu] the gateway died: stopping the cluster", file=sys.stderr)
+                _say("[dejavu] the gateway died: stopping the cluster")
                 return 1
             left = sum(c.proc.poll() is None for c in cluster.of(child.kind))
-            print(f"[dejavu] {left} {child.kind} service(s) left; the rest of the cluster goes on", file=sys.stderr,
-                  flush=True)
+            _say(f"[dejavu] {left} {child.kind} service(s) left; the rest of the cluster goes on")
         if cluster.redis and cluster.redis.proc.poll() is not None:
-            print("[dejavu] the embedded Redis died: stopping the cluster", file=sys.stderr)
+            _say("[dejavu] the embedded Redis died: stopping the cluster")
             return 1
         time.sleep(0.5)
     return 0

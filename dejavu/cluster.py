@@ -103,7 +103,10 @@ class Cluster:
                 continue
             child.tail.append(line)
             if self.echo_logs:
-                print(line, file=sys.stderr, flush=True)
+                try:
+                    print(line, file=sys.stderr, flush=True)
+                except OSError:  # our stderr is gone; keep draining the child's pipe
+                    self.echo_logs = False
 
     def wait_ready(self, timeout: float, children: list[Child] | None = None) -> None:
         deadline = time.monotonic() + timeout
