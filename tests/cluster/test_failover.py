@@ -16,7 +16,7 @@ from tests.cluster.conftest import CLUSTER_ENV, metric
 from tests.cluster.test_serving import assert_no_kv_held
 
 PROMPT = "Once upon a time, in a land far away, there lived a dragon who"
-MAX_TOKENS = 600  # long enough to act mid-stream
+MAX_TOKENS = 900  # long enough to act mid-stream (prompt + 900 < the 1024-token context)
 
 
 @pytest.fixture
