@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import signal
 import sys
@@ -89,10 +90,14 @@ def _say(message: str) -> None:
         pass
 
 
+RESTARTS_PER_MINUTE = 3  # a service that dies more often than this is left dead
+
+
 def _watch(cluster) -> int:
-    """Until SIGINT/SIGTERM (exit 0). A service that dies is named, with why, and the rest go on
-    serving (its requests resume elsewhere); only the gateway's or Redis's death stops it all (exit 1)."""
-    stopping, reported = False, set()
+    """Until SIGINT/SIGTERM/SIGHUP (exit 0). A service that dies is named, with why, and started
+    again, like compose's `restart: unless-stopped`; its requests resume elsewhere meanwhile. One
+    that keeps dying is left dead; if that is the gateway, everything stops (exit 1)."""
+    stopping, restarts = False, collections.defaultdict(list)  # name -> restart times
 
     def on_signal(signum, frame):
         nonlocal stopping
@@ -102,18 +107,24 @@ def _watch(cluster) -> int:
         signal.signal(sig, on_signal)
     while not stopping:
         for child in cluster.dead():
-            if child.name in reported:
-                continue
-            reported.add(child.name)
             _say(f"[dejavu] {child.describe_exit()}")
-            if child.kind == "gateway":
-                _say("[dejavu] the gateway died: stopping the cluster")
-                return 1
-            left = sum(c.proc.poll() is None for c in cluster.of(child.kind))
-            _say(f"[dejavu] {left} {child.kind} service(s) left; the rest of the cluster goes on")
+            now = time.monotonic()
+            recent = restarts[child.name] = [t for t in restarts[child.name] if now - t < 60] + [now]
+            if len(recent) > RESTARTS_PER_MINUTE:
+                _say(f"[dejavu] {child.name} died {len(recent)} times within a minute: not restarting it")
+                if child.kind == "gateway":
+                    return 1
+                cluster.children.remove(child)
+                continue
+            new = cluster.respawn(child)
+            _say(f"[dejavu] restarting {child.name} (new pid {new.pid})")
         if cluster.redis and cluster.redis.proc.poll() is not None:
-            _say("[dejavu] the embedded Redis died: stopping the cluster")
-            return 1
+            _say("[dejavu] the embedded Redis died: restarting it (empty; the services re-register)")
+            try:
+                cluster.restart_redis()
+            except RuntimeError as exc:
+                _say(f"[dejavu] could not restart Redis: {exc}")
+                return 1
         time.sleep(0.5)
     return 0
 

@@ -118,6 +118,17 @@ class Cluster:
                 if time.monotonic() > deadline:
                     raise ClusterError(f"{child.name} not ready after {timeout:.0f} s")
 
+    def respawn(self, child: Child) -> Child:
+        """Start a new process in a dead child's place (same name and kind, a new service id)."""
+        new = self.spawn(child.kind, child.name)
+        self.children.remove(new)
+        self.children[self.children.index(child)] = new
+        return new
+
+    def restart_redis(self) -> None:
+        """The embedded Redis died: start it again, empty, on the same port (services re-register)."""
+        self.redis = RedisServer(self.redis.port)
+
     def dead(self) -> list[Child]:
         return [c for c in self.children if c.proc.poll() is not None]
 
