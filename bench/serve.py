@@ -217,6 +217,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--concurrency", default="1,16", help="comma-separated concurrent request counts")
     p.add_argument("--url", default="", help="a running gateway (default: start a cluster)")
+    p.add_argument("--cache-stores", type=int, default=0,
+                   help="cache stores in the started cluster (1 or more turns KV replication on)")
     p.add_argument("--out", default="", help="write the figures to this JSON file")
     args = p.parse_args(argv)
     try:
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         log("starting a cluster (1 prompt service, 1 token service)")
         env = {"DEJAVU_MAX_SEQS": str(max(16, max(args.concurrency)))}
-        with Cluster(model=args.model, port=0, prompt_services=1, token_services=1, cache_stores=0, env=env,
+        with Cluster(model=args.model, port=0, prompt_services=1, token_services=1, cache_stores=args.cache_stores, env=env,
                      echo_logs=False) as cluster:
             log(f"cluster ready at {cluster.url}")
             measurements = run(args, cluster.url, hf, prompts)
