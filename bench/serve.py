@@ -218,7 +218,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--concurrency", default="1,16", help="comma-separated concurrent request counts")
     p.add_argument("--url", default="", help="a running gateway (default: start a cluster)")
     p.add_argument("--cache-stores", type=int, default=0,
-                   help="cache stores in the started cluster (1 or more turns KV replication on)")
+                   help="cache stores in the started cluster")
     p.add_argument("--out", default="", help="write the figures to this JSON file")
     args = p.parse_args(argv)
     try:
