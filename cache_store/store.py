@@ -45,7 +45,7 @@ class ReplicaStore:
         replica = self.replicas.get(header.request_id)
         if replica is not None and header.epoch < replica.epoch:
             raise StaleEpoch(f"request {header.request_id}: epoch {header.epoch} is fenced (now {replica.epoch})")
-        if replica is None or header.epoch > replica.epoch:
+        if replica is None or header.epoch > replica.epoch or header.token_start == 0:  # a new (or restarted) replica
             replica = self.replicas[header.request_id] = Replica(header.epoch)
         replica.chunks.append((header, payload.copy()))
         self._gauges()

@@ -93,11 +93,13 @@ class PromptSettings(ModelSettings):
 class TokenSettings(ModelSettings):
     max_seqs: int = setting(16, "most sequences decoding at once (each holds --max-model-len tokens of KV)")
     reservation_ttl_s: float = setting(120.0, "KV room reserved but never used is freed after this (s)")
+    replicate_every: int = setting(16, "replicate a request's KV to a cache store every this many new tokens")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self, 1 <= self.max_seqs <= 4096, "max_seqs", "must be in 1..4096")
         _check(self, self.reservation_ttl_s > 0, "reservation_ttl_s", "must be > 0")
+        _check(self, self.replicate_every >= 1, "replicate_every", "must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,14 @@ import asyncio
 import contextlib
 import logging
 
+import httpx
 from fastapi import FastAPI
 
 from common.errors import install_error_handlers
 from common.kv import make_transport
+from common.kv.peers import Peers
 from common.kv.receiver import kv_server
+from common.metadata import Registry, RequestStore
 from common.model import load_model, resolve_model_path
 from common.protocol import (AbortRequest, AbortResult, DecodeEvent, DecodeRequest, Reservation, ReserveRequest,
                              ServiceKind)
@@ -25,6 +28,7 @@ from common.service import (ClosingStreamingResponse, add_health_and_metrics, li
                             request_id_var, supervise)
 from common.settings import TokenSettings
 from token_service.engine import KVMessageError, TokenEngine
+from token_service.replicator import Replicator
 from token_service.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -46,11 +50,16 @@ def create_app(settings: TokenSettings) -> FastAPI:
             model=str(path), kv_address=kv_address, kv_transport=settings.kv_transport,
             max_model_len=settings.max_model_len, active_requests=len(engine.scheduler.seqs),
             kv_bytes_used=engine.slots.num_used * engine.slot_bytes, kv_bytes_free=engine.kv_bytes_free)
+        peers, client = Peers(transport), httpx.AsyncClient()
         try:
-            async with registered(app, settings, ServiceKind.TOKEN, lease_fields):
+            async with registered(app, settings, ServiceKind.TOKEN, lease_fields) as redis:
+                engine.replicator = Replicator(engine.pool, peers, Registry(redis), RequestStore(redis), client,
+                                               settings.replicate_every)
                 yield
         finally:
             loop_task.cancel()
+            await peers.close()
+            await client.aclose()
             await transport.close()
 
     app = FastAPI(title="DéjàVu token service", lifespan=lifespan)

@@ -30,6 +30,7 @@ from common.sampling import sample
 from common.service import request_id_var
 from common.settings import TokenSettings
 from token_service.block_manager import SlotManager
+from token_service.replicator import Replicator
 from token_service.scheduler import Batch, Scheduler
 from token_service.sequence import SeqStatus, Sequence
 
@@ -51,6 +52,7 @@ class TokenEngine:
     def __init__(self, runner: ModelRunner, settings: TokenSettings, service_id: str):
         self.runner, self.settings, self.service_id = runner, settings, service_id
         self.kv_address = ""  # set once the KV listener is up
+        self.replicator: Replicator | None = None  # set once Redis is connected
         self.pool = runner.new_pool(settings.max_seqs, settings.max_model_len)
         self.slots = SlotManager(settings.max_seqs, settings.max_model_len)
         self.scheduler = Scheduler()
@@ -99,7 +101,7 @@ class TokenEngine:
                              f"{seq.num_layers} layers)", code="kv_incomplete")
         if req.first_index + 1 > req.sampling.max_tokens:
             raise BadRequest(f"request {req.request_id}: first_index {req.first_index} is past max_tokens")
-        seq.sampling, seq.output, seq.first_index = req.sampling, [req.first_token], req.first_index
+        seq.sampling, seq.output, seq.first_index, seq.epoch = req.sampling, [req.first_token], req.first_index, req.epoch
         self.wakeup.set()
         return seq
 
@@ -116,6 +118,8 @@ class TokenEngine:
     def release(self, seq: Sequence) -> None:
         if self.scheduler.remove(seq.request_id) is not None:
             self.slots.free(seq.slot)
+            if self.replicator:
+                self.replicator.forget(seq.request_id)
             self._update_gauges()
 
     # -- the loop -------------------------------------------------------------------------------
@@ -141,6 +145,8 @@ class TokenEngine:
                         [s.request_id for s in batch.seqs])
         for seq, event in self.scheduler.postprocess(batch, events):
             seq.events.put_nowait(DecodeEvent(token=event))
+        if self.replicator:
+            self.replicator.after_step(batch.seqs)
         for seq in batch.seqs:
             if seq.done:
                 self.release(seq)

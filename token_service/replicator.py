@@ -1,0 +1,119 @@
+"""Replication of every decoding request's KV to a cache store, for recovery (DéjàVu's fault tolerance).
+
+Per request: the prompt's KV first, then every `chunk` new tokens, each message one contiguous
+buffer of (layers, 2, kv_heads, tokens, head_dim), all layers at once (one copy, one header).
+Sends run in the background with at most one message in flight per request, so decode never
+waits for replication. Data before metadata: only once the store has acknowledged tokens [0, n)
+is `replicated = n` recorded in Redis, under the request's epoch (a fenced owner is refused and
+stops replicating). A failed send picks another store (or the same, later) and starts again from
+token 0. When the request ends its replica is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import httpx
+import torch
+from prometheus_client import Counter, Gauge
+
+from common.kv.copy import gather
+from common.kv.peers import Peers
+from common.metadata import Registry, RequestStore
+from common.protocol import AbortRequest, ServiceInfo, ServiceKind
+from token_service.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+REPLICATED_BYTES = Counter("dejavu_token_replicated_bytes_total", "KV bytes acknowledged by cache stores")
+REPLICATION_LAG = Gauge("dejavu_token_replication_lag_tokens", "tokens with KV not yet acknowledged by a store, summed")
+ACK_TIMEOUT_S = 30.0
+STORE_CACHE_S = 1.0
+
+
+class Replicator:
+    def __init__(self, pool: torch.Tensor, peers: Peers, registry: Registry, requests: RequestStore,
+                 client: httpx.AsyncClient, chunk: int):
+        self.pool, self.peers, self.registry, self.requests, self.client = pool, peers, registry, requests, client
+        self.chunk = chunk
+        self.acked: dict[str, int] = {}           # request id -> tokens acknowledged
+        self.where: dict[str, ServiceInfo] = {}   # request id -> the store holding its replica
+        self.inflight: dict[str, asyncio.Task] = {}
+        self.fenced: set[str] = set()
+        self.ended: set[str] = set()              # ended while a send was in flight: clean up after it
+        self._stores: tuple[float, list[ServiceInfo]] = (0.0, [])
+
+    def after_step(self, seqs: list[Sequence]) -> None:
+        """Called after each decode step: start a send for each request with enough new KV."""
+        for seq in seqs:
+            rid = seq.request_id
+            if seq.done or rid in self.inflight or rid in self.fenced:
+                continue
+            kv_len, acked = seq.last_position, self.acked.get(rid, 0)  # KV exists for [0, last_position)
+            if kv_len - acked >= self.chunk or (acked == 0 and kv_len > 0):
+                buf = gather(self.pool, seq.slot, slice(None), slice(acked, kv_len))  # final rows: copy now
+                task = asyncio.create_task(self._send(seq, buf, acked, kv_len))
+                self.inflight[rid] = task
+                task.add_done_callback(lambda t, rid=rid: self.inflight.pop(rid, None))
+        REPLICATION_LAG.set(sum(max(s.last_position - self.acked.get(s.request_id, 0), 0) for s in seqs))
+
+    async def _send(self, seq: Sequence, buf: torch.Tensor, start: int, end: int) -> None:
+        rid = seq.request_id
+        try:
+            store = await self._store_for(rid)
+            if store is None:
+                return  # no cache store registered: nothing to replicate to
+            link = await self.peers.get(store.kv_address)
+            ack = await link.send(buf, request_id=rid, epoch=seq.epoch, layer_start=0, layer_end=buf.shape[0],
+                                  token_start=start, token_end=end)
+            await asyncio.wait_for(ack, ACK_TIMEOUT_S)
+            if await self.requests.advance_replicated(rid, seq.epoch, end) < 0:
+                log.warning("request %s is fenced (epoch %d is old): no more replication", rid, seq.epoch)
+                self.fenced.add(rid)
+                return
+            self.acked[rid] = end
+            REPLICATED_BYTES.inc(buf.numel() * buf.element_size())
+        except Exception as exc:  # noqa: BLE001 - replication never takes decode down
+            log.warning("replicating %s tokens [%d, %d) failed: %s: %s; will start over", rid, start, end,
+                        type(exc).__name__, exc)
+            self.acked.pop(rid, None)
+            self.where.pop(rid, None)
+        finally:
+            if rid in self.ended:
+                self.ended.discard(rid)
+                self._cleanup(rid)
+
+    async def _store_for(self, rid: str) -> ServiceInfo | None:
+        if rid in self.where:
+            return self.where[rid]
+        at, stores = self._stores
+        if time.monotonic() - at > STORE_CACHE_S:
+            stores = [s for s in await self.registry.services(ServiceKind.CACHE_STORE)]
+            self._stores = (time.monotonic(), stores)
+        if not stores:
+            return None
+        self.where[rid] = store = min(stores, key=lambda s: s.kv_bytes_used)
+        return store
+
+    def forget(self, request_id: str) -> None:
+        """The request ended here: stop replicating it and drop its replica (in the background).
+        A send in flight is let finish (cutting a frame would break the link other requests share)."""
+        if request_id in self.inflight:
+            self.ended.add(request_id)
+        else:
+            self._cleanup(request_id)
+
+    def _cleanup(self, request_id: str) -> None:
+        self.acked.pop(request_id, None)
+        self.fenced.discard(request_id)
+        if store := self.where.pop(request_id, None):
+            asyncio.ensure_future(self._drop(store, request_id))
+
+    async def _drop(self, store: ServiceInfo, request_id: str) -> None:
+        try:
+            await self.client.post(store.url + "/drop", content=AbortRequest(request_id=request_id).model_dump_json(),
+                                   headers={"content-type": "application/json"}, timeout=10)
+        except httpx.HTTPError as exc:
+            log.warning("could not drop the replica of %s on %s: %s", request_id, store.id, exc)
