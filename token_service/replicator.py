@@ -39,7 +39,8 @@ class Replicator:
         self.pool, self.peers, self.registry, self.requests, self.client = pool, peers, registry, requests, client
         self.chunk = chunk
         self.acked: dict[str, int] = {}           # request id -> tokens acknowledged
-        self.where: dict[str, ServiceInfo] = {}   # request id -> the store holding its replica
+        self.where: dict[str, ServiceInfo] = {}   # request id -> the store it replicates to now
+        self.touched: dict[str, dict[str, ServiceInfo]] = {}  # request id -> every store sent to (to drop)
         self.inflight: dict[str, asyncio.Task] = {}
         self.fenced: set[str] = set()
         self.ended: set[str] = set()              # ended while a send was in flight: clean up after it
@@ -65,6 +66,7 @@ class Replicator:
             store = await self._store_for(rid)
             if store is None:
                 return  # no cache store registered: nothing to replicate to
+            self.touched.setdefault(rid, {})[store.id] = store
             link = await self.peers.get(store.kv_address)
             ack = await link.send(buf, request_id=rid, epoch=seq.epoch, layer_start=0, layer_end=buf.shape[0],
                                   token_start=start, token_end=end)
@@ -100,7 +102,8 @@ class Replicator:
     def forget(self, request_id: str) -> None:
         """The request ended here: stop replicating it and drop its replica (in the background).
         A send in flight is let finish (cutting a frame would break the link other requests share)."""
-        if request_id in self.inflight:
+        task = self.inflight.get(request_id)
+        if task is not None and not task.done():  # its `finally` cleans up once the send is out
             self.ended.add(request_id)
         else:
             self._cleanup(request_id)
@@ -108,7 +111,8 @@ class Replicator:
     def _cleanup(self, request_id: str) -> None:
         self.acked.pop(request_id, None)
         self.fenced.discard(request_id)
-        if store := self.where.pop(request_id, None):
+        self.where.pop(request_id, None)
+        for store in self.touched.pop(request_id, {}).values():  # a failed send may have left chunks anywhere
             asyncio.ensure_future(self._drop(store, request_id))
 
     async def _drop(self, store: ServiceInfo, request_id: str) -> None:
