@@ -1,1 +1,1 @@
-"""Cache store: holds KV replicas that token services send, for recovery (issue #3 completes it)."""
+"""Cache store: holds the KV replicas token services send (in memory, spilled to disk past a budget) and serves them back for recovery."""

@@ -1,6 +1,7 @@
 """Cache store HTTP API and KV listener.
 
-KV transport: "kv" messages are stored and acknowledged (an "error" answers a fenced epoch).
+KV transport: "kv" messages are stored and acknowledged; "fetch" messages are answered with the
+replica's tokens as one "kv" message; a refusal (fenced epoch, gap, no replica) is an "error".
 POST /drop   AbortRequest -> AbortResult   (the request ended: free its replica)
 GET  /health, /metrics
 """
@@ -12,7 +13,7 @@ import logging
 
 from fastapi import FastAPI
 
-from cache_store.store import ReplicaStore, StaleEpoch
+from cache_store.store import Refused, ReplicaStore
 from common.errors import install_error_handlers
 from common.kv import make_transport
 from common.kv.receiver import kv_server
@@ -24,28 +25,33 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: CacheStoreSettings) -> FastAPI:
-    store = ReplicaStore()
+    store = ReplicaStore(settings.memory_bytes, settings.spill_dir)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         transport = make_transport(settings.kv_transport)
-        kv_address = await listen_kv(transport, kv_server(store.put, (StaleEpoch,), request_id_var), settings)
-        log.info("cache store ready: KV on %s (%s), %d MiB in memory", kv_address, settings.kv_transport,
-                 settings.memory_bytes >> 20)
+        handler = kv_server(store.put, (Refused,), request_id_var,
+                            fetch=lambda h: store.fetch(h.request_id, h.epoch, h.token_end))
+        kv_address = await listen_kv(transport, handler, settings)
+        log.info("cache store ready: KV on %s (%s), %d MiB in memory, spilling to %s", kv_address,
+                 settings.kv_transport, settings.memory_bytes >> 20, settings.spill_dir or "a temporary folder")
         lease_fields = lambda: dict(  # noqa: E731
             kv_address=kv_address, kv_transport=settings.kv_transport, active_requests=len(store.replicas),
-            kv_bytes_used=store.bytes_held, kv_bytes_free=max(settings.memory_bytes - store.bytes_held, 0))
+            kv_bytes_used=store.bytes_held + store.bytes_spilled,
+            kv_bytes_free=max(settings.memory_bytes - store.bytes_held, 0))
         try:
             async with registered(app, settings, ServiceKind.CACHE_STORE, lease_fields):
                 yield
         finally:
             await transport.close()
+            store.close()
 
     app = FastAPI(title="DéjàVu cache store", lifespan=lifespan)
     install_error_handlers(app)
 
     async def health() -> dict:
-        return {"kind": "cache_store", "replicas": len(store.replicas), "bytes_held": store.bytes_held}
+        return {"kind": "cache_store", "replicas": len(store.replicas), "bytes_held": store.bytes_held,
+                "bytes_spilled": store.bytes_spilled}
 
     add_health_and_metrics(app, health)
 

@@ -1,12 +1,30 @@
-"""Replicas in host memory, per request: chunks of (layers, 2, kv_heads, tokens, head_dim).
+"""Replicas of requests' KV: chunks of (layers, 2, kv_heads, tokens, head_dim) that cover tokens
+[0, n) of a request contiguously, under the epoch of the owner that wrote them.
 
-A request's replica is the chunks received for it under its newest epoch; a chunk from an older
-epoch (a fenced owner) is refused. Spilling past the memory budget and serving fetches come
-with recovery (issue #3).
+A replica's lifecycle:
+1. put at token_start 0: a fresh replica at the message's epoch (an older one is freed);
+2. put at token_start <= n: continues it. Tokens at or past token_start are cut first, so a new
+   owner that resumed from index k rewrites [k, ...) under its newer epoch;
+3. fetch(epoch, n): tokens [0, n) as one array. A newer epoch fences the old owner here too;
+4. drop: the request ended; its memory and spill files are freed.
+
+Past `memory_bytes`, the oldest chunks (by arrival, across replicas) are written to files and
+read back by fetch. Spill files are worth nothing once this process is gone (no other store can
+serve them), so they live in a private folder that close() removes.
+
+    Refused          the store will not do it; the sender gets an error frame
+    ├── StaleEpoch   the sender's epoch is older than the replica's (a fenced owner)
+    ├── ReplicaGap   a put that would leave tokens missing, or a fetch of tokens not held
+    └── BadChunk     a payload whose shape or dtype does not fit the replica
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,51 +32,192 @@ from prometheus_client import Gauge
 
 from common.kv.wire import Header
 
+log = logging.getLogger(__name__)
+
 BYTES_HELD = Gauge("dejavu_cache_store_bytes_held", "replica bytes in host memory")
+BYTES_SPILLED = Gauge("dejavu_cache_store_bytes_spilled", "replica bytes spilled to disk")
 REPLICAS = Gauge("dejavu_cache_store_replicas", "requests with a replica")
 
 
-class StaleEpoch(Exception):
+class Refused(Exception):
+    """The store refuses a put or fetch; the message says why."""
+
+
+class StaleEpoch(Refused):
     pass
 
 
-@dataclass
-class Replica:
-    epoch: int
-    chunks: list[tuple[Header, np.ndarray]] = field(default_factory=list)
+class ReplicaGap(Refused):
+    pass
+
+
+class BadChunk(Refused):
+    pass
+
+
+@dataclass(eq=False)  # identity-hashed: the memory queue is keyed by chunk
+class Chunk:
+    """Tokens [start, end) of a replica, in memory (`data`) or spilled to the file `path`."""
+
+    start: int
+    data: np.ndarray | None  # (layers, 2, kv_heads, end - start, head_dim), C-contiguous
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    path: str = ""
+
+    @property
+    def end(self) -> int:
+        return self.start + self.shape[3]
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for _, a in self.chunks)
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def array(self) -> np.ndarray:
+        if self.data is not None:
+            return self.data
+        return np.fromfile(self.path, dtype=self.dtype).reshape(self.shape)
+
+
+@dataclass(eq=False)
+class Replica:
+    epoch: int
+    chunks: list[Chunk] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:
-        """Tokens [0, n) held for every layer (chunks are appended in token order)."""
-        return max((h.token_end for h, _ in self.chunks), default=0)
+        """Tokens [0, n) held: chunks are contiguous and in token order."""
+        return self.chunks[-1].end if self.chunks else 0
 
 
 class ReplicaStore:
-    def __init__(self) -> None:
+    def __init__(self, memory_bytes: int = 2 << 30, spill_dir: str = "") -> None:
+        self.memory_bytes, self.spill_dir = memory_bytes, spill_dir
         self.replicas: dict[str, Replica] = {}
+        self.resident: dict[Chunk, None] = {}  # chunks in memory, oldest first: the spill order
+        self.bytes_held = 0  # in memory
+        self.bytes_spilled = 0  # on disk
+        self.folder: str | None = None  # made at the first spill
+        self.spills = 0
 
     def put(self, header: Header, payload: np.ndarray) -> None:
-        replica = self.replicas.get(header.request_id)
+        """Store one "kv" message; takes ownership of `payload` (stream_in's buffer is fresh)."""
+        rid, start = header.request_id, header.token_start
+        replica = self.replicas.get(rid)
         if replica is not None and header.epoch < replica.epoch:
-            raise StaleEpoch(f"request {header.request_id}: epoch {header.epoch} is fenced (now {replica.epoch})")
-        if replica is None or header.epoch > replica.epoch or header.token_start == 0:  # a new (or restarted) replica
-            replica = self.replicas[header.request_id] = Replica(header.epoch)
-        replica.chunks.append((header, payload.copy()))
+            raise StaleEpoch(f"request {rid}: epoch {header.epoch} is fenced (the replica is at {replica.epoch})")
+        if start > 0 and (replica is None or start > replica.tokens):
+            held = 0 if replica is None else replica.tokens
+            raise ReplicaGap(f"request {rid}: tokens from {start} would leave a gap (the store holds {held})")
+        _check_payload(header, payload, None if replica is None or start == 0 else replica.chunks[0])
+        if start == 0:
+            if replica is not None:
+                self._cut(replica, 0)
+            replica = self.replicas[rid] = Replica(header.epoch)
+        else:
+            self._cut(replica, start)
+            replica.epoch = max(replica.epoch, header.epoch)
+        chunk = Chunk(start, np.ascontiguousarray(payload), payload.dtype, tuple(payload.shape))
+        replica.chunks.append(chunk)
+        self.resident[chunk] = None
+        self.bytes_held += chunk.nbytes
+        self._spill_past_budget()
         self._gauges()
+
+    def fetch(self, request_id: str, epoch: int, n: int) -> np.ndarray:
+        """Tokens [0, n) of the replica: (layers, 2, kv_heads, n, head_dim), a fresh C-contiguous
+        array. A newer epoch becomes the replica's, so the fenced owner's puts are refused."""
+        replica = self.replicas.get(request_id)
+        if replica is None:
+            raise ReplicaGap(f"request {request_id}: no replica")
+        if epoch < replica.epoch:
+            raise StaleEpoch(f"request {request_id}: epoch {epoch} is fenced (the replica is at {replica.epoch})")
+        if n > replica.tokens:
+            raise ReplicaGap(f"request {request_id}: {n} tokens asked, the store holds {replica.tokens}")
+        replica.epoch = epoch
+        parts = [c.array()[:, :, :, : n - c.start] for c in replica.chunks if c.start < n]
+        return np.concatenate(parts or [replica.chunks[0].array()[:, :, :, :0]], axis=3)
 
     def drop(self, request_id: str) -> bool:
-        found = self.replicas.pop(request_id, None) is not None
+        replica = self.replicas.pop(request_id, None)
+        if replica is not None:
+            self._cut(replica, 0)
         self._gauges()
-        return found
+        return replica is not None
 
-    @property
-    def bytes_held(self) -> int:
-        return sum(r.nbytes for r in self.replicas.values())
+    def close(self) -> None:
+        """Remove the spill folder; the store holds nothing on disk afterwards."""
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+    def _cut(self, replica: Replica, at: int) -> None:
+        """Free tokens [at, ...) of the replica; a chunk that straddles `at` keeps [start, at)."""
+        while replica.chunks and replica.chunks[-1].end > at:
+            chunk = replica.chunks[-1]
+            if chunk.start >= at:
+                self._free(replica.chunks.pop())
+            else:
+                self._trim(chunk, at)
+
+    def _trim(self, chunk: Chunk, at: int) -> None:
+        kept = np.ascontiguousarray(chunk.array()[:, :, :, : at - chunk.start])  # a copy: frees the rest
+        if chunk.data is None:
+            self.bytes_spilled -= chunk.nbytes - kept.nbytes
+            kept.tofile(chunk.path)
+        else:
+            self.bytes_held -= chunk.nbytes - kept.nbytes
+            chunk.data = kept
+        chunk.shape = kept.shape
+
+    def _free(self, chunk: Chunk) -> None:
+        if chunk.data is None:
+            os.remove(chunk.path)
+            self.bytes_spilled -= chunk.nbytes
+        else:
+            del self.resident[chunk]
+            self.bytes_held -= chunk.nbytes
+
+    def _spill_past_budget(self) -> None:
+        while self.bytes_held > self.memory_bytes and self.resident:
+            chunk = next(iter(self.resident))
+            try:
+                path = self._spill_path()
+                chunk.data.tofile(path)  # synchronous: a chunk is one replication step's KV
+            except OSError as exc:  # the data is safe in memory: over budget beats refusing it
+                log.warning("cannot spill replicas to %s: %s", self.folder or self.spill_dir, exc)
+                return
+            del self.resident[chunk]
+            chunk.path, chunk.data = path, None
+            self.bytes_held -= chunk.nbytes
+            self.bytes_spilled += chunk.nbytes
+            log.debug("spilled %d B to %s (%d B left in memory)", chunk.nbytes, path, self.bytes_held)
+
+    def _spill_path(self) -> str:
+        if self.folder is None:
+            if self.spill_dir:
+                os.makedirs(self.spill_dir, exist_ok=True)
+            self.folder = tempfile.mkdtemp(prefix="dejavu-replicas-", dir=self.spill_dir or None)
+        self.spills += 1
+        return os.path.join(self.folder, f"{self.spills}.kv")
 
     def _gauges(self) -> None:
         BYTES_HELD.set(self.bytes_held)
+        BYTES_SPILLED.set(self.bytes_spilled)
         REPLICAS.set(len(self.replicas))
+
+
+def _check_payload(header: Header, payload: np.ndarray, like: Chunk | None) -> None:
+    """The payload must be (layers, 2, kv_heads, tokens, head_dim) for the header's tokens, and
+    match the replica's other chunks: fetch concatenates them."""
+    tokens, layers = header.token_end - header.token_start, header.layer_end
+    if header.layer_start != 0 or payload.ndim != 5 or payload.shape[:2] != (layers, 2) or payload.shape[3] != tokens:
+        raise BadChunk(f"request {header.request_id}: payload {payload.shape} is not all layers "
+                       f"({layers}, 2, kv_heads, {tokens}, head_dim)")
+    if like is not None and (payload.dtype != like.dtype or _dims(payload.shape) != _dims(like.shape)):
+        raise BadChunk(f"request {header.request_id}: payload {payload.dtype}{payload.shape} does not fit "
+                       f"the replica's {like.dtype}{like.shape}")
+
+
+def _dims(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape[:3] + shape[4:]

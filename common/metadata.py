@@ -3,7 +3,7 @@
 Keys (all under the `dejavu:` prefix):
   svc:{id}        JSON ServiceInfo, expires after the lease TTL unless renewed
   svcs            set of registered ids (members whose key expired are dead and get pruned)
-  req:{id}        hash: prompt_ids, sampling, owner, epoch, status, replicated, output_tokens, ...
+  req:{id}        hash: prompt_ids, sampling, owner, epoch, status, replicated, store, ...
 
 Data before metadata: `replicated` only advances through `advance_replicated`, which refuses an
 old epoch (a fenced owner) and never goes backwards.
@@ -27,7 +27,11 @@ _ADVANCE = """
 local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '-1')
 if epoch ~= tonumber(ARGV[1]) then return -1 end
 local cur = tonumber(redis.call('HGET', KEYS[1], 'replicated') or '0')
-if tonumber(ARGV[2]) > cur then redis.call('HSET', KEYS[1], 'replicated', ARGV[2]) return tonumber(ARGV[2]) end
+local n = tonumber(ARGV[2])
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'store') ~= ARGV[3] then
+  redis.call('HSET', KEYS[1], 'replicated', n, 'store', ARGV[3]) return n
+end
+if n > cur then redis.call('HSET', KEYS[1], 'replicated', n) return n end
 return cur
 """
 
@@ -105,7 +109,8 @@ class RequestStore:
             epoch, _ = await pipe.execute()
         return int(epoch)
 
-    async def advance_replicated(self, request_id: str, epoch: int, n: int) -> int:
-        """Set replicated = n if `epoch` is current and n is larger; returns the index now in
-        force, or -1 when `epoch` is fenced."""
-        return int(await self._advance(keys=[self._key(request_id)], args=[epoch, n]))
+    async def advance_replicated(self, request_id: str, epoch: int, n: int, store: str = "") -> int:
+        """Record that cache store `store` has acknowledged the KV of tokens [0, n). Refused (-1)
+        when `epoch` is fenced. Against the same store it never goes backwards; a new store (the
+        old one died, the replica starts over) resets it to n. Returns the index now in force."""
+        return int(await self._advance(keys=[self._key(request_id)], args=[epoch, n, store]))

@@ -3,6 +3,7 @@
 gateway -> token service   POST /reserve  ReserveRequest -> Reservation        (503 kv_full when full)
 gateway -> prompt service  POST /prefill  PrefillRequest -> PrefillResult      (KV goes P -> T directly)
 gateway -> token service   POST /decode   DecodeRequest  -> NDJSON DecodeEvent lines
+gateway -> token service   POST /restore  RestoreRequest -> RestoreResult      (recovery: KV from a replica)
 gateway -> any engine      POST /abort    AbortRequest   -> AbortResult
 every service -> Redis     ServiceInfo (the registry lease)
 
@@ -123,6 +124,27 @@ class DecodeEvent(Message):
     error: str | None = None
 
 
+class RestoreRequest(Message):
+    """Recovery: rebuild a reserved row's KV [0, len(prompt_ids)) from a replica. The token service
+    fetches tokens [0, replicated) from the cache store, then recomputes the rest of prompt_ids
+    (prompt + every output token but the newest) itself."""
+
+    request_id: str
+    epoch: int = Field(ge=0)      # the request's epoch after fencing the old owner
+    prompt_ids: list[int] = Field(min_length=1)
+    replicated: int = Field(ge=1)  # tokens the store acknowledged (Redis), capped at len(prompt_ids)
+    store_id: str
+    store_kv_address: str
+
+
+class RestoreResult(Message):
+    request_id: str
+    fetched: int                  # tokens of KV fetched from the store
+    recomputed: int               # tokens of KV recomputed here
+    fetch_ms: float
+    recompute_ms: float
+
+
 class AbortRequest(Message):
     request_id: str
 
@@ -130,3 +152,19 @@ class AbortRequest(Message):
 class AbortResult(Message):
     request_id: str
     found: bool
+
+
+def cluster_status(services: list[ServiceInfo], now: float) -> dict:
+    """What `GET /cluster` answers; `dejavu status --json` prints its "services". One entry per live
+    service, sorted by (kind, id); lease_age_s is the time since it last renewed its lease (s, as
+    seen by `now`'s clock); model and kv_address/kv_transport only where the service has them."""
+    rows = [_status_row(s, now) for s in sorted(services, key=lambda s: (s.kind.value, s.id))]
+    counts = {k.value: sum(s.kind == k for s in services) for k in ServiceKind}
+    return {"services": rows, "counts": counts}
+
+
+def _status_row(s: ServiceInfo, now: float) -> dict:
+    row = s.model_dump(mode="json", include={"kind", "id", "url", "host", "pid", "active_requests",
+                                             "kv_bytes_used", "kv_bytes_free"})
+    optional = {"model": s.model, "kv_address": s.kv_address, "kv_transport": s.kv_transport}
+    return {**row, "lease_age_s": round(now - s.renewed_at, 3), **{k: v for k, v in optional.items() if v}}

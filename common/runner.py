@@ -6,6 +6,8 @@ attention calls `past_key_values.update(k, v, layer_idx)`, the standard KV cache
 - `prefill(prompts, on_layer)`: a left-padded batch of prompts; `on_layer(layer, k, v)` is called
   from inside the forward as soon as each layer's K/V exists, so the caller can stream it out
   while the next layer computes. Returns the last position's logits.
+- `extend(pool, slot, tokens, start)`: the KV of a few more tokens of one row, on top of KV that is
+  there already (recovery: the tokens generated after the replicated index).
 - `decode(pool, tokens, positions, running)`: one new token for each row of a KV pool whose rows
   [0, n) form the batch; rows not `running` are idle (reserved or free) and only touch a scratch
   column. Sequences of different lengths share the batch through a 4D mask.
@@ -72,6 +74,22 @@ class _PoolCache(Cache):
         return k[: self.rows, :, : self.kv_len], v[: self.rows, :, : self.kv_len]
 
 
+class _RowCache(Cache):
+    """Extend cache over one pool row: writes the new tokens' K/V at [start, start + m) and returns
+    the row's K/V [0, start + m)."""
+
+    def __init__(self, pool: torch.Tensor, slot: int, start: int):
+        super().__init__(layers=[])
+        self.pool, self.slot, self.start = pool, slot, start
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        end = self.start + key_states.shape[2]
+        row = self.pool[layer_idx, :, self.slot: self.slot + 1]  # (2, 1, kv_heads, max_len+1, head_dim)
+        row[0, :, :, self.start: end] = key_states
+        row[1, :, :, self.start: end] = value_states
+        return row[0, :, :, :end], row[1, :, :, :end]
+
+
 class ModelRunner:
     def __init__(self, model):
         self.model = model
@@ -124,6 +142,19 @@ class ModelRunner:
         ids = torch.tensor(tokens, device=self.device)[:, None]
         out = self.model(input_ids=ids, position_ids=torch.where(live, pos, 0)[:, None],
                          attention_mask=mask, past_key_values=cache, use_cache=True)
+        return out.logits[:, -1].float()
+
+    @torch.inference_mode()
+    def extend(self, pool: torch.Tensor, slot: int, tokens: list[int], start: int) -> torch.Tensor:
+        """Forward `tokens` at positions [start, start + m) of pool row `slot`, whose KV [0, start)
+        is already there (a replica fetched on recovery), writing their K/V. Returns the last
+        token's logits: (1, vocab)."""
+        m = len(tokens)
+        q = torch.arange(start, start + m, device=self.device)
+        allowed = torch.arange(start + m, device=self.device)[None, :] <= q[:, None]  # (m, start + m)
+        out = self.model(input_ids=torch.tensor([tokens], device=self.device), position_ids=q[None, :],
+                         attention_mask=self._float_mask(allowed[None]), past_key_values=_RowCache(pool, slot, start),
+                         use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
 
     def _float_mask(self, allowed: torch.Tensor) -> torch.Tensor:

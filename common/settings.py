@@ -71,12 +71,14 @@ class ModelSettings(ServiceSettings):
     kv_transport: str = setting("ucx", "KV transport", ("ucx", "tcp"))
     kv_port: int = setting(0, "KV transport port (0 picks a free one)")
     threads: int = setting(0, "torch CPU threads (0: torch's default)")
+    inject_kv_faults: float = setting(0.0, "testing: this fraction of outgoing KV transfers fail on purpose")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self, 16 <= self.max_model_len <= 1 << 20, "max_model_len", "must be in 16..1048576")
         _check(self, 0 <= self.kv_port <= 65535, "kv_port", "must be in 0..65535")
         _check(self, self.threads >= 0, "threads", "must be >= 0")
+        _check(self, 0.0 <= self.inject_kv_faults < 1.0, "inject_kv_faults", "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,8 @@ class GatewaySettings(ServiceSettings):
     request_timeout_s: float = setting(600.0, "longest a request may take end to end (s)")
     route_timeout_s: float = setting(30.0, "how long to wait for a token service with free KV room (s)")
     token_timeout_s: float = setting(10.0, "a decode stream silent this long means a hung token service: resume elsewhere (s)")
+    resume_attempts: int = setting(3, "token services that may fail one request before it ends in an error "
+                                      "(0: fault tolerance off, a failure ends the request)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -121,6 +125,7 @@ class GatewaySettings(ServiceSettings):
         _check(self, self.max_tokens_default >= 1, "max_tokens_default", "must be >= 1")
         for name in ("request_timeout_s", "route_timeout_s", "token_timeout_s"):
             _check(self, getattr(self, name) > 0, name, "must be > 0")
+        _check(self, self.resume_attempts >= 0, "resume_attempts", "must be >= 0")
 
     @property
     def model_name(self) -> str:

@@ -136,8 +136,10 @@ def _served_name(model: str) -> str:
 
 
 def cmd_status(args) -> int:
+    """The services registered in Redis: the same entries as the gateway's GET /cluster."""
     from common import metadata
     from common.errors import Unavailable
+    from common.protocol import cluster_status
 
     async def fetch():
         redis = metadata.connect(args.redis_url)
@@ -147,19 +149,17 @@ def cmd_status(args) -> int:
             await redis.aclose()
 
     try:
-        services = asyncio.run(fetch())
+        rows = cluster_status(asyncio.run(fetch()), time.time())["services"]
     except Unavailable as exc:
         print(f"dejavu status: {exc.message}", file=sys.stderr)
         return 1
-    now = time.time()
-    rows = [{**s.model_dump(mode="json"), "lease_age_s": round(now - s.renewed_at, 2)} for s in services]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'KIND':<12}{'ID':<36}{'URL':<28}{'PID':>8}{'ACTIVE':>8}{'KV USED':>12}{'KV FREE':>12}{'LEASE':>7}")
+    print(f"{'KIND':<12}{'ID':<36}{'URL':<28}{'PID':>8}{'ACTIVE':>8}{'KV USED':>12}{'KV FREE':>12}{'LEASE':>8}")
     for r in rows:
         print(f"{r['kind']:<12}{r['id']:<36}{r['url']:<28}{r['pid']:>8}{r['active_requests']:>8}"
-              f"{r['kv_bytes_used'] / 2**20:>10.1f}Mi{r['kv_bytes_free'] / 2**20:>10.1f}Mi{r['lease_age_s']:>6.1f}s")
+              f"{r['kv_bytes_used'] / 2**20:>10.1f}Mi{r['kv_bytes_free'] / 2**20:>10.1f}Mi{r['lease_age_s']:>7.1f}s")
     return 0
 
 

@@ -3,6 +3,7 @@
 GET  /v1/models
 POST /v1/completions, /v1/chat/completions   (stream or not)
 GET  /health, /metrics
+GET  /cluster                                (every registered service and its lease: for operators)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from starlette.exceptions import HTTPException
 from common import metadata
 from common.errors import DejavuError, PayloadTooLarge, error_body, install_error_handlers
 from common.model import context_length, eos_token_ids, load_tokenizer, resolve_model_path
-from common.protocol import ServiceKind
+from common.protocol import ServiceKind, cluster_status
 from common.service import registered, ClosingStreamingResponse, add_health_and_metrics, request_id_var
 from common.settings import GatewaySettings
 from gateway.jobs import IN_FLIGHT, REQUESTS, Job, Limits, chat_job, completion_job, deltas
@@ -47,7 +48,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         try:
             async with registered(app, settings, ServiceKind.GATEWAY, lease_fields) as redis:
                 app.state.store = metadata.RequestStore(redis)
-                app.state.router = Router(metadata.Registry(redis), client, settings)
+                app.state.router = Router(metadata.Registry(redis), client, settings, app.state.store)
                 yield
         finally:
             await client.aclose()
@@ -75,6 +76,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         return await serve(app, chat_job(body, app.state.tokenizer, app.state.limits), request, chat=True)
+
+    @app.get("/cluster")
+    async def cluster() -> dict:  # Redis down: Unavailable, a 503 with the OpenAI error body
+        return cluster_status(await app.state.router.registry.services(), time.time())
 
     return app
 

@@ -13,31 +13,50 @@ import contextlib
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from collections.abc import AsyncIterator
 
 import httpx
-from prometheus_client import Counter as Counter_
+from prometheus_client import Counter as Counter_, Histogram
+from redis.exceptions import RedisError
 
 from common.errors import DejavuError, KVFull, Unavailable, UpstreamError, from_body
-from common.metadata import Registry
+from common.metadata import Registry, RequestStore
 from common.protocol import (AbortRequest, DecodeEvent, DecodeRequest, PrefillRequest, PrefillResult, Reservation,
-                             ReserveRequest, SamplingParams, ServiceInfo, ServiceKind, TokenEvent)
+                             ReserveRequest, RestoreRequest, RestoreResult, SamplingParams, ServiceInfo, ServiceKind,
+                             TokenEvent)
 from common.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 REGISTRY_CACHE_S = 0.5
-PREFILL_ATTEMPTS = 3
-RESUME_ATTEMPTS = 3  # token services that may fail one request before it is given up
+PREFILL_ATTEMPTS = 4  # prompt services tried for one prefill (the same one again if there is no other)
+LEASE_CHECK_S = 1.0  # a decode stream silent this long makes the gateway check its service's lease
 RECOVERIES = Counter_("dejavu_gateway_recoveries_total", "requests moved off a failed token service", ["path"])
+RECOVERY_SECONDS = Histogram("dejavu_gateway_recovery_seconds", "from a token service failing to the next token",
+                             ["path"], buckets=(.1, .25, .5, 1, 2, 4, 8, 16, 32))
 
 
 class TokenServiceLost(UpstreamError):
     """The decode stream broke, or went silent past --token-timeout-s: its token service died or hangs."""
 
 
+@dataclass
+class _Run:
+    """One request across its attempts."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    outputs: list[int] = field(default_factory=list)  # output token ids streamed so far
+    lost: set[str] = field(default_factory=set)       # token services that failed it
+    epoch: int = 0
+    failed_at: float | None = None                    # monotonic time of the last failure
+
+
 class Router:
-    def __init__(self, registry: Registry, client: httpx.AsyncClient, settings: GatewaySettings):
-        self.registry, self.client, self.settings = registry, client, settings
+    def __init__(self, registry: Registry, client: httpx.AsyncClient, settings: GatewaySettings,
+                 requests: RequestStore):
+        self.registry, self.client, self.settings, self.requests = registry, client, settings, requests
         self._cache: tuple[float, list[ServiceInfo]] = (0.0, [])
         self.in_flight: Counter[str] = Counter()  # service id -> requests this gateway has there
         self.background: set[asyncio.Task] = set()
@@ -52,66 +71,121 @@ class Router:
     async def generate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> AsyncIterator[TokenEvent]:
         """The request's tokens, in order. If its token service dies or hangs mid-decode, the
         request goes on elsewhere: the client sees a pause, the same tokens, none repeated."""
-        outputs: list[int] = []      # output token ids so far
-        lost: set[str] = set()       # token services that failed this request
-        while True:
-            try:
-                async with contextlib.aclosing(self._attempt(request_id, prompt_ids, sampling, outputs, lost)) as events:
-                    async for event in events:
-                        outputs.append(event.token_id)
-                        yield event
-                return
-            except TokenServiceLost as exc:
-                if len(lost) > RESUME_ATTEMPTS:
-                    raise UpstreamError(f"the request could not be saved: {len(lost)} token services failed it "
-                                        f"(last: {exc.message})") from exc
-                RECOVERIES.labels("reprefill").inc()
-                log.warning("%s; resuming on another token service after %d tokens", exc.message, len(outputs))
-            except (Unavailable, UpstreamError) as exc:
-                if not lost:
-                    raise
-                raise UpstreamError(f"the request could not be saved after {len(outputs)} tokens: its token "
-                                    f"service failed and resuming failed: {exc.message}") from exc
+        run = _Run(request_id, prompt_ids, sampling)
+        try:
+            while True:
+                try:
+                    async with contextlib.aclosing(self._attempt(run)) as events:
+                        async for event in events:
+                            run.outputs.append(event.token_id)
+                            yield event
+                    return
+                except TokenServiceLost as exc:
+                    if len(run.lost) > self.settings.resume_attempts:
+                        why = ("fault tolerance is off (--resume-attempts 0)" if not self.settings.resume_attempts
+                               else f"{len(run.lost)} token services failed it")
+                        raise UpstreamError(f"the request could not be saved: {why} (last: {exc.message})") from exc
+                    run.failed_at = time.monotonic()
+                    log.warning("%s; resuming on another token service after %d tokens", exc.message, len(run.outputs))
+                except (Unavailable, UpstreamError) as exc:
+                    if not run.lost:
+                        raise
+                    raise UpstreamError(f"the request could not be saved after {len(run.outputs)} tokens: its token "
+                                        f"service failed and resuming failed: {exc.message}") from exc
+        finally:
+            if run.lost:  # a dead owner never drops its replica: free it on every store
+                self._spawn(self._drop_replicas(request_id))
 
-    async def _attempt(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, outputs: list[int],
-                       lost: set[str]) -> AsyncIterator[TokenEvent]:
-        """One try: reserve, prefill the prompt (plus the tokens already out, on a resume), decode."""
-        prefix = prompt_ids + outputs[:-1]  # KV the token service needs; outputs[-1] is the next input
-        remaining = sampling.max_tokens - max(len(outputs) - 1, 0)
-        reservation, token_svc = await self.reserve(request_id, len(prefix), remaining, exclude=lost)
+    async def _attempt(self, run: _Run) -> AsyncIterator[TokenEvent]:
+        """One try: reserve, then the KV (a prefill of the prompt or, on a resume, of the prompt plus
+        the tokens already out, unless a replica can be restored), then decode."""
+        outputs = run.outputs
+        prefix = run.prompt_ids + outputs[:-1]  # KV the token service needs; outputs[-1] is the next input
+        remaining = run.sampling.max_tokens - max(len(outputs) - 1, 0)
+        reservation, token_svc = await self.reserve(run.request_id, len(prefix), remaining, exclude=run.lost)
         self.in_flight[token_svc.id] += 1
         released, holders = False, [token_svc]  # holders: services that may still hold something of it
         try:
-            try:
-                result = await self.prefill(PrefillRequest(
-                    request_id=request_id, prompt_ids=prefix, sampling=sampling,
-                    target_service_id=token_svc.id, target_kv_address=reservation.kv_address), holders)
-            except UpstreamError as exc:
-                if not await self._alive(token_svc):  # the KV had nowhere to go: its target died
-                    raise TokenServiceLost(f"token service {token_svc.id} died during prefill") from exc
-                raise
-            del holders[1:]  # prefill answered: the prompt service holds nothing any more
-            if not outputs:
-                yield result.first
-                if result.first.finish_reason:
-                    return  # done at the first token: the reserved row is released in `finally`
+            path = None
+            if run.lost:  # a resume: fence the old owner first, so it can no longer replicate
+                run.epoch = await self._fence(run, token_svc)
+                path = "replica" if outputs and await self._restore(run, token_svc, prefix) else "reprefill"
+                RECOVERIES.labels(path).inc()
+            if path != "replica":
+                try:
+                    result = await self.prefill(PrefillRequest(
+                        request_id=run.request_id, epoch=run.epoch, prompt_ids=prefix, sampling=run.sampling,
+                        target_service_id=token_svc.id, target_kv_address=reservation.kv_address), holders)
+                except UpstreamError as exc:
+                    if not await self._alive(token_svc):  # the KV had nowhere to go: its target died
+                        raise TokenServiceLost(f"token service {token_svc.id} died during prefill") from exc
+                    raise
+                del holders[1:]  # prefill answered: the prompt service holds nothing any more
+                if not outputs:
+                    yield result.first
+                    if result.first.finish_reason:
+                        return  # done at the first token: the reserved row is released in `finally`
             first = outputs[-1] if outputs else result.first.token_id  # on a resume, P's sample is not used
-            decode = DecodeRequest(request_id=request_id, prompt_ids=prefix, first_token=first,
-                                   first_index=max(len(outputs) - 1, 0), sampling=sampling)
+            decode = DecodeRequest(request_id=run.request_id, epoch=run.epoch, prompt_ids=prefix, first_token=first,
+                                   first_index=max(len(outputs) - 1, 0), sampling=run.sampling)
             async with contextlib.aclosing(self.decode(token_svc, decode)) as events:
                 async for event in events:
+                    if run.failed_at is not None and path is not None:
+                        RECOVERY_SECONDS.labels(path).observe(time.monotonic() - run.failed_at)
+                        run.failed_at = None
                     released = bool(event.finish_reason)  # a finished decode frees its own row
                     yield event
                     if released:
                         return
             raise TokenServiceLost(f"token service {token_svc.id} ended the stream before the request finished")
         except TokenServiceLost:
-            lost.add(token_svc.id)
+            run.lost.add(token_svc.id)
             raise
         finally:
             self.in_flight[token_svc.id] -= 1
             if not released:  # early end (stop string, client gone, failure) or no decode at all
-                self._spawn(self._abort_all(request_id, holders))
+                self._spawn(self._abort_all(run.request_id, holders))
+
+    async def _fence(self, run: _Run, owner: ServiceInfo) -> int:
+        """A new epoch for the request, with `owner` as its owner: the old owner's replica writes
+        and index updates are refused from now on. Without Redis, the epoch still goes up here."""
+        try:
+            return max(await self.requests.fence(run.request_id, owner.id), run.epoch + 1)
+        except RedisError as exc:
+            log.warning("could not fence the old owner in Redis (%s): going on at epoch %d", exc, run.epoch + 1)
+            return run.epoch + 1
+
+    async def _restore(self, run: _Run, svc: ServiceInfo, prefix: list[int]) -> bool:
+        """Have `svc` rebuild the KV from the request's replica; False when there is no usable one
+        (nothing replicated yet, its store gone, the fetch failed): then it is prefilled again."""
+        try:
+            meta = await self.requests.get(run.request_id)
+            stores = {s.id: s for s in await self.services(ServiceKind.CACHE_STORE)}
+        except (RedisError, Unavailable) as exc:
+            log.warning("no replica lookup (Redis: %s): prefilling again", exc)
+            return False
+        n, store = int(meta.get("replicated") or 0), stores.get(meta.get("store", ""))
+        if n < 1 or store is None:
+            log.info("no usable replica (%d tokens replicated, store %s): prefilling again", n,
+                     "alive" if store else f"{meta.get('store') or 'none'} gone")
+            return False
+        req = RestoreRequest(request_id=run.request_id, epoch=run.epoch, prompt_ids=prefix,
+                             replicated=min(n, len(prefix)), store_id=store.id, store_kv_address=store.kv_address)
+        try:
+            result = RestoreResult.model_validate(await self._post(svc, "/restore", req, timeout=self.settings.request_timeout_s))
+        except (UpstreamError, Unavailable) as exc:
+            log.warning("restore from the replica on %s failed (%s): prefilling again", store.id, exc.message)
+            return False
+        log.info("resumed on %s from the replica on %s: %d tokens fetched, %d recomputed", svc.id, store.id,
+                 result.fetched, result.recomputed)
+        return True
+
+    async def _drop_replicas(self, request_id: str) -> None:
+        try:
+            stores = await self.services(ServiceKind.CACHE_STORE)
+        except Unavailable:
+            return
+        await self._abort_all(request_id, stores, path="/drop")
 
     async def reserve(self, request_id: str, prompt_tokens: int, max_tokens: int,
                       exclude: set[str] = frozenset()) -> tuple[Reservation, ServiceInfo]:
@@ -141,11 +215,11 @@ class Router:
         """Prefill on the least loaded prompt service; on failure, abort there and try another."""
         errors, tried = [], set()
         for _ in range(PREFILL_ATTEMPTS):
-            candidates = sorted((s for s in await self.services(ServiceKind.PROMPT) if s.id not in tried),
-                                key=lambda s: (self.in_flight[s.id], s.active_requests))
+            live = await self.services(ServiceKind.PROMPT)
+            candidates = sorted(live, key=lambda s: (s.id in tried, self.in_flight[s.id], s.active_requests))
             if not candidates:
                 break
-            svc = candidates[0]
+            svc = candidates[0]  # an untried one first; a failed one again only if it is still registered
             tried.add(svc.id)
             holders.append(svc)
             self.in_flight[svc.id] += 1
@@ -171,7 +245,7 @@ class Router:
                 if resp.status_code != 200:
                     err = _internal(svc, resp.status_code, (await resp.aread()).decode(errors="replace"))
                     raise TokenServiceLost(err.message)
-                async for line in resp.aiter_lines():
+                async for line in self._while_leased(resp.aiter_lines(), svc):
                     if not line:
                         continue
                     event = DecodeEvent.model_validate_json(line)
@@ -180,6 +254,34 @@ class Router:
                     yield event.token
         except httpx.HTTPError as exc:  # refused, reset, or silent past --token-timeout-s (a hang)
             raise TokenServiceLost(f"decode stream from token service {svc.id} broke: {type(exc).__name__}: {exc}") from exc
+
+    async def _while_leased(self, lines: AsyncIterator[str], svc: ServiceInfo) -> AsyncIterator[str]:
+        """The lines of a decode stream, until its token service's lease in Redis lapses: a hung
+        service is found after the lease TTL (3 s by default), sooner than --token-timeout-s."""
+        it, pending = aiter(lines), None
+        try:
+            while True:
+                pending = pending or asyncio.ensure_future(anext(it))
+                done, _ = await asyncio.wait({pending}, timeout=LEASE_CHECK_S)
+                if not done:
+                    if not await self._leased(svc):
+                        raise TokenServiceLost(f"token service {svc.id} stopped renewing its lease (hung or dead)")
+                    continue
+                task, pending = pending, None
+                if task.exception() is not None:
+                    if isinstance(task.exception(), StopAsyncIteration):
+                        return
+                    raise task.exception()
+                yield task.result()
+        finally:
+            if pending is not None:
+                pending.cancel()
+
+    async def _leased(self, svc: ServiceInfo) -> bool:
+        try:
+            return any(s.id == svc.id for s in await self.services(ServiceKind.TOKEN))
+        except Unavailable:  # Redis down: the read timeout is all there is
+            return True
 
     async def _post(self, svc: ServiceInfo, path: str, body, timeout: float | None = 30.0) -> dict:
         try:
@@ -204,10 +306,10 @@ class Router:
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
-    async def _abort_all(self, request_id: str, services: list[ServiceInfo]) -> None:
+    async def _abort_all(self, request_id: str, services: list[ServiceInfo], path: str = "/abort") -> None:
         for svc in services:
             try:
-                await self._post(svc, "/abort", AbortRequest(request_id=request_id), timeout=5.0)
+                await self._post(svc, path, AbortRequest(request_id=request_id), timeout=5.0)
             except DejavuError as exc:
                 log.debug("abort on %s: %s", svc.id, exc.message)
 

@@ -32,7 +32,7 @@ def create_app(settings: PromptSettings) -> FastAPI:
         path = resolve_model_path(settings.model, progress=log.info)
         runner = ModelRunner(await asyncio.to_thread(load_model, path, settings.threads))
         transport = make_transport(settings.kv_transport)
-        peers = Peers(transport)
+        peers = Peers(transport, fault_rate=settings.inject_kv_faults)
         engine = app.state.engine = PrefillEngine(runner, settings, peers)
         loop_task = supervise(asyncio.create_task(engine.run()), "prefill loop")
         log.info("prompt service ready: model %s, KV transport %s", path, settings.kv_transport)

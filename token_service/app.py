@@ -1,6 +1,7 @@
 """Token service HTTP API: thin handlers over TokenEngine.
 
 POST /reserve  ReserveRequest -> Reservation (503 kv_full when there is no room)
+POST /restore  RestoreRequest -> RestoreResult (recovery: the reserved row's KV from a replica)
 POST /decode   DecodeRequest  -> NDJSON stream of DecodeEvent, one per token; ends at finish
 POST /abort    AbortRequest   -> AbortResult
 GET  /health, /metrics
@@ -22,7 +23,7 @@ from common.kv.receiver import kv_server
 from common.metadata import Registry, RequestStore
 from common.model import load_model, resolve_model_path
 from common.protocol import (AbortRequest, AbortResult, DecodeEvent, DecodeRequest, Reservation, ReserveRequest,
-                             ServiceKind)
+                             RestoreRequest, RestoreResult, ServiceKind)
 from common.runner import ModelRunner
 from common.service import (ClosingStreamingResponse, add_health_and_metrics, listen_kv, registered,
                             request_id_var, supervise)
@@ -40,7 +41,7 @@ def create_app(settings: TokenSettings) -> FastAPI:
         path = resolve_model_path(settings.model, progress=log.info)
         runner = ModelRunner(await asyncio.to_thread(load_model, path, settings.threads))
         engine = app.state.engine = TokenEngine(runner, settings, app.state.service_id)
-        transport = make_transport(settings.kv_transport)
+        transport = engine.transport = make_transport(settings.kv_transport)
         kv_address = engine.kv_address = await listen_kv(
             transport, kv_server(engine.receive_kv, (KVMessageError,), request_id_var), settings)
         loop_task = supervise(asyncio.create_task(engine.run()), "decode loop")
@@ -50,7 +51,7 @@ def create_app(settings: TokenSettings) -> FastAPI:
             model=str(path), kv_address=kv_address, kv_transport=settings.kv_transport,
             max_model_len=settings.max_model_len, active_requests=len(engine.scheduler.seqs),
             kv_bytes_used=engine.slots.num_used * engine.slot_bytes, kv_bytes_free=engine.kv_bytes_free)
-        peers, client = Peers(transport), httpx.AsyncClient()
+        peers, client = Peers(transport, fault_rate=settings.inject_kv_faults), httpx.AsyncClient()
         try:
             async with registered(app, settings, ServiceKind.TOKEN, lease_fields) as redis:
                 engine.replicator = Replicator(engine.pool, peers, Registry(redis), RequestStore(redis), client,
@@ -80,6 +81,14 @@ def create_app(settings: TokenSettings) -> FastAPI:
     async def decode(req: DecodeRequest) -> ClosingStreamingResponse:
         request_id_var.set(req.request_id)
         return _decode_stream(app.state.engine, req)
+
+    @app.post("/restore")
+    async def restore(req: RestoreRequest) -> RestoreResult:
+        request_id_var.set(req.request_id)
+        result = await app.state.engine.restore(req)
+        log.info("restored from replica on %s: %d tokens fetched (%.1f ms), %d recomputed (%.1f ms)",
+                 req.store_id, result.fetched, result.fetch_ms, result.recomputed, result.recompute_ms)
+        return result
 
     @app.post("/abort")
     async def abort(req: AbortRequest) -> AbortResult:

@@ -3,6 +3,8 @@
 1. `reserve`     the gateway asks for room: a pool row (slot) is taken and a Sequence waits for KV.
 2. `receive_kv`  the prompt service streams the prompt's K/V layer by layer; each message is
                  scattered into the slot and acknowledged.
+   or `restore` on recovery: the KV comes from a replica on a cache store, and the tokens after
+                 it are recomputed here.
 3. `start_decode` the gateway opens the decode stream with the sampling params and the first
                  token (sampled by the prompt service).
 4. `step`        schedule -> execute -> postprocess, over every running sequence; each new token
@@ -21,10 +23,12 @@ import numpy as np
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
-from common.errors import BadRequest, KVFull, NotFound
+from common.errors import BadRequest, KVFull, NotFound, Unavailable
 from common.kv.copy import scatter
+from common.kv.fetch import FetchError, fetch_replica
+from common.kv.transport import TransportError
 from common.kv.wire import Header
-from common.protocol import DecodeEvent, DecodeRequest, Reservation, ReserveRequest
+from common.protocol import DecodeEvent, DecodeRequest, Reservation, ReserveRequest, RestoreRequest, RestoreResult
 from common.runner import ModelRunner
 from common.sampling import sample
 from common.service import request_id_var
@@ -52,6 +56,7 @@ class TokenEngine:
     def __init__(self, runner: ModelRunner, settings: TokenSettings, service_id: str):
         self.runner, self.settings, self.service_id = runner, settings, service_id
         self.kv_address = ""  # set once the KV listener is up
+        self.transport = None  # the KV transport (fetches replicas on recovery)
         self.replicator: Replicator | None = None  # set once Redis is connected
         self.pool = runner.new_pool(settings.max_seqs, settings.max_model_len)
         self.slots = SlotManager(settings.max_seqs, settings.max_model_len)
@@ -89,6 +94,36 @@ class TokenEngine:
         scatter(self.pool, seq.slot, slice(header.layer_start, header.layer_end),
                 slice(header.token_start, header.token_end), torch.from_numpy(payload))
         seq.layers_received.update(range(header.layer_start, header.layer_end))
+
+    async def restore(self, req: RestoreRequest) -> RestoreResult:
+        """Recovery: fill a reserved row from the replica [0, n) on a cache store, then recompute
+        the KV of prompt_ids[n:] (tokens generated after the replicated index) with one forward.
+        Replication then continues the same replica from n, under the new epoch."""
+        seq = self.scheduler.seqs.get(req.request_id)
+        if seq is None or seq.done:
+            raise NotFound(f"request {req.request_id} holds no KV room here (expired or aborted)")
+        if seq.kv_ready or seq.prompt_len != len(req.prompt_ids):
+            raise BadRequest(f"request {req.request_id}: row reserved for {seq.prompt_len} tokens, restore of "
+                             f"{len(req.prompt_ids)} (or its KV is already there)")
+        n = min(req.replicated, len(req.prompt_ids))
+        start = time.perf_counter()
+        try:
+            kv = await fetch_replica(self.transport, req.store_kv_address, req.request_id, req.epoch, n)
+        except (FetchError, TransportError, asyncio.TimeoutError) as exc:
+            raise Unavailable(f"replica of {req.request_id} not fetched from {req.store_id}: "
+                              f"{type(exc).__name__}: {exc}", code="replica_unavailable") from exc
+        if seq.done:
+            raise NotFound(f"request {req.request_id} was aborted during its restore")
+        scatter(self.pool, seq.slot, slice(None), slice(0, n), torch.from_numpy(kv))
+        fetched = time.perf_counter()
+        if n < seq.prompt_len:
+            await asyncio.to_thread(self.runner.extend, self.pool, seq.slot, req.prompt_ids[n:], n)
+        seq.layers_received.update(range(seq.num_layers))
+        seq.epoch = req.epoch
+        if self.replicator:
+            self.replicator.resume_from(seq.request_id, req.store_id, req.store_kv_address, n)
+        return RestoreResult(request_id=req.request_id, fetched=n, recomputed=seq.prompt_len - n,
+                             fetch_ms=(fetched - start) * 1e3, recompute_ms=(time.perf_counter() - fetched) * 1e3)
 
     def start_decode(self, req: DecodeRequest) -> Sequence:
         seq = self.scheduler.seqs.get(req.request_id)

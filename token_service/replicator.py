@@ -4,9 +4,12 @@ Per request: the prompt's KV first, then every `chunk` new tokens, each message 
 buffer of (layers, 2, kv_heads, tokens, head_dim), all layers at once (one copy, one header).
 Sends run in the background with at most one message in flight per request, so decode never
 waits for replication. Data before metadata: only once the store has acknowledged tokens [0, n)
-is `replicated = n` recorded in Redis, under the request's epoch (a fenced owner is refused and
-stops replicating). A failed send picks another store (or the same, later) and starts again from
-token 0. When the request ends its replica is dropped.
+is `replicated = n` (and the store's id) recorded in Redis, under the request's epoch; a fenced
+owner is refused there and by the store, and stops replicating.
+
+A failed send (the store died, a transfer failed) starts the replica over, in full, on another
+store when there is one (the failed one is avoided for a while). When the request ends here its
+replica is dropped from every store it was sent to.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from prometheus_client import Counter, Gauge
 
 from common.kv.copy import gather
-from common.kv.peers import Peers
+from common.kv.peers import KVRejected, Peers
 from common.metadata import Registry, RequestStore
 from common.protocol import AbortRequest, ServiceInfo, ServiceKind
 from token_service.sequence import Sequence
@@ -29,8 +32,10 @@ log = logging.getLogger(__name__)
 
 REPLICATED_BYTES = Counter("dejavu_token_replicated_bytes_total", "KV bytes acknowledged by cache stores")
 REPLICATION_LAG = Gauge("dejavu_token_replication_lag_tokens", "tokens with KV not yet acknowledged by a store, summed")
+RESTARTS = Counter("dejavu_token_replica_restarts_total", "replicas started over after a failed send")
 ACK_TIMEOUT_S = 30.0
 STORE_CACHE_S = 1.0
+AVOID_S = 5.0  # a store whose send failed is not picked again for this long (if there is another)
 
 
 class Replicator:
@@ -44,7 +49,16 @@ class Replicator:
         self.inflight: dict[str, asyncio.Task] = {}
         self.fenced: set[str] = set()
         self.ended: set[str] = set()              # ended while a send was in flight: clean up after it
+        self.avoid: dict[str, float] = {}         # store id -> monotonic time until which it is avoided
         self._stores: tuple[float, list[ServiceInfo]] = (0.0, [])
+
+    def resume_from(self, request_id: str, store_id: str, kv_address: str, n: int) -> None:
+        """A recovered request: its replica [0, n) is on `store_id` already; go on from there."""
+        store = ServiceInfo(kind=ServiceKind.CACHE_STORE, id=store_id, url="", host="", pid=0, kv_address=kv_address)
+        known = {s.id: s for s in self._stores[1]}
+        store = known.get(store_id, store)
+        self.acked[request_id], self.where[request_id] = n, store
+        self.touched.setdefault(request_id, {})[store_id] = store
 
     def after_step(self, seqs: list[Sequence]) -> None:
         """Called after each decode step: start a send for each request with enough new KV."""
@@ -61,7 +75,7 @@ class Replicator:
         REPLICATION_LAG.set(sum(max(s.last_position - self.acked.get(s.request_id, 0), 0) for s in seqs))
 
     async def _send(self, seq: Sequence, buf: torch.Tensor, start: int, end: int) -> None:
-        rid = seq.request_id
+        rid, store = seq.request_id, None
         try:
             store = await self._store_for(rid)
             if store is None:
@@ -71,32 +85,48 @@ class Replicator:
             ack = await link.send(buf, request_id=rid, epoch=seq.epoch, layer_start=0, layer_end=buf.shape[0],
                                   token_start=start, token_end=end)
             await asyncio.wait_for(ack, ACK_TIMEOUT_S)
-            if await self.requests.advance_replicated(rid, seq.epoch, end) < 0:
-                log.warning("request %s is fenced (epoch %d is old): no more replication", rid, seq.epoch)
-                self.fenced.add(rid)
+            if await self.requests.advance_replicated(rid, seq.epoch, end, store.id) < 0:
+                self._fence(rid, seq.epoch)
                 return
             self.acked[rid] = end
             REPLICATED_BYTES.inc(buf.numel() * buf.element_size())
+        except KVRejected as exc:
+            if "fenced" in str(exc):
+                self._fence(rid, seq.epoch)
+            else:
+                self._start_over(rid, store, start, end, exc)
         except Exception as exc:  # noqa: BLE001 - replication never takes decode down
-            log.warning("replicating %s tokens [%d, %d) failed: %s: %s; will start over", rid, start, end,
-                        type(exc).__name__, exc)
-            self.acked.pop(rid, None)
-            self.where.pop(rid, None)
+            self._start_over(rid, store, start, end, exc)
         finally:
             if rid in self.ended:
                 self.ended.discard(rid)
                 self._cleanup(rid)
+
+    def _fence(self, rid: str, epoch: int) -> None:
+        log.warning("request %s is fenced (epoch %d is old; another service owns it): no more replication", rid, epoch)
+        self.fenced.add(rid)
+
+    def _start_over(self, rid: str, store: ServiceInfo | None, start: int, end: int, exc: Exception) -> None:
+        log.warning("replicating tokens [%d, %d) to %s failed: %s: %s; the replica starts over", start, end,
+                    store.id if store else "a cache store", type(exc).__name__, exc)
+        RESTARTS.inc()
+        if store is not None:
+            self.avoid[store.id] = time.monotonic() + AVOID_S
+        self.acked.pop(rid, None)
+        self.where.pop(rid, None)
 
     async def _store_for(self, rid: str) -> ServiceInfo | None:
         if rid in self.where:
             return self.where[rid]
         at, stores = self._stores
         if time.monotonic() - at > STORE_CACHE_S:
-            stores = [s for s in await self.registry.services(ServiceKind.CACHE_STORE)]
+            stores = await self.registry.services(ServiceKind.CACHE_STORE)
             self._stores = (time.monotonic(), stores)
-        if not stores:
+        now = time.monotonic()
+        usable = [s for s in stores if self.avoid.get(s.id, 0.0) < now] or stores  # all avoided: retry anyway
+        if not usable:
             return None
-        self.where[rid] = store = min(stores, key=lambda s: s.kv_bytes_used)
+        self.where[rid] = store = min(usable, key=lambda s: s.kv_bytes_used)
         return store
 
     def forget(self, request_id: str) -> None:
@@ -116,8 +146,19 @@ class Replicator:
             asyncio.ensure_future(self._drop(store, request_id))
 
     async def _drop(self, store: ServiceInfo, request_id: str) -> None:
+        if not store.url:  # known only by its KV address (a recovered request): look it up
+            store = next((s for s in await self._live_stores() if s.id == store.id), store)
+            if not store.url:
+                return  # gone: nothing of it to free
         try:
             await self.client.post(store.url + "/drop", content=AbortRequest(request_id=request_id).model_dump_json(),
                                    headers={"content-type": "application/json"}, timeout=10)
         except httpx.HTTPError as exc:
             log.warning("could not drop the replica of %s on %s: %s", request_id, store.id, exc)
+
+    async def _live_stores(self) -> list[ServiceInfo]:
+        try:
+            return await self.registry.services(ServiceKind.CACHE_STORE)
+        except Exception:  # noqa: BLE001 - Redis down: the store's own cleanup is all there is
+            return []
+

@@ -9,7 +9,7 @@
 """
 
 from common.kv.transport import Connection, Transport, TransportError
-from common.kv.wire import Header, WireError, send_ack, send_error, stream_in, stream_out
+from common.kv.wire import Header, WireError, send_ack, send_error, send_fetch, stream_in, stream_out
 
 TRANSPORTS = ("ucx", "tcp")
 
@@ -23,6 +23,7 @@ __all__ = [
     "make_transport",
     "send_ack",
     "send_error",
+    "send_fetch",
     "stream_in",
     "stream_out",
 ]

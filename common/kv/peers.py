@@ -4,7 +4,8 @@ A `PeerLink` is one connection plus a reader task that matches every acknowledge
 receiver sends back to the send that asked for it, keyed by (request_id, layer_start,
 token_start). `send()` returns once the frame is out; `await ack` returns once the receiver has
 stored it (or raises KVRejected / TransportError). `Peers` keeps one link per address and
-reconnects after a break.
+reconnects after a break. For fault-injection tests, `fault_rate` makes that fraction of sends
+fail with a TransportError before anything is sent (the link itself stays up).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import random
 
 import numpy as np
 import torch
@@ -31,8 +33,8 @@ def ack_key(h: Header) -> tuple[str, int, int]:
 
 
 class PeerLink:
-    def __init__(self, address: str, conn: Connection):
-        self.address, self.conn = address, conn
+    def __init__(self, address: str, conn: Connection, fault_rate: float = 0.0):
+        self.address, self.conn, self.fault_rate = address, conn, fault_rate
         self.waiting: dict[tuple[str, int, int], asyncio.Future] = {}
         self.reader = asyncio.create_task(self._read_acks())
 
@@ -40,6 +42,8 @@ class PeerLink:
         """Send one KV message; returns a future resolved by the receiver's acknowledgement."""
         if self.conn.closed:
             raise TransportError(f"link to {self.address} is closed")
+        if self.fault_rate and random.random() < self.fault_rate:
+            raise TransportError(f"injected fault (--inject-kv-faults {self.fault_rate}): send to {self.address} dropped")
         key = (fields["request_id"], fields.get("layer_start", 0), fields.get("token_start", 0))
         ack = asyncio.get_running_loop().create_future()
         self.waiting[key] = ack
@@ -79,8 +83,8 @@ class PeerLink:
 
 
 class Peers:
-    def __init__(self, transport: Transport, connect_timeout: float = 5.0):
-        self.transport, self.connect_timeout = transport, connect_timeout
+    def __init__(self, transport: Transport, connect_timeout: float = 5.0, fault_rate: float = 0.0):
+        self.transport, self.connect_timeout, self.fault_rate = transport, connect_timeout, fault_rate
         self.links: dict[str, PeerLink] = {}
         self.locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)  # one peer slow to connect stalls only its own sends
 
@@ -91,7 +95,7 @@ class Peers:
                 if link is not None:
                     await link.close()
                 conn = await self.transport.connect(address, timeout=self.connect_timeout)
-                link = self.links[address] = PeerLink(address, conn)
+                link = self.links[address] = PeerLink(address, conn, self.fault_rate)
             return link
 
     async def close(self) -> None:

@@ -1,7 +1,9 @@
 """The receiving end of KV streams (token service from prompt services, cache store from token
-services): one task per incoming connection reads "kv" messages, stores each, and answers each
-with an ack, or with an error frame that names the problem (the link stays up for the other
-requests on it)."""
+services): one task per incoming connection reads messages and answers each on the same link:
+- "kv": `store(header, payload)`, then an ack;
+- "fetch" (cache store): `fetch(header)` -> the tokens asked for, sent back as one "kv" message;
+- anything else, or a refusal: an error frame that names the problem (the link stays up for the
+  other requests on it)."""
 
 from __future__ import annotations
 
@@ -12,15 +14,28 @@ from collections.abc import Callable
 import numpy as np
 
 from common.kv.transport import Connection, Handler, TransportError
-from common.kv.wire import Header, WireError, send_ack, send_error, stream_in
+from common.kv.wire import Header, WireError, send_ack, send_error, stream_in, stream_out
 
 log = logging.getLogger(__name__)
 
 
 def kv_server(store: Callable[[Header, np.ndarray], None], refused: tuple[type[Exception], ...],
-              request_id_var: contextvars.ContextVar[str] | None = None) -> Handler:
-    """A transport handler: `store(header, payload)` each message; an exception in `refused` is
-    answered as an error frame, anything else acknowledged."""
+              request_id_var: contextvars.ContextVar[str] | None = None,
+              fetch: Callable[[Header], np.ndarray] | None = None) -> Handler:
+    """A transport handler: `store(header, payload)` each "kv" message and `fetch(header)` each
+    "fetch" message; an exception in `refused` is answered as an error frame."""
+
+    async def answer(conn: Connection, header: Header, payload: np.ndarray) -> None:
+        if header.kind == "kv":
+            store(header, payload)
+            await send_ack(conn, header)
+        elif header.kind == "fetch" and fetch is not None:
+            kv = fetch(header)  # (layers, 2, kv_heads, tokens, head_dim)
+            await stream_out(conn, kv, request_id=header.request_id, epoch=header.epoch, layer_start=0,
+                             layer_end=kv.shape[0], token_start=0, token_end=kv.shape[3])
+        else:
+            log.warning("unexpected %r message for %s", header.kind, header.request_id)
+            await send_error(conn, header, f"this receiver takes no {header.kind!r} messages")
 
     async def handle(conn: Connection) -> None:
         while True:
@@ -34,11 +49,13 @@ def kv_server(store: Callable[[Header, np.ndarray], None], refused: tuple[type[E
             if request_id_var is not None:
                 request_id_var.set(header.request_id)
             try:
-                store(header, payload)
-                await send_ack(conn, header)
+                await answer(conn, header, payload)
             except refused as exc:
-                log.warning("refused KV message: %s", exc)
-                await send_error(conn, header, str(exc))
+                log.warning("refused KV %s: %s", header.kind, exc)
+                try:
+                    await send_error(conn, header, str(exc))
+                except TransportError:
+                    return
             except TransportError:
                 return
 

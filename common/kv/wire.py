@@ -9,6 +9,9 @@ A "kv" message carries one slab of the KV cache: layers [layer_start, layer_end)
 [token_start, token_end) of a request, as a tensor of `dtype` and `shape`, with a CRC-32 of the
 bytes. The receiver answers on the same connection with an "ack" (stored) or an "error" frame.
 
+A "fetch" message (empty payload) asks a cache store for tokens [0, token_end) of a request's
+replica under `epoch`; the store answers with one "kv" message of them, or an "error" frame.
+
 bfloat16 has no numpy type: send `t.view(torch.int16)` and rebuild with `.view(torch.bfloat16)`.
 """
 
@@ -29,7 +32,7 @@ from common.kv.transport import Connection
 if TYPE_CHECKING:
     import torch
 
-KINDS = ("kv", "ack", "error")
+KINDS = ("kv", "ack", "error", "fetch")
 INT_FIELDS = ("epoch", "layer_start", "layer_end", "token_start", "token_end", "nbytes", "checksum")
 CRC_THREAD_MIN_BYTES = 4 << 20
 
@@ -45,7 +48,7 @@ class WireError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Header:
-    kind: str  # "kv" | "ack" | "error"
+    kind: str  # "kv" | "ack" | "error" | "fetch"
     request_id: str
     epoch: int  # the sender's view of the request's epoch; stale epochs are ignored upstream
     layer_start: int = 0  # layers [layer_start, layer_end)
@@ -114,13 +117,20 @@ async def stream_out(
     return header
 
 
+async def send_fetch(conn: Connection, request_id: str, epoch: int, tokens: int) -> Header:
+    """Ask for tokens [0, tokens) of a replica; read the answer with stream_in. Raises TransportError."""
+    header = Header("fetch", request_id, epoch, token_end=tokens)
+    await conn.send(header.encode())
+    return header
+
+
 async def send_ack(conn: Connection, kv: Header, message: str = "") -> None:
     """Answer the "kv" message `kv`: stored. The reply names the same request, layers and tokens."""
     await conn.send(_reply("ack", kv, message).encode())
 
 
 async def send_error(conn: Connection, kv: Header, message: str) -> None:
-    """Answer the "kv" message `kv`: refused, and why."""
+    """Answer the "kv" (or "fetch") message `kv`: refused, and why."""
     await conn.send(_reply("error", kv, message).encode())
 
 

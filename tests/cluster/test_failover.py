@@ -1,6 +1,8 @@
 """A token service that dies or hangs mid-stream costs the client a pause, not the request: the
-gateway re-prefills the prompt and the tokens already streamed on a prompt service into another
-token service, and decoding continues at the next output index. The text equals HF `generate`
+gateway fences it, another token service restores the KV from the request's replica on the cache
+store and recomputes the tokens after the replicated index ("replica"), or, with no usable replica,
+a prompt service re-prefills the prompt and the tokens already streamed ("reprefill"); decoding
+continues at the next output index. The text equals HF `generate`
 (greedy) or the failure-free run (seeded sampling). Real processes, real signals."""
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ PROMPT = "Once upon a time, in a land far away, there lived a dragon who"
 MAX_TOKENS = 900  # long enough to act mid-stream (prompt + 900 < the 1024-token context)
 
 
-@pytest.fixture
-def cluster(tiny_model_path, redis_server):
-    """Two token services (a spare), one prompt service; a silent stream counts as hung after 3 s."""
+@pytest.fixture(params=["replica", "reprefill"])
+def cluster(request, tiny_model_path, redis_server):
+    """Two token services (a spare), one prompt service, a cache store or none (the recovery path);
+    a silent stream counts as hung after 3 s."""
     env = {**CLUSTER_ENV, "DEJAVU_KV_TRANSPORT": "tcp", "DEJAVU_TOKEN_TIMEOUT_S": "3"}
-    with Cluster(str(tiny_model_path), port=0, token_services=2, cache_stores=0, redis_url=redis_server.url,
+    stores = 1 if request.param == "replica" else 0
+    with Cluster(str(tiny_model_path), port=0, token_services=2, cache_stores=stores, redis_url=redis_server.url,
                  env=env, echo_logs=False) as c:
+        c.path = request.param
         yield c
         for child in c.of("token"):  # a stopped one must run again to stop
             if child.proc.poll() is None:
@@ -66,9 +71,10 @@ def test_greedy_stream_survives_a_token_service_failure(cluster, tiny_oracle, si
     assert victims, "the fault was never injected"
     assert text == want
     assert usage["completion_tokens"] == n
-    assert metric(cluster.url, "dejavu_gateway_recoveries_total" + '{path="reprefill"}') >= 1
-    survivors = [t for t in cluster.of("token") if t is not victims[0]]
-    assert_no_kv_held_on(survivors, cluster)
+    assert metric(cluster.url, "dejavu_gateway_recoveries_total" + f'{{path="{cluster.path}"}}') == 1
+    if sig == signal.SIGSTOP:  # the hung owner wakes up fenced: it frees its row and writes nothing
+        victims[0].proc.send_signal(signal.SIGCONT)
+    assert_no_kv_held_on(cluster)
 
 
 def test_seeded_sampling_is_identical_across_a_failover(cluster):
@@ -76,6 +82,8 @@ def test_seeded_sampling_is_identical_across_a_failover(cluster):
     clean, _, _ = stream_with_fault(cluster, body, None)
     failed, usage, victims = stream_with_fault(cluster, body, signal.SIGKILL, after=40)
     assert victims and failed == clean and usage["completion_tokens"] == 300
+    assert metric(cluster.url, "dejavu_gateway_recoveries_total" + f'{{path="{cluster.path}"}}') == 1
+    assert_no_kv_held_on(cluster)
 
 
 def test_a_request_that_cannot_be_saved_ends_with_an_error_event(cluster):
@@ -96,11 +104,12 @@ def test_a_request_that_cannot_be_saved_ends_with_an_error_event(cluster):
     assert error["type"] == "server_error" and "token service" in error["message"]
 
 
-def assert_no_kv_held_on(tokens, cluster) -> None:
-    class View:  # the survivors only: a dead service has no metrics
+def assert_no_kv_held_on(cluster) -> None:
+    """No KV anywhere, on the services still running (a dead one has no metrics)."""
+    class View:
         url = cluster.url
 
         def of(self, kind):
-            return tokens if kind == "token" else cluster.of(kind)
+            return [c for c in cluster.of(kind) if c.proc.poll() is None]
 
     assert_no_kv_held(View())

@@ -35,6 +35,8 @@ def test_redis_outage_and_return(tiny_model_path):
         resp = httpx.post(cluster.url + "/v1/completions", json=GOOD, timeout=30)
         assert resp.status_code == 503, resp.text
         assert resp.json()["error"]["type"] == "service_unavailable"
+        resp = httpx.get(cluster.url + "/cluster", timeout=30)
+        assert resp.status_code == 503 and resp.json()["error"]["type"] == "service_unavailable", resp.text
         assert all(c.proc.poll() is None for c in cluster.children), "a service died with Redis"
 
         redis = RedisServer(port=port)  # back, and empty: leases re-register within a renewal

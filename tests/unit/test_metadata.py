@@ -50,6 +50,12 @@ def test_replicated_index_only_advances_for_the_current_epoch(redis_server):
         assert (await store.get(rid))["replicated"] == "10"
         assert await store.advance_replicated(rid, 1, 20) == 20
         assert (await store.get(rid))["owner"] == "token-b"
+        assert await store.advance_replicated(rid, 1, 30, "store-a") == 30
+        assert await store.advance_replicated(rid, 1, 16, "store-a") == 30  # same store: never backwards
+        assert await store.advance_replicated(rid, 1, 16, "store-b") == 16  # a new store: its own count
+        assert (await store.get(rid))["store"] == "store-b"
+        assert await store.advance_replicated(rid, 0, 99, "store-a") == -1  # fenced, whatever the store
+        assert (await store.get(rid))["store"] == "store-b"
         await redis.aclose()
 
     run(go())

@@ -2,6 +2,8 @@
 steps where sequences of different lengths share the batch, join late and leave early."""
 
 
+import torch
+
 from common.kv.copy import gather_prefill, scatter
 from common.runner import ModelRunner
 
@@ -45,3 +47,28 @@ def test_unpadded_and_padded_prefill_agree_with_generate(tiny_oracle):
     for prompts in (same, mixed):
         first = runner.prefill(prompts, lambda *a: None).argmax(-1).tolist()
         assert first == [tiny_oracle.generate_ids(p, 1)[0] for p in prompts]
+
+
+def test_extend_after_a_partial_prefill_equals_the_full_one(tiny_oracle):
+    """Recovery's recompute: KV [0, n) from a prefill, then `extend` over tokens [n, L) gives the same
+    KV and next-token logits as a prefill of all L tokens, and decoding on from there equals generate."""
+    model, tok = tiny_oracle.model, tiny_oracle.tokenizer
+    runner = ModelRunner(model)
+    ids = tok("The quick brown fox jumps over the lazy dog and runs away")["input_ids"]
+    want = tiny_oracle.generate_ids(ids, 8)
+    full, part = runner.new_pool(slots=2, max_len=64), runner.new_pool(slots=2, max_len=64)
+
+    def into(pool, slot, n):
+        return lambda layer, k, v: scatter(pool, slot, slice(layer, layer + 1), slice(0, n), gather_prefill(k, v, 0, n))
+
+    full_logits = runner.prefill([ids], into(full, 0, len(ids)))
+    n = 4
+    runner.prefill([ids[:n]], into(part, 1, n))
+    logits = runner.extend(part, 1, ids[n:], n)
+    torch.testing.assert_close(logits, full_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(part[:, :, 1, :, :len(ids)], full[:, :, 0, :, :len(ids)], atol=1e-5, rtol=1e-4)
+    out = [int(logits.argmax())]
+    while len(out) < 8:
+        step = runner.decode(part, [0, out[-1]], [0, len(ids) + len(out) - 1], [False, True])
+        out.append(int(step[1].argmax()))
+    assert out == want

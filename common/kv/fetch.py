@@ -1,0 +1,40 @@
+"""Reading a replica back from a cache store (recovery): one "fetch" message on a fresh
+connection, one "kv" message in answer, then the connection is closed. A fetch is rare (once per
+recovered request), so it does not share the replication links and their ack readers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from common.kv.transport import Transport
+from common.kv.wire import send_fetch, stream_in
+
+
+class FetchError(Exception):
+    """The store refused the fetch (no replica, a newer epoch, too few tokens) or answered amiss."""
+
+
+async def fetch_replica(transport: Transport, address: str, request_id: str, epoch: int, tokens: int,
+                        timeout: float = 30.0) -> np.ndarray:
+    """Tokens [0, tokens) of the request's replica on the store at `address`, as
+    (layers, 2, kv_heads, tokens, head_dim). Fetching under a newer epoch fences the old owner on
+    the store. Raises FetchError, TransportError, WireError, or TimeoutError past `timeout` s."""
+    return await asyncio.wait_for(_fetch(transport, address, request_id, epoch, tokens, timeout), timeout)
+
+
+async def _fetch(transport: Transport, address: str, request_id: str, epoch: int, tokens: int,
+                 timeout: float) -> np.ndarray:
+    conn = await transport.connect(address, timeout=timeout)
+    try:
+        await send_fetch(conn, request_id, epoch, tokens)
+        header, kv = await stream_in(conn)
+    finally:
+        await conn.close()
+    if header.kind == "error":
+        raise FetchError(f"store {address} refused {tokens} tokens of {request_id}: {header.message}")
+    if header.kind != "kv" or header.request_id != request_id or (header.token_start, header.token_end) != (0, tokens):
+        raise FetchError(f"store {address} answered a fetch of {request_id} with {header.kind} "
+                         f"{header.request_id} tokens [{header.token_start}, {header.token_end})")
+    return kv

@@ -1,0 +1,247 @@
+"""The cache store's replicas: put/fetch semantics (fresh, continued, trimmed, refused), spilling
+past the memory budget, and fetch end to end over every transport (UCX and TCP)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import numpy as np
+import pytest
+import pytest_asyncio
+from prometheus_client import REGISTRY
+
+from cache_store.store import BadChunk, Refused, ReplicaGap, ReplicaStore, StaleEpoch
+from common.kv import TRANSPORTS, Header, make_transport, send_fetch, stream_in
+from common.kv.fetch import FetchError, fetch_replica
+from common.kv.peers import KVRejected, Peers
+from common.kv.receiver import kv_server
+
+BOUND_S = 5.0  # bound on every wait that must not hang; never asserted as a latency
+LAYERS, HEADS, DIM = 3, 2, 4
+TOKEN_BYTES = LAYERS * 2 * HEADS * DIM * 4  # float32
+
+
+def kv(tokens: int, seed: int = 0, heads: int = HEADS) -> np.ndarray:
+    """(layers, 2, kv_heads, tokens, head_dim), distinct values per seed."""
+    return np.random.default_rng(seed).standard_normal((LAYERS, 2, heads, tokens, DIM), dtype=np.float32)
+
+
+def header(rid: str, epoch: int, start: int, payload: np.ndarray) -> Header:
+    return Header("kv", rid, epoch, 0, payload.shape[0], start, start + payload.shape[3],
+                  payload.dtype.name, payload.shape, payload.nbytes)
+
+
+def put(store: ReplicaStore, rid: str, epoch: int, start: int, payload: np.ndarray) -> None:
+    store.put(header(rid, epoch, start, payload), payload.copy())
+
+
+def cat(*parts: np.ndarray) -> np.ndarray:
+    return np.concatenate(parts, axis=3)
+
+
+def gauge(name: str) -> float:
+    return REGISTRY.get_sample_value(name)
+
+
+# ReplicaStore, no transport.
+
+
+def test_continuations_append_and_fetch_concatenates():
+    store, a, b = ReplicaStore(), kv(4, 1), kv(3, 2)
+    put(store, "r", 1, 0, a)
+    put(store, "r", 1, 4, b)
+    whole = store.fetch("r", 1, 7)
+    assert whole.shape == (LAYERS, 2, HEADS, 7, DIM) and whole.flags.c_contiguous
+    np.testing.assert_array_equal(whole, cat(a, b))
+    np.testing.assert_array_equal(store.fetch("r", 1, 5), cat(a, b[:, :, :, :1]))
+    assert store.fetch("r", 1, 0).shape == (LAYERS, 2, HEADS, 0, DIM)
+    assert store.bytes_held == 7 * TOKEN_BYTES == gauge("dejavu_cache_store_bytes_held")
+
+
+def test_new_owner_continues_from_a_trimmed_index_under_its_epoch():
+    store, a, b, c = ReplicaStore(), kv(4, 1), kv(4, 2), kv(5, 3)
+    put(store, "r", 1, 0, a)
+    put(store, "r", 1, 4, b)
+    put(store, "r", 2, 6, c)  # resumed at 6: [6, 8) of b is rewritten, b is sliced
+    assert store.replicas["r"].epoch == 2 and store.replicas["r"].tokens == 11
+    np.testing.assert_array_equal(store.fetch("r", 2, 11), cat(a, b[:, :, :, :2], c))
+    put(store, "r", 2, 2, c[:, :, :, :1].copy())  # cuts into the first chunk, drops the rest
+    np.testing.assert_array_equal(store.fetch("r", 2, 3), cat(a[:, :, :, :2], c[:, :, :, :1]))
+    assert store.bytes_held == 3 * TOKEN_BYTES
+    with pytest.raises(StaleEpoch):
+        put(store, "r", 1, 3, kv(1))
+
+
+def test_token_zero_starts_a_fresh_replica():
+    store, a, b = ReplicaStore(), kv(8, 1), kv(2, 2)
+    put(store, "r", 1, 0, a)
+    put(store, "r", 1, 0, b)
+    assert store.replicas["r"].tokens == 2 and store.bytes_held == 2 * TOKEN_BYTES
+    np.testing.assert_array_equal(store.fetch("r", 1, 2), b)
+    with pytest.raises(ReplicaGap):
+        store.fetch("r", 1, 3)
+
+
+def test_gaps_and_stale_epochs_are_refused():
+    store = ReplicaStore()
+    with pytest.raises(ReplicaGap, match="gap"):
+        put(store, "r", 1, 4, kv(2))  # no replica yet
+    assert "r" not in store.replicas
+    put(store, "r", 2, 0, kv(4))
+    with pytest.raises(ReplicaGap):
+        put(store, "r", 2, 5, kv(2))
+    with pytest.raises(StaleEpoch, match="fenced"):
+        put(store, "r", 1, 0, kv(2))  # a fenced owner cannot restart it either
+    with pytest.raises(StaleEpoch):
+        put(store, "r", 1, 4, kv(2))
+    assert store.replicas["r"].tokens == 4 and issubclass(StaleEpoch, Refused) and issubclass(ReplicaGap, Refused)
+
+
+def test_chunks_that_do_not_fit_are_refused():
+    store = ReplicaStore()
+    put(store, "r", 1, 0, kv(4))
+    with pytest.raises(BadChunk):
+        put(store, "r", 1, 4, kv(2, heads=HEADS + 1))  # fetch could not concatenate it
+    with pytest.raises(BadChunk):
+        store.put(Header("kv", "r", 1, 0, LAYERS, 4, 7, "float32", (LAYERS, 2, HEADS, 2, DIM),
+                         2 * TOKEN_BYTES), kv(2))  # header says 3 tokens, payload has 2
+    assert store.replicas["r"].tokens == 4
+
+
+def test_fetch_under_a_newer_epoch_fences_the_old_owner():
+    store, a = ReplicaStore(), kv(4, 1)
+    put(store, "r", 1, 0, a)
+    np.testing.assert_array_equal(store.fetch("r", 3, 4), a)
+    assert store.replicas["r"].epoch == 3
+    with pytest.raises(StaleEpoch):
+        put(store, "r", 1, 4, kv(1))
+    with pytest.raises(StaleEpoch):
+        store.fetch("r", 2, 4)
+    with pytest.raises(ReplicaGap, match="5 tokens asked"):
+        store.fetch("r", 3, 5)
+    with pytest.raises(ReplicaGap, match="no replica"):
+        store.fetch("other", 3, 1)
+    put(store, "r", 3, 4, kv(1, 2))  # the new owner continues it
+    assert store.replicas["r"].tokens == 5
+
+
+def test_spills_oldest_chunks_past_the_budget_and_reads_them_back(tmp_path):
+    store = ReplicaStore(memory_bytes=5 * TOKEN_BYTES, spill_dir=str(tmp_path / "spill"))
+    sent = {rid: [kv(4, 10 * i), kv(3, 10 * i + 1)] for i, rid in enumerate(("a", "b", "c"))}
+    for rid, (first, second) in sent.items():
+        put(store, rid, 1, 0, first)
+        put(store, rid, 1, 4, second)
+    assert store.bytes_held == 3 * TOKEN_BYTES  # only c's newest chunk fits: older ones spill first
+    assert store.bytes_spilled == 18 * TOKEN_BYTES
+    assert gauge("dejavu_cache_store_bytes_held") == 3 * TOKEN_BYTES
+    assert gauge("dejavu_cache_store_bytes_spilled") == 18 * TOKEN_BYTES
+    assert gauge("dejavu_cache_store_replicas") == 3
+    files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
+    assert len(files) == 5 and sum(os.path.getsize(f) for f in files) == 18 * TOKEN_BYTES
+    for rid, parts in sent.items():
+        np.testing.assert_array_equal(store.fetch(rid, 1, 7), cat(*parts))
+
+    put(store, "a", 1, 2, kv(1, 99))  # trims a spilled chunk, deletes the other spilled one
+    np.testing.assert_array_equal(store.fetch("a", 1, 3), cat(sent["a"][0][:, :, :, :2], kv(1, 99)))
+    assert store.bytes_held + store.bytes_spilled == 17 * TOKEN_BYTES
+    for rid in sent:
+        assert store.drop(rid)
+    assert not store.drop("a")
+    assert [f for _, _, fs in os.walk(tmp_path) for f in fs] == []
+    assert (store.bytes_held, store.bytes_spilled) == (0, 0)
+    assert gauge("dejavu_cache_store_bytes_spilled") == 0 and gauge("dejavu_cache_store_replicas") == 0
+    store.close()
+    assert os.listdir(tmp_path / "spill") == []  # the private folder is gone
+
+
+def test_default_spill_folder_is_temporary():
+    store = ReplicaStore(memory_bytes=0)
+    put(store, "r", 1, 0, kv(2, 5))
+    assert store.bytes_held == 0 and os.path.isdir(store.folder)
+    folder = store.folder
+    np.testing.assert_array_equal(store.fetch("r", 1, 2), kv(2, 5))
+    store.close()
+    assert not os.path.exists(folder)
+
+
+# End to end: PeerLink sends, kv_server stores, fetch_replica reads back.
+
+
+@pytest.fixture(params=TRANSPORTS)
+def name(request) -> str:
+    return request.param
+
+
+@pytest_asyncio.fixture
+async def served(name, tmp_path):
+    """(store, its KV address, client transport); the store spills past two tokens."""
+    store = ReplicaStore(memory_bytes=2 * TOKEN_BYTES, spill_dir=str(tmp_path))
+    server, client = make_transport(name), make_transport(name)
+    handler = kv_server(store.put, (Refused,), fetch=lambda h: store.fetch(h.request_id, h.epoch, h.token_end))
+    try:
+        address = await server.listen(handler, "127.0.0.1")
+        yield store, address, client
+    finally:
+        await client.close()
+        await server.close()
+        store.close()
+
+
+async def send(link, rid: str, epoch: int, start: int, payload: np.ndarray) -> Header:
+    ack = await link.send(payload, request_id=rid, epoch=epoch, layer_start=0, layer_end=LAYERS,
+                          token_start=start, token_end=start + payload.shape[3])
+    return await asyncio.wait_for(ack, BOUND_S)
+
+
+@pytest.mark.asyncio
+async def test_replica_round_trips_over_the_transport(served):
+    store, address, client = served
+    peers = Peers(client)
+    try:
+        link = await peers.get(address)
+        a, b, c = kv(5, 1), kv(3, 2), kv(2, 3)
+        assert (await send(link, "r", 1, 0, a)).kind == "ack"
+        await send(link, "r", 1, 5, b)
+        assert store.bytes_spilled > 0  # the fetch below reads spill files too
+        back = await fetch_replica(client, address, "r", 1, 8, timeout=BOUND_S)
+        np.testing.assert_array_equal(back, cat(a, b))
+
+        back = await fetch_replica(client, address, "r", 2, 6, timeout=BOUND_S)  # the new owner
+        np.testing.assert_array_equal(back, cat(a, b[:, :, :, :1]))
+        with pytest.raises(KVRejected, match="fenced"):
+            await send(link, "r", 1, 8, c)  # the old owner is fenced by that fetch
+        await send(link, "r", 2, 6, c)
+        back = await fetch_replica(client, address, "r", 2, 8, timeout=BOUND_S)
+        np.testing.assert_array_equal(back, cat(a, b[:, :, :, :1], c))
+
+        with pytest.raises(FetchError, match="9 tokens asked"):
+            await fetch_replica(client, address, "r", 2, 9, timeout=BOUND_S)
+        with pytest.raises(FetchError, match="fenced"):
+            await fetch_replica(client, address, "r", 1, 2, timeout=BOUND_S)
+        with pytest.raises(KVRejected, match="gap"):
+            await send(link, "r", 2, 9, c)
+        await send(link, "r", 2, 8, c)  # the link survived the refusals
+        assert store.replicas["r"].tokens == 10
+    finally:
+        await peers.close()
+
+
+@pytest.mark.asyncio
+async def test_server_answers_unexpected_kinds_with_errors(name):
+    server, client = make_transport(name), make_transport(name)
+    try:  # a receiver that serves no fetches (a token service's)
+        address = await server.listen(kv_server(lambda h, p: None, (Refused,)), "127.0.0.1")
+        conn = await asyncio.wait_for(client.connect(address), BOUND_S)
+        await send_fetch(conn, "r", 1, 4)
+        reply, _ = await asyncio.wait_for(stream_in(conn), BOUND_S)
+        assert (reply.kind, reply.request_id, reply.token_end) == ("error", "r", 4)
+        assert "'fetch'" in reply.message
+        await conn.send(Header("ack", "r", 1).encode())
+        reply, _ = await asyncio.wait_for(stream_in(conn), BOUND_S)
+        assert reply.kind == "error" and "'ack'" in reply.message
+        with pytest.raises(FetchError, match="no 'fetch' messages"):
+            await fetch_replica(client, address, "r", 1, 4, timeout=BOUND_S)
+    finally:
+        await client.close()
+        await server.close()
