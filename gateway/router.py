@@ -34,6 +34,8 @@ LEASE_CHECK_S = 1.0  # a decode stream silent this long makes the gateway check 
 RECOVERIES = Counter_("dejavu_gateway_recoveries_total", "requests moved off a failed token service", ["path"])
 RECOVERY_SECONDS = Histogram("dejavu_gateway_recovery_seconds", "from a token service failing to the next token",
                              ["path"], buckets=(.1, .25, .5, 1, 2, 4, 8, 16, 32))
+for _path in ("replica", "reprefill"):  # every series exists from the start (0, not absent)
+    RECOVERIES.labels(_path), RECOVERY_SECONDS.labels(_path)
 
 
 class TokenServiceLost(UpstreamError):
@@ -103,7 +105,6 @@ class Router:
         prefix = run.prompt_ids + outputs[:-1]  # KV the token service needs; outputs[-1] is the next input
         remaining = run.sampling.max_tokens - max(len(outputs) - 1, 0)
         reservation, token_svc = await self.reserve(run.request_id, len(prefix), remaining, exclude=run.lost)
-        self.in_flight[token_svc.id] += 1
         released, holders = False, [token_svc]  # holders: services that may still hold something of it
         try:
             path = None
@@ -189,6 +190,7 @@ class Router:
 
     async def reserve(self, request_id: str, prompt_tokens: int, max_tokens: int,
                       exclude: set[str] = frozenset()) -> tuple[Reservation, ServiceInfo]:
+        """Room on the least loaded token service that has it; counted in `in_flight` until the caller ends it."""
         deadline = time.monotonic() + self.settings.route_timeout_s
         req = ReserveRequest(request_id=request_id, prompt_tokens=prompt_tokens, max_tokens=max_tokens)
         while True:
@@ -200,11 +202,13 @@ class Router:
                 raise Unavailable(f"no token service takes {prompt_tokens + max_tokens} tokens (the largest takes "
                                   f"{max(s.max_model_len for s in services)}): check their --max-model-len")
             for svc in sorted(fitting, key=lambda s: (self.in_flight[s.id], s.active_requests, -s.kv_bytes_free)):
+                self.in_flight[svc.id] += 1  # counted now: a burst of reservations spreads out
                 try:
                     return Reservation.model_validate(await self._post(svc, "/reserve", req)), svc
                 except KVFull:
-                    continue
+                    self.in_flight[svc.id] -= 1
                 except (UpstreamError, Unavailable) as exc:
+                    self.in_flight[svc.id] -= 1
                     log.warning("token service %s refused a reservation: %s", svc.id, exc.message)
             if time.monotonic() > deadline:
                 raise KVFull(f"every token service is full or failing ({len(fitting)} tried for "

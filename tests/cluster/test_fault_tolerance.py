@@ -1,0 +1,233 @@
+"""The rest of the failure contract (ARCHITECTURE §4), on real processes and real signals: a cache
+store dying (its requests re-replicate elsewhere), a prompt service dying mid-prefill, a token
+service and the store dying together (re-prefill), several kills under many streams, a client
+leaving, a fenced owner, and injected faults on KV transfers. Each checks the text against HF
+`generate`, and that no KV is left on any service afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+
+import httpx
+import pytest
+import redis
+
+from dejavu.cluster import Cluster
+from tests.cluster.conftest import CLUSTER_ENV, metric
+from tests.cluster.test_failover import assert_no_kv_held_on
+
+PROMPT = "Once upon a time, in a land far away, there lived a dragon who"
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_path, redis_server):
+    """3 token, 2 prompt services, 2 cache stores; replication every 8 tokens; hung after 3 s."""
+    env = {**CLUSTER_ENV, "DEJAVU_KV_TRANSPORT": "tcp", "DEJAVU_TOKEN_TIMEOUT_S": "3", "DEJAVU_REPLICATE_EVERY": "8"}
+    with Cluster(str(tiny_model_path), port=0, token_services=3, prompt_services=2, cache_stores=2,
+                 redis_url=redis_server.url, env=env, echo_logs=False) as c:
+        c.meta = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        yield c
+        for child in c.children:  # a stopped one must run again to stop
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture(autouse=True)
+def healed(cluster):
+    """Each test starts with every service up (the ones a test killed are started again)."""
+    dead = [cluster.respawn(c) for c in cluster.dead()]
+    cluster.wait_ready(120, dead)
+    deadline = time.monotonic() + 30
+    while httpx.get(cluster.url + "/cluster", timeout=10).json()["counts"] != {
+            "gateway": 1, "prompt": 2, "token": 3, "cache_store": 2}:
+        assert time.monotonic() < deadline, "the cluster did not come back"
+        time.sleep(0.3)
+    yield
+
+
+def holder(cluster, kind: str, gauge: str):
+    """The live service of `kind` holding something (by its gauge)."""
+    live = [c for c in cluster.of(kind) if c.proc.poll() is None and metric(c.url, gauge) > 0]
+    assert len(live) == 1, f"exactly one {kind} should hold the request, not {len(live)}"
+    return live[0]
+
+
+def serving(cluster):
+    return holder(cluster, "token", "dejavu_token_kv_slots_used")
+
+
+def replica_holder(cluster):
+    return holder(cluster, "cache_store", "dejavu_cache_store_bytes_held")
+
+
+def stream(cluster, body: dict, at: dict[int, callable] | None = None, close_at: int | None = None):
+    """Stream a completion; call at[n](cluster) after n chunks. Returns (text, request id)."""
+    text, rid = [], None
+    with httpx.stream("POST", cluster.url + "/v1/completions", json={**body, "stream": True}, timeout=120) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            rid = event["id"].removeprefix("cmpl-")
+            text.append(event["choices"][0]["text"])
+            if at and len(text) in at:
+                at[len(text)](cluster)
+            if len(text) == close_at:
+                break
+    return "".join(text), rid
+
+
+def recoveries(cluster, path: str) -> float:
+    return metric(cluster.url, f'dejavu_gateway_recoveries_total{{path="{path}"}}')
+
+
+def greedy(tiny_oracle, n: int) -> tuple[dict, str]:
+    want, _ = tiny_oracle.text(tiny_oracle.tokenizer(PROMPT)["input_ids"], n)
+    return {"prompt": PROMPT, "max_tokens": n, "temperature": 0, "ignore_eos": True}, want
+
+
+def test_cache_store_death_re_replicates_and_a_later_failover_uses_the_new_replica(cluster, tiny_oracle):
+    body, want = greedy(tiny_oracle, 600)
+    before, seen = recoveries(cluster, "replica"), {}
+
+    def kill_store(c):
+        seen["store"] = replica_holder(c)
+        c.kill(seen["store"])
+
+    def kill_token(c):  # by now the replica lives on the other store
+        seen["other"] = replica_holder(c)
+        c.kill(serving(c))
+
+    text, rid = stream(cluster, body, at={100: kill_store, 400: kill_token})
+    assert text == want
+    assert seen["other"] is not seen["store"]
+    assert recoveries(cluster, "replica") == before + 1
+    assert_no_kv_held_on(cluster)
+
+
+def test_token_service_and_store_dying_together_falls_back_to_reprefill(cluster, tiny_oracle):
+    body, want = greedy(tiny_oracle, 500)
+    before = recoveries(cluster, "reprefill")
+
+    def kill_both(c):
+        store, token = replica_holder(c), serving(c)
+        c.kill(store)
+        c.kill(token)
+
+    text, _ = stream(cluster, body, at={200: kill_both})
+    assert text == want
+    assert recoveries(cluster, "reprefill") == before + 1
+    assert_no_kv_held_on(cluster)
+
+
+def test_prompt_service_dying_mid_prefill_is_retried_on_another(cluster, tiny_oracle):
+    """One prompt service hangs with requests in its hands, then is killed: they prefill on the other."""
+    cases = [(f"Request {i}: " + PROMPT, 30) for i in range(6)]
+    want = [tiny_oracle.text(tiny_oracle.tokenizer(p)["input_ids"], n)[0] for p, n in cases]
+    victim = cluster.of("prompt")[0]
+    cluster.kill(victim, signal.SIGSTOP)
+
+    async def run():
+        async with httpx.AsyncClient() as client:
+            reqs = [asyncio.ensure_future(client.post(cluster.url + "/v1/completions", timeout=120, json={
+                "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True})) for p, n in cases]
+            await asyncio.sleep(1.5)  # some are stuck in the stopped one now
+            stuck = sum(not r.done() for r in reqs)
+            cluster.kill(victim, signal.SIGKILL)
+            return stuck, [(await r).json() for r in reqs]
+
+    stuck, bodies = asyncio.run(run())
+    assert stuck > 0
+    assert [b["choices"][0]["text"] for b in bodies] == want
+    assert_no_kv_held_on(cluster)
+
+
+def test_many_streams_survive_several_kills(cluster, tiny_oracle):
+    """8 concurrent streams; two token services are killed one after the other while they run."""
+    n = 400
+    prompts = [f"Story {i}: " + PROMPT for i in range(8)]
+    want = [tiny_oracle.text(tiny_oracle.tokenizer(p)["input_ids"], n)[0] for p in prompts]
+    killed = []
+
+    async def one(client, prompt, kills: dict[int, int]):
+        text = []
+        async with client.stream("POST", cluster.url + "/v1/completions", timeout=180, json={
+                "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True}) as resp:
+            async for line in resp.aiter_lines():
+                if line.startswith("data: {"):
+                    event = json.loads(line[6:])
+                    assert "error" not in event, event
+                    text.append(event["choices"][0]["text"])
+                    if len(text) in kills:
+                        busy = [t for t in cluster.of("token") if t.proc.poll() is None
+                                and metric(t.url, "dejavu_token_kv_slots_used") > 0]
+                        if len(busy) > 1:  # never the last one standing
+                            cluster.kill(busy[0])
+                            killed.append(busy[0])
+        return "".join(text)
+
+    async def run():
+        async with httpx.AsyncClient() as client:
+            kills = [{100: 1}, {250: 1}] + [{}] * 6
+            return await asyncio.gather(*(one(client, p, k) for p, k in zip(prompts, kills)))
+
+    assert asyncio.run(run()) == want
+    assert len(killed) == 2
+    assert_no_kv_held_on(cluster)
+
+
+def test_client_disconnect_frees_kv_and_the_replica(cluster, tiny_oracle):
+    body, _ = greedy(tiny_oracle, 600)
+    seen = {}
+    text, rid = stream(cluster, body, at={150: lambda c: seen.update(store=replica_holder(c))}, close_at=200)
+    assert text and seen["store"]
+    assert_no_kv_held_on(cluster)  # token rows, prompt in-flight, replica bytes: all back to zero
+
+
+def test_fenced_owner_cannot_advance_the_index(cluster, tiny_oracle):
+    """A hung owner is fenced and replaced; when it wakes up, its replication is refused: the
+    index in Redis stays the new owner's, and it frees everything."""
+    body, want = greedy(tiny_oracle, 500)
+    seen = {}
+
+    def hang(c):
+        seen["victim"] = serving(c)
+        c.kill(seen["victim"], signal.SIGSTOP)
+
+    text, rid = stream(cluster, body, at={100: hang})
+    assert text == want
+    record = cluster.meta.hgetall(f"dejavu:req:{rid}")
+    ids = {s["pid"]: s["id"] for s in httpx.get(cluster.url + "/cluster", timeout=10).json()["services"]}
+    assert int(record["epoch"]) == 1 and record["owner"] in ids.values()
+    assert record["owner"] != ids.get(seen["victim"].proc.pid)
+    index = int(record["replicated"])
+    seen["victim"].proc.send_signal(signal.SIGCONT)  # the fenced owner wakes up
+    assert_no_kv_held_on(cluster)
+    assert int(cluster.meta.hget(f"dejavu:req:{rid}", "replicated")) == index
+
+
+def test_injected_kv_transfer_faults_leave_every_request_complete(tiny_model_path, redis_server, tiny_oracle):
+    """5% of KV transfers (prefill layers, replicas) fail on purpose: every request completes
+    exactly, every service stays up, nothing is left held."""
+    env = {**CLUSTER_ENV, "DEJAVU_KV_TRANSPORT": "tcp", "DEJAVU_INJECT_KV_FAULTS": "0.05",
+           "DEJAVU_REPLICATE_EVERY": "4"}
+    cases = [(f"Fault {i}: " + PROMPT, 60) for i in range(16)]
+    want = [tiny_oracle.text(tiny_oracle.tokenizer(p)["input_ids"], n)[0] for p, n in cases]
+    with Cluster(str(tiny_model_path), port=0, token_services=2, prompt_services=2, cache_stores=1,
+                 redis_url=redis_server.url, env=env, echo_logs=False) as c:
+        async def run():
+            async with httpx.AsyncClient() as client:
+                return await asyncio.gather(*(client.post(c.url + "/v1/completions", timeout=120, json={
+                    "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True}) for p, n in cases))
+
+        bodies = [r.json() for r in asyncio.run(run())]
+        assert [b.get("choices", [{}])[0].get("text") for b in bodies] == want, bodies
+        assert not c.dead()
+        failed = sum(metric(t.url, "dejavu_token_replica_restarts_total") for t in c.of("token"))
+        assert failed > 0, "no fault was injected"
+        assert_no_kv_held_on(c)
