@@ -19,8 +19,7 @@ What it does, step by step:
 4. unless --skip-throughput: two clusters of 1 token service, replication on (a cache store) and
    off (none); --concurrency concurrent non-streaming requests on each, alternately: tokens / wall;
 5. print medians [min-max] over repeats, the multipliers over no failure and the targets; write JSON.
-
-Nothing is asserted: this measures, it does not test.
+   Nothing is asserted: this measures, it does not test.
 """
 
 from __future__ import annotations
@@ -85,23 +84,26 @@ def metric(client: httpx.Client, url: str, name: str, **labels: str) -> float:
 def stream(client: httpx.Client, cluster: Cluster, body: dict, kill_at: int = 0) -> Stream:
     """One streaming completion; with kill_at, SIGKILL its token service once kill_at tokens are in."""
     out, found = Stream("", [], "", ""), None
-    with client.stream("POST", cluster.url + "/v1/completions", json=body) as resp:
-        resp.raise_for_status()
-        for line in resp.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                out.error = chunk["error"].get("message", str(chunk["error"]))
-                continue
-            for choice in chunk.get("choices") or []:  # logprobs=0: one entry per token
-                out.text += choice["text"]
-                out.times += [time.perf_counter()] * len((choice.get("logprobs") or {}).get("tokens") or [])
-            if kill_at and not out.killed and out.times:
-                found = found or owner(client, cluster)
-                if found and len(out.times) >= kill_at:
-                    cluster.kill(found, signal.SIGKILL)
-                    out.killed = found.name
+    try:
+        with client.stream("POST", cluster.url + "/v1/completions", json=body) as resp:
+            resp.raise_for_status()
+            for line in resp.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    out.error = chunk["error"].get("message", str(chunk["error"]))
+                    continue
+                for choice in chunk.get("choices") or []:  # logprobs=0: one entry per token
+                    out.text += choice["text"]
+                    out.times += [time.perf_counter()] * len((choice.get("logprobs") or {}).get("tokens") or [])
+                if kill_at and not out.killed and out.times:
+                    found = found or owner(client, cluster)
+                    if found and len(out.times) >= kill_at:
+                        cluster.kill(found, signal.SIGKILL)
+                        out.killed = found.name
+    except httpx.HTTPError as exc:  # a broken stream is a result too: record it, go on
+        out.error = f"{type(exc).__name__}: {exc}"
     return out
 
 
@@ -158,7 +160,7 @@ def run_once(scenario: str, repeat: int, clusters: dict[str, Cluster], body: dic
 
 def latency_runs(args, ids: list[int], env: dict[str, str]) -> list[Run]:
     body = {"prompt": ids, "max_tokens": args.new_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "logprobs": 0}
+            "logprobs": 0}  # logprobs: each chunk lists its tokens, so the client counts tokens, not chunks
     with contextlib.ExitStack() as stack:
         clusters = {"ft": launch(stack, "ft", args.model, 2, 1, env),
                     "plain": launch(stack, "plain", args.model, 2, 0, {**env, "DEJAVU_RESUME_ATTEMPTS": "0"})}
@@ -216,11 +218,9 @@ def summarize(runs: list[Run], tput: list[dict]) -> tuple[dict, dict]:
                 "exact": all(r.exact for r in runs if r.scenario == s),
                 "recovery": sorted({r.recovery or "-" for r in runs if r.scenario == s}),
                 "errors": sum(bool(r.error) for r in runs if r.scenario == s)} for s in SCENARIOS}
-    base = rows["no_failure"]["latency_s"]["median"]
     summary = {f"latency_s_{s}": rows[s]["latency_s"]["median"] for s in SCENARIOS}
-    summary |= {"multiplier_resume": summary["latency_s_resume"] / base,
-                "multiplier_restart": summary["latency_s_restart"] / base,
-                "pause_s_resume": rows["resume"]["pause_s"]["median"], "exact_resume": rows["resume"]["exact"]}
+    summary |= {f"multiplier_{s}": summary[f"latency_s_{s}"] / summary["latency_s_no_failure"] for s in SCENARIOS[1:]}
+    summary |= {"pause_s_resume": rows["resume"]["pause_s"]["median"], "exact_resume": rows["resume"]["exact"]}
     for side in ("on", "off"):
         values = [t["tokens_per_s"] for t in tput if t["replication"] == side]
         rows[f"replication_{side}"] = spread(values) if values else None
@@ -246,8 +246,8 @@ def print_report(summary: dict, rows: dict, args) -> None:
         return
     print(f"\ndecode throughput, {args.concurrency} concurrent, prompt {args.throughput_prompt_tokens}, "
           f"{args.throughput_new_tokens} new tokens each:")
-    print(f"replication on : {fmt(rows['replication_on'])} tok/s\nreplication off: {fmt(rows['replication_off'])} "
-          "tok/s")
+    for side in ("on", "off"):
+        print(f"replication {side:<3}: {fmt(rows['replication_' + side])} tok/s")
     print(f"on/off: {ratio:.3f}; target >= {TARGET_THROUGHPUT}: {'MET' if ratio >= TARGET_THROUGHPUT else 'NOT MET'}")
 
 
@@ -258,19 +258,16 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--repeats", type=int, default=3, help="runs of each scenario (and of each throughput side)")
     p.add_argument("--prompt-tokens", type=int, default=500, help="prompt length of the latency runs (tokens)")
     p.add_argument("--new-tokens", type=int, default=300, help="tokens generated by the latency runs")
-    p.add_argument("--kill-at", type=int, default=150,
-                   help="SIGKILL the serving token service once the client has this many tokens")
+    p.add_argument("--kill-at", type=int, default=150, help="SIGKILL the serving token service after this many tokens")
     p.add_argument("--concurrency", type=int, default=16, help="concurrent requests of the throughput runs")
-    p.add_argument("--throughput-prompt-tokens", type=int, default=200,
-                   help="prompt length of each throughput request")
+    p.add_argument("--throughput-prompt-tokens", type=int, default=200, help="prompt length per throughput request")
     p.add_argument("--throughput-new-tokens", type=int, default=128, help="tokens generated per throughput request")
     p.add_argument("--skip-throughput", action="store_true", help="measure only the latency scenarios")
     p.add_argument("--env", action="append", default=[], metavar="DEJAVU_X=V",
-                   help="a setting for every service, repeatable: e.g. DEJAVU_KV_TRANSPORT=tcp, "
-                        "DEJAVU_REPLICATE_EVERY=32")
+                   help="a setting for every service (repeatable), e.g. DEJAVU_KV_TRANSPORT=tcp")
     p.add_argument("--out", default="", help="write the raw runs and a summary to this JSON file")
     args = p.parse_args(argv)
-    if min(args.repeats, args.prompt_tokens, args.concurrency, args.throughput_prompt_tokens,
+    if min(args.repeats, args.concurrency, args.prompt_tokens, args.throughput_prompt_tokens,
            args.throughput_new_tokens) < 1:
         p.error("--repeats, --concurrency and the token counts must be >= 1")
     if not 1 <= args.kill_at < args.new_tokens:

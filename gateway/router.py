@@ -4,6 +4,7 @@
 TokenEvents: reserve KV room on a token service T (least loaded first; a full one is skipped),
 prefill on a prompt service P (another P is tried if one fails), then stream decode events from
 T. Leaving the iterator early (stop string, client gone, error) aborts the request on T and P.
+If T dies or hangs, the request goes on on another token service (gateway/recovery.py).
 """
 
 from __future__ import annotations
@@ -13,46 +14,23 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from collections.abc import AsyncIterator
 
 import httpx
-from prometheus_client import Counter as Counter_, Histogram
-from redis.exceptions import RedisError
 
 from common.errors import DejavuError, KVFull, Unavailable, UpstreamError, from_body
 from common.metadata import Registry, RequestStore
 from common.protocol import (AbortRequest, DecodeEvent, DecodeRequest, PrefillRequest, PrefillResult, Reservation,
-                             ReserveRequest, RestoreRequest, RestoreResult, SamplingParams, ServiceInfo, ServiceKind,
-                             TokenEvent)
+                             ReserveRequest, SamplingParams, ServiceInfo, ServiceKind, TokenEvent)
 from common.settings import GatewaySettings
+from gateway.recovery import RECOVERIES, RECOVERY_SECONDS, Run, fence, restore
 
 log = logging.getLogger(__name__)
 REGISTRY_CACHE_S = 0.5
 PREFILL_ATTEMPTS = 4  # prompt services tried for one prefill (the same one again if there is no other)
 LEASE_CHECK_S = 1.0  # a decode stream silent this long makes the gateway check its service's lease
-RECOVERIES = Counter_("dejavu_gateway_recoveries_total", "requests moved off a failed token service", ["path"])
-RECOVERY_SECONDS = Histogram("dejavu_gateway_recovery_seconds", "from a token service failing to the next token",
-                             ["path"], buckets=(.1, .25, .5, 1, 2, 4, 8, 16, 32))
-for _path in ("replica", "reprefill"):  # every series exists from the start (0, not absent)
-    RECOVERIES.labels(_path), RECOVERY_SECONDS.labels(_path)
-
-
 class TokenServiceLost(UpstreamError):
     """The decode stream broke, or went silent past --token-timeout-s: its token service died or hangs."""
-
-
-@dataclass
-class _Run:
-    """One request across its attempts."""
-
-    request_id: str
-    prompt_ids: list[int]
-    sampling: SamplingParams
-    outputs: list[int] = field(default_factory=list)  # output token ids streamed so far
-    lost: set[str] = field(default_factory=set)       # token services that failed it
-    epoch: int = 0
-    failed_at: float | None = None                    # monotonic time of the last failure
 
 
 class Router:
@@ -73,7 +51,7 @@ class Router:
     async def generate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> AsyncIterator[TokenEvent]:
         """The request's tokens, in order. If its token service dies or hangs mid-decode, the
         request goes on elsewhere: the client sees a pause, the same tokens, none repeated."""
-        run = _Run(request_id, prompt_ids, sampling)
+        run = Run(request_id, prompt_ids, sampling)
         try:
             while True:
                 try:
@@ -98,7 +76,7 @@ class Router:
             if run.lost:  # a dead owner never drops its replica: free it on every store
                 self._spawn(self._drop_replicas(request_id))
 
-    async def _attempt(self, run: _Run) -> AsyncIterator[TokenEvent]:
+    async def _attempt(self, run: Run) -> AsyncIterator[TokenEvent]:
         """One try: reserve, then the KV (a prefill of the prompt or, on a resume, of the prompt plus
         the tokens already out, unless a replica can be restored), then decode."""
         outputs = run.outputs
@@ -109,8 +87,8 @@ class Router:
         try:
             path = None
             if run.lost:  # a resume: fence the old owner first, so it can no longer replicate
-                run.epoch = await self._fence(run, token_svc)
-                path = "replica" if outputs and await self._restore(run, token_svc, prefix) else "reprefill"
+                run.epoch = await fence(self.requests, run, token_svc)
+                path = "replica" if outputs and await restore(self, run, token_svc, prefix) else "reprefill"
                 RECOVERIES.labels(path).inc()
             if path != "replica":
                 try:
@@ -146,40 +124,6 @@ class Router:
             self.in_flight[token_svc.id] -= 1
             if not released:  # early end (stop string, client gone, failure) or no decode at all
                 self._spawn(self._abort_all(run.request_id, holders))
-
-    async def _fence(self, run: _Run, owner: ServiceInfo) -> int:
-        """A new epoch for the request, with `owner` as its owner: the old owner's replica writes
-        and index updates are refused from now on. Without Redis, the epoch still goes up here."""
-        try:
-            return max(await self.requests.fence(run.request_id, owner.id), run.epoch + 1)
-        except RedisError as exc:
-            log.warning("could not fence the old owner in Redis (%s): going on at epoch %d", exc, run.epoch + 1)
-            return run.epoch + 1
-
-    async def _restore(self, run: _Run, svc: ServiceInfo, prefix: list[int]) -> bool:
-        """Have `svc` rebuild the KV from the request's replica; False when there is no usable one
-        (nothing replicated yet, its store gone, the fetch failed): then it is prefilled again."""
-        try:
-            meta = await self.requests.get(run.request_id)
-            stores = {s.id: s for s in await self.services(ServiceKind.CACHE_STORE)}
-        except (RedisError, Unavailable) as exc:
-            log.warning("no replica lookup (Redis: %s): prefilling again", exc)
-            return False
-        n, store = int(meta.get("replicated") or 0), stores.get(meta.get("store", ""))
-        if n < 1 or store is None:
-            log.info("no usable replica (%d tokens replicated, store %s): prefilling again", n,
-                     "alive" if store else f"{meta.get('store') or 'none'} gone")
-            return False
-        req = RestoreRequest(request_id=run.request_id, epoch=run.epoch, prompt_ids=prefix,
-                             replicated=min(n, len(prefix)), store_id=store.id, store_kv_address=store.kv_address)
-        try:
-            result = RestoreResult.model_validate(await self._post(svc, "/restore", req, timeout=self.settings.request_timeout_s))
-        except (UpstreamError, Unavailable) as exc:
-            log.warning("restore from the replica on %s failed (%s): prefilling again", store.id, exc.message)
-            return False
-        log.info("resumed on %s from the replica on %s: %d tokens fetched, %d recomputed", svc.id, store.id,
-                 result.fetched, result.recomputed)
-        return True
 
     async def _drop_replicas(self, request_id: str) -> None:
         try:

@@ -1,0 +1,79 @@
+"""Recovery, the gateway's half: a token service failed a request mid-decode (ARCHITECTURE §4).
+
+`Run` is one request across its attempts. On a resume the gateway first fences the old owner (a
+new epoch in Redis, so its replica writes and index updates are refused), then has the new token
+service restore the KV from the replica on a cache store: it fetches tokens [0, replicated) and
+recomputes the rest. With no usable replica the router falls back to a re-prefill.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, Histogram
+from redis.exceptions import RedisError
+
+from common.errors import Unavailable, UpstreamError
+from common.metadata import RequestStore
+from common.protocol import RestoreRequest, RestoreResult, SamplingParams, ServiceInfo, ServiceKind
+
+if TYPE_CHECKING:
+    from gateway.router import Router
+
+log = logging.getLogger(__name__)
+RECOVERIES = Counter("dejavu_gateway_recoveries_total", "requests moved off a failed token service", ["path"])
+RECOVERY_SECONDS = Histogram("dejavu_gateway_recovery_seconds", "from a token service failing to the next token",
+                             ["path"], buckets=(.1, .25, .5, 1, 2, 4, 8, 16, 32))
+for _path in ("replica", "reprefill"):  # every series exists from the start (0, not absent)
+    RECOVERIES.labels(_path), RECOVERY_SECONDS.labels(_path)
+
+
+@dataclass
+class Run:
+    """One request across its attempts."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    outputs: list[int] = field(default_factory=list)  # output token ids streamed so far
+    lost: set[str] = field(default_factory=set)       # token services that failed it
+    epoch: int = 0
+    failed_at: float | None = None                    # monotonic time of the last failure
+
+
+async def fence(requests: RequestStore, run: Run, owner: ServiceInfo) -> int:
+    """A new epoch for the request, with `owner` as its owner: the old owner's replica writes
+    and index updates are refused from now on. Without Redis, the epoch still goes up here."""
+    try:
+        return max(await requests.fence(run.request_id, owner.id), run.epoch + 1)
+    except RedisError as exc:
+        log.warning("could not fence the old owner in Redis (%s): going on at epoch %d", exc, run.epoch + 1)
+        return run.epoch + 1
+
+
+async def restore(router: Router, run: Run, svc: ServiceInfo, prefix: list[int]) -> bool:
+    """Have `svc` rebuild the KV from the request's replica; False when there is no usable one
+    (nothing replicated yet, its store gone, the fetch failed): then it is prefilled again."""
+    try:
+        meta = await router.requests.get(run.request_id)
+        stores = {s.id: s for s in await router.services(ServiceKind.CACHE_STORE)}
+    except (RedisError, Unavailable) as exc:
+        log.warning("no replica lookup (Redis: %s): prefilling again", exc)
+        return False
+    n, store = int(meta.get("replicated") or 0), stores.get(meta.get("store", ""))
+    if n < 1 or store is None:
+        log.info("no usable replica (%d tokens replicated, store %s): prefilling again", n,
+                 "alive" if store else f"{meta.get('store') or 'none'} gone")
+        return False
+    req = RestoreRequest(request_id=run.request_id, epoch=run.epoch, prompt_ids=prefix,
+                         replicated=min(n, len(prefix)), store_id=store.id, store_kv_address=store.kv_address)
+    try:
+        result = RestoreResult.model_validate(await router._post(svc, "/restore", req, timeout=router.settings.request_timeout_s))
+    except (UpstreamError, Unavailable) as exc:
+        log.warning("restore from the replica on %s failed (%s): prefilling again", store.id, exc.message)
+        return False
+    log.info("resumed on %s from the replica on %s: %d tokens fetched, %d recomputed", svc.id, store.id,
+             result.fetched, result.recomputed)
+    return True
