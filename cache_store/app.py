@@ -2,7 +2,8 @@
 
 KV transport: "kv" messages are stored and acknowledged; "fetch" messages are answered with the
 replica's tokens as one "kv" message; a refusal (fenced epoch, gap, no replica) is an "error".
-POST /drop   AbortRequest -> AbortResult   (the request ended: free its replica)
+POST /drop   DropRequest -> AbortResult    (the request ended: free its replica)
+GET  /replicas/{request_id}  what is held for one request (tokens, epoch, bytes): for tests and operators
 GET  /health, /metrics
 """
 
@@ -14,10 +15,10 @@ import logging
 from fastapi import FastAPI
 
 from cache_store.store import Refused, ReplicaStore
-from common.errors import install_error_handlers
+from common.errors import NotFound, install_error_handlers
 from common.kv import make_transport
 from common.kv.receiver import kv_server
-from common.protocol import AbortRequest, AbortResult, ServiceKind
+from common.protocol import AbortResult, DropRequest, ServiceKind
 from common.service import registered, add_health_and_metrics, listen_kv, request_id_var
 from common.settings import CacheStoreSettings
 
@@ -56,7 +57,16 @@ def create_app(settings: CacheStoreSettings) -> FastAPI:
     add_health_and_metrics(app, health)
 
     @app.post("/drop")
-    async def drop(req: AbortRequest) -> AbortResult:
-        return AbortResult(request_id=req.request_id, found=store.drop(req.request_id))
+    async def drop(req: DropRequest) -> AbortResult:
+        request_id_var.set(req.request_id)
+        return AbortResult(request_id=req.request_id, found=store.drop(req.request_id, req.epoch))
+
+    @app.get("/replicas/{request_id}")
+    async def replica(request_id: str) -> dict:
+        held = store.replicas.get(request_id)
+        if held is None:
+            raise NotFound(f"no replica of request {request_id} here")
+        return {"request_id": request_id, "tokens": held.tokens, "epoch": held.epoch,
+                "chunks": len(held.chunks)}
 
     return app

@@ -138,12 +138,16 @@ class ReplicaStore:
         parts = [c.array()[:, :, :, : n - c.start] for c in replica.chunks if c.start < n]
         return np.concatenate(parts or [replica.chunks[0].array()[:, :, :, :0]], axis=3)
 
-    def drop(self, request_id: str) -> bool:
-        replica = self.replicas.pop(request_id, None)
-        if replica is not None:
-            self._cut(replica, 0)
+    def drop(self, request_id: str, epoch: int | None = None) -> bool:
+        """Free a replica; with `epoch`, only if it is not newer (a fenced owner's cleanup must not
+        drop its successor's replica). Returns whether one was dropped."""
+        replica = self.replicas.get(request_id)
+        if replica is None or (epoch is not None and replica.epoch > epoch):
+            return False
+        del self.replicas[request_id]
+        self._cut(replica, 0)
         self._gauges()
-        return replica is not None
+        return True
 
     def close(self) -> None:
         """Remove the spill folder; the store holds nothing on disk afterwards."""

@@ -35,6 +35,15 @@ if n > cur then redis.call('HSET', KEYS[1], 'replicated', n) return n end
 return cur
 """
 
+_FENCE = """
+local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+local replicated = redis.call('HGET', KEYS[1], 'replicated') or '0'
+local store = redis.call('HGET', KEYS[1], 'store') or ''
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'replicated', 0, 'store', '')
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return {epoch, tonumber(replicated), store}
+"""
+
 
 def connect(url: str) -> aioredis.Redis:
     return aioredis.from_url(url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5,
@@ -76,6 +85,7 @@ class RequestStore:
     def __init__(self, redis: aioredis.Redis):
         self.redis = redis
         self._advance = redis.register_script(_ADVANCE)
+        self._fence = redis.register_script(_FENCE)
 
     def _key(self, request_id: str) -> str:
         return PREFIX + "req:" + request_id
@@ -101,13 +111,12 @@ class RequestStore:
     async def get(self, request_id: str) -> dict[str, str]:
         return await self.redis.hgetall(self._key(request_id))
 
-    async def fence(self, request_id: str, new_owner: str) -> int:
-        """Make `new_owner` the owner under a new epoch; the old owner's writes are refused from now on."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hincrby(self._key(request_id), "epoch", 1)
-            pipe.hset(self._key(request_id), "owner", new_owner)
-            epoch, _ = await pipe.execute()
-        return int(epoch)
+    async def fence(self, request_id: str, new_owner: str) -> tuple[int, int, str]:
+        """Make `new_owner` the owner under a new epoch: the old owner's writes are refused from
+        now on. Returns (new epoch, replicated, store) as they were, and clears the index: until
+        the new owner records what it has, no replica is vouched for (the store may trim it)."""
+        epoch, replicated, store = await self._fence(keys=[self._key(request_id)], args=[new_owner, REQUEST_TTL_S])
+        return int(epoch), int(replicated), store
 
     async def advance_replicated(self, request_id: str, epoch: int, n: int, store: str = "") -> int:
         """Record that cache store `store` has acknowledged the KV of tokens [0, n). Refused (-1)

@@ -5,6 +5,7 @@ gateway -> prompt service  POST /prefill  PrefillRequest -> PrefillResult      (
 gateway -> token service   POST /decode   DecodeRequest  -> NDJSON DecodeEvent lines
 gateway -> token service   POST /restore  RestoreRequest -> RestoreResult      (recovery: KV from a replica)
 gateway -> any engine      POST /abort    AbortRequest   -> AbortResult
+token service, gateway -> cache store  POST /drop  DropRequest -> AbortResult
 every service -> Redis     ServiceInfo (the registry lease)
 
 Token positions: output index i is the i-th generated token (0 is the one the prompt service
@@ -147,6 +148,14 @@ class RestoreResult(Message):
 
 class AbortRequest(Message):
     request_id: str
+
+
+class DropRequest(Message):
+    """Free a request's replica on a cache store. With an epoch, only a replica of that epoch or
+    older is dropped: a fenced owner cleaning up must not drop its successor's replica."""
+
+    request_id: str
+    epoch: int | None = None
 
 
 class AbortResult(Message):

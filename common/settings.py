@@ -139,6 +139,11 @@ class CacheStoreSettings(ServiceSettings):
     memory_bytes: int = setting(2 << 30, "replica bytes kept in host memory before spilling to disk")
     spill_dir: str = setting("", "where replicas spill past --memory-bytes (default: a temporary folder)")
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self, 0 <= self.kv_port <= 65535, "kv_port", "must be in 0..65535")
+        _check(self, self.memory_bytes >= 0, "memory_bytes", "must be >= 0 (0: every replica goes to disk)")
+
 
 def cache_dir() -> str:
     """Where converted models live: $DEJAVU_CACHE_DIR, else $XDG_CACHE_HOME/dejavu, else ~/.cache/dejavu."""

@@ -41,39 +41,48 @@ class Run:
     lost: set[str] = field(default_factory=set)       # token services that failed it
     epoch: int = 0
     failed_at: float | None = None                    # monotonic time of the last failure
+    replica: tuple[int, str] = (0, "")                 # (tokens replicated, store id) when last fenced
 
 
-async def fence(requests: RequestStore, run: Run, owner: ServiceInfo) -> int:
+class TokenServiceLost(UpstreamError):
+    """The decode stream broke, or went silent past --token-timeout-s: its token service died or hangs."""
+
+
+async def fence(requests: RequestStore, run: Run, owner: ServiceInfo) -> None:
     """A new epoch for the request, with `owner` as its owner: the old owner's replica writes
-    and index updates are refused from now on. Without Redis, the epoch still goes up here."""
+    and index updates are refused from now on. Keeps what Redis vouched for (replicated tokens
+    and their store) in `run.replica`. Without Redis, the epoch still goes up here."""
     try:
-        return max(await requests.fence(run.request_id, owner.id), run.epoch + 1)
+        epoch, replicated, store = await requests.fence(run.request_id, owner.id)
+        run.epoch, run.replica = max(epoch, run.epoch + 1), (replicated, store)
     except RedisError as exc:
         log.warning("could not fence the old owner in Redis (%s): going on at epoch %d", exc, run.epoch + 1)
-        return run.epoch + 1
+        run.epoch, run.replica = run.epoch + 1, (0, "")
 
 
 async def restore(router: Router, run: Run, svc: ServiceInfo, prefix: list[int]) -> bool:
     """Have `svc` rebuild the KV from the request's replica; False when there is no usable one
     (nothing replicated yet, its store gone, the fetch failed): then it is prefilled again."""
-    try:
-        meta = await router.requests.get(run.request_id)
-        stores = {s.id: s for s in await router.services(ServiceKind.CACHE_STORE)}
-    except (RedisError, Unavailable) as exc:
-        log.warning("no replica lookup (Redis: %s): prefilling again", exc)
-        return False
-    n, store = int(meta.get("replicated") or 0), stores.get(meta.get("store", ""))
-    if n < 1 or store is None:
-        log.info("no usable replica (%d tokens replicated, store %s): prefilling again", n,
-                 "alive" if store else f"{meta.get('store') or 'none'} gone")
+    (n, store_id), store = run.replica, None
+    if n >= 1:
+        try:
+            store = next((s for s in await router.services(ServiceKind.CACHE_STORE) if s.id == store_id), None)
+        except Unavailable as exc:
+            log.warning("no replica lookup (%s): prefilling again", exc.message)
+            return False
+    if store is None:
+        log.info("no usable replica (%d tokens replicated, store %s): prefilling again", n, store_id or "none")
         return False
     req = RestoreRequest(request_id=run.request_id, epoch=run.epoch, prompt_ids=prefix,
                          replicated=min(n, len(prefix)), store_id=store.id, store_kv_address=store.kv_address)
     try:
-        result = RestoreResult.model_validate(await router._post(svc, "/restore", req, timeout=router.settings.request_timeout_s))
-    except (UpstreamError, Unavailable) as exc:
+        body = await router._post(svc, "/restore", req, timeout=router.settings.token_timeout_s)
+    except Unavailable as exc:  # the replica could not be fetched: the KV has to come from a prefill
         log.warning("restore from the replica on %s failed (%s): prefilling again", store.id, exc.message)
         return False
+    except UpstreamError as exc:  # the new token service itself failed or hangs
+        raise TokenServiceLost(f"token service {svc.id} failed the restore: {exc.message}") from exc
+    result = RestoreResult.model_validate(body)
     log.info("resumed on %s from the replica on %s: %d tokens fetched, %d recomputed", svc.id, store.id,
              result.fetched, result.recomputed)
     return True

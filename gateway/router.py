@@ -23,16 +23,12 @@ from common.metadata import Registry, RequestStore
 from common.protocol import (AbortRequest, DecodeEvent, DecodeRequest, PrefillRequest, PrefillResult, Reservation,
                              ReserveRequest, SamplingParams, ServiceInfo, ServiceKind, TokenEvent)
 from common.settings import GatewaySettings
-from gateway.recovery import RECOVERIES, RECOVERY_SECONDS, Run, fence, restore
+from gateway.recovery import RECOVERIES, RECOVERY_SECONDS, Run, TokenServiceLost, fence, restore
 
 log = logging.getLogger(__name__)
 REGISTRY_CACHE_S = 0.5
 PREFILL_ATTEMPTS = 4  # prompt services tried for one prefill (the same one again if there is no other)
 LEASE_CHECK_S = 1.0  # a decode stream silent this long makes the gateway check its service's lease
-class TokenServiceLost(UpstreamError):
-    """The decode stream broke, or went silent past --token-timeout-s: its token service died or hangs."""
-
-
 class Router:
     def __init__(self, registry: Registry, client: httpx.AsyncClient, settings: GatewaySettings,
                  requests: RequestStore):
@@ -87,7 +83,7 @@ class Router:
         try:
             path = None
             if run.lost:  # a resume: fence the old owner first, so it can no longer replicate
-                run.epoch = await fence(self.requests, run, token_svc)
+                await fence(self.requests, run, token_svc)
                 path = "replica" if outputs and await restore(self, run, token_svc, prefix) else "reprefill"
                 RECOVERIES.labels(path).inc()
             if path != "replica":
@@ -147,13 +143,20 @@ class Router:
                                   f"{max(s.max_model_len for s in services)}): check their --max-model-len")
             for svc in sorted(fitting, key=lambda s: (self.in_flight[s.id], s.active_requests, -s.kv_bytes_free)):
                 self.in_flight[svc.id] += 1  # counted now: a burst of reservations spreads out
+                reserved = False
                 try:
-                    return Reservation.model_validate(await self._post(svc, "/reserve", req)), svc
+                    reserved = Reservation.model_validate(await self._post(svc, "/reserve", req))
+                    return reserved, svc
                 except KVFull:
-                    self.in_flight[svc.id] -= 1
+                    pass
                 except (UpstreamError, Unavailable) as exc:
-                    self.in_flight[svc.id] -= 1
                     log.warning("token service %s refused a reservation: %s", svc.id, exc.message)
+                except asyncio.CancelledError:  # the client left: the room may be taken already
+                    self._spawn(self._abort_all(request_id, [svc]))
+                    raise
+                finally:
+                    if not reserved:
+                        self.in_flight[svc.id] -= 1
             if time.monotonic() > deadline:
                 raise KVFull(f"every token service is full or failing ({len(fitting)} tried for "
                              f"{self.settings.route_timeout_s:.0f} s); retry later")

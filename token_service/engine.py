@@ -27,7 +27,7 @@ from common.errors import BadRequest, KVFull, NotFound, Unavailable
 from common.kv.copy import scatter
 from common.kv.fetch import FetchError, fetch_replica
 from common.kv.transport import TransportError
-from common.kv.wire import Header
+from common.kv.wire import Header, WireError
 from common.protocol import DecodeEvent, DecodeRequest, Reservation, ReserveRequest, RestoreRequest, RestoreResult
 from common.runner import ModelRunner
 from common.sampling import sample
@@ -107,21 +107,28 @@ class TokenEngine:
                              f"{len(req.prompt_ids)} (or its KV is already there)")
         n = min(req.replicated, len(req.prompt_ids))
         start = time.perf_counter()
+        seq.restoring = True  # an abort meanwhile leaves the row to us until we are done writing it
         try:
-            kv = await fetch_replica(self.transport, req.store_kv_address, req.request_id, req.epoch, n)
-        except (FetchError, TransportError, asyncio.TimeoutError) as exc:
-            raise Unavailable(f"replica of {req.request_id} not fetched from {req.store_id}: "
-                              f"{type(exc).__name__}: {exc}", code="replica_unavailable") from exc
+            try:
+                kv = await fetch_replica(self.transport, req.store_kv_address, req.request_id, req.epoch, n)
+            except (FetchError, TransportError, WireError, asyncio.TimeoutError) as exc:
+                raise Unavailable(f"replica of {req.request_id} not fetched from {req.store_id}: "
+                                  f"{type(exc).__name__}: {exc}", code="replica_unavailable") from exc
+            if not seq.done:
+                scatter(self.pool, seq.slot, slice(None), slice(0, n), torch.from_numpy(kv))
+            fetched = time.perf_counter()
+            if n < seq.prompt_len and not seq.done:
+                await asyncio.to_thread(self.runner.extend, self.pool, seq.slot, req.prompt_ids[n:], n)
+        finally:
+            seq.restoring = False
+            if seq.done:
+                self.release(seq)
         if seq.done:
             raise NotFound(f"request {req.request_id} was aborted during its restore")
-        scatter(self.pool, seq.slot, slice(None), slice(0, n), torch.from_numpy(kv))
-        fetched = time.perf_counter()
-        if n < seq.prompt_len:
-            await asyncio.to_thread(self.runner.extend, self.pool, seq.slot, req.prompt_ids[n:], n)
         seq.layers_received.update(range(seq.num_layers))
         seq.epoch = req.epoch
         if self.replicator:
-            self.replicator.resume_from(seq.request_id, req.store_id, req.store_kv_address, n)
+            await self.replicator.resume_from(seq.request_id, req.epoch, req.store_id, req.store_kv_address, n)
         return RestoreResult(request_id=req.request_id, fetched=n, recomputed=seq.prompt_len - n,
                              fetch_ms=(fetched - start) * 1e3, recompute_ms=(time.perf_counter() - fetched) * 1e3)
 
@@ -144,9 +151,9 @@ class TokenEngine:
         seq = self.scheduler.seqs.get(request_id)
         if seq is None:
             return False
-        running = seq.status is SeqStatus.RUNNING
+        busy = seq.status is SeqStatus.RUNNING or seq.restoring
         seq.status = SeqStatus.ABORTED
-        if not running:  # a running one is released after the step in flight (it writes its row)
+        if not busy:  # a running (restoring) one is released after the step (restore) in flight writes its row
             self.release(seq)
         return True
 

@@ -8,8 +8,9 @@ is `replicated = n` (and the store's id) recorded in Redis, under the request's 
 owner is refused there and by the store, and stops replicating.
 
 A failed send (the store died, a transfer failed) starts the replica over, in full, on another
-store when there is one (the failed one is avoided for a while). When the request ends here its
-replica is dropped from every store it was sent to.
+store when there is one (the failed one is avoided for a while), after a short pause. When the
+request ends here its replica is dropped from every store it was sent to, unless this service
+was fenced: the replica is its successor's then.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import time
 import httpx
 import torch
 from prometheus_client import Counter, Gauge
+from redis.exceptions import RedisError
 
 from common.kv.copy import gather
 from common.kv.peers import KVRejected, Peers
 from common.metadata import Registry, RequestStore
-from common.protocol import AbortRequest, ServiceInfo, ServiceKind
+from common.protocol import DropRequest, ServiceInfo, ServiceKind
 from token_service.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ RESTARTS = Counter("dejavu_token_replica_restarts_total", "replicas started over
 ACK_TIMEOUT_S = 30.0
 STORE_CACHE_S = 1.0
 AVOID_S = 5.0  # a store whose send failed is not picked again for this long (if there is another)
+RETRY_S = 0.5  # a request whose send failed waits this long before its replica starts over
 
 
 class Replicator:
@@ -44,57 +47,71 @@ class Replicator:
         self.pool, self.peers, self.registry, self.requests, self.client = pool, peers, registry, requests, client
         self.chunk = chunk
         self.acked: dict[str, int] = {}           # request id -> tokens acknowledged
+        self.epochs: dict[str, int] = {}          # request id -> the epoch it is replicated under
         self.where: dict[str, ServiceInfo] = {}   # request id -> the store it replicates to now
         self.touched: dict[str, dict[str, ServiceInfo]] = {}  # request id -> every store sent to (to drop)
         self.inflight: dict[str, asyncio.Task] = {}
         self.fenced: set[str] = set()
         self.ended: set[str] = set()              # ended while a send was in flight: clean up after it
+        self.retry_at: dict[str, float] = {}      # request id -> monotonic time its replica may start over
         self.avoid: dict[str, float] = {}         # store id -> monotonic time until which it is avoided
-        self._stores: tuple[float, list[ServiceInfo]] = (0.0, [])
+        self.background: set[asyncio.Task] = set()
+        self._stores: tuple[float, list[ServiceInfo]] = (float("-inf"), [])
 
-    def resume_from(self, request_id: str, store_id: str, kv_address: str, n: int) -> None:
-        """A recovered request: its replica [0, n) is on `store_id` already; go on from there."""
-        store = ServiceInfo(kind=ServiceKind.CACHE_STORE, id=store_id, url="", host="", pid=0, kv_address=kv_address)
-        known = {s.id: s for s in self._stores[1]}
-        store = known.get(store_id, store)
-        self.acked[request_id], self.where[request_id] = n, store
+    async def resume_from(self, request_id: str, epoch: int, store_id: str, kv_address: str, n: int) -> None:
+        """A recovered request: its replica [0, n) is on `store_id` already; go on from there, and
+        say so in Redis (the gateway's fence cleared the index; the store keeps [0, n) at least)."""
+        store = next((s for s in self._stores[1] if s.id == store_id), None) or ServiceInfo(
+            kind=ServiceKind.CACHE_STORE, id=store_id, url="", host="", pid=0, kv_address=kv_address)
+        self.acked[request_id], self.epochs[request_id], self.where[request_id] = n, epoch, store
         self.touched.setdefault(request_id, {})[store_id] = store
+        try:
+            await self.requests.advance_replicated(request_id, epoch, n, store_id)
+        except RedisError as exc:
+            log.warning("could not record the restored replica in Redis: %s", exc)
 
     def after_step(self, seqs: list[Sequence]) -> None:
         """Called after each decode step: start a send for each request with enough new KV."""
-        for seq in seqs:
-            rid = seq.request_id
-            if seq.done or rid in self.inflight or rid in self.fenced:
-                continue
-            kv_len, acked = seq.last_position, self.acked.get(rid, 0)  # KV exists for [0, last_position)
-            if kv_len - acked >= self.chunk or (acked == 0 and kv_len > 0):
-                buf = gather(self.pool, seq.slot, slice(None), slice(acked, kv_len))  # final rows: copy now
-                task = asyncio.create_task(self._send(seq, buf, acked, kv_len))
-                self.inflight[rid] = task
-                task.add_done_callback(lambda t, rid=rid: self.inflight.pop(rid, None))
+        now = time.monotonic()
+        if now - self._stores[0] > STORE_CACHE_S:
+            self._stores = (now, self._stores[1])  # one refresh at a time
+            self._spawn(self._refresh_stores())
+        if self._stores[1]:  # no store registered: nothing to replicate to
+            for seq in seqs:
+                rid = seq.request_id
+                if seq.done or rid in self.inflight or rid in self.fenced or self.retry_at.get(rid, 0.0) > now:
+                    continue
+                kv_len, acked = seq.last_position, self.acked.get(rid, 0)  # KV exists for [0, last_position)
+                if kv_len - acked >= self.chunk or (acked == 0 and kv_len > 0):
+                    buf = gather(self.pool, seq.slot, slice(None), slice(acked, kv_len))  # final rows: copy now
+                    self.epochs[rid] = seq.epoch
+                    task = asyncio.create_task(self._send(seq, buf, acked, kv_len))
+                    self.inflight[rid] = task
+                    task.add_done_callback(lambda t, rid=rid: self.inflight.pop(rid, None))
         REPLICATION_LAG.set(sum(max(s.last_position - self.acked.get(s.request_id, 0), 0) for s in seqs))
 
     async def _send(self, seq: Sequence, buf: torch.Tensor, start: int, end: int) -> None:
         rid, store = seq.request_id, None
         try:
-            store = await self._store_for(rid)
+            store = self._store_for(rid)
             if store is None:
-                return  # no cache store registered: nothing to replicate to
+                return
             self.touched.setdefault(rid, {})[store.id] = store
             link = await self.peers.get(store.kv_address)
             ack = await link.send(buf, request_id=rid, epoch=seq.epoch, layer_start=0, layer_end=buf.shape[0],
                                   token_start=start, token_end=end)
             await asyncio.wait_for(ack, ACK_TIMEOUT_S)
+            self.acked[rid] = end  # the store has [0, end); Redis is told next (a Redis error costs nothing here)
+            REPLICATED_BYTES.inc(buf.numel() * buf.element_size())
             if await self.requests.advance_replicated(rid, seq.epoch, end, store.id) < 0:
                 self._fence(rid, seq.epoch)
-                return
-            self.acked[rid] = end
-            REPLICATED_BYTES.inc(buf.numel() * buf.element_size())
         except KVRejected as exc:
             if "fenced" in str(exc):
                 self._fence(rid, seq.epoch)
             else:
                 self._start_over(rid, store, start, end, exc)
+        except RedisError as exc:
+            log.warning("the store has tokens [0, %d) of %s but Redis could not be told: %s", end, rid, exc)
         except Exception as exc:  # noqa: BLE001 - replication never takes decode down
             self._start_over(rid, store, start, end, exc)
         finally:
@@ -112,17 +129,20 @@ class Replicator:
         RESTARTS.inc()
         if store is not None:
             self.avoid[store.id] = time.monotonic() + AVOID_S
+        self.retry_at[rid] = time.monotonic() + RETRY_S
         self.acked.pop(rid, None)
         self.where.pop(rid, None)
 
-    async def _store_for(self, rid: str) -> ServiceInfo | None:
+    async def _refresh_stores(self) -> None:
+        try:
+            self._stores = (time.monotonic(), await self.registry.services(ServiceKind.CACHE_STORE))
+        except Exception as exc:  # noqa: BLE001 - Redis down: keep the stores known
+            log.debug("cache stores not refreshed: %s", exc)
+
+    def _store_for(self, rid: str) -> ServiceInfo | None:
         if rid in self.where:
             return self.where[rid]
-        at, stores = self._stores
-        if time.monotonic() - at > STORE_CACHE_S:
-            stores = await self.registry.services(ServiceKind.CACHE_STORE)
-            self._stores = (time.monotonic(), stores)
-        now = time.monotonic()
+        now, stores = time.monotonic(), self._stores[1]
         usable = [s for s in stores if self.avoid.get(s.id, 0.0) < now] or stores  # all avoided: retry anyway
         if not usable:
             return None
@@ -139,26 +159,27 @@ class Replicator:
             self._cleanup(request_id)
 
     def _cleanup(self, request_id: str) -> None:
-        self.acked.pop(request_id, None)
+        fenced = request_id in self.fenced
+        epoch = self.epochs.pop(request_id, 0)
+        for table in (self.acked, self.where, self.retry_at):
+            table.pop(request_id, None)
         self.fenced.discard(request_id)
-        self.where.pop(request_id, None)
         for store in self.touched.pop(request_id, {}).values():  # a failed send may have left chunks anywhere
-            asyncio.ensure_future(self._drop(store, request_id))
+            if not fenced:  # a fenced owner's replica is its successor's now
+                self._spawn(self._drop(store, request_id, epoch))
 
-    async def _drop(self, store: ServiceInfo, request_id: str) -> None:
+    async def _drop(self, store: ServiceInfo, request_id: str, epoch: int) -> None:
         if not store.url:  # known only by its KV address (a recovered request): look it up
-            store = next((s for s in await self._live_stores() if s.id == store.id), store)
+            store = next((s for s in self._stores[1] if s.id == store.id), store)
             if not store.url:
                 return  # gone: nothing of it to free
         try:
-            await self.client.post(store.url + "/drop", content=AbortRequest(request_id=request_id).model_dump_json(),
-                                   headers={"content-type": "application/json"}, timeout=10)
+            await self.client.post(store.url + "/drop", content=DropRequest(request_id=request_id, epoch=epoch)
+                                   .model_dump_json(), headers={"content-type": "application/json"}, timeout=10)
         except httpx.HTTPError as exc:
             log.warning("could not drop the replica of %s on %s: %s", request_id, store.id, exc)
 
-    async def _live_stores(self) -> list[ServiceInfo]:
-        try:
-            return await self.registry.services(ServiceKind.CACHE_STORE)
-        except Exception:  # noqa: BLE001 - Redis down: the store's own cleanup is all there is
-            return []
-
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)

@@ -50,13 +50,17 @@ def kv_server(store: Callable[[Header, np.ndarray], None], refused: tuple[type[E
                 request_id_var.set(header.request_id)
             try:
                 await answer(conn, header, payload)
-            except refused as exc:
-                log.warning("refused KV %s: %s", header.kind, exc)
-                try:
-                    await send_error(conn, header, str(exc))
-                except TransportError:
-                    return
             except TransportError:
                 return
+            except Exception as exc:  # noqa: BLE001 - one bad message (or a disk error) must not cut the link
+                if isinstance(exc, refused):
+                    log.warning("refused KV %s: %s", header.kind, exc)
+                else:
+                    log.exception("KV %s failed", header.kind)
+                try:
+                    await send_error(conn, header, f"{type(exc).__name__}: {exc}" if not isinstance(exc, refused)
+                                     else str(exc))
+                except TransportError:
+                    return
 
     return handle

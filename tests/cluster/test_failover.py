@@ -27,6 +27,7 @@ def cluster(request, tiny_model_path, redis_server):
     a silent stream counts as hung after 3 s."""
     env = {**CLUSTER_ENV, "DEJAVU_KV_TRANSPORT": "tcp", "DEJAVU_TOKEN_TIMEOUT_S": "3"}
     stores = 1 if request.param == "replica" else 0
+    env["DEJAVU_MEMORY_BYTES"] = "1024"  # the store spills most of a replica: restores read the disk
     with Cluster(str(tiny_model_path), port=0, token_services=2, cache_stores=stores, redis_url=redis_server.url,
                  env=env, echo_logs=False) as c:
         c.path = request.param
@@ -43,9 +44,10 @@ def serving(cluster):
     return holders[0]
 
 
-def stream_with_fault(cluster, body: dict, sig: int | None, after: int = 20) -> tuple[str, dict, list]:
-    """Stream a completion; after `after` chunks send `sig` to the token service serving it."""
-    text, usage, victims = [], None, []
+def stream(cluster, body: dict, at: dict | None = None, close_at: int | None = None) -> tuple[str, dict, str]:
+    """Stream a completion, calling at[n](cluster) after n chunks (and leaving after close_at).
+    Returns (text, usage, request id); an error event fails the test."""
+    text, usage, rid = [], None, None
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     with httpx.stream("POST", cluster.url + "/v1/completions", json=body, timeout=120) as resp:
         assert resp.status_code == 200
@@ -54,13 +56,28 @@ def stream_with_fault(cluster, body: dict, sig: int | None, after: int = 20) -> 
                 continue
             event = json.loads(line[6:])
             assert "error" not in event, event
+            rid, usage = event["id"].removeprefix("cmpl-"), event.get("usage") or usage
             if event["choices"]:
                 text.append(event["choices"][0]["text"])
-            usage = event.get("usage") or usage
-            if sig is not None and len(text) == after:
-                victims.append(serving(cluster))
-                cluster.kill(victims[-1], sig)
-    return "".join(text), usage, victims
+                if at and len(text) in at:
+                    at[len(text)](cluster)
+                if len(text) == close_at:
+                    break
+    return "".join(text), usage, rid
+
+
+def stream_with_fault(cluster, body: dict, sig: int | None, after: int = 20) -> tuple[str, dict, list]:
+    """Stream a completion; after `after` chunks send `sig` to the token service serving it."""
+    victims = []
+
+    def fault(c):
+        for store in c.of("cache_store"):
+            c.spilled = metric(store.url, "dejavu_cache_store_bytes_spilled")
+        victims.append(serving(c))
+        c.kill(victims[-1], sig)
+
+    text, usage, _ = stream(cluster, body, at={after: fault} if sig is not None else None)
+    return text, usage, victims
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
@@ -72,6 +89,7 @@ def test_greedy_stream_survives_a_token_service_failure(cluster, tiny_oracle, si
     assert text == want
     assert usage["completion_tokens"] == n
     assert metric(cluster.url, "dejavu_gateway_recoveries_total" + f'{{path="{cluster.path}"}}') == 1
+    assert cluster.path == "reprefill" or cluster.spilled > 0  # restored (in part) from disk
     if sig == signal.SIGSTOP:  # the hung owner wakes up fenced: it frees its row and writes nothing
         victims[0].proc.send_signal(signal.SIGCONT)
     assert_no_kv_held_on(cluster)

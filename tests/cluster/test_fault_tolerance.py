@@ -17,7 +17,7 @@ import redis
 
 from dejavu.cluster import Cluster
 from tests.cluster.conftest import CLUSTER_ENV, metric
-from tests.cluster.test_failover import assert_no_kv_held_on
+from tests.cluster.test_failover import assert_no_kv_held_on, stream
 
 PROMPT = "Once upon a time, in a land far away, there lived a dragon who"
 
@@ -63,25 +63,6 @@ def replica_holder(cluster):
     return holder(cluster, "cache_store", "dejavu_cache_store_bytes_held")
 
 
-def stream(cluster, body: dict, at: dict[int, callable] | None = None, close_at: int | None = None):
-    """Stream a completion; call at[n](cluster) after n chunks. Returns (text, request id)."""
-    text, rid = [], None
-    with httpx.stream("POST", cluster.url + "/v1/completions", json={**body, "stream": True}, timeout=120) as resp:
-        assert resp.status_code == 200
-        for line in resp.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            event = json.loads(line[6:])
-            assert "error" not in event, event
-            rid = event["id"].removeprefix("cmpl-")
-            text.append(event["choices"][0]["text"])
-            if at and len(text) in at:
-                at[len(text)](cluster)
-            if len(text) == close_at:
-                break
-    return "".join(text), rid
-
-
 def recoveries(cluster, path: str) -> float:
     return metric(cluster.url, f'dejavu_gateway_recoveries_total{{path="{path}"}}')
 
@@ -91,22 +72,28 @@ def greedy(tiny_oracle, n: int) -> tuple[dict, str]:
     return {"prompt": PROMPT, "max_tokens": n, "temperature": 0, "ignore_eos": True}, want
 
 
+def service_id(cluster, child) -> str:
+    return next(s["id"] for s in httpx.get(cluster.url + "/cluster", timeout=10).json()["services"]
+                if s["pid"] == child.proc.pid)
+
+
 def test_cache_store_death_re_replicates_and_a_later_failover_uses_the_new_replica(cluster, tiny_oracle):
     body, want = greedy(tiny_oracle, 600)
     before, seen = recoveries(cluster, "replica"), {}
 
     def kill_store(c):
-        seen["store"] = replica_holder(c)
-        c.kill(seen["store"])
+        store = replica_holder(c)
+        seen["dead"] = service_id(c, store)
+        c.kill(store)
 
-    def kill_token(c):  # by now the replica lives on the other store
-        seen["other"] = replica_holder(c)
+    def kill_token(c):  # by now the replica lives on the other store, and Redis says so
+        seen["other"] = service_id(c, replica_holder(c))
         c.kill(serving(c))
 
-    text, rid = stream(cluster, body, at={100: kill_store, 400: kill_token})
+    text, _, rid = stream(cluster, body, at={100: kill_store, 400: kill_token})
     assert text == want
-    assert seen["other"] is not seen["store"]
-    assert recoveries(cluster, "replica") == before + 1
+    assert seen["other"] != seen["dead"]
+    assert recoveries(cluster, "replica") == before + 1  # restored from the second store's replica
     assert_no_kv_held_on(cluster)
 
 
@@ -119,7 +106,7 @@ def test_token_service_and_store_dying_together_falls_back_to_reprefill(cluster,
         c.kill(store)
         c.kill(token)
 
-    text, _ = stream(cluster, body, at={200: kill_both})
+    text, _, _ = stream(cluster, body, at={200: kill_both})
     assert text == want
     assert recoveries(cluster, "reprefill") == before + 1
     assert_no_kv_held_on(cluster)
@@ -184,31 +171,36 @@ def test_many_streams_survive_several_kills(cluster, tiny_oracle):
 def test_client_disconnect_frees_kv_and_the_replica(cluster, tiny_oracle):
     body, _ = greedy(tiny_oracle, 600)
     seen = {}
-    text, rid = stream(cluster, body, at={150: lambda c: seen.update(store=replica_holder(c))}, close_at=200)
+    text, _, _ = stream(cluster, body, at={150: lambda c: seen.update(store=replica_holder(c))}, close_at=200)
     assert text and seen["store"]
     assert_no_kv_held_on(cluster)  # token rows, prompt in-flight, replica bytes: all back to zero
 
 
-def test_fenced_owner_cannot_advance_the_index(cluster, tiny_oracle):
-    """A hung owner is fenced and replaced; when it wakes up, its replication is refused: the
-    index in Redis stays the new owner's, and it frees everything."""
-    body, want = greedy(tiny_oracle, 500)
-    seen = {}
+def test_fenced_owner_waking_up_cannot_touch_its_successors_replica(cluster, tiny_oracle):
+    """A hung owner is fenced and replaced. It wakes up while its successor decodes: its writes
+    and its cleanup are refused (the store's replica is the successor's). A second failure later
+    still resumes from that replica, and the text is exact."""
+    body, want = greedy(tiny_oracle, 600)
+    before, seen = recoveries(cluster, "replica"), {}
 
     def hang(c):
         seen["victim"] = serving(c)
         c.kill(seen["victim"], signal.SIGSTOP)
 
-    text, rid = stream(cluster, body, at={100: hang})
+    def wake(c):
+        seen["victim"].proc.send_signal(signal.SIGCONT)
+
+    def kill_successor(c):
+        seen["successor"] = serving(c)
+        c.kill(seen["successor"])
+
+    text, _, rid = stream(cluster, body, at={100: hang, 250: wake, 450: kill_successor})
     assert text == want
+    assert seen["successor"] is not seen["victim"]
+    assert recoveries(cluster, "replica") == before + 2
     record = cluster.meta.hgetall(f"dejavu:req:{rid}")
-    ids = {s["pid"]: s["id"] for s in httpx.get(cluster.url + "/cluster", timeout=10).json()["services"]}
-    assert int(record["epoch"]) == 1 and record["owner"] in ids.values()
-    assert record["owner"] != ids.get(seen["victim"].proc.pid)
-    index = int(record["replicated"])
-    seen["victim"].proc.send_signal(signal.SIGCONT)  # the fenced owner wakes up
+    assert int(record["epoch"]) == 2
     assert_no_kv_held_on(cluster)
-    assert int(cluster.meta.hget(f"dejavu:req:{rid}", "replicated")) == index
 
 
 def test_injected_kv_transfer_faults_leave_every_request_complete(tiny_model_path, redis_server, tiny_oracle):

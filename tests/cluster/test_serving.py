@@ -161,6 +161,7 @@ def assert_no_kv_held(cluster, timeout: float = 15.0) -> None:
             values[child.name + " in flight"] = metric(child.url, "dejavu_prompt_in_flight_requests")
         for child in cluster.of("cache_store"):
             values[child.name + " replica bytes"] = metric(child.url, "dejavu_cache_store_bytes_held")
+            values[child.name + " spilled bytes"] = metric(child.url, "dejavu_cache_store_bytes_spilled")
         values["gateway in flight"] = metric(cluster.url, "dejavu_gateway_in_flight_requests")
         if not any(values.values()):
             return

@@ -44,8 +44,9 @@ def test_replicated_index_only_advances_for_the_current_epoch(redis_server):
         await store.create(rid, {"status": "running"})
         assert await store.advance_replicated(rid, 0, 10) == 10
         assert await store.advance_replicated(rid, 0, 5) == 10      # never backwards
-        epoch = await store.fence(rid, "token-b")
-        assert epoch == 1
+        assert await store.fence(rid, "token-b") == (1, 10, "")  # as it was; the index is cleared
+        assert (await store.get(rid))["replicated"] == "0"
+        assert await store.advance_replicated(rid, 1, 10) == 10
         assert await store.advance_replicated(rid, 0, 20) == -1     # the fenced owner is refused
         assert (await store.get(rid))["replicated"] == "10"
         assert await store.advance_replicated(rid, 1, 20) == 20
@@ -56,6 +57,7 @@ def test_replicated_index_only_advances_for_the_current_epoch(redis_server):
         assert (await store.get(rid))["store"] == "store-b"
         assert await store.advance_replicated(rid, 0, 99, "store-a") == -1  # fenced, whatever the store
         assert (await store.get(rid))["store"] == "store-b"
+        assert await store.fence(rid, "token-c") == (2, 16, "store-b")
         await redis.aclose()
 
     run(go())

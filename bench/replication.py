@@ -1,0 +1,88 @@
+"""Replication benchmark: what replicating every request's KV to a cache store costs decode
+throughput, for each replication chunk k (--replicate-every: one message per k new tokens).
+
+A cluster without a cache store (replication off) stays up as the baseline; for each k a cluster
+with one cache store is started, and the two alternate on the same batch of concurrent requests.
+Prints tokens/s, the ratio against off measured in the same period, and the replication traffic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import time
+
+import httpx
+
+from bench.failure import batch, launch, metric
+from bench.serve import build_prompts, fmt, log, spread
+from common.model import load_tokenizer, resolve_model_path
+
+
+def measure(url: str, bodies: list[dict]) -> dict:
+    t0 = time.perf_counter()
+    tokens = asyncio.run(batch(url, bodies))
+    wall = time.perf_counter() - t0
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+
+
+def replicated_bytes(cluster) -> float:
+    with httpx.Client(timeout=10) as client:
+        return sum(metric(client, t.url, "dejavu_token_replicated_bytes_total") for t in cluster.of("token"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.replication", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a Hugging Face model folder")
+    p.add_argument("--every", default="4,16,64", help="comma-separated replication chunks k (tokens) to measure")
+    p.add_argument("--repeats", type=int, default=2, help="alternating runs of each side, per k")
+    p.add_argument("--concurrency", type=int, default=16, help="concurrent requests")
+    p.add_argument("--prompt-tokens", type=int, default=200, help="prompt length per request")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per request")
+    p.add_argument("--out", default="", help="write the raw runs and a summary to this JSON file")
+    args = p.parse_args(argv)
+    chunks = [int(k) for k in args.every.split(",")]
+    tokenizer = load_tokenizer(resolve_model_path(args.model, progress=log))
+    bodies = [{"prompt": ids, "max_tokens": args.new_tokens, "temperature": 0, "ignore_eos": True}
+              for ids in build_prompts(tokenizer, args.prompt_tokens, args.concurrency)]
+    env = {"DEJAVU_LOG_LEVEL": "warning", "DEJAVU_MAX_SEQS": str(max(16, args.concurrency)),
+           "DEJAVU_MAX_MODEL_LEN": str(max(2048, args.prompt_tokens + args.new_tokens + 16))}
+    runs = []
+    with contextlib.ExitStack() as stack:
+        off = launch(stack, "replication off", args.model, 1, 0, env)
+        measure(off.url, bodies[:2])  # warm-up
+        for k in chunks:
+            with contextlib.ExitStack() as inner:
+                on = launch(inner, f"replication on, k={k}", args.model, 1, 1, {**env, "DEJAVU_REPLICATE_EVERY": str(k)})
+                measure(on.url, bodies[:2])
+                for r in range(1, args.repeats + 1):
+                    for side, cluster in (("off", off), (f"k={k}", on)):
+                        before = replicated_bytes(cluster)
+                        run = {"k": k, "side": side, "repeat": r, **measure(cluster.url, bodies),
+                               "replicated_mib": (replicated_bytes(cluster) - before) / 2**20}
+                        runs.append(run)
+                        log(f"k={k} repeat {r}/{args.repeats} {side:<6}: {run['tokens_per_s']:6.1f} tok/s, "
+                            f"{run['replicated_mib']:.0f} MiB replicated")
+    summary = {}
+    print(f"\n{args.concurrency} concurrent, prompt {args.prompt_tokens}, {args.new_tokens} new tokens; "
+          f"median [min-max] of {args.repeats}")
+    print(f"{'k':>4} {'on tok/s':>22} {'off tok/s':>22} {'on/off':>7} {'MiB/batch':>10}")
+    for k in chunks:
+        on = [r["tokens_per_s"] for r in runs if r["side"] == f"k={k}"]
+        off = [r["tokens_per_s"] for r in runs if r["k"] == k and r["side"] == "off"]
+        ratio = statistics.median(on) / statistics.median(off)
+        mib = statistics.median(r["replicated_mib"] for r in runs if r["side"] == f"k={k}")
+        summary[f"ratio_on_off_k{k}"] = ratio
+        print(f"{k:>4} {fmt(spread(on)):>22} {fmt(spread(off)):>22} {ratio:>7.3f} {mib:>10.0f}")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"summary": summary, "config": vars(args), "runs": runs}, fh, indent=2)
+        log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
