@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 REGISTRY_CACHE_S = 0.5
 PREFILL_ATTEMPTS = 4  # prompt services tried for one prefill (the same one again if there is no other)
 LEASE_CHECK_S = 1.0  # a decode stream silent this long makes the gateway check its service's lease
+class LeaseLapsed(UpstreamError):
+    """A service stopped renewing its lease in Redis while we waited on it."""
+
+
 class Router:
     def __init__(self, registry: Registry, client: httpx.AsyncClient, settings: GatewaySettings,
                  requests: RequestStore):
@@ -175,12 +179,16 @@ class Router:
             holders.append(svc)
             self.in_flight[svc.id] += 1
             try:
-                return PrefillResult.model_validate(
-                    await self._post(svc, "/prefill", req, timeout=self.settings.request_timeout_s))
+                return PrefillResult.model_validate(await self._until_lease_lapses(
+                    self._post(svc, "/prefill", req, timeout=self.settings.request_timeout_s), svc))
             except (UpstreamError, Unavailable) as exc:
                 errors.append(f"{svc.id}: {exc.message}")
                 log.warning("prefill on %s failed: %s", svc.id, exc.message)
-                await self._abort_all(req.request_id, [svc])  # it may still be streaming into the row
+                abort = self._abort_all(req.request_id, [svc])  # it may still be streaming into the row
+                if isinstance(exc, LeaseLapsed):
+                    self._spawn(abort)  # a hung service would hold the retry for the abort's timeout
+                else:
+                    await abort
                 holders.remove(svc)
             finally:
                 self.in_flight[svc.id] -= 1
@@ -228,9 +236,21 @@ class Router:
             if pending is not None:
                 pending.cancel()
 
+    async def _until_lease_lapses(self, call, svc: ServiceInfo):
+        """Await `call`, unless `svc` stops renewing its lease first (it hangs or died): then
+        LeaseLapsed, instead of waiting out the call's timeout."""
+        task = asyncio.ensure_future(call)
+        try:
+            while not (await asyncio.wait({task}, timeout=LEASE_CHECK_S))[0]:
+                if not await self._leased(svc):
+                    raise LeaseLapsed(f"{svc.kind.value} service {svc.id} stopped renewing its lease (hung or dead)")
+            return task.result()
+        finally:
+            task.cancel()
+
     async def _leased(self, svc: ServiceInfo) -> bool:
         try:
-            return any(s.id == svc.id for s in await self.services(ServiceKind.TOKEN))
+            return any(s.id == svc.id for s in await self.services(svc.kind))
         except Unavailable:  # Redis down: the read timeout is all there is
             return True
 

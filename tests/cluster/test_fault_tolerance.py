@@ -134,6 +134,28 @@ def test_prompt_service_dying_mid_prefill_is_retried_on_another(cluster, tiny_or
     assert_no_kv_held_on(cluster)
 
 
+def test_hung_prompt_service_is_passed_over_once_its_lease_lapses(cluster, tiny_oracle):
+    """A prompt service hangs (SIGSTOP) with prefills in its hands and is never killed: its lease
+    lapses and the gateway retries them on the other one, instead of waiting out the request."""
+    cases = [(f"Hung {i}: " + PROMPT, 20) for i in range(6)]
+    want = [tiny_oracle.text(tiny_oracle.tokenizer(p)["input_ids"], n)[0] for p, n in cases]
+    victim = cluster.of("prompt")[0]
+    cluster.kill(victim, signal.SIGSTOP)
+
+    async def run():
+        async with httpx.AsyncClient() as client:
+            return await asyncio.gather(*(client.post(cluster.url + "/v1/completions", timeout=60, json={
+                "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True}) for p, n in cases))
+
+    try:
+        bodies = [r.json() for r in asyncio.run(run())]
+        assert [b["choices"][0]["text"] for b in bodies] == want
+        assert victim.proc.poll() is None  # still there, still hung: found by its lease alone
+    finally:
+        victim.proc.send_signal(signal.SIGCONT)
+    assert_no_kv_held_on(cluster)
+
+
 def test_many_streams_survive_several_kills(cluster, tiny_oracle):
     """8 concurrent streams; two token services are killed one after the other while they run."""
     n = 400
