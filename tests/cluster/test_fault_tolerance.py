@@ -112,25 +112,34 @@ def test_token_service_and_store_dying_together_falls_back_to_reprefill(cluster,
     assert_no_kv_held_on(cluster)
 
 
+def complete_all(cluster, cases: list[tuple[str, int]], meanwhile=None, timeout: float = 120) -> list[str]:
+    """Greedy completions of (prompt, max_tokens) at once; `meanwhile(pending)` is called 1.5 s in
+    with how many have not answered yet."""
+    async def run():
+        async with httpx.AsyncClient() as client:
+            reqs = [asyncio.ensure_future(client.post(cluster.url + "/v1/completions", timeout=timeout, json={
+                "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True})) for p, n in cases]
+            if meanwhile:
+                await asyncio.sleep(1.5)
+                meanwhile(sum(not r.done() for r in reqs))
+            return [(await r).json()["choices"][0]["text"] for r in reqs]
+
+    return asyncio.run(run())
+
+
 def test_prompt_service_dying_mid_prefill_is_retried_on_another(cluster, tiny_oracle):
     """One prompt service hangs with requests in its hands, then is killed: they prefill on the other."""
     cases = [(f"Request {i}: " + PROMPT, 30) for i in range(6)]
     want = [tiny_oracle.text(tiny_oracle.tokenizer(p)["input_ids"], n)[0] for p, n in cases]
-    victim = cluster.of("prompt")[0]
+    victim, stuck = cluster.of("prompt")[0], []
     cluster.kill(victim, signal.SIGSTOP)
 
-    async def run():
-        async with httpx.AsyncClient() as client:
-            reqs = [asyncio.ensure_future(client.post(cluster.url + "/v1/completions", timeout=120, json={
-                "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True})) for p, n in cases]
-            await asyncio.sleep(1.5)  # some are stuck in the stopped one now
-            stuck = sum(not r.done() for r in reqs)
-            cluster.kill(victim, signal.SIGKILL)
-            return stuck, [(await r).json() for r in reqs]
+    def kill(pending: int):  # some are stuck in the stopped one now
+        stuck.append(pending)
+        cluster.kill(victim, signal.SIGKILL)
 
-    stuck, bodies = asyncio.run(run())
-    assert stuck > 0
-    assert [b["choices"][0]["text"] for b in bodies] == want
+    assert complete_all(cluster, cases, meanwhile=kill) == want
+    assert stuck[0] > 0
     assert_no_kv_held_on(cluster)
 
 
@@ -141,15 +150,8 @@ def test_hung_prompt_service_is_passed_over_once_its_lease_lapses(cluster, tiny_
     want = [tiny_oracle.text(tiny_oracle.tokenizer(p)["input_ids"], n)[0] for p, n in cases]
     victim = cluster.of("prompt")[0]
     cluster.kill(victim, signal.SIGSTOP)
-
-    async def run():
-        async with httpx.AsyncClient() as client:
-            return await asyncio.gather(*(client.post(cluster.url + "/v1/completions", timeout=60, json={
-                "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True}) for p, n in cases))
-
     try:
-        bodies = [r.json() for r in asyncio.run(run())]
-        assert [b["choices"][0]["text"] for b in bodies] == want
+        assert complete_all(cluster, cases, timeout=60) == want
         assert victim.proc.poll() is None  # still there, still hung: found by its lease alone
     finally:
         victim.proc.send_signal(signal.SIGCONT)
