@@ -28,7 +28,9 @@ from gateway.recovery import RECOVERIES, RECOVERY_SECONDS, Run, TokenServiceLost
 log = logging.getLogger(__name__)
 REGISTRY_CACHE_S = 0.5
 PREFILL_ATTEMPTS = 4  # prompt services tried for one prefill (the same one again if there is no other)
-LEASE_CHECK_S = 1.0  # a decode stream silent this long makes the gateway check its service's lease
+LEASE_CHECK_S = 1.0  # a call or stream silent this long makes the gateway check its service's lease
+
+
 class LeaseLapsed(UpstreamError):
     """A service stopped renewing its lease in Redis while we waited on it."""
 
@@ -217,24 +219,15 @@ class Router:
     async def _while_leased(self, lines: AsyncIterator[str], svc: ServiceInfo) -> AsyncIterator[str]:
         """The lines of a decode stream, until its token service's lease in Redis lapses: a hung
         service is found after the lease TTL (3 s by default), sooner than --token-timeout-s."""
-        it, pending = aiter(lines), None
-        try:
-            while True:
-                pending = pending or asyncio.ensure_future(anext(it))
-                done, _ = await asyncio.wait({pending}, timeout=LEASE_CHECK_S)
-                if not done:
-                    if not await self._leased(svc):
-                        raise TokenServiceLost(f"token service {svc.id} stopped renewing its lease (hung or dead)")
-                    continue
-                task, pending = pending, None
-                if task.exception() is not None:
-                    if isinstance(task.exception(), StopAsyncIteration):
-                        return
-                    raise task.exception()
-                yield task.result()
-        finally:
-            if pending is not None:
-                pending.cancel()
+        it = aiter(lines)
+        while True:
+            try:
+                line = await self._until_lease_lapses(anext(it), svc)
+            except StopAsyncIteration:
+                return
+            except LeaseLapsed as exc:
+                raise TokenServiceLost(exc.message) from exc
+            yield line
 
     async def _until_lease_lapses(self, call, svc: ServiceInfo):
         """Await `call`, unless `svc` stops renewing its lease first (it hangs or died): then

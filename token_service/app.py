@@ -35,35 +35,37 @@ from token_service.sequence import Sequence
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: TokenSettings) -> FastAPI:
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        path = resolve_model_path(settings.model, progress=log.info)
-        runner = ModelRunner(await asyncio.to_thread(load_model, path, settings.threads))
-        engine = app.state.engine = TokenEngine(runner, settings, app.state.service_id)
-        transport = engine.transport = make_transport(settings.kv_transport)
-        kv_address = engine.kv_address = await listen_kv(
-            transport, kv_server(engine.receive_kv, (KVMessageError,), request_id_var), settings)
-        loop_task = supervise(asyncio.create_task(engine.run()), "decode loop")
-        log.info("token service ready: model %s, %d rows x %d tokens, KV on %s (%s)", path, settings.max_seqs,
-                 settings.max_model_len, kv_address, settings.kv_transport)
-        lease_fields = lambda: dict(  # noqa: E731
-            model=str(path), kv_address=kv_address, kv_transport=settings.kv_transport,
-            max_model_len=settings.max_model_len, active_requests=len(engine.scheduler.seqs),
-            kv_bytes_used=engine.slots.num_used * engine.slot_bytes, kv_bytes_free=engine.kv_bytes_free)
-        peers, client = Peers(transport, fault_rate=settings.inject_kv_faults), httpx.AsyncClient()
-        try:
-            async with registered(app, settings, ServiceKind.TOKEN, lease_fields) as redis:
-                engine.replicator = Replicator(engine.pool, peers, Registry(redis), RequestStore(redis), client,
-                                               settings.replicate_every)
-                yield
-        finally:
-            loop_task.cancel()
-            await peers.close()
-            await client.aclose()
-            await transport.close()
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI, settings: TokenSettings):
+    """Load the model, start the KV listener and the decode loop, register; undo it all on the way out."""
+    path = resolve_model_path(settings.model, progress=log.info)
+    runner = ModelRunner(await asyncio.to_thread(load_model, path, settings.threads))
+    engine = app.state.engine = TokenEngine(runner, settings, app.state.service_id)
+    transport = engine.transport = make_transport(settings.kv_transport)
+    kv_address = engine.kv_address = await listen_kv(
+        transport, kv_server(engine.receive_kv, (KVMessageError,), request_id_var), settings)
+    loop_task = supervise(asyncio.create_task(engine.run()), "decode loop")
+    log.info("token service ready: model %s, %d rows x %d tokens, KV on %s (%s)", path, settings.max_seqs,
+             settings.max_model_len, kv_address, settings.kv_transport)
+    lease_fields = lambda: dict(  # noqa: E731
+        model=str(path), kv_address=kv_address, kv_transport=settings.kv_transport,
+        max_model_len=settings.max_model_len, active_requests=len(engine.scheduler.seqs),
+        kv_bytes_used=engine.slots.num_used * engine.slot_bytes, kv_bytes_free=engine.kv_bytes_free)
+    peers, client = Peers(transport, fault_rate=settings.inject_kv_faults), httpx.AsyncClient()
+    try:
+        async with registered(app, settings, ServiceKind.TOKEN, lease_fields) as redis:
+            engine.replicator = Replicator(engine.pool, peers, Registry(redis), RequestStore(redis), client,
+                                           settings.replicate_every)
+            yield
+    finally:
+        loop_task.cancel()
+        await peers.close()
+        await client.aclose()
+        await transport.close()
 
-    app = FastAPI(title="DéjàVu token service", lifespan=lifespan)
+
+def create_app(settings: TokenSettings) -> FastAPI:
+    app = FastAPI(title="DéjàVu token service", lifespan=lambda app: _lifespan(app, settings))
     install_error_handlers(app)
 
     async def health() -> dict:

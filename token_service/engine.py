@@ -126,7 +126,6 @@ class TokenEngine:
         if seq.done:
             raise NotFound(f"request {req.request_id} was aborted during its restore")
         seq.layers_received.update(range(seq.num_layers))
-        seq.epoch = req.epoch
         if self.replicator:
             await self.replicator.resume_from(seq.request_id, req.epoch, req.store_id, req.store_kv_address, n)
         return RestoreResult(request_id=req.request_id, fetched=n, recomputed=seq.prompt_len - n,
