@@ -36,7 +36,8 @@ from dataclasses import asdict, dataclass
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.serve import build_prompts, fmt, log, spread
+from bench.common import fmt, log, spread
+from bench.serve import build_prompts
 from common.model import load_tokenizer, resolve_model_path
 from dejavu.cluster import Child, Cluster
 

@@ -18,7 +18,8 @@ import time
 import httpx
 
 from bench.failure import batch, launch, metric
-from bench.serve import build_prompts, fmt, log, spread
+from bench.common import fmt, log, spread
+from bench.serve import build_prompts
 from common.model import load_tokenizer, resolve_model_path
 
 

@@ -29,12 +29,12 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 
 import httpx
 
+from bench.common import fmt, log, spread
 from common.model import load_model, load_tokenizer, resolve_model_path
 from dejavu.cluster import Cluster
 
@@ -60,10 +60,6 @@ class Measurement:
     @property
     def ttft_p50_ms(self) -> float:
         return statistics.median(self.ttft_ms)
-
-
-def log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 def build_prompts(tokenizer, tokens: int, count: int) -> list[list[int]]:
@@ -164,10 +160,6 @@ def run(args, url: str, hf: HFBaseline, prompts: list[list[int]]) -> list[Measur
     return done
 
 
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def summarize(measurements: list[Measurement], concurrency: list[int]) -> tuple[dict, list[dict]]:
     rows = []
     for c in concurrency:
@@ -189,10 +181,6 @@ def summarize(measurements: list[Measurement], concurrency: list[int]) -> tuple[
     at_target = summary.get(f"tokens_per_s_ratio_{TARGET_CONCURRENCY}")
     summary["target_met"] = None if at_target is None else at_target >= TARGET_RATIO
     return summary, rows
-
-
-def fmt(s: dict, digits: int = 1) -> str:
-    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
 
 
 def print_table(rows: list[dict], summary: dict, args) -> None:

@@ -75,6 +75,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int
     return events
 
 
+def first_event(p: SamplingParams, event: TokenEvent) -> TokenEvent:
+    """The first output token (sampled at prefill) with its finish reason: EOS or max_tokens 1."""
+    reason = "stop" if (not p.ignore_eos and event.token_id in p.stop_token_ids) else (
+        "length" if p.max_tokens <= 1 else None)
+    return event.model_copy(update={"finish_reason": reason}) if reason else event
+
+
 def _event(rid: str, index: int, token: int, p: SamplingParams, logprobs: torch.Tensor | None) -> TokenEvent:
     if p.logprobs is None or logprobs is None:
         return TokenEvent(request_id=rid, index=index, token_id=token)

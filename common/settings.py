@@ -72,6 +72,8 @@ class ModelSettings(ServiceSettings):
     kv_port: int = setting(0, "KV transport port (0 picks a free one)")
     threads: int = setting(0, "torch CPU threads (0: torch's default)")
     inject_kv_faults: float = setting(0.0, "testing: this fraction of outgoing KV transfers fail on purpose")
+    max_batch_tokens: int = setting(4096, "most prompt tokens prefilled in one forward pass "
+                                    "(token service: with --colocated)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -79,16 +81,15 @@ class ModelSettings(ServiceSettings):
         _check(self, 0 <= self.kv_port <= 65535, "kv_port", "must be in 0..65535")
         _check(self, self.threads >= 0, "threads", "must be >= 0")
         _check(self, 0.0 <= self.inject_kv_faults < 1.0, "inject_kv_faults", "must be in [0, 1)")
+        _check(self, self.max_batch_tokens >= 16, "max_batch_tokens", "must be >= 16")
 
 
 @dataclass(frozen=True)
 class PromptSettings(ModelSettings):
-    max_batch_tokens: int = setting(4096, "most prompt tokens prefilled in one forward pass")
     ack_timeout_s: float = setting(30.0, "how long to wait for the token service to acknowledge the KV (s)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(self, self.max_batch_tokens >= 16, "max_batch_tokens", "must be >= 16")
+    kv_streaming: str = setting("layerwise", "when a prefill's KV goes out: each layer as soon as it is computed, "
+                                "or all layers in one message after the forward pass (for comparison)",
+                                ("layerwise", "after_prefill"))
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,8 @@ class TokenSettings(ModelSettings):
     max_seqs: int = setting(16, "most sequences decoding at once (each holds --max-model-len tokens of KV)")
     reservation_ttl_s: float = setting(120.0, "KV room reserved but never used is freed after this (s)")
     replicate_every: int = setting(16, "replicate a request's KV to a cache store every this many new tokens")
+    colocated: bool = setting(False, "prefill requests here too: the gateway then sends this service the whole "
+                              "request, no prompt service (colocated mode)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,8 +1,9 @@
 """dejavu: run and inspect a DéjàVu serving cluster.
 
   dejavu up [--model M] [--port 8000] [--prompt-services 1] [--token-services 1] [--cache-stores 1]
-            [--redis-url URL] [--kv-transport ucx|tcp]
+            [--colocated] [--redis-url URL] [--kv-transport ucx|tcp]
   dejavu status [--redis-url URL] [--json]
+  dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve: python -m bench.NAME)
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--port", type=int, default=8000, help="gateway port")
     up.add_argument("--host", default="127.0.0.1", help="interface every service binds to")
     up.add_argument("--prompt-services", type=int, default=1, help="prefill engines")
+    up.add_argument("--colocated", action="store_true",
+                    help="colocated mode: each token service prefills its own requests; no prompt service is started")
     up.add_argument("--token-services", type=int, default=1, help="decode engines")
     up.add_argument("--cache-stores", type=int, default=1, help="KV replica stores")
     up.add_argument("--redis-url", default=None, help="use this Redis instead of starting an embedded one")
@@ -38,13 +41,36 @@ def main(argv: list[str] | None = None) -> None:
     status = sub.add_parser("status", help="list the services registered in Redis")
     status.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    bench = sub.add_parser("bench", help="run a benchmark (same as python -m bench.NAME)",
+                           description="Run a benchmark: it prints progress, a table of medians [min-max] over "
+                           "repeats, and with --out writes the figures as JSON (plots beside it). "
+                           "`dejavu bench NAME --help` lists a benchmark's options.")
+    bench.add_argument("name", choices=BENCHMARKS, metavar="NAME", help=" | ".join(
+        f"{name}: {what}" for name, what in BENCHMARKS.items()))
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        import importlib
+
+        sys.exit(importlib.import_module(f"bench.{args.name}").main(args.args))
     sys.exit(cmd_up(args, parser) if args.command == "up" else cmd_status(args))
 
 
+BENCHMARKS = {
+    "kv": "KV transports and copies against an in-process memcpy",
+    "stream": "time to first token: colocated, layer-by-layer streaming, one transfer after prefill",
+    "load": "open-loop Poisson load against our cluster, colocated mode, a naive HF server and peers",
+    "failure": "latency when a token service dies mid-request: resume vs restart vs no failure",
+    "replication": "decode throughput against the replication interval",
+    "serve": "closed-loop throughput and TTFT against Hugging Face generate",
+}
+
+
 def cmd_up(args, parser) -> int:
+    if args.colocated:
+        args.prompt_services = 0
     for name in ("prompt_services", "token_services"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) < 1 and not (args.colocated and name == "prompt_services"):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.cache_stores < 0:
         parser.error("--cache-stores must be >= 0")
@@ -56,11 +82,12 @@ def cmd_up(args, parser) -> int:
     from dejavu.redis_server import RedisNotInstalled
 
     env = {"DEJAVU_KV_TRANSPORT": args.kv_transport, "DEJAVU_MAX_MODEL_LEN": str(args.max_model_len),
-           "DEJAVU_MAX_SEQS": str(args.max_seqs)}
+           "DEJAVU_MAX_SEQS": str(args.max_seqs), "DEJAVU_COLOCATED": str(args.colocated).lower()}
     cluster = Cluster(args.model, args.port, args.prompt_services, args.token_services, args.cache_stores,
                       args.redis_url, env, echo_logs=not args.quiet, host=args.host)
-    print(f"[dejavu] starting: {args.token_services} token, {args.prompt_services} prompt, {args.cache_stores} "
-          f"cache store(s), gateway on port {args.port}, KV over {args.kv_transport} ...", file=sys.stderr, flush=True)
+    mode = "colocated (token services prefill)" if args.colocated else f"{args.prompt_services} prompt"
+    print(f"[dejavu] starting: {args.token_services} token, {mode}, {args.cache_stores} cache store(s), "
+          f"gateway on port {args.port}, KV over {args.kv_transport} ...", file=sys.stderr, flush=True)
     start = time.monotonic()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # while starting, SIGTERM = Ctrl-C
     try:

@@ -2,8 +2,8 @@
 
 `Router.generate` is the whole disaggregated path for one request, as an async iterator of
 TokenEvents: reserve KV room on a token service T (least loaded first; a full one is skipped),
-prefill on a prompt service P (another P is tried if one fails), then stream decode events from
-T. Leaving the iterator early (stop string, client gone, error) aborts the request on T and P.
+prefill on a prompt service P (another P is tried if one fails; a colocated T prefills itself),
+then stream decode events from T. Leaving the iterator early (stop string, client gone, error) aborts the request on T and P.
 If T dies or hangs, the request goes on on another token service (gateway/recovery.py).
 """
 
@@ -93,10 +93,10 @@ class Router:
                 path = "replica" if outputs and await restore(self, run, token_svc, prefix) else "reprefill"
                 RECOVERIES.labels(path).inc()
             if path != "replica":
+                req = PrefillRequest(request_id=run.request_id, epoch=run.epoch, prompt_ids=prefix, sampling=run.sampling,
+                                     target_service_id=token_svc.id, target_kv_address=reservation.kv_address)
                 try:
-                    result = await self.prefill(PrefillRequest(
-                        request_id=run.request_id, epoch=run.epoch, prompt_ids=prefix, sampling=run.sampling,
-                        target_service_id=token_svc.id, target_kv_address=reservation.kv_address), holders)
+                    result = await (self.prefill_on(token_svc, req) if token_svc.colocated else self.prefill(req, holders))
                 except UpstreamError as exc:
                     if not await self._alive(token_svc):  # the KV had nowhere to go: its target died
                         raise TokenServiceLost(f"token service {token_svc.id} died during prefill") from exc
@@ -197,6 +197,11 @@ class Router:
         if not errors:
             raise Unavailable("no prompt service is registered: start one (python -m prompt_service)")
         raise UpstreamError("prefill failed on every prompt service tried: " + "; ".join(errors))
+
+    async def prefill_on(self, svc: ServiceInfo, req: PrefillRequest) -> PrefillResult:
+        """Colocated mode: the token service holding the reservation prefills it itself."""
+        return PrefillResult.model_validate(await self._until_lease_lapses(
+            self._post(svc, "/prefill", req, timeout=self.settings.request_timeout_s), svc))
 
     async def decode(self, svc: ServiceInfo, req: DecodeRequest) -> AsyncIterator[TokenEvent]:
         timeout = httpx.Timeout(10.0, read=self.settings.token_timeout_s)

@@ -28,7 +28,7 @@ from common.kv.peers import KVRejected, PeerLink, Peers
 from common.kv.transport import TransportError
 from common.protocol import PrefillRequest, PrefillResult, TokenEvent
 from common.runner import ModelRunner
-from common.sampling import sample
+from common.sampling import first_event, sample
 from common.service import request_id_var
 from common.settings import PromptSettings
 
@@ -48,7 +48,7 @@ class PrefillJob:
     req: PrefillRequest
     link: PeerLink
     result: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # (layer, buffer); <= layers items
+    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # (layer_start, layer_end, buffer)
     first: TokenEvent | None = None
     prefill_ms: float = 0.0
     computed_at: float = 0.0        # perf_counter when the last layer was computed
@@ -116,9 +116,15 @@ class PrefillEngine:
     async def _execute(self, batch: list[PrefillJob]) -> None:
         loop = asyncio.get_running_loop()
 
+        layerwise, held = self.settings.kv_streaming == "layerwise", [[] for _ in batch]
+
         def on_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:  # runs in the worker thread
             for row, job in enumerate(batch):
-                loop.call_soon_threadsafe(job.outbox.put_nowait, (layer, gather_prefill(k, v, row, job.num_tokens)))
+                buf = gather_prefill(k, v, row, job.num_tokens)
+                if layerwise:
+                    loop.call_soon_threadsafe(job.outbox.put_nowait, (layer, layer + 1, buf))
+                else:  # --kv-streaming after_prefill: held back, sent as one message after the forward
+                    held[row].append(buf)
 
         start = time.perf_counter()
         try:
@@ -131,8 +137,10 @@ class PrefillEngine:
         done = time.perf_counter()
         PREFILL_SECONDS.observe(done - start)
         events = sample(logits, [j.req.sampling for j in batch], [0] * len(batch), [j.req.request_id for j in batch])
-        for job, event in zip(batch, events):
-            job.first, job.prefill_ms, job.computed_at = _with_finish(job.req, event), (done - start) * 1000, done
+        for job, event, bufs in zip(batch, events, held):
+            if bufs:
+                job.outbox.put_nowait((0, len(bufs), torch.cat(bufs)))
+            job.first, job.prefill_ms, job.computed_at = first_event(job.req.sampling, event), (done - start) * 1000, done
             loop.call_soon(job.outbox.put_nowait, None)  # after every layer: the sender may answer
 
     async def _send_layers(self, job: PrefillJob) -> None:
@@ -142,9 +150,9 @@ class PrefillEngine:
             while (item := await job.outbox.get()) is not None:
                 if job.result.done():
                     continue  # ended: drain without sending
-                layer, buf = item
+                layer_start, layer_end, buf = item
                 acks.append(await job.link.send(buf, request_id=job.req.request_id, epoch=job.req.epoch,
-                                                layer_start=layer, layer_end=layer + 1,
+                                                layer_start=layer_start, layer_end=layer_end,
                                                 token_start=0, token_end=job.num_tokens))
             if job.result.done():
                 return
@@ -167,9 +175,3 @@ def _by_length(jobs: list[PrefillJob]) -> list[list[PrefillJob]]:
         groups.setdefault(job.num_tokens, []).append(job)
     return list(groups.values())
 
-
-def _with_finish(req: PrefillRequest, event: TokenEvent) -> TokenEvent:
-    p = req.sampling
-    reason = "stop" if (not p.ignore_eos and event.token_id in p.stop_token_ids) else (
-        "length" if p.max_tokens <= 1 else None)
-    return event.model_copy(update={"finish_reason": reason}) if reason else event

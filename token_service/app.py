@@ -1,6 +1,7 @@
 """Token service HTTP API: thin handlers over TokenEngine.
 
 POST /reserve  ReserveRequest -> Reservation (503 kv_full when there is no room)
+POST /prefill  PrefillRequest -> PrefillResult (colocated mode: the reserved row's KV computed here)
 POST /restore  RestoreRequest -> RestoreResult (recovery: the reserved row's KV from a replica)
 POST /decode   DecodeRequest  -> NDJSON stream of DecodeEvent, one per token; ends at finish
 POST /abort    AbortRequest   -> AbortResult
@@ -22,8 +23,8 @@ from common.kv.peers import Peers
 from common.kv.receiver import kv_server
 from common.metadata import Registry, RequestStore
 from common.model import load_model, resolve_model_path
-from common.protocol import (AbortRequest, AbortResult, DecodeEvent, DecodeRequest, Reservation, ReserveRequest,
-                             RestoreRequest, RestoreResult, ServiceKind)
+from common.protocol import (AbortRequest, AbortResult, DecodeEvent, DecodeRequest, PrefillRequest, PrefillResult,
+                             Reservation, ReserveRequest, RestoreRequest, RestoreResult, ServiceKind)
 from common.runner import ModelRunner
 from common.service import (ClosingStreamingResponse, add_health_and_metrics, listen_kv, registered,
                             request_id_var, supervise)
@@ -45,11 +46,12 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
     kv_address = engine.kv_address = await listen_kv(
         transport, kv_server(engine.receive_kv, (KVMessageError,), request_id_var), settings)
     loop_task = supervise(asyncio.create_task(engine.run()), "decode loop")
-    log.info("token service ready: model %s, %d rows x %d tokens, KV on %s (%s)", path, settings.max_seqs,
-             settings.max_model_len, kv_address, settings.kv_transport)
+    log.info("token service ready: model %s, %d rows x %d tokens, KV on %s (%s)%s", path, settings.max_seqs,
+             settings.max_model_len, kv_address, settings.kv_transport,
+             ", colocated: prefills here too" if settings.colocated else "")
     lease_fields = lambda: dict(  # noqa: E731
         model=str(path), kv_address=kv_address, kv_transport=settings.kv_transport,
-        max_model_len=settings.max_model_len, active_requests=len(engine.scheduler.seqs),
+        max_model_len=settings.max_model_len, colocated=settings.colocated, active_requests=len(engine.scheduler.seqs),
         kv_bytes_used=engine.slots.num_used * engine.slot_bytes, kv_bytes_free=engine.kv_bytes_free)
     peers, client = Peers(transport, fault_rate=settings.inject_kv_faults), httpx.AsyncClient()
     try:
@@ -83,6 +85,11 @@ def create_app(settings: TokenSettings) -> FastAPI:
     async def decode(req: DecodeRequest) -> ClosingStreamingResponse:
         request_id_var.set(req.request_id)
         return _decode_stream(app.state.engine, req)
+
+    @app.post("/prefill")
+    async def prefill(req: PrefillRequest) -> PrefillResult:
+        request_id_var.set(req.request_id)
+        return await app.state.engine.prefill(req)
 
     @app.post("/restore")
     async def restore(req: RestoreRequest) -> RestoreResult:

@@ -31,7 +31,7 @@ class Sequence:
     output: list[int] = field(default_factory=list)  # output tokens from first_index on
     first_index: int = 0                # output index of output[0] (> 0 on a resumed request)
     epoch: int = 0                      # the request's epoch when this service took it (fencing)
-    restoring: bool = False             # its KV is being rebuilt from a replica (recovery)
+    filling: bool = False               # its row is being written: a restore, or a prefill here (colocated)
     events: asyncio.Queue[DecodeEvent] = field(default_factory=asyncio.Queue)
 
     def __post_init__(self) -> None:

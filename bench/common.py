@@ -1,0 +1,109 @@
+"""What every benchmark shares: progress lines, medians with min-max, the machine it ran on, the
+JSON file (a top-level "summary" with the headline figures) and PNG plots.
+
+Every script is `python -m bench.NAME [--out FILE.json]`, also `dejavu bench NAME`, with a
+`main(argv=None)`. Progress goes to stderr, the table to stdout. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+OUT_DIR = Path("bench/out")  # plots land here when no --out is given (git-ignored)
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def spread(values: list[float]) -> dict:
+    """{"median", "min", "max"} of repeated measurements."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def fmt(s: dict, digits: int = 1) -> str:
+    """A spread as `median [min-max]`."""
+    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100), linear between the two nearest ranks; nan for no values."""
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    k = (len(xs) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def machine() -> dict:
+    """Where a figure was measured: CPU, cores, memory, versions, commit, date."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gib = float("nan")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "commit": commit,
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def write_json(path: str, summary: dict, **sections) -> None:
+    """{"summary": ..., "machine": ..., **sections} to `path` (nothing when path is empty)."""
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump({"summary": summary, "machine": machine(), **sections}, fh, indent=2, default=str)
+    log(f"wrote {path}")
+
+
+def plot_path(out: str, bench: str, name: str) -> Path:
+    """Where a plot goes: beside --out (kv.json -> kv-NAME.png), else bench/out/BENCH-NAME.png."""
+    if out:
+        p = Path(out)
+        return p.with_name(f"{p.stem}-{name}.png")
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    return OUT_DIR / f"{bench}-{name}.png"
+
+
+def pyplot():
+    """matplotlib.pyplot on a file-only backend, or None (with a note) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed (pip install matplotlib): no plots")
+        return None
+    return plt
+
+
+def save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    log(f"plot: {path}")
