@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import fmt, log, spread
+from bench.common import fmt, log, plot_path, pyplot, save, spread, write_json
 from bench.serve import build_prompts
 from common.model import load_tokenizer, resolve_model_path
 from dejavu.cluster import Child, Cluster
@@ -59,6 +59,7 @@ class Run:
     error: str           # the error event the client saw, "" if none
     exact: bool          # the text equals the first failure-free text
     text: str
+    offsets: list[float]  # when each token arrived, s after the first send (the timeline plot)
 
 
 @dataclass
@@ -156,7 +157,8 @@ def run_once(scenario: str, repeat: int, clusters: dict[str, Cluster], body: dic
     counted = ",".join(p for p in after if after[p] > before[p])
     pause = max((b - a for a, b in zip(times, times[1:])), default=0.0)
     return Run(scenario, repeat, (times[-1] if times else time.perf_counter()) - sent, pause, len(last.times),
-               first.killed, counted, first.error or last.error, last.text == (reference or last.text), last.text)
+               first.killed, counted, first.error or last.error, last.text == (reference or last.text), last.text,
+               [round(t - sent, 4) for t in times])
 
 
 def latency_runs(args, ids: list[int], env: dict[str, str]) -> list[Run]:
@@ -289,11 +291,25 @@ def main(argv: list[str] | None = None) -> None:
         args, build_prompts(tokenizer, args.throughput_prompt_tokens, args.concurrency), env)
     summary, rows = summarize(runs, tput)
     print_report(summary, rows, args)
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump({"summary": summary, "config": vars(args), "rows": rows, "env": env,
-                       "latency_runs": [asdict(r) for r in runs], "throughput_runs": tput}, fh, indent=2)
-        log(f"wrote {args.out}")
+    write_json(args.out, summary, config={k: v for k, v in vars(args).items() if k != "out"}, rows=rows, env=env,
+               latency_runs=[asdict(r) for r in runs], throughput_runs=tput)
+    plot_timeline(runs, args)
+
+
+def plot_timeline(runs: list[Run], args) -> None:
+    """Tokens received against time, for the first repeat of each scenario."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for scenario in SCENARIOS:
+        run = next(r for r in runs if r.scenario == scenario)
+        ax.plot(run.offsets, range(1, len(run.offsets) + 1), label=f"{scenario} ({run.latency_s:.1f} s)")
+    ax.set_xlabel("seconds since the request was sent")
+    ax.set_ylabel("output tokens received")
+    ax.set_title(f"A token service killed at token {args.kill_at} (restart: the client sends it again)")
+    ax.legend()
+    save(fig, plot_path(args.out, "failure", "timeline"))
 
 
 if __name__ == "__main__":

