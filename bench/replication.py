@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import statistics
 import time
 
 import httpx
 
 from bench.failure import batch, launch, metric
-from bench.common import fmt, log, spread
+from bench.common import fmt, log, spread, write_json
 from bench.serve import build_prompts
 from common.model import load_tokenizer, resolve_model_path
 
@@ -79,10 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         mib = statistics.median(r["replicated_mib"] for r in runs if r["side"] == f"k={k}")
         summary[f"ratio_on_off_k{k}"] = ratio
         print(f"{k:>4} {fmt(spread(on)):>22} {fmt(spread(off)):>22} {ratio:>7.3f} {mib:>10.0f}")
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump({"summary": summary, "config": vars(args), "runs": runs}, fh, indent=2)
-        log(f"wrote {args.out}")
+    write_json(args.out, summary, config={k: v for k, v in vars(args).items() if k != "out"}, runs=runs)
 
 
 if __name__ == "__main__":

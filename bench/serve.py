@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 
 import httpx
 
-from bench.common import fmt, log, spread
+from bench.common import fmt, log, spread, write_json
 from common.model import load_model, load_tokenizer, resolve_model_path
 from dejavu.cluster import Cluster
 
@@ -234,12 +234,8 @@ def main(argv: list[str] | None = None) -> None:
             measurements = run(args, cluster.url, hf, prompts)
     summary, rows = summarize(measurements, args.concurrency)
     print_table(rows, summary, args)
-    if args.out:
-        config = {k: v for k, v in vars(args).items() if k != "out"}
-        raw = [{**asdict(m), "tokens_per_s": m.tokens_per_s} for m in measurements]
-        with open(args.out, "w") as fh:
-            json.dump({"summary": summary, "config": config, "rows": rows, "raw": raw}, fh, indent=2)
-        log(f"wrote {args.out}")
+    raw = [{**asdict(m), "tokens_per_s": m.tokens_per_s} for m in measurements]
+    write_json(args.out, summary, config={k: v for k, v in vars(args).items() if k != "out"}, rows=rows, raw=raw)
 
 
 if __name__ == "__main__":
