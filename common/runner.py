@@ -64,13 +64,19 @@ class _PoolCache(Cache):
 
     def __init__(self, pool: torch.Tensor, rows: int, write_pos: torch.Tensor, kv_len: int):
         super().__init__(layers=[])
-        self.pool, self.rows, self.write_pos, self.kv_len = pool, rows, write_pos, kv_len
-        self.row_index = torch.arange(rows)
+        self.pool, self.rows, self.kv_len = pool, rows, kv_len
+        # Where each row's new K (or V) vector goes in one layer's (slots * kv_heads * (max_len+1),
+        # head_dim) view: one index_copy_ per layer. (Advanced indexing, k[rows, :, pos] = new,
+        # gives the same result ~150x slower on CPU: ~6 ms per layer at 16 rows.)
+        _, _, _, heads, length, _ = pool.shape
+        row_heads = torch.arange(rows, device=pool.device)[:, None] * heads + torch.arange(heads, device=pool.device)
+        self.flat_index = (row_heads * length + write_pos[:, None]).reshape(-1)  # (rows * kv_heads,)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         k, v = self.pool[layer_idx, 0], self.pool[layer_idx, 1]  # (slots, kv_heads, max_len+1, head_dim)
-        k[self.row_index, :, self.write_pos] = key_states[:, :, -1]  # new: (rows, kv_heads, head_dim)
-        v[self.row_index, :, self.write_pos] = value_states[:, :, -1]
+        dim = k.shape[-1]
+        k.view(-1, dim).index_copy_(0, self.flat_index, key_states[:, :, -1].reshape(-1, dim))  # new: (rows, kv_heads, dim)
+        v.view(-1, dim).index_copy_(0, self.flat_index, value_states[:, :, -1].reshape(-1, dim))
         return k[: self.rows, :, : self.kv_len], v[: self.rows, :, : self.kv_len]
 
 
