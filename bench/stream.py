@@ -10,10 +10,11 @@ What it does, step by step:
 2. start three clusters side by side, each 1 token service, no cache store (replication is not part
    of the prefill) and nothing else running:
    - "colocated":     the token service prefills itself (`dejavu up --colocated`): no KV transfer;
-   - "layerwise":     a prompt service streams each layer's K/V to the token service as soon as it
-                      is computed, while the next layer computes (the default);
-   - "after_prefill": a prompt service sends all layers in one message after the forward pass
-                      (DEJAVU_KV_STREAMING=after_prefill);
+   - "layerwise":     a prompt service streams the K/V to the token service while the next layers
+                      compute, one message per --stream-layers layers (default: a fifth of the
+                      model's layers; 1: each layer as soon as it is computed);
+   - "after_prefill": a prompt service sends all layers in one message once the last layer is
+                      computed (DEJAVU_KV_STREAMING=after_prefill);
    and warm each up with one request per length;
 3. each repeat sends, for each length and each cluster in turn (alternating), one streaming greedy
    completion of max_tokens 1: TTFT is the time from sending it to its first text chunk. The
@@ -147,6 +148,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--prompt-tokens", default="500,1000", help="comma-separated prompt lengths")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--kv-transport", choices=("ucx", "tcp"), default="ucx")
+    p.add_argument("--stream-layers", type=int, default=0,
+                   help="layers per KV message of the layerwise cluster (DEJAVU_KV_STREAM_LAYERS; 0: the default)")
     p.add_argument("--out", default="", help="write the figures to this JSON file (the plot beside it)")
     args = p.parse_args(argv)
     try:
@@ -169,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         clusters = {}
         for name, (prompt_services, extra) in CONFIGS.items():
             log(f"starting cluster '{name}'")
+            if name == "layerwise":
+                extra = {**extra, "DEJAVU_KV_STREAM_LAYERS": str(args.stream_layers)}
             clusters[name] = stack.enter_context(Cluster(args.model, port=0, prompt_services=prompt_services,
                                                          token_services=1, cache_stores=0, env={**env, **extra},
                                                          echo_logs=False))

@@ -90,6 +90,12 @@ class PromptSettings(ModelSettings):
     kv_streaming: str = setting("layerwise", "when a prefill's KV goes out: each layer as soon as it is computed, "
                                 "or all layers in one message after the forward pass (for comparison)",
                                 ("layerwise", "after_prefill"))
+    kv_stream_layers: int = setting(0, "layer by layer: layers per KV message (1: each layer as soon as it is "
+                                    "computed; 0: a fifth of the model's layers, rounded up: 6 of SmolLM2's 30)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self, self.kv_stream_layers >= 0, "kv_stream_layers", "must be >= 0")
 
 
 @dataclass(frozen=True)
