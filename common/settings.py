@@ -183,8 +183,9 @@ def _convert(f: dataclasses.Field, raw: str) -> Any:
 def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     for f in dataclasses.fields(cls):
+        flag = {"nargs": "?", "const": "true"} if f.type in (bool, "bool") else {}  # --colocated = --colocated true
         parser.add_argument(flag_name(f.name), dest=f.name, default=None, choices=f.metadata["choices"],
-                            help=f"{f.metadata['help']} [env {env_name(f.name)}] (default: {f.default!r})")
+                            help=f"{f.metadata['help']} [env {env_name(f.name)}] (default: {f.default!r})", **flag)
     return parser
 
 

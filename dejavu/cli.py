@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--host", default="127.0.0.1", help="interface every service binds to")
     up.add_argument("--prompt-services", type=int, default=1, help="prefill engines")
     up.add_argument("--colocated", action="store_true",
-                    help="colocated mode: each token service prefills its own requests; no prompt service is started")
+                    help="colocated mode: each token service prefills its own requests; no prompt service is started "
+                    "(--prompt-services is ignored)")
     up.add_argument("--token-services", type=int, default=1, help="decode engines")
     up.add_argument("--cache-stores", type=int, default=1, help="KV replica stores")
     up.add_argument("--redis-url", default=None, help="use this Redis instead of starting an embedded one")

@@ -180,6 +180,8 @@ class TokenEngine:
         seq = self.scheduler.seqs.get(request_id)
         if seq is None:
             return False
+        if seq.done:  # aborted (or finished) already: whoever is writing its row releases it
+            return True
         busy = seq.status is SeqStatus.RUNNING or seq.filling
         seq.status = SeqStatus.ABORTED
         if not busy:  # a running (filling) one is released once the step (restore, prefill) writing its row is done
@@ -258,13 +260,16 @@ class TokenEngine:
                 ms = (time.perf_counter() - start) * 1e3
                 PREFILL_SECONDS.observe(ms / 1e3)
                 for job, event in zip(live, events):
+                    if job.seq.done:  # aborted meanwhile: answered NotFound below
+                        continue
                     job.seq.layers_received.update(range(job.seq.num_layers))
                     job.result.set_result(PrefillResult(request_id=job.req.request_id, prefill_ms=ms,
                                                         first=first_event(job.req.sampling, event), stream_tail_ms=0.0))
         except Exception as exc:  # a bad batch fails its requests, never the service
             log.exception("prefill forward failed")
             for job in live:
-                job.result.set_exception(UpstreamError(f"prefill failed: {type(exc).__name__}: {exc}"))
+                if not job.result.done():
+                    job.result.set_exception(UpstreamError(f"prefill failed: {type(exc).__name__}: {exc}"))
         finally:
             for job in group:
                 job.seq.filling = False

@@ -1,0 +1,79 @@
+"""A colocated token service's prefill queue (TokenEngine.prefill), on the tiny model: the first
+token equals HF's, and an abort while a prefill waits or computes frees the row exactly once and
+answers the caller, never leaving it hanging."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from common.errors import NotFound
+from common.model import load_model
+from common.protocol import PrefillRequest, ReserveRequest, SamplingParams
+from common.runner import ModelRunner
+from common.settings import TokenSettings
+from token_service.engine import TokenEngine
+
+pytestmark = pytest.mark.asyncio
+PROMPTS = [[1, 422, 3003, 314, 2386, 30, 260, 1820], [1, 504, 2156, 28, 3104, 48, 7, 4521]]
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model_path):
+    return ModelRunner(load_model(tiny_model_path))
+
+
+async def started(runner) -> tuple[TokenEngine, asyncio.Task]:
+    engine = TokenEngine(runner, TokenSettings(max_seqs=4, max_model_len=64, colocated=True), "token-test")
+    return engine, asyncio.create_task(engine.run())
+
+
+def prefill(engine: TokenEngine, rid: str, ids: list[int]):
+    engine.reserve(ReserveRequest(request_id=rid, prompt_tokens=len(ids), max_tokens=8))
+    req = PrefillRequest(request_id=rid, prompt_ids=ids, sampling=SamplingParams(max_tokens=8),
+                         target_service_id="token-test", target_kv_address="")
+    return asyncio.ensure_future(engine.prefill(req))
+
+
+async def test_first_tokens_equal_hf_and_an_abort_while_queued_frees_the_row(runner, tiny_oracle):
+    engine, loop = await started(runner)
+    try:
+        kept, dropped = prefill(engine, "kept", PROMPTS[0]), prefill(engine, "dropped", PROMPTS[1])
+        await asyncio.sleep(0)
+        assert engine.abort("dropped") and engine.abort("dropped")  # twice: released once
+        result = await asyncio.wait_for(kept, 30)
+        assert result.first.token_id == tiny_oracle.generate_ids(PROMPTS[0], 1)[0]
+        with pytest.raises(NotFound):
+            await asyncio.wait_for(dropped, 30)
+        assert engine.slots.num_used == 1 and engine.scheduler.seqs.keys() == {"kept"}
+        assert engine.scheduler.seqs["kept"].kv_ready
+        engine.abort("kept")
+        assert engine.slots.num_used == 0
+    finally:
+        loop.cancel()
+
+
+async def test_an_abort_during_the_forward_answers_not_found_and_frees_the_row_after_it(runner, monkeypatch):
+    engine, loop = await started(runner)
+    entered, go, forward = threading.Event(), threading.Event(), runner.prefill
+
+    def gated(*args):  # the real forward, held at its start until the test has aborted
+        entered.set()
+        go.wait(30)
+        return forward(*args)
+
+    monkeypatch.setattr(runner, "prefill", gated)
+    try:
+        job = prefill(engine, "r", PROMPTS[1])
+        assert await asyncio.to_thread(entered.wait, 30)
+        engine.abort("r")
+        assert engine.slots.num_used == 1  # being written: kept until the forward ends
+        go.set()
+        with pytest.raises(NotFound):
+            await asyncio.wait_for(job, 30)
+        assert engine.slots.num_used == 0 and not engine.scheduler.seqs
+    finally:
+        go.set()
+        loop.cancel()
