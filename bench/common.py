@@ -14,6 +14,7 @@ import platform
 import statistics
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 OUT_DIR = Path("bench/out")  # plots land here when no --out is given (git-ignored)
@@ -42,6 +43,20 @@ def percentile(values: list[float], q: float) -> float:
     lo = int(k)
     hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+async def sse_chunks(resp) -> AsyncIterator[dict]:
+    """The JSON chunks of an OpenAI streaming answer (an httpx response), up to `data: [DONE]`.
+    Raises RuntimeError on an HTTP error status or an error event."""
+    if resp.status_code != 200:
+        raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:500]}")
+    async for line in resp.aiter_lines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        if "error" in chunk:
+            raise RuntimeError(f"stream error: {chunk['error']}")
+        yield chunk
 
 
 def machine() -> dict:

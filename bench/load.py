@@ -42,7 +42,6 @@ import argparse
 import asyncio
 import contextlib
 import itertools
-import json
 import math
 import os
 import random
@@ -56,7 +55,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import fmt, log, percentile, plot_path, pyplot, save, spread, write_json
+from bench.common import fmt, log, percentile, plot_path, pyplot, save, spread, sse_chunks, write_json
 from bench.serve import build_prompts
 from common.model import load_tokenizer, resolve_model_path
 from dejavu.cluster import Cluster
@@ -146,14 +145,7 @@ async def request(ep: Endpoint, phase: str, index: int, prompt: str, max_tokens:
     sent, first, chunks, usage, error = time.perf_counter(), None, 0, None, ""
     try:
         async with ep.client.stream("POST", "/v1/completions", json=body) as resp:
-            if resp.status_code != 200:
-                raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:200]}")
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    raise RuntimeError(f"stream error: {chunk['error']}")
+            async for chunk in sse_chunks(resp):
                 if any(c.get("text") for c in chunk.get("choices") or []):
                     chunks += 1
                     first = first or time.perf_counter()

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
 
 import httpx
 
-from bench.common import fmt, log, spread, write_json
+from bench.common import fmt, log, spread, sse_chunks, write_json
 from common.model import load_model, load_tokenizer, resolve_model_path
 from dejavu.cluster import Cluster
 
@@ -107,14 +106,7 @@ async def stream_one(client: httpx.AsyncClient, body: dict) -> tuple[float, int]
     """(TTFT in s, completion tokens) of one streaming completion."""
     start, first, tokens = time.perf_counter(), None, 0
     async with client.stream("POST", "/v1/completions", json=body) as resp:
-        if resp.status_code != 200:
-            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')}")
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(f"stream error: {chunk['error']}")
+        async for chunk in sse_chunks(resp):
             choices = chunk.get("choices") or []
             if first is None and choices and (choices[0].get("text") or choices[0].get("logprobs")):
                 first = time.perf_counter()
