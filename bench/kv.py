@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -39,91 +37,16 @@ from types import SimpleNamespace
 import numpy as np
 
 from bench.common import fmt, log, plot_path, pyplot, save, spread, write_json
+from bench.kv_peer import SHM_TLS, TRANSPORT_OF, open_shm, serve
 from common.kv import make_transport
 
 MIB = 1 << 20
 TRANSPORTS = ("ucx-tcp", "ucx-shm", "tcp")
-TRANSPORT_OF = {"ucx-tcp": "ucx", "tcp": "tcp"}  # their make_transport names
 DEFAULT_TRANSPORT = "ucx-tcp"  # the product's
-SHM_TLS = "sm,self"  # the ucx-shm receiver's UCX_TLS (sysv eager, cma rendezvous); --ucx-env UCX_TLS wins
-SHM_TAG = 0x6B765F73686D  # worker-address endpoints agree no tags: both directions use this one
 MIN_SECONDS = 0.3  # per measurement
 STALL_S = 120.0  # a measurement taking longer has hung (ucx-shm has no error handling)
 SLOTS, MAX_LEN, SLOT = 16, 2048, 3  # the KV pool's rows and tokens per row; the request's row
 TARGET_FRACTION, TARGET_SPEEDUP = 0.7, 50.0
-
-
-# --- the receiver process ------------------------------------------------------------------------
-
-async def receive(conn, buf: np.ndarray) -> None:
-    """Receive frames into `buf`, as a token service receives KV into its pool; ack each one."""
-    while True:
-        await conn.recv(lambda header, nbytes: buf[:nbytes])
-        await conn.send(b"ack")
-
-
-async def serve(name: str, nbytes: int) -> None:
-    """Receiver of one transport: print an address, receive until SIGTERM, SIGINT or EOF on stdin."""
-    buf = np.ones(nbytes, dtype=np.uint8)  # touched now: no page faults inside a timed message
-    async with contextlib.AsyncExitStack() as stack:
-        if name == "ucx-shm":
-            conn = await open_shm(stack, print_then_read)
-            # No local name for the task: its frames would pin the UCX context at reset.
-            stack.push_async_callback(cancel, asyncio.create_task(receive(conn, buf)))
-        else:
-            transport = make_transport(TRANSPORT_OF[name])
-            stack.push_async_callback(transport.close)
-            print(await transport.listen(functools.partial(receive, buf=buf), "127.0.0.1"), flush=True)
-        stop, loop = asyncio.Event(), asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        loop.add_reader(sys.stdin.fileno(), stop.set)  # readable only at EOF: the benchmark is gone
-        await stop.wait()
-
-
-async def print_then_read(own: str) -> str:
-    print(own, flush=True)
-    return (await asyncio.to_thread(sys.stdin.readline)).strip()
-
-
-async def cancel(task: asyncio.Task) -> None:
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-
-
-# --- ucx-shm: endpoints from worker addresses ------------------------------------------------------
-
-class TaggedEndpoint:
-    """A ucxx endpoint made from a worker address, with the send/recv/close of a listener's
-    endpoint, so that UcxConnection frames messages over it exactly as over ucx-tcp."""
-
-    def __init__(self, ep, ucxx):
-        self._ep, self._ucxx = ep, ucxx
-
-    async def send(self, buf: np.ndarray) -> None:
-        await self._ep.send(buf, tag=SHM_TAG, force_tag=True)
-
-    async def recv(self, buf: np.ndarray) -> None:
-        await self._ucxx.recv(buf, SHM_TAG)  # on the worker: each process has one shm peer
-
-    async def close(self) -> None:
-        await self._ep.close()
-
-
-async def open_shm(stack: contextlib.AsyncExitStack, exchange):
-    """A UcxConnection to the peer whose hex worker address `await exchange(own_hex)` returns.
-    Error handling off: with it on, UCX uses tcp only. The stack closes the connection, then
-    releases UCX (the process's last user stops the notifier thread and resets UCX)."""
-    from common.kv.ucx import UcxConnection, _Runtime, import_ucxx
-
-    ucxx = import_ucxx()
-    _Runtime.acquire(ucxx)
-    stack.callback(_Runtime.release, ucxx)
-    peer = ucxx.get_ucx_address_from_buffer(bytes.fromhex(await exchange(ucxx.get_worker_address().tobytes().hex())))
-    ep = await ucxx.create_endpoint_from_worker_address(peer, endpoint_error_handling=False)
-    conn = UcxConnection(TaggedEndpoint(ep, ucxx), ucxx)
-    stack.push_async_callback(conn.close)
-    return conn
 
 
 # --- the sender: this process ----------------------------------------------------------------------
