@@ -72,8 +72,6 @@ class ModelSettings(ServiceSettings):
     kv_port: int = setting(0, "KV transport port (0 picks a free one)")
     threads: int = setting(0, "torch CPU threads (0: torch's default)")
     inject_kv_faults: float = setting(0.0, "testing: this fraction of outgoing KV transfers fail on purpose")
-    max_batch_tokens: int = setting(4096, "most prompt tokens prefilled in one forward pass "
-                                    "(token service: with --colocated)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,20 +79,21 @@ class ModelSettings(ServiceSettings):
         _check(self, 0 <= self.kv_port <= 65535, "kv_port", "must be in 0..65535")
         _check(self, self.threads >= 0, "threads", "must be >= 0")
         _check(self, 0.0 <= self.inject_kv_faults < 1.0, "inject_kv_faults", "must be in [0, 1)")
-        _check(self, self.max_batch_tokens >= 16, "max_batch_tokens", "must be >= 16")
 
 
 @dataclass(frozen=True)
 class PromptSettings(ModelSettings):
+    max_batch_tokens: int = setting(4096, "most prompt tokens prefilled in one forward pass")
     ack_timeout_s: float = setting(30.0, "how long to wait for the token service to acknowledge the KV (s)")
     kv_streaming: str = setting("layerwise", "when a prefill's KV goes out: each layer as soon as it is computed, "
-                                "or all layers in one message after the forward pass (for comparison)",
+                                "or all layers in one message once the last one is computed (for comparison)",
                                 ("layerwise", "after_prefill"))
     kv_stream_layers: int = setting(0, "layer by layer: layers per KV message (1: each layer as soon as it is "
                                     "computed; 0: a fifth of the model's layers, rounded up: 6 of SmolLM2's 30)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check(self, self.max_batch_tokens >= 16, "max_batch_tokens", "must be >= 16")
         _check(self, self.kv_stream_layers >= 0, "kv_stream_layers", "must be >= 0")
 
 
@@ -113,6 +112,7 @@ class TokenSettings(ModelSettings):
         _check(self, 1 <= self.max_seqs <= 4096, "max_seqs", "must be in 1..4096")
         _check(self, self.reservation_ttl_s > 0, "reservation_ttl_s", "must be > 0")
         _check(self, self.replicate_every >= 1, "replicate_every", "must be >= 1")
+        _check(self, self.max_batch_tokens >= 16, "max_batch_tokens", "must be >= 16")
 
 
 @dataclass(frozen=True)

@@ -70,9 +70,10 @@ BENCHMARKS = {
 def cmd_up(args, parser) -> int:
     if args.colocated:
         args.prompt_services = 0
-    for name in ("prompt_services", "token_services"):
-        if getattr(args, name) < 1 and not (args.colocated and name == "prompt_services"):
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    elif args.prompt_services < 1:
+        parser.error("--prompt-services must be at least 1 (or --colocated)")
+    if args.token_services < 1:
+        parser.error("--token-services must be at least 1")
     if args.cache_stores < 0:
         parser.error("--cache-stores must be >= 0")
     try:

@@ -3,7 +3,8 @@
 `Router.generate` is the whole disaggregated path for one request, as an async iterator of
 TokenEvents: reserve KV room on a token service T (least loaded first; a full one is skipped),
 prefill on a prompt service P (another P is tried if one fails; a colocated T prefills itself),
-then stream decode events from T. Leaving the iterator early (stop string, client gone, error) aborts the request on T and P.
+then stream decode events from T. Leaving the iterator early (stop string, client gone, error)
+aborts the request on T and P.
 If T dies or hangs, the request goes on on another token service (gateway/recovery.py).
 """
 
@@ -181,8 +182,7 @@ class Router:
             holders.append(svc)
             self.in_flight[svc.id] += 1
             try:
-                return PrefillResult.model_validate(await self._until_lease_lapses(
-                    self._post(svc, "/prefill", req, timeout=self.settings.request_timeout_s), svc))
+                return await self.prefill_on(svc, req)
             except (UpstreamError, Unavailable) as exc:
                 errors.append(f"{svc.id}: {exc.message}")
                 log.warning("prefill on %s failed: %s", svc.id, exc.message)
@@ -199,7 +199,8 @@ class Router:
         raise UpstreamError("prefill failed on every prompt service tried: " + "; ".join(errors))
 
     async def prefill_on(self, svc: ServiceInfo, req: PrefillRequest) -> PrefillResult:
-        """Colocated mode: the token service holding the reservation prefills it itself."""
+        """One prefill on `svc`: a prompt service, or in colocated mode the token service holding
+        the reservation. LeaseLapsed if `svc` stops renewing its lease meanwhile."""
         return PrefillResult.model_validate(await self._until_lease_lapses(
             self._post(svc, "/prefill", req, timeout=self.settings.request_timeout_s), svc))
 

@@ -126,16 +126,18 @@ class PrefillEngine:
     async def _execute(self, batch: list[PrefillJob]) -> None:
         loop = asyncio.get_running_loop()
 
-        every = self.layers_per_message
-        held: list[list[torch.Tensor]] = [[] for _ in batch]
+        every, layers = self.layers_per_message, self.runner.kv.layers
+        slabs: list[torch.Tensor | None] = [None] * len(batch)  # each job's message being filled
 
         def on_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:  # runs in the worker thread
+            first = layer - layer % every  # the message's first layer
+            size = min(every, layers - first)
             for row, job in enumerate(batch):
-                held[row].append(gather_prefill(k, v, row, job.num_tokens))
-                if len(held[row]) == every or layer == self.runner.kv.layers - 1:
-                    bufs, held[row] = held[row], []
-                    slab = bufs[0] if len(bufs) == 1 else torch.cat(bufs)
-                    loop.call_soon_threadsafe(job.outbox.put_nowait, (layer + 1 - len(bufs), layer + 1, slab))
+                if layer == first:
+                    slabs[row] = torch.empty((size, 2, k.shape[1], job.num_tokens, k.shape[3]), dtype=k.dtype)
+                gather_prefill(k, v, row, job.num_tokens, out=slabs[row][layer - first: layer - first + 1])
+                if layer == first + size - 1:  # each layer copied once, straight into its message
+                    loop.call_soon_threadsafe(job.outbox.put_nowait, (first, layer + 1, slabs[row]))
 
         start = time.perf_counter()
         try:

@@ -22,8 +22,14 @@ def scatter(pool: torch.Tensor, slot: int, layers: slice, tokens: slice, data: t
     pool[layers, :, slot, :, tokens].copy_(data)
 
 
-def gather_prefill(k: torch.Tensor, v: torch.Tensor, row: int, length: int) -> torch.Tensor:
+def gather_prefill(k: torch.Tensor, v: torch.Tensor, row: int, length: int,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """One prompt's K/V of one layer out of a left-padded prefill batch.
-    k, v: (batch, kv_heads, T, head_dim) -> (1, 2, kv_heads, length, head_dim), contiguous."""
+    k, v: (batch, kv_heads, T, head_dim) -> (1, 2, kv_heads, length, head_dim), contiguous; into
+    `out` (host memory, e.g. one layer's place in a message of several layers) when given."""
     T = k.shape[2]
-    return torch.stack((k[row, :, T - length:], v[row, :, T - length:]))[None].cpu()  # the wire takes host memory
+    if out is None:
+        return torch.stack((k[row, :, T - length:], v[row, :, T - length:]))[None].cpu()  # the wire takes host memory
+    out[0, 0].copy_(k[row, :, T - length:])
+    out[0, 1].copy_(v[row, :, T - length:])
+    return out

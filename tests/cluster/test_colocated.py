@@ -27,7 +27,6 @@ def cluster(tiny_model_path, redis_server):
     env = {**CLUSTER_ENV, "DEJAVU_KV_TRANSPORT": "tcp", "DEJAVU_TOKEN_TIMEOUT_S": "3", "DEJAVU_COLOCATED": "true"}
     with Cluster(str(tiny_model_path), port=0, prompt_services=0, token_services=2, cache_stores=1,
                  redis_url=redis_server.url, env=env, echo_logs=False) as c:
-        c.path = "replica"
         yield c
 
 

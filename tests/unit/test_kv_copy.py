@@ -20,3 +20,11 @@ def test_gather_prefill_takes_the_real_tokens_of_a_left_padded_row():
     out = gather_prefill(k, v, row=1, length=6)
     assert out.shape == (1, 2, 3, 6, 4) and out.is_contiguous()
     assert torch.equal(out[0, 0], k[1, :, 4:]) and torch.equal(out[0, 1], v[1, :, 4:])
+
+
+def test_gather_prefill_into_its_place_in_a_message_of_several_layers():
+    k, v = torch.randn(2, 3, 10, 4), torch.randn(2, 3, 10, 4)
+    message = torch.full((3, 2, 3, 6, 4), float("nan"))  # layers 4..6 of one prompt
+    gather_prefill(k, v, row=1, length=6, out=message[1:2])
+    assert torch.equal(message[1], gather_prefill(k, v, row=1, length=6)[0])
+    assert message[0].isnan().all() and message[2].isnan().all()
