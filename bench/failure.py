@@ -74,7 +74,7 @@ class Stream:
 def owner(client: httpx.Client, cluster: Cluster) -> Child | None:
     """The token service holding KV rows (only one request runs at a time)."""
     return next((c for c in cluster.of("token")
-                 if c.proc.poll() is None and metric(client, c.url, "dejavu_token_kv_slots_used") > 0), None)
+                 if c.proc.poll() is None and metric(client, c.url, "dejavu_token_sequences") > 0), None)
 
 
 def metric(client: httpx.Client, url: str, name: str, **labels: str) -> float:

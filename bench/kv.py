@@ -45,7 +45,7 @@ TRANSPORTS = ("ucx-tcp", "ucx-shm", "tcp")
 DEFAULT_TRANSPORT = "ucx-tcp"  # the product's
 MIN_SECONDS = 0.3  # per measurement
 STALL_S = 120.0  # a measurement taking longer has hung (ucx-shm has no error handling)
-SLOTS, MAX_LEN, SLOT = 16, 2048, 3  # the KV pool's rows and tokens per row; the request's row
+BLOCK, POOL_BLOCKS, MAX_LEN = 16, 256, 2048  # the pool: 256 blocks of 16 tokens (189 MB of SmolLM2 fp32 KV)
 TARGET_FRACTION, TARGET_SPEEDUP = 0.7, 50.0
 
 
@@ -155,19 +155,19 @@ def smollm2_kv():
     import torch  # here, not at the top: the receiver processes never need torch
     from transformers import LlamaConfig
 
-    from common.runner import KVShape
+    from engine.runner import KVShape
 
     config = LlamaConfig(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3)
     return KVShape.of(SimpleNamespace(config=config, dtype=torch.float32))
 
 
-def naive(pool, buf, into_pool: bool) -> None:
+def naive(pool, slots: list[int], buf, into_pool: bool) -> None:
     """The paper's baseline: one (kv_heads, head_dim) copy per layer, K/V and token between the
-    pool's row SLOT and buf: (layers, 2, kv_heads, tokens, head_dim)."""
+    pool's slots and buf: (layers, 2, tokens, kv_heads, head_dim)."""
     for layer in range(buf.shape[0]):
         for kv in range(2):
-            for t in range(buf.shape[3]):
-                cell, part = pool[layer, kv, SLOT, :, t], buf[layer, kv, :, t]
+            for t, slot in enumerate(slots):
+                cell, part = pool[layer, kv, slot], buf[layer, kv, t]
                 if into_pool:
                     cell.copy_(part)
                 else:
@@ -186,21 +186,24 @@ def measure_copies(args, kv) -> list[dict]:
     import torch
 
     from common.kv.copy import gather, scatter
+    from engine.attention import slots_of
 
-    # (layers, 2, slots, kv_heads, max_len + 1, head_dim): only row SLOT is ever touched, so the
-    # rest of the pool (1.5 GB) is never mapped.
-    pool = torch.empty(kv.layers, 2, SLOTS, kv.kv_heads, MAX_LEN + 1, kv.head_dim, dtype=kv.dtype)
-    pool[:, :, SLOT].normal_()
-    buf = torch.empty(kv.layers, 2, kv.kv_heads, args.tokens, kv.head_dim, dtype=kv.dtype)
-    layers, tokens = slice(0, kv.layers), slice(0, args.tokens)
-    ops = {("gather", "buffered"): lambda: gather(pool, SLOT, layers, tokens),
-           ("gather", "naive"): lambda: naive(pool, buf, into_pool=False),
-           ("scatter", "buffered"): lambda: scatter(pool, SLOT, layers, tokens, buf),
-           ("scatter", "naive"): lambda: naive(pool, buf, into_pool=True)}
+    # the paged pool (layers, 2, blocks * BLOCK, kv_heads, head_dim); one request's block table,
+    # its blocks scattered over the pool as a busy service's are
+    blocks = -(-args.tokens // BLOCK)
+    pool = torch.empty(kv.layers, 2, POOL_BLOCKS * BLOCK, kv.kv_heads, kv.head_dim, dtype=kv.dtype).normal_()
+    table = torch.randperm(POOL_BLOCKS)[:blocks].tolist()
+    slots = slots_of(table, BLOCK, 0, args.tokens)
+    buf = torch.empty(kv.layers, 2, args.tokens, kv.kv_heads, kv.head_dim, dtype=kv.dtype)
+    layers, slot_list = slice(0, kv.layers), slots.tolist()
+    ops = {("gather", "buffered"): lambda: gather(pool, slots, layers),
+           ("gather", "naive"): lambda: naive(pool, slot_list, buf, into_pool=False),
+           ("scatter", "buffered"): lambda: scatter(pool, slots, layers, buf),
+           ("scatter", "naive"): lambda: naive(pool, slot_list, buf, into_pool=True)}
     rows = []
     with torch.inference_mode():  # no autograd bookkeeping on either side
-        naive(pool, buf, into_pool=False)
-        if not torch.equal(buf, gather(pool, SLOT, layers, tokens)):
+        naive(pool, slot_list, buf, into_pool=False)
+        if not torch.equal(buf, gather(pool, slots, layers)):
             raise RuntimeError("naive and buffered gather disagree")
         for r in range(1, args.repeats + 1):
             for (op, how), fn in ops.items():
@@ -244,7 +247,7 @@ def print_report(transports: list[dict], copies: dict, summary: dict, kv, args) 
         print(f"{n:>5}" + "".join(f"  {fmt(cell[c, n]['gbps'], 2):>20} ({cell[c, n]['fraction_of_memcpy']:4.2f})"
                                   for c in configs))
     print(f"\nKV copies, ms: SmolLM2-135M ({kv.layers} layers x 2 x {kv.kv_heads} x {kv.head_dim}, float32), {args.tokens} "
-          f"tokens = {args.tokens * kv.bytes_per_token / 1e6:.1f} MB, pool {SLOTS} x {MAX_LEN}")
+          f"tokens = {args.tokens * kv.bytes_per_token / 1e6:.1f} MB, pool {POOL_BLOCKS} blocks x {BLOCK}")
     ms = {(m["op"], m["copy"]): m["ms"] for m in copies["ms"]}
     print(f"{'op':<8}  {'buffered':>22}  {'naive':>22}  {'naive/buffered':>14}")
     for op in ("gather", "scatter", "both"):
@@ -279,7 +282,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--sizes-mib", default="1,16,256", help="comma-separated message sizes, MiB")
     p.add_argument("--transports", default=",".join(TRANSPORTS), help="comma-separated, of " + ",".join(TRANSPORTS))
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds of every configuration")
-    p.add_argument("--tokens", type=int, default=500, help=f"tokens of the request whose KV is copied (<= {MAX_LEN})")
+    p.add_argument("--tokens", type=int, default=500, help=f"tokens of the request whose KV is copied (<= {MAX_LEN}; its blocks are scattered over the pool)")
     p.add_argument("--ucx-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra UCX setting for both ends of ucx-tcp and ucx-shm (repeatable)")
     p.add_argument("--quick", action="store_true", help="smoke run: sizes 1,16 MiB, 1 repeat")
@@ -315,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarize(transports, copies)
     print_report(transports, copies, summary, kv, args)
     config = {**{k: v for k, v in vars(args).items() if k not in ("out", "serve", "sizes_mib")},
-              "kv_shape": {**vars(kv), "dtype": str(kv.dtype)}, "pool": {"slots": SLOTS, "max_len": MAX_LEN, "slot": SLOT},
+              "kv_shape": {**vars(kv), "dtype": str(kv.dtype)}, "pool": {"blocks": POOL_BLOCKS, "block_size": BLOCK},
               "shm_tls": SHM_TLS, "min_seconds": MIN_SECONDS,
               "ucx_env_sender": {k: v for k, v in sorted(os.environ.items()) if k.startswith("UCX")}}
     write_json(args.out, summary, config=config, transports=transports, copies=copies,

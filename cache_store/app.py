@@ -1,7 +1,8 @@
 """Cache store HTTP API and KV listener.
 
 KV transport: "kv" messages are stored and acknowledged; "fetch" messages are answered with the
-replica's tokens as one "kv" message; a refusal (fenced epoch, gap, no replica) is an "error".
+replica's tokens as one "kv" message, in the dtype they were put in (e.g. "bfloat16"); a refusal
+(fenced epoch, gap, no replica) is an "error".
 POST /drop   DropRequest -> AbortResult    (the request ended: free its replica)
 GET  /replicas/{request_id}  what is held for one request (tokens, epoch, bytes): for tests and operators
 GET  /health, /metrics
@@ -31,7 +32,7 @@ def create_app(settings: CacheStoreSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         transport = make_transport(settings.kv_transport)
-        handler = kv_server(store.put, (Refused,), request_id_var,
+        handler = kv_server(store.put, (Refused,), request_id_var,  # fetch -> (raw array, dtype name)
                             fetch=lambda h: store.fetch(h.request_id, h.epoch, h.token_end))
         kv_address = await listen_kv(transport, handler, settings)
         log.info("cache store ready: KV on %s (%s), %d MiB in memory, spilling to %s", kv_address,

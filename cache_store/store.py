@@ -1,11 +1,14 @@
-"""Replicas of requests' KV: chunks of (layers, 2, kv_heads, tokens, head_dim) that cover tokens
-[0, n) of a request contiguously, under the epoch of the owner that wrote them.
+"""Replicas of requests' KV: chunks of (layers, 2, tokens, kv_heads, head_dim) that cover tokens
+[0, n) of a request contiguously, under the epoch of the owner that wrote them. A chunk is held as
+it arrived: raw numpy words plus the wire dtype name (e.g. int16 words of "bfloat16"); the store
+never needs the values, and a fetch answers with the same dtype name.
 
 A replica's lifecycle:
 1. put at token_start 0: a fresh replica at the message's epoch (an older one is freed);
 2. put at token_start <= n: continues it. Tokens at or past token_start are cut first, so a new
    owner that resumed from index k rewrites [k, ...) under its newer epoch;
-3. fetch(epoch, n): tokens [0, n) as one array. A newer epoch fences the old owner here too;
+3. fetch(epoch, n): tokens [0, n) as one array, and their dtype name. A newer epoch fences the
+   old owner here too;
 4. drop: the request ended; its memory and spill files are freed.
 
 Past `memory_bytes`, the oldest chunks (by arrival, across replicas) are written to files and
@@ -15,7 +18,7 @@ serve them), so they live in a private folder that close() removes.
     Refused          the store will not do it; the sender gets an error frame
     ├── StaleEpoch   the sender's epoch is older than the replica's (a fenced owner)
     ├── ReplicaGap   a put that would leave tokens missing, or a fetch of tokens not held
-    └── BadChunk     a payload whose shape or dtype does not fit the replica
+    └── BadChunk     a payload whose shape or dtype does not fit its header or the replica
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from prometheus_client import Gauge
 
-from common.kv.wire import Header
+from common.kv.wire import Header, numpy_dtype
 
 log = logging.getLogger(__name__)
 
@@ -60,23 +63,23 @@ class Chunk:
     """Tokens [start, end) of a replica, in memory (`data`) or spilled to the file `path`."""
 
     start: int
-    data: np.ndarray | None  # (layers, 2, kv_heads, end - start, head_dim), C-contiguous
-    dtype: np.dtype
+    data: np.ndarray | None  # (layers, 2, end - start, kv_heads, head_dim), C-contiguous raw words
+    dtype: str  # wire dtype name: numpy's dtype of `data` cannot tell "bfloat16" from "int16"
     shape: tuple[int, ...]
-    path: str = ""
+    path: str = ""  # the spill file: the raw bytes, nothing else
 
     @property
     def end(self) -> int:
-        return self.start + self.shape[3]
+        return self.start + self.shape[2]
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        return math.prod(self.shape) * numpy_dtype(self.dtype).itemsize
 
     def array(self) -> np.ndarray:
         if self.data is not None:
             return self.data
-        return np.fromfile(self.path, dtype=self.dtype).reshape(self.shape)
+        return np.fromfile(self.path, dtype=numpy_dtype(self.dtype)).reshape(self.shape)
 
 
 @dataclass(eq=False)
@@ -88,6 +91,11 @@ class Replica:
     def tokens(self) -> int:
         """Tokens [0, n) held: chunks are contiguous and in token order."""
         return self.chunks[-1].end if self.chunks else 0
+
+    @property
+    def dtype(self) -> str:
+        """The wire dtype name of every chunk (put refuses a chunk of another)."""
+        return self.chunks[0].dtype
 
 
 class ReplicaStore:
@@ -117,16 +125,17 @@ class ReplicaStore:
         else:
             self._cut(replica, start)
             replica.epoch = max(replica.epoch, header.epoch)
-        chunk = Chunk(start, np.ascontiguousarray(payload), payload.dtype, tuple(payload.shape))
+        chunk = Chunk(start, np.ascontiguousarray(payload), header.dtype, tuple(payload.shape))
         replica.chunks.append(chunk)
         self.resident[chunk] = None
         self.bytes_held += chunk.nbytes
         self._spill_past_budget()
         self._gauges()
 
-    def fetch(self, request_id: str, epoch: int, n: int) -> np.ndarray:
-        """Tokens [0, n) of the replica: (layers, 2, kv_heads, n, head_dim), a fresh C-contiguous
-        array. A newer epoch becomes the replica's, so the fenced owner's puts are refused."""
+    def fetch(self, request_id: str, epoch: int, n: int) -> tuple[np.ndarray, str]:
+        """(tokens [0, n) of the replica, their wire dtype name): a fresh C-contiguous array of
+        (layers, 2, n, kv_heads, head_dim), raw words as put (int16 for "bfloat16"). A newer epoch
+        becomes the replica's, so the fenced owner's puts are refused."""
         replica = self.replicas.get(request_id)
         if replica is None:
             raise ReplicaGap(f"request {request_id}: no replica")
@@ -135,8 +144,8 @@ class ReplicaStore:
         if n > replica.tokens:
             raise ReplicaGap(f"request {request_id}: {n} tokens asked, the store holds {replica.tokens}")
         replica.epoch = epoch
-        parts = [c.array()[:, :, :, : n - c.start] for c in replica.chunks if c.start < n]
-        return np.concatenate(parts or [replica.chunks[0].array()[:, :, :, :0]], axis=3)
+        parts = [c.array()[:, :, : n - c.start] for c in replica.chunks if c.start < n]
+        return np.concatenate(parts or [replica.chunks[0].array()[:, :, :0]], axis=2), replica.dtype
 
     def drop(self, request_id: str, epoch: int | None = None) -> bool:
         """Free a replica; with `epoch`, only if it is not newer (a fenced owner's cleanup must not
@@ -165,7 +174,7 @@ class ReplicaStore:
                 self._trim(chunk, at)
 
     def _trim(self, chunk: Chunk, at: int) -> None:
-        kept = np.ascontiguousarray(chunk.array()[:, :, :, : at - chunk.start])  # a copy: frees the rest
+        kept = np.ascontiguousarray(chunk.array()[:, :, : at - chunk.start])  # a copy: frees the rest
         if chunk.data is None:
             self.bytes_spilled -= chunk.nbytes - kept.nbytes
             kept.tofile(chunk.path)
@@ -212,16 +221,19 @@ class ReplicaStore:
 
 
 def _check_payload(header: Header, payload: np.ndarray, like: Chunk | None) -> None:
-    """The payload must be (layers, 2, kv_heads, tokens, head_dim) for the header's tokens, and
-    match the replica's other chunks: fetch concatenates them."""
+    """The payload must be (layers, 2, tokens, kv_heads, head_dim) of the header's tokens and
+    dtype, and match the replica's other chunks: fetch concatenates them."""
     tokens, layers = header.token_end - header.token_start, header.layer_end
-    if header.layer_start != 0 or payload.ndim != 5 or payload.shape[:2] != (layers, 2) or payload.shape[3] != tokens:
+    if header.layer_start != 0 or payload.ndim != 5 or payload.shape[:3] != (layers, 2, tokens):
         raise BadChunk(f"request {header.request_id}: payload {payload.shape} is not all layers "
-                       f"({layers}, 2, kv_heads, {tokens}, head_dim)")
-    if like is not None and (payload.dtype != like.dtype or _dims(payload.shape) != _dims(like.shape)):
-        raise BadChunk(f"request {header.request_id}: payload {payload.dtype}{payload.shape} does not fit "
+                       f"({layers}, 2, {tokens}, kv_heads, head_dim)")
+    if payload.dtype != numpy_dtype(header.dtype):
+        raise BadChunk(f"request {header.request_id}: a {payload.dtype} payload is not {header.dtype!r}")
+    if like is not None and (header.dtype != like.dtype or _dims(payload.shape) != _dims(like.shape)):
+        raise BadChunk(f"request {header.request_id}: payload {header.dtype}{payload.shape} does not fit "
                        f"the replica's {like.dtype}{like.shape}")
 
 
 def _dims(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return shape[:3] + shape[4:]
+    """(layers, 2, kv_heads, head_dim): all but the token axis."""
+    return shape[:2] + shape[3:]

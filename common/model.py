@@ -125,16 +125,19 @@ def context_length(path: Path) -> int:
     return 2048
 
 
-def load_model(path: Path, threads: int = 0):
-    """A causal LM in eval mode: float32 on CPU, the model's own dtype on CUDA."""
+def load_model(path: Path, threads: int = 0, dtype: str = "auto"):
+    """A causal LM in eval mode, in `dtype`: "auto" is the model's own dtype on CUDA and float32
+    on CPU (where bf16 is a choice to measure, not a default)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if threads:
         torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = "auto" if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    if dtype == "auto":
+        dtype = "auto" if device == "cuda" else "float32"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+                                                 attn_implementation="sdpa")
     return model.to(device).eval()
 
 

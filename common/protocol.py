@@ -44,6 +44,7 @@ class ServiceInfo(Message):
     kv_bytes_used: int = 0        # bytes
     kv_bytes_free: int = 0        # bytes
     colocated: bool = False       # a token service that prefills its own requests (no prompt service)
+    dtype: str = ""               # an engine's weights, activations and KV ("float32", "bfloat16", ...)
     started_at: float = 0.0       # unix s
     renewed_at: float = 0.0       # unix s
 
@@ -74,7 +75,6 @@ class Reservation(Message):
     service_id: str
     kv_address: str               # where the prompt service streams the KV
     kv_transport: str
-    slot: int
 
 
 class PrefillRequest(Message):
@@ -167,7 +167,8 @@ class AbortResult(Message):
 def cluster_status(services: list[ServiceInfo], now: float) -> dict:
     """What `GET /cluster` answers; `dejavu status --json` prints its "services". One entry per live
     service, sorted by (kind, id); lease_age_s is the time since it last renewed its lease (s, as
-    seen by `now`'s clock); model, kv_address/kv_transport and colocated (true) only where the service has them."""
+    seen by `now`'s clock); model, dtype, kv_address/kv_transport and colocated (true) only where the service
+    has them."""
     rows = [_status_row(s, now) for s in sorted(services, key=lambda s: (s.kind.value, s.id))]
     counts = {k.value: sum(s.kind == k for s in services) for k in ServiceKind}
     return {"services": rows, "counts": counts}
@@ -176,7 +177,7 @@ def cluster_status(services: list[ServiceInfo], now: float) -> dict:
 def _status_row(s: ServiceInfo, now: float) -> dict:
     row = s.model_dump(mode="json", include={"kind", "id", "url", "host", "pid", "active_requests",
                                              "kv_bytes_used", "kv_bytes_free"})
-    optional = {"model": s.model, "kv_address": s.kv_address, "kv_transport": s.kv_transport}
+    optional = {"model": s.model, "dtype": s.dtype, "kv_address": s.kv_address, "kv_transport": s.kv_transport}
     if s.kind == ServiceKind.TOKEN:
         optional["colocated"] = s.colocated
     return {**row, "lease_age_s": round(now - s.renewed_at, 3), **{k: v for k, v in optional.items() if v}}

@@ -71,6 +71,9 @@ class ModelSettings(ServiceSettings):
     kv_transport: str = setting("ucx", "KV transport", ("ucx", "tcp"))
     kv_port: int = setting(0, "KV transport port (0 picks a free one)")
     threads: int = setting(0, "torch CPU threads (0: torch's default)")
+    dtype: str = setting("auto", "weights, activations and KV: auto is the model's own dtype on CUDA and float32 "
+                         "on CPU; every service of a cluster must use the same", ("auto", "float32", "bfloat16", "float16"))
+    block_size: int = setting(16, "tokens per block of the paged KV pool")
     inject_kv_faults: float = setting(0.0, "testing: this fraction of outgoing KV transfers fail on purpose")
 
     def __post_init__(self) -> None:
@@ -78,6 +81,7 @@ class ModelSettings(ServiceSettings):
         _check(self, 16 <= self.max_model_len <= 1 << 20, "max_model_len", "must be in 16..1048576")
         _check(self, 0 <= self.kv_port <= 65535, "kv_port", "must be in 0..65535")
         _check(self, self.threads >= 0, "threads", "must be >= 0")
+        _check(self, 1 <= self.block_size <= 1024, "block_size", "must be in 1..1024")
         _check(self, 0.0 <= self.inject_kv_faults < 1.0, "inject_kv_faults", "must be in [0, 1)")
 
 
@@ -99,7 +103,10 @@ class PromptSettings(ModelSettings):
 
 @dataclass(frozen=True)
 class TokenSettings(ModelSettings):
-    max_seqs: int = setting(16, "most sequences decoding at once (each holds --max-model-len tokens of KV)")
+    max_seqs: int = setting(16, "most sequences holding KV here at once (the largest decode batch)")
+    kv_blocks: int = setting(0, "blocks of --block-size tokens in the KV pool (0: room for --max-seqs sequences of "
+                             "--max-model-len tokens); a request is admitted while blocks for its prompt + "
+                             "max_tokens are free")
     reservation_ttl_s: float = setting(120.0, "KV room reserved but never used is freed after this (s)")
     replicate_every: int = setting(16, "replicate a request's KV to a cache store every this many new tokens")
     colocated: bool = setting(False, "prefill requests here too: the gateway then sends this service the whole "
@@ -107,9 +114,14 @@ class TokenSettings(ModelSettings):
     max_batch_tokens: int = setting(512, "with --colocated: most prompt tokens prefilled between two decode steps "
                                     "(at least one prompt; a longer batch stalls running decodes longer)")
 
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_blocks or self.max_seqs * -(-self.max_model_len // self.block_size)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self, 1 <= self.max_seqs <= 4096, "max_seqs", "must be in 1..4096")
+        _check(self, self.kv_blocks >= 0, "kv_blocks", "must be >= 0")
         _check(self, self.reservation_ttl_s > 0, "reservation_ttl_s", "must be > 0")
         _check(self, self.replicate_every >= 1, "replicate_every", "must be >= 1")
         _check(self, self.max_batch_tokens >= 16, "max_batch_tokens", "must be >= 16")

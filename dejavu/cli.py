@@ -1,9 +1,9 @@
 """dejavu: run and inspect a DéjàVu serving cluster.
 
   dejavu up [--model M] [--port 8000] [--prompt-services 1] [--token-services 1] [--cache-stores 1]
-            [--colocated] [--redis-url URL] [--kv-transport ucx|tcp]
+            [--colocated] [--redis-url URL] [--kv-transport ucx|tcp] [--dtype auto|float32|bfloat16|float16]
   dejavu status [--redis-url URL] [--json]
-  dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve: python -m bench.NAME)
+  dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step: python -m bench.NAME)
 """
 
 from __future__ import annotations
@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--kv-transport", choices=("ucx", "tcp"), default="ucx", help="KV transport")
     up.add_argument("--max-model-len", type=int, default=2048, help="longest sequence served (tokens)")
     up.add_argument("--max-seqs", type=int, default=16, help="sequences decoding at once per token service")
+    up.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                    help="weights, activations and KV of every engine (auto: the model's dtype on CUDA, float32 on CPU)")
+    up.add_argument("--block-size", type=int, default=16, help="tokens per block of the paged KV pool")
+    up.add_argument("--kv-blocks", type=int, default=0,
+                    help="KV pool blocks per token service (0: room for --max-seqs sequences of --max-model-len)")
     up.add_argument("--quiet", action="store_true", help="don't echo the services' logs")
     status = sub.add_parser("status", help="list the services registered in Redis")
     status.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
@@ -64,6 +69,7 @@ BENCHMARKS = {
     "failure": "latency when a token service dies mid-request: resume vs restart vs no failure",
     "replication": "decode throughput against the replication interval",
     "serve": "closed-loop throughput and TTFT against Hugging Face generate",
+    "step": "the engine's decode step against batch size, ours against the Hugging Face modules",
 }
 
 
@@ -84,12 +90,13 @@ def cmd_up(args, parser) -> int:
     from dejavu.redis_server import RedisNotInstalled
 
     env = {"DEJAVU_KV_TRANSPORT": args.kv_transport, "DEJAVU_MAX_MODEL_LEN": str(args.max_model_len),
-           "DEJAVU_MAX_SEQS": str(args.max_seqs), "DEJAVU_COLOCATED": str(args.colocated).lower()}
+           "DEJAVU_MAX_SEQS": str(args.max_seqs), "DEJAVU_COLOCATED": str(args.colocated).lower(),
+           "DEJAVU_DTYPE": args.dtype, "DEJAVU_BLOCK_SIZE": str(args.block_size), "DEJAVU_KV_BLOCKS": str(args.kv_blocks)}
     cluster = Cluster(args.model, args.port, args.prompt_services, args.token_services, args.cache_stores,
                       args.redis_url, env, echo_logs=not args.quiet, host=args.host)
     mode = "colocated (token services prefill)" if args.colocated else f"{args.prompt_services} prompt"
     print(f"[dejavu] starting: {args.token_services} token, {mode}, {args.cache_stores} cache store(s), "
-          f"gateway on port {args.port}, KV over {args.kv_transport} ...", file=sys.stderr, flush=True)
+          f"gateway on port {args.port}, KV over {args.kv_transport}, {args.dtype} ...", file=sys.stderr, flush=True)
     start = time.monotonic()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # while starting, SIGTERM = Ctrl-C
     try:

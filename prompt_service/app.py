@@ -18,9 +18,9 @@ from common.kv import make_transport
 from common.kv.peers import Peers
 from common.model import load_model, resolve_model_path
 from common.protocol import AbortRequest, AbortResult, PrefillRequest, PrefillResult, ServiceKind
-from common.runner import ModelRunner
 from common.service import registered, add_health_and_metrics, request_id_var, supervise
 from common.settings import PromptSettings
+from engine.runner import ModelRunner
 from prompt_service.engine import PrefillEngine
 
 log = logging.getLogger(__name__)
@@ -30,14 +30,17 @@ def create_app(settings: PromptSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         path = resolve_model_path(settings.model, progress=log.info)
-        runner = ModelRunner(await asyncio.to_thread(load_model, path, settings.threads))
+        model = await asyncio.to_thread(load_model, path, settings.threads, settings.dtype)
+        runner = ModelRunner(model, settings.block_size, settings.max_model_len)
         transport = make_transport(settings.kv_transport)
         peers = Peers(transport, fault_rate=settings.inject_kv_faults)
         engine = app.state.engine = PrefillEngine(runner, settings, peers)
         loop_task = supervise(asyncio.create_task(engine.run()), "prefill loop")
-        log.info("prompt service ready: model %s, KV transport %s", path, settings.kv_transport)
+        log.info("prompt service ready: model %s (%s, %s forward), KV transport %s", path, runner.dtype, runner.name,
+                 settings.kv_transport)
         lease_fields = lambda: dict(model=str(path), kv_transport=settings.kv_transport,  # noqa: E731
-                                    max_model_len=settings.max_model_len, active_requests=len(engine.jobs))
+                                    max_model_len=settings.max_model_len, active_requests=len(engine.jobs),
+                                    dtype=str(runner.dtype).removeprefix("torch."))
         try:
             async with registered(app, settings, ServiceKind.PROMPT, lease_fields):
                 yield

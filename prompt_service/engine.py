@@ -2,8 +2,8 @@
 
 1. `submit`   the gateway asks to prefill a prompt into KV room it reserved on token service T;
               a link to T's KV address is opened (or reused) and the job queued.
-2. `run`      jobs are batched up to --max-batch-tokens and run as one left-padded forward pass
-              in a worker thread.
+2. `run`      jobs are batched up to --max-batch-tokens and run as one forward pass (prompts
+              back to back, no padding) in a worker thread.
 3. on_layer   inside the forward, as soon as layer l's K/V exists, each job's slice is copied
               into one contiguous buffer and handed to the job's sender task, which streams it
               to T while layer l+1 computes (layer-by-layer streaming).
@@ -27,10 +27,10 @@ from common.kv.copy import gather_prefill
 from common.kv.peers import KVRejected, PeerLink, Peers
 from common.kv.transport import TransportError
 from common.protocol import PrefillRequest, PrefillResult, TokenEvent
-from common.runner import ModelRunner
 from common.sampling import first_event, sample
 from common.service import request_id_var
 from common.settings import PromptSettings
+from engine.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -120,24 +120,28 @@ class PrefillEngine:
                 self.queued.clear()
             QUEUED.set(len(self.queue))
             batch = [j for j in batch if not j.result.done()]  # aborted while queued
-            for group in _by_length(batch):  # no padding: each group runs on the unmasked causal path
-                await self._execute(group)
+            if batch:
+                await self._execute(batch)
 
     async def _execute(self, batch: list[PrefillJob]) -> None:
         loop = asyncio.get_running_loop()
 
         every, layers = self.layers_per_message, self.runner.kv.layers
         slabs: list[torch.Tensor | None] = [None] * len(batch)  # each job's message being filled
+        rows, at = [], 0  # each job's rows in the forward's flat (N, kv_heads, D) K/V
+        for job in batch:
+            rows.append(slice(at, at + job.num_tokens))
+            at += job.num_tokens
 
         def on_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:  # runs in the worker thread
             first = layer - layer % every  # the message's first layer
             size = min(every, layers - first)
-            for row, job in enumerate(batch):
-                if layer == first:
-                    slabs[row] = torch.empty((size, 2, k.shape[1], job.num_tokens, k.shape[3]), dtype=k.dtype)
-                gather_prefill(k, v, row, job.num_tokens, out=slabs[row][layer - first: layer - first + 1])
+            for i, job in enumerate(batch):
+                if layer == first:  # (layers, 2, tokens, kv_heads, D), host memory: the wire's layout
+                    slabs[i] = torch.empty((size, 2, job.num_tokens, k.shape[1], k.shape[2]), dtype=k.dtype)
+                gather_prefill(k, v, rows[i], out=slabs[i][layer - first: layer - first + 1])
                 if layer == first + size - 1:  # each layer copied once, straight into its message
-                    loop.call_soon_threadsafe(job.outbox.put_nowait, (first, layer + 1, slabs[row]))
+                    loop.call_soon_threadsafe(job.outbox.put_nowait, (first, layer + 1, slabs[i]))
 
         start = time.perf_counter()
         try:
@@ -178,11 +182,4 @@ class PrefillEngine:
                 log.exception("KV sender failed")
             job.fail(UpstreamError(
                 f"streaming KV to token service {job.req.target_service_id} failed: {type(exc).__name__}: {exc}"))
-
-
-def _by_length(jobs: list[PrefillJob]) -> list[list[PrefillJob]]:
-    groups: dict[int, list[PrefillJob]] = {}
-    for job in jobs:
-        groups.setdefault(job.num_tokens, []).append(job)
-    return list(groups.values())
 

@@ -25,10 +25,10 @@ from common.metadata import Registry, RequestStore
 from common.model import load_model, resolve_model_path
 from common.protocol import (AbortRequest, AbortResult, DecodeEvent, DecodeRequest, PrefillRequest, PrefillResult,
                              Reservation, ReserveRequest, RestoreRequest, RestoreResult, ServiceKind)
-from common.runner import ModelRunner
 from common.service import (ClosingStreamingResponse, add_health_and_metrics, listen_kv, registered,
                             request_id_var, supervise)
 from common.settings import TokenSettings
+from engine.runner import ModelRunner
 from token_service.engine import KVMessageError, TokenEngine
 from token_service.replicator import Replicator
 from token_service.sequence import Sequence
@@ -40,24 +40,27 @@ log = logging.getLogger(__name__)
 async def _lifespan(app: FastAPI, settings: TokenSettings):
     """Load the model, start the KV listener and the decode loop, register; undo it all on the way out."""
     path = resolve_model_path(settings.model, progress=log.info)
-    runner = ModelRunner(await asyncio.to_thread(load_model, path, settings.threads))
+    model = await asyncio.to_thread(load_model, path, settings.threads, settings.dtype)
+    runner = ModelRunner(model, settings.block_size, settings.max_model_len)
     engine = app.state.engine = TokenEngine(runner, settings, app.state.service_id)
     transport = engine.transport = make_transport(settings.kv_transport)
     kv_address = engine.kv_address = await listen_kv(
         transport, kv_server(engine.receive_kv, (KVMessageError,), request_id_var), settings)
     loop_task = supervise(asyncio.create_task(engine.run()), "decode loop")
-    log.info("token service ready: model %s, %d rows x %d tokens, KV on %s (%s)%s", path, settings.max_seqs,
-             settings.max_model_len, kv_address, settings.kv_transport,
+    log.info("token service ready: model %s (%s, %s forward), KV pool %d blocks x %d tokens (%.0f MiB), up to %d "
+             "sequences, KV on %s (%s)%s", path, runner.dtype, runner.name, settings.num_blocks, runner.block_size,
+             engine.pool.nbytes / 2**20, settings.max_seqs, kv_address, settings.kv_transport,
              ", colocated: prefills here too" if settings.colocated else "")
     lease_fields = lambda: dict(  # noqa: E731
         model=str(path), kv_address=kv_address, kv_transport=settings.kv_transport,
-        max_model_len=settings.max_model_len, colocated=settings.colocated, active_requests=len(engine.scheduler.seqs),
-        kv_bytes_used=engine.slots.num_used * engine.slot_bytes, kv_bytes_free=engine.kv_bytes_free)
+        max_model_len=settings.max_model_len, colocated=settings.colocated, dtype=str(runner.dtype).removeprefix("torch."),
+        active_requests=len(engine.scheduler.seqs),
+        kv_bytes_used=engine.kv_bytes_used, kv_bytes_free=engine.kv_bytes_free)
     peers, client = Peers(transport, fault_rate=settings.inject_kv_faults), httpx.AsyncClient()
     try:
         async with registered(app, settings, ServiceKind.TOKEN, lease_fields) as redis:
-            engine.replicator = Replicator(engine.pool, peers, Registry(redis), RequestStore(redis), client,
-                                           settings.replicate_every)
+            engine.replicator = Replicator(engine.pool, runner.block_size, peers, Registry(redis), RequestStore(redis),
+                                           client, settings.replicate_every)
             yield
     finally:
         loop_task.cancel()
@@ -72,7 +75,7 @@ def create_app(settings: TokenSettings) -> FastAPI:
 
     async def health() -> dict:
         engine: TokenEngine = app.state.engine
-        return {"kind": "token", "requests": len(engine.scheduler.seqs), "kv_rows_free": engine.slots.num_free}
+        return {"kind": "token", "requests": len(engine.scheduler.seqs), "kv_blocks_free": engine.blocks.num_uncommitted}
 
     add_health_and_metrics(app, health)
 

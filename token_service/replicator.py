@@ -1,7 +1,7 @@
 """Replication of every decoding request's KV to a cache store, for recovery (DéjàVu's fault tolerance).
 
 Per request: the prompt's KV first, then every `chunk` new tokens, each message one contiguous
-buffer of (layers, 2, kv_heads, tokens, head_dim), all layers at once (one copy, one header).
+buffer of (layers, 2, tokens, kv_heads, head_dim), all layers at once (one copy, one header).
 Sends run in the background with at most one message in flight per request, so decode never
 waits for replication. Data before metadata: only once the store has acknowledged tokens [0, n)
 is `replicated = n` (and the store's id) recorded in Redis, under the request's epoch; a fenced
@@ -28,6 +28,7 @@ from common.kv.copy import gather
 from common.kv.peers import KVRejected, Peers
 from common.metadata import Registry, RequestStore
 from common.protocol import DropRequest, ServiceInfo, ServiceKind
+from engine.attention import slots_of
 from token_service.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,10 @@ RETRY_S = 0.5  # a request whose send failed waits this long before its replica 
 
 
 class Replicator:
-    def __init__(self, pool: torch.Tensor, peers: Peers, registry: Registry, requests: RequestStore,
+    def __init__(self, pool: torch.Tensor, block_size: int, peers: Peers, registry: Registry, requests: RequestStore,
                  client: httpx.AsyncClient, chunk: int):
-        self.pool, self.peers, self.registry, self.requests, self.client = pool, peers, registry, requests, client
+        self.pool, self.block_size, self.peers = pool, block_size, peers
+        self.registry, self.requests, self.client = registry, requests, client
         self.chunk = chunk
         self.acked: dict[str, int] = {}           # request id -> tokens acknowledged
         self.epochs: dict[str, int] = {}          # request id -> the epoch it is replicated under
@@ -83,7 +85,7 @@ class Replicator:
                     continue
                 kv_len, acked = seq.last_position, self.acked.get(rid, 0)  # KV exists for [0, last_position)
                 if kv_len - acked >= self.chunk or (acked == 0 and kv_len > 0):
-                    buf = gather(self.pool, seq.slot, slice(None), slice(acked, kv_len))  # final rows: copy now
+                    buf = gather(self.pool, slots_of(seq.blocks, self.block_size, acked, kv_len))  # final: copy now
                     self.epochs[rid] = seq.epoch
                     task = asyncio.create_task(self._send(seq, buf, acked, kv_len))
                     self.inflight[rid] = task

@@ -1,8 +1,8 @@
 """Continuous batching: which sequences run this step, and what their results mean.
 
 Every step takes every sequence that is ready (decode request in, KV complete); sequences join
-and leave between any two steps. The batch is pool rows [0, n) where n-1 is the highest running
-row; rows in between that are not running are idle and only write to the scratch column.
+and leave between any two steps. Each contributes one segment: its newest token, at its last
+position, over its block table.
 """
 
 from __future__ import annotations
@@ -10,15 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.protocol import TokenEvent
+from engine.attention import Segment
 from token_service.sequence import Sequence, SeqStatus
 
 
 @dataclass
 class Batch:
-    seqs: list[Sequence]          # running sequences, in row order
-    tokens: list[int]             # (rows,) input token per row
-    positions: list[int]          # (rows,) its sequence position
-    running: list[bool]           # (rows,)
+    seqs: list[Sequence]          # running sequences
+    segments: list[Segment]       # one per sequence: its newest token at its last position
 
 
 class Scheduler:
@@ -32,14 +31,10 @@ class Scheduler:
         for seq in self.seqs.values():
             if seq.status is SeqStatus.WAITING_FOR_KV and seq.decoding:
                 seq.status = SeqStatus.RUNNING
-        running = sorted((s for s in self.seqs.values() if s.status is SeqStatus.RUNNING), key=lambda s: s.slot)
+        running = [s for s in self.seqs.values() if s.status is SeqStatus.RUNNING]
         if not running:
             return None
-        rows = running[-1].slot + 1
-        tokens, positions, live = [0] * rows, [0] * rows, [False] * rows
-        for s in running:
-            tokens[s.slot], positions[s.slot], live[s.slot] = s.output[-1], s.last_position, True
-        return Batch(running, tokens, positions, live)
+        return Batch(running, [Segment([s.output[-1]], s.last_position, s.blocks) for s in running])
 
     def postprocess(self, batch: Batch, events: list[TokenEvent]) -> list[tuple[Sequence, TokenEvent]]:
         """Append each sampled token and decide whether its sequence finishes."""

@@ -20,13 +20,14 @@ class SeqStatus(Enum):
 @dataclass
 class Sequence:
     request_id: str
-    slot: int                           # row of the KV pool it owns
     prompt_len: int                     # tokens
     max_tokens: int                     # output tokens, EOS included
     num_layers: int
+    promised: int = 0                   # KV blocks promised to it at admission (prompt + max_tokens)
+    blocks: list[int] = field(default_factory=list)  # its block table: position p is in blocks[p // block_size]
     created: float = field(default_factory=time.monotonic)
     status: SeqStatus = SeqStatus.WAITING_FOR_KV
-    layers_received: set[int] = field(default_factory=set)
+    received: list[int] = field(default_factory=list)  # per layer: prompt tokens [0, n) whose KV is here
     sampling: SamplingParams | None = None   # set when the decode request arrives
     output: list[int] = field(default_factory=list)  # output tokens from first_index on
     first_index: int = 0                # output index of output[0] (> 0 on a resumed request)
@@ -37,10 +38,26 @@ class Sequence:
     def __post_init__(self) -> None:
         if self.prompt_len < 1 or self.max_tokens < 1:
             raise ValueError(f"sequence {self.request_id}: prompt_len and max_tokens must be >= 1")
+        self.received = [0] * self.num_layers
 
     @property
     def kv_ready(self) -> bool:
-        return len(self.layers_received) == self.num_layers
+        return all(n == self.prompt_len for n in self.received)
+
+    @property
+    def layers_complete(self) -> int:
+        return sum(n == self.prompt_len for n in self.received)
+
+    def mark_received(self, layers: range, start: int, end: int) -> None:
+        """KV of prompt tokens [start, end) arrived for `layers`; each layer's tokens come in order."""
+        if any(self.received[layer] != start for layer in layers):
+            raise ValueError(f"tokens [{start}, {end}) of layers [{layers.start}, {layers.stop}) out of order: "
+                             f"the layers have {[self.received[layer] for layer in layers]}")
+        for layer in layers:
+            self.received[layer] = end
+
+    def mark_all_received(self) -> None:
+        self.received = [self.prompt_len] * self.num_layers
 
     @property
     def decoding(self) -> bool:

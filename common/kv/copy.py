@@ -1,10 +1,11 @@
-"""gather / scatter: move KV between an engine's cache and one contiguous buffer in a single copy.
+"""gather / scatter: move KV between an engine's paged pool and one contiguous buffer in a single copy.
 
 The paper's "buffered copies": one message's worth of K/V (many layers x many tokens) is copied
-in one strided copy rather than one small copy per layer and token (~95x faster).
+in one indexed copy rather than one small copy per layer and token (~100x faster).
 
-Pool layout (token service): (layers, 2, slots, kv_heads, max_len + 1, head_dim).
-Buffer layout (on the wire):  (layers, 2, kv_heads, tokens, head_dim), contiguous.
+Pool layout (token service): (layers, 2, slots, kv_heads, head_dim), slot = block * block_size +
+offset; a sequence's token positions map to slots through its block table (engine.attention.slots_of).
+Buffer layout (on the wire):  (layers, 2, tokens, kv_heads, head_dim), contiguous.
 """
 
 from __future__ import annotations
@@ -12,24 +13,20 @@ from __future__ import annotations
 import torch
 
 
-def gather(pool: torch.Tensor, slot: int, layers: slice, tokens: slice) -> torch.Tensor:
-    """Copy one sequence's K/V for a layer range and token range out of the pool."""
-    return pool[layers, :, slot, :, tokens].contiguous().cpu()
+def gather(pool: torch.Tensor, slots: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
+    """Copy the K/V at `slots` (tokens,) of a layer range out of the pool, into host memory."""
+    return pool[layers].index_select(2, slots.to(pool.device)).cpu()  # (layers, 2, tokens, kv_heads, D)
 
 
-def scatter(pool: torch.Tensor, slot: int, layers: slice, tokens: slice, data: torch.Tensor) -> None:
-    """Copy a (layers, 2, kv_heads, tokens, head_dim) buffer into the pool, one copy."""
-    pool[layers, :, slot, :, tokens].copy_(data)
+def scatter(pool: torch.Tensor, slots: torch.Tensor, layers: slice, data: torch.Tensor) -> None:
+    """Copy a (layers, 2, tokens, kv_heads, head_dim) buffer into the pool at `slots` (tokens,), one copy."""
+    pool[layers].index_copy_(2, slots.to(pool.device), data.to(pool.device))
 
 
-def gather_prefill(k: torch.Tensor, v: torch.Tensor, row: int, length: int,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """One prompt's K/V of one layer out of a left-padded prefill batch.
-    k, v: (batch, kv_heads, T, head_dim) -> (1, 2, kv_heads, length, head_dim), contiguous; into
-    `out` (host memory, e.g. one layer's place in a message of several layers) when given."""
-    T = k.shape[2]
-    if out is None:
-        return torch.stack((k[row, :, T - length:], v[row, :, T - length:]))[None].cpu()  # the wire takes host memory
-    out[0, 0].copy_(k[row, :, T - length:])
-    out[0, 1].copy_(v[row, :, T - length:])
+def gather_prefill(k: torch.Tensor, v: torch.Tensor, rows: slice, out: torch.Tensor) -> torch.Tensor:
+    """One prompt's K/V of one layer out of a prefill batch: k, v (N, kv_heads, head_dim) hold every
+    prompt's tokens back to back, `rows` this prompt's. Copied into `out` (1, 2, tokens, kv_heads,
+    head_dim): host memory, e.g. one layer's place in a message of several layers."""
+    out[0, 0].copy_(k[rows])
+    out[0, 1].copy_(v[rows])
     return out

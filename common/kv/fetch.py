@@ -5,11 +5,13 @@ recovered request), so it does not share the replication links and their ack rea
 from __future__ import annotations
 
 import asyncio
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from common.kv.transport import Transport
-from common.kv.wire import send_fetch, stream_in
+from common.kv.wire import as_tensor, send_fetch, stream_in
+
+if TYPE_CHECKING:
+    import torch
 
 
 class FetchError(Exception):
@@ -17,15 +19,16 @@ class FetchError(Exception):
 
 
 async def fetch_replica(transport: Transport, address: str, request_id: str, epoch: int, tokens: int,
-                        timeout: float = 30.0) -> np.ndarray:
-    """Tokens [0, tokens) of the request's replica on the store at `address`, as
-    (layers, 2, kv_heads, tokens, head_dim). Fetching under a newer epoch fences the old owner on
-    the store. Raises FetchError, TransportError, WireError, or TimeoutError past `timeout` s."""
+                        timeout: float = 30.0) -> torch.Tensor:
+    """Tokens [0, tokens) of the request's replica on the store at `address`: a CPU tensor of the
+    dtype it was replicated in (e.g. bfloat16), (layers, 2, tokens, kv_heads, head_dim), in the
+    received buffer (no copy). Fetching under a newer epoch fences the old owner on the store.
+    Raises FetchError, TransportError, WireError, or TimeoutError past `timeout` s."""
     return await asyncio.wait_for(_fetch(transport, address, request_id, epoch, tokens, timeout), timeout)
 
 
 async def _fetch(transport: Transport, address: str, request_id: str, epoch: int, tokens: int,
-                 timeout: float) -> np.ndarray:
+                 timeout: float) -> torch.Tensor:
     conn = await transport.connect(address, timeout=timeout)
     try:
         await send_fetch(conn, request_id, epoch, tokens)
@@ -37,4 +40,7 @@ async def _fetch(transport: Transport, address: str, request_id: str, epoch: int
     if header.kind != "kv" or header.request_id != request_id or (header.token_start, header.token_end) != (0, tokens):
         raise FetchError(f"store {address} answered a fetch of {request_id} with {header.kind} "
                          f"{header.request_id} tokens [{header.token_start}, {header.token_end})")
-    return kv
+    if kv.ndim != 5 or kv.shape[2] != tokens:  # e.g. a store that still sends kv_heads before tokens
+        raise FetchError(f"store {address} answered a fetch of {tokens} tokens of {request_id} with "
+                         f"{kv.shape}, not (layers, 2, {tokens}, kv_heads, head_dim)")
+    return as_tensor(header, kv)

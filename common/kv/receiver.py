@@ -1,7 +1,8 @@
 """The receiving end of KV streams (token service from prompt services, cache store from token
 services): one task per incoming connection reads messages and answers each on the same link:
 - "kv": `store(header, payload)`, then an ack;
-- "fetch" (cache store): `fetch(header)` -> the tokens asked for, sent back as one "kv" message;
+- "fetch" (cache store): `fetch(header)` -> (the tokens asked for, their wire dtype name), sent
+  back as one "kv" message of that dtype;
 - anything else, or a refusal: an error frame that names the problem (the link stays up for the
   other requests on it)."""
 
@@ -21,18 +22,19 @@ log = logging.getLogger(__name__)
 
 def kv_server(store: Callable[[Header, np.ndarray], None], refused: tuple[type[Exception], ...],
               request_id_var: contextvars.ContextVar[str] | None = None,
-              fetch: Callable[[Header], np.ndarray] | None = None) -> Handler:
-    """A transport handler: `store(header, payload)` each "kv" message and `fetch(header)` each
-    "fetch" message; an exception in `refused` is answered as an error frame."""
+              fetch: Callable[[Header], tuple[np.ndarray, str]] | None = None) -> Handler:
+    """A transport handler: `store(header, payload)` each "kv" message (payload as stream_in
+    gives it) and `fetch(header)` -> (payload, dtype name) each "fetch" message; an exception in
+    `refused` is answered as an error frame."""
 
     async def answer(conn: Connection, header: Header, payload: np.ndarray) -> None:
         if header.kind == "kv":
             store(header, payload)
             await send_ack(conn, header)
         elif header.kind == "fetch" and fetch is not None:
-            kv = fetch(header)  # (layers, 2, kv_heads, tokens, head_dim)
+            kv, dtype = fetch(header)  # kv: (layers, 2, tokens, kv_heads, head_dim) of `dtype`
             await stream_out(conn, kv, request_id=header.request_id, epoch=header.epoch, layer_start=0,
-                             layer_end=kv.shape[0], token_start=0, token_end=kv.shape[3])
+                             layer_end=kv.shape[0], token_start=0, token_end=kv.shape[2], dtype=dtype)
         else:
             log.warning("unexpected %r message for %s", header.kind, header.request_id)
             await send_error(conn, header, f"this receiver takes no {header.kind!r} messages")

@@ -7,12 +7,17 @@ Every message is one transport frame:
 
 A "kv" message carries one slab of the KV cache: layers [layer_start, layer_end) and tokens
 [token_start, token_end) of a request, as a tensor of `dtype` and `shape`, with a CRC-32 of the
-bytes. The receiver answers on the same connection with an "ack" (stored) or an "error" frame.
+bytes. A KV slab is token-major, (layers, 2, tokens, kv_heads, head_dim): the layout of the token
+service's paged pool, so one indexed copy moves a message in or out. The receiver answers on the
+same connection with an "ack" (stored) or an "error" frame.
 
 A "fetch" message (empty payload) asks a cache store for tokens [0, token_end) of a request's
 replica under `epoch`; the store answers with one "kv" message of them, or an "error" frame.
 
-bfloat16 has no numpy type: send `t.view(torch.int16)` and rebuild with `.view(torch.bfloat16)`.
+Dtypes: `dtype` names the payload's element type, a numpy name ("float32", "float16", "int16",
+"uint8", ...) or "bfloat16". bfloat16 has no numpy type, so its payload travels and arrives as its
+raw 2-byte words: stream_out sends a bf16 tensor through `t.view(torch.int16).numpy()`, stream_in
+returns an int16 array, and `as_tensor` views it back as bfloat16. No step copies the payload.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ if TYPE_CHECKING:
 KINDS = ("kv", "ack", "error", "fetch")
 INT_FIELDS = ("epoch", "layer_start", "layer_end", "token_start", "token_end", "nbytes", "checksum")
 CRC_THREAD_MIN_BYTES = 4 << 20
+# Wire dtypes numpy cannot name, and the numpy dtype of the raw words each travels as.
+RAW_DTYPES = {"bfloat16": np.dtype(np.int16)}
 
 # Given the decoded header of an incoming frame, return a writable C-contiguous uint8 array of
 # exactly `header.nbytes` to receive the payload into (e.g. a view of a preallocated cache). It
@@ -55,7 +62,7 @@ class Header:
     layer_end: int = 0
     token_start: int = 0  # token positions [token_start, token_end)
     token_end: int = 0
-    dtype: str = "uint8"  # numpy dtype name of the payload tensor
+    dtype: str = "uint8"  # element type: a numpy dtype name or "bfloat16" (see numpy_dtype)
     shape: tuple[int, ...] = (0,)  # payload tensor shape
     nbytes: int = 0  # payload size in bytes = prod(shape) * itemsize
     checksum: int = 0  # zlib.crc32 of the payload bytes; 0 when empty
@@ -73,7 +80,7 @@ class Header:
         _check(self.checksum < 1 << 32, "checksum must fit in 32 bits")
         _check(isinstance(self.shape, tuple), "shape must be a tuple")
         _check(all(type(d) is int and d >= 0 for d in self.shape), f"bad shape {self.shape!r}")
-        size = math.prod(self.shape) * _dtype(self.dtype).itemsize
+        size = math.prod(self.shape) * numpy_dtype(self.dtype).itemsize
         _check(size == self.nbytes, f"nbytes {self.nbytes} != {size} for {self.dtype}{self.shape}")
 
     def encode(self) -> bytes:
@@ -103,15 +110,22 @@ async def stream_out(
     layer_end: int,
     token_start: int,
     token_end: int,
+    dtype: str | None = None,
 ) -> Header:
     """Send one "kv" message; returns the header sent. The payload is not copied: a contiguous
-    CPU numpy array, or torch tensor (sent through `.numpy()`, a view). Raises TransportError."""
-    array = _as_numpy(payload)
+    CPU numpy array, or torch tensor (sent through `.numpy()`, a view; bfloat16 through
+    `.view(torch.int16).numpy()`). `dtype` names the wire dtype of a numpy array of raw words
+    (e.g. "bfloat16" for int16 ones); by default, the payload's own. Raises ValueError for a
+    payload that cannot go as it is (or a `dtype` of another itemsize), TransportError."""
+    array, name = _as_numpy(payload)
+    if dtype is not None:
+        if numpy_dtype(dtype).itemsize != array.itemsize:
+            raise ValueError(f"dtype {dtype!r} does not fit a payload of {array.dtype}")
+        name = dtype
     data = array.reshape(-1).view(np.uint8)
     header = Header(
         "kv", request_id, epoch, layer_start, layer_end, token_start, token_end,
-        dtype=array.dtype.name, shape=tuple(array.shape), nbytes=data.nbytes,
-        checksum=await _crc32(data),
+        dtype=name, shape=tuple(array.shape), nbytes=data.nbytes, checksum=await _crc32(data),
     )  # fmt: skip
     await conn.send(header.encode(), data)
     return header
@@ -137,10 +151,11 @@ async def send_error(conn: Connection, kv: Header, message: str) -> None:
 async def stream_in(
     conn: Connection, alloc: HeaderAllocator | None = None
 ) -> tuple[Header, np.ndarray]:
-    """Receive one message: (header, payload as an array of header.dtype and header.shape, a view
-    of the received buffer). Raises TransportError if the connection breaks, WireError if the
-    message is malformed. After a WireError, or an exception raised by `alloc` (re-raised here),
-    the frame has been read whole: the connection is still in step and usable."""
+    """Receive one message: (header, payload as an array of header.shape, a view of the received
+    buffer). The array's dtype is `numpy_dtype(header.dtype)`: int16 raw words for "bfloat16";
+    `as_tensor` gives the payload as a tensor of its real dtype. Raises TransportError if the
+    connection breaks, WireError if the message is malformed. After a WireError, or an exception
+    raised by `alloc` (re-raised here), the frame has been read whole: the link is still usable."""
     problem: list[Exception] = []  # raised only once the whole frame is read
 
     def place(raw: bytes, nbytes: int) -> np.ndarray:
@@ -158,7 +173,32 @@ async def stream_in(
         raise problem[0]
     header = Header.decode(raw)
     _check(await _crc32(data) == header.checksum, f"checksum mismatch for {header.request_id!r}")
-    return header, data.view(header.dtype).reshape(header.shape)
+    return header, data.view(numpy_dtype(header.dtype)).reshape(header.shape)
+
+
+def as_tensor(header: Header, array: np.ndarray) -> torch.Tensor:
+    """The payload `array` of a message (as stream_in returns it) as a CPU torch tensor of
+    `header.dtype`, sharing its memory: a bfloat16 payload's int16 words are viewed as bf16."""
+    import torch  # here, not at the top: the wire format itself does not need torch
+
+    if array.dtype != numpy_dtype(header.dtype):
+        raise ValueError(f"a {array.dtype} array is not a {header.dtype!r} payload")
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if header.dtype == "bfloat16" else tensor
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype a payload of wire dtype `name` is held in (its raw words for a dtype numpy
+    lacks, e.g. int16 for "bfloat16"). Raises WireError for a name that is not a wire dtype."""
+    _check(isinstance(name, str), f"dtype must be a str, got {name!r}")
+    if name in RAW_DTYPES:
+        return RAW_DTYPES[name]
+    try:
+        dtype = np.dtype(name)
+    except (TypeError, ValueError):
+        raise WireError(f"unknown dtype {name!r}") from None
+    _check(dtype.kind in "biuf" and dtype.name == name, f"unsupported dtype {name!r}")
+    return dtype
 
 
 async def _crc32(data: np.ndarray) -> int:
@@ -174,26 +214,30 @@ def _reply(kind: str, kv: Header, message: str) -> Header:
                   kv.token_start, kv.token_end, message=message)  # fmt: skip
 
 
-def _as_numpy(payload: np.ndarray | torch.Tensor) -> np.ndarray:
-    if not isinstance(payload, np.ndarray):  # a torch tensor; not imported here, it is heavy
-        if payload.device.type != "cpu":
-            raise ValueError(f"KV payload must be on the CPU, not {payload.device}")
-        try:
-            payload = payload.detach().numpy()  # shares the tensor's memory
-        except TypeError as e:
-            raise TypeError(f"{payload.dtype} has no numpy type; send t.view(torch.int16)") from e
-    if not payload.flags.c_contiguous:
+def _as_numpy(payload: np.ndarray | torch.Tensor) -> tuple[np.ndarray, str]:
+    """(the payload as a numpy view, its wire dtype name)."""
+    if isinstance(payload, np.ndarray):
+        array, name = payload, payload.dtype.name
+    else:
+        array, name = _tensor_as_numpy(payload)
+    if not array.flags.c_contiguous:
         raise ValueError("KV payload must be C-contiguous: call .contiguous() first")
-    return payload
+    return array, name
 
 
-def _dtype(name: str) -> np.dtype:
+def _tensor_as_numpy(tensor: torch.Tensor) -> tuple[np.ndarray, str]:
+    import torch  # already loaded: the caller holds a tensor
+
+    if tensor.device.type != "cpu":
+        raise ValueError(f"KV payload must be on the CPU, not {tensor.device}")
+    tensor = tensor.detach()
+    if tensor.dtype == torch.bfloat16:  # no numpy type: its raw words travel
+        return tensor.view(torch.int16).numpy(), "bfloat16"
     try:
-        dtype = np.dtype(name)
-    except TypeError:
-        raise WireError(f"unknown dtype {name!r}") from None
-    _check(dtype.kind in "biuf" and dtype.name == name, f"unsupported dtype {name!r}")
-    return dtype
+        array = tensor.numpy()  # shares the tensor's memory
+    except TypeError as e:
+        raise ValueError(f"{tensor.dtype} cannot go on the wire: it has no numpy type") from e
+    return array, array.dtype.name
 
 
 def _check(condition: bool, message: str) -> None:

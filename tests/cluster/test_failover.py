@@ -39,7 +39,7 @@ def cluster(request, tiny_model_path, redis_server):
 
 def serving(cluster):
     """The token service holding KV right now."""
-    holders = [t for t in cluster.of("token") if t.proc.poll() is None and metric(t.url, "dejavu_token_kv_slots_used")]
+    holders = [t for t in cluster.of("token") if t.proc.poll() is None and metric(t.url, "dejavu_token_sequences")]
     assert len(holders) == 1, "exactly one token service should hold the request"
     return holders[0]
 
@@ -113,7 +113,7 @@ def test_a_request_that_cannot_be_saved_ends_with_an_error_event(cluster):
                 events.append(line[6:])
                 if len(events) in (10, 30) and killed < 2:  # the first, then its replacement
                     for t in cluster.of("token"):
-                        if t.proc.poll() is None and metric(t.url, "dejavu_token_kv_slots_used"):
+                        if t.proc.poll() is None and metric(t.url, "dejavu_token_sequences"):
                             cluster.kill(t, signal.SIGKILL)
                             killed += 1
     assert killed == 2

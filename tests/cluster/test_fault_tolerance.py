@@ -56,7 +56,7 @@ def holder(cluster, kind: str, gauge: str):
 
 
 def serving(cluster):
-    return holder(cluster, "token", "dejavu_token_kv_slots_used")
+    return holder(cluster, "token", "dejavu_token_sequences")
 
 
 def replica_holder(cluster):
@@ -78,7 +78,7 @@ def service_id(cluster, child) -> str:
 
 
 def test_cache_store_death_re_replicates_and_a_later_failover_uses_the_new_replica(cluster, tiny_oracle):
-    body, want = greedy(tiny_oracle, 600)
+    body, want = greedy(tiny_oracle, 900)
     before, seen = recoveries(cluster, "replica"), {}
 
     def kill_store(c):
@@ -86,11 +86,15 @@ def test_cache_store_death_re_replicates_and_a_later_failover_uses_the_new_repli
         seen["dead"] = service_id(c, store)
         c.kill(store)
 
-    def kill_token(c):  # by now the replica lives on the other store, and Redis says so
+    def kill_token(c):  # the replica lives on the other store by now (~0.6 s after the kill), and Redis says so
+        deadline = time.monotonic() + 5
+        while not any(metric(s.url, "dejavu_cache_store_bytes_held") for s in c.of("cache_store") if s.proc.poll() is None):
+            assert time.monotonic() < deadline, "the replica was not rebuilt on the other store"
+            time.sleep(0.05)
         seen["other"] = service_id(c, replica_holder(c))
         c.kill(serving(c))
 
-    text, _, rid = stream(cluster, body, at={100: kill_store, 400: kill_token})
+    text, _, rid = stream(cluster, body, at={100: kill_store, 500: kill_token})
     assert text == want
     assert seen["other"] != seen["dead"]
     assert recoveries(cluster, "replica") == before + 1  # restored from the second store's replica
@@ -176,7 +180,7 @@ def test_many_streams_survive_several_kills(cluster, tiny_oracle):
                     text.append(event["choices"][0]["text"])
                     if len(text) in kills:
                         busy = [t for t in cluster.of("token") if t.proc.poll() is None
-                                and metric(t.url, "dejavu_token_kv_slots_used") > 0]
+                                and metric(t.url, "dejavu_token_sequences") > 0]
                         if len(busy) > 1:  # never the last one standing
                             cluster.kill(busy[0])
                             killed.append(busy[0])

@@ -1,5 +1,6 @@
 """The cache store's replicas: put/fetch semantics (fresh, continued, trimmed, refused), spilling
-past the memory budget, and fetch end to end over every transport (UCX and TCP)."""
+past the memory budget, dtypes kept (bfloat16 as raw words), and fetch end to end over every
+transport (UCX and TCP)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import numpy as np
 import pytest
 import pytest_asyncio
+import torch
 from prometheus_client import REGISTRY
 
 from cache_store.store import BadChunk, Refused, ReplicaGap, ReplicaStore, StaleEpoch
@@ -23,21 +25,40 @@ TOKEN_BYTES = LAYERS * 2 * HEADS * DIM * 4  # float32
 
 
 def kv(tokens: int, seed: int = 0, heads: int = HEADS) -> np.ndarray:
-    """(layers, 2, kv_heads, tokens, head_dim), distinct values per seed."""
-    return np.random.default_rng(seed).standard_normal((LAYERS, 2, heads, tokens, DIM), dtype=np.float32)
+    """(layers, 2, tokens, kv_heads, head_dim), distinct values per seed."""
+    return np.random.default_rng(seed).standard_normal((LAYERS, 2, tokens, heads, DIM), dtype=np.float32)
 
 
-def header(rid: str, epoch: int, start: int, payload: np.ndarray) -> Header:
-    return Header("kv", rid, epoch, 0, payload.shape[0], start, start + payload.shape[3],
-                  payload.dtype.name, payload.shape, payload.nbytes)
+def bf16(tokens: int, seed: int = 0) -> torch.Tensor:
+    """kv() as bfloat16, with a NaN and a -0.0 that a bit-exact copy must keep."""
+    t = torch.from_numpy(kv(tokens, seed)).to(torch.bfloat16)
+    t.view(-1)[:2] = torch.tensor([float("nan"), -0.0])
+    return t
 
 
-def put(store: ReplicaStore, rid: str, epoch: int, start: int, payload: np.ndarray) -> None:
-    store.put(header(rid, epoch, start, payload), payload.copy())
+def words(t: torch.Tensor) -> np.ndarray:
+    """A bf16 tensor's raw int16 words, as stream_in hands them to the store."""
+    return t.view(torch.int16).numpy()
+
+
+def header(rid: str, epoch: int, start: int, payload: np.ndarray, dtype: str = "") -> Header:
+    return Header("kv", rid, epoch, 0, payload.shape[0], start, start + payload.shape[2],
+                  dtype or payload.dtype.name, payload.shape, payload.nbytes)
+
+
+def put(store: ReplicaStore, rid: str, epoch: int, start: int, payload: np.ndarray, dtype: str = "") -> None:
+    store.put(header(rid, epoch, start, payload, dtype), payload.copy())
+
+
+def fetch(store: ReplicaStore, rid: str, epoch: int, n: int, dtype: str = "float32") -> np.ndarray:
+    """store.fetch's array, once its dtype name is checked."""
+    array, name = store.fetch(rid, epoch, n)
+    assert name == dtype
+    return array
 
 
 def cat(*parts: np.ndarray) -> np.ndarray:
-    return np.concatenate(parts, axis=3)
+    return np.concatenate(parts, axis=2)  # the token axis
 
 
 def gauge(name: str) -> float:
@@ -51,11 +72,11 @@ def test_continuations_append_and_fetch_concatenates():
     store, a, b = ReplicaStore(), kv(4, 1), kv(3, 2)
     put(store, "r", 1, 0, a)
     put(store, "r", 1, 4, b)
-    whole = store.fetch("r", 1, 7)
-    assert whole.shape == (LAYERS, 2, HEADS, 7, DIM) and whole.flags.c_contiguous
+    whole = fetch(store, "r", 1, 7)
+    assert whole.shape == (LAYERS, 2, 7, HEADS, DIM) and whole.flags.c_contiguous
     np.testing.assert_array_equal(whole, cat(a, b))
-    np.testing.assert_array_equal(store.fetch("r", 1, 5), cat(a, b[:, :, :, :1]))
-    assert store.fetch("r", 1, 0).shape == (LAYERS, 2, HEADS, 0, DIM)
+    np.testing.assert_array_equal(fetch(store, "r", 1, 5), cat(a, b[:, :, :1]))
+    assert fetch(store, "r", 1, 0).shape == (LAYERS, 2, 0, HEADS, DIM)
     assert store.bytes_held == 7 * TOKEN_BYTES == gauge("dejavu_cache_store_bytes_held")
 
 
@@ -65,9 +86,9 @@ def test_new_owner_continues_from_a_trimmed_index_under_its_epoch():
     put(store, "r", 1, 4, b)
     put(store, "r", 2, 6, c)  # resumed at 6: [6, 8) of b is rewritten, b is sliced
     assert store.replicas["r"].epoch == 2 and store.replicas["r"].tokens == 11
-    np.testing.assert_array_equal(store.fetch("r", 2, 11), cat(a, b[:, :, :, :2], c))
-    put(store, "r", 2, 2, c[:, :, :, :1].copy())  # cuts into the first chunk, drops the rest
-    np.testing.assert_array_equal(store.fetch("r", 2, 3), cat(a[:, :, :, :2], c[:, :, :, :1]))
+    np.testing.assert_array_equal(fetch(store, "r", 2, 11), cat(a, b[:, :, :2], c))
+    put(store, "r", 2, 2, c[:, :, :1].copy())  # cuts into the first chunk, drops the rest
+    np.testing.assert_array_equal(fetch(store, "r", 2, 3), cat(a[:, :, :2], c[:, :, :1]))
     assert store.bytes_held == 3 * TOKEN_BYTES
     with pytest.raises(StaleEpoch):
         put(store, "r", 1, 3, kv(1))
@@ -78,7 +99,7 @@ def test_token_zero_starts_a_fresh_replica():
     put(store, "r", 1, 0, a)
     put(store, "r", 1, 0, b)
     assert store.replicas["r"].tokens == 2 and store.bytes_held == 2 * TOKEN_BYTES
-    np.testing.assert_array_equal(store.fetch("r", 1, 2), b)
+    np.testing.assert_array_equal(fetch(store, "r", 1, 2), b)
     with pytest.raises(ReplicaGap):
         store.fetch("r", 1, 3)
 
@@ -104,15 +125,55 @@ def test_chunks_that_do_not_fit_are_refused():
     with pytest.raises(BadChunk):
         put(store, "r", 1, 4, kv(2, heads=HEADS + 1))  # fetch could not concatenate it
     with pytest.raises(BadChunk):
-        store.put(Header("kv", "r", 1, 0, LAYERS, 4, 7, "float32", (LAYERS, 2, HEADS, 2, DIM),
+        store.put(Header("kv", "r", 1, 0, LAYERS, 4, 7, "float32", (LAYERS, 2, 2, HEADS, DIM),
                          2 * TOKEN_BYTES), kv(2))  # header says 3 tokens, payload has 2
+    with pytest.raises(BadChunk):
+        store.put(header("r", 1, 4, kv(3)), kv(3).transpose(0, 1, 3, 2, 4).copy())  # the old, head-major layout
     assert store.replicas["r"].tokens == 4
+
+
+OTHER_DTYPES = {  # a continuation of a bf16 replica in another dtype: (payload, wire dtype name)
+    "float32": lambda: (kv(2), "float32"),
+    "float16": lambda: (kv(2).astype(np.float16), "float16"),  # the same itemsize
+    "int16": lambda: (words(bf16(2)), "int16"),  # the very same words, under another name
+}
+
+
+@pytest.mark.parametrize("other", OTHER_DTYPES)
+def test_chunks_of_another_dtype_than_the_replicas_are_refused(other):
+    store = ReplicaStore()
+    put(store, "r", 1, 0, words(bf16(4, 1)), "bfloat16")
+    payload, name = OTHER_DTYPES[other]()
+    with pytest.raises(BadChunk, match="does not fit"):  # fetch could not answer in one dtype
+        put(store, "r", 1, 4, payload, name)
+    with pytest.raises(BadChunk, match="is not 'bfloat16'"):  # header and payload disagree
+        put(store, "r", 1, 4, kv(2).astype(np.float16), "bfloat16")
+    assert store.replicas["r"].tokens == 4 and store.replicas["r"].dtype == "bfloat16"
+    put(store, "r", 1, 0, payload, name)  # a fresh replica may have another dtype
+    assert store.replicas["r"].dtype == name
+    np.testing.assert_array_equal(fetch(store, "r", 1, 2, dtype=name), payload)
+
+
+def test_bfloat16_replica_is_kept_bit_exactly_through_spill_files(tmp_path):
+    store = ReplicaStore(memory_bytes=TOKEN_BYTES, spill_dir=str(tmp_path))  # float32 bytes: 2 bf16 tokens
+    a, b, c = bf16(4, 1), bf16(3, 2), bf16(1, 3)
+    put(store, "r", 1, 0, words(a), "bfloat16")
+    put(store, "r", 1, 4, words(b), "bfloat16")
+    put(store, "r", 1, 7, words(c), "bfloat16")
+    assert store.bytes_spilled == 7 * TOKEN_BYTES // 2 and store.bytes_held == TOKEN_BYTES // 2
+    back = fetch(store, "r", 1, 8, dtype="bfloat16")
+    assert back.dtype == np.int16  # the raw words, as they came
+    np.testing.assert_array_equal(back, words(torch.cat([a, b, c], dim=2)))
+    put(store, "r", 1, 5, words(c), "bfloat16")  # trims a spilled chunk: rewritten, same dtype
+    np.testing.assert_array_equal(fetch(store, "r", 1, 6, dtype="bfloat16"),
+                                  words(torch.cat([a, b[:, :, :1], c], dim=2)))
+    store.close()
 
 
 def test_fetch_under_a_newer_epoch_fences_the_old_owner():
     store, a = ReplicaStore(), kv(4, 1)
     put(store, "r", 1, 0, a)
-    np.testing.assert_array_equal(store.fetch("r", 3, 4), a)
+    np.testing.assert_array_equal(fetch(store, "r", 3, 4), a)
     assert store.replicas["r"].epoch == 3
     with pytest.raises(StaleEpoch):
         put(store, "r", 1, 4, kv(1))
@@ -140,10 +201,10 @@ def test_spills_oldest_chunks_past_the_budget_and_reads_them_back(tmp_path):
     files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
     assert len(files) == 5 and sum(os.path.getsize(f) for f in files) == 18 * TOKEN_BYTES
     for rid, parts in sent.items():
-        np.testing.assert_array_equal(store.fetch(rid, 1, 7), cat(*parts))
+        np.testing.assert_array_equal(fetch(store, rid, 1, 7), cat(*parts))
 
     put(store, "a", 1, 2, kv(1, 99))  # trims a spilled chunk, deletes the other spilled one
-    np.testing.assert_array_equal(store.fetch("a", 1, 3), cat(sent["a"][0][:, :, :, :2], kv(1, 99)))
+    np.testing.assert_array_equal(fetch(store, "a", 1, 3), cat(sent["a"][0][:, :, :2], kv(1, 99)))
     assert store.bytes_held + store.bytes_spilled == 17 * TOKEN_BYTES
     for rid in sent:
         assert store.drop(rid)
@@ -160,7 +221,7 @@ def test_default_spill_folder_is_temporary():
     put(store, "r", 1, 0, kv(2, 5))
     assert store.bytes_held == 0 and os.path.isdir(store.folder)
     folder = store.folder
-    np.testing.assert_array_equal(store.fetch("r", 1, 2), kv(2, 5))
+    np.testing.assert_array_equal(fetch(store, "r", 1, 2), kv(2, 5))
     store.close()
     assert not os.path.exists(folder)
 
@@ -179,6 +240,7 @@ async def served(name, tmp_path):
     store = ReplicaStore(memory_bytes=2 * TOKEN_BYTES, spill_dir=str(tmp_path))
     server, client = make_transport(name), make_transport(name)
     handler = kv_server(store.put, (Refused,), fetch=lambda h: store.fetch(h.request_id, h.epoch, h.token_end))
+    # fetch -> (raw array, dtype name): what cache_store/app.py wires
     try:
         address = await server.listen(handler, "127.0.0.1")
         yield store, address, client
@@ -188,9 +250,9 @@ async def served(name, tmp_path):
         store.close()
 
 
-async def send(link, rid: str, epoch: int, start: int, payload: np.ndarray) -> Header:
+async def send(link, rid: str, epoch: int, start: int, payload: np.ndarray | torch.Tensor) -> Header:
     ack = await link.send(payload, request_id=rid, epoch=epoch, layer_start=0, layer_end=LAYERS,
-                          token_start=start, token_end=start + payload.shape[3])
+                          token_start=start, token_end=start + payload.shape[2])
     return await asyncio.wait_for(ack, BOUND_S)
 
 
@@ -205,15 +267,16 @@ async def test_replica_round_trips_over_the_transport(served):
         await send(link, "r", 1, 5, b)
         assert store.bytes_spilled > 0  # the fetch below reads spill files too
         back = await fetch_replica(client, address, "r", 1, 8, timeout=BOUND_S)
-        np.testing.assert_array_equal(back, cat(a, b))
+        assert back.dtype == torch.float32 and back.shape == (LAYERS, 2, 8, HEADS, DIM)
+        np.testing.assert_array_equal(back.numpy(), cat(a, b))
 
         back = await fetch_replica(client, address, "r", 2, 6, timeout=BOUND_S)  # the new owner
-        np.testing.assert_array_equal(back, cat(a, b[:, :, :, :1]))
+        np.testing.assert_array_equal(back.numpy(), cat(a, b[:, :, :1]))
         with pytest.raises(KVRejected, match="fenced"):
             await send(link, "r", 1, 8, c)  # the old owner is fenced by that fetch
         await send(link, "r", 2, 6, c)
         back = await fetch_replica(client, address, "r", 2, 8, timeout=BOUND_S)
-        np.testing.assert_array_equal(back, cat(a, b[:, :, :, :1], c))
+        np.testing.assert_array_equal(back.numpy(), cat(a, b[:, :, :1], c))
 
         with pytest.raises(FetchError, match="9 tokens asked"):
             await fetch_replica(client, address, "r", 2, 9, timeout=BOUND_S)
@@ -223,6 +286,27 @@ async def test_replica_round_trips_over_the_transport(served):
             await send(link, "r", 2, 9, c)
         await send(link, "r", 2, 8, c)  # the link survived the refusals
         assert store.replicas["r"].tokens == 10
+    finally:
+        await peers.close()
+
+
+@pytest.mark.asyncio
+async def test_bfloat16_replica_round_trips_over_the_transport(served):
+    store, address, client = served
+    peers = Peers(client)
+    try:  # bf16 tensors go out as they are, are held (and spilled) as words, come back as bf16
+        link = await peers.get(address)
+        a, b = bf16(5, 1), bf16(3, 2)
+        await send(link, "r", 1, 0, a)
+        await send(link, "r", 1, 5, b)
+        assert store.bytes_spilled > 0 and store.replicas["r"].dtype == "bfloat16"
+        back = await fetch_replica(client, address, "r", 1, 8, timeout=BOUND_S)
+        assert back.dtype == torch.bfloat16 and back.shape == (LAYERS, 2, 8, HEADS, DIM)
+        assert torch.equal(back.view(torch.int16), torch.cat([a, b], dim=2).view(torch.int16))  # bit-exact
+        with pytest.raises(KVRejected, match="does not fit"):
+            await send(link, "r", 1, 8, torch.from_numpy(kv(1)))  # float32 after bf16
+        back = await fetch_replica(client, address, "r", 1, 6, timeout=BOUND_S)
+        assert torch.equal(back.view(torch.int16), torch.cat([a, b[:, :, :1]], dim=2).view(torch.int16))
     finally:
         await peers.close()
 

@@ -1,6 +1,7 @@
 """A colocated token service's prefill queue (TokenEngine.prefill), on the tiny model: the first
-token equals HF's, and an abort while a prefill waits or computes frees the row exactly once and
-answers the caller, never leaving it hanging."""
+token equals HF's, also for prompts longer than a step's chunk budget; and an abort while a
+prefill waits or computes frees its blocks exactly once and answers the caller, never leaving it
+hanging."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import pytest
 from common.errors import NotFound
 from common.model import load_model
 from common.protocol import PrefillRequest, ReserveRequest, SamplingParams
-from common.runner import ModelRunner
 from common.settings import TokenSettings
+from engine.runner import ModelRunner
 from token_service.engine import TokenEngine
 
 pytestmark = pytest.mark.asyncio
@@ -25,8 +26,9 @@ def runner(tiny_model_path):
     return ModelRunner(load_model(tiny_model_path))
 
 
-async def started(runner) -> tuple[TokenEngine, asyncio.Task]:
-    engine = TokenEngine(runner, TokenSettings(max_seqs=4, max_model_len=64, colocated=True), "token-test")
+async def started(runner, chunk: int = 512) -> tuple[TokenEngine, asyncio.Task]:
+    settings = TokenSettings(max_seqs=4, max_model_len=64, colocated=True, max_batch_tokens=chunk)
+    engine = TokenEngine(runner, settings, "token-test")
     return engine, asyncio.create_task(engine.run())
 
 
@@ -47,33 +49,50 @@ async def test_first_tokens_equal_hf_and_an_abort_while_queued_frees_the_row(run
         assert result.first.token_id == tiny_oracle.generate_ids(PROMPTS[0], 1)[0]
         with pytest.raises(NotFound):
             await asyncio.wait_for(dropped, 30)
-        assert engine.slots.num_used == 1 and engine.scheduler.seqs.keys() == {"kept"}
+        assert engine.scheduler.seqs.keys() == {"kept"} and engine.blocks.num_used == 1
         assert engine.scheduler.seqs["kept"].kv_ready
         engine.abort("kept")
-        assert engine.slots.num_used == 0
+        assert engine.blocks.num_used == 0 and engine.blocks.committed == 0
     finally:
         loop.cancel()
 
 
 async def test_an_abort_during_the_forward_answers_not_found_and_frees_the_row_after_it(runner, monkeypatch):
     engine, loop = await started(runner)
-    entered, go, forward = threading.Event(), threading.Event(), runner.prefill
+    entered, go, forward = threading.Event(), threading.Event(), runner.forward
 
     def gated(*args):  # the real forward, held at its start until the test has aborted
         entered.set()
         go.wait(30)
         return forward(*args)
 
-    monkeypatch.setattr(runner, "prefill", gated)
+    monkeypatch.setattr(runner, "forward", gated)
     try:
         job = prefill(engine, "r", PROMPTS[1])
         assert await asyncio.to_thread(entered.wait, 30)
         engine.abort("r")
-        assert engine.slots.num_used == 1  # being written: kept until the forward ends
+        assert engine.blocks.num_used == 1  # being written: kept until the forward ends
         go.set()
         with pytest.raises(NotFound):
             await asyncio.wait_for(job, 30)
-        assert engine.slots.num_used == 0 and not engine.scheduler.seqs
+        assert engine.blocks.num_used == 0 and engine.blocks.committed == 0 and not engine.scheduler.seqs
     finally:
         go.set()
+        loop.cancel()
+
+
+async def test_prompts_longer_than_the_budget_are_prefilled_in_chunks(runner, tiny_oracle, monkeypatch):
+    """A 16-token budget: the 8-token prompts share one step, a 40-token prompt takes three more,
+    and every first token still equals HF's."""
+    long = (PROMPTS[0] * 5)[:40]
+    sizes, forward = [], runner.forward
+    monkeypatch.setattr(runner, "forward", lambda segments, *a: sizes.append([len(s.tokens) for s in segments])
+                        or forward(segments, *a))
+    engine, loop = await started(runner, chunk=16)
+    try:
+        jobs = [prefill(engine, "a", PROMPTS[0]), prefill(engine, "b", PROMPTS[1]), prefill(engine, "long", long)]
+        results = await asyncio.wait_for(asyncio.gather(*jobs), 30)
+        assert [r.first.token_id for r in results] == [tiny_oracle.generate_ids(p, 1)[0] for p in (*PROMPTS, long)]
+        assert sizes == [[8, 8], [16], [16], [8]]
+    finally:
         loop.cancel()

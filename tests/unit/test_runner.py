@@ -1,74 +1,74 @@
-"""ModelRunner against HF generate, in process: a left-padded prefill batch, then pooled decode
-steps where sequences of different lengths share the batch, join late and leave early."""
+"""ModelRunner against HF, in process, on the tiny model: our forward (and the HF-modules fallback)
+over a paged pool, with prompts prefilled in one batch, decode steps where sequences of different
+lengths share the batch and join late, chunked prefill, and the recompute of a restore."""
 
-
+import pytest
 import torch
 
-from common.kv.copy import gather_prefill, scatter
-from common.runner import ModelRunner
+from engine.attention import Segment, slots_of
+from engine.runner import ModelRunner
+
+BLOCK = 4
 
 
-def test_batched_prefill_and_pooled_decode_equal_generate(tiny_oracle):
-    model, tok = tiny_oracle.model, tiny_oracle.tokenizer
-    runner = ModelRunner(model)
-    prompts = [tok(t)["input_ids"] for t in ["Hi", "The capital of France is", "one two three four five six seven"]]
-    steps = [6, 10, 3]
+@pytest.fixture(scope="module", params=["own", "hf"])
+def runner(request, tiny_oracle):
+    runner = ModelRunner(tiny_oracle.model, block_size=BLOCK, own_forward=request.param == "own")
+    assert runner.name == request.param
+    return runner
+
+
+def prompts_of(tok) -> list[list[int]]:
+    return [tok(t)["input_ids"] for t in ["Hi", "The capital of France is", "one two three four five six seven"]]
+
+
+def test_batched_prefill_and_paged_decode_equal_generate(runner, tiny_oracle):
+    prompts, steps = prompts_of(tiny_oracle.tokenizer), [6, 10, 3]
     want = [tiny_oracle.generate_ids(p, n) for p, n in zip(prompts, steps)]
-    pool = runner.new_pool(slots=4, max_len=64)
-    slots = [2, 0, 1]  # not in prompt order; row 3 stays idle
-
-    def on_layer(layer, k, v):
-        for row, (p, slot) in enumerate(zip(prompts, slots)):
-            scatter(pool, slot, slice(layer, layer + 1), slice(0, len(p)), gather_prefill(k, v, row, len(p)))
-
-    first = runner.prefill(prompts, on_layer).argmax(-1).tolist()
+    pool = runner.new_pool(32)
+    tables = [[7, 3, 20, 11, 5], [0, 9, 30, 2, 14, 1], [31, 4, 8, 6, 10]]  # scattered, not in order
+    first = runner.forward([Segment(p, 0, t) for p, t in zip(prompts, tables)], pool).argmax(-1).tolist()
     out = [[t] for t in first]
     while any(len(o) < n for o, n in zip(out, steps)):
-        live = [len(o) < n for o, n in zip(out, steps)]
-        rows = max(s for s, l in zip(slots, live) if l) + 1
-        tokens, positions, running = [0] * rows, [0] * rows, [False] * rows
-        for i, slot in enumerate(slots):
-            if live[i] and slot < rows:
-                tokens[slot], positions[slot], running[slot] = out[i][-1], len(prompts[i]) + len(out[i]) - 1, True
-        logits = runner.decode(pool, tokens, positions, running)
-        for i, slot in enumerate(slots):
-            if live[i]:
-                out[i].append(int(logits[slot].argmax()))
+        live = [i for i, (o, n) in enumerate(zip(out, steps)) if len(o) < n]
+        segments = [Segment([out[i][-1]], len(prompts[i]) + len(out[i]) - 1, tables[i]) for i in live]
+        for i, row in zip(live, runner.forward(segments, pool).argmax(-1).tolist()):
+            out[i].append(row)
     assert out == want
 
 
-def test_unpadded_and_padded_prefill_agree_with_generate(tiny_oracle):
-    """Equal lengths take the unmasked path, mixed lengths the padded one: both give HF's first token."""
-    runner = ModelRunner(tiny_oracle.model)
-    tok = tiny_oracle.tokenizer
-    same = [tok("one two three")["input_ids"], tok("four five six")["input_ids"]]
-    assert len(same[0]) == len(same[1])
-    mixed = same + [tok("x")["input_ids"]]
-    for prompts in (same, mixed):
-        first = runner.prefill(prompts, lambda *a: None).argmax(-1).tolist()
-        assert first == [tiny_oracle.generate_ids(p, 1)[0] for p in prompts]
+def test_prefill_without_a_pool_hands_each_layer_to_the_callback(runner, tiny_oracle):
+    """A prompt service's prefill: prompts of mixed lengths back to back; the K/V it hands out is
+    what a paged prefill writes to the pool."""
+    prompts = prompts_of(tiny_oracle.tokenizer)
+    seen = {}
+    first = runner.prefill(prompts, lambda layer, k, v: seen.setdefault(layer, (k.clone(), v.clone())))
+    assert first.argmax(-1).tolist() == [tiny_oracle.generate_ids(p, 1)[0] for p in prompts]
+    pool, tables = runner.new_pool(16), [[0, 1], [2, 3, 4], [5, 6, 7]]
+    runner.forward([Segment(p, 0, t) for p, t in zip(prompts, tables)], pool)
+    slots = torch.cat([slots_of(t, BLOCK, 0, len(p)) for p, t in zip(prompts, tables)])
+    for layer, (k, v) in seen.items():
+        torch.testing.assert_close(pool[layer, 0, slots], k)
+        torch.testing.assert_close(pool[layer, 1, slots], v)
 
 
-def test_extend_after_a_partial_prefill_equals_the_full_one(tiny_oracle):
-    """Recovery's recompute: KV [0, n) from a prefill, then `extend` over tokens [n, L) gives the same
-    KV and next-token logits as a prefill of all L tokens, and decoding on from there equals generate."""
-    model, tok = tiny_oracle.model, tiny_oracle.tokenizer
-    runner = ModelRunner(model)
-    ids = tok("The quick brown fox jumps over the lazy dog and runs away")["input_ids"]
+def test_chunks_and_extend_equal_one_prefill(runner, tiny_oracle):
+    """Chunked prefill (and a restore's recompute): the prompt in pieces, each attending to the
+    earlier ones in the pool, gives the same KV and next-token logits as one prefill; decoding on
+    from there equals generate, with a decode token in the same forward as a chunk."""
+    ids = tiny_oracle.tokenizer("The quick brown fox jumps over the lazy dog and runs away")["input_ids"]
     want = tiny_oracle.generate_ids(ids, 8)
-    full, part = runner.new_pool(slots=2, max_len=64), runner.new_pool(slots=2, max_len=64)
-
-    def into(pool, slot, n):
-        return lambda layer, k, v: scatter(pool, slot, slice(layer, layer + 1), slice(0, n), gather_prefill(k, v, 0, n))
-
-    full_logits = runner.prefill([ids], into(full, 0, len(ids)))
-    n = 4
-    runner.prefill([ids[:n]], into(part, 1, n))
-    logits = runner.extend(part, 1, ids[n:], n)
-    torch.testing.assert_close(logits, full_logits, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(part[:, :, 1, :, :len(ids)], full[:, :, 0, :, :len(ids)], atol=1e-5, rtol=1e-4)
-    out = [int(logits.argmax())]
+    pool = runner.new_pool(16)
+    full, part = [0, 1, 2, 3, 4], [9, 8, 15, 6, 7]
+    full_logits = runner.forward([Segment(ids, 0, full)], pool)
+    runner.forward([Segment(ids[:5], 0, part)], pool)
+    runner.forward([Segment(ids[5:9], 5, part)], pool)
+    other = [Segment([want[0]], len(ids), full)]  # a decode token of another sequence rides along
+    logits = runner.forward(other + [Segment(ids[9:], 9, part)], pool)
+    torch.testing.assert_close(logits[1], full_logits[0], atol=1e-4, rtol=1e-4)
+    a, b = slots_of(full, BLOCK, 0, len(ids)), slots_of(part, BLOCK, 0, len(ids))
+    torch.testing.assert_close(pool[:, :, b], pool[:, :, a], atol=1e-5, rtol=1e-4)
+    out = [int(logits[1].argmax())]
     while len(out) < 8:
-        step = runner.decode(part, [0, out[-1]], [0, len(ids) + len(out) - 1], [False, True])
-        out.append(int(step[1].argmax()))
+        out.append(int(runner.forward([Segment([out[-1]], len(ids) + len(out) - 1, part)], pool).argmax()))
     assert out == want

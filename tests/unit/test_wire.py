@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +26,7 @@ from common.kv import (
     stream_in,
     stream_out,
 )
+from common.kv.wire import as_tensor
 
 BOUND_S = 5.0  # bound on every wait that must not hang; never asserted as a latency
 KV = Header("kv", "req-1", 3, 0, 2, 10, 14, "float32", (2, 4, 3), 96, 12345)
@@ -34,7 +38,12 @@ SLAB = dict(request_id="req-7", epoch=2, layer_start=4, layer_end=6, token_start
 
 @pytest.mark.parametrize(
     "header",
-    [KV, Header("ack", "req-1", 3, message="stored"), Header("error", "r", 0, message="no room")],
+    [
+        KV,
+        Header("ack", "req-1", 3, message="stored"),
+        Header("error", "r", 0, message="no room"),
+        dataclasses.replace(KV, dtype="bfloat16", nbytes=48),  # 2 bytes a value
+    ],
 )
 def test_header_round_trips(header):
     raw = header.encode()
@@ -51,7 +60,10 @@ def test_header_round_trips(header):
         dict(layer_start=3, layer_end=2),
         dict(token_start=15),
         dict(dtype="float33"),
+        dict(dtype="bfloat17"),
         dict(dtype="object"),
+        dict(dtype=7),
+        dict(dtype="bfloat16"),  # nbytes is that of float32
         dict(shape=(2, 4, 4)),  # nbytes no longer matches
         dict(shape=[2, 4, 3]),
         dict(nbytes=95),
@@ -82,6 +94,8 @@ def _raw(**change) -> bytes:
         _raw(shape=7),
         _raw(shape=[2, 4, "3"]),
         _raw(nbytes=97),
+        _raw(dtype="bfloat17"),
+        _raw(dtype="float8_e4m3fn"),  # no wire dtype, though torch has it
     ],
 )
 def test_decode_rejects_malformed_headers(raw):
@@ -110,10 +124,10 @@ async def link(request):
         await server.close()
 
 
-async def transfer(sender, receiver, payload, alloc=None) -> tuple[Header, Header, np.ndarray]:
+async def transfer(sender, receiver, payload, alloc=None, **kw) -> tuple[Header, Header, np.ndarray]:
     """stream_out and stream_in at once: a big UCX send completes only once the peer receives."""
     sent, (header, got) = await asyncio.wait_for(
-        asyncio.gather(stream_out(sender, payload, **SLAB), stream_in(receiver, alloc)), BOUND_S
+        asyncio.gather(stream_out(sender, payload, **SLAB, **kw), stream_in(receiver, alloc)), BOUND_S
     )
     return sent, header, got
 
@@ -140,19 +154,56 @@ async def test_numpy_slab_round_trips(link, which):
     assert header.checksum == (zlib.crc32(ARRAYS[which].tobytes()) if got.size else 0)
 
 
-@pytest.mark.asyncio
-async def test_torch_tensors_go_out_without_copy_and_bfloat16_as_int16(link):
-    sender, receiver = link
-    kv = torch.randn(2, 3, 16, 8)  # (layers, kv_heads, tokens, head_dim)
-    _, _, got = await transfer(sender, receiver, kv)
-    assert torch.equal(torch.from_numpy(got), kv)
+def kv_tensor(dtype: torch.dtype) -> torch.Tensor:
+    """(layers, 2, tokens, kv_heads, head_dim) of `dtype`, with the values a bit-exact copy must
+    keep too: infinities, a NaN, a negative zero."""
+    kv = torch.randn(2, 2, 16, 3, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    kv.view(-1)[:4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0])
+    return kv
 
-    bf16 = kv.to(torch.bfloat16)
-    with pytest.raises(TypeError, match="int16"):
-        await stream_out(sender, bf16, **SLAB)
-    _, header, got = await transfer(sender, receiver, bf16.view(torch.int16))
-    assert header.dtype == "int16"
-    assert torch.equal(torch.from_numpy(got).view(torch.bfloat16), bf16)
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw words: torch.equal on them is bit-exact (NaN and -0.0 included)."""
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+async def test_torch_tensors_round_trip_bit_exactly_in_their_dtype(link, dtype):
+    sender, receiver = link
+    kv = kv_tensor(dtype)
+    sent, header, got = await transfer(sender, receiver, kv)
+    name = str(dtype).removeprefix("torch.")
+    assert header == sent and header.dtype == name and header.nbytes == kv.numel() * kv.element_size()
+    assert got.dtype == (np.int16 if dtype == torch.bfloat16 else np.dtype(name))  # bf16: its raw words
+    back = as_tensor(header, got)
+    assert back.dtype == dtype and back.shape == kv.shape
+    assert torch.equal(bits(back), bits(kv))
+    assert back.data_ptr() == got.ctypes.data  # a view of the received buffer, no copy
+
+
+@pytest.mark.asyncio
+async def test_raw_words_go_out_under_an_explicit_dtype(link):
+    sender, receiver = link
+    kv = kv_tensor(torch.bfloat16)
+    words = kv.view(torch.int16).numpy()  # as the cache store holds a bf16 replica
+    _, header, got = await transfer(sender, receiver, words, dtype="bfloat16")
+    assert header.dtype == "bfloat16"
+    assert torch.equal(bits(as_tensor(header, got)), bits(kv))
+
+    with pytest.raises(ValueError, match="does not fit"):
+        await stream_out(sender, words, **SLAB, dtype="float32")  # another itemsize
+    with pytest.raises(WireError, match="bfloat17"):
+        await stream_out(sender, words, **SLAB, dtype="bfloat17")
+    with pytest.raises(ValueError, match="no numpy type"):
+        await stream_out(sender, torch.zeros(4, dtype=torch.float8_e4m3fn), **SLAB)
+    with pytest.raises(ValueError, match="not a 'bfloat16' payload"):
+        as_tensor(header, got.view(np.uint16))
+
+
+def test_wire_does_not_import_torch():
+    code = "import sys, common.kv.wire; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 
 @pytest.mark.asyncio
@@ -213,8 +264,9 @@ async def test_acks_and_errors_name_the_message_they_answer(link):
         (dataclasses.replace(KV, checksum=KV.checksum + 1), np.zeros(96, np.uint8)),  # checksum
         (KV, np.zeros(95, np.uint8)),  # size disagrees with the header
         (b'{"kind": "kv"}', np.zeros(96, np.uint8)),  # malformed header
+        (_raw(dtype="bfloat17"), np.zeros(96, np.uint8)),  # unknown dtype
     ],
-    ids=["checksum", "nbytes", "malformed"],
+    ids=["checksum", "nbytes", "malformed", "dtype"],
 )
 async def test_bad_messages_raise_wire_error_and_leave_the_link_usable(link, header, payload):
     sender, receiver = link

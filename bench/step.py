@@ -1,0 +1,153 @@
+"""The engine's decode step, in process: step time against batch size, ours against Hugging Face.
+
+Step by step:
+1. Load the model once per dtype (--dtypes, default float32 and bfloat16).
+2. For each batch size B (--batches, default 1 8 16 32): B sequences with --kv-len tokens of KV
+   each (~600: a 500-token prompt 100 tokens into its answer), random KV values.
+   - ours: one `ModelRunner.forward` of B decode segments over the paged pool, each sequence's
+     blocks scattered over the pool as on a busy service;
+   - hf: the Hugging Face modules' own forward (`LlamaForCausalLM`) over a contiguous
+     (B, kv_heads, L, head_dim) cache per layer, written in place (no concatenation): what our
+     token service ran before its own engine.
+3. Alternate ours and hf, --repeats times, each a median of --steps steps; report median [min-max]
+   step time, tokens/s (B / step time), and ours/hf.
+4. A profiler table of our step at the largest batch: where the time goes.
+
+Nothing is asserted; figures depend on the machine (recorded in the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from bench.common import fmt, log, spread, write_json
+
+
+def hf_cache(model, B: int, L: int, dtype):
+    """A cache over preallocated (B, kv_heads, L + 1, D) tensors: each step writes column L and
+    attends to [0, L + 1), as the old pooled runner did."""
+    import torch
+    from transformers.cache_utils import Cache
+
+    c = model.config
+    heads, dim = c.num_key_value_heads, c.hidden_size // c.num_attention_heads
+    pool = torch.randn(c.num_hidden_layers, 2, B, heads, L + 1, dim, dtype=dtype)
+
+    class Rows(Cache):
+        def __init__(self):
+            super().__init__(layers=[])
+
+        def update(self, k, v, layer, *args, **kwargs):
+            pool[layer, 0, :, :, L:] = k
+            pool[layer, 1, :, :, L:] = v
+            return pool[layer, 0], pool[layer, 1]
+
+    return Rows
+
+
+def timed(fn, steps: int) -> float:
+    fn()  # warm
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3  # ms
+
+
+def setups(model, runner, B: int, L: int):
+    import torch
+
+    from engine.attention import Segment
+
+    per_seq = -(-(L + 1) // runner.block_size)
+    pool = runner.new_pool(per_seq * B + 8).normal_()
+    order = torch.randperm(per_seq * B + 8)[: per_seq * B].view(B, per_seq).tolist()
+    segments = [Segment([100 + b], L, order[b]) for b in range(B)]
+    rows = hf_cache(model, B, L, model.dtype)
+    ids, pos = torch.full((B, 1), 100), torch.full((B, 1), L)
+
+    def ours():
+        runner.forward(segments, pool)
+
+    def hf():
+        with torch.inference_mode():
+            model(input_ids=ids, position_ids=pos, past_key_values=rows(), use_cache=True, logits_to_keep=1)
+
+    return ours, hf
+
+
+def profile_table(fn, rows: int = 12) -> str:
+    from torch.profiler import profile
+
+    fn()
+    with profile() as prof:
+        fn()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def run(args) -> dict:
+    import torch
+
+    from common.model import load_model, resolve_model_path
+    from engine.runner import ModelRunner
+
+    path = resolve_model_path(args.model, progress=log)
+    results, tables = [], {}
+    for dtype in args.dtypes:
+        model = load_model(path, args.threads, dtype)
+        runner = ModelRunner(model, block_size=args.block_size)
+        for B in args.batches:
+            ours, hf = setups(model, runner, B, args.kv_len)
+            ms = {"ours": [], "hf": []}
+            for r in range(args.repeats):
+                for name, fn in (("ours", ours), ("hf", hf)) if r % 2 == 0 else (("hf", hf), ("ours", ours)):
+                    ms[name].append(timed(fn, args.steps))
+                log(f"{dtype} B={B} repeat {r + 1}/{args.repeats}: ours {ms['ours'][-1]:.1f} ms, hf {ms['hf'][-1]:.1f} ms")
+            results.append({"dtype": dtype, "batch": B, "ours_ms": spread(ms["ours"]), "hf_ms": spread(ms["hf"]),
+                            "ratio": spread([h / o for o, h in zip(ms["ours"], ms["hf"])])})
+        tables[dtype] = profile_table(setups(model, runner, max(args.batches), args.kv_len)[0])
+        del model, runner
+        torch.set_num_threads(torch.get_num_threads())
+    return {"results": results, "profiles": tables}
+
+
+def report(out: dict, args) -> None:
+    print(f"\ndecode step, {args.kv_len} tokens of KV per sequence (median [min-max] of {args.repeats} repeats, "
+          f"each the median of {args.steps} steps)\n")
+    print(f"{'dtype':9} {'batch':>5}  {'ours ms':>22}  {'hf ms':>22}  {'ours tok/s':>10}  {'speed-up':>18}")
+    for r in out["results"]:
+        tps = r["batch"] / r["ours_ms"]["median"] * 1e3
+        print(f"{r['dtype']:9} {r['batch']:>5}  {fmt(r['ours_ms']):>22}  {fmt(r['hf_ms']):>22}  {tps:>10.0f}  "
+              f"{fmt(r['ratio'], 2):>18}")
+    for dtype, table in out["profiles"].items():
+        print(f"\nwhere our step's time goes, {dtype}, batch {max(args.batches)}:\n{table}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dejavu bench step", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 16, 32])
+    p.add_argument("--kv-len", type=int, default=600, help="tokens of KV per sequence")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--out", help="write the figures as JSON")
+    args = p.parse_args(argv)
+    if min(args.batches) < 1 or args.kv_len < 1 or args.repeats < 1 or args.steps < 1:
+        p.error("--batches, --kv-len, --repeats and --steps must be >= 1")
+    out = run(args)
+    report(out, args)
+    if args.out:
+        summary = {f"{r['dtype']}_b{r['batch']}_ours_ms": r["ours_ms"]["median"] for r in out["results"]}
+        summary.update({f"{r['dtype']}_b{r['batch']}_speedup": r["ratio"]["median"] for r in out["results"]})
+        write_json(args.out, summary, config=vars(args), **out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""ModelRunner: one per engine process (prompt or token service), the only way they run the model.
+
+    runner = ModelRunner(load_model(path, dtype=...), block_size=16)
+    pool = runner.new_pool(num_blocks)                       # token services: the paged KV pool
+    logits = runner.forward(segments, pool)                  # decode steps, chunks, restores
+    logits = runner.prefill(prompts, on_layer)               # prompt services: no pool, K/V streamed
+
+A forward takes any mix of segments (engine/attention.py): prompts from scratch, single decode
+tokens, tokens after KV that is there already; it returns float32 logits of each segment's last
+token, (len(segments), vocab). Llama-family models run our own forward (engine/model.py); any
+other causal LM runs its Hugging Face modules (engine/hf.py), slower.
+
+KV pool, one tensor per service: (layers, 2, num_blocks * block_size, kv_heads, head_dim), token-
+major so that a token range of a block table is one indexed copy; [:, 0] keys, [:, 1] values.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import AttentionBatch, Segment
+from engine.hf import HFForward
+from engine.model import LlamaForward, Unsupported, check_supported
+
+log = logging.getLogger(__name__)
+
+LayerCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (layer, k, v): (N, kv_heads, head_dim)
+
+
+@dataclass(frozen=True)
+class KVShape:
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, model) -> "KVShape":
+        c = model.config
+        heads = c.num_attention_heads
+        return cls(c.num_hidden_layers, getattr(c, "num_key_value_heads", None) or heads,
+                   getattr(c, "head_dim", None) or c.hidden_size // heads, model.dtype)
+
+    @property
+    def bytes_per_token(self) -> int:  # K and V, every layer
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype.itemsize
+
+
+class ModelRunner:
+    def __init__(self, model, block_size: int = 16, max_model_len: int = 1 << 20, own_forward: bool = True):
+        self.kv = KVShape.of(model)
+        self.device, self.dtype, self.block_size = model.device, model.dtype, block_size
+        self.llama: LlamaForward | None = None
+        self.hf: HFForward | None = None
+        try:
+            if not own_forward:
+                raise Unsupported("own_forward=False")
+            check_supported(model, max_model_len)
+            self.llama = LlamaForward(model)
+        except Unsupported as why:
+            log.info("the model runs through its Hugging Face modules (slower): %s", why)
+            self.hf = HFForward(model, block_size)
+
+    @property
+    def name(self) -> str:
+        return "own" if self.llama is not None else "hf"
+
+    def new_pool(self, num_blocks: int) -> torch.Tensor:
+        kv = self.kv
+        return torch.zeros(kv.layers, 2, num_blocks * self.block_size, kv.kv_heads, kv.head_dim,
+                           dtype=kv.dtype, device=self.device)
+
+    def forward(self, segments: list[Segment], pool: torch.Tensor | None = None,
+                on_layer: LayerCallback | None = None) -> torch.Tensor:
+        """Every segment's new tokens in one pass; their K/V goes to `pool` at their blocks (if a
+        pool is given) and to `on_layer` (layer, k, v) as each layer is computed, k and v (N,
+        kv_heads, D) in segment order. Returns float32 logits of each segment's last token."""
+        if not segments or any(not s.tokens for s in segments):
+            raise ValueError("a forward needs segments with at least one new token each")
+        if self.hf is not None:
+            return self.hf.run(segments, pool, on_layer)
+        batch = AttentionBatch.build(segments, self.block_size, self.device)
+        ids = torch.tensor([t for s in segments for t in s.tokens], device=self.device)
+        positions = torch.tensor([p for s in segments for p in range(s.start, s.end)], device=self.device)
+        last = torch.tensor([o + len(s.tokens) - 1 for o, s in zip(batch.offsets, segments)], device=self.device)
+        return self.llama(ids, positions, batch, pool, last, on_layer)
+
+    def prefill(self, prompts: list[list[int]], on_layer: LayerCallback) -> torch.Tensor:
+        """Prompts from scratch with no pool (a prompt service): each layer's K/V of every prompt,
+        (sum of lengths, kv_heads, D) in prompt order, goes to on_layer. -> (len(prompts), vocab)"""
+        return self.forward([Segment(list(p)) for p in prompts], None, on_layer)

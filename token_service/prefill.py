@@ -1,0 +1,122 @@
+"""Colocated mode (--colocated): prompts prefilled on the token service itself, in chunks.
+
+A prompt's life here:
+1. `TokenEngine.prefill` queues a PrefillJob for a reserved sequence (its blocks already hold room
+   for the prompt); the sequence is `filling`, so an abort leaves its blocks to the loop.
+2. Each engine step takes up to --max-batch-tokens prompt tokens from the queue, in order: the next
+   chunk of the first prompt, then of the next, ... Each chunk is one segment of the step's
+   forward, next to the running decodes, so a long prompt never stalls running streams for more
+   than one chunk's worth of compute (chunked prefill).
+3. A chunk's K/V goes straight into the sequence's blocks; a later chunk attends to the earlier
+   ones there. When the last chunk is computed, the first token is sampled from its logits and
+   the job resolves.
+4. A job whose sequence was aborted is dropped at the next step boundary (never mid-forward): its
+   blocks are released and its caller gets NotFound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from common.errors import NotFound, UpstreamError
+from common.protocol import PrefillRequest, PrefillResult
+from common.sampling import first_event, sample
+from engine.attention import Segment
+from token_service.sequence import Sequence
+
+
+@dataclass
+class PrefillJob:
+    seq: Sequence
+    req: PrefillRequest
+    result: asyncio.Future
+    done: int = 0                # prompt tokens whose KV is computed
+    started: float = 0.0         # perf_counter at its first chunk
+
+
+@dataclass
+class Chunk:
+    job: PrefillJob
+    segment: Segment             # prompt tokens [start, end) over the sequence's blocks
+
+    @property
+    def last(self) -> bool:
+        return self.segment.end == self.job.seq.prompt_len
+
+
+class PrefillQueue:
+    def __init__(self, budget: int, release: Callable[[Sequence], None]):
+        self.budget, self.release = budget, release  # prompt tokens per step; frees an aborted job's blocks
+        self.jobs: collections.deque[PrefillJob] = collections.deque()
+
+    def __bool__(self) -> bool:
+        return bool(self.jobs)
+
+    def add(self, job: PrefillJob) -> None:
+        job.seq.filling = True
+        self.jobs.append(job)
+
+    def next_chunks(self) -> list[Chunk]:
+        """This step's chunks: up to `budget` prompt tokens, first come first served."""
+        self.reap()
+        chunks, budget = [], self.budget
+        for job in self.jobs:
+            if budget <= 0:
+                break
+            n = min(job.seq.prompt_len - job.done, budget)
+            tokens = job.req.prompt_ids[job.done: job.done + n]
+            chunks.append(Chunk(job, Segment(tokens, job.done, job.seq.blocks)))
+            job.started = job.started or time.perf_counter()
+            budget -= n
+        return chunks
+
+    def finish(self, chunks: list[Chunk], logits: torch.Tensor) -> None:
+        """The step computed `chunks`; logits: (len(chunks), vocab), each chunk's last token."""
+        ended = []
+        for chunk, row in zip(chunks, logits):
+            job = chunk.job
+            job.done = chunk.segment.end
+            if chunk.last and not job.seq.done:
+                ended.append((job, row))
+        if ended:
+            events = sample(torch.stack([r for _, r in ended]), [j.req.sampling for j, _ in ended],
+                            [0] * len(ended), [j.req.request_id for j, _ in ended])
+            for (job, _), event in zip(ended, events):
+                self._resolve(job, event)
+        self.reap()
+
+    def fail(self, chunks: list[Chunk], exc: Exception) -> None:
+        """The step's forward failed: its prompts fail (the gateway retries or reports), the service stays."""
+        for chunk in chunks:
+            job = chunk.job
+            if not job.result.done():
+                job.result.set_exception(UpstreamError(f"prefill failed: {type(exc).__name__}: {exc}"))
+            self._drop(job)
+
+    def _resolve(self, job: PrefillJob, event) -> None:
+        job.seq.mark_all_received()
+        job.seq.filling = False
+        self.jobs.remove(job)
+        ms = (time.perf_counter() - job.started) * 1e3
+        job.result.set_result(PrefillResult(request_id=job.req.request_id, prefill_ms=ms,
+                                            first=first_event(job.req.sampling, event), stream_tail_ms=0.0))
+
+    def reap(self) -> None:
+        """Drop the jobs of aborted sequences: their blocks go back, their callers hear NotFound."""
+        for job in [j for j in self.jobs if j.seq.done]:
+            self._drop(job)
+
+    def _drop(self, job: PrefillJob) -> None:
+        if job in self.jobs:
+            self.jobs.remove(job)
+        job.seq.filling = False
+        if job.seq.done:
+            self.release(job.seq)
+        if not job.result.done():
+            job.result.set_exception(NotFound(f"request {job.req.request_id} was aborted during its prefill"))
