@@ -3,10 +3,13 @@
 1. `submit`   the gateway asks to prefill a prompt into KV room it reserved on token service T;
               a link to T's KV address is opened (or reused) and the job queued.
 2. `run`      jobs are batched up to --max-batch-tokens and run as one forward pass (prompts
-              back to back, no padding) in a worker thread.
+              back to back, no padding) in a worker thread. A prompt longer than that runs in
+              chunks of --max-batch-tokens, one forward each, attending to the earlier chunks'
+              KV in a pool of its own (chunked prefill).
 3. on_layer   inside the forward, as soon as layer l's K/V exists, each job's slice is copied
               into one contiguous buffer and handed to the job's sender task, which streams it
-              to T while layer l+1 computes (layer-by-layer streaming).
+              to T while layer l+1 computes (layer-by-layer streaming); a chunk's KV goes out
+              as its own messages, token range and all, while the next chunk computes.
 4. sample     the first output token is sampled from the last prompt position.
 5. answer     once T has acknowledged every layer, the job resolves with the first token.
 """
@@ -30,6 +33,7 @@ from common.protocol import PrefillRequest, PrefillResult, TokenEvent
 from common.sampling import first_event, sample
 from common.service import request_id_var
 from common.settings import PromptSettings
+from engine.attention import Segment
 from engine.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -48,10 +52,12 @@ class PrefillJob:
     req: PrefillRequest
     link: PeerLink
     result: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # (layer_start, layer_end, buffer)
+    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # (layers [a, b), tokens [c, d), buffer)
     first: TokenEvent | None = None
-    prefill_ms: float = 0.0
+    prefill_ms: float = 0.0         # forward time of its batches or chunks
     computed_at: float = 0.0        # perf_counter when the last layer was computed
+    done: int = 0                   # prompt tokens computed (a chunked prompt's progress)
+    pool: torch.Tensor | None = None  # a chunked prompt's KV so far, for its later chunks to attend to
 
     @property
     def num_tokens(self) -> int:
@@ -63,6 +69,14 @@ class PrefillJob:
         if not self.result.done():
             self.result.set_exception(exc)
         self.outbox.put_nowait(None)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Prompt tokens [start, end) of a job, computed in one forward: the whole prompt or a chunk."""
+    job: PrefillJob
+    start: int
+    end: int
 
 
 class PrefillEngine:
@@ -111,52 +125,85 @@ class PrefillEngine:
     async def run(self) -> None:
         while True:
             await self.queued.wait()
-            batch = [self.queue.popleft()]
-            budget = self.settings.max_batch_tokens - batch[0].num_tokens
-            while self.queue and self.queue[0].num_tokens <= budget:
-                budget -= self.queue[0].num_tokens
-                batch.append(self.queue.popleft())
+            work = self._next_work()
             if not self.queue:
                 self.queued.clear()
             QUEUED.set(len(self.queue))
-            batch = [j for j in batch if not j.result.done()]  # aborted while queued
-            if batch:
-                await self._execute(batch)
+            if work:
+                await self._execute(work)
 
-    async def _execute(self, batch: list[PrefillJob]) -> None:
+    def _next_work(self) -> list[Piece]:
+        """Up to --max-batch-tokens of prompt: whole prompts back to back, or the next chunk of a
+        prompt longer than that (alone, so its chunks stream out one after another)."""
+        budget, work = self.settings.max_batch_tokens, []
+        while self.queue and budget > 0:
+            job = self.queue[0]
+            if job.result.done():  # aborted while queued
+                self.queue.popleft()
+                continue
+            left = job.num_tokens - job.done
+            if work and (left > budget or job.done):
+                break
+            end = job.done + min(left, budget)
+            work.append(Piece(job, job.done, end))
+            budget -= end - job.done
+            if end < job.num_tokens:
+                break  # a chunk: the job stays at the head of the queue for its next one
+            self.queue.popleft()
+            if job.done:
+                break  # the last chunk of a prompt: alone too (its pool is the forward's)
+        return work
+
+    async def _execute(self, work: list[Piece]) -> None:
+        """One forward over `work`; each piece's K/V goes out as messages of a few layers each,
+        as soon as those layers are computed. Whole prompts need no pool; a chunked prompt keeps
+        its KV so far in a pool of its own, which its later chunks attend to."""
         loop = asyncio.get_running_loop()
-
         every, layers = self.layers_per_message, self.runner.kv.layers
-        slabs: list[torch.Tensor | None] = [None] * len(batch)  # each job's message being filled
-        rows, at = [], 0  # each job's rows in the forward's flat (N, kv_heads, D) K/V
-        for job in batch:
-            rows.append(slice(at, at + job.num_tokens))
-            at += job.num_tokens
+        slabs: list[torch.Tensor | None] = [None] * len(work)  # each piece's message being filled
+        rows, at = [], 0  # each piece's rows in the forward's flat (N, kv_heads, D) K/V
+        for piece in work:
+            rows.append(slice(at, at + piece.end - piece.start))
+            at += piece.end - piece.start
 
         def on_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:  # runs in the worker thread
             first = layer - layer % every  # the message's first layer
             size = min(every, layers - first)
-            for i, job in enumerate(batch):
+            for i, piece in enumerate(work):
                 if layer == first:  # (layers, 2, tokens, kv_heads, D), host memory: the wire's layout
-                    slabs[i] = torch.empty((size, 2, job.num_tokens, k.shape[1], k.shape[2]), dtype=k.dtype)
+                    slabs[i] = torch.empty((size, 2, piece.end - piece.start, k.shape[1], k.shape[2]), dtype=k.dtype)
                 gather_prefill(k, v, rows[i], out=slabs[i][layer - first: layer - first + 1])
                 if layer == first + size - 1:  # each layer copied once, straight into its message
-                    loop.call_soon_threadsafe(job.outbox.put_nowait, (first, layer + 1, slabs[i]))
+                    message = (first, layer + 1, piece.start, piece.end, slabs[i])
+                    loop.call_soon_threadsafe(piece.job.outbox.put_nowait, message)
 
+        job, table = work[0].job, None
+        if work[0].end < job.num_tokens or work[0].start > 0:  # a chunk: blocks 0, 1, ... of the job's own pool
+            table = list(range(-(-job.num_tokens // self.runner.block_size)))
+            if job.pool is None:
+                job.pool = self.runner.new_pool(len(table))
+        segments = [Segment(p.job.req.prompt_ids[p.start: p.end], p.start, table) for p in work]
         start = time.perf_counter()
         try:
-            logits = await asyncio.to_thread(self.runner.prefill, [j.req.prompt_ids for j in batch], on_layer)
+            logits = await asyncio.to_thread(self.runner.forward, segments, job.pool if table else None, on_layer)
         except Exception as exc:  # a bad batch fails its requests, never the service
             log.exception("prefill forward failed")
-            for job in batch:
-                job.fail(UpstreamError(f"prefill failed: {type(exc).__name__}: {exc}"))
+            for piece in work:
+                piece.job.fail(UpstreamError(f"prefill failed: {type(exc).__name__}: {exc}"))
             return
         done = time.perf_counter()
         PREFILL_SECONDS.observe(done - start)
-        events = sample(logits, [j.req.sampling for j in batch], [0] * len(batch), [j.req.request_id for j in batch])
-        for job, event in zip(batch, events):
-            job.first, job.prefill_ms, job.computed_at = first_event(job.req.sampling, event), (done - start) * 1000, done
-            loop.call_soon(job.outbox.put_nowait, None)  # after every layer: the sender may answer
+        ended = [(p.job, row) for p, row in zip(work, logits) if p.end == p.job.num_tokens]
+        for piece in work:
+            piece.job.done = piece.end
+            piece.job.prefill_ms += (done - start) * 1000
+        if not ended:
+            return
+        events = sample(torch.stack([row for _, row in ended]), [j.req.sampling for j, _ in ended], [0] * len(ended),
+                        [j.req.request_id for j, _ in ended])
+        for (job, _), event in zip(ended, events):
+            job.first, job.computed_at, job.pool = first_event(job.req.sampling, event), done, None
+            loop.call_soon(job.outbox.put_nowait, None)  # after every message: the sender may answer
 
     async def _send_layers(self, job: PrefillJob) -> None:
         request_id_var.set(job.req.request_id)
@@ -165,10 +212,10 @@ class PrefillEngine:
             while (item := await job.outbox.get()) is not None:
                 if job.result.done():
                     continue  # ended: drain without sending
-                layer_start, layer_end, buf = item
+                layer_start, layer_end, token_start, token_end, buf = item
                 acks.append(await job.link.send(buf, request_id=job.req.request_id, epoch=job.req.epoch,
                                                 layer_start=layer_start, layer_end=layer_end,
-                                                token_start=0, token_end=job.num_tokens))
+                                                token_start=token_start, token_end=token_end))
             if job.result.done():
                 return
             await asyncio.wait_for(asyncio.gather(*acks), self.settings.ack_timeout_s)

@@ -1,0 +1,52 @@
+"""How a prompt service cuts its queue into forwards: whole prompts back to back up to
+--max-batch-tokens; a longer prompt in chunks of that size, each chunk alone (a chunk attends to
+the prompt's own pool, which no other prompt may write into)."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.protocol import PrefillRequest, SamplingParams
+from common.settings import PromptSettings
+from prompt_service.engine import PrefillEngine, PrefillJob
+
+pytestmark = pytest.mark.asyncio
+
+
+def job(rid: str, n: int) -> PrefillJob:
+    req = PrefillRequest(request_id=rid, prompt_ids=list(range(1, n + 1)), sampling=SamplingParams(),
+                         target_service_id="t", target_kv_address="")
+    return PrefillJob(req, link=None)
+
+
+def forwards(engine: PrefillEngine) -> list[list[tuple[str, int, int]]]:
+    """Every forward the queue makes, as (request, start, end) pieces; each piece counts as computed."""
+    out = []
+    while work := engine._next_work():
+        out.append([(p.job.req.request_id, p.start, p.end) for p in work])
+        for p in work:
+            p.job.done = p.end
+    return out
+
+
+async def test_whole_prompts_batch_and_long_ones_run_in_chunks_alone():
+    engine = PrefillEngine(runner=None, settings=PromptSettings(max_batch_tokens=16), peers=None)
+    for rid, n in [("a", 3), ("b", 40), ("c", 10), ("d", 5), ("e", 16), ("f", 1)]:
+        engine.queue.append(job(rid, n))
+    assert forwards(engine) == [
+        [("a", 0, 3)],                  # b does not fit beside it: it starts a forward of its own
+        [("b", 0, 16)], [("b", 16, 32)], [("b", 32, 40)],  # its last chunk alone too, though c would fit
+        [("c", 0, 10), ("d", 0, 5)],
+        [("e", 0, 16)],
+        [("f", 0, 1)],
+    ]
+    assert not engine.queue
+
+
+async def test_an_aborted_job_is_skipped():
+    engine = PrefillEngine(runner=None, settings=PromptSettings(max_batch_tokens=16), peers=None)
+    jobs = [job("a", 4), job("b", 4), job("c", 4)]
+    engine.queue.extend(jobs)
+    jobs[1].fail(RuntimeError("aborted"))
+    jobs[1].result.exception()  # retrieved: no "never retrieved" warning
+    assert forwards(engine) == [[("a", 0, 4), ("c", 0, 4)]]
