@@ -2,8 +2,9 @@
 
   dejavu up [--model M] [--port 8000] [--prompt-services 1] [--token-services 1] [--cache-stores 1]
             [--colocated] [--redis-url URL] [--kv-transport ucx|tcp] [--dtype auto|float32|bfloat16|float16]
+            [--cpu-placement auto|off]
   dejavu status [--redis-url URL] [--json]
-  dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step: python -m bench.NAME)
+  dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, agreement, capacity: python -m bench.NAME)
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--block-size", type=int, default=16, help="tokens per block of the paged KV pool")
     up.add_argument("--kv-blocks", type=int, default=0,
                     help="KV pool blocks per token service (0: room for --max-seqs sequences of --max-model-len)")
+    up.add_argument("--cpu-placement", choices=("auto", "off"), default="auto",
+                    help="on a Linux host without a GPU, pin the prompt and token services to disjoint cores, each "
+                    "running one torch thread per core it got (more engines than cores: none pinned, one thread "
+                    "each); overrides DEJAVU_THREADS. off: every engine runs DEJAVU_THREADS or torch's default on "
+                    "every core")
     up.add_argument("--quiet", action="store_true", help="don't echo the services' logs")
     status = sub.add_parser("status", help="list the services registered in Redis")
     status.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
@@ -70,6 +76,8 @@ BENCHMARKS = {
     "replication": "decode throughput against the replication interval",
     "serve": "closed-loop throughput and TTFT against Hugging Face generate",
     "step": "the engine's decode step against batch size, ours against the Hugging Face modules",
+    "agreement": "top-1 agreement of our logits with Hugging Face's, teacher-forced, float32 and bf16",
+    "capacity": "chat-length requests that fit in a KV budget: whole rows against paged blocks",
 }
 
 
@@ -92,11 +100,13 @@ def cmd_up(args, parser) -> int:
     env = {"DEJAVU_KV_TRANSPORT": args.kv_transport, "DEJAVU_MAX_MODEL_LEN": str(args.max_model_len),
            "DEJAVU_MAX_SEQS": str(args.max_seqs), "DEJAVU_COLOCATED": str(args.colocated).lower(),
            "DEJAVU_DTYPE": args.dtype, "DEJAVU_BLOCK_SIZE": str(args.block_size), "DEJAVU_KV_BLOCKS": str(args.kv_blocks)}
+    placement, placement_line = _cpu_placement(args)
     cluster = Cluster(args.model, args.port, args.prompt_services, args.token_services, args.cache_stores,
-                      args.redis_url, env, echo_logs=not args.quiet, host=args.host)
+                      args.redis_url, env, echo_logs=not args.quiet, host=args.host, placement=placement)
     mode = "colocated (token services prefill)" if args.colocated else f"{args.prompt_services} prompt"
     print(f"[dejavu] starting: {args.token_services} token, {mode}, {args.cache_stores} cache store(s), "
           f"gateway on port {args.port}, KV over {args.kv_transport}, {args.dtype} ...", file=sys.stderr, flush=True)
+    print(f"[dejavu] CPU placement: {placement_line}", file=sys.stderr, flush=True)
     start = time.monotonic()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # while starting, SIGTERM = Ctrl-C
     try:
@@ -117,6 +127,19 @@ def cmd_up(args, parser) -> int:
         _say("[dejavu] stopping ...")
         cluster.stop()
         _say("[dejavu] stopped")
+
+
+def _cpu_placement(args) -> tuple[dict, str]:
+    """The engines' placement for --cpu-placement, and the line that says what was chosen."""
+    from dejavu import placement
+
+    if args.cpu_placement == "off":
+        return {}, "off"
+    cores, why_not = placement.host_cores()
+    if not cores:
+        return {}, f"off ({why_not})"
+    plan = placement.plan(cores, args.prompt_services, args.token_services)
+    return plan, placement.describe(plan, cores)
 
 
 def _say(message: str) -> None:

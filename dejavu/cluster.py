@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from dejavu.placement import Placement
 from dejavu.redis_server import RedisServer, free_port
 
 MODULES = {"token": "token_service", "prompt": "prompt_service", "cache_store": "cache_store", "gateway": "gateway"}
@@ -50,8 +51,9 @@ class ClusterError(RuntimeError):
 class Cluster:
     def __init__(self, model: str = "smollm2", port: int = 8000, prompt_services: int = 1, token_services: int = 1,
                  cache_stores: int = 1, redis_url: str | None = None, env: dict[str, str] | None = None,
-                 echo_logs: bool = True, host: str = "127.0.0.1"):
+                 echo_logs: bool = True, host: str = "127.0.0.1", placement: dict[str, Placement] | None = None):
         self.model, self.port, self.host = model, port, host
+        self.placement = placement or {}  # child name -> cores and threads (dejavu.placement.plan); {} = off
         self.counts = {"token": token_services, "prompt": prompt_services, "cache_store": cache_stores, "gateway": 1}
         self.redis_url, self.env, self.echo_logs = redis_url, env or {}, echo_logs
         self.redis: RedisServer | None = None
@@ -83,12 +85,16 @@ class Cluster:
         return self
 
     def spawn(self, kind: str, name: str, **overrides: str) -> Child:
+        """Start one service; a respawn under the same name gets the same placement."""
+        place = self.placement.get(name)
         env = {**os.environ, **self.env, "DEJAVU_REDIS_URL": self.redis_url, "DEJAVU_MODEL": self.model,
                "DEJAVU_HOST": self.host, "DEJAVU_SERVICE_ID": f"{name}-{os.getpid()}-{len(self.children)}",
-               "PYTHONUNBUFFERED": "1", **overrides}
+               "PYTHONUNBUFFERED": "1", **({"DEJAVU_THREADS": str(place.threads)} if place else {}), **overrides}
         env.setdefault("DEJAVU_PORT", str(self.port) if kind == "gateway" else "0")
         proc = subprocess.Popen([sys.executable, "-m", MODULES[kind]], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        if place and place.cores:
+            _pin(proc.pid, place.cores)
         child = Child(name, kind, proc)
         threading.Thread(target=self._pump, args=(child,), daemon=True).start()
         self.children.append(child)
@@ -155,6 +161,18 @@ class Cluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _pin(pid: int, cores: tuple[int, ...]) -> None:
+    """Pin a child we just started. Done from here after Popen, not in a preexec_fn: a preexec_fn
+    runs Python between fork and exec, which is unsafe while our log-pump threads run (the docs
+    warn it can deadlock). Setting it now is in time: Popen returns once the child has exec'd
+    Python, which is then still single-threaded, starting up for tens of milliseconds before it
+    imports anything; the threads it starts later (torch's OpenMP team) inherit the mask."""
+    try:
+        os.sched_setaffinity(pid, cores)
+    except ProcessLookupError:  # it died at once; wait_ready says why
+        pass
 
 
 __all__ = ["Cluster", "ClusterError", "free_port"]

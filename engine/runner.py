@@ -89,6 +89,18 @@ class ModelRunner:
         last = torch.tensor([o + len(s.tokens) - 1 for o, s in zip(batch.offsets, segments)], device=self.device)
         return self.llama(ids, positions, batch, pool, last, on_layer)
 
+    def logits_all(self, tokens: list[int]) -> torch.Tensor:
+        """Float32 logits at every position of one sequence from scratch, no pool: (len, vocab).
+        For measurements (teacher-forced agreement), not serving."""
+        if self.hf is not None:
+            with torch.inference_mode():
+                return self.hf.model(input_ids=torch.tensor([tokens], device=self.device)).logits[0].float()
+        segment = [Segment(list(tokens))]
+        batch = AttentionBatch.build(segment, self.block_size, self.device)
+        ids = torch.tensor(tokens, device=self.device)
+        positions = torch.arange(len(tokens), device=self.device)
+        return self.llama(ids, positions, batch, None, positions)
+
     def prefill(self, prompts: list[list[int]], on_layer: LayerCallback) -> torch.Tensor:
         """Prompts from scratch with no pool (a prompt service): each layer's K/V of every prompt,
         (sum of lengths, kv_heads, D) in prompt order, goes to on_layer. -> (len(prompts), vocab)"""

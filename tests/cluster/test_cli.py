@@ -1,5 +1,5 @@
-"""`dejavu up` as a user runs it: it starts everything, prints the URL, serves, names a child that
-dies, and stops every child on SIGTERM."""
+"""`dejavu up` as a user runs it: it starts everything, prints the URL and its CPU placement, serves,
+names a child that dies, and stops every child on SIGTERM."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import httpx
 import psutil
 import pytest
 
+from dejavu import placement
 from dejavu.redis_server import free_port
 
 
@@ -60,6 +61,7 @@ def test_up_serves_and_stops_cleanly_on_sigterm(tiny_model_path):
         kinds = " ".join(" ".join(c.cmdline()) for c in children)
         for module in ("redis-server", "gateway", "prompt_service", "token_service", "cache_store"):
             assert module in kinds
+        assert_placed(up, children)
         resp = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                           json={"prompt": "Hello", "max_tokens": 5, "temperature": 0})
         assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 5
@@ -83,6 +85,7 @@ def test_up_names_and_restarts_a_dead_service(tiny_model_path):
             name = "token-0" if module == "token_service" else "gateway-0"
             wait_for_line(up, f"{name} (pid {victim.pid}) killed by signal SIGKILL")
             wait_for_line(up, f"restarting {name} (new pid")
+        assert_placed(up, up.children())  # the new token service is pinned where the old one was
         deadline = time.monotonic() + 120  # the new gateway and token service serve again
         while True:
             try:
@@ -100,6 +103,20 @@ def test_up_names_and_restarts_a_dead_service(tiny_model_path):
     finally:
         if up.proc.poll() is None:
             up.proc.kill()
+
+
+def assert_placed(up: Up, children: list[psutil.Process]) -> None:
+    """The plan line is printed, and each engine runs on the cores it names (auto is the default)."""
+    cores, why_not = placement.host_cores()
+    plan = placement.plan(cores, prompt_services=1, token_services=1) if cores else {}
+    line = f"[dejavu] CPU placement: {placement.describe(plan, cores) if cores else f'off ({why_not})'}"
+    assert line in up.lines, "\n".join(up.lines[:5])
+    for module, name in (("prompt_service", "prompt-0"), ("token_service", "token-0")):
+        engine = next(c for c in children if c.cmdline()[-1] == module)
+        expected = list(plan[name].cores) if plan and plan[name].cores else sorted(os.sched_getaffinity(0))
+        assert engine.cpu_affinity() == expected, f"{name}: {engine.cpu_affinity()} != {expected}"
+        threads = str(plan[name].threads) if plan else os.environ.get("DEJAVU_THREADS")
+        assert engine.environ().get("DEJAVU_THREADS") == threads
 
 
 def wait_for_line(up: Up, text: str, timeout: float = 30) -> None:

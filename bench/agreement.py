@@ -1,0 +1,91 @@
+"""Top-1 agreement of our forward's logits with Hugging Face's, teacher-forced, per dtype.
+
+Step by step:
+1. Text: the project's own documents (README.md, ARCHITECTURE.md when beside the checkout, the
+   engine's docstrings), tokenized and cut into sequences of --seq-len tokens, up to --positions
+   positions in all (nothing is downloaded).
+2. For each sequence, logits at every position from: HF float32 (the reference), HF bf16, ours
+   float32, ours bf16 (`ModelRunner.logits_all`, our own forward over the whole sequence).
+3. Top-1 agreement: the fraction of positions whose argmax token matches, for ours-bf16 vs HF-bf16
+   (the issue's figure), ours-bf16 vs HF-fp32, HF-bf16 vs HF-fp32 (what bf16 costs HF itself), and
+   ours-fp32 vs HF-fp32; plus the largest absolute logit difference of ours-fp32 vs HF-fp32.
+
+Nothing is asserted; the figures go to stdout and, with --out, to JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bench.common import log, write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def corpus() -> str:
+    parts = [ROOT / "README.md", ROOT.parent / "shared" / "ARCHITECTURE.md", ROOT / "docs" / "BENCHMARKS.md"]
+    parts += sorted((ROOT / "engine").glob("*.py")) + sorted((ROOT / "token_service").glob("*.py"))
+    return "\n\n".join(p.read_text(errors="replace") for p in parts if p.is_file())
+
+
+def run(args) -> dict:
+    import torch
+
+    from common.model import load_model, load_tokenizer, resolve_model_path
+    from engine.runner import ModelRunner
+
+    path = resolve_model_path(args.model, progress=log)
+    ids = load_tokenizer(path)(corpus())["input_ids"][: args.positions + 1]
+    seqs = [ids[i: i + args.seq_len] for i in range(0, len(ids) - 1, args.seq_len)]
+    seqs = [s for s in seqs if len(s) > 1]
+    log(f"{sum(len(s) for s in seqs)} positions in {len(seqs)} sequences of up to {args.seq_len} tokens")
+    top1, max_diff = {}, 0.0
+    for dtype in ("float32", "bfloat16"):
+        model = load_model(path, args.threads, dtype)
+        runner = ModelRunner(model, block_size=16)
+        with torch.inference_mode():
+            for i, s in enumerate(seqs):
+                hf = model(input_ids=torch.tensor([s])).logits[0].float()
+                ours = runner.logits_all(s)
+                top1.setdefault(f"hf_{dtype}", []).append(hf.argmax(-1))
+                top1.setdefault(f"ours_{dtype}", []).append(ours.argmax(-1))
+                if dtype == "float32":
+                    max_diff = max(max_diff, float((hf - ours).abs().max()))
+                log(f"{dtype}: sequence {i + 1}/{len(seqs)}")
+        del model, runner
+    tops = {k: torch.cat(v) for k, v in top1.items()}
+
+    def agree(a: str, b: str) -> float:
+        return float((tops[a] == tops[b]).float().mean())
+
+    return {"positions": int(tops["hf_float32"].numel()),
+            "ours_bf16_vs_hf_bf16": agree("ours_bfloat16", "hf_bfloat16"),
+            "ours_bf16_vs_hf_fp32": agree("ours_bfloat16", "hf_float32"),
+            "hf_bf16_vs_hf_fp32": agree("hf_bfloat16", "hf_float32"),
+            "ours_fp32_vs_hf_fp32": agree("ours_float32", "hf_float32"),
+            "ours_fp32_vs_hf_fp32_max_abs_logit_diff": max_diff}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dejavu bench agreement", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--positions", type=int, default=4096, help="teacher-forced positions in all")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", help="write the figures as JSON")
+    args = p.parse_args(argv)
+    if args.positions < 1 or args.seq_len < 2:
+        p.error("--positions must be >= 1 and --seq-len >= 2")
+    out = run(args)
+    print(f"\ntop-1 agreement over {out['positions']} teacher-forced positions ({args.model}):")
+    for key in ("ours_bf16_vs_hf_bf16", "ours_bf16_vs_hf_fp32", "hf_bf16_vs_hf_fp32", "ours_fp32_vs_hf_fp32"):
+        print(f"  {key:24} {out[key] * 100:6.2f} %")
+    print(f"  ours fp32 vs HF fp32: largest |logit difference| {out['ours_fp32_vs_hf_fp32_max_abs_logit_diff']:.2e}")
+    write_json(args.out or "", out, config=vars(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

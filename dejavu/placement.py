@@ -1,0 +1,92 @@
+"""CPU placement: which cores, and how many torch threads, each engine process gets on a CPU host.
+
+Without it, every engine (prompt and token services) runs torch with its default thread count, one
+OpenMP team per process over all the cores: on a 2-core host a prefill and a decode then fight for
+the same two cores. The rule, for E engines and C usable cores:
+
+  E <= C: each engine is pinned to a contiguous, disjoint slice of the cores, sizes differing by at
+          most one; the spare cores go to token services first (decode is latency-bound), then to
+          prompt services. A single engine (e.g. --colocated with one token service) gets them all.
+  E >  C: nothing is pinned (a slice would be less than a core); each engine runs max(1, C // E),
+          i.e. one, thread: E threads share C cores, instead of E teams of C threads each.
+
+`plan` is pure (cores, engine counts -> placements); `host_cores` says whether this host gets a plan
+at all. The cluster applies a placement when it spawns (or respawns) the engine of that name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Placement:
+    cores: tuple[int, ...]  # CPU ids the process is pinned to; () = not pinned
+    threads: int            # torch intra-op threads (DEJAVU_THREADS)
+
+    def __post_init__(self) -> None:
+        if self.threads < 1 or (self.cores and self.threads != len(self.cores)):
+            raise ValueError(f"bad placement: {self}")
+
+
+def plan(cores: Sequence[int], prompt_services: int, token_services: int) -> dict[str, Placement]:
+    """Placement per engine name ("prompt-0", ..., "token-0", ...), prompt services on the lowest cores."""
+    names = [f"prompt-{i}" for i in range(prompt_services)] + [f"token-{i}" for i in range(token_services)]
+    cores = sorted(cores)
+    if not names:
+        return {}
+    if len(names) > len(cores):
+        threads = max(1, len(cores) // len(names))
+        return {name: Placement((), threads) for name in names}
+    base, spare = divmod(len(cores), len(names))
+    extra_first = names[prompt_services:] + names[:prompt_services]  # token services take the spare cores first
+    sizes = {name: base + (name in extra_first[:spare]) for name in names}
+    placements, start = {}, 0
+    for name in names:
+        placements[name] = Placement(tuple(cores[start:start + sizes[name]]), sizes[name])
+        start += sizes[name]
+    return placements
+
+
+def host_cores() -> tuple[list[int], str]:
+    """The cores engines may be placed on, or ([], why not). Only Linux can pin (sched_setaffinity).
+    A GPU host is left alone: there the engines' work is on the GPU, and pinning the CPU side would
+    only slow its launches. We look for the NVIDIA driver's device node or tool instead of asking
+    torch, which the launcher does not import (it takes seconds and is the children's business)."""
+    if not sys.platform.startswith("linux"):
+        return [], f"not on {sys.platform} (needs Linux)"
+    if os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi"):
+        return [], "a GPU is present"
+    return sorted(os.sched_getaffinity(0)), ""
+
+
+def describe(placements: dict[str, Placement], cores: Sequence[int]) -> str:
+    """One line for the start-up message, e.g. "prompt-0 cores 0, token-0 cores 1 (1 thread each)"."""
+    if not placements:
+        return "no engines"
+    threads = {p.threads for p in placements.values()}
+    if not any(p.cores for p in placements.values()):
+        return f"{len(placements)} engines > {len(cores)} cores: none pinned, {_threads(min(threads))} each"
+    if len(threads) == 1:
+        pinned = ", ".join(f"{name} cores {_ranges(p.cores)}" for name, p in placements.items())
+        return f"{pinned} ({_threads(threads.pop())} each)"
+    return ", ".join(f"{name} cores {_ranges(p.cores)} ({_threads(p.threads)})" for name, p in placements.items())
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread" + ("s" if n != 1 else "")
+
+
+def _ranges(cores: Sequence[int]) -> str:
+    """(0, 1, 2, 5) -> "0-2,5"."""
+    runs: list[list[int]] = []
+    for core in cores:
+        if runs and core == runs[-1][-1] + 1:
+            runs[-1].append(core)
+        else:
+            runs.append([core])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs)
