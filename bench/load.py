@@ -173,6 +173,11 @@ async def measure(target: str, url: str, args, work: Workload) -> dict:
         if warm.error:
             raise Skipped(f"the warm-up request failed: {warm.error}")
         raw, tokens_per_s, errors = [], [], 0
+        for i in range(args.single):  # one request alone: the TTFT and TPOT of an idle server
+            raw.append(await request(ep, "single", i, work.concurrent[0][i % CONCURRENT],
+                                     args.concurrent_output_tokens, time.perf_counter()))
+            log(f"{target} single request {i + 1}/{args.single}: TTFT {raw[-1].ttft_s * 1e3:.0f} ms, "
+                f"TPOT {raw[-1].tpot_s * 1e3:.1f} ms")
         for r, prompts in enumerate(work.concurrent, 1):
             results, wall = await closed_loop(ep, r, prompts, args.concurrent_output_tokens)
             tokens_per_s.append(sum(x.tokens for x in results if not x.error) / wall)  # failed ones count 0
@@ -206,8 +211,13 @@ def summarize(measured: dict[str, dict], skipped: dict[str, str], args) -> tuple
                 for rate in args.rates]
         rows += mine
         tps = spread(m["tokens_per_s"])
+        closed = aggregate([r for r in m["raw"] if r.phase.startswith("concurrent")])
+        single = [r for r in m["raw"] if r.phase == "single" and not r.error]
         summary[target] = {"tokens_per_s_16_concurrent": tps["median"], "tokens_per_s_16_concurrent_spread": tps,
-                           "errors_16_concurrent": m["errors"],
+                           "errors_16_concurrent": m["errors"], "ttft_s_16_concurrent_p50": closed["ttft_s"]["p50"],
+                           "tpot_s_16_concurrent_p50": closed["tpot_s"]["p50"],
+                           "ttft_s_single_p50": percentile([r.ttft_s for r in single], 50),
+                           "tpot_s_single_p50": percentile([r.tpot_s for r in single], 50),
                            "rates": {f"{row['rate']:g}": {f"{k}_p50": row[k]["p50"] for k in
                                                           ("ttft_s", "tpot_s", "norm_latency_s")} for row in mine}}
     tps = {t: summary[t]["tokens_per_s_16_concurrent"] for t in measured}
@@ -240,7 +250,10 @@ def print_tables(summary: dict, rows: list[dict], args) -> None:
         s = summary.get(target, {"skipped": "not run"})
         print(f"{target:<14}" + (f"SKIPPED: {s['skipped'].splitlines()[0]}" if "skipped" in s
                                  else f"{fmt(s['tokens_per_s_16_concurrent_spread']):>22}   "
-                                      f"{s['errors_16_concurrent']} failed requests"))
+                                      f"TTFT p50 {s['ttft_s_16_concurrent_p50']:.2f} s, TPOT p50 "
+                                      f"{s['tpot_s_16_concurrent_p50'] * 1e3:.0f} ms; alone: TTFT "
+                                      f"{s['ttft_s_single_p50'] * 1e3:.0f} ms, TPOT {s['tpot_s_single_p50'] * 1e3:.1f} ms"
+                                      f"; {s['errors_16_concurrent']} failed requests"))
     for ours, met in summary["target_met"].items():
         hf, peer = summary[f"{ours}_over_hf"], summary[f"{ours}_over_best_peer"]
         print(f"target {ours}: >= {TARGET_OVER_HF:g}x HF: {'not measured' if hf is None else f'{hf:.2f}x'}; "
@@ -288,16 +301,21 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--prompt-tokens", type=int, default=500)
     p.add_argument("--max-output-tokens", type=int, default=1024, help="clip of the sampled output lengths")
     p.add_argument("--output-scale", type=float, default=0.25, help="multiplies every sampled output length")
-    p.add_argument("--rates", default="0.2,0.4,0.8", help="comma list of request rates, req/s")
+    p.add_argument("--rates", default="0.2,0.4,0.8", help="comma list of request rates, req/s ('none': only "
+                   "the 16-concurrent closed loop)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="of our engines and vLLM's (llama.cpp serves its f32 GGUF, hf float32)")
     p.add_argument("--requests", type=int, default=16, help="requests per rate")
     p.add_argument("--concurrent-output-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="of the 16-concurrent measurement")
+    p.add_argument("--single", type=int, default=3, help="requests sent alone, one after another, before the "
+                   "closed loop (the TTFT and TPOT of an idle server)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: 4 requests at 0.5 req/s, 1 repeat of 32 tokens")
     p.add_argument("--out", default="", help="write the figures to this JSON file (plots beside it)")
     args = p.parse_args(argv)
     try:
-        args.rates = [float(r) for r in args.rates.split(",")]
+        args.rates = [] if args.rates == "none" else [float(r) for r in args.rates.split(",")]
     except ValueError:
         p.error(f"--rates {args.rates!r}: give comma-separated numbers, e.g. 0.2,0.4")
     if args.quick:
@@ -305,7 +323,7 @@ def parse_args(argv: list[str] | None = None):
     args.targets = ["url"] if args.url else [t.strip() for t in args.targets.split(",") if t.strip()]
     if unknown := set(args.targets) - {"url", *OURS, "hf", *PEERS}:
         p.error(f"--targets: unknown {', '.join(sorted(unknown))}; choose from {', '.join((*OURS, 'hf', *PEERS))}")
-    if min(args.rates) <= 0 or min(args.requests, args.repeats, args.prompt_tokens, args.max_output_tokens,
+    if min(args.rates, default=1) <= 0 or min(args.requests, args.repeats, args.prompt_tokens, args.max_output_tokens,
                                    args.concurrent_output_tokens) < 1 or args.output_scale <= 0:
         p.error("--rates and --output-scale must be > 0, the counts and token numbers >= 1")
     return args

@@ -18,6 +18,7 @@ import httpx
 
 from bench.common import log
 from dejavu.cluster import Cluster
+from dejavu.placement import host_cores, plan
 from dejavu.redis_server import free_port
 
 CONCURRENT = 16  # the headline's concurrent requests; every target is sized for them
@@ -39,8 +40,10 @@ def started(target: str, args, model_path: Path):
         yield args.url.rstrip("/")
     elif target in CLUSTERS:
         prompt_services, env = CLUSTERS[target]
+        cores, _ = host_cores()  # as `dejavu up` places its engines (--cpu-placement auto)
         with Cluster(model=args.model, port=0, prompt_services=prompt_services, token_services=1, cache_stores=1,
-                     env=env, echo_logs=False) as cluster:
+                     env={**env, "DEJAVU_DTYPE": args.dtype}, echo_logs=False,
+                     placement=plan(cores, prompt_services, 1) if cores else None) as cluster:
             yield cluster.url
     else:
         port = free_port()
@@ -64,8 +67,10 @@ def server_command(target: str, args, model_path: Path, port: int) -> tuple[list
     python = PEER_DIR / "vllm/bin/python"  # vllm
     if not python.exists():
         raise Skipped(f"vLLM is not installed ({python} missing): run bench/peers.sh vllm")
+    # no prefix caching: the repeats send the same prompts, which it would otherwise serve from memory
     return ([str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path), "--dtype",
-             "float32", "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(CONCURRENT)],
+             args.dtype, "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(CONCURRENT),
+             "--no-enable-prefix-caching"],
             {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1"})
 
 

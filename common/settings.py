@@ -122,6 +122,9 @@ class TokenSettings(ModelSettings):
         super().__post_init__()
         _check(self, 1 <= self.max_seqs <= 4096, "max_seqs", "must be in 1..4096")
         _check(self, self.kv_blocks >= 0, "kv_blocks", "must be >= 0")
+        _check(self, self.num_blocks * self.block_size >= self.max_model_len, "kv_blocks",
+               f"must hold one sequence of --max-model-len {self.max_model_len} tokens "
+               f"(at least {-(-self.max_model_len // self.block_size)} blocks of {self.block_size})")
         _check(self, self.reservation_ttl_s > 0, "reservation_ttl_s", "must be > 0")
         _check(self, self.replicate_every >= 1, "replicate_every", "must be >= 1")
         _check(self, self.max_batch_tokens >= 16, "max_batch_tokens", "must be >= 16")

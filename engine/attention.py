@@ -6,11 +6,14 @@ measured on CPU (bench/attention.py):
 
 - fresh (start == 0, a prompt or its first chunk): causal attention over the segment's own new
   K/V, no pool read. A run of consecutive fresh segments of one length is one batched call.
-- decode (one new token, start > 0): the decode segments of a step are batched. Each one's K/V
-  [0, start + 1) is gathered from its blocks into one padded (B, L, kv_heads, D) buffer with a
-  single index per layer (the index is built once per step), and the query heads of a KV head
-  attend as a group: q viewed as (B, kv_heads, group, D) against (B, kv_heads, L, D), so no KV
-  head is ever repeated; a (B, 1, 1, L) mask hides the padding.
+- decode (one new token, start > 0): the decode segments of a step are batched. On CPU our
+  kernel (engine/kernels/paged_attention.cpp) reads each sequence's K/V in place through its
+  slots, once per KV head for all the query heads of its group. Elsewhere (CUDA, or no compiler)
+  each one's K/V [0, start + 1) is gathered from its blocks into one padded (B, L, kv_heads, D)
+  buffer with a single index per layer, and the query heads of a KV head attend as a group: q
+  viewed as (B, kv_heads, group, D) against (B, kv_heads, L, D), so no KV head is ever repeated;
+  a (B, 1, 1, L) mask hides the padding. Measured at 16 sequences of 600 tokens, float32, per
+  step of 30 layers: gather + SDPA ~70 ms, the kernel ~20 ms (bench/step.py).
 - extend (several new tokens after KV that is there: a later chunk of a prompt, or the tokens a
   restore recomputes): its K/V [0, start + m) is gathered from the pool and attended with a
   causal mask shifted by `start`.
@@ -59,6 +62,7 @@ class AttentionBatch:
     decode_rows: torch.Tensor | None = None    # (B,) their rows in the flat batch
     decode_slots: torch.Tensor | None = None   # (B, L) slots of their KV, padded with slot 0
     decode_mask: torch.Tensor | None = None    # (B, 1, 1, L) True where a key is real
+    decode_lengths: torch.Tensor | None = None  # (B,) KV tokens of each, its new one included
     extend_slots: dict[int, torch.Tensor] | None = None  # segment index -> (start + m,) slots
     gathered: torch.Tensor | None = None       # (2, B * L, kv_heads, D): the decode K/V of one layer
 
@@ -85,6 +89,7 @@ class AttentionBatch:
             slots = torch.stack([_slots(tables[i], block_size, 0, L, clamp=True) for i in batch.decode])
             batch.decode_slots = torch.where(real, slots, 0).to(device)
             batch.decode_mask = real[:, None, None, :].to(device)
+            batch.decode_lengths = lengths.to(device)
             batch.decode_rows = torch.tensor([offsets[i] for i in batch.decode], device=device)
         batch.extend_slots = {i: _slots(tables[i], block_size, 0, s.end).to(device)
                               for i, s in enumerate(segments) if s.start > 0 and len(s.tokens) > 1}
@@ -108,6 +113,7 @@ class Attention:
     def __init__(self, q_heads: int, kv_heads: int, head_dim: int):
         self.q_heads, self.kv_heads, self.head_dim = q_heads, kv_heads, head_dim
         self.group = q_heads // kv_heads
+        self.kernel = None  # engine.kernels.paged_attention(), set by the runner on CPU
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool_layer: torch.Tensor | None,
                  batch: AttentionBatch) -> torch.Tensor:
@@ -134,6 +140,9 @@ class Attention:
 
     def _decode(self, q: torch.Tensor, pool_layer: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         """q: (B, Hq, D), one token per sequence. -> (B, Hq, D)"""
+        if self.kernel is not None and pool_layer.dtype in (torch.float32, torch.bfloat16):
+            return self.kernel.paged_decode_attention(q.contiguous(), pool_layer[0], pool_layer[1], batch.decode_slots,
+                                                      batch.decode_lengths, self.head_dim ** -0.5)
         B, L = batch.decode_slots.shape
         if batch.gathered is None:  # one buffer for every layer: a fresh 10 MB tensor per layer costs page faults
             batch.gathered = pool_layer.new_empty((2, B * L) + pool_layer.shape[2:])

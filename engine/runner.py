@@ -24,6 +24,7 @@ import torch
 
 from engine.attention import AttentionBatch, Segment
 from engine.hf import HFForward
+from engine.kernels import paged_attention
 from engine.model import LlamaForward, Unsupported, check_supported
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ class KVShape:
 
 
 class ModelRunner:
-    def __init__(self, model, block_size: int = 16, max_model_len: int = 1 << 20, own_forward: bool = True):
+    def __init__(self, model, block_size: int = 16, max_model_len: int = 1 << 20, own_forward: bool = True,
+                 kernels: bool = True):
         self.kv = KVShape.of(model)
         self.device, self.dtype, self.block_size = model.device, model.dtype, block_size
         self.llama: LlamaForward | None = None
@@ -61,13 +63,19 @@ class ModelRunner:
                 raise Unsupported("own_forward=False")
             check_supported(model, max_model_len)
             self.llama = LlamaForward(model)
+            if kernels and self.device.type == "cpu":  # built here, at start-up, not in a first request
+                kernel = paged_attention()
+                if kernel is not None and self.kv.head_dim in kernel.HEAD_DIMS:
+                    self.llama.attention.kernel = kernel
         except Unsupported as why:
             log.info("the model runs through its Hugging Face modules (slower): %s", why)
             self.hf = HFForward(model, block_size)
 
     @property
     def name(self) -> str:
-        return "own" if self.llama is not None else "hf"
+        if self.llama is None:
+            return "hf"
+        return "own, paged attention kernel" if self.llama.attention.kernel is not None else "own"
 
     def new_pool(self, num_blocks: int) -> torch.Tensor:
         kv = self.kv

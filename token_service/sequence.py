@@ -49,12 +49,14 @@ class Sequence:
         return sum(n == self.prompt_len for n in self.received)
 
     def mark_received(self, layers: range, start: int, end: int) -> None:
-        """KV of prompt tokens [start, end) arrived for `layers`; each layer's tokens come in order."""
-        if any(self.received[layer] != start for layer in layers):
-            raise ValueError(f"tokens [{start}, {end}) of layers [{layers.start}, {layers.stop}) out of order: "
+        """KV of prompt tokens [start, end) arrived for `layers`. Each layer's tokens come in order,
+        without a gap; a range that starts earlier rewrites (a prefill retried on another prompt
+        service after a failed transfer sends the whole prompt again)."""
+        if any(self.received[layer] < start for layer in layers):
+            raise ValueError(f"tokens [{start}, {end}) of layers [{layers.start}, {layers.stop}) would leave a gap: "
                              f"the layers have {[self.received[layer] for layer in layers]}")
         for layer in layers:
-            self.received[layer] = end
+            self.received[layer] = max(self.received[layer], end)
 
     def mark_all_received(self) -> None:
         self.received = [self.prompt_len] * self.num_layers

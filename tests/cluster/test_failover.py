@@ -37,9 +37,18 @@ def cluster(request, tiny_model_path, redis_server):
                 child.proc.send_signal(signal.SIGCONT)
 
 
+def holds_kv(child) -> bool:
+    """A live token service with a sequence; one killed a moment ago may not be reaped yet (a big
+    process takes a while to die) but no longer answers: it holds nothing."""
+    try:
+        return child.proc.poll() is None and metric(child.url, "dejavu_token_sequences") > 0
+    except httpx.TransportError:
+        return False
+
+
 def serving(cluster):
     """The token service holding KV right now."""
-    holders = [t for t in cluster.of("token") if t.proc.poll() is None and metric(t.url, "dejavu_token_sequences")]
+    holders = [t for t in cluster.of("token") if holds_kv(t)]
     assert len(holders) == 1, "exactly one token service should hold the request"
     return holders[0]
 
@@ -113,7 +122,7 @@ def test_a_request_that_cannot_be_saved_ends_with_an_error_event(cluster):
                 events.append(line[6:])
                 if len(events) in (10, 30) and killed < 2:  # the first, then its replacement
                     for t in cluster.of("token"):
-                        if t.proc.poll() is None and metric(t.url, "dejavu_token_sequences"):
+                        if holds_kv(t):
                             cluster.kill(t, signal.SIGKILL)
                             killed += 1
     assert killed == 2

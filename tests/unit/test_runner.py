@@ -11,9 +11,12 @@ from engine.runner import ModelRunner
 BLOCK = 4
 
 
-@pytest.fixture(scope="module", params=["own", "hf"])
+@pytest.fixture(scope="module", params=["own, paged attention kernel", "own", "hf"])
 def runner(request, tiny_oracle):
-    runner = ModelRunner(tiny_oracle.model, block_size=BLOCK, own_forward=request.param == "own")
+    """Our forward with the CPU decode kernel, without it (gather + SDPA, the CUDA path), and the
+    Hugging Face modules."""
+    runner = ModelRunner(tiny_oracle.model, block_size=BLOCK, own_forward=request.param != "hf",
+                         kernels=request.param.endswith("kernel"))
     assert runner.name == request.param
     return runner
 

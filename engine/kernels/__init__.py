@@ -1,0 +1,47 @@
+"""Kernels we compile ourselves, once per machine, on first use (torch's C++ extension builder and
+ninja; cached under $TORCH_EXTENSIONS_DIR, ~/.cache/torch_extensions by default; `python -m
+engine.kernels` builds them ahead, as scripts/install.sh does). A loader returns None when its
+kernel cannot be had (no compiler, a failed build): the caller then takes its PyTorch path, which
+computes the same thing, slower.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+HERE = Path(__file__).resolve().parent
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"]  # fast-math: vector exp (glibc libmvec)
+
+
+@functools.cache
+def paged_attention():
+    """The module with `paged_decode_attention(q, k_pool, v_pool, slots, lengths, scale)` from
+    paged_attention.cpp, built for this CPU (-march=native: its name hashes the CPU's flags and the
+    source, so another CPU or an edited source builds anew); or None."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        source = HERE / "paged_attention.cpp"
+        tag = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:12]
+        start = time.monotonic()
+        module = load(f"dejavu_paged_attention_{tag}", [str(source)], extra_cflags=FLAGS, verbose=False)
+        log.info("paged attention kernel ready (%.1f s)", time.monotonic() - start)
+        return module
+    except Exception as exc:  # noqa: BLE001 - any build problem: the PyTorch path still works
+        log.warning("paged attention kernel unavailable, decode attention gathers the KV for SDPA: %s: %s",
+                    type(exc).__name__, exc)
+        return None
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((line for line in fh if line.startswith("flags")), "")
+    except OSError:
+        return ""
+

@@ -1,0 +1,83 @@
+"""A token service's KV room, in process on the tiny model: prompt KV arriving in messages (in
+order per layer, a retried prefill rewriting, a gap or another dtype refused), admission by
+promised blocks, and blocks coming back exactly once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.errors import KVFull
+from common.kv.wire import Header
+from common.model import load_model
+from common.protocol import ReserveRequest
+from common.settings import SettingsError, TokenSettings
+from engine.runner import ModelRunner
+from token_service.engine import KVMessageError, TokenEngine
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model_path):
+    return ModelRunner(load_model(tiny_model_path), block_size=4)
+
+
+def engine_of(runner, **settings) -> TokenEngine:
+    return TokenEngine(runner, TokenSettings(**{"max_seqs": 4, "max_model_len": 64, "block_size": 4, **settings}), "t")
+
+
+def message(runner, rid: str, layers: tuple[int, int], tokens: tuple[int, int], dtype=torch.float32):
+    kv = runner.kv
+    payload = torch.randn(layers[1] - layers[0], 2, tokens[1] - tokens[0], kv.kv_heads, kv.head_dim).to(dtype)
+    wire = payload.view(torch.int16) if dtype == torch.bfloat16 else payload
+    array = wire.numpy()
+    header = Header("kv", rid, 0, *layers, *tokens, dtype=str(dtype).removeprefix("torch."), shape=array.shape,
+                    nbytes=array.nbytes)
+    return header, array
+
+
+def test_prompt_kv_in_chunks_a_retry_rewrites_and_a_gap_is_refused(runner):
+    engine = engine_of(runner)
+    engine.reserve(ReserveRequest(request_id="r", prompt_tokens=10, max_tokens=4))
+    seq = engine.scheduler.seqs["r"]
+    engine.receive_kv(*message(runner, "r", (0, 2), (0, 6)))     # the first chunk, both layers
+    with pytest.raises(KVMessageError, match="gap"):
+        engine.receive_kv(*message(runner, "r", (0, 1), (7, 10)))  # token 6 missing
+    engine.receive_kv(*message(runner, "r", (0, 1), (0, 10)))    # a retried prefill sends it all again
+    assert seq.received == [10, 6] and not seq.kv_ready
+    engine.receive_kv(*message(runner, "r", (1, 2), (6, 10)))
+    assert seq.kv_ready
+    header, payload = message(runner, "r", (0, 2), (0, 10))
+    engine.receive_kv(header, payload)
+    slots = torch.tensor([b * 4 + i for b in seq.blocks for i in range(4)][:10])
+    assert torch.equal(engine.pool[:, :, slots], torch.from_numpy(payload))  # (layers, 2, tokens, heads, D)
+
+
+def test_a_message_of_another_dtype_or_shape_is_refused(runner):
+    engine = engine_of(runner)
+    engine.reserve(ReserveRequest(request_id="r", prompt_tokens=8, max_tokens=4))
+    with pytest.raises(KVMessageError, match="dtype bfloat16"):
+        engine.receive_kv(*message(runner, "r", (0, 2), (0, 8), torch.bfloat16))
+    with pytest.raises(KVMessageError, match="does not fit"):
+        engine.receive_kv(*message(runner, "r", (0, 2), (0, 9)))  # past the prompt
+    assert engine.scheduler.seqs["r"].received == [0, 0]
+
+
+def test_admission_counts_promised_blocks_and_they_come_back_once(runner):
+    engine = engine_of(runner, kv_blocks=10, max_model_len=32)  # 10 blocks of 4 tokens
+    engine.reserve(ReserveRequest(request_id="a", prompt_tokens=9, max_tokens=11))  # 20 tokens: 5 blocks promised
+    assert (engine.blocks.num_used, engine.blocks.committed) == (3, 5)  # the prompt's taken now
+    engine.reserve(ReserveRequest(request_id="b", prompt_tokens=4, max_tokens=16))
+    with pytest.raises(KVFull):
+        engine.reserve(ReserveRequest(request_id="c", prompt_tokens=1, max_tokens=1))
+    assert engine.abort("a") and not engine.abort("a")  # the second finds nothing to free
+    assert (engine.blocks.num_used, engine.blocks.committed) == (1, 5)
+    engine.reserve(ReserveRequest(request_id="c", prompt_tokens=1, max_tokens=1))
+    for rid in ("b", "c"):
+        engine.abort(rid)
+    assert (engine.blocks.num_used, engine.blocks.committed, len(engine.blocks.free_blocks)) == (0, 0, 10)
+
+
+def test_a_pool_too_small_for_one_sequence_is_a_settings_error():
+    with pytest.raises(SettingsError, match="--kv-blocks"):
+        TokenSettings(max_model_len=64, block_size=4, kv_blocks=15)
