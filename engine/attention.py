@@ -12,8 +12,9 @@ measured on CPU (bench/attention.py):
   each one's K/V [0, start + 1) is gathered from its blocks into one padded (B, L, kv_heads, D)
   buffer with a single index per layer, and the query heads of a KV head attend as a group: q
   viewed as (B, kv_heads, group, D) against (B, kv_heads, L, D), so no KV head is ever repeated;
-  a (B, 1, 1, L) mask hides the padding. Measured at 16 sequences of 600 tokens, float32, per
-  step of 30 layers: gather + SDPA ~70 ms, the kernel ~20 ms (bench/step.py).
+  a (B, 1, 1, L) mask hides the padding. Measured on 2 cores at 16 sequences of 600 tokens,
+  attention of 30 layers: gather + SDPA 58 ms, the kernel 42 ms in float32 (43 / 34 in bf16);
+  the whole step 99 / 90 ms, at 32 sequences 224 / 159 ms (bench/step.py has the whole step).
 - extend (several new tokens after KV that is there: a later chunk of a prompt, or the tokens a
   restore recomputes): its K/V [0, start + m) is gathered from the pool and attended with a
   causal mask shifted by `start`.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"]  # fast-math: vector exp (glibc libmvec)
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # fast-math: vector exp (glibc libmvec); OpenMP: at::parallel_for is inline, without it one thread
 
 
 @functools.cache
@@ -29,7 +29,8 @@ def paged_attention():
         source = HERE / "paged_attention.cpp"
         tag = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:12]
         start = time.monotonic()
-        module = load(f"dejavu_paged_attention_{tag}", [str(source)], extra_cflags=FLAGS, verbose=False)
+        module = load(f"dejavu_paged_attention_{tag}", [str(source)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                      verbose=False)
         log.info("paged attention kernel ready (%.1f s)", time.monotonic() - start)
         return module
     except Exception as exc:  # noqa: BLE001 - any build problem: the PyTorch path still works

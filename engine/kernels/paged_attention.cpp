@@ -6,11 +6,10 @@
 // lengths:         (B,) int64            KV tokens of each sequence (<= L), its new token included
 // returns:         (B, q_heads, D)       q's dtype
 //
-// Why a kernel (bench/step.py): gathering each sequence's K/V into a padded buffer for SDPA
-// writes and re-reads every byte of KV, and the CPU flash-attention kernel is slow for a query
-// length of one; together they were ~60 % of a 16-sequence float32 decode step. Here each
-// (sequence, KV head) pair reads its keys and values once, in place, for all the query heads of
-// its group. The loops are written for the compiler to vectorize over head_dim (scores and the
+// Why a kernel: gathering each sequence's K/V into a padded buffer for SDPA writes and re-reads
+// every byte of KV. Here each (sequence, KV head) pair reads its keys and values once, in place,
+// for all the query heads of its group: on 2 cores, 30 layers at 16 sequences of 600 tokens take
+// 42 ms against 58 ms for gather + SDPA in float32 (34 / 43 ms in bf16). The loops are written for the compiler to vectorize over head_dim (scores and the
 // value sums) and over tokens (the exponentials, through glibc's vector math with -ffast-math).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
