@@ -5,13 +5,11 @@ requests already running). Greedy text equals HF `generate` either way; nothing 
 
 from __future__ import annotations
 
-import asyncio
-
-import httpx
 import pytest
 
 from dejavu.cluster import Cluster
 from tests.cluster.conftest import CLUSTER_ENV, metric
+from tests.cluster.test_colocated import complete_all
 from tests.cluster.test_failover import assert_no_kv_held_on
 
 PROMPTS = ["Water boils at",  # shorter than a chunk
@@ -38,17 +36,6 @@ def test_long_prompts_are_prefilled_in_chunks_and_equal_hf(cluster, tiny_oracle)
     engine = cluster.of(cluster.prefill_kind)[0]
     forwards = f"dejavu_{cluster.prefill_kind}_prefill_seconds_count"
     before = metric(engine.url, forwards)
-
-    async def complete(client, prompt):
-        resp = await client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 30, "temperature": 0})
-        assert resp.status_code == 200, resp.text
-        return resp.json()["choices"][0]["text"]
-
-    async def all_of_them():
-        async with httpx.AsyncClient(base_url=cluster.url, timeout=120) as client:
-            return await asyncio.gather(*(complete(client, p) for p in PROMPTS))
-
-    for prompt, text in zip(PROMPTS, asyncio.run(all_of_them())):
-        assert text == tiny_oracle.text(tiny_oracle.tokenizer(prompt)["input_ids"], 30)[0], prompt
+    complete_all(cluster, tiny_oracle, PROMPTS, max_tokens=30)
     assert metric(engine.url, forwards) - before >= sum(lengths) / 16  # no forward took more than a chunk
     assert_no_kv_held_on(cluster)

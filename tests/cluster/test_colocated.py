@@ -34,19 +34,19 @@ def prefills(cluster) -> float:
     return sum(metric(t.url, "dejavu_token_prefill_seconds_count") for t in cluster.of("token") if t.proc.poll() is None)
 
 
-def complete_all(cluster, tiny_oracle) -> None:
-    """PROMPTS at once, greedy: each text equals HF generate."""
+def complete_all(cluster, tiny_oracle, prompts: list[str] = PROMPTS, max_tokens: int = 40) -> None:
+    """`prompts` at once, greedy: each text equals HF generate."""
     async def complete(client, prompt):
-        resp = await client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 40, "temperature": 0})
+        resp = await client.post("/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
         assert resp.status_code == 200, resp.text
         return resp.json()["choices"][0]["text"]
 
     async def all_of_them():
         async with httpx.AsyncClient(base_url=cluster.url, timeout=120) as client:
-            return await asyncio.gather(*(complete(client, p) for p in PROMPTS))
+            return await asyncio.gather(*(complete(client, p) for p in prompts))
 
-    for prompt, text in zip(PROMPTS, asyncio.run(all_of_them())):
-        assert text == tiny_oracle.text(tiny_oracle.tokenizer(prompt)["input_ids"], 40)[0], prompt
+    for prompt, text in zip(prompts, asyncio.run(all_of_them())):
+        assert text == tiny_oracle.text(tiny_oracle.tokenizer(prompt)["input_ids"], max_tokens)[0], prompt
 
 
 def test_concurrent_greedy_requests_equal_hf_without_a_prompt_service(cluster, tiny_oracle):
