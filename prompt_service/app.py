@@ -31,7 +31,7 @@ def create_app(settings: PromptSettings) -> FastAPI:
     async def lifespan(app: FastAPI):
         path = resolve_model_path(settings.model, progress=log.info)
         model = await asyncio.to_thread(load_model, path, settings.threads, settings.dtype)
-        runner = ModelRunner(model, settings.block_size, settings.max_model_len)
+        runner = ModelRunner(model, settings.block_size, settings.max_model_len, kernels=False)  # no decode here
         del model  # the runner keeps what it needs (our forward copies and packs the weights)
         transport = make_transport(settings.kv_transport)
         peers = Peers(transport, fault_rate=settings.inject_kv_faults)

@@ -21,13 +21,16 @@ FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # fast-math: vector
 @functools.cache
 def paged_attention():
     """The module with `paged_decode_attention(q, k_pool, v_pool, slots, lengths, scale)` from
-    paged_attention.cpp, built for this CPU (-march=native: its name hashes the CPU's flags and the
-    source, so another CPU or an edited source builds anew); or None."""
+    paged_attention.cpp, built for this CPU (-march=native: its name hashes the CPU's flags, the
+    source and where it lives, so another CPU, an edited source or another checkout builds anew);
+    or None."""
     try:
         from torch.utils.cpp_extension import load
 
         source = HERE / "paged_attention.cpp"
-        tag = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:12]
+        # the path too: ninja rebuilds a build folder whose source moved, so each checkout keeps its own
+        key = source.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode() + str(source).encode()
+        tag = hashlib.sha256(key).hexdigest()[:12]
         start = time.monotonic()
         module = load(f"dejavu_paged_attention_{tag}", [str(source)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                       verbose=False)
