@@ -47,9 +47,7 @@ class Segment:
 def slots_of(blocks: list[int] | torch.Tensor, block_size: int, start: int, end: int,
              device: torch.device | str = "cpu") -> torch.Tensor:
     """Pool slots of token positions [start, end) of a sequence with block table `blocks`: (end - start,)."""
-    table = torch.as_tensor(blocks, dtype=torch.long, device=device)
-    pos = torch.arange(start, end, device=device)
-    return table[pos // block_size] * block_size + pos % block_size
+    return _slots(torch.as_tensor(blocks, dtype=torch.long), block_size, start, end).to(device)
 
 
 @dataclass
@@ -66,6 +64,11 @@ class AttentionBatch:
     decode_lengths: torch.Tensor | None = None  # (B,) KV tokens of each, its new one included
     extend_slots: dict[int, torch.Tensor] | None = None  # segment index -> (start + m,) slots
     gathered: torch.Tensor | None = None       # (2, B * L, kv_heads, D): the decode K/V of one layer
+
+    @property
+    def decode_only(self) -> bool:
+        """Every segment is one decode token: the flat batch is the decode batch, row for row."""
+        return len(self.decode) == len(self.segments)
 
     @classmethod
     def build(cls, segments: list[Segment], block_size: int, device) -> "AttentionBatch":
@@ -120,6 +123,8 @@ class Attention:
                  batch: AttentionBatch) -> torch.Tensor:
         """q: (N, q_heads, D); k, v: (N, kv_heads, D), this forward's new tokens (already in the
         pool when there is one). Returns (N, q_heads * D)."""
+        if batch.decode_only:  # a plain decode step: no row shuffling on the hot path
+            return self._decode(q, pool_layer, batch).view(q.shape[0], -1)
         out = torch.empty_like(q)
         if batch.decode:
             out[batch.decode_rows] = self._decode(q[batch.decode_rows], pool_layer, batch)

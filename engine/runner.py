@@ -17,7 +17,6 @@ major so that a token range of a block table is one indexed copy; [:, 0] keys, [
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,11 +24,9 @@ import torch
 from engine.attention import AttentionBatch, Segment
 from engine.hf import HFForward
 from engine.kernels import paged_attention
-from engine.model import LlamaForward, Unsupported, check_supported
+from engine.model import LayerCallback, LlamaForward, Unsupported, check_supported
 
 log = logging.getLogger(__name__)
-
-LayerCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (layer, k, v): (N, kv_heads, head_dim)
 
 
 @dataclass(frozen=True)
@@ -70,6 +67,11 @@ class ModelRunner:
         except Unsupported as why:
             log.info("the model runs through its Hugging Face modules (slower): %s", why)
             self.hf = HFForward(model, block_size)
+
+    @property
+    def dtype_name(self) -> str:
+        """The dtype as the wire and the registry name it: "float32", "bfloat16", ..."""
+        return str(self.dtype).removeprefix("torch.")
 
     @property
     def name(self) -> str:

@@ -41,7 +41,7 @@ def create_app(settings: PromptSettings) -> FastAPI:
                  settings.kv_transport)
         lease_fields = lambda: dict(model=str(path), kv_transport=settings.kv_transport,  # noqa: E731
                                     max_model_len=settings.max_model_len, active_requests=len(engine.jobs),
-                                    dtype=str(runner.dtype).removeprefix("torch."))
+                                    dtype=runner.dtype_name)
         try:
             async with registered(app, settings, ServiceKind.PROMPT, lease_fields):
                 yield

@@ -54,7 +54,7 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
              ", colocated: prefills here too" if settings.colocated else "")
     lease_fields = lambda: dict(  # noqa: E731
         model=str(path), kv_address=kv_address, kv_transport=settings.kv_transport,
-        max_model_len=settings.max_model_len, colocated=settings.colocated, dtype=str(runner.dtype).removeprefix("torch."),
+        max_model_len=settings.max_model_len, colocated=settings.colocated, dtype=runner.dtype_name,
         active_requests=len(engine.scheduler.seqs),
         kv_bytes_used=engine.kv_bytes_used, kv_bytes_free=engine.kv_bytes_free)
     peers, client = Peers(transport, fault_rate=settings.inject_kv_faults), httpx.AsyncClient()

@@ -107,10 +107,9 @@ class TokenEngine:
             raise KVMessageError(f"KV message of shape {tuple(payload.shape)} for layers "
                                  f"[{header.layer_start},{header.layer_end}) tokens [{header.token_start},"
                                  f"{header.token_end}) does not fit request {seq.request_id}")
-        pool_dtype = str(self.pool.dtype).removeprefix("torch.")
-        if header.dtype != pool_dtype:  # never a silent cast: both ends must run one --dtype
-            raise KVMessageError(f"KV dtype {header.dtype} does not match this token service's {pool_dtype} "
-                                 f"(run every service with the same --dtype)")
+        if header.dtype != self.runner.dtype_name:  # never a silent cast: both ends must run one --dtype
+            raise KVMessageError(f"KV dtype {header.dtype} does not match this token service's "
+                                 f"{self.runner.dtype_name} (run every service with the same --dtype)")
         layers = range(header.layer_start, header.layer_end)
         try:
             seq.mark_received(layers, header.token_start, header.token_end)
@@ -129,13 +128,13 @@ class TokenEngine:
         return await asyncio.shield(job.result)  # a cancelled caller leaves the job to the loop
 
     async def restore(self, req: RestoreRequest) -> RestoreResult:
-        """Recovery: fill a reserved row from the replica [0, n) on a cache store, then recompute
-        the KV of prompt_ids[n:] (tokens generated after the replicated index) with one forward.
-        Replication then continues the same replica from n, under the new epoch."""
+        """Recovery: fill a reservation's blocks from the replica [0, n) on a cache store, then
+        recompute the KV of prompt_ids[n:] (tokens generated after the replicated index, see
+        _recompute). Replication then continues the same replica from n, under the new epoch."""
         seq = self._empty_seq(req.request_id, len(req.prompt_ids), "restore")
         n = min(req.replicated, len(req.prompt_ids))
         start = time.perf_counter()
-        seq.filling = True  # an abort meanwhile leaves the row to us until we are done writing it
+        seq.filling = True  # an abort meanwhile leaves the blocks to us until we are done writing them
         try:
             try:
                 kv = await fetch_replica(self.transport, req.store_kv_address, req.request_id, req.epoch, n)
