@@ -9,6 +9,7 @@ Step by step:
    - hf: the Hugging Face modules' own forward (`LlamaForCausalLM`) over a contiguous
      (B, kv_heads, L, head_dim) cache per layer, written in place (no concatenation): what our
      token service ran before its own engine.
+   - with --compile, also ours through torch.compile (engine/compiled.py), its compile time too.
 3. Alternate ours and hf, --repeats times, each a median of --steps steps; report median [min-max]
    step time, tokens/s (B / step time), and ours/hf.
 4. A profiler table of our step at the largest batch: where the time goes.
@@ -98,15 +99,26 @@ def run(args) -> dict:
     for dtype in args.dtypes:
         model = load_model(path, args.threads, dtype)
         runner = ModelRunner(model, block_size=args.block_size)
+        compiled = None
+        if args.compile:
+            log(f"{dtype}: compiling the decode step ...")
+            compiled = ModelRunner(model, block_size=args.block_size, compile=True)
+            log(f"{dtype}: compiled in {compiled.compiled.compile_s:.1f} s")
         for B in args.batches:
             ours, hf = setups(model, runner, B, args.kv_len)
-            ms = {"ours": [], "hf": []}
+            fns = {"ours": ours, "hf": hf}
+            if compiled is not None:
+                fns["compiled"] = setups(model, compiled, B, args.kv_len)[0]
+            ms = {name: [] for name in fns}
             for r in range(args.repeats):
-                for name, fn in (("ours", ours), ("hf", hf)) if r % 2 == 0 else (("hf", hf), ("ours", ours)):
-                    ms[name].append(timed(fn, args.steps))
-                log(f"{dtype} B={B} repeat {r + 1}/{args.repeats}: ours {ms['ours'][-1]:.1f} ms, hf {ms['hf'][-1]:.1f} ms")
+                for name in list(fns) if r % 2 == 0 else list(fns)[::-1]:
+                    ms[name].append(timed(fns[name], args.steps))
+                log(f"{dtype} B={B} repeat {r + 1}/{args.repeats}: " + ", ".join(f"{n} {v[-1]:.1f} ms" for n, v in ms.items()))
             results.append({"dtype": dtype, "batch": B, "ours_ms": spread(ms["ours"]), "hf_ms": spread(ms["hf"]),
                             "ratio": spread([h / o for o, h in zip(ms["ours"], ms["hf"])])})
+            if compiled is not None:
+                results[-1].update(compiled_ms=spread(ms["compiled"]), compile_s=compiled.compiled.compile_s,
+                                   compiled_speedup=spread([o / c for o, c in zip(ms["ours"], ms["compiled"])]))
         tables[dtype] = profile_table(setups(model, runner, max(args.batches), args.kv_len)[0])
         del model, runner
         torch.set_num_threads(torch.get_num_threads())
@@ -121,6 +133,12 @@ def report(out: dict, args) -> None:
         tps = r["batch"] / r["ours_ms"]["median"] * 1e3
         print(f"{r['dtype']:9} {r['batch']:>5}  {fmt(r['ours_ms']):>22}  {fmt(r['hf_ms']):>22}  {tps:>10.0f}  "
               f"{fmt(r['ratio'], 2):>18}")
+    if any("compiled_ms" in r for r in out["results"]):
+        print("\nours through torch.compile (--compile on): step ms, eager/compiled (float32 at 1 sequence: "
+              "the runner runs that eagerly, so the ratio there is noise)\n")
+        for r in out["results"]:
+            print(f"{r['dtype']:9} {r['batch']:>5}  {fmt(r['compiled_ms']):>22}  {fmt(r['compiled_speedup'], 2):>18}"
+                  f"  (compiled in {r['compile_s']:.0f} s)")
     for dtype, table in out["profiles"].items():
         print(f"\nwhere our step's time goes, {dtype}, batch {max(args.batches)}:\n{table}")
 
@@ -136,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="also time the decode step through torch.compile")
     p.add_argument("--out", help="write the figures as JSON")
     args = p.parse_args(argv)
     if min(args.batches) < 1 or args.kv_len < 1 or args.repeats < 1 or args.steps < 1:
@@ -145,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         summary = {f"{r['dtype']}_b{r['batch']}_ours_ms": r["ours_ms"]["median"] for r in out["results"]}
         summary.update({f"{r['dtype']}_b{r['batch']}_speedup": r["ratio"]["median"] for r in out["results"]})
+        summary.update({f"{r['dtype']}_b{r['batch']}_compiled_speedup": r["compiled_speedup"]["median"]
+                        for r in out["results"] if "compiled_speedup" in r})
         write_json(args.out, summary, config=vars(args), **out)
     return 0
 

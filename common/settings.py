@@ -113,6 +113,8 @@ class TokenSettings(ModelSettings):
                               "request, no prompt service (colocated mode)")
     max_batch_tokens: int = setting(512, "with --colocated: most prompt tokens prefilled between two decode steps "
                                     "(at least one prompt; a longer batch stalls running decodes longer)")
+    compile: bool = setting(False, "run decode steps of Llama-family models through torch.compile (measured no "
+                            "faster on a 2-core CPU, 0.90-1.04x, for 35-62 s more at each start and restart)")
 
     @property
     def num_blocks(self) -> int:

@@ -185,7 +185,7 @@ class PrefillEngine:
         segments = [Segment(p.job.req.prompt_ids[p.start: p.end], p.start, table) for p in work]
         start = time.perf_counter()
         try:
-            logits = await asyncio.to_thread(self.runner.forward, segments, job.pool if table else None, on_layer)
+            logits = await self.runner.run(self.runner.forward, segments, job.pool if table else None, on_layer)
         except Exception as exc:  # a bad batch fails its requests, never the service
             log.exception("prefill forward failed")
             for piece in work:

@@ -41,7 +41,7 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
     """Load the model, start the KV listener and the decode loop, register; undo it all on the way out."""
     path = resolve_model_path(settings.model, progress=log.info)
     model = await asyncio.to_thread(load_model, path, settings.threads, settings.dtype)
-    runner = ModelRunner(model, settings.block_size, settings.max_model_len)
+    runner = ModelRunner(model, settings.block_size, settings.max_model_len, compile=settings.compile)
     del model  # the runner keeps what it needs (our forward copies and packs the weights)
     engine = app.state.engine = TokenEngine(runner, settings, app.state.service_id)
     transport = engine.transport = make_transport(settings.kv_transport)

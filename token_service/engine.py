@@ -148,7 +148,7 @@ class TokenEngine:
                 scatter(self.pool, slots_of(seq.blocks, self.blocks.block_size, 0, n), slice(None), kv)
             fetched = time.perf_counter()
             if n < seq.prompt_len and not seq.done:
-                await asyncio.to_thread(self._recompute, seq, req.prompt_ids, n)
+                await self.runner.run(self._recompute, seq, req.prompt_ids, n)
         finally:
             seq.filling = False
             if seq.done:
@@ -244,7 +244,7 @@ class TokenEngine:
             self.blocks.grow(seq.blocks, seq.last_position + 1, seq.promised)
         segments = (batch.segments if batch else []) + [c.segment for c in chunks]
         try:
-            logits = await asyncio.to_thread(self.runner.forward, segments, self.pool)
+            logits = await self.runner.run(self.runner.forward, segments, self.pool)
         except Exception as exc:
             if not chunks:
                 raise  # a decode step that fails takes the service down: its streams resume elsewhere
