@@ -12,6 +12,7 @@ old epoch (a fenced owner) and never goes backwards.
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import redis.asyncio as aioredis
@@ -19,6 +20,8 @@ from redis.exceptions import RedisError
 
 from common.errors import Unavailable
 from common.protocol import ServiceInfo, ServiceKind
+
+log = logging.getLogger(__name__)
 
 PREFIX = "dejavu:"
 REQUEST_TTL_S = 3600  # request metadata is kept an hour after its last write
@@ -77,7 +80,7 @@ class Registry:
                 await self.redis.srem(PREFIX + "svcs", *dead)
         except RedisError as exc:
             raise Unavailable(f"the registry (Redis) is unreachable: {exc}") from exc
-        infos = [ServiceInfo.model_validate_json(v) for v in values if v is not None]
+        infos = [info for i, v in zip(ids, values) if v is not None and (info := _service_info(i, v)) is not None]
         return [i for i in infos if kind is None or i.kind == kind]
 
 
@@ -123,3 +126,20 @@ class RequestStore:
         when `epoch` is fenced. Against the same store it never goes backwards; a new store (the
         old one died, the replica starts over) resets it to n. Returns the index now in force."""
         return int(await self._advance(keys=[self._key(request_id)], args=[epoch, n, store]))
+
+
+_bad_entries: set[str] = set()  # registry ids already logged as unreadable
+
+
+def _service_info(service_id: str, raw: str | bytes) -> ServiceInfo | None:
+    """One registry entry, or None (logged once) if it cannot be read: one malformed entry, or one
+    written by a newer version, must not make every request fail. Unknown fields are ignored."""
+    try:
+        fields = json.loads(raw)
+        known = {k: v for k, v in fields.items() if k in ServiceInfo.model_fields}
+        return ServiceInfo.model_validate(known)
+    except (ValueError, TypeError, AttributeError) as exc:  # pydantic's ValidationError is a ValueError
+        if service_id not in _bad_entries:
+            _bad_entries.add(service_id)
+            log.warning("registry entry %s skipped, unreadable: %s", service_id, str(exc)[:300])
+        return None

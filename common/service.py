@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 
 import uvicorn
 from fastapi import FastAPI, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
@@ -162,9 +162,12 @@ async def registered(app: FastAPI, settings: ServiceSettings, kind: ServiceKind,
 
 
 def add_health_and_metrics(app: FastAPI, health: Callable[[], Awaitable[dict]] | None = None) -> None:
+    """GET /health: 200 {"status": "ok", ...}; 503 when `health` says {"status": "unavailable",
+    "reason": ...} (not ready: a probe should not send traffic here yet)."""
     @app.get("/health")
-    async def _health() -> dict:
-        return {"status": "ok", **(await health() if health else {})}
+    async def _health() -> JSONResponse:
+        body = {"status": "ok", **(await health() if health else {})}
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     @app.get("/metrics")
     async def _metrics() -> Response:

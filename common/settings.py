@@ -1,7 +1,9 @@
 """Settings: the one module that reads the environment.
 
 Every service has one frozen dataclass. A field `foo_bar` is set, highest precedence first, by
-the CLI flag `--foo-bar`, the environment variable `DEJAVU_FOO_BAR`, or its default. Values are
+the CLI flag `--foo-bar`, the environment variable `DEJAVU_FOO_BAR`, or its default. A tuple field
+(e.g. `api_keys`) takes a repeatable flag of its own name (`--api-key K1 --api-key K2`) or a
+comma-separated variable (`DEJAVU_API_KEYS=K1,K2`). Values are
 validated when the dataclass is built; a bad one stops the service at start with a message that
 names the flag and the variable.
 """
@@ -23,8 +25,8 @@ class SettingsError(ValueError):
     """A setting has a bad value; the message names the flag and the environment variable."""
 
 
-def setting(default: Any, help: str, choices: tuple | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+def setting(default: Any, help: str, choices: tuple | None = None, flag: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
 
 
 def env_name(name: str) -> str:
@@ -145,6 +147,8 @@ class GatewaySettings(ServiceSettings):
     token_timeout_s: float = setting(10.0, "a decode stream silent this long means a hung token service: resume elsewhere (s)")
     resume_attempts: int = setting(3, "token services that may fail one request before it ends in an error "
                                       "(0: fault tolerance off, a failure ends the request)")
+    api_keys: tuple[str, ...] = setting((), "an API key clients must send as 'Authorization: Bearer KEY' on /v1/* "
+                                        "and /cluster (repeat for several; none: no authentication)", flag="--api-key")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -154,6 +158,8 @@ class GatewaySettings(ServiceSettings):
         for name in ("request_timeout_s", "route_timeout_s", "token_timeout_s"):
             _check(self, getattr(self, name) > 0, name, "must be > 0")
         _check(self, self.resume_attempts >= 0, "resume_attempts", "must be >= 0")
+        _check(self, all(k.isascii() and k.isprintable() and " " not in k for k in self.api_keys), "api_keys",
+               "each key must be printable ASCII without spaces (it travels in an HTTP header)")
 
     @property
     def model_name(self) -> str:
@@ -182,7 +188,8 @@ def cache_dir() -> str:
 def _check(obj: Any, ok: bool, name: str, why: str) -> None:
     if not ok:
         value = getattr(obj, name)
-        raise SettingsError(f"{flag_name(name)} / {env_name(name)} = {value!r}: {why}")
+        flag = next(f for f in dataclasses.fields(obj) if f.name == name).metadata.get("flag") or flag_name(name)
+        raise SettingsError(f"{flag} / {env_name(name)} = {value!r}: {why}")
 
 
 def _convert(f: dataclasses.Field, raw: str) -> Any:
@@ -197,11 +204,18 @@ def _convert(f: dataclasses.Field, raw: str) -> Any:
         raise SettingsError(f"{flag_name(f.name)} / {env_name(f.name)} = {raw!r}: must be {kind.__name__}") from None
 
 
+def _is_tuple(f: dataclasses.Field) -> bool:
+    return f.type is tuple or str(f.type).startswith("tuple")
+
+
 def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     for f in dataclasses.fields(cls):
         flag = {"nargs": "?", "const": "true"} if f.type in (bool, "bool") else {}  # --colocated = --colocated true
-        parser.add_argument(flag_name(f.name), dest=f.name, default=None, choices=f.metadata["choices"],
+        if _is_tuple(f):
+            flag = {"action": "append", "metavar": "KEY" if f.name.endswith("keys") else None}
+        parser.add_argument(f.metadata.get("flag") or flag_name(f.name), dest=f.name, default=None,
+                            choices=f.metadata["choices"],
                             help=f"{f.metadata['help']} [env {env_name(f.name)}] (default: {f.default!r})", **flag)
     return parser
 
@@ -217,6 +231,10 @@ def load(cls: type[T], argv: list[str] | None = None, prog: str = "", descriptio
         if raw is None:
             raw = environ.get(env_name(f.name))
         if raw is None:
+            continue
+        if _is_tuple(f):  # repeated flags, or one comma-separated variable
+            values[f.name] = tuple(x.strip() for item in ([raw] if isinstance(raw, str) else raw)
+                                   for x in item.split(",") if x.strip())
             continue
         choices = f.metadata["choices"]
         if choices and raw not in choices:

@@ -2,7 +2,7 @@
 
   dejavu up [--model M] [--port 8000] [--prompt-services 1] [--token-services 1] [--cache-stores 1]
             [--colocated] [--redis-url URL] [--kv-transport ucx|tcp] [--dtype auto|float32|bfloat16|float16]
-            [--cpu-placement auto|off]
+            [--cpu-placement auto|off] [--api-key KEY ...]
   dejavu status [--redis-url URL] [--json]
   dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, agreement, capacity: python -m bench.NAME)
 """
@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import ipaddress
 import json
+import os
 import signal
 import sys
 import time
@@ -52,6 +54,9 @@ def main(argv: list[str] | None = None) -> None:
                     "running one torch thread per core it got (more engines than cores: none pinned, one thread "
                     "each); overrides DEJAVU_THREADS. off: every engine runs DEJAVU_THREADS or torch's default on "
                     "every core")
+    up.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                    help="clients must send 'Authorization: Bearer KEY' on /v1/* and /cluster (repeat for several "
+                    "keys; also DEJAVU_API_KEYS=K1,K2; none: no authentication, fine on loopback only)")
     up.add_argument("--quiet", action="store_true", help="don't echo the services' logs")
     status = sub.add_parser("status", help="list the services registered in Redis")
     status.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
@@ -84,6 +89,13 @@ BENCHMARKS = {
 }
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def cmd_up(args, parser) -> int:
     if args.colocated:
         args.prompt_services = 0
@@ -104,6 +116,12 @@ def cmd_up(args, parser) -> int:
            "DEJAVU_MAX_SEQS": str(args.max_seqs), "DEJAVU_COLOCATED": str(args.colocated).lower(),
            "DEJAVU_DTYPE": args.dtype, "DEJAVU_BLOCK_SIZE": str(args.block_size), "DEJAVU_KV_BLOCKS": str(args.kv_blocks),
            "DEJAVU_COMPILE": str(args.compile).lower()}
+    keys = [k for item in (args.api_key or [os.environ.get("DEJAVU_API_KEYS", "")]) for k in item.split(",") if k.strip()]
+    if keys:
+        env["DEJAVU_API_KEYS"] = ",".join(k.strip() for k in keys)
+    elif not _loopback(args.host):
+        print(f"[dejavu] WARNING: --host {args.host} is reachable from other machines and no --api-key is set: "
+              f"anyone who can reach port {args.port} can use the API", file=sys.stderr, flush=True)
     placement, placement_line = _cpu_placement(args)
     cluster = Cluster(args.model, args.port, args.prompt_services, args.token_services, args.cache_stores,
                       args.redis_url, env, echo_logs=not args.quiet, host=args.host, placement=placement)
@@ -123,6 +141,7 @@ def cmd_up(args, parser) -> int:
         return 1
     print(f"\n[dejavu] ready in {time.monotonic() - start:.0f} s: OpenAI API at {cluster.url}/v1 "
           f"(redis {cluster.redis_url})\n\n  curl {cluster.url}/v1/completions -H 'Content-Type: application/json' \\\n"
+          + (f"    -H \"Authorization: Bearer $DEJAVU_API_KEY\" \\\n" if keys else "") +
           f"    -d '{{\"model\": \"{_served_name(args.model)}\", \"prompt\": \"The capital of France is\", "
           f"\"max_tokens\": 16, \"temperature\": 0}}'\n\n[dejavu] Ctrl-C stops everything.", flush=True)
     try:

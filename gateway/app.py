@@ -4,12 +4,16 @@ GET  /v1/models
 POST /v1/completions, /v1/chat/completions   (stream or not)
 GET  /health, /metrics
 GET  /cluster                                (every registered service and its lease: for operators)
+
+With --api-key set (DEJAVU_API_KEYS), /v1/* and /cluster (which names internal addresses) need
+`Authorization: Bearer KEY`; /health and /metrics stay open for probes and scrapers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
 
@@ -61,6 +65,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return JSONResponse(error_body("client disconnected", "invalid_request_error"), status_code=499)
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if settings.api_keys:  # added last: it runs first, before a body is read
+        app.add_middleware(ApiKeys, keys=settings.api_keys)
     add_health_and_metrics(app, lambda: _health(app))
 
     @app.get("/v1/models")
@@ -85,7 +91,19 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
 
 async def _health(app: FastAPI) -> dict:
-    return {"kind": "gateway", "in_flight": len(app.state.active)}
+    """Ready (200) only when a request can be routed: a token service, and a prompt service or a
+    colocated token service, registered; 503 with the reason otherwise (probes route on it)."""
+    body = {"kind": "gateway", "in_flight": len(app.state.active)}
+    try:
+        router: Router = app.state.router
+        tokens, prompts = await router.services(ServiceKind.TOKEN), await router.services(ServiceKind.PROMPT)
+    except DejavuError:
+        return {**body, "status": "unavailable", "reason": "the registry (Redis) is unreachable"}
+    if not tokens:
+        return {**body, "status": "unavailable", "reason": "no token service registered"}
+    if not prompts and not any(t.colocated for t in tokens):
+        return {**body, "status": "unavailable", "reason": "no prompt service registered (and no colocated token service)"}
+    return {**body, "token_services": len(tokens), "prompt_services": len(prompts)}
 
 
 class ClientGone(Exception):
@@ -194,6 +212,32 @@ async def _finish(app: FastAPI, job: Job, totals: Totals | None, error: BaseExce
         await asyncio.shield(app.state.store.update(job.request_id, **fields))
     except Exception as exc:  # Redis trouble must not break a response already made
         log.warning("could not record the request's outcome: %s", exc)
+
+
+class ApiKeys:
+    """401, OpenAI's way, for a /v1/* or /cluster call without one of the keys as a bearer token."""
+
+    PROTECTED = ("/v1/", "/cluster")
+
+    def __init__(self, app, keys: tuple[str, ...]):
+        self.app, self.keys = app, [k.encode() for k in keys]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith(self.PROTECTED):
+            return await self.app(scope, receive, send)
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        token = token.strip()
+        # every key compared, in constant time: how long a refusal takes says nothing about the keys
+        if scheme.lower() == b"bearer" and sum(hmac.compare_digest(token, k) for k in self.keys):
+            return await self.app(scope, receive, send)
+        if not auth:
+            message = "no API key: send it as 'Authorization: Bearer KEY'"
+        else:
+            message = "incorrect API key (send 'Authorization: Bearer KEY')"
+        log.info("refused a %s %s: %s", scope["method"], scope["path"], "no API key" if not auth else "wrong API key")
+        body = error_body(message, "invalid_request_error", None, "invalid_api_key")
+        await JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
 
 
 class BodyLimit:

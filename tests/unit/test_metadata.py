@@ -73,3 +73,26 @@ def test_registry_unreachable_is_unavailable():
         await redis.aclose()
 
     run(go())
+
+
+def test_a_malformed_or_newer_registry_entry_is_skipped_not_fatal(redis_server):
+    """One bad entry (garbage, a missing field, a wrong type) is skipped and the others still
+    listed; an entry from a newer version with fields we do not know is read."""
+    async def go():
+        redis = metadata.connect(redis_server.url)
+        reg = metadata.Registry(redis)
+        await reg.renew(info("t-good"), ttl_s=30)
+        newer = {**info("t-newer").model_dump(mode="json"), "stages": 2, "pipeline": "p0"}
+        bad = {"t-garbage": "{not json", "t-missing": '{"kind": "token", "id": "t-missing"}',
+               "t-wrong": '{"kind": "token", "id": "t-wrong", "url": 5, "host": "h", "pid": "x"}',
+               "t-list": "[1, 2]", "t-newer": __import__("json").dumps(newer)}
+        for i, raw in bad.items():
+            await redis.set(metadata.PREFIX + "svc:" + i, raw, ex=30)
+            await redis.sadd(metadata.PREFIX + "svcs", i)
+        ids = {s.id for s in await reg.services()}
+        assert {"t-good", "t-newer"} <= ids and not ids & {"t-garbage", "t-missing", "t-wrong", "t-list"}
+        for i in [*bad, "t-good"]:
+            await reg.deregister(i)
+        await redis.aclose()
+
+    run(go())

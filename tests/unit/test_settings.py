@@ -26,3 +26,13 @@ def test_gateway_model_name():
     assert load(GatewaySettings, [], environ={}).model_name == "smollm2"
     assert load(GatewaySettings, ["--model", "/models/Llama-3/"], environ={}).model_name == "Llama-3"
     assert load(GatewaySettings, ["--served-model-name", "x"], environ={}).model_name == "x"
+
+
+def test_api_keys_from_repeated_flags_or_one_variable():
+    assert load(GatewaySettings, [], environ={}).api_keys == ()
+    assert load(GatewaySettings, [], environ={"DEJAVU_API_KEYS": "k1, k2,,"}).api_keys == ("k1", "k2")
+    flags = ["--api-key", "a", "--api-key", "b"]
+    assert load(GatewaySettings, flags, environ={"DEJAVU_API_KEYS": "k1"}).api_keys == ("a", "b")
+    with pytest.raises(SettingsError) as err:
+        load(GatewaySettings, ["--api-key", "bad\nkey"], environ={})
+    assert "--api-key / DEJAVU_API_KEYS" in str(err.value)
