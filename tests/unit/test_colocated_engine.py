@@ -12,7 +12,7 @@ import pytest
 
 from common.errors import NotFound
 from common.model import load_model
-from common.protocol import PrefillRequest, ReserveRequest, SamplingParams
+from common.protocol import DecodeRequest, PrefillRequest, ReserveRequest, SamplingParams
 from common.settings import TokenSettings
 from engine.runner import ModelRunner
 from token_service.engine import TokenEngine
@@ -95,4 +95,38 @@ async def test_prompts_longer_than_the_budget_are_prefilled_in_chunks(runner, ti
         assert [r.first.token_id for r in results] == [tiny_oracle.generate_ids(p, 1)[0] for p in (*PROMPTS, long)]
         assert sizes == [[8, 8], [16], [16], [8]]
     finally:
+        loop.cancel()
+
+
+async def test_a_decoding_request_aborted_during_another_prefill_is_released(runner, monkeypatch):
+    """Issue #10, defect 8: request "a" decodes while "long" is prefilled chunk by chunk; "a" is
+    aborted while a forward holding both runs. Its blocks must come back after that step, not
+    never (a leak that, max_seqs times over, leaves a service refusing everything)."""
+    engine, loop = await started(runner, chunk=16)
+    entered, go, forward = threading.Event(), threading.Event(), runner.forward
+    gate = {"on": False}
+
+    def gated(segments, *args):  # the real forward; held once a step has a decode and a prompt chunk
+        if gate["on"] and len(segments) > 1:
+            gate["on"] = False
+            entered.set()
+            go.wait(30)
+        return forward(segments, *args)
+
+    monkeypatch.setattr(runner, "forward", gated)
+    try:
+        first = await asyncio.wait_for(prefill(engine, "a", PROMPTS[0]), 30)
+        engine.start_decode(DecodeRequest(request_id="a", prompt_ids=PROMPTS[0], first_token=first.first.token_id,
+                                          sampling=SamplingParams(max_tokens=8, ignore_eos=True)))
+        gate["on"] = True
+        job = prefill(engine, "long", (PROMPTS[1] * 6)[:48])  # three chunks of 16
+        assert await asyncio.to_thread(entered.wait, 30)
+        assert engine.abort("a")
+        go.set()
+        await asyncio.wait_for(job, 30)
+        assert engine.scheduler.seqs.keys() == {"long"}
+        engine.abort("long")
+        assert engine.blocks.num_used == 0 and engine.blocks.committed == 0 and not engine.scheduler.seqs
+    finally:
+        go.set()
         loop.cancel()
