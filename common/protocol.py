@@ -49,6 +49,9 @@ class ServiceInfo(Message):
     renewed_at: float = 0.0       # unix s
 
 
+GREEDY_BELOW = 1e-5
+
+
 class SamplingParams(Message):
     temperature: float = 0.0      # 0 = greedy
     top_p: float = 1.0            # (0, 1]
@@ -61,7 +64,9 @@ class SamplingParams(Message):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures this small are greedy (as vLLM's 1e-5): dividing logits by 1e-320 gives
+        infinities, and the probabilities NaN."""
+        return self.temperature < GREEDY_BELOW
 
 
 class ReserveRequest(Message):

@@ -8,11 +8,31 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 from common.errors import BadRequest
 
 Number = StrictFloat | StrictInt
+MAX_STOP_CHARS = 512  # per stop string: each is matched against the tail of the text at every token
+
+
+def _has_lone_surrogate(value) -> bool:
+    """Whether a parsed JSON value holds a string with a lone UTF-16 surrogate ("\\ud800"): JSON
+    allows the escape, Unicode text does not; the tokenizer and every encoder choke on it."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list) and v and not (type(v[0]) is int and type(v[-1]) is int):  # token ids: skip
+            stack.extend(v)
+    return False
 
 
 class StreamOptions(BaseModel):
@@ -40,6 +60,17 @@ class SamplingFields(BaseModel):
     logit_bias: dict[str, Number] | None = None
     ignore_eos: StrictBool = False            # extension (as vLLM)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if _has_lone_surrogate(key) or _has_lone_surrogate(value):
+                    name = key if key in cls.model_fields else None
+                    raise BadRequest(f"'{name or 'a field'}' holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                                     "escape): not valid Unicode text", name)
+        return data
+
     def check_common(self) -> None:
         if self.n != 1:
             raise BadRequest(f"'n' = {self.n}: only n = 1 is supported; send n requests instead", "n")
@@ -64,6 +95,8 @@ class SamplingFields(BaseModel):
             raise BadRequest("'stop' strings must not be empty", "stop")
         if len(self.stop_list) > 16:
             raise BadRequest(f"'stop' has {len(self.stop_list)} strings: at most 16", "stop")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop_list):
+            raise BadRequest(f"'stop' strings must be at most {MAX_STOP_CHARS} characters", "stop")
 
     @property
     def stop_list(self) -> list[str]:

@@ -101,3 +101,43 @@ def test_oversized_chunked_body_without_length(url):
 
     resp = httpx.post(url + "/v1/completions", content=body(), timeout=30, headers={"content-type": "application/json"})
     assert_openai_error(resp, 413, None)
+
+
+RAW_CASES = [
+    # (name, raw JSON body, status, param): what json.dumps would never write, a hostile client might
+    ("lone surrogate in prompt", b'{"prompt": "hi \\ud800 there", "max_tokens": 2}', 400, "prompt"),
+    ("lone surrogate in model", b'{"model": "\\udfff", "prompt": "hi", "max_tokens": 2}', 400, "model"),
+    ("lone surrogate in stop", b'{"prompt": "hi", "max_tokens": 2, "stop": ["\\ud800"]}', 400, "stop"),
+    ("NaN temperature", b'{"prompt": "hi", "max_tokens": 2, "temperature": NaN}', 400, "temperature"),
+    ("Infinity top_p", b'{"prompt": "hi", "max_tokens": 2, "top_p": Infinity}', 400, "top_p"),
+    ("huge integer max_tokens", b'{"prompt": "hi", "max_tokens": 1' + b"0" * 400 + b"}", 400, "max_tokens"),
+    ("deeply nested prompt", b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None),
+]
+
+
+@pytest.mark.parametrize("name,raw,status,param", RAW_CASES, ids=[c[0] for c in RAW_CASES])
+def test_hostile_json_gets_openai_error(url, name, raw, status, param):
+    resp = httpx.post(url + "/v1/completions", content=raw, headers={"content-type": "application/json"}, timeout=30)
+    assert_openai_error(resp, status, param)
+
+
+def test_chat_surrogate_gets_openai_error(url):
+    raw = b'{"messages": [{"role": "user", "content": "hi \\udc00"}], "max_tokens": 2}'
+    resp = httpx.post(url + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}, timeout=30)
+    assert_openai_error(resp, 400, None)
+
+
+def test_stop_strings_are_capped(url):
+    assert_openai_error(httpx.post(url + "/v1/completions", json={**GOOD, "stop": ["x" * 5000]}, timeout=30), 400, "stop")
+    assert_openai_error(httpx.post(url + "/v1/completions", json={**GOOD, "stop": [str(i) for i in range(17)]},
+                                   timeout=30), 400, "stop")
+
+
+def test_a_denormal_temperature_is_greedy(url):
+    """1e-320 is > 0, so it samples; dividing logits by it overflowed to inf and NaN probabilities
+    picked garbage. A temperature this small is greedy in all but name: it must answer as greedy."""
+    greedy = httpx.post(url + "/v1/completions", json=GOOD, timeout=60).json()["choices"][0]["text"]
+    for t in (1e-320, 1e-30):
+        resp = httpx.post(url + "/v1/completions", json={**GOOD, "temperature": t, "seed": 1}, timeout=60)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["choices"][0]["text"] == greedy, t
