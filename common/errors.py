@@ -39,6 +39,17 @@ class DejavuError(Exception):
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
 
+    def client_body(self, request_id: str = "") -> dict:
+        """The body for an outside client: a 4xx says what to change; a 5xx says only what happened,
+        never the internal addresses and Redis errors of its message (the log has them, under the
+        request id given here)."""
+        if self.status < 500:
+            return self.body()
+        plain = {502: "an internal service failed while serving this request",
+                 503: "the server is at capacity; retry later" if self.code == "kv_full"
+                 else "the service is temporarily unavailable; retry later"}.get(self.status, "internal error")
+        return error_body(plain + (f" (request {request_id})" if request_id else ""), self.type, None, self.code)
+
 
 class BadRequest(DejavuError):
     status, type = 400, "invalid_request_error"
@@ -105,12 +116,15 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"'{where}': {first.get('msg')}" if param else str(first.get("msg")), param
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, public: bool = False) -> None:
+    """OpenAI-style error bodies. Internal services answer 5xx with the whole message (the gateway
+    reads it back, common.errors.from_body); the public gateway (`public`) answers plainly."""
     @app.exception_handler(DejavuError)
     async def _dejavu(request: Request, exc: DejavuError):
         if exc.status >= 500:
             log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
-        return JSONResponse(exc.body(), status_code=exc.status)
+        body = exc.client_body(_request_id()) if public else exc.body()
+        return JSONResponse(body, status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -129,3 +143,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error in %s %s", request.method, request.url.path)
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
+
+
+def _request_id() -> str:
+    from common.service import request_id_var  # common.service imports this module
+
+    rid = request_id_var.get()
+    return "" if rid == "-" else rid

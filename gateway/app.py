@@ -58,7 +58,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             await client.aclose()
 
     app = FastAPI(title="DéjàVu gateway", lifespan=lifespan)
-    install_error_handlers(app)
+    install_error_handlers(app, public=True)
 
     @app.exception_handler(ClientGone)
     async def _gone(request: Request, exc: ClientGone):  # nobody reads it; for the access log
@@ -168,7 +168,7 @@ async def _stream(app: FastAPI, job: Job, gen, first, chat: bool):
     except DejavuError as exc:
         error = exc
         log.warning("stream failed: %s", exc.message)
-        yield sse(exc.body())
+        yield sse(exc.client_body(job.request_id))
     except BaseException as exc:  # client gone (cancelled) or a bug: record it, let it propagate
         error = exc
         raise

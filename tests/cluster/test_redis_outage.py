@@ -35,8 +35,10 @@ def test_redis_outage_and_return(tiny_model_path):
         resp = httpx.post(cluster.url + "/v1/completions", json=GOOD, timeout=30)
         assert resp.status_code == 503, resp.text
         assert resp.json()["error"]["type"] == "service_unavailable"
+        assert_plain(resp.json()["error"]["message"])
         resp = httpx.get(cluster.url + "/cluster", timeout=30)
         assert resp.status_code == 503 and resp.json()["error"]["type"] == "service_unavailable", resp.text
+        assert_plain(resp.json()["error"]["message"])
         assert all(c.proc.poll() is None for c in cluster.children), "a service died with Redis"
 
         redis = RedisServer(port=port)  # back, and empty: leases re-register within a renewal
@@ -48,3 +50,9 @@ def test_redis_outage_and_return(tiny_model_path):
     finally:
         cluster.stop()
         redis.stop()
+
+
+def assert_plain(message: str) -> None:
+    """A client's 5xx says what happened, not where: no internal address, no Redis error text."""
+    for needle in ("127.0.0.1", "http://", "redis", "Redis", "Error", "onnect"):
+        assert needle not in message, message
