@@ -3,7 +3,13 @@
 `Run` is one request across its attempts. On a resume the gateway first fences the old owner (a
 new epoch in Redis, so its replica writes and index updates are refused), then has the new token
 service restore the KV from the replica on a cache store: it fetches tokens [0, replicated) and
-recomputes the rest. With no usable replica the router falls back to a re-prefill.
+recomputes the rest. With no usable replica the router falls back to a re-prefill. Only then is
+the old owner aborted: one that is slow but alive drops its replica when aborted, and the store
+refuses that drop only once the fetch has moved the replica to the new epoch.
+
+The restore's call is bounded by the new token service's lease (a dead or hung one is found within
+the lease TTL), not by --token-timeout-s: a healthy one may wait up to the fetch's own timeout on a
+dead store, then answers "replica unavailable" and the request is prefilled again.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from prometheus_client import Counter, Histogram
 from redis.exceptions import RedisError
 
 from common.errors import Unavailable, UpstreamError
+from common.kv.fetch import FETCH_TIMEOUT_S
 from common.metadata import RequestStore
 from common.protocol import RestoreRequest, RestoreResult, SamplingParams, ServiceInfo, ServiceKind
 
@@ -42,6 +49,7 @@ class Run:
     epoch: int = 0
     failed_at: float | None = None                    # monotonic time of the last failure
     replica: tuple[int, str] = (0, "")                 # (tokens replicated, store id) when last fenced
+    unfenced: list[ServiceInfo] = field(default_factory=list)  # lost owners not aborted yet: see Router._attempt
 
 
 class TokenServiceLost(UpstreamError):
@@ -76,7 +84,8 @@ async def restore(router: Router, run: Run, svc: ServiceInfo, prefix: list[int])
     req = RestoreRequest(request_id=run.request_id, epoch=run.epoch, prompt_ids=prefix,
                          replicated=min(n, len(prefix)), store_id=store.id, store_kv_address=store.kv_address)
     try:
-        body = await router._post(svc, "/restore", req, timeout=router.settings.token_timeout_s)
+        body = await router._until_lease_lapses(
+            router._post(svc, "/restore", req, timeout=FETCH_TIMEOUT_S + router.settings.token_timeout_s), svc)
     except Unavailable as exc:  # the replica could not be fetched: the KV has to come from a prefill
         log.warning("restore from the replica on %s failed (%s): prefilling again", store.id, exc.message)
         return False

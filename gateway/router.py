@@ -76,6 +76,7 @@ class Router:
                     raise UpstreamError(f"the request could not be saved after {len(run.outputs)} tokens: its token "
                                         f"service failed and resuming failed: {exc.message}") from exc
         finally:
+            self._abort_unfenced(run)  # no further attempt (the request ended or failed): abort them now
             if run.lost:  # a dead owner never drops its replica: free it on every store
                 self._spawn(self._drop_replicas(request_id))
 
@@ -93,6 +94,7 @@ class Router:
                 await fence(self.requests, run, token_svc)
                 path = "replica" if outputs and await restore(self, run, token_svc, prefix) else "reprefill"
                 RECOVERIES.labels(path).inc()
+                self._abort_unfenced(run)  # only now: aborted earlier, a live old owner drops the replica
             if path != "replica":
                 req = PrefillRequest(request_id=run.request_id, epoch=run.epoch, prompt_ids=prefix, sampling=run.sampling,
                                      target_service_id=token_svc.id, target_kv_address=reservation.kv_address)
@@ -122,11 +124,18 @@ class Router:
             raise TokenServiceLost(f"token service {token_svc.id} ended the stream before the request finished")
         except TokenServiceLost:
             run.lost.add(token_svc.id)
+            run.unfenced.append(token_svc)  # aborted after the next attempt's fence and restore
+            holders.remove(token_svc)
             raise
         finally:
             self.in_flight[token_svc.id] -= 1
             if not released:  # early end (stop string, client gone, failure) or no decode at all
                 self._spawn(self._abort_all(run.request_id, holders))
+
+    def _abort_unfenced(self, run: Run) -> None:
+        if run.unfenced:
+            self._spawn(self._abort_all(run.request_id, run.unfenced))
+            run.unfenced = []
 
     async def _drop_replicas(self, request_id: str) -> None:
         try:

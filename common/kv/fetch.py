@@ -14,12 +14,15 @@ if TYPE_CHECKING:
     import torch
 
 
+FETCH_TIMEOUT_S = 30.0  # connect + fetch + receive; the gateway's restore call outlasts it (gateway/recovery.py)
+
+
 class FetchError(Exception):
     """The store refused the fetch (no replica, a newer epoch, too few tokens) or answered amiss."""
 
 
 async def fetch_replica(transport: Transport, address: str, request_id: str, epoch: int, tokens: int,
-                        timeout: float = 30.0) -> torch.Tensor:
+                        timeout: float = FETCH_TIMEOUT_S) -> torch.Tensor:
     """Tokens [0, tokens) of the request's replica on the store at `address`: a CPU tensor of the
     dtype it was replicated in (e.g. bfloat16), (layers, 2, tokens, kv_heads, head_dim), in the
     received buffer (no copy). Fetching under a newer epoch fences the old owner on the store.

@@ -1,0 +1,114 @@
+"""The gateway's recovery order, against a real Redis, with its token services and cache store
+faked at the HTTP boundary (httpx.MockTransport): the calls it makes, in the order it makes them.
+
+Token service A decodes 20 tokens and its stream breaks while A is still alive (a slow owner, a
+broken connection); B resumes the request from the replica. Issue #10:
+- defect 10, fence first: A may be aborted only after B has fenced it and restored from the
+  replica, since a live A drops its replica when aborted, and the store refuses that drop only
+  once B's fetch has moved the replica to the new epoch. Before, the abort went out at once.
+- defect 11: B's restore may take longer than --token-timeout-s (its fetch waits on a slow store
+  for up to the fetch's own timeout) while B's lease is healthy: the restore is not a loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from common import metadata
+from common.protocol import (DecodeEvent, PrefillResult, RestoreResult, SamplingParams, ServiceInfo, ServiceKind,
+                             TokenEvent)
+from common.settings import GatewaySettings
+from gateway.router import Router
+
+pytestmark = pytest.mark.asyncio
+RID, PROMPT, MAX_TOKENS, BREAK_AT = "req-recovery-1", [5, 6, 7, 8], 40, 20
+TOKEN_TIMEOUT_S = 1.0
+
+
+def token_service(name: str) -> ServiceInfo:
+    return ServiceInfo(kind=ServiceKind.TOKEN, id=name, url=f"http://{name}", host="h", pid=1, kv_address=f"{name}:1",
+                       kv_transport="tcp", max_model_len=1024, colocated=True)
+
+
+def event(index: int) -> bytes:
+    finish = "length" if index == MAX_TOKENS - 1 else None
+    token = TokenEvent(request_id=RID, index=index, token_id=100 + index, finish_reason=finish)
+    return DecodeEvent(token=token).model_dump_json().encode() + b"\n"
+
+
+class Fakes:
+    """Token services token-a and token-b and one cache store, as the gateway sees them over HTTP."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, str]] = []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        host, path = request.url.host, request.url.path
+        self.calls.append((host, path))
+        body = json.loads(request.content) if request.content else {}
+        if path == "/reserve":
+            return httpx.Response(200, json={"request_id": RID, "service_id": host, "kv_address": f"{host}:1",
+                                             "kv_transport": "tcp"})
+        if path == "/prefill":
+            first = TokenEvent(request_id=RID, index=0, token_id=100)
+            return httpx.Response(200, content=PrefillResult(request_id=RID, first=first, prefill_ms=1,
+                                                             stream_tail_ms=0).model_dump_json())
+        if path == "/restore":  # B's fetch waits on a slow store longer than --token-timeout-s; B is alive
+            slow, read_timeout = TOKEN_TIMEOUT_S + 0.5, request.extensions["timeout"]["read"]
+            if read_timeout is not None and read_timeout < slow:  # what the real client would do
+                await asyncio.sleep(read_timeout)
+                raise httpx.ReadTimeout("timed out", request=request)
+            await asyncio.sleep(slow)
+            return httpx.Response(200, content=RestoreResult(request_id=RID, fetched=16, recomputed=3, fetch_ms=1,
+                                                             recompute_ms=1).model_dump_json())
+        if path == "/decode":
+            first_index = body["first_index"]
+            return httpx.Response(200, content=self._decode(host, first_index + 1))
+        if path in ("/abort", "/drop"):
+            return httpx.Response(200, json={"request_id": RID, "found": True})
+        if path == "/health":
+            return httpx.Response(200, json={"status": "ok"})
+        return httpx.Response(404, json={"error": {"message": path, "type": "x", "param": None, "code": None}})
+
+    async def _decode(self, host: str, start: int):
+        for index in range(start, MAX_TOKENS):
+            if host == "token-a" and index == BREAK_AT:
+                raise httpx.ReadError("connection reset by peer")  # A's stream breaks, A lives on
+            yield event(index)
+            await asyncio.sleep(0)
+
+
+async def test_the_lost_owner_is_aborted_only_after_the_fence_and_the_restore(redis_server):
+    redis = metadata.connect(redis_server.url)
+    registry, requests = metadata.Registry(redis), metadata.RequestStore(redis)
+    store = ServiceInfo(kind=ServiceKind.CACHE_STORE, id="store-0", url="http://store-0", host="h", pid=1,
+                        kv_address="store-0:1", kv_transport="tcp")
+    for info in (token_service("token-a"), token_service("token-b"), store):
+        await registry.renew(info, ttl_s=60)
+    await requests.create(RID, {"prompt_ids": PROMPT, "status": "running"})
+    assert await requests.advance_replicated(RID, 0, 16, "store-0") == 16  # A replicated 16 tokens
+    fakes = Fakes()
+    settings = GatewaySettings(token_timeout_s=TOKEN_TIMEOUT_S)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(fakes)) as client:
+        router = Router(registry, client, settings, requests)
+        router.in_flight["token-b"] = 1  # A is picked first
+        sampling = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+        tokens = [e.token_id async for e in router.generate(RID, PROMPT, sampling)]
+        await asyncio.gather(*router.background)
+    try:
+        assert tokens == [100 + i for i in range(MAX_TOKENS)]
+        calls = fakes.calls
+        assert ("token-b", "/prefill") not in calls, "resumed by a re-prefill, not from the replica"
+        restored = calls.index(("token-b", "/restore"))
+        aborted = calls.index(("token-a", "/abort"))
+        assert aborted > restored, f"A was aborted before B restored from the replica: {calls}"
+        assert int((await requests.get(RID))["epoch"]) == 1  # fenced once
+    finally:
+        for i in ("token-a", "token-b", "store-0"):
+            await registry.deregister(i)
+        await redis.delete(metadata.PREFIX + "req:" + RID)
+        await redis.aclose()
