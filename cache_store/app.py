@@ -20,7 +20,7 @@ from common.errors import NotFound, install_error_handlers
 from common.kv import make_transport
 from common.kv.receiver import kv_server
 from common.protocol import AbortResult, DropRequest, ServiceKind
-from common.service import registered, add_health_and_metrics, listen_kv, request_id_var
+from common.service import INTERNAL_MAX_BODY, BodyLimit, add_health_and_metrics, listen_kv, registered, request_id_var
 from common.settings import CacheStoreSettings
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ def create_app(settings: CacheStoreSettings) -> FastAPI:
 
     app = FastAPI(title="DéjàVu cache store", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=INTERNAL_MAX_BODY)
 
     async def health() -> dict:
         return {"kind": "cache_store", "replicas": len(store.replicas), "bytes_held": store.bytes_held,

@@ -15,12 +15,20 @@ samples); the token at output index i sits at sequence position len(prompt) + i.
 from __future__ import annotations
 
 from enum import Enum
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 
 class Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# Every internal endpoint validates what it is sent, as the gateway does at the public one: a
+# request id ends up in log lines and Redis keys; sizes bound what a service allocates.
+RequestId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
+TokenId = Annotated[int, Field(ge=0, lt=1 << 31)]
+MAX_SEQUENCE = 1 << 20  # tokens: longer than any --max-model-len accepted
 
 
 class ServiceKind(str, Enum):
@@ -53,14 +61,14 @@ GREEDY_BELOW = 1e-5
 
 
 class SamplingParams(Message):
-    temperature: float = 0.0      # 0 = greedy
-    top_p: float = 1.0            # (0, 1]
-    top_k: int = 0                # 0 = off
-    seed: int = 0                 # the RNG of output index i is derived from (seed, i) only
-    max_tokens: int = 16          # output tokens, EOS included
-    stop_token_ids: list[int] = Field(default_factory=list)  # EOS ids (and any extra); ends the request
+    temperature: float = Field(0.0, ge=0, le=2, allow_inf_nan=False)  # below GREEDY_BELOW: greedy
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    top_k: int = Field(0, ge=-1)  # 0 or -1 = off
+    seed: int = Field(0, ge=-(1 << 63), lt=1 << 64)  # the RNG of output index i is derived from (seed, i) only
+    max_tokens: int = Field(16, ge=1, le=MAX_SEQUENCE)  # output tokens, EOS included
+    stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=64)  # EOS ids (and any extra)
     ignore_eos: bool = False
-    logprobs: int | None = None   # None: none; k >= 0: the sampled token's logprob + top k
+    logprobs: int | None = Field(None, ge=0, le=20)  # None: none; k >= 0: the sampled token's logprob + top k
 
     @property
     def greedy(self) -> bool:
@@ -70,9 +78,9 @@ class SamplingParams(Message):
 
 
 class ReserveRequest(Message):
-    request_id: str
-    prompt_tokens: int = Field(ge=1)   # tokens
-    max_tokens: int = Field(ge=1)      # tokens
+    request_id: RequestId
+    prompt_tokens: int = Field(ge=1, le=MAX_SEQUENCE)   # tokens
+    max_tokens: int = Field(ge=1, le=MAX_SEQUENCE)      # tokens
 
 
 class Reservation(Message):
@@ -83,9 +91,9 @@ class Reservation(Message):
 
 
 class PrefillRequest(Message):
-    request_id: str
-    epoch: int = 0
-    prompt_ids: list[int] = Field(min_length=1)
+    request_id: RequestId
+    epoch: int = Field(0, ge=0)
+    prompt_ids: list[TokenId] = Field(min_length=1, max_length=MAX_SEQUENCE)
     sampling: SamplingParams
     target_service_id: str
     target_kv_address: str
@@ -116,11 +124,11 @@ class DecodeRequest(Message):
     """Start decoding a request whose KV [0, len(prompt_ids)) is in its reserved row. On a resume,
     prompt_ids is the original prompt plus every output token but the newest."""
 
-    request_id: str
-    epoch: int = 0
-    prompt_ids: list[int]
-    first_token: int              # the newest output token: the input of the first decode step
-    first_index: int = Field(default=0, ge=0)  # its output index (> 0 when resuming elsewhere)
+    request_id: RequestId
+    epoch: int = Field(0, ge=0)
+    prompt_ids: list[TokenId] = Field(max_length=MAX_SEQUENCE)
+    first_token: TokenId          # the newest output token: the input of the first decode step
+    first_index: int = Field(default=0, ge=0, le=MAX_SEQUENCE)  # its output index (> 0 when resuming elsewhere)
     sampling: SamplingParams
 
 
@@ -136,9 +144,9 @@ class RestoreRequest(Message):
     fetches tokens [0, replicated) from the cache store, then recomputes the rest of prompt_ids
     (prompt + every output token but the newest) itself."""
 
-    request_id: str
+    request_id: RequestId
     epoch: int = Field(ge=0)      # the request's epoch after fencing the old owner
-    prompt_ids: list[int] = Field(min_length=1)
+    prompt_ids: list[TokenId] = Field(min_length=1, max_length=MAX_SEQUENCE)
     replicated: int = Field(ge=1)  # tokens the store acknowledged (Redis), capped at len(prompt_ids)
     store_id: str
     store_kv_address: str
@@ -153,15 +161,15 @@ class RestoreResult(Message):
 
 
 class AbortRequest(Message):
-    request_id: str
+    request_id: RequestId
 
 
 class DropRequest(Message):
     """Free a request's replica on a cache store. With an epoch, only a replica of that epoch or
     older is dropped: a fenced owner cleaning up must not drop its successor's replica."""
 
-    request_id: str
-    epoch: int | None = None
+    request_id: RequestId
+    epoch: int | None = Field(None, ge=0)
 
 
 class AbortResult(Message):

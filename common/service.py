@@ -29,7 +29,9 @@ from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException
 
+from common.errors import PayloadTooLarge
 from common.metadata import Registry
 from common.protocol import ServiceInfo, ServiceKind
 from common.settings import ServiceSettings
@@ -159,6 +161,39 @@ async def registered(app: FastAPI, settings: ServiceSettings, kind: ServiceKind,
     finally:
         await lease.stop()
         await redis.aclose()
+
+
+INTERNAL_MAX_BODY = 64 << 20  # bytes: a request of --max-model-len 1M token ids is ~8 MB of JSON
+
+
+class BodyLimit:
+    """413 for a body over the limit (by Content-Length, or counted as it streams in): on the
+    gateway --max-body-bytes, on the internal services INTERNAL_MAX_BODY."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._reject(send)
+        seen = 0
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:  # an HTTPException passes FastAPI's body reader unchanged
+                raise HTTPException(413, f"request body is over the limit of {self.max_bytes} bytes")
+            return message
+
+        return await self.app(scope, counting_receive, send)
+
+    async def _reject(self, send) -> None:
+        err = PayloadTooLarge(f"request body is over the limit of {self.max_bytes} bytes; send a smaller request")
+        await JSONResponse(err.body(), status_code=413)({"type": "http"}, None, send)
 
 
 def add_health_and_metrics(app: FastAPI, health: Callable[[], Awaitable[dict]] | None = None) -> None:

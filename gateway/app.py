@@ -20,13 +20,13 @@ import time
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException
 
 from common import metadata
-from common.errors import DejavuError, PayloadTooLarge, error_body, install_error_handlers
+from common.errors import DejavuError, error_body, install_error_handlers
 from common.model import context_length, eos_token_ids, load_tokenizer, resolve_model_path
 from common.protocol import ServiceKind, cluster_status
-from common.service import registered, ClosingStreamingResponse, add_health_and_metrics, request_id_var
+from common.service import (BodyLimit, ClosingStreamingResponse, add_health_and_metrics, registered,
+                            request_id_var)
 from common.settings import GatewaySettings
 from gateway.jobs import IN_FLIGHT, REQUESTS, Job, Limits, chat_job, completion_job, deltas
 from gateway.openai_types import ChatRequest, CompletionRequest
@@ -238,32 +238,3 @@ class ApiKeys:
         log.info("refused a %s %s: %s", scope["method"], scope["path"], "no API key" if not auth else "wrong API key")
         body = error_body(message, "invalid_request_error", None, "invalid_api_key")
         await JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
-
-
-class BodyLimit:
-    """413 for a body over the limit (by Content-Length, or counted as it streams in)."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._reject(send)
-        seen = 0
-
-        async def counting_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:  # an HTTPException passes FastAPI's body reader unchanged
-                raise HTTPException(413, f"request body is over the limit of {self.max_bytes} bytes")
-            return message
-
-        return await self.app(scope, counting_receive, send)
-
-    async def _reject(self, send) -> None:
-        err = PayloadTooLarge(f"request body is over the limit of {self.max_bytes} bytes; send a smaller request")
-        await JSONResponse(err.body(), status_code=413)({"type": "http"}, None, send)

@@ -18,7 +18,7 @@ from common.kv import make_transport
 from common.kv.peers import Peers
 from common.model import load_model, resolve_model_path
 from common.protocol import AbortRequest, AbortResult, PrefillRequest, PrefillResult, ServiceKind
-from common.service import registered, add_health_and_metrics, request_id_var, supervise
+from common.service import INTERNAL_MAX_BODY, BodyLimit, add_health_and_metrics, registered, request_id_var, supervise
 from common.settings import PromptSettings
 from engine.runner import ModelRunner
 from prompt_service.engine import PrefillEngine
@@ -52,6 +52,7 @@ def create_app(settings: PromptSettings) -> FastAPI:
 
     app = FastAPI(title="DéjàVu prompt service", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=INTERNAL_MAX_BODY)
 
     async def health() -> dict:
         return {"kind": "prompt", "requests": len(app.state.engine.jobs)}

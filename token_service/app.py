@@ -25,8 +25,8 @@ from common.metadata import Registry, RequestStore
 from common.model import load_model, resolve_model_path
 from common.protocol import (AbortRequest, AbortResult, DecodeEvent, DecodeRequest, PrefillRequest, PrefillResult,
                              Reservation, ReserveRequest, RestoreRequest, RestoreResult, ServiceKind)
-from common.service import (ClosingStreamingResponse, add_health_and_metrics, listen_kv, registered,
-                            request_id_var, supervise)
+from common.service import (INTERNAL_MAX_BODY, BodyLimit, ClosingStreamingResponse, add_health_and_metrics, listen_kv,
+                            registered, request_id_var, supervise)
 from common.settings import TokenSettings
 from engine.runner import ModelRunner
 from token_service.engine import KVMessageError, TokenEngine
@@ -73,6 +73,7 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
 def create_app(settings: TokenSettings) -> FastAPI:
     app = FastAPI(title="DéjàVu token service", lifespan=lambda app: _lifespan(app, settings))
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=INTERNAL_MAX_BODY)
 
     async def health() -> dict:
         engine: TokenEngine = app.state.engine

@@ -141,3 +141,40 @@ def test_a_denormal_temperature_is_greedy(url):
         resp = httpx.post(url + "/v1/completions", json={**GOOD, "temperature": t, "seed": 1}, timeout=60)
         assert resp.status_code == 200, resp.text
         assert resp.json()["choices"][0]["text"] == greedy, t
+
+
+INTERNAL_CASES = [
+    # (service kind, path, body): what a buggy or hostile internal caller might send
+    ("prompt", "/prefill", {"request_id": "r1", "prompt_ids": [1, 2], "target_service_id": "t", "target_kv_address": "x",
+                            "sampling": {"logprobs": 10**9}}),
+    ("prompt", "/prefill", {"request_id": "r1\nFAKE LOG LINE", "prompt_ids": [1, 2], "target_service_id": "t",
+                            "target_kv_address": "x", "sampling": {}}),
+    ("prompt", "/prefill", {"request_id": "r1", "prompt_ids": [-1], "target_service_id": "t", "target_kv_address": "x",
+                            "sampling": {}}),
+    ("prompt", "/prefill", {"request_id": "r1", "prompt_ids": [1], "target_service_id": "t", "target_kv_address": "x",
+                            "sampling": {"temperature": 1e308, "top_p": 0}}),
+    ("token", "/reserve", {"request_id": "r1", "prompt_tokens": 10**12, "max_tokens": 1}),
+    ("token", "/decode", {"request_id": "r1", "prompt_ids": [1], "first_token": 1, "first_index": -4,
+                          "sampling": {"max_tokens": 8}}),
+    ("token", "/restore", {"request_id": "r1", "epoch": -1, "prompt_ids": [1], "replicated": 1, "store_id": "s",
+                           "store_kv_address": "x"}),
+    ("token", "/abort", {"request_id": "../../etc"}),
+    ("cache_store", "/drop", {"request_id": "r1", "epoch": -3}),
+]
+
+
+@pytest.mark.parametrize("kind,path,body", INTERNAL_CASES, ids=[f"{c[0]}{c[1]}-{i}" for i, c in enumerate(INTERNAL_CASES)])
+def test_internal_endpoints_validate_what_they_are_sent(tiny_cluster, kind, path, body):
+    """Issue #10 item 12: every internal boundary validates, as the gateway does at the public one."""
+    svc = tiny_cluster.of(kind)[0]
+    assert_openai_error(httpx.post(svc.url + path, json=body, timeout=30), 400, None)
+    assert httpx.get(svc.url + "/health", timeout=10).json()["status"] == "ok"
+
+
+def test_internal_bodies_are_bounded(tiny_cluster, url):
+    for svc in (tiny_cluster.of("prompt")[0], tiny_cluster.of("token")[0]):
+        resp = httpx.post(svc.url + "/reserve", content=b"[" + b"1," * (33 << 20) + b"1]", timeout=60,
+                          headers={"content-type": "application/json"})
+        assert resp.status_code == 413, resp.text
+    resp = httpx.post(url + "/v1/completions", json=GOOD, timeout=60)
+    assert resp.status_code == 200, resp.text
