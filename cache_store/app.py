@@ -20,7 +20,8 @@ from common.errors import NotFound, install_error_handlers
 from common.kv import make_transport
 from common.kv.receiver import kv_server
 from common.protocol import AbortResult, DropRequest, ServiceKind
-from common.service import INTERNAL_MAX_BODY, BodyLimit, add_health_and_metrics, listen_kv, registered, request_id_var
+from common.service import (INTERNAL_MAX_BODY, BodyLimit, ClusterToken, add_health_and_metrics, listen_kv, registered,
+                            request_id_var)
 from common.settings import CacheStoreSettings
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def create_app(settings: CacheStoreSettings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        transport = make_transport(settings.kv_transport)
+        transport = make_transport(settings.kv_transport, settings.cluster_token, settings.host)
         handler = kv_server(store.put, (Refused,), request_id_var,  # fetch -> (raw array, dtype name)
                             fetch=lambda h: store.fetch(h.request_id, h.epoch, h.token_end))
         kv_address = await listen_kv(transport, handler, settings)
@@ -51,6 +52,8 @@ def create_app(settings: CacheStoreSettings) -> FastAPI:
     app = FastAPI(title="DéjàVu cache store", lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=INTERNAL_MAX_BODY)
+    if settings.cluster_token:  # added last: it runs first
+        app.add_middleware(ClusterToken, token=settings.cluster_token)
 
     async def health() -> dict:
         return {"kind": "cache_store", "replicas": len(store.replicas), "bytes_held": store.bytes_held,

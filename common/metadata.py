@@ -3,7 +3,8 @@
 Keys (all under the `dejavu:` prefix):
   svc:{id}        JSON ServiceInfo, expires after the lease TTL unless renewed
   svcs            set of registered ids (members whose key expired are dead and get pruned)
-  req:{id}        hash: prompt_ids, sampling, owner, epoch, status, replicated, store, ...
+  req:{id}        hash: prompt_tokens, sampling, owner, epoch, status, replicated, store, ... (the token ids
+                  themselves stay in the gateway's memory: nothing reads them back from here)
 
 Data before metadata: `replicated` only advances through `advance_replicated`, which refuses an
 old epoch (a fenced owner) and never goes backwards.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import hmac
 import logging
 import os
 import socket
@@ -31,7 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
-from common.errors import PayloadTooLarge
+from common.errors import PayloadTooLarge, error_body
 from common.metadata import Registry
 from common.protocol import ServiceInfo, ServiceKind
 from common.settings import ServiceSettings
@@ -74,8 +75,7 @@ async def listen_kv(transport, handler, settings) -> str:
     """Start the KV listener; returns the address other services reach it at ("host:port")."""
     from common.kv.transport import split_address
 
-    host = "0.0.0.0" if settings.host in ("0.0.0.0", "::") else settings.host
-    address = await transport.listen(handler, host, settings.kv_port)
+    address = await transport.listen(handler, settings.host, settings.kv_port)
     return f"{settings.public_host}:{split_address(address)[1]}"
 
 
@@ -161,6 +161,37 @@ async def registered(app: FastAPI, settings: ServiceSettings, kind: ServiceKind,
     finally:
         await lease.stop()
         await redis.aclose()
+
+
+CLUSTER_TOKEN_HEADER = "X-Dejavu-Cluster-Token"
+
+
+def cluster_headers(settings: ServiceSettings) -> dict[str, str]:
+    """Headers of every call to another service of the cluster."""
+    return {CLUSTER_TOKEN_HEADER: settings.cluster_token} if settings.cluster_token else {}
+
+
+class ClusterToken:
+    """Internal services: 401 for a call without the cluster token, except /health and /metrics
+    (probes, scrapers). A stranger who reaches the port can neither reserve, prefill, decode,
+    restore, abort nor drop anything."""
+
+    OPEN = ("/health", "/metrics")
+
+    def __init__(self, app, token: str):
+        self.app, self.token = app, token.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in self.OPEN:
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(CLUSTER_TOKEN_HEADER.lower().encode(), b"")
+        if hmac.compare_digest(given, self.token):
+            return await self.app(scope, receive, send)
+        log.warning("refused %s %s from %s: %s cluster token", scope["method"], scope["path"],
+                    (scope.get("client") or ("?",))[0], "wrong" if given else "no")
+        body = error_body("this endpoint is internal: it needs the cluster token (DEJAVU_CLUSTER_TOKEN)",
+                          "invalid_request_error", None, "invalid_cluster_token")
+        await JSONResponse(body, status_code=401)(scope, receive, send)
 
 
 INTERNAL_MAX_BODY = 64 << 20  # bytes: a request of --max-model-len 1M token ids is ~8 MB of JSON

@@ -49,9 +49,14 @@ class ServiceSettings:
     lease_ttl_s: float = setting(3.0, "a service whose lease is older than this is dead (s)")
     lease_renew_s: float = setting(1.0, "how often the lease is renewed (s)")
     log_level: str = setting("info", "logging level", ("debug", "info", "warning", "error"))
+    cluster_token: str = setting("", "the cluster's shared secret: required on every internal HTTP endpoint "
+                                 "(X-Dejavu-Cluster-Token) and in the KV link's handshake; every service of "
+                                 "a cluster needs the same one (dejavu up generates one; empty: none)")
 
     def __post_init__(self) -> None:
         _check(self, 0 <= self.port <= 65535, "port", "must be in 0..65535")
+        _check(self, self.cluster_token.isascii() and self.cluster_token.isprintable() and " " not in self.cluster_token,
+               "cluster_token", "must be printable ASCII without spaces (it travels in an HTTP header)")
         _check(self, self.lease_renew_s > 0, "lease_renew_s", "must be > 0")
         _check(self, self.lease_ttl_s > self.lease_renew_s, "lease_ttl_s", "must be greater than --lease-renew-s")
         _check(self, self.redis_url.startswith(("redis://", "rediss://", "unix://")), "redis_url",

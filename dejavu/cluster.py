@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -55,13 +56,22 @@ class Cluster:
         self.model, self.port, self.host = model, port, host
         self.placement = placement or {}  # child name -> cores and threads (dejavu.placement.plan); {} = off
         self.counts = {"token": token_services, "prompt": prompt_services, "cache_store": cache_stores, "gateway": 1}
-        self.redis_url, self.env, self.echo_logs = redis_url, env or {}, echo_logs
+        self.redis_url, self.env, self.echo_logs = redis_url, dict(env or {}), echo_logs
+        # one secret for the cluster's internal endpoints and KV links (common/kv/auth.py): the
+        # caller's, or a fresh one; "" turns internal authentication off
+        self.env.setdefault("DEJAVU_CLUSTER_TOKEN", os.environ.get("DEJAVU_CLUSTER_TOKEN") or secrets.token_urlsafe(24))
         self.redis: RedisServer | None = None
         self.children: list[Child] = []
 
     @property
     def url(self) -> str:
         return self.gateway.url
+
+    @property
+    def internal_headers(self) -> dict[str, str]:
+        """What a call to an internal endpoint needs (the cluster token), for tests and operators."""
+        token = self.env["DEJAVU_CLUSTER_TOKEN"]
+        return {"X-Dejavu-Cluster-Token": token} if token else {}
 
     @property
     def gateway(self) -> Child:

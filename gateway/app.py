@@ -25,7 +25,7 @@ from common import metadata
 from common.errors import DejavuError, error_body, install_error_handlers
 from common.model import context_length, eos_token_ids, load_tokenizer, resolve_model_path
 from common.protocol import ServiceKind, cluster_status
-from common.service import (BodyLimit, ClosingStreamingResponse, add_health_and_metrics, registered,
+from common.service import (BodyLimit, ClosingStreamingResponse, add_health_and_metrics, cluster_headers, registered,
                             request_id_var)
 from common.settings import GatewaySettings
 from gateway.jobs import IN_FLIGHT, REQUESTS, Job, Limits, chat_job, completion_job, deltas
@@ -44,7 +44,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.state.limits = Limits(settings.model_name, min(settings.max_model_len, context_length(path)),
                                   len(tokenizer), eos_token_ids(path), settings.max_tokens_default)
         app.state.active = set()  # request ids being served
-        client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+        client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+                                   headers=cluster_headers(settings))  # every internal call carries the token
         lease_fields = lambda: dict(model=str(path), max_model_len=app.state.limits.max_model_len,  # noqa: E731
                                     active_requests=len(app.state.active))
         log.info("gateway ready: serving %r (%s), max context %d", settings.model_name, path,
@@ -112,8 +113,8 @@ class ClientGone(Exception):
 
 async def serve(app: FastAPI, job: Job, request: Request, chat: bool):
     request_id_var.set(job.request_id)
-    await app.state.store.create(job.request_id, {"prompt_ids": job.prompt_ids, "sampling": job.sampling.model_dump(),
-                                                   "status": "running", "stream": job.stream})
+    await app.state.store.create(job.request_id, {"prompt_tokens": len(job.prompt_ids), "status": "running",
+                                                   "sampling": job.sampling.model_dump(), "stream": job.stream})
     log.info("%s: %d prompt tokens, max_tokens %d, stream %s", "chat" if chat else "completion",
              len(job.prompt_ids), job.sampling.max_tokens, job.stream)
     app.state.active.add(job.request_id)

@@ -18,7 +18,8 @@ from common.kv import make_transport
 from common.kv.peers import Peers
 from common.model import load_model, resolve_model_path
 from common.protocol import AbortRequest, AbortResult, PrefillRequest, PrefillResult, ServiceKind
-from common.service import INTERNAL_MAX_BODY, BodyLimit, add_health_and_metrics, registered, request_id_var, supervise
+from common.service import (INTERNAL_MAX_BODY, BodyLimit, ClusterToken, add_health_and_metrics, registered, request_id_var,
+                            supervise)
 from common.settings import PromptSettings
 from engine.runner import ModelRunner
 from prompt_service.engine import PrefillEngine
@@ -33,7 +34,7 @@ def create_app(settings: PromptSettings) -> FastAPI:
         model = await asyncio.to_thread(load_model, path, settings.threads, settings.dtype)
         runner = ModelRunner(model, settings.block_size, settings.max_model_len, kernels=False)  # no decode here
         del model  # the runner keeps what it needs (our forward copies and packs the weights)
-        transport = make_transport(settings.kv_transport)
+        transport = make_transport(settings.kv_transport, settings.cluster_token, settings.host)
         peers = Peers(transport, fault_rate=settings.inject_kv_faults)
         engine = app.state.engine = PrefillEngine(runner, settings, peers)
         loop_task = supervise(asyncio.create_task(engine.run()), "prefill loop")
@@ -53,6 +54,8 @@ def create_app(settings: PromptSettings) -> FastAPI:
     app = FastAPI(title="DéjàVu prompt service", lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=INTERNAL_MAX_BODY)
+    if settings.cluster_token:  # added last: it runs first
+        app.add_middleware(ClusterToken, token=settings.cluster_token)
 
     async def health() -> dict:
         return {"kind": "prompt", "requests": len(app.state.engine.jobs)}

@@ -25,8 +25,8 @@ from common.metadata import Registry, RequestStore
 from common.model import load_model, resolve_model_path
 from common.protocol import (AbortRequest, AbortResult, DecodeEvent, DecodeRequest, PrefillRequest, PrefillResult,
                              Reservation, ReserveRequest, RestoreRequest, RestoreResult, ServiceKind)
-from common.service import (INTERNAL_MAX_BODY, BodyLimit, ClosingStreamingResponse, add_health_and_metrics, listen_kv,
-                            registered, request_id_var, supervise)
+from common.service import (INTERNAL_MAX_BODY, BodyLimit, ClosingStreamingResponse, ClusterToken, add_health_and_metrics,
+                            cluster_headers, listen_kv, registered, request_id_var, supervise)
 from common.settings import TokenSettings
 from engine.runner import ModelRunner
 from token_service.engine import KVMessageError, TokenEngine
@@ -44,7 +44,7 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
     runner = ModelRunner(model, settings.block_size, settings.max_model_len, compile=settings.compile)
     del model  # the runner keeps what it needs (our forward copies and packs the weights)
     engine = app.state.engine = TokenEngine(runner, settings, app.state.service_id)
-    transport = engine.transport = make_transport(settings.kv_transport)
+    transport = engine.transport = make_transport(settings.kv_transport, settings.cluster_token, settings.host)
     kv_address = engine.kv_address = await listen_kv(
         transport, kv_server(engine.receive_kv, (KVMessageError,), request_id_var), settings)
     loop_task = supervise(asyncio.create_task(engine.run()), "decode loop")
@@ -57,7 +57,8 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
         max_model_len=settings.max_model_len, colocated=settings.colocated, dtype=runner.dtype_name,
         active_requests=len(engine.scheduler.seqs),
         kv_bytes_used=engine.kv_bytes_used, kv_bytes_free=engine.kv_bytes_free)
-    peers, client = Peers(transport, fault_rate=settings.inject_kv_faults), httpx.AsyncClient()
+    peers = Peers(transport, fault_rate=settings.inject_kv_faults)
+    client = httpx.AsyncClient(headers=cluster_headers(settings))  # the replicator's /drop calls to cache stores
     try:
         async with registered(app, settings, ServiceKind.TOKEN, lease_fields) as redis:
             engine.replicator = Replicator(engine.pool, runner.block_size, peers, Registry(redis), RequestStore(redis),
@@ -74,6 +75,8 @@ def create_app(settings: TokenSettings) -> FastAPI:
     app = FastAPI(title="DéjàVu token service", lifespan=lambda app: _lifespan(app, settings))
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=INTERNAL_MAX_BODY)
+    if settings.cluster_token:  # added last: it runs first
+        app.add_middleware(ClusterToken, token=settings.cluster_token)
 
     async def health() -> dict:
         engine: TokenEngine = app.state.engine

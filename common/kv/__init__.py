@@ -8,6 +8,9 @@
     await transport.close()
 """
 
+import ipaddress
+import os
+
 from common.kv.transport import Connection, Transport, TransportError
 from common.kv.wire import Header, WireError, send_ack, send_error, send_fetch, stream_in, stream_out
 
@@ -29,14 +32,31 @@ __all__ = [
 ]
 
 
-def make_transport(name: str) -> Transport:
-    """A new, idle transport by name: "ucx" or "tcp". Call inside the process that uses it."""
+def make_transport(name: str, token: str = "", host: str = "") -> Transport:
+    """A new, idle transport by name: "ucx" or "tcp", with the cluster token's handshake on every
+    connection when `token` is given (common/kv/auth.py). Call inside the process that uses it.
+
+    `host`: the interface the service was told to use. UCX's own TCP transport otherwise opens its
+    sockets on every network device; on a loopback host it is kept to `lo` (UCX_NET_DEVICES, unless
+    set). ucxx's listener itself takes no address and binds 0.0.0.0: a peer reaching it from
+    elsewhere gets no further than the token handshake."""
+    from common.kv.auth import authenticated
+
     if name == "ucx":
+        if host and _loopback(host):
+            os.environ.setdefault("UCX_NET_DEVICES", "lo")
         from common.kv.ucx import UcxTransport  # imports ucxx: only when asked for
 
-        return UcxTransport()
+        return authenticated(UcxTransport(), token)
     if name == "tcp":
         from common.kv.tcp import TcpTransport
 
-        return TcpTransport()
+        return authenticated(TcpTransport(), token)
     raise ValueError(f"unknown KV transport {name!r}: choose one of {', '.join(TRANSPORTS)}")
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

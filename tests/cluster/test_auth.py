@@ -57,3 +57,57 @@ def test_openai_sdk_with_and_without_the_key(cluster):
     with pytest.raises(openai.AuthenticationError) as err:
         bad.completions.create(model=model, prompt="Water boils at", max_tokens=4)
     assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
+
+
+INTERNAL = [("token", "POST", "/reserve", {"request_id": "r1", "prompt_tokens": 4, "max_tokens": 4}),
+            ("token", "POST", "/abort", {"request_id": "r1"}),
+            ("token", "POST", "/decode", {"request_id": "r1", "prompt_ids": [1], "first_token": 1, "sampling": {}}),
+            ("cache_store", "POST", "/drop", {"request_id": "r1"}),
+            ("cache_store", "GET", "/replicas/r1", None)]
+
+
+@pytest.fixture(scope="module")
+def replicating(tiny_model_path, redis_server):
+    """A cluster with a cache store, generating its own cluster token."""
+    env = {**CLUSTER_ENV, "DEJAVU_KV_TRANSPORT": "tcp", "DEJAVU_COLOCATED": "true"}
+    with Cluster(str(tiny_model_path), port=0, prompt_services=0, token_services=1, cache_stores=1,
+                 redis_url=redis_server.url, env=env, echo_logs=False) as c:
+        yield c
+
+
+@pytest.mark.parametrize("kind,method,path,body", INTERNAL, ids=[f"{c[0]}{c[2]}" for c in INTERNAL])
+def test_internal_endpoints_need_the_cluster_token(replicating, kind, method, path, body):
+    svc = replicating.of(kind)[0]
+    held = "dejavu_" + ("token_sequences" if kind == "token" else "cache_store_replicas")
+    before = metric(svc.url, held)
+    for headers in ({}, {"X-Dejavu-Cluster-Token": "guess"}):
+        resp = httpx.request(method, svc.url + path, json=body, headers=headers, timeout=30)
+        assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_cluster_token", resp.text
+    assert httpx.get(svc.url + "/health", timeout=10).status_code == 200  # probes stay open
+    assert metric(svc.url, held) == before  # refused calls changed nothing
+    resp = httpx.request(method, svc.url + path, json=body, headers=replicating.internal_headers, timeout=30)
+    assert resp.status_code != 401, resp.text
+    if path == "/reserve":  # let the room go again
+        httpx.post(svc.url + "/abort", json={"request_id": "r1"}, headers=replicating.internal_headers, timeout=30)
+
+
+def test_the_cluster_serves_and_replicates_with_its_token(replicating):
+    """Gateway -> token service (HTTP), token service -> cache store (KV link and /drop): all
+    authenticated; a request long enough to replicate finishes and its replica is dropped."""
+    resp = httpx.post(replicating.url + "/v1/completions", timeout=60,
+                      json={"prompt": "The capital of France is", "max_tokens": 40, "temperature": 0, "ignore_eos": True})
+    assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 40, resp.text
+    token = replicating.of("token")[0]
+    assert metric(token.url, "dejavu_token_replicated_bytes_total") > 0  # acknowledged: the KV handshake passed
+
+
+def test_redis_keeps_no_prompt_token_ids(replicating, redis_server):
+    """Issue #10 item 16: nothing reads a request's token ids back from Redis, so they are not
+    kept there (an hour of every prompt); its length is."""
+    import redis
+
+    resp = httpx.post(replicating.url + "/v1/completions", timeout=60,
+                      json={"prompt": "Secret plans for Tuesday", "max_tokens": 2, "temperature": 0})
+    request_id = resp.json()["id"].removeprefix("cmpl-")
+    fields = redis.Redis.from_url(redis_server.url, decode_responses=True).hgetall(f"dejavu:req:{request_id}")
+    assert fields["prompt_tokens"] == str(resp.json()["usage"]["prompt_tokens"]) and "prompt_ids" not in fields, fields

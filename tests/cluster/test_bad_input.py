@@ -167,14 +167,14 @@ INTERNAL_CASES = [
 def test_internal_endpoints_validate_what_they_are_sent(tiny_cluster, kind, path, body):
     """Issue #10 item 12: every internal boundary validates, as the gateway does at the public one."""
     svc = tiny_cluster.of(kind)[0]
-    assert_openai_error(httpx.post(svc.url + path, json=body, timeout=30), 400, None)
+    assert_openai_error(httpx.post(svc.url + path, json=body, headers=tiny_cluster.internal_headers, timeout=30), 400, None)
     assert httpx.get(svc.url + "/health", timeout=10).json()["status"] == "ok"
 
 
 def test_internal_bodies_are_bounded(tiny_cluster, url):
     for svc in (tiny_cluster.of("prompt")[0], tiny_cluster.of("token")[0]):
         resp = httpx.post(svc.url + "/reserve", content=b"[" + b"1," * (33 << 20) + b"1]", timeout=60,
-                          headers={"content-type": "application/json"})
+                          headers={"content-type": "application/json", **tiny_cluster.internal_headers})
         assert resp.status_code == 413, resp.text
     resp = httpx.post(url + "/v1/completions", json=GOOD, timeout=60)
     assert resp.status_code == 200, resp.text

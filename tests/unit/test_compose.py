@@ -51,9 +51,10 @@ def compose_binary() -> Path:
     return folder / "docker-compose"
 
 
-def compose(*args: str) -> subprocess.CompletedProcess:
+def compose(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     # The caller's DEJAVU_*/COMPOSE_* variables would leak into ${...} interpolation: drop them.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DEJAVU_", "COMPOSE_"))}
+    env.update(extra_env if extra_env is not None else {"DEJAVU_CLUSTER_TOKEN": "test-cluster-token"})
     return subprocess.run([str(compose_binary()), "-f", str(COMPOSE_FILE), *args],
                           capture_output=True, text=True, env=env, timeout=60)
 
@@ -168,3 +169,14 @@ def test_image_holds_every_module_compose_runs(services):
     for name in SETTINGS:
         module = services[name]["command"][2]
         assert module in copied or "." in copied, f"Dockerfile: `COPY {module} ./{module}` is missing"
+
+
+def test_compose_needs_a_cluster_token():
+    """No DEJAVU_CLUSTER_TOKEN (no .env): compose refuses to start, saying what to set; with one,
+    every service gets the same."""
+    result = compose("config", "--format", "json", extra_env={})
+    assert result.returncode != 0 and "DEJAVU_CLUSTER_TOKEN" in result.stderr, result.stderr
+    config = json.loads(compose("config", "--format", "json").stdout)
+    tokens = {name: svc["environment"].get("DEJAVU_CLUSTER_TOKEN") for name, svc in config["services"].items()
+              if name in SETTINGS}
+    assert set(tokens.values()) == {"test-cluster-token"}, tokens

@@ -1,0 +1,84 @@
+"""The KV link's handshake (common/kv/auth.py) over both transports: only a peer with the cluster
+token reaches the handler; a wrong token, no handshake at all, or a hostile first frame gets the
+connection closed, and the listener keeps serving the next peer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from common.kv import TRANSPORTS, TransportError, make_transport
+from common.kv.transport import FRAME_PREFIX
+
+pytestmark = pytest.mark.asyncio
+BOUND_S = 5.0  # bound on waits that must not hang; never asserted as a latency
+
+
+@pytest.fixture(params=TRANSPORTS)
+def kind(request):
+    return request.param
+
+
+async def serving(kind: str, token: str):
+    server, reached = make_transport(kind, token), asyncio.Queue()
+
+    async def handler(conn) -> None:
+        header, payload = await conn.recv()
+        reached.put_nowait(header)
+        await conn.send(b"echo:" + header)
+        await asyncio.Event().wait()
+
+    return server, await server.listen(handler, "127.0.0.1"), reached
+
+
+async def test_the_same_token_reaches_the_handler_and_others_never_do(kind):
+    server, address, reached = await serving(kind, "s3cret-token")
+    clients = []
+    try:
+        for wrong in ("wrong-token", "s3cret-token-", "s3cret-toke"):
+            client = make_transport(kind, wrong)
+            clients.append(client)
+            with pytest.raises(TransportError, match="refused this service's cluster token"):
+                await asyncio.wait_for(client.connect(address), BOUND_S)
+        bare = make_transport(kind)  # no handshake at all: its first frame is taken as one, and refused
+        clients.append(bare)
+        conn = await bare.connect(address)
+        await conn.send(b'{"kind": "kv", "request_id": "r"}', np.zeros(16, dtype=np.uint8))
+        with pytest.raises(TransportError):
+            await asyncio.wait_for(conn.recv(), BOUND_S)  # closed on it
+        good = make_transport(kind, "s3cret-token")
+        clients.append(good)
+        conn = await asyncio.wait_for(good.connect(address), BOUND_S)
+        await conn.send(b"hello there")
+        header, _ = await asyncio.wait_for(conn.recv(), BOUND_S)
+        assert header == b"echo:hello there"
+        assert reached.qsize() == 1 and reached.get_nowait() == b"hello there"  # only the good peer got through
+    finally:
+        for client in clients:
+            await client.close()
+        await server.close()
+
+
+async def test_a_hostile_first_frame_is_dropped_without_allocating():
+    """A raw TCP peer (a plain socket: frames as bytes) that claims a terabyte of payload in its
+    first frame: closed before any allocation; the listener still serves the next peer."""
+    kind = "tcp"
+    server, address, _ = await serving(kind, "tok")
+    try:
+        host, port = address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(FRAME_PREFIX.pack(5, 1 << 40) + b"hello")  # "a terabyte follows"
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), BOUND_S) == b""  # closed by the server
+        writer.close()
+        good = make_transport(kind, "tok")
+        try:
+            conn = await asyncio.wait_for(good.connect(address), BOUND_S)
+            await conn.send(b"ping")
+            assert (await asyncio.wait_for(conn.recv(), BOUND_S))[0] == b"echo:ping"
+        finally:
+            await good.close()
+    finally:
+        await server.close()
