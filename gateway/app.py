@@ -16,6 +16,7 @@ import contextlib
 import hmac
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 from fastapi import FastAPI, Request
@@ -28,7 +29,7 @@ from common.protocol import ServiceKind, cluster_status
 from common.service import (BodyLimit, ClosingStreamingResponse, add_health_and_metrics, cluster_headers, registered,
                             request_id_var)
 from common.settings import GatewaySettings
-from gateway.jobs import IN_FLIGHT, REQUESTS, Job, Limits, chat_job, completion_job, deltas
+from gateway.jobs import IN_FLIGHT, REQUESTS, Job, Limits, chat_job, completion_job, deltas, text_chars
 from gateway.openai_types import ChatRequest, CompletionRequest
 from gateway.responses import ChunkWriter, Totals, chat_body, completion_body, sse
 from gateway.router import Router
@@ -41,8 +42,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def lifespan(app: FastAPI):
         path = resolve_model_path(settings.model, progress=log.info)
         app.state.tokenizer = tokenizer = await asyncio.to_thread(load_tokenizer, path)
+        app.state.encoder = await asyncio.to_thread(Encoder, path)
         app.state.limits = Limits(settings.model_name, min(settings.max_model_len, context_length(path)),
-                                  len(tokenizer), eos_token_ids(path), settings.max_tokens_default)
+                                  len(tokenizer), eos_token_ids(path), settings.max_tokens_default,
+                                  max(map(len, tokenizer.get_vocab())))
         app.state.active = set()  # request ids being served
         client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
                                    headers=cluster_headers(settings))  # every internal call carries the token
@@ -78,17 +81,39 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        return await serve(app, completion_job(body, app.state.tokenizer, app.state.limits), request, chat=False)
+        return await serve(app, await _job(app, completion_job, body), request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        return await serve(app, chat_job(body, app.state.tokenizer, app.state.limits), request, chat=True)
+        return await serve(app, await _job(app, chat_job, body), request, chat=True)
 
     @app.get("/cluster")
     async def cluster() -> dict:  # Redis down: Unavailable, a 503 with the OpenAI error body
         return cluster_status(await app.state.router.registry.services(), time.time())
 
     return app
+
+
+LARGE_TEXT_CHARS = 16_384  # text past this is tokenized off the event loop
+
+
+class Encoder:
+    """Tokenization of large prompts off the event loop, on one thread with a tokenizer of its
+    own (a fast tokenizer used from two threads at once can fail with "Already borrowed"): a
+    long prompt or chat template then costs its own request time, not every live stream's."""
+
+    def __init__(self, path):
+        self.tokenizer = load_tokenizer(path)
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+
+    async def run(self, make_job, body, limits: Limits) -> Job:
+        return await asyncio.get_running_loop().run_in_executor(self.thread, make_job, body, self.tokenizer, limits)
+
+
+async def _job(app: FastAPI, make_job, body) -> Job:
+    if text_chars(body) < LARGE_TEXT_CHARS:
+        return make_job(body, app.state.tokenizer, app.state.limits)
+    return await app.state.encoder.run(make_job, body, app.state.limits)
 
 
 async def _health(app: FastAPI) -> dict:

@@ -61,6 +61,27 @@ class Limits:
     vocab_size: int
     eos_ids: list[int]
     chat_max_tokens: int
+    max_token_chars: int = 0      # characters of the vocabulary's longest token (0: unknown)
+
+
+def text_chars(body: CompletionRequest | ChatRequest) -> int:
+    """Characters of text the request would have tokenized (0 for token ids)."""
+    if isinstance(body, ChatRequest):
+        return sum(len(m.content) if isinstance(m.content, str) else sum(len(str(p.get("text", ""))) for p in m.content)
+                   for m in body.messages if m.content)
+    p = body.prompt
+    return len(p) if isinstance(p, str) else sum(len(x) for x in p) if isinstance(p, list) and p and isinstance(p[0], str) else 0
+
+
+def rule_out_by_length(chars: int, limits: Limits, param: str) -> None:
+    """Text that cannot fit however it tokenizes is refused before tokenizing it: each token stands
+    for at most `max_token_chars` characters, so `chars` of text are at least chars / max_token_chars
+    tokens (a 4 MiB prompt is refused at once instead of holding a core for seconds)."""
+    if limits.max_token_chars and chars > limits.max_model_len * limits.max_token_chars:
+        raise ContextLengthExceeded(
+            f"this model's maximum context length is {limits.max_model_len} tokens, and {chars} characters of text "
+            f"are more than that however they tokenize (at least {chars // limits.max_token_chars} tokens); "
+            "shorten the prompt", param)
 
 
 def new_request_id() -> str:
@@ -72,6 +93,7 @@ def completion_job(body: CompletionRequest, tokenizer, limits: Limits) -> Job:
     _check_model(body, limits)
     prompt = body.single_prompt()
     if isinstance(prompt, str):
+        rule_out_by_length(len(prompt), limits, "prompt")
         ids = tokenizer(prompt)["input_ids"]
         if not ids:
             raise BadRequest("'prompt' tokenizes to no tokens", "prompt")
@@ -88,6 +110,7 @@ def chat_job(body: ChatRequest, tokenizer, limits: Limits) -> Job:
     body.check()
     _check_model(body, limits)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    rule_out_by_length(sum(len(m["content"]) for m in messages), limits, "messages")
     try:
         out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     except Exception as exc:  # a template that rejects this conversation is the caller's problem

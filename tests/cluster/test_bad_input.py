@@ -22,6 +22,7 @@ CASES = [
     ("absurd max_tokens", {**GOOD, "max_tokens": 10**12}, 400, "max_tokens"),
     ("prompt + max_tokens over context", {"prompt": [5] * 1000, "max_tokens": 100}, 400, "max_tokens"),
     ("prompt alone over context", {"prompt": [5] * 5000}, 400, "prompt"),
+    ("3.9 MB of text", {"prompt": "a" * 3_900_000}, 400, "prompt"),  # refused by its length, untokenized
     ("negative temperature", {**GOOD, "temperature": -0.1}, 400, "temperature"),
     ("top_p zero", {**GOOD, "top_p": 0}, 400, "top_p"),
     ("top_p above one", {**GOOD, "top_p": 1.5}, 400, "top_p"),
