@@ -46,7 +46,8 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
     engine = app.state.engine = TokenEngine(runner, settings, app.state.service_id)
     transport = engine.transport = make_transport(settings.kv_transport, settings.cluster_token, settings.host)
     kv_address = engine.kv_address = await listen_kv(
-        transport, kv_server(engine.receive_kv, (KVMessageError,), request_id_var), settings)
+        transport, kv_server(engine.receive_kv, (KVMessageError,), request_id_var,  # nothing over one whole sequence
+                             max_payload=runner.kv.bytes_per_token * settings.max_model_len), settings)
     loop_task = supervise(asyncio.create_task(engine.run()), "decode loop")
     log.info("token service ready: model %s (%s, %s forward), KV pool %d blocks x %d tokens (%.0f MiB), up to %d "
              "sequences, KV on %s (%s)%s", path, runner.dtype, runner.name, settings.num_blocks, runner.block_size,

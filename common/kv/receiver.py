@@ -15,17 +15,19 @@ from collections.abc import Callable
 import numpy as np
 
 from common.kv.transport import Connection, Handler, TransportError
-from common.kv.wire import Header, WireError, send_ack, send_error, stream_in, stream_out
+from common.kv.wire import Header, send_ack, send_error, stream_in, stream_out
 
 log = logging.getLogger(__name__)
 
 
 def kv_server(store: Callable[[Header, np.ndarray], None], refused: tuple[type[Exception], ...],
               request_id_var: contextvars.ContextVar[str] | None = None,
-              fetch: Callable[[Header], tuple[np.ndarray, str]] | None = None) -> Handler:
+              fetch: Callable[[Header], tuple[np.ndarray, str]] | None = None,
+              max_payload: int | None = None) -> Handler:
     """A transport handler: `store(header, payload)` each "kv" message (payload as stream_in
     gives it) and `fetch(header)` -> (payload, dtype name) each "fetch" message; an exception in
-    `refused` is answered as an error frame."""
+    `refused` is answered as an error frame. A frame over `max_payload` bytes closes its link
+    unread (the receiver's largest legitimate message: nothing bigger is ever allocated)."""
 
     async def answer(conn: Connection, header: Header, payload: np.ndarray) -> None:
         if header.kind == "kv":
@@ -42,11 +44,14 @@ def kv_server(store: Callable[[Header, np.ndarray], None], refused: tuple[type[E
     async def handle(conn: Connection) -> None:
         while True:
             try:
-                header, payload = await stream_in(conn)
-            except TransportError:
-                return  # the sender went away; its requests are cleaned up by abort/expiry
-            except WireError as exc:  # the frame was read whole: the link is still in step
-                log.warning("malformed KV message: %s", exc)
+                header, payload = await stream_in(conn, max_payload=max_payload)
+            except TransportError as exc:
+                if not conn.closed:
+                    log.warning("KV link dropped: %s", exc)
+                    await conn.close()
+                return  # the sender went away (or broke the framing); its requests are cleaned up by abort/expiry
+            except Exception as exc:  # noqa: BLE001 - the frame was read whole: the link is still in step
+                log.warning("malformed KV message: %s: %s", type(exc).__name__, exc)
                 continue
             if request_id_var is not None:
                 request_id_var.set(header.request_id)

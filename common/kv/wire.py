@@ -49,6 +49,9 @@ RAW_DTYPES = {"bfloat16": np.dtype(np.int16)}
 HeaderAllocator = Callable[["Header"], np.ndarray]
 
 
+MAX_DIMS = 8  # a KV payload has 5; a header claiming more is malformed
+
+
 class WireError(ValueError):
     """A message broke the format: bad header, size or checksum mismatch."""
 
@@ -78,7 +81,7 @@ class Header:
         _check(self.layer_start <= self.layer_end, "layer_start > layer_end")
         _check(self.token_start <= self.token_end, "token_start > token_end")
         _check(self.checksum < 1 << 32, "checksum must fit in 32 bits")
-        _check(isinstance(self.shape, tuple), "shape must be a tuple")
+        _check(isinstance(self.shape, tuple) and len(self.shape) <= MAX_DIMS, f"shape must be a tuple of at most {MAX_DIMS} dims")
         _check(all(type(d) is int and d >= 0 for d in self.shape), f"bad shape {self.shape!r}")
         size = math.prod(self.shape) * numpy_dtype(self.dtype).itemsize
         _check(size == self.nbytes, f"nbytes {self.nbytes} != {size} for {self.dtype}{self.shape}")
@@ -91,8 +94,8 @@ class Header:
         """Parse a header; anything malformed raises WireError."""
         try:
             fields = json.loads(raw)
-        except ValueError as e:  # also catches UnicodeDecodeError
-            raise WireError(f"header is not JSON: {e}") from None
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; deep nesting recurses
+            raise WireError(f"header is not JSON: {type(e).__name__}") from None
         _check(isinstance(fields, dict), "header must be a JSON object")
         names = {f.name for f in dataclasses.fields(cls)}
         _check(fields.keys() == names, f"header fields {sorted(fields)} != {sorted(names)}")
@@ -149,16 +152,20 @@ async def send_error(conn: Connection, kv: Header, message: str) -> None:
 
 
 async def stream_in(
-    conn: Connection, alloc: HeaderAllocator | None = None
+    conn: Connection, alloc: HeaderAllocator | None = None, max_payload: int | None = None
 ) -> tuple[Header, np.ndarray]:
     """Receive one message: (header, payload as an array of header.shape, a view of the received
     buffer). The array's dtype is `numpy_dtype(header.dtype)`: int16 raw words for "bfloat16";
     `as_tensor` gives the payload as a tensor of its real dtype. Raises TransportError if the
     connection breaks, WireError if the message is malformed. After a WireError, or an exception
-    raised by `alloc` (re-raised here), the frame has been read whole: the link is still usable."""
+    raised by `alloc` (re-raised here), the frame has been read whole: the link is still usable.
+    A frame whose payload is over `max_payload` bytes is not read at all: TransportError (the
+    receiver closes that link; a peer that sends it is broken or hostile)."""
     problem: list[Exception] = []  # raised only once the whole frame is read
 
     def place(raw: bytes, nbytes: int) -> np.ndarray:
+        if max_payload is not None and nbytes > max_payload:
+            raise TransportError(f"a frame of {nbytes} bytes, over this receiver's limit of {max_payload}")
         try:
             header = Header.decode(raw)
             _check(header.nbytes == nbytes, f"header says {header.nbytes} B, frame has {nbytes}")
