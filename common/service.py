@@ -185,9 +185,9 @@ class ClusterToken:
         if scope["type"] != "http" or scope["path"] in self.OPEN:
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(CLUSTER_TOKEN_HEADER.lower().encode(), b"")
-        if hmac.compare_digest(given, self.token):
+        if hmac.compare_digest(self.token, given):  # time follows the caller's length, not the token's
             return await self.app(scope, receive, send)
-        log.warning("refused %s %s from %s: %s cluster token", scope["method"], scope["path"],
+        log.warning("refused %s %r from %s: %s cluster token", scope["method"], scope["path"][:200],
                     (scope.get("client") or ("?",))[0], "wrong" if given else "no")
         body = error_body("this endpoint is internal: it needs the cluster token (DEJAVU_CLUSTER_TOKEN)",
                           "invalid_request_error", None, "invalid_cluster_token")

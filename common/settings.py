@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 ENV_PREFIX = "DEJAVU_"
+SECRETS = ("api_keys", "cluster_token")  # never printed in an error
 T = TypeVar("T")
 
 
@@ -152,8 +153,9 @@ class GatewaySettings(ServiceSettings):
     token_timeout_s: float = setting(10.0, "a decode stream silent this long means a hung token service: resume elsewhere (s)")
     resume_attempts: int = setting(3, "token services that may fail one request before it ends in an error "
                                       "(0: fault tolerance off, a failure ends the request)")
-    api_keys: tuple[str, ...] = setting((), "an API key clients must send as 'Authorization: Bearer KEY' on /v1/* "
-                                        "and /cluster (repeat for several; none: no authentication)", flag="--api-key")
+    api_keys: tuple[str, ...] = setting((), "an API key clients must send as 'Authorization: Bearer KEY' on every "
+                                        "route but /health and /metrics (repeat for several; none: no "
+                                        "authentication)", flag="--api-key")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -163,8 +165,8 @@ class GatewaySettings(ServiceSettings):
         for name in ("request_timeout_s", "route_timeout_s", "token_timeout_s"):
             _check(self, getattr(self, name) > 0, name, "must be > 0")
         _check(self, self.resume_attempts >= 0, "resume_attempts", "must be >= 0")
-        _check(self, all(k.isascii() and k.isprintable() and " " not in k for k in self.api_keys), "api_keys",
-               "each key must be printable ASCII without spaces (it travels in an HTTP header)")
+        _check(self, all(k and k.isascii() and k.isprintable() and " " not in k for k in self.api_keys), "api_keys",
+               "each key must be non-empty printable ASCII without spaces (it travels in an HTTP header)")
 
     @property
     def model_name(self) -> str:
@@ -192,9 +194,9 @@ def cache_dir() -> str:
 
 def _check(obj: Any, ok: bool, name: str, why: str) -> None:
     if not ok:
-        value = getattr(obj, name)
+        value = "(secret, not shown)" if name in SECRETS else repr(getattr(obj, name))
         flag = next(f for f in dataclasses.fields(obj) if f.name == name).metadata.get("flag") or flag_name(name)
-        raise SettingsError(f"{flag} / {env_name(name)} = {value!r}: {why}")
+        raise SettingsError(f"{flag} / {env_name(name)} = {value}: {why}")
 
 
 def _convert(f: dataclasses.Field, raw: str) -> Any:
@@ -239,7 +241,9 @@ def load(cls: type[T], argv: list[str] | None = None, prog: str = "", descriptio
             continue
         if _is_tuple(f):  # repeated flags, or one comma-separated variable
             values[f.name] = tuple(x.strip() for item in ([raw] if isinstance(raw, str) else raw)
-                                   for x in item.split(",") if x.strip())
+                                   for x in item.split(","))
+            if raw == "":  # DEJAVU_API_KEYS= (set, empty): none
+                values[f.name] = ()
             continue
         choices = f.metadata["choices"]
         if choices and raw not in choices:

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
                     "each); overrides DEJAVU_THREADS. off: every engine runs DEJAVU_THREADS or torch's default on "
                     "every core")
     up.add_argument("--api-key", action="append", default=None, metavar="KEY",
-                    help="clients must send 'Authorization: Bearer KEY' on /v1/* and /cluster (repeat for several "
+                    help="clients must send 'Authorization: Bearer KEY' on every route but /health and /metrics "
+                    "(repeat for several "
                     "keys; also DEJAVU_API_KEYS=K1,K2; none: no authentication, fine on loopback only)")
     up.add_argument("--quiet", action="store_true", help="don't echo the services' logs")
     status = sub.add_parser("status", help="list the services registered in Redis")
@@ -116,9 +117,12 @@ def cmd_up(args, parser) -> int:
            "DEJAVU_MAX_SEQS": str(args.max_seqs), "DEJAVU_COLOCATED": str(args.colocated).lower(),
            "DEJAVU_DTYPE": args.dtype, "DEJAVU_BLOCK_SIZE": str(args.block_size), "DEJAVU_KV_BLOCKS": str(args.kv_blocks),
            "DEJAVU_COMPILE": str(args.compile).lower()}
-    keys = [k for item in (args.api_key or [os.environ.get("DEJAVU_API_KEYS", "")]) for k in item.split(",") if k.strip()]
+    given = args.api_key if args.api_key is not None else [os.environ.get("DEJAVU_API_KEYS", "")]
+    keys = [k.strip() for item in given for k in item.split(",")] if any(given) or args.api_key else []
+    if not all(keys):  # an empty key would let an empty bearer token in
+        parser.error("--api-key / DEJAVU_API_KEYS: every key must be non-empty")
     if keys:
-        env["DEJAVU_API_KEYS"] = ",".join(k.strip() for k in keys)
+        env["DEJAVU_API_KEYS"] = ",".join(keys)
     elif not _loopback(args.host):
         print(f"[dejavu] WARNING: --host {args.host} is reachable from other machines and no --api-key is set: "
               f"anyone who can reach port {args.port} can use the API", file=sys.stderr, flush=True)

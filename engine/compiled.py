@@ -1,4 +1,4 @@
-"""The decode step through torch.compile (`--compile on`): inductor fuses the small ops between the
+"""The decode step through torch.compile (`--compile`): inductor fuses the small ops between the
 GEMMs (RMSNorm, RoPE, SiLU * up, the residuals) into C++ loops and runs the step as one graph.
 
 Only plain decode steps of two sequences or more take this path; everything else (prefill,
@@ -18,7 +18,10 @@ within this machine's noise, for 35 s (float32) to 62 s (bf16, two graphs) of co
 start-up. The GEMMs, which are most of the step, were prepacked oneDNN calls already, and the
 attention is our kernel either way: what is left to fuse is small. Hence off by default. Logits
 differ from the eager step's by up to 1e-2 in float32 (another fusion order); greedy output still
-equals Hugging Face's on the tests' prompts (tests/unit/test_compiled.py).
+equals Hugging Face's on the tests' prompts (tests/unit/test_compiled.py). What it costs besides
+time: a second copy of the weights (fused for the graph, then prepacked by inductor); and a step of
+several sequences runs compiled while a restore recomputes eagerly, so in float32 a resumed
+request's tokens may differ from an uninterrupted one's where logits are within 1e-2 of a tie.
 """
 
 from __future__ import annotations

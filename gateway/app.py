@@ -5,8 +5,9 @@ POST /v1/completions, /v1/chat/completions   (stream or not)
 GET  /health, /metrics
 GET  /cluster                                (every registered service and its lease: for operators)
 
-With --api-key set (DEJAVU_API_KEYS), /v1/* and /cluster (which names internal addresses) need
-`Authorization: Bearer KEY`; /health and /metrics stay open for probes and scrapers.
+With --api-key set (DEJAVU_API_KEYS), every route but /health and /metrics (/v1/*, /cluster, which
+names internal addresses, the OpenAPI pages) needs `Authorization: Bearer KEY`; the probes and
+scrapers' two stay open.
 """
 
 from __future__ import annotations
@@ -241,26 +242,27 @@ async def _finish(app: FastAPI, job: Job, totals: Totals | None, error: BaseExce
 
 
 class ApiKeys:
-    """401, OpenAI's way, for a /v1/* or /cluster call without one of the keys as a bearer token."""
+    """401, OpenAI's way, for any call but the probes' (/health, /metrics) without one of the keys
+    as a bearer token: /v1/*, /cluster, the OpenAPI pages, and any route added later."""
 
-    PROTECTED = ("/v1/", "/cluster")
+    OPEN = ("/health", "/metrics")
 
     def __init__(self, app, keys: tuple[str, ...]):
         self.app, self.keys = app, [k.encode() for k in keys]
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith(self.PROTECTED):
+        if scope["type"] != "http" or scope["path"] in self.OPEN:
             return await self.app(scope, receive, send)
         auth = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = auth.partition(b" ")
         token = token.strip()
         # every key compared, in constant time: how long a refusal takes says nothing about the keys
-        if scheme.lower() == b"bearer" and sum(hmac.compare_digest(token, k) for k in self.keys):
+        if scheme.lower() == b"bearer" and sum(hmac.compare_digest(k, token) for k in self.keys):
             return await self.app(scope, receive, send)
         if not auth:
             message = "no API key: send it as 'Authorization: Bearer KEY'"
         else:
             message = "incorrect API key (send 'Authorization: Bearer KEY')"
-        log.info("refused a %s %s: %s", scope["method"], scope["path"], "no API key" if not auth else "wrong API key")
+        log.info("refused a %s %r: %s", scope["method"], scope["path"][:200], "no API key" if not auth else "wrong API key")
         body = error_body(message, "invalid_request_error", None, "invalid_api_key")
         await JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)

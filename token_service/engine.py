@@ -221,7 +221,7 @@ class TokenEngine:
             self.scheduler.remove(seq.request_id)
             self.blocks.release(seq.blocks, seq.promised)
             if self.replicator:
-                self.replicator.forget(seq.request_id)
+                self.replicator.forget(seq.request_id, aborted=seq.status is SeqStatus.ABORTED)
             self._update_gauges()
 
     # -- the loop -------------------------------------------------------------------------------

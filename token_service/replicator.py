@@ -10,7 +10,11 @@ owner is refused there and by the store, and stops replicating.
 A failed send (the store died, a transfer failed) starts the replica over, in full, on another
 store when there is one (the failed one is avoided for a while), after a short pause. When the
 request ends here its replica is dropped from every store it was sent to, unless this service
-was fenced: the replica is its successor's then.
+was fenced: the replica is its successor's then. A request that ended here by an abort (its
+decode stream closed: the gateway may be resuming it elsewhere this very moment) has its replica
+dropped only after DROP_GRACE_S, and only if Redis says no successor has fenced it meanwhile:
+dropped at once, the replica went before the new owner could fetch it (the store refuses a
+fenced owner's drop only once that fetch has moved the replica to the new epoch).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ ACK_TIMEOUT_S = 30.0
 STORE_CACHE_S = 1.0
 AVOID_S = 5.0  # a store whose send failed is not picked again for this long (if there is another)
 RETRY_S = 0.5  # a request whose send failed waits this long before its replica starts over
+DROP_GRACE_S = 2.0  # an aborted request's replica is kept this long for a successor to fence it
 
 
 class Replicator:
@@ -55,6 +60,7 @@ class Replicator:
         self.inflight: dict[str, asyncio.Task] = {}
         self.fenced: set[str] = set()
         self.ended: set[str] = set()              # ended while a send was in flight: clean up after it
+        self.aborted: set[str] = set()            # ended by an abort: drop its replica only if not fenced
         self.retry_at: dict[str, float] = {}      # request id -> monotonic time its replica may start over
         self.avoid: dict[str, float] = {}         # store id -> monotonic time until which it is avoided
         self.background: set[asyncio.Task] = set()
@@ -151,9 +157,12 @@ class Replicator:
         self.where[rid] = store = min(usable, key=lambda s: s.kv_bytes_used)
         return store
 
-    def forget(self, request_id: str) -> None:
-        """The request ended here: stop replicating it and drop its replica (in the background).
-        A send in flight is let finish (cutting a frame would break the link other requests share)."""
+    def forget(self, request_id: str, aborted: bool = False) -> None:
+        """The request ended here: stop replicating it and drop its replica (in the background;
+        after an abort, only if no successor fences it: see the module docstring). A send in
+        flight is let finish (cutting a frame would break the link other requests share)."""
+        if aborted:
+            self.aborted.add(request_id)
         task = self.inflight.get(request_id)
         if task is not None and not task.done():  # its `finally` cleans up once the send is out
             self.ended.add(request_id)
@@ -162,13 +171,31 @@ class Replicator:
 
     def _cleanup(self, request_id: str) -> None:
         fenced = request_id in self.fenced
+        aborted = request_id in self.aborted
+        self.aborted.discard(request_id)
         epoch = self.epochs.pop(request_id, 0)
         for table in (self.acked, self.where, self.retry_at):
             table.pop(request_id, None)
         self.fenced.discard(request_id)
-        for store in self.touched.pop(request_id, {}).values():  # a failed send may have left chunks anywhere
-            if not fenced:  # a fenced owner's replica is its successor's now
-                self._spawn(self._drop(store, request_id, epoch))
+        stores = list(self.touched.pop(request_id, {}).values())  # a failed send may have left chunks anywhere
+        if stores and not fenced:  # a fenced owner's replica is its successor's now
+            self._spawn(self._drop_unless_fenced(stores, request_id, epoch) if aborted else
+                        self._drop_all(stores, request_id, epoch))
+
+    async def _drop_all(self, stores: list[ServiceInfo], request_id: str, epoch: int) -> None:
+        for store in stores:
+            await self._drop(store, request_id, epoch)
+
+    async def _drop_unless_fenced(self, stores: list[ServiceInfo], request_id: str, epoch: int) -> None:
+        await asyncio.sleep(DROP_GRACE_S)
+        try:
+            now = int((await self.requests.get(request_id)).get("epoch", epoch))
+        except (RedisError, ValueError):
+            now = epoch  # Redis cannot say: drop (a store that a successor fetched from refuses it anyway)
+        if now > epoch:
+            log.info("replica of %s left to the owner that fenced this service (epoch %d > %d)", request_id, now, epoch)
+            return
+        await self._drop_all(stores, request_id, epoch)
 
     async def _drop(self, store: ServiceInfo, request_id: str, epoch: int) -> None:
         if not store.url:  # known only by its KV address (a recovered request): look it up

@@ -45,7 +45,7 @@ class AuthenticatedTransport(Transport):
         async def guarded(conn: Connection) -> None:
             try:
                 header, _ = await asyncio.wait_for(conn.recv(_no_payload), HELLO_TIMEOUT_S)
-                ok = hmac.compare_digest(header, self.hello)
+                ok = hmac.compare_digest(self.hello, header)  # time follows the peer's length, not the token's
                 await conn.send(OK if ok else REFUSED)
             except Exception as exc:  # noqa: BLE001 - a stranger's bytes: whatever they do, the link closes
                 log.warning("KV connection dropped before its handshake: %s: %s", type(exc).__name__, exc)
@@ -67,6 +67,9 @@ class AuthenticatedTransport(Transport):
         except (TransportError, asyncio.TimeoutError) as exc:
             await conn.close()
             raise TransportError(f"KV handshake with {address} failed: {type(exc).__name__}: {exc}") from exc
+        except BaseException:  # cancelled (a caller's own timeout): no half-open link left behind
+            await conn.close()
+            raise
         if answer != OK:
             await conn.close()
             raise TransportError(f"the KV peer at {address} refused this service's cluster token "

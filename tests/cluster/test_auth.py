@@ -1,6 +1,7 @@
-"""API keys on the OpenAI surface (--api-key / DEJAVU_API_KEYS): with keys set, /v1/* and /cluster
-answer 401 (OpenAI's error body) to a call without a valid bearer key, change nothing, and serve
-one that has it, through the official SDK too; /health and /metrics stay open for probes."""
+"""API keys on the OpenAI surface (--api-key / DEJAVU_API_KEYS): with keys set, every route but the
+probes' (/v1/*, /cluster, the OpenAPI pages) answers 401 (OpenAI's error body) to a call without a
+valid bearer key, changes nothing, and serves one that has it, through the official SDK too;
+/health and /metrics stay open for probes. Then the cluster token on internal endpoints."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def cluster(tiny_model_path, redis_server):
                                      {"Authorization": "Basic sk-first-key"}, {"Authorization": "Bearer"},
                                      {"Authorization": "Bearer sk-first-key-and-more"}])
 @pytest.mark.parametrize("method,path", [("GET", "/v1/models"), ("POST", "/v1/completions"),
-                                         ("POST", "/v1/chat/completions"), ("GET", "/cluster")])
+                                         ("POST", "/v1/chat/completions"), ("GET", "/cluster"),
+                                         ("GET", "/openapi.json"), ("GET", "/docs")])
 def test_calls_without_a_valid_key_get_401_and_change_nothing(cluster, headers, method, path):
     body = {"prompt": "hi", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
     resp = httpx.request(method, cluster.url + path, headers=headers, json=body if method == "POST" else None, timeout=30)

@@ -30,9 +30,12 @@ def test_gateway_model_name():
 
 def test_api_keys_from_repeated_flags_or_one_variable():
     assert load(GatewaySettings, [], environ={}).api_keys == ()
-    assert load(GatewaySettings, [], environ={"DEJAVU_API_KEYS": "k1, k2,,"}).api_keys == ("k1", "k2")
+    assert load(GatewaySettings, [], environ={"DEJAVU_API_KEYS": ""}).api_keys == ()
+    assert load(GatewaySettings, [], environ={"DEJAVU_API_KEYS": "k1, k2"}).api_keys == ("k1", "k2")
     flags = ["--api-key", "a", "--api-key", "b"]
     assert load(GatewaySettings, flags, environ={"DEJAVU_API_KEYS": "k1"}).api_keys == ("a", "b")
-    with pytest.raises(SettingsError) as err:
-        load(GatewaySettings, ["--api-key", "bad\nkey"], environ={})
-    assert "--api-key / DEJAVU_API_KEYS" in str(err.value)
+    for argv, env in ((["--api-key", "good-key", "--api-key", "bad\nkey"], {}), ([], {"DEJAVU_API_KEYS": ","}),
+                      ([], {"DEJAVU_API_KEYS": "good-key,,"}), (["--api-key", ""], {})):
+        with pytest.raises(SettingsError) as err:  # an empty key would let an empty bearer token in
+            load(GatewaySettings, argv, environ=env)
+        assert "--api-key / DEJAVU_API_KEYS" in str(err.value) and "good-key" not in str(err.value)  # never printed
