@@ -55,8 +55,11 @@ def connect(url: str) -> aioredis.Redis:
 
 
 class Registry:
-    def __init__(self, redis: aioredis.Redis):
-        self.redis = redis
+    """`cluster`: list only the services of that cluster (a cluster_fingerprint): two clusters that
+    share one Redis must not route to each other (each would refuse the other's token). None: all."""
+
+    def __init__(self, redis: aioredis.Redis, cluster: str | None = None):
+        self.redis, self.cluster = redis, cluster
 
     async def renew(self, info: ServiceInfo, ttl_s: float) -> None:
         info = info.model_copy(update={"renewed_at": time.time()})
@@ -82,7 +85,8 @@ class Registry:
         except RedisError as exc:
             raise Unavailable(f"the registry (Redis) is unreachable: {exc}") from exc
         infos = [info for i, v in zip(ids, values) if v is not None and (info := _service_info(i, v)) is not None]
-        return [i for i in infos if kind is None or i.kind == kind]
+        return [i for i in infos
+                if (kind is None or i.kind == kind) and (self.cluster is None or i.cluster == self.cluster)]
 
 
 class RequestStore:

@@ -14,6 +14,7 @@ samples); the token at output index i sits at sequence position len(prompt) + i.
 
 from __future__ import annotations
 
+import hashlib
 from enum import Enum
 from typing import Annotated
 
@@ -53,8 +54,15 @@ class ServiceInfo(Message):
     kv_bytes_free: int = 0        # bytes
     colocated: bool = False       # a token service that prefills its own requests (no prompt service)
     dtype: str = ""               # an engine's weights, activations and KV ("float32", "bfloat16", ...)
+    cluster: str = ""             # fingerprint of its cluster token (cluster_fingerprint): who it works with
     started_at: float = 0.0       # unix s
     renewed_at: float = 0.0       # unix s
+
+
+def cluster_fingerprint(token: str) -> str:
+    """What a service publishes of its cluster token in the registry: enough to tell clusters that
+    share one Redis apart, nothing that would give the token away. "" without a token."""
+    return hashlib.sha256(b"dejavu-cluster:" + token.encode()).hexdigest()[:16] if token else ""
 
 
 GREEDY_BELOW = 1e-5

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException
 
 from common.errors import PayloadTooLarge, error_body
 from common.metadata import Registry
-from common.protocol import ServiceInfo, ServiceKind
+from common.protocol import ServiceInfo, ServiceKind, cluster_fingerprint
 from common.settings import ServiceSettings
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -151,7 +151,8 @@ async def registered(app: FastAPI, settings: ServiceSettings, kind: ServiceKind,
 
     def info() -> ServiceInfo:
         return ServiceInfo(kind=kind, id=app.state.service_id, url=app.state.url, host=socket.gethostname(),
-                           pid=os.getpid(), started_at=started, **fields())
+                           pid=os.getpid(), started_at=started, cluster=cluster_fingerprint(settings.cluster_token),
+                           **fields())
 
     lease = Lease(Registry(redis), info, settings)
     try:

@@ -61,6 +61,7 @@ class Cluster:
         # caller's, or a fresh one; "" turns internal authentication off
         self.env.setdefault("DEJAVU_CLUSTER_TOKEN", os.environ.get("DEJAVU_CLUSTER_TOKEN") or secrets.token_urlsafe(24))
         self.redis: RedisServer | None = None
+        self.tag = secrets.token_hex(2)  # in service ids: two clusters of one process on one Redis stay apart
         self.children: list[Child] = []
 
     @property
@@ -98,7 +99,7 @@ class Cluster:
         """Start one service; a respawn under the same name gets the same placement."""
         place = self.placement.get(name)
         env = {**os.environ, **self.env, "DEJAVU_REDIS_URL": self.redis_url, "DEJAVU_MODEL": self.model,
-               "DEJAVU_HOST": self.host, "DEJAVU_SERVICE_ID": f"{name}-{os.getpid()}-{len(self.children)}",
+               "DEJAVU_HOST": self.host, "DEJAVU_SERVICE_ID": f"{name}-{os.getpid()}-{self.tag}{len(self.children)}",
                "PYTHONUNBUFFERED": "1", **({"DEJAVU_THREADS": str(place.threads)} if place else {}), **overrides}
         env.setdefault("DEJAVU_PORT", str(self.port) if kind == "gateway" else "0")
         proc = subprocess.Popen([sys.executable, "-m", MODULES[kind]], env=env, stdout=subprocess.PIPE,

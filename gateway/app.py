@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 from common import metadata
 from common.errors import DejavuError, error_body, install_error_handlers
 from common.model import context_length, eos_token_ids, load_tokenizer, resolve_model_path
-from common.protocol import ServiceKind, cluster_status
+from common.protocol import ServiceKind, cluster_fingerprint, cluster_status
 from common.service import (BodyLimit, ClosingStreamingResponse, add_health_and_metrics, cluster_headers, registered,
                             request_id_var)
 from common.settings import GatewaySettings
@@ -57,7 +57,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         try:
             async with registered(app, settings, ServiceKind.GATEWAY, lease_fields) as redis:
                 app.state.store = metadata.RequestStore(redis)
-                app.state.router = Router(metadata.Registry(redis), client, settings, app.state.store)
+                registry = metadata.Registry(redis, cluster_fingerprint(settings.cluster_token))  # this cluster's only
+                app.state.router = Router(registry, client, settings, app.state.store)
                 yield
         finally:
             await client.aclose()

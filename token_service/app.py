@@ -24,7 +24,8 @@ from common.kv.receiver import kv_server
 from common.metadata import Registry, RequestStore
 from common.model import load_model, resolve_model_path
 from common.protocol import (AbortRequest, AbortResult, DecodeEvent, DecodeRequest, PrefillRequest, PrefillResult,
-                             Reservation, ReserveRequest, RestoreRequest, RestoreResult, ServiceKind)
+                             Reservation, ReserveRequest, RestoreRequest, RestoreResult, ServiceKind,
+                             cluster_fingerprint)
 from common.service import (INTERNAL_MAX_BODY, BodyLimit, ClosingStreamingResponse, ClusterToken, add_health_and_metrics,
                             cluster_headers, listen_kv, registered, request_id_var, supervise)
 from common.settings import TokenSettings
@@ -62,7 +63,8 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
     client = httpx.AsyncClient(headers=cluster_headers(settings))  # the replicator's /drop calls to cache stores
     try:
         async with registered(app, settings, ServiceKind.TOKEN, lease_fields) as redis:
-            engine.replicator = Replicator(engine.pool, runner.block_size, peers, Registry(redis), RequestStore(redis),
+            registry = Registry(redis, cluster_fingerprint(settings.cluster_token))  # this cluster's stores only
+            engine.replicator = Replicator(engine.pool, runner.block_size, peers, registry, RequestStore(redis),
                                            client, settings.replicate_every)
             yield
     finally:

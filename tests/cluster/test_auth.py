@@ -110,6 +110,7 @@ def test_redis_keeps_no_prompt_token_ids(replicating, redis_server):
 
     resp = httpx.post(replicating.url + "/v1/completions", timeout=60,
                       json={"prompt": "Secret plans for Tuesday", "max_tokens": 2, "temperature": 0})
+    assert resp.status_code == 200, resp.text
     request_id = resp.json()["id"].removeprefix("cmpl-")
     fields = redis.Redis.from_url(redis_server.url, decode_responses=True).hgetall(f"dejavu:req:{request_id}")
     assert fields["prompt_tokens"] == str(resp.json()["usage"]["prompt_tokens"]) and "prompt_ids" not in fields, fields

@@ -7,6 +7,7 @@ from torch._dynamo.utils import counters
 
 from engine.attention import Segment
 from engine.runner import ModelRunner
+from tests.unit.test_runner import decode_greedy
 
 BLOCK = 4
 
@@ -23,16 +24,8 @@ def test_compiled_decode_equals_generate_and_never_recompiles(tiny_oracle):
     prompts = [tiny_oracle.tokenizer(t)["input_ids"] for t in texts]
     steps = [4, 12, 7, 9, 15]  # sequences leave one by one: batches of 5, 4, 3, 2, 1
     want = [tiny_oracle.generate_ids(p, n) for p, n in zip(prompts, steps)]
-    pool = runner.new_pool(64)
     tables = [list(range(i, 64, 5)) for i in range(5)]  # interleaved blocks
-    first = runner.forward([Segment(p, 0, t) for p, t in zip(prompts, tables)], pool).argmax(-1).tolist()
-    out = [[t] for t in first]
-    while any(len(o) < n for o, n in zip(out, steps)):
-        live = [i for i, (o, n) in enumerate(zip(out, steps)) if len(o) < n]
-        segments = [Segment([out[i][-1]], len(prompts[i]) + len(out[i]) - 1, tables[i]) for i in live]
-        for i, row in zip(live, runner.forward(segments, pool).argmax(-1).tolist()):
-            out[i].append(row)
-    assert out == want
+    assert decode_greedy(runner, runner.new_pool(64), prompts, steps, tables) == want
     assert sorted(set(calls)) == [2, 3, 4, 5]  # float32: a batch of one runs eagerly (engine/runner.py)
     assert counters["stats"]["unique_graphs"] == graphs, "a new batch size or KV length recompiled the step"
 

@@ -96,3 +96,24 @@ def test_a_malformed_or_newer_registry_entry_is_skipped_not_fatal(redis_server):
         await redis.aclose()
 
     run(go())
+
+
+def test_a_registry_lists_only_its_own_clusters_services(redis_server):
+    """Two clusters on one Redis (different cluster tokens) never see, so never route to, each other."""
+    from common.protocol import cluster_fingerprint
+
+    async def go():
+        redis = metadata.connect(redis_server.url)
+        a, b = cluster_fingerprint("token-a"), cluster_fingerprint("token-b")
+        assert a and b and a != b and "token-a" not in a
+        everyone = metadata.Registry(redis)
+        for i, cluster in (("c-a1", a), ("c-a2", a), ("c-b1", b)):
+            await everyone.renew(info(i).model_copy(update={"cluster": cluster}), ttl_s=30)
+        assert {s.id for s in await metadata.Registry(redis, a).services()} == {"c-a1", "c-a2"}
+        assert {s.id for s in await metadata.Registry(redis, b).services()} == {"c-b1"}
+        assert {"c-a1", "c-a2", "c-b1"} <= {s.id for s in await everyone.services()}  # dejavu status: all
+        for i in ("c-a1", "c-a2", "c-b1"):
+            await everyone.deregister(i)
+        await redis.aclose()
+
+    run(go())

@@ -25,11 +25,9 @@ def prompts_of(tok) -> list[list[int]]:
     return [tok(t)["input_ids"] for t in ["Hi", "The capital of France is", "one two three four five six seven"]]
 
 
-def test_batched_prefill_and_paged_decode_equal_generate(runner, tiny_oracle):
-    prompts, steps = prompts_of(tiny_oracle.tokenizer), [6, 10, 3]
-    want = [tiny_oracle.generate_ids(p, n) for p, n in zip(prompts, steps)]
-    pool = runner.new_pool(32)
-    tables = [[7, 3, 20, 11, 5], [0, 9, 30, 2, 14, 1], [31, 4, 8, 6, 10]]  # scattered, not in order
+def decode_greedy(runner, pool, prompts: list[list[int]], steps: list[int], tables: list[list[int]]) -> list[list[int]]:
+    """The prompts prefilled in one batch, then decoded together, greedy, each for its own number
+    of tokens: the batch shrinks as they finish."""
     first = runner.forward([Segment(p, 0, t) for p, t in zip(prompts, tables)], pool).argmax(-1).tolist()
     out = [[t] for t in first]
     while any(len(o) < n for o, n in zip(out, steps)):
@@ -37,7 +35,14 @@ def test_batched_prefill_and_paged_decode_equal_generate(runner, tiny_oracle):
         segments = [Segment([out[i][-1]], len(prompts[i]) + len(out[i]) - 1, tables[i]) for i in live]
         for i, row in zip(live, runner.forward(segments, pool).argmax(-1).tolist()):
             out[i].append(row)
-    assert out == want
+    return out
+
+
+def test_batched_prefill_and_paged_decode_equal_generate(runner, tiny_oracle):
+    prompts, steps = prompts_of(tiny_oracle.tokenizer), [6, 10, 3]
+    want = [tiny_oracle.generate_ids(p, n) for p, n in zip(prompts, steps)]
+    tables = [[7, 3, 20, 11, 5], [0, 9, 30, 2, 14, 1], [31, 4, 8, 6, 10]]  # scattered, not in order
+    assert decode_greedy(runner, runner.new_pool(32), prompts, steps, tables) == want
 
 
 def test_prefill_without_a_pool_hands_each_layer_to_the_callback(runner, tiny_oracle):
