@@ -128,9 +128,16 @@ class Router:
             holders.remove(token_svc)
             raise
         finally:
-            self.in_flight[token_svc.id] -= 1
+            self._done(token_svc.id)
             if not released:  # early end (stop string, client gone, failure) or no decode at all
                 self._spawn(self._abort_all(run.request_id, holders))
+
+    def _done(self, service_id: str) -> None:
+        """One request less in flight there; a service with none leaves the table (services come
+        and go: their ids must not pile up)."""
+        self.in_flight[service_id] -= 1
+        if self.in_flight[service_id] <= 0:
+            del self.in_flight[service_id]
 
     def _abort_unfenced(self, run: Run) -> None:
         if run.unfenced:
@@ -172,7 +179,7 @@ class Router:
                     raise
                 finally:
                     if not reserved:
-                        self.in_flight[svc.id] -= 1
+                        self._done(svc.id)
             if time.monotonic() > deadline:
                 raise KVFull(f"every token service is full or failing ({len(fitting)} tried for "
                              f"{self.settings.route_timeout_s:.0f} s); retry later")
@@ -202,7 +209,7 @@ class Router:
                     await abort
                 holders.remove(svc)
             finally:
-                self.in_flight[svc.id] -= 1
+                self._done(svc.id)
         if not errors:
             raise Unavailable("no prompt service is registered: start one (python -m prompt_service)")
         raise UpstreamError("prefill failed on every prompt service tried: " + "; ".join(errors))

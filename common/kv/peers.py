@@ -89,6 +89,7 @@ class Peers:
         self.locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)  # one peer slow to connect stalls only its own sends
 
     async def get(self, address: str) -> PeerLink:
+        self._prune(address)
         async with self.locks[address]:
             link = self.links.get(address)
             if link is None or link.conn.closed or link.reader.done():
@@ -97,6 +98,14 @@ class Peers:
                 conn = await self.transport.connect(address, timeout=self.connect_timeout)
                 link = self.links[address] = PeerLink(address, conn, self.fault_rate)
             return link
+
+    def _prune(self, keep: str) -> None:
+        """Forget broken links to other peers (stores and token services come and go; their
+        addresses must not pile up here). A link in use is never broken-and-idle at once."""
+        for address, link in list(self.links.items()):
+            if address != keep and (link.conn.closed or link.reader.done()) and not self.locks[address].locked():
+                del self.links[address], self.locks[address]
+                link.reader.cancel()
 
     async def close(self) -> None:
         for link in self.links.values():

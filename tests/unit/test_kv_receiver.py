@@ -68,3 +68,29 @@ async def test_a_frame_over_the_receivers_limit_closes_its_link_unread():
             await client.close()
     finally:
         await server.close()
+
+
+async def test_links_to_peers_that_went_away_are_forgotten():
+    """Issue #10 item 16: Peers keeps one link per address; a peer that is gone (a store or token
+    service that died, its address never used again) leaves no link or lock behind."""
+    from common.kv.peers import Peers
+
+    client = make_transport("tcp")
+    peers = Peers(client)
+    try:
+        gone, gone_address, _ = await receiver("tcp")
+        await peers.get(gone_address)
+        await gone.close()  # the peer goes away; its link breaks
+        for _ in range(50):
+            if peers.links[gone_address].reader.done():
+                break
+            await asyncio.sleep(0.05)
+        alive, alive_address, _ = await receiver("tcp")
+        try:
+            await peers.get(alive_address)
+            assert list(peers.links) == [alive_address] and list(peers.locks) == [alive_address]
+        finally:
+            await alive.close()
+    finally:
+        await peers.close()
+        await client.close()

@@ -107,6 +107,7 @@ async def test_the_lost_owner_is_aborted_only_after_the_fence_and_the_restore(re
         aborted = calls.index(("token-a", "/abort"))
         assert aborted > restored, f"A was aborted before B restored from the replica: {calls}"
         assert int((await requests.get(RID))["epoch"]) == 1  # fenced once
+        assert dict(router.in_flight) == {"token-b": 1}  # the test's own count; token-a's is gone, not left at 0
     finally:
         for i in ("token-a", "token-b", "store-0"):
             await registry.deregister(i)
