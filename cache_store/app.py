@@ -20,8 +20,8 @@ from common.errors import NotFound, install_error_handlers
 from common.kv import make_transport
 from common.kv.receiver import kv_server
 from common.protocol import AbortResult, DropRequest, ServiceKind
-from common.service import (INTERNAL_MAX_BODY, BodyLimit, ClusterToken, add_health_and_metrics, listen_kv, registered,
-                            request_id_var)
+from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, RequireSecret, add_health_and_metrics,
+                            listen_kv, registered, request_id_var)
 from common.settings import CacheStoreSettings
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def create_app(settings: CacheStoreSettings) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=INTERNAL_MAX_BODY)
     if settings.cluster_token:  # added last: it runs first
-        app.add_middleware(ClusterToken, token=settings.cluster_token)
+        app.add_middleware(RequireSecret, **CLUSTER_TOKEN, secrets=(settings.cluster_token,))
 
     async def health() -> dict:
         return {"kind": "cache_store", "replicas": len(store.replicas), "bytes_held": store.bytes_held,

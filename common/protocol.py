@@ -59,6 +59,9 @@ class ServiceInfo(Message):
     renewed_at: float = 0.0       # unix s
 
 
+CLUSTER_TOKEN_HEADER = "X-Dejavu-Cluster-Token"  # every internal HTTP call carries the cluster token in it
+
+
 def cluster_fingerprint(token: str) -> str:
     """What a service publishes of its cluster token in the registry: enough to tell clusters that
     share one Redis apart, nothing that would give the token away. "" without a token."""

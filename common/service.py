@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException
 
 from common.errors import PayloadTooLarge, error_body
 from common.metadata import Registry
-from common.protocol import ServiceInfo, ServiceKind, cluster_fingerprint
+from common.protocol import CLUSTER_TOKEN_HEADER, ServiceInfo, ServiceKind, cluster_fingerprint
 from common.settings import ServiceSettings
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -164,35 +164,48 @@ async def registered(app: FastAPI, settings: ServiceSettings, kind: ServiceKind,
         await redis.aclose()
 
 
-CLUSTER_TOKEN_HEADER = "X-Dejavu-Cluster-Token"
-
-
 def cluster_headers(settings: ServiceSettings) -> dict[str, str]:
     """Headers of every call to another service of the cluster."""
     return {CLUSTER_TOKEN_HEADER: settings.cluster_token} if settings.cluster_token else {}
 
 
-class ClusterToken:
-    """Internal services: 401 for a call without the cluster token, except /health and /metrics
-    (probes, scrapers). A stranger who reaches the port can neither reserve, prefill, decode,
-    restore, abort nor drop anything."""
+class RequireSecret:
+    """401, OpenAI's way, for any call but the probes' (/health, /metrics) whose `header` does not
+    carry one of `secrets` (after `scheme`, e.g. "Bearer"). Every secret is compared, in constant
+    time: how long a refusal takes says nothing about them. Two uses:
+    - the gateway's API keys (API_KEYS): /v1/*, /cluster (it names internal addresses), the
+      OpenAPI pages, any route added later;
+    - an internal service's cluster token (CLUSTER_TOKEN): a stranger who reaches the port can
+      neither reserve, prefill, decode, restore, abort nor drop anything."""
 
     OPEN = ("/health", "/metrics")
 
-    def __init__(self, app, token: str):
-        self.app, self.token = app, token.encode()
+    def __init__(self, app, secrets: tuple[str, ...], header: str, scheme: str, code: str, missing: str, wrong: str,
+                 challenge: str = ""):
+        self.app, self.secrets = app, [x.encode() for x in secrets]
+        self.header, self.scheme, self.code = header.lower().encode(), scheme.lower().encode(), code
+        self.missing, self.wrong, self.challenge = missing, wrong, challenge
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in self.OPEN:
             return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(CLUSTER_TOKEN_HEADER.lower().encode(), b"")
-        if hmac.compare_digest(self.token, given):  # time follows the caller's length, not the token's
-            return await self.app(scope, receive, send)
-        log.warning("refused %s %r from %s: %s cluster token", scope["method"], scope["path"][:200],
-                    (scope.get("client") or ("?",))[0], "wrong" if given else "no")
-        body = error_body("this endpoint is internal: it needs the cluster token (DEJAVU_CLUSTER_TOKEN)",
-                          "invalid_request_error", None, "invalid_cluster_token")
-        await JSONResponse(body, status_code=401)(scope, receive, send)
+        given = dict(scope["headers"]).get(self.header, b"")
+        scheme, _, value = given.partition(b" ") if self.scheme else (b"", b"", given)
+        if scheme.lower() == self.scheme and sum(hmac.compare_digest(x, value.strip()) for x in self.secrets):
+            return await self.app(scope, receive, send)  # (the caller's length sets the time, not a secret's)
+        log.info("refused %s %r from %s: %s", scope["method"], scope["path"][:200],
+                    (scope.get("client") or ("?",))[0], self.wrong if given else self.missing)
+        body = error_body(self.wrong if given else self.missing, "invalid_request_error", None, self.code)
+        headers = {"WWW-Authenticate": self.challenge} if self.challenge else None
+        await JSONResponse(body, status_code=401, headers=headers)(scope, receive, send)
+
+
+API_KEYS = dict(header="authorization", scheme="Bearer", code="invalid_api_key", challenge="Bearer",
+                missing="no API key: send it as 'Authorization: Bearer KEY'",
+                wrong="incorrect API key (send 'Authorization: Bearer KEY')")
+CLUSTER_TOKEN = dict(header=CLUSTER_TOKEN_HEADER, scheme="", code="invalid_cluster_token",
+                     missing="this endpoint is internal: it needs the cluster token (DEJAVU_CLUSTER_TOKEN)",
+                     wrong="this endpoint is internal: it needs the cluster token (DEJAVU_CLUSTER_TOKEN)")
 
 
 INTERNAL_MAX_BODY = 64 << 20  # bytes: a request of --max-model-len 1M token ids is ~8 MB of JSON

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass, field
@@ -250,3 +251,11 @@ def load(cls: type[T], argv: list[str] | None = None, prog: str = "", descriptio
             raise SettingsError(f"{flag_name(f.name)} / {env_name(f.name)} = {raw!r}: must be one of {', '.join(choices)}")
         values[f.name] = _convert(f, raw)
     return cls(**values)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an --host value) is reachable from this machine only."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import ipaddress
 import json
 import os
 import signal
@@ -20,6 +19,7 @@ import sys
 import time
 
 from common.model import ModelNotFound, resolve_model_path
+from common.settings import is_loopback
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,13 +90,6 @@ BENCHMARKS = {
 }
 
 
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def cmd_up(args, parser) -> int:
     if args.colocated:
         args.prompt_services = 0
@@ -123,7 +116,7 @@ def cmd_up(args, parser) -> int:
         parser.error("--api-key / DEJAVU_API_KEYS: every key must be non-empty")
     if keys:
         env["DEJAVU_API_KEYS"] = ",".join(keys)
-    elif not _loopback(args.host):
+    elif not is_loopback(args.host):
         print(f"[dejavu] WARNING: --host {args.host} is reachable from other machines and no --api-key is set: "
               f"anyone who can reach port {args.port} can use the API", file=sys.stderr, flush=True)
     placement, placement_line = _cpu_placement(args)

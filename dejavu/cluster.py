@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from common.protocol import CLUSTER_TOKEN_HEADER
 from dejavu.placement import Placement
 from dejavu.redis_server import RedisServer, free_port
 
@@ -72,7 +73,7 @@ class Cluster:
     def internal_headers(self) -> dict[str, str]:
         """What a call to an internal endpoint needs (the cluster token), for tests and operators."""
         token = self.env["DEJAVU_CLUSTER_TOKEN"]
-        return {"X-Dejavu-Cluster-Token": token} if token else {}
+        return {CLUSTER_TOKEN_HEADER: token} if token else {}
 
     @property
     def gateway(self) -> Child:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +26,8 @@ from common import metadata
 from common.errors import DejavuError, error_body, install_error_handlers
 from common.model import context_length, eos_token_ids, load_tokenizer, resolve_model_path
 from common.protocol import ServiceKind, cluster_fingerprint, cluster_status
-from common.service import (BodyLimit, ClosingStreamingResponse, add_health_and_metrics, cluster_headers, registered,
-                            request_id_var)
+from common.service import (API_KEYS, BodyLimit, ClosingStreamingResponse, RequireSecret, add_health_and_metrics,
+                            cluster_headers, registered, request_id_var)
 from common.settings import GatewaySettings
 from gateway.jobs import IN_FLIGHT, REQUESTS, Job, Limits, chat_job, completion_job, deltas, text_chars
 from gateway.openai_types import ChatRequest, CompletionRequest
@@ -72,7 +71,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.api_keys:  # added last: it runs first, before a body is read
-        app.add_middleware(ApiKeys, keys=settings.api_keys)
+        app.add_middleware(RequireSecret, **API_KEYS, secrets=settings.api_keys)
     add_health_and_metrics(app, lambda: _health(app))
 
     @app.get("/v1/models")
@@ -240,30 +239,3 @@ async def _finish(app: FastAPI, job: Job, totals: Totals | None, error: BaseExce
         await asyncio.shield(app.state.store.update(job.request_id, **fields))
     except Exception as exc:  # Redis trouble must not break a response already made
         log.warning("could not record the request's outcome: %s", exc)
-
-
-class ApiKeys:
-    """401, OpenAI's way, for any call but the probes' (/health, /metrics) without one of the keys
-    as a bearer token: /v1/*, /cluster, the OpenAPI pages, and any route added later."""
-
-    OPEN = ("/health", "/metrics")
-
-    def __init__(self, app, keys: tuple[str, ...]):
-        self.app, self.keys = app, [k.encode() for k in keys]
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in self.OPEN:
-            return await self.app(scope, receive, send)
-        auth = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = auth.partition(b" ")
-        token = token.strip()
-        # every key compared, in constant time: how long a refusal takes says nothing about the keys
-        if scheme.lower() == b"bearer" and sum(hmac.compare_digest(k, token) for k in self.keys):
-            return await self.app(scope, receive, send)
-        if not auth:
-            message = "no API key: send it as 'Authorization: Bearer KEY'"
-        else:
-            message = "incorrect API key (send 'Authorization: Bearer KEY')"
-        log.info("refused a %s %r: %s", scope["method"], scope["path"][:200], "no API key" if not auth else "wrong API key")
-        body = error_body(message, "invalid_request_error", None, "invalid_api_key")
-        await JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)

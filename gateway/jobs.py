@@ -67,10 +67,10 @@ class Limits:
 def text_chars(body: CompletionRequest | ChatRequest) -> int:
     """Characters of text the request would have tokenized (0 for token ids)."""
     if isinstance(body, ChatRequest):
-        return sum(len(m.content) if isinstance(m.content, str) else sum(len(str(p.get("text", ""))) for p in m.content)
-                   for m in body.messages if m.content)
-    p = body.prompt
-    return len(p) if isinstance(p, str) else sum(len(x) for x in p) if isinstance(p, list) and p and isinstance(p[0], str) else 0
+        parts = [p for m in body.messages if m.content for p in ([m.content] if isinstance(m.content, str) else m.content)]
+        return sum(len(p) if isinstance(p, str) else len(str(p.get("text", ""))) for p in parts)
+    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt or []
+    return sum(len(t) for t in texts if isinstance(t, str))
 
 
 def rule_out_by_length(chars: int, limits: Limits, param: str) -> None:

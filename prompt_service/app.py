@@ -18,8 +18,8 @@ from common.kv import make_transport
 from common.kv.peers import Peers
 from common.model import load_model, resolve_model_path
 from common.protocol import AbortRequest, AbortResult, PrefillRequest, PrefillResult, ServiceKind
-from common.service import (INTERNAL_MAX_BODY, BodyLimit, ClusterToken, add_health_and_metrics, registered, request_id_var,
-                            supervise)
+from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, RequireSecret, add_health_and_metrics,
+                            registered, request_id_var, supervise)
 from common.settings import PromptSettings
 from engine.runner import ModelRunner
 from prompt_service.engine import PrefillEngine
@@ -55,7 +55,7 @@ def create_app(settings: PromptSettings) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=INTERNAL_MAX_BODY)
     if settings.cluster_token:  # added last: it runs first
-        app.add_middleware(ClusterToken, token=settings.cluster_token)
+        app.add_middleware(RequireSecret, **CLUSTER_TOKEN, secrets=(settings.cluster_token,))
 
     async def health() -> dict:
         return {"kind": "prompt", "requests": len(app.state.engine.jobs)}

@@ -26,8 +26,9 @@ from common.model import load_model, resolve_model_path
 from common.protocol import (AbortRequest, AbortResult, DecodeEvent, DecodeRequest, PrefillRequest, PrefillResult,
                              Reservation, ReserveRequest, RestoreRequest, RestoreResult, ServiceKind,
                              cluster_fingerprint)
-from common.service import (INTERNAL_MAX_BODY, BodyLimit, ClosingStreamingResponse, ClusterToken, add_health_and_metrics,
-                            cluster_headers, listen_kv, registered, request_id_var, supervise)
+from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, ClosingStreamingResponse, RequireSecret,
+                            add_health_and_metrics, cluster_headers, listen_kv, registered, request_id_var,
+                            supervise)
 from common.settings import TokenSettings
 from engine.runner import ModelRunner
 from token_service.engine import KVMessageError, TokenEngine
@@ -79,7 +80,7 @@ def create_app(settings: TokenSettings) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=INTERNAL_MAX_BODY)
     if settings.cluster_token:  # added last: it runs first
-        app.add_middleware(ClusterToken, token=settings.cluster_token)
+        app.add_middleware(RequireSecret, **CLUSTER_TOKEN, secrets=(settings.cluster_token,))
 
     async def health() -> dict:
         engine: TokenEngine = app.state.engine

@@ -144,8 +144,8 @@ class TokenEngine:
             if kv.dtype != self.pool.dtype:
                 raise Unavailable(f"replica of {req.request_id} is {kv.dtype}, this service runs {self.pool.dtype}",
                                   code="replica_unavailable")
-            shape = self.runner.kv
-            if tuple(kv.shape) != (shape.layers, 2, n, shape.kv_heads, shape.head_dim):
+            model = self.runner.kv
+            if tuple(kv.shape) != (model.layers, 2, n, model.kv_heads, model.head_dim):
                 raise Unavailable(f"replica of {req.request_id} has shape {tuple(kv.shape)}, not the (layers, 2, {n}, "
                                   f"kv_heads, head_dim) of this service's model", code="replica_unavailable")
             if not seq.done:

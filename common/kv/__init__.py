@@ -8,11 +8,11 @@
     await transport.close()
 """
 
-import ipaddress
 import os
 
 from common.kv.transport import Connection, Transport, TransportError
 from common.kv.wire import Header, WireError, send_ack, send_error, send_fetch, stream_in, stream_out
+from common.settings import is_loopback
 
 TRANSPORTS = ("ucx", "tcp")
 
@@ -43,7 +43,7 @@ def make_transport(name: str, token: str = "", host: str = "") -> Transport:
     from common.kv.auth import authenticated
 
     if name == "ucx":
-        if host and _loopback(host):
+        if host and is_loopback(host):
             os.environ.setdefault("UCX_NET_DEVICES", "lo")
         from common.kv.ucx import UcxTransport  # imports ucxx: only when asked for
 
@@ -53,10 +53,3 @@ def make_transport(name: str, token: str = "", host: str = "") -> Transport:
 
         return authenticated(TcpTransport(), token)
     raise ValueError(f"unknown KV transport {name!r}: choose one of {', '.join(TRANSPORTS)}")
-
-
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
