@@ -5,6 +5,7 @@
     │   └── ContextLengthExceeded     400 invalid_request_error / context_length_exceeded
     ├── NotFound                      404 invalid_request_error / model_not_found (or not_found)
     ├── PayloadTooLarge               413 invalid_request_error
+    ├── Overloaded                    429 rate_limit_exceeded     (admission queue full or waited out; Retry-After)
     ├── Unavailable                   503 service_unavailable     (Redis down, no engine, ...)
     │   └── KVFull                    503 service_unavailable / kv_full  (a token service has no room)
     └── UpstreamError                 502 server_error            (another service failed the request)
@@ -67,6 +68,15 @@ class PayloadTooLarge(DejavuError):
     status, type, code = 413, "invalid_request_error", "payload_too_large"
 
 
+class Overloaded(DejavuError):
+    """Too many requests waiting: retry after `retry_after` seconds (sent as the Retry-After header)."""
+    status, type, code = 429, "rate_limit_exceeded", "rate_limit_exceeded"
+
+    def __init__(self, message: str, code: str | None = None, retry_after: int = 1):
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
 class Unavailable(DejavuError):
     status, type, code = 503, "service_unavailable", "service_unavailable"
 
@@ -121,10 +131,11 @@ def install_error_handlers(app: FastAPI, public: bool = False) -> None:
     reads it back, common.errors.from_body); the public gateway (`public`) answers plainly."""
     @app.exception_handler(DejavuError)
     async def _dejavu(request: Request, exc: DejavuError):
-        if exc.status >= 500:
+        if exc.status >= 500 and exc.code != "kv_full":  # a full token service is expected, not an incident
             log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
         body = exc.client_body(_request_id()) if public else exc.body()
-        return JSONResponse(body, status_code=exc.status)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
+        return JSONResponse(body, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):

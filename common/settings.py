@@ -150,7 +150,10 @@ class GatewaySettings(ServiceSettings):
     max_body_bytes: int = setting(4 << 20, "largest request body accepted (bytes)")
     max_tokens_default: int = setting(256, "max_tokens when a request gives none")
     request_timeout_s: float = setting(600.0, "longest a request may take end to end (s)")
-    route_timeout_s: float = setting(30.0, "how long to wait for a token service with free KV room (s)")
+    route_timeout_s: float = setting(300.0, "longest a request waits in the admission queue for KV room on a token "
+                                     "service before a 429 (s)")
+    max_queued_requests: int = setting(1024, "requests that may wait for KV room at once; more get a 429 with "
+                                       "Retry-After")
     token_timeout_s: float = setting(10.0, "a decode stream silent this long means a hung token service: resume elsewhere (s)")
     resume_attempts: int = setting(3, "token services that may fail one request before it ends in an error "
                                       "(0: fault tolerance off, a failure ends the request)")
@@ -166,6 +169,7 @@ class GatewaySettings(ServiceSettings):
         for name in ("request_timeout_s", "route_timeout_s", "token_timeout_s"):
             _check(self, getattr(self, name) > 0, name, "must be > 0")
         _check(self, self.resume_attempts >= 0, "resume_attempts", "must be >= 0")
+        _check(self, self.max_queued_requests >= 0, "max_queued_requests", "must be >= 0 (0: no queue, a 429 at once)")
         _check(self, all(k and k.isascii() and k.isprintable() and " " not in k for k in self.api_keys), "api_keys",
                "each key must be non-empty printable ASCII without spaces (it travels in an HTTP header)")
 

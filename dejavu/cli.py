@@ -2,7 +2,7 @@
 
   dejavu up [--model M] [--port 8000] [--prompt-services 1] [--token-services 1] [--cache-stores 1]
             [--colocated] [--redis-url URL] [--kv-transport ucx|tcp] [--dtype auto|float32|bfloat16|float16]
-            [--cpu-placement auto|off] [--api-key KEY ...]
+            [--cpu-placement auto|off] [--api-key KEY ...] [--max-queued-requests 1024]
   dejavu status [--redis-url URL] [--json]
   dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, agreement, capacity: python -m bench.NAME)
 """
@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--max-seqs", type=int, default=16, help="sequences decoding at once per token service")
     up.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                     help="weights, activations and KV of every engine (auto: the model's dtype on CUDA, float32 on CPU)")
+    up.add_argument("--max-queued-requests", type=int, default=1024,
+                    help="requests that may wait, in order, for KV room when every token service is full; more "
+                    "get a 429 with Retry-After (as do those still waiting after DEJAVU_ROUTE_TIMEOUT_S, 300 s)")
     up.add_argument("--block-size", type=int, default=16, help="tokens per block of the paged KV pool")
     up.add_argument("--kv-blocks", type=int, default=0,
                     help="KV pool blocks per token service (0: room for --max-seqs sequences of --max-model-len)")
@@ -99,6 +102,8 @@ def cmd_up(args, parser) -> int:
         parser.error("--token-services must be at least 1")
     if args.cache_stores < 0:
         parser.error("--cache-stores must be >= 0")
+    if args.max_queued_requests < 0:
+        parser.error("--max-queued-requests must be >= 0 (0: a 429 as soon as every token service is full)")
     try:
         resolve_model_path(args.model)  # convert the bundled model once, with progress, before the services start
     except ModelNotFound as exc:
@@ -109,7 +114,7 @@ def cmd_up(args, parser) -> int:
     env = {"DEJAVU_KV_TRANSPORT": args.kv_transport, "DEJAVU_MAX_MODEL_LEN": str(args.max_model_len),
            "DEJAVU_MAX_SEQS": str(args.max_seqs), "DEJAVU_COLOCATED": str(args.colocated).lower(),
            "DEJAVU_DTYPE": args.dtype, "DEJAVU_BLOCK_SIZE": str(args.block_size), "DEJAVU_KV_BLOCKS": str(args.kv_blocks),
-           "DEJAVU_COMPILE": str(args.compile).lower()}
+           "DEJAVU_COMPILE": str(args.compile).lower(), "DEJAVU_MAX_QUEUED_REQUESTS": str(args.max_queued_requests)}
     given = args.api_key if args.api_key is not None else [os.environ.get("DEJAVU_API_KEYS", "")]
     keys = [k.strip() for item in given for k in item.split(",")] if any(given) or args.api_key else []
     if not all(keys):  # an empty key would let an empty bearer token in

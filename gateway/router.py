@@ -24,12 +24,14 @@ from common.metadata import Registry, RequestStore
 from common.protocol import (AbortRequest, DecodeEvent, DecodeRequest, PrefillRequest, PrefillResult, Reservation,
                              ReserveRequest, SamplingParams, ServiceInfo, ServiceKind, TokenEvent)
 from common.settings import GatewaySettings
+from gateway.admission import Admission
 from gateway.recovery import RECOVERIES, RECOVERY_SECONDS, Run, TokenServiceLost, fence, restore
 
 log = logging.getLogger(__name__)
 REGISTRY_CACHE_S = 0.5
 PREFILL_ATTEMPTS = 4  # prompt services tried for one prefill (the same one again if there is no other)
 LEASE_CHECK_S = 1.0  # a call or stream silent this long makes the gateway check its service's lease
+RESERVE_TIMEOUT_S = 10.0  # a /reserve unanswered this long is given up (and aborted: it may have taken room)
 
 
 class LeaseLapsed(UpstreamError):
@@ -43,12 +45,15 @@ class Router:
         self._cache: tuple[float, list[ServiceInfo]] = (0.0, [])
         self.in_flight: Counter[str] = Counter()  # service id -> requests this gateway has there
         self.background: set[asyncio.Task] = set()
+        self.admission = Admission(settings.max_queued_requests, settings.route_timeout_s)
 
     async def services(self, kind: ServiceKind) -> list[ServiceInfo]:
         at, infos = self._cache
         if time.monotonic() - at > REGISTRY_CACHE_S:
-            infos = await self.registry.services()
+            old, infos = infos, await self.registry.services()
             self._cache = (time.monotonic(), infos)
+            if _kv_freed(old, infos):  # another gateway's request ended: our queue's head may fit now
+                self.admission.wake()
         return [i for i in infos if i.kind == kind]
 
     async def generate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> AsyncIterator[TokenEvent]:
@@ -86,7 +91,8 @@ class Router:
         outputs = run.outputs
         prefix = run.prompt_ids + outputs[:-1]  # KV the token service needs; outputs[-1] is the next input
         remaining = run.sampling.max_tokens - max(len(outputs) - 1, 0)
-        reservation, token_svc = await self.reserve(run.request_id, len(prefix), remaining, exclude=run.lost)
+        reservation, token_svc = await self.reserve(run.request_id, len(prefix), remaining, exclude=run.lost,
+                                                    resume=bool(run.lost))
         released, holders = False, [token_svc]  # holders: services that may still hold something of it
         try:
             path = None
@@ -129,7 +135,9 @@ class Router:
             raise
         finally:
             self._done(token_svc.id)
-            if not released:  # early end (stop string, client gone, failure) or no decode at all
+            if released:
+                self.admission.wake()  # its KV is free: the next request in the queue may take it
+            else:  # early end (stop string, client gone, failure) or no decode at all
                 self._spawn(self._abort_all(run.request_id, holders))
 
     def _done(self, service_id: str) -> None:
@@ -152,38 +160,42 @@ class Router:
         await self._abort_all(request_id, stores, path="/drop")
 
     async def reserve(self, request_id: str, prompt_tokens: int, max_tokens: int,
-                      exclude: set[str] = frozenset()) -> tuple[Reservation, ServiceInfo]:
-        """Room on the least loaded token service that has it; counted in `in_flight` until the caller ends it."""
-        deadline = time.monotonic() + self.settings.route_timeout_s
+                      exclude: set[str] = frozenset(), resume: bool = False) -> tuple[Reservation, ServiceInfo]:
+        """Room on the least loaded token service that has it, in arrival order: a request that
+        finds none waits in the admission queue (gateway/admission.py), a resumed one in front.
+        Counted in `in_flight` until the caller ends it."""
         req = ReserveRequest(request_id=request_id, prompt_tokens=prompt_tokens, max_tokens=max_tokens)
-        while True:
-            services = [s for s in await self.services(ServiceKind.TOKEN) if s.id not in exclude]
-            if not services:
-                raise Unavailable("no token service is registered: start one (python -m token_service)")
-            fitting = [s for s in services if s.max_model_len >= prompt_tokens + max_tokens]
-            if not fitting:
-                raise Unavailable(f"no token service takes {prompt_tokens + max_tokens} tokens (the largest takes "
-                                  f"{max(s.max_model_len for s in services)}): check their --max-model-len")
-            for svc in sorted(fitting, key=lambda s: (self.in_flight[s.id], s.active_requests, -s.kv_bytes_free)):
-                self.in_flight[svc.id] += 1  # counted now: a burst of reservations spreads out
-                reserved = False
-                try:
-                    reserved = Reservation.model_validate(await self._post(svc, "/reserve", req))
-                    return reserved, svc
-                except KVFull:
-                    pass
-                except (UpstreamError, Unavailable) as exc:
-                    log.warning("token service %s refused a reservation: %s", svc.id, exc.message)
-                except asyncio.CancelledError:  # the client left: the room may be taken already
-                    self._spawn(self._abort_all(request_id, [svc]))
-                    raise
-                finally:
-                    if not reserved:
-                        self._done(svc.id)
-            if time.monotonic() > deadline:
-                raise KVFull(f"every token service is full or failing ({len(fitting)} tried for "
-                             f"{self.settings.route_timeout_s:.0f} s); retry later")
-            await asyncio.sleep(0.1)
+        return await self.admission.admit(lambda: self._try_reserve(req, exclude), front=resume)
+
+    async def _try_reserve(self, req: ReserveRequest, exclude: set[str]) -> tuple[Reservation, ServiceInfo] | None:
+        """One round over the token services that could take the request; None if all are full."""
+        services = [s for s in await self.services(ServiceKind.TOKEN) if s.id not in exclude]
+        if not services:
+            raise Unavailable("no token service is registered: start one (python -m token_service)")
+        tokens = req.prompt_tokens + req.max_tokens
+        fitting = [s for s in services if s.max_model_len >= tokens]
+        if not fitting:
+            raise Unavailable(f"no token service takes {tokens} tokens (the largest takes "
+                              f"{max(s.max_model_len for s in services)}): check their --max-model-len")
+        for svc in sorted(fitting, key=lambda s: (self.in_flight[s.id], s.active_requests, -s.kv_bytes_free)):
+            self.in_flight[svc.id] += 1  # counted now: a burst of reservations spreads out
+            reserved = False
+            try:
+                reserved = Reservation.model_validate(await self._post(svc, "/reserve", req, timeout=RESERVE_TIMEOUT_S))
+                return reserved, svc
+            except KVFull:
+                pass  # expected under load: the request waits its turn, nothing to log
+            except (UpstreamError, Unavailable) as exc:
+                log.warning("token service %s refused a reservation: %s", svc.id, exc.message)
+                if isinstance(exc, UpstreamError):  # e.g. timed out: the room may be taken all the same
+                    self._spawn(self._abort_all(req.request_id, [svc]))
+            except asyncio.CancelledError:  # the client left: the room may be taken already
+                self._spawn(self._abort_all(req.request_id, [svc]))
+                raise
+            finally:
+                if not reserved:
+                    self._done(svc.id)
+        return None
 
     async def prefill(self, req: PrefillRequest, holders: list[ServiceInfo]) -> PrefillResult:
         """Prefill on the least loaded prompt service; on failure, abort there and try another."""
@@ -298,6 +310,15 @@ class Router:
                 await self._post(svc, path, AbortRequest(request_id=request_id), timeout=5.0)
             except DejavuError as exc:
                 log.debug("abort on %s: %s", svc.id, exc.message)
+        if path == "/abort":
+            self.admission.wake()  # the aborted request's KV is free
+
+
+def _kv_freed(old: list[ServiceInfo], new: list[ServiceInfo]) -> bool:
+    """Whether a token service has more room in `new` leases than in `old` ones (or is new)."""
+    before = {s.id: s for s in old if s.kind == ServiceKind.TOKEN}
+    return any(s.id not in before or s.kv_bytes_free > before[s.id].kv_bytes_free
+               or s.active_requests < before[s.id].active_requests for s in new if s.kind == ServiceKind.TOKEN)
 
 
 def _internal(svc: ServiceInfo, status: int, text: str) -> DejavuError:

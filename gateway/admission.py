@@ -1,0 +1,95 @@
+"""Admission: requests that find no KV room wait here, in order, instead of hammering token services.
+
+A request's path through admission (`Admission.admit`):
+1. Nobody waiting: it tries to reserve at once (`attempt`); most requests stop here.
+2. No room: it joins the back of the queue (a resumed request, already streaming to its client,
+   joins the front), or gets a 429 with Retry-After if --max-queued-requests are waiting already.
+3. Only the head of the queue tries again, when woken: a request of this gateway released its KV
+   (`wake`), a token service's lease shows KV freed (another gateway's request ended), or
+   POLL_S passed. Whoever leaves the queue, served or not, hands the turn to the next head at once.
+4. Past --route-timeout-s in the queue: a 429 as well. A client that leaves just leaves the queue.
+
+A refusal by a full token service is expected here, not an incident: nothing is logged for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from common.errors import Overloaded
+
+T = TypeVar("T")
+POLL_S = 0.5  # the head retries at least this often: a release on another gateway may go unseen
+QUEUED = Gauge("dejavu_gateway_queued_requests", "requests waiting for KV room on a token service")
+QUEUE_SECONDS = Histogram("dejavu_gateway_queue_seconds", "time a request waited for KV room before it was admitted",
+                          buckets=(.01, .05, .1, .25, .5, 1, 2, 4, 8, 16, 32, 64, 128))
+REJECTED = Counter("dejavu_gateway_rejected_requests_total", "requests refused with a 429", ["reason"])
+
+
+class Admission:
+    def __init__(self, max_queued: int, timeout_s: float):
+        self.max_queued, self.timeout_s = max_queued, timeout_s
+        self.queue: deque[asyncio.Event] = deque()  # one event per waiter: set when it is its turn to try
+        self.drain_s = 1.0  # running mean of the time between two admissions from the queue (for Retry-After)
+        self._last_admit = 0.0
+
+    async def admit(self, attempt: Callable[[], Awaitable[T | None]], front: bool = False) -> T:
+        """What `attempt` returns once it returns something (None: no room now), in arrival order."""
+        if not self.queue and (got := await attempt()) is not None:
+            return got
+        if len(self.queue) >= self.max_queued and not front:
+            REJECTED.labels("queue_full").inc()
+            raise Overloaded(f"the server is at capacity and {len(self.queue)} requests are waiting already "
+                             f"(--max-queued-requests {self.max_queued}); retry later",
+                             code="queue_full", retry_after=self.retry_after())
+        turn, start = asyncio.Event(), time.monotonic()
+        if front:
+            self.queue.appendleft(turn)
+            turn.set()  # a resumed request tries at once
+        else:
+            self.queue.append(turn)
+        QUEUED.set(len(self.queue))
+        try:
+            while True:
+                left = start + self.timeout_s - time.monotonic()
+                if left <= 0:
+                    REJECTED.labels("queue_timeout").inc()
+                    raise Overloaded(f"no KV room became free in {self.timeout_s:.0f} s (--route-timeout-s); "
+                                     "the server is at capacity, retry later", code="queue_timeout",
+                                     retry_after=self.retry_after())
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(turn.wait(), timeout=min(POLL_S, left))
+                if self.queue[0] is not turn:
+                    continue  # woken as the head, then a resumed request went in front
+                turn.clear()
+                if (got := await attempt()) is not None:
+                    self._admitted(start)
+                    return got
+        finally:
+            self.queue.remove(turn)
+            QUEUED.set(len(self.queue))
+            self.wake()  # the next head tries now: the room may fit it too
+
+    def wake(self) -> None:
+        """KV may have been freed: the head of the queue tries again now."""
+        if self.queue:
+            self.queue[0].set()
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has likely moved on enough for a new request (at least 1)."""
+        return max(1, min(60, math.ceil(len(self.queue) * self.drain_s)))
+
+    def _admitted(self, start: float) -> None:
+        now = time.monotonic()
+        QUEUE_SECONDS.observe(now - start)
+        if self._last_admit >= start:  # the queue was never empty in between: a drain interval
+            self.drain_s = 0.8 * self.drain_s + 0.2 * min(now - self._last_admit, 60.0)
+        self._last_admit = now

@@ -1,0 +1,77 @@
+"""Overload (issue #10, item 5 and its proof): 300 clients at once against one token service with
+--max-seqs 8. Requests that find no KV room wait at the gateway in arrival order; past
+--max-queued-requests they get a 429 with Retry-After at once. None gets a 5xx, every answer equals
+Hugging Face's, and once it is over no KV is held anywhere."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from dejavu.cluster import Cluster
+from tests.cluster.conftest import CLUSTER_ENV
+from tests.cluster.test_serving import assert_no_kv_held
+
+CLIENTS, QUEUE, MAX_TOKENS = 300, 100, 12
+PROMPTS = ["The tallest mountain in the world is", "Water boils at", "A short poem about the sea:",
+           "List three colours: red,"]
+FAR_APART = 24  # arrivals this many places apart are served in arrival order: 8 in a batch, and slack
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_path, redis_server):
+    env = {**CLUSTER_ENV, "DEJAVU_KV_TRANSPORT": "tcp", "DEJAVU_MAX_QUEUED_REQUESTS": str(QUEUE)}
+    with Cluster(str(tiny_model_path), port=0, prompt_services=1, token_services=1, cache_stores=0,
+                 redis_url=redis_server.url, env=env, echo_logs=False) as c:
+        yield c
+
+
+async def _client(http: httpx.AsyncClient, i: int, start: float) -> dict:
+    await asyncio.sleep(i * 0.005)  # arrival order: client i before client i + 1
+    body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+    async with http.stream("POST", "/v1/completions", json=body) as resp:
+        first = time.monotonic() - start  # a stream's headers come with its first token
+        text = (await resp.aread()).decode()
+    return {"i": i, "status": resp.status_code, "first": first, "body": text, "retry_after": resp.headers.get("retry-after")}
+
+
+def test_300_clients_are_served_in_order_or_told_to_retry(cluster, tiny_oracle):
+    async def everyone():
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=300, limits=limits) as http:
+            start = time.monotonic()
+            return await asyncio.gather(*(_client(http, i, start) for i in range(CLIENTS)))
+
+    results = asyncio.run(everyone())
+    by_status = {}
+    for r in results:
+        by_status.setdefault(r["status"], []).append(r)
+    assert set(by_status) <= {200, 429}, {s: rs[0]["body"][:300] for s, rs in by_status.items()}
+    served, refused = by_status.get(200, []), by_status.get(429, [])
+    assert len(served) >= 8 + QUEUE and refused, f"{len(served)} served, {len(refused)} refused"
+    for r in refused:
+        assert '"rate_limit_exceeded"' in r["body"] and int(r["retry_after"]) >= 1, r
+    expected = {p: tiny_oracle.text(tiny_oracle.tokenizer(p)["input_ids"], MAX_TOKENS)[0] for p in PROMPTS}
+    for r in served:
+        text = "".join(_deltas(r["body"]))
+        assert text == expected[PROMPTS[r["i"] % len(PROMPTS)]], r
+    inversions = [(a["i"], b["i"]) for a in served for b in served
+                  if b["i"] >= a["i"] + FAR_APART and b["first"] < a["first"]]
+    assert not inversions, f"served out of arrival order: {inversions[:10]}"
+    assert_no_kv_held(cluster)
+    assert all(c.proc.poll() is None for c in cluster.children)
+
+
+def _deltas(sse: str) -> list[str]:
+    import json
+
+    out = []
+    for line in sse.splitlines():
+        if line.startswith("data: {"):
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            out.append(chunk["choices"][0]["text"])
+    return out

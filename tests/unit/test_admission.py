@@ -1,0 +1,218 @@
+"""Admission (issue #10 item 5): a request that finds no KV room waits in a FIFO queue at the
+gateway, woken when KV frees up, instead of re-sending /reserve to every token service every 0.1 s;
+past --max-queued-requests or --route-timeout-s it gets a 429 with Retry-After; a reservation the
+gateway gave up on is aborted at once; a full token service's refusal is not logged as a warning.
+
+The queue alone first, then the router against a real Redis with token services faked at the
+HTTP boundary (httpx.MockTransport)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import httpx
+import pytest
+import pytest_asyncio
+from fastapi import FastAPI
+
+from common import metadata
+from common.errors import KVFull, Overloaded, install_error_handlers
+from common.protocol import SamplingParams, ServiceInfo, ServiceKind
+from common.settings import GatewaySettings
+from gateway import admission, router as router_module
+from gateway.admission import Admission
+from gateway.router import Router
+
+pytestmark = pytest.mark.asyncio
+
+
+class Room:
+    """`slots` places; `attempt` takes one or answers None, counting its tries."""
+
+    def __init__(self, slots: int):
+        self.free, self.tries, self.order = slots, 0, []
+
+    def attempt(self, name: str):
+        async def go():
+            self.tries += 1
+            if self.free:
+                self.free -= 1
+                self.order.append(name)
+                return name
+            return None
+        return go
+
+
+async def test_waiters_are_admitted_in_arrival_order_when_woken(monkeypatch):
+    monkeypatch.setattr(admission, "POLL_S", 60.0)  # only `wake` can move the queue in time
+    queue, room = Admission(max_queued=10, timeout_s=120), Room(1)
+    assert await queue.admit(room.attempt("first")) == "first"
+    waiters = []
+    for i in range(5):
+        waiters.append(asyncio.create_task(queue.admit(room.attempt(f"w{i}"))))
+        await asyncio.sleep(0)  # each arrives after the one before
+    await asyncio.sleep(0.05)
+    assert len(queue.queue) == 5 and room.order == ["first"]
+    tries = room.tries
+    assert tries <= 2, "waiters that are not at the head must not try"
+    for waiter in waiters:
+        room.free += 1  # a request ends
+        queue.wake()
+        await asyncio.wait_for(asyncio.shield(waiter), 10)
+    assert room.order == ["first", "w0", "w1", "w2", "w3", "w4"]
+    assert room.tries - tries <= 2 * 5, "each release should cost the head's try and its successor's, no more"
+    assert not queue.queue
+
+
+async def test_a_full_queue_answers_429_with_retry_after():
+    queue, room = Admission(max_queued=2, timeout_s=120), Room(0)
+    waiters = [asyncio.create_task(queue.admit(room.attempt(f"w{i}"))) for i in range(2)]
+    await asyncio.sleep(0.05)
+    with pytest.raises(Overloaded) as refused:
+        await queue.admit(room.attempt("third"))
+    assert refused.value.status == 429 and refused.value.code == "queue_full"
+    assert refused.value.retry_after >= 1
+    for w in waiters:
+        w.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert not queue.queue, "cancelled waiters must leave the queue"
+
+
+async def test_waiting_past_the_timeout_is_a_429():
+    queue, room = Admission(max_queued=2, timeout_s=0.3), Room(0)
+    with pytest.raises(Overloaded) as refused:
+        await queue.admit(room.attempt("late"))
+    assert refused.value.code == "queue_timeout" and not queue.queue
+
+
+async def test_a_resumed_request_goes_first_and_a_leaver_passes_the_turn_on(monkeypatch):
+    monkeypatch.setattr(admission, "POLL_S", 60.0)
+    queue, room = Admission(max_queued=1, timeout_s=120), Room(0)
+    waiting = asyncio.create_task(queue.admit(room.attempt("new")))
+    await asyncio.sleep(0.05)
+    resumed = asyncio.create_task(queue.admit(room.attempt("resumed"), front=True))  # past the bound too
+    await asyncio.sleep(0.05)
+    assert len(queue.queue) == 2
+    room.free = 2
+    queue.wake()  # one wake: the head (`resumed`) takes a place and hands the turn to `new`, which takes the other
+    assert await asyncio.wait_for(resumed, 10) == "resumed"
+    assert await asyncio.wait_for(waiting, 10) == "new"
+    assert room.order == ["resumed", "new"]
+
+
+# -- the router, against real Redis, token services faked at the HTTP boundary -----------------
+def token_service(name: str) -> ServiceInfo:
+    return ServiceInfo(kind=ServiceKind.TOKEN, id=name, url=f"http://{name}", host="h", pid=1, kv_address=f"{name}:1",
+                       kv_transport="tcp", max_model_len=1024, colocated=True)
+
+
+class FullTokenService:
+    """One token service with room for `slots` requests: /reserve answers 503 kv_full past it,
+    /abort frees a place; `hang_reserve` makes /reserve take that long (the gateway times out)."""
+
+    def __init__(self, slots: int, hang_reserve: float = 0.0):
+        self.slots, self.hang_reserve = slots, hang_reserve
+        self.held: list[str] = []
+        self.reserve_calls, self.refused, self.aborts = 0, 0, []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else {}
+        if request.url.path == "/reserve":
+            self.reserve_calls += 1
+            read_timeout = request.extensions["timeout"]["read"]
+            if self.hang_reserve and read_timeout is not None and read_timeout < self.hang_reserve:
+                await asyncio.sleep(read_timeout)  # what the real client does: gives up
+                self.held.append(body["request_id"])  # while the service takes the room all the same
+                raise httpx.ReadTimeout("timed out", request=request)
+            if len(self.held) >= self.slots:
+                self.refused += 1
+                return httpx.Response(503, json=KVFull("no KV room").body())
+            self.held.append(body["request_id"])
+            return httpx.Response(200, json={"request_id": body["request_id"], "service_id": "token-a",
+                                             "kv_address": "token-a:1", "kv_transport": "tcp"})
+        if request.url.path == "/abort":
+            self.aborts.append(body["request_id"])
+            found = body["request_id"] in self.held
+            if found:
+                self.held.remove(body["request_id"])
+            return httpx.Response(200, json={"request_id": body["request_id"], "found": found})
+        return httpx.Response(404, json={"error": {"message": "no", "type": "x", "param": None, "code": None}})
+
+
+@pytest_asyncio.fixture
+async def registry(redis_server):
+    redis = metadata.connect(redis_server.url)
+    registry = metadata.Registry(redis)
+    await registry.renew(token_service("token-a"), ttl_s=60)
+    yield registry
+    await registry.deregister("token-a")
+    await redis.aclose()
+
+
+async def test_requests_wait_in_order_without_hammering_the_token_service(registry, monkeypatch):
+    monkeypatch.setattr(admission, "POLL_S", 0.2)
+    fake = FullTokenService(slots=2)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(fake)) as client:
+        router = Router(registry, client, GatewaySettings(max_queued_requests=10, route_timeout_s=60), None)
+        tasks = []
+        for i in range(6):
+            tasks.append(asyncio.create_task(router.reserve(f"r{i}", 10, 10)))
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(1.0)  # four wait for room; the old code would re-send /reserve every 0.1 s each
+        assert fake.held == ["r0", "r1"] and len(router.admission.queue) == 4
+        assert fake.refused <= 4 + 1.0 / 0.2 + 1, f"{fake.refused} refused /reserve calls in 1 s"
+        for _ in range(4):  # one request ends at a time, as its decode finishes
+            await router._abort_all(fake.held[0], [token_service("token-a")])
+            await asyncio.wait_for(_until(lambda: len(fake.held) == 2), 10)
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        assert fake.aborts == ["r0", "r1", "r2", "r3"] and fake.held == ["r4", "r5"]
+
+
+async def test_a_reservation_given_up_on_is_aborted_at_once(registry, monkeypatch):
+    monkeypatch.setattr(router_module, "RESERVE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(admission, "POLL_S", 0.1)
+    fake = FullTokenService(slots=4, hang_reserve=0.5)  # answers after the gateway gave up: the room is taken
+    async with httpx.AsyncClient(transport=httpx.MockTransport(fake)) as client:
+        router = Router(registry, client, GatewaySettings(route_timeout_s=1.0), None)
+        with pytest.raises(Overloaded):
+            await router.reserve("slow", 10, 10)
+        await asyncio.wait_for(asyncio.gather(*router.background), 10)
+    assert "slow" in fake.aborts and fake.held == [], "the room taken by a timed-out /reserve was left to its TTL"
+
+
+async def test_the_router_sends_the_429_through_with_sampling_untouched(registry):
+    fake = FullTokenService(slots=0)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(fake)) as client:
+        router = Router(registry, client, GatewaySettings(max_queued_requests=0), None)
+        with pytest.raises(Overloaded) as refused:
+            async for _ in router.generate("r-full", [1, 2, 3], SamplingParams(max_tokens=4)):
+                pass
+    assert refused.value.status == 429 and fake.reserve_calls == 1
+
+
+async def test_a_full_token_service_is_not_logged_as_a_warning_and_a_429_has_retry_after(caplog):
+    app = FastAPI()
+    install_error_handlers(app, public=True)
+
+    @app.post("/full")
+    async def full():
+        raise KVFull("no KV room for 40 tokens")
+
+    @app.post("/busy")
+    async def busy():
+        raise Overloaded("at capacity", code="queue_full", retry_after=7)
+
+    with caplog.at_level(logging.INFO):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as client:
+            assert (await client.post("/full")).status_code == 503
+            resp = await client.post("/busy")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert resp.status_code == 429 and resp.headers["retry-after"] == "7"
+    assert resp.json()["error"]["code"] == "queue_full" and resp.json()["error"]["type"] == "rate_limit_exceeded"
+
+
+async def _until(predicate) -> None:
+    while not predicate():
+        await asyncio.sleep(0.01)
