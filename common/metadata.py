@@ -28,10 +28,15 @@ PREFIX = "dejavu:"
 REQUEST_TTL_S = 3600  # request metadata is kept an hour after its last write
 
 _ADVANCE = """
-local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '-1')
-if epoch ~= tonumber(ARGV[1]) then return -1 end
+local cur_epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '-1')
+local epoch, n = tonumber(ARGV[1]), tonumber(ARGV[2])
+if cur_epoch > epoch then return -1 end
+if cur_epoch < epoch then
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'replicated', n, 'store', ARGV[3])
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  return n
+end
 local cur = tonumber(redis.call('HGET', KEYS[1], 'replicated') or '0')
-local n = tonumber(ARGV[2])
 if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'store') ~= ARGV[3] then
   redis.call('HSET', KEYS[1], 'replicated', n, 'store', ARGV[3]) return n
 end
@@ -41,6 +46,7 @@ return cur
 
 _FENCE = """
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+if epoch < tonumber(ARGV[3]) then epoch = tonumber(ARGV[3]) redis.call('HSET', KEYS[1], 'epoch', epoch) end
 local replicated = redis.call('HGET', KEYS[1], 'replicated') or '0'
 local store = redis.call('HGET', KEYS[1], 'store') or ''
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'replicated', 0, 'store', '')
@@ -49,9 +55,11 @@ return {epoch, tonumber(replicated), store}
 """
 
 
-def connect(url: str) -> aioredis.Redis:
-    return aioredis.from_url(url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5,
-                             health_check_interval=10)
+def connect(url: str, timeout_s: float = 5.0) -> aioredis.Redis:
+    """`timeout_s` bounds each command: a service passes less than its lease TTL, so that a stalled
+    Redis costs a renewal or a lookup that can be tried again, not the whole lease."""
+    return aioredis.from_url(url, decode_responses=True, socket_connect_timeout=min(2.0, timeout_s),
+                             socket_timeout=timeout_s, health_check_interval=10)
 
 
 class Registry:
@@ -119,18 +127,23 @@ class RequestStore:
     async def get(self, request_id: str) -> dict[str, str]:
         return await self.redis.hgetall(self._key(request_id))
 
-    async def fence(self, request_id: str, new_owner: str) -> tuple[int, int, str]:
-        """Make `new_owner` the owner under a new epoch: the old owner's writes are refused from
-        now on. Returns (new epoch, replicated, store) as they were, and clears the index: until
-        the new owner records what it has, no replica is vouched for (the store may trim it)."""
-        epoch, replicated, store = await self._fence(keys=[self._key(request_id)], args=[new_owner, REQUEST_TTL_S])
+    async def fence(self, request_id: str, new_owner: str, at_least: int = 0) -> tuple[int, int, str]:
+        """Make `new_owner` the owner under a new epoch (at least `at_least`: the caller's own count,
+        should Redis have lost the record): the old owner's writes are refused from now on. Returns
+        (new epoch, replicated, store) as they were, and clears the index: until the new owner
+        records what it has, no replica is vouched for (the store may trim it)."""
+        epoch, replicated, store = await self._fence(keys=[self._key(request_id)],
+                                                     args=[new_owner, REQUEST_TTL_S, at_least])
         return int(epoch), int(replicated), store
 
     async def advance_replicated(self, request_id: str, epoch: int, n: int, store: str = "") -> int:
         """Record that cache store `store` has acknowledged the KV of tokens [0, n). Refused (-1)
-        when `epoch` is fenced. Against the same store it never goes backwards; a new store (the
-        old one died, the replica starts over) resets it to n. Returns the index now in force."""
-        return int(await self._advance(keys=[self._key(request_id)], args=[epoch, n, store]))
+        when `epoch` is fenced (Redis holds a newer one). Against the same store it never goes
+        backwards; a new store (the old one died, the replica starts over) resets it to n. A record
+        with an older epoch, or none, was lost (Redis restarted empty) or rebuilt by a fenced owner
+        since: it is written afresh under `epoch`, so replication outlives a Redis restart. Returns
+        the index now in force."""
+        return int(await self._advance(keys=[self._key(request_id)], args=[epoch, n, store, REQUEST_TTL_S]))
 
 
 _bad_entries: set[str] = set()  # registry ids already logged as unreadable

@@ -147,7 +147,7 @@ async def registered(app: FastAPI, settings: ServiceSettings, kind: ServiceKind,
     Yields the Redis client; deregisters and closes on the way out."""
     from common.metadata import connect
 
-    redis, started = connect(settings.redis_url), time.time()
+    redis, started = connect(settings.redis_url, timeout_s=min(5.0, settings.lease_ttl_s / 2)), time.time()
 
     def info() -> ServiceInfo:
         return ServiceInfo(kind=kind, id=app.state.service_id, url=app.state.url, host=socket.gethostname(),

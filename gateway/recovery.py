@@ -61,8 +61,8 @@ async def fence(requests: RequestStore, run: Run, owner: ServiceInfo) -> None:
     and index updates are refused from now on. Keeps what Redis vouched for (replicated tokens
     and their store) in `run.replica`. Without Redis, the epoch still goes up here."""
     try:
-        epoch, replicated, store = await requests.fence(run.request_id, owner.id)
-        run.epoch, run.replica = max(epoch, run.epoch + 1), (replicated, store)
+        epoch, replicated, store = await requests.fence(run.request_id, owner.id, at_least=run.epoch + 1)
+        run.epoch, run.replica = epoch, (replicated, store)
     except RedisError as exc:
         log.warning("could not fence the old owner in Redis (%s): going on at epoch %d", exc, run.epoch + 1)
         run.epoch, run.replica = run.epoch + 1, (0, "")

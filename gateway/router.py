@@ -265,12 +265,15 @@ class Router:
 
     async def _until_lease_lapses(self, call, svc: ServiceInfo):
         """Await `call`, unless `svc` stops renewing its lease first (it hangs or died): then
-        LeaseLapsed, instead of waiting out the call's timeout."""
+        LeaseLapsed, instead of waiting out the call's timeout. A lease missing from a Redis that
+        restarted empty, or lapsed while Redis was paused, is not death: a service that still
+        answers /health is waited for (it registers again within a renewal)."""
         task = asyncio.ensure_future(call)
         try:
             while not (await asyncio.wait({task}, timeout=LEASE_CHECK_S))[0]:
-                if not await self._leased(svc):
-                    raise LeaseLapsed(f"{svc.kind.value} service {svc.id} stopped renewing its lease (hung or dead)")
+                if not await self._leased(svc) and not await self._alive(svc, timeout=LEASE_CHECK_S):
+                    raise LeaseLapsed(f"{svc.kind.value} service {svc.id} stopped renewing its lease and does not "
+                                      "answer /health (hung or dead)")
             return task.result()
         finally:
             task.cancel()
@@ -292,9 +295,9 @@ class Router:
             raise _internal(svc, resp.status_code, resp.text)
         return resp.json()
 
-    async def _alive(self, svc: ServiceInfo) -> bool:
+    async def _alive(self, svc: ServiceInfo, timeout: float = 2.0) -> bool:
         try:
-            return (await self.client.get(svc.url + "/health", timeout=2.0)).status_code == 200
+            return (await self.client.get(svc.url + "/health", timeout=timeout)).status_code == 200
         except httpx.HTTPError:
             return False
 

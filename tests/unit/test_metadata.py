@@ -63,6 +63,31 @@ def test_replicated_index_only_advances_for_the_current_epoch(redis_server):
     run(go())
 
 
+def test_a_lost_record_is_rebuilt_by_its_owner_and_fencing_never_goes_back(redis_server):
+    """Issue #10 item 9: after Redis restarts empty, the owner's next index update must not read as
+    "fenced" (before, replication stopped for good); and a gateway that fences a request Redis
+    forgot keeps the epoch above every one it handed out."""
+    async def go():
+        redis = metadata.connect(redis_server.url)
+        store = metadata.RequestStore(redis)
+        rid = f"req-{time.time_ns()}"
+        await store.create(rid, {"status": "running"})
+        assert await store.fence(rid, "token-b") == (1, 0, "")
+        assert await store.fence(rid, "token-c") == (2, 0, "")
+        await redis.delete(store._key(rid))  # Redis restarted without its data
+        assert await store.advance_replicated(rid, 2, 32, "store-a") == 32  # the owner rebuilds it
+        assert await store.advance_replicated(rid, 1, 48, "store-a") == -1  # an older owner is still fenced
+        fields = await store.get(rid)
+        assert (fields["epoch"], fields["replicated"], fields["store"]) == ("2", "32", "store-a")
+        assert 0 < await redis.ttl(store._key(rid)) <= metadata.REQUEST_TTL_S
+        await redis.delete(store._key(rid))
+        assert await store.fence(rid, "token-d", at_least=3) == (3, 0, "")  # not 1: epoch 2 is out there
+        assert await store.advance_replicated(rid, 2, 64) == -1
+        await redis.aclose()
+
+    run(go())
+
+
 def test_registry_unreachable_is_unavailable():
     from common.errors import Unavailable
 

@@ -1,0 +1,65 @@
+"""A missing lease is a hint, not a death certificate (issue #10 item 9). Against a real Redis,
+with a prompt service faked at the HTTP boundary: a prefill outlives its service's lease (as after
+a Redis restart, or a pause past the TTL, before the next renewal). A service that still answers
+/health is waited for; one that does not is given up, as before."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from common import metadata
+from common.protocol import PrefillRequest, PrefillResult, SamplingParams, ServiceInfo, ServiceKind, TokenEvent
+from common.settings import GatewaySettings
+from gateway import router as router_module
+from gateway.router import LeaseLapsed, Router
+
+pytestmark = pytest.mark.asyncio
+PREFILL_S = 1.0
+
+
+def prompt_service() -> ServiceInfo:
+    return ServiceInfo(kind=ServiceKind.PROMPT, id="prompt-lease", url="http://prompt-lease", host="h", pid=1)
+
+
+def fake(healthy: bool):
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            if not healthy:  # hung: the probe times out
+                raise httpx.ReadTimeout("timed out", request=request)
+            return httpx.Response(200, json={"status": "ok"})
+        if request.url.path == "/prefill":
+            await asyncio.sleep(PREFILL_S)
+            first = TokenEvent(request_id="r-lease", index=0, token_id=7)
+            return httpx.Response(200, content=PrefillResult(request_id="r-lease", first=first, prefill_ms=1,
+                                                             stream_tail_ms=0).model_dump_json())
+        return httpx.Response(404)
+    return handle
+
+
+@pytest.mark.parametrize("healthy", [True, False], ids=["alive", "hung"])
+async def test_a_prefill_outlives_a_lost_lease_only_if_its_service_answers(redis_server, monkeypatch, healthy):
+    monkeypatch.setattr(router_module, "LEASE_CHECK_S", 0.1)
+    monkeypatch.setattr(router_module, "REGISTRY_CACHE_S", 0.0)
+    redis = metadata.connect(redis_server.url)
+    registry, svc = metadata.Registry(redis), prompt_service()
+    await registry.renew(svc, ttl_s=60)
+    req = PrefillRequest(request_id="r-lease", epoch=0, prompt_ids=[1, 2, 3], sampling=SamplingParams(max_tokens=4),
+                         target_service_id="token-x", target_kv_address="token-x:1")
+    try:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(fake(healthy))) as client:
+            router = Router(registry, client, GatewaySettings(), None)
+            call = asyncio.create_task(router.prefill_on(svc, req))
+            await asyncio.sleep(0.3)
+            await registry.deregister(svc.id)  # as if Redis restarted empty: no lease until the next renewal
+            if healthy:
+                result = await asyncio.wait_for(call, 10)
+                assert result.first.token_id == 7
+            else:
+                with pytest.raises(LeaseLapsed):
+                    await asyncio.wait_for(call, 10)
+    finally:
+        await registry.deregister(svc.id)
+        await redis.aclose()
