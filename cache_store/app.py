@@ -10,6 +10,7 @@ GET  /health, /metrics
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
@@ -21,7 +22,7 @@ from common.kv import make_transport
 from common.kv.receiver import kv_server
 from common.protocol import AbortResult, DropRequest, ServiceKind
 from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, RequireSecret, add_health_and_metrics,
-                            listen_kv, registered, request_id_var)
+                            listen_kv, registered, request_id_var, supervise)
 from common.settings import CacheStoreSettings
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,16 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 16 << 30  # one replica message: a whole sequence's KV of any model we serve, not a claimed terabyte
 
 
+async def _expire(store: ReplicaStore) -> None:
+    """Drop orphaned replicas (see cache_store/store.py), checking a few times per TTL."""
+    while True:
+        await asyncio.sleep(min(store.ttl_s / 4, 10.0))
+        for request_id in store.expire():
+            log.info("replica of %s expired: not written to or fetched for %.0f s", request_id, store.ttl_s)
+
+
 def create_app(settings: CacheStoreSettings) -> FastAPI:
-    store = ReplicaStore(settings.memory_bytes, settings.spill_dir)
+    store = ReplicaStore(settings.memory_bytes, settings.spill_dir, settings.replica_ttl_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -46,10 +55,12 @@ def create_app(settings: CacheStoreSettings) -> FastAPI:
             kv_address=kv_address, kv_transport=settings.kv_transport, active_requests=len(store.replicas),
             kv_bytes_used=store.bytes_held + store.bytes_spilled,
             kv_bytes_free=max(settings.memory_bytes - store.bytes_held, 0))
+        expiry = supervise(asyncio.create_task(_expire(store)), "replica expiry")
         try:
             async with registered(app, settings, ServiceKind.CACHE_STORE, lease_fields):
                 yield
         finally:
+            expiry.cancel()
             await transport.close()
             store.close()
 

@@ -9,16 +9,21 @@ A replica's lifecycle:
    owner that resumed from index k rewrites [k, ...) under its newer epoch;
 3. fetch(epoch, n): tokens [0, n) as one array, and their dtype name. A newer epoch fences the
    old owner here too;
-4. drop: the request ended; its memory and spill files are freed.
+4. drop: the request ended; its memory and spill files are freed;
+   or expiry: a replica nobody wrote to or fetched for `ttl_s` is dropped (its owner writes every
+   few tokens while the request runs: one left alone lost its owner and its gateway together).
 
 Past `memory_bytes`, the oldest chunks (by arrival, across replicas) are written to files and
 read back by fetch. Spill files are worth nothing once this process is gone (no other store can
-serve them), so they live in a private folder that close() removes.
+serve them), so they live in a private folder that close() removes. `memory_bytes` is a hard cap:
+when the disk takes no more (full, unwritable), a put that does not fit in memory is refused
+(StoreFull; the owner replicates to another store) and no partial file is left behind.
 
     Refused          the store will not do it; the sender gets an error frame
     ├── StaleEpoch   the sender's epoch is older than the replica's (a fenced owner)
     ├── ReplicaGap   a put that would leave tokens missing, or a fetch of tokens not held
-    └── BadChunk     a payload whose shape or dtype does not fit its header or the replica
+    ├── BadChunk     a payload whose shape or dtype does not fit its header or the replica
+    └── StoreFull    memory is at --memory-bytes and spilling to disk fails
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,6 +61,10 @@ class ReplicaGap(Refused):
 
 
 class BadChunk(Refused):
+    pass
+
+
+class StoreFull(Refused):
     pass
 
 
@@ -86,6 +96,7 @@ class Chunk:
 class Replica:
     epoch: int
     chunks: list[Chunk] = field(default_factory=list)
+    renewed: float = field(default_factory=time.monotonic)  # last put or fetch: expiry counts from here
 
     @property
     def tokens(self) -> int:
@@ -99,8 +110,8 @@ class Replica:
 
 
 class ReplicaStore:
-    def __init__(self, memory_bytes: int = 2 << 30, spill_dir: str = "") -> None:
-        self.memory_bytes, self.spill_dir = memory_bytes, spill_dir
+    def __init__(self, memory_bytes: int = 2 << 30, spill_dir: str = "", ttl_s: float = 600.0) -> None:
+        self.memory_bytes, self.spill_dir, self.ttl_s = memory_bytes, spill_dir, ttl_s
         self.replicas: dict[str, Replica] = {}
         self.resident: dict[Chunk, None] = {}  # chunks in memory, oldest first: the spill order
         self.bytes_held = 0  # in memory
@@ -118,18 +129,16 @@ class ReplicaStore:
             held = 0 if replica is None else replica.tokens
             raise ReplicaGap(f"request {rid}: tokens from {start} would leave a gap (the store holds {held})")
         _check_payload(header, payload, None if replica is None or start == 0 else replica.chunks[0])
-        if start == 0:
+        chunk = self._place(Chunk(start, np.ascontiguousarray(payload), header.dtype, tuple(payload.shape)))
+        if start == 0:  # nothing changes before this point: a refused put leaves the replica as it was
             if replica is not None:
                 self._cut(replica, 0)
             replica = self.replicas[rid] = Replica(header.epoch)
         else:
             self._cut(replica, start)
             replica.epoch = max(replica.epoch, header.epoch)
-        chunk = Chunk(start, np.ascontiguousarray(payload), header.dtype, tuple(payload.shape))
+            replica.renewed = time.monotonic()
         replica.chunks.append(chunk)
-        self.resident[chunk] = None
-        self.bytes_held += chunk.nbytes
-        self._spill_past_budget()
         self._gauges()
 
     def fetch(self, request_id: str, epoch: int, n: int) -> tuple[np.ndarray, str]:
@@ -143,7 +152,7 @@ class ReplicaStore:
             raise StaleEpoch(f"request {request_id}: epoch {epoch} is fenced (the replica is at {replica.epoch})")
         if n > replica.tokens:
             raise ReplicaGap(f"request {request_id}: {n} tokens asked, the store holds {replica.tokens}")
-        replica.epoch = epoch
+        replica.epoch, replica.renewed = epoch, time.monotonic()
         parts = [c.array()[:, :, : n - c.start] for c in replica.chunks if c.start < n]
         return np.concatenate(parts or [replica.chunks[0].array()[:, :, :0]], axis=2), replica.dtype
 
@@ -157,6 +166,14 @@ class ReplicaStore:
         self._cut(replica, 0)
         self._gauges()
         return True
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Drop the replicas nobody wrote to or fetched for `ttl_s`; returns their request ids."""
+        now = time.monotonic() if now is None else now
+        old = [rid for rid, r in self.replicas.items() if now - r.renewed > self.ttl_s]
+        for rid in old:
+            self.drop(rid)
+        return old
 
     def close(self) -> None:
         """Remove the spill folder; the store holds nothing on disk afterwards."""
@@ -175,36 +192,79 @@ class ReplicaStore:
 
     def _trim(self, chunk: Chunk, at: int) -> None:
         kept = np.ascontiguousarray(chunk.array()[:, :, : at - chunk.start])  # a copy: frees the rest
-        if chunk.data is None:
-            self.bytes_spilled -= chunk.nbytes - kept.nbytes
-            kept.tofile(chunk.path)
-        else:
+        if chunk.data is not None:
             self.bytes_held -= chunk.nbytes - kept.nbytes
-            chunk.data = kept
+            chunk.data, chunk.shape = kept, kept.shape
+            return
+        try:
+            self._write(kept, chunk.path)
+            self.bytes_spilled -= chunk.nbytes - kept.nbytes
+        except OSError as exc:  # the disk takes no more: the kept tokens go back to memory (a new chunk waits)
+            log.warning("cannot rewrite a spilled chunk (%s): keeping its %d B in memory", exc, kept.nbytes)
+            self._remove(chunk.path)
+            self.bytes_spilled -= chunk.nbytes
+            self.bytes_held += kept.nbytes
+            chunk.data, chunk.path = kept, ""
+            self.resident[chunk] = None
         chunk.shape = kept.shape
 
     def _free(self, chunk: Chunk) -> None:
         if chunk.data is None:
-            os.remove(chunk.path)
+            self._remove(chunk.path)
             self.bytes_spilled -= chunk.nbytes
         else:
             del self.resident[chunk]
             self.bytes_held -= chunk.nbytes
 
-    def _spill_past_budget(self) -> None:
-        while self.bytes_held > self.memory_bytes and self.resident:
-            chunk = next(iter(self.resident))
-            try:
+    def _place(self, chunk: Chunk) -> Chunk:
+        """Room for a new chunk: in memory, spilling the oldest chunks past `memory_bytes`, or
+        straight to disk when it alone is past it. StoreFull if the disk takes no more."""
+        try:
+            while self.bytes_held + chunk.nbytes > self.memory_bytes and self.resident:
+                self._spill(next(iter(self.resident)))
+            if self.bytes_held + chunk.nbytes > self.memory_bytes:
                 path = self._spill_path()
-                chunk.data.tofile(path)  # synchronous: a chunk is one replication step's KV
-            except OSError as exc:  # the data is safe in memory: over budget beats refusing it
-                log.warning("cannot spill replicas to %s: %s", self.folder or self.spill_dir, exc)
-                return
-            del self.resident[chunk]
-            chunk.path, chunk.data = path, None
-            self.bytes_held -= chunk.nbytes
-            self.bytes_spilled += chunk.nbytes
-            log.debug("spilled %d B to %s (%d B left in memory)", chunk.nbytes, path, self.bytes_held)
+                self._write(chunk.data, path)
+                chunk.path, chunk.data = path, None
+                self.bytes_spilled += chunk.nbytes
+                return chunk
+        except OSError as exc:
+            raise StoreFull(f"the cache store is full: {self.bytes_held} B in memory (--memory-bytes "
+                            f"{self.memory_bytes}) and spilling to {self.folder or self.spill_dir or 'disk'} "
+                            f"failed: {exc}") from exc
+        self.resident[chunk] = None
+        self.bytes_held += chunk.nbytes
+        return chunk
+
+    def _spill(self, chunk: Chunk) -> None:
+        path = self._spill_path()
+        self._write(chunk.data, path)  # synchronous: a chunk is one replication step's KV
+        del self.resident[chunk]
+        chunk.path, chunk.data = path, None
+        self.bytes_held -= chunk.nbytes
+        self.bytes_spilled += chunk.nbytes
+        log.debug("spilled %d B to %s (%d B left in memory)", chunk.nbytes, path, self.bytes_held)
+
+    @staticmethod
+    def _write(array: np.ndarray, path: str) -> None:
+        """`array`'s bytes to `path`, whole or not at all: a failed write leaves no partial file."""
+        part = path + ".part"
+        try:  # not ndarray.tofile: it does not report a short write (a full disk), which would corrupt the replica
+            with open(part, "wb") as f:
+                f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+            os.replace(part, path)
+        except OSError:
+            ReplicaStore._remove(part)
+            raise
+
+    @staticmethod
+    def _remove(path: str) -> None:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # the folder goes at close() in any case
+            log.warning("cannot remove spill file %s: %s", path, exc)
 
     def _spill_path(self) -> str:
         if self.folder is None:

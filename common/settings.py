@@ -182,13 +182,18 @@ class GatewaySettings(ServiceSettings):
 class CacheStoreSettings(ServiceSettings):
     kv_transport: str = setting("ucx", "KV transport", ("ucx", "tcp"))
     kv_port: int = setting(0, "KV transport port (0 picks a free one)")
-    memory_bytes: int = setting(2 << 30, "replica bytes kept in host memory before spilling to disk")
+    memory_bytes: int = setting(2 << 30, "replica bytes kept in host memory, a hard cap: past it the oldest spill to "
+                                "disk, and when the disk takes no more a replica is refused (its owner uses "
+                                "another store)")
     spill_dir: str = setting("", "where replicas spill past --memory-bytes (default: a temporary folder)")
+    replica_ttl_s: float = setting(600.0, "a replica nobody wrote to or fetched for this long is dropped: its owner "
+                                   "and its gateway both died (a live owner writes every --replicate-every tokens) (s)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self, 0 <= self.kv_port <= 65535, "kv_port", "must be in 0..65535")
         _check(self, self.memory_bytes >= 0, "memory_bytes", "must be >= 0 (0: every replica goes to disk)")
+        _check(self, self.replica_ttl_s > 0, "replica_ttl_s", "must be > 0")
 
 
 def cache_dir() -> str:

@@ -5,7 +5,11 @@ transport (UCX and TCP)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import resource
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +17,7 @@ import pytest_asyncio
 import torch
 from prometheus_client import REGISTRY
 
-from cache_store.store import BadChunk, Refused, ReplicaGap, ReplicaStore, StaleEpoch
+from cache_store.store import BadChunk, Refused, ReplicaGap, ReplicaStore, StaleEpoch, StoreFull
 from common.kv import TRANSPORTS, Header, make_transport, send_fetch, stream_in
 from common.kv.fetch import FetchError, fetch_replica
 from common.kv.peers import KVRejected, Peers
@@ -224,6 +228,79 @@ def test_default_spill_folder_is_temporary():
     np.testing.assert_array_equal(fetch(store, "r", 1, 2), kv(2, 5))
     store.close()
     assert not os.path.exists(folder)
+
+
+@contextlib.contextmanager
+def disk_full_past(nbytes: int):
+    """Real write failures: files of this process cannot grow past `nbytes` (RLIMIT_FSIZE; the
+    kernel answers EFBIG, as a full disk answers ENOSPC, after writing what fits)."""
+    old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, old_limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def spill_files(folder) -> list[str]:
+    return sorted(f for _, _, fs in os.walk(folder) for f in fs)
+
+
+def test_memory_is_a_hard_cap_when_the_disk_is_full(tmp_path):
+    """Issue #10 item 14: before, a failed spill kept everything in memory, without bound, and left
+    a partial file. Now a put that does not fit is refused (the owner replicates elsewhere) and
+    leaves the replica as it was; the store takes puts again once the disk has room."""
+    store = ReplicaStore(memory_bytes=4 * TOKEN_BYTES, spill_dir=str(tmp_path))
+    put(store, "a", 1, 0, kv(3, 1))
+    with disk_full_past(TOKEN_BYTES):  # a 3-token chunk cannot be written whole
+        put(store, "b", 1, 0, kv(1, 2))  # fits in memory: no spill needed
+        with pytest.raises(StoreFull, match="--memory-bytes"):
+            put(store, "b", 1, 1, kv(2, 3))  # needs a spill, which fails
+        with pytest.raises(StoreFull):
+            put(store, "c", 1, 0, kv(5, 4))  # past the cap on its own: straight to disk, which fails
+        assert store.bytes_held == 4 * TOKEN_BYTES and store.bytes_spilled == 0
+        assert spill_files(tmp_path) == [], "a failed spill left a partial file"
+        assert store.replicas["b"].tokens == 1 and "c" not in store.replicas
+        np.testing.assert_array_equal(fetch(store, "a", 1, 3), kv(3, 1))
+    put(store, "b", 1, 1, kv(2, 3))  # room on disk again
+    np.testing.assert_array_equal(fetch(store, "b", 1, 3), cat(kv(1, 2), kv(2, 3)))
+    assert store.bytes_held <= 4 * TOKEN_BYTES and store.bytes_spilled == 3 * TOKEN_BYTES
+    store.close()
+
+
+def test_a_spilled_chunk_that_cannot_be_rewritten_goes_back_to_memory(tmp_path):
+    store = ReplicaStore(memory_bytes=0, spill_dir=str(tmp_path))
+    put(store, "a", 1, 0, kv(4, 1))
+    assert store.bytes_spilled == 4 * TOKEN_BYTES
+    with disk_full_past(TOKEN_BYTES):
+        with pytest.raises(StoreFull):
+            put(store, "a", 2, 2, kv(2, 2))  # no room for the new chunk: nothing changes
+        assert store.replicas["a"].tokens == 4
+        store._cut(store.replicas["a"], 2)  # a trim whose rewrite fails keeps the kept tokens in memory
+    np.testing.assert_array_equal(fetch(store, "a", 1, 2), kv(4, 1)[:, :, :2])
+    assert (store.bytes_held, store.bytes_spilled) == (2 * TOKEN_BYTES, 0)
+    assert spill_files(tmp_path) == []
+    store.close()
+
+
+def test_replicas_left_alone_past_the_ttl_expire(tmp_path):
+    """A replica whose owner and gateway died together is dropped after the TTL; one its owner
+    keeps writing (or a successor fetched) stays."""
+    store = ReplicaStore(memory_bytes=TOKEN_BYTES, spill_dir=str(tmp_path), ttl_s=60)
+    put(store, "orphan", 1, 0, kv(3, 1))
+    put(store, "live", 1, 0, kv(3, 2))
+    put(store, "fetched", 1, 0, kv(3, 3))
+    now = time.monotonic()
+    store.replicas["orphan"].renewed = store.replicas["live"].renewed = store.replicas["fetched"].renewed = now - 50
+    put(store, "live", 1, 3, kv(1, 4))  # its owner writes on: renewed
+    fetch(store, "fetched", 2, 3)       # a successor fetched it: renewed
+    assert store.expire(now + 20) == ["orphan"]
+    assert sorted(store.replicas) == ["fetched", "live"]
+    assert store.bytes_held + store.bytes_spilled == 7 * TOKEN_BYTES
+    assert spill_files(tmp_path) == ["2.kv", "3.kv"]  # the orphan's file is gone; live's new chunk is in memory
+    assert store.expire(now + 200) == ["live", "fetched"] and spill_files(tmp_path) == []
+    store.close()
 
 
 # End to end: PeerLink sends, kv_server stores, fetch_replica reads back.
