@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -113,6 +115,28 @@ def eos_token_ids(path: Path) -> list[int]:
     if eos is None:
         return []
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+MODEL_FILES = ("config.json", "tokenizer.json")  # what decides the KV's shape and meaning, and the token ids
+VOLATILE_CONFIG = ("transformers_version", "_name_or_path", "torch_dtype", "dtype")  # may differ, same model
+
+
+def model_fingerprint(path: Path) -> str:
+    """Who may share KV: services whose models have the same config (layers, heads, RoPE, ...) and
+    tokenizer. Published in the registry; the gateway routes only to its own model's services, so
+    two models on one Redis never mix KV. Not the weights (too big to hash at every start): two
+    fine-tunes of one base model need two clusters (two cluster tokens)."""
+    digest = hashlib.sha256()
+    for name in MODEL_FILES:
+        file = Path(path) / name
+        if not file.exists():
+            continue
+        data = file.read_bytes()
+        if name == "config.json":
+            config = {k: v for k, v in json.loads(data).items() if k not in VOLATILE_CONFIG}
+            data = json.dumps(config, sort_keys=True).encode()
+        digest.update(name.encode() + b"\0" + data + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def context_length(path: Path) -> int:

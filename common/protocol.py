@@ -46,6 +46,7 @@ class ServiceInfo(Message):
     host: str
     pid: int
     model: str = ""               # model folder it serves ("" for gateway/cache_store)
+    model_id: str = ""            # model_fingerprint of that model: the gateway routes only to its own
     kv_address: str = ""          # "host:port" of its KV transport listener ("" if none)
     kv_transport: str = ""        # "ucx" | "tcp"
     max_model_len: int = 0        # tokens per sequence

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 
 from common import metadata
 from common.errors import DejavuError, error_body, install_error_handlers
-from common.model import context_length, eos_token_ids, load_tokenizer, resolve_model_path
+from common.model import context_length, eos_token_ids, load_tokenizer, model_fingerprint, resolve_model_path
 from common.protocol import ServiceKind, cluster_fingerprint, cluster_status
 from common.service import (API_KEYS, BodyLimit, ClosingStreamingResponse, RequireSecret, add_health_and_metrics,
                             cluster_headers, registered, request_id_var)
@@ -41,6 +41,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         path = resolve_model_path(settings.model, progress=log.info)
+        model_id = model_fingerprint(path)
         app.state.tokenizer = tokenizer = await asyncio.to_thread(load_tokenizer, path)
         app.state.encoder = await asyncio.to_thread(Encoder, path)
         app.state.limits = Limits(settings.model_name, min(settings.max_model_len, context_length(path)),
@@ -49,15 +50,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.state.active = set()  # request ids being served
         client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
                                    headers=cluster_headers(settings))  # every internal call carries the token
-        lease_fields = lambda: dict(model=str(path), max_model_len=app.state.limits.max_model_len,  # noqa: E731
-                                    active_requests=len(app.state.active))
+        lease_fields = lambda: dict(model=str(path), model_id=model_id,  # noqa: E731
+                                    max_model_len=app.state.limits.max_model_len, active_requests=len(app.state.active))
         log.info("gateway ready: serving %r (%s), max context %d", settings.model_name, path,
                  app.state.limits.max_model_len)
         try:
             async with registered(app, settings, ServiceKind.GATEWAY, lease_fields) as redis:
                 app.state.store = metadata.RequestStore(redis)
                 registry = metadata.Registry(redis, cluster_fingerprint(settings.cluster_token))  # this cluster's only
-                app.state.router = Router(registry, client, settings, app.state.store)
+                app.state.router = Router(registry, client, settings, app.state.store, model_id)
                 yield
         finally:
             await client.aclose()

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 REGISTRY_CACHE_S = 0.5
 PREFILL_ATTEMPTS = 4  # prompt services tried for one prefill (the same one again if there is no other)
 LEASE_CHECK_S = 1.0  # a call or stream silent this long makes the gateway check its service's lease
+ENGINES = (ServiceKind.PROMPT, ServiceKind.TOKEN)  # services that run the model
 RESERVE_TIMEOUT_S = 10.0  # a /reserve unanswered this long is given up (and aborted: it may have taken room)
 
 
@@ -40,8 +41,9 @@ class LeaseLapsed(UpstreamError):
 
 class Router:
     def __init__(self, registry: Registry, client: httpx.AsyncClient, settings: GatewaySettings,
-                 requests: RequestStore):
+                 requests: RequestStore, model_id: str = ""):
         self.registry, self.client, self.settings, self.requests = registry, client, settings, requests
+        self.model_id = model_id  # model_fingerprint of the gateway's model: engines of another are not ours
         self._cache: tuple[float, list[ServiceInfo]] = (0.0, [])
         self.in_flight: Counter[str] = Counter()  # service id -> requests this gateway has there
         self.background: set[asyncio.Task] = set()
@@ -54,7 +56,11 @@ class Router:
             self._cache = (time.monotonic(), infos)
             if _kv_freed(old, infos):  # another gateway's request ended: our queue's head may fit now
                 self.admission.wake()
-        return [i for i in infos if i.kind == kind]
+        return [i for i in infos if i.kind == kind and (kind not in ENGINES or self._ours(i))]
+
+    def _ours(self, engine: ServiceInfo) -> bool:
+        """An engine serving another model (two models on one Redis) would mix KV: never routed to."""
+        return not self.model_id or engine.model_id == self.model_id
 
     async def generate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> AsyncIterator[TokenEvent]:
         """The request's tokens, in order. If its token service dies or hangs mid-decode, the

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from common.errors import install_error_handlers
 from common.kv import make_transport
 from common.kv.peers import Peers
-from common.model import load_model, resolve_model_path
+from common.model import load_model, model_fingerprint, resolve_model_path
 from common.protocol import AbortRequest, AbortResult, PrefillRequest, PrefillResult, ServiceKind
 from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, RequireSecret, add_health_and_metrics,
                             registered, request_id_var, supervise)
@@ -31,6 +31,7 @@ def create_app(settings: PromptSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         path = resolve_model_path(settings.model, progress=log.info)
+        model_id = model_fingerprint(path)  # the gateway routes only to services of this model
         model = await asyncio.to_thread(load_model, path, settings.threads, settings.dtype)
         runner = ModelRunner(model, settings.block_size, settings.max_model_len, kernels=False)  # no decode here
         del model  # the runner keeps what it needs (our forward copies and packs the weights)
@@ -40,7 +41,7 @@ def create_app(settings: PromptSettings) -> FastAPI:
         loop_task = supervise(asyncio.create_task(engine.run()), "prefill loop")
         log.info("prompt service ready: model %s (%s, %s forward), KV transport %s", path, runner.dtype, runner.name,
                  settings.kv_transport)
-        lease_fields = lambda: dict(model=str(path), kv_transport=settings.kv_transport,  # noqa: E731
+        lease_fields = lambda: dict(model=str(path), model_id=model_id, kv_transport=settings.kv_transport,  # noqa: E731
                                     max_model_len=settings.max_model_len, active_requests=len(engine.jobs),
                                     dtype=runner.dtype_name)
         try:

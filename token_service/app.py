@@ -22,7 +22,7 @@ from common.kv import make_transport
 from common.kv.peers import Peers
 from common.kv.receiver import kv_server
 from common.metadata import Registry, RequestStore
-from common.model import load_model, resolve_model_path
+from common.model import load_model, model_fingerprint, resolve_model_path
 from common.protocol import (AbortRequest, AbortResult, DecodeEvent, DecodeRequest, PrefillRequest, PrefillResult,
                              Reservation, ReserveRequest, RestoreRequest, RestoreResult, ServiceKind,
                              cluster_fingerprint)
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 async def _lifespan(app: FastAPI, settings: TokenSettings):
     """Load the model, start the KV listener and the decode loop, register; undo it all on the way out."""
     path = resolve_model_path(settings.model, progress=log.info)
+    model_id = model_fingerprint(path)  # the gateway routes only to services of this model
     model = await asyncio.to_thread(load_model, path, settings.threads, settings.dtype)
     runner = ModelRunner(model, settings.block_size, settings.max_model_len, compile=settings.compile)
     del model  # the runner keeps what it needs (our forward copies and packs the weights)
@@ -56,7 +57,7 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
              engine.pool.nbytes / 2**20, settings.max_seqs, kv_address, settings.kv_transport,
              ", colocated: prefills here too" if settings.colocated else "")
     lease_fields = lambda: dict(  # noqa: E731
-        model=str(path), kv_address=kv_address, kv_transport=settings.kv_transport,
+        model=str(path), model_id=model_id, kv_address=kv_address, kv_transport=settings.kv_transport,
         max_model_len=settings.max_model_len, colocated=settings.colocated, dtype=runner.dtype_name,
         active_requests=len(engine.scheduler.seqs),
         kv_bytes_used=engine.kv_bytes_used, kv_bytes_free=engine.kv_bytes_free)

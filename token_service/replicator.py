@@ -135,9 +135,11 @@ class Replicator:
         log.warning("replicating tokens [%d, %d) to %s failed: %s: %s; the replica starts over", start, end,
                     store.id if store else "a cache store", type(exc).__name__, exc)
         RESTARTS.inc()
+        now = time.monotonic()
+        self.avoid = {s: until for s, until in self.avoid.items() if until > now}  # stores come and go
         if store is not None:
-            self.avoid[store.id] = time.monotonic() + AVOID_S
-        self.retry_at[rid] = time.monotonic() + RETRY_S
+            self.avoid[store.id] = now + AVOID_S
+        self.retry_at[rid] = now + RETRY_S
         self.acked.pop(rid, None)
         self.where.pop(rid, None)
 

@@ -3,7 +3,10 @@
 A `PeerLink` is one connection plus a reader task that matches every acknowledgement frame the
 receiver sends back to the send that asked for it, keyed by (request_id, layer_start,
 token_start). `send()` returns once the frame is out; `await ack` returns once the receiver has
-stored it (or raises KVRejected / TransportError). `Peers` keeps one link per address and
+stored it (or raises KVRejected / TransportError). A send that cannot get its frame out within
+`send_timeout` (the receiver is stopped or wedged: its socket no longer drains) closes the link,
+so every send on it fails at once instead of waiting forever; an acknowledgement nobody waits for
+any more (its waiter timed out) is forgotten. `Peers` keeps one link per address and
 reconnects after a break. For fault-injection tests, `fault_rate` makes that fraction of sends
 fail with a TransportError before anything is sent (the link itself stays up).
 """
@@ -32,9 +35,12 @@ def ack_key(h: Header) -> tuple[str, int, int]:
     return (h.request_id, h.layer_start, h.token_start)
 
 
+SEND_TIMEOUT_S = 30.0  # one frame out: a stalled receiver costs this, once, to every sender on its link
+
+
 class PeerLink:
-    def __init__(self, address: str, conn: Connection, fault_rate: float = 0.0):
-        self.address, self.conn, self.fault_rate = address, conn, fault_rate
+    def __init__(self, address: str, conn: Connection, fault_rate: float = 0.0, send_timeout: float = SEND_TIMEOUT_S):
+        self.address, self.conn, self.fault_rate, self.send_timeout = address, conn, fault_rate, send_timeout
         self.waiting: dict[tuple[str, int, int], asyncio.Future] = {}
         self.reader = asyncio.create_task(self._read_acks())
 
@@ -47,8 +53,15 @@ class PeerLink:
         key = (fields["request_id"], fields.get("layer_start", 0), fields.get("token_start", 0))
         ack = asyncio.get_running_loop().create_future()
         self.waiting[key] = ack
+        ack.add_done_callback(lambda f: self.waiting.pop(key) if self.waiting.get(key) is f else None)
         try:
-            await stream_out(self.conn, payload, **fields)
+            await asyncio.wait_for(stream_out(self.conn, payload, **fields), self.send_timeout)
+        except asyncio.TimeoutError:
+            self.waiting.pop(key, None)
+            ack.cancel()
+            await self.close()  # a frame cut in the middle: nothing more can go over this link
+            raise TransportError(f"send to {self.address} timed out after {self.send_timeout:.0f} s "
+                                 "(the receiver is stopped or wedged): link closed") from None
         except BaseException:
             self.waiting.pop(key, None)
             raise
@@ -83,8 +96,10 @@ class PeerLink:
 
 
 class Peers:
-    def __init__(self, transport: Transport, connect_timeout: float = 5.0, fault_rate: float = 0.0):
+    def __init__(self, transport: Transport, connect_timeout: float = 5.0, fault_rate: float = 0.0,
+                 send_timeout: float = SEND_TIMEOUT_S):
         self.transport, self.connect_timeout, self.fault_rate = transport, connect_timeout, fault_rate
+        self.send_timeout = send_timeout
         self.links: dict[str, PeerLink] = {}
         self.locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)  # one peer slow to connect stalls only its own sends
 
@@ -96,7 +111,7 @@ class Peers:
                 if link is not None:
                     await link.close()
                 conn = await self.transport.connect(address, timeout=self.connect_timeout)
-                link = self.links[address] = PeerLink(address, conn, self.fault_rate)
+                link = self.links[address] = PeerLink(address, conn, self.fault_rate, self.send_timeout)
             return link
 
     def _prune(self, keep: str) -> None:

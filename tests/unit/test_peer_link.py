@@ -1,0 +1,72 @@
+"""Sender-side KV links against a receiver that stops (issue #10 item 16): a SIGSTOPped peer (a
+real process, over UCX and TCP) no longer drains its socket; a send then fails within its timeout
+and closes the link, instead of stalling every request that uses it for good. Acknowledgements
+nobody waits for any more are forgotten, not kept forever."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from common.kv import TRANSPORTS, make_transport
+from common.kv.peers import Peers
+from common.kv.transport import TransportError
+from tests.unit.test_transport import ROOT, read_address
+
+pytestmark = pytest.mark.asyncio
+BOUND_S = 20.0  # bound on every wait that must not hang; never asserted as a latency
+BIG = np.zeros(64 << 20, dtype=np.float32)  # 256 MiB: far past what socket buffers take while nobody reads
+FIELDS = dict(epoch=0, layer_start=0, layer_end=1, token_start=0, token_end=1)
+
+
+@pytest.fixture(params=TRANSPORTS)
+def name(request) -> str:
+    return request.param
+
+
+@pytest_asyncio.fixture
+async def peer(name):
+    """A real peer process (an echo server), and a client transport."""
+    client = make_transport(name)
+    child = await asyncio.create_subprocess_exec(sys.executable, str(ROOT / "tests/unit/test_transport.py"), name,
+                                                 stdout=asyncio.subprocess.PIPE, cwd=ROOT)
+    try:
+        yield await asyncio.wait_for(read_address(child), 60), child, client
+    finally:
+        if child.returncode is None:
+            child.send_signal(signal.SIGCONT)
+            child.kill()
+            await child.wait()
+        await client.close()
+
+
+async def test_a_send_to_a_stopped_peer_times_out_and_closes_the_link(peer):
+    address, child, client = peer
+    peers = Peers(client, send_timeout=1.0)
+    link = await asyncio.wait_for(peers.get(address), BOUND_S)
+    child.send_signal(signal.SIGSTOP)
+    with pytest.raises(TransportError, match="timed out"):
+        await asyncio.wait_for(link.send(BIG, request_id="r1", **FIELDS), BOUND_S)
+    assert link.conn.closed and link.waiting == {}
+    with pytest.raises(TransportError):  # the next send on that link fails at once
+        await link.send(BIG[:16], request_id="r2", **FIELDS)
+    await peers.close()
+
+
+async def test_acknowledgements_nobody_awaits_are_forgotten(peer):
+    address, child, client = peer
+    peers = Peers(client)
+    link = await asyncio.wait_for(peers.get(address), BOUND_S)
+    child.send_signal(signal.SIGSTOP)  # small frames go out; no answer comes back
+    for i in range(50):
+        ack = await asyncio.wait_for(link.send(BIG[:64], request_id=f"r{i}", **FIELDS), BOUND_S)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(ack, 0.01)  # the waiter gives up (as the replicator does after its timeout)
+    await asyncio.sleep(0)
+    assert link.waiting == {}, f"{len(link.waiting)} acknowledgements kept for waiters long gone"
+    await peers.close()
