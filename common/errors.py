@@ -121,7 +121,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
     param = _param(tuple(first.get("loc", ())))
     if first.get("type") == "missing":
-        return f"'{param}' is required", param
+        return (f"'{param}' is required", param) if param else ("the body is required: a JSON object", None)
     where = ".".join(str(p) for p in first.get("loc", ())[1:])
     return f"'{where}': {first.get('msg')}" if param else str(first.get("msg")), param
 
@@ -148,7 +148,8 @@ def install_error_handlers(app: FastAPI, public: bool = False) -> None:
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
-        return JSONResponse(error_body(message, kind), status_code=exc.status_code)
+        # a 405 must say which methods the route takes (Allow, RFC 9110): Starlette puts it in the headers
+        return JSONResponse(error_body(message, kind), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

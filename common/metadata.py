@@ -12,6 +12,7 @@ old epoch (a fenced owner) and never goes backwards.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -97,6 +98,33 @@ class Registry:
                 if (kind is None or i.kind == kind) and (self.cluster is None or i.cluster == self.cluster)]
 
 
+class RecentServices:
+    """The registry as a router sees it: what Redis lists, plus what it listed within the last
+    `ttl_s` (the lease TTL) and lists no more. A Redis that restarts empty, or is unreachable for a
+    moment, forgets every lease at once, though each service writes its lease again within a
+    renewal; meanwhile work in flight keeps routing instead of finding nobody. A dead service is
+    listed at most one TTL longer than Redis lists it: a call to it fails and the caller moves on.
+    For "is this one service alive?" ask the Registry itself."""
+
+    def __init__(self, registry: Registry, ttl_s: float):
+        self.registry, self.ttl_s = registry, ttl_s
+        self.seen: dict[str, tuple[float, ServiceInfo]] = {}  # id -> (monotonic s it was last listed, its lease)
+
+    async def services(self, kind: ServiceKind | None = None) -> list[ServiceInfo]:
+        """Raises Unavailable only if Redis is unreachable and nothing was listed within `ttl_s`."""
+        now, failure = time.monotonic(), None
+        try:
+            listed = await self.registry.services()
+        except Unavailable as exc:
+            listed, failure = [], exc
+        for info in listed:
+            self.seen[info.id] = (now, info)
+        self.seen = {i: (t, info) for i, (t, info) in self.seen.items() if now - t < self.ttl_s}
+        if failure and not self.seen:
+            raise failure
+        return [info for _, info in self.seen.values() if kind is None or info.kind == kind]
+
+
 class RequestStore:
     def __init__(self, redis: aioredis.Redis):
         self.redis = redis
@@ -106,16 +134,23 @@ class RequestStore:
     def _key(self, request_id: str) -> str:
         return PREFIX + "req:" + request_id
 
-    async def create(self, request_id: str, fields: dict) -> None:
+    async def create(self, request_id: str, fields: dict, wait_s: float = 0.0) -> None:
+        """Record a new request; Redis unreachable: try again for `wait_s` (a restart costs a
+        pause), then Unavailable."""
         values = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
         values.update(epoch="0", replicated="0", created_at=str(time.time()))
-        try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hset(self._key(request_id), mapping=values)
-                pipe.expire(self._key(request_id), REQUEST_TTL_S)
-                await pipe.execute()
-        except RedisError as exc:
-            raise Unavailable(f"request metadata store (Redis) is unreachable: {exc}") from exc
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.hset(self._key(request_id), mapping=values)
+                    pipe.expire(self._key(request_id), REQUEST_TTL_S)
+                    await pipe.execute()
+                return
+            except RedisError as exc:
+                if time.monotonic() >= deadline:
+                    raise Unavailable(f"request metadata store (Redis) is unreachable: {exc}") from exc
+            await asyncio.sleep(0.1)
 
     async def update(self, request_id: str, **fields) -> None:
         values = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}

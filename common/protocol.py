@@ -162,6 +162,7 @@ class RestoreRequest(Message):
     replicated: int = Field(ge=1)  # tokens the store acknowledged (Redis), capped at len(prompt_ids)
     store_id: str
     store_kv_address: str
+    store_url: str = ""           # the store's HTTP API: where the replica is dropped when the request ends
 
 
 class RestoreResult(Message):

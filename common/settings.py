@@ -155,6 +155,8 @@ class GatewaySettings(ServiceSettings):
     max_queued_requests: int = setting(1024, "requests that may wait for KV room at once; more get a 429 with "
                                        "Retry-After")
     token_timeout_s: float = setting(10.0, "a decode stream silent this long means a hung token service: resume elsewhere (s)")
+    resume_wait_s: float = setting(60.0, "how long a request whose token service failed waits for another with room "
+                                   "(one that failed may be starting again) before it ends in an error (s)")
     resume_attempts: int = setting(3, "token services that may fail one request before it ends in an error "
                                       "(0: fault tolerance off, a failure ends the request)")
     api_keys: tuple[str, ...] = setting((), "an API key clients must send as 'Authorization: Bearer KEY' on every "
@@ -166,7 +168,7 @@ class GatewaySettings(ServiceSettings):
         _check(self, 16 <= self.max_model_len <= 1 << 20, "max_model_len", "must be in 16..1048576")
         _check(self, self.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
         _check(self, self.max_tokens_default >= 1, "max_tokens_default", "must be >= 1")
-        for name in ("request_timeout_s", "route_timeout_s", "token_timeout_s"):
+        for name in ("request_timeout_s", "route_timeout_s", "token_timeout_s", "resume_wait_s"):
             _check(self, getattr(self, name) > 0, name, "must be > 0")
         _check(self, self.resume_attempts >= 0, "resume_attempts", "must be >= 0")
         _check(self, self.max_queued_requests >= 0, "max_queued_requests", "must be >= 0 (0: no queue, a 429 at once)")

@@ -41,8 +41,11 @@ class Admission:
         self.drain_s = 1.0  # running mean of the time between two admissions from the queue (for Retry-After)
         self._last_admit = 0.0
 
-    async def admit(self, attempt: Callable[[], Awaitable[T | None]], front: bool = False) -> T:
-        """What `attempt` returns once it returns something (None: no room now), in arrival order."""
+    async def admit(self, attempt: Callable[[], Awaitable[T | None]], front: bool = False,
+                    timeout_s: float | None = None) -> T:
+        """What `attempt` returns once it returns something (None: no room now), in arrival order;
+        Overloaded past `timeout_s` in the queue (default: the queue's own)."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         if not self.queue and (got := await attempt()) is not None:
             return got
         if len(self.queue) >= self.max_queued and not front:
@@ -59,10 +62,10 @@ class Admission:
         QUEUED.set(len(self.queue))
         try:
             while True:
-                left = start + self.timeout_s - time.monotonic()
+                left = start + timeout_s - time.monotonic()
                 if left <= 0:
                     REJECTED.labels("queue_timeout").inc()
-                    raise Overloaded(f"no KV room became free in {self.timeout_s:.0f} s (--route-timeout-s); "
+                    raise Overloaded(f"no KV room became free in {timeout_s:.0f} s (--route-timeout-s); "
                                      "the server is at capacity, retry later", code="queue_timeout",
                                      retry_after=self.retry_after())
                 with contextlib.suppress(asyncio.TimeoutError):

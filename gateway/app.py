@@ -48,6 +48,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                                   len(tokenizer), eos_token_ids(path), settings.max_tokens_default,
                                   max(map(len, tokenizer.get_vocab())))
         app.state.active = set()  # request ids being served
+        app.state.redis_grace_s = settings.lease_ttl_s
         client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
                                    headers=cluster_headers(settings))  # every internal call carries the token
         lease_fields = lambda: dict(model=str(path), model_id=model_id,  # noqa: E731
@@ -141,7 +142,8 @@ class ClientGone(Exception):
 async def serve(app: FastAPI, job: Job, request: Request, chat: bool):
     request_id_var.set(job.request_id)
     await app.state.store.create(job.request_id, {"prompt_tokens": len(job.prompt_ids), "status": "running",
-                                                   "sampling": job.sampling.model_dump(), "stream": job.stream})
+                                                   "sampling": job.sampling.model_dump(), "stream": job.stream},
+                                 wait_s=app.state.redis_grace_s)  # a Redis restart costs a pause, not a 503
     log.info("%s: %d prompt tokens, max_tokens %d, stream %s", "chat" if chat else "completion",
              len(job.prompt_ids), job.sampling.max_tokens, job.stream)
     app.state.active.add(job.request_id)

@@ -82,7 +82,8 @@ async def restore(router: Router, run: Run, svc: ServiceInfo, prefix: list[int])
         log.info("no usable replica (%d tokens replicated, store %s): prefilling again", n, store_id or "none")
         return False
     req = RestoreRequest(request_id=run.request_id, epoch=run.epoch, prompt_ids=prefix,
-                         replicated=min(n, len(prefix)), store_id=store.id, store_kv_address=store.kv_address)
+                         replicated=min(n, len(prefix)), store_id=store.id, store_kv_address=store.kv_address,
+                         store_url=store.url)
     try:
         body = await router._until_lease_lapses(
             router._post(svc, "/restore", req, timeout=FETCH_TIMEOUT_S + router.settings.token_timeout_s), svc)

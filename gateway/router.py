@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator
 
 import httpx
 
-from common.errors import DejavuError, KVFull, Unavailable, UpstreamError, from_body
-from common.metadata import Registry, RequestStore
+from common.errors import DejavuError, KVFull, Overloaded, Unavailable, UpstreamError, from_body
+from common.metadata import RecentServices, Registry, RequestStore
 from common.protocol import (AbortRequest, DecodeEvent, DecodeRequest, PrefillRequest, PrefillResult, Reservation,
                              ReserveRequest, SamplingParams, ServiceInfo, ServiceKind, TokenEvent)
 from common.settings import GatewaySettings
@@ -45,14 +45,17 @@ class Router:
         self.registry, self.client, self.settings, self.requests = registry, client, settings, requests
         self.model_id = model_id  # model_fingerprint of the gateway's model: engines of another are not ours
         self._cache: tuple[float, list[ServiceInfo]] = (0.0, [])
+        self.recent = RecentServices(registry, settings.lease_ttl_s)
         self.in_flight: Counter[str] = Counter()  # service id -> requests this gateway has there
         self.background: set[asyncio.Task] = set()
         self.admission = Admission(settings.max_queued_requests, settings.route_timeout_s)
 
     async def services(self, kind: ServiceKind) -> list[ServiceInfo]:
+        """The services to route to (RecentServices: a Redis that restarted empty a moment ago
+        costs queued and resuming requests nothing), those of this gateway's model only."""
         at, infos = self._cache
         if time.monotonic() - at > REGISTRY_CACHE_S:
-            old, infos = infos, await self.registry.services()
+            old, infos = infos, await self.recent.services()
             self._cache = (time.monotonic(), infos)
             if _kv_freed(old, infos):  # another gateway's request ended: our queue's head may fit now
                 self.admission.wake()
@@ -171,12 +174,24 @@ class Router:
         finds none waits in the admission queue (gateway/admission.py), a resumed one in front.
         Counted in `in_flight` until the caller ends it."""
         req = ReserveRequest(request_id=request_id, prompt_tokens=prompt_tokens, max_tokens=max_tokens)
-        return await self.admission.admit(lambda: self._try_reserve(req, exclude), front=resume)
+        if not resume:
+            return await self.admission.admit(lambda: self._try_reserve(req, exclude))
+        try:
+            return await self.admission.admit(lambda: self._try_reserve(req, exclude, resume), front=True,
+                                              timeout_s=self.settings.resume_wait_s)
+        except Overloaded:
+            raise Unavailable(f"no token service with room for it came up within {self.settings.resume_wait_s:.0f} "
+                              "s (--resume-wait-s)") from None
 
-    async def _try_reserve(self, req: ReserveRequest, exclude: set[str]) -> tuple[Reservation, ServiceInfo] | None:
-        """One round over the token services that could take the request; None if all are full."""
+    async def _try_reserve(self, req: ReserveRequest, exclude: set[str],
+                           resume: bool = False) -> tuple[Reservation, ServiceInfo] | None:
+        """One round over the token services that could take the request; None if all are full
+        (and, for a resumed request, if none is up: the one that failed it may be starting again,
+        as `dejavu up` and compose restart it; its client waits, as for room)."""
         services = [s for s in await self.services(ServiceKind.TOKEN) if s.id not in exclude]
         if not services:
+            if resume:
+                return None
             raise Unavailable("no token service is registered: start one (python -m token_service)")
         tokens = req.prompt_tokens + req.max_tokens
         fitting = [s for s in services if s.max_model_len >= tokens]
@@ -285,8 +300,8 @@ class Router:
             task.cancel()
 
     async def _leased(self, svc: ServiceInfo) -> bool:
-        try:
-            return any(s.id == svc.id for s in await self.services(svc.kind))
+        try:  # the registry itself, not the routing view (which keeps a forgotten lease a while longer)
+            return any(s.id == svc.id for s in await self.registry.services(svc.kind))
         except Unavailable:  # Redis down: the read timeout is all there is
             return True
 

@@ -21,7 +21,7 @@ from common.errors import install_error_handlers
 from common.kv import make_transport
 from common.kv.peers import Peers
 from common.kv.receiver import kv_server
-from common.metadata import Registry, RequestStore
+from common.metadata import RecentServices, Registry, RequestStore
 from common.model import load_model, model_fingerprint, resolve_model_path
 from common.protocol import (AbortRequest, AbortResult, DecodeEvent, DecodeRequest, PrefillRequest, PrefillResult,
                              Reservation, ReserveRequest, RestoreRequest, RestoreResult, ServiceKind,
@@ -66,7 +66,8 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
     try:
         async with registered(app, settings, ServiceKind.TOKEN, lease_fields) as redis:
             registry = Registry(redis, cluster_fingerprint(settings.cluster_token))  # this cluster's stores only
-            engine.replicator = Replicator(engine.pool, runner.block_size, peers, registry, RequestStore(redis),
+            stores = RecentServices(registry, settings.lease_ttl_s)  # a Redis restart forgets no store
+            engine.replicator = Replicator(engine.pool, runner.block_size, peers, stores, RequestStore(redis),
                                            client, settings.replicate_every)
             yield
     finally:

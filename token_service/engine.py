@@ -161,7 +161,8 @@ class TokenEngine:
             raise NotFound(f"request {req.request_id} was aborted during its restore")
         seq.mark_all_received()
         if self.replicator:
-            await self.replicator.resume_from(seq.request_id, req.epoch, req.store_id, req.store_kv_address, n)
+            await self.replicator.resume_from(seq.request_id, req.epoch, req.store_id, req.store_kv_address, n,
+                                              req.store_url)
         return RestoreResult(request_id=req.request_id, fetched=n, recomputed=seq.prompt_len - n,
                              fetch_ms=(fetched - start) * 1e3, recompute_ms=(time.perf_counter() - fetched) * 1e3)
 

@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 
 from common.kv.copy import gather
 from common.kv.peers import KVRejected, Peers
-from common.metadata import Registry, RequestStore
+from common.metadata import RecentServices, RequestStore
 from common.protocol import DropRequest, ServiceInfo, ServiceKind
 from engine.attention import slots_of
 from token_service.sequence import Sequence
@@ -48,10 +48,10 @@ DROP_GRACE_S = 2.0  # an aborted request's replica is kept this long for a succe
 
 
 class Replicator:
-    def __init__(self, pool: torch.Tensor, block_size: int, peers: Peers, registry: Registry, requests: RequestStore,
-                 client: httpx.AsyncClient, chunk: int):
+    def __init__(self, pool: torch.Tensor, block_size: int, peers: Peers, stores: RecentServices,
+                 requests: RequestStore, client: httpx.AsyncClient, chunk: int):
         self.pool, self.block_size, self.peers = pool, block_size, peers
-        self.registry, self.requests, self.client = registry, requests, client
+        self.stores, self.requests, self.client = stores, requests, client
         self.chunk = chunk
         self.acked: dict[str, int] = {}           # request id -> tokens acknowledged
         self.epochs: dict[str, int] = {}          # request id -> the epoch it is replicated under
@@ -66,11 +66,12 @@ class Replicator:
         self.background: set[asyncio.Task] = set()
         self._stores: tuple[float, list[ServiceInfo]] = (float("-inf"), [])
 
-    async def resume_from(self, request_id: str, epoch: int, store_id: str, kv_address: str, n: int) -> None:
+    async def resume_from(self, request_id: str, epoch: int, store_id: str, kv_address: str, n: int,
+                          url: str = "") -> None:
         """A recovered request: its replica [0, n) is on `store_id` already; go on from there, and
         say so in Redis (the gateway's fence cleared the index; the store keeps [0, n) at least)."""
         store = next((s for s in self._stores[1] if s.id == store_id), None) or ServiceInfo(
-            kind=ServiceKind.CACHE_STORE, id=store_id, url="", host="", pid=0, kv_address=kv_address)
+            kind=ServiceKind.CACHE_STORE, id=store_id, url=url, host="", pid=0, kv_address=kv_address)
         self.acked[request_id], self.epochs[request_id], self.where[request_id] = n, epoch, store
         self.touched.setdefault(request_id, {})[store_id] = store
         try:
@@ -145,7 +146,7 @@ class Replicator:
 
     async def _refresh_stores(self) -> None:
         try:
-            self._stores = (time.monotonic(), await self.registry.services(ServiceKind.CACHE_STORE))
+            self._stores = (time.monotonic(), await self.stores.services(ServiceKind.CACHE_STORE))
         except Exception as exc:  # noqa: BLE001 - Redis down: keep the stores known
             log.debug("cache stores not refreshed: %s", exc)
 

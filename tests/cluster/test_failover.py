@@ -24,8 +24,8 @@ MAX_TOKENS = 900  # long enough to act mid-stream (prompt + 900 < the 1024-token
 @pytest.fixture(params=["replica", "reprefill"])
 def cluster(request, tiny_model_path, redis_server):
     """Two token services (a spare), one prompt service, a cache store or none (the recovery path);
-    a silent stream counts as hung after 3 s."""
-    env = {**CLUSTER_ENV, "DEJAVU_KV_TRANSPORT": "tcp", "DEJAVU_TOKEN_TIMEOUT_S": "3"}
+    a silent stream counts as hung after 3 s; a request with no token service left fails after 3 s."""
+    env = {**CLUSTER_ENV, "DEJAVU_KV_TRANSPORT": "tcp", "DEJAVU_TOKEN_TIMEOUT_S": "3", "DEJAVU_RESUME_WAIT_S": "3"}
     stores = 1 if request.param == "replica" else 0
     env["DEJAVU_MEMORY_BYTES"] = "1024"  # the store spills most of a replica: restores read the disk
     with Cluster(str(tiny_model_path), port=0, token_services=2, cache_stores=stores, redis_url=redis_server.url,

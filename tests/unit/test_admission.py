@@ -18,7 +18,7 @@ import pytest_asyncio
 from fastapi import FastAPI
 
 from common import metadata
-from common.errors import KVFull, Overloaded, install_error_handlers
+from common.errors import KVFull, Overloaded, Unavailable, install_error_handlers
 from common.protocol import SamplingParams, ServiceInfo, ServiceKind
 from common.settings import GatewaySettings
 from gateway import admission, router as router_module
@@ -216,3 +216,27 @@ async def test_a_full_token_service_is_not_logged_as_a_warning_and_a_429_has_ret
 async def _until(predicate) -> None:
     while not predicate():
         await asyncio.sleep(0.01)
+
+
+async def test_a_resumed_request_waits_for_a_token_service_to_come_back(redis_server, monkeypatch):
+    """Its token service died and was the only one: the request waits (as `dejavu up` restarts it)
+    instead of failing at once; past --resume-wait-s it fails, not with a client's 429."""
+    monkeypatch.setattr(admission, "POLL_S", 0.05)
+    monkeypatch.setattr(router_module, "REGISTRY_CACHE_S", 0.0)
+    redis = metadata.connect(redis_server.url)
+    registry, fake = metadata.Registry(redis), FullTokenService(slots=4)
+    try:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(fake)) as client:
+            router = Router(registry, client, GatewaySettings(resume_wait_s=0.5), None)
+            with pytest.raises(Unavailable, match="--resume-wait-s"):
+                await router.reserve("r-orphan", 10, 10, exclude={"token-dead"}, resume=True)
+            waiting = asyncio.create_task(router.reserve("r-resumed", 10, 10, exclude={"token-dead"}, resume=True))
+            await asyncio.sleep(0.2)
+            await registry.renew(token_service("token-a"), ttl_s=60)  # the restarted one registers
+            reservation, svc = await asyncio.wait_for(waiting, 10)
+            assert svc.id == "token-a" and fake.held == ["r-resumed"]
+            with pytest.raises(Unavailable, match="no token service is registered"):  # a new request: at once
+                await router.reserve("r-new", 10, 10, exclude={"token-a"})
+    finally:
+        await registry.deregister("token-a")
+        await redis.aclose()

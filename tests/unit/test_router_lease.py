@@ -63,3 +63,24 @@ async def test_a_prefill_outlives_a_lost_lease_only_if_its_service_answers(redis
     finally:
         await registry.deregister(svc.id)
         await redis.aclose()
+
+
+async def test_routing_outlives_a_registry_that_forgot_every_lease_for_one_ttl(redis_server, monkeypatch):
+    """Redis restarted empty: queued and resuming requests keep routing to the services it listed
+    a moment ago, for one lease TTL (each registers again within a renewal); past it, they are gone."""
+    monkeypatch.setattr(router_module, "REGISTRY_CACHE_S", 0.0)
+    redis = metadata.connect(redis_server.url)
+    registry, svc = metadata.Registry(redis), prompt_service()
+    router = Router(registry, None, GatewaySettings(lease_ttl_s=1.0, lease_renew_s=0.5), None)
+    try:
+        assert await router.services(ServiceKind.PROMPT) == []  # an empty registry is no error
+        await registry.renew(svc, ttl_s=60)
+        assert [s.id for s in await router.services(ServiceKind.PROMPT)] == [svc.id]
+        await registry.deregister(svc.id)  # forgotten, as by a restart
+        assert [s.id for s in await router.services(ServiceKind.PROMPT)] == [svc.id]
+        assert not await router._leased(svc), "the lease check must see the registry as it is"
+        await asyncio.sleep(1.1)
+        assert await router.services(ServiceKind.PROMPT) == []
+    finally:
+        await registry.deregister(svc.id)
+        await redis.aclose()
