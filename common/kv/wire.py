@@ -26,6 +26,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import re
 import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -50,6 +51,7 @@ HeaderAllocator = Callable[["Header"], np.ndarray]
 
 
 MAX_DIMS = 8  # a KV payload has 5; a header claiming more is malformed
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # as common.protocol.RequestId: it goes into log lines
 
 
 class WireError(ValueError):
@@ -73,7 +75,8 @@ class Header:
 
     def __post_init__(self) -> None:
         _check(self.kind in KINDS, f"kind must be one of {KINDS}, got {self.kind!r}")
-        _check(isinstance(self.request_id, str), "request_id must be a str")
+        _check(isinstance(self.request_id, str) and REQUEST_ID.fullmatch(self.request_id) is not None,
+               "request_id must be 1-128 of A-Z a-z 0-9 . _ : -")
         _check(isinstance(self.message, str), "message must be a str")
         for name in INT_FIELDS:
             value = getattr(self, name)

@@ -69,6 +69,9 @@ def test_header_round_trips(header):
         dict(nbytes=95),
         dict(checksum=1 << 32),
         dict(request_id=7),
+        dict(request_id=""),
+        dict(request_id="r1\n2026-12-01 00:00:00 INFO forged log line"),  # ids go into log lines
+        dict(request_id="x" * 129),
     ],
 )
 def test_header_rejects_bad_fields(change):
