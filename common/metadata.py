@@ -56,11 +56,18 @@ return {epoch, tonumber(replicated), store}
 """
 
 
+MAX_CONNECTIONS = 64  # per process; more concurrent commands wait their turn for one
+
+
 def connect(url: str, timeout_s: float = 5.0) -> aioredis.Redis:
     """`timeout_s` bounds each command: a service passes less than its lease TTL, so that a stalled
-    Redis costs a renewal or a lookup that can be tried again, not the whole lease."""
-    return aioredis.from_url(url, decode_responses=True, socket_connect_timeout=min(2.0, timeout_s),
-                             socket_timeout=timeout_s, health_check_interval=10)
+    Redis costs a renewal or a lookup that can be tried again, not the whole lease. The pool blocks
+    (up to `timeout_s`) when all its connections are busy: redis-py's default pool fails at once
+    past 100, which turned a burst of 300 requests into "Too many connections" errors."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=MAX_CONNECTIONS, timeout=timeout_s, decode_responses=True,
+        socket_connect_timeout=min(2.0, timeout_s), socket_timeout=timeout_s, health_check_interval=10)
+    return aioredis.Redis.from_pool(pool)  # closing the client closes its pool
 
 
 class Registry:

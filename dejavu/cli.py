@@ -4,7 +4,7 @@
             [--colocated] [--redis-url URL] [--kv-transport ucx|tcp] [--dtype auto|float32|bfloat16|float16]
             [--cpu-placement auto|off] [--api-key KEY ...] [--max-queued-requests 1024]
   dejavu status [--redis-url URL] [--json]
-  dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, agreement, capacity, chaos: python -m bench.NAME)
+  dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, agreement, capacity, chaos, overload: python -m bench.NAME)
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ BENCHMARKS = {
     "agreement": "top-1 agreement of our logits with Hugging Face's, teacher-forced, float32 and bf16",
     "capacity": "chat-length requests that fit in a KV budget: whole rows against paged blocks",
     "chaos": "concurrent streams while token services, a cache store, a prompt service and Redis fail",
+    "overload": "the token service's decode step with far more clients than KV room, against a full batch",
 }
 
 

@@ -207,8 +207,8 @@ class PrefillEngine:
 
     async def _send_layers(self, job: PrefillJob) -> None:
         request_id_var.set(job.req.request_id)
+        acks: list[asyncio.Future] = []
         try:
-            acks = []
             while (item := await job.outbox.get()) is not None:
                 if job.result.done():
                     continue  # ended: drain without sending
@@ -229,4 +229,15 @@ class PrefillEngine:
                 log.exception("KV sender failed")
             job.fail(UpstreamError(
                 f"streaming KV to token service {job.req.target_service_id} failed: {type(exc).__name__}: {exc}"))
+        finally:
+            _forget(acks)
 
+
+def _forget(acks: list[asyncio.Future]) -> None:
+    """Acknowledgements nobody waits for any more (the job ended early): cancelled, or their error
+    marked as seen, so that asyncio does not log each one as "never retrieved"."""
+    for ack in acks:
+        if not ack.done():
+            ack.cancel()
+        elif not ack.cancelled():
+            ack.exception()

@@ -142,3 +142,19 @@ def test_a_registry_lists_only_its_own_clusters_services(redis_server):
         await redis.aclose()
 
     run(go())
+
+
+def test_a_burst_of_requests_waits_for_a_connection_instead_of_failing(redis_server):
+    """300 requests recorded at once (bench.overload's burst): redis-py's default pool refused every
+    command past 100 in flight with "Too many connections"; ours waits for a free one."""
+    async def go():
+        redis = metadata.connect(redis_server.url)
+        store = metadata.RequestStore(redis)
+        rids = [f"burst-{time.time_ns()}-{i}" for i in range(300)]
+        results = await asyncio.gather(*(store.create(rid, {"status": "running"}) for rid in rids),
+                                       return_exceptions=True)
+        await redis.delete(*(store._key(rid) for rid in rids))
+        await redis.aclose()
+        return [r for r in results if isinstance(r, Exception)]
+
+    assert run(go()) == []

@@ -50,3 +50,34 @@ async def test_an_aborted_job_is_skipped():
     jobs[1].fail(RuntimeError("aborted"))
     jobs[1].result.exception()  # retrieved: no "never retrieved" warning
     assert forwards(engine) == [[("a", 0, 4), ("c", 0, 4)]]
+
+
+
+async def test_an_aborted_job_leaves_no_acknowledgement_unretrieved():
+    """A prefill aborted after some of its KV went out: the refusals that come back later for those
+    messages are nobody's business any more, and must not be reported as errors ("Future exception
+    was never retrieved", seen under overload in bench.overload)."""
+    import asyncio
+    import gc
+
+    from prompt_service.engine import _forget
+
+    loop, reported = asyncio.get_running_loop(), []
+    loop.set_exception_handler(lambda _, context: reported.append(context["message"]))
+    try:
+        refused, pending = loop.create_future(), loop.create_future()
+        refused.set_exception(RuntimeError("no KV room reserved for request r"))  # came back before the abort
+        _forget([refused, pending])
+        assert pending.cancelled()  # its answer, should one come, is dropped by the link
+        del refused, pending
+        gc.collect()
+        await asyncio.sleep(0)
+        assert reported == []
+        control = loop.create_future()  # without _forget it is reported: the check can fail
+        control.set_exception(RuntimeError("x"))
+        del control
+        gc.collect()
+        await asyncio.sleep(0)
+        assert reported and "never retrieved" in reported[0]
+    finally:
+        loop.set_exception_handler(None)
