@@ -281,7 +281,7 @@ def _metrics(url: str) -> dict[str, float]:
 
 def cluster_for(model: str, transport: str, env: dict | None = None, logs: bool = False) -> Cluster:
     env = {"DEJAVU_KV_TRANSPORT": transport, "DEJAVU_TOKEN_TIMEOUT_S": "3", "DEJAVU_THREADS": "1",
-           "DEJAVU_LOG_LEVEL": "info" if logs else "warning", **(env or {})}
+           "DEJAVU_MAX_MODEL_LEN": "512", "DEJAVU_LOG_LEVEL": "info" if logs else "warning", **(env or {})}
     return Cluster(model, port=0, prompt_services=2, token_services=3, cache_stores=2, env=env, echo_logs=logs)
 
 

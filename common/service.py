@@ -208,6 +208,8 @@ CLUSTER_TOKEN = dict(header=CLUSTER_TOKEN_HEADER, scheme="", code="invalid_clust
                      wrong="this endpoint is internal: it needs the cluster token (DEJAVU_CLUSTER_TOKEN)")
 
 
+KEEP_ALIVE_S = 75  # idle keep-alive: past a 429's longest Retry-After (60 s), so a client that waited it out
+#                    does not race our close with its next request on the same connection (uvicorn's 5 s did)
 INTERNAL_MAX_BODY = 64 << 20  # bytes: a request of --max-model-len 1M token ids is ~8 MB of JSON
 
 
@@ -263,7 +265,7 @@ def run(app: FastAPI, settings: ServiceSettings, kind: ServiceKind) -> None:
     configure_logging(settings.log_level, app.state.service_id)
     log.info("%s listening on %s", kind.value, app.state.url)
     config = uvicorn.Config(app, log_level=settings.log_level, access_log=False, log_config=None,
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S)
     uvicorn.Server(config).run(sockets=[sock])
 
 
