@@ -28,7 +28,9 @@ from common.settings import CacheStoreSettings
 log = logging.getLogger(__name__)
 
 
-MIN_MESSAGE_BYTES = 1 << 30  # the largest message taken, however small --memory-bytes: a long sequence's KV
+MAX_MESSAGE_BYTES = 16 << 30  # one replica message: a whole sequence's KV of any model we serve, not a claimed
+#                               terabyte. Not --memory-bytes: a first message is the whole prefix, and refusing it
+#                               would close the link every other request to this store shares, again and again
 
 
 async def _expire(store: ReplicaStore) -> None:
@@ -47,7 +49,7 @@ def create_app(settings: CacheStoreSettings) -> FastAPI:
         transport = make_transport(settings.kv_transport, settings.cluster_token, settings.host)
         handler = kv_server(store.put, (Refused,), request_id_var,  # fetch -> (raw array, dtype name)
                             fetch=lambda h: store.fetch(h.request_id, h.epoch, h.token_end),
-                            max_payload=max(settings.memory_bytes, MIN_MESSAGE_BYTES))  # received in memory
+                            max_payload=MAX_MESSAGE_BYTES)
         kv_address = await listen_kv(transport, handler, settings)
         log.info("cache store ready: KV on %s (%s), %d MiB in memory, spilling to %s", kv_address,
                  settings.kv_transport, settings.memory_bytes >> 20, settings.spill_dir or "a temporary folder")

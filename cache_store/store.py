@@ -15,9 +15,10 @@ A replica's lifecycle:
 
 Past `memory_bytes`, the oldest chunks (by arrival, across replicas) are written to files and
 read back by fetch. Spill files are worth nothing once this process is gone (no other store can
-serve them), so they live in a private folder that close() removes. `memory_bytes` is a hard cap:
-when the disk takes no more (full, unwritable), a put that does not fit in memory is refused
-(StoreFull; the owner replicates to another store) and no partial file is left behind.
+serve them), so they live in a private folder that close() removes. `memory_bytes` caps the
+replicas held in memory (a message being received is in memory until put): when the disk takes no
+more (full, unwritable), a put that does not fit is refused (StoreFull; the owner replicates to
+another store) and no partial file is left behind.
 
     Refused          the store will not do it; the sender gets an error frame
     ├── StaleEpoch   the sender's epoch is older than the replica's (a fenced owner)
@@ -130,16 +131,21 @@ class ReplicaStore:
             raise ReplicaGap(f"request {rid}: tokens from {start} would leave a gap (the store holds {held})")
         _check_payload(header, payload, None if replica is None or start == 0 else replica.chunks[0])
         chunk = self._place(Chunk(start, np.ascontiguousarray(payload), header.dtype, tuple(payload.shape)))
-        if start == 0:  # nothing changes before this point: a refused put leaves the replica as it was
-            if replica is not None:
-                self._cut(replica, 0)
-            replica = self.replicas[rid] = Replica(header.epoch)
-        else:
-            self._cut(replica, start)
-            replica.epoch = max(replica.epoch, header.epoch)
-            replica.renewed = time.monotonic()
+        try:  # nothing changed before this point: a refused put leaves the replica as it was
+            if start == 0:
+                if replica is not None:
+                    self._cut(replica, 0)
+                replica = self.replicas[rid] = Replica(header.epoch)
+            else:
+                self._cut(replica, start)  # reads a spill file back: may fail
+                replica.epoch = max(replica.epoch, header.epoch)
+                replica.renewed = time.monotonic()
+        except BaseException:
+            self._free(chunk)
+            raise
+        finally:
+            self._gauges()
         replica.chunks.append(chunk)
-        self._gauges()
 
     def fetch(self, request_id: str, epoch: int, n: int) -> tuple[np.ndarray, str]:
         """(tokens [0, n) of the replica, their wire dtype name): a fresh C-contiguous array of

@@ -46,10 +46,12 @@ return cur
 """
 
 _FENCE = """
+local before = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '-1')
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 if epoch < tonumber(ARGV[3]) then epoch = tonumber(ARGV[3]) redis.call('HSET', KEYS[1], 'epoch', epoch) end
 local replicated = redis.call('HGET', KEYS[1], 'replicated') or '0'
 local store = redis.call('HGET', KEYS[1], 'store') or ''
+if before < tonumber(ARGV[3]) - 1 then replicated = '0' store = '' end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'replicated', 0, 'store', '')
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {epoch, tonumber(replicated), store}
@@ -173,7 +175,9 @@ class RequestStore:
         """Make `new_owner` the owner under a new epoch (at least `at_least`: the caller's own count,
         should Redis have lost the record): the old owner's writes are refused from now on. Returns
         (new epoch, replicated, store) as they were, and clears the index: until the new owner
-        records what it has, no replica is vouched for (the store may trim it)."""
+        records what it has, no replica is vouched for (the store may trim it). A record older than
+        `at_least - 1` was lost and rebuilt by an owner fenced since: its replica is not vouched for
+        either (0, "")."""
         epoch, replicated, store = await self._fence(keys=[self._key(request_id)],
                                                      args=[new_owner, REQUEST_TTL_S, at_least])
         return int(epoch), int(replicated), store

@@ -20,6 +20,7 @@ import contextvars
 import hmac
 import logging
 import os
+import secrets
 import socket
 import sys
 import time
@@ -58,7 +59,10 @@ def configure_logging(level: str, service_id: str) -> None:
 
 
 def service_id(kind: ServiceKind, settings: ServiceSettings) -> str:
-    return settings.service_id or f"{kind.value}-{socket.gethostname()}-{os.getpid()}"
+    """Unique per start: a container restarted in place keeps its hostname and often its pid, and a
+    request that failed on the old process must not take the new one for it (the gateway skips
+    the services that failed a request)."""
+    return settings.service_id or f"{kind.value}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
 def bind(host: str, port: int) -> socket.socket:

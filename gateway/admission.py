@@ -1,12 +1,14 @@
 """Admission: requests that find no KV room wait here, in order, instead of hammering token services.
 
 A request's path through admission (`Admission.admit`):
-1. Nobody waiting: it tries to reserve at once (`attempt`); most requests stop here.
-2. No room: it joins the back of the queue (a resumed request, already streaming to its client,
-   joins the front), or gets a 429 with Retry-After if --max-queued-requests are waiting already.
-3. Only the head of the queue tries again, when woken: a request of this gateway released its KV
-   (`wake`), a token service's lease shows KV freed (another gateway's request ended), or
-   POLL_S passed. Whoever leaves the queue, served or not, hands the turn to the next head at once.
+1. It joins the back of the queue (a resumed request, already streaming to its client, joins the
+   front), or gets a 429 with Retry-After if --max-queued-requests are waiting already.
+2. Only the head tries to reserve (`attempt`): at once when it gets there, so with nobody waiting
+   a request goes straight through; most stop here. Trying one at a time is what keeps arrival
+   order: arrivals that all tried at once would be admitted in the order their answers came back.
+3. No room: the head tries again when woken: a request of this gateway released its KV (`wake`),
+   a token service's lease shows KV freed (another gateway's request ended), or POLL_S passed.
+   Whoever leaves the queue, served or not, hands the turn to the next head at once.
 4. Past --route-timeout-s in the queue: a 429 as well. A client that leaves just leaves the queue.
 
 A refusal by a full token service is expected here, not an incident: nothing is logged for it.
@@ -45,41 +47,39 @@ class Admission:
                     timeout_s: float | None = None) -> T:
         """What `attempt` returns once it returns something (None: no room now), in arrival order;
         Overloaded past `timeout_s` in the queue (default: the queue's own)."""
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        if not self.queue and (got := await attempt()) is not None:
-            return got
-        if len(self.queue) >= self.max_queued and not front:
-            REJECTED.labels("queue_full").inc()
-            raise Overloaded(f"the server is at capacity and {len(self.queue)} requests are waiting already "
-                             f"(--max-queued-requests {self.max_queued}); retry later",
-                             code="queue_full", retry_after=self.retry_after())
+        if self.queue and len(self.queue) >= self.max_queued and not front:
+            raise self._refuse("queue_full", f"the server is at capacity and {len(self.queue)} requests are waiting "
+                               f"already (--max-queued-requests {self.max_queued}); retry later")
         turn, start = asyncio.Event(), time.monotonic()
-        if front:
-            self.queue.appendleft(turn)
-            turn.set()  # a resumed request tries at once
-        else:
-            self.queue.append(turn)
-        QUEUED.set(len(self.queue))
+        self.queue.appendleft(turn) if front else self.queue.append(turn)  # in the queue from the first try:
+        QUEUED.set(len(self.queue))  # arrivals that try at once would be admitted in the order they got an answer
+        deadline = start + (self.timeout_s if timeout_s is None else timeout_s)
         try:
             while True:
-                left = start + timeout_s - time.monotonic()
+                if self.queue[0] is turn:  # the head tries (at once when it arrives at the head)
+                    turn.clear()
+                    if (got := await attempt()) is not None:
+                        self._admitted(start)
+                        return got
+                    if not self.max_queued and not front:  # no waiting allowed
+                        raise self._refuse("queue_full", "the server is at capacity (--max-queued-requests 0); "
+                                           "retry later")
+                else:
+                    turn.clear()  # not the head (a resumed request went in front): the one ahead wakes us as it leaves
+                left = deadline - time.monotonic()
                 if left <= 0:
-                    REJECTED.labels("queue_timeout").inc()
-                    raise Overloaded(f"no KV room became free in {timeout_s:.0f} s (--route-timeout-s); "
-                                     "the server is at capacity, retry later", code="queue_timeout",
-                                     retry_after=self.retry_after())
+                    raise self._refuse("queue_timeout", f"no KV room became free in {deadline - start:.0f} s "
+                                       "(--route-timeout-s); the server is at capacity, retry later")
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(turn.wait(), timeout=min(POLL_S, left))
-                if self.queue[0] is not turn:
-                    continue  # woken as the head, then a resumed request went in front
-                turn.clear()
-                if (got := await attempt()) is not None:
-                    self._admitted(start)
-                    return got
         finally:
             self.queue.remove(turn)
             QUEUED.set(len(self.queue))
             self.wake()  # the next head tries now: the room may fit it too
+
+    def _refuse(self, reason: str, message: str) -> Overloaded:
+        REJECTED.labels(reason).inc()
+        return Overloaded(message, code=reason, retry_after=self.retry_after())
 
     def wake(self) -> None:
         """KV may have been freed: the head of the queue tries again now."""

@@ -46,6 +46,8 @@ class Router:
         self.model_id = model_id  # model_fingerprint of the gateway's model: engines of another are not ours
         self._cache: tuple[float, list[ServiceInfo]] = (0.0, [])
         self.recent = RecentServices(registry, settings.lease_ttl_s)
+        self._listed: tuple[float, list[ServiceInfo]] = (0.0, [])  # the registry as it is (lease checks)
+        self._aborting: set[tuple[str, str]] = set()  # (request id, service id): an abort of a reservation in flight
         self.in_flight: Counter[str] = Counter()  # service id -> requests this gateway has there
         self.background: set[asyncio.Task] = set()
         self.admission = Admission(settings.max_queued_requests, settings.route_timeout_s)
@@ -149,6 +151,15 @@ class Router:
             else:  # early end (stop string, client gone, failure) or no decode at all
                 self._spawn(self._abort_all(run.request_id, holders))
 
+    async def _abort_reservation(self, request_id: str, svc: ServiceInfo) -> None:
+        """Abort a reservation whose /reserve went unanswered; until that abort is through, the
+        request does not try that service again."""
+        self._aborting.add((request_id, svc.id))
+        try:
+            await self._abort_all(request_id, [svc])
+        finally:
+            self._aborting.discard((request_id, svc.id))
+
     def _done(self, service_id: str) -> None:
         """One request less in flight there; a service with none leaves the table (services come
         and go: their ids must not pile up)."""
@@ -192,13 +203,18 @@ class Router:
         if not services:
             if resume:
                 return None
-            raise Unavailable("no token service is registered: start one (python -m token_service)")
+            others = [s for s in await self.recent.services(ServiceKind.TOKEN) if not self._ours(s)]
+            raise Unavailable(f"no token service of this gateway's model is registered ({len(others)} serve another "
+                              "model: check --model)" if others else
+                              "no token service is registered: start one (python -m token_service)")
         tokens = req.prompt_tokens + req.max_tokens
         fitting = [s for s in services if s.max_model_len >= tokens]
         if not fitting:
             raise Unavailable(f"no token service takes {tokens} tokens (the largest takes "
                               f"{max(s.max_model_len for s in services)}): check their --max-model-len")
         for svc in sorted(fitting, key=lambda s: (self.in_flight[s.id], s.active_requests, -s.kv_bytes_free)):
+            if (req.request_id, svc.id) in self._aborting:
+                continue  # its abort could land after a new reservation there and free it
             self.in_flight[svc.id] += 1  # counted now: a burst of reservations spreads out
             reserved = False
             try:
@@ -209,7 +225,7 @@ class Router:
             except (UpstreamError, Unavailable) as exc:
                 log.warning("token service %s refused a reservation: %s", svc.id, exc.message)
                 if isinstance(exc, UpstreamError):  # e.g. timed out: the room may be taken all the same
-                    self._spawn(self._abort_all(req.request_id, [svc]))
+                    self._spawn(self._abort_reservation(req.request_id, svc))
             except asyncio.CancelledError:  # the client left: the room may be taken already
                 self._spawn(self._abort_all(req.request_id, [svc]))
                 raise
@@ -300,10 +316,16 @@ class Router:
             task.cancel()
 
     async def _leased(self, svc: ServiceInfo) -> bool:
-        try:  # the registry itself, not the routing view (which keeps a forgotten lease a while longer)
-            return any(s.id == svc.id for s in await self.registry.services(svc.kind))
+        """Whether the registry itself lists `svc` (not the routing view, which keeps a forgotten
+        lease a while longer); one read serves every call waiting on a lease check meanwhile."""
+        at, listed = self._listed
+        try:
+            if time.monotonic() - at > LEASE_CHECK_S / 2:
+                listed = await self.registry.services()
+                self._listed = (time.monotonic(), listed)
         except Unavailable:  # Redis down: the read timeout is all there is
             return True
+        return any(s.id == svc.id for s in listed)
 
     async def _post(self, svc: ServiceInfo, path: str, body, timeout: float | None = 30.0) -> dict:
         try:

@@ -4,7 +4,8 @@ A `PeerLink` is one connection plus a reader task that matches every acknowledge
 receiver sends back to the send that asked for it, keyed by (request_id, layer_start,
 token_start). `send()` returns once the frame is out; `await ack` returns once the receiver has
 stored it (or raises KVRejected / TransportError). A send that cannot get its frame out within
-`send_timeout` (the receiver is stopped or wedged: its socket no longer drains) closes the link,
+`send_timeout` of its turn (the receiver is stopped or wedged: its socket no longer drains; time
+spent waiting behind other frames on the link does not count) closes the link,
 so every send on it fails at once instead of waiting forever; an acknowledgement nobody waits for
 any more (its waiter timed out) is forgotten. `Peers` keeps one link per address and
 reconnects after a break. For fault-injection tests, `fault_rate` makes that fraction of sends
@@ -42,6 +43,7 @@ class PeerLink:
     def __init__(self, address: str, conn: Connection, fault_rate: float = 0.0, send_timeout: float = SEND_TIMEOUT_S):
         self.address, self.conn, self.fault_rate, self.send_timeout = address, conn, fault_rate, send_timeout
         self.waiting: dict[tuple[str, int, int], asyncio.Future] = {}
+        self.sending = asyncio.Lock()  # one frame at a time: the send timeout starts when it is this frame's turn
         self.reader = asyncio.create_task(self._read_acks())
 
     async def send(self, payload: torch.Tensor | np.ndarray, **fields) -> asyncio.Future:
@@ -55,7 +57,10 @@ class PeerLink:
         self.waiting[key] = ack
         ack.add_done_callback(lambda f: self.waiting.pop(key) if self.waiting.get(key) is f else None)
         try:
-            await asyncio.wait_for(stream_out(self.conn, payload, **fields), self.send_timeout)
+            async with self.sending:
+                if self.conn.closed:
+                    raise TransportError(f"link to {self.address} is closed")
+                await asyncio.wait_for(stream_out(self.conn, payload, **fields), self.send_timeout)
         except asyncio.TimeoutError:
             self.waiting.pop(key, None)
             ack.cancel()

@@ -15,10 +15,10 @@ from dejavu.cluster import Cluster
 from tests.cluster.conftest import CLUSTER_ENV
 from tests.cluster.test_serving import assert_no_kv_held
 
-CLIENTS, QUEUE, MAX_TOKENS = 300, 100, 12
+CLIENTS, QUEUE, MAX_TOKENS = 300, 40, 32  # arrivals within 1.5 s: 300 x 32 tokens take far longer anywhere
 PROMPTS = ["The tallest mountain in the world is", "Water boils at", "A short poem about the sea:",
            "List three colours: red,"]
-FAR_APART = 24  # arrivals this many places apart are served in arrival order: 8 in a batch, and slack
+FAR_APART = 24  # arrivals this many places (120 ms) apart are served in arrival order: 8 in a batch, and slack
 
 
 @pytest.fixture(scope="module")

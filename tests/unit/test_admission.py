@@ -240,3 +240,77 @@ async def test_a_resumed_request_waits_for_a_token_service_to_come_back(redis_se
     finally:
         await registry.deregister("token-a")
         await redis.aclose()
+
+
+async def test_a_waiter_pushed_back_by_a_resumed_request_waits_instead_of_spinning(monkeypatch):
+    """Two resumed requests join one after the other: the first's turn is set, the second goes in
+    front of it. The first must wait again, not loop on its set event (a hot loop on 3.11, a frozen
+    event loop on 3.12+, which the review of this change found)."""
+    class CountingEvent(asyncio.Event):
+        waits = 0
+
+        async def wait(self):
+            CountingEvent.waits += 1
+            return await super().wait()
+
+    monkeypatch.setattr(admission, "POLL_S", 60.0)
+    monkeypatch.setattr(admission.asyncio, "Event", CountingEvent)  # the queue's turns count their waits
+    queue, room = Admission(max_queued=10, timeout_s=120), Room(0)
+    first = asyncio.create_task(queue.admit(room.attempt("first"), front=True))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(queue.admit(room.attempt("second"), front=True))
+    await asyncio.sleep(0.3)
+    assert CountingEvent.waits <= 6, f"{CountingEvent.waits} waits in 0.3 s: a waiter spins"
+    room.free = 2
+    queue.wake()
+    assert await asyncio.wait_for(second, 10) == "second" and await asyncio.wait_for(first, 10) == "first"
+
+
+async def test_a_service_whose_reservation_is_being_aborted_is_not_asked_again(registry, monkeypatch):
+    """A /reserve that timed out is aborted; a new /reserve of the same request on the same service
+    before that abort is through could be freed by it (the two race on separate connections)."""
+    monkeypatch.setattr(router_module, "RESERVE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(admission, "POLL_S", 0.05)
+    fake = FullTokenService(slots=4, hang_reserve=0.5)
+    aborting, overlaps = [], []
+    plain = fake.__call__
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/abort":
+            aborting.append(True)
+            await asyncio.sleep(0.5)  # a slow abort
+            aborting.pop()
+        elif request.url.path == "/reserve":
+            if aborting:
+                overlaps.append(True)
+            if fake.reserve_calls:
+                fake.hang_reserve = 0.0  # the first one hangs past the gateway's timeout, the next ones answer
+        return await plain(request)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handle)) as client:
+        router = Router(registry, client, GatewaySettings(route_timeout_s=10), None)
+        reservation, svc = await asyncio.wait_for(router.reserve("r-slow", 10, 10), 10)
+        await asyncio.gather(*router.background)
+    assert svc.id == "token-a" and not overlaps, "asked again while its abort was in flight"
+    assert fake.held == ["r-slow"], "the abort freed the reservation made after it"
+
+
+async def test_arrivals_are_admitted_in_arrival_order_even_when_answers_come_back_out_of_order():
+    """Ten requests arrive together; the earlier ones' reservations take longer to answer. With
+    each arrival trying at once they were admitted in the order the answers came back (the
+    overload test saw request 1 served after request 25); one try at a time keeps arrival order."""
+    queue, order = Admission(max_queued=100, timeout_s=60), []
+
+    def attempt(i: int):
+        async def go():
+            await asyncio.sleep(0.01 * (10 - i))  # the earlier, the slower
+            order.append(i)
+            return i
+        return go
+
+    waiters = []
+    for i in range(10):
+        waiters.append(asyncio.create_task(queue.admit(attempt(i))))
+        await asyncio.sleep(0)
+    assert await asyncio.wait_for(asyncio.gather(*waiters), 10) == list(range(10))
+    assert order == list(range(10))

@@ -284,6 +284,21 @@ def test_a_spilled_chunk_that_cannot_be_rewritten_goes_back_to_memory(tmp_path):
     store.close()
 
 
+def test_a_put_that_fails_while_trimming_leaves_nothing_behind(tmp_path):
+    """A continuation trims a spilled chunk, which reads its file back; if that fails (a damaged
+    file), the new chunk placed for the put is freed again: no bytes counted, no file left."""
+    store = ReplicaStore(memory_bytes=0, spill_dir=str(tmp_path))
+    put(store, "a", 1, 0, kv(4, 1))
+    (path,) = [os.path.join(tmp_path, d, f) for d in os.listdir(tmp_path) for f in os.listdir(tmp_path / d)]
+    with open(path, "r+b") as fh:
+        fh.truncate(10)
+    with pytest.raises(ValueError):
+        put(store, "a", 1, 2, kv(2, 2))
+    assert store.bytes_spilled == 4 * TOKEN_BYTES and store.bytes_held == 0  # as before the put
+    assert store.drop("a") and store.bytes_spilled == 0 and spill_files(tmp_path) == []
+    store.close()
+
+
 def test_replicas_left_alone_past_the_ttl_expire(tmp_path):
     """A replica whose owner and gateway died together is dropped after the TTL; one its owner
     keeps writing (or a successor fetched) stays."""

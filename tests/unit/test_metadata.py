@@ -83,6 +83,11 @@ def test_a_lost_record_is_rebuilt_by_its_owner_and_fencing_never_goes_back(redis
         await redis.delete(store._key(rid))
         assert await store.fence(rid, "token-d", at_least=3) == (3, 0, "")  # not 1: epoch 2 is out there
         assert await store.advance_replicated(rid, 2, 64) == -1
+        # lost again; an owner fenced since (epoch 1), still alive, rebuilds the record before the
+        # current one (3) writes: the next fence must not hand the stale owner's replica on
+        await redis.delete(store._key(rid))
+        assert await store.advance_replicated(rid, 1, 80, "store-stale") == 80
+        assert await store.fence(rid, "token-e", at_least=4) == (4, 0, "")
         await redis.aclose()
 
     run(go())
