@@ -118,6 +118,7 @@ class RecentServices:
     def __init__(self, registry: Registry, ttl_s: float):
         self.registry, self.ttl_s = registry, ttl_s
         self.seen: dict[str, tuple[float, ServiceInfo]] = {}  # id -> (monotonic s it was last listed, its lease)
+        self.listed: set[str] = set()  # ids the registry listed at the last read that succeeded
 
     async def services(self, kind: ServiceKind | None = None) -> list[ServiceInfo]:
         """Raises Unavailable only if Redis is unreachable and nothing was listed within `ttl_s`."""
@@ -128,6 +129,8 @@ class RecentServices:
             listed, failure = [], exc
         for info in listed:
             self.seen[info.id] = (now, info)
+        if failure is None:
+            self.listed = {info.id for info in listed}
         self.seen = {i: (t, info) for i, (t, info) in self.seen.items() if now - t < self.ttl_s}
         if failure and not self.seen:
             raise failure

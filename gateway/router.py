@@ -212,7 +212,9 @@ class Router:
         if not fitting:
             raise Unavailable(f"no token service takes {tokens} tokens (the largest takes "
                               f"{max(s.max_model_len for s in services)}): check their --max-model-len")
-        for svc in sorted(fitting, key=lambda s: (self.in_flight[s.id], s.active_requests, -s.kv_bytes_free)):
+        remembered = lambda s: s.id not in self.recent.listed  # noqa: E731 - listed now first: a remembered one may be dead
+        for svc in sorted(fitting, key=lambda s: (remembered(s), self.in_flight[s.id], s.active_requests,
+                                                  -s.kv_bytes_free)):
             if (req.request_id, svc.id) in self._aborting:
                 continue  # its abort could land after a new reservation there and free it
             self.in_flight[svc.id] += 1  # counted now: a burst of reservations spreads out
@@ -239,7 +241,8 @@ class Router:
         errors, tried = [], set()
         for _ in range(PREFILL_ATTEMPTS):
             live = await self.services(ServiceKind.PROMPT)
-            candidates = sorted(live, key=lambda s: (s.id in tried, self.in_flight[s.id], s.active_requests))
+            candidates = sorted(live, key=lambda s: (s.id in tried, s.id not in self.recent.listed, self.in_flight[s.id],
+                                                     s.active_requests))
             if not candidates:
                 break
             svc = candidates[0]  # an untried one first; a failed one again only if it is still registered

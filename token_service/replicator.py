@@ -157,7 +157,8 @@ class Replicator:
         usable = [s for s in stores if self.avoid.get(s.id, 0.0) < now] or stores  # all avoided: retry anyway
         if not usable:
             return None
-        self.where[rid] = store = min(usable, key=lambda s: s.kv_bytes_used)
+        # one the registry lists now before one only remembered (it may have died a moment ago)
+        self.where[rid] = store = min(usable, key=lambda s: (s.id not in self.stores.listed, s.kv_bytes_used))
         return store
 
     def forget(self, request_id: str, aborted: bool = False) -> None:

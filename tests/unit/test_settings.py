@@ -39,3 +39,15 @@ def test_api_keys_from_repeated_flags_or_one_variable():
         with pytest.raises(SettingsError) as err:  # an empty key would let an empty bearer token in
             load(GatewaySettings, argv, environ=env)
         assert "--api-key / DEJAVU_API_KEYS" in str(err.value) and "good-key" not in str(err.value)  # never printed
+
+
+def test_default_service_ids_differ_at_every_start():
+    """A container restarted in place keeps its hostname and often its pid; the gateway skips the
+    services that failed a request, so the new process must not carry the dead one's id."""
+    from common.protocol import ServiceKind
+    from common.service import service_id
+    from common.settings import TokenSettings
+
+    settings = TokenSettings()
+    assert service_id(ServiceKind.TOKEN, settings) != service_id(ServiceKind.TOKEN, settings)
+    assert service_id(ServiceKind.TOKEN, TokenSettings(service_id="token-a")) == "token-a"
