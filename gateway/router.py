@@ -32,6 +32,7 @@ REGISTRY_CACHE_S = 0.5
 PREFILL_ATTEMPTS = 4  # prompt services tried for one prefill (the same one again if there is no other)
 LEASE_CHECK_S = 1.0  # a call or stream silent this long makes the gateway check its service's lease
 ENGINES = (ServiceKind.PROMPT, ServiceKind.TOKEN)  # services that run the model
+LATE_WRITE_S = 3.0  # a lost request's replicas are dropped again after this (see _drop_replicas)
 RESERVE_TIMEOUT_S = 10.0  # a /reserve unanswered this long is given up (and aborted: it may have taken room)
 
 
@@ -173,11 +174,17 @@ class Router:
             run.unfenced = []
 
     async def _drop_replicas(self, request_id: str) -> None:
-        try:
-            stores = await self.services(ServiceKind.CACHE_STORE)
-        except Unavailable:
-            return
-        await self._abort_all(request_id, stores, path="/drop")
+        """Drop the request's replica on every store, now and once more LATE_WRITE_S later: a put
+        an owner had in flight as the request ended (an owner killed before its own cleanup drops
+        nothing) may land after the first drop (bench.chaos left such a replica over UCX)."""
+        for late in (False, True):
+            if late:
+                await asyncio.sleep(LATE_WRITE_S)
+            try:
+                stores = await self.services(ServiceKind.CACHE_STORE)
+            except Unavailable:
+                continue
+            await self._abort_all(request_id, stores, path="/drop")
 
     async def reserve(self, request_id: str, prompt_tokens: int, max_tokens: int,
                       exclude: set[str] = frozenset(), resume: bool = False) -> tuple[Reservation, ServiceInfo]:

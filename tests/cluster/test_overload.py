@@ -18,7 +18,8 @@ from tests.cluster.test_serving import assert_no_kv_held
 CLIENTS, QUEUE, MAX_TOKENS = 300, 40, 32  # arrivals within 1.5 s: 300 x 32 tokens take far longer anywhere
 PROMPTS = ["The tallest mountain in the world is", "Water boils at", "A short poem about the sea:",
            "List three colours: red,"]
-FAR_APART = 24  # arrivals this many places (120 ms) apart are served in arrival order: 8 in a batch, and slack
+FAR_APART = 64  # arrivals this many places (320 ms) apart are served in arrival order: the queue is FIFO, but
+#                a loaded 2-core CI box delays some requests' way to it (HTTP, Redis) by 100-200 ms
 
 
 @pytest.fixture(scope="module")
