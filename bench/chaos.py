@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
-from bench.common import log, percentile, write_json
+from bench.common import log, metrics, percentile, write_json
 from dejavu.cluster import Child, Cluster
 
 PROMPTS = ["The tallest mountain in the world is", "Once upon a time, in a land far away,", "Water boils at",
@@ -176,11 +176,7 @@ def inject(cluster: Cluster, kind: str, rng: random.Random) -> str:
 
 
 def _holds_kv(child: Child) -> bool:
-    try:
-        text = httpx.get(child.url + "/metrics", timeout=2).text
-    except httpx.HTTPError:
-        return False
-    return any(line.startswith("dejavu_token_sequences ") and float(line.split()[1]) > 0 for line in text.splitlines())
+    return metrics(child.url).get("dejavu_token_sequences", 0.0) > 0
 
 
 async def run(cluster: Cluster, plan: Plan, transport: str, references: dict[int, str] | None = None) -> Report:
@@ -241,7 +237,7 @@ def kv_held(cluster: Cluster, timeout: float = 30.0) -> dict:
     while True:
         held = {}
         for child in cluster.children:
-            values = _metrics(child.url)
+            values = metrics(child.url)
             for name in gauges[child.kind]:
                 if values.get(name, 0.0):
                     held[f"{child.name} {name}"] = values[name]
@@ -266,17 +262,8 @@ def replicas_left(cluster: Cluster, streams: list[Stream]) -> list[str]:
 
 
 def recoveries(cluster: Cluster) -> dict:
-    values = _metrics(cluster.url)
+    values = metrics(cluster.url)
     return {path: values.get(f'dejavu_gateway_recoveries_total{{path="{path}"}}', 0.0) for path in ("replica", "reprefill")}
-
-
-def _metrics(url: str) -> dict[str, float]:
-    try:
-        text = httpx.get(url + "/metrics", timeout=5).text
-    except httpx.HTTPError:
-        return {}
-    return {name: float(value) for line in text.splitlines() if line and not line.startswith("#")
-            for name, _, value in [line.rpartition(" ")]}
 
 
 def cluster_for(model: str, transport: str, env: dict | None = None, logs: bool = False) -> Cluster:

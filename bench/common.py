@@ -59,6 +59,18 @@ async def sse_chunks(resp) -> AsyncIterator[dict]:
         yield chunk
 
 
+def metrics(url: str) -> dict[str, float]:
+    """Every sample of a service's Prometheus /metrics, by name with its labels ({} if it does not answer)."""
+    import httpx
+
+    try:
+        text = httpx.get(url + "/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return {}
+    return {name: float(value) for line in text.splitlines() if line and not line.startswith("#")
+            for name, _, value in [line.rpartition(" ")]}
+
+
 def machine() -> dict:
     """Where a figure was measured: CPU, cores, memory, versions, commit, date."""
     cpu = platform.processor() or platform.machine()

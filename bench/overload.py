@@ -31,8 +31,7 @@ from collections import Counter
 
 import httpx
 
-from bench.chaos import _metrics
-from bench.common import fmt, log, spread, write_json
+from bench.common import fmt, log, metrics, spread, write_json
 from dejavu.cluster import Cluster
 
 TARGET_RATIO = 1.10
@@ -65,7 +64,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def step_totals(url: str) -> tuple[float, float]:
-    values = _metrics(url)
+    values = metrics(url)
     return values.get("dejavu_token_step_seconds_sum", 0.0), values.get("dejavu_token_step_seconds_count", 0.0)
 
 

@@ -47,7 +47,6 @@ class Router:
         self.model_id = model_id  # model_fingerprint of the gateway's model: engines of another are not ours
         self._cache: tuple[float, list[ServiceInfo]] = (0.0, [])
         self.recent = RecentServices(registry, settings.lease_ttl_s)
-        self._listed: tuple[float, list[ServiceInfo]] = (0.0, [])  # the registry as it is (lease checks)
         self._aborting: set[tuple[str, str]] = set()  # (request id, service id): an abort of a reservation in flight
         self.in_flight: Counter[str] = Counter()  # service id -> requests this gateway has there
         self.background: set[asyncio.Task] = set()
@@ -210,7 +209,7 @@ class Router:
         if not services:
             if resume:
                 return None
-            others = [s for s in await self.recent.services(ServiceKind.TOKEN) if not self._ours(s)]
+            others = [s for s in self._cache[1] if s.kind == ServiceKind.TOKEN and not self._ours(s)]
             raise Unavailable(f"no token service of this gateway's model is registered ({len(others)} serve another "
                               "model: check --model)" if others else
                               "no token service is registered: start one (python -m token_service)")
@@ -326,16 +325,13 @@ class Router:
             task.cancel()
 
     async def _leased(self, svc: ServiceInfo) -> bool:
-        """Whether the registry itself lists `svc` (not the routing view, which keeps a forgotten
-        lease a while longer); one read serves every call waiting on a lease check meanwhile."""
-        at, listed = self._listed
+        """Whether the registry itself listed `svc` at its last read (not the routing view, which
+        keeps a forgotten lease a while longer); the read is the routing view's, cached."""
         try:
-            if time.monotonic() - at > LEASE_CHECK_S / 2:
-                listed = await self.registry.services()
-                self._listed = (time.monotonic(), listed)
+            await self.services(svc.kind)
         except Unavailable:  # Redis down: the read timeout is all there is
             return True
-        return any(s.id == svc.id for s in listed)
+        return svc.id in self.recent.listed
 
     async def _post(self, svc: ServiceInfo, path: str, body, timeout: float | None = 30.0) -> dict:
         try:
