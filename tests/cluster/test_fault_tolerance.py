@@ -48,10 +48,13 @@ def healed(cluster):
     yield
 
 
-def holder(cluster, kind: str, gauge: str):
-    """The live service of `kind` holding something (by its gauge)."""
-    live = [c for c in cluster.of(kind) if c.proc.poll() is None and metric(c.url, gauge) > 0]
-    assert len(live) == 1, f"exactly one {kind} should hold the request, not {len(live)}"
+def holder(cluster, kind: str, gauge: str, wait_s: float = 2.0):
+    """The live service of `kind` holding something (by its gauge), waited for up to `wait_s`: a
+    replica may be starting over on another store after the previous test killed one."""
+    deadline = time.monotonic() + wait_s
+    while len(live := [c for c in cluster.of(kind) if c.proc.poll() is None and metric(c.url, gauge) > 0]) != 1:
+        assert time.monotonic() < deadline, f"exactly one {kind} should hold the request, not {len(live)}"
+        time.sleep(0.05)
     return live[0]
 
 

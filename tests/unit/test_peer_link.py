@@ -74,21 +74,22 @@ async def test_acknowledgements_nobody_awaits_are_forgotten(peer):
 
 @pytest.mark.parametrize("transport", ["tcp", "ucx"])
 async def test_time_behind_other_frames_does_not_count_against_a_send(transport):
-    """A receiver that drains slowly but surely (a frame every 0.6 s): three frames sent at once
-    with a 1 s send timeout all get out. Before, the timeout also ran while a send waited its turn
-    behind the others, and the third cut the link mid-frame for everyone."""
+    """A receiver that drains slowly but surely (a frame every 2 s): three 64 MiB frames sent at
+    once with a 3 s send timeout all get out (each frame's own write takes about 2 s; the third
+    waits about 4 s for its turn). Before, the timeout also ran while a send waited its turn behind
+    the others, and the third cut the link mid-frame for everyone."""
     server, client = make_transport(transport), make_transport(transport)
 
     async def slow_reader(conn):
         while True:
             await conn.recv()
-            await asyncio.sleep(0.6)
+            await asyncio.sleep(2.0)
 
     try:
         address = await server.listen(slow_reader, "127.0.0.1")
-        peers = Peers(client, send_timeout=1.0)
+        peers = Peers(client, send_timeout=3.0)
         link = await asyncio.wait_for(peers.get(address), BOUND_S)
-        frames = [link.send(BIG, request_id=f"r{i}", **FIELDS) for i in range(3)]
+        frames = [link.send(BIG[: 16 << 20], request_id=f"r{i}", **FIELDS) for i in range(3)]
         results = await asyncio.wait_for(asyncio.gather(*frames, return_exceptions=True), BOUND_S)
         assert [type(r).__name__ for r in results] == ["Future"] * 3, results
         assert not link.conn.closed
