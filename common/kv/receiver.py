@@ -3,8 +3,10 @@ services): one task per incoming connection reads messages and answers each on t
 - "kv": `store(header, payload)`, then an ack;
 - "fetch" (cache store): `fetch(header)` -> (the tokens asked for, their wire dtype name), sent
   back as one "kv" message of that dtype;
-- anything else, or a refusal: an error frame that names the problem (the link stays up for the
-  other requests on it)."""
+- anything else, a refusal, or a frame that breaks the format: an error frame that names the
+  problem (the link stays up for the other requests on it). A malformed frame is answered only
+  when its header's request id, epoch and ranges are valid (what the sender matches answers by,
+  wire.WireError.answer_to); else it is logged and skipped."""
 
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ from collections.abc import Callable
 import numpy as np
 
 from common.kv.transport import Connection, Handler, TransportError
-from common.kv.wire import Header, send_ack, send_error, stream_in, stream_out
+from common.kv.wire import Header, WireError, send_ack, send_error, stream_in, stream_out
 
 log = logging.getLogger(__name__)
+ERROR_CHARS = 500  # of an error frame's message: a malformed header's own text is quoted in it
 
 
 def kv_server(store: Callable[[Header, np.ndarray], None], refused: tuple[type[Exception], ...],
@@ -52,6 +55,9 @@ def kv_server(store: Callable[[Header, np.ndarray], None], refused: tuple[type[E
                 return  # the sender went away (or broke the framing); its requests are cleaned up by abort/expiry
             except Exception as exc:  # noqa: BLE001 - the frame was read whole: the link is still in step
                 log.warning("malformed KV message: %s: %s", type(exc).__name__, exc)
+                answer_to = exc.answer_to if isinstance(exc, WireError) else None
+                if answer_to is not None and not await reply_error(conn, answer_to, f"malformed KV message: {exc}"):
+                    return
                 continue
             if request_id_var is not None:
                 request_id_var.set(header.request_id)
@@ -64,10 +70,17 @@ def kv_server(store: Callable[[Header, np.ndarray], None], refused: tuple[type[E
                     log.warning("refused KV %s: %s", header.kind, exc)
                 else:
                     log.exception("KV %s failed", header.kind)
-                try:
-                    await send_error(conn, header, f"{type(exc).__name__}: {exc}" if not isinstance(exc, refused)
-                                     else str(exc))
-                except TransportError:
+                if not await reply_error(conn, header, str(exc) if isinstance(exc, refused)
+                                         else f"{type(exc).__name__}: {exc}"):
                     return
 
     return handle
+
+
+async def reply_error(conn: Connection, header: Header, message: str) -> bool:
+    """Answer `header` with an error frame; False if the link broke meanwhile."""
+    try:
+        await send_error(conn, header, message[:ERROR_CHARS])
+    except TransportError:
+        return False
+    return True

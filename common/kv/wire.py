@@ -9,7 +9,9 @@ A "kv" message carries one slab of the KV cache: layers [layer_start, layer_end)
 [token_start, token_end) of a request, as a tensor of `dtype` and `shape`, with a CRC-32 of the
 bytes. A KV slab is token-major, (layers, 2, tokens, kv_heads, head_dim): the layout of the token
 service's paged pool, so one indexed copy moves a message in or out. The receiver answers on the
-same connection with an "ack" (stored) or an "error" frame.
+same connection with an "ack" (stored) or an "error" frame; a frame that breaks the format gets
+an "error" frame too when its header's request id, epoch and ranges are valid (the sender matches
+answers by them), and none when they are not.
 
 A "fetch" message (empty payload) asks a cache store for tokens [0, token_end) of a request's
 replica under `epoch`; the store answers with one "kv" message of them, or an "error" frame.
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
 
 KINDS = ("kv", "ack", "error", "fetch")
 INT_FIELDS = ("epoch", "layer_start", "layer_end", "token_start", "token_end", "nbytes", "checksum")
+ANSWER_FIELDS = ("request_id", "epoch", "layer_start", "layer_end", "token_start", "token_end")
 CRC_THREAD_MIN_BYTES = 4 << 20
 # Wire dtypes numpy cannot name, and the numpy dtype of the raw words each travels as.
 RAW_DTYPES = {"bfloat16": np.dtype(np.int16)}
@@ -55,7 +58,12 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # as common.protocol.Request
 
 
 class WireError(ValueError):
-    """A message broke the format: bad header, size or checksum mismatch."""
+    """A message broke the format: bad header, size or checksum mismatch. `answer_to`, set by
+    stream_in for a frame it read whole: the request id, epoch and ranges of that frame's header,
+    enough to answer it with an error frame its sender matches, or None when those are not all
+    there and valid (see `_answerable`)."""
+
+    answer_to: Header | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +109,8 @@ class Header:
             raise WireError(f"header is not JSON: {type(e).__name__}") from None
         _check(isinstance(fields, dict), "header must be a JSON object")
         names = {f.name for f in dataclasses.fields(cls)}
-        _check(fields.keys() == names, f"header fields {sorted(fields)} != {sorted(names)}")
+        missing, unexpected = sorted(names - fields.keys()), sorted(fields.keys() - names)
+        _check(not missing and not unexpected, f"header fields missing: {missing}, unexpected: {unexpected}")
         _check(isinstance(fields["shape"], list), "shape must be a list")
         return cls(**{**fields, "shape": tuple(fields["shape"])})
 
@@ -161,7 +170,8 @@ async def stream_in(
     buffer). The array's dtype is `numpy_dtype(header.dtype)`: int16 raw words for "bfloat16";
     `as_tensor` gives the payload as a tensor of its real dtype. Raises TransportError if the
     connection breaks, WireError if the message is malformed. After a WireError, or an exception
-    raised by `alloc` (re-raised here), the frame has been read whole: the link is still usable.
+    raised by `alloc` (re-raised here), the frame has been read whole: the link is still usable,
+    and the WireError's `answer_to` says whether the frame can be answered with an error frame.
     A frame whose payload is over `max_payload` bytes is not read at all: TransportError (the
     receiver closes that link; a peer that sends it is broken or hostile)."""
     problem: list[Exception] = []  # raised only once the whole frame is read
@@ -179,10 +189,14 @@ async def stream_in(
         return np.empty(nbytes, dtype=np.uint8)
 
     raw, data = await conn.recv(place)
-    if problem:
-        raise problem[0]
-    header = Header.decode(raw)
-    _check(await _crc32(data) == header.checksum, f"checksum mismatch for {header.request_id!r}")
+    try:
+        if problem:
+            raise problem[0]
+        header = Header.decode(raw)
+        _check(await _crc32(data) == header.checksum, f"checksum mismatch for {header.request_id!r}")
+    except WireError as e:
+        e.answer_to = _answerable(raw)
+        raise
     return header, data.view(numpy_dtype(header.dtype)).reshape(header.shape)
 
 
@@ -222,6 +236,19 @@ async def _crc32(data: np.ndarray) -> int:
 def _reply(kind: str, kv: Header, message: str) -> Header:
     return Header(kind, kv.request_id, kv.epoch, kv.layer_start, kv.layer_end,
                   kv.token_start, kv.token_end, message=message)  # fmt: skip
+
+
+def _answerable(raw: bytes) -> Header | None:
+    """From the header `raw` of a frame that broke the format, the fields its error answer needs:
+    the ones the sender matches answers by (request_id, layer_start, token_start: peers.ack_key),
+    its epoch and ranges. None unless they all parse and validate as in any header (request_id as
+    REQUEST_ID, ints >= 0, starts <= ends): nothing else of `raw` is read."""
+    try:
+        fields = json.loads(raw)
+        _check(isinstance(fields, dict), "header must be a JSON object")
+        return Header("error", *(fields.get(name) for name in ANSWER_FIELDS))
+    except (ValueError, RecursionError):  # WireError is a ValueError
+        return None
 
 
 def _as_numpy(payload: np.ndarray | torch.Tensor) -> tuple[np.ndarray, str]:
