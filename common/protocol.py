@@ -133,19 +133,23 @@ class PrefillResult(Message):
 
 
 class DecodeRequest(Message):
-    """Start decoding a request whose KV [0, len(prompt_ids)) is in its reserved row. On a resume,
-    prompt_ids is the original prompt plus every output token but the newest."""
+    """Start decoding a request whose KV is in its reserved row: the prompt's (on a resume, the
+    row holds the original prompt plus every output token but the newest) but for the last
+    len(replay) tokens. Those are the tokens already out after the replicated index, or after the
+    prompt on a re-prefill: the token service feeds them first, one per decode step, emitting
+    nothing, so that their KV is computed as it was the first time, to the bit."""
 
     request_id: RequestId
     epoch: int = Field(0, ge=0)
-    prompt_ids: list[TokenId] = Field(max_length=MAX_SEQUENCE)
-    first_token: TokenId          # the newest output token: the input of the first decode step
+    replay: list[TokenId] = Field(default_factory=list, max_length=MAX_SEQUENCE)  # the row's last tokens
+    first_token: TokenId          # the newest output token: the input of the first decode step after the replay
     first_index: int = Field(default=0, ge=0, le=MAX_SEQUENCE)  # its output index (> 0 when resuming elsewhere)
     sampling: SamplingParams
 
 
 class DecodeEvent(Message):
-    """One NDJSON line of the decode stream: a token, or an error that ends the stream."""
+    """One NDJSON line of the decode stream: a token, or an error that ends the stream. Blank lines
+    between them keep it alive while a resumed request replays the tokens already out."""
 
     token: TokenEvent | None = None
     error: str | None = None
@@ -153,8 +157,8 @@ class DecodeEvent(Message):
 
 class RestoreRequest(Message):
     """Recovery: rebuild a reserved row's KV [0, len(prompt_ids)) from a replica. The token service
-    fetches tokens [0, replicated) from the cache store, then recomputes the rest of prompt_ids
-    (prompt + every output token but the newest) itself."""
+    fetches tokens [0, replicated) from the cache store; the rest of prompt_ids (prompt + every
+    output token but the newest) comes as the decode request's `replay`."""
 
     request_id: RequestId
     epoch: int = Field(ge=0)      # the request's epoch after fencing the old owner
@@ -168,9 +172,8 @@ class RestoreRequest(Message):
 class RestoreResult(Message):
     request_id: str
     fetched: int                  # tokens of KV fetched from the store
-    recomputed: int               # tokens of KV recomputed here
+    recomputed: int               # tokens after them: their KV is for the decode to replay
     fetch_ms: float
-    recompute_ms: float
 
 
 class AbortRequest(Message):

@@ -3,7 +3,7 @@
 The random number for output index i is drawn from a generator seeded with mix(seed, i) only, so
 a request resumed on another service (or batched differently) draws the same numbers. The draw
 is an inverse CDF over the kept tokens in token-id order, not in probability order: logits that
-differ in the last bits (KV recomputed on a resume, another batch shape) reorder near-equal
+differ in the last bits (another batch shape, e.g. under --compile) reorder near-equal
 probabilities, which would move the pick; in id order the pick changes only if the number falls
 within that tiny difference of a boundary.
 """

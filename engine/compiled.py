@@ -20,8 +20,9 @@ attention is our kernel either way: what is left to fuse is small. Hence off by 
 differ from the eager step's by up to 1e-2 in float32 (another fusion order); greedy output still
 equals Hugging Face's on the tests' prompts (tests/unit/test_compiled.py). What it costs besides
 time: a second copy of the weights (fused for the graph, then prepacked by inductor); and a step of
-several sequences runs compiled while a restore recomputes eagerly, so in float32 a resumed
-request's tokens may differ from an uninterrupted one's where logits are within 1e-2 of a tie.
+several sequences runs compiled while a step of one runs eagerly, so in float32 a request's tokens
+may depend on how many others shared its steps (a resumed request's replayed tokens included) where
+logits are within 1e-2 of a tie.
 """
 
 from __future__ import annotations

@@ -2,10 +2,14 @@
 
 `Run` is one request across its attempts. On a resume the gateway first fences the old owner (a
 new epoch in Redis, so its replica writes and index updates are refused), then has the new token
-service restore the KV from the replica on a cache store: it fetches tokens [0, replicated) and
-recomputes the rest. With no usable replica the router falls back to a re-prefill. Only then is
-the old owner aborted: one that is slow but alive drops its replica when aborted, and the store
-refuses that drop only once the fetch has moved the replica to the new epoch.
+service restore the KV from the replica on a cache store: it fetches tokens [0, replicated). With
+no usable replica the router falls back to a re-prefill of the prompt alone. Either way the new
+token service replays the tokens out after that (DecodeRequest.replay) through decode steps, as
+they were first computed: their KV, and so every token drawn after them, is the same to the bit
+(one forward over them, as a prefill of prompt + tokens out did, rounds differently in float32,
+and seeded sampling then drew another token now and then). Only then is the old owner aborted: one
+that is slow but alive drops its replica when aborted, and the store refuses that drop only once
+the fetch has moved the replica to the new epoch.
 
 The restore's call is bounded by the new token service's lease (a dead or hung one is found within
 the lease TTL), not by --token-timeout-s: a healthy one may wait up to the fetch's own timeout on a
@@ -68,19 +72,20 @@ async def fence(requests: RequestStore, run: Run, owner: ServiceInfo) -> None:
         run.epoch, run.replica = run.epoch + 1, (0, "")
 
 
-async def restore(router: Router, run: Run, svc: ServiceInfo, prefix: list[int]) -> bool:
-    """Have `svc` rebuild the KV from the request's replica; False when there is no usable one
-    (nothing replicated yet, its store gone, the fetch failed): then it is prefilled again."""
+async def restore(router: Router, run: Run, svc: ServiceInfo, prefix: list[int]) -> int | None:
+    """Have `svc` rebuild the KV from the request's replica: the tokens of `prefix` it fetched (the
+    rest is replayed by the decode); None when there is no usable replica (nothing replicated yet,
+    its store gone, the fetch failed): then it is prefilled again."""
     (n, store_id), store = run.replica, None
     if n >= 1:
         try:
             store = next((s for s in await router.services(ServiceKind.CACHE_STORE) if s.id == store_id), None)
         except Unavailable as exc:
             log.warning("no replica lookup (%s): prefilling again", exc.message)
-            return False
+            return None
     if store is None:
         log.info("no usable replica (%d tokens replicated, store %s): prefilling again", n, store_id or "none")
-        return False
+        return None
     req = RestoreRequest(request_id=run.request_id, epoch=run.epoch, prompt_ids=prefix,
                          replicated=min(n, len(prefix)), store_id=store.id, store_kv_address=store.kv_address,
                          store_url=store.url)
@@ -89,10 +94,10 @@ async def restore(router: Router, run: Run, svc: ServiceInfo, prefix: list[int])
             router._post(svc, "/restore", req, timeout=FETCH_TIMEOUT_S + router.settings.token_timeout_s), svc)
     except Unavailable as exc:  # the replica could not be fetched: the KV has to come from a prefill
         log.warning("restore from the replica on %s failed (%s): prefilling again", store.id, exc.message)
-        return False
+        return None
     except UpstreamError as exc:  # the new token service itself failed or hangs
         raise TokenServiceLost(f"token service {svc.id} failed the restore: {exc.message}") from exc
     result = RestoreResult.model_validate(body)
-    log.info("resumed on %s from the replica on %s: %d tokens fetched, %d recomputed", svc.id, store.id,
+    log.info("resumed on %s from the replica on %s: %d tokens fetched, %d to replay", svc.id, store.id,
              result.fetched, result.recomputed)
-    return True
+    return result.fetched

@@ -97,8 +97,10 @@ class Router:
                 self._spawn(self._drop_replicas(request_id))
 
     async def _attempt(self, run: Run) -> AsyncIterator[TokenEvent]:
-        """One try: reserve, then the KV (a prefill of the prompt or, on a resume, of the prompt plus
-        the tokens already out, unless a replica can be restored), then decode."""
+        """One try: reserve, then the KV (a prefill of the prompt or, on a resume, a replica restored
+        if there is one), then decode. On a resume the row is the prompt plus the tokens already out
+        but the newest (the next input); those whose KV neither the prefill nor the replica brought
+        are replayed by the token service's decode steps (gateway/recovery.py says why)."""
         outputs = run.outputs
         prefix = run.prompt_ids + outputs[:-1]  # KV the token service needs; outputs[-1] is the next input
         remaining = run.sampling.max_tokens - max(len(outputs) - 1, 0)
@@ -106,15 +108,17 @@ class Router:
                                                     resume=bool(run.lost))
         released, holders = False, [token_svc]  # holders: services that may still hold something of it
         try:
-            path = None
+            path, have = None, len(run.prompt_ids)  # have: tokens of prefix whose KV the row gets from outside
             if run.lost:  # a resume: fence the old owner first, so it can no longer replicate
                 await fence(self.requests, run, token_svc)
-                path = "replica" if outputs and await restore(self, run, token_svc, prefix) else "reprefill"
+                fetched = await restore(self, run, token_svc, prefix) if outputs else None
+                path, have = ("reprefill", have) if fetched is None else ("replica", fetched)
                 RECOVERIES.labels(path).inc()
                 self._abort_unfenced(run)  # only now: aborted earlier, a live old owner drops the replica
             if path != "replica":
-                req = PrefillRequest(request_id=run.request_id, epoch=run.epoch, prompt_ids=prefix, sampling=run.sampling,
-                                     target_service_id=token_svc.id, target_kv_address=reservation.kv_address)
+                req = PrefillRequest(request_id=run.request_id, epoch=run.epoch, prompt_ids=run.prompt_ids,
+                                     sampling=run.sampling, target_service_id=token_svc.id,
+                                     target_kv_address=reservation.kv_address)
                 try:
                     result = await (self.prefill_on(token_svc, req) if token_svc.colocated else self.prefill(req, holders))
                 except UpstreamError as exc:
@@ -127,7 +131,7 @@ class Router:
                     if result.first.finish_reason:
                         return  # done at the first token: the reserved row is released in `finally`
             first = outputs[-1] if outputs else result.first.token_id  # on a resume, P's sample is not used
-            decode = DecodeRequest(request_id=run.request_id, epoch=run.epoch, prompt_ids=prefix, first_token=first,
+            decode = DecodeRequest(request_id=run.request_id, epoch=run.epoch, replay=prefix[have:], first_token=first,
                                    first_index=max(len(outputs) - 1, 0), sampling=run.sampling)
             async with contextlib.aclosing(self.decode(token_svc, decode)) as events:
                 async for event in events:

@@ -109,8 +109,8 @@ def create_app(settings: TokenSettings) -> FastAPI:
     async def restore(req: RestoreRequest) -> RestoreResult:
         request_id_var.set(req.request_id)
         result = await app.state.engine.restore(req)
-        log.info("restored from replica on %s: %d tokens fetched (%.1f ms), %d recomputed (%.1f ms)",
-                 req.store_id, result.fetched, result.fetch_ms, result.recomputed, result.recompute_ms)
+        log.info("restored from replica on %s: %d tokens fetched (%.1f ms), %d to replay", req.store_id,
+                 result.fetched, result.fetch_ms, result.recomputed)
         return result
 
     @app.post("/abort")
@@ -131,11 +131,15 @@ def _decode_stream(engine: TokenEngine, req: DecodeRequest) -> ClosingStreamingR
 
 
 async def _events(engine: TokenEngine, seq: Sequence):
-    """The decode stream; if the gateway goes away mid-stream the request is aborted here."""
+    """The decode stream; if the gateway goes away mid-stream the request is aborted here. A blank
+    line for each token replayed (a resume) tells the gateway the stream is alive meanwhile."""
     finished = False
     try:
         while True:
-            event: DecodeEvent = await seq.events.get()
+            event: DecodeEvent | None = await seq.events.get()
+            if event is None:
+                yield "\n"
+                continue
             yield event.model_dump_json(exclude_none=True) + "\n"
             if event.error or (event.token and event.token.finish_reason):
                 finished = True

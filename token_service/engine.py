@@ -4,14 +4,19 @@
                  prompt's are taken now, the rest as it decodes) and a Sequence waits for KV.
 2. `receive_kv`  the prompt service streams the prompt's K/V layer by layer; each message is
                  scattered into the sequence's blocks and acknowledged.
-   or `restore` on recovery: the KV comes from a replica on a cache store, and the tokens after
-                 it are recomputed here.
+   or `restore` on recovery: the KV comes from a replica on a cache store.
    or `prefill`  colocated mode (--colocated): the prompt is prefilled here, between two decode
                  steps, straight into its blocks (no transfer); the first token is sampled here.
 3. `start_decode` the gateway opens the decode stream with the sampling params and the first
-                 token (sampled by the prompt service).
+                 token (sampled by the prompt service). On a resume the row was reserved for the
+                 prompt plus the tokens already out, and their KV came from a replica up to its
+                 index, or from a prefill of the prompt alone: the tokens after it are `replay`ed.
 4. `step`        schedule -> execute -> postprocess, over every running sequence; each new token
-                 goes out as an event on its decode stream.
+                 goes out as an event on its decode stream. A sequence with tokens to replay
+                 feeds those first, one per step, and samples nothing: their KV is computed by
+                 decode steps, as when they were first generated, so that it is the same to the
+                 bit and so are the tokens drawn after it (a forward over many tokens rounds
+                 differently), without holding up the other streams.
 5. `release`     on finish, abort, client gone or a reservation never used, the blocks are freed.
 """
 
@@ -36,7 +41,7 @@ from common.protocol import (DecodeEvent, DecodeRequest, PrefillRequest, Prefill
 from common.sampling import sample
 from common.service import request_id_var
 from common.settings import TokenSettings
-from engine.attention import Segment, slots_of
+from engine.attention import slots_of
 from engine.block_manager import BlockManager
 from engine.runner import ModelRunner
 from token_service.prefill import Chunk, PrefillJob, PrefillQueue
@@ -120,7 +125,8 @@ class TokenEngine:
 
     async def prefill(self, req: PrefillRequest) -> PrefillResult:
         """Colocated mode: prefill into the reserved blocks here, chunk by chunk alongside the decode
-        steps (token_service/prefill.py); an abort meanwhile frees them at the next step boundary."""
+        steps (token_service/prefill.py); an abort meanwhile frees them at the next step boundary.
+        On a resume the prompt is shorter than the row: the tokens out are replayed after it."""
         seq = self._empty_seq(req.request_id, len(req.prompt_ids), "prefill")
         job = PrefillJob(seq, req, asyncio.get_running_loop().create_future())
         self.prefills.add(job)
@@ -128,9 +134,9 @@ class TokenEngine:
         return await asyncio.shield(job.result)  # a cancelled caller leaves the job to the loop
 
     async def restore(self, req: RestoreRequest) -> RestoreResult:
-        """Recovery: fill a reservation's blocks from the replica [0, n) on a cache store, then
-        recompute the KV of prompt_ids[n:] (tokens generated after the replicated index, see
-        _recompute). Replication then continues the same replica from n, under the new epoch."""
+        """Recovery: fill a reservation's blocks from the replica [0, n) on a cache store; the KV of
+        prompt_ids[n:] (tokens generated after the replicated index) is the decode's to replay.
+        Replication then continues the same replica from n, under the new epoch."""
         seq = self._empty_seq(req.request_id, len(req.prompt_ids), "restore")
         n = min(req.replicated, len(req.prompt_ids))
         start = time.perf_counter()
@@ -150,39 +156,25 @@ class TokenEngine:
                                   f"kv_heads, head_dim) of this service's model", code="replica_unavailable")
             if not seq.done:
                 scatter(self.pool, slots_of(seq.blocks, self.blocks.block_size, 0, n), slice(None), kv)
-            fetched = time.perf_counter()
-            if n < seq.prompt_len and not seq.done:
-                await self.runner.run(self._recompute, seq, req.prompt_ids, n)
         finally:
             seq.filling = False
             if seq.done:
                 self.release(seq)
         if seq.done:
             raise NotFound(f"request {req.request_id} was aborted during its restore")
-        seq.mark_all_received()
+        seq.mark_all_received(n)
         if self.replicator:
             await self.replicator.resume_from(seq.request_id, req.epoch, req.store_id, req.store_kv_address, n,
                                               req.store_url)
         return RestoreResult(request_id=req.request_id, fetched=n, recomputed=seq.prompt_len - n,
-                             fetch_ms=(fetched - start) * 1e3, recompute_ms=(time.perf_counter() - fetched) * 1e3)
-
-    def _recompute(self, seq: Sequence, ids: list[int], n: int) -> None:
-        """The KV of ids[n:], the tokens decoded after the replicated index. In float32 one forward
-        over all of them. In bf16/fp16 one decode step each, as they were first computed: a GEMM
-        over k rows rounds differently from k GEMMs over one row (oneDNN picks its kernel by the
-        row count), and that rounding, fed forward, would change the tokens after a failover."""
-        if self.runner.dtype == torch.float32:
-            self.runner.forward([Segment(ids[n:], n, seq.blocks)], self.pool)
-            return
-        for position in range(n, len(ids)):
-            self.runner.forward([Segment([ids[position]], position, seq.blocks)], self.pool)
+                             fetch_ms=(time.perf_counter() - start) * 1e3)
 
     def _empty_seq(self, request_id: str, prompt_len: int, what: str) -> Sequence:
         """The sequence of a reservation whose KV is still to be written: by a prefill or a restore."""
         seq = self.scheduler.seqs.get(request_id)
         if seq is None or seq.done:
             raise NotFound(f"request {request_id} holds no KV room here (expired or aborted)")
-        if seq.kv_ready or seq.filling or seq.prompt_len != prompt_len:
+        if any(seq.received) or seq.filling or prompt_len > seq.prompt_len:
             raise BadRequest(f"request {request_id}: row reserved for {seq.prompt_len} tokens, {what} of "
                              f"{prompt_len} (or its KV is already there or on its way)")
         return seq
@@ -193,15 +185,17 @@ class TokenEngine:
             raise NotFound(f"request {req.request_id} holds no KV room here (expired or aborted)")
         if seq.sampling is not None:
             raise BadRequest(f"request {req.request_id} is already decoding", code="duplicate_request")
-        if not seq.kv_ready:
-            raise BadRequest(f"request {req.request_id}: KV incomplete ({seq.layers_complete} of "
-                             f"{seq.num_layers} layers)", code="kv_incomplete")
+        have = seq.prompt_len - len(req.replay)  # tokens whose KV the prefill or the replica brought
+        if have < 1 or any(n != have for n in seq.received):
+            raise BadRequest(f"request {req.request_id}: KV incomplete (tokens per layer {seq.received}, "
+                             f"{have} wanted)", code="kv_incomplete")
         if req.first_index + 1 > req.sampling.max_tokens:
             raise BadRequest(f"request {req.request_id}: first_index {req.first_index} is past max_tokens")
         if req.sampling.max_tokens - req.first_index > seq.max_tokens:
             raise BadRequest(f"request {req.request_id}: {req.sampling.max_tokens - req.first_index} tokens to decode, "
                              f"KV room was reserved for {seq.max_tokens}")
         seq.sampling, seq.output, seq.first_index, seq.epoch = req.sampling, [req.first_token], req.first_index, req.epoch
+        seq.replay.extend(req.replay)
         self.wakeup.set()
         return seq
 
@@ -245,8 +239,8 @@ class TokenEngine:
         step's prompt chunks. schedule -> execute -> postprocess."""
         start = time.perf_counter()
         seqs = batch.seqs if batch else []
-        for seq in seqs:  # room for the token each writes at its last position (promised at admission)
-            self.blocks.grow(seq.blocks, seq.last_position + 1, seq.promised)
+        for seq in seqs:  # room for the token each writes at its input position (promised at admission)
+            self.blocks.grow(seq.blocks, seq.input_position + 1, seq.promised)
         segments = (batch.segments if batch else []) + [c.segment for c in chunks]
         try:
             logits = await self.runner.run(self.runner.forward, segments, self.pool)
@@ -268,10 +262,12 @@ class TokenEngine:
         self._update_gauges()
 
     def _postprocess(self, batch: Batch, logits: torch.Tensor) -> None:
-        events = sample(logits, [s.sampling for s in batch.seqs], [s.next_index for s in batch.seqs],
-                        [s.request_id for s in batch.seqs])
+        rows = batch.sampled  # not those that replayed a token: they draw nothing (numbers go by output index)
+        seqs = [batch.seqs[i] for i in rows]
+        events = sample(logits[rows], [s.sampling for s in seqs], [s.next_index for s in seqs],
+                        [s.request_id for s in seqs]) if rows else []
         for seq, event in self.scheduler.postprocess(batch, events):
-            seq.events.put_nowait(DecodeEvent(token=event))
+            seq.events.put_nowait(DecodeEvent(token=event) if event else None)  # None: a token replayed
         if self.replicator:
             self.replicator.after_step(batch.seqs)
         for seq in batch.seqs:

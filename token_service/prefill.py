@@ -4,7 +4,10 @@ A prompt's life here:
 1. `TokenEngine.prefill` queues a PrefillJob for a reserved sequence (its blocks already hold room
    for the prompt); the sequence is `filling`, so an abort leaves its blocks to the loop.
 2. Each engine step takes up to --max-batch-tokens prompt tokens from the queue, in order: the next
-   chunk of the first prompt, then of the next, ... Each chunk is one segment of the step's
+   chunk of the first prompt, then of the next, ... as long as the whole chunk fits. A prompt's
+   chunks are tokens [0, budget), [budget, 2 * budget), ... whatever else is queued: a re-prefill
+   after a failover computes its KV in the same pieces as the first prefill, so to the bit (an
+   attention over other pieces rounds differently). Each chunk is one segment of the step's
    forward, next to the running decodes, so a long prompt never stalls running streams for more
    than one chunk's worth of compute (chunked prefill).
 3. A chunk's K/V goes straight into the sequence's blocks; a later chunk attends to the earlier
@@ -39,6 +42,11 @@ class PrefillJob:
     done: int = 0                # prompt tokens whose KV is computed
     started: float = 0.0         # perf_counter at its first chunk
 
+    @property
+    def num_tokens(self) -> int:
+        """The prompt's: on a resume fewer than the row holds (the tokens out are replayed after)."""
+        return len(self.req.prompt_ids)
+
 
 @dataclass
 class Chunk:
@@ -47,7 +55,7 @@ class Chunk:
 
     @property
     def last(self) -> bool:
-        return self.segment.end == self.job.seq.prompt_len
+        return self.segment.end == self.job.num_tokens
 
 
 class PrefillQueue:
@@ -65,15 +73,15 @@ class PrefillQueue:
     def next_chunks(self) -> list[Chunk]:
         """This step's chunks: up to `budget` prompt tokens, first come first served."""
         self.reap()
-        chunks, budget = [], self.budget
+        chunks, left = [], self.budget
         for job in self.jobs:
-            if budget <= 0:
+            n = min(job.num_tokens - job.done, self.budget)
+            if n > left:
                 break
-            n = min(job.seq.prompt_len - job.done, budget)
             tokens = job.req.prompt_ids[job.done: job.done + n]
             chunks.append(Chunk(job, Segment(tokens, job.done, job.seq.blocks)))
             job.started = job.started or time.perf_counter()
-            budget -= n
+            left -= n
         return chunks
 
     def finish(self, chunks: list[Chunk], logits: torch.Tensor) -> None:
@@ -100,7 +108,7 @@ class PrefillQueue:
             self._drop(job)
 
     def _resolve(self, job: PrefillJob, event) -> None:
-        job.seq.mark_all_received()
+        job.seq.mark_all_received(job.num_tokens)
         job.seq.filling = False
         self.jobs.remove(job)
         ms = (time.perf_counter() - job.started) * 1e3

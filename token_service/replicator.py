@@ -90,14 +90,14 @@ class Replicator:
                 rid = seq.request_id
                 if seq.done or rid in self.inflight or rid in self.fenced or self.retry_at.get(rid, 0.0) > now:
                     continue
-                kv_len, acked = seq.last_position, self.acked.get(rid, 0)  # KV exists for [0, last_position)
+                kv_len, acked = seq.input_position, self.acked.get(rid, 0)  # KV exists for [0, input_position)
                 if kv_len - acked >= self.chunk or (acked == 0 and kv_len > 0):
                     buf = gather(self.pool, slots_of(seq.blocks, self.block_size, acked, kv_len))  # final: copy now
                     self.epochs[rid] = seq.epoch
                     task = asyncio.create_task(self._send(seq, buf, acked, kv_len))
                     self.inflight[rid] = task
                     task.add_done_callback(lambda t, rid=rid: self.inflight.pop(rid, None))
-        REPLICATION_LAG.set(sum(max(s.last_position - self.acked.get(s.request_id, 0), 0) for s in seqs))
+        REPLICATION_LAG.set(sum(max(s.input_position - self.acked.get(s.request_id, 0), 0) for s in seqs))
 
     async def _send(self, seq: Sequence, buf: torch.Tensor, start: int, end: int) -> None:
         rid, store = seq.request_id, None

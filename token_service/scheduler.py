@@ -1,8 +1,8 @@
 """Continuous batching: which sequences run this step, and what their results mean.
 
 Every step takes every sequence that is ready (decode request in, KV complete); sequences join
-and leave between any two steps. Each contributes one segment: its newest token, at its last
-position, over its block table.
+and leave between any two steps. Each contributes one segment: its input token (its newest, or one
+it replays after a resume: Sequence.input_token), at that token's position, over its block table.
 """
 
 from __future__ import annotations
@@ -17,7 +17,12 @@ from token_service.sequence import Sequence, SeqStatus
 @dataclass
 class Batch:
     seqs: list[Sequence]          # running sequences
-    segments: list[Segment]       # one per sequence: its newest token at its last position
+    segments: list[Segment]       # one per sequence: its input token at its position
+
+    @property
+    def sampled(self) -> list[int]:
+        """Rows of the sequences whose logits are sampled: all but those replaying a token."""
+        return [i for i, s in enumerate(self.seqs) if not s.replay]
 
 
 class Scheduler:
@@ -34,13 +39,19 @@ class Scheduler:
         running = [s for s in self.seqs.values() if s.status is SeqStatus.RUNNING]
         if not running:
             return None
-        return Batch(running, [Segment([s.output[-1]], s.last_position, s.blocks) for s in running])
+        return Batch(running, [Segment([s.input_token], s.input_position, s.blocks) for s in running])
 
-    def postprocess(self, batch: Batch, events: list[TokenEvent]) -> list[tuple[Sequence, TokenEvent]]:
-        """Append each sampled token and decide whether its sequence finishes."""
-        out = []
-        for seq, event in zip(batch.seqs, events):
+    def postprocess(self, batch: Batch, events: list[TokenEvent]) -> list[tuple[Sequence, TokenEvent | None]]:
+        """Append each sampled token and decide whether its sequence finishes. `events` holds one
+        per sequence that did not replay a token; one that did gets None (it sampled nothing)."""
+        out, sampled = [], iter(events)
+        for seq in batch.seqs:
+            event = None if seq.replay else next(sampled)
             if seq.done:  # aborted while the step ran
+                continue
+            if event is None:
+                seq.replayed()
+                out.append((seq, None))
                 continue
             seq.output.append(event.token_id)
             reason = finish_reason(seq, event.token_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -20,7 +21,7 @@ class SeqStatus(Enum):
 @dataclass
 class Sequence:
     request_id: str
-    prompt_len: int                     # tokens
+    prompt_len: int                     # tokens before output[0] (a resume: the prompt + the tokens out but one)
     max_tokens: int                     # output tokens, EOS included
     num_layers: int
     promised: int = 0                   # KV blocks promised to it at admission (prompt + max_tokens)
@@ -28,12 +29,13 @@ class Sequence:
     created: float = field(default_factory=time.monotonic)
     status: SeqStatus = SeqStatus.WAITING_FOR_KV
     received: list[int] = field(default_factory=list)  # per layer: prompt tokens [0, n) whose KV is here
+    replay: collections.deque[int] = field(default_factory=collections.deque)  # see `input_token`
     sampling: SamplingParams | None = None   # set when the decode request arrives
     output: list[int] = field(default_factory=list)  # output tokens from first_index on
     first_index: int = 0                # output index of output[0] (> 0 on a resumed request)
     epoch: int = 0                      # the request's epoch when this service took it (fencing)
     filling: bool = False               # its row is being written: a restore, or a prefill here (colocated)
-    events: asyncio.Queue[DecodeEvent] = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue[DecodeEvent | None] = field(default_factory=asyncio.Queue)  # None: a token replayed
 
     def __post_init__(self) -> None:
         if self.prompt_len < 1 or self.max_tokens < 1:
@@ -42,11 +44,8 @@ class Sequence:
 
     @property
     def kv_ready(self) -> bool:
-        return all(n == self.prompt_len for n in self.received)
-
-    @property
-    def layers_complete(self) -> int:
-        return sum(n == self.prompt_len for n in self.received)
+        """Every layer has the KV of the prompt, but for the tokens still to replay."""
+        return all(n == self.prompt_len - len(self.replay) for n in self.received)
 
     def mark_received(self, layers: range, start: int, end: int) -> None:
         """KV of prompt tokens [start, end) arrived for `layers`. Each layer's tokens come in order,
@@ -58,8 +57,14 @@ class Sequence:
         for layer in layers:
             self.received[layer] = max(self.received[layer], end)
 
-    def mark_all_received(self) -> None:
-        self.received = [self.prompt_len] * self.num_layers
+    def mark_all_received(self, n: int) -> None:
+        """The KV of prompt tokens [0, n) is here for every layer (a restore, a prefill here)."""
+        self.received = [n] * self.num_layers
+
+    def replayed(self) -> None:
+        """A decode step has written the KV of the token it replayed."""
+        self.replay.popleft()
+        self.mark_all_received(self.prompt_len - len(self.replay))
 
     @property
     def decoding(self) -> bool:
@@ -73,8 +78,22 @@ class Sequence:
 
     @property
     def last_position(self) -> int:
-        """Sequence position of the newest output token: the input of the next step."""
+        """Sequence position of the newest output token."""
         return self.prompt_len + len(self.output) - 1
+
+    @property
+    def input_token(self) -> int:
+        """The next step's input: the newest output token, or on a resume first the `replay`
+        tokens, the prompt's last ones (tokens already streamed by the failed owner) whose KV came
+        neither from the prefill nor the replica. Their KV is computed here one decode step each,
+        as it was first computed (a forward over several tokens rounds differently); nothing is
+        sampled or emitted for them."""
+        return self.replay[0] if self.replay else self.output[-1]
+
+    @property
+    def input_position(self) -> int:
+        """Sequence position of `input_token`: the KV of [0, input_position) is here."""
+        return self.prompt_len - len(self.replay) if self.replay else self.last_position
 
     @property
     def num_tokens(self) -> int:

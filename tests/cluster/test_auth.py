@@ -63,7 +63,7 @@ def test_openai_sdk_with_and_without_the_key(cluster):
 
 INTERNAL = [("token", "POST", "/reserve", {"request_id": "r1", "prompt_tokens": 4, "max_tokens": 4}),
             ("token", "POST", "/abort", {"request_id": "r1"}),
-            ("token", "POST", "/decode", {"request_id": "r1", "prompt_ids": [1], "first_token": 1, "sampling": {}}),
+            ("token", "POST", "/decode", {"request_id": "r1", "replay": [1], "first_token": 1, "sampling": {}}),
             ("cache_store", "POST", "/drop", {"request_id": "r1"}),
             ("cache_store", "GET", "/replicas/r1", None)]
 

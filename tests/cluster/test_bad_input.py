@@ -155,7 +155,7 @@ INTERNAL_CASES = [
     ("prompt", "/prefill", {"request_id": "r1", "prompt_ids": [1], "target_service_id": "t", "target_kv_address": "x",
                             "sampling": {"temperature": 1e308, "top_p": 0}}),
     ("token", "/reserve", {"request_id": "r1", "prompt_tokens": 10**12, "max_tokens": 1}),
-    ("token", "/decode", {"request_id": "r1", "prompt_ids": [1], "first_token": 1, "first_index": -4,
+    ("token", "/decode", {"request_id": "r1", "replay": [1], "first_token": 1, "first_index": -4,
                           "sampling": {"max_tokens": 8}}),
     ("token", "/restore", {"request_id": "r1", "epoch": -1, "prompt_ids": [1], "replicated": 1, "store_id": "s",
                            "store_kv_address": "x"}),

@@ -1,7 +1,7 @@
 """A token service that dies or hangs mid-stream costs the client a pause, not the request: the
 gateway fences it, another token service restores the KV from the request's replica on the cache
-store and recomputes the tokens after the replicated index ("replica"), or, with no usable replica,
-a prompt service re-prefills the prompt and the tokens already streamed ("reprefill"); decoding
+store ("replica"), or, with no usable replica, a prompt service prefills the prompt again
+("reprefill"); the new token service replays the tokens streamed after that and decoding
 continues at the next output index. The text equals HF `generate`
 (greedy) or the failure-free run (seeded sampling). Real processes, real signals."""
 

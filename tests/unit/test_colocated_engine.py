@@ -1,5 +1,6 @@
 """A colocated token service's prefill queue (TokenEngine.prefill), on the tiny model: the first
-token equals HF's, also for prompts longer than a step's chunk budget; and an abort while a
+token equals HF's, also for prompts longer than a step's chunk budget, cut the same way whatever
+is queued; a resumed request replays the tokens out in the running batch; and an abort while a
 prefill waits or computes frees its blocks exactly once and answers the caller, never leaving it
 hanging."""
 
@@ -9,11 +10,13 @@ import asyncio
 import threading
 
 import pytest
+import torch
 
 from common.errors import NotFound
 from common.model import load_model
 from common.protocol import DecodeRequest, PrefillRequest, ReserveRequest, SamplingParams
 from common.settings import TokenSettings
+from engine.attention import slots_of
 from engine.runner import ModelRunner
 from token_service.engine import TokenEngine
 
@@ -32,8 +35,9 @@ async def started(runner, chunk: int = 512) -> tuple[TokenEngine, asyncio.Task]:
     return engine, asyncio.create_task(engine.run())
 
 
-def prefill(engine: TokenEngine, rid: str, ids: list[int]):
-    engine.reserve(ReserveRequest(request_id=rid, prompt_tokens=len(ids), max_tokens=8))
+def prefill(engine: TokenEngine, rid: str, ids: list[int], row: int | None = None, max_tokens: int = 8):
+    """Reserve a row of `row` tokens (the prompt's by default) and prefill `ids` into it."""
+    engine.reserve(ReserveRequest(request_id=rid, prompt_tokens=row or len(ids), max_tokens=max_tokens))
     req = PrefillRequest(request_id=rid, prompt_ids=ids, sampling=SamplingParams(max_tokens=8),
                          target_service_id="token-test", target_kv_address="")
     return asyncio.ensure_future(engine.prefill(req))
@@ -98,6 +102,52 @@ async def test_prompts_longer_than_the_budget_are_prefilled_in_chunks(runner, ti
         loop.cancel()
 
 
+async def test_a_prompts_chunks_and_kv_are_the_same_whatever_is_queued_before_it(runner, monkeypatch):
+    """A prompt's chunks are tokens [0, 16), [16, 32), ... whether it is queued alone or behind
+    another prompt that leaves part of a step's budget: so its KV is the same to the bit, and a
+    re-prefill after a failover (issue #10) computes exactly the KV of the first prefill."""
+    long = (PROMPTS[1] * 3)[:20]
+    sizes, forward = [], runner.forward
+    monkeypatch.setattr(runner, "forward", lambda segments, *a: sizes.append([len(s.tokens) for s in segments])
+                        or forward(segments, *a))
+    engine, loop = await started(runner, chunk=16)
+    try:
+        await asyncio.wait_for(prefill(engine, "alone", long), 30)
+        queued = [prefill(engine, "first", PROMPTS[0]), prefill(engine, "behind", long)]
+        await asyncio.wait_for(asyncio.gather(*queued), 30)
+        assert sizes == [[16], [4], [8], [16], [4]]  # not [8, 8], [12]: "behind" waits for a whole chunk
+        alone, behind = (engine.scheduler.seqs[rid].blocks for rid in ("alone", "behind"))
+        kv = [engine.pool[:, :, slots_of(blocks, engine.blocks.block_size, 0, len(long))] for blocks in (alone, behind)]
+        assert torch.equal(*kv)
+    finally:
+        loop.cancel()
+
+
+async def test_a_resumed_request_replays_the_tokens_out_in_the_running_batch(runner, monkeypatch):
+    """A re-prefill resume (issue #10): the row is the prompt plus 5 tokens out, the prefill brings
+    the prompt's KV, and the decode feeds the 5 tokens first, one per step, next to a request that
+    goes on decoding; each gives a keep-alive (None) on the stream, none a token; then it samples
+    output index 6 on."""
+    positions, forward = [], runner.forward
+    monkeypatch.setattr(runner, "forward", lambda segments, *a: positions.append([s.start for s in segments])
+                        or forward(segments, *a))
+    engine, loop = await started(runner)
+    try:
+        first = await asyncio.wait_for(prefill(engine, "a", PROMPTS[0], max_tokens=40), 30)
+        engine.start_decode(DecodeRequest(request_id="a", first_token=first.first.token_id,
+                                          sampling=SamplingParams(max_tokens=40, ignore_eos=True)))
+        out = [11, 12, 13, 14, 15, 16]  # output tokens 0-5 of "b", out[-1] the next input
+        await asyncio.wait_for(prefill(engine, "b", PROMPTS[1], row=len(PROMPTS[1]) + 5), 30)
+        seq = engine.start_decode(DecodeRequest(request_id="b", replay=out[:5], first_token=out[5], first_index=5,
+                                                sampling=SamplingParams(max_tokens=8, ignore_eos=True)))
+        events = [await asyncio.wait_for(seq.events.get(), 30) for _ in range(7)]
+        assert events[:5] == [None] * 5 and [e.token.index for e in events[5:]] == [6, 7]
+        row = range(len(PROMPTS[1]), len(PROMPTS[1]) + 5)  # the positions of the tokens replayed
+        assert [p[1] for p in positions if len(p) == 2 and p[1] in row] == list(row)  # one per step, with "a"
+    finally:
+        loop.cancel()
+
+
 async def test_a_decoding_request_aborted_during_another_prefill_is_released(runner, monkeypatch):
     """Issue #10, defect 8: request "a" decodes while "long" is prefilled chunk by chunk; "a" is
     aborted while a forward holding both runs. Its blocks must come back after that step, not
@@ -116,7 +166,7 @@ async def test_a_decoding_request_aborted_during_another_prefill_is_released(run
     monkeypatch.setattr(runner, "forward", gated)
     try:
         first = await asyncio.wait_for(prefill(engine, "a", PROMPTS[0]), 30)
-        engine.start_decode(DecodeRequest(request_id="a", prompt_ids=PROMPTS[0], first_token=first.first.token_id,
+        engine.start_decode(DecodeRequest(request_id="a", first_token=first.first.token_id,
                                           sampling=SamplingParams(max_tokens=8, ignore_eos=True)))
         gate["on"] = True
         job = prefill(engine, "long", (PROMPTS[1] * 6)[:48])  # three chunks of 16

@@ -63,8 +63,8 @@ class Fakes:
                 await asyncio.sleep(read_timeout)
                 raise httpx.ReadTimeout("timed out", request=request)
             await asyncio.sleep(slow)
-            return httpx.Response(200, content=RestoreResult(request_id=RID, fetched=16, recomputed=3, fetch_ms=1,
-                                                             recompute_ms=1).model_dump_json())
+            return httpx.Response(200, content=RestoreResult(request_id=RID, fetched=16, recomputed=3,
+                                                             fetch_ms=1).model_dump_json())
         if path == "/decode":
             first_index = body["first_index"]
             return httpx.Response(200, content=self._decode(host, first_index + 1))

@@ -1,6 +1,6 @@
 """ModelRunner against HF, in process, on the tiny model: our forward (and the HF-modules fallback)
 over a paged pool, with prompts prefilled in one batch, decode steps where sequences of different
-lengths share the batch and join late, chunked prefill, and the recompute of a restore."""
+lengths share the batch and join late, and chunked prefill."""
 
 import pytest
 import torch
@@ -61,9 +61,9 @@ def test_prefill_without_a_pool_hands_each_layer_to_the_callback(runner, tiny_or
 
 
 def test_chunks_and_extend_equal_one_prefill(runner, tiny_oracle):
-    """Chunked prefill (and a restore's recompute): the prompt in pieces, each attending to the
-    earlier ones in the pool, gives the same KV and next-token logits as one prefill; decoding on
-    from there equals generate, with a decode token in the same forward as a chunk."""
+    """Chunked prefill: the prompt in pieces, each attending to the earlier ones in the pool, gives
+    the same KV and next-token logits as one prefill (to rounding); decoding on from there equals
+    generate, with a decode token in the same forward as a chunk."""
     ids = tiny_oracle.tokenizer("The quick brown fox jumps over the lazy dog and runs away")["input_ids"]
     want = tiny_oracle.generate_ids(ids, 8)
     pool = runner.new_pool(16)
