@@ -99,6 +99,7 @@ class LlamaForward:
         self.inv_freq = inner.rotary_emb.inv_freq.float()            # (head_dim / 2,)
         self.rope_scale = float(inner.rotary_emb.attention_scaling)
         self.attention = Attention(self.q_heads, self.kv_heads, self.head_dim)
+        self.ops = None  # engine.kernels.paged_attention(): fused small ops, set by the runner on CPU
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
@@ -106,26 +107,28 @@ class LlamaForward:
         """ids, positions: (N,) the new tokens of every sequence, concatenated; their K/V is written
         to `pool` (layers, 2, slots, kv_heads, head_dim) at batch.slot_mapping, when there is a pool,
         and handed to `on_layer` when given. Returns float32 logits at rows `logits_at`: (len, vocab)."""
-        h = self.embed[ids]                                          # (N, hidden)
-        cos, sin = self._rope(positions, h.dtype)                    # (N, 1, head_dim)
+        h = self.embed[ids]                                          # (N, hidden), the residual stream
+        cos, sin = self._rope(positions, h.dtype)                    # (N, head_dim)
         D, Hq, Hkv = self.head_dim, self.q_heads, self.kv_heads
+        x = self._norm(h, self.layers[0].ln1)
         for i, layer in enumerate(self.layers):
-            x = _rms_norm(h, *layer.ln1)
             qkv = layer.qkv(x)                                       # (N, (Hq + 2 Hkv) D)
             q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
             q, k, v = q.view(-1, Hq, D), k.view(-1, Hkv, D), v.view(-1, Hkv, D)
             if layer.q_norm is not None:
                 q, k = _rms_norm(q, *layer.q_norm), _rms_norm(k, *layer.k_norm)
-            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             if pool is not None:
                 batch.write(pool[i], k, v)
             if on_layer is not None:
                 on_layer(i, k, v)
             o = self.attention(q, k, v, pool[i] if pool is not None else None, batch)  # (N, Hq D)
-            h = h + layer.o(o)
-            x = _rms_norm(h, *layer.ln2)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            h = h + layer.down(F.silu(gate) * up)
+            x = self._add_norm(h, layer.o(o), layer.ln2)             # h += o; x = norm(h)
+            mlp = layer.down(self._silu_mul(layer.gate_up(x)))
+            if i + 1 < len(self.layers):
+                x = self._add_norm(h, mlp, self.layers[i + 1].ln1)
+            else:
+                h = h + mlp
         h = _rms_norm(h[logits_at], *self.norm)
         return self.lm_head(h).float()
 
@@ -133,7 +136,33 @@ class LlamaForward:
         freqs = positions[:, None].float() * self.inv_freq.to(positions.device)  # (N, head_dim / 2), float32 as HF
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos() * self.rope_scale, emb.sin() * self.rope_scale
-        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+        return cos.to(dtype), sin.to(dtype)
+
+    # The small ops: our fused CPU kernels (engine/kernels/pointwise.cpp) when the runner gave them,
+    # else PyTorch's, op for op as HF runs them.
+
+    def _norm(self, x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
+        return self.ops.rms_norm(x, *norm) if self.ops is not None else _rms_norm(x, *norm)
+
+    def _add_norm(self, h: torch.Tensor, delta: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
+        """h += delta in place (h is the forward's own residual stream); returns norm(h)."""
+        if self.ops is not None:
+            return self.ops.add_rms_norm(h, delta, *norm)
+        h += delta
+        return _rms_norm(h, *norm)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE of x (N, heads, D): in place with our kernel, else a new tensor."""
+        if self.ops is not None and x.stride(1) == x.shape[2]:
+            self.ops.rope_(x, cos, sin)
+            return x
+        return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+    def _silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.ops is not None:
+            return self.ops.silu_and_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

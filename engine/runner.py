@@ -72,8 +72,10 @@ class ModelRunner:
             self.llama = LlamaForward(model)
             if kernels and self.device.type == "cpu":  # built here, at start-up, not in a first request
                 kernel = paged_attention()
-                if kernel is not None and self.kv.head_dim in kernel.HEAD_DIMS:
-                    self.llama.attention.kernel = kernel
+                if kernel is not None and self.dtype in (torch.float32, torch.bfloat16):
+                    self.llama.ops = kernel
+                    if self.kv.head_dim in kernel.HEAD_DIMS:
+                        self.llama.attention.kernel = kernel
         except Unsupported as why:
             log.info("the model runs through its Hugging Face modules (slower): %s", why)
             self.hf = HFForward(model, block_size)

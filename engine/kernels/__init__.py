@@ -18,22 +18,26 @@ HERE = Path(__file__).resolve().parent
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # fast-math: vector exp (glibc libmvec); OpenMP: at::parallel_for is inline, without it one thread
 
 
+SOURCES = ("paged_attention.cpp", "pointwise.cpp")
+
+
 @functools.cache
 def paged_attention():
-    """The module with `paged_decode_attention(q, k_pool, v_pool, slots, lengths, scale)` from
-    paged_attention.cpp, built for this CPU (-march=native: its name hashes the CPU's flags, the
-    source and where it lives, so another CPU, an edited source or another checkout builds anew);
-    or None."""
+    """The module of our CPU kernels: attention (`paged_decode_attention`, `causal_attention`, in
+    paged_attention.cpp) and a layer's fused small ops (`rms_norm`, `add_rms_norm`, `rope_`,
+    `silu_and_mul`, in pointwise.cpp), built for this CPU (-march=native: its name hashes the CPU's
+    flags, the sources and where they live, so another CPU, an edited source or another checkout
+    builds anew); or None."""
     try:
         from torch.utils.cpp_extension import load
 
-        source = HERE / "paged_attention.cpp"
+        sources = [HERE / name for name in SOURCES]
         # the path too: ninja rebuilds a build folder whose source moved, so each checkout keeps its own
-        key = source.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode() + str(source).encode()
+        key = b"".join(s.read_bytes() + str(s).encode() for s in sources) + " ".join(FLAGS).encode() + _cpu_flags().encode()
         tag = hashlib.sha256(key).hexdigest()[:12]
         start = time.monotonic()
-        module = load(f"dejavu_paged_attention_{tag}", [str(source)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                      verbose=False)
+        module = load(f"dejavu_paged_attention_{tag}", [str(s) for s in sources], extra_cflags=FLAGS,
+                      extra_ldflags=["-fopenmp"], verbose=False)
         log.info("paged attention kernel ready (%.1f s)", time.monotonic() - start)
         return module
     except Exception as exc:  # noqa: BLE001 - any build problem: the PyTorch path still works

@@ -272,11 +272,22 @@ torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   return out;
 }
 
+// pointwise.cpp
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
+torch::Tensor add_rms_norm(torch::Tensor h, torch::Tensor delta, torch::Tensor w, double eps);
+void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor silu_and_mul(torch::Tensor gate_up);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the GIL is released while it runs, as torch's own ops do: the service's event loop goes on
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV pool (CPU)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("causal_attention", &causal_attention, "causal attention of new tokens over K/V that include them (CPU)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  using release = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("rms_norm", &rms_norm, "Hugging Face's RMSNorm, fused", release());
+  m.def("add_rms_norm", &add_rms_norm, "h += delta in place, then RMSNorm of h, fused", release());
+  m.def("rope_", &rope_, "rotary embedding in place, fused", release());
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up, fused", release());
   m.attr("HEAD_DIMS") = pybind11::make_tuple(16, 32, 64, 80, 96, 128, 256);
 }

@@ -43,3 +43,37 @@ def test_causal_attention_refuses_what_it_cannot_read():
         kernel.causal_attention(torch.randn(2, 4, 16).transpose(0, 1), k[:4], k[:4], 0, 0.25)  # heads apart
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         kernel.causal_attention(q.half(), k[:4].half(), k[:4].half(), 0, 0.25)
+
+
+# The fused small ops (engine/kernels/pointwise.cpp) against the PyTorch ops they replace, as HF
+# runs them: equal to the bit in bf16 (every op rounds where HF's does), to a sum's order in float32.
+
+def _tol(dtype):
+    return {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0, "rtol": 0}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 200])
+def test_fused_small_ops_equal_pytorchs(dtype, rows):
+    from engine.model import _rms_norm, _rotate_half
+
+    torch.manual_seed(rows)
+    x, delta, w = torch.randn(rows, 576, dtype=dtype), torch.randn(rows, 576, dtype=dtype), torch.randn(576, dtype=dtype)
+    torch.testing.assert_close(kernel.rms_norm(x, w, 1e-5), _rms_norm(x, w, 1e-5), **_tol(dtype))
+    h = x.clone()
+    out = kernel.add_rms_norm(h, delta, w, 1e-5)
+    torch.testing.assert_close(h, x + delta, **_tol(dtype))
+    torch.testing.assert_close(out, _rms_norm(x + delta, w, 1e-5), **_tol(dtype))
+
+    qkv = torch.randn(rows, 15 * 64, dtype=dtype)  # RoPE in place on a strided view, as the model does
+    q = qkv[:, :9 * 64].view(rows, 9, 64)
+    angles = torch.arange(rows).float()[:, None] * torch.rand(32)
+    cos, sin = (f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin))
+    want, rest = q * cos[:, None] + _rotate_half(q) * sin[:, None], qkv[:, 9 * 64:].clone()
+    kernel.rope_(q, cos, sin)
+    torch.testing.assert_close(q, want, **_tol(dtype))
+    assert torch.equal(qkv[:, 9 * 64:], rest)  # the K and V columns untouched
+
+    gate_up = torch.randn(rows, 2 * 1536, dtype=dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(kernel.silu_and_mul(gate_up), F.silu(gate) * up, **_tol(dtype))

@@ -1,0 +1,152 @@
+// The small ops of a Llama layer, fused, on CPU: each reads and writes its rows once, where
+// PyTorch runs 5-8 ops (and as many passes and dispatches) for each. At a decode step of one
+// sequence these ops were ~10% of the step's time, mostly dispatch; in a prefill, passes over
+// memory. They follow Hugging Face's modules rounding for rounding: math in float32, the result of
+// each op HF runs rounded to the tensor's dtype (a no-op in float32, where only the order of a sum
+// can differ).
+//
+//   rms_norm(x, w, eps)             -> w * to_dtype(x * rsqrt(mean(x^2) + eps))      (N, H)
+//   add_rms_norm(h, delta, w, eps)  -> h += delta in place, then rms_norm(h, w, eps)
+//   rope_(x, cos, sin)              -> x = x * cos + rotate_half(x) * sin, in place   (N, heads, D)
+//   silu_and_mul(gate_up)           -> silu(gate) * up, gate_up = [gate | up]          (N, 2I) -> (N, I)
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t GRAIN = 1 << 15;  // elements: below this one thread (a decode batch), no fork
+
+template <typename T>
+inline T round_to(float x) { return static_cast<T>(x); }
+
+int64_t rows_grain(int64_t width) { return std::max<int64_t>(1, GRAIN / std::max<int64_t>(width, 1)); }
+
+template <typename T>
+void rms_rows(T* h, const T* delta, const T* w, T* out, int64_t N, int64_t H, int64_t h_row, int64_t d_row,
+              float eps) {
+  at::parallel_for(0, N, rows_grain(H), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T* x = h + i * h_row;
+      if (delta != nullptr) {
+        const T* d = delta + i * d_row;
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) x[j] = round_to<T>(static_cast<float>(x[j]) + static_cast<float>(d[j]));
+      }
+      float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t j = 0; j < H; ++j) {
+        const float f = static_cast<float>(x[j]);
+        ss += f * f;
+      }
+      const float r = 1.f / std::sqrt(ss / static_cast<float>(H) + eps);
+      T* o = out + i * H;
+#pragma omp simd
+      for (int64_t j = 0; j < H; ++j)
+        o[j] = round_to<T>(static_cast<float>(w[j]) * static_cast<float>(round_to<T>(static_cast<float>(x[j]) * r)));
+    }
+  });
+}
+
+template <typename T>
+void rope_rows(T* x, const T* cos, const T* sin, int64_t N, int64_t heads, int64_t D, int64_t x_row) {
+  const int64_t half = D / 2;
+  at::parallel_for(0, N, rows_grain(heads * D), [&](int64_t begin, int64_t end) {
+    std::vector<float> in(D);
+    for (int64_t i = begin; i < end; ++i) {
+      const T* c = cos + i * D;
+      const T* s = sin + i * D;
+      for (int64_t hd = 0; hd < heads; ++hd) {
+        T* v = x + i * x_row + hd * D;
+        for (int64_t j = 0; j < D; ++j) in[j] = static_cast<float>(v[j]);
+#pragma omp simd
+        for (int64_t j = 0; j < D; ++j) {
+          const float rot = j < half ? -in[j + half] : in[j - half];
+          const float a = static_cast<float>(round_to<T>(in[j] * static_cast<float>(c[j])));
+          const float b = static_cast<float>(round_to<T>(rot * static_cast<float>(s[j])));
+          v[j] = round_to<T>(a + b);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void silu_mul_rows(const T* gu, T* out, int64_t N, int64_t I) {
+  at::parallel_for(0, N, rows_grain(2 * I), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* g = gu + i * 2 * I;
+      const T* u = g + I;
+      T* o = out + i * I;
+#pragma omp simd
+      for (int64_t j = 0; j < I; ++j) {
+        const float x = static_cast<float>(g[j]);
+        const float act = static_cast<float>(round_to<T>(x / (1.f + std::exp(-x))));
+        o[j] = round_to<T>(act * static_cast<float>(u[j]));
+      }
+    }
+  });
+}
+
+void check_rows(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": CPU tensors only");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name, ": float32 or bfloat16, not ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() >= 2 && t.stride(-1) == 1, name, ": rows with contiguous elements");
+}
+
+template <typename F>
+void on_dtype(const torch::Tensor& t, F&& f) {
+  if (t.scalar_type() == at::kFloat) f(float{});
+  else f(at::BFloat16{});
+}
+
+torch::Tensor norm(torch::Tensor h, const c10::optional<torch::Tensor>& delta, const torch::Tensor& w, double eps) {
+  check_rows(h, "rms_norm");
+  TORCH_CHECK(h.dim() == 2 && w.dim() == 1 && w.size(0) == h.size(1) && w.is_contiguous(), "rms_norm: x (N, H), w (H,)");
+  TORCH_CHECK(w.scalar_type() == h.scalar_type(), "rms_norm: one dtype");
+  if (delta) {
+    check_rows(*delta, "add_rms_norm");
+    TORCH_CHECK(delta->sizes() == h.sizes() && delta->scalar_type() == h.scalar_type(), "add_rms_norm: delta like h");
+  }
+  auto out = torch::empty({h.size(0), h.size(1)}, h.options());
+  on_dtype(h, [&](auto tag) {
+    using T = decltype(tag);
+    rms_rows<T>(h.data_ptr<T>(), delta ? delta->data_ptr<T>() : nullptr, w.data_ptr<T>(), out.data_ptr<T>(), h.size(0),
+                h.size(1), h.stride(0), delta ? delta->stride(0) : 0, static_cast<float>(eps));
+  });
+  return out;
+}
+
+}  // namespace
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) { return norm(x, c10::nullopt, w, eps); }
+
+torch::Tensor add_rms_norm(torch::Tensor h, torch::Tensor delta, torch::Tensor w, double eps) {
+  return norm(h, delta, w, eps);
+}
+
+void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  check_rows(x, "rope_");
+  TORCH_CHECK(x.dim() == 3 && x.stride(1) == x.size(2) && x.size(2) % 2 == 0, "rope_: x (N, heads, D), heads packed");
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == x.size(0) && cos.size(1) == x.size(2) && cos.is_contiguous() &&
+              sin.sizes() == cos.sizes() && sin.is_contiguous(), "rope_: cos and sin (N, D), contiguous");
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(), "rope_: one dtype");
+  on_dtype(x, [&](auto tag) {
+    using T = decltype(tag);
+    rope_rows<T>(x.data_ptr<T>(), cos.data_ptr<T>(), sin.data_ptr<T>(), x.size(0), x.size(1), x.size(2), x.stride(0));
+  });
+}
+
+torch::Tensor silu_and_mul(torch::Tensor gate_up) {
+  check_rows(gate_up, "silu_and_mul");
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0, "silu_and_mul: (N, 2I), contiguous");
+  const int64_t I = gate_up.size(1) / 2;
+  auto out = torch::empty({gate_up.size(0), I}, gate_up.options());
+  on_dtype(gate_up, [&](auto tag) {
+    using T = decltype(tag);
+    silu_mul_rows<T>(gate_up.data_ptr<T>(), out.data_ptr<T>(), gate_up.size(0), I);
+  });
+  return out;
+}
