@@ -18,8 +18,9 @@ measured on CPU:
   a (B, 1, 1, L) mask hides the padding. Measured on 2 cores at 16 sequences of 600 tokens,
   attention of 30 layers: gather + SDPA 58 ms, the kernel 42 ms in float32 (43 / 34 in bf16);
   the whole step 99 / 90 ms, at 32 sequences 224 / 159 ms (bench/step.py has the whole step).
-- extend (several new tokens after KV that is there: a later chunk of a prompt): its K/V [0, start + m) is gathered from the pool and attended causally,
-  shifted by `start` (our kernel on CPU, else SDPA with a mask).
+- extend (several new tokens after KV that is there: a later chunk of a prompt): its K/V
+  [0, start + m) is gathered from the pool and attended causally, shifted by `start` (our kernel
+  on CPU, else SDPA with a mask).
 
 The pool of one layer: (2, slots, kv_heads, head_dim), slot = block * block_size + offset. A
 sequence's block table maps its token positions to slots.
