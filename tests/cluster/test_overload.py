@@ -18,8 +18,10 @@ from tests.cluster.test_serving import assert_no_kv_held
 CLIENTS, QUEUE, MAX_TOKENS = 300, 40, 32  # arrivals within 1.5 s: 300 x 32 tokens take far longer anywhere
 PROMPTS = ["The tallest mountain in the world is", "Water boils at", "A short poem about the sea:",
            "List three colours: red,"]
-FAR_APART = 64  # arrivals this many places (320 ms) apart are served in arrival order: the queue is FIFO, but
-#                a loaded 2-core CI box delays some requests' way to it (HTTP, Redis) by 100-200 ms
+FAR_APART = 100  # arrivals this many places (500 ms) apart are served in arrival order: the queue is FIFO, but
+#                 a loaded 2-core CI box delays some requests' way to it (a connect, HTTP, Redis) by up to
+#                 ~350 ms. (Connections opened ahead do not help: a gateway saturated by 300 arrivals then
+#                 reads the kept-alive sockets in epoll's order, where new ones queue up in accept order.)
 
 
 @pytest.fixture(scope="module")
