@@ -87,7 +87,7 @@ static void run(const T* q, const T* k_pool, const T* v_pool, const int64_t* slo
 // query heads of a KV head and R positions make one block of G * R rows: keys and values are read
 // (and widened to float32) once per block, and the two products run as register-tiled loops the
 // compiler vectorizes (8 rows x 16 keys for the scores, 4 rows x D for the values). Softmax is
-// exact (max first), in float32, as is every sum.
+// exact (max first); every sum is float32.
 template <typename T, int D>
 static void causal(const T* q, int64_t q_row, const T* k, int64_t k_row, const T* v, int64_t v_row, T* out,
                    int64_t M, int64_t start, int64_t Hq, int64_t Hkv, float scale) {
@@ -111,6 +111,7 @@ static void causal(const T* q, int64_t q_row, const T* k, int64_t k_row, const T
       }
     std::vector<float> qf(max_rows * D), scores(max_rows * L);
     std::vector<int64_t> count(max_rows);
+    std::vector<float> inv_sum(max_rows);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t blk = blocks - 1 - task / Hkv, h = task % Hkv;  // the longest blocks first
@@ -149,18 +150,20 @@ static void causal(const T* q, int64_t q_row, const T* k, int64_t k_row, const T
             std::copy(acc[r], acc[r] + kn, scores.data() + (r0 + r) * keys + j0);
         }
       }
-      for (int64_t r = 0; r < rows; ++r) {  // softmax over the keys each row sees; zeros past them
+      // softmax over the keys each row sees, as torch's flash attention rounds it: the weights
+      // exp(s - max) in q's dtype for the product with the values, divided by their float32 sum
+      // after it (in bf16 our logits then agree with Hugging Face's SDPA as well as its own do)
+      for (int64_t r = 0; r < rows; ++r) {
         float* s = scores.data() + r * keys;
         const int64_t c = count[r];
         float top = *std::max_element(s, s + c), sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t t = 0; t < c; ++t) {
-          s[t] = std::exp(s[t] - top);
-          sum += s[t];
+          const float e = std::exp(s[t] - top);
+          sum += e;
+          s[t] = static_cast<float>(static_cast<T>(e));
         }
-        const float inv = 1.f / sum;
-#pragma omp simd
-        for (int64_t t = 0; t < c; ++t) s[t] *= inv;
+        inv_sum[r] = 1.f / sum;
         std::fill(s + c, s + keys, 0.f);
       }
       for (int64_t r0 = 0; r0 < rows; r0 += VR) {  // values
@@ -178,7 +181,7 @@ static void causal(const T* q, int64_t q_row, const T* k, int64_t k_row, const T
         for (int64_t r = 0; r < rn; ++r) {
           const int64_t g = (r0 + r) / n, i = (r0 + r) % n;
           T* dst = out + ((i0 + i) * Hq + h * G + g) * D;
-          for (int d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[r][d]);
+          for (int d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[r][d] * inv_sum[r0 + r]);
         }
       }
     }
