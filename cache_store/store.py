@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from prometheus_client import Gauge
 
-from common.kv.wire import Header, numpy_dtype
+from common.kv.wire import FENCED, Header, numpy_dtype
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class ReplicaStore:
         rid, start = header.request_id, header.token_start
         replica = self.replicas.get(rid)
         if replica is not None and header.epoch < replica.epoch:
-            raise StaleEpoch(f"request {rid}: epoch {header.epoch} is fenced (the replica is at {replica.epoch})")
+            raise StaleEpoch(f"{FENCED}request {rid}: epoch {header.epoch} is older than the replica's {replica.epoch}")
         if start > 0 and (replica is None or start > replica.tokens):
             held = 0 if replica is None else replica.tokens
             raise ReplicaGap(f"request {rid}: tokens from {start} would leave a gap (the store holds {held})")
@@ -155,7 +155,7 @@ class ReplicaStore:
         if replica is None:
             raise ReplicaGap(f"request {request_id}: no replica")
         if epoch < replica.epoch:
-            raise StaleEpoch(f"request {request_id}: epoch {epoch} is fenced (the replica is at {replica.epoch})")
+            raise StaleEpoch(f"{FENCED}request {request_id}: epoch {epoch} is older than the replica's {replica.epoch}")
         if n > replica.tokens:
             raise ReplicaGap(f"request {request_id}: {n} tokens asked, the store holds {replica.tokens}")
         replica.epoch, replica.renewed = epoch, time.monotonic()

@@ -39,6 +39,12 @@ class ServiceKind(str, Enum):
     CACHE_STORE = "cache_store"
 
 
+# The internal protocol's version (these messages, the KV wire): engines publish it, and a gateway
+# routes only to engines of its own, so a rolling upgrade never pairs a gateway and an engine that
+# misread each other. Bump it with any change an older peer would refuse or misread.
+PROTOCOL = 2  # 2: DecodeRequest.replay (a resumed request's tokens replayed by decode steps)
+
+
 class ServiceInfo(Message):
     kind: ServiceKind
     id: str
@@ -47,6 +53,7 @@ class ServiceInfo(Message):
     pid: int
     model: str = ""               # model folder it serves ("" for gateway/cache_store)
     model_id: str = ""            # model_fingerprint of that model: the gateway routes only to its own
+    protocol: int = 0             # PROTOCOL of an engine (0: one from before versions were published)
     kv_address: str = ""          # "host:port" of its KV transport listener ("" if none)
     kv_transport: str = ""        # "ucx" | "tcp"
     max_model_len: int = 0        # tokens per sequence

@@ -34,6 +34,12 @@ import torch
 import torch.nn.functional as F
 
 
+# Our causal kernel widens a call's keys and values to float32 whole (2 * kv_heads * head_dim * 4
+# bytes a key: 64 MiB at 8K keys for Llama-3-8B's 8 x 128) and keeps a row block's scores whole;
+# past this many keys SDPA's flash attention, which works in tiles, takes over.
+CAUSAL_KERNEL_MAX_KEYS = 8192
+
+
 @dataclass(frozen=True)
 class Segment:
     """One sequence's part of a forward pass."""
@@ -146,7 +152,7 @@ class Attention:
 
     def _fresh(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: int) -> torch.Tensor:
         """`seqs` prompts of one length T, rows back to back: causal attention. -> (seqs * T, Hq, D)"""
-        if self._has_kernel(q):
+        if self._has_kernel(q) and q.shape[0] // seqs <= CAUSAL_KERNEL_MAX_KEYS:
             T = q.shape[0] // seqs
             outs = [self.kernel.causal_attention(q[i:i + T], k[i:i + T], v[i:i + T], 0, self.head_dim ** -0.5)
                     for i in range(0, q.shape[0], T)]
@@ -174,7 +180,7 @@ class Attention:
 
     def _extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         """q: (m, Hq, D) at positions [start, start + m); k, v: (start + m, Hkv, D). -> (m, Hq, D)"""
-        if self._has_kernel(q):
+        if self._has_kernel(q) and k.shape[0] <= CAUSAL_KERNEL_MAX_KEYS:
             return self.kernel.causal_attention(q, k, v, start, self.head_dim ** -0.5)
         m, L = q.shape[0], k.shape[0]
         allowed = torch.arange(L, device=q.device)[None, :] <= torch.arange(start, start + m, device=q.device)[:, None]

@@ -101,6 +101,13 @@ class LlamaForward:
         self.attention = Attention(self.q_heads, self.kv_heads, self.head_dim)
         self.ops = None  # engine.kernels.paged_attention(): fused small ops, set by the runner on CPU
 
+    def fits_ops(self) -> bool:
+        """What the fused small ops assume: float32 or bf16 everywhere, an even head_dim."""
+        norms = [w for layer in self.layers for w, _ in (layer.ln1, layer.ln2)] + [self.norm[0]]
+        dtype = self.embed.dtype
+        return (self.embed.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+                and self.head_dim % 2 == 0 and all(w.dtype == dtype for w in norms))
+
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                  pool: torch.Tensor | None, logits_at: torch.Tensor, on_layer: LayerCallback | None = None) -> torch.Tensor:

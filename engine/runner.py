@@ -62,6 +62,7 @@ class ModelRunner:
     def __init__(self, model, block_size: int = 16, max_model_len: int = 1 << 20, own_forward: bool = True,
                  kernels: bool = True, compile: bool = False):
         self.kv = KVShape.of(model)
+        self.vocab_size = model.get_input_embeddings().num_embeddings  # token ids a request may carry
         self.device, self.dtype, self.block_size = model.device, model.dtype, block_size
         self.llama: LlamaForward | None = None
         self.hf: HFForward | None = None
@@ -72,7 +73,7 @@ class ModelRunner:
             self.llama = LlamaForward(model)
             if kernels and self.device.type == "cpu":  # built here, at start-up, not in a first request
                 kernel = paged_attention()
-                if kernel is not None and self.dtype in (torch.float32, torch.bfloat16):
+                if kernel is not None and self.llama.fits_ops():
                     self.llama.ops = kernel
                     if self.kv.head_dim in kernel.HEAD_DIMS:
                         self.llama.attention.kernel = kernel
@@ -109,6 +110,12 @@ class ModelRunner:
         kv = self.kv
         return torch.zeros(kv.layers, 2, num_blocks * self.block_size, kv.kv_heads, kv.head_dim,
                            dtype=kv.dtype, device=self.device)
+
+    def check_tokens(self, ids: list[int], what: str) -> None:
+        """ValueError for a token id past the vocabulary (the embedding would fail the whole step)."""
+        bad = next((t for t in ids if t >= self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"{what}: token id {bad} is not in the model's vocabulary of {self.vocab_size}")
 
     def forward(self, segments: list[Segment], pool: torch.Tensor | None = None,
                 on_layer: LayerCallback | None = None) -> torch.Tensor:

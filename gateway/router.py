@@ -21,8 +21,8 @@ import httpx
 
 from common.errors import DejavuError, KVFull, Overloaded, Unavailable, UpstreamError, from_body
 from common.metadata import RecentServices, Registry, RequestStore
-from common.protocol import (AbortRequest, DecodeEvent, DecodeRequest, PrefillRequest, PrefillResult, Reservation,
-                             ReserveRequest, SamplingParams, ServiceInfo, ServiceKind, TokenEvent)
+from common.protocol import (PROTOCOL, AbortRequest, DecodeEvent, DecodeRequest, PrefillRequest, PrefillResult,
+                             Reservation, ReserveRequest, SamplingParams, ServiceInfo, ServiceKind, TokenEvent)
 from common.settings import GatewaySettings
 from gateway.admission import Admission
 from gateway.recovery import RECOVERIES, RECOVERY_SECONDS, Run, TokenServiceLost, fence, restore
@@ -64,8 +64,9 @@ class Router:
         return [i for i in infos if i.kind == kind and (kind not in ENGINES or self._ours(i))]
 
     def _ours(self, engine: ServiceInfo) -> bool:
-        """An engine serving another model (two models on one Redis) would mix KV: never routed to."""
-        return not self.model_id or engine.model_id == self.model_id
+        """An engine serving another model (two models on one Redis) would mix KV, one of another
+        protocol version (a rolling upgrade) would misread our calls: never routed to."""
+        return (not self.model_id or engine.model_id == self.model_id) and engine.protocol == PROTOCOL
 
     async def generate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> AsyncIterator[TokenEvent]:
         """The request's tokens, in order. If its token service dies or hangs mid-decode, the
@@ -214,8 +215,9 @@ class Router:
             if resume:
                 return None
             others = [s for s in self._cache[1] if s.kind == ServiceKind.TOKEN and not self._ours(s)]
-            raise Unavailable(f"no token service of this gateway's model is registered ({len(others)} serve another "
-                              "model: check --model)" if others else
+            raise Unavailable(f"no token service of this gateway's model and version is registered ({len(others)} "
+                              "serve another model or version: check --model, or finish the upgrade)"
+                              if others else
                               "no token service is registered: start one (python -m token_service)")
         tokens = req.prompt_tokens + req.max_tokens
         fitting = [s for s in services if s.max_model_len >= tokens]

@@ -17,7 +17,7 @@ from common.errors import install_error_handlers
 from common.kv import make_transport
 from common.kv.peers import Peers
 from common.model import load_model, model_fingerprint, resolve_model_path
-from common.protocol import AbortRequest, AbortResult, PrefillRequest, PrefillResult, ServiceKind
+from common.protocol import PROTOCOL, AbortRequest, AbortResult, PrefillRequest, PrefillResult, ServiceKind
 from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, RequireSecret, add_health_and_metrics,
                             registered, request_id_var, supervise)
 from common.settings import PromptSettings
@@ -41,7 +41,8 @@ def create_app(settings: PromptSettings) -> FastAPI:
         loop_task = supervise(asyncio.create_task(engine.run()), "prefill loop")
         log.info("prompt service ready: model %s (%s, %s forward), KV transport %s", path, runner.dtype, runner.name,
                  settings.kv_transport)
-        lease_fields = lambda: dict(model=str(path), model_id=model_id, kv_transport=settings.kv_transport,  # noqa: E731
+        lease_fields = lambda: dict(model=str(path), model_id=model_id, protocol=PROTOCOL,  # noqa: E731
+                                    kv_transport=settings.kv_transport,
                                     max_model_len=settings.max_model_len, active_requests=len(engine.jobs),
                                     dtype=runner.dtype_name)
         try:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from prometheus_client import Gauge, Histogram
 
-from common.errors import UpstreamError
+from common.errors import BadRequest, UpstreamError
 from common.kv.copy import gather_prefill
 from common.kv.peers import KVRejected, PeerLink, Peers
 from common.kv.transport import TransportError
@@ -97,6 +97,10 @@ class PrefillEngine:
         return self.settings.kv_stream_layers or -(-layers // 5)
 
     async def submit(self, req: PrefillRequest) -> PrefillResult:
+        try:
+            self.runner.check_tokens(req.prompt_ids, "prompt_ids")  # a bad id would fail the whole batch
+        except ValueError as exc:
+            raise BadRequest(str(exc), code="invalid_token_id") from None
         try:
             link = await self.peers.get(req.target_kv_address)
         except TransportError as exc:

@@ -23,8 +23,8 @@ from common.kv.peers import Peers
 from common.kv.receiver import kv_server
 from common.metadata import RecentServices, Registry, RequestStore
 from common.model import load_model, model_fingerprint, resolve_model_path
-from common.protocol import (AbortRequest, AbortResult, DecodeEvent, DecodeRequest, PrefillRequest, PrefillResult,
-                             Reservation, ReserveRequest, RestoreRequest, RestoreResult, ServiceKind,
+from common.protocol import (PROTOCOL, AbortRequest, AbortResult, DecodeEvent, DecodeRequest, PrefillRequest,
+                             PrefillResult, Reservation, ReserveRequest, RestoreRequest, RestoreResult, ServiceKind,
                              cluster_fingerprint)
 from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, ClosingStreamingResponse, RequireSecret,
                             add_health_and_metrics, cluster_headers, listen_kv, registered, request_id_var,
@@ -57,8 +57,8 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
              engine.pool.nbytes / 2**20, settings.max_seqs, kv_address, settings.kv_transport,
              ", colocated: prefills here too" if settings.colocated else "")
     lease_fields = lambda: dict(  # noqa: E731
-        model=str(path), model_id=model_id, kv_address=kv_address, kv_transport=settings.kv_transport,
-        max_model_len=settings.max_model_len, colocated=settings.colocated, dtype=runner.dtype_name,
+        model=str(path), model_id=model_id, protocol=PROTOCOL, kv_address=kv_address,
+        kv_transport=settings.kv_transport, max_model_len=settings.max_model_len, colocated=settings.colocated, dtype=runner.dtype_name,
         active_requests=len(engine.scheduler.seqs),
         kv_bytes_used=engine.kv_bytes_used, kv_bytes_free=engine.kv_bytes_free)
     peers = Peers(transport, fault_rate=settings.inject_kv_faults)

@@ -127,6 +127,7 @@ class TokenEngine:
         """Colocated mode: prefill into the reserved blocks here, chunk by chunk alongside the decode
         steps (token_service/prefill.py); an abort meanwhile frees them at the next step boundary.
         On a resume the prompt is shorter than the row: the tokens out are replayed after it."""
+        self._check_tokens(req.prompt_ids, "prompt_ids")
         seq = self._empty_seq(req.request_id, len(req.prompt_ids), "prefill")
         job = PrefillJob(seq, req, asyncio.get_running_loop().create_future())
         self.prefills.add(job)
@@ -185,6 +186,7 @@ class TokenEngine:
             raise NotFound(f"request {req.request_id} holds no KV room here (expired or aborted)")
         if seq.sampling is not None:
             raise BadRequest(f"request {req.request_id} is already decoding", code="duplicate_request")
+        self._check_tokens(req.replay + [req.first_token], "replay and first_token")  # a bad id would fail the step
         have = seq.prompt_len - len(req.replay)  # tokens whose KV the prefill or the replica brought
         if have < 1 or any(n != have for n in seq.received):
             raise BadRequest(f"request {req.request_id}: KV incomplete (tokens per layer {seq.received}, "
@@ -198,6 +200,12 @@ class TokenEngine:
         seq.replay.extend(req.replay)
         self.wakeup.set()
         return seq
+
+    def _check_tokens(self, ids: list[int], what: str) -> None:
+        try:
+            self.runner.check_tokens(ids, what)
+        except ValueError as exc:
+            raise BadRequest(str(exc), code="invalid_token_id") from None
 
     def abort(self, request_id: str) -> bool:
         seq = self.scheduler.seqs.get(request_id)

@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 
 from common.kv.copy import gather
 from common.kv.peers import KVRejected, Peers
+from common.kv.wire import FENCED
 from common.metadata import RecentServices, RequestStore
 from common.protocol import DropRequest, ServiceInfo, ServiceKind
 from engine.attention import slots_of
@@ -115,7 +116,7 @@ class Replicator:
             if await self.requests.advance_replicated(rid, seq.epoch, end, store.id) < 0:
                 self._fence(rid, seq.epoch)
         except KVRejected as exc:
-            if "fenced" in str(exc):
+            if str(exc).startswith(FENCED):  # the store's refusal of an old epoch
                 self._fence(rid, seq.epoch)
             else:
                 self._start_over(rid, store, start, end, exc)

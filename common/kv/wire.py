@@ -57,6 +57,11 @@ MAX_DIMS = 8  # a KV payload has 5; a header claiming more is malformed
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # as common.protocol.RequestId: it goes into log lines
 
 
+# How an "error" frame's message starts when a cache store refuses a write or fetch because the
+# sender's epoch is old (a fenced owner): the sender stops replicating the request for good.
+FENCED = "fenced: "
+
+
 class WireError(ValueError):
     """A message broke the format: bad header, size or checksum mismatch. `answer_to`, set by
     stream_in for a frame it read whole: the request id, epoch and ranges of that frame's header,

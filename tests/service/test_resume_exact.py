@@ -26,7 +26,7 @@ import torch
 import token_service.engine
 from common import metadata
 from common.model import load_model
-from common.protocol import (AbortRequest, AbortResult, DecodeRequest, PrefillRequest, ReserveRequest, RestoreRequest,
+from common.protocol import (PROTOCOL, AbortRequest, AbortResult, DecodeRequest, PrefillRequest, ReserveRequest, RestoreRequest,
                              SamplingParams, ServiceInfo, ServiceKind)
 from common.settings import GatewaySettings, TokenSettings
 from engine.attention import slots_of
@@ -113,7 +113,7 @@ def ok(message) -> httpx.Response:
 
 
 def service(name: str, kind: ServiceKind = ServiceKind.TOKEN) -> ServiceInfo:
-    return ServiceInfo(kind=kind, id=name, url=f"http://{name}", host="h", pid=1, kv_address=f"{name}:1",
+    return ServiceInfo(kind=kind, id=name, url=f"http://{name}", host="h", pid=1, protocol=PROTOCOL, kv_address=f"{name}:1",
                        kv_transport="tcp", max_model_len=128, colocated=True)
 
 

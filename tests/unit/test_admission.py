@@ -19,7 +19,7 @@ from fastapi import FastAPI
 
 from common import metadata
 from common.errors import KVFull, Overloaded, Unavailable, install_error_handlers
-from common.protocol import SamplingParams, ServiceInfo, ServiceKind
+from common.protocol import PROTOCOL, SamplingParams, ServiceInfo, ServiceKind
 from common.settings import GatewaySettings
 from gateway import admission, router as router_module
 from gateway.admission import Admission
@@ -104,7 +104,7 @@ async def test_a_resumed_request_goes_first_and_a_leaver_passes_the_turn_on(monk
 
 # -- the router, against real Redis, token services faked at the HTTP boundary -----------------
 def token_service(name: str) -> ServiceInfo:
-    return ServiceInfo(kind=ServiceKind.TOKEN, id=name, url=f"http://{name}", host="h", pid=1, kv_address=f"{name}:1",
+    return ServiceInfo(kind=ServiceKind.TOKEN, id=name, url=f"http://{name}", host="h", pid=1, protocol=PROTOCOL, kv_address=f"{name}:1",
                        kv_transport="tcp", max_model_len=1024, colocated=True)
 
 

@@ -1,5 +1,6 @@
 """Two models on one Redis never mix KV (issue #10 item 16): engines publish a fingerprint of their
-model's config and tokenizer, and a gateway routes only to engines of its own model."""
+model's config and tokenizer, and a gateway routes only to engines of its own model; and of its own
+internal protocol version, so that a rolling upgrade never pairs peers that misread each other."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from common import metadata
 from common.model import model_fingerprint
-from common.protocol import ServiceInfo, ServiceKind
+from common.protocol import PROTOCOL, ServiceInfo, ServiceKind
 from common.settings import GatewaySettings
 from gateway.router import Router
 
@@ -29,9 +30,9 @@ def test_the_fingerprint_tells_models_apart_but_not_copies(tiny_model_path, bund
     assert model_fingerprint(copy) != tiny
 
 
-def engine(kind: ServiceKind, name: str, model_id: str) -> ServiceInfo:
-    return ServiceInfo(kind=kind, id=name, url=f"http://{name}", host="h", pid=1, kv_address=f"{name}:1",
-                       kv_transport="tcp", max_model_len=1024, model_id=model_id)
+def engine(kind: ServiceKind, name: str, model_id: str, protocol: int = PROTOCOL) -> ServiceInfo:
+    return ServiceInfo(kind=kind, id=name, url=f"http://{name}", host="h", pid=1, protocol=protocol,
+                       kv_address=f"{name}:1", kv_transport="tcp", max_model_len=1024, model_id=model_id)
 
 
 @pytest.mark.asyncio
@@ -40,6 +41,9 @@ async def test_a_gateway_routes_only_to_engines_of_its_model(redis_server):
     registry = metadata.Registry(redis)
     services = [engine(ServiceKind.TOKEN, "token-mine", "aaaa"), engine(ServiceKind.TOKEN, "token-other", "bbbb"),
                 engine(ServiceKind.PROMPT, "prompt-other", "bbbb"), engine(ServiceKind.PROMPT, "prompt-mine", "aaaa"),
+                # mid-upgrade: an engine of an older protocol (0: before versions were published)
+                engine(ServiceKind.TOKEN, "token-old", "aaaa", protocol=0),
+                engine(ServiceKind.PROMPT, "prompt-old", "aaaa", protocol=PROTOCOL - 1),
                 ServiceInfo(kind=ServiceKind.CACHE_STORE, id="store-any", url="http://s", host="h", pid=1)]
     try:
         for info in services:

@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from common import metadata
-from common.protocol import PrefillRequest, PrefillResult, SamplingParams, ServiceInfo, ServiceKind, TokenEvent
+from common.protocol import (PROTOCOL, PrefillRequest, PrefillResult, SamplingParams, ServiceInfo, ServiceKind,
+                             TokenEvent)
 from common.settings import GatewaySettings
 from gateway import router as router_module
 from gateway.router import LeaseLapsed, Router
@@ -21,7 +22,8 @@ PREFILL_S = 1.0
 
 
 def prompt_service() -> ServiceInfo:
-    return ServiceInfo(kind=ServiceKind.PROMPT, id="prompt-lease", url="http://prompt-lease", host="h", pid=1)
+    return ServiceInfo(kind=ServiceKind.PROMPT, id="prompt-lease", url="http://prompt-lease", host="h", pid=1,
+                       protocol=PROTOCOL)
 
 
 def fake(healthy: bool):

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from common import metadata
-from common.protocol import (DecodeEvent, PrefillResult, RestoreResult, SamplingParams, ServiceInfo, ServiceKind,
+from common.protocol import (PROTOCOL, DecodeEvent, PrefillResult, RestoreResult, SamplingParams, ServiceInfo, ServiceKind,
                              TokenEvent)
 from common.settings import GatewaySettings
 from gateway.router import Router
@@ -30,7 +30,7 @@ TOKEN_TIMEOUT_S = 1.0
 
 
 def token_service(name: str) -> ServiceInfo:
-    return ServiceInfo(kind=ServiceKind.TOKEN, id=name, url=f"http://{name}", host="h", pid=1, kv_address=f"{name}:1",
+    return ServiceInfo(kind=ServiceKind.TOKEN, id=name, url=f"http://{name}", host="h", pid=1, protocol=PROTOCOL, kv_address=f"{name}:1",
                        kv_transport="tcp", max_model_len=1024, colocated=True)
 
 

@@ -4,6 +4,8 @@ promised blocks, and blocks coming back exactly once."""
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 import torch
@@ -81,3 +83,28 @@ def test_admission_counts_promised_blocks_and_they_come_back_once(runner):
 def test_a_pool_too_small_for_one_sequence_is_a_settings_error():
     with pytest.raises(SettingsError, match="--kv-blocks"):
         TokenSettings(max_model_len=64, block_size=4, kv_blocks=15)
+
+
+def test_token_ids_past_the_vocabulary_are_refused_at_the_boundary(runner):
+    """A decode step's embedding would fail on them, and a failed decode step takes the service
+    (and every stream on it) down: /decode and a colocated /prefill refuse them with a 400."""
+    from common.errors import BadRequest
+    from common.protocol import DecodeRequest, PrefillRequest, SamplingParams
+
+    engine = engine_of(runner)
+    vocab = runner.vocab_size
+    engine.reserve(ReserveRequest(request_id="r", prompt_tokens=8, max_tokens=4))
+    engine.receive_kv(*message(runner, "r", (0, 2), (0, 8)))
+    sampling = SamplingParams(max_tokens=4)
+    for first, replay in ((vocab, []), (vocab - 1, [3, vocab + 7])):
+        bad = DecodeRequest(request_id="r", first_token=first, replay=replay, sampling=sampling)
+        with pytest.raises(BadRequest, match=f"token id {max(replay + [first])} is not in the model's vocabulary"):
+            engine.start_decode(bad)
+    assert engine.scheduler.seqs["r"].sampling is None  # nothing changed: a good request still starts
+    engine.start_decode(DecodeRequest(request_id="r", first_token=vocab - 1, sampling=sampling))
+
+    engine.reserve(ReserveRequest(request_id="p", prompt_tokens=3, max_tokens=4))
+    request = PrefillRequest(request_id="p", prompt_ids=[1, vocab, 2], sampling=sampling, target_service_id="t",
+                             target_kv_address="")
+    with pytest.raises(BadRequest, match="prompt_ids: token id"):
+        asyncio.run(engine.prefill(request))
