@@ -184,15 +184,19 @@ async def _collect(app: FastAPI, job: Job, gen, chat: bool) -> JSONResponse:
 async def _stream(app: FastAPI, job: Job, gen, first, chat: bool):
     request_id_var.set(job.request_id)
     writer, totals, error = ChunkWriter(job, app.state.tokenizer, chat), Totals(), None
+    rest = with_keepalive(gen, KEEPALIVE_S)
     try:
         for chunk in writer.first():
             yield chunk
         delta = first
         while delta is not None:
-            totals.add(delta)
-            if (chunk := writer.delta(delta)) is not None:
-                yield chunk
-            delta = await anext(gen, None)
+            if delta is KEEPALIVE:
+                yield ": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see the stream is alive
+            else:
+                totals.add(delta)
+                if (chunk := writer.delta(delta)) is not None:
+                    yield chunk
+            delta = await anext(rest, None)
         if job.include_usage:
             yield writer.usage(totals)
     except DejavuError as exc:
@@ -203,9 +207,30 @@ async def _stream(app: FastAPI, job: Job, gen, first, chat: bool):
         error = exc
         raise
     finally:
+        await rest.aclose()  # first: it may be waiting on gen in a task of its own
         await gen.aclose()
         await _finish(app, job, totals, error)
     yield sse("[DONE]")
+
+
+KEEPALIVE_S = 15.0  # a stream quiet this long gets an SSE comment (a failover's replay can take minutes)
+KEEPALIVE = object()
+
+
+async def with_keepalive(gen, every_s: float):
+    """gen's items, and KEEPALIVE each time `every_s` pass without one."""
+    while True:
+        item = asyncio.ensure_future(anext(gen, KEEPALIVE))  # KEEPALIVE here: gen has ended
+        try:
+            while not (await asyncio.wait({item}, timeout=every_s))[0]:
+                yield KEEPALIVE
+        finally:
+            if not item.done():  # closed while waiting: gen must not run on in that task
+                item.cancel()
+                await asyncio.gather(item, return_exceptions=True)
+        if item.result() is KEEPALIVE:
+            return
+        yield item.result()
 
 
 async def _with_cancellation(awaitable, request: Request):

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 RECOVERIES = Counter("dejavu_gateway_recoveries_total", "requests moved off a failed token service", ["path"])
 RECOVERY_SECONDS = Histogram("dejavu_gateway_recovery_seconds", "from a token service failing to the next token",
-                             ["path"], buckets=(.1, .25, .5, 1, 2, 4, 8, 16, 32))
+                             ["path"], buckets=(.1, .25, .5, 1, 2, 4, 8, 16, 32, 64, 128, 256))
 for _path in ("replica", "reprefill"):  # every series exists from the start (0, not absent)
     RECOVERIES.labels(_path), RECOVERY_SECONDS.labels(_path)
 
