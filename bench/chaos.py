@@ -1,10 +1,9 @@
 """Chaos: many concurrent streams while token services, a cache store, a prompt service and Redis
 itself fail at random moments. The failure contract, measured: every request completes, and each
 output equals its failure-free output; once it is over no KV is held anywhere. Greedy outputs must
-be exact. Seeded sampling is exact after a restore from a replica; after a re-prefill (no replica:
-its store died too) in float32, one forward over the tokens already out rounds differently from the
-decode steps that first computed them, and a draw that lands within that rounding of a boundary
-goes the other way (counted apart: "exact seeded").
+be exact, and so must seeded sampling's (counted apart: "exact seeded"): on either recovery path the
+tokens already out after the replica's index (or after the prompt, on a re-prefill) are replayed
+through decode steps, the computation that first made their KV.
 
     python -m bench.chaos [--transport tcp|ucx|both] [--streams 100] [--token-kills 3] [--seed 0]
                           [--out FILE.json] (see --help)

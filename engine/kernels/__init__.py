@@ -38,11 +38,11 @@ def paged_attention():
         start = time.monotonic()
         module = load(f"dejavu_paged_attention_{tag}", [str(s) for s in sources], extra_cflags=FLAGS,
                       extra_ldflags=["-fopenmp"], verbose=False)
-        log.info("paged attention kernel ready (%.1f s)", time.monotonic() - start)
+        log.info("CPU kernels ready (%.1f s)", time.monotonic() - start)
         return module
     except Exception as exc:  # noqa: BLE001 - any build problem: the PyTorch path still works
-        log.warning("paged attention kernel unavailable, decode attention gathers the KV for SDPA: %s: %s",
-                    type(exc).__name__, exc)
+        log.warning("CPU kernels unavailable: attention runs through SDPA (decode gathers the KV for it) and "
+                    "a layer's small ops through PyTorch, slower: %s: %s", type(exc).__name__, exc)
         return None
 
 
