@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 template <typename T, int D>
@@ -188,26 +189,30 @@ static void causal(const T* q, int64_t q_row, const T* k, int64_t k_row, const T
   }
 }
 
+// f(std::integral_constant<int, D>) for the head dims we build (HEAD_DIMS below): D is a compile-
+// time constant in the kernels, so their loops over it unroll and vectorize.
+template <typename F>
+static void on_head_dim(int64_t D, const char* what, F&& f) {
+  switch (D) {
+    case 16: f(std::integral_constant<int, 16>{}); break;
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    case 80: f(std::integral_constant<int, 80>{}); break;
+    case 96: f(std::integral_constant<int, 96>{}); break;
+    case 128: f(std::integral_constant<int, 128>{}); break;
+    case 256: f(std::integral_constant<int, 256>{}); break;
+    default: TORCH_CHECK(false, what, ": head_dim ", D, " not built");
+  }
+}
+
 template <typename T>
 static void dispatch(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& slots,
                      const torch::Tensor& lengths, torch::Tensor& out, double scale) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), L = slots.size(1);
-  auto args = std::make_tuple(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), slots.data_ptr<int64_t>(),
-                              lengths.data_ptr<int64_t>(), out.data_ptr<T>());
-  auto go = [&](auto fn) {
-    fn(std::get<0>(args), std::get<1>(args), std::get<2>(args), std::get<3>(args), std::get<4>(args),
-       std::get<5>(args), B, Hq, Hkv, L, static_cast<float>(scale));
-  };
-  switch (D) {  // HEAD_DIMS below
-    case 16: go(run<T, 16>); break;
-    case 32: go(run<T, 32>); break;
-    case 64: go(run<T, 64>); break;
-    case 80: go(run<T, 80>); break;
-    case 96: go(run<T, 96>); break;
-    case 128: go(run<T, 128>); break;
-    case 256: go(run<T, 256>); break;
-    default: TORCH_CHECK(false, "paged_decode_attention: head_dim ", D, " not built");
-  }
+  on_head_dim(D, "paged_decode_attention", [&](auto dim) {
+    run<T, decltype(dim)::value>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), slots.data_ptr<int64_t>(),
+                                 lengths.data_ptr<int64_t>(), out.data_ptr<T>(), B, Hq, Hkv, L, static_cast<float>(scale));
+  });
 }
 
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor slots,
@@ -239,20 +244,10 @@ template <typename T>
 static void dispatch_causal(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& out,
                             int64_t start, double scale) {
   const int64_t M = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1);
-  auto go = [&](auto fn) {
-    fn(q.data_ptr<T>(), q.stride(0), k.data_ptr<T>(), k.stride(0), v.data_ptr<T>(), v.stride(0), out.data_ptr<T>(), M,
-       start, Hq, Hkv, static_cast<float>(scale));
-  };
-  switch (D) {  // HEAD_DIMS below
-    case 16: go(causal<T, 16>); break;
-    case 32: go(causal<T, 32>); break;
-    case 64: go(causal<T, 64>); break;
-    case 80: go(causal<T, 80>); break;
-    case 96: go(causal<T, 96>); break;
-    case 128: go(causal<T, 128>); break;
-    case 256: go(causal<T, 256>); break;
-    default: TORCH_CHECK(false, "causal_attention: head_dim ", D, " not built");
-  }
+  on_head_dim(D, "causal_attention", [&](auto dim) {
+    causal<T, decltype(dim)::value>(q.data_ptr<T>(), q.stride(0), k.data_ptr<T>(), k.stride(0), v.data_ptr<T>(),
+                                    v.stride(0), out.data_ptr<T>(), M, start, Hq, Hkv, static_cast<float>(scale));
+  });
 }
 
 torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t start, double scale) {
