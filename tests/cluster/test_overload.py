@@ -18,10 +18,13 @@ from tests.cluster.test_serving import assert_no_kv_held
 CLIENTS, QUEUE, MAX_TOKENS = 300, 40, 32  # arrivals within 1.5 s: 300 x 32 tokens take far longer anywhere
 PROMPTS = ["The tallest mountain in the world is", "Water boils at", "A short poem about the sea:",
            "List three colours: red,"]
-FAR_APART = 100  # arrivals this many places (500 ms) apart are served in arrival order: the queue is FIFO, but
-#                 a loaded 2-core CI box delays some requests' way to it (a connect, HTTP, Redis) by up to
-#                 ~350 ms. (Connections opened ahead do not help: a gateway saturated by 300 arrivals then
-#                 reads the kept-alive sockets in epoll's order, where new ones queue up in accept order.)
+FAR_APART = 64  # arrivals this many places (320 ms) apart are served in arrival order: the queue is FIFO, but
+#                on a loaded 2-core CI box the client's and the gateway's event loops, saturated by 300
+#                arrivals, now and then hold one request on its way to the queue for 0.3-0.6 s (seen in 2
+#                of 6 CI runs: one straggler each, overtaken by the ~10 behind it). So: at most
+STRAGGLERS = 2  # requests may be overtaken that way; a queue out of order (LIFO, random) has dozens.
+#                (Connections opened ahead do not help: the saturated gateway then reads kept-alive sockets
+#                in epoll's order, where new ones queue up in accept order.)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +66,8 @@ def test_300_clients_are_served_in_order_or_told_to_retry(cluster, tiny_oracle):
         assert text == expected[PROMPTS[r["i"] % len(PROMPTS)]], r
     inversions = [(a["i"], b["i"]) for a in served for b in served
                   if b["i"] >= a["i"] + FAR_APART and b["first"] < a["first"]]
-    assert not inversions, f"served out of arrival order: {inversions[:10]}"
+    overtaken = sorted({a for a, _ in inversions})
+    assert len(overtaken) <= STRAGGLERS, f"served out of arrival order: {overtaken} overtaken, {inversions[:10]}"
     assert_no_kv_held(cluster)
     assert all(c.proc.poll() is None for c in cluster.children)
 
