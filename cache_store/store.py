@@ -110,10 +110,14 @@ class Replica:
         return self.chunks[0].dtype
 
 
+ENDED_S = 60.0  # how long a request that ended for good refuses a new replica (see ReplicaStore.drop)
+
+
 class ReplicaStore:
     def __init__(self, memory_bytes: int = 2 << 30, spill_dir: str = "", ttl_s: float = 600.0) -> None:
         self.memory_bytes, self.spill_dir, self.ttl_s = memory_bytes, spill_dir, ttl_s
         self.replicas: dict[str, Replica] = {}
+        self.ended: dict[str, float] = {}  # request id -> when an epoch-less drop said it is over
         self.resident: dict[Chunk, None] = {}  # chunks in memory, oldest first: the spill order
         self.bytes_held = 0  # in memory
         self.bytes_spilled = 0  # on disk
@@ -126,6 +130,8 @@ class ReplicaStore:
         replica = self.replicas.get(rid)
         if replica is not None and header.epoch < replica.epoch:
             raise StaleEpoch(f"{FENCED}request {rid}: epoch {header.epoch} is older than the replica's {replica.epoch}")
+        if replica is None and rid in self.ended:
+            raise StaleEpoch(f"{FENCED}request {rid} has ended: no new replica of it is taken")
         if start > 0 and (replica is None or start > replica.tokens):
             held = 0 if replica is None else replica.tokens
             raise ReplicaGap(f"request {rid}: tokens from {start} would leave a gap (the store holds {held})")
@@ -164,7 +170,12 @@ class ReplicaStore:
 
     def drop(self, request_id: str, epoch: int | None = None) -> bool:
         """Free a replica; with `epoch`, only if it is not newer (a fenced owner's cleanup must not
-        drop its successor's replica). Returns whether one was dropped."""
+        drop its successor's replica). Returns whether one was dropped. Without an epoch (the
+        gateway, once a request whose owner died has ended) the request is over: for ENDED_S no new
+        replica of it is taken, so a put its dead owner had in flight cannot land after the drop
+        and leave a replica nobody will drop (seen in CI: tests/cluster/test_chaos.py)."""
+        if epoch is None:
+            self.ended[request_id] = time.monotonic()
         replica = self.replicas.get(request_id)
         if replica is None or (epoch is not None and replica.epoch > epoch):
             return False
@@ -176,6 +187,7 @@ class ReplicaStore:
     def expire(self, now: float | None = None) -> list[str]:
         """Drop the replicas nobody wrote to or fetched for `ttl_s`; returns their request ids."""
         now = time.monotonic() if now is None else now
+        self.ended = {rid: at for rid, at in self.ended.items() if now - at <= ENDED_S}
         old = [rid for rid, r in self.replicas.items() if now - r.renewed > self.ttl_s]
         for rid in old:
             self.drop(rid)

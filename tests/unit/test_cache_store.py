@@ -84,6 +84,28 @@ def test_continuations_append_and_fetch_concatenates():
     assert store.bytes_held == 7 * TOKEN_BYTES == gauge("dejavu_cache_store_bytes_held")
 
 
+def test_a_request_dropped_for_good_takes_no_new_replica_for_a_while():
+    """The gateway's epoch-less drop (the request ended, its owner died): a put the dead owner had in
+    flight lands after it and would leave a replica nobody drops; it is refused as fenced (so a live
+    stale owner stops too) for ENDED_S. An owner's own drop (with its epoch) is not such an end."""
+    from cache_store.store import ENDED_S
+
+    store = ReplicaStore()
+    put(store, "r", 0, 0, kv(4))
+    assert store.drop("r") and "r" not in store.replicas
+    with pytest.raises(StaleEpoch, match="^fenced: .*has ended"):
+        put(store, "r", 0, 0, kv(6))  # the late put, from the start
+    with pytest.raises(StaleEpoch):
+        put(store, "r", 3, 0, kv(6))  # any epoch
+    assert "r" not in store.replicas
+    put(store, "s", 1, 0, kv(4))
+    assert store.drop("s", epoch=1)  # its owner's cleanup: it may start a replica here again
+    put(store, "s", 1, 0, kv(4))
+    store.expire(now=time.monotonic() + ENDED_S + 1)
+    put(store, "r", 0, 0, kv(2))  # forgotten after ENDED_S: the store's memory stays bounded
+    assert store.replicas["r"].tokens == 2 and not store.ended
+
+
 def test_new_owner_continues_from_a_trimmed_index_under_its_epoch():
     store, a, b, c = ReplicaStore(), kv(4, 1), kv(4, 2), kv(5, 3)
     put(store, "r", 1, 0, a)
