@@ -67,7 +67,10 @@ def service_id(kind: ServiceKind, settings: ServiceSettings) -> str:
 
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when their proto
+    # says TCP. Without it every response on a kept-alive connection (each /reserve, /prefill, each
+    # decode-stream line, each SSE chunk) waited ~40 ms on Nagle and the peer's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(2048)

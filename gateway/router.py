@@ -33,6 +33,8 @@ PREFILL_ATTEMPTS = 4  # prompt services tried for one prefill (the same one agai
 LEASE_CHECK_S = 1.0  # a call or stream silent this long makes the gateway check its service's lease
 ENGINES = (ServiceKind.PROMPT, ServiceKind.TOKEN)  # services that run the model
 LATE_WRITE_S = 3.0  # a lost request's replicas are dropped again after this (see _drop_replicas)
+OWNER_WATCH_S = 45.0  # a finished request's replica is dropped by the gateway if its owner dies within this
+#                       long (longer than the owner's own drop can take: a replica send in flight, then /drop)
 RESERVE_TIMEOUT_S = 10.0  # a /reserve unanswered this long is given up (and aborted: it may have taken room)
 
 
@@ -51,6 +53,8 @@ class Router:
         self.in_flight: Counter[str] = Counter()  # service id -> requests this gateway has there
         self.background: set[asyncio.Task] = set()
         self.admission = Admission(settings.max_queued_requests, settings.route_timeout_s)
+        self.ended_on: dict[str, tuple[ServiceInfo, dict[str, float]]] = {}  # see _watch_owner
+        self._watcher: asyncio.Task | None = None
 
     async def services(self, kind: ServiceKind) -> list[ServiceInfo]:
         """The services to route to (RecentServices: a Redis that restarted empty a moment ago
@@ -153,6 +157,7 @@ class Router:
             self._done(token_svc.id)
             if released:
                 self.admission.wake()  # its KV is free: the next request in the queue may take it
+                self._watch_owner(token_svc, run.request_id)
             else:  # early end (stop string, client gone, failure) or no decode at all
                 self._spawn(self._abort_all(run.request_id, holders))
 
@@ -189,6 +194,38 @@ class Router:
             except Unavailable:
                 continue
             await self._abort_all(request_id, stores, path="/drop")
+
+    def _watch_owner(self, svc: ServiceInfo, request_id: str) -> None:
+        """A request finished on `svc`, whose replicator drops its replica now. An owner that dies
+        before that drop lands leaves a replica nobody else would drop (until the store's TTL):
+        bench.chaos saw it, a token service killed a few ms after a request ended. So the gateway
+        watches the owner for OWNER_WATCH_S and drops the replica itself if it dies meanwhile."""
+        if not any(s.kind == ServiceKind.CACHE_STORE for s in self._cache[1]):
+            return  # no replication
+        self.ended_on.setdefault(svc.id, (svc, {}))[1][request_id] = time.monotonic()
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.ensure_future(self._watch_owners())
+            self.background.add(self._watcher)
+            self._watcher.add_done_callback(self.background.discard)
+
+    async def _watch_owners(self) -> None:
+        """Every LEASE_CHECK_S while requests finished lately: a token service whose lease lapsed
+        and that does not answer /health is dead; drop the replicas of the requests that ended on it."""
+        while self.ended_on:
+            await asyncio.sleep(LEASE_CHECK_S)
+            for service_id, (svc, ended) in list(self.ended_on.items()):
+                if not await self._leased(svc) and not await self._alive(svc, timeout=LEASE_CHECK_S):
+                    self.ended_on.pop(service_id, None)
+                    log.info("token service %s died: dropping the replicas of the %d requests that ended on it in "
+                             "the last %.0f s", service_id, len(ended), OWNER_WATCH_S)
+                    for request_id in ended:
+                        self._spawn(self._drop_replicas(request_id))
+                    continue
+                now = time.monotonic()
+                for request_id in [r for r, at in ended.items() if now - at > OWNER_WATCH_S]:
+                    del ended[request_id]
+                if not ended:
+                    self.ended_on.pop(service_id, None)
 
     async def reserve(self, request_id: str, prompt_tokens: int, max_tokens: int,
                       exclude: set[str] = frozenset(), resume: bool = False) -> tuple[Reservation, ServiceInfo]:
@@ -363,11 +400,14 @@ class Router:
         task.add_done_callback(self.background.discard)
 
     async def _abort_all(self, request_id: str, services: list[ServiceInfo], path: str = "/abort") -> None:
-        for svc in services:
+        """At once on every service: one that hangs must not hold back the others."""
+        async def one(svc: ServiceInfo) -> None:
             try:
                 await self._post(svc, path, AbortRequest(request_id=request_id), timeout=5.0)
             except DejavuError as exc:
                 log.debug("abort on %s: %s", svc.id, exc.message)
+
+        await asyncio.gather(*(one(svc) for svc in services))
         if path == "/abort":
             self.admission.wake()  # the aborted request's KV is free
 

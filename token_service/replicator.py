@@ -188,8 +188,9 @@ class Replicator:
                         self._drop_all(stores, request_id, epoch))
 
     async def _drop_all(self, stores: list[ServiceInfo], request_id: str, epoch: int) -> None:
-        for store in stores:
-            await self._drop(store, request_id, epoch)
+        """At once: a dead store tried first delayed the live one's drop (and the gateway drops
+        only if this service dies meanwhile: see Router._watch_owner)."""
+        await asyncio.gather(*(self._drop(store, request_id, epoch) for store in stores))
 
     async def _drop_unless_fenced(self, stores: list[ServiceInfo], request_id: str, epoch: int) -> None:
         await asyncio.sleep(DROP_GRACE_S)

@@ -207,6 +207,25 @@ def test_client_disconnect_frees_kv_and_the_replica(cluster, tiny_oracle):
     assert_no_kv_held_on(cluster)  # token rows, prompt in-flight, replica bytes: all back to zero
 
 
+def test_owner_dying_right_after_a_request_ends_leaves_no_replica(cluster, tiny_oracle):
+    """A request ends; its owner dies before its drop of the replica lands (forced: the store is
+    stopped, so the drop waits, and the owner is killed meanwhile). The gateway sees the owner die
+    and drops the replica itself: none is left for the store's TTL (bench.chaos once left one)."""
+    body, want = greedy(tiny_oracle, 600)
+    seen = {}
+
+    def stop_store(c):
+        seen["owner"], seen["store"] = serving(c), replica_holder(c)
+        c.kill(seen["store"], signal.SIGSTOP)
+
+    text, _, _ = stream(cluster, body, at={60: stop_store})
+    assert text == want
+    cluster.kill(seen["owner"])
+    seen["owner"].proc.wait(10)
+    seen["store"].proc.send_signal(signal.SIGCONT)
+    assert_no_kv_held_on(cluster)
+
+
 def test_fenced_owner_waking_up_cannot_touch_its_successors_replica(cluster, tiny_oracle):
     """A hung owner is fenced and replaced. It wakes up while its successor decodes: its writes
     and its cleanup are refused (the store's replica is the successor's). A second failure later
