@@ -38,8 +38,7 @@ def make_transport(name: str, token: str = "", host: str = "") -> Transport:
 
     `host`: the interface the service was told to use. UCX's own TCP transport otherwise opens its
     sockets on every network device; on a loopback host it is kept to `lo` (UCX_NET_DEVICES, unless
-    set). ucxx's listener itself takes no address and binds 0.0.0.0: a peer reaching it from
-    elsewhere gets no further than the token handshake."""
+    set). The UCX transport's own listener is a TCP rendezvous on `host` (common/kv/ucx.py)."""
     from common.kv.auth import authenticated
 
     if name == "ucx":

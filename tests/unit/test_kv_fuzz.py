@@ -239,15 +239,15 @@ async def test_frames_read_whole_are_answered_or_skipped_and_the_link_stays_up(r
 async def send_claim(kind: str, conn, header_len: int, payload_len: int, header: bytes) -> None:
     """The opening of a frame that claims `header_len` and `payload_len` bytes, and nothing after
     the header (none at all past MAX_HEADER_LEN): what Connection.send never writes, so it goes
-    under the transport, through the connection's own socket (TCP) or endpoint (UCX)."""
+    under the transport, through the connection's own socket (TCP) or tagged endpoint (UCX)."""
     prefix = FRAME_PREFIX.pack(header_len, payload_len)
     opening = prefix + header if header_len <= MAX_HEADER_LEN else prefix
     if kind == "tcp":
         await asyncio.get_running_loop().sock_sendall(conn._sock, opening)
     else:  # UCX: the prefix and the header are separate tagged messages
-        await conn._ep.send(np.frombuffer(prefix, dtype=np.uint8))
+        await conn._call("send", np.frombuffer(prefix, dtype=np.uint8))
         if header_len <= MAX_HEADER_LEN:
-            await conn._ep.send(np.frombuffer(header, dtype=np.uint8))
+            await conn._call("send", np.frombuffer(header, dtype=np.uint8))
 
 
 CLAIMS = st.one_of(
