@@ -46,7 +46,7 @@ def make_transport(name: str, token: str = "", host: str = "") -> Transport:
             os.environ.setdefault("UCX_NET_DEVICES", "lo")
         from common.kv.ucx import UcxTransport  # imports ucxx: only when asked for
 
-        return authenticated(UcxTransport(), token)
+        return authenticated(UcxTransport(token), token)
     if name == "tcp":
         from common.kv.tcp import TcpTransport
 

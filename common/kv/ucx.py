@@ -2,11 +2,16 @@
 
 Connections are set up over a TCP rendezvous, not ucxx's listener: that one takes no address and
 binds 0.0.0.0, while a service must listen only where it was told (issue #10). The listening side
-accepts TCP connections on its configured host and port; each side sends the other one message,
+accepts TCP connections on its configured host and port; the connecting side speaks first, and
+each side sends the other one message,
 
-    RENDEZVOUS: 8 bytes magic | uint64 tag | uint32 n (little endian), then n bytes: its UCX worker address
+    RENDEZVOUS: 8 bytes magic | uint64 tag | uint32 n | uint32 t (little endian),
+                then n bytes: its UCX worker address, then t bytes: the cluster token (connecting side)
 
-where `tag` is the random 64-bit tag it will receive this connection's messages on. Each side then
+where `tag` is the random 64-bit tag it will receive this connection's messages on. The listening
+side checks the token before UCX sees the address (a stranger's bytes never reach UCX's address
+parser) and answers REFUSED when it is wrong; common/kv/auth.py's handshake then runs on top, as on
+TCP. Each side then
 creates an endpoint to the other's worker, sends with the other's tag and receives on its own. The
 TCP socket stays open as long as the connection: its end (the peer closed or died) closes the UCX
 side, failing a pending recv at once; UCX's endpoint error handling does the same when UCX itself
@@ -34,6 +39,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import hmac
 import logging
 import os
 import secrets
@@ -72,8 +78,9 @@ UCX_ENV = {
 }
 
 
-RENDEZVOUS = struct.Struct("<8sQI")  # magic, the sender's receive tag, the length of its worker address
-MAGIC = b"dejavuU1"
+RENDEZVOUS = struct.Struct("<8sQII")  # magic, the sender's receive tag, worker address and token lengths
+MAGIC, REFUSED = b"dejavuU1", b"dejavuNO"
+MAX_TOKEN = 4096
 MAX_WORKER_ADDRESS = 1 << 16  # a longer one is not a UCX worker address
 RENDEZVOUS_TIMEOUT_S = 5.0
 
@@ -230,7 +237,9 @@ class UcxTransport(Transport):
 
     name = "ucx"
 
-    def __init__(self) -> None:
+    def __init__(self, token: str = "") -> None:
+        """`token`: the cluster token, sent in the rendezvous and required of connecting peers."""
+        self._token = token.encode()
         self._ucxx = import_ucxx()
         self._started = False
         self._server: asyncio.base_events.Server | None = None
@@ -264,7 +273,7 @@ class UcxTransport(Transport):
         except (OSError, asyncio.TimeoutError) as e:
             raise TransportError(f"cannot connect to {address}: {e!r}") from e
         try:
-            return await asyncio.wait_for(self._rendezvous(reader, writer), timeout)
+            return await asyncio.wait_for(self._rendezvous(reader, writer, accepting=False), timeout)
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, TransportError) as e:
             writer.close()
             error = f"cannot connect to {address}: {e!r}"
@@ -290,16 +299,32 @@ class UcxTransport(Transport):
             self._started = False
             _Runtime.release(self._ucxx)
 
-    async def _rendezvous(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> UcxConnection:
-        """Exchange (receive tag, worker address) with the peer; then an endpoint to its worker."""
-        own = self._ucxx.get_worker_address().tobytes()
-        recv_tag = secrets.randbits(64)
-        writer.write(RENDEZVOUS.pack(MAGIC, recv_tag, len(own)) + own)
-        await writer.drain()
-        magic, send_tag, n = RENDEZVOUS.unpack(await reader.readexactly(RENDEZVOUS.size))
-        if magic != MAGIC or not 0 < n <= MAX_WORKER_ADDRESS:
+    async def _rendezvous(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          accepting: bool) -> UcxConnection:
+        """Exchange (receive tag, worker address) with the peer, the connecting side first and
+        with the token; then an endpoint to the peer's worker."""
+        own, recv_tag = self._ucxx.get_worker_address().tobytes(), secrets.randbits(64)
+        token = b"" if accepting else self._token
+        hello = RENDEZVOUS.pack(MAGIC, recv_tag, len(own), len(token)) + own + token
+        if not accepting:
+            writer.write(hello)
+            await writer.drain()
+        magic, send_tag, n, t = RENDEZVOUS.unpack(await reader.readexactly(RENDEZVOUS.size))
+        if magic == REFUSED and not accepting:
+            raise TransportError("the KV peer refused this service's cluster token (every service of a cluster "
+                                 "needs the same DEJAVU_CLUSTER_TOKEN)")
+        if magic != MAGIC or not 0 < n <= MAX_WORKER_ADDRESS or t > MAX_TOKEN:
             raise TransportError("the peer is not a UCX KV transport (bad rendezvous)")
-        address = self._ucxx.get_ucx_address_from_buffer(await reader.readexactly(n))
+        address = await reader.readexactly(n)
+        given = await reader.readexactly(t)
+        if accepting:
+            if self._token and not hmac.compare_digest(self._token, given):
+                writer.write(RENDEZVOUS.pack(REFUSED, 0, 0, 0))
+                await writer.drain()
+                raise TransportError("wrong or missing cluster token (DEJAVU_CLUSTER_TOKEN)")
+            writer.write(hello)
+            await writer.drain()
+        address = self._ucxx.get_ucx_address_from_buffer(address)
         try:
             ep = await self._ucxx.create_endpoint_from_worker_address(address, endpoint_error_handling=True)
         except self._ucxx.exceptions.UCXError as e:
@@ -326,7 +351,7 @@ class UcxTransport(Transport):
                 writer.close()
                 return
             try:
-                conn = await asyncio.wait_for(self._rendezvous(reader, writer), RENDEZVOUS_TIMEOUT_S)
+                conn = await asyncio.wait_for(self._rendezvous(reader, writer, accepting=True), RENDEZVOUS_TIMEOUT_S)
             except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, TransportError) as e:
                 logger.warning("ucx connection dropped during its rendezvous: %r", e)
                 writer.close()

@@ -43,12 +43,16 @@ async def test_the_same_token_reaches_the_handler_and_others_never_do(kind):
             clients.append(client)
             with pytest.raises(TransportError, match="refused this service's cluster token"):
                 await asyncio.wait_for(client.connect(address), BOUND_S)
-        bare = make_transport(kind)  # no handshake at all: its first frame is taken as one, and refused
+        bare = make_transport(kind)  # no token at all
         clients.append(bare)
-        conn = await bare.connect(address)
-        await conn.send(b'{"kind": "kv", "request_id": "r"}', np.zeros(16, dtype=np.uint8))
-        with pytest.raises(TransportError):
-            await asyncio.wait_for(conn.recv(), BOUND_S)  # closed on it
+        if kind == "ucx":  # the rendezvous asks for the token before any UCX endpoint exists
+            with pytest.raises(TransportError, match="refused this service's cluster token"):
+                await asyncio.wait_for(bare.connect(address), BOUND_S)
+        else:  # no handshake: its first frame is taken as one, and refused
+            conn = await bare.connect(address)
+            await conn.send(b'{"kind": "kv", "request_id": "r"}', np.zeros(16, dtype=np.uint8))
+            with pytest.raises(TransportError):
+                await asyncio.wait_for(conn.recv(), BOUND_S)  # closed on it
         good = make_transport(kind, "s3cret-token")
         clients.append(good)
         conn = await asyncio.wait_for(good.connect(address), BOUND_S)
@@ -80,6 +84,37 @@ async def test_a_hostile_first_frame_is_dropped_without_allocating():
             conn = await asyncio.wait_for(good.connect(address), BOUND_S)
             await conn.send(b"ping")
             assert (await asyncio.wait_for(conn.recv(), BOUND_S))[0] == b"echo:ping"
+        finally:
+            await good.close()
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize("token", [b"wrong", b""], ids=["wrong-token", "no-token"])
+async def test_a_stranger_never_gets_its_worker_address_to_ucx(token):
+    """A raw TCP peer at the UCX transport's rendezvous, claiming a worker address of random bytes
+    (which UCX would have to parse) without the right token: refused and closed before UCX sees the
+    address; garbage that is no rendezvous at all is closed too. The listener serves the next peer."""
+    from common.kv.ucx import MAGIC, REFUSED, RENDEZVOUS
+
+    server, address, reached = await serving("ucx", "tok")
+    try:
+        host, port = address.rsplit(":", 1)
+        bogus = np.random.default_rng(0).integers(0, 256, 200, dtype=np.uint8).tobytes()
+        garbage = b"GET / HTTP/1.1\r\nHost: kv\r\nAccept: */*\r\n\r\n"  # longer than a rendezvous header
+        for opening in (RENDEZVOUS.pack(MAGIC, 7, len(bogus), len(token)) + bogus + token, garbage):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(opening)
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), BOUND_S)  # then closed
+            assert answer in (RENDEZVOUS.pack(REFUSED, 0, 0, 0), b""), answer
+            writer.close()
+        good = make_transport("ucx", "tok")
+        try:
+            conn = await asyncio.wait_for(good.connect(address), BOUND_S)
+            await conn.send(b"ping")
+            assert (await asyncio.wait_for(conn.recv(), BOUND_S))[0] == b"echo:ping"
+            assert reached.qsize() == 1
         finally:
             await good.close()
     finally:
