@@ -60,7 +60,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 app.state.store = metadata.RequestStore(redis)
                 registry = metadata.Registry(redis, cluster_fingerprint(settings.cluster_token))  # this cluster's only
                 app.state.router = Router(registry, client, settings, app.state.store, model_id)
-                yield
+                try:
+                    yield
+                finally:
+                    await app.state.router.close()
         finally:
             await client.aclose()
 

@@ -35,6 +35,7 @@ ENGINES = (ServiceKind.PROMPT, ServiceKind.TOKEN)  # services that run the model
 LATE_WRITE_S = 3.0  # a lost request's replicas are dropped again after this (see _drop_replicas)
 OWNER_WATCH_S = 45.0  # a finished request's replica is dropped by the gateway if its owner dies within this
 #                       long (longer than the owner's own drop can take: a replica send in flight, then /drop)
+DROP_CONCURRENCY = 16  # replicas of a dead owner's finished requests dropped at a time
 RESERVE_TIMEOUT_S = 10.0  # a /reserve unanswered this long is given up (and aborted: it may have taken room)
 
 
@@ -200,32 +201,54 @@ class Router:
         before that drop lands leaves a replica nobody else would drop (until the store's TTL):
         bench.chaos saw it, a token service killed a few ms after a request ended. So the gateway
         watches the owner for OWNER_WATCH_S and drops the replica itself if it dies meanwhile."""
-        if not any(s.kind == ServiceKind.CACHE_STORE for s in self._cache[1]):
-            return  # no replication
         self.ended_on.setdefault(svc.id, (svc, {}))[1][request_id] = time.monotonic()
-        if self._watcher is None or self._watcher.done():
+        if self._watcher is None or self._watcher.done():  # not in `background`: it outlives requests
             self._watcher = asyncio.ensure_future(self._watch_owners())
-            self.background.add(self._watcher)
-            self._watcher.add_done_callback(self.background.discard)
 
     async def _watch_owners(self) -> None:
         """Every LEASE_CHECK_S while requests finished lately: a token service whose lease lapsed
-        and that does not answer /health is dead; drop the replicas of the requests that ended on it."""
+        and that does not answer /health is dead; drop the replicas of the requests that ended on it
+        (DROP_CONCURRENCY at a time: a busy service may have ended thousands)."""
         while self.ended_on:
             await asyncio.sleep(LEASE_CHECK_S)
-            for service_id, (svc, ended) in list(self.ended_on.items()):
-                if not await self._leased(svc) and not await self._alive(svc, timeout=LEASE_CHECK_S):
-                    self.ended_on.pop(service_id, None)
-                    log.info("token service %s died: dropping the replicas of the %d requests that ended on it in "
-                             "the last %.0f s", service_id, len(ended), OWNER_WATCH_S)
-                    for request_id in ended:
-                        self._spawn(self._drop_replicas(request_id))
-                    continue
-                now = time.monotonic()
-                for request_id in [r for r, at in ended.items() if now - at > OWNER_WATCH_S]:
-                    del ended[request_id]
-                if not ended:
-                    self.ended_on.pop(service_id, None)
+            try:
+                for service_id, (svc, ended) in list(self.ended_on.items()):
+                    if not await self._leased(svc) and not await self._alive(svc, timeout=LEASE_CHECK_S):
+                        self.ended_on.pop(service_id, None)
+                        log.info("token service %s died: dropping the replicas of the %d requests that ended on it "
+                                 "in the last %.0f s", service_id, len(ended), OWNER_WATCH_S)
+                        self._spawn(self._drop_many(list(ended)))
+                        continue
+                    now = time.monotonic()
+                    for request_id in [r for r, at in ended.items() if now - at > OWNER_WATCH_S]:
+                        del ended[request_id]
+                    if not ended:
+                        self.ended_on.pop(service_id, None)
+            except Exception:  # noqa: BLE001 - the watch goes on; what it missed the stores' TTL frees
+                log.exception("watching the owners of finished requests failed; going on")
+
+    async def _drop_many(self, request_ids: list[str]) -> None:
+        """_drop_replicas for many requests, DROP_CONCURRENCY at a time: now, and again LATE_WRITE_S later."""
+        gate = asyncio.Semaphore(DROP_CONCURRENCY)
+
+        async def one(request_id: str, stores: list[ServiceInfo]) -> None:
+            async with gate:
+                await self._abort_all(request_id, stores, path="/drop")
+
+        for late in (False, True):
+            if late:
+                await asyncio.sleep(LATE_WRITE_S)
+            try:
+                stores = await self.services(ServiceKind.CACHE_STORE)
+            except Unavailable:
+                continue
+            await asyncio.gather(*(one(r, stores) for r in request_ids))
+
+    async def close(self) -> None:
+        """Stop the owner watch (the gateway is shutting down)."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
 
     async def reserve(self, request_id: str, prompt_tokens: int, max_tokens: int,
                       exclude: set[str] = frozenset(), resume: bool = False) -> tuple[Reservation, ServiceInfo]:

@@ -9,8 +9,8 @@ each side sends the other one message,
                 then n bytes: its UCX worker address, then t bytes: the cluster token (connecting side)
 
 where `tag` is the random 64-bit tag it will receive this connection's messages on. The listening
-side checks the token before UCX sees the address (a stranger's bytes never reach UCX's address
-parser) and answers REFUSED when it is wrong; common/kv/auth.py's handshake then runs on top, as on
+side checks the token before UCX sees the address (with a cluster token, a stranger's bytes never
+reach UCX's address parser) and answers REFUSED when it is wrong; common/kv/auth.py's handshake then runs on top, as on
 TCP. Each side then
 creates an endpoint to the other's worker, sends with the other's tag and receives on its own. The
 TCP socket stays open as long as the connection: its end (the peer closed or died) closes the UCX
@@ -25,7 +25,7 @@ other's, so that UCX's wireup is done. A frame is up to three tagged messages, r
     3. payload: payload_len bytes, received straight into the allocator's array; not sent when 0
 
 Lifecycle, per process:
-1. `UcxTransport()` sets the UCX environment and imports ucxx. Never at module import: UCX
+1. `UcxTransport(token)` sets the UCX environment and imports ucxx. Never at module import: UCX
    initialised before a fork breaks the child, and ucxx reads the environment at import.
 2. The first `listen`/`connect` initialises UCX inside the running event loop (ucxx binds its
    completion notifier thread to that loop).
@@ -154,6 +154,7 @@ class UcxConnection(Connection):
         self._on_close = on_close  # lets the transport forget this connection
         self._send_lock = asyncio.Lock()
         self._closed = False
+        self._closing: asyncio.Future | None = None
         self._broken = False
         self._watch = asyncio.ensure_future(self._watch_link(reader))
 
@@ -193,17 +194,22 @@ class UcxConnection(Connection):
             return header.tobytes(), payload
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._watch is not asyncio.current_task():
-            self._watch.cancel()
+        """Idempotent; every caller returns once the endpoint is closed (the transport resets UCX
+        right after closing its connections, which must not find an endpoint still held)."""
+        if self._closing is None:
+            self._closed = True
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
+        self._watch.cancel()  # its own close() call, if that is what runs this, is shielded
         self._link.close()  # the peer's watch sees the end and closes its side
         ep, self._ep = self._ep, None  # dropping the endpoint lets UCX reset at transport close
         try:
             await ep.close()  # cancels our pending requests
         except self._errors as e:
             logger.debug("ucx endpoint close: %s", e)
+        await asyncio.gather(self._watch, return_exceptions=True)
         if self._on_close is not None:
             self._on_close(self)
 
@@ -268,13 +274,16 @@ class UcxTransport(Transport):
     async def connect(self, address: str, timeout: float = 5.0) -> Connection:
         host, port = split_address(address)
         self._start()
+        deadline = asyncio.get_running_loop().time() + timeout  # one bound for the whole attempt
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
         except (OSError, asyncio.TimeoutError) as e:
             raise TransportError(f"cannot connect to {address}: {e!r}") from e
         try:
-            return await asyncio.wait_for(self._rendezvous(reader, writer, accepting=False), timeout)
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, TransportError) as e:
+            left = max(deadline - asyncio.get_running_loop().time(), 0.0)
+            return await asyncio.wait_for(self._rendezvous(reader, writer, accepting=False), left)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, TransportError,
+                self._ucxx.exceptions.UCXError) as e:
             writer.close()
             error = f"cannot connect to {address}: {e!r}"
         except BaseException:  # cancelled: no half-open link left behind
@@ -333,8 +342,12 @@ class UcxTransport(Transport):
         self._conns.add(conn)
         try:  # one message each way: UCX's wireup is done before the connection is used (a send
             #   queued behind it would otherwise wait for a peer that may be stopped by then)
-            await asyncio.gather(conn._call("send", np.frombuffer(MAGIC, dtype=np.uint8)),
-                                 conn._call("recv", ready := np.empty(len(MAGIC), dtype=np.uint8)))
+            ready = np.empty(len(MAGIC), dtype=np.uint8)
+            results = await asyncio.gather(conn._call("send", np.frombuffer(MAGIC, dtype=np.uint8)),
+                                           conn._call("recv", ready), return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
             if ready.tobytes() != MAGIC:
                 raise TransportError("the peer's first UCX message is not the rendezvous's")
         except BaseException:
@@ -352,10 +365,14 @@ class UcxTransport(Transport):
                 return
             try:
                 conn = await asyncio.wait_for(self._rendezvous(reader, writer, accepting=True), RENDEZVOUS_TIMEOUT_S)
-            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, TransportError) as e:
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, TransportError,
+                    self._ucxx.exceptions.UCXError) as e:
                 logger.warning("ucx connection dropped during its rendezvous: %r", e)
                 writer.close()
                 return
+            except BaseException:  # cancelled (the transport closes): no socket left open
+                writer.close()
+                raise
             try:
                 await handler(conn)
             except TransportError as e:
