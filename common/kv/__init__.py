@@ -8,7 +8,10 @@
     await transport.close()
 """
 
+import ipaddress
 import os
+import socket
+import struct
 
 from common.kv.transport import Connection, Transport, TransportError
 from common.kv.wire import Header, WireError, send_ack, send_error, send_fetch, stream_in, stream_out
@@ -37,13 +40,16 @@ def make_transport(name: str, token: str = "", host: str = "") -> Transport:
     connection when `token` is given (common/kv/auth.py). Call inside the process that uses it.
 
     `host`: the interface the service was told to use. UCX's own TCP transport otherwise opens its
-    sockets on every network device; on a loopback host it is kept to `lo` (UCX_NET_DEVICES, unless
-    set). The UCX transport's own listener is a TCP rendezvous on `host` (common/kv/ucx.py)."""
+    sockets on every network device: it is kept to the device that has `host`'s address
+    (UCX_NET_DEVICES, unless set; `lo` for a loopback host; every device for 0.0.0.0 or ::). Note
+    that this also keeps UCX off other devices, RDMA ones included: set UCX_NET_DEVICES yourself
+    to use them. The UCX transport's own listener is a TCP rendezvous on `host` (common/kv/ucx.py)."""
     from common.kv.auth import authenticated
 
     if name == "ucx":
-        if host and is_loopback(host):
-            os.environ.setdefault("UCX_NET_DEVICES", "lo")
+        device = network_device(host) if host else None
+        if device:
+            os.environ.setdefault("UCX_NET_DEVICES", device)
         from common.kv.ucx import UcxTransport  # imports ucxx: only when asked for
 
         return authenticated(UcxTransport(token), token)
@@ -52,3 +58,42 @@ def make_transport(name: str, token: str = "", host: str = "") -> Transport:
 
         return authenticated(TcpTransport(), token)
     raise ValueError(f"unknown KV transport {name!r}: choose one of {', '.join(TRANSPORTS)}")
+
+
+SIOCGIFADDR = 0x8915  # Linux: an interface's (primary) IPv4 address
+
+
+def network_device(host: str) -> str | None:
+    """The network device (e.g. "eth0") that has address `host`: "lo" for a loopback host, None for
+    every interface (0.0.0.0, ::), a host name, or an address no device has (Linux only)."""
+    if is_loopback(host):
+        return "lo"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if address.is_unspecified:
+        return None
+    if address.version == 6:
+        try:
+            with open("/proc/net/if_inet6") as f:  # address (32 hex digits), index, prefix, scope, flags, name
+                for line in f:
+                    fields = line.split()
+                    if len(fields) == 6 and ipaddress.IPv6Address(int(fields[0], 16)) == address:
+                        return fields[5]
+        except OSError:
+            pass
+        return None
+    try:
+        import fcntl  # POSIX only
+    except ImportError:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(sock.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+            except OSError:  # no IPv4 address on it
+                continue
+            if socket.inet_ntoa(raw[20:24]) == str(address):
+                return name
+    return None

@@ -264,3 +264,22 @@ async def serve(name: str) -> None:
 
 if __name__ == "__main__":
     asyncio.run(serve(sys.argv[1]))
+
+
+def test_network_device_is_the_one_with_the_address():
+    """UCX's own sockets are kept to --host's device (UCX_NET_DEVICES): the device found for each
+    of this machine's addresses is the one psutil lists it under; no device for 0.0.0.0 / ::."""
+    import psutil
+
+    from common.kv import network_device
+
+    assert network_device("127.0.0.1") == "lo" and network_device("::1") == "lo"
+    assert network_device("0.0.0.0") is None and network_device("::") is None
+    families = (socket.AF_INET, socket.AF_INET6)
+    if not any(a.address == "203.0.113.77" for addrs in psutil.net_if_addrs().values() for a in addrs):
+        assert network_device("203.0.113.77") is None  # TEST-NET-3: no device of ours has it
+    for name, addrs in psutil.net_if_addrs().items():
+        for a in addrs:
+            address = a.address.split("%")[0]  # fe80::1%eth0
+            if a.family in families and not address.startswith(("127.", "::1", "fe80:")):
+                assert network_device(address) == name, (address, name)
