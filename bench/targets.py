@@ -40,10 +40,10 @@ def started(target: str, args, model_path: Path):
         yield args.url.rstrip("/")
     elif target in CLUSTERS:
         prompt_services, env = CLUSTERS[target]
-        cores, _ = host_cores()  # as `dejavu up` places its engines (--cpu-placement auto)
+        cores, _ = host_cores()  # as `dejavu up` places its engines (--cpu-placement auto, or off)
+        placement = plan(cores, prompt_services, 1) if cores and getattr(args, "cpu_placement", "auto") == "auto" else None
         with Cluster(model=args.model, port=0, prompt_services=prompt_services, token_services=1, cache_stores=1,
-                     env={**env, "DEJAVU_DTYPE": args.dtype}, echo_logs=False,
-                     placement=plan(cores, prompt_services, 1) if cores else None) as cluster:
+                     env={**env, "DEJAVU_DTYPE": args.dtype}, echo_logs=False, placement=placement) as cluster:
             yield cluster.url
     else:
         port = free_port()

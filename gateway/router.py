@@ -183,10 +183,17 @@ class Router:
             self._spawn(self._abort_all(run.request_id, run.unfenced))
             run.unfenced = []
 
-    async def _drop_replicas(self, request_id: str) -> None:
-        """Drop the request's replica on every store, now and once more LATE_WRITE_S later: a put
-        an owner had in flight as the request ended (an owner killed before its own cleanup drops
-        nothing) may land after the first drop (bench.chaos left such a replica over UCX)."""
+    async def _drop_replicas(self, *request_ids: str) -> None:
+        """Drop the requests' replicas on every store (DROP_CONCURRENCY requests at a time), now and
+        once more LATE_WRITE_S later: a put an owner had in flight as a request ended (an owner
+        killed before its own cleanup drops nothing) may land after the first drop (bench.chaos
+        left such a replica over UCX)."""
+        gate = asyncio.Semaphore(DROP_CONCURRENCY)
+
+        async def one(request_id: str, stores: list[ServiceInfo]) -> None:
+            async with gate:
+                await self._abort_all(request_id, stores, path="/drop")
+
         for late in (False, True):
             if late:
                 await asyncio.sleep(LATE_WRITE_S)
@@ -194,7 +201,7 @@ class Router:
                 stores = await self.services(ServiceKind.CACHE_STORE)
             except Unavailable:
                 continue
-            await self._abort_all(request_id, stores, path="/drop")
+            await asyncio.gather(*(one(r, stores) for r in request_ids))
 
     def _watch_owner(self, svc: ServiceInfo, request_id: str) -> None:
         """A request finished on `svc`, whose replicator drops its replica now. An owner that dies
@@ -217,7 +224,7 @@ class Router:
                         self.ended_on.pop(service_id, None)
                         log.info("token service %s died: dropping the replicas of the %d requests that ended on it "
                                  "in the last %.0f s", service_id, len(ended), OWNER_WATCH_S)
-                        self._spawn(self._drop_many(list(ended)))
+                        self._spawn(self._drop_replicas(*ended))
                         continue
                     now = time.monotonic()
                     for request_id in [r for r, at in ended.items() if now - at > OWNER_WATCH_S]:
@@ -226,23 +233,6 @@ class Router:
                         self.ended_on.pop(service_id, None)
             except Exception:  # noqa: BLE001 - the watch goes on; what it missed the stores' TTL frees
                 log.exception("watching the owners of finished requests failed; going on")
-
-    async def _drop_many(self, request_ids: list[str]) -> None:
-        """_drop_replicas for many requests, DROP_CONCURRENCY at a time: now, and again LATE_WRITE_S later."""
-        gate = asyncio.Semaphore(DROP_CONCURRENCY)
-
-        async def one(request_id: str, stores: list[ServiceInfo]) -> None:
-            async with gate:
-                await self._abort_all(request_id, stores, path="/drop")
-
-        for late in (False, True):
-            if late:
-                await asyncio.sleep(LATE_WRITE_S)
-            try:
-                stores = await self.services(ServiceKind.CACHE_STORE)
-            except Unavailable:
-                continue
-            await asyncio.gather(*(one(r, stores) for r in request_ids))
 
     async def close(self) -> None:
         """Stop the owner watch (the gateway is shutting down)."""

@@ -29,6 +29,7 @@ from common.kv.transport import (
     TransportError,
     checked_buffer,
     default_alloc,
+    serve,
     split_address,
 )
 
@@ -197,19 +198,9 @@ class TcpTransport(Transport):
                 continue
             logger.debug("tcp transport accepted %s", peer)
             conn = self._track(sock)
-            task = asyncio.create_task(self._run_handler(handler, conn), name=f"kv-tcp-{peer}")
+            task = asyncio.create_task(serve(handler, conn, "tcp"), name=f"kv-tcp-{peer}")
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
-
-    async def _run_handler(self, handler: Handler, conn: TcpConnection) -> None:
-        try:
-            await handler(conn)
-        except TransportError as e:
-            logger.info("tcp connection handler ended: %s", e)
-        except Exception:
-            logger.exception("tcp connection handler failed")
-        finally:
-            await conn.close()
 
     def _track(self, sock: socket.socket) -> TcpConnection:
         conn = TcpConnection(sock, on_close=self._conns.discard)

@@ -19,10 +19,13 @@ Who calls what:
 from __future__ import annotations
 
 import abc
+import logging
 import struct
 from collections.abc import Awaitable, Callable
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 # Given the header of an incoming frame and its payload size in bytes, return a writable,
 # C-contiguous uint8 numpy array of exactly that size to receive the payload into (zero-copy
@@ -100,3 +103,15 @@ def split_address(address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit():
         raise TransportError(f"bad transport address {address!r}: expected 'host:port'")
     return host, int(port)
+
+
+async def serve(handler: Handler, conn: Connection, transport: str) -> None:
+    """Run `handler` on an accepted connection, log how it ended, and always close the connection."""
+    try:
+        await handler(conn)
+    except TransportError as e:
+        logger.info("%s connection handler ended: %s", transport, e)
+    except Exception:
+        logger.exception("%s connection handler failed", transport)
+    finally:
+        await conn.close()

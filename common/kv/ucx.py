@@ -59,6 +59,7 @@ from common.kv.transport import (
     TransportError,
     checked_buffer,
     default_alloc,
+    serve,
     split_address,
 )
 
@@ -373,14 +374,7 @@ class UcxTransport(Transport):
             except BaseException:  # cancelled (the transport closes): no socket left open
                 writer.close()
                 raise
-            try:
-                await handler(conn)
-            except TransportError as e:
-                logger.info("ucx connection handler ended: %s", e)
-            except Exception:
-                logger.exception("ucx connection handler failed")
-            finally:
-                await conn.close()
+            await serve(handler, conn, "ucx")
         finally:
             self._handlers.discard(task)
 
