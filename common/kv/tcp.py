@@ -29,6 +29,7 @@ from common.kv.transport import (
     TransportError,
     checked_buffer,
     default_alloc,
+    listening_socket,
     serve,
     split_address,
 )
@@ -141,12 +142,7 @@ class TcpTransport(Transport):
     async def listen(self, handler: Handler, host: str, port: int = 0) -> str:
         if self._server is not None:
             raise TransportError("already listening")
-        if host == "::":  # every interface, IPv6 and IPv4 alike, as the HTTP server binds it
-            server = socket.create_server((host, port), family=socket.AF_INET6, backlog=128,
-                                          dualstack_ipv6=socket.has_dualstack_ipv6())
-        else:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            server = socket.create_server((host, port), family=family, backlog=128)
+        server = listening_socket(host, port)
         server.setblocking(False)
         self._server = server
         self._accept_task = asyncio.create_task(self._accept_loop(handler), name="kv-tcp-accept")

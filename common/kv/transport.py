@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import socket
 import struct
 from collections.abc import Awaitable, Callable
 
@@ -103,6 +104,15 @@ def split_address(address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit():
         raise TransportError(f"bad transport address {address!r}: expected 'host:port'")
     return host, int(port)
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on `host` only ("::": every interface, IPv6 and IPv4 alike, as the
+    HTTP server binds it). Raises OSError."""
+    if host == "::":
+        return socket.create_server((host, port), family=socket.AF_INET6, backlog=128,
+                                    dualstack_ipv6=socket.has_dualstack_ipv6())
+    return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=128)
 
 
 async def serve(handler: Handler, conn: Connection, transport: str) -> None:

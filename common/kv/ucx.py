@@ -43,7 +43,6 @@ import hmac
 import logging
 import os
 import secrets
-import socket
 import struct
 from collections.abc import Callable
 
@@ -59,6 +58,7 @@ from common.kv.transport import (
     TransportError,
     checked_buffer,
     default_alloc,
+    listening_socket,
     serve,
     split_address,
 )
@@ -142,7 +142,8 @@ def _as_bytes(buf: np.ndarray | memoryview | bytes) -> np.ndarray:
 
 
 class UcxConnection(Connection):
-    """One ucxx endpoint, from `create_endpoint` or accepted by the listener."""
+    """One peer: a ucxx endpoint to its worker, tagged both ways, and the rendezvous socket that
+    says when it is gone (see the module docstring)."""
 
     def __init__(self, ep, ucxx, send_tag: int, recv_tag: int, link: asyncio.StreamWriter,
                  reader: asyncio.StreamReader, on_close: Callable[[UcxConnection], None] | None = None):
@@ -154,8 +155,7 @@ class UcxConnection(Connection):
         self._link = link
         self._on_close = on_close  # lets the transport forget this connection
         self._send_lock = asyncio.Lock()
-        self._closed = False
-        self._closing: asyncio.Future | None = None
+        self._closing: asyncio.Future | None = None  # set by the first close()
         self._broken = False
         self._watch = asyncio.ensure_future(self._watch_link(reader))
 
@@ -165,6 +165,10 @@ class UcxConnection(Connection):
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             await reader.read(1)
         await self.close()
+
+    @property
+    def _closed(self) -> bool:
+        return self._closing is not None
 
     @property
     def closed(self) -> bool:
@@ -198,7 +202,6 @@ class UcxConnection(Connection):
         """Idempotent; every caller returns once the endpoint is closed (the transport resets UCX
         right after closing its connections, which must not find an endpoint still held)."""
         if self._closing is None:
-            self._closed = True
             self._closing = asyncio.ensure_future(self._close())
         await asyncio.shield(self._closing)
 
@@ -259,12 +262,7 @@ class UcxTransport(Transport):
             raise TransportError("already listening")
         self._start()
         try:
-            if host == "::":  # every interface, IPv6 and IPv4 alike, as the HTTP server binds it
-                sock = socket.create_server((host, port), family=socket.AF_INET6, backlog=128,
-                                            dualstack_ipv6=socket.has_dualstack_ipv6())
-            else:
-                sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
-                                            backlog=128)
+            sock = listening_socket(host, port)
         except OSError as e:
             raise TransportError(f"cannot listen on {host}:{port}: {e}") from e
         self._server = await asyncio.start_server(functools.partial(self._accept, handler), sock=sock)
