@@ -298,7 +298,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--targets", default="disaggregated,colocated,hf",
                    help="comma list of " + ", ".join((*OURS, "hf", *PEERS)))
     p.add_argument("--model", default="smollm2", help="'smollm2' or a Hugging Face model folder")
-    p.add_argument("--cpu-placement", choices=("auto", "off"), default="auto",
+    p.add_argument("--cpu-placement", choices=("auto", "split", "turns", "off"), default="auto",
                    help="our clusters' engines as `dejavu up --cpu-placement` places them")
     p.add_argument("--prompt-tokens", type=int, default=500)
     p.add_argument("--max-output-tokens", type=int, default=1024, help="clip of the sampled output lengths")

@@ -40,9 +40,9 @@ def started(target: str, args, model_path: Path):
         yield args.url.rstrip("/")
     elif target in CLUSTERS:
         prompt_services, env = CLUSTERS[target]
-        cores, _ = host_cores()  # as `dejavu up` places its engines (--cpu-placement auto, or off)
-        pinned = cores and getattr(args, "cpu_placement", "auto") == "auto"
-        placement = plan(cores, prompt_services, 1) if pinned else None
+        cores, _ = host_cores()  # as `dejavu up` places its engines (--cpu-placement)
+        mode = getattr(args, "cpu_placement", "auto")
+        placement = plan(cores, prompt_services, 1, mode) if cores and mode != "off" else None
         with Cluster(model=args.model, port=0, prompt_services=prompt_services, token_services=1, cache_stores=1,
                      env={**env, "DEJAVU_DTYPE": args.dtype}, echo_logs=False, placement=placement) as cluster:
             yield cluster.url

@@ -2,7 +2,7 @@
 
   dejavu up [--model M] [--port 8000] [--prompt-services 1] [--token-services 1] [--cache-stores 1]
             [--colocated] [--redis-url URL] [--kv-transport ucx|tcp] [--dtype auto|float32|bfloat16|float16]
-            [--cpu-placement auto|off] [--api-key KEY ...] [--max-queued-requests 1024]
+            [--cpu-placement auto|split|turns|off] [--api-key KEY ...] [--max-queued-requests 1024]
   dejavu status [--redis-url URL] [--json]
   dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, agreement, capacity, chaos, overload: python -m bench.NAME)
 """
@@ -52,11 +52,13 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--compile", action="store_true",
                     help="token services run decode steps through torch.compile (measured no faster on a 2-core "
                     "CPU, 0.90-1.04x, for 35-62 s more start-up)")
-    up.add_argument("--cpu-placement", choices=("auto", "off"), default="auto",
-                    help="on a Linux host without a GPU, pin the prompt and token services to disjoint cores, each "
-                    "running one torch thread per core it got (more engines than cores: none pinned, one thread "
-                    "each); overrides DEJAVU_THREADS. off: every engine runs DEJAVU_THREADS or torch's default on "
-                    "every core")
+    up.add_argument("--cpu-placement", choices=("auto", "split", "turns", "off"), default="auto",
+                    help="on a Linux host without a GPU, how the prompt and token services share the cores. split: "
+                    "each pinned to its own slice, one torch thread per core (more engines than cores: none pinned, "
+                    "one thread each). turns: each runs a thread per core and they take turns, one forward at a "
+                    "time (more throughput on small hosts; decode steps wait behind prefills). auto: turns when a "
+                    "split would give an engine fewer than 4 cores, else split. Both override DEJAVU_THREADS. off: "
+                    "every engine runs DEJAVU_THREADS or torch's default on every core, at the same time")
     up.add_argument("--api-key", action="append", default=None, metavar="KEY",
                     help="clients must send 'Authorization: Bearer KEY' on every route but /health and /metrics "
                     "(repeat for several "
@@ -165,7 +167,7 @@ def _cpu_placement(args) -> tuple[dict, str]:
     cores, why_not = placement.host_cores()
     if not cores:
         return {}, f"off ({why_not})"
-    plan = placement.plan(cores, args.prompt_services, args.token_services)
+    plan = placement.plan(cores, args.prompt_services, args.token_services, args.cpu_placement)
     return plan, placement.describe(plan, cores)
 
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import collections
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -56,6 +58,9 @@ class Cluster:
                  echo_logs: bool = True, host: str = "127.0.0.1", placement: dict[str, Placement] | None = None):
         self.model, self.port, self.host = model, port, host
         self.placement = placement or {}  # child name -> cores and threads (dejavu.placement.plan); {} = off
+        # engines that take turns on the cores share one lock file (engine/turns.py), ours to remove
+        self.turns_dir = tempfile.mkdtemp(prefix="dejavu-turns-") if any(
+            p.turns for p in self.placement.values()) else None
         self.counts = {"token": token_services, "prompt": prompt_services, "cache_store": cache_stores, "gateway": 1}
         self.redis_url, self.env, self.echo_logs = redis_url, dict(env or {}), echo_logs
         # one secret for the cluster's internal endpoints and KV links (common/kv/auth.py): the
@@ -101,7 +106,9 @@ class Cluster:
         place = self.placement.get(name)
         env = {**os.environ, **self.env, "DEJAVU_REDIS_URL": self.redis_url, "DEJAVU_MODEL": self.model,
                "DEJAVU_HOST": self.host, "DEJAVU_SERVICE_ID": f"{name}-{os.getpid()}-{self.tag}{len(self.children)}",
-               "PYTHONUNBUFFERED": "1", **({"DEJAVU_THREADS": str(place.threads)} if place else {}), **overrides}
+               "PYTHONUNBUFFERED": "1", **({"DEJAVU_THREADS": str(place.threads)} if place else {}),
+               **({"DEJAVU_CPU_TURNS": os.path.join(self.turns_dir, "cpu.lock")} if place and place.turns else {}),
+               **overrides}
         env.setdefault("DEJAVU_PORT", str(self.port) if kind == "gateway" else "0")
         proc = subprocess.Popen([sys.executable, "-m", MODULES[kind]], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -167,6 +174,8 @@ class Cluster:
                 child.proc.wait()
         if self.redis:
             self.redis.stop()
+        if self.turns_dir:
+            shutil.rmtree(self.turns_dir, ignore_errors=True)
 
     def __enter__(self) -> "Cluster":
         return self.start()

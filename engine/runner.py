@@ -10,6 +10,8 @@
 same thread: each thread that calls into torch on CPU gets an OpenMP team of its own, and with
 asyncio.to_thread's pool the steps hopped between threads, whose idle teams spun on the cores the
 working one needed (a 1-sequence decode step took 44 ms in the token service, 34 ms in process).
+With `turns` (a lock file, `dejavu up --cpu-placement turns`), each call on that thread first
+waits for this process's turn on the host's cores (engine/turns.py).
 
 A forward takes any mix of segments (engine/attention.py): prompts from scratch, single decode
 tokens, tokens after KV that is there already; it returns float32 logits of each segment's last
@@ -23,7 +25,6 @@ major so that a token range of a block table is one indexed copy; [:, 0] keys, [
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from engine.attention import AttentionBatch, Segment
 from engine.compiled import CompiledDecode
 from engine.hf import HFForward
 from engine.kernels import paged_attention
+from engine.turns import Turns
 from engine.model import LayerCallback, LlamaForward, Unsupported, check_supported
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,7 @@ class KVShape:
 
 class ModelRunner:
     def __init__(self, model, block_size: int = 16, max_model_len: int = 1 << 20, own_forward: bool = True,
-                 kernels: bool = True, compile: bool = False):
+                 kernels: bool = True, compile: bool = False, turns: str = ""):
         self.kv = KVShape.of(model)
         self.vocab_size = model.get_input_embeddings().num_embeddings  # token ids a request may carry
         self.device, self.dtype, self.block_size = model.device, model.dtype, block_size
@@ -81,6 +83,7 @@ class ModelRunner:
             log.info("the model runs through its Hugging Face modules (slower): %s", why)
             self.hf = HFForward(model, block_size)
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="engine")
+        self.turns = Turns(turns) if turns else None  # the host's other engines compute in between
         # float32, one sequence: a batch of one is traced with static shapes, and inductor's GEMM
         # for those is MKL's, slower than our prepacked oneDNN one (engine/compiled.py)
         self.compiled_min_batch = 2 if self.dtype == torch.float32 else 1
@@ -93,7 +96,13 @@ class ModelRunner:
 
     async def run(self, fn, *args):
         """fn(*args) on the engine thread, awaited from an event loop (see the module docstring)."""
-        return await asyncio.get_running_loop().run_in_executor(self.thread, functools.partial(fn, *args))
+        return await asyncio.get_running_loop().run_in_executor(self.thread, self._call, fn, args)
+
+    def _call(self, fn, args):
+        if self.turns is None:
+            return fn(*args)
+        with self.turns.hold():  # blocks this thread (not the loop) while another engine computes
+            return fn(*args)
 
     @property
     def dtype_name(self) -> str:

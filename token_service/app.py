@@ -45,7 +45,8 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
     path = resolve_model_path(settings.model, progress=log.info)
     model_id = model_fingerprint(path)  # the gateway routes only to services of this model
     model = await asyncio.to_thread(load_model, path, settings.threads, settings.dtype)
-    runner = ModelRunner(model, settings.block_size, settings.max_model_len, compile=settings.compile)
+    runner = ModelRunner(model, settings.block_size, settings.max_model_len, compile=settings.compile,
+                         turns=settings.cpu_turns)
     del model  # the runner keeps what it needs (our forward copies and packs the weights)
     engine = app.state.engine = TokenEngine(runner, settings, app.state.service_id)
     transport = engine.transport = make_transport(settings.kv_transport, settings.cluster_token, settings.host)

@@ -61,7 +61,7 @@ def test_up_serves_and_stops_cleanly_on_sigterm(tiny_model_path):
         kinds = " ".join(" ".join(c.cmdline()) for c in children)
         for module in ("redis-server", "gateway", "prompt_service", "token_service", "cache_store"):
             assert module in kinds
-        assert_placed(up, children)
+        lock = assert_placed(up, children)
         resp = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                           json={"prompt": "Hello", "max_tokens": 5, "temperature": 0})
         assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 5
@@ -69,6 +69,7 @@ def test_up_serves_and_stops_cleanly_on_sigterm(tiny_model_path):
         assert up.wait_exit() == 0
         gone, alive = psutil.wait_procs(children, timeout=15)
         assert not alive, f"children left running: {alive}"
+        assert lock is None or not os.path.exists(os.path.dirname(lock)), "the turn lock's folder was left behind"
     finally:
         if up.proc.poll() is None:
             up.proc.kill()
@@ -85,7 +86,7 @@ def test_up_names_and_restarts_a_dead_service(tiny_model_path):
             name = "token-0" if module == "token_service" else "gateway-0"
             wait_for_line(up, f"{name} (pid {victim.pid}) killed by signal SIGKILL")
             wait_for_line(up, f"restarting {name} (new pid")
-        assert_placed(up, up.children())  # the new token service is pinned where the old one was
+        assert_placed(up, up.children())  # the new token service is placed as the old one was (same lock)
         deadline = time.monotonic() + 120  # the new gateway and token service serve again
         while True:
             try:
@@ -105,18 +106,26 @@ def test_up_names_and_restarts_a_dead_service(tiny_model_path):
             up.proc.kill()
 
 
-def assert_placed(up: Up, children: list[psutil.Process]) -> None:
-    """The plan line is printed, and each engine runs on the cores it names (auto is the default)."""
+def assert_placed(up: Up, children: list[psutil.Process]) -> str | None:
+    """The plan line is printed, and each engine runs on the cores and threads it names, taking
+    turns through one lock file if the plan says so (auto is the default). -> that file, if any."""
     cores, why_not = placement.host_cores()
     plan = placement.plan(cores, prompt_services=1, token_services=1) if cores else {}
     line = f"[dejavu] CPU placement: {placement.describe(plan, cores) if cores else f'off ({why_not})'}"
     assert line in up.lines, "\n".join(up.lines[:5])
+    locks = set()
     for module, name in (("prompt_service", "prompt-0"), ("token_service", "token-0")):
         engine = next(c for c in children if c.cmdline()[-1] == module)
         expected = list(plan[name].cores) if plan and plan[name].cores else sorted(os.sched_getaffinity(0))
         assert engine.cpu_affinity() == expected, f"{name}: {engine.cpu_affinity()} != {expected}"
         threads = str(plan[name].threads) if plan else os.environ.get("DEJAVU_THREADS")
         assert engine.environ().get("DEJAVU_THREADS") == threads
+        locks.add(engine.environ().get("DEJAVU_CPU_TURNS"))
+    if plan and plan["token-0"].turns:
+        assert len(locks) == 1 and os.path.exists(lock := locks.pop()), locks  # one lock file, both engines
+        return lock
+    assert locks == {None}
+    return None
 
 
 def wait_for_line(up: Up, text: str, timeout: float = 30) -> None:
