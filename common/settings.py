@@ -80,8 +80,9 @@ class ModelSettings(ServiceSettings):
     kv_transport: str = setting("ucx", "KV transport", ("ucx", "tcp"))
     kv_port: int = setting(0, "KV transport port (0 picks a free one)")
     threads: int = setting(0, "torch CPU threads (0: torch's default)")
-    cpu_turns: str = setting("", "a lock file shared by the engines of one CPU host: each forward waits for its turn "
-                             "on the cores (dejavu up --cpu-placement turns sets it; empty: no turns)")
+    cpu_turns: str = setting("", "a lock file (and FILE.queue beside it) shared by the engines of one CPU host: "
+                             "each forward waits for its turn on the cores (dejavu up sets it when its "
+                             "--cpu-placement is turns, or auto on a small host; empty: no turns)")
     dtype: str = setting("auto", "weights, activations and KV: auto is the model's own dtype on CUDA and float32 "
                          "on CPU; every service of a cluster must use the same", ("auto", "float32", "bfloat16", "float16"))
     block_size: int = setting(16, "tokens per block of the paged KV pool")

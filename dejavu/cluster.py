@@ -10,6 +10,7 @@ died). `stop()` ends only the processes it started, by PID: SIGTERM, then SIGKIL
 from __future__ import annotations
 
 import collections
+import fcntl
 import os
 import secrets
 import shutil
@@ -58,9 +59,15 @@ class Cluster:
                  echo_logs: bool = True, host: str = "127.0.0.1", placement: dict[str, Placement] | None = None):
         self.model, self.port, self.host = model, port, host
         self.placement = placement or {}  # child name -> cores and threads (dejavu.placement.plan); {} = off
-        # engines that take turns on the cores share one lock file (engine/turns.py), ours to remove
-        self.turns_dir = tempfile.mkdtemp(prefix="dejavu-turns-") if any(
-            p.turns for p in self.placement.values()) else None
+        # engines that take turns on the cores share one lock file (engine/turns.py), in a folder
+        # ours to remove; we hold a shared lock on the folder so that /tmp cleaners pass it by
+        # (systemd-tmpfiles skips a locked one): a lock file removed under running engines would
+        # let a respawned one take turns on a file of its own
+        self.turns_dir, self._turns_dir_fd = None, None
+        if any(p.turns for p in self.placement.values()):
+            self.turns_dir = tempfile.mkdtemp(prefix="dejavu-turns-")
+            self._turns_dir_fd = os.open(self.turns_dir, os.O_RDONLY)
+            fcntl.flock(self._turns_dir_fd, fcntl.LOCK_SH)
         self.counts = {"token": token_services, "prompt": prompt_services, "cache_store": cache_stores, "gateway": 1}
         self.redis_url, self.env, self.echo_logs = redis_url, dict(env or {}), echo_logs
         # one secret for the cluster's internal endpoints and KV links (common/kv/auth.py): the
@@ -107,7 +114,7 @@ class Cluster:
         env = {**os.environ, **self.env, "DEJAVU_REDIS_URL": self.redis_url, "DEJAVU_MODEL": self.model,
                "DEJAVU_HOST": self.host, "DEJAVU_SERVICE_ID": f"{name}-{os.getpid()}-{self.tag}{len(self.children)}",
                "PYTHONUNBUFFERED": "1", **({"DEJAVU_THREADS": str(place.threads)} if place else {}),
-               **({"DEJAVU_CPU_TURNS": os.path.join(self.turns_dir, "cpu.lock")} if place and place.turns else {}),
+               **({"DEJAVU_CPU_TURNS": os.path.join(self.turns_dir, "cpu.lock") if place.turns else ""} if place else {}),
                **overrides}
         env.setdefault("DEJAVU_PORT", str(self.port) if kind == "gateway" else "0")
         proc = subprocess.Popen([sys.executable, "-m", MODULES[kind]], env=env, stdout=subprocess.PIPE,
@@ -175,7 +182,9 @@ class Cluster:
         if self.redis:
             self.redis.stop()
         if self.turns_dir:
+            os.close(self._turns_dir_fd)
             shutil.rmtree(self.turns_dir, ignore_errors=True)
+            self.turns_dir = None
 
     def __enter__(self) -> "Cluster":
         return self.start()

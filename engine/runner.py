@@ -35,8 +35,8 @@ from engine.attention import AttentionBatch, Segment
 from engine.compiled import CompiledDecode
 from engine.hf import HFForward
 from engine.kernels import paged_attention
-from engine.turns import Turns
 from engine.model import LayerCallback, LlamaForward, Unsupported, check_supported
+from engine.turns import Turns
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class ModelRunner:
         self.compiled: CompiledDecode | None = None
         if compile and self.llama is not None and CompiledDecode.supports(model):
             self.compiled = CompiledDecode(model, self.llama.attention)
-            self.thread.submit(self.compiled.warm_up, self).result()  # traced on the thread that runs it
+            self.thread.submit(self._call, self.compiled.warm_up, (self,)).result()  # on the thread that runs it
         elif compile:
             log.warning("--compile: this model's decode step runs eagerly (only plain Llama-family models compile)")
 

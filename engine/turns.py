@@ -7,11 +7,15 @@ barriers while the other team holds their cores). Taking turns keeps every core 
 time, as one colocated process alternates its prefill chunks and decode steps.
 
 A turn is an exclusive flock(2) on a file every engine of the host opens (dejavu up makes one per
-cluster; dejavu/placement.py says when). Fair: a process takes the queue lock, then the turn, then
-lets the queue go, so one that has just ended its turn waits behind one already waiting instead of
-taking the turn straight back (a prompt service's prefill is not starved by back-to-back decode
-steps, nor the other way round). The kernel drops a process's locks when it dies: a killed engine
-never leaves the others waiting. A stopped one (SIGSTOP) holding the turn does, until it resumes.
+cluster; dejavu/placement.py says when), and a turn is one forward: a decode step, or a prompt
+service's forward, which computes at most TURN_TOKENS prompt tokens then (prompt_service/engine.py).
+Two engines alternate strictly: a process takes the queue lock (the file's ".queue" beside it),
+then the turn, then lets the queue go, so one that has just ended its turn waits behind one already
+waiting instead of taking the turn straight back (back-to-back decode steps do not starve a
+prefill, nor the other way round). With three or more, flock(2) wakes waiters in no set order:
+each still gets turns, in no promised order. The kernel drops a process's locks when it dies: a
+killed engine never leaves the others waiting. A stopped (SIGSTOP) or hung one that holds the turn
+does, until it resumes; the turn-wait counter below then grows on the others.
 """
 
 from __future__ import annotations
@@ -30,11 +34,16 @@ TURNS = Counter("dejavu_engine_cpu_turns", "forwards run in a turn on the host's
 
 class Turns:
     def __init__(self, path: str):
+        fds = []
         try:
-            self.turn = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            self.queue = os.open(path + ".queue", os.O_RDWR | os.O_CREAT, 0o600)
+            for name in (path, path + ".queue"):
+                fds.append(os.open(name, os.O_RDWR | os.O_CREAT, 0o600))
         except OSError as exc:
-            raise OSError(f"--cpu-turns {path}: cannot open the host's turn lock: {exc.strerror}") from exc
+            for fd in fds:
+                os.close(fd)
+            raise OSError(exc.errno, f"--cpu-turns / DEJAVU_CPU_TURNS {path}: cannot open the host's turn lock: "
+                          f"{exc.strerror}") from exc
+        self.turn, self.queue = fds
         self.path = path
 
     @contextmanager

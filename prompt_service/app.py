@@ -33,8 +33,8 @@ def create_app(settings: PromptSettings) -> FastAPI:
         path = resolve_model_path(settings.model, progress=log.info)
         model_id = model_fingerprint(path)  # the gateway routes only to services of this model
         model = await asyncio.to_thread(load_model, path, settings.threads, settings.dtype)
-        # with our CPU kernels: the causal attention and the fused small ops are most of a prefill's
-        # non-GEMM time (docs/BENCHMARKS.md §5), though a prompt service never runs a decode step
+        # with our CPU kernels, though it never decodes: the causal attention and the fused small ops
+        # are most of a prefill's non-GEMM time (docs/BENCHMARKS.md §5)
         runner = ModelRunner(model, settings.block_size, settings.max_model_len, turns=settings.cpu_turns)  # no decode here
         del model  # the runner keeps what it needs (our forward copies and packs the weights)
         transport = make_transport(settings.kv_transport, settings.cluster_token, settings.host)

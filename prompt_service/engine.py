@@ -37,6 +37,10 @@ from engine.attention import Segment
 from engine.runner import ModelRunner
 
 log = logging.getLogger(__name__)
+# Taking turns on the host's cores with token services (--cpu-placement turns), a forward computes
+# at most this many prompt tokens, as a colocated token service prefills between two decode steps:
+# running streams then wait ~0.7 s at most (a 500-token prefill on 2 cores), not one of 4096 tokens.
+TURN_TOKENS = 512
 
 PREFILL_SECONDS = Histogram("dejavu_prompt_prefill_seconds", "one prefill forward pass (a batch)",
                             buckets=(.05, .1, .25, .5, 1, 2, 4, 8, 16))
@@ -137,9 +141,12 @@ class PrefillEngine:
                 await self._execute(work)
 
     def _next_work(self) -> list[Piece]:
-        """Up to --max-batch-tokens of prompt: whole prompts back to back, or the next chunk of a
-        prompt longer than that (alone, so its chunks stream out one after another)."""
+        """Up to --max-batch-tokens (TURN_TOKENS when taking turns) of prompt: whole prompts back
+        to back, or the next chunk of a prompt longer than that (alone, so its chunks stream out one
+        after another)."""
         budget, work = self.settings.max_batch_tokens, []
+        if self.settings.cpu_turns:  # a turn on the host's cores: the decode steps wait while it lasts
+            budget = min(budget, TURN_TOKENS)
         while self.queue and budget > 0:
             job = self.queue[0]
             if job.result.done():  # aborted while queued

@@ -43,6 +43,23 @@ async def test_whole_prompts_batch_and_long_ones_run_in_chunks_alone():
     assert not engine.queue
 
 
+async def test_taking_turns_a_forward_computes_at_most_turn_tokens():
+    """With --cpu-placement turns the decode steps wait while a prompt forward runs: it is cut at
+    TURN_TOKENS, whatever --max-batch-tokens allows (a smaller one still holds)."""
+    from prompt_service.engine import TURN_TOKENS
+
+    engine = PrefillEngine(runner=None, settings=PromptSettings(max_batch_tokens=4096, cpu_turns="/x"), peers=None)
+    engine.queue.extend([job("a", 300), job("b", 300), job("c", 2 * TURN_TOKENS + 1)])
+    assert forwards(engine) == [[("a", 0, 300)], [("b", 0, 300)], [("c", 0, 512)], [("c", 512, 1024)],
+                                [("c", 1024, 1025)]]
+    engine = PrefillEngine(runner=None, settings=PromptSettings(max_batch_tokens=4096), peers=None)
+    engine.queue.extend([job("a", 300), job("b", 300)])
+    assert forwards(engine) == [[("a", 0, 300), ("b", 0, 300)]]  # not taking turns: one forward
+    engine = PrefillEngine(runner=None, settings=PromptSettings(max_batch_tokens=16, cpu_turns="/x"), peers=None)
+    engine.queue.append(job("a", 20))
+    assert forwards(engine) == [[("a", 0, 16)], [("a", 16, 20)]]
+
+
 async def test_an_aborted_job_is_skipped():
     engine = PrefillEngine(runner=None, settings=PromptSettings(max_batch_tokens=16), peers=None)
     jobs = [job("a", 4), job("b", 4), job("c", 4)]
