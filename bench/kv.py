@@ -19,7 +19,10 @@ What one run does, step by step:
 5. copy SmolLM2-135M's KV of --tokens tokens out of and into row 3 of a pool laid out like the
    token service's: buffered (`common.kv.copy.gather`/`scatter`, one strided copy) against naive
    (one copy per layer, K/V and token: the DejaVu paper's baseline), alternating, --repeats times;
-6. print median [min-max] over repeats, fractions of memcpy, speedups, the targets; write the JSON
+6. the per-hop cost (issue #11): on each connection, a frame of a 64-byte header and no payload
+   sent and answered by the receiver's acknowledgement, back to back for >= 0.3 s, each repeat:
+   the round trip a pipeline stage's small activation message would pay, in ms;
+7. print median [min-max] over repeats, fractions of memcpy, speedups, the targets; write the JSON
    and the plots. GB = 1e9 bytes. Nothing is asserted: this measures, it does not test.
 """
 
@@ -47,6 +50,8 @@ MIN_SECONDS = 0.3  # per measurement
 STALL_S = 120.0  # a measurement taking longer has hung (ucx-shm has no error handling)
 BLOCK, POOL_BLOCKS, MAX_LEN = 16, 256, 2048  # the pool: 256 blocks of 16 tokens (189 MB of SmolLM2 fp32 KV)
 TARGET_FRACTION, TARGET_SPEEDUP = 0.7, 50.0
+TARGET_RTT_MS = 0.5  # issue #11: a small frame's round trip
+SMALL_HEADER = b"h" * 64  # a small frame: about what a KV or activation header takes
 
 
 # --- the sender: this process ----------------------------------------------------------------------
@@ -135,7 +140,27 @@ async def measure_transports(args) -> list[dict]:
                     rows.append({"repeat": r, "config": name, "size_mib": size,
                                  **await asyncio.wait_for(rate(step, size * MIB), STALL_S)})
                     log(f"repeat {r}/{args.repeats} {size:>4} MiB {name:<8} {rows[-1]['gbps']:6.2f} GB/s")
+            for name, conn in links.items():
+                rows.append({"repeat": r, "config": name, "size_mib": 0,
+                             **await asyncio.wait_for(round_trips(conn), STALL_S)})
+                log(f"repeat {r}/{args.repeats} small frame {name:<8} {rows[-1]['rtt_ms']:6.3f} ms a round trip")
     return rows
+
+
+async def round_trips(conn) -> dict:
+    """A header-only frame and its acknowledgement, back to back for >= MIN_SECONDS."""
+    n, start = 0, time.perf_counter()
+    while n < 10 or time.perf_counter() - start < MIN_SECONDS:
+        await conn.send(SMALL_HEADER)
+        await conn.recv()
+        n += 1
+    seconds = time.perf_counter() - start
+    return {"messages": n, "seconds": seconds, "rtt_ms": seconds / n * 1e3}
+
+
+def rtt_table(rows: list[dict], args) -> list[dict]:
+    return [{"config": c, "rtt_ms": spread([r["rtt_ms"] for r in rows if r["config"] == c and "rtt_ms" in r])}
+            for c in args.transports]
 
 
 def transport_table(rows: list[dict], args) -> list[dict]:
@@ -224,9 +249,10 @@ def copy_table(rows: list[dict]) -> dict:
 
 # --- the report ----------------------------------------------------------------------------------
 
-def summarize(transports: list[dict], copies: dict) -> dict:
+def summarize(transports: list[dict], copies: dict, rtts: list[dict]) -> dict:
     fraction = {(t["config"], t["size_mib"]): t["fraction_of_memcpy"] for t in transports if t["config"] != "memcpy"}
     s = {"default_transport": DEFAULT_TRANSPORT}
+    s.update({f"small_frame_rtt_ms_{r['config'].replace('-', '_')}": r["rtt_ms"]["median"] for r in rtts})
     s.update({f"transport_fraction_of_memcpy_{n}mib": fraction.get((DEFAULT_TRANSPORT, n)) for n in (16, 256)})
     s.update({f"fraction_of_memcpy_{c.replace('-', '_')}_{n}mib": f for (c, n), f in fraction.items()})
     sp = copies["speedup"]
@@ -239,7 +265,7 @@ def summarize(transports: list[dict], copies: dict) -> dict:
     return s
 
 
-def print_report(transports: list[dict], copies: dict, summary: dict, kv, args) -> None:
+def print_report(transports: list[dict], copies: dict, summary: dict, kv, args, rtts: list[dict]) -> None:
     configs, cell = ["memcpy", *args.transports], {(t["config"], t["size_mib"]): t for t in transports}
     print(f"\nKV transports, GB/s, median [min-max] over {args.repeats} repeat(s) (fraction of memcpy)")
     print(f"{'MiB':>5}" + "".join(f"  {c:>28}" for c in configs))
@@ -259,6 +285,11 @@ def print_report(transports: list[dict], copies: dict, summary: dict, kv, args) 
         print(f"target: {DEFAULT_TRANSPORT} >= {TARGET_FRACTION:g} of memcpy at {n} MiB: {verdict}")
     print(f"target: buffered copies >= {TARGET_SPEEDUP:g}x naive (gather + scatter): "
           f"{'MET' if summary['target_met_buffered'] else 'NOT MET'} ({copies['speedup']['both']:.1f}x)")
+    print(f"\nSmall frame ({len(SMALL_HEADER)}-byte header, no payload) and its acknowledgement, ms a round trip, "
+          f"median [min-max] (issue #11 target: <= {TARGET_RTT_MS:g} ms on one host)")
+    for r in rtts:
+        verdict = "MET" if r["rtt_ms"]["median"] <= TARGET_RTT_MS else "NOT MET"
+        print(f"  {r['config']:<8}  {fmt(r['rtt_ms'], 3):>24}  {verdict}")
 
 
 def plot(transports: list[dict], args) -> None:
@@ -314,14 +345,16 @@ def main(argv: list[str] | None = None) -> None:
     transfer_rows = asyncio.run(measure_transports(args))
     kv = smollm2_kv()
     copy_rows = measure_copies(args, kv)
-    transports, copies = transport_table(transfer_rows, args), copy_table(copy_rows)
-    summary = summarize(transports, copies)
-    print_report(transports, copies, summary, kv, args)
+    rtts = rtt_table(transfer_rows, args)
+    transfer_rows_sized = [r for r in transfer_rows if r["size_mib"]]
+    transports, copies = transport_table(transfer_rows_sized, args), copy_table(copy_rows)
+    summary = summarize(transports, copies, rtts)
+    print_report(transports, copies, summary, kv, args, rtts)
     config = {**{k: v for k, v in vars(args).items() if k not in ("out", "serve", "sizes_mib")},
               "kv_shape": {**vars(kv), "dtype": str(kv.dtype)}, "pool": {"blocks": POOL_BLOCKS, "block_size": BLOCK},
               "shm_tls": SHM_TLS, "min_seconds": MIN_SECONDS,
               "ucx_env_sender": {k: v for k, v in sorted(os.environ.items()) if k.startswith("UCX")}}
-    write_json(args.out, summary, config=config, transports=transports, copies=copies,
+    write_json(args.out, summary, config=config, transports=transports, copies=copies, small_frames=rtts,
                raw={"transports": transfer_rows, "copies": copy_rows})
     plot(transports, args)
 

@@ -26,6 +26,7 @@ def test_dejavu_bench_kv_writes_its_summary_and_plot(tmp_path):
     summary = json.loads(out.read_text())["summary"]
     assert summary["default_transport"] == "ucx-tcp"
     assert summary["fraction_of_memcpy_tcp_1mib"] > 0 and summary["buffered_speedup"] > 0
+    assert summary["small_frame_rtt_ms_tcp"] > 0 and "ms a round trip" in run.stdout
     assert (tmp_path / "kv-throughput.png").stat().st_size > 0
     assert "naive/buffered" in run.stdout
 
