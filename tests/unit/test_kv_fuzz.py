@@ -244,10 +244,8 @@ async def send_claim(kind: str, conn, header_len: int, payload_len: int, header:
     opening = prefix + header if header_len <= MAX_HEADER_LEN else prefix
     if kind == "tcp":
         await asyncio.get_running_loop().sock_sendall(conn._sock, opening)
-    else:  # UCX: the prefix and the header are separate tagged messages
-        await conn._call("send", np.frombuffer(prefix, dtype=np.uint8))
-        if header_len <= MAX_HEADER_LEN:
-            await conn._call("send", np.frombuffer(header, dtype=np.uint8))
+    else:  # UCX: the prefix and the header are one tagged message, the frame's head
+        await conn._call("send", np.frombuffer(opening, dtype=np.uint8))
 
 
 CLAIMS = st.one_of(

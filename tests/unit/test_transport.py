@@ -79,7 +79,7 @@ async def test_make_transport_rejects_unknown_name():
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("size", [0, 1024, 16 * MiB])
+@pytest.mark.parametrize("size", [0, 1024, 65_000, 65_536, 16 * MiB])  # UCX: in the frame's head up to 64 KiB
 async def test_echo_keeps_frames_intact(pair, size):
     conn = await connect_to(pair)
     payload = random_bytes(size, seed=size)
@@ -88,6 +88,31 @@ async def test_echo_keeps_frames_intact(pair, size):
     assert header == b"header-%d" % size
     assert back.dtype == np.uint8 and back.shape == (size,)
     np.testing.assert_array_equal(back, payload)
+
+
+@pytest.mark.asyncio
+async def test_ucx_refuses_a_header_past_its_head_and_the_link_stays_up():
+    """UCX carries a frame's header in its first message, of at most HEAD_BYTES: a longer header is
+    refused before anything is sent, and the connection goes on; a longer first message, which
+    only a broken peer sends, ends the link."""
+    from common.kv.ucx import HEAD_BYTES
+
+    server, client = make_transport("ucx"), make_transport("ucx")
+    try:
+        conn = await connect_to((server, client))
+        with pytest.raises(TransportError, match="header of"):
+            await conn.send(b"h" * HEAD_BYTES, random_bytes(10))
+        assert not conn.closed
+        await asyncio.wait_for(conn.send(b"h" * 1000, random_bytes(10)), BOUND_S)
+        header, back = await asyncio.wait_for(conn.recv(), BOUND_S)
+        assert header == b"h" * 1000 and back.tobytes() == random_bytes(10).tobytes()
+        # a head longer than that (only a broken peer sends one) fails the receiver's recv: it ends the link
+        await conn._call("send", np.zeros(HEAD_BYTES + 1, dtype=np.uint8))
+        with pytest.raises(TransportError):
+            await asyncio.wait_for(conn.recv(), BOUND_S)
+    finally:
+        await client.close()
+        await server.close()
 
 
 @pytest.mark.asyncio
