@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import functools
 import signal
+import socket
 import sys
 
 import numpy as np
@@ -61,23 +62,6 @@ async def cancel(task: asyncio.Task) -> None:
 
 # --- ucx-shm: endpoints from worker addresses ------------------------------------------------------
 
-class TaggedEndpoint:
-    """A ucxx endpoint made from a worker address, with the send/recv/close of a listener's
-    endpoint, so that UcxConnection frames messages over it exactly as over ucx-tcp."""
-
-    def __init__(self, ep, ucxx):
-        self._ep, self._ucxx = ep, ucxx
-
-    async def send(self, buf: np.ndarray) -> None:
-        await self._ep.send(buf, tag=SHM_TAG, force_tag=True)
-
-    async def recv(self, buf: np.ndarray) -> None:
-        await self._ucxx.recv(buf, SHM_TAG)  # on the worker: each process has one shm peer
-
-    async def close(self) -> None:
-        await self._ep.close()
-
-
 async def open_shm(stack: contextlib.AsyncExitStack, exchange):
     """A UcxConnection to the peer whose hex worker address `await exchange(own_hex)` returns.
     Error handling off: with it on, UCX uses tcp only. The stack closes the connection, then
@@ -89,6 +73,11 @@ async def open_shm(stack: contextlib.AsyncExitStack, exchange):
     stack.callback(_Runtime.release, ucxx)
     peer = ucxx.get_ucx_address_from_buffer(bytes.fromhex(await exchange(ucxx.get_worker_address().tobytes().hex())))
     ep = await ucxx.create_endpoint_from_worker_address(peer, endpoint_error_handling=False)
-    conn = UcxConnection(TaggedEndpoint(ep, ucxx), ucxx)
+    # No rendezvous socket here: one end of a socket pair stands in for its liveness link (the
+    # other end is closed last); each process has one shm peer, so one tag serves both ways.
+    ours, theirs = socket.socketpair()
+    stack.callback(theirs.close)
+    reader, writer = await asyncio.open_connection(sock=ours)
+    conn = UcxConnection(ep, ucxx, SHM_TAG, SHM_TAG, writer, reader)
     stack.push_async_callback(conn.close)
     return conn
