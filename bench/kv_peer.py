@@ -72,11 +72,14 @@ async def open_shm(stack: contextlib.AsyncExitStack, exchange):
     _Runtime.acquire(ucxx)
     stack.callback(_Runtime.release, ucxx)
     peer = ucxx.get_ucx_address_from_buffer(bytes.fromhex(await exchange(ucxx.get_worker_address().tobytes().hex())))
-    ep = await ucxx.create_endpoint_from_worker_address(peer, endpoint_error_handling=False)
-    # No rendezvous socket here: one end of a socket pair stands in for its liveness link (the
-    # other end is closed last); each process has one shm peer, so one tag serves both ways.
+    # No rendezvous socket here: one end of a socket pair stands in for its liveness link (it never
+    # ends: a dead receiver shows only as a stall); each process has one shm peer, so one tag serves
+    # both ways. Each piece is on the stack before the next is made: nothing leaks if one fails.
     ours, theirs = socket.socketpair()
     stack.callback(theirs.close)
+    stack.callback(ours.close)
+    ep = await ucxx.create_endpoint_from_worker_address(peer, endpoint_error_handling=False)
+    stack.push_async_callback(ep.close)
     reader, writer = await asyncio.open_connection(sock=ours)
     conn = UcxConnection(ep, ucxx, SHM_TAG, SHM_TAG, writer, reader)
     stack.push_async_callback(conn.close)

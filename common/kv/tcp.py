@@ -27,6 +27,7 @@ from common.kv.transport import (
     Handler,
     Transport,
     TransportError,
+    check_header,
     checked_buffer,
     default_alloc,
     listening_socket,
@@ -62,6 +63,7 @@ class TcpConnection(Connection):
 
     async def send(self, header: bytes, payload: np.ndarray | memoryview | bytes | None = None) -> None:
         body = memoryview(b"" if payload is None else payload).cast("B")
+        check_header(header)
         prefix = FRAME_PREFIX.pack(len(header), body.nbytes)
         async with self._send_lock:
             with self._io("send"):

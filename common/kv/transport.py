@@ -35,7 +35,11 @@ Allocator = Callable[[bytes, int], np.ndarray]
 
 # Both implementations open a frame with (header_len, payload_len): uint64 little endian, 16 bytes.
 FRAME_PREFIX = struct.Struct("<QQ")
-MAX_HEADER_LEN = 1 << 20  # a longer header means a corrupt stream, not a big message
+# The longest header a frame carries, on both transports: UCX sends the prefix and the header as one
+# message of at most 64 KiB (common/kv/ucx.py). Sending a longer one is a ValueError, before anything
+# is sent; receiving one means a corrupt stream or a broken peer: the link ends. Real headers are
+# well under 1 KiB (common/kv/wire.py).
+MAX_HEADER_LEN = (64 << 10) - FRAME_PREFIX.size
 
 
 class TransportError(Exception):
@@ -45,7 +49,8 @@ class TransportError(Exception):
 class Connection(abc.ABC):
     @abc.abstractmethod
     async def send(self, header: bytes, payload: np.ndarray | memoryview | bytes | None = None) -> None:
-        """Send one frame. Returns once the payload buffer may be reused. Raises TransportError."""
+        """Send one frame. Returns once the payload buffer may be reused. Raises TransportError, or
+        ValueError for a header over MAX_HEADER_LEN (nothing sent, the connection goes on)."""
 
     @abc.abstractmethod
     async def recv(self, alloc: Allocator | None = None) -> tuple[bytes, np.ndarray]:
@@ -86,6 +91,11 @@ class Transport(abc.ABC):
 def default_alloc(header: bytes, nbytes: int) -> np.ndarray:
     """The allocator used when the caller passes none: a fresh uint8 array."""
     return np.empty(nbytes, dtype=np.uint8)
+
+
+def check_header(header: bytes) -> None:
+    if len(header) > MAX_HEADER_LEN:
+        raise ValueError(f"a frame header of {len(header)} bytes: the most is {MAX_HEADER_LEN}")
 
 
 def checked_buffer(alloc: Allocator, header: bytes, nbytes: int) -> np.ndarray:

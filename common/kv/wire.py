@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from common.kv.transport import Connection
+from common.kv.transport import Connection, TransportError
 
 if TYPE_CHECKING:
     import torch

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # also when run as a script by the two-process test
 
 from common.kv import TRANSPORTS, Connection, TransportError, make_transport  # noqa: E402
+from common.kv.transport import MAX_HEADER_LEN  # noqa: E402
 
 MiB = 1 << 20
 BOUND_S = 5.0  # bound on every wait that must not hang; never asserted as a latency
@@ -79,7 +80,8 @@ async def test_make_transport_rejects_unknown_name():
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("size", [0, 1024, 65_000, 65_536, 16 * MiB])  # UCX: in the frame's head up to 64 KiB
+# 65,508: with its 12-byte header, exactly UCX's 64 KiB head; 65,509: one byte over, a second message
+@pytest.mark.parametrize("size", [0, 1024, 65_508, 65_509, 16 * MiB])
 async def test_echo_keeps_frames_intact(pair, size):
     conn = await connect_to(pair)
     payload = random_bytes(size, seed=size)
@@ -91,22 +93,33 @@ async def test_echo_keeps_frames_intact(pair, size):
 
 
 @pytest.mark.asyncio
-async def test_ucx_refuses_a_header_past_its_head_and_the_link_stays_up():
-    """UCX carries a frame's header in its first message, of at most HEAD_BYTES: a longer header is
-    refused before anything is sent, and the connection goes on; a longer first message, which
-    only a broken peer sends, ends the link."""
+async def test_a_header_over_the_limit_is_refused_before_sending_and_the_link_stays_up(pair):
+    conn = await connect_to(pair)
+    with pytest.raises(ValueError, match="frame header of"):
+        await conn.send(b"h" * (MAX_HEADER_LEN + 1), random_bytes(10))
+    assert not conn.closed
+    await asyncio.wait_for(conn.send(b"h" * MAX_HEADER_LEN, random_bytes(10)), BOUND_S)
+    header, back = await asyncio.wait_for(conn.recv(), BOUND_S)
+    assert header == b"h" * MAX_HEADER_LEN and back.tobytes() == random_bytes(10).tobytes()
+
+
+@pytest.mark.asyncio
+async def test_ucx_a_head_too_long_ends_the_link_and_a_short_one_replays_nothing():
+    """What only a broken peer sends, under Connection.send: a first message past 64 KiB fails the
+    receiver's recv and ends the link; one shorter than its prefix claims reads as zeros past
+    what it carried, never as the previous frame (ucxx does not say how long a message was)."""
     from common.kv.ucx import HEAD_BYTES
 
     server, client = make_transport("ucx"), make_transport("ucx")
     try:
         conn = await connect_to((server, client))
-        with pytest.raises(TransportError, match="header of"):
-            await conn.send(b"h" * HEAD_BYTES, random_bytes(10))
-        assert not conn.closed
-        await asyncio.wait_for(conn.send(b"h" * 1000, random_bytes(10)), BOUND_S)
-        header, back = await asyncio.wait_for(conn.recv(), BOUND_S)
-        assert header == b"h" * 1000 and back.tobytes() == random_bytes(10).tobytes()
-        # a head longer than that (only a broken peer sends one) fails the receiver's recv: it ends the link
+        await asyncio.wait_for(conn.send(b"first", random_bytes(1000)), BOUND_S)
+        await asyncio.wait_for(conn.recv(), BOUND_S)  # the echo side's head buffer held this frame
+        from common.kv.transport import FRAME_PREFIX
+
+        await conn._call("send", np.frombuffer(FRAME_PREFIX.pack(5, 1000), dtype=np.uint8))  # claims, carries none
+        header, back = await asyncio.wait_for(conn.recv(), BOUND_S)  # echoed as the server read it
+        assert header == b"\0" * 5 and not back.any()
         await conn._call("send", np.zeros(HEAD_BYTES + 1, dtype=np.uint8))
         with pytest.raises(TransportError):
             await asyncio.wait_for(conn.recv(), BOUND_S)
