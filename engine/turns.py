@@ -44,7 +44,6 @@ class Turns:
             raise OSError(exc.errno, f"--cpu-turns / DEJAVU_CPU_TURNS {path}: cannot open the host's turn lock: "
                           f"{exc.strerror}") from exc
         self.turn, self.queue = fds
-        self.path = path
 
     @contextmanager
     def hold(self):

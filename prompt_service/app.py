@@ -35,7 +35,7 @@ def create_app(settings: PromptSettings) -> FastAPI:
         model = await asyncio.to_thread(load_model, path, settings.threads, settings.dtype)
         # with our CPU kernels, though it never decodes: the causal attention and the fused small ops
         # are most of a prefill's non-GEMM time (docs/BENCHMARKS.md §5)
-        runner = ModelRunner(model, settings.block_size, settings.max_model_len, turns=settings.cpu_turns)  # no decode here
+        runner = ModelRunner(model, settings.block_size, settings.max_model_len, turns=settings.cpu_turns)
         del model  # the runner keeps what it needs (our forward copies and packs the weights)
         transport = make_transport(settings.kv_transport, settings.cluster_token, settings.host)
         peers = Peers(transport, fault_rate=settings.inject_kv_faults)
