@@ -37,6 +37,7 @@ class ServiceKind(str, Enum):
     PROMPT = "prompt"
     TOKEN = "token"
     CACHE_STORE = "cache_store"
+    STAGE = "stage"  # a token pipeline's stage 1.. (token_service/pipeline.py): its head is the TOKEN service
 
 
 # The internal protocol's version (these messages, the KV wire): engines publish it, and a gateway
@@ -63,6 +64,11 @@ class ServiceInfo(Message):
     colocated: bool = False       # a token service that prefills its own requests (no prompt service)
     dtype: str = ""               # an engine's weights, activations and KV ("float32", "bfloat16", ...)
     cluster: str = ""             # fingerprint of its cluster token (cluster_fingerprint): who it works with
+    pipeline: str = ""            # a token pipeline's id (--pipeline), on its head and its stages
+    stage: int = 0                # which stage of it (0: the head)
+    stages: int = 1               # how many stages it has
+    layer_start: int = 0          # the stage's layers [layer_start, layer_end)
+    layer_end: int = 0
     started_at: float = 0.0       # unix s
     renewed_at: float = 0.0       # unix s
 
@@ -204,7 +210,7 @@ def cluster_status(services: list[ServiceInfo], now: float) -> dict:
     """What `GET /cluster` answers; `dejavu status --json` prints its "services". One entry per live
     service, sorted by (kind, id); lease_age_s is the time since it last renewed its lease (s, as
     seen by `now`'s clock); model, dtype, kv_address/kv_transport and colocated (true) only where the service
-    has them."""
+    has them; a token pipeline's head and stages: pipeline, stages, layers [start, end) and stage (not on the head)."""
     rows = [_status_row(s, now) for s in sorted(services, key=lambda s: (s.kind.value, s.id))]
     counts = {k.value: sum(s.kind == k for s in services) for k in ServiceKind}
     return {"services": rows, "counts": counts}
@@ -216,4 +222,6 @@ def _status_row(s: ServiceInfo, now: float) -> dict:
     optional = {"model": s.model, "dtype": s.dtype, "kv_address": s.kv_address, "kv_transport": s.kv_transport}
     if s.kind == ServiceKind.TOKEN:
         optional["colocated"] = s.colocated
+    if s.stages > 1:  # a token pipeline's head or stage
+        optional.update(pipeline=s.pipeline, stage=s.stage or None, stages=s.stages, layers=[s.layer_start, s.layer_end])
     return {**row, "lease_age_s": round(now - s.renewed_at, 3), **{k: v for k, v in optional.items() if v}}

@@ -127,6 +127,13 @@ class TokenSettings(ModelSettings):
                                     "(at least one prompt; a longer batch stalls running decodes longer)")
     compile: bool = setting(False, "run decode steps of Llama-family models through torch.compile (measured no "
                             "faster on a 2-core CPU, 0.90-1.04x, for 35-62 s more at each start and restart)")
+    stages: int = setting(1, "pipeline stages of this token service: the model's layers split evenly over this many "
+                          "processes, each with the KV of its own layers (Llama-family models only); stage 0 is "
+                          "the token service the gateway sees, stages 1.. are started with --stage")
+    stage: int = setting(0, "with --stages: which stage this process is (0: the head, which serves the API; 1..: a "
+                         "stage worker that computes its layers for the head)")
+    pipeline: str = setting("", "with --stages: the pipeline's id, the same on all of its stages (they find each "
+                            "other by it in the registry)")
 
     @property
     def num_blocks(self) -> int:

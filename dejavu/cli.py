@@ -1,7 +1,7 @@
 """dejavu: run and inspect a DéjàVu serving cluster.
 
   dejavu up [--model M] [--port 8000] [--prompt-services 1] [--token-services 1] [--cache-stores 1]
-            [--colocated] [--redis-url URL] [--kv-transport ucx|tcp] [--dtype auto|float32|bfloat16|float16]
+            [--colocated] [--stages 1] [--redis-url URL] [--kv-transport ucx|tcp] [--dtype auto|float32|bfloat16|float16]
             [--cpu-placement auto|split|turns|off] [--api-key KEY ...] [--max-queued-requests 1024]
   dejavu status [--redis-url URL] [--json]
   dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, agreement, capacity, chaos, overload: python -m bench.NAME)
@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="colocated mode: each token service prefills its own requests; no prompt service is started "
                     "(--prompt-services is ignored)")
     up.add_argument("--token-services", type=int, default=1, help="decode engines")
+    up.add_argument("--stages", type=int, default=1,
+                    help="pipeline stages per token service: its layers split evenly over this many processes, "
+                    "each with the KV of its own layers (Llama-family models; the stages do not replicate KV yet: "
+                    "a stage's failure resumes its requests by prefilling again)")
     up.add_argument("--cache-stores", type=int, default=1, help="KV replica stores")
     up.add_argument("--redis-url", default=None, help="use this Redis instead of starting an embedded one")
     up.add_argument("--kv-transport", choices=("ucx", "tcp"), default="ucx", help="KV transport")
@@ -104,6 +108,8 @@ def cmd_up(args, parser) -> int:
         parser.error("--prompt-services must be at least 1 (or --colocated)")
     if args.token_services < 1:
         parser.error("--token-services must be at least 1")
+    if not 1 <= args.stages <= 64:
+        parser.error("--stages must be in 1..64")
     if args.cache_stores < 0:
         parser.error("--cache-stores must be >= 0")
     if args.max_queued_requests < 0:
@@ -130,9 +136,11 @@ def cmd_up(args, parser) -> int:
               f"anyone who can reach port {args.port} can use the API", file=sys.stderr, flush=True)
     placement, placement_line = _cpu_placement(args)
     cluster = Cluster(args.model, args.port, args.prompt_services, args.token_services, args.cache_stores,
-                      args.redis_url, env, echo_logs=not args.quiet, host=args.host, placement=placement)
+                      args.redis_url, env, echo_logs=not args.quiet, host=args.host, placement=placement,
+                      stages=args.stages)
     mode = "colocated (token services prefill)" if args.colocated else f"{args.prompt_services} prompt"
-    print(f"[dejavu] starting: {args.token_services} token, {mode}, {args.cache_stores} cache store(s), "
+    pipes = f" ({args.stages} stages each)" if args.stages > 1 else ""
+    print(f"[dejavu] starting: {args.token_services} token{pipes}, {mode}, {args.cache_stores} cache store(s), "
           f"gateway on port {args.port}, KV over {args.kv_transport}, {args.dtype} ...", file=sys.stderr, flush=True)
     print(f"[dejavu] CPU placement: {placement_line}", file=sys.stderr, flush=True)
     start = time.monotonic()

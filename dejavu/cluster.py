@@ -26,15 +26,17 @@ from common.protocol import CLUSTER_TOKEN_HEADER
 from dejavu.placement import Placement
 from dejavu.redis_server import RedisServer, free_port
 
-MODULES = {"token": "token_service", "prompt": "prompt_service", "cache_store": "cache_store", "gateway": "gateway"}
+MODULES = {"token": "token_service", "stage": "token_service", "prompt": "prompt_service", "cache_store": "cache_store",
+           "gateway": "gateway"}
 
 
 @dataclass
 class Child:
     name: str                  # e.g. "token-0"
-    kind: str                  # token | prompt | cache_store | gateway
+    kind: str                  # token | stage | prompt | cache_store | gateway
     proc: subprocess.Popen
     url: str = ""
+    overrides: dict = field(default_factory=dict)  # its own DEJAVU_* settings (a stage's index), kept for a respawn
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=30))
     ready: threading.Event = field(default_factory=threading.Event)
 
@@ -56,8 +58,10 @@ class ClusterError(RuntimeError):
 class Cluster:
     def __init__(self, model: str = "smollm2", port: int = 8000, prompt_services: int = 1, token_services: int = 1,
                  cache_stores: int = 1, redis_url: str | None = None, env: dict[str, str] | None = None,
-                 echo_logs: bool = True, host: str = "127.0.0.1", placement: dict[str, Placement] | None = None):
+                 echo_logs: bool = True, host: str = "127.0.0.1", placement: dict[str, Placement] | None = None,
+                 stages: int = 1):
         self.model, self.port, self.host = model, port, host
+        self.stages = stages  # each token service a pipeline of this many processes (token_service/pipeline.py)
         self.placement = placement or {}  # child name -> cores and threads (dejavu.placement.plan); {} = off
         # engines that take turns on the cores share one lock file (engine/turns.py), in a folder
         # ours to remove; we hold a shared lock on the folder so that /tmp cleaners pass it by
@@ -101,16 +105,26 @@ class Cluster:
                 self.redis_url = self.redis.url
             for kind, count in self.counts.items():
                 for i in range(count):
-                    self.spawn(kind, f"{kind}-{i}")
+                    if kind == "token" and self.stages > 1:
+                        self.spawn_pipeline(f"token-{i}")
+                    else:
+                        self.spawn(kind, f"{kind}-{i}")
             self.wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
         return self
 
+    def spawn_pipeline(self, name: str) -> list[Child]:
+        """A token service of `self.stages` processes: its stage workers ("token-0-stage-1", ...) and its
+        head ("token-0", the token service the gateway sees), all with the head's CPU placement."""
+        pipeline = {"DEJAVU_STAGES": str(self.stages), "DEJAVU_PIPELINE": f"{name}-{self.tag}"}
+        return [self.spawn("stage", f"{name}-stage-{k}", **pipeline, DEJAVU_STAGE=str(k)) for k in range(1, self.stages)] + [
+            self.spawn("token", name, **pipeline, DEJAVU_STAGE="0")]
+
     def spawn(self, kind: str, name: str, **overrides: str) -> Child:
-        """Start one service; a respawn under the same name gets the same placement."""
-        place = self.placement.get(name)
+        """Start one service; a respawn under the same name gets the same placement (a stage, its head's)."""
+        place = self.placement.get(name) or self.placement.get(name.partition("-stage-")[0])
         env = {**os.environ, **self.env, "DEJAVU_REDIS_URL": self.redis_url, "DEJAVU_MODEL": self.model,
                "DEJAVU_HOST": self.host, "DEJAVU_SERVICE_ID": f"{name}-{os.getpid()}-{self.tag}{len(self.children)}",
                "PYTHONUNBUFFERED": "1", **({"DEJAVU_THREADS": str(place.threads)} if place else {}),
@@ -121,7 +135,7 @@ class Cluster:
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         if place and place.cores:
             _pin(proc.pid, place.cores)
-        child = Child(name, kind, proc)
+        child = Child(name, kind, proc, overrides=overrides)
         threading.Thread(target=self._pump, args=(child,), daemon=True).start()
         self.children.append(child)
         return child
@@ -152,7 +166,7 @@ class Cluster:
 
     def respawn(self, child: Child) -> Child:
         """Start a new process in a dead child's place (same name and kind, a new service id)."""
-        new = self.spawn(child.kind, child.name)
+        new = self.spawn(child.kind, child.name, **child.overrides)
         self.children.remove(new)
         self.children[self.children.index(child)] = new
         return new

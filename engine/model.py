@@ -87,15 +87,21 @@ class Layer:
 
 
 class LlamaForward:
-    def __init__(self, hf_model):
+    """The whole model, or one pipeline stage of it: `layers`, a contiguous range of the decoder
+    layers (the embedding comes with the first, the final norm and LM head with the last)."""
+
+    def __init__(self, hf_model, layers: range | None = None):
         c, inner = hf_model.config, hf_model.model
-        self.q_heads = c.num_attention_heads
+        layers = range(c.num_hidden_layers) if layers is None else layers
+        self.first_layer = layers.start
+        self.first, self.last = layers.start == 0, layers.stop == c.num_hidden_layers
+        self.q_heads, self.hidden_size = c.num_attention_heads, c.hidden_size
         self.kv_heads = getattr(c, "num_key_value_heads", None) or self.q_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // self.q_heads
-        self.embed = inner.embed_tokens.weight                      # (vocab, hidden)
-        self.layers = [Layer(layer) for layer in inner.layers]
+        self.embed = inner.embed_tokens.weight if self.first else None  # (vocab, hidden)
+        self.layers = [Layer(inner.layers[i]) for i in layers]
         self.norm = (inner.norm.weight, inner.norm.variance_epsilon)
-        self.lm_head = Linear(hf_model.lm_head.weight, None)         # (vocab, hidden); the embedding if tied
+        self.lm_head = Linear(hf_model.lm_head.weight, None) if self.last else None  # (vocab, hidden); the embedding if tied
         self.inv_freq = inner.rotary_emb.inv_freq.float()            # (head_dim / 2,)
         self.rope_scale = float(inner.rotary_emb.attention_scaling)
         self.attention = Attention(self.q_heads, self.kv_heads, self.head_dim)
@@ -104,17 +110,21 @@ class LlamaForward:
     def fits_ops(self) -> bool:
         """What the fused small ops assume: float32 or bf16 everywhere, an even head_dim."""
         norms = [w for layer in self.layers for w, _ in (layer.ln1, layer.ln2)] + [self.norm[0]]
-        dtype = self.embed.dtype
-        return (self.embed.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+        dtype = self.norm[0].dtype
+        return (self.norm[0].device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
                 and self.head_dim % 2 == 0 and all(w.dtype == dtype for w in norms))
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
-                 pool: torch.Tensor | None, logits_at: torch.Tensor, on_layer: LayerCallback | None = None) -> torch.Tensor:
+                 pool: torch.Tensor | None, logits_at: torch.Tensor, on_layer: LayerCallback | None = None,
+                 hidden: torch.Tensor | None = None) -> torch.Tensor:
         """ids, positions: (N,) the new tokens of every sequence, concatenated; their K/V is written
-        to `pool` (layers, 2, slots, kv_heads, head_dim) at batch.slot_mapping, when there is a pool,
-        and handed to `on_layer` when given. Returns float32 logits at rows `logits_at`: (len, vocab)."""
-        h = self.embed[ids]                                          # (N, hidden), the residual stream
+        to `pool` (this stage's layers, 2, slots, kv_heads, head_dim) at batch.slot_mapping, when
+        there is a pool, and handed to `on_layer` (model-wide layer index) when given. Returns
+        float32 logits at rows `logits_at`: (len, vocab); a stage before the last returns instead
+        the residual stream after its layers, (N, hidden), that the next stage takes as `hidden`
+        (in place of the embedding: the first stage's input is `ids`, a later one's `hidden`)."""
+        h = self.embed[ids] if self.first else hidden                # (N, hidden), the residual stream
         cos, sin = self._rope(positions, h.dtype)                    # (N, head_dim)
         D, Hq, Hkv = self.head_dim, self.q_heads, self.kv_heads
         x = self._norm(h, self.layers[0].ln1)
@@ -128,7 +138,7 @@ class LlamaForward:
             if pool is not None:
                 batch.write(pool[i], k, v)
             if on_layer is not None:
-                on_layer(i, k, v)
+                on_layer(self.first_layer + i, k, v)
             o = self.attention(q, k, v, pool[i] if pool is not None else None, batch)  # (N, Hq D)
             x = self._add_norm(h, layer.o(o), layer.ln2)             # h += o; x = norm(h)
             mlp = layer.down(self._silu_mul(layer.gate_up(x)))
@@ -136,6 +146,8 @@ class LlamaForward:
                 x = self._add_norm(h, mlp, self.layers[i + 1].ln1)
             else:
                 h = h + mlp
+        if not self.last:
+            return h
         h = _rms_norm(h[logits_at], *self.norm)
         return self.lm_head(h).float()
 

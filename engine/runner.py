@@ -60,10 +60,27 @@ class KVShape:
         return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype.itemsize
 
 
+def stage_layers(num_layers: int, stages: int, stage: int) -> range:
+    """The decoder layers of pipeline stage `stage` of `stages`: an even split, the first stages
+    taking one more when it does not divide (the last also runs the LM head). Raises ValueError."""
+    if not 1 <= stages <= num_layers:
+        raise ValueError(f"{stages} stages for a model of {num_layers} layers (each stage needs one at least)")
+    if not 0 <= stage < stages:
+        raise ValueError(f"stage {stage} of {stages} (stages count from 0)")
+    size, extra = divmod(num_layers, stages)
+    start = stage * size + min(stage, extra)
+    return range(start, start + size + (stage < extra))
+
+
 class ModelRunner:
     def __init__(self, model, block_size: int = 16, max_model_len: int = 1 << 20, own_forward: bool = True,
-                 kernels: bool = True, compile: bool = False, turns: str = ""):
-        self.kv = KVShape.of(model)
+                 kernels: bool = True, compile: bool = False, turns: str = "", layers: range | None = None):
+        self.kv = KVShape.of(model)  # the whole model's: what KV messages and replicas speak of
+        # a pipeline stage (token_service/pipeline.py) holds and computes `layers` only; its pool too
+        self.layers = range(self.kv.layers) if layers is None else layers
+        if not (0 <= self.layers.start < self.layers.stop <= self.kv.layers and self.layers.step == 1):
+            raise ValueError(f"layers {self.layers} of a {self.kv.layers}-layer model")
+        self.first, self.last = self.layers.start == 0, self.layers.stop == self.kv.layers
         self.vocab_size = model.get_input_embeddings().num_embeddings  # token ids a request may carry
         self.device, self.dtype, self.block_size = model.device, model.dtype, block_size
         self.llama: LlamaForward | None = None
@@ -72,7 +89,7 @@ class ModelRunner:
             if not own_forward:
                 raise Unsupported("own_forward=False")
             check_supported(model, max_model_len)
-            self.llama = LlamaForward(model)
+            self.llama = LlamaForward(model, self.layers)
             if kernels and self.device.type == "cpu":  # built here, at start-up, not in a first request
                 kernel = paged_attention()
                 if kernel is not None and self.llama.fits_ops():
@@ -80,6 +97,8 @@ class ModelRunner:
                     if self.kv.head_dim in kernel.HEAD_DIMS:
                         self.llama.attention.kernel = kernel
         except Unsupported as why:
+            if len(self.layers) < self.kv.layers:
+                raise ValueError(f"pipeline stages need a model our forward runs (Llama family): {why}") from None
             log.info("the model runs through its Hugging Face modules (slower): %s", why)
             self.hf = HFForward(model, block_size)
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="engine")
@@ -88,11 +107,12 @@ class ModelRunner:
         # for those is MKL's, slower than our prepacked oneDNN one (engine/compiled.py)
         self.compiled_min_batch = 2 if self.dtype == torch.float32 else 1
         self.compiled: CompiledDecode | None = None
-        if compile and self.llama is not None and CompiledDecode.supports(model):
+        if compile and self.llama is not None and CompiledDecode.supports(model) and len(self.layers) == self.kv.layers:
             self.compiled = CompiledDecode(model, self.llama.attention)
             self.thread.submit(self._call, self.compiled.warm_up, (self,)).result()  # on the thread that runs it
         elif compile:
-            log.warning("--compile: this model's decode step runs eagerly (only plain Llama-family models compile)")
+            log.warning("--compile: this model's decode step runs eagerly (only plain Llama-family models compile, "
+                        "not one stage of one)")
 
     async def run(self, fn, *args):
         """fn(*args) on the engine thread, awaited from an event loop (see the module docstring)."""
@@ -115,9 +135,14 @@ class ModelRunner:
             return "hf"
         return "own, paged attention kernel" if self.llama.attention.kernel is not None else "own"
 
+    @property
+    def pool_bytes_per_token(self) -> int:
+        """K and V of this runner's layers (all of them, or one stage's)."""
+        return self.kv.bytes_per_token * len(self.layers) // self.kv.layers
+
     def new_pool(self, num_blocks: int) -> torch.Tensor:
         kv = self.kv
-        return torch.zeros(kv.layers, 2, num_blocks * self.block_size, kv.kv_heads, kv.head_dim,
+        return torch.zeros(len(self.layers), 2, num_blocks * self.block_size, kv.kv_heads, kv.head_dim,
                            dtype=kv.dtype, device=self.device)
 
     def check_tokens(self, ids: list[int], what: str) -> None:
@@ -127,21 +152,29 @@ class ModelRunner:
             raise ValueError(f"{what}: token id {bad} is not in the model's vocabulary of {self.vocab_size}")
 
     def forward(self, segments: list[Segment], pool: torch.Tensor | None = None,
-                on_layer: LayerCallback | None = None) -> torch.Tensor:
+                on_layer: LayerCallback | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Every segment's new tokens in one pass; their K/V goes to `pool` at their blocks (if a
         pool is given) and to `on_layer` (layer, k, v) as each layer is computed, k and v (N,
-        kv_heads, D) in segment order. Returns float32 logits of each segment's last token."""
+        kv_heads, D) in segment order. Returns float32 logits of each segment's last token.
+        A pipeline stage: a later stage than the first takes the previous one's output as `hidden`
+        (N, hidden) and reads no token ids (its segments' `tokens` only count them); a stage before
+        the last returns its residual stream (N, hidden), not logits."""
         if not segments or any(not s.tokens for s in segments):
             raise ValueError("a forward needs segments with at least one new token each")
+        if not self.first:
+            if hidden is None or hidden.shape != (sum(len(s.tokens) for s in segments), self.llama.hidden_size):
+                raise ValueError(f"stage {self.layers}: hidden states of shape {None if hidden is None else tuple(hidden.shape)} "
+                                 f"for {sum(len(s.tokens) for s in segments)} tokens")
+            hidden = hidden.to(self.device, self.dtype)
         if self.hf is not None:
             return self.hf.run(segments, pool, on_layer)
         batch = AttentionBatch.build(segments, self.block_size, self.device)
-        ids = torch.tensor([t for s in segments for t in s.tokens], device=self.device)
+        ids = torch.tensor([t for s in segments for t in s.tokens], device=self.device) if self.first else None
         positions = torch.tensor([p for s in segments for p in range(s.start, s.end)], device=self.device)
         if self.compiled and batch.decode_only and len(segments) >= self.compiled_min_batch and on_layer is None:
             return self.compiled(ids, positions, batch, pool)
         last = torch.tensor([o + len(s.tokens) - 1 for o, s in zip(batch.offsets, segments)], device=self.device)
-        return self.llama(ids, positions, batch, pool, last, on_layer)
+        return self.llama(ids, positions, batch, pool, last, on_layer, hidden)
 
     def logits_all(self, tokens: list[int]) -> torch.Tensor:
         """Float32 logits at every position of one sequence from scratch, no pool: (len, vocab).

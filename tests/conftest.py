@@ -29,12 +29,12 @@ def bundled_path() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory, bundled_path) -> Path:
-    """A 2-layer Llama with random weights (seeded, spread wide so greedy choices are clear-cut)."""
+    """A 3-layer Llama (pipelines of 1, 2 and 3 stages) with random weights (seeded, spread wide so greedy choices are clear-cut)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     folder = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True,
                          initializer_range=0.1)

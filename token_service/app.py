@@ -31,8 +31,9 @@ from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, Closing
                             add_health_and_metrics, cluster_headers, listen_kv, registered, request_id_var,
                             supervise)
 from common.settings import TokenSettings
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, stage_layers
 from token_service.engine import KVMessageError, TokenEngine
+from token_service.stage_app import create_stage_app, open_pipeline, stage_fields
 from token_service.replicator import Replicator
 from token_service.sequence import Sequence
 
@@ -46,13 +47,15 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
     model_id = model_fingerprint(path)  # the gateway routes only to services of this model
     model = await asyncio.to_thread(load_model, path, settings.threads, settings.dtype)
     runner = ModelRunner(model, settings.block_size, settings.max_model_len, compile=settings.compile,
-                         turns=settings.cpu_turns)
+                         turns=settings.cpu_turns, layers=stage_layers(model.config.num_hidden_layers, settings.stages, 0))
     del model  # the runner keeps what it needs (our forward copies and packs the weights)
     engine = app.state.engine = TokenEngine(runner, settings, app.state.service_id)
     transport = engine.transport = make_transport(settings.kv_transport, settings.cluster_token, settings.host)
     kv_address = engine.kv_address = await listen_kv(
         transport, kv_server(engine.receive_kv, (KVMessageError,), request_id_var,  # nothing over one whole sequence
                              max_payload=runner.kv.bytes_per_token * settings.max_model_len), settings)
+    if settings.stages > 1:
+        engine.pipeline = await open_pipeline(transport, runner, settings, model_id)
     loop_task = supervise(asyncio.create_task(engine.run()), "decode loop")
     log.info("token service ready: model %s (%s, %s forward), KV pool %d blocks x %d tokens (%.0f MiB), up to %d "
              "sequences, KV on %s (%s)%s", path, runner.dtype, runner.name, settings.num_blocks, runner.block_size,
@@ -62,24 +65,32 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
         model=str(path), model_id=model_id, protocol=PROTOCOL, kv_address=kv_address,
         kv_transport=settings.kv_transport, max_model_len=settings.max_model_len, colocated=settings.colocated, dtype=runner.dtype_name,
         active_requests=len(engine.scheduler.seqs),
-        kv_bytes_used=engine.kv_bytes_used, kv_bytes_free=engine.kv_bytes_free)
+        kv_bytes_used=engine.kv_bytes_used, kv_bytes_free=engine.kv_bytes_free, **stage_fields(settings, runner))
     peers = Peers(transport, fault_rate=settings.inject_kv_faults)
     client = httpx.AsyncClient(headers=cluster_headers(settings))  # the replicator's /drop calls to cache stores
     try:
         async with registered(app, settings, ServiceKind.TOKEN, lease_fields) as redis:
             registry = Registry(redis, cluster_fingerprint(settings.cluster_token))  # this cluster's stores only
             stores = RecentServices(registry, settings.lease_ttl_s)  # a Redis restart forgets no store
-            engine.replicator = Replicator(engine.pool, runner.block_size, peers, stores, RequestStore(redis),
-                                           client, settings.replicate_every)
+            if settings.stages == 1:
+                engine.replicator = Replicator(engine.pool, runner.block_size, peers, stores, RequestStore(redis),
+                                               client, settings.replicate_every)
+            else:
+                log.warning("a pipeline's stages do not replicate their KV yet: when a stage fails, its requests "
+                            "resume elsewhere by prefilling again (exact, slower than from a replica)")
             yield
     finally:
         loop_task.cancel()
+        if engine.pipeline is not None:
+            await engine.pipeline.close()
         await peers.close()
         await client.aclose()
         await transport.close()
 
 
 def create_app(settings: TokenSettings) -> FastAPI:
+    if settings.stage > 0:
+        return create_stage_app(settings)
     app = FastAPI(title="DéjàVu token service", lifespan=lambda app: _lifespan(app, settings))
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=INTERNAL_MAX_BODY)

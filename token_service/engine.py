@@ -44,6 +44,7 @@ from common.settings import TokenSettings
 from engine.attention import slots_of
 from engine.block_manager import BlockManager
 from engine.runner import ModelRunner
+from token_service.pipeline import Pipeline
 from token_service.prefill import Chunk, PrefillJob, PrefillQueue
 from token_service.replicator import Replicator
 from token_service.scheduler import Batch, Scheduler
@@ -73,6 +74,7 @@ class TokenEngine:
         self.kv_address = ""  # set once the KV listener is up
         self.transport = None  # the KV transport (fetches replicas on recovery)
         self.replicator: Replicator | None = None  # set once Redis is connected
+        self.pipeline: Pipeline | None = None  # --stages: the stages after this one (token_service/pipeline.py)
         self.pool = runner.new_pool(settings.num_blocks)  # (layers, 2, blocks * block_size, kv_heads, D)
         self.blocks = BlockManager(settings.num_blocks, runner.block_size)
         self.scheduler = Scheduler()
@@ -100,9 +102,10 @@ class TokenEngine:
         return Reservation(request_id=seq.request_id, service_id=self.service_id, kv_address=self.kv_address,
                            kv_transport=self.settings.kv_transport)
 
-    def receive_kv(self, header: Header, payload: np.ndarray) -> None:
-        """Scatter one KV message (layers, 2, tokens, kv_heads, head_dim) into its sequence's blocks.
-        Each layer's tokens must come in order (a prompt may arrive in chunks)."""
+    async def receive_kv(self, header: Header, payload: np.ndarray) -> None:
+        """Scatter one KV message (layers, 2, tokens, kv_heads, head_dim) into its sequence's blocks
+        (here, and on the later stages of a pipeline for their layers). Each layer's tokens must come
+        in order (a prompt may arrive in chunks)."""
         seq = self.scheduler.seqs.get(header.request_id)
         if seq is None or seq.done:
             raise KVMessageError(f"no KV room reserved for request {header.request_id}")
@@ -120,8 +123,18 @@ class TokenEngine:
             seq.mark_received(layers, header.token_start, header.token_end)
         except ValueError as exc:
             raise KVMessageError(f"request {seq.request_id}: {exc}") from None
-        slots = slots_of(seq.blocks, self.blocks.block_size, header.token_start, header.token_end)
-        scatter(self.pool, slots, slice(layers.start, layers.stop), as_tensor(header, payload))
+        await self._write_kv(seq, layers, range(header.token_start, header.token_end), as_tensor(header, payload))
+
+    async def _write_kv(self, seq: Sequence, layers: range, tokens: range, kv: torch.Tensor) -> None:
+        """KV (len(layers), 2, len(tokens), kv_heads, head_dim) into the sequence's blocks: this
+        process's layers into its pool, a pipeline's later layers sent on to their stages."""
+        mine = range(layers.start, min(layers.stop, self.runner.layers.stop))  # the head's layers start at 0
+        if mine:
+            slots = slots_of(seq.blocks, self.blocks.block_size, tokens.start, tokens.stop)
+            scatter(self.pool, slots, slice(mine.start, mine.stop), kv[: len(mine)])
+        later = range(max(layers.start, self.runner.layers.stop), layers.stop)
+        if later:
+            await self.pipeline.send_kv(seq.blocks, later, tokens, kv[later.start - layers.start:])
 
     async def prefill(self, req: PrefillRequest) -> PrefillResult:
         """Colocated mode: prefill into the reserved blocks here, chunk by chunk alongside the decode
@@ -156,7 +169,7 @@ class TokenEngine:
                 raise Unavailable(f"replica of {req.request_id} has shape {tuple(kv.shape)}, not the (layers, 2, {n}, "
                                   f"kv_heads, head_dim) of this service's model", code="replica_unavailable")
             if not seq.done:
-                scatter(self.pool, slots_of(seq.blocks, self.blocks.block_size, 0, n), slice(None), kv)
+                await self._write_kv(seq, range(model.layers), range(n), kv)
         finally:
             seq.filling = False
             if seq.done:
@@ -252,6 +265,8 @@ class TokenEngine:
         segments = (batch.segments if batch else []) + [c.segment for c in chunks]
         try:
             logits = await self.runner.run(self.runner.forward, segments, self.pool)
+            if self.pipeline is not None:  # the head's output, through the later stages
+                logits = await self.pipeline.forward(segments, logits)
         except Exception as exc:
             if not chunks:
                 raise  # a decode step that fails takes the service down: its streams resume elsewhere

@@ -11,8 +11,9 @@ services): one task per incoming connection reads messages and answers each on t
 from __future__ import annotations
 
 import contextvars
+import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 
@@ -23,18 +24,20 @@ log = logging.getLogger(__name__)
 ERROR_CHARS = 500  # of an error frame's message: a malformed header's own text is quoted in it
 
 
-def kv_server(store: Callable[[Header, np.ndarray], None], refused: tuple[type[Exception], ...],
+def kv_server(store: Callable[[Header, np.ndarray], Awaitable[None] | None], refused: tuple[type[Exception], ...],
               request_id_var: contextvars.ContextVar[str] | None = None,
               fetch: Callable[[Header], tuple[np.ndarray, str]] | None = None,
               max_payload: int | None = None) -> Handler:
-    """A transport handler: `store(header, payload)` each "kv" message (payload as stream_in
+    """A transport handler: `store(header, payload)` (awaited if it is a coroutine) each "kv" message (payload as stream_in
     gives it) and `fetch(header)` -> (payload, dtype name) each "fetch" message; an exception in
     `refused` is answered as an error frame. A frame over `max_payload` bytes closes its link
     unread (the receiver's largest legitimate message: nothing bigger is ever allocated)."""
 
     async def answer(conn: Connection, header: Header, payload: np.ndarray) -> None:
         if header.kind == "kv":
-            store(header, payload)
+            stored = store(header, payload)
+            if inspect.isawaitable(stored):
+                await stored
             await send_ack(conn, header)
         elif header.kind == "fetch" and fetch is not None:
             kv, dtype = fetch(header)  # kv: (layers, 2, tokens, kv_heads, head_dim) of `dtype`

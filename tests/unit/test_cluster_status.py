@@ -17,7 +17,7 @@ def test_sorted_by_kind_then_id_and_counted():
                              info("cache_store", "c")], NOW)
     assert [(s["kind"], s["id"]) for s in status["services"]] == [
         ("cache_store", "c"), ("gateway", "g"), ("token", "t-a"), ("token", "t-b")]
-    assert status["counts"] == {"gateway": 1, "prompt": 0, "token": 2, "cache_store": 1}
+    assert status["counts"] == {"gateway": 1, "prompt": 0, "token": 2, "cache_store": 1, "stage": 0}
 
 
 def test_a_row_has_the_lease_age_and_only_the_optional_fields_set():
@@ -33,4 +33,12 @@ def test_a_row_has_the_lease_age_and_only_the_optional_fields_set():
 
 def test_no_services():
     assert cluster_status([], NOW) == {"services": [], "counts": {"gateway": 0, "prompt": 0, "token": 0,
-                                                                   "cache_store": 0}}
+                                                                   "cache_store": 0, "stage": 0}}
+
+
+def test_a_token_pipeline_says_its_stages_and_layers():
+    head = info("token", "t", pipeline="p", stages=2, layer_start=0, layer_end=15)
+    stage = info("stage", "s", pipeline="p", stage=1, stages=2, layer_start=15, layer_end=30)
+    rows = cluster_status([head, stage, info("token", "u")], NOW)["services"]
+    assert [(r["id"], r.get("pipeline"), r.get("stage"), r.get("stages"), r.get("layers")) for r in rows] == [
+        ("s", "p", 1, 2, [15, 30]), ("t", "p", None, 2, [0, 15]), ("u", None, None, None, None)]

@@ -25,7 +25,7 @@ def test_the_fingerprint_tells_models_apart_but_not_copies(tiny_model_path, bund
     config["transformers_version"], config["_name_or_path"] = "0.0.1", "/elsewhere/on/another/host"
     (copy / "config.json").write_text(json.dumps(config, indent=4))
     assert model_fingerprint(copy) == tiny  # same model, saved by another version, in another folder
-    config["num_hidden_layers"] = 3
+    config["num_hidden_layers"] += 1
     (copy / "config.json").write_text(json.dumps(config))
     assert model_fingerprint(copy) != tiny
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.attention import Segment, slots_of
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, stage_layers
 
 BLOCK = 4
 
@@ -80,3 +80,46 @@ def test_chunks_and_extend_equal_one_prefill(runner, tiny_oracle):
     while len(out) < 8:
         out.append(int(runner.forward([Segment([out[-1]], len(ids) + len(out) - 1, part)], pool).argmax()))
     assert out == want
+
+
+def test_stage_layers_split_the_model_evenly():
+    assert [stage_layers(30, 1, 0)] == [range(0, 30)]
+    assert [stage_layers(30, 4, k) for k in range(4)] == [range(0, 8), range(8, 16), range(16, 23), range(23, 30)]
+    assert [stage_layers(3, 3, k) for k in range(3)] == [range(0, 1), range(1, 2), range(2, 3)]
+    for bad in [(30, 0, 0), (3, 4, 0), (30, 2, 2)]:
+        with pytest.raises(ValueError):
+            stage_layers(*bad)
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_pipeline_stages_chained_equal_generate(tiny_oracle, stages):
+    """A model cut into stages, each with the pool of its own layers, the residual stream handed
+    from one to the next: the same greedy tokens as generate, and the same K/V in the stages' pools
+    as in one whole model's pool."""
+    model = tiny_oracle.model
+    whole = ModelRunner(model, block_size=BLOCK)
+    parts = [ModelRunner(model, block_size=BLOCK, layers=stage_layers(whole.kv.layers, stages, k)) for k in range(stages)]
+    assert [p.layers.start for p in parts] == sorted({p.layers.start for p in parts}) and parts[-1].layers.stop == whole.kv.layers
+    pools = [p.new_pool(32) for p in parts]
+
+    class Chain:  # decode_greedy's view of a runner: forward(segments, pool) -> logits
+        def forward(self, segments, _pool):
+            out = None
+            for part, pool in zip(parts, pools):
+                out = part.forward(segments, pool, hidden=out)
+            return out
+
+    prompts, steps = prompts_of(tiny_oracle.tokenizer), [6, 10, 3]
+    tables = [[7, 3, 20, 11, 5], [0, 9, 30, 2, 14, 1], [31, 4, 8, 6, 10]]
+    want = [tiny_oracle.generate_ids(p, n) for p, n in zip(prompts, steps)]
+    assert decode_greedy(Chain(), None, prompts, steps, tables) == want
+    pool = whole.new_pool(32)
+    assert decode_greedy(whole, pool, prompts, steps, tables) == want
+    torch.testing.assert_close(torch.cat(pools), pool, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="hidden states"):
+        parts[1].forward([Segment([1, 2], 0, [0])], pools[1])  # a later stage takes no token ids
+
+
+def test_stages_need_our_forward(tiny_oracle):
+    with pytest.raises(ValueError, match="Llama family"):
+        ModelRunner(tiny_oracle.model, block_size=BLOCK, own_forward=False, layers=range(0, 1))

@@ -28,6 +28,10 @@ def engine_of(runner, **settings) -> TokenEngine:
     return TokenEngine(runner, TokenSettings(**{"max_seqs": 4, "max_model_len": 64, "block_size": 4, **settings}), "t")
 
 
+def receive(engine: TokenEngine, header: Header, payload: np.ndarray) -> None:
+    asyncio.run(engine.receive_kv(header, payload))
+
+
 def message(runner, rid: str, layers: tuple[int, int], tokens: tuple[int, int], dtype=torch.float32):
     kv = runner.kv
     payload = torch.randn(layers[1] - layers[0], 2, tokens[1] - tokens[0], kv.kv_heads, kv.head_dim).to(dtype)
@@ -42,15 +46,15 @@ def test_prompt_kv_in_chunks_a_retry_rewrites_and_a_gap_is_refused(runner):
     engine = engine_of(runner)
     engine.reserve(ReserveRequest(request_id="r", prompt_tokens=10, max_tokens=4))
     seq = engine.scheduler.seqs["r"]
-    engine.receive_kv(*message(runner, "r", (0, 2), (0, 6)))     # the first chunk, both layers
+    receive(engine, *message(runner, "r", (0, 3), (0, 6)))     # the first chunk, all 3 layers
     with pytest.raises(KVMessageError, match="gap"):
-        engine.receive_kv(*message(runner, "r", (0, 1), (7, 10)))  # token 6 missing
-    engine.receive_kv(*message(runner, "r", (0, 1), (0, 10)))    # a retried prefill sends it all again
-    assert seq.received == [10, 6] and not seq.kv_ready
-    engine.receive_kv(*message(runner, "r", (1, 2), (6, 10)))
+        receive(engine, *message(runner, "r", (0, 1), (7, 10)))  # token 6 missing
+    receive(engine, *message(runner, "r", (0, 1), (0, 10)))    # a retried prefill sends it all again
+    assert seq.received == [10, 6, 6] and not seq.kv_ready
+    receive(engine, *message(runner, "r", (1, 3), (6, 10)))
     assert seq.kv_ready
-    header, payload = message(runner, "r", (0, 2), (0, 10))
-    engine.receive_kv(header, payload)
+    header, payload = message(runner, "r", (0, 3), (0, 10))
+    receive(engine, header, payload)
     slots = torch.tensor([b * 4 + i for b in seq.blocks for i in range(4)][:10])
     assert torch.equal(engine.pool[:, :, slots], torch.from_numpy(payload))  # (layers, 2, tokens, heads, D)
 
@@ -59,10 +63,10 @@ def test_a_message_of_another_dtype_or_shape_is_refused(runner):
     engine = engine_of(runner)
     engine.reserve(ReserveRequest(request_id="r", prompt_tokens=8, max_tokens=4))
     with pytest.raises(KVMessageError, match="dtype bfloat16"):
-        engine.receive_kv(*message(runner, "r", (0, 2), (0, 8), torch.bfloat16))
+        receive(engine, *message(runner, "r", (0, 3), (0, 8), torch.bfloat16))
     with pytest.raises(KVMessageError, match="does not fit"):
-        engine.receive_kv(*message(runner, "r", (0, 2), (0, 9)))  # past the prompt
-    assert engine.scheduler.seqs["r"].received == [0, 0]
+        receive(engine, *message(runner, "r", (0, 3), (0, 9)))  # past the prompt
+    assert engine.scheduler.seqs["r"].received == [0, 0, 0]
 
 
 def test_admission_counts_promised_blocks_and_they_come_back_once(runner):
@@ -94,7 +98,7 @@ def test_token_ids_past_the_vocabulary_are_refused_at_the_boundary(runner):
     engine = engine_of(runner)
     vocab = runner.vocab_size
     engine.reserve(ReserveRequest(request_id="r", prompt_tokens=8, max_tokens=4))
-    engine.receive_kv(*message(runner, "r", (0, 2), (0, 8)))
+    receive(engine, *message(runner, "r", (0, 3), (0, 8)))
     sampling = SamplingParams(max_tokens=4)
     for first, replay in ((vocab, []), (vocab - 1, [3, vocab + 7])):
         bad = DecodeRequest(request_id="r", first_token=first, replay=replay, sampling=sampling)

@@ -1,0 +1,87 @@
+"""Token services as pipelines of stages (`dejavu up --stages S`, token_service/pipeline.py): each
+token service is S processes holding a range of the tiny model's 3 layers each, activations moving
+stage to stage over the KV transport. Greedy output equals HF `generate` through 2 and 3 stages,
+disaggregated (the prompt's KV reaches every stage) and colocated (chunked prefill through the
+pipeline); a stage killed mid-stream costs a pause: its head goes down and the request resumes on
+the other pipeline; nothing is left held."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+import pytest
+
+from dejavu.cluster import Cluster
+from tests.cluster.conftest import CLUSTER_ENV, metric
+from tests.cluster.test_colocated import complete_all
+from tests.cluster.test_failover import assert_no_kv_held_on, holds_kv, stream
+
+PROMPT = "Once upon a time, in a land far away, there lived a dragon who"
+
+
+@pytest.fixture(scope="module", params=[(2, "tcp", False), (3, "ucx", False), (2, "tcp", True)],
+                ids=["2-stages-tcp", "3-stages-ucx", "2-stages-colocated"])
+def cluster(request, tiny_model_path, redis_server):
+    """Two token pipelines (one a spare), a prompt service (or colocated prefill, in chunks of 16
+    tokens), a cache store."""
+    stages, transport, colocated = request.param
+    env = {**CLUSTER_ENV, "DEJAVU_KV_TRANSPORT": transport, "DEJAVU_TOKEN_TIMEOUT_S": "3",
+           "DEJAVU_COLOCATED": str(colocated).lower(), "DEJAVU_MAX_BATCH_TOKENS": "16"}
+    with Cluster(str(tiny_model_path), port=0, prompt_services=0 if colocated else 1, token_services=2,
+                 cache_stores=1, redis_url=redis_server.url, env=env, echo_logs=False, stages=stages) as c:
+        c.stages = stages
+        yield c
+
+
+def test_greedy_requests_through_the_pipeline_equal_hf(cluster, tiny_oracle):
+    heads = httpx.get(cluster.url + "/cluster", timeout=10).json()["services"]
+    heads = [s for s in heads if s["kind"] == "token"]
+    assert len(heads) == 2 and all(s["stages"] == cluster.stages for s in heads)
+    assert len(cluster.of("stage")) == 2 * (cluster.stages - 1)
+    before = sum(metric(s.url, "dejavu_stage_steps_total") for s in cluster.of("stage"))
+    complete_all(cluster, tiny_oracle)
+    assert sum(metric(s.url, "dejavu_stage_steps_total") for s in cluster.of("stage")) > before  # the stages computed
+    for s in cluster.of("stage"):
+        health = httpx.get(s.url + "/health", timeout=10).json()
+        assert health["kind"] == "stage" and health["linked"] and health["stages"] == cluster.stages
+    assert_no_kv_held_on(cluster)
+
+
+def test_a_stage_killed_mid_stream_costs_a_pause(cluster, tiny_oracle):
+    """SIGKILL the last stage of the pipeline serving a stream: its head fails, the gateway resumes
+    the request on the other pipeline (re-prefill: the stages keep no replica yet); the text is
+    generate's. `dejavu up` would restart the dead processes; here we do, and the new pipeline
+    serves again."""
+    ids = tiny_oracle.tokenizer(PROMPT)["input_ids"]
+    want, n = tiny_oracle.text(ids, 300)
+    victims = []
+
+    def fault(c):
+        head = next(t for t in c.of("token") if holds_kv(t))
+        victims.append((head, next(s for s in c.of("stage") if s.name == f"{head.name}-stage-{c.stages - 1}")))
+        c.kill(victims[0][1], signal.SIGKILL)
+
+    text, usage, _ = stream(cluster, {"prompt": PROMPT, "max_tokens": 300, "temperature": 0}, at={20: fault})
+    assert victims and text == want and usage["completion_tokens"] == n
+    head, stage = victims[0]
+    assert head.proc.wait(10) == 70  # the head ended with its pipeline
+    assert_no_kv_held_on(cluster)
+    for child in (stage, head):  # as `dejavu up` does: the same names, a new pipeline
+        cluster.respawn(child)
+    cluster.wait_ready(120)
+    deadline = time.monotonic() + 30
+    while len([s for s in httpx.get(cluster.url + "/cluster", timeout=10).json()["services"]
+               if s["kind"] == "token"]) < 2:
+        assert time.monotonic() < deadline, "the restarted head never registered"
+        time.sleep(0.2)
+    for t in cluster.of("token"):  # the restarted pipeline serves: the other one is made busy first
+        if t.name != head.name:
+            cluster.kill(t, signal.SIGSTOP)
+    try:
+        complete_all(cluster, tiny_oracle, [PROMPT], max_tokens=20)
+    finally:
+        for t in cluster.of("token"):
+            t.proc.send_signal(signal.SIGCONT)
+    assert_no_kv_held_on(cluster)

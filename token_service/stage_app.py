@@ -1,0 +1,156 @@
+"""A token pipeline's processes (token_service/pipeline.py): the stage workers' own small service
+(`python -m token_service --stages S --stage K --pipeline ID`, K >= 1), and how the head finds its
+stages in the registry and sets the pipeline up.
+
+A stage worker serves GET /health and /metrics over HTTP; its work comes over the KV transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from fastapi import FastAPI
+
+from common.errors import Unavailable, install_error_handlers
+from common.kv import make_transport
+from common.kv.transport import Transport, TransportError
+from common.metadata import Registry, connect
+from common.model import load_model, model_fingerprint, resolve_model_path
+from common.protocol import PROTOCOL, ServiceInfo, ServiceKind, cluster_fingerprint
+from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, RequireSecret, add_health_and_metrics,
+                            listen_kv, registered, supervise)
+from common.settings import TokenSettings
+from engine.runner import ModelRunner, stage_layers
+from token_service.pipeline import SETUP_TIMEOUT_S, Pipeline, PipelineError, Stage, StageInfo
+
+log = logging.getLogger(__name__)
+
+
+
+def stage_fields(settings: TokenSettings, runner: ModelRunner) -> dict:
+    """What the registry says of a pipeline's stage (the head's and the workers')."""
+    if settings.stages == 1:
+        return {}
+    return dict(pipeline=settings.pipeline, stage=settings.stage, stages=settings.stages,
+                layer_start=runner.layers.start, layer_end=runner.layers.stop)
+
+
+@contextlib.asynccontextmanager
+async def _stage_lifespan(app: FastAPI, settings: TokenSettings):
+    path = resolve_model_path(settings.model, progress=log.info)
+    model_id = model_fingerprint(path)
+    model = await asyncio.to_thread(load_model, path, settings.threads, settings.dtype)
+    layers = stage_layers(model.config.num_hidden_layers, settings.stages, settings.stage)
+    runner = ModelRunner(model, settings.block_size, settings.max_model_len, turns=settings.cpu_turns, layers=layers)
+    del model
+    transport = make_transport(settings.kv_transport, settings.cluster_token, settings.host)
+    stage = app.state.stage = Stage(runner, settings.num_blocks, settings.stage, settings.stages, model_id, transport)
+    address = await listen_kv(transport, stage.handle, settings)
+    log.info("pipeline %s, stage %d of %d ready: layers [%d, %d)%s of model %s (%s), KV pool %d blocks x %d tokens "
+             "(%.0f MiB), on %s (%s)", settings.pipeline, settings.stage, settings.stages, layers.start, layers.stop,
+             " and the LM head" if runner.last else "", path, runner.dtype, settings.num_blocks, runner.block_size,
+             stage.pool.nbytes / 2**20, address, settings.kv_transport)
+    fields = lambda: dict(  # noqa: E731
+        model=str(path), model_id=model_id, protocol=PROTOCOL, kv_address=address, kv_transport=settings.kv_transport,
+        max_model_len=settings.max_model_len, dtype=runner.dtype_name, **stage_fields(settings, runner))
+    try:
+        async with registered(app, settings, ServiceKind.STAGE, fields):
+            yield
+    finally:
+        await transport.close()
+
+
+def create_stage_app(settings: TokenSettings) -> FastAPI:
+    app = FastAPI(title="DéjàVu token pipeline stage", lifespan=lambda app: _stage_lifespan(app, settings))
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=INTERNAL_MAX_BODY)
+    if settings.cluster_token:
+        app.add_middleware(RequireSecret, **CLUSTER_TOKEN, secrets=(settings.cluster_token,))
+
+    async def health() -> dict:
+        stage: Stage = app.state.stage
+        return {"kind": "stage", "pipeline": settings.pipeline, "stage": stage.stage, "stages": stage.stages,
+                "layers": [stage.runner.layers.start, stage.runner.layers.stop], "linked": stage.upstream is not None,
+                "steps": stage.steps}
+
+    add_health_and_metrics(app, health)
+    return app
+
+
+# -- the head ---------------------------------------------------------------------------------------
+
+async def open_pipeline(transport: Transport, runner: ModelRunner, settings: TokenSettings, model_id: str) -> Pipeline:
+    """Wait for stages 1..S-1 of our pipeline in the registry, then link and set them up (again,
+    while a stage found there turns out dead or not ready). A stage whose model, dtype or layers
+    differ from ours is skipped, and said so."""
+    redis = connect(settings.redis_url, timeout_s=min(5.0, settings.lease_ttl_s / 2))
+    registry = Registry(redis, cluster_fingerprint(settings.cluster_token))
+    setup = dict(pipeline=settings.pipeline, model_id=model_id, dtype=runner.dtype_name, block_size=runner.block_size,
+                 num_blocks=settings.num_blocks, stages=settings.stages)
+    started, said, refused = time.monotonic(), 0.0, set()
+    try:
+        while True:
+            try:
+                found = await _find_stages(registry, settings, runner, model_id, refused)
+            except Unavailable as exc:
+                found, missing = None, f"the registry: {exc}"
+            else:
+                missing = ", ".join(str(k) for k in range(1, settings.stages) if k not in found)
+            if found is not None and not missing:
+                stages = [StageInfo(0, "", runner.layers)] + [found[k] for k in range(1, settings.stages)]
+                pipeline = Pipeline(transport, runner, stages, on_broken=lambda: _die(pipeline))
+                try:
+                    await pipeline.open(setup)
+                    log.info("pipeline %s linked: %s", settings.pipeline,
+                             ", ".join(f"stage {s.stage} layers [{s.layers.start}, {s.layers.stop}) at "
+                                       f"{s.address or 'here'}" for s in stages))
+                    return pipeline
+                except (TransportError, PipelineError, asyncio.TimeoutError) as exc:
+                    missing = f"the setup: {type(exc).__name__}: {exc}"
+                    await pipeline.close()
+            if time.monotonic() - said >= 5.0:
+                said = time.monotonic()
+                log.info("pipeline %s: waiting for stage(s) %s (%.0f s)", settings.pipeline, missing,
+                         said - started)
+            await asyncio.sleep(0.5)
+    finally:
+        await redis.aclose()
+
+
+async def _find_stages(registry: Registry, settings: TokenSettings, runner: ModelRunner, model_id: str,
+                       refused: set[str]) -> dict[int, StageInfo]:
+    """The newest live registration of each stage of our pipeline that fits this head."""
+    found: dict[int, ServiceInfo] = {}
+    for info in await registry.services(ServiceKind.STAGE):
+        if info.pipeline != settings.pipeline:
+            continue
+        want = stage_layers(runner.kv.layers, settings.stages, info.stage) if 0 < info.stage < settings.stages else None
+        wrong = (f"model {info.model_id} (ours {model_id})" if info.model_id != model_id else
+                 f"dtype {info.dtype} (ours {runner.dtype_name})" if info.dtype != runner.dtype_name else
+                 f"{info.stages} stages (ours {settings.stages})" if info.stages != settings.stages else
+                 f"KV transport {info.kv_transport} (ours {settings.kv_transport})" if info.kv_transport != settings.kv_transport else
+                 f"layers [{info.layer_start}, {info.layer_end})" if want != range(info.layer_start, info.layer_end) else "")
+        if wrong:
+            if info.id not in refused:
+                refused.add(info.id)
+                log.error("pipeline %s: stage %d (%s) does not fit this head: %s", settings.pipeline, info.stage,
+                          info.id, wrong)
+            continue
+        if info.stage not in found or info.started_at > found[info.stage].started_at:
+            found[info.stage] = info
+    return {k: StageInfo(k, s.kv_address, range(s.layer_start, s.layer_end)) for k, s in found.items()}
+
+
+def _die(pipeline: Pipeline) -> None:
+    """A broken pipeline ends its head: the decode loop would fail at its next step anyway, and an
+    idle head must not stay registered as a token service that cannot compute."""
+    async def fail() -> None:
+        raise pipeline.broken
+
+    supervise(asyncio.create_task(fail()), "the token pipeline")
+
+
+__all__ = ["SETUP_TIMEOUT_S", "create_stage_app", "open_pipeline", "stage_fields"]
