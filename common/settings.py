@@ -134,6 +134,9 @@ class TokenSettings(ModelSettings):
                          "stage worker that computes its layers for the head)")
     pipeline: str = setting("", "with --stages: the pipeline's id, the same on all of its stages (they find each "
                             "other by it in the registry)")
+    microbatches: int = setting(0, "with --stages: decode steps in flight through the pipeline at once, each over "
+                                "its share of the running sequences (0: one per stage, so every stage computes "
+                                "at once; 1: one step at a time, for comparison)")
 
     @property
     def num_blocks(self) -> int:

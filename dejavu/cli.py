@@ -4,7 +4,7 @@
             [--colocated] [--stages 1] [--redis-url URL] [--kv-transport ucx|tcp] [--dtype auto|float32|bfloat16|float16]
             [--cpu-placement auto|split|turns|off] [--api-key KEY ...] [--max-queued-requests 1024]
   dejavu status [--redis-url URL] [--json]
-  dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, agreement, capacity, chaos, overload: python -m bench.NAME)
+  dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, agreement, capacity, chaos, overload, pipeline: python -m bench.NAME)
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ BENCHMARKS = {
     "capacity": "chat-length requests that fit in a KV budget: whole rows against paged blocks",
     "chaos": "concurrent streams while token services, a cache store, a prompt service and Redis fail",
     "overload": "the token service's decode step with far more clients than KV room, against a full batch",
+    "pipeline": "a 2-stage token pipeline with microbatches against one step at a time, colocated and 1 stage",
 }
 
 
@@ -175,7 +176,7 @@ def _cpu_placement(args) -> tuple[dict, str]:
     cores, why_not = placement.host_cores()
     if not cores:
         return {}, f"off ({why_not})"
-    plan = placement.plan(cores, args.prompt_services, args.token_services, args.cpu_placement)
+    plan = placement.plan(cores, args.prompt_services, args.token_services, args.cpu_placement, args.stages)
     return plan, placement.describe(plan, cores)
 
 

@@ -117,14 +117,14 @@ class Cluster:
 
     def spawn_pipeline(self, name: str) -> list[Child]:
         """A token service of `self.stages` processes: its stage workers ("token-0-stage-1", ...) and its
-        head ("token-0", the token service the gateway sees), all with the head's CPU placement."""
+        head ("token-0", the token service the gateway sees), each an engine of the CPU placement."""
         pipeline = {"DEJAVU_STAGES": str(self.stages), "DEJAVU_PIPELINE": f"{name}-{self.tag}"}
         return [self.spawn("stage", f"{name}-stage-{k}", **pipeline, DEJAVU_STAGE=str(k)) for k in range(1, self.stages)] + [
             self.spawn("token", name, **pipeline, DEJAVU_STAGE="0")]
 
     def spawn(self, kind: str, name: str, **overrides: str) -> Child:
-        """Start one service; a respawn under the same name gets the same placement (a stage, its head's)."""
-        place = self.placement.get(name) or self.placement.get(name.partition("-stage-")[0])
+        """Start one service; a respawn under the same name gets the same placement."""
+        place = self.placement.get(name)
         env = {**os.environ, **self.env, "DEJAVU_REDIS_URL": self.redis_url, "DEJAVU_MODEL": self.model,
                "DEJAVU_HOST": self.host, "DEJAVU_SERVICE_ID": f"{name}-{os.getpid()}-{self.tag}{len(self.children)}",
                "PYTHONUNBUFFERED": "1", **({"DEJAVU_THREADS": str(place.threads)} if place else {}),

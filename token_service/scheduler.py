@@ -32,11 +32,16 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.seqs[seq.request_id] = seq
 
-    def schedule(self) -> Batch | None:
+    def schedule(self, busy: frozenset[str] | set[str] = frozenset(), parts: int = 1) -> Batch | None:
+        """The running sequences, but those `busy` (in a microbatch still in flight, whose token is
+        not back yet): all of them, or with `parts` microbatches in flight (a pipeline's head,
+        token_service/pipeline.py) an even share of the running ones at most."""
         for seq in self.seqs.values():
             if seq.status is SeqStatus.WAITING_FOR_KV and seq.decoding:
                 seq.status = SeqStatus.RUNNING
         running = [s for s in self.seqs.values() if s.status is SeqStatus.RUNNING]
+        share = -(-len(running) // parts)
+        running = [s for s in running if s.request_id not in busy][:share]
         if not running:
             return None
         return Batch(running, [Segment([s.input_token], s.input_position, s.blocks) for s in running])

@@ -41,8 +41,11 @@ def test_greedy_requests_through_the_pipeline_equal_hf(cluster, tiny_oracle):
     assert len(heads) == 2 and all(s["stages"] == cluster.stages for s in heads)
     assert len(cluster.of("stage")) == 2 * (cluster.stages - 1)
     before = sum(metric(s.url, "dejavu_stage_steps_total") for s in cluster.of("stage"))
+    overlapped = sum(metric(t.url, "dejavu_token_overlapped_steps_total") for t in cluster.of("token"))
     complete_all(cluster, tiny_oracle)
     assert sum(metric(s.url, "dejavu_stage_steps_total") for s in cluster.of("stage")) > before  # the stages computed
+    # concurrent streams run as microbatches, several steps in flight down the pipeline at once
+    assert sum(metric(t.url, "dejavu_token_overlapped_steps_total") for t in cluster.of("token")) > overlapped
     for s in cluster.of("stage"):
         health = httpx.get(s.url + "/health", timeout=10).json()
         assert health["kind"] == "stage" and health["linked"] and health["stages"] == cluster.stages

@@ -90,3 +90,10 @@ def test_auto_takes_turns_on_small_hosts_and_splits_big_ones():
 def test_an_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="'pinned' is not one of"):
         plan([0, 1], 1, 1, mode="pinned")
+
+
+def test_each_stage_of_a_token_pipeline_is_an_engine():
+    placements = plan([0, 1, 2, 3], prompt_services=1, token_services=1, mode="split", stages=3)
+    assert {n: p.cores for n, p in placements.items()} == {
+        "prompt-0": (0,), "token-0": (1,), "token-0-stage-1": (2,), "token-0-stage-2": (3,)}
+    assert all(p.turns for p in plan([0, 1], 0, 1, mode="auto", stages=2).values())  # 2 engines on 2 cores

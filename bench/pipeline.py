@@ -1,0 +1,120 @@
+"""Pipeline benchmark (the paper's Figure 7, at our scale): decode throughput of a token pipeline of
+2 stages with microbatches in flight, against the same pipeline one step at a time, the same
+pipeline without disaggregation (prompts prefilled through the token pipeline, colocated), and one
+stage alone; with how busy each stage was (its forward time over the wall time).
+
+Every layout is a cluster of real processes on this host, each engine pinned to its own cores
+where there are enough (--cpu-placement split); all of them stay up and take turns, repeat after
+repeat, on the same batch of concurrent requests. On a CPU host the stages share the host's cores
+and memory bandwidth: a stage is a slice of the cores, not a device of its own, so the figure says
+whether the microbatches keep the stages busy at once, not what a GPU pipeline would gain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import time
+
+import httpx
+
+from bench.common import fmt, log, spread, write_json
+from bench.failure import batch, metric
+from bench.serve import build_prompts
+from common.model import load_tokenizer, resolve_model_path
+from dejavu import placement
+from dejavu.cluster import Cluster
+
+# name -> (stages, microbatches, colocated): 1 prompt service and one token service of `stages`,
+# or (colocated) the token pipeline alone, prefilling the prompts too
+LAYOUTS = {
+    "1-stage": (1, 0, False),
+    "2-stage": (2, 0, False),             # a microbatch in flight per stage
+    "2-stage-serial": (2, 1, False),      # one step at a time through the 2 stages
+    "2-stage-colocated": (2, 0, True),    # prompts through the token pipeline: its bubbles
+}
+
+
+def launch(stack: contextlib.ExitStack, name: str, args, env: dict) -> Cluster:
+    stages, microbatches, colocated = LAYOUTS[name]
+    prompts = 0 if colocated else 1
+    cores, why = placement.host_cores()
+    plan = placement.plan(cores, prompts, 1, "split", stages) if cores else {}
+    log(f"starting '{name}': {placement.describe(plan, cores) if plan else 'no placement: ' + why}")
+    env = {**env, "DEJAVU_COLOCATED": str(colocated).lower(), "DEJAVU_MICROBATCHES": str(microbatches)}
+    return stack.enter_context(Cluster(args.model, port=0, prompt_services=prompts, token_services=1, cache_stores=0,
+                                       env=env, echo_logs=False, placement=plan, stages=stages))
+
+
+def busy_seconds(client: httpx.Client, cluster: Cluster) -> list[float]:
+    """Forward seconds so far of each stage: the head's own layers first, then stage 1, ..."""
+    head = metric(client, cluster.of("token")[0].url, "dejavu_token_forward_seconds_sum")
+    stages = sorted(cluster.of("stage"), key=lambda c: c.name)
+    return [head] + [metric(client, s.url, "dejavu_stage_step_seconds_sum") for s in stages]
+
+
+def measure(cluster: Cluster, bodies: list[dict]) -> dict:
+    with httpx.Client(timeout=30) as client:
+        before = busy_seconds(client, cluster)
+        t0 = time.perf_counter()
+        tokens = asyncio.run(batch(cluster.url, bodies))
+        wall = time.perf_counter() - t0
+        busy = [(b - a) / wall for a, b in zip(before, busy_seconds(client, cluster))]
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "stage_busy": busy}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a Hugging Face model folder")
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated, of: {', '.join(LAYOUTS)}")
+    p.add_argument("--repeats", type=int, default=3, help="alternated runs of each layout")
+    p.add_argument("--concurrency", type=int, default=16, help="concurrent requests")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length per request")
+    p.add_argument("--new-tokens", type=int, default=96, help="tokens generated per request")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--kv-transport", default="tcp", choices=("tcp", "ucx"))
+    p.add_argument("--out", default="", help="write the runs and a summary to this JSON file")
+    args = p.parse_args(argv)
+    layouts = [name.strip() for name in args.layouts.split(",")]
+    if unknown := [name for name in layouts if name not in LAYOUTS]:
+        p.error(f"unknown layout(s) {unknown}: choose from {list(LAYOUTS)}")
+    tokenizer = load_tokenizer(resolve_model_path(args.model, progress=log))
+    bodies = [{"prompt": ids, "max_tokens": args.new_tokens, "temperature": 0, "ignore_eos": True}
+              for ids in build_prompts(tokenizer, args.prompt_tokens, args.concurrency)]
+    env = {"DEJAVU_LOG_LEVEL": "warning", "DEJAVU_MAX_SEQS": str(max(16, args.concurrency)), "DEJAVU_DTYPE": args.dtype,
+           "DEJAVU_MAX_MODEL_LEN": str(max(1024, args.prompt_tokens + args.new_tokens + 16)),
+           "DEJAVU_KV_TRANSPORT": args.kv_transport}
+    runs = []
+    with contextlib.ExitStack() as stack:
+        clusters = {name: launch(stack, name, args, env) for name in layouts}
+        for cluster in clusters.values():
+            measure(cluster, bodies[:2])  # warm-up
+        for r in range(1, args.repeats + 1):
+            for name, cluster in clusters.items():
+                run = {"layout": name, "repeat": r, **measure(cluster, bodies)}
+                runs.append(run)
+                log(f"repeat {r}/{args.repeats} {name:<18}: {run['tokens_per_s']:6.1f} tok/s, stages busy "
+                    + " / ".join(f"{b:.2f}" for b in run["stage_busy"]))
+    base = statistics.median(r["tokens_per_s"] for r in runs if r["layout"] == layouts[0])
+    summary, rows = {}, []
+    print(f"\n{args.concurrency} concurrent, prompt {args.prompt_tokens}, {args.new_tokens} new tokens, {args.dtype}; "
+          f"median [min-max] of {args.repeats}, ratios against '{layouts[0]}' of the same runs")
+    print(f"{'layout':<20}{'tok/s':>24}{'ratio':>8}  stages busy (forward time / wall)")
+    for name in layouts:
+        mine = [r for r in runs if r["layout"] == name]
+        rate = [r["tokens_per_s"] for r in mine]
+        busy = [statistics.median(r["stage_busy"][k] for r in mine) for k in range(len(mine[0]["stage_busy"]))]
+        ratio = statistics.median(rate) / base
+        key = name.replace("-", "_")
+        summary[f"tokens_per_s_{key}"], summary[f"ratio_{key}"], summary[f"stage_busy_{key}"] = (
+            statistics.median(rate), ratio, busy)
+        rows.append({"layout": name, "tokens_per_s": spread(rate), "ratio": ratio, "stage_busy": busy})
+        print(f"{name:<20}{fmt(spread(rate)):>24}{ratio:>8.2f}  " + " / ".join(f"{b:.2f}" for b in busy))
+    write_json(args.out, summary, config={k: v for k, v in vars(args).items() if k != "out"}, rows=rows, runs=runs)
+
+
+if __name__ == "__main__":
+    main()
