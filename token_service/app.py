@@ -55,7 +55,7 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
         transport, kv_server(engine.receive_kv, (KVMessageError,), request_id_var,  # nothing over one whole sequence
                              max_payload=runner.kv.bytes_per_token * settings.max_model_len), settings)
     if settings.stages > 1:
-        engine.pipeline = await open_pipeline(transport, runner, settings, model_id)
+        engine.pipeline = await open_pipeline(transport, runner, settings, model_id, app.state.service_id)
     loop_task = supervise(asyncio.create_task(engine.run()), "decode loop")
     log.info("token service ready: model %s (%s, %s forward), KV pool %d blocks x %d tokens (%.0f MiB), up to %d "
              "sequences, KV on %s (%s)%s", path, runner.dtype, runner.name, settings.num_blocks, runner.block_size,

@@ -82,10 +82,12 @@ def create_stage_app(settings: TokenSettings) -> FastAPI:
 
 # -- the head ---------------------------------------------------------------------------------------
 
-async def open_pipeline(transport: Transport, runner: ModelRunner, settings: TokenSettings, model_id: str) -> Pipeline:
+async def open_pipeline(transport: Transport, runner: ModelRunner, settings: TokenSettings, model_id: str,
+                        service_id: str) -> Pipeline:
     """Wait for stages 1..S-1 of our pipeline in the registry, then link and set them up (again,
     while a stage found there turns out dead or not ready). A stage whose model, dtype or layers
-    differ from ours is skipped, and said so."""
+    differ from ours is skipped, and said so. While another head of the same pipeline is
+    registered (two token services given one --pipeline), we wait: its stages are its own."""
     redis = connect(settings.redis_url, timeout_s=min(5.0, settings.lease_ttl_s / 2))
     registry = Registry(redis, cluster_fingerprint(settings.cluster_token))
     setup = dict(pipeline=settings.pipeline, model_id=model_id, dtype=runner.dtype_name, block_size=runner.block_size,
@@ -95,11 +97,17 @@ async def open_pipeline(transport: Transport, runner: ModelRunner, settings: Tok
         while True:
             try:
                 found = await _find_stages(registry, settings, runner, model_id, refused)
+                heads = [s.id for s in await registry.services(ServiceKind.TOKEN)
+                         if s.pipeline == settings.pipeline and s.id != service_id]
             except Unavailable as exc:
-                found, missing = None, f"the registry: {exc}"
+                found, why = None, f"the registry: {exc}"
             else:
-                missing = ", ".join(str(k) for k in range(1, settings.stages) if k not in found)
-            if found is not None and not missing:
+                absent = [str(k) for k in range(1, settings.stages) if k not in found]
+                why = f"stage(s) {', '.join(absent)} not registered" if absent else ""
+                if heads:
+                    found, why = None, (f"another token service, {heads[0]}, heads this pipeline (one token "
+                                        "service per --pipeline)")
+            if found is not None and not why:
                 stages = [StageInfo(0, "", runner.layers)] + [found[k] for k in range(1, settings.stages)]
                 pipeline = Pipeline(transport, runner, stages, on_broken=lambda: _die(pipeline))
                 try:
@@ -109,12 +117,11 @@ async def open_pipeline(transport: Transport, runner: ModelRunner, settings: Tok
                                        f"{s.address or 'here'}" for s in stages))
                     return pipeline
                 except (TransportError, PipelineError, asyncio.TimeoutError) as exc:
-                    missing = f"the setup: {type(exc).__name__}: {exc}"
+                    why = f"the setup failed: {type(exc).__name__}: {exc}"
                     await pipeline.close()
             if time.monotonic() - said >= 5.0:
                 said = time.monotonic()
-                log.info("pipeline %s: waiting for stage(s) %s (%.0f s)", settings.pipeline, missing,
-                         said - started)
+                log.info("pipeline %s: waiting (%.0f s): %s", settings.pipeline, said - started, why)
             await asyncio.sleep(0.5)
     finally:
         await redis.aclose()

@@ -180,3 +180,18 @@ def test_compose_needs_a_cluster_token():
     tokens = {name: svc["environment"].get("DEJAVU_CLUSTER_TOKEN") for name, svc in config["services"].items()
               if name in SETTINGS}
     assert set(tokens.values()) == {"test-cluster-token"}, tokens
+
+
+def test_the_pipeline_profile_runs_a_two_stage_token_service():
+    """DEJAVU_STAGES=2 docker compose --profile pipeline up: token_service heads the pipeline whose
+    stage 1 is token_stage; both settings load and agree on what a stage must share."""
+    env = {"DEJAVU_CLUSTER_TOKEN": "test-cluster-token", "DEJAVU_STAGES": "2"}
+    result = compose("--profile", "pipeline", "config", "--format", "json", extra_env=env)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    head, stage = settings_of(services["token_service"], "token_service"), settings_of(services["token_stage"], "token_service")
+    assert (head.stages, head.stage, stage.stages, stage.stage) == (2, 0, 2, 1)
+    same = ("pipeline", "model", "max_model_len", "kv_transport", "dtype", "block_size", "num_blocks")
+    assert {k: getattr(head, k) for k in same} == {k: getattr(stage, k) for k in same}
+    assert services["token_stage"]["command"] == ["python", "-m", "token_service"] and stage.kv_port
+    assert "token_stage" not in json.loads(compose("config", "--format", "json").stdout)["services"]  # a profile's

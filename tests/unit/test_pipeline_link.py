@@ -1,0 +1,118 @@
+"""The links of a token pipeline (token_service/pipeline.py), in process over a real TCP transport
+on the tiny model: frames round-trip; a head and a stage set up, then prompts and decode steps
+through both equal one whole model, KV sent on for the stage's layers lands in its pool; a stage
+that does not fit the head refuses the setup; a stage that goes away breaks the pipeline at once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from common.kv import make_transport
+from common.kv.transport import TransportError
+from engine.attention import Segment
+from engine.runner import ModelRunner, stage_layers
+from token_service.pipeline import Pipeline, PipelineError, Stage, StageInfo, decode, encode
+
+pytestmark = pytest.mark.asyncio
+BLOCK, BLOCKS = 4, 32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+async def test_frames_round_trip(dtype):
+    t = torch.randn(5, 3).to(dtype)
+    for meta in (None, {"blocks": [1, 2, 3]}, "x" * 17):  # 17: the tensor starts past padding
+        raw, payload = encode({"op": "step", "step": 4}, meta, t)
+        header, got_meta, got = decode(raw, payload.copy())
+        assert header["op"] == "step" and header["step"] == 4 and got_meta == meta
+        assert got.dtype == dtype and torch.equal(got, t)
+
+
+def setup_of(runner: ModelRunner, **changes) -> dict:
+    return {"pipeline": "p", "model_id": "m", "dtype": runner.dtype_name, "block_size": BLOCK, "num_blocks": BLOCKS,
+            "stages": 2, **changes}
+
+
+async def linked(model, **changes):
+    """A stage 1 of 2 listening on TCP and a head's Pipeline set up with it."""
+    layers = [stage_layers(model.config.num_hidden_layers, 2, k) for k in range(2)]
+    head = ModelRunner(model, block_size=BLOCK, layers=layers[0])
+    stage_transport, head_transport = make_transport("tcp", "secret"), make_transport("tcp", "secret")
+    stage = Stage(ModelRunner(model, block_size=BLOCK, layers=layers[1]), BLOCKS, 1, 2, "m", stage_transport)
+    address = await stage_transport.listen(stage.handle, "127.0.0.1")
+    broken = []
+    pipeline = Pipeline(head_transport, head, [StageInfo(0, "", layers[0]), StageInfo(1, address, layers[1])],
+                        on_broken=lambda: broken.append(True))
+    return head, stage, pipeline, broken, (stage_transport, head_transport), setup_of(head, **changes)
+
+
+async def test_a_head_and_a_stage_compute_what_one_model_does(tiny_oracle):
+    model = tiny_oracle.model
+    head, stage, pipeline, broken, transports, setup = await linked(model)
+    try:
+        await pipeline.open(setup)
+        whole = ModelRunner(model, block_size=BLOCK)
+        whole_pool, head_pool = whole.new_pool(BLOCKS), head.new_pool(BLOCKS)
+        prompts = [tiny_oracle.tokenizer(t)["input_ids"] for t in ["Hi there", "The capital of France is"]]
+        tables = [[3, 9, 1], [0, 7, 12, 5]]
+
+        async def both(segments):
+            want = whole.forward(segments, whole_pool)
+            got = await pipeline.forward(segments, head.forward(segments, head_pool))
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            return want.argmax(-1).tolist()
+
+        last = await both([Segment(p, 0, t) for p, t in zip(prompts, tables)])
+        for _ in range(4):  # two microbatches in flight at once: one sequence each
+            segments = [Segment([tok], len(p), t) for tok, p, t in zip(last, prompts, tables)]
+            want = whole.forward(segments, whole_pool)
+            hidden = [head.forward([s], head_pool) for s in segments]
+            got = await asyncio.gather(*(pipeline.forward([s], h) for s, h in zip(segments, hidden)))
+            torch.testing.assert_close(torch.cat(got), want, rtol=0, atol=0)
+            last = want.argmax(-1).tolist()
+            prompts = [p + [tok] for p, tok in zip(prompts, last)]
+        assert stage.steps == 9
+
+        # KV that a prompt service would stream for the stage's layers lands in its pool, in order before a step
+        kv = torch.randn(1, 2, 5, whole.kv.kv_heads, whole.kv.head_dim)
+        await pipeline.send_kv([20, 21], range(2, 3), range(0, 5), kv)
+        await pipeline.forward([Segment([1], 5, [20, 21])], head.forward([Segment([1], 5, [20, 21])], head_pool))
+        slots = torch.tensor([80, 81, 82, 83, 84])
+        assert torch.equal(stage.pool[:, :, slots], kv)
+        assert not broken
+    finally:
+        await pipeline.close()
+        for t in transports:
+            await t.close()
+
+
+@pytest.mark.parametrize("wrong", [{"num_blocks": BLOCKS + 1}, {"model_id": "other"}, {"dtype": "bfloat16"}])
+async def test_a_stage_that_does_not_fit_refuses_the_setup(tiny_oracle, wrong):
+    _, stage, pipeline, _, transports, setup = await linked(tiny_oracle.model, **wrong)
+    try:
+        with pytest.raises(PipelineError, match="is not this stage's"):
+            await pipeline.open(setup)
+        assert stage.upstream is None
+    finally:
+        await pipeline.close()
+        for t in transports:
+            await t.close()
+
+
+async def test_a_stage_that_goes_away_breaks_the_pipeline(tiny_oracle):
+    head, stage, pipeline, broken, (stage_transport, head_transport), setup = await linked(tiny_oracle.model)
+    try:
+        await pipeline.open(setup)
+        await stage_transport.close()
+        for _ in range(100):
+            if broken:
+                break
+            await asyncio.sleep(0.05)
+        assert broken == [True]
+        with pytest.raises(TransportError):
+            await pipeline.forward([Segment([1], 0, [0])], head.forward([Segment([1], 0, [0])], head.new_pool(BLOCKS)))
+    finally:
+        await pipeline.close()
+        await head_transport.close()
