@@ -54,13 +54,6 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
     kv_address = engine.kv_address = await listen_kv(
         transport, kv_server(engine.receive_kv, (KVMessageError,), request_id_var,  # nothing over one whole sequence
                              max_payload=runner.kv.bytes_per_token * settings.max_model_len), settings)
-    if settings.stages > 1:
-        engine.pipeline = await open_pipeline(transport, runner, settings, model_id, app.state.service_id)
-    loop_task = supervise(asyncio.create_task(engine.run()), "decode loop")
-    log.info("token service ready: model %s (%s, %s forward), KV pool %d blocks x %d tokens (%.0f MiB), up to %d "
-             "sequences, KV on %s (%s)%s", path, runner.dtype, runner.name, settings.num_blocks, runner.block_size,
-             engine.pool.nbytes / 2**20, settings.max_seqs, kv_address, settings.kv_transport,
-             ", colocated: prefills here too" if settings.colocated else "")
     lease_fields = lambda: dict(  # noqa: E731
         model=str(path), model_id=model_id, protocol=PROTOCOL, kv_address=kv_address,
         kv_transport=settings.kv_transport, max_model_len=settings.max_model_len, colocated=settings.colocated, dtype=runner.dtype_name,
@@ -68,19 +61,42 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
         kv_bytes_used=engine.kv_bytes_used, kv_bytes_free=engine.kv_bytes_free, **stage_fields(settings, runner))
     peers = Peers(transport, fault_rate=settings.inject_kv_faults)
     client = httpx.AsyncClient(headers=cluster_headers(settings))  # the replicator's /drop calls to cache stores
+    tasks: list[asyncio.Task] = []
+
+    def start_decoding() -> None:
+        tasks.append(supervise(asyncio.create_task(engine.run()), "decode loop"))
+        log.info("token service ready: model %s (%s, %s forward), KV pool %d blocks x %d tokens (%.0f MiB), up to %d "
+                 "sequences, KV on %s (%s)%s", path, runner.dtype, runner.name, settings.num_blocks, runner.block_size,
+                 engine.pool.nbytes / 2**20, settings.max_seqs, kv_address, settings.kv_transport,
+                 ", colocated: prefills here too" if settings.colocated else "")
+
+    async def link_and_register() -> None:
+        """A pipeline's head: find and link its stages (as long as they take to come), then decode
+        and register. In a task of its own, not in the lifespan's start-up: uvicorn acts on a
+        SIGTERM only once start-up is over, and a head waiting for its stages must still stop."""
+        engine.pipeline = await open_pipeline(transport, runner, settings, model_id, app.state.service_id)
+        start_decoding()
+        async with registered(app, settings, ServiceKind.TOKEN, lease_fields):
+            log.warning("a pipeline's stages do not replicate their KV yet: when a stage fails, its requests "
+                        "resume elsewhere by prefilling again (exact, slower than from a replica)")
+            await asyncio.Event().wait()  # until cancelled, at shutdown
+
     try:
-        async with registered(app, settings, ServiceKind.TOKEN, lease_fields) as redis:
-            registry = Registry(redis, cluster_fingerprint(settings.cluster_token))  # this cluster's stores only
-            stores = RecentServices(registry, settings.lease_ttl_s)  # a Redis restart forgets no store
-            if settings.stages == 1:
+        if settings.stages > 1:
+            tasks.append(supervise(asyncio.create_task(link_and_register()), "the token pipeline"))
+            yield
+        else:
+            start_decoding()
+            async with registered(app, settings, ServiceKind.TOKEN, lease_fields) as redis:
+                registry = Registry(redis, cluster_fingerprint(settings.cluster_token))  # this cluster's stores only
+                stores = RecentServices(registry, settings.lease_ttl_s)  # a Redis restart forgets no store
                 engine.replicator = Replicator(engine.pool, runner.block_size, peers, stores, RequestStore(redis),
                                                client, settings.replicate_every)
-            else:
-                log.warning("a pipeline's stages do not replicate their KV yet: when a stage fails, its requests "
-                            "resume elsewhere by prefilling again (exact, slower than from a replica)")
-            yield
+                yield
     finally:
-        loop_task.cancel()
+        for task in reversed(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if engine.pipeline is not None:
             await engine.pipeline.close()
         await peers.close()

@@ -88,3 +88,33 @@ def test_a_stage_killed_mid_stream_costs_a_pause(cluster, tiny_oracle):
         for t in cluster.of("token"):
             t.proc.send_signal(signal.SIGCONT)
     assert_no_kv_held_on(cluster)
+
+
+def test_a_head_waiting_for_its_stages_says_so_and_stops_on_sigterm(tiny_model_path, redis_server):
+    """No stage ever registers: the head logs what it waits for, is not registered as a token
+    service meanwhile, and SIGTERM stops it at once (it waits outside uvicorn's start-up)."""
+    import os
+    import subprocess
+    import sys
+
+    import redis as redis_client
+
+    env = {**os.environ, "DEJAVU_MODEL": str(tiny_model_path), "DEJAVU_REDIS_URL": redis_server.url,
+           "DEJAVU_STAGES": "2", "DEJAVU_PIPELINE": "lonely", "DEJAVU_KV_TRANSPORT": "tcp", "DEJAVU_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "token_service"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "waiting" in line:
+                break
+        assert "pipeline lonely: waiting" in lines[-1] and "stage(s) 1 not registered" in lines[-1], lines[-5:]
+        assert not any(b"token" in k for k in redis_client.Redis.from_url(redis_server.url).keys("*svc:*"))
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)  # uvicorn re-raises the signal once it has shut down: the code is -15 either way
+        assert "Application shutdown complete" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
