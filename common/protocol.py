@@ -69,6 +69,8 @@ class ServiceInfo(Message):
     stages: int = 1               # how many stages it has
     layer_start: int = 0          # the stage's layers [layer_start, layer_end)
     layer_end: int = 0
+    block_size: int = 0           # a stage's KV pool: tokens per block, and blocks (the head's must match)
+    num_blocks: int = 0
     started_at: float = 0.0       # unix s
     renewed_at: float = 0.0       # unix s
 

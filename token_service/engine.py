@@ -124,12 +124,20 @@ class TokenEngine:
         if header.dtype != self.runner.dtype_name:  # never a silent cast: both ends must run one --dtype
             raise KVMessageError(f"KV dtype {header.dtype} does not match this token service's "
                                  f"{self.runner.dtype_name} (run every service with the same --dtype)")
+        if seq.filling:  # a restore, or a pipeline's stages still getting an earlier message (a retried prefill)
+            raise KVMessageError(f"request {seq.request_id}: its KV is being written by another message or a restore")
         layers = range(header.layer_start, header.layer_end)
         try:
             seq.mark_received(layers, header.token_start, header.token_end)
         except ValueError as exc:
             raise KVMessageError(f"request {seq.request_id}: {exc}") from None
-        await self._write_kv(seq, layers, range(header.token_start, header.token_end), as_tensor(header, payload))
+        seq.filling = True  # an abort meanwhile leaves the blocks to us: a stage's frame may still be on its way
+        try:
+            await self._write_kv(seq, layers, range(header.token_start, header.token_end), as_tensor(header, payload))
+        finally:
+            seq.filling = False
+            if seq.done:
+                self.release(seq)
 
     async def _write_kv(self, seq: Sequence, layers: range, tokens: range, kv: torch.Tensor) -> None:
         """KV (len(layers), 2, len(tokens), kv_heads, head_dim) into the sequence's blocks: this
@@ -232,9 +240,9 @@ class TokenEngine:
             return False
         if seq.done:  # aborted (or finished) already: whoever is writing its row releases it
             return True
-        busy = seq.status is SeqStatus.RUNNING or seq.filling
+        busy = seq.stepping or seq.filling
         seq.status = SeqStatus.ABORTED
-        if not busy:  # a running (filling) one is released once the step (restore, prefill) writing its row is done
+        if not busy:  # one in a step (being filled) is released once the step (restore, prefill) writing its row is done
             self.release(seq)
         return True
 
@@ -271,6 +279,14 @@ class TokenEngine:
         batching still admits and retires sequences between any two steps. A colocated prompt's
         chunks ride in one microbatch at a time: a chunk's next one needs where it ends."""
         flights: dict[asyncio.Task, tuple[set[str], bool]] = {}  # step -> (its sequences, whether it has chunks)
+        try:
+            await self._fly(flights)
+        finally:  # the loop ends (shutdown, a failed step): the steps still in flight end with it
+            for task in flights:
+                task.cancel()
+            await asyncio.gather(*flights, return_exceptions=True)
+
+    async def _fly(self, flights: dict[asyncio.Task, tuple[set[str], bool]]) -> None:
         busy: set[str] = set()
         chunking, next_expiry = False, 0.0
         while True:
@@ -290,8 +306,10 @@ class TokenEngine:
                 busy |= ids
                 chunking |= bool(chunks)
             waker = asyncio.ensure_future(self.wakeup.wait())
-            done, _ = await asyncio.wait([*flights, waker], timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-            waker.cancel()
+            try:
+                done, _ = await asyncio.wait([*flights, waker], timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waker.cancel()
             for task in done - {waker}:
                 ids, had_chunks = flights.pop(task)
                 busy -= ids
@@ -305,6 +323,7 @@ class TokenEngine:
         seqs = batch.seqs if batch else []
         for seq in seqs:  # room for the token each writes at its input position (promised at admission)
             self.blocks.grow(seq.blocks, seq.input_position + 1, seq.promised)
+            seq.stepping = True
         segments = (batch.segments if batch else []) + [c.segment for c in chunks]
         try:
             logits = await self.runner.run(self.runner.forward, segments, self.pool)
@@ -317,9 +336,12 @@ class TokenEngine:
             log.exception("a step with %d prompt chunks failed", len(chunks))
             self.prefills.fail(chunks, exc)
             for seq in seqs:  # aborted during the forward: released here, as _postprocess would have
+                seq.stepping = False
                 if seq.done:
                     self.release(seq)
             return
+        for seq in seqs:
+            seq.stepping = False
         if chunks:
             self.prefills.finish(chunks, logits[len(seqs):])
             PREFILL_SECONDS.observe(time.perf_counter() - start)

@@ -55,12 +55,14 @@ import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from common.kv.transport import Connection, Transport, TransportError
+from common.kv.copy import scatter
 from engine.attention import Segment, slots_of
 from engine.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
 SETUP_TIMEOUT_S = 30.0
+STEP_TIMEOUT_S = 60.0  # a step not back by then means a hung stage: the pipeline ends (a CPU step takes < 1 s)
 STAGE_STEPS = Counter("dejavu_stage_steps", "forward steps this pipeline stage computed")
 STAGE_STEP_SECONDS = Histogram("dejavu_stage_step_seconds", "one forward of this stage's layers",
                                buckets=(.005, .01, .025, .05, .1, .2, .4, .8, 1.6))
@@ -121,6 +123,18 @@ def segments_of(meta: list) -> list[Segment]:
 
 # -- a stage (1..S-1) -----------------------------------------------------------------------------
 
+@dataclass
+class Link:
+    """One setup of a stage: the head's session, the link from the stage before and the one to the
+    stage after (none on the last). A newer setup replaces it whole; the old one's frames, if any
+    are still being computed, go nowhere."""
+
+    session: str
+    upstream: Connection
+    downstream: Connection | None = None
+    watcher: asyncio.Task | None = None
+
+
 class Stage:
     """A stage worker: computes its layers for whatever its upstream link sends, and passes the
     result downstream (or, the last stage, the logits back to the head)."""
@@ -130,9 +144,7 @@ class Stage:
         self.runner, self.stage, self.stages, self.model_id, self.transport = runner, stage, stages, model_id, transport
         self.num_blocks = num_blocks
         self.pool = runner.new_pool(num_blocks)
-        self.session = ""           # the head's, from its latest setup
-        self.upstream: Connection | None = None
-        self.downstream: Connection | None = None  # the next stage's link (not the last stage)
+        self.link: Link | None = None               # the current setup
         self.results: dict[str, Connection] = {}    # session -> the head's results link (the last stage)
         self.results_ready: dict[str, asyncio.Event] = {}
         self.steps = 0
@@ -141,17 +153,21 @@ class Stage:
     def last(self) -> bool:
         return self.stage == self.stages - 1
 
+    @property
+    def linked(self) -> bool:
+        return self.link is not None
+
     async def handle(self, conn: Connection) -> None:
         """The transport handler of every link this stage accepts: from the stage before it, or
         (the last stage) the head's results link."""
         raw, payload = await conn.recv()
-        header, meta, _ = decode(raw, payload)
-        if header["op"] == "results":
+        header, _, _ = decode(raw, payload)
+        if header["op"] == "results" and isinstance(header.get("session"), str):
             await self._results_link(conn, header["session"])
-        elif header["op"] == "setup":
+        elif header["op"] == "setup" and isinstance(header.get("session"), str):
             await self._upstream_link(conn, header)
         else:
-            log.warning("a link that opened with %r, not setup or results: closed", header["op"])
+            log.warning("a link that opened with a %r frame, not setup or results: closed", header["op"])
 
     async def _results_link(self, conn: Connection, session: str) -> None:
         self.results[session] = conn
@@ -170,47 +186,57 @@ class Stage:
             self._check_setup(setup)
         except PipelineError as exc:
             log.error("pipeline setup refused: %s", exc)
-            await self._answer(setup["session"], {"op": "error", "step": -1, "message": str(exc)})
+            error = {"op": "error", "step": -1, "message": str(exc)}
+            if self.last:
+                await self._answer(setup["session"], error, wait=True)
+            else:  # the head reads its link to stage 1 during the setup; a stage between relays it
+                await conn.send(*encode(error))
             return
-        if self.upstream is not None:  # a new head (restarted) replaces the old one's chain
-            log.info("a new setup (session %s) replaces session %s", setup["session"], self.session)
-            await self.upstream.close()
-        if self.downstream is not None:
-            await self.downstream.close()
-            self.downstream = None
-        self.upstream, self.session = conn, setup["session"]
+        await self._unlink("a new setup (session %s) replaces it" % setup["session"])
+        link = self.link = Link(setup["session"], conn)
         STAGE_LINKED.set(1)
-        if not self.last:
-            address = setup["links"][self.stage + 1][0]
-            self.downstream = await self.transport.connect(address)
-            await self.downstream.send(*encode(setup))
-            asyncio.create_task(self._watch(self.downstream, conn))
-        else:
-            await self._answer(self.session, {"op": "ready", "stage": self.stage})
-        log.info("pipeline %s set up: stage %d of %d, layers [%d, %d)", setup["pipeline"], self.stage, self.stages,
-                 self.runner.layers.start, self.runner.layers.stop)
         try:
-            while True:
+            if not self.last:
+                link.downstream = await self.transport.connect(setup["links"][self.stage + 1][0])
+                await link.downstream.send(*encode(setup))
+                link.watcher = asyncio.create_task(self._watch(link))
+            else:
+                await self._answer(link.session, {"op": "ready", "stage": self.stage}, wait=True)
+            log.info("pipeline %s set up: stage %d of %d, layers [%d, %d)", setup["pipeline"], self.stage,
+                     self.stages, self.runner.layers.start, self.runner.layers.stop)
+            while self.link is link:
                 raw, payload = await conn.recv()
-                await self._frame(raw, payload)
+                await self._frame(link, raw, payload)
         except TransportError as exc:
-            log.info("upstream link ended: %s", exc)
+            log.info("pipeline link ended: %s", exc)
         finally:
-            if self.upstream is conn:  # not replaced meanwhile: tell the stages after this one
-                self.upstream = None
-                STAGE_LINKED.set(0)
-                if self.downstream is not None:
-                    await self.downstream.close()
-                    self.downstream = None
+            if self.link is link:
+                await self._unlink("its upstream link ended")
 
-    async def _watch(self, downstream: Connection, upstream: Connection) -> None:
-        """Nothing comes back on a downstream link: when it ends, the stages after this one are gone
-        (or this one replaced it), and the link from upstream closes too, up to the head."""
-        with contextlib.suppress(TransportError):
-            await downstream.recv()
-        if self.downstream is downstream:
+    async def _unlink(self, why: str) -> None:
+        """Drop the current setup: its links close, down the chain (and up: see _watch)."""
+        link, self.link = self.link, None
+        STAGE_LINKED.set(0)
+        if link is None:
+            return
+        log.info("pipeline session %s ended here: %s", link.session, why)
+        if link.watcher is not None:
+            link.watcher.cancel()
+        for conn in (link.upstream, link.downstream):
+            if conn is not None:
+                await conn.close()
+
+    async def _watch(self, link: Link) -> None:
+        """Nothing comes back on a downstream link but a refused setup: when it ends, the stages
+        after this one are gone, and this stage's links close too, up to the head."""
+        try:
+            raw, payload = await link.downstream.recv()
+            await link.upstream.send(raw, payload)  # a later stage refused the setup: the head reads why
+        except TransportError:
+            pass
+        if self.link is link:
             log.warning("the link to stage %d ended: closing the pipeline", self.stage + 1)
-            await upstream.close()
+            await self._unlink("the next stage's link ended")
 
     def _check_setup(self, setup: dict) -> None:
         layers = self.runner.layers
@@ -220,54 +246,69 @@ class Stage:
         if got != want:
             raise PipelineError(f"stage {self.stage}: the head's {got} is not this stage's {want}")
         links = setup.get("links")
-        if not (isinstance(links, list) and len(links) == self.stages and isinstance(links[self.stage], list)):
+        if not (isinstance(links, list) and len(links) == self.stages and isinstance(links[self.stage], list)
+                and all(isinstance(x, list) and x and isinstance(x[0], str) for x in links)):
             raise PipelineError(f"stage {self.stage}: a setup without the {self.stages} stages' links")
         if links[self.stage][1:] != [layers.start, layers.stop]:
             raise PipelineError(f"stage {self.stage}: the head expects layers {links[self.stage][1:]}, "
                                 f"this stage holds [{layers.start}, {layers.stop})")
 
-    async def _frame(self, raw: bytes, payload: np.ndarray) -> None:
+    async def _frame(self, link: Link, raw: bytes, payload: np.ndarray) -> None:
+        """One frame from upstream. One that cannot be applied (malformed, or KV that does not fit)
+        raises: the link ends, and with it the pipeline, rather than compute on KV that is not there."""
         header, meta, tensor = decode(raw, payload)
         op = header["op"]
         if op == "step":
-            await self._step(header, meta, tensor)
+            await self._step(link, header, meta, tensor)
         elif op == "kv" and header["stage"] == self.stage:
             (start, stop), (t0, t1) = header["layers"], header["tokens"]
+            if not (self.runner.layers.start <= start < stop <= self.runner.layers.stop):
+                raise PipelineError(f"KV of layers [{start}, {stop}) on stage {self.stage}")
             local = slice(start - self.runner.layers.start, stop - self.runner.layers.start)
-            self.pool[local, :, slots_of(meta, self.runner.block_size, t0, t1)] = tensor
+            scatter(self.pool, slots_of(meta, self.runner.block_size, t0, t1), local, tensor)
         elif op in ("kv", "error") and not self.last:
-            await self.downstream.send(raw, payload)  # for a stage after this one, or the head: as it came
+            await link.downstream.send(raw, payload)  # for a stage after this one, or the head: as it came
         elif op == "error":
-            await self._answer(self.session, header)
+            await self._answer(link.session, header)
         else:
             log.warning("unexpected %r frame on the upstream link: skipped", op)
 
-    async def _step(self, header: dict, meta: list, hidden: torch.Tensor) -> None:
+    async def _step(self, link: Link, header: dict, meta: list, hidden: torch.Tensor) -> None:
         step, start = header["step"], time.perf_counter()
         try:
             out = await self.runner.run(self.runner.forward, segments_of(meta), self.pool, None, hidden)
         except Exception as exc:  # noqa: BLE001 - a step this stage cannot compute fails that step only
             log.exception("step %d failed", step)
             error = {"op": "error", "step": step, "message": f"stage {self.stage}: {type(exc).__name__}: {exc}"}
-            await (self._answer(self.session, error) if self.last else self.downstream.send(*encode(error)))
+            await (self._answer(link.session, error) if self.last else link.downstream.send(*encode(error)))
             return
         self.steps += 1
         STAGE_STEPS.inc()
         STAGE_STEP_SECONDS.observe(time.perf_counter() - start)
+        if self.link is not link:
+            return  # replaced while it computed: the new head's chain does not want it
         if self.last:
-            await self._answer(self.session, {"op": "logits", "step": step}, out)
+            await self._answer(link.session, {"op": "logits", "step": step}, out)
         else:
-            await self.downstream.send(*encode({"op": "step", "step": step}, meta, out))
+            await link.downstream.send(*encode({"op": "step", "step": step}, meta, out))
 
-    async def _answer(self, session: str, header: dict, tensor: torch.Tensor | None = None) -> None:
-        """A frame to the head, on its results link (waited for a while: it may open after the setup)."""
-        ready = self.results_ready.setdefault(session, asyncio.Event())
-        try:
-            await asyncio.wait_for(ready.wait(), SETUP_TIMEOUT_S)
-        except asyncio.TimeoutError:
+    async def _answer(self, session: str, header: dict, tensor: torch.Tensor | None = None, wait: bool = False) -> None:
+        """A frame to the head, on its results link; during the setup the link may open after it,
+        and is waited for a while. Without one (the head is gone) the frame is dropped."""
+        if wait and session not in self.results:
+            ready = self.results_ready.setdefault(session, asyncio.Event())
+            try:
+                await asyncio.wait_for(ready.wait(), SETUP_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                if session not in self.results:
+                    self.results_ready.pop(session, None)
+        conn = self.results.get(session)
+        if conn is None:
             log.warning("no results link from the head of session %s: %s frame dropped", session, header["op"])
             return
-        await self.results[session].send(*encode(header, None, tensor))
+        await conn.send(*encode(header, None, tensor))
 
 
 # -- the head's side ------------------------------------------------------------------------------
@@ -301,19 +342,31 @@ class Pipeline:
         return next(s.stage for s in self.stages if layer in s.layers)
 
     async def open(self, setup: dict) -> None:
-        """Connect, set the pipeline up, and wait until the last stage says it is ready."""
+        """Connect, set the pipeline up, and wait until the last stage says it is ready. A stage
+        that refuses the setup says why: the last on the results link, the others up the chain."""
         last = self.stages[-1]
         self.results = await self.transport.connect(last.address)
         await self.results.send(*encode({"op": "results", "session": self.session}))
         self.first = await self.transport.connect(self.stages[1].address)
         stages = [[s.address, s.layers.start, s.layers.stop] for s in self.stages]
         await self.first.send(*encode({**setup, "op": "setup", "session": self.session, "links": stages}))
-        raw, payload = await asyncio.wait_for(self.results.recv(), SETUP_TIMEOUT_S)
-        header, _, _ = decode(raw, payload)
+        upstream = asyncio.create_task(self.first.recv())  # read until the link ends: it is also the watch on stage 1
+        ready = asyncio.create_task(self.results.recv())
+        done, _ = await asyncio.wait([upstream, ready], timeout=SETUP_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        if ready not in done:
+            ready.cancel()
+            upstream.cancel()
+            if upstream in done and upstream.exception() is None:
+                raw, payload = upstream.result()
+                raise PipelineError(f"pipeline setup refused: {decode(raw, payload)[0].get('message')}")
+            raise PipelineError("pipeline setup failed: " + (f"stage 1's link ended ({upstream.exception()})"
+                                                            if upstream in done else f"no answer in {SETUP_TIMEOUT_S:.0f} s"))
+        header, _, _ = decode(*ready.result())
         if header["op"] != "ready":
-            raise PipelineError(f"pipeline setup failed: {header.get('message', header)}")
+            upstream.cancel()
+            raise PipelineError(f"pipeline setup refused: {header.get('message', header)}")
         self.reader = asyncio.create_task(self._read())
-        self.watcher = asyncio.create_task(self._watch_first())
+        self.watcher = asyncio.create_task(self._watch_first(upstream))
 
     async def _read(self) -> None:
         try:
@@ -333,10 +386,11 @@ class Pipeline:
             self._break(TransportError("the pipeline was closed"))
             raise
 
-    async def _watch_first(self) -> None:
-        """Stage 1 sends nothing back on its link: when it ends, a stage failed (or was replaced)."""
+    async def _watch_first(self, recv: asyncio.Task) -> None:
+        """Stage 1 sends nothing back on its link once set up: when it ends, a stage failed (or was
+        replaced). `recv` is the read open() started."""
         with contextlib.suppress(TransportError):
-            await self.first.recv()
+            await recv
         self._break(TransportError("the link to stage 1 ended"))
 
     def _break(self, exc: Exception) -> None:
@@ -361,7 +415,13 @@ class Pipeline:
                                           segments_meta(segments, self.runner.block_size), hidden))
         except TransportError as exc:
             self._break(exc)
-        return await future
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), STEP_TIMEOUT_S)
+        except asyncio.TimeoutError:  # a stage hangs (stopped, or its host gone without a reset)
+            self.pending.pop(step, None)
+            future.cancel()
+            self._break(TransportError(f"step {step} not back from the stages in {STEP_TIMEOUT_S:.0f} s"))
+            raise self.broken from None
 
     async def send_kv(self, blocks: list[int], layers: range, tokens: range, kv: torch.Tensor) -> None:
         """KV (len(layers), 2, len(tokens), kv_heads, head_dim) of layers past the head's, to the

@@ -34,7 +34,8 @@ class Sequence:
     output: list[int] = field(default_factory=list)  # output tokens from first_index on
     first_index: int = 0                # output index of output[0] (> 0 on a resumed request)
     epoch: int = 0                      # the request's epoch when this service took it (fencing)
-    filling: bool = False               # its row is being written: a restore, or a prefill here (colocated)
+    filling: bool = False               # its row is being written: a restore, a prefill here (colocated), prompt KV sent on to a pipeline's stages
+    stepping: bool = False              # in a decode step now (its row is being read and written)
     events: asyncio.Queue[DecodeEvent | None] = field(default_factory=asyncio.Queue)  # None: a token replayed
 
     def __post_init__(self) -> None:

@@ -24,9 +24,10 @@ from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, Require
                             listen_kv, registered, supervise)
 from common.settings import TokenSettings
 from engine.runner import ModelRunner, stage_layers
-from token_service.pipeline import SETUP_TIMEOUT_S, Pipeline, PipelineError, Stage, StageInfo
+from token_service.pipeline import Pipeline, PipelineError, Stage, StageInfo
 
 log = logging.getLogger(__name__)
+RETRY_S = 5.0  # after a failed setup
 
 
 
@@ -35,7 +36,8 @@ def stage_fields(settings: TokenSettings, runner: ModelRunner) -> dict:
     if settings.stages == 1:
         return {}
     return dict(pipeline=settings.pipeline, stage=settings.stage, stages=settings.stages,
-                layer_start=runner.layers.start, layer_end=runner.layers.stop)
+                layer_start=runner.layers.start, layer_end=runner.layers.stop, block_size=runner.block_size,
+                num_blocks=settings.num_blocks)
 
 
 @contextlib.asynccontextmanager
@@ -73,7 +75,7 @@ def create_stage_app(settings: TokenSettings) -> FastAPI:
     async def health() -> dict:
         stage: Stage = app.state.stage
         return {"kind": "stage", "pipeline": settings.pipeline, "stage": stage.stage, "stages": stage.stages,
-                "layers": [stage.runner.layers.start, stage.runner.layers.stop], "linked": stage.upstream is not None,
+                "layers": [stage.runner.layers.start, stage.runner.layers.stop], "linked": stage.linked,
                 "steps": stage.steps}
 
     add_health_and_metrics(app, health)
@@ -98,7 +100,7 @@ async def open_pipeline(transport: Transport, runner: ModelRunner, settings: Tok
             try:
                 found = await _find_stages(registry, settings, runner, model_id, refused)
                 heads = [s.id for s in await registry.services(ServiceKind.TOKEN)
-                         if s.pipeline == settings.pipeline and s.id != service_id]
+                         if s.stages > 1 and s.pipeline == settings.pipeline and s.id != service_id]
             except Unavailable as exc:
                 found, why = None, f"the registry: {exc}"
             else:
@@ -117,8 +119,10 @@ async def open_pipeline(transport: Transport, runner: ModelRunner, settings: Tok
                                        f"{s.address or 'here'}" for s in stages))
                     return pipeline
                 except (TransportError, PipelineError, asyncio.TimeoutError) as exc:
-                    why = f"the setup failed: {type(exc).__name__}: {exc}"
+                    why = f"{type(exc).__name__}: {exc}"
                     await pipeline.close()
+                    log.warning("pipeline %s: %s; trying again in %.0f s", settings.pipeline, why, RETRY_S)
+                    await asyncio.sleep(RETRY_S)  # a stage that refused, or a dead one whose lease has not lapsed
             if time.monotonic() - said >= 5.0:
                 said = time.monotonic()
                 log.info("pipeline %s: waiting (%.0f s): %s", settings.pipeline, said - started, why)
@@ -139,7 +143,10 @@ async def _find_stages(registry: Registry, settings: TokenSettings, runner: Mode
                  f"dtype {info.dtype} (ours {runner.dtype_name})" if info.dtype != runner.dtype_name else
                  f"{info.stages} stages (ours {settings.stages})" if info.stages != settings.stages else
                  f"KV transport {info.kv_transport} (ours {settings.kv_transport})" if info.kv_transport != settings.kv_transport else
-                 f"layers [{info.layer_start}, {info.layer_end})" if want != range(info.layer_start, info.layer_end) else "")
+                 f"layers [{info.layer_start}, {info.layer_end})" if want != range(info.layer_start, info.layer_end) else
+                 f"KV pool {info.num_blocks} blocks of {info.block_size} (ours {settings.num_blocks} of "
+                 f"{runner.block_size}: --kv-blocks, --max-seqs, --max-model-len and --block-size must agree)"
+                 if (info.num_blocks, info.block_size) != (settings.num_blocks, runner.block_size) else "")
         if wrong:
             if info.id not in refused:
                 refused.add(info.id)
@@ -160,4 +167,4 @@ def _die(pipeline: Pipeline) -> None:
     supervise(asyncio.create_task(fail()), "the token pipeline")
 
 
-__all__ = ["SETUP_TIMEOUT_S", "create_stage_app", "open_pipeline", "stage_fields"]
+__all__ = ["create_stage_app", "open_pipeline", "stage_fields"]

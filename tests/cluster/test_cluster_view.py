@@ -34,7 +34,7 @@ def test_get_cluster_lists_every_service(tiny_cluster):
     resp = httpx.get(tiny_cluster.url + "/cluster", timeout=10)
     assert resp.status_code == 200, resp.text
     body = resp.json()
-    assert body["counts"] == {"gateway": 1, "prompt": 1, "token": 1, "cache_store": 1}
+    assert body["counts"] == {"gateway": 1, "prompt": 1, "token": 1, "cache_store": 1, "stage": 0}
     assert [s["kind"] for s in body["services"]] == list(KINDS)
     assert_lists_every_child(body["services"], tiny_cluster)
 

@@ -42,7 +42,7 @@ def healed(cluster):
     cluster.wait_ready(120, dead)
     deadline = time.monotonic() + 30
     while httpx.get(cluster.url + "/cluster", timeout=10).json()["counts"] != {
-            "gateway": 1, "prompt": 2, "token": 3, "cache_store": 2}:
+            "gateway": 1, "prompt": 2, "token": 3, "cache_store": 2, "stage": 0}:
         assert time.monotonic() < deadline, "the cluster did not come back"
         time.sleep(0.3)
     yield

@@ -94,8 +94,10 @@ def test_a_head_waiting_for_its_stages_says_so_and_stops_on_sigterm(tiny_model_p
     """No stage ever registers: the head logs what it waits for, is not registered as a token
     service meanwhile, and SIGTERM stops it at once (it waits outside uvicorn's start-up)."""
     import os
+    import queue
     import subprocess
     import sys
+    import threading
 
     import redis as redis_client
 
@@ -103,17 +105,19 @@ def test_a_head_waiting_for_its_stages_says_so_and_stops_on_sigterm(tiny_model_p
            "DEJAVU_STAGES": "2", "DEJAVU_PIPELINE": "lonely", "DEJAVU_KV_TRANSPORT": "tcp", "DEJAVU_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "token_service"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if "waiting" in line:
-                break
-        assert "pipeline lonely: waiting" in lines[-1] and "stage(s) 1 not registered" in lines[-1], lines[-5:]
-        assert not any(b"token" in k for k in redis_client.Redis.from_url(redis_server.url).keys("*svc:*"))
+        seen = []
+        while not seen or "waiting" not in seen[-1]:
+            seen.append(lines.get(timeout=120))  # queue.Empty: it never said it waits
+        assert "pipeline lonely: waiting" in seen[-1] and "stage(s) 1 not registered" in seen[-1], seen[-5:]
+        r = redis_client.Redis.from_url(redis_server.url)
+        assert not any(b'"lonely"' in (r.get(k) or b"") for k in r.keys("*svc:*"))  # not registered while it waits
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)  # uvicorn re-raises the signal once it has shut down: the code is -15 either way
-        assert "Application shutdown complete" in proc.stdout.read()
+        time.sleep(0.5)  # the reader thread drains the pipe
+        assert any("Application shutdown complete" in line for line in list(lines.queue))
     finally:
         if proc.poll() is None:
             proc.kill()

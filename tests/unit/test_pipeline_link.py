@@ -30,27 +30,31 @@ async def test_frames_round_trip(dtype):
         assert got.dtype == dtype and torch.equal(got, t)
 
 
-def setup_of(runner: ModelRunner, **changes) -> dict:
+def setup_of(runner: ModelRunner, stages: int, **changes) -> dict:
     return {"pipeline": "p", "model_id": "m", "dtype": runner.dtype_name, "block_size": BLOCK, "num_blocks": BLOCKS,
-            "stages": 2, **changes}
+            "stages": stages, **changes}
 
 
-async def linked(model, **changes):
-    """A stage 1 of 2 listening on TCP and a head's Pipeline set up with it."""
-    layers = [stage_layers(model.config.num_hidden_layers, 2, k) for k in range(2)]
+async def linked(model, stages: int = 2, stage_blocks: dict[int, int] | None = None, **changes):
+    """Stages 1.. of `stages` listening on TCP (stage k with stage_blocks.get(k, BLOCKS) blocks) and
+    a head's Pipeline ready to set them up."""
+    layers = [stage_layers(model.config.num_hidden_layers, stages, k) for k in range(stages)]
     head = ModelRunner(model, block_size=BLOCK, layers=layers[0])
-    stage_transport, head_transport = make_transport("tcp", "secret"), make_transport("tcp", "secret")
-    stage = Stage(ModelRunner(model, block_size=BLOCK, layers=layers[1]), BLOCKS, 1, 2, "m", stage_transport)
-    address = await stage_transport.listen(stage.handle, "127.0.0.1")
+    stage_transports, head_transport = [make_transport("tcp", "secret") for _ in range(1, stages)], make_transport("tcp", "secret")
+    workers, infos = [], [StageInfo(0, "", layers[0])]
+    for k, transport in zip(range(1, stages), stage_transports):
+        worker = Stage(ModelRunner(model, block_size=BLOCK, layers=layers[k]), (stage_blocks or {}).get(k, BLOCKS),
+                       k, stages, "m", transport)
+        infos.append(StageInfo(k, await transport.listen(worker.handle, "127.0.0.1"), layers[k]))
+        workers.append(worker)
     broken = []
-    pipeline = Pipeline(head_transport, head, [StageInfo(0, "", layers[0]), StageInfo(1, address, layers[1])],
-                        on_broken=lambda: broken.append(True))
-    return head, stage, pipeline, broken, (stage_transport, head_transport), setup_of(head, **changes)
+    pipeline = Pipeline(head_transport, head, infos, on_broken=lambda: broken.append(True))
+    return head, workers, pipeline, broken, stage_transports + [head_transport], setup_of(head, stages, **changes)
 
 
 async def test_a_head_and_a_stage_compute_what_one_model_does(tiny_oracle):
     model = tiny_oracle.model
-    head, stage, pipeline, broken, transports, setup = await linked(model)
+    head, (stage,), pipeline, broken, transports, setup = await linked(model)
     try:
         await pipeline.open(setup)
         whole = ModelRunner(model, block_size=BLOCK)
@@ -75,12 +79,16 @@ async def test_a_head_and_a_stage_compute_what_one_model_does(tiny_oracle):
             prompts = [p + [tok] for p, tok in zip(prompts, last)]
         assert stage.steps == 9
 
-        # KV that a prompt service would stream for the stage's layers lands in its pool, in order before a step
-        kv = torch.randn(1, 2, 5, whole.kv.kv_heads, whole.kv.head_dim)
-        await pipeline.send_kv([20, 21], range(2, 3), range(0, 5), kv)
-        await pipeline.forward([Segment([1], 5, [20, 21])], head.forward([Segment([1], 5, [20, 21])], head_pool))
-        slots = torch.tensor([80, 81, 82, 83, 84])
-        assert torch.equal(stage.pool[:, :, slots], kv)
+        # KV that a prompt service streams for a new sequence: the head's layers land in its pool, the
+        # stage's go down the link, ahead of the sequence's first step (which reads them there)
+        kv = torch.randn(whole.kv.layers, 2, 5, whole.kv.kv_heads, whole.kv.head_dim)
+        table, slots = [20, 21], torch.tensor([80, 81, 82, 83, 84])
+        whole_pool[:, :, slots], head_pool[:, :, slots] = kv, kv[: len(head.layers)]
+        await pipeline.send_kv(table, range(len(head.layers), whole.kv.layers), range(0, 5), kv[len(head.layers):])
+        segment = [Segment([1], 5, table)]
+        got = await pipeline.forward(segment, head.forward(segment, head_pool))
+        torch.testing.assert_close(got, whole.forward(segment, whole_pool), rtol=0, atol=0)
+        assert torch.equal(stage.pool[:, :, slots], kv[len(head.layers):])
         assert not broken
     finally:
         await pipeline.close()
@@ -90,11 +98,26 @@ async def test_a_head_and_a_stage_compute_what_one_model_does(tiny_oracle):
 
 @pytest.mark.parametrize("wrong", [{"num_blocks": BLOCKS + 1}, {"model_id": "other"}, {"dtype": "bfloat16"}])
 async def test_a_stage_that_does_not_fit_refuses_the_setup(tiny_oracle, wrong):
-    _, stage, pipeline, _, transports, setup = await linked(tiny_oracle.model, **wrong)
+    _, (stage,), pipeline, _, transports, setup = await linked(tiny_oracle.model, **wrong)
     try:
         with pytest.raises(PipelineError, match="is not this stage's"):
             await pipeline.open(setup)
-        assert stage.upstream is None
+        assert not stage.linked
+    finally:
+        await pipeline.close()
+        for t in transports:
+            await t.close()
+
+
+async def test_a_stage_in_the_middle_that_refuses_says_why_at_once(tiny_oracle):
+    """Stage 1 of 3 has another pool size: it has no results link to the head, so it answers up
+    the chain; the head hears why at once, not after the setup's timeout."""
+    _, workers, pipeline, _, transports, setup = await linked(tiny_oracle.model, stages=3, stage_blocks={1: BLOCKS * 2})
+    try:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(PipelineError, match="stage 1: the head's .* is not this stage's"):
+            await pipeline.open(setup)
+        assert asyncio.get_running_loop().time() - started < 10 and not any(w.linked for w in workers)
     finally:
         await pipeline.close()
         for t in transports:
@@ -102,7 +125,7 @@ async def test_a_stage_that_does_not_fit_refuses_the_setup(tiny_oracle, wrong):
 
 
 async def test_a_stage_that_goes_away_breaks_the_pipeline(tiny_oracle):
-    head, stage, pipeline, broken, (stage_transport, head_transport), setup = await linked(tiny_oracle.model)
+    head, _, pipeline, broken, (stage_transport, head_transport), setup = await linked(tiny_oracle.model)
     try:
         await pipeline.open(setup)
         await stage_transport.close()

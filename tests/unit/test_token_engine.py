@@ -112,3 +112,26 @@ def test_token_ids_past_the_vocabulary_are_refused_at_the_boundary(runner):
                              target_kv_address="")
     with pytest.raises(BadRequest, match="prompt_ids: token id"):
         asyncio.run(engine.prefill(request))
+
+
+def test_an_abort_frees_a_running_sequence_at_once_unless_a_step_has_it(runner):
+    """A pipeline's head runs microbatches: a running sequence may be in no step when its client
+    leaves; its blocks come back at once (they were kept for a step that never came). One in a
+    step is freed when the step ends."""
+    from common.protocol import DecodeRequest, SamplingParams
+
+    engine = engine_of(runner)
+    for rid in ("idle", "stepping"):
+        engine.reserve(ReserveRequest(request_id=rid, prompt_tokens=8, max_tokens=4))
+        receive(engine, *message(runner, rid, (0, 3), (0, 8)))
+        engine.start_decode(DecodeRequest(request_id=rid, first_token=5, sampling=SamplingParams(max_tokens=4)))
+    batch = engine.scheduler.schedule()
+    assert [s.request_id for s in batch.seqs] == ["idle", "stepping"]  # both running now
+    engine.scheduler.seqs["stepping"].stepping = True  # as step() marks the sequences it computes
+    engine.abort("idle")
+    engine.abort("stepping")
+    assert list(engine.scheduler.seqs) == ["stepping"] and engine.blocks.num_used == 2
+    seq = engine.scheduler.seqs["stepping"]
+    seq.stepping = False
+    engine.release(seq)  # what the step's end does with an aborted sequence
+    assert engine.blocks.num_used == 0 and engine.blocks.committed == 0
