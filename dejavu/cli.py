@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--token-services", type=int, default=1, help="decode engines")
     up.add_argument("--stages", type=int, default=1,
                     help="pipeline stages per token service: its layers split evenly over this many processes, "
-                    "each with the KV of its own layers (Llama-family models; the stages do not replicate KV yet: "
-                    "a stage's failure resumes its requests by prefilling again)")
+                    "each with the KV of its own layers, activations handed on over the KV transport (Llama-family "
+                    "models); a stage's failure ends its pipeline, whose requests resume elsewhere from their replicas")
     up.add_argument("--cache-stores", type=int, default=1, help="KV replica stores")
     up.add_argument("--redis-url", default=None, help="use this Redis instead of starting an embedded one")
     up.add_argument("--kv-transport", choices=("ucx", "tcp"), default="ucx", help="KV transport")

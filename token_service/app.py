@@ -76,10 +76,15 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
         SIGTERM only once start-up is over, and a head waiting for its stages must still stop."""
         engine.pipeline = await open_pipeline(transport, runner, settings, model_id, app.state.service_id)
         start_decoding()
-        async with registered(app, settings, ServiceKind.TOKEN, lease_fields):
-            log.warning("a pipeline's stages do not replicate their KV yet: when a stage fails, its requests "
-                        "resume elsewhere by prefilling again (exact, slower than from a replica)")
+        async with registered(app, settings, ServiceKind.TOKEN, lease_fields) as redis:
+            start_replicating(redis)
             await asyncio.Event().wait()  # until cancelled, at shutdown
+
+    def start_replicating(redis) -> None:
+        registry = Registry(redis, cluster_fingerprint(settings.cluster_token))  # this cluster's stores only
+        stores = RecentServices(registry, settings.lease_ttl_s)  # a Redis restart forgets no store
+        engine.replicator = Replicator(engine.pool, runner.block_size, peers, stores, RequestStore(redis), client,
+                                       settings.replicate_every, engine.pipeline.gather if engine.pipeline else None)
 
     try:
         if settings.stages > 1:
@@ -88,10 +93,7 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
         else:
             start_decoding()
             async with registered(app, settings, ServiceKind.TOKEN, lease_fields) as redis:
-                registry = Registry(redis, cluster_fingerprint(settings.cluster_token))  # this cluster's stores only
-                stores = RecentServices(registry, settings.lease_ttl_s)  # a Redis restart forgets no store
-                engine.replicator = Replicator(engine.pool, runner.block_size, peers, stores, RequestStore(redis),
-                                               client, settings.replicate_every)
+                start_replicating(redis)
                 yield
     finally:
         for task in reversed(tasks):

@@ -24,6 +24,15 @@ Prompt KV that a prompt service (or a replica) brings for a later stage's layers
 which sends it on down the chain in a "kv" frame; frames on a link arrive in order, so a
 sequence's KV is in place before its first step reaches the stage.
 
+Replication: the head replicates each request's KV as a token service does (token_service/
+replicator.py), every layer of it, to one cache store: a "gather" frame goes down the chain, each
+stage adds its layers' K/V of the tokens asked for, and the last stage hands the whole slab back.
+So a replica is the same whatever the shape of the pipeline that wrote it, and any token service
+(a pipeline of any depth, or one process) resumes from it; a request's replicated index is the
+head's, recorded once all of its stages' layers are on the store (the minimum over the stages).
+The stages' KV travels through the head on its way to the store: one hop more than if each stage
+sent its own.
+
 Failure: a link that breaks ends the pipeline. A stage whose downstream link breaks closes its
 upstream one; the head then fails (its decode loop dies, the process exits and its lease lapses),
 its streams resume on another token service as after any token-service death, and the head,
@@ -34,8 +43,9 @@ Frames (transport frames: a JSON header, one payload):
   head -> 1 -> ... -> S-1   {"op": "setup", "session", "pipeline", "links": [[address, start, stop], ...], ...}
                             {"op": "kv", "stage", "layers", "tokens", "dtype", "shape", "meta"}: payload = meta + KV slab
                             {"op": "step", "step", "dtype", "shape", "meta"}: payload = meta + hidden states
+                            {"op": "gather", "step", "tokens"}: payload = meta + the KV gathered so far
   head -> S-1               {"op": "results", "session"}: the link the last stage answers on
-  S-1 -> head               {"op": "ready"} | {"op": "logits", "step", "shape"} | {"op": "error", "step", "message"}
+  S-1 -> head               {"op": "ready"} | {"op": "result", "step", "shape"} | {"op": "error", "step", "message"}
 `meta` is the byte length of a JSON prefix of the payload (block tables, segments), padded to 16.
 """
 
@@ -55,7 +65,7 @@ import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from common.kv.transport import Connection, Transport, TransportError
-from common.kv.copy import scatter
+from common.kv.copy import gather, scatter
 from engine.attention import Segment, slots_of
 from engine.runner import ModelRunner
 
@@ -260,6 +270,15 @@ class Stage:
         op = header["op"]
         if op == "step":
             await self._step(link, header, meta, tensor)
+        elif op == "gather":
+            t0, t1 = header["tokens"]
+            mine = gather(self.pool, slots_of(meta, self.runner.block_size, t0, t1))
+            slab = mine if tensor is None else torch.cat([tensor, mine])
+            if self.last:
+                await self._answer(link.session, {"op": "result", "step": header["step"]}, slab)
+            else:
+                await link.downstream.send(*encode({"op": "gather", "step": header["step"], "tokens": [t0, t1]},
+                                                   meta, slab))
         elif op == "kv" and header["stage"] == self.stage:
             (start, stop), (t0, t1) = header["layers"], header["tokens"]
             if not (self.runner.layers.start <= start < stop <= self.runner.layers.stop):
@@ -288,7 +307,7 @@ class Stage:
         if self.link is not link:
             return  # replaced while it computed: the new head's chain does not want it
         if self.last:
-            await self._answer(link.session, {"op": "logits", "step": step}, out)
+            await self._answer(link.session, {"op": "result", "step": step}, out)
         else:
             await link.downstream.send(*encode({"op": "step", "step": step}, meta, out))
 
@@ -376,7 +395,7 @@ class Pipeline:
                 future = self.pending.pop(header.get("step"), None)
                 if future is None or future.done():
                     continue
-                if header["op"] == "logits":
+                if header["op"] == "result":
                     future.set_result(tensor)
                 else:
                     future.set_exception(PipelineError(header.get("message", f"a {header['op']!r} frame")))
@@ -406,13 +425,23 @@ class Pipeline:
 
     async def forward(self, segments: list[Segment], hidden: torch.Tensor) -> torch.Tensor:
         """The stages after the head, on the head's output for these segments -> float32 logits."""
+        return await self._request({"op": "step"}, segments_meta(segments, self.runner.block_size), hidden)
+
+    async def gather(self, blocks: list[int], tokens: range) -> torch.Tensor:
+        """The K/V of `tokens` of a sequence with block table `blocks` on the stages after the head:
+        (their layers, 2, len(tokens), kv_heads, head_dim), for its replica. Asked for in order with
+        the steps: a token's KV is there once the step that computed it has come back."""
+        return await self._request({"op": "gather", "tokens": [tokens.start, tokens.stop]},
+                                   list(blocks[: -(-tokens.stop // self.runner.block_size)]))
+
+    async def _request(self, header: dict, meta: list, tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """One frame down the chain, and the tensor the last stage answers it with."""
         if self.broken is not None:
             raise self.broken
         step, self.next_step = self.next_step, self.next_step + 1
         future = self.pending[step] = asyncio.get_running_loop().create_future()
         try:
-            await self.first.send(*encode({"op": "step", "step": step},
-                                          segments_meta(segments, self.runner.block_size), hidden))
+            await self.first.send(*encode({**header, "step": step}, meta, tensor))
         except TransportError as exc:
             self._break(exc)
         try:

@@ -1,7 +1,8 @@
 """Replication of every decoding request's KV to a cache store, for recovery (DéjàVu's fault tolerance).
 
 Per request: the prompt's KV first, then every `chunk` new tokens, each message one contiguous
-buffer of (layers, 2, tokens, kv_heads, head_dim), all layers at once (one copy, one header).
+buffer of (layers, 2, tokens, kv_heads, head_dim), all layers at once (one copy, one header); a
+pipeline's head gathers the layers of its later stages from them (`more_layers`).
 Sends run in the background with at most one message in flight per request, so decode never
 waits for replication. Data before metadata: only once the store has acknowledged tokens [0, n)
 is `replicated = n` (and the store's id) recorded in Redis, under the request's epoch; a fenced
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import httpx
 import torch
@@ -50,8 +52,11 @@ DROP_GRACE_S = 2.0  # an aborted request's replica is kept this long for a succe
 
 class Replicator:
     def __init__(self, pool: torch.Tensor, block_size: int, peers: Peers, stores: RecentServices,
-                 requests: RequestStore, client: httpx.AsyncClient, chunk: int):
+                 requests: RequestStore, client: httpx.AsyncClient, chunk: int,
+                 more_layers: Callable[[list[int], range], Awaitable[torch.Tensor]] | None = None):
         self.pool, self.block_size, self.peers = pool, block_size, peers
+        # a pipeline's head (token_service/pipeline.py): the K/V of the layers after its own, from its stages
+        self.more_layers = more_layers
         self.stores, self.requests, self.client = stores, requests, client
         self.chunk = chunk
         self.acked: dict[str, int] = {}           # request id -> tokens acknowledged
@@ -94,15 +99,21 @@ class Replicator:
                 kv_len, acked = seq.input_position, self.acked.get(rid, 0)  # KV exists for [0, input_position)
                 if kv_len - acked >= self.chunk or (acked == 0 and kv_len > 0):
                     buf = gather(self.pool, slots_of(seq.blocks, self.block_size, acked, kv_len))  # final: copy now
+                    # the stages' layers: asked for now, in order with the steps (a later one may reuse the blocks)
+                    rest = (asyncio.ensure_future(self.more_layers(list(seq.blocks), range(acked, kv_len)))
+                            if self.more_layers is not None else None)
                     self.epochs[rid] = seq.epoch
-                    task = asyncio.create_task(self._send(seq, buf, acked, kv_len))
+                    task = asyncio.create_task(self._send(seq, buf, acked, kv_len, rest))
                     self.inflight[rid] = task
                     task.add_done_callback(lambda t, rid=rid: self.inflight.pop(rid, None))
         REPLICATION_LAG.set(sum(max(s.input_position - self.acked.get(s.request_id, 0), 0) for s in seqs))
 
-    async def _send(self, seq: Sequence, buf: torch.Tensor, start: int, end: int) -> None:
+    async def _send(self, seq: Sequence, buf: torch.Tensor, start: int, end: int,
+                    rest: asyncio.Future | None = None) -> None:
         rid, store = seq.request_id, None
         try:
+            if rest is not None:
+                buf = torch.cat([buf, await rest])  # every layer: a replica is the whole model's
             store = self._store_for(rid)
             if store is None:
                 return

@@ -52,13 +52,8 @@ def test_greedy_requests_through_the_pipeline_equal_hf(cluster, tiny_oracle):
     assert_no_kv_held_on(cluster)
 
 
-def test_a_stage_killed_mid_stream_costs_a_pause(cluster, tiny_oracle):
-    """SIGKILL the last stage of the pipeline serving a stream: its head fails, the gateway resumes
-    the request on the other pipeline (re-prefill: the stages keep no replica yet); the text is
-    generate's. `dejavu up` would restart the dead processes; here we do, and the new pipeline
-    serves again."""
-    ids = tiny_oracle.tokenizer(PROMPT)["input_ids"]
-    want, n = tiny_oracle.text(ids, 300)
+def kill_a_stage(cluster, body: dict, after: int = 20) -> tuple[str, dict, list]:
+    """Stream `body`; after `after` chunks SIGKILL the last stage of the pipeline serving it."""
     victims = []
 
     def fault(c):
@@ -66,12 +61,14 @@ def test_a_stage_killed_mid_stream_costs_a_pause(cluster, tiny_oracle):
         victims.append((head, next(s for s in c.of("stage") if s.name == f"{head.name}-stage-{c.stages - 1}")))
         c.kill(victims[0][1], signal.SIGKILL)
 
-    text, usage, _ = stream(cluster, {"prompt": PROMPT, "max_tokens": 300, "temperature": 0}, at={20: fault})
-    assert victims and text == want and usage["completion_tokens"] == n
-    head, stage = victims[0]
-    assert head.proc.wait(10) == 70  # the head ended with its pipeline
-    assert_no_kv_held_on(cluster)
-    for child in (stage, head):  # as `dejavu up` does: the same names, a new pipeline
+    text, usage, _ = stream(cluster, body, at={after: fault})
+    assert victims, "the fault was never injected"
+    return text, usage, victims[0]
+
+
+def restart(cluster, *children) -> None:
+    """What `dejavu up` does with dead processes: the same names, a new pipeline."""
+    for child in children:
         cluster.respawn(child)
     cluster.wait_ready(120)
     deadline = time.monotonic() + 30
@@ -79,6 +76,21 @@ def test_a_stage_killed_mid_stream_costs_a_pause(cluster, tiny_oracle):
                if s["kind"] == "token"]) < 2:
         assert time.monotonic() < deadline, "the restarted head never registered"
         time.sleep(0.2)
+
+
+def test_a_stage_killed_mid_stream_costs_a_pause(cluster, tiny_oracle):
+    """SIGKILL the last stage of the pipeline serving a stream: its head fails, the gateway resumes
+    the request on the other pipeline from its replica (every layer of it: the head gathers its
+    stages' KV for the replica); the text is generate's. Restarted, the pipeline serves again."""
+    ids = tiny_oracle.tokenizer(PROMPT)["input_ids"]
+    want, n = tiny_oracle.text(ids, 300)
+    recoveries = metric(cluster.url, 'dejavu_gateway_recoveries_total{path="replica"}')
+    text, usage, (head, stage) = kill_a_stage(cluster, {"prompt": PROMPT, "max_tokens": 300, "temperature": 0})
+    assert text == want and usage["completion_tokens"] == n
+    assert metric(cluster.url, 'dejavu_gateway_recoveries_total{path="replica"}') == recoveries + 1
+    assert head.proc.wait(10) == 70  # the head ended with its pipeline
+    assert_no_kv_held_on(cluster)  # the replica too, once the request ended
+    restart(cluster, stage, head)
     for t in cluster.of("token"):  # the restarted pipeline serves: the other one is made busy first
         if t.name != head.name:
             cluster.kill(t, signal.SIGSTOP)
@@ -88,6 +100,16 @@ def test_a_stage_killed_mid_stream_costs_a_pause(cluster, tiny_oracle):
         for t in cluster.of("token"):
             t.proc.send_signal(signal.SIGCONT)
     assert_no_kv_held_on(cluster)
+
+
+def test_seeded_sampling_is_identical_across_a_stage_failure(cluster):
+    body = {"prompt": PROMPT, "max_tokens": 200, "temperature": 0.8, "top_p": 0.95, "seed": 7, "ignore_eos": True}
+    clean, _, _ = stream(cluster, body)
+    failed, usage, (head, stage) = kill_a_stage(cluster, body, after=40)
+    assert failed == clean and usage["completion_tokens"] == 200
+    head.proc.wait(10)
+    assert_no_kv_held_on(cluster)
+    restart(cluster, stage, head)
 
 
 def test_a_head_waiting_for_its_stages_says_so_and_stops_on_sigterm(tiny_model_path, redis_server):
