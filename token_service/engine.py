@@ -326,8 +326,7 @@ class TokenEngine:
             seq.stepping = True
         segments = (batch.segments if batch else []) + [c.segment for c in chunks]
         try:
-            logits = await self.runner.run(self.runner.forward, segments, self.pool)
-            FORWARD_SECONDS.observe(time.perf_counter() - start)
+            logits = await self.runner.run(self._forward, segments)
             if self.pipeline is not None:  # the head's output, through the later stages
                 logits = await self.pipeline.forward(segments, logits)
         except Exception as exc:
@@ -349,6 +348,14 @@ class TokenEngine:
             self._postprocess(batch, logits[: len(seqs)])
         STEP_SECONDS.observe(time.perf_counter() - start)
         self._update_gauges()
+
+    def _forward(self, segments: list) -> torch.Tensor:
+        """This process's forward of a step, on the engine thread (timed there: with microbatches a
+        step may queue for the thread behind another)."""
+        start = time.perf_counter()
+        out = self.runner.forward(segments, self.pool)
+        FORWARD_SECONDS.observe(time.perf_counter() - start)
+        return out
 
     def _postprocess(self, batch: Batch, logits: torch.Tensor) -> None:
         rows = batch.sampled  # not those that replayed a token: they draw nothing (numbers go by output index)
