@@ -152,6 +152,12 @@ class TokenSettings(ModelSettings):
         _check(self, self.reservation_ttl_s > 0, "reservation_ttl_s", "must be > 0")
         _check(self, self.replicate_every >= 1, "replicate_every", "must be >= 1")
         _check(self, self.max_batch_tokens >= 16, "max_batch_tokens", "must be >= 16")
+        _check(self, 1 <= self.stages <= 64, "stages", "must be in 1..64")
+        _check(self, 0 <= self.stage < self.stages, "stage", f"must be in 0..{self.stages - 1} (--stages {self.stages})")
+        _check(self, self.stages == 1 or self.pipeline != "", "pipeline", "must be set when --stages is more than 1")
+        _check(self, self.pipeline.isascii() and self.pipeline.replace("-", "").replace("_", "").isalnum()
+               or self.pipeline == "", "pipeline", "must be letters, digits, - and _")
+        _check(self, 0 <= self.microbatches <= 64, "microbatches", "must be in 0..64")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,11 @@ def test_flag_beats_env_beats_default():
     ([], {"DEJAVU_KV_TRANSPORT": "carrier-pigeon"}, "ucx, tcp"),
     ([], {"DEJAVU_REDIS_URL": "localhost:6379"}, "--redis-url"),
     (["--lease-ttl-s", "0.5", "--lease-renew-s", "1"], {}, "--lease-ttl-s"),
+    (["--stages", "2"], {}, "--pipeline / DEJAVU_PIPELINE = '': must be set when --stages is more than 1"),
+    (["--stages", "2", "--stage", "2", "--pipeline", "p"], {}, "--stage / DEJAVU_STAGE = 2: must be in 0..1"),
+    (["--stages", "0"], {}, "--stages / DEJAVU_STAGES = 0: must be in 1..64"),
+    (["--stages", "2", "--pipeline", "a b"], {}, "--pipeline / DEJAVU_PIPELINE = 'a b': must be letters"),
+    (["--microbatches", "-1"], {}, "--microbatches / DEJAVU_MICROBATCHES"),
 ])
 def test_bad_settings_name_the_flag_and_variable(argv, env, needle):
     with pytest.raises(SettingsError) as err:
