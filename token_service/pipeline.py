@@ -65,6 +65,7 @@ import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from common.kv.transport import Connection, Transport, TransportError
+from common.kv.wire import numpy_dtype
 from common.kv.copy import gather, scatter
 from engine.attention import Segment, slots_of
 from engine.runner import ModelRunner
@@ -85,10 +86,6 @@ class PipelineError(Exception):
 
 
 # -- frames ---------------------------------------------------------------------------------------
-
-def _np_dtype(dtype: torch.dtype) -> np.dtype:
-    return np.dtype(np.int16) if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
-
 
 def encode(header: dict, meta: object = None, tensor: torch.Tensor | None = None) -> tuple[bytes, np.ndarray | None]:
     """One frame: `header` (JSON) and a payload of `meta` (JSON, padded) followed by `tensor`'s bytes."""
@@ -116,9 +113,8 @@ def decode(raw_header: bytes, payload: np.ndarray) -> tuple[dict, object, torch.
     meta = json.loads(payload[:m].tobytes()) if m else None
     tensor = None
     if "shape" in header:
-        dtype = getattr(torch, header["dtype"])
-        words = payload[m:].view(_np_dtype(dtype))
-        tensor = torch.from_numpy(words).view(dtype).reshape(header["shape"])
+        words = payload[m:].view(numpy_dtype(header["dtype"]))  # the wire's dtypes: bf16 travels as int16 words
+        tensor = torch.from_numpy(words).view(getattr(torch, header["dtype"])).reshape(header["shape"])
     return header, meta, tensor
 
 
@@ -356,9 +352,6 @@ class Pipeline:
         self.reader: asyncio.Task | None = None
         self.watcher: asyncio.Task | None = None
         self.closing = False
-
-    def stage_of(self, layer: int) -> int:
-        return next(s.stage for s in self.stages if layer in s.layers)
 
     async def open(self, setup: dict) -> None:
         """Connect, set the pipeline up, and wait until the last stage says it is ready. A stage
