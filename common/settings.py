@@ -134,9 +134,17 @@ class TokenSettings(ModelSettings):
                          "stage worker that computes its layers for the head)")
     pipeline: str = setting("", "with --stages: the pipeline's id, the same on all of its stages (they find each "
                             "other by it in the registry)")
-    microbatches: int = setting(0, "with --stages: decode steps in flight through the pipeline at once, each over "
-                                "its share of the running sequences (0: one per stage, so every stage computes "
-                                "at once; 1: one step at a time, for comparison)")
+    microbatches: int = setting(0, "decode steps in flight at once, each over its share of the running sequences "
+                                "(0: one per stage of --stages, so every stage computes at once; 1: one step at a "
+                                "time; more than the stages: with --swap, more sequences than the device holds)")
+    kv_device_bytes: int = setting(0, "the device's KV budget in bytes, per process (each stage of a pipeline: the "
+                                   "largest stage's layers count): without --swap the KV pool is this big (instead "
+                                   "of --kv-blocks); with --swap it holds the steps being computed, and the pool "
+                                   "lives in host memory (0: no budget)")
+    swap: bool = setting(False, "microbatch KV swapping (DéjàVu): every sequence's KV in host memory (--kv-blocks), "
+                         "only the microbatch being computed and the next one, prefetched, in the device's "
+                         "--kv-device-bytes; each step copies back only the tokens it wrote. Needs --kv-device-bytes; "
+                         "not with --colocated")
 
     @property
     def num_blocks(self) -> int:
@@ -158,6 +166,12 @@ class TokenSettings(ModelSettings):
         _check(self, self.pipeline.isascii() and self.pipeline.replace("-", "").replace("_", "").isalnum()
                or self.pipeline == "", "pipeline", "must be letters, digits, - and _")
         _check(self, 0 <= self.microbatches <= 64, "microbatches", "must be in 0..64")
+        _check(self, self.kv_device_bytes >= 0, "kv_device_bytes", "must be >= 0")
+        _check(self, not (self.kv_device_bytes and self.kv_blocks and not self.swap), "kv_device_bytes",
+               "without --swap it sizes the KV pool: give it or --kv-blocks, not both")
+        _check(self, self.kv_device_bytes > 0 or not self.swap, "swap", "needs --kv-device-bytes (the device's budget)")
+        _check(self, not (self.swap and self.colocated), "swap", "not with --colocated (a prompt's chunks would need "
+               "device room beside the microbatches')")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
             [--colocated] [--stages 1] [--redis-url URL] [--kv-transport ucx|tcp] [--dtype auto|float32|bfloat16|float16]
             [--cpu-placement auto|split|turns|off] [--api-key KEY ...] [--max-queued-requests 1024]
   dejavu status [--redis-url URL] [--json]
-  dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, agreement, capacity, chaos, overload, pipeline: python -m bench.NAME)
+  dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, agreement, capacity, chaos, overload, pipeline, swap: python -m bench.NAME)
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ BENCHMARKS = {
     "chaos": "concurrent streams while token services, a cache store, a prompt service and Redis fail",
     "overload": "the token service's decode step with far more clients than KV room, against a full batch",
     "pipeline": "a 2-stage token pipeline with microbatches against one step at a time, colocated and 1 stage",
+    "swap": "at one device KV budget, the largest batch and tokens/s with microbatch KV swapping against without",
 }
 
 

@@ -140,10 +140,11 @@ class ModelRunner:
         """K and V of this runner's layers (all of them, or one stage's)."""
         return self.kv.bytes_per_token * len(self.layers) // self.kv.layers
 
-    def new_pool(self, num_blocks: int) -> torch.Tensor:
+    def new_pool(self, num_blocks: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """The paged KV of this runner's layers, on its device (or `device`: a swapped pool's host side)."""
         kv = self.kv
         return torch.zeros(len(self.layers), 2, num_blocks * self.block_size, kv.kv_heads, kv.head_dim,
-                           dtype=kv.dtype, device=self.device)
+                           dtype=kv.dtype, device=self.device if device is None else device)
 
     def check_tokens(self, ids: list[int], what: str) -> None:
         """ValueError for a token id past the vocabulary (the embedding would fail the whole step)."""

@@ -66,9 +66,12 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
     def start_decoding() -> None:
         tasks.append(supervise(asyncio.create_task(engine.run()), "decode loop"))
         log.info("token service ready: model %s (%s, %s forward), KV pool %d blocks x %d tokens (%.0f MiB), up to %d "
-                 "sequences, KV on %s (%s)%s", path, runner.dtype, runner.name, settings.num_blocks, runner.block_size,
-                 engine.pool.nbytes / 2**20, settings.max_seqs, kv_address, settings.kv_transport,
-                 ", colocated: prefills here too" if settings.colocated else "")
+                 "sequences, KV on %s (%s)%s%s", path, runner.dtype, runner.name, engine.blocks.num_blocks,
+                 runner.block_size, engine.pool.nbytes / 2**20, settings.max_seqs, kv_address, settings.kv_transport,
+                 ", colocated: prefills here too" if settings.colocated else "",
+                 f"; --swap: the pool in host memory, {engine.swap.device_blocks} device blocks "
+                 f"({engine.swap.device.nbytes / 2**20:.0f} MiB), {engine.microbatches} steps in flight"
+                 if engine.swap else "")
 
     async def link_and_register() -> None:
         """A pipeline's head: find and link its stages (as long as they take to come), then decode
@@ -101,6 +104,8 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
         await asyncio.gather(*tasks, return_exceptions=True)
         if engine.pipeline is not None:
             await engine.pipeline.close()
+        if engine.swap:
+            engine.swap.close()
         await peers.close()
         await client.aclose()
         await transport.close()

@@ -40,10 +40,11 @@ from common.protocol import (DecodeEvent, DecodeRequest, PrefillRequest, Prefill
                              RestoreRequest, RestoreResult)
 from common.sampling import sample
 from common.service import request_id_var
-from common.settings import TokenSettings
+from common.settings import SettingsError, TokenSettings
 from engine.attention import slots_of
 from engine.block_manager import BlockManager
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, stage_layers
+from engine.swap import SwapPool
 from token_service.pipeline import Pipeline
 from token_service.prefill import Chunk, PrefillJob, PrefillQueue
 from token_service.replicator import Replicator
@@ -73,6 +74,25 @@ class KVMessageError(Exception):
     """A KV message the receiver refuses (answered with an error frame, the link stays up)."""
 
 
+def kv_room(settings: TokenSettings, runner: ModelRunner) -> tuple[int, int]:
+    """(blocks of the KV pool, blocks of the device with --swap, else 0), the same on every stage of
+    a pipeline: --kv-device-bytes counts blocks of the largest stage's layers (the first's).
+    Raises SettingsError when one sequence of --max-model-len does not fit (with --swap: in half the
+    device, the step computing and the next one)."""
+    if not settings.kv_device_bytes:
+        return settings.num_blocks, 0
+    kv, bs = runner.kv, runner.block_size
+    block_bytes = kv.bytes_per_token // kv.layers * len(stage_layers(kv.layers, settings.stages, 0)) * bs
+    device = settings.kv_device_bytes // block_bytes
+    room = (device // 2 if settings.swap else device) * bs
+    if room < settings.max_model_len:
+        need = -(-settings.max_model_len // bs) * (2 if settings.swap else 1) * block_bytes
+        raise SettingsError(f"--kv-device-bytes {settings.kv_device_bytes}: {device} blocks of {bs} tokens "
+                            f"({block_bytes} bytes each) hold {room} tokens{' per step (half the device)' if settings.swap else ''}, "
+                            f"less than one sequence of --max-model-len {settings.max_model_len}: give at least {need}")
+    return (settings.num_blocks, device) if settings.swap else (device, 0)
+
+
 class TokenEngine:
     def __init__(self, runner: ModelRunner, settings: TokenSettings, service_id: str):
         self.runner, self.settings, self.service_id = runner, settings, service_id
@@ -80,10 +100,14 @@ class TokenEngine:
         self.transport = None  # the KV transport (fetches replicas on recovery)
         self.replicator: Replicator | None = None  # set once Redis is connected
         self.pipeline: Pipeline | None = None  # --stages: the stages after this one (token_service/pipeline.py)
-        self.microbatches = settings.microbatches or settings.stages  # steps in flight through a pipeline
-        self.pool = runner.new_pool(settings.num_blocks)  # (layers, 2, blocks * block_size, kv_heads, D)
-        self.blocks = BlockManager(settings.num_blocks, runner.block_size)
-        self.scheduler = Scheduler()
+        self.microbatches = settings.microbatches or settings.stages  # steps in flight (a pipeline: one per stage)
+        num_blocks, device_blocks = kv_room(settings, runner)
+        # --swap: the pool is in host memory, steps compute on the device's (engine/swap.py)
+        self.swap = SwapPool(runner, num_blocks, device_blocks) if device_blocks else None
+        self.pool = self.swap.host if self.swap else runner.new_pool(num_blocks)  # (layers, 2, slots, kv_heads, D)
+        self.blocks = BlockManager(num_blocks, runner.block_size)
+        self.step_blocks = self.swap.step_blocks if self.swap else None  # most KV blocks one step may cover
+        self.scheduler = Scheduler(runner.block_size)
         self.wakeup = asyncio.Event()
         self.prefills = PrefillQueue(settings.max_batch_tokens, self.release)  # colocated mode
         self.block_bytes = runner.kv.bytes_per_token * runner.block_size
@@ -256,14 +280,14 @@ class TokenEngine:
 
     # -- the loop -------------------------------------------------------------------------------
     async def run(self) -> None:
-        if self.pipeline is not None and self.microbatches > 1:
+        if self.microbatches > 1:
             return await self._run_microbatches()
         next_expiry = 0.0
         while True:
             if time.monotonic() >= next_expiry:  # also under load: a busy service must not leak blocks
                 self.expire_reservations()
                 next_expiry = time.monotonic() + 1.0
-            batch, chunks = self.scheduler.schedule(), self.prefills.next_chunks()
+            batch, chunks = self.scheduler.schedule(max_blocks=self.step_blocks), self.prefills.next_chunks()
             if batch is None and not chunks:
                 self.wakeup.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -295,7 +319,7 @@ class TokenEngine:
                 next_expiry = time.monotonic() + 1.0
             self.wakeup.clear()
             while len(flights) < self.microbatches:
-                batch = self.scheduler.schedule(busy, self.microbatches)
+                batch = self.scheduler.schedule(busy, self.microbatches, self.step_blocks)
                 chunks = [] if chunking else self.prefills.next_chunks()
                 if batch is None and not chunks:
                     break
@@ -325,8 +349,9 @@ class TokenEngine:
             self.blocks.grow(seq.blocks, seq.input_position + 1, seq.promised)
             seq.stepping = True
         segments = (batch.segments if batch else []) + [c.segment for c in chunks]
+        staged = self.swap.prefetch(segments) if self.swap else None  # in step order: while the one before computes
         try:
-            logits = await self.runner.run(self._forward, segments)
+            logits = await self.runner.run(self._forward, segments, staged)
             if self.pipeline is not None:  # the head's output, through the later stages
                 logits = await self.pipeline.forward(segments, logits)
         except Exception as exc:
@@ -339,6 +364,9 @@ class TokenEngine:
                 if seq.done:
                     self.release(seq)
             return
+        finally:
+            if staged is not None:
+                self.swap.discard(staged)  # its device blocks, if the forward never ran (a no-op once it did)
         for seq in seqs:
             seq.stepping = False
         if chunks:
@@ -349,11 +377,11 @@ class TokenEngine:
         STEP_SECONDS.observe(time.perf_counter() - start)
         self._update_gauges()
 
-    def _forward(self, segments: list) -> torch.Tensor:
+    def _forward(self, segments: list, staged=None) -> torch.Tensor:
         """This process's forward of a step, on the engine thread (timed there: with microbatches a
-        step may queue for the thread behind another)."""
+        step may queue for the thread behind another); with --swap over the device's KV."""
         start = time.perf_counter()
-        out = self.runner.forward(segments, self.pool)
+        out = self.swap.forward(self.runner, staged) if staged is not None else self.runner.forward(segments, self.pool)
         FORWARD_SECONDS.observe(time.perf_counter() - start)
         return out
 

@@ -58,7 +58,8 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -69,6 +70,7 @@ from common.kv.wire import numpy_dtype
 from common.kv.copy import gather, scatter
 from engine.attention import Segment, slots_of
 from engine.runner import ModelRunner
+from engine.swap import SwapPool
 
 log = logging.getLogger(__name__)
 
@@ -130,15 +132,32 @@ def segments_of(meta: list) -> list[Segment]:
 # -- a stage (1..S-1) -----------------------------------------------------------------------------
 
 @dataclass
+class Frame:
+    """A frame read from upstream, waiting for its turn; `staged`: its step's KV swapping in (--swap)."""
+
+    header: dict
+    meta: object
+    tensor: torch.Tensor | None
+    raw: bytes
+    payload: np.ndarray
+    staged: Future | None = None
+    lags: bool = False  # read while an earlier frame held prefetches back: see Stage._read_frame
+
+
+@dataclass
 class Link:
     """One setup of a stage: the head's session, the link from the stage before and the one to the
     stage after (none on the last). A newer setup replaces it whole; the old one's frames, if any
-    are still being computed, go nowhere."""
+    are still being computed, go nowhere. Frames are read as they come and applied in order, one
+    at a time, by `worker`."""
 
     session: str
     upstream: Connection
     downstream: Connection | None = None
     watcher: asyncio.Task | None = None
+    worker: asyncio.Task | None = None
+    frames: asyncio.Queue = field(default_factory=asyncio.Queue)
+    lagging: int = 0  # queued frames that a prefetch must not overtake
 
 
 class Stage:
@@ -146,10 +165,12 @@ class Stage:
     result downstream (or, the last stage, the logits back to the head)."""
 
     def __init__(self, runner: ModelRunner, num_blocks: int, stage: int, stages: int, model_id: str,
-                 transport: Transport):
+                 transport: Transport, device_blocks: int = 0):
         self.runner, self.stage, self.stages, self.model_id, self.transport = runner, stage, stages, model_id, transport
         self.num_blocks = num_blocks
-        self.pool = runner.new_pool(num_blocks)
+        # --swap: the pool in host memory, each step computed over the device's KV (engine/swap.py)
+        self.swap = SwapPool(runner, num_blocks, device_blocks) if device_blocks else None
+        self.pool = self.swap.host if self.swap else runner.new_pool(num_blocks)
         self.link: Link | None = None               # the current setup
         self.results: dict[str, Connection] = {}    # session -> the head's results link (the last stage)
         self.results_ready: dict[str, asyncio.Event] = {}
@@ -210,14 +231,46 @@ class Stage:
                 await self._answer(link.session, {"op": "ready", "stage": self.stage}, wait=True)
             log.info("pipeline %s set up: stage %d of %d, layers [%d, %d)", setup["pipeline"], self.stage,
                      self.stages, self.runner.layers.start, self.runner.layers.stop)
+            link.worker = asyncio.create_task(self._work(link))
             while self.link is link:
-                raw, payload = await conn.recv()
-                await self._frame(link, raw, payload)
+                self._read_frame(link, *await conn.recv())
         except TransportError as exc:
             log.info("pipeline link ended: %s", exc)
         finally:
             if self.link is link:
                 await self._unlink("its upstream link ended")
+
+    def _read_frame(self, link: Link, raw: bytes, payload: np.ndarray) -> None:
+        """Queue a frame for the worker. With --swap a step's KV starts moving in as soon as its frame
+        is here, while the step before it computes, unless a frame queued before it must be applied
+        first (KV for this stage: the step may read it) or was itself held back: prefetches start
+        in the order the steps compute, which the swap pool needs (engine/swap.py)."""
+        header, meta, tensor = decode(raw, payload)
+        frame = Frame(header, meta, tensor, raw, payload)
+        op = header["op"]
+        if self.swap is not None and (op == "step" or op == "kv" and header.get("stage") == self.stage):
+            if op == "step" and link.lagging == 0:
+                frame.staged = self.swap.prefetch(segments_of(meta))
+            else:
+                frame.lags, link.lagging = True, link.lagging + 1
+        link.frames.put_nowait(frame)
+
+    async def _work(self, link: Link) -> None:
+        """Apply the link's frames in order. One that cannot be applied (malformed, or KV that does
+        not fit) ends the link, and with it the pipeline, rather than compute on KV that is not there."""
+        try:
+            while True:
+                frame = await link.frames.get()
+                if frame.lags and frame.header["op"] == "step":
+                    frame.staged = self.swap.prefetch(segments_of(frame.meta))
+                    link.lagging -= 1
+                await self._frame(link, frame)
+                if frame.lags and frame.header["op"] == "kv":
+                    link.lagging -= 1
+        except Exception as exc:  # noqa: BLE001 - whatever it was, this link's frames can no longer be trusted
+            if self.link is link:
+                log.error("pipeline frame not applied: %s: %s", type(exc).__name__, exc)
+                await self._unlink("a frame could not be applied")
 
     async def _unlink(self, why: str) -> None:
         """Drop the current setup: its links close, down the chain (and up: see _watch)."""
@@ -226,8 +279,13 @@ class Stage:
         if link is None:
             return
         log.info("pipeline session %s ended here: %s", link.session, why)
-        if link.watcher is not None:
-            link.watcher.cancel()
+        for task in (link.watcher, link.worker):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+        while not link.frames.empty():  # steps that will not compute: their device room back
+            staged = link.frames.get_nowait().staged
+            if staged is not None:
+                self.swap.discard(staged)
         for conn in (link.upstream, link.downstream):
             if conn is not None:
                 await conn.close()
@@ -259,13 +317,12 @@ class Stage:
             raise PipelineError(f"stage {self.stage}: the head expects layers {links[self.stage][1:]}, "
                                 f"this stage holds [{layers.start}, {layers.stop})")
 
-    async def _frame(self, link: Link, raw: bytes, payload: np.ndarray) -> None:
-        """One frame from upstream. One that cannot be applied (malformed, or KV that does not fit)
-        raises: the link ends, and with it the pipeline, rather than compute on KV that is not there."""
-        header, meta, tensor = decode(raw, payload)
+    async def _frame(self, link: Link, frame: Frame) -> None:
+        """One frame from upstream, its turn come. Raises for one that cannot be applied."""
+        header, meta, tensor, raw, payload = frame.header, frame.meta, frame.tensor, frame.raw, frame.payload
         op = header["op"]
         if op == "step":
-            await self._step(link, header, meta, tensor)
+            await self._step(link, header, meta, tensor, frame.staged)
         elif op == "gather":
             t0, t1 = header["tokens"]
             mine = gather(self.pool, slots_of(meta, self.runner.block_size, t0, t1))
@@ -288,15 +345,21 @@ class Stage:
         else:
             log.warning("unexpected %r frame on the upstream link: skipped", op)
 
-    async def _step(self, link: Link, header: dict, meta: list, hidden: torch.Tensor) -> None:
+    async def _step(self, link: Link, header: dict, meta: list, hidden: torch.Tensor, staged: Future | None) -> None:
         step, start = header["step"], time.perf_counter()
         try:
-            out = await self.runner.run(self.runner.forward, segments_of(meta), self.pool, None, hidden)
+            if staged is not None:
+                out = await self.runner.run(self.swap.forward, self.runner, staged, hidden)
+            else:
+                out = await self.runner.run(self.runner.forward, segments_of(meta), self.pool, None, hidden)
         except Exception as exc:  # noqa: BLE001 - a step this stage cannot compute fails that step only
             log.exception("step %d failed", step)
             error = {"op": "error", "step": step, "message": f"stage {self.stage}: {type(exc).__name__}: {exc}"}
             await (self._answer(link.session, error) if self.last else link.downstream.send(*encode(error)))
             return
+        finally:
+            if staged is not None:
+                self.swap.discard(staged)  # a no-op once its forward ran
         self.steps += 1
         STAGE_STEPS.inc()
         STAGE_STEP_SECONDS.observe(time.perf_counter() - start)

@@ -26,24 +26,42 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self) -> None:
+    def __init__(self, block_size: int = 16) -> None:
         self.seqs: dict[str, Sequence] = {}
+        self.block_size = block_size
+        self.steps = 0  # batches scheduled so far
 
     def add(self, seq: Sequence) -> None:
         self.seqs[seq.request_id] = seq
 
-    def schedule(self, busy: frozenset[str] | set[str] = frozenset(), parts: int = 1) -> Batch | None:
+    def schedule(self, busy: frozenset[str] | set[str] = frozenset(), parts: int = 1,
+                 max_blocks: int | None = None) -> Batch | None:
         """The running sequences, but those `busy` (in a microbatch still in flight, whose token is
         not back yet): all of them, or with `parts` microbatches in flight (a pipeline's head,
-        token_service/pipeline.py) an even share of the running ones at most."""
+        token_service/pipeline.py) an even share of the running ones at most, and (--swap) no more
+        than fit in `max_blocks` KV blocks. Those that waited longest go first."""
         for seq in self.seqs.values():
             if seq.status is SeqStatus.WAITING_FOR_KV and seq.decoding:
                 seq.status = SeqStatus.RUNNING
         running = [s for s in self.seqs.values() if s.status is SeqStatus.RUNNING]
         share = -(-len(running) // parts)
-        running = [s for s in running if s.request_id not in busy][:share]
+        running = [s for s in running if s.request_id not in busy]
+        if max_blocks is not None:  # fewer fit than run: whoever waited longest first, or some would starve
+            running.sort(key=lambda s: s.scheduled)
+        running = running[:share]
+        if max_blocks is not None:
+            fit, used = [], 0
+            for s in running:
+                used += -(-(s.input_position + 1) // self.block_size)
+                if used > max_blocks:
+                    break
+                fit.append(s)
+            running = fit
         if not running:
             return None
+        self.steps += 1
+        for s in running:
+            s.scheduled = self.steps
         return Batch(running, [Segment([s.input_token], s.input_position, s.blocks) for s in running])
 
     def postprocess(self, batch: Batch, events: list[TokenEvent]) -> list[tuple[Sequence, TokenEvent | None]]:

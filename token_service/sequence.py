@@ -36,6 +36,7 @@ class Sequence:
     epoch: int = 0                      # the request's epoch when this service took it (fencing)
     filling: bool = False               # its row is being written: a restore, a prefill here (colocated), prompt KV sent on to a pipeline's stages
     stepping: bool = False              # in a decode step now (its row is being read and written)
+    scheduled: int = 0                  # the scheduler's batch number it last ran in (who waited longest)
     events: asyncio.Queue[DecodeEvent | None] = field(default_factory=asyncio.Queue)  # None: a token replayed
 
     def __post_init__(self) -> None:

@@ -24,6 +24,7 @@ from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, Require
                             listen_kv, registered, supervise)
 from common.settings import TokenSettings
 from engine.runner import ModelRunner, stage_layers
+from token_service.engine import kv_room
 from token_service.pipeline import Pipeline, PipelineError, Stage, StageInfo
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def stage_fields(settings: TokenSettings, runner: ModelRunner) -> dict:
         return {}
     return dict(pipeline=settings.pipeline, stage=settings.stage, stages=settings.stages,
                 layer_start=runner.layers.start, layer_end=runner.layers.stop, block_size=runner.block_size,
-                num_blocks=settings.num_blocks)
+                num_blocks=kv_room(settings, runner)[0])
 
 
 @contextlib.asynccontextmanager
@@ -49,12 +50,16 @@ async def _stage_lifespan(app: FastAPI, settings: TokenSettings):
     runner = ModelRunner(model, settings.block_size, settings.max_model_len, turns=settings.cpu_turns, layers=layers)
     del model
     transport = make_transport(settings.kv_transport, settings.cluster_token, settings.host)
-    stage = app.state.stage = Stage(runner, settings.num_blocks, settings.stage, settings.stages, model_id, transport)
+    num_blocks, device_blocks = kv_room(settings, runner)
+    stage = app.state.stage = Stage(runner, num_blocks, settings.stage, settings.stages, model_id, transport, device_blocks)
     address = await listen_kv(transport, stage.handle, settings)
     log.info("pipeline %s, stage %d of %d ready: layers [%d, %d)%s of model %s (%s), KV pool %d blocks x %d tokens "
              "(%.0f MiB), on %s (%s)", settings.pipeline, settings.stage, settings.stages, layers.start, layers.stop,
-             " and the LM head" if runner.last else "", path, runner.dtype, settings.num_blocks, runner.block_size,
+             " and the LM head" if runner.last else "", path, runner.dtype, stage.num_blocks, runner.block_size,
              stage.pool.nbytes / 2**20, address, settings.kv_transport)
+    if stage.swap:
+        log.info("--swap: KV pool in host memory, %d device blocks (%.0f MiB) for the step computing and the next",
+                 stage.swap.device_blocks, stage.swap.device.nbytes / 2**20)
     fields = lambda: dict(  # noqa: E731
         model=str(path), model_id=model_id, protocol=PROTOCOL, kv_address=address, kv_transport=settings.kv_transport,
         max_model_len=settings.max_model_len, dtype=runner.dtype_name, **stage_fields(settings, runner))
@@ -63,6 +68,8 @@ async def _stage_lifespan(app: FastAPI, settings: TokenSettings):
             yield
     finally:
         await transport.close()
+        if stage.swap:
+            stage.swap.close()
 
 
 def create_stage_app(settings: TokenSettings) -> FastAPI:
@@ -93,7 +100,7 @@ async def open_pipeline(transport: Transport, runner: ModelRunner, settings: Tok
     redis = connect(settings.redis_url, timeout_s=min(5.0, settings.lease_ttl_s / 2))
     registry = Registry(redis, cluster_fingerprint(settings.cluster_token))
     setup = dict(pipeline=settings.pipeline, model_id=model_id, dtype=runner.dtype_name, block_size=runner.block_size,
-                 num_blocks=settings.num_blocks, stages=settings.stages)
+                 num_blocks=kv_room(settings, runner)[0], stages=settings.stages)
     started, said, refused = time.monotonic(), 0.0, set()
     try:
         while True:
@@ -135,6 +142,7 @@ async def _find_stages(registry: Registry, settings: TokenSettings, runner: Mode
                        refused: set[str]) -> dict[int, StageInfo]:
     """The newest live registration of each stage of our pipeline that fits this head."""
     found: dict[int, ServiceInfo] = {}
+    num_blocks = kv_room(settings, runner)[0]
     for info in await registry.services(ServiceKind.STAGE):
         if info.pipeline != settings.pipeline:
             continue
@@ -144,9 +152,9 @@ async def _find_stages(registry: Registry, settings: TokenSettings, runner: Mode
                  f"{info.stages} stages (ours {settings.stages})" if info.stages != settings.stages else
                  f"KV transport {info.kv_transport} (ours {settings.kv_transport})" if info.kv_transport != settings.kv_transport else
                  f"layers [{info.layer_start}, {info.layer_end})" if want != range(info.layer_start, info.layer_end) else
-                 f"KV pool {info.num_blocks} blocks of {info.block_size} (ours {settings.num_blocks} of "
-                 f"{runner.block_size}: --kv-blocks, --max-seqs, --max-model-len and --block-size must agree)"
-                 if (info.num_blocks, info.block_size) != (settings.num_blocks, runner.block_size) else "")
+                 f"KV pool {info.num_blocks} blocks of {info.block_size} (ours {num_blocks} of {runner.block_size}: "
+                 "--kv-blocks, --kv-device-bytes, --swap, --max-seqs, --max-model-len and --block-size must agree)"
+                 if (info.num_blocks, info.block_size) != (num_blocks, runner.block_size) else "")
         if wrong:
             if info.id not in refused:
                 refused.add(info.id)

@@ -3,7 +3,8 @@ token service is S processes holding a range of the tiny model's 3 layers each, 
 stage to stage over the KV transport. Greedy output equals HF `generate` through 2 and 3 stages,
 disaggregated (the prompt's KV reaches every stage) and colocated (chunked prefill through the
 pipeline); a stage killed mid-stream costs a pause: its head goes down and the request resumes on
-the other pipeline; nothing is left held."""
+the other pipeline; nothing is left held. The 3-stage pipelines swap (--swap): every stage computes
+over a device budget of 40 blocks, 4 microbatches in flight, the KV of record in host memory."""
 
 from __future__ import annotations
 
@@ -21,18 +22,33 @@ from tests.cluster.test_failover import assert_no_kv_held_on, holds_kv, stream
 PROMPT = "Once upon a time, in a land far away, there lived a dragon who"
 
 
+SWAP = {"DEJAVU_SWAP": "true", "DEJAVU_MICROBATCHES": "4", "DEJAVU_MAX_MODEL_LEN": "320",
+        # 40 blocks of 16 tokens of one of the tiny model's 3 layers (2 KV heads of 16, float32): half
+        # of it holds one sequence of --max-model-len
+        "DEJAVU_KV_DEVICE_BYTES": str(40 * 16 * 2 * 2 * 16 * 4)}
+
+
 @pytest.fixture(scope="module", params=[(2, "tcp", False), (3, "ucx", False), (2, "tcp", True)],
-                ids=["2-stages-tcp", "3-stages-ucx", "2-stages-colocated"])
+                ids=["2-stages-tcp", "3-stages-ucx-swap", "2-stages-colocated"])
 def cluster(request, tiny_model_path, redis_server):
     """Two token pipelines (one a spare), a prompt service (or colocated prefill, in chunks of 16
     tokens), a cache store."""
     stages, transport, colocated = request.param
     env = {**CLUSTER_ENV, "DEJAVU_KV_TRANSPORT": transport, "DEJAVU_TOKEN_TIMEOUT_S": "3",
-           "DEJAVU_COLOCATED": str(colocated).lower(), "DEJAVU_MAX_BATCH_TOKENS": "16"}
+           "DEJAVU_COLOCATED": str(colocated).lower(), "DEJAVU_MAX_BATCH_TOKENS": "16", **(SWAP if stages == 3 else {})}
     with Cluster(str(tiny_model_path), port=0, prompt_services=0 if colocated else 1, token_services=2,
                  cache_stores=1, redis_url=redis_server.url, env=env, echo_logs=False, stages=stages) as c:
-        c.stages = stages
+        c.stages, c.swap = stages, stages == 3
         yield c
+
+
+def assert_nothing_held(cluster) -> None:
+    """No KV held anywhere, nor (--swap) device room on any live stage, the heads included."""
+    assert_no_kv_held_on(cluster)
+    if cluster.swap:
+        for s in cluster.of("token") + cluster.of("stage"):
+            if s.proc.poll() is None:
+                assert metric(s.url, "dejavu_swap_device_blocks_used") == 0, s.name
 
 
 def test_greedy_requests_through_the_pipeline_equal_hf(cluster, tiny_oracle):
@@ -42,14 +58,17 @@ def test_greedy_requests_through_the_pipeline_equal_hf(cluster, tiny_oracle):
     assert len(cluster.of("stage")) == 2 * (cluster.stages - 1)
     before = sum(metric(s.url, "dejavu_stage_steps_total") for s in cluster.of("stage"))
     overlapped = sum(metric(t.url, "dejavu_token_overlapped_steps_total") for t in cluster.of("token"))
+    swapped = sum(metric(s.url, "dejavu_swap_in_bytes_total") for s in cluster.of("token") + cluster.of("stage"))
     complete_all(cluster, tiny_oracle)
+    if cluster.swap:  # steps computed over the device's KV, swapped in from the host pool
+        assert sum(metric(s.url, "dejavu_swap_in_bytes_total") for s in cluster.of("token") + cluster.of("stage")) > swapped
     assert sum(metric(s.url, "dejavu_stage_steps_total") for s in cluster.of("stage")) > before  # the stages computed
     # concurrent streams run as microbatches, several steps in flight down the pipeline at once
     assert sum(metric(t.url, "dejavu_token_overlapped_steps_total") for t in cluster.of("token")) > overlapped
     for s in cluster.of("stage"):
         health = httpx.get(s.url + "/health", timeout=10).json()
         assert health["kind"] == "stage" and health["linked"] and health["stages"] == cluster.stages
-    assert_no_kv_held_on(cluster)
+    assert_nothing_held(cluster)
 
 
 def kill_a_stage(cluster, body: dict, after: int = 20) -> tuple[str, dict, list]:
@@ -89,7 +108,7 @@ def test_a_stage_killed_mid_stream_costs_a_pause(cluster, tiny_oracle):
     assert text == want and usage["completion_tokens"] == n
     assert metric(cluster.url, 'dejavu_gateway_recoveries_total{path="replica"}') == recoveries + 1
     assert head.proc.wait(10) == 70  # the head ended with its pipeline
-    assert_no_kv_held_on(cluster)  # the replica too, once the request ended
+    assert_nothing_held(cluster)  # the replica too, once the request ended
     restart(cluster, stage, head)
     for t in cluster.of("token"):  # the restarted pipeline serves: the other one is made busy first
         if t.name != head.name:
@@ -99,7 +118,7 @@ def test_a_stage_killed_mid_stream_costs_a_pause(cluster, tiny_oracle):
     finally:
         for t in cluster.of("token"):
             t.proc.send_signal(signal.SIGCONT)
-    assert_no_kv_held_on(cluster)
+    assert_nothing_held(cluster)
 
 
 def test_seeded_sampling_is_identical_across_a_stage_failure(cluster):
@@ -108,7 +127,7 @@ def test_seeded_sampling_is_identical_across_a_stage_failure(cluster):
     failed, usage, (head, stage) = kill_a_stage(cluster, body, after=40)
     assert failed == clean and usage["completion_tokens"] == 200
     head.proc.wait(10)
-    assert_no_kv_held_on(cluster)
+    assert_nothing_held(cluster)
     restart(cluster, stage, head)
 
 

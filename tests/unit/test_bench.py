@@ -49,3 +49,16 @@ def test_dejavu_bench_pipeline_runs_its_layouts(tmp_path, tiny_model_path):
     summary = json.loads(out.read_text())["summary"]
     assert summary["ratio_1_stage"] == 1 and summary["tokens_per_s_2_stage"] > 0
     assert len(summary["stage_busy_2_stage"]) == 2  # the head and stage 1
+
+
+def test_dejavu_bench_swap_runs_both_layouts(tmp_path, tiny_model_path):
+    """With swapping, more sequences run at once than the device budget holds without it."""
+    out = tmp_path / "swap.json"
+    run = subprocess.run([sys.executable, "-m", "dejavu", "bench", "swap", "--model", str(tiny_model_path),
+                          "--repeats", "1", "--device-seqs", "2", "--microbatches", "3", "--prompt-tokens", "8",
+                          "--new-tokens", "24", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["tokens_per_s_swap"] > 0 and summary["ratio_no_swap"] == 1
+    assert summary["largest_batch_no_swap"] <= 2 < summary["largest_batch_swap"] <= 3
+    assert summary["swapped_bytes_per_token_no_swap"] == 0 < summary["swapped_bytes_per_token_swap"]

@@ -6,6 +6,7 @@ that does not fit the head refuses the setup; a stage that goes away breaks the 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from common.kv import make_transport
 from common.kv.transport import TransportError
 from engine.attention import Segment
 from engine.runner import ModelRunner, stage_layers
+from engine.swap import SwapPool
 from token_service.pipeline import Pipeline, PipelineError, Stage, StageInfo, decode, encode
 
 pytestmark = pytest.mark.asyncio
@@ -35,16 +37,17 @@ def setup_of(runner: ModelRunner, stages: int, **changes) -> dict:
             "stages": stages, **changes}
 
 
-async def linked(model, stages: int = 2, stage_blocks: dict[int, int] | None = None, **changes):
-    """Stages 1.. of `stages` listening on TCP (stage k with stage_blocks.get(k, BLOCKS) blocks) and
-    a head's Pipeline ready to set them up."""
+async def linked(model, stages: int = 2, stage_blocks: dict[int, int] | None = None, device_blocks: int = 0,
+                 **changes):
+    """Stages 1.. of `stages` listening on TCP (stage k with stage_blocks.get(k, BLOCKS) blocks, and
+    with device_blocks, swapping) and a head's Pipeline ready to set them up."""
     layers = [stage_layers(model.config.num_hidden_layers, stages, k) for k in range(stages)]
     head = ModelRunner(model, block_size=BLOCK, layers=layers[0])
     stage_transports, head_transport = [make_transport("tcp", "secret") for _ in range(1, stages)], make_transport("tcp", "secret")
     workers, infos = [], [StageInfo(0, "", layers[0])]
     for k, transport in zip(range(1, stages), stage_transports):
         worker = Stage(ModelRunner(model, block_size=BLOCK, layers=layers[k]), (stage_blocks or {}).get(k, BLOCKS),
-                       k, stages, "m", transport)
+                       k, stages, "m", transport, device_blocks)
         infos.append(StageInfo(k, await transport.listen(worker.handle, "127.0.0.1"), layers[k]))
         workers.append(worker)
     broken = []
@@ -139,3 +142,73 @@ async def test_a_stage_that_goes_away_breaks_the_pipeline(tiny_oracle):
     finally:
         await pipeline.close()
         await head_transport.close()
+
+
+async def test_three_stages_swapping_compute_what_one_model_does(tiny_oracle, monkeypatch):
+    """--swap on every stage: each computes over a device of 12 blocks, the KV of record in its host
+    pool. Two microbatches in flight; KV sent on for a new sequence right behind a step that is
+    still computing, and that sequence's first step right behind it (a stage must apply the KV
+    before it swaps the step in); a gather reads what the steps wrote. All equal one model."""
+    model = tiny_oracle.model
+    head, workers, pipeline, broken, transports, setup = await linked(model, stages=3, device_blocks=12)
+    swap = SwapPool(head, BLOCKS, 12)
+    try:
+        await pipeline.open(setup)
+        whole = ModelRunner(model, block_size=BLOCK)
+        whole_pool = whole.new_pool(BLOCKS)
+        prompts = [tiny_oracle.tokenizer(t)["input_ids"] for t in ["Hi there", "The capital of France is"]]
+        tables = [[3, 9, 1], [0, 7, 12, 5], [30, 2, 4]]
+
+        async def step(segments, staged):
+            return await pipeline.forward(segments, await asyncio.to_thread(swap.forward, head, staged))
+
+        segments = [Segment(p, 0, t) for p, t in zip(prompts[:2], tables[:2])]
+        got = await step(segments, swap.prefetch(segments))
+        want = whole.forward(segments, whole_pool)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        last = want.argmax(-1).tolist()
+        for _ in range(3):  # two microbatches in flight, the second swapping in while the first computes
+            segments = [Segment([tok], len(p), t) for tok, p, t in zip(last, prompts, tables)]
+            staged = [swap.prefetch([s]) for s in segments]
+            got = await asyncio.gather(*(step([s], st) for s, st in zip(segments, staged)))
+            want = whole.forward(segments, whole_pool)
+            torch.testing.assert_close(torch.cat(got), want, rtol=0, atol=0)
+            last = want.argmax(-1).tolist()
+            prompts = [p + [tok] for p, tok in zip(prompts, last)]
+
+        kv = torch.randn(whole.kv.layers, 2, 5, whole.kv.kv_heads, whole.kv.head_dim)
+        slots = torch.tensor([30 * BLOCK + i for i in range(BLOCK)] + [2 * BLOCK])
+        whole_pool[:, :, slots], swap.host[:, :, slots] = kv, kv[: len(head.layers)]
+        busy = [Segment([tok], len(p), t) for tok, p, t in zip(last, prompts[:2], tables[:2])]
+        computes, held_back = workers[0].swap.forward, []
+
+        def slowly(*args):  # stage 1 takes its time over this step, so that the next frames queue behind it
+            time.sleep(0.3)
+            return computes(*args)
+
+        def read(self, link, raw, payload):
+            Stage._read_frame(self, link, raw, payload)
+            frame = link.frames._queue[-1]
+            held_back.extend([self.stage] if frame.header["op"] == "step" and frame.lags else [])
+
+        monkeypatch.setattr(workers[0].swap, "forward", slowly)
+        monkeypatch.setattr(workers[0], "_read_frame", read.__get__(workers[0]))
+        hidden = await asyncio.to_thread(swap.forward, head, swap.prefetch(busy))
+        first = asyncio.ensure_future(pipeline.forward(busy, hidden))  # computing on the stages ...
+        await asyncio.sleep(0)
+        await pipeline.send_kv(tables[2], range(len(head.layers), whole.kv.layers), range(0, 5), kv[len(head.layers):])
+        new = [Segment([7], 5, tables[2])]
+        second = asyncio.ensure_future(step(new, swap.prefetch(new)))  # ... while these frames queue behind it
+        got = await asyncio.gather(first, second)
+        torch.testing.assert_close(got[0], whole.forward(busy, whole_pool), rtol=0, atol=0)
+        torch.testing.assert_close(got[1], whole.forward(new, whole_pool), rtol=0, atol=0)
+        assert held_back == [1]  # its prefetch waited for the KV ahead of it
+
+        gathered = await pipeline.gather(tables[1], range(0, len(prompts[1]) + 1))
+        want = whole_pool[len(head.layers):, :, torch.cat([torch.arange(b * BLOCK, b * BLOCK + BLOCK) for b in tables[1]])]
+        assert torch.equal(gathered, want[:, :, : len(prompts[1]) + 1])
+        assert not broken and swap.blocks_used == 0 and all(w.swap.blocks_used == 0 for w in workers)
+    finally:
+        await pipeline.close()
+        for t in transports:
+            await t.close()
