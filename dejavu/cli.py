@@ -40,6 +40,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="pipeline stages per token service: its layers split evenly over this many processes, "
                     "each with the KV of its own layers, activations handed on over the KV transport (Llama-family "
                     "models); a stage's failure ends its pipeline, whose requests resume elsewhere from their replicas")
+    up.add_argument("--microbatches", type=int, default=0,
+                    help="decode steps in flight per token service (0: one per stage)")
+    up.add_argument("--kv-device-bytes", type=int, default=0,
+                    help="each token engine's device KV budget in bytes (a stage's: of the largest stage's layers): "
+                    "the KV pool's size, or with --swap the room of the steps being computed (0: none)")
+    up.add_argument("--swap", action="store_true",
+                    help="microbatch KV swapping: the KV pool in host memory, only the microbatch computing and "
+                    "the next one in --kv-device-bytes (needs it; not with --colocated)")
     up.add_argument("--cache-stores", type=int, default=1, help="KV replica stores")
     up.add_argument("--redis-url", default=None, help="use this Redis instead of starting an embedded one")
     up.add_argument("--kv-transport", choices=("ucx", "tcp"), default="ucx", help="KV transport")
@@ -114,6 +122,16 @@ def cmd_up(args, parser) -> int:
         parser.error("--stages must be in 1..64")
     if args.cache_stores < 0:
         parser.error("--cache-stores must be >= 0")
+    if not 0 <= args.microbatches <= 64:
+        parser.error("--microbatches must be in 0..64")
+    if args.kv_device_bytes < 0:
+        parser.error("--kv-device-bytes must be >= 0")
+    if args.swap and not args.kv_device_bytes:
+        parser.error("--swap needs --kv-device-bytes (the device's KV budget)")
+    if args.swap and args.colocated:
+        parser.error("--swap is not for --colocated token services")
+    if args.kv_device_bytes and args.kv_blocks and not args.swap:
+        parser.error("without --swap, --kv-device-bytes sizes the KV pool: give it or --kv-blocks, not both")
     if args.max_queued_requests < 0:
         parser.error("--max-queued-requests must be >= 0 (0: a 429 as soon as every token service is full)")
     try:
@@ -126,7 +144,9 @@ def cmd_up(args, parser) -> int:
     env = {"DEJAVU_KV_TRANSPORT": args.kv_transport, "DEJAVU_MAX_MODEL_LEN": str(args.max_model_len),
            "DEJAVU_MAX_SEQS": str(args.max_seqs), "DEJAVU_COLOCATED": str(args.colocated).lower(),
            "DEJAVU_DTYPE": args.dtype, "DEJAVU_BLOCK_SIZE": str(args.block_size), "DEJAVU_KV_BLOCKS": str(args.kv_blocks),
-           "DEJAVU_COMPILE": str(args.compile).lower(), "DEJAVU_MAX_QUEUED_REQUESTS": str(args.max_queued_requests)}
+           "DEJAVU_COMPILE": str(args.compile).lower(), "DEJAVU_MAX_QUEUED_REQUESTS": str(args.max_queued_requests),
+           "DEJAVU_MICROBATCHES": str(args.microbatches), "DEJAVU_KV_DEVICE_BYTES": str(args.kv_device_bytes),
+           "DEJAVU_SWAP": str(args.swap).lower()}
     given = args.api_key if args.api_key is not None else [os.environ.get("DEJAVU_API_KEYS", "")]
     keys = [k.strip() for item in given for k in item.split(",")] if any(given) or args.api_key else []
     if not all(keys):  # an empty key would let an empty bearer token in

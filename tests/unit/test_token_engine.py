@@ -135,3 +135,40 @@ def test_an_abort_frees_a_running_sequence_at_once_unless_a_step_has_it(runner):
     seq.stepping = False
     engine.release(seq)  # what the step's end does with an aborted sequence
     assert engine.blocks.num_used == 0 and engine.blocks.committed == 0
+
+
+def test_swapping_microbatches_in_one_process_equal_generate(runner, tiny_oracle):
+    """--swap on a token service of one process: 6 requests, 3 steps in flight, each within half a
+    device of 12 blocks of 4 tokens (2 requests a step), the pool in host memory. The decode loop
+    runs them all; every stream equals generate, and the device's room all comes back."""
+    from common.protocol import DecodeRequest, SamplingParams
+    from engine.attention import Segment
+    from token_service.engine import kv_room
+
+    block = runner.kv.bytes_per_token * 4
+    engine = engine_of(runner, max_seqs=8, max_model_len=24, swap=True, microbatches=3, kv_device_bytes=12 * block)
+    assert kv_room(engine.settings, runner) == (8 * 6, 12) and engine.swap.step_blocks == 6
+    prompts = [tiny_oracle.tokenizer(t)["input_ids"] for t in
+               ["Hi", "The sea", "One two three", "a b c d", "Paris is", "Water boils at"]]
+    want = [tiny_oracle.generate_ids(p, 10) for p in prompts]
+
+    async def serve() -> list[list[int]]:
+        loop = asyncio.create_task(engine.run())
+        streams = []
+        for i, ids in enumerate(prompts):
+            engine.reserve(ReserveRequest(request_id=f"r{i}", prompt_tokens=len(ids), max_tokens=10))
+            seq = engine.scheduler.seqs[f"r{i}"]
+            first = runner.forward([Segment(ids, 0, seq.blocks)], engine.pool)  # the prompt's KV, as if streamed in
+            seq.mark_all_received(len(ids))
+            streams.append(engine.start_decode(DecodeRequest(
+                request_id=f"r{i}", first_token=int(first.argmax()), sampling=SamplingParams(max_tokens=10))))
+        out = [[s.output[0]] for s in streams]
+        for i, seq in enumerate(streams):
+            while (event := await asyncio.wait_for(seq.events.get(), 30)).token.finish_reason is None:
+                out[i].append(event.token.token_id)
+            out[i].append(event.token.token_id)
+        loop.cancel()
+        return out
+
+    assert asyncio.run(serve()) == want
+    assert engine.swap.blocks_used == 0 and engine.blocks.num_used == 0
