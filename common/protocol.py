@@ -43,7 +43,7 @@ class ServiceKind(str, Enum):
 # The internal protocol's version (these messages, the KV wire): engines publish it, and a gateway
 # routes only to engines of its own, so a rolling upgrade never pairs a gateway and an engine that
 # misread each other. Bump it with any change an older peer would refuse or misread.
-PROTOCOL = 2  # 2: DecodeRequest.replay (a resumed request's tokens replayed by decode steps)
+PROTOCOL = 3  # 2: DecodeRequest.replay (a resumed request's tokens replayed by decode steps); 3: KV routes
 
 
 class ServiceInfo(Message):
@@ -110,11 +110,17 @@ class ReserveRequest(Message):
     max_tokens: int = Field(ge=1, le=MAX_SEQUENCE)      # tokens
 
 
+KVRoute = tuple[Annotated[str, StringConstraints(max_length=300)], Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]
+
+
 class Reservation(Message):
     request_id: str
     service_id: str
     kv_address: str               # where the prompt service streams the KV
     kv_transport: str
+    # a token pipeline (--stages): (address, layer_start, layer_end) of each stage, the KV of each
+    # layer streamed straight to its stage; empty: every layer to kv_address
+    kv_routes: list[KVRoute] = Field(default_factory=list, max_length=64)
 
 
 class PrefillRequest(Message):
@@ -124,6 +130,7 @@ class PrefillRequest(Message):
     sampling: SamplingParams
     target_service_id: str
     target_kv_address: str
+    target_kv_routes: list[KVRoute] = Field(default_factory=list, max_length=64)  # Reservation.kv_routes
 
 
 class TopLogprob(Message):

@@ -124,7 +124,8 @@ class Router:
             if path != "replica":
                 req = PrefillRequest(request_id=run.request_id, epoch=run.epoch, prompt_ids=run.prompt_ids,
                                      sampling=run.sampling, target_service_id=token_svc.id,
-                                     target_kv_address=reservation.kv_address)
+                                     target_kv_address=reservation.kv_address,
+                                     target_kv_routes=reservation.kv_routes)
                 try:
                     result = await (self.prefill_on(token_svc, req) if token_svc.colocated else self.prefill(req, holders))
                 except UpstreamError as exc:

@@ -1,7 +1,9 @@
 """The prefill engine. A request's life on a prompt service:
 
 1. `submit`   the gateway asks to prefill a prompt into KV room it reserved on token service T;
-              a link to T's KV address is opened (or reused) and the job queued.
+              a link to T's KV address is opened (or reused) and the job queued. T a pipeline
+              of stages: a link to each stage, whose layers' KV goes to it straight
+              (PrefillRequest.target_kv_routes).
 2. `run`      jobs are batched up to --max-batch-tokens and run as one forward pass (prompts
               back to back, no padding) in a worker thread. A prompt longer than that runs in
               chunks of --max-batch-tokens, one forward each, attending to the earlier chunks'
@@ -54,7 +56,8 @@ IN_FLIGHT = Gauge("dejavu_prompt_in_flight_requests", "prefills accepted and not
 @dataclass
 class PrefillJob:
     req: PrefillRequest
-    link: PeerLink
+    links: list[tuple[range, PeerLink]]  # where each layer range's KV goes (one: the token service's)
+    messages: list[range]                # the layers of each KV message, in order: by layer, the one holding it
     result: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # (layers [a, b), tokens [c, d), buffer)
     first: TokenEvent | None = None
@@ -105,12 +108,22 @@ class PrefillEngine:
             self.runner.check_tokens(req.prompt_ids, "prompt_ids")  # a bad id would fail the whole batch
         except ValueError as exc:
             raise BadRequest(str(exc), code="invalid_token_id") from None
-        try:
-            link = await self.peers.get(req.target_kv_address)
-        except TransportError as exc:
-            raise UpstreamError(f"cannot reach token service {req.target_service_id} at "
-                                f"{req.target_kv_address}: {exc}") from exc
-        job = self.jobs[req.request_id] = PrefillJob(req, link)
+        layers = self.runner.kv.layers
+        routes = req.target_kv_routes or [(req.target_kv_address, 0, layers)]
+        if [r[1] for r in routes] != [0] + [r[2] for r in routes[:-1]] or routes[-1][2] != layers or \
+                any(start >= end for _, start, end in routes):
+            raise BadRequest(f"target_kv_routes {routes} do not split the model's {layers} layers in order",
+                             param="target_kv_routes")
+        links = []
+        for address, start, end in routes:
+            try:
+                links.append((range(start, end), await self.peers.get(address)))
+            except TransportError as exc:
+                raise UpstreamError(f"cannot reach token service {req.target_service_id} at {address} "
+                                    f"(layers [{start}, {end})): {exc}") from exc
+        every = self.layers_per_message  # messages of `every` layers, none across two routes
+        messages = [range(a, min(a + every, r.stop)) for r, _ in links for a in range(r.start, r.stop, every)]
+        job = self.jobs[req.request_id] = PrefillJob(req, links, [m for m in messages for _ in m])
         IN_FLIGHT.inc()
         sender = asyncio.create_task(self._send_layers(job))
         self.queue.append(job)
@@ -170,7 +183,6 @@ class PrefillEngine:
         as soon as those layers are computed. Whole prompts need no pool; a chunked prompt keeps
         its KV so far in a pool of its own, which its later chunks attend to."""
         loop = asyncio.get_running_loop()
-        every, layers = self.layers_per_message, self.runner.kv.layers
         slabs: list[torch.Tensor | None] = [None] * len(work)  # each piece's message being filled
         rows, at = [], 0  # each piece's rows in the forward's flat (N, kv_heads, D) K/V
         for piece in work:
@@ -178,14 +190,13 @@ class PrefillEngine:
             at += piece.end - piece.start
 
         def on_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:  # runs in the worker thread
-            first = layer - layer % every  # the message's first layer
-            size = min(every, layers - first)
             for i, piece in enumerate(work):
-                if layer == first:  # (layers, 2, tokens, kv_heads, D), host memory: the wire's layout
-                    slabs[i] = torch.empty((size, 2, piece.end - piece.start, k.shape[1], k.shape[2]), dtype=k.dtype)
-                gather_prefill(k, v, rows[i], out=slabs[i][layer - first: layer - first + 1])
-                if layer == first + size - 1:  # each layer copied once, straight into its message
-                    message = (first, layer + 1, piece.start, piece.end, slabs[i])
+                group = piece.job.messages[layer]  # the layers of the message this one goes in
+                if layer == group.start:  # (layers, 2, tokens, kv_heads, D), host memory: the wire's layout
+                    slabs[i] = torch.empty((len(group), 2, piece.end - piece.start, k.shape[1], k.shape[2]), dtype=k.dtype)
+                gather_prefill(k, v, rows[i], out=slabs[i][layer - group.start: layer - group.start + 1])
+                if layer == group.stop - 1:  # each layer copied once, straight into its message
+                    message = (group.start, group.stop, piece.start, piece.end, slabs[i])
                     loop.call_soon_threadsafe(piece.job.outbox.put_nowait, message)
 
         job, table = work[0].job, None
@@ -224,7 +235,8 @@ class PrefillEngine:
                 if job.result.done():
                     continue  # ended: drain without sending
                 layer_start, layer_end, token_start, token_end, buf = item
-                acks.append(await job.link.send(buf, request_id=job.req.request_id, epoch=job.req.epoch,
+                link = next(link for layers, link in job.links if layer_start in layers)
+                acks.append(await link.send(buf, request_id=job.req.request_id, epoch=job.req.epoch,
                                                 layer_start=layer_start, layer_end=layer_end,
                                                 token_start=token_start, token_end=token_end))
             if job.result.done():

@@ -134,6 +134,7 @@ def create_app(settings: TokenSettings) -> FastAPI:
     @app.post("/decode")
     async def decode(req: DecodeRequest) -> ClosingStreamingResponse:
         request_id_var.set(req.request_id)
+        await app.state.engine.collect_landed(req.request_id)  # a pipeline's stages: their prompt KV
         return _decode_stream(app.state.engine, req)
 
     @app.post("/prefill")

@@ -111,6 +111,7 @@ class TokenEngine:
         self.wakeup = asyncio.Event()
         self.prefills = PrefillQueue(settings.max_batch_tokens, self.release)  # colocated mode
         self.block_bytes = runner.kv.bytes_per_token * runner.block_size
+        self._tasks: set[asyncio.Task] = set()
 
     # -- requests -------------------------------------------------------------------------------
     def reserve(self, req: ReserveRequest) -> Reservation:
@@ -129,8 +130,33 @@ class TokenEngine:
         self.blocks.grow(seq.blocks, seq.prompt_len, seq.promised)
         self.scheduler.add(seq)
         self._update_gauges()
+        routes = []
+        if self.pipeline is not None:  # prompt KV straight to the stage that holds each layer
+            self._background(self.pipeline.reserve(seq.request_id, list(seq.blocks), seq.prompt_len))
+            routes = [(self.kv_address, 0, self.runner.layers.stop)] + self.pipeline.kv_routes
         return Reservation(request_id=seq.request_id, service_id=self.service_id, kv_address=self.kv_address,
-                           kv_transport=self.settings.kv_transport)
+                           kv_transport=self.settings.kv_transport, kv_routes=routes)
+
+    def _background(self, work) -> None:
+        """A frame to the stages that nothing waits for; a broken pipeline ends the head anyway."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # seen: the pipeline logs its breakage
+
+    async def collect_landed(self, request_id: str) -> None:
+        """A pipeline's head, before a sequence's first step: how much of its prompt's KV each stage
+        has (it came to them straight from the prompt service), into `received`."""
+        seq = self.scheduler.seqs.get(request_id)
+        if self.pipeline is None or seq is None or seq.done or seq.kv_ready:
+            return
+        try:
+            counts = await self.pipeline.landed(request_id)
+        except Exception as exc:  # noqa: BLE001 - the pipeline is broken: this head is going down
+            raise Unavailable(f"request {request_id}: the pipeline's stages did not answer: {exc}") from None
+        if self.scheduler.seqs.get(request_id) is seq:
+            for layer, n in zip(range(self.runner.layers.stop, self.runner.kv.layers), counts):
+                seq.received[layer] = max(seq.received[layer], min(n, seq.prompt_len))
 
     async def receive_kv(self, header: Header, payload: np.ndarray) -> None:
         """Scatter one KV message (layers, 2, tokens, kv_heads, head_dim) into its sequence's blocks
@@ -274,6 +300,8 @@ class TokenEngine:
         if self.scheduler.seqs.get(seq.request_id) is seq:  # not a newer sequence under the same id
             self.scheduler.remove(seq.request_id)
             self.blocks.release(seq.blocks, seq.promised)
+            if self.pipeline is not None and self.pipeline.broken is None:
+                self._background(self.pipeline.release(seq.request_id))
             if self.replicator:
                 self.replicator.forget(seq.request_id, aborted=seq.status is SeqStatus.ABORTED)
             self._update_gauges()

@@ -18,11 +18,21 @@ address); the head registers as a token service only once it has found its stage
 the pipeline up. Activations move stage to stage over the KV transport (UCX or TCP), never through
 Redis or HTTP.
 
-A stage holds no request state: the head allocates every block (all pools have the same number
-of blocks, so one block table serves every stage) and sends each step's block tables with it.
-Prompt KV that a prompt service (or a replica) brings for a later stage's layers comes to the head,
-which sends it on down the chain in a "kv" frame; frames on a link arrive in order, so a
-sequence's KV is in place before its first step reaches the stage.
+A stage holds no request state but what prompt KV needs: the head allocates every block (all
+pools have the same number of blocks, so one block table serves every stage) and sends each step's
+block tables with it.
+
+Prompt KV goes straight to the stage that holds its layers (DéjàVu's stream_out/stream_in,
+regrouping layers when the prompt side has another shape): the head's reservation names each
+stage's address and layer range (Reservation.kv_routes), and the prompt service sends each layer's
+KV to its owner. A stage accepts KV messages on the address its pipeline links use (the first frame
+of a connection says which it is), for requests the head announced in a "reserve" frame (their
+prompt's blocks), until a "release" frame; it acknowledges each message once it is in its pool, so
+a prompt service answers only when every stage has its layers. Before a sequence's first step, the
+head asks its stages how much of the prompt each layer has ("landed"): the answer comes back down
+the chain after every earlier frame, and the steps after it are read after the KV was written.
+KV that comes to the head for later layers anyway (a restore, an older prompt service) is sent on
+in a "kv" frame; frames on a link arrive in order, so it is in place before the first step.
 
 Replication: the head replicates each request's KV as a token service does (token_service/
 replicator.py), every layer of it, to one cache store: a "gather" frame goes down the chain, each
@@ -41,6 +51,9 @@ upstream link waits for the next setup.
 
 Frames (transport frames: a JSON header, one payload):
   head -> 1 -> ... -> S-1   {"op": "setup", "session", "pipeline", "links": [[address, start, stop], ...], ...}
+                            {"op": "reserve", "request", "prompt"}: payload = meta (the prompt's blocks)
+                            {"op": "release", "request"}
+                            {"op": "landed", "step", "request"}: payload = the counts so far (int64, a layer each)
                             {"op": "kv", "stage", "layers", "tokens", "dtype", "shape", "meta"}: payload = meta + KV slab
                             {"op": "step", "step", "dtype", "shape", "meta"}: payload = meta + hidden states
                             {"op": "gather", "step", "tokens"}: payload = meta + the KV gathered so far
@@ -66,8 +79,9 @@ import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from common.kv.transport import Connection, Transport, TransportError
-from common.kv.wire import numpy_dtype
+from common.kv.wire import Header, as_tensor, numpy_dtype
 from common.kv.copy import gather, scatter
+from common.kv.receiver import kv_server
 from engine.attention import Segment, slots_of
 from engine.runner import ModelRunner
 from engine.swap import SwapPool
@@ -80,6 +94,12 @@ STAGE_STEPS = Counter("dejavu_stage_steps", "forward steps this pipeline stage c
 STAGE_STEP_SECONDS = Histogram("dejavu_stage_step_seconds", "one forward of this stage's layers",
                                buckets=(.005, .01, .025, .05, .1, .2, .4, .8, 1.6))
 STAGE_LINKED = Gauge("dejavu_stage_linked", "1 while this stage is part of a set-up pipeline (a head linked to it)")
+STAGE_REQUESTS = Gauge("dejavu_stage_requests", "requests whose prompt KV this stage accepts (reserved, not released)")
+STAGE_KV_BYTES = Counter("dejavu_stage_kv_bytes", "prompt KV written to this stage's pool, by the way it came: straight "
+                         "from a prompt service, or sent on by the head", ["via"])
+for _via in ("direct", "head"):
+    STAGE_KV_BYTES.labels(_via)
+KV_WAIT_S = 5.0  # a prompt's KV may outrun the head's "reserve" frame down the chain: it waits this long
 _ALIGN = 16
 
 
@@ -145,6 +165,36 @@ class Frame:
 
 
 @dataclass
+class Prompt:
+    """A request whose prompt KV this stage accepts: its prompt's blocks, and per layer of this
+    stage the tokens [0, n) that are in."""
+
+    blocks: list[int]
+    length: int
+    received: list[int]
+
+
+class KVRefused(Exception):
+    """A KV message for this stage that it will not write (answered with an error frame)."""
+
+
+class Prepended:
+    """A connection whose first frame was already read (to tell a KV link from a pipeline link)."""
+
+    def __init__(self, conn: Connection, first: tuple[bytes, np.ndarray]):
+        self.conn, self.first = conn, first
+
+    async def recv(self, alloc=None):
+        if self.first is not None:
+            first, self.first = self.first, None
+            return first
+        return await self.conn.recv(alloc)
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+@dataclass
 class Link:
     """One setup of a stage: the head's session, the link from the stage before and the one to the
     stage after (none on the last). A newer setup replaces it whole; the old one's frames, if any
@@ -158,6 +208,8 @@ class Link:
     worker: asyncio.Task | None = None
     frames: asyncio.Queue = field(default_factory=asyncio.Queue)
     lagging: int = 0  # queued frames that a prefetch must not overtake
+    prompts: dict[str, Prompt] = field(default_factory=dict)  # requests whose prompt KV may come straight here
+    announced: asyncio.Event = field(default_factory=asyncio.Event)  # set (and cleared) at each "reserve"
 
 
 class Stage:
@@ -175,6 +227,8 @@ class Stage:
         self.results: dict[str, Connection] = {}    # session -> the head's results link (the last stage)
         self.results_ready: dict[str, asyncio.Event] = {}
         self.steps = 0
+        self._kv_server = kv_server(self.receive_kv, (KVRefused,),  # nothing over one layer range of a whole sequence
+                                    max_payload=runner.pool_bytes_per_token * runner.block_size * num_blocks)
 
     @property
     def last(self) -> bool:
@@ -185,9 +239,15 @@ class Stage:
         return self.link is not None
 
     async def handle(self, conn: Connection) -> None:
-        """The transport handler of every link this stage accepts: from the stage before it, or
-        (the last stage) the head's results link."""
+        """The transport handler of every link this stage accepts: from the stage before it, (the
+        last stage) the head's results link, or a prompt service's KV link."""
         raw, payload = await conn.recv()
+        try:
+            kv_link = "kind" in json.loads(raw)  # a KV message (common/kv/wire.py), not a pipeline frame
+        except ValueError:
+            kv_link = False
+        if kv_link:
+            return await self._kv_server(Prepended(conn, (raw, payload)))
         header, _, _ = decode(raw, payload)
         if header["op"] == "results" and isinstance(header.get("session"), str):
             await self._results_link(conn, header["session"])
@@ -248,6 +308,14 @@ class Stage:
         header, meta, tensor = decode(raw, payload)
         frame = Frame(header, meta, tensor, raw, payload)
         op = header["op"]
+        if op == "reserve":  # now, not in turn: the prompt's KV may be on its way already
+            link.prompts[header["request"]] = Prompt(list(meta), int(header["prompt"]), [0] * len(self.runner.layers))
+            link.announced.set()
+            link.announced.clear()
+            STAGE_REQUESTS.set(len(link.prompts))
+        elif op == "release":
+            link.prompts.pop(header["request"], None)
+            STAGE_REQUESTS.set(len(link.prompts))
         if self.swap is not None and (op == "step" or op == "kv" and header.get("stage") == self.stage):
             if op == "step" and link.lagging == 0:
                 frame.staged = self.swap.prefetch(segments_of(meta))
@@ -282,6 +350,8 @@ class Stage:
         for task in (link.watcher, link.worker):
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
+        link.prompts.clear()  # a new head reserves anew
+        STAGE_REQUESTS.set(0)
         while not link.frames.empty():  # steps that will not compute: their device room back
             staged = link.frames.get_nowait().staged
             if staged is not None:
@@ -338,12 +408,55 @@ class Stage:
                 raise PipelineError(f"KV of layers [{start}, {stop}) on stage {self.stage}")
             local = slice(start - self.runner.layers.start, stop - self.runner.layers.start)
             scatter(self.pool, slots_of(meta, self.runner.block_size, t0, t1), local, tensor)
+            STAGE_KV_BYTES.labels("head").inc(tensor.nbytes)
+        elif op == "landed":  # this stage's counts added to the ones before: the last stage answers
+            mine = link.prompts.get(header["request"])
+            counts = torch.tensor(mine.received if mine else [0] * len(self.runner.layers), dtype=torch.int64)
+            counts = counts if tensor is None else torch.cat([tensor, counts])
+            if self.last:
+                await self._answer(link.session, {"op": "result", "step": header["step"]}, counts)
+            else:
+                await link.downstream.send(*encode({"op": "landed", "step": header["step"], "request": header["request"]},
+                                                   None, counts))
+        elif op in ("reserve", "release"):
+            if not self.last:
+                await link.downstream.send(raw, payload)  # applied when read (_read_frame); on down the chain
         elif op in ("kv", "error") and not self.last:
             await link.downstream.send(raw, payload)  # for a stage after this one, or the head: as it came
         elif op == "error":
             await self._answer(link.session, header)
         else:
             log.warning("unexpected %r frame on the upstream link: skipped", op)
+
+    async def receive_kv(self, header: Header, payload: np.ndarray) -> None:
+        """A KV message from a prompt service: layers of this stage, tokens of a prompt the head
+        reserved here, in order per layer (a retried prefill may start again from 0)."""
+        link, rid = self.link, header.request_id
+        deadline = time.monotonic() + KV_WAIT_S
+        while link is not None and rid not in link.prompts and time.monotonic() < deadline:
+            with contextlib.suppress(asyncio.TimeoutError):  # the head's "reserve" may still be on its way
+                await asyncio.wait_for(link.announced.wait(), deadline - time.monotonic())
+        prompt = link.prompts.get(rid) if link is not None and link is self.link else None
+        if prompt is None:
+            raise KVRefused(f"stage {self.stage}: no KV room reserved here for request {rid}")
+        layers, kv = self.runner.layers, self.runner.kv
+        start, stop, t0, t1 = header.layer_start, header.layer_end, header.token_start, header.token_end
+        want = (stop - start, 2, t1 - t0, kv.kv_heads, kv.head_dim)
+        if not (layers.start <= start < stop <= layers.stop) or tuple(payload.shape) != want or t1 > prompt.length:
+            raise KVRefused(f"stage {self.stage} (layers [{layers.start}, {layers.stop})): a KV message of shape "
+                            f"{tuple(payload.shape)} for layers [{start}, {stop}) tokens [{t0}, {t1}) does not fit "
+                            f"request {rid}'s {prompt.length}-token prompt")
+        if header.dtype != self.runner.dtype_name:
+            raise KVRefused(f"KV dtype {header.dtype} does not match this stage's {self.runner.dtype_name} "
+                            "(run every service with the same --dtype)")
+        local = range(start - layers.start, stop - layers.start)
+        if any(prompt.received[i] < t0 for i in local):
+            raise KVRefused(f"request {rid}: tokens [{t0}, {t1}) of layers [{start}, {stop}) would leave a gap")
+        scatter(self.pool, slots_of(prompt.blocks, self.runner.block_size, t0, t1), slice(local.start, local.stop),
+                as_tensor(header, payload))
+        for i in local:
+            prompt.received[i] = max(prompt.received[i], t1)
+        STAGE_KV_BYTES.labels("direct").inc(payload.nbytes)
 
     async def _step(self, link: Link, header: dict, meta: list, hidden: torch.Tensor, staged: Future | None) -> None:
         step, start = header["step"], time.perf_counter()
@@ -507,6 +620,31 @@ class Pipeline:
             future.cancel()
             self._break(TransportError(f"step {step} not back from the stages in {STEP_TIMEOUT_S:.0f} s"))
             raise self.broken from None
+
+    @property
+    def kv_routes(self) -> list[tuple[str, int, int]]:
+        """Where each of the stages after the head takes its layers' prompt KV."""
+        return [(s.address, s.layers.start, s.layers.stop) for s in self.stages[1:]]
+
+    async def reserve(self, request_id: str, blocks: list[int], prompt_len: int) -> None:
+        """Tell the stages a prompt's KV may come to them straight: its blocks (all of the prompt's)."""
+        await self._post({"op": "reserve", "request": request_id, "prompt": prompt_len}, list(blocks))
+
+    async def release(self, request_id: str) -> None:
+        await self._post({"op": "release", "request": request_id})
+
+    async def landed(self, request_id: str) -> list[int]:
+        """Per layer after the head's, the prompt tokens [0, n) of `request_id` that reached its stage."""
+        return (await self._request({"op": "landed", "request": request_id}, None)).tolist()
+
+    async def _post(self, header: dict, meta: object = None) -> None:
+        if self.broken is not None:
+            raise self.broken
+        try:
+            await self.first.send(*encode(header, meta))
+        except TransportError as exc:
+            self._break(exc)
+            raise
 
     async def send_kv(self, blocks: list[int], layers: range, tokens: range, kv: torch.Tensor) -> None:
         """KV (len(layers), 2, len(tokens), kv_heads, head_dim) of layers past the head's, to the

@@ -38,13 +38,17 @@ def cluster(request, tiny_model_path, redis_server):
            "DEJAVU_COLOCATED": str(colocated).lower(), "DEJAVU_MAX_BATCH_TOKENS": "16", **(SWAP if stages == 3 else {})}
     with Cluster(str(tiny_model_path), port=0, prompt_services=0 if colocated else 1, token_services=2,
                  cache_stores=1, redis_url=redis_server.url, env=env, echo_logs=False, stages=stages) as c:
-        c.stages, c.swap = stages, stages == 3
+        c.stages, c.swap, c.colocated = stages, stages == 3, colocated
         yield c
 
 
 def assert_nothing_held(cluster) -> None:
-    """No KV held anywhere, nor (--swap) device room on any live stage, the heads included."""
+    """No KV held anywhere, no prompt announced to a stage, nor (--swap) device room on any live
+    stage, the heads included."""
     assert_no_kv_held_on(cluster)
+    for s in cluster.of("stage"):
+        if s.proc.poll() is None:
+            assert metric(s.url, "dejavu_stage_requests") == 0, s.name
     if cluster.swap:
         for s in cluster.of("token") + cluster.of("stage"):
             if s.proc.poll() is None:
@@ -59,7 +63,12 @@ def test_greedy_requests_through_the_pipeline_equal_hf(cluster, tiny_oracle):
     before = sum(metric(s.url, "dejavu_stage_steps_total") for s in cluster.of("stage"))
     overlapped = sum(metric(t.url, "dejavu_token_overlapped_steps_total") for t in cluster.of("token"))
     swapped = sum(metric(s.url, "dejavu_swap_in_bytes_total") for s in cluster.of("token") + cluster.of("stage"))
+    direct, via_head = (sum(metric(s.url, f'dejavu_stage_kv_bytes_total{{via="{via}"}}') for s in cluster.of("stage"))
+                        for via in ("direct", "head"))
     complete_all(cluster, tiny_oracle)
+    if not cluster.colocated:  # the prompt service sent each stage its layers' KV, none through the head
+        assert sum(metric(s.url, 'dejavu_stage_kv_bytes_total{via="direct"}') for s in cluster.of("stage")) > direct
+        assert sum(metric(s.url, 'dejavu_stage_kv_bytes_total{via="head"}') for s in cluster.of("stage")) == via_head
     if cluster.swap:  # steps computed over the device's KV, swapped in from the host pool
         assert sum(metric(s.url, "dejavu_swap_in_bytes_total") for s in cluster.of("token") + cluster.of("stage")) > swapped
     assert sum(metric(s.url, "dejavu_stage_steps_total") for s in cluster.of("stage")) > before  # the stages computed
