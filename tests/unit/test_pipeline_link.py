@@ -212,3 +212,54 @@ async def test_three_stages_swapping_compute_what_one_model_does(tiny_oracle, mo
         await pipeline.close()
         for t in transports:
             await t.close()
+
+
+async def test_prompt_kv_straight_to_a_stage(tiny_oracle, monkeypatch):
+    """A prompt service's KV for stage 1's layers, sent to stage 1's own address: it waits for the
+    head's reserve frame if it comes first, lands in the prompt's blocks and is acknowledged; the
+    head's landed query counts it; layers of another stage, a gap, an unknown or released request
+    are refused with an error frame, and the link stays up."""
+    import token_service.pipeline as pipeline_module
+    from common.kv.peers import KVRejected, Peers
+
+    monkeypatch.setattr(pipeline_module, "KV_WAIT_S", 1.0)
+    head, (stage,), pipeline, broken, transports, setup = await linked(tiny_oracle.model, stages=2)
+    prompt_transport = make_transport("tcp", "secret")
+    peers = Peers(prompt_transport)
+    try:
+        await pipeline.open(setup)
+        (address, start, stop), = pipeline.kv_routes
+        assert (start, stop) == (stage.runner.layers.start, stage.runner.layers.stop) == (2, 3)
+        link = await peers.get(address)
+        kv = head.kv
+        slab = torch.randn(1, 2, 6, kv.kv_heads, kv.head_dim)
+        blocks = [5, 9, 11]
+
+        async def send(rid, data, layers=(2, 3), tokens=(0, 6)):
+            ack = await link.send(data, request_id=rid, epoch=0, layer_start=layers[0], layer_end=layers[1],
+                                  token_start=tokens[0], token_end=tokens[1])
+            return await asyncio.wait_for(ack, 10)
+
+        early = asyncio.ensure_future(send("r", slab))  # before the head's reserve frame
+        await asyncio.sleep(0.2)
+        await pipeline.reserve("r", blocks, 10)  # a 10-token prompt, its first 6 sent
+        await early
+        slots = torch.tensor([20, 21, 22, 23, 36, 37])
+        assert torch.equal(stage.pool[:, :, slots], slab)
+        assert await pipeline.landed("r") == [6] and await pipeline.landed("other") == [0]
+        for rid, data, layers, tokens, why in [
+                ("r", slab, (1, 2), (0, 6), "does not fit"),                # the head's layer, not this stage's
+                ("r", slab[:, :, :2].contiguous(), (2, 3), (7, 9), "gap"),  # token 6 missing
+                ("nobody", slab, (2, 3), (0, 6), "no KV room reserved")]:  # never announced
+            with pytest.raises(KVRejected, match=why):
+                await send(rid, data, layers, tokens)
+        await pipeline.release("r")
+        with pytest.raises(KVRejected, match="no KV room reserved"):
+            await send("r", slab)
+        assert not broken and stage.linked
+    finally:
+        await peers.close()
+        await prompt_transport.close()
+        await pipeline.close()
+        for t in transports:
+            await t.close()
