@@ -5,6 +5,10 @@
             [--cpu-placement auto|split|turns|off] [--api-key KEY ...] [--max-queued-requests 1024]
   dejavu status [--redis-url URL] [--json]
   dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, agreement, capacity, chaos, overload, pipeline, swap: python -m bench.NAME)
+  dejavu profile [--model M] [--quick] [--out profile.json]
+  dejavu plan --profile FILE --machines D --prompt-tokens P --output-tokens N [--json] [--rate R] [--ttft-s X --tpot-s Y]
+  dejavu simulate --profile FILE [--layout 1+1 --layout colocated] [--rates 0.2,0.4] [--plot FILE.png]
+  (profile, plan, simulate: dejavu/planning.py)
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import time
 
 from common.model import ModelNotFound, resolve_model_path
 from common.settings import is_loopback
+from dejavu import planning
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,7 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("name", choices=BENCHMARKS, metavar="NAME", help=" | ".join(
         f"{name}: {what}" for name, what in BENCHMARKS.items()))
     bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
+    planners = planning.add_parsers(sub)
     args = parser.parse_args(argv)
+    if args.command in planners:
+        sys.exit(planning.run(args, planners[args.command]))
     if args.command == "bench":
         import importlib
 
