@@ -31,6 +31,7 @@ def compare(profile: Profile, data: dict, shared_host: bool = True, max_seqs: in
     if not isinstance(data, dict) or "summary" not in data:
         raise ValueError("not a bench.load JSON (no \"summary\")")
     traces, rows = bench_load_traces(data), []
+    placement = (data.get("config") or {}).get("cpu_placement", "not recorded")
     for target, layout in TARGETS.items():
         measured = data["summary"].get(target)
         if not measured or "skipped" in measured:
@@ -39,30 +40,33 @@ def compare(profile: Profile, data: dict, shared_host: bool = True, max_seqs: in
         for result in data.get("results", []):
             if result["target"] == target:
                 predicted = simulate(profile, layout, traces[f"rate {result['rate']:g}"])
-                rows += _rows(target, f"rate {result['rate']:g}", predicted, {
+                rows += _rows(target, placement, f"rate {result['rate']:g}", predicted, {
                     "norm_latency_s p50": result["norm_latency_s"]["p50"], "ttft_s p50": result["ttft_s"]["p50"],
                     "tpot_s p50": result["tpot_s"]["p50"], "tokens_per_s": result["tokens_per_s"]})
         if "concurrent" in traces:
             predicted = simulate(profile, layout, traces["concurrent"])
             keys = {"tokens_per_s": "tokens_per_s_16_concurrent", "ttft_s p50": "ttft_s_16_concurrent_p50",
                     "tpot_s p50": "tpot_s_16_concurrent_p50"}  # an older bench.load recorded tokens/s only
-            rows += _rows(target, "16 concurrent", predicted, {k: measured[v] for k, v in keys.items() if v in measured})
+            rows += _rows(target, placement, "16 concurrent", predicted,
+                          {k: measured[v] for k, v in keys.items() if v in measured})
     return rows
 
 
-def _rows(target: str, phase: str, predicted: dict, measured: dict) -> list[dict]:
+def _rows(target: str, placement: str, phase: str, predicted: dict, measured: dict) -> list[dict]:
     out = []
     for metric, value in measured.items():
         name, _, q = metric.partition(" ")
         guess = predicted[name][q] if q else predicted[name]
-        out.append({"target": target, "phase": phase, "metric": metric, "measured": value, "predicted": guess,
-                    "error": guess / value - 1 if value else float("nan")})
+        out.append({"target": target, "placement": placement, "phase": phase, "metric": metric, "measured": value,
+                    "predicted": guess, "error": guess / value - 1 if value else float("nan")})
     return out
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'target':<15}{'phase':<15}{'metric':<20}{'measured':>10}{'predicted':>11}{'error':>9}")
+    """One line a figure; the measured run's --cpu-placement beside it (the 1+1 layout is modelled
+    taking turns: a split or unpinned run is not what it predicts)."""
+    print(f"{'target':<15}{'placement':<14}{'phase':<15}{'metric':<20}{'measured':>10}{'predicted':>11}{'error':>9}")
     for r in rows:
         flag = "" if abs(r["error"]) <= 0.2 else "  > 20 %"
-        print(f"{r['target']:<15}{r['phase']:<15}{r['metric']:<20}{r['measured']:>10.3f}{r['predicted']:>11.3f}"
-              f"{r['error'] * 100:>8.0f}%{flag}")
+        print(f"{r['target']:<15}{r['placement']:<14}{r['phase']:<15}{r['metric']:<20}{r['measured']:>10.3f}"
+              f"{r['predicted']:>11.3f}{r['error'] * 100:>8.0f}%{flag}")
