@@ -104,7 +104,7 @@ def _simulate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--layout", action="append", metavar="SPEC",
                    help="P+T (prompt + token services, e.g. 1+1) or colocated[:T]; repeat to compare "
                    "(default: 1+1 and colocated)")
-    p.add_argument("--rates", type=rates, default=[0.2, 0.4, 0.8], help="comma list of request rates (req/s)")
+    p.add_argument("--rates", type=rates, default="0.2,0.4,0.8", help="comma list of request rates (req/s)")
     p.add_argument("--requests", type=positive_int, default=16, help="requests per rate")
     p.add_argument("--prompt-tokens", type=positive_int, default=500)
     p.add_argument("--output-tokens", type=positive_int, metavar="N",

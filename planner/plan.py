@@ -29,7 +29,7 @@ compose override.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from planner.layout import Layout
 from planner.profile import Profile
@@ -146,28 +146,34 @@ def terms(profile: Profile, work: Workload) -> tuple[float, float]:
 
 def plan(profile: Profile, work: Workload, machines: int, memory_bytes: int | None = None) -> Plan:
     """The formula's split of `machines`, within the memory minimums; predicted figures at work.rate."""
-    memory = memory_bytes or profile.memory_bytes
-    s_p, s_t = memory_minimums(profile, work, memory)
-    Y, t = terms(profile, work)
-    exact = token_machines(machines, work.output_tokens, t, profile.m, Y)
-    common = dict(machines=machines, P=work.prompt_tokens, N=work.output_tokens, batch=work.batch, Y_s=Y, t_s=t,
-                  m=profile.m, D_t_exact=exact, min_prompt_stages=s_p, min_token_stages=s_t, memory_bytes=memory)
+    terms_used = _terms(profile, work, machines, memory_bytes)
+    s_t, exact = terms_used["min_token_stages"], terms_used["D_t_exact"]
     if machines == 1:
         if s_t > 1:
             raise PlanError(f"one machine: the model and the KV of {work.batch} sequences need {s_t} machines")
         result = Plan(0, 1, 1, True, "one machine", D_t=1, D_p=0, bottleneck=(
-            "One machine: prefill and decode share it (colocated), the formula needs two at least."), **common)
+            "One machine: prefill and decode share it (colocated), the formula needs two at least."), **terms_used)
         return _predicted(result, profile, work)
     if machines < s_t + 1:
         raise PlanError(f"--machines {machines}: a token service needs {s_t} machines (memory) and a prompt "
                         f"service one: {s_t + 1} at least")
-    wanted = math.ceil(exact - 1e-9)
-    d_t = min(max(wanted, s_t), machines - 1)
-    token_services = d_t // s_t
+    wanted = math.ceil(exact - 1e-9)  # the epsilon: a float just over an integer is that integer
+    token_services = min(max(wanted, s_t), machines - 1) // s_t  # whole token pipelines of s_t machines
     d_t = token_services * s_t
+    why = _why(work, terms_used["Y_s"], terms_used["t_s"], profile.m, machines, wanted, d_t, s_t)
     result = Plan(machines - d_t, token_services, s_t, False, "formula", D_t=d_t, D_p=machines - d_t,
-                  bottleneck=_why(work, Y, t, profile.m, machines, wanted, d_t, s_t), **common)
+                  bottleneck=why, **terms_used)
     return _predicted(result, profile, work)
+
+
+def _terms(profile: Profile, work: Workload, machines: int, memory_bytes: int | None) -> dict:
+    """The fields every plan reports: the formula's terms and the memory minimums."""
+    memory = memory_bytes or profile.memory_bytes
+    s_p, s_t = memory_minimums(profile, work, memory)
+    Y, t = terms(profile, work)
+    return dict(machines=machines, P=work.prompt_tokens, N=work.output_tokens, batch=work.batch, Y_s=Y, t_s=t,
+                m=profile.m, D_t_exact=token_machines(machines, work.output_tokens, t, profile.m, Y),
+                min_prompt_stages=s_p, min_token_stages=s_t, memory_bytes=memory)
 
 
 def _why(work: Workload, Y: float, t: float, m: float, D: int, wanted: int, d_t: int, stages: int) -> str:
@@ -183,37 +189,46 @@ def _why(work: Workload, Y: float, t: float, m: float, D: int, wanted: int, d_t:
 
 
 def _predicted(result: Plan, profile: Profile, work: Workload) -> Plan:
+    """The plan with the simulator's figures at work.rate (200 Poisson arrivals of N tokens each)."""
     if work.rate is None:
         return result
     trace = poisson(200, work.rate, work.prompt_tokens, output_tokens=work.output_tokens)
     layout = Layout(result.prompt_services, result.token_services, max_seqs=work.batch)
-    figures = simulate(profile, layout, trace)
-    keep = ("tokens_per_s", "requests_per_s", "ttft_s", "tpot_s", "norm_latency_s")
-    return Plan(**{**asdict(result), "predicted": {"rate": work.rate, **{k: figures[k] for k in keep}}})
+    return replace(result, predicted=_kept(work.rate, simulate(profile, layout, trace)))
+
+
+def _kept(rate: float, figures: dict) -> dict:
+    return {"rate": rate, **{k: figures[k] for k in ("tokens_per_s", "requests_per_s", "ttft_s", "tpot_s",
+                                                     "norm_latency_s")}}
 
 
 def plan_sla(profile: Profile, work: Workload, sla: Sla, max_machines: int | None = None,
              memory_bytes: int | None = None) -> Plan:
-    """The fewest services meeting both targets at work.rate (simulated); PlanError if none within max_machines."""
+    """The fewest services meeting both targets at work.rate, checked by replaying `sla.requests`
+    Poisson arrivals of N tokens each; PlanError if none fits within max_machines (256)."""
     if not work.rate:
         raise PlanError("SLA mode needs --rate (requests/s)")
-    memory = memory_bytes or profile.memory_bytes
-    s_p, s_t = memory_minimums(profile, work, memory)
-    prompts, tokens = _first_guess(profile, work, sla, s_t)
+    _, stages = memory_minimums(profile, work, memory_bytes or profile.memory_bytes)
+    prompts, tokens = _first_guess(profile, work, sla)
     cap = max_machines or 256
     trace = poisson(sla.requests, work.rate, work.prompt_tokens, output_tokens=work.output_tokens)
     key = f"p{sla.percentile}"
-    while prompts + tokens * s_t <= cap:
+    while prompts + tokens * stages <= cap:
         figures = simulate(profile, Layout(prompts, tokens, max_seqs=work.batch), trace)
         ttft_ok, tpot_ok = figures["ttft_s"][key] <= sla.ttft_s, figures["tpot_s"][key] <= sla.tpot_s
         if ttft_ok and tpot_ok:
-            return _sla_plan(profile, work, sla, prompts, tokens, s_p, s_t, memory, figures)
+            used = prompts + tokens * stages
+            why = (f"At {work.rate:g} req/s, {prompts} prompt service(s) keep TTFT p{sla.percentile} at "
+                   f"{figures['ttft_s'][key]:.3g} s (target {sla.ttft_s:g}) and {tokens} token service(s) keep TPOT "
+                   f"at {figures['tpot_s'][key]:.3g} s (target {sla.tpot_s:g}): the fewest services that meet both.")
+            return Plan(prompts, tokens, stages, False, "sla", D_t=tokens * stages, D_p=prompts, bottleneck=why,
+                        predicted=_kept(work.rate, figures), **_terms(profile, work, used, memory_bytes))
         prompts, tokens = prompts + (not ttft_ok), tokens + (not tpot_ok)
     raise PlanError(f"no layout of up to {cap} machines meets TTFT {sla.ttft_s:g} s and TPOT {sla.tpot_s:g} s "
                     f"(p{sla.percentile}) at {work.rate:g} req/s: relax a target or allow more --machines")
 
 
-def _first_guess(profile: Profile, work: Workload, sla: Sla, stages: int) -> tuple[int, int]:
+def _first_guess(profile: Profile, work: Workload, sla: Sla) -> tuple[int, int]:
     """Services by capacity alone (no queueing): refuses targets that one request alone misses."""
     P, N, kv = work.prompt_tokens, work.output_tokens, work.prompt_tokens + work.output_tokens / 2
     if profile.m * profile.prefill_s(1, P) > sla.ttft_s:
@@ -227,17 +242,3 @@ def _first_guess(profile: Profile, work: Workload, sla: Sla, stages: int) -> tup
     per_prompt = b_p / (profile.m * profile.prefill_s(b_p, P))      # requests/s one prompt service prefills
     per_token = b_t / profile.step_s(b_t, kv) / max(N - 1, 1)         # requests/s one token service decodes
     return max(1, math.ceil(work.rate / per_prompt)), max(1, math.ceil(work.rate / per_token))
-
-
-def _sla_plan(profile, work, sla, prompts, tokens, s_p, s_t, memory, figures) -> Plan:
-    Y, t = terms(profile, work)
-    used = prompts + tokens * s_t
-    key = f"p{sla.percentile}"
-    bottleneck = (f"At {work.rate:g} req/s, {prompts} prompt service(s) keep TTFT p{sla.percentile} at "
-                  f"{figures['ttft_s'][key]:.3g} s (target {sla.ttft_s:g}) and {tokens} token service(s) keep TPOT at "
-                  f"{figures['tpot_s'][key]:.3g} s (target {sla.tpot_s:g}): the fewest services that meet both.")
-    keep = ("tokens_per_s", "requests_per_s", "ttft_s", "tpot_s", "norm_latency_s")
-    return Plan(prompts, tokens, s_t, False, "sla", machines=used, P=work.prompt_tokens, N=work.output_tokens,
-                batch=work.batch, Y_s=Y, t_s=t, m=profile.m, D_t_exact=token_machines(used, work.output_tokens, t, profile.m, Y),
-                D_t=tokens * s_t, D_p=prompts, min_prompt_stages=s_p, min_token_stages=s_t, memory_bytes=memory,
-                bottleneck=bottleneck, predicted={"rate": work.rate, **{k: figures[k] for k in keep}})

@@ -9,15 +9,17 @@ from dejavu.cli import main
 from planner.profile import Profile
 
 
-def test_profile_quick_on_the_tiny_model(tiny_model_path, tmp_path, capsys):
+@pytest.mark.parametrize("stages", [1, 3])
+def test_profile_quick_on_the_tiny_model(tiny_model_path, tmp_path, capsys, stages):
     out = tmp_path / "profile.json"
     with pytest.raises(SystemExit) as stop:
-        main(["profile", "--model", str(tiny_model_path), "--quick", "--threads", "1", "--out", str(out)])
+        main(["profile", "--model", str(tiny_model_path), "--quick", "--threads", "1", "--stages", str(stages),
+              "--out", str(out)])
     assert stop.value.code == 0
     progress = capsys.readouterr().err
     assert "prefill 4/4" in progress and "decode 4/4" in progress and "wrote" in progress
     profile = Profile.load(out)
-    assert (profile.layers, profile.dtype, profile.stages) == (3, "float32", 1)
+    assert (profile.layers, profile.dtype, profile.stages) == (3, "float32", stages)
     assert profile.kv_bytes_per_token == 2 * 3 * 2 * 16 * 4  # K and V x 3 layers x 2 KV heads x head dim 16 x fp32
     assert profile.weights_bytes > 49152 * 64 * 4 and profile.memory_bytes > 2**30
     assert profile.m >= 1.0 and profile.meta["m_ratio"] > 0

@@ -161,6 +161,21 @@ def test_random_failures_are_seeded_and_cost_latency():
                    max_time_s=500).run(trace)
 
 
+@pytest.mark.parametrize("spec, shared, replication", [("1+2", False, True), ("2+1", True, False),
+                                                       ("colocated:2", False, False), ("3+2", False, True)])
+def test_every_request_ends_exactly_once_under_failures(spec, shared, replication):
+    """Invariants under random failures of every service: each request ends with exactly its
+    tokens, its first token before its end, and every slot is given back."""
+    profile = make_profile(decode=(Sample(1, 100, 0.05), Sample(16, 100, 0.2)))
+    trace = workload.poisson(60, 2.0, 100, seed=4, scale=0.2)
+    sim = Simulation(profile, Layout.parse(spec, shared_host=shared, prompt_batch_tokens=150),
+                     Failures(per_hour=120, recovery_s=3.0, replication=replication, seed=2))
+    jobs = sim.run(trace)
+    assert sim.failed > 0 and sim.finished == len(trace)
+    assert all(j.generated == j.output_tokens and j.arrival_s < j.first_token_s <= j.done_s for j in jobs)
+    assert all(s.slots == 0 and not s.running for s in sim.tokens)
+
+
 def test_workload_is_bench_loads_own():
     args = bench_load.parse_args(["--requests", "12", "--rates", "0.2,0.4", "--seed", "3"])
     lengths = bench_load.output_lengths(args)
