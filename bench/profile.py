@@ -12,6 +12,8 @@ Step by step (about a minute on the bundled model on 2 cores; --quick: a few sec
    pool holding that much KV per sequence (blocks scattered, as on a busy service), a warm-up
    then --steps times: the median. With --stages S, the S stages' forwards back to back in this
    process (the hops between stage processes are not counted);
+   in 2 and 3 the points take turns, one timing each per round, so that a slow moment of a noisy
+   machine spreads over every point instead of skewing one;
 4. m, the KV streaming overhead: a 512-token prefill (shorter if the model's context is) whose
    K/V is copied into one buffer every fifth of the layers and sent over a local socket to a
    reader thread, as a prompt service streams it, against the same prefill without; alternated
@@ -108,13 +110,24 @@ def run(args):
 
 
 def _median_s(fn, times: int) -> float:
-    fn()  # warm: oneDNN builds its kernels on first use
-    samples = []
-    for _ in range(times):
-        start = time.perf_counter()
+    return _interleaved([fn], times, "")[0]
+
+
+def _interleaved(fns: list, rounds: int, what: str) -> list[float]:
+    """Median seconds of each fn, timed round-robin `rounds` times after one warm-up each (oneDNN
+    builds its kernels on first use): a slow moment of a noisy machine then hits every point
+    once, not one point every time."""
+    for fn in fns:
         fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    samples: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        for fn, mine in zip(fns, samples):
+            start = time.perf_counter()
+            fn()
+            mine.append(time.perf_counter() - start)
+        if what:
+            log(f"{what}: round {r + 1}/{rounds} of {len(fns)} points")
+    return [statistics.median(s) for s in samples]
 
 
 def _prefill_grid(runner, args, context: int):
@@ -123,12 +136,16 @@ def _prefill_grid(runner, args, context: int):
     from engine.attention import Segment
 
     points = [(b, n) for b in args.prefill_batches for n in args.prompt_lens if n <= context]
+    if not points:
+        raise ValueError(f"--prompt-lens: every length is past the model's context ({context} tokens)")
     gen = torch.Generator().manual_seed(0)
-    for i, (b, n) in enumerate(points, 1):
-        prompts = torch.randint(0, runner.vocab_size, (b, n), generator=gen).tolist()
-        seconds = _median_s(lambda: runner.forward([Segment(p) for p in prompts]), args.repeats)
-        log(f"prefill {i}/{len(points)}: {b} x {n} tokens: {seconds * 1e3:.1f} ms")
-        yield b, n, seconds
+    batches = [[Segment(p) for p in torch.randint(0, runner.vocab_size, (b, n), generator=gen).tolist()]
+               for b, n in points]
+    seconds = _interleaved([lambda segments=segments: runner.forward(segments) for segments in batches],
+                           args.repeats, "prefill")
+    for (b, n), s in zip(points, seconds):
+        log(f"prefill {b} x {n} tokens: {s * 1e3:.1f} ms")
+    return [(b, n, s) for (b, n), s in zip(points, seconds)]
 
 
 def _decode_grid(stages, args, context: int):
@@ -137,24 +154,29 @@ def _decode_grid(stages, args, context: int):
     from engine.attention import Segment
 
     points = [(b, n) for b in args.decode_batches for n in args.kv_lens if n < context]
+    if not points:
+        raise ValueError(f"--kv-lens: every length is past the model's context ({context} tokens)")
     size = stages[0].block_size
     per_seq = -(-(max(n for _, n in points) + 1) // size)
     blocks = per_seq * max(b for b, _ in points) + 8
     pools = [s.new_pool(blocks) for s in stages]  # zeros: the values do not change the time
     token = min(100, stages[0].vocab_size - 1)
-    for i, (b, n) in enumerate(points, 1):
+
+    def step(segments) -> None:  # the stages back to back, each handing its hidden states on
+        hidden = None
+        for runner, pool in zip(stages, pools):
+            hidden = runner.forward(segments, pool, hidden=hidden)
+
+    steps = []
+    for b, n in points:
         need = -(-(n + 1) // size)
-        order = torch.randperm(blocks)[: need * b].view(b, need).tolist()
-        segments = [Segment([token], n, order[s]) for s in range(b)]
-
-        def step():
-            hidden = None
-            for runner, pool in zip(stages, pools):
-                hidden = runner.forward(segments, pool, hidden=hidden)
-
-        seconds = _median_s(step, args.steps)
-        log(f"decode {i}/{len(points)}: {b} sequences x {n} KV tokens: {seconds * 1e3:.1f} ms a step")
-        yield b, n, seconds
+        order = torch.randperm(blocks)[: need * b].view(b, need).tolist()  # blocks scattered over the pool
+        segments = [Segment([token], n, order[i]) for i in range(b)]
+        steps.append(lambda segments=segments: step(segments))
+    seconds = _interleaved(steps, args.steps, "decode")
+    for (b, n), s in zip(points, seconds):
+        log(f"decode {b} sequences x {n} KV tokens: {s * 1e3:.1f} ms a step")
+    return [(b, n, s) for (b, n), s in zip(points, seconds)]
 
 
 def _stream_overhead(runner, tokens: int, repeats: int) -> tuple[float, float]:

@@ -17,7 +17,8 @@ def test_profile_quick_on_the_tiny_model(tiny_model_path, tmp_path, capsys, stag
               "--out", str(out)])
     assert stop.value.code == 0
     progress = capsys.readouterr().err
-    assert "prefill 4/4" in progress and "decode 4/4" in progress and "wrote" in progress
+    assert "prefill: round 1/1 of 4 points" in progress and "decode: round 2/2 of 4 points" in progress
+    assert "wrote" in progress
     profile = Profile.load(out)
     assert (profile.layers, profile.dtype, profile.stages) == (3, "float32", stages)
     assert profile.kv_bytes_per_token == 2 * 3 * 2 * 16 * 4  # K and V x 3 layers x 2 KV heads x head dim 16 x fp32
