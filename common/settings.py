@@ -87,6 +87,13 @@ class ModelSettings(ServiceSettings):
                          "on CPU; every service of a cluster must use the same", ("auto", "float32", "bfloat16", "float16"))
     block_size: int = setting(16, "tokens per block of the paged KV pool")
     inject_kv_faults: float = setting(0.0, "testing: this fraction of outgoing KV transfers fail on purpose")
+    stages: int = setting(1, "pipeline stages of this service: the model's layers split evenly over this many "
+                          "processes (Llama-family models only), activations handed on over the KV transport; "
+                          "stage 0 is the service the gateway sees, stages 1.. are started with --stage")
+    stage: int = setting(0, "with --stages: which stage this process is (0: the head, which serves the API; 1..: a "
+                         "stage worker that computes its layers for the head)")
+    pipeline: str = setting("", "with --stages: the pipeline's id, the same on all of its stages (they find each "
+                            "other by it in the registry)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,6 +102,11 @@ class ModelSettings(ServiceSettings):
         _check(self, self.threads >= 0, "threads", "must be >= 0")
         _check(self, 1 <= self.block_size <= 1024, "block_size", "must be in 1..1024")
         _check(self, 0.0 <= self.inject_kv_faults < 1.0, "inject_kv_faults", "must be in [0, 1)")
+        _check(self, 1 <= self.stages <= 64, "stages", "must be in 1..64")
+        _check(self, 0 <= self.stage < self.stages, "stage", f"must be in 0..{self.stages - 1} (--stages {self.stages})")
+        _check(self, self.stages == 1 or self.pipeline != "", "pipeline", "must be set when --stages is more than 1")
+        _check(self, self.pipeline.isascii() and self.pipeline.replace("-", "").replace("_", "").isalnum()
+               or self.pipeline == "", "pipeline", "must be letters, digits, - and _")
 
 
 @dataclass(frozen=True)
@@ -127,13 +139,6 @@ class TokenSettings(ModelSettings):
                                     "(at least one prompt; a longer batch stalls running decodes longer)")
     compile: bool = setting(False, "run decode steps of Llama-family models through torch.compile (measured no "
                             "faster on a 2-core CPU, 0.90-1.04x, for 35-62 s more at each start and restart)")
-    stages: int = setting(1, "pipeline stages of this token service: the model's layers split evenly over this many "
-                          "processes, each with the KV of its own layers (Llama-family models only); stage 0 is "
-                          "the token service the gateway sees, stages 1.. are started with --stage")
-    stage: int = setting(0, "with --stages: which stage this process is (0: the head, which serves the API; 1..: a "
-                         "stage worker that computes its layers for the head)")
-    pipeline: str = setting("", "with --stages: the pipeline's id, the same on all of its stages (they find each "
-                            "other by it in the registry)")
     microbatches: int = setting(0, "decode steps in flight at once, each over its share of the running sequences "
                                 "(0: one per stage of --stages, so every stage computes at once; 1: one step at a "
                                 "time; more than the stages: with --swap, more sequences than the device holds)")
@@ -160,11 +165,6 @@ class TokenSettings(ModelSettings):
         _check(self, self.reservation_ttl_s > 0, "reservation_ttl_s", "must be > 0")
         _check(self, self.replicate_every >= 1, "replicate_every", "must be >= 1")
         _check(self, self.max_batch_tokens >= 16, "max_batch_tokens", "must be >= 16")
-        _check(self, 1 <= self.stages <= 64, "stages", "must be in 1..64")
-        _check(self, 0 <= self.stage < self.stages, "stage", f"must be in 0..{self.stages - 1} (--stages {self.stages})")
-        _check(self, self.stages == 1 or self.pipeline != "", "pipeline", "must be set when --stages is more than 1")
-        _check(self, self.pipeline.isascii() and self.pipeline.replace("-", "").replace("_", "").isalnum()
-               or self.pipeline == "", "pipeline", "must be letters, digits, - and _")
         _check(self, 0 <= self.microbatches <= 64, "microbatches", "must be in 0..64")
         _check(self, self.kv_device_bytes >= 0, "kv_device_bytes", "must be >= 0")
         _check(self, not (self.kv_device_bytes and self.kv_blocks and not self.swap), "kv_device_bytes",

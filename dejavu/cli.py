@@ -1,7 +1,7 @@
 """dejavu: run and inspect a DéjàVu serving cluster.
 
   dejavu up [--model M] [--port 8000] [--prompt-services 1] [--token-services 1] [--cache-stores 1]
-            [--colocated] [--stages 1] [--redis-url URL] [--kv-transport ucx|tcp] [--dtype auto|float32|bfloat16|float16]
+            [--colocated] [--stages 1] [--prompt-stages 1] [--swap --kv-device-bytes B] [--redis-url URL] [--kv-transport ucx|tcp] [--dtype auto|float32|bfloat16|float16]
             [--cpu-placement auto|split|turns|off] [--api-key KEY ...] [--max-queued-requests 1024]
   dejavu status [--redis-url URL] [--json]
   dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, agreement, capacity, chaos, overload, pipeline, swap: python -m bench.NAME)
@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="pipeline stages per token service: its layers split evenly over this many processes, "
                     "each with the KV of its own layers, activations handed on over the KV transport (Llama-family "
                     "models); a stage's failure ends its pipeline, whose requests resume elsewhere from their replicas")
+    up.add_argument("--prompt-stages", type=int, default=1,
+                    help="pipeline stages per prompt service, as --stages for token services: each stage streams "
+                    "its layers' KV straight to the token process that holds those layers (Llama-family models)")
     up.add_argument("--microbatches", type=int, default=0,
                     help="decode steps in flight per token service (0: one per stage)")
     up.add_argument("--kv-device-bytes", type=int, default=0,
@@ -128,6 +131,8 @@ def cmd_up(args, parser) -> int:
         parser.error("--token-services must be at least 1")
     if not 1 <= args.stages <= 64:
         parser.error("--stages must be in 1..64")
+    if not 1 <= args.prompt_stages <= 64:
+        parser.error("--prompt-stages must be in 1..64")
     if args.cache_stores < 0:
         parser.error("--cache-stores must be >= 0")
     if not 0 <= args.microbatches <= 64:
@@ -167,10 +172,11 @@ def cmd_up(args, parser) -> int:
     placement, placement_line = _cpu_placement(args)
     cluster = Cluster(args.model, args.port, args.prompt_services, args.token_services, args.cache_stores,
                       args.redis_url, env, echo_logs=not args.quiet, host=args.host, placement=placement,
-                      stages=args.stages)
+                      stages=args.stages, prompt_stages=args.prompt_stages)
     mode = "colocated (token services prefill)" if args.colocated else f"{args.prompt_services} prompt"
     pipes = f" ({args.stages} stages each)" if args.stages > 1 else ""
-    print(f"[dejavu] starting: {args.token_services} token{pipes}, {mode}, {args.cache_stores} cache store(s), "
+    prompt_pipes = f" ({args.prompt_stages} stages each)" if args.prompt_stages > 1 and not args.colocated else ""
+    print(f"[dejavu] starting: {args.token_services} token{pipes}, {mode}{prompt_pipes}, {args.cache_stores} cache store(s), "
           f"gateway on port {args.port}, KV over {args.kv_transport}, {args.dtype} ...", file=sys.stderr, flush=True)
     print(f"[dejavu] CPU placement: {placement_line}", file=sys.stderr, flush=True)
     start = time.monotonic()
@@ -205,7 +211,8 @@ def _cpu_placement(args) -> tuple[dict, str]:
     cores, why_not = placement.host_cores()
     if not cores:
         return {}, f"off ({why_not})"
-    plan = placement.plan(cores, args.prompt_services, args.token_services, args.cpu_placement, args.stages)
+    plan = placement.plan(cores, args.prompt_services, args.token_services, args.cpu_placement, args.stages,
+                          args.prompt_stages)
     return plan, placement.describe(plan, cores)
 
 

@@ -26,14 +26,14 @@ from common.protocol import CLUSTER_TOKEN_HEADER
 from dejavu.placement import Placement
 from dejavu.redis_server import RedisServer, free_port
 
-MODULES = {"token": "token_service", "stage": "token_service", "prompt": "prompt_service", "cache_store": "cache_store",
-           "gateway": "gateway"}
+MODULES = {"token": "token_service", "stage": "token_service", "prompt": "prompt_service",
+           "prompt_stage": "prompt_service", "cache_store": "cache_store", "gateway": "gateway"}
 
 
 @dataclass
 class Child:
     name: str                  # e.g. "token-0"
-    kind: str                  # token | stage | prompt | cache_store | gateway
+    kind: str                  # token | stage | prompt | prompt_stage | cache_store | gateway
     proc: subprocess.Popen
     url: str = ""
     overrides: dict = field(default_factory=dict)  # its own DEJAVU_* settings (a stage's index), kept for a respawn
@@ -59,9 +59,10 @@ class Cluster:
     def __init__(self, model: str = "smollm2", port: int = 8000, prompt_services: int = 1, token_services: int = 1,
                  cache_stores: int = 1, redis_url: str | None = None, env: dict[str, str] | None = None,
                  echo_logs: bool = True, host: str = "127.0.0.1", placement: dict[str, Placement] | None = None,
-                 stages: int = 1):
+                 stages: int = 1, prompt_stages: int = 1):
         self.model, self.port, self.host = model, port, host
         self.stages = stages  # each token service a pipeline of this many processes (token_service/pipeline.py)
+        self.prompt_stages = prompt_stages  # and each prompt service (prompt_service/pipeline.py)
         self.placement = placement or {}  # child name -> cores and threads (dejavu.placement.plan); {} = off
         # engines that take turns on the cores share one lock file (engine/turns.py), in a folder
         # ours to remove; we hold a shared lock on the folder so that /tmp cleaners pass it by
@@ -107,6 +108,8 @@ class Cluster:
                 for i in range(count):
                     if kind == "token" and self.stages > 1:
                         self.spawn_pipeline(f"token-{i}")
+                    elif kind == "prompt" and self.prompt_stages > 1:
+                        self.spawn_pipeline(f"prompt-{i}", "prompt", self.prompt_stages)
                     else:
                         self.spawn(kind, f"{kind}-{i}")
             self.wait_ready(timeout)
@@ -115,12 +118,14 @@ class Cluster:
             raise
         return self
 
-    def spawn_pipeline(self, name: str) -> list[Child]:
-        """A token service of `self.stages` processes: its stage workers ("token-0-stage-1", ...) and its
-        head ("token-0", the token service the gateway sees), each an engine of the CPU placement."""
-        pipeline = {"DEJAVU_STAGES": str(self.stages), "DEJAVU_PIPELINE": f"{name}-{self.tag}"}
-        return [self.spawn("stage", f"{name}-stage-{k}", **pipeline, DEJAVU_STAGE=str(k)) for k in range(1, self.stages)] + [
-            self.spawn("token", name, **pipeline, DEJAVU_STAGE="0")]
+    def spawn_pipeline(self, name: str, kind: str = "token", stages: int | None = None) -> list[Child]:
+        """A token (prompt) service of `stages` processes: its stage workers ("token-0-stage-1", ...)
+        and its head ("token-0", the service the gateway sees), each an engine of the CPU placement."""
+        stages = stages or self.stages
+        pipeline = {"DEJAVU_STAGES": str(stages), "DEJAVU_PIPELINE": f"{name}-{self.tag}"}
+        worker = "stage" if kind == "token" else "prompt_stage"
+        return [self.spawn(worker, f"{name}-stage-{k}", **pipeline, DEJAVU_STAGE=str(k)) for k in range(1, stages)] + [
+            self.spawn(kind, name, **pipeline, DEJAVU_STAGE="0")]
 
     def spawn(self, kind: str, name: str, **overrides: str) -> Child:
         """Start one service; a respawn under the same name gets the same placement."""

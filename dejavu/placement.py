@@ -50,12 +50,13 @@ TURNS_BELOW = 4  # auto takes turns when a split would give some engine fewer co
 
 
 def plan(cores: Sequence[int], prompt_services: int, token_services: int, mode: str = "auto",
-         stages: int = 1) -> dict[str, Placement]:
+         stages: int = 1, prompt_stages: int = 1) -> dict[str, Placement]:
     """Placement per engine name ("prompt-0", ..., "token-0", ...; with stages, each token
     service's stage workers too: "token-0-stage-1", ...); split: prompt services on the lowest cores."""
     if mode not in MODES:
         raise ValueError(f"placement mode {mode!r} is not one of {MODES}")
-    names = [f"prompt-{i}" for i in range(prompt_services)] + [
+    names = [name for i in range(prompt_services)
+             for name in [f"prompt-{i}"] + [f"prompt-{i}-stage-{k}" for k in range(1, prompt_stages)]] + [
         name for i in range(token_services) for name in [f"token-{i}"] + [f"token-{i}-stage-{k}" for k in range(1, stages)]]
     cores = sorted(cores)
     if not names:
@@ -68,7 +69,8 @@ def plan(cores: Sequence[int], prompt_services: int, token_services: int, mode: 
         threads = max(1, len(cores) // len(names))
         return {name: Placement((), threads) for name in names}
     base, spare = divmod(len(cores), len(names))
-    extra_first = names[prompt_services:] + names[:prompt_services]  # token services (stages) take the spare cores first
+    prompts = prompt_services * prompt_stages
+    extra_first = names[prompts:] + names[:prompts]  # token services (stages) take the spare cores first
     sizes = {name: base + (name in extra_first[:spare]) for name in names}
     placements, start = {}, 0
     for name in names:

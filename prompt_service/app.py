@@ -21,13 +21,18 @@ from common.protocol import PROTOCOL, AbortRequest, AbortResult, PrefillRequest,
 from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, RequireSecret, add_health_and_metrics,
                             registered, request_id_var, supervise)
 from common.settings import PromptSettings
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, stage_layers
 from prompt_service.engine import PrefillEngine
+from prompt_service.pipeline import PromptPipeline
+from token_service.stage_app import create_stage_app, open_pipeline, stage_fields
 
 log = logging.getLogger(__name__)
 
 
 def create_app(settings: PromptSettings) -> FastAPI:
+    if settings.stage > 0:  # a stage worker of a prompt pipeline (prompt_service/pipeline.py)
+        return create_stage_app(settings)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         path = resolve_model_path(settings.model, progress=log.info)
@@ -35,23 +40,46 @@ def create_app(settings: PromptSettings) -> FastAPI:
         model = await asyncio.to_thread(load_model, path, settings.threads, settings.dtype)
         # with our CPU kernels, though it never decodes: the causal attention and the fused small ops
         # are most of a prefill's non-GEMM time (docs/BENCHMARKS.md §5)
-        runner = ModelRunner(model, settings.block_size, settings.max_model_len, turns=settings.cpu_turns)
+        runner = ModelRunner(model, settings.block_size, settings.max_model_len, turns=settings.cpu_turns,
+                             layers=stage_layers(model.config.num_hidden_layers, settings.stages, 0))
         del model  # the runner keeps what it needs (our forward copies and packs the weights)
         transport = make_transport(settings.kv_transport, settings.cluster_token, settings.host)
         peers = Peers(transport, fault_rate=settings.inject_kv_faults)
         engine = app.state.engine = PrefillEngine(runner, settings, peers)
-        loop_task = supervise(asyncio.create_task(engine.run()), "prefill loop")
-        log.info("prompt service ready: model %s (%s, %s forward), KV transport %s", path, runner.dtype, runner.name,
-                 settings.kv_transport)
+        tasks: list[asyncio.Task] = []
         lease_fields = lambda: dict(model=str(path), model_id=model_id, protocol=PROTOCOL,  # noqa: E731
                                     kv_transport=settings.kv_transport,
                                     max_model_len=settings.max_model_len, active_requests=len(engine.jobs),
-                                    dtype=runner.dtype_name)
-        try:
+                                    dtype=runner.dtype_name, **stage_fields(settings, runner))
+
+        def start() -> None:
+            tasks.append(supervise(asyncio.create_task(engine.run()), "prefill loop"))
+            log.info("prompt service ready: model %s (%s, %s forward), KV transport %s%s", path, runner.dtype,
+                     runner.name, settings.kv_transport,
+                     f", layers [0, {runner.layers.stop}) of a {settings.stages}-stage pipeline" if settings.stages > 1 else "")
+
+        async def link_and_register() -> None:
+            """A pipeline's head: link its stages first (outside uvicorn's start-up: SIGTERM works)."""
+            engine.pipeline = await open_pipeline(transport, runner, settings, model_id, app.state.service_id,
+                                                  ServiceKind.PROMPT, PromptPipeline)
+            start()
             async with registered(app, settings, ServiceKind.PROMPT, lease_fields):
+                await asyncio.Event().wait()
+
+        try:
+            if settings.stages > 1:
+                tasks.append(supervise(asyncio.create_task(link_and_register()), "the prompt pipeline"))
                 yield
+            else:
+                start()
+                async with registered(app, settings, ServiceKind.PROMPT, lease_fields):
+                    yield
         finally:
-            loop_task.cancel()
+            for task in reversed(tasks):
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if engine.pipeline is not None:
+                await engine.pipeline.close()
             await peers.close()
             await transport.close()
 

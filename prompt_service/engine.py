@@ -22,6 +22,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -53,11 +54,91 @@ QUEUED = Gauge("dejavu_prompt_queued_requests", "prefills waiting for a batch")
 IN_FLIGHT = Gauge("dejavu_prompt_in_flight_requests", "prefills accepted and not yet answered")
 
 
+Route = tuple[str, int, int]  # (KV address, first layer, end layer): where those layers' KV goes
+
+
+def routes_of(req: PrefillRequest, layers: int) -> list[Route]:
+    """Where the KV of each layer goes: the token service, or each stage of a token pipeline."""
+    routes = [tuple(r) for r in req.target_kv_routes] or [(req.target_kv_address, 0, layers)]
+    if [r[1] for r in routes] != [0] + [r[2] for r in routes[:-1]] or routes[-1][2] != layers or \
+            any(start >= end for _, start, end in routes):
+        raise BadRequest(f"target_kv_routes {routes} do not split the model's {layers} layers in order",
+                         param="target_kv_routes")
+    return routes
+
+
+def message_groups(routes: list[Route], every: int, layers: range) -> dict[int, range]:
+    """By layer of `layers` (the ones this process computes), the layers of the KV message it goes
+    in: runs of `every`, none across two routes."""
+    groups = {}
+    for _, start, end in routes:
+        lo, hi = max(start, layers.start), min(end, layers.stop)
+        for first in range(lo, hi, every):
+            group = range(first, min(first + every, hi))
+            groups.update(dict.fromkeys(group, group))
+    return groups
+
+
+async def open_links(peers: Peers, routes: list[Route], layers: range, target: str) -> list[tuple[range, PeerLink]]:
+    """A link to each route that takes some of `layers`. Raises UpstreamError."""
+    links = []
+    for address, start, end in routes:
+        if max(start, layers.start) < min(end, layers.stop):
+            try:
+                links.append((range(start, end), await peers.get(address)))
+            except TransportError as exc:
+                raise UpstreamError(f"cannot reach token service {target} at {address} (layers [{start}, "
+                                    f"{end})): {exc}") from exc
+    return links
+
+
+@dataclass(frozen=True)
+class Sink:
+    """Where one piece of a forward's K/V goes: its rows in the flat batch, its tokens, its messages."""
+    rows: slice
+    tokens: range
+    groups: dict[int, range]
+    outbox: asyncio.Queue
+
+
+def layer_sink(loop: asyncio.AbstractEventLoop, sinks: list[Sink]):
+    """A forward's on_layer callback: each layer's K/V of each piece copied once, straight into the
+    piece's message being filled (host memory, the wire's (layers, 2, tokens, kv_heads, D) layout);
+    a message full goes to the piece's outbox, (layers [a, b), tokens [c, d), buffer)."""
+    slabs: list[torch.Tensor | None] = [None] * len(sinks)
+
+    def on_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:  # runs in the engine thread
+        for i, sink in enumerate(sinks):
+            group = sink.groups[layer]
+            if layer == group.start:
+                slabs[i] = torch.empty((len(group), 2, len(sink.tokens), k.shape[1], k.shape[2]), dtype=k.dtype)
+            gather_prefill(k, v, sink.rows, out=slabs[i][layer - group.start: layer - group.start + 1])
+            if layer == group.stop - 1:
+                message = (group.start, group.stop, sink.tokens.start, sink.tokens.stop, slabs[i])
+                loop.call_soon_threadsafe(sink.outbox.put_nowait, message)
+
+    return on_layer
+
+
+async def send_messages(outbox: asyncio.Queue, links: list[tuple[range, PeerLink]], request_id: str, epoch: int,
+                        ended: Callable[[], bool], acks: list[asyncio.Future]) -> None:
+    """Send the outbox's messages, each on the link of its layers, until a None; their
+    acknowledgements go to `acks`. Once `ended()`, the rest are drained unsent."""
+    while (item := await outbox.get()) is not None:
+        if ended():
+            continue
+        layer_start, layer_end, token_start, token_end, buf = item
+        link = next(link for layers, link in links if layer_start in layers)
+        acks.append(await link.send(buf, request_id=request_id, epoch=epoch, layer_start=layer_start,
+                                    layer_end=layer_end, token_start=token_start, token_end=token_end))
+
+
 @dataclass
 class PrefillJob:
     req: PrefillRequest
-    links: list[tuple[range, PeerLink]]  # where each layer range's KV goes (one: the token service's)
-    messages: list[range]                # the layers of each KV message, in order: by layer, the one holding it
+    routes: list[Route]
+    links: list[tuple[range, PeerLink]]  # to the routes that take this process's layers
+    messages: dict[int, range]           # by layer of this process: the layers of the message holding it
     result: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # (layers [a, b), tokens [c, d), buffer)
     first: TokenEvent | None = None
@@ -92,6 +173,7 @@ class PrefillEngine:
         self.queue: collections.deque[PrefillJob] = collections.deque()
         self.queued = asyncio.Event()
         self.jobs: dict[str, PrefillJob] = {}
+        self.pipeline = None  # --stages: the stages after this one (prompt_service/pipeline.py)
 
     @property
     def layers_per_message(self) -> int:
@@ -108,22 +190,10 @@ class PrefillEngine:
             self.runner.check_tokens(req.prompt_ids, "prompt_ids")  # a bad id would fail the whole batch
         except ValueError as exc:
             raise BadRequest(str(exc), code="invalid_token_id") from None
-        layers = self.runner.kv.layers
-        routes = req.target_kv_routes or [(req.target_kv_address, 0, layers)]
-        if [r[1] for r in routes] != [0] + [r[2] for r in routes[:-1]] or routes[-1][2] != layers or \
-                any(start >= end for _, start, end in routes):
-            raise BadRequest(f"target_kv_routes {routes} do not split the model's {layers} layers in order",
-                             param="target_kv_routes")
-        links = []
-        for address, start, end in routes:
-            try:
-                links.append((range(start, end), await self.peers.get(address)))
-            except TransportError as exc:
-                raise UpstreamError(f"cannot reach token service {req.target_service_id} at {address} "
-                                    f"(layers [{start}, {end})): {exc}") from exc
-        every = self.layers_per_message  # messages of `every` layers, none across two routes
-        messages = [range(a, min(a + every, r.stop)) for r, _ in links for a in range(r.start, r.stop, every)]
-        job = self.jobs[req.request_id] = PrefillJob(req, links, [m for m in messages for _ in m])
+        routes, mine = routes_of(req, self.runner.kv.layers), self.runner.layers  # a pipeline's head: its layers
+        links = await open_links(self.peers, routes, mine, req.target_service_id)
+        job = self.jobs[req.request_id] = PrefillJob(req, routes, links,
+                                                     message_groups(routes, self.layers_per_message, mine))
         IN_FLIGHT.inc()
         sender = asyncio.create_task(self._send_layers(job))
         self.queue.append(job)
@@ -132,6 +202,8 @@ class PrefillEngine:
         try:
             return await job.result
         finally:
+            if self.pipeline is not None and 0 < job.done < job.num_tokens:  # its chunks' KV on the stages
+                self.pipeline.drop(req.request_id)
             job.fail(UpstreamError(f"request {req.request_id} ended"))  # no-op unless cancelled
             self.jobs.pop(req.request_id, None)
             IN_FLIGHT.dec()
@@ -183,21 +255,12 @@ class PrefillEngine:
         as soon as those layers are computed. Whole prompts need no pool; a chunked prompt keeps
         its KV so far in a pool of its own, which its later chunks attend to."""
         loop = asyncio.get_running_loop()
-        slabs: list[torch.Tensor | None] = [None] * len(work)  # each piece's message being filled
-        rows, at = [], 0  # each piece's rows in the forward's flat (N, kv_heads, D) K/V
+        sinks, at = [], 0  # each piece's rows in the forward's flat (N, kv_heads, D) K/V
         for piece in work:
-            rows.append(slice(at, at + piece.end - piece.start))
-            at += piece.end - piece.start
-
-        def on_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:  # runs in the worker thread
-            for i, piece in enumerate(work):
-                group = piece.job.messages[layer]  # the layers of the message this one goes in
-                if layer == group.start:  # (layers, 2, tokens, kv_heads, D), host memory: the wire's layout
-                    slabs[i] = torch.empty((len(group), 2, piece.end - piece.start, k.shape[1], k.shape[2]), dtype=k.dtype)
-                gather_prefill(k, v, rows[i], out=slabs[i][layer - group.start: layer - group.start + 1])
-                if layer == group.stop - 1:  # each layer copied once, straight into its message
-                    message = (group.start, group.stop, piece.start, piece.end, slabs[i])
-                    loop.call_soon_threadsafe(piece.job.outbox.put_nowait, message)
+            n = piece.end - piece.start
+            sinks.append(Sink(slice(at, at + n), range(piece.start, piece.end), piece.job.messages, piece.job.outbox))
+            at += n
+        on_layer = layer_sink(loop, sinks)
 
         job, table = work[0].job, None
         if work[0].end < job.num_tokens or work[0].start > 0:  # a chunk: blocks 0, 1, ... of the job's own pool
@@ -208,6 +271,9 @@ class PrefillEngine:
         start = time.perf_counter()
         try:
             logits = await self.runner.run(self.runner.forward, segments, job.pool if table else None, on_layer)
+            if self.pipeline is not None:  # the head's output through the later stages, which stream their layers' KV
+                logits = await self.pipeline.prefill([[p.job.req.request_id, p.job.req.epoch, p.start, p.end,
+                                                       p.job.num_tokens, p.job.routes] for p in work], logits)
         except Exception as exc:  # a bad batch fails its requests, never the service
             log.exception("prefill forward failed")
             for piece in work:
@@ -231,14 +297,7 @@ class PrefillEngine:
         request_id_var.set(job.req.request_id)
         acks: list[asyncio.Future] = []
         try:
-            while (item := await job.outbox.get()) is not None:
-                if job.result.done():
-                    continue  # ended: drain without sending
-                layer_start, layer_end, token_start, token_end, buf = item
-                link = next(link for layers, link in job.links if layer_start in layers)
-                acks.append(await link.send(buf, request_id=job.req.request_id, epoch=job.req.epoch,
-                                                layer_start=layer_start, layer_end=layer_end,
-                                                token_start=token_start, token_end=token_end))
+            await send_messages(job.outbox, job.links, job.req.request_id, job.req.epoch, job.result.done, acks)
             if job.result.done():
                 return
             await asyncio.wait_for(asyncio.gather(*acks), self.settings.ack_timeout_s)

@@ -79,6 +79,8 @@ def kv_room(settings: TokenSettings, runner: ModelRunner) -> tuple[int, int]:
     a pipeline: --kv-device-bytes counts blocks of the largest stage's layers (the first's).
     Raises SettingsError when one sequence of --max-model-len does not fit (with --swap: in half the
     device, the step computing and the next one)."""
+    if not isinstance(settings, TokenSettings):  # a prompt pipeline's stages hold no pool
+        return 0, 0
     if not settings.kv_device_bytes:
         return settings.num_blocks, 0
     kv, bs = runner.kv, runner.block_size

@@ -234,6 +234,10 @@ class Stage:
     def last(self) -> bool:
         return self.stage == self.stages - 1
 
+    async def close(self) -> None:
+        if self.swap is not None:
+            self.swap.close()
+
     @property
     def linked(self) -> bool:
         return self.link is not None

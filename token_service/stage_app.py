@@ -1,6 +1,6 @@
-"""A token pipeline's processes (token_service/pipeline.py): the stage workers' own small service
-(`python -m token_service --stages S --stage K --pipeline ID`, K >= 1), and how the head finds its
-stages in the registry and sets the pipeline up.
+"""A pipeline's processes (token_service/pipeline.py, prompt_service/pipeline.py): the stage workers'
+own small service (`python -m token_service --stages S --stage K --pipeline ID`, K >= 1, and the
+same for prompt_service), and how the head finds its stages in the registry and sets the pipeline up.
 
 A stage worker serves GET /health and /metrics over HTTP; its work comes over the KV transport.
 """
@@ -22,7 +22,7 @@ from common.model import load_model, model_fingerprint, resolve_model_path
 from common.protocol import PROTOCOL, ServiceInfo, ServiceKind, cluster_fingerprint
 from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, RequireSecret, add_health_and_metrics,
                             listen_kv, registered, supervise)
-from common.settings import TokenSettings
+from common.settings import ModelSettings, PromptSettings
 from engine.runner import ModelRunner, stage_layers
 from token_service.engine import kv_room
 from token_service.pipeline import Pipeline, PipelineError, Stage, StageInfo
@@ -32,7 +32,7 @@ RETRY_S = 5.0  # after a failed setup
 
 
 
-def stage_fields(settings: TokenSettings, runner: ModelRunner) -> dict:
+def stage_fields(settings: ModelSettings, runner: ModelRunner) -> dict:
     """What the registry says of a pipeline's stage (the head's and the workers')."""
     if settings.stages == 1:
         return {}
@@ -42,7 +42,7 @@ def stage_fields(settings: TokenSettings, runner: ModelRunner) -> dict:
 
 
 @contextlib.asynccontextmanager
-async def _stage_lifespan(app: FastAPI, settings: TokenSettings):
+async def _stage_lifespan(app: FastAPI, settings: ModelSettings):
     path = resolve_model_path(settings.model, progress=log.info)
     model_id = model_fingerprint(path)
     model = await asyncio.to_thread(load_model, path, settings.threads, settings.dtype)
@@ -51,7 +51,13 @@ async def _stage_lifespan(app: FastAPI, settings: TokenSettings):
     del model
     transport = make_transport(settings.kv_transport, settings.cluster_token, settings.host)
     num_blocks, device_blocks = kv_room(settings, runner)
-    stage = app.state.stage = Stage(runner, num_blocks, settings.stage, settings.stages, model_id, transport, device_blocks)
+    if isinstance(settings, PromptSettings):
+        from prompt_service.pipeline import PromptStage
+
+        stage = PromptStage(runner, settings.stage, settings.stages, model_id, transport, settings)
+    else:
+        stage = Stage(runner, num_blocks, settings.stage, settings.stages, model_id, transport, device_blocks)
+    app.state.stage = stage
     address = await listen_kv(transport, stage.handle, settings)
     log.info("pipeline %s, stage %d of %d ready: layers [%d, %d)%s of model %s (%s), KV pool %d blocks x %d tokens "
              "(%.0f MiB), on %s (%s)", settings.pipeline, settings.stage, settings.stages, layers.start, layers.stop,
@@ -67,13 +73,13 @@ async def _stage_lifespan(app: FastAPI, settings: TokenSettings):
         async with registered(app, settings, ServiceKind.STAGE, fields):
             yield
     finally:
+        await stage.close()
         await transport.close()
-        if stage.swap:
-            stage.swap.close()
 
 
-def create_stage_app(settings: TokenSettings) -> FastAPI:
-    app = FastAPI(title="DéjàVu token pipeline stage", lifespan=lambda app: _stage_lifespan(app, settings))
+def create_stage_app(settings: ModelSettings) -> FastAPI:
+    side = "prompt" if isinstance(settings, PromptSettings) else "token"
+    app = FastAPI(title=f"DéjàVu {side} pipeline stage", lifespan=lambda app: _stage_lifespan(app, settings))
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=INTERNAL_MAX_BODY)
     if settings.cluster_token:
@@ -91,8 +97,8 @@ def create_stage_app(settings: TokenSettings) -> FastAPI:
 
 # -- the head ---------------------------------------------------------------------------------------
 
-async def open_pipeline(transport: Transport, runner: ModelRunner, settings: TokenSettings, model_id: str,
-                        service_id: str) -> Pipeline:
+async def open_pipeline(transport: Transport, runner: ModelRunner, settings: ModelSettings, model_id: str,
+                        service_id: str, kind: ServiceKind = ServiceKind.TOKEN, cls: type[Pipeline] = Pipeline) -> Pipeline:
     """Wait for stages 1..S-1 of our pipeline in the registry, then link and set them up (again,
     while a stage found there turns out dead or not ready). A stage whose model, dtype or layers
     differ from ours is skipped, and said so. While another head of the same pipeline is
@@ -106,7 +112,7 @@ async def open_pipeline(transport: Transport, runner: ModelRunner, settings: Tok
         while True:
             try:
                 found = await _find_stages(registry, settings, runner, model_id, refused)
-                heads = [s.id for s in await registry.services(ServiceKind.TOKEN)
+                heads = [s.id for s in await registry.services(kind)
                          if s.stages > 1 and s.pipeline == settings.pipeline and s.id != service_id]
             except Unavailable as exc:
                 found, why = None, f"the registry: {exc}"
@@ -114,11 +120,11 @@ async def open_pipeline(transport: Transport, runner: ModelRunner, settings: Tok
                 absent = [str(k) for k in range(1, settings.stages) if k not in found]
                 why = f"stage(s) {', '.join(absent)} not registered" if absent else ""
                 if heads:
-                    found, why = None, (f"another token service, {heads[0]}, heads this pipeline (one token "
-                                        "service per --pipeline)")
+                    found, why = None, (f"another {kind.value} service, {heads[0]}, heads this pipeline (one "
+                                        "head per --pipeline)")
             if found is not None and not why:
                 stages = [StageInfo(0, "", runner.layers)] + [found[k] for k in range(1, settings.stages)]
-                pipeline = Pipeline(transport, runner, stages, on_broken=lambda: _die(pipeline))
+                pipeline = cls(transport, runner, stages, on_broken=lambda: _die(pipeline))
                 try:
                     await pipeline.open(setup)
                     log.info("pipeline %s linked: %s", settings.pipeline,
@@ -138,7 +144,7 @@ async def open_pipeline(transport: Transport, runner: ModelRunner, settings: Tok
         await redis.aclose()
 
 
-async def _find_stages(registry: Registry, settings: TokenSettings, runner: ModelRunner, model_id: str,
+async def _find_stages(registry: Registry, settings: ModelSettings, runner: ModelRunner, model_id: str,
                        refused: set[str]) -> dict[int, StageInfo]:
     """The newest live registration of each stage of our pipeline that fits this head."""
     found: dict[int, ServiceInfo] = {}

@@ -4,7 +4,9 @@ stage to stage over the KV transport. Greedy output equals HF `generate` through
 disaggregated (the prompt's KV reaches every stage) and colocated (chunked prefill through the
 pipeline); a stage killed mid-stream costs a pause: its head goes down and the request resumes on
 the other pipeline; nothing is left held. The 3-stage pipelines swap (--swap): every stage computes
-over a device budget of 40 blocks, 4 microbatches in flight, the KV of record in host memory."""
+over a device budget of 40 blocks, 4 microbatches in flight, the KV of record in host memory; their
+prompt services are pipelines of 2 stages (layers [0, 2) and [2, 3)), each streaming its layers'
+KV straight to the token stage that holds them (layers 0, 1, 2: one each)."""
 
 from __future__ import annotations
 
@@ -28,17 +30,22 @@ SWAP = {"DEJAVU_SWAP": "true", "DEJAVU_MICROBATCHES": "4", "DEJAVU_MAX_MODEL_LEN
         "DEJAVU_KV_DEVICE_BYTES": str(40 * 16 * 2 * 2 * 16 * 4)}
 
 
-@pytest.fixture(scope="module", params=[(2, "tcp", False), (3, "ucx", False), (2, "tcp", True)],
-                ids=["2-stages-tcp", "3-stages-ucx-swap", "2-stages-colocated"])
+LAYOUTS = [(2, "tcp", False), (3, "ucx", False), (2, "tcp", True)]  # (token stages, KV transport, colocated)
+IDS = ["2-stages-tcp", "3-stages-ucx-swap-2-prompt-stages", "2-stages-colocated"]
+
+
+@pytest.fixture(scope="module", params=LAYOUTS, ids=IDS)
 def cluster(request, tiny_model_path, redis_server):
     """Two token pipelines (one a spare), a prompt service (or colocated prefill, in chunks of 16
     tokens), a cache store."""
     stages, transport, colocated = request.param
     env = {**CLUSTER_ENV, "DEJAVU_KV_TRANSPORT": transport, "DEJAVU_TOKEN_TIMEOUT_S": "3",
            "DEJAVU_COLOCATED": str(colocated).lower(), "DEJAVU_MAX_BATCH_TOKENS": "16", **(SWAP if stages == 3 else {})}
-    with Cluster(str(tiny_model_path), port=0, prompt_services=0 if colocated else 1, token_services=2,
-                 cache_stores=1, redis_url=redis_server.url, env=env, echo_logs=False, stages=stages) as c:
-        c.stages, c.swap, c.colocated = stages, stages == 3, colocated
+    prompt_stages = 2 if stages == 3 else 1
+    with Cluster(str(tiny_model_path), port=0, prompt_services=0 if colocated else prompt_stages, token_services=2,
+                 cache_stores=1, redis_url=redis_server.url, env=env, echo_logs=False, stages=stages,
+                 prompt_stages=prompt_stages) as c:
+        c.stages, c.swap, c.colocated, c.prompt_stages = stages, stages == 3, colocated, prompt_stages
         yield c
 
 
@@ -60,12 +67,15 @@ def test_greedy_requests_through_the_pipeline_equal_hf(cluster, tiny_oracle):
     heads = [s for s in heads if s["kind"] == "token"]
     assert len(heads) == 2 and all(s["stages"] == cluster.stages for s in heads)
     assert len(cluster.of("stage")) == 2 * (cluster.stages - 1)
+    prompt_steps = sum(metric(s.url, "dejavu_stage_steps_total") for s in cluster.of("prompt_stage"))
     before = sum(metric(s.url, "dejavu_stage_steps_total") for s in cluster.of("stage"))
     overlapped = sum(metric(t.url, "dejavu_token_overlapped_steps_total") for t in cluster.of("token"))
     swapped = sum(metric(s.url, "dejavu_swap_in_bytes_total") for s in cluster.of("token") + cluster.of("stage"))
     direct, via_head = (sum(metric(s.url, f'dejavu_stage_kv_bytes_total{{via="{via}"}}') for s in cluster.of("stage"))
                         for via in ("direct", "head"))
     complete_all(cluster, tiny_oracle)
+    if cluster.prompt_stages > 1:  # the prompt pipelines' stages computed their layers
+        assert sum(metric(s.url, "dejavu_stage_steps_total") for s in cluster.of("prompt_stage")) > prompt_steps
     if not cluster.colocated:  # the prompt service sent each stage its layers' KV, none through the head
         assert sum(metric(s.url, 'dejavu_stage_kv_bytes_total{via="direct"}') for s in cluster.of("stage")) > direct
         assert sum(metric(s.url, 'dejavu_stage_kv_bytes_total{via="head"}') for s in cluster.of("stage")) == via_head
@@ -172,3 +182,23 @@ def test_a_head_waiting_for_its_stages_says_so_and_stops_on_sigterm(tiny_model_p
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("cluster", [LAYOUTS[1]], indirect=True, ids=[IDS[1]])  # the layout with prompt pipelines
+def test_a_prompt_stage_killed_costs_no_request(cluster, tiny_oracle):
+    """SIGKILL a stage of one prompt pipeline: its head ends (exit 70) with it, and requests sent
+    then are prefilled by the other prompt pipeline, their text generate's. Restarted, both serve."""
+    head = cluster.of("prompt")[0]
+    stage = next(s for s in cluster.of("prompt_stage") if s.name == f"{head.name}-stage-1")
+    cluster.kill(stage, signal.SIGKILL)
+    complete_all(cluster, tiny_oracle, max_tokens=12)
+    assert head.proc.wait(30) == 70
+    for child in (stage, head):
+        cluster.respawn(child)
+    cluster.wait_ready(120)
+    deadline = time.monotonic() + 30
+    while len([s for s in httpx.get(cluster.url + "/cluster", timeout=10).json()["services"] if s["kind"] == "prompt"]) < 2:
+        assert time.monotonic() < deadline, "the restarted prompt head never registered"
+        time.sleep(0.2)
+    complete_all(cluster, tiny_oracle, max_tokens=12)
+    assert_nothing_held(cluster)

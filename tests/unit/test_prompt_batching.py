@@ -16,7 +16,7 @@ pytestmark = pytest.mark.asyncio
 def job(rid: str, n: int) -> PrefillJob:
     req = PrefillRequest(request_id=rid, prompt_ids=list(range(1, n + 1)), sampling=SamplingParams(),
                          target_service_id="t", target_kv_address="")
-    return PrefillJob(req, links=[], messages=[])
+    return PrefillJob(req, routes=[], links=[], messages={})
 
 
 def forwards(engine: PrefillEngine) -> list[list[tuple[str, int, int]]]:
