@@ -110,7 +110,10 @@ class SwapPool:
             raise RuntimeError("a swapped-in step was discarded before it computed")
         try:
             out = runner.forward(step.segments, self.device, None, hidden)
-            self._copy(self.device, step.device_out, self.host, step.host_out)
+            # on the compute stream, a blocking copy: it waits for the forward's writes, and once it
+            # is done no kernel of this step reads the device blocks given back below
+            moved = self.device.index_select(2, step.device_out.to(self.device.device)).to(self.host.device)
+            self.host.index_copy_(2, step.host_out, moved)
             SWAPPED_OUT.inc(len(step.host_out) * self.token_bytes)
             return out
         finally:
@@ -143,24 +146,25 @@ class SwapPool:
                 device_out.append(slots_of(table, bs, s.start, s.end))
             host_in, device_in = torch.cat(host_in), torch.cat(device_in)
             if len(host_in):
-                self._copy(self.host, host_in, self.device, device_in)
+                self._copy_in(host_in, device_in)
                 SWAPPED_IN.inc(len(host_in) * self.token_bytes)
             return Staged(mapped, blocks, torch.cat(host_out), torch.cat(device_out))
         except BaseException:
             self._give(blocks)
             raise
 
-    def _copy(self, src: torch.Tensor, src_slots: torch.Tensor, dst: torch.Tensor, dst_slots: torch.Tensor) -> None:
-        """dst[:, :, dst_slots] = src[:, :, src_slots]: every layer's K and V of those tokens, one
-        gather and one scatter (CUDA: the host side staged in pinned memory, on the swap stream)."""
+    def _copy_in(self, host_slots: torch.Tensor, device_slots: torch.Tensor) -> None:
+        """device[:, :, device_slots] = host[:, :, host_slots]: every layer's K and V of those
+        tokens, one gather and one scatter. CUDA: gathered into pinned memory, copied and scattered
+        on the swap stream, done before the step's forward starts (the future resolves after). The
+        device blocks it writes were given back after a blocking copy: no kernel reads them."""
         if self._stream is None:
-            dst.index_copy_(2, dst_slots, src.index_select(2, src_slots))
+            self.device.index_copy_(2, device_slots, self.host.index_select(2, host_slots))
             return
+        staged = self.host.index_select(2, host_slots).pin_memory()
         with torch.cuda.stream(self._stream):
-            moved = src.index_select(2, src_slots.to(src.device))
-            if moved.device.type == "cpu":
-                moved = moved.pin_memory()
-            dst.index_copy_(2, dst_slots.to(dst.device), moved.to(dst.device, non_blocking=True))
+            self.device.index_copy_(2, device_slots.to(self.device.device),
+                                    staged.to(self.device.device, non_blocking=True))
         self._stream.synchronize()
 
     def _take(self, n: int) -> list[int]:

@@ -102,7 +102,8 @@ class TokenEngine:
         self.transport = None  # the KV transport (fetches replicas on recovery)
         self.replicator: Replicator | None = None  # set once Redis is connected
         self.pipeline: Pipeline | None = None  # --stages: the stages after this one (token_service/pipeline.py)
-        self.microbatches = settings.microbatches or settings.stages  # steps in flight (a pipeline: one per stage)
+        # steps in flight: a pipeline's, one per stage; with --swap two at least, or no swap-in overlaps a step
+        self.microbatches = settings.microbatches or max(settings.stages, 2 if settings.swap else 1)
         num_blocks, device_blocks = kv_room(settings, runner)
         # --swap: the pool is in host memory, steps compute on the device's (engine/swap.py)
         self.swap = SwapPool(runner, num_blocks, device_blocks) if device_blocks else None

@@ -65,6 +65,7 @@ Frames (transport frames: a JSON header, one payload):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -99,7 +100,8 @@ STAGE_KV_BYTES = Counter("dejavu_stage_kv_bytes", "prompt KV written to this sta
                          "from a prompt service, or sent on by the head", ["via"])
 for _via in ("direct", "head"):
     STAGE_KV_BYTES.labels(_via)
-KV_WAIT_S = 5.0  # a prompt's KV may outrun the head's "reserve" frame down the chain: it waits this long
+KV_WAIT_S = 10.0  # a prompt's KV may outrun the head's "reserve" frame down the chain: it waits this long
+RELEASED = 4096  # released request ids a stage remembers, to refuse their late KV at once
 _ALIGN = 16
 
 
@@ -210,6 +212,7 @@ class Link:
     lagging: int = 0  # queued frames that a prefetch must not overtake
     prompts: dict[str, Prompt] = field(default_factory=dict)  # requests whose prompt KV may come straight here
     announced: asyncio.Event = field(default_factory=asyncio.Event)  # set (and cleared) at each "reserve"
+    released: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # the last RELEASED ids
 
 
 class Stage:
@@ -247,8 +250,9 @@ class Stage:
         last stage) the head's results link, or a prompt service's KV link."""
         raw, payload = await conn.recv()
         try:
-            kv_link = "kind" in json.loads(raw)  # a KV message (common/kv/wire.py), not a pipeline frame
-        except ValueError:
+            first = json.loads(raw)
+            kv_link = isinstance(first, dict) and "kind" in first  # a KV message (common/kv/wire.py), not a pipeline frame
+        except (ValueError, RecursionError):
             kv_link = False
         if kv_link:
             return await self._kv_server(Prepended(conn, (raw, payload)))
@@ -297,7 +301,9 @@ class Stage:
                      self.stages, self.runner.layers.start, self.runner.layers.stop)
             link.worker = asyncio.create_task(self._work(link))
             while self.link is link:
-                self._read_frame(link, *await conn.recv())
+                raw, payload = await conn.recv()
+                if self.link is link:  # not replaced while it waited: a prefetch would go nowhere
+                    self._read_frame(link, raw, payload)
         except TransportError as exc:
             log.info("pipeline link ended: %s", exc)
         finally:
@@ -312,14 +318,6 @@ class Stage:
         header, meta, tensor = decode(raw, payload)
         frame = Frame(header, meta, tensor, raw, payload)
         op = header["op"]
-        if op == "reserve":  # now, not in turn: the prompt's KV may be on its way already
-            link.prompts[header["request"]] = Prompt(list(meta), int(header["prompt"]), [0] * len(self.runner.layers))
-            link.announced.set()
-            link.announced.clear()
-            STAGE_REQUESTS.set(len(link.prompts))
-        elif op == "release":
-            link.prompts.pop(header["request"], None)
-            STAGE_REQUESTS.set(len(link.prompts))
         if self.swap is not None and (op == "step" or op == "kv" and header.get("stage") == self.stage):
             if op == "step" and link.lagging == 0:
                 frame.staged = self.swap.prefetch(segments_of(meta))
@@ -379,7 +377,8 @@ class Stage:
     def _check_setup(self, setup: dict) -> None:
         layers = self.runner.layers
         want = dict(model_id=self.model_id, dtype=self.runner.dtype_name, block_size=self.runner.block_size,
-                    num_blocks=self.num_blocks, stages=self.stages)
+                    num_blocks=self.num_blocks, stages=self.stages,
+                    device_blocks=self.swap.device_blocks if self.swap else 0)  # --swap: each step must fit everywhere
         got = {k: setup.get(k) for k in want}
         if got != want:
             raise PipelineError(f"stage {self.stage}: the head's {got} is not this stage's {want}")
@@ -423,8 +422,21 @@ class Stage:
                 await link.downstream.send(*encode({"op": "landed", "step": header["step"], "request": header["request"]},
                                                    None, counts))
         elif op in ("reserve", "release"):
+            # in turn, not when read: "kv" frames queued ahead of it may be for the blocks' last owner
+            # (a restore of a request since released), and must land before the new prompt's KV
+            rid = header["request"]
+            if op == "reserve":
+                link.prompts[rid] = Prompt(list(meta), int(header["prompt"]), [0] * len(self.runner.layers))
+                link.released.pop(rid, None)
+                link.announced.set()
+                link.announced.clear()
+            elif link.prompts.pop(rid, None) is not None:
+                link.released[rid] = None
+                if len(link.released) > RELEASED:
+                    link.released.popitem(last=False)
+            STAGE_REQUESTS.set(len(link.prompts))
             if not self.last:
-                await link.downstream.send(raw, payload)  # applied when read (_read_frame); on down the chain
+                await link.downstream.send(raw, payload)
         elif op in ("kv", "error") and not self.last:
             await link.downstream.send(raw, payload)  # for a stage after this one, or the head: as it came
         elif op == "error":
@@ -437,7 +449,7 @@ class Stage:
         reserved here, in order per layer (a retried prefill may start again from 0)."""
         link, rid = self.link, header.request_id
         deadline = time.monotonic() + KV_WAIT_S
-        while link is not None and rid not in link.prompts and time.monotonic() < deadline:
+        while link is not None and rid not in link.prompts and rid not in link.released and time.monotonic() < deadline:
             with contextlib.suppress(asyncio.TimeoutError):  # the head's "reserve" may still be on its way
                 await asyncio.wait_for(link.announced.wait(), deadline - time.monotonic())
         prompt = link.prompts.get(rid) if link is not None and link is self.link else None

@@ -105,8 +105,9 @@ async def open_pipeline(transport: Transport, runner: ModelRunner, settings: Mod
     registered (two token services given one --pipeline), we wait: its stages are its own."""
     redis = connect(settings.redis_url, timeout_s=min(5.0, settings.lease_ttl_s / 2))
     registry = Registry(redis, cluster_fingerprint(settings.cluster_token))
+    num_blocks, device_blocks = kv_room(settings, runner)
     setup = dict(pipeline=settings.pipeline, model_id=model_id, dtype=runner.dtype_name, block_size=runner.block_size,
-                 num_blocks=kv_room(settings, runner)[0], stages=settings.stages)
+                 num_blocks=num_blocks, stages=settings.stages, device_blocks=device_blocks)
     started, said, refused = time.monotonic(), 0.0, set()
     try:
         while True:

@@ -34,7 +34,7 @@ async def test_frames_round_trip(dtype):
 
 def setup_of(runner: ModelRunner, stages: int, **changes) -> dict:
     return {"pipeline": "p", "model_id": "m", "dtype": runner.dtype_name, "block_size": BLOCK, "num_blocks": BLOCKS,
-            "stages": stages, **changes}
+            "stages": stages, "device_blocks": 0, **changes}
 
 
 async def linked(model, stages: int = 2, stage_blocks: dict[int, int] | None = None, device_blocks: int = 0,
@@ -151,6 +151,7 @@ async def test_three_stages_swapping_compute_what_one_model_does(tiny_oracle, mo
     before it swaps the step in); a gather reads what the steps wrote. All equal one model."""
     model = tiny_oracle.model
     head, workers, pipeline, broken, transports, setup = await linked(model, stages=3, device_blocks=12)
+    setup["device_blocks"] = 12
     swap = SwapPool(head, BLOCKS, 12)
     try:
         await pipeline.open(setup)
@@ -257,6 +258,46 @@ async def test_prompt_kv_straight_to_a_stage(tiny_oracle, monkeypatch):
         with pytest.raises(KVRejected, match="no KV room reserved"):
             await send("r", slab)
         assert not broken and stage.linked
+    finally:
+        await peers.close()
+        await prompt_transport.close()
+        await pipeline.close()
+        for t in transports:
+            await t.close()
+
+
+async def test_a_reserve_takes_its_turn_behind_kv_for_the_blocks_last_owner(tiny_oracle, monkeypatch):
+    """Blocks of a request just released get a new one, while "kv" frames of the old one (a restore's,
+    sent on by the head) still queue on the stage behind a slow step: the new prompt's KV, sent
+    straight to the stage, lands after them, not under them."""
+    from common.kv.peers import Peers
+
+    head, (stage,), pipeline, broken, transports, setup = await linked(tiny_oracle.model, stages=2)
+    prompt_transport = make_transport("tcp", "secret")
+    peers = Peers(prompt_transport)
+    try:
+        await pipeline.open(setup)
+        (address, _, _), = pipeline.kv_routes
+        kv, blocks, slots = head.kv, [5, 9], torch.tensor([20, 21, 22, 23, 36, 37])
+        old, new = (torch.randn(1, 2, 6, kv.kv_heads, kv.head_dim) for _ in range(2))
+        computes = stage.runner.forward
+
+        def slowly(*args):
+            time.sleep(0.5)
+            return computes(*args)
+
+        monkeypatch.setattr(stage.runner, "forward", slowly)
+        segment = [Segment([1], 0, [0])]
+        step = asyncio.ensure_future(pipeline.forward(segment, head.forward(segment, head.new_pool(BLOCKS))))
+        await asyncio.sleep(0.1)  # the stage computes it, slowly
+        await pipeline.send_kv(blocks, range(2, 3), range(0, 6), old)   # queued behind the step
+        await pipeline.reserve("new", blocks, 6)                       # queued behind that
+        link = await peers.get(address)
+        ack = await link.send(new, request_id="new", epoch=0, layer_start=2, layer_end=3, token_start=0, token_end=6)
+        await asyncio.wait_for(ack, 10)
+        await step
+        assert torch.equal(stage.pool[:, :, slots], new)
+        assert not broken
     finally:
         await peers.close()
         await prompt_transport.close()

@@ -67,7 +67,7 @@ async def test_a_prompt_pipeline_streams_each_layer_to_its_owner(tiny_oracle):
     loop = None
     try:
         await engine.pipeline.open({"pipeline": "p", "model_id": "m", "dtype": head.dtype_name, "block_size": 4,
-                                    "num_blocks": 0, "stages": 2})
+                                    "num_blocks": 0, "stages": 2, "device_blocks": 0})
         loop = asyncio.create_task(engine.run())
         prompts = {"a": "Hi there", "b": "The capital of France is",
                    "long": "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "

@@ -143,7 +143,7 @@ def test_swapping_microbatches_in_one_process_equal_generate(runner, tiny_oracle
     runs them all; every stream equals generate, and the device's room all comes back."""
     from common.protocol import DecodeRequest, SamplingParams
     from engine.attention import Segment
-    from token_service.engine import kv_room
+    from token_service.engine import OVERLAPPED, kv_room
 
     block = runner.kv.bytes_per_token * 4
     engine = engine_of(runner, max_seqs=8, max_model_len=24, swap=True, microbatches=3, kv_device_bytes=12 * block)
@@ -151,6 +151,15 @@ def test_swapping_microbatches_in_one_process_equal_generate(runner, tiny_oracle
     prompts = [tiny_oracle.tokenizer(t)["input_ids"] for t in
                ["Hi", "The sea", "One two three", "a b c d", "Paris is", "Water boils at"]]
     want = [tiny_oracle.generate_ids(p, 10) for p in prompts]
+    overlapped, most = OVERLAPPED._value.get(), []
+    schedule = engine.scheduler.schedule
+
+    def watched(*args):  # the blocks of every step the loop schedules
+        batch = schedule(*args)
+        most.append(sum(-(-(s.input_position + 1) // 4) for s in batch.seqs) if batch else 0)
+        return batch
+
+    engine.scheduler.schedule = watched
 
     async def serve() -> list[list[int]]:
         loop = asyncio.create_task(engine.run())
@@ -172,3 +181,5 @@ def test_swapping_microbatches_in_one_process_equal_generate(runner, tiny_oracle
 
     assert asyncio.run(serve()) == want
     assert engine.swap.blocks_used == 0 and engine.blocks.num_used == 0
+    assert OVERLAPPED._value.get() > overlapped  # steps in flight at once
+    assert max(most) <= 6 and max(most) >= 4  # each within half the device, and filling it
