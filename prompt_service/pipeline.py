@@ -42,7 +42,8 @@ from common.kv.transport import TransportError
 from common.settings import PromptSettings
 from engine.attention import Segment
 from prompt_service.engine import Sink, _forget, layer_sink, message_groups, open_links, send_messages
-from token_service.pipeline import STAGE_STEP_SECONDS, STAGE_STEPS, Frame, Link, Pipeline, Stage, encode
+from token_service.pipeline import Pipeline, encode
+from token_service.stage import STAGE_STEP_SECONDS, STAGE_STEPS, Frame, Link, Stage
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, Require
 from common.settings import ModelSettings, PromptSettings
 from engine.runner import ModelRunner, stage_layers
 from token_service.engine import kv_room
-from token_service.pipeline import Pipeline, PipelineError, Stage, StageInfo
+from token_service.pipeline import Pipeline, PipelineError, StageInfo
+from token_service.stage import Stage
 
 log = logging.getLogger(__name__)
 RETRY_S = 5.0  # after a failed setup

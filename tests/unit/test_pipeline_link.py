@@ -16,7 +16,8 @@ from common.kv.transport import TransportError
 from engine.attention import Segment
 from engine.runner import ModelRunner, stage_layers
 from engine.swap import SwapPool
-from token_service.pipeline import Pipeline, PipelineError, Stage, StageInfo, decode, encode
+from token_service.pipeline import Pipeline, PipelineError, StageInfo, decode, encode
+from token_service.stage import Stage
 
 pytestmark = pytest.mark.asyncio
 BLOCK, BLOCKS = 4, 32
@@ -220,7 +221,7 @@ async def test_prompt_kv_straight_to_a_stage(tiny_oracle, monkeypatch):
     head's reserve frame if it comes first, lands in the prompt's blocks and is acknowledged; the
     head's landed query counts it; layers of another stage, a gap, an unknown or released request
     are refused with an error frame, and the link stays up."""
-    import token_service.pipeline as pipeline_module
+    import token_service.stage as pipeline_module
     from common.kv.peers import KVRejected, Peers
 
     monkeypatch.setattr(pipeline_module, "KV_WAIT_S", 1.0)
