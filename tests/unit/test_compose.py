@@ -182,6 +182,22 @@ def test_compose_needs_a_cluster_token():
     assert set(tokens.values()) == {"test-cluster-token"}, tokens
 
 
+def test_the_prompt_pipeline_profile_runs_a_two_stage_prompt_service():
+    """DEJAVU_PROMPT_STAGES=2 docker compose --profile prompt-pipeline up: prompt_service heads the
+    pipeline whose stage 1 is prompt_stage."""
+    env = {"DEJAVU_CLUSTER_TOKEN": "test-cluster-token", "DEJAVU_PROMPT_STAGES": "2"}
+    result = compose("--profile", "prompt-pipeline", "config", "--format", "json", extra_env=env)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    head = settings_of(services["prompt_service"], "prompt_service")
+    stage = settings_of(services["prompt_stage"], "prompt_service")
+    assert (head.stages, head.stage, stage.stages, stage.stage) == (2, 0, 2, 1)
+    same = ("pipeline", "model", "max_model_len", "kv_transport", "dtype", "block_size")
+    assert {k: getattr(head, k) for k in same} == {k: getattr(stage, k) for k in same}
+    assert services["prompt_stage"]["command"] == ["python", "-m", "prompt_service"] and stage.kv_port
+    assert "prompt_stage" not in json.loads(compose("config", "--format", "json").stdout)["services"]
+
+
 def test_the_pipeline_profile_runs_a_two_stage_token_service():
     """DEJAVU_STAGES=2 docker compose --profile pipeline up: token_service heads the pipeline whose
     stage 1 is token_stage; both settings load and agree on what a stage must share."""
