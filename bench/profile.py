@@ -1,8 +1,8 @@
 """`dejavu profile`: measure this machine and this model, for `dejavu plan` and `dejavu simulate`.
 
-    dejavu profile [--model smollm2] [--dtype auto] [--stages 1] [--quick] [--out profile.json]
+    dejavu profile [--model smollm2] [--dtype auto] [--stages 1] [--quick] [--no-serving] [--out profile.json]
 
-Step by step (about a minute on the bundled model on 2 cores; --quick: a few seconds):
+Step by step (about two minutes on the bundled model on 2 cores; --quick: a few seconds):
 1. load the model (--model, --dtype) and a ModelRunner as the services build it (our kernels,
    the paged KV pool);
 2. prefill: for each batch in --prefill-batches and length in --prompt-lens, one forward of that
@@ -18,8 +18,23 @@ Step by step (about a minute on the bundled model on 2 cores; --quick: a few sec
    K/V is copied into one buffer every fifth of the layers and sent over a local socket to a
    reader thread, as a prompt service streams it, against the same prefill without; alternated
    --repeats times, the ratio of the medians (below 1 is noise: recorded as 1, the ratio kept);
-5. write the profile (planner/profile.py) to --out: the samples, KV bytes per token, weights,
-   the machine's memory and CPU, and how it was measured.
+5. the serving overhead (unless --no-serving; --quick skips it unless --serving is given): what a
+   token service spends a decode step outside its forward (scheduling, sampling, the decode
+   stream's events, the gateway's SSE and detokenization, replication to a cache store, event
+   loops and HTTP, the other processes on the cores). A local cluster as `dejavu up` starts it
+   (--serving-layout: 1 prompt + 1 token service, or one colocated token service; a cache store;
+   CPU placement auto; with --stages S a token pipeline of S processes) serves streaming greedy
+   requests of 128 prompt tokens (random ids) and 64 output tokens (ignore_eos) from this process:
+   each round sends, in turn, each --serving-batches count of them at once; --serving-repeats
+   rounds after a warm-up. The time a step of a burst, as the client sees it: over the window in
+   which every request of the burst is decoding (from the last first token to the first last
+   token, so that no prefill is in it), the span of each stream's chunks over their gaps (a chunk
+   is a token, but for a held-back partial character); its median over the rounds, less the
+   in-process decode step (3.) at the same batch and mean KV length, timed once the cluster has
+   stopped, is the overhead at that batch. A least-squares line through them, overhead(b) = a +
+   c·b seconds a step, used clipped at 0 (planner/profile.py);
+6. write the profile (planner/profile.py) to --out: the samples, KV bytes per token, weights,
+   the machine's memory and CPU, the serving overhead, and how each was measured.
 
 Lengths past the model's context are dropped. Progress goes to stderr, a summary to stdout.
 """
@@ -27,16 +42,24 @@ Lengths past the model's context are dropped. Progress goes to stderr, a summary
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import itertools
 import os
+import random
+import signal
 import socket
 import statistics
 import threading
 import time
+from dataclasses import dataclass
 
-from bench.common import log, machine
+from bench.common import log, machine, sse_chunks
 
 QUICK = {"prefill_batches": [1, 2], "prompt_lens": [16, 32], "decode_batches": [1, 2], "kv_lens": [16, 32],
-         "repeats": 1, "steps": 2}
+         "repeats": 1, "steps": 2, "serving_batches": [1, 2], "serving_repeats": 1}
+SERVING_TOKENS = (128, 64)   # (prompt, output) tokens of every serving request; --quick: QUICK_SERVING_TOKENS
+QUICK_SERVING_TOKENS = (16, 8)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,8 +75,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-lens", type=_ints, default=[128, 512, 1024], help="comma list: KV tokens per sequence")
     p.add_argument("--repeats", type=int, default=3, help="timed prefills per point (and of m)")
     p.add_argument("--steps", type=int, default=5, help="timed decode steps per point")
-    p.add_argument("--quick", action="store_true", help="a smoke run: 2 x 2 tiny points each, 1 repeat "
-                   "(for tests; the figures are too coarse to plan with)")
+    p.add_argument("--serving", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure the serving overhead through a local cluster (default: on, off with --quick)")
+    p.add_argument("--serving-layout", choices=("disaggregated", "colocated"), default="disaggregated",
+                   help="the cluster of the serving overhead: 1 prompt + 1 token service, or 1 colocated token "
+                   "service (each with a cache store, CPU placement auto, as `dejavu up`)")
+    p.add_argument("--serving-batches", type=_ints, default=[1, 8],
+                   help="comma list: requests sent at once, each count in turn in every serving round")
+    p.add_argument("--serving-repeats", type=int, default=3, help="serving rounds")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 2 x 2 tiny points each, 1 repeat, "
+                   "no serving overhead (for tests; the figures are too coarse to plan with)")
     p.add_argument("--out", default="profile.json", help="where to write the profile (JSON)")
 
 
@@ -71,8 +102,12 @@ def check(args, p: argparse.ArgumentParser) -> None:
     if args.quick:
         for name, value in QUICK.items():
             setattr(args, name, value)
-    if not 1 <= args.stages <= 64 or args.threads < 0 or args.block_size < 1 or min(args.repeats, args.steps) < 1:
-        p.error("--stages must be in 1..64, --threads >= 0, --block-size, --repeats and --steps >= 1")
+    if args.serving is None:
+        args.serving = not args.quick
+    if not 1 <= args.stages <= 64 or args.threads < 0 or args.block_size < 1 or \
+            min(args.repeats, args.steps, args.serving_repeats) < 1:
+        p.error("--stages must be in 1..64, --threads >= 0, --block-size, --repeats, --steps and --serving-repeats "
+                ">= 1")
 
 
 def run(args):
@@ -97,16 +132,19 @@ def run(args):
         prefill = [Sample(b, n, s) for b, n, s in _prefill_grid(runner, args, context)]
         decode = [Sample(b, n, s) for b, n, s in _decode_grid(stages, args, context)]
         m, ratio = _stream_overhead(runner, min(512, context), args.repeats)
+        a, c, serving = _serving_overhead(stages, args, context) if args.serving else (0.0, 0.0, {
+            "skipped": "--no-serving" if not args.quick else "--quick"})
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     info = machine()
     cpu = info["cpu"] + (f" + {torch.cuda.get_device_name(0)}" if runner.device.type == "cuda" else "")
     memory = (torch.cuda.get_device_properties(0).total_memory if runner.device.type == "cuda"
               else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    meta = {**info, "engine": runner.name, "m_ratio": ratio, "quick": args.quick,
+    meta = {**info, "engine": runner.name, "m_ratio": ratio, "quick": args.quick, "serving": serving,
             "seconds": round(time.monotonic() - start, 1), "how": "dejavu profile (bench/profile.py)"}
     return Profile(model=args.model, dtype=runner.dtype_name, stages=args.stages, cpu=cpu, block_size=args.block_size,
                    layers=layers, kv_bytes_per_token=runner.kv.bytes_per_token, weights_bytes=weights,
-                   memory_bytes=memory, m=m, prefill=tuple(prefill), decode=tuple(decode), meta=meta)
+                   memory_bytes=memory, m=m, prefill=tuple(prefill), decode=tuple(decode), serving_step_s=a,
+                   serving_token_s=c, meta=meta)
 
 
 def _median_s(fn, times: int) -> float:
@@ -149,13 +187,21 @@ def _prefill_grid(runner, args, context: int):
 
 
 def _decode_grid(stages, args, context: int):
+    points = [(b, n) for b in args.decode_batches for n in args.kv_lens if n < context]
+    if not points:
+        raise ValueError(f"--kv-lens: every length is past the model's context ({context} tokens)")
+    seconds = _decode_steps(stages, points, args.steps, "decode")
+    for (b, n), s in zip(points, seconds):
+        log(f"decode {b} sequences x {n} KV tokens: {s * 1e3:.1f} ms a step")
+    return [(b, n, s) for (b, n), s in zip(points, seconds)]
+
+
+def _decode_steps(stages, points: list[tuple[int, int]], rounds: int, what: str) -> list[float]:
+    """Median seconds of one decode step of each (batch, KV length) point (_interleaved)."""
     import torch
 
     from engine.attention import Segment
 
-    points = [(b, n) for b in args.decode_batches for n in args.kv_lens if n < context]
-    if not points:
-        raise ValueError(f"--kv-lens: every length is past the model's context ({context} tokens)")
     size = stages[0].block_size
     per_seq = -(-(max(n for _, n in points) + 1) // size)
     blocks = per_seq * max(b for b, _ in points) + 8
@@ -173,10 +219,7 @@ def _decode_grid(stages, args, context: int):
         order = torch.randperm(blocks)[: need * b].view(b, need).tolist()  # blocks scattered over the pool
         segments = [Segment([token], n, order[i]) for i in range(b)]
         steps.append(lambda segments=segments: step(segments))
-    seconds = _interleaved(steps, args.steps, "decode")
-    for (b, n), s in zip(points, seconds):
-        log(f"decode {b} sequences x {n} KV tokens: {s * 1e3:.1f} ms a step")
-    return [(b, n, s) for (b, n), s in zip(points, seconds)]
+    return _interleaved(steps, rounds, what)
 
 
 def _stream_overhead(runner, tokens: int, repeats: int) -> tuple[float, float]:
@@ -220,10 +263,163 @@ def _drain(sock: socket.socket) -> None:
         pass
 
 
+# --- 5. the serving overhead ---------------------------------------------------------------------
+
+class ServingError(RuntimeError):
+    """The serving measurement could not run (the cluster did not start, a request failed)."""
+
+
+@dataclass
+class Stream:
+    times: list[float]   # perf_counter when each chunk with text arrived (a token each, mostly)
+    prompt_tokens: int   # as the gateway counted them (usage)
+
+
+def steady_step(streams: list[Stream]) -> tuple[float, float]:
+    """(seconds a step, mean KV length of those steps) of a burst, over the window in which every
+    stream is decoding: from the last first chunk to the first last chunk, so that no prefill of
+    the burst falls in it. A chunk's index is taken as its token's: the step after chunk k holds
+    prompt + k tokens of KV. ServingError if the window holds no step."""
+    start, end = max(s.times[0] for s in streams), min(s.times[-1] for s in streams)
+    span = gaps = kv = 0.0
+    for s in streams:
+        inside = [k for k, t in enumerate(s.times) if start <= t <= end]
+        if len(inside) > 1:
+            span += s.times[inside[-1]] - s.times[inside[0]]
+            gaps += len(inside) - 1
+            kv += sum(s.prompt_tokens + k for k in inside[:-1])
+    if not gaps:
+        raise ServingError("no step had every request of a burst decoding: the requests are too short")
+    return span / gaps, kv / gaps
+
+
+def _serving_overhead(stages, args, context: int) -> tuple[float, float, dict]:
+    """(a, c, what was measured): the line a + c·b through the measured overheads (step 5)."""
+    from planner.profile import fit_overhead
+
+    prompt, output = QUICK_SERVING_TOKENS if args.quick else SERVING_TOKENS
+    prompt = max(1, min(prompt, context - output - 1))
+    started = time.monotonic()
+    measured, placement = _serve(args, prompt, output, stages[0].vocab_size)
+    served = {b: statistics.median(s for s, _ in rounds) for b, rounds in measured.items()}
+    kv = {b: round(statistics.mean(k for _, k in rounds)) for b, rounds in measured.items()}
+    forward = dict(zip(measured, _decode_steps(stages, [(b, kv[b]) for b in measured], args.steps, "")))
+    points = []
+    for b in measured:
+        points.append({"batch": b, "kv_len": kv[b], "served_step_s": served[b], "step_s": forward[b],
+                       "overhead_s": served[b] - forward[b], "served_step_s_rounds": [s for s, _ in measured[b]]})
+        log(f"serving: {b} at once: {served[b] * 1e3:.1f} ms a step served, {forward[b] * 1e3:.1f} ms in process "
+            f"at {kv[b]} KV tokens: overhead {(served[b] - forward[b]) * 1e3:.1f} ms")
+    a, c = fit_overhead([(p["batch"], p["overhead_s"]) for p in points])
+    log(f"serving overhead: {a * 1e3:.1f} ms + {c * 1e3:.2f} ms x batch a decode step (clipped at 0)")
+    return a, c, {"layout": args.serving_layout, "placement": placement, "prompt_tokens": prompt,
+                  "output_tokens": output, "repeats": args.serving_repeats, "points": points,
+                  "fit": "least squares overhead_s = a + c * batch over the points, used as max(0, a + c * batch)",
+                  "seconds": round(time.monotonic() - started, 1)}
+
+
+def _serve(args, prompt: int, output: int, vocab: int) -> tuple[dict[int, list[tuple[float, float]]], str]:
+    """Start the cluster, run the rounds, stop it: {batch: [(s a step, mean KV) a round]}, the placement."""
+    from dejavu.cluster import ClusterError
+    from dejavu.redis_server import RedisNotInstalled
+
+    cluster, placement = _cluster(args)
+    rng = random.Random(0)  # fresh random prompts: no prefix is shared
+    prompts = ([rng.randrange(100, vocab) for _ in range(prompt)] for _ in itertools.count())
+    try:
+        with _sigterm_interrupts(), cluster:
+            log(f"serving: cluster ready at {cluster.url}")
+            return asyncio.run(_rounds(cluster.url, args, prompts, output)), placement
+    except (ClusterError, RedisNotInstalled, OSError) as exc:
+        raise ServingError(f"the serving measurement's cluster: {exc}") from None
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """A SIGTERM ends the measurement as Ctrl-C does, so that the cluster is stopped (its processes
+    run in sessions of their own: they would outlive us). Only the main thread can set a handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _cluster(args):
+    """The cluster `dejavu up` starts for --serving-layout (a cache store, CPU placement auto)."""
+    import torch
+
+    from dejavu.cluster import Cluster
+    from dejavu.placement import describe, host_cores, plan
+
+    prompts = 0 if args.serving_layout == "colocated" else 1
+    cores, why_not = host_cores()
+    placement = plan(cores, prompts, 1, "auto", args.stages) if cores else {}
+    line = describe(placement, cores) if placement else f"off ({why_not})"
+    log(f"serving: starting {args.serving_layout} ({prompts} prompt + 1 token service"
+        f"{f' of {args.stages} stages' if args.stages > 1 else ''}, 1 cache store), CPU placement: {line}")
+    if placement and placement["token-0"].threads != torch.get_num_threads():  # the overhead would absorb it
+        log(f"serving: WARNING: the token service runs {placement['token-0'].threads} torch threads, the in-process "
+            f"steps {torch.get_num_threads()} (--threads): the difference counts as serving overhead")
+    env = {"DEJAVU_MAX_SEQS": str(max(16, *args.serving_batches)), "DEJAVU_DTYPE": args.dtype,
+           "DEJAVU_BLOCK_SIZE": str(args.block_size), "DEJAVU_COLOCATED": str(prompts == 0).lower()}
+    return Cluster(model=args.model, port=0, prompt_services=prompts, token_services=1, cache_stores=1, env=env,
+                   echo_logs=False, placement=placement, stages=args.stages), line
+
+
+async def _rounds(url: str, args, prompts, output: int) -> dict[int, list[tuple[float, float]]]:
+    import httpx
+
+    measured: dict[int, list[tuple[float, float]]] = {b: [] for b in args.serving_batches}
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        for b in sorted({1, max(args.serving_batches)}):  # warm-up: the kernels of these shapes
+            await _burst(client, prompts, b, 4)
+        for r in range(args.serving_repeats):
+            for b in args.serving_batches:
+                measured[b].append(steady_step(await _burst(client, prompts, b, output)))
+            log(f"serving: round {r + 1}/{args.serving_repeats}: " + ", ".join(
+                f"{b} at once {rounds[-1][0] * 1e3:.1f} ms a step" for b, rounds in measured.items()))
+    return measured
+
+
+async def _burst(client, prompts, batch: int, tokens: int) -> list[Stream]:
+    return list(await asyncio.gather(*(_stream(client, next(prompts), tokens) for _ in range(batch))))
+
+
+async def _stream(client, ids: list[int], tokens: int) -> Stream:
+    """One streaming greedy completion of exactly `tokens` tokens (ignore_eos), timed chunk by chunk."""
+    import httpx
+
+    body = {"prompt": ids, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    times, usage = [], {}
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as resp:
+            async for chunk in sse_chunks(resp):
+                if any(c.get("text") for c in chunk.get("choices") or []):
+                    times.append(time.perf_counter())
+                usage = chunk.get("usage") or usage
+    except (httpx.HTTPError, RuntimeError) as exc:
+        raise ServingError(f"a serving request failed: {type(exc).__name__}: {exc}") from None
+    if usage.get("completion_tokens") != tokens or not times:
+        raise ServingError(f"a serving request got {usage.get('completion_tokens')} tokens, not {tokens}")
+    return Stream(times, usage["prompt_tokens"])
+
+
 def report(profile) -> None:
     print(f"profile of {profile.model} ({profile.dtype}, {profile.stages} stage(s)) on {profile.cpu}")
     print(f"  KV {profile.kv_bytes_per_token} bytes/token, weights {profile.weights_bytes / 2**20:.1f} MiB, "
           f"memory {profile.memory_bytes / 2**30:.1f} GiB, m {profile.m:.3f}")
+    serving = profile.meta.get("serving", {})
+    print(f"  serving overhead {profile.serving_step_s * 1e3:.1f} ms + {profile.serving_token_s * 1e3:.2f} ms x batch "
+          f"a decode step" + (f" (not measured: {serving['skipped']})" if "skipped" in serving else ""))
     for s in profile.prefill:
         print(f"  prefill {s.batch:>3} x {s.tokens:>5} tokens  {s.seconds * 1e3:9.1f} ms")
     for s in profile.decode:

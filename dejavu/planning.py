@@ -1,6 +1,6 @@
 """`dejavu profile`, `dejavu plan`, `dejavu simulate`: their parsers and what each runs.
 
-    dejavu profile [--model smollm2] [--quick] [--out profile.json]          measures (bench/profile.py, torch)
+    dejavu profile [--model smollm2] [--quick] [--no-serving] [--out profile.json]   measures (bench/profile.py, torch)
     dejavu plan --profile FILE --machines D --prompt-tokens P --output-tokens N [--json] [--rate R]
                 [--ttft-s X --tpot-s Y] [--write-up-flags] [--write-compose FILE]
     dejavu simulate --profile FILE [--layout 1+1 --layout colocated] [--rates 0.2,0.4] [--plot FILE.png]
@@ -155,6 +155,9 @@ def _profile(args, parser) -> int:
         return measure.write(args)
     except (ModelNotFound, ValueError) as exc:
         parser.error(str(exc))
+    except measure.ServingError as exc:
+        print(f"dejavu profile: {exc} (--no-serving skips the serving overhead)", file=sys.stderr)
+        return 1
 
 
 def _plan(args, parser, profile) -> int:
@@ -195,7 +198,8 @@ def _print_plan(r, flags: str, compose: str | None) -> None:
     print(f"  D_t = ceil(D·N·t / (m·Y + N·t)) = ceil({r.machines}·{r.N}·{r.t_s:.4g} / ({r.m:.3g}·{r.Y_s:.4g} + "
           f"{r.N}·{r.t_s:.4g})) = ceil({r.D_t_exact:.3f}); used: {r.D_t} decoding, {r.D_p} prefilling")
     print(f"  Y = {r.Y_s:.4g} s: a prefill of {r.batch} prompts x {r.P} tokens; t = {r.t_s:.4g} s: a decode step of "
-          f"{r.batch} sequences at {r.P + r.N / 2:g} tokens of KV; m = {r.m:.3g}")
+          f"{r.batch} sequences at {r.P + r.N / 2:g} tokens of KV as served (forward {r.step_s:.4g} s + serving "
+          f"overhead {r.overhead_s:.4g} s); m = {r.m:.3g}")
     print(f"  memory: {r.memory_bytes / 2**30:.1f} GiB a machine -> prompt service {r.min_prompt_stages} machine, "
           f"token service {r.min_token_stages} machine(s)")
     if r.predicted:
@@ -281,5 +285,8 @@ def _against(args, parser, profile) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
+        none = "" if profile.serving_step_s or profile.serving_token_s else " (none measured)"
+        print(f"profile: serving overhead {profile.serving_step_s * 1e3:.1f} ms + {profile.serving_token_s * 1e3:.2f} "
+              f"ms x batch a decode step, clipped at 0{none}")
         print_table(rows)
     return 0

@@ -14,8 +14,10 @@ Two modes:
   of a token service, is the memory minimum: the fewest stages whose largest (ceil(L / S) of the
   L layers) holds its share of the weights and of the KV of b sequences of P + N tokens. A prompt
   service holds the whole model and the KV of b prompts of P tokens (`dejavu up` has no prompt
-  stages), or the plan is refused. Y = prefill_s(b, P); t = step_s(b, P + N / 2), the mean KV
-  length over a request's decode.
+  stages), or the plan is refused. Y = prefill_s(b, P); t = step_s(b, P + N / 2) + overhead_s(b):
+  the decode step of the batch at the mean KV length over a request's decode, and the serving
+  work a token service does a step outside the forward (the profile's serving overhead; 0 in
+  profiles without one).
 - **SLA** (as NVIDIA Dynamo's planner): the fewest services that meet a TTFT and a TPOT target at
   an arrival rate. A first guess from the profile's capacities (a prompt service's prompts a
   second at the largest batch whose m·Y meets the TTFT; a token service's tokens a second at the
@@ -71,7 +73,9 @@ class Plan:
     N: int
     batch: int
     Y_s: float                  # prompt time of one batch of b prompts
-    t_s: float                  # one decode step of b sequences
+    t_s: float                  # one decode step of b sequences as served: step_s + overhead_s
+    step_s: float               # its forward (the profile's in-process decode step)
+    overhead_s: float           # its serving work outside the forward (the profile's serving overhead)
     m: float
     D_t_exact: float            # D·N·t / (m·Y + N·t), before ceil and clamp
     D_t: int                    # machines decoding
@@ -102,7 +106,8 @@ class Plan:
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict:
-        return {"formula": "D_t = ceil(D·N·t / (m·Y + N·t))", "D": self.machines, **asdict(self)}
+        return {"formula": "D_t = ceil(D·N·t / (m·Y + N·t))", "t": "t_s = step_s (the forward) + overhead_s "
+                "(the serving work a token service does a step outside it)", "D": self.machines, **asdict(self)}
 
 
 def token_machines(D: int, N: float, t: float, m: float, Y: float) -> float:
@@ -139,9 +144,10 @@ def memory_minimums(profile: Profile, work: Workload, memory_bytes: int) -> tupl
 
 
 def terms(profile: Profile, work: Workload) -> tuple[float, float]:
-    """(Y, t): a batch's prompt time and one decode step of it at the mean KV length."""
+    """(Y, t): a batch's prompt time and one decode step of it at the mean KV length, as served
+    (the forward and the serving overhead)."""
     return (profile.prefill_s(work.batch, work.prompt_tokens),
-            profile.step_s(work.batch, work.prompt_tokens + work.output_tokens / 2))
+            profile.served_step_s(work.batch, work.prompt_tokens + work.output_tokens / 2))
 
 
 def plan(profile: Profile, work: Workload, machines: int, memory_bytes: int | None = None) -> Plan:
@@ -171,8 +177,10 @@ def _terms(profile: Profile, work: Workload, machines: int, memory_bytes: int | 
     memory = memory_bytes or profile.memory_bytes
     s_p, s_t = memory_minimums(profile, work, memory)
     Y, t = terms(profile, work)
+    overhead = profile.overhead_s(work.batch)
     return dict(machines=machines, P=work.prompt_tokens, N=work.output_tokens, batch=work.batch, Y_s=Y, t_s=t,
-                m=profile.m, D_t_exact=token_machines(machines, work.output_tokens, t, profile.m, Y),
+                step_s=t - overhead, overhead_s=overhead, m=profile.m,
+                D_t_exact=token_machines(machines, work.output_tokens, t, profile.m, Y),
                 min_prompt_stages=s_p, min_token_stages=s_t, memory_bytes=memory)
 
 
@@ -234,11 +242,11 @@ def _first_guess(profile: Profile, work: Workload, sla: Sla) -> tuple[int, int]:
     if profile.m * profile.prefill_s(1, P) > sla.ttft_s:
         raise PlanError(f"one prompt alone takes m·Y = {profile.m * profile.prefill_s(1, P):.3g} s: "
                         f"no layout meets TTFT {sla.ttft_s:g} s")
-    if profile.step_s(1, kv) > sla.tpot_s:
-        raise PlanError(f"one sequence alone decodes at {profile.step_s(1, kv):.3g} s a token: "
+    if profile.served_step_s(1, kv) > sla.tpot_s:
+        raise PlanError(f"one sequence alone decodes at {profile.served_step_s(1, kv):.3g} s a token: "
                         f"no layout meets TPOT {sla.tpot_s:g} s")
     b_p = max(b for b in range(1, work.batch + 1) if profile.m * profile.prefill_s(b, P) <= sla.ttft_s)
-    b_t = max(b for b in range(1, work.batch + 1) if profile.step_s(b, kv) <= sla.tpot_s)
+    b_t = max(b for b in range(1, work.batch + 1) if profile.served_step_s(b, kv) <= sla.tpot_s)
     per_prompt = b_p / (profile.m * profile.prefill_s(b_p, P))      # requests/s one prompt service prefills
-    per_token = b_t / profile.step_s(b_t, kv) / max(N - 1, 1)         # requests/s one token service decodes
+    per_token = b_t / profile.served_step_s(b_t, kv) / max(N - 1, 1)  # requests/s one token service decodes
     return max(1, math.ceil(work.rate / per_prompt)), max(1, math.ceil(work.rate / per_token))

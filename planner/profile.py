@@ -6,6 +6,7 @@ it is read back and answers two questions by interpolation:
     profile = Profile.load("profile.json")
     profile.prefill_s(batch=4, prompt_len=500)   # one prefill forward of 4 prompts of 500 tokens
     profile.step_s(batch=16, kv_len=600)         # one decode step of 16 sequences, 600 KV tokens each
+    profile.served_step_s(batch=16, kv_len=600)  # the same step as a token service serves it
 
 Both are piecewise linear over the measured grid (every batch size at every length), exact at
 every sample:
@@ -22,12 +23,21 @@ every sample:
 
 m, the KV streaming overhead, is a factor >= 1: the prompt time with the KV streamed out layer by
 layer over the prompt time without (the paper's m in D_t = D·N·t / (m·Y + N·t)).
+
+The serving overhead: what a decode step costs a token service beyond its forward (scheduling,
+sampling, the decode stream's events, the gateway's SSE and detokenization, replication to a
+cache store, event loops and HTTP, the other processes on the host's cores), as a line in the
+batch b: overhead_s(b) = max(0, a + c·b) seconds a step, a = `serving_step_s`, c =
+`serving_token_s`. `dejavu profile` measures it through a real local cluster (the time per output
+token a client sees, less the in-process step at the same batch and KV length) and fits the line
+by least squares; a profile without it (older ones) has a = c = 0.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -59,6 +69,8 @@ class Profile:
     m: float                    # KV streaming overhead factor, >= 1
     prefill: tuple[Sample, ...]  # grid over (batch, prompt length)
     decode: tuple[Sample, ...]   # grid over (batch, KV length)
+    serving_step_s: float = 0.0  # a: a decode step's serving work outside its forward, s a step
+    serving_token_s: float = 0.0  # c: and per sequence in the step (one token out each), s
     meta: dict = field(default_factory=dict, compare=False, hash=False)  # when, where, how, source
 
     def __post_init__(self) -> None:
@@ -67,6 +79,9 @@ class Profile:
                 raise ProfileError(f"{name} must be a positive integer, not {getattr(self, name)!r}")
         if not self.m >= 1.0:
             raise ProfileError(f"m must be >= 1 (streaming cannot speed the prefill up), not {self.m!r}")
+        for name in ("serving_step_s", "serving_token_s"):
+            if not math.isfinite(getattr(self, name)):
+                raise ProfileError(f"{name} must be a finite number of seconds, not {getattr(self, name)!r}")
         object.__setattr__(self, "_prefill", _Grid.of(self.prefill, "prefill", per_token=True))
         object.__setattr__(self, "_decode", _Grid.of(self.decode, "decode", per_token=False))
 
@@ -81,6 +96,14 @@ class Profile:
         if batch < 1:
             return 0.0
         return self._decode.value(batch, kv_len, beyond_batch="extend")
+
+    def overhead_s(self, batch: int) -> float:
+        """Seconds a token service's step of `batch` decoding sequences spends outside its forward."""
+        return max(0.0, self.serving_step_s + self.serving_token_s * batch)
+
+    def served_step_s(self, batch: int, kv_len: float) -> float:
+        """One decode step as a token service serves it: the forward and the serving overhead."""
+        return self.step_s(batch, kv_len) + self.overhead_s(batch) if batch >= 1 else 0.0
 
     @property
     def weights_per_layer(self) -> float:  # bytes; the embeddings and LM head spread over the layers
@@ -113,11 +136,12 @@ class Profile:
             prefill = tuple(Sample(int(s["batch"]), int(s["prompt_len"]), float(s["seconds"])) for s in data["prefill"])
             decode = tuple(Sample(int(s["batch"]), int(s["kv_len"]), float(s["seconds"])) for s in data["decode"])
             m = float(data["m"])
+            serving = {k: float(data.get(k, 0.0)) for k in ("serving_step_s", "serving_token_s")}  # older: none
         except KeyError as exc:
             raise ProfileError(f"missing key {exc}") from None
         except (TypeError, ValueError) as exc:
             raise ProfileError(f"a value is malformed: {type(exc).__name__}: {exc}") from None
-        return cls(**scalars, m=m, prefill=prefill, decode=decode, meta=data.get("meta") or {})
+        return cls(**scalars, m=m, prefill=prefill, decode=decode, **serving, meta=data.get("meta") or {})
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
@@ -134,6 +158,18 @@ class Profile:
             return cls.from_json(data)
         except ProfileError as exc:
             raise ProfileError(f"{path}: {exc}") from None
+
+
+def fit_overhead(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """(a, c) of the line a + c·b through (batch b, overhead s) points, by least squares; one
+    batch (or one point) gives c = 0. The caller clips nothing: overhead_s clips at use."""
+    if not points:
+        raise ValueError("no serving points to fit")
+    n = len(points)
+    mean_b, mean_o = sum(b for b, _ in points) / n, sum(o for _, o in points) / n
+    spread = sum((b - mean_b) ** 2 for b, _ in points)
+    c = sum((b - mean_b) * (o - mean_o) for b, o in points) / spread if spread else 0.0
+    return mean_o - c * mean_b, c
 
 
 @dataclass(frozen=True)

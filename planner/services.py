@@ -191,7 +191,10 @@ class TokenService(Engine):
 
     def plan_forward(self):
         """One step: every running sequence (step_s at their mean KV length) and, colocated, up to
-        chunk_tokens of prompt (token_service/prefill.py: whole chunks, first come first served)."""
+        chunk_tokens of prompt (token_service/prefill.py: whole chunks, first come first served);
+        plus the step's serving overhead (overhead_s of its decoding sequences), which holds the
+        host too: it is CPU work on the same cores (on a real shared host the turn covers only
+        the forward, and that work competes for the cores instead)."""
         batch, chunks, left = list(self.running), [], self.sim.layout.chunk_tokens
         for job in self.prefills:
             n = min(job.prefill_tokens - job.prefilled, self.sim.layout.chunk_tokens)
@@ -202,7 +205,8 @@ class TokenService(Engine):
         if not batch and not chunks:
             return 0.0, None
         profile = self.sim.profile
-        seconds = profile.step_s(len(batch), sum(j.kv_len for j in batch) / len(batch)) if batch else 0.0
+        kv_len = sum(j.kv_len for j in batch) / len(batch) if batch else 0.0
+        seconds = profile.step_s(len(batch), kv_len) + profile.overhead_s(len(batch))  # step_s(0, ...) = 0
         if chunks:
             seconds += profile.prefill_s(len(chunks), sum(n for _, n in chunks) / len(chunks))
         return seconds, lambda: self._done(batch, chunks)

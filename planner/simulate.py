@@ -12,7 +12,10 @@ What it models, each a mechanism of the real system (services.py has the service
    when it ends. Colocated: each token-service step also computes up to 512 prompt tokens (whole
    chunks, first come first served), the step taking step_s + prefill_s of the chunks.
 3. decode: continuous batching: a step runs every sequence whose KV is in at its start,
-   step_s(batch, mean KV length), one token each; a sequence leaves after its last token.
+   step_s(batch, mean KV length) plus the profile's serving overhead overhead_s(batch) (the
+   step's work outside the forward, measured through a cluster; 0 in profiles without it), one
+   token each; a sequence leaves after its last token. A colocated step with prompt chunks only
+   costs overhead_s(0) beside them.
 4. a shared host (`shared_host`, as `--cpu-placement turns` on one machine): the engines take
    turns on its cores, one forward at a time, first come first served; a prompt forward then
    holds at most 512 prompt tokens (prompt_service/engine.py's TURN_TOKENS).
@@ -23,9 +26,10 @@ What it models, each a mechanism of the real system (services.py has the service
    index are folded into recovery_s); without, each prefills its prompt and every token it had
    again, then continues. A prompt service's prompts are prefilled again elsewhere.
 
-Not modelled: CPU the other work takes (replication, the gateway, HTTP, event loops), a later
-chunk's attention to the earlier ones, network bandwidth (m is a factor on the prefill), KV
-swapping, the microbatches of a pipeline, and KV room beyond --max-seqs sequences.
+Not modelled: the serving work around a prefill (the hops from the prompt service to the token
+service and the gateway; the serving overhead is a decode step's), a later chunk's attention to
+the earlier ones, network bandwidth (m is a factor on the prefill), KV swapping, the microbatches
+of a pipeline, and KV room beyond --max-seqs sequences.
 
 A request's figures are bench.load's: TTFT from arrival to its first token, TPOT = (latency -
 TTFT) / (tokens - 1), normalized latency = latency / tokens; throughput over the span from the

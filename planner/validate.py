@@ -12,11 +12,15 @@ otherwise, which the simulator does not model).
 
 Compared, per open-loop rate: median normalized latency, TTFT and TPOT, and tokens/s over the run;
 for the closed loop (16 concurrent, bench.load's headline): tokens/s (bench.load's median over its
-repeats, each a burst of 16) and the TTFT and TPOT medians. error = predicted / measured - 1 (the
+repeats, each a burst of 16) and the TTFT and TPOT medians; for one request alone on an idle
+server (bench.load's --single requests): the TTFT and TPOT medians, a check of the profile's
+serving overhead at batch 1 against a measurement made apart from it. error = predicted / measured - 1 (the
 issue's target: within 20 %).
 """
 
 from __future__ import annotations
+
+import math
 
 from planner.layout import Layout
 from planner.profile import Profile
@@ -49,6 +53,10 @@ def compare(profile: Profile, data: dict, shared_host: bool = True, max_seqs: in
                     "tpot_s p50": "tpot_s_16_concurrent_p50"}  # an older bench.load recorded tokens/s only
             rows += _rows(target, placement, "16 concurrent", predicted,
                           {k: measured[v] for k, v in keys.items() if v in measured})
+        if "single" in traces and math.isfinite(measured.get("tpot_s_single_p50") or math.nan):  # nan: none succeeded
+            predicted = simulate(profile, layout, traces["single"])
+            rows += _rows(target, placement, "1 alone", predicted, {
+                "ttft_s p50": measured["ttft_s_single_p50"], "tpot_s p50": measured["tpot_s_single_p50"]})
     return rows
 
 

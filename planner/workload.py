@@ -7,7 +7,7 @@ Three sources:
 - `load_trace`: a JSON file, a list of {"arrival_s", "prompt_tokens", "output_tokens"} (or an object
   holding that list under "requests");
 - `bench_load_traces`: the exact requests of a bench.load JSON (its config records every arrival
-  and output length), per open-loop rate and for the closed loop.
+  and output length), per open-loop rate, for the closed loop and for a request alone.
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ def load_trace(path: str | Path) -> list[TraceRequest]:
 
 
 def bench_load_traces(data: dict) -> dict[str, list[TraceRequest]]:
-    """The requests of a bench.load JSON: {"rate R": ..., "concurrent": ...} (the closed loop, once;
-    it ran --repeats times, each a burst of 16 fresh prompts)."""
+    """The requests of a bench.load JSON: {"rate R": ..., "concurrent": ..., "single": ...} (the
+    closed loop, once: it ran --repeats times, each a burst of 16 fresh prompts; single: one request
+    alone on an idle server, as bench.load sends --single of them one after another)."""
     config = data.get("config") or {}
     try:
         prompt, lengths = int(config["prompt_tokens"]), [int(n) for n in config["output_lengths"]["sampled"]]
@@ -83,6 +84,8 @@ def bench_load_traces(data: dict) -> dict[str, list[TraceRequest]]:
         if config.get("repeats", 0) > 0:
             traces["concurrent"] = burst(int(config.get("concurrent", CONCURRENT)), prompt,
                                          int(config["concurrent_output_tokens"]))
+        if config.get("single", 0) > 0:
+            traces["single"] = burst(1, prompt, int(config["concurrent_output_tokens"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise TraceError(f"not a bench.load JSON: its config lacks {exc}") from None
     return traces

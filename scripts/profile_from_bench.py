@@ -7,7 +7,9 @@ every number comes from the command line or a `bench step` JSON, and the profile
 
 --step takes the decode samples of a `bench step` JSON (ours, every batch at its one --kv-len, so
 the profile's step time ignores the KV length); --decode B:KV:SECONDS and --prefill B:LEN:SECONDS
-add samples by hand (one prefill sample: the time scales with the prompt tokens). The model's
+add samples by hand (one prefill sample: the time scales with the prompt tokens); --serving-step-s
+and --serving-token-s give the serving overhead a + c·batch a decode step (default 0: none), e.g.
+from a recorded time per token of one request alone less the step's. The model's
 constants default to the bundled SmolLM2-135M in float32 (30 layers, K and V 46,080 bytes a
 token, 538,090,408 bytes of safetensors) on a 23.5 GiB machine; they matter to `dejavu plan`'s
 memory minimums, not to the simulator.
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode", type=sample, action="append", default=[], metavar="B:KV:S")
     p.add_argument("--prefill", type=sample, action="append", default=[], metavar="B:LEN:S", required=True)
     p.add_argument("--m", type=float, default=1.0, help="KV streaming overhead factor")
+    p.add_argument("--serving-step-s", type=float, default=0.0, help="serving overhead a decode step (a), s")
+    p.add_argument("--serving-token-s", type=float, default=0.0, help="and per sequence in the step (c), s")
     p.add_argument("--cpu", default="AMD EPYC (2 vCPUs)")
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--kv-bytes-per-token", type=int, default=46080)
@@ -56,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     profile = Profile(model="smollm2", dtype=args.dtype, stages=1, cpu=args.cpu, block_size=16, layers=args.layers,
                       kv_bytes_per_token=args.kv_bytes_per_token, weights_bytes=args.weights_bytes,
                       memory_bytes=int(args.memory_gib * 2**30), m=args.m, prefill=tuple(args.prefill),
-                      decode=tuple(decode), meta={"how": "scripts/profile_from_bench.py: assembled, not measured",
-                                                  "source": args.source})
+                      decode=tuple(decode), serving_step_s=args.serving_step_s, serving_token_s=args.serving_token_s,
+                      meta={"how": "scripts/profile_from_bench.py: assembled, not measured", "source": args.source})
     profile.save(args.out)
     print(f"wrote {args.out}: {len(profile.prefill)} prefill and {len(profile.decode)} decode samples")
     return 0

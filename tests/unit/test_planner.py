@@ -13,7 +13,7 @@ import pytest
 from dejavu.cli import main
 from planner.plan import PlanError, Sla, Workload, plan, plan_sla, stages_needed, token_machines
 from planner.layout import Layout
-from planner.profile import Profile, ProfileError, Sample
+from planner.profile import Profile, ProfileError, Sample, fit_overhead
 from planner.simulate import simulate
 from planner.workload import poisson
 
@@ -96,6 +96,40 @@ def test_profile_checks_its_grid_and_m():
         make_profile(prefill=(Sample(1, 100, 1.0), Sample(1, 100, 1.1)))
 
 
+def test_the_serving_overhead_is_a_line_in_the_batch_clipped_at_0():
+    profile = make_profile(serving_step_s=0.02, serving_token_s=0.005)
+    assert profile.overhead_s(1) == pytest.approx(0.025) and profile.overhead_s(16) == pytest.approx(0.1)
+    assert profile.served_step_s(16, 100) == pytest.approx(0.1 + 0.1)
+    assert profile.served_step_s(0, 100) == 0.0 and profile.overhead_s(0) == pytest.approx(0.02)
+    falling = make_profile(serving_step_s=0.03, serving_token_s=-0.01)  # a fit that falls with the batch
+    assert falling.overhead_s(2) == pytest.approx(0.01) and falling.overhead_s(5) == 0.0
+    with pytest.raises(ProfileError, match="serving_token_s must be a finite"):
+        make_profile(serving_token_s=float("nan"))
+
+
+def test_an_older_profile_loads_with_no_serving_overhead(tmp_path):
+    """Profiles written before the serving overhead have no serving_* keys: a = c = 0, the step as measured."""
+    data = make_profile(serving_step_s=0.02, serving_token_s=0.005).to_json()
+    assert (data["serving_step_s"], data["serving_token_s"]) == (0.02, 0.005)
+    del data["serving_step_s"], data["serving_token_s"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    old = Profile.load(tmp_path / "old.json")
+    assert (old.serving_step_s, old.serving_token_s, old.overhead_s(16)) == (0.0, 0.0, 0.0)
+    assert old.served_step_s(16, 100) == old.step_s(16, 100) == pytest.approx(0.1)
+    measured = make_profile(serving_step_s=0.02, serving_token_s=0.005)
+    assert Profile.load(write(tmp_path, measured)) == measured
+
+
+def test_fit_overhead():
+    assert fit_overhead([(1, 0.015), (8, 0.050)]) == (pytest.approx(0.010), pytest.approx(0.005))  # through both
+    assert fit_overhead([(4, 0.02)]) == (pytest.approx(0.02), 0.0)  # one batch: no slope
+    # least squares: b - mean = (-10, -1, 11) / 3, o - mean = (-0.05, 0.01, 0.04) / 3: c = 0.93 / 222
+    a, c = fit_overhead([(1, 0.01), (4, 0.03), (8, 0.04)])
+    assert (a, c) == (pytest.approx(0.08 / 3 - 0.93 / 222 * 13 / 3), pytest.approx(0.93 / 222))
+    with pytest.raises(ValueError):
+        fit_overhead([])
+
+
 # --- the formula and the memory minimums ----------------------------------------------------------------
 
 def test_formula_against_a_hand_computed_case():
@@ -111,6 +145,17 @@ def test_formula_against_a_hand_computed_case():
     assert (result.D_t_exact, result.D_t, result.D_p) == (pytest.approx(16 / 3), 6, 2)
     assert (result.prompt_services, result.token_services, result.stages) == (2, 6, 1)
     assert "decode-bound" in result.bottleneck and "6 of 8 machines decode" in result.bottleneck
+
+
+def test_formula_t_includes_the_serving_overhead():
+    """Y = 2 s; t = the step's forward 0.04 s + the serving overhead 0.002 + 0.001·b at b = 8 (0.01 s)
+    = 0.05 s: the hand-computed case above again, D_t = ceil(5.333) = 6."""
+    profile = make_profile(prefill=(Sample(8, 100, 2.0),), decode=(Sample(8, 150, 0.04),), memory_bytes=100 * GB,
+                           serving_step_s=0.002, serving_token_s=0.001)
+    result = plan(profile, Workload(prompt_tokens=100, output_tokens=100, batch=8), machines=8)
+    assert (result.step_s, result.overhead_s, result.t_s) == (pytest.approx(0.04), pytest.approx(0.01), pytest.approx(0.05))
+    assert (result.D_t_exact, result.D_t, result.D_p) == (pytest.approx(16 / 3), 6, 2)
+    assert "step_s (the forward) + overhead_s" in result.to_json()["t"]
 
 
 def test_formula_is_clamped_to_one_machine_a_side():
@@ -187,6 +232,7 @@ def test_plan_json_has_the_terms(tmp_path, capsys):
     got = json.loads(out)
     assert (got["prompt_services"], got["token_services"]) == (2, 6)
     assert (got["Y_s"], got["t_s"], got["m"], got["D"], got["N"]) == (pytest.approx(2.0), pytest.approx(0.05), 1.25, 8, 100)
+    assert (got["step_s"], got["overhead_s"]) == (pytest.approx(0.05), 0.0) and "overhead_s" in got["t"]
     assert got["up_flags"] == "--model smollm2 --dtype float32 --prompt-services 2 --token-services 6 --max-seqs 1"
 
 

@@ -46,6 +46,34 @@ def test_one_request_colocated_has_no_transfer():
     assert (job.first_token_s, job.done_s) == (pytest.approx(Y), pytest.approx(Y + 9 * T))
 
 
+A, C = 0.02, 0.005  # a serving overhead: 20 ms a step + 5 ms a decoding sequence
+
+
+def test_one_request_pays_the_serving_overhead_each_step():
+    """latency = TTFT + (N - 1)·(t + a + c·1): each decode step gives one token and costs its
+    forward and its serving work; the prefill on a prompt service pays none."""
+    profile = make_profile(serving_step_s=A, serving_token_s=C)
+    [job] = Simulation(profile, Layout(1, 1)).run([TraceRequest(0.0, 100, 10)])
+    assert job.first_token_s == pytest.approx(M * Y)
+    assert job.done_s == pytest.approx(M * Y + 9 * (T + A + C))
+
+
+def test_colocated_steps_pay_the_overhead_too():
+    """Colocated, the prefill is a step of the token service (no decoding sequence: overhead a)."""
+    profile = make_profile(serving_step_s=A, serving_token_s=C)
+    [job] = Simulation(profile, Layout(0, 1)).run([TraceRequest(0.0, 100, 10)])
+    assert (job.first_token_s, job.done_s) == (pytest.approx(Y + A), pytest.approx(Y + A + 9 * (T + A + C)))
+
+
+def test_the_per_sequence_overhead_grows_with_the_batch():
+    profile = make_profile(serving_step_s=A, serving_token_s=C)
+    jobs = Simulation(profile, Layout(1, 1)).run([TraceRequest(0.0, 100, 6), TraceRequest(0.0, 100, 6)])
+    assert [j.done_s for j in jobs] == pytest.approx([2 * M * Y + 5 * (T + A + 2 * C)] * 2)
+    clipped = make_profile(serving_step_s=-0.01, serving_token_s=C)  # a + c·1 < 0: no overhead, not a gain
+    [job] = Simulation(clipped, Layout(1, 1)).run([TraceRequest(0.0, 100, 10)])
+    assert job.done_s == pytest.approx(M * Y + 9 * T)
+
+
 def test_a_one_token_request_ends_at_its_prefill():
     summary = simulate(make_profile(), Layout(1, 1), [TraceRequest(0.0, 100, 1)])
     assert summary["norm_latency_s"]["p50"] == pytest.approx(M * Y) and summary["tpot_s"]["p50"] != summary["tpot_s"]["p50"]
@@ -188,10 +216,13 @@ def test_workload_is_bench_loads_own():
 def test_traces_from_a_bench_load_json():
     data = {"summary": {}, "config": {"prompt_tokens": 500, "output_lengths": {"sampled": [3, 5]},
                                       "arrivals_s": {"0.2": [0.0, 4.0]}, "repeats": 2, "concurrent": 16,
-                                      "concurrent_output_tokens": 128}}
+                                      "concurrent_output_tokens": 128, "single": 3}}
     traces = bench_load_traces(data)
     assert traces["rate 0.2"] == [TraceRequest(0.0, 500, 3), TraceRequest(4.0, 500, 5)]
     assert traces["concurrent"] == [TraceRequest(0.0, 500, 128)] * 16
+    assert traces["single"] == [TraceRequest(0.0, 500, 128)]
+    del data["config"]["single"]  # an older bench.load sent no request alone
+    assert "single" not in bench_load_traces(data)
 
 
 def test_compare_sets_predicted_beside_measured():
@@ -206,6 +237,30 @@ def test_compare_sets_predicted_beside_measured():
     rows = compare(profile, data)
     assert {r["metric"] for r in rows} == {"norm_latency_s p50", "ttft_s p50", "tpot_s p50", "tokens_per_s"}
     assert all(r["error"] == pytest.approx(0.0) for r in rows)
+
+
+def test_compare_checks_a_request_alone():
+    """bench.load's --single requests (one at a time on an idle server) against one simulated request:
+    the serving overhead at batch 1 checked against a measurement made apart from the profile's."""
+    profile = make_profile(serving_step_s=A, serving_token_s=C)
+    data = {"config": {"prompt_tokens": 100, "output_lengths": {"sampled": [4]}, "arrivals_s": {},
+                       "repeats": 0, "single": 3, "concurrent_output_tokens": 11},
+            "summary": {"colocated": {"ttft_s_single_p50": Y + A, "tpot_s_single_p50": 2 * (T + A + C)}}}
+    rows = compare(profile, data)
+    assert [(r["phase"], r["metric"]) for r in rows] == [("1 alone", "ttft_s p50"), ("1 alone", "tpot_s p50")]
+    assert [r["error"] for r in rows] == [pytest.approx(0.0), pytest.approx(-0.5)]
+    data["summary"]["colocated"]["tpot_s_single_p50"] = float("nan")  # none of them succeeded
+    assert compare(profile, data) == []
+
+
+def test_simulate_against_names_the_serving_overhead(tmp_path, capsys):
+    profile, load = tmp_path / "profile.json", tmp_path / "load.json"
+    make_profile(serving_step_s=A, serving_token_s=C).save(profile)
+    load.write_text(json.dumps({"config": {"prompt_tokens": 100, "output_lengths": {"sampled": [4]}, "arrivals_s": {},
+                                           "repeats": 0, "single": 1, "concurrent_output_tokens": 11},
+                                "summary": {"colocated": {"ttft_s_single_p50": 1.0, "tpot_s_single_p50": 0.1}}}))
+    code, out, _ = run_cli(capsys, "simulate", "--profile", str(profile), "--against", str(load))
+    assert code == 0 and "serving overhead 20.0 ms + 5.00 ms x batch a decode step" in out and "1 alone" in out
 
 
 def test_layout_parse():
