@@ -126,7 +126,7 @@ async def open_pipeline(transport: Transport, runner: ModelRunner, settings: Mod
                                         "head per --pipeline)")
             if found is not None and not why:
                 stages = [StageInfo(0, "", runner.layers)] + [found[k] for k in range(1, settings.stages)]
-                pipeline = cls(transport, runner, stages, on_broken=lambda: _die(pipeline))
+                pipeline = cls(transport, runner, stages, on_broken=lambda: _die(pipeline, f"the {kind.value} pipeline"))
                 try:
                     await pipeline.open(setup)
                     log.info("pipeline %s linked: %s", settings.pipeline,
@@ -174,13 +174,13 @@ async def _find_stages(registry: Registry, settings: ModelSettings, runner: Mode
     return {k: StageInfo(k, s.kv_address, range(s.layer_start, s.layer_end)) for k, s in found.items()}
 
 
-def _die(pipeline: Pipeline) -> None:
+def _die(pipeline: Pipeline, what: str) -> None:
     """A broken pipeline ends its head: the decode loop would fail at its next step anyway, and an
     idle head must not stay registered as a token service that cannot compute."""
     async def fail() -> None:
         raise pipeline.broken
 
-    supervise(asyncio.create_task(fail()), "the token pipeline")
+    supervise(asyncio.create_task(fail()), what)
 
 
 __all__ = ["create_stage_app", "open_pipeline", "stage_fields"]
