@@ -14,7 +14,7 @@ import platform
 import statistics
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 OUT_DIR = Path("bench/out")  # plots land here when no --out is given (git-ignored)
@@ -134,3 +134,18 @@ def save(fig, path: Path) -> None:
 
     plt.close(fig)
     log(f"plot: {path}")
+
+
+def alternated(clusters: dict, warm_up: Callable, measure: Callable, repeats: int,
+               describe: Callable[[dict], str]) -> list[dict]:
+    """Every layout's cluster warmed up once, then measured repeat after repeat, the layouts taking
+    turns (a noisy minute then spreads over all of them): a run dict each, {"layout", "repeat", ...}."""
+    for cluster in clusters.values():
+        warm_up(cluster)
+    runs = []
+    for r in range(1, repeats + 1):
+        for name, cluster in clusters.items():
+            run = {"layout": name, "repeat": r, **measure(cluster)}
+            runs.append(run)
+            log(f"repeat {r}/{repeats} {name:<18}: {describe(run)}")
+    return runs

@@ -20,7 +20,7 @@ import time
 
 import httpx
 
-from bench.common import fmt, log, spread, write_json
+from bench.common import alternated, fmt, log, spread, write_json
 from bench.failure import batch, metric
 from bench.serve import build_prompts
 from common.model import load_tokenizer, resolve_model_path
@@ -87,17 +87,11 @@ def main(argv: list[str] | None = None) -> None:
     env = {"DEJAVU_LOG_LEVEL": "warning", "DEJAVU_MAX_SEQS": str(max(16, args.concurrency)), "DEJAVU_DTYPE": args.dtype,
            "DEJAVU_MAX_MODEL_LEN": str(max(1024, args.prompt_tokens + args.new_tokens + 16)),
            "DEJAVU_KV_TRANSPORT": args.kv_transport}
-    runs = []
     with contextlib.ExitStack() as stack:
         clusters = {name: launch(stack, name, args, env) for name in layouts}
-        for cluster in clusters.values():
-            measure(cluster, bodies[:2])  # warm-up
-        for r in range(1, args.repeats + 1):
-            for name, cluster in clusters.items():
-                run = {"layout": name, "repeat": r, **measure(cluster, bodies)}
-                runs.append(run)
-                log(f"repeat {r}/{args.repeats} {name:<18}: {run['tokens_per_s']:6.1f} tok/s, stages busy "
-                    + " / ".join(f"{b:.2f}" for b in run["stage_busy"]))
+        runs = alternated(clusters, lambda c: measure(c, bodies[:2]), lambda c: measure(c, bodies), args.repeats,
+                          lambda run: f"{run['tokens_per_s']:6.1f} tok/s, stages busy "
+                                      + " / ".join(f"{b:.2f}" for b in run["stage_busy"]))
     base = statistics.median(r["tokens_per_s"] for r in runs if r["layout"] == layouts[0])
     summary, rows = {}, []
     print(f"\n{args.concurrency} concurrent, prompt {args.prompt_tokens}, {args.new_tokens} new tokens, {args.dtype}; "

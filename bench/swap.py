@@ -29,7 +29,7 @@ import time
 
 import httpx
 
-from bench.common import fmt, log, spread, write_json
+from bench.common import alternated, fmt, log, spread, write_json
 from bench.failure import batch, metric
 from bench.serve import build_prompts
 from common.model import load_tokenizer, resolve_model_path
@@ -146,17 +146,11 @@ def main(argv: list[str] | None = None) -> None:
            "DEJAVU_KV_DEVICE_BYTES": str(budget), "DEJAVU_BLOCK_SIZE": str(BLOCK)}
     log(f"device KV budget {budget / 2**20:.1f} MiB a stage: {args.device_seqs} sequences of "
         f"{max_model_len(args)} tokens ({seq_blocks} blocks each); {concurrency} concurrent requests")
-    runs = []
     with contextlib.ExitStack() as stack:
         clusters = {name: launch(stack, name, args, env) for name in LAYOUTS}
-        for cluster in clusters.values():
-            measure(cluster, bodies[:2])  # warm-up
-        for r in range(1, args.repeats + 1):
-            for name, cluster in clusters.items():
-                run = {"layout": name, "repeat": r, **measure(cluster, bodies)}
-                runs.append(run)
-                log(f"repeat {r}/{args.repeats} {name:<8}: {run['tokens_per_s']:6.1f} tok/s, largest batch "
-                    f"{run['largest_batch']}, swap-in wait {run['swap_wait_ms_per_step']:.2f} ms a step")
+        runs = alternated(clusters, lambda c: measure(c, bodies[:2]), lambda c: measure(c, bodies), args.repeats,
+                          lambda run: f"{run['tokens_per_s']:6.1f} tok/s, largest batch {run['largest_batch']}, "
+                                      f"swap-in wait {run['swap_wait_ms_per_step']:.2f} ms a step")
     base = statistics.median(r["tokens_per_s"] for r in runs if r["layout"] == LAYOUTS[0])
     summary, rows = {"device_budget_bytes": budget, "concurrency": concurrency}, []
     print(f"\n{args.stages} stages, {args.microbatches} microbatches, device budget {budget / 2**20:.1f} MiB a stage "
