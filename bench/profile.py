@@ -19,9 +19,9 @@ Step by step (about two minutes on the bundled model on 2 cores; --quick: a few 
    reader thread, as a prompt service streams it, against the same prefill without; alternated
    --repeats times, the ratio of the medians (below 1 is noise: recorded as 1, the ratio kept);
 5. the serving overhead (unless --no-serving; --quick skips it unless --serving is given): what a
-   token service spends a decode step outside its forward (scheduling, sampling, the decode
-   stream's events, the gateway's SSE and detokenization, replication to a cache store, event
-   loops and HTTP, the other processes on the cores). A local cluster as `dejavu up` starts it
+   decode step costs in a serving cluster beyond the same step in this process (on 2 cores most of
+   it is the forward itself running slower beside the gateway and the event loops, BENCHMARKS §9;
+   the rest scheduling, sampling and the streams). A local cluster as `dejavu up` starts it
    (--serving-layout: 1 prompt + 1 token service, or one colocated token service; a cache store;
    CPU placement auto; with --stages S a token pipeline of S processes) serves streaming greedy
    requests of 128 prompt tokens (random ids) and 64 output tokens (ignore_eos) from this process:

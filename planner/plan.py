@@ -15,9 +15,9 @@ Two modes:
   L layers) holds its share of the weights and of the KV of b sequences of P + N tokens. A prompt
   service holds the whole model and the KV of b prompts of P tokens (`dejavu up` has no prompt
   stages), or the plan is refused. Y = prefill_s(b, P); t = step_s(b, P + N / 2) + overhead_s(b):
-  the decode step of the batch at the mean KV length over a request's decode, and the serving
-  work a token service does a step outside the forward (the profile's serving overhead; 0 in
-  profiles without one).
+  the decode step of the batch at the mean KV length over a request's decode, and what a step
+  costs in a serving cluster beyond that (the profile's serving overhead; 0 in profiles without
+  one).
 - **SLA** (as NVIDIA Dynamo's planner): the fewest services that meet a TTFT and a TPOT target at
   an arrival rate. A first guess from the profile's capacities (a prompt service's prompts a
   second at the largest batch whose m·Y meets the TTFT; a token service's tokens a second at the
@@ -75,7 +75,7 @@ class Plan:
     Y_s: float                  # prompt time of one batch of b prompts
     t_s: float                  # one decode step of b sequences as served: step_s + overhead_s
     step_s: float               # its forward (the profile's in-process decode step)
-    overhead_s: float           # its serving work outside the forward (the profile's serving overhead)
+    overhead_s: float           # what a step costs served beyond in process (the profile's serving overhead)
     m: float
     D_t_exact: float            # D·N·t / (m·Y + N·t), before ceil and clamp
     D_t: int                    # machines decoding

@@ -12,8 +12,8 @@ What it models, each a mechanism of the real system (services.py has the service
    when it ends. Colocated: each token-service step also computes up to 512 prompt tokens (whole
    chunks, first come first served), the step taking step_s + prefill_s of the chunks.
 3. decode: continuous batching: a step runs every sequence whose KV is in at its start,
-   step_s(batch, mean KV length) plus the profile's serving overhead overhead_s(batch) (the
-   step's work outside the forward, measured through a cluster; 0 in profiles without it), one
+   step_s(batch, mean KV length) plus the profile's serving overhead overhead_s(batch) (what a
+   step costs in a cluster beyond the same step in process; 0 in profiles without it), one
    token each; a sequence leaves after its last token. A colocated step with prompt chunks only
    costs overhead_s(0) beside them.
 4. a shared host (`shared_host`, as `--cpu-placement turns` on one machine): the engines take
