@@ -45,11 +45,6 @@ SWAP_WAIT = Histogram("dejavu_swap_wait_seconds", "how long a step waited for it
 DEVICE_BLOCKS_USED = Gauge("dejavu_swap_device_blocks_used", "device KV blocks held by steps (prefetched or computing)")
 
 
-def device_blocks_for(budget_bytes: int, block_bytes: int) -> int:
-    """Blocks of `block_bytes` (one block of the largest stage's layers) in a budget of bytes."""
-    return budget_bytes // block_bytes
-
-
 @dataclass
 class Staged:
     """One step on the device: its segments over device blocks, where its new tokens go back to."""

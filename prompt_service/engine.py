@@ -67,6 +67,15 @@ def routes_of(req: PrefillRequest, layers: int) -> list[Route]:
     return routes
 
 
+def layers_per_message(settings: PromptSettings, layers: int) -> int:
+    """Layer by layer, a KV message goes out every this many layers (and after the last): one
+    message per layer costs the forward ~10-15 % on a 2-core CPU (each send wakes threads that
+    contend with it), five messages ~3 % (bench.stream). after_prefill: all layers in one."""
+    if settings.kv_streaming == "after_prefill":
+        return layers
+    return settings.kv_stream_layers or -(-layers // 5)
+
+
 def message_groups(routes: list[Route], every: int, layers: range) -> dict[int, range]:
     """By layer of `layers` (the ones this process computes), the layers of the KV message it goes
     in: runs of `every`, none across two routes."""
@@ -177,13 +186,7 @@ class PrefillEngine:
 
     @property
     def layers_per_message(self) -> int:
-        """Layer by layer, a KV message goes out every this many layers (and after the last): one
-        message per layer costs the forward ~10-15 % on a 2-core CPU (each send wakes threads that
-        contend with it), five messages ~3 % (bench.stream). after_prefill: all layers in one."""
-        layers = self.runner.kv.layers
-        if self.settings.kv_streaming == "after_prefill":
-            return layers
-        return self.settings.kv_stream_layers or -(-layers // 5)
+        return layers_per_message(self.settings, self.runner.kv.layers)
 
     async def submit(self, req: PrefillRequest) -> PrefillResult:
         try:

@@ -41,7 +41,8 @@ from common.kv.peers import Peers
 from common.kv.transport import TransportError
 from common.settings import PromptSettings
 from engine.attention import Segment
-from prompt_service.engine import Sink, _forget, layer_sink, message_groups, open_links, send_messages
+from prompt_service.engine import (Sink, _forget, layer_sink, layers_per_message, message_groups, open_links,
+                                   send_messages)
 from token_service.pipeline import Pipeline, encode
 from token_service.stage import STAGE_STEP_SECONDS, STAGE_STEPS, Frame, Link, Stage
 
@@ -77,10 +78,7 @@ class PromptStage(Stage):
 
     @property
     def layers_per_message(self) -> int:
-        layers = self.runner.kv.layers
-        if self.settings.kv_streaming == "after_prefill":
-            return layers
-        return self.settings.kv_stream_layers or -(-layers // 5)
+        return layers_per_message(self.settings, self.runner.kv.layers)
 
     async def _frame(self, link: Link, frame: Frame) -> None:
         op = frame.header["op"]
