@@ -10,6 +10,8 @@
 same thread: each thread that calls into torch on CPU gets an OpenMP team of its own, and with
 asyncio.to_thread's pool the steps hopped between threads, whose idle teams spun on the cores the
 working one needed (a 1-sequence decode step took 44 ms in the token service, 34 ms in process).
+The engine thread leads the process's only team: a service calls `teams_on_engine_threads_only`
+before it loads the model (see there why a second team, even an idle one, costs a third).
 With `turns` (a lock file, `dejavu up --cpu-placement turns`), each call on that thread first
 waits for this process's turn on the host's cores (engine/turns.py).
 
@@ -72,9 +74,32 @@ def stage_layers(num_layers: int, stages: int, stage: int) -> range:
     return range(start, start + size + (stage < extra))
 
 
+def teams_on_engine_threads_only(threads: int = 0) -> int:
+    """For an engine process, before it loads its model: from now on the calling thread, and every
+    thread started later, computes with one thread; only ModelRunner's engine thread (its `threads`)
+    leads an OpenMP team. Returns the count to give it: `threads`, or torch's default (the cores) if 0.
+
+    libgomp counts every thread it manages, idle teams' too, and once they outnumber the cores it
+    stops spinning between parallel regions: a team's workers sleep after every op and are woken for
+    the next. A service loaded its model on asyncio.to_thread's thread (a team of 2, idle ever after)
+    and then stepped on the engine thread (a second team of 2), 4 threads on a 2-core host: a
+    1-sequence SmolLM2 step took 54 ms in the token service against 40 in a process of its own, a
+    decode row's oneDNN linear 150-230 us against 50-90 (docs/BENCHMARKS.md §5)."""
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.get_num_threads()  # torch fixes a thread's count at its first call, from the last set_num_threads
+    return threads
+
+
+def _lead_team(threads: int) -> None:
+    torch.set_num_threads(threads)
+    torch.get_num_threads()  # fixed for this thread now, whatever set_num_threads comes later
+
+
 class ModelRunner:
     def __init__(self, model, block_size: int = 16, max_model_len: int = 1 << 20, own_forward: bool = True,
-                 kernels: bool = True, compile: bool = False, turns: str = "", layers: range | None = None):
+                 kernels: bool = True, compile: bool = False, turns: str = "", layers: range | None = None,
+                 threads: int = 0):
         self.kv = KVShape.of(model)  # the whole model's: what KV messages and replicas speak of
         # a pipeline stage (token_service/pipeline.py) holds and computes `layers` only; its pool too
         self.layers = range(self.kv.layers) if layers is None else layers
@@ -101,7 +126,12 @@ class ModelRunner:
                 raise ValueError(f"pipeline stages need a model our forward runs (Llama family): {why}") from None
             log.info("the model runs through its Hugging Face modules (slower): %s", why)
             self.hf = HFForward(model, block_size)
-        self.thread = ThreadPoolExecutor(1, thread_name_prefix="engine")
+        # the engine thread's team: `threads`, or as many as the thread building the runner has
+        caller = torch.get_num_threads()
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="engine", initializer=_lead_team,
+                                         initargs=(threads or caller,))
+        self.thread.submit(int).result()  # its initializer has run
+        torch.set_num_threads(caller)  # which set the count threads started later take: give it back
         self.turns = Turns(turns) if turns else None  # the host's other engines compute in between
         # float32, one sequence: a batch of one is traced with static shapes, and inductor's GEMM
         # for those is MKL's, slower than our prepacked oneDNN one (engine/compiled.py)

@@ -21,7 +21,7 @@ from common.protocol import PROTOCOL, AbortRequest, AbortResult, PrefillRequest,
 from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, RequireSecret, add_health_and_metrics,
                             registered, request_id_var, supervise)
 from common.settings import PromptSettings
-from engine.runner import ModelRunner, stage_layers
+from engine.runner import ModelRunner, stage_layers, teams_on_engine_threads_only
 from prompt_service.engine import PrefillEngine
 from prompt_service.pipeline import PromptPipeline
 from token_service.stage_app import create_stage_app, open_pipeline, stage_fields
@@ -37,11 +37,12 @@ def create_app(settings: PromptSettings) -> FastAPI:
     async def lifespan(app: FastAPI):
         path = resolve_model_path(settings.model, progress=log.info)
         model_id = model_fingerprint(path)  # the gateway routes only to services of this model
-        model = await asyncio.to_thread(load_model, path, settings.threads, settings.dtype)
+        threads = teams_on_engine_threads_only(settings.threads)
+        model = await asyncio.to_thread(load_model, path, 0, settings.dtype)
         # with our CPU kernels, though it never decodes: the causal attention and the fused small ops
         # are most of a prefill's non-GEMM time (docs/BENCHMARKS.md §5)
         runner = ModelRunner(model, settings.block_size, settings.max_model_len, turns=settings.cpu_turns,
-                             layers=stage_layers(model.config.num_hidden_layers, settings.stages, 0))
+                             layers=stage_layers(model.config.num_hidden_layers, settings.stages, 0), threads=threads)
         del model  # the runner keeps what it needs (our forward copies and packs the weights)
         transport = make_transport(settings.kv_transport, settings.cluster_token, settings.host)
         peers = Peers(transport, fault_rate=settings.inject_kv_faults)

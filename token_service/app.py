@@ -31,7 +31,7 @@ from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, Closing
                             add_health_and_metrics, cluster_headers, listen_kv, registered, request_id_var,
                             supervise)
 from common.settings import TokenSettings
-from engine.runner import ModelRunner, stage_layers
+from engine.runner import ModelRunner, stage_layers, teams_on_engine_threads_only
 from token_service.engine import KVMessageError, TokenEngine
 from token_service.stage_app import create_stage_app, open_pipeline, stage_fields
 from token_service.replicator import Replicator
@@ -45,8 +45,9 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
     """Load the model, start the KV listener and the decode loop, register; undo it all on the way out."""
     path = resolve_model_path(settings.model, progress=log.info)
     model_id = model_fingerprint(path)  # the gateway routes only to services of this model
-    model = await asyncio.to_thread(load_model, path, settings.threads, settings.dtype)
-    runner = ModelRunner(model, settings.block_size, settings.max_model_len, compile=settings.compile,
+    threads = teams_on_engine_threads_only(settings.threads)
+    model = await asyncio.to_thread(load_model, path, 0, settings.dtype)
+    runner = ModelRunner(model, settings.block_size, settings.max_model_len, compile=settings.compile, threads=threads,
                          turns=settings.cpu_turns, layers=stage_layers(model.config.num_hidden_layers, settings.stages, 0))
     del model  # the runner keeps what it needs (our forward copies and packs the weights)
     engine = app.state.engine = TokenEngine(runner, settings, app.state.service_id)

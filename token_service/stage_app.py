@@ -23,7 +23,7 @@ from common.protocol import PROTOCOL, ServiceInfo, ServiceKind, cluster_fingerpr
 from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, RequireSecret, add_health_and_metrics,
                             listen_kv, registered, supervise)
 from common.settings import ModelSettings, PromptSettings
-from engine.runner import ModelRunner, stage_layers
+from engine.runner import ModelRunner, stage_layers, teams_on_engine_threads_only
 from token_service.engine import kv_room
 from token_service.pipeline import Pipeline, PipelineError, StageInfo
 from token_service.stage import Stage
@@ -46,9 +46,11 @@ def stage_fields(settings: ModelSettings, runner: ModelRunner) -> dict:
 async def _stage_lifespan(app: FastAPI, settings: ModelSettings):
     path = resolve_model_path(settings.model, progress=log.info)
     model_id = model_fingerprint(path)
-    model = await asyncio.to_thread(load_model, path, settings.threads, settings.dtype)
+    threads = teams_on_engine_threads_only(settings.threads)
+    model = await asyncio.to_thread(load_model, path, 0, settings.dtype)
     layers = stage_layers(model.config.num_hidden_layers, settings.stages, settings.stage)
-    runner = ModelRunner(model, settings.block_size, settings.max_model_len, turns=settings.cpu_turns, layers=layers)
+    runner = ModelRunner(model, settings.block_size, settings.max_model_len, turns=settings.cpu_turns, layers=layers,
+                         threads=threads)
     del model
     transport = make_transport(settings.kv_transport, settings.cluster_token, settings.host)
     num_blocks, device_blocks = kv_room(settings, runner)

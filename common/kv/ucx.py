@@ -141,8 +141,36 @@ def import_ucxx():
     for key, value in UCX_ENV.items():
         os.environ.setdefault(key, value)
     import ucxx
+    from ucxx._lib_async import application_context
 
+    application_context.ThreadMode = _progress_thread_mode()  # ucxx.init() starts it
     return ucxx
+
+
+# the longest the progress thread sleeps without an event: a backstop, not a poll
+EPOLL_TIMEOUT_MS = 100
+
+
+@functools.cache
+def _progress_thread_mode():
+    """ucxx's "thread" progress mode (its default, ours), with a progress thread that sleeps until
+    the worker has an event (EPOLL_TIMEOUT_MS at most) instead of ucxx's fixed 1 ms.
+
+    With 1 ms, each process holding a UCX worker woke ~800 times a second, idle or not; on a small
+    host every wake-up took a core from an engine's OpenMP team, whose other thread then waited at
+    the end of the op (docs/BENCHMARKS.md §5)."""
+    import weakref
+
+    from ucxx._lib_async.continuous_ucx_progress import ProgressTask, _create_context
+
+    class ThreadMode(ProgressTask):
+        def __init__(self, worker, event_loop, polling_mode=False):
+            super().__init__(worker, event_loop)
+            worker.set_progress_thread_start_callback(_create_context)  # on CUDA: the thread's context
+            worker.start_progress_thread(polling_mode=polling_mode, epoll_timeout=EPOLL_TIMEOUT_MS)
+            weakref.finalize(self, worker.stop_progress_thread)
+
+    return ThreadMode
 
 
 def _as_bytes(buf: np.ndarray | memoryview | bytes) -> np.ndarray:

@@ -15,10 +15,11 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # fast-math: vector exp (glibc libmvec); OpenMP: at::parallel_for is inline, without it one thread
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # fast-math: vector exp (glibc libmvec); OpenMP: parallel.h
 
 
 SOURCES = ("paged_attention.cpp", "pointwise.cpp")
+HEADERS = ("parallel.h",)  # not compiled on their own, but a change to one builds anew
 
 
 @functools.cache
@@ -33,7 +34,7 @@ def paged_attention():
 
         sources = [HERE / name for name in SOURCES]
         # the path too: ninja rebuilds a build folder whose source moved, so each checkout keeps its own
-        key = b"".join(s.read_bytes() + str(s).encode() for s in sources) + " ".join(FLAGS).encode() + _cpu_flags().encode()
+        key = b"".join(s.read_bytes() + str(s).encode() for s in sources + [HERE / h for h in HEADERS]) + " ".join(FLAGS).encode() + _cpu_flags().encode()
         tag = hashlib.sha256(key).hexdigest()[:12]
         start = time.monotonic()
         module = load(f"dejavu_paged_attention_{tag}", [str(s) for s in sources], extra_cflags=FLAGS,

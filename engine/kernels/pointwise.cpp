@@ -10,7 +10,7 @@
 //   rope_(x, cos, sin)              -> x = x * cos + rotate_half(x) * sin, in place   (N, heads, D)
 //   silu_and_mul(gate_up)           -> silu(gate) * up, gate_up = [gate | up]          (N, 2I) -> (N, I)
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "parallel.h"
 #include <cmath>
 #include <vector>
 
@@ -26,7 +26,7 @@ int64_t rows_grain(int64_t width) { return std::max<int64_t>(1, GRAIN / std::max
 template <typename T>
 void rms_rows(T* h, const T* delta, const T* w, T* out, int64_t N, int64_t H, int64_t h_row, int64_t d_row,
               float eps) {
-  at::parallel_for(0, N, rows_grain(H), [&](int64_t begin, int64_t end) {
+  dejavu::parallel_for(0, N, rows_grain(H), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T* x = h + i * h_row;
       if (delta != nullptr) {
@@ -52,7 +52,7 @@ void rms_rows(T* h, const T* delta, const T* w, T* out, int64_t N, int64_t H, in
 template <typename T>
 void rope_rows(T* x, const T* cos, const T* sin, int64_t N, int64_t heads, int64_t D, int64_t x_row) {
   const int64_t half = D / 2;
-  at::parallel_for(0, N, rows_grain(heads * D), [&](int64_t begin, int64_t end) {
+  dejavu::parallel_for(0, N, rows_grain(heads * D), [&](int64_t begin, int64_t end) {
     std::vector<float> in(D);
     for (int64_t i = begin; i < end; ++i) {
       const T* c = cos + i * D;
@@ -74,7 +74,7 @@ void rope_rows(T* x, const T* cos, const T* sin, int64_t N, int64_t heads, int64
 
 template <typename T>
 void silu_mul_rows(const T* gu, T* out, int64_t N, int64_t I) {
-  at::parallel_for(0, N, rows_grain(2 * I), [&](int64_t begin, int64_t end) {
+  dejavu::parallel_for(0, N, rows_grain(2 * I), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const T* g = gu + i * 2 * I;
       const T* u = g + I;
