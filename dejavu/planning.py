@@ -148,6 +148,7 @@ def run(args, parser: argparse.ArgumentParser) -> int:
 
 def _profile(args, parser) -> int:
     from bench import profile as measure
+    from bench.serving_overhead import ServingError
     from common.model import ModelNotFound
 
     measure.check(args, parser)
@@ -155,7 +156,7 @@ def _profile(args, parser) -> int:
         return measure.write(args)
     except (ModelNotFound, ValueError) as exc:
         parser.error(str(exc))
-    except measure.ServingError as exc:
+    except ServingError as exc:
         print(f"dejavu profile: {exc} (--no-serving skips the serving overhead)", file=sys.stderr)
         return 1
 

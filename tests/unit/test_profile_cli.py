@@ -9,6 +9,7 @@ import argparse
 import pytest
 
 from bench import profile as measure
+from bench import serving_overhead as serving
 from dejavu.cli import main
 from planner.profile import Profile
 
@@ -59,11 +60,11 @@ def test_steady_step_skips_the_prefills_of_a_burst():
     """Two streams, 10 ms a step when alone, 25 ms a step once both decode: the second's first token
     comes at 0.05 s (its prefill delayed the first's steps); only the window [0.05, 0.15] counts,
     where both decode: 4 gaps each of 25 ms, the first at KV 100 + 2..5, the second at 50 + 0..3."""
-    first = measure.Stream([0.0, 0.01, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175], prompt_tokens=100)
-    second = measure.Stream([0.05, 0.075, 0.1, 0.125, 0.15], prompt_tokens=50)
-    step, kv = measure.steady_step([first, second])
+    first = serving.Stream([0.0, 0.01, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175], prompt_tokens=100)
+    second = serving.Stream([0.05, 0.075, 0.1, 0.125, 0.15], prompt_tokens=50)
+    step, kv = serving.steady_step([first, second])
     assert step == pytest.approx(0.025)
     assert kv == pytest.approx((sum(100 + k for k in range(2, 6)) + sum(50 + k for k in range(4))) / 8)
-    assert measure.steady_step([first]) == (pytest.approx(0.175 / 7), pytest.approx(100 + 3))
-    with pytest.raises(measure.ServingError, match="too short"):
-        measure.steady_step([measure.Stream([0.0, 0.01], 10), measure.Stream([0.02, 0.03], 10)])
+    assert serving.steady_step([first]) == (pytest.approx(0.175 / 7), pytest.approx(100 + 3))
+    with pytest.raises(serving.ServingError, match="too short"):
+        serving.steady_step([serving.Stream([0.0, 0.01], 10), serving.Stream([0.02, 0.03], 10)])
