@@ -1,16 +1,18 @@
 """KV microbenchmark: how close each KV transport gets to a memcpy, and what buffered copies save
 over one small copy per layer, K/V and token.
 
-    python -m bench.kv [--sizes-mib 1,16,256] [--transports ucx-tcp,ucx-shm,tcp] [--repeats 3]
+    python -m bench.kv [--sizes-mib 1,16,256] [--transports ucx+ring,ucx-tcp,ucx-shm,tcp+ring,tcp] [--repeats 3]
                        [--tokens 500] [--ucx-env KEY=VALUE ...] [--quick] [--out FILE.json]
 
 What one run does, step by step:
 
 1. start one receiver process per transport (`python -m bench.kv --serve NAME`, which prints its
-   address) and connect to it, once for the run: ucx-tcp is our UcxTransport as the services use
-   it; ucx-shm (bench only) ucxx endpoints from worker addresses swapped over the receiver's
-   stdin/stdout, error handling off, the receiver on UCX_TLS=SHM_TLS; tcp our TcpTransport;
-2. warm up with one message of each size on each connection;
+   address) and connect to it, once for the run: ucx+ring is make_transport("ucx") as the services
+   run it (payloads of 64 KiB or more through a shared-memory ring on one host, common/kv/shm.py),
+   ucx-tcp the same with rings off (UCX over loopback TCP); tcp+ring and tcp our TcpTransport
+   likewise; ucx-shm (bench only) ucxx endpoints from worker addresses swapped over the receiver's
+   stdin/stdout, error handling off, the receiver on UCX_TLS=SHM_TLS;
+2. warm up with one message of each size on each connection (a ring is offered and mapped then);
 3. for each repeat, size and configuration in turn (memcpy, then the transports): send messages one
    at a time, each received into a preallocated buffer by the Connection.recv allocator (as a token
    service receives KV) and acknowledged by a small frame, for >= 0.3 s and >= 3 messages (2 from
@@ -19,10 +21,12 @@ What one run does, step by step:
 5. copy SmolLM2-135M's KV of --tokens tokens out of and into row 3 of a pool laid out like the
    token service's: buffered (`common.kv.copy.gather`/`scatter`, one strided copy) against naive
    (one copy per layer, K/V and token: the DejaVu paper's baseline), alternating, --repeats times;
-6. the per-hop cost (issue #11): on each connection, a frame of a 64-byte header and no payload
+6. streamed, on each connection: 8 messages of 16 MiB (or the smallest size) with at most 2 not yet
+   acknowledged, as a prefill's layers go out: the receiver's copy of one overlaps the sender's next;
+7. the per-hop cost (issue #11): on each connection, a frame of a 64-byte header and no payload
    sent and answered by the receiver's acknowledgement, back to back for >= 0.3 s, each repeat:
    the round trip a pipeline stage's small activation message would pay, in ms;
-7. print median [min-max] over repeats, fractions of memcpy, speedups, the targets; write the JSON
+8. print median [min-max] over repeats, fractions of memcpy, speedups, the targets; write the JSON
    and the plots. GB = 1e9 bytes. Nothing is asserted: this measures, it does not test.
 """
 
@@ -44,13 +48,14 @@ from bench.kv_peer import SHM_TLS, TRANSPORT_OF, open_shm, serve
 from common.kv import make_transport
 
 MIB = 1 << 20
-TRANSPORTS = ("ucx-tcp", "ucx-shm", "tcp")
-DEFAULT_TRANSPORT = "ucx-tcp"  # the product's
+TRANSPORTS = ("ucx+ring", "ucx-tcp", "ucx-shm", "tcp+ring", "tcp")
+DEFAULT_TRANSPORT = "ucx+ring"  # the product's, on one host
 MIN_SECONDS = 0.3  # per measurement
 STALL_S = 120.0  # a measurement taking longer has hung (ucx-shm has no error handling)
 BLOCK, POOL_BLOCKS, MAX_LEN = 16, 256, 2048  # the pool: 256 blocks of 16 tokens (189 MB of SmolLM2 fp32 KV)
 TARGET_FRACTION, TARGET_SPEEDUP = 0.7, 50.0
 TARGET_RTT_MS = 0.5  # issue #11: a small frame's round trip
+STREAM_MIB, STREAM_MESSAGES, STREAM_WINDOW = 16, 8, 2  # the streamed figure: 8 x 16 MiB, 2 in flight
 SMALL_HEADER = b"h" * 64  # a small frame: about what a KV or activation header takes
 
 
@@ -93,7 +98,7 @@ async def open_link(name: str, args, stack: contextlib.AsyncExitStack):
             return await read_line(proc)
 
         return await open_shm(stack, exchange)
-    transport = make_transport(TRANSPORT_OF[name])
+    transport = make_transport(TRANSPORT_OF[name][0], ring_bytes=TRANSPORT_OF[name][1])
     stack.push_async_callback(transport.close)
     return await transport.connect(await read_line(proc))
 
@@ -141,10 +146,31 @@ async def measure_transports(args) -> list[dict]:
                                  **await asyncio.wait_for(rate(step, size * MIB), STALL_S)})
                     log(f"repeat {r}/{args.repeats} {size:>4} MiB {name:<8} {rows[-1]['gbps']:6.2f} GB/s")
             for name, conn in links.items():
+                size = STREAM_MIB if STREAM_MIB in args.sizes else min(args.sizes)
+                rows.append({"repeat": r, "config": name, "size_mib": size, "streamed": True,
+                             **await asyncio.wait_for(rate(streamed(conn, src[:size * MIB]), STREAM_MESSAGES * size * MIB),
+                                                      STALL_S)})
+                log(f"repeat {r}/{args.repeats} {size:>4} MiB {name:<8} {rows[-1]['gbps']:6.2f} GB/s streamed")
+            for name, conn in links.items():
                 rows.append({"repeat": r, "config": name, "size_mib": 0,
                              **await asyncio.wait_for(round_trips(conn), STALL_S)})
                 log(f"repeat {r}/{args.repeats} small frame {name:<8} {rows[-1]['rtt_ms']:6.3f} ms a round trip")
     return rows
+
+
+def streamed(conn, src: np.ndarray):
+    """STREAM_MESSAGES messages, up to STREAM_WINDOW of them not yet acknowledged, as a prefill's
+    layers stream: the receiver's copy of one overlaps the sender's of the next."""
+    async def step() -> None:
+        acked = 0
+        for i in range(STREAM_MESSAGES):
+            if i - acked >= STREAM_WINDOW:
+                await conn.recv()
+                acked += 1
+            await conn.send(b"kv", src)
+        for _ in range(STREAM_MESSAGES - acked):
+            await conn.recv()
+    return step
 
 
 async def round_trips(conn) -> dict:
@@ -161,6 +187,19 @@ async def round_trips(conn) -> dict:
 def rtt_table(rows: list[dict], args) -> list[dict]:
     return [{"config": c, "rtt_ms": spread([r["rtt_ms"] for r in rows if r["config"] == c and "rtt_ms" in r])}
             for c in args.transports]
+
+
+def stream_table(rows: list[dict], args) -> list[dict]:
+    memcpy = {r["size_mib"]: r["gbps"] for r in transport_table([r for r in rows if r["size_mib"] and not r.get("streamed")], args)
+              if r["config"] == "memcpy"}
+    table = []
+    for c in args.transports:
+        got = [r for r in rows if r.get("streamed") and r["config"] == c]
+        if got:
+            s = spread([r["gbps"] for r in got])
+            table.append({"config": c, "size_mib": got[0]["size_mib"], "gbps": s,
+                          "fraction_of_memcpy": s["median"] / memcpy[got[0]["size_mib"]]["median"]})
+    return table
 
 
 def transport_table(rows: list[dict], args) -> list[dict]:
@@ -249,12 +288,17 @@ def copy_table(rows: list[dict]) -> dict:
 
 # --- the report ----------------------------------------------------------------------------------
 
+def key(config: str) -> str:
+    """A configuration's name in the summary's keys: ucx+ring -> ucx_ring."""
+    return config.replace("-", "_").replace("+", "_")
+
+
 def summarize(transports: list[dict], copies: dict, rtts: list[dict]) -> dict:
     fraction = {(t["config"], t["size_mib"]): t["fraction_of_memcpy"] for t in transports if t["config"] != "memcpy"}
     s = {"default_transport": DEFAULT_TRANSPORT}
-    s.update({f"small_frame_rtt_ms_{r['config'].replace('-', '_')}": r["rtt_ms"]["median"] for r in rtts})
+    s.update({f"small_frame_rtt_ms_{key(r['config'])}": r["rtt_ms"]["median"] for r in rtts})
     s.update({f"transport_fraction_of_memcpy_{n}mib": fraction.get((DEFAULT_TRANSPORT, n)) for n in (16, 256)})
-    s.update({f"fraction_of_memcpy_{c.replace('-', '_')}_{n}mib": f for (c, n), f in fraction.items()})
+    s.update({f"fraction_of_memcpy_{key(c)}_{n}mib": f for (c, n), f in fraction.items()})
     sp = copies["speedup"]
     s.update(buffered_speedup=sp["both"], buffered_speedup_gather=sp["gather"], buffered_speedup_scatter=sp["scatter"])
     for n in (16, 256):
@@ -315,7 +359,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds of every configuration")
     p.add_argument("--tokens", type=int, default=500, help=f"tokens of the request whose KV is copied (<= {MAX_LEN}; its blocks are scattered over the pool)")
     p.add_argument("--ucx-env", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra UCX setting for both ends of ucx-tcp and ucx-shm (repeatable)")
+                   help="extra UCX setting for both ends of the ucx transports (repeatable)")
     p.add_argument("--quick", action="store_true", help="smoke run: sizes 1,16 MiB, 1 repeat")
     p.add_argument("--out", default="", help="write the figures to this JSON file (plots beside it)")
     p.add_argument("--serve", choices=TRANSPORTS, help=argparse.SUPPRESS)  # a receiver process
@@ -346,15 +390,21 @@ def main(argv: list[str] | None = None) -> None:
     kv = smollm2_kv()
     copy_rows = measure_copies(args, kv)
     rtts = rtt_table(transfer_rows, args)
-    transfer_rows_sized = [r for r in transfer_rows if r["size_mib"]]
+    transfer_rows_sized = [r for r in transfer_rows if r["size_mib"] and not r.get("streamed")]
+    streams = stream_table(transfer_rows, args)
     transports, copies = transport_table(transfer_rows_sized, args), copy_table(copy_rows)
     summary = summarize(transports, copies, rtts)
+    summary.update({f"streamed_fraction_of_memcpy_{key(t['config'])}": t["fraction_of_memcpy"] for t in streams})
     print_report(transports, copies, summary, kv, args, rtts)
+    print(f"\nStreamed: {STREAM_MESSAGES} messages, at most {STREAM_WINDOW} not yet acknowledged (as a prefill's layers "
+          f"go), GB/s median [min-max] (fraction of memcpy at the same size)")
+    for t in streams:
+        print(f"  {t['config']:<8}  {t['size_mib']:>4} MiB  {fmt(t['gbps'], 2):>24}  ({t['fraction_of_memcpy']:.2f})")
     config = {**{k: v for k, v in vars(args).items() if k not in ("out", "serve", "sizes_mib")},
               "kv_shape": {**vars(kv), "dtype": str(kv.dtype)}, "pool": {"blocks": POOL_BLOCKS, "block_size": BLOCK},
               "shm_tls": SHM_TLS, "min_seconds": MIN_SECONDS,
               "ucx_env_sender": {k: v for k, v in sorted(os.environ.items()) if k.startswith("UCX")}}
-    write_json(args.out, summary, config=config, transports=transports, copies=copies, small_frames=rtts,
+    write_json(args.out, summary, config=config, transports=transports, copies=copies, small_frames=rtts, streamed=streams,
                raw={"transports": transfer_rows, "copies": copy_rows})
     plot(transports, args)
 

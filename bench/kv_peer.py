@@ -16,8 +16,12 @@ import sys
 import numpy as np
 
 from common.kv import make_transport
+from common.kv.shm import DEFAULT_RING_BYTES
 
-TRANSPORT_OF = {"ucx-tcp": "ucx", "tcp": "tcp"}  # their make_transport names
+# make_transport's arguments: "+ring" as the services run (payloads of 64 KiB or more through a
+# shared-memory ring on one host, common/kv/shm.py), the others with rings off (all over the link)
+TRANSPORT_OF = {"ucx+ring": ("ucx", DEFAULT_RING_BYTES), "ucx-tcp": ("ucx", 0),
+                "tcp+ring": ("tcp", DEFAULT_RING_BYTES), "tcp": ("tcp", 0)}
 SHM_TLS = "sm,self"  # the ucx-shm receiver's UCX_TLS (sysv eager, cma rendezvous); --ucx-env UCX_TLS wins
 SHM_TAG = 0x6B765F73686D  # worker-address endpoints agree no tags: both directions use this one
 
@@ -40,7 +44,7 @@ async def serve(name: str, nbytes: int) -> None:
             # No local name for the task: its frames would pin the UCX context at reset.
             stack.push_async_callback(cancel, asyncio.create_task(receive(conn, buf)))
         else:
-            transport = make_transport(TRANSPORT_OF[name])
+            transport = make_transport(TRANSPORT_OF[name][0], ring_bytes=TRANSPORT_OF[name][1])
             stack.push_async_callback(transport.close)
             print(await transport.listen(functools.partial(receive, buf=buf), "127.0.0.1"), flush=True)
         stop, loop = asyncio.Event(), asyncio.get_running_loop()

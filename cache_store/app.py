@@ -18,7 +18,7 @@ from fastapi import FastAPI
 
 from cache_store.store import Refused, ReplicaStore
 from common.errors import NotFound, install_error_handlers
-from common.kv import make_transport
+from common.kv import transport_for
 from common.kv.receiver import kv_server
 from common.protocol import AbortResult, DropRequest, ServiceKind
 from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, RequireSecret, add_health_and_metrics,
@@ -46,7 +46,7 @@ def create_app(settings: CacheStoreSettings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        transport = make_transport(settings.kv_transport, settings.cluster_token, settings.host)
+        transport = transport_for(settings)
         handler = kv_server(store.put, (Refused,), request_id_var,  # fetch -> (raw array, dtype name)
                             fetch=lambda h: store.fetch(h.request_id, h.epoch, h.token_end),
                             max_payload=MAX_MESSAGE_BYTES)

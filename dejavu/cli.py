@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--cache-stores", type=int, default=1, help="KV replica stores")
     up.add_argument("--redis-url", default=None, help="use this Redis instead of starting an embedded one")
     up.add_argument("--kv-transport", choices=("ucx", "tcp"), default="ucx", help="KV transport")
+    up.add_argument("--kv-shm-mib", type=int, default=32,
+                    help="shared-memory ring (MiB) each way of a KV link between two of its services: payloads of "
+                    "64 KiB or more skip the loopback (x86-64; 0: every byte over the transport)")
     up.add_argument("--max-model-len", type=int, default=2048, help="longest sequence served (tokens)")
     up.add_argument("--max-seqs", type=int, default=16, help="sequences decoding at once per token service")
     up.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
@@ -147,6 +150,8 @@ def cmd_up(args, parser) -> int:
         parser.error("without --swap, --kv-device-bytes sizes the KV pool: give it or --kv-blocks, not both")
     if args.max_queued_requests < 0:
         parser.error("--max-queued-requests must be >= 0 (0: a 429 as soon as every token service is full)")
+    if not 0 <= args.kv_shm_mib <= 1024:
+        parser.error("--kv-shm-mib must be in 0..1024")
     try:
         resolve_model_path(args.model)  # convert the bundled model once, with progress, before the services start
     except ModelNotFound as exc:
@@ -154,7 +159,7 @@ def cmd_up(args, parser) -> int:
     from dejavu.cluster import Cluster, ClusterError
     from dejavu.redis_server import RedisNotInstalled
 
-    env = {"DEJAVU_KV_TRANSPORT": args.kv_transport, "DEJAVU_MAX_MODEL_LEN": str(args.max_model_len),
+    env = {"DEJAVU_KV_TRANSPORT": args.kv_transport, "DEJAVU_KV_SHM_MIB": str(args.kv_shm_mib), "DEJAVU_MAX_MODEL_LEN": str(args.max_model_len),
            "DEJAVU_MAX_SEQS": str(args.max_seqs), "DEJAVU_COLOCATED": str(args.colocated).lower(),
            "DEJAVU_DTYPE": args.dtype, "DEJAVU_BLOCK_SIZE": str(args.block_size), "DEJAVU_KV_BLOCKS": str(args.kv_blocks),
            "DEJAVU_COMPILE": str(args.compile).lower(), "DEJAVU_MAX_QUEUED_REQUESTS": str(args.max_queued_requests),

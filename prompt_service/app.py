@@ -14,7 +14,7 @@ import logging
 from fastapi import FastAPI
 
 from common.errors import install_error_handlers
-from common.kv import make_transport
+from common.kv import transport_for
 from common.kv.peers import Peers
 from common.model import load_model, model_fingerprint, resolve_model_path
 from common.protocol import PROTOCOL, AbortRequest, AbortResult, PrefillRequest, PrefillResult, ServiceKind
@@ -44,7 +44,7 @@ def create_app(settings: PromptSettings) -> FastAPI:
         runner = ModelRunner(model, settings.block_size, settings.max_model_len, turns=settings.cpu_turns,
                              layers=stage_layers(model.config.num_hidden_layers, settings.stages, 0), threads=threads)
         del model  # the runner keeps what it needs (our forward copies and packs the weights)
-        transport = make_transport(settings.kv_transport, settings.cluster_token, settings.host)
+        transport = transport_for(settings)
         peers = Peers(transport, fault_rate=settings.inject_kv_faults)
         engine = app.state.engine = PrefillEngine(runner, settings, peers)
         tasks: list[asyncio.Task] = []

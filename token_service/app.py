@@ -19,7 +19,7 @@ import httpx
 from fastapi import FastAPI
 
 from common.errors import install_error_handlers
-from common.kv import make_transport
+from common.kv import transport_for
 from common.kv.peers import Peers
 from common.kv.receiver import kv_server
 from common.metadata import RecentServices, Registry, RequestStore
@@ -51,7 +51,7 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
                          turns=settings.cpu_turns, layers=stage_layers(model.config.num_hidden_layers, settings.stages, 0))
     del model  # the runner keeps what it needs (our forward copies and packs the weights)
     engine = app.state.engine = TokenEngine(runner, settings, app.state.service_id)
-    transport = engine.transport = make_transport(settings.kv_transport, settings.cluster_token, settings.host)
+    transport = engine.transport = transport_for(settings)
     kv_address = engine.kv_address = await listen_kv(
         transport, kv_server(engine.receive_kv, (KVMessageError,), request_id_var,  # nothing over one whole sequence
                              max_payload=runner.kv.bytes_per_token * settings.max_model_len), settings)

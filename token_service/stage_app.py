@@ -15,7 +15,7 @@ import time
 from fastapi import FastAPI
 
 from common.errors import Unavailable, install_error_handlers
-from common.kv import make_transport
+from common.kv import transport_for
 from common.kv.transport import Transport, TransportError
 from common.metadata import Registry, connect
 from common.model import load_model, model_fingerprint, resolve_model_path
@@ -52,7 +52,7 @@ async def _stage_lifespan(app: FastAPI, settings: ModelSettings):
     runner = ModelRunner(model, settings.block_size, settings.max_model_len, turns=settings.cpu_turns, layers=layers,
                          threads=threads)
     del model
-    transport = make_transport(settings.kv_transport, settings.cluster_token, settings.host)
+    transport = transport_for(settings)
     num_blocks, device_blocks = kv_room(settings, runner)
     if isinstance(settings, PromptSettings):
         from prompt_service.pipeline import PromptStage

@@ -13,6 +13,7 @@ import os
 import socket
 import struct
 
+from common.kv.shm import DEFAULT_RING_BYTES, MIN_BYTES, same_host
 from common.kv.transport import Connection, Transport, TransportError
 from common.kv.wire import Header, WireError, send_ack, send_error, send_fetch, stream_in, stream_out
 from common.settings import is_loopback
@@ -27,6 +28,7 @@ __all__ = [
     "TransportError",
     "WireError",
     "make_transport",
+    "transport_for",
     "send_ack",
     "send_error",
     "send_fetch",
@@ -35,9 +37,18 @@ __all__ = [
 ]
 
 
-def make_transport(name: str, token: str = "", host: str = "") -> Transport:
+def transport_for(settings) -> Transport:
+    """A service's transport, as its settings say (kv_transport, cluster_token, host, kv_shm_*)."""
+    return make_transport(settings.kv_transport, settings.cluster_token, settings.host,
+                          settings.kv_shm_mib << 20, settings.kv_shm_min_kib << 10)
+
+
+def make_transport(name: str, token: str = "", host: str = "", ring_bytes: int = DEFAULT_RING_BYTES,
+                   ring_min_bytes: int = MIN_BYTES) -> Transport:
     """A new, idle transport by name: "ucx" or "tcp", with the cluster token's handshake on every
-    connection when `token` is given (common/kv/auth.py). Call inside the process that uses it.
+    connection when `token` is given (common/kv/auth.py), and payloads of `ring_min_bytes` or more
+    through a shared-memory ring of `ring_bytes` each way when both ends are on one host
+    (common/kv/shm.py; 0: never). Call inside the process that uses it.
 
     `host`: the interface the service was told to use. UCX's own TCP transport otherwise opens its
     sockets on every network device: it is kept to the device that has `host`'s address
@@ -52,11 +63,11 @@ def make_transport(name: str, token: str = "", host: str = "") -> Transport:
             os.environ.setdefault("UCX_NET_DEVICES", device)
         from common.kv.ucx import UcxTransport  # imports ucxx: only when asked for
 
-        return authenticated(UcxTransport(token), token)
+        return same_host(authenticated(UcxTransport(token), token), ring_bytes, ring_min_bytes)
     if name == "tcp":
         from common.kv.tcp import TcpTransport
 
-        return authenticated(TcpTransport(), token)
+        return same_host(authenticated(TcpTransport(), token), ring_bytes, ring_min_bytes)
     raise ValueError(f"unknown KV transport {name!r}: choose one of {', '.join(TRANSPORTS)}")
 
 

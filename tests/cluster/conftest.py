@@ -9,8 +9,10 @@ import pytest
 
 from dejavu.cluster import Cluster
 
+# Every KV payload through the shared-memory rings (common/kv/shm.py): the tiny model's are smaller
+# than the 64 KiB from which the services use them by default. test_transport covers rings off.
 CLUSTER_ENV = {"DEJAVU_MAX_SEQS": "8", "DEJAVU_MAX_MODEL_LEN": "1024", "DEJAVU_THREADS": "1",
-               "DEJAVU_LOG_LEVEL": "info"}
+               "DEJAVU_LOG_LEVEL": "info", "DEJAVU_KV_SHM_MIN_KIB": "0"}
 
 
 @pytest.fixture(scope="module", params=["tcp", "ucx"])

@@ -17,7 +17,7 @@ from tests.cluster.conftest import CLUSTER_ENV
 PLAN = Plan(streams=36, max_tokens=96, token_kills=3, store_kills=1, prompt_kills=1, redis_restarts=1, seed=3)
 
 
-@pytest.mark.parametrize("transport", ["tcp", "ucx"])
+@pytest.mark.parametrize("transport", [pytest.param("tcp", marks=pytest.mark.full), "ucx"])  # tcp: the full run only
 def test_every_request_survives_the_chaos(tiny_model_path, transport):
     with cluster_for(str(tiny_model_path), transport, {**CLUSTER_ENV, "DEJAVU_MAX_SEQS": "16"}) as cluster:
         report = asyncio.run(run(cluster, PLAN, transport))

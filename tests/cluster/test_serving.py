@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 
+from common.kv import shm
 from tests.cluster.conftest import metric
 
 PROMPTS = [
@@ -56,6 +57,12 @@ def test_greedy_equals_hf_generate(tiny_cluster, tiny_oracle):
         assert got["choices"][0]["text"] == want_text, f"prompt {i} over {tiny_cluster.transport}"
         assert got["usage"]["completion_tokens"] == want_n
         assert got["usage"]["prompt_tokens"] == len(tok(prompt)["input_ids"])
+    if not shm.SUPPORTED:
+        return
+    # the prompt's KV and the replicas crossed in shared memory: all of these processes are on one host
+    assert metric(tiny_cluster.of("prompt")[0].url, "dejavu_kv_ring_sent_bytes_total") > 0
+    assert metric(tiny_cluster.of("token")[0].url, "dejavu_kv_ring_received_bytes_total") > 0
+    assert metric(tiny_cluster.of("cache_store")[0].url, "dejavu_kv_ring_received_bytes_total") > 0
 
 
 def test_concurrent_streams_of_different_lengths_equal_hf(tiny_cluster, tiny_oracle):

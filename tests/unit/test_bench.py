@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from bench.common import percentile, spread
 
 
@@ -19,14 +21,14 @@ def test_percentile_and_spread():
 
 def test_dejavu_bench_kv_writes_its_summary_and_plot(tmp_path):
     out = tmp_path / "kv.json"
-    run = subprocess.run([sys.executable, "-m", "dejavu", "bench", "kv", "--transports", "tcp,ucx-shm", "--sizes-mib", "1",
+    run = subprocess.run([sys.executable, "-m", "dejavu", "bench", "kv", "--transports", "tcp+ring,ucx-shm", "--sizes-mib", "1",
                           "--repeats", "1", "--tokens", "16", "--out", str(out)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(out.read_text())["summary"]
-    assert summary["default_transport"] == "ucx-tcp"
-    assert summary["fraction_of_memcpy_tcp_1mib"] > 0 and summary["buffered_speedup"] > 0
-    assert summary["small_frame_rtt_ms_tcp"] > 0 and summary["small_frame_rtt_ms_ucx_shm"] > 0
+    assert summary["default_transport"] == "ucx+ring"
+    assert summary["fraction_of_memcpy_tcp_ring_1mib"] > 0 and summary["buffered_speedup"] > 0
+    assert summary["small_frame_rtt_ms_tcp_ring"] > 0 and summary["small_frame_rtt_ms_ucx_shm"] > 0
     assert "ms a round trip" in run.stdout
     assert (tmp_path / "kv-throughput.png").stat().st_size > 0
     assert "naive/buffered" in run.stdout
@@ -39,6 +41,7 @@ def test_dejavu_bench_lists_the_benchmarks():
         assert f"{name}:" in run.stdout
 
 
+@pytest.mark.full  # ~25 s: the scripts end to end; tests/cluster/test_pipeline.py covers what they drive
 def test_dejavu_bench_pipeline_runs_its_layouts(tmp_path, tiny_model_path):
     out = tmp_path / "pipeline.json"
     run = subprocess.run([sys.executable, "-m", "dejavu", "bench", "pipeline", "--model", str(tiny_model_path),
@@ -51,6 +54,7 @@ def test_dejavu_bench_pipeline_runs_its_layouts(tmp_path, tiny_model_path):
     assert len(summary["stage_busy_2_stage"]) == 2  # the head and stage 1
 
 
+@pytest.mark.full  # ~25 s: the scripts end to end; tests/cluster/test_pipeline.py covers what they drive
 def test_dejavu_bench_swap_runs_both_layouts(tmp_path, tiny_model_path):
     """With swapping, more sequences run at once than the device budget holds without it."""
     out = tmp_path / "swap.json"

@@ -242,6 +242,7 @@ async def send_claim(kind: str, conn, header_len: int, payload_len: int, header:
     under the transport, through the connection's own socket (TCP) or tagged endpoint (UCX)."""
     prefix = FRAME_PREFIX.pack(header_len, payload_len)
     opening = prefix + header if header_len <= MAX_HEADER_LEN else prefix
+    conn = conn.inner  # under the shared-memory layer too (common/kv/shm.py)
     if kind == "tcp":
         await asyncio.get_running_loop().sock_sendall(conn._sock, opening)
     else:  # UCX: the prefix and the header are one tagged message, the frame's head

@@ -20,6 +20,8 @@ def test_flag_beats_env_beats_default():
     (["--stages", "0"], {}, "--stages / DEJAVU_STAGES = 0: must be in 1..64"),
     (["--stages", "2", "--pipeline", "a b"], {}, "--pipeline / DEJAVU_PIPELINE = 'a b': must be letters"),
     (["--microbatches", "-1"], {}, "--microbatches / DEJAVU_MICROBATCHES"),
+    (["--kv-shm-mib", "2048"], {}, "--kv-shm-mib / DEJAVU_KV_SHM_MIB = 2048: must be in 0..1024"),
+    ([], {"DEJAVU_KV_SHM_MIN_KIB": "-1"}, "--kv-shm-min-kib / DEJAVU_KV_SHM_MIN_KIB = -1: must be in 0..1048576"),
 ])
 def test_bad_settings_name_the_flag_and_variable(argv, env, needle):
     with pytest.raises(SettingsError) as err:

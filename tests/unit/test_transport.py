@@ -1,4 +1,6 @@
-"""Transport contract tests, run identically against every implementation (UCX and TCP).
+"""Transport contract tests, run identically against every implementation (UCX and TCP), each with
+its shared-memory rings off ("ucx", "tcp") and on and in use ("ucx+ring", "tcp+ring": connections
+are warmed up until large payloads go through a ring each way; common/kv/shm.py).
 
 Also a script: `python tests/unit/test_transport.py NAME` serves an "inverting echo" on
 127.0.0.1 (each frame comes back with its payload bit-inverted) and prints `LISTENING addr`.
@@ -22,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # also when run as a script by the two-process test
 
 from common.kv import TRANSPORTS, Connection, TransportError, make_transport  # noqa: E402
+from common.kv.shm import MIN_BYTES, SUPPORTED  # noqa: E402
 from common.kv.transport import MAX_HEADER_LEN  # noqa: E402
 
 MiB = 1 << 20
@@ -51,15 +54,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(params=TRANSPORTS)
+@pytest.fixture(params=[*TRANSPORTS, *(f"{t}+ring" for t in TRANSPORTS if SUPPORTED)])
 def name(request) -> str:
     return request.param
+
+
+def transport_of(name: str):
+    """make_transport's, with rings in use ("+ring") or off."""
+    base, _, ring = name.partition("+")
+    transport = make_transport(base) if ring else make_transport(base, ring_bytes=0)
+    transport.warm = bool(ring)  # connect_to warms its connections up
+    return transport
 
 
 @pytest_asyncio.fixture
 async def pair(name):
     """(server transport, client transport), closed after the test."""
-    server, client = make_transport(name), make_transport(name)
+    server, client = transport_of(name), transport_of(name)
     try:
         yield server, client
     finally:
@@ -70,7 +81,21 @@ async def pair(name):
 async def connect_to(pair, handler=echo) -> Connection:
     server, client = pair
     address = await server.listen(handler, "127.0.0.1")
-    return await asyncio.wait_for(client.connect(address), BOUND_S)
+    conn = await asyncio.wait_for(client.connect(address), BOUND_S)
+    if getattr(client, "warm", False) and handler in (echo, inverting_echo):
+        await warm_up(conn)
+    return conn
+
+
+async def warm_up(conn: Connection) -> None:
+    """Large frames back and forth until both ends have mapped each other's ring (each side offers
+    at its second large payload, and reads the answer in a later recv)."""
+    for _ in range(8):
+        await asyncio.wait_for(conn.send(b"warm", np.zeros(MIN_BYTES, dtype=np.uint8)), BOUND_S)
+        await asyncio.wait_for(conn.recv(), BOUND_S)
+        if conn.ring_out and conn.ring_frames["received"]:
+            return
+    raise AssertionError("the rings did not come up")
 
 
 @pytest.mark.asyncio
@@ -108,9 +133,9 @@ async def test_ucx_a_head_too_long_ends_the_link_and_a_short_one_replays_nothing
     """What only a broken peer sends, under Connection.send: a first message past 64 KiB fails the
     receiver's recv and ends the link; one shorter than its prefix claims reads as zeros past
     what it carried, never as the previous frame (ucxx does not say how long a message was)."""
-    from common.kv.ucx import HEAD_BYTES
+    from common.kv.ucx import HEAD_BYTES, UcxTransport
 
-    server, client = make_transport("ucx"), make_transport("ucx")
+    server, client = UcxTransport(), UcxTransport()  # bare: no shared-memory layer (common/kv/shm.py) on top
     try:
         conn = await connect_to((server, client))
         await asyncio.wait_for(conn.send(b"first", random_bytes(1000)), BOUND_S)
@@ -265,11 +290,14 @@ async def test_two_processes_exchange_then_peer_dies(pair, name):
     try:
         address = await asyncio.wait_for(read_address(child), 60)
         conn = await asyncio.wait_for(client.connect(address), BOUND_S)
-        payload = random_bytes(16 * MiB, seed=1)
-        await asyncio.wait_for(conn.send(b"big", payload), BOUND_S)
-        header, back = await asyncio.wait_for(conn.recv(), BOUND_S)
-        assert header == b"big"
-        np.testing.assert_array_equal(back, np.bitwise_not(payload))
+        for seed in range(1, 7):  # with rings: each side offers at its second, and uses its ring from its fourth
+            payload = random_bytes(16 * MiB, seed=seed)
+            await asyncio.wait_for(conn.send(b"big", payload), BOUND_S)
+            header, back = await asyncio.wait_for(conn.recv(), BOUND_S)
+            assert header == b"big"
+            np.testing.assert_array_equal(back, np.bitwise_not(payload))
+        if client.warm:
+            assert conn.ring_frames["sent"] >= 1 and conn.ring_frames["received"] >= 1, conn.ring_frames
 
         os.kill(child.pid, signal.SIGKILL)
         await asyncio.wait_for(child.wait(), BOUND_S)
@@ -277,6 +305,9 @@ async def test_two_processes_exchange_then_peer_dies(pair, name):
             await asyncio.wait_for(conn.recv(), BOUND_S)
         with pytest.raises(TransportError):
             await asyncio.wait_for(conn.send(b"anyone?", payload), BOUND_S)
+        await conn.close()
+        left = [f for f in os.listdir("/dev/shm") if f.startswith((f"dejavu-kv-{os.getpid()}-", f"dejavu-kv-{child.pid}-"))]
+        assert not left, left  # each ring file went once the other side had mapped it
     finally:
         if child.returncode is None:
             child.kill()
@@ -291,7 +322,7 @@ async def read_address(child: asyncio.subprocess.Process) -> str:
 
 
 async def serve(name: str) -> None:
-    transport = make_transport(name)
+    transport = transport_of(name)
     address = await transport.listen(inverting_echo, "127.0.0.1")
     print("LISTENING", address, flush=True)
     try:
