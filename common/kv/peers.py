@@ -107,6 +107,7 @@ class Peers:
         self.send_timeout = send_timeout
         self.links: dict[str, PeerLink] = {}
         self.locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)  # one peer slow to connect stalls only its own sends
+        self._closing: set[asyncio.Task] = set()  # pruned links being closed
 
     async def get(self, address: str) -> PeerLink:
         self._prune(address)
@@ -125,7 +126,9 @@ class Peers:
         for address, link in list(self.links.items()):
             if address != keep and (link.conn.closed or link.reader.done()) and not self.locks[address].locked():
                 del self.links[address], self.locks[address]
-                link.reader.cancel()
+                closing = asyncio.ensure_future(link.close())  # its socket, and a shared-memory ring it holds
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         for link in self.links.values():

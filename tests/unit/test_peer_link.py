@@ -72,6 +72,27 @@ async def test_acknowledgements_nobody_awaits_are_forgotten(peer):
     await peers.close()
 
 
+@pytest.mark.parametrize("name", ["tcp"])  # TCP: a dead peer's link is only broken until someone closes it
+async def test_a_link_whose_peer_died_is_closed_when_forgotten(peer):
+    """Links to peers that are gone are dropped at the next get for another peer, and closed then
+    (their socket, and a shared-memory ring they hold), not left for the process's exit."""
+    address, child, client = peer
+    peers = Peers(client)
+    link = await asyncio.wait_for(peers.get(address), BOUND_S)
+    child.kill()
+    await child.wait()
+    await asyncio.wait_for(asyncio.gather(link.reader, return_exceptions=True), BOUND_S)  # it saw the end
+    assert link.conn.closed and not link.conn.inner._closed  # broken, not yet closed
+    other = make_transport("tcp")
+    try:
+        await asyncio.wait_for(peers.get(await other.listen(lambda conn: asyncio.sleep(3600), "127.0.0.1")), BOUND_S)
+        await asyncio.sleep(0.1)
+        assert address not in peers.links and link.conn.inner._closed
+    finally:
+        await peers.close()
+        await other.close()
+
+
 @pytest.mark.parametrize("transport", ["tcp", "ucx"])
 async def test_time_behind_other_frames_does_not_count_against_a_send(transport):
     """A receiver that drains slowly but surely (a frame every 2 s): three 64 MiB frames sent at
