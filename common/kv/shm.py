@@ -271,14 +271,16 @@ class SameHostConnection(Connection):
                      type(e).__name__, e)
             self._declined = True
             return
+        self._offered = (ring, path)  # before the send: the answer may be read before the send returns
         try:
             await self.inner.send(OFFER + OFFER_FMT.pack(cookie, ring.size) + os.path.basename(path).encode())
         except BaseException:  # not sent, or the link broke: no answer will come
-            ring.close()
-            unlink(path)
+            if self._offered is not None:
+                self._offered = None
+                ring.close()
+                unlink(path)
             self._declined = True
             raise
-        self._offered = (ring, path)
 
     async def recv(self, alloc: Allocator | None = None) -> tuple[bytes, np.ndarray]:
         alloc = alloc or default_alloc
