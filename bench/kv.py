@@ -189,9 +189,9 @@ def rtt_table(rows: list[dict], args) -> list[dict]:
             for c in args.transports]
 
 
-def stream_table(rows: list[dict], args) -> list[dict]:
-    memcpy = {r["size_mib"]: r["gbps"] for r in transport_table([r for r in rows if r["size_mib"] and not r.get("streamed")], args)
-              if r["config"] == "memcpy"}
+def stream_table(rows: list[dict], transports: list[dict], args) -> list[dict]:
+    """The streamed figures, each against the memcpy of its size in `transports` (transport_table's)."""
+    memcpy = {t["size_mib"]: t["gbps"] for t in transports if t["config"] == "memcpy"}
     table = []
     for c in args.transports:
         got = [r for r in rows if r.get("streamed") and r["config"] == c]
@@ -391,8 +391,8 @@ def main(argv: list[str] | None = None) -> None:
     copy_rows = measure_copies(args, kv)
     rtts = rtt_table(transfer_rows, args)
     transfer_rows_sized = [r for r in transfer_rows if r["size_mib"] and not r.get("streamed")]
-    streams = stream_table(transfer_rows, args)
     transports, copies = transport_table(transfer_rows_sized, args), copy_table(copy_rows)
+    streams = stream_table(transfer_rows, transports, args)
     summary = summarize(transports, copies, rtts)
     summary.update({f"streamed_fraction_of_memcpy_{key(t['config'])}": t["fraction_of_memcpy"] for t in streams})
     print_report(transports, copies, summary, kv, args, rtts)

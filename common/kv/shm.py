@@ -72,6 +72,7 @@ import numpy as np
 from prometheus_client import Counter
 
 from common.kv.transport import (
+    as_bytes,
     MAX_HEADER_LEN,
     Allocator,
     Connection,
@@ -99,7 +100,6 @@ OURS, ESCAPED, OFFER, ANSWER, SLOT = b"\0", b"\0F", b"\0O", b"\0A", b"\0S"
 OFFER_FMT = struct.Struct("<16sQ")  # cookie, the ring's data bytes; the file's name follows
 SLOT_FMT = struct.Struct("<QQ")  # the payload's start position in the ring, its bytes
 YES, NO = b"\1", b"\0"
-NO_PAYLOAD = np.empty(0, dtype=np.uint8)
 RING_SENT = Counter("dejavu_kv_ring_sent_bytes_total", "KV payload bytes sent through a shared-memory ring")
 RING_RECEIVED = Counter("dejavu_kv_ring_received_bytes_total", "KV payload bytes received through a shared-memory ring")
 
@@ -189,15 +189,6 @@ def sweep() -> None:
                 unlink(path)
             except OSError:  # gone already, or a process of another user
                 continue
-
-
-def as_bytes(payload: np.ndarray | memoryview | bytes | None) -> np.ndarray:
-    """A flat uint8 view of a payload (no copy for a contiguous one)."""
-    if payload is None:
-        return NO_PAYLOAD
-    if isinstance(payload, np.ndarray):
-        return payload.reshape(-1).view(np.uint8)
-    return np.frombuffer(payload, dtype=np.uint8)
 
 
 class SameHostConnection(Connection):
@@ -390,7 +381,7 @@ def _place(alloc: Allocator, header: bytes, nbytes: int) -> np.ndarray:
         return alloc(header[2:], nbytes)
     if nbytes:
         raise TransportError(f"a control frame with a {nbytes}-byte payload")
-    return NO_PAYLOAD
+    return np.empty(0, dtype=np.uint8)
 
 
 class SameHostTransport(Transport):

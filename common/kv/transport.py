@@ -93,6 +93,16 @@ def default_alloc(header: bytes, nbytes: int) -> np.ndarray:
     return np.empty(nbytes, dtype=np.uint8)
 
 
+def as_bytes(payload: np.ndarray | memoryview | bytes | None) -> np.ndarray:
+    """A flat uint8 view of a payload, no copy for a contiguous one (ucxx takes numpy but refuses
+    torch tensors); None: an empty one."""
+    if payload is None:
+        return np.empty(0, dtype=np.uint8)
+    if isinstance(payload, np.ndarray):
+        return payload.reshape(-1).view(np.uint8)
+    return np.frombuffer(payload, dtype=np.uint8)
+
+
 def check_header(header: bytes) -> None:
     if len(header) > MAX_HEADER_LEN:
         raise ValueError(f"a frame header of {len(header)} bytes: the most is {MAX_HEADER_LEN}")

@@ -54,6 +54,7 @@ from collections.abc import Callable
 import numpy as np
 
 from common.kv.transport import (
+    as_bytes,
     FRAME_PREFIX,
     MAX_HEADER_LEN,
     Allocator,
@@ -173,13 +174,6 @@ def _progress_thread_mode():
     return ThreadMode
 
 
-def _as_bytes(buf: np.ndarray | memoryview | bytes) -> np.ndarray:
-    """A flat uint8 view (no copy) for ucxx, which takes numpy but refuses torch tensors."""
-    if isinstance(buf, np.ndarray):
-        return buf.reshape(-1).view(np.uint8)
-    return np.frombuffer(buf, dtype=np.uint8)
-
-
 class UcxConnection(Connection):
     """One peer: a ucxx endpoint to its worker, tagged both ways, and the rendezvous socket that
     says when it is gone (see the module docstring)."""
@@ -215,7 +209,7 @@ class UcxConnection(Connection):
         return self._closed or self._broken
 
     async def send(self, header: bytes, payload: np.ndarray | memoryview | bytes | None = None) -> None:
-        body = _as_bytes(b"" if payload is None else payload)
+        body = as_bytes(payload)
         check_header(header)
         start = FRAME_PREFIX.size + len(header)  # where the payload begins in the head
         inline = start + body.nbytes <= HEAD_BYTES
