@@ -11,7 +11,8 @@ measured on CPU:
   against 8.5 in bf16. Elsewhere SDPA, one call for a run of fresh segments of one length.
 - decode (one new token, start > 0): the decode segments of a step are batched. On CPU our
   kernel (`paged_decode_attention`) reads each sequence's K/V in place through its
-  slots, once per KV head for all the query heads of its group. Elsewhere (CUDA, or no compiler)
+  slots, each key and value once for all the query heads of its group (a position's KV heads as
+  one row when the batch has sequences enough for every thread). Elsewhere (CUDA, or no compiler)
   each one's K/V [0, start + 1) is gathered from its blocks into one padded (B, L, kv_heads, D)
   buffer with a single index per layer, and the query heads of a KV head attend as a group: q
   viewed as (B, kv_heads, group, D) against (B, kv_heads, L, D), so no KV head is ever repeated;

@@ -11,7 +11,7 @@
 // Why a kernel: gathering each sequence's K/V into a padded buffer for SDPA writes and re-reads
 // every byte of KV. Here each (sequence, KV head) pair reads its keys and values once, in place,
 // for all the query heads of its group: on 2 cores, 30 layers at 16 sequences of 600 tokens take
-// 42 ms against 58 ms for gather + SDPA in float32 (34 / 43 ms in bf16; before the prefetch below). The loops are written for the compiler to vectorize over head_dim (scores and the
+// 42 ms against 58 ms for gather + SDPA in float32 (34 / 43 ms in bf16; before the prefetch and whole rows below). The loops are written for the compiler to vectorize over head_dim (scores and the
 // value sums) and over tokens (the exponentials, through glibc's vector math with -ffast-math).
 #include <torch/extension.h>
 #include "parallel.h"
@@ -23,42 +23,52 @@
 // Keys and values are read through the slot table, a block at a time: the hardware prefetcher
 // does not follow, and the loops waited on memory (30 layers at 16 sequences of 600 tokens read
 // 440 MB in float32 at ~10 GB/s, where this VM streams 28). So each loop asks for the row AHEAD
-// positions on: 40.8 -> 31.0 ms in float32, 31.9 -> 19.8 in bf16 (cold pool, 2 threads; 4 ahead
-// gained less, 16 about as much).
+// positions on, into L2 (prefetcht1): into L1 (prefetcht0) a 768-byte row ahead is 12 lines
+// in flight a row, more than L1 tracks, and the prefetches themselves stalled the loop.
 constexpr int64_t AHEAD = 12;
 
-template <typename T, int D>
-static inline void prefetch(const T* row) {
-  for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(T)); off += 64)
-    __builtin_prefetch(reinterpret_cast<const char*>(row) + off, 0, 3);
+// A work item is one sequence's KV heads [h0, h1): all of them (one contiguous row of the pool a
+// position) when there are sequences enough to keep every thread busy, else one KV head (a third
+// of a row for SmolLM2), so that one sequence still spreads over the threads. Whole rows: at 16
+// sequences of 600 tokens, 30 layers on 2 threads, 36.5 -> 22.4 ms in float32, 21.5 -> 14.6 in
+// bf16 (alternated, this VM); the whole decode step of SmolLM2 at 16 sequences 1.24x faster in
+// float32 and 1.05x in bf16, at 32 1.20x and 1.08x, at 1-4 the same (paired, in one process).
+template <typename T>
+static inline void prefetch(const T* row, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(row) + off, 0, 1);
 }
 
 template <typename T, int D>
 static void run(const T* q, const T* k_pool, const T* v_pool, const int64_t* slots, const int64_t* lengths, T* out,
                 int64_t B, int64_t Hq, int64_t Hkv, int64_t L, float scale) {
   const int64_t G = Hq / Hkv;
-  dejavu::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * D), acc(G * D), scores(G * L);
+  const int64_t span = B >= 2 * at::get_num_threads() ? Hkv : 1;  // KV heads per work item
+  const int64_t per_seq = Hkv / span, row_bytes = span * D * static_cast<int64_t>(sizeof(T));
+  dejavu::parallel_for(0, B * per_seq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(span * G * D), acc(span * G * D), scores(span * G * L);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / Hkv, h = item % Hkv, n = lengths[b];
+      const int64_t b = item / per_seq, h0 = item % per_seq * span, n = lengths[b];
       const int64_t* seq = slots + b * L;
-      for (int64_t g = 0; g < G; ++g)
-        for (int d = 0; d < D; ++d) qf[g * D + d] = static_cast<float>(q[(b * Hq + h * G + g) * D + d]) * scale;
-      for (int64_t t = 0; t < n; ++t) {  // scores: each key read once for the whole group
-        if (t + AHEAD < n) prefetch<T, D>(k_pool + (seq[t + AHEAD] * Hkv + h) * D);
-        const T* k = k_pool + (seq[t] * Hkv + h) * D;
-        float kf[D];
+      const T* qb = q + (b * Hq + h0 * G) * D;  // the query heads of KV heads [h0, h0 + span): span * G rows
+      for (int64_t i = 0; i < span * G * D; ++i) qf[i] = static_cast<float>(qb[i]) * scale;
+      for (int64_t t = 0; t < n; ++t) {  // scores: each key read once for its whole group
+        if (t + AHEAD < n) prefetch(k_pool + (seq[t + AHEAD] * Hkv + h0) * D, row_bytes);
+        const T* row = k_pool + (seq[t] * Hkv + h0) * D;
+        for (int64_t h = 0; h < span; ++h) {
+          float kf[D];
 #pragma omp simd
-        for (int d = 0; d < D; ++d) kf[d] = static_cast<float>(k[d]);
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qg = qf.data() + g * D;
-          float s = 0.f;
+          for (int d = 0; d < D; ++d) kf[d] = static_cast<float>(row[h * D + d]);
+          for (int64_t g = h * G; g < (h + 1) * G; ++g) {
+            const float* qg = qf.data() + g * D;
+            float s = 0.f;
 #pragma omp simd reduction(+ : s)
-          for (int d = 0; d < D; ++d) s += qg[d] * kf[d];
-          scores[g * n + t] = s;
+            for (int d = 0; d < D; ++d) s += qg[d] * kf[d];
+            scores[g * n + t] = s;
+          }
         }
       }
-      for (int64_t g = 0; g < G; ++g) {  // softmax, exact: max first
+      for (int64_t g = 0; g < span * G; ++g) {  // softmax, exact: max first
         float* s = scores.data() + g * n;
         float top = *std::max_element(s, s + n), sum = 0.f;
 #pragma omp simd reduction(+ : sum)
@@ -71,21 +81,23 @@ static void run(const T* q, const T* k_pool, const T* v_pool, const int64_t* slo
         for (int64_t t = 0; t < n; ++t) s[t] *= inv;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < n; ++t) {  // values: each read once for the whole group
-        if (t + AHEAD < n) prefetch<T, D>(v_pool + (seq[t + AHEAD] * Hkv + h) * D);
-        const T* v = v_pool + (seq[t] * Hkv + h) * D;
-        float vf[D];
+      for (int64_t t = 0; t < n; ++t) {  // values: each read once for its whole group
+        if (t + AHEAD < n) prefetch(v_pool + (seq[t + AHEAD] * Hkv + h0) * D, row_bytes);
+        const T* row = v_pool + (seq[t] * Hkv + h0) * D;
+        for (int64_t h = 0; h < span; ++h) {
+          float vf[D];
 #pragma omp simd
-        for (int d = 0; d < D; ++d) vf[d] = static_cast<float>(v[d]);
-        for (int64_t g = 0; g < G; ++g) {
-          const float p = scores[g * n + t];
-          float* a = acc.data() + g * D;
+          for (int d = 0; d < D; ++d) vf[d] = static_cast<float>(row[h * D + d]);
+          for (int64_t g = h * G; g < (h + 1) * G; ++g) {
+            const float p = scores[g * n + t];
+            float* a = acc.data() + g * D;
 #pragma omp simd
-          for (int d = 0; d < D; ++d) a[d] += p * vf[d];
+            for (int d = 0; d < D; ++d) a[d] += p * vf[d];
+          }
         }
       }
-      for (int64_t g = 0; g < G; ++g)
-        for (int d = 0; d < D; ++d) out[(b * Hq + h * G + g) * D + d] = static_cast<T>(acc[g * D + d]);
+      T* ob = out + (b * Hq + h0 * G) * D;
+      for (int64_t i = 0; i < span * G * D; ++i) ob[i] = static_cast<T>(acc[i]);
     }
   });
 }

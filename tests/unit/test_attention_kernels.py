@@ -35,6 +35,27 @@ def test_causal_attention_equals_sdpa(dtype, tol, heads, kv_heads, dim, M, start
     torch.testing.assert_close(out.double(), reference(q, k, v, start), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (8, 8, 128), (2, 1, 80)])
+@pytest.mark.parametrize("B", [1, 3, 2 * torch.get_num_threads() + 1])  # one KV head a work item; whole rows
+def test_paged_decode_attention_equals_sdpa(dtype, tol, heads, kv_heads, dim, B):
+    """Each sequence's one query against its keys, read through its own scattered slots; the
+    sequences differ in length, and the slots past a sequence's length point anywhere."""
+    torch.manual_seed(B + dim)
+    block, L = 16, 70
+    pool = torch.randn(2, (B * 5 + 3) * block, kv_heads, dim, dtype=dtype)
+    order = torch.randperm(B * 5 + 3)[: B * 5].view(B, 5)
+    slots = (order[:, :, None] * block + torch.arange(block)).view(B, -1)[:, :L].contiguous()
+    lengths = torch.tensor([L - 13 * (b % 4) for b in range(B)])
+    q = torch.randn(B, heads, dim, dtype=dtype)
+    out = kernel.paged_decode_attention(q, pool[0], pool[1], slots, lengths, dim ** -0.5)
+    assert out.dtype == dtype and out.shape == q.shape
+    for b in range(B):
+        n = int(lengths[b])
+        k, v = pool[0, slots[b, :n]], pool[1, slots[b, :n]]
+        torch.testing.assert_close(out[b:b + 1].double(), reference(q[b:b + 1], k, v, n - 1), atol=tol, rtol=tol)
+
+
 def test_causal_attention_refuses_what_it_cannot_read():
     q, k = torch.randn(4, 2, 16), torch.randn(5, 1, 16)
     with pytest.raises(RuntimeError, match="start \\+ M"):
