@@ -13,7 +13,12 @@ What one run does, step by step:
    disaggregated (our cluster: 1 prompt service, 1 token service, 1 cache store, 16 seqs), colocated
    (the same with no prompt service: the token service prefills, DEJAVU_COLOCATED=1), hf (bench/hf_server.py:
    `generate`, one request at a time), llama.cpp and vllm (installed by bench/peers.sh under .peers/;
-   not installed: skipped); --url benchmarks one running endpoint instead. Wait for /v1/models, warm up;
+   not installed: skipped); --url benchmarks one running endpoint instead. Wait for /v1/models, warm up.
+   With --alternate, every target is started at once instead (each idle while another is measured)
+   and they take turns: each single request, and each repeat of the closed loop (the order rotating
+   from repeat to repeat), so that a slow spell of a shared VM spreads over every target. Before
+   each turn the host's CPUs must be idle (vLLM's engine spins a core for ~1 s after a request:
+   measured right after it, our single-request TTFT read 1.25 s instead of 0.73);
 3. closed loop, the headline: 16 concurrent streaming requests of --concurrent-output-tokens tokens,
    --repeats times: output tokens / wall time, median [min-max];
 4. open loop, each rate: request i is sent at its arrival time whatever the answers do (streaming,
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import math
 import random
@@ -165,29 +171,68 @@ async def closed_loop(ep: Endpoint, repeat: int, prompts: list[str], tokens: int
     return list(results), time.perf_counter() - t0
 
 
-async def measure(target: str, url: str, args, work: Workload) -> dict:
+async def settle(busy: float = 0.15, window_s: float = 0.5, most_s: float = 15.0) -> float:
+    """Wait until the host's CPUs are idle (under `busy` of them over two windows in a row, from
+    /proc/stat; at most `most_s`), so that a target does not pay for the last one's work: vLLM's
+    engine keeps a core spinning for a second or so after its last request. Returns the wait (s)."""
+    def ticks() -> tuple[int, int]:
+        fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # all, idle + iowait
+    start = time.perf_counter()
+    try:
+        calm, before = 0, ticks()
+        while calm < 2 and time.perf_counter() - start < most_s:
+            await asyncio.sleep(window_s)
+            now = ticks()
+            total, idle = now[0] - before[0], now[1] - before[1]
+            calm = calm + 1 if total and 1 - idle / total < busy else 0
+            before = now
+    except (OSError, ValueError, IndexError):  # no /proc/stat: a fixed pause instead
+        await asyncio.sleep(2.0)
+    return time.perf_counter() - start
+
+
+async def measure(urls: dict[str, str], args, work: Workload) -> dict[str, dict]:
+    """Every target in `urls` (started already), phase by phase, taking turns within each: the
+    single requests one each in turn, the closed loop's repeats each target in turn (the order
+    rotating from repeat to repeat), then each target's open-loop rates. One target: as measured
+    alone. Several (--alternate): a slow spell of a shared machine spreads over all of them."""
     limits = httpx.Limits(max_connections=max(args.requests, CONCURRENT) + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
-        ep = Endpoint(target, client, (await client.get("/v1/models")).json()["data"][0]["id"])
-        warm = await request(ep, "warmup", 0, work.warmup, 4, time.perf_counter())
-        if warm.error:
-            raise Skipped(f"the warm-up request failed: {warm.error}")
-        raw, tokens_per_s, errors = [], [], 0
+    async with contextlib.AsyncExitStack() as stack:
+        eps = {}
+        for target, url in urls.items():
+            client = await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S,
+                                                                       limits=limits))
+            eps[target] = ep = Endpoint(target, client, (await client.get("/v1/models")).json()["data"][0]["id"])
+            warm = await request(ep, "warmup", 0, work.warmup, 4, time.perf_counter())
+            if warm.error:
+                raise Skipped(f"{target}: the warm-up request failed: {warm.error}")
+        out = {t: {"raw": [], "tokens_per_s": [], "errors": 0} for t in eps}
+        turns = len(eps) > 1
         for i in range(args.single):  # one request alone: the TTFT and TPOT of an idle server
-            raw.append(await request(ep, "single", i, work.concurrent[0][i % CONCURRENT],
-                                     args.concurrent_output_tokens, time.perf_counter()))
-            log(f"{target} single request {i + 1}/{args.single}: TTFT {raw[-1].ttft_s * 1e3:.0f} ms, "
-                f"TPOT {raw[-1].tpot_s * 1e3:.1f} ms")
+            for target, ep in eps.items():
+                if turns:
+                    await settle()
+                out[target]["raw"].append(r := await request(ep, "single", i, work.concurrent[0][i % CONCURRENT],
+                                                             args.concurrent_output_tokens, time.perf_counter()))
+                log(f"{target} single request {i + 1}/{args.single}: TTFT {r.ttft_s * 1e3:.0f} ms, "
+                    f"TPOT {r.tpot_s * 1e3:.1f} ms")
+        order = list(eps)
         for r, prompts in enumerate(work.concurrent, 1):
-            results, wall = await closed_loop(ep, r, prompts, args.concurrent_output_tokens)
-            tokens_per_s.append(sum(x.tokens for x in results if not x.error) / wall)  # failed ones count 0
-            errors += sum(bool(x.error) for x in results)
-            log(f"{target} {CONCURRENT} concurrent, repeat {r}/{args.repeats}: {tokens_per_s[-1]:.1f} tok/s "
-                f"({wall:.1f} s, {sum(bool(x.error) for x in results)} errors)")
-            raw += results
-        for rate, (prompts, times) in work.rates.items():
-            raw += await open_loop(ep, rate, prompts, times, work.lengths)
-    return {"raw": raw, "tokens_per_s": tokens_per_s, "errors": errors}
+            for target in order[(r - 1) % len(order):] + order[:(r - 1) % len(order)]:
+                m = out[target]
+                if turns:
+                    await settle()
+                results, wall = await closed_loop(eps[target], r, prompts, args.concurrent_output_tokens)
+                m["tokens_per_s"].append(sum(x.tokens for x in results if not x.error) / wall)  # failed ones count 0
+                m["errors"] += sum(bool(x.error) for x in results)
+                log(f"{target} {CONCURRENT} concurrent, repeat {r}/{args.repeats}: {m['tokens_per_s'][-1]:.1f} tok/s "
+                    f"({wall:.1f} s, {sum(bool(x.error) for x in results)} errors)")
+                m["raw"] += results
+        for target, ep in eps.items():
+            for rate, (prompts, times) in work.rates.items():
+                out[target]["raw"] += await open_loop(ep, rate, prompts, times, work.lengths)
+    return out
 
 
 # --- figures, tables, plots --------------------------------------------------------------------------
@@ -312,6 +357,10 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--repeats", type=int, default=3, help="of the 16-concurrent measurement")
     p.add_argument("--single", type=int, default=3, help="requests sent alone, one after another, before the "
                    "closed loop (the TTFT and TPOT of an idle server)")
+    p.add_argument("--alternate", action="store_true",
+                   help="start every target at once and take turns, repeat by repeat, instead of one target after "
+                   "another: on a noisy shared machine, ratios between targets then compare like with like "
+                   "(needs the memory of all of them at once)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: 4 requests at 0.5 req/s, 1 repeat of 32 tokens")
     p.add_argument("--out", default="", help="write the figures to this JSON file (plots beside it)")
@@ -341,19 +390,30 @@ def main(argv: list[str] | None = None) -> None:
     model_path = resolve_model_path(args.model, progress=log)
     work = workload(args, load_tokenizer(model_path))
     measured, skipped = {}, {}
-    for target in args.targets:
+    groups = [args.targets] if args.alternate else [[t] for t in args.targets]
+    for group in groups:
         try:
-            log(f"{target}: starting")
-            with started(target, args, model_path) as url:
-                log(f"{target}: ready at {url}")
-                measured[target] = asyncio.run(measure(target, url, args, work))
+            with contextlib.ExitStack() as stack:
+                urls = {}
+                for target in group:
+                    log(f"{target}: starting")
+                    try:
+                        urls[target] = stack.enter_context(started(target, args, model_path))
+                    except Exception as e:  # a target that fails is reported and skipped; the run goes on
+                        skipped[target] = str(e) if isinstance(e, Skipped) else f"failed: {type(e).__name__}: {e}"
+                        log(f"{target}: SKIPPED: {skipped[target]}")
+                        continue
+                    log(f"{target}: ready at {urls[target]}")
+                if urls:
+                    measured.update(asyncio.run(measure(urls, args, work)))
         except KeyboardInterrupt:
-            skipped[target] = "interrupted"
-            log(f"{target}: interrupted; reporting what was measured")
+            skipped.update({t: "interrupted" for t in group if t not in measured and t not in skipped})
+            log("interrupted; reporting what was measured")
             break
         except Exception as e:  # a target that fails is reported and skipped; the run goes on
-            skipped[target] = str(e) if isinstance(e, Skipped) else f"failed: {type(e).__name__}: {e}"
-            log(f"{target}: SKIPPED: {skipped[target]}")
+            why = str(e) if isinstance(e, Skipped) else f"failed: {type(e).__name__}: {e}"
+            skipped.update({t: why for t in group if t not in measured and t not in skipped})
+            log(f"{', '.join(group)}: SKIPPED: {why}")
     summary, rows = summarize(measured, skipped, args)
     print_tables(summary, rows, args)
     raw = [{**asdict(r), "tpot_s": r.tpot_s, "norm_latency_s": r.norm_latency_s}

@@ -66,3 +66,79 @@ def test_dejavu_bench_swap_runs_both_layouts(tmp_path, tiny_model_path):
     assert summary["tokens_per_s_swap"] > 0 and summary["ratio_no_swap"] == 1
     assert summary["largest_batch_no_swap"] <= 2 < summary["largest_batch_swap"] <= 3
     assert summary["swapped_bytes_per_token_no_swap"] == 0 < summary["swapped_bytes_per_token_swap"]
+
+
+def test_bench_load_alternate_takes_turns(monkeypatch):
+    """--alternate: with several targets up at once, the requests alone go one each in turn and
+    each repeat of the closed loop goes to every target in turn, the order rotating, each turn
+    after the host has settled. Two fake OpenAI servers (at the HTTP boundary) record what reaches
+    them and when."""
+    import asyncio
+    import threading
+    import time
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    from bench import load as bench_load
+    from dejavu.redis_server import free_port
+
+    arrivals: list[tuple[str, str]] = []  # (server, prompt), in the order they arrived
+
+    async def settled():
+        arrivals.append(("settle", ""))
+        return 0.0
+    monkeypatch.setattr(bench_load, "settle", settled)
+
+    def app(name: str) -> Starlette:
+        async def models(request):
+            return JSONResponse({"data": [{"id": "m"}]})
+
+        async def completions(request):
+            body = await request.json()
+            arrivals.append((name, body["prompt"]))
+
+            async def events():
+                for _ in range(body["max_tokens"]):
+                    yield 'data: {"choices": [{"text": "x"}]}\n\n'
+                yield f'data: {{"choices": [], "usage": {{"completion_tokens": {body["max_tokens"]}}}}}\n\n'
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream")
+        return Starlette(routes=[Route("/v1/models", models), Route("/v1/completions", completions, methods=["POST"])])
+
+    servers, urls = [], {}
+    for name in ("a", "b"):
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app(name), host="127.0.0.1", port=port, log_level="warning"))
+        threading.Thread(target=server.run, daemon=True).start()
+        servers.append(server)
+        urls[name] = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while not all(s.started for s in servers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        args = bench_load.parse_args(["--url", "x", "--rates", "none", "--repeats", "3", "--single", "2",
+                                      "--concurrent-output-tokens", "3", "--alternate"])
+        concurrent = [[f"r{r} p{i}" for i in range(bench_load.CONCURRENT)] for r in range(1, 4)]
+        work = bench_load.Workload({}, [], concurrent, "warm")
+        out = asyncio.run(bench_load.measure(urls, args, work))
+    finally:
+        for server in servers:
+            server.should_exit = True
+    assert arrivals.count(("settle", "")) == 2 * 2 + 2 * 3  # before each single request and each repeat
+    arrivals = [a for a in arrivals if a[0] != "settle"]
+    assert arrivals[:6] == [("a", "warm"), ("b", "warm"), ("a", "r1 p0"), ("b", "r1 p0"), ("a", "r1 p1"), ("b", "r1 p1")]
+    blocks = []  # the closed loop: consecutive runs of (server, repeat), each of CONCURRENT requests
+    for name, prompt in arrivals[6:]:
+        key = (name, prompt.split()[0])
+        if not blocks or blocks[-1][0] != key:
+            blocks.append([key, 0])
+        blocks[-1][1] += 1
+    n = bench_load.CONCURRENT
+    assert blocks == [[("a", "r1"), n], [("b", "r1"), n], [("b", "r2"), n], [("a", "r2"), n],
+                      [("a", "r3"), n], [("b", "r3"), n]]
+    for name in urls:
+        assert len(out[name]["tokens_per_s"]) == 3 and out[name]["errors"] == 0
+        assert all(r.tokens == 3 for r in out[name]["raw"])
