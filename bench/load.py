@@ -18,7 +18,7 @@ What one run does, step by step:
    and they take turns: each single request, and each repeat of the closed loop (the order rotating
    from repeat to repeat), so that a slow spell of a shared VM spreads over every target. Before
    each turn the host's CPUs must be idle (vLLM's engine spins a core for ~1 s after a request:
-   measured right after it, our single-request TTFT read 1.25 s instead of 0.73);
+   measured right after it, our single-request TTFT read 1.25 s instead of ~0.67);
 3. closed loop, the headline: 16 concurrent streaming requests of --concurrent-output-tokens tokens,
    --repeats times: output tokens / wall time, median [min-max];
 4. open loop, each rate: request i is sent at its arrival time whatever the answers do (streaming,
@@ -48,6 +48,7 @@ import asyncio
 import contextlib
 import itertools
 import math
+import os
 import random
 import signal
 import time
@@ -171,48 +172,60 @@ async def closed_loop(ep: Endpoint, repeat: int, prompts: list[str], tokens: int
     return list(results), time.perf_counter() - t0
 
 
-async def settle(busy: float = 0.15, window_s: float = 0.5, most_s: float = 15.0) -> float:
-    """Wait until the host's CPUs are idle (under `busy` of them over two windows in a row, from
-    /proc/stat; at most `most_s`), so that a target does not pay for the last one's work: vLLM's
-    engine keeps a core spinning for a second or so after its last request. Returns the wait (s)."""
+async def settle(busy_cores: float = 0.3, window_s: float = 0.5, most_s: float = 15.0) -> float:
+    """Wait until the host's CPUs are idle (under `busy_cores` cores' worth of work over two windows
+    in a row, from /proc/stat; steal time, another tenant's, does not count; at most `most_s`), so
+    that a target does not pay for the last one's work: vLLM's engine keeps a core spinning for a
+    second or so after its last request. Returns the wait (s)."""
     def ticks() -> tuple[int, int]:
-        fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # all, idle + iowait
-    start = time.perf_counter()
+        f = [int(x) for x in open("/proc/stat").readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return sum(f), f[0] + f[1] + f[2] + f[5] + f[6]  # all, busy
+    start, cores = time.perf_counter(), os.cpu_count() or 1
     try:
         calm, before = 0, ticks()
         while calm < 2 and time.perf_counter() - start < most_s:
             await asyncio.sleep(window_s)
             now = ticks()
-            total, idle = now[0] - before[0], now[1] - before[1]
-            calm = calm + 1 if total and 1 - idle / total < busy else 0
+            total, busy = now[0] - before[0], now[1] - before[1]
+            calm = calm + 1 if total and busy / total * cores < busy_cores else 0
             before = now
     except (OSError, ValueError, IndexError):  # no /proc/stat: a fixed pause instead
         await asyncio.sleep(2.0)
     return time.perf_counter() - start
 
 
-async def measure(urls: dict[str, str], args, work: Workload) -> dict[str, dict]:
+async def measure(urls: dict[str, str], args, work: Workload, out: dict[str, dict], skipped: dict[str, str]) -> None:
     """Every target in `urls` (started already), phase by phase, taking turns within each: the
     single requests one each in turn, the closed loop's repeats each target in turn (the order
     rotating from repeat to repeat), then each target's open-loop rates. One target: as measured
-    alone. Several (--alternate): a slow spell of a shared machine spreads over all of them."""
+    alone. Several (--alternate): a slow spell of a shared machine spreads over all of them, and
+    each turn waits for the host to settle. Fills `out` (target -> figures; "complete" once all
+    are in) as it goes; a target whose warm-up fails goes to `skipped` and the others go on."""
     limits = httpx.Limits(max_connections=max(args.requests, CONCURRENT) + 4)
     async with contextlib.AsyncExitStack() as stack:
         eps = {}
         for target, url in urls.items():
-            client = await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S,
-                                                                       limits=limits))
-            eps[target] = ep = Endpoint(target, client, (await client.get("/v1/models")).json()["data"][0]["id"])
-            warm = await request(ep, "warmup", 0, work.warmup, 4, time.perf_counter())
-            if warm.error:
-                raise Skipped(f"{target}: the warm-up request failed: {warm.error}")
-        out = {t: {"raw": [], "tokens_per_s": [], "errors": 0} for t in eps}
+            try:
+                client = await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S,
+                                                                           limits=limits))
+                ep = Endpoint(target, client, (await client.get("/v1/models")).json()["data"][0]["id"])
+                warm = await request(ep, "warmup", 0, work.warmup, 4, time.perf_counter())
+                if warm.error:
+                    raise Skipped(f"the warm-up request failed: {warm.error}")
+            except (Skipped, httpx.HTTPError, ValueError, KeyError, IndexError) as e:
+                skipped[target] = str(e) if isinstance(e, Skipped) else f"failed: {type(e).__name__}: {e}"
+                log(f"{target}: SKIPPED: {skipped[target]}")
+                continue
+            eps[target] = ep
+            out[target] = {"raw": [], "tokens_per_s": [], "errors": 0, "complete": False}
         turns = len(eps) > 1
+
+        async def turn() -> None:
+            if turns:
+                await settle()
         for i in range(args.single):  # one request alone: the TTFT and TPOT of an idle server
             for target, ep in eps.items():
-                if turns:
-                    await settle()
+                await turn()
                 out[target]["raw"].append(r := await request(ep, "single", i, work.concurrent[0][i % CONCURRENT],
                                                              args.concurrent_output_tokens, time.perf_counter()))
                 log(f"{target} single request {i + 1}/{args.single}: TTFT {r.ttft_s * 1e3:.0f} ms, "
@@ -221,8 +234,7 @@ async def measure(urls: dict[str, str], args, work: Workload) -> dict[str, dict]
         for r, prompts in enumerate(work.concurrent, 1):
             for target in order[(r - 1) % len(order):] + order[:(r - 1) % len(order)]:
                 m = out[target]
-                if turns:
-                    await settle()
+                await turn()
                 results, wall = await closed_loop(eps[target], r, prompts, args.concurrent_output_tokens)
                 m["tokens_per_s"].append(sum(x.tokens for x in results if not x.error) / wall)  # failed ones count 0
                 m["errors"] += sum(bool(x.error) for x in results)
@@ -230,9 +242,11 @@ async def measure(urls: dict[str, str], args, work: Workload) -> dict[str, dict]
                     f"({wall:.1f} s, {sum(bool(x.error) for x in results)} errors)")
                 m["raw"] += results
         for target, ep in eps.items():
+            if work.rates:
+                await turn()
             for rate, (prompts, times) in work.rates.items():
                 out[target]["raw"] += await open_loop(ep, rate, prompts, times, work.lengths)
-    return out
+            out[target]["complete"] = True
 
 
 # --- figures, tables, plots --------------------------------------------------------------------------
@@ -371,7 +385,7 @@ def parse_args(argv: list[str] | None = None):
         p.error(f"--rates {args.rates!r}: give comma-separated numbers, e.g. 0.2,0.4")
     if args.quick:
         args.requests, args.rates, args.repeats, args.concurrent_output_tokens = 4, [0.5], 1, 32
-    args.targets = ["url"] if args.url else [t.strip() for t in args.targets.split(",") if t.strip()]
+    args.targets = ["url"] if args.url else list(dict.fromkeys(t.strip() for t in args.targets.split(",") if t.strip()))
     if unknown := set(args.targets) - {"url", *OURS, "hf", *PEERS}:
         p.error(f"--targets: unknown {', '.join(sorted(unknown))}; choose from {', '.join((*OURS, 'hf', *PEERS))}")
     if min(args.rates, default=1) <= 0 or min(args.requests, args.repeats, args.prompt_tokens, args.max_output_tokens,
@@ -392,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     measured, skipped = {}, {}
     groups = [args.targets] if args.alternate else [[t] for t in args.targets]
     for group in groups:
+        why = ""
         try:
             with contextlib.ExitStack() as stack:
                 urls = {}
@@ -405,15 +420,20 @@ def main(argv: list[str] | None = None) -> None:
                         continue
                     log(f"{target}: ready at {urls[target]}")
                 if urls:
-                    measured.update(asyncio.run(measure(urls, args, work)))
+                    asyncio.run(measure(urls, args, work, measured, skipped))
         except KeyboardInterrupt:
-            skipped.update({t: "interrupted" for t in group if t not in measured and t not in skipped})
+            why = "interrupted"
+        except Exception as e:  # a target that fails is reported and skipped; the run goes on
+            why = f"failed: {type(e).__name__}: {e}"
+        for target in group:
+            if target in measured and not measured[target]["complete"]:
+                del measured[target]  # only targets measured whole are reported
+            if target not in measured and target not in skipped:
+                skipped[target] = why or "not measured whole"
+                log(f"{target}: SKIPPED: {skipped[target]}")
+        if why == "interrupted":
             log("interrupted; reporting what was measured")
             break
-        except Exception as e:  # a target that fails is reported and skipped; the run goes on
-            why = str(e) if isinstance(e, Skipped) else f"failed: {type(e).__name__}: {e}"
-            skipped.update({t: why for t in group if t not in measured and t not in skipped})
-            log(f"{', '.join(group)}: SKIPPED: {why}")
     summary, rows = summarize(measured, skipped, args)
     print_tables(summary, rows, args)
     raw = [{**asdict(r), "tpot_s": r.tpot_s, "norm_latency_s": r.norm_latency_s}

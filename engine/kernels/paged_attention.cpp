@@ -32,7 +32,8 @@ constexpr int64_t AHEAD = 12;
 // of a row for SmolLM2), so that one sequence still spreads over the threads. Whole rows: at 16
 // sequences of 600 tokens, 30 layers on 2 threads, 36.5 -> 22.4 ms in float32, 21.5 -> 14.6 in
 // bf16 (alternated, this VM); the whole decode step of SmolLM2 at 16 sequences 1.24x faster in
-// float32 and 1.05x in bf16, at 32 1.20x and 1.08x, at 1-4 the same (paired, in one process).
+// float32 and 1.05x in bf16, at 32 1.20x and 1.08x, at 1-4 the same (medians of paired ratios, old and
+// new alternated in one process).
 template <typename T>
 static inline void prefetch(const T* row, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64)

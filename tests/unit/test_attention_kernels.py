@@ -40,13 +40,13 @@ def test_causal_attention_equals_sdpa(dtype, tol, heads, kv_heads, dim, M, start
 @pytest.mark.parametrize("B", [1, 3, 2 * torch.get_num_threads() + 1])  # one KV head a work item; whole rows
 def test_paged_decode_attention_equals_sdpa(dtype, tol, heads, kv_heads, dim, B):
     """Each sequence's one query against its keys, read through its own scattered slots; the
-    sequences differ in length, and the slots past a sequence's length point anywhere."""
+    sequences differ in length, and the slots past a sequence's length (other keys) are not read."""
     torch.manual_seed(B + dim)
     block, L = 16, 70
     pool = torch.randn(2, (B * 5 + 3) * block, kv_heads, dim, dtype=dtype)
     order = torch.randperm(B * 5 + 3)[: B * 5].view(B, 5)
     slots = (order[:, :, None] * block + torch.arange(block)).view(B, -1)[:, :L].contiguous()
-    lengths = torch.tensor([L - 13 * (b % 4) for b in range(B)])
+    lengths = torch.tensor([(L, 5, 44, 31)[b % 4] for b in range(B)])  # 5: shorter than the prefetch distance
     q = torch.randn(B, heads, dim, dtype=dtype)
     out = kernel.paged_decode_attention(q, pool[0], pool[1], slots, lengths, dim ** -0.5)
     assert out.dtype == dtype and out.shape == q.shape

@@ -71,8 +71,8 @@ def test_dejavu_bench_swap_runs_both_layouts(tmp_path, tiny_model_path):
 def test_bench_load_alternate_takes_turns(monkeypatch):
     """--alternate: with several targets up at once, the requests alone go one each in turn and
     each repeat of the closed loop goes to every target in turn, the order rotating, each turn
-    after the host has settled. Two fake OpenAI servers (at the HTTP boundary) record what reaches
-    them and when."""
+    after the host has settled; a target whose warm-up fails is skipped and the others go on.
+    Fake OpenAI servers (at the HTTP boundary) record what reaches them, in order."""
     import asyncio
     import threading
     import time
@@ -85,10 +85,10 @@ def test_bench_load_alternate_takes_turns(monkeypatch):
     from bench import load as bench_load
     from dejavu.redis_server import free_port
 
-    arrivals: list[tuple[str, str]] = []  # (server, prompt), in the order they arrived
+    events: list[tuple[str, str]] = []  # (server, prompt) of each request as it arrived; ("settle", "") each wait
 
     async def settled():
-        arrivals.append(("settle", ""))
+        events.append(("settle", ""))
         return 0.0
     monkeypatch.setattr(bench_load, "settle", settled)
 
@@ -97,48 +97,55 @@ def test_bench_load_alternate_takes_turns(monkeypatch):
             return JSONResponse({"data": [{"id": "m"}]})
 
         async def completions(request):
+            if name == "broken":
+                return JSONResponse({"error": {"message": "no"}}, status_code=500)
             body = await request.json()
-            arrivals.append((name, body["prompt"]))
+            events.append((name, body["prompt"]))
 
-            async def events():
+            async def chunks():
                 for _ in range(body["max_tokens"]):
                     yield 'data: {"choices": [{"text": "x"}]}\n\n'
                 yield f'data: {{"choices": [], "usage": {{"completion_tokens": {body["max_tokens"]}}}}}\n\n'
                 yield "data: [DONE]\n\n"
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return StreamingResponse(chunks(), media_type="text/event-stream")
         return Starlette(routes=[Route("/v1/models", models), Route("/v1/completions", completions, methods=["POST"])])
 
     servers, urls = [], {}
-    for name in ("a", "b"):
+    for name in ("a", "broken", "b"):
         port = free_port()
         server = uvicorn.Server(uvicorn.Config(app(name), host="127.0.0.1", port=port, log_level="warning"))
-        threading.Thread(target=server.run, daemon=True).start()
-        servers.append(server)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        servers.append((server, thread))
         urls[name] = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20
-        while not all(s.started for s in servers) and time.monotonic() < deadline:
+        while not all(server.started for server, _ in servers) and time.monotonic() < deadline:
             time.sleep(0.05)
         args = bench_load.parse_args(["--url", "x", "--rates", "none", "--repeats", "3", "--single", "2",
                                       "--concurrent-output-tokens", "3", "--alternate"])
         concurrent = [[f"r{r} p{i}" for i in range(bench_load.CONCURRENT)] for r in range(1, 4)]
         work = bench_load.Workload({}, [], concurrent, "warm")
-        out = asyncio.run(bench_load.measure(urls, args, work))
+        out, skipped = {}, {}
+        asyncio.run(bench_load.measure(urls, args, work, out, skipped))
     finally:
-        for server in servers:
+        for server, thread in servers:
             server.should_exit = True
-    assert arrivals.count(("settle", "")) == 2 * 2 + 2 * 3  # before each single request and each repeat
-    arrivals = [a for a in arrivals if a[0] != "settle"]
-    assert arrivals[:6] == [("a", "warm"), ("b", "warm"), ("a", "r1 p0"), ("b", "r1 p0"), ("a", "r1 p1"), ("b", "r1 p1")]
-    blocks = []  # the closed loop: consecutive runs of (server, repeat), each of CONCURRENT requests
-    for name, prompt in arrivals[6:]:
-        key = (name, prompt.split()[0])
-        if not blocks or blocks[-1][0] != key:
-            blocks.append([key, 0])
-        blocks[-1][1] += 1
+            thread.join(10)
+    assert list(out) == ["a", "b"] and "warm-up" in skipped["broken"]
+    runs = []  # consecutive runs of one (server, what): "warm", "single", or the closed loop's repeat
+    for name, prompt in events:
+        what = "settle" if name == "settle" else "warm" if prompt == "warm" else prompt.split()[0]
+        if runs and runs[-1][0] == (name, what) and name != "settle":
+            runs[-1][1] += 1
+        else:
+            runs.append([(name, what), 1])
+    S = [("settle", "settle"), 1]
     n = bench_load.CONCURRENT
-    assert blocks == [[("a", "r1"), n], [("b", "r1"), n], [("b", "r2"), n], [("a", "r2"), n],
-                      [("a", "r3"), n], [("b", "r3"), n]]
-    for name in urls:
-        assert len(out[name]["tokens_per_s"]) == 3 and out[name]["errors"] == 0
+    assert runs == [[("a", "warm"), 1], [("b", "warm"), 1],
+                    S, [("a", "r1"), 1], S, [("b", "r1"), 1], S, [("a", "r1"), 1], S, [("b", "r1"), 1],  # alone, in turn
+                    S, [("a", "r1"), n], S, [("b", "r1"), n], S, [("b", "r2"), n], S, [("a", "r2"), n],
+                    S, [("a", "r3"), n], S, [("b", "r3"), n]]
+    for name in out:
+        assert len(out[name]["tokens_per_s"]) == 3 and out[name]["errors"] == 0 and out[name]["complete"]
         assert all(r.tokens == 3 for r in out[name]["raw"])
