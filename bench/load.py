@@ -172,6 +172,11 @@ async def closed_loop(ep: Endpoint, repeat: int, prompts: list[str], tokens: int
     return list(results), time.perf_counter() - t0
 
 
+def why_skipped(e: BaseException) -> str:
+    """What the report says of a target that could not be measured: a Skipped's own words, else the error."""
+    return str(e) if isinstance(e, Skipped) else f"failed: {type(e).__name__}: {e}"
+
+
 async def settle(busy_cores: float = 0.3, window_s: float = 0.5, most_s: float = 15.0) -> float:
     """Wait until the host's CPUs are idle (under `busy_cores` cores' worth of work over two windows
     in a row, from /proc/stat; steal time, another tenant's, does not count; at most `most_s`), so
@@ -213,7 +218,7 @@ async def measure(urls: dict[str, str], args, work: Workload, out: dict[str, dic
                 if warm.error:
                     raise Skipped(f"the warm-up request failed: {warm.error}")
             except (Skipped, httpx.HTTPError, ValueError, KeyError, IndexError) as e:
-                skipped[target] = str(e) if isinstance(e, Skipped) else f"failed: {type(e).__name__}: {e}"
+                skipped[target] = why_skipped(e)
                 log(f"{target}: SKIPPED: {skipped[target]}")
                 continue
             eps[target] = ep
@@ -226,10 +231,10 @@ async def measure(urls: dict[str, str], args, work: Workload, out: dict[str, dic
         for i in range(args.single):  # one request alone: the TTFT and TPOT of an idle server
             for target, ep in eps.items():
                 await turn()
-                out[target]["raw"].append(r := await request(ep, "single", i, work.concurrent[0][i % CONCURRENT],
-                                                             args.concurrent_output_tokens, time.perf_counter()))
-                log(f"{target} single request {i + 1}/{args.single}: TTFT {r.ttft_s * 1e3:.0f} ms, "
-                    f"TPOT {r.tpot_s * 1e3:.1f} ms")
+                out[target]["raw"].append(alone := await request(ep, "single", i, work.concurrent[0][i % CONCURRENT],
+                                                                 args.concurrent_output_tokens, time.perf_counter()))
+                log(f"{target} single request {i + 1}/{args.single}: TTFT {alone.ttft_s * 1e3:.0f} ms, "
+                    f"TPOT {alone.tpot_s * 1e3:.1f} ms")
         order = list(eps)
         for r, prompts in enumerate(work.concurrent, 1):
             for target in order[(r - 1) % len(order):] + order[:(r - 1) % len(order)]:
@@ -415,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
                     try:
                         urls[target] = stack.enter_context(started(target, args, model_path))
                     except Exception as e:  # a target that fails is reported and skipped; the run goes on
-                        skipped[target] = str(e) if isinstance(e, Skipped) else f"failed: {type(e).__name__}: {e}"
+                        skipped[target] = why_skipped(e)
                         log(f"{target}: SKIPPED: {skipped[target]}")
                         continue
                     log(f"{target}: ready at {urls[target]}")
@@ -424,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
         except KeyboardInterrupt:
             why = "interrupted"
         except Exception as e:  # a target that fails is reported and skipped; the run goes on
-            why = f"failed: {type(e).__name__}: {e}"
+            why = why_skipped(e)
         for target in group:
             if target in measured and not measured[target]["complete"]:
                 del measured[target]  # only targets measured whole are reported
