@@ -16,7 +16,7 @@ import logging
 
 from fastapi import FastAPI
 
-from cache_store.store import Refused, ReplicaStore
+from cache_store.store import Refused, ReplicaStore, keep_freed_memory
 from common.errors import NotFound, install_error_handlers
 from common.kv import transport_for
 from common.kv.receiver import kv_server
@@ -43,6 +43,8 @@ async def _expire(store: ReplicaStore) -> None:
 
 def create_app(settings: CacheStoreSettings) -> FastAPI:
     store = ReplicaStore(settings.memory_bytes, settings.spill_dir, settings.replica_ttl_s)
+    if not keep_freed_memory(settings.memory_bytes):
+        log.info("not glibc: freed replica memory goes back to the system (each new replica faults its pages in)")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
