@@ -29,7 +29,6 @@ another store) and no partial file is left behind.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
@@ -109,24 +108,6 @@ class Replica:
     def dtype(self) -> str:
         """The wire dtype name of every chunk (put refuses a chunk of another)."""
         return self.chunks[0].dtype
-
-
-def keep_freed_memory(limit: int) -> bool:
-    """Have glibc keep up to `limit` bytes of freed memory for reuse instead of giving it back to
-    the kernel. By default a chunk of 128 KiB or more is its own mapping, unmapped when freed, and
-    the heap's free top is trimmed: every replica then lands in fresh pages, faulted in one by one
-    (on this project's VMs a cache store's CPU for 1.4 GB of replication traffic fell from 2.1 to
-    1.5 s with this, the faults from 294k to 114k, all in the first round). Chunks up to 32 MiB
-    (glibc's ceiling) come from the heap; larger ones are still mappings of their own. The store's
-    resident memory then stays near its peak (its replicas are capped by --memory-bytes, `limit`
-    here) instead of falling back when replicas are dropped. False where this is not glibc
-    (nothing changes)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, min(limit, 2**31 - 1)))
 
 
 ENDED_S = 60.0  # how long a request that ended for good refuses a new replica (see ReplicaStore.drop)

@@ -315,10 +315,33 @@ def _openmp_wait_policy(env) -> None:
 
 
 def _numpy_hugepages(env) -> None:
-    """numpy asks for transparent huge pages (madvise) for every array of 4 MiB or more. Where the
-    kernel compacts memory to find them (THP "defrag" madvise, a common default) and memory is
-    fragmented, each such first touch stalls: on this project's 2-core VMs a fresh 256 MiB array
-    filled at 0.17 GB/s with it, 2.1 GB/s without. KV messages land in fresh arrays (a cache store
-    receives every replica that way: its CPU for 1.4 GB of replication traffic fell from 4.0 to
-    2.1 s). Set before numpy loads; an explicit NUMPY_MADVISE_HUGEPAGE wins."""
+    """numpy asks for transparent huge pages (madvise) for every array of 4 MiB or more. On this
+    project's 2-core VMs (THP defrag "madvise") a fresh 256 MiB array filled at 0.17 GB/s with that
+    advice and 2.1 GB/s without; the likely cause (inferred) is the kernel compacting memory to find
+    huge pages at each fault. KV messages land in fresh arrays: in a replication microbenchmark a
+    cache store's CPU was 1.7-2.9 s with the advice and 1.1-1.2 s without (docs/BENCHMARKS.md §5).
+    Set before numpy loads; an explicit NUMPY_MADVISE_HUGEPAGE wins."""
     env.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
+
+
+def keep_freed_memory(limit: int) -> str:
+    """Have glibc keep freed memory for reuse instead of handing it back to the kernel, for a process
+    whose large buffers come and go (a cache store's replicas). By default a chunk over glibc's
+    mmap threshold (128 KiB, raised as such chunks are freed, up to 32 MiB) is a mapping of its
+    own, unmapped when freed, and the heap's free top is trimmed past twice that threshold: after a
+    round of replicas was dropped the next round faulted every page in again. Here chunks up to 32
+    MiB come from the heap and up to `limit` bytes (at most 2 GiB - 1) of its free top stay. The
+    process's resident memory then stays near its peak; holes left between chunks of other sizes
+    can keep it above what it holds. Returns "" or what could not be set (not glibc, or a glibc
+    that refused a value)."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):
+        return "not glibc: freed memory goes back to the system"
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    refused = [name for name, option, value in (("mmap threshold", M_MMAP_THRESHOLD, 32 << 20),
+                                                ("trim threshold", M_TRIM_THRESHOLD, min(limit, 2**31 - 1)))
+               if not mallopt(option, value)]
+    return f"glibc refused its {' and '.join(refused)}" if refused else ""
