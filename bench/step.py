@@ -9,7 +9,9 @@ Step by step:
    - hf: the Hugging Face modules' own forward (`LlamaForCausalLM`) over a contiguous
      (B, kv_heads, L, head_dim) cache per layer, written in place (no concatenation): what our
      token service ran before its own engine.
-   - with --compile, also ours through torch.compile (engine/compiled.py), its compile time too.
+   - with --compile, also ours through torch.compile (engine/compiled.py), its compile time too;
+   - with --onednn, also ours with oneDNN's prepacked GEMM for the linears instead of our own
+     (engine/kernels/linear.cpp): the step before that kernel.
 3. Alternate ours and hf, --repeats times, each a median of --steps steps; report median [min-max]
    step time, tokens/s (B / step time), and ours/hf.
 4. A profiler table of our step at the largest batch: where the time goes.
@@ -99,7 +101,9 @@ def run(args) -> dict:
     for dtype in args.dtypes:
         model = load_model(path, args.threads, dtype)
         runner = ModelRunner(model, block_size=args.block_size)
-        compiled = None
+        compiled = onednn = None
+        if args.onednn:
+            onednn = ModelRunner(model, block_size=args.block_size, gemm=False)
         if args.compile:
             log(f"{dtype}: compiling the decode step ...")
             compiled = ModelRunner(model, block_size=args.block_size, compile=True)
@@ -109,6 +113,8 @@ def run(args) -> dict:
             fns = {"ours": ours, "hf": hf}
             if compiled is not None:
                 fns["compiled"] = setups(model, compiled, B, args.kv_len)[0]
+            if onednn is not None:
+                fns["onednn"] = setups(model, onednn, B, args.kv_len)[0]
             ms = {name: [] for name in fns}
             for r in range(args.repeats):
                 for name in list(fns) if r % 2 == 0 else list(fns)[::-1]:
@@ -119,8 +125,13 @@ def run(args) -> dict:
             if compiled is not None:
                 results[-1].update(compiled_ms=spread(ms["compiled"]), compile_s=compiled.compiled.compile_s,
                                    compiled_speedup=spread([o / c for o, c in zip(ms["ours"], ms["compiled"])]))
+            if onednn is not None:
+                results[-1].update(onednn_ms=spread(ms["onednn"]),
+                                   gemm_speedup=spread([d / o for o, d in zip(ms["ours"], ms["onednn"])]))
         tables[dtype] = profile_table(setups(model, runner, max(args.batches), args.kv_len)[0])
-        del model, runner
+        if onednn is not None:
+            tables[f"{dtype}, oneDNN GEMM"] = profile_table(setups(model, onednn, max(args.batches), args.kv_len)[0])
+        del model, runner, onednn
         torch.set_num_threads(torch.get_num_threads())
     return {"results": results, "profiles": tables}
 
@@ -139,6 +150,11 @@ def report(out: dict, args) -> None:
         for r in out["results"]:
             print(f"{r['dtype']:9} {r['batch']:>5}  {fmt(r['compiled_ms']):>22}  {fmt(r['compiled_speedup'], 2):>18}"
                   f"  (compiled in {r['compile_s']:.0f} s)")
+    if any("onednn_ms" in r for r in out["results"]):
+        print("\nours with oneDNN's GEMM for the linears (--onednn; the step before our GEMM): step ms, "
+              "oneDNN/ours\n")
+        for r in out["results"]:
+            print(f"{r['dtype']:9} {r['batch']:>5}  {fmt(r['onednn_ms']):>22}  {fmt(r['gemm_speedup'], 2):>18}")
     for dtype, table in out["profiles"].items():
         print(f"\nwhere our step's time goes, {dtype}, batch {max(args.batches)}:\n{table}")
 
@@ -155,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="also time the decode step through torch.compile")
+    p.add_argument("--onednn", action="store_true",
+                   help="also time our step with oneDNN's GEMM for the linears (before engine/kernels/linear.cpp)")
     p.add_argument("--out", help="write the figures as JSON")
     args = p.parse_args(argv)
     if min(args.batches) < 1 or args.kv_len < 1 or args.repeats < 1 or args.steps < 1:

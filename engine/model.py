@@ -48,20 +48,31 @@ def check_supported(hf_model, max_model_len: int) -> None:
 
 
 class Linear:
-    """y = x W^T + b. On CPU the weight is prepacked once into oneDNN's blocked layout: at 1-16 rows
-    (decode) that is 2.3x faster than F.linear's MKL GEMM in float32 and 1.5-2x in bf16, at 512
-    rows (prefill) 1.45x / 1x (bench: /tmp measurements quoted in docs/BENCHMARKS.md). Results
-    differ from F.linear by float rounding (another accumulation order), as any other GEMM would."""
+    """y = x W^T + b. On CPU, by our GEMM (engine/kernels/linear.cpp) when the runner's kernel module
+    runs the weight's dtype (AVX-512; AVX512-BF16 for bf16), else by oneDNN's on a weight prepacked
+    once into its blocked layout, else by F.linear. Measured on a 2-core Zen 4 VM, 30 layers of
+    SmolLM2's linears, 2 threads: ours against prepacked oneDNN 1.7x at 1 row, 1.24-1.37x at 16,
+    1.04-1.10x at 500 (a prefill), float32 and bf16; oneDNN against F.linear's MKL GEMM 2.3x at
+    1-16 rows in float32 and 1.5-2x in bf16 (docs/BENCHMARKS.md §5). Each of the three sums in its
+    own order: results differ by float rounding."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.bias = bias
-        self.packed = None
-        if weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and (
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel=None):
+        self.bias, self.out_features = bias, weight.shape[0]
+        self.packed = self.panels = None
+        dtype = str(weight.dtype).removeprefix("torch.")
+        if (kernel is not None and weight.device.type == "cpu" and dtype in kernel.LINEAR_DTYPES
+                and (weight.dtype != torch.bfloat16 or weight.shape[1] % 2 == 0)):
+            self.kernel, self.panels = kernel, kernel.pack_linear(weight.detach().contiguous())
+            self.bias32 = bias.detach().float().contiguous() if bias is not None else None
+        elif weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and (
                 weight.dtype == torch.float32 or weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)  # 16: a decode batch
-        self.weight = None if self.packed is not None else weight
+        self.weight = None if self.packed is not None or self.panels is not None else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.panels is not None:
+            y = self.kernel.linear(x.reshape(-1, x.shape[-1]).contiguous(), self.panels, self.bias32, self.out_features)
+            return y.view(*x.shape[:-1], self.out_features)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -70,15 +81,15 @@ class Linear:
 class Layer:
     """One decoder layer's weights, fused: qkv (q_heads*D + 2*kv_heads*D, hidden), gate_up (2*I, hidden)."""
 
-    def __init__(self, hf_layer):
+    def __init__(self, hf_layer, kernel=None):
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
         qkv_b = (torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
                  if attn.q_proj.bias is not None else None)  # Qwen2
-        self.qkv = Linear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), qkv_b)
-        self.o = Linear(attn.o_proj.weight, attn.o_proj.bias)
+        self.qkv = Linear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), qkv_b, kernel)
+        self.o = Linear(attn.o_proj.weight, attn.o_proj.bias, kernel)
         gate_up_b = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]) if mlp.gate_proj.bias is not None else None
-        self.gate_up = Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), gate_up_b)
-        self.down = Linear(mlp.down_proj.weight, mlp.down_proj.bias)
+        self.gate_up = Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), gate_up_b, kernel)
+        self.down = Linear(mlp.down_proj.weight, mlp.down_proj.bias, kernel)
         self.ln1 = (hf_layer.input_layernorm.weight, hf_layer.input_layernorm.variance_epsilon)
         self.ln2 = (hf_layer.post_attention_layernorm.weight, hf_layer.post_attention_layernorm.variance_epsilon)
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)  # Qwen3: RMSNorm per head
@@ -90,7 +101,7 @@ class LlamaForward:
     """The whole model, or one pipeline stage of it: `layers`, a contiguous range of the decoder
     layers (the embedding comes with the first, the final norm and LM head with the last)."""
 
-    def __init__(self, hf_model, layers: range | None = None):
+    def __init__(self, hf_model, layers: range | None = None, kernel=None):
         c, inner = hf_model.config, hf_model.model
         layers = range(c.num_hidden_layers) if layers is None else layers
         self.first_layer = layers.start
@@ -99,9 +110,9 @@ class LlamaForward:
         self.kv_heads = getattr(c, "num_key_value_heads", None) or self.q_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // self.q_heads
         self.embed = inner.embed_tokens.weight if self.first else None  # (vocab, hidden)
-        self.layers = [Layer(inner.layers[i]) for i in layers]
+        self.layers = [Layer(inner.layers[i], kernel) for i in layers]
         self.norm = (inner.norm.weight, inner.norm.variance_epsilon)
-        self.lm_head = Linear(hf_model.lm_head.weight, None) if self.last else None  # (vocab, hidden); the embedding if tied
+        self.lm_head = Linear(hf_model.lm_head.weight, None, kernel) if self.last else None  # (vocab, hidden); the embedding if tied
         self.inv_freq = inner.rotary_emb.inv_freq.float()            # (head_dim / 2,)
         self.rope_scale = float(inner.rotary_emb.attention_scaling)
         self.attention = Attention(self.q_heads, self.kv_heads, self.head_dim)

@@ -99,7 +99,7 @@ def _lead_team(threads: int) -> None:
 class ModelRunner:
     def __init__(self, model, block_size: int = 16, max_model_len: int = 1 << 20, own_forward: bool = True,
                  kernels: bool = True, compile: bool = False, turns: str = "", layers: range | None = None,
-                 threads: int = 0):
+                 threads: int = 0, gemm: bool = True):
         self.kv = KVShape.of(model)  # the whole model's: what KV messages and replicas speak of
         # a pipeline stage (token_service/pipeline.py) holds and computes `layers` only; its pool too
         self.layers = range(self.kv.layers) if layers is None else layers
@@ -114,10 +114,12 @@ class ModelRunner:
             if not own_forward:
                 raise Unsupported("own_forward=False")
             check_supported(model, max_model_len)
-            self.llama = LlamaForward(model, self.layers)
-            if kernels and self.device.type == "cpu":  # built here, at start-up, not in a first request
-                kernel = paged_attention()
-                if kernel is not None and self.llama.fits_ops():
+            # built here, at start-up, not in a first request
+            kernel = paged_attention() if kernels and self.device.type == "cpu" else None
+            # its linears through our GEMM where the kernel runs the dtype (gemm=False: oneDNN's, for bench.step)
+            self.llama = LlamaForward(model, self.layers, kernel if gemm else None)
+            if kernel is not None:
+                if self.llama.fits_ops():
                     self.llama.ops = kernel
                     if self.kv.head_dim in kernel.HEAD_DIMS:
                         self.llama.attention.kernel = kernel

@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # fast-math: vector exp (glibc libmvec); OpenMP: parallel.h
 
 
-SOURCES = ("paged_attention.cpp", "pointwise.cpp")
+SOURCES = ("paged_attention.cpp", "pointwise.cpp", "linear.cpp")
 HEADERS = ("parallel.h",)  # not compiled on their own, but a change to one builds anew
 
 

@@ -306,6 +306,11 @@ torch::Tensor add_rms_norm(torch::Tensor h, torch::Tensor delta, torch::Tensor w
 void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor silu_and_mul(torch::Tensor gate_up);
 
+// linear.cpp
+torch::Tensor pack_linear(torch::Tensor w);
+torch::Tensor linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t N);
+std::vector<std::string> linear_dtypes();
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the GIL is released while it runs, as torch's own ops do: the service's event loop goes on
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV pool (CPU)",
@@ -317,5 +322,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "h += delta in place, then RMSNorm of h, fused", release());
   m.def("rope_", &rope_, "rotary embedding in place, fused", release());
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up, fused", release());
+  m.def("pack_linear", &pack_linear, "a linear's weight in the panels `linear` reads", release());
+  m.def("linear", &linear, "x W^T + b for few rows (a decode step's GEMMs)", release());
+  m.attr("LINEAR_DTYPES") = pybind11::cast(linear_dtypes());
   m.attr("HEAD_DIMS") = pybind11::make_tuple(16, 32, 64, 80, 96, 128, 256);
 }

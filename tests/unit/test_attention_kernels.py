@@ -98,3 +98,37 @@ def test_fused_small_ops_equal_pytorchs(dtype, rows):
     gate_up = torch.randn(rows, 2 * 1536, dtype=dtype)
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(kernel.silu_and_mul(gate_up), F.silu(gate) * up, **_tol(dtype))
+
+
+linear_dtypes = [d for d in (torch.float32, torch.bfloat16)
+                 if kernel is not None and str(d).removeprefix("torch.") in kernel.LINEAR_DTYPES]
+
+
+@pytest.mark.skipif(not linear_dtypes, reason="this CPU has no AVX-512: the engines keep oneDNN's GEMM")
+@pytest.mark.parametrize("N, K", [(960, 576), (7, 6), (33, 18), (49, 1536)])  # panels cut short, odd N
+@pytest.mark.parametrize("M", [1, 5, 12, 13, 32, 33, 64, 65, 500])  # tiles of 12 and 8 rows, cut short; row chunks
+def test_linear_equals_a_float64_matmul(N, K, M):
+    """engine/kernels/linear.cpp: x W^T + b against float64, with and without a bias, every column
+    written (none of the zero padding of the last panels leaks into the output)."""
+    for dtype in linear_dtypes:
+        torch.manual_seed(M * N + K)
+        w, b, x = torch.randn(N, K).to(dtype), torch.randn(N), torch.randn(M, K).to(dtype)
+        packed = kernel.pack_linear(w)
+        want = x.double() @ w.double().T
+        # bf16: exact products, float32 sums, one rounding of the result to bf16 (8 bits of mantissa)
+        tol = {"atol": 1e-4, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 8e-3}
+        got = kernel.linear(x, packed, None, N)
+        assert got.dtype == dtype and got.shape == (M, N)
+        torch.testing.assert_close(got.double(), want, **tol)
+        torch.testing.assert_close(kernel.linear(x, packed, b, N).double(), want + b.double(), **tol)
+
+
+@pytest.mark.skipif(not linear_dtypes, reason="this CPU has no AVX-512")
+def test_linear_refuses_a_weight_packed_for_another_shape():
+    packed = kernel.pack_linear(torch.randn(64, 32))
+    with pytest.raises(RuntimeError, match="packed by pack_linear"):
+        kernel.linear(torch.randn(2, 16), packed, None, 64)  # another K
+    with pytest.raises(RuntimeError, match="packed by pack_linear"):
+        kernel.linear(torch.randn(2, 32), packed, None, 16)  # N of fewer panels
+    with pytest.raises(RuntimeError, match="one dtype"):
+        kernel.linear(torch.randn(2, 32).double(), packed, None, 64)

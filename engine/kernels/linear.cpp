@@ -1,0 +1,203 @@
+// y = x W^T + b on CPU, for the GEMMs of a decode step: few rows (one per sequence), a weight read
+// from memory once per step. oneDNN's prepacked GEMM streamed SmolLM2's weights at 12-18 GB/s at
+// 1-16 rows on this project's 2-core AMD EPYC (Zen 4) VMs; this one, at 1 row, about twice that.
+//
+//   pack_linear(W (N, K))      -> the weight in 16-column panels, read front to back:
+//                                 float32 (N/16, K, 16); bfloat16 (N/16, K/2, 16, 2), k-pairs for
+//                                 VDPBF16PS; N zero-padded to whole panels (PANELS of them together)
+//   linear(x (M, K), packed, bias (N,) float32 or None, N) -> (M, N), x's dtype
+//
+// A microkernel takes `PANELS` panels (16 or 32 output columns) and up to TM rows of x; its
+// accumulators (TM x PANELS zmm registers, float32) stay in registers over the whole of K, each
+// weight vector loaded once and used by every row (a row's x element broadcast). Work items are
+// panel groups x row chunks, group-major: a thread's items share weight panels. bfloat16 products
+// accumulate in float32 (VDPBF16PS), rounded to bfloat16 once at the end, as oneDNN does.
+//
+// Needs AVX-512 (and AVX512-BF16 for bfloat16): LINEAR_DTYPES says which this build runs; the
+// engine keeps oneDNN's GEMM for the others (engine/model.py, Linear).
+#include <torch/extension.h>
+#include "parallel.h"
+#include <immintrin.h>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr int64_t ROW_CHUNK = 64;  // rows of one work item: a prefill splits into chunks too
+
+#if defined(__AVX512F__)
+// float32: panel (K, 16); one FMA per weight vector and row.
+template <int TM, int PANELS>
+void tile_f32(const float* x, int64_t K, const float* w, const float* bias, float* y, int64_t ldy,
+              int64_t n0, int64_t N) {
+  __m512 acc[PANELS][TM];
+  for (int p = 0; p < PANELS; ++p)
+    for (int m = 0; m < TM; ++m) acc[p][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 wv[PANELS];
+    for (int p = 0; p < PANELS; ++p) {
+      const float* wp = w + p * K * 16 + k * 16;
+      wv[p] = _mm512_loadu_ps(wp);
+      _mm_prefetch(reinterpret_cast<const char*>(wp + 256), _MM_HINT_T0);  // 1 KiB ahead
+    }
+    for (int m = 0; m < TM; ++m) {
+      const __m512 xv = _mm512_set1_ps(x[m * K + k]);
+      for (int p = 0; p < PANELS; ++p) acc[p][m] = _mm512_fmadd_ps(xv, wv[p], acc[p][m]);
+    }
+  }
+  for (int p = 0; p < PANELS; ++p) {
+    const int64_t n = n0 + 16 * p;
+    if (n >= N) break;
+    const __mmask16 mask = N - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n)) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
+    for (int m = 0; m < TM; ++m) _mm512_mask_storeu_ps(y + m * ldy + n, mask, _mm512_add_ps(acc[p][m], b));
+  }
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define DEJAVU_LINEAR_BF16 1
+// bfloat16: panel (K/2, 16, 2); one VDPBF16PS (two products a lane) per weight vector and row.
+template <int TM, int PANELS>
+void tile_bf16(const uint16_t* x, int64_t K, const uint16_t* w, const float* bias, uint16_t* y, int64_t ldy,
+               int64_t n0, int64_t N) {
+  __m512 acc[PANELS][TM];
+  for (int p = 0; p < PANELS; ++p)
+    for (int m = 0; m < TM; ++m) acc[p][m] = _mm512_setzero_ps();
+  const int64_t pairs = K / 2;
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    __m512bh wv[PANELS];
+    for (int p = 0; p < PANELS; ++p) {
+      const uint16_t* wp = w + p * K * 16 + kp * 32;
+      wv[p] = (__m512bh)_mm512_loadu_si512(wp);
+      _mm_prefetch(reinterpret_cast<const char*>(wp + 512), _MM_HINT_T0);  // 1 KiB ahead
+    }
+    for (int m = 0; m < TM; ++m) {
+      int32_t pair;
+      std::memcpy(&pair, x + m * K + 2 * kp, sizeof pair);
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+      for (int p = 0; p < PANELS; ++p) acc[p][m] = _mm512_dpbf16_ps(acc[p][m], xv, wv[p]);
+    }
+  }
+  for (int p = 0; p < PANELS; ++p) {
+    const int64_t n = n0 + 16 * p;
+    if (n >= N) break;
+    const __mmask16 mask = N - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n)) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
+    for (int m = 0; m < TM; ++m) {
+      const __m256bh out = _mm512_cvtneps_pbh(_mm512_add_ps(acc[p][m], b));  // round to nearest even
+      _mm256_mask_storeu_epi16(y + m * ldy + n, mask, (__m256i)out);
+    }
+  }
+}
+#endif
+
+// The tile shapes, measured on the 2-core Zen 4 VM (30 layers of SmolLM2's linears, 2 threads):
+// float32 one panel x 8 rows (two panels lose at 1 and 512 rows); bfloat16 two panels x 12 rows
+// up to 32 rows (at 16 rows 11.4 ms against 12.5 with one panel), x 8 beyond.
+template <typename T, int PANELS, int TM, typename Tile>
+void run(const T* x, int64_t M, int64_t K, const T* w, int64_t panels, const float* bias, T* y, int64_t N,
+         Tile tile) {
+  const int64_t groups = (panels + PANELS - 1) / PANELS, chunks = (M + ROW_CHUNK - 1) / ROW_CHUNK;
+  dejavu::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t g = item / chunks, c = item % chunks;
+      const T* wg = w + g * PANELS * K * 16;
+      for (int64_t m0 = c * ROW_CHUNK; m0 < std::min(M, (c + 1) * ROW_CHUNK); m0 += TM) {
+        const int64_t rows = std::min<int64_t>(TM, M - m0);
+        tile(x + m0 * K, K, wg, bias, y + m0 * N, N, g * PANELS * 16, N, rows);
+      }
+    }
+  });
+}
+
+// A tile of `rows` < TM rows: the template for that count (registers are fixed at compile time).
+#define DEJAVU_ROWS(F, PANELS)                                                                       \
+  [](auto x, int64_t K, auto w, const float* bias, auto y, int64_t ldy, int64_t n0, int64_t N,       \
+     int64_t rows) {                                                                                 \
+    switch (rows) {                                                                                  \
+      case 1: return F<1, PANELS>(x, K, w, bias, y, ldy, n0, N);                                     \
+      case 2: return F<2, PANELS>(x, K, w, bias, y, ldy, n0, N);                                     \
+      case 3: return F<3, PANELS>(x, K, w, bias, y, ldy, n0, N);                                     \
+      case 4: return F<4, PANELS>(x, K, w, bias, y, ldy, n0, N);                                     \
+      case 5: return F<5, PANELS>(x, K, w, bias, y, ldy, n0, N);                                     \
+      case 6: return F<6, PANELS>(x, K, w, bias, y, ldy, n0, N);                                     \
+      case 7: return F<7, PANELS>(x, K, w, bias, y, ldy, n0, N);                                     \
+      case 8: return F<8, PANELS>(x, K, w, bias, y, ldy, n0, N);                                     \
+      case 9: return F<9, PANELS>(x, K, w, bias, y, ldy, n0, N);                                     \
+      case 10: return F<10, PANELS>(x, K, w, bias, y, ldy, n0, N);                                   \
+      case 11: return F<11, PANELS>(x, K, w, bias, y, ldy, n0, N);                                   \
+      default: return F<12, PANELS>(x, K, w, bias, y, ldy, n0, N);                                   \
+    }                                                                                                \
+  }
+
+constexpr int PANELS_F32 = 1, PANELS_BF16 = 2;
+
+int64_t panels_for(const torch::Tensor& w) { return w.scalar_type() == torch::kBFloat16 ? PANELS_BF16 : PANELS_F32; }
+
+}  // namespace
+
+torch::Tensor pack_linear(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.device().is_cpu(), "pack_linear: a (N, K) CPU weight");
+  const bool bf16 = w.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(bf16 || w.scalar_type() == torch::kFloat, "pack_linear: float32 or bfloat16");
+  TORCH_CHECK(!bf16 || w.size(1) % 2 == 0, "pack_linear: bfloat16 needs an even K");
+  const int64_t N = w.size(0), K = w.size(1), group = 16 * panels_for(w);
+  const int64_t padded = (N + group - 1) / group * group;
+  auto full = torch::zeros({padded, K}, w.options());
+  full.narrow(0, 0, N).copy_(w);
+  if (!bf16) return full.view({padded / 16, 16, K}).transpose(1, 2).contiguous();         // (N/16, K, 16)
+  return full.view({padded / 16, 16, K / 2, 2}).permute({0, 2, 1, 3}).contiguous();        // (N/16, K/2, 16, 2)
+}
+
+torch::Tensor linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "linear: x (M, K), contiguous, on CPU");
+  TORCH_CHECK(x.scalar_type() == packed.scalar_type(), "linear: x and the weight of one dtype");
+  const int64_t M = x.size(0), K = x.size(1), panels = packed.size(0);
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(packed.is_contiguous() && (bf16 ? packed.dim() == 4 && packed.size(1) * 2 == K
+                                              : packed.dim() == 3 && packed.size(1) == K) &&
+              panels % panels_for(packed) == 0 && N <= panels * 16 && N > (panels - panels_for(packed)) * 16,
+              "linear: a weight packed by pack_linear for this K and N");
+  const float* b = nullptr;
+  if (bias) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == N,
+                "linear: a float32 bias of N");
+    b = bias->data_ptr<float>();
+  }
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0) return y;
+  if (bf16) {
+#ifdef DEJAVU_LINEAR_BF16
+    const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
+    const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
+    auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
+    if (M <= 32)
+      run<uint16_t, PANELS_BF16, 12>(xp, M, K, wp, panels, b, yp, N, DEJAVU_ROWS(tile_bf16, PANELS_BF16));
+    else
+      run<uint16_t, PANELS_BF16, 8>(xp, M, K, wp, panels, b, yp, N, DEJAVU_ROWS(tile_bf16, PANELS_BF16));
+    return y;
+#else
+    TORCH_CHECK(false, "linear: this build has no bfloat16 kernel (no AVX512-BF16)");
+#endif
+  }
+#ifdef __AVX512F__
+  run<float, PANELS_F32, 8>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(), panels, b, y.data_ptr<float>(), N,
+                            DEJAVU_ROWS(tile_f32, PANELS_F32));
+  return y;
+#else
+  TORCH_CHECK(false, "linear: this build has no float32 kernel (no AVX-512)");
+#endif
+}
+
+std::vector<std::string> linear_dtypes() {
+  std::vector<std::string> out;
+#ifdef __AVX512F__
+  out.push_back("float32");
+#endif
+#ifdef DEJAVU_LINEAR_BF16
+  out.push_back("bfloat16");
+#endif
+  return out;
+}
