@@ -4,7 +4,7 @@
             [--colocated] [--stages 1] [--prompt-stages 1] [--swap --kv-device-bytes B] [--redis-url URL] [--kv-transport ucx|tcp] [--dtype auto|float32|bfloat16|float16]
             [--cpu-placement auto|split|turns|off] [--api-key KEY ...] [--max-queued-requests 1024]
   dejavu status [--redis-url URL] [--json]
-  dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, agreement, capacity, chaos, overload, pipeline, swap: python -m bench.NAME)
+  dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, gemm, agreement, capacity, chaos, overload, pipeline, swap: python -m bench.NAME)
   dejavu profile [--model M] [--quick] [--out profile.json]
   dejavu plan --profile FILE --machines D --prompt-tokens P --output-tokens N [--json] [--rate R] [--ttft-s X --tpot-s Y]
   dejavu simulate --profile FILE [--layout 1+1 --layout colocated] [--rates 0.2,0.4] [--plot FILE.png]
@@ -116,6 +116,7 @@ BENCHMARKS = {
     "replication": "decode throughput against the replication interval",
     "serve": "closed-loop throughput and TTFT against Hugging Face generate",
     "step": "the engine's decode step against batch size, ours against the Hugging Face modules",
+    "gemm": "a decode step's linears alone: our GEMM against oneDNN's, by rows and dtype",
     "agreement": "top-1 agreement of our logits with Hugging Face's, teacher-forced, float32 and bf16",
     "capacity": "chat-length requests that fit in a KV budget: whole rows against paged blocks",
     "chaos": "concurrent streams while token services, a cache store, a prompt service and Redis fail",

@@ -58,11 +58,11 @@ class Linear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel=None):
         self.bias, self.out_features = bias, weight.shape[0]
-        self.packed = self.panels = None
+        self.packed = self.panels = self.kernel = self.bias32 = None
         dtype = str(weight.dtype).removeprefix("torch.")
         if (kernel is not None and weight.device.type == "cpu" and dtype in kernel.LINEAR_DTYPES
                 and (weight.dtype != torch.bfloat16 or weight.shape[1] % 2 == 0)):
-            self.kernel, self.panels = kernel, kernel.pack_linear(weight.detach().contiguous())
+            self.kernel, self.panels = kernel, kernel.pack_linear(weight.detach())
             self.bias32 = bias.detach().float().contiguous() if bias is not None else None
         elif weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and (
                 weight.dtype == torch.float32 or weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):

@@ -136,7 +136,7 @@ class ModelRunner:
         torch.set_num_threads(caller)  # which set the count threads started later take: give it back
         self.turns = Turns(turns) if turns else None  # the host's other engines compute in between
         # float32, one sequence: a batch of one is traced with static shapes, and inductor's GEMM
-        # for those is MKL's, slower than our prepacked oneDNN one (engine/compiled.py)
+        # for those is MKL's, slower than oneDNN's prepacked one, let alone ours (engine/compiled.py)
         self.compiled_min_batch = 2 if self.dtype == torch.float32 else 1
         self.compiled: CompiledDecode | None = None
         if compile and self.llama is not None and CompiledDecode.supports(model) and len(self.layers) == self.kv.layers:

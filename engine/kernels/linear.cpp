@@ -99,13 +99,14 @@ void tile_bf16(const uint16_t* x, int64_t K, const uint16_t* w, const float* bia
 template <typename T, int PANELS, int TM, typename Tile>
 void run(const T* x, int64_t M, int64_t K, const T* w, int64_t panels, const float* bias, T* y, int64_t N,
          Tile tile) {
+  static_assert(TM >= 1 && TM <= 12, "DEJAVU_ROWS instantiates tiles of 1-12 rows");
   const int64_t groups = (panels + PANELS - 1) / PANELS, chunks = (M + ROW_CHUNK - 1) / ROW_CHUNK;
   dejavu::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / chunks, c = item % chunks;
       const T* wg = w + g * PANELS * K * 16;
       for (int64_t m0 = c * ROW_CHUNK; m0 < std::min(M, (c + 1) * ROW_CHUNK); m0 += TM) {
-        const int64_t rows = std::min<int64_t>(TM, M - m0);
+        const int64_t rows = std::min<int64_t>(TM, std::min(M, (c + 1) * ROW_CHUNK) - m0);  // within the chunk
         tile(x + m0 * K, K, wg, bias, y + m0 * N, N, g * PANELS * 16, N, rows);
       }
     }
@@ -128,7 +129,8 @@ void run(const T* x, int64_t M, int64_t K, const T* w, int64_t panels, const flo
       case 9: return F<9, PANELS>(x, K, w, bias, y, ldy, n0, N);                                     \
       case 10: return F<10, PANELS>(x, K, w, bias, y, ldy, n0, N);                                   \
       case 11: return F<11, PANELS>(x, K, w, bias, y, ldy, n0, N);                                   \
-      default: return F<12, PANELS>(x, K, w, bias, y, ldy, n0, N);                                   \
+      case 12: return F<12, PANELS>(x, K, w, bias, y, ldy, n0, N);                                   \
+      default: TORCH_CHECK(false, "linear: a tile of ", rows, " rows");                              \
     }                                                                                                \
   }
 
@@ -156,13 +158,15 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch:
   TORCH_CHECK(x.scalar_type() == packed.scalar_type(), "linear: x and the weight of one dtype");
   const int64_t M = x.size(0), K = x.size(1), panels = packed.size(0);
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
-  TORCH_CHECK(packed.is_contiguous() && (bf16 ? packed.dim() == 4 && packed.size(1) * 2 == K
-                                              : packed.dim() == 3 && packed.size(1) == K) &&
+  TORCH_CHECK(packed.device().is_cpu() && packed.is_contiguous() &&
+              (bf16 ? packed.dim() == 4 && packed.size(1) * 2 == K && packed.size(2) == 16 && packed.size(3) == 2
+                    : packed.dim() == 3 && packed.size(1) == K && packed.size(2) == 16) &&
               panels % panels_for(packed) == 0 && N <= panels * 16 && N > (panels - panels_for(packed)) * 16,
               "linear: a weight packed by pack_linear for this K and N");
   const float* b = nullptr;
   if (bias) {
-    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == N,
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->device().is_cpu() && bias->is_contiguous() &&
+                bias->numel() == N,
                 "linear: a float32 bias of N");
     b = bias->data_ptr<float>();
   }
@@ -180,6 +184,7 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch:
     return y;
 #else
     TORCH_CHECK(false, "linear: this build has no bfloat16 kernel (no AVX512-BF16)");
+    return y;
 #endif
   }
 #ifdef __AVX512F__
@@ -188,6 +193,7 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch:
   return y;
 #else
   TORCH_CHECK(false, "linear: this build has no float32 kernel (no AVX-512)");
+  return y;
 #endif
 }
 

@@ -132,3 +132,32 @@ def test_linear_refuses_a_weight_packed_for_another_shape():
         kernel.linear(torch.randn(2, 32), packed, None, 16)  # N of fewer panels
     with pytest.raises(RuntimeError, match="one dtype"):
         kernel.linear(torch.randn(2, 32).double(), packed, None, 64)
+    with pytest.raises(RuntimeError, match="packed by pack_linear"):  # panels of 8 columns: half the bytes it reads
+        kernel.linear(torch.randn(2, 32), torch.randn(8, 32, 8), None, 64)
+    if torch.bfloat16 in linear_dtypes:
+        with pytest.raises(RuntimeError, match="packed by pack_linear"):  # K pairs in the wrong place
+            kernel.linear(torch.randn(2, 32).bfloat16(), torch.randn(4, 16, 2, 16).bfloat16(), None, 64)
+        with pytest.raises(RuntimeError, match="even K"):
+            kernel.pack_linear(torch.randn(64, 33).bfloat16())
+
+
+@pytest.mark.skipif(not linear_dtypes, reason="this CPU has no AVX-512")
+@pytest.mark.parametrize("bias", [False, True])
+def test_model_linear_takes_our_gemm_where_the_kernel_runs_the_dtype(bias):
+    """engine/model.py's Linear: our panels for a dtype the kernel lists, any leading dims and a
+    non-contiguous x; oneDNN's prepacked weight for a dtype it does not list (another build, CPU)."""
+    from engine.model import Linear
+
+    torch.manual_seed(1)
+    w, b = torch.randn(40, 24), torch.randn(40) if bias else None
+    ours = Linear(w, b, kernel)
+    assert ours.panels is not None and ours.packed is None
+    x = torch.randn(3, 24, 5).transpose(1, 2)  # (3, 5, 24), not contiguous
+    torch.testing.assert_close(ours(x), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+    class Without:  # a build whose LINEAR_DTYPES lacks float32
+        LINEAR_DTYPES = ()
+
+    onednn = Linear(w, b, Without())
+    assert onednn.panels is None and (onednn.packed is not None or not torch.backends.mkldnn.is_available())
+    torch.testing.assert_close(onednn(x.reshape(-1, 24)), F.linear(x.reshape(-1, 24), w, b), atol=1e-5, rtol=1e-5)
