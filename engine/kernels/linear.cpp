@@ -1,6 +1,8 @@
 // y = x W^T + b on CPU, for the GEMMs of a decode step: few rows (one per sequence), a weight read
 // from memory once per step. oneDNN's prepacked GEMM streamed SmolLM2's weights at 12-18 GB/s at
-// 1-16 rows on this project's 2-core AMD EPYC (Zen 4) VMs; this one, at 1 row, about twice that.
+// 1-16 rows on this project's 2-core AMD EPYC (Zen 4) VMs; this one is 1.55x (float32) and 1.68x
+// (bf16) faster at 1 row, 1.19x and 1.34x at 16, as fast at a 500-token prefill (dejavu bench gemm,
+// docs/BENCHMARKS.md §5).
 //
 //   pack_linear(W (N, K))      -> the weight in 16-column panels, read front to back:
 //                                 float32 (N/16, K, 16); bfloat16 (N/16, K/2, 16, 2), k-pairs for
