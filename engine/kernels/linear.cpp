@@ -15,8 +15,8 @@
 // panel groups x row chunks, group-major: a thread's items share weight panels. bfloat16 products
 // accumulate in float32 (VDPBF16PS), rounded to bfloat16 once at the end, as oneDNN does.
 //
-// Needs AVX-512 (and AVX512-BF16 for bfloat16): LINEAR_DTYPES says which this build runs; the
-// engine keeps oneDNN's GEMM for the others (engine/model.py, Linear).
+// Needs AVX-512 (and AVX512-BF16, without AMX, for bfloat16): LINEAR_DTYPES says which this build
+// runs; the engine keeps oneDNN's GEMM for the others (engine/model.py, Linear).
 #include <torch/extension.h>
 #include "parallel.h"
 #include <immintrin.h>
@@ -165,7 +165,7 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch:
                     : packed.dim() == 3 && packed.size(1) == K && packed.size(2) == 16) &&
               panels % panels_for(packed) == 0 && N <= panels * 16 && N > (panels - panels_for(packed)) * 16,
               "linear: a weight packed by pack_linear for this K and N");
-  const float* b = nullptr;
+  [[maybe_unused]] const float* b = nullptr;  // unused in a build without AVX-512
   if (bias) {
     TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->device().is_cpu() && bias->is_contiguous() &&
                 bias->numel() == N,
@@ -204,7 +204,9 @@ std::vector<std::string> linear_dtypes() {
 #ifdef __AVX512F__
   out.push_back("float32");
 #endif
-#ifdef DEJAVU_LINEAR_BF16
+#if defined(DEJAVU_LINEAR_BF16) && !defined(__AMX_BF16__)
+  // Not on a CPU with AMX (Intel Sapphire Rapids and later): there oneDNN runs bf16 GEMMs on AMX
+  // tiles, far faster than VDPBF16PS for a prefill's rows; ours is unmeasured there, oneDNN stays.
   out.push_back("bfloat16");
 #endif
   return out;
