@@ -3,7 +3,8 @@
 Step by step:
 1. Take the shapes of one decoder layer of the model (--model's config; no weights are read):
    fused QKV, O, fused gate/up and down projections; random weights for --layers layers, so that
-   a pass reads them from memory as a decode step does (SmolLM2: 30 layers, 212 MB in float32).
+   a pass reads them from memory as a decode step does (SmolLM2: 30 layers, 424 MB in float32,
+   212 MB in bf16).
 2. Pack every weight both ways: oneDNN's prepacked layout (what engine/model.py's Linear used
    before) and our panels.
 3. For each dtype and each row count (--rows: decode batches, and a 500-token prefill), run all
