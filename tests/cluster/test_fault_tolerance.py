@@ -241,6 +241,13 @@ def test_fenced_owner_waking_up_cannot_touch_its_successors_replica(cluster, tin
         c.kill(seen["victim"], signal.SIGSTOP)
 
     def wake(c):
+        # The victim may have sent tokens past 250 before it stopped (they reach this client late,
+        # behind the hang's own metric polls): waking it then, before its lease lapsed, left it the
+        # owner, with no successor. Wake it once the successor has the request, as this test means.
+        deadline = time.monotonic() + 60
+        while recoveries(c, "replica") < before + 1:
+            assert time.monotonic() < deadline, "the hung owner was never replaced"
+            time.sleep(0.05)
         seen["victim"].proc.send_signal(signal.SIGCONT)
 
     def kill_successor(c):
