@@ -49,12 +49,13 @@ def check_supported(hf_model, max_model_len: int) -> None:
 
 class Linear:
     """y = x W^T + b. On CPU, by our GEMM (engine/kernels/linear.cpp) when the runner's kernel module
-    runs the weight's dtype (AVX-512; for bf16 AVX512-BF16 and no AMX), else by oneDNN's on a weight prepacked
-    once into its blocked layout, else by F.linear. Measured on a 2-core Zen 4 VM, 30 layers of
-    SmolLM2's linears, 2 threads (`dejavu bench gemm`): ours against prepacked oneDNN 1.55x / 1.68x
-    at 1 row (float32 / bf16), 1.19x / 1.34x at 16, 1.05x / 1.02x at 500 (a prefill); oneDNN
-    against F.linear's MKL GEMM 2.3x at 1-16 rows in float32 and 1.5-2x in bf16 (docs/BENCHMARKS.md
-    §5). Each of the three sums in its own order: results differ by float rounding."""
+    runs the weight's dtype (AVX-512; for bf16 AVX512-BF16 and no AMX), else by oneDNN's on a weight
+    prepacked once into its blocked layout, else by F.linear. Measured on a 2-core Zen 4 VM, 30
+    layers of SmolLM2's linears, 2 threads (`dejavu bench gemm`): ours against prepacked oneDNN
+    1.55x / 1.68x at 1 row (float32 / bf16), 1.19x / 1.34x at 16, 1.05x / 1.02x at 500 (a prefill);
+    oneDNN against F.linear's MKL GEMM 2.3x at 1-16 rows in float32 and 1.5-2x in bf16
+    (docs/BENCHMARKS.md §5). Each of the three sums in its own order: results differ by float
+    rounding."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel=None):
         self.bias, self.out_features = bias, weight.shape[0]

@@ -118,11 +118,10 @@ class ModelRunner:
             kernel = paged_attention() if kernels and self.device.type == "cpu" else None
             # its linears through our GEMM where the kernel runs the dtype (gemm=False: oneDNN's, for bench.step)
             self.llama = LlamaForward(model, self.layers, kernel if gemm else None)
-            if kernel is not None:
-                if self.llama.fits_ops():
-                    self.llama.ops = kernel
-                    if self.kv.head_dim in kernel.HEAD_DIMS:
-                        self.llama.attention.kernel = kernel
+            if kernel is not None and self.llama.fits_ops():
+                self.llama.ops = kernel
+                if self.kv.head_dim in kernel.HEAD_DIMS:
+                    self.llama.attention.kernel = kernel
         except Unsupported as why:
             if len(self.layers) < self.kv.layers:
                 raise ValueError(f"pipeline stages need a model our forward runs (Llama family): {why}") from None
