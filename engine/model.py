@@ -118,6 +118,7 @@ class LlamaForward:
         self.rope_scale = float(inner.rotary_emb.attention_scaling)
         self.attention = Attention(self.q_heads, self.kv_heads, self.head_dim)
         self.ops = None  # engine.kernels.paged_attention(): fused small ops, set by the runner on CPU
+        self.stack = None  # its DecodeStack: a decode step's layers in one call (use_decode_stack)
 
     def fits_ops(self) -> bool:
         """What the fused small ops assume: float32 or bf16 everywhere, an even head_dim."""
@@ -125,6 +126,21 @@ class LlamaForward:
         dtype = self.norm[0].dtype
         return (self.norm[0].device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
                 and self.head_dim % 2 == 0 and all(w.dtype == dtype for w in norms))
+
+    def use_decode_stack(self, kernel) -> bool:
+        """Run decode steps' layers through the kernel module's DecodeStack (engine/kernels/decode.cpp:
+        this loop in C++, the GIL released) where it computes exactly what the loop does: every
+        linear on our GEMM, the fused ops and the attention kernel set, no per-head norms (Qwen3)."""
+        linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        if (self.ops is not kernel or self.attention.kernel is not kernel or any(lin.panels is None for lin in linears)
+                or any(layer.q_norm is not None for layer in self.layers)):
+            return False
+        self.stack = kernel.DecodeStack(self.q_heads, self.kv_heads, self.head_dim, self.head_dim ** -0.5)
+        for layer in self.layers:
+            lins = (layer.qkv, layer.o, layer.gate_up, layer.down)
+            self.stack.add(*[t for lin in lins for t in (lin.panels, lin.bias32)], *[lin.out_features for lin in lins],
+                           *layer.ln1, *layer.ln2)
+        return True
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
@@ -138,6 +154,18 @@ class LlamaForward:
         (in place of the embedding: the first stage's input is `ids`, a later one's `hidden`)."""
         h = self.embed[ids] if self.first else hidden                # (N, hidden), the residual stream
         cos, sin = self._rope(positions, h.dtype)                    # (N, head_dim)
+        if self.stack is not None and batch.decode_only and pool is not None and on_layer is None:
+            h = self.stack.run(h.contiguous(), pool, batch.slot_mapping, batch.decode_slots, batch.decode_lengths, cos, sin)
+        else:
+            h = self._layers(h, cos, sin, batch, pool, on_layer)
+        if not self.last:
+            return h
+        h = _rms_norm(h[logits_at], *self.norm)
+        return self.lm_head(h).float()
+
+    def _layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch,
+                pool: torch.Tensor | None, on_layer: LayerCallback | None) -> torch.Tensor:
+        """The decoder layers over the residual stream h (N, hidden), in place; returns it."""
         D, Hq, Hkv = self.head_dim, self.q_heads, self.kv_heads
         x = self._norm(h, self.layers[0].ln1)
         for i, layer in enumerate(self.layers):
@@ -158,10 +186,7 @@ class LlamaForward:
                 x = self._add_norm(h, mlp, self.layers[i + 1].ln1)
             else:
                 h = h + mlp
-        if not self.last:
-            return h
-        h = _rms_norm(h[logits_at], *self.norm)
-        return self.lm_head(h).float()
+        return h
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq.to(positions.device)  # (N, head_dim / 2), float32 as HF

@@ -122,6 +122,7 @@ class ModelRunner:
                 self.llama.ops = kernel
                 if self.kv.head_dim in kernel.HEAD_DIMS:
                     self.llama.attention.kernel = kernel
+                self.llama.use_decode_stack(kernel)
         except Unsupported as why:
             if len(self.layers) < self.kv.layers:
                 raise ValueError(f"pipeline stages need a model our forward runs (Llama family): {why}") from None

@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # fast-math: vector exp (glibc libmvec); OpenMP: parallel.h
 
 
-SOURCES = ("paged_attention.cpp", "pointwise.cpp", "linear.cpp")
+SOURCES = ("paged_attention.cpp", "pointwise.cpp", "linear.cpp", "decode.cpp")
 HEADERS = ("parallel.h",)  # not compiled on their own, but a change to one builds anew
 
 
@@ -26,7 +26,9 @@ HEADERS = ("parallel.h",)  # not compiled on their own, but a change to one buil
 def paged_attention():
     """The module of our CPU kernels: attention (`paged_decode_attention`, `causal_attention`, in
     paged_attention.cpp) and a layer's fused small ops (`rms_norm`, `add_rms_norm`, `rope_`,
-    `silu_and_mul`, in pointwise.cpp), built for this CPU (-march=native: its name hashes the CPU's
+    `silu_and_mul`, in pointwise.cpp), the GEMM of the linears (`pack_linear`, `linear`, in
+    linear.cpp) and a decode step's layers in one call (`DecodeStack`, in decode.cpp), built for
+    this CPU (-march=native: its name hashes the CPU's
     flags, the sources and where they live, so another CPU, an edited source or another checkout
     builds anew); or None."""
     try:

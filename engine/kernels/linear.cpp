@@ -103,7 +103,9 @@ void run(const T* x, int64_t M, int64_t K, const T* w, int64_t panels, const flo
          Tile tile) {
   static_assert(TM >= 1 && TM <= 12, "DEJAVU_ROWS instantiates tiles of 1-12 rows");
   const int64_t groups = (panels + PANELS - 1) / PANELS, chunks = (M + ROW_CHUNK - 1) / ROW_CHUNK;
-  dejavu::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
+  // items taken a few at a time (parallel.h): about 8 takes a thread
+  const int64_t take = std::max<int64_t>(1, groups * chunks / (8 * at::get_num_threads()));
+  dejavu::parallel_for_dynamic(0, groups * chunks, take, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / chunks, c = item % chunks;
       const T* wg = w + g * PANELS * K * 16;

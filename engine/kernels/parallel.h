@@ -46,4 +46,37 @@ inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) 
   if (error) std::rethrow_exception(error);
 }
 
+// parallel_for_dynamic(begin, end, chunk, f): the same contract, but the team takes `chunk` items
+// at a time from a shared counter until none are left, rather than one range a thread fixed up
+// front. On a host whose cores the services share (the gateway, the event loop, a cache store), a
+// thread that loses its core mid-op then holds up its team by the chunk it is in, not by half the
+// op: the others take the rest. For ops of many similar items (a GEMM's panels, a decode step's
+// sequences); items are taken in order, so neighbours still tend to share a thread.
+template <typename F>
+inline void parallel_for_dynamic(int64_t begin, int64_t end, int64_t chunk, const F& f) {
+  const int64_t n = end - begin;
+  if (n <= 0) return;
+  chunk = std::max<int64_t>(chunk, 1);
+  if (n <= chunk || at::get_num_threads() <= 1 || omp_in_parallel()) {
+    f(begin, end);
+    return;
+  }
+  std::atomic<int64_t> next{begin};
+  std::atomic_flag failed = ATOMIC_FLAG_INIT;
+  std::exception_ptr error;
+#pragma omp parallel
+  {
+    for (int64_t b = next.fetch_add(chunk, std::memory_order_relaxed); b < end;
+         b = next.fetch_add(chunk, std::memory_order_relaxed)) {
+      try {
+        f(b, std::min(end, b + chunk));
+      } catch (...) {
+        if (!failed.test_and_set()) error = std::current_exception();
+        next.store(end, std::memory_order_relaxed);  // the others stop taking items
+      }
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
 }  // namespace dejavu

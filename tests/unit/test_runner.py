@@ -2,6 +2,8 @@
 over a paged pool, with prompts prefilled in one batch, decode steps where sequences of different
 lengths share the batch and join late, and chunked prefill."""
 
+import copy
+
 import pytest
 import torch
 
@@ -80,6 +82,28 @@ def test_chunks_and_extend_equal_one_prefill(runner, tiny_oracle):
     while len(out) < 8:
         out.append(int(runner.forward([Segment([out[-1]], len(ids) + len(out) - 1, part)], pool).argmax()))
     assert out == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_stack_equals_the_python_loop_to_the_bit(tiny_oracle, dtype):
+    """A decode step's layers in one C++ call (engine/kernels/decode.cpp) run the loop's kernels in
+    the loop's order: the same logits and the same K/V in the pool, to the bit; sequences of
+    different lengths over scattered blocks."""
+    runner = ModelRunner(copy.deepcopy(tiny_oracle.model).to(dtype), block_size=BLOCK)
+    if runner.llama.stack is None:
+        pytest.skip(f"our kernels do not run {dtype} linears on this CPU: no DecodeStack")
+    torch.manual_seed(0)
+    pool = runner.new_pool(64).normal_()
+    order = torch.randperm(64).tolist()
+    segments = [Segment([100 + b], start, order[b * 8:(b + 1) * 8]) for b, start in enumerate([1, 5, 17, 30, 31])]
+    stacked, looped = pool.clone(), pool.clone()
+    want = runner.forward(segments, stacked)
+    stack, runner.llama.stack = runner.llama.stack, None
+    got = runner.forward(segments, looped)
+    runner.llama.stack = stack
+    assert torch.equal(want, got) and torch.equal(stacked, looped)
+    with pytest.raises(ValueError, match="blocks"):  # position 32 needs a ninth block
+        runner.forward([Segment([100], 32, order[:8])], pool)
 
 
 def test_stage_layers_split_the_model_evenly():
