@@ -1,18 +1,22 @@
 """KV microbenchmark: how close each KV transport gets to a memcpy, and what buffered copies save
 over one small copy per layer, K/V and token.
 
-    python -m bench.kv [--sizes-mib 1,16,256] [--transports ucx+ring,ucx-tcp,ucx-shm,tcp+ring,tcp] [--repeats 3]
+    python -m bench.kv [--sizes-mib 1,16,256] [--transports ucx+cma,ucx+ring,ucx-tcp,ucx-shm,tcp+cma,tcp+ring,tcp]
+                       [--repeats 3]
                        [--tokens 500] [--ucx-env KEY=VALUE ...] [--quick] [--out FILE.json]
 
 What one run does, step by step:
 
 1. start one receiver process per transport (`python -m bench.kv --serve NAME`, which prints its
-   address) and connect to it, once for the run: ucx+ring is make_transport("ucx") as the services
-   run it (payloads of 64 KiB or more through a shared-memory ring on one host, common/kv/shm.py),
-   ucx-tcp the same with rings off (UCX over loopback TCP); tcp+ring and tcp our TcpTransport
-   likewise; ucx-shm (bench only) ucxx endpoints from worker addresses swapped over the receiver's
-   stdin/stdout, error handling off, the receiver on UCX_TLS=SHM_TLS;
-2. warm up with one message of each size on each connection (a ring is offered and mapped then);
+   address) and connect to it, once for the run: ucx+cma is make_transport("ucx") as the services
+   run it (on one host, payloads of 64 KiB or more read by the receiver from the sender's memory,
+   else through a shared-memory ring; common/kv/shm.py), ucx+ring with rings only, ucx-tcp neither
+   (UCX over loopback TCP); tcp+cma, tcp+ring and tcp our TcpTransport likewise; ucx-shm (bench
+   only) ucxx endpoints from worker addresses swapped over the receiver's stdin/stdout, error
+   handling off, the receiver on UCX_TLS=SHM_TLS. Each connection has a task that always reads it,
+   as a service's KV sender has (common/kv/peers.py), and acknowledgements come from it;
+2. warm up with two messages of each size on each connection (a ring or the sender's memory is
+   offered and taken then);
 3. for each repeat, size and configuration in turn (memcpy, then the transports): send messages one
    at a time, each received into a preallocated buffer by the Connection.recv allocator (as a token
    service receives KV) and acknowledged by a small frame, for >= 0.3 s and >= 3 messages (2 from
@@ -44,12 +48,11 @@ from types import SimpleNamespace
 import numpy as np
 
 from bench.common import fmt, log, plot_path, pyplot, save, spread, write_json
-from bench.kv_peer import SHM_TLS, TRANSPORT_OF, open_shm, serve
-from common.kv import make_transport
+from bench.kv_peer import SHM_TLS, open_shm, serve, transport_of
 
 MIB = 1 << 20
-TRANSPORTS = ("ucx+ring", "ucx-tcp", "ucx-shm", "tcp+ring", "tcp")
-DEFAULT_TRANSPORT = "ucx+ring"  # the product's, on one host
+TRANSPORTS = ("ucx+cma", "ucx+ring", "ucx-tcp", "ucx-shm", "tcp+cma", "tcp+ring", "tcp")
+DEFAULT_TRANSPORT = "ucx+cma"  # the product's, on one host
 MIN_SECONDS = 0.3  # per measurement
 STALL_S = 120.0  # a measurement taking longer has hung (ucx-shm has no error handling)
 BLOCK, POOL_BLOCKS, MAX_LEN = 16, 256, 2048  # the pool: 256 blocks of 16 tokens (189 MB of SmolLM2 fp32 KV)
@@ -97,10 +100,50 @@ async def open_link(name: str, args, stack: contextlib.AsyncExitStack):
             proc.stdin.flush()
             return await read_line(proc)
 
-        return await open_shm(stack, exchange)
-    transport = make_transport(TRANSPORT_OF[name][0], ring_bytes=TRANSPORT_OF[name][1])
+        return await read_always(await open_shm(stack, exchange), stack)
+    transport = transport_of(name)
     stack.push_async_callback(transport.close)
-    return await transport.connect(await read_line(proc))
+    return await read_always(await transport.connect(await read_line(proc)), stack)
+
+
+class Reading:
+    """A connection whose frames a task of its own reads as they come (the transport contract's
+    always-reading task); `recv` takes the next one from it."""
+
+    def __init__(self, conn):
+        self.conn, self.frames = conn, asyncio.Queue()
+        self.reader = asyncio.ensure_future(self._read())
+        if hasattr(conn, "keep_reading"):  # (ucx-shm's is not a Connection)
+            conn.keep_reading()
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                frame = await self.conn.recv()
+            except Exception as e:  # noqa: BLE001 - handed to whoever waits for a frame
+                self.frames.put_nowait(e)
+                return
+            self.frames.put_nowait(frame)
+
+    async def send(self, header: bytes, payload=None) -> None:
+        await self.conn.send(header, payload)
+
+    async def recv(self):
+        frame = await self.frames.get()
+        if isinstance(frame, Exception):
+            raise frame
+        return frame
+
+
+async def read_always(conn, stack: contextlib.AsyncExitStack) -> Reading:
+    link = Reading(conn)
+
+    async def stop() -> None:
+        link.reader.cancel()
+        await asyncio.gather(link.reader, return_exceptions=True)
+
+    stack.push_async_callback(stop)  # before the connection closes (the stack runs it first)
+    return link
 
 
 def steps(links: dict, src: np.ndarray, dst: np.ndarray, nbytes: int) -> dict:
@@ -136,8 +179,9 @@ async def measure_transports(args) -> list[dict]:
     async with contextlib.AsyncExitStack() as stack:
         links = {name: await open_link(name, args, stack) for name in args.transports}
         log(f"receivers started, connected: {', '.join(links) or 'none'}")
-        for size in args.sizes:  # warm-up
+        for size in args.sizes:  # warm-up: a link offers its ring or memory at its second large payload
             for step in steps(links, src, dst, size * MIB).values():
+                await asyncio.wait_for(step(), STALL_S)
                 await asyncio.wait_for(step(), STALL_S)
         for r in range(1, args.repeats + 1):
             for size in args.sizes:

@@ -18,10 +18,17 @@ import numpy as np
 from common.kv import make_transport
 from common.kv.shm import DEFAULT_RING_BYTES
 
-# make_transport's arguments: "+ring" as the services run (payloads of 64 KiB or more through a
-# shared-memory ring on one host, common/kv/shm.py), the others with rings off (all over the link)
-TRANSPORT_OF = {"ucx+ring": ("ucx", DEFAULT_RING_BYTES), "ucx-tcp": ("ucx", 0),
-                "tcp+ring": ("tcp", DEFAULT_RING_BYTES), "tcp": ("tcp", 0)}
+# make_transport's arguments (name, ring bytes, cma): "+cma" as the services run on one host (payloads
+# of 64 KiB or more read from the sender's memory while its reader reads, else through a
+# shared-memory ring; common/kv/shm.py), "+ring" rings only, the others neither (all over the link)
+TRANSPORT_OF = {"ucx+cma": ("ucx", DEFAULT_RING_BYTES, True), "ucx+ring": ("ucx", DEFAULT_RING_BYTES, False),
+                "ucx-tcp": ("ucx", 0, False), "tcp+cma": ("tcp", DEFAULT_RING_BYTES, True),
+                "tcp+ring": ("tcp", DEFAULT_RING_BYTES, False), "tcp": ("tcp", 0, False)}
+
+
+def transport_of(name: str):
+    base, ring_bytes, cma = TRANSPORT_OF[name]
+    return make_transport(base, ring_bytes=ring_bytes, cma=cma)
 SHM_TLS = "sm,self"  # the ucx-shm receiver's UCX_TLS (sysv eager, cma rendezvous); --ucx-env UCX_TLS wins
 SHM_TAG = 0x6B765F73686D  # worker-address endpoints agree no tags: both directions use this one
 
@@ -44,7 +51,7 @@ async def serve(name: str, nbytes: int) -> None:
             # No local name for the task: its frames would pin the UCX context at reset.
             stack.push_async_callback(cancel, asyncio.create_task(receive(conn, buf)))
         else:
-            transport = make_transport(TRANSPORT_OF[name][0], ring_bytes=TRANSPORT_OF[name][1])
+            transport = transport_of(name)
             stack.push_async_callback(transport.close)
             print(await transport.listen(functools.partial(receive, buf=buf), "127.0.0.1"), flush=True)
         stop, loop = asyncio.Event(), asyncio.get_running_loop()

@@ -38,17 +38,18 @@ __all__ = [
 
 
 def transport_for(settings) -> Transport:
-    """A service's transport, as its settings say (kv_transport, cluster_token, host, kv_shm_*)."""
+    """A service's transport, as its settings say (kv_transport, cluster_token, host, kv_shm_*, kv_cma)."""
     return make_transport(settings.kv_transport, settings.cluster_token, settings.host,
-                          settings.kv_shm_mib << 20, settings.kv_shm_min_kib << 10)
+                          settings.kv_shm_mib << 20, settings.kv_shm_min_kib << 10, settings.kv_cma)
 
 
 def make_transport(name: str, token: str = "", host: str = "", ring_bytes: int = DEFAULT_RING_BYTES,
-                   ring_min_bytes: int = MIN_BYTES) -> Transport:
+                   ring_min_bytes: int = MIN_BYTES, cma: bool = True) -> Transport:
     """A new, idle transport by name: "ucx" or "tcp", with the cluster token's handshake on every
-    connection when `token` is given (common/kv/auth.py), and payloads of `ring_min_bytes` or more
-    through a shared-memory ring of `ring_bytes` each way when both ends are on one host
-    (common/kv/shm.py; 0: never). Call inside the process that uses it.
+    connection when `token` is given (common/kv/auth.py), and payloads of `ring_min_bytes` or more,
+    when both ends are on one host, read straight from the sender's memory (`cma`) or else through a
+    shared-memory ring of `ring_bytes` each way (common/kv/shm.py; 0: never). Call inside the
+    process that uses it.
 
     `host`: the interface the service was told to use. UCX's own TCP transport otherwise opens its
     sockets on every network device: it is kept to the device that has `host`'s address
@@ -63,11 +64,11 @@ def make_transport(name: str, token: str = "", host: str = "", ring_bytes: int =
             os.environ.setdefault("UCX_NET_DEVICES", device)
         from common.kv.ucx import UcxTransport  # imports ucxx: only when asked for
 
-        return same_host(authenticated(UcxTransport(token), token), ring_bytes, ring_min_bytes)
+        return same_host(authenticated(UcxTransport(token), token), ring_bytes, ring_min_bytes, cma)
     if name == "tcp":
         from common.kv.tcp import TcpTransport
 
-        return same_host(authenticated(TcpTransport(), token), ring_bytes, ring_min_bytes)
+        return same_host(authenticated(TcpTransport(), token), ring_bytes, ring_min_bytes, cma)
     raise ValueError(f"unknown KV transport {name!r}: choose one of {', '.join(TRANSPORTS)}")
 
 

@@ -45,6 +45,7 @@ class PeerLink:
         self.waiting: dict[tuple[str, int, int], asyncio.Future] = {}
         self.sending = asyncio.Lock()  # one frame at a time: the send timeout starts when it is this frame's turn
         self.reader = asyncio.create_task(self._read_acks())
+        conn.keep_reading()  # _read_acks reads until the link closes (one host: KV read from our memory)
 
     async def send(self, payload: torch.Tensor | np.ndarray, **fields) -> asyncio.Future:
         """Send one KV message; returns a future resolved by the receiver's acknowledgement."""

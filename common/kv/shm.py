@@ -48,12 +48,35 @@ Liveness is the link's: every frame, through the ring or not, travels on it, so 
 the connection exactly as before, and a ring is only memory. Each file is unlinked as soon as the
 receiver maps it, or by the sender at its answer or at close; one left by a process that died in
 between is removed by the next ring's sweep.
+
+Before a ring, a link tries the one-copy path (`cma`, on unless --kv-cma false): the receiver reads
+the payload straight out of the sender's memory with process_vm_readv(2) into the allocator's
+array, one copy by the kernel where the ring takes two. The sender's `send` returns once the
+receiver says it has read (the payload must not change before), so a large send waits a round trip,
+and the receipt is read by the sender's own reader. So only a connection whose owner promised a
+reader that never stops (`keep_reading()`, as common/kv/peers.py's links to token services and
+cache stores do) offers its memory, and a payload goes this way only while that reader waits in
+recv; other connections, and a handler's answer sent between two of its reads, use the ring.
+
+    \0C pid, address, cookie    an offer: the receiver reads 16 bytes at `address` in process `pid`
+                                and compares them with the cookie (a process of another PID
+                                namespace, or one the kernel does not let it read, fails: it
+                                answers no and the sender offers a ring next); \0B yes/no answers
+    \0R seq, address, n + header  an application frame whose n-byte payload is at `address` in the
+                                sender; \0D seq, from the receiver once it has read it
+
+The kernel allows the read to a process of the same user that may ptrace the sender: everywhere
+with Yama's ptrace_scope 0 (or no Yama), never across containers with PID namespaces of their own.
+A payload the sender may no longer hold (its send was cancelled) stays referenced until the link
+closes, so the receiver never reads freed memory; a failed read ends the link.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
 import functools
 import hmac
 import logging
@@ -64,6 +87,7 @@ import re
 import secrets
 import stat
 import struct
+import sys
 import time
 import weakref
 from typing import NoReturn
@@ -97,18 +121,61 @@ CONTROL = 4096  # the control page: tail (uint64) at 0, the cookie at COOKIE_AT
 COOKIE_AT, COOKIE_LEN = 64, 16
 
 OURS, ESCAPED, OFFER, ANSWER, SLOT = b"\0", b"\0F", b"\0O", b"\0A", b"\0S"
+CMA_OFFER, CMA_ANSWER, READ, DONE = b"\0C", b"\0B", b"\0R", b"\0D"
 OFFER_FMT = struct.Struct("<16sQ")  # cookie, the ring's data bytes; the file's name follows
 SLOT_FMT = struct.Struct("<QQ")  # the payload's start position in the ring, its bytes
+CMA_OFFER_FMT = struct.Struct("<QQ16s")  # the sender's pid, the address of the cookie, the cookie
+READ_FMT = struct.Struct("<QQQ")  # the read's number, the payload's address in the sender, its bytes
+DONE_FMT = struct.Struct("<Q")  # the read's number
 YES, NO = b"\1", b"\0"
 RING_SENT = Counter("dejavu_kv_ring_sent_bytes_total", "KV payload bytes sent through a shared-memory ring")
 RING_RECEIVED = Counter("dejavu_kv_ring_received_bytes_total", "KV payload bytes received through a shared-memory ring")
+CMA_SENT = Counter("dejavu_kv_cma_sent_bytes_total", "KV payload bytes the receiver read straight from this process")
+CMA_RECEIVED = Counter("dejavu_kv_cma_received_bytes_total", "KV payload bytes read straight from the sender's memory")
 
 
-def same_host(transport: Transport, ring_bytes: int = DEFAULT_RING_BYTES, min_bytes: int = MIN_BYTES) -> Transport:
-    """`transport` whose connections move payloads of `min_bytes` or more through a shared-memory
-    ring when both ends are on one host; `ring_bytes` 0: never offer nor accept one (the frames
-    still carry this layer)."""
-    return SameHostTransport(transport, ring_bytes if SUPPORTED else 0, max(min_bytes, 1))
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+def _process_vm_readv():
+    if sys.platform != "linux":
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).process_vm_readv  # a foreign call: the GIL is released
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_ssize_t
+    fn.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulong, ctypes.POINTER(_IoVec), ctypes.c_ulong,
+                   ctypes.c_ulong]
+    return fn
+
+
+_VM_READV = _process_vm_readv()
+CMA_SUPPORTED = _VM_READV is not None
+
+
+def vm_read(pid: int, address: int, into: np.ndarray) -> None:
+    """Copy into.nbytes bytes at `address` in process `pid` into `into` (contiguous): one copy, by
+    the kernel. Raises OSError (ESRCH: no such process; EPERM: not allowed; EFAULT: not mapped)."""
+    n, base, done = into.nbytes, into.ctypes.data, 0
+    while done < n:  # a read stops short where the remote range stops being readable
+        local, remote = _IoVec(base + done, n - done), _IoVec(address + done, n - done)
+        got = _VM_READV(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        if got < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        if got == 0:
+            raise OSError(errno.EFAULT, f"no byte readable at {address + done:#x} in process {pid}")
+        done += got
+
+
+def same_host(transport: Transport, ring_bytes: int = DEFAULT_RING_BYTES, min_bytes: int = MIN_BYTES,
+              cma: bool = True) -> Transport:
+    """`transport` whose connections move payloads of `min_bytes` or more, when both ends are on one
+    host, straight from the sender's memory (`cma`) or else through a shared-memory ring;
+    `ring_bytes` 0 and `cma` False: never offer nor accept either (the frames still carry this layer)."""
+    return SameHostTransport(transport, ring_bytes if SUPPORTED else 0, max(min_bytes, 1), cma and CMA_SUPPORTED)
 
 
 class Ring:
@@ -194,9 +261,17 @@ def sweep() -> None:
 class SameHostConnection(Connection):
     """An inner connection, and a ring each way once both ends have mapped it (module docstring)."""
 
-    def __init__(self, inner: Connection, ring_bytes: int, min_bytes: int = MIN_BYTES):
-        self.inner, self.ring_bytes, self.min_bytes = inner, ring_bytes, min_bytes
+    def __init__(self, inner: Connection, ring_bytes: int, min_bytes: int = MIN_BYTES, cma: bool = False):
+        self.inner, self.ring_bytes, self.min_bytes, self.cma = inner, ring_bytes, min_bytes, cma
         self._lock = asyncio.Lock()  # ring room is taken in the order frames go out
+        self._cma_out = False  # the peer reads our large payloads from our memory
+        self._cma_offered: np.ndarray | None = None  # the cookie offered, not yet answered
+        self._cma_declined = not cma
+        self._cma_from: int | None = None  # the peer's pid, once we read its payloads
+        self._reads: dict[int, tuple[asyncio.Future, np.ndarray]] = {}  # our payloads the peer is to read
+        self._next_read = 0
+        self._reading = False  # a recv is waiting for the peer's next frame
+        self._always_read = False  # keep_reading(): our large sends may wait for a receipt our reader takes
         self._out: Ring | None = None  # ours, once the peer has mapped it
         self._offered: tuple[Ring, str] | None = None  # made and offered, not yet answered
         self._declined = not ring_bytes  # no ring this way: off, refused, or none could be made
@@ -207,6 +282,7 @@ class SameHostConnection(Connection):
         self._answering: set[asyncio.Task] = set()
         self._broken = False
         self.ring_frames = {"sent": 0, "received": 0}  # payloads that went through a ring
+        self.cma_frames = {"sent": 0, "received": 0}  # payloads read from the sender's memory
 
     @property
     def closed(self) -> bool:
@@ -217,6 +293,18 @@ class SameHostConnection(Connection):
         """Whether large payloads go through a ring from this side."""
         return self._out is not None
 
+    @property
+    def cma_out(self) -> bool:
+        """Whether the peer reads large payloads from this side's memory."""
+        return self._cma_out
+
+    def keep_reading(self) -> None:
+        self._always_read = True
+
+    def _wants_cma(self) -> bool:
+        """Not yet offered our memory, and would: we read always, and it is on."""
+        return self._always_read and not (self._cma_declined or self._cma_out)
+
     async def send(self, header: bytes, payload: np.ndarray | memoryview | bytes | None = None) -> None:
         check_header(header)
         if header[:1] == OURS and len(header) + len(ESCAPED) - 1 > MAX_HEADER_LEN:
@@ -225,12 +313,18 @@ class SameHostConnection(Connection):
         self._check()
         body = as_bytes(payload)
         framed = ESCAPED + header if header[:1] == OURS else header
-        if body.nbytes < self.min_bytes or self._declined:
+        if body.nbytes < self.min_bytes or self._declined and self._cma_declined:
             return await self.inner.send(framed, body)
+        # read from our memory only on a link whose owner reads always, while its reader waits: that
+        # reader takes the receipt the send waits for
+        if (self._cma_out and self._always_read and self._reading
+                and len(READ) + READ_FMT.size + len(header) <= MAX_HEADER_LEN):
+            return await self._send_read(header, body)
         async with self._lock:
             start = self._room(body.nbytes, len(header))
             if start is None:
-                if self._out is None and self._offered is None:
+                undecided = self._wants_cma() or not (self._declined or self._out)
+                if undecided and self._offered is None and self._cma_offered is None:
                     self._large += 1
                     if self._large >= 2:
                         await self._offer()
@@ -254,7 +348,33 @@ class SameHostConnection(Connection):
             start += ring.size - start % ring.size
         return start if start + n - int(ring.tail[0]) <= ring.size else None
 
+    async def _send_read(self, header: bytes, body: np.ndarray) -> None:
+        """The peer reads the payload from our memory; returns once it has."""
+        seq, self._next_read = self._next_read, self._next_read + 1
+        done = asyncio.get_running_loop().create_future()
+        self._reads[seq] = (done, body)  # referenced until read or the link ends, whatever our caller does
+        try:
+            await self.inner.send(READ + READ_FMT.pack(seq, body.ctypes.data, body.nbytes) + header)
+            await done
+        except BaseException:
+            self._broken = True  # cancelled or failed midway: the peer may still read it
+            done.cancel()  # an exception nobody is left to retrieve, if the link fails later
+            raise
+        self.cma_frames["sent"] += 1
+        CMA_SENT.inc(body.nbytes)
+
     async def _offer(self) -> None:
+        if self._wants_cma():  # the one-copy path first
+            cookie = secrets.token_bytes(COOKIE_LEN)
+            self._cma_offered = np.frombuffer(bytearray(cookie), dtype=np.uint8)  # the peer reads it here
+            try:
+                await self.inner.send(CMA_OFFER + CMA_OFFER_FMT.pack(os.getpid(), self._cma_offered.ctypes.data, cookie))
+            except BaseException:
+                self._cma_offered, self._cma_declined = None, True
+                raise
+            return
+        if self._declined or self._out is not None:
+            return
         try:
             ring, path, cookie = await asyncio.to_thread(create_ring, self.ring_bytes)  # fallocate: ms
         except Exception as e:  # noqa: BLE001 - no ring is never an error
@@ -275,22 +395,111 @@ class SameHostConnection(Connection):
 
     async def recv(self, alloc: Allocator | None = None) -> tuple[bytes, np.ndarray]:
         alloc = alloc or default_alloc
-        while True:
-            self._check()
-            header, payload = await self.inner.recv(functools.partial(_place, alloc))
-            if header[:1] != OURS:
-                return header, payload
-            kind = header[:2]
-            if kind == ESCAPED:
-                return header[2:], payload
-            if kind == SLOT:
-                return self._take(header, alloc)
-            if kind == OFFER:
-                self._answer(header)
-            elif kind == ANSWER:
-                self._answered(header)
-            else:
-                self._break(f"a frame of unknown kind {kind!r}")
+        try:
+            while True:
+                self._check()
+                self._reading = True
+                try:
+                    header, payload = await self.inner.recv(functools.partial(_place, alloc))
+                finally:
+                    self._reading = False
+                if header[:1] != OURS:
+                    return header, payload
+                kind = header[:2]
+                if kind == ESCAPED:
+                    return header[2:], payload
+                if kind == SLOT:
+                    return self._take(header, alloc)
+                if kind == READ:
+                    return self._read(header, alloc)
+                if kind == DONE:
+                    self._read_done(header)
+                elif kind == OFFER:
+                    self._answer(header)
+                elif kind == ANSWER:
+                    self._answered(header)
+                elif kind == CMA_OFFER:
+                    self._answer_cma(header)
+                elif kind == CMA_ANSWER:
+                    self._answered_cma(header)
+                else:
+                    self._break(f"a frame of unknown kind {kind!r}")
+        except BaseException as e:  # the link is done (or this read half done): no read will be answered
+            self._fail_reads(e)
+            raise
+
+    def _read(self, header: bytes, alloc: Allocator) -> tuple[bytes, np.ndarray]:
+        """A payload in the peer's memory: read into the allocator's array, then say so."""
+        if self._cma_from is None or len(header) < len(READ) + READ_FMT.size:
+            self._break("a read frame on a link that reads no memory")
+        seq, address, n = READ_FMT.unpack_from(header, len(READ))
+        app = header[len(READ) + READ_FMT.size:]
+        try:
+            buf = checked_buffer(alloc, app, n)
+        except BaseException:
+            self._broken = True
+            raise
+        try:
+            vm_read(self._cma_from, address, buf)
+        except OSError as e:  # the peer died after sending, or named memory it does not have
+            self._break(f"its payload could not be read from process {self._cma_from}: {e}")
+        self._spawn(self._send_control(DONE + DONE_FMT.pack(seq)))
+        self.cma_frames["received"] += 1
+        CMA_RECEIVED.inc(n)
+        return app, buf
+
+    def _read_done(self, header: bytes) -> None:
+        seq = DONE_FMT.unpack_from(header, len(DONE))[0] if len(header) == len(DONE) + DONE_FMT.size else -1
+        entry = self._reads.pop(seq, None)
+        if entry is None:
+            self._break(f"the end of a read that was never asked for ({seq})")
+        if not entry[0].done():
+            entry[0].set_result(None)
+
+    def _fail_reads(self, why: BaseException) -> None:
+        """Every send waiting for the peer's read fails: it will not come. Their payloads stay
+        referenced (the peer may be reading them still) until the link closes."""
+        err = why if isinstance(why, TransportError) else TransportError(f"the KV link ended: {type(why).__name__}")
+        self._broken = self._broken or bool(self._reads)
+        for done, _ in self._reads.values():
+            if not done.done():
+                done.set_exception(err)
+
+    def _answer_cma(self, header: bytes) -> None:
+        """The peer offers its memory: read its cookie there if we can, and say whether we did."""
+        ok = False
+        if self.cma and self._cma_from is None and len(header) == len(CMA_OFFER) + CMA_OFFER_FMT.size:
+            pid, address, cookie = CMA_OFFER_FMT.unpack_from(header, len(CMA_OFFER))
+            probe = np.zeros(COOKIE_LEN, dtype=np.uint8)
+            try:
+                vm_read(pid, address, probe)
+                ok = hmac.compare_digest(probe.tobytes(), cookie)
+            except OSError as e:
+                log.info("the KV peer's memory is not readable from here (%s): its large payloads come "
+                         "through a ring or over the link", e)
+            if ok:
+                self._cma_from = pid
+        self._spawn(self._send_control(CMA_ANSWER + (YES if ok else NO)))
+
+    def _answered_cma(self, header: bytes) -> None:
+        if self._cma_offered is None:
+            self._break("an answer to no offer of memory")
+        self._cma_offered = None
+        self._cma_out = header[len(CMA_ANSWER):] == YES
+        self._cma_declined = not self._cma_out
+        self._large = 1  # the next large payload that does not go by it offers a ring
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
+
+    async def _send_control(self, frame: bytes) -> None:
+        try:
+            await self.inner.send(frame)
+        except Exception as e:  # noqa: BLE001 - the link broke: its reader and senders hear it
+            self._broken = True
+            log.debug("a KV link's control frame was not sent: %s", e)
 
     def _take(self, header: bytes, alloc: Allocator) -> tuple[bytes, np.ndarray]:
         """A payload in the peer's ring: into the allocator's array, and its room back to the peer."""
@@ -325,16 +534,7 @@ class SameHostConnection(Connection):
             except (OSError, ValueError) as e:
                 log.info("the KV peer's shared-memory ring is not usable here (%s): its large payloads "
                          "come over the link", e)
-        task = asyncio.ensure_future(self._send_answer(YES if ok else NO))
-        self._answering.add(task)
-        task.add_done_callback(self._answering.discard)
-
-    async def _send_answer(self, answer: bytes) -> None:
-        try:
-            await self.inner.send(ANSWER + answer)
-        except Exception as e:  # noqa: BLE001 - the link broke: its reader and senders hear it
-            self._broken = True
-            log.debug("a shared-memory ring's answer was not sent: %s", e)
+        self._spawn(self._send_control(ANSWER + (YES if ok else NO)))
 
     def _answered(self, header: bytes) -> None:
         if self._offered is None:
@@ -363,6 +563,9 @@ class SameHostConnection(Connection):
             task.cancel()
         await asyncio.gather(*self._answering, return_exceptions=True)
         await self.inner.close()
+        self._fail_reads(TransportError("the KV link was closed"))
+        self._reads.clear()  # the peer's end is closed too: nothing reads them now
+        self._cma_offered = None
         if self._offered is not None:
             self._offered[0].close()
             unlink(self._offered[1])
@@ -385,8 +588,9 @@ def _place(alloc: Allocator, header: bytes, nbytes: int) -> np.ndarray:
 
 
 class SameHostTransport(Transport):
-    def __init__(self, inner: Transport, ring_bytes: int, min_bytes: int = MIN_BYTES):
+    def __init__(self, inner: Transport, ring_bytes: int, min_bytes: int = MIN_BYTES, cma: bool = False):
         self.inner, self.ring_bytes, self.min_bytes, self.name = inner, ring_bytes, min_bytes, inner.name
+        self.cma = cma
         self._conns: weakref.WeakSet[SameHostConnection] = weakref.WeakSet()
 
     async def listen(self, handler: Handler, host: str, port: int = 0) -> str:
@@ -408,6 +612,6 @@ class SameHostTransport(Transport):
         await self.inner.close()
 
     def _wrap(self, conn: Connection) -> SameHostConnection:
-        ours = SameHostConnection(conn, self.ring_bytes, self.min_bytes)
+        ours = SameHostConnection(conn, self.ring_bytes, self.min_bytes, self.cma)
         self._conns.add(ours)
         return ours

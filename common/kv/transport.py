@@ -64,6 +64,12 @@ class Connection(abc.ABC):
     @abc.abstractmethod
     def closed(self) -> bool: ...
 
+    def keep_reading(self) -> None:
+        """The owner's promise that a task of its own reads this connection until it closes (as
+        common/kv/peers.py's PeerLink does): a layer may then make a large send wait for an answer
+        only that reader takes (common/kv/shm.py: payloads read from the sender's memory). A
+        connection whose reader stops while such a send waits would wait forever."""
+
 
 Handler = Callable[[Connection], Awaitable[None]]
 

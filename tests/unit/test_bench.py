@@ -21,14 +21,14 @@ def test_percentile_and_spread():
 
 def test_dejavu_bench_kv_writes_its_summary_and_plot(tmp_path):
     out = tmp_path / "kv.json"
-    run = subprocess.run([sys.executable, "-m", "dejavu", "bench", "kv", "--transports", "tcp+ring,ucx-shm", "--sizes-mib", "1",
+    run = subprocess.run([sys.executable, "-m", "dejavu", "bench", "kv", "--transports", "tcp+cma,ucx-shm", "--sizes-mib", "1",
                           "--repeats", "1", "--tokens", "16", "--out", str(out)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(out.read_text())["summary"]
-    assert summary["default_transport"] == "ucx+ring"
-    assert summary["fraction_of_memcpy_tcp_ring_1mib"] > 0 and summary["buffered_speedup"] > 0
-    assert summary["small_frame_rtt_ms_tcp_ring"] > 0 and summary["small_frame_rtt_ms_ucx_shm"] > 0
+    assert summary["default_transport"] == "ucx+cma"
+    assert summary["fraction_of_memcpy_tcp_cma_1mib"] > 0 and summary["buffered_speedup"] > 0
+    assert summary["small_frame_rtt_ms_tcp_cma"] > 0 and summary["small_frame_rtt_ms_ucx_shm"] > 0
     assert "ms a round trip" in run.stdout
     assert (tmp_path / "kv-throughput.png").stat().st_size > 0
     assert "naive/buffered" in run.stdout

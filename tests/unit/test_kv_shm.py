@@ -1,8 +1,9 @@
-"""The shared-memory rings under the KV transports (common/kv/shm.py): what only they can get wrong.
+"""The same-host paths under the KV transports (common/kv/shm.py): what only they can get wrong.
 
-The transport contract itself runs with rings in use in test_transport.py ("ucx+ring", "tcp+ring").
-Here: a full ring and a wrapping one, headers that look like the layer's own, a peer that breaks
-the protocol, and ring files never left behind.
+The transport contract itself runs with rings in use in test_transport.py ("ucx+ring", "tcp+ring"),
+and its two-process streaming test with payloads read from the sender's memory. Here: a full ring and a
+wrapping one, headers that look like the layer's own, a peer that breaks the protocol, ring files
+never left behind; reads from the sender's memory in flight together, declined, forged or cancelled.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ class Cluster:
     """A server that keeps what it receives (or echoes it), and a connected client."""
 
     def __init__(self, name: str = "tcp", server_ring: int = shm.DEFAULT_RING_BYTES,
-                 client_ring: int = shm.DEFAULT_RING_BYTES):
-        self.server, self.client = make_transport(name, ring_bytes=server_ring), make_transport(name, ring_bytes=client_ring)
+                 client_ring: int = shm.DEFAULT_RING_BYTES, server_cma: bool = False, client_cma: bool = False):
+        self.server = make_transport(name, ring_bytes=server_ring, cma=server_cma)
+        self.client = make_transport(name, ring_bytes=client_ring, cma=client_cma)
         self.got: asyncio.Queue = asyncio.Queue()
         self.resume = asyncio.Event()  # a frame b"pause" parks the server until it is set
         self.server_conn = None
@@ -270,3 +272,109 @@ async def test_an_allocator_failing_on_a_ring_frame_breaks_the_link_for_good():
             await asyncio.wait_for(c.conn.recv(), BOUND_S)  # at once, not waiting for the next frame
         with pytest.raises(TransportError, match="broken"):
             await c.conn.send(b"more", payload(MIN_BYTES, 6))
+
+
+# Payloads read from the sender's memory (process_vm_readv): offered before a ring.
+
+cma_only = pytest.mark.skipif(not shm.CMA_SUPPORTED, reason="no process_vm_readv here")
+
+
+async def cma_up(c: Cluster) -> asyncio.Task:
+    """The client's large payloads read by the server from the client's memory; returns the
+    client's reader (it takes the server's answers and read receipts, and keeps its echoes)."""
+    echoes: asyncio.Queue = asyncio.Queue()
+
+    async def read():
+        while True:
+            echoes.put_nowait(await c.conn.recv())
+
+    reader = asyncio.ensure_future(read())
+    reader.echoes = echoes
+    c.conn.keep_reading()
+    for seed in range(6):
+        await asyncio.wait_for(c.conn.send(b"kv", payload(MIN_BYTES, seed)), BOUND_S)
+        await asyncio.wait_for(c.got.get(), BOUND_S)
+        if c.conn.cma_out:
+            return reader
+    raise AssertionError("the server did not take the client's offer of its memory")
+
+
+@cma_only
+@pytest.mark.parametrize("name", ["tcp", "ucx"])
+async def test_large_payloads_are_read_from_the_senders_memory_in_flight_together(name):
+    async with Cluster(name, server_cma=True, client_cma=True) as c:
+        reader = await cma_up(c)
+        before = dict(c.conn.cma_frames)
+        sent = [payload(MIN_BYTES * (k + 1) + k, 10 + k) for k in range(6)]
+        await asyncio.wait_for(asyncio.gather(*(c.conn.send(b"kv-%d" % i, p) for i, p in enumerate(sent))), BOUND_S)
+        for i, p in enumerate(sent):
+            header, back = await asyncio.wait_for(c.got.get(), BOUND_S)
+            assert header == b"kv-%d" % i
+            np.testing.assert_array_equal(back, p)
+        assert c.conn.cma_frames["sent"] - before["sent"] == 6 and c.server_conn.cma_frames["received"] >= 6
+        assert not c.conn.ring_out and not c.conn._reads  # no ring, and no payload left pinned
+        await c.conn.send(b"small", payload(10, 1))  # small ones still ride in their frame
+        assert (await asyncio.wait_for(c.got.get(), BOUND_S))[0] == b"small"
+        reader.cancel()
+    assert not our_files()
+
+
+@cma_only
+async def test_a_peer_that_does_not_read_memory_declines_and_a_ring_comes_up_instead():
+    async with Cluster(server_cma=False, client_cma=True) as c:
+        c.conn.keep_reading()  # (ring_up reads between its sends: no payload would go by memory anyway)
+        await c.ring_up()
+        assert c.conn._cma_declined and not c.conn.cma_out and c.conn.ring_out
+
+
+@cma_only
+async def test_an_offer_whose_cookie_is_not_at_its_address_is_declined():
+    decoy = np.frombuffer(bytearray(b"y" * 16), dtype=np.uint8)
+    async with Cluster(server_cma=True) as c:
+        offer = shm.CMA_OFFER_FMT.pack(os.getpid(), decoy.ctypes.data, b"x" * 16)
+        await c.conn.inner.send(shm.CMA_OFFER + offer)
+        answer, _ = await asyncio.wait_for(c.conn.inner.recv(), BOUND_S)
+        assert answer == shm.CMA_ANSWER + shm.NO and c.server_conn._cma_from is None
+        await c.conn.send(b"still", payload(10, 2))  # the link goes on
+        assert (await asyncio.wait_for(c.got.get(), BOUND_S))[0] == b"still"
+
+
+@cma_only
+@pytest.mark.parametrize("frame", [
+    shm.READ + shm.READ_FMT.pack(0, 4096, 100) + b"h",   # a read, but no memory was offered
+    shm.DONE + shm.DONE_FMT.pack(7),                     # the end of a read never asked for
+    shm.CMA_ANSWER + shm.YES,                            # an answer to no offer
+])
+async def test_a_peer_breaking_the_memory_protocol_ends_the_link(frame):
+    async with Cluster(server_cma=True) as c:
+        await c.conn.inner.send(frame)
+        with pytest.raises(TransportError):
+            await asyncio.wait_for(c.conn.inner.recv(), BOUND_S)
+
+
+@cma_only
+async def test_a_read_of_memory_the_sender_does_not_have_ends_the_link():
+    async with Cluster(server_cma=True, client_cma=True) as c:
+        reader = await cma_up(c)
+        await c.conn.inner.send(shm.READ + shm.READ_FMT.pack(99, 4096, MIN_BYTES) + b"kv")  # page 1: never mapped
+        await asyncio.sleep(0.2)
+        assert c.server_conn.closed and c.got.empty()
+        reader.cancel()
+
+
+@cma_only
+async def test_a_send_cancelled_while_its_payload_is_read_breaks_the_link_and_pins_it_until_close():
+    async with Cluster(server_cma=True, client_cma=True) as c:
+        reader = await cma_up(c)
+        await c.conn.send(b"pause")  # the server stops reading: the next read is never done
+        p = payload(MIN_BYTES, 5)
+        send = asyncio.ensure_future(c.conn.send(b"kv", p))
+        await asyncio.sleep(0.1)
+        send.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await send
+        assert c.conn.closed and any(body is p or body.base is p for _, body in c.conn._reads.values())
+        with pytest.raises(TransportError):
+            await c.conn.send(b"after", p)
+        reader.cancel()
+    assert not c.conn._reads  # released at close

@@ -1,6 +1,9 @@
 """Transport contract tests, run identically against every implementation (UCX and TCP), each with
-its shared-memory rings off ("ucx", "tcp") and on and in use ("ucx+ring", "tcp+ring": connections
-are warmed up until large payloads go through a ring each way; common/kv/shm.py).
+its same-host paths off ("ucx", "tcp") and with rings on and in use ("ucx+ring", "tcp+ring":
+connections are warmed up until large payloads go through a ring each way; common/kv/shm.py).
+Payloads read from the sender's memory ("+cma", on by default) need a reader on the sending side
+while it sends, which most contract tests (send, then recv) do not have: the two-process streaming
+test and test_kv_shm.py run them.
 
 Also a script: `python tests/unit/test_transport.py NAME` serves an "inverting echo" on
 127.0.0.1 (each frame comes back with its payload bit-inverted) and prints `LISTENING addr`.
@@ -24,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # also when run as a script by the two-process test
 
 from common.kv import TRANSPORTS, Connection, TransportError, make_transport  # noqa: E402
-from common.kv.shm import MIN_BYTES, SUPPORTED  # noqa: E402
+from common.kv import shm  # noqa: E402
+from common.kv.shm import CMA_SUPPORTED, MIN_BYTES, SUPPORTED  # noqa: E402
 from common.kv.transport import MAX_HEADER_LEN  # noqa: E402
 
 MiB = 1 << 20
@@ -60,10 +64,10 @@ def name(request) -> str:
 
 
 def transport_of(name: str):
-    """make_transport's, with rings in use ("+ring") or off."""
-    base, _, ring = name.partition("+")
-    transport = make_transport(base) if ring else make_transport(base, ring_bytes=0)
-    transport.warm = bool(ring)  # connect_to warms its connections up
+    """make_transport's, with rings in use ("+ring"), payloads read from the sender ("+cma"), or neither."""
+    base, _, mode = name.partition("+")
+    transport = make_transport(base, ring_bytes=0 if not mode else shm.DEFAULT_RING_BYTES, cma=mode == "cma")
+    transport.warm = mode  # connect_to warms its connections up
     return transport
 
 
@@ -82,7 +86,7 @@ async def connect_to(pair, handler=echo) -> Connection:
     server, client = pair
     address = await server.listen(handler, "127.0.0.1")
     conn = await asyncio.wait_for(client.connect(address), BOUND_S)
-    if getattr(client, "warm", False) and handler in (echo, inverting_echo):
+    if getattr(client, "warm", "") and handler in (echo, inverting_echo):
         await warm_up(conn)
     return conn
 
@@ -312,6 +316,56 @@ async def test_two_processes_exchange_then_peer_dies(pair, name):
         if child.returncode is None:
             child.kill()
             await child.wait()
+
+
+@pytest.mark.skipif(not CMA_SUPPORTED, reason="no process_vm_readv here")
+@pytest.mark.parametrize("base", TRANSPORTS)
+@pytest.mark.asyncio
+async def test_two_processes_stream_payloads_read_from_the_senders_memory_then_peer_dies(base):
+    """A sender that streams with a reader of its own (as common/kv/peers.py): once the peer has
+    taken its offer, the peer process reads each large payload from this one's memory; two in
+    flight at a time. Then the peer is killed: the reader and the next send fail."""
+    client, reader = transport_of(f"{base}+cma"), None
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, f"{base}+cma", stdout=asyncio.subprocess.PIPE, cwd=ROOT
+    )
+    try:
+        address = await asyncio.wait_for(read_address(child), 60)
+        conn = await asyncio.wait_for(client.connect(address), BOUND_S)
+        conn.keep_reading()
+        echoes: asyncio.Queue = asyncio.Queue()
+
+        async def read():
+            while True:
+                echoes.put_nowait(await conn.recv())
+
+        reader = asyncio.ensure_future(read())
+        sent = [random_bytes(16 * MiB, seed=seed) for seed in range(8)]
+        window = asyncio.Semaphore(2)
+
+        async def one(i):
+            async with window:
+                await asyncio.wait_for(conn.send(b"big-%d" % i, sent[i]), BOUND_S)
+
+        await asyncio.gather(*(one(i) for i in range(len(sent))))  # 2 sends waiting at most (in either order)
+        got = dict([await asyncio.wait_for(echoes.get(), BOUND_S) for _ in sent])
+        for i, payload in enumerate(sent):
+            np.testing.assert_array_equal(got[b"big-%d" % i], np.bitwise_not(payload))
+        assert conn.cma_out and conn.cma_frames["sent"] >= 4, conn.cma_frames
+        os.kill(child.pid, signal.SIGKILL)
+        await asyncio.wait_for(child.wait(), BOUND_S)
+        with pytest.raises(TransportError):
+            await asyncio.wait_for(reader, BOUND_S)
+        with pytest.raises(TransportError):
+            await asyncio.wait_for(conn.send(b"anyone?", sent[0]), BOUND_S)
+        await conn.close()
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+        if reader is not None and not reader.done():
+            reader.cancel()
+        await client.close()
 
 
 async def read_address(child: asyncio.subprocess.Process) -> str:
