@@ -86,8 +86,8 @@ class ModelSettings(ServiceSettings):
                                   "one rides in its frame (0: every payload)")
     kv_cma: bool = setting(True, "a KV link whose peer is on this host and may read this process's memory "
                            "(process_vm_readv: same user, no Yama ptrace restriction, one PID namespace) has its "
-                           "large payloads read straight from the sender's memory, one copy, instead of through "
-                           "the ring's two (false: rings only)")
+                           "payloads of 8 MiB or more read straight from the sender's memory, one copy, instead "
+                           "of through the ring's two (false: rings only)")
     threads: int = setting(0, "torch CPU threads (0: torch's default)")
     cpu_turns: str = setting("", "a lock file (and FILE.queue beside it) shared by the engines of one CPU host: "
                              "each forward waits for its turn on the cores (dejavu up sets it when its "
@@ -235,8 +235,8 @@ class CacheStoreSettings(ServiceSettings):
                                   "one rides in its frame (0: every payload)")
     kv_cma: bool = setting(True, "a KV link whose peer is on this host and may read this process's memory "
                            "(process_vm_readv: same user, no Yama ptrace restriction, one PID namespace) has its "
-                           "large payloads read straight from the sender's memory, one copy, instead of through "
-                           "the ring's two (false: rings only)")
+                           "payloads of 8 MiB or more read straight from the sender's memory, one copy, instead "
+                           "of through the ring's two (false: rings only)")
     memory_bytes: int = setting(2 << 30, "replica bytes kept in host memory, a hard cap: past it the oldest spill to "
                                 "disk, and when the disk takes no more a replica is refused (its owner uses "
                                 "another store)")

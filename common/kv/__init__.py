@@ -13,7 +13,7 @@ import os
 import socket
 import struct
 
-from common.kv.shm import DEFAULT_RING_BYTES, MIN_BYTES, same_host
+from common.kv.shm import CMA_MIN_BYTES, DEFAULT_RING_BYTES, MIN_BYTES, same_host
 from common.kv.transport import Connection, Transport, TransportError
 from common.kv.wire import Header, WireError, send_ack, send_error, send_fetch, stream_in, stream_out
 from common.settings import is_loopback
@@ -44,12 +44,12 @@ def transport_for(settings) -> Transport:
 
 
 def make_transport(name: str, token: str = "", host: str = "", ring_bytes: int = DEFAULT_RING_BYTES,
-                   ring_min_bytes: int = MIN_BYTES, cma: bool = True) -> Transport:
+                   ring_min_bytes: int = MIN_BYTES, cma: bool = True, cma_min_bytes: int = CMA_MIN_BYTES) -> Transport:
     """A new, idle transport by name: "ucx" or "tcp", with the cluster token's handshake on every
     connection when `token` is given (common/kv/auth.py), and payloads of `ring_min_bytes` or more,
-    when both ends are on one host, read straight from the sender's memory (`cma`) or else through a
-    shared-memory ring of `ring_bytes` each way (common/kv/shm.py; 0: never). Call inside the
-    process that uses it.
+    when both ends are on one host, through a shared-memory ring of `ring_bytes` each way (0: never),
+    those of `cma_min_bytes` or more read straight from the sender's memory instead where it can be
+    (`cma`; common/kv/shm.py). Call inside the process that uses it.
 
     `host`: the interface the service was told to use. UCX's own TCP transport otherwise opens its
     sockets on every network device: it is kept to the device that has `host`'s address
@@ -64,11 +64,11 @@ def make_transport(name: str, token: str = "", host: str = "", ring_bytes: int =
             os.environ.setdefault("UCX_NET_DEVICES", device)
         from common.kv.ucx import UcxTransport  # imports ucxx: only when asked for
 
-        return same_host(authenticated(UcxTransport(token), token), ring_bytes, ring_min_bytes, cma)
+        return same_host(authenticated(UcxTransport(token), token), ring_bytes, ring_min_bytes, cma, cma_min_bytes)
     if name == "tcp":
         from common.kv.tcp import TcpTransport
 
-        return same_host(authenticated(TcpTransport(), token), ring_bytes, ring_min_bytes, cma)
+        return same_host(authenticated(TcpTransport(), token), ring_bytes, ring_min_bytes, cma, cma_min_bytes)
     raise ValueError(f"unknown KV transport {name!r}: choose one of {', '.join(TRANSPORTS)}")
 
 

@@ -49,9 +49,9 @@ the connection exactly as before, and a ring is only memory. Each file is unlink
 receiver maps it, or by the sender at its answer or at close; one left by a process that died in
 between is removed by the next ring's sweep.
 
-Before a ring, a link tries the one-copy path (`cma`, on unless --kv-cma false): the receiver reads
-the payload straight out of the sender's memory with process_vm_readv(2) into the allocator's
-array, one copy by the kernel where the ring takes two. The sender's `send` returns once the
+Before a ring, a link tries the one-copy path (`cma`, on unless --kv-cma false) for payloads of
+CMA_MIN_BYTES or more: the receiver reads the payload straight out of the sender's memory with
+process_vm_readv(2) into the allocator's array, one copy by the kernel where the ring takes two. The sender's `send` returns once the
 receiver says it has read (the payload must not change before), so a large send waits a round trip,
 and the receipt is read by the sender's own reader. So only a connection whose owner promised a
 reader that never stops (`keep_reading()`, as common/kv/peers.py's links to token services and
@@ -117,6 +117,11 @@ SUPPORTED = platform.machine().lower() in ("x86_64", "amd64") and os.path.isdir(
 DEFAULT_RING_BYTES = 32 << 20  # per direction that sends large payloads; a larger payload goes inline
 MAX_RING_BYTES = 1 << 30  # a larger offer is refused
 MIN_BYTES = 64 << 10  # smaller payloads ride inline: one message costs less than a copy on each side
+# smaller payloads go through the ring even where the peer reads our memory: its receipt costs a
+# round trip, more than the ring's second copy saves below several MiB (bench.kv on this project's
+# 2-core VM, UCX, message by message: ring 1.24-1.28 GB/s against 0.96-1.17 at 1 MiB, 2.86 against
+# 2.41 at 4 MiB, 3.97-4.64 against 4.97-5.55 at 16 MiB)
+CMA_MIN_BYTES = 8 << 20
 CONTROL = 4096  # the control page: tail (uint64) at 0, the cookie at COOKIE_AT
 COOKIE_AT, COOKIE_LEN = 64, 16
 
@@ -171,11 +176,13 @@ def vm_read(pid: int, address: int, into: np.ndarray) -> None:
 
 
 def same_host(transport: Transport, ring_bytes: int = DEFAULT_RING_BYTES, min_bytes: int = MIN_BYTES,
-              cma: bool = True) -> Transport:
+              cma: bool = True, cma_min_bytes: int = CMA_MIN_BYTES) -> Transport:
     """`transport` whose connections move payloads of `min_bytes` or more, when both ends are on one
-    host, straight from the sender's memory (`cma`) or else through a shared-memory ring;
-    `ring_bytes` 0 and `cma` False: never offer nor accept either (the frames still carry this layer)."""
-    return SameHostTransport(transport, ring_bytes if SUPPORTED else 0, max(min_bytes, 1), cma and CMA_SUPPORTED)
+    host, through a shared-memory ring, or those of `cma_min_bytes` or more straight from the
+    sender's memory (`cma`); `ring_bytes` 0 and `cma` False: never offer nor accept either (the
+    frames still carry this layer)."""
+    return SameHostTransport(transport, ring_bytes if SUPPORTED else 0, max(min_bytes, 1), cma and CMA_SUPPORTED,
+                             max(cma_min_bytes, min_bytes, 1))
 
 
 class Ring:
@@ -261,8 +268,10 @@ def sweep() -> None:
 class SameHostConnection(Connection):
     """An inner connection, and a ring each way once both ends have mapped it (module docstring)."""
 
-    def __init__(self, inner: Connection, ring_bytes: int, min_bytes: int = MIN_BYTES, cma: bool = False):
+    def __init__(self, inner: Connection, ring_bytes: int, min_bytes: int = MIN_BYTES, cma: bool = False,
+                 cma_min_bytes: int = CMA_MIN_BYTES):
         self.inner, self.ring_bytes, self.min_bytes, self.cma = inner, ring_bytes, min_bytes, cma
+        self.cma_min_bytes = cma_min_bytes
         self._lock = asyncio.Lock()  # ring room is taken in the order frames go out
         self._cma_out = False  # the peer reads our large payloads from our memory
         self._cma_offered: np.ndarray | None = None  # the cookie offered, not yet answered
@@ -317,7 +326,7 @@ class SameHostConnection(Connection):
             return await self.inner.send(framed, body)
         # read from our memory only on a link whose owner reads always, while its reader waits: that
         # reader takes the receipt the send waits for
-        if (self._cma_out and self._always_read and self._reading
+        if (self._cma_out and self._always_read and self._reading and body.nbytes >= self.cma_min_bytes
                 and len(READ) + READ_FMT.size + len(header) <= MAX_HEADER_LEN):
             return await self._send_read(header, body)
         async with self._lock:
@@ -588,9 +597,10 @@ def _place(alloc: Allocator, header: bytes, nbytes: int) -> np.ndarray:
 
 
 class SameHostTransport(Transport):
-    def __init__(self, inner: Transport, ring_bytes: int, min_bytes: int = MIN_BYTES, cma: bool = False):
+    def __init__(self, inner: Transport, ring_bytes: int, min_bytes: int = MIN_BYTES, cma: bool = False,
+                 cma_min_bytes: int = CMA_MIN_BYTES):
         self.inner, self.ring_bytes, self.min_bytes, self.name = inner, ring_bytes, min_bytes, inner.name
-        self.cma = cma
+        self.cma, self.cma_min_bytes = cma, cma_min_bytes
         self._conns: weakref.WeakSet[SameHostConnection] = weakref.WeakSet()
 
     async def listen(self, handler: Handler, host: str, port: int = 0) -> str:
@@ -612,6 +622,6 @@ class SameHostTransport(Transport):
         await self.inner.close()
 
     def _wrap(self, conn: Connection) -> SameHostConnection:
-        ours = SameHostConnection(conn, self.ring_bytes, self.min_bytes, self.cma)
+        ours = SameHostConnection(conn, self.ring_bytes, self.min_bytes, self.cma, self.cma_min_bytes)
         self._conns.add(ours)
         return ours

@@ -32,9 +32,10 @@ class Cluster:
     """A server that keeps what it receives (or echoes it), and a connected client."""
 
     def __init__(self, name: str = "tcp", server_ring: int = shm.DEFAULT_RING_BYTES,
-                 client_ring: int = shm.DEFAULT_RING_BYTES, server_cma: bool = False, client_cma: bool = False):
-        self.server = make_transport(name, ring_bytes=server_ring, cma=server_cma)
-        self.client = make_transport(name, ring_bytes=client_ring, cma=client_cma)
+                 client_ring: int = shm.DEFAULT_RING_BYTES, server_cma: bool = False, client_cma: bool = False,
+                 cma_min_bytes: int = MIN_BYTES):
+        self.server = make_transport(name, ring_bytes=server_ring, cma=server_cma, cma_min_bytes=cma_min_bytes)
+        self.client = make_transport(name, ring_bytes=client_ring, cma=client_cma, cma_min_bytes=cma_min_bytes)
         self.got: asyncio.Queue = asyncio.Queue()
         self.resume = asyncio.Event()  # a frame b"pause" parks the server until it is set
         self.server_conn = None
@@ -279,7 +280,7 @@ async def test_an_allocator_failing_on_a_ring_frame_breaks_the_link_for_good():
 cma_only = pytest.mark.skipif(not shm.CMA_SUPPORTED, reason="no process_vm_readv here")
 
 
-async def cma_up(c: Cluster) -> asyncio.Task:
+async def cma_up(c: Cluster, n: int = MIN_BYTES) -> asyncio.Task:
     """The client's large payloads read by the server from the client's memory; returns the
     client's reader (it takes the server's answers and read receipts, and keeps its echoes)."""
     echoes: asyncio.Queue = asyncio.Queue()
@@ -292,7 +293,7 @@ async def cma_up(c: Cluster) -> asyncio.Task:
     reader.echoes = echoes
     c.conn.keep_reading()
     for seed in range(6):
-        await asyncio.wait_for(c.conn.send(b"kv", payload(MIN_BYTES, seed)), BOUND_S)
+        await asyncio.wait_for(c.conn.send(b"kv", payload(n, seed)), BOUND_S)
         await asyncio.wait_for(c.got.get(), BOUND_S)
         if c.conn.cma_out:
             return reader
@@ -302,21 +303,25 @@ async def cma_up(c: Cluster) -> asyncio.Task:
 @cma_only
 @pytest.mark.parametrize("name", ["tcp", "ucx"])
 async def test_large_payloads_are_read_from_the_senders_memory_in_flight_together(name):
-    async with Cluster(name, server_cma=True, client_cma=True) as c:
-        reader = await cma_up(c)
+    async with Cluster(name, server_cma=True, client_cma=True, cma_min_bytes=2 * MIN_BYTES) as c:
+        reader = await cma_up(c, 2 * MIN_BYTES)
         before = dict(c.conn.cma_frames)
-        sent = [payload(MIN_BYTES * (k + 1) + k, 10 + k) for k in range(6)]
+        sent = [payload(MIN_BYTES * (k + 2) + k, 10 + k) for k in range(6)]
         await asyncio.wait_for(asyncio.gather(*(c.conn.send(b"kv-%d" % i, p) for i, p in enumerate(sent))), BOUND_S)
         for i, p in enumerate(sent):
             header, back = await asyncio.wait_for(c.got.get(), BOUND_S)
             assert header == b"kv-%d" % i
             np.testing.assert_array_equal(back, p)
         assert c.conn.cma_frames["sent"] - before["sent"] == 6 and c.server_conn.cma_frames["received"] >= 6
-        assert not c.conn.ring_out and not c.conn._reads  # no ring, and no payload left pinned
+        assert not c.conn._reads  # no payload left pinned
         await c.conn.send(b"small", payload(10, 1))  # small ones still ride in their frame
         assert (await asyncio.wait_for(c.got.get(), BOUND_S))[0] == b"small"
+        mid = payload(MIN_BYTES, 2)  # under cma_min_bytes: not read from memory (by the ring, once offered)
+        await c.conn.send(b"mid", mid)
+        header, back = await asyncio.wait_for(c.got.get(), BOUND_S)
+        assert header == b"mid" and c.conn.cma_frames["sent"] - before["sent"] == 6
+        np.testing.assert_array_equal(back, mid)
         reader.cancel()
-    assert not our_files()
 
 
 @cma_only
