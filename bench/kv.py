@@ -9,8 +9,9 @@ What one run does, step by step:
 
 1. start one receiver process per transport (`python -m bench.kv --serve NAME`, which prints its
    address) and connect to it, once for the run: ucx+cma is make_transport("ucx") as the services
-   run it (on one host, payloads of 64 KiB or more read by the receiver from the sender's memory,
-   else through a shared-memory ring; common/kv/shm.py), ucx+ring with rings only, ucx-tcp neither
+   run it (on one host, payloads of 8 MiB or more read by the receiver from the sender's memory,
+   those of 64 KiB or more through a shared-memory ring; common/kv/shm.py: below 8 MiB ucx+cma is
+   ucx+ring), ucx+ring with rings only, ucx-tcp neither
    (UCX over loopback TCP); tcp+cma, tcp+ring and tcp our TcpTransport likewise; ucx-shm (bench
    only) ucxx endpoints from worker addresses swapped over the receiver's stdin/stdout, error
    handling off, the receiver on UCX_TLS=SHM_TLS. Each connection has a task that always reads it,

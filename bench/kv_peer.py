@@ -19,8 +19,8 @@ from common.kv import make_transport
 from common.kv.shm import DEFAULT_RING_BYTES
 
 # make_transport's arguments (name, ring bytes, cma): "+cma" as the services run on one host (payloads
-# of 64 KiB or more read from the sender's memory while its reader reads, else through a
-# shared-memory ring; common/kv/shm.py), "+ring" rings only, the others neither (all over the link)
+# of 8 MiB or more read from the sender's memory while its reader reads, smaller ones of 64 KiB or
+# more through a shared-memory ring; common/kv/shm.py), "+ring" rings only, the others neither
 TRANSPORT_OF = {"ucx+cma": ("ucx", DEFAULT_RING_BYTES, True), "ucx+ring": ("ucx", DEFAULT_RING_BYTES, False),
                 "ucx-tcp": ("ucx", 0, False), "tcp+cma": ("tcp", DEFAULT_RING_BYTES, True),
                 "tcp+ring": ("tcp", DEFAULT_RING_BYTES, False), "tcp": ("tcp", 0, False)}

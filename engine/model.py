@@ -155,7 +155,9 @@ class LlamaForward:
         h = self.embed[ids] if self.first else hidden                # (N, hidden), the residual stream
         cos, sin = self._rope(positions, h.dtype)                    # (N, head_dim)
         if self.stack is not None and batch.decode_only and pool is not None and on_layer is None:
-            h = self.stack.run(h.contiguous(), pool, batch.slot_mapping, batch.decode_slots, batch.decode_lengths, cos, sin)
+            # in place: a later stage's input is the caller's (a received buffer), so a copy of it
+            h = h.contiguous() if self.first else h.clone(memory_format=torch.contiguous_format)
+            h = self.stack.run(h, pool, batch.slot_mapping, batch.decode_slots, batch.decode_lengths, cos, sin)
         else:
             h = self._layers(h, cos, sin, batch, pool, on_layer)
         if not self.last:

@@ -86,6 +86,8 @@ class PeerLink:
                     ack.set_exception(KVRejected(header.message or "rejected"))
         except (TransportError, ValueError) as exc:
             self._fail_all(TransportError(f"link to {self.address} broke: {exc}"))
+            if isinstance(exc, ValueError):  # a malformed frame, the link still up: nobody reads it now, so
+                await self.conn.close()      # a send waiting for its receipt must fail (Peers.get reconnects)
         except asyncio.CancelledError:
             self._fail_all(TransportError(f"link to {self.address} closed"))
             raise

@@ -58,12 +58,17 @@ reader that never stops (`keep_reading()`, as common/kv/peers.py's links to toke
 cache stores do) offers its memory, and a payload goes this way only while that reader waits in
 recv; other connections, and a handler's answer sent between two of its reads, use the ring.
 
-    \0C pid, address, cookie    an offer: the receiver reads 16 bytes at `address` in process `pid`
-                                and compares them with the cookie (a process of another PID
-                                namespace, or one the kernel does not let it read, fails: it
-                                answers no and the sender offers a ring next); \0B yes/no answers
-    \0R seq, address, n + header  an application frame whose n-byte payload is at `address` in the
-                                sender; \0D seq, from the receiver once it has read it
+    \\0C                        an offer; the receiver answers \\0H + a random 16-byte challenge
+                               (or \\0B no)
+    \\0P pid, address           the sender's proof: it wrote the challenge at `address` in its
+                               own memory, process `pid`; the receiver reads 16 bytes there and
+                               answers \\0B yes if they are the challenge, else no (a process of
+                               another PID namespace, or one the kernel does not let it read,
+                               fails; the sender then offers a ring). Only a process that can put
+                               the challenge into process `pid` passes, so a peer cannot point the
+                               receiver at someone else's process; one try a link
+    \\0R seq, address, n + header  an application frame whose n-byte payload is at `address` in the
+                               sender; \\0D seq, from the receiver once it has read it
 
 The kernel allows the read to a process of the same user that may ptrace the sender: everywhere
 with Yama's ptrace_scope 0 (or no Yama), never across containers with PID namespaces of their own.
@@ -126,10 +131,10 @@ CONTROL = 4096  # the control page: tail (uint64) at 0, the cookie at COOKIE_AT
 COOKIE_AT, COOKIE_LEN = 64, 16
 
 OURS, ESCAPED, OFFER, ANSWER, SLOT = b"\0", b"\0F", b"\0O", b"\0A", b"\0S"
-CMA_OFFER, CMA_ANSWER, READ, DONE = b"\0C", b"\0B", b"\0R", b"\0D"
+CMA_OFFER, CHALLENGE, PROOF, CMA_ANSWER, READ, DONE = b"\0C", b"\0H", b"\0P", b"\0B", b"\0R", b"\0D"
 OFFER_FMT = struct.Struct("<16sQ")  # cookie, the ring's data bytes; the file's name follows
 SLOT_FMT = struct.Struct("<QQ")  # the payload's start position in the ring, its bytes
-CMA_OFFER_FMT = struct.Struct("<QQ16s")  # the sender's pid, the address of the cookie, the cookie
+PROOF_FMT = struct.Struct("<QQ")  # the sender's pid, the address where it wrote the challenge
 READ_FMT = struct.Struct("<QQQ")  # the read's number, the payload's address in the sender, its bytes
 DONE_FMT = struct.Struct("<Q")  # the read's number
 YES, NO = b"\1", b"\0"
@@ -274,7 +279,9 @@ class SameHostConnection(Connection):
         self.cma_min_bytes = cma_min_bytes
         self._lock = asyncio.Lock()  # ring room is taken in the order frames go out
         self._cma_out = False  # the peer reads our large payloads from our memory
-        self._cma_offered: np.ndarray | None = None  # the cookie offered, not yet answered
+        self._cma_offered: np.ndarray | None = None  # offered: the challenge, once in our memory
+        self._challenge: bytes | None = None  # asked of the peer, its proof not yet read
+        self._challenged = False  # one challenge a link: no guessing
         self._cma_declined = not cma
         self._cma_from: int | None = None  # the peer's pid, once we read its payloads
         self._reads: dict[int, tuple[asyncio.Future, np.ndarray]] = {}  # our payloads the peer is to read
@@ -374,10 +381,9 @@ class SameHostConnection(Connection):
 
     async def _offer(self) -> None:
         if self._wants_cma():  # the one-copy path first
-            cookie = secrets.token_bytes(COOKIE_LEN)
-            self._cma_offered = np.frombuffer(bytearray(cookie), dtype=np.uint8)  # the peer reads it here
+            self._cma_offered = np.zeros(0, dtype=np.uint8)  # the challenge goes here when it comes
             try:
-                await self.inner.send(CMA_OFFER + CMA_OFFER_FMT.pack(os.getpid(), self._cma_offered.ctypes.data, cookie))
+                await self.inner.send(CMA_OFFER)
             except BaseException:
                 self._cma_offered, self._cma_declined = None, True
                 raise
@@ -428,6 +434,10 @@ class SameHostConnection(Connection):
                 elif kind == ANSWER:
                     self._answered(header)
                 elif kind == CMA_OFFER:
+                    self._challenge_offer(header)
+                elif kind == CHALLENGE:
+                    self._prove(header)
+                elif kind == PROOF:
                     self._answer_cma(header)
                 elif kind == CMA_ANSWER:
                     self._answered_cma(header)
@@ -474,24 +484,40 @@ class SameHostConnection(Connection):
             if not done.done():
                 done.set_exception(err)
 
+    def _challenge_offer(self, header: bytes) -> None:
+        """The peer offers its memory: challenge it to put a secret of ours there (once a link)."""
+        if not self.cma or self._challenged or self._cma_from is not None or len(header) != len(CMA_OFFER):
+            self._spawn(self._send_control(CMA_ANSWER + NO))
+            return
+        self._challenged, self._challenge = True, secrets.token_bytes(COOKIE_LEN)
+        self._spawn(self._send_control(CHALLENGE + self._challenge))
+
+    def _prove(self, header: bytes) -> None:
+        """Our offer is challenged: write the challenge into our memory and say where."""
+        if self._cma_offered is None or self._cma_offered.size or len(header) != len(CHALLENGE) + COOKIE_LEN:
+            self._break("a challenge to no offer of memory")
+        self._cma_offered = np.frombuffer(bytearray(header[len(CHALLENGE):]), dtype=np.uint8)  # held until answered
+        self._spawn(self._send_control(PROOF + PROOF_FMT.pack(os.getpid(), self._cma_offered.ctypes.data)))
+
     def _answer_cma(self, header: bytes) -> None:
-        """The peer offers its memory: read its cookie there if we can, and say whether we did."""
-        ok = False
-        if self.cma and self._cma_from is None and len(header) == len(CMA_OFFER) + CMA_OFFER_FMT.size:
-            pid, address, cookie = CMA_OFFER_FMT.unpack_from(header, len(CMA_OFFER))
-            probe = np.zeros(COOKIE_LEN, dtype=np.uint8)
-            try:
-                vm_read(pid, address, probe)
-                ok = hmac.compare_digest(probe.tobytes(), cookie)
-            except OSError as e:
-                log.info("the KV peer's memory is not readable from here (%s): its large payloads come "
-                         "through a ring or over the link", e)
-            if ok:
-                self._cma_from = pid
+        """The peer's proof: read our challenge in its memory if we can, and say whether we did."""
+        challenge, self._challenge = self._challenge, None
+        if challenge is None or len(header) != len(PROOF) + PROOF_FMT.size:
+            self._break("a proof of no challenge")
+        pid, address = PROOF_FMT.unpack_from(header, len(PROOF))
+        probe, ok = np.zeros(COOKIE_LEN, dtype=np.uint8), False
+        try:
+            vm_read(pid, address, probe)
+            ok = hmac.compare_digest(probe.tobytes(), challenge)
+        except OSError as e:
+            log.info("the KV peer's memory is not readable from here (%s): its large payloads come "
+                     "through a ring or over the link", e)
+        if ok:
+            self._cma_from = pid
         self._spawn(self._send_control(CMA_ANSWER + (YES if ok else NO)))
 
     def _answered_cma(self, header: bytes) -> None:
-        if self._cma_offered is None:
+        if self._cma_offered is None or len(header) != len(CMA_ANSWER) + 1:
             self._break("an answer to no offer of memory")
         self._cma_offered = None
         self._cma_out = header[len(CMA_ANSWER):] == YES

@@ -333,15 +333,38 @@ async def test_a_peer_that_does_not_read_memory_declines_and_a_ring_comes_up_ins
 
 
 @cma_only
-async def test_an_offer_whose_cookie_is_not_at_its_address_is_declined():
+async def test_a_proof_without_the_challenge_at_its_address_is_declined_and_there_is_one_try():
+    """A peer cannot point the receiver at memory it did not write the challenge into (another
+    process's, or its own without the challenge); nor guess again on the same link."""
     decoy = np.frombuffer(bytearray(b"y" * 16), dtype=np.uint8)
     async with Cluster(server_cma=True) as c:
-        offer = shm.CMA_OFFER_FMT.pack(os.getpid(), decoy.ctypes.data, b"x" * 16)
-        await c.conn.inner.send(shm.CMA_OFFER + offer)
+        await c.conn.inner.send(shm.CMA_OFFER)
+        challenge, _ = await asyncio.wait_for(c.conn.inner.recv(), BOUND_S)
+        assert challenge[:2] == shm.CHALLENGE and len(challenge) == 2 + 16
+        await c.conn.inner.send(shm.PROOF + shm.PROOF_FMT.pack(os.getpid(), decoy.ctypes.data))
         answer, _ = await asyncio.wait_for(c.conn.inner.recv(), BOUND_S)
         assert answer == shm.CMA_ANSWER + shm.NO and c.server_conn._cma_from is None
+        await c.conn.inner.send(shm.CMA_OFFER)  # again: no second challenge
+        answer, _ = await asyncio.wait_for(c.conn.inner.recv(), BOUND_S)
+        assert answer == shm.CMA_ANSWER + shm.NO
         await c.conn.send(b"still", payload(10, 2))  # the link goes on
         assert (await asyncio.wait_for(c.got.get(), BOUND_S))[0] == b"still"
+
+
+@cma_only
+async def test_a_proof_naming_another_process_is_declined():
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        async with Cluster(server_cma=True) as c:
+            await c.conn.inner.send(shm.CMA_OFFER)
+            challenge, _ = await asyncio.wait_for(c.conn.inner.recv(), BOUND_S)
+            ours = np.frombuffer(bytearray(challenge[2:]), dtype=np.uint8)  # in our memory, not in `other`'s
+            await c.conn.inner.send(shm.PROOF + shm.PROOF_FMT.pack(other.pid, ours.ctypes.data))
+            answer, _ = await asyncio.wait_for(c.conn.inner.recv(), BOUND_S)
+            assert answer == shm.CMA_ANSWER + shm.NO and c.server_conn._cma_from is None
+    finally:
+        other.kill()
+        other.wait()
 
 
 @cma_only
@@ -349,6 +372,8 @@ async def test_an_offer_whose_cookie_is_not_at_its_address_is_declined():
     shm.READ + shm.READ_FMT.pack(0, 4096, 100) + b"h",   # a read, but no memory was offered
     shm.DONE + shm.DONE_FMT.pack(7),                     # the end of a read never asked for
     shm.CMA_ANSWER + shm.YES,                            # an answer to no offer
+    shm.PROOF + shm.PROOF_FMT.pack(1, 4096),             # a proof of no challenge
+    shm.CHALLENGE + b"x" * 16,                           # a challenge to no offer
 ])
 async def test_a_peer_breaking_the_memory_protocol_ends_the_link(frame):
     async with Cluster(server_cma=True) as c:
