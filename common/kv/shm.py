@@ -298,6 +298,9 @@ class SameHostConnection(Connection):
         self._answering: set[asyncio.Task] = set()
         self._broken = False
         self.ring_frames = {"sent": 0, "received": 0}  # payloads that went through a ring
+        self._control = {OFFER: self._answer, ANSWER: self._answered, CMA_OFFER: self._challenge_offer,
+                         CHALLENGE: self._prove, PROOF: self._answer_cma, CMA_ANSWER: self._answered_cma,
+                         DONE: self._read_done}
         self.cma_frames = {"sent": 0, "received": 0}  # payloads read from the sender's memory
 
     @property
@@ -427,22 +430,10 @@ class SameHostConnection(Connection):
                     return self._take(header, alloc)
                 if kind == READ:
                     return self._read(header, alloc)
-                if kind == DONE:
-                    self._read_done(header)
-                elif kind == OFFER:
-                    self._answer(header)
-                elif kind == ANSWER:
-                    self._answered(header)
-                elif kind == CMA_OFFER:
-                    self._challenge_offer(header)
-                elif kind == CHALLENGE:
-                    self._prove(header)
-                elif kind == PROOF:
-                    self._answer_cma(header)
-                elif kind == CMA_ANSWER:
-                    self._answered_cma(header)
-                else:
+                control = self._control.get(kind)  # this layer's own frames, answered here
+                if control is None:
                     self._break(f"a frame of unknown kind {kind!r}")
+                control(header)
         except BaseException as e:  # the link is done (or this read half done): no read will be answered
             self._fail_reads(e)
             raise
