@@ -7,6 +7,8 @@ computes the same thing, slower.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -38,15 +40,46 @@ def paged_attention():
         # the path too: ninja rebuilds a build folder whose source moved, so each checkout keeps its own
         key = b"".join(s.read_bytes() + str(s).encode() for s in sources + [HERE / h for h in HEADERS]) + " ".join(FLAGS).encode() + _cpu_flags().encode()
         tag = hashlib.sha256(key).hexdigest()[:12]
+        name = f"dejavu_paged_attention_{tag}"
         start = time.monotonic()
-        module = load(f"dejavu_paged_attention_{tag}", [str(s) for s in sources], extra_cflags=FLAGS,
-                      extra_ldflags=["-fopenmp"], verbose=False)
+        with building(Path(_build_directory(name))):
+            module = load(name, [str(s) for s in sources], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
         log.info("CPU kernels ready (%.1f s)", time.monotonic() - start)
         return module
     except Exception as exc:  # noqa: BLE001 - any build problem: the PyTorch path still works
         log.warning("CPU kernels unavailable: attention runs through SDPA (decode gathers the KV for it) and "
                     "a layer's small ops through PyTorch, slower: %s: %s", type(exc).__name__, exc)
         return None
+
+
+@contextlib.contextmanager
+def building(folder: Path):
+    """Hold the build of the extension in `folder` for this process.
+
+    torch's own build lock is a file made with O_EXCL (`folder/lock`): a build killed midway (Ctrl-C
+    in scripts/install.sh, a service stopped while it compiled) leaves it behind, and every later
+    load waits on it forever. Ours is an flock, which the kernel drops when its holder dies. Every
+    build of ours takes it before torch's, so a torch lock found while we hold ours was left by a
+    dead build: removed, with a warning. Several processes starting at once (`dejavu up`) still
+    build once: the others wait here, then find the build done."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "dejavu.flock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            stale = folder / "lock"
+            if stale.exists():
+                log.warning("removing %s, left by a kernel build that was killed midway", stale)
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_directory(name: str) -> str:
+    from torch.utils import cpp_extension
+
+    return cpp_extension._get_build_directory(name, verbose=False)  # where load() builds (private, in torch since 1.x)
 
 
 def _cpu_flags() -> str:
