@@ -155,10 +155,13 @@ class Attention:
         pool when there is one). Returns (N, q_heads * D)."""
         if batch.decode_only:  # a plain decode step: no row shuffling on the hot path
             return self._decode(q, pool_layer, batch).view(q.shape[0], -1)
+        runs = _fresh_runs(batch)
+        if runs == [(0, len(batch.segments))]:  # prompts of one length only (a prefill): no copy into `out`
+            return self._fresh(q, k, v, len(batch.segments)).view(q.shape[0], -1)
         out = torch.empty_like(q)
         if batch.decode:
             out[batch.decode_rows] = self._decode(q[batch.decode_rows], pool_layer, batch)
-        for first, last in _fresh_runs(batch):
+        for first, last in runs:
             rows = slice(batch.offsets[first], batch.offsets[last - 1] + len(batch.segments[last - 1].tokens))
             out[rows] = self._fresh(q[rows], k[rows], v[rows], last - first)
         for i, slots in (batch.extend_slots or {}).items():

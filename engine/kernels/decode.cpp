@@ -9,7 +9,8 @@
 //
 //   stack = DecodeStack(q_heads, kv_heads, head_dim, scale)
 //   stack.add(qkv, qkv_bias, o, o_bias, gate_up, gate_up_bias, down, down_bias,   # packed by pack_linear,
-//             n_qkv, n_o, n_gate_up, n_down, ln1, eps1, ln2, eps2)                 # float32 biases or None
+//             n_qkv, n_o, n_gate_up, n_down, ln1, eps1, ln2, eps2, gate_up_fused)  # float32 biases or None;
+//                                                     # fused: gate_up packed by pack_gate_up (linear_silu_mul)
 //   h = stack.run(h, pool, slot_mapping, decode_slots, decode_lengths, cos, sin)
 //
 // h (B, hidden) is the residual stream after the embedding, updated in place and returned;
@@ -25,6 +26,7 @@ torch::Tensor add_rms_norm(torch::Tensor h, torch::Tensor delta, torch::Tensor w
 void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor silu_and_mul(torch::Tensor gate_up);
 torch::Tensor linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t N);
+torch::Tensor linear_silu_mul(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t I);
 
 namespace {
 
@@ -39,6 +41,10 @@ struct DecodeLayer {
   Packed qkv, o, gate_up, down;
   torch::Tensor ln1, ln2;
   double eps1, eps2;
+  bool gate_up_fused;
+  torch::Tensor mlp_act(const torch::Tensor& x) const {  // SiLU(gate) * up
+    return gate_up_fused ? linear_silu_mul(x, gate_up.w, gate_up.bias, gate_up.n / 2) : silu_and_mul(gate_up(x));
+  }
 };
 
 }  // namespace
@@ -54,12 +60,12 @@ class DecodeStack {
   void add(torch::Tensor qkv, c10::optional<torch::Tensor> qkv_b, torch::Tensor o, c10::optional<torch::Tensor> o_b,
            torch::Tensor gate_up, c10::optional<torch::Tensor> gate_up_b, torch::Tensor down,
            c10::optional<torch::Tensor> down_b, int64_t n_qkv, int64_t n_o, int64_t n_gate_up, int64_t n_down,
-           torch::Tensor ln1, double eps1, torch::Tensor ln2, double eps2) {
+           torch::Tensor ln1, double eps1, torch::Tensor ln2, double eps2, bool gate_up_fused) {
     TORCH_CHECK(n_qkv == (q_heads_ + 2 * kv_heads_) * head_dim_ && n_o == ln1.numel() && n_down == ln1.numel() &&
                     n_gate_up % 2 == 0 && ln2.numel() == ln1.numel(),
                 "DecodeStack.add: a layer of another shape");
     layers_.push_back({{qkv, qkv_b, n_qkv}, {o, o_b, n_o}, {gate_up, gate_up_b, n_gate_up}, {down, down_b, n_down},
-                       ln1, ln2, eps1, eps2});
+                       ln1, ln2, eps1, eps2, gate_up_fused});
   }
 
   int64_t size() const { return static_cast<int64_t>(layers_.size()); }
@@ -88,7 +94,7 @@ class DecodeStack {
       pool_v.index_copy_(0, slot_mapping, v);
       auto o = paged_decode_attention(q.contiguous(), pool_k, pool_v, decode_slots, decode_lengths, scale_);
       x = add_rms_norm(h, layer.o(o.view({B, Hq * D})), layer.ln2, layer.eps2);  // h += o; x = norm(h)
-      auto mlp = layer.down(silu_and_mul(layer.gate_up(x)));
+      auto mlp = layer.down(layer.mlp_act(x));
       if (i + 1 < size())
         x = add_rms_norm(h, mlp, layers_[i + 1].ln1, layers_[i + 1].eps1);
       else

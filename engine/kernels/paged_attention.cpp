@@ -455,6 +455,9 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up);
 // linear.cpp
 torch::Tensor pack_linear(torch::Tensor w);
 torch::Tensor linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t N);
+torch::Tensor gate_up_order(torch::Tensor w);
+torch::Tensor pack_gate_up(torch::Tensor w);
+torch::Tensor linear_silu_mul(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t I);
 std::vector<std::string> linear_dtypes();
 
 // decode.cpp
@@ -473,6 +476,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up, fused", release());
   m.def("pack_linear", &pack_linear, "a linear's weight in the panels `linear` reads", release());
   m.def("linear", &linear, "x W^T + b for few rows (a decode step's GEMMs)", release());
+  m.def("gate_up_order", &gate_up_order, "[gate; up] rows (or a bias) reordered as pack_gate_up packs them", release());
+  m.def("pack_gate_up", &pack_gate_up, "an MLP's [gate; up] weight in the panels `linear_silu_mul` reads", release());
+  m.def("linear_silu_mul", &linear_silu_mul, "silu(x G^T + bg) * (x U^T + bu), the activation in the GEMM", release());
   m.attr("LINEAR_DTYPES") = pybind11::cast(linear_dtypes());
   m.attr("HEAD_DIMS") = pybind11::make_tuple(16, 32, 64, 80, 96, 128, 256);
   bind_decode_stack(m);

@@ -11,6 +11,7 @@
 //   silu_and_mul(gate_up)           -> silu(gate) * up, gate_up = [gate | up]          (N, 2I) -> (N, I)
 #include <torch/extension.h>
 #include "parallel.h"
+#include "silu.h"
 #include <cmath>
 #include <vector>
 
@@ -75,17 +76,7 @@ void rope_rows(T* x, const T* cos, const T* sin, int64_t N, int64_t heads, int64
 template <typename T>
 void silu_mul_rows(const T* gu, T* out, int64_t N, int64_t I) {
   dejavu::parallel_for(0, N, rows_grain(2 * I), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const T* g = gu + i * 2 * I;
-      const T* u = g + I;
-      T* o = out + i * I;
-#pragma omp simd
-      for (int64_t j = 0; j < I; ++j) {
-        const float x = static_cast<float>(g[j]);
-        const float act = static_cast<float>(round_to<T>(x / (1.f + std::exp(-x))));
-        o[j] = round_to<T>(act * static_cast<float>(u[j]));
-      }
-    }
+    for (int64_t i = begin; i < end; ++i) dejavu::silu_mul_span(gu + i * 2 * I, gu + i * 2 * I + I, out + i * I, I);
   });
 }
 

@@ -123,6 +123,31 @@ def test_linear_equals_a_float64_matmul(N, K, M):
         torch.testing.assert_close(kernel.linear(x, packed, b, N).double(), want + b.double(), **tol)
 
 
+@pytest.mark.skipif(not linear_dtypes, reason="this CPU has no AVX-512: the engines keep oneDNN's GEMM")
+@pytest.mark.parametrize("I, K", [(1536, 576), (16, 6), (48, 18)])  # one gate/up pair; pairs over several groups
+@pytest.mark.parametrize("M", [1, 5, 12, 13, 33, 65, 500])
+def test_the_gate_up_gemm_with_its_activation_equals_the_two_calls_to_the_bit(I, K, M):
+    """linear_silu_mul (the activation in the GEMM's epilogue, engine/model.py Linear.silu_mul) is
+    silu_and_mul of linear's output, to the bit, with and without a bias: a model computes the
+    same tokens whichever path a layer takes."""
+    for dtype in linear_dtypes:
+        torch.manual_seed(M * I + K)
+        w, b, x = (torch.randn(2 * I, K) / 8).to(dtype), torch.randn(2 * I), torch.randn(M, K).to(dtype)
+        fused = kernel.pack_gate_up(w)
+        for bias in (b, None):
+            want = kernel.silu_and_mul(kernel.linear(x, kernel.pack_linear(w), bias, 2 * I))
+            got = kernel.linear_silu_mul(x, fused, None if bias is None else kernel.gate_up_order(bias), I)
+            assert got.dtype == dtype and got.shape == (M, I)
+            assert torch.equal(got, want)
+        gate, up = (x.double() @ w.double().T).chunk(2, dim=-1)  # and both are the MLP's activation (no bias)
+        tol = {"atol": 1e-4, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 2e-2}
+        torch.testing.assert_close(got.double(), F.silu(gate) * up, **tol)
+    with pytest.raises(RuntimeError, match="packed by pack_gate_up"):
+        kernel.linear_silu_mul(x, fused, None, I + 16)  # another I
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        kernel.pack_gate_up(torch.randn(2 * I + 2, K))
+
+
 @pytest.mark.skipif(not linear_dtypes, reason="this CPU has no AVX-512")
 def test_linear_refuses_a_weight_packed_for_another_shape():
     packed = kernel.pack_linear(torch.randn(64, 32))
