@@ -192,26 +192,38 @@ torch::Tensor pack_linear(torch::Tensor w) {
   return full.view({padded / 16, 16, K / 2, 2}).permute({0, 2, 1, 3}).contiguous();        // (N/16, K/2, 16, 2)
 }
 
+namespace {
+
+// What `linear` and `linear_silu_mul` check alike: x (M, K) and a weight of K columns in panels of
+// 16, of `panels` panels, laid out by `packer`; a float32 bias of `n_bias`. Returns the bias's data.
+const float* checked(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
+                     int64_t n_bias, bool panels_fit, const char* what, const char* packer) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), what, ": x (M, K), contiguous, on CPU");
+  TORCH_CHECK(x.scalar_type() == packed.scalar_type(), what, ": x and the weight of one dtype");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(packed.device().is_cpu() && packed.is_contiguous() && panels_fit &&
+                  (x.scalar_type() == torch::kBFloat16
+                       ? packed.dim() == 4 && packed.size(1) * 2 == K && packed.size(2) == 16 && packed.size(3) == 2
+                       : packed.dim() == 3 && packed.size(1) == K && packed.size(2) == 16),
+              what, ": a weight packed by ", packer, " for this K and ", what == std::string("linear") ? "N" : "I");
+  if (!bias) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->device().is_cpu() && bias->is_contiguous() &&
+                  bias->numel() == n_bias,
+              what, ": a float32 bias of ", n_bias, packer == std::string("pack_gate_up") ? ", in gate_up_order" : "");
+  return bias->data_ptr<float>();
+}
+
+}  // namespace
+
 torch::Tensor linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t N) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "linear: x (M, K), contiguous, on CPU");
-  TORCH_CHECK(x.scalar_type() == packed.scalar_type(), "linear: x and the weight of one dtype");
-  const int64_t M = x.size(0), K = x.size(1), panels = packed.size(0);
-  const bool bf16 = x.scalar_type() == torch::kBFloat16;
-  TORCH_CHECK(packed.device().is_cpu() && packed.is_contiguous() &&
-              (bf16 ? packed.dim() == 4 && packed.size(1) * 2 == K && packed.size(2) == 16 && packed.size(3) == 2
-                    : packed.dim() == 3 && packed.size(1) == K && packed.size(2) == 16) &&
-              panels % panels_for(packed) == 0 && N <= panels * 16 && N > (panels - panels_for(packed)) * 16,
-              "linear: a weight packed by pack_linear for this K and N");
-  [[maybe_unused]] const float* b = nullptr;  // unused in a build without AVX-512
-  if (bias) {
-    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->device().is_cpu() && bias->is_contiguous() &&
-                bias->numel() == N,
-                "linear: a float32 bias of N");
-    b = bias->data_ptr<float>();
-  }
+  const int64_t panels = packed.dim() > 0 ? packed.size(0) : 0, group = panels_for(packed);
+  [[maybe_unused]] const float* b = checked(x, packed, bias, N,
+                                            panels % group == 0 && N <= panels * 16 && N > (panels - group) * 16,
+                                            "linear", "pack_linear");
+  const int64_t M = x.size(0), K = x.size(1);
   auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
-  if (bf16) {
+  if (x.scalar_type() == torch::kBFloat16) {
 #ifdef DEJAVU_LINEAR_BF16
     const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
     const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
@@ -252,21 +264,10 @@ torch::Tensor pack_gate_up(torch::Tensor w) { return pack_linear(gate_up_order(w
 // silu(x G^T + bg) * (x U^T + bu): (M, I), x's dtype. packed: pack_gate_up; bias: gate_up_order of
 // the (2I,) float32 bias, or None. Equal to the bit to silu_and_mul(linear(x, pack_linear(W), b, 2I)).
 torch::Tensor linear_silu_mul(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t I) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "linear_silu_mul: x (M, K), contiguous, on CPU");
-  TORCH_CHECK(x.scalar_type() == packed.scalar_type(), "linear_silu_mul: x and the weight of one dtype");
+  [[maybe_unused]] const float* b = checked(x, packed, bias, 2 * I, I > 0 && I % 16 == 0 && packed.dim() > 0 &&
+                                            packed.size(0) == I / 8, "linear_silu_mul", "pack_gate_up");
   const int64_t M = x.size(0), K = x.size(1);
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
-  TORCH_CHECK(I > 0 && I % 16 == 0 && packed.device().is_cpu() && packed.is_contiguous() && packed.size(0) == I / 8 &&
-              (bf16 ? packed.dim() == 4 && packed.size(1) * 2 == K && packed.size(2) == 16 && packed.size(3) == 2
-                    : packed.dim() == 3 && packed.size(1) == K && packed.size(2) == 16),
-              "linear_silu_mul: a weight packed by pack_gate_up for this K and I");
-  [[maybe_unused]] const float* b = nullptr;
-  if (bias) {
-    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->device().is_cpu() && bias->is_contiguous() &&
-                bias->numel() == 2 * I,
-                "linear_silu_mul: a float32 bias of 2I, in gate_up_order");
-    b = bias->data_ptr<float>();
-  }
   auto y = torch::empty({M, I}, x.options());
   if (M == 0) return y;
   if (bf16) {
