@@ -157,7 +157,7 @@ class Attention:
             return self._decode(q, pool_layer, batch).view(q.shape[0], -1)
         runs = _fresh_runs(batch)
         if runs == [(0, len(batch.segments))]:  # prompts of one length only (a prefill): no copy into `out`
-            return self._fresh(q, k, v, len(batch.segments)).view(q.shape[0], -1)
+            return self._fresh(q, k, v, len(batch.segments)).reshape(q.shape[0], -1)  # SDPA's math backend: strided
         out = torch.empty_like(q)
         if batch.decode:
             out[batch.decode_rows] = self._decode(q[batch.decode_rows], pool_layer, batch)

@@ -29,7 +29,8 @@ def paged_attention():
     """The module of our CPU kernels: attention (`paged_decode_attention`, `causal_attention`, in
     paged_attention.cpp) and a layer's fused small ops (`rms_norm`, `add_rms_norm`, `rope_`,
     `silu_and_mul`, in pointwise.cpp), the GEMM of the linears (`pack_linear`, `linear`, in
-    linear.cpp) and a decode step's layers in one call (`DecodeStack`, in decode.cpp), built for
+    linear.cpp; `pack_gate_up`, `gate_up_order` and `linear_silu_mul` for an MLP's gate/up with its
+    activation) and a decode step's layers in one call (`DecodeStack`, in decode.cpp), built for
     this CPU (-march=native: its name hashes the CPU's
     flags, the sources and where they live, so another CPU, an edited source or another checkout
     builds anew); or None."""
@@ -56,15 +57,27 @@ def paged_attention():
 def building(folder: Path):
     """Hold the build of the extension in `folder` for this process.
 
-    torch's own build lock is a file made with O_EXCL (`folder/lock`): a build killed midway (Ctrl-C
-    in scripts/install.sh, a service stopped while it compiled) leaves it behind, and every later
-    load waits on it forever. Ours is an flock, which the kernel drops when its holder dies. Every
-    build of ours takes it before torch's, so a torch lock found while we hold ours was left by a
-    dead build: removed, with a warning. Several processes starting at once (`dejavu up`) still
-    build once: the others wait here, then find the build done."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "dejavu.flock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    torch's own build lock is a file made with O_EXCL (`folder/lock`): a build killed midway
+    (SIGTERM or SIGKILL to a service or scripts/install.sh while it compiled, the OOM killer) leaves
+    it behind, and every later load waits on it forever. Ours is an flock, which the kernel drops
+    when its holder dies. Every build of ours takes it before torch's, so a torch lock found while
+    we hold ours was left by a dead build: removed, with a warning. Several processes starting at
+    once (`dejavu up`) still build once: the others wait here, then find the build done. Where no
+    flock can be had (a file system without it), the build goes on without ours, as before."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fh = open(folder / "dejavu.flock", "a")
+    except OSError as exc:
+        log.warning("no build lock in %s (%s): building without it", folder, exc)
+        yield
+        return
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError as exc:
+            log.warning("no build lock in %s (%s): building without it", folder, exc)
+            yield
+            return
         try:
             stale = folder / "lock"
             if stale.exists():

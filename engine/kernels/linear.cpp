@@ -8,6 +8,9 @@
 //                                 float32 (N/16, K, 16); bfloat16 (N/16, K/2, 16, 2), k-pairs for
 //                                 VDPBF16PS; N zero-padded to whole panels (PANELS of them together)
 //   linear(x (M, K), packed, bias (N,) float32 or None, N) -> (M, N), x's dtype
+//   pack_gate_up(W (2I, K))    -> an MLP's [gate; up] packed as pack_linear packs it, gate panel j
+//                                 next to up panel j (gate_up_order reorders its rows, or a bias)
+//   linear_silu_mul(x, packed, bias (2I,) in gate_up_order or None, I) -> SiLU(gate) * up, (M, I)
 //
 // A microkernel takes `PANELS` panels (16 or 32 output columns) and up to TM rows of x; its
 // accumulators (TM x PANELS zmm registers, float32) stay in registers over the whole of K, each
@@ -150,6 +153,7 @@ constexpr int PANELS_F32 = 1, PANELS_BF16 = 2;
 // `Act` is the element type the activation rounds through (float, or c10::BFloat16 for bf16).
 template <typename T, typename Act, int PANELS, int TM, typename Tile>
 void run_gate_up(const T* x, int64_t M, int64_t K, const T* w, int64_t I, const float* bias, T* y, Tile tile) {
+  static_assert(TM >= 1 && TM <= 12, "DEJAVU_ROWS instantiates tiles of 1-12 rows");
   const int64_t pairs = I / 16, chunks = (M + ROW_CHUNK - 1) / ROW_CHUNK;
   const int64_t take = std::max<int64_t>(1, pairs * chunks / (8 * at::get_num_threads()));
   dejavu::parallel_for_dynamic(0, pairs * chunks, take, [&](int64_t begin, int64_t end) {

@@ -84,6 +84,39 @@ def test_chunks_and_extend_equal_one_prefill(runner, tiny_oracle):
     assert out == want
 
 
+def test_a_single_prompt_through_each_sdpa_backend_equals_generate(tiny_oracle):
+    """Without our kernels (CUDA, no compiler) a prompt's attention is SDPA's, whose math backend
+    returns heads outermost: a prefill of one prompt takes its output as it comes (no copy into a
+    buffer of the batch's rows), whatever its strides."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    runner = ModelRunner(tiny_oracle.model, block_size=BLOCK, kernels=False)
+    prompt = prompts_of(tiny_oracle.tokenizer)[2]
+    want = tiny_oracle.generate_ids(prompt, 1)
+    for backend in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel(backend):
+            assert runner.forward([Segment(prompt, 0, [0, 1])], runner.new_pool(4)).argmax(-1).tolist() == want
+            assert runner.prefill([prompt], lambda layer, k, v: None).argmax(-1).tolist() == want
+
+
+def test_the_gate_up_linear_fuses_its_activation_only_where_the_kernel_can(tiny_oracle):
+    from engine.kernels import paged_attention
+    from engine.model import Linear
+
+    kernel = paged_attention()
+    if kernel is None or "float32" not in kernel.LINEAR_DTYPES:
+        pytest.skip("no float32 GEMM of ours on this CPU")
+    x = torch.randn(3, 24)
+    fused, plain = Linear(torch.randn(64, 24), None, kernel, gate_up=True), Linear(torch.randn(48, 24), None, kernel, gate_up=True)
+    assert fused.fused and not plain.fused  # 2I = 48: I = 24 is no multiple of 16
+    with pytest.raises(TypeError, match="silu_mul"):
+        fused(x)
+    with pytest.raises(TypeError, match="without its activation"):
+        plain.silu_mul(x)
+    assert fused.silu_mul(x[None]).shape == (1, 3, 32)  # leading dims kept
+    assert plain(x).shape == (3, 48)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_stack_equals_the_python_loop_to_the_bit(tiny_oracle, dtype):
     """A decode step's layers in one C++ call (engine/kernels/decode.cpp) run the loop's kernels in
