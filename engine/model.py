@@ -67,8 +67,8 @@ class Linear:
             self.kernel, self.fused = kernel, gate_up and weight.shape[0] % 32 == 0
             self.panels = kernel.pack_gate_up(weight.detach()) if self.fused else kernel.pack_linear(weight.detach())
             if bias is not None:
-                self.bias32 = bias.detach().float().contiguous()
-                self.bias32 = kernel.gate_up_order(self.bias32) if self.fused else self.bias32
+                bias32 = bias.detach().float().contiguous()
+                self.bias32 = kernel.gate_up_order(bias32) if self.fused else bias32
         elif weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and (
                 weight.dtype == torch.float32 or weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)  # 16: a decode batch

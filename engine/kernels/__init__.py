@@ -64,29 +64,20 @@ def building(folder: Path):
     we hold ours was left by a dead build: removed, with a warning. Several processes starting at
     once (`dejavu up`) still build once: the others wait here, then find the build done. Where no
     flock can be had (a file system without it), the build goes on without ours, as before."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fh = open(folder / "dejavu.flock", "a")
-    except OSError as exc:
-        log.warning("no build lock in %s (%s): building without it", folder, exc)
-        yield
-        return
-    with fh:
+    with contextlib.ExitStack() as held:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+            folder.mkdir(parents=True, exist_ok=True)
+            fh = held.enter_context(open(folder / "dejavu.flock", "a"))
+            fcntl.flock(fh, fcntl.LOCK_EX)  # let go when fh closes, or when this process dies
         except OSError as exc:
             log.warning("no build lock in %s (%s): building without it", folder, exc)
-            yield
-            return
-        try:
+        else:
             stale = folder / "lock"
             if stale.exists():
                 log.warning("removing %s, left by a kernel build that was killed midway", stale)
                 with contextlib.suppress(FileNotFoundError):
                     stale.unlink()
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+        yield
 
 
 def _build_directory(name: str) -> str:

@@ -209,11 +209,11 @@ const float* checked(const torch::Tensor& x, const torch::Tensor& packed, const 
                   (x.scalar_type() == torch::kBFloat16
                        ? packed.dim() == 4 && packed.size(1) * 2 == K && packed.size(2) == 16 && packed.size(3) == 2
                        : packed.dim() == 3 && packed.size(1) == K && packed.size(2) == 16),
-              what, ": a weight packed by ", packer, " for this K and ", what == std::string("linear") ? "N" : "I");
+              what, ": a weight packed by ", packer, " for this K and this many columns");
   if (!bias) return nullptr;
   TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->device().is_cpu() && bias->is_contiguous() &&
                   bias->numel() == n_bias,
-              what, ": a float32 bias of ", n_bias, packer == std::string("pack_gate_up") ? ", in gate_up_order" : "");
+              what, ": a float32 bias of ", n_bias, ", its columns in the weight's order");
   return bias->data_ptr<float>();
 }
 
