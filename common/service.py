@@ -101,6 +101,9 @@ def supervise(task: asyncio.Task, what: str) -> asyncio.Task:
     return task
 
 
+RETRY_S = 0.05  # the first retry after a failed lease renewal; later ones back off to --lease-renew-s
+
+
 class Lease:
     """Keeps this service's registry entry alive. `info()` gives the current ServiceInfo."""
 
@@ -115,13 +118,24 @@ class Lease:
         self.task = supervise(asyncio.create_task(self._loop()), "lease renewal")
 
     async def _loop(self) -> None:
+        """Renews every --lease-renew-s. After a failure it tries again sooner, from RETRY_S
+        doubling up to --lease-renew-s: a restarted Redis has dropped every pooled connection, so the
+        first renewal after a restart fails on a stale one, and waiting a whole period before the
+        next kept the service unlisted (unroutable) for up to two periods after Redis came back."""
+        delay, failures = self.settings.lease_renew_s, 0
         while True:
-            await asyncio.sleep(self.settings.lease_renew_s)
+            await asyncio.sleep(delay)
             try:
                 await self.registry.renew(self.info(), self.settings.lease_ttl_s)
-                self.last_ok = time.monotonic()
             except (RedisError, OSError) as exc:  # Redis down: keep serving, keep trying
-                log.warning("lease renewal failed: %s", exc)
+                if not failures:
+                    log.warning("lease renewal failed (trying again, from every %.2f s): %s", RETRY_S, exc)
+                failures += 1
+                delay = min(self.settings.lease_renew_s, RETRY_S * 2 ** (failures - 1))
+                continue
+            if failures:
+                log.info("lease renewed after %d failed tries", failures)
+            self.last_ok, delay, failures = time.monotonic(), self.settings.lease_renew_s, 0
 
     async def stop(self) -> None:
         if self.task:

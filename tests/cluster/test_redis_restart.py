@@ -27,7 +27,11 @@ MAX_TOKENS = 900
 @pytest.fixture
 def cluster(tiny_model_path):
     server = RedisServer()
-    env = {**CLUSTER_ENV, "DEJAVU_KV_TRANSPORT": "tcp", "DEJAVU_TOKEN_TIMEOUT_S": "3", "DEJAVU_REPLICATE_EVERY": "4"}
+    # Leases renewed every 0.25 s: the services are listed again within ~0.3 s of a restart, well
+    # before the stream (900 tokens, ~2 s on the tiny model) ends; at the default 1 s a fast
+    # machine could finish the request before the test saw everyone registered again.
+    env = {**CLUSTER_ENV, "DEJAVU_KV_TRANSPORT": "tcp", "DEJAVU_TOKEN_TIMEOUT_S": "3", "DEJAVU_REPLICATE_EVERY": "4",
+           "DEJAVU_LEASE_RENEW_S": "0.25"}
     c = Cluster(str(tiny_model_path), port=0, token_services=2, cache_stores=1, redis_url=server.url, env=env,
                 echo_logs=False)
     c.redis_server = server

@@ -1,0 +1,51 @@
+"""The registry lease across a Redis restart (a real redis-server, shut down without saving and
+started again on its port): the first renewal after the restart fails on a connection Redis has
+dropped, and the lease tries again at once instead of a whole --lease-renew-s later."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+
+from common.metadata import Registry, connect
+from common.protocol import ServiceInfo, ServiceKind
+from common.service import Lease
+from common.settings import ServiceSettings
+from dejavu.redis_server import RedisServer
+
+
+def test_a_lease_lists_its_service_again_soon_after_a_redis_restart(caplog):
+    servers = [RedisServer()]
+    info = ServiceInfo(kind=ServiceKind.TOKEN, id="token-test-1", url="http://127.0.0.1:1", host="127.0.0.1", pid=1)
+    # A period long enough that a retry only one period later could not pass the checks below.
+    settings = ServiceSettings(redis_url=servers[0].url, lease_renew_s=2.0, lease_ttl_s=60.0)
+
+    async def scenario() -> list[str]:
+        redis = connect(servers[0].url, timeout_s=2.0)
+        lease = Lease(Registry(redis), lambda: info, settings)
+        await lease.start()
+        port = servers[0].port
+        subprocess.run(["redis-cli", "-p", str(port), "SHUTDOWN", "NOSAVE"], capture_output=True, timeout=10)
+        servers[0].proc.wait(10)
+        servers.append(RedisServer(port=port))  # empty: the entry is gone until the next renewal
+        listed = []
+        probe = connect(servers[-1].url, timeout_s=2.0)
+        for _ in range(int(1.5 * settings.lease_renew_s / 0.05)):  # the first renewal and its retry, not the next
+            if listed := [s.id for s in await Registry(probe).services()]:
+                break
+            await asyncio.sleep(0.05)
+        await lease.stop()
+        await probe.aclose()
+        await redis.aclose()
+        return listed
+
+    try:
+        with caplog.at_level(logging.INFO, logger="common.service"):
+            listed = asyncio.run(scenario())
+    finally:
+        servers[-1].stop()
+    assert listed == [info.id]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("lease renewal failed") for m in messages), messages  # the stale connection
+    assert "lease renewed after 1 failed tries" in messages, messages  # the retry, not the next period
