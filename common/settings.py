@@ -157,6 +157,8 @@ class TokenSettings(ModelSettings):
                                    "largest stage's layers count): without --swap the KV pool is this big (instead "
                                    "of --kv-blocks); with --swap it holds the steps being computed, and the pool "
                                    "lives in host memory (0: no budget)")
+    inject_step_delay_ms: float = setting(0.0, "testing: a pause of this many ms after every decode step, the "
+                                          "event loop serving meanwhile (paces streams that fault-injection tests act on)")
     swap: bool = setting(False, "microbatch KV swapping (DéjàVu): every sequence's KV in host memory (--kv-blocks), "
                          "only the microbatch being computed and the next one, prefetched, in the device's "
                          "--kv-device-bytes; each step copies back only the tokens it wrote. Needs --kv-device-bytes; "
@@ -178,6 +180,7 @@ class TokenSettings(ModelSettings):
         _check(self, self.max_batch_tokens >= 16, "max_batch_tokens", "must be >= 16")
         _check(self, 0 <= self.microbatches <= 64, "microbatches", "must be in 0..64")
         _check(self, self.kv_device_bytes >= 0, "kv_device_bytes", "must be >= 0")
+        _check(self, 0.0 <= self.inject_step_delay_ms <= 10_000, "inject_step_delay_ms", "must be in 0..10000")
         _check(self, not (self.kv_device_bytes and self.kv_blocks and not self.swap), "kv_device_bytes",
                "without --swap it sizes the KV pool: give it or --kv-blocks, not both")
         _check(self, self.kv_device_bytes > 0 or not self.swap, "swap", "needs --kv-device-bytes (the device's budget)")

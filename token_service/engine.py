@@ -407,6 +407,8 @@ class TokenEngine:
             self._postprocess(batch, logits[: len(seqs)])
         STEP_SECONDS.observe(time.perf_counter() - start)
         self._update_gauges()
+        if self.settings.inject_step_delay_ms:  # after the step: no sequence of it is mid-step while we wait
+            await asyncio.sleep(self.settings.inject_step_delay_ms / 1000)
 
     def _forward(self, segments: list, staged=None) -> torch.Tensor:
         """This process's forward of a step, on the engine thread (timed there: with microbatches a

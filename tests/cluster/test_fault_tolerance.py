@@ -24,8 +24,12 @@ PROMPT = "Once upon a time, in a land far away, there lived a dragon who"
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_path, redis_server):
-    """3 token, 2 prompt services, 2 cache stores; replication every 8 tokens; hung after 3 s."""
-    env = {**CLUSTER_ENV, "DEJAVU_KV_TRANSPORT": "tcp", "DEJAVU_TOKEN_TIMEOUT_S": "3", "DEJAVU_REPLICATE_EVERY": "8"}
+    """3 token, 2 prompt services, 2 cache stores; replication every 8 tokens; hung after 3 s. Each
+    decode step waits 2 ms more: the tiny model alone decodes ~500 tokens a second, faster than these
+    tests find a holder (each lookup polls /metrics for up to 2 s), and a request that ended before
+    its kill failed them (twice in CI)."""
+    env = {**CLUSTER_ENV, "DEJAVU_KV_TRANSPORT": "tcp", "DEJAVU_TOKEN_TIMEOUT_S": "3", "DEJAVU_REPLICATE_EVERY": "8",
+           "DEJAVU_INJECT_STEP_DELAY_MS": "2"}
     with Cluster(str(tiny_model_path), port=0, token_services=3, prompt_services=2, cache_stores=2,
                  redis_url=redis_server.url, env=env, echo_logs=False) as c:
         c.meta = redis.Redis.from_url(redis_server.url, decode_responses=True)
@@ -108,7 +112,7 @@ def test_token_service_and_store_dying_together_falls_back_to_reprefill(cluster,
     body, want = greedy(tiny_oracle, 500)
     before = recoveries(cluster, "reprefill")
 
-    def kill_both(c):  # early: the tiny model decodes the rest of its 500 tokens in about a second
+    def kill_both(c):  # early: the rest of its 500 tokens take the tiny model 2 s or so
         token, store = serving(c), replica_holder(c)
         c.kill(store)
         c.kill(token)

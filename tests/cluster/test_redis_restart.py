@@ -27,11 +27,12 @@ MAX_TOKENS = 900
 @pytest.fixture
 def cluster(tiny_model_path):
     server = RedisServer()
-    # Leases renewed every 0.25 s: the services are listed again within ~0.3 s of a restart, well
-    # before the stream (900 tokens, ~2 s on the tiny model) ends; at the default 1 s a fast
-    # machine could finish the request before the test saw everyone registered again.
+    # Leases renewed every 0.25 s: the services are listed again within ~0.3 s of a restart, and
+    # each decode step waits 2 ms more (900 tokens: ~4 s on the tiny model, not ~2): before both,
+    # the request could end before the test saw everyone registered again, and there was no owner
+    # left to kill (CI failed so once).
     env = {**CLUSTER_ENV, "DEJAVU_KV_TRANSPORT": "tcp", "DEJAVU_TOKEN_TIMEOUT_S": "3", "DEJAVU_REPLICATE_EVERY": "4",
-           "DEJAVU_LEASE_RENEW_S": "0.25"}
+           "DEJAVU_LEASE_RENEW_S": "0.25", "DEJAVU_INJECT_STEP_DELAY_MS": "2"}
     c = Cluster(str(tiny_model_path), port=0, token_services=2, cache_stores=1, redis_url=server.url, env=env,
                 echo_logs=False)
     c.redis_server = server
