@@ -3,10 +3,12 @@ token service is S processes holding a range of the tiny model's 3 layers each, 
 stage to stage over the KV transport. Greedy output equals HF `generate` through 2 and 3 stages,
 disaggregated (the prompt's KV reaches every stage) and colocated (chunked prefill through the
 pipeline); a stage killed mid-stream costs a pause: its head goes down and the request resumes on
-the other pipeline; nothing is left held. The 3-stage pipelines swap (--swap): every stage computes
-over a device budget of 40 blocks, 4 microbatches in flight, the KV of record in host memory; their
-prompt services are pipelines of 2 stages (layers [0, 2) and [2, 3)), each streaming its layers'
-KV straight to the token stage that holds them (layers 0, 1, 2: one each)."""
+the other pipeline; nothing is left held. Two layouts swap (--swap): every stage computes over a
+device budget of 40 blocks of its layers, 4 microbatches in flight, the KV of record in host
+memory. Their prompt services are pipelines too, each stage streaming its layers' KV straight to
+the token stage that holds them, whatever the two depths: 2 prompt stages (layers [0, 2), [2, 3))
+into 3 token stages (one layer each), and 3 prompt stages (one layer each) into 2 token stages
+([0, 2), [2, 3))."""
 
 from __future__ import annotations
 
@@ -24,28 +26,32 @@ from tests.cluster.test_failover import assert_no_kv_held_on, holds_kv, stream
 PROMPT = "Once upon a time, in a land far away, there lived a dragon who"
 
 
-SWAP = {"DEJAVU_SWAP": "true", "DEJAVU_MICROBATCHES": "4", "DEJAVU_MAX_MODEL_LEN": "320",
-        # 40 blocks of 16 tokens of one of the tiny model's 3 layers (2 KV heads of 16, float32): half
-        # of it holds one sequence of --max-model-len
-        "DEJAVU_KV_DEVICE_BYTES": str(40 * 16 * 2 * 2 * 16 * 4)}
+def swap_env(stages: int) -> dict:
+    """40 blocks of 16 tokens of each layer its largest stage holds of the tiny model's 3 (2 KV heads
+    of 16, float32): half of it holds one sequence of --max-model-len."""
+    layers = -(-3 // stages)
+    return {"DEJAVU_SWAP": "true", "DEJAVU_MICROBATCHES": "4", "DEJAVU_MAX_MODEL_LEN": "320",
+            "DEJAVU_KV_DEVICE_BYTES": str(40 * 16 * 2 * 2 * 16 * 4 * layers)}
 
 
-LAYOUTS = [(2, "tcp", False), (3, "ucx", False), (2, "tcp", True)]  # (token stages, KV transport, colocated)
-IDS = ["2-stages-tcp", "3-stages-ucx-swap-2-prompt-stages", "2-stages-colocated"]
+# (token stages, KV transport, colocated, --swap, prompt services, stages of each)
+LAYOUTS = [(2, "tcp", False, False, 1, 1), (3, "ucx", False, True, 2, 2), (2, "tcp", True, False, 0, 1),
+           (2, "tcp", False, True, 1, 3)]
+IDS = ["2-stages-tcp", "3-stages-ucx-swap-2-prompt-stages", "2-stages-colocated", "2-stages-tcp-swap-3-prompt-stages"]
 
 
 @pytest.fixture(scope="module", params=LAYOUTS, ids=IDS)
 def cluster(request, tiny_model_path, redis_server):
     """Two token pipelines (one a spare), a prompt service (or colocated prefill, in chunks of 16
     tokens), a cache store."""
-    stages, transport, colocated = request.param
+    stages, transport, colocated, swap, prompts, prompt_stages = request.param
     env = {**CLUSTER_ENV, "DEJAVU_KV_TRANSPORT": transport, "DEJAVU_TOKEN_TIMEOUT_S": "3",
-           "DEJAVU_COLOCATED": str(colocated).lower(), "DEJAVU_MAX_BATCH_TOKENS": "16", **(SWAP if stages == 3 else {})}
-    prompt_stages = 2 if stages == 3 else 1
-    with Cluster(str(tiny_model_path), port=0, prompt_services=0 if colocated else prompt_stages, token_services=2,
+           "DEJAVU_COLOCATED": str(colocated).lower(), "DEJAVU_MAX_BATCH_TOKENS": "16",
+           **(swap_env(stages) if swap else {})}
+    with Cluster(str(tiny_model_path), port=0, prompt_services=prompts, token_services=2,
                  cache_stores=1, redis_url=redis_server.url, env=env, echo_logs=False, stages=stages,
                  prompt_stages=prompt_stages) as c:
-        c.stages, c.swap, c.colocated, c.prompt_stages = stages, stages == 3, colocated, prompt_stages
+        c.stages, c.swap, c.colocated, c.prompt_stages = stages, swap, colocated, prompt_stages
         yield c
 
 
