@@ -11,6 +11,7 @@ Only `resolve_model_path` and `load_tokenizer` are used by the gateway (no torch
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import importlib.util
@@ -147,6 +148,18 @@ def context_length(path: Path) -> int:
         if getattr(config, name, None):
             return int(getattr(config, name))
     return 2048
+
+
+def within_context(settings, path: Path):
+    """`settings` with --max-model-len capped at the model's context, as the gateway caps it: past
+    it a model has no positions to give, and a pool sized for it may not fit (16 sequences of
+    100,000 tokens asked for 74 GB and took the token service down)."""
+    limit = context_length(path)
+    if settings.max_model_len <= limit:
+        return settings
+    log.warning("--max-model-len %d is past the model's context (%d tokens): using %d",
+                settings.max_model_len, limit, limit)
+    return dataclasses.replace(settings, max_model_len=limit)
 
 
 def load_model(path: Path, threads: int = 0, dtype: str = "auto"):

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from common.errors import install_error_handlers
 from common.kv import transport_for
 from common.kv.peers import Peers
-from common.model import load_model, model_fingerprint, resolve_model_path
+from common.model import load_model, model_fingerprint, resolve_model_path, within_context
 from common.protocol import PROTOCOL, AbortRequest, AbortResult, PrefillRequest, PrefillResult, ServiceKind
 from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, RequireSecret, add_health_and_metrics,
                             registered, request_id_var, supervise)
@@ -35,7 +35,9 @@ def create_app(settings: PromptSettings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        nonlocal settings
         path = resolve_model_path(settings.model, progress=log.info)
+        settings = within_context(settings, path)
         model_id = model_fingerprint(path)  # the gateway routes only to services of this model
         threads = teams_on_engine_threads_only(settings.threads)
         model = await asyncio.to_thread(load_model, path, 0, settings.dtype)

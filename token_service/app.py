@@ -23,7 +23,7 @@ from common.kv import transport_for
 from common.kv.peers import Peers
 from common.kv.receiver import kv_server
 from common.metadata import RecentServices, Registry, RequestStore
-from common.model import load_model, model_fingerprint, resolve_model_path
+from common.model import load_model, model_fingerprint, resolve_model_path, within_context
 from common.protocol import (PROTOCOL, AbortRequest, AbortResult, DecodeEvent, DecodeRequest, PrefillRequest,
                              PrefillResult, Reservation, ReserveRequest, RestoreRequest, RestoreResult, ServiceKind,
                              cluster_fingerprint)
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 async def _lifespan(app: FastAPI, settings: TokenSettings):
     """Load the model, start the KV listener and the decode loop, register; undo it all on the way out."""
     path = resolve_model_path(settings.model, progress=log.info)
+    settings = within_context(settings, path)
     model_id = model_fingerprint(path)  # the gateway routes only to services of this model
     threads = teams_on_engine_threads_only(settings.threads)
     model = await asyncio.to_thread(load_model, path, 0, settings.dtype)

@@ -47,7 +47,7 @@ from engine.runner import ModelRunner, stage_layers
 from engine.swap import SwapPool
 from token_service.pipeline import Pipeline
 from token_service.prefill import Chunk, PrefillJob, PrefillQueue
-from token_service.replicator import Replicator
+from token_service.replicator import REPLICATION_LAG, Replicator
 from token_service.scheduler import Batch, Scheduler
 from token_service.sequence import SeqStatus, Sequence
 
@@ -107,7 +107,13 @@ class TokenEngine:
         num_blocks, device_blocks = kv_room(settings, runner)
         # --swap: the pool is in host memory, steps compute on the device's (engine/swap.py)
         self.swap = SwapPool(runner, num_blocks, device_blocks) if device_blocks else None
-        self.pool = self.swap.host if self.swap else runner.new_pool(num_blocks)  # (layers, 2, slots, kv_heads, D)
+        try:
+            self.pool = self.swap.host if self.swap else runner.new_pool(num_blocks)  # (layers, 2, slots, kv_heads, D)
+        except (RuntimeError, MemoryError) as exc:  # torch's "can't allocate memory"
+            size = num_blocks * runner.kv.bytes_per_token * runner.block_size / 2 ** 30
+            raise SettingsError(f"the KV pool, {num_blocks} blocks of {runner.block_size} tokens ({size:.1f} GiB), "
+                                f"could not be allocated ({str(exc).splitlines()[0]}): lower --max-seqs or "
+                                f"--max-model-len, or set --kv-blocks") from None
         self.blocks = BlockManager(num_blocks, runner.block_size)
         self.step_blocks = self.swap.step_blocks if self.swap else None  # most KV blocks one step may cover
         self.scheduler = Scheduler(runner.block_size)
@@ -448,6 +454,8 @@ class TokenEngine:
         KV_BYTES_USED.set(self.kv_bytes_used)
         KV_TOKENS.set(sum(s.num_tokens for s in seqs))
         RUNNING.set(sum(s.status is SeqStatus.RUNNING for s in seqs))
+        if self.replicator:  # over every sequence held, after each step and each release: 0 once idle
+            REPLICATION_LAG.set(self.replicator.lag(seqs))
 
     @property
     def kv_bytes_used(self) -> int:

@@ -106,7 +106,10 @@ class Replicator:
                     task = asyncio.create_task(self._send(seq, buf, acked, kv_len, rest))
                     self.inflight[rid] = task
                     task.add_done_callback(lambda t, rid=rid: self.inflight.pop(rid, None))
-        REPLICATION_LAG.set(sum(max(s.input_position - self.acked.get(s.request_id, 0), 0) for s in seqs))
+
+    def lag(self, seqs) -> int:
+        """Tokens of `seqs` (every sequence held here) whose KV no store has acknowledged yet."""
+        return sum(max(s.input_position - self.acked.get(s.request_id, 0), 0) for s in seqs if not s.done)
 
     async def _send(self, seq: Sequence, buf: torch.Tensor, start: int, end: int,
                     rest: asyncio.Future | None = None) -> None:

@@ -18,7 +18,7 @@ from common.errors import Unavailable, install_error_handlers
 from common.kv import transport_for
 from common.kv.transport import Transport, TransportError
 from common.metadata import Registry, connect
-from common.model import load_model, model_fingerprint, resolve_model_path
+from common.model import load_model, model_fingerprint, resolve_model_path, within_context
 from common.protocol import PROTOCOL, ServiceInfo, ServiceKind, cluster_fingerprint
 from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, RequireSecret, add_health_and_metrics,
                             listen_kv, registered, supervise)
@@ -45,6 +45,7 @@ def stage_fields(settings: ModelSettings, runner: ModelRunner) -> dict:
 @contextlib.asynccontextmanager
 async def _stage_lifespan(app: FastAPI, settings: ModelSettings):
     path = resolve_model_path(settings.model, progress=log.info)
+    settings = within_context(settings, path)
     model_id = model_fingerprint(path)
     threads = teams_on_engine_threads_only(settings.threads)
     model = await asyncio.to_thread(load_model, path, 0, settings.dtype)

@@ -164,6 +164,7 @@ def assert_no_kv_held(cluster, timeout: float = 15.0) -> None:
         for child in cluster.of("token"):
             values[child.name + " rows"] = metric(child.url, "dejavu_token_sequences")
             values[child.name + " bytes"] = metric(child.url, "dejavu_token_kv_bytes_used")
+            values[child.name + " replication lag"] = metric(child.url, "dejavu_token_replication_lag_tokens")
         for child in cluster.of("prompt"):
             values[child.name + " in flight"] = metric(child.url, "dejavu_prompt_in_flight_requests")
         for child in cluster.of("cache_store"):

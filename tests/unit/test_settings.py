@@ -58,3 +58,17 @@ def test_default_service_ids_differ_at_every_start():
     settings = TokenSettings()
     assert service_id(ServiceKind.TOKEN, settings) != service_id(ServiceKind.TOKEN, settings)
     assert service_id(ServiceKind.TOKEN, TokenSettings(service_id="token-a")) == "token-a"
+
+
+def test_max_model_len_past_the_models_context_is_capped_at_it(tiny_model_path, caplog):
+    """As the gateway caps it: a pool sized past the model's positions took the token service down."""
+    from common.model import within_context
+    from common.settings import TokenSettings
+
+    long = TokenSettings(max_model_len=100_000)
+    with caplog.at_level("WARNING", logger="common.model"):
+        capped = within_context(long, tiny_model_path)
+    assert capped.max_model_len == 1024 and capped.num_blocks == long.max_seqs * 1024 // long.block_size
+    assert "past the model's context (1024 tokens)" in caplog.text
+    short = TokenSettings(max_model_len=512)
+    assert within_context(short, tiny_model_path) is short

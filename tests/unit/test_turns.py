@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -78,3 +79,36 @@ def test_ending_a_turn_lets_a_waiting_process_go_first(tmp_path):
 def test_an_unusable_lock_path_is_a_clear_error(tmp_path):
     with pytest.raises(OSError, match="cannot open the host's turn lock"):
         Turns(str(tmp_path / "missing-dir" / "cpu.lock"))
+
+
+def test_a_stopped_holder_does_not_freeze_the_others(tmp_path):
+    """A holder stopped with SIGSTOP keeps its flock: the others compute without the turn (counted)
+    instead of waiting until it resumes, at once after the first time; once it has resumed and ended
+    its turn, turns are taken again."""
+    from prometheus_client import REGISTRY
+
+    path = str(tmp_path / "cpu.lock")
+    turns = Turns(path)
+    skipped = lambda: REGISTRY.get_sample_value("dejavu_engine_cpu_turns_skipped_total") or 0.0  # noqa: E731
+    before = skipped()
+    holder = other_engine(path, "time.sleep(3)")
+    try:
+        assert holder.stdout.readline().strip() == "in turn"
+        os.kill(holder.pid, signal.SIGSTOP)
+        for _ in range(2):  # the first waits a check or so; the second sees the stopped holder at once
+            done = threading.Event()
+            threading.Thread(target=lambda: (turns.hold().__enter__(), done.set()), daemon=True).start()
+            assert done.wait(30), "a stopped holder froze the turn"
+        assert skipped() == before + 2
+        os.kill(holder.pid, signal.SIGCONT)
+        assert holder.wait(30) == 0  # it ends its sleep, then its turn
+        with turns.hold():  # the turn again: this process holds the lock now
+            assert any(line.split()[1:4] == ["FLOCK", "ADVISORY", "WRITE"] and line.split()[4] == str(os.getpid())
+                       for line in open("/proc/locks"))
+        assert skipped() == before + 2
+    finally:
+        if holder.poll() is None:
+            os.kill(holder.pid, signal.SIGCONT)
+            holder.kill()
+            holder.wait()
+        turns.close()
