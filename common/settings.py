@@ -202,8 +202,9 @@ class GatewaySettings(ServiceSettings):
     max_queued_requests: int = setting(1024, "requests that may wait for KV room at once; more get a 429 with "
                                        "Retry-After")
     token_timeout_s: float = setting(10.0, "a decode stream silent this long means a hung token service: resume elsewhere (s)")
-    resume_wait_s: float = setting(60.0, "how long a request whose token service failed waits for another with room "
-                                   "(one that failed may be starting again) before it ends in an error (s)")
+    resume_wait_s: float = setting(60.0, "how long a request whose token service failed waits for another with room, "
+                                   "or whose prefill failed on every prompt service waits for one that answers (one "
+                                   "that failed may be starting again), before it ends in an error (s)")
     resume_attempts: int = setting(3, "token services that may fail one request before it ends in an error "
                                       "(0: fault tolerance off, a failure ends the request)")
     api_keys: tuple[str, ...] = setting((), "an API key clients must send as 'Authorization: Bearer KEY' on every "

@@ -30,6 +30,7 @@ from gateway.recovery import RECOVERIES, RECOVERY_SECONDS, Run, TokenServiceLost
 log = logging.getLogger(__name__)
 REGISTRY_CACHE_S = 0.5
 PREFILL_ATTEMPTS = 4  # prompt services tried for one prefill (the same one again if there is no other)
+PROMPT_WAIT_POLL_S = 0.25  # after every prompt service tried failed: how often to look for one that answers
 LEASE_CHECK_S = 1.0  # a call or stream silent this long makes the gateway check its service's lease
 ENGINES = (ServiceKind.PROMPT, ServiceKind.TOKEN)  # services that run the model
 LATE_WRITE_S = 3.0  # a lost request's replicas are dropped again after this (see _drop_replicas)
@@ -300,7 +301,27 @@ class Router:
         return None
 
     async def prefill(self, req: PrefillRequest, holders: list[ServiceInfo]) -> PrefillResult:
-        """Prefill on the least loaded prompt service; on failure, abort there and try another."""
+        """Prefill on the least loaded prompt service; on failure, abort there and try another.
+        When every one tried failed, wait (up to --resume-wait-s) for a prompt service that answers
+        /health and try once more: a killed one is still registered until its lease lapses, and
+        `dejavu up` or compose start it again within seconds; its requests then wait, not fail
+        (a 503 if none came back)."""
+        try:
+            return await self._prefill_round(req, holders)
+        except UpstreamError as first:
+            deadline = time.monotonic() + self.settings.resume_wait_s
+            while True:
+                live = [s for s in await self.services(ServiceKind.PROMPT)]
+                if any(await asyncio.gather(*(self._alive(s, timeout=1.0) for s in live))):
+                    break
+                if time.monotonic() >= deadline:
+                    raise Unavailable(f"no prompt service answered within {self.settings.resume_wait_s:.0f} s "
+                                      f"(--resume-wait-s) after {first.message}") from None
+                await asyncio.sleep(PROMPT_WAIT_POLL_S)
+            log.info("a prompt service answers again: prefilling once more")
+            return await self._prefill_round(req, holders)
+
+    async def _prefill_round(self, req: PrefillRequest, holders: list[ServiceInfo]) -> PrefillResult:
         errors, tried = [], set()
         for _ in range(PREFILL_ATTEMPTS):
             live = await self.services(ServiceKind.PROMPT)

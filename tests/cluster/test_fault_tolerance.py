@@ -154,6 +154,26 @@ def test_prompt_service_dying_mid_prefill_is_retried_on_another(cluster, tiny_or
     assert_no_kv_held_on(cluster)
 
 
+def test_requests_wait_for_a_prompt_service_to_come_back(cluster, tiny_oracle):
+    """Every prompt service killed (as `dejavu up` with its one): requests sent then, and one in a
+    prefill then, wait for a prompt service that answers, here one started again 2 s later, instead
+    of failing with a 502 (they did: the dead ones stay registered until their leases lapse, and
+    four tries at them took 40 ms)."""
+    cases = [(f"Waiting {i}: " + PROMPT, 20) for i in range(4)]
+    want = [tiny_oracle.text(tiny_oracle.tokenizer(p)["input_ids"], n)[0] for p, n in cases]
+    victims = cluster.of("prompt")
+    for victim in victims:
+        cluster.kill(victim, signal.SIGKILL)
+
+    def restart(pending: int):  # 1.5 s in, nothing can have been prefilled
+        assert pending == len(cases)
+        time.sleep(0.5)
+        cluster.wait_ready(120, [cluster.respawn(victims[0])])
+
+    assert complete_all(cluster, cases, meanwhile=restart) == want
+    assert_no_kv_held_on(cluster)
+
+
 def test_hung_prompt_service_is_passed_over_once_its_lease_lapses(cluster, tiny_oracle):
     """A prompt service hangs (SIGSTOP) with prefills in its hands and is never killed: its lease
     lapses and the gateway retries them on the other one, instead of waiting out the request."""
