@@ -195,7 +195,8 @@ class GatewaySettings(ServiceSettings):
     served_model_name: str = setting("", "model name clients use (default: 'smollm2' or the folder name)")
     max_model_len: int = setting(2048, "longest sequence (prompt + output tokens) served")
     max_body_bytes: int = setting(4 << 20, "largest request body accepted (bytes)")
-    max_tokens_default: int = setting(256, "max_tokens when a request gives none")
+    max_tokens_default: int = setting(256, "max_tokens when a chat request gives none (a completion's default is "
+                                    "16, as OpenAI's)")
     request_timeout_s: float = setting(600.0, "longest a request may take end to end (s)")
     route_timeout_s: float = setting(300.0, "longest a request waits in the admission queue for KV room on a token "
                                      "service before a 429 (s)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import itertools
 import os
 import secrets
 import shutil
@@ -80,6 +81,7 @@ class Cluster:
         self.env.setdefault("DEJAVU_CLUSTER_TOKEN", os.environ.get("DEJAVU_CLUSTER_TOKEN") or secrets.token_urlsafe(24))
         self.redis: RedisServer | None = None
         self.tag = secrets.token_hex(2)  # in service ids: two clusters of one process on one Redis stay apart
+        self.spawned = itertools.count()  # and a number per process started: a restarted service gets a new id
         self.children: list[Child] = []
 
     @property
@@ -131,7 +133,7 @@ class Cluster:
         """Start one service; a respawn under the same name gets the same placement."""
         place = self.placement.get(name)
         env = {**os.environ, **self.env, "DEJAVU_REDIS_URL": self.redis_url, "DEJAVU_MODEL": self.model,
-               "DEJAVU_HOST": self.host, "DEJAVU_SERVICE_ID": f"{name}-{os.getpid()}-{self.tag}{len(self.children)}",
+               "DEJAVU_HOST": self.host, "DEJAVU_SERVICE_ID": f"{name}-{os.getpid()}-{self.tag}{next(self.spawned)}",
                "PYTHONUNBUFFERED": "1", **({"DEJAVU_THREADS": str(place.threads)} if place else {}),
                **({"DEJAVU_CPU_TURNS": os.path.join(self.turns_dir, "cpu.lock") if place.turns else ""} if place else {}),
                **overrides}

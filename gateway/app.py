@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from common import metadata
-from common.errors import DejavuError, error_body, install_error_handlers
+from common.errors import DejavuError, NotFound, error_body, install_error_handlers
 from common.model import context_length, eos_token_ids, load_tokenizer, model_fingerprint, resolve_model_path
 from common.protocol import ServiceKind, cluster_fingerprint, cluster_status
 from common.service import (API_KEYS, BodyLimit, ClosingStreamingResponse, RequireSecret, add_health_and_metrics,
@@ -84,6 +84,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         limits: Limits = app.state.limits
         return {"object": "list", "data": [{"id": limits.model_name, "object": "model", "created": 0,
                                             "owned_by": "dejavu", "max_model_len": limits.max_model_len}]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict:
+        """One model (the openai SDK's models.retrieve): the one served, or a 404."""
+        listed = (await models())["data"][0]
+        if model != listed["id"]:
+            raise NotFound(f"model '{model}' does not exist; this server serves '{listed['id']}'", "model",
+                           code="model_not_found")
+        return listed
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

@@ -116,7 +116,7 @@ def chat_job(body: ChatRequest, tokenizer, limits: Limits) -> Job:
     except Exception as exc:  # a template that rejects this conversation is the caller's problem
         raise BadRequest(f"'messages' cannot be formatted by the model's chat template: {exc}", "messages") from exc
     ids = list(out["input_ids"] if hasattr(out, "keys") else out)
-    return _job(body, ids, limits, limits.chat_max_tokens, body.logprobs_k, "")
+    return _job(body, ids, limits, limits.chat_max_tokens, body.logprobs_k, "", "messages")
 
 
 def _check_model(body: SamplingFields, limits: Limits) -> None:
@@ -126,14 +126,18 @@ def _check_model(body: SamplingFields, limits: Limits) -> None:
 
 
 def _job(body: SamplingFields, ids: list[int], limits: Limits, default_max: int, logprobs: int | None,
-         echo: str) -> Job:
+         echo: str, prompt_param: str = "prompt") -> Job:
     room = limits.max_model_len - len(ids)
+    if room < 1:  # no max_tokens could help
+        raise ContextLengthExceeded(
+            f"this model's maximum context length is {limits.max_model_len} tokens, and the prompt alone has "
+            f"{len(ids)}: shorten it", prompt_param)
     max_tokens = body.max_tokens if body.max_tokens is not None else min(default_max, room)
-    if len(ids) + max_tokens > limits.max_model_len or room < 1:
+    if len(ids) + max_tokens > limits.max_model_len:
         raise ContextLengthExceeded(
             f"this model's maximum context length is {limits.max_model_len} tokens, but you requested "
             f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} for the completion); "
-            f"shorten the prompt or lower max_tokens", "max_tokens" if body.max_tokens else "prompt")
+            f"shorten the prompt or lower max_tokens", "max_tokens" if body.max_tokens else prompt_param)
     temperature = 1.0 if body.temperature is None else float(body.temperature)
     sampling = SamplingParams(
         temperature=temperature, top_p=1.0 if body.top_p is None else float(body.top_p),

@@ -162,7 +162,7 @@ class ChatRequest(SamplingFields):
     top_logprobs: StrictInt | None = None
 
     def check(self) -> None:
-        if self.max_tokens is None and self.max_completion_tokens is not None:
+        if self.max_completion_tokens is not None:  # OpenAI's current name wins over the deprecated one, as there
             self.max_tokens = self.max_completion_tokens
         self.check_common()
         if not self.messages:

@@ -192,3 +192,13 @@ def test_requests_done_at_the_first_token_free_their_row(tiny_cluster):
         got = completion(tiny_cluster.url, prompt="Hello there", max_tokens=1, temperature=0)
         assert got["choices"][0]["finish_reason"] == "length" and got["usage"]["completion_tokens"] == 1
     assert_no_kv_held(tiny_cluster, timeout=5)
+
+
+def test_one_model_is_retrieved_by_its_id(tiny_cluster):
+    """GET /v1/models/{id} (the openai SDK's models.retrieve): the listed model, or an OpenAI 404."""
+    listed = httpx.get(tiny_cluster.url + "/v1/models", timeout=10).json()["data"][0]
+    got = httpx.get(tiny_cluster.url + f"/v1/models/{listed['id']}", timeout=10)
+    assert got.status_code == 200 and got.json() == listed
+    missing = httpx.get(tiny_cluster.url + "/v1/models/no-such-model", timeout=10)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "model_not_found" and missing.json()["error"]["param"] == "model"

@@ -1,0 +1,41 @@
+"""What the gateway makes of a request's length fields (gateway/jobs.py), against the bundled
+model's tokenizer: a prompt that alone fills the context names the prompt (no max_tokens could
+help), and chat's max_completion_tokens wins over the deprecated max_tokens, as at OpenAI."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.errors import ContextLengthExceeded
+from common.model import load_tokenizer
+from gateway.jobs import Limits, chat_job, completion_job
+from gateway.openai_types import ChatRequest, CompletionRequest
+
+
+@pytest.fixture(scope="module")
+def tokenizer(bundled_path):
+    return load_tokenizer(bundled_path)
+
+
+def limits_of(tokenizer, context: int = 64) -> Limits:
+    return Limits("m", context, len(tokenizer), [2], 256, max(map(len, tokenizer.get_vocab())))
+
+
+def test_a_prompt_that_alone_fills_the_context_names_the_prompt(tokenizer):
+    limits = limits_of(tokenizer)
+    for body, make, param in ((CompletionRequest(prompt=list(range(10, 80)), max_tokens=4), completion_job, "prompt"),
+                              (ChatRequest(messages=[{"role": "user", "content": "word " * 80}]), chat_job, "messages")):
+        with pytest.raises(ContextLengthExceeded, match="the prompt alone has") as info:
+            make(body, tokenizer, limits)
+        assert info.value.param == param
+    with pytest.raises(ContextLengthExceeded, match="lower max_tokens") as info:  # room, but not for that many
+        completion_job(CompletionRequest(prompt=list(range(10, 40)), max_tokens=50), tokenizer, limits)
+    assert info.value.param == "max_tokens"
+
+
+def test_max_completion_tokens_wins_over_max_tokens(tokenizer):
+    limits = limits_of(tokenizer, 512)
+    both = ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=6, max_completion_tokens=3)
+    assert chat_job(both, tokenizer, limits).sampling.max_tokens == 3
+    old = ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=6)
+    assert chat_job(old, tokenizer, limits).sampling.max_tokens == 6
