@@ -6,7 +6,7 @@ ignored, as OpenAI does. Each check names the parameter and says what to change.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
@@ -155,11 +155,21 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+# Chat fields whose meaning we do not implement: ignoring them would answer something else than
+# was asked (free text for a JSON schema, no call for a tool), so they are refused unless empty
+UNSUPPORTED_CHAT = ("tools", "tool_choice", "functions", "function_call", "response_format")
+
+
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(default_factory=list)
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
+    tools: Any = None                 # refused unless empty (UNSUPPORTED_CHAT)
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
 
     def check(self) -> None:
         if self.max_completion_tokens is not None:  # OpenAI's current name wins over the deprecated one, as there
@@ -169,6 +179,13 @@ class ChatRequest(SamplingFields):
             raise BadRequest("'messages' must hold at least one message", "messages")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 5:
             raise BadRequest(f"'top_logprobs' = {self.top_logprobs}: must be between 0 and 5", "top_logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        for name in UNSUPPORTED_CHAT:
+            value = getattr(self, name)
+            if value not in (None, [], {}, "none", "auto", {"type": "text"}):
+                raise BadRequest(f"'{name}' is not supported: this server does not call tools nor constrain the "
+                                 "output to a format; leave it out", name)
 
     @property
     def logprobs_k(self) -> int | None:

@@ -39,3 +39,20 @@ def test_max_completion_tokens_wins_over_max_tokens(tokenizer):
     assert chat_job(both, tokenizer, limits).sampling.max_tokens == 3
     old = ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=6)
     assert chat_job(old, tokenizer, limits).sampling.max_tokens == 6
+
+
+@pytest.mark.parametrize("field, value", [("tools", [{"type": "function", "function": {"name": "f"}}]),
+                                          ("tool_choice", "required"), ("response_format", {"type": "json_object"}),
+                                          ("functions", [{"name": "f"}]), ("top_logprobs", 2)])
+def test_chat_fields_we_do_not_implement_are_refused_not_ignored(tokenizer, field, value):
+    from common.errors import BadRequest
+
+    body = ChatRequest(messages=[{"role": "user", "content": "hi"}], **{field: value})
+    with pytest.raises(BadRequest) as info:
+        chat_job(body, tokenizer, limits_of(tokenizer, 512))
+    assert info.value.param == field
+    # their empty or default forms are fine
+    for harmless in ({"tools": []}, {"tool_choice": "none"}, {"response_format": {"type": "text"}},
+                     {"top_logprobs": 2, "logprobs": True}):
+        assert chat_job(ChatRequest(messages=[{"role": "user", "content": "hi"}], **harmless), tokenizer,
+                        limits_of(tokenizer, 512))
