@@ -126,6 +126,20 @@ BENCHMARKS = {
 }
 
 
+def port_free(host: str, port: int) -> bool:
+    """Whether the gateway could bind `port` on `host` now (as it will: SO_REUSEADDR, as uvicorn)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def cmd_up(args, parser) -> int:
     if args.colocated:
         args.prompt_services = 0
@@ -153,6 +167,13 @@ def cmd_up(args, parser) -> int:
         parser.error("--max-queued-requests must be >= 0 (0: a 429 as soon as every token service is full)")
     if not 0 <= args.kv_shm_mib <= 1024:
         parser.error("--kv-shm-mib must be in 0..1024")
+    if not 0 <= args.port <= 65535:
+        parser.error("--port must be in 0..65535")
+    for name, low in (("max_model_len", 16), ("max_seqs", 1), ("block_size", 1), ("kv_blocks", 0)):
+        if getattr(args, name) < low:  # the services would refuse it, but only once the rest had started
+            parser.error(f"--{name.replace('_', '-')} must be at least {low}")
+    if args.port and not port_free(args.host, args.port):
+        parser.error(f"port {args.port} on {args.host} is in use: stop what holds it, or pick another --port")
     try:
         resolve_model_path(args.model)  # convert the bundled model once, with progress, before the services start
     except ModelNotFound as exc:

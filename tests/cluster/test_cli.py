@@ -138,3 +138,28 @@ def wait_for_line(up: Up, text: str, timeout: float = 30) -> None:
     while not any(text in line for line in up.lines):
         assert time.monotonic() < deadline, f"no line with {text!r}:\n" + "\n".join(up.lines[-20:])
         time.sleep(0.2)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-seqs", "0"], "--max-seqs must be at least 1"),
+    (["--max-model-len", "0"], "--max-model-len must be at least 16"),
+    (["--block-size", "0"], "--block-size must be at least 1"),
+    (["--port", "99999"], "--port must be in 0..65535"),
+])
+def test_up_refuses_bad_options_before_starting_anything(tiny_model_path, args, message):
+    proc = subprocess.run([sys.executable, "-m", "dejavu", "up", "--model", str(tiny_model_path), *args],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_up_says_when_its_port_is_taken(tiny_model_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "dejavu", "up", "--model", str(tiny_model_path), "--port", str(port)],
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and f"port {port} on 127.0.0.1 is in use" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
