@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import signal
@@ -88,7 +89,9 @@ def main(argv: list[str] | None = None) -> None:
                     "keys; also DEJAVU_API_KEYS=K1,K2; none: no authentication, fine on loopback only)")
     up.add_argument("--quiet", action="store_true", help="don't echo the services' logs")
     status = sub.add_parser("status", help="list the services registered in Redis")
-    status.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    status.add_argument("--redis-url", default="",
+                        help="the cluster's Redis (default: $DEJAVU_REDIS_URL, else the one `dejavu up` runs on this "
+                        "machine when exactly one runs, else redis://127.0.0.1:6379/0)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     bench = sub.add_parser("bench", help="run a benchmark (same as python -m bench.NAME)",
                            description="Run a benchmark: it prints progress, a table of medians [min-max] over "
@@ -221,11 +224,14 @@ def cmd_up(args, parser) -> int:
           + (f"    -H \"Authorization: Bearer $DEJAVU_API_KEY\" \\\n" if keys else "") +
           f"    -d '{{\"model\": \"{_served_name(args.model)}\", \"prompt\": \"The capital of France is\", "
           f"\"max_tokens\": 16, \"temperature\": 0}}'\n\n[dejavu] Ctrl-C stops everything.", flush=True)
+    record = _record_up(cluster)
     try:
         return _watch(cluster)
     finally:  # whatever happens here (even a closed terminal), no child is left behind
         _say("[dejavu] stopping ...")
         cluster.stop()
+        with contextlib.suppress(OSError):
+            os.unlink(record)
         _say("[dejavu] stopped")
 
 
@@ -295,14 +301,66 @@ def _served_name(model: str) -> str:
     return os.path.basename(os.path.normpath(model))
 
 
+def _ups_dir() -> str:
+    """Where each running `dejavu up` leaves its gateway and Redis URLs, for `dejavu status`."""
+    from common.settings import cache_dir
+
+    return os.path.join(cache_dir(), "up")
+
+
+def _record_up(cluster) -> str:
+    """Write this `dejavu up`'s URLs where `dejavu status` finds them; returns the file (removed at stop)."""
+    os.makedirs(_ups_dir(), exist_ok=True)
+    path = os.path.join(_ups_dir(), f"{os.getpid()}.json")
+    with open(path, "w") as f:
+        json.dump({"pid": os.getpid(), "url": cluster.url, "redis_url": cluster.redis_url}, f)
+    return path
+
+
+def _running_ups() -> list[dict]:
+    """The `dejavu up` of this machine still running (files of dead ones are removed)."""
+    found = []
+    try:
+        names = sorted(os.listdir(_ups_dir()))
+    except OSError:
+        return []
+    for name in names:
+        path = os.path.join(_ups_dir(), name)
+        try:
+            with open(path) as f:
+                up = json.load(f)
+            os.kill(int(up["pid"]), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        found.append(up)
+    return found
+
+
 def cmd_status(args) -> int:
     """The services registered in Redis: the same entries as the gateway's GET /cluster."""
     from common import metadata
     from common.errors import Unavailable
     from common.protocol import cluster_status
 
+    url = args.redis_url or os.environ.get("DEJAVU_REDIS_URL", "")
+    if not url:
+        running = _running_ups()
+        if len(running) > 1:
+            print("dejavu status: several `dejavu up` run here; pick one with --redis-url:\n" + "\n".join(
+                f"  --redis-url {r['redis_url']}   (gateway {r['url']}, pid {r['pid']})" for r in running),
+                file=sys.stderr)
+            return 2
+        url = running[0]["redis_url"] if running else "redis://127.0.0.1:6379/0"
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        print(f"dejavu status: --redis-url {url!r} must start with redis://, rediss:// or unix://", file=sys.stderr)
+        return 2
+
     async def fetch():
-        redis = metadata.connect(args.redis_url)
+        redis = metadata.connect(url)
         try:
             return await metadata.Registry(redis).services()
         finally:

@@ -3,6 +3,7 @@ names a child that dies, and stops every child on SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,12 +20,13 @@ from dejavu.redis_server import free_port
 
 
 class Up:
-    def __init__(self, model: str, port: int, cpu_placement: str = "auto"):
+    def __init__(self, model: str, port: int, cpu_placement: str = "auto", env: dict | None = None):
         self.cpu_placement = cpu_placement
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dejavu", "up", "--model", model, "--port", str(port), "--kv-transport", "tcp",
              "--max-seqs", "2", "--max-model-len", "256", "--cpu-placement", cpu_placement, "--quiet"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+            env={**os.environ, **(env or {})})
         self.lines: list[str] = []
         self.ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -51,9 +53,10 @@ class Up:
                 self.proc.kill()
 
 
-def test_up_serves_and_stops_cleanly_on_sigterm(tiny_model_path):
+def test_up_serves_and_stops_cleanly_on_sigterm(tiny_model_path, tmp_path):
     port = free_port()
-    up = Up(str(tiny_model_path), port)
+    env = {"DEJAVU_CACHE_DIR": str(tmp_path)}  # where it says it runs: this test's alone
+    up = Up(str(tiny_model_path), port, env=env)
     try:
         up.wait_ready()
         output = "\n".join(up.lines)
@@ -66,8 +69,15 @@ def test_up_serves_and_stops_cleanly_on_sigterm(tiny_model_path):
         resp = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                           json={"prompt": "Hello", "max_tokens": 5, "temperature": 0})
         assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 5
+        # `dejavu status` with no --redis-url finds the Redis of the one `dejavu up` running here
+        status_env = {k: v for k, v in os.environ.items() if k != "DEJAVU_REDIS_URL"} | env
+        status = subprocess.run([sys.executable, "-m", "dejavu", "status", "--json"], capture_output=True, text=True,
+                                timeout=30, env=status_env)
+        assert status.returncode == 0, status.stderr
+        assert {"gateway", "prompt", "token", "cache_store"} <= {s["kind"] for s in json.loads(status.stdout)}
         up.proc.send_signal(signal.SIGTERM)
         assert up.wait_exit() == 0
+        assert not list((tmp_path / "up").iterdir()), "its record was left behind"
         gone, alive = psutil.wait_procs(children, timeout=15)
         assert not alive, f"children left running: {alive}"
         assert lock is None or not os.path.exists(os.path.dirname(lock)), "the turn lock's folder was left behind"
