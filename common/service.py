@@ -131,7 +131,7 @@ class Lease:
                 if not failures:
                     log.warning("lease renewal failed (trying again, from every %.2f s): %s", RETRY_S, exc)
                 failures += 1
-                delay = min(self.settings.lease_renew_s, RETRY_S * 2 ** (failures - 1))
+                delay = min(self.settings.lease_renew_s, RETRY_S * 2 ** min(failures - 1, 30))
                 continue
             if failures:
                 log.info("lease renewed after %d failed tries", failures)

@@ -219,19 +219,20 @@ def cmd_up(args, parser) -> int:
     except (ClusterError, RedisNotInstalled, RuntimeError) as exc:
         print(f"[dejavu] {exc}", file=sys.stderr)
         return 1
+    record = _record_up(cluster)
     print(f"\n[dejavu] ready in {time.monotonic() - start:.0f} s: OpenAI API at {cluster.url}/v1 "
           f"(redis {cluster.redis_url})\n\n  curl {cluster.url}/v1/completions -H 'Content-Type: application/json' \\\n"
           + (f"    -H \"Authorization: Bearer $DEJAVU_API_KEY\" \\\n" if keys else "") +
           f"    -d '{{\"model\": \"{_served_name(args.model)}\", \"prompt\": \"The capital of France is\", "
           f"\"max_tokens\": 16, \"temperature\": 0}}'\n\n[dejavu] Ctrl-C stops everything.", flush=True)
-    record = _record_up(cluster)
     try:
         return _watch(cluster)
     finally:  # whatever happens here (even a closed terminal), no child is left behind
         _say("[dejavu] stopping ...")
         cluster.stop()
-        with contextlib.suppress(OSError):
-            os.unlink(record)
+        if record:
+            with contextlib.suppress(OSError):
+                os.unlink(record)
         _say("[dejavu] stopped")
 
 
@@ -309,11 +310,16 @@ def _ups_dir() -> str:
 
 
 def _record_up(cluster) -> str:
-    """Write this `dejavu up`'s URLs where `dejavu status` finds them; returns the file (removed at stop)."""
-    os.makedirs(_ups_dir(), exist_ok=True)
+    """Write this `dejavu up`'s URLs where `dejavu status` finds them (owner-only: a Redis URL may
+    hold a password); returns the file, removed at stop, or "" if it could not be written."""
     path = os.path.join(_ups_dir(), f"{os.getpid()}.json")
-    with open(path, "w") as f:
-        json.dump({"pid": os.getpid(), "url": cluster.url, "redis_url": cluster.redis_url}, f)
+    try:
+        os.makedirs(_ups_dir(), mode=0o700, exist_ok=True)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            json.dump({"pid": os.getpid(), "url": cluster.url, "redis_url": cluster.redis_url}, f)
+    except OSError as exc:  # only `dejavu status` without --redis-url misses it
+        print(f"[dejavu] could not record this cluster for `dejavu status` in {path}: {exc}", file=sys.stderr)
+        return ""
     return path
 
 
@@ -336,7 +342,8 @@ def _running_ups() -> list[dict]:
             continue
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        found.append(up)
+        if isinstance(up.get("redis_url"), str) and isinstance(up.get("url"), str):
+            found.append(up)
     return found
 
 

@@ -20,7 +20,9 @@ A stopped one (SIGSTOP, a debugger) keeps its lock, and once froze every engine 
 failure contract says a hung token service costs its streams a pause, but the other token service
 that should resume them could not take a turn. So the holder writes its pid into the turn file, a
 waiter looks at it every CHECK_S, and while the holder is stopped the waiter computes without the
-turn (SKIPPED counts those forwards; the cores are shared again, as without turns). The blocking
+turn, as it does while the queue's holder is stopped (a waiter stopped while it waits: every other
+waiter queues behind it). SKIPPED counts those forwards; the cores are shared again meanwhile, as
+without turns. The blocking
 wait itself runs on a helper thread, so the engine thread can give up on it; an acquisition given
 up on ends its turn as soon as it gets it. A holder that is not stopped is waited for however long
 its forward takes (a big model's prefill chunk may take seconds).
@@ -76,7 +78,9 @@ class Turns:
         """Blocks the calling thread until this process has the turn, or its holder is stopped;
         ends the turn (if it had it) on exit."""
         start = time.perf_counter()
-        got = self._try() or self._wait()
+        with self._mu:  # an acquisition given up on may still wait on the helper thread: never race it
+            in_flight = self._event is not None  # (its flock and ours are one owner: it would end our turn)
+        got = (not in_flight and self._try()) or self._wait()
         TURN_WAIT.inc(time.perf_counter() - start)
         (TURNS if got else SKIPPED).inc()
         try:
@@ -109,9 +113,9 @@ class Turns:
             else:  # one given up on earlier is still waiting: it is ours again
                 self._abandoned = False
             event = self._event
-        while True:
-            holder = self._holder()
-            if holder and _stopped(holder):
+        while True:  # the turn's holder, or the queue's (a stopped waiter blocks everyone behind it)
+            holder = next((pid for pid in (self._holder(self.turn), self._holder(self.queue)) if pid and _stopped(pid)), 0)
+            if holder:
                 with self._mu:
                     if not event.is_set():
                         self._abandoned = True
@@ -133,8 +137,10 @@ class Turns:
         """On the helper thread: queue, turn, let the queue go (see the module docstring)."""
         fcntl.flock(self.queue, fcntl.LOCK_EX)
         try:
+            os.pwrite(self.queue, PID.pack(os.getpid()), 0)
             fcntl.flock(self.turn, fcntl.LOCK_EX)
         finally:
+            os.pwrite(self.queue, PID.pack(0), 0)
             fcntl.flock(self.queue, fcntl.LOCK_UN)
         with self._mu:
             if self._abandoned:  # its waiter went on without it: end the turn at once
@@ -149,8 +155,9 @@ class Turns:
         os.pwrite(self.turn, PID.pack(0), 0)
         fcntl.flock(self.turn, fcntl.LOCK_UN)
 
-    def _holder(self) -> int:
-        data = os.pread(self.turn, PID.size, 0)
+    @staticmethod
+    def _holder(fd: int) -> int:
+        data = os.pread(fd, PID.size, 0)
         return PID.unpack(data)[0] if len(data) == PID.size else 0
 
     def close(self) -> None:

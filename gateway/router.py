@@ -57,6 +57,7 @@ class Router:
         self.admission = Admission(settings.max_queued_requests, settings.route_timeout_s)
         self.ended_on: dict[str, tuple[ServiceInfo, dict[str, float]]] = {}  # see _watch_owner
         self._watcher: asyncio.Task | None = None
+        self.prompt_seen = float("-inf")  # monotonic s a prompt service of ours was last listed
 
     async def services(self, kind: ServiceKind) -> list[ServiceInfo]:
         """The services to route to (RecentServices: a Redis that restarted empty a moment ago
@@ -65,6 +66,8 @@ class Router:
         if time.monotonic() - at > REGISTRY_CACHE_S:
             old, infos = infos, await self.recent.services()
             self._cache = (time.monotonic(), infos)
+            if any(i.kind == ServiceKind.PROMPT and self._ours(i) for i in infos):
+                self.prompt_seen = time.monotonic()
             if _kv_freed(old, infos):  # another gateway's request ended: our queue's head may fit now
                 self.admission.wake()
         return [i for i in infos if i.kind == kind and (kind not in ENGINES or self._ours(i))]
@@ -308,7 +311,10 @@ class Router:
         (a 503 if none came back)."""
         try:
             return await self._prefill_round(req, holders)
-        except UpstreamError as first:
+        except (UpstreamError, Unavailable) as first:
+            # none registered: wait too if one was, lately (its lease lapsed before it came back)
+            if isinstance(first, Unavailable) and time.monotonic() - self.prompt_seen > self.settings.resume_wait_s:
+                raise
             deadline = time.monotonic() + self.settings.resume_wait_s
             while True:
                 live = [s for s in await self.services(ServiceKind.PROMPT)]

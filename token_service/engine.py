@@ -112,7 +112,7 @@ class TokenEngine:
         except (RuntimeError, MemoryError) as exc:  # torch's "can't allocate memory"
             size = num_blocks * runner.kv.bytes_per_token * runner.block_size / 2 ** 30
             raise SettingsError(f"the KV pool, {num_blocks} blocks of {runner.block_size} tokens ({size:.1f} GiB), "
-                                f"could not be allocated ({str(exc).splitlines()[0]}): lower --max-seqs or "
+                                f"could not be allocated ({(str(exc) or type(exc).__name__).splitlines()[0]}): lower --max-seqs or "
                                 f"--max-model-len, or set --kv-blocks") from None
         self.blocks = BlockManager(num_blocks, runner.block_size)
         self.step_blocks = self.swap.step_blocks if self.swap else None  # most KV blocks one step may cover

@@ -112,3 +112,30 @@ def test_a_stopped_holder_does_not_freeze_the_others(tmp_path):
             holder.kill()
             holder.wait()
         turns.close()
+
+
+def test_a_stopped_waiter_does_not_freeze_the_others(tmp_path):
+    """A process stopped while it waits for the turn holds the queue: once the turn is free, the
+    others go on without waiting behind it."""
+    path = str(tmp_path / "cpu.lock")
+    holder = other_engine(path, "time.sleep(1)")
+    waiter = None
+    turns = Turns(path)
+    try:
+        assert holder.stdout.readline().strip() == "in turn"
+        waiter = other_engine(path, "pass")
+        wait_blocked(waiter.pid)  # it holds the queue, waiting for the turn
+        os.kill(waiter.pid, signal.SIGSTOP)
+        assert holder.wait(30) == 0  # the turn is free; the stopped waiter still holds the queue
+        done = threading.Event()
+        threading.Thread(target=lambda: (turns.hold().__enter__(), done.set()), daemon=True).start()
+        assert done.wait(30), "a stopped waiter froze the queue"
+        os.kill(waiter.pid, signal.SIGCONT)
+        assert waiter.wait(30) == 0 and waiter.stdout.readline().strip() == "in turn"
+    finally:
+        for proc in (holder, waiter):
+            if proc is not None and proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.kill()
+                proc.wait()
+        turns.close()
