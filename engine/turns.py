@@ -22,10 +22,9 @@ that should resume them could not take a turn. So the holder writes its pid into
 waiter looks at it every CHECK_S, and while the holder is stopped the waiter computes without the
 turn, as it does while the queue's holder is stopped (a waiter stopped while it waits: every other
 waiter queues behind it). SKIPPED counts those forwards; the cores are shared again meanwhile, as
-without turns. The blocking
-wait itself runs on a helper thread, so the engine thread can give up on it; an acquisition given
-up on ends its turn as soon as it gets it. A holder that is not stopped is waited for however long
-its forward takes (a big model's prefill chunk may take seconds).
+without turns. The blocking wait itself runs on a helper thread, so the engine thread can give up
+on it; an acquisition given up on ends its turn as soon as it gets it. A holder that is not
+stopped is waited for however long its forward takes (a big model's prefill chunk may take seconds).
 """
 
 from __future__ import annotations
@@ -43,8 +42,8 @@ from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
 
-CHECK_S = 0.5  # a waiter looks at whether the turn's holder is stopped this often
-PID = struct.Struct("<q")  # the holder's pid at the start of the turn file (0: none)
+CHECK_S = 0.5  # a waiter looks at whether the turn's or the queue's holder is stopped this often
+PID = struct.Struct("<q")  # the holder's pid at the start of the turn file, and of the queue file (0: none)
 
 TURN_WAIT = Counter("dejavu_engine_cpu_turn_wait_seconds", "time forwards waited for their turn on the host's cores "
                     "(--cpu-placement turns)")

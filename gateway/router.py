@@ -317,7 +317,7 @@ class Router:
                 raise
             deadline = time.monotonic() + self.settings.resume_wait_s
             while True:
-                live = [s for s in await self.services(ServiceKind.PROMPT)]
+                live = await self.services(ServiceKind.PROMPT)
                 if any(await asyncio.gather(*(self._alive(s, timeout=1.0) for s in live))):
                     break
                 if time.monotonic() >= deadline:

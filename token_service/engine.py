@@ -95,6 +95,17 @@ def kv_room(settings: TokenSettings, runner: ModelRunner) -> tuple[int, int]:
     return (settings.num_blocks, device) if settings.swap else (device, 0)
 
 
+def new_pool(runner: ModelRunner, num_blocks: int) -> torch.Tensor:
+    """runner.new_pool, or a SettingsError that says how big it was and what to lower."""
+    try:
+        return runner.new_pool(num_blocks)
+    except (RuntimeError, MemoryError) as exc:  # torch's "can't allocate memory"
+        size = num_blocks * runner.block_size * runner.pool_bytes_per_token / 2 ** 30
+        why = (str(exc) or type(exc).__name__).splitlines()[0]
+        raise SettingsError(f"the KV pool, {num_blocks} blocks of {runner.block_size} tokens ({size:.1f} GiB), could "
+                            f"not be allocated ({why}): lower --max-seqs or --max-model-len, or set --kv-blocks") from None
+
+
 class TokenEngine:
     def __init__(self, runner: ModelRunner, settings: TokenSettings, service_id: str):
         self.runner, self.settings, self.service_id = runner, settings, service_id
@@ -107,13 +118,7 @@ class TokenEngine:
         num_blocks, device_blocks = kv_room(settings, runner)
         # --swap: the pool is in host memory, steps compute on the device's (engine/swap.py)
         self.swap = SwapPool(runner, num_blocks, device_blocks) if device_blocks else None
-        try:
-            self.pool = self.swap.host if self.swap else runner.new_pool(num_blocks)  # (layers, 2, slots, kv_heads, D)
-        except (RuntimeError, MemoryError) as exc:  # torch's "can't allocate memory"
-            size = num_blocks * runner.kv.bytes_per_token * runner.block_size / 2 ** 30
-            raise SettingsError(f"the KV pool, {num_blocks} blocks of {runner.block_size} tokens ({size:.1f} GiB), "
-                                f"could not be allocated ({(str(exc) or type(exc).__name__).splitlines()[0]}): lower --max-seqs or "
-                                f"--max-model-len, or set --kv-blocks") from None
+        self.pool = self.swap.host if self.swap else new_pool(runner, num_blocks)  # (layers, 2, slots, kv_heads, D)
         self.blocks = BlockManager(num_blocks, runner.block_size)
         self.step_blocks = self.swap.step_blocks if self.swap else None  # most KV blocks one step may cover
         self.scheduler = Scheduler(runner.block_size)
