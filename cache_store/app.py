@@ -20,12 +20,18 @@ from cache_store.store import Refused, ReplicaStore
 from common.errors import NotFound, install_error_handlers
 from common.kv import transport_for
 from common.kv.receiver import kv_server
+from common.kv.wire import Header
 from common.protocol import AbortResult, DropRequest, ServiceKind
 from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, RequireSecret, add_health_and_metrics,
                             keep_freed_memory, listen_kv, registered, request_id_var, supervise)
 from common.settings import CacheStoreSettings
 
 log = logging.getLogger(__name__)
+
+
+def _layers(fetch: Header) -> range | None:
+    """The layers a fetch asks for: [layer_start, layer_end), or every one the replica has (0, 0)."""
+    return range(fetch.layer_start, fetch.layer_end) if fetch.layer_end else None
 
 
 MAX_MESSAGE_BYTES = 16 << 30  # one replica message: a whole sequence's KV of any model we serve, not a claimed
@@ -50,7 +56,7 @@ def create_app(settings: CacheStoreSettings) -> FastAPI:
     async def lifespan(app: FastAPI):
         transport = transport_for(settings)
         handler = kv_server(store.put, (Refused,), request_id_var,  # fetch -> (raw array, dtype name)
-                            fetch=lambda h: store.fetch(h.request_id, h.epoch, h.token_end),
+                            fetch=lambda h: store.fetch(h.request_id, h.epoch, h.token_end, _layers(h)),
                             max_payload=MAX_MESSAGE_BYTES)
         kv_address = await listen_kv(transport, handler, settings)
         log.info("cache store ready: KV on %s (%s), %d MiB in memory, spilling to %s", kv_address,

@@ -1,14 +1,21 @@
-"""Replicas of requests' KV: chunks of (layers, 2, tokens, kv_heads, head_dim) that cover tokens
-[0, n) of a request contiguously, under the epoch of the owner that wrote them. A chunk is held as
-it arrived: raw numpy words plus the wire dtype name (e.g. int16 words of "bfloat16"); the store
-never needs the values, and a fetch answers with the same dtype name.
+"""Replicas of requests' KV: chunks of (layers, 2, tokens, kv_heads, head_dim), each a rectangle of
+a layer range by a token range, that cover tokens [0, n_l) of each layer l of a request
+contiguously, under the epoch of the owner that wrote them. A token service sends every layer in
+one chunk; each stage of a token pipeline sends its own layers' (token_service/stage.py), so one
+replica may hold chunks of several layer ranges, and a new owner of another pipeline depth goes on
+with its own ranges. A chunk is held as it arrived: raw numpy words plus the wire dtype name (e.g.
+int16 words of "bfloat16"); the store never needs the values, and a fetch answers with the same
+dtype name.
 
 A replica's lifecycle:
-1. put at token_start 0: a fresh replica at the message's epoch (an older one is freed);
-2. put at token_start <= n: continues it. Tokens at or past token_start are cut first, so a new
-   owner that resumed from index k rewrites [k, ...) under its newer epoch;
-3. fetch(epoch, n): tokens [0, n) as one array, and their dtype name. A newer epoch fences the
-   old owner here too;
+1. put at token_start 0 under a newer epoch, of every layer the replica has, or of a request with
+   no replica: a fresh replica at the message's epoch (an older one is freed);
+2. put of layers [a, b) at token_start t: every layer in [a, b) must hold [0, t) already (0 asks
+   nothing). Tokens at or past t of those layers are cut first, so a new owner that resumed from
+   index k rewrites [k, ...) under its newer epoch, and an owner that starts its replica over
+   rewrites it from 0;
+3. fetch(epoch, n, layers): tokens [0, n) of those layers (all by default) as one array, and their
+   dtype name. A newer epoch fences the old owner here too;
 4. drop: the request ended; its memory and spill files are freed;
    or expiry: a replica nobody wrote to or fetched for `ttl_s` is dropped (its owner writes every
    few tokens while the request runs: one left alone lost its owner and its gateway together).
@@ -71,17 +78,23 @@ class StoreFull(Refused):
 
 @dataclass(eq=False)  # identity-hashed: the memory queue is keyed by chunk
 class Chunk:
-    """Tokens [start, end) of a replica, in memory (`data`) or spilled to the file `path`."""
+    """Tokens [start, end) of layers [layer, layer + shape[0]) of a replica, in memory (`data`) or
+    spilled to the file `path`."""
 
     start: int
     data: np.ndarray | None  # (layers, 2, end - start, kv_heads, head_dim), C-contiguous raw words
     dtype: str  # wire dtype name: numpy's dtype of `data` cannot tell "bfloat16" from "int16"
     shape: tuple[int, ...]
     path: str = ""  # the spill file: the raw bytes, nothing else
+    layer: int = 0  # the first layer
 
     @property
     def end(self) -> int:
         return self.start + self.shape[2]
+
+    @property
+    def layers(self) -> range:
+        return range(self.layer, self.layer + self.shape[0])
 
     @property
     def nbytes(self) -> int:
@@ -96,13 +109,17 @@ class Chunk:
 @dataclass(eq=False)
 class Replica:
     epoch: int
-    chunks: list[Chunk] = field(default_factory=list)
+    chunks: list[Chunk] = field(default_factory=list)  # in no particular order; per layer they tile [0, ends[l])
+    ends: list[int] = field(default_factory=list)  # per layer l: tokens [0, ends[l]) are held
     renewed: float = field(default_factory=time.monotonic)  # last put or fetch: expiry counts from here
 
     @property
     def tokens(self) -> int:
-        """Tokens [0, n) held: chunks are contiguous and in token order."""
-        return self.chunks[-1].end if self.chunks else 0
+        """Tokens [0, n) held of every layer any chunk has."""
+        return min(self.ends, default=0)
+
+    def held(self, layer: int) -> int:
+        return self.ends[layer] if layer < len(self.ends) else 0
 
     @property
     def dtype(self) -> str:
@@ -126,47 +143,67 @@ class ReplicaStore:
 
     def put(self, header: Header, payload: np.ndarray) -> None:
         """Store one "kv" message; takes ownership of `payload` (stream_in's buffer is fresh)."""
-        rid, start = header.request_id, header.token_start
+        rid, start, layers = header.request_id, header.token_start, range(header.layer_start, header.layer_end)
         replica = self.replicas.get(rid)
         if replica is not None and header.epoch < replica.epoch:
             raise StaleEpoch(f"{FENCED}request {rid}: epoch {header.epoch} is older than the replica's {replica.epoch}")
         if replica is None and rid in self.ended:
             raise StaleEpoch(f"{FENCED}request {rid} has ended: no new replica of it is taken")
-        if start > 0 and (replica is None or start > replica.tokens):
-            held = 0 if replica is None else replica.tokens
-            raise ReplicaGap(f"request {rid}: tokens from {start} would leave a gap (the store holds {held})")
-        _check_payload(header, payload, None if replica is None or start == 0 else replica.chunks[0])
-        chunk = self._place(Chunk(start, np.ascontiguousarray(payload), header.dtype, tuple(payload.shape)))
+        fresh = start == 0 and (replica is None or header.epoch > replica.epoch  # a new owner's, or every layer
+                                or (layers.start == 0 and layers.stop >= len(replica.ends)))  # written anew
+        if not fresh and (short := [l for l in layers if replica is None or replica.held(l) < start]):
+            raise ReplicaGap(f"request {rid}: tokens from {start} of layers [{layers.start}, {layers.stop}) would "
+                             f"leave a gap (the store holds {replica.held(short[0]) if replica else 0} of layer "
+                             f"{short[0]})")
+        _check_payload(header, payload, None if fresh else replica.chunks[0])
+        chunk = self._place(Chunk(start, np.ascontiguousarray(payload), header.dtype, tuple(payload.shape),
+                                  layer=layers.start))
         try:  # nothing changed before this point: a refused put leaves the replica as it was
-            if start == 0:
+            if fresh:
                 if replica is not None:
-                    self._cut(replica, 0)
+                    self._free_all(replica)
                 replica = self.replicas[rid] = Replica(header.epoch)
             else:
-                self._cut(replica, start)  # reads a spill file back: may fail
+                self._cut(replica, layers, start)  # reads spill files back: may fail
                 replica.epoch = max(replica.epoch, header.epoch)
                 replica.renewed = time.monotonic()
+        except StoreFull:  # a chunk split by the cut found no room: what is left of the replica is not whole
+            self._free(chunk)
+            self.drop(rid, header.epoch)
+            raise
         except BaseException:
             self._free(chunk)
             raise
         finally:
             self._gauges()
         replica.chunks.append(chunk)
+        replica.ends.extend([0] * (layers.stop - len(replica.ends)))
+        for layer in layers:
+            replica.ends[layer] = chunk.end
 
-    def fetch(self, request_id: str, epoch: int, n: int) -> tuple[np.ndarray, str]:
-        """(tokens [0, n) of the replica, their wire dtype name): a fresh C-contiguous array of
-        (layers, 2, n, kv_heads, head_dim), raw words as put (int16 for "bfloat16"). A newer epoch
-        becomes the replica's, so the fenced owner's puts are refused."""
+    def fetch(self, request_id: str, epoch: int, n: int, layers: range | None = None) -> tuple[np.ndarray, str]:
+        """(tokens [0, n) of `layers` of the replica (all it has by default), their wire dtype name):
+        a fresh C-contiguous array of (layers, 2, n, kv_heads, head_dim), raw words as put (int16
+        for "bfloat16"). A newer epoch becomes the replica's, so the fenced owner's puts are refused."""
         replica = self.replicas.get(request_id)
         if replica is None:
             raise ReplicaGap(f"request {request_id}: no replica")
         if epoch < replica.epoch:
             raise StaleEpoch(f"{FENCED}request {request_id}: epoch {epoch} is older than the replica's {replica.epoch}")
-        if n > replica.tokens:
-            raise ReplicaGap(f"request {request_id}: {n} tokens asked, the store holds {replica.tokens}")
+        layers = range(len(replica.ends)) if layers is None else layers
+        if not layers or (short := [l for l in layers if replica.held(l) < n]):
+            raise ReplicaGap(f"request {request_id}: {n} tokens asked of layers [{layers.start}, {layers.stop}), "
+                             f"the store holds " + (f"{replica.held(short[0])} of layer {short[0]}" if layers else
+                                                    "no layer"))
         replica.epoch, replica.renewed = epoch, time.monotonic()
-        parts = [c.array()[:, :, : n - c.start] for c in replica.chunks if c.start < n]
-        return np.concatenate(parts or [replica.chunks[0].array()[:, :, :0]], axis=2), replica.dtype
+        like = replica.chunks[0]
+        out = np.empty((len(layers), 2, n) + like.shape[3:], dtype=numpy_dtype(like.dtype))
+        for c in replica.chunks:
+            lo, hi, stop = max(layers.start, c.layer), min(layers.stop, c.layers.stop), min(c.end, n)
+            if lo < hi and c.start < stop:
+                out[lo - layers.start: hi - layers.start, :, c.start: stop] = \
+                    c.array()[lo - c.layer: hi - c.layer, :, : stop - c.start]
+        return out, like.dtype
 
     def drop(self, request_id: str, epoch: int | None = None) -> bool:
         """Free a replica; with `epoch`, only if it is not newer (a fenced owner's cleanup must not
@@ -180,7 +217,7 @@ class ReplicaStore:
         if replica is None or (epoch is not None and replica.epoch > epoch):
             return False
         del self.replicas[request_id]
-        self._cut(replica, 0)
+        self._free_all(replica)
         self._gauges()
         return True
 
@@ -199,14 +236,43 @@ class ReplicaStore:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
 
-    def _cut(self, replica: Replica, at: int) -> None:
-        """Free tokens [at, ...) of the replica; a chunk that straddles `at` keeps [start, at)."""
-        while replica.chunks and replica.chunks[-1].end > at:
-            chunk = replica.chunks[-1]
-            if chunk.start >= at:
-                self._free(replica.chunks.pop())
-            else:
-                self._trim(chunk, at)
+    def _free_all(self, replica: Replica) -> None:
+        for chunk in replica.chunks:
+            self._free(chunk)
+        replica.chunks, replica.ends = [], []
+
+    def _cut(self, replica: Replica, layers: range, at: int) -> None:
+        """Free tokens [at, ...) of `layers`. A chunk that straddles `at` keeps [start, at); one that
+        also has layers outside `layers` (written by a pipeline of another depth) is split, its
+        other layers kept whole. Raises StoreFull if a split finds no room (the caller drops the
+        replica), or what reading a spill file back raises."""
+        pending, kept = list(replica.chunks), []
+        try:
+            while pending:
+                chunk = pending[0]
+                lo, hi = max(layers.start, chunk.layer), min(layers.stop, chunk.layers.stop)
+                if lo >= hi or chunk.end <= at:
+                    kept.append(pending.pop(0))
+                elif (lo, hi) == (chunk.layer, chunk.layers.stop):
+                    if chunk.start < at:
+                        self._trim(chunk, at)
+                        kept.append(pending.pop(0))
+                    else:
+                        self._free(pending.pop(0))
+                else:
+                    array, first = chunk.array(), chunk.layer
+                    pieces = [(first, array[: lo - first]), (hi, array[hi - first:]),  # the other layers, whole
+                              (lo, array[lo - first: hi - first, :, : max(at - chunk.start, 0)])]  # these, up to `at`
+                    self._free(pending.pop(0))
+                    for layer, part in pieces:
+                        if part.shape[0] and part.shape[2]:
+                            kept.append(self._place(Chunk(chunk.start, np.ascontiguousarray(part), chunk.dtype,
+                                                          part.shape, layer=layer)))
+        finally:
+            replica.chunks = kept + pending  # each chunk held once, whatever was raised
+        for layer in layers:
+            if layer < len(replica.ends):
+                replica.ends[layer] = min(replica.ends[layer], at)
 
     def _trim(self, chunk: Chunk, at: int) -> None:
         kept = np.ascontiguousarray(chunk.array()[:, :, : at - chunk.start])  # a copy: frees the rest
@@ -299,12 +365,12 @@ class ReplicaStore:
 
 
 def _check_payload(header: Header, payload: np.ndarray, like: Chunk | None) -> None:
-    """The payload must be (layers, 2, tokens, kv_heads, head_dim) of the header's tokens and
-    dtype, and match the replica's other chunks: fetch concatenates them."""
-    tokens, layers = header.token_end - header.token_start, header.layer_end
-    if header.layer_start != 0 or payload.ndim != 5 or payload.shape[:3] != (layers, 2, tokens):
-        raise BadChunk(f"request {header.request_id}: payload {payload.shape} is not all layers "
-                       f"({layers}, 2, {tokens}, kv_heads, head_dim)")
+    """The payload must be (layers, 2, tokens, kv_heads, head_dim) of the header's layers, tokens
+    and dtype, and match the replica's other chunks: fetch puts them together."""
+    tokens, layers = header.token_end - header.token_start, header.layer_end - header.layer_start
+    if header.layer_start < 0 or payload.ndim != 5 or payload.shape[:3] != (layers, 2, tokens):
+        raise BadChunk(f"request {header.request_id}: payload {payload.shape} is not layers [{header.layer_start}, "
+                       f"{header.layer_end}) ({layers}, 2, {tokens}, kv_heads, head_dim)")
     if payload.dtype != numpy_dtype(header.dtype):
         raise BadChunk(f"request {header.request_id}: a {payload.dtype} payload is not {header.dtype!r}")
     if like is not None and (header.dtype != like.dtype or _dims(payload.shape) != _dims(like.shape)):
@@ -313,5 +379,5 @@ def _check_payload(header: Header, payload: np.ndarray, like: Chunk | None) -> N
 
 
 def _dims(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """(layers, 2, kv_heads, head_dim): all but the token axis."""
-    return shape[:2] + shape[3:]
+    """(2, kv_heads, head_dim): all but the layer and token axes."""
+    return shape[1:2] + shape[3:]

@@ -3,11 +3,12 @@
 Keys (all under the `dejavu:` prefix):
   svc:{id}        JSON ServiceInfo, expires after the lease TTL unless renewed
   svcs            set of registered ids (members whose key expired are dead and get pruned)
-  req:{id}        hash: prompt_tokens, sampling, owner, epoch, status, replicated, store, ... (the token ids
+  req:{id}        hash: prompt_tokens, sampling, owner, epoch, status, replicated, store, gen, rep:*, ... (the token ids
                   themselves stay in the gateway's memory: nothing reads them back from here)
 
 Data before metadata: `replicated` only advances through `advance_replicated`, which refuses an
-old epoch (a fenced owner) and never goes backwards.
+old epoch (a fenced owner) and never goes backwards; a token pipeline's stages each advance their
+own layer range (`rep:<start>:<stop>`), and `replicated` is the least over the layers.
 """
 
 from __future__ import annotations
@@ -28,21 +29,52 @@ log = logging.getLogger(__name__)
 PREFIX = "dejavu:"
 REQUEST_TTL_S = 3600  # request metadata is kept an hour after its last write
 
+# Per layer range of a token pipeline's stages (a single token service: one range, every layer):
+# `rep:<start>:<stop>` = the tokens the store has acknowledged for those layers. A layer's index
+# is the most any range over it says, the request's (`replicated`) the least over the layers, 0
+# while a layer has none. `gen` counts the times an owner started its replica over (on another
+# store): a late write of an earlier start is ignored, a later one clears the ranges.
 _ADVANCE = """
-local cur_epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '-1')
-local epoch, n = tonumber(ARGV[1]), tonumber(ARGV[2])
+local key = KEYS[1]
+local epoch, n, store = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local first, stop, layers, gen = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local cur_epoch = tonumber(redis.call('HGET', key, 'epoch') or '-1')
 if cur_epoch > epoch then return -1 end
+local cur_gen = tonumber(redis.call('HGET', key, 'gen') or '0')
+local function reset()
+  for _, f in ipairs(redis.call('HKEYS', key)) do
+    if string.sub(f, 1, 4) == 'rep:' then redis.call('HDEL', key, f) end
+  end
+  redis.call('HSET', key, 'epoch', epoch, 'gen', gen, 'store', store, 'replicated', 0)
+end
 if cur_epoch < epoch then
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'replicated', n, 'store', ARGV[3])
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
-  return n
+  reset()
+  redis.call('EXPIRE', key, ARGV[4])
+elseif gen < cur_gen then
+  return tonumber(redis.call('HGET', key, 'replicated') or '0')
+elseif gen > cur_gen or (store ~= '' and redis.call('HGET', key, 'store') ~= store) then
+  reset()
 end
-local cur = tonumber(redis.call('HGET', KEYS[1], 'replicated') or '0')
-if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'store') ~= ARGV[3] then
-  redis.call('HSET', KEYS[1], 'replicated', n, 'store', ARGV[3]) return n
+local field = 'rep:' .. first .. ':' .. stop
+if n > tonumber(redis.call('HGET', key, field) or '-1') then redis.call('HSET', key, field, n) end
+local held = {}
+local all = redis.call('HGETALL', key)
+for i = 1, #all, 2 do
+  local a, b = string.match(all[i], '^rep:(%d+):(%d+)$')
+  if a then
+    local v = tonumber(all[i + 1])
+    for l = tonumber(a), tonumber(b) - 1 do
+      if (held[l] or -1) < v then held[l] = v end
+    end
+  end
 end
-if n > cur then redis.call('HSET', KEYS[1], 'replicated', n) return n end
-return cur
+local least = nil
+for l = 0, layers - 1 do
+  local v = held[l] or 0
+  if least == nil or v < least then least = v end
+end
+redis.call('HSET', key, 'replicated', least or 0)
+return least or 0
 """
 
 _FENCE = """
@@ -52,7 +84,10 @@ if epoch < tonumber(ARGV[3]) then epoch = tonumber(ARGV[3]) redis.call('HSET', K
 local replicated = redis.call('HGET', KEYS[1], 'replicated') or '0'
 local store = redis.call('HGET', KEYS[1], 'store') or ''
 if before < tonumber(ARGV[3]) - 1 then replicated = '0' store = '' end
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'replicated', 0, 'store', '')
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(f, 1, 4) == 'rep:' then redis.call('HDEL', KEYS[1], f) end
+end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'replicated', 0, 'store', '', 'gen', 0)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {epoch, tonumber(replicated), store}
 """
@@ -185,14 +220,21 @@ class RequestStore:
                                                      args=[new_owner, REQUEST_TTL_S, at_least])
         return int(epoch), int(replicated), store
 
-    async def advance_replicated(self, request_id: str, epoch: int, n: int, store: str = "") -> int:
-        """Record that cache store `store` has acknowledged the KV of tokens [0, n). Refused (-1)
-        when `epoch` is fenced (Redis holds a newer one). Against the same store it never goes
-        backwards; a new store (the old one died, the replica starts over) resets it to n. A record
-        with an older epoch, or none, was lost (Redis restarted empty) or rebuilt by a fenced owner
-        since: it is written afresh under `epoch`, so replication outlives a Redis restart. Returns
-        the index now in force."""
-        return int(await self._advance(keys=[self._key(request_id)], args=[epoch, n, store, REQUEST_TTL_S]))
+    async def advance_replicated(self, request_id: str, epoch: int, n: int, store: str = "",
+                                 layers: range | None = None, num_layers: int = 0, gen: int = 0) -> int:
+        """Record that cache store `store` has acknowledged the KV of tokens [0, n) of `layers` of
+        a model of `num_layers` (default: every layer, in one range). The request's index is the
+        least over its layers (each the most any range over it says): a token pipeline's stages
+        each record their own layers, and the request resumes from where all of them are. Refused
+        (-1) when `epoch` is fenced (Redis holds a newer one). Never goes backwards within one
+        start of the replica (`gen`, on one store); a later start (another store, or this one anew)
+        clears it; a write of an earlier one is ignored. A record with an older epoch, or none, was
+        lost (Redis restarted empty) or rebuilt by a fenced owner since: it is written afresh under
+        `epoch`, so replication outlives a Redis restart. Returns the index now in force."""
+        layers = layers if layers is not None else range(0, max(num_layers, 1))
+        return int(await self._advance(keys=[self._key(request_id)],
+                                       args=[epoch, n, store, REQUEST_TTL_S, layers.start, layers.stop,
+                                             max(num_layers, layers.stop), gen]))
 
 
 _bad_entries: set[str] = set()  # registry ids already logged as unreadable

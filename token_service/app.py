@@ -89,7 +89,8 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
         registry = Registry(redis, cluster_fingerprint(settings.cluster_token))  # this cluster's stores only
         stores = RecentServices(registry, settings.lease_ttl_s)  # a Redis restart forgets no store
         engine.replicator = Replicator(engine.pool, runner.block_size, peers, stores, RequestStore(redis), client,
-                                       settings.replicate_every, engine.pipeline.gather if engine.pipeline else None)
+                                       settings.replicate_every, runner.layers, runner.kv.layers,
+                                       engine.pipeline.replicate if engine.pipeline else None)
 
     try:
         if settings.stages > 1:

@@ -235,7 +235,8 @@ class TokenEngine:
         seq.filling = True  # an abort meanwhile leaves the blocks to us until we are done writing them
         try:
             try:
-                kv = await fetch_replica(self.transport, req.store_kv_address, req.request_id, req.epoch, n)
+                kv = await fetch_replica(self.transport, req.store_kv_address, req.request_id, req.epoch, n,
+                                         layers=range(self.runner.kv.layers))
             except (FetchError, TransportError, WireError, asyncio.TimeoutError) as exc:
                 raise Unavailable(f"replica of {req.request_id} not fetched from {req.store_id}: "
                                   f"{type(exc).__name__}: {exc}", code="replica_unavailable") from exc

@@ -37,14 +37,16 @@ the chain after every earlier frame, and the steps after it are read after the K
 KV that comes to the head for later layers anyway (a restore, an older prompt service) is sent on
 in a "kv" frame; frames on a link arrive in order, so it is in place before the first step.
 
-Replication: the head replicates each request's KV as a token service does (token_service/
-replicator.py), every layer of it, to one cache store: a "gather" frame goes down the chain, each
-stage adds its layers' K/V of the tokens asked for, and the last stage hands the whole slab back.
-So a replica is the same whatever the shape of the pipeline that wrote it, and any token service
-(a pipeline of any depth, or one process) resumes from it; a request's replicated index is the
-head's, recorded once all of its stages' layers are on the store (the minimum over the stages).
-The stages' KV travels through the head on its way to the store: one hop more than if each stage
-sent its own.
+Replication (issue #11's per-stage fault tolerance): the head picks a request's cache store and the
+tokens to replicate (token_service/replicator.py) and sends its own layers' KV there; a "replicate"
+frame goes down the chain in order with the steps, and each stage copies its layers' K/V of those
+tokens when the frame's turn comes (a later step may reuse the blocks), sends them straight to the
+same store, records them in Redis under its own layer range (common/metadata.py: the request's
+index is the least over the layers), and reports back to the head ("replicated", down the chain
+and back on the results link). The head sends the request's next message once every stage has
+reported; a stage that failed starts the replica over. A replica on the store is one per request
+whatever the pipeline's depth (cache_store/store.py keeps per layer the tokens it has), so any
+token service, a pipeline of any depth or one process, resumes from it.
 
 Failure: a link that breaks ends the pipeline. A stage whose downstream link breaks closes its
 upstream one; the head then fails (its decode loop dies, the process exits and its lease lapses),
@@ -59,9 +61,11 @@ Frames (transport frames: a JSON header, one payload):
                             {"op": "landed", "step", "request"}: payload = the counts so far (int64, a layer each)
                             {"op": "kv", "stage", "layers", "tokens", "dtype", "shape", "meta"}: payload = meta + KV slab
                             {"op": "step", "step", "dtype", "shape", "meta"}: payload = meta + hidden states
-                            {"op": "gather", "step", "tokens"}: payload = meta + the KV gathered so far
+                            {"op": "replicate", "step", "request", "epoch", "gen", "tokens", "store", "store_id",
+                             "num_layers"}: payload = meta (the block table)
   head -> S-1               {"op": "results", "session"}: the link the last stage answers on
   S-1 -> head               {"op": "ready"} | {"op": "result", "step", "shape"} | {"op": "error", "step", "message"}
+  k -> k+1 -> .. -> head     {"op": "replicated", "step", "stage", "error"?, "fenced"?}: stage k's report
 `meta` is the byte length of a JSON prefix of the payload (block tables, segments), padded to 16.
 """
 
@@ -80,6 +84,7 @@ import torch
 
 from common.kv.transport import Connection, Transport, TransportError
 from common.kv.wire import numpy_dtype
+from common.protocol import ServiceInfo
 from engine.attention import Segment
 from engine.runner import ModelRunner
 
@@ -157,6 +162,7 @@ class Pipeline:
         self.first: Connection | None = None    # to stage 1
         self.results: Connection | None = None  # from the last stage (the same link when there are 2)
         self.pending: dict[int, asyncio.Future] = {}
+        self.reports: dict[int, tuple[asyncio.Future, list[dict]]] = {}  # "replicate" step -> reports so far
         self.next_step = 0
         self.broken: Exception | None = None
         self.reader: asyncio.Task | None = None
@@ -195,6 +201,9 @@ class Pipeline:
             while True:
                 raw, payload = await self.results.recv()
                 header, _, tensor = decode(raw, payload)
+                if header["op"] == "replicated":
+                    self._report(header)
+                    continue
                 future = self.pending.pop(header.get("step"), None)
                 if future is None or future.done():
                     continue
@@ -207,6 +216,16 @@ class Pipeline:
         except asyncio.CancelledError:
             self._break(TransportError("the pipeline was closed"))
             raise
+
+    def _report(self, header: dict) -> None:
+        future, reports = self.reports.get(header.get("step"), (None, []))
+        if future is None:
+            return  # its waiter gave up
+        reports.append(header)
+        if len(reports) == len(self.stages) - 1:
+            del self.reports[header["step"]]
+            if not future.done():
+                future.set_result(reports)
 
     async def _watch_first(self, recv: asyncio.Task) -> None:
         """Stage 1 sends nothing back on its link once set up: when it ends, a stage failed (or was
@@ -221,21 +240,38 @@ class Pipeline:
             if not self.closing:
                 log.error("pipeline broken: %s", exc)
                 self.on_broken()
-        for future in self.pending.values():
+        for future in [*self.pending.values(), *(f for f, _ in self.reports.values())]:
             if not future.done():
                 future.set_exception(exc)
         self.pending.clear()
+        self.reports.clear()
 
     async def forward(self, segments: list[Segment], hidden: torch.Tensor) -> torch.Tensor:
         """The stages after the head, on the head's output for these segments -> float32 logits."""
         return await self._request({"op": "step"}, segments_meta(segments, self.runner.block_size), hidden)
 
-    async def gather(self, blocks: list[int], tokens: range) -> torch.Tensor:
-        """The K/V of `tokens` of a sequence with block table `blocks` on the stages after the head:
-        (their layers, 2, len(tokens), kv_heads, head_dim), for its replica. Asked for in order with
-        the steps: a token's KV is there once the step that computed it has come back."""
-        return await self._request({"op": "gather", "tokens": [tokens.start, tokens.stop]},
-                                   list(blocks[: -(-tokens.stop // self.runner.block_size)]))
+    async def replicate(self, request_id: str, epoch: int, gen: int, blocks: list[int], tokens: range,
+                        store: ServiceInfo, num_layers: int) -> list[dict]:
+        """Each stage after the head sends its layers' K/V of `tokens` of the sequence with block
+        table `blocks` to `store`, and records them in Redis: one report per stage ({"stage",
+        "error"?, "fenced"?}), in no order. Asked for in order with the steps: a token's KV is there
+        once the step that computed it has come back. The caller bounds the wait."""
+        if self.broken is not None:
+            raise self.broken
+        step, self.next_step = self.next_step, self.next_step + 1
+        future = asyncio.get_running_loop().create_future()
+        self.reports[step] = (future, [])
+        header = {"op": "replicate", "step": step, "request": request_id, "epoch": epoch, "gen": gen,
+                  "tokens": [tokens.start, tokens.stop], "store": store.kv_address, "store_id": store.id,
+                  "num_layers": num_layers}
+        try:
+            await self.first.send(*encode(header, list(blocks[: -(-tokens.stop // self.runner.block_size)])))
+        except TransportError as exc:
+            self._break(exc)
+        try:
+            return await future
+        finally:
+            self.reports.pop(step, None)
 
     async def _request(self, header: dict, meta: list, tensor: torch.Tensor | None = None) -> torch.Tensor:
         """One frame down the chain, and the tensor the last stage answers it with."""

@@ -1,15 +1,20 @@
 """Replication of every decoding request's KV to a cache store, for recovery (DéjàVu's fault tolerance).
 
 Per request: the prompt's KV first, then every `chunk` new tokens, each message one contiguous
-buffer of (layers, 2, tokens, kv_heads, head_dim), all layers at once (one copy, one header); a
-pipeline's head gathers the layers of its later stages from them (`more_layers`).
+buffer of (layers, 2, tokens, kv_heads, head_dim), all of this process's layers at once (one copy,
+one header). A token pipeline's head (token_service/pipeline.py) picks the store and the tokens,
+and asks its stages, in order with the steps, to send their own layers' KV of those tokens to the
+same store (`stages`: Pipeline.replicate); each stage records its layers in Redis itself and
+reports back, and the next message of the request waits for every report.
 Sends run in the background with at most one message in flight per request, so decode never
 waits for replication. Data before metadata: only once the store has acknowledged tokens [0, n)
-is `replicated = n` (and the store's id) recorded in Redis, under the request's epoch; a fenced
+of a process's layers does it record n for them in Redis (and the store's id), under the request's
+epoch; the request's `replicated` is the least over its layers (common/metadata.py). A fenced
 owner is refused there and by the store, and stops replicating.
 
-A failed send (the store died, a transfer failed) starts the replica over, in full, on another
-store when there is one (the failed one is avoided for a while), after a short pause. When the
+A failed send (the store died, a transfer failed), here or on a stage, starts the replica over, in
+full (a new `gen`: Redis then ignores what the earlier start still records), on another store when
+there is one (the failed one is avoided for a while), after a short pause. When the
 request ends here its replica is dropped from every store it was sent to, unless this service
 was fenced: the replica is its successor's then. A request that ended here by an abort (its
 decode stream closed: the gateway may be resuming it elsewhere this very moment) has its replica
@@ -50,16 +55,21 @@ RETRY_S = 0.5  # a request whose send failed waits this long before its replica 
 DROP_GRACE_S = 2.0  # an aborted request's replica is kept this long for a successor to fence it
 
 
+class StageFailed(Exception):
+    """A stage of the pipeline could not replicate its layers (its report says why)."""
+
+
 class Replicator:
     def __init__(self, pool: torch.Tensor, block_size: int, peers: Peers, stores: RecentServices,
-                 requests: RequestStore, client: httpx.AsyncClient, chunk: int,
-                 more_layers: Callable[[list[int], range], Awaitable[torch.Tensor]] | None = None):
+                 requests: RequestStore, client: httpx.AsyncClient, chunk: int, layers: range, num_layers: int,
+                 stages: Callable[..., Awaitable[list[dict]]] | None = None):
         self.pool, self.block_size, self.peers = pool, block_size, peers
-        # a pipeline's head (token_service/pipeline.py): the K/V of the layers after its own, from its stages
-        self.more_layers = more_layers
+        self.layers, self.num_layers = layers, num_layers  # the pool's layers, of the model's
+        self.stages = stages  # a pipeline's head: Pipeline.replicate, the later stages' layers
         self.stores, self.requests, self.client = stores, requests, client
         self.chunk = chunk
-        self.acked: dict[str, int] = {}           # request id -> tokens acknowledged
+        self.acked: dict[str, int] = {}           # request id -> tokens acknowledged (by every stage)
+        self.gens: dict[str, int] = {}            # request id -> times its replica started over
         self.epochs: dict[str, int] = {}          # request id -> the epoch it is replicated under
         self.where: dict[str, ServiceInfo] = {}   # request id -> the store it replicates to now
         self.touched: dict[str, dict[str, ServiceInfo]] = {}  # request id -> every store sent to (to drop)
@@ -80,8 +90,9 @@ class Replicator:
             kind=ServiceKind.CACHE_STORE, id=store_id, url=url, host="", pid=0, kv_address=kv_address)
         self.acked[request_id], self.epochs[request_id], self.where[request_id] = n, epoch, store
         self.touched.setdefault(request_id, {})[store_id] = store
-        try:
-            await self.requests.advance_replicated(request_id, epoch, n, store_id)
+        try:  # every layer of [0, n): the replica's, whoever wrote it
+            await self.requests.advance_replicated(request_id, epoch, n, store_id, range(self.num_layers),
+                                                   self.num_layers)
         except RedisError as exc:
             log.warning("could not record the restored replica in Redis: %s", exc)
 
@@ -98,12 +109,18 @@ class Replicator:
                     continue
                 kv_len, acked = seq.input_position, self.acked.get(rid, 0)  # KV exists for [0, input_position)
                 if kv_len - acked >= self.chunk or (acked == 0 and kv_len > 0):
+                    store = self._store_for(rid)
+                    if store is None:
+                        continue
+                    self.touched.setdefault(rid, {})[store.id] = store
                     buf = gather(self.pool, slots_of(seq.blocks, self.block_size, acked, kv_len))  # final: copy now
+                    gen, tokens = self.gens.get(rid, 0), range(acked, kv_len)
                     # the stages' layers: asked for now, in order with the steps (a later one may reuse the blocks)
-                    rest = (asyncio.ensure_future(self.more_layers(list(seq.blocks), range(acked, kv_len)))
-                            if self.more_layers is not None else None)
+                    stages = (asyncio.ensure_future(self.stages(rid, seq.epoch, gen, list(seq.blocks), tokens, store,
+                                                                self.num_layers))
+                              if self.stages is not None else None)
                     self.epochs[rid] = seq.epoch
-                    task = asyncio.create_task(self._send(seq, buf, acked, kv_len, rest))
+                    task = asyncio.create_task(self._send(seq, buf, tokens, store, gen, stages))
                     self.inflight[rid] = task
                     task.add_done_callback(lambda t, rid=rid: self.inflight.pop(rid, None))
 
@@ -111,31 +128,35 @@ class Replicator:
         """Tokens of `seqs` (every sequence held here) whose KV no store has acknowledged yet."""
         return sum(max(s.input_position - self.acked.get(s.request_id, 0), 0) for s in seqs if not s.done)
 
-    async def _send(self, seq: Sequence, buf: torch.Tensor, start: int, end: int,
-                    rest: asyncio.Future | None = None) -> None:
-        rid, store = seq.request_id, None
+    async def _send(self, seq: Sequence, buf: torch.Tensor, tokens: range, store: ServiceInfo, gen: int,
+                    stages: asyncio.Future | None = None) -> None:
+        rid, start, end = seq.request_id, tokens.start, tokens.stop
+        if stages is not None:  # its outcome is read below, unless this send fails first
+            stages.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
-            if rest is not None:
-                buf = torch.cat([buf, await rest])  # every layer: a replica is the whole model's
-            store = self._store_for(rid)
-            if store is None:
-                return
-            self.touched.setdefault(rid, {})[store.id] = store
             link = await self.peers.get(store.kv_address)
-            ack = await link.send(buf, request_id=rid, epoch=seq.epoch, layer_start=0, layer_end=buf.shape[0],
-                                  token_start=start, token_end=end)
+            ack = await link.send(buf, request_id=rid, epoch=seq.epoch, layer_start=self.layers.start,
+                                  layer_end=self.layers.stop, token_start=start, token_end=end)
             await asyncio.wait_for(ack, ACK_TIMEOUT_S)
-            self.acked[rid] = end  # the store has [0, end); Redis is told next (a Redis error costs nothing here)
             REPLICATED_BYTES.inc(buf.numel() * buf.element_size())
-            if await self.requests.advance_replicated(rid, seq.epoch, end, store.id) < 0:
-                self._fence(rid, seq.epoch)
+            try:  # the store has [0, end) of our layers; Redis is told next (a Redis error costs nothing here)
+                if await self.requests.advance_replicated(rid, seq.epoch, end, store.id, self.layers,
+                                                          self.num_layers, gen) < 0:
+                    return self._fence(rid, seq.epoch)
+            except RedisError as exc:
+                log.warning("the store has tokens [0, %d) of %s but Redis could not be told: %s", end, rid, exc)
+            if stages is not None:
+                reports = await asyncio.wait_for(asyncio.shield(stages), ACK_TIMEOUT_S)
+                if any(r.get("fenced") for r in reports):
+                    return self._fence(rid, seq.epoch)
+                if failed := [r for r in reports if r.get("error")]:
+                    raise StageFailed("; ".join(f"stage {r.get('stage')}: {r['error']}" for r in failed))
+            self.acked[rid] = end
         except KVRejected as exc:
             if str(exc).startswith(FENCED):  # the store's refusal of an old epoch
                 self._fence(rid, seq.epoch)
             else:
                 self._start_over(rid, store, start, end, exc)
-        except RedisError as exc:
-            log.warning("the store has tokens [0, %d) of %s but Redis could not be told: %s", end, rid, exc)
         except Exception as exc:  # noqa: BLE001 - replication never takes decode down
             self._start_over(rid, store, start, end, exc)
         finally:
@@ -156,6 +177,7 @@ class Replicator:
         if store is not None:
             self.avoid[store.id] = now + AVOID_S
         self.retry_at[rid] = now + RETRY_S
+        self.gens[rid] = self.gens.get(rid, 0) + 1
         self.acked.pop(rid, None)
         self.where.pop(rid, None)
 
@@ -193,7 +215,7 @@ class Replicator:
         aborted = request_id in self.aborted
         self.aborted.discard(request_id)
         epoch = self.epochs.pop(request_id, 0)
-        for table in (self.acked, self.where, self.retry_at):
+        for table in (self.acked, self.gens, self.where, self.retry_at):
             table.pop(request_id, None)
         self.fenced.discard(request_id)
         stores = list(self.touched.pop(request_id, {}).values())  # a failed send may have left chunks anywhere

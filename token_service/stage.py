@@ -5,7 +5,8 @@ from a prompt service for the requests the head announced. prompt_service/pipeli
 for prompt pipelines.
 
 Frames are read as they come and applied in order by one worker task per link; with --swap a
-step's KV starts moving in when its frame is read (engine/swap.py).
+step's KV starts moving in when its frame is read (engine/swap.py). A "replicate" frame's KV is
+copied in its turn and sent to the cache store in the background (see token_service/pipeline.py).
 """
 
 from __future__ import annotations
@@ -23,14 +24,19 @@ import numpy as np
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
+from redis.exceptions import RedisError
+
 from common.kv.copy import gather, scatter
+from common.kv.peers import KVRejected, Peers
 from common.kv.receiver import kv_server
 from common.kv.transport import Connection, Transport, TransportError
-from common.kv.wire import Header, as_tensor
+from common.kv.wire import FENCED, Header, as_tensor
+from common.metadata import RequestStore
 from engine.attention import slots_of
 from engine.runner import ModelRunner
 from engine.swap import SwapPool
 from token_service.pipeline import SETUP_TIMEOUT_S, PipelineError, decode, encode, segments_of
+from token_service.replicator import ACK_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,10 @@ STAGE_KV_BYTES = Counter("dejavu_stage_kv_bytes", "prompt KV written to this sta
                          "from a prompt service, or sent on by the head", ["via"])
 for _via in ("direct", "head"):
     STAGE_KV_BYTES.labels(_via)
+STAGE_REPLICATED_BYTES = Counter("dejavu_stage_replicated_bytes", "KV bytes of this stage's layers acknowledged by "
+                                 "cache stores")
+STAGE_REPLICATE_FAILURES = Counter("dejavu_stage_replicate_failures", "replication sends of this stage that failed "
+                                   "(the head starts the replica over)")
 KV_WAIT_S = 10.0  # a prompt's KV may outrun the head's "reserve" frame down the chain: it waits this long
 RELEASED = 4096  # released request ids a stage remembers, to refuse their late KV at once
 
@@ -114,8 +124,11 @@ class Stage:
     result downstream (or, the last stage, the logits back to the head)."""
 
     def __init__(self, runner: ModelRunner, num_blocks: int, stage: int, stages: int, model_id: str,
-                 transport: Transport, device_blocks: int = 0):
+                 transport: Transport, device_blocks: int = 0, peers: Peers | None = None):
         self.runner, self.stage, self.stages, self.model_id, self.transport = runner, stage, stages, model_id, transport
+        self.peers = peers or Peers(transport)  # to cache stores: this stage's layers of each replica
+        self.requests: RequestStore | None = None  # Redis, once registered: each replica's index for our layers
+        self.background: set[asyncio.Task] = set()
         self.num_blocks = num_blocks
         # --swap: the pool in host memory, each step computed over the device's KV (engine/swap.py)
         self.swap = SwapPool(runner, num_blocks, device_blocks) if device_blocks else None
@@ -132,6 +145,10 @@ class Stage:
         return self.stage == self.stages - 1
 
     async def close(self) -> None:
+        for task in list(self.background):
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
+        await self.peers.close()
         if self.swap is not None:
             self.swap.close()
 
@@ -290,15 +307,14 @@ class Stage:
         op = header["op"]
         if op == "step":
             await self._step(link, header, meta, tensor, frame.staged)
-        elif op == "gather":
+        elif op == "replicate":
             t0, t1 = header["tokens"]
-            mine = gather(self.pool, slots_of(meta, self.runner.block_size, t0, t1))
-            slab = mine if tensor is None else torch.cat([tensor, mine])
-            if self.last:
-                await self._answer(link.session, {"op": "result", "step": header["step"]}, slab)
-            else:
-                await link.downstream.send(*encode({"op": "gather", "step": header["step"], "tokens": [t0, t1]},
-                                                   meta, slab))
+            mine = gather(self.pool, slots_of(meta, self.runner.block_size, t0, t1))  # now: a later step may reuse the blocks
+            if not self.last:
+                await link.downstream.send(raw, payload)
+            task = asyncio.create_task(self._replicate(link, header, mine))
+            self.background.add(task)
+            task.add_done_callback(self.background.discard)
         elif op == "kv" and header["stage"] == self.stage:
             (start, stop), (t0, t1) = header["layers"], header["tokens"]
             if not (self.runner.layers.start <= start < stop <= self.runner.layers.stop):
@@ -331,12 +347,48 @@ class Stage:
             STAGE_REQUESTS.set(len(link.prompts))
             if not self.last:
                 await link.downstream.send(raw, payload)
-        elif op in ("kv", "error") and not self.last:
+        elif op in ("kv", "error", "replicated") and not self.last:
             await link.downstream.send(raw, payload)  # for a stage after this one, or the head: as it came
-        elif op == "error":
+        elif op in ("error", "replicated"):
             await self._answer(link.session, header)
         else:
             log.warning("unexpected %r frame on the upstream link: skipped", op)
+
+    async def _replicate(self, link: Link, header: dict, kv: torch.Tensor) -> None:
+        """This stage's layers of a "replicate" frame's tokens to its cache store, recorded in Redis
+        once the store has them; then the report, down the chain to the head."""
+        rid, epoch, (t0, t1), layers = header["request"], header["epoch"], header["tokens"], self.runner.layers
+        report = {"op": "replicated", "step": header["step"], "stage": self.stage}
+        try:
+            if self.requests is None:
+                raise RuntimeError("not connected to Redis yet")
+            peer = await self.peers.get(header["store"])
+            ack = await peer.send(kv, request_id=rid, epoch=epoch, layer_start=layers.start, layer_end=layers.stop,
+                                  token_start=t0, token_end=t1)
+            await asyncio.wait_for(ack, ACK_TIMEOUT_S)
+            STAGE_REPLICATED_BYTES.inc(kv.nbytes)
+            try:
+                if await self.requests.advance_replicated(rid, epoch, t1, header["store_id"], layers,
+                                                          header["num_layers"], header["gen"]) < 0:
+                    report["fenced"] = True
+            except RedisError as exc:  # the store has them: not a reason to start the replica over
+                log.warning("the store has tokens [0, %d) of %s, layers [%d, %d), but Redis could not be told: %s",
+                            t1, rid, layers.start, layers.stop, exc)
+        except KVRejected as exc:
+            report["error"], report["fenced"] = str(exc), str(exc).startswith(FENCED)
+        except Exception as exc:  # noqa: BLE001 - the head starts the replica over
+            report["error"] = f"{type(exc).__name__}: {exc}"
+        if report.get("error") and not report.get("fenced"):
+            STAGE_REPLICATE_FAILURES.inc()
+            log.warning("request %s: tokens [%d, %d) of layers [%d, %d) not replicated: %s", rid, t0, t1,
+                        layers.start, layers.stop, report["error"])
+        if self.link is not link:
+            return  # the pipeline was set up again: nobody waits for it
+        with contextlib.suppress(TransportError):  # a link that ends ends the pipeline: the head hears of that
+            if self.last:
+                await self._answer(link.session, report)
+            else:
+                await link.downstream.send(*encode(report))
 
     async def receive_kv(self, header: Header, payload: np.ndarray) -> None:
         """A KV message from a prompt service: layers of this stage, tokens of a prompt the head

@@ -17,7 +17,8 @@ from fastapi import FastAPI
 from common.errors import Unavailable, install_error_handlers
 from common.kv import transport_for
 from common.kv.transport import Transport, TransportError
-from common.metadata import Registry, connect
+from common.kv.peers import Peers
+from common.metadata import Registry, RequestStore, connect
 from common.model import load_model, model_fingerprint, resolve_model_path, within_context
 from common.protocol import PROTOCOL, ServiceInfo, ServiceKind, cluster_fingerprint
 from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, RequireSecret, add_health_and_metrics,
@@ -60,7 +61,8 @@ async def _stage_lifespan(app: FastAPI, settings: ModelSettings):
 
         stage = PromptStage(runner, settings.stage, settings.stages, model_id, transport, settings)
     else:
-        stage = Stage(runner, num_blocks, settings.stage, settings.stages, model_id, transport, device_blocks)
+        stage = Stage(runner, num_blocks, settings.stage, settings.stages, model_id, transport, device_blocks,
+                      Peers(transport, fault_rate=settings.inject_kv_faults))
     app.state.stage = stage
     address = await listen_kv(transport, stage.handle, settings)
     log.info("pipeline %s, stage %d of %d ready: layers [%d, %d)%s of model %s (%s), KV pool %d blocks x %d tokens "
@@ -74,7 +76,8 @@ async def _stage_lifespan(app: FastAPI, settings: ModelSettings):
         model=str(path), model_id=model_id, protocol=PROTOCOL, kv_address=address, kv_transport=settings.kv_transport,
         max_model_len=settings.max_model_len, dtype=runner.dtype_name, **stage_fields(settings, runner))
     try:
-        async with registered(app, settings, ServiceKind.STAGE, fields):
+        async with registered(app, settings, ServiceKind.STAGE, fields) as redis:
+            stage.requests = RequestStore(redis)  # each stage records its own layers' replicated index
             yield
     finally:
         await stage.close()

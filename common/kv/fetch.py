@@ -22,19 +22,20 @@ class FetchError(Exception):
 
 
 async def fetch_replica(transport: Transport, address: str, request_id: str, epoch: int, tokens: int,
-                        timeout: float = FETCH_TIMEOUT_S) -> torch.Tensor:
-    """Tokens [0, tokens) of the request's replica on the store at `address`: a CPU tensor of the
-    dtype it was replicated in (e.g. bfloat16), (layers, 2, tokens, kv_heads, head_dim), in the
-    received buffer (no copy). Fetching under a newer epoch fences the old owner on the store.
-    Raises FetchError, TransportError, WireError, or TimeoutError past `timeout` s."""
-    return await asyncio.wait_for(_fetch(transport, address, request_id, epoch, tokens, timeout), timeout)
+                        timeout: float = FETCH_TIMEOUT_S, layers: range | None = None) -> torch.Tensor:
+    """Tokens [0, tokens) of the request's replica on the store at `address`, of `layers` (every
+    one by default): a CPU tensor of the dtype it was replicated in (e.g. bfloat16), (layers, 2,
+    tokens, kv_heads, head_dim), in the received buffer (no copy). Fetching under a newer epoch
+    fences the old owner on the store. Raises FetchError, TransportError, WireError, or
+    TimeoutError past `timeout` s."""
+    return await asyncio.wait_for(_fetch(transport, address, request_id, epoch, tokens, timeout, layers), timeout)
 
 
 async def _fetch(transport: Transport, address: str, request_id: str, epoch: int, tokens: int,
-                 timeout: float) -> torch.Tensor:
+                 timeout: float, layers: range | None) -> torch.Tensor:
     conn = await transport.connect(address, timeout=timeout)
     try:
-        await send_fetch(conn, request_id, epoch, tokens)
+        await send_fetch(conn, request_id, epoch, tokens, layers)
         header, kv = await stream_in(conn)
     finally:
         await conn.close()
@@ -43,7 +44,7 @@ async def _fetch(transport: Transport, address: str, request_id: str, epoch: int
     if header.kind != "kv" or header.request_id != request_id or (header.token_start, header.token_end) != (0, tokens):
         raise FetchError(f"store {address} answered a fetch of {request_id} with {header.kind} "
                          f"{header.request_id} tokens [{header.token_start}, {header.token_end})")
-    if kv.ndim != 5 or kv.shape[2] != tokens:  # e.g. a store that still sends kv_heads before tokens
+    if kv.ndim != 5 or kv.shape[2] != tokens or (layers and kv.shape[0] != len(layers)):  # e.g. kv_heads before tokens
         raise FetchError(f"store {address} answered a fetch of {tokens} tokens of {request_id} with "
-                         f"{kv.shape}, not (layers, 2, {tokens}, kv_heads, head_dim)")
+                         f"{kv.shape}, not ({len(layers) if layers else 'layers'}, 2, {tokens}, kv_heads, head_dim)")
     return as_tensor(header, kv)

@@ -41,8 +41,8 @@ def kv_server(store: Callable[[Header, np.ndarray], Awaitable[None] | None], ref
             await send_ack(conn, header)
         elif header.kind == "fetch" and fetch is not None:
             kv, dtype = fetch(header)  # kv: (layers, 2, tokens, kv_heads, head_dim) of `dtype`
-            await stream_out(conn, kv, request_id=header.request_id, epoch=header.epoch, layer_start=0,
-                             layer_end=kv.shape[0], token_start=0, token_end=kv.shape[2], dtype=dtype)
+            await stream_out(conn, kv, request_id=header.request_id, epoch=header.epoch,
+                             layer_start=header.layer_start, layer_end=header.layer_start + kv.shape[0], token_start=0, token_end=kv.shape[2], dtype=dtype)
         else:
             log.warning("unexpected %r message for %s", header.kind, header.request_id)
             await send_error(conn, header, f"this receiver takes no {header.kind!r} messages")

@@ -159,9 +159,11 @@ async def stream_out(
     return header
 
 
-async def send_fetch(conn: Connection, request_id: str, epoch: int, tokens: int) -> Header:
-    """Ask for tokens [0, tokens) of a replica; read the answer with stream_in. Raises TransportError."""
-    header = Header("fetch", request_id, epoch, token_end=tokens)
+async def send_fetch(conn: Connection, request_id: str, epoch: int, tokens: int, layers: range | None = None) -> Header:
+    """Ask for tokens [0, tokens) of a replica, of `layers` (every one by default); read the answer
+    with stream_in. Raises TransportError."""
+    header = Header("fetch", request_id, epoch, token_end=tokens,
+                    **({"layer_start": layers.start, "layer_end": layers.stop} if layers else {}))
     await conn.send(header.encode())
     return header
 

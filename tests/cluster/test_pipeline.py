@@ -17,6 +17,7 @@ import time
 
 import httpx
 import pytest
+import redis
 
 from dejavu.cluster import Cluster
 from tests.cluster.conftest import CLUSTER_ENV, metric
@@ -81,7 +82,17 @@ def test_greedy_requests_through_the_pipeline_equal_hf(cluster, tiny_oracle):
     swapped = sum(metric(s.url, "dejavu_swap_in_bytes_total") for s in cluster.of("token") + cluster.of("stage"))
     direct, via_head = (sum(metric(s.url, f'dejavu_stage_kv_bytes_total{{via="{via}"}}') for s in cluster.of("stage"))
                         for via in ("direct", "head"))
+    heads_sent = {t.name: metric(t.url, "dejavu_token_replicated_bytes_total") for t in cluster.of("token")}
+    stages_sent = {s.name: metric(s.url, "dejavu_stage_replicated_bytes_total") for s in cluster.of("stage")}
     complete_all(cluster, tiny_oracle)
+    # every stage of a pipeline that replicated sent its own layers to the store (none through the
+    # head), and no send failed
+    served = [t.name for t in cluster.of("token") if metric(t.url, "dejavu_token_replicated_bytes_total") > heads_sent[t.name]]
+    assert served
+    for s in cluster.of("stage"):
+        if s.name.rsplit("-stage-", 1)[0] in served:
+            assert metric(s.url, "dejavu_stage_replicated_bytes_total") > stages_sent[s.name], s.name
+    assert sum(metric(s.url, "dejavu_stage_replicate_failures_total") for s in cluster.of("stage")) == 0
     if cluster.prompt_stages > 1:  # the prompt pipelines' stages computed their layers
         assert sum(metric(s.url, "dejavu_stage_steps_total") for s in cluster.of("prompt_stage")) > prompt_steps
     if not cluster.colocated:  # the prompt service sent each stage its layers' KV, none through the head
@@ -98,13 +109,38 @@ def test_greedy_requests_through_the_pipeline_equal_hf(cluster, tiny_oracle):
     assert_nothing_held(cluster)
 
 
-def kill_a_stage(cluster, body: dict, after: int = 20) -> tuple[str, dict, list]:
-    """Stream `body`; after `after` chunks SIGKILL the last stage of the pipeline serving it."""
+def running_records(cluster) -> list[dict]:
+    """The Redis records of the requests running now."""
+    r = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
+    try:
+        records = [r.hgetall(k) for k in r.scan_iter("dejavu:req:*")]
+    finally:
+        r.close()
+    return [f for f in records if f.get("status") == "running"]
+
+
+def assert_replicated_per_stage(cluster, record: dict) -> None:
+    """Issue #11 item 5: each stage of the pipeline recorded its own layers' index in Redis
+    (`rep:<start>:<stop>`), the request's index the least of them."""
+    layers = {3: ["rep:0:1", "rep:1:2", "rep:2:3"], 2: ["rep:0:2", "rep:2:3"]}[cluster.stages]
+    assert sorted(f for f in record if f.startswith("rep:")) == layers, record
+    assert 0 < int(record["replicated"]) == min(int(record[f]) for f in layers), record
+
+
+def kill_a_stage(cluster, body: dict, after: int = 20, stage: int = -1) -> tuple[str, dict, list]:
+    """Stream `body`; after `after` chunks SIGKILL a stage (the last by default; 0: the head) of the
+    pipeline serving it, once Redis shows every stage replicated some of it."""
     victims = []
 
     def fault(c):
         head = next(t for t in c.of("token") if holds_kv(t))
-        victims.append((head, next(s for s in c.of("stage") if s.name == f"{head.name}-stage-{c.stages - 1}")))
+        deadline = time.monotonic() + 10
+        while not (records := running_records(c)) or int(records[0].get("replicated", 0)) == 0:
+            assert time.monotonic() < deadline, f"nothing of the request replicated: {records}"
+            time.sleep(0.01)
+        assert_replicated_per_stage(c, records[0])
+        k = stage % c.stages
+        victims.append((head, head if k == 0 else next(s for s in c.of("stage") if s.name == f"{head.name}-stage-{k}")))
         c.kill(victims[0][1], signal.SIGKILL)
 
     text, usage, _ = stream(cluster, body, at={after: fault})
@@ -112,31 +148,42 @@ def kill_a_stage(cluster, body: dict, after: int = 20) -> tuple[str, dict, list]
     return text, usage, victims[0]
 
 
+def token_ids(cluster) -> set[str]:
+    return {s["id"] for s in httpx.get(cluster.url + "/cluster", timeout=10).json()["services"] if s["kind"] == "token"}
+
+
 def restart(cluster, *children) -> None:
-    """What `dejavu up` does with dead processes: the same names, a new pipeline."""
+    """What `dejavu up` does with dead processes: the same names, a new pipeline (its head
+    registers under a new id once its stages are linked)."""
+    before = token_ids(cluster)
     for child in children:
         cluster.respawn(child)
     cluster.wait_ready(120)
-    deadline = time.monotonic() + 30
-    while len([s for s in httpx.get(cluster.url + "/cluster", timeout=10).json()["services"]
-               if s["kind"] == "token"]) < 2:
+    deadline = time.monotonic() + 60
+    while not token_ids(cluster) - before:
         assert time.monotonic() < deadline, "the restarted head never registered"
         time.sleep(0.2)
 
 
-def test_a_stage_killed_mid_stream_costs_a_pause(cluster, tiny_oracle):
-    """SIGKILL the last stage of the pipeline serving a stream: its head fails, the gateway resumes
-    the request on the other pipeline from its replica (every layer of it: the head gathers its
-    stages' KV for the replica); the text is generate's. Restarted, the pipeline serves again."""
+@pytest.mark.parametrize("victim", ["last", "head-or-middle"])
+def test_a_stage_killed_mid_stream_costs_a_pause(cluster, tiny_oracle, victim):
+    """SIGKILL a stage of the pipeline serving a stream, once Redis shows each stage replicated its
+    own layers: the last; the head (2 stages) or the middle one (3 stages). The head fails with its
+    pipeline (or is the one killed), the gateway resumes the request on the other pipeline from its
+    replica (every layer, put together on the store from each stage's sends); the text is
+    generate's. Restarted, the pipeline serves again (a head restarted alone links to its live
+    stages again)."""
     ids = tiny_oracle.tokenizer(PROMPT)["input_ids"]
     want, n = tiny_oracle.text(ids, 300)
     recoveries = metric(cluster.url, 'dejavu_gateway_recoveries_total{path="replica"}')
-    text, usage, (head, stage) = kill_a_stage(cluster, {"prompt": PROMPT, "max_tokens": 300, "temperature": 0})
+    k = -1 if victim == "last" else cluster.stages // 2 - (cluster.stages == 2)  # 2 stages: 0; 3: 1
+    body = {"prompt": PROMPT, "max_tokens": 300, "temperature": 0}
+    text, usage, (head, stage) = kill_a_stage(cluster, body, stage=k)
     assert text == want and usage["completion_tokens"] == n
     assert metric(cluster.url, 'dejavu_gateway_recoveries_total{path="replica"}') == recoveries + 1
-    assert head.proc.wait(10) == 70  # the head ended with its pipeline
+    assert head.proc.wait(10) in (70, -signal.SIGKILL)  # the head ended with its pipeline
     assert_nothing_held(cluster)  # the replica too, once the request ended
-    restart(cluster, stage, head)
+    restart(cluster, *{stage.name: stage, head.name: head}.values())
     for t in cluster.of("token"):  # the restarted pipeline serves: the other one is made busy first
         if t.name != head.name:
             cluster.kill(t, signal.SIGSTOP)

@@ -130,6 +130,82 @@ def test_token_zero_starts_a_fresh_replica():
         store.fetch("r", 1, 3)
 
 
+def put_layers(store: ReplicaStore, rid: str, epoch: int, layers: range, start: int, full: np.ndarray) -> None:
+    """Tokens [start, ...) of `layers` of `full` (all layers, the tokens from 0): what one stage of a
+    token pipeline sends."""
+    part = full[layers.start: layers.stop, :, start:].copy()
+    store.put(Header("kv", rid, epoch, layers.start, layers.stop, start, full.shape[2], "float32", part.shape,
+                     part.nbytes), part)
+
+
+@pytest.mark.parametrize("memory", ["memory", "spilled"])
+def test_stages_replicate_their_own_layers_and_a_new_owner_goes_on_with_other_ranges(memory, tmp_path):
+    """Issue #11 item 5: each stage of a token pipeline puts its own layer range, at its own pace;
+    the store holds per layer the tokens it has, a fetch of all layers (or of some) is put together
+    from the stages' chunks, and a new owner with other layer ranges (a pipeline of another depth)
+    continues from its index: its puts cut and split the old chunks. Nothing is held twice, and a
+    drop frees every byte, in memory and on disk."""
+    store = ReplicaStore(memory_bytes=0 if memory == "spilled" else 2 << 30, spill_dir=str(tmp_path))
+    full = kv(12, 1)
+    put_layers(store, "r", 1, range(0, 2), 0, full[:, :, :4])  # stage 0 of 2: layers [0, 2)
+    assert store.replicas["r"].ends == [4, 4]  # the store cannot know of layer 2: a restore asks for its layers
+    with pytest.raises(ReplicaGap, match="4 tokens asked"):
+        store.fetch("r", 1, 4, range(0, 3))
+    np.testing.assert_array_equal(store.fetch("r", 1, 4, range(0, 2))[0], full[:2, :, :4])
+    put_layers(store, "r", 1, range(2, 3), 0, full[:, :, :4])  # stage 1: layer 2
+    put_layers(store, "r", 1, range(2, 3), 4, full[:, :, :8])  # stage 1 runs ahead
+    with pytest.raises(ReplicaGap, match="gap"):
+        put_layers(store, "r", 1, range(0, 2), 6, full[:, :, :8])  # stage 0 holds 4: [4, 6) would be missing
+    assert store.replicas["r"].tokens == 4 and store.replicas["r"].ends == [4, 4, 8]
+    np.testing.assert_array_equal(fetch(store, "r", 1, 4), full[:, :, :4])
+    np.testing.assert_array_equal(store.fetch("r", 1, 8, range(2, 3))[0], full[2:, :, :8])
+    put_layers(store, "r", 1, range(0, 2), 4, full[:, :, :8])
+    np.testing.assert_array_equal(fetch(store, "r", 1, 8), full[:, :, :8])
+
+    # a new owner of one stage resumed from 6 (its replicated index) and writes [6, ...) anew, its
+    # KV recomputed: the old [6, 8) of every layer is cut, across both old chunks of tokens [4, 8)
+    np.testing.assert_array_equal(fetch(store, "r", 2, 6), full[:, :, :6])
+    new = cat(full[:, :, :6], kv(6, 2))
+    put_layers(store, "r", 2, range(0, 3), 6, new[:, :, :10])
+    assert store.replicas["r"].ends == [10, 10, 10]
+    np.testing.assert_array_equal(fetch(store, "r", 2, 10), new[:, :, :10])
+    # a third owner, of 3 stages, resumed from 9: layer 1's old chunks are split around it
+    newer = cat(new[:, :, :9], kv(3, 3))
+    put_layers(store, "r", 3, range(1, 2), 9, newer)
+    assert store.replicas["r"].ends == [10, 12, 10] and store.replicas["r"].tokens == 10
+    expect = new[:, :, :10].copy()
+    expect[1, :, 9:] = newer[1, :, 9:10]
+    np.testing.assert_array_equal(fetch(store, "r", 3, 10), expect)
+    put_layers(store, "r", 3, range(0, 1), 9, newer)
+    put_layers(store, "r", 3, range(2, 3), 9, newer)
+    np.testing.assert_array_equal(fetch(store, "r", 3, 12), newer)
+    held = sum(c.nbytes for c in store.replicas["r"].chunks)
+    assert held == 12 * TOKEN_BYTES == store.bytes_held + store.bytes_spilled  # each token of each layer once
+    with pytest.raises(StaleEpoch):
+        put_layers(store, "r", 2, range(0, 1), 12, cat(newer, kv(1, 4)))  # the fenced owner of epoch 2
+
+    put_layers(store, "r", 4, range(0, 1), 0, kv(2, 5))  # an owner at a newer epoch starting over: a fresh replica
+    assert store.replicas["r"].ends == [2] and store.replicas["r"].tokens == 2
+    assert store.drop("r") and store.bytes_held == store.bytes_spilled == 0
+    assert spill_files(tmp_path) == []
+    store.close()
+
+
+def test_a_stage_starting_its_layers_over_keeps_the_other_stages_layers():
+    """An owner whose replica starts over (a failed send) under the same epoch rewrites each
+    stage's layers from 0; the other stage's layers stay until it does too. A put of every layer
+    from 0 is a fresh replica (a single token service starting over)."""
+    store, full = ReplicaStore(), kv(8, 1)
+    put_layers(store, "r", 1, range(0, 1), 0, full[:, :, :8])
+    put_layers(store, "r", 1, range(1, 3), 0, full[:, :, :8])
+    put_layers(store, "r", 1, range(0, 1), 0, full[:, :, :2])
+    assert store.replicas["r"].ends == [2, 8, 8]
+    np.testing.assert_array_equal(fetch(store, "r", 1, 2), full[:, :, :2])
+    put(store, "r", 1, 0, kv(3, 2))
+    assert store.replicas["r"].ends == [3, 3, 3] and len(store.replicas["r"].chunks) == 1
+    assert store.bytes_held == 3 * TOKEN_BYTES
+
+
 def test_gaps_and_stale_epochs_are_refused():
     store = ReplicaStore()
     with pytest.raises(ReplicaGap, match="gap"):
@@ -299,7 +375,7 @@ def test_a_spilled_chunk_that_cannot_be_rewritten_goes_back_to_memory(tmp_path):
         with pytest.raises(StoreFull):
             put(store, "a", 2, 2, kv(2, 2))  # no room for the new chunk: nothing changes
         assert store.replicas["a"].tokens == 4
-        store._cut(store.replicas["a"], 2)  # a trim whose rewrite fails keeps the kept tokens in memory
+        store._cut(store.replicas["a"], range(LAYERS), 2)  # a trim whose rewrite fails keeps the kept tokens in memory
     np.testing.assert_array_equal(fetch(store, "a", 1, 2), kv(4, 1)[:, :, :2])
     assert (store.bytes_held, store.bytes_spilled) == (2 * TOKEN_BYTES, 0)
     assert spill_files(tmp_path) == []

@@ -63,6 +63,47 @@ def test_replicated_index_only_advances_for_the_current_epoch(redis_server):
     run(go())
 
 
+def test_a_pipelines_stages_each_record_their_layers_and_the_request_resumes_from_the_least(redis_server):
+    """Issue #11 item 5: each stage of a token pipeline records the tokens the store acknowledged
+    for its own layers; the request's index is the least over the layers, 0 until every layer has
+    some. A new owner of another depth starts from the index it resumed from; a late write of a
+    replica that started over (gen) changes nothing."""
+    async def go():
+        redis = metadata.connect(redis_server.url)
+        store = metadata.RequestStore(redis)
+        rid = f"req-{time.time_ns()}"
+        await store.create(rid, {"status": "running"})
+        adv = lambda epoch, n, layers, gen=0, s="store-a": store.advance_replicated(  # noqa: E731
+            rid, epoch, n, s, range(*layers), 30, gen)
+        assert await adv(0, 16, (0, 10)) == 0  # layers 10.. have nothing yet
+        assert await adv(0, 32, (10, 20)) == 0
+        assert await adv(0, 48, (20, 30)) == 16
+        assert await adv(0, 32, (0, 10)) == 32
+        assert await adv(0, 16, (0, 10)) == 32  # never backwards
+        fields = await store.get(rid)
+        assert (fields["replicated"], fields["rep:0:10"], fields["rep:20:30"]) == ("32", "32", "48")
+        # the head's replica starts over on store-b (gen 1); stage 2's late write for store-a is ignored
+        assert await adv(0, 16, (0, 10), gen=1, s="store-b") == 0
+        assert await adv(0, 64, (20, 30), gen=0, s="store-a") == 0
+        assert await adv(0, 16, (10, 20), gen=1, s="store-b") == 0
+        assert await adv(0, 16, (20, 30), gen=1, s="store-b") == 16
+        assert (await store.get(rid))["store"] == "store-b"
+        # stage 1 dies: the gateway fences; the new owner, one token service, restored 16 tokens
+        assert await store.fence(rid, "token-b") == (1, 16, "store-b")
+        assert not [f for f in await store.get(rid) if f.startswith("rep:")]
+        assert await adv(1, 16, (0, 30), s="store-b") == 16
+        assert await adv(0, 99, (10, 20), gen=1, s="store-b") == -1  # the old pipeline's stage is fenced
+        assert await adv(1, 32, (0, 30), s="store-b") == 32
+        # and a pipeline of 3 stages after it: one stage's progress alone moves nothing
+        assert await store.fence(rid, "token-c") == (2, 32, "store-b")
+        assert await adv(2, 32, (0, 30), s="store-b") == 32  # its head records the restored replica
+        assert await adv(2, 48, (0, 10), s="store-b") == 32
+        assert await adv(2, 48, (10, 30), s="store-b") == 48
+        await redis.aclose()
+
+    run(go())
+
+
 def test_a_lost_record_is_rebuilt_by_its_owner_and_fencing_never_goes_back(redis_server):
     """Issue #10 item 9: after Redis restarts empty, the owner's next index update must not read as
     "fenced" (before, replication stopped for good); and a gateway that fences a request Redis

@@ -34,7 +34,8 @@ async def ended(redis_server, monkeypatch, rid: str, aborted: bool, fence: bool)
     requests = metadata.RequestStore(redis)
     await requests.create(rid, {"status": "running"})
     async with httpx.AsyncClient(transport=httpx.MockTransport(store)) as client:
-        rep = Replicator(None, 16, None, metadata.RecentServices(metadata.Registry(redis), 3.0), requests, client, 16)
+        rep = Replicator(None, 16, None, metadata.RecentServices(metadata.Registry(redis), 3.0), requests, client, 16,
+                         range(2), 2)
         rep.epochs[rid], rep.touched[rid] = 0, {STORE.id: STORE}
         rep.forget(rid, aborted=aborted)
         if fence:
