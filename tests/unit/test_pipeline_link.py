@@ -11,7 +11,11 @@ import time
 import pytest
 import torch
 
+from cache_store.store import Refused, ReplicaStore
+from common import metadata
 from common.kv import make_transport
+from common.kv.receiver import kv_server
+from common.protocol import ServiceInfo, ServiceKind
 from common.kv.transport import TransportError
 from engine.attention import Segment
 from engine.runner import ModelRunner, stage_layers
@@ -145,11 +149,13 @@ async def test_a_stage_that_goes_away_breaks_the_pipeline(tiny_oracle):
         await head_transport.close()
 
 
-async def test_three_stages_swapping_compute_what_one_model_does(tiny_oracle, monkeypatch):
+async def test_three_stages_swapping_compute_what_one_model_does(tiny_oracle, monkeypatch, redis_server):
     """--swap on every stage: each computes over a device of 12 blocks, the KV of record in its host
     pool. Two microbatches in flight; KV sent on for a new sequence right behind a step that is
     still computing, and that sequence's first step right behind it (a stage must apply the KV
-    before it swaps the step in); a gather reads what the steps wrote. All equal one model."""
+    before it swaps the step in). All equal one model. Then each stage replicates its layers of a
+    sequence to a real cache store and records them in a real Redis: the store holds what the
+    steps wrote, and Redis the index once every layer is in (the head's own part recorded last)."""
     model = tiny_oracle.model
     head, workers, pipeline, broken, transports, setup = await linked(model, stages=3, device_blocks=12)
     setup["device_blocks"] = 12
@@ -206,12 +212,27 @@ async def test_three_stages_swapping_compute_what_one_model_does(tiny_oracle, mo
         torch.testing.assert_close(got[1], whole.forward(new, whole_pool), rtol=0, atol=0)
         assert held_back == [1]  # its prefetch waited for the KV ahead of it
 
-        gathered = await pipeline.gather(tables[1], range(0, len(prompts[1]) + 1))
-        want = whole_pool[len(head.layers):, :, torch.cat([torch.arange(b * BLOCK, b * BLOCK + BLOCK) for b in tables[1]])]
-        assert torch.equal(gathered, want[:, :, : len(prompts[1]) + 1])
+        store, redis = ReplicaStore(), metadata.connect(redis_server.url)
+        transports.append(store_transport := make_transport("tcp", "secret"))
+        address = await store_transport.listen(kv_server(store.put, (Refused,)), "127.0.0.1")
+        requests = metadata.RequestStore(redis)
+        for w in workers:
+            w.requests = requests
+        rid, n, later = f"r-{time.time_ns()}", len(prompts[1]) + 1, range(len(head.layers), whole.kv.layers)
+        await requests.create(rid, {"status": "running"})
+        info = ServiceInfo(kind=ServiceKind.CACHE_STORE, id="store-0", url="", host="", pid=0, kv_address=address)
+        reports = await pipeline.replicate(rid, 0, 0, tables[1], range(0, n), info, whole.kv.layers)
+        assert sorted(r["stage"] for r in reports) == [1, 2] and not any(r.get("error") for r in reports), reports
+        want = whole_pool[:, :, torch.cat([torch.arange(b * BLOCK, b * BLOCK + BLOCK) for b in tables[1]])][:, :, :n]
+        assert torch.equal(torch.from_numpy(store.fetch(rid, 0, n, later)[0]), want[later.start:])
+        assert (await requests.get(rid))["replicated"] == "0"  # layer 0, the head's, is not in yet
+        assert await requests.advance_replicated(rid, 0, n, "store-0", head.layers, whole.kv.layers) == n
         assert not broken and swap.blocks_used == 0 and all(w.swap.blocks_used == 0 for w in workers)
+        await redis.aclose()
     finally:
         await pipeline.close()
+        for w in workers:
+            await w.close()
         for t in transports:
             await t.close()
 
