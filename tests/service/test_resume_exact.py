@@ -104,8 +104,9 @@ class Services:
             yield event.model_dump_json(exclude_none=True).encode() + b"\n"
             sent += 1
 
-    async def fetch_replica(self, transport, address, request_id, epoch, tokens):
-        return self.replica[:, :, :tokens]
+    async def fetch_replica(self, transport, address, request_id, epoch, tokens, layers=None):
+        layers = layers if layers is not None else range(self.replica.shape[0])
+        return self.replica[layers.start:layers.stop, :, :tokens]
 
 
 def ok(message) -> httpx.Response:
