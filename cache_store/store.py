@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -127,6 +128,7 @@ class Replica:
         return self.chunks[0].dtype
 
 
+MAX_LAYERS = 1024  # a replica's layer indices are below this (the largest models have ~130 layers)
 ENDED_S = 60.0  # how long a request that ended for good refuses a new replica (see ReplicaStore.drop)
 
 
@@ -134,7 +136,7 @@ class ReplicaStore:
     def __init__(self, memory_bytes: int = 2 << 30, spill_dir: str = "", ttl_s: float = 600.0) -> None:
         self.memory_bytes, self.spill_dir, self.ttl_s = memory_bytes, spill_dir, ttl_s
         self.replicas: dict[str, Replica] = {}
-        self.ended: dict[str, float] = {}  # request id -> when an epoch-less drop said it is over
+        self.ended: dict[str, tuple[int, float]] = {}  # request id -> (epoch dropped up to, when; see drop)
         self.resident: dict[Chunk, None] = {}  # chunks in memory, oldest first: the spill order
         self.bytes_held = 0  # in memory
         self.bytes_spilled = 0  # on disk
@@ -147,8 +149,8 @@ class ReplicaStore:
         replica = self.replicas.get(rid)
         if replica is not None and header.epoch < replica.epoch:
             raise StaleEpoch(f"{FENCED}request {rid}: epoch {header.epoch} is older than the replica's {replica.epoch}")
-        if replica is None and rid in self.ended:
-            raise StaleEpoch(f"{FENCED}request {rid} has ended: no new replica of it is taken")
+        if replica is None and header.epoch <= self.ended.get(rid, (-1, 0.0))[0]:
+            raise StaleEpoch(f"{FENCED}request {rid} has ended (epoch {header.epoch}): no new replica of it is taken")
         fresh = start == 0 and (replica is None or header.epoch > replica.epoch  # a new owner's, or every layer
                                 or (layers.start == 0 and layers.stop >= len(replica.ends)))  # written anew
         if not fresh and (short := [l for l in layers if replica is None or replica.held(l) < start]):
@@ -167,11 +169,7 @@ class ReplicaStore:
                 self._cut(replica, layers, start)  # reads spill files back: may fail
                 replica.epoch = max(replica.epoch, header.epoch)
                 replica.renewed = time.monotonic()
-        except StoreFull:  # a chunk split by the cut found no room: what is left of the replica is not whole
-            self._free(chunk)
-            self.drop(rid, header.epoch)
-            raise
-        except BaseException:
+        except BaseException:  # the cut is all or nothing: the replica is as it was
             self._free(chunk)
             raise
         finally:
@@ -207,12 +205,13 @@ class ReplicaStore:
 
     def drop(self, request_id: str, epoch: int | None = None) -> bool:
         """Free a replica; with `epoch`, only if it is not newer (a fenced owner's cleanup must not
-        drop its successor's replica). Returns whether one was dropped. Without an epoch (the
-        gateway, once a request whose owner died has ended) the request is over: for ENDED_S no new
-        replica of it is taken, so a put its dead owner had in flight cannot land after the drop
-        and leave a replica nobody will drop (seen in CI: tests/cluster/test_chaos.py)."""
-        if epoch is None:
-            self.ended[request_id] = time.monotonic()
+        drop its successor's replica). Returns whether one was dropped. For ENDED_S afterwards no
+        new replica of the request is taken at that epoch or older (at any epoch after a drop
+        without one: the gateway's, once a request whose owner died has ended), so a put still in
+        flight (a dead owner's, seen in CI: tests/cluster/test_chaos.py; a token stage's, whose
+        head gave up waiting for it) cannot land after the drop and leave a replica nobody drops."""
+        upto = sys.maxsize if epoch is None else epoch
+        self.ended[request_id] = (max(upto, self.ended.get(request_id, (-1, 0.0))[0]), time.monotonic())
         replica = self.replicas.get(request_id)
         if replica is None or (epoch is not None and replica.epoch > epoch):
             return False
@@ -224,7 +223,7 @@ class ReplicaStore:
     def expire(self, now: float | None = None) -> list[str]:
         """Drop the replicas nobody wrote to or fetched for `ttl_s`; returns their request ids."""
         now = time.monotonic() if now is None else now
-        self.ended = {rid: at for rid, at in self.ended.items() if now - at <= ENDED_S}
+        self.ended = {rid: (upto, at) for rid, (upto, at) in self.ended.items() if now - at <= ENDED_S}
         old = [rid for rid, r in self.replicas.items() if now - r.renewed > self.ttl_s]
         for rid in old:
             self.drop(rid)
@@ -244,38 +243,44 @@ class ReplicaStore:
     def _cut(self, replica: Replica, layers: range, at: int) -> None:
         """Free tokens [at, ...) of `layers`. A chunk that straddles `at` keeps [start, at); one that
         also has layers outside `layers` (written by a pipeline of another depth) is split, its
-        other layers kept whole. Raises StoreFull if a split finds no room (the caller drops the
-        replica), or what reading a spill file back raises."""
-        pending, kept = list(replica.chunks), []
+        other layers kept whole. All or nothing: every array is read (spill files) and every piece
+        placed before a chunk is freed or trimmed, so StoreFull, or an error reading a spill file
+        back, leaves the replica as it was."""
+        kept, freed, trims, pieces = [], [], [], []
         try:
-            while pending:
-                chunk = pending[0]
+            for chunk in replica.chunks:
                 lo, hi = max(layers.start, chunk.layer), min(layers.stop, chunk.layers.stop)
                 if lo >= hi or chunk.end <= at:
-                    kept.append(pending.pop(0))
+                    kept.append(chunk)
                 elif (lo, hi) == (chunk.layer, chunk.layers.stop):
                     if chunk.start < at:
-                        self._trim(chunk, at)
-                        kept.append(pending.pop(0))
+                        trims.append((chunk, chunk.array()[:, :, : at - chunk.start].copy()))
+                        kept.append(chunk)
                     else:
-                        self._free(pending.pop(0))
+                        freed.append(chunk)
                 else:
                     array, first = chunk.array(), chunk.layer
-                    pieces = [(first, array[: lo - first]), (hi, array[hi - first:]),  # the other layers, whole
-                              (lo, array[lo - first: hi - first, :, : max(at - chunk.start, 0)])]  # these, up to `at`
-                    self._free(pending.pop(0))
-                    for layer, part in pieces:
-                        if part.shape[0] and part.shape[2]:
-                            kept.append(self._place(Chunk(chunk.start, np.ascontiguousarray(part), chunk.dtype,
-                                                          part.shape, layer=layer)))
-        finally:
-            replica.chunks = kept + pending  # each chunk held once, whatever was raised
+                    for layer, part in ((first, array[: lo - first]), (hi, array[hi - first:]),  # other layers whole
+                                        (lo, array[lo - first: hi - first, :, : max(at - chunk.start, 0)])):  # to `at`
+                        if part.shape[0] and part.shape[2]:  # a copy: a view would pin the whole old array
+                            pieces.append(self._place(Chunk(chunk.start, part.copy(), chunk.dtype, part.shape,
+                                                            layer=layer)))
+                    freed.append(chunk)
+        except BaseException:
+            for piece in pieces:
+                self._free(piece)
+            raise
+        for chunk in freed:
+            self._free(chunk)
+        for chunk, part in trims:
+            self._trim(chunk, part)
+        replica.chunks = kept + pieces
         for layer in layers:
             if layer < len(replica.ends):
                 replica.ends[layer] = min(replica.ends[layer], at)
 
-    def _trim(self, chunk: Chunk, at: int) -> None:
-        kept = np.ascontiguousarray(chunk.array()[:, :, : at - chunk.start])  # a copy: frees the rest
+    def _trim(self, chunk: Chunk, kept: np.ndarray) -> None:
+        """`chunk` becomes `kept` (a copy of its first tokens, read before: frees the rest)."""
         if chunk.data is not None:
             self.bytes_held -= chunk.nbytes - kept.nbytes
             chunk.data, chunk.shape = kept, kept.shape
@@ -368,7 +373,11 @@ def _check_payload(header: Header, payload: np.ndarray, like: Chunk | None) -> N
     """The payload must be (layers, 2, tokens, kv_heads, head_dim) of the header's layers, tokens
     and dtype, and match the replica's other chunks: fetch puts them together."""
     tokens, layers = header.token_end - header.token_start, header.layer_end - header.layer_start
-    if header.layer_start < 0 or payload.ndim != 5 or payload.shape[:3] != (layers, 2, tokens):
+    if not 0 <= header.layer_start < header.layer_end <= MAX_LAYERS or tokens < 1:
+        raise BadChunk(f"request {header.request_id}: layers [{header.layer_start}, {header.layer_end}) and tokens "
+                       f"[{header.token_start}, {header.token_end}) are not a range of a model (at most {MAX_LAYERS} "
+                       f"layers)")
+    if payload.ndim != 5 or payload.shape[:3] != (layers, 2, tokens):
         raise BadChunk(f"request {header.request_id}: payload {payload.shape} is not layers [{header.layer_start}, "
                        f"{header.layer_end}) ({layers}, 2, {tokens}, kv_heads, head_dim)")
     if payload.dtype != numpy_dtype(header.dtype):

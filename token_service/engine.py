@@ -45,7 +45,7 @@ from engine.attention import slots_of
 from engine.block_manager import BlockManager
 from engine.runner import ModelRunner, stage_layers
 from engine.swap import SwapPool
-from token_service.pipeline import Pipeline
+from token_service.pipeline import Pipeline, PipelineError
 from token_service.prefill import Chunk, PrefillJob, PrefillQueue
 from token_service.replicator import REPLICATION_LAG, Replicator
 from token_service.scheduler import Batch, Scheduler
@@ -234,21 +234,31 @@ class TokenEngine:
         start = time.perf_counter()
         seq.filling = True  # an abort meanwhile leaves the blocks to us until we are done writing them
         try:
+            mine = self.runner.layers  # a pipeline's head fetches its own layers, each stage its own
+            fetches = asyncio.gather(
+                fetch_replica(self.transport, req.store_kv_address, req.request_id, req.epoch, n, layers=mine),
+                *([self.pipeline.fetch(req.request_id, req.epoch, seq.blocks, n, req.store_kv_address)]
+                  if self.pipeline is not None else []), return_exceptions=True)
             try:
-                kv = await fetch_replica(self.transport, req.store_kv_address, req.request_id, req.epoch, n,
-                                         layers=range(self.runner.kv.layers))
-            except (FetchError, TransportError, WireError, asyncio.TimeoutError) as exc:
-                raise Unavailable(f"replica of {req.request_id} not fetched from {req.store_id}: "
-                                  f"{type(exc).__name__}: {exc}", code="replica_unavailable") from exc
+                kv, *stages = await asyncio.shield(fetches)
+            except asyncio.CancelledError:
+                await fetches  # the stages write into the blocks until they report: only then may the blocks go
+                raise
+            for result in (kv, *stages):
+                if isinstance(result, (FetchError, TransportError, WireError, PipelineError, asyncio.TimeoutError)):
+                    raise Unavailable(f"replica of {req.request_id} not fetched from {req.store_id}: "
+                                      f"{type(result).__name__}: {result}", code="replica_unavailable") from result
+                if isinstance(result, BaseException):
+                    raise result
             if kv.dtype != self.pool.dtype:
                 raise Unavailable(f"replica of {req.request_id} is {kv.dtype}, this service runs {self.pool.dtype}",
                                   code="replica_unavailable")
             model = self.runner.kv
-            if tuple(kv.shape) != (model.layers, 2, n, model.kv_heads, model.head_dim):
-                raise Unavailable(f"replica of {req.request_id} has shape {tuple(kv.shape)}, not the (layers, 2, {n}, "
-                                  f"kv_heads, head_dim) of this service's model", code="replica_unavailable")
+            if tuple(kv.shape) != (len(mine), 2, n, model.kv_heads, model.head_dim):
+                raise Unavailable(f"replica of {req.request_id} has shape {tuple(kv.shape)}, not the ({len(mine)}, 2, "
+                                  f"{n}, kv_heads, head_dim) of this service's layers", code="replica_unavailable")
             if not seq.done:
-                await self._write_kv(seq, range(model.layers), range(n), kv)
+                await self._write_kv(seq, mine, range(n), kv)
         finally:
             seq.filling = False
             if seq.done:

@@ -34,8 +34,8 @@ prompt's blocks), until a "release" frame; it acknowledges each message once it 
 a prompt service answers only when every stage has its layers. Before a sequence's first step, the
 head asks its stages how much of the prompt each layer has ("landed"): the answer comes back down
 the chain after every earlier frame, and the steps after it are read after the KV was written.
-KV that comes to the head for later layers anyway (a restore, an older prompt service) is sent on
-in a "kv" frame; frames on a link arrive in order, so it is in place before the first step.
+KV that comes to the head for later layers anyway (from an older prompt service) is sent on in a
+"kv" frame; frames on a link arrive in order, so it is in place before the first step.
 
 Replication (issue #11's per-stage fault tolerance): the head picks a request's cache store and the
 tokens to replicate (token_service/replicator.py) and sends its own layers' KV there; a "replicate"
@@ -46,7 +46,10 @@ index is the least over the layers), and reports back to the head ("replicated",
 and back on the results link). The head sends the request's next message once every stage has
 reported; a stage that failed starts the replica over. A replica on the store is one per request
 whatever the pipeline's depth (cache_store/store.py keeps per layer the tokens it has), so any
-token service, a pipeline of any depth or one process, resumes from it.
+token service, a pipeline of any depth or one process, resumes from it. A restore on a pipeline
+fetches the same way: the head its own layers, each stage its own (a "fetch" frame, in order with
+the frames before it; the stage reads its layer range from the store into the blocks the frame
+names and reports "fetched"), so no stage's KV passes through the head.
 
 Failure: a link that breaks ends the pipeline. A stage whose downstream link breaks closes its
 upstream one; the head then fails (its decode loop dies, the process exits and its lease lapses),
@@ -63,9 +66,11 @@ Frames (transport frames: a JSON header, one payload):
                             {"op": "step", "step", "dtype", "shape", "meta"}: payload = meta + hidden states
                             {"op": "replicate", "step", "request", "epoch", "gen", "tokens", "store", "store_id",
                              "num_layers"}: payload = meta (the block table)
+                            {"op": "fetch", "step", "request", "epoch", "tokens", "store"}: payload = meta
   head -> S-1               {"op": "results", "session"}: the link the last stage answers on
   S-1 -> head               {"op": "ready"} | {"op": "result", "step", "shape"} | {"op": "error", "step", "message"}
   k -> k+1 -> .. -> head     {"op": "replicated", "step", "stage", "error"?, "fenced"?}: stage k's report
+                            {"op": "fetched", "step", "stage", "error"?}: likewise, of a "fetch"
 `meta` is the byte length of a JSON prefix of the payload (block tables, segments), padded to 16.
 """
 
@@ -82,6 +87,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from common.kv.fetch import FETCH_TIMEOUT_S
 from common.kv.transport import Connection, Transport, TransportError
 from common.kv.wire import numpy_dtype
 from common.protocol import ServiceInfo
@@ -91,6 +97,7 @@ from engine.runner import ModelRunner
 log = logging.getLogger(__name__)
 
 SETUP_TIMEOUT_S = 30.0
+STAGE_MARGIN_S = 10.0  # a stage's report of its own fetch: its turn in the chain and the report's way back
 STEP_TIMEOUT_S = 60.0  # a step not back by then means a hung stage: the pipeline ends (a CPU step takes < 1 s)
 _ALIGN = 16
 
@@ -201,7 +208,7 @@ class Pipeline:
             while True:
                 raw, payload = await self.results.recv()
                 header, _, tensor = decode(raw, payload)
-                if header["op"] == "replicated":
+                if header["op"] in ("replicated", "fetched"):
                     self._report(header)
                     continue
                 future = self.pending.pop(header.get("step"), None)
@@ -256,20 +263,40 @@ class Pipeline:
         table `blocks` to `store`, and records them in Redis: one report per stage ({"stage",
         "error"?, "fenced"?}), in no order. Asked for in order with the steps: a token's KV is there
         once the step that computed it has come back. The caller bounds the wait."""
+        return await self._ask({"op": "replicate", "request": request_id, "epoch": epoch, "gen": gen,
+                                "tokens": [tokens.start, tokens.stop], "store": store.kv_address,
+                                "store_id": store.id, "num_layers": num_layers}, blocks, tokens.stop)
+
+    async def fetch(self, request_id: str, epoch: int, blocks: list[int], tokens: int, store_address: str) -> None:
+        """A restore: each stage after the head fetches its own layers of tokens [0, tokens) of the
+        request's replica from the cache store at `store_address` into the blocks `blocks`, as the
+        head does its own. Raises PipelineError naming the stages that could not. A stage silent
+        past its fetch's own bound ends the pipeline: its write could still land in the blocks
+        after they went to another request."""
+        reports = await self._ask({"op": "fetch", "request": request_id, "epoch": epoch, "tokens": tokens,
+                                   "store": store_address}, blocks, tokens, timeout=FETCH_TIMEOUT_S + STAGE_MARGIN_S)
+        if failed := [r for r in reports if r.get("error")]:
+            raise PipelineError("; ".join(f"stage {r.get('stage')}: {r['error']}" for r in sorted(
+                failed, key=lambda r: r.get("stage", 0))))
+
+    async def _ask(self, header: dict, blocks: list[int], tokens: int, timeout: float | None = None) -> list[dict]:
+        """A frame down the chain (in order with the steps) that every stage after the head answers
+        with a report: the reports, in no order."""
         if self.broken is not None:
             raise self.broken
         step, self.next_step = self.next_step, self.next_step + 1
         future = asyncio.get_running_loop().create_future()
         self.reports[step] = (future, [])
-        header = {"op": "replicate", "step": step, "request": request_id, "epoch": epoch, "gen": gen,
-                  "tokens": [tokens.start, tokens.stop], "store": store.kv_address, "store_id": store.id,
-                  "num_layers": num_layers}
         try:
-            await self.first.send(*encode(header, list(blocks[: -(-tokens.stop // self.runner.block_size)])))
+            await self.first.send(*encode({**header, "step": step},
+                                          list(blocks[: -(-tokens // self.runner.block_size)])))
         except TransportError as exc:
             self._break(exc)
         try:
-            return await future
+            return await (future if timeout is None else asyncio.wait_for(asyncio.shield(future), timeout))
+        except asyncio.TimeoutError:
+            self._break(TransportError(f"{header['op']} {step}: not every stage reported in {timeout:.0f} s"))
+            raise self.broken from None
         finally:
             self.reports.pop(step, None)
 

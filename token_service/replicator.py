@@ -49,6 +49,9 @@ REPLICATED_BYTES = Counter("dejavu_token_replicated_bytes_total", "KV bytes ackn
 REPLICATION_LAG = Gauge("dejavu_token_replication_lag_tokens", "tokens with KV not yet acknowledged by a store, summed")
 RESTARTS = Counter("dejavu_token_replica_restarts_total", "replicas started over after a failed send")
 ACK_TIMEOUT_S = 30.0
+# a pipeline's later stages each send their layers with their own ACK_TIMEOUT_S, after their turn in
+# the chain and before telling Redis: the head waits this long for their reports, from its own send
+STAGES_TIMEOUT_S = 2 * ACK_TIMEOUT_S
 STORE_CACHE_S = 1.0
 AVOID_S = 5.0  # a store whose send failed is not picked again for this long (if there is another)
 RETRY_S = 0.5  # a request whose send failed waits this long before its replica starts over
@@ -131,6 +134,8 @@ class Replicator:
     async def _send(self, seq: Sequence, buf: torch.Tensor, tokens: range, store: ServiceInfo, gen: int,
                     stages: asyncio.Future | None = None) -> None:
         rid, start, end = seq.request_id, tokens.start, tokens.stop
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STAGES_TIMEOUT_S
         if stages is not None:  # its outcome is read below, unless this send fails first
             stages.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
@@ -146,7 +151,7 @@ class Replicator:
             except RedisError as exc:
                 log.warning("the store has tokens [0, %d) of %s but Redis could not be told: %s", end, rid, exc)
             if stages is not None:
-                reports = await asyncio.wait_for(asyncio.shield(stages), ACK_TIMEOUT_S)
+                reports = await asyncio.wait_for(asyncio.shield(stages), deadline - loop.time())
                 if any(r.get("fenced") for r in reports):
                     return self._fence(rid, seq.epoch)
                 if failed := [r for r in reports if r.get("error")]:
@@ -160,6 +165,11 @@ class Replicator:
         except Exception as exc:  # noqa: BLE001 - replication never takes decode down
             self._start_over(rid, store, start, end, exc)
         finally:
+            if stages is not None and not stages.done() and not asyncio.current_task().cancelling():
+                # this send failed first: the stages' puts end before the request's replica may be
+                # dropped or sent again (a put landing after the drop left a replica; one sent again
+                # under the same ack key took the old one's ack). Not while shutting down.
+                await asyncio.wait({stages}, timeout=max(deadline - loop.time(), 0))
             if rid in self.ended:
                 self.ended.discard(rid)
                 self._cleanup(rid)

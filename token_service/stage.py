@@ -6,7 +6,8 @@ for prompt pipelines.
 
 Frames are read as they come and applied in order by one worker task per link; with --swap a
 step's KV starts moving in when its frame is read (engine/swap.py). A "replicate" frame's KV is
-copied in its turn and sent to the cache store in the background (see token_service/pipeline.py).
+copied in its turn and sent to the cache store in the background (see token_service/pipeline.py);
+a "fetch" frame's layers are read from the store in the background too, into the blocks it names.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import RedisError
 
 from common.kv.copy import gather, scatter
+from common.kv.fetch import FetchError, fetch_replica
 from common.kv.peers import KVRejected, Peers
 from common.kv.receiver import kv_server
 from common.kv.transport import Connection, Transport, TransportError
-from common.kv.wire import FENCED, Header, as_tensor
+from common.kv.wire import FENCED, Header, WireError, as_tensor
 from common.metadata import RequestStore
 from engine.attention import slots_of
 from engine.runner import ModelRunner
@@ -45,9 +47,9 @@ STAGE_STEP_SECONDS = Histogram("dejavu_stage_step_seconds", "one forward of this
                                buckets=(.005, .01, .025, .05, .1, .2, .4, .8, 1.6))
 STAGE_LINKED = Gauge("dejavu_stage_linked", "1 while this stage is part of a set-up pipeline (a head linked to it)")
 STAGE_REQUESTS = Gauge("dejavu_stage_requests", "requests whose prompt KV this stage accepts (reserved, not released)")
-STAGE_KV_BYTES = Counter("dejavu_stage_kv_bytes", "prompt KV written to this stage's pool, by the way it came: straight "
-                         "from a prompt service, or sent on by the head", ["via"])
-for _via in ("direct", "head"):
+STAGE_KV_BYTES = Counter("dejavu_stage_kv_bytes", "KV written to this stage's pool, by the way it came: a prompt's straight "
+                         "from a prompt service, or sent on by the head; a replica's fetched from a cache store", ["via"])
+for _via in ("direct", "head", "store"):
     STAGE_KV_BYTES.labels(_via)
 STAGE_REPLICATED_BYTES = Counter("dejavu_stage_replicated_bytes", "KV bytes of this stage's layers acknowledged by "
                                  "cache stores")
@@ -312,9 +314,11 @@ class Stage:
             mine = gather(self.pool, slots_of(meta, self.runner.block_size, t0, t1))  # now: a later step may reuse the blocks
             if not self.last:
                 await link.downstream.send(raw, payload)
-            task = asyncio.create_task(self._replicate(link, header, mine))
-            self.background.add(task)
-            task.add_done_callback(self.background.discard)
+            self._spawn(self._replicate(link, header, mine))
+        elif op == "fetch":
+            if not self.last:
+                await link.downstream.send(raw, payload)
+            self._spawn(self._fetch(link, header, list(meta)))
         elif op == "kv" and header["stage"] == self.stage:
             (start, stop), (t0, t1) = header["layers"], header["tokens"]
             if not (self.runner.layers.start <= start < stop <= self.runner.layers.stop):
@@ -347,9 +351,9 @@ class Stage:
             STAGE_REQUESTS.set(len(link.prompts))
             if not self.last:
                 await link.downstream.send(raw, payload)
-        elif op in ("kv", "error", "replicated") and not self.last:
+        elif op in ("kv", "error", "replicated", "fetched") and not self.last:
             await link.downstream.send(raw, payload)  # for a stage after this one, or the head: as it came
-        elif op in ("error", "replicated"):
+        elif op in ("error", "replicated", "fetched"):
             await self._answer(link.session, header)
         else:
             log.warning("unexpected %r frame on the upstream link: skipped", op)
@@ -382,6 +386,32 @@ class Stage:
             STAGE_REPLICATE_FAILURES.inc()
             log.warning("request %s: tokens [%d, %d) of layers [%d, %d) not replicated: %s", rid, t0, t1,
                         layers.start, layers.stop, report["error"])
+        await self._report(link, report)
+
+    async def _fetch(self, link: Link, header: dict, blocks: list[int]) -> None:
+        """A restore: this stage's layers of tokens [0, n) of a replica, from the cache store into
+        the blocks of the "fetch" frame (the head holds them for the request until every stage has
+        reported); then the report, down the chain to the head."""
+        rid, n, layers, kv_shape = header["request"], header["tokens"], self.runner.layers, self.runner.kv
+        report = {"op": "fetched", "step": header["step"], "stage": self.stage}
+        try:
+            kv = await fetch_replica(self.transport, header["store"], rid, header["epoch"], n, layers=layers)
+            if kv.dtype != self.pool.dtype:
+                raise FetchError(f"the replica is {kv.dtype}, this stage runs {self.pool.dtype}")
+            if tuple(kv.shape) != (len(layers), 2, n, kv_shape.kv_heads, kv_shape.head_dim):
+                raise FetchError(f"the replica's layers [{layers.start}, {layers.stop}) have shape {tuple(kv.shape)}, "
+                                 f"not ({len(layers)}, 2, {n}, kv_heads, head_dim) of this stage's model")
+            if self.link is link:  # else set up again meanwhile: the blocks are nobody's here now
+                scatter(self.pool, slots_of(blocks, self.runner.block_size, 0, n), slice(0, len(layers)), kv)
+                STAGE_KV_BYTES.labels("store").inc(kv.nbytes)
+        except (FetchError, TransportError, WireError, asyncio.TimeoutError) as exc:
+            report["error"] = f"{type(exc).__name__}: {exc}"
+            log.warning("request %s: layers [%d, %d) of its replica not fetched: %s", rid, layers.start, layers.stop,
+                        report["error"])
+        await self._report(link, report)
+
+    async def _report(self, link: Link, report: dict) -> None:
+        """A report of this stage's down the chain to the head (the last stage: on the results link)."""
         if self.link is not link:
             return  # the pipeline was set up again: nobody waits for it
         with contextlib.suppress(TransportError):  # a link that ends ends the pipeline: the head hears of that
@@ -389,6 +419,11 @@ class Stage:
                 await self._answer(link.session, report)
             else:
                 await link.downstream.send(*encode(report))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     async def receive_kv(self, header: Header, payload: np.ndarray) -> None:
         """A KV message from a prompt service: layers of this stage, tokens of a prompt the head

@@ -161,9 +161,11 @@ async def stream_out(
 
 async def send_fetch(conn: Connection, request_id: str, epoch: int, tokens: int, layers: range | None = None) -> Header:
     """Ask for tokens [0, tokens) of a replica, of `layers` (every one by default); read the answer
-    with stream_in. Raises TransportError."""
+    with stream_in. Raises TransportError (ValueError for no layer: on the wire, (0, 0) means all)."""
+    if layers is not None and not layers:
+        raise ValueError(f"a fetch of {request_id} for no layer ({layers})")
     header = Header("fetch", request_id, epoch, token_end=tokens,
-                    **({"layer_start": layers.start, "layer_end": layers.stop} if layers else {}))
+                    **({"layer_start": layers.start, "layer_end": layers.stop} if layers is not None else {}))
     await conn.send(header.encode())
     return header
 

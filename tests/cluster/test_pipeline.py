@@ -171,9 +171,12 @@ def test_a_stage_killed_mid_stream_costs_a_pause(cluster, tiny_oracle, victim):
     own layers: the last; the head (2 stages) or the middle one (3 stages). The head fails with its
     pipeline (or is the one killed), the gateway resumes the request on the other pipeline from its
     replica (every layer, put together on the store from each stage's sends); the text is
-    generate's. Restarted, the pipeline serves again (a head restarted alone links to its live
+    generate's; each stage of that pipeline fetched its own layers from the store (none came from
+    its head). Restarted, the pipeline serves again (a head restarted alone links to its live
     stages again)."""
     ids = tiny_oracle.tokenizer(PROMPT)["input_ids"]
+    via = {v: {s.name: metric(s.url, f'dejavu_stage_kv_bytes_total{{via="{v}"}}') for s in cluster.of("stage")}
+           for v in ("store", "head")}
     want, n = tiny_oracle.text(ids, 300)
     recoveries = metric(cluster.url, 'dejavu_gateway_recoveries_total{path="replica"}')
     k = -1 if victim == "last" else cluster.stages // 2 - (cluster.stages == 2)  # 2 stages: 0; 3: 1
@@ -182,6 +185,10 @@ def test_a_stage_killed_mid_stream_costs_a_pause(cluster, tiny_oracle, victim):
     assert text == want and usage["completion_tokens"] == n
     assert metric(cluster.url, 'dejavu_gateway_recoveries_total{path="replica"}') == recoveries + 1
     assert head.proc.wait(10) in (70, -signal.SIGKILL)  # the head ended with its pipeline
+    resumed = [s for s in cluster.of("stage") if not s.name.startswith(head.name + "-")]
+    assert resumed and all(metric(s.url, 'dejavu_stage_kv_bytes_total{via="store"}') > via["store"][s.name]
+                           for s in resumed), "a stage of the resuming pipeline did not fetch its layers"
+    assert all(metric(s.url, 'dejavu_stage_kv_bytes_total{via="head"}') == via["head"][s.name] for s in resumed)
     assert_nothing_held(cluster)  # the replica too, once the request ended
     restart(cluster, *{stage.name: stage, head.name: head}.values())
     for t in cluster.of("token"):  # the restarted pipeline serves: the other one is made busy first

@@ -87,7 +87,8 @@ def test_continuations_append_and_fetch_concatenates():
 def test_a_request_dropped_for_good_takes_no_new_replica_for_a_while():
     """The gateway's epoch-less drop (the request ended, its owner died): a put the dead owner had in
     flight lands after it and would leave a replica nobody drops; it is refused as fenced (so a live
-    stale owner stops too) for ENDED_S. An owner's own drop (with its epoch) is not such an end."""
+    stale owner stops too) for ENDED_S. An owner's own drop (with its epoch) ends that epoch only: a
+    token stage's put its head gave up waiting for is refused after it, a successor's is not."""
     from cache_store.store import ENDED_S
 
     store = ReplicaStore()
@@ -99,8 +100,11 @@ def test_a_request_dropped_for_good_takes_no_new_replica_for_a_while():
         put(store, "r", 3, 0, kv(6))  # any epoch
     assert "r" not in store.replicas
     put(store, "s", 1, 0, kv(4))
-    assert store.drop("s", epoch=1)  # its owner's cleanup: it may start a replica here again
-    put(store, "s", 1, 0, kv(4))
+    assert store.drop("s", epoch=1)  # its owner's cleanup
+    with pytest.raises(StaleEpoch, match="^fenced: .*has ended"):
+        put(store, "s", 1, 0, kv(4))  # a put of that owner still in flight
+    put(store, "s", 2, 0, kv(4))  # a successor's
+    assert store.replicas["s"].tokens == 4
     store.expire(now=time.monotonic() + ENDED_S + 1)
     put(store, "r", 0, 0, kv(2))  # forgotten after ENDED_S: the store's memory stays bounded
     assert store.replicas["r"].tokens == 2 and not store.ended
@@ -380,6 +384,47 @@ def test_a_spilled_chunk_that_cannot_be_rewritten_goes_back_to_memory(tmp_path):
     assert (store.bytes_held, store.bytes_spilled) == (2 * TOKEN_BYTES, 0)
     assert spill_files(tmp_path) == []
     store.close()
+
+
+def test_a_cut_that_finds_no_room_for_a_split_leaves_the_replica_as_it_was(tmp_path):
+    """A new owner of one layer continues from its index: the old chunk of every layer is split (its
+    other layers kept whole, in new chunks). When the disk is full and a piece finds no room, the put
+    is refused and the replica is exactly as it was: the other layers are not lost (before, the
+    store dropped the whole replica) and no byte is counted twice. The pieces are copies: the old
+    chunk's array is not pinned by them."""
+    full = kv(8, 1)
+    layer = TOKEN_BYTES // LAYERS
+    store = ReplicaStore(memory_bytes=8 * TOKEN_BYTES + 2 * layer, spill_dir=str(tmp_path))
+    put(store, "r", 1, 0, full)
+    before = [(c.layer, c.start, c.shape) for c in store.replicas["r"].chunks]
+    with disk_full_past(layer):
+        with pytest.raises(StoreFull):
+            put_layers(store, "r", 2, range(1, 2), 6, cat(full[:, :, :6], kv(2, 2)))
+        assert [(c.layer, c.start, c.shape) for c in store.replicas["r"].chunks] == before
+        assert store.replicas["r"].ends == [8, 8, 8] and store.replicas["r"].epoch == 1
+        assert (store.bytes_held, store.bytes_spilled) == (8 * TOKEN_BYTES, 0)
+        assert spill_files(tmp_path) == []
+    np.testing.assert_array_equal(fetch(store, "r", 1, 8), full)
+    newer = cat(full[:, :, :6], kv(2, 2))
+    put_layers(store, "r", 2, range(1, 2), 6, newer)  # room again
+    expect = full.copy()
+    expect[1, :, 6:] = newer[1, :, 6:]
+    np.testing.assert_array_equal(fetch(store, "r", 2, 8), expect)
+    assert all(c.data is None or c.data.base is None for c in store.replicas["r"].chunks)
+    assert store.bytes_held + store.bytes_spilled == 8 * TOKEN_BYTES
+    assert store.drop("r") and store.bytes_held == store.bytes_spilled == 0 and spill_files(tmp_path) == []
+    store.close()
+
+
+def test_layer_ranges_that_are_not_a_models_are_refused():
+    """An empty or absurd layer range (a hostile or broken peer) is a BadChunk, not a replica whose
+    per-layer index grows to the range's end."""
+    store = ReplicaStore()
+    empty = np.zeros((0, 2, 2, HEADS, DIM), np.float32)
+    for start, end in ((5, 5), (10**9, 10**9), (0, 10**9)):
+        with pytest.raises(BadChunk, match="not a range of a model"):
+            store.put(Header("kv", "r", 1, start, end, 0, 2, "float32", empty.shape, 0), empty)
+    assert "r" not in store.replicas
 
 
 def test_a_put_that_fails_while_trimming_leaves_nothing_behind(tmp_path):

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from cache_store.app import _layers
 from cache_store.store import Refused, ReplicaStore
 from common import metadata
 from common.kv import make_transport
@@ -155,7 +156,8 @@ async def test_three_stages_swapping_compute_what_one_model_does(tiny_oracle, mo
     still computing, and that sequence's first step right behind it (a stage must apply the KV
     before it swaps the step in). All equal one model. Then each stage replicates its layers of a
     sequence to a real cache store and records them in a real Redis: the store holds what the
-    steps wrote, and Redis the index once every layer is in (the head's own part recorded last)."""
+    steps wrote, and Redis the index once every layer is in (the head's own part recorded last);
+    and each stage fetches its layers of it back, as a restore on a pipeline does."""
     model = tiny_oracle.model
     head, workers, pipeline, broken, transports, setup = await linked(model, stages=3, device_blocks=12)
     setup["device_blocks"] = 12
@@ -214,7 +216,8 @@ async def test_three_stages_swapping_compute_what_one_model_does(tiny_oracle, mo
 
         store, redis = ReplicaStore(), metadata.connect(redis_server.url)
         transports.append(store_transport := make_transport("tcp", "secret"))
-        address = await store_transport.listen(kv_server(store.put, (Refused,)), "127.0.0.1")
+        fetch = lambda h: store.fetch(h.request_id, h.epoch, h.token_end, _layers(h))  # noqa: E731 - as the app wires it
+        address = await store_transport.listen(kv_server(store.put, (Refused,), fetch=fetch), "127.0.0.1")
         requests = metadata.RequestStore(redis)
         for w in workers:
             w.requests = requests
@@ -227,6 +230,18 @@ async def test_three_stages_swapping_compute_what_one_model_does(tiny_oracle, mo
         assert torch.equal(torch.from_numpy(store.fetch(rid, 0, n, later)[0]), want[later.start:])
         assert (await requests.get(rid))["replicated"] == "0"  # layer 0, the head's, is not in yet
         assert await requests.advance_replicated(rid, 0, n, "store-0", head.layers, whole.kv.layers) == n
+
+        # a restore on this pipeline: each stage fetches its own layers into the blocks named (a new
+        # owner's, at a newer epoch), as the head does its own; none of their KV passes through the head
+        fresh = [20, 21, 22, 23][: -(-n // BLOCK)]
+        slots = torch.cat([torch.arange(b * BLOCK, b * BLOCK + BLOCK) for b in fresh])[:n]
+        await pipeline.fetch(rid, 1, fresh, n, address)
+        for w in workers:
+            assert torch.equal(w.swap.host[:, :, slots], want[w.runner.layers.start: w.runner.layers.stop])
+        with pytest.raises(PipelineError, match=r"stage 1: FetchError: .*; stage 2: FetchError: "):
+            await pipeline.fetch(rid, 1, fresh, n + 1, address)  # more than the replica has: each stage says so
+        with pytest.raises(PipelineError, match=r"stage 1: FetchError: .*fenced: .*epoch 0 is older"):
+            await pipeline.fetch(rid, 0, fresh, n, address)  # the fenced owner's epoch
         assert not broken and swap.blocks_used == 0 and all(w.swap.blocks_used == 0 for w in workers)
         await redis.aclose()
     finally:

@@ -57,3 +57,51 @@ async def test_an_aborted_owner_not_fenced_drops_after_the_grace(redis_server, m
 
 async def test_a_finished_request_drops_at_once(redis_server, monkeypatch):
     assert await ended(redis_server, monkeypatch, "rd-3", aborted=False, fence=True) == ["/drop"]
+
+
+async def test_a_send_that_fails_first_waits_for_the_stages_before_the_drop(redis_server, monkeypatch):
+    """A pipeline's head whose own send fails (here: nothing listens at the store's KV address, over
+    a real TCP transport) while the later stages' sends of the same tokens are still out: the
+    request ends meanwhile, and its drop waits for the stages' reports. Dropped at once, a stage's
+    put landing after the drop left a replica nobody drops (review of #11 item 5)."""
+    import socket
+    import types
+
+    import torch
+
+    from common.kv import make_transport
+    from common.kv.peers import Peers
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = STORE.model_copy(update={"kv_address": f"127.0.0.1:{port}"})
+    drops = []
+
+    async def http(request: httpx.Request) -> httpx.Response:
+        drops.append(request.url.path)
+        return httpx.Response(200, json={"request_id": "rd-4", "found": True})
+
+    redis = metadata.connect(redis_server.url)
+    transport = make_transport("tcp")
+    peers = Peers(transport, connect_timeout=2.0)
+    stages = asyncio.get_running_loop().create_future()
+    try:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(http)) as client:
+            rep = Replicator(None, 16, peers, metadata.RecentServices(metadata.Registry(redis), 3.0),
+                             metadata.RequestStore(redis), client, 16, range(1), 2, stages=lambda *a: stages)
+            seq = types.SimpleNamespace(request_id="rd-4", epoch=0)
+            rep.epochs["rd-4"], rep.touched["rd-4"] = 0, {store.id: store}
+            task = rep.inflight["rd-4"] = asyncio.create_task(
+                rep._send(seq, torch.zeros(1, 2, 4, 1, 4), range(0, 4), store, 0, stages))
+            rep.forget("rd-4")  # the request finishes while the send is out
+            await asyncio.sleep(1.0)
+            assert "rd-4" in rep.gens and not task.done() and drops == []  # failed, waits for the stages
+            stages.set_result([{"stage": 1}])
+            await asyncio.wait_for(task, 5.0)
+            await asyncio.gather(*rep.background)
+            assert drops == ["/drop"]
+    finally:
+        await peers.close()
+        await transport.close()
+        await redis.aclose()
