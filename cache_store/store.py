@@ -146,6 +146,7 @@ class ReplicaStore:
     def put(self, header: Header, payload: np.ndarray) -> None:
         """Store one "kv" message; takes ownership of `payload` (stream_in's buffer is fresh)."""
         rid, start, layers = header.request_id, header.token_start, range(header.layer_start, header.layer_end)
+        _check_ranges(header)  # first: the gap check below walks the layers
         replica = self.replicas.get(rid)
         if replica is not None and header.epoch < replica.epoch:
             raise StaleEpoch(f"{FENCED}request {rid}: epoch {header.epoch} is older than the replica's {replica.epoch}")
@@ -153,10 +154,11 @@ class ReplicaStore:
             raise StaleEpoch(f"{FENCED}request {rid} has ended (epoch {header.epoch}): no new replica of it is taken")
         fresh = start == 0 and (replica is None or header.epoch > replica.epoch  # a new owner's, or every layer
                                 or (layers.start == 0 and layers.stop >= len(replica.ends)))  # written anew
-        if not fresh and (short := [l for l in layers if replica is None or replica.held(l) < start]):
+        if not fresh and (short := next((l for l in layers if replica is None or replica.held(l) < start), None)) \
+                is not None:
             raise ReplicaGap(f"request {rid}: tokens from {start} of layers [{layers.start}, {layers.stop}) would "
-                             f"leave a gap (the store holds {replica.held(short[0]) if replica else 0} of layer "
-                             f"{short[0]})")
+                             f"leave a gap (the store holds {replica.held(short) if replica else 0} of layer "
+                             f"{short})")
         _check_payload(header, payload, None if fresh else replica.chunks[0])
         chunk = self._place(Chunk(start, np.ascontiguousarray(payload), header.dtype, tuple(payload.shape),
                                   layer=layers.start))
@@ -189,10 +191,12 @@ class ReplicaStore:
         if epoch < replica.epoch:
             raise StaleEpoch(f"{FENCED}request {request_id}: epoch {epoch} is older than the replica's {replica.epoch}")
         layers = range(len(replica.ends)) if layers is None else layers
-        if not layers or (short := [l for l in layers if replica.held(l) < n]):
+        if not layers or layers.start < 0 or layers.stop > MAX_LAYERS:
+            raise ReplicaGap(f"request {request_id}: layers [{layers.start}, {layers.stop}) asked: not a range of a "
+                             f"model (at most {MAX_LAYERS} layers)")
+        if (short := next((l for l in layers if replica.held(l) < n), None)) is not None:
             raise ReplicaGap(f"request {request_id}: {n} tokens asked of layers [{layers.start}, {layers.stop}), "
-                             f"the store holds " + (f"{replica.held(short[0])} of layer {short[0]}" if layers else
-                                                    "no layer"))
+                             f"the store holds {replica.held(short)} of layer {short}")
         replica.epoch, replica.renewed = epoch, time.monotonic()
         like = replica.chunks[0]
         out = np.empty((len(layers), 2, n) + like.shape[3:], dtype=numpy_dtype(like.dtype))
@@ -369,14 +373,17 @@ class ReplicaStore:
         REPLICAS.set(len(self.replicas))
 
 
+def _check_ranges(header: Header) -> None:
+    if not 0 <= header.layer_start < header.layer_end <= MAX_LAYERS or header.token_end <= header.token_start:
+        raise BadChunk(f"request {header.request_id}: layers [{header.layer_start}, {header.layer_end}) and tokens "
+                       f"[{header.token_start}, {header.token_end}) are not a range of a model (at most {MAX_LAYERS} "
+                       f"layers)")
+
+
 def _check_payload(header: Header, payload: np.ndarray, like: Chunk | None) -> None:
     """The payload must be (layers, 2, tokens, kv_heads, head_dim) of the header's layers, tokens
     and dtype, and match the replica's other chunks: fetch puts them together."""
     tokens, layers = header.token_end - header.token_start, header.layer_end - header.layer_start
-    if not 0 <= header.layer_start < header.layer_end <= MAX_LAYERS or tokens < 1:
-        raise BadChunk(f"request {header.request_id}: layers [{header.layer_start}, {header.layer_end}) and tokens "
-                       f"[{header.token_start}, {header.token_end}) are not a range of a model (at most {MAX_LAYERS} "
-                       f"layers)")
     if payload.ndim != 5 or payload.shape[:3] != (layers, 2, tokens):
         raise BadChunk(f"request {header.request_id}: payload {payload.shape} is not layers [{header.layer_start}, "
                        f"{header.layer_end}) ({layers}, 2, {tokens}, kv_heads, head_dim)")

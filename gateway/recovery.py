@@ -26,7 +26,7 @@ from prometheus_client import Counter, Histogram
 from redis.exceptions import RedisError
 
 from common.errors import Unavailable, UpstreamError
-from common.kv.fetch import FETCH_TIMEOUT_S
+from common.kv.fetch import FETCH_TIMEOUT_S, STAGE_MARGIN_S
 from common.metadata import RequestStore
 from common.protocol import RestoreRequest, RestoreResult, SamplingParams, ServiceInfo, ServiceKind
 
@@ -90,8 +90,8 @@ async def restore(router: Router, run: Run, svc: ServiceInfo, prefix: list[int])
                          replicated=min(n, len(prefix)), store_id=store.id, store_kv_address=store.kv_address,
                          store_url=store.url)
     try:
-        body = await router._until_lease_lapses(
-            router._post(svc, "/restore", req, timeout=FETCH_TIMEOUT_S + router.settings.token_timeout_s), svc)
+        timeout = FETCH_TIMEOUT_S + STAGE_MARGIN_S + router.settings.token_timeout_s  # a pipeline's stages fetch too
+        body = await router._until_lease_lapses(router._post(svc, "/restore", req, timeout=timeout), svc)
     except Unavailable as exc:  # the replica could not be fetched: the KV has to come from a prefill
         log.warning("restore from the replica on %s failed (%s): prefilling again", store.id, exc.message)
         return None

@@ -241,8 +241,10 @@ class TokenEngine:
                   if self.pipeline is not None else []), return_exceptions=True)
             try:
                 kv, *stages = await asyncio.shield(fetches)
-            except asyncio.CancelledError:
-                await fetches  # the stages write into the blocks until they report: only then may the blocks go
+            except asyncio.CancelledError:  # the stages write into the blocks until they report: only then may
+                while not fetches.done():    # the blocks go (a second cancel does not cut that wait short)
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.shield(fetches)
                 raise
             for result in (kv, *stages):
                 if isinstance(result, (FetchError, TransportError, WireError, PipelineError, asyncio.TimeoutError)):

@@ -87,7 +87,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.kv.fetch import FETCH_TIMEOUT_S
+from common.kv.fetch import FETCH_TIMEOUT_S, STAGE_MARGIN_S
 from common.kv.transport import Connection, Transport, TransportError
 from common.kv.wire import numpy_dtype
 from common.protocol import ServiceInfo
@@ -97,7 +97,6 @@ from engine.runner import ModelRunner
 log = logging.getLogger(__name__)
 
 SETUP_TIMEOUT_S = 30.0
-STAGE_MARGIN_S = 10.0  # a stage's report of its own fetch: its turn in the chain and the report's way back
 STEP_TIMEOUT_S = 60.0  # a step not back by then means a hung stage: the pipeline ends (a CPU step takes < 1 s)
 _ALIGN = 16
 

@@ -425,6 +425,15 @@ def test_layer_ranges_that_are_not_a_models_are_refused():
         with pytest.raises(BadChunk, match="not a range of a model"):
             store.put(Header("kv", "r", 1, start, end, 0, 2, "float32", empty.shape, 0), empty)
     assert "r" not in store.replicas
+    put(store, "r", 1, 0, kv(2, 1))  # a replica of layers [0, 3), then a continuation reaching a billion layers
+    with pytest.raises(BadChunk, match="not a range of a model"):
+        store.put(Header("kv", "r", 1, 0, 10**9, 2, 3, "float32", empty.shape, 0), empty)
+    for layers, n in ((range(0, 10**9), 0), (range(-1, 2), 2), (range(2, 2), 2)):
+        with pytest.raises(ReplicaGap, match="not a range of a model"):
+            store.fetch("r", 1, n, layers=layers)
+    with pytest.raises(ReplicaGap, match="2 tokens asked of layers \\[0, 4\\), the store holds 0 of layer 3"):
+        store.fetch("r", 1, 2, layers=range(0, 4))
+    assert store.fetch("r", 1, 2, layers=range(1, 2))[0].shape == (1, 2, 2, HEADS, DIM)
 
 
 def test_a_put_that_fails_while_trimming_leaves_nothing_behind(tmp_path):
