@@ -8,6 +8,10 @@ where there are enough (--cpu-placement split); all of them stay up and take tur
 repeat, on the same batch of concurrent requests. On a CPU host the stages share the host's cores
 and memory bandwidth: a stage is a slice of the cores, not a device of its own, so the figure says
 whether the microbatches keep the stages busy at once, not what a GPU pipeline would gain.
+
+One wave of --concurrency requests by default (every prompt at the start); with --requests above
+it, a closed loop in which prompts keep arriving while the others decode: the paper's regime, where
+a microbatch carrying a prompt holds every stage of a pipeline that prefills its own prompts.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import random
 import statistics
 import time
 
@@ -49,20 +54,44 @@ def launch(stack: contextlib.ExitStack, name: str, args, env: dict) -> Cluster:
 
 
 def busy_seconds(client: httpx.Client, cluster: Cluster) -> list[float]:
-    """Forward seconds so far of each stage: the head's own layers first, then stage 1, ..."""
+    """Forward seconds so far of each stage (the head's own layers first, then stage 1, ...), then
+    of the prompt service's prefills, if the layout has one."""
     head = metric(client, cluster.of("token")[0].url, "dejavu_token_forward_seconds_sum")
     stages = sorted(cluster.of("stage"), key=lambda c: c.name)
-    return [head] + [metric(client, s.url, "dejavu_stage_step_seconds_sum") for s in stages]
+    return ([head] + [metric(client, s.url, "dejavu_stage_step_seconds_sum") for s in stages]
+            + [metric(client, p.url, "dejavu_prompt_prefill_seconds_sum") for p in cluster.of("prompt")])
 
 
-def measure(cluster: Cluster, bodies: list[dict]) -> dict:
+async def closed_loop(url: str, bodies: list[dict], concurrency: int) -> int:
+    """Completion tokens of `bodies`, `concurrency` clients each sending its next one when the last
+    returned: prompts keep arriving while the others decode, the regime where the paper's pipeline
+    bubbles appear (one wave of prompts at the start would leave the decode steps prompt-free)."""
+    queue = list(reversed(bodies))
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(900.0), limits=limits) as client:
+        async def worker() -> int:
+            tokens = 0
+            while queue:
+                resp = await client.post("/v1/completions", json=queue.pop())
+                resp.raise_for_status()
+                tokens += resp.json()["usage"]["completion_tokens"]
+            return tokens
+        return sum(await asyncio.gather(*(worker() for _ in range(concurrency))))
+
+
+def measure(cluster: Cluster, bodies: list[dict], concurrency: int) -> dict:
     with httpx.Client(timeout=30) as client:
         before = busy_seconds(client, cluster)
         t0 = time.perf_counter()
-        tokens = asyncio.run(batch(cluster.url, bodies))
+        if len(bodies) > concurrency:
+            tokens = asyncio.run(closed_loop(cluster.url, bodies, concurrency))
+        else:
+            tokens = asyncio.run(batch(cluster.url, bodies))
         wall = time.perf_counter() - t0
         busy = [(b - a) / wall for a, b in zip(before, busy_seconds(client, cluster))]
-    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "stage_busy": busy}
+    stages = len(cluster.of("stage")) + 1
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "stage_busy": busy[:stages],
+            "prompt_busy": busy[stages:]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,6 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated, of: {', '.join(LAYOUTS)}")
     p.add_argument("--repeats", type=int, default=3, help="alternated runs of each layout")
     p.add_argument("--concurrency", type=int, default=16, help="concurrent requests")
+    p.add_argument("--requests", type=int, default=0,
+                   help="requests a run; more than --concurrency runs a closed loop with output lengths "
+                        "spread over [new/2, 3*new/2] (seeded), so prompts keep arriving during decode "
+                        "(default: --concurrency, one wave)")
     p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length per request")
     p.add_argument("--new-tokens", type=int, default=96, help="tokens generated per request")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -81,32 +114,44 @@ def main(argv: list[str] | None = None) -> None:
     layouts = [name.strip() for name in args.layouts.split(",")]
     if unknown := [name for name in layouts if name not in LAYOUTS]:
         p.error(f"unknown layout(s) {unknown}: choose from {list(LAYOUTS)}")
+    requests = max(args.requests, args.concurrency)
     tokenizer = load_tokenizer(resolve_model_path(args.model, progress=log))
-    bodies = [{"prompt": ids, "max_tokens": args.new_tokens, "temperature": 0, "ignore_eos": True}
-              for ids in build_prompts(tokenizer, args.prompt_tokens, args.concurrency)]
+    rng = random.Random(0)
+    lengths = [args.new_tokens if requests == args.concurrency
+               else rng.randint(max(1, args.new_tokens // 2), args.new_tokens * 3 // 2) for _ in range(requests)]
+    bodies = [{"prompt": ids, "max_tokens": n, "temperature": 0, "ignore_eos": True}
+              for ids, n in zip(build_prompts(tokenizer, args.prompt_tokens, requests), lengths)]
     env = {"DEJAVU_LOG_LEVEL": "warning", "DEJAVU_MAX_SEQS": str(max(16, args.concurrency)), "DEJAVU_DTYPE": args.dtype,
-           "DEJAVU_MAX_MODEL_LEN": str(max(1024, args.prompt_tokens + args.new_tokens + 16)),
+           "DEJAVU_MAX_MODEL_LEN": str(max(1024, args.prompt_tokens + max(lengths) + 16)),
            "DEJAVU_KV_TRANSPORT": args.kv_transport}
     with contextlib.ExitStack() as stack:
         clusters = {name: launch(stack, name, args, env) for name in layouts}
-        runs = alternated(clusters, lambda c: measure(c, bodies[:2]), lambda c: measure(c, bodies), args.repeats,
+        runs = alternated(clusters, lambda c: measure(c, bodies[:2], 2),
+                          lambda c: measure(c, bodies, args.concurrency), args.repeats,
                           lambda run: f"{run['tokens_per_s']:6.1f} tok/s, stages busy "
-                                      + " / ".join(f"{b:.2f}" for b in run["stage_busy"]))
+                                      + " / ".join(f"{b:.2f}" for b in run["stage_busy"])
+                                      + "".join(f", prompt service {b:.2f}" for b in run["prompt_busy"]))
     base = statistics.median(r["tokens_per_s"] for r in runs if r["layout"] == layouts[0])
     summary, rows = {}, []
-    print(f"\n{args.concurrency} concurrent, prompt {args.prompt_tokens}, {args.new_tokens} new tokens, {args.dtype}; "
+    loop = f"{requests} requests in a closed loop of " if requests > args.concurrency else ""
+    new = f"{min(lengths)}-{max(lengths)}" if loop else str(args.new_tokens)
+    print(f"\n{loop}{args.concurrency} concurrent, prompt {args.prompt_tokens}, {new} new tokens, {args.dtype}; "
           f"median [min-max] of {args.repeats}, ratios against '{layouts[0]}' of the same runs")
-    print(f"{'layout':<20}{'tok/s':>24}{'ratio':>8}  stages busy (forward time / wall)")
+    print(f"{'layout':<20}{'tok/s':>24}{'ratio':>8}  busy (forward time / wall): stages; prompt service")
     for name in layouts:
         mine = [r for r in runs if r["layout"] == name]
         rate = [r["tokens_per_s"] for r in mine]
         busy = [statistics.median(r["stage_busy"][k] for r in mine) for k in range(len(mine[0]["stage_busy"]))]
+        prompt = [statistics.median(r["prompt_busy"][k] for r in mine) for k in range(len(mine[0]["prompt_busy"]))]
         ratio = statistics.median(rate) / base
         key = name.replace("-", "_")
         summary[f"tokens_per_s_{key}"], summary[f"ratio_{key}"], summary[f"stage_busy_{key}"] = (
             statistics.median(rate), ratio, busy)
-        rows.append({"layout": name, "tokens_per_s": spread(rate), "ratio": ratio, "stage_busy": busy})
-        print(f"{name:<20}{fmt(spread(rate)):>24}{ratio:>8.2f}  " + " / ".join(f"{b:.2f}" for b in busy))
+        summary[f"prompt_busy_{key}"] = prompt
+        rows.append({"layout": name, "tokens_per_s": spread(rate), "ratio": ratio, "stage_busy": busy,
+                     "prompt_busy": prompt})
+        print(f"{name:<20}{fmt(spread(rate)):>24}{ratio:>8.2f}  " + " / ".join(f"{b:.2f}" for b in busy)
+              + ("; " + " / ".join(f"{b:.2f}" for b in prompt) if prompt else ""))
     write_json(args.out, summary, config={k: v for k, v in vars(args).items() if k != "out"}, rows=rows, runs=runs)
 
 

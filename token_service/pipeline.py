@@ -294,6 +294,8 @@ class Pipeline:
         try:
             return await (future if timeout is None else asyncio.wait_for(asyncio.shield(future), timeout))
         except asyncio.TimeoutError:
+            self.reports.pop(step, None)
+            future.cancel()  # as _request's: _break would set an exception no one retrieves
             self._break(TransportError(f"{header['op']} {step}: not every stage reported in {timeout:.0f} s"))
             raise self.broken from None
         finally:

@@ -45,13 +45,15 @@ def test_dejavu_bench_lists_the_benchmarks():
 def test_dejavu_bench_pipeline_runs_its_layouts(tmp_path, tiny_model_path):
     out = tmp_path / "pipeline.json"
     run = subprocess.run([sys.executable, "-m", "dejavu", "bench", "pipeline", "--model", str(tiny_model_path),
-                          "--layouts", "1-stage,2-stage", "--repeats", "1", "--concurrency", "4",
+                          "--layouts", "1-stage,2-stage", "--repeats", "1", "--concurrency", "4", "--requests", "6",
                           "--prompt-tokens", "8", "--new-tokens", "8", "--out", str(out)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(out.read_text())["summary"]
     assert summary["ratio_1_stage"] == 1 and summary["tokens_per_s_2_stage"] > 0
     assert len(summary["stage_busy_2_stage"]) == 2  # the head and stage 1
+    assert len(summary["prompt_busy_1_stage"]) == 1 and summary["prompt_busy_1_stage"][0] > 0  # its prompt service
+    assert "6 requests in a closed loop of 4 concurrent, prompt 8, 4-" in run.stdout
 
 
 @pytest.mark.full  # ~25 s: the scripts end to end; tests/cluster/test_pipeline.py covers what they drive

@@ -150,6 +150,42 @@ async def test_a_stage_that_goes_away_breaks_the_pipeline(tiny_oracle):
         await head_transport.close()
 
 
+async def test_a_stage_silent_past_a_fetch_bound_breaks_the_pipeline_quietly(tiny_oracle, monkeypatch):
+    """A stage whose store never answers its fetch: the head gives up at its bound and the pipeline
+    breaks (the stage's write could still land in blocks that go to another request); the report's
+    future is not left holding an exception no one retrieves (asyncio logs those when collected)."""
+    import token_service.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "FETCH_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(pipeline_module, "STAGE_MARGIN_S", 0.1)
+    head, (stage,), pipeline, broken, transports, setup = await linked(tiny_oracle.model)
+    silent = make_transport("tcp", "secret")
+    loop, futures = asyncio.get_running_loop(), []
+
+    def create_future():
+        futures.append(asyncio.Future(loop=loop))
+        return futures[-1]
+
+    async def never_answers(conn):
+        await asyncio.Event().wait()
+
+    try:
+        await pipeline.open(setup)
+        address = await silent.listen(never_answers, "127.0.0.1")
+        monkeypatch.setattr(loop, "create_future", create_future)
+        with pytest.raises(TransportError, match="fetch .*: not every stage reported in 0 s"):
+            await pipeline.fetch("r1", 1, [0, 1], 5, address)
+        monkeypatch.undo()
+        report = futures[0]  # the first future the fetch made: its reports' (then sockets' and tasks')
+        assert broken == [True] and not pipeline.reports
+        assert report.done() and not report._log_traceback  # nothing for asyncio to log
+    finally:
+        await pipeline.close()
+        await stage.close()
+        for t in [*transports, silent]:
+            await t.close()
+
+
 async def test_three_stages_swapping_compute_what_one_model_does(tiny_oracle, monkeypatch, redis_server):
     """--swap on every stage: each computes over a device of 12 blocks, the KV of record in its host
     pool. Two microbatches in flight; KV sent on for a new sequence right behind a step that is
