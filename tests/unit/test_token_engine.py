@@ -183,3 +183,44 @@ def test_swapping_microbatches_in_one_process_equal_generate(runner, tiny_oracle
     assert engine.swap.blocks_used == 0 and engine.blocks.num_used == 0
     assert OVERLAPPED._value.get() > overlapped  # steps in flight at once
     assert max(most) <= 6 and max(most) >= 4  # each within half the device, and filling it
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_restore_keeps_the_blocks_until_its_fetch_is_over(runner):
+    """The gateway gives up on a restore (its call cancelled, twice) and the request is aborted
+    meanwhile: the replica's fetch, still under way, writes into the reserved blocks until it ends,
+    so they go back to the pool only then (never to another request while it could still land)."""
+    from common.kv import make_transport
+    from common.kv.wire import stream_in, stream_out
+    from common.protocol import RestoreRequest
+
+    engine = engine_of(runner)
+    engine.transport = transport = make_transport("tcp", "secret")
+    n, gate, asked = 6, asyncio.Event(), asyncio.Event()
+    kv = torch.randn(runner.kv.layers, 2, n, runner.kv.kv_heads, runner.kv.head_dim)
+
+    async def slow_store(conn):  # a cache store that holds its answer until the test lets it go
+        header, _ = await stream_in(conn)
+        asked.set()
+        await gate.wait()
+        await stream_out(conn, kv, request_id=header.request_id, epoch=header.epoch, layer_start=0,
+                         layer_end=runner.kv.layers, token_start=0, token_end=n)
+
+    try:
+        address = await transport.listen(slow_store, "127.0.0.1")
+        engine.reserve(ReserveRequest(request_id="r", prompt_tokens=8, max_tokens=4))
+        held = engine.blocks.num_used
+        restore = asyncio.ensure_future(engine.restore(RestoreRequest(
+            request_id="r", epoch=1, prompt_ids=list(range(8)), replicated=n, store_id="s", store_kv_address=address)))
+        await asyncio.wait_for(asked.wait(), 10)
+        engine.abort("r")
+        for _ in range(2):
+            restore.cancel()
+            await asyncio.sleep(0.05)
+        assert not restore.done() and held > 0 and engine.blocks.num_used == held  # the fetch's to write still
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(restore, 10)
+        assert engine.blocks.num_used == 0 and engine.blocks.committed == 0 and "r" not in engine.scheduler.seqs
+    finally:
+        await transport.close()
