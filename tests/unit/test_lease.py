@@ -1,6 +1,7 @@
 """The registry lease across a Redis restart (a real redis-server, shut down without saving and
-started again on its port): the first renewal after the restart fails on a connection Redis has
-dropped, and the lease tries again at once instead of a whole --lease-renew-s later."""
+started again on its port): the first renewal after the restart usually fails on a connection Redis
+has dropped, and the lease tries again at once instead of a whole --lease-renew-s later: the
+service is listed again within 1.5 periods either way."""
 
 from __future__ import annotations
 
@@ -45,7 +46,9 @@ def test_a_lease_lists_its_service_again_soon_after_a_redis_restart(caplog):
             listed = asyncio.run(scenario())
     finally:
         servers[-1].stop()
-    assert listed == [info.id]
+    assert listed == [info.id]  # within 1.5 periods: a failed first renewal was retried, not left to the next
     messages = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith("lease renewal failed") for m in messages), messages  # the stale connection
-    assert "lease renewed after 1 failed tries" in messages, messages  # the retry, not the next period
+    # Most runs, the first renewal fails on the stale pooled connection; in some, redis-py sees the
+    # dropped socket at checkout and reconnects by itself (CI, Dec 4), and nothing fails to retry.
+    if any(m.startswith("lease renewal failed") for m in messages):
+        assert "lease renewed after 1 failed tries" in messages, messages  # the retry, not the next period
