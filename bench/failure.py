@@ -182,15 +182,21 @@ def latency_runs(args, ids: list[int], env: dict[str, str]) -> list[Run]:
 
 
 # --- decode throughput, replication on and off ---------------------------------------------------
-async def batch(url: str, bodies: list[dict]) -> int:
-    """Completion tokens of concurrent non-streaming requests."""
-    limits = httpx.Limits(max_connections=len(bodies) + 4)
+async def batch(url: str, bodies: list[dict], concurrency: int | None = None) -> int:
+    """Completion tokens of non-streaming requests: all at once by default; with `concurrency`, that
+    many clients in a closed loop, each sending the next body when its last one returned."""
+    queue = list(reversed(bodies))
+    clients = min(concurrency or len(bodies), len(bodies))
+    limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(900.0), limits=limits) as client:
-        async def one(body: dict) -> int:
-            resp = await client.post("/v1/completions", json=body)
-            resp.raise_for_status()
-            return resp.json()["usage"]["completion_tokens"]
-        return sum(await asyncio.gather(*(one(b) for b in bodies)))
+        async def worker() -> int:
+            tokens = 0
+            while queue:
+                resp = await client.post("/v1/completions", json=queue.pop())
+                resp.raise_for_status()
+                tokens += resp.json()["usage"]["completion_tokens"]
+            return tokens
+        return sum(await asyncio.gather(*(worker() for _ in range(clients))))
 
 
 def throughput_runs(args, prompts: list[list[int]], env: dict[str, str]) -> list[dict]:

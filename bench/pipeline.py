@@ -62,31 +62,11 @@ def busy_seconds(client: httpx.Client, cluster: Cluster) -> list[float]:
             + [metric(client, p.url, "dejavu_prompt_prefill_seconds_sum") for p in cluster.of("prompt")])
 
 
-async def closed_loop(url: str, bodies: list[dict], concurrency: int) -> int:
-    """Completion tokens of `bodies`, `concurrency` clients each sending its next one when the last
-    returned: prompts keep arriving while the others decode, the regime where the paper's pipeline
-    bubbles appear (one wave of prompts at the start would leave the decode steps prompt-free)."""
-    queue = list(reversed(bodies))
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(900.0), limits=limits) as client:
-        async def worker() -> int:
-            tokens = 0
-            while queue:
-                resp = await client.post("/v1/completions", json=queue.pop())
-                resp.raise_for_status()
-                tokens += resp.json()["usage"]["completion_tokens"]
-            return tokens
-        return sum(await asyncio.gather(*(worker() for _ in range(concurrency))))
-
-
 def measure(cluster: Cluster, bodies: list[dict], concurrency: int) -> dict:
     with httpx.Client(timeout=30) as client:
         before = busy_seconds(client, cluster)
         t0 = time.perf_counter()
-        if len(bodies) > concurrency:
-            tokens = asyncio.run(closed_loop(cluster.url, bodies, concurrency))
-        else:
-            tokens = asyncio.run(batch(cluster.url, bodies))
+        tokens = asyncio.run(batch(cluster.url, bodies, concurrency))  # a closed loop past `concurrency` bodies
         wall = time.perf_counter() - t0
         busy = [(b - a) / wall for a, b in zip(before, busy_seconds(client, cluster))]
     stages = len(cluster.of("stage")) + 1
