@@ -84,6 +84,7 @@ class Replicator:
         self.avoid: dict[str, float] = {}         # store id -> monotonic time until which it is avoided
         self.background: set[asyncio.Task] = set()
         self._stores: tuple[float, list[ServiceInfo]] = (float("-inf"), [])
+        self._refresh_failed = False
 
     async def resume_from(self, request_id: str, epoch: int, store_id: str, kv_address: str, n: int,
                           url: str = "") -> None:
@@ -195,7 +196,12 @@ class Replicator:
         try:
             self._stores = (time.monotonic(), await self.stores.services(ServiceKind.CACHE_STORE))
         except Exception as exc:  # noqa: BLE001 - Redis down: keep the stores known
-            log.debug("cache stores not refreshed: %s", exc)
+            # said once per outage: with no store known yet, nothing replicates until a refresh works
+            (log.debug if self._refresh_failed else log.warning)("cache stores not refreshed (%d known): %s",
+                                                                 len(self._stores[1]), exc)
+            self._refresh_failed = True
+        else:
+            self._refresh_failed = False
 
     def _store_for(self, rid: str) -> ServiceInfo | None:
         if rid in self.where:
