@@ -102,6 +102,10 @@ def supervise(task: asyncio.Task, what: str) -> asyncio.Task:
 
 
 RETRY_S = 0.05  # the first retry after a failed lease renewal; later ones back off to --lease-renew-s
+# at start, Redis gets this long to answer the first registration: one slow answer on a host busy
+# loading models (CI: a handshake timed out while ten processes loaded) or a Redis that comes up
+# after the service (compose) is not a reason to exit; a Redis that never answers still is
+START_WAIT_S = 20.0
 
 
 class Lease:
@@ -113,7 +117,22 @@ class Lease:
         self.last_ok = 0.0
 
     async def start(self) -> None:
-        await self.registry.renew(self.info(), self.settings.lease_ttl_s)  # fail at start if no Redis
+        deadline, delay, failures = time.monotonic() + START_WAIT_S, RETRY_S, 0
+        while True:
+            try:
+                await self.registry.renew(self.info(), self.settings.lease_ttl_s)
+                break
+            except (RedisError, OSError) as exc:
+                failures += 1
+                if time.monotonic() + delay > deadline:  # fail at start if Redis never answers
+                    log.error("Redis did not answer in %.0f s (%d tries): %s", START_WAIT_S, failures, exc)
+                    raise
+                if failures == 1:
+                    log.warning("registering in Redis failed (trying again for up to %.0f s): %s", START_WAIT_S, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        if failures:
+            log.info("registered in Redis after %d failed tries", failures)
         self.last_ok = time.monotonic()
         self.task = supervise(asyncio.create_task(self._loop()), "lease renewal")
 

@@ -9,6 +9,9 @@ import asyncio
 import logging
 import subprocess
 
+import pytest
+from redis.exceptions import RedisError
+
 from common.metadata import Registry, connect
 from common.protocol import ServiceInfo, ServiceKind
 from common.service import Lease
@@ -52,3 +55,53 @@ def test_a_lease_lists_its_service_again_soon_after_a_redis_restart(caplog):
     # dropped socket at checkout and reconnects by itself (CI, Dec 4), and nothing fails to retry.
     if any(m.startswith("lease renewal failed") for m in messages):
         assert "lease renewed after 1 failed tries" in messages, messages  # the retry, not the next period
+
+
+def test_a_service_starting_before_redis_registers_once_it_answers(caplog):
+    """`Lease.start` keeps trying for START_WAIT_S: a Redis that comes up a second after the
+    service (compose), or one slow answer on a busy host, is not a reason to exit."""
+    from dejavu.redis_server import free_port
+
+    port = free_port()
+    info = ServiceInfo(kind=ServiceKind.TOKEN, id="token-test-2", url="http://127.0.0.1:1", host="127.0.0.1", pid=1)
+    settings = ServiceSettings(redis_url=f"redis://127.0.0.1:{port}/0", lease_renew_s=2.0, lease_ttl_s=60.0)
+    servers = []
+
+    async def scenario() -> list[str]:
+        redis = connect(settings.redis_url, timeout_s=2.0)
+        lease = Lease(Registry(redis), lambda: info, settings)
+        loop = asyncio.get_running_loop()
+        loop.call_later(1.0, lambda: servers.append(RedisServer(port=port)))
+        await lease.start()
+        listed = [s.id for s in await Registry(redis).services()]
+        await lease.stop()
+        await redis.aclose()
+        return listed
+
+    try:
+        with caplog.at_level(logging.INFO, logger="common.service"):
+            listed = asyncio.run(scenario())
+    finally:
+        for server in servers:
+            server.stop()
+    assert listed == [info.id]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("registering in Redis failed") for m in messages), messages  # it did wait
+
+
+def test_a_redis_that_never_answers_stops_the_start(monkeypatch):
+    from dejavu.redis_server import free_port
+
+    monkeypatch.setattr("common.service.START_WAIT_S", 0.5)
+    info = ServiceInfo(kind=ServiceKind.TOKEN, id="token-test-3", url="http://127.0.0.1:1", host="127.0.0.1", pid=1)
+    settings = ServiceSettings(redis_url=f"redis://127.0.0.1:{free_port()}/0", lease_renew_s=2.0, lease_ttl_s=60.0)
+
+    async def scenario() -> None:
+        redis = connect(settings.redis_url, timeout_s=2.0)
+        try:
+            await Lease(Registry(redis), lambda: info, settings).start()
+        finally:
+            await redis.aclose()
+
+    with pytest.raises((RedisError, OSError)):
+        asyncio.run(scenario())
