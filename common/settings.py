@@ -258,6 +258,13 @@ class CacheStoreSettings(ServiceSettings):
         _check(self, self.replica_ttl_s > 0, "replica_ttl_s", "must be > 0")
 
 
+def kv_device_bytes_needed(max_model_len: int, block_size: int, block_bytes: int, swap: bool) -> int:
+    """The least --kv-device-bytes a token engine accepts: one sequence of --max-model-len in whole
+    blocks (of `block_bytes`: a block of the largest stage's layers), two with --swap (the step
+    computing and the next one each get half the device)."""
+    return -(-max_model_len // block_size) * (2 if swap else 1) * block_bytes
+
+
 def cache_dir() -> str:
     """Where converted models live: $DEJAVU_CACHE_DIR, else $XDG_CACHE_HOME/dejavu, else ~/.cache/dejavu."""
     return os.environ.get(env_name("cache_dir")) or os.path.join(

@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="decode steps in flight per token service (0: one per stage)")
     up.add_argument("--kv-device-bytes", type=int, default=0,
                     help="each token engine's device KV budget in bytes (a stage's: of the largest stage's layers): "
-                    "the KV pool's size, or with --swap the room of the steps being computed (0: none)")
+                    "the KV pool's size, or with --swap the room of the steps being computed (0: none). At least one "
+                    "sequence of --max-model-len, two with --swap; `dejavu up` says how much when it is short "
+                    "(SmolLM2 in float32 at --max-model-len 2048: 94371840, for one stage without --swap or for each of 2 "
+                    "stages with it)")
     up.add_argument("--swap", action="store_true",
                     help="microbatch KV swapping: the KV pool in host memory, only the microbatch computing and "
                     "the next one in --kv-device-bytes (needs it; not with --colocated)")
@@ -143,6 +146,28 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
+def _check_model_fits(args, parser, path) -> None:
+    """What the engines would refuse only after every process had loaded the model: more stages
+    than layers, a --kv-device-bytes that does not hold one sequence (two with --swap)."""
+    from common.model import context_length, kv_geometry
+    from common.settings import kv_device_bytes_needed
+
+    layers, layer_bytes, dtype = kv_geometry(path, args.dtype)
+    stages = [("--stages", args.stages)] + ([("--prompt-stages", args.prompt_stages)] if not args.colocated else [])
+    for flag, n in stages:
+        if n > layers:
+            parser.error(f"{flag} {n}: the model has {layers} layers, and each stage needs one at least")
+    if args.kv_device_bytes:
+        max_len = min(args.max_model_len, context_length(path))  # the engines cap it so too
+        block_bytes = layer_bytes * -(-layers // args.stages) * args.block_size  # the first stage has the most layers
+        need = kv_device_bytes_needed(max_len, args.block_size, block_bytes, args.swap)
+        if args.kv_device_bytes < need:
+            what = "two sequences (the step computing and the next one)" if args.swap else "one sequence"
+            parser.error(f"--kv-device-bytes {args.kv_device_bytes} does not hold {what} of --max-model-len {max_len} "
+                         f"for {layers if args.stages == 1 else f'the first stage of {args.stages}, its {-(-layers // args.stages)} of {layers}'} "
+                         f"layers in {dtype}: give at least {need} (or lower --max-model-len)")
+
+
 def cmd_up(args, parser) -> int:
     if args.colocated:
         args.prompt_services = 0
@@ -178,9 +203,10 @@ def cmd_up(args, parser) -> int:
     if args.port and not port_free(args.host, args.port):
         parser.error(f"port {args.port} on {args.host} is in use: stop what holds it, or pick another --port")
     try:
-        resolve_model_path(args.model)  # convert the bundled model once, with progress, before the services start
+        path = resolve_model_path(args.model)  # convert the bundled model once, with progress, before the services start
     except ModelNotFound as exc:
         parser.error(str(exc))
+    _check_model_fits(args, parser, path)
     from dejavu.cluster import Cluster, ClusterError
     from dejavu.redis_server import RedisNotInstalled
 
@@ -383,8 +409,11 @@ def cmd_status(args) -> int:
         return 0
     print(f"{'KIND':<12}{'ID':<36}{'URL':<28}{'PID':>8}{'ACTIVE':>8}{'KV USED':>12}{'KV FREE':>12}{'LEASE':>8}")
     for r in rows:
-        print(f"{r['kind']:<12}{r['id']:<36}{r['url']:<28}{r['pid']:>8}{r['active_requests']:>8}"
-              f"{r['kv_bytes_used'] / 2**20:>10.1f}Mi{r['kv_bytes_free'] / 2**20:>10.1f}Mi{r['lease_age_s']:>7.1f}s")
+        if r["kind"] == "stage":  # a pipeline's KV is counted on its head, over every stage's layers
+            kv = f"{'(head)':>12}{'(head)':>12}"
+        else:
+            kv = f"{r['kv_bytes_used'] / 2**20:>10.1f}Mi{r['kv_bytes_free'] / 2**20:>10.1f}Mi"
+        print(f"{r['kind']:<12}{r['id']:<36}{r['url']:<28}{r['pid']:>8}{r['active_requests']:>8}{kv}{r['lease_age_s']:>7.1f}s")
     return 0
 
 

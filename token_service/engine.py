@@ -40,7 +40,7 @@ from common.protocol import (DecodeEvent, DecodeRequest, PrefillRequest, Prefill
                              RestoreRequest, RestoreResult)
 from common.sampling import sample
 from common.service import request_id_var
-from common.settings import SettingsError, TokenSettings
+from common.settings import SettingsError, TokenSettings, kv_device_bytes_needed
 from engine.attention import slots_of
 from engine.block_manager import BlockManager
 from engine.runner import ModelRunner, stage_layers
@@ -87,8 +87,8 @@ def kv_room(settings: TokenSettings, runner: ModelRunner) -> tuple[int, int]:
     block_bytes = kv.bytes_per_token // kv.layers * len(stage_layers(kv.layers, settings.stages, 0)) * bs
     device = settings.kv_device_bytes // block_bytes
     room = (device // 2 if settings.swap else device) * bs
-    if room < settings.max_model_len:
-        need = -(-settings.max_model_len // bs) * (2 if settings.swap else 1) * block_bytes
+    if room < settings.max_model_len:  # `dejavu up` checks this before it starts anything, with the same sum
+        need = kv_device_bytes_needed(settings.max_model_len, bs, block_bytes, settings.swap)
         raise SettingsError(f"--kv-device-bytes {settings.kv_device_bytes}: {device} blocks of {bs} tokens "
                             f"({block_bytes} bytes each) hold {room} tokens{' per step (half the device)' if settings.swap else ''}, "
                             f"less than one sequence of --max-model-len {settings.max_model_len}: give at least {need}")

@@ -155,6 +155,11 @@ def wait_for_line(up: Up, text: str, timeout: float = 30) -> None:
     (["--max-model-len", "0"], "--max-model-len must be at least 16"),
     (["--block-size", "0"], "--block-size must be at least 1"),
     (["--port", "99999"], "--port must be in 0..65535"),
+    # read off the model's config, before any process loads it (the tiny model: 3 layers, 256 B of KV per token and layer)
+    (["--stages", "4"], "--stages 4: the model has 3 layers, and each stage needs one at least"),
+    (["--prompt-stages", "5"], "--prompt-stages 5: the model has 3 layers"),
+    (["--stages", "2", "--swap", "--kv-device-bytes", "1048575"], "give at least 1048576"),  # 2 x 64 blocks of 2 layers
+    (["--kv-device-bytes", "786431"], "does not hold one sequence of --max-model-len 1024 for 3 layers in float32"),
 ])
 def test_up_refuses_bad_options_before_starting_anything(tiny_model_path, args, message):
     proc = subprocess.run([sys.executable, "-m", "dejavu", "up", "--model", str(tiny_model_path), *args],

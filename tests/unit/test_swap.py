@@ -2,12 +2,13 @@
 device pool, the KV of record in the host pool, equal generate and a plain pool to the bit; the
 device's room is taken and given back in step order; what the budget flags mean."""
 
+import dataclasses
 import time
 
 import pytest
 import torch
 
-from common.settings import SettingsError, TokenSettings
+from common.settings import SettingsError, TokenSettings, kv_device_bytes_needed
 from engine.attention import Segment, slots_of
 from engine.runner import ModelRunner
 from engine.swap import SWAPPED_IN, SWAPPED_OUT, SwapPool
@@ -103,6 +104,13 @@ def test_budget_flags(tiny_oracle):
     assert kv_room(staged, runner)[1] == 10 * 3 // 2  # blocks of the largest stage: 2 of the 3 layers
     with pytest.raises(SettingsError, match="--kv-device-bytes.*--max-model-len 64: give at least"):
         kv_room(TokenSettings(max_model_len=64, kv_device_bytes=7 * block, swap=True), runner)
+    # what `dejavu up` asks for up front (dejavu/cli.py) is exactly enough, a byte less is not
+    for stages, first in ((1, 3), (2, 2)):
+        need = kv_device_bytes_needed(64, 16, block // 3 * first, swap=True)
+        fits = TokenSettings(max_model_len=64, stages=stages, pipeline="p", kv_device_bytes=need, swap=True)
+        assert kv_room(fits, runner)[1] == 2 * 4
+        with pytest.raises(SettingsError, match=f"give at least {need}"):
+            kv_room(dataclasses.replace(fits, kv_device_bytes=need - 1), runner)
     for bad, flag in [(dict(swap=True), "--swap"), (dict(kv_device_bytes=-1), "--kv-device-bytes"),
                       (dict(kv_device_bytes=1 << 20, kv_blocks=256), "--kv-device-bytes"),
                       (dict(kv_device_bytes=1 << 20, swap=True, colocated=True), "--swap")]:
