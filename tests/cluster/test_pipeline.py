@@ -21,6 +21,7 @@ import redis
 
 from dejavu.cluster import Cluster
 from tests.cluster.conftest import CLUSTER_ENV, metric
+from tests.cluster.test_cluster_view import dejavu_status
 from tests.cluster.test_colocated import complete_all
 from tests.cluster.test_failover import assert_no_kv_held_on, holds_kv, stream
 
@@ -107,6 +108,15 @@ def test_greedy_requests_through_the_pipeline_equal_hf(cluster, tiny_oracle):
         health = httpx.get(s.url + "/health", timeout=10).json()
         assert health["kind"] == "stage" and health["linked"] and health["stages"] == cluster.stages
     assert_nothing_held(cluster)
+    # `dejavu status`: a pipeline's KV on its head's row, over all its layers; its stages' rows point there
+    table = dejavu_status(cluster.redis_url).stdout.splitlines()[1:]
+    rows = {line.split()[1]: line.split() for line in table}
+    for head in heads:
+        assert all(v.endswith("Mi") and float(v[:-2]) >= 0 for v in rows[head["id"]][5:7]), rows[head["id"]]
+        assert float(rows[head["id"]][6][:-2]) > 0, rows[head["id"]]  # room for requests
+    stage_rows = [r for r in rows.values() if r[0] == "stage"]
+    assert len(stage_rows) == len(cluster.of("stage") + cluster.of("prompt_stage")), table
+    assert all(r[5:7] == ["(head)", "(head)"] for r in stage_rows), table
 
 
 def running_records(cluster) -> list[dict]:
