@@ -56,6 +56,14 @@ def test_malformed_json(url):
     assert "JSON" in resp.json()["error"]["message"]
 
 
+def test_json_sent_as_a_form_names_the_header(url):
+    """curl -d without -H sends application/x-www-form-urlencoded: the error says what to add."""
+    resp = httpx.post(url + "/v1/completions", content=b'{"prompt": "hi"}', timeout=30,
+                      headers={"content-type": "application/x-www-form-urlencoded"})
+    assert_openai_error(resp, 400, None)
+    assert "Content-Type: application/json" in resp.json()["error"]["message"]
+
+
 def test_oversized_body(url):
     resp = httpx.post(url + "/v1/completions", json={"prompt": "x" * (5 << 20)}, timeout=30)
     assert_openai_error(resp, 413, None)
@@ -65,6 +73,10 @@ def test_chat_bad_input(url):
     assert_openai_error(httpx.post(url + "/v1/chat/completions", json={"messages": []}, timeout=30), 400, "messages")
     assert_openai_error(httpx.post(url + "/v1/chat/completions", timeout=30,
                                    json={"messages": [{"role": "wizard", "content": "hi"}]}), 400, None)
+    for message in ({"role": "user", "content": None}, {"role": "system"}):
+        resp = httpx.post(url + "/v1/chat/completions", timeout=30, json={"messages": [message]})
+        assert_openai_error(resp, 400, "messages")
+        assert "messages[0]" in resp.json()["error"]["message"]
 
 
 def test_unknown_route_is_openai_404(url):
