@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -27,11 +28,22 @@ class RedisServer:
                                     "(or pass --redis-url to use a running Redis)")
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="dejavu-redis-")
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir, "--protected-mode", "yes", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # its log to a file, not a pipe no one reads (a full pipe would stall Redis); its own session,
+        # so that a Ctrl-C at `dejavu up` reaches only `dejavu up`, which stops Redis after the
+        # services (they deregister on the way out)
+        with open(os.path.join(self.dir, "redis.log"), "wb") as log:
+            self.proc = subprocess.Popen(
+                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", self.dir, "--protected-mode", "yes", "--loglevel", "warning"],
+                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
         self._wait_ready()
+
+    def _log_tail(self) -> str:
+        try:
+            with open(os.path.join(self.dir, "redis.log"), "rb") as f:
+                return f.read().decode(errors="replace")[-500:]
+        except OSError:
+            return ""
 
     @property
     def url(self) -> str:
@@ -41,7 +53,7 @@ class RedisServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited ({self.proc.returncode}): {self.proc.stderr.read().decode()[-500:]}")
+                raise RuntimeError(f"redis-server exited ({self.proc.returncode}): {self._log_tail()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                     s.sendall(b"PING\r\n")

@@ -56,7 +56,8 @@ async def _stage_lifespan(app: FastAPI, settings: ModelSettings):
     del model
     transport = transport_for(settings)
     num_blocks, device_blocks = kv_room(settings, runner)
-    if isinstance(settings, PromptSettings):
+    side = "prompt" if isinstance(settings, PromptSettings) else "token"
+    if side == "prompt":
         from prompt_service.pipeline import PromptStage
 
         stage = PromptStage(runner, settings.stage, settings.stages, model_id, transport, settings)
@@ -65,10 +66,11 @@ async def _stage_lifespan(app: FastAPI, settings: ModelSettings):
                       Peers(transport, fault_rate=settings.inject_kv_faults))
     app.state.stage = stage
     address = await listen_kv(transport, stage.handle, settings)
-    log.info("pipeline %s, stage %d of %d ready: layers [%d, %d)%s of model %s (%s), KV pool %d blocks x %d tokens "
-             "(%.0f MiB), on %s (%s)", settings.pipeline, settings.stage, settings.stages, layers.start, layers.stop,
-             " and the LM head" if runner.last else "", path, runner.dtype, stage.num_blocks, runner.block_size,
-             stage.pool.nbytes / 2**20, address, settings.kv_transport)
+    pool = (f"KV pool {stage.num_blocks} blocks x {runner.block_size} tokens ({stage.pool.nbytes / 2**20:.0f} MiB)"
+            if stage.num_blocks else "no KV pool: each layer's KV goes on to the token stage that holds the layer")
+    log.info("%s pipeline %s, stage %d of %d ready: layers [%d, %d)%s of model %s (%s), %s, on %s (%s)", side,
+             settings.pipeline, settings.stage, settings.stages, layers.start, layers.stop,
+             " and the LM head" if runner.last else "", path, runner.dtype, pool, address, settings.kv_transport)
     if stage.swap:
         log.info("--swap: KV pool in host memory, %d device blocks (%.0f MiB) for the step computing and the next",
                  stage.swap.device_blocks, stage.swap.device.nbytes / 2**20)
