@@ -18,8 +18,9 @@
 // panel groups x row chunks, group-major: a thread's items share weight panels. bfloat16 products
 // accumulate in float32 (VDPBF16PS), rounded to bfloat16 once at the end, as oneDNN does.
 //
-// Needs AVX-512 (and AVX512-BF16, without AMX, for bfloat16): LINEAR_DTYPES says which this build
-// runs; the engine keeps oneDNN's GEMM for the others (engine/model.py, Linear).
+// float32 needs AVX-512 or AVX2 with FMA (a tile of its own below); bfloat16 AVX512-BF16, without
+// AMX. LINEAR_DTYPES says which this build runs; the engine keeps oneDNN's GEMM for the others
+// (engine/model.py, Linear).
 #include <torch/extension.h>
 #include "parallel.h"
 #include "silu.h"
@@ -34,6 +35,8 @@ namespace {
 constexpr int64_t ROW_CHUNK = 64;  // rows of one work item: a prefill splits into chunks too
 
 #if defined(__AVX512F__)
+#define DEJAVU_LINEAR_F32 1
+constexpr int TM_F32 = 8;
 // float32: panel (K, 16); one FMA per weight vector and row.
 template <int TM, int PANELS>
 void tile_f32(const float* x, int64_t K, const float* w, const float* bias, float* y, int64_t ldy,
@@ -59,6 +62,47 @@ void tile_f32(const float* x, int64_t K, const float* w, const float* bias, floa
     const __mmask16 mask = N - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n)) - 1);
     const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
     for (int m = 0; m < TM; ++m) _mm512_mask_storeu_ps(y + m * ldy + n, mask, _mm512_add_ps(acc[p][m], b));
+  }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define DEJAVU_LINEAR_F32 1
+// AVX2 + FMA (no AVX-512: Zen 2/3, older Xeons): a panel's 16 columns are two 8-float vectors, the
+// packing and the work items as above. 6 rows: 12 accumulators, 2 weight vectors and the broadcast
+// row element take 15 of the 16 ymm registers (8 rows spilled). oneDNN's float32 GEMM on AVX2
+// streams the weights slower at decode's few rows (dejavu bench gemm, docs/BENCHMARKS.md §5).
+constexpr int TM_F32 = 6;
+template <int TM, int PANELS>
+void tile_f32(const float* x, int64_t K, const float* w, const float* bias, float* y, int64_t ldy,
+              int64_t n0, int64_t N) {
+  __m256 lo[PANELS][TM], hi[PANELS][TM];
+  for (int p = 0; p < PANELS; ++p)
+    for (int m = 0; m < TM; ++m) lo[p][m] = hi[p][m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 wl[PANELS], wh[PANELS];
+    for (int p = 0; p < PANELS; ++p) {
+      const float* wp = w + p * K * 16 + k * 16;
+      wl[p] = _mm256_loadu_ps(wp);
+      wh[p] = _mm256_loadu_ps(wp + 8);
+      _mm_prefetch(reinterpret_cast<const char*>(wp + 256), _MM_HINT_T0);  // 1 KiB ahead
+    }
+    for (int m = 0; m < TM; ++m) {
+      const __m256 xv = _mm256_broadcast_ss(x + m * K + k);
+      for (int p = 0; p < PANELS; ++p) {
+        lo[p][m] = _mm256_fmadd_ps(xv, wl[p], lo[p][m]);
+        hi[p][m] = _mm256_fmadd_ps(xv, wh[p], hi[p][m]);
+      }
+    }
+  }
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int p = 0; p < PANELS; ++p) {
+    for (int half = 0; half < 2; ++half) {
+      const int64_t n = n0 + 16 * p + 8 * half;
+      if (n >= N) break;
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(N - n, 8))), lane);
+      const __m256 b = bias ? _mm256_maskload_ps(bias + n, mask) : _mm256_setzero_ps();
+      for (int m = 0; m < TM; ++m)
+        _mm256_maskstore_ps(y + m * ldy + n, mask, _mm256_add_ps(half ? hi[p][m] : lo[p][m], b));
+    }
   }
 }
 #endif
@@ -242,12 +286,12 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch:
     return y;
 #endif
   }
-#ifdef __AVX512F__
-  run<float, PANELS_F32, 8>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(), panels, b, y.data_ptr<float>(), N,
-                            DEJAVU_ROWS(tile_f32, PANELS_F32));
+#ifdef DEJAVU_LINEAR_F32
+  run<float, PANELS_F32, TM_F32>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(), panels, b, y.data_ptr<float>(),
+                                 N, DEJAVU_ROWS(tile_f32, PANELS_F32));
   return y;
 #else
-  TORCH_CHECK(false, "linear: this build has no float32 kernel (no AVX-512)");
+  TORCH_CHECK(false, "linear: this build has no float32 kernel (no AVX-512, no AVX2 with FMA)");
   return y;
 #endif
 }
@@ -290,19 +334,19 @@ torch::Tensor linear_silu_mul(torch::Tensor x, torch::Tensor packed, c10::option
     return y;
 #endif
   }
-#ifdef __AVX512F__
-  run_gate_up<float, float, PANELS_F32, 8>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(), I, b, y.data_ptr<float>(),
-                                           DEJAVU_ROWS(tile_f32, PANELS_F32));
+#ifdef DEJAVU_LINEAR_F32
+  run_gate_up<float, float, PANELS_F32, TM_F32>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(), I, b,
+                                                y.data_ptr<float>(), DEJAVU_ROWS(tile_f32, PANELS_F32));
   return y;
 #else
-  TORCH_CHECK(false, "linear_silu_mul: this build has no float32 kernel (no AVX-512)");
+  TORCH_CHECK(false, "linear_silu_mul: this build has no float32 kernel (no AVX-512, no AVX2 with FMA)");
   return y;
 #endif
 }
 
 std::vector<std::string> linear_dtypes() {
   std::vector<std::string> out;
-#ifdef __AVX512F__
+#ifdef DEJAVU_LINEAR_F32
   out.push_back("float32");
 #endif
 #if defined(DEJAVU_LINEAR_BF16) && !defined(__AMX_BF16__)

@@ -104,9 +104,9 @@ linear_dtypes = [d for d in (torch.float32, torch.bfloat16)
                  if kernel is not None and str(d).removeprefix("torch.") in kernel.LINEAR_DTYPES]
 
 
-@pytest.mark.skipif(not linear_dtypes, reason="this CPU has no AVX-512: the engines keep oneDNN's GEMM")
+@pytest.mark.skipif(not linear_dtypes, reason="this CPU has neither AVX-512 nor AVX2 with FMA: the engines keep oneDNN's GEMM")
 @pytest.mark.parametrize("N, K", [(960, 576), (7, 6), (33, 18), (49, 1536)])  # panels cut short, odd N
-@pytest.mark.parametrize("M", [1, 5, 12, 13, 32, 33, 64, 65, 500])  # tiles of 12 and 8 rows, cut short; row chunks
+@pytest.mark.parametrize("M", [1, 5, 12, 13, 32, 33, 64, 65, 500])  # tiles of 12, 8 (6 on AVX2) rows, cut short; row chunks
 def test_linear_equals_a_float64_matmul(N, K, M):
     """engine/kernels/linear.cpp: x W^T + b against float64, with and without a bias, every column
     written (none of the zero padding of the last panels leaks into the output)."""
@@ -123,7 +123,7 @@ def test_linear_equals_a_float64_matmul(N, K, M):
         torch.testing.assert_close(kernel.linear(x, packed, b, N).double(), want + b.double(), **tol)
 
 
-@pytest.mark.skipif(not linear_dtypes, reason="this CPU has no AVX-512: the engines keep oneDNN's GEMM")
+@pytest.mark.skipif(not linear_dtypes, reason="this CPU has neither AVX-512 nor AVX2 with FMA: the engines keep oneDNN's GEMM")
 @pytest.mark.parametrize("I, K", [(1536, 576), (16, 6), (48, 18)])  # one gate/up pair; pairs over several groups
 @pytest.mark.parametrize("M", [1, 5, 12, 13, 33, 65, 500])
 def test_the_gate_up_gemm_with_its_activation_equals_the_two_calls_to_the_bit(I, K, M):
@@ -148,7 +148,7 @@ def test_the_gate_up_gemm_with_its_activation_equals_the_two_calls_to_the_bit(I,
         kernel.pack_gate_up(torch.randn(2 * I + 2, K))
 
 
-@pytest.mark.skipif(not linear_dtypes, reason="this CPU has no AVX-512")
+@pytest.mark.skipif(not linear_dtypes, reason="this CPU has neither AVX-512 nor AVX2 with FMA")
 def test_linear_refuses_a_weight_packed_for_another_shape():
     packed = kernel.pack_linear(torch.randn(64, 32))
     with pytest.raises(RuntimeError, match="packed by pack_linear"):
@@ -166,7 +166,7 @@ def test_linear_refuses_a_weight_packed_for_another_shape():
             kernel.pack_linear(torch.randn(64, 33).bfloat16())
 
 
-@pytest.mark.skipif(not linear_dtypes, reason="this CPU has no AVX-512")
+@pytest.mark.skipif(not linear_dtypes, reason="this CPU has neither AVX-512 nor AVX2 with FMA")
 @pytest.mark.parametrize("bias", [False, True])
 def test_model_linear_takes_our_gemm_where_the_kernel_runs_the_dtype(bias):
     """engine/model.py's Linear: our panels for a dtype the kernel lists, any leading dims and a
