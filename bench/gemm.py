@@ -41,7 +41,7 @@ def run(args) -> dict:
 
     kernel = paged_attention()
     if kernel is None or not kernel.LINEAR_DTYPES:
-        raise SystemExit("our GEMM is not built for this CPU (it needs AVX-512): nothing to compare")
+        raise SystemExit("our GEMM is not built for this CPU (it needs AVX-512, or AVX2 with FMA for float32): nothing to compare")
     shapes = layer_shapes(AutoConfig.from_pretrained(resolve_model_path(args.model, progress=log)))
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -140,12 +140,15 @@ def install_error_handlers(app: FastAPI, public: bool = False) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         message, param = _validation_message(exc)
-        if tuple(exc.errors()[0].get("loc", ())) == ("body",):  # not an object: say what an object needs
+        first = exc.errors()[0]
+        if tuple(first.get("loc", ())) == ("body",) and first.get("type") != "missing":  # not an object
+            # FastAPI parses a body as JSON only under a JSON content type; else it hands on the bytes
+            # (curl -d without -H sends application/x-www-form-urlencoded)
+            unparsed = isinstance(first.get("input"), (bytes, bytearray))
             sent = request.headers.get("content-type", "")
             message = "the body must be a JSON object" + (
-                "" if "json" in sent.lower() else
                 f", sent with 'Content-Type: application/json' (this request's: {sent or 'none'!r}; "
-                "curl -d needs -H 'Content-Type: application/json')")
+                "curl -d needs -H 'Content-Type: application/json')" if unparsed else "")
         return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
 
     @app.exception_handler(HTTPException)

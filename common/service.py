@@ -30,7 +30,7 @@ import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from starlette.exceptions import HTTPException
 
 from common.errors import PayloadTooLarge, error_body
@@ -122,6 +122,8 @@ class Lease:
             try:
                 await self.registry.renew(self.info(), self.settings.lease_ttl_s)
                 break
+            except (AuthenticationError, ResponseError):
+                raise  # Redis answered, and no: a wrong password or a refused command stays so
             except (RedisError, OSError) as exc:
                 failures += 1
                 if time.monotonic() + delay > deadline:  # fail at start if Redis never answers

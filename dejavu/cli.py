@@ -148,24 +148,32 @@ def port_free(host: str, port: int) -> bool:
 
 def _check_model_fits(args, parser, path) -> None:
     """What the engines would refuse only after every process had loaded the model: more stages
-    than layers, a --kv-device-bytes that does not hold one sequence (two with --swap)."""
+    than layers, a --kv-device-bytes that does not hold one sequence (two with --swap). Read off
+    the model's config; where it cannot be read here, the engines still check."""
+    prompt_stages = args.prompt_stages if not args.colocated else 1
+    if args.stages == 1 and prompt_stages == 1 and not args.kv_device_bytes:
+        return  # nothing to check (and no transformers to import into this long-lived process)
     from common.model import context_length, kv_geometry
     from common.settings import kv_device_bytes_needed
 
-    layers, layer_bytes, dtype = kv_geometry(path, args.dtype)
-    stages = [("--stages", args.stages)] + ([("--prompt-stages", args.prompt_stages)] if not args.colocated else [])
-    for flag, n in stages:
+    try:
+        layers, layer_bytes, dtype = kv_geometry(path, args.dtype)
+        max_len = min(args.max_model_len, context_length(path))  # the engines cap it so too
+    except Exception as exc:  # noqa: BLE001 - a config this check cannot read: the engines will say
+        print(f"[dejavu] could not check the model's layers and KV size ahead ({type(exc).__name__}: {exc}); "
+              "the services will", file=sys.stderr)
+        return
+    for flag, n in (("--stages", args.stages), ("--prompt-stages", prompt_stages)):
         if n > layers:
             parser.error(f"{flag} {n}: the model has {layers} layers, and each stage needs one at least")
-    if args.kv_device_bytes:
-        max_len = min(args.max_model_len, context_length(path))  # the engines cap it so too
-        block_bytes = layer_bytes * -(-layers // args.stages) * args.block_size  # the first stage has the most layers
-        need = kv_device_bytes_needed(max_len, args.block_size, block_bytes, args.swap)
+    if args.kv_device_bytes and layer_bytes:
+        first = -(-layers // args.stages)  # the first stage has the most layers (engine/runner.py, stage_layers)
+        need = kv_device_bytes_needed(max_len, args.block_size, layer_bytes * first * args.block_size, args.swap)
         if args.kv_device_bytes < need:
             what = "two sequences (the step computing and the next one)" if args.swap else "one sequence"
+            whose = f"{layers} layers" if args.stages == 1 else f"the first stage's {first} of {layers} layers"
             parser.error(f"--kv-device-bytes {args.kv_device_bytes} does not hold {what} of --max-model-len {max_len} "
-                         f"for {layers if args.stages == 1 else f'the first stage of {args.stages}, its {-(-layers // args.stages)} of {layers}'} "
-                         f"layers in {dtype}: give at least {need} (or lower --max-model-len)")
+                         f"for {whose} in {dtype}: give at least {need} (or lower --max-model-len)")
 
 
 def cmd_up(args, parser) -> int:
@@ -407,13 +415,14 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'KIND':<12}{'ID':<36}{'URL':<28}{'PID':>8}{'ACTIVE':>8}{'KV USED':>12}{'KV FREE':>12}{'LEASE':>8}")
+    # a space between columns: an id or URL longer than its column must not run into the next
+    print(f"{'KIND':<11} {'ID':<35} {'URL':<27} {'PID':>8}{'ACTIVE':>8}{'KV USED':>12}{'KV FREE':>12}{'LEASE':>8}")
     for r in rows:
         if r["kind"] == "stage":  # a pipeline's KV is counted on its head, over every stage's layers
             kv = f"{'(head)':>12}{'(head)':>12}"
         else:
             kv = f"{r['kv_bytes_used'] / 2**20:>10.1f}Mi{r['kv_bytes_free'] / 2**20:>10.1f}Mi"
-        print(f"{r['kind']:<12}{r['id']:<36}{r['url']:<28}{r['pid']:>8}{r['active_requests']:>8}{kv}{r['lease_age_s']:>7.1f}s")
+        print(f"{r['kind']:<11} {r['id']:<35} {r['url']:<27} {r['pid']:>8}{r['active_requests']:>8}{kv}{r['lease_age_s']:>7.1f}s")
     return 0
 
 

@@ -31,16 +31,17 @@ class RedisServer:
         # its log to a file, not a pipe no one reads (a full pipe would stall Redis); its own session,
         # so that a Ctrl-C at `dejavu up` reaches only `dejavu up`, which stops Redis after the
         # services (they deregister on the way out)
-        with open(os.path.join(self.dir, "redis.log"), "wb") as log:
+        self.log = os.path.join(self.dir, "redis.log")
+        with open(self.log, "wb") as log:  # its start-up errors (a config it refuses) come on stderr
             self.proc = subprocess.Popen(
                 [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--dir", self.dir, "--protected-mode", "yes", "--loglevel", "warning"],
+                 "--dir", self.dir, "--protected-mode", "yes", "--loglevel", "warning", "--logfile", self.log],
                 stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
         self._wait_ready()
 
     def _log_tail(self) -> str:
         try:
-            with open(os.path.join(self.dir, "redis.log"), "rb") as f:
+            with open(self.log, "rb") as f:
                 return f.read().decode(errors="replace")[-500:]
         except OSError:
             return ""
@@ -53,7 +54,9 @@ class RedisServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited ({self.proc.returncode}): {self._log_tail()}")
+                why = self._log_tail()
+                self.stop()  # its folder
+                raise RuntimeError(f"redis-server exited ({self.proc.returncode}): {why}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                     s.sendall(b"PING\r\n")
@@ -61,8 +64,9 @@ class RedisServer:
                         return
             except OSError:
                 time.sleep(0.05)
+        why = self._log_tail()
         self.stop()
-        raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout:.0f} s")
+        raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout:.0f} s: {why}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

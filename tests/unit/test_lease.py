@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import subprocess
+import time
 
 import pytest
 from redis.exceptions import RedisError
@@ -105,3 +106,27 @@ def test_a_redis_that_never_answers_stops_the_start(monkeypatch):
 
     with pytest.raises((RedisError, OSError)):
         asyncio.run(scenario())
+
+
+def test_a_redis_that_refuses_the_password_stops_the_start_at_once():
+    """Redis answered, and no: not something to wait out for START_WAIT_S."""
+    server = RedisServer()
+    subprocess.run(["redis-cli", "-p", str(server.port), "CONFIG", "SET", "requirepass", "right"], capture_output=True,
+                   timeout=10, check=True)
+    info = ServiceInfo(kind=ServiceKind.TOKEN, id="token-test-4", url="http://127.0.0.1:1", host="127.0.0.1", pid=1)
+    settings = ServiceSettings(redis_url=f"redis://:wrong@127.0.0.1:{server.port}/0", lease_renew_s=2.0, lease_ttl_s=60.0)
+
+    async def scenario() -> None:
+        redis = connect(settings.redis_url, timeout_s=2.0)
+        try:
+            await Lease(Registry(redis), lambda: info, settings).start()
+        finally:
+            await redis.aclose()
+
+    start = time.monotonic()
+    try:
+        with pytest.raises(RedisError):
+            asyncio.run(scenario())
+    finally:
+        server.stop()
+    assert time.monotonic() - start < 5  # not START_WAIT_S
