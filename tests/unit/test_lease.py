@@ -20,6 +20,17 @@ from common.settings import ServiceSettings
 from dejavu.redis_server import RedisServer
 
 
+def run_logged(scenario, servers: list, caplog) -> tuple:
+    """(what `scenario()` returned, common.service's log lines); every Redis of `servers` stopped."""
+    try:
+        with caplog.at_level(logging.INFO, logger="common.service"):
+            result = asyncio.run(scenario())
+    finally:
+        for server in servers:
+            server.stop()
+    return result, [r.getMessage() for r in caplog.records]
+
+
 def test_a_lease_lists_its_service_again_soon_after_a_redis_restart(caplog):
     servers = [RedisServer()]
     info = ServiceInfo(kind=ServiceKind.TOKEN, id="token-test-1", url="http://127.0.0.1:1", host="127.0.0.1", pid=1)
@@ -45,13 +56,8 @@ def test_a_lease_lists_its_service_again_soon_after_a_redis_restart(caplog):
         await redis.aclose()
         return listed
 
-    try:
-        with caplog.at_level(logging.INFO, logger="common.service"):
-            listed = asyncio.run(scenario())
-    finally:
-        servers[-1].stop()
+    listed, messages = run_logged(scenario, servers, caplog)
     assert listed == [info.id]  # within 1.5 periods: a failed first renewal was retried, not left to the next
-    messages = [r.getMessage() for r in caplog.records]
     # Most runs, the first renewal fails on the stale pooled connection; in some, redis-py sees the
     # dropped socket at checkout and reconnects by itself (CI, Dec 4), and nothing fails to retry.
     if any(m.startswith("lease renewal failed") for m in messages):
@@ -79,23 +85,15 @@ def test_a_service_starting_before_redis_registers_once_it_answers(caplog):
         await redis.aclose()
         return listed
 
-    try:
-        with caplog.at_level(logging.INFO, logger="common.service"):
-            listed = asyncio.run(scenario())
-    finally:
-        for server in servers:
-            server.stop()
+    listed, messages = run_logged(scenario, servers, caplog)
     assert listed == [info.id]
-    messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("registering in Redis failed") for m in messages), messages  # it did wait
 
 
-def test_a_redis_that_never_answers_stops_the_start(monkeypatch):
-    from dejavu.redis_server import free_port
-
-    monkeypatch.setattr("common.service.START_WAIT_S", 0.5)
-    info = ServiceInfo(kind=ServiceKind.TOKEN, id="token-test-3", url="http://127.0.0.1:1", host="127.0.0.1", pid=1)
-    settings = ServiceSettings(redis_url=f"redis://127.0.0.1:{free_port()}/0", lease_renew_s=2.0, lease_ttl_s=60.0)
+def start_a_lease(url: str, service_id: str) -> None:
+    """One Lease.start against `url`, in its own event loop; raises what the start raised."""
+    info = ServiceInfo(kind=ServiceKind.TOKEN, id=service_id, url="http://127.0.0.1:1", host="127.0.0.1", pid=1)
+    settings = ServiceSettings(redis_url=url, lease_renew_s=2.0, lease_ttl_s=60.0)
 
     async def scenario() -> None:
         redis = connect(settings.redis_url, timeout_s=2.0)
@@ -104,8 +102,15 @@ def test_a_redis_that_never_answers_stops_the_start(monkeypatch):
         finally:
             await redis.aclose()
 
+    asyncio.run(scenario())
+
+
+def test_a_redis_that_never_answers_stops_the_start(monkeypatch):
+    from dejavu.redis_server import free_port
+
+    monkeypatch.setattr("common.service.START_WAIT_S", 0.5)
     with pytest.raises((RedisError, OSError)):
-        asyncio.run(scenario())
+        start_a_lease(f"redis://127.0.0.1:{free_port()}/0", "token-test-3")
 
 
 def test_a_redis_that_refuses_the_password_stops_the_start_at_once():
@@ -113,20 +118,10 @@ def test_a_redis_that_refuses_the_password_stops_the_start_at_once():
     server = RedisServer()
     subprocess.run(["redis-cli", "-p", str(server.port), "CONFIG", "SET", "requirepass", "right"], capture_output=True,
                    timeout=10, check=True)
-    info = ServiceInfo(kind=ServiceKind.TOKEN, id="token-test-4", url="http://127.0.0.1:1", host="127.0.0.1", pid=1)
-    settings = ServiceSettings(redis_url=f"redis://:wrong@127.0.0.1:{server.port}/0", lease_renew_s=2.0, lease_ttl_s=60.0)
-
-    async def scenario() -> None:
-        redis = connect(settings.redis_url, timeout_s=2.0)
-        try:
-            await Lease(Registry(redis), lambda: info, settings).start()
-        finally:
-            await redis.aclose()
-
     start = time.monotonic()
     try:
         with pytest.raises(RedisError):
-            asyncio.run(scenario())
+            start_a_lease(f"redis://:wrong@127.0.0.1:{server.port}/0", "token-test-4")
     finally:
         server.stop()
     assert time.monotonic() - start < 5  # not START_WAIT_S
