@@ -58,15 +58,28 @@ class RedisServer:
                 self.stop()  # its folder
                 raise RuntimeError(f"redis-server exited ({self.proc.returncode}): {why}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
+                if self._answering_pid() == self.proc.pid:
+                    return
+                # another Redis answers on this port (ours will exit: the port is taken)
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
         why = self._log_tail()
         self.stop()
         raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout:.0f} s: {why}")
+
+    def _answering_pid(self) -> int:
+        """The pid of the Redis that answers on our port (its INFO server), not just any PONG."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock, sock.makefile("rb") as f:
+            sock.sendall(b"INFO server\r\n")
+            head = f.readline()
+            if not head.startswith(b"$"):
+                raise ValueError(f"not a Redis answer: {head[:40]!r}")
+            text = f.read(int(head[1:]))
+        for line in text.decode(errors="replace").splitlines():
+            if line.startswith("process_id:"):
+                return int(line.split(":", 1)[1])
+        raise ValueError("no process_id in INFO server")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
