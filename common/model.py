@@ -150,28 +150,6 @@ def context_length(path: Path) -> int:
     return 2048
 
 
-ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def kv_geometry(path: Path, dtype: str = "auto") -> tuple[int, int, str] | None:
-    """(decoder layers, KV bytes of one token in one layer, the dtype) of the model at `path` in `dtype`, from
-    its config alone: what `dejavu up` checks --stages and --kv-device-bytes against before it
-    starts any process. "auto" is resolved as load_model does (float32 on CPU; on CUDA the config's
-    dtype); None for the bytes' part when that cannot be told from the config (layers known)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path)
-    if dtype == "auto":
-        import torch
-
-        dtype = str(getattr(config, "dtype", None) or "").removeprefix("torch.") if torch.cuda.is_available() else "float32"
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    size = ITEMSIZE.get(dtype)  # none: a checkpoint whose dtype only its weights say
-    return config.num_hidden_layers, (2 * kv_heads * head_dim * size if size else 0), dtype
-
-
 def within_context(settings, path: Path):
     """`settings` with --max-model-len capped at the model's context, as the gateway caps it: past
     it a model has no positions to give, and a pool sized for it may not fit (16 sequences of

@@ -153,11 +153,20 @@ def _check_model_fits(args, parser, path) -> None:
     prompt_stages = args.prompt_stages if not args.colocated else 1
     if args.stages == 1 and prompt_stages == 1 and not args.kv_device_bytes:
         return  # nothing to check (and no transformers to import into this long-lived process)
-    from common.model import context_length, kv_geometry
+    import torch
+    from transformers import AutoConfig
+
+    from common.model import context_length
     from common.settings import kv_device_bytes_needed
+    from engine.runner import KVShape, stage_layers
 
     try:
-        layers, layer_bytes, dtype = kv_geometry(path, args.dtype)
+        config = AutoConfig.from_pretrained(path)
+        dtype = args.dtype
+        if dtype == "auto":  # as load_model resolves it; on CUDA a config without a dtype leaves it to the weights
+            dtype = str(getattr(config, "dtype", None) or "").removeprefix("torch.") if torch.cuda.is_available() else "float32"
+        kv = KVShape.of_config(config, getattr(torch, dtype)) if dtype else None
+        layers = config.num_hidden_layers
         max_len = min(args.max_model_len, context_length(path))  # the engines cap it so too
     except Exception as exc:  # noqa: BLE001 - a config this check cannot read: the engines will say
         print(f"[dejavu] could not check the model's layers and KV size ahead ({type(exc).__name__}: {exc}); "
@@ -166,11 +175,12 @@ def _check_model_fits(args, parser, path) -> None:
     for flag, n in (("--stages", args.stages), ("--prompt-stages", prompt_stages)):
         if n > layers:
             parser.error(f"{flag} {n}: the model has {layers} layers, and each stage needs one at least")
-    if args.kv_device_bytes and layer_bytes:
-        first = -(-layers // args.stages)  # the first stage has the most layers (engine/runner.py, stage_layers)
-        need = kv_device_bytes_needed(max_len, args.block_size, layer_bytes * first * args.block_size, args.swap)
+    if args.kv_device_bytes and kv is not None:
+        need = kv_device_bytes_needed(max_len, args.block_size, kv.stage_block_bytes(args.stages, args.block_size),
+                                      args.swap)  # as the engines' kv_room sums it
         if args.kv_device_bytes < need:
             what = "two sequences (the step computing and the next one)" if args.swap else "one sequence"
+            first = len(stage_layers(layers, args.stages, 0))  # the largest stage
             whose = f"{layers} layers" if args.stages == 1 else f"the first stage's {first} of {layers} layers"
             parser.error(f"--kv-device-bytes {args.kv_device_bytes} does not hold {what} of --max-model-len {max_len} "
                          f"for {whose} in {dtype}: give at least {need} (or lower --max-model-len)")

@@ -32,7 +32,7 @@ class RedisServer:
         # so that a Ctrl-C at `dejavu up` reaches only `dejavu up`, which stops Redis after the
         # services (they deregister on the way out)
         self.log = os.path.join(self.dir, "redis.log")
-        with open(self.log, "wb") as log:  # its start-up errors (a config it refuses) come on stderr
+        with open(self.log, "ab") as log:  # its start-up errors (a config it refuses) come on stderr; both append
             self.proc = subprocess.Popen(
                 [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                  "--dir", self.dir, "--protected-mode", "yes", "--loglevel", "warning", "--logfile", self.log],

@@ -52,14 +52,22 @@ class KVShape:
 
     @classmethod
     def of(cls, model) -> "KVShape":
-        c = model.config
+        return cls.of_config(model.config, model.dtype)
+
+    @classmethod
+    def of_config(cls, c, dtype: torch.dtype) -> "KVShape":
+        """From a Hugging Face config alone (`dejavu up` checks its flags with it, loading no weights)."""
         heads = c.num_attention_heads
         return cls(c.num_hidden_layers, getattr(c, "num_key_value_heads", None) or heads,
-                   getattr(c, "head_dim", None) or c.hidden_size // heads, model.dtype)
+                   getattr(c, "head_dim", None) or c.hidden_size // heads, dtype)
 
     @property
     def bytes_per_token(self) -> int:  # K and V, every layer
         return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype.itemsize
+
+    def stage_block_bytes(self, stages: int, block_size: int) -> int:
+        """A block of the largest stage's layers (the first's): what --kv-device-bytes counts."""
+        return self.bytes_per_token // self.layers * len(stage_layers(self.layers, stages, 0)) * block_size
 
 
 def stage_layers(num_layers: int, stages: int, stage: int) -> range:

@@ -43,7 +43,7 @@ from common.service import request_id_var
 from common.settings import SettingsError, TokenSettings, kv_device_bytes_needed
 from engine.attention import slots_of
 from engine.block_manager import BlockManager
-from engine.runner import ModelRunner, stage_layers
+from engine.runner import ModelRunner
 from engine.swap import SwapPool
 from token_service.pipeline import Pipeline, PipelineError
 from token_service.prefill import Chunk, PrefillJob, PrefillQueue
@@ -84,7 +84,7 @@ def kv_room(settings: TokenSettings, runner: ModelRunner) -> tuple[int, int]:
     if not settings.kv_device_bytes:
         return settings.num_blocks, 0
     kv, bs = runner.kv, runner.block_size
-    block_bytes = kv.bytes_per_token // kv.layers * len(stage_layers(kv.layers, settings.stages, 0)) * bs
+    block_bytes = kv.stage_block_bytes(settings.stages, bs)
     device = settings.kv_device_bytes // block_bytes
     room = (device // 2 if settings.swap else device) * bs
     if room < settings.max_model_len:  # `dejavu up` checks this before it starts anything, with the same sum
