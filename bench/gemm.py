@@ -1,15 +1,17 @@
-"""The linears of a decode step alone: our GEMM (engine/kernels/linear.cpp) against oneDNN's.
+"""The linears of a decode step alone: our GEMM (engine/kernels/linear.cpp) against oneDNN's (or
+F.linear where oneDNN does not run the dtype).
 
 Step by step:
 1. Take the shapes of one decoder layer of the model (--model's config; no weights are read):
    fused QKV, O, fused gate/up and down projections; random weights for --layers layers, so that
    a pass reads them from memory as a decode step does (SmolLM2: 30 layers, 424 MB in float32,
    212 MB in bf16).
-2. Pack every weight both ways: oneDNN's prepacked layout (what engine/model.py's Linear used
-   before) and our panels.
+2. Pack every weight both ways: our panels, and the baseline's: oneDNN's prepacked layout (what
+   engine/model.py's Linear takes without our GEMM), or the plain weight for F.linear where oneDNN
+   cannot run the dtype (bf16 on a CPU with neither AVX512-BF16 nor AVX-NE-CONVERT: Zen 2/3).
 3. For each dtype and each row count (--rows: decode batches, and a 500-token prefill), run all
    layers' linears through each GEMM, alternating, --repeats times; each time is the median of
-   --passes passes. Report median [min-max] ms per pass, the weights' GB/s, and oneDNN/ours.
+   --passes passes. Report median [min-max] ms per pass, the weights' GB/s, and baseline/ours.
 
 Nothing is asserted; figures depend on the machine (recorded in the JSON).
 """
@@ -41,7 +43,7 @@ def run(args) -> dict:
 
     kernel = paged_attention()
     if kernel is None or not kernel.LINEAR_DTYPES:
-        raise SystemExit("our GEMM is not built for this CPU (it needs AVX-512, or AVX2 with FMA for float32): nothing to compare")
+        raise SystemExit("our GEMM is not built for this CPU (it needs AVX-512, or AVX2 with FMA): nothing to compare")
     shapes = layer_shapes(AutoConfig.from_pretrained(resolve_model_path(args.model, progress=log)))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -53,13 +55,21 @@ def run(args) -> dict:
         dtype = getattr(torch, dtype_name)
         weights = [{n: torch.randn(s, dtype=torch.float32).to(dtype) * 0.02 for n, s in shapes.items()}
                    for _ in range(args.layers)]
-        onednn = [{n: torch.ops.mkldnn._reorder_linear_weight(w, 16) for n, w in layer.items()} for layer in weights]
         ours = [{n: kernel.pack_linear(w) for n, w in layer.items()} for layer in weights]
         nbytes = sum(o * i for o, i in shapes.values()) * args.layers * dtype.itemsize
-        gemms = {
-            "onednn": lambda x, n, layer: torch.ops.mkldnn._linear_pointwise(x, onednn[layer][n], None, "none", [], ""),
-            "ours": lambda x, n, layer: kernel.linear(x, ours[layer][n], None, shapes[n][0]),
-        }
+        # the baseline: what engine/model.py's Linear takes without our GEMM. oneDNN's prepacked
+        # weight where oneDNN runs the dtype; else F.linear (bf16 on a CPU with neither AVX512-BF16
+        # nor AVX-NE-CONVERT, where oneDNN cannot prepack bf16)
+        if dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            baseline_name = "oneDNN"
+            onednn = [{n: torch.ops.mkldnn._reorder_linear_weight(w, 16) for n, w in layer.items()} for layer in weights]
+            baseline = lambda x, n, layer: torch.ops.mkldnn._linear_pointwise(x, onednn[layer][n], None, "none", [], "")  # noqa: E731
+        else:
+            baseline_name = "F.linear"
+            baseline = lambda x, n, layer: torch.nn.functional.linear(x, weights[layer][n])  # noqa: E731
+        log(f"{dtype_name}: ours against {baseline_name}")
+        gemms = {"baseline": baseline,
+                 "ours": lambda x, n, layer: kernel.linear(x, ours[layer][n], None, shapes[n][0])}
         for rows in args.rows:
             xs = {n: torch.randn(rows, i).to(dtype) for n, (o, i) in shapes.items()}
 
@@ -77,21 +87,22 @@ def run(args) -> dict:
                 for name in list(gemms) if r % 2 == 0 else list(gemms)[::-1]:
                     ms[name].append(statistics.median(one_pass(gemms[name]) for _ in range(args.passes)) * 1e3)
             log(f"{dtype_name} {rows} rows: " + ", ".join(f"{n} {fmt(spread(v), 2)} ms" for n, v in ms.items()))
-            results.append({"dtype": dtype_name, "rows": rows, "weight_bytes": nbytes,
-                            "onednn_ms": spread(ms["onednn"]), "ours_ms": spread(ms["ours"]),
-                            "speedup": spread([d / o for o, d in zip(ms["ours"], ms["onednn"])])})
-        del weights, onednn, ours
+            results.append({"dtype": dtype_name, "rows": rows, "weight_bytes": nbytes, "baseline": baseline_name,
+                            "baseline_ms": spread(ms["baseline"]), "ours_ms": spread(ms["ours"]),
+                            "speedup": spread([d / o for o, d in zip(ms["ours"], ms["baseline"])])})
+        del weights, ours, gemms, baseline
     return {"shapes": shapes, "results": results}
 
 
 def report(out: dict, args) -> None:
     print(f"\nthe linears of {args.layers} layers {out['shapes']}, ms a pass (median [min-max] of {args.repeats} "
           f"repeats, each the median of {args.passes} passes)\n")
-    print(f"{'dtype':9} {'rows':>5}  {'oneDNN ms':>22}  {'ours ms':>22}  {'ours GB/s':>9}  {'oneDNN/ours':>18}")
+    print(f"{'dtype':9} {'rows':>5}  {'baseline':>8}  {'baseline ms':>22}  {'ours ms':>22}  {'ours GB/s':>9}  "
+          f"{'baseline/ours':>18}")
     for r in out["results"]:
         gbs = r["weight_bytes"] / r["ours_ms"]["median"] / 1e6
-        print(f"{r['dtype']:9} {r['rows']:>5}  {fmt(r['onednn_ms'], 2):>22}  {fmt(r['ours_ms'], 2):>22}  {gbs:>9.1f}  "
-              f"{fmt(r['speedup'], 2):>18}")
+        print(f"{r['dtype']:9} {r['rows']:>5}  {r['baseline']:>8}  {fmt(r['baseline_ms'], 2):>22}  "
+              f"{fmt(r['ours_ms'], 2):>22}  {gbs:>9.1f}  {fmt(r['speedup'], 2):>18}")
 
 
 def main(argv: list[str] | None = None) -> int:

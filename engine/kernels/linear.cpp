@@ -18,8 +18,9 @@
 // panel groups x row chunks, group-major: a thread's items share weight panels. bfloat16 products
 // accumulate in float32 (VDPBF16PS), rounded to bfloat16 once at the end, as oneDNN does.
 //
-// float32 needs AVX-512 or AVX2 with FMA (a tile of its own below); bfloat16 AVX512-BF16, without
-// AMX. LINEAR_DTYPES says which this build runs; the engine keeps oneDNN's GEMM for the others
+// float32 needs AVX-512 or AVX2 with FMA (a tile of its own below); bfloat16 AVX512-BF16 without
+// AMX, or AVX2 with FMA (a tile that widens the bf16 weights to float32 in registers).
+// LINEAR_DTYPES says which this build runs; the engine keeps oneDNN's GEMM for the others
 // (engine/model.py, Linear).
 #include <torch/extension.h>
 #include "parallel.h"
@@ -28,6 +29,7 @@
 #include <immintrin.h>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -142,13 +144,62 @@ void tile_bf16(const uint16_t* x, int64_t K, const uint16_t* w, const float* bia
     }
   }
 }
+constexpr int PANELS_BF16 = 2, TM_BF16 = 12, TM_BF16_PREFILL = 8;
+#elif defined(__AVX2__) && defined(__FMA__)
+#define DEJAVU_LINEAR_BF16 1
+#define DEJAVU_LINEAR_BF16_WIDENED 1
+// bfloat16 without AVX512-BF16 (Zen 2/3, older Xeons): the weights stay bf16 in memory, half the
+// bytes a decode step streams, and are widened in registers: a bf16 is the top half of a float32,
+// so the even k of a packed pair is the 32-bit lane shifted left by 16 and the odd k the lane with
+// its low half cleared, one instruction each per 8 columns. x is widened to float32 once per call
+// (linear, linear_silu_mul); products and sums are float32, the result rounded to bf16 once, to
+// nearest even, as oneDNN's and the AVX512-BF16 tile's. oneDNN's bf16 GEMM on such a CPU ran a
+// 16-row decode step at 3.5x the float32 one's time (dejavu bench step, docs/BENCHMARKS.md §5).
+// One panel (16 columns) x TM rows: 2 TM accumulators.
+constexpr int PANELS_BF16 = 1, TM_BF16 = 6, TM_BF16_PREFILL = 6;
+template <int TM, int PANELS>
+void tile_bf16(const float* x, int64_t K, const uint16_t* w, const float* bias, float* y, int64_t ldy,
+               int64_t n0, int64_t N) {
+  static_assert(PANELS == 1, "the widening tile takes one panel");
+  __m256 lo[TM], hi[TM];
+  for (int m = 0; m < TM; ++m) lo[m] = hi[m] = _mm256_setzero_ps();
+  const __m256i top = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const int64_t pairs = K / 2;
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    const uint16_t* wp = w + kp * 32;
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));       // columns 0-7, k pairs
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 16));  // columns 8-15
+    _mm_prefetch(reinterpret_cast<const char*>(wp + 512), _MM_HINT_T0);  // 1 KiB ahead
+    const __m256 el = _mm256_castsi256_ps(_mm256_slli_epi32(a, 16)), eh = _mm256_castsi256_ps(_mm256_slli_epi32(b, 16));
+    for (int m = 0; m < TM; ++m) {
+      const __m256 xv = _mm256_broadcast_ss(x + m * K + 2 * kp);
+      lo[m] = _mm256_fmadd_ps(xv, el, lo[m]);
+      hi[m] = _mm256_fmadd_ps(xv, eh, hi[m]);
+    }
+    const __m256 ol = _mm256_castsi256_ps(_mm256_and_si256(a, top)), oh = _mm256_castsi256_ps(_mm256_and_si256(b, top));
+    for (int m = 0; m < TM; ++m) {
+      const __m256 xv = _mm256_broadcast_ss(x + m * K + 2 * kp + 1);
+      lo[m] = _mm256_fmadd_ps(xv, ol, lo[m]);
+      hi[m] = _mm256_fmadd_ps(xv, oh, hi[m]);
+    }
+  }
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int half = 0; half < 2; ++half) {
+    const int64_t n = n0 + 8 * half;
+    if (n >= N) break;
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(N - n, 8))), lane);
+    const __m256 bv = bias ? _mm256_maskload_ps(bias + n, mask) : _mm256_setzero_ps();
+    for (int m = 0; m < TM; ++m) _mm256_maskstore_ps(y + m * ldy + n, mask, _mm256_add_ps(half ? hi[m] : lo[m], bv));
+  }
+}
 #endif
 
 // The tile shapes, measured on the 2-core Zen 4 VM (30 layers of SmolLM2's linears, 2 threads):
 // float32 one panel x 8 rows (two panels lose at 1 and 512 rows); bfloat16 two panels x 12 rows
 // up to 32 rows (at 16 rows 11.4 ms against 12.5 with one panel), x 8 beyond.
-template <typename T, int PANELS, int TM, typename Tile>
-void run(const T* x, int64_t M, int64_t K, const T* w, int64_t panels, const float* bias, T* y, int64_t N,
+// X, W, Y: the element types of x, the packed weight and y (bf16's widening tile: float, bf16, float).
+template <int PANELS, int TM, typename X, typename W, typename Y, typename Tile>
+void run(const X* x, int64_t M, int64_t K, const W* w, int64_t panels, const float* bias, Y* y, int64_t N,
          Tile tile) {
   static_assert(TM >= 1 && TM <= 12, "DEJAVU_ROWS instantiates tiles of 1-12 rows");
   const int64_t groups = (panels + PANELS - 1) / PANELS, chunks = (M + ROW_CHUNK - 1) / ROW_CHUNK;
@@ -157,7 +208,7 @@ void run(const T* x, int64_t M, int64_t K, const T* w, int64_t panels, const flo
   dejavu::parallel_for_dynamic(0, groups * chunks, take, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / chunks, c = item % chunks;
-      const T* wg = w + g * PANELS * K * 16;
+      const W* wg = w + g * PANELS * K * 16;
       for (int64_t m0 = c * ROW_CHUNK; m0 < std::min(M, (c + 1) * ROW_CHUNK); m0 += TM) {
         const int64_t rows = std::min<int64_t>(TM, std::min(M, (c + 1) * ROW_CHUNK) - m0);  // within the chunk
         tile(x + m0 * K, K, wg, bias, y + m0 * N, N, g * PANELS * 16, N, rows);
@@ -187,24 +238,28 @@ void run(const T* x, int64_t M, int64_t K, const T* w, int64_t panels, const flo
     }                                                                                                \
   }
 
-constexpr int PANELS_F32 = 1, PANELS_BF16 = 2;
+constexpr int PANELS_F32 = 1;
 
 // The gate/up projection with SiLU(gate) * up in its epilogue (linear_silu_mul): the weight packed
 // by pack_gate_up, gate panel j next to up panel j, so one work item computes 16 columns of each
 // for its rows into a scratch tile in L1, and writes 16 columns of the activation. The gate/up
 // output (M, 2I) is never written out and read back: at a 500-token prompt of SmolLM2 that was
 // 6 MB a layer and a separate pass (silu_and_mul), ~20 ms of a 650 ms float32 prefill.
-// `Act` is the element type the activation rounds through (float, or c10::BFloat16 for bf16).
-template <typename T, typename Act, int PANELS, int TM, typename Tile>
-void run_gate_up(const T* x, int64_t M, int64_t K, const T* w, int64_t I, const float* bias, T* y, Tile tile) {
+// `Act` is the element type the activation rounds through (float, or c10::BFloat16 for bf16); S the
+// tile's output (Act's bits, or float32 from the widening tile: then gate and up are rounded to Act
+// first, as linear rounds its output).
+template <typename Act, typename S, int PANELS, int TM, typename X, typename W, typename Y, typename Tile>
+void run_gate_up(const X* x, int64_t M, int64_t K, const W* w, int64_t I, const float* bias, Y* y, Tile tile) {
   static_assert(TM >= 1 && TM <= 12, "DEJAVU_ROWS instantiates tiles of 1-12 rows");
+  constexpr bool widened = std::is_same_v<S, float> && !std::is_same_v<Act, float>;
   const int64_t pairs = I / 16, chunks = (M + ROW_CHUNK - 1) / ROW_CHUNK;
   const int64_t take = std::max<int64_t>(1, pairs * chunks / (8 * at::get_num_threads()));
   dejavu::parallel_for_dynamic(0, pairs * chunks, take, [&](int64_t begin, int64_t end) {
-    alignas(64) T scratch[TM * 32];  // TM rows x [16 gate | 16 up]
+    alignas(64) S scratch[TM * 32];  // TM rows x [16 gate | 16 up]
+    [[maybe_unused]] Act rounded[32];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t j = item / chunks, c = item % chunks, stop = std::min(M, (c + 1) * ROW_CHUNK);
-      const T* wj = w + 2 * j * K * 16;  // gate panel j, then up panel j
+      const W* wj = w + 2 * j * K * 16;  // gate panel j, then up panel j
       const float* bj = bias ? bias + 32 * j : nullptr;
       for (int64_t m0 = c * ROW_CHUNK; m0 < stop; m0 += TM) {
         const int64_t rows = std::min<int64_t>(TM, stop - m0);
@@ -216,6 +271,10 @@ void run_gate_up(const T* x, int64_t M, int64_t K, const T* w, int64_t I, const 
         }
         for (int64_t m = 0; m < rows; ++m) {
           const Act* row = reinterpret_cast<const Act*>(scratch + m * 32);
+          if constexpr (widened) {
+            for (int e = 0; e < 32; ++e) rounded[e] = static_cast<Act>(scratch[m * 32 + e]);  // to nearest even
+            row = rounded;
+          }
           dejavu::silu_mul_span(row, row + 16, reinterpret_cast<Act*>(y + (m0 + m) * I + 16 * j), 16);
         }
       }
@@ -272,23 +331,29 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch:
   auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
   if (x.scalar_type() == torch::kBFloat16) {
-#ifdef DEJAVU_LINEAR_BF16
+#if defined(DEJAVU_LINEAR_BF16_WIDENED)
+    const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
+    auto xf = x.to(torch::kFloat), yf = torch::empty({M, N}, xf.options());
+    run<PANELS_BF16, TM_BF16>(xf.data_ptr<float>(), M, K, wp, panels, b, yf.data_ptr<float>(), N,
+                              DEJAVU_ROWS(tile_bf16, PANELS_BF16));
+    return yf.to(torch::kBFloat16);  // to nearest even
+#elif defined(DEJAVU_LINEAR_BF16)
     const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
     const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
     auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
     if (M <= 32)
-      run<uint16_t, PANELS_BF16, 12>(xp, M, K, wp, panels, b, yp, N, DEJAVU_ROWS(tile_bf16, PANELS_BF16));
+      run<PANELS_BF16, TM_BF16>(xp, M, K, wp, panels, b, yp, N, DEJAVU_ROWS(tile_bf16, PANELS_BF16));
     else
-      run<uint16_t, PANELS_BF16, 8>(xp, M, K, wp, panels, b, yp, N, DEJAVU_ROWS(tile_bf16, PANELS_BF16));
+      run<PANELS_BF16, TM_BF16_PREFILL>(xp, M, K, wp, panels, b, yp, N, DEJAVU_ROWS(tile_bf16, PANELS_BF16));
     return y;
 #else
-    TORCH_CHECK(false, "linear: this build has no bfloat16 kernel (no AVX512-BF16)");
+    TORCH_CHECK(false, "linear: this build has no bfloat16 kernel (no AVX512-BF16, no AVX2 with FMA)");
     return y;
 #endif
   }
 #ifdef DEJAVU_LINEAR_F32
-  run<float, PANELS_F32, TM_F32>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(), panels, b, y.data_ptr<float>(),
-                                 N, DEJAVU_ROWS(tile_f32, PANELS_F32));
+  run<PANELS_F32, TM_F32>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(), panels, b, y.data_ptr<float>(), N,
+                          DEJAVU_ROWS(tile_f32, PANELS_F32));
   return y;
 #else
   TORCH_CHECK(false, "linear: this build has no float32 kernel (no AVX-512, no AVX2 with FMA)");
@@ -319,18 +384,26 @@ torch::Tensor linear_silu_mul(torch::Tensor x, torch::Tensor packed, c10::option
   auto y = torch::empty({M, I}, x.options());
   if (M == 0) return y;
   if (bf16) {
-#ifdef DEJAVU_LINEAR_BF16
+#if defined(DEJAVU_LINEAR_BF16_WIDENED)
+    const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
+    auto xf = x.to(torch::kFloat);
+    auto* yp = reinterpret_cast<c10::BFloat16*>(y.data_ptr());
+    run_gate_up<c10::BFloat16, float, PANELS_BF16, TM_BF16>(xf.data_ptr<float>(), M, K, wp, I, b, yp,
+                                                             DEJAVU_ROWS(tile_bf16, PANELS_BF16));
+    return y;
+#elif defined(DEJAVU_LINEAR_BF16)
     const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
     const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
     auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
     static_assert(PANELS_BF16 == 2, "a gate/up pair is one bf16 panel group");
     if (M <= 32)
-      run_gate_up<uint16_t, c10::BFloat16, PANELS_BF16, 12>(xp, M, K, wp, I, b, yp, DEJAVU_ROWS(tile_bf16, PANELS_BF16));
+      run_gate_up<c10::BFloat16, uint16_t, PANELS_BF16, TM_BF16>(xp, M, K, wp, I, b, yp, DEJAVU_ROWS(tile_bf16, PANELS_BF16));
     else
-      run_gate_up<uint16_t, c10::BFloat16, PANELS_BF16, 8>(xp, M, K, wp, I, b, yp, DEJAVU_ROWS(tile_bf16, PANELS_BF16));
+      run_gate_up<c10::BFloat16, uint16_t, PANELS_BF16, TM_BF16_PREFILL>(xp, M, K, wp, I, b, yp,
+                                                                          DEJAVU_ROWS(tile_bf16, PANELS_BF16));
     return y;
 #else
-    TORCH_CHECK(false, "linear_silu_mul: this build has no bfloat16 kernel (no AVX512-BF16)");
+    TORCH_CHECK(false, "linear_silu_mul: this build has no bfloat16 kernel (no AVX512-BF16, no AVX2 with FMA)");
     return y;
 #endif
   }
