@@ -162,8 +162,7 @@ void tile_bf16(const float* x, int64_t K, const uint16_t* w, const float* bias, 
                int64_t n0, int64_t N) {
   static_assert(PANELS == 1, "the widening tile takes one panel");
   __m256 lo[TM], hi[TM];
-  for (int m = 0; m < TM; ++m) lo[m] = hi[m] = _mm256_setzero_ps();
-  const __m256i top = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  _Pragma("GCC unroll 16") for (int m = 0; m < TM; ++m) lo[m] = hi[m] = _mm256_setzero_ps();
   const int64_t pairs = K / 2;
   for (int64_t kp = 0; kp < pairs; ++kp) {
     const uint16_t* wp = w + kp * 32;
@@ -171,26 +170,30 @@ void tile_bf16(const float* x, int64_t K, const uint16_t* w, const float* bias, 
     const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 16));  // columns 8-15
     _mm_prefetch(reinterpret_cast<const char*>(wp + 512), _MM_HINT_T0);  // 1 KiB ahead
     const __m256 el = _mm256_castsi256_ps(_mm256_slli_epi32(a, 16)), eh = _mm256_castsi256_ps(_mm256_slli_epi32(b, 16));
-    for (int m = 0; m < TM; ++m) {
+    _Pragma("GCC unroll 16") for (int m = 0; m < TM; ++m) {
       const __m256 xv = _mm256_broadcast_ss(x + m * K + 2 * kp);
       lo[m] = _mm256_fmadd_ps(xv, el, lo[m]);
       hi[m] = _mm256_fmadd_ps(xv, eh, hi[m]);
     }
-    const __m256 ol = _mm256_castsi256_ps(_mm256_and_si256(a, top)), oh = _mm256_castsi256_ps(_mm256_and_si256(b, top));
-    for (int m = 0; m < TM; ++m) {
+    // the low halves cleared by two shifts, not a mask: a mask's register spills the accumulators
+    const __m256 ol = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(a, 16), 16));
+    const __m256 oh = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(b, 16), 16));
+    _Pragma("GCC unroll 16") for (int m = 0; m < TM; ++m) {
       const __m256 xv = _mm256_broadcast_ss(x + m * K + 2 * kp + 1);
       lo[m] = _mm256_fmadd_ps(xv, ol, lo[m]);
       hi[m] = _mm256_fmadd_ps(xv, oh, hi[m]);
     }
   }
+  // each half stored in a loop of its own: choosing lo or hi by a variable (as tile_f32 does) made
+  // GCC 12 keep the accumulators on the stack here, stored on every k (1.6-1.8x slower)
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int half = 0; half < 2; ++half) {
-    const int64_t n = n0 + 8 * half;
-    if (n >= N) break;
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(N - n, 8))), lane);
-    const __m256 bv = bias ? _mm256_maskload_ps(bias + n, mask) : _mm256_setzero_ps();
-    for (int m = 0; m < TM; ++m) _mm256_maskstore_ps(y + m * ldy + n, mask, _mm256_add_ps(half ? hi[m] : lo[m], bv));
-  }
+  const __m256i mask_lo = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(N - n0, 8))), lane);
+  const __m256 b_lo = bias ? _mm256_maskload_ps(bias + n0, mask_lo) : _mm256_setzero_ps();
+  _Pragma("GCC unroll 16") for (int m = 0; m < TM; ++m) _mm256_maskstore_ps(y + m * ldy + n0, mask_lo, _mm256_add_ps(lo[m], b_lo));
+  if (n0 + 8 >= N) return;
+  const __m256i mask_hi = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(N - n0 - 8, 8))), lane);
+  const __m256 b_hi = bias ? _mm256_maskload_ps(bias + n0 + 8, mask_hi) : _mm256_setzero_ps();
+  _Pragma("GCC unroll 16") for (int m = 0; m < TM; ++m) _mm256_maskstore_ps(y + m * ldy + n0 + 8, mask_hi, _mm256_add_ps(hi[m], b_hi));
 }
 #endif
 
@@ -256,7 +259,7 @@ void run_gate_up(const X* x, int64_t M, int64_t K, const W* w, int64_t I, const 
   const int64_t take = std::max<int64_t>(1, pairs * chunks / (8 * at::get_num_threads()));
   dejavu::parallel_for_dynamic(0, pairs * chunks, take, [&](int64_t begin, int64_t end) {
     alignas(64) S scratch[TM * 32];  // TM rows x [16 gate | 16 up]
-    [[maybe_unused]] Act rounded[32];
+    [[maybe_unused]] alignas(64) uint16_t rounded[32];  // a row's gate and up, rounded to Act (bf16)
     for (int64_t item = begin; item < end; ++item) {
       const int64_t j = item / chunks, c = item % chunks, stop = std::min(M, (c + 1) * ROW_CHUNK);
       const W* wj = w + 2 * j * K * 16;  // gate panel j, then up panel j
@@ -272,8 +275,10 @@ void run_gate_up(const X* x, int64_t M, int64_t K, const W* w, int64_t I, const 
         for (int64_t m = 0; m < rows; ++m) {
           const Act* row = reinterpret_cast<const Act*>(scratch + m * 32);
           if constexpr (widened) {
-            for (int e = 0; e < 32; ++e) rounded[e] = static_cast<Act>(scratch[m * 32 + e]);  // to nearest even
-            row = rounded;
+            static_assert(sizeof(Act) == 2, "a widening tile's activation is bf16");
+#pragma omp simd
+            for (int e = 0; e < 32; ++e) rounded[e] = dejavu::bf16_bits(scratch[m * 32 + e]);  // to nearest even
+            row = reinterpret_cast<const Act*>(rounded);
           }
           dejavu::silu_mul_span(row, row + 16, reinterpret_cast<Act*>(y + (m0 + m) * I + 16 * j), 16);
         }

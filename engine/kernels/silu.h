@@ -4,8 +4,18 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace dejavu {
+
+// The bits of the bf16 nearest to x (ties to even), as c10::BFloat16(x) rounds, a NaN to its NaN;
+// integer operations only, so a loop of them vectorizes (`#pragma omp simd`) where c10's does not.
+inline uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
 
 template <typename T>
 inline void silu_mul_span(const T* g, const T* u, T* o, int64_t n) {
