@@ -8,7 +8,7 @@ Step by step:
    212 MB in bf16).
 2. Pack every weight both ways: our panels, and the baseline's: oneDNN's prepacked layout (what
    engine/model.py's Linear takes without our GEMM), or the plain weight for F.linear where oneDNN
-   cannot run the dtype (bf16 on a CPU with neither AVX512-BF16 nor AVX-NE-CONVERT: Zen 2/3).
+   cannot run the dtype (bf16 on a CPU with neither AVX-512 BW/VL/DQ nor AVX-NE-CONVERT: Zen 2/3).
 3. For each dtype and each row count (--rows: decode batches, and a 500-token prefill), run all
    layers' linears through each GEMM, alternating, --repeats times; each time is the median of
    --passes passes. Report median [min-max] ms per pass, the weights' GB/s, and baseline/ours.
@@ -58,8 +58,9 @@ def run(args) -> dict:
         ours = [{n: kernel.pack_linear(w) for n, w in layer.items()} for layer in weights]
         nbytes = sum(o * i for o, i in shapes.values()) * args.layers * dtype.itemsize
         # the baseline: what engine/model.py's Linear takes without our GEMM. oneDNN's prepacked
-        # weight where oneDNN runs the dtype; else F.linear (bf16 on a CPU with neither AVX512-BF16
-        # nor AVX-NE-CONVERT, where oneDNN cannot prepack bf16)
+        # weight where oneDNN runs the dtype; else F.linear (bf16 where torch's oneDNN wants AVX-512
+        # BW/VL/DQ or AVX-NE-CONVERT and the CPU has neither: Zen 2/3, Haswell to Comet Lake)
+        onednn = None
         if dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported():
             baseline_name = "oneDNN"
             onednn = [{n: torch.ops.mkldnn._reorder_linear_weight(w, 16) for n, w in layer.items()} for layer in weights]
@@ -90,7 +91,7 @@ def run(args) -> dict:
             results.append({"dtype": dtype_name, "rows": rows, "weight_bytes": nbytes, "baseline": baseline_name,
                             "baseline_ms": spread(ms["baseline"]), "ours_ms": spread(ms["ours"]),
                             "speedup": spread([d / o for o, d in zip(ms["ours"], ms["baseline"])])})
-        del weights, ours, gemms, baseline
+        del weights, ours, gemms, baseline, onednn
     return {"shapes": shapes, "results": results}
 
 

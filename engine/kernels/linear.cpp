@@ -19,7 +19,8 @@
 // accumulate in float32 (VDPBF16PS), rounded to bfloat16 once at the end, as oneDNN does.
 //
 // float32 needs AVX-512 or AVX2 with FMA (a tile of its own below); bfloat16 AVX512-BF16 without
-// AMX, or AVX2 with FMA (a tile that widens the bf16 weights to float32 in registers).
+// AMX, or AVX2 with FMA and no AVX-512 (a tile that widens the bf16 weights to float32 in registers).
+// On AVX2 both dtypes take one panel x 6 rows in ymm registers.
 // LINEAR_DTYPES says which this build runs; the engine keeps oneDNN's GEMM for the others
 // (engine/model.py, Linear).
 #include <torch/extension.h>
@@ -145,17 +146,18 @@ void tile_bf16(const uint16_t* x, int64_t K, const uint16_t* w, const float* bia
   }
 }
 constexpr int PANELS_BF16 = 2, TM_BF16 = 12, TM_BF16_PREFILL = 8;
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
 #define DEJAVU_LINEAR_BF16 1
 #define DEJAVU_LINEAR_BF16_WIDENED 1
-// bfloat16 without AVX512-BF16 (Zen 2/3, older Xeons): the weights stay bf16 in memory, half the
+// bfloat16 on AVX2 + FMA without AVX-512 (Zen 2/3, Haswell to Comet Lake), where oneDNN cannot
+// prepack bf16 and the engine fell to F.linear: a 16-row decode step took 3.5x the float32 one's
+// time (dejavu bench step, docs/BENCHMARKS.md §5). (With AVX-512 but no AVX512-BF16, oneDNN runs
+// bf16 and keeps it: this tile is unmeasured there.) The weights stay bf16 in memory, half the
 // bytes a decode step streams, and are widened in registers: a bf16 is the top half of a float32,
 // so the even k of a packed pair is the 32-bit lane shifted left by 16 and the odd k the lane with
-// its low half cleared, one instruction each per 8 columns. x is widened to float32 once per call
-// (linear, linear_silu_mul); products and sums are float32, the result rounded to bf16 once, to
-// nearest even, as oneDNN's and the AVX512-BF16 tile's. oneDNN's bf16 GEMM on such a CPU ran a
-// 16-row decode step at 3.5x the float32 one's time (dejavu bench step, docs/BENCHMARKS.md §5).
-// One panel (16 columns) x TM rows: 2 TM accumulators.
+// its low half cleared (two shifts). x is widened to float32 once per call (linear,
+// linear_silu_mul); products and sums are float32, the result rounded to bf16 once, to nearest
+// even, as oneDNN's and the AVX512-BF16 tile's. One panel (16 columns) x 6 rows: 12 accumulators.
 constexpr int PANELS_BF16 = 1, TM_BF16 = 6, TM_BF16_PREFILL = 6;
 template <int TM, int PANELS>
 void tile_bf16(const float* x, int64_t K, const uint16_t* w, const float* bias, float* y, int64_t ldy,
@@ -195,6 +197,8 @@ void tile_bf16(const float* x, int64_t K, const uint16_t* w, const float* bias, 
   const __m256 b_hi = bias ? _mm256_maskload_ps(bias + n0 + 8, mask_hi) : _mm256_setzero_ps();
   _Pragma("GCC unroll 16") for (int m = 0; m < TM; ++m) _mm256_maskstore_ps(y + m * ldy + n0 + 8, mask_hi, _mm256_add_ps(hi[m], b_hi));
 }
+#else
+constexpr int PANELS_BF16 = 2;  // no bf16 tile in this build: pack_linear's layout, never read by ours
 #endif
 
 // The tile shapes, measured on the 2-core Zen 4 VM (30 layers of SmolLM2's linears, 2 threads):
@@ -333,8 +337,7 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch:
                                             panels % group == 0 && N <= panels * 16 && N > (panels - group) * 16,
                                             "linear", "pack_linear");
   const int64_t M = x.size(0), K = x.size(1);
-  auto y = torch::empty({M, N}, x.options());
-  if (M == 0) return y;
+  if (M == 0) return torch::empty({M, N}, x.options());
   if (x.scalar_type() == torch::kBFloat16) {
 #if defined(DEJAVU_LINEAR_BF16_WIDENED)
     const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
@@ -343,6 +346,7 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch:
                               DEJAVU_ROWS(tile_bf16, PANELS_BF16));
     return yf.to(torch::kBFloat16);  // to nearest even
 #elif defined(DEJAVU_LINEAR_BF16)
+    auto y = torch::empty({M, N}, x.options());
     const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
     const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
     auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
@@ -353,16 +357,17 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch:
     return y;
 #else
     TORCH_CHECK(false, "linear: this build has no bfloat16 kernel (no AVX512-BF16, no AVX2 with FMA)");
-    return y;
+    return {};
 #endif
   }
 #ifdef DEJAVU_LINEAR_F32
+  auto y = torch::empty({M, N}, x.options());
   run<PANELS_F32, TM_F32>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(), panels, b, y.data_ptr<float>(), N,
                           DEJAVU_ROWS(tile_f32, PANELS_F32));
   return y;
 #else
   TORCH_CHECK(false, "linear: this build has no float32 kernel (no AVX-512, no AVX2 with FMA)");
-  return y;
+  return {};
 #endif
 }
 
