@@ -11,7 +11,8 @@ Step by step:
      token service ran before its own engine.
    - with --compile, also ours through torch.compile (engine/compiled.py), its compile time too;
    - with --onednn, also ours with oneDNN's prepacked GEMM for the linears instead of our own
-     (engine/kernels/linear.cpp): the step before that kernel.
+     (engine/kernels/linear.cpp): the step before that kernel (for bf16 on AVX2 without AVX-512,
+     where oneDNN cannot prepack bf16, that is F.linear).
 3. Alternate ours and hf, --repeats times, each a median of --steps steps; report median [min-max]
    step time, tokens/s (B / step time), and ours/hf.
 4. A profiler table of our step at the largest batch: where the time goes.
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="also time the decode step through torch.compile")
     p.add_argument("--onednn", action="store_true",
-                   help="also time our step with oneDNN's GEMM for the linears (before engine/kernels/linear.cpp)")
+                   help="also time our step with oneDNN's GEMM for the linears (before engine/kernels/linear.cpp; F.linear for bf16 on a CPU where oneDNN cannot prepack it: AVX2 without AVX-512)")
     p.add_argument("--out", help="write the figures as JSON")
     args = p.parse_args(argv)
     if min(args.batches) < 1 or args.kv_len < 1 or args.repeats < 1 or args.steps < 1:
