@@ -344,25 +344,36 @@ def run_serve(model: str, out: Path, mode: str, engine_env: dict) -> str:
 
 # --- the run ------------------------------------------------------------------------------------
 
-def save_tiny_model(folder: Path) -> None:
-    """A 2-layer Llama with random weights (the cluster tests' model) and SmolLM2's tokenizer."""
+def save_tiny_model(folder: Path, like: str | None = None) -> None:
+    """A Llama with random weights (seeded) and SmolLM2's tokenizer: by default 2 layers of 64 (the
+    cluster tests' model, ~16 MB); with `like`, the architecture of that config.json (e.g. SmolLM2's,
+    135M parameters) so that a device's figures mean something. Tokenizer files already in `folder`
+    are kept: a device machine, which has no bundled model, is sent them alone (3.5 MB) and writes
+    the weights itself."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from common.model import resolve_model_path
-
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True,
-                         initializer_range=0.1)
+    folder.mkdir(parents=True, exist_ok=True)
+    if like:
+        config = LlamaConfig.from_pretrained(like)
+        config.max_position_embeddings = min(config.max_position_embeddings, 2048)
+    else:
+        config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                             bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True,
+                             initializer_range=0.1)
     torch.manual_seed(0)
     LlamaForCausalLM(config).eval().save_pretrained(folder)
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2).save_pretrained(folder)
-    bundled = resolve_model_path("smollm2")
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (bundled / name).exists():
-            shutil.copy(bundled / name, folder / name)
-    log(f"saved a tiny random Llama to {folder}: carry it, then --model {folder}")
+    if not (folder / "tokenizer.json").exists():
+        from common.model import resolve_model_path
+
+        bundled = resolve_model_path("smollm2")
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            if (bundled / name).exists():
+                shutil.copy(bundled / name, folder / name)
+    log(f"saved a random Llama ({config.num_hidden_layers} layers of {config.hidden_size}) to {folder}: "
+        f"--model {folder}")
 
 
 def parse_args(argv=None):
@@ -372,14 +383,17 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--kv-transport", default="ucx", choices=("ucx", "tcp"))
     p.add_argument("--out", default="gpu_check_out", help="summary.json, serve.json and serve.log go here")
-    p.add_argument("--save-tiny-model", metavar="DIR", help="only write a tiny random Llama to DIR, then exit")
+    p.add_argument("--save-tiny-model", metavar="DIR", help="only write a tiny random Llama to DIR, then exit "
+                   "(tokenizer files already in DIR are kept; else SmolLM2's are copied)")
+    p.add_argument("--like", metavar="CONFIG", help="with --save-tiny-model: the architecture of this config.json "
+                   "(or model folder) instead of 2 layers of 64")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.save_tiny_model:
-        save_tiny_model(Path(args.save_tiny_model))
+        save_tiny_model(Path(args.save_tiny_model), args.like)
         return 0
     start, out = time.monotonic(), Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -34,3 +34,25 @@ def test_the_gpu_check_passes_on_the_cpu(tiny_model_path, tmp_path):
     names = " | ".join(c["name"] for c in checks)
     for what in ("killed", "seeded", "replication", "bench.serve"):
         assert what in names, names
+
+
+def test_the_device_model_keeps_the_carried_tokenizer_and_takes_the_like_architecture(tiny_model_path, tmp_path):
+    """A device is sent the tokenizer alone (scripts/gpu_bundle.sh) and writes the weights itself
+    (scripts/gpu_device_run.sh): the tokenizer files there must be kept, not looked up in a bundled
+    model the device does not have, and --like must give that config's architecture."""
+    folder = tmp_path / "device-model"
+    folder.mkdir()
+    tokenizer = (tiny_model_path / "tokenizer.json").read_bytes()
+    (folder / "tokenizer.json").write_bytes(tokenizer)
+    like = json.loads((tiny_model_path / "config.json").read_text())
+    like.update(num_hidden_layers=5, hidden_size=96, max_position_embeddings=4096)
+    (tmp_path / "like.json").write_text(json.dumps(like))
+    (tmp_path / "a-file").write_text("")  # as the cache folder: a lookup of the bundled model would fail
+    env = {**os.environ, "DEJAVU_CACHE_DIR": str(tmp_path / "a-file")}
+    run = subprocess.run([str(ROOT / "scripts" / "gpu_check.sh"), "--save-tiny-model", str(folder),
+                          "--like", str(tmp_path / "like.json")], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert (folder / "tokenizer.json").read_bytes() == tokenizer
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["hidden_size"], config["max_position_embeddings"]) == (5, 96, 2048)
+    assert (folder / "model.safetensors").stat().st_size > 0

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One run on a lent CUDA machine (issue #9 item 7, issue #11's Figure 10), after scripts/gpu_bundle.sh
+# here and with carry [".whl", ".carry"]:
+#
+#   set -o pipefail; bash scripts/gpu_device_run.sh 2>&1 | tee $OUT/run.log
+#
+# It installs the carried wheels into /tmp/site, writes a random model of SmolLM2's architecture,
+# runs scripts/gpu_check.sh over UCX (over TCP where ucxx does not import), then `bench.swap` in
+# the time left. Results land in $OUT: ucx/ (or tcp/) summary.json, serve.json, serve.log; swap.json.
+#
+# Environment: BUDGET seconds in all (default 360; the H200 run of 2026-12-04 took 230 s for the
+# check, 145 s for bench.swap); SKIP_CHECK=1 runs bench.swap alone; LOCAL=1 ALLOW_CPU=1 LIKE=" "
+# tries the whole thing here, on a CPU, with the tiny 2-layer model.
+set -u
+budget=${BUDGET:-360}; end=$((SECONDS + budget)); out=${OUT:-/tmp/gpu_device_run}; mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py=python3; [ -x .venv/bin/python ] && py=.venv/bin/python
+log() { echo "[gpu_device_run $(date +%T) +${SECONDS}s] $*"; }
+if [ -z "${LOCAL:-}" ]; then
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
+  export PYTHONPATH=/tmp/site PATH=$PWD/.carry/bin:$PATH
+fi
+log "installed"
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv 2>&1 | tail -2
+$py -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+$py -c "import ucxx; print('ucxx', ucxx.__version__)" 2>&1 | tail -1
+model=/tmp/dejavu-model; rm -rf $model; mkdir -p $model; cp .carry/model/* $model/; xz -d $model/tokenizer.json.xz
+$py scripts/gpu_check.py --save-tiny-model $model ${LIKE:---like .carry/like/config.json} || exit 4
+log "model written"; extra=${ALLOW_CPU:+--allow-cpu}
+rc=0
+if [ -z "${SKIP_CHECK:-}" ]; then
+  timeout -s INT $((end - SECONDS - 5)) scripts/gpu_check.sh $extra --model $model --kv-transport ucx --out "$out/ucx"
+  rc=$?; log "gpu_check ucx: exit $rc"
+  if [ $rc = 2 ] && [ $((end - SECONDS)) -gt 120 ]; then  # 2: it cannot run (ucxx, say): the same over TCP
+    timeout -s INT $((end - SECONDS - 5)) scripts/gpu_check.sh $extra --model $model --kv-transport tcp --out "$out/tcp"
+    rc=$?; log "gpu_check tcp: exit $rc"
+  fi
+fi
+left=$((end - SECONDS - 5))
+if [ $left -gt 60 ]; then
+  log "bench.swap with ${left} s left"
+  timeout -s INT $left $py -m bench.swap --model $model --dtype bfloat16 --repeats 1 --kv-transport tcp \
+    --out "$out/swap.json"
+  log "bench.swap: exit $?"
+else
+  log "bench.swap not run: ${left} s left"
+fi
+exit $rc
