@@ -36,6 +36,7 @@ from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
 
 from common.kv.copy import gather
+from common.kv.fetch import ACK_TIMEOUT_S
 from common.kv.peers import KVRejected, Peers
 from common.kv.wire import FENCED
 from common.metadata import RecentServices, RequestStore
@@ -48,7 +49,6 @@ log = logging.getLogger(__name__)
 REPLICATED_BYTES = Counter("dejavu_token_replicated_bytes_total", "KV bytes acknowledged by cache stores")
 REPLICATION_LAG = Gauge("dejavu_token_replication_lag_tokens", "tokens with KV not yet acknowledged by a store, summed")
 RESTARTS = Counter("dejavu_token_replica_restarts_total", "replicas started over after a failed send")
-ACK_TIMEOUT_S = 30.0
 # a pipeline's later stages each send their layers with their own ACK_TIMEOUT_S, after their turn in
 # the chain and before telling Redis: the head waits this long for their reports, from its own send
 STAGES_TIMEOUT_S = 2 * ACK_TIMEOUT_S

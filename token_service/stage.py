@@ -28,7 +28,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import RedisError
 
 from common.kv.copy import gather, scatter
-from common.kv.fetch import FetchError, fetch_replica
+from common.kv.fetch import ACK_TIMEOUT_S, FetchError, fetch_replica
 from common.kv.peers import KVRejected, Peers
 from common.kv.receiver import kv_server
 from common.kv.transport import Connection, Transport, TransportError
@@ -38,7 +38,6 @@ from engine.attention import slots_of
 from engine.runner import ModelRunner
 from engine.swap import SwapPool
 from token_service.pipeline import SETUP_TIMEOUT_S, PipelineError, decode, encode, segments_of
-from token_service.replicator import ACK_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 

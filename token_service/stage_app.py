@@ -25,8 +25,8 @@ from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, Require
                             listen_kv, registered, supervise)
 from common.settings import ModelSettings, PromptSettings
 from engine.runner import ModelRunner, stage_layers, teams_on_engine_threads_only
-from token_service.engine import kv_room
 from token_service.pipeline import Pipeline, PipelineError, StageInfo
+from token_service.room import kv_room
 from token_service.stage import Stage
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 FETCH_TIMEOUT_S = 30.0  # connect + fetch + receive; the gateway's restore call outlasts it (gateway/recovery.py)
 STAGE_MARGIN_S = 10.0  # a token stage's fetch, on top: its turn in the pipeline and its report's way to the head
+ACK_TIMEOUT_S = 30.0  # a cache store's acknowledgement of a replica message (token_service/replicator.py, stage.py)
 
 
 class FetchError(Exception):

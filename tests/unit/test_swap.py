@@ -12,7 +12,7 @@ from common.settings import SettingsError, TokenSettings, kv_device_bytes_needed
 from engine.attention import Segment, slots_of
 from engine.runner import ModelRunner
 from engine.swap import SWAPPED_IN, SWAPPED_OUT, SwapPool
-from token_service.engine import kv_room
+from token_service.room import kv_room
 from token_service.scheduler import Scheduler
 from token_service.sequence import SeqStatus, Sequence
 

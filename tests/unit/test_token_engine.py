@@ -143,7 +143,8 @@ def test_swapping_microbatches_in_one_process_equal_generate(runner, tiny_oracle
     runs them all; every stream equals generate, and the device's room all comes back."""
     from common.protocol import DecodeRequest, SamplingParams
     from engine.attention import Segment
-    from token_service.engine import OVERLAPPED, kv_room
+    from token_service.engine import OVERLAPPED
+    from token_service.room import kv_room
 
     block = runner.kv.bytes_per_token * 4
     engine = engine_of(runner, max_seqs=8, max_model_len=24, swap=True, microbatches=3, kv_device_bytes=12 * block)
