@@ -21,7 +21,7 @@ FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # fast-math: vector
 
 
 SOURCES = ("paged_attention.cpp", "pointwise.cpp", "linear.cpp", "decode.cpp")
-HEADERS = ("parallel.h", "silu.h")  # not compiled on their own, but a change to one builds anew
+HEADERS = ("parallel.h", "silu.h", "linear_tiles.h")  # not compiled on their own, but a change to one builds anew
 
 
 @functools.cache

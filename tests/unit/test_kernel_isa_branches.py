@@ -1,9 +1,9 @@
-"""engine/kernels/linear.cpp compiles for CPUs other than this one. The build is -march=native, so
-a machine only ever compiles its own CPU's branch of the file's #if ladder (AVX-512 + AVX512-BF16,
-AVX-512, AVX2 + FMA, none); a branch broken for another CPU fails every kernel there (they are one
-module), and the engines lose attention and the decode step as well as the GEMM. This compiles the
-file (syntax and template instantiation, no code generated) for a CPU without AVX2 and one with
-AVX512-BF16: with this machine's own build, every branch of the ladder once.
+"""engine/kernels/linear.cpp, with its tiles (linear_tiles.h), compiles for CPUs other than this one.
+The build is -march=native, so a machine only ever compiles its own CPU's branch of the tiles' #if
+ladder (AVX-512 + AVX512-BF16, AVX-512, AVX2 + FMA, none); a branch broken for another CPU fails
+every kernel there (they are one module), and the engines lose attention and the decode step as
+well as the GEMM. This compiles the file (syntax and template instantiation, no code generated) for
+a CPU without AVX2 and one with AVX512-BF16: with this machine's own build, every branch once.
 """
 
 import shutil

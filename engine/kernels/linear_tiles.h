@@ -1,0 +1,188 @@
+// The microkernels of linear.cpp, one per instruction set: tile_f32 and tile_bf16 compute up to TM
+// rows x PANELS panels of 16 columns of y = x W^T + b, their accumulators in registers over the whole
+// of K (linear.cpp's header says how the weights are packed and the work split).
+//
+// Which tiles a build has follows the CPU it is compiled for (-march=native), and says so in macros:
+//   DEJAVU_LINEAR_F32           float32: AVX-512, or AVX2 + FMA
+//   DEJAVU_LINEAR_BF16          bfloat16: AVX512-BF16 (VDPBF16PS), or AVX2 + FMA without AVX-512
+//   DEJAVU_LINEAR_BF16_WIDENED  the latter: bf16 weights widened to float32 in registers; x and y
+//                               float32 (linear.cpp widens x and rounds y around it)
+// with the tile shapes each takes (TM_*, PANELS_*). tests/unit/test_kernel_isa_branches.py compiles
+// every branch of this ladder.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace dejavu::tiles {
+
+constexpr int PANELS_F32 = 1;
+
+#if defined(__AVX512F__)
+#define DEJAVU_LINEAR_F32 1
+constexpr int TM_F32 = 8;
+// float32: panel (K, 16); one FMA per weight vector and row.
+template <int TM, int PANELS>
+void tile_f32(const float* x, int64_t K, const float* w, const float* bias, float* y, int64_t ldy,
+              int64_t n0, int64_t N) {
+  __m512 acc[PANELS][TM];
+  for (int p = 0; p < PANELS; ++p)
+    for (int m = 0; m < TM; ++m) acc[p][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 wv[PANELS];
+    for (int p = 0; p < PANELS; ++p) {
+      const float* wp = w + p * K * 16 + k * 16;
+      wv[p] = _mm512_loadu_ps(wp);
+      _mm_prefetch(reinterpret_cast<const char*>(wp + 256), _MM_HINT_T0);  // 1 KiB ahead
+    }
+    for (int m = 0; m < TM; ++m) {
+      const __m512 xv = _mm512_set1_ps(x[m * K + k]);
+      for (int p = 0; p < PANELS; ++p) acc[p][m] = _mm512_fmadd_ps(xv, wv[p], acc[p][m]);
+    }
+  }
+  for (int p = 0; p < PANELS; ++p) {
+    const int64_t n = n0 + 16 * p;
+    if (n >= N) break;
+    const __mmask16 mask = N - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n)) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
+    for (int m = 0; m < TM; ++m) _mm512_mask_storeu_ps(y + m * ldy + n, mask, _mm512_add_ps(acc[p][m], b));
+  }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define DEJAVU_LINEAR_F32 1
+// AVX2 + FMA (no AVX-512: Zen 2/3, older Xeons): a panel's 16 columns are two 8-float vectors, the
+// packing and the work items as above. 6 rows: 12 accumulators, 2 weight vectors and the broadcast
+// row element take 15 of the 16 ymm registers (8 rows spilled). oneDNN's float32 GEMM on AVX2
+// streams the weights slower at decode's few rows (dejavu bench gemm, docs/BENCHMARKS.md §5).
+constexpr int TM_F32 = 6;
+template <int TM, int PANELS>
+void tile_f32(const float* x, int64_t K, const float* w, const float* bias, float* y, int64_t ldy,
+              int64_t n0, int64_t N) {
+  __m256 lo[PANELS][TM], hi[PANELS][TM];
+  for (int p = 0; p < PANELS; ++p)
+    for (int m = 0; m < TM; ++m) lo[p][m] = hi[p][m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 wl[PANELS], wh[PANELS];
+    for (int p = 0; p < PANELS; ++p) {
+      const float* wp = w + p * K * 16 + k * 16;
+      wl[p] = _mm256_loadu_ps(wp);
+      wh[p] = _mm256_loadu_ps(wp + 8);
+      _mm_prefetch(reinterpret_cast<const char*>(wp + 256), _MM_HINT_T0);  // 1 KiB ahead
+    }
+    for (int m = 0; m < TM; ++m) {
+      const __m256 xv = _mm256_broadcast_ss(x + m * K + k);
+      for (int p = 0; p < PANELS; ++p) {
+        lo[p][m] = _mm256_fmadd_ps(xv, wl[p], lo[p][m]);
+        hi[p][m] = _mm256_fmadd_ps(xv, wh[p], hi[p][m]);
+      }
+    }
+  }
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int p = 0; p < PANELS; ++p) {
+    for (int half = 0; half < 2; ++half) {
+      const int64_t n = n0 + 16 * p + 8 * half;
+      if (n >= N) break;
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(N - n, 8))), lane);
+      const __m256 b = bias ? _mm256_maskload_ps(bias + n, mask) : _mm256_setzero_ps();
+      for (int m = 0; m < TM; ++m)
+        _mm256_maskstore_ps(y + m * ldy + n, mask, _mm256_add_ps(half ? hi[p][m] : lo[p][m], b));
+    }
+  }
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define DEJAVU_LINEAR_BF16 1
+// bfloat16: panel (K/2, 16, 2); one VDPBF16PS (two products a lane) per weight vector and row.
+template <int TM, int PANELS>
+void tile_bf16(const uint16_t* x, int64_t K, const uint16_t* w, const float* bias, uint16_t* y, int64_t ldy,
+               int64_t n0, int64_t N) {
+  __m512 acc[PANELS][TM];
+  for (int p = 0; p < PANELS; ++p)
+    for (int m = 0; m < TM; ++m) acc[p][m] = _mm512_setzero_ps();
+  const int64_t pairs = K / 2;
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    __m512bh wv[PANELS];
+    for (int p = 0; p < PANELS; ++p) {
+      const uint16_t* wp = w + p * K * 16 + kp * 32;
+      wv[p] = (__m512bh)_mm512_loadu_si512(wp);
+      _mm_prefetch(reinterpret_cast<const char*>(wp + 512), _MM_HINT_T0);  // 1 KiB ahead
+    }
+    for (int m = 0; m < TM; ++m) {
+      int32_t pair;
+      std::memcpy(&pair, x + m * K + 2 * kp, sizeof pair);
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+      for (int p = 0; p < PANELS; ++p) acc[p][m] = _mm512_dpbf16_ps(acc[p][m], xv, wv[p]);
+    }
+  }
+  for (int p = 0; p < PANELS; ++p) {
+    const int64_t n = n0 + 16 * p;
+    if (n >= N) break;
+    const __mmask16 mask = N - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n)) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
+    for (int m = 0; m < TM; ++m) {
+      const __m256bh out = _mm512_cvtneps_pbh(_mm512_add_ps(acc[p][m], b));  // round to nearest even
+      _mm256_mask_storeu_epi16(y + m * ldy + n, mask, (__m256i)out);
+    }
+  }
+}
+constexpr int PANELS_BF16 = 2, TM_BF16 = 12, TM_BF16_PREFILL = 8;
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define DEJAVU_LINEAR_BF16 1
+#define DEJAVU_LINEAR_BF16_WIDENED 1
+// bfloat16 on AVX2 + FMA without AVX-512 (Zen 2/3, Haswell to Comet Lake), where oneDNN cannot
+// prepack bf16 and the engine fell to F.linear: a 16-row decode step took 3.5x the float32 one's
+// time (dejavu bench step, docs/BENCHMARKS.md §5). (With AVX-512 but no AVX512-BF16, oneDNN runs
+// bf16 and keeps it: this tile is unmeasured there.) The weights stay bf16 in memory, half the
+// bytes a decode step streams, and are widened in registers: a bf16 is the top half of a float32,
+// so the even k of a packed pair is the 32-bit lane shifted left by 16 and the odd k the lane with
+// its low half cleared (two shifts). x is widened to float32 once per call (linear,
+// linear_silu_mul); products and sums are float32, the result rounded to bf16 once, to nearest
+// even, as oneDNN's and the AVX512-BF16 tile's. One panel (16 columns) x 6 rows: 12 accumulators.
+constexpr int PANELS_BF16 = 1, TM_BF16 = 6, TM_BF16_PREFILL = 6;
+template <int TM, int PANELS>
+void tile_bf16(const float* x, int64_t K, const uint16_t* w, const float* bias, float* y, int64_t ldy,
+               int64_t n0, int64_t N) {
+  static_assert(PANELS == 1, "the widening tile takes one panel");
+  __m256 lo[TM], hi[TM];
+  _Pragma("GCC unroll 16") for (int m = 0; m < TM; ++m) lo[m] = hi[m] = _mm256_setzero_ps();
+  const int64_t pairs = K / 2;
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    const uint16_t* wp = w + kp * 32;
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));       // columns 0-7, k pairs
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 16));  // columns 8-15
+    _mm_prefetch(reinterpret_cast<const char*>(wp + 512), _MM_HINT_T0);  // 1 KiB ahead
+    const __m256 el = _mm256_castsi256_ps(_mm256_slli_epi32(a, 16)), eh = _mm256_castsi256_ps(_mm256_slli_epi32(b, 16));
+    _Pragma("GCC unroll 16") for (int m = 0; m < TM; ++m) {
+      const __m256 xv = _mm256_broadcast_ss(x + m * K + 2 * kp);
+      lo[m] = _mm256_fmadd_ps(xv, el, lo[m]);
+      hi[m] = _mm256_fmadd_ps(xv, eh, hi[m]);
+    }
+    // the low halves cleared by two shifts, not a mask: a mask's register spills the accumulators
+    const __m256 ol = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(a, 16), 16));
+    const __m256 oh = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(b, 16), 16));
+    _Pragma("GCC unroll 16") for (int m = 0; m < TM; ++m) {
+      const __m256 xv = _mm256_broadcast_ss(x + m * K + 2 * kp + 1);
+      lo[m] = _mm256_fmadd_ps(xv, ol, lo[m]);
+      hi[m] = _mm256_fmadd_ps(xv, oh, hi[m]);
+    }
+  }
+  // each half stored in a loop of its own: choosing lo or hi by a variable (as tile_f32 does) made
+  // GCC 12 keep the accumulators on the stack here, stored on every k (1.6-1.8x slower)
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i mask_lo = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(N - n0, 8))), lane);
+  const __m256 b_lo = bias ? _mm256_maskload_ps(bias + n0, mask_lo) : _mm256_setzero_ps();
+  _Pragma("GCC unroll 16") for (int m = 0; m < TM; ++m) _mm256_maskstore_ps(y + m * ldy + n0, mask_lo, _mm256_add_ps(lo[m], b_lo));
+  if (n0 + 8 >= N) return;
+  const __m256i mask_hi = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(N - n0 - 8, 8))), lane);
+  const __m256 b_hi = bias ? _mm256_maskload_ps(bias + n0 + 8, mask_hi) : _mm256_setzero_ps();
+  _Pragma("GCC unroll 16") for (int m = 0; m < TM; ++m) _mm256_maskstore_ps(y + m * ldy + n0 + 8, mask_hi, _mm256_add_ps(hi[m], b_hi));
+}
+#else
+constexpr int PANELS_BF16 = 2;  // no bf16 tile in this build: pack_linear's layout, never read by ours
+#endif
+
+}  // namespace dejavu::tiles
