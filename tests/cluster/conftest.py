@@ -39,3 +39,35 @@ def metric(url: str, name: str) -> float:
     if match is None:
         raise AssertionError(f"metric {name} not found at {url}/metrics")
     return float(match.group(1))
+
+
+# Variants the default run (CI) leaves to the full one (`pytest -m 'full or not full'`), to keep CI
+# within ~25 minutes: each is covered in another form by the default run, named beside it. Listed by
+# id because each pairs a fixture's parameter with a test's, which pytest.param cannot mark.
+FULL_ONLY = {
+    # every pipeline layout still loses a stage in the default run, and each kind of victim is killed
+    # in at least two layouts (the 3-stage one loses its last and its middle stage)
+    "test_pipeline.py::test_a_stage_killed_mid_stream_costs_a_pause[2-stages-tcp-last]":
+        "a last stage killed: 2-stages-colocated, 3-stages-ucx-swap-2-prompt-stages",
+    "test_pipeline.py::test_a_stage_killed_mid_stream_costs_a_pause[2-stages-colocated-head-or-middle]":
+        "a head killed: 2-stages-tcp, 2-stages-tcp-swap-3-prompt-stages",
+    "test_pipeline.py::test_a_stage_killed_mid_stream_costs_a_pause[2-stages-tcp-swap-3-prompt-stages-last]":
+        "a last stage killed with --swap: 3-stages-ucx-swap-2-prompt-stages",
+    "test_pipeline.py::test_seeded_sampling_is_identical_across_a_stage_failure[2-stages-tcp]":
+        "seeded across a stage failure: 2-stages-colocated, 3-stages-ucx-swap-2-prompt-stages",
+    "test_pipeline.py::test_seeded_sampling_is_identical_across_a_stage_failure[2-stages-tcp-swap-3-prompt-stages]":
+        "seeded across a stage failure with --swap: 3-stages-ucx-swap-2-prompt-stages",
+    # a hung token service is detected the same way whatever the recovery path
+    "test_failover.py::test_greedy_stream_survives_a_token_service_failure[replica-hung]":
+        "hung: [reprefill-hung]; the replica path: [replica-killed], test_gpu_check, test_bf16, test_chaos",
+    # with no token service left the request ends in an error event, whichever path it was on
+    "test_failover.py::test_a_request_that_cannot_be_saved_ends_with_an_error_event[reprefill]":
+        "the same error event: [replica]",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before the -m selection reads the marks
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.nodeid.rpartition("cluster/")[2] in FULL_ONLY:
+            item.add_marker(pytest.mark.full)
