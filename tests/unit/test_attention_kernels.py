@@ -123,6 +123,23 @@ def test_linear_equals_a_float64_matmul(N, K, M):
         torch.testing.assert_close(kernel.linear(x, packed, b, N).double(), want + b.double(), **tol)
 
 
+@pytest.mark.skipif(torch.bfloat16 not in linear_dtypes or torch.backends.cpu.get_cpu_capability() != "AVX2",
+                    reason="the widening bf16 tile is built only for AVX2 + FMA without AVX-512")
+@pytest.mark.parametrize("N, K", [(960, 576), (13, 6), (24, 18), (49, 1536)])
+@pytest.mark.parametrize("M", [1, 7, 65])
+def test_bf16_on_avx2_is_the_float32_gemm_rounded_to_nearest_even_to_the_bit(N, K, M):
+    """On AVX2 the bf16 tile widens the weights and sums in float32 in the float32 tile's order, and
+    rounds y to bf16 as it stores it: so its output is exactly the float32 GEMM of the same (bf16)
+    values, rounded by PyTorch (to nearest even), every column of a cut-short panel included."""
+    torch.manual_seed(M * N + K)
+    w, b, x = torch.randn(N, K).bfloat16(), torch.randn(N), torch.randn(M, K).bfloat16()
+    w[0, 0], x[0, 0] = 3e38, 3e38  # an overflow to inf in row 0 (the rounding of large values)
+    for bias in (None, b):
+        want = kernel.linear(x.float(), kernel.pack_linear(w.float()), bias, N).bfloat16()
+        got = kernel.linear(x, kernel.pack_linear(w), bias, N)
+        assert torch.equal(got, want)
+
+
 @pytest.mark.skipif(not linear_dtypes, reason="this CPU has neither AVX-512 nor AVX2 with FMA: the engines keep oneDNN's GEMM")
 @pytest.mark.parametrize("I, K", [(1536, 576), (16, 6), (48, 18)])  # one gate/up pair; pairs over several groups
 @pytest.mark.parametrize("M", [1, 5, 12, 13, 33, 65, 500])
