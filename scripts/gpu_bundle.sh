@@ -23,28 +23,31 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py=.venv/bin/python
 [ -x "$py" ] || { echo "gpu_bundle: run scripts/install.sh first (the wheels' versions are .venv's)" >&2; exit 2; }
+command -v redis-server >/dev/null || { echo "gpu_bundle: no redis-server here (apt-get install redis-server)" >&2; exit 2; }
+exclude=$(git rev-parse --git-path info/exclude)  # a worktree's .git is a file
+mkdir -p "$(dirname "$exclude")"
 for path in /.whl/ /.carry/; do
-  grep -qxF "$path" .git/info/exclude 2>/dev/null || echo "$path" >>.git/info/exclude
+  grep -qxF "$path" "$exclude" 2>/dev/null || echo "$path" >>"$exclude"
 done
 rm -rf .whl .carry && mkdir -p .whl .carry/bin .carry/lib .carry/model .carry/like
 
 packages="fastapi starlette uvicorn pydantic pydantic-core annotated-types typing-inspection typing-extensions
   annotated-doc anyio redis zlib-ng opentelemetry-api ucxx-cu12 libucxx-cu12 libucx-cu12 librmm-cu12 rapids-logger"
-platforms=""
+platforms=()
 for tag in manylinux_2_17 manylinux2014 manylinux_2_24 manylinux_2_27 manylinux_2_28 manylinux_2_34; do
-  platforms+=" --platform ${tag}_x86_64"
+  platforms+=(--platform "${tag}_x86_64")
 done
 for name in $packages; do
   version=$("$py" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")
   echo "gpu_bundle: $name==$version"
-  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $platforms \
+  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
     -d .whl "$name==$version" 2> >(grep -v "^WARNING: Location" >&2)
 done
 
 redis=$(readlink -f "$(command -v redis-server)")
 cp "$redis" .carry/bin/redis-server.bin
 for lib in libjemalloc.so.2 liblzf.so.1 libatomic.so.1; do
-  found=$(ldd "$redis" | awk -v l="$lib" '$1 == l {print $3}')
+  found=$(ldd "$redis" | awk -v l="$lib" '$1 == l && $3 ~ /^\// {print $3}')
   [ -n "$found" ] && cp -L "$found" .carry/lib/
 done
 cat >.carry/bin/redis-server <<'EOF'
@@ -61,7 +64,7 @@ cp "$bundled"/tokenizer.json "$bundled"/tokenizer_config.json .carry/model/
 xz -9 .carry/model/tokenizer.json
 cp "$bundled/config.json" .carry/like/
 
-tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+tree=$(git ls-files -z -co --exclude-standard | xargs -0 du -cb | tail -1 | cut -f1)  # what travels
 total=$(( $(du -sb .whl | cut -f1) + $(du -sb .carry | cut -f1) + tree ))
 echo "gpu_bundle: .whl $(du -sh .whl | cut -f1), .carry $(du -sh .carry | cut -f1); with the tree $((total >> 20)) MiB of 64"
 [ "$total" -le $((64 << 20)) ] || { echo "gpu_bundle: over the 64 MiB a device call carries" >&2; exit 1; }

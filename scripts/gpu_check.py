@@ -356,7 +356,7 @@ def save_tiny_model(folder: Path, like: str | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if like:
         config = LlamaConfig.from_pretrained(like)
-        config.max_position_embeddings = min(config.max_position_embeddings, 2048)
+        config.max_position_embeddings = min(config.max_position_embeddings, 2048)  # the rotary cache's size; the check uses ~400
     else:
         config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
@@ -392,6 +392,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.like and not args.save_tiny_model:
+        sys.exit("scripts/gpu_check.sh: --like goes with --save-tiny-model")
     if args.save_tiny_model:
         save_tiny_model(Path(args.save_tiny_model), args.like)
         return 0

@@ -8,14 +8,16 @@
 # runs scripts/gpu_check.sh over UCX (over TCP where ucxx does not import), then `bench.swap` in
 # the time left. Results land in $OUT: ucx/ (or tcp/) summary.json, serve.json, serve.log; swap.json.
 #
-# Environment: BUDGET seconds in all (default 360; the H200 run of 2026-12-04 took 230 s for the
-# check, 145 s for bench.swap); SKIP_CHECK=1 runs bench.swap alone; LOCAL=1 ALLOW_CPU=1 LIKE=" "
-# tries the whole thing here, on a CPU, with the tiny 2-layer model.
+# Environment: BUDGET seconds in all (default 420; on the H200 on 2026-12-04 the install and the
+# model took 30 s, the check 202 s, bench.swap 145 s); SKIP_CHECK=1 runs bench.swap alone; LOCAL=1
+# ALLOW_CPU=1 TINY=1 tries the whole thing here, on a CPU, with the 2-layer model.
 set -u
-budget=${BUDGET:-360}; end=$((SECONDS + budget)); out=${OUT:-/tmp/gpu_device_run}; mkdir -p "$out"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+budget=${BUDGET:-420}; end=$((SECONDS + budget)); out=${OUT:-/tmp/gpu_device_run}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=python3; [ -x .venv/bin/python ] && py=.venv/bin/python
 log() { echo "[gpu_device_run $(date +%T) +${SECONDS}s] $*"; }
+left() { local s=$((end - SECONDS - 5)); echo $((s > 1 ? s : 1)); }  # seconds for the next step, at least 1
 if [ -z "${LOCAL:-}" ]; then
   $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
   export PYTHONPATH=/tmp/site PATH=$PWD/.carry/bin:$PATH
@@ -25,24 +27,25 @@ nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
 $py -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 $py -c "import ucxx; print('ucxx', ucxx.__version__)" 2>&1 | tail -1
 model=/tmp/dejavu-model; rm -rf $model; mkdir -p $model; cp .carry/model/* $model/; xz -d $model/tokenizer.json.xz
-$py scripts/gpu_check.py --save-tiny-model $model ${LIKE:---like .carry/like/config.json} || exit 4
+like=(--like .carry/like/config.json); [ -n "${TINY:-}" ] && like=()
+$py scripts/gpu_check.py --save-tiny-model $model "${like[@]}" || exit 4
 log "model written"; extra=${ALLOW_CPU:+--allow-cpu}
 rc=0
 if [ -z "${SKIP_CHECK:-}" ]; then
-  timeout -s INT $((end - SECONDS - 5)) scripts/gpu_check.sh $extra --model $model --kv-transport ucx --out "$out/ucx"
+  timeout -k 30 -s INT "$(left)" scripts/gpu_check.sh $extra --model $model --kv-transport ucx --out "$out/ucx"
   rc=$?; log "gpu_check ucx: exit $rc"
   if [ $rc = 2 ] && [ $((end - SECONDS)) -gt 120 ]; then  # 2: it cannot run (ucxx, say): the same over TCP
-    timeout -s INT $((end - SECONDS - 5)) scripts/gpu_check.sh $extra --model $model --kv-transport tcp --out "$out/tcp"
+    timeout -k 30 -s INT "$(left)" scripts/gpu_check.sh $extra --model $model --kv-transport tcp --out "$out/tcp"
     rc=$?; log "gpu_check tcp: exit $rc"
   fi
 fi
-left=$((end - SECONDS - 5))
-if [ $left -gt 60 ]; then
-  log "bench.swap with ${left} s left"
-  timeout -s INT $left $py -m bench.swap --model $model --dtype bfloat16 --repeats 1 --kv-transport tcp \
+rest=$((end - SECONDS - 5))
+if [ $rest -gt 60 ]; then
+  log "bench.swap with ${rest} s left"
+  timeout -k 30 -s INT $rest $py -m bench.swap --model $model --dtype bfloat16 --repeats 1 --kv-transport tcp \
     --out "$out/swap.json"
   log "bench.swap: exit $?"
 else
-  log "bench.swap not run: ${left} s left"
+  log "bench.swap not run: ${rest} s left"
 fi
 exit $rc

@@ -36,8 +36,8 @@ from common.kv.wire import FENCED, Header, as_tensor
 from common.metadata import RequestStore
 from engine.attention import slots_of
 from engine.runner import ModelRunner
-from engine.swap import SwapPool
 from token_service.pipeline import SETUP_TIMEOUT_S, PipelineError, decode, encode, segments_of
+from token_service.room import new_pool
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,13 @@ class Stage:
         self.background: set[asyncio.Task] = set()
         self.num_blocks = num_blocks
         # --swap: the pool in host memory, each step computed over the device's KV (engine/swap.py)
-        self.swap = SwapPool(runner, num_blocks, device_blocks) if device_blocks else None
-        self.pool = self.swap.host if self.swap else runner.new_pool(num_blocks)
+        if device_blocks:  # imported here: a prompt pipeline's stages never swap, nor list dejavu_swap_* series
+            from engine.swap import SwapPool
+
+            self.swap = SwapPool(runner, num_blocks, device_blocks)
+        else:
+            self.swap = None
+        self.pool = self.swap.host if self.swap else new_pool(runner, num_blocks)
         self.link: Link | None = None               # the current setup
         self.results: dict[str, Connection] = {}    # session -> the head's results link (the last stage)
         self.results_ready: dict[str, asyncio.Event] = {}

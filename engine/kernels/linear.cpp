@@ -276,3 +276,11 @@ std::vector<std::string> linear_dtypes() {
 #endif
   return out;
 }
+
+bool linear_bf16_widened() {  // bf16 by the AVX2 tile that widens to float32 (its output: float32 sums rounded)
+#if defined(DEJAVU_LINEAR_BF16_WIDENED)
+  return true;
+#else
+  return false;
+#endif
+}

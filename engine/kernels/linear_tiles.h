@@ -54,7 +54,7 @@ void tile_f32(const float* x, int64_t K, const float* w, const float* bias, floa
 #elif defined(__AVX2__) && defined(__FMA__)
 #define DEJAVU_LINEAR_F32 1
 // AVX2 + FMA (no AVX-512: Zen 2/3, older Xeons): a panel's 16 columns are two 8-float vectors, the
-// packing and the work items as above. 6 rows: 12 accumulators, 2 weight vectors and the broadcast
+// packing and the work items as in linear.cpp. 6 rows: 12 accumulators, 2 weight vectors and the broadcast
 // row element take 15 of the 16 ymm registers (8 rows spilled). oneDNN's float32 GEMM on AVX2
 // streams the weights slower at decode's few rows (dejavu bench gemm, docs/BENCHMARKS.md §5).
 constexpr int TM_F32 = 6;

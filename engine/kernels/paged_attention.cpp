@@ -459,6 +459,7 @@ torch::Tensor gate_up_order(torch::Tensor w);
 torch::Tensor pack_gate_up(torch::Tensor w);
 torch::Tensor linear_silu_mul(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t I);
 std::vector<std::string> linear_dtypes();
+bool linear_bf16_widened();
 
 // decode.cpp
 void bind_decode_stack(pybind11::module& m);
@@ -480,6 +481,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_gate_up", &pack_gate_up, "an MLP's [gate; up] weight in the panels `linear_silu_mul` reads", release());
   m.def("linear_silu_mul", &linear_silu_mul, "silu(x G^T + bg) * (x U^T + bu), the activation in the GEMM", release());
   m.attr("LINEAR_DTYPES") = pybind11::cast(linear_dtypes());
+  m.attr("LINEAR_BF16_WIDENED") = linear_bf16_widened();
   m.attr("HEAD_DIMS") = pybind11::make_tuple(16, 32, 64, 80, 96, 128, 256);
   bind_decode_stack(m);
 }

@@ -123,7 +123,7 @@ def test_linear_equals_a_float64_matmul(N, K, M):
         torch.testing.assert_close(kernel.linear(x, packed, b, N).double(), want + b.double(), **tol)
 
 
-@pytest.mark.skipif(torch.bfloat16 not in linear_dtypes or torch.backends.cpu.get_cpu_capability() != "AVX2",
+@pytest.mark.skipif(torch.bfloat16 not in linear_dtypes or not kernel.LINEAR_BF16_WIDENED,
                     reason="the widening bf16 tile is built only for AVX2 + FMA without AVX-512")
 @pytest.mark.parametrize("N, K", [(960, 576), (13, 6), (24, 18), (49, 1536)])
 @pytest.mark.parametrize("M", [1, 7, 65])

@@ -1,5 +1,6 @@
 """Each service's /metrics carries its own families: a prompt service used to register every
-dejavu_token_* series (at zero) because its pipeline stages imported the token engine's module."""
+dejavu_token_* and dejavu_swap_* series (at zero) because its pipeline stages imported the token
+engine's and the swap pool's modules."""
 
 from __future__ import annotations
 
@@ -23,4 +24,4 @@ def families(module: str) -> set[str]:
 def test_a_prompt_service_registers_its_own_metric_families_and_not_another_kinds():
     names = families("prompt_service.app")  # ~9 s: torch and transformers, imported afresh
     assert any(n.startswith("dejavu_prompt_") for n in names), names
-    assert not [n for n in names if n.startswith(("dejavu_token_", "dejavu_gateway_", "dejavu_cache_store_"))], names
+    assert not [n for n in names if n.startswith(("dejavu_token_", "dejavu_swap_", "dejavu_gateway_", "dejavu_cache_store_"))], names
