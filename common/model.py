@@ -140,11 +140,20 @@ def model_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
 def context_length(path: Path) -> int:
+    """The model's positions: config.json's own number where it gives one (read as JSON: importing
+    AutoConfig costs an engine process ~1.4 s of its start-up), else its config class's default."""
+    raw = json.loads((Path(path) / "config.json").read_text())
+    for name in CONTEXT_FIELDS:
+        if isinstance(raw.get(name), int) and raw[name] > 0:
+            return raw[name]
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path)
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+    for name in CONTEXT_FIELDS:
         if getattr(config, name, None):
             return int(getattr(config, name))
     return 2048

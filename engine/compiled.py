@@ -31,8 +31,6 @@ import logging
 import time
 
 import torch
-import torch._inductor.config as _inductor_config
-import torch.fx.experimental._config as _shape_config
 import torch.nn.functional as F
 from torch import nn
 
@@ -133,7 +131,12 @@ class CompiledDecode:
         them per thread, in context variables): call it there before the first step.
         - freezing: weights are constants, folded and prepacked at compile time;
         - no duck shapes: no "these two sizes were equal when traced, so they always are" guards
-          (a batch of two sequences with a two-layer model recompiled at the first batch of three)."""
+          (a batch of two sequences with a two-layer model recompiled at the first batch of three).
+        Imported here, not at the top: torch._inductor pulls in dynamo, ~1.4 s of every engine
+        process's start-up that only --compile needs."""
+        import torch._inductor.config as _inductor_config
+        import torch.fx.experimental._config as _shape_config
+
         _inductor_config.freezing = True
         _shape_config.use_duck_shape = False
 

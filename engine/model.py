@@ -1,17 +1,18 @@
 """Our forward for the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2), in plain PyTorch.
 
-`transformers` still reads the config and the weights (`from_pretrained`); `LlamaForward` takes
-the loaded modules' tensors once, fusing q/k/v into one projection and gate/up into another, and
-from then on runs its own forward over a flat batch of tokens from many sequences:
+`LlamaForward` takes the weights once, by their Hugging Face names, from the checkpoint's files
+(engine/checkpoint.py) or from a model `transformers` loaded (`of_hf`), fusing q/k/v into one
+projection and gate/up into another, and from then on runs its own forward over a flat batch of
+tokens from many sequences:
 
     embed -> for each layer: RMSNorm, QKV, (Qwen3: q/k RMSNorm), RoPE, attention, O, residual,
                              RMSNorm, gate/up, SiLU(gate) * up, down, residual
           -> final RMSNorm and the LM head, only at the positions that need logits
 
 Every op follows Hugging Face's own modules (`modeling_llama.py`) step by step, casts included, so
-float32 greedy output equals `generate`. RoPE's inverse frequencies and scaling come from the
-loaded model's `rotary_emb` (default, llama3, linear, yarn ... whatever the config asks for, as
-long as they do not change with the sequence length).
+float32 greedy output equals `generate`. RoPE's inverse frequencies and scaling: default RoPE is
+computed as transformers computes it (engine/checkpoint.py); any other (llama3, linear, yarn ...,
+as long as they do not change with the sequence length) comes from a loaded model's `rotary_emb`.
 
 Attention is not here: `engine/attention.py` owns it (and the paged KV it reads).
 """
@@ -27,6 +28,7 @@ from engine.attention import Attention, AttentionBatch
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 LayerCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (layer, k, v), k/v: (N, kv_heads, head_dim)
+Getter = Callable[[str], "torch.Tensor | None"]  # a weight by its Hugging Face name, None if the model has none
 
 
 class Unsupported(Exception):
@@ -100,45 +102,62 @@ class Linear:
 
 
 class Layer:
-    """One decoder layer's weights, fused: qkv (q_heads*D + 2*kv_heads*D, hidden), gate_up (2*I, hidden)."""
+    """One decoder layer's weights, fused: qkv (q_heads*D + 2*kv_heads*D, hidden), gate_up (2*I, hidden).
+    `get(name)`: a tensor by its Hugging Face name, None where the model has none (biases, q/k norms)."""
 
-    def __init__(self, hf_layer, kernel=None):
-        attn, mlp = hf_layer.self_attn, hf_layer.mlp
-        qkv_b = (torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
-                 if attn.q_proj.bias is not None else None)  # Qwen2
-        self.qkv = Linear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), qkv_b, kernel)
-        self.o = Linear(attn.o_proj.weight, attn.o_proj.bias, kernel)
-        gate_up_b = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]) if mlp.gate_proj.bias is not None else None
-        self.gate_up = Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), gate_up_b, kernel, gate_up=True)
-        self.down = Linear(mlp.down_proj.weight, mlp.down_proj.bias, kernel)
-        self.ln1 = (hf_layer.input_layernorm.weight, hf_layer.input_layernorm.variance_epsilon)
-        self.ln2 = (hf_layer.post_attention_layernorm.weight, hf_layer.post_attention_layernorm.variance_epsilon)
-        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)  # Qwen3: RMSNorm per head
-        self.q_norm = (q_norm.weight, q_norm.variance_epsilon) if q_norm is not None else None
-        self.k_norm = (k_norm.weight, k_norm.variance_epsilon) if k_norm is not None else None
+    def __init__(self, get: Getter, prefix: str, eps: float, kernel=None):
+        w = lambda part: get(f"{prefix}.{part}.weight")  # noqa: E731
+        b = lambda part: get(f"{prefix}.{part}.bias")  # noqa: E731
+        q_b = b("self_attn.q_proj")  # Qwen2
+        qkv_b = torch.cat([q_b, b("self_attn.k_proj"), b("self_attn.v_proj")]) if q_b is not None else None
+        self.qkv = Linear(torch.cat([w("self_attn.q_proj"), w("self_attn.k_proj"), w("self_attn.v_proj")]), qkv_b, kernel)
+        self.o = Linear(w("self_attn.o_proj"), b("self_attn.o_proj"), kernel)
+        gate_b = b("mlp.gate_proj")
+        gate_up_b = torch.cat([gate_b, b("mlp.up_proj")]) if gate_b is not None else None
+        self.gate_up = Linear(torch.cat([w("mlp.gate_proj"), w("mlp.up_proj")]), gate_up_b, kernel, gate_up=True)
+        self.down = Linear(w("mlp.down_proj"), b("mlp.down_proj"), kernel)
+        self.ln1, self.ln2 = (w("input_layernorm"), eps), (w("post_attention_layernorm"), eps)
+        q_norm, k_norm = w("self_attn.q_norm"), w("self_attn.k_norm")  # Qwen3: RMSNorm per head
+        self.q_norm = (q_norm, eps) if q_norm is not None else None
+        self.k_norm = (k_norm, eps) if k_norm is not None else None
 
 
 class LlamaForward:
     """The whole model, or one pipeline stage of it: `layers`, a contiguous range of the decoder
     layers (the embedding comes with the first, the final norm and LM head with the last)."""
 
-    def __init__(self, hf_model, layers: range | None = None, kernel=None):
-        c, inner = hf_model.config, hf_model.model
+    def __init__(self, config, get: Getter, rope: tuple[torch.Tensor, float], layers: range | None = None,
+                 kernel=None):
+        """config: a Hugging Face config's fields (or engine/checkpoint.py's, from config.json);
+        get(name): a weight by its Hugging Face name; rope: (inv_freq (head_dim / 2,), cos/sin scale)."""
+        c = config
         layers = range(c.num_hidden_layers) if layers is None else layers
         self.first_layer = layers.start
         self.first, self.last = layers.start == 0, layers.stop == c.num_hidden_layers
         self.q_heads, self.hidden_size = c.num_attention_heads, c.hidden_size
         self.kv_heads = getattr(c, "num_key_value_heads", None) or self.q_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // self.q_heads
-        self.embed = inner.embed_tokens.weight if self.first else None  # (vocab, hidden)
-        self.layers = [Layer(inner.layers[i], kernel) for i in layers]
-        self.norm = (inner.norm.weight, inner.norm.variance_epsilon)
-        self.lm_head = Linear(hf_model.lm_head.weight, None, kernel) if self.last else None  # (vocab, hidden); the embedding if tied
-        self.inv_freq = inner.rotary_emb.inv_freq.float()            # (head_dim / 2,)
-        self.rope_scale = float(inner.rotary_emb.attention_scaling)
+        self.embed = get("model.embed_tokens.weight") if self.first else None  # (vocab, hidden)
+        self.layers = [Layer(get, f"model.layers.{i}", c.rms_norm_eps, kernel) for i in layers]
+        self.norm = (get("model.norm.weight"), c.rms_norm_eps)
+        if self.last:  # (vocab, hidden): the embedding itself if tied (one copy where it is not packed)
+            tied = getattr(c, "tie_word_embeddings", False)
+            head = self.embed if tied and self.embed is not None else get("lm_head.weight")
+            self.lm_head = Linear(head if head is not None else get("model.embed_tokens.weight"), None, kernel)
+        else:
+            self.lm_head = None
+        self.inv_freq, self.rope_scale = rope[0].float(), float(rope[1])  # (head_dim / 2,)
         self.attention = Attention(self.q_heads, self.kv_heads, self.head_dim)
         self.ops = None  # engine.kernels.paged_attention(): fused small ops, set by the runner on CPU
         self.stack = None  # its DecodeStack: a decode step's layers in one call (use_decode_stack)
+
+    @classmethod
+    def of_hf(cls, hf_model, layers: range | None = None, kernel=None) -> "LlamaForward":
+        """From a loaded Hugging Face model: its parameters by name, its rotary embedding's RoPE."""
+        params = dict(hf_model.named_parameters(remove_duplicate=False))  # a tied lm_head under its own name too
+        rotary = hf_model.model.rotary_emb
+        return cls(hf_model.config, lambda name: p.detach() if (p := params.get(name)) is not None else None,
+                   (rotary.inv_freq, rotary.attention_scaling), layers, kernel)
 
     def fits_ops(self) -> bool:
         """What the fused small ops assume: float32 or bf16 everywhere, an even head_dim."""

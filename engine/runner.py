@@ -1,6 +1,6 @@
 """ModelRunner: one per engine process (prompt or token service), the only way they run the model.
 
-    runner = ModelRunner(load_model(path, dtype=...), block_size=16)
+    runner = ModelRunner(load_for_engine(path, dtype=...), block_size=16)  # engine/checkpoint.py
     pool = runner.new_pool(num_blocks)                       # token services: the paged KV pool
     logits = runner.forward(segments, pool)                  # decode steps, chunks, restores
     logits = runner.prefill(prompts, on_layer)               # prompt services: no pool, K/V streamed
@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import AttentionBatch, Segment
+from engine.checkpoint import Checkpoint
 from engine.compiled import CompiledDecode
-from engine.hf import HFForward
 from engine.kernels import paged_attention
 from engine.model import LayerCallback, LlamaForward, Unsupported, check_supported
 from engine.turns import Turns
@@ -114,10 +114,13 @@ class ModelRunner:
         if not (0 <= self.layers.start < self.layers.stop <= self.kv.layers and self.layers.step == 1):
             raise ValueError(f"layers {self.layers} of a {self.kv.layers}-layer model")
         self.first, self.last = self.layers.start == 0, self.layers.stop == self.kv.layers
-        self.vocab_size = model.get_input_embeddings().num_embeddings  # token ids a request may carry
+        if isinstance(model, Checkpoint) and (compile or not own_forward):
+            model = model.hf_model()  # --compile traces HF's modules; own_forward=False runs them
+        self.vocab_size = (model.vocab_size if isinstance(model, Checkpoint)  # token ids a request may carry
+                           else model.get_input_embeddings().num_embeddings)
         self.device, self.dtype, self.block_size = model.device, model.dtype, block_size
         self.llama: LlamaForward | None = None
-        self.hf: HFForward | None = None
+        self.hf = None  # engine.hf.HFForward: the Hugging Face modules, for a model our forward does not run
         try:
             if not own_forward:
                 raise Unsupported("own_forward=False")
@@ -125,7 +128,9 @@ class ModelRunner:
             # built here, at start-up, not in a first request
             kernel = paged_attention() if kernels and self.device.type == "cpu" else None
             # its linears through our GEMM where the kernel runs the dtype (gemm=False: oneDNN's, for bench.step)
-            self.llama = LlamaForward(model, self.layers, kernel if gemm else None)
+            kernel_for_linears = kernel if gemm else None
+            self.llama = (LlamaForward(model.config, model.get, model.rope(), self.layers, kernel_for_linears)
+                          if isinstance(model, Checkpoint) else LlamaForward.of_hf(model, self.layers, kernel_for_linears))
             if kernel is not None and self.llama.fits_ops():
                 self.llama.ops = kernel
                 if self.kv.head_dim in kernel.HEAD_DIMS:
@@ -135,7 +140,9 @@ class ModelRunner:
             if len(self.layers) < self.kv.layers:
                 raise ValueError(f"pipeline stages need a model our forward runs (Llama family): {why}") from None
             log.info("the model runs through its Hugging Face modules (slower): %s", why)
-            self.hf = HFForward(model, block_size)
+            from engine.hf import HFForward  # imports transformers' model code: only where it runs
+
+            self.hf = HFForward(model.hf_model() if isinstance(model, Checkpoint) else model, block_size)
         # the engine thread's team: `threads`, or as many as the thread building the runner has
         caller = torch.get_num_threads()
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="engine", initializer=_lead_team,

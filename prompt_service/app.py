@@ -16,11 +16,12 @@ from fastapi import FastAPI
 from common.errors import install_error_handlers
 from common.kv import transport_for
 from common.kv.peers import Peers
-from common.model import load_model, model_fingerprint, resolve_model_path, within_context
+from common.model import model_fingerprint, resolve_model_path, within_context
 from common.protocol import PROTOCOL, AbortRequest, AbortResult, PrefillRequest, PrefillResult, ServiceKind
 from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, RequireSecret, add_health_and_metrics,
                             registered, request_id_var, supervise)
 from common.settings import PromptSettings
+from engine.checkpoint import load_for_engine
 from engine.runner import ModelRunner, stage_layers, teams_on_engine_threads_only
 from prompt_service.engine import PrefillEngine
 from prompt_service.pipeline import PromptPipeline
@@ -40,7 +41,7 @@ def create_app(settings: PromptSettings) -> FastAPI:
         settings = within_context(settings, path)
         model_id = model_fingerprint(path)  # the gateway routes only to services of this model
         threads = teams_on_engine_threads_only(settings.threads)
-        model = await asyncio.to_thread(load_model, path, 0, settings.dtype)
+        model = await asyncio.to_thread(load_for_engine, path, settings.dtype)
         # with our CPU kernels, though it never decodes: the causal attention and the fused small ops
         # are most of a prefill's non-GEMM time (docs/BENCHMARKS.md §5)
         runner = ModelRunner(model, settings.block_size, settings.max_model_len, turns=settings.cpu_turns,

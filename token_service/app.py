@@ -23,7 +23,7 @@ from common.kv import transport_for
 from common.kv.peers import Peers
 from common.kv.receiver import kv_server
 from common.metadata import RecentServices, Registry, RequestStore
-from common.model import load_model, model_fingerprint, resolve_model_path, within_context
+from common.model import model_fingerprint, resolve_model_path, within_context
 from common.protocol import (PROTOCOL, AbortRequest, AbortResult, DecodeEvent, DecodeRequest, PrefillRequest,
                              PrefillResult, Reservation, ReserveRequest, RestoreRequest, RestoreResult, ServiceKind,
                              cluster_fingerprint)
@@ -31,6 +31,7 @@ from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, Closing
                             add_health_and_metrics, cluster_headers, listen_kv, registered, request_id_var,
                             supervise)
 from common.settings import TokenSettings
+from engine.checkpoint import load_for_engine
 from engine.runner import ModelRunner, stage_layers, teams_on_engine_threads_only
 from token_service.engine import KVMessageError, TokenEngine
 from token_service.stage_app import create_stage_app, open_pipeline, stage_fields
@@ -47,7 +48,7 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
     settings = within_context(settings, path)
     model_id = model_fingerprint(path)  # the gateway routes only to services of this model
     threads = teams_on_engine_threads_only(settings.threads)
-    model = await asyncio.to_thread(load_model, path, 0, settings.dtype)
+    model = await asyncio.to_thread(load_for_engine, path, settings.dtype, settings.compile)
     runner = ModelRunner(model, settings.block_size, settings.max_model_len, compile=settings.compile, threads=threads,
                          turns=settings.cpu_turns, layers=stage_layers(model.config.num_hidden_layers, settings.stages, 0))
     del model  # the runner keeps what it needs (our forward copies and packs the weights)

@@ -19,11 +19,12 @@ from common.kv import transport_for
 from common.kv.transport import Transport, TransportError
 from common.kv.peers import Peers
 from common.metadata import Registry, RequestStore, connect
-from common.model import load_model, model_fingerprint, resolve_model_path, within_context
+from common.model import model_fingerprint, resolve_model_path, within_context
 from common.protocol import PROTOCOL, ServiceInfo, ServiceKind, cluster_fingerprint
 from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, RequireSecret, add_health_and_metrics,
                             listen_kv, registered, supervise)
 from common.settings import ModelSettings, PromptSettings
+from engine.checkpoint import load_for_engine
 from engine.runner import ModelRunner, stage_layers, teams_on_engine_threads_only
 from token_service.pipeline import Pipeline, PipelineError, StageInfo
 from token_service.room import kv_room
@@ -49,7 +50,7 @@ async def _stage_lifespan(app: FastAPI, settings: ModelSettings):
     settings = within_context(settings, path)
     model_id = model_fingerprint(path)
     threads = teams_on_engine_threads_only(settings.threads)
-    model = await asyncio.to_thread(load_model, path, 0, settings.dtype)
+    model = await asyncio.to_thread(load_for_engine, path, settings.dtype)
     layers = stage_layers(model.config.num_hidden_layers, settings.stages, settings.stage)
     runner = ModelRunner(model, settings.block_size, settings.max_model_len, turns=settings.cpu_turns, layers=layers,
                          threads=threads)

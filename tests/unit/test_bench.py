@@ -41,6 +41,17 @@ def test_dejavu_bench_lists_the_benchmarks():
         assert f"{name}:" in run.stdout
 
 
+def test_dejavu_bench_startup_times_a_token_service_in_two_trees(tmp_path, tiny_model_path):
+    out = tmp_path / "startup.json"
+    run = subprocess.run([sys.executable, "-m", "dejavu", "bench", "startup", "--model", str(tiny_model_path), "--what",
+                          "token", "--repeats", "1", "--baseline-tree", ".", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(out.read_text())["summary"]["token"]
+    assert summary["this tree"]["median"] > 0 and summary["baseline"]["median"] > 0
+    assert "baseline / this tree" in run.stdout
+
+
 @pytest.mark.full  # ~25 s: the scripts end to end; tests/cluster/test_pipeline.py covers what they drive
 def test_dejavu_bench_pipeline_runs_its_layouts(tmp_path, tiny_model_path):
     out = tmp_path / "pipeline.json"
