@@ -171,17 +171,27 @@ def within_context(settings, path: Path):
     return dataclasses.replace(settings, max_model_len=limit)
 
 
+def engine_dtype(dtype: str, device: str, model_dtype: str | None) -> str | None:
+    """The dtype an engine runs in (--dtype): as given, or for "auto" float32 on CPU (where bf16 is
+    a choice to measure, not a default) and the model's own on CUDA: `model_dtype` (its config's),
+    None where the config names none (then the weights' own). The one rule for the engines, both
+    ways of loading (engine/checkpoint.py, load_model), and `dejavu up`'s checks ahead."""
+    if dtype != "auto":
+        return dtype
+    if device == "cpu":
+        return "float32"
+    return str(model_dtype).removeprefix("torch.") if model_dtype else None
+
+
 def load_model(path: Path, threads: int = 0, dtype: str = "auto"):
-    """A causal LM in eval mode, in `dtype`: "auto" is the model's own dtype on CUDA and float32
-    on CPU (where bf16 is a choice to measure, not a default)."""
+    """A causal LM in eval mode, in engine_dtype's `dtype`."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if threads:
         torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "auto" if device == "cuda" else "float32"
+    dtype = engine_dtype(dtype, device, None) or "auto"  # None: transformers takes the config's, else the weights'
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
                                                  attn_implementation="sdpa")
     return model.to(device).eval()

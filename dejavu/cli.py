@@ -157,15 +157,14 @@ def _check_model_fits(args, parser, path) -> None:
     import torch
     from transformers import AutoConfig
 
-    from common.model import context_length
+    from common.model import context_length, engine_dtype
     from common.settings import kv_device_bytes_needed
     from engine.runner import KVShape, stage_layers
 
     try:
         config = AutoConfig.from_pretrained(path)
-        dtype = args.dtype
-        if dtype == "auto":  # as load_model resolves it; on CUDA a config without a dtype leaves it to the weights
-            dtype = str(getattr(config, "dtype", None) or "").removeprefix("torch.") if torch.cuda.is_available() else "float32"
+        # None: on CUDA a config without a dtype leaves it to the weights, not read here
+        dtype = engine_dtype(args.dtype, "cuda" if torch.cuda.is_available() else "cpu", getattr(config, "dtype", None))
         kv = KVShape.of_config(config, getattr(torch, dtype)) if dtype else None
         layers = config.num_hidden_layers
         max_len = min(args.max_model_len, context_length(path))  # the engines cap it so too

@@ -23,6 +23,7 @@ from types import SimpleNamespace
 
 import torch
 
+from common.model import engine_dtype
 from engine.model import SUPPORTED
 
 log = logging.getLogger(__name__)
@@ -89,15 +90,12 @@ def _rope(config: dict) -> dict:
 
 
 def _engine_dtype(dtype: str, device: str, config: dict, files: dict[str, Path]) -> torch.dtype:
-    """load_model's rule: "auto" is float32 on CPU and the model's own dtype on CUDA (config.json's,
-    else the weights')."""
-    if dtype != "auto":
-        return DTYPES[dtype]
-    if device == "cpu":
-        return torch.float32
-    own = config.get("dtype") or config.get("torch_dtype")
-    if own in DTYPES:
-        return DTYPES[own]
+    """common.model.engine_dtype's rule; where the config names no dtype, the stored embedding's."""
+    name = engine_dtype(dtype, device, config.get("dtype") or config.get("torch_dtype"))
+    if name in DTYPES:
+        return DTYPES[name]
+    if name is not None:
+        raise NotPlain(f"dtype {name!r}")
     from safetensors import safe_open
 
     with safe_open(files["model.embed_tokens.weight"], framework="pt") as f:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.model import load_model
+from common.model import engine_dtype, load_model
 from engine.attention import Segment
 from engine.checkpoint import Checkpoint, NotPlain, load_for_engine, open_checkpoint
 from engine.runner import ModelRunner
@@ -113,6 +113,20 @@ def test_what_is_not_plain_goes_to_transformers(tmp_path, case):
         open_checkpoint(folder)
     if case in ("llama3-rope", "renamed"):  # transformers can still load these two
         assert not isinstance(load_for_engine(folder), Checkpoint)
+
+
+def test_auto_is_float32_on_cpu_and_the_models_own_on_cuda(tmp_path):
+    assert [engine_dtype(*case) for case in (("auto", "cpu", "bfloat16"), ("auto", "cuda", "torch.bfloat16"),
+                                             ("auto", "cuda", None), ("float16", "cpu", None))] == [
+        "float32", "bfloat16", None, "float16"]
+    folder = saved(tmp_path, "mistral")  # float32 weights
+    assert open_checkpoint(folder, "auto", device="cpu").dtype == torch.float32
+    edited_config(folder, dtype="bfloat16")
+    assert open_checkpoint(folder, "auto", device="cuda").dtype == torch.bfloat16  # nothing is read onto it here
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    assert open_checkpoint(folder, "auto", device="cuda").dtype == torch.float32  # the weights' own
 
 
 def test_compile_loads_the_hf_model(tiny_model_path):
