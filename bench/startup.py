@@ -6,7 +6,8 @@ Step by step:
 1. One Redis server for every measurement.
 2. Each measurement is a fresh interpreter in the tree measured (this one, or --baseline-tree, e.g.
    `git worktree add /tmp/before HEAD~1`): it spawns what it times, waits for ready, stops it.
-   "token": `python -m token_service`, spawn to its ready line. "cluster": dejavu.cluster.Cluster
+   "token": `python -m token_service`, spawn to its ready line, and its resident memory then
+   (VmRSS, and VmHWM: the peak so far, the model's load included). "cluster": dejavu.cluster.Cluster
    with 1 prompt service, 1 token service and 1 cache store, from start() to every service ready.
 3. One round unrecorded first (a tree's first start may build its CPU kernels, ~100 s, and reads
    the weights from disk), then --repeats rounds, the trees alternating; medians [min-max].
@@ -34,7 +35,10 @@ proc = subprocess.Popen([sys.executable, "-m", "token_service"], stdout=subproce
                         text=True, env={**os.environ, "DEJAVU_SERVICE_ID": "startup-%d" % os.getpid(), "DEJAVU_PORT": "0"})
 for line in proc.stdout:
     if line.startswith("DEJAVU_READY"):
-        print(json.dumps({"ready_s": time.perf_counter() - start}), flush=True)
+        ready_s = time.perf_counter() - start
+        status = dict(l.split(":", 1) for l in open("/proc/%d/status" % proc.pid) if ":" in l)
+        mib = lambda key: int(status[key].split()[0]) / 1024 if key in status else None
+        print(json.dumps({"ready_s": ready_s, "rss_mib": mib("VmRSS"), "peak_rss_mib": mib("VmHWM")}), flush=True)
         break
 proc.terminate()
 proc.wait(30)
@@ -51,14 +55,14 @@ cluster.stop()
 """
 
 
-def measure(tree: Path, what: str, env: dict) -> float:
+def measure(tree: Path, what: str, env: dict) -> dict:
     code = TOKEN if what == "token" else CLUSTER
     out = subprocess.run([sys.executable, "-c", code], cwd=tree, env={**env, "PYTHONPATH": str(tree)},
                          capture_output=True, text=True, timeout=600)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"{what} in {tree} did not start:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
-    return json.loads(lines[-1])["ready_s"]
+    return json.loads(lines[-1])  # ready_s; a token service's rss_mib and peak_rss_mib (VmRSS, VmHWM at ready)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,15 +86,20 @@ def main(argv: list[str] | None = None) -> int:
     redis = RedisServer()
     env = {**os.environ, "DEJAVU_MODEL": model, "DEJAVU_REDIS_URL": redis.url, "DEJAVU_HOST": "127.0.0.1"}
     times: dict[str, dict[str, list[float]]] = {w: {t: [] for t in trees} for w in what}
+    memory: dict[str, dict[str, list[float]]] = {t: {"rss_mib": [], "peak_rss_mib": []} for t in trees}
     try:
         for w in what:
             for name, tree in trees.items():
-                log(f"warm-up: {w}, {name}: {measure(tree, w, env):.2f} s (not recorded)")
+                log(f"warm-up: {w}, {name}: {measure(tree, w, env)['ready_s']:.2f} s (not recorded)")
         for r in range(args.repeats):
             order = list(trees.items()) if r % 2 == 0 else list(reversed(trees.items()))
             for w in what:
                 for name, tree in order:
-                    times[w][name].append(measure(tree, w, env))
+                    m = measure(tree, w, env)
+                    times[w][name].append(m["ready_s"])
+                    for key in memory[name]:
+                        if m.get(key) is not None:
+                            memory[name][key].append(m[key])
                     log(f"round {r + 1}/{args.repeats}: {w}, {name}: {times[w][name][-1]:.2f} s")
     finally:
         redis.stop()
@@ -101,8 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         ratio = (f"; baseline / this tree {by_tree['baseline']['median'] / by_tree['this tree']['median']:.2f}x"
                  if "baseline" in by_tree else "")
         print(f"  {w}: {cells}{ratio}")
+    for name, by_key in memory.items():
+        if by_key["rss_mib"]:
+            summary.setdefault("token_memory_mib", {})[name] = {key: spread(v) for key, v in by_key.items()}
+            print(f"  a token service's memory at ready, {name}: RSS {fmt(summary['token_memory_mib'][name]['rss_mib'], 0)} "
+                  f"MiB, peak {fmt(summary['token_memory_mib'][name]['peak_rss_mib'], 0)} MiB")
     write_json(args.out or "", summary, config={**vars(args), "trees": {k: str(v) for k, v in trees.items()}},
-               times=times)
+               times=times, memory=memory)
     return 0
 
 

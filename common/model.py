@@ -145,7 +145,8 @@ CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length
 
 def context_length(path: Path) -> int:
     """The model's positions: config.json's own number where it gives one (read as JSON: importing
-    AutoConfig costs an engine process ~1.4 s of its start-up), else its config class's default."""
+    AutoConfig imports torch.distributed's tensors, dynamo and sympy, ~1.4 s that an engine process
+    reading its checkpoint itself no longer pays), else its config class's default."""
     raw = json.loads((Path(path) / "config.json").read_text())
     for name in CONTEXT_FIELDS:
         if isinstance(raw.get(name), int) and raw[name] > 0:

@@ -132,8 +132,8 @@ class CompiledDecode:
         - freezing: weights are constants, folded and prepacked at compile time;
         - no duck shapes: no "these two sizes were equal when traced, so they always are" guards
           (a batch of two sequences with a two-layer model recompiled at the first batch of three).
-        Imported here, not at the top: torch._inductor pulls in dynamo, ~1.4 s of every engine
-        process's start-up that only --compile needs."""
+        Imported here, not at the top: torch._inductor pulls in dynamo and sympy, which only
+        --compile needs (transformers' model classes pulled them in too: engine/checkpoint.py)."""
         import torch._inductor.config as _inductor_config
         import torch.fx.experimental._config as _shape_config
 

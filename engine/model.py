@@ -140,13 +140,16 @@ class LlamaForward:
         self.embed = get("model.embed_tokens.weight") if self.first else None  # (vocab, hidden)
         self.layers = [Layer(get, f"model.layers.{i}", c.rms_norm_eps, kernel) for i in layers]
         self.norm = (get("model.norm.weight"), c.rms_norm_eps)
-        if self.last:  # (vocab, hidden): the embedding itself if tied (one copy where it is not packed)
-            tied = getattr(c, "tie_word_embeddings", False)
-            head = self.embed if tied and self.embed is not None else get("lm_head.weight")
-            self.lm_head = Linear(head if head is not None else get("model.embed_tokens.weight"), None, kernel)
+        if self.last:  # (vocab, hidden): the file's head where it has one (transformers then does not
+            # tie, whatever the config says), else the embedding (tied; the same tensor where we hold it)
+            head = get("lm_head.weight")
+            if head is None:
+                head = self.embed if self.embed is not None else get("model.embed_tokens.weight")
+            self.lm_head = Linear(head, None, kernel)
         else:
             self.lm_head = None
-        self.inv_freq, self.rope_scale = rope[0].float(), float(rope[1])  # (head_dim / 2,)
+        # (head_dim / 2,), on the weights' device once (not copied there at every forward)
+        self.inv_freq, self.rope_scale = rope[0].float().to(self.norm[0].device), float(rope[1])
         self.attention = Attention(self.q_heads, self.kv_heads, self.head_dim)
         self.ops = None  # engine.kernels.paged_attention(): fused small ops, set by the runner on CPU
         self.stack = None  # its DecodeStack: a decode step's layers in one call (use_decode_stack)

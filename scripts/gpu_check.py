@@ -177,7 +177,7 @@ def check_dtype(cluster, dtype: str) -> str:
 
 def where_engines_run(cluster, gpu_used_before: int | None) -> str:
     """Each engine's ready line (dtype, forward; it names no device) and, with CUDA, the GPU memory
-    the cluster took (load_model puts the model on the GPU whenever torch sees one)."""
+    the cluster took (an engine puts the model on the GPU whenever torch sees one: engine/checkpoint.py)."""
     lines = []
     for child in cluster.of("prompt") + cluster.of("token"):
         ready = next((line for line in child.tail if "service ready:" in line), "service ready: (line not kept)")

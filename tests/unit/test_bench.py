@@ -41,6 +41,7 @@ def test_dejavu_bench_lists_the_benchmarks():
         assert f"{name}:" in run.stdout
 
 
+@pytest.mark.full  # ~15 s: four token-service starts; tests/unit/test_checkpoint.py covers what it times
 def test_dejavu_bench_startup_times_a_token_service_in_two_trees(tmp_path, tiny_model_path):
     out = tmp_path / "startup.json"
     run = subprocess.run([sys.executable, "-m", "dejavu", "bench", "startup", "--model", str(tiny_model_path), "--what",
