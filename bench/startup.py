@@ -115,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
             summary.setdefault("token_memory_mib", {})[name] = {key: spread(v) for key, v in by_key.items()}
             print(f"  a token service's memory at ready, {name}: RSS {fmt(summary['token_memory_mib'][name]['rss_mib'], 0)} "
                   f"MiB, peak {fmt(summary['token_memory_mib'][name]['peak_rss_mib'], 0)} MiB")
-    write_json(args.out or "", summary, config={**vars(args), "trees": {k: str(v) for k, v in trees.items()}},
+    commits = {name: subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True).stdout.strip()
+               for name, tree in trees.items()}  # a working tree's changes after its HEAD are not in it
+    write_json(args.out or "", summary, config={**vars(args), "trees": {k: str(v) for k, v in trees.items()}, "commits": commits},
                times=times, memory=memory)
     return 0
 

@@ -50,6 +50,7 @@ def test_dejavu_bench_startup_times_a_token_service_in_two_trees(tmp_path, tiny_
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(out.read_text())["summary"]["token"]
     assert summary["this tree"]["median"] > 0 and summary["baseline"]["median"] > 0
+    assert json.loads(out.read_text())["summary"]["token_memory_mib"]["baseline"]["rss_mib"]["median"] > 0
     assert "baseline / this tree" in run.stdout
 
 

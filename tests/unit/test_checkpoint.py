@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from common.model import engine_dtype, load_model
 from engine.attention import Segment
-from engine.checkpoint import Checkpoint, NotPlain, load_for_engine, open_checkpoint
+from engine.checkpoint import Checkpoint, NotPlain, _rope, load_for_engine, open_checkpoint
 from engine.runner import ModelRunner
 from tests.unit.test_architectures import MODELS, SHAPE, model_of
 
@@ -78,7 +78,9 @@ def assert_runs_like_transformers(folder: Path, dtype: str = "float32") -> None:
     hf = load_model(folder, 0, dtype)
     inv_freq, scale = checkpoint.rope()
     assert torch.equal(inv_freq, hf.model.rotary_emb.inv_freq.float()) and scale == hf.model.rotary_emb.attention_scaling
-    ours = logits(ModelRunner(checkpoint, block_size=4))
+    runner = ModelRunner(checkpoint, block_size=4)
+    assert runner.llama is not None  # our forward ran it, not transformers' modules
+    ours = logits(runner)
     assert torch.equal(ours, logits(ModelRunner(hf, block_size=4)))
     if dtype == "float32":  # and transformers' own forward, not only ours from its weights
         with torch.inference_mode():
@@ -98,10 +100,23 @@ def test_a_tied_config_with_a_head_of_its_own_uses_the_head_as_transformers_does
     assert_runs_like_transformers(folder)
 
 
-def test_shards_with_an_index(tmp_path):
+def test_shards_with_an_index_and_a_single_file_first(tmp_path):
     folder = saved(tmp_path, "qwen3", max_shard_size="100KB")
     assert not (folder / "model.safetensors").exists() and (folder / "model.safetensors.index.json").exists()
     assert_runs_like_transformers(folder)
+    # a single file beside an index is what transformers reads: so do we (here a 1-layer model's)
+    edit_config(saved(tmp_path / "one", "qwen3"), num_hidden_layers=1)
+    edit_tensors(tmp_path / "one" / "qwen3", lambda t: {k: v for k, v in t.items() if ".layers.1." not in k})
+    (tmp_path / "one" / "qwen3" / "model.safetensors").rename(folder / "model.safetensors")
+    edit_config(folder, num_hidden_layers=1)
+    assert open_checkpoint(folder).stored["model.norm.weight"].file.name == "model.safetensors"
+
+
+def test_rope_read_as_transformers_reads_it():
+    assert _rope({"rope_parameters": {"type": "linear"}})["rope_type"] == "linear"
+    assert _rope({"rope_parameters": {"rope_type": "default", "rope_theta": 1.0},
+                  "rope_scaling": {"rope_type": "yarn"}})["rope_type"] == "yarn"  # rope_scaling wins
+    assert _rope({"rope_theta": 5.0}) == {"rope_type": "default", "rope_theta": 5.0}
 
 
 def test_the_tiny_models_and_the_bundled_models_rope_equal_transformers(tiny_model_path, bundled_path):
@@ -146,6 +161,8 @@ NOT_PLAIN = {  # case: (model, what is done to its folder)
     "mistral-window-left-to-default": ("mistral", lambda f: edit_config(f, drop=("sliding_window",))),
     "qwen3-head_dim-left-to-default": ("qwen3", lambda f: edit_config(f, drop=("head_dim",))),
     "kv-heads-left-to-default": ("qwen2", lambda f: edit_config(f, drop=("num_key_value_heads",))),
+    "kv-heads-null": ("qwen2", lambda f: edit_config(f, num_key_value_heads=None)),
+    "qwen-window-on-without-its-size": ("qwen2", lambda f: edit_config(f, use_sliding_window=True, drop=("sliding_window",))),
     "bin-weights": ("mistral", lambda f: (f / "model.safetensors").rename(f / "pytorch_model.bin")),
     "renamed": ("mistral", lambda f: edit_tensors(f, lambda t: {k.replace("model.layers.", "transformer.h."): v
                                                                  for k, v in t.items()})),
@@ -187,6 +204,9 @@ def test_auto_is_float32_on_cpu_and_the_models_own_on_cuda(tmp_path):
     assert open_checkpoint(folder, "auto", device="cuda").dtype == torch.float16  # nothing is read onto it here
     edit_config(folder, drop=("dtype", "torch_dtype"))
     assert open_checkpoint(folder, "auto", device="cuda").dtype == torch.bfloat16  # the weights' own
+    edit_tensors(folder, lambda t: {**t, "model.norm.weight": t["model.norm.weight"].float()})
+    with pytest.raises(NotPlain, match="mixed"):
+        open_checkpoint(folder, "auto", device="cuda")
 
 
 def test_compile_loads_the_hf_model(tiny_model_path):
