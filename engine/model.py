@@ -42,9 +42,8 @@ def check_supported(hf_model, max_model_len: int) -> None:
     rope = getattr(c, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") in ("dynamic", "longrope"):  # inv_freq changes with the length
         raise Unsupported(f"rope_type {rope['rope_type']!r}")
-    window = getattr(c, "sliding_window", None)
-    used = getattr(c, "use_sliding_window", True) if c.model_type in ("qwen2", "qwen3") else True  # Mistral: always
-    if window and used and max_model_len > window:
+    window = getattr(c, "sliding_window", None)  # None where unused: Qwen's configs clear it, and so does a Checkpoint's
+    if window and max_model_len > window:
         raise Unsupported(f"sliding-window attention ({window} tokens) with --max-model-len {max_model_len}")
     if getattr(c, "hidden_act", "silu") != "silu":
         raise Unsupported(f"hidden_act {c.hidden_act!r}")
