@@ -10,6 +10,8 @@ Step by step:
      (B, kv_heads, L, head_dim) cache per layer, written in place (no concatenation): what our
      token service ran before its own engine.
    - with --compile, also ours through torch.compile (engine/compiled.py), its compile time too;
+   - with --cuda-graphs (on a GPU), also ours replayed from CUDA graphs (engine/graphs.py), the
+     way a token service runs it there, and how far its logits are from the eager step's;
    - with --onednn, also ours with oneDNN's prepacked GEMM for the linears instead of our own
      (engine/kernels/linear.cpp): the step before that kernel (for bf16 on AVX2 without AVX-512,
      where oneDNN cannot prepack bf16, that is F.linear).
@@ -36,7 +38,7 @@ def hf_cache(model, B: int, L: int, dtype):
 
     c = model.config
     heads, dim = c.num_key_value_heads, c.hidden_size // c.num_attention_heads
-    pool = torch.randn(c.num_hidden_layers, 2, B, heads, L + 1, dim, dtype=dtype)
+    pool = torch.randn(c.num_hidden_layers, 2, B, heads, L + 1, dim, dtype=dtype, device=model.device)
 
     class Rows(Cache):
         def __init__(self):
@@ -51,29 +53,39 @@ def hf_cache(model, B: int, L: int, dtype):
 
 
 def timed(fn, steps: int) -> float:
-    fn(), fn()  # warm (oneDNN builds its kernels on first use)
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # a GPU step is async
+    fn(), fn()  # warm (oneDNN builds its kernels on first use; a CUDA graph is captured)
+    sync()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2] * 1e3  # ms
 
 
 def setups(model, runner, B: int, L: int):
+    """-> (ours, hf): one decode step of each. The pool's values and the block tables are seeded by
+    B, so two runners' steps at one B compute the same thing."""
     import torch
 
     from engine.attention import Segment
 
     per_seq = -(-(L + 1) // runner.block_size)
-    pool = runner.new_pool(per_seq * B + 8).normal_()
-    order = torch.randperm(per_seq * B + 8)[: per_seq * B].view(B, per_seq).tolist()
+    seeded = torch.Generator().manual_seed(B)
+    pool = runner.new_pool(per_seq * B + 8)
+    values = torch.randn(pool[:, :, :(per_seq * B + 8) * runner.block_size].shape, generator=seeded)
+    pool[:, :, :values.shape[2]].copy_(values)
+    order = torch.randperm(per_seq * B + 8, generator=seeded)[: per_seq * B].view(B, per_seq).tolist()
     segments = [Segment([100 + b], L, order[b]) for b in range(B)]
     rows = hf_cache(model, B, L, model.dtype)
-    ids, pos = torch.full((B, 1), 100), torch.full((B, 1), L)
+    ids, pos = torch.full((B, 1), 100, device=model.device), torch.full((B, 1), L, device=model.device)
 
     def ours():
-        runner.forward(segments, pool)
+        return runner.forward(segments, pool)
 
     def hf():
         with torch.inference_mode():
@@ -101,8 +113,10 @@ def run(args) -> dict:
     results, tables = [], {}
     for dtype in args.dtypes:
         model = load_model(path, args.threads, dtype)
-        runner = ModelRunner(model, block_size=args.block_size)
-        compiled = onednn = None
+        runner = ModelRunner(model, block_size=args.block_size, cuda_graphs=False)
+        compiled = onednn = graphs = None
+        if args.cuda_graphs:
+            graphs = ModelRunner(model, block_size=args.block_size, cuda_graphs=True, max_batch=max(args.batches))
         if args.onednn:
             onednn = ModelRunner(model, block_size=args.block_size, gemm=False)
         if args.compile:
@@ -116,6 +130,11 @@ def run(args) -> dict:
                 fns["compiled"] = setups(model, compiled, B, args.kv_len)[0]
             if onednn is not None:
                 fns["onednn"] = setups(model, onednn, B, args.kv_len)[0]
+            if graphs is not None:
+                fns["graphs"] = setups(model, graphs, B, args.kv_len)[0]
+                eager_logits, graph_logits = setups(model, runner, B, args.kv_len)[0](), fns["graphs"]()
+                agreement = {"max_abs_diff": float((eager_logits - graph_logits).abs().max()),
+                             "argmax_equal": float((eager_logits.argmax(-1) == graph_logits.argmax(-1)).float().mean())}
             ms = {name: [] for name in fns}
             for r in range(args.repeats):
                 for name in list(fns) if r % 2 == 0 else list(fns)[::-1]:
@@ -126,13 +145,18 @@ def run(args) -> dict:
             if compiled is not None:
                 results[-1].update(compiled_ms=spread(ms["compiled"]), compile_s=compiled.compiled.compile_s,
                                    compiled_speedup=spread([o / c for o, c in zip(ms["ours"], ms["compiled"])]))
+            if graphs is not None:
+                results[-1].update(graphs_ms=spread(ms["graphs"]), graphs_vs_eager=agreement,
+                                   graphs_speedup=spread([o / g for o, g in zip(ms["ours"], ms["graphs"])]))
             if onednn is not None:
                 results[-1].update(onednn_ms=spread(ms["onednn"]),
                                    gemm_speedup=spread([d / o for o, d in zip(ms["ours"], ms["onednn"])]))
         tables[dtype] = profile_table(setups(model, runner, max(args.batches), args.kv_len)[0])
         if onednn is not None:
             tables[f"{dtype}, oneDNN GEMM"] = profile_table(setups(model, onednn, max(args.batches), args.kv_len)[0])
-        del model, runner, onednn
+        if graphs is not None:
+            tables[f"{dtype}, CUDA graphs"] = profile_table(setups(model, graphs, max(args.batches), args.kv_len)[0])
+        del model, runner, onednn, graphs
         torch.set_num_threads(torch.get_num_threads())
     return {"results": results, "profiles": tables}
 
@@ -151,6 +175,12 @@ def report(out: dict, args) -> None:
         for r in out["results"]:
             print(f"{r['dtype']:9} {r['batch']:>5}  {fmt(r['compiled_ms']):>22}  {fmt(r['compiled_speedup'], 2):>18}"
                   f"  (compiled in {r['compile_s']:.0f} s)")
+    if any("graphs_ms" in r for r in out["results"]):
+        print("\nours replayed from CUDA graphs (--cuda-graphs): step ms, eager/graphs, logits against the eager step's\n")
+        for r in out["results"]:
+            a = r["graphs_vs_eager"]
+            print(f"{r['dtype']:9} {r['batch']:>5}  {fmt(r['graphs_ms']):>22}  {fmt(r['graphs_speedup'], 2):>18}  "
+                  f"max |diff| {a['max_abs_diff']:.2e}, argmax equal {a['argmax_equal']:.0%}")
     if any("onednn_ms" in r for r in out["results"]):
         print("\nours with oneDNN's GEMM for the linears (--onednn; the step before our GEMM): step ms, "
               "oneDNN/ours\n")
@@ -172,12 +202,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="also time the decode step through torch.compile")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also time our step replayed from CUDA graphs, as a token service runs it on a GPU (needs one)")
     p.add_argument("--onednn", action="store_true",
                    help="also time our step with oneDNN's GEMM for the linears (before engine/kernels/linear.cpp; F.linear for bf16 on a CPU where oneDNN cannot prepack it: AVX2 without AVX-512)")
     p.add_argument("--out", help="write the figures as JSON")
     args = p.parse_args(argv)
     if min(args.batches) < 1 or args.kv_len < 1 or args.repeats < 1 or args.steps < 1:
         p.error("--batches, --kv-len, --repeats and --steps must be >= 1")
+    if args.cuda_graphs:
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--cuda-graphs needs a GPU (torch sees none)")
     out = run(args)
     report(out, args)
     if args.out:
@@ -185,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         summary.update({f"{r['dtype']}_b{r['batch']}_speedup": r["ratio"]["median"] for r in out["results"]})
         summary.update({f"{r['dtype']}_b{r['batch']}_compiled_speedup": r["compiled_speedup"]["median"]
                         for r in out["results"] if "compiled_speedup" in r})
+        summary.update({f"{r['dtype']}_b{r['batch']}_graphs_speedup": r["graphs_speedup"]["median"]
+                        for r in out["results"] if "graphs_speedup" in r})
         write_json(args.out, summary, config=vars(args), **out)
     return 0
 

@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--compile", action="store_true",
                     help="token services run decode steps through torch.compile (measured no faster on a 2-core "
                     "CPU, 0.90-1.04x, for 35-62 s more start-up)")
+    up.add_argument("--enforce-eager", action="store_true",
+                    help="on a GPU, token services run every decode step eagerly instead of replaying CUDA graphs of "
+                    "it (as vLLM's flag; no effect on a CPU)")
     up.add_argument("--cpu-placement", choices=("auto", "split", "turns", "off"), default="auto",
                     help="on a Linux host without a GPU, how the prompt and token services share the cores. split: "
                     "each pinned to its own slice, one torch thread per core (more engines than cores: none pinned, "
@@ -231,7 +234,7 @@ def cmd_up(args, parser) -> int:
     env = {"DEJAVU_KV_TRANSPORT": args.kv_transport, "DEJAVU_KV_SHM_MIB": str(args.kv_shm_mib), "DEJAVU_MAX_MODEL_LEN": str(args.max_model_len),
            "DEJAVU_MAX_SEQS": str(args.max_seqs), "DEJAVU_COLOCATED": str(args.colocated).lower(),
            "DEJAVU_DTYPE": args.dtype, "DEJAVU_BLOCK_SIZE": str(args.block_size), "DEJAVU_KV_BLOCKS": str(args.kv_blocks),
-           "DEJAVU_COMPILE": str(args.compile).lower(), "DEJAVU_MAX_QUEUED_REQUESTS": str(args.max_queued_requests),
+           "DEJAVU_COMPILE": str(args.compile).lower(), "DEJAVU_ENFORCE_EAGER": str(args.enforce_eager).lower(), "DEJAVU_MAX_QUEUED_REQUESTS": str(args.max_queued_requests),
            "DEJAVU_MICROBATCHES": str(args.microbatches), "DEJAVU_KV_DEVICE_BYTES": str(args.kv_device_bytes),
            "DEJAVU_SWAP": str(args.swap).lower()}
     given = args.api_key if args.api_key is not None else [os.environ.get("DEJAVU_API_KEYS", "")]

@@ -36,6 +36,7 @@ import torch
 from engine.attention import AttentionBatch, Segment
 from engine.checkpoint import Checkpoint
 from engine.compiled import CompiledDecode
+from engine.graphs import DecodeGraphs
 from engine.kernels import paged_attention
 from engine.model import LayerCallback, LlamaForward, Unsupported, check_supported
 from engine.turns import Turns
@@ -107,7 +108,10 @@ def _lead_team(threads: int) -> None:
 class ModelRunner:
     def __init__(self, model, block_size: int = 16, max_model_len: int = 1 << 20, own_forward: bool = True,
                  kernels: bool = True, compile: bool = False, turns: str = "", layers: range | None = None,
-                 threads: int = 0, gemm: bool = True):
+                 threads: int = 0, gemm: bool = True, cuda_graphs: bool | None = None, max_batch: int = 256):
+        """cuda_graphs: decode steps replayed from CUDA graphs (engine/graphs.py) for batches up to
+        `max_batch`; None: where the model runs on CUDA, our forward runs it, whole (not one stage)
+        and not --compile. True on a CPU runs the same path without capturing (for tests)."""
         self.kv = KVShape.of(model)  # the whole model's: what KV messages and replicas speak of
         # a pipeline stage (token_service/pipeline.py) holds and computes `layers` only; its pool too
         self.layers = range(self.kv.layers) if layers is None else layers
@@ -121,6 +125,7 @@ class ModelRunner:
         self.device, self.dtype, self.block_size = model.device, model.dtype, block_size
         self.llama: LlamaForward | None = None
         self.hf = None  # engine.hf.HFForward: the Hugging Face modules, for a model our forward does not run
+        self.graphs: DecodeGraphs | None = None  # set last: --compile's warm-up makes a pool before
         try:
             if not own_forward:
                 raise Unsupported("own_forward=False")
@@ -160,6 +165,14 @@ class ModelRunner:
         elif compile:
             log.warning("--compile: this model's decode step runs eagerly (only plain Llama-family models compile, "
                         "not one stage of one)")
+        whole = self.llama is not None and len(self.layers) == self.kv.layers and self.compiled is None
+        if cuda_graphs is None:
+            cuda_graphs = whole and self.device.type == "cuda"
+        elif cuda_graphs and not whole:
+            raise ValueError("CUDA graphs replay our forward of a whole model: not the Hugging Face modules, one "
+                             "pipeline stage or --compile")
+        self.graphs = (DecodeGraphs(self.llama, self.device, block_size, max_batch, max_model_len,
+                                    capture=self.device.type == "cuda") if cuda_graphs else None)
 
     async def run(self, fn, *args):
         """fn(*args) on the engine thread, awaited from an event loop (see the module docstring)."""
@@ -188,10 +201,16 @@ class ModelRunner:
         return self.kv.bytes_per_token * len(self.layers) // self.kv.layers
 
     def new_pool(self, num_blocks: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """The paged KV of this runner's layers, on its device (or `device`: a swapped pool's host side)."""
-        kv = self.kv
-        return torch.zeros(len(self.layers), 2, num_blocks * self.block_size, kv.kv_heads, kv.head_dim,
+        """The paged KV of this runner's layers, on its device (or `device`: a swapped pool's host side).
+        With CUDA graphs, a pool on the device has one slot more, past its blocks: the padding rows of a
+        replayed step write there (engine/graphs.py), and decode steps over it replay graphs."""
+        kv, slots = self.kv, num_blocks * self.block_size
+        scratch = int(self.graphs is not None and device is None)
+        pool = torch.zeros(len(self.layers), 2, slots + scratch, kv.kv_heads, kv.head_dim,
                            dtype=kv.dtype, device=self.device if device is None else device)
+        if scratch:
+            self.graphs.attach(pool, slots)
+        return pool
 
     def check_tokens(self, ids: list[int], what: str) -> None:
         """ValueError for a token id past the vocabulary (the embedding would fail the whole step)."""
@@ -216,6 +235,8 @@ class ModelRunner:
             hidden = hidden.to(self.device, self.dtype)
         if self.hf is not None:
             return self.hf.run(segments, pool, on_layer)
+        if self.graphs is not None and on_layer is None and self.graphs.fits(segments, pool):
+            return self.graphs(segments, pool)
         batch = AttentionBatch.build(segments, self.block_size, self.device)
         ids = torch.tensor([t for s in segments for t in s.tokens], device=self.device) if self.first else None
         positions = torch.tensor([p for s in segments for p in range(s.start, s.end)], device=self.device)

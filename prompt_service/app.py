@@ -45,7 +45,8 @@ def create_app(settings: PromptSettings) -> FastAPI:
         # with our CPU kernels, though it never decodes: the causal attention and the fused small ops
         # are most of a prefill's non-GEMM time (docs/BENCHMARKS.md §5)
         runner = ModelRunner(model, settings.block_size, settings.max_model_len, turns=settings.cpu_turns,
-                             layers=stage_layers(model.config.num_hidden_layers, settings.stages, 0), threads=threads)
+                             layers=stage_layers(model.config.num_hidden_layers, settings.stages, 0), threads=threads,
+                             cuda_graphs=False)  # a prefill's KV streams out layer by layer: no decode step to replay
         del model  # the runner keeps what it needs (our forward copies and packs the weights)
         transport = transport_for(settings)
         peers = Peers(transport, fault_rate=settings.inject_kv_faults)

@@ -12,7 +12,8 @@
 # - .whl/: cp312 wheels of fastapi (and opentelemetry-api, which fastapi >= 0.16x imports), starlette,
 #   uvicorn, pydantic (+ pydantic-core, annotated-types, typing-inspection, typing-extensions),
 #   annotated-doc, anyio, redis (the client), zlib-ng, and ucxx-cu12 with libucxx, libucx, librmm and
-#   rapids-logger (rmm's Python package is not needed to import ucxx). The versions are this
+#   rapids-logger (rmm's Python package is not needed to import ucxx), and pytest (with pluggy,
+#   iniconfig, packaging, pygments) for tests/unit/test_graphs.py. The versions are this
 #   checkout's .venv's, so the device runs what CI tests.
 # - .carry/bin/redis-server: this machine's redis-server with the libraries the image lacks
 #   (libjemalloc, liblzf, libatomic) on its own library path.
@@ -32,7 +33,8 @@ done
 rm -rf .whl .carry && mkdir -p .whl .carry/bin .carry/lib .carry/model .carry/like
 
 packages="fastapi starlette uvicorn pydantic pydantic-core annotated-types typing-inspection typing-extensions
-  annotated-doc anyio redis zlib-ng opentelemetry-api ucxx-cu12 libucxx-cu12 libucx-cu12 librmm-cu12 rapids-logger"
+  annotated-doc anyio redis zlib-ng opentelemetry-api ucxx-cu12 libucxx-cu12 libucx-cu12 librmm-cu12 rapids-logger
+  pytest pluggy iniconfig packaging pygments"
 platforms=()
 for tag in manylinux_2_17 manylinux2014 manylinux_2_24 manylinux_2_27 manylinux_2_28 manylinux_2_34; do
   platforms+=(--platform "${tag}_x86_64")

@@ -16,7 +16,10 @@ Each step is a check; a failed one is recorded and the run goes on where it can:
    the same with the serving token service SIGKILLed after 60 chunks: the same text, and one more
    recovery from the replica. The victim is restarted.
 5. seeded (temperature 0.8, seed 7, ignore_eos): clean against killed, the same text.
-6. bench.serve in a small configuration; its JSON and log land in --out.
+   On CUDA, the token services must have replayed decode steps from CUDA graphs meanwhile
+   (dejavu_engine_cuda_graph_replays on their /metrics).
+6. bench.serve in a small configuration; its JSON and log land in --out. With --compare-eager,
+   again with every token service --enforce-eager (serve-eager.json): CUDA graphs against none.
 7. --out/summary.json: the environment, each check's result and time; PASS or FAIL printed.
 
 Exit code: 0 every check passed, 1 one failed, 2 it cannot run here, 130 interrupted. Every
@@ -296,12 +299,31 @@ def run_cluster_checks(checks: Checks, args, model: str, engine_env: dict, gpu_u
             checks.run("seeded stream, token service killed: same text", killed_run, cluster, SEEDED, seeded)
         else:
             checks.skip("seeded stream, token service killed: same text", "no clean stream to compare with")
+        if gpu_used_before is not None:
+            checks.run("decode steps replayed from CUDA graphs", graph_replays, cluster)
     finally:
         if not checks.passed:  # what the services said last, to see why
             checks.notes["service logs"] = "\n".join(
                 f"{c.name} (pid {c.pid}{', exited ' + str(c.proc.poll()) if c.proc.poll() is not None else ''}): "
                 + " | ".join(list(c.tail)[-8:]) for c in cluster.children)
         cluster.stop()  # Ctrl-C and SIGTERM too
+
+
+def graph_replays(cluster) -> str:
+    """Each token service's CUDA graph counters, from its /metrics: replays must be > 0 somewhere."""
+    import httpx
+
+    seen = []
+    for child in cluster.of("token"):
+        text = httpx.get(f"{child.url}/metrics", timeout=10).text  # open, as /health is
+        value = lambda name: sum(float(line.split()[-1]) for line in text.splitlines()  # noqa: E731
+                                 if line.startswith(name + " "))
+        seen.append((child.name, value("dejavu_engine_cuda_graph_replays_total"),
+                     value("dejavu_engine_cuda_graph_captures_total"), value("dejavu_engine_cuda_graph_capture_seconds_total")))
+    said = "; ".join(f"{n}: {r:.0f} replays, {c:.0f} graphs captured in {s:.2f} s" for n, r, c, s in seen)
+    if not any(r > 0 for _, r, _, _ in seen):
+        raise CheckFailed(f"no decode step was replayed from a CUDA graph: {said}")
+    return said
 
 
 def _held(samples: list[float]) -> str:
@@ -312,17 +334,18 @@ def _held(samples: list[float]) -> str:
 
 # --- 6. bench.serve -----------------------------------------------------------------------------
 
-def run_serve(model: str, out: Path, mode: str, engine_env: dict) -> str:
-    """python -m bench.serve in its own session (one SIGINT on the way out lets it stop its cluster)."""
+def run_serve(model: str, out: Path, mode: str, engine_env: dict, name: str = "serve") -> str:
+    """python -m bench.serve in its own session (one SIGINT on the way out lets it stop its cluster);
+    its JSON and log go to out/{name}.json and .log."""
     cmd = [sys.executable, "-m", "bench.serve", "--model", model, *SERVE[mode].split(),
-           "--out", str(out / "serve.json")]
+           "--out", str(out / f"{name}.json")]
     log("  " + " ".join(cmd[1:]))
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **engine_env}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     timer = threading.Timer(SERVE_TIMEOUT_S[mode], proc.send_signal, [signal.SIGINT])
     timer.start()
     try:
-        with open(out / "serve.log", "w") as fh:
+        with open(out / f"{name}.log", "w") as fh:
             for line in proc.stdout:
                 fh.write(line)
                 print("    " + line.rstrip(), flush=True)
@@ -337,8 +360,8 @@ def run_serve(model: str, out: Path, mode: str, engine_env: dict) -> str:
                 proc.kill()
     if proc.returncode != 0:
         raise CheckFailed(f"bench.serve exited with {proc.returncode} (timeout {SERVE_TIMEOUT_S[mode]:.0f} s); "
-                          f"see {out / 'serve.log'}")
-    summary = json.loads((out / "serve.json").read_text())["summary"]
+                          f"see {out / f'{name}.log'}")
+    summary = json.loads((out / f"{name}.json").read_text())["summary"]
     return "; ".join(f"{k} {v:.1f}" for k, v in summary.items() if isinstance(v, float))
 
 
@@ -383,6 +406,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--kv-transport", default="ucx", choices=("ucx", "tcp"))
     p.add_argument("--out", default="gpu_check_out", help="summary.json, serve.json and serve.log go here")
+    p.add_argument("--compare-eager", action="store_true",
+                   help="bench.serve a second time with --enforce-eager (serve-eager.json): without CUDA graphs")
     p.add_argument("--save-tiny-model", metavar="DIR", help="only write a tiny random Llama to DIR, then exit "
                    "(tokenizer files already in DIR are kept; else SmolLM2's are copied)")
     p.add_argument("--like", metavar="CONFIG", help="with --save-tiny-model: the architecture of this config.json "
@@ -417,6 +442,9 @@ def main(argv=None) -> int:
         if model:
             run_cluster_checks(checks, args, model, engine_env, gpu_memory_used() if mode == "gpu" else None)
             checks.run("bench.serve", run_serve, model, out, mode, engine_env)
+            if args.compare_eager:
+                checks.run("bench.serve, --enforce-eager", run_serve, model, out, mode,
+                           {**engine_env, "DEJAVU_ENFORCE_EAGER": "true"}, "serve-eager")
     except KeyboardInterrupt:
         log("interrupted: every process started was stopped")
         write_summary(out, env, checks, start, blocked=["interrupted"])

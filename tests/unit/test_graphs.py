@@ -1,0 +1,147 @@
+"""Decode steps replayed from CUDA graphs (engine/graphs.py) against the eager step and HF
+`generate`, in float32. On a CPU the graph path runs without capturing (its static buffers, buckets,
+padding rows and scratch slot, each step recomputed); on a GPU the same tests capture and replay.
+
+The model is built here from a config (no tokenizer, no fixture of conftest's), so that the file
+runs on a bare GPU machine (scripts/gpu_device_run.sh)."""
+
+import copy
+
+import pytest
+import torch
+
+from engine.attention import Segment
+from engine.graphs import batch_buckets, kv_buckets
+from engine.runner import ModelRunner
+
+BLOCK = 4
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module")
+def model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=1, eos_token_id=2, initializer_range=0.1)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def device(request):
+    return request.param
+
+
+def runners(model, device, **kwargs):
+    model = copy.deepcopy(model).to(device)
+    eager = ModelRunner(model, block_size=BLOCK, max_model_len=256, cuda_graphs=False, **kwargs)
+    graphs = ModelRunner(model, block_size=BLOCK, max_model_len=256, cuda_graphs=True, max_batch=16, **kwargs)
+    return eager, graphs
+
+
+def test_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(16) == [1, 2, 4, 8, 16]
+    assert batch_buckets(20) == [1, 2, 4, 8, 16, 24]
+    assert batch_buckets(256)[-3:] == [240, 248, 256]
+    assert kv_buckets(2048, 16) == [64, 128, 256, 512, 1024, 1536, 2048]
+    assert kv_buckets(100, 16) == [64, 128]
+    assert kv_buckets(64, 48) == [96]  # whole blocks
+    assert kv_buckets(1000, 48) == [96, 144, 288, 528, 1056]
+
+
+def generate(model, prompt: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         do_sample=False, max_new_tokens=n, min_new_tokens=n)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_greedy_decode_through_graphs_equals_generate(model, device, kernels):
+    """Five sequences, lengths crossing the 64-token bucket, decoded together and retiring one by
+    one (batch buckets 8, 4, 2, 1): each equals HF generate; the graphs serve every decode step."""
+    if device == "cuda" and not kernels:
+        pytest.skip("the CPU kernels have no CUDA variant: one CUDA case")
+    _, runner = runners(model, device, kernels=kernels)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 40, 58, 61, 3)]
+    steps = [12, 20, 9, 30, 4]
+    blocks = (torch.randperm(120, generator=g) + 2).tolist()  # scattered; blocks 0 and 1 no sequence's
+    tables = [blocks[i * 24:(i + 1) * 24] for i in range(5)]
+    pool = runner.new_pool(122)
+    assert pool.shape[2] == 122 * BLOCK + 1  # one scratch slot past the blocks
+    first = runner.forward([Segment(p, 0, t) for p, t in zip(prompts, tables)], pool).argmax(-1).tolist()
+    out = [[t] for t in first]
+    before = pool[:, :, :2 * BLOCK].clone()  # blocks 0 and 1: no sequence's
+    while any(len(o) < n for o, n in zip(out, steps)):
+        live = [i for i, (o, n) in enumerate(zip(out, steps)) if len(o) < n]
+        segments = [Segment([out[i][-1]], len(prompts[i]) + len(out[i]) - 1, tables[i]) for i in live]
+        for i, row in zip(live, runner.forward(segments, pool).argmax(-1).tolist()):
+            out[i].append(row)
+    cpu = model.to("cpu")
+    assert out == [generate(cpu, p, n) for p, n in zip(prompts, steps)]
+    assert torch.equal(pool[:, :, :2 * BLOCK], before), "a padding row wrote a block"
+    used = set(runner.graphs.graphs)
+    assert {B for B, _ in used} == {8, 4, 2, 1} and {L for _, L in used} == {64, 128}
+    if device == "cuda":
+        assert runner.graphs.captures == len(used)
+
+
+def test_replayed_step_matches_the_eager_one(model, device):
+    """The same pool state and step through both runners: the logits agree (a padded batch is a
+    GEMM of other shape: not to the bit), as do the K/V written; a replay of a bucket captured
+    already gives the same logits as its first."""
+    eager, runner = runners(model, device)
+    pool = runner.new_pool(40)
+    pool[:, :, :-1].normal_()
+    reference = pool[:, :, :-1].clone()
+    tables = [list(range(i * 8, i * 8 + 8)) for i in range(5)]
+    segments = [Segment([7 + i], start, t) for i, (start, t) in enumerate(zip((3, 17, 30, 31, 9), tables))]
+    got = runner.forward(segments, pool)
+    want = eager.forward(segments, reference)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pool[:, :, :-1], reference, rtol=1e-4, atol=1e-4)
+    again = runner.forward(segments, pool)  # the same step again: the bucket's graph, replayed
+    assert torch.equal(again, got)
+    assert len(runner.graphs.graphs) == 1
+
+
+def test_steps_the_graphs_do_not_take_run_eagerly(model, device):
+    """A prefill, a chunk, a pool the runner did not make, a step past the largest KV bucket: eager."""
+    eager, runner = runners(model, device)
+    pool, other = runner.new_pool(80), eager.new_pool(80)
+    table = list(range(80))
+    prompt = list(range(3, 260))
+    runner.forward([Segment(prompt[:200], 0, table)], pool)
+    runner.forward([Segment(prompt[200:255], 200, table)], pool)  # a chunk: several tokens after KV
+    runner.forward([Segment([prompt[255]], 255, table)], other)   # not the graphs' pool
+    assert not runner.graphs.graphs
+    runner.forward([Segment([prompt[255]], 255, table)], pool)    # 256 tokens: the last bucket
+    assert list(runner.graphs.graphs) == [(1, 256)]
+    with pytest.raises(ValueError, match="blocks"):
+        runner.forward([Segment([5], 255, table[:10])], pool)
+
+
+def test_graphs_are_for_a_whole_model_of_ours(model):
+    with pytest.raises(ValueError, match="whole model"):
+        ModelRunner(model, block_size=BLOCK, cuda_graphs=True, layers=range(0, 1))
+    with pytest.raises(ValueError, match="whole model"):
+        ModelRunner(model, block_size=BLOCK, cuda_graphs=True, own_forward=False)
+    auto = ModelRunner(model, block_size=BLOCK)
+    assert (auto.graphs is not None) == (auto.device.type == "cuda")
+    assert auto.new_pool(4).shape[2] == 4 * BLOCK + (auto.graphs is not None)
+
+
+def test_a_new_pool_drops_the_graphs_and_captures_anew(model, device):
+    """Graphs replay at the pool's addresses: a runner's next pool starts over (on a GPU, in a new
+    memory pool: capturing into the one its dropped graphs used fails an allocator assertion)."""
+    eager, runner = runners(model, device)
+    for blocks in (20, 30):
+        pool = runner.new_pool(blocks)
+        reference = eager.new_pool(blocks)
+        segments = [Segment([9], 10, [3, 4, 5]), Segment([11], 5, [7, 8])]
+        torch.testing.assert_close(runner.forward(segments, pool), eager.forward(segments, reference),
+                                   rtol=1e-4, atol=1e-4)
+        assert list(runner.graphs.graphs) == [(2, 64)]
