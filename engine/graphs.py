@@ -23,6 +23,10 @@ a sequence owns; a row's keys past its length are read from the scratch slot too
 Where a step does not fit a bucket (longer than --max-model-len's bucket, more rows than the
 largest), or the pool is not the one the runner made for graphs, the step runs eagerly.
 
+A pipeline stage replays its layers the same way: a later stage than the first takes the previous
+one's residual stream into a static (B, hidden) buffer (a padding row's zeros), and a stage before
+the last returns its own instead of logits.
+
 `capture=False` runs the same path without a graph (the static buffers, the buckets, the padding
 and the scratch slot, each step recomputed eagerly): what the CPU tests check, since only a GPU can
 capture (tests/unit/test_graphs.py; on a GPU the same tests capture).
@@ -68,7 +72,7 @@ def kv_buckets(max_model_len: int, block_size: int) -> list[int]:
 class _Graph:
     """One bucket: its static inputs and output, and its graph (None: replayed eagerly)."""
 
-    def __init__(self, B: int, L: int, device: torch.device):
+    def __init__(self, B: int, L: int, device: torch.device, hidden: tuple[int, torch.dtype] | None = None):
         self.B, self.L = B, L
         n = 4 * B + B * L
         self.inputs = torch.zeros(n, dtype=torch.long, device=device)
@@ -78,6 +82,8 @@ class _Graph:
         self.slots = self.inputs[4 * B:].view(B, L)
         self.rows = torch.arange(B, device=device)
         self.keys = torch.arange(L, device=device)
+        # a later pipeline stage's input: the previous stage's residual stream, (B, hidden size)
+        self.hidden = torch.zeros(B, hidden[0], dtype=hidden[1], device=device) if hidden else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
 
@@ -103,29 +109,39 @@ class DecodeGraphs:
             self.memory = torch.cuda.graph_pool_handle()
         self._pool, self.scratch = weakref.ref(pool, lambda _: self.graphs.clear()), scratch
 
+    @property
+    def _hidden(self) -> tuple[int, torch.dtype] | None:
+        """A later stage's input shape and dtype (None: the first stage's input is token ids)."""
+        return None if self.llama.first else (self.llama.hidden_size, self.llama.norm[0].dtype)
+
     def fits(self, segments: list[Segment], pool: torch.Tensor | None) -> bool:
         """A decode-only step over the attached pool, within the largest bucket."""
         return (self._pool is not None and pool is not None and pool is self._pool()
                 and len(segments) <= self.batches[-1] and max(s.end for s in segments) <= self.lengths[-1]
                 and all(len(s.tokens) == 1 and s.start > 0 and s.blocks is not None for s in segments))
 
-    def __call__(self, segments: list[Segment], pool: torch.Tensor) -> torch.Tensor:
-        """Float32 logits of each segment's token: (len(segments), vocab)."""
+    def __call__(self, segments: list[Segment], pool: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits of each segment's token, (len(segments), vocab); a stage before the last
+        returns its residual stream instead, (len(segments), hidden), and a later stage than the
+        first takes the previous one's as `hidden` (as LlamaForward does)."""
         B = self.batches[bisect.bisect_left(self.batches, len(segments))]
         L = self.lengths[bisect.bisect_left(self.lengths, max(s.end for s in segments))]
         g = self.graphs.get((B, L))
         if g is None:
             g = self.graphs[(B, L)] = self._new(B, L, pool)
-        self._fill(g, segments)
+        self._fill(g, segments, hidden)
         if g.graph is None:
             return self._step(g, pool)[:len(segments)].clone()
         g.graph.replay()
         REPLAYS.inc()
         return g.out[:len(segments)].clone()  # the next replay, of any graph, may overwrite g.out
 
-    def _fill(self, g: _Graph, segments: list[Segment]) -> None:
+    def _fill(self, g: _Graph, segments: list[Segment], hidden: torch.Tensor | None = None) -> None:
         """The step's inputs into the bucket's static buffers: padding rows write and read the
-        scratch slot, and a row's keys past its length are the scratch slot too (masked)."""
+        scratch slot, and a row's keys past its length are the scratch slot too (masked).
+        A padding row's hidden state is zeros, every time: the layers add to it in place, and what
+        it writes to the scratch slot must stay finite, since a real row's masked keys read there
+        (a NaN key would make the masked score NaN, not -inf)."""
         B, L, bs, n = g.B, g.L, self.block_size, len(segments)
         staging = g.staging
         ids, positions, new_slot, lengths = staging[:4 * B].reshape(4, B)
@@ -143,16 +159,20 @@ class DecodeGraphs:
         np.copyto(slots[:n], np.where(np.arange(L) < lengths[:n, None], real, self.scratch))
         new_slot[:n] = slots[np.arange(n), lengths[:n] - 1]
         g.inputs.copy_(g.host)  # one copy (blocking: the host buffer is refilled next step)
+        if g.hidden is not None:
+            if hidden is not None:
+                g.hidden[:n].copy_(hidden)
+            g.hidden[n:].zero_()
 
     def _step(self, g: _Graph, pool: torch.Tensor) -> torch.Tensor:
         """The decode step over the static buffers (what a graph captures)."""
         batch = AttentionBatch(segments=[None] * g.B, offsets=list(range(g.B)), slot_mapping=g.slot_mapping,
                                decode=list(range(g.B)), decode_rows=g.rows, decode_slots=g.slots,
                                decode_mask=(g.keys < g.lengths[:, None])[:, None, None, :], decode_lengths=g.lengths)
-        return self.llama(g.ids, g.positions, batch, pool, g.rows)
+        return self.llama(g.ids, g.positions, batch, pool, g.rows, None, g.hidden)
 
     def _new(self, B: int, L: int, pool: torch.Tensor) -> _Graph:
-        g = _Graph(B, L, self.device)
+        g = _Graph(B, L, self.device, self._hidden)
         if not self.capture:
             return g
         start = time.perf_counter()

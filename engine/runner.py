@@ -110,8 +110,8 @@ class ModelRunner:
                  kernels: bool = True, compile: bool = False, turns: str = "", layers: range | None = None,
                  threads: int = 0, gemm: bool = True, cuda_graphs: bool | None = None, max_batch: int = 256):
         """cuda_graphs: decode steps replayed from CUDA graphs (engine/graphs.py) for batches up to
-        `max_batch`; None: where the model runs on CUDA, our forward runs it, whole (not one stage)
-        and not --compile. True on a CPU runs the same path without capturing (for tests)."""
+        `max_batch`; None: where the model runs on CUDA, our forward runs it (the whole model or a
+        pipeline stage) and not --compile. True on a CPU runs the same path without capturing (tests)."""
         self.kv = KVShape.of(model)  # the whole model's: what KV messages and replicas speak of
         # a pipeline stage (token_service/pipeline.py) holds and computes `layers` only; its pool too
         self.layers = range(self.kv.layers) if layers is None else layers
@@ -165,12 +165,12 @@ class ModelRunner:
         elif compile:
             log.warning("--compile: this model's decode step runs eagerly (only plain Llama-family models compile, "
                         "not one stage of one)")
-        whole = self.llama is not None and len(self.layers) == self.kv.layers and self.compiled is None
+        ours = self.llama is not None and self.compiled is None
         if cuda_graphs is None:
-            cuda_graphs = whole and self.device.type == "cuda"
-        elif cuda_graphs and not whole:
-            raise ValueError("CUDA graphs replay our forward of a whole model: not the Hugging Face modules, one "
-                             "pipeline stage or --compile")
+            cuda_graphs = ours and self.device.type == "cuda"
+        elif cuda_graphs and not ours:
+            raise ValueError("CUDA graphs replay our forward (a whole model or a pipeline stage of it): not the "
+                             "Hugging Face modules, nor --compile's")
         self.graphs = (DecodeGraphs(self.llama, self.device, block_size, max_batch, max_model_len,
                                     capture=self.device.type == "cuda") if cuda_graphs else None)
 
@@ -236,7 +236,7 @@ class ModelRunner:
         if self.hf is not None:
             return self.hf.run(segments, pool, on_layer)
         if self.graphs is not None and on_layer is None and self.graphs.fits(segments, pool):
-            return self.graphs(segments, pool)
+            return self.graphs(segments, pool, hidden)
         batch = AttentionBatch.build(segments, self.block_size, self.device)
         ids = torch.tensor([t for s in segments for t in s.tokens], device=self.device) if self.first else None
         positions = torch.tensor([p for s in segments for p in range(s.start, s.end)], device=self.device)

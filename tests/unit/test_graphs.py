@@ -12,7 +12,7 @@ import torch
 
 from engine.attention import Segment
 from engine.graphs import batch_buckets, kv_buckets
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, stage_layers
 
 BLOCK = 4
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -124,10 +124,43 @@ def test_steps_the_graphs_do_not_take_run_eagerly(model, device):
         runner.forward([Segment([5], 255, table[:10])], pool)
 
 
-def test_graphs_are_for_a_whole_model_of_ours(model):
-    with pytest.raises(ValueError, match="whole model"):
-        ModelRunner(model, block_size=BLOCK, cuda_graphs=True, layers=range(0, 1))
-    with pytest.raises(ValueError, match="whole model"):
+@pytest.mark.parametrize("stages", [2, 3])
+def test_pipeline_stages_replayed_equal_generate(model, device, stages):
+    """The model cut into stages, each replaying its own graphs, the residual stream handed from
+    one to the next (a later stage's padding rows zeros): greedy output equals HF generate, as
+    four sequences retire, and the stages' pools hold what one eager runner's pool does."""
+    on = copy.deepcopy(model).to(device)
+    layers = on.config.num_hidden_layers
+    stages = min(stages, layers)
+    parts = [ModelRunner(on, block_size=BLOCK, max_model_len=256, cuda_graphs=True, max_batch=8,
+                         layers=stage_layers(layers, stages, k)) for k in range(stages)]
+    whole = ModelRunner(on, block_size=BLOCK, max_model_len=256, cuda_graphs=False)
+    pools, reference = [p.new_pool(80) for p in parts], whole.new_pool(80)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (7, 30, 12, 50)]
+    steps = [9, 14, 5, 20]
+    tables = [list(range(i * 20, i * 20 + 20)) for i in range(4)]
+    out, seen = [[] for _ in prompts], []
+    for step in range(max(steps)):
+        live = [i for i, n in enumerate(steps) if len(out[i]) < n]
+        segments = [Segment(prompts[i], 0, tables[i]) if step == 0 else
+                    Segment([out[i][-1]], len(prompts[i]) + len(out[i]) - 1, tables[i]) for i in live]
+        x = None
+        for part, pool in zip(parts, pools):
+            x = part.forward(segments, pool, hidden=x)
+        eager = whole.forward(segments, reference)
+        torch.testing.assert_close(x, eager, rtol=1e-4, atol=1e-4)
+        for i, row in zip(live, x.argmax(-1).tolist()):
+            out[i].append(row)
+        seen.append(len(live))
+    assert out == [generate(model, p, n) for p, n in zip(prompts, steps)]
+    torch.testing.assert_close(torch.cat([p[:, :, :-1] for p in pools]), reference, rtol=1e-4, atol=1e-4)
+    for part in parts:  # every stage replayed the decode steps: batches of 4, 3 (as 4), 2 and 1
+        assert {B for B, _ in part.graphs.graphs} == {4, 2, 1}, part.layers
+
+
+def test_graphs_are_for_our_forward(model):
+    with pytest.raises(ValueError, match="our forward"):
         ModelRunner(model, block_size=BLOCK, cuda_graphs=True, own_forward=False)
     auto = ModelRunner(model, block_size=BLOCK)
     assert (auto.graphs is not None) == (auto.device.type == "cuda")
