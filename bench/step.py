@@ -118,7 +118,7 @@ def run(args) -> dict:
         if args.cuda_graphs:
             graphs = ModelRunner(model, block_size=args.block_size, cuda_graphs=True, max_batch=max(args.batches))
         if args.onednn:
-            onednn = ModelRunner(model, block_size=args.block_size, gemm=False)
+            onednn = ModelRunner(model, block_size=args.block_size, gemm=False, cuda_graphs=False)
         if args.compile:
             log(f"{dtype}: compiling the decode step ...")
             compiled = ModelRunner(model, block_size=args.block_size, compile=True)

@@ -172,6 +172,11 @@ class TokenSettings(ModelSettings):
     def num_blocks(self) -> int:
         return self.kv_blocks or self.max_seqs * -(-self.max_model_len // self.block_size)
 
+    @property
+    def cuda_graphs(self) -> bool | None:
+        """ModelRunner's cuda_graphs: None (wherever they run: our forward on CUDA), or off."""
+        return False if self.enforce_eager else None
+
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self, 1 <= self.max_seqs <= 4096, "max_seqs", "must be in 1..4096")

@@ -50,7 +50,7 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
     threads = teams_on_engine_threads_only(settings.threads)
     model = await asyncio.to_thread(load_for_engine, path, settings.dtype, settings.compile)
     runner = ModelRunner(model, settings.block_size, settings.max_model_len, compile=settings.compile, threads=threads,
-                         cuda_graphs=False if settings.enforce_eager else None, max_batch=settings.max_seqs,
+                         cuda_graphs=settings.cuda_graphs, max_batch=settings.max_seqs,
                          turns=settings.cpu_turns, layers=stage_layers(model.config.num_hidden_layers, settings.stages, 0))
     del model  # the runner keeps what it needs (our forward copies and packs the weights)
     engine = app.state.engine = TokenEngine(runner, settings, app.state.service_id)

@@ -53,11 +53,11 @@ async def _stage_lifespan(app: FastAPI, settings: ModelSettings):
     model = await asyncio.to_thread(load_for_engine, path, settings.dtype)
     layers = stage_layers(model.config.num_hidden_layers, settings.stages, settings.stage)
     side = "prompt" if isinstance(settings, PromptSettings) else "token"
-    # a token stage's decode steps replay CUDA graphs on a GPU (as a token service's); a prompt
+    # a token stage's decode steps replay CUDA graphs on a GPU, as a token service's do; a prompt
     # stage's prefill streams its KV out layer by layer and has none to replay
+    graphs = settings.cuda_graphs if side == "token" else False
     runner = ModelRunner(model, settings.block_size, settings.max_model_len, turns=settings.cpu_turns, layers=layers,
-                         threads=threads, **(dict(max_batch=settings.max_seqs) if side == "token" and not
-                                             settings.enforce_eager else dict(cuda_graphs=False)))
+                         threads=threads, cuda_graphs=graphs, max_batch=settings.max_seqs if graphs is not False else 1)
     del model
     transport = transport_for(settings)
     num_blocks, device_blocks = kv_room(settings, runner)
