@@ -152,8 +152,8 @@ class TokenSettings(ModelSettings):
                             "faster on a 2-core CPU, 0.90-1.04x, for 35-62 s more at each start and restart)")
     enforce_eager: bool = setting(False, "on a GPU, run every decode step eagerly, kernel by kernel, instead of "
                                   "replaying a CUDA graph of it (captured at first use for each bucket of batch size "
-                                  "and KV length: 1, 2, 4, multiples of 8 rows; 64-512, then multiples of 512 tokens), "
-                                  "as vLLM's --enforce-eager")
+                                  "and KV length: 1, 2, 4, multiples of 8 rows; 64-512, multiples of 512 up to 4096, "
+                                  "then a quarter more each time), as vLLM's --enforce-eager")
     microbatches: int = setting(0, "decode steps in flight at once, each over its share of the running sequences "
                                 "(0: one per stage of --stages, so every stage computes at once; 1: one step at a "
                                 "time; more than the stages: with --swap, more sequences than the device holds)")

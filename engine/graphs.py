@@ -15,12 +15,13 @@ A graph replays fixed shapes at fixed addresses, so steps are bucketed:
   finer buckets (or an attention that takes lengths) would.
 A bucket's graph is captured the first time a step of that shape comes (one warm-up run, then the
 capture: logged with its time, ~0.17 s each on an H200 for SmolLM2), and replayed ever after; the
-running streams wait meanwhile. The buckets bound how many there are (5 batch sizes x 7 lengths for
+running streams wait meanwhile (vLLM captures before serving instead). A capture that fails leaves
+its bucket's steps eager. The buckets bound how many there are (5 batch sizes x 7 lengths for
 16 sequences of 2048 tokens, 35 x 20 for 256 of 32K). What a graph holds of its own is small:
 every graph reads one set of static input buffers and writes one output buffer, each sized for the
-largest bucket (8 bytes a block of max_batch x max_model_len: 16 MiB for 256 sequences of 128K
-tokens in blocks of 16), and their intermediates share one memory pool, the size of the largest
-bucket's.
+largest bucket (the block tables, 8 bytes a block: ~17 MiB for 256 sequences of 128K tokens in
+blocks of 16; the logits, max_batch x vocab float32: 125 MiB for 256 rows of Llama 3's vocabulary),
+and their intermediates share one memory pool, the size of the largest bucket's.
 
 A replay reads its inputs from those buffers, filled by one copy from pinned host memory: token
 ids, positions, each row's new slot and KV length, and its block table; the slots it reads are
@@ -79,7 +80,7 @@ class _Buffers:
     """The static inputs and output every graph of a DecodeGraphs reads and writes, each sized for
     its largest bucket; a bucket uses a prefix of each."""
 
-    def __init__(self, B: int, L: int, device: torch.device, out: tuple[int, torch.dtype],
+    def __init__(self, B: int, L: int, block_size: int, device: torch.device, out: tuple[int, torch.dtype],
                  hidden: tuple[int, torch.dtype] | None):
         n = 4 * B + B * L  # L: the largest bucket's blocks
         self.inputs = torch.zeros(n, dtype=torch.long, device=device)
@@ -88,6 +89,7 @@ class _Buffers:
         # a later pipeline stage's input: the previous stage's residual stream, (B, hidden size)
         self.hidden = torch.zeros(B, hidden[0], dtype=hidden[1], device=device) if hidden else None
         self.rows = torch.arange(B, device=device)
+        self.keys = torch.arange(L * block_size, device=device)
 
 
 class _Bucket:
@@ -100,8 +102,7 @@ class _Bucket:
         self.staging = buffers.host[:self.size].numpy()
         self.ids, self.positions, self.slot_mapping, self.lengths = inputs[:4 * B].view(4, B)
         self.table = inputs[4 * B:].view(B, self.blocks)
-        self.rows = buffers.rows[:B]
-        self.keys = torch.arange(L, device=inputs.device)
+        self.rows, self.keys = buffers.rows[:B], buffers.keys[:L]
         self.hidden = buffers.hidden[:B] if buffers.hidden is not None else None
         self.graph: torch.cuda.CUDAGraph | None = None
 
@@ -131,7 +132,8 @@ class DecodeGraphs:
         if self.capture:  # a new memory pool: the old one goes with the last graph that used it, and
             # capturing into it after that fails an allocator assertion (seen on an H200, torch 2.11)
             self.memory = torch.cuda.graph_pool_handle()
-        self._pool, self.scratch = weakref.ref(pool, lambda _: self.buckets.clear()), scratch
+        buckets = self.buckets  # the callback holds the dict, not self: no cycle through the pool
+        self._pool, self.scratch = weakref.ref(pool, lambda _: buckets.clear()), scratch
 
     def fits(self, segments: list[Segment], pool: torch.Tensor | None) -> bool:
         """A decode-only step over the attached pool, within the largest bucket."""
@@ -203,28 +205,28 @@ class DecodeGraphs:
             llama = self.llama
             dtype = llama.norm[0].dtype
             out = (llama.lm_head.out_features, torch.float32) if llama.last else (llama.hidden_size, dtype)
-            self._buffers = _Buffers(self.batches[-1], self.lengths[-1] // self.block_size, self.device, out,
+            self._buffers = _Buffers(self.batches[-1], self.lengths[-1] // self.block_size, self.block_size, self.device, out,
                                      None if llama.first else (llama.hidden_size, dtype))
         bucket = _Bucket(B, L, self.block_size, self._buffers)
         if not self.capture:
             return bucket
         start = time.perf_counter()
         self._fill(bucket, [])  # every row a padding row: the warm-up and the capture write the scratch slot only
-        bucket.graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize(self.device)
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._stream):
-            self._step(bucket, pool)  # a warm-up outside the capture: cuBLAS's workspaces, lazy inits
-            # torch.cuda.graph() would also run gc.collect() and empty_cache() first, each time: on
-            # a serving process's heap that is most of a capture's time, while every stream waits.
-            # thread_local: another thread's CUDA calls meanwhile (a KV message written into the
-            # pool) are not an error of this capture
-            bucket.graph.capture_begin(pool=self.memory, capture_error_mode="thread_local")
-            try:
-                self._step(bucket, pool)
-            finally:
-                bucket.graph.capture_end()
+        with torch.cuda.stream(self._stream):  # a warm-up outside the capture: cuBLAS's workspaces, lazy inits
+            self._step(bucket, pool)
         torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # torch.cuda.graph empties the allocator's cache first: what the warm-up held on its
+            # stream goes back. thread_local: another thread's CUDA calls meanwhile (a KV message
+            # written into the pool) are not an error of this capture
+            with torch.cuda.graph(graph, pool=self.memory, capture_error_mode="thread_local"):
+                self._step(bucket, pool)
+        except RuntimeError as exc:  # this bucket's steps then run eagerly, as they compute the same
+            log.warning("CUDA graph capture for %d rows x %d KV tokens failed, those steps run eagerly: %s", B, L, exc)
+            return bucket
+        bucket.graph = graph
         took = time.perf_counter() - start
         self.captures, self.capture_s = self.captures + 1, self.capture_s + took
         CAPTURES.inc()
