@@ -234,7 +234,8 @@ def cmd_up(args, parser) -> int:
     env = {"DEJAVU_KV_TRANSPORT": args.kv_transport, "DEJAVU_KV_SHM_MIB": str(args.kv_shm_mib), "DEJAVU_MAX_MODEL_LEN": str(args.max_model_len),
            "DEJAVU_MAX_SEQS": str(args.max_seqs), "DEJAVU_COLOCATED": str(args.colocated).lower(),
            "DEJAVU_DTYPE": args.dtype, "DEJAVU_BLOCK_SIZE": str(args.block_size), "DEJAVU_KV_BLOCKS": str(args.kv_blocks),
-           "DEJAVU_COMPILE": str(args.compile).lower(), "DEJAVU_ENFORCE_EAGER": str(args.enforce_eager).lower(), "DEJAVU_MAX_QUEUED_REQUESTS": str(args.max_queued_requests),
+           "DEJAVU_COMPILE": str(args.compile).lower(), "DEJAVU_ENFORCE_EAGER": str(args.enforce_eager).lower(),
+           "DEJAVU_MAX_QUEUED_REQUESTS": str(args.max_queued_requests),
            "DEJAVU_MICROBATCHES": str(args.microbatches), "DEJAVU_KV_DEVICE_BYTES": str(args.kv_device_bytes),
            "DEJAVU_SWAP": str(args.swap).lower()}
     given = args.api_key if args.api_key is not None else [os.environ.get("DEJAVU_API_KEYS", "")]

@@ -98,10 +98,7 @@ class AttentionBatch:
         if batch.decode:
             # every decode sequence's slots at once, from one zero-padded block table: a few ops a
             # step, where one per sequence took ~2 ms of Python at 16 sequences
-            short = next((segments[i] for i in batch.decode if len(segments[i].blocks) * block_size < segments[i].end), None)
-            if short is not None:
-                raise ValueError(f"a decode segment at position {short.start} with {len(short.blocks)} blocks "
-                                 f"of {block_size} tokens")
+            check_decode_blocks([segments[i] for i in batch.decode], block_size)
             lengths = torch.tensor([segments[i].end for i in batch.decode])
             L = int(lengths.max())
             table = torch.from_numpy(_padded([segments[i].blocks for i in batch.decode], -(-L // block_size)))
@@ -124,6 +121,14 @@ class AttentionBatch:
         """New K/V (N, kv_heads, D) into one layer's pool (2, slots, kv_heads, D), one copy each."""
         pool_layer[0].index_copy_(0, self.slot_mapping, k)
         pool_layer[1].index_copy_(0, self.slot_mapping, v)
+
+
+def check_decode_blocks(segments: list[Segment], block_size: int) -> None:
+    """ValueError for a decode segment whose block table does not reach its new token."""
+    short = next((s for s in segments if len(s.blocks) * block_size < s.end), None)
+    if short is not None:
+        raise ValueError(f"a decode segment at position {short.start} with {len(short.blocks)} blocks "
+                         f"of {block_size} tokens")
 
 
 def _slots(table: torch.Tensor, block_size: int, start: int, end: int) -> torch.Tensor:

@@ -50,7 +50,7 @@ import weakref
 import torch
 from prometheus_client import Counter
 
-from engine.attention import AttentionBatch, Segment
+from engine.attention import AttentionBatch, Segment, check_decode_blocks
 
 log = logging.getLogger(__name__)
 CAPTURES = Counter("dejavu_engine_cuda_graph_captures", "decode-step CUDA graphs captured (one per bucket at first use)")
@@ -82,14 +82,14 @@ class _Buffers:
 
     def __init__(self, B: int, L: int, block_size: int, device: torch.device, out: tuple[int, torch.dtype],
                  hidden: tuple[int, torch.dtype] | None):
-        n = 4 * B + B * L  # L: the largest bucket's blocks
+        n = 4 * B + B * (L // block_size)  # ids, positions, new slots, lengths; the block tables
         self.inputs = torch.zeros(n, dtype=torch.long, device=device)
         self.host = torch.zeros(n, dtype=torch.long, pin_memory=device.type == "cuda")
         self.out = torch.zeros(B, out[0], dtype=out[1], device=device)
         # a later pipeline stage's input: the previous stage's residual stream, (B, hidden size)
         self.hidden = torch.zeros(B, hidden[0], dtype=hidden[1], device=device) if hidden else None
         self.rows = torch.arange(B, device=device)
-        self.keys = torch.arange(L * block_size, device=device)
+        self.keys = torch.arange(L, device=device)
 
 
 class _Bucket:
@@ -145,10 +145,7 @@ class DecodeGraphs:
         """Float32 logits of each segment's token, (len(segments), vocab); a stage before the last
         returns its residual stream instead, (len(segments), hidden), and a later stage than the
         first takes the previous one's as `hidden` (as LlamaForward does)."""
-        short = next((s for s in segments if len(s.blocks) * self.block_size < s.end), None)
-        if short is not None:
-            raise ValueError(f"a decode segment at position {short.start} with {len(short.blocks)} blocks "
-                             f"of {self.block_size} tokens")
+        check_decode_blocks(segments, self.block_size)
         B = self.batches[bisect.bisect_left(self.batches, len(segments))]
         L = self.lengths[bisect.bisect_left(self.lengths, max(s.end for s in segments))]
         bucket = self.buckets.get((B, L))
@@ -205,7 +202,7 @@ class DecodeGraphs:
             llama = self.llama
             dtype = llama.norm[0].dtype
             out = (llama.lm_head.out_features, torch.float32) if llama.last else (llama.hidden_size, dtype)
-            self._buffers = _Buffers(self.batches[-1], self.lengths[-1] // self.block_size, self.block_size, self.device, out,
+            self._buffers = _Buffers(self.batches[-1], self.lengths[-1], self.block_size, self.device, out,
                                      None if llama.first else (llama.hidden_size, dtype))
         bucket = _Bucket(B, L, self.block_size, self._buffers)
         if not self.capture:

@@ -313,13 +313,14 @@ def graph_replays(cluster) -> str:
     """Each token service's CUDA graph counters, from its /metrics: replays must be > 0 somewhere."""
     import httpx
 
+    def value(text: str, name: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
     seen = []
     for child in cluster.of("token"):
         text = httpx.get(f"{child.url}/metrics", timeout=10).text  # open, as /health is
-        value = lambda name: sum(float(line.split()[-1]) for line in text.splitlines()  # noqa: E731
-                                 if line.startswith(name + " "))
-        seen.append((child.name, value("dejavu_engine_cuda_graph_replays_total"),
-                     value("dejavu_engine_cuda_graph_captures_total"), value("dejavu_engine_cuda_graph_capture_seconds_total")))
+        seen.append((child.name, *(value(text, f"dejavu_engine_cuda_graph_{name}_total")
+                                   for name in ("replays", "captures", "capture_seconds"))))
     said = "; ".join(f"{n}: {r:.0f} replays, {c:.0f} graphs captured in {s:.2f} s" for n, r, c, s in seen)
     if not any(r > 0 for _, r, _, _ in seen):
         raise CheckFailed(f"no decode step was replayed from a CUDA graph: {said}")
