@@ -49,6 +49,7 @@ import logging
 import os
 import secrets
 import struct
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -73,16 +74,16 @@ from common.kv.transport import (
 logger = logging.getLogger(__name__)
 
 # Measured on loopback (see NOTES.md, UCX): the defaults stage rendezvous through CUDA memory
-# and run ~4x slower on CPU. Python futures are not only ~2x faster: without them every pending
-# recv is polled from the event loop, burning a whole core while a connection sits idle.
+# and run ~4x slower on CPU.
 UCX_ENV = {
     "UCX_RNDV_FRAG_MEM_TYPE": "host",
     "UCX_RNDV_SCHEME": "put_zcopy",
     "UCX_WARN_UNUSED_ENV_VARS": "n",
-    "UCXPY_ENABLE_PYTHON_FUTURE": "1",
-    # Requests posted from the event loop's thread, not handed to the progress thread to post
-    # (ucxx's default in its "thread" mode): one thread hop less a message. A small frame and its
-    # acknowledgement: 0.41-0.48 ms a round trip against 0.58-0.67 (bench.kv, alternated)
+    # The worker progressed by the event loop (LoopProgress, in the place of ucxx's "blocking"
+    # mode), which completes requests itself: no progress thread, no Python-future notifier thread.
+    # Requests are posted from the loop's thread, which needs delayed submission off
+    "UCXPY_PROGRESS_MODE": "blocking",
+    "UCXPY_ENABLE_PYTHON_FUTURE": "0",
     "UCXPY_ENABLE_DELAYED_SUBMISSION": "0",
     # Endpoints made from worker addresses get UCX's newer protocol selection, which on loopback
     # TCP moved 16 MiB messages at 1.0 GB/s against 2.4 with the older one (bench.kv, this VM)
@@ -114,6 +115,8 @@ class _Runtime:
         cls.users -= 1
         if cls.users:
             return
+        for progress in list(LoopProgress.running.values()):
+            progress.stop()
         _stop_notifier(ucxx)
         gc.collect()  # closed endpoints caught in reference cycles still pin the context
         try:
@@ -144,34 +147,112 @@ def import_ucxx():
     import ucxx
     from ucxx._lib_async import application_context
 
-    application_context.ThreadMode = _progress_thread_mode()  # ucxx.init() starts it
+    application_context.BlockingMode = LoopProgress  # ucxx.init() starts it, in "blocking" mode
     return ucxx
 
 
-# the longest the progress thread sleeps without an event: a backstop, not a poll
-EPOLL_TIMEOUT_MS = 100
+class LoopProgress:
+    """UCX progressed by the event loop itself: no progress thread, no notifier thread.
+
+    The worker's wake-up file descriptor is one more reader of the loop. When UCX has an event, the
+    loop progresses the worker, completes the futures of the requests that finished and re-arms the
+    worker, all on the loop's thread; a request awaited with `wait` is posted there too. ucxx's
+    "thread" mode (its default) hands each completed request from its progress thread to its notifier
+    thread and from there, as a scheduled coroutine, to the loop: three threads and two hops a
+    message, where a TCP socket wakes the loop once. A small frame and its acknowledgement took
+    0.35-0.37 ms here against 0.62-1.26 in that mode, and half the CPU time (docs/BENCHMARKS.md §1).
+
+    ucxx's own awaitables (endpoint creation and close) poll a request's completion from the loop;
+    the reader progresses the worker for them. BACKSTOP_S progresses it regardless, should an event
+    be missed: a backstop, not a poll (an idle process wakes 10 times a second)."""
+
+    BACKSTOP_S = 0.1
+    running: dict[asyncio.AbstractEventLoop, LoopProgress] = {}
+
+    def __init__(self, worker, event_loop: asyncio.AbstractEventLoop):
+        self.worker, self.event_loop = worker, event_loop  # ucxx's ProgressTask attributes
+        self._pending: dict = {}  # ucxx request -> the future its waiter awaits
+        from ucxx._lib.arr import Array
+        from ucxx.exceptions import UCXCloseError
+        from ucxx.types import Tag, TagMaskFull
+
+        self._array, self._tag, self._tag_mask, self._closed_error = Array, Tag, TagMaskFull, UCXCloseError
+        worker.init_blocking_progress_mode()
+        self._fd = worker.epoll_file_descriptor
+        me = weakref.ref(self)  # the loop's callbacks must not keep this alive past ucxx.reset()
+        event_loop.add_reader(self._fd, _progress_ref, me)
+        self._backstop = event_loop.call_later(self.BACKSTOP_S, _backstop_ref, me)
+        LoopProgress.running[event_loop] = self
+
+    def __hash__(self):  # ucxx keys its progress tasks by loop
+        return hash(self.event_loop)
+
+    def stop(self) -> None:
+        """Before the worker goes (ucxx.reset()): its descriptor leaves the loop."""
+        if LoopProgress.running.get(self.event_loop) is self:
+            del LoopProgress.running[self.event_loop]
+            self._backstop.cancel()
+            if not self.event_loop.is_closed():
+                self.event_loop.remove_reader(self._fd)
+
+    async def call(self, ep, method: str, buf: np.ndarray, tag: int) -> None:
+        """`ep.send(buf)` or `ep.recv(buf)` on a ucxx Endpoint, with `tag` as it is."""
+        if ep.closed:
+            raise self._closed_error("Endpoint closed")
+        ep = ep._ep  # ucxx's Endpoint.send/recv post the request this way, then await it
+        ep.raise_on_error()
+        if method == "send":
+            request = ep.tag_send(self._array(buf), self._tag(tag))
+        else:
+            request = ep.tag_recv(self._array(buf), self._tag(tag), self._tag_mask)
+        await self.wait(request)
+
+    async def wait(self, request) -> None:
+        """Wait for a request posted on this loop's thread; ucxx's error for it raised here."""
+        if not request.completed:
+            self.progress()  # an eager send is done by now
+        if not request.completed:
+            future = self.event_loop.create_future()
+            self._pending[request] = future
+            try:
+                await future
+                return
+            finally:
+                self._pending.pop(request, None)  # cancelled: a recv stays posted until its endpoint closes
+        request.check_error()
+
+    def progress(self) -> None:
+        """Progress the worker until it can be armed (ucp_worker_arm's contract: nothing left to
+        progress before the loop waits on the descriptor again), completing finished requests."""
+        worker = self.worker
+        while True:
+            while worker.progress():
+                pass
+            if self._pending:
+                for request in [r for r in self._pending if r.completed]:
+                    future = self._pending.pop(request)
+                    if future.done():
+                        continue
+                    try:
+                        request.check_error()
+                        future.set_result(None)
+                    except Exception as e:
+                        future.set_exception(e)
+            if worker.arm():
+                return
 
 
-@functools.cache
-def _progress_thread_mode():
-    """ucxx's "thread" progress mode (its default, ours), with a progress thread that sleeps until
-    the worker has an event (EPOLL_TIMEOUT_MS at most) instead of ucxx's fixed 1 ms.
+def _progress_ref(ref: weakref.ref) -> None:
+    progress = ref()
+    if progress is not None:
+        progress.progress()
 
-    With 1 ms, each process holding a UCX worker woke ~800 times a second, idle or not; on a small
-    host every wake-up took a core from an engine's OpenMP team, whose other thread then waited at
-    the end of the op (docs/BENCHMARKS.md §5)."""
-    import weakref
 
-    from ucxx._lib_async.continuous_ucx_progress import ProgressTask, _create_context
-
-    class ThreadMode(ProgressTask):
-        def __init__(self, worker, event_loop, polling_mode=False):
-            super().__init__(worker, event_loop)
-            worker.set_progress_thread_start_callback(_create_context)  # on CUDA: the thread's context
-            worker.start_progress_thread(polling_mode=polling_mode, epoll_timeout=EPOLL_TIMEOUT_MS)
-            weakref.finalize(self, worker.stop_progress_thread)
-
-    return ThreadMode
+def _backstop_ref(ref: weakref.ref) -> None:
+    progress = ref()
+    if progress is not None and LoopProgress.running.get(progress.event_loop) is progress:
+        progress.progress()
+        progress._backstop = progress.event_loop.call_later(progress.BACKSTOP_S, _backstop_ref, ref)
 
 
 class UcxConnection(Connection):
@@ -283,8 +364,12 @@ class UcxConnection(Connection):
         if self._closed:  # closed by another task between two messages of this frame
             raise TransportError(f"{method} on a closed connection")
         tag = self._send_tag if method == "send" else self._recv_tag
+        progress = LoopProgress.running.get(asyncio.get_running_loop())
         try:
-            await getattr(self._ep, method)(buf, tag=tag, force_tag=True)
+            if progress is None:  # the user chose another of ucxx's progress modes
+                await getattr(self._ep, method)(buf, tag=tag, force_tag=True)
+            else:
+                await progress.call(self._ep, method, buf, tag)
         except self._errors as e:
             raise TransportError(f"{method} failed: {type(e).__name__}: {e}") from e
 
