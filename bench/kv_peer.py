@@ -76,7 +76,7 @@ async def cancel(task: asyncio.Task) -> None:
 async def open_shm(stack: contextlib.AsyncExitStack, exchange):
     """A UcxConnection to the peer whose hex worker address `await exchange(own_hex)` returns.
     Error handling off: with it on, UCX uses tcp only. The stack closes the connection, then
-    releases UCX (the process's last user stops the notifier thread and resets UCX)."""
+    releases UCX (the process's last user takes the worker off the loop and resets UCX)."""
     from common.kv.ucx import UcxConnection, _Runtime, import_ucxx
 
     ucxx = import_ucxx()

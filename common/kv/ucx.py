@@ -26,16 +26,16 @@ other's, so that UCX's wireup is done. A frame is one or two tagged messages, re
     2. payload: payload_len bytes, received straight into the allocator's array; only when it did
        not fit in the head
 
-Each UCX request costs a hop through ucxx's completion notifier to the event loop, so a frame is
+Each UCX request that does not complete at once costs a wake of the receiving loop, so a frame is
 as few of them as it can be: a small frame (an acknowledgement, a header, an activation) is one.
 
 Lifecycle, per process:
 1. `UcxTransport(token)` sets the UCX environment and imports ucxx. Never at module import: UCX
    initialised before a fork breaks the child, and ucxx reads the environment at import.
-2. The first `listen`/`connect` initialises UCX inside the running event loop (ucxx binds its
-   completion notifier thread to that loop).
+2. The first `listen`/`connect` initialises UCX inside the running event loop, which progresses
+   the worker from then on (LoopProgress).
 3. `close()` closes every endpoint and the listener; the last open transport in the process
-   stops the notifier thread and resets UCX, without which the process hangs at exit.
+   takes the worker off the loop and resets UCX, without which the process hangs at exit.
 """
 
 from __future__ import annotations
@@ -126,7 +126,8 @@ class _Runtime:
 
 
 def _stop_notifier(ucxx) -> None:
-    """Stop ucxx's notifier thread: not a daemon, so left running the interpreter never exits."""
+    """Stop ucxx's notifier thread, where a user chose ucxx's "thread" mode with Python futures (ours
+    runs none): not a daemon, so left running the interpreter never exits."""
     # ucxx.stop_notifier_thread() alone waits for the thread's next once-a-second poll; waking it
     # first makes close() take ms. The context is private, hence the getattr guards.
     ctx = getattr(ucxx.core, "_ctx", None)
