@@ -49,7 +49,6 @@ import logging
 import os
 import secrets
 import struct
-import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -70,6 +69,8 @@ from common.kv.transport import (
     serve,
     split_address,
 )
+from common.kv.ucx_progress import LoopProgress
+from common.kv.ucx_progress import install as install_loop_progress
 
 logger = logging.getLogger(__name__)
 
@@ -79,15 +80,18 @@ UCX_ENV = {
     "UCX_RNDV_FRAG_MEM_TYPE": "host",
     "UCX_RNDV_SCHEME": "put_zcopy",
     "UCX_WARN_UNUSED_ENV_VARS": "n",
-    # The worker progressed by the event loop (LoopProgress, in the place of ucxx's "blocking"
-    # mode), which completes requests itself: no progress thread, no Python-future notifier thread.
-    # Requests are posted from the loop's thread, which needs delayed submission off
-    "UCXPY_PROGRESS_MODE": "blocking",
-    "UCXPY_ENABLE_PYTHON_FUTURE": "0",
-    "UCXPY_ENABLE_DELAYED_SUBMISSION": "0",
     # Endpoints made from worker addresses get UCX's newer protocol selection, which on loopback
     # TCP moved 16 MiB messages at 1.0 GB/s against 2.4 with the older one (bench.kv, this VM)
     "UCX_PROTO_ENABLE": "n",
+}
+# The worker progressed by the event loop (LoopProgress in the place of ucxx's "blocking" mode),
+# which completes the requests itself: no progress thread, no Python-future notifier thread.
+# Requests are posted from the loop's thread, hence no delayed submission. Not the user's to change:
+# nothing else would progress the requests `UcxConnection` posts.
+UCXX_PROGRESS = {
+    "UCXPY_PROGRESS_MODE": "blocking",
+    "UCXPY_ENABLE_PYTHON_FUTURE": "0",
+    "UCXPY_ENABLE_DELAYED_SUBMISSION": "0",
 }
 
 
@@ -107,7 +111,7 @@ class _Runtime:
     @classmethod
     def acquire(cls, ucxx) -> None:
         if cls.users == 0:
-            ucxx.init()  # binds the notifier thread to the running loop
+            ucxx.init()  # the running loop progresses the worker from now on (LoopProgress)
         cls.users += 1
 
     @classmethod
@@ -116,8 +120,10 @@ class _Runtime:
         if cls.users:
             return
         for progress in list(LoopProgress.running.values()):
-            progress.stop()
-        _stop_notifier(ucxx)
+            progress.stop(TransportError("UCX was reset: the last UCX transport of this process closed"))
+        ctx = getattr(ucxx.core, "_ctx", None)  # private: ucxx keeps its progress objects there
+        if ctx is not None:
+            ctx.clear_progress_tasks()  # a failed reset must not leave ucxx a stopped one
         gc.collect()  # closed endpoints caught in reference cycles still pin the context
         try:
             ucxx.reset()
@@ -125,135 +131,16 @@ class _Runtime:
             logger.warning("UCX not reset, something still holds an endpoint: %s", e)
 
 
-def _stop_notifier(ucxx) -> None:
-    """Stop ucxx's notifier thread, where a user chose ucxx's "thread" mode with Python futures (ours
-    runs none): not a daemon, so left running the interpreter never exits."""
-    # ucxx.stop_notifier_thread() alone waits for the thread's next once-a-second poll; waking it
-    # first makes close() take ms. The context is private, hence the getattr guards.
-    ctx = getattr(ucxx.core, "_ctx", None)
-    worker = ctx.worker if getattr(ctx, "notifier_thread", None) is not None else None
-    if worker is not None:
-        worker.stop_request_notifier_thread()
-    ucxx.stop_notifier_thread()
-    if worker is not None:
-        # The thread consumed the stop flag on its way out; set it again, or the worker's
-        # destructor takes the notifier for running and logs a warning.
-        worker.stop_request_notifier_thread()
-
-
 def import_ucxx():
-    """Import ucxx after setting its environment (our values only where the user set none)."""
+    """Import ucxx after setting its environment: UCX's settings ours only where the user set none,
+    ucxx's progress always ours (common/kv/ucx_progress.py)."""
     for key, value in UCX_ENV.items():
         os.environ.setdefault(key, value)
+    os.environ.update(UCXX_PROGRESS)
     import ucxx
-    from ucxx._lib_async import application_context
 
-    application_context.BlockingMode = LoopProgress  # ucxx.init() starts it, in "blocking" mode
+    install_loop_progress()
     return ucxx
-
-
-class LoopProgress:
-    """UCX progressed by the event loop itself: no progress thread, no notifier thread.
-
-    The worker's wake-up file descriptor is one more reader of the loop. When UCX has an event, the
-    loop progresses the worker, completes the futures of the requests that finished and re-arms the
-    worker, all on the loop's thread; a request awaited with `wait` is posted there too. ucxx's
-    "thread" mode (its default) hands each completed request from its progress thread to its notifier
-    thread and from there, as a scheduled coroutine, to the loop: three threads and two hops a
-    message, where a TCP socket wakes the loop once. A small frame and its acknowledgement took
-    0.35-0.37 ms here against 0.62-1.26 in that mode, and half the CPU time (docs/BENCHMARKS.md §1).
-
-    ucxx's own awaitables (endpoint creation and close) poll a request's completion from the loop;
-    the reader progresses the worker for them. BACKSTOP_S progresses it regardless, should an event
-    be missed: a backstop, not a poll (an idle process wakes 10 times a second)."""
-
-    BACKSTOP_S = 0.1
-    running: dict[asyncio.AbstractEventLoop, LoopProgress] = {}
-
-    def __init__(self, worker, event_loop: asyncio.AbstractEventLoop):
-        self.worker, self.event_loop = worker, event_loop  # ucxx's ProgressTask attributes
-        self._pending: dict = {}  # ucxx request -> the future its waiter awaits
-        from ucxx._lib.arr import Array
-        from ucxx.exceptions import UCXCloseError
-        from ucxx.types import Tag, TagMaskFull
-
-        self._array, self._tag, self._tag_mask, self._closed_error = Array, Tag, TagMaskFull, UCXCloseError
-        worker.init_blocking_progress_mode()
-        self._fd = worker.epoll_file_descriptor
-        me = weakref.ref(self)  # the loop's callbacks must not keep this alive past ucxx.reset()
-        event_loop.add_reader(self._fd, _progress_ref, me)
-        self._backstop = event_loop.call_later(self.BACKSTOP_S, _backstop_ref, me)
-        LoopProgress.running[event_loop] = self
-
-    def __hash__(self):  # ucxx keys its progress tasks by loop
-        return hash(self.event_loop)
-
-    def stop(self) -> None:
-        """Before the worker goes (ucxx.reset()): its descriptor leaves the loop."""
-        if LoopProgress.running.get(self.event_loop) is self:
-            del LoopProgress.running[self.event_loop]
-            self._backstop.cancel()
-            if not self.event_loop.is_closed():
-                self.event_loop.remove_reader(self._fd)
-
-    async def call(self, ep, method: str, buf: np.ndarray, tag: int) -> None:
-        """`ep.send(buf)` or `ep.recv(buf)` on a ucxx Endpoint, with `tag` as it is."""
-        if ep.closed:
-            raise self._closed_error("Endpoint closed")
-        ep = ep._ep  # ucxx's Endpoint.send/recv post the request this way, then await it
-        ep.raise_on_error()
-        if method == "send":
-            request = ep.tag_send(self._array(buf), self._tag(tag))
-        else:
-            request = ep.tag_recv(self._array(buf), self._tag(tag), self._tag_mask)
-        await self.wait(request)
-
-    async def wait(self, request) -> None:
-        """Wait for a request posted on this loop's thread; ucxx's error for it raised here."""
-        if not request.completed:
-            self.progress()  # an eager send is done by now
-        if not request.completed:
-            future = self.event_loop.create_future()
-            self._pending[request] = future
-            try:
-                await future
-                return
-            finally:
-                self._pending.pop(request, None)  # cancelled: a recv stays posted until its endpoint closes
-        request.check_error()
-
-    def progress(self) -> None:
-        """Progress the worker until it can be armed (ucp_worker_arm's contract: nothing left to
-        progress before the loop waits on the descriptor again), completing finished requests."""
-        worker = self.worker
-        while True:
-            while worker.progress():
-                pass
-            if self._pending:
-                for request in [r for r in self._pending if r.completed]:
-                    future = self._pending.pop(request)
-                    if future.done():
-                        continue
-                    try:
-                        request.check_error()
-                        future.set_result(None)
-                    except Exception as e:
-                        future.set_exception(e)
-            if worker.arm():
-                return
-
-
-def _progress_ref(ref: weakref.ref) -> None:
-    progress = ref()
-    if progress is not None:
-        progress.progress()
-
-
-def _backstop_ref(ref: weakref.ref) -> None:
-    progress = ref()
-    if progress is not None and LoopProgress.running.get(progress.event_loop) is progress:
-        progress.progress()
-        progress._backstop = progress.event_loop.call_later(progress.BACKSTOP_S, _backstop_ref, ref)
 
 
 class UcxConnection(Connection):
@@ -342,6 +229,9 @@ class UcxConnection(Connection):
             await ep.close()  # cancels our pending requests
         except self._errors as e:
             logger.debug("ucx endpoint close: %s", e)
+        progress = LoopProgress.of(asyncio.get_running_loop())
+        if progress is not None:
+            progress.poke()  # the cancelled requests complete without an event on the descriptor
         await asyncio.gather(self._watch, return_exceptions=True)
         if self._on_close is not None:
             self._on_close(self)
@@ -365,12 +255,11 @@ class UcxConnection(Connection):
         if self._closed:  # closed by another task between two messages of this frame
             raise TransportError(f"{method} on a closed connection")
         tag = self._send_tag if method == "send" else self._recv_tag
-        progress = LoopProgress.running.get(asyncio.get_running_loop())
+        progress = LoopProgress.of(asyncio.get_running_loop())
+        if progress is None:
+            raise TransportError(f"{method} on a loop that does not progress UCX (another event loop?)")
         try:
-            if progress is None:  # the user chose another of ucxx's progress modes
-                await getattr(self._ep, method)(buf, tag=tag, force_tag=True)
-            else:
-                await progress.call(self._ep, method, buf, tag)
+            await progress.call(self._ep, method, buf, tag)
         except self._errors as e:
             raise TransportError(f"{method} failed: {type(e).__name__}: {e}") from e
 

@@ -264,6 +264,18 @@ async def test_local_close_fails_pending_recv_on_both_sides(pair):
 
 
 @pytest.mark.asyncio
+async def test_closing_the_transport_fails_a_recv_still_pending(pair):
+    """The last UCX transport of a process resets UCX: a recv another task still awaits fails then,
+    promptly, instead of waiting for a progress that no longer comes."""
+    conn = await connect_to(pair)
+    pending = asyncio.create_task(conn.recv())
+    await asyncio.sleep(0.05)  # let the recv block
+    await asyncio.wait_for(pair[1].close(), BOUND_S)
+    with pytest.raises(TransportError):
+        await asyncio.wait_for(pending, 1.0)
+
+
+@pytest.mark.asyncio
 async def test_cancelled_recv_breaks_the_connection(pair):
     conn = await connect_to(pair)
     with pytest.raises(asyncio.TimeoutError):
