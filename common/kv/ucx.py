@@ -119,16 +119,21 @@ class _Runtime:
         cls.users -= 1
         if cls.users:
             return
-        for progress in list(LoopProgress.running.values()):
-            progress.stop(TransportError("UCX was reset: the last UCX transport of this process closed"))
-        ctx = getattr(ucxx.core, "_ctx", None)  # private: ucxx keeps its progress objects there
-        if ctx is not None:
-            ctx.clear_progress_tasks()  # a failed reset must not leave ucxx a stopped one
-        gc.collect()  # closed endpoints caught in reference cycles still pin the context
         try:
-            ucxx.reset()
-        except ucxx.exceptions.UCXError as e:
-            logger.warning("UCX not reset, something still holds an endpoint: %s", e)
+            for progress in list(LoopProgress.running.values()):  # one: the process's transports share a loop
+                try:
+                    progress.stop("UCX was reset: the last UCX transport of this process closed")
+                except Exception as e:
+                    logger.warning("UCX's last progress before its reset failed: %r", e)
+        finally:
+            ctx = getattr(ucxx.core, "_ctx", None)  # private: ucxx keeps its progress objects there
+            if ctx is not None:
+                ctx.clear_progress_tasks()  # a failed reset must not leave ucxx a stopped one
+            gc.collect()  # closed endpoints caught in reference cycles still pin the context
+            try:
+                ucxx.reset()
+            except ucxx.exceptions.UCXError as e:
+                logger.warning("UCX not reset, something still holds an endpoint: %s", e)
 
 
 def import_ucxx():

@@ -23,6 +23,8 @@ import weakref
 
 import numpy as np
 
+from common.kv.transport import TransportError
+
 # how many progress-and-arm rounds one turn of the loop runs before it lets the loop's other
 # callbacks in (a stream of events can keep the worker busy: arm() refuses while any is pending)
 ROUNDS_PER_TURN = 16
@@ -47,6 +49,10 @@ class LoopProgress:
         worker.init_blocking_progress_mode()
         self._fd = worker.epoll_file_descriptor
         self._ref = weakref.ref(self)  # the loop's callbacks must not keep this alive past ucxx.reset()
+        self._poked = False  # a progress is queued on the loop: pokes merge into it
+        previous = LoopProgress.running.get(event_loop)
+        if previous is not None:  # ucxx made another worker for this loop: the old one's requests end
+            previous.stop("UCX was initialised again on this event loop")
         event_loop.add_reader(self._fd, _progress, self._ref)
         self._backstop = event_loop.call_later(self.BACKSTOP_S, _backstop, self._ref)
         LoopProgress.running[event_loop] = self
@@ -55,21 +61,24 @@ class LoopProgress:
     def of(cls, loop: asyncio.AbstractEventLoop) -> LoopProgress | None:
         return cls.running.get(loop)
 
-    def stop(self, error: BaseException) -> None:
+    def stop(self, why: str) -> None:
         """Before the worker goes (ucxx.reset()), on its loop's thread: a last progress, then the
-        descriptor leaves the loop and every request still awaited fails with `error`."""
+        descriptor leaves the loop and every request still awaited fails (TransportError(why))."""
         if LoopProgress.running.get(self.event_loop) is not self:
             return
         del LoopProgress.running[self.event_loop]
         self._backstop.cancel()
-        if not self.event_loop.is_closed():
-            self._progress_rounds(ROUNDS_PER_TURN)
-            self.event_loop.remove_reader(self._fd)
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(error)
-        self._pending.clear()
-        self._orphans.clear()
+        try:
+            if not self.event_loop.is_closed():
+                self._progress_rounds(ROUNDS_PER_TURN)
+        finally:
+            if not self.event_loop.is_closed():
+                self.event_loop.remove_reader(self._fd)
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(TransportError(why))  # one each: a shared one's traceback grows
+            self._pending.clear()
+            self._orphans.clear()
 
     async def call(self, ep, method: str, buf: np.ndarray, tag: int) -> None:
         """`ep.send(buf)` or `ep.recv(buf)` on a ucxx Endpoint, with `tag` as it is; ucxx's error
@@ -86,26 +95,27 @@ class LoopProgress:
             request = ep.tag_send(Array(buf), Tag(tag))
         else:
             request = ep.tag_recv(Array(buf), Tag(tag), TagMaskFull)
-        if not request.completed:
-            self.progress()  # an eager send is done by now
-        if not request.completed:
-            future = self.event_loop.create_future()
-            self._pending[request] = future
-            try:
-                await future
-                return
-            except asyncio.CancelledError:
-                if not request.completed:
-                    self._orphans[request] = buf
-                raise
-            finally:
-                self._pending.pop(request, None)
-        request.check_error()
+        if request.completed:  # an eager send
+            request.check_error()
+            return
+        future = self.event_loop.create_future()
+        self._pending[request] = future
+        try:
+            self.progress()
+            await future
+        except BaseException:  # cancelled, or the progress failed
+            if not request.completed:
+                self._orphans[request] = buf
+            raise
+        finally:
+            self._pending.pop(request, None)
 
     def poke(self) -> None:
-        """Progress soon: ucxx's own calls (an endpoint's close) may complete requests without an
-        event on the descriptor."""
-        self.event_loop.call_soon(_progress, self._ref)
+        """Progress in the loop's next turn, once however often poked: ucxx's own calls (an
+        endpoint's close) may complete requests without an event on the descriptor."""
+        if not self._poked:
+            self._poked = True
+            self.event_loop.call_soon(_poked, self._ref)
 
     def progress(self) -> None:
         """Progress the worker until it can be armed (ucp_worker_arm's contract: nothing left to
@@ -141,6 +151,13 @@ def _progress(ref: weakref.ref) -> None:
     progress = ref()
     if progress is not None and LoopProgress.running.get(progress.event_loop) is progress:
         progress.progress()
+
+
+def _poked(ref: weakref.ref) -> None:
+    progress = ref()
+    if progress is not None:
+        progress._poked = False
+        _progress(ref)
 
 
 def _backstop(ref: weakref.ref) -> None:

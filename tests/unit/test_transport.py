@@ -265,8 +265,8 @@ async def test_local_close_fails_pending_recv_on_both_sides(pair):
 
 @pytest.mark.asyncio
 async def test_closing_the_transport_fails_a_recv_still_pending(pair):
-    """The last UCX transport of a process resets UCX: a recv another task still awaits fails then,
-    promptly, instead of waiting for a progress that no longer comes."""
+    """A recv another task awaits fails promptly when its side's transport closes (over UCX, the
+    closing endpoint cancels it, and the loop completes the cancelled request)."""
     conn = await connect_to(pair)
     pending = asyncio.create_task(conn.recv())
     await asyncio.sleep(0.05)  # let the recv block
