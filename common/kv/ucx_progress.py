@@ -41,7 +41,13 @@ class LoopProgress:
     running: dict[asyncio.AbstractEventLoop, LoopProgress] = {}  # as ucxx's own ProgressTasks
 
     def __init__(self, worker, event_loop: asyncio.AbstractEventLoop):
+        from ucxx._lib.arr import Array
+        from ucxx.exceptions import UCXCloseError
+        from ucxx.types import Tag, TagMaskFull
+
         self.worker, self.event_loop = worker, event_loop
+        # ucxx's types, resolved once here rather than on every message (ucxx is imported by now)
+        self._array, self._tag, self._tag_mask, self._closed_error = Array, Tag, TagMaskFull, UCXCloseError
         self._pending: dict[object, asyncio.Future[None]] = {}  # a ucxx request -> its waiter's future
         # requests whose waiter was cancelled, with their buffers: UCX may still write or read them
         # (a rendezvous under way) until the request completes or its endpoint closes
@@ -83,18 +89,14 @@ class LoopProgress:
     async def call(self, ep, method: str, buf: np.ndarray, tag: int) -> None:
         """`ep.send(buf)` or `ep.recv(buf)` on a ucxx Endpoint, with `tag` as it is; ucxx's error
         for the request raised here."""
-        from ucxx._lib.arr import Array
-        from ucxx.exceptions import UCXCloseError
-        from ucxx.types import Tag, TagMaskFull
-
         if ep.closed:
-            raise UCXCloseError("Endpoint closed")
+            raise self._closed_error("Endpoint closed")
         ep = ep._ep  # what ucxx's Endpoint.send/recv post the request on
         ep.raise_on_error()
         if method == "send":
-            request = ep.tag_send(Array(buf), Tag(tag))
+            request = ep.tag_send(self._array(buf), self._tag(tag))
         else:
-            request = ep.tag_recv(Array(buf), Tag(tag), TagMaskFull)
+            request = ep.tag_recv(self._array(buf), self._tag(tag), self._tag_mask)
         if request.completed:  # an eager send
             request.check_error()
             return
