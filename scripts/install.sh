@@ -43,6 +43,6 @@ redis-server --version
 
 step "converting the bundled model once (later starts load it in ~1 s)"
 $PY -m common.model smollm2
-step "building our CPU kernels once (~40 s; without a compiler the engines use a slower path)"
+step "building our CPU kernels once (~40 s on 2 cores; without a compiler the engines use a slower path)"
 $PY -m engine.kernels || echo "[install] no CPU kernels: attention falls back to SDPA, small ops to PyTorch (slower)"
 step "done"

@@ -20,8 +20,9 @@ HERE = Path(__file__).resolve().parent
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # fast-math: vector exp (glibc libmvec); OpenMP: parallel.h
 
 
-SOURCES = ("paged_attention.cpp", "pointwise.cpp", "linear.cpp", "decode.cpp")
-HEADERS = ("parallel.h", "silu.h", "linear_tiles.h")  # not compiled on their own, but a change to one builds anew
+SOURCES = ("paged_attention.cpp", "pointwise.cpp", "linear.cpp", "decode.cpp", "bind.cpp")
+# not compiled on their own, but a change to one builds anew
+HEADERS = ("parallel.h", "silu.h", "linear_tiles.h", "tensor.h", "kernels.h", "decode.h")
 
 
 @functools.cache
@@ -30,10 +31,10 @@ def paged_attention():
     paged_attention.cpp) and a layer's fused small ops (`rms_norm`, `add_rms_norm`, `rope_`,
     `silu_and_mul`, in pointwise.cpp), the GEMM of the linears (`pack_linear`, `linear`, in
     linear.cpp; `pack_gate_up`, `gate_up_order` and `linear_silu_mul` for an MLP's gate/up with its
-    activation) and a decode step's layers in one call (`DecodeStack`, in decode.cpp), built for
-    this CPU (-march=native: its name hashes the CPU's
-    flags, the sources and where they live, so another CPU, an edited source or another checkout
-    builds anew); or None."""
+    activation) and a decode step's layers in one call (`DecodeStack`, in decode.cpp), bound to
+    Python in bind.cpp, built for this CPU (-march=native: its name hashes the CPU's flags, the
+    sources and where they live, so another CPU, an edited source or another checkout builds
+    anew); or None."""
     try:
         from torch.utils.cpp_extension import load
 

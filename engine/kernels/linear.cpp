@@ -23,7 +23,7 @@
 // On AVX2 both dtypes take one panel x 6 rows in ymm registers.
 // LINEAR_DTYPES says which this build runs; the engine keeps oneDNN's GEMM for the others
 // (engine/model.py, Linear).
-#include <torch/extension.h>
+#include "kernels.h"
 #include "linear_tiles.h"
 #include "parallel.h"
 #include "silu.h"
@@ -128,18 +128,18 @@ void run_gate_up(const X* x, int64_t M, int64_t K, const W* w, int64_t I, const 
   });
 }
 
-int64_t panels_for(const torch::Tensor& w) { return w.scalar_type() == torch::kBFloat16 ? PANELS_BF16 : PANELS_F32; }
+int64_t panels_for(const at::Tensor& w) { return w.scalar_type() == at::kBFloat16 ? PANELS_BF16 : PANELS_F32; }
 
 }  // namespace
 
-torch::Tensor pack_linear(torch::Tensor w) {
+at::Tensor pack_linear(at::Tensor w) {
   TORCH_CHECK(w.dim() == 2 && w.device().is_cpu(), "pack_linear: a (N, K) CPU weight");
-  const bool bf16 = w.scalar_type() == torch::kBFloat16;
-  TORCH_CHECK(bf16 || w.scalar_type() == torch::kFloat, "pack_linear: float32 or bfloat16");
+  const bool bf16 = w.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || w.scalar_type() == at::kFloat, "pack_linear: float32 or bfloat16");
   TORCH_CHECK(!bf16 || w.size(1) % 2 == 0, "pack_linear: bfloat16 needs an even K");
   const int64_t N = w.size(0), K = w.size(1), group = 16 * panels_for(w);
   const int64_t padded = (N + group - 1) / group * group;
-  auto full = torch::zeros({padded, K}, w.options());
+  auto full = at::zeros({padded, K}, w.options());
   full.narrow(0, 0, N).copy_(w);
   if (!bf16) return full.view({padded / 16, 16, K}).transpose(1, 2).contiguous();         // (N/16, K, 16)
   return full.view({padded / 16, 16, K / 2, 2}).permute({0, 2, 1, 3}).contiguous();        // (N/16, K/2, 16, 2)
@@ -149,18 +149,18 @@ namespace {
 
 // What `linear` and `linear_silu_mul` check alike: x (M, K) and a weight of K columns in panels of
 // 16, of `panels` panels, laid out by `packer`; a float32 bias of `n_bias`. Returns the bias's data.
-const float* checked(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
+const float* checked(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
                      int64_t n_bias, bool panels_fit, const char* what, const char* packer) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), what, ": x (M, K), contiguous, on CPU");
   TORCH_CHECK(x.scalar_type() == packed.scalar_type(), what, ": x and the weight of one dtype");
   const int64_t K = x.size(1);
   TORCH_CHECK(packed.device().is_cpu() && packed.is_contiguous() && panels_fit &&
-                  (x.scalar_type() == torch::kBFloat16
+                  (x.scalar_type() == at::kBFloat16
                        ? packed.dim() == 4 && packed.size(1) * 2 == K && packed.size(2) == 16 && packed.size(3) == 2
                        : packed.dim() == 3 && packed.size(1) == K && packed.size(2) == 16),
               what, ": a weight packed by ", packer, " for this K and this many columns");
   if (!bias) return nullptr;
-  TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->device().is_cpu() && bias->is_contiguous() &&
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->device().is_cpu() && bias->is_contiguous() &&
                   bias->numel() == n_bias,
               what, ": a float32 bias of ", n_bias, ", its columns in the weight's order");
   return bias->data_ptr<float>();
@@ -168,22 +168,22 @@ const float* checked(const torch::Tensor& x, const torch::Tensor& packed, const 
 
 }  // namespace
 
-torch::Tensor linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t N) {
+at::Tensor linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bias, int64_t N) {
   const int64_t panels = packed.dim() > 0 ? packed.size(0) : 0, group = panels_for(packed);
   [[maybe_unused]] const float* b = checked(x, packed, bias, N,
                                             panels % group == 0 && N <= panels * 16 && N > (panels - group) * 16,
                                             "linear", "pack_linear");
   const int64_t M = x.size(0), K = x.size(1);
-  if (M == 0) return torch::empty({M, N}, x.options());
-  if (x.scalar_type() == torch::kBFloat16) {
+  if (M == 0) return at::empty({M, N}, x.options());
+  if (x.scalar_type() == at::kBFloat16) {
 #if defined(DEJAVU_LINEAR_BF16_WIDENED)
     const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
-    auto xf = x.to(torch::kFloat), yf = torch::empty({M, N}, xf.options());
+    auto xf = x.to(at::kFloat), yf = at::empty({M, N}, xf.options());
     run<PANELS_BF16, TM_BF16>(xf.data_ptr<float>(), M, K, wp, panels, b, yf.data_ptr<float>(), N,
                               DEJAVU_ROWS(tile_bf16, PANELS_BF16));
-    return yf.to(torch::kBFloat16);  // to nearest even
+    return yf.to(at::kBFloat16);  // to nearest even
 #elif defined(DEJAVU_LINEAR_BF16)
-    auto y = torch::empty({M, N}, x.options());
+    auto y = at::empty({M, N}, x.options());
     const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
     const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
     auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
@@ -198,7 +198,7 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch:
 #endif
   }
 #ifdef DEJAVU_LINEAR_F32
-  auto y = torch::empty({M, N}, x.options());
+  auto y = at::empty({M, N}, x.options());
   run<PANELS_F32, TM_F32>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(), panels, b, y.data_ptr<float>(), N,
                           DEJAVU_ROWS(tile_f32, PANELS_F32));
   return y;
@@ -211,7 +211,7 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch:
 // The gate and up projections of an MLP (W = [gate; up], (2I, K), I a multiple of 16) packed as
 // pack_linear packs, with gate panel j and up panel j side by side: (2I, K) reordered to
 // [gate 0-15; up 0-15; gate 16-31; up 16-31; ...] first. Biases go through gate_up_order.
-torch::Tensor gate_up_order(torch::Tensor w) {
+at::Tensor gate_up_order(at::Tensor w) {
   TORCH_CHECK(w.dim() >= 1 && w.size(0) % 32 == 0, "gate_up_order: 2I rows, I a multiple of 16");
   auto sizes = w.sizes().vec();
   std::vector<int64_t> split{2, w.size(0) / 32, 16};
@@ -219,21 +219,21 @@ torch::Tensor gate_up_order(torch::Tensor w) {
   return w.reshape(split).transpose(0, 1).reshape(sizes).contiguous();
 }
 
-torch::Tensor pack_gate_up(torch::Tensor w) { return pack_linear(gate_up_order(w)); }
+at::Tensor pack_gate_up(at::Tensor w) { return pack_linear(gate_up_order(w)); }
 
 // silu(x G^T + bg) * (x U^T + bu): (M, I), x's dtype. packed: pack_gate_up; bias: gate_up_order of
 // the (2I,) float32 bias, or None. Equal to the bit to silu_and_mul(linear(x, pack_linear(W), b, 2I)).
-torch::Tensor linear_silu_mul(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t I) {
+at::Tensor linear_silu_mul(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bias, int64_t I) {
   [[maybe_unused]] const float* b = checked(x, packed, bias, 2 * I, I > 0 && I % 16 == 0 && packed.dim() > 0 &&
                                             packed.size(0) == I / 8, "linear_silu_mul", "pack_gate_up");
   const int64_t M = x.size(0), K = x.size(1);
-  const bool bf16 = x.scalar_type() == torch::kBFloat16;
-  auto y = torch::empty({M, I}, x.options());
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  auto y = at::empty({M, I}, x.options());
   if (M == 0) return y;
   if (bf16) {
 #if defined(DEJAVU_LINEAR_BF16_WIDENED)
     const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
-    auto xf = x.to(torch::kFloat);
+    auto xf = x.to(at::kFloat);
     auto* yp = reinterpret_cast<c10::BFloat16*>(y.data_ptr());
     run_gate_up<c10::BFloat16, float, PANELS_BF16, TM_BF16>(xf.data_ptr<float>(), M, K, wp, I, b, yp,
                                                              DEJAVU_ROWS(tile_bf16, PANELS_BF16));

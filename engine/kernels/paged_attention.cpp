@@ -15,7 +15,7 @@
 // bf16), before the prefetch and the whole rows below. The loops are written for the compiler to
 // vectorize over head_dim (scores and the value sums) and over tokens (the exponentials, through
 // glibc's vector math with -ffast-math).
-#include <torch/extension.h>
+#include "kernels.h"
 #include "parallel.h"
 #include <algorithm>
 #include <cmath>
@@ -373,8 +373,8 @@ static void on_head_dim(int64_t D, const char* what, F&& f) {
 }
 
 template <typename T>
-static void dispatch(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& slots,
-                     const torch::Tensor& lengths, torch::Tensor& out, double scale) {
+static void dispatch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots,
+                     const at::Tensor& lengths, at::Tensor& out, double scale) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), L = slots.size(1);
   on_head_dim(D, "paged_decode_attention", [&](auto dim) {
     run<T, decltype(dim)::value>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), slots.data_ptr<int64_t>(),
@@ -382,8 +382,8 @@ static void dispatch(const torch::Tensor& q, const torch::Tensor& k, const torch
   });
 }
 
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor slots,
-                                     torch::Tensor lengths, double scale) {
+at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool, at::Tensor slots,
+                                     at::Tensor lengths, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 3 && v_pool.dim() == 3, "q (B, Hq, D), pools (slots, Hkv, D)");
   TORCH_CHECK(q.is_contiguous() && k_pool.is_contiguous() && v_pool.is_contiguous(), "contiguous tensors only");
   TORCH_CHECK(slots.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong, "int64 slots and lengths");
@@ -395,7 +395,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torc
   const int64_t* len = lengths_c.data_ptr<int64_t>();
   for (int64_t b = 0; b < q.size(0); ++b)
     TORCH_CHECK(len[b] >= 1 && len[b] <= slots_c.size(1), "lengths must be in [1, slots.size(1)]");
-  auto out = torch::empty_like(q);
+  auto out = at::empty_like(q);
   if (q.scalar_type() == at::kFloat) {
     dispatch<float>(q, k_pool, v_pool, slots_c, lengths_c, out, scale);
   } else if (q.scalar_type() == at::kBFloat16) {
@@ -408,7 +408,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torc
 
 
 template <typename T>
-static void dispatch_causal(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& out,
+static void dispatch_causal(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                             int64_t start, double scale) {
   const int64_t M = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1);
   on_head_dim(D, "causal_attention", [&](auto dim) {
@@ -426,7 +426,7 @@ static void dispatch_causal(const torch::Tensor& q, const torch::Tensor& k, cons
   });
 }
 
-torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t start, double scale) {
+at::Tensor causal_attention(at::Tensor q, at::Tensor k, at::Tensor v, int64_t start, double scale) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q (M, Hq, D), k and v (L, Hkv, D)");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "one dtype");
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "CPU tensors only");
@@ -434,7 +434,7 @@ torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   TORCH_CHECK(start >= 0 && k.size(0) == start + q.size(0), "k and v must hold start + M positions");
   for (const auto* t : {&q, &k, &v})  // rows may be strided, each row's heads packed
     TORCH_CHECK(t->stride(2) == 1 && t->stride(1) == t->size(2), "each row's heads must be contiguous");
-  auto out = torch::empty(q.sizes(), q.options());
+  auto out = at::empty(q.sizes(), q.options());
   if (q.size(0) == 0) return out;
   if (q.scalar_type() == at::kFloat) {
     dispatch_causal<float>(q, k, v, out, start, scale);
@@ -444,44 +444,4 @@ torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     TORCH_CHECK(false, "causal_attention: float32 or bfloat16, not ", q.scalar_type());
   }
   return out;
-}
-
-// pointwise.cpp
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
-torch::Tensor add_rms_norm(torch::Tensor h, torch::Tensor delta, torch::Tensor w, double eps);
-void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
-torch::Tensor silu_and_mul(torch::Tensor gate_up);
-
-// linear.cpp
-torch::Tensor pack_linear(torch::Tensor w);
-torch::Tensor linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t N);
-torch::Tensor gate_up_order(torch::Tensor w);
-torch::Tensor pack_gate_up(torch::Tensor w);
-torch::Tensor linear_silu_mul(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t I);
-std::vector<std::string> linear_dtypes();
-bool linear_bf16_widened();
-
-// decode.cpp
-void bind_decode_stack(pybind11::module& m);
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  // the GIL is released while it runs, as torch's own ops do: the service's event loop goes on
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV pool (CPU)",
-        pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("causal_attention", &causal_attention, "causal attention of new tokens over K/V that include them (CPU)",
-        pybind11::call_guard<pybind11::gil_scoped_release>());
-  using release = pybind11::call_guard<pybind11::gil_scoped_release>;
-  m.def("rms_norm", &rms_norm, "Hugging Face's RMSNorm, fused", release());
-  m.def("add_rms_norm", &add_rms_norm, "h += delta in place, then RMSNorm of h, fused", release());
-  m.def("rope_", &rope_, "rotary embedding in place, fused", release());
-  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up, fused", release());
-  m.def("pack_linear", &pack_linear, "a linear's weight in the panels `linear` reads", release());
-  m.def("linear", &linear, "x W^T + b for few rows (a decode step's GEMMs)", release());
-  m.def("gate_up_order", &gate_up_order, "[gate; up] rows (or a bias) reordered as pack_gate_up packs them", release());
-  m.def("pack_gate_up", &pack_gate_up, "an MLP's [gate; up] weight in the panels `linear_silu_mul` reads", release());
-  m.def("linear_silu_mul", &linear_silu_mul, "silu(x G^T + bg) * (x U^T + bu), the activation in the GEMM", release());
-  m.attr("LINEAR_DTYPES") = pybind11::cast(linear_dtypes());
-  m.attr("LINEAR_BF16_WIDENED") = linear_bf16_widened();
-  m.attr("HEAD_DIMS") = pybind11::make_tuple(16, 32, 64, 80, 96, 128, 256);
-  bind_decode_stack(m);
 }

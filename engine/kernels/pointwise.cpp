@@ -9,7 +9,7 @@
 //   add_rms_norm(h, delta, w, eps)  -> h += delta in place, then rms_norm(h, w, eps)
 //   rope_(x, cos, sin)              -> x = x * cos + rotate_half(x) * sin, in place   (N, heads, D)
 //   silu_and_mul(gate_up)           -> silu(gate) * up, gate_up = [gate | up]          (N, 2I) -> (N, I)
-#include <torch/extension.h>
+#include "kernels.h"
 #include "parallel.h"
 #include "silu.h"
 #include <cmath>
@@ -80,7 +80,7 @@ void silu_mul_rows(const T* gu, T* out, int64_t N, int64_t I) {
   });
 }
 
-void check_rows(const torch::Tensor& t, const char* name) {
+void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, ": CPU tensors only");
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name, ": float32 or bfloat16, not ",
               t.scalar_type());
@@ -88,12 +88,12 @@ void check_rows(const torch::Tensor& t, const char* name) {
 }
 
 template <typename F>
-void on_dtype(const torch::Tensor& t, F&& f) {
+void on_dtype(const at::Tensor& t, F&& f) {
   if (t.scalar_type() == at::kFloat) f(float{});
   else f(at::BFloat16{});
 }
 
-torch::Tensor norm(torch::Tensor h, const c10::optional<torch::Tensor>& delta, const torch::Tensor& w, double eps) {
+at::Tensor norm(at::Tensor h, const c10::optional<at::Tensor>& delta, const at::Tensor& w, double eps) {
   check_rows(h, "rms_norm");
   TORCH_CHECK(h.dim() == 2 && w.dim() == 1 && w.size(0) == h.size(1) && w.is_contiguous(), "rms_norm: x (N, H), w (H,)");
   TORCH_CHECK(w.scalar_type() == h.scalar_type(), "rms_norm: one dtype");
@@ -101,7 +101,7 @@ torch::Tensor norm(torch::Tensor h, const c10::optional<torch::Tensor>& delta, c
     check_rows(*delta, "add_rms_norm");
     TORCH_CHECK(delta->sizes() == h.sizes() && delta->scalar_type() == h.scalar_type(), "add_rms_norm: delta like h");
   }
-  auto out = torch::empty({h.size(0), h.size(1)}, h.options());
+  auto out = at::empty({h.size(0), h.size(1)}, h.options());
   on_dtype(h, [&](auto tag) {
     using T = decltype(tag);
     rms_rows<T>(h.data_ptr<T>(), delta ? delta->data_ptr<T>() : nullptr, w.data_ptr<T>(), out.data_ptr<T>(), h.size(0),
@@ -112,13 +112,13 @@ torch::Tensor norm(torch::Tensor h, const c10::optional<torch::Tensor>& delta, c
 
 }  // namespace
 
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) { return norm(x, c10::nullopt, w, eps); }
+at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps) { return norm(x, c10::nullopt, w, eps); }
 
-torch::Tensor add_rms_norm(torch::Tensor h, torch::Tensor delta, torch::Tensor w, double eps) {
+at::Tensor add_rms_norm(at::Tensor h, at::Tensor delta, at::Tensor w, double eps) {
   return norm(h, delta, w, eps);
 }
 
-void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+void rope_(at::Tensor x, at::Tensor cos, at::Tensor sin) {
   check_rows(x, "rope_");
   TORCH_CHECK(x.dim() == 3 && x.stride(1) == x.size(2) && x.size(2) % 2 == 0, "rope_: x (N, heads, D), heads packed");
   TORCH_CHECK(cos.dim() == 2 && cos.size(0) == x.size(0) && cos.size(1) == x.size(2) && cos.is_contiguous() &&
@@ -130,11 +130,11 @@ void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   });
 }
 
-torch::Tensor silu_and_mul(torch::Tensor gate_up) {
+at::Tensor silu_and_mul(at::Tensor gate_up) {
   check_rows(gate_up, "silu_and_mul");
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0, "silu_and_mul: (N, 2I), contiguous");
   const int64_t I = gate_up.size(1) / 2;
-  auto out = torch::empty({gate_up.size(0), I}, gate_up.options());
+  auto out = at::empty({gate_up.size(0), I}, gate_up.options());
   on_dtype(gate_up, [&](auto tag) {
     using T = decltype(tag);
     silu_mul_rows<T>(gate_up.data_ptr<T>(), out.data_ptr<T>(), gate_up.size(0), I);
