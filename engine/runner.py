@@ -105,6 +105,16 @@ def _lead_team(threads: int) -> None:
     torch.get_num_threads()  # fixed for this thread now, whatever set_num_threads comes later
 
 
+def _engine_thread(threads: int) -> ThreadPoolExecutor:
+    """The thread every step runs on, leading a team of `threads`, or of as many as the calling
+    thread has."""
+    caller = torch.get_num_threads()
+    thread = ThreadPoolExecutor(1, thread_name_prefix="engine", initializer=_lead_team, initargs=(threads or caller,))
+    thread.submit(int).result()  # its initializer has run
+    torch.set_num_threads(caller)  # which set the count threads started later take: give it back
+    return thread
+
+
 class ModelRunner:
     def __init__(self, model, block_size: int = 16, max_model_len: int = 1 << 20, own_forward: bool = True,
                  kernels: bool = True, compile: bool = False, turns: str = "", layers: range | None = None,
@@ -129,18 +139,7 @@ class ModelRunner:
         try:
             if not own_forward:
                 raise Unsupported("own_forward=False")
-            check_supported(model, max_model_len)
-            # built here, at start-up, not in a first request
-            kernel = paged_attention() if kernels and self.device.type == "cpu" else None
-            # its linears through our GEMM where the kernel runs the dtype (gemm=False: oneDNN's, for bench.step)
-            kernel_for_linears = kernel if gemm else None
-            self.llama = (LlamaForward(model.config, model.get, model.rope(), self.layers, kernel_for_linears)
-                          if isinstance(model, Checkpoint) else LlamaForward.of_hf(model, self.layers, kernel_for_linears))
-            if kernel is not None and self.llama.fits_ops():
-                self.llama.ops = kernel
-                if self.kv.head_dim in kernel.HEAD_DIMS:
-                    self.llama.attention.kernel = kernel
-                self.llama.use_decode_stack(kernel)
+            self.llama = self._own_forward(model, max_model_len, kernels, gemm)
         except Unsupported as why:
             if len(self.layers) < self.kv.layers:
                 raise ValueError(f"pipeline stages need a model our forward runs (Llama family): {why}") from None
@@ -148,12 +147,7 @@ class ModelRunner:
             from engine.hf import HFForward  # imports transformers' model code: only where it runs
 
             self.hf = HFForward(model.hf_model() if isinstance(model, Checkpoint) else model, block_size)
-        # the engine thread's team: `threads`, or as many as the thread building the runner has
-        caller = torch.get_num_threads()
-        self.thread = ThreadPoolExecutor(1, thread_name_prefix="engine", initializer=_lead_team,
-                                         initargs=(threads or caller,))
-        self.thread.submit(int).result()  # its initializer has run
-        torch.set_num_threads(caller)  # which set the count threads started later take: give it back
+        self.thread = _engine_thread(threads)
         self.turns = Turns(turns) if turns else None  # the host's other engines compute in between
         # float32, one sequence: a batch of one is traced with static shapes, and inductor's GEMM
         # for those is MKL's, slower than oneDNN's prepacked one, let alone ours (engine/compiled.py)
@@ -173,6 +167,22 @@ class ModelRunner:
                              "Hugging Face modules, nor --compile's")
         self.graphs = (DecodeGraphs(self.llama, self.device, block_size, max_batch, max_model_len,
                                     capture=self.device.type == "cuda") if cuda_graphs else None)
+
+    def _own_forward(self, model, max_model_len: int, kernels: bool, gemm: bool) -> LlamaForward:
+        """Our forward of this runner's layers; Unsupported for a model it does not run."""
+        check_supported(model, max_model_len)
+        # built here, at start-up, not in a first request
+        kernel = paged_attention() if kernels and self.device.type == "cpu" else None
+        # its linears through our GEMM where the kernel runs the dtype (gemm=False: oneDNN's, for bench.step)
+        kernel_for_linears = kernel if gemm else None
+        llama = (LlamaForward(model.config, model.get, model.rope(), self.layers, kernel_for_linears)
+                 if isinstance(model, Checkpoint) else LlamaForward.of_hf(model, self.layers, kernel_for_linears))
+        if kernel is not None and llama.fits_ops():
+            llama.ops = kernel
+            if self.kv.head_dim in kernel.HEAD_DIMS:
+                llama.attention.kernel = kernel
+            llama.use_decode_stack(kernel)
+        return llama
 
     async def run(self, fn, *args):
         """fn(*args) on the engine thread, awaited from an event loop (see the module docstring)."""
