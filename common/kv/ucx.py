@@ -86,13 +86,10 @@ UCX_ENV = {
 }
 # The worker progressed by the event loop (LoopProgress in the place of ucxx's "blocking" mode),
 # which completes the requests itself: no progress thread, no Python-future notifier thread.
-# Requests are posted from the loop's thread, hence no delayed submission. Not the user's to change:
-# nothing else would progress the requests `UcxConnection` posts.
-UCXX_PROGRESS = {
-    "UCXPY_PROGRESS_MODE": "blocking",
-    "UCXPY_ENABLE_PYTHON_FUTURE": "0",
-    "UCXPY_ENABLE_DELAYED_SUBMISSION": "0",
-}
+# Requests are posted from the loop's thread, hence no delayed submission. Passed to ucxx.init(),
+# where they win over UCXPY_* in the environment: nothing else would progress the requests
+# `UcxConnection` posts. The environment is left as it was (children inherit it).
+UCXX_PROGRESS = dict(progress_mode="blocking", enable_python_future=False, enable_delayed_submission=False)
 
 
 RENDEZVOUS = struct.Struct("<8sQII")  # magic, the sender's receive tag, worker address and token lengths
@@ -111,7 +108,7 @@ class _Runtime:
     @classmethod
     def acquire(cls, ucxx) -> None:
         if cls.users == 0:
-            ucxx.init()  # the running loop progresses the worker from now on (LoopProgress)
+            ucxx.init(**UCXX_PROGRESS)  # the running loop progresses the worker from now on (LoopProgress)
         cls.users += 1
 
     @classmethod
@@ -137,11 +134,10 @@ class _Runtime:
 
 
 def import_ucxx():
-    """Import ucxx after setting its environment: UCX's settings ours only where the user set none,
-    ucxx's progress always ours (common/kv/ucx_progress.py)."""
+    """Import ucxx after setting its environment: UCX's settings ours only where the user set none
+    (ucxx's progress is set at its init: UCXX_PROGRESS)."""
     for key, value in UCX_ENV.items():
         os.environ.setdefault(key, value)
-    os.environ.update(UCXX_PROGRESS)
     import ucxx
 
     install_loop_progress()

@@ -11,7 +11,7 @@ took 0.43-0.51 ms this way against 0.87-1.83 ms in ucxx's thread mode (docs/BENC
 "December 4").
 
 `install()` puts LoopProgress in the place of ucxx's "blocking" mode, which common/kv/ucx.py selects
-(with Python futures off) before ucxx is imported; `ucxx.init()` then starts one for the running loop.
+(with Python futures off) in its `ucxx.init(...)`, which then starts one for the running loop.
 Engine steps run on a thread of their own (engine/runner.py), so the loop is free to progress UCX
 while a forward computes.
 """
