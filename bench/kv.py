@@ -50,6 +50,7 @@ import numpy as np
 
 from bench.common import fmt, log, plot_path, pyplot, save, spread, write_json
 from bench.kv_peer import SHM_TLS, open_shm, serve, transport_of
+from common.kv.ucx import UCXX_PROGRESS
 
 MIB = 1 << 20
 TRANSPORTS = ("ucx+cma", "ucx+ring", "ucx-tcp", "ucx-shm", "tcp+cma", "tcp+ring", "tcp")
@@ -417,8 +418,9 @@ def parse_args(argv: list[str] | None = None):
     args.transports = list(dict.fromkeys(t for t in args.transports.split(",") if t))
     if unknown := set(args.transports) - set(TRANSPORTS):
         p.error(f"--transports: unknown {', '.join(sorted(unknown))}; choose from {', '.join(TRANSPORTS)}")
-    if bad := [e for e in args.ucx_env if not e.startswith("UCX") or "=" not in e]:
-        p.error(f"--ucx-env {bad[0]!r}: expected KEY=VALUE with a UCX* key, e.g. UCX_TCP_SNDBUF=4M")
+    if bad := [e for e in args.ucx_env if not e.startswith("UCX_") or "=" not in e]:
+        p.error(f"--ucx-env {bad[0]!r}: expected KEY=VALUE with a UCX_ key, e.g. UCX_TCP_SNDBUF=4M (ucxx's UCXPY_ "
+                "progress settings are fixed: UCXX_PROGRESS in common/kv/ucx.py)")
     args.ucx_env = dict(e.split("=", 1) for e in args.ucx_env)
     if min(args.sizes) < 1 or args.repeats < 1 or not 1 <= args.tokens <= MAX_LEN:
         p.error(f"--sizes-mib and --repeats must be >= 1, --tokens in [1, {MAX_LEN}]")
@@ -448,7 +450,8 @@ def main(argv: list[str] | None = None) -> None:
     config = {**{k: v for k, v in vars(args).items() if k not in ("out", "serve", "sizes_mib")},
               "kv_shape": {**vars(kv), "dtype": str(kv.dtype)}, "pool": {"blocks": POOL_BLOCKS, "block_size": BLOCK},
               "shm_tls": SHM_TLS, "min_seconds": MIN_SECONDS,
-              "ucx_env_sender": {k: v for k, v in sorted(os.environ.items()) if k.startswith("UCX")}}
+              "ucx_env_sender": {k: v for k, v in sorted(os.environ.items()) if k.startswith("UCX")},
+              "ucxx_progress": UCXX_PROGRESS}
     write_json(args.out, summary, config=config, transports=transports, copies=copies, small_frames=rtts, streamed=streams,
                raw={"transports": transfer_rows, "copies": copy_rows})
     plot(transports, args)

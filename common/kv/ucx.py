@@ -88,7 +88,7 @@ UCX_ENV = {
 # which completes the requests itself: no progress thread, no Python-future notifier thread.
 # Requests are posted from the loop's thread, hence no delayed submission. Passed to ucxx.init(),
 # where they win over UCXPY_* in the environment: nothing else would progress the requests
-# `UcxConnection` posts. The environment is left as it was (children inherit it).
+# `UcxConnection` posts. UCXPY_* are left as they were (children inherit the environment).
 UCXX_PROGRESS = dict(progress_mode="blocking", enable_python_future=False, enable_delayed_submission=False)
 
 
@@ -334,6 +334,7 @@ class UcxTransport(Transport):
                           accepting: bool) -> UcxConnection:
         """Exchange (receive tag, worker address) with the peer, the connecting side first and
         with the token; then an endpoint to the peer's worker."""
+        self._check_open()
         own, recv_tag = self._ucxx.get_worker_address().tobytes(), secrets.randbits(64)
         token = b"" if accepting else self._token
         hello = RENDEZVOUS.pack(MAGIC, recv_tag, len(own), len(token)) + own + token
@@ -355,11 +356,15 @@ class UcxTransport(Transport):
                 raise TransportError("wrong or missing cluster token (DEJAVU_CLUSTER_TOKEN)")
             writer.write(hello)
             await writer.drain()
+        self._check_open()
         address = self._ucxx.get_ucx_address_from_buffer(address)
         try:
             ep = await self._ucxx.create_endpoint_from_worker_address(address, endpoint_error_handling=True)
         except self._ucxx.exceptions.UCXError as e:
             raise TransportError(f"no UCX endpoint to the peer's worker: {e}") from None
+        if self._closing:  # closed while the endpoint was made: close() did not see it
+            await ep.close()
+            raise TransportError("the UCX transport was closed")
         conn = UcxConnection(ep, self._ucxx, send_tag, recv_tag, writer, reader, on_close=self._conns.discard)
         self._conns.add(conn)
         try:  # one message each way: UCX's wireup is done before the connection is used (a send
@@ -398,6 +403,12 @@ class UcxTransport(Transport):
             await serve(handler, conn, "ucx")
         finally:
             self._handlers.discard(task)
+
+    def _check_open(self) -> None:
+        """Before a ucxx call that follows an await: a close() meanwhile may have reset UCX, and the
+        call would then make ucxx a new context of its own, in its default mode (a progress thread)."""
+        if self._closing or not self._started:
+            raise TransportError("the UCX transport was closed")
 
     def _start(self) -> None:
         if not self._started:

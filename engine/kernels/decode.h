@@ -21,7 +21,7 @@
 #include "kernels.h"
 #include <vector>
 
-namespace dejavu {
+namespace dejavu {  // a layer's parts; DecodeStack itself keeps the global name bind.cpp gives Python
 
 struct Packed {
   at::Tensor w;

@@ -383,7 +383,7 @@ static void dispatch(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 }
 
 at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool, at::Tensor slots,
-                                     at::Tensor lengths, double scale) {
+                                  at::Tensor lengths, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 3 && v_pool.dim() == 3, "q (B, Hq, D), pools (slots, Hkv, D)");
   TORCH_CHECK(q.is_contiguous() && k_pool.is_contiguous() && v_pool.is_contiguous(), "contiguous tensors only");
   TORCH_CHECK(slots.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong, "int64 slots and lengths");

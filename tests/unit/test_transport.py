@@ -276,6 +276,40 @@ async def test_closing_the_transport_fails_a_recv_still_pending(pair):
 
 
 @pytest.mark.asyncio
+async def test_a_connect_that_outlives_its_transports_close_makes_no_ucx_of_its_own():
+    """close() during a connect's rendezvous resets UCX (the process's last transport): the connect
+    then fails, and does not call ucxx again, which would make ucxx a new context of its own, in its
+    default mode, with a progress thread. The peer is a bare TCP server that answers the
+    rendezvous with the worker address it was sent, once the transport has closed."""
+    from common.kv.ucx import UcxTransport, _Runtime
+
+    transport = UcxTransport()
+    closed, got_hello = asyncio.Event(), asyncio.Event()
+
+    async def late_peer(reader, writer):
+        hello = await reader.read(1 << 16)  # the connecting side's hello, sent first
+        got_hello.set()
+        await closed.wait()
+        writer.write(hello)
+        await writer.drain()
+        await asyncio.sleep(BOUND_S)
+        writer.close()
+
+    server = await asyncio.start_server(late_peer, "127.0.0.1", 0)
+    try:
+        connecting = asyncio.create_task(transport.connect(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", BOUND_S))
+        await asyncio.wait_for(got_hello.wait(), BOUND_S)
+        await transport.close()
+        assert _Runtime.users == 0, "another UCX transport of this process is still open: UCX was not reset"
+        closed.set()
+        with pytest.raises(TransportError, match="closed"):
+            await asyncio.wait_for(connecting, BOUND_S)
+        assert transport._ucxx.core._ctx is None, "the late connect made UCX a context after the reset"
+    finally:
+        server.close()
+
+
+@pytest.mark.asyncio
 async def test_cancelled_recv_breaks_the_connection(pair):
     conn = await connect_to(pair)
     with pytest.raises(asyncio.TimeoutError):
