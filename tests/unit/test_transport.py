@@ -281,18 +281,19 @@ async def test_a_connect_that_outlives_its_transports_close_makes_no_ucx_of_its_
     then fails, and does not call ucxx again, which would make ucxx a new context of its own, in its
     default mode, with a progress thread. The peer is a bare TCP server that answers the
     rendezvous with the worker address it was sent, once the transport has closed."""
-    from common.kv.ucx import UcxTransport, _Runtime
+    from common.kv.ucx import RENDEZVOUS, UcxTransport, _Runtime
 
     transport = UcxTransport()
     closed, got_hello = asyncio.Event(), asyncio.Event()
 
     async def late_peer(reader, writer):
-        hello = await reader.read(1 << 16)  # the connecting side's hello, sent first
+        head = await reader.readexactly(RENDEZVOUS.size)  # the connecting side's hello, sent first
+        _, _, n, t = RENDEZVOUS.unpack(head)
+        hello = head + await reader.readexactly(n + t)
         got_hello.set()
         await closed.wait()
-        writer.write(hello)
+        writer.write(hello)  # its own worker address back, and its (empty) token
         await writer.drain()
-        await asyncio.sleep(BOUND_S)
         writer.close()
 
     server = await asyncio.start_server(late_peer, "127.0.0.1", 0)
