@@ -17,13 +17,13 @@ import logging
 from fastapi import FastAPI
 
 from cache_store.store import Refused, ReplicaStore
-from common.errors import NotFound, install_error_handlers
+from common.errors import NotFound
 from common.kv import transport_for
 from common.kv.receiver import kv_server
 from common.kv.wire import Header
 from common.protocol import AbortResult, DropRequest, ServiceKind
-from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, RequireSecret, add_health_and_metrics,
-                            keep_freed_memory, listen_kv, registered, request_id_var, supervise)
+from common.service import (add_health_and_metrics, internal_app, keep_freed_memory, listen_kv, registered,
+                            request_id_var, supervise)
 from common.settings import CacheStoreSettings
 
 log = logging.getLogger(__name__)
@@ -77,11 +77,7 @@ def create_app(settings: CacheStoreSettings) -> FastAPI:
             await transport.close()
             store.close()
 
-    app = FastAPI(title="DéjàVu cache store", lifespan=lifespan)
-    install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=INTERNAL_MAX_BODY)
-    if settings.cluster_token:  # added last: it runs first
-        app.add_middleware(RequireSecret, **CLUSTER_TOKEN, secrets=(settings.cluster_token,))
+    app = internal_app("DéjàVu cache store", settings, lifespan)
 
     async def health() -> dict:
         return {"kind": "cache_store", "replicas": len(store.replicas), "bytes_held": store.bytes_held,

@@ -33,7 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from starlette.exceptions import HTTPException
 
-from common.errors import PayloadTooLarge, error_body
+from common.errors import PayloadTooLarge, error_body, install_error_handlers
 from common.metadata import Registry
 from common.protocol import CLUSTER_TOKEN_HEADER, ServiceInfo, ServiceKind, cluster_fingerprint
 from common.settings import ServiceSettings
@@ -283,6 +283,17 @@ class BodyLimit:
     async def _reject(self, send) -> None:
         err = PayloadTooLarge(f"request body is over the limit of {self.max_bytes} bytes; send a smaller request")
         await JSONResponse(err.body(), status_code=413)({"type": "http"}, None, send)
+
+
+def internal_app(title: str, settings: ServiceSettings, lifespan) -> FastAPI:
+    """A service's app for the cluster's own calls: OpenAI-style errors, bodies up to
+    INTERNAL_MAX_BODY, and the cluster token required on every route but /health and /metrics."""
+    app = FastAPI(title=title, lifespan=lifespan)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=INTERNAL_MAX_BODY)
+    if settings.cluster_token:  # added last: it runs first
+        app.add_middleware(RequireSecret, **CLUSTER_TOKEN, secrets=(settings.cluster_token,))
+    return app
 
 
 def add_health_and_metrics(app: FastAPI, health: Callable[[], Awaitable[dict]] | None = None) -> None:

@@ -72,11 +72,9 @@ class ServiceSettings:
 
 
 @dataclass(frozen=True)
-class ModelSettings(ServiceSettings):
-    """Services that run the model."""
+class KVSettings(ServiceSettings):
+    """Services that hold KV links: those that run the model, and cache stores."""
 
-    model: str = setting("smollm2", "'smollm2' (the bundled model) or a Hugging Face model folder")
-    max_model_len: int = setting(2048, "longest sequence (prompt + output tokens) served")
     kv_transport: str = setting("ucx", "KV transport", ("ucx", "tcp"))
     kv_port: int = setting(0, "KV transport port (0 picks a free one)")
     kv_shm_mib: int = setting(32, "shared-memory ring (MiB) each way of a KV link whose peer is on this host, made "
@@ -88,6 +86,20 @@ class ModelSettings(ServiceSettings):
                            "(process_vm_readv: same user, no Yama ptrace restriction, one PID namespace) has its "
                            "payloads of 8 MiB or more read straight from the sender's memory, one copy, instead "
                            "of through the ring's two (false: rings only)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self, 0 <= self.kv_port <= 65535, "kv_port", "must be in 0..65535")
+        _check(self, 0 <= self.kv_shm_mib <= 1024, "kv_shm_mib", "must be in 0..1024")
+        _check(self, 0 <= self.kv_shm_min_kib <= 1 << 20, "kv_shm_min_kib", "must be in 0..1048576")
+
+
+@dataclass(frozen=True)
+class ModelSettings(KVSettings):
+    """Services that run the model."""
+
+    model: str = setting("smollm2", "'smollm2' (the bundled model) or a Hugging Face model folder")
+    max_model_len: int = setting(2048, "longest sequence (prompt + output tokens) served")
     threads: int = setting(0, "torch CPU threads (0: torch's default)")
     cpu_turns: str = setting("", "a lock file (and FILE.queue beside it) shared by the engines of one CPU host: "
                              "each forward waits for its turn on the cores (dejavu up sets it when its "
@@ -107,9 +119,6 @@ class ModelSettings(ServiceSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self, 16 <= self.max_model_len <= 1 << 20, "max_model_len", "must be in 16..1048576")
-        _check(self, 0 <= self.kv_port <= 65535, "kv_port", "must be in 0..65535")
-        _check(self, 0 <= self.kv_shm_mib <= 1024, "kv_shm_mib", "must be in 0..1024")
-        _check(self, 0 <= self.kv_shm_min_kib <= 1 << 20, "kv_shm_min_kib", "must be in 0..1048576")
         _check(self, self.threads >= 0, "threads", "must be >= 0")
         _check(self, 1 <= self.block_size <= 1024, "block_size", "must be in 1..1024")
         _check(self, 0.0 <= self.inject_kv_faults < 1.0, "inject_kv_faults", "must be in [0, 1)")
@@ -239,18 +248,7 @@ class GatewaySettings(ServiceSettings):
 
 
 @dataclass(frozen=True)
-class CacheStoreSettings(ServiceSettings):
-    kv_transport: str = setting("ucx", "KV transport", ("ucx", "tcp"))
-    kv_port: int = setting(0, "KV transport port (0 picks a free one)")
-    kv_shm_mib: int = setting(32, "shared-memory ring (MiB) each way of a KV link whose peer is on this host, made "
-                              "when the link first sends a payload of --kv-shm-min-kib or more: such payloads "
-                              "skip the loopback (x86-64; 0: never)")
-    kv_shm_min_kib: int = setting(64, "smallest KV payload (KiB) that goes through the shared-memory ring: a smaller "
-                                  "one rides in its frame (0: every payload)")
-    kv_cma: bool = setting(True, "a KV link whose peer is on this host and may read this process's memory "
-                           "(process_vm_readv: same user, no Yama ptrace restriction, one PID namespace) has its "
-                           "payloads of 8 MiB or more read straight from the sender's memory, one copy, instead "
-                           "of through the ring's two (false: rings only)")
+class CacheStoreSettings(KVSettings):
     memory_bytes: int = setting(2 << 30, "replica bytes kept in host memory, a hard cap: past it the oldest spill to "
                                 "disk, and when the disk takes no more a replica is refused (its owner uses "
                                 "another store)")
@@ -260,9 +258,6 @@ class CacheStoreSettings(ServiceSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self, 0 <= self.kv_port <= 65535, "kv_port", "must be in 0..65535")
-        _check(self, 0 <= self.kv_shm_mib <= 1024, "kv_shm_mib", "must be in 0..1024")
-        _check(self, 0 <= self.kv_shm_min_kib <= 1 << 20, "kv_shm_min_kib", "must be in 0..1048576")
         _check(self, self.memory_bytes >= 0, "memory_bytes", "must be >= 0 (0: every replica goes to disk)")
         _check(self, self.replica_ttl_s > 0, "replica_ttl_s", "must be > 0")
 

@@ -270,7 +270,7 @@ def cmd_up(args, parser) -> int:
     record = _record_up(cluster)
     print(f"\n[dejavu] ready in {time.monotonic() - start:.0f} s: OpenAI API at {cluster.url}/v1 "
           f"(redis {cluster.redis_url})\n\n  curl {cluster.url}/v1/completions -H 'Content-Type: application/json' \\\n"
-          + (f"    -H \"Authorization: Bearer $DEJAVU_API_KEY\" \\\n" if keys else "") +
+          + ("    -H \"Authorization: Bearer $DEJAVU_API_KEY\" \\\n" if keys else "") +
           f"    -d '{{\"model\": \"{_served_name(args.model)}\", \"prompt\": \"The capital of France is\", "
           f"\"max_tokens\": 16, \"temperature\": 0}}'\n\n[dejavu] Ctrl-C stops everything.", flush=True)
     try:

@@ -66,7 +66,7 @@ class DecodeGraph(nn.Module):
 
     def __init__(self, hf_model, attention: Attention):
         super().__init__()
-        c, inner = hf_model.config, hf_model.model
+        inner = hf_model.model
         frozen = lambda t: nn.Parameter(t.detach(), requires_grad=False)  # noqa: E731
         cat = lambda *ts: frozen(torch.cat([t.detach() for t in ts]))  # noqa: E731
         attn = [layer.self_attn for layer in inner.layers]

@@ -13,13 +13,11 @@ import logging
 
 from fastapi import FastAPI
 
-from common.errors import install_error_handlers
 from common.kv import transport_for
 from common.kv.peers import Peers
 from common.model import model_fingerprint, resolve_model_path, within_context
 from common.protocol import PROTOCOL, AbortRequest, AbortResult, PrefillRequest, PrefillResult, ServiceKind
-from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, RequireSecret, add_health_and_metrics,
-                            registered, request_id_var, supervise)
+from common.service import add_health_and_metrics, internal_app, registered, request_id_var, supervise
 from common.settings import PromptSettings
 from engine.checkpoint import load_for_engine
 from engine.runner import ModelRunner, stage_layers, teams_on_engine_threads_only
@@ -88,11 +86,7 @@ def create_app(settings: PromptSettings) -> FastAPI:
             await peers.close()
             await transport.close()
 
-    app = FastAPI(title="DéjàVu prompt service", lifespan=lifespan)
-    install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=INTERNAL_MAX_BODY)
-    if settings.cluster_token:  # added last: it runs first
-        app.add_middleware(RequireSecret, **CLUSTER_TOKEN, secrets=(settings.cluster_token,))
+    app = internal_app("DéjàVu prompt service", settings, lifespan)
 
     async def health() -> dict:
         return {"kind": "prompt", "requests": len(app.state.engine.jobs)}

@@ -18,7 +18,6 @@ import logging
 import httpx
 from fastapi import FastAPI
 
-from common.errors import install_error_handlers
 from common.kv import transport_for
 from common.kv.peers import Peers
 from common.kv.receiver import kv_server
@@ -27,9 +26,8 @@ from common.model import model_fingerprint, resolve_model_path, within_context
 from common.protocol import (PROTOCOL, AbortRequest, AbortResult, DecodeEvent, DecodeRequest, PrefillRequest,
                              PrefillResult, Reservation, ReserveRequest, RestoreRequest, RestoreResult, ServiceKind,
                              cluster_fingerprint)
-from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, ClosingStreamingResponse, RequireSecret,
-                            add_health_and_metrics, cluster_headers, listen_kv, registered, request_id_var,
-                            supervise)
+from common.service import (ClosingStreamingResponse, add_health_and_metrics, cluster_headers, internal_app, listen_kv,
+                            registered, request_id_var, supervise)
 from common.settings import TokenSettings
 from engine.checkpoint import load_for_engine
 from engine.runner import ModelRunner, stage_layers, teams_on_engine_threads_only
@@ -119,11 +117,7 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
 def create_app(settings: TokenSettings) -> FastAPI:
     if settings.stage > 0:
         return create_stage_app(settings)
-    app = FastAPI(title="DéjàVu token service", lifespan=lambda app: _lifespan(app, settings))
-    install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=INTERNAL_MAX_BODY)
-    if settings.cluster_token:  # added last: it runs first
-        app.add_middleware(RequireSecret, **CLUSTER_TOKEN, secrets=(settings.cluster_token,))
+    app = internal_app("DéjàVu token service", settings, lambda app: _lifespan(app, settings))
 
     async def health() -> dict:
         engine: TokenEngine = app.state.engine

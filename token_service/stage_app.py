@@ -14,15 +14,14 @@ import time
 
 from fastapi import FastAPI
 
-from common.errors import Unavailable, install_error_handlers
+from common.errors import Unavailable
 from common.kv import transport_for
 from common.kv.transport import Transport, TransportError
 from common.kv.peers import Peers
 from common.metadata import Registry, RequestStore, connect
 from common.model import model_fingerprint, resolve_model_path, within_context
 from common.protocol import PROTOCOL, ServiceInfo, ServiceKind, cluster_fingerprint
-from common.service import (CLUSTER_TOKEN, INTERNAL_MAX_BODY, BodyLimit, RequireSecret, add_health_and_metrics,
-                            listen_kv, registered, supervise)
+from common.service import add_health_and_metrics, internal_app, listen_kv, registered, supervise
 from common.settings import ModelSettings, PromptSettings
 from engine.checkpoint import load_for_engine
 from engine.runner import ModelRunner, stage_layers, teams_on_engine_threads_only
@@ -92,11 +91,7 @@ async def _stage_lifespan(app: FastAPI, settings: ModelSettings):
 
 def create_stage_app(settings: ModelSettings) -> FastAPI:
     side = "prompt" if isinstance(settings, PromptSettings) else "token"
-    app = FastAPI(title=f"DéjàVu {side} pipeline stage", lifespan=lambda app: _stage_lifespan(app, settings))
-    install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=INTERNAL_MAX_BODY)
-    if settings.cluster_token:
-        app.add_middleware(RequireSecret, **CLUSTER_TOKEN, secrets=(settings.cluster_token,))
+    app = internal_app(f"DéjàVu {side} pipeline stage", settings, lambda app: _stage_lifespan(app, settings))
 
     async def health() -> dict:
         stage: Stage = app.state.stage

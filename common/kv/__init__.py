@@ -16,7 +16,7 @@ import struct
 from common.kv.shm import CMA_MIN_BYTES, DEFAULT_RING_BYTES, MIN_BYTES, same_host
 from common.kv.transport import Connection, Transport, TransportError
 from common.kv.wire import Header, WireError, send_ack, send_error, send_fetch, stream_in, stream_out
-from common.settings import is_loopback
+from common.settings import KVSettings, is_loopback
 
 TRANSPORTS = ("ucx", "tcp")
 
@@ -37,8 +37,8 @@ __all__ = [
 ]
 
 
-def transport_for(settings) -> Transport:
-    """A service's transport, as its settings say (kv_transport, cluster_token, host, kv_shm_*, kv_cma)."""
+def transport_for(settings: KVSettings) -> Transport:
+    """A service's transport, as its settings say."""
     return make_transport(settings.kv_transport, settings.cluster_token, settings.host,
                           settings.kv_shm_mib << 20, settings.kv_shm_min_kib << 10, settings.kv_cma)
 

@@ -40,7 +40,7 @@ def test_replica_follows_decoding_and_is_dropped(tiny_cluster, tiny_oracle, redi
     advanced = [(n, b, rep) for n, b, rep in samples if rep >= prompt_len]
     logs = "\n".join(list(token.tail)[-12:])
     assert len({rep for *_, rep in advanced}) >= 2, (samples, logs)
-    (n1, bytes1, rep1), (n2, bytes2, rep2) = advanced[0], advanced[-1]
+    (_, bytes1, rep1), (_, bytes2, rep2) = advanced[0], advanced[-1]
     assert rep2 > rep1 and bytes2 > bytes1 > 0, (samples, logs)
     assert meta.hget(f"dejavu:req:{request_id}", "store").startswith("cache_store")
     final = int(meta.hget(f"dejavu:req:{request_id}", "replicated"))
