@@ -131,11 +131,21 @@ class PrefillRequest(Message):
     target_service_id: str
     target_kv_address: str
     target_kv_routes: list[KVRoute] = Field(default_factory=list, max_length=64)  # Reservation.kv_routes
+    # echo with logprobs: each prompt token's logprob after the ones before it, with the k likeliest
+    # there; they come back on the first token's event (TokenEvent.prompt_logprobs)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class TopLogprob(Message):
     token_id: int
     logprob: float
+
+
+class PromptLogprob(Message):
+    """A prompt token's logprob given the tokens before it, and the likeliest tokens there."""
+    token_id: int
+    logprob: float
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
 class TokenEvent(Message):
@@ -145,6 +155,8 @@ class TokenEvent(Message):
     logprob: float | None = None
     top_logprobs: list[TopLogprob] | None = None
     finish_reason: str | None = None   # "stop" (EOS) | "length" | None while going on
+    # the first event of a prefill asked for them (PrefillRequest.prompt_logprobs): prompt tokens 1..
+    prompt_logprobs: list[PromptLogprob] | None = None
 
 
 class PrefillResult(Message):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from common.protocol import SamplingParams, TokenEvent, TopLogprob
+from common.protocol import PromptLogprob, SamplingParams, TokenEvent, TopLogprob
 
 MASK64 = (1 << 64) - 1
 
@@ -90,3 +90,18 @@ def _event(rid: str, index: int, token: int, p: SamplingParams, logprobs: torch.
         values, ids = torch.topk(logprobs, p.logprobs)
         top = [TopLogprob(token_id=int(i), logprob=float(v)) for v, i in zip(values.tolist(), ids.tolist())]
     return TokenEvent(request_id=rid, index=index, token_id=token, logprob=float(logprobs[token]), top_logprobs=top)
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[PromptLogprob]:
+    """logits: (n, vocab) float32, row i the model's prediction for targets[i] (the prompt token
+    after it): each target's logprob there and the k likeliest tokens (OpenAI's echo with logprobs)."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    rows, ids = torch.arange(len(targets), device=logits.device), torch.tensor(targets, device=logits.device)
+    chosen = logprobs[rows, ids].tolist()
+    if k:
+        values, ids = torch.topk(logprobs, k)
+        tops = [[TopLogprob(token_id=i, logprob=v) for v, i in zip(vs, is_)]
+                for vs, is_ in zip(values.tolist(), ids.tolist())]
+    else:
+        tops = [[] for _ in targets]
+    return [PromptLogprob(token_id=t, logprob=lp, top_logprobs=top) for t, lp, top in zip(targets, chosen, tops)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
+from common.sampling import prompt_logprobs
 from engine.attention import Segment, slots_of
 
 
@@ -38,18 +39,30 @@ class HFForward:
         self.min_value = torch.finfo(hf_model.dtype).min
 
     @torch.inference_mode()
-    def run(self, segments: list[Segment], pool: torch.Tensor | None, on_layer=None) -> torch.Tensor:
-        logits, captured = [], []
-        for s in segments:
-            logits.append(self._one(s, pool, captured))
+    def run(self, segments: list[Segment], pool: torch.Tensor | None, on_layer=None,
+            scored: dict[int, tuple[list[int], int]] | None = None):
+        """Logits of each segment's last token, (len(segments), vocab); with `scored`
+        (ModelRunner.forward_scored's), also the scored segments' prompt logprobs: (logits, scores)."""
+        logits, captured, scores = [], [], {}
+        for i, s in enumerate(segments):
+            if scored is not None and i in scored:
+                targets, k = scored[i]
+                # (len(tokens), vocab): its last row, out of the whole matrix's GEMM, may differ from a
+                # one-row product in the last bits (our forward's does not: ModelRunner.forward_scored)
+                every = self._one(s, pool, captured, keep=0)
+                scores[i] = prompt_logprobs(every[:len(targets)], targets, k)
+                logits.append(every[-1:])
+            else:
+                logits.append(self._one(s, pool, captured))
         if on_layer is not None:  # per layer, every segment's K/V in segment order
             layers = max(i for i, _, _ in captured) + 1
             for layer in range(layers):
                 parts = [(k, v) for i, k, v in captured if i == layer]
                 on_layer(layer, torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts]))
-        return torch.cat(logits)
+        return torch.cat(logits) if scored is None else (torch.cat(logits), scores)
 
-    def _one(self, s: Segment, pool, captured: list) -> torch.Tensor:
+    def _one(self, s: Segment, pool, captured: list, keep: int = 1) -> torch.Tensor:
+        """Logits of the segment's last `keep` tokens (0: all of them), float32."""
         device = self.model.device
         new = all_ = None
         if pool is not None:
@@ -62,5 +75,5 @@ class HFForward:
         mask = torch.zeros(allowed.shape, dtype=self.model.dtype, device=device).masked_fill_(~allowed, self.min_value)
         out = self.model(input_ids=torch.tensor([s.tokens], device=device), position_ids=q[None],
                          attention_mask=mask[None, None], past_key_values=_SegmentCache(pool, new, all_, captured),
-                         use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float()
+                         use_cache=True, logits_to_keep=keep)
+        return out.logits[0].float()

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from common.protocol import PromptLogprob
+from common.sampling import prompt_logprobs
 from engine.attention import AttentionBatch, Segment
 from engine.checkpoint import Checkpoint
 from engine.compiled import CompiledDecode
@@ -42,6 +44,7 @@ from engine.model import LayerCallback, LlamaForward, Unsupported, check_support
 from engine.turns import Turns
 
 log = logging.getLogger(__name__)
+SCORE_ROWS = 256  # prompt logprobs: the LM head over this many rows at a time (SmolLM2: 50 MB of float32 logits)
 
 
 @dataclass(frozen=True)
@@ -254,6 +257,34 @@ class ModelRunner:
             return self.compiled(ids, positions, batch, pool)
         last = torch.tensor([o + len(s.tokens) - 1 for o, s in zip(batch.offsets, segments)], device=self.device)
         return self.llama(ids, positions, batch, pool, last, on_layer, hidden)
+
+    def forward_scored(self, segments: list[Segment], pool: torch.Tensor | None, on_layer: LayerCallback | None,
+                       scored: dict[int, tuple[list[int], int]]) -> tuple[torch.Tensor, dict[int, list[PromptLogprob]]]:
+        """`forward` of a whole model, which also scores prompt tokens (echo with logprobs): for
+        segment i in `scored`, (targets, k): targets[j] is the token after the segment's j-th new
+        one (len(targets) is its length, or one less at the prompt's end), each scored against the
+        logits at that row, with the k likeliest tokens there. The last rows' logits come out as
+        `forward`'s, to the bit, from our forward (so the first token does not depend on whether a
+        request scores); from the Hugging Face modules, within float rounding."""
+        if not (self.first and self.last):
+            raise ValueError("prompt logprobs need the whole model in one process, not a pipeline stage")
+        if any(not 0 <= len(segments[i].tokens) - len(t) <= 1 for i, (t, _) in scored.items()):
+            raise ValueError("a scored segment's targets: one per new token, or one fewer")
+        if self.hf is not None:
+            return self.hf.run(segments, pool, on_layer, scored)
+        batch = AttentionBatch.build(segments, self.block_size, self.device)
+        ids = torch.tensor([t for s in segments for t in s.tokens], device=self.device)
+        positions = torch.tensor([p for s in segments for p in range(s.start, s.end)], device=self.device)
+        last = torch.tensor([o + len(s.tokens) - 1 for o, s in zip(batch.offsets, segments)], device=self.device)
+        normed: list[torch.Tensor] = []
+        logits = self.llama(ids, positions, batch, pool, last, on_layer, None, normed)
+        scores = {}
+        for i, (targets, k) in scored.items():
+            rows = normed[0][batch.offsets[i]: batch.offsets[i] + len(targets)]
+            scores[i] = [p for at in range(0, len(targets), SCORE_ROWS)  # (rows, vocab) float32 a piece at most
+                         for p in prompt_logprobs(self.llama.head(rows[at: at + SCORE_ROWS]),
+                                                  targets[at: at + SCORE_ROWS], k)]
+        return logits, scores
 
     def logits_all(self, tokens: list[int]) -> torch.Tensor:
         """Float32 logits at every position of one sequence from scratch, no pool: (len, vocab).

@@ -198,7 +198,7 @@ async def _stream(app: FastAPI, job: Job, gen, first, chat: bool):
     writer, totals, error = ChunkWriter(job, app.state.tokenizer, chat), Totals(), None
     rest = with_keepalive(gen, KEEPALIVE_S)
     try:
-        for chunk in writer.first():
+        for chunk in writer.first(first):
             yield chunk
         delta = first
         while delta is not None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter, Gauge, Histogram
 
 from common.errors import BadRequest, ContextLengthExceeded, NotFound
-from common.protocol import SamplingParams, TokenEvent
+from common.protocol import PromptLogprob, SamplingParams, TokenEvent
 from gateway.detokenizer import IncrementalDetokenizer, StopStrings
 from gateway.openai_types import ChatRequest, CompletionRequest, SamplingFields
 from gateway.router import Router
@@ -43,6 +43,8 @@ class Job:
     stream: bool
     include_usage: bool
     echo_text: str = ""
+    prompt_logprobs: int | None = None  # echo with logprobs: the prompt scored, with this many alternatives
+    echo_only: bool = False       # max_tokens 0 with echo: the prompt back, the token drawn at prefill dropped
     created: int = field(default_factory=lambda: int(time.time()))
     recorded: bool = False        # its outcome has been counted and written to Redis
 
@@ -52,6 +54,7 @@ class Delta:
     text: str
     tokens: list[TokenEvent]
     finish_reason: str | None
+    prompt: list[PromptLogprob] | None = None  # the first delta, with echo and logprobs: prompt tokens 1..
 
 
 @dataclass
@@ -103,7 +106,8 @@ def completion_job(body: CompletionRequest, tokenizer, limits: Limits) -> Job:
             raise BadRequest(f"'prompt' token id {bad[0]} is outside the vocabulary [0, {limits.vocab_size})", "prompt")
         ids = list(prompt)
     echo = (prompt if isinstance(prompt, str) else tokenizer.decode(ids, skip_special_tokens=True)) if body.echo else ""
-    return _job(body, ids, limits, COMPLETION_DEFAULT_MAX_TOKENS, body.logprobs, echo)
+    return _job(body, ids, limits, COMPLETION_DEFAULT_MAX_TOKENS, body.logprobs, echo,
+                prompt_logprobs=body.logprobs if body.echo else None)
 
 
 def chat_job(body: ChatRequest, tokenizer, limits: Limits) -> Job:
@@ -126,13 +130,14 @@ def _check_model(body: SamplingFields, limits: Limits) -> None:
 
 
 def _job(body: SamplingFields, ids: list[int], limits: Limits, default_max: int, logprobs: int | None,
-         echo: str, prompt_param: str = "prompt") -> Job:
+         echo: str, prompt_param: str = "prompt", prompt_logprobs: int | None = None) -> Job:
     room = limits.max_model_len - len(ids)
     if room < 1:  # no max_tokens could help
         raise ContextLengthExceeded(
             f"this model's maximum context length is {limits.max_model_len} tokens, and the prompt alone has "
             f"{len(ids)}: shorten it", prompt_param)
     max_tokens = body.max_tokens if body.max_tokens is not None else min(default_max, room)
+    echo_only, max_tokens = max_tokens == 0, max(max_tokens, 1)  # 0 (with echo): the prefill's token, dropped
     if len(ids) + max_tokens > limits.max_model_len:
         raise ContextLengthExceeded(
             f"this model's maximum context length is {limits.max_model_len} tokens, but you requested "
@@ -144,20 +149,23 @@ def _job(body: SamplingFields, ids: list[int], limits: Limits, default_max: int,
         top_k=max(body.top_k or 0, 0), seed=(body.seed if body.seed is not None else random.getrandbits(63)) & ((1 << 64) - 1),
         max_tokens=max_tokens, stop_token_ids=limits.eos_ids, ignore_eos=body.ignore_eos, logprobs=logprobs)
     return Job(new_request_id(), limits.model_name, ids, sampling, body.stop_list, body.stream,
-               body.include_usage, echo)
+               body.include_usage, echo, prompt_logprobs, echo_only)
 
 
 async def deltas(router: Router, tokenizer, job: Job) -> AsyncIterator[Delta]:
     """The request's text, piece by piece; the last delta has the finish reason."""
     detok, stops = IncrementalDetokenizer(tokenizer), StopStrings(job.stops)
     start, first_at, count = time.perf_counter(), None, 0
-    gen = router.generate(job.request_id, job.prompt_ids, job.sampling)
+    gen = router.generate(job.request_id, job.prompt_ids, job.sampling, job.prompt_logprobs)
     try:
         async for event in gen:
             count += 1
             if first_at is None:
                 first_at = time.perf_counter()
                 TTFT.observe(first_at - start)
+            if job.echo_only:
+                yield Delta("", [], "length", event.prompt_logprobs)
+                return
             text = stops.push(detok.add(event.token_id))
             finish = event.finish_reason
             if finish and not stops.stopped:
@@ -165,7 +173,7 @@ async def deltas(router: Router, tokenizer, job: Job) -> AsyncIterator[Delta]:
                 text += stops.flush()
             if stops.stopped:
                 finish = "stop"
-            yield Delta(text, [event], finish)
+            yield Delta(text, [event], finish, event.prompt_logprobs)
             if finish:
                 if count > 1:
                     TPOT.observe((time.perf_counter() - first_at) / (count - 1))

@@ -71,11 +71,17 @@ class SamplingFields(BaseModel):
                                      "escape): not valid Unicode text", name)
         return data
 
+    @property
+    def echoes(self) -> bool:
+        return False
+
     def check_common(self) -> None:
         if self.n != 1:
             raise BadRequest(f"'n' = {self.n}: only n = 1 is supported; send n requests instead", "n")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise BadRequest(f"'max_tokens' = {self.max_tokens}: must be at least 1", "max_tokens")
+        if self.max_tokens is not None and self.max_tokens < 1 and not (self.max_tokens == 0 and self.echoes):
+            raise BadRequest(f"'max_tokens' = {self.max_tokens}: must be at least 1 (0 only with 'echo' on "
+                             "/v1/completions: the prompt back, with its logprobs if asked, nothing generated)",
+                             "max_tokens")
         if self.temperature is not None and not 0 <= self.temperature <= 2:
             raise BadRequest(f"'temperature' = {self.temperature}: must be between 0 and 2 (0 = greedy)", "temperature")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -118,12 +124,14 @@ class CompletionRequest(SamplingFields):
         self.check_common()
         if self.logprobs is not None and not 0 <= self.logprobs <= 5:
             raise BadRequest(f"'logprobs' = {self.logprobs}: must be between 0 and 5", "logprobs")
-        if self.echo and self.logprobs is not None:
-            raise BadRequest("'echo' with 'logprobs' (prompt logprobs) is not supported; drop one", "echo")
         if self.best_of not in (None, 1):
             raise BadRequest(f"'best_of' = {self.best_of}: only 1 is supported", "best_of")
         if self.suffix:
             raise BadRequest("'suffix' is not supported", "suffix")
+
+    @property
+    def echoes(self) -> bool:
+        return self.echo
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt, as text or token ids."""

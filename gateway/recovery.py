@@ -48,6 +48,7 @@ class Run:
     request_id: str
     prompt_ids: list[int]
     sampling: SamplingParams
+    prompt_logprobs: int | None = None  # echo with logprobs: the prompt scored, with this many alternatives
     outputs: list[int] = field(default_factory=list)  # output token ids streamed so far
     lost: set[str] = field(default_factory=set)       # token services that failed it
     epoch: int = 0

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 from dataclasses import dataclass, field
 
-from common.protocol import TokenEvent
+from common.protocol import PromptLogprob, TokenEvent, TopLogprob
 from gateway.jobs import Delta, Job
 
 
@@ -17,8 +18,10 @@ class Totals:
     text: list[str] = field(default_factory=list)
     tokens: list[TokenEvent] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt: list[PromptLogprob] | None = None  # echo with logprobs: prompt tokens 1..
 
     def add(self, delta: Delta) -> None:
+        self.prompt = delta.prompt if delta.prompt is not None else self.prompt
         self.text.append(delta.text)
         self.tokens.extend(delta.tokens)
         self.finish_reason = delta.finish_reason or self.finish_reason
@@ -52,17 +55,35 @@ def _piece(tokenizer, token_id: int) -> str:
     return token_bytes(tokenizer, token_id).decode(errors="replace")
 
 
-def completion_logprobs(tokenizer, tokens: list[TokenEvent], offset: int) -> dict | None:
-    if not tokens or tokens[0].logprob is None:
+Scored = tuple[int, float | None, list[TopLogprob] | None]  # a token, its logprob and the likeliest there
+
+
+def completion_logprobs(tokenizer, tokens: list[TokenEvent], offset: int,
+                        prompt: tuple[list[int], list[PromptLogprob]] | None = None) -> dict | None:
+    """The logprobs of `tokens` (text offsets from `offset`), after, with echo, the prompt's:
+    (ids, logprobs of ids[1:]); the first prompt token has none (OpenAI's and vLLM's null)."""
+    parts = []
+    if prompt is not None:
+        ids, scored = prompt
+        parts.append(_entries(tokenizer, [(ids[0], None, None)] + [(p.token_id, p.logprob, p.top_logprobs)
+                                                                    for p in scored], 0))
+    if tokens and tokens[0].logprob is not None:
+        parts.append(_entries(tokenizer, [(t.token_id, t.logprob, t.top_logprobs or []) for t in tokens], offset))
+    if not parts:
         return None
-    pieces = [_piece(tokenizer, t.token_id) for t in tokens]
-    offsets, at = [], offset
-    for p in pieces:
-        offsets.append(at)
-        at += len(p)
-    return {"tokens": pieces, "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{_piece(tokenizer, x.token_id): x.logprob for x in (t.top_logprobs or [])} for t in tokens],
-            "text_offset": offsets}
+    return {key: [x for part in parts for x in part[key]] for key in parts[0]}
+
+
+def _entries(tokenizer, rows: list[Scored], offset: int) -> dict:
+    pieces = [_piece(tokenizer, token_id) for token_id, _, _ in rows]
+    return {"tokens": pieces, "token_logprobs": [logprob for _, logprob, _ in rows],
+            "top_logprobs": [None if top is None else {_piece(tokenizer, x.token_id): x.logprob for x in top}
+                             for _, _, top in rows],
+            "text_offset": list(itertools.accumulate((len(p) for p in pieces[:-1]), initial=offset))}
+
+
+def _prompt(job: Job, totals_or_delta) -> tuple[list[int], list[PromptLogprob]] | None:
+    return None if totals_or_delta.prompt is None else (job.prompt_ids, totals_or_delta.prompt)
 
 
 def chat_logprobs(tokenizer, tokens: list[TokenEvent]) -> dict | None:
@@ -82,7 +103,8 @@ def completion_body(job: Job, totals: Totals, tokenizer) -> dict:
     text = job.echo_text + "".join(totals.text)
     return {"id": f"cmpl-{job.request_id}", "object": "text_completion", "created": job.created, "model": job.model,
             "choices": [{"index": 0, "text": text, "finish_reason": totals.finish_reason,
-                         "logprobs": completion_logprobs(tokenizer, totals.tokens, len(job.echo_text))}],
+                         "logprobs": completion_logprobs(tokenizer, totals.tokens, len(job.echo_text),
+                                                         _prompt(job, totals))}],
             "usage": usage(job, totals)}
 
 
@@ -108,12 +130,16 @@ class ChunkWriter:
         self.head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job.request_id}", "object": kind,
                      "created": job.created, "model": job.model}
 
-    def first(self) -> list[str]:
+    def first(self, delta: Delta) -> list[str]:
+        """What goes before the first delta: chat's role; with echo, the prompt (and its logprobs)."""
         if self.chat:
             return [self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                  "finish_reason": None})]
-        return [self._chunk({"index": 0, "text": self.job.echo_text, "logprobs": None, "finish_reason": None})] \
-            if self.job.echo_text else []
+        prompt = _prompt(self.job, delta)
+        if not (self.job.echo_text or prompt):
+            return []
+        logprobs = completion_logprobs(self.tokenizer, [], 0, prompt)
+        return [self._chunk({"index": 0, "text": self.job.echo_text, "logprobs": logprobs, "finish_reason": None})]
 
     def delta(self, d: Delta) -> str | None:
         if not d.text and not d.finish_reason and (not d.tokens or d.tokens[0].logprob is None):

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 
-from common.errors import DejavuError, KVFull, Overloaded, Unavailable, UpstreamError, from_body
+from common.errors import BadRequest, DejavuError, KVFull, Overloaded, Unavailable, UpstreamError, from_body
 from common.metadata import RecentServices, Registry, RequestStore
 from common.protocol import (PROTOCOL, AbortRequest, DecodeEvent, DecodeRequest, PrefillRequest, PrefillResult,
                              Reservation, ReserveRequest, SamplingParams, ServiceInfo, ServiceKind, TokenEvent)
@@ -77,10 +77,12 @@ class Router:
         protocol version (a rolling upgrade) would misread our calls: never routed to."""
         return (not self.model_id or engine.model_id == self.model_id) and engine.protocol == PROTOCOL
 
-    async def generate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> AsyncIterator[TokenEvent]:
+    async def generate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
+                       prompt_logprobs: int | None = None) -> AsyncIterator[TokenEvent]:
         """The request's tokens, in order. If its token service dies or hangs mid-decode, the
-        request goes on elsewhere: the client sees a pause, the same tokens, none repeated."""
-        run = Run(request_id, prompt_ids, sampling)
+        request goes on elsewhere: the client sees a pause, the same tokens, none repeated.
+        `prompt_logprobs` k: the first event carries the prompt's logprobs (TokenEvent.prompt_logprobs)."""
+        run = Run(request_id, prompt_ids, sampling, prompt_logprobs)
         try:
             while True:
                 try:
@@ -129,7 +131,11 @@ class Router:
                 req = PrefillRequest(request_id=run.request_id, epoch=run.epoch, prompt_ids=run.prompt_ids,
                                      sampling=run.sampling, target_service_id=token_svc.id,
                                      target_kv_address=reservation.kv_address,
-                                     target_kv_routes=reservation.kv_routes)
+                                     target_kv_routes=reservation.kv_routes,
+                                     prompt_logprobs=None if outputs else run.prompt_logprobs)  # wanted once
+                if token_svc.colocated and token_svc.stages > 1 and req.prompt_logprobs is not None:
+                    raise BadRequest("'echo' with 'logprobs' needs a token service of one stage in colocated "
+                                     "mode, and this one is a pipeline (--stages): drop one of the two", "echo")
                 try:
                     result = await (self.prefill_on(token_svc, req) if token_svc.colocated else self.prefill(req, holders))
                 except UpstreamError as exc:
@@ -331,6 +337,11 @@ class Router:
         errors, tried = [], set()
         for _ in range(PREFILL_ATTEMPTS):
             live = await self.services(ServiceKind.PROMPT)
+            if req.prompt_logprobs is not None:  # only a whole model in one process scores a prompt
+                if live and all(s.stages > 1 for s in live):
+                    raise BadRequest("'echo' with 'logprobs' needs a prompt service of one stage, and this "
+                                     "cluster's are pipelines (--stages): drop one of the two", "echo")
+                live = [s for s in live if s.stages <= 1]
             candidates = sorted(live, key=lambda s: (s.id in tried, s.id not in self.recent.listed, self.in_flight[s.id],
                                                      s.active_requests))
             if not candidates:

@@ -12,7 +12,10 @@
               into one contiguous buffer and handed to the job's sender task, which streams it
               to T while layer l+1 computes (layer-by-layer streaming); a chunk's KV goes out
               as its own messages, token range and all, while the next chunk computes.
-4. sample     the first output token is sampled from the last prompt position.
+4. sample     the first output token is sampled from the last prompt position; with
+              PrefillRequest.prompt_logprobs (echo with logprobs), every prompt token after the
+              first is scored against the logits before it, chunk by chunk, and those come back
+              on the first token's event.
 5. answer     once T has acknowledged every layer, the job resolves with the first token.
 """
 
@@ -32,7 +35,7 @@ from common.errors import BadRequest, UpstreamError
 from common.kv.copy import gather_prefill
 from common.kv.peers import KVRejected, PeerLink, Peers
 from common.kv.transport import TransportError
-from common.protocol import PrefillRequest, PrefillResult, TokenEvent
+from common.protocol import PrefillRequest, PrefillResult, PromptLogprob, TokenEvent
 from common.sampling import first_event, sample
 from common.service import request_id_var
 from common.settings import PromptSettings
@@ -155,6 +158,7 @@ class PrefillJob:
     computed_at: float = 0.0        # perf_counter when the last layer was computed
     done: int = 0                   # prompt tokens computed (a chunked prompt's progress)
     pool: torch.Tensor | None = None  # a chunked prompt's KV so far, for its later chunks to attend to
+    prompt_logprobs: list[PromptLogprob] = field(default_factory=list)  # req.prompt_logprobs: tokens 1.. so far
 
     @property
     def num_tokens(self) -> int:
@@ -193,6 +197,9 @@ class PrefillEngine:
             self.runner.check_tokens(req.prompt_ids, "prompt_ids")  # a bad id would fail the whole batch
         except ValueError as exc:
             raise BadRequest(str(exc), code="invalid_token_id") from None
+        if req.prompt_logprobs is not None and self.pipeline is not None:  # the gateway sends them elsewhere
+            raise BadRequest("prompt logprobs (echo with logprobs) are not computed by a prompt pipeline "
+                             "(--stages)", param="prompt_logprobs")
         routes, mine = routes_of(req, self.runner.kv.layers), self.runner.layers  # a pipeline's head: its layers
         links = await open_links(self.peers, routes, mine, req.target_service_id)
         job = self.jobs[req.request_id] = PrefillJob(req, routes, links,
@@ -271,9 +278,17 @@ class PrefillEngine:
             if job.pool is None:
                 job.pool = self.runner.new_pool(len(table))
         segments = [Segment(p.job.req.prompt_ids[p.start: p.end], p.start, table) for p in work]
+        scored = {i: (p.job.req.prompt_ids[p.start + 1: p.end + 1], p.job.req.prompt_logprobs)
+                  for i, p in enumerate(work) if p.job.req.prompt_logprobs is not None}
         start = time.perf_counter()
         try:
-            logits = await self.runner.run(self.runner.forward, segments, job.pool if table else None, on_layer)
+            if scored:
+                logits, scores = await self.runner.run(self.runner.forward_scored, segments,
+                                                       job.pool if table else None, on_layer, scored)
+                for i, part in scores.items():
+                    work[i].job.prompt_logprobs.extend(part)
+            else:
+                logits = await self.runner.run(self.runner.forward, segments, job.pool if table else None, on_layer)
             if self.pipeline is not None:  # the head's output through the later stages, which stream their layers' KV
                 logits = await self.pipeline.prefill([[p.job.req.request_id, p.job.req.epoch, p.start, p.end,
                                                        p.job.num_tokens, p.job.routes] for p in work], logits)
@@ -294,6 +309,8 @@ class PrefillEngine:
                         [j.req.request_id for j, _ in ended])
         for (job, _), event in zip(ended, events):
             job.first, job.computed_at, job.pool = first_event(job.req.sampling, event), done, None
+            if job.req.prompt_logprobs is not None:
+                job.first = job.first.model_copy(update={"prompt_logprobs": job.prompt_logprobs})
             loop.call_soon(job.outbox.put_nowait, None)  # after every message: the sender may answer
 
     async def _send_layers(self, job: PrefillJob) -> None:

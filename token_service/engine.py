@@ -188,6 +188,9 @@ class TokenEngine:
         steps (token_service/prefill.py); an abort meanwhile frees them at the next step boundary.
         On a resume the prompt is shorter than the row: the tokens out are replayed after it."""
         self._check_tokens(req.prompt_ids, "prompt_ids")
+        if req.prompt_logprobs is not None and self.pipeline is not None:
+            raise BadRequest("prompt logprobs (echo with logprobs) are not computed by a token pipeline (--stages)",
+                             param="prompt_logprobs")
         seq = self._empty_seq(req.request_id, len(req.prompt_ids), "prefill")
         job = PrefillJob(seq, req, asyncio.get_running_loop().create_future())
         self.prefills.add(job)
@@ -374,8 +377,10 @@ class TokenEngine:
             seq.stepping = True
         segments = (batch.segments if batch else []) + [c.segment for c in chunks]
         staged = self.swap.prefetch(segments) if self.swap else None  # in step order: while the one before computes
+        scored = {len(seqs) + i: (c.targets, c.job.req.prompt_logprobs) for i, c in enumerate(chunks) if c.targets}
         try:
-            logits = await self.runner.run(self._forward, segments, staged)
+            out = await self.runner.run(self._forward, segments, staged, scored)
+            logits, scores = out if scored else (out, {})
             if self.pipeline is not None:  # the head's output, through the later stages
                 logits = await self.pipeline.forward(segments, logits)
         except Exception as exc:
@@ -394,7 +399,7 @@ class TokenEngine:
         for seq in seqs:
             seq.stepping = False
         if chunks:
-            self.prefills.finish(chunks, logits[len(seqs):])
+            self.prefills.finish(chunks, logits[len(seqs):], [scores.get(i, []) for i in range(len(seqs), len(segments))])
             PREFILL_SECONDS.observe(time.perf_counter() - start)
         if batch:
             self._postprocess(batch, logits[: len(seqs)])
@@ -403,11 +408,17 @@ class TokenEngine:
         if self.settings.inject_step_delay_ms:  # after the step: no sequence of it is mid-step while we wait
             await asyncio.sleep(self.settings.inject_step_delay_ms / 1000)
 
-    def _forward(self, segments: list, staged=None) -> torch.Tensor:
+    def _forward(self, segments: list, staged=None, scored=None):
         """This process's forward of a step, on the engine thread (timed there: with microbatches a
-        step may queue for the thread behind another); with --swap over the device's KV."""
+        step may queue for the thread behind another); with --swap over the device's KV. With chunks
+        `scored` (echo with logprobs): (logits, their prompt logprobs), ModelRunner.forward_scored's."""
         start = time.perf_counter()
-        out = self.swap.forward(self.runner, staged) if staged is not None else self.runner.forward(segments, self.pool)
+        if scored:
+            out = self.runner.forward_scored(segments, self.pool, None, scored)
+        elif staged is not None:
+            out = self.swap.forward(self.runner, staged)
+        else:
+            out = self.runner.forward(segments, self.pool)
         FORWARD_SECONDS.observe(time.perf_counter() - start)
         return out
 

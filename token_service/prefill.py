@@ -12,7 +12,8 @@ A prompt's life here:
    than one chunk's worth of compute (chunked prefill).
 3. A chunk's K/V goes straight into the sequence's blocks; a later chunk attends to the earlier
    ones there. When the last chunk is computed, the first token is sampled from its logits and
-   the job resolves.
+   the job resolves. With prompt logprobs (echo with logprobs) each chunk's prompt tokens are
+   scored in its step; they come back on the first token's event.
 4. A job whose sequence was aborted is dropped at the next step boundary (never mid-forward): its
    blocks are released and its caller gets NotFound.
 """
@@ -23,12 +24,12 @@ import asyncio
 import collections
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from common.errors import NotFound, UpstreamError
-from common.protocol import PrefillRequest, PrefillResult
+from common.protocol import PrefillRequest, PrefillResult, PromptLogprob
 from common.sampling import first_event, sample
 from engine.attention import Segment
 from token_service.sequence import Sequence
@@ -41,6 +42,7 @@ class PrefillJob:
     result: asyncio.Future
     done: int = 0                # prompt tokens whose KV is computed
     started: float = 0.0         # perf_counter at its first chunk
+    prompt_logprobs: list[PromptLogprob] = field(default_factory=list)  # req.prompt_logprobs: tokens 1.. so far
 
     @property
     def num_tokens(self) -> int:
@@ -56,6 +58,13 @@ class Chunk:
     @property
     def last(self) -> bool:
         return self.segment.end == self.job.num_tokens
+
+    @property
+    def targets(self) -> list[int]:
+        """With prompt logprobs: the prompt token after each of the chunk's (none past the prompt)."""
+        if self.job.req.prompt_logprobs is None:
+            return []
+        return self.job.req.prompt_ids[self.segment.start + 1: self.segment.end + 1]
 
 
 class PrefillQueue:
@@ -84,12 +93,14 @@ class PrefillQueue:
             left -= n
         return chunks
 
-    def finish(self, chunks: list[Chunk], logits: torch.Tensor) -> None:
-        """The step computed `chunks`; logits: (len(chunks), vocab), each chunk's last token."""
+    def finish(self, chunks: list[Chunk], logits: torch.Tensor, scores: list[list[PromptLogprob]]) -> None:
+        """The step computed `chunks`; logits: (len(chunks), vocab), each chunk's last token;
+        scores: each chunk's prompt logprobs (Chunk.targets')."""
         ended = []
-        for chunk, row in zip(chunks, logits):
+        for chunk, row, part in zip(chunks, logits, scores):
             job = chunk.job
             job.done = chunk.segment.end
+            job.prompt_logprobs.extend(part)
             if chunk.last and not job.seq.done:
                 ended.append((job, row))
         if ended:
@@ -112,8 +123,11 @@ class PrefillQueue:
         job.seq.filling = False
         self.jobs.remove(job)
         ms = (time.perf_counter() - job.started) * 1e3
-        job.result.set_result(PrefillResult(request_id=job.req.request_id, prefill_ms=ms,
-                                            first=first_event(job.req.sampling, event), stream_tail_ms=0.0))
+        first = first_event(job.req.sampling, event)
+        if job.req.prompt_logprobs is not None:
+            first = first.model_copy(update={"prompt_logprobs": job.prompt_logprobs})
+        job.result.set_result(PrefillResult(request_id=job.req.request_id, prefill_ms=ms, first=first,
+                                            stream_tail_ms=0.0))
 
     def reap(self) -> None:
         """Drop the jobs of aborted sequences: their blocks go back, their callers hear NotFound."""

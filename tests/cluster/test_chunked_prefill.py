@@ -5,12 +5,17 @@ requests already running). Greedy text equals HF `generate` either way; nothing 
 
 from __future__ import annotations
 
+import json
+
+import httpx
 import pytest
+import torch
 
 from dejavu.cluster import Cluster
 from tests.cluster.conftest import CLUSTER_ENV, metric
 from tests.cluster.test_colocated import complete_all
 from tests.cluster.test_failover import assert_no_kv_held_on
+from tests.cluster.test_serving import completion
 
 PROMPTS = ["Water boils at",  # shorter than a chunk
            "Once upon a time, in a land far away, there lived a dragon who loved to read books about the sea, "
@@ -38,4 +43,43 @@ def test_long_prompts_are_prefilled_in_chunks_and_equal_hf(cluster, tiny_oracle)
     before = metric(engine.url, forwards)
     complete_all(cluster, tiny_oracle, PROMPTS, max_tokens=30)
     assert metric(engine.url, forwards) - before >= sum(lengths) / 16  # no forward took more than a chunk
+    assert_no_kv_held_on(cluster)
+
+
+def test_echo_with_logprobs_scores_the_prompt_chunk_by_chunk_as_hf(cluster, tiny_oracle):
+    """echo with logprobs, as lm-evaluation-harness asks for a loglikelihood: every prompt token's
+    logprob after the tokens before it equals HF's log-softmax over the whole prompt, though it was
+    computed in chunks of 16; max_tokens 0 gives back the prompt alone; streamed, the echo's chunk
+    carries them. The text generated after them is HF's."""
+    ids = tiny_oracle.tokenizer(PROMPTS[1])["input_ids"]
+    assert len(ids) > 2 * 16
+    with torch.inference_mode():
+        want = torch.log_softmax(tiny_oracle.model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    body = {"prompt": ids, "echo": True, "logprobs": 2, "temperature": 0}
+
+    alone = completion(cluster.url, **body, max_tokens=0)
+    choice = alone["choices"][0]
+    assert choice["text"] == tiny_oracle.tokenizer.decode(ids, skip_special_tokens=True)
+    assert choice["finish_reason"] == "length" and alone["usage"]["completion_tokens"] == 0
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["text_offset"]) == len(ids)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    expect = want[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:]), expect, rtol=0, atol=1e-4)
+    for top, row in zip(lp["top_logprobs"][1:], want):
+        assert len(top) == 2 and max(top.values()) == pytest.approx(float(row.max()), abs=1e-4)
+    assert "".join(lp["tokens"]) == choice["text"] and lp["text_offset"][0] == 0
+
+    more = completion(cluster.url, **body, max_tokens=5)["choices"][0]
+    want_text, _ = tiny_oracle.text(ids, 5)
+    assert more["text"] == choice["text"] + want_text
+    assert more["logprobs"]["token_logprobs"][:len(ids)] == pytest.approx(lp["token_logprobs"], abs=1e-5)
+    assert len(more["logprobs"]["tokens"]) == len(ids) + 5
+
+    resp = httpx.post(cluster.url + "/v1/completions", json={**body, "max_tokens": 0, "stream": True}, timeout=120)
+    chunks = [json.loads(line[6:]) for line in resp.text.splitlines()
+              if line.startswith("data: {")]
+    assert chunks[0]["choices"][0]["text"] == choice["text"]
+    assert chunks[0]["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(lp["token_logprobs"], abs=1e-5)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert_no_kv_held_on(cluster)

@@ -175,6 +175,24 @@ def restart(cluster, *children) -> None:
         time.sleep(0.2)
 
 
+def test_echo_with_logprobs_is_scored_where_one_process_prefills_and_a_400_elsewhere(cluster, tiny_oracle):
+    """The prompt's logprobs need the whole model in the process that prefills it: a one-stage
+    prompt service scores the prompt (whatever the token pipeline's depth); a prompt pipeline or a
+    colocated token pipeline gets a clear 400 on 'echo', and the reservation is let go."""
+    ids = tiny_oracle.tokenizer(PROMPT)["input_ids"]
+    resp = httpx.post(cluster.url + "/v1/completions", json={"prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 3,
+                                                              "temperature": 0}, timeout=120)
+    if cluster.colocated or cluster.prompt_stages > 1:
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["error"]["param"] == "echo" and "--stages" in resp.json()["error"]["message"]
+    else:
+        assert resp.status_code == 200, resp.text
+        choice = resp.json()["choices"][0]
+        assert choice["text"].endswith(tiny_oracle.text(ids, 3)[0])
+        assert len(choice["logprobs"]["token_logprobs"]) == len(ids) + 3 and choice["logprobs"]["token_logprobs"][0] is None
+    assert_nothing_held(cluster)
+
+
 @pytest.mark.parametrize("victim", ["last", "head-or-middle"])
 def test_a_stage_killed_mid_stream_costs_a_pause(cluster, tiny_oracle, victim):
     """SIGKILL a stage of the pipeline serving a stream, once Redis shows each stage replicated its

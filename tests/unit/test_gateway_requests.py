@@ -56,3 +56,25 @@ def test_chat_fields_we_do_not_implement_are_refused_not_ignored(tokenizer, fiel
                      {"top_logprobs": 2, "logprobs": True}):
         assert chat_job(ChatRequest(messages=[{"role": "user", "content": "hi"}], **harmless), tokenizer,
                         limits_of(tokenizer, 512))
+
+
+def test_echo_with_logprobs_asks_for_the_prompts_and_max_tokens_0_only_with_echo(tokenizer):
+    """As at OpenAI and vLLM (lm-evaluation-harness's loglikelihood requests): echo with logprobs
+    scores the prompt; max_tokens 0 is the prompt back alone (one token drawn at prefill, dropped),
+    and a 400 without echo, or on chat."""
+    from common.errors import BadRequest
+
+    limits = limits_of(tokenizer, 512)
+    scored = completion_job(CompletionRequest(prompt="The capital of France", echo=True, logprobs=2, max_tokens=0),
+                            tokenizer, limits)
+    assert (scored.prompt_logprobs, scored.echo_only, scored.sampling.max_tokens) == (2, True, 1)
+    assert scored.echo_text == "The capital of France"
+    plain = completion_job(CompletionRequest(prompt="The capital", logprobs=2, max_tokens=3), tokenizer, limits)
+    assert (plain.prompt_logprobs, plain.echo_only, plain.sampling.logprobs) == (None, False, 2)
+    echoed = completion_job(CompletionRequest(prompt="The capital", echo=True, max_tokens=0), tokenizer, limits)
+    assert (echoed.prompt_logprobs, echoed.echo_only) == (None, True)
+    for body, make in ((CompletionRequest(prompt="The capital", max_tokens=0), completion_job),
+                       (ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=0), chat_job)):
+        with pytest.raises(BadRequest, match="only with 'echo'") as info:
+            make(body, tokenizer, limits)
+        assert info.value.param == "max_tokens"
