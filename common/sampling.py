@@ -95,8 +95,11 @@ def _event(rid: str, index: int, token: int, p: SamplingParams, logprobs: torch.
 def prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[PromptLogprob]:
     """logits: (n, vocab) float32, row i the model's prediction for targets[i] (the prompt token
     after it): each target's logprob there and the k likeliest tokens (OpenAI's echo with logprobs)."""
+    if not targets:
+        return []
     logprobs = torch.log_softmax(logits, dim=-1)
-    rows, ids = torch.arange(len(targets), device=logits.device), torch.tensor(targets, device=logits.device)
+    rows = torch.arange(len(targets), device=logits.device)
+    ids = torch.tensor(targets, dtype=torch.long, device=logits.device)
     chosen = logprobs[rows, ids].tolist()
     if k:
         values, ids = torch.topk(logprobs, k)
