@@ -29,9 +29,9 @@ from common.protocol import ServiceKind, cluster_fingerprint, cluster_status
 from common.service import (API_KEYS, BodyLimit, ClosingStreamingResponse, RequireSecret, add_health_and_metrics,
                             cluster_headers, registered, request_id_var)
 from common.settings import GatewaySettings
-from gateway.jobs import IN_FLIGHT, REQUESTS, Job, Limits, chat_job, completion_job, deltas, text_chars
+from gateway.jobs import IN_FLIGHT, REQUESTS, Delta, Job, Limits, chat_jobs, completion_jobs, deltas, text_chars
 from gateway.openai_types import ChatRequest, CompletionRequest
-from gateway.responses import ChunkWriter, Totals, chat_body, completion_body, sse
+from gateway.responses import ChunkWriter, Totals, chat_body, completion_body, merged_body, sse
 from gateway.router import Router
 
 log = logging.getLogger(__name__)
@@ -96,11 +96,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        return await serve(app, await _job(app, completion_job, body), request, chat=False)
+        return await serve(app, await _jobs(app, completion_jobs, body), request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        return await serve(app, await _job(app, chat_job, body), request, chat=True)
+        return await serve(app, await _jobs(app, chat_jobs, body), request, chat=True)
 
     @app.get("/cluster")
     async def cluster() -> dict:  # Redis down: Unavailable, a 503 with the OpenAI error body
@@ -121,14 +121,14 @@ class Encoder:
         self.tokenizer = load_tokenizer(path)
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
 
-    async def run(self, make_job, body, limits: Limits) -> Job:
-        return await asyncio.get_running_loop().run_in_executor(self.thread, make_job, body, self.tokenizer, limits)
+    async def run(self, make_jobs, body, limits: Limits) -> list[Job]:
+        return await asyncio.get_running_loop().run_in_executor(self.thread, make_jobs, body, self.tokenizer, limits)
 
 
-async def _job(app: FastAPI, make_job, body) -> Job:
+async def _jobs(app: FastAPI, make_jobs, body) -> list[Job]:
     if text_chars(body) < LARGE_TEXT_CHARS:
-        return make_job(body, app.state.tokenizer, app.state.limits)
-    return await app.state.encoder.run(make_job, body, app.state.limits)
+        return make_jobs(body, app.state.tokenizer, app.state.limits)
+    return await app.state.encoder.run(make_jobs, body, app.state.limits)
 
 
 async def _health(app: FastAPI) -> dict:
@@ -151,15 +151,13 @@ class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
 
-async def serve(app: FastAPI, job: Job, request: Request, chat: bool):
+async def serve(app: FastAPI, jobs: list[Job], request: Request, chat: bool):
+    """A request's answer: of its one job, or merged from its choices' (a batch of prompts, n > 1)."""
+    if len(jobs) > 1:
+        return await _serve_choices(app, jobs, request, chat)
+    job = jobs[0]
     request_id_var.set(job.request_id)
-    await app.state.store.create(job.request_id, {"prompt_tokens": len(job.prompt_ids), "status": "running",
-                                                   "sampling": job.sampling.model_dump(), "stream": job.stream},
-                                 wait_s=app.state.redis_grace_s)  # a Redis restart costs a pause, not a 503
-    log.info("%s: %d prompt tokens, max_tokens %d, stream %s", "chat" if chat else "completion",
-             len(job.prompt_ids), job.sampling.max_tokens, job.stream)
-    app.state.active.add(job.request_id)
-    IN_FLIGHT.set(len(app.state.active))
+    await _start(app, job, chat)
     gen = deltas(app.state.router, app.state.tokenizer, job)
     if not job.stream:
         return await _with_cancellation(_collect(app, job, gen, chat), request)
@@ -177,6 +175,126 @@ async def serve(app: FastAPI, job: Job, request: Request, chat: bool):
         await _finish(app, job, None, ClientGone())
 
     return ClosingStreamingResponse(stream, on_close, media_type="text/event-stream")
+
+
+async def _start(app: FastAPI, job: Job, chat: bool) -> None:
+    """Record the request in Redis and count it in flight."""
+    await app.state.store.create(job.request_id, {"prompt_tokens": len(job.prompt_ids), "status": "running",
+                                                   "sampling": job.sampling.model_dump(), "stream": job.stream},
+                                 wait_s=app.state.redis_grace_s)  # a Redis restart costs a pause, not a 503
+    log.info("%s: %d prompt tokens, max_tokens %d, stream %s", "chat" if chat else "completion",
+             len(job.prompt_ids), job.sampling.max_tokens, job.stream)
+    app.state.active.add(job.request_id)
+    IN_FLIGHT.set(len(app.state.active))
+
+
+async def _serve_choices(app: FastAPI, jobs: list[Job], request: Request, chat: bool):
+    """Several choices: each job is a request of its own downstream (admitted, routed, resumed
+    alone; its logs carry its own id), in a task of its own. The first to fail ends the request
+    and aborts the others; a stream starts once every choice has its first token."""
+    log.info("%d choices: requests %s", len(jobs), ", ".join(job.request_id for job in jobs))
+    for job in jobs:
+        await _start(app, job, chat)
+    gens = [deltas(app.state.router, app.state.tokenizer, job) for job in jobs]
+
+    async def close_all(error: BaseException | None, totals: list[Totals] | None = None) -> None:
+        for i, (job, gen) in enumerate(zip(jobs, gens)):
+            await gen.aclose()
+            await _finish(app, job, totals[i] if totals else None, error)
+
+    async def first(job: Job, gen) -> Delta | Totals:  # a stream's first delta, or the whole answer
+        request_id_var.set(job.request_id)
+        return await anext(gen) if job.stream else await _totals(gen)
+
+    try:
+        results = await _with_cancellation(_all(first(job, gen) for job, gen in zip(jobs, gens)), request)
+    except BaseException as exc:
+        await close_all(exc)
+        raise
+    if not jobs[0].stream:
+        await close_all(None, results)
+        return JSONResponse(merged_body(jobs, results, app.state.tokenizer, chat))
+    stream = _stream_choices(app, jobs, gens, results, chat)
+
+    async def on_close() -> None:  # runs even if the client left before the body started
+        await stream.aclose()
+        await close_all(ClientGone())
+
+    return ClosingStreamingResponse(stream, on_close, media_type="text/event-stream")
+
+
+async def _totals(gen) -> Totals:
+    totals = Totals()
+    async for delta in gen:
+        totals.add(delta)
+    return totals
+
+
+async def _all(coros):
+    """Every coroutine's result, in order, each run in a task of its own; the first to fail cancels
+    the others and its error is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _stream_choices(app: FastAPI, jobs: list[Job], gens: list, firsts: list, chat: bool):
+    """SSE chunks of every choice as they come, each with its index; one usage chunk at the end."""
+    writers = [ChunkWriter(job, app.state.tokenizer, chat, index=i) for i, job in enumerate(jobs)]
+    totals, error, queue = [Totals() for _ in jobs], None, asyncio.Queue()
+
+    async def pump(i: int) -> None:  # a choice's deltas into the queue, then None, or its error
+        request_id_var.set(jobs[i].request_id)
+        try:
+            async for delta in gens[i]:
+                queue.put_nowait((i, delta))
+            queue.put_nowait((i, None))
+        except Exception as exc:  # noqa: BLE001 - handed to the stream, which ends the request with it
+            queue.put_nowait((i, exc))
+
+    pumps, running, finished = [], len(jobs), set()
+    try:
+        for i, (writer, delta) in enumerate(zip(writers, firsts)):
+            for chunk in writer.first(delta):
+                yield chunk
+            queue.put_nowait((i, delta))
+        pumps = [asyncio.ensure_future(pump(i)) for i in range(len(jobs))]
+        while running:
+            try:
+                i, delta = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+            except asyncio.TimeoutError:
+                yield ": keep-alive\n\n"
+                continue
+            if delta is None:
+                running -= 1
+                finished.add(i)
+            elif isinstance(delta, Exception):
+                raise delta
+            else:
+                totals[i].add(delta)
+                if (chunk := writers[i].delta(delta)) is not None:
+                    yield chunk
+        if jobs[0].include_usage:
+            yield writers[0].usage(totals, jobs)
+    except DejavuError as exc:
+        error = exc
+        log.warning("stream failed: %s", exc.message)
+        yield sse(exc.client_body(jobs[0].request_id))
+    except BaseException as exc:  # client gone (cancelled) or a bug: record it, let it propagate
+        error = exc
+        raise
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        for i, (job, gen) in enumerate(zip(jobs, gens)):
+            await gen.aclose()
+            await _finish(app, job, totals[i], None if i in finished else error)
+    yield sse("[DONE]")
 
 
 async def _collect(app: FastAPI, job: Job, gen, chat: bool) -> JSONResponse:

@@ -45,6 +45,7 @@ class Job:
     echo_text: str = ""
     prompt_logprobs: int | None = None  # echo with logprobs: the prompt scored, with this many alternatives
     echo_only: bool = False       # max_tokens 0 with echo: the prompt back, the token drawn at prefill dropped
+    choice: int = 0               # which of its prompt's n choices
     created: int = field(default_factory=lambda: int(time.time()))
     recorded: bool = False        # its outcome has been counted and written to Redis
 
@@ -91,26 +92,34 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def completion_job(body: CompletionRequest, tokenizer, limits: Limits) -> Job:
+def completion_jobs(body: CompletionRequest, tokenizer, limits: Limits) -> list[Job]:
+    """A job a choice: each prompt's `n`, prompt after prompt (the order of OpenAI's choices)."""
     body.check()
     _check_model(body, limits)
-    prompt = body.single_prompt()
+    jobs = []
+    for prompt in body.prompts():
+        ids = _prompt_ids(prompt, tokenizer, limits)
+        echo = (prompt if isinstance(prompt, str) else tokenizer.decode(ids, skip_special_tokens=True)) if body.echo else ""
+        jobs += [_job(body, ids, limits, COMPLETION_DEFAULT_MAX_TOKENS, body.logprobs, echo, choice=i,
+                      prompt_logprobs=body.logprobs if body.echo else None) for i in range(body.n)]
+    return jobs
+
+
+def _prompt_ids(prompt: str | list[int], tokenizer, limits: Limits) -> list[int]:
     if isinstance(prompt, str):
         rule_out_by_length(len(prompt), limits, "prompt")
         ids = tokenizer(prompt)["input_ids"]
         if not ids:
             raise BadRequest("'prompt' tokenizes to no tokens", "prompt")
-    else:
-        bad = [t for t in prompt if not 0 <= t < limits.vocab_size]
-        if bad:
-            raise BadRequest(f"'prompt' token id {bad[0]} is outside the vocabulary [0, {limits.vocab_size})", "prompt")
-        ids = list(prompt)
-    echo = (prompt if isinstance(prompt, str) else tokenizer.decode(ids, skip_special_tokens=True)) if body.echo else ""
-    return _job(body, ids, limits, COMPLETION_DEFAULT_MAX_TOKENS, body.logprobs, echo,
-                prompt_logprobs=body.logprobs if body.echo else None)
+        return ids
+    bad = [t for t in prompt if not 0 <= t < limits.vocab_size]
+    if bad:
+        raise BadRequest(f"'prompt' token id {bad[0]} is outside the vocabulary [0, {limits.vocab_size})", "prompt")
+    return list(prompt)
 
 
-def chat_job(body: ChatRequest, tokenizer, limits: Limits) -> Job:
+def chat_jobs(body: ChatRequest, tokenizer, limits: Limits) -> list[Job]:
+    """A job a choice (`n`)."""
     body.check()
     _check_model(body, limits)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -120,7 +129,8 @@ def chat_job(body: ChatRequest, tokenizer, limits: Limits) -> Job:
     except Exception as exc:  # a template that rejects this conversation is the caller's problem
         raise BadRequest(f"'messages' cannot be formatted by the model's chat template: {exc}", "messages") from exc
     ids = list(out["input_ids"] if hasattr(out, "keys") else out)
-    return _job(body, ids, limits, limits.chat_max_tokens, body.logprobs_k, "", "messages")
+    return [_job(body, ids, limits, limits.chat_max_tokens, body.logprobs_k, "", "messages", choice=i)
+            for i in range(body.n)]
 
 
 def _check_model(body: SamplingFields, limits: Limits) -> None:
@@ -130,7 +140,9 @@ def _check_model(body: SamplingFields, limits: Limits) -> None:
 
 
 def _job(body: SamplingFields, ids: list[int], limits: Limits, default_max: int, logprobs: int | None,
-         echo: str, prompt_param: str = "prompt", prompt_logprobs: int | None = None) -> Job:
+         echo: str, prompt_param: str = "prompt", choice: int = 0, prompt_logprobs: int | None = None) -> Job:
+    """The job of one choice; with a seed, choice i draws from seed + i (n choices differ, and the
+    same request gives the same n texts every time)."""
     room = limits.max_model_len - len(ids)
     if room < 1:  # no max_tokens could help
         raise ContextLengthExceeded(
@@ -146,10 +158,11 @@ def _job(body: SamplingFields, ids: list[int], limits: Limits, default_max: int,
     temperature = 1.0 if body.temperature is None else float(body.temperature)
     sampling = SamplingParams(
         temperature=temperature, top_p=1.0 if body.top_p is None else float(body.top_p),
-        top_k=max(body.top_k or 0, 0), seed=(body.seed if body.seed is not None else random.getrandbits(63)) & ((1 << 64) - 1),
+        top_k=max(body.top_k or 0, 0),
+        seed=(body.seed + choice if body.seed is not None else random.getrandbits(63)) & ((1 << 64) - 1),
         max_tokens=max_tokens, stop_token_ids=limits.eos_ids, ignore_eos=body.ignore_eos, logprobs=logprobs)
     return Job(new_request_id(), limits.model_name, ids, sampling, body.stop_list, body.stream,
-               body.include_usage, echo, prompt_logprobs, echo_only)
+               body.include_usage, echo, prompt_logprobs, echo_only, choice)
 
 
 async def deltas(router: Router, tokenizer, job: Job) -> AsyncIterator[Delta]:

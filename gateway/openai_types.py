@@ -14,6 +14,9 @@ from common.errors import BadRequest
 
 Number = StrictFloat | StrictInt
 MAX_STOP_CHARS = 512  # per stop string: each is matched against the tail of the text at every token
+# choices in one request (prompts x n): each is a request of its own downstream, admitted, routed
+# and resumed alone; more wait in the admission queue like any other requests
+MAX_CHOICES = 128
 
 
 def _has_lone_surrogate(value) -> bool:
@@ -76,8 +79,8 @@ class SamplingFields(BaseModel):
         return False
 
     def check_common(self) -> None:
-        if self.n != 1:
-            raise BadRequest(f"'n' = {self.n}: only n = 1 is supported; send n requests instead", "n")
+        if not 1 <= self.n <= MAX_CHOICES:
+            raise BadRequest(f"'n' = {self.n}: must be between 1 and {MAX_CHOICES}", "n")
         if self.max_tokens is not None and self.max_tokens < 1 and not (self.max_tokens == 0 and self.echoes):
             raise BadRequest(f"'max_tokens' = {self.max_tokens}: must be at least 1 (0 only with 'echo' on "
                              "/v1/completions: the prompt back, with its logprobs if asked, nothing generated)",
@@ -133,18 +136,20 @@ class CompletionRequest(SamplingFields):
     def echoes(self) -> bool:
         return self.echo
 
-    def single_prompt(self) -> str | list[int]:
-        """The one prompt, as text or token ids."""
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, as text or token ids: one, or a batch of them (a list of strings or of
+        token-id lists), each answered by `n` choices."""
         p = self.prompt
         if p is None:
             raise BadRequest("'prompt' is required", "prompt")
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise BadRequest(f"'prompt' holds {len(p)} prompts: send one prompt per request", "prompt")
-            p = p[0]
-        if len(p) == 0:
-            raise BadRequest("'prompt' must not be empty", "prompt")
-        return p
+        batch = p if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
+        if len(batch) * self.n > MAX_CHOICES:
+            raise BadRequest(f"'prompt' holds {len(batch)} prompts and 'n' is {self.n}: at most {MAX_CHOICES} "
+                             "choices a request; send the rest in another", "prompt")
+        if any(len(one) == 0 for one in batch):
+            raise BadRequest("'prompt' must not be empty" if len(batch) == 1 else "'prompt' holds an empty prompt",
+                             "prompt")
+        return batch
 
 
 class ChatMessage(BaseModel):

@@ -32,6 +32,20 @@ def usage(job: Job, totals: Totals) -> dict:
     return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": n, "total_tokens": len(job.prompt_ids) + n}
 
 
+def usage_of(jobs: list[Job], totals: list[Totals]) -> dict:
+    """A request's usage over its choices: each prompt counted once (not once per choice of n)."""
+    prompt = sum(len(job.prompt_ids) for job in jobs if job.choice == 0)
+    completion = sum(len(t.tokens) for t in totals)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def merged_body(jobs: list[Job], totals: list[Totals], tokenizer, chat: bool) -> dict:
+    """One answer for every choice of a request: the first job's head, each job's choice by index."""
+    bodies = [(chat_body if chat else completion_body)(job, t, tokenizer) for job, t in zip(jobs, totals)]
+    choices = [{**b["choices"][0], "index": i} for i, b in enumerate(bodies)]
+    return {**bodies[0], "choices": choices, "usage": usage_of(jobs, totals)}
+
+
 @functools.cache
 def _byte_decoder() -> dict[str, int]:
     """Byte-level BPE (GPT-2 style) spells each byte as one printable character: invert that."""
@@ -123,8 +137,9 @@ def sse(obj: dict | str) -> str:
 class ChunkWriter:
     """SSE chunks for one streamed request (completions or chat)."""
 
-    def __init__(self, job: Job, tokenizer, chat: bool):
-        self.job, self.tokenizer, self.chat = job, tokenizer, chat
+    def __init__(self, job: Job, tokenizer, chat: bool, index: int = 0):
+        """`index`: the job's choice in the request (a batch of prompts, or n > 1)."""
+        self.job, self.tokenizer, self.chat, self.index = job, tokenizer, chat, index
         self.offset = len(job.echo_text)
         kind = "chat.completion.chunk" if chat else "text_completion"
         self.head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job.request_id}", "object": kind,
@@ -133,28 +148,32 @@ class ChunkWriter:
     def first(self, delta: Delta) -> list[str]:
         """What goes before the first delta: chat's role; with echo, the prompt (and its logprobs)."""
         if self.chat:
-            return [self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+            return [self._chunk({"index": self.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                  "finish_reason": None})]
         prompt = _prompt(self.job, delta)
         if not (self.job.echo_text or prompt):
             return []
         logprobs = completion_logprobs(self.tokenizer, [], 0, prompt)
-        return [self._chunk({"index": 0, "text": self.job.echo_text, "logprobs": logprobs, "finish_reason": None})]
+        return [self._chunk({"index": self.index, "text": self.job.echo_text, "logprobs": logprobs,
+                             "finish_reason": None})]
 
     def delta(self, d: Delta) -> str | None:
         if not d.text and not d.finish_reason and (not d.tokens or d.tokens[0].logprob is None):
             return None  # nothing to say yet (a held-back partial character or stop-string prefix)
         if self.chat:
-            choice = {"index": 0, "delta": {"content": d.text} if d.text else {},
+            choice = {"index": self.index, "delta": {"content": d.text} if d.text else {},
                       "logprobs": chat_logprobs(self.tokenizer, d.tokens), "finish_reason": d.finish_reason}
         else:
-            choice = {"index": 0, "text": d.text, "logprobs": completion_logprobs(self.tokenizer, d.tokens, self.offset),
+            choice = {"index": self.index, "text": d.text,
+                      "logprobs": completion_logprobs(self.tokenizer, d.tokens, self.offset),
                       "finish_reason": d.finish_reason}
             self.offset += len(d.text)
         return self._chunk(choice)
 
-    def usage(self, totals: Totals) -> str:
-        return sse({**self.head, "choices": [], "usage": usage(self.job, totals)})
+    def usage(self, totals: Totals | list[Totals], jobs: list[Job] | None = None) -> str:
+        """The usage chunk: of this job, or of every job of the request (`jobs`, with their totals)."""
+        counted = usage(self.job, totals) if jobs is None else usage_of(jobs, totals)
+        return sse({**self.head, "choices": [], "usage": counted})
 
     def _chunk(self, choice: dict) -> str:
         return sse({**self.head, "choices": [choice]})

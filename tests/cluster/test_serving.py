@@ -100,6 +100,47 @@ def test_prompt_as_token_ids_and_echo(tiny_cluster, tiny_oracle):
     assert got["choices"][0]["text"] == prompt_text + want_text
 
 
+def test_a_batch_of_prompts_with_n_choices_each(tiny_cluster, tiny_oracle):
+    """A list of prompts (lm-evaluation-harness's batches, the openai SDK's prompt=[...]) and n > 1:
+    every choice is a request of its own downstream; the answer lists them prompt by prompt, each
+    its index. Greedy: HF's text for each; seeded: choice i draws from seed + i, so the n choices
+    differ and the same request gives them again. Streamed: each index's chunks make its text, one
+    usage chunk for all."""
+    ids = [tiny_oracle.tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
+    want = [tiny_oracle.text(i, 8)[0] for i in ids]
+    got = completion(tiny_cluster.url, prompt=ids, max_tokens=8, temperature=0, n=2)
+    assert [c["index"] for c in got["choices"]] == list(range(6))
+    assert [c["text"] for c in got["choices"]] == [w for w in want for _ in range(2)]
+    assert got["usage"]["prompt_tokens"] == sum(map(len, ids))  # a prompt counted once, whatever n
+    assert got["usage"]["completion_tokens"] == 6 * 8 or all(c["finish_reason"] for c in got["choices"])
+
+    seeded = dict(prompt=PROMPTS[1], max_tokens=16, temperature=1.0, seed=7, n=3)
+    first, again = completion(tiny_cluster.url, **seeded), completion(tiny_cluster.url, **seeded)
+    texts = [c["text"] for c in first["choices"]]
+    assert texts == [c["text"] for c in again["choices"]] and len(set(texts)) == 3
+    assert texts[0] == completion(tiny_cluster.url, **{**seeded, "n": 1})["choices"][0]["text"]
+
+    async def streamed() -> tuple[dict, dict]:
+        chunks, usage = {}, None
+        body = {"prompt": ids[:2], "max_tokens": 8, "temperature": 0, "n": 2, "stream": True,
+                "stream_options": {"include_usage": True}}
+        async with httpx.AsyncClient() as client:
+            async with client.stream("POST", tiny_cluster.url + "/v1/completions", json=body, timeout=120) as resp:
+                assert resp.status_code == 200
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: {"):
+                        data = json.loads(line[6:])
+                        for c in data["choices"]:
+                            chunks[c["index"]] = chunks.get(c["index"], "") + c["text"]
+                        usage = data.get("usage") or usage
+        return chunks, usage
+
+    chunks, usage = asyncio.run(streamed())
+    assert chunks == {i: want[i // 2] for i in range(4)}
+    assert usage["prompt_tokens"] == len(ids[0]) + len(ids[1])
+    assert_no_kv_held(tiny_cluster)
+
+
 def test_stop_string_ends_request_and_frees_kv(tiny_cluster, tiny_oracle):
     ids = tiny_oracle.tokenizer(PROMPTS[3])["input_ids"]
     full, _ = tiny_oracle.text(ids, 60)

@@ -8,7 +8,7 @@ import pytest
 
 from common.errors import ContextLengthExceeded
 from common.model import load_tokenizer
-from gateway.jobs import Limits, chat_job, completion_job
+from gateway.jobs import Limits, chat_jobs, completion_jobs
 from gateway.openai_types import ChatRequest, CompletionRequest
 
 
@@ -23,22 +23,22 @@ def limits_of(tokenizer, context: int = 64) -> Limits:
 
 def test_a_prompt_that_alone_fills_the_context_names_the_prompt(tokenizer):
     limits = limits_of(tokenizer)
-    for body, make, param in ((CompletionRequest(prompt=list(range(10, 80)), max_tokens=4), completion_job, "prompt"),
-                              (ChatRequest(messages=[{"role": "user", "content": "word " * 80}]), chat_job, "messages")):
+    for body, make, param in ((CompletionRequest(prompt=list(range(10, 80)), max_tokens=4), completion_jobs, "prompt"),
+                              (ChatRequest(messages=[{"role": "user", "content": "word " * 80}]), chat_jobs, "messages")):
         with pytest.raises(ContextLengthExceeded, match="the prompt alone has") as info:
             make(body, tokenizer, limits)
         assert info.value.param == param
     with pytest.raises(ContextLengthExceeded, match="lower max_tokens") as info:  # room, but not for that many
-        completion_job(CompletionRequest(prompt=list(range(10, 40)), max_tokens=50), tokenizer, limits)
+        completion_jobs(CompletionRequest(prompt=list(range(10, 40)), max_tokens=50), tokenizer, limits)
     assert info.value.param == "max_tokens"
 
 
 def test_max_completion_tokens_wins_over_max_tokens(tokenizer):
     limits = limits_of(tokenizer, 512)
     both = ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=6, max_completion_tokens=3)
-    assert chat_job(both, tokenizer, limits).sampling.max_tokens == 3
+    assert chat_jobs(both, tokenizer, limits)[0].sampling.max_tokens == 3
     old = ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=6)
-    assert chat_job(old, tokenizer, limits).sampling.max_tokens == 6
+    assert chat_jobs(old, tokenizer, limits)[0].sampling.max_tokens == 6
 
 
 @pytest.mark.parametrize("field, value", [("tools", [{"type": "function", "function": {"name": "f"}}]),
@@ -49,12 +49,12 @@ def test_chat_fields_we_do_not_implement_are_refused_not_ignored(tokenizer, fiel
 
     body = ChatRequest(messages=[{"role": "user", "content": "hi"}], **{field: value})
     with pytest.raises(BadRequest) as info:
-        chat_job(body, tokenizer, limits_of(tokenizer, 512))
+        chat_jobs(body, tokenizer, limits_of(tokenizer, 512))
     assert info.value.param == field
     # their empty or default forms are fine
     for harmless in ({"tools": []}, {"tool_choice": "none"}, {"response_format": {"type": "text"}},
                      {"top_logprobs": 2, "logprobs": True}):
-        assert chat_job(ChatRequest(messages=[{"role": "user", "content": "hi"}], **harmless), tokenizer,
+        assert chat_jobs(ChatRequest(messages=[{"role": "user", "content": "hi"}], **harmless), tokenizer,
                         limits_of(tokenizer, 512))
 
 
@@ -65,16 +65,16 @@ def test_echo_with_logprobs_asks_for_the_prompts_and_max_tokens_0_only_with_echo
     from common.errors import BadRequest
 
     limits = limits_of(tokenizer, 512)
-    scored = completion_job(CompletionRequest(prompt="The capital of France", echo=True, logprobs=2, max_tokens=0),
-                            tokenizer, limits)
+    [scored] = completion_jobs(CompletionRequest(prompt="The capital of France", echo=True, logprobs=2, max_tokens=0),
+                               tokenizer, limits)
     assert (scored.prompt_logprobs, scored.echo_only, scored.sampling.max_tokens) == (2, True, 1)
     assert scored.echo_text == "The capital of France"
-    plain = completion_job(CompletionRequest(prompt="The capital", logprobs=2, max_tokens=3), tokenizer, limits)
+    [plain] = completion_jobs(CompletionRequest(prompt="The capital", logprobs=2, max_tokens=3), tokenizer, limits)
     assert (plain.prompt_logprobs, plain.echo_only, plain.sampling.logprobs) == (None, False, 2)
-    echoed = completion_job(CompletionRequest(prompt="The capital", echo=True, max_tokens=0), tokenizer, limits)
+    [echoed] = completion_jobs(CompletionRequest(prompt="The capital", echo=True, max_tokens=0), tokenizer, limits)
     assert (echoed.prompt_logprobs, echoed.echo_only) == (None, True)
-    for body, make in ((CompletionRequest(prompt="The capital", max_tokens=0), completion_job),
-                       (ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=0), chat_job)):
+    for body, make in ((CompletionRequest(prompt="The capital", max_tokens=0), completion_jobs),
+                       (ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=0), chat_jobs)):
         with pytest.raises(BadRequest, match="only with 'echo'") as info:
             make(body, tokenizer, limits)
         assert info.value.param == "max_tokens"

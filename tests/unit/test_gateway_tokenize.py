@@ -11,8 +11,8 @@ import pytest
 
 from common.errors import ContextLengthExceeded
 from common.model import load_tokenizer
-from gateway.app import LARGE_TEXT_CHARS, Encoder, _job
-from gateway.jobs import Limits, chat_job, completion_job
+from gateway.app import LARGE_TEXT_CHARS, Encoder, _jobs
+from gateway.jobs import Limits, chat_jobs, completion_jobs
 from gateway.openai_types import ChatRequest, CompletionRequest
 
 pytestmark = pytest.mark.asyncio
@@ -37,9 +37,9 @@ async def test_large_prompts_are_tokenized_on_the_encoder_thread(app):
     small = CompletionRequest(prompt="hello " * 10, max_tokens=4)
     large = CompletionRequest(prompt="word " * (LARGE_TEXT_CHARS // 5 + 1), max_tokens=4)
     chat = ChatRequest(messages=[{"role": "user", "content": "x" * (LARGE_TEXT_CHARS + 1)}], max_tokens=4)
-    assert (await _job(app, recording(completion_job), small)).prompt_ids
-    assert len((await _job(app, recording(completion_job), large)).prompt_ids) > 3000
-    assert (await _job(app, recording(chat_job), chat)).prompt_ids
+    assert (await _jobs(app, recording(completion_jobs), small))[0].prompt_ids
+    assert len((await _jobs(app, recording(completion_jobs), large))[0].prompt_ids) > 3000
+    assert (await _jobs(app, recording(chat_jobs), chat))[0].prompt_ids
     assert threads[0] == (threading.current_thread().name, True)      # small: inline, the loop's tokenizer
     assert [t[0].startswith("tokenize") and not t[1] for t in threads[1:]] == [True, True]  # large: its own
 
@@ -51,7 +51,7 @@ async def test_text_that_cannot_fit_is_refused_before_tokenizing(app, monkeypatc
     monkeypatch.setattr(app.state.encoder, "tokenizer", lambda *a, **k: tokenized.append(1))
     for body in (CompletionRequest(prompt="a" * chars), ChatRequest(messages=[{"role": "user", "content": "a" * chars}])):
         with pytest.raises(ContextLengthExceeded, match="however they tokenize"):
-            await _job(app, completion_job if isinstance(body, CompletionRequest) else chat_job, body)
+            await _jobs(app, completion_jobs if isinstance(body, CompletionRequest) else chat_jobs, body)
     assert not tokenized
     await asyncio.sleep(0)
 
