@@ -113,6 +113,34 @@ def test_seeded_sampling_is_identical_across_a_failover(cluster):
     assert_no_kv_held_on(cluster)
 
 
+def test_the_choices_of_one_request_survive_a_token_service_failure(cluster):
+    """n = 2, seeded, streamed: each choice is a request of its own, so the one whose token service
+    is killed resumes elsewhere while the other goes on; both texts are a clean run's."""
+    body = {"prompt": PROMPT, "max_tokens": 200, "temperature": 0.8, "seed": 11, "ignore_eos": True, "n": 2,
+            "stream": True}
+
+    def run(kill_after: int | None) -> dict[int, str]:
+        texts, chunks = {0: "", 1: ""}, 0
+        with httpx.stream("POST", cluster.url + "/v1/completions", json=body, timeout=120) as resp:
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                if line.startswith("data: {"):
+                    event = json.loads(line[6:])
+                    assert "error" not in event, event
+                    for c in event["choices"]:
+                        texts[c["index"]] += c["text"]
+                    chunks += 1
+                    if chunks == kill_after:
+                        cluster.kill(next(t for t in cluster.of("token") if holds_kv(t)), signal.SIGKILL)
+        return texts
+
+    clean = run(None)
+    assert len(set(clean.values())) == 2  # seed + i: the choices differ
+    assert run(40) == clean
+    assert metric(cluster.url, "dejavu_gateway_recoveries_total" + f'{{path="{cluster.path}"}}') >= 1
+    assert_no_kv_held_on(cluster)
+
+
 def test_a_request_that_cannot_be_saved_ends_with_an_error_event(cluster):
     body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
     events, killed = [], 0
