@@ -43,7 +43,8 @@ class ServiceKind(str, Enum):
 # The internal protocol's version (these messages, the KV wire): engines publish it, and a gateway
 # routes only to engines of its own, so a rolling upgrade never pairs a gateway and an engine that
 # misread each other. Bump it with any change an older peer would refuse or misread.
-PROTOCOL = 3  # 2: DecodeRequest.replay (a resumed request's tokens replayed by decode steps); 3: KV routes
+PROTOCOL = 4  # 2: DecodeRequest.replay (a resumed request's tokens replayed by decode steps); 3: KV routes;
+#              4: prompt logprobs (PrefillRequest.prompt_logprobs, TokenEvent.prompt_logprobs)
 
 
 class ServiceInfo(Message):
@@ -144,8 +145,8 @@ class TopLogprob(Message):
 class PromptLogprob(Message):
     """A prompt token's logprob given the tokens before it, and the likeliest tokens there."""
     token_id: int
-    logprob: float
-    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+    logprob: float                # natural log, float32's precision
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)  # the k likeliest there, likeliest first
 
 
 class TokenEvent(Message):

@@ -47,8 +47,9 @@ class HFForward:
         for i, s in enumerate(segments):
             if scored is not None and i in scored:
                 targets, k = scored[i]
-                # (len(tokens), vocab): its last row, out of the whole matrix's GEMM, may differ from a
-                # one-row product in the last bits (our forward's does not: ModelRunner.forward_scored)
+                # (len(tokens), vocab) at once, the model's own head over a chunk (--max-batch-tokens
+                # bounds it; our forward scores SCORE_ROWS at a time); its last row, out of the whole
+                # matrix's GEMM, may differ from a one-row product in the last bits (our forward's does not)
                 every = self._one(s, pool, captured, keep=0)
                 scores[i] = prompt_logprobs(every[:len(targets)], targets, k)
                 logits.append(every[-1:])

@@ -187,15 +187,15 @@ class LlamaForward:
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                  pool: torch.Tensor | None, logits_at: torch.Tensor, on_layer: LayerCallback | None = None,
-                 hidden: torch.Tensor | None = None, normed: list[torch.Tensor] | None = None) -> torch.Tensor:
+                 hidden: torch.Tensor | None = None, final: list[torch.Tensor] | None = None) -> torch.Tensor:
         """ids, positions: (N,) the new tokens of every sequence, concatenated; their K/V is written
         to `pool` (this stage's layers, 2, slots, kv_heads, head_dim) at batch.slot_mapping, when
         there is a pool, and handed to `on_layer` (model-wide layer index) when given. Returns
         float32 logits at rows `logits_at`: (len, vocab); a stage before the last returns instead
         the residual stream after its layers, (N, hidden), that the next stage takes as `hidden`
         (in place of the embedding: the first stage's input is `ids`, a later one's `hidden`).
-        `normed` (the last stage's): gets every row's final hidden state, normed, (N, hidden), whose
-        logits `head` gives (prompt logprobs); the logits returned are the same either way."""
+        `final` (the last stage's): gets every row's final hidden state, (N, hidden), whose logits
+        `head` gives (prompt logprobs); the logits returned are the same either way."""
         h = self.embed[ids] if self.first else hidden                # (N, hidden), the residual stream
         cos, sin = self._rope(positions, h.dtype)                    # (N, head_dim)
         if self.stack is not None and batch.decode_only and pool is not None and on_layer is None:
@@ -206,14 +206,16 @@ class LlamaForward:
             h = self._layers(h, cos, sin, batch, pool, on_layer)
         if not self.last:
             return h
-        if normed is not None:  # the norm is row by row: the rows at logits_at come out the same
-            normed.append(_rms_norm(h, *self.norm))
-            return self.head(normed[0][logits_at])
-        return self.head(_rms_norm(h[logits_at], *self.norm))
+        if final is not None:
+            final.append(h)
+        return self.head(h[logits_at])
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Float32 logits of normed final hidden states (rows, hidden): (rows, vocab)."""
-        return self.lm_head(h).float()
+        """Float32 logits of final hidden states (rows, hidden), before the norm: (rows, vocab).
+        The rows a request samples from go alone (h[logits_at]), so they come out the same whether
+        or not other rows are scored: a GEMM, on a GPU above all, may reduce differently for
+        another row count."""
+        return self.lm_head(_rms_norm(h, *self.norm)).float()
 
     def _layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch,
                 pool: torch.Tensor | None, on_layer: LayerCallback | None) -> torch.Tensor:

@@ -250,13 +250,22 @@ class ModelRunner:
             return self.hf.run(segments, pool, on_layer)
         if self.graphs is not None and on_layer is None and self.graphs.fits(segments, pool):
             return self.graphs(segments, pool, hidden)
+        batch, ids, positions = self._inputs(segments)
+        if self.compiled and batch.decode_only and len(segments) >= self.compiled_min_batch and on_layer is None:
+            return self.compiled(ids, positions, batch, pool)
+        return self.llama(ids, positions, batch, pool, self._last_rows(batch, segments), on_layer, hidden)
+
+    def _inputs(self, segments: list[Segment]) -> tuple[AttentionBatch, torch.Tensor | None, torch.Tensor]:
+        """Our forward's inputs: the batch's attention layout, the new token ids (a first stage's;
+        None for a later one) and their positions, (N,) each."""
         batch = AttentionBatch.build(segments, self.block_size, self.device)
         ids = torch.tensor([t for s in segments for t in s.tokens], device=self.device) if self.first else None
         positions = torch.tensor([p for s in segments for p in range(s.start, s.end)], device=self.device)
-        if self.compiled and batch.decode_only and len(segments) >= self.compiled_min_batch and on_layer is None:
-            return self.compiled(ids, positions, batch, pool)
-        last = torch.tensor([o + len(s.tokens) - 1 for o, s in zip(batch.offsets, segments)], device=self.device)
-        return self.llama(ids, positions, batch, pool, last, on_layer, hidden)
+        return batch, ids, positions
+
+    def _last_rows(self, batch: AttentionBatch, segments: list[Segment]) -> torch.Tensor:
+        """Each segment's last new token's row: where its logits are taken."""
+        return torch.tensor([o + len(s.tokens) - 1 for o, s in zip(batch.offsets, segments)], device=self.device)
 
     def forward_scored(self, segments: list[Segment], pool: torch.Tensor | None, on_layer: LayerCallback | None,
                        scored: dict[int, tuple[list[int], int]]) -> tuple[torch.Tensor, dict[int, list[PromptLogprob]]]:
@@ -272,15 +281,12 @@ class ModelRunner:
             raise ValueError("a scored segment's targets: one per new token, or one fewer")
         if self.hf is not None:
             return self.hf.run(segments, pool, on_layer, scored)
-        batch = AttentionBatch.build(segments, self.block_size, self.device)
-        ids = torch.tensor([t for s in segments for t in s.tokens], device=self.device)
-        positions = torch.tensor([p for s in segments for p in range(s.start, s.end)], device=self.device)
-        last = torch.tensor([o + len(s.tokens) - 1 for o, s in zip(batch.offsets, segments)], device=self.device)
-        normed: list[torch.Tensor] = []
-        logits = self.llama(ids, positions, batch, pool, last, on_layer, None, normed)
+        batch, ids, positions = self._inputs(segments)
+        final: list[torch.Tensor] = []
+        logits = self.llama(ids, positions, batch, pool, self._last_rows(batch, segments), on_layer, None, final)
         scores = {}
         for i, (targets, k) in scored.items():
-            rows = normed[0][batch.offsets[i]: batch.offsets[i] + len(targets)]
+            rows = final[0][batch.offsets[i]: batch.offsets[i] + len(targets)]
             scores[i] = [p for at in range(0, len(targets), SCORE_ROWS)  # (rows, vocab) float32 a piece at most
                          for p in prompt_logprobs(self.llama.head(rows[at: at + SCORE_ROWS]),
                                                   targets[at: at + SCORE_ROWS], k)]

@@ -211,6 +211,7 @@ async def _serve_choices(app: FastAPI, jobs: list[Job], request: Request, chat: 
     except BaseException as exc:
         await close_all(exc)
         raise
+    share_prompt_scores(jobs, results)
     if not jobs[0].stream:
         await close_all(None, results)
         return JSONResponse(merged_body(jobs, results, app.state.tokenizer, chat))
@@ -221,6 +222,14 @@ async def _serve_choices(app: FastAPI, jobs: list[Job], request: Request, chat: 
         await close_all(ClientGone())
 
     return ClosingStreamingResponse(stream, on_close, media_type="text/event-stream")
+
+
+def share_prompt_scores(jobs: list[Job], firsts: list[Delta | Totals]) -> None:
+    """Echo with logprobs and n > 1: a prompt is scored once, by its choice 0 (the job `choice`
+    places before), and its other choices show the same scores."""
+    for i, job in enumerate(jobs):
+        if job.choice and jobs[i - job.choice].prompt_logprobs is not None:
+            firsts[i].prompt = firsts[i - job.choice].prompt
 
 
 async def _totals(gen) -> Totals:

@@ -43,7 +43,9 @@ class Job:
     stream: bool
     include_usage: bool
     echo_text: str = ""
-    prompt_logprobs: int | None = None  # echo with logprobs: the prompt scored, with this many alternatives
+    # echo with logprobs: the prompt scored, with this many alternatives; n > 1: only its choice 0
+    # asks, the others show that one's scores (app.share_prompt_scores)
+    prompt_logprobs: int | None = None
     echo_only: bool = False       # max_tokens 0 with echo: the prompt back, the token drawn at prefill dropped
     choice: int = 0               # which of its prompt's n choices
     created: int = field(default_factory=lambda: int(time.time()))
@@ -100,8 +102,8 @@ def completion_jobs(body: CompletionRequest, tokenizer, limits: Limits) -> list[
     for prompt in body.prompts():
         ids = _prompt_ids(prompt, tokenizer, limits)
         echo = (prompt if isinstance(prompt, str) else tokenizer.decode(ids, skip_special_tokens=True)) if body.echo else ""
-        jobs += [_job(body, ids, limits, COMPLETION_DEFAULT_MAX_TOKENS, body.logprobs, echo, choice=i,
-                      prompt_logprobs=body.logprobs if body.echo else None) for i in range(body.n)]
+        jobs += [_job(body, ids, limits, COMPLETION_DEFAULT_MAX_TOKENS, body.logprobs, echo, choice=i,  # scored once
+                      prompt_logprobs=body.logprobs if body.echo and i == 0 else None) for i in range(body.n)]
     return jobs
 
 

@@ -65,6 +65,7 @@ def token_bytes(tokenizer, token_id: int) -> bytes:
     return tokenizer.convert_tokens_to_string([token]).encode()  # SentencePiece and others
 
 
+@functools.lru_cache(maxsize=1 << 17)  # a tokenizer's vocabulary at most (hashed by identity)
 def _piece(tokenizer, token_id: int) -> str:
     return token_bytes(tokenizer, token_id).decode(errors="replace")
 
@@ -75,12 +76,14 @@ Scored = tuple[int, float | None, list[TopLogprob] | None]  # a token, its logpr
 def completion_logprobs(tokenizer, tokens: list[TokenEvent], offset: int,
                         prompt: tuple[list[int], list[PromptLogprob]] | None = None) -> dict | None:
     """The logprobs of `tokens` (text offsets from `offset`), after, with echo, the prompt's:
-    (ids, logprobs of ids[1:]); the first prompt token has none (OpenAI's and vLLM's null)."""
+    (ids, logprobs of ids[1:]); the first prompt token has none (OpenAI's and vLLM's null). With
+    the prompt's, the offsets run on over its tokens' texts, as vLLM's: `offset` is not used."""
     parts = []
     if prompt is not None:
         ids, scored = prompt
         parts.append(_entries(tokenizer, [(ids[0], None, None)] + [(p.token_id, p.logprob, p.top_logprobs)
                                                                     for p in scored], 0))
+        offset = prompt_chars(parts[0])
     if tokens and tokens[0].logprob is not None:
         parts.append(_entries(tokenizer, [(t.token_id, t.logprob, t.top_logprobs or []) for t in tokens], offset))
     if not parts:
@@ -88,7 +91,14 @@ def completion_logprobs(tokenizer, tokens: list[TokenEvent], offset: int,
     return {key: [x for part in parts for x in part[key]] for key in parts[0]}
 
 
+def prompt_chars(entries: dict) -> int:
+    """Where the text after a prompt's logprob entries starts: the end of its last token's text."""
+    return entries["text_offset"][-1] + len(entries["tokens"][-1]) if entries["tokens"] else 0
+
+
 def _entries(tokenizer, rows: list[Scored], offset: int) -> dict:
+    if not rows:
+        return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     pieces = [_piece(tokenizer, token_id) for token_id, _, _ in rows]
     return {"tokens": pieces, "token_logprobs": [logprob for _, logprob, _ in rows],
             "top_logprobs": [None if top is None else {_piece(tokenizer, x.token_id): x.logprob for x in top}
@@ -154,6 +164,8 @@ class ChunkWriter:
         if not (self.job.echo_text or prompt):
             return []
         logprobs = completion_logprobs(self.tokenizer, [], 0, prompt)
+        if logprobs is not None:  # the generated tokens' offsets run on from the prompt's
+            self.offset = prompt_chars(logprobs)
         return [self._chunk({"index": self.index, "text": self.job.echo_text, "logprobs": logprobs,
                              "finish_reason": None})]
 

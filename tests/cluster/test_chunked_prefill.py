@@ -75,6 +75,14 @@ def test_echo_with_logprobs_scores_the_prompt_chunk_by_chunk_as_hf(cluster, tiny
     assert more["text"] == choice["text"] + want_text
     assert more["logprobs"]["token_logprobs"][:len(ids)] == pytest.approx(lp["token_logprobs"], abs=1e-5)
     assert len(more["logprobs"]["tokens"]) == len(ids) + 5
+    ends = [o + len(t) for o, t in zip(more["logprobs"]["text_offset"], more["logprobs"]["tokens"])]
+    assert more["logprobs"]["text_offset"] == [0] + ends[:-1]  # the generated offsets run on from the prompt's
+
+    two = completion(cluster.url, **body, max_tokens=3, n=2)["choices"]  # the prompt scored once, shown twice
+    assert [c["index"] for c in two] == [0, 1]
+    assert two[0]["text"] == two[1]["text"] == choice["text"] + tiny_oracle.text(ids, 3)[0]
+    for c in two:
+        assert c["logprobs"]["token_logprobs"][:len(ids)] == pytest.approx(lp["token_logprobs"], abs=1e-5)
 
     resp = httpx.post(cluster.url + "/v1/completions", json={**body, "max_tokens": 0, "stream": True}, timeout=120)
     chunks = [json.loads(line[6:]) for line in resp.text.splitlines()

@@ -78,3 +78,31 @@ def test_echo_with_logprobs_asks_for_the_prompts_and_max_tokens_0_only_with_echo
         with pytest.raises(BadRequest, match="only with 'echo'") as info:
             make(body, tokenizer, limits)
         assert info.value.param == "max_tokens"
+
+
+def test_echo_with_logprobs_and_n_scores_a_prompt_once_and_offsets_run_on(tokenizer):
+    """n > 1 with echo and logprobs: only each prompt's choice 0 asks for the prompt's scores (one
+    forward's worth, not n), the other choices show that one's; the generated tokens' text_offset
+    runs on from the end of the prompt tokens' texts, as vLLM's."""
+    from common.protocol import PromptLogprob, TokenEvent
+    from gateway.app import share_prompt_scores
+    from gateway.jobs import Delta
+    from gateway.responses import completion_logprobs
+
+    limits = limits_of(tokenizer, 512)
+    jobs = completion_jobs(CompletionRequest(prompt=["The capital of France", "Water boils at"], n=3, echo=True,
+                                             logprobs=1, max_tokens=2), tokenizer, limits)
+    assert [(job.choice, job.prompt_logprobs) for job in jobs] == [(0, 1), (1, None), (2, None)] * 2
+    scores = [[PromptLogprob(token_id=t, logprob=-float(i)) for t in job.prompt_ids[1:]] for i, job in enumerate(jobs)]
+    firsts = [Delta("x", [], None, scores[i] if job.choice == 0 else None) for i, job in enumerate(jobs)]
+    share_prompt_scores(jobs, firsts)
+    assert [d.prompt for d in firsts] == [scores[0]] * 3 + [scores[3]] * 3
+
+    ids = jobs[0].prompt_ids
+    generated = tokenizer(" Paris.")["input_ids"]
+    out = completion_logprobs(tokenizer, [TokenEvent(request_id="r", index=i, token_id=t, logprob=-0.5)
+                                          for i, t in enumerate(generated)], 12345, (ids, scores[0]))
+    assert len(out["tokens"]) == len(ids) + len(generated)
+    ends = [offset + len(token) for offset, token in zip(out["text_offset"], out["tokens"])]
+    assert out["text_offset"] == [0] + ends[:-1]  # no gap and no restart where the generated text begins
+    assert "".join(out["tokens"]) == "The capital of France Paris."
