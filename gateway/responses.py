@@ -65,7 +65,7 @@ def token_bytes(tokenizer, token_id: int) -> bytes:
     return tokenizer.convert_tokens_to_string([token]).encode()  # SentencePiece and others
 
 
-@functools.lru_cache(maxsize=1 << 17)  # a tokenizer's vocabulary at most (hashed by identity)
+@functools.lru_cache(maxsize=1 << 17)  # most vocabularies whole (a tokenizer hashes by identity)
 def _piece(tokenizer, token_id: int) -> str:
     return token_bytes(tokenizer, token_id).decode(errors="replace")
 
@@ -97,8 +97,6 @@ def prompt_chars(entries: dict) -> int:
 
 
 def _entries(tokenizer, rows: list[Scored], offset: int) -> dict:
-    if not rows:
-        return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     pieces = [_piece(tokenizer, token_id) for token_id, _, _ in rows]
     return {"tokens": pieces, "token_logprobs": [logprob for _, logprob, _ in rows],
             "top_logprobs": [None if top is None else {_piece(tokenizer, x.token_id): x.logprob for x in top}

@@ -106,3 +106,33 @@ def test_echo_with_logprobs_and_n_scores_a_prompt_once_and_offsets_run_on(tokeni
     ends = [offset + len(token) for offset, token in zip(out["text_offset"], out["tokens"])]
     assert out["text_offset"] == [0] + ends[:-1]  # no gap and no restart where the generated text begins
     assert "".join(out["tokens"]) == "The capital of France Paris."
+
+
+
+def test_offsets_after_a_prompt_split_mid_character_count_its_tokens_texts(tokenizer):
+    """A prompt whose emoji is two byte tokens: its logprob entries spell each as U+FFFD, one
+    character more than the echoed text, and the generated tokens' offsets run on from the
+    entries' end (as vLLM's), in the body and in the stream alike (choice 1's, with choice 0's scores)."""
+    import json
+
+    from common.protocol import PromptLogprob, TokenEvent
+    from gateway.jobs import Delta
+    from gateway.responses import ChunkWriter, completion_logprobs
+
+    [_, job] = completion_jobs(CompletionRequest(prompt="Hi \U0001F600 there", echo=True, logprobs=1, max_tokens=2,
+                                                 n=2, stream=True), tokenizer, limits_of(tokenizer, 512))
+    ids = job.prompt_ids
+    assert job.echo_text == "Hi \U0001F600 there" and job.prompt_logprobs is None
+    scores = [PromptLogprob(token_id=t, logprob=-1.0) for t in ids[1:]]
+    event = TokenEvent(request_id="r", index=0, token_id=tokenizer(" now")["input_ids"][0], logprob=-0.5)
+    body = completion_logprobs(tokenizer, [event], len(job.echo_text), (ids, scores))
+    assert "".join(body["tokens"][:-1]) == "Hi \ufffd\ufffd there"
+    assert body["text_offset"][-1] == len(job.echo_text) + 1
+
+    writer = ChunkWriter(job, tokenizer, chat=False, index=1)
+    [echo] = writer.first(Delta("", [], None, scores))
+    echoed = json.loads(echo[6:])["choices"][0]
+    assert echoed["index"] == 1 and echoed["text"] == job.echo_text
+    assert echoed["logprobs"]["tokens"] == body["tokens"][:-1]
+    generated = json.loads(writer.delta(Delta(" now", [event], None))[6:])["choices"][0]
+    assert generated["logprobs"]["text_offset"] == body["text_offset"][-1:]
