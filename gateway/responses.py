@@ -83,7 +83,7 @@ def completion_logprobs(tokenizer, tokens: list[TokenEvent], offset: int,
         ids, scored = prompt
         parts.append(_entries(tokenizer, [(ids[0], None, None)] + [(p.token_id, p.logprob, p.top_logprobs)
                                                                     for p in scored], 0))
-        offset = prompt_chars(parts[0])
+        offset = text_end(parts[0])
     if tokens and tokens[0].logprob is not None:
         parts.append(_entries(tokenizer, [(t.token_id, t.logprob, t.top_logprobs or []) for t in tokens], offset))
     if not parts:
@@ -91,8 +91,8 @@ def completion_logprobs(tokenizer, tokens: list[TokenEvent], offset: int,
     return {key: [x for part in parts for x in part[key]] for key in parts[0]}
 
 
-def prompt_chars(entries: dict) -> int:
-    """Where the text after a prompt's logprob entries starts: the end of its last token's text."""
+def text_end(entries: dict) -> int:
+    """Where the text after logprob entries starts: the end of their last token's text."""
     return entries["text_offset"][-1] + len(entries["tokens"][-1]) if entries["tokens"] else 0
 
 
@@ -163,7 +163,7 @@ class ChunkWriter:
             return []
         logprobs = completion_logprobs(self.tokenizer, [], 0, prompt)
         if logprobs is not None:  # the generated tokens' offsets run on from the prompt's
-            self.offset = prompt_chars(logprobs)
+            self.offset = text_end(logprobs)
         return [self._chunk({"index": self.index, "text": self.job.echo_text, "logprobs": logprobs,
                              "finish_reason": None})]
 
@@ -174,10 +174,10 @@ class ChunkWriter:
             choice = {"index": self.index, "delta": {"content": d.text} if d.text else {},
                       "logprobs": chat_logprobs(self.tokenizer, d.tokens), "finish_reason": d.finish_reason}
         else:
-            choice = {"index": self.index, "text": d.text,
-                      "logprobs": completion_logprobs(self.tokenizer, d.tokens, self.offset),
-                      "finish_reason": d.finish_reason}
-            self.offset += len(d.text)
+            logprobs = completion_logprobs(self.tokenizer, d.tokens, self.offset)
+            if logprobs is not None:  # offsets count the tokens' texts, as the whole body's do (a
+                self.offset = text_end(logprobs)  # character split over tokens: a U+FFFD each)
+            choice = {"index": self.index, "text": d.text, "logprobs": logprobs, "finish_reason": d.finish_reason}
         return self._chunk(choice)
 
     def usage(self, totals: Totals | list[Totals], jobs: list[Job] | None = None) -> str:

@@ -136,3 +136,16 @@ def test_offsets_after_a_prompt_split_mid_character_count_its_tokens_texts(token
     assert echoed["logprobs"]["tokens"] == body["tokens"][:-1]
     generated = json.loads(writer.delta(Delta(" now", [event], None))[6:])["choices"][0]
     assert generated["logprobs"]["text_offset"] == body["text_offset"][-1:]
+
+    # generated text split mid-character: streamed offsets are the body's, though the stream holds
+    # the emoji's first byte back (an empty delta) and sends its text whole with the second
+    events = [TokenEvent(request_id="r", index=i, token_id=t, logprob=-0.5)
+              for i, t in enumerate(tokenizer(" \U0001F600 ok")["input_ids"])]
+    texts = ["", " \U0001F600", " ok"]
+    assert len(events) == 3
+    whole = completion_logprobs(tokenizer, events, len(job.echo_text), (ids, scores))["text_offset"][len(ids):]
+    writer = ChunkWriter(job, tokenizer, chat=False, index=1)
+    writer.first(Delta("", [], None, scores))
+    streamed = [json.loads(writer.delta(Delta(text, [e], None))[6:])["choices"][0]["logprobs"]["text_offset"][0]
+                for text, e in zip(texts, events)]
+    assert streamed == whole == [11, 13, 14]
