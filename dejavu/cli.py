@@ -4,7 +4,7 @@
             [--colocated] [--stages 1] [--prompt-stages 1] [--swap --kv-device-bytes B] [--redis-url URL] [--kv-transport ucx|tcp] [--dtype auto|float32|bfloat16|float16]
             [--cpu-placement auto|split|turns|off] [--api-key KEY ...] [--max-queued-requests 1024]
   dejavu status [--redis-url URL] [--json]
-  dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, gemm, agreement, capacity, chaos, overload, pipeline, swap, startup: python -m bench.NAME)
+  dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, gemm, agreement, capacity, chaos, overload, pipeline, swap, startup, lmeval: python -m bench.NAME)
   dejavu profile [--model M] [--quick] [--out profile.json]
   dejavu plan --profile FILE --machines D --prompt-tokens P --output-tokens N [--json] [--rate R] [--ttft-s X --tpot-s Y]
   dejavu simulate --profile FILE [--layout 1+1 --layout colocated] [--rates 0.2,0.4] [--plot FILE.png]
@@ -133,6 +133,7 @@ BENCHMARKS = {
     "pipeline": "a 2-stage token pipeline with microbatches against one step at a time, colocated and 1 stage",
     "swap": "at one device KV budget, the largest batch and tokens/s with microbatch KV swapping against without",
     "startup": "spawned to ready: one token service and a whole cluster, optionally against another source tree",
+    "lmeval": "lm-evaluation-harness's loglikelihoods through our cluster against the harness on HF in float32",
 }
 
 

@@ -164,3 +164,20 @@ def test_bench_load_alternate_takes_turns(monkeypatch):
     for name in out:
         assert len(out[name]["tokens_per_s"]) == 3 and out[name]["errors"] == 0 and out[name]["complete"]
         assert all(r.tokens == 3 for r in out[name]["raw"])
+
+
+def test_dejavu_bench_lmeval_says_where_the_harness_comes_from(tmp_path):
+    """Without lm-evaluation-harness installed, `dejavu bench lmeval` says how to install it (a usage
+    error, nothing started); the task it writes is one the harness reads: 20 questions, 4 choices each."""
+    from bench.lmeval import CAPITALS, write_task
+
+    run = subprocess.run([sys.executable, "-m", "dejavu", "bench", "lmeval", "--lm-eval", str(tmp_path / "nowhere")],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "bench/peers.sh lmeval" in run.stderr
+    write_task(tmp_path)
+    docs = [json.loads(line) for line in (tmp_path / "capitals.jsonl").read_text().splitlines()]
+    assert len(docs) == len(CAPITALS) == 20
+    for doc, (_, city) in zip(docs, CAPITALS):
+        assert len(doc["choices"]) == 4 and doc["choices"][doc["answer"]] == " " + city
+    assert f"test: {tmp_path / 'capitals.jsonl'}" in (tmp_path / "capitals.yaml").read_text()
+    assert "{{country}}" in (tmp_path / "capitals.yaml").read_text()
