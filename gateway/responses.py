@@ -176,7 +176,7 @@ class ChunkWriter:
         else:
             logprobs = completion_logprobs(self.tokenizer, d.tokens, self.offset)
             if logprobs is not None:  # offsets count the tokens' texts, as the whole body's do (a
-                self.offset = text_end(logprobs)  # character split over tokens: a U+FFFD each)
+                self.offset = text_end(logprobs)  # character split over tokens: U+FFFDs a piece)
             choice = {"index": self.index, "text": d.text, "logprobs": logprobs, "finish_reason": d.finish_reason}
         return self._chunk(choice)
 
