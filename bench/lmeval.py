@@ -28,10 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import targets
 from bench.common import log, write_json
 from common.model import resolve_model_path
-from dejavu import placement
-from dejavu.cluster import Cluster
 
 CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
             ("Canada", "Ottawa"), ("Egypt", "Cairo"), ("Russia", "Moscow"), ("China", "Beijing"),
@@ -111,18 +110,12 @@ def run(args) -> tuple[dict, list[dict]]:
                                    args.batch_size)
         rows = [{"target": "hf", "wall_s": oracle_s, "acc": sum(s["acc"] for s in oracle.values()) / len(oracle)}]
         for target in args.targets:
-            prompt_services = 0 if target == "colocated" else 1
-            cores, _ = placement.host_cores()  # the engines placed as `dejavu up` places them
-            plan = placement.plan(cores, prompt_services, 1) if cores else {}
             log(f"starting a {target} cluster")
-            with Cluster(model=args.model, port=0, prompt_services=prompt_services, token_services=1, cache_stores=1,
-                         env={"DEJAVU_COLOCATED": str(target == "colocated").lower(), "DEJAVU_DTYPE": "float32"},
-                         echo_logs=False,
-                         placement=plan) as cluster:
-                model_args = (f"model={served_model(cluster.url)},base_url={cluster.url}/v1/completions,"
+            with targets.started(target, args, path) as url:  # placed as `dejavu up` places them
+                model_args = (f"model={served_model(url)},base_url={url}/v1/completions,"
                               f"num_concurrent={args.concurrency},max_retries=1,tokenizer_backend=huggingface,"
                               f"tokenizer={path}")
-                log(f"lm_eval --model local-completions against {target} at {cluster.url}")
+                log(f"lm_eval --model local-completions against {target} at {url}")
                 ours, wall = lm_eval(args.lm_eval, tmp, tmp / target, "local-completions", model_args, args.batch_size)
             rows.append({"target": target, "wall_s": wall, **compare(ours, oracle)})
             log(f"{target}: {rows[-1]}")
@@ -137,12 +130,13 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--model", default="smollm2", help="'smollm2' or a Hugging Face model folder")
     p.add_argument("--targets", default="disaggregated,colocated", help="comma-separated: disaggregated, colocated")
-    p.add_argument("--lm-eval", default=str(Path(__file__).resolve().parents[1] / ".peers/lmeval/bin/lm_eval"),
+    p.add_argument("--lm-eval", default=str(targets.PEER_DIR / "lmeval/bin/lm_eval"),
                    help="the harness's lm_eval (bench/peers.sh lmeval puts it there)")
     p.add_argument("--batch-size", type=int, default=4, help="prompts a request")
     p.add_argument("--concurrency", type=int, default=2, help="requests at once (the harness's num_concurrent)")
     p.add_argument("--out", default="", help="write the figures to this JSON file")
     args = p.parse_args(argv)
+    args.dtype = "float32"  # our clusters', as the oracle's
     args.targets = [t for t in args.targets.split(",") if t]
     if not args.targets or set(args.targets) - {"disaggregated", "colocated"}:
         p.error(f"--targets {','.join(args.targets)!r}: give disaggregated, colocated or both")
