@@ -43,8 +43,9 @@ class ServiceKind(str, Enum):
 # The internal protocol's version (these messages, the KV wire): engines publish it, and a gateway
 # routes only to engines of its own, so a rolling upgrade never pairs a gateway and an engine that
 # misread each other. Bump it with any change an older peer would refuse or misread.
-PROTOCOL = 4  # 2: DecodeRequest.replay (a resumed request's tokens replayed by decode steps); 3: KV routes;
-#              4: prompt logprobs (PrefillRequest.prompt_logprobs, TokenEvent.prompt_logprobs)
+PROTOCOL = 5  # 2: DecodeRequest.replay (a resumed request's tokens replayed by decode steps); 3: KV routes;
+#              4: prompt logprobs (PrefillRequest.prompt_logprobs, TokenEvent.prompt_logprobs);
+#              5: penalties, logit bias, min_tokens, min_p (SamplingParams), DecodeRequest.history
 
 
 class ServiceInfo(Message):
@@ -86,6 +87,8 @@ def cluster_fingerprint(token: str) -> str:
 
 
 GREEDY_BELOW = 1e-5
+MAX_LOGIT_BIAS = 1024          # token ids a request may bias
+MAX_REPETITION_PENALTY = 100.0
 
 
 class SamplingParams(Message):
@@ -97,12 +100,32 @@ class SamplingParams(Message):
     stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=64)  # EOS ids (and any extra)
     ignore_eos: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)  # None: none; k >= 0: the sampled token's logprob + top k
+    # What changes the logits before the pick (common/sampling.py, `process`), greedy or not; the
+    # logprobs reported stay the model's own (vLLM's default). OpenAI's penalties count the output
+    # tokens so far; the repetition penalty (vLLM's, Hugging Face's) every token of prompt and output.
+    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, gt=0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False)  # 1: off
+    logit_bias: list[tuple[TokenId, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]]] = Field(
+        default_factory=list, max_length=MAX_LOGIT_BIAS)
+    min_tokens: int = Field(0, ge=0, le=MAX_SEQUENCE)  # stop tokens are masked before output index min_tokens
+    min_p: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)  # drop tokens below min_p x the likeliest's probability
 
     @property
     def greedy(self) -> bool:
         """Temperatures this small are greedy (as vLLM's 1e-5): dividing logits by 1e-320 gives
         infinities, and the probabilities NaN."""
         return self.temperature < GREEDY_BELOW
+
+    @property
+    def penalized(self) -> bool:
+        """Its pick depends on the tokens before it: the token service needs them (DecodeRequest.history)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def processed(self) -> bool:
+        """Some of its logits change before the pick."""
+        return self.penalized or bool(self.logit_bias) or (self.min_tokens > 0 and not self.ignore_eos)
 
 
 class ReserveRequest(Message):
@@ -180,6 +203,9 @@ class DecodeRequest(Message):
     first_token: TokenId          # the newest output token: the input of the first decode step after the replay
     first_index: int = Field(default=0, ge=0, le=MAX_SEQUENCE)  # its output index (> 0 when resuming elsewhere)
     sampling: SamplingParams
+    # the prompt and the output tokens before first_token (first_index of them) when the penalties
+    # count them (SamplingParams.penalized), so that a resumed request picks as it would have; else empty
+    history: list[TokenId] = Field(default_factory=list, max_length=MAX_SEQUENCE)
 
 
 class DecodeEvent(Message):

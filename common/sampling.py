@@ -1,4 +1,5 @@
-"""Sampling: greedy, temperature, top-k, top-p, with a per-position RNG.
+"""Sampling: greedy, temperature, min-p, top-k, top-p, with a per-position RNG; before them the
+logit bias, min_tokens and the penalties (`process`).
 
 The random number for output index i is drawn from a generator seeded with mix(seed, i) only, so
 a request resumed on another service (or batched differently) draws the same numbers. The draw
@@ -9,6 +10,8 @@ within that tiny difference of a boundary.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -39,6 +42,10 @@ def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> tuple[torch.Tens
     scaled = logits.double() / p.temperature
     order = torch.argsort(-scaled, stable=True)  # ties: lower token id first
     scaled = scaled[order]
+    if p.min_p > 0:  # before top-k and top-p, as vLLM: against the likeliest token's probability (sorted first)
+        probs = torch.softmax(scaled, dim=-1)
+        keep = int((probs >= p.min_p * probs[0]).sum().item())  # a prefix: the probabilities are sorted
+        scaled, order = scaled[:keep], order[:keep]
     if 0 < p.top_k < scaled.numel():
         scaled, order = scaled[: p.top_k], order[: p.top_k]
     probs = torch.softmax(scaled, dim=-1)
@@ -61,16 +68,60 @@ def sample_one(logits: torch.Tensor, p: SamplingParams, index: int) -> int:
     return int(order[min(pick, order.numel() - 1)].item())
 
 
+def named_tokens(p: SamplingParams) -> list[int]:
+    """The token ids the params name (biased, stop): an engine checks them against its vocabulary
+    before a step would index its logits with them."""
+    return [t for t, _ in p.logit_bias] + p.stop_token_ids
+
+
+History = tuple[Sequence[int], Sequence[int]]  # the tokens a penalty counts: (the prompt, the output so far)
+
+
+def process(logits: torch.Tensor, params: list[SamplingParams], indices: list[int],
+            histories: Sequence[History | None] | None = None) -> torch.Tensor:
+    """logits: (n, vocab) float32. The logits each row picks from: its logit bias added, its stop
+    tokens masked before output index min_tokens, then the repetition penalty (every token of
+    prompt and output: a positive logit divided by it, a negative one multiplied) and OpenAI's
+    frequency and presence penalties (the output's counts) applied: vLLM's order, and Hugging Face's
+    for what it has (sequence_bias, repetition_penalty, min_new_tokens). `histories[r]` is needed
+    where params[r].penalized. Rows with none of these are left as they are, and so is the tensor
+    when no row has any."""
+    rows = [r for r, p in enumerate(params) if p.processed]
+    if not rows:
+        return logits
+    out = logits.clone()
+    for r in rows:
+        p, row = params[r], out[r]
+        if p.logit_bias:
+            ids, bias = zip(*p.logit_bias)
+            row.index_add_(0, torch.tensor(ids, device=row.device), torch.tensor(bias, dtype=row.dtype, device=row.device))
+        if indices[r] < p.min_tokens and not p.ignore_eos and p.stop_token_ids:
+            row[torch.tensor(p.stop_token_ids, device=row.device)] = float("-inf")
+        if p.penalized:
+            prompt, output = histories[r]
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(prompt).union(output)), dtype=torch.long, device=row.device)
+                v = row[seen]
+                row[seen] = torch.where(v < 0, v * p.repetition_penalty, v / p.repetition_penalty)
+            if output and (p.frequency_penalty or p.presence_penalty):
+                counts = torch.bincount(torch.tensor(output, device=row.device), minlength=row.numel())[: row.numel()]
+                row -= p.frequency_penalty * counts.to(row.dtype)
+                row -= p.presence_penalty * (counts > 0).to(row.dtype)
+    return out
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int],
-           request_ids: list[str]) -> list[TokenEvent]:
-    """logits: (n, vocab) float32 for n sequences; indices: each row's output index.
-    Returns one TokenEvent per row (finish_reason left unset: that is the scheduler's call)."""
-    greedy = torch.argmax(logits, dim=-1).tolist()
+           request_ids: list[str], histories: Sequence[History | None] | None = None) -> list[TokenEvent]:
+    """logits: (n, vocab) float32 for n sequences; indices: each row's output index; histories: see
+    `process`. Returns one TokenEvent per row (finish_reason left unset: that is the scheduler's
+    call), whose logprobs are the model's, before `process`."""
+    picked = process(logits, params, indices, histories)
+    greedy = torch.argmax(picked, dim=-1).tolist()
     want_logprobs = any(p.logprobs is not None for p in params)
     logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     events = []
     for row, (p, index, rid) in enumerate(zip(params, indices, request_ids)):
-        token = greedy[row] if p.greedy else sample_one(logits[row], p, index)
+        token = greedy[row] if p.greedy else sample_one(picked[row], p, index)
         events.append(_event(rid, index, token, p, logprobs[row] if logprobs is not None else None))
     return events
 

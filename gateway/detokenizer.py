@@ -46,12 +46,16 @@ class StopStrings:
         self.pending = ""
         self.stopped = False
 
-    def push(self, text: str) -> str:
+    def push(self, text: str, match: bool = True) -> str:
         """Text safe to release now. After a stop string is seen, `stopped` is set and the
-        stop string and anything after it are dropped."""
+        stop string and anything after it are dropped. With `match` off (before min_tokens, as
+        vLLM) the text is released whole and never matched later."""
         if self.stopped:
             return ""
         self.pending += text
+        if not match:
+            out, self.pending = self.pending, ""
+            return out
         hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
         if hits:
             self.stopped = True

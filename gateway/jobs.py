@@ -157,12 +157,22 @@ def _job(body: SamplingFields, ids: list[int], limits: Limits, default_max: int,
             f"this model's maximum context length is {limits.max_model_len} tokens, but you requested "
             f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} for the completion); "
             f"shorten the prompt or lower max_tokens", "max_tokens" if body.max_tokens else prompt_param)
+    if body.min_tokens and body.min_tokens > max_tokens:
+        raise BadRequest(f"'min_tokens' = {body.min_tokens} is more than the {max_tokens} tokens this request may "
+                         "generate", "min_tokens")
+    bias = body.logit_bias_pairs()
+    if any(t >= limits.vocab_size for t, _ in bias):
+        raise BadRequest(f"'logit_bias' token id {next(t for t, _ in bias if t >= limits.vocab_size)} is outside the "
+                         f"vocabulary [0, {limits.vocab_size})", "logit_bias")
     temperature = 1.0 if body.temperature is None else float(body.temperature)
     sampling = SamplingParams(
         temperature=temperature, top_p=1.0 if body.top_p is None else float(body.top_p),
         top_k=max(body.top_k or 0, 0),
         seed=(body.seed + choice if body.seed is not None else random.getrandbits(63)) & ((1 << 64) - 1),
-        max_tokens=max_tokens, stop_token_ids=limits.eos_ids, ignore_eos=body.ignore_eos, logprobs=logprobs)
+        max_tokens=max_tokens, stop_token_ids=limits.eos_ids, ignore_eos=body.ignore_eos, logprobs=logprobs,
+        presence_penalty=float(body.presence_penalty or 0), frequency_penalty=float(body.frequency_penalty or 0),
+        repetition_penalty=1.0 if body.repetition_penalty is None else float(body.repetition_penalty),
+        logit_bias=bias, min_tokens=body.min_tokens or 0, min_p=float(body.min_p or 0))
     return Job(new_request_id(), limits.model_name, ids, sampling, body.stop_list, body.stream,
                body.include_usage, echo, prompt_logprobs, echo_only, choice)
 
@@ -181,10 +191,11 @@ async def deltas(router: Router, tokenizer, job: Job) -> AsyncIterator[Delta]:
             if job.echo_only:
                 yield Delta("", [], "length", event.prompt_logprobs)
                 return
-            text = stops.push(detok.add(event.token_id))
+            armed = count > job.sampling.min_tokens  # stop strings count only after min_tokens, as vLLM's
+            text = stops.push(detok.add(event.token_id), armed)
             finish = event.finish_reason
             if finish and not stops.stopped:
-                text += stops.push(detok.finish())
+                text += stops.push(detok.finish(), armed)
                 text += stops.flush()
             if stops.stopped:
                 finish = "stop"

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 from common.errors import BadRequest
+from common.protocol import MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY
 
 Number = StrictFloat | StrictInt
 MAX_STOP_CHARS = 512  # per stop string: each is matched against the tail of the text at every token
@@ -62,6 +63,9 @@ class SamplingFields(BaseModel):
     frequency_penalty: Number | None = None
     logit_bias: dict[str, Number] | None = None
     ignore_eos: StrictBool = False            # extension (as vLLM)
+    repetition_penalty: Number | None = None  # extension (as vLLM): 1 = off
+    min_p: Number | None = None               # extension (as vLLM): 0 = off
+    min_tokens: StrictInt | None = None       # extension (as vLLM): 0 = off
 
     @model_validator(mode="before")
     @classmethod
@@ -94,10 +98,19 @@ class SamplingFields(BaseModel):
         if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 64:
             raise BadRequest(f"'seed' = {self.seed}: must fit in 64 bits", "seed")
         for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise BadRequest(f"'{name}' is not supported yet; leave it at 0", name)
-        if self.logit_bias:
-            raise BadRequest("'logit_bias' is not supported yet; leave it empty", "logit_bias")
+            value = getattr(self, name)
+            if value is not None and not -2 <= value <= 2:
+                raise BadRequest(f"'{name}' = {value}: must be between -2 and 2", name)
+        if self.repetition_penalty is not None and not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise BadRequest(f"'repetition_penalty' = {self.repetition_penalty}: must be in (0, {MAX_REPETITION_PENALTY:g}] "
+                             "(1 = off)", "repetition_penalty")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise BadRequest(f"'min_p' = {self.min_p}: must be between 0 and 1", "min_p")
+        if self.min_tokens is not None and self.min_tokens < 0:
+            raise BadRequest(f"'min_tokens' = {self.min_tokens}: must be at least 0", "min_tokens")
+        if self.min_tokens and self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise BadRequest(f"'min_tokens' = {self.min_tokens} is more than 'max_tokens' = {self.max_tokens}", "min_tokens")
+        self.logit_bias_pairs()
         if self.stream_options is not None and not self.stream:
             raise BadRequest("'stream_options' is only allowed with 'stream': true", "stream_options")
         if any(s == "" for s in self.stop_list):
@@ -106,6 +119,21 @@ class SamplingFields(BaseModel):
             raise BadRequest(f"'stop' has {len(self.stop_list)} strings: at most 16", "stop")
         if any(len(s) > MAX_STOP_CHARS for s in self.stop_list):
             raise BadRequest(f"'stop' strings must be at most {MAX_STOP_CHARS} characters", "stop")
+
+    def logit_bias_pairs(self) -> list[tuple[int, float]]:
+        """'logit_bias' as (token id, bias) pairs; a 400 for a key that is not a token id, a bias
+        outside [-100, 100], or too many of them. (The vocabulary's bound is checked with the prompt.)"""
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit()) or len(key) > 10:
+                raise BadRequest(f"'logit_bias' key {key[:40]!r}: must be a token id (a non-negative integer, as a string)",
+                                 "logit_bias")
+            if not -100 <= bias <= 100:
+                raise BadRequest(f"'logit_bias' of token {key}: {bias} is outside [-100, 100]", "logit_bias")
+            pairs.append((int(key), float(bias)))
+        if len(pairs) > MAX_LOGIT_BIAS:
+            raise BadRequest(f"'logit_bias' has {len(pairs)} tokens: at most {MAX_LOGIT_BIAS}", "logit_bias")
+        return pairs
 
     @property
     def stop_list(self) -> list[str]:

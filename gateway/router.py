@@ -149,7 +149,8 @@ class Router:
                         return  # done at the first token: the reserved row is released in `finally`
             first = outputs[-1] if outputs else result.first.token_id  # on a resume, P's sample is not used
             decode = DecodeRequest(request_id=run.request_id, epoch=run.epoch, replay=prefix[have:], first_token=first,
-                                   first_index=max(len(outputs) - 1, 0), sampling=run.sampling)
+                                   first_index=max(len(outputs) - 1, 0), sampling=run.sampling,
+                                   history=prefix if run.sampling.penalized else [])  # what the penalties count
             async with contextlib.aclosing(self.decode(token_svc, decode)) as events:
                 async for event in events:
                     if run.failed_at is not None and path is not None:

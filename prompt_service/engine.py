@@ -36,7 +36,7 @@ from common.kv.copy import gather_prefill
 from common.kv.peers import KVRejected, PeerLink, Peers
 from common.kv.transport import TransportError
 from common.protocol import PrefillRequest, PrefillResult, PromptLogprob, TokenEvent
-from common.sampling import first_event, sample
+from common.sampling import first_event, named_tokens, sample
 from common.service import request_id_var
 from common.settings import PromptSettings
 from engine.attention import Segment
@@ -195,6 +195,7 @@ class PrefillEngine:
     async def submit(self, req: PrefillRequest) -> PrefillResult:
         try:
             self.runner.check_tokens(req.prompt_ids, "prompt_ids")  # a bad id would fail the whole batch
+            self.runner.check_tokens(named_tokens(req.sampling), "sampling (logit_bias, stop_token_ids)")
         except ValueError as exc:
             raise BadRequest(str(exc), code="invalid_token_id") from None
         if req.prompt_logprobs is not None and self.pipeline is not None:  # the gateway sends them elsewhere
@@ -306,7 +307,7 @@ class PrefillEngine:
         if not ended:
             return
         events = sample(torch.stack([row for _, row in ended]), [j.req.sampling for j, _ in ended], [0] * len(ended),
-                        [j.req.request_id for j, _ in ended])
+                        [j.req.request_id for j, _ in ended], [(j.req.prompt_ids, ()) for j, _ in ended])
         for (job, _), event in zip(ended, events):
             job.first, job.computed_at, job.pool = first_event(job.req.sampling, event), done, None
             if job.req.prompt_logprobs is not None:

@@ -56,12 +56,31 @@ class Oracle:
 
         self.model, self.tokenizer = load_model(path), load_tokenizer(path)
 
-    def generate_ids(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    def generate_ids(self, prompt_ids: list[int], max_tokens: int, **kw) -> list[int]:
+        """kw: more of generate's arguments (repetition_penalty, sequence_bias, min_new_tokens)."""
         import torch
 
         out = self.model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                                  do_sample=False, max_new_tokens=max_tokens)
+                                  do_sample=False, max_new_tokens=max_tokens, **kw)
         return out[0, len(prompt_ids):].tolist()
+
+    def penalized_ids(self, prompt_ids: list[int], max_tokens: int, frequency: float, presence: float) -> list[int]:
+        """Greedy with OpenAI's frequency and presence penalties, which `generate` lacks: each step
+        the model's logits of the whole sequence, less count x frequency + (count > 0) x presence
+        for every token out so far."""
+        import torch
+
+        ids, out = list(prompt_ids), []
+        with torch.no_grad():
+            for _ in range(max_tokens):
+                logits = self.model(torch.tensor([ids])).logits[0, -1].float()
+                for token in set(out):
+                    logits[token] -= out.count(token) * frequency + presence
+                out.append(int(logits.argmax()))
+                ids.append(out[-1])
+                if out[-1] == self.model.generation_config.eos_token_id:
+                    break
+        return out
 
     def text(self, prompt_ids: list[int], max_tokens: int) -> tuple[str, int]:
         ids = self.generate_ids(prompt_ids, max_tokens)

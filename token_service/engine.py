@@ -38,7 +38,7 @@ from common.kv.transport import TransportError
 from common.kv.wire import Header, WireError, as_tensor
 from common.protocol import (DecodeEvent, DecodeRequest, PrefillRequest, PrefillResult, Reservation, ReserveRequest,
                              RestoreRequest, RestoreResult)
-from common.sampling import sample
+from common.sampling import named_tokens, sample
 from common.service import request_id_var
 from common.settings import TokenSettings
 from engine.attention import slots_of
@@ -188,6 +188,7 @@ class TokenEngine:
         steps (token_service/prefill.py); an abort meanwhile frees them at the next step boundary.
         On a resume the prompt is shorter than the row: the tokens out are replayed after it."""
         self._check_tokens(req.prompt_ids, "prompt_ids")
+        self._check_tokens(named_tokens(req.sampling), "sampling (logit_bias, stop_token_ids)")
         if req.prompt_logprobs is not None and self.pipeline is not None:
             raise BadRequest("prompt logprobs (echo with logprobs) are not computed by a token pipeline (--stages)",
                              param="prompt_logprobs")
@@ -263,6 +264,12 @@ class TokenEngine:
         if seq.sampling is not None:
             raise BadRequest(f"request {req.request_id} is already decoding", code="duplicate_request")
         self._check_tokens(req.replay + [req.first_token], "replay and first_token")  # a bad id would fail the step
+        self._check_tokens(named_tokens(req.sampling), "sampling (logit_bias, stop_token_ids)")
+        if req.sampling.penalized:  # the penalties count the prompt and every output token before first_token
+            if len(req.history) != seq.prompt_len:
+                raise BadRequest(f"request {req.request_id}: penalties need the {seq.prompt_len} tokens before "
+                                 f"first_token as history, {len(req.history)} were sent", param="history")
+            self._check_tokens(req.history, "history")
         have = seq.prompt_len - len(req.replay)  # tokens whose KV the prefill or the replica brought
         if have < 1 or any(n != have for n in seq.received):
             raise BadRequest(f"request {req.request_id}: KV incomplete (tokens per layer {seq.received}, "
@@ -273,6 +280,7 @@ class TokenEngine:
             raise BadRequest(f"request {req.request_id}: {req.sampling.max_tokens - req.first_index} tokens to decode, "
                              f"KV room was reserved for {seq.max_tokens}")
         seq.sampling, seq.output, seq.first_index, seq.epoch = req.sampling, [req.first_token], req.first_index, req.epoch
+        seq.history = req.history if req.sampling.penalized else []
         seq.replay.extend(req.replay)
         self.wakeup.set()
         return seq
@@ -426,7 +434,8 @@ class TokenEngine:
         rows = batch.sampled  # not those that replayed a token: they draw nothing (numbers go by output index)
         seqs = [batch.seqs[i] for i in rows]
         events = sample(logits[rows], [s.sampling for s in seqs], [s.next_index for s in seqs],
-                        [s.request_id for s in seqs]) if rows else []
+                        [s.request_id for s in seqs],
+                        [s.penalty_history() if s.sampling.penalized else None for s in seqs]) if rows else []
         for seq, event in self.scheduler.postprocess(batch, events):
             seq.events.put_nowait(DecodeEvent(token=event) if event else None)  # None: a token replayed
         if self.replicator:

@@ -105,7 +105,8 @@ class PrefillQueue:
                 ended.append((job, row))
         if ended:
             events = sample(torch.stack([r for _, r in ended]), [j.req.sampling for j, _ in ended],
-                            [0] * len(ended), [j.req.request_id for j, _ in ended])
+                            [0] * len(ended), [j.req.request_id for j, _ in ended],
+                            [(j.req.prompt_ids, ()) for j, _ in ended])
             for (job, _), event in zip(ended, events):
                 self._resolve(job, event)
         self.reap()

@@ -33,6 +33,7 @@ class Sequence:
     sampling: SamplingParams | None = None   # set when the decode request arrives
     output: list[int] = field(default_factory=list)  # output tokens from first_index on
     first_index: int = 0                # output index of output[0] (> 0 on a resumed request)
+    history: list[int] = field(default_factory=list)  # penalties: prompt + the outputs before output[0] (DecodeRequest.history)
     epoch: int = 0                      # the request's epoch when this service took it (fencing)
     filling: bool = False               # its row is being written: a restore, a prefill here (colocated), prompt KV sent on to a pipeline's stages
     stepping: bool = False              # in a decode step now (its row is being read and written)
@@ -77,6 +78,11 @@ class Sequence:
     def next_index(self) -> int:
         """Output index of the token the next step produces."""
         return self.first_index + len(self.output)
+
+    def penalty_history(self) -> tuple[list[int], list[int]]:
+        """What the penalties count for the next pick: (the prompt, every output token so far)."""
+        cut = len(self.history) - self.first_index
+        return self.history[:cut], self.history[cut:] + self.output
 
     @property
     def last_position(self) -> int:

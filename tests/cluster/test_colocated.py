@@ -80,3 +80,14 @@ def test_kv_sent_after_the_prefill_in_one_message_gives_the_same_tokens(tiny_mod
                  echo_logs=False) as c:
         complete_all(c, tiny_oracle)
         assert_no_kv_held_on(c)
+
+
+def test_penalties_logit_bias_and_min_tokens_equal_hf_colocated(cluster, tiny_oracle):
+    """The first token is drawn where the prompt is prefilled, here the token service's own prefill."""
+    from tests.cluster.test_serving import penalized_cases
+
+    for body, want in penalized_cases(tiny_oracle):
+        resp = httpx.post(cluster.url + "/v1/completions", json=body, timeout=120)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["choices"][0]["text"] == tiny_oracle.tokenizer.decode(want, skip_special_tokens=True), body
+    assert_no_kv_held_on(cluster)

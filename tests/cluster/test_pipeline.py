@@ -24,6 +24,7 @@ from tests.cluster.conftest import CLUSTER_ENV, metric
 from tests.cluster.test_cluster_view import dejavu_status
 from tests.cluster.test_colocated import complete_all
 from tests.cluster.test_failover import assert_no_kv_held_on, holds_kv, stream
+from tests.cluster.test_serving import penalized_cases
 
 PROMPT = "Once upon a time, in a land far away, there lived a dragon who"
 
@@ -107,6 +108,10 @@ def test_greedy_requests_through_the_pipeline_equal_hf(cluster, tiny_oracle):
     for s in cluster.of("stage"):
         health = httpx.get(s.url + "/health", timeout=10).json()
         assert health["kind"] == "stage" and health["linked"] and health["stages"] == cluster.stages
+    for body, want in penalized_cases(tiny_oracle):  # drawn on the head from the last stage's logits
+        resp = httpx.post(cluster.url + "/v1/completions", json=body, timeout=120)
+        assert resp.status_code == 200 and resp.json()["choices"][0]["text"] == tiny_oracle.tokenizer.decode(
+            want, skip_special_tokens=True), body
     assert_nothing_held(cluster)
     # `dejavu status`: a pipeline's KV on its head's row, over all its layers; its stages' rows point there
     table = dejavu_status(cluster.redis_url).stdout.splitlines()[1:]
@@ -231,7 +236,9 @@ def test_a_stage_killed_mid_stream_costs_a_pause(cluster, tiny_oracle, victim):
 
 
 def test_seeded_sampling_is_identical_across_a_stage_failure(cluster):
-    body = {"prompt": PROMPT, "max_tokens": 200, "temperature": 0.8, "top_p": 0.95, "seed": 7, "ignore_eos": True}
+    """With penalties too: the pipeline that resumes the request counts the tokens out before it."""
+    body = {"prompt": PROMPT, "max_tokens": 200, "temperature": 0.8, "top_p": 0.95, "seed": 7, "ignore_eos": True,
+            "frequency_penalty": 0.4, "repetition_penalty": 1.1}
     clean, _, _ = stream(cluster, body)
     failed, usage, (head, stage) = kill_a_stage(cluster, body, after=40)
     assert failed == clean and usage["completion_tokens"] == 200

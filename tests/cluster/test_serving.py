@@ -245,3 +245,34 @@ def test_one_model_is_retrieved_by_its_id(tiny_cluster):
     missing = httpx.get(tiny_cluster.url + "/v1/models/no-such-model", timeout=10)
     assert missing.status_code == 404
     assert missing.json()["error"]["code"] == "model_not_found" and missing.json()["error"]["param"] == "model"
+
+
+def penalized_cases(tiny_oracle) -> list[tuple[dict, list[int]]]:
+    """(request fields, the token ids Hugging Face gives) for greedy requests with penalties, a
+    logit bias and min_tokens. `generate` has the repetition penalty, single-token sequence biases
+    and min_new_tokens; OpenAI's frequency and presence penalties come from the model's logits by
+    their formula (Oracle.penalized_ids)."""
+    prompt = tiny_oracle.tokenizer(PROMPTS[1])["input_ids"]
+    plain = tiny_oracle.generate_ids(prompt, 24)
+    favoured = plain[3]  # a token it gives anyway, pushed further
+    cases = [
+        ({"max_tokens": 24, "repetition_penalty": 1.5, "logit_bias": {str(favoured): 4}},
+         tiny_oracle.generate_ids(prompt, 24, repetition_penalty=1.5, sequence_bias={(favoured,): 4.0})),
+        # EOS pushed to the top, held back for 5 tokens: the sixth ends it
+        ({"max_tokens": 20, "logit_bias": {"2": 100}, "min_tokens": 5},
+         tiny_oracle.generate_ids(prompt, 20, sequence_bias={(2,): 100.0}, min_new_tokens=5)),
+        ({"max_tokens": 24, "frequency_penalty": 1.5, "presence_penalty": 0.5},
+         tiny_oracle.penalized_ids(prompt, 24, 1.5, 0.5)),
+    ]
+    for _, want in cases:
+        assert want != plain  # each changes what greedy gives, so the test would see it ignored
+    assert cases[1][1][5:] == [2] and 2 not in cases[1][1][:5]
+    return [({**fields, "prompt": prompt, "temperature": 0}, want) for fields, want in cases]
+
+
+def test_penalties_logit_bias_and_min_tokens_equal_hf(tiny_cluster, tiny_oracle):
+    for body, want in penalized_cases(tiny_oracle):
+        got = completion(tiny_cluster.url, **body)["choices"][0]
+        assert got["text"] == tiny_oracle.tokenizer.decode(want, skip_special_tokens=True), body
+        assert got["finish_reason"] == ("stop" if want[-1] == 2 else "length"), body
+    assert_no_kv_held(tiny_cluster)

@@ -37,6 +37,9 @@ from token_service.engine import TokenEngine
 pytestmark = pytest.mark.asyncio
 PROMPT = [1, 422, 3003, 314, 2386, 30, 260, 1820, 55, 66, 77]
 SAMPLING = SamplingParams(temperature=0.2, seed=160, max_tokens=40, ignore_eos=True)  # see the docstring
+# penalties count the prompt and every token out: the resuming service gets them (DecodeRequest.history)
+PENALIZED = SAMPLING.model_copy(update={"frequency_penalty": 1.0, "presence_penalty": 0.5, "repetition_penalty": 1.3,
+                                        "logit_bias": [(422, 2.0)]})
 SERVICES = ("token-a", "token-b")
 
 
@@ -138,7 +141,8 @@ async def redis(redis_server):
     await redis.aclose()
 
 
-async def generate(registry: metadata.Registry, services: Services, rid: str) -> tuple[list[int], torch.Tensor]:
+async def generate(registry: metadata.Registry, services: Services, rid: str,
+                   sampling: SamplingParams = SAMPLING) -> tuple[list[int], torch.Tensor]:
     """One request through the gateway's Router: its tokens, and the KV of its row where it ended."""
     requests = services.requests
     await requests.create(rid, {"prompt_ids": PROMPT, "status": "running"})
@@ -146,23 +150,27 @@ async def generate(registry: metadata.Registry, services: Services, rid: str) ->
     async with httpx.AsyncClient(transport=httpx.MockTransport(services)) as client:
         router = Router(registry, client, GatewaySettings(), requests)
         try:
-            tokens = [e.token_id async for e in router.generate(rid, PROMPT, SAMPLING)]
+            tokens = [e.token_id async for e in router.generate(rid, PROMPT, sampling)]
         finally:
             for task in [*loops, *router.background]:  # the replicas' late drops, aborts of the dead
                 task.cancel()
     return tokens, services.finished.rows[rid]
 
 
+@pytest.mark.parametrize("sampling", [SAMPLING, PENALIZED], ids=["seeded", "penalized"])
 @pytest.mark.parametrize("path", ["reprefill", "replica"])
-async def test_a_resumed_request_draws_the_same_tokens_from_the_same_kv(runner, redis, path, monkeypatch):
+async def test_a_resumed_request_draws_the_same_tokens_from_the_same_kv(runner, redis, path, sampling, monkeypatch):
     registry, requests = redis
-    clean, clean_kv = await generate(registry, Services(runner, requests), f"exact-clean-{path}")
+    clean, clean_kv = await generate(registry, Services(runner, requests), f"exact-clean-{path}", sampling)
     assert len(clean) == SAMPLING.max_tokens
+    if sampling is PENALIZED:  # the penalties change what is drawn, so losing their counts would show
+        plain, _ = await generate(registry, Services(runner, requests), f"exact-plain-{path}")
+        assert plain != clean and len(set(plain)) < len(set(clean))
     for k in (1, 3, 10, 20):
         replicated = len(PROMPT) + k // 2 if path == "replica" else 0  # the replica is behind the tokens out
         services = Services(runner, requests, cut=k, replicated=replicated)
         monkeypatch.setattr(token_service.engine, "fetch_replica", services.fetch_replica)
-        tokens, kv = await generate(registry, services, f"exact-{path}-{k}")
+        tokens, kv = await generate(registry, services, f"exact-{path}-{k}", sampling)
         assert services.decodes == 2, "resumed once"
         assert tokens == clean, f"resumed after {k} tokens"
         assert torch.equal(kv, clean_kv), f"resumed after {k} tokens: the KV differs by {(kv - clean_kv).abs().max()}"

@@ -58,3 +58,10 @@ def test_stop_strings_release_text_that_cannot_start_a_stop():
 def test_earliest_stop_wins():
     s = StopStrings(["world", "lo"])
     assert s.push("hello world") == "hel"
+
+
+def test_before_min_tokens_text_is_released_whole_and_never_matched_later():
+    s = StopStrings(["STOP"])
+    assert s.push("a STOP b ST", match=False) == "a STOP b ST"  # nothing held back either
+    assert s.push("OP c") == "OP c" and not s.stopped  # "ST" went out before: no match across
+    assert s.push(" STOP") == " " and s.stopped

@@ -149,3 +149,35 @@ def test_offsets_after_a_prompt_split_mid_character_count_its_tokens_texts(token
     streamed = [json.loads(writer.delta(Delta(text, [e], None))[6:])["choices"][0]["logprobs"]["text_offset"][0]
                 for text, e in zip(texts, events)]
     assert streamed == whole == [11, 13, 14]
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"frequency_penalty": float("nan")}, "frequency_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"), ({"min_p": 1.5}, "min_p"),
+    ({"min_tokens": -1}, "min_tokens"), ({"min_tokens": 9, "max_tokens": 8}, "min_tokens"),
+    ({"min_tokens": 200}, "min_tokens"),  # more than the context leaves for the completion
+    ({"logit_bias": {"abc": 1}}, "logit_bias"), ({"logit_bias": {"-5": 1}}, "logit_bias"),
+    ({"logit_bias": {"12": 101}}, "logit_bias"), ({"logit_bias": {"12": float("nan")}}, "logit_bias"),
+    ({"logit_bias": {"99999999": 1}}, "logit_bias"),  # past the vocabulary
+    ({"logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias")])
+def test_penalties_and_biases_out_of_range_are_a_400_naming_them(tokenizer, fields, param):
+    from common.errors import BadRequest
+
+    for body in (CompletionRequest(prompt="Hello", **fields),
+                 ChatRequest(messages=[{"role": "user", "content": "hi"}], **fields)):
+        with pytest.raises(BadRequest) as info:
+            (completion_jobs if isinstance(body, CompletionRequest) else chat_jobs)(body, tokenizer, limits_of(tokenizer, 128))
+        assert info.value.param == param, info.value
+
+
+def test_penalties_biases_min_tokens_and_min_p_reach_the_sampling_params(tokenizer):
+    body = CompletionRequest(prompt="Hello", max_tokens=8, presence_penalty=0.5, frequency_penalty=-1,
+                             repetition_penalty=1.2, logit_bias={"12": -100, "7": 2.5}, min_tokens=3, min_p=0.05)
+    p = completion_jobs(body, tokenizer, limits_of(tokenizer, 128))[0].sampling
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -1.0, 1.2)
+    assert p.logit_bias == [(12, -100.0), (7, 2.5)] and (p.min_tokens, p.min_p) == (3, 0.05)
+    assert p.penalized and p.processed
+    plain = completion_jobs(CompletionRequest(prompt="Hello", presence_penalty=0, logit_bias={}), tokenizer,
+                            limits_of(tokenizer, 128))[0].sampling
+    assert not plain.penalized and not plain.processed  # zeros and empties are the defaults: nothing to do

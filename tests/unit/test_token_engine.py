@@ -104,6 +104,15 @@ def test_token_ids_past_the_vocabulary_are_refused_at_the_boundary(runner):
         bad = DecodeRequest(request_id="r", first_token=first, replay=replay, sampling=sampling)
         with pytest.raises(BadRequest, match=f"token id {max(replay + [first])} is not in the model's vocabulary"):
             engine.start_decode(bad)
+    # ids in the sampling params (a step would index the logits with them), and the penalties' history
+    biased = SamplingParams(max_tokens=4, logit_bias=[(vocab, 1.0)])
+    penalized = SamplingParams(max_tokens=4, frequency_penalty=1.0)
+    for bad, match in ((DecodeRequest(request_id="r", first_token=5, sampling=biased), "logit_bias"),
+                       (DecodeRequest(request_id="r", first_token=5, sampling=penalized), "penalties need the 8 tokens"),
+                       (DecodeRequest(request_id="r", first_token=5, sampling=penalized, history=[1] * 7 + [vocab]),
+                        "history: token id")):
+        with pytest.raises(BadRequest, match=match):
+            engine.start_decode(bad)
     assert engine.scheduler.seqs["r"].sampling is None  # nothing changed: a good request still starts
     engine.start_decode(DecodeRequest(request_id="r", first_token=vocab - 1, sampling=sampling))
 
