@@ -88,6 +88,7 @@ def cluster_fingerprint(token: str) -> str:
 
 GREEDY_BELOW = 1e-5
 MAX_LOGIT_BIAS = 1024          # token ids a request may bias
+MAX_STOP_TOKENS = 64           # token ids a request may stop at
 MAX_REPETITION_PENALTY = 100.0
 
 
@@ -97,8 +98,9 @@ class SamplingParams(Message):
     top_k: int = Field(0, ge=-1)  # 0 or -1 = off
     seed: int = Field(0, ge=-(1 << 63), lt=1 << 64)  # the RNG of output index i is derived from (seed, i) only
     max_tokens: int = Field(16, ge=1, le=MAX_SEQUENCE)  # output tokens, EOS included
-    stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=64)  # EOS ids (and any extra)
+    eos_token_ids: list[TokenId] = Field(default_factory=list, max_length=64)  # the model's EOS ids: they end it unless ignore_eos
     ignore_eos: bool = False
+    stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=MAX_STOP_TOKENS)  # the request's: end it always
     logprobs: int | None = Field(None, ge=0, le=20)  # None: none; k >= 0: the sampled token's logprob + top k
     # What changes the logits before the pick (common/sampling.py, `process`), greedy or not; the
     # logprobs reported stay the model's own (vLLM's default). OpenAI's penalties count the output
@@ -123,9 +125,14 @@ class SamplingParams(Message):
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     @property
+    def stops(self) -> list[int]:
+        """The tokens that end it: its own, and the model's EOS unless ignore_eos."""
+        return self.stop_token_ids + ([] if self.ignore_eos else self.eos_token_ids)
+
+    @property
     def processed(self) -> bool:
         """Some of its logits change before the pick."""
-        return self.penalized or bool(self.logit_bias) or (self.min_tokens > 0 and not self.ignore_eos)
+        return self.penalized or bool(self.logit_bias) or (self.min_tokens > 0 and bool(self.stops))
 
 
 class ReserveRequest(Message):

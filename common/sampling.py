@@ -72,7 +72,7 @@ def sample_one(logits: torch.Tensor, p: SamplingParams, index: int) -> int:
 def named_tokens(p: SamplingParams) -> list[int]:
     """The token ids the params name (biased, stop): an engine checks them against its vocabulary
     before a step would index its logits with them."""
-    return [t for t, _ in p.logit_bias] + p.stop_token_ids
+    return [t for t, _ in p.logit_bias] + p.stop_token_ids + p.eos_token_ids
 
 
 History = tuple[Sequence[int], Sequence[int]]  # the tokens a penalty counts: (the prompt, the output so far)
@@ -100,8 +100,7 @@ def process(logits: torch.Tensor, params: list[SamplingParams], indices: list[in
         r, t, b = zip(*biased)
         out.index_put_((torch.tensor(r, device=dev), torch.tensor(t, device=dev)),
                        torch.tensor(b, dtype=out.dtype, device=dev), accumulate=True)
-    held = [(r, t) for r in rows if indices[r] < params[r].min_tokens and not params[r].ignore_eos
-            for t in params[r].stop_token_ids]
+    held = [(r, t) for r in rows if indices[r] < params[r].min_tokens for t in params[r].stops]
     if held:
         r, t = zip(*held)
         out[torch.tensor(r, device=dev), torch.tensor(t, device=dev)] = float("-inf")
@@ -147,7 +146,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int
 
 def first_event(p: SamplingParams, event: TokenEvent) -> TokenEvent:
     """The first output token (sampled at prefill) with its finish reason: EOS or max_tokens 1."""
-    reason = "stop" if (not p.ignore_eos and event.token_id in p.stop_token_ids) else (
+    reason = "stop" if event.token_id in p.stops else (
         "length" if p.max_tokens <= 1 else None)
     return event.model_copy(update={"finish_reason": reason}) if reason else event
 

@@ -40,8 +40,9 @@ class IncrementalDetokenizer:
 class StopStrings:
     """Holds back the longest tail of the text that could still grow into a stop string."""
 
-    def __init__(self, stops: list[str]):
+    def __init__(self, stops: list[str], include: bool = False):
         self.stops = stops
+        self.include = include  # the stop string stays at the end of the text (include_stop_str_in_output)
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.pending = ""
         self.stopped = False
@@ -56,10 +57,11 @@ class StopStrings:
         if not match:
             out, self.pending = self.pending, ""
             return out
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
+        hits = [(i, -len(s)) for i, s in ((self.pending.find(s), s) for s in self.stops) if i >= 0]
+        if hits:  # the earliest, and of two there the longest
+            i, minus_len = min(hits)
             self.stopped = True
-            out, self.pending = self.pending[: min(hits)], ""
+            out, self.pending = self.pending[: i - minus_len if self.include else i], ""
             return out
         cut = len(self.pending) - self._held()
         out, self.pending = self.pending[:cut], self.pending[cut:]

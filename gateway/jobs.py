@@ -48,6 +48,7 @@ class Job:
     prompt_logprobs: int | None = None
     echo_only: bool = False       # max_tokens 0 with echo: the prompt back, the token drawn at prefill dropped
     choice: int = 0               # which of its prompt's n choices
+    include_stop: bool = False    # include_stop_str_in_output: the stop string or stop token kept in the text
     created: int = field(default_factory=lambda: int(time.time()))
     recorded: bool = False        # its outcome has been counted and written to Redis
 
@@ -160,26 +161,29 @@ def _job(body: SamplingFields, ids: list[int], limits: Limits, default_max: int,
     if body.min_tokens and body.min_tokens > max_tokens:
         raise BadRequest(f"'min_tokens' = {body.min_tokens} is more than the {max_tokens} tokens this request may "
                          "generate", "min_tokens")
-    bias = body.logit_bias_pairs()
-    if any(t >= limits.vocab_size for t, _ in bias):
-        raise BadRequest(f"'logit_bias' token id {next(t for t, _ in bias if t >= limits.vocab_size)} is outside the "
-                         f"vocabulary [0, {limits.vocab_size})", "logit_bias")
+    bias, stop_ids = body.logit_bias_pairs(), list(dict.fromkeys(body.stop_token_ids or []))
+    for name, named in (("logit_bias", [t for t, _ in bias]), ("stop_token_ids", stop_ids)):
+        bad = [t for t in named if not 0 <= t < limits.vocab_size]
+        if bad:
+            raise BadRequest(f"'{name}' token id {bad[0]} is outside the vocabulary [0, {limits.vocab_size})", name)
     temperature = 1.0 if body.temperature is None else float(body.temperature)
     sampling = SamplingParams(
         temperature=temperature, top_p=1.0 if body.top_p is None else float(body.top_p),
         top_k=max(body.top_k or 0, 0),
         seed=(body.seed + choice if body.seed is not None else random.getrandbits(63)) & ((1 << 64) - 1),
-        max_tokens=max_tokens, stop_token_ids=limits.eos_ids, ignore_eos=body.ignore_eos, logprobs=logprobs,
+        max_tokens=max_tokens, eos_token_ids=limits.eos_ids, ignore_eos=body.ignore_eos, logprobs=logprobs,
+        stop_token_ids=stop_ids,
         presence_penalty=float(body.presence_penalty or 0), frequency_penalty=float(body.frequency_penalty or 0),
         repetition_penalty=1.0 if body.repetition_penalty is None else float(body.repetition_penalty),
         logit_bias=bias, min_tokens=body.min_tokens or 0, min_p=float(body.min_p or 0))
     return Job(new_request_id(), limits.model_name, ids, sampling, body.stop_list, body.stream,
-               body.include_usage, echo, prompt_logprobs, echo_only, choice)
+               body.include_usage, echo, prompt_logprobs, echo_only, choice,
+               include_stop=body.include_stop_str_in_output)
 
 
 async def deltas(router: Router, tokenizer, job: Job) -> AsyncIterator[Delta]:
     """The request's text, piece by piece; the last delta has the finish reason."""
-    detok, stops = IncrementalDetokenizer(tokenizer), StopStrings(job.stops)
+    detok, stops = IncrementalDetokenizer(tokenizer), StopStrings(job.stops, job.include_stop)
     start, first_at, count = time.perf_counter(), None, 0
     gen = router.generate(job.request_id, job.prompt_ids, job.sampling, job.prompt_logprobs)
     try:
@@ -192,8 +196,10 @@ async def deltas(router: Router, tokenizer, job: Job) -> AsyncIterator[Delta]:
                 yield Delta("", [], "length", event.prompt_logprobs)
                 return
             armed = count > job.sampling.min_tokens  # stop strings count only after min_tokens, as vLLM's
-            text = stops.push(detok.add(event.token_id), armed)
             finish = event.finish_reason
+            # a stop token of the request's ends the text before it, as vLLM's (EOS is special: no text)
+            cut = finish == "stop" and event.token_id in job.sampling.stop_token_ids and not job.include_stop
+            text = "" if cut else stops.push(detok.add(event.token_id), armed)
             if finish and not stops.stopped:
                 text += stops.push(detok.finish(), armed)
                 text += stops.flush()

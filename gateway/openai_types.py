@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 from common.errors import BadRequest
-from common.protocol import MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY
+from common.protocol import MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY, MAX_STOP_TOKENS
 
 Number = StrictFloat | StrictInt
 MAX_STOP_CHARS = 512  # per stop string: each is matched against the tail of the text at every token
@@ -66,6 +66,8 @@ class SamplingFields(BaseModel):
     repetition_penalty: Number | None = None  # extension (as vLLM): 1 = off
     min_p: Number | None = None               # extension (as vLLM): 0 = off
     min_tokens: StrictInt | None = None       # extension (as vLLM): 0 = off
+    stop_token_ids: list[StrictInt] | None = None  # extension (as vLLM): token ids that end the output
+    include_stop_str_in_output: StrictBool = False  # extension (as vLLM): the stop string or token kept in the text
 
     @model_validator(mode="before")
     @classmethod
@@ -111,6 +113,9 @@ class SamplingFields(BaseModel):
         if self.min_tokens and self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise BadRequest(f"'min_tokens' = {self.min_tokens} is more than 'max_tokens' = {self.max_tokens}", "min_tokens")
         self.logit_bias_pairs()
+        if self.stop_token_ids and len(self.stop_token_ids) > MAX_STOP_TOKENS:
+            raise BadRequest(f"'stop_token_ids' has {len(self.stop_token_ids)} ids: at most {MAX_STOP_TOKENS}",
+                             "stop_token_ids")
         if self.stream_options is not None and not self.stream:
             raise BadRequest("'stream_options' is only allowed with 'stream': true", "stream_options")
         if any(s == "" for s in self.stop_list):

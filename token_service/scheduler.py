@@ -90,7 +90,7 @@ class Scheduler:
 
 def finish_reason(seq: Sequence, token: int) -> str | None:
     p = seq.sampling
-    if not p.ignore_eos and token in p.stop_token_ids:
+    if token in p.stops:
         return "stop"
     if seq.first_index + len(seq.output) >= p.max_tokens:
         return "length"

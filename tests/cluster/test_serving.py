@@ -276,3 +276,17 @@ def test_penalties_logit_bias_and_min_tokens_equal_hf(tiny_cluster, tiny_oracle)
         assert got["text"] == tiny_oracle.tokenizer.decode(want, skip_special_tokens=True), body
         assert got["finish_reason"] == ("stop" if want[-1] == 2 else "length"), body
     assert_no_kv_held(tiny_cluster)
+
+
+def test_stop_token_ids_end_the_text_before_the_token_unless_asked_to_keep_it(tiny_cluster, tiny_oracle):
+    prompt = tiny_oracle.tokenizer(PROMPTS[2])["input_ids"]
+    want = tiny_oracle.generate_ids(prompt, 12)
+    stop = next(t for t in want[3:] if t not in want[:3])  # a token it gives, not among the first three
+    at = want.index(stop)
+    body = {"prompt": prompt, "max_tokens": 12, "temperature": 0, "stop_token_ids": [stop], "ignore_eos": True}
+    for include in (False, True):
+        got = completion(tiny_cluster.url, **body, include_stop_str_in_output=include, logprobs=0)
+        choice = got["choices"][0]
+        assert choice["text"] == tiny_oracle.tokenizer.decode(want[: at + include], skip_special_tokens=True)
+        assert choice["finish_reason"] == "stop" and got["usage"]["completion_tokens"] == at + 1
+        assert len(choice["logprobs"]["tokens"]) == at + 1  # the stop token is scored, as vLLM's

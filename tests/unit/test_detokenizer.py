@@ -65,3 +65,8 @@ def test_before_min_tokens_text_is_released_whole_and_never_matched_later():
     assert s.push("a STOP b ST", match=False) == "a STOP b ST"  # nothing held back either
     assert s.push("OP c") == "OP c" and not s.stopped  # "ST" went out before: no match across
     assert s.push(" STOP") == " " and s.stopped
+
+
+def test_include_keeps_the_stop_string_and_drops_what_follows():
+    s = StopStrings(["STOP", "ST"], include=True)
+    assert s.push("a STOP b") == "a STOP" and s.stopped  # of two at one place, the longer

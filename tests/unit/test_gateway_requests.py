@@ -160,6 +160,8 @@ def test_offsets_after_a_prompt_split_mid_character_count_its_tokens_texts(token
     ({"logit_bias": {"abc": 1}}, "logit_bias"), ({"logit_bias": {"-5": 1}}, "logit_bias"),
     ({"logit_bias": {"12": 101}}, "logit_bias"), ({"logit_bias": {"12": float("nan")}}, "logit_bias"),
     ({"logit_bias": {"99999999": 1}}, "logit_bias"),  # past the vocabulary
+    ({"stop_token_ids": [49152]}, "stop_token_ids"), ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"stop_token_ids": list(range(65))}, "stop_token_ids"),
     ({"logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias")])
 def test_penalties_and_biases_out_of_range_are_a_400_naming_them(tokenizer, fields, param):
     from common.errors import BadRequest
@@ -173,8 +175,11 @@ def test_penalties_and_biases_out_of_range_are_a_400_naming_them(tokenizer, fiel
 
 def test_penalties_biases_min_tokens_and_min_p_reach_the_sampling_params(tokenizer):
     body = CompletionRequest(prompt="Hello", max_tokens=8, presence_penalty=0.5, frequency_penalty=-1,
-                             repetition_penalty=1.2, logit_bias={"12": -100, "7": 2.5}, min_tokens=3, min_p=0.05)
-    p = completion_jobs(body, tokenizer, limits_of(tokenizer, 128))[0].sampling
+                             repetition_penalty=1.2, logit_bias={"12": -100, "7": 2.5}, min_tokens=3, min_p=0.05,
+                             stop_token_ids=[5, 9, 5], include_stop_str_in_output=True)
+    job = completion_jobs(body, tokenizer, limits_of(tokenizer, 128))[0]
+    p = job.sampling
+    assert p.stop_token_ids == [5, 9] and p.eos_token_ids == [2] and job.include_stop
     assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -1.0, 1.2)
     assert p.logit_bias == [(12, -100.0), (7, 2.5)] and (p.min_tokens, p.min_p) == (3, 0.05)
     assert p.penalized and p.processed

@@ -99,16 +99,29 @@ def test_bias_min_tokens_and_repetition_penalty_equal_hugging_faces_processors()
     cases = [(SamplingParams(logit_bias=bias), {"bias": bias}),
              (SamplingParams(repetition_penalty=1.3), {"repetition": 1.3}),
              (SamplingParams(repetition_penalty=0.7, logit_bias=bias), {"repetition": 0.7, "bias": bias}),
-             (SamplingParams(min_tokens=5, stop_token_ids=[2, 9]), {"min_tokens": 5, "eos": [2, 9]})]
+             (SamplingParams(min_tokens=5, eos_token_ids=[2], stop_token_ids=[9]), {"min_tokens": 5, "eos": [9, 2]})]
     for p, kw in cases:
         got = process(logits, [p] * 3, [len(output)] * 3, [(prompt, output)] * 3)
         for row in range(3):
             want = hf_processed(logits[row], prompt + output, len(prompt), **kw)
             assert torch.equal(got[row], want), (p, row)
-    # min_tokens masks the stop tokens before output index min_tokens only, and not with ignore_eos
-    p = SamplingParams(min_tokens=4, stop_token_ids=[2])
+    # min_tokens masks the stop tokens before output index min_tokens only: the request's always, the
+    # model's EOS unless ignore_eos (which makes it no stop)
+    p = SamplingParams(min_tokens=4, eos_token_ids=[2], stop_token_ids=[9])
     masked = process(logits, [p, p, p.model_copy(update={"ignore_eos": True})], [3, 4, 0], [None] * 3)
-    assert masked[0, 2] == float("-inf") and masked[1, 2] == logits[1, 2] and masked[2, 2] == logits[2, 2]
+    assert masked[0, 2] == masked[0, 9] == float("-inf") and masked[1, 2] == logits[1, 2] and masked[1, 9] == logits[1, 9]
+    assert masked[2, 2] == logits[2, 2] and masked[2, 9] == float("-inf")
+
+
+def test_the_requests_stop_tokens_end_it_even_with_ignore_eos():
+    from common.protocol import TokenEvent
+    from common.sampling import first_event
+
+    p = SamplingParams(max_tokens=5, eos_token_ids=[2], stop_token_ids=[9], ignore_eos=True)
+    assert p.stops == [9]
+    assert first_event(p, TokenEvent(request_id="r", index=0, token_id=9)).finish_reason == "stop"
+    assert first_event(p, TokenEvent(request_id="r", index=0, token_id=2)).finish_reason is None
+    assert SamplingParams(eos_token_ids=[2], stop_token_ids=[9]).stops == [9, 2]
 
 
 def test_frequency_and_presence_penalties_count_the_output_not_the_prompt():
