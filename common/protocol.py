@@ -89,7 +89,7 @@ def cluster_fingerprint(token: str) -> str:
 GREEDY_BELOW = 1e-5
 MAX_LOGIT_BIAS = 1024          # token ids a request may bias
 MAX_STOP_TOKENS = 64           # token ids a request may stop at
-MAX_REPETITION_PENALTY = 100.0
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0  # a logit times or over it stays finite
 
 
 class SamplingParams(Message):
@@ -107,7 +107,7 @@ class SamplingParams(Message):
     # tokens so far; the repetition penalty (vLLM's, Hugging Face's) every token of prompt and output.
     presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
-    repetition_penalty: float = Field(1.0, gt=0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False)  # 1: off
+    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY, allow_inf_nan=False)  # 1: off
     logit_bias: list[tuple[TokenId, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]]] = Field(
         default_factory=list, max_length=MAX_LOGIT_BIAS)
     min_tokens: int = Field(0, ge=0, le=MAX_SEQUENCE)  # stop tokens are masked before output index min_tokens

@@ -4,7 +4,7 @@
             [--colocated] [--stages 1] [--prompt-stages 1] [--swap --kv-device-bytes B] [--redis-url URL] [--kv-transport ucx|tcp] [--dtype auto|float32|bfloat16|float16]
             [--cpu-placement auto|split|turns|off] [--api-key KEY ...] [--max-queued-requests 1024]
   dejavu status [--redis-url URL] [--json]
-  dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, gemm, agreement, capacity, chaos, overload, pipeline, swap, startup, lmeval: python -m bench.NAME)
+  dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, gemm, agreement, capacity, chaos, overload, pipeline, swap, startup, lmeval, sampling: python -m bench.NAME)
   dejavu profile [--model M] [--quick] [--out profile.json]
   dejavu plan --profile FILE --machines D --prompt-tokens P --output-tokens N [--json] [--rate R] [--ttft-s X --tpot-s Y]
   dejavu simulate --profile FILE [--layout 1+1 --layout colocated] [--rates 0.2,0.4] [--plot FILE.png]
@@ -134,6 +134,7 @@ BENCHMARKS = {
     "swap": "at one device KV budget, the largest batch and tokens/s with microbatch KV swapping against without",
     "startup": "spawned to ready: one token service and a whole cluster, optionally against another source tree",
     "lmeval": "lm-evaluation-harness's loglikelihoods through our cluster against the harness on HF in float32",
+    "sampling": "what penalties, logit biases and min-p add to sampling a decode step's rows",
 }
 
 

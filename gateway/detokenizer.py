@@ -50,14 +50,12 @@ class StopStrings:
     def push(self, text: str, match: bool = True) -> str:
         """Text safe to release now. After a stop string is seen, `stopped` is set and the
         stop string and anything after it are dropped. With `match` off (before min_tokens, as
-        vLLM) the text is released whole and never matched later."""
+        vLLM) nothing is matched, but a tail that could start a stop string is still held back: a
+        stop string that ends in later text is matched there, as vLLM's look-back does."""
         if self.stopped:
             return ""
         self.pending += text
-        if not match:
-            out, self.pending = self.pending, ""
-            return out
-        hits = [(i, -len(s)) for i, s in ((self.pending.find(s), s) for s in self.stops) if i >= 0]
+        hits = [] if not match else [(i, -len(s)) for i, s in ((self.pending.find(s), s) for s in self.stops) if i >= 0]
         if hits:  # the earliest, and of two there the longest
             i, minus_len = min(hits)
             self.stopped = True

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 from common.errors import BadRequest
-from common.protocol import MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY, MAX_STOP_TOKENS
+from common.protocol import MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY, MAX_STOP_TOKENS, MIN_REPETITION_PENALTY
 
 Number = StrictFloat | StrictInt
 MAX_STOP_CHARS = 512  # per stop string: each is matched against the tail of the text at every token
@@ -103,9 +103,10 @@ class SamplingFields(BaseModel):
             value = getattr(self, name)
             if value is not None and not -2 <= value <= 2:
                 raise BadRequest(f"'{name}' = {value}: must be between -2 and 2", name)
-        if self.repetition_penalty is not None and not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
-            raise BadRequest(f"'repetition_penalty' = {self.repetition_penalty}: must be in (0, {MAX_REPETITION_PENALTY:g}] "
-                             "(1 = off)", "repetition_penalty")
+        if (self.repetition_penalty is not None
+                and not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY):
+            raise BadRequest(f"'repetition_penalty' = {self.repetition_penalty}: must be between {MIN_REPETITION_PENALTY:g} "
+                             f"and {MAX_REPETITION_PENALTY:g} (1 = off)", "repetition_penalty")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
             raise BadRequest(f"'min_p' = {self.min_p}: must be between 0 and 1", "min_p")
         if self.min_tokens is not None and self.min_tokens < 0:
@@ -130,9 +131,9 @@ class SamplingFields(BaseModel):
         outside [-100, 100], or too many of them. (The vocabulary's bound is checked with the prompt.)"""
         pairs = []
         for key, bias in (self.logit_bias or {}).items():
-            if not (key.isascii() and key.isdigit()) or len(key) > 10:
-                raise BadRequest(f"'logit_bias' key {key[:40]!r}: must be a token id (a non-negative integer, as a string)",
-                                 "logit_bias")
+            if not (key.isascii() and key.isdigit()) or len(key) > 10 or key != str(int(key)):  # "05" would be 5 twice
+                raise BadRequest(f"'logit_bias' key {key[:40]!r}: must be a token id (a non-negative integer, as a "
+                                 "string, without leading zeros)", "logit_bias")
             if not -100 <= bias <= 100:
                 raise BadRequest(f"'logit_bias' of token {key}: {bias} is outside [-100, 100]", "logit_bias")
             pairs.append((int(key), float(bias)))

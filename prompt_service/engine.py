@@ -36,7 +36,7 @@ from common.kv.copy import gather_prefill
 from common.kv.peers import KVRejected, PeerLink, Peers
 from common.kv.transport import TransportError
 from common.protocol import PrefillRequest, PrefillResult, PromptLogprob, TokenEvent
-from common.sampling import first_event, named_tokens, sample
+from common.sampling import History, first_event, named_tokens, sample
 from common.service import request_id_var
 from common.settings import PromptSettings
 from engine.attention import Segment
@@ -306,8 +306,16 @@ class PrefillEngine:
             piece.job.prefill_ms += (done - start) * 1000
         if not ended:
             return
-        events = sample(torch.stack([row for _, row in ended]), [j.req.sampling for j, _ in ended], [0] * len(ended),
-                        [j.req.request_id for j, _ in ended], [(j.req.prompt_ids, ()) for j, _ in ended])
+        try:
+            events = sample(torch.stack([row for _, row in ended]), [j.req.sampling for j, _ in ended], [0] * len(ended),
+                            [j.req.request_id for j, _ in ended],
+                            [History(logits.shape[-1], j.req.prompt_ids) if j.req.sampling.penalized else None
+                             for j, _ in ended])
+        except Exception as exc:  # as a failed forward: its requests fail, the service stays
+            log.exception("sampling the first tokens failed")
+            for job, _ in ended:
+                job.fail(UpstreamError(f"sampling failed: {type(exc).__name__}: {exc}"))
+            return
         for (job, _), event in zip(ended, events):
             job.first, job.computed_at, job.pool = first_event(job.req.sampling, event), done, None
             if job.req.prompt_logprobs is not None:

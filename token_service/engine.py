@@ -435,7 +435,7 @@ class TokenEngine:
         seqs = [batch.seqs[i] for i in rows]
         events = sample(logits[rows], [s.sampling for s in seqs], [s.next_index for s in seqs],
                         [s.request_id for s in seqs],
-                        [s.penalty_history() if s.sampling.penalized else None for s in seqs]) if rows else []
+                        [s.penalties(logits.shape[-1]) if s.sampling.penalized else None for s in seqs]) if rows else []
         for seq, event in self.scheduler.postprocess(batch, events):
             seq.events.put_nowait(DecodeEvent(token=event) if event else None)  # None: a token replayed
         if self.replicator:

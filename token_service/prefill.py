@@ -30,7 +30,7 @@ import torch
 
 from common.errors import NotFound, UpstreamError
 from common.protocol import PrefillRequest, PrefillResult, PromptLogprob
-from common.sampling import first_event, sample
+from common.sampling import History, first_event, sample
 from engine.attention import Segment
 from token_service.sequence import Sequence
 
@@ -106,7 +106,8 @@ class PrefillQueue:
         if ended:
             events = sample(torch.stack([r for _, r in ended]), [j.req.sampling for j, _ in ended],
                             [0] * len(ended), [j.req.request_id for j, _ in ended],
-                            [(j.req.prompt_ids, ()) for j, _ in ended])
+                            [History(logits.shape[-1], j.req.prompt_ids) if j.req.sampling.penalized else None
+                             for j, _ in ended])
             for (job, _), event in zip(ended, events):
                 self._resolve(job, event)
         self.reap()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from common.protocol import DecodeEvent, SamplingParams
+from common.sampling import History
 
 
 class SeqStatus(Enum):
@@ -34,6 +35,7 @@ class Sequence:
     output: list[int] = field(default_factory=list)  # output tokens from first_index on
     first_index: int = 0                # output index of output[0] (> 0 on a resumed request)
     history: list[int] = field(default_factory=list)  # penalties: prompt + the outputs before output[0] (DecodeRequest.history)
+    counted: History | None = field(default=None, repr=False)  # `penalties`, kept from step to step
     epoch: int = 0                      # the request's epoch when this service took it (fencing)
     filling: bool = False               # its row is being written: a restore, a prefill here (colocated), prompt KV sent on to a pipeline's stages
     stepping: bool = False              # in a decode step now (its row is being read and written)
@@ -79,10 +81,12 @@ class Sequence:
         """Output index of the token the next step produces."""
         return self.first_index + len(self.output)
 
-    def penalty_history(self) -> tuple[list[int], list[int]]:
-        """What the penalties count for the next pick: (the prompt, every output token so far)."""
-        cut = len(self.history) - self.first_index
-        return self.history[:cut], self.history[cut:] + self.output
+    def penalties(self, vocab: int) -> History:
+        """What the penalties count for the next pick: the prompt and every output token so far."""
+        if self.counted is None:
+            cut = len(self.history) - self.first_index
+            self.counted = History(vocab, self.history[:cut], self.history[cut:])
+        return self.counted.update(self.output)
 
     @property
     def last_position(self) -> int:

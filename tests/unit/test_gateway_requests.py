@@ -154,7 +154,8 @@ def test_offsets_after_a_prompt_split_mid_character_count_its_tokens_texts(token
 @pytest.mark.parametrize("fields, param", [
     ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
     ({"frequency_penalty": float("nan")}, "frequency_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
-    ({"repetition_penalty": float("inf")}, "repetition_penalty"), ({"min_p": 1.5}, "min_p"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"), ({"repetition_penalty": 1e-46}, "repetition_penalty"),
+    ({"min_p": 1.5}, "min_p"), ({"logit_bias": {"05": 1, "5": 1}}, "logit_bias"),
     ({"min_tokens": -1}, "min_tokens"), ({"min_tokens": 9, "max_tokens": 8}, "min_tokens"),
     ({"min_tokens": 200}, "min_tokens"),  # more than the context leaves for the completion
     ({"logit_bias": {"abc": 1}}, "logit_bias"), ({"logit_bias": {"-5": 1}}, "logit_bias"),

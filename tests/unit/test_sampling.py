@@ -1,7 +1,7 @@
 import torch
 
 from common.protocol import SamplingParams
-from common.sampling import position_seed, process, sample, sample_one, uniform
+from common.sampling import History, position_seed, process, sample, sample_one, uniform
 
 
 def params(**kw) -> SamplingParams:
@@ -101,7 +101,7 @@ def test_bias_min_tokens_and_repetition_penalty_equal_hugging_faces_processors()
              (SamplingParams(repetition_penalty=0.7, logit_bias=bias), {"repetition": 0.7, "bias": bias}),
              (SamplingParams(min_tokens=5, eos_token_ids=[2], stop_token_ids=[9]), {"min_tokens": 5, "eos": [9, 2]})]
     for p, kw in cases:
-        got = process(logits, [p] * 3, [len(output)] * 3, [(prompt, output)] * 3)
+        got = process(logits, [p] * 3, [len(output)] * 3, [History(300, prompt, output)] * 3)
         for row in range(3):
             want = hf_processed(logits[row], prompt + output, len(prompt), **kw)
             assert torch.equal(got[row], want), (p, row)
@@ -127,7 +127,8 @@ def test_the_requests_stop_tokens_end_it_even_with_ignore_eos():
 def test_frequency_and_presence_penalties_count_the_output_not_the_prompt():
     logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(6))
     p = SamplingParams(frequency_penalty=0.5, presence_penalty=-0.25)
-    got = process(logits, [p, p], [4, 0], [([3, 3, 8], [8, 8, 9, 11]), ([3, 3, 8], [])])
+    grown = History(50, [3, 3, 8], [8]).update([8, 9]).update([8, 9, 11])  # as a sequence's grows step by step
+    got = process(logits, [p, p], [4, 0], [grown, History(50, [3, 3, 8])])
     want = logits[0].clone()
     for token, count in ((8, 2), (9, 1), (11, 1)):  # OpenAI: logit - count * frequency - (count > 0) * presence
         want[token] -= count * 0.5 - 0.25
@@ -152,3 +153,84 @@ def test_min_p_keeps_tokens_within_a_fraction_of_the_likeliest():
     drawn = {sample_one(logits, params(min_p=0.3, seed=s), 0) for s in range(400)}
     assert drawn == {0, 1, 2}  # 0.15 >= 0.3 * 0.4 = 0.12 > 0.1
     assert {sample_one(logits, params(min_p=1.0, seed=s), 0) for s in range(50)} == {0}
+
+
+def sorted_reference(logits: torch.Tensor, p: SamplingParams, index: int) -> int:
+    """The pick by a stable sort of the whole vocabulary by probability (what common/sampling.py did
+    until it learnt to find the same sets without sorting): min-p, top-k, top-p on the sorted
+    probabilities, then the inverse CDF in token-id order."""
+    from common.sampling import uniform
+
+    scaled = logits.float() / p.temperature
+    order = torch.argsort(-scaled, stable=True)
+    scaled = scaled[order]
+    if p.min_p > 0:
+        probs = torch.softmax(scaled, dim=-1)
+        keep = int((probs >= p.min_p * probs[0]).sum())
+        scaled, order = scaled[:keep], order[:keep]
+    if 0 < p.top_k < scaled.numel():
+        scaled, order = scaled[: p.top_k], order[: p.top_k]
+    probs = torch.softmax(scaled, dim=-1)
+    if p.top_p < 1.0:
+        keep = max(int(((torch.cumsum(probs, dim=-1) - probs) < p.top_p).sum()), 1)
+        probs, order = probs[:keep] / probs[:keep].sum(), order[:keep]
+    by_id = torch.argsort(order)
+    probs, order = probs[by_id], order[by_id]
+    cdf = torch.cumsum(probs, dim=-1)
+    pick = int(torch.searchsorted(cdf / cdf[-1], torch.tensor([uniform(p.seed, index)], dtype=probs.dtype), right=True))
+    return int(order[min(pick, order.numel() - 1)])
+
+
+def test_the_kept_sets_found_without_sorting_are_a_stable_sorts():
+    """Ties included (logits rounded to a coarse grid: many equal values at every cut), over the
+    filters and their combinations; the nucleus past the first look (a flat distribution)."""
+    g = torch.Generator().manual_seed(8)
+    rows = [torch.round(torch.randn(3000, generator=g) * 4) / 2, torch.randn(3000, generator=g) * 3,
+            torch.zeros(3000), torch.randn(3000, generator=g) * 0.1]
+    # top_p off the multiples of 1/20 and 1/3000: no mass sum lands on it in a flat row, where
+    # float32's last bit would decide whether a token is in (no set is right then)
+    filters = [{}, {"top_k": 7}, {"top_k": 300}, {"top_p": 0.9013}, {"top_p": 0.3021, "top_k": 50}, {"min_p": 0.2},
+               {"min_p": 0.05, "top_k": 20, "top_p": 0.8047}, {"top_p": 0.9993}, {"temperature": 0.3, "top_p": 0.9517}]
+    for row in rows:
+        for f in filters:
+            for s in range(40):
+                p = params(seed=s, **f)
+                assert sample_one(row, p, s) == sorted_reference(row, p, s), (f, s)
+
+
+def test_a_mixed_batch_draws_each_row_as_alone():
+    """Rows of every kind in one call (greedy among them, filters differing row to row, penalties on
+    some): each pick is its row's alone, by the stable sort's reference where it is drawn."""
+    g = torch.Generator().manual_seed(9)
+    logits = torch.round(torch.randn(10, 2000, generator=g) * 6) / 3
+    kinds = [{}, {"top_k": 5}, {"top_p": 0.7013}, {"min_p": 0.1}, {"top_k": 40, "top_p": 0.9017, "min_p": 0.02},
+             {"temperature": 0.0}, {"temperature": 1.7, "top_k": 1999}, {"top_p": 0.5031, "frequency_penalty": 1.0},
+             {"top_k": 3, "repetition_penalty": 1.4, "logit_bias": [(7, 5.0)]}, {"min_p": 0.5}]
+    batch = [params(seed=100 + r, **kw) for r, kw in enumerate(kinds)]
+    histories = [History(2000, [1, 2, 3], [7, 7, 9, 1])] * len(batch)
+    indices = list(range(3, 13))
+    events = sample(logits, batch, indices, [str(r) for r in range(10)], histories)
+    processed = process(logits, batch, indices, histories)
+    for r, (p, e) in enumerate(zip(batch, events)):
+        alone = process(logits[r:r + 1], [p], [indices[r]], [histories[r]])[0]
+        assert torch.equal(alone, processed[r]), r
+        want = int(alone.argmax()) if p.greedy else sorted_reference(alone, p, indices[r])
+        assert e.token_id == want, (r, kinds[r])
+
+
+def test_extreme_and_broken_logits_never_raise():
+    """A step's sampling fails every sequence in it: what a request can ask (the extreme penalties
+    and biases, -100 on the likeliest) and logits without any
+    probability (all -inf, NaN) still give a token a row, the likeliest that is a number."""
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(10))
+    logits[2] = float("-inf")
+    logits[3, :5] = float("nan")
+    everything = {"temperature": 0.7, "top_p": 0.9, "top_k": 40, "min_p": 0.1}
+    for kw in ({"repetition_penalty": 0.01, "logit_bias": [(7, 100.0)]}, {"repetition_penalty": 100.0, "frequency_penalty": 2.0},
+               {"logit_bias": [(int(logits[0].argmax()), -100.0)]}, {}):
+        for extra in ({}, everything, {"temperature": 0.0}):
+            p = SamplingParams(seed=3, **{**kw, **extra})
+            events = sample(logits, [p] * 4, [0] * 4, list("abcd"), [History(300, [1, 2, 0], [0, 5])] * 4)
+            assert all(0 <= e.token_id < 300 for e in events), (kw, extra)
+            if p.processed or not p.greedy:  # (greedy on a model's own NaN logits is argmax's pick)
+                assert events[3].token_id >= 5  # never a NaN one
