@@ -52,7 +52,7 @@ import os
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import httpx
 
@@ -102,6 +102,7 @@ class Endpoint:
     target: str
     client: httpx.AsyncClient   # based at the target's URL
     model: str                  # the name its /v1/models gives
+    sampling: dict = field(default_factory=lambda: {"temperature": 0})  # --temperature: each request's
 
 
 # --- the workload ---------------------------------------------------------------------------------
@@ -133,7 +134,7 @@ def workload(args, tokenizer) -> Workload:
 # --- one request and the two loops -----------------------------------------------------------------
 
 async def request(ep: Endpoint, phase: str, index: int, prompt: str, max_tokens: int, t0: float) -> Result:
-    body = {"model": ep.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+    body = {"model": ep.model, "prompt": prompt, "max_tokens": max_tokens, **ep.sampling, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     sent, first, chunks, usage, error = time.perf_counter(), None, 0, None, ""
     try:
@@ -213,7 +214,8 @@ async def measure(urls: dict[str, str], args, work: Workload, out: dict[str, dic
             try:
                 client = await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S,
                                                                            limits=limits))
-                ep = Endpoint(target, client, (await client.get("/v1/models")).json()["data"][0]["id"])
+                ep = Endpoint(target, client, (await client.get("/v1/models")).json()["data"][0]["id"],
+                              {"temperature": args.temperature} | ({"seed": args.seed} if args.temperature else {}))
                 warm = await request(ep, "warmup", 0, work.warmup, 4, time.perf_counter())
                 if warm.error:
                     raise Skipped(f"the warm-up request failed: {warm.error}")
@@ -381,6 +383,8 @@ def parse_args(argv: list[str] | None = None):
                    "another: on a noisy shared machine, ratios between targets then compare like with like "
                    "(needs the memory of all of them at once)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="every request's (0: greedy; above, seeded with --seed: what sampling costs the servers)")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 requests at 0.5 req/s, 1 repeat of 32 tokens")
     p.add_argument("--out", default="", help="write the figures to this JSON file (plots beside it)")
     args = p.parse_args(argv)

@@ -9,11 +9,15 @@ Step by step:
    sequence's penalty history taken from it, `Sequence.penalty_history`, then `sample`) for each
    kind of request, the kinds alternated, --repeats times; each time is the median of --passes calls:
    - greedy: temperature 0, nothing else (the baseline of the greedy kinds);
+   - default: temperature 1 and nothing else (what an OpenAI request without sampling fields asks);
    - seeded: temperature 0.8, top-p 0.95, a seed (the baseline of the sampled kinds);
    - bias: greedy with a logit bias on 8 tokens;
    - penalties: greedy with repetition 1.1, frequency 0.5 and presence 0.3;
    - everything: seeded with the penalties, the bias, min-p 0.05 and min_tokens.
-3. Report median [min-max] ms a call and each kind's time over its baseline's.
+   With --against REV, common/sampling.py of that git revision is timed too, in the same
+   alternation, on the kinds it has (greedy, default, seeded): "KIND@REV".
+3. Report median [min-max] ms a call and each kind's time over its baseline's (the same kind's at
+   REV, for those).
 
 Nothing is asserted; figures depend on the machine (recorded in the JSON). A decode step of
 SmolLM2 at 16 sequences takes tens of milliseconds on a 2-core VM (`dejavu bench step`).
@@ -27,8 +31,21 @@ import time
 
 from bench.common import fmt, log, spread, write_json
 
-KINDS = ("greedy", "seeded", "bias", "penalties", "everything")
-BASELINE = {"greedy": "greedy", "seeded": "seeded", "bias": "greedy", "penalties": "greedy", "everything": "seeded"}
+KINDS = ("greedy", "default", "seeded", "bias", "penalties", "everything")
+BASELINE = {"greedy": "greedy", "default": "default", "seeded": "seeded", "bias": "greedy", "penalties": "greedy",
+            "everything": "seeded"}
+OLD_KINDS = ("greedy", "default", "seeded")  # what a revision before penalties can sample
+
+
+def sampling_at(rev: str):
+    """common/sampling.py as it was at git revision `rev`, as a module of its own."""
+    import subprocess
+    import types
+
+    source = subprocess.run(["git", "show", f"{rev}:common/sampling.py"], capture_output=True, text=True, check=True).stdout
+    module = types.ModuleType(f"sampling_at_{rev}")
+    exec(compile(source, f"{rev}:common/sampling.py", "exec"), module.__dict__)
+    return module
 
 
 def params_of(kind: str, vocab: int):
@@ -37,7 +54,7 @@ def params_of(kind: str, vocab: int):
     seeded = {"temperature": 0.8, "top_p": 0.95, "seed": 7}
     bias = {"logit_bias": [(t, 2.0) for t in range(100, vocab, vocab // 8)][:8]}
     penalties = {"repetition_penalty": 1.1, "frequency_penalty": 0.5, "presence_penalty": 0.3}
-    fields = {"greedy": {}, "seeded": seeded, "bias": bias, "penalties": penalties,
+    fields = {"greedy": {}, "default": {"temperature": 1.0, "seed": 7}, "seeded": seeded, "bias": bias, "penalties": penalties,
               "everything": {**seeded, **bias, **penalties, "min_p": 0.05, "min_tokens": 1 << 20}}[kind]
     return SamplingParams(max_tokens=1 << 20, eos_token_ids=[0], **fields)
 
@@ -68,6 +85,8 @@ def run(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    old = sampling_at(args.against) if args.against else None
+    kinds = list(KINDS) + ([f"{k}@{args.against}" for k in OLD_KINDS] if args.against else [])
     everything = model_logits(args.model, max(args.rows))
     vocab = everything.shape[1]
     g = torch.Generator().manual_seed(0)
@@ -84,36 +103,43 @@ def run(args) -> dict:
         rids = [s.request_id for s in seqs]
 
         def call(kind: str) -> float:
-            p = [params[kind]] * rows
+            name, _, rev = kind.partition("@")
+            p = [params[name]] * rows
             start = time.perf_counter()
-            histories = [s.penalties(vocab) if q.penalized else None for s, q in zip(seqs, p)]
-            sample(logits, p, [s.next_index for s in seqs], rids, histories)
+            if rev:
+                old.sample(logits, p, [s.next_index for s in seqs], rids)
+            else:
+                histories = [s.penalties(vocab) if q.penalized else None for s, q in zip(seqs, p)]
+                sample(logits, p, [s.next_index for s in seqs], rids, histories)
             return (time.perf_counter() - start) * 1000
 
-        times = {kind: [] for kind in KINDS}
+        times = {kind: [] for kind in kinds}
         for repeat in range(args.repeats + 1):  # the first round warms up, not kept
-            for kind in KINDS:
+            for kind in kinds:
                 t = statistics.median(call(kind) for _ in range(args.passes))
                 if repeat:
                     times[kind].append(t)
         row = {"rows": rows}
-        for kind in KINDS:
-            base = times[BASELINE[kind]]
+        for kind in kinds:
+            base = times[f"{kind.partition('@')[0]}@{args.against}" if args.against and kind in OLD_KINDS
+                         else BASELINE[kind.partition("@")[0]]]
             row[kind] = {"ms": spread(times[kind]), "over_baseline": spread([t / b for t, b in zip(times[kind], base)])}
         results.append(row)
-        log(f"{rows} rows: " + ", ".join(f"{k} {statistics.median(times[k]):.2f} ms" for k in KINDS))
-    return {"results": results, "vocab": vocab, "args": vars(args)}
+        log(f"{rows} rows: " + ", ".join(f"{k} {statistics.median(times[k]):.2f} ms" for k in kinds))
+    return {"results": results, "vocab": vocab, "kinds": kinds, "args": vars(args)}
 
 
 def report(out: dict, args) -> None:
     print(f"sampling a decode step's rows, vocabulary {out['vocab']}, {args.prompt_tokens} prompt + "
           f"{args.output_tokens} output tokens a sequence; ms a call, median [min-max] of {args.repeats}")
-    print(f"{'rows':>5}  " + "  ".join(f"{k:>24}" for k in KINDS))
+    kinds = out["kinds"]
+    print(f"{'rows':>5}  " + "  ".join(f"{k:>22}" for k in kinds))
     for r in out["results"]:
-        print(f"{r['rows']:>5}  " + "  ".join(f"{fmt(r[k]['ms'], 2):>24}" for k in KINDS))
-    print("over the baseline (greedy for bias and penalties, seeded for everything):")
+        print(f"{r['rows']:>5}  " + "  ".join(f"{fmt(r[k]['ms'], 2):>22}" for k in kinds))
+    print("over the baseline (greedy for bias and penalties, seeded for everything; with --against, the kinds "
+          "it has over theirs there):")
     for r in out["results"]:
-        print(f"{r['rows']:>5}  " + "  ".join(f"{fmt(r[k]['over_baseline'], 2):>24}" for k in KINDS))
+        print(f"{r['rows']:>5}  " + "  ".join(f"{fmt(r[k]['over_baseline'], 2):>22}" for k in kinds))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--passes", type=int, default=5)
+    p.add_argument("--against", help="a git revision whose common/sampling.py to time too (before penalties: 55d15f4)")
     p.add_argument("--out", help="write the figures as JSON")
     args = p.parse_args(argv)
     if min(args.rows) < 1 or args.prompt_tokens < 1 or args.output_tokens < 1 or args.repeats < 1 or args.passes < 1:
@@ -133,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     out = run(args)
     report(out, args)
     summary = {f"{k}_{r['rows']}_rows_over_baseline": round(r[k]["over_baseline"]["median"], 3)
-               for r in out["results"] for k in ("bias", "penalties", "everything")}
+               for r in out["results"] for k in ("bias", "penalties", "everything") + (OLD_KINDS if args.against else ())}
     write_json(args.out, summary, **out)
     return 0
 

@@ -127,27 +127,32 @@ def named_tokens(p: SamplingParams) -> list[int]:
 
 
 class History:
-    """What a request's penalties count, kept as it grows: which tokens its prompt and output hold
-    (the repetition penalty's) and how often each is in its output (the frequency and presence
-    penalties'), over the vocabulary. Built once from the prompt and the tokens out `before` the
-    output list it then follows; each pick adds only the tokens out since (`update`), so a step's
-    cost does not grow with the context."""
+    """What a request's penalties count, kept as it grows: the distinct tokens of its prompt and
+    output (the repetition penalty's) and of its output with how often each is there (the frequency
+    and presence penalties'). Built once from the prompt and the tokens out `before` the output
+    list it then follows; each pick adds only the tokens out since (`update`), so a step's cost
+    grows with the distinct tokens, never with a whole context copied again."""
 
     def __init__(self, vocab: int, prompt: Sequence[int], before: Sequence[int] = ()):
-        self.seen = torch.zeros(vocab, dtype=torch.bool)
-        self.counts = torch.zeros(vocab, dtype=torch.float32)
-        self.seen[torch.as_tensor(np.asarray(prompt, dtype=np.int64))] = True
+        self.seen = np.zeros(vocab, dtype=bool)      # in prompt or output
+        self.counts = np.zeros(vocab, dtype=np.float32)  # in the output
+        self.seen_ids = np.unique(np.asarray(prompt, dtype=np.int64))
+        self.seen[self.seen_ids] = True
+        self.out_ids = np.zeros(0, dtype=np.int64)
         self.counted = 0
         self.update(before)
         self.counted = 0  # tokens of the followed output list counted
 
     def update(self, output: Sequence[int]) -> History:
         """Count output[counted:], the tokens out since the last update."""
-        if len(output) > self.counted:
-            new = torch.as_tensor(np.asarray(output[self.counted:], dtype=np.int64))
-            self.seen[new] = True
-            self.counts.index_add_(0, new, torch.ones(len(new)))
-            self.counted = len(output)
+        for token in output[self.counted:]:
+            if not self.seen[token]:
+                self.seen[token] = True
+                self.seen_ids = np.append(self.seen_ids, token)
+            if not self.counts[token]:
+                self.out_ids = np.append(self.out_ids, token)
+            self.counts[token] += 1
+        self.counted = max(self.counted, len(output))
         return self
 
 
@@ -161,7 +166,7 @@ def process(logits: torch.Tensor, params: list[SamplingParams], indices: list[in
     min_new_tokens). `histories[r]` is needed where params[r].penalized. Rows with none of these
     are left as they are, and so is the tensor when no row has any.
 
-    Each kind is one operation over the batch's rows that have it."""
+    Each kind is one indexed operation over the batch's rows that have it."""
     rows = [r for r, p in enumerate(params) if p.processed]
     if not rows:
         return logits
@@ -175,18 +180,26 @@ def process(logits: torch.Tensor, params: list[SamplingParams], indices: list[in
     if held:
         r, t = zip(*held)
         out[torch.tensor(r, device=dev), torch.tensor(t, device=dev)] = float("-inf")
-    column = lambda rs, name: torch.tensor([getattr(params[r], name) for r in rs], dtype=out.dtype, device=dev)[:, None]  # noqa: E731
     repeated = [r for r in rows if params[r].repetition_penalty != 1.0]
-    if repeated:
-        v, seen = out[repeated], torch.stack([histories[r].seen for r in repeated]).to(dev)
-        penalty = column(repeated, "repetition_penalty")
-        out[repeated] = torch.where(seen, torch.where(v < 0, v * penalty, v / penalty), v)
-    counted = [r for r in rows if params[r].frequency_penalty or params[r].presence_penalty]
+    if repeated:  # on (row, token) pairs: each row's distinct tokens
+        rr, tt = _pairs([(r, histories[r].seen_ids) for r in repeated], dev)
+        penalty = torch.tensor([params[r].repetition_penalty for r in range(len(params))], dtype=out.dtype, device=dev)[rr]
+        v = out[rr, tt]
+        out[rr, tt] = torch.where(v < 0, v * penalty, v / penalty)
+    counted = [r for r in rows if (params[r].frequency_penalty or params[r].presence_penalty) and len(histories[r].out_ids)]
     if counted:
-        counts = torch.stack([histories[r].counts for r in counted]).to(dev)
-        out[counted] -= counts * column(counted, "frequency_penalty") + (counts > 0) * column(counted, "presence_penalty")
-    out[rows] = torch.nan_to_num(out[rows], nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))  # never picked
+        rr, tt = _pairs([(r, histories[r].out_ids) for r in counted], dev)
+        counts = torch.from_numpy(np.concatenate([histories[r].counts[histories[r].out_ids] for r in counted])).to(dev)
+        frequency, presence = (torch.tensor([getattr(p, name) for p in params], dtype=out.dtype, device=dev)[rr]
+                               for name in ("frequency_penalty", "presence_penalty"))
+        out[rr, tt] -= counts * frequency + presence
     return out
+
+
+def _pairs(tokens: list[tuple[int, np.ndarray]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, tokens) of rows' token arrays, for indexing a batch's logits."""
+    rows = np.concatenate([np.full(len(ids), r, dtype=np.int64) for r, ids in tokens])
+    return torch.from_numpy(rows).to(device), torch.from_numpy(np.concatenate([ids for _, ids in tokens])).to(device)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int],

@@ -185,3 +185,19 @@ def test_dejavu_bench_lmeval_says_where_the_harness_comes_from(tmp_path):
     assert task["dataset_kwargs"]["data_files"]["test"] == str(tmp_path / "capitals.jsonl")
     assert (task["doc_to_choice"], task["doc_to_target"]) == ("{{choices}}", "{{answer}}")
     assert "{{country}}?\nAnswer:" in task["doc_to_text"]
+
+
+def test_dejavu_bench_sampling_times_every_kind_against_a_revision(tmp_path):
+    """A smoke run: every kind timed on the model's logits, against this checkout's own sampler
+    (HEAD: any revision with common/sampling.py), its figures in the JSON."""
+    import json
+
+    out = tmp_path / "sampling.json"
+    run = subprocess.run([sys.executable, "-m", "dejavu", "bench", "sampling", "--rows", "2", "--repeats", "1",
+                          "--passes", "1", "--prompt-tokens", "8", "--output-tokens", "4", "--against", "HEAD",
+                          "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())["results"][0]
+    assert result["rows"] == 2
+    assert all(result[k]["ms"]["median"] > 0 for k in ("greedy", "default", "seeded", "bias", "penalties",
+                                                       "everything", "greedy@HEAD", "seeded@HEAD"))
