@@ -38,86 +38,61 @@ def uniform(seed: int, index: int) -> float:
     return torch.rand(1, generator=g, dtype=torch.float64).item()
 
 
-def _largest(values: torch.Tensor, counts: torch.Tensor, kth: torch.Tensor | None = None) -> torch.Tensor:
-    """values: (k, vocab), counts: (k,) -> a mask of each row's counts[r] largest values; of equal
-    values the lower token ids (a stable sort's pick), found without sorting the row: its
-    counts[r]-th largest value (kth, (k, 1), if known), what lies above it, and the first of what
-    equals it."""
+def _largest(values: torch.Tensor, count: int, kth: torch.Tensor | None = None) -> torch.Tensor:
+    """values: (vocab,) -> a mask of its `count` largest; of equal values the lower token ids (a
+    stable sort's pick), found without sorting: the count-th largest value (`kth`, if known), what
+    lies above it, and the first of what equals it."""
     if kth is None:
-        top = torch.topk(values, int(counts.max().item()), dim=-1).values  # sorted, largest first
-        kth = top.gather(1, (counts - 1).clamp(min=0)[:, None])
+        kth = torch.topk(values, count).values[-1]
     above = values > kth
     ties = values == kth
-    room = counts[:, None] - above.sum(dim=-1, keepdim=True)
-    return above | (ties & (torch.cumsum(ties, dim=-1) <= room))
+    return above | (ties & (torch.cumsum(ties, dim=0) <= count - int(above.sum().item())))
 
 
-def _draw(logits: torch.Tensor, params: list[SamplingParams], indices: list[int]) -> list[int]:
-    """logits: (k, vocab), rows to sample (not greedy) -> each row's pick: temperature, then min-p,
-    top-k and top-p in vLLM's order, then an inverse CDF in token-id order at the row's number.
+def _draw(logits: torch.Tensor, p: SamplingParams, index: int) -> int:
+    """logits: (vocab,) of a row to sample -> its pick: temperature, then min-p, top-k and top-p in
+    vLLM's order, then an inverse CDF in token-id order at the row's number.
 
-    The whole batch at once, over the vocabulary in id order with the dropped tokens at
-    probability 0: a row's kept set is a stable sort's (top-k and top-p keep the likeliest, of
-    equal ones the lower ids), found with topk and a threshold instead of sorting each row twice
-    (by probability, then back by id), which took 4-8 ms a row of 49k tokens on a 2-core EPYC
-    (`dejavu bench sampling`)."""
-    k, vocab = logits.shape
-    dev = logits.device
-    column = lambda values: torch.tensor(values, dtype=torch.float32, device=dev)[:, None]  # noqa: E731
-    probs = torch.softmax(logits.float() / column([p.temperature for p in params]), dim=-1)
-    keep = None
-    if any(p.min_p > 0 for p in params):  # against the likeliest token's probability
-        keep = probs >= column([p.min_p for p in params]) * probs.max(dim=-1, keepdim=True).values
-    cut = [r for r, p in enumerate(params) if 0 < p.top_k < vocab]
-    if cut:
-        ranked = probs if keep is None else torch.where(keep, probs, -1.0)  # the dropped below every kept one
-        counts = torch.tensor([params[r].top_k for r in cut], device=dev)
-        top = torch.ones_like(probs, dtype=torch.bool)
-        top[cut] = _largest(ranked[cut], counts)
-        keep = top if keep is None else keep & top
-    if keep is not None:
-        probs = torch.where(keep, probs, 0.0)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    nucleus = [r for r, p in enumerate(params) if p.top_p < 1.0]
-    if nucleus:  # of each row, the smallest set of the likeliest whose mass reaches top_p
-        sub = probs[nucleus]
-        counts, kth = [], []
-        for row, r in zip(sub, nucleus):
-            # a token less likely than (1 - top_p) / vocab is never in it (the mass up to it is
-            # below 1 - top_p: more than top_p lies above it), so only those above are sorted: a
-            # model's few hundred or thousand where the vocabulary has 49k
-            top_p = params[r].top_p
-            values = torch.sort(row[row >= (1 - top_p) / vocab], descending=True).values
-            if values.numel() == 0:  # no probabilities (NaN): left to the fallback below
-                values = row.max()[None]
-            reached = max(int(((torch.cumsum(values, dim=-1) - values) < top_p).sum().item()), 1)  # mass strictly above each
-            counts.append(reached)
-            kth.append(values[reached - 1])
-        kept = _largest(sub, torch.tensor(counts, device=dev), torch.stack(kth)[:, None])
-        sub = torch.where(kept, sub, 0.0)
-        probs = probs.clone() if keep is None else probs
-        probs[nucleus] = sub / sub.sum(dim=-1, keepdim=True)
-    cdf = torch.cumsum(probs, dim=-1)  # summed in float64 on the CPU, each bound rounded once
-    total = cdf[:, -1:]
-    cdf = cdf / total  # the last bound is 1 whatever float32's rounding left
-    u = column([uniform(p.seed, i) for p, i in zip(params, indices)])
-    picks = torch.searchsorted(cdf, u, right=True)[:, 0].tolist()  # right: a token of probability 0 is never hit
-    broken = (~torch.isfinite(total[:, 0]) | (total[:, 0] <= 0)).tolist()
-    out = []
-    for r, pick in enumerate(picks):
-        if broken[r]:  # no probability left (logits all -inf or NaN): the likeliest that is a number
-            pick = int(torch.nan_to_num(logits[r].float(), nan=float("-inf")).argmax())
-        elif pick >= vocab:  # the number rounded past the last bound: the last token that can be drawn
-            pick = int(torch.nonzero(probs[r]).max().item())
-        out.append(pick)
-    return out
+    Over the vocabulary in id order with the dropped tokens at probability 0, in float32. A kept
+    set is a stable sort's (top-k and top-p keep the likeliest, of equal ones the lower ids), found
+    with thresholds instead of sorting the row twice (by probability, then back by id), which took
+    8-11 ms a row of 49k tokens in float64 on a 2-core EPYC (`dejavu bench sampling`). Row by row,
+    on 1-D tensors: a sum over a batch's rows is not always added up in the order it is for one row
+    alone (the CPU splits a long single row between threads), and a request's draws must not depend
+    on what it is batched with (another batch after a resume). Softmax and cumsum run a row alike
+    either way; only the masks' sums are taken, and no row is divided by its own."""
+    vocab = logits.numel()
+    probs = torch.softmax(logits.float() / p.temperature, dim=0)
+    if p.min_p > 0:  # against the likeliest token's probability
+        probs = torch.where(probs >= p.min_p * probs.max(), probs, 0.0)
+    if 0 < p.top_k < vocab:  # the dropped (0) are below every kept one; ties with them are dropped again
+        ranked = probs if p.min_p <= 0 else torch.where(probs > 0, probs, -1.0)
+        probs = torch.where(_largest(ranked, p.top_k), probs, 0.0)
+    if p.top_p < 1.0:  # the smallest set of the likeliest whose mass reaches top_p of what is kept
+        total = torch.cumsum(probs, dim=0)[-1]
+        # a token less likely than (1 - top_p) x total / vocab is never in it (the mass up to it is
+        # below (1 - top_p) x total: more than top_p of it lies above), so only those above are
+        # sorted: a model's few hundred or thousand where the vocabulary has 49k
+        values = torch.sort(probs[probs >= (1 - p.top_p) * total / vocab], descending=True).values
+        if values.numel():
+            reached = max(int(((torch.cumsum(values, dim=0) - values) < p.top_p * total).sum().item()), 1)
+            probs = torch.where(_largest(probs, reached, values[reached - 1]), probs, 0.0)
+    cdf = torch.cumsum(probs, dim=0)  # summed in float64 on the CPU, each bound rounded once
+    total = float(cdf[-1].item())
+    if not 0 < total < float("inf"):  # no probability left (logits all -inf or NaN): the likeliest that is a number
+        return int(torch.nan_to_num(logits.float(), nan=float("-inf")).argmax().item())
+    number = torch.tensor([uniform(p.seed, index) * total], dtype=cdf.dtype, device=cdf.device)
+    pick = int(torch.searchsorted(cdf, number, right=True).item())  # right: a token of probability 0 is never hit
+    if pick >= vocab:  # the number rounded past the last bound: the last token that can be drawn
+        pick = int(torch.nonzero(probs).max().item())
+    return pick
 
 
 def sample_one(logits: torch.Tensor, p: SamplingParams, index: int) -> int:
     """One row's pick (logits: (vocab,))."""
     if p.greedy:
         return int(torch.argmax(logits).item())
-    return _draw(logits[None], [p], [index])[0]
+    return _draw(logits, p, index)
 
 
 def named_tokens(p: SamplingParams) -> list[int]:
@@ -136,11 +111,10 @@ class History:
     def __init__(self, vocab: int, prompt: Sequence[int], before: Sequence[int] = ()):
         self.seen = np.zeros(vocab, dtype=bool)      # in prompt or output
         self.counts = np.zeros(vocab, dtype=np.float32)  # in the output
-        self.seen_ids = np.unique(np.asarray(prompt, dtype=np.int64))
+        self.out_ids, counts = np.unique(np.asarray(before, dtype=np.int64), return_counts=True)
+        self.counts[self.out_ids] = counts
+        self.seen_ids = np.union1d(np.asarray(prompt, dtype=np.int64), self.out_ids)
         self.seen[self.seen_ids] = True
-        self.out_ids = np.zeros(0, dtype=np.int64)
-        self.counted = 0
-        self.update(before)
         self.counted = 0  # tokens of the followed output list counted
 
     def update(self, output: Sequence[int]) -> History:
@@ -209,10 +183,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int
     call), whose logprobs are the model's, before `process`."""
     picked = process(logits, params, indices, histories)
     tokens = torch.argmax(picked, dim=-1).tolist()
-    drawn = [r for r, p in enumerate(params) if not p.greedy]
-    if drawn:
-        for r, token in zip(drawn, _draw(picked[drawn], [params[r] for r in drawn], [indices[r] for r in drawn])):
-            tokens[r] = token
+    for r, p in enumerate(params):
+        if not p.greedy:
+            tokens[r] = _draw(picked[r], p, indices[r])
     want_logprobs = any(p.logprobs is not None for p in params)
     logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     return [_event(rid, index, token, p, logprobs[row] if logprobs is not None else None)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from common.protocol import PrefillRequest, PrefillResult, PromptLogprob
 from common.sampling import History, first_event, sample
 from engine.attention import Segment
 from token_service.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -104,12 +107,17 @@ class PrefillQueue:
             if chunk.last and not job.seq.done:
                 ended.append((job, row))
         if ended:
-            events = sample(torch.stack([r for _, r in ended]), [j.req.sampling for j, _ in ended],
-                            [0] * len(ended), [j.req.request_id for j, _ in ended],
-                            [History(logits.shape[-1], j.req.prompt_ids) if j.req.sampling.penalized else None
-                             for j, _ in ended])
-            for (job, _), event in zip(ended, events):
-                self._resolve(job, event)
+            try:
+                events = sample(torch.stack([r for _, r in ended]), [j.req.sampling for j, _ in ended],
+                                [0] * len(ended), [j.req.request_id for j, _ in ended],
+                                [History(logits.shape[-1], j.req.prompt_ids) if j.req.sampling.penalized else None
+                                 for j, _ in ended])
+            except Exception as exc:  # as a failed forward: these prompts fail, the step and the service go on
+                log.exception("sampling the first tokens failed")
+                self.fail([Chunk(job, None) for job, _ in ended], exc)
+            else:
+                for (job, _), event in zip(ended, events):
+                    self._resolve(job, event)
         self.reap()
 
     def fail(self, chunks: list[Chunk], exc: Exception) -> None:

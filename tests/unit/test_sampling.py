@@ -234,3 +234,21 @@ def test_extreme_and_broken_logits_never_raise():
             assert all(0 <= e.token_id < 300 for e in events), (kw, extra)
             if not p.greedy:  # (greedy on a model's own NaN logits is argmax's pick: a token still)
                 assert events[3].token_id >= 5  # never a NaN one
+
+
+def test_a_rows_draws_do_not_depend_on_its_batch_at_a_models_vocabulary():
+    """A resumed request is batched with others than before and must draw the same tokens: a row
+    alone and beside rows with other filters (top-k, min-p, top-p: their sums over a batch would be
+    added up otherwise than one row's), at 49k tokens, where the CPU splits a single long row's sum
+    between threads. (A draw flips only where a bound moved by a last bit: a batched version of
+    `_draw` flipped about 1 in 1,000 here, so this mostly checks that nothing before `_draw` mixes
+    rows; `_draw` takes one row by its signature.)"""
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(4, 49152, generator=g) * 3
+    neighbours = [params(seed=1, top_k=50), params(seed=2, min_p=0.01), params(seed=3, top_p=0.9)]
+    for kw in ({}, {"top_p": 0.95}, {"top_k": 2000}, {"min_p": 0.001, "top_p": 0.99}):
+        for s in range(20):
+            p = params(seed=s, **kw)
+            alone = sample(logits[:1], [p], [5], ["a"])[0].token_id
+            batched = sample(logits, [p] + neighbours, [5, 1, 2, 3], list("abcd"))[0].token_id
+            assert alone == batched, (kw, s)
