@@ -187,3 +187,48 @@ def test_penalties_biases_min_tokens_and_min_p_reach_the_sampling_params(tokeniz
     plain = completion_jobs(CompletionRequest(prompt="Hello", presence_penalty=0, logit_bias={}), tokenizer,
                             limits_of(tokenizer, 128))[0].sampling
     assert not plain.penalized and not plain.processed  # zeros and empties are the defaults: nothing to do
+
+
+class Replay:
+    """A router that answers with given tokens (the gateway's side of a request alone)."""
+
+    def __init__(self, ids: list[int]):
+        self.ids = ids
+
+    async def generate(self, request_id, prompt_ids, sampling, prompt_logprobs=None):
+        from common.protocol import TokenEvent
+
+        for i, t in enumerate(self.ids):
+            last = i == len(self.ids) - 1
+            stop = last and t in sampling.stop_token_ids
+            yield TokenEvent(request_id=request_id, index=i, token_id=t,
+                             finish_reason=("stop" if stop else "length") if last else None)
+
+
+def text_of(tokenizer, ids: list[int], **fields) -> tuple[str, str]:
+    import asyncio
+
+    from gateway.jobs import deltas
+
+    job = completion_jobs(CompletionRequest(prompt="Hi", max_tokens=len(ids), **fields), tokenizer,
+                          limits_of(tokenizer, 128))[0]
+
+    async def run():
+        return [d async for d in deltas(Replay(ids), tokenizer, job)]
+
+    out = asyncio.run(run())
+    return "".join(d.text for d in out), out[-1].finish_reason
+
+
+def test_stop_strings_count_from_the_token_after_min_tokens_and_stop_tokens_leave_their_text(tokenizer):
+    ids = tokenizer("a STOP b STOP c", add_special_tokens=False)["input_ids"]
+    k = next(k for k in range(1, len(ids) + 1) if tokenizer.decode(ids[:k]).endswith("a STOP"))
+    assert text_of(tokenizer, ids, stop=["STOP"]) == ("a ", "stop")
+    # the first STOP ends with token k: min_tokens k leaves it (vLLM: only after more than k are out)
+    assert text_of(tokenizer, ids, stop=["STOP"], min_tokens=k) == ("a STOP b ", "stop")
+    assert text_of(tokenizer, ids, stop=["STOP"], min_tokens=k - 1) == ("a ", "stop")
+    assert text_of(tokenizer, ids, stop=["STOP"], include_stop_str_in_output=True) == ("a STOP", "stop")
+    # a stop token of the request's: its text left out, unless asked for
+    assert text_of(tokenizer, ids, stop_token_ids=[ids[-1]]) == (tokenizer.decode(ids[:-1]), "stop")
+    assert text_of(tokenizer, ids, stop_token_ids=[ids[-1]], include_stop_str_in_output=True) == (
+        tokenizer.decode(ids), "stop")

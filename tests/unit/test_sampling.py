@@ -252,3 +252,19 @@ def test_a_rows_draws_do_not_depend_on_its_batch_at_a_models_vocabulary():
             alone = sample(logits[:1], [p], [5], ["a"])[0].token_id
             batched = sample(logits, [p] + neighbours, [5, 1, 2, 3], list("abcd"))[0].token_id
             assert alone == batched, (kw, s)
+
+
+def test_the_repetition_penalty_comes_before_frequency_and_presence():
+    """vLLM's order: HF's repetition processor on the prompt and output, then OpenAI's formula."""
+    logits = torch.randn(1, 60, generator=torch.Generator().manual_seed(12)) * 3
+    prompt, output = [4, 5, 5], [5, 9, 9, 30]
+    p = SamplingParams(repetition_penalty=1.7, frequency_penalty=0.8, presence_penalty=0.3)
+    want = hf_processed(logits[0], prompt + output, len(prompt), repetition=1.7)
+    for token in set(output):
+        want[token] -= output.count(token) * 0.8 + 0.3
+    got = process(logits, [p], [len(output)], [History(60, prompt, output)])[0]
+    assert torch.allclose(got, want, atol=1e-6)
+    other_way = logits[0].clone()  # the formula first, then the penalty: a different result
+    for token in set(output):
+        other_way[token] -= output.count(token) * 0.8 + 0.3
+    assert not torch.allclose(hf_processed(other_way, prompt + output, len(prompt), repetition=1.7), want, atol=1e-3)
