@@ -192,6 +192,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int
             for row, (p, index, rid, token) in enumerate(zip(params, indices, request_ids, tokens))]
 
 
+def sample_first(logits: torch.Tensor, reqs: list) -> list[TokenEvent]:
+    """The first token of each prefill request (PrefillRequest) whose prompt just ended: logits
+    (n, vocab), output index 0, the penalties counting its prompt."""
+    return sample(logits, [r.sampling for r in reqs], [0] * len(reqs), [r.request_id for r in reqs],
+                  [History(logits.shape[-1], r.prompt_ids) if r.sampling.penalized else None for r in reqs])
+
+
 def first_event(p: SamplingParams, event: TokenEvent) -> TokenEvent:
     """The first output token (sampled at prefill) with its finish reason: EOS or max_tokens 1."""
     reason = "stop" if event.token_id in p.stops else (

@@ -111,8 +111,6 @@ class SamplingFields(BaseModel):
             raise BadRequest(f"'min_p' = {self.min_p}: must be between 0 and 1", "min_p")
         if self.min_tokens is not None and self.min_tokens < 0:
             raise BadRequest(f"'min_tokens' = {self.min_tokens}: must be at least 0", "min_tokens")
-        if self.min_tokens and self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise BadRequest(f"'min_tokens' = {self.min_tokens} is more than 'max_tokens' = {self.max_tokens}", "min_tokens")
         self.logit_bias_pairs()
         if self.stop_token_ids and len(self.stop_token_ids) > MAX_STOP_TOKENS:
             raise BadRequest(f"'stop_token_ids' has {len(self.stop_token_ids)} ids: at most {MAX_STOP_TOKENS}",

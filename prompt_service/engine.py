@@ -36,7 +36,7 @@ from common.kv.copy import gather_prefill
 from common.kv.peers import KVRejected, PeerLink, Peers
 from common.kv.transport import TransportError
 from common.protocol import PrefillRequest, PrefillResult, PromptLogprob, TokenEvent
-from common.sampling import History, first_event, named_tokens, sample
+from common.sampling import first_event, named_tokens, sample_first
 from common.service import request_id_var
 from common.settings import PromptSettings
 from engine.attention import Segment
@@ -307,10 +307,7 @@ class PrefillEngine:
         if not ended:
             return
         try:
-            events = sample(torch.stack([row for _, row in ended]), [j.req.sampling for j, _ in ended], [0] * len(ended),
-                            [j.req.request_id for j, _ in ended],
-                            [History(logits.shape[-1], j.req.prompt_ids) if j.req.sampling.penalized else None
-                             for j, _ in ended])
+            events = sample_first(torch.stack([row for _, row in ended]), [j.req for j, _ in ended])
         except Exception as exc:  # as a failed forward: its requests fail, the service stays
             log.exception("sampling the first tokens failed")
             for job, _ in ended:

@@ -31,7 +31,7 @@ import torch
 
 from common.errors import NotFound, UpstreamError
 from common.protocol import PrefillRequest, PrefillResult, PromptLogprob
-from common.sampling import History, first_event, sample
+from common.sampling import first_event, sample_first
 from engine.attention import Segment
 from token_service.sequence import Sequence
 
@@ -108,10 +108,7 @@ class PrefillQueue:
                 ended.append((job, row))
         if ended:
             try:
-                events = sample(torch.stack([r for _, r in ended]), [j.req.sampling for j, _ in ended],
-                                [0] * len(ended), [j.req.request_id for j, _ in ended],
-                                [History(logits.shape[-1], j.req.prompt_ids) if j.req.sampling.penalized else None
-                                 for j, _ in ended])
+                events = sample_first(torch.stack([r for _, r in ended]), [j.req for j, _ in ended])
             except Exception as exc:  # as a failed forward: these prompts fail, the step and the service go on
                 log.exception("sampling the first tokens failed")
                 self.fail([Chunk(job, None) for job, _ in ended], exc)

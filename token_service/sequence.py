@@ -83,9 +83,10 @@ class Sequence:
 
     def penalties(self, vocab: int) -> History:
         """What the penalties count for the next pick: the prompt and every output token so far."""
-        if self.counted is None:
+        if self.counted is None:  # once: the history is not needed after
             cut = len(self.history) - self.first_index
             self.counted = History(vocab, self.history[:cut], self.history[cut:])
+            self.history = []
         return self.counted.update(self.output)
 
     @property
