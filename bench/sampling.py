@@ -1,4 +1,4 @@
-"""What penalties, logit biases and min-p add to a decode step's sampling (common/sampling.py).
+"""What penalties, logit biases, min-p and a grammar add to a decode step's sampling (common/sampling.py).
 
 Step by step:
 1. Run --model (Hugging Face's modules, float32) over a text once: the logits at its positions are
@@ -13,7 +13,10 @@ Step by step:
    - seeded: temperature 0.8, top-p 0.95, a seed (the baseline of the sampled kinds);
    - bias: greedy with a logit bias on 8 tokens;
    - penalties: greedy with repetition 1.1, frequency 0.5 and presence 0.3;
-   - everything: seeded with the penalties, the bias, min-p 0.05 and min_tokens.
+   - everything: seeded with the penalties, the bias, min-p 0.05 and min_tokens;
+   - json: greedy with a JSON schema (structured output, common/grammar.py), each sequence's output
+     so far the start of a document that matches it, the next token inside a string (where the
+     most tokens are allowed); the matcher steps back after each call, out of the timing.
    With --against REV, common/sampling.py of that git revision is timed too, in the same
    alternation, on the kinds it has (greedy, default, seeded): "KIND@REV".
 3. Report median [min-max] ms a call and each kind's time over its baseline's (the same kind's at
@@ -31,9 +34,13 @@ import time
 
 from bench.common import fmt, log, spread, write_json
 
-KINDS = ("greedy", "default", "seeded", "bias", "penalties", "everything")
+KINDS = ("greedy", "default", "seeded", "bias", "penalties", "everything", "json")
 BASELINE = {"greedy": "greedy", "default": "default", "seeded": "seeded", "bias": "greedy", "penalties": "greedy",
-            "everything": "seeded"}
+            "everything": "seeded", "json": "greedy"}
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                           "hobbies": {"type": "array", "items": {"type": "string"}}},
+          "required": ["name", "age", "hobbies"]}
+DOCUMENT_START = '{"name": "Ada Lovelace", "age": 36, "hobbies": ["mathematics", "poetry", "'  # inside a string
 OLD_KINDS = ("greedy", "default", "seeded")  # what a revision before penalties can sample
 
 
@@ -54,6 +61,10 @@ def params_of(kind: str, vocab: int):
     seeded = {"temperature": 0.8, "top_p": 0.95, "seed": 7}
     bias = {"logit_bias": [(t, 2.0) for t in range(100, vocab, vocab // 8)][:8]}
     penalties = {"repetition_penalty": 1.1, "frequency_penalty": 0.5, "presence_penalty": 0.3}
+    if kind == "json":
+        from common.grammar import from_request
+
+        return SamplingParams(max_tokens=1 << 20, eos_token_ids=[0], grammar=from_request("json", SCHEMA))
     fields = {"greedy": {}, "default": {"temperature": 1.0, "seed": 7}, "seeded": seeded, "bias": bias, "penalties": penalties,
               "everything": {**seeded, **bias, **penalties, "min_p": 0.05, "min_tokens": 1 << 20}}[kind]
     return SamplingParams(max_tokens=1 << 20, eos_token_ids=[0], **fields)
@@ -70,11 +81,14 @@ def model_logits(model: str, rows: int):
 
     from common.model import load_model, load_tokenizer, resolve_model_path
 
+    from common import grammar
+
     path = resolve_model_path(model, progress=log)
+    grammar.use_model(path)  # the json kind's tokenizer
     tokenizer, hf = load_tokenizer(path), load_model(path)
     ids = tokenizer(TEXT * (1 + rows // 40))["input_ids"][: rows + 1]
     with torch.no_grad():
-        return hf(torch.tensor([ids])).logits[0, 1:].float().contiguous()
+        return hf(torch.tensor([ids])).logits[0, 1:].float().contiguous(), tokenizer(DOCUMENT_START)["input_ids"]
 
 
 def run(args) -> dict:
@@ -87,19 +101,21 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     old = sampling_at(args.against) if args.against else None
     kinds = list(KINDS) + ([f"{k}@{args.against}" for k in OLD_KINDS] if args.against else [])
-    everything = model_logits(args.model, max(args.rows))
+    everything, document = model_logits(args.model, max(args.rows))
     vocab = everything.shape[1]
     g = torch.Generator().manual_seed(0)
     results = []
     for rows in args.rows:
         logits = everything[:rows]
-        seqs = []
+        seqs, documents = [], []
+        params = {kind: params_of(kind, vocab) for kind in KINDS}
         for i in range(rows):
             ids = torch.randint(0, vocab, (args.prompt_tokens + args.output_tokens,), generator=g).tolist()
-            seq = Sequence(f"r{i}", prompt_len=args.prompt_tokens, max_tokens=1 << 20, num_layers=1)
-            seq.history, seq.output = ids[: args.prompt_tokens], ids[args.prompt_tokens:]
-            seqs.append(seq)
-        params = {kind: params_of(kind, vocab) for kind in KINDS}
+            for out, output in ((seqs, ids[args.prompt_tokens:]), (documents, list(document))):
+                seq = Sequence(f"r{i}", prompt_len=args.prompt_tokens, max_tokens=1 << 20, num_layers=1)
+                seq.history, seq.output = ids[: args.prompt_tokens], output
+                seq.sampling = params["json"]  # its grammar, for `penalties` (the others have none)
+                out.append(seq)
         rids = [s.request_id for s in seqs]
 
         def call(kind: str) -> float:
@@ -108,10 +124,18 @@ def run(args) -> dict:
             start = time.perf_counter()
             if rev:
                 old.sample(logits, p, [s.next_index for s in seqs], rids)
+            elif name == "json":
+                histories = [s.penalties(vocab) for s in documents]
+                sample(logits, p, [s.next_index for s in documents], rids, histories)
             else:
                 histories = [s.penalties(vocab) if q.penalized else None for s, q in zip(seqs, p)]
                 sample(logits, p, [s.next_index for s in seqs], rids, histories)
-            return (time.perf_counter() - start) * 1000
+            took = (time.perf_counter() - start) * 1000
+            if name == "json":  # the pick was followed: back to where the document stands
+                for h in histories:
+                    h.matcher.matcher.rollback(1)
+                    h.matched -= 1
+            return took
 
         times = {kind: [] for kind in kinds}
         for repeat in range(args.repeats + 1):  # the first round warms up, not kept
@@ -160,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     out = run(args)
     report(out, args)
     summary = {f"{k}_{r['rows']}_rows_over_baseline": round(r[k]["over_baseline"]["median"], 3)
-               for r in out["results"] for k in ("bias", "penalties", "everything") + (OLD_KINDS if args.against else ())}
+               for r in out["results"] for k in ("bias", "penalties", "everything", "json") + (OLD_KINDS if args.against else ())}
     write_json(args.out, summary, **out)
     return 0
 

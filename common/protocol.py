@@ -43,9 +43,10 @@ class ServiceKind(str, Enum):
 # The internal protocol's version (these messages, the KV wire): engines publish it, and a gateway
 # routes only to engines of its own, so a rolling upgrade never pairs a gateway and an engine that
 # misread each other. Bump it with any change an older peer would refuse or misread.
-PROTOCOL = 5  # 2: DecodeRequest.replay (a resumed request's tokens replayed by decode steps); 3: KV routes;
+PROTOCOL = 6  # 2: DecodeRequest.replay (a resumed request's tokens replayed by decode steps); 3: KV routes;
 #              4: prompt logprobs (PrefillRequest.prompt_logprobs, TokenEvent.prompt_logprobs);
-#              5: penalties, logit bias, min_tokens, min_p (SamplingParams), DecodeRequest.history
+#              5: penalties, logit bias, min_tokens, min_p (SamplingParams), DecodeRequest.history;
+#              6: SamplingParams.grammar (structured output)
 
 
 class ServiceInfo(Message):
@@ -90,6 +91,7 @@ GREEDY_BELOW = 1e-5
 MAX_LOGIT_BIAS = 1024          # token ids a request may bias
 MAX_STOP_TOKENS = 64           # token ids a request may stop at
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0  # a logit times or over it stays finite
+MAX_GRAMMAR_CHARS = 100_000    # a structured output's grammar text (a large JSON schema fits)
 
 
 class SamplingParams(Message):
@@ -112,6 +114,8 @@ class SamplingParams(Message):
         default_factory=list, max_length=MAX_LOGIT_BIAS)
     min_tokens: int = Field(0, ge=0, le=MAX_SEQUENCE)  # stop tokens are masked before output index min_tokens
     min_p: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)  # drop tokens below min_p x the likeliest's probability
+    # structured output (common/grammar.py): llguidance's grammar text the picks follow; "" = free text
+    grammar: str = Field("", max_length=MAX_GRAMMAR_CHARS)
 
     @property
     def greedy(self) -> bool:
@@ -121,8 +125,14 @@ class SamplingParams(Message):
 
     @property
     def penalized(self) -> bool:
-        """Its pick depends on the tokens before it: the token service needs them (DecodeRequest.history)."""
+        """Its penalties count the tokens before the pick."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def needs_history(self) -> bool:
+        """Its pick depends on the tokens before it (penalties, a grammar): the token service needs
+        them (DecodeRequest.history)."""
+        return self.penalized or bool(self.grammar)
 
     @property
     def stops(self) -> list[int]:
@@ -132,7 +142,7 @@ class SamplingParams(Message):
     @property
     def processed(self) -> bool:
         """Some of its logits change before the pick."""
-        return self.penalized or bool(self.logit_bias) or (self.min_tokens > 0 and bool(self.stops))
+        return self.needs_history or bool(self.logit_bias) or (self.min_tokens > 0 and bool(self.stops))
 
 
 class ReserveRequest(Message):
@@ -211,7 +221,8 @@ class DecodeRequest(Message):
     first_index: int = Field(default=0, ge=0, le=MAX_SEQUENCE)  # its output index (> 0 when resuming elsewhere)
     sampling: SamplingParams
     # the prompt and the output tokens before first_token (first_index of them) when the penalties
-    # count them (SamplingParams.penalized), so that a resumed request picks as it would have; else empty
+    # or a grammar follow them (SamplingParams.needs_history), so that a resumed request picks as it
+    # would have; else empty
     history: list[TokenId] = Field(default_factory=list, max_length=MAX_SEQUENCE)
 
 

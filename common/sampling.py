@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from common.grammar import Matcher
 from common.protocol import PromptLogprob, SamplingParams, TokenEvent, TopLogprob
 
 MASK64 = (1 << 64) - 1
@@ -102,13 +103,14 @@ def named_tokens(p: SamplingParams) -> list[int]:
 
 
 class History:
-    """What a request's penalties count, kept as it grows: the distinct tokens of its prompt and
-    output (the repetition penalty's) and of its output with how often each is there (the frequency
-    and presence penalties'). Built once from the prompt and the tokens out `before` the output
-    list it then follows; each pick adds only the tokens out since (`update`), so a step's cost
-    grows with the distinct tokens, never with a whole context copied again."""
+    """What a request's pick depends on before it, kept as it grows: the distinct tokens of its
+    prompt and output (the repetition penalty's), those of its output with how often each is there
+    (the frequency and presence penalties'), and its place in its grammar (`matcher`, structured
+    output). Built once from the prompt and the tokens out `before` the output list it then
+    follows; each pick adds only the tokens out since (`update`), so a step's cost grows with the
+    distinct tokens, never with a whole context copied again."""
 
-    def __init__(self, vocab: int, prompt: Sequence[int], before: Sequence[int] = ()):
+    def __init__(self, vocab: int, prompt: Sequence[int], before: Sequence[int] = (), grammar: str = ""):
         self.seen = np.zeros(vocab, dtype=bool)      # in prompt or output
         self.counts = np.zeros(vocab, dtype=np.float32)  # in the output
         self.out_ids, counts = np.unique(np.asarray(before, dtype=np.int64), return_counts=True)
@@ -116,6 +118,10 @@ class History:
         self.seen_ids = np.union1d(np.asarray(prompt, dtype=np.int64), self.out_ids)
         self.seen[self.seen_ids] = True
         self.counted = 0  # tokens of the followed output list counted
+        self.matcher = Matcher(grammar, vocab) if grammar else None
+        self.matched = 0  # ... and consumed by the matcher (a pick is, as soon as it is made: `follow`)
+        if self.matcher:
+            self.matcher.consume(before)
 
     def update(self, output: Sequence[int]) -> History:
         """Count output[counted:], the tokens out since the last update."""
@@ -127,24 +133,38 @@ class History:
                 self.out_ids = np.append(self.out_ids, token)
             self.counts[token] += 1
         self.counted = max(self.counted, len(output))
+        if self.matcher and len(output) > self.matched:
+            self.matcher.consume(output[self.matched:])
+            self.matched = len(output)
         return self
+
+    def follow(self, token: int) -> bool:
+        """The grammar consumes the token just picked (the next output token): whether it is complete."""
+        self.matcher.consume([token])
+        self.matched += 1
+        return self.matcher.done
 
 
 def process(logits: torch.Tensor, params: list[SamplingParams], indices: list[int],
             histories: Sequence[History | None] | None = None) -> torch.Tensor:
-    """logits: (n, vocab) float32. The logits each row picks from: its logit bias added, its stop
-    tokens masked before output index min_tokens, then the repetition penalty (every token of
-    prompt and output: a positive logit divided by it, a negative one multiplied) and OpenAI's
+    """logits: (n, vocab) float32. The logits each row picks from: the tokens its grammar forbids
+    masked (structured output), its logit bias added, its stop tokens masked before output index
+    min_tokens, then the repetition penalty (every token of prompt and output: a positive logit
+    divided by it, a negative one multiplied) and OpenAI's
     frequency and presence penalties (logit - count x frequency - presence, for each token out):
     vLLM's order, and Hugging Face's for what it has (sequence_bias, repetition_penalty,
-    min_new_tokens). `histories[r]` is needed where params[r].penalized. Rows with none of these
+    min_new_tokens). `histories[r]` is needed where params[r].needs_history. Rows with none of these
     are left as they are, and so is the tensor when no row has any.
 
-    Each kind is one indexed operation over the batch's rows that have it."""
+    Each kind is one indexed operation over the batch's rows that have it (a grammar's mask, one
+    in-place fill a row)."""
     rows = [r for r, p in enumerate(params) if p.processed]
     if not rows:
         return logits
     out, dev = logits.clone(), logits.device
+    for r in rows:  # a grammar first, as vLLM applies its bitmask; -inf stays -inf through what follows
+        if params[r].grammar:  # row by row in place: an indexed fill over several rows copies them twice
+            out[r].masked_fill_(torch.from_numpy(histories[r].matcher.forbidden()).to(dev), float("-inf"))
     biased = [(r, t, b) for r in rows for t, b in params[r].logit_bias]
     if biased:
         r, t, b = zip(*biased)
@@ -180,7 +200,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int
            request_ids: list[str], histories: Sequence[History | None] | None = None) -> list[TokenEvent]:
     """logits: (n, vocab) float32 for n sequences; indices: each row's output index; histories: see
     `process`. Returns one TokenEvent per row (finish_reason left unset: that is the scheduler's
-    call), whose logprobs are the model's, before `process`."""
+    call, but for a request whose grammar the pick completes: "stop"), whose logprobs are the
+    model's, before `process`."""
     picked = process(logits, params, indices, histories)
     tokens = torch.argmax(picked, dim=-1).tolist()
     for r, p in enumerate(params):
@@ -188,19 +209,27 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int
             tokens[r] = _draw(picked[r], p, indices[r])
     want_logprobs = any(p.logprobs is not None for p in params)
     logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-    return [_event(rid, index, token, p, logprobs[row] if logprobs is not None else None)
-            for row, (p, index, rid, token) in enumerate(zip(params, indices, request_ids, tokens))]
+    events = [_event(rid, index, token, p, logprobs[row] if logprobs is not None else None)
+              for row, (p, index, rid, token) in enumerate(zip(params, indices, request_ids, tokens))]
+    for r, p in enumerate(params):
+        if p.grammar and histories[r].follow(tokens[r]):
+            events[r] = events[r].model_copy(update={"finish_reason": "stop"})
+    return events
 
 
 def sample_first(logits: torch.Tensor, reqs: list) -> list[TokenEvent]:
     """The first token of each prefill request (PrefillRequest) whose prompt just ended: logits
-    (n, vocab), output index 0, the penalties counting its prompt."""
+    (n, vocab), output index 0, the penalties counting its prompt, a grammar at its start."""
     return sample(logits, [r.sampling for r in reqs], [0] * len(reqs), [r.request_id for r in reqs],
-                  [History(logits.shape[-1], r.prompt_ids) if r.sampling.penalized else None for r in reqs])
+                  [History(logits.shape[-1], r.prompt_ids, grammar=r.sampling.grammar) if r.sampling.needs_history
+                   else None for r in reqs])
 
 
 def first_event(p: SamplingParams, event: TokenEvent) -> TokenEvent:
-    """The first output token (sampled at prefill) with its finish reason: EOS or max_tokens 1."""
+    """The first output token (sampled at prefill) with its finish reason: EOS or max_tokens 1 (or
+    a grammar it completed: `sample` said so)."""
+    if event.finish_reason:
+        return event
     reason = "stop" if event.token_id in p.stops else (
         "length" if p.max_tokens <= 1 else None)
     return event.model_copy(update={"finish_reason": reason}) if reason else event

@@ -126,7 +126,7 @@ class Encoder:
 
 
 async def _jobs(app: FastAPI, make_jobs, body) -> list[Job]:
-    if text_chars(body) < LARGE_TEXT_CHARS:
+    if text_chars(body) < LARGE_TEXT_CHARS and not body.constrained:  # a grammar may take long to compile
         return make_jobs(body, app.state.tokenizer, app.state.limits)
     return await app.state.encoder.run(make_jobs, body, app.state.limits)
 

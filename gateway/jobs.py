@@ -175,7 +175,7 @@ def _job(body: SamplingFields, ids: list[int], limits: Limits, default_max: int,
         stop_token_ids=stop_ids,
         presence_penalty=float(body.presence_penalty or 0), frequency_penalty=float(body.frequency_penalty or 0),
         repetition_penalty=1.0 if body.repetition_penalty is None else float(body.repetition_penalty),
-        logit_bias=bias, min_tokens=body.min_tokens or 0, min_p=float(body.min_p or 0))
+        logit_bias=bias, min_tokens=body.min_tokens or 0, min_p=float(body.min_p or 0), grammar=body.grammar)
     return Job(new_request_id(), limits.model_name, ids, sampling, body.stop_list, body.stream,
                body.include_usage, echo, prompt_logprobs, echo_only, choice,
                include_stop=body.include_stop_str_in_output)

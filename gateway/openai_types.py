@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      model_validator)
+
+from common import grammar
 
 from common.errors import BadRequest
 from common.protocol import MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY, MAX_STOP_TOKENS, MIN_REPETITION_PENALTY
@@ -68,6 +71,17 @@ class SamplingFields(BaseModel):
     min_tokens: StrictInt | None = None       # extension (as vLLM): 0 = off
     stop_token_ids: list[StrictInt] | None = None  # extension (as vLLM): token ids that end the output
     include_stop_str_in_output: StrictBool = False  # extension (as vLLM): the stop string or token kept in the text
+    # structured output (common/grammar.py): OpenAI's response_format, or vLLM's structured_outputs
+    # or its older guided_* fields; one of them at most
+    response_format: dict | None = None
+    structured_outputs: dict | None = None
+    guided_json: dict | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: StrictStr | None = None
+    guided_whitespace_pattern: StrictStr | None = None  # JSON: the whitespace allowed (a regex)
+    guided_decoding_backend: StrictStr | None = None   # accepted, unused: one backend here (llguidance)
+    _grammar: str = PrivateAttr("")
 
     @model_validator(mode="before")
     @classmethod
@@ -123,6 +137,69 @@ class SamplingFields(BaseModel):
             raise BadRequest(f"'stop' has {len(self.stop_list)} strings: at most 16", "stop")
         if any(len(s) > MAX_STOP_CHARS for s in self.stop_list):
             raise BadRequest(f"'stop' strings must be at most {MAX_STOP_CHARS} characters", "stop")
+        self._grammar = self._compile_grammar()
+
+    @property
+    def constrained(self) -> bool:
+        """It asks for structured output (a grammar to compile)."""
+        return any(value is not None for _, _, value in self._structured())
+
+    @property
+    def grammar(self) -> str:
+        """The grammar text of its structured output ("" for free text), once `check` has run."""
+        return self._grammar
+
+    def _compile_grammar(self) -> str:
+        asked = [(param, kind, value) for param, kind, value in self._structured() if value is not None]
+        if len(asked) > 1:
+            raise BadRequest(f"{' and '.join(repr(a[0]) for a in asked)} each constrain the output: give one",
+                             asked[1][0])
+        if not asked:
+            return ""
+        param, kind, value = asked[0]
+        so = self.structured_outputs or {}
+        whitespace = self.guided_whitespace_pattern or so.get("whitespace_pattern")
+        if whitespace is not None and not isinstance(whitespace, str):
+            raise BadRequest("'structured_outputs.whitespace_pattern' must be a string (a regex)", "structured_outputs")
+        try:
+            return grammar.from_request(kind, value, whitespace, compact=so.get("disable_any_whitespace") is True,
+                                        closed=so.get("disable_additional_properties") is True)
+        except grammar.GrammarError as exc:
+            raise BadRequest(f"'{param}': {exc}", param.split(".")[0]) from None
+
+    def _structured(self) -> list[tuple[str, str, object]]:
+        """(param, grammar kind, value) of each structured-output field; value None where unset."""
+        out = [("guided_json", "json", self.guided_json), ("guided_regex", "regex", self.guided_regex),
+               ("guided_choice", "choice", self.guided_choice), ("guided_grammar", "grammar", self.guided_grammar)]
+        so = self.structured_outputs or {}
+        known = {"json": "json", "regex": "regex", "choice": "choice", "grammar": "grammar", "json_object": "json_object"}
+        for key, value in so.items():
+            if key in known:
+                if key == "json_object":
+                    value = True if value is True else None
+                out.append((f"structured_outputs.{key}", known[key], value))
+            elif value not in (None, False) and key not in ("disable_fallback", "disable_any_whitespace",
+                                                             "disable_additional_properties", "whitespace_pattern"):
+                raise BadRequest(f"'structured_outputs.{key}' is not supported (json, regex, choice, grammar or "
+                                 "json_object are)", "structured_outputs")
+        out.append(("response_format", *self._response_format()))
+        return out
+
+    def _response_format(self) -> tuple[str, object]:
+        rf = self.response_format
+        kind = rf.get("type") if rf is not None else "text"
+        if kind == "text":
+            return "json", None
+        if kind == "json_object":
+            return "json_object", True
+        if kind == "json_schema":
+            spec = rf.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise BadRequest("'response_format' of type json_schema needs 'json_schema': {'name': ..., "
+                                 "'schema': {...}}", "response_format")
+            return "json", spec["schema"]
+        raise BadRequest(f"'response_format' type {str(kind)[:40]!r}: must be 'text', 'json_object' or 'json_schema'",
+                         "response_format")
 
     def logit_bias_pairs(self) -> list[tuple[int, float]]:
         """'logit_bias' as (token id, bias) pairs; a 400 for a key that is not a token id, a bias
@@ -201,8 +278,8 @@ class ChatMessage(BaseModel):
 
 
 # Chat fields whose meaning we do not implement: ignoring them would answer something else than
-# was asked (free text for a JSON schema, no call for a tool), so they are refused unless empty
-UNSUPPORTED_CHAT = ("tools", "tool_choice", "functions", "function_call", "response_format")
+# was asked (no call for a tool), so they are refused unless empty
+UNSUPPORTED_CHAT = ("tools", "tool_choice", "functions", "function_call")
 
 
 class ChatRequest(SamplingFields):
@@ -214,7 +291,6 @@ class ChatRequest(SamplingFields):
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
 
     def check(self) -> None:
         if self.max_completion_tokens is not None:  # OpenAI's current name wins over the deprecated one, as there
@@ -231,9 +307,8 @@ class ChatRequest(SamplingFields):
             raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
         for name in UNSUPPORTED_CHAT:
             value = getattr(self, name)
-            if value not in (None, [], {}, "none", "auto", {"type": "text"}):
-                raise BadRequest(f"'{name}' is not supported: this server does not call tools nor constrain the "
-                                 "output to a format; leave it out", name)
+            if value not in (None, [], {}, "none", "auto"):
+                raise BadRequest(f"'{name}' is not supported: this server does not call tools; leave it out", name)
 
     @property
     def logprobs_k(self) -> int | None:

@@ -150,7 +150,7 @@ class Router:
             first = outputs[-1] if outputs else result.first.token_id  # on a resume, P's sample is not used
             decode = DecodeRequest(request_id=run.request_id, epoch=run.epoch, replay=prefix[have:], first_token=first,
                                    first_index=max(len(outputs) - 1, 0), sampling=run.sampling,
-                                   history=prefix if run.sampling.penalized else [])  # what the penalties count
+                                   history=prefix if run.sampling.needs_history else [])  # what penalties count, a grammar follows
             async with contextlib.aclosing(self.decode(token_svc, decode)) as events:
                 async for event in events:
                     if run.failed_at is not None and path is not None:

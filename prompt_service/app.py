@@ -13,6 +13,7 @@ import logging
 
 from fastapi import FastAPI
 
+from common import grammar
 from common.kv import transport_for
 from common.kv.peers import Peers
 from common.model import model_fingerprint, resolve_model_path, within_context
@@ -36,6 +37,7 @@ def create_app(settings: PromptSettings) -> FastAPI:
     async def lifespan(app: FastAPI):
         nonlocal settings
         path = resolve_model_path(settings.model, progress=log.info)
+        grammar.use_model(path)  # structured output: its tokenizer, read on the first grammar
         settings = within_context(settings, path)
         model_id = model_fingerprint(path)  # the gateway routes only to services of this model
         threads = teams_on_engine_threads_only(settings.threads)

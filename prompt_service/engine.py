@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from prometheus_client import Gauge, Histogram
 
+from common import grammar
 from common.errors import BadRequest, UpstreamError
 from common.kv.copy import gather_prefill
 from common.kv.peers import KVRejected, PeerLink, Peers
@@ -198,11 +199,20 @@ class PrefillEngine:
             self.runner.check_tokens(named_tokens(req.sampling), "sampling (logit_bias, stop_token_ids)")
         except ValueError as exc:
             raise BadRequest(str(exc), code="invalid_token_id") from None
+        try:  # off the event loop: the first grammar reads the tokenizer (a second or more)
+            if req.sampling.grammar:
+                await asyncio.to_thread(grammar.check, req.sampling.grammar, self.runner.vocab_size)
+        except grammar.GrammarError as exc:
+            raise BadRequest(f"grammar (structured output): {exc}", param="grammar", code="invalid_grammar") from None
         if req.prompt_logprobs is not None and self.pipeline is not None:  # the gateway sends them elsewhere
             raise BadRequest("prompt logprobs (echo with logprobs) are not computed by a prompt pipeline "
                              "(--stages)", param="prompt_logprobs")
         routes, mine = routes_of(req, self.runner.kv.layers), self.runner.layers  # a pipeline's head: its layers
         links = await open_links(self.peers, routes, mine, req.target_service_id)
+        stale = self.jobs.get(req.request_id)
+        if stale is not None:  # a caller that gave up on this service (it stalled) and asked again: the newer wins
+            log.warning("a newer prefill of the same request arrived: the earlier one fails")
+            stale.fail(UpstreamError(f"request {req.request_id}: superseded by a newer prefill of it"))
         job = self.jobs[req.request_id] = PrefillJob(req, routes, links,
                                                      message_groups(routes, self.layers_per_message, mine))
         IN_FLIGHT.inc()
@@ -216,7 +226,8 @@ class PrefillEngine:
             if self.pipeline is not None and 0 < job.done < job.num_tokens:  # its chunks' KV on the stages
                 self.pipeline.drop(req.request_id)
             job.fail(UpstreamError(f"request {req.request_id} ended"))  # no-op unless cancelled
-            self.jobs.pop(req.request_id, None)
+            if self.jobs.get(req.request_id) is job:  # not a newer one's
+                del self.jobs[req.request_id]
             IN_FLIGHT.dec()
             await asyncio.shield(sender)
 

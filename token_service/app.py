@@ -18,6 +18,7 @@ import logging
 import httpx
 from fastapi import FastAPI
 
+from common import grammar
 from common.kv import transport_for
 from common.kv.peers import Peers
 from common.kv.receiver import kv_server
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 async def _lifespan(app: FastAPI, settings: TokenSettings):
     """Load the model, start the KV listener and the decode loop, register; undo it all on the way out."""
     path = resolve_model_path(settings.model, progress=log.info)
+    grammar.use_model(path)  # structured output: its tokenizer, read on the first grammar
     settings = within_context(settings, path)
     model_id = model_fingerprint(path)  # the gateway routes only to services of this model
     threads = teams_on_engine_threads_only(settings.threads)
@@ -134,6 +136,7 @@ def create_app(settings: TokenSettings) -> FastAPI:
     async def decode(req: DecodeRequest) -> ClosingStreamingResponse:
         request_id_var.set(req.request_id)
         await app.state.engine.collect_landed(req.request_id)  # a pipeline's stages: their prompt KV
+        await app.state.engine.compile_grammar(req.sampling)
         return _decode_stream(app.state.engine, req)
 
     @app.post("/prefill")

@@ -31,13 +31,14 @@ import numpy as np
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
+from common import grammar
 from common.errors import BadRequest, KVFull, NotFound, Unavailable
 from common.kv.copy import scatter
 from common.kv.fetch import FetchError, fetch_replica
 from common.kv.transport import TransportError
 from common.kv.wire import Header, WireError, as_tensor
 from common.protocol import (DecodeEvent, DecodeRequest, PrefillRequest, PrefillResult, Reservation, ReserveRequest,
-                             RestoreRequest, RestoreResult)
+                             RestoreRequest, RestoreResult, SamplingParams)
 from common.sampling import named_tokens, sample
 from common.service import request_id_var
 from common.settings import TokenSettings
@@ -189,6 +190,8 @@ class TokenEngine:
         On a resume the prompt is shorter than the row: the tokens out are replayed after it."""
         self._check_tokens(req.prompt_ids, "prompt_ids")
         self._check_tokens(named_tokens(req.sampling), "sampling (logit_bias, stop_token_ids)")
+        await self.compile_grammar(req.sampling)
+        self._check_grammar(req.sampling)
         if req.prompt_logprobs is not None and self.pipeline is not None:
             raise BadRequest("prompt logprobs (echo with logprobs) are not computed by a token pipeline (--stages)",
                              param="prompt_logprobs")
@@ -265,10 +268,11 @@ class TokenEngine:
             raise BadRequest(f"request {req.request_id} is already decoding", code="duplicate_request")
         self._check_tokens(req.replay + [req.first_token], "replay and first_token")  # a bad id would fail the step
         self._check_tokens(named_tokens(req.sampling), "sampling (logit_bias, stop_token_ids)")
-        if req.sampling.penalized:  # the penalties count the prompt and every output token before first_token
+        self._check_grammar(req.sampling)  # compiled by now (compile_grammar), unless a test calls this alone
+        if req.sampling.needs_history:  # the penalties count, a grammar follows, every token before first_token
             if len(req.history) != seq.prompt_len:
-                raise BadRequest(f"request {req.request_id}: penalties need the {seq.prompt_len} tokens before "
-                                 f"first_token as history, {len(req.history)} were sent", param="history")
+                raise BadRequest(f"request {req.request_id}: penalties and grammars need the {seq.prompt_len} tokens "
+                                 f"before first_token as history, {len(req.history)} were sent", param="history")
             self._check_tokens(req.history, "history")
         have = seq.prompt_len - len(req.replay)  # tokens whose KV the prefill or the replica brought
         if have < 1 or any(n != have for n in seq.received):
@@ -280,10 +284,23 @@ class TokenEngine:
             raise BadRequest(f"request {req.request_id}: {req.sampling.max_tokens - req.first_index} tokens to decode, "
                              f"KV room was reserved for {seq.max_tokens}")
         seq.sampling, seq.output, seq.first_index, seq.epoch = req.sampling, [req.first_token], req.first_index, req.epoch
-        seq.history = req.history if req.sampling.penalized else []
+        seq.history = req.history if req.sampling.needs_history else []
         seq.replay.extend(req.replay)
         self.wakeup.set()
         return seq
+
+    async def compile_grammar(self, p: SamplingParams) -> None:
+        """Compile the request's grammar off the event loop (the first one reads the tokenizer: a
+        second or more), so that `_check_grammar` finds it compiled."""
+        if p.grammar:
+            with contextlib.suppress(grammar.GrammarError):  # _check_grammar says it
+                await asyncio.to_thread(grammar.check, p.grammar, self.runner.vocab_size)
+
+    def _check_grammar(self, p: SamplingParams) -> None:
+        try:
+            grammar.check(p.grammar, self.runner.vocab_size)
+        except grammar.GrammarError as exc:
+            raise BadRequest(f"grammar (structured output): {exc}", param="grammar", code="invalid_grammar") from None
 
     def _check_tokens(self, ids: list[int], what: str) -> None:
         try:
@@ -435,7 +452,7 @@ class TokenEngine:
         seqs = [batch.seqs[i] for i in rows]
         events = sample(logits[rows], [s.sampling for s in seqs], [s.next_index for s in seqs],
                         [s.request_id for s in seqs],
-                        [s.penalties(logits.shape[-1]) if s.sampling.penalized else None for s in seqs]) if rows else []
+                        [s.penalties(logits.shape[-1]) if s.sampling.needs_history else None for s in seqs]) if rows else []
         for seq, event in self.scheduler.postprocess(batch, events):
             seq.events.put_nowait(DecodeEvent(token=event) if event else None)  # None: a token replayed
         if self.replicator:

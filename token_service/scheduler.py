@@ -77,7 +77,7 @@ class Scheduler:
                 out.append((seq, None))
                 continue
             seq.output.append(event.token_id)
-            reason = finish_reason(seq, event.token_id)
+            reason = event.finish_reason or finish_reason(seq, event.token_id)  # set: a grammar completed
             if reason:
                 event = event.model_copy(update={"finish_reason": reason})
                 seq.status = SeqStatus.FINISHED

@@ -34,7 +34,7 @@ class Sequence:
     sampling: SamplingParams | None = None   # set when the decode request arrives
     output: list[int] = field(default_factory=list)  # output tokens from first_index on
     first_index: int = 0                # output index of output[0] (> 0 on a resumed request)
-    history: list[int] = field(default_factory=list)  # penalties: prompt + the outputs before output[0] (DecodeRequest.history)
+    history: list[int] = field(default_factory=list)  # penalties, grammar: prompt + the outputs before output[0] (DecodeRequest.history)
     counted: History | None = field(default=None, repr=False)  # `penalties`, kept from step to step
     epoch: int = 0                      # the request's epoch when this service took it (fencing)
     filling: bool = False               # its row is being written: a restore, a prefill here (colocated), prompt KV sent on to a pipeline's stages
@@ -82,10 +82,11 @@ class Sequence:
         return self.first_index + len(self.output)
 
     def penalties(self, vocab: int) -> History:
-        """What the penalties count for the next pick: the prompt and every output token so far."""
+        """What the penalties count and the grammar follows for the next pick: the prompt and every
+        output token so far."""
         if self.counted is None:  # once: the history is not needed after
             cut = len(self.history) - self.first_index
-            self.counted = History(vocab, self.history[:cut], self.history[cut:])
+            self.counted = History(vocab, self.history[:cut], self.history[cut:], self.sampling.grammar)
             self.history = []
         return self.counted.update(self.output)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import httpx
@@ -290,3 +291,41 @@ def test_stop_token_ids_end_the_text_before_the_token_unless_asked_to_keep_it(ti
         assert choice["text"] == tiny_oracle.tokenizer.decode(want[: at + include], skip_special_tokens=True)
         assert choice["finish_reason"] == "stop" and got["usage"]["completion_tokens"] == at + 1
         assert len(choice["logprobs"]["tokens"]) == at + 1  # the stop token is scored, as vLLM's
+
+
+def test_structured_output_follows_its_grammar_streamed_or_not(tiny_cluster):
+    """A random tiny model, sampled at temperature 1, writes what the grammar allows and ends where
+    it is complete ("stop", no EOS needed): a JSON document of the schema, a regex, one of a choice.
+    The same seed gives the same text streamed or not; a grammar that does not compile is a 400."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999},
+                                               "ok": {"type": "boolean"}, "tag": {"enum": ["red", "green"]}},
+              "required": ["n", "ok", "tag"], "additionalProperties": False}
+    body = {"prompt": "Answer:", "max_tokens": 40, "temperature": 1.0, "seed": 11}
+    # a random model, free to put any whitespace between JSON tokens, puts it forever: bounded here
+    asks = [({"response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": schema}},
+              "guided_whitespace_pattern": " ?"}, None),
+            ({"structured_outputs": {"json": schema, "disable_any_whitespace": True}}, None),
+            ({"guided_regex": "[0-9]{2}-[a-z]{2,4}"}, r"[0-9]{2}-[a-z]{2,4}"),
+            ({"guided_choice": ["alpha", "beta", "gamma"]}, "alpha|beta|gamma")]
+
+    async def streamed(ask):
+        async with httpx.AsyncClient() as client:
+            return "".join((await stream_completion(client, tiny_cluster.url, **body, **ask))[0])
+
+    for ask, regex in asks:
+        choice = completion(tiny_cluster.url, **body, **ask)["choices"][0]
+        text = choice["text"]
+        assert choice["finish_reason"] == "stop", (ask, text)
+        if regex is None:
+            doc = json.loads(text)
+            assert set(doc) == {"n", "ok", "tag"} and 0 <= doc["n"] <= 999 and doc["tag"] in ("red", "green"), text
+            assert isinstance(doc["ok"], bool)
+            assert "  " not in text and "\n" not in text, text
+            if "structured_outputs" in ask:
+                assert " " not in text, text  # disable_any_whitespace
+        else:
+            assert re.fullmatch(regex, text), (ask, text)
+        assert asyncio.run(streamed(ask)) == text, ask
+    resp = httpx.post(tiny_cluster.url + "/v1/completions", json={**body, "guided_regex": "[0-9"}, timeout=30)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "guided_regex", resp.text
+    assert_no_kv_held(tiny_cluster)

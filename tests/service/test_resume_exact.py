@@ -17,6 +17,8 @@ is the invariant checked: which token flips moves with every change of a kernel.
 from __future__ import annotations
 
 import asyncio
+import functools
+import re
 
 import httpx
 import pytest
@@ -24,7 +26,7 @@ import pytest_asyncio
 import torch
 
 import token_service.engine
-from common import metadata
+from common import grammar, metadata
 from common.model import load_model
 from common.protocol import (PROTOCOL, AbortRequest, AbortResult, DecodeRequest, PrefillRequest, ReserveRequest, RestoreRequest,
                              SamplingParams, ServiceInfo, ServiceKind)
@@ -40,6 +42,9 @@ SAMPLING = SamplingParams(temperature=0.2, seed=160, max_tokens=40, ignore_eos=T
 # penalties count the prompt and every token out: the resuming service gets them (DecodeRequest.history)
 PENALIZED = SAMPLING.model_copy(update={"frequency_penalty": 1.0, "presence_penalty": 0.5, "repetition_penalty": 1.3,
                                         "logit_bias": [(422, 2.0)]})
+# a grammar follows every token out: the resuming service rebuilds its place from them (a fresh
+# matcher would put the digits and letters elsewhere); 30 single-digit tokens, more than any cut
+GUIDED = SAMPLING.model_copy(update={"grammar": grammar.from_request("regex", "([0-9]{3}[a-z]){10}")})
 SERVICES = ("token-a", "token-b")
 
 
@@ -112,6 +117,13 @@ class Services:
         return self.replica[layers.start:layers.stop, :, :tokens]
 
 
+@functools.cache
+def runner_tokenizer():
+    from common.model import load_tokenizer
+
+    return load_tokenizer(grammar._model)
+
+
 def ok(message) -> httpx.Response:
     return httpx.Response(200, content=message.model_dump_json())
 
@@ -123,6 +135,7 @@ def service(name: str, kind: ServiceKind = ServiceKind.TOKEN) -> ServiceInfo:
 
 @pytest.fixture(scope="module")
 def runner(tiny_model_path):
+    grammar.use_model(tiny_model_path)
     return ModelRunner(load_model(tiny_model_path))
 
 
@@ -157,7 +170,7 @@ async def generate(registry: metadata.Registry, services: Services, rid: str,
     return tokens, services.finished.rows[rid]
 
 
-@pytest.mark.parametrize("sampling", [SAMPLING, PENALIZED], ids=["seeded", "penalized"])
+@pytest.mark.parametrize("sampling", [SAMPLING, PENALIZED, GUIDED], ids=["seeded", "penalized", "guided"])
 @pytest.mark.parametrize("path", ["reprefill", "replica"])
 async def test_a_resumed_request_draws_the_same_tokens_from_the_same_kv(runner, redis, path, sampling, monkeypatch):
     registry, requests = redis
@@ -166,6 +179,9 @@ async def test_a_resumed_request_draws_the_same_tokens_from_the_same_kv(runner, 
     if sampling is PENALIZED:  # the penalties change what is drawn, so losing their counts would show
         plain, _ = await generate(registry, Services(runner, requests), f"exact-plain-{path}")
         assert plain != clean and len(set(plain)) < len(set(clean))
+    if sampling is GUIDED:
+        text = runner_tokenizer().decode(clean)
+        assert re.fullmatch(r"([0-9]{3}[a-z]){0,9}[0-9]{0,3}[a-z]*", text), text  # on its way (max_tokens first)
     for k in (1, 3, 10, 20):
         replicated = len(PROMPT) + k // 2 if path == "replica" else 0  # the replica is behind the tokens out
         services = Services(runner, requests, cut=k, replicated=replicated)

@@ -42,7 +42,7 @@ def test_max_completion_tokens_wins_over_max_tokens(tokenizer):
 
 
 @pytest.mark.parametrize("field, value", [("tools", [{"type": "function", "function": {"name": "f"}}]),
-                                          ("tool_choice", "required"), ("response_format", {"type": "json_object"}),
+                                          ("tool_choice", "required"),
                                           ("functions", [{"name": "f"}]), ("top_logprobs", 2)])
 def test_chat_fields_we_do_not_implement_are_refused_not_ignored(tokenizer, field, value):
     from common.errors import BadRequest
@@ -56,6 +56,56 @@ def test_chat_fields_we_do_not_implement_are_refused_not_ignored(tokenizer, fiel
                      {"top_logprobs": 2, "logprobs": True}):
         assert chat_jobs(ChatRequest(messages=[{"role": "user", "content": "hi"}], **harmless), tokenizer,
                         limits_of(tokenizer, 512))
+
+
+def test_structured_output_fields_become_one_grammar_and_bad_ones_a_400_naming_them(tokenizer):
+    """OpenAI's response_format and vLLM's structured_outputs and guided_* (on chat and completions)
+    each give the job a grammar; two at once, or one that does not compile, is a 400 naming it."""
+    from common.errors import BadRequest
+
+    limits, hi = limits_of(tokenizer, 512), [{"role": "user", "content": "hi"}]
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    asks = [{"response_format": {"type": "json_object"}},
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}},
+            {"structured_outputs": {"json": schema}}, {"structured_outputs": {"regex": "[0-9]+"}},
+            {"structured_outputs": {"choice": ["yes", "no"]}}, {"structured_outputs": {"json_object": True}},
+            {"structured_outputs": {"grammar": 'root ::= "a" | "b"'}}, {"guided_json": schema},
+            {"guided_json": '{"type": "integer"}'}, {"guided_regex": "[a-z]{3}"}, {"guided_choice": ["x", "y"]},
+            {"guided_grammar": 'start: "a" | "b"'}, {"guided_regex": "[a-z]", "guided_decoding_backend": "xgrammar"}]
+    texts = []
+    for ask in asks:
+        [job] = chat_jobs(ChatRequest(messages=hi, **ask), tokenizer, limits)
+        [completion] = completion_jobs(CompletionRequest(prompt="hi", **ask), tokenizer, limits)
+        assert job.sampling.grammar and job.sampling.grammar == completion.sampling.grammar, ask
+        texts.append(job.sampling.grammar)
+    assert texts[0] == texts[5] and texts[1] == texts[2] == texts[7]  # the same asked in another field's words
+    assert len(set(texts)) == len(asks) - 3
+    for plain in ({}, {"response_format": {"type": "text"}}, {"structured_outputs": {}}):
+        assert chat_jobs(ChatRequest(messages=hi, **plain), tokenizer, limits)[0].sampling.grammar == ""
+    # vLLM's JSON options: the whitespace between tokens, none at all, objects closed
+    options = [{"guided_json": schema, "guided_whitespace_pattern": " ?"},
+               {"structured_outputs": {"json": schema, "whitespace_pattern": " ?"}},
+               {"structured_outputs": {"json": schema, "disable_any_whitespace": True}},
+               {"structured_outputs": {"json": schema, "disable_additional_properties": True}}]
+    made = [chat_jobs(ChatRequest(messages=hi, **ask), tokenizer, limits)[0].sampling.grammar for ask in options]
+    assert made[0] == made[1] and len({*made, texts[1]}) == 4
+    assert '"whitespace_pattern":" ?"' in made[0] and '"whitespace_flexible":false' in made[2]
+    assert '"additionalProperties":false' in made[3]
+    bad = [({"response_format": {"type": "xml"}}, "response_format"),
+           ({"response_format": {"type": "json_schema"}}, "response_format"),
+           ({"response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": {"type": "objectx"}}}},
+            "response_format"),
+           ({"guided_regex": "(("}, "guided_regex"), ({"guided_grammar": "start: nothing_here"}, "guided_grammar"),
+           ({"guided_choice": []}, "guided_choice"), ({"guided_json": "{not json"}, "guided_json"),
+           ({"structured_outputs": {"regex": "(("}}, "structured_outputs"),
+           ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs"),
+           ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "response_format"),
+           ({"guided_json": schema, "guided_whitespace_pattern": "(("}, "guided_json"),
+           ({"structured_outputs": {"json": schema, "whitespace_pattern": 3}}, "structured_outputs")]
+    for ask, param in bad:
+        with pytest.raises(BadRequest) as info:
+            chat_jobs(ChatRequest(messages=hi, **ask), tokenizer, limits)
+        assert info.value.param == param, ask
 
 
 def test_echo_with_logprobs_asks_for_the_prompts_and_max_tokens_0_only_with_echo(tokenizer):

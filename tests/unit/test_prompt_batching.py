@@ -98,3 +98,33 @@ async def test_an_aborted_job_leaves_no_acknowledgement_unretrieved():
         assert reported and "never retrieved" in reported[0]
     finally:
         loop.set_exception_handler(None)
+
+
+async def test_a_newer_prefill_of_the_same_request_fails_the_earlier_one(tiny_model_path, monkeypatch):
+    """A prompt service that stalled (its loop blocked for seconds) gets the gateway's retry of a
+    request while the first call still runs: the newer wins, the earlier fails at once, and an
+    abort then reaches the newer. Before, the newer took the earlier's place in `jobs`: the abort
+    meant for the earlier hit the newer, and the earlier, unreachable, held its place in flight."""
+    import asyncio
+
+    import prompt_service.engine as prompt_engine
+    from common.errors import UpstreamError
+    from common.model import load_model
+    from engine.runner import ModelRunner
+
+    async def no_links(*args):
+        return []
+
+    monkeypatch.setattr(prompt_engine, "open_links", no_links)
+    engine = PrefillEngine(ModelRunner(load_model(tiny_model_path), block_size=4), PromptSettings(), peers=None)
+    before = prompt_engine.IN_FLIGHT._value.get()
+    req = job("r", 5).req
+    first = asyncio.create_task(engine.submit(req))
+    await asyncio.sleep(0.05)
+    second = asyncio.create_task(engine.submit(req))
+    with pytest.raises(UpstreamError, match="superseded"):
+        await asyncio.wait_for(first, 5)
+    assert engine.abort("r")
+    with pytest.raises(UpstreamError, match="aborted"):
+        await asyncio.wait_for(second, 5)
+    assert not engine.jobs and prompt_engine.IN_FLIGHT._value.get() == before

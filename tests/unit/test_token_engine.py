@@ -108,7 +108,7 @@ def test_token_ids_past_the_vocabulary_are_refused_at_the_boundary(runner):
     biased = SamplingParams(max_tokens=4, logit_bias=[(vocab, 1.0)])
     penalized = SamplingParams(max_tokens=4, frequency_penalty=1.0)
     for bad, match in ((DecodeRequest(request_id="r", first_token=5, sampling=biased), "logit_bias"),
-                       (DecodeRequest(request_id="r", first_token=5, sampling=penalized), "penalties need the 8 tokens"),
+                       (DecodeRequest(request_id="r", first_token=5, sampling=penalized), "penalties and grammars need the 8 tokens"),
                        (DecodeRequest(request_id="r", first_token=5, sampling=penalized, history=[1] * 7 + [vocab]),
                         "history: token id")):
         with pytest.raises(BadRequest, match=match):
