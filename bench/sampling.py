@@ -94,6 +94,7 @@ def model_logits(model: str, rows: int):
 def run(args) -> dict:
     import torch
 
+    from common import grammar
     from common.sampling import sample
     from token_service.sequence import Sequence
 
@@ -114,8 +115,8 @@ def run(args) -> dict:
             for out, output in ((seqs, ids[args.prompt_tokens:]), (documents, list(document))):
                 seq = Sequence(f"r{i}", prompt_len=args.prompt_tokens, max_tokens=1 << 20, num_layers=1)
                 seq.history, seq.output = ids[: args.prompt_tokens], output
-                seq.sampling = params["json"]  # its grammar, for `penalties` (the others have none)
                 out.append(seq)
+            documents[-1].matcher = grammar.start(params["json"].grammar, vocab)  # follows the output from its start
         rids = [s.request_id for s in seqs]
 
         def call(kind: str) -> float:

@@ -11,6 +11,9 @@ token that completes the grammar ends the request ("stop"), without an EOS after
 
 A matcher's state depends on the output tokens only, so a request resumed on another service
 rebuilds it from the tokens already out (DecodeRequest.history) and picks as it would have.
+Services make a request's matcher (`start`: compile, copy, consume the tokens out) in a thread as
+the request arrives, never inside a step: a large grammar compiles for up to a second, a resume
+consumes the whole output, and the first grammar reads the tokenizer.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ def from_request(kind: str, value: Any, whitespace: str | None = None, compact: 
         raise
     except (ValueError, TypeError) as exc:  # llguidance: not JSON, a GBNF it cannot convert
         raise GrammarError(str(exc)) from None
+    except RecursionError:  # a JSON text nested thousands deep
+        raise GrammarError("the schema is nested too deeply") from None
     if len(text) > MAX_GRAMMAR_CHARS:
         raise GrammarError(f"the grammar is {len(text)} characters long: at most {MAX_GRAMMAR_CHARS}")
     error = LLMatcher.validate_grammar(text, None)
@@ -75,14 +80,27 @@ def from_request(kind: str, value: Any, whitespace: str | None = None, compact: 
     return text
 
 
-def _closed(schema):
+_SUBSCHEMA = ("items", "additionalItems", "contains", "not", "if", "then", "else", "additionalProperties",
+              "propertyNames", "unevaluatedItems", "unevaluatedProperties")   # keyword: a schema
+_SUBSCHEMAS = ("allOf", "anyOf", "oneOf", "prefixItems", "items")                # keyword: a list of them
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")  # name: schema
+
+
+def _closed(schema, depth: int = 0):
     """The schema with `additionalProperties: false` on each object schema that does not say (vLLM's
-    disable_additional_properties)."""
-    if isinstance(schema, list):
-        return [_closed(s) for s in schema]
+    disable_additional_properties); only subschemas are visited, never `enum` or `const` values."""
+    if depth > 100:
+        raise GrammarError("the schema is nested too deeply")
     if not isinstance(schema, dict):
         return schema
-    out = {k: _closed(v) for k, v in schema.items()}
+    out = dict(schema)
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _closed(s, depth + 1) for name, s in value.items()}
+        elif key in _SUBSCHEMAS and isinstance(value, list):
+            out[key] = [_closed(s, depth + 1) for s in value]
+        elif key in _SUBSCHEMA and isinstance(value, dict):
+            out[key] = _closed(value, depth + 1)
     if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
         out["additionalProperties"] = False
     return out
@@ -97,15 +115,21 @@ def use_model(path: Path) -> None:
 
 @functools.cache
 def _tokenizer(vocab: int):
-    """llguidance's view of the model's tokenizer, for logits of `vocab` columns (built once, about
-    0.5 s for SmolLM2's 49k tokens)."""
-    import llguidance.hf
+    """llguidance's view of the model's tokenizer, for a vocabulary of `vocab` ids (built once:
+    0.6 s and 40 MB for SmolLM2's 49k tokens from its tokenizer.json; through transformers' tokenizer,
+    where a model has no tokenizer.json, seconds and hundreds of MB more)."""
+    from llguidance import LLTokenizer
 
     from common.model import eos_token_ids, load_tokenizer
 
     if _model is None:
         raise RuntimeError("grammar.use_model was not called: no tokenizer to follow a grammar with")
-    return llguidance.hf.from_tokenizer(load_tokenizer(_model), n_vocab=vocab, eos_token=eos_token_ids(_model) or None)
+    eos = eos_token_ids(_model) or None
+    if (_model / "tokenizer.json").is_file():
+        return LLTokenizer(str(_model / "tokenizer.json"), n_vocab=vocab, eos_token=eos)
+    import llguidance.hf
+
+    return llguidance.hf.from_tokenizer(load_tokenizer(_model), n_vocab=vocab, eos_token=eos)
 
 
 @functools.lru_cache(maxsize=256)
@@ -124,31 +148,37 @@ def _compiled(text: str, vocab: int):
     return matcher
 
 
-def check(text: str, vocab: int) -> None:
-    """GrammarError if the grammar does not compile against this model's vocabulary."""
-    if text:
-        _compiled(text, vocab)
+def start(text: str, vocab: int, before=()) -> Matcher:
+    """A request's matcher, its grammar compiled against this model's vocabulary of `vocab` ids
+    and the output tokens `before` consumed (a resumed request's). GrammarError if it does not
+    compile. Slow at times (see the module's docstring): call it in a thread."""
+    matcher = Matcher(_compiled(text, vocab).deep_copy(), vocab)
+    matcher.consume(before)
+    return matcher
 
 
 class Matcher:
     """One request's place in its grammar: the output tokens consumed so far."""
 
-    def __init__(self, text: str, vocab: int):
-        self.vocab = vocab
-        self.matcher = _compiled(text, vocab).deep_copy()
+    def __init__(self, matcher, vocab: int):
+        self.vocab, self.matcher = vocab, matcher
+        self.failed = False  # consumed a token it forbids (or one past the vocabulary)
 
     def consume(self, tokens) -> None:
         for token in tokens:
-            if not self.matcher.consume_token(int(token)):
-                break  # in error from here on: `done`
+            if not 0 <= token < self.vocab or not self.matcher.consume_token(int(token)):
+                self.failed = True  # `done` from here on
+                break
 
     @property
     def done(self) -> bool:
         """The grammar is complete (nothing but EOS may follow), or a token it forbids was consumed
         (a pick with every token masked: min_tokens holding back the only one it allowed)."""
-        return self.matcher.is_stopped() or self.matcher.is_error()
+        return self.failed or self.matcher.is_stopped() or self.matcher.is_error()
 
-    def forbidden(self) -> np.ndarray:
-        """(vocab,) bool: the tokens the next pick may not take (about 0.03 ms for 49k tokens)."""
+    def forbidden(self, width: int) -> np.ndarray:
+        """(width,) bool over a row of logits: the tokens the next pick may not take, and any column
+        past the vocabulary (about 0.03 ms for 49k tokens)."""
         words = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)  # little-endian 32-bit words
-        return np.unpackbits(words, bitorder="little")[: self.vocab] == 0
+        allowed = np.unpackbits(words, bitorder="little", count=min(width, self.vocab))
+        return np.concatenate([allowed == 0, np.ones(width - len(allowed), dtype=bool)])

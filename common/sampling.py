@@ -110,7 +110,7 @@ class History:
     follows; each pick adds only the tokens out since (`update`), so a step's cost grows with the
     distinct tokens, never with a whole context copied again."""
 
-    def __init__(self, vocab: int, prompt: Sequence[int], before: Sequence[int] = (), grammar: str = ""):
+    def __init__(self, vocab: int, prompt: Sequence[int], before: Sequence[int] = (), matcher: Matcher | None = None):
         self.seen = np.zeros(vocab, dtype=bool)      # in prompt or output
         self.counts = np.zeros(vocab, dtype=np.float32)  # in the output
         self.out_ids, counts = np.unique(np.asarray(before, dtype=np.int64), return_counts=True)
@@ -118,10 +118,8 @@ class History:
         self.seen_ids = np.union1d(np.asarray(prompt, dtype=np.int64), self.out_ids)
         self.seen[self.seen_ids] = True
         self.counted = 0  # tokens of the followed output list counted
-        self.matcher = Matcher(grammar, vocab) if grammar else None
+        self.matcher = matcher  # a grammar's (grammar.start), `before` consumed already
         self.matched = 0  # ... and consumed by the matcher (a pick is, as soon as it is made: `follow`)
-        if self.matcher:
-            self.matcher.consume(before)
 
     def update(self, output: Sequence[int]) -> History:
         """Count output[counted:], the tokens out since the last update."""
@@ -162,15 +160,19 @@ def process(logits: torch.Tensor, params: list[SamplingParams], indices: list[in
     if not rows:
         return logits
     out, dev = logits.clone(), logits.device
-    for r in rows:  # a grammar first, as vLLM applies its bitmask; -inf stays -inf through what follows
-        if params[r].grammar:  # row by row in place: an indexed fill over several rows copies them twice
-            out[r].masked_fill_(torch.from_numpy(histories[r].matcher.forbidden()).to(dev), float("-inf"))
+    guided = [r for r in rows if params[r].grammar]
+    if guided:  # first, as vLLM applies its bitmask; -inf stays -inf through what follows
+        forbidden = torch.from_numpy(np.stack([histories[r].matcher.forbidden(out.shape[1]) for r in guided])).to(dev)
+        for i, r in enumerate(guided):  # row by row in place: an indexed fill over several rows copies them twice
+            out[r].masked_fill_(forbidden[i], float("-inf"))
     biased = [(r, t, b) for r in rows for t, b in params[r].logit_bias]
     if biased:
         r, t, b = zip(*biased)
         out.index_put_((torch.tensor(r, device=dev), torch.tensor(t, device=dev)),
                        torch.tensor(b, dtype=out.dtype, device=dev), accumulate=True)
-    held = [(r, t) for r in rows if indices[r] < params[r].min_tokens for t in params[r].stops]
+    # a grammar that allows nothing but stop tokens is complete: it ends the output, min_tokens or not
+    held = [(r, t) for r in rows if indices[r] < params[r].min_tokens and not _only_stops(out[r], params[r])
+            for t in params[r].stops]
     if held:
         r, t = zip(*held)
         out[torch.tensor(r, device=dev), torch.tensor(t, device=dev)] = float("-inf")
@@ -188,6 +190,14 @@ def process(logits: torch.Tensor, params: list[SamplingParams], indices: list[in
                                for name in ("frequency_penalty", "presence_penalty"))
         out[rr, tt] -= counts * frequency + presence
     return out
+
+
+def _only_stops(row: torch.Tensor, p: SamplingParams) -> bool:
+    """A grammar's row whose only tokens left (not -inf) are stop tokens."""
+    if not p.grammar:
+        return False
+    left = torch.isfinite(row)
+    return int(left.sum()) <= int(left[p.stops].sum()) if p.stops else False
 
 
 def _pairs(tokens: list[tuple[int, np.ndarray]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,12 +227,14 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int
     return events
 
 
-def sample_first(logits: torch.Tensor, reqs: list) -> list[TokenEvent]:
+def sample_first(logits: torch.Tensor, reqs: list, matchers: Sequence[Matcher | None] | None = None) -> list[TokenEvent]:
     """The first token of each prefill request (PrefillRequest) whose prompt just ended: logits
-    (n, vocab), output index 0, the penalties counting its prompt, a grammar at its start."""
+    (n, vocab), output index 0, the penalties counting its prompt, its grammar's matcher at the
+    start (matchers[i], grammar.start's, where reqs[i] has a grammar)."""
+    matchers = matchers or [None] * len(reqs)
     return sample(logits, [r.sampling for r in reqs], [0] * len(reqs), [r.request_id for r in reqs],
-                  [History(logits.shape[-1], r.prompt_ids, grammar=r.sampling.grammar) if r.sampling.needs_history
-                   else None for r in reqs])
+                  [History(logits.shape[-1], r.prompt_ids, matcher=m) if r.sampling.needs_history else None
+                   for r, m in zip(reqs, matchers)])
 
 
 def first_event(p: SamplingParams, event: TokenEvent) -> TokenEvent:

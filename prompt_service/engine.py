@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -160,6 +161,7 @@ class PrefillJob:
     done: int = 0                   # prompt tokens computed (a chunked prompt's progress)
     pool: torch.Tensor | None = None  # a chunked prompt's KV so far, for its later chunks to attend to
     prompt_logprobs: list[PromptLogprob] = field(default_factory=list)  # req.prompt_logprobs: tokens 1.. so far
+    matcher: grammar.Matcher | None = None  # its grammar's, at the start (grammar.start), for the first pick
 
     @property
     def num_tokens(self) -> int:
@@ -187,6 +189,8 @@ class PrefillEngine:
         self.queue: collections.deque[PrefillJob] = collections.deque()
         self.queued = asyncio.Event()
         self.jobs: dict[str, PrefillJob] = {}
+        self.arrivals: dict[str, int] = {}  # request id: the ticket of its latest call (`submit`)
+        self.tickets = itertools.count()
         self.pipeline = None  # --stages: the stages after this one (prompt_service/pipeline.py)
 
     @property
@@ -199,22 +203,36 @@ class PrefillEngine:
             self.runner.check_tokens(named_tokens(req.sampling), "sampling (logit_bias, stop_token_ids)")
         except ValueError as exc:
             raise BadRequest(str(exc), code="invalid_token_id") from None
-        try:  # off the event loop: the first grammar reads the tokenizer (a second or more)
-            if req.sampling.grammar:
-                await asyncio.to_thread(grammar.check, req.sampling.grammar, self.runner.vocab_size)
-        except grammar.GrammarError as exc:
-            raise BadRequest(f"grammar (structured output): {exc}", param="grammar", code="invalid_grammar") from None
         if req.prompt_logprobs is not None and self.pipeline is not None:  # the gateway sends them elsewhere
             raise BadRequest("prompt logprobs (echo with logprobs) are not computed by a prompt pipeline "
                              "(--stages)", param="prompt_logprobs")
+        # A gateway that gave up on this service (it stalled past the health check) may ask again
+        # while the first call still runs: the call that arrived last wins, whichever is further along
+        ticket = self.arrivals[req.request_id] = next(self.tickets)
+        try:
+            return await self._submit(req, ticket)
+        finally:
+            if self.arrivals.get(req.request_id) == ticket:
+                del self.arrivals[req.request_id]
+
+    async def _submit(self, req: PrefillRequest, ticket: int) -> PrefillResult:
+        matcher = None
+        if req.sampling.grammar:  # in a thread: a large grammar compiles for up to a second, the first reads the tokenizer
+            try:
+                matcher = await asyncio.to_thread(grammar.start, req.sampling.grammar, self.runner.vocab_size)
+            except grammar.GrammarError as exc:
+                raise BadRequest(f"grammar (structured output): {exc}", param="grammar", code="invalid_grammar") from None
         routes, mine = routes_of(req, self.runner.kv.layers), self.runner.layers  # a pipeline's head: its layers
         links = await open_links(self.peers, routes, mine, req.target_service_id)
+        if self.arrivals.get(req.request_id) != ticket:
+            raise UpstreamError(f"request {req.request_id}: superseded by a newer prefill of it")
         stale = self.jobs.get(req.request_id)
-        if stale is not None:  # a caller that gave up on this service (it stalled) and asked again: the newer wins
+        if stale is not None:  # an earlier call, further along: it fails, its caller has gone
             log.warning("a newer prefill of the same request arrived: the earlier one fails")
             stale.fail(UpstreamError(f"request {req.request_id}: superseded by a newer prefill of it"))
         job = self.jobs[req.request_id] = PrefillJob(req, routes, links,
-                                                     message_groups(routes, self.layers_per_message, mine))
+                                                     message_groups(routes, self.layers_per_message, mine),
+                                                     matcher=matcher)
         IN_FLIGHT.inc()
         sender = asyncio.create_task(self._send_layers(job))
         self.queue.append(job)
@@ -223,10 +241,11 @@ class PrefillEngine:
         try:
             return await job.result
         finally:
-            if self.pipeline is not None and 0 < job.done < job.num_tokens:  # its chunks' KV on the stages
+            mine = self.jobs.get(req.request_id) is job  # not a newer call's since
+            if mine and self.pipeline is not None and 0 < job.done < job.num_tokens:  # its chunks' KV on the stages
                 self.pipeline.drop(req.request_id)
             job.fail(UpstreamError(f"request {req.request_id} ended"))  # no-op unless cancelled
-            if self.jobs.get(req.request_id) is job:  # not a newer one's
+            if mine:
                 del self.jobs[req.request_id]
             IN_FLIGHT.dec()
             await asyncio.shield(sender)
@@ -318,7 +337,8 @@ class PrefillEngine:
         if not ended:
             return
         try:
-            events = sample_first(torch.stack([row for _, row in ended]), [j.req for j, _ in ended])
+            events = sample_first(torch.stack([row for _, row in ended]), [j.req for j, _ in ended],
+                                  [j.matcher for j, _ in ended])
         except Exception as exc:  # as a failed forward: its requests fail, the service stays
             log.exception("sampling the first tokens failed")
             for job, _ in ended:

@@ -32,7 +32,7 @@ from common.service import (ClosingStreamingResponse, add_health_and_metrics, cl
 from common.settings import TokenSettings
 from engine.checkpoint import load_for_engine
 from engine.runner import ModelRunner, stage_layers, teams_on_engine_threads_only
-from token_service.engine import KVMessageError, TokenEngine
+from token_service.engine import KVMessageError, TokenEngine, outputs_before
 from token_service.stage_app import create_stage_app, open_pipeline, stage_fields
 from token_service.replicator import Replicator
 from token_service.sequence import Sequence
@@ -136,8 +136,8 @@ def create_app(settings: TokenSettings) -> FastAPI:
     async def decode(req: DecodeRequest) -> ClosingStreamingResponse:
         request_id_var.set(req.request_id)
         await app.state.engine.collect_landed(req.request_id)  # a pipeline's stages: their prompt KV
-        await app.state.engine.compile_grammar(req.sampling)
-        return _decode_stream(app.state.engine, req)
+        matcher = await app.state.engine.start_grammar(req.sampling, outputs_before(req))
+        return _decode_stream(app.state.engine, req, matcher)
 
     @app.post("/prefill")
     async def prefill(req: PrefillRequest) -> PrefillResult:
@@ -160,8 +160,8 @@ def create_app(settings: TokenSettings) -> FastAPI:
     return app
 
 
-def _decode_stream(engine: TokenEngine, req: DecodeRequest) -> ClosingStreamingResponse:
-    seq = engine.start_decode(req)
+def _decode_stream(engine: TokenEngine, req: DecodeRequest, matcher) -> ClosingStreamingResponse:
+    seq = engine.start_decode(req, matcher)
 
     async def on_close() -> None:  # the gateway went away (or the stream ended): free the row
         engine.abort(seq.request_id)

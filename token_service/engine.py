@@ -76,6 +76,11 @@ class KVMessageError(Exception):
     """A KV message the receiver refuses (answered with an error frame, the link stays up)."""
 
 
+def outputs_before(req: DecodeRequest) -> list[int]:
+    """The output tokens before first_token, the end of its history (where it has one)."""
+    return req.history[len(req.history) - req.first_index:] if req.first_index and req.history else []
+
+
 class TokenEngine:
     def __init__(self, runner: ModelRunner, settings: TokenSettings, service_id: str):
         self.runner, self.settings, self.service_id = runner, settings, service_id
@@ -190,13 +195,12 @@ class TokenEngine:
         On a resume the prompt is shorter than the row: the tokens out are replayed after it."""
         self._check_tokens(req.prompt_ids, "prompt_ids")
         self._check_tokens(named_tokens(req.sampling), "sampling (logit_bias, stop_token_ids)")
-        await self.compile_grammar(req.sampling)
-        self._check_grammar(req.sampling)
+        matcher = await self.start_grammar(req.sampling)
         if req.prompt_logprobs is not None and self.pipeline is not None:
             raise BadRequest("prompt logprobs (echo with logprobs) are not computed by a token pipeline (--stages)",
                              param="prompt_logprobs")
         seq = self._empty_seq(req.request_id, len(req.prompt_ids), "prefill")
-        job = PrefillJob(seq, req, asyncio.get_running_loop().create_future())
+        job = PrefillJob(seq, req, asyncio.get_running_loop().create_future(), matcher=matcher)
         self.prefills.add(job)
         self.wakeup.set()
         return await asyncio.shield(job.result)  # a cancelled caller leaves the job to the loop
@@ -260,7 +264,9 @@ class TokenEngine:
                              f"{prompt_len} (or its KV is already there or on its way)")
         return seq
 
-    def start_decode(self, req: DecodeRequest) -> Sequence:
+    def start_decode(self, req: DecodeRequest, matcher: grammar.Matcher | None = None) -> Sequence:
+        """matcher: the request's grammar's, made by `start_grammar` from req.history (made here, on
+        the event loop, when not given: tests)."""
         seq = self.scheduler.seqs.get(req.request_id)
         if seq is None or seq.done:
             raise NotFound(f"request {req.request_id} holds no KV room here (expired or aborted)")
@@ -268,7 +274,6 @@ class TokenEngine:
             raise BadRequest(f"request {req.request_id} is already decoding", code="duplicate_request")
         self._check_tokens(req.replay + [req.first_token], "replay and first_token")  # a bad id would fail the step
         self._check_tokens(named_tokens(req.sampling), "sampling (logit_bias, stop_token_ids)")
-        self._check_grammar(req.sampling)  # compiled by now (compile_grammar), unless a test calls this alone
         if req.sampling.needs_history:  # the penalties count, a grammar follows, every token before first_token
             if len(req.history) != seq.prompt_len:
                 raise BadRequest(f"request {req.request_id}: penalties and grammars need the {seq.prompt_len} tokens "
@@ -284,21 +289,23 @@ class TokenEngine:
             raise BadRequest(f"request {req.request_id}: {req.sampling.max_tokens - req.first_index} tokens to decode, "
                              f"KV room was reserved for {seq.max_tokens}")
         seq.sampling, seq.output, seq.first_index, seq.epoch = req.sampling, [req.first_token], req.first_index, req.epoch
-        seq.history = req.history if req.sampling.needs_history else []
+        if req.sampling.grammar and matcher is None:
+            matcher = self._grammar(req.sampling, outputs_before(req))
+        seq.history, seq.matcher = (req.history if req.sampling.needs_history else []), matcher
         seq.replay.extend(req.replay)
         self.wakeup.set()
         return seq
 
-    async def compile_grammar(self, p: SamplingParams) -> None:
-        """Compile the request's grammar off the event loop (the first one reads the tokenizer: a
-        second or more), so that `_check_grammar` finds it compiled."""
-        if p.grammar:
-            with contextlib.suppress(grammar.GrammarError):  # _check_grammar says it
-                await asyncio.to_thread(grammar.check, p.grammar, self.runner.vocab_size)
+    async def start_grammar(self, p: SamplingParams, before: list[int] = ()) -> grammar.Matcher | None:
+        """The request's grammar's matcher with the tokens out `before` consumed, made in a thread
+        (grammar.start: never in a step); None without a grammar; a 400 if it does not compile."""
+        if not p.grammar:
+            return None
+        return await asyncio.to_thread(self._grammar, p, before)
 
-    def _check_grammar(self, p: SamplingParams) -> None:
+    def _grammar(self, p: SamplingParams, before: list[int]) -> grammar.Matcher:
         try:
-            grammar.check(p.grammar, self.runner.vocab_size)
+            return grammar.start(p.grammar, self.runner.vocab_size, before)
         except grammar.GrammarError as exc:
             raise BadRequest(f"grammar (structured output): {exc}", param="grammar", code="invalid_grammar") from None
 

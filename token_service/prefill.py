@@ -31,6 +31,7 @@ import torch
 
 from common.errors import NotFound, UpstreamError
 from common.protocol import PrefillRequest, PrefillResult, PromptLogprob
+from common.grammar import Matcher
 from common.sampling import first_event, sample_first
 from engine.attention import Segment
 from token_service.sequence import Sequence
@@ -46,6 +47,7 @@ class PrefillJob:
     done: int = 0                # prompt tokens whose KV is computed
     started: float = 0.0         # perf_counter at its first chunk
     prompt_logprobs: list[PromptLogprob] = field(default_factory=list)  # req.prompt_logprobs: tokens 1.. so far
+    matcher: Matcher | None = None  # its grammar's, at the start (grammar.start), for the first pick
 
     @property
     def num_tokens(self) -> int:
@@ -108,7 +110,8 @@ class PrefillQueue:
                 ended.append((job, row))
         if ended:
             try:
-                events = sample_first(torch.stack([r for _, r in ended]), [j.req for j, _ in ended])
+                events = sample_first(torch.stack([r for _, r in ended]), [j.req for j, _ in ended],
+                                      [j.matcher for j, _ in ended])
             except Exception as exc:  # as a failed forward: these prompts fail, the step and the service go on
                 log.exception("sampling the first tokens failed")
                 self.fail([Chunk(job, None) for job, _ in ended], exc)

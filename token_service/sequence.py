@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from common.protocol import DecodeEvent, SamplingParams
+from common.grammar import Matcher
 from common.sampling import History
 
 
@@ -36,6 +37,7 @@ class Sequence:
     first_index: int = 0                # output index of output[0] (> 0 on a resumed request)
     history: list[int] = field(default_factory=list)  # penalties, grammar: prompt + the outputs before output[0] (DecodeRequest.history)
     counted: History | None = field(default=None, repr=False)  # `penalties`, kept from step to step
+    matcher: Matcher | None = field(default=None, repr=False)  # its grammar's, the outputs before output[0] consumed
     epoch: int = 0                      # the request's epoch when this service took it (fencing)
     filling: bool = False               # its row is being written: a restore, a prefill here (colocated), prompt KV sent on to a pipeline's stages
     stepping: bool = False              # in a decode step now (its row is being read and written)
@@ -86,7 +88,7 @@ class Sequence:
         output token so far."""
         if self.counted is None:  # once: the history is not needed after
             cut = len(self.history) - self.first_index
-            self.counted = History(vocab, self.history[:cut], self.history[cut:], self.sampling.grammar)
+            self.counted = History(vocab, self.history[:cut], self.history[cut:], self.matcher)
             self.history = []
         return self.counted.update(self.output)
 

@@ -65,6 +65,9 @@ def test_structured_output_fields_become_one_grammar_and_bad_ones_a_400_naming_t
 
     limits, hi = limits_of(tokenizer, 512), [{"role": "user", "content": "hi"}]
     schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    nested = {"type": "string"}
+    for _ in range(400):
+        nested = {"type": "object", "properties": {"a": nested}}
     asks = [{"response_format": {"type": "json_object"}},
             {"response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}},
             {"structured_outputs": {"json": schema}}, {"structured_outputs": {"regex": "[0-9]+"}},
@@ -101,7 +104,11 @@ def test_structured_output_fields_become_one_grammar_and_bad_ones_a_400_naming_t
            ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs"),
            ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "response_format"),
            ({"guided_json": schema, "guided_whitespace_pattern": "(("}, "guided_json"),
-           ({"structured_outputs": {"json": schema, "whitespace_pattern": 3}}, "structured_outputs")]
+           ({"structured_outputs": {"json": schema, "whitespace_pattern": 3}}, "structured_outputs"),
+           ({"guided_json": '{"items": ' * 3000 + "{}" + "}" * 3000}, "guided_json"),  # nested past Python's stack
+           ({"structured_outputs": {"json": nested, "disable_additional_properties": True}}, "structured_outputs"),
+           ({"structured_outputs": {"grammar": 5}}, "structured_outputs"), ({"structured_outputs": {"choice": "ab"}},
+                                                                             "structured_outputs")]
     for ask, param in bad:
         with pytest.raises(BadRequest) as info:
             chat_jobs(ChatRequest(messages=hi, **ask), tokenizer, limits)

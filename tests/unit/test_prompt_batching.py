@@ -128,3 +128,41 @@ async def test_a_newer_prefill_of_the_same_request_fails_the_earlier_one(tiny_mo
     with pytest.raises(UpstreamError, match="aborted"):
         await asyncio.wait_for(second, 5)
     assert not engine.jobs and prompt_engine.IN_FLIGHT._value.get() == before
+
+
+async def test_an_earlier_call_that_registers_after_a_newer_one_fails_itself(tiny_model_path, monkeypatch):
+    """The earlier call, still opening its links when the retry arrives and registers, must not
+    take the retry's place (both carry the same epoch): the call that arrived last wins."""
+    import asyncio
+
+    import prompt_service.engine as prompt_engine
+    from common.errors import UpstreamError
+    from common.model import load_model
+    from engine.runner import ModelRunner
+
+    opened = asyncio.Event()
+    calls = 0
+
+    async def links(*args):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await opened.wait()  # the first call's links take long
+        return []
+
+    monkeypatch.setattr(prompt_engine, "open_links", links)
+    engine = PrefillEngine(ModelRunner(load_model(tiny_model_path), block_size=4), PromptSettings(), peers=None)
+    req = job("r", 5).req
+    first = asyncio.create_task(engine.submit(req))
+    await asyncio.sleep(0.05)
+    second = asyncio.create_task(engine.submit(req))
+    await asyncio.sleep(0.05)
+    newer = engine.jobs["r"]
+    opened.set()
+    with pytest.raises(UpstreamError, match="superseded"):
+        await asyncio.wait_for(first, 5)
+    assert engine.jobs["r"] is newer and not newer.result.done()
+    assert engine.abort("r")
+    with pytest.raises(UpstreamError, match="aborted"):
+        await asyncio.wait_for(second, 5)
+    assert not engine.jobs and not engine.arrivals
