@@ -196,8 +196,11 @@ def _only_stops(row: torch.Tensor, p: SamplingParams) -> bool:
     """A grammar's row whose only tokens left (not -inf) are stop tokens."""
     if not p.grammar:
         return False
+    if not p.stops:
+        return False
     left = torch.isfinite(row)
-    return int(left.sum()) <= int(left[p.stops].sum()) if p.stops else False
+    left[p.stops] = False  # (a stop id may be listed twice: the request's and the model's EOS)
+    return not bool(left.any())
 
 
 def _pairs(tokens: list[tuple[int, np.ndarray]], device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -162,6 +162,7 @@ class PrefillJob:
     pool: torch.Tensor | None = None  # a chunked prompt's KV so far, for its later chunks to attend to
     prompt_logprobs: list[PromptLogprob] = field(default_factory=list)  # req.prompt_logprobs: tokens 1.. so far
     matcher: grammar.Matcher | None = None  # its grammar's, at the start (grammar.start), for the first pick
+    inherited: bool = False         # it superseded a call of its request with chunks on a pipeline's stages
 
     @property
     def num_tokens(self) -> int:
@@ -233,6 +234,7 @@ class PrefillEngine:
         job = self.jobs[req.request_id] = PrefillJob(req, routes, links,
                                                      message_groups(routes, self.layers_per_message, mine),
                                                      matcher=matcher)
+        job.inherited = stale is not None and stale.done > 0  # the stages' pools of its chunks so far are now its
         IN_FLIGHT.inc()
         sender = asyncio.create_task(self._send_layers(job))
         self.queue.append(job)
@@ -242,7 +244,7 @@ class PrefillEngine:
             return await job.result
         finally:
             mine = self.jobs.get(req.request_id) is job  # not a newer call's since
-            if mine and self.pipeline is not None and 0 < job.done < job.num_tokens:  # its chunks' KV on the stages
+            if mine and self.pipeline is not None and job.done < job.num_tokens and (job.done or job.inherited):  # chunks' KV on the stages
                 self.pipeline.drop(req.request_id)
             job.fail(UpstreamError(f"request {req.request_id} ended"))  # no-op unless cancelled
             if mine:

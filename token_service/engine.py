@@ -288,9 +288,9 @@ class TokenEngine:
         if req.sampling.max_tokens - req.first_index > seq.max_tokens:
             raise BadRequest(f"request {req.request_id}: {req.sampling.max_tokens - req.first_index} tokens to decode, "
                              f"KV room was reserved for {seq.max_tokens}")
-        seq.sampling, seq.output, seq.first_index, seq.epoch = req.sampling, [req.first_token], req.first_index, req.epoch
-        if req.sampling.grammar and matcher is None:
+        if req.sampling.grammar and matcher is None:  # before the sequence changes: a 400 leaves it as it was
             matcher = self._grammar(req.sampling, outputs_before(req))
+        seq.sampling, seq.output, seq.first_index, seq.epoch = req.sampling, [req.first_token], req.first_index, req.epoch
         seq.history, seq.matcher = (req.history if req.sampling.needs_history else []), matcher
         seq.replay.extend(req.replay)
         self.wakeup.set()
