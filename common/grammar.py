@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import BadRequest
 from common.protocol import MAX_GRAMMAR_CHARS
 
 _model: Path | None = None
@@ -48,7 +49,7 @@ def from_request(kind: str, value: Any, whitespace: str | None = None, compact: 
     options = {"whitespace_flexible": not compact} | ({"whitespace_pattern": whitespace} if whitespace else {})
     if kind in ("regex", "grammar") and not isinstance(value, str):
         raise GrammarError(f"a {kind} must be a string")
-    if kind == "choice" and not isinstance(value, list):
+    if kind == "choice" and not (isinstance(value, list) and value and all(isinstance(c, str) and c for c in value)):
         raise GrammarError("a choice must be a list of non-empty strings")
     try:
         if kind in ("json", "json_object"):
@@ -59,8 +60,6 @@ def from_request(kind: str, value: Any, whitespace: str | None = None, compact: 
         elif kind == "regex":
             text = LLMatcher.grammar_from_regex(value)
         elif kind == "choice":
-            if not value or not all(isinstance(c, str) and c for c in value):
-                raise GrammarError("a choice must be a list of non-empty strings")
             text = grammar_from("choice", json.dumps(value))
         elif kind == "grammar":
             text = grammar_from("grammar", value)
@@ -157,6 +156,14 @@ def start(text: str, vocab: int, before=()) -> Matcher:
     return matcher
 
 
+def request_matcher(text: str, vocab: int, before=()) -> Matcher:
+    """`start` for a service's request: a grammar that does not compile is a 400 naming it."""
+    try:
+        return start(text, vocab, before)
+    except GrammarError as exc:
+        raise BadRequest(f"grammar (structured output): {exc}", param="grammar", code="invalid_grammar") from None
+
+
 class Matcher:
     """One request's place in its grammar: the output tokens consumed so far."""
 
@@ -173,7 +180,7 @@ class Matcher:
     @property
     def done(self) -> bool:
         """The grammar is complete (nothing but EOS may follow), or a token it forbids was consumed
-        (a pick with every token masked: min_tokens holding back the only one it allowed)."""
+        (a history sent with the request that does not follow it)."""
         return self.failed or self.matcher.is_stopped() or self.matcher.is_error()
 
     def forbidden(self, width: int) -> np.ndarray:

@@ -172,12 +172,11 @@ class SamplingFields(BaseModel):
         out = [("guided_json", "json", self.guided_json), ("guided_regex", "regex", self.guided_regex),
                ("guided_choice", "choice", self.guided_choice), ("guided_grammar", "grammar", self.guided_grammar)]
         so = self.structured_outputs or {}
-        known = {"json": "json", "regex": "regex", "choice": "choice", "grammar": "grammar", "json_object": "json_object"}
         for key, value in so.items():
-            if key in known:
+            if key in ("json", "regex", "choice", "grammar", "json_object"):  # the grammar kinds of common/grammar.py
                 if key == "json_object":
                     value = True if value is True else None
-                out.append((f"structured_outputs.{key}", known[key], value))
+                out.append((f"structured_outputs.{key}", key, value))
             elif value not in (None, False) and key not in ("disable_fallback", "disable_any_whitespace",
                                                              "disable_additional_properties", "whitespace_pattern"):
                 raise BadRequest(f"'structured_outputs.{key}' is not supported (json, regex, choice, grammar or "

@@ -219,10 +219,7 @@ class PrefillEngine:
     async def _submit(self, req: PrefillRequest, ticket: int) -> PrefillResult:
         matcher = None
         if req.sampling.grammar:  # in a thread: a large grammar compiles for up to a second, the first reads the tokenizer
-            try:
-                matcher = await asyncio.to_thread(grammar.start, req.sampling.grammar, self.runner.vocab_size)
-            except grammar.GrammarError as exc:
-                raise BadRequest(f"grammar (structured output): {exc}", param="grammar", code="invalid_grammar") from None
+            matcher = await asyncio.to_thread(grammar.request_matcher, req.sampling.grammar, self.runner.vocab_size)
         routes, mine = routes_of(req, self.runner.kv.layers), self.runner.layers  # a pipeline's head: its layers
         links = await open_links(self.peers, routes, mine, req.target_service_id)
         if self.arrivals.get(req.request_id) != ticket:
@@ -233,8 +230,7 @@ class PrefillEngine:
             stale.fail(UpstreamError(f"request {req.request_id}: superseded by a newer prefill of it"))
         job = self.jobs[req.request_id] = PrefillJob(req, routes, links,
                                                      message_groups(routes, self.layers_per_message, mine),
-                                                     matcher=matcher)
-        job.inherited = stale is not None and stale.done > 0  # the stages' pools of its chunks so far are now its
+                                                     matcher=matcher, inherited=stale is not None and stale.done > 0)
         IN_FLIGHT.inc()
         sender = asyncio.create_task(self._send_layers(job))
         self.queue.append(job)

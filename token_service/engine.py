@@ -289,7 +289,7 @@ class TokenEngine:
             raise BadRequest(f"request {req.request_id}: {req.sampling.max_tokens - req.first_index} tokens to decode, "
                              f"KV room was reserved for {seq.max_tokens}")
         if req.sampling.grammar and matcher is None:  # before the sequence changes: a 400 leaves it as it was
-            matcher = self._grammar(req.sampling, outputs_before(req))
+            matcher = grammar.request_matcher(req.sampling.grammar, self.runner.vocab_size, outputs_before(req))
         seq.sampling, seq.output, seq.first_index, seq.epoch = req.sampling, [req.first_token], req.first_index, req.epoch
         seq.history, seq.matcher = (req.history if req.sampling.needs_history else []), matcher
         seq.replay.extend(req.replay)
@@ -301,13 +301,7 @@ class TokenEngine:
         (grammar.start: never in a step); None without a grammar; a 400 if it does not compile."""
         if not p.grammar:
             return None
-        return await asyncio.to_thread(self._grammar, p, before)
-
-    def _grammar(self, p: SamplingParams, before: list[int]) -> grammar.Matcher:
-        try:
-            return grammar.start(p.grammar, self.runner.vocab_size, before)
-        except grammar.GrammarError as exc:
-            raise BadRequest(f"grammar (structured output): {exc}", param="grammar", code="invalid_grammar") from None
+        return await asyncio.to_thread(grammar.request_matcher, p.grammar, self.runner.vocab_size, before)
 
     def _check_tokens(self, ids: list[int], what: str) -> None:
         try:
