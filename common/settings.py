@@ -226,6 +226,11 @@ class GatewaySettings(ServiceSettings):
                                    "that failed may be starting again), before it ends in an error (s)")
     resume_attempts: int = setting(3, "token services that may fail one request before it ends in an error "
                                       "(0: fault tolerance off, a failure ends the request)")
+    tool_call_parser: str = setting("auto", "how chat's tool_choice 'auto' finds tool calls in the output: hermes "
+                                    "(<tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>, as Qwen2.5/3 and "
+                                    "Hermes write them), none (tool_choice 'auto' is a 400; 'required' and a named "
+                                    "function work with any model), auto (hermes where the model's chat template "
+                                    "writes <tool_call>, else none)", choices=("auto", "hermes", "none"))
     api_keys: tuple[str, ...] = setting((), "an API key clients must send as 'Authorization: Bearer KEY' on every "
                                         "route but /health and /metrics (repeat for several; none: no "
                                         "authentication)", flag="--api-key")

@@ -3,6 +3,7 @@
   dejavu up [--model M] [--port 8000] [--prompt-services 1] [--token-services 1] [--cache-stores 1]
             [--colocated] [--stages 1] [--prompt-stages 1] [--swap --kv-device-bytes B] [--redis-url URL] [--kv-transport ucx|tcp] [--dtype auto|float32|bfloat16|float16]
             [--cpu-placement auto|split|turns|off] [--api-key KEY ...] [--max-queued-requests 1024]
+            [--tool-call-parser auto|hermes|none]
   dejavu status [--redis-url URL] [--json]
   dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, gemm, agreement, capacity, chaos, overload, pipeline, swap, startup, lmeval, sampling: python -m bench.NAME)
   dejavu profile [--model M] [--quick] [--out profile.json]
@@ -73,6 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--max-queued-requests", type=int, default=1024,
                     help="requests that may wait, in order, for KV room when every token service is full; more "
                     "get a 429 with Retry-After (as do those still waiting after DEJAVU_ROUTE_TIMEOUT_S, 300 s)")
+    up.add_argument("--tool-call-parser", choices=("auto", "hermes", "none"), default="auto",
+                    help="how chat's tool_choice 'auto' finds tool calls in the output: hermes "
+                    "(<tool_call>{...}</tool_call>, Qwen2.5/3 and Hermes), none ('auto' is a 400; 'required' and a "
+                    "named function work with any model), auto (hermes where the chat template writes <tool_call>)")
     up.add_argument("--block-size", type=int, default=16, help="tokens per block of the paged KV pool")
     up.add_argument("--kv-blocks", type=int, default=0,
                     help="KV pool blocks per token service (0: room for --max-seqs sequences of --max-model-len)")
@@ -239,7 +244,7 @@ def cmd_up(args, parser) -> int:
            "DEJAVU_COMPILE": str(args.compile).lower(), "DEJAVU_ENFORCE_EAGER": str(args.enforce_eager).lower(),
            "DEJAVU_MAX_QUEUED_REQUESTS": str(args.max_queued_requests),
            "DEJAVU_MICROBATCHES": str(args.microbatches), "DEJAVU_KV_DEVICE_BYTES": str(args.kv_device_bytes),
-           "DEJAVU_SWAP": str(args.swap).lower()}
+           "DEJAVU_SWAP": str(args.swap).lower(), "DEJAVU_TOOL_CALL_PARSER": args.tool_call_parser}
     given = args.api_key if args.api_key is not None else [os.environ.get("DEJAVU_API_KEYS", "")]
     keys = [k.strip() for item in given for k in item.split(",")] if any(given) or args.api_key else []
     if not all(keys):  # an empty key would let an empty bearer token in

@@ -10,6 +10,7 @@ A request's life in the gateway:
 
 from __future__ import annotations
 
+import json
 import random
 import time
 import uuid
@@ -23,6 +24,7 @@ from common.protocol import PromptLogprob, SamplingParams, TokenEvent
 from gateway.detokenizer import IncrementalDetokenizer, StopStrings
 from gateway.openai_types import ChatRequest, CompletionRequest, SamplingFields
 from gateway.router import Router
+from gateway.tools import Plan
 
 TTFT = Histogram("dejavu_gateway_ttft_seconds", "time to first token",
                  buckets=(.05, .1, .25, .5, 1, 2, 4, 8, 16, 32))
@@ -51,6 +53,7 @@ class Job:
     include_stop: bool = False    # include_stop_str_in_output: the stop string or stop token kept in the text
     created: int = field(default_factory=lambda: int(time.time()))
     recorded: bool = False        # its outcome has been counted and written to Redis
+    tools: Plan | None = None     # chat with tools to call: its output is read for calls (gateway/tools.py)
 
 
 @dataclass
@@ -69,13 +72,15 @@ class Limits:
     eos_ids: list[int]
     chat_max_tokens: int
     max_token_chars: int = 0      # characters of the vocabulary's longest token (0: unknown)
+    tool_parser: str = "none"     # how tool_choice 'auto' reads calls in the output (gateway/tools.py)
 
 
 def text_chars(body: CompletionRequest | ChatRequest) -> int:
     """Characters of text the request would have tokenized (0 for token ids)."""
     if isinstance(body, ChatRequest):
         parts = [p for m in body.messages if m.content for p in ([m.content] if isinstance(m.content, str) else m.content)]
-        return sum(len(p) if isinstance(p, str) else len(str(p.get("text", ""))) for p in parts)
+        tools = len(json.dumps(body.tools)) if body.tools else 0  # the template writes them into the prompt
+        return sum(len(p) if isinstance(p, str) else len(str(p.get("text", ""))) for p in parts) + tools
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt or []
     return sum(len(t) for t in texts if isinstance(t, str))
 
@@ -125,15 +130,25 @@ def chat_jobs(body: ChatRequest, tokenizer, limits: Limits) -> list[Job]:
     """A job a choice (`n`)."""
     body.check()
     _check_model(body, limits)
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages = [m.for_template() for m in body.messages]
     rule_out_by_length(sum(len(m["content"]) for m in messages), limits, "messages")
+    plan = body.tool_plan
+    if plan and plan.mode == "auto" and limits.tool_parser == "none":
+        raise BadRequest("'tool_choice' 'auto' (the default with 'tools') needs a tool-call parser, and this model's "
+                         "chat template has no tool-call format the gateway knows: start it with --tool-call-parser "
+                         "hermes if the model writes <tool_call>{...}</tool_call>, or ask for 'required' or a named "
+                         "function (the output is then held to the tools' schemas)", "tool_choice")
     try:
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        out = tokenizer.apply_chat_template(messages, tools=list(plan.tools) if plan else None,
+                                            add_generation_prompt=True, tokenize=True)
     except Exception as exc:  # a template that rejects this conversation is the caller's problem
         raise BadRequest(f"'messages' cannot be formatted by the model's chat template: {exc}", "messages") from exc
     ids = list(out["input_ids"] if hasattr(out, "keys") else out)
-    return [_job(body, ids, limits, limits.chat_max_tokens, body.logprobs_k, "", "messages", choice=i)
+    jobs = [_job(body, ids, limits, limits.chat_max_tokens, body.logprobs_k, "", "messages", choice=i)
             for i in range(body.n)]
+    for job in jobs:
+        job.tools = plan if plan and plan.mode != "none" else None
+    return jobs
 
 
 def _check_model(body: SamplingFields, limits: Limits) -> None:

@@ -12,9 +12,9 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, Str
                       model_validator)
 
 from common import grammar
-
 from common.errors import BadRequest
 from common.protocol import MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY, MAX_STOP_TOKENS, MIN_REPETITION_PENALTY
+from gateway import tools
 
 Number = StrictFloat | StrictInt
 MAX_STOP_CHARS = 512  # per stop string: each is matched against the tail of the text at every token
@@ -264,6 +264,19 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: StrictStr | list[dict] | None = None
+    tool_calls: list | None = None       # an assistant's calls (gateway/tools.py)
+    tool_call_id: StrictStr | None = None  # a tool's answer: to which call
+    name: StrictStr | None = None
+
+    def for_template(self) -> dict:
+        """The message as chat templates read it (with its tool fields, where it has them)."""
+        out = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = tools.template_messages(self.tool_calls)
+        for key in ("tool_call_id", "name"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -276,9 +289,9 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-# Chat fields whose meaning we do not implement: ignoring them would answer something else than
-# was asked (no call for a tool), so they are refused unless empty
-UNSUPPORTED_CHAT = ("tools", "tool_choice", "functions", "function_call")
+# Chat fields whose meaning we do not implement (OpenAI's deprecated form of tools): ignoring them
+# would answer something else than was asked, so they are refused unless empty
+UNSUPPORTED_CHAT = ("functions", "function_call")
 
 
 class ChatRequest(SamplingFields):
@@ -286,10 +299,12 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
-    tools: Any = None                 # refused unless empty (UNSUPPORTED_CHAT)
+    tools: Any = None                 # gateway/tools.py
     tool_choice: Any = None
-    functions: Any = None
+    parallel_tool_calls: StrictBool | None = None
+    functions: Any = None             # refused unless empty (UNSUPPORTED_CHAT)
     function_call: Any = None
+    _plan: tuple | None = PrivateAttr(None)
 
     def check(self) -> None:
         if self.max_completion_tokens is not None:  # OpenAI's current name wins over the deprecated one, as there
@@ -307,7 +322,19 @@ class ChatRequest(SamplingFields):
         for name in UNSUPPORTED_CHAT:
             value = getattr(self, name)
             if value not in (None, [], {}, "none", "auto"):
-                raise BadRequest(f"'{name}' is not supported: this server does not call tools; leave it out", name)
+                raise BadRequest(f"'{name}' is not supported (OpenAI's deprecated form): give 'tools' and "
+                                 "'tool_choice' instead", name)
+
+    @property
+    def tool_plan(self) -> tools.Plan | None:
+        """What its tools ask for (None: no tools); a 400 for malformed ones."""
+        if self._plan is None:
+            self._plan = (tools.plan(self.tools, self.tool_choice, self.parallel_tool_calls),)
+        return self._plan[0]
+
+    def _structured(self) -> list[tuple[str, str, object]]:
+        plan = self.tool_plan  # a named function or "required": a JSON schema the output follows
+        return super()._structured() + [("tools", "json", plan.schema() if plan else None)]
 
     @property
     def logprobs_k(self) -> int | None:

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 
 from common.protocol import PromptLogprob, TokenEvent, TopLogprob
+from gateway import tools
 from gateway.jobs import Delta, Job
 
 
@@ -131,10 +132,15 @@ def completion_body(job: Job, totals: Totals, tokenizer) -> dict:
 
 
 def chat_body(job: Job, totals: Totals, tokenizer) -> dict:
+    message, finish = {"role": "assistant", "content": "".join(totals.text)}, totals.finish_reason
+    if job.tools:  # the calls in the text (content None where they stand alone, as OpenAI's)
+        message["content"], calls, finish = tools.read_whole(job.tools, message["content"], finish)
+        if calls:
+            message["tool_calls"] = calls
     return {"id": f"chatcmpl-{job.request_id}", "object": "chat.completion", "created": job.created,
             "model": job.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(totals.text)},
-                         "finish_reason": totals.finish_reason, "logprobs": chat_logprobs(tokenizer, totals.tokens)}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish,
+                         "logprobs": chat_logprobs(tokenizer, totals.tokens)}],
             "usage": usage(job, totals)}
 
 
@@ -149,6 +155,7 @@ class ChunkWriter:
         """`index`: the job's choice in the request (a batch of prompts, or n > 1)."""
         self.job, self.tokenizer, self.chat, self.index = job, tokenizer, chat, index
         self.offset = len(job.echo_text)
+        self.tools = tools.Reader(job.tools) if chat and job.tools else None
         kind = "chat.completion.chunk" if chat else "text_completion"
         self.head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job.request_id}", "object": kind,
                      "created": job.created, "model": job.model}
@@ -171,14 +178,28 @@ class ChunkWriter:
         if not d.text and not d.finish_reason and (not d.tokens or d.tokens[0].logprob is None):
             return None  # nothing to say yet (a held-back partial character or stop-string prefix)
         if self.chat:
-            choice = {"index": self.index, "delta": {"content": d.text} if d.text else {},
-                      "logprobs": chat_logprobs(self.tokenizer, d.tokens), "finish_reason": d.finish_reason}
+            delta, finish = self._chat_delta(d)
+            logprobs = chat_logprobs(self.tokenizer, d.tokens)
+            if not delta and not finish and logprobs is None:
+                return None  # text a tool call holds until it is whole
+            choice = {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
             logprobs = completion_logprobs(self.tokenizer, d.tokens, self.offset)
             if logprobs is not None:  # offsets count the tokens' texts, as the whole body's do (a
                 self.offset = text_end(logprobs)  # character split over tokens: U+FFFDs a piece)
             choice = {"index": self.index, "text": d.text, "logprobs": logprobs, "finish_reason": d.finish_reason}
         return self._chunk(choice)
+
+    def _chat_delta(self, d: Delta) -> tuple[dict, str | None]:
+        """A chat chunk's delta (content, tool calls) and finish reason."""
+        if self.tools is None:
+            return ({"content": d.text} if d.text else {}), d.finish_reason
+        content, calls = self.tools.push(d.text)
+        if d.finish_reason:
+            more, last = self.tools.finish()
+            content, calls = content + more, calls + last
+        delta = ({"content": content} if content else {}) | ({"tool_calls": calls} if calls else {})
+        return delta, self.tools.finish_reason(d.finish_reason)
 
     def usage(self, totals: Totals | list[Totals], jobs: list[Job] | None = None) -> str:
         """The usage chunk: of this job, or of every job of the request (`jobs`, with their totals)."""

@@ -329,3 +329,61 @@ def test_structured_output_follows_its_grammar_streamed_or_not(tiny_cluster):
     resp = httpx.post(tiny_cluster.url + "/v1/completions", json={**body, "guided_regex": "[0-9"}, timeout=30)
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "guided_regex", resp.text
     assert_no_kv_held(tiny_cluster)
+
+
+def test_forced_tool_calls_follow_the_tools_schemas_streamed_or_not(tiny_cluster):
+    """tool_choice 'required' and a named function: a random tiny model, sampled, calls the tools
+    with arguments of their schemas; the chunks of a stream add up to the whole answer's calls
+    (same seed); 'auto' without a tool-call parser (this model's template has none) is a 400."""
+    def params(props: dict) -> dict:
+        return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+
+    fns = [{"type": "function", "function": {"name": "add", "parameters": params(
+               {"a": {"type": "integer", "minimum": 0, "maximum": 99}, "b": {"type": "integer", "minimum": 0,
+                                                                            "maximum": 99}})}},
+           {"type": "function", "function": {"name": "light", "parameters": params({"on": {"type": "boolean"}})}}]
+    body = {"messages": [{"role": "user", "content": "Add 2 and 3."}], "tools": fns, "max_tokens": 80,
+            "temperature": 1.0, "seed": 5, "structured_outputs": {"disable_any_whitespace": True}}
+
+    def check(call: dict) -> None:
+        args = json.loads(call["function"]["arguments"])
+        if call["function"]["name"] == "add":
+            assert set(args) == {"a", "b"} and all(0 <= v <= 99 for v in args.values()), call
+        else:
+            assert call["function"]["name"] == "light" and isinstance(args.get("on"), bool), call
+
+    async def streamed(ask: dict) -> tuple[str, list[dict], str]:
+        content, calls, finish = "", {}, None
+        async with httpx.AsyncClient() as client:
+            async with client.stream("POST", tiny_cluster.url + "/v1/chat/completions", timeout=120,
+                                     json={**body, **ask, "stream": True}) as resp:
+                assert resp.status_code == 200, (await resp.aread()).decode()
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    choice = json.loads(line[6:])["choices"][0]
+                    content += choice["delta"].get("content") or ""
+                    for d in choice["delta"].get("tool_calls", []):
+                        if "id" in d:
+                            calls[d["index"]] = {"name": d["function"]["name"], "arguments": ""}
+                        calls[d["index"]]["arguments"] += d["function"]["arguments"]
+                    finish = choice["finish_reason"] or finish
+        return content, [calls[i] for i in sorted(calls)], finish
+
+    # a random model never ends an array on its own: one call, parallel_tool_calls false
+    for ask, finish in (({"tool_choice": "required", "parallel_tool_calls": False}, "tool_calls"),
+                        ({"tool_choice": {"type": "function", "function": {"name": "add"}}}, "stop")):
+        resp = httpx.post(tiny_cluster.url + "/v1/chat/completions", json={**body, **ask}, timeout=120)
+        assert resp.status_code == 200, resp.text
+        choice = resp.json()["choices"][0]
+        calls = choice["message"].get("tool_calls")
+        assert choice["finish_reason"] == finish and calls and choice["message"]["content"] is None, choice
+        for call in calls:
+            check(call)
+            assert call["type"] == "function" and call["id"].startswith("call_")
+        if "function" in str(ask):
+            assert [c["function"]["name"] for c in calls] == ["add"]
+        assert asyncio.run(streamed(ask)) == ("", [c["function"] for c in calls], finish), ask
+    resp = httpx.post(tiny_cluster.url + "/v1/chat/completions", json=body, timeout=30)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "tool_choice", resp.text
+    assert_no_kv_held(tiny_cluster)

@@ -4,6 +4,7 @@ help), and chat's max_completion_tokens wins over the deprecated max_tokens, as 
 
 from __future__ import annotations
 
+import json
 import pytest
 
 from common.errors import ContextLengthExceeded
@@ -41,9 +42,8 @@ def test_max_completion_tokens_wins_over_max_tokens(tokenizer):
     assert chat_jobs(old, tokenizer, limits)[0].sampling.max_tokens == 6
 
 
-@pytest.mark.parametrize("field, value", [("tools", [{"type": "function", "function": {"name": "f"}}]),
-                                          ("tool_choice", "required"),
-                                          ("functions", [{"name": "f"}]), ("top_logprobs", 2)])
+@pytest.mark.parametrize("field, value", [("function_call", {"name": "f"}), ("functions", [{"name": "f"}]),
+                                          ("top_logprobs", 2)])
 def test_chat_fields_we_do_not_implement_are_refused_not_ignored(tokenizer, field, value):
     from common.errors import BadRequest
 
@@ -289,3 +289,89 @@ def test_stop_strings_count_from_the_token_after_min_tokens_and_stop_tokens_leav
     assert text_of(tokenizer, ids, stop_token_ids=[ids[-1]]) == (tokenizer.decode(ids[:-1]), "stop")
     assert text_of(tokenizer, ids, stop_token_ids=[ids[-1]], include_stop_str_in_output=True) == (
         tokenizer.decode(ids), "stop")
+
+
+TEMPLATE = ("{% for t in tools or [] %}[tool {{ t.function.name }}]{% endfor %}{% for m in messages %}<{{ m.role }}>"
+            "{{ m.content }}{% for c in m.tool_calls or [] %}(call {{ c.function.name }} {{ c.function.arguments.a }})"
+            "{% endfor %}{% if m.tool_call_id %}(for {{ m.tool_call_id }}){% endif %}{% endfor %}<assistant>")
+
+
+def test_tools_reach_the_chat_template_and_a_forced_call_its_grammar(tokenizer):
+    """The tools, an assistant's earlier calls (arguments as an object) and a tool's answer reach the
+    chat template; a named function or 'required' is a grammar, 'none' and 'auto' are not; 'auto'
+    needs a tool-call parser; a tool grammar and another structured output at once are a 400."""
+    from copy import deepcopy
+
+    from common.errors import BadRequest
+
+    own = deepcopy(tokenizer)
+    own.chat_template = TEMPLATE
+    fn = {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}
+    talk = [{"role": "user", "content": "add"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 7}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "7"}]
+    limits, hermes = limits_of(tokenizer, 512), Limits(**{**limits_of(tokenizer, 512).__dict__, "tool_parser": "hermes"})
+    jobs = {}
+    for choice in ("none", "auto", "required", {"type": "function", "function": {"name": "add"}}):
+        [job] = chat_jobs(ChatRequest(messages=talk, tools=[fn], tool_choice=choice), own, hermes)
+        assert own.decode(job.prompt_ids) == "[tool add]<user>add<assistant>(call add 7)<tool>7(for c1)<assistant>"
+        jobs[str(choice)] = job
+    assert jobs["none"].tools is None and not jobs["none"].sampling.grammar
+    assert jobs["auto"].tools.mode == "auto" and not jobs["auto"].sampling.grammar
+    assert jobs["required"].tools.mode == "required" and jobs["required"].sampling.grammar
+    named = jobs[str({"type": "function", "function": {"name": "add"}})]
+    assert named.tools.mode == "named" and named.sampling.grammar
+    assert named.sampling.grammar == chat_jobs(ChatRequest(messages=talk, guided_json=fn["function"]["parameters"]),
+                                               own, limits)[0].sampling.grammar
+    assert chat_jobs(ChatRequest(messages=talk, tools=[fn], tool_choice="required"), own, limits)  # any model
+    for ask, param in (({"tools": [fn]}, "tool_choice"),  # auto, and no parser for it
+                       ({"tools": [fn], "tool_choice": "required", "guided_regex": "a"}, "tools"),
+                       ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objectx"}}}],
+                         "tool_choice": "required"}, "tools"),
+                       ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": 3}}]}]}, "messages")):
+        with pytest.raises(BadRequest) as info:
+            chat_jobs(ChatRequest(**{"messages": talk, **ask}), own, limits)
+        assert info.value.param == param, ask
+
+
+def test_a_chat_with_tools_streams_the_calls_its_whole_answer_has(tokenizer):
+    """The gateway reads a model's hermes output into tool calls: the chunks a client gets add up to
+    the whole answer's message, and the finish reason is 'tool_calls'."""
+    import asyncio
+
+    from gateway.jobs import deltas
+    from gateway.responses import ChunkWriter, Totals, chat_body
+
+    fn = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
+    hermes = Limits(**{**limits_of(tokenizer, 512).__dict__, "tool_parser": "hermes"})
+    said = 'Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    ids = tokenizer(said, add_special_tokens=False)["input_ids"]
+    [job] = chat_jobs(ChatRequest(messages=[{"role": "user", "content": "1+2"}], tools=[fn], max_tokens=len(ids) + 1,
+                                  stop_token_ids=[2]),
+                      tokenizer, hermes)
+
+    async def run():
+        return [d async for d in deltas(Replay(ids + [2]), tokenizer, job)]
+
+    out = asyncio.run(run())
+    totals = Totals()
+    for d in out:
+        totals.add(d)
+    assert totals.finish_reason == "stop"
+    whole = chat_body(job, totals, tokenizer)["choices"][0]
+    assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] == "Let me add."
+    [call] = whole["message"]["tool_calls"]
+    assert call["function"] == {"name": "add", "arguments": '{"a": 1, "b": 2}'} and call["type"] == "function"
+    writer, content, calls, finish = ChunkWriter(job, tokenizer, chat=True), "", [], None
+    for d in out:
+        chunk = writer.delta(d)
+        if chunk is None:
+            continue
+        choice = json.loads(chunk[6:])["choices"][0]
+        content += choice["delta"].get("content", "")
+        calls += choice["delta"].get("tool_calls", [])
+        finish = choice["finish_reason"] or finish
+    assert content == "Let me add." and finish == "tool_calls"
+    assert [c["function"] for c in calls] == [call["function"]] and calls[0]["index"] == 0

@@ -1,0 +1,294 @@
+"""Tool calling on /v1/chat/completions: OpenAI's `tools` and `tool_choice`, as vLLM serves them.
+
+- "none": the tools are shown to the chat template; the answer is text.
+- a named function ({"type": "function", "function": {"name": ...}}): the output is held to that
+  function's parameters schema (a grammar, common/grammar.py) and is its one call. The finish
+  reason stays "stop", as OpenAI's for a forced call.
+- "required": the output is held to a JSON array of {"name", "parameters"} objects, one of the
+  tools each (vLLM's schema); each element is a call, and the finish reason "tool_calls".
+- "auto" (the default when tools are given): free text, read in the model's own tool-call format
+  by a parser (the gateway's --tool-call-parser). hermes: `<tool_call>{"name": ..., "arguments":
+  {...}}</tool_call>`, the format of Qwen2.5 and Qwen3, Hermes and SmolLM3 templates. The text
+  around the calls is the message's content.
+
+Everything here reads the output text in the gateway, after the stop strings: the services see a
+grammar or nothing, so a failover resumes a tool call as exactly as any text.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+
+from common.errors import BadRequest
+
+MAX_TOOLS = 128               # OpenAI's limit
+MAX_NAME_CHARS = 256
+PARSERS = ("auto", "hermes", "none")  # --tool-call-parser; auto: hermes where the chat template writes <tool_call>
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a request's `tools` and `tool_choice` ask for."""
+
+    mode: str                       # none | auto | required | named
+    tools: tuple[dict, ...]         # as given (validated), for the chat template
+    named: str = ""                 # the named function's name
+    parallel: bool = True           # parallel_tool_calls
+
+    @property
+    def names(self) -> set[str]:
+        return {t["function"]["name"] for t in self.tools}
+
+    def schema(self) -> dict | None:
+        """The JSON schema the output must follow: the named function's parameters, or for
+        "required" an array of calls (with every tool's $defs at its root); None otherwise."""
+        params = {t["function"]["name"]: dict(t["function"].get("parameters") or {"type": "object", "properties": {}})
+                  for t in self.tools}
+        if self.mode == "named":
+            return params[self.named]
+        if self.mode != "required":
+            return None
+        defs: dict = {}
+        for name, p in params.items():
+            for key, value in (p.pop("$defs", None) or {}).items():  # "#/$defs/X" refers to the root
+                if defs.setdefault(key, value) != value:
+                    raise BadRequest(f"'tools': two functions define '$defs/{key}' differently", "tools")
+        one = [{"type": "object", "properties": {"name": {"type": "string", "enum": [name]}, "parameters": p},
+                "required": ["name", "parameters"], "additionalProperties": False} for name, p in params.items()]
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": one}}
+        if not self.parallel:
+            schema["maxItems"] = 1
+        return schema | ({"$defs": defs} if defs else {})
+
+
+def plan(tools, tool_choice, parallel: bool | None) -> Plan | None:
+    """The request's plan, or None without tools; a 400 naming the field for anything malformed."""
+    if tools is not None and not isinstance(tools, list):
+        raise BadRequest("'tools' must be a list of {'type': 'function', 'function': {...}}", "tools")
+    tools = tools or []
+    if len(tools) > MAX_TOOLS:
+        raise BadRequest(f"'tools' has {len(tools)} functions: at most {MAX_TOOLS}", "tools")
+    names = [_check_tool(i, t) for i, t in enumerate(tools)]
+    if len(set(names)) < len(names):
+        raise BadRequest("'tools' names a function twice", "tools")
+    choice = tool_choice if tool_choice is not None else ("auto" if tools else "none")
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise BadRequest("'tool_choice' as an object must be {'type': 'function', 'function': {'name': ...}}",
+                             "tool_choice")
+        if name not in names:
+            raise BadRequest(f"'tool_choice' names the function {name[:64]!r}, which 'tools' does not define",
+                             "tool_choice")
+        return Plan("named", tuple(tools), name, parallel is not False)
+    if choice not in ("none", "auto", "required"):
+        raise BadRequest(f"'tool_choice' = {str(choice)[:40]!r}: must be 'none', 'auto', 'required' or "
+                         "{'type': 'function', 'function': {'name': ...}}", "tool_choice")
+    if not tools:
+        if choice == "required":
+            raise BadRequest("'tool_choice' is 'required' but 'tools' defines no function", "tool_choice")
+        return None
+    return Plan(choice, tuple(tools), "", parallel is not False)
+
+
+def _check_tool(i: int, tool) -> str:
+    fn = tool.get("function") if isinstance(tool, dict) else None
+    if not isinstance(fn, dict) or tool.get("type", "function") != "function":
+        raise BadRequest(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': "
+                         "{...}}}", "tools")
+    name = fn.get("name")
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS:
+        raise BadRequest(f"tools[{i}].function.name must be a string of 1 to {MAX_NAME_CHARS} characters", "tools")
+    if not isinstance(fn.get("description", ""), (str, type(None))):
+        raise BadRequest(f"tools[{i}].function.description must be a string", "tools")
+    if not isinstance(fn.get("parameters", {}), (dict, type(None))):
+        raise BadRequest(f"tools[{i}].function.parameters must be a JSON schema (an object)", "tools")
+    return name
+
+
+def template_messages(calls) -> list[dict]:
+    """An assistant message's `tool_calls`, for the chat template: arguments as an object where
+    they are JSON (templates write them with `tojson`, as vLLM hands them over)."""
+    if not isinstance(calls, list):
+        raise BadRequest("a message's 'tool_calls' must be a list", "messages")
+    out = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments", ""), str):
+            raise BadRequest("each of a message's 'tool_calls' must be {'id': ..., 'type': 'function', 'function': "
+                             "{'name': ..., 'arguments': '<JSON text>'}}", "messages")
+        try:
+            arguments = json.loads(fn.get("arguments") or "{}")
+        except ValueError:
+            arguments = fn.get("arguments")
+        out.append({**call, "type": "function", "function": {"name": fn["name"], "arguments": arguments}})
+    return out
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+class Reader:
+    """Reads a request's output text, piece by piece as it streams, into content and tool calls:
+    `push(text)` and, once, `finish()` each say (content, tool-call deltas) to send now, in
+    OpenAI's streamed form ({"index", "id", "type", "function": {"name", "arguments"}} the first
+    time a call shows, {"index", "function": {"arguments"}} after). A call is sent whole once its
+    text is complete, except a named function's, whose arguments stream as they come."""
+
+    START, END = "<tool_call>", "</tool_call>"
+
+    def __init__(self, plan: Plan):
+        self.plan, self.buf, self.calls = plan, "", 0
+        self.inside = self.opened = self.closed = self.after_call = False
+        self.pending = ""           # auto: whitespace held back (Reader._text)
+        self.raw: list[str] = []    # required: the text, shown as content if no call could be read
+
+    @property
+    def called(self) -> bool:
+        return self.calls > 0
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        """A finished generation's reason: "tool_calls" where calls were read (a forced named
+        call keeps "stop", as OpenAI's does); "length" stays."""
+        if reason == "stop" and self.called and self.plan.mode != "named":
+            return "tool_calls"
+        return reason
+
+    def push(self, text: str) -> tuple[str, list[dict]]:
+        if self.plan.mode == "named":
+            return "", self._named(text)
+        if self.plan.mode == "required":
+            self.raw.append(text)
+            return "", self._required(text)
+        return self._auto(text)
+
+    def finish(self) -> tuple[str, list[dict]]:
+        if self.plan.mode == "named":
+            return "", self._named("") if not self.calls else []
+        if self.plan.mode == "required":  # cut short ("length") before any whole call: the text as it is
+            return ("" if self.calls else "".join(self.raw)), []
+        content, calls = "", []
+        if self.inside:  # a call the model did not close (it ended, or ran out of tokens)
+            if not self._hermes(self.buf, calls):
+                content = self._text(self.START + self.buf)
+        else:
+            content = self._text(self.buf)
+        self.buf = ""
+        return content + ("" if self.called else self.pending), calls
+
+    def _named(self, text: str) -> list[dict]:
+        if self.calls:
+            return [{"index": 0, "function": {"arguments": text}}] if text else []
+        self.calls = 1
+        return [{"index": 0, "id": new_call_id(), "type": "function",
+                 "function": {"name": self.plan.named, "arguments": text}}]
+
+    def _call(self, name: str, arguments) -> dict | None:
+        if not self.plan.parallel and self.calls:
+            return None
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+        self.calls += 1
+        return {"index": self.calls - 1, "id": new_call_id(), "type": "function",
+                "function": {"name": name, "arguments": text}}
+
+    def _required(self, text: str) -> list[dict]:
+        """The array the grammar holds the text to: each element is sent once it is whole."""
+        self.buf += text
+        calls, fresh = [], "}" in text  # an element is whole only once a brace closes it: parse then
+        while not self.closed:
+            rest = self.buf.lstrip()
+            if not self.opened:
+                if not rest.startswith("["):
+                    break
+                self.opened, self.buf = True, rest[1:]
+                continue
+            if rest.startswith(","):
+                rest = rest[1:].lstrip()
+            if rest.startswith("]"):
+                self.closed, self.buf = True, ""
+                break
+            if not fresh or "}" not in rest:
+                break
+            try:
+                element, end = json.JSONDecoder().raw_decode(rest)
+            except (ValueError, RecursionError):
+                break
+            self.buf = rest[end:]
+            if isinstance(element, dict) and isinstance(element.get("name"), str):
+                if (call := self._call(element["name"], element.get("parameters", {}))) is not None:
+                    calls.append(call)
+        return calls
+
+    def _auto(self, text: str) -> tuple[str, list[dict]]:
+        """hermes: content until <tool_call>, a call until </tool_call>; a partial tag is held back."""
+        self.buf += text
+        content, calls = "", []
+        while True:
+            if not self.inside:
+                at = self.buf.find(self.START)
+                if at < 0:
+                    keep = next((k for k in range(min(len(self.START) - 1, len(self.buf)), 0, -1)
+                                 if self.START.startswith(self.buf[-k:])), 0)
+                    content += self._text(self.buf[:len(self.buf) - keep])
+                    self.buf = self.buf[len(self.buf) - keep:]
+                    break
+                content += self._text(self.buf[:at])
+                self.buf, self.inside = self.buf[at + len(self.START):], True
+            else:
+                at = self.buf.find(self.END)
+                if at < 0:
+                    break
+                body, self.buf, self.inside = self.buf[:at], self.buf[at + len(self.END):], False
+                if self._hermes(body, calls):
+                    self.pending, self.after_call = "", True  # whitespace around a call is dropped
+                else:
+                    content += self._text(self.START + body + self.END)
+        return content, calls
+
+    def _text(self, text: str) -> str:
+        """Text outside the calls, to send now: whitespace at its end waits for what follows it
+        (more text: sent before it; a call: dropped; the end: sent only if no call was made), and
+        whitespace right after a call is dropped."""
+        if self.after_call:
+            text = text.lstrip()
+            self.after_call = not text
+        text = self.pending + text
+        sent = text.rstrip()
+        self.pending = text[len(sent):]
+        return sent
+
+    def _hermes(self, body: str, calls: list[dict]) -> bool:
+        """Whether `body` is a call's JSON ({"name", "arguments"}) to one of the tools, or a list of
+        them (as SmolLM2 writes them); the calls are added to `calls` (past the first, dropped
+        where parallel_tool_calls is false)."""
+        try:
+            obj = json.loads(body)
+        except (ValueError, RecursionError):  # a model's text may nest past Python's stack
+            return False
+        objs = obj if isinstance(obj, list) and obj else [obj]
+        if not all(isinstance(o, dict) and o.get("name") in self.plan.names for o in objs):
+            return False
+        for o in objs:
+            if (call := self._call(o["name"], o.get("arguments", o.get("parameters", {})))) is not None:
+                calls.append(call)
+        return True
+
+
+def read_whole(plan: Plan, text: str, reason: str | None) -> tuple[str | None, list[dict], str | None]:
+    """A whole answer's (content, tool calls, finish reason): content None where calls stand alone."""
+    reader = Reader(plan)
+    pieces = [reader.push(text), reader.finish()]
+    content = "".join(c for c, _ in pieces)
+    calls: dict[int, dict] = {}
+    for _, deltas in pieces:
+        for d in deltas:
+            if "id" in d:
+                calls[d["index"]] = {"id": d["id"], "type": "function", "function": dict(d["function"])}
+            else:
+                calls[d["index"]]["function"]["arguments"] += d["function"]["arguments"]
+    out = [calls[i] for i in sorted(calls)]
+    return (content or None) if out else content, out, reader.finish_reason(reason)

@@ -1,0 +1,155 @@
+"""Tool calling (gateway/tools.py): what `tools` and `tool_choice` ask for, the schema a forced call
+is held to, and the reading of an output into content and calls, the same whole or streamed in
+any pieces."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from common.errors import BadRequest
+from gateway import tools
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+ADD = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"$ref": "#/$defs/n"}, "b": {"$ref": "#/$defs/n"}},
+    "$defs": {"n": {"type": "integer"}}}}}
+NOPARAMS = {"type": "function", "function": {"name": "now"}}
+
+
+def streamed(plan: tools.Plan, text: str, reason: str, rng: random.Random) -> tuple[str, list[dict], str]:
+    """What a client assembles from the chunks of `text` cut at random places, as the openai SDK
+    does: content concatenated, each call's arguments concatenated by index."""
+    reader, content, calls = tools.Reader(plan), "", {}
+    cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 12)))) if len(text) > 1 else []
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    outs = [reader.push(p) for p in pieces] + [reader.finish()]
+    for c, deltas in outs:
+        content += c
+        for d in deltas:
+            if "id" in d:
+                assert d["index"] not in calls and d["type"] == "function"
+                calls[d["index"]] = {"id": d["id"], "type": "function", "function": dict(d["function"])}
+            else:
+                calls[d["index"]]["function"]["arguments"] += d["function"]["arguments"]
+    return content, [calls[i] for i in sorted(calls)], reader.finish_reason(reason)
+
+
+def same_but_ids(a: list[dict], b: list[dict]) -> bool:
+    strip = lambda calls: [{**c, "id": None} for c in calls]  # noqa: E731 - ids are new each reading
+    return strip(a) == strip(b)
+
+
+HERMES = [
+    ('Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n<tool_call>\n'
+     '{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>', "Sure.",
+     [("get_weather", {"city": "Paris"}), ("add", {"a": 1, "b": 2})]),
+    ('<tool_call>{"name": "now", "arguments": {}}</tool_call>', None, [("now", {})]),
+    ('<tool_call>{"name": "now"}', None, [("now", {})]),                           # unclosed at the end
+    ('No tools needed: 2 < 3 and <tool_cal is no tag.  ', 'No tools needed: 2 < 3 and <tool_cal is no tag.  ', []),
+    ('<tool_call>[{"name": "now", "arguments": {}}, {"name": "add", "arguments": {"a": 2}}]</tool_call>', None,
+     [("now", {}), ("add", {"a": 2})]),                                          # a list in one tag (SmolLM2)
+    ('<tool_call>{"name": "nope", "arguments": {}}</tool_call>',                   # not one of the tools
+     '<tool_call>{"name": "nope", "arguments": {}}</tool_call>', []),
+    ('<tool_call>{"name": "add", "argu', '<tool_call>{"name": "add", "argu', []),  # cut short ("length")
+    ('<tool_call>not json</tool_call> then <tool_call>{"name":"now","arguments":{}}</tool_call>',
+     "<tool_call>not json</tool_call> then", [("now", {})]),
+    ('<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>\nDone: it is 3.', "Done: it is 3.",
+     [("add", {"a": 1})]),
+]
+
+
+@pytest.mark.parametrize("text, content, calls", HERMES)
+def test_hermes_output_reads_into_content_and_calls_alike_whole_or_in_any_pieces(text, content, calls):
+    plan = tools.plan([WEATHER, ADD, NOPARAMS], "auto", None)
+    got_content, got_calls, reason = tools.read_whole(plan, text, "stop")
+    assert got_content == content
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got_calls] == calls
+    assert reason == ("tool_calls" if calls else "stop")
+    assert len({c["id"] for c in got_calls}) == len(calls) and all(c["id"].startswith("call_") for c in got_calls)
+    assert tools.read_whole(plan, text, "length")[2] == "length"
+    rng = random.Random(len(text))
+    for _ in range(30):
+        c, k, r = streamed(plan, text, "stop", rng)
+        assert (c or None if k else c) == got_content and same_but_ids(k, got_calls) and r == reason, (c, k)
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call():
+    plan = tools.plan([WEATHER, ADD], "auto", False)
+    content, calls, _ = tools.read_whole(plan, HERMES[0][0], "stop")
+    assert content == "Sure." and [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert tools.plan([WEATHER, ADD], "required", False).schema()["maxItems"] == 1
+    assert "maxItems" not in tools.plan([WEATHER, ADD], "required", True).schema()
+
+
+def test_required_reads_each_element_of_the_array_and_the_named_call_streams_its_arguments():
+    plan = tools.plan([WEATHER, ADD], "required", None)
+    text = ' [ {"name": "add", "parameters": {"a": 1, "b": 2}} ,\n{"name":"get_weather","parameters":{"city":"x}, ]"}}]'
+    content, calls, reason = tools.read_whole(plan, text, "stop")
+    assert content is None and reason == "tool_calls"
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("add", {"a": 1, "b": 2}), ("get_weather", {"city": "x}, ]"})]
+    rng = random.Random(7)
+    for _ in range(30):
+        c, k, r = streamed(plan, text, "stop", rng)
+        assert c == "" and same_but_ids(k, calls) and r == reason
+    # cut short before an element was whole: the text as content, as it is
+    assert tools.read_whole(plan, ' [{"name": "add", "par', "length") == (' [{"name": "add", "par', [], "length")
+    named = tools.plan([WEATHER, ADD], {"type": "function", "function": {"name": "add"}}, None)
+    content, calls, reason = tools.read_whole(named, '{"a": 1, "b": 2}', "stop")
+    assert content is None and reason == "stop" and len(calls) == 1  # a forced call keeps "stop", as OpenAI's
+    assert calls[0]["function"] == {"name": "add", "arguments": '{"a": 1, "b": 2}'}
+    reader = tools.Reader(named)
+    first, later = reader.push('{"a"'), reader.push(": 1}")
+    assert first == ("", [{"index": 0, "id": first[1][0]["id"], "type": "function",
+                           "function": {"name": "add", "arguments": '{"a"'}}])
+    assert later == ("", [{"index": 0, "function": {"arguments": ": 1}"}}]) and reader.finish() == ("", [])
+
+
+def test_the_schemas_a_forced_call_is_held_to():
+    named = tools.plan([WEATHER, ADD, NOPARAMS], {"type": "function", "function": {"name": "get_weather"}}, None)
+    assert named.schema() == WEATHER["function"]["parameters"]
+    assert tools.plan([NOPARAMS], {"type": "function", "function": {"name": "now"}}, None).schema() == {
+        "type": "object", "properties": {}}
+    required = tools.plan([WEATHER, ADD], "required", None).schema()
+    assert required["$defs"] == {"n": {"type": "integer"}}  # hoisted to the root its refs point at
+    branches = required["items"]["anyOf"]
+    assert [b["properties"]["name"] for b in branches] == [{"type": "string", "enum": ["get_weather"]},
+                                                           {"type": "string", "enum": ["add"]}]
+    assert "$defs" not in branches[1]["properties"]["parameters"] and "$defs" in ADD["function"]["parameters"]
+    clash = {"type": "function", "function": {"name": "sub", "parameters": {"$defs": {"n": {"type": "string"}}}}}
+    with pytest.raises(BadRequest, match="differently"):
+        tools.plan([ADD, clash], "required", None).schema()
+    assert tools.plan([WEATHER], "none", None).schema() is None and tools.plan([WEATHER], "auto", None).schema() is None
+
+
+@pytest.mark.parametrize("given, choice, param", [
+    ({"type": "function"}, None, "tools"), ([{"type": "function", "function": {"name": ""}}], None, "tools"),
+    ([{"type": "retrieval", "function": {"name": "f"}}], None, "tools"),
+    ([{"type": "function", "function": {"name": "f", "parameters": "x"}}], None, "tools"),
+    ([{"type": "function", "function": {"name": "f", "description": 3}}], None, "tools"),
+    ([WEATHER, WEATHER], None, "tools"), ([WEATHER] * 129, None, "tools"),
+    ([WEATHER], "sometimes", "tool_choice"), ([WEATHER], {"type": "function", "function": {"name": "add"}}, "tool_choice"),
+    ([WEATHER], {"type": "function"}, "tool_choice"), (None, "required", "tool_choice"),
+])
+def test_malformed_tools_and_choices_are_a_400_naming_the_field(given, choice, param):
+    with pytest.raises(BadRequest) as info:
+        tools.plan(given, choice, None)
+    assert info.value.param == param
+
+
+def test_defaults_and_message_tool_calls_for_the_template():
+    assert tools.plan([WEATHER], None, None).mode == "auto" and tools.plan(None, None, None) is None
+    assert tools.plan([], "auto", None) is None and tools.plan([WEATHER], "none", None).mode == "none"
+    out = tools.template_messages([{"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}},
+                                   {"id": "c2", "function": {"name": "now", "arguments": "not json"}}])
+    assert out == [{"id": "c1", "type": "function", "function": {"name": "add", "arguments": {"a": 1}}},
+                   {"id": "c2", "type": "function", "function": {"name": "now", "arguments": "not json"}}]
+    for bad in ("x", [{"function": {"name": 3}}], [{"function": {"name": "f", "arguments": {"a": 1}}}]):
+        with pytest.raises(BadRequest) as info:
+            tools.template_messages(bad)
+        assert info.value.param == "messages"
