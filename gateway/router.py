@@ -52,6 +52,9 @@ class Router:
         self._cache: tuple[float, list[ServiceInfo]] = (0.0, [])
         self.recent = RecentServices(registry, settings.lease_ttl_s)
         self._aborting: set[tuple[str, str]] = set()  # (request id, service id): an abort of a reservation in flight
+        # (request id, service id): an abort of a prefill in flight, sent to a service that stopped answering;
+        # a retry of that request on that service waits for it (a late abort would fail the retry)
+        self._prefill_aborts: dict[tuple[str, str], asyncio.Task] = {}
         self.in_flight: Counter[str] = Counter()  # service id -> requests this gateway has there
         self.background: set[asyncio.Task] = set()
         self.admission = Admission(settings.max_queued_requests, settings.route_timeout_s)
@@ -352,13 +355,18 @@ class Router:
             holders.append(svc)
             self.in_flight[svc.id] += 1
             try:
+                if (pending := self._prefill_aborts.get((req.request_id, svc.id))) is not None:
+                    await asyncio.wait({pending})  # not cancelled with this request: it still frees the row
                 return await self.prefill_on(svc, req)
             except (UpstreamError, Unavailable) as exc:
                 errors.append(f"{svc.id}: {exc.message}")
                 log.warning("prefill on %s failed: %s", svc.id, exc.message)
                 abort = self._abort_all(req.request_id, [svc])  # it may still be streaming into the row
-                if isinstance(exc, LeaseLapsed):
-                    self._spawn(abort)  # a hung service would hold the retry for the abort's timeout
+                if isinstance(exc, LeaseLapsed):  # a hung service would hold another's retry for the abort's timeout
+                    key = (req.request_id, svc.id)
+                    self._prefill_aborts[key] = task = self._spawn(abort)
+                    task.add_done_callback(lambda t, key=key: self._prefill_aborts.get(key) is t
+                                           and self._prefill_aborts.pop(key))
                 else:
                     await abort
                 holders.remove(svc)
@@ -446,11 +454,12 @@ class Router:
         except httpx.HTTPError:
             return False
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         """Run in the background (an abort must not wait on a hung service), keeping a reference."""
         task = asyncio.ensure_future(coro)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
+        return task
 
     async def _abort_all(self, request_id: str, services: list[ServiceInfo], path: str = "/abort") -> None:
         """At once on every service: one that hangs must not hold back the others."""

@@ -86,3 +86,52 @@ async def test_routing_outlives_a_registry_that_forgot_every_lease_for_one_ttl(r
     finally:
         await registry.deregister(svc.id)
         await redis.aclose()
+
+
+async def test_a_retry_on_the_service_a_lapsed_prefill_was_aborted_on_waits_for_that_abort(redis_server, monkeypatch):
+    """A prompt service stalls past its lease (a long pause of its event loop): the gateway gives its
+    prefill up, sends it an abort in the background and, that service being the only one, tries the
+    request there again. The retry must come after the abort, which names only the request: landing
+    after the retry had started, the abort would fail the retry instead of the call it was meant for."""
+    monkeypatch.setattr(router_module, "LEASE_CHECK_S", 0.1)
+    monkeypatch.setattr(router_module, "REGISTRY_CACHE_S", 0.0)
+    redis = metadata.connect(redis_server.url)
+    registry, svc = metadata.Registry(redis), prompt_service()
+    await registry.renew(svc, ttl_s=60)
+    seen, stalled = [], asyncio.Event()
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/health":
+            if not stalled.is_set():
+                raise httpx.ReadTimeout("timed out", request=request)
+            return httpx.Response(200, json={"status": "ok"})
+        if path == "/abort":
+            await asyncio.sleep(0.5)  # the service answers it late, as it comes out of its pause
+            seen.append("abort")
+            return httpx.Response(200, json={})
+        if path == "/prefill":
+            seen.append("prefill")
+            if len(seen) == 1:  # the first call stalls; the lease lapses meanwhile
+                await registry.deregister(svc.id)
+                await asyncio.sleep(60)
+            first = TokenEvent(request_id="r-lease", index=0, token_id=7)
+            return httpx.Response(200, content=PrefillResult(request_id="r-lease", first=first, prefill_ms=1,
+                                                             stream_tail_ms=0).model_dump_json())
+        return httpx.Response(404)
+
+    req = PrefillRequest(request_id="r-lease", epoch=0, prompt_ids=[1, 2, 3], sampling=SamplingParams(max_tokens=4),
+                         target_service_id="token-x", target_kv_address="token-x:1")
+    try:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handle)) as client:
+            router = Router(registry, client, GatewaySettings(), None)
+            call = asyncio.create_task(router._prefill_round(req, []))
+            await asyncio.sleep(0.5)  # LeaseLapsed by now: the service is out of its pause from here on
+            stalled.set()
+            result = await asyncio.wait_for(call, 10)
+            assert result.first.token_id == 7
+            assert seen == ["prefill", "abort", "prefill"]
+            assert not router._prefill_aborts
+    finally:
+        await registry.deregister(svc.id)
+        await redis.aclose()
