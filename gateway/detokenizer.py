@@ -2,22 +2,22 @@
 
 Incremental detokenization never emits a broken UTF-8 character: a token that ends mid-character
 decodes to U+FFFD and is held back until the character completes. `finish()` returns whatever
-makes the concatenation equal `tokenizer.decode(all_ids, skip_special_tokens=True)` exactly.
+makes the concatenation equal `tokenizer.decode(all_ids, skip_special_tokens=skip_special)` exactly.
 """
 
 from __future__ import annotations
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, skip_special: bool = True):
+        self.tokenizer, self.skip_special = tokenizer, skip_special
         self.ids: list[int] = []
         self.prefix_offset = 0  # decoding starts here, so leading-space rules match the full decode
         self.read_offset = 0    # text of ids[:read_offset] has been emitted
         self.emitted: list[str] = []
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)

@@ -54,6 +54,7 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
     recorded: bool = False        # its outcome has been counted and written to Redis
     tools: Plan | None = None     # chat with tools to call: its output is read for calls (gateway/tools.py)
+    skip_special: bool = True     # skip_special_tokens: special tokens left out of the text
 
 
 @dataclass
@@ -106,16 +107,21 @@ def completion_jobs(body: CompletionRequest, tokenizer, limits: Limits) -> list[
     _check_model(body, limits)
     jobs = []
     for prompt in body.prompts():
-        ids = _prompt_ids(prompt, tokenizer, limits)
-        echo = (prompt if isinstance(prompt, str) else tokenizer.decode(ids, skip_special_tokens=True)) if body.echo else ""
+        given = _prompt_ids(prompt, tokenizer, limits, whole=body.truncate_prompt_tokens is None)
+        ids = _truncated(body, given, limits)
+        echo = "" if not body.echo else prompt if isinstance(prompt, str) and ids is given else tokenizer.decode(
+            ids, skip_special_tokens=body.skip_special_tokens)
         jobs += [_job(body, ids, limits, COMPLETION_DEFAULT_MAX_TOKENS, body.logprobs, echo, choice=i,  # scored once
                       prompt_logprobs=body.logprobs if body.echo and i == 0 else None) for i in range(body.n)]
     return jobs
 
 
-def _prompt_ids(prompt: str | list[int], tokenizer, limits: Limits) -> list[int]:
+def _prompt_ids(prompt: str | list[int], tokenizer, limits: Limits, whole: bool = True) -> list[int]:
+    """The prompt's token ids; `whole`: text too long for the context however it tokenizes is
+    refused before tokenizing (not where the request truncates its prompt)."""
     if isinstance(prompt, str):
-        rule_out_by_length(len(prompt), limits, "prompt")
+        if whole:
+            rule_out_by_length(len(prompt), limits, "prompt")
         ids = tokenizer(prompt)["input_ids"]
         if not ids:
             raise BadRequest("'prompt' tokenizes to no tokens", "prompt")
@@ -126,12 +132,26 @@ def _prompt_ids(prompt: str | list[int], tokenizer, limits: Limits) -> list[int]
     return list(prompt)
 
 
+def _truncated(body: SamplingFields, ids: list[int], limits: Limits) -> list[int]:
+    """The prompt's last `truncate_prompt_tokens` tokens (vLLM's; -1: as many as the context holds);
+    `ids` itself where it asks for none or the prompt is shorter."""
+    keep = body.truncate_prompt_tokens
+    if keep is None:
+        return ids
+    if keep > limits.max_model_len:
+        raise BadRequest(f"'truncate_prompt_tokens' = {keep} is more than this model's context of "
+                         f"{limits.max_model_len} tokens", "truncate_prompt_tokens")
+    keep = limits.max_model_len if keep == -1 else keep
+    return ids if len(ids) <= keep else ids[-keep:]
+
+
 def chat_jobs(body: ChatRequest, tokenizer, limits: Limits) -> list[Job]:
     """A job a choice (`n`)."""
     body.check()
     _check_model(body, limits)
     messages = [m.for_template() for m in body.messages]
-    rule_out_by_length(sum(len(m["content"]) for m in messages), limits, "messages")
+    if body.truncate_prompt_tokens is None:
+        rule_out_by_length(sum(len(m["content"]) for m in messages), limits, "messages")
     plan = body.tool_plan
     if plan and plan.mode == "auto" and limits.tool_parser == "none":
         raise BadRequest("'tool_choice' 'auto' (the default with 'tools') needs a tool-call parser, and this model's "
@@ -143,7 +163,7 @@ def chat_jobs(body: ChatRequest, tokenizer, limits: Limits) -> list[Job]:
                                             add_generation_prompt=True, tokenize=True)
     except Exception as exc:  # a template that rejects this conversation is the caller's problem
         raise BadRequest(f"'messages' cannot be formatted by the model's chat template: {exc}", "messages") from exc
-    ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+    ids = _truncated(body, list(out["input_ids"] if hasattr(out, "keys") else out), limits)
     jobs = [_job(body, ids, limits, limits.chat_max_tokens, body.logprobs_k, "", "messages", choice=i)
             for i in range(body.n)]
     for job in jobs:
@@ -193,12 +213,13 @@ def _job(body: SamplingFields, ids: list[int], limits: Limits, default_max: int,
         logit_bias=bias, min_tokens=body.min_tokens or 0, min_p=float(body.min_p or 0), grammar=body.grammar)
     return Job(new_request_id(), limits.model_name, ids, sampling, body.stop_list, body.stream,
                body.include_usage, echo, prompt_logprobs, echo_only, choice,
-               include_stop=body.include_stop_str_in_output)
+               include_stop=body.include_stop_str_in_output, skip_special=body.skip_special_tokens)
 
 
 async def deltas(router: Router, tokenizer, job: Job) -> AsyncIterator[Delta]:
     """The request's text, piece by piece; the last delta has the finish reason."""
-    detok, stops = IncrementalDetokenizer(tokenizer), StopStrings(job.stops, job.include_stop)
+    detok, stops = IncrementalDetokenizer(tokenizer, job.skip_special), StopStrings(job.stops, job.include_stop)
+    ends = {*job.sampling.stop_token_ids, *([] if job.sampling.ignore_eos else job.sampling.eos_token_ids)}
     start, first_at, count = time.perf_counter(), None, 0
     gen = router.generate(job.request_id, job.prompt_ids, job.sampling, job.prompt_logprobs)
     try:
@@ -212,8 +233,9 @@ async def deltas(router: Router, tokenizer, job: Job) -> AsyncIterator[Delta]:
                 return
             armed = count > job.sampling.min_tokens  # stop strings count only after min_tokens, as vLLM's
             finish = event.finish_reason
-            # a stop token of the request's ends the text before it, as vLLM's (EOS is special: no text)
-            cut = finish == "stop" and event.token_id in job.sampling.stop_token_ids and not job.include_stop
+            # a stop token (the request's, or EOS) ends the text before it, as vLLM's (EOS is special: with
+            # skip_special_tokens, the default, it has no text anyway)
+            cut = finish == "stop" and event.token_id in ends and not job.include_stop
             text = "" if cut else stops.push(detok.add(event.token_id), armed)
             if finish and not stops.stopped:
                 text += stops.push(detok.finish(), armed)

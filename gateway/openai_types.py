@@ -71,6 +71,8 @@ class SamplingFields(BaseModel):
     min_tokens: StrictInt | None = None       # extension (as vLLM): 0 = off
     stop_token_ids: list[StrictInt] | None = None  # extension (as vLLM): token ids that end the output
     include_stop_str_in_output: StrictBool = False  # extension (as vLLM): the stop string or token kept in the text
+    skip_special_tokens: StrictBool = True    # extension (as vLLM): special tokens left out of the text
+    truncate_prompt_tokens: StrictInt | None = None  # extension (as vLLM): keep the prompt's last k tokens (-1: the context's)
     # structured output (common/grammar.py): OpenAI's response_format, or vLLM's structured_outputs
     # or its older guided_* fields; one of them at most
     response_format: dict | None = None
@@ -123,6 +125,10 @@ class SamplingFields(BaseModel):
                              f"and {MAX_REPETITION_PENALTY:g} (1 = off)", "repetition_penalty")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
             raise BadRequest(f"'min_p' = {self.min_p}: must be between 0 and 1", "min_p")
+        if self.truncate_prompt_tokens is not None and not (self.truncate_prompt_tokens == -1
+                                                            or self.truncate_prompt_tokens >= 1):
+            raise BadRequest(f"'truncate_prompt_tokens' = {self.truncate_prompt_tokens}: must be at least 1 (or -1: as "
+                             "many as the context holds)", "truncate_prompt_tokens")
         if self.min_tokens is not None and self.min_tokens < 0:
             raise BadRequest(f"'min_tokens' = {self.min_tokens}: must be at least 0", "min_tokens")
         self.logit_bias_pairs()

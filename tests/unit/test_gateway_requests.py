@@ -257,7 +257,7 @@ class Replay:
 
         for i, t in enumerate(self.ids):
             last = i == len(self.ids) - 1
-            stop = last and t in sampling.stop_token_ids
+            stop = last and (t in sampling.stop_token_ids or t in sampling.eos_token_ids)
             yield TokenEvent(request_id=request_id, index=i, token_id=t,
                              finish_reason=("stop" if stop else "length") if last else None)
 
@@ -375,3 +375,40 @@ def test_a_chat_with_tools_streams_the_calls_its_whole_answer_has(tokenizer):
         finish = choice["finish_reason"] or finish
     assert content == "Let me add." and finish == "tool_calls"
     assert [c["function"] for c in calls] == [call["function"]] and calls[0]["index"] == 0
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(tokenizer):
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens (-1: the context's), on completions
+    and chat; text past the context is then tokenized, not refused; k past the context is a 400."""
+    from common.errors import BadRequest
+
+    limits = limits_of(tokenizer, 64)
+    words = "one two three four five six seven eight nine ten " * 30
+    whole = tokenizer(words)["input_ids"]
+    [job] = completion_jobs(CompletionRequest(prompt=words, truncate_prompt_tokens=10, max_tokens=4, echo=True),
+                            tokenizer, limits)
+    assert job.prompt_ids == whole[-10:] and job.echo_text == tokenizer.decode(whole[-10:])
+    short = completion_jobs(CompletionRequest(prompt="Hi there", truncate_prompt_tokens=50, echo=True), tokenizer,
+                            limits)[0]
+    assert short.prompt_ids == tokenizer("Hi there")["input_ids"] and short.echo_text == "Hi there"
+    [chat] = chat_jobs(ChatRequest(messages=[{"role": "user", "content": words}], truncate_prompt_tokens=20,
+                                   max_tokens=4), tokenizer, limits)
+    full = tokenizer.apply_chat_template([{"role": "user", "content": words}], add_generation_prompt=True)
+    assert chat.prompt_ids == list(full["input_ids"] if hasattr(full, "keys") else full)[-20:]
+    with pytest.raises(ContextLengthExceeded):  # -1 keeps the whole context: no room left to generate
+        completion_jobs(CompletionRequest(prompt=words, truncate_prompt_tokens=-1), tokenizer, limits)
+    for k in (0, -2, 65):
+        with pytest.raises(BadRequest) as info:
+            completion_jobs(CompletionRequest(prompt=words, truncate_prompt_tokens=k), tokenizer, limits)
+        assert info.value.param == "truncate_prompt_tokens"
+
+
+def test_skip_special_tokens_false_keeps_them_in_the_text(tokenizer):
+    """vLLM's skip_special_tokens (on by default): off, a special token the model writes stays in the
+    text; EOS that ends the output is still left out, as a stop token is."""
+    special = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    ids = tokenizer("a b", add_special_tokens=False)["input_ids"] + [special] + tokenizer("c", add_special_tokens=False)["input_ids"]
+    assert text_of(tokenizer, ids) == ("a bc", "length")
+    assert text_of(tokenizer, ids, skip_special_tokens=False) == ("a b<|im_start|>c", "length")
+    assert tokenizer.convert_ids_to_tokens(2) == "<|im_end|>"  # the EOS of limits_of
+    assert text_of(tokenizer, ids + [2], skip_special_tokens=False) == ("a b<|im_start|>c", "stop")
