@@ -33,7 +33,7 @@ from gateway.jobs import IN_FLIGHT, REQUESTS, Delta, Job, Limits, chat_jobs, com
 from gateway.openai_types import ChatRequest, CompletionRequest
 from gateway.responses import ChunkWriter, Totals, chat_body, completion_body, merged_body, sse
 from gateway.router import Router
-from gateway.tools import Reader
+from gateway.tools import parser_for
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def tool_parser(settings: GatewaySettings, tokenizer) -> str:
     if settings.tool_call_parser != "auto":
         return settings.tool_call_parser
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else str(tokenizer.chat_template)
-    return "hermes" if Reader.START in template else "none"
+    return parser_for(template)
 
 
 LARGE_TEXT_CHARS = 16_384  # text past this is tokenized off the event loop

@@ -80,7 +80,8 @@ def text_chars(body: CompletionRequest | ChatRequest) -> int:
     """Characters of text the request would have tokenized (0 for token ids)."""
     if isinstance(body, ChatRequest):
         parts = [p for m in body.messages if m.content for p in ([m.content] if isinstance(m.content, str) else m.content)]
-        tools = len(json.dumps(body.tools)) if body.tools else 0  # the template writes them into the prompt
+        calls = [m.tool_calls for m in body.messages if m.tool_calls]
+        tools = sum(len(json.dumps(x)) for x in (body.tools, *calls) if x)  # the template writes them into the prompt
         return sum(len(p) if isinstance(p, str) else len(str(p.get("text", ""))) for p in parts) + tools
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt or []
     return sum(len(t) for t in texts if isinstance(t, str))
@@ -168,6 +169,8 @@ def chat_jobs(body: ChatRequest, tokenizer, limits: Limits) -> list[Job]:
             for i in range(body.n)]
     for job in jobs:
         job.tools = plan if plan and plan.mode != "none" else None
+        if plan and plan.mode == "auto":  # a model's tool-call tags may be special tokens: kept, as vLLM's hermes
+            job.skip_special = False
     return jobs
 
 

@@ -321,6 +321,9 @@ class ChatRequest(SamplingFields):
         for i, m in enumerate(self.messages):  # as OpenAI: only an assistant's turn may have no content
             if m.content is None and m.role != "assistant":
                 raise BadRequest(f"messages[{i}] ({m.role}) has no 'content': give a string or text parts", "messages")
+            if m.tool_calls and m.role != "assistant":
+                raise BadRequest(f"messages[{i}] ({m.role}) has 'tool_calls': only an assistant's message may",
+                                 "messages")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 5:
             raise BadRequest(f"'top_logprobs' = {self.top_logprobs}: must be between 0 and 5", "top_logprobs")
         if self.top_logprobs and not self.logprobs:

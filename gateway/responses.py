@@ -162,9 +162,10 @@ class ChunkWriter:
 
     def first(self, delta: Delta) -> list[str]:
         """What goes before the first delta: chat's role; with echo, the prompt (and its logprobs)."""
-        if self.chat:
-            return [self._chunk({"index": self.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                 "finish_reason": None})]
+        if self.chat:  # content null where the answer is a forced call, as the whole answer's
+            content = None if self.job.tools and self.job.tools.mode in ("named", "required") else ""
+            return [self._chunk({"index": self.index, "delta": {"role": "assistant", "content": content},
+                                 "logprobs": None, "finish_reason": None})]
         prompt = _prompt(self.job, delta)
         if not (self.job.echo_text or prompt):
             return []

@@ -28,6 +28,12 @@ MAX_NAME_CHARS = 256
 PARSERS = ("auto", "hermes", "none")  # --tool-call-parser; auto: hermes where the chat template writes <tool_call>
 
 
+def parser_for(template: str) -> str:
+    """--tool-call-parser auto: hermes where the chat template writes <tool_call> with JSON in it
+    (Qwen2.5, Qwen3, Hermes, SmolLM3), not an XML body (Qwen3-Coder, GLM-4.5: <function=...>)."""
+    return "hermes" if Reader.START in template and "<function=" not in template else "none"
+
+
 @dataclass(frozen=True)
 class Plan:
     """What a request's `tools` and `tool_choice` ask for."""
@@ -43,24 +49,31 @@ class Plan:
 
     def schema(self) -> dict | None:
         """The JSON schema the output must follow: the named function's parameters, or for
-        "required" an array of calls (with every tool's $defs at its root); None otherwise."""
+        "required" an array of calls (with every tool's $defs and definitions at its root, where its
+        refs point); None otherwise."""
         params = {t["function"]["name"]: dict(t["function"].get("parameters") or {"type": "object", "properties": {}})
                   for t in self.tools}
         if self.mode == "named":
             return params[self.named]
         if self.mode != "required":
             return None
-        defs: dict = {}
+        defs: dict = {"$defs": {}, "definitions": {}}
         for name, p in params.items():
-            for key, value in (p.pop("$defs", None) or {}).items():  # "#/$defs/X" refers to the root
-                if defs.setdefault(key, value) != value:
-                    raise BadRequest(f"'tools': two functions define '$defs/{key}' differently", "tools")
+            for where, found in defs.items():  # "#/$defs/X" and "#/definitions/X" refer to the root
+                own = p.pop(where, None)
+                own = {} if own is None else own
+                if not isinstance(own, dict):
+                    raise BadRequest(f"'tools': the parameters of {name[:64]!r} have a '{where}' that is not an object "
+                                     "of schemas", "tools")
+                for key, value in own.items():
+                    if found.setdefault(key, value) != value:
+                        raise BadRequest(f"'tools': two functions define '{where}/{key}' differently", "tools")
         one = [{"type": "object", "properties": {"name": {"type": "string", "enum": [name]}, "parameters": p},
                 "required": ["name", "parameters"], "additionalProperties": False} for name, p in params.items()]
         schema = {"type": "array", "minItems": 1, "items": {"anyOf": one}}
         if not self.parallel:
             schema["maxItems"] = 1
-        return schema | ({"$defs": defs} if defs else {})
+        return schema | {where: found for where, found in defs.items() if found}
 
 
 def plan(tools, tool_choice, parallel: bool | None) -> Plan | None:
@@ -120,9 +133,8 @@ def template_messages(calls) -> list[dict]:
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments", ""), str):
             raise BadRequest("each of a message's 'tool_calls' must be {'id': ..., 'type': 'function', 'function': "
                              "{'name': ..., 'arguments': '<JSON text>'}}", "messages")
-        try:
-            arguments = json.loads(fn.get("arguments") or "{}")
-        except ValueError:
+        arguments = _json(fn.get("arguments") or "{}")
+        if arguments is None:  # not JSON: the text as it is
             arguments = fn.get("arguments")
         out.append({**call, "type": "function", "function": {"name": fn["name"], "arguments": arguments}})
     return out
@@ -144,6 +156,9 @@ class Reader:
     def __init__(self, plan: Plan):
         self.plan, self.buf, self.calls = plan, "", 0
         self.inside = self.opened = self.closed = self.after_call = False
+        self.depth, self.in_string, self.escaped = 0, False, False  # required: where the scan is in an element
+        self.element: list[str] = []  # required: the text of the element being read, before this piece
+        self.searched = 0           # auto: the call's text before this has no </tool_call>
         self.pending = ""           # auto: whitespace held back (Reader._text)
         self.raw: list[str] = []    # required: the text, shown as content if no call could be read
 
@@ -172,8 +187,9 @@ class Reader:
         if self.plan.mode == "required":  # cut short ("length") before any whole call: the text as it is
             return ("" if self.calls else "".join(self.raw)), []
         content, calls = "", []
-        if self.inside:  # a call the model did not close (it ended, or ran out of tokens)
-            if not self._hermes(self.buf, calls):
+        if self.inside:  # a call the model did not close (it ended, or ran out of tokens, maybe inside the tag)
+            cut = next((k for k in range(len(self.END) - 1, 0, -1) if self.buf.endswith(self.END[:k])), 0)
+            if not self._hermes(self.buf[:len(self.buf) - cut], calls):
                 content = self._text(self.START + self.buf)
         else:
             content = self._text(self.buf)
@@ -196,31 +212,41 @@ class Reader:
                 "function": {"name": name, "arguments": text}}
 
     def _required(self, text: str) -> list[dict]:
-        """The array the grammar holds the text to: each element is sent once it is whole."""
-        self.buf += text
-        calls, fresh = [], "}" in text  # an element is whole only once a brace closes it: parse then
-        while not self.closed:
-            rest = self.buf.lstrip()
-            if not self.opened:
-                if not rest.startswith("["):
-                    break
-                self.opened, self.buf = True, rest[1:]
+        """The array the grammar holds the text to: each element is sent once it is whole. The text
+        is scanned once, character by character (depth, strings): an element is decoded only when
+        its closing brace comes, never again on each piece of a long one."""
+        calls, start = [], 0  # text[start:] belongs to the element being read (depth > 0)
+        for i, c in enumerate(text):
+            if self.closed:
+                break
+            if self.depth == 0:  # between elements
+                if c == "[" and not self.opened:
+                    self.opened = True
+                elif c == "]" and self.opened:
+                    self.closed = True
+                elif c == "{" and self.opened:
+                    self.depth, self.element, start = 1, [], i
                 continue
-            if rest.startswith(","):
-                rest = rest[1:].lstrip()
-            if rest.startswith("]"):
-                self.closed, self.buf = True, ""
-                break
-            if not fresh or "}" not in rest:
-                break
-            try:
-                element, end = json.JSONDecoder().raw_decode(rest)
-            except (ValueError, RecursionError):
-                break
-            self.buf = rest[end:]
-            if isinstance(element, dict) and isinstance(element.get("name"), str):
-                if (call := self._call(element["name"], element.get("parameters", {}))) is not None:
-                    calls.append(call)
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif c == "\\":
+                    self.escaped = True
+                elif c == '"':
+                    self.in_string = False
+            elif c == '"':
+                self.in_string = True
+            elif c in "{[":
+                self.depth += 1
+            elif c in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    element = _json("".join(self.element) + text[start:i + 1])
+                    if isinstance(element, dict) and isinstance(element.get("name"), str):
+                        if (call := self._call(element["name"], element.get("parameters", {}))) is not None:
+                            calls.append(call)
+        if self.depth > 0:
+            self.element.append(text[start:])
         return calls
 
     def _auto(self, text: str) -> tuple[str, list[dict]]:
@@ -239,10 +265,11 @@ class Reader:
                 content += self._text(self.buf[:at])
                 self.buf, self.inside = self.buf[at + len(self.START):], True
             else:
-                at = self.buf.find(self.END)
+                at = self.buf.find(self.END, self.searched)
                 if at < 0:
+                    self.searched = max(0, len(self.buf) - len(self.END) + 1)
                     break
-                body, self.buf, self.inside = self.buf[:at], self.buf[at + len(self.END):], False
+                body, self.buf, self.inside, self.searched = self.buf[:at], self.buf[at + len(self.END):], False, 0
                 if self._hermes(body, calls):
                     self.pending, self.after_call = "", True  # whitespace around a call is dropped
                 else:
@@ -265,17 +292,23 @@ class Reader:
         """Whether `body` is a call's JSON ({"name", "arguments"}) to one of the tools, or a list of
         them (as SmolLM2 writes them); the calls are added to `calls` (past the first, dropped
         where parallel_tool_calls is false)."""
-        try:
-            obj = json.loads(body)
-        except (ValueError, RecursionError):  # a model's text may nest past Python's stack
-            return False
+        obj = _json(body)
         objs = obj if isinstance(obj, list) and obj else [obj]
-        if not all(isinstance(o, dict) and o.get("name") in self.plan.names for o in objs):
+        if not all(isinstance(o, dict) and isinstance(o.get("name"), str) and o["name"] in self.plan.names
+                   for o in objs):
             return False
         for o in objs:
             if (call := self._call(o["name"], o.get("arguments", o.get("parameters", {})))) is not None:
                 calls.append(call)
         return True
+
+
+def _json(text: str):
+    """The JSON value of a model's text, or None where it is not one."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # a model's text may nest past Python's stack
+        return None
 
 
 def read_whole(plan: Plan, text: str, reason: str | None) -> tuple[str | None, list[dict], str | None]:

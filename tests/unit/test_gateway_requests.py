@@ -54,8 +54,9 @@ def test_chat_fields_we_do_not_implement_are_refused_not_ignored(tokenizer, fiel
     # their empty or default forms are fine
     for harmless in ({"tools": []}, {"tool_choice": "none"}, {"response_format": {"type": "text"}},
                      {"top_logprobs": 2, "logprobs": True}):
-        assert chat_jobs(ChatRequest(messages=[{"role": "user", "content": "hi"}], **harmless), tokenizer,
-                        limits_of(tokenizer, 512))
+        [job] = chat_jobs(ChatRequest(messages=[{"role": "user", "content": "hi"}], **harmless), tokenizer,
+                          limits_of(tokenizer, 512))
+        assert job.tools is None
 
 
 def test_structured_output_fields_become_one_grammar_and_bad_ones_a_400_naming_them(tokenizer):
@@ -320,17 +321,27 @@ def test_tools_reach_the_chat_template_and_a_forced_call_its_grammar(tokenizer):
         jobs[str(choice)] = job
     assert jobs["none"].tools is None and not jobs["none"].sampling.grammar
     assert jobs["auto"].tools.mode == "auto" and not jobs["auto"].sampling.grammar
+    # a model's tags may be special tokens: auto keeps them in the text, as vLLM's hermes parser does
+    assert not jobs["auto"].skip_special and jobs["required"].skip_special
     assert jobs["required"].tools.mode == "required" and jobs["required"].sampling.grammar
     named = jobs[str({"type": "function", "function": {"name": "add"}})]
     assert named.tools.mode == "named" and named.sampling.grammar
     assert named.sampling.grammar == chat_jobs(ChatRequest(messages=talk, guided_json=fn["function"]["parameters"]),
                                                own, limits)[0].sampling.grammar
-    assert chat_jobs(ChatRequest(messages=talk, tools=[fn], tool_choice="required"), own, limits)  # any model
+    assert chat_jobs(ChatRequest(messages=talk, tools=[fn], tool_choice="required"), own, limits)[0].tools  # any model
+    deep = [{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "add",  # not JSON Python reads
+                                                                          "arguments": "[" * 3000 + "]" * 3000}}]}]
+    [job] = chat_jobs(ChatRequest(messages=talk[:1] + deep, tools=[fn], tool_choice="none"), own, limits)
+    assert "(call add )" in own.decode(job.prompt_ids)  # the arguments handed over as the text they are
     for ask, param in (({"tools": [fn]}, "tool_choice"),  # auto, and no parser for it
                        ({"tools": [fn], "tool_choice": "required", "guided_regex": "a"}, "tools"),
                        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objectx"}}}],
                          "tool_choice": "required"}, "tools"),
-                       ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": 3}}]}]}, "messages")):
+                       ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": 3}}]}]}, "messages"),
+                       ({"messages": [{"role": "user", "content": "x", "tool_calls": talk[1]["tool_calls"]}]},
+                        "messages"),
+                       ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"$defs": []}}}],
+                         "tool_choice": "required"}, "tools")):
         with pytest.raises(BadRequest) as info:
             chat_jobs(ChatRequest(**{"messages": talk, **ask}), own, limits)
         assert info.value.param == param, ask

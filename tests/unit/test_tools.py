@@ -25,7 +25,7 @@ def streamed(plan: tools.Plan, text: str, reason: str, rng: random.Random) -> tu
     """What a client assembles from the chunks of `text` cut at random places, as the openai SDK
     does: content concatenated, each call's arguments concatenated by index."""
     reader, content, calls = tools.Reader(plan), "", {}
-    cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 12)))) if len(text) > 1 else []
+    cuts = sorted(rng.choices(range(len(text) + 1), k=rng.randint(0, 3 * len(text))))  # empty pieces too
     pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
     outs = [reader.push(p) for p in pieces] + [reader.finish()]
     for c, deltas in outs:
@@ -53,6 +53,10 @@ HERMES = [
     ('No tools needed: 2 < 3 and <tool_cal is no tag.  ', 'No tools needed: 2 < 3 and <tool_cal is no tag.  ', []),
     ('<tool_call>[{"name": "now", "arguments": {}}, {"name": "add", "arguments": {"a": 2}}]</tool_call>', None,
      [("now", {}), ("add", {"a": 2})]),                                          # a list in one tag (SmolLM2)
+    ('<tool_call>{"name": "now", "arguments": {}}</tool_ca', None, [("now", {})]),  # cut inside the closing tag
+    ('<tool_call>{"name": ["now"]}</tool_call><tool_call>[{"name": {"a": 1}}]</tool_call>',  # names not strings
+     '<tool_call>{"name": ["now"]}</tool_call><tool_call>[{"name": {"a": 1}}]</tool_call>', []),
+    ('<tool_call>' + "[" * 5000 + '</tool_call>', '<tool_call>' + "[" * 5000 + '</tool_call>', []),  # nested deep
     ('<tool_call>{"name": "nope", "arguments": {}}</tool_call>',                   # not one of the tools
      '<tool_call>{"name": "nope", "arguments": {}}</tool_call>', []),
     ('<tool_call>{"name": "add", "argu', '<tool_call>{"name": "add", "argu', []),  # cut short ("length")
@@ -73,7 +77,7 @@ def test_hermes_output_reads_into_content_and_calls_alike_whole_or_in_any_pieces
     assert len({c["id"] for c in got_calls}) == len(calls) and all(c["id"].startswith("call_") for c in got_calls)
     assert tools.read_whole(plan, text, "length")[2] == "length"
     rng = random.Random(len(text))
-    for _ in range(30):
+    for _ in range(30 if len(text) < 1000 else 3):
         c, k, r = streamed(plan, text, "stop", rng)
         assert (c or None if k else c) == got_content and same_but_ids(k, got_calls) and r == reason, (c, k)
 
@@ -97,6 +101,13 @@ def test_required_reads_each_element_of_the_array_and_the_named_call_streams_its
     for _ in range(30):
         c, k, r = streamed(plan, text, "stop", rng)
         assert c == "" and same_but_ids(k, calls) and r == reason
+    nested = ('[{"name": "add", "parameters": {"a": 1, "deep": ' + '{"x": [' * 3000 + "]}" * 3000 + '}}, '
+              '{"name": "add", "parameters": {"a": 2, "s": "\\"}{]\\\\"}}]')  # escapes, braces in strings
+    reader, got = tools.Reader(plan), []
+    for i in range(0, len(nested), 3):
+        got += reader.push(nested[i:i + 3])[1]
+    # nested past what Python's json reads: no call (whole or streamed); the next element is read
+    assert [json.loads(c["function"]["arguments"]) for c in got] == [{"a": 2, "s": '"}{]\\'}]
     # cut short before an element was whole: the text as content, as it is
     assert tools.read_whole(plan, ' [{"name": "add", "par', "length") == (' [{"name": "add", "par', [], "length")
     named = tools.plan([WEATHER, ADD], {"type": "function", "function": {"name": "add"}}, None)
@@ -124,6 +135,17 @@ def test_the_schemas_a_forced_call_is_held_to():
     clash = {"type": "function", "function": {"name": "sub", "parameters": {"$defs": {"n": {"type": "string"}}}}}
     with pytest.raises(BadRequest, match="differently"):
         tools.plan([ADD, clash], "required", None).schema()
+    not_schemas = {"type": "function", "function": {"name": "sub", "parameters": {"$defs": []}}}
+    with pytest.raises(BadRequest, match="not an object") as info:
+        tools.plan([ADD, not_schemas], "required", None).schema()
+    assert info.value.param == "tools"
+    old_style = {"type": "function", "function": {"name": "mul", "parameters": {  # pydantic v1, zod-to-json-schema
+        "type": "object", "properties": {"x": {"$ref": "#/definitions/X"}}, "definitions": {"X": {"type": "integer"}}}}}
+    both = tools.plan([ADD, old_style], "required", None).schema()
+    assert both["$defs"] == {"n": {"type": "integer"}} and both["definitions"] == {"X": {"type": "integer"}}
+    from common import grammar
+
+    assert grammar.from_request("json", both)  # the refs resolve at the root
     assert tools.plan([WEATHER], "none", None).schema() is None and tools.plan([WEATHER], "auto", None).schema() is None
 
 
@@ -153,3 +175,10 @@ def test_defaults_and_message_tool_calls_for_the_template():
         with pytest.raises(BadRequest) as info:
             tools.template_messages(bad)
         assert info.value.param == "messages"
+
+
+def test_auto_reads_hermes_only_where_the_template_writes_json_calls():
+    qwen = 'For each function call, return a json object within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": '
+    coder = "<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>"
+    assert tools.parser_for(qwen) == "hermes" and tools.parser_for(coder) == "none"
+    assert tools.parser_for("{% for m in messages %}{{ m.content }}{% endfor %}") == "none"
