@@ -138,11 +138,14 @@ class PromptSettings(ModelSettings):
                                 ("layerwise", "after_prefill"))
     kv_stream_layers: int = setting(0, "layer by layer: layers per KV message (1: each layer as soon as it is "
                                     "computed; 0: a fifth of the model's layers, rounded up: 6 of SmolLM2's 30)")
+    prefix_cache_mib: int = setting(1024, "host memory for the KV of prompt blocks already prefilled: a prompt that "
+                                    "starts with the same tokens computes only the rest (0: off)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self, self.max_batch_tokens >= 16, "max_batch_tokens", "must be >= 16")
         _check(self, self.kv_stream_layers >= 0, "kv_stream_layers", "must be >= 0")
+        _check(self, self.prefix_cache_mib >= 0, "prefix_cache_mib", "must be >= 0 (0: off)")
 
 
 @dataclass(frozen=True)

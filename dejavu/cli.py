@@ -3,9 +3,9 @@
   dejavu up [--model M] [--port 8000] [--prompt-services 1] [--token-services 1] [--cache-stores 1]
             [--colocated] [--stages 1] [--prompt-stages 1] [--swap --kv-device-bytes B] [--redis-url URL] [--kv-transport ucx|tcp] [--dtype auto|float32|bfloat16|float16]
             [--cpu-placement auto|split|turns|off] [--api-key KEY ...] [--max-queued-requests 1024]
-            [--tool-call-parser auto|hermes|none]
+            [--tool-call-parser auto|hermes|none] [--prefix-cache-mib 1024]
   dejavu status [--redis-url URL] [--json]
-  dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, gemm, agreement, capacity, chaos, overload, pipeline, swap, startup, lmeval, sampling: python -m bench.NAME)
+  dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, gemm, agreement, capacity, chaos, overload, pipeline, swap, startup, lmeval, sampling, prefix: python -m bench.NAME)
   dejavu profile [--model M] [--quick] [--out profile.json]
   dejavu plan --profile FILE --machines D --prompt-tokens P --output-tokens N [--json] [--rate R] [--ttft-s X --tpot-s Y]
   dejavu simulate --profile FILE [--layout 1+1 --layout colocated] [--rates 0.2,0.4] [--plot FILE.png]
@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--max-queued-requests", type=int, default=1024,
                     help="requests that may wait, in order, for KV room when every token service is full; more "
                     "get a 429 with Retry-After (as do those still waiting after DEJAVU_ROUTE_TIMEOUT_S, 300 s)")
+    up.add_argument("--prefix-cache-mib", type=int, default=1024,
+                    help="host memory each prompt service keeps the KV of prompt blocks it prefilled in: a prompt "
+                    "that starts with the same tokens (a system prompt, a chat's earlier turns) computes only the "
+                    "rest (0: off; not with --prompt-stages or --colocated)")
     up.add_argument("--tool-call-parser", choices=("auto", "hermes", "none"), default="auto",
                     help="how chat's tool_choice 'auto' finds tool calls in the output: hermes "
                     "(<tool_call>{...}</tool_call>, Qwen2.5/3 and Hermes), none ('auto' is a 400; 'required' and a "
@@ -140,6 +144,7 @@ BENCHMARKS = {
     "startup": "spawned to ready: one token service and a whole cluster, optionally against another source tree",
     "lmeval": "lm-evaluation-harness's loglikelihoods through our cluster against the harness on HF in float32",
     "sampling": "what penalties, logit biases and min-p add to sampling a decode step's rows",
+    "prefix": "what the prompt service's prefix cache does for a chat's later turns' time to first token",
 }
 
 
@@ -219,6 +224,8 @@ def cmd_up(args, parser) -> int:
         parser.error("--swap is not for --colocated token services")
     if args.kv_device_bytes and args.kv_blocks and not args.swap:
         parser.error("without --swap, --kv-device-bytes sizes the KV pool: give it or --kv-blocks, not both")
+    if args.prefix_cache_mib < 0:
+        parser.error("--prefix-cache-mib must be >= 0 (0: off)")
     if args.max_queued_requests < 0:
         parser.error("--max-queued-requests must be >= 0 (0: a 429 as soon as every token service is full)")
     if not 0 <= args.kv_shm_mib <= 1024:
@@ -244,7 +251,8 @@ def cmd_up(args, parser) -> int:
            "DEJAVU_COMPILE": str(args.compile).lower(), "DEJAVU_ENFORCE_EAGER": str(args.enforce_eager).lower(),
            "DEJAVU_MAX_QUEUED_REQUESTS": str(args.max_queued_requests),
            "DEJAVU_MICROBATCHES": str(args.microbatches), "DEJAVU_KV_DEVICE_BYTES": str(args.kv_device_bytes),
-           "DEJAVU_SWAP": str(args.swap).lower(), "DEJAVU_TOOL_CALL_PARSER": args.tool_call_parser}
+           "DEJAVU_SWAP": str(args.swap).lower(), "DEJAVU_TOOL_CALL_PARSER": args.tool_call_parser,
+           "DEJAVU_PREFIX_CACHE_MIB": str(args.prefix_cache_mib)}
     given = args.api_key if args.api_key is not None else [os.environ.get("DEJAVU_API_KEYS", "")]
     keys = [k.strip() for item in given for k in item.split(",")] if any(given) or args.api_key else []
     if not all(keys):  # an empty key would let an empty bearer token in

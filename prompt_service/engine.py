@@ -43,6 +43,7 @@ from common.service import request_id_var
 from common.settings import PromptSettings
 from engine.attention import Segment
 from engine.runner import ModelRunner
+from prompt_service.prefix_cache import PrefixCache, block_keys
 
 log = logging.getLogger(__name__)
 # Taking turns on the host's cores with token services (--cpu-placement turns), a forward computes
@@ -108,11 +109,13 @@ async def open_links(peers: Peers, routes: list[Route], layers: range, target: s
 
 @dataclass(frozen=True)
 class Sink:
-    """Where one piece of a forward's K/V goes: its rows in the flat batch, its tokens, its messages."""
+    """Where one piece of a forward's K/V goes: its rows in the flat batch, its tokens, its messages
+    (and `keep`, where the prefix cache takes them too: (first layer, end layer, buffer) each)."""
     rows: slice
     tokens: range
     groups: dict[int, range]
     outbox: asyncio.Queue
+    keep: list | None = None
 
 
 def layer_sink(loop: asyncio.AbstractEventLoop, sinks: list[Sink]):
@@ -130,6 +133,8 @@ def layer_sink(loop: asyncio.AbstractEventLoop, sinks: list[Sink]):
             if layer == group.stop - 1:
                 message = (group.start, group.stop, sink.tokens.start, sink.tokens.stop, slabs[i])
                 loop.call_soon_threadsafe(sink.outbox.put_nowait, message)
+                if sink.keep is not None:
+                    sink.keep.append((group.start, group.stop, slabs[i]))
 
     return on_layer
 
@@ -163,6 +168,9 @@ class PrefillJob:
     prompt_logprobs: list[PromptLogprob] = field(default_factory=list)  # req.prompt_logprobs: tokens 1.. so far
     matcher: grammar.Matcher | None = None  # its grammar's, at the start (grammar.start), for the first pick
     inherited: bool = False         # it superseded a call of its request with chunks on a pipeline's stages
+    keys: list[bytes] = field(default_factory=list)  # the prefix cache's keys of its whole blocks
+    prefix: list[torch.Tensor] = field(default_factory=list)  # cached KV of its first blocks, not loaded yet
+    kept: list | None = None        # a whole prompt's KV messages, for the prefix cache (Sink.keep)
 
     @property
     def num_tokens(self) -> int:
@@ -193,6 +201,8 @@ class PrefillEngine:
         self.arrivals: dict[str, int] = {}  # request id: the ticket of its latest call (`submit`)
         self.tickets = itertools.count()
         self.pipeline = None  # --stages: the stages after this one (prompt_service/pipeline.py)
+        self.cache = (PrefixCache(settings.prefix_cache_mib << 20, runner.block_size)
+                      if settings.prefix_cache_mib and runner is not None else None)
 
     @property
     def layers_per_message(self) -> int:
@@ -231,6 +241,9 @@ class PrefillEngine:
         job = self.jobs[req.request_id] = PrefillJob(req, routes, links,
                                                      message_groups(routes, self.layers_per_message, mine),
                                                      matcher=matcher, inherited=stale is not None and stale.done > 0)
+        if self.caching and req.prompt_logprobs is None:  # echo with logprobs scores every prompt token: computed
+            job.keys, job.prefix = self.cache.lookup(req.prompt_ids)
+            job.done = len(job.prefix) * self.runner.block_size
         IN_FLIGHT.inc()
         sender = asyncio.create_task(self._send_layers(job))
         self.queue.append(job)
@@ -247,6 +260,11 @@ class PrefillEngine:
                 del self.jobs[req.request_id]
             IN_FLIGHT.dec()
             await asyncio.shield(sender)
+
+    @property
+    def caching(self) -> bool:
+        """Prefix caching is on (not for a prompt pipeline's stages: each would cache its own layers)."""
+        return self.cache is not None and self.pipeline is None
 
     def abort(self, request_id: str) -> bool:
         job = self.jobs.get(request_id)
@@ -296,12 +314,22 @@ class PrefillEngine:
         loop = asyncio.get_running_loop()
         sinks, at = [], 0  # each piece's rows in the forward's flat (N, kv_heads, D) K/V
         for piece in work:
-            n = piece.end - piece.start
-            sinks.append(Sink(slice(at, at + n), range(piece.start, piece.end), piece.job.messages, piece.job.outbox))
+            n, job = piece.end - piece.start, piece.job
+            if self.caching and n == job.num_tokens >= self.runner.block_size:  # a whole prompt: kept for the cache
+                job.kept = []
+            sinks.append(Sink(slice(at, at + n), range(piece.start, piece.end), job.messages, job.outbox, job.kept))
             at += n
         on_layer = layer_sink(loop, sinks)
 
         job, table = work[0].job, None
+        if job.prefix:  # a prefix cache hit (alone: its first piece starts past 0): its pool, and its messages
+            try:
+                for message in await self.runner.run(self._load_prefix, job):
+                    job.outbox.put_nowait(message)
+            except Exception as exc:  # as a failed forward: the request fails, the service stays
+                log.exception("loading a cached prefix failed")
+                job.fail(UpstreamError(f"prefill failed: {type(exc).__name__}: {exc}"))
+                return
         if work[0].end < job.num_tokens or work[0].start > 0:  # a chunk: blocks 0, 1, ... of the job's own pool
             table = list(range(-(-job.num_tokens // self.runner.block_size)))
             if job.pool is None:
@@ -342,11 +370,48 @@ class PrefillEngine:
             for job, _ in ended:
                 job.fail(UpstreamError(f"sampling failed: {type(exc).__name__}: {exc}"))
             return
+        kept = [(job, job.pool, job.kept) for job, _ in ended]
         for (job, _), event in zip(ended, events):
-            job.first, job.computed_at, job.pool = first_event(job.req.sampling, event), done, None
+            job.first, job.computed_at, job.pool, job.kept = first_event(job.req.sampling, event), done, None, None
             if job.req.prompt_logprobs is not None:
                 job.first = job.first.model_copy(update={"prompt_logprobs": job.prompt_logprobs})
             loop.call_soon(job.outbox.put_nowait, None)  # after every message: the sender may answer
+        if self.caching:
+            try:
+                await self._keep(kept)
+            except Exception:  # the cache is an optimization: a failure to fill it fails nothing
+                log.exception("keeping prompt KV in the prefix cache failed")
+
+    def _load_prefix(self, job: PrefillJob) -> list[tuple]:
+        """In the engine thread: a cache hit's blocks into the job's pool (its later tokens attend to
+        them), and the KV messages of those tokens, for the token service."""
+        size = self.runner.block_size
+        tokens, job.pool = len(job.prefix) * size, self.runner.new_pool(-(-job.num_tokens // size))
+        for i, block in enumerate(job.prefix):
+            job.pool[:, :, i * size:(i + 1) * size].copy_(block)
+        job.prefix, first = [], self.runner.layers.start
+        messages = []
+        for group in sorted(set(job.messages.values()), key=lambda g: g.start):
+            part = job.pool[group.start - first:group.stop - first, :, :tokens]
+            messages.append((group.start, group.stop, 0, tokens, _host_copy(part)))
+        return messages
+
+    async def _keep(self, ended: list[tuple[PrefillJob, torch.Tensor | None, list | None]]) -> None:
+        """The whole blocks of prompts just prefilled into the prefix cache (those it lacks), copied
+        in the engine thread from a chunked prompt's pool or a whole prompt's messages."""
+        size = self.runner.block_size
+
+        def copies(pool: torch.Tensor | None, kept: list | None, wanted: list[int]) -> dict[int, torch.Tensor]:
+            if pool is not None:
+                return {i: _host_copy(pool[:, :, i * size:(i + 1) * size]) for i in wanted}
+            parts = [buf for _, _, buf in sorted(kept, key=lambda m: m[0])]  # the model's layers in order
+            return {i: torch.cat([p[:, :, i * size:(i + 1) * size] for p in parts]) for i in wanted}
+
+        for job, pool, kept in ended:
+            keys = job.keys or block_keys(job.req.prompt_ids, size)
+            wanted = self.cache.missing(keys)
+            if wanted and (pool is not None or kept):
+                self.cache.insert(keys, await self.runner.run(copies, pool, kept, wanted))
 
     async def _send_layers(self, job: PrefillJob) -> None:
         request_id_var.set(job.req.request_id)
@@ -368,6 +433,11 @@ class PrefillEngine:
                 f"streaming KV to token service {job.req.target_service_id} failed: {type(exc).__name__}: {exc}"))
         finally:
             _forget(acks)
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy in host memory (one copy, from any device, of any slice)."""
+    return torch.empty(t.shape, dtype=t.dtype).copy_(t)
 
 
 def _forget(acks: list[asyncio.Future]) -> None:

@@ -387,3 +387,31 @@ def test_forced_tool_calls_follow_the_tools_schemas_streamed_or_not(tiny_cluster
     resp = httpx.post(tiny_cluster.url + "/v1/chat/completions", json=body, timeout=30)
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "tool_choice", resp.text
     assert_no_kv_held(tiny_cluster)
+
+
+def test_prompts_sharing_a_prefix_reuse_its_kv_and_still_equal_hf(tiny_cluster, tiny_oracle):
+    """The second turn of a chat: its prompt starts with the first's (system prompt, question,
+    answer), and the prompt service computes only the rest, from the KV it kept of the first
+    prefill (prefix cache); greedy output still equals HF generate, streamed or not."""
+    tok = tiny_oracle.tokenizer
+    system = "You are a helpful assistant who answers in French. " * 12
+    first = tok(system + "What is the capital of Italy?")["input_ids"]
+    url = tiny_cluster.of("prompt")[0].url
+    hits = metric(url, "dejavu_prompt_prefix_cache_hits_total")
+    want, _ = tiny_oracle.text(first, 12)
+    assert completion(tiny_cluster.url, prompt=first, max_tokens=12, temperature=0)["choices"][0]["text"] == want
+    second = first + tok(want + " And of Spain?", add_special_tokens=False)["input_ids"]
+    want, _ = tiny_oracle.text(second, 12)
+    got = completion(tiny_cluster.url, prompt=second, max_tokens=12, temperature=0)["choices"][0]["text"]
+    assert got == want
+    reused = metric(url, "dejavu_prompt_prefix_cache_hits_total") - hits
+    assert reused >= len(first) - 16, (reused, len(first))  # every whole block of the first prompt (16 a block)
+
+    async def streamed():
+        async with httpx.AsyncClient() as client:
+            return "".join((await stream_completion(client, tiny_cluster.url, prompt=second, max_tokens=12,
+                                                    temperature=0))[0])
+
+    assert asyncio.run(streamed()) == want
+    assert metric(url, "dejavu_prompt_prefix_cache_hits_total") - hits >= reused + len(second) - 16
+    assert_no_kv_held(tiny_cluster)

@@ -1,0 +1,133 @@
+"""What the prompt service's prefix cache does for a chat's time to first token: the later turns
+of a conversation start with its earlier ones (system prompt, questions, answers), and with the
+cache only their new tokens are prefilled.
+
+Step by step:
+1. Two clusters as `dejavu up` runs them (a prompt service, a token service, the gateway; CPU
+   placement auto), one with the prefix cache (--prefix-cache-mib, 1024 by default) and one
+   without (0).
+2. A conversation: a system prompt of about --system-tokens tokens, unique to it (no conversation
+   reuses another's KV), then --turns user turns; each turn sends every message so far (its
+   answers included, as a chat client does), greedy, --max-tokens out, streamed; its TTFT is the
+   time to the first streamed token.
+3. One conversation on each cluster unrecorded, then --repeats conversations, the clusters taking
+   turns; medians [min-max] of turn 1 (nothing to reuse) and of the later turns, and the cached
+   cluster's TTFT over the other's. The prompt tokens reused are read off the prompt service's
+   /metrics (dejavu_prompt_prefix_cache_hits_total).
+Nothing is asserted; figures depend on the machine (recorded in the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import time
+
+import httpx
+
+from bench.common import fmt, log, metrics, spread, write_json
+
+WORDS = ("river", "stone", "window", "garden", "silver", "quiet", "market", "lantern", "harbor", "meadow", "copper",
+         "violet", "thunder", "orchard", "canvas", "pepper", "glacier", "velvet", "compass", "falcon")
+QUESTIONS = ("What is the capital of France?", "Name three colours.", "How many legs does a spider have?",
+             "What is two plus two?", "Say hello in Spanish.", "What is the opposite of cold?")
+
+
+def system_prompt(rng: random.Random, tokens: int) -> str:
+    """Instructions then a word list, unique to the conversation (about 1.2 words a token)."""
+    return ("You are a helpful assistant. Keep these words in mind: "
+            + " ".join(rng.choice(WORDS) for _ in range(int(tokens / 1.3))) + ".")
+
+
+def turn(client: httpx.Client, url: str, messages: list[dict], max_tokens: int) -> tuple[float, str]:
+    """(TTFT in seconds, the answer's text) of one streamed, greedy chat turn."""
+    import json
+
+    start, first, text = time.perf_counter(), None, []
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choices = json.loads(line[6:])["choices"]
+            if choices and (choices[0]["delta"].get("content") or choices[0]["finish_reason"]):
+                first = first or time.perf_counter() - start
+                text.append(choices[0]["delta"].get("content") or "")
+    return first, "".join(text)
+
+
+def conversation(cluster, args, seed: int) -> dict:
+    rng = random.Random(seed)
+    messages = [{"role": "system", "content": system_prompt(rng, args.system_tokens)}]
+    prompt_url = cluster.of("prompt")[0].url
+    hits = metrics(prompt_url).get("dejavu_prompt_prefix_cache_hits_total", 0.0)
+    ttfts = []
+    with httpx.Client(timeout=600) as client:
+        for _ in range(args.turns):
+            messages.append({"role": "user", "content": rng.choice(QUESTIONS)})
+            ttft, answer = turn(client, cluster.url, messages, args.max_tokens)
+            ttfts.append(ttft)
+            messages.append({"role": "assistant", "content": answer})
+    reused = metrics(prompt_url).get("dejavu_prompt_prefix_cache_hits_total", 0.0) - hits
+    return {"first_turn_s": ttfts[0], "later_turns_s": ttfts[1:], "reused_tokens": reused}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.prefix", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a Hugging Face model folder")
+    p.add_argument("--system-tokens", type=int, default=1000, help="tokens of each conversation's system prompt")
+    p.add_argument("--turns", type=int, default=4, help="user turns a conversation")
+    p.add_argument("--max-tokens", type=int, default=24, help="tokens of each answer")
+    p.add_argument("--repeats", type=int, default=3, help="conversations on each cluster, alternated")
+    p.add_argument("--cache-mib", type=int, default=1024, help="--prefix-cache-mib of the cached cluster")
+    p.add_argument("--out", default="", help="write the figures here as JSON")
+    args = p.parse_args(argv)
+
+    from dejavu import placement
+    from dejavu.cluster import Cluster
+    from common.model import resolve_model_path
+
+    resolve_model_path(args.model, progress=log)
+    cores, why = placement.host_cores()
+    plan = placement.plan(cores, 1, 1, "auto", 1, 1) if cores else {}
+    log(f"CPU placement: {placement.describe(plan, cores) if plan else 'none: ' + why}")
+    layouts = {"cache": args.cache_mib, "no-cache": 0}
+    runs = []
+    with contextlib.ExitStack() as stack:
+        clusters = {}
+        for name, mib in layouts.items():
+            log(f"starting '{name}' (--prefix-cache-mib {mib})")
+            clusters[name] = stack.enter_context(Cluster(args.model, port=0, prompt_services=1, token_services=1,
+                                                         cache_stores=0, env={"DEJAVU_PREFIX_CACHE_MIB": str(mib)},
+                                                         echo_logs=False, placement=plan))
+        for name, cluster in clusters.items():
+            conversation(cluster, args, seed=-1 - len(name))  # warm-up, unrecorded
+        for r in range(1, args.repeats + 1):
+            for name, cluster in clusters.items():
+                run = {"layout": name, "repeat": r, **conversation(cluster, args, seed=r)}
+                runs.append(run)
+                log(f"repeat {r}/{args.repeats} {name:<8}: turn 1 {run['first_turn_s'] * 1000:.0f} ms, later turns "
+                    + ", ".join(f"{t * 1000:.0f}" for t in run["later_turns_s"]) + f" ms, {run['reused_tokens']:.0f} "
+                    "prompt tokens reused")
+    summary = {}
+    for name in layouts:
+        mine = [r for r in runs if r["layout"] == name]
+        summary[name] = {"first_turn_ms": spread([r["first_turn_s"] * 1000 for r in mine]),
+                         "later_turns_ms": spread([t * 1000 for r in mine for t in r["later_turns_s"]]),
+                         "reused_tokens_per_conversation": spread([r["reused_tokens"] for r in mine])}
+    later = summary["cache"]["later_turns_ms"]["median"] / summary["no-cache"]["later_turns_ms"]["median"]
+    first = summary["cache"]["first_turn_ms"]["median"] / summary["no-cache"]["first_turn_ms"]["median"]
+    summary["ratio_later_turns"], summary["ratio_first_turn"] = later, first
+    for name in layouts:
+        s = summary[name]
+        log(f"{name:<8}: TTFT turn 1 {fmt(s['first_turn_ms'], 0)} ms, later turns {fmt(s['later_turns_ms'], 0)} ms, "
+            f"{fmt(s['reused_tokens_per_conversation'], 0)} prompt tokens reused a conversation")
+    log(f"cache / no-cache TTFT: later turns {later:.2f}x, turn 1 {first:.2f}x")
+    write_json(args.out, summary, runs=runs, args=vars(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Prefix caching on a prompt service: the KV of prompt blocks it has prefilled, kept in host
+memory, so that a prompt starting with the same tokens (a shared system prompt, the earlier turns
+of a chat, a request resumed by re-prefill) computes only the rest.
+
+A block is --block-size prompt tokens; it is found by a hash of its tokens and of every token
+before it (a chain, as vLLM's), so a block's KV is only ever reused behind the same prefix. Only
+whole blocks are kept, and a prompt always computes at least its last token (the first output
+token is drawn from its logits). The blocks are kept least recently used first out, up to
+--prefix-cache-mib; a chain's first blocks are touched last, so its tail goes before its head.
+The cache is read and changed on the service's event loop only; the copies into and out of it run
+in the engine thread, after the prompt's first token is answered.
+
+A hit is sent to the token service as KV messages of the prefix's tokens, then the rest of the
+prompt is computed as a chunk that attends to the prefix (as chunked prefill's later chunks do).
+The KV sent is the bits the first prefill computed: a request resumed by re-prefill gets its
+prompt's KV exactly as its first token service did.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import numpy as np
+import torch
+from prometheus_client import Counter, Gauge
+
+QUERY_TOKENS = Counter("dejavu_prompt_prefix_cache_queries_total", "prompt tokens looked up in the prefix cache")
+HIT_TOKENS = Counter("dejavu_prompt_prefix_cache_hits_total", "prompt tokens whose KV came from the prefix cache")
+CACHED_BYTES = Gauge("dejavu_prompt_prefix_cache_bytes", "KV bytes held by the prefix cache")
+
+
+def block_keys(ids: list[int], block_size: int) -> list[bytes]:
+    """The key of each whole block of `ids`: a hash of its tokens and of its parent's key."""
+    keys, parent = [], b""
+    tokens = np.asarray(ids, dtype=np.int64)
+    for start in range(0, len(ids) - block_size + 1, block_size):
+        parent = hashlib.blake2b(parent + tokens[start:start + block_size].tobytes(), digest_size=16).digest()
+        keys.append(parent)
+    return keys
+
+
+class PrefixCache:
+    def __init__(self, capacity_bytes: int, block_size: int):
+        self.capacity, self.block_size = capacity_bytes, block_size
+        self.blocks: collections.OrderedDict[bytes, torch.Tensor] = collections.OrderedDict()  # LRU first
+        self.bytes = 0
+
+    def lookup(self, ids: list[int]) -> tuple[list[bytes], list[torch.Tensor]]:
+        """(the keys of the prompt's whole blocks, the cached KV of its longest cached prefix of
+        blocks that leaves at least one token to compute), each block (layers, 2, block_size,
+        kv_heads, head_dim). The blocks returned stay valid whatever is evicted meanwhile."""
+        keys = block_keys(ids, self.block_size)
+        hit = []
+        for key in keys[:(len(ids) - 1) // self.block_size]:
+            block = self.blocks.get(key)
+            if block is None:
+                break
+            hit.append(block)
+        self._touch(keys[:len(hit)])
+        QUERY_TOKENS.inc(len(ids))
+        HIT_TOKENS.inc(len(hit) * self.block_size)
+        return keys, hit
+
+    def missing(self, keys: list[bytes]) -> list[int]:
+        """Which of the blocks of `keys` are not kept."""
+        return [i for i, key in enumerate(keys) if key not in self.blocks]
+
+    def insert(self, keys: list[bytes], blocks: dict[int, torch.Tensor]) -> None:
+        """Keep blocks[i] (block i's KV, a copy the cache owns) as key i where it is not kept yet."""
+        for i, key in enumerate(keys):
+            kv = blocks.get(i)
+            if kv is not None and key not in self.blocks and kv.nbytes <= self.capacity:
+                self.blocks[key] = kv
+                self.bytes += kv.nbytes
+        self._touch(keys)
+        while self.bytes > self.capacity:
+            _, kv = self.blocks.popitem(last=False)
+            self.bytes -= kv.nbytes
+        CACHED_BYTES.set(self.bytes)
+
+    def _touch(self, keys: list[bytes]) -> None:
+        for key in reversed(keys):  # the head of a chain last: the most recently used
+            if key in self.blocks:
+                self.blocks.move_to_end(key)
+
+    def clear(self) -> None:
+        self.blocks.clear()
+        self.bytes = 0
+        CACHED_BYTES.set(0)
