@@ -168,6 +168,7 @@ class PrefillJob:
     prompt_logprobs: list[PromptLogprob] = field(default_factory=list)  # req.prompt_logprobs: tokens 1.. so far
     matcher: grammar.Matcher | None = None  # its grammar's, at the start (grammar.start), for the first pick
     inherited: bool = False         # it superseded a call of its request with chunks on a pipeline's stages
+    looked_up: bool = False         # the prefix cache was asked (as it reached the head of the queue)
     keys: list[bytes] = field(default_factory=list)  # the prefix cache's keys of its whole blocks
     prefix: list[torch.Tensor] = field(default_factory=list)  # cached KV of its first blocks, not loaded yet
     kept: list | None = None        # a whole prompt's KV messages, for the prefix cache (Sink.keep)
@@ -241,9 +242,6 @@ class PrefillEngine:
         job = self.jobs[req.request_id] = PrefillJob(req, routes, links,
                                                      message_groups(routes, self.layers_per_message, mine),
                                                      matcher=matcher, inherited=stale is not None and stale.done > 0)
-        if self.caching and req.prompt_logprobs is None:  # echo with logprobs scores every prompt token: computed
-            job.keys, job.prefix = self.cache.lookup(req.prompt_ids)
-            job.done = len(job.prefix) * self.runner.block_size
         IN_FLIGHT.inc()
         sender = asyncio.create_task(self._send_layers(job))
         self.queue.append(job)
@@ -260,6 +258,13 @@ class PrefillEngine:
                 del self.jobs[req.request_id]
             IN_FLIGHT.dec()
             await asyncio.shield(sender)
+
+    def _look_up(self, job: PrefillJob) -> None:
+        """The prefix cache's longest hit for the job's prompt: its first tokens are then done."""
+        job.looked_up = True
+        if self.caching and job.req.prompt_logprobs is None:  # echo with logprobs: every prompt token is scored
+            job.keys, job.prefix = self.cache.lookup(job.req.prompt_ids)
+            job.done = len(job.prefix) * self.runner.block_size
 
     @property
     def caching(self) -> bool:
@@ -294,8 +299,10 @@ class PrefillEngine:
             if job.result.done():  # aborted while queued
                 self.queue.popleft()
                 continue
+            if not job.looked_up:  # at the head, not on arrival: a burst's later prompts find the first's blocks
+                self._look_up(job)
             left = job.num_tokens - job.done
-            if work and (left > budget or job.done):
+            if work and (left > budget or job.done):  # a hit (done > 0) runs alone too: its pool is the forward's
                 break
             end = job.done + min(left, budget)
             work.append(Piece(job, job.done, end))
@@ -322,30 +329,29 @@ class PrefillEngine:
         on_layer = layer_sink(loop, sinks)
 
         job, table = work[0].job, None
-        if job.prefix:  # a prefix cache hit (alone: its first piece starts past 0): its pool, and its messages
-            try:
-                for message in await self.runner.run(self._load_prefix, job):
-                    job.outbox.put_nowait(message)
-            except Exception as exc:  # as a failed forward: the request fails, the service stays
-                log.exception("loading a cached prefix failed")
-                job.fail(UpstreamError(f"prefill failed: {type(exc).__name__}: {exc}"))
-                return
         if work[0].end < job.num_tokens or work[0].start > 0:  # a chunk: blocks 0, 1, ... of the job's own pool
             table = list(range(-(-job.num_tokens // self.runner.block_size)))
             if job.pool is None:
                 job.pool = self.runner.new_pool(len(table))
+        # the prefix cache's work rides in the forward's call to the engine thread (taking turns on the
+        # cores, a call of its own would wait for a turn): a hit's blocks loaded first, the blocks the
+        # cache lacks of the prompts this forward ends copied after
+        prefix, job.prefix = job.prefix, []
+        wanted = [(p.job, self._wanted(p.job)) for p in work if p.end == p.job.num_tokens] if self.caching else []
         segments = [Segment(p.job.req.prompt_ids[p.start: p.end], p.start, table) for p in work]
         scored = {i: (p.job.req.prompt_ids[p.start + 1: p.end + 1], p.job.req.prompt_logprobs)
                   for i, p in enumerate(work) if p.job.req.prompt_logprobs is not None}
         start = time.perf_counter()
         try:
+            pool = job.pool if table else None
             if scored:
-                logits, scores = await self.runner.run(self.runner.forward_scored, segments,
-                                                       job.pool if table else None, on_layer, scored)
+                (logits, scores), copies = await self.runner.run(
+                    self._compute, loop, job, prefix, wanted, self.runner.forward_scored, segments, pool, on_layer, scored)
                 for i, part in scores.items():
                     work[i].job.prompt_logprobs.extend(part)
             else:
-                logits = await self.runner.run(self.runner.forward, segments, job.pool if table else None, on_layer)
+                logits, copies = await self.runner.run(self._compute, loop, job, prefix, wanted, self.runner.forward,
+                                                       segments, pool, on_layer)
             if self.pipeline is not None:  # the head's output through the later stages, which stream their layers' KV
                 logits = await self.pipeline.prefill([[p.job.req.request_id, p.job.req.epoch, p.start, p.end,
                                                        p.job.num_tokens, p.job.routes] for p in work], logits)
@@ -370,48 +376,50 @@ class PrefillEngine:
             for job, _ in ended:
                 job.fail(UpstreamError(f"sampling failed: {type(exc).__name__}: {exc}"))
             return
-        kept = [(job, job.pool, job.kept) for job, _ in ended]
         for (job, _), event in zip(ended, events):
             job.first, job.computed_at, job.pool, job.kept = first_event(job.req.sampling, event), done, None, None
             if job.req.prompt_logprobs is not None:
                 job.first = job.first.model_copy(update={"prompt_logprobs": job.prompt_logprobs})
             loop.call_soon(job.outbox.put_nowait, None)  # after every message: the sender may answer
-        if self.caching:
-            try:
-                await self._keep(kept)
-            except Exception:  # the cache is an optimization: a failure to fill it fails nothing
-                log.exception("keeping prompt KV in the prefix cache failed")
+        for job, blocks in copies:
+            self.cache.insert(job.keys, blocks)
 
-    def _load_prefix(self, job: PrefillJob) -> list[tuple]:
-        """In the engine thread: a cache hit's blocks into the job's pool (its later tokens attend to
-        them), and the KV messages of those tokens, for the token service."""
-        size = self.runner.block_size
-        tokens, job.pool = len(job.prefix) * size, self.runner.new_pool(-(-job.num_tokens // size))
-        for i, block in enumerate(job.prefix):
-            job.pool[:, :, i * size:(i + 1) * size].copy_(block)
-        job.prefix, first = [], self.runner.layers.start
-        messages = []
-        for group in sorted(set(job.messages.values()), key=lambda g: g.start):
-            part = job.pool[group.start - first:group.stop - first, :, :tokens]
-            messages.append((group.start, group.stop, 0, tokens, _host_copy(part)))
-        return messages
+    def _wanted(self, job: PrefillJob) -> list[int]:
+        """The blocks of a prompt this forward ends that the prefix cache lacks and will take: at
+        most half the cache from one prompt, its first ones (one long prompt must not flush the
+        prefixes others share, nor copy blocks only to have them evicted at once)."""
+        job.keys = job.keys or block_keys(job.req.prompt_ids, self.runner.block_size)
+        block_bytes = self.runner.kv.bytes_per_token // self.runner.kv.layers * len(self.runner.layers) \
+            * self.runner.block_size
+        return [i for i in self.cache.missing(job.keys) if i < self.cache.capacity // 2 // block_bytes]
 
-    async def _keep(self, ended: list[tuple[PrefillJob, torch.Tensor | None, list | None]]) -> None:
-        """The whole blocks of prompts just prefilled into the prefix cache (those it lacks), copied
-        in the engine thread from a chunked prompt's pool or a whole prompt's messages."""
-        size = self.runner.block_size
-
-        def copies(pool: torch.Tensor | None, kept: list | None, wanted: list[int]) -> dict[int, torch.Tensor]:
-            if pool is not None:
-                return {i: _host_copy(pool[:, :, i * size:(i + 1) * size]) for i in wanted}
-            parts = [buf for _, _, buf in sorted(kept, key=lambda m: m[0])]  # the model's layers in order
-            return {i: torch.cat([p[:, :, i * size:(i + 1) * size] for p in parts]) for i in wanted}
-
-        for job, pool, kept in ended:
-            keys = job.keys or block_keys(job.req.prompt_ids, size)
-            wanted = self.cache.missing(keys)
-            if wanted and (pool is not None or kept):
-                self.cache.insert(keys, await self.runner.run(copies, pool, kept, wanted))
+    def _compute(self, loop, job: PrefillJob, prefix: list[torch.Tensor],
+                 wanted: list[tuple[PrefillJob, list[int]]], forward, *args):
+        """In the engine thread: a hit's cached blocks into its pool and their KV messages out (the
+        token service gets the prefix first), the forward, then copies of the blocks `wanted` of
+        the prompts it ends (from a chunked prompt's pool, or a whole prompt's messages): (the
+        forward's result, [(job, {block: KV})])."""
+        size, first = self.runner.block_size, self.runner.layers.start
+        if prefix:
+            tokens = len(prefix) * size
+            for i, block in enumerate(prefix):
+                job.pool[:, :, i * size:(i + 1) * size].copy_(block)
+            for group in sorted(set(job.messages.values()), key=lambda g: g.start):
+                layers = slice(group.start - first, group.stop - first)
+                message = (group.start, group.stop, 0, tokens, torch.cat([b[layers] for b in prefix], dim=2))
+                loop.call_soon_threadsafe(job.outbox.put_nowait, message)
+        out = forward(*args)
+        copies = []
+        for ended, blocks in wanted:
+            if not blocks or (ended.pool is None and not ended.kept):
+                continue
+            if ended.pool is not None:
+                copies.append((ended, {i: _host_copy(ended.pool[:, :, i * size:(i + 1) * size]) for i in blocks}))
+            else:
+                parts = [buf for _, _, buf in sorted(ended.kept, key=lambda m: m[0])]  # the layers in order
+                copies.append((ended, {i: torch.cat([p[:, :, i * size:(i + 1) * size] for p in parts])
+                                       for i in blocks}))
+        return out, copies
 
     async def _send_layers(self, job: PrefillJob) -> None:
         request_id_var.set(job.req.request_id)

@@ -7,8 +7,11 @@ before it (a chain, as vLLM's), so a block's KV is only ever reused behind the s
 whole blocks are kept, and a prompt always computes at least its last token (the first output
 token is drawn from its logits). The blocks are kept least recently used first out, up to
 --prefix-cache-mib; a chain's first blocks are touched last, so its tail goes before its head.
-The cache is read and changed on the service's event loop only; the copies into and out of it run
-in the engine thread, after the prompt's first token is answered.
+One prompt takes at most half the cache (its first blocks), so that one long prompt does not flush
+the prefixes others share. The cache is read and changed on the service's event loop only; the
+copies into and out of it run in the engine thread, in the forward's own call (a hit's blocks
+before it, the new blocks after it, before the first token is answered: milliseconds), so that
+taking turns on the cores (--cpu-placement turns) they cost no turn of their own.
 
 A hit is sent to the token service as KV messages of the prefix's tokens, then the rest of the
 prompt is computed as a chunk that attends to the prefix (as chunked prefill's later chunks do).

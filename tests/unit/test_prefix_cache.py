@@ -68,8 +68,7 @@ async def test_a_prompt_that_hits_gets_the_kv_and_first_token_of_one_computed_wh
         task = asyncio.create_task(engine.run())
         try:
             first = (await asyncio.wait_for(engine.submit(req), 30)).first.token_id
-            while engine.cache and engine.cache.missing(block_keys(ids, 4)):  # kept after the answer
-                await asyncio.sleep(0.01)
+            assert not engine.cache or not engine.cache.missing(block_keys(ids, 4))  # kept by the answer
             return first
         finally:
             task.cancel()
@@ -101,3 +100,73 @@ async def test_a_prompt_that_hits_gets_the_kv_and_first_token_of_one_computed_wh
     assert torch.equal(twice[:, :, :32], once[:, :, :32])  # the bits b's prefill computed, as they were
     torch.testing.assert_close(twice, once, rtol=1e-5, atol=1e-5)
     assert not cached.jobs and not plain.jobs
+
+
+async def test_hits_run_alone_in_chunks_beside_other_prompts_and_a_long_prompt_leaves_shared_blocks(
+        tiny_model_path, monkeypatch):
+    """Prompts submitted at once to a service with small forwards (16 tokens): a hit longer than a
+    forward runs alone, chunk after chunk; the others batch as before; each first token and the KV
+    each sends equal a service's without a cache. Then a prompt longer than the cache takes at most
+    half of it: the blocks the others share stay."""
+    import prompt_service.engine as prompt_engine
+    from common.model import load_model
+    from engine.runner import ModelRunner
+    from prompt_service.engine import PrefillEngine
+
+    sent: dict[str, list[tuple]] = {}
+
+    async def no_links(*args):
+        return []
+
+    async def capture(outbox, links, request_id, epoch, ended, acks):
+        while (item := await outbox.get()) is not None:
+            sent.setdefault(request_id, []).append(item)
+
+    monkeypatch.setattr(prompt_engine, "open_links", no_links)
+    monkeypatch.setattr(prompt_engine, "send_messages", capture)
+    runner = ModelRunner(load_model(tiny_model_path), block_size=4)
+    generator = torch.Generator().manual_seed(5)
+    shared = torch.randint(3, 49152, (20,), generator=generator).tolist()
+    prompts = {"new": torch.randint(3, 49152, (5,), generator=generator).tolist()}  # nothing to reuse: batched
+    prompts |= {f"p{i}": shared + torch.randint(3, 49152, (n,), generator=generator).tolist()
+                for i, n in enumerate((1, 30, 3, 12))}  # p0 would fit beside it, but a hit's pool is its forward's
+
+    async def serve(engine, tag: str) -> dict[str, int]:
+        task = asyncio.create_task(engine.run())
+        try:
+            await asyncio.wait_for(engine.submit(PrefillRequest(
+                request_id=f"{tag}-warm", prompt_ids=shared + [7], sampling=SamplingParams(temperature=0),
+                target_service_id="t", target_kv_address="")), 30)
+            results = await asyncio.wait_for(asyncio.gather(*(engine.submit(PrefillRequest(
+                request_id=f"{tag}-{rid}", prompt_ids=ids, sampling=SamplingParams(temperature=0),
+                target_service_id="t", target_kv_address="")) for rid, ids in prompts.items())), 60)
+            return {rid: r.first.token_id for rid, r in zip(prompts, results)}
+        finally:
+            task.cancel()
+
+    settings = dict(max_batch_tokens=16, kv_stream_layers=1)
+    cached = PrefillEngine(runner, PromptSettings(prefix_cache_mib=16, **settings), peers=None)
+    plain = PrefillEngine(runner, PromptSettings(prefix_cache_mib=0, **settings), peers=None)
+    assert await serve(cached, "c") == await serve(plain, "p")
+    for rid, ids in prompts.items():
+        got, want = (torch.full((3, 2, len(ids), 2, 16), float("nan")) for _ in range(2))
+        for out, tag in ((got, "c"), (want, "p")):
+            for layer_start, layer_end, token_start, token_end, buf in sent[f"{tag}-{rid}"]:
+                out[layer_start:layer_end, :, token_start:token_end] = buf
+        assert not got.isnan().any()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert rid == "new" or sent[f"c-{rid}"][0][2:4] == (0, 20), rid  # each hit its 5 shared blocks first
+    block = next(iter(cached.cache.blocks.values())).nbytes
+    cached.cache.capacity = 9 * block  # room for 9 blocks: the shared 5, 4 others, then a long prompt's half (4)
+    cached.cache.insert([], {})
+    before = set(block_keys(shared, 4))
+    assert before <= set(cached.cache.blocks)
+    long = torch.randint(3, 49152, (120,), generator=generator).tolist()
+    task = asyncio.create_task(cached.run())
+    try:
+        await asyncio.wait_for(cached.submit(PrefillRequest(request_id="long", prompt_ids=long, sampling=SamplingParams(),
+                                                            target_service_id="t", target_kv_address="")), 30)
+    finally:
+        task.cancel()
+    kept = set(cached.cache.blocks)
+    assert len(kept & set(block_keys(long, 4))) == 4 and before <= kept, "a long prompt flushed the shared blocks"
