@@ -161,7 +161,9 @@ def chat_jobs(body: ChatRequest, tokenizer, limits: Limits) -> list[Job]:
                          "function (the output is then held to the tools' schemas)", "tool_choice")
     try:
         out = tokenizer.apply_chat_template(messages, tools=list(plan.tools) if plan else None,
-                                            add_generation_prompt=True, tokenize=True)
+                                            add_generation_prompt=body.add_generation_prompt,
+                                            continue_final_message=body.continue_final_message, tokenize=True,
+                                            **(body.chat_template_kwargs or {}))
     except Exception as exc:  # a template that rejects this conversation is the caller's problem
         raise BadRequest(f"'messages' cannot be formatted by the model's chat template: {exc}", "messages") from exc
     ids = _truncated(body, list(out["input_ids"] if hasattr(out, "keys") else out), limits)

@@ -300,6 +300,12 @@ class ChatMessage(BaseModel):
 UNSUPPORTED_CHAT = ("functions", "function_call")
 
 
+# apply_chat_template's own arguments: chat_template_kwargs may not set them
+TEMPLATE_ARGUMENTS = frozenset({"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                                "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+                                "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(default_factory=list)
     max_completion_tokens: StrictInt | None = None
@@ -308,6 +314,11 @@ class ChatRequest(SamplingFields):
     tools: Any = None                 # gateway/tools.py
     tool_choice: Any = None
     parallel_tool_calls: StrictBool | None = None
+    # vLLM's: how the messages become the prompt (passed to the chat template)
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    chat_template_kwargs: dict | None = None
+    chat_template: StrictStr | None = None  # refused: a request's own template is code the server would run
     functions: Any = None             # refused unless empty (UNSUPPORTED_CHAT)
     function_call: Any = None
     _plan: tuple | None = PrivateAttr(None)
@@ -328,6 +339,20 @@ class ChatRequest(SamplingFields):
             raise BadRequest(f"'top_logprobs' = {self.top_logprobs}: must be between 0 and 5", "top_logprobs")
         if self.top_logprobs and not self.logprobs:
             raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise BadRequest("'continue_final_message' continues the last message: set 'add_generation_prompt' to false "
+                             "(both cannot be true)", "continue_final_message")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise BadRequest("'continue_final_message' continues the last message, which must be the assistant's",
+                             "continue_final_message")
+        reserved = set(self.chat_template_kwargs or {}) & TEMPLATE_ARGUMENTS
+        if reserved:
+            raise BadRequest(f"'chat_template_kwargs' may not set {sorted(reserved)[0]!r}: give it as a field of its "
+                             "own, or leave it to the server", "chat_template_kwargs")
+        if self.chat_template is not None:
+            raise BadRequest("'chat_template' is not accepted: a request's own template is code this server would "
+                             "run; the model's template is used (its variables: 'chat_template_kwargs')",
+                             "chat_template")
         for name in UNSUPPORTED_CHAT:
             value = getattr(self, name)
             if value not in (None, [], {}, "none", "auto"):

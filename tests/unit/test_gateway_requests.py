@@ -423,3 +423,34 @@ def test_skip_special_tokens_false_keeps_them_in_the_text(tokenizer):
     assert text_of(tokenizer, ids, skip_special_tokens=False) == ("a b<|im_start|>c", "length")
     assert tokenizer.convert_ids_to_tokens(2) == "<|im_end|>"  # the EOS of limits_of
     assert text_of(tokenizer, ids + [2], skip_special_tokens=False) == ("a b<|im_start|>c", "stop")
+
+
+def test_vllms_chat_template_fields_shape_the_prompt(tokenizer):
+    """vLLM's add_generation_prompt, continue_final_message (the model goes on with the assistant's
+    last message: a prefilled answer) and chat_template_kwargs (a template's own variables, e.g.
+    Qwen3's enable_thinking) reach the chat template; a request's own template is refused."""
+    from copy import deepcopy
+
+    from common.errors import BadRequest
+
+    own = deepcopy(tokenizer)
+    own.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% if enable_thinking is defined and not "
+                         "enable_thinking %}(no thinking){% endif %}{% endif %}")
+    limits, hi = limits_of(tokenizer, 512), [{"role": "user", "content": "hi"}]
+
+    def prompt(**fields) -> str:
+        return own.decode(chat_jobs(ChatRequest(**{"messages": hi, **fields}), own, limits)[0].prompt_ids)
+
+    assert prompt() == "<user>hi</user><assistant>"
+    assert prompt(add_generation_prompt=False) == "<user>hi</user>"
+    assert prompt(chat_template_kwargs={"enable_thinking": False}) == "<user>hi</user><assistant>(no thinking)"
+    assert prompt(messages=hi + [{"role": "assistant", "content": "Hello! I am"}], add_generation_prompt=False,
+                  continue_final_message=True) == "<user>hi</user><assistant>Hello! I am"
+    for fields, param in (({"continue_final_message": True}, "continue_final_message"),  # with a generation prompt
+                          ({"continue_final_message": True, "add_generation_prompt": False}, "continue_final_message"),
+                          ({"chat_template_kwargs": {"tokenize": False}}, "chat_template_kwargs"),
+                          ({"chat_template": "{{ messages }}"}, "chat_template")):
+        with pytest.raises(BadRequest) as info:
+            prompt(**fields)
+        assert info.value.param == param, fields
