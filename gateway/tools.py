@@ -25,7 +25,6 @@ from common.errors import BadRequest
 
 MAX_TOOLS = 128               # OpenAI's limit
 MAX_NAME_CHARS = 256
-PARSERS = ("auto", "hermes", "none")  # --tool-call-parser; auto: hermes where the chat template writes <tool_call>
 
 
 def parser_for(template: str) -> str:

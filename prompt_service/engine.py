@@ -389,9 +389,8 @@ class PrefillEngine:
         most half the cache from one prompt, its first ones (one long prompt must not flush the
         prefixes others share, nor copy blocks only to have them evicted at once)."""
         job.keys = job.keys or block_keys(job.req.prompt_ids, self.runner.block_size)
-        block_bytes = self.runner.kv.bytes_per_token // self.runner.kv.layers * len(self.runner.layers) \
-            * self.runner.block_size
-        return [i for i in self.cache.missing(job.keys) if i < self.cache.capacity // 2 // block_bytes]
+        most = self.cache.capacity // 2 // (self.runner.pool_bytes_per_token * self.runner.block_size)
+        return [i for i in self.cache.missing(job.keys) if i < most]
 
     def _compute(self, loop, job: PrefillJob, prefix: list[torch.Tensor],
                  wanted: list[tuple[PrefillJob, list[int]]], forward, *args):

@@ -85,8 +85,3 @@ class PrefixCache:
         for key in reversed(keys):  # the head of a chain last: the most recently used
             if key in self.blocks:
                 self.blocks.move_to_end(key)
-
-    def clear(self) -> None:
-        self.blocks.clear()
-        self.bytes = 0
-        CACHED_BYTES.set(0)
