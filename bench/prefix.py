@@ -1,18 +1,18 @@
-"""What the prompt service's prefix cache does for a chat's time to first token: the later turns
-of a conversation start with its earlier ones (system prompt, questions, answers), and with the
-cache only their new tokens are prefilled.
+"""What the prefix cache does for a chat's time to first token: the later turns of a conversation
+start with its earlier ones (system prompt, questions, answers), and with the cache only their new
+tokens are prefilled.
 
 Step by step:
 1. Two clusters as `dejavu up` runs them (a prompt service, a token service, the gateway; CPU
-   placement auto), one with the prefix cache (--prefix-cache-mib, 1024 by default) and one
-   without (0).
+   placement auto; with --colocated one colocated token service and the gateway), one with the
+   prefix cache (--prefix-cache-mib, 1024 by default) and one without (0).
 2. A conversation: a system prompt of about --system-tokens tokens, unique to it (no conversation
    reuses another's KV), then --turns user turns; each turn sends every message so far (its
    answers included, as a chat client does), greedy, --max-tokens out, streamed; its TTFT is the
    time to the first streamed token.
 3. One conversation on each cluster unrecorded, then --repeats conversations, the clusters taking
    turns; medians [min-max] of turn 1 (nothing to reuse) and of the later turns, and the cached
-   cluster's TTFT over the other's. The prompt tokens reused are read off the prompt service's
+   cluster's TTFT over the other's. The prompt tokens reused are read off the prefilling service's
    /metrics (dejavu_prompt_prefix_cache_hits_total).
 Nothing is asserted; figures depend on the machine (recorded in the JSON).
 """
@@ -61,7 +61,7 @@ def turn(client: httpx.Client, url: str, messages: list[dict], max_tokens: int) 
 def conversation(cluster, args, seed: int) -> dict:
     rng = random.Random(seed)
     messages = [{"role": "system", "content": system_prompt(rng, args.system_tokens)}]
-    prompt_url = cluster.of("prompt")[0].url
+    prompt_url = cluster.of("token" if args.colocated else "prompt")[0].url
     hits = metrics(prompt_url).get("dejavu_prompt_prefix_cache_hits_total", 0.0)
     ttfts = []
     with httpx.Client(timeout=600) as client:
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-tokens", type=int, default=24, help="tokens of each answer")
     p.add_argument("--repeats", type=int, default=3, help="conversations on each cluster, alternated")
     p.add_argument("--cache-mib", type=int, default=1024, help="--prefix-cache-mib of the cached cluster")
+    p.add_argument("--colocated", action="store_true", help="colocated clusters: a token service prefills")
     p.add_argument("--out", default="", help="write the figures here as JSON")
     args = p.parse_args(argv)
 
@@ -92,17 +93,18 @@ def main(argv: list[str] | None = None) -> None:
 
     resolve_model_path(args.model, progress=log)
     cores, why = placement.host_cores()
-    plan = placement.plan(cores, 1, 1, "auto", 1, 1) if cores else {}
+    prompts = 0 if args.colocated else 1
+    plan = placement.plan(cores, prompts, 1, "auto", 1, 1) if cores else {}
     log(f"CPU placement: {placement.describe(plan, cores) if plan else 'none: ' + why}")
     layouts = {"cache": args.cache_mib, "no-cache": 0}
     runs = []
     with contextlib.ExitStack() as stack:
         clusters = {}
         for name, mib in layouts.items():
-            log(f"starting '{name}' (--prefix-cache-mib {mib})")
-            clusters[name] = stack.enter_context(Cluster(args.model, port=0, prompt_services=1, token_services=1,
-                                                         cache_stores=0, env={"DEJAVU_PREFIX_CACHE_MIB": str(mib)},
-                                                         echo_logs=False, placement=plan))
+            log(f"starting '{name}' (--prefix-cache-mib {mib}{', colocated' if args.colocated else ''})")
+            env = {"DEJAVU_PREFIX_CACHE_MIB": str(mib), "DEJAVU_COLOCATED": str(args.colocated).lower()}
+            clusters[name] = stack.enter_context(Cluster(args.model, port=0, prompt_services=prompts, token_services=1,
+                                                         cache_stores=0, env=env, echo_logs=False, placement=plan))
         for name, cluster in clusters.items():
             conversation(cluster, args, seed=-1 - len(name))  # warm-up, unrecorded
         for r in range(1, args.repeats + 1):

@@ -160,6 +160,9 @@ class TokenSettings(ModelSettings):
                               "request, no prompt service (colocated mode)")
     max_batch_tokens: int = setting(512, "with --colocated: most prompt tokens prefilled between two decode steps "
                                     "(at least one prompt; a longer batch stalls running decodes longer)")
+    prefix_cache_mib: int = setting(1024, "with --colocated: host memory for the KV of prompt blocks already "
+                                    "prefilled here: a prompt that starts with the same tokens computes only the "
+                                    "rest (0: off; not with --stages)")
     compile: bool = setting(False, "run decode steps of Llama-family models through torch.compile (measured no "
                             "faster on a 2-core CPU, 0.90-1.04x, for 35-62 s more at each start and restart)")
     enforce_eager: bool = setting(False, "on a GPU, run every decode step eagerly, kernel by kernel, instead of "
@@ -199,6 +202,7 @@ class TokenSettings(ModelSettings):
         _check(self, self.reservation_ttl_s > 0, "reservation_ttl_s", "must be > 0")
         _check(self, self.replicate_every >= 1, "replicate_every", "must be >= 1")
         _check(self, self.max_batch_tokens >= 16, "max_batch_tokens", "must be >= 16")
+        _check(self, self.prefix_cache_mib >= 0, "prefix_cache_mib", "must be >= 0 (0: off)")
         _check(self, 0 <= self.microbatches <= 64, "microbatches", "must be in 0..64")
         _check(self, self.kv_device_bytes >= 0, "kv_device_bytes", "must be >= 0")
         _check(self, 0.0 <= self.inject_step_delay_ms <= 10_000, "inject_step_delay_ms", "must be in 0..10000")

@@ -75,9 +75,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="requests that may wait, in order, for KV room when every token service is full; more "
                     "get a 429 with Retry-After (as do those still waiting after DEJAVU_ROUTE_TIMEOUT_S, 300 s)")
     up.add_argument("--prefix-cache-mib", type=int, default=1024,
-                    help="host memory each prompt service keeps the KV of prompt blocks it prefilled in: a prompt "
-                    "that starts with the same tokens (a system prompt, a chat's earlier turns) computes only the "
-                    "rest (0: off; not with --prompt-stages or --colocated)")
+                    help="host memory each prompt service (each token service, with --colocated) keeps the KV of "
+                    "prompt blocks it prefilled in: a prompt that starts with the same tokens (a system prompt, a "
+                    "chat's earlier turns) computes only the rest (0: off; not with --prompt-stages, nor --stages "
+                    "with --colocated)")
     up.add_argument("--tool-call-parser", choices=("auto", "hermes", "none"), default="auto",
                     help="how chat's tool_choice 'auto' finds tool calls in the output: hermes "
                     "(<tool_call>{...}</tool_call>, Qwen2.5/3 and Hermes), none ('auto' is a 400; 'required' and a "
@@ -144,7 +145,7 @@ BENCHMARKS = {
     "startup": "spawned to ready: one token service and a whole cluster, optionally against another source tree",
     "lmeval": "lm-evaluation-harness's loglikelihoods through our cluster against the harness on HF in float32",
     "sampling": "what penalties, logit biases and min-p add to sampling a decode step's rows",
-    "prefix": "what the prompt service's prefix cache does for a chat's later turns' time to first token",
+    "prefix": "what the prefix cache does for a chat's later turns' time to first token (--colocated too)",
 }
 
 

@@ -17,6 +17,11 @@
               first is scored against the logits before it, chunk by chunk, and those come back
               on the first token's event.
 5. answer     once T has acknowledged every layer, the job resolves with the first token.
+
+With the prefix cache (engine/prefix_cache.py) a prompt is looked up as it reaches the head of the
+queue; a hit's KV is sent to T first, from the cache, and the rest of the prompt is computed as a
+chunk attending to it; a request resumed by re-prefill gets its prompt's whole blocks back as
+its first prefill computed them.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from common.service import request_id_var
 from common.settings import PromptSettings
 from engine.attention import Segment
 from engine.runner import ModelRunner
-from prompt_service.prefix_cache import PrefixCache, block_keys
+from engine.prefix_cache import PrefixCache, block_keys
 
 log = logging.getLogger(__name__)
 # Taking turns on the host's cores with token services (--cpu-placement turns), a forward computes
@@ -385,12 +390,9 @@ class PrefillEngine:
             self.cache.insert(job.keys, blocks)
 
     def _wanted(self, job: PrefillJob) -> list[int]:
-        """The blocks of a prompt this forward ends that the prefix cache lacks and will take: at
-        most half the cache from one prompt, its first ones (one long prompt must not flush the
-        prefixes others share, nor copy blocks only to have them evicted at once)."""
+        """The blocks of a prompt this forward ends that the prefix cache lacks and will take."""
         job.keys = job.keys or block_keys(job.req.prompt_ids, self.runner.block_size)
-        most = self.cache.capacity // 2 // (self.runner.pool_bytes_per_token * self.runner.block_size)
-        return [i for i in self.cache.missing(job.keys) if i < most]
+        return self.cache.wanted(job.keys, self.runner.pool_bytes_per_token * self.runner.block_size)
 
     def _compute(self, loop, job: PrefillJob, prefix: list[torch.Tensor],
                  wanted: list[tuple[PrefillJob, list[int]]], forward, *args):

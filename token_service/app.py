@@ -72,7 +72,8 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
         log.info("token service ready: model %s (%s, %s forward), KV pool %d blocks x %d tokens (%.0f MiB), up to %d "
                  "sequences, KV on %s (%s)%s%s", path, runner.dtype, runner.name, engine.blocks.num_blocks,
                  runner.block_size, engine.pool.nbytes / 2**20, settings.max_seqs, kv_address, settings.kv_transport,
-                 ", colocated: prefills here too" if settings.colocated else "",
+                 (", colocated: prefills here too" + (f", prefix cache {settings.prefix_cache_mib} MiB"
+                                                      if engine.prefills.cache else "")) if settings.colocated else "",
                  f"; --swap: the pool in host memory, {engine.swap.device_blocks} device blocks "
                  f"({engine.swap.device.nbytes / 2**20:.0f} MiB), {engine.microbatches} steps in flight"
                  if engine.swap else "")

@@ -44,10 +44,11 @@ from common.service import request_id_var
 from common.settings import TokenSettings
 from engine.attention import slots_of
 from engine.block_manager import BlockManager
+from engine.prefix_cache import PrefixCache
 from engine.runner import ModelRunner
 from engine.swap import SwapPool
 from token_service.pipeline import Pipeline, PipelineError
-from token_service.prefill import Chunk, PrefillJob, PrefillQueue
+from token_service.prefill import Chunk, PrefillJob, PrefillQueue, kept_blocks, load_prefixes
 from token_service.replicator import REPLICATION_LAG, Replicator
 from token_service.room import kv_room, new_pool
 from token_service.scheduler import Batch, Scheduler
@@ -98,8 +99,11 @@ class TokenEngine:
         self.step_blocks = self.swap.step_blocks if self.swap else None  # most KV blocks one step may cover
         self.scheduler = Scheduler(runner.block_size)
         self.wakeup = asyncio.Event()
-        self.prefills = PrefillQueue(settings.max_batch_tokens, self.release)  # colocated mode
         self.block_bytes = runner.kv.bytes_per_token * runner.block_size
+        # colocated mode; the prefix cache not on a pipeline's head, whose pool holds its own layers only
+        cache = (PrefixCache(settings.prefix_cache_mib << 20, runner.block_size)
+                 if settings.colocated and settings.prefix_cache_mib and settings.stages == 1 else None)
+        self.prefills = PrefillQueue(settings.max_batch_tokens, self.release, cache, self.block_bytes)
         self._tasks: set[asyncio.Task] = set()
 
     # -- requests -------------------------------------------------------------------------------
@@ -405,7 +409,7 @@ class TokenEngine:
         staged = self.swap.prefetch(segments) if self.swap else None  # in step order: while the one before computes
         scored = {len(seqs) + i: (c.targets, c.job.req.prompt_logprobs) for i, c in enumerate(chunks) if c.targets}
         try:
-            out = await self.runner.run(self._forward, segments, staged, scored)
+            out, kept = await self.runner.run(self._forward, segments, staged, scored, chunks)
             logits, scores = out if scored else (out, {})
             if self.pipeline is not None:  # the head's output, through the later stages
                 logits = await self.pipeline.forward(segments, logits)
@@ -425,7 +429,8 @@ class TokenEngine:
         for seq in seqs:
             seq.stepping = False
         if chunks:
-            self.prefills.finish(chunks, logits[len(seqs):], [scores.get(i, []) for i in range(len(seqs), len(segments))])
+            self.prefills.finish(chunks, logits[len(seqs):], [scores.get(i, []) for i in range(len(seqs), len(segments))],
+                                 kept)
             PREFILL_SECONDS.observe(time.perf_counter() - start)
         if batch:
             self._postprocess(batch, logits[: len(seqs)])
@@ -434,19 +439,24 @@ class TokenEngine:
         if self.settings.inject_step_delay_ms:  # after the step: no sequence of it is mid-step while we wait
             await asyncio.sleep(self.settings.inject_step_delay_ms / 1000)
 
-    def _forward(self, segments: list, staged=None, scored=None):
+    def _forward(self, segments: list, staged=None, scored=None, chunks: list[Chunk] = ()):
         """This process's forward of a step, on the engine thread (timed there: with microbatches a
         step may queue for the thread behind another); with --swap over the device's KV. With chunks
-        `scored` (echo with logprobs): (logits, their prompt logprobs), ModelRunner.forward_scored's."""
+        `scored` (echo with logprobs): (logits, their prompt logprobs), ModelRunner.forward_scored's.
+        With the prefix cache, the chunks' hits are loaded before it and the blocks it keeps copied
+        after: (the forward's output, kept_blocks')."""
         start = time.perf_counter()
+        size = self.runner.block_size
+        load_prefixes(self.pool, chunks, size)
         if scored:
             out = self.runner.forward_scored(segments, self.pool, None, scored)
         elif staged is not None:
             out = self.swap.forward(self.runner, staged)
         else:
             out = self.runner.forward(segments, self.pool)
+        kept = kept_blocks(self.pool, chunks, size)
         FORWARD_SECONDS.observe(time.perf_counter() - start)
-        return out
+        return out, kept
 
     def _postprocess(self, batch: Batch, logits: torch.Tensor) -> None:
         rows = batch.sampled  # not those that replayed a token: they draw nothing (numbers go by output index)

@@ -16,6 +16,15 @@ A prompt's life here:
    scored in its step; they come back on the first token's event.
 4. A job whose sequence was aborted is dropped at the next step boundary (never mid-forward): its
    blocks are released and its caller gets NotFound.
+
+With the prefix cache (--prefix-cache-mib, engine/prefix_cache.py), a prompt that has not started
+is looked up at every step until it does, so a prompt queued behind another with the same prefix
+finds the blocks that one's chunks computed. Its first chunk then starts after the hit: the hit's
+blocks are copied into its own blocks in the engine thread just before the forward (no block is
+shared with another sequence, so replication, aborts and frees are as for any prefill), and the
+whole blocks each chunk completes that the cache lacks are copied out just after it, into the
+cache as the step ends. With prompt logprobs (echo with logprobs) every prompt token is scored, so
+nothing is looked up.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from common.protocol import PrefillRequest, PrefillResult, PromptLogprob
 from common.grammar import Matcher
 from common.sampling import first_event, sample_first
 from engine.attention import Segment
+from engine.prefix_cache import PrefixCache, block_keys
 from token_service.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -48,6 +58,7 @@ class PrefillJob:
     started: float = 0.0         # perf_counter at its first chunk
     prompt_logprobs: list[PromptLogprob] = field(default_factory=list)  # req.prompt_logprobs: tokens 1.. so far
     matcher: Matcher | None = None  # its grammar's, at the start (grammar.start), for the first pick
+    keys: list[bytes] | None = None  # the prefix cache's keys of its prompt's whole blocks, once hashed
 
     @property
     def num_tokens(self) -> int:
@@ -59,6 +70,8 @@ class PrefillJob:
 class Chunk:
     job: PrefillJob
     segment: Segment             # prompt tokens [start, end) over the sequence's blocks
+    prefix: list[torch.Tensor] = field(default_factory=list)  # cached KV of blocks 0, 1, ...: loaded before it
+    keep: list[int] = field(default_factory=list)  # the blocks it completes that the prefix cache takes
 
     @property
     def last(self) -> bool:
@@ -73,8 +86,10 @@ class Chunk:
 
 
 class PrefillQueue:
-    def __init__(self, budget: int, release: Callable[[Sequence], None]):
+    def __init__(self, budget: int, release: Callable[[Sequence], None], cache: PrefixCache | None = None,
+                 block_bytes: int = 0):
         self.budget, self.release = budget, release  # prompt tokens per step; frees an aborted job's blocks
+        self.cache, self.block_bytes = cache, block_bytes  # the prefix cache, if on; the KV bytes of one block
         self.jobs: collections.deque[PrefillJob] = collections.deque()
 
     def __bool__(self) -> bool:
@@ -89,18 +104,42 @@ class PrefillQueue:
         self.reap()
         chunks, left = [], self.budget
         for job in self.jobs:
-            n = min(job.num_tokens - job.done, self.budget)
+            prefix = [] if job.started else self._find(job)
+            start = len(prefix) * self.cache.block_size if prefix else job.done
+            n = min(job.num_tokens - start, self.budget)
             if n > left:
                 break
-            tokens = job.req.prompt_ids[job.done: job.done + n]
-            chunks.append(Chunk(job, Segment(tokens, job.done, job.seq.blocks)))
-            job.started = job.started or time.perf_counter()
+            if not job.started and job.keys is not None:
+                self.cache.used(job.keys, job.num_tokens, len(prefix))
+            job.done, job.started = start, job.started or time.perf_counter()
+            tokens = job.req.prompt_ids[start: start + n]
+            chunks.append(Chunk(job, Segment(tokens, start, job.seq.blocks), prefix, self._keep(job, start, start + n)))
             left -= n
         return chunks
 
-    def finish(self, chunks: list[Chunk], logits: torch.Tensor, scores: list[list[PromptLogprob]]) -> None:
+    def _find(self, job: PrefillJob) -> list[torch.Tensor]:
+        """The prefix cache's hit for a job that has not started (none with prompt logprobs)."""
+        if self.cache is None or job.req.prompt_logprobs is not None:
+            return []
+        if job.keys is None:
+            job.keys = block_keys(job.req.prompt_ids, self.cache.block_size)
+        return self.cache.find(job.keys, job.num_tokens)
+
+    def _keep(self, job: PrefillJob, start: int, end: int) -> list[int]:
+        """The whole blocks that prompt tokens [start, end) complete and the prefix cache will take."""
+        if job.keys is None:
+            return []
+        size = self.cache.block_size
+        return [i for i in self.cache.wanted(job.keys, self.block_bytes) if start < (i + 1) * size <= end]
+
+    def finish(self, chunks: list[Chunk], logits: torch.Tensor, scores: list[list[PromptLogprob]],
+               kept: list[dict[int, torch.Tensor]] = ()) -> None:
         """The step computed `chunks`; logits: (len(chunks), vocab), each chunk's last token;
-        scores: each chunk's prompt logprobs (Chunk.targets')."""
+        scores: each chunk's prompt logprobs (Chunk.targets'); kept: copies of each chunk's
+        Chunk.keep blocks (kept_blocks'), for the prefix cache."""
+        for chunk, blocks in zip(chunks, kept):
+            if blocks:
+                self.cache.insert(chunk.job.keys, blocks)
         ended = []
         for chunk, row, part in zip(chunks, logits, scores):
             job = chunk.job
@@ -152,3 +191,22 @@ class PrefillQueue:
             self.release(job.seq)
         if not job.result.done():
             job.result.set_exception(NotFound(f"request {job.req.request_id} was aborted during its prefill"))
+
+
+def load_prefixes(pool: torch.Tensor, chunks: list[Chunk], block_size: int) -> None:
+    """In the engine thread, before the forward: each chunk's cached prefix into its sequence's
+    first blocks of `pool` (layers, 2, slots, kv_heads, head_dim)."""
+    for chunk in chunks:
+        for block, kv in zip(chunk.job.seq.blocks, chunk.prefix):
+            pool[:, :, block * block_size:(block + 1) * block_size].copy_(kv)
+
+
+def kept_blocks(pool: torch.Tensor, chunks: list[Chunk], block_size: int) -> list[dict[int, torch.Tensor]]:
+    """In the engine thread, after the forward: a host copy of each chunk's Chunk.keep blocks, by
+    block index in its prompt."""
+    out = []
+    for chunk in chunks:
+        blocks = chunk.job.seq.blocks
+        out.append({i: torch.empty(pool[:, :, :block_size].shape, dtype=pool.dtype).copy_(
+            pool[:, :, blocks[i] * block_size:(blocks[i] + 1) * block_size]) for i in chunk.keep})
+    return out

@@ -91,3 +91,24 @@ def test_echo_with_logprobs_scores_the_prompt_chunk_by_chunk_as_hf(cluster, tiny
     assert chunks[0]["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(lp["token_logprobs"], abs=1e-5)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert_no_kv_held_on(cluster)
+
+
+def test_a_prompt_sharing_a_prefix_computes_the_rest_only_and_equals_hf(cluster, tiny_oracle):
+    """A chat's second turn starts with its first (system prompt, question, answer): the prompt
+    service, or the colocated token service, reuses the KV it kept of the first turn's whole blocks
+    (prefix cache) and computes the rest, in chunks; greedy text still equals HF generate."""
+    tok = tiny_oracle.tokenizer
+    first = tok("You are a helpful assistant who answers in French. " * 6 + "What is the capital of Italy?")["input_ids"]
+    engine = cluster.of(cluster.prefill_kind)[0]
+    hits = metric(engine.url, "dejavu_prompt_prefix_cache_hits_total")
+    want, _ = tiny_oracle.text(first, 12)
+    assert completion(cluster.url, prompt=first, max_tokens=12, temperature=0)["choices"][0]["text"] == want
+    second = first + tok(want + " And of Spain?", add_special_tokens=False)["input_ids"]
+    forwards = f"dejavu_{cluster.prefill_kind}_prefill_seconds_count"
+    before = metric(engine.url, forwards)
+    want, _ = tiny_oracle.text(second, 12)
+    assert completion(cluster.url, prompt=second, max_tokens=12, temperature=0)["choices"][0]["text"] == want
+    reused = metric(engine.url, "dejavu_prompt_prefix_cache_hits_total") - hits
+    assert reused == len(first) // 16 * 16, (reused, len(first))  # every whole block of the first turn
+    assert metric(engine.url, forwards) - before <= -(-(len(second) - reused) // 16)  # the rest's chunks only
+    assert_no_kv_held_on(cluster)

@@ -29,8 +29,9 @@ def runner(tiny_model_path):
     return ModelRunner(load_model(tiny_model_path))
 
 
-async def started(runner, chunk: int = 512) -> tuple[TokenEngine, asyncio.Task]:
-    settings = TokenSettings(max_seqs=4, max_model_len=64, colocated=True, max_batch_tokens=chunk)
+async def started(runner, chunk: int = 512, cache_mib: int = 0) -> tuple[TokenEngine, asyncio.Task]:
+    settings = TokenSettings(max_seqs=4, max_model_len=64, colocated=True, max_batch_tokens=chunk,
+                             prefix_cache_mib=cache_mib)
     engine = TokenEngine(runner, settings, "token-test")
     return engine, asyncio.create_task(engine.run())
 
@@ -180,3 +181,58 @@ async def test_a_decoding_request_aborted_during_another_prefill_is_released(run
     finally:
         go.set()
         loop.cancel()
+
+
+async def test_a_prompt_sharing_a_prefix_computes_only_the_rest_and_gets_the_same_first_token(
+        runner, tiny_oracle, monkeypatch):
+    """Prefix cache on (16-token blocks and chunks): "a" is prefilled in chunks, and its two whole
+    blocks are kept as its chunks complete them. "b", queued behind it and sharing those blocks,
+    looks them up anew at each step until it starts: in the step of a's last chunk it finds both
+    and computes its own 9 tokens only, after it. The bits of the shared blocks are a's, the
+    rest is what a service without a cache computes, and both first tokens equal HF's. Later "b"
+    again reuses its own blocks; "c", echo with logprobs, scores every token, so reuses nothing.
+    Every block comes back."""
+    from engine.prefix_cache import HIT_TOKENS
+
+    generator = torch.Generator().manual_seed(7)
+    a = torch.randint(3, 49152, (40,), generator=generator).tolist()
+    b = a[:32] + torch.randint(3, 49152, (9,), generator=generator).tolist()
+    sizes, forward, forward_scored = [], runner.forward, runner.forward_scored
+    monkeypatch.setattr(runner, "forward", lambda segments, *args: sizes.append(
+        [(s.start, len(s.tokens)) for s in segments]) or forward(segments, *args))
+    monkeypatch.setattr(runner, "forward_scored", lambda segments, *args: sizes.append(
+        [(s.start, len(s.tokens)) for s in segments]) or forward_scored(segments, *args))
+    engine, loop = await started(runner, chunk=16, cache_mib=16)
+    plain, plain_loop = await started(runner, chunk=16)
+    try:
+        before = HIT_TOKENS._value.get()
+        results = await asyncio.wait_for(asyncio.gather(prefill(engine, "a", a), prefill(engine, "b", b)), 30)
+        assert [r.first.token_id for r in results] == [tiny_oracle.generate_ids(p, 1)[0] for p in (a, b)]
+        assert sizes == [[(0, 16)], [(16, 16)], [(32, 8)], [(32, 9)]]  # b's 9 did not fit beside a's last 8
+        assert HIT_TOKENS._value.get() - before == 32
+        assert engine.prefills.cache.bytes == 2 * engine.block_bytes  # a's two whole blocks (b's third is partial)
+
+        def kv(e: TokenEngine, rid: str, n: int) -> torch.Tensor:
+            return e.pool[:, :, slots_of(e.scheduler.seqs[rid].blocks, e.blocks.block_size, 0, n)]
+
+        assert torch.equal(kv(engine, "b", 32), kv(engine, "a", 32))  # a's bits
+        await asyncio.wait_for(prefill(plain, "b", b), 30)
+        torch.testing.assert_close(kv(engine, "b", 41), kv(plain, "b", 41), rtol=1e-5, atol=1e-5)
+
+        sizes.clear()
+        again = await asyncio.wait_for(prefill(engine, "b-again", b), 30)
+        assert again.first.token_id == results[1].first.token_id and sizes == [[(32, 9)]]
+        sizes.clear()
+        engine.reserve(ReserveRequest(request_id="c", prompt_tokens=len(a), max_tokens=8))
+        scored = await asyncio.wait_for(engine.prefill(PrefillRequest(
+            request_id="c", prompt_ids=a, sampling=SamplingParams(max_tokens=8), prompt_logprobs=0,
+            target_service_id="token-test", target_kv_address="")), 30)
+        assert len(scored.first.prompt_logprobs) == len(a) - 1 and [s[0] for s in sizes] == [(0, 16), (16, 16), (32, 8)]
+        assert HIT_TOKENS._value.get() - before == 64
+        for rid in ("a", "b", "b-again", "c"):
+            engine.abort(rid)
+        plain.abort("b")
+        assert engine.blocks.num_used == plain.blocks.num_used == 0 and not engine.scheduler.seqs
+    finally:
+        loop.cancel()
+        plain_loop.cancel()

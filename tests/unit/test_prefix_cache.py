@@ -1,4 +1,4 @@
-"""Prefix caching on a prompt service (prompt_service/prefix_cache.py): blocks found only behind
+"""Prefix caching on a prompt service (engine/prefix_cache.py): blocks found only behind
 the same prefix, least recently used out first (a chain's tail before its head), and a prompt that
 hits sends the token service the same KV and the same first token as one computed whole."""
 
@@ -11,7 +11,7 @@ import torch
 
 from common.protocol import PrefillRequest, SamplingParams
 from common.settings import PromptSettings
-from prompt_service.prefix_cache import PrefixCache, block_keys
+from engine.prefix_cache import PrefixCache, block_keys
 
 pytestmark = pytest.mark.asyncio
 SHAPE = (3, 2, 4, 2, 16)  # (layers, 2, block_size, kv_heads, head_dim)
@@ -46,7 +46,7 @@ async def test_a_prompt_that_hits_gets_the_kv_and_first_token_of_one_computed_wh
     import prompt_service.engine as prompt_engine
     from common.model import load_model
     from engine.runner import ModelRunner
-    from prompt_service.prefix_cache import HIT_TOKENS
+    from engine.prefix_cache import HIT_TOKENS
     from prompt_service.engine import PrefillEngine
 
     sent: dict[str, list[tuple]] = {}

@@ -1,6 +1,7 @@
-"""Prefix caching on a prompt service: the KV of prompt blocks it has prefilled, kept in host
-memory, so that a prompt starting with the same tokens (a shared system prompt, the earlier turns
-of a chat, a request resumed by re-prefill) computes only the rest.
+"""Prefix caching: the KV of prompt blocks an engine has prefilled, kept in host memory, so that a
+prompt starting with the same tokens (a shared system prompt, the earlier turns of a chat, a
+request resumed by re-prefill) computes only the rest. Prompt services use it
+(prompt_service/engine.py), and so do colocated token services (token_service/prefill.py).
 
 A block is --block-size prompt tokens; it is found by a hash of its tokens and of every token
 before it (a chain, as vLLM's), so a block's KV is only ever reused behind the same prefix. Only
@@ -9,14 +10,11 @@ token is drawn from its logits). The blocks are kept least recently used first o
 --prefix-cache-mib; a chain's first blocks are touched last, so its tail goes before its head.
 One prompt takes at most half the cache (its first blocks), so that one long prompt does not flush
 the prefixes others share. The cache is read and changed on the service's event loop only; the
-copies into and out of it run in the engine thread, in the forward's own call (a hit's blocks
-before it, the new blocks after it, before the first token is answered: milliseconds), so that
-taking turns on the cores (--cpu-placement turns) they cost no turn of their own.
+copies into and out of it run in the engine thread, in the forward's own call, so that taking
+turns on the cores (--cpu-placement turns) they cost no turn of their own.
 
-A hit is sent to the token service as KV messages of the prefix's tokens, then the rest of the
-prompt is computed as a chunk that attends to the prefix (as chunked prefill's later chunks do).
-The KV sent is the bits the first prefill computed: a request resumed by re-prefill gets its
-prompt's KV exactly as its first token service did.
+A hit's KV is the bits the first prefill computed; the rest of the prompt is computed as a chunk
+that attends to it, as chunked prefill's later chunks do.
 """
 
 from __future__ import annotations
@@ -53,16 +51,32 @@ class PrefixCache:
         blocks that leaves at least one token to compute), each block (layers, 2, block_size,
         kv_heads, head_dim). The blocks returned stay valid whatever is evicted meanwhile."""
         keys = block_keys(ids, self.block_size)
+        hit = self.find(keys, len(ids))
+        self.used(keys, len(ids), len(hit))
+        return keys, hit
+
+    def find(self, keys: list[bytes], num_tokens: int) -> list[torch.Tensor]:
+        """lookup's hit for a prompt of `num_tokens` whose block keys are `keys`, changing nothing."""
         hit = []
-        for key in keys[:(len(ids) - 1) // self.block_size]:
+        for key in keys[:(num_tokens - 1) // self.block_size]:
             block = self.blocks.get(key)
             if block is None:
                 break
             hit.append(block)
-        self._touch(keys[:len(hit)])
-        QUERY_TOKENS.inc(len(ids))
-        HIT_TOKENS.inc(len(hit) * self.block_size)
-        return keys, hit
+        return hit
+
+    def used(self, keys: list[bytes], num_tokens: int, hit: int) -> None:
+        """A prompt of `num_tokens` took the first `hit` blocks of `keys` that find gave it."""
+        self._touch(keys[:hit])
+        QUERY_TOKENS.inc(num_tokens)
+        HIT_TOKENS.inc(hit * self.block_size)
+
+    def wanted(self, keys: list[bytes], block_bytes: int) -> list[int]:
+        """The blocks of a prompt of these keys that the cache lacks and will take, each
+        `block_bytes`: at most half the cache from one prompt, its first ones (one long prompt must
+        not flush the prefixes others share, nor copy blocks only to have them evicted at once)."""
+        most = self.capacity // 2 // block_bytes
+        return [i for i in self.missing(keys) if i < most]
 
     def missing(self, keys: list[bytes]) -> list[int]:
         """Which of the blocks of `keys` are not kept."""
