@@ -3,17 +3,21 @@ start with its earlier ones (system prompt, questions, answers), and with the ca
 tokens are prefilled.
 
 Step by step:
-1. Two clusters as `dejavu up` runs them (a prompt service, a token service, the gateway; CPU
-   placement auto; with --colocated one colocated token service and the gateway), one with the
-   prefix cache (--prefix-cache-mib, 1024 by default) and one without (0).
+1. Two clusters as `dejavu up` runs them (--services prompt services, a token service, the
+   gateway; CPU placement auto; with --colocated, --services colocated token services and the
+   gateway), one with the prefix cache (--prefix-cache-mib, 1024 by default) and one without (0).
+   With --compare routing both have the cache, and one routes a prompt to the service that
+   prefilled its prefix (the gateway's --prefix-routing, on by default), the other to the least
+   loaded one only: with several services and --concurrency conversations at once, what the
+   routing adds to the cache.
 2. A conversation: a system prompt of about --system-tokens tokens, unique to it (no conversation
    reuses another's KV), then --turns user turns; each turn sends every message so far (its
    answers included, as a chat client does), greedy, --max-tokens out, streamed; its TTFT is the
    time to the first streamed token.
-3. One conversation on each cluster unrecorded, then --repeats conversations, the clusters taking
-   turns; medians [min-max] of turn 1 (nothing to reuse) and of the later turns, and the cached
-   cluster's TTFT over the other's. The prompt tokens reused are read off the prefilling service's
-   /metrics (dejavu_prompt_prefix_cache_hits_total).
+3. One conversation on each cluster unrecorded, then --repeats rounds of --concurrency
+   conversations at once, the clusters taking turns; medians [min-max] of turn 1 (nothing to reuse) and of the later turns, and the cached
+   cluster's TTFT over the other's. The prompt tokens reused are read off the prefilling services'
+   /metrics (dejavu_prompt_prefix_cache_hits_total), summed over a round.
 Nothing is asserted; figures depend on the machine (recorded in the JSON).
 """
 
@@ -23,6 +27,7 @@ import argparse
 import contextlib
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
@@ -58,11 +63,10 @@ def turn(client: httpx.Client, url: str, messages: list[dict], max_tokens: int) 
     return first, "".join(text)
 
 
-def conversation(cluster, args, seed: int) -> dict:
+def conversation(cluster, args, seed: int) -> list[float]:
+    """The TTFT of each turn of one conversation, in seconds."""
     rng = random.Random(seed)
     messages = [{"role": "system", "content": system_prompt(rng, args.system_tokens)}]
-    prompt_url = cluster.of("token" if args.colocated else "prompt")[0].url
-    hits = metrics(prompt_url).get("dejavu_prompt_prefix_cache_hits_total", 0.0)
     ttfts = []
     with httpx.Client(timeout=600) as client:
         for _ in range(args.turns):
@@ -70,8 +74,22 @@ def conversation(cluster, args, seed: int) -> dict:
             ttft, answer = turn(client, cluster.url, messages, args.max_tokens)
             ttfts.append(ttft)
             messages.append({"role": "assistant", "content": answer})
-    reused = metrics(prompt_url).get("dejavu_prompt_prefix_cache_hits_total", 0.0) - hits
-    return {"first_turn_s": ttfts[0], "later_turns_s": ttfts[1:], "reused_tokens": reused}
+    return ttfts
+
+
+def reused(cluster, args) -> float:
+    """Prompt tokens the prefilling services have taken from their prefix caches so far."""
+    return sum(metrics(s.url).get("dejavu_prompt_prefix_cache_hits_total", 0.0)
+               for s in cluster.of("token" if args.colocated else "prompt"))
+
+
+def round_of(cluster, args, seed: int) -> dict:
+    """--concurrency conversations at once: their TTFTs, and the prompt tokens reused meanwhile."""
+    before = reused(cluster, args)
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        ttfts = list(pool.map(lambda i: conversation(cluster, args, seed * 1000 + i), range(args.concurrency)))
+    return {"first_turn_s": [t[0] for t in ttfts], "later_turns_s": [x for t in ttfts for x in t[1:]],
+            "reused_tokens": reused(cluster, args) - before}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,9 +99,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--system-tokens", type=int, default=1000, help="tokens of each conversation's system prompt")
     p.add_argument("--turns", type=int, default=4, help="user turns a conversation")
     p.add_argument("--max-tokens", type=int, default=24, help="tokens of each answer")
-    p.add_argument("--repeats", type=int, default=3, help="conversations on each cluster, alternated")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of conversations on each cluster, alternated")
+    p.add_argument("--concurrency", type=int, default=1, help="conversations at once in a round")
+    p.add_argument("--services", type=int, default=1, help="prompt services (with --colocated: token services)")
     p.add_argument("--cache-mib", type=int, default=1024, help="--prefix-cache-mib of the cached cluster")
-    p.add_argument("--colocated", action="store_true", help="colocated clusters: a token service prefills")
+    p.add_argument("--colocated", action="store_true", help="colocated clusters: token services prefill")
+    p.add_argument("--compare", choices=("cache", "routing"), default="cache",
+                   help="cache: with the prefix cache against without; routing: both cached, prefix-aware routing "
+                   "against least loaded only")
     p.add_argument("--out", default="", help="write the figures here as JSON")
     args = p.parse_args(argv)
 
@@ -93,41 +116,47 @@ def main(argv: list[str] | None = None) -> None:
 
     resolve_model_path(args.model, progress=log)
     cores, why = placement.host_cores()
-    prompts = 0 if args.colocated else 1
-    plan = placement.plan(cores, prompts, 1, "auto", 1, 1) if cores else {}
+    prompts, tokens = (0, args.services) if args.colocated else (args.services, 1)
+    plan = placement.plan(cores, prompts, tokens, "auto", 1, 1) if cores else {}
     log(f"CPU placement: {placement.describe(plan, cores) if plan else 'none: ' + why}")
-    layouts = {"cache": args.cache_mib, "no-cache": 0}
+    if args.compare == "cache":
+        layouts = {"cache": {"DEJAVU_PREFIX_CACHE_MIB": str(args.cache_mib)}, "no-cache": {"DEJAVU_PREFIX_CACHE_MIB": "0"}}
+    else:
+        mib = {"DEJAVU_PREFIX_CACHE_MIB": str(args.cache_mib)}
+        layouts = {"routing": {**mib, "DEJAVU_PREFIX_ROUTING": "true"}, "least-loaded": {**mib, "DEJAVU_PREFIX_ROUTING": "false"}}
+    ours, baseline = layouts
     runs = []
     with contextlib.ExitStack() as stack:
         clusters = {}
-        for name, mib in layouts.items():
-            log(f"starting '{name}' (--prefix-cache-mib {mib}{', colocated' if args.colocated else ''})")
-            env = {"DEJAVU_PREFIX_CACHE_MIB": str(mib), "DEJAVU_COLOCATED": str(args.colocated).lower()}
-            clusters[name] = stack.enter_context(Cluster(args.model, port=0, prompt_services=prompts, token_services=1,
+        for name, env in layouts.items():
+            log(f"starting '{name}' ({env}{', colocated' if args.colocated else ''})")
+            env = {**env, "DEJAVU_COLOCATED": str(args.colocated).lower()}
+            clusters[name] = stack.enter_context(Cluster(args.model, port=0, prompt_services=prompts, token_services=tokens,
                                                          cache_stores=0, env=env, echo_logs=False, placement=plan))
         for name, cluster in clusters.items():
             conversation(cluster, args, seed=-1 - len(name))  # warm-up, unrecorded
         for r in range(1, args.repeats + 1):
             for name, cluster in clusters.items():
-                run = {"layout": name, "repeat": r, **conversation(cluster, args, seed=r)}
+                run = {"layout": name, "repeat": r, **round_of(cluster, args, seed=r)}
                 runs.append(run)
-                log(f"repeat {r}/{args.repeats} {name:<8}: turn 1 {run['first_turn_s'] * 1000:.0f} ms, later turns "
+                log(f"repeat {r}/{args.repeats} {name:<12}: turn 1 "
+                    + ", ".join(f"{t * 1000:.0f}" for t in run["first_turn_s"]) + " ms, later turns "
                     + ", ".join(f"{t * 1000:.0f}" for t in run["later_turns_s"]) + f" ms, {run['reused_tokens']:.0f} "
                     "prompt tokens reused")
     summary = {}
     for name in layouts:
         mine = [r for r in runs if r["layout"] == name]
-        summary[name] = {"first_turn_ms": spread([r["first_turn_s"] * 1000 for r in mine]),
+        summary[name] = {"first_turn_ms": spread([t * 1000 for r in mine for t in r["first_turn_s"]]),
                          "later_turns_ms": spread([t * 1000 for r in mine for t in r["later_turns_s"]]),
-                         "reused_tokens_per_conversation": spread([r["reused_tokens"] for r in mine])}
-    later = summary["cache"]["later_turns_ms"]["median"] / summary["no-cache"]["later_turns_ms"]["median"]
-    first = summary["cache"]["first_turn_ms"]["median"] / summary["no-cache"]["first_turn_ms"]["median"]
+                         "reused_tokens_per_conversation": spread([r["reused_tokens"] / args.concurrency for r in mine])}
+    later = summary[ours]["later_turns_ms"]["median"] / summary[baseline]["later_turns_ms"]["median"]
+    first = summary[ours]["first_turn_ms"]["median"] / summary[baseline]["first_turn_ms"]["median"]
     summary["ratio_later_turns"], summary["ratio_first_turn"] = later, first
     for name in layouts:
         s = summary[name]
-        log(f"{name:<8}: TTFT turn 1 {fmt(s['first_turn_ms'], 0)} ms, later turns {fmt(s['later_turns_ms'], 0)} ms, "
+        log(f"{name:<12}: TTFT turn 1 {fmt(s['first_turn_ms'], 0)} ms, later turns {fmt(s['later_turns_ms'], 0)} ms, "
             f"{fmt(s['reused_tokens_per_conversation'], 0)} prompt tokens reused a conversation")
-    log(f"cache / no-cache TTFT: later turns {later:.2f}x, turn 1 {first:.2f}x")
+    log(f"{ours} / {baseline} TTFT: later turns {later:.2f}x, turn 1 {first:.2f}x")
     write_json(args.out, summary, runs=runs, args=vars(args))
 
 

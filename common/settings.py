@@ -238,6 +238,9 @@ class GatewaySettings(ServiceSettings):
                                     "Hermes write them), none (tool_choice 'auto' is a 400; 'required' and a named "
                                     "function work with any model), auto (hermes where the model's chat template "
                                     "writes <tool_call>, else none)", choices=("auto", "hermes", "none"))
+    prefix_routing: bool = setting(True, "send a prompt to the prompt service (colocated: the token service) that "
+                                   "prefilled its longest prefix last, whose prefix cache likely holds it, unless "
+                                   "that one has 2 requests in flight more than the least loaded")
     api_keys: tuple[str, ...] = setting((), "an API key clients must send as 'Authorization: Bearer KEY' on every "
                                         "route but /health and /metrics (repeat for several; none: no "
                                         "authentication)", flag="--api-key")

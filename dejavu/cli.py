@@ -3,7 +3,7 @@
   dejavu up [--model M] [--port 8000] [--prompt-services 1] [--token-services 1] [--cache-stores 1]
             [--colocated] [--stages 1] [--prompt-stages 1] [--swap --kv-device-bytes B] [--redis-url URL] [--kv-transport ucx|tcp] [--dtype auto|float32|bfloat16|float16]
             [--cpu-placement auto|split|turns|off] [--api-key KEY ...] [--max-queued-requests 1024]
-            [--tool-call-parser auto|hermes|none] [--prefix-cache-mib 1024]
+            [--tool-call-parser auto|hermes|none] [--prefix-cache-mib 1024] [--prefix-routing on|off]
   dejavu status [--redis-url URL] [--json]
   dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, gemm, agreement, capacity, chaos, overload, pipeline, swap, startup, lmeval, sampling, prefix: python -m bench.NAME)
   dejavu profile [--model M] [--quick] [--out profile.json]
@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> None:
                     "prompt blocks it prefilled in: a prompt that starts with the same tokens (a system prompt, a "
                     "chat's earlier turns) computes only the rest (0: off; not with --prompt-stages, nor --stages "
                     "with --colocated)")
+    up.add_argument("--prefix-routing", choices=("on", "off"), default="on",
+                    help="send a prompt to the prompt service (with --colocated: the token service) that prefilled "
+                    "its longest prefix last, whose prefix cache likely holds it, unless that one has 2 requests in "
+                    "flight more than the least loaded (off: the least loaded always)")
     up.add_argument("--tool-call-parser", choices=("auto", "hermes", "none"), default="auto",
                     help="how chat's tool_choice 'auto' finds tool calls in the output: hermes "
                     "(<tool_call>{...}</tool_call>, Qwen2.5/3 and Hermes), none ('auto' is a 400; 'required' and a "
@@ -253,7 +257,8 @@ def cmd_up(args, parser) -> int:
            "DEJAVU_MAX_QUEUED_REQUESTS": str(args.max_queued_requests),
            "DEJAVU_MICROBATCHES": str(args.microbatches), "DEJAVU_KV_DEVICE_BYTES": str(args.kv_device_bytes),
            "DEJAVU_SWAP": str(args.swap).lower(), "DEJAVU_TOOL_CALL_PARSER": args.tool_call_parser,
-           "DEJAVU_PREFIX_CACHE_MIB": str(args.prefix_cache_mib)}
+           "DEJAVU_PREFIX_CACHE_MIB": str(args.prefix_cache_mib),
+           "DEJAVU_PREFIX_ROUTING": str(args.prefix_routing == "on").lower()}
     given = args.api_key if args.api_key is not None else [os.environ.get("DEJAVU_API_KEYS", "")]
     keys = [k.strip() for item in given for k in item.split(",")] if any(given) or args.api_key else []
     if not all(keys):  # an empty key would let an empty bearer token in

@@ -3,7 +3,8 @@
 `Router.generate` is the whole disaggregated path for one request, as an async iterator of
 TokenEvents: reserve KV room on a token service T (least loaded first; a full one is skipped),
 prefill on a prompt service P (another P is tried if one fails; a colocated T prefills itself),
-then stream decode events from T. Leaving the iterator early (stop string, client gone, error)
+then stream decode events from T. The prefilling service is the one that prefilled the prompt's
+longest prefix last, where its load allows (gateway/affinity.py). Leaving the iterator early (stop string, client gone, error)
 aborts the request on T and P.
 If T dies or hangs, the request goes on on another token service (gateway/recovery.py).
 """
@@ -18,12 +19,14 @@ from collections import Counter
 from collections.abc import AsyncIterator
 
 import httpx
+from prometheus_client import Counter as Counted
 
 from common.errors import BadRequest, DejavuError, KVFull, Overloaded, Unavailable, UpstreamError, from_body
 from common.metadata import RecentServices, Registry, RequestStore
 from common.protocol import (PROTOCOL, AbortRequest, DecodeEvent, DecodeRequest, PrefillRequest, PrefillResult,
                              Reservation, ReserveRequest, SamplingParams, ServiceInfo, ServiceKind, TokenEvent)
 from common.settings import GatewaySettings
+from gateway import affinity
 from gateway.admission import Admission
 from gateway.recovery import RECOVERIES, RECOVERY_SECONDS, Run, TokenServiceLost, fence, restore
 
@@ -38,6 +41,8 @@ OWNER_WATCH_S = 45.0  # a finished request's replica is dropped by the gateway i
 #                       long (longer than the owner's own drop can take: a replica send in flight, then /drop)
 DROP_CONCURRENCY = 16  # replicas of a dead owner's finished requests dropped at a time
 RESERVE_TIMEOUT_S = 10.0  # a /reserve unanswered this long is given up (and aborted: it may have taken room)
+PREFIX_ROUTED = Counted("dejavu_gateway_prefix_routed_total", "prompts sent to the service that prefilled their "
+                        "longest prefix last (--prefix-routing)")
 
 
 class LeaseLapsed(UpstreamError):
@@ -61,6 +66,7 @@ class Router:
         self.ended_on: dict[str, tuple[ServiceInfo, dict[str, float]]] = {}  # see _watch_owner
         self._watcher: asyncio.Task | None = None
         self.prompt_seen = float("-inf")  # monotonic s a prompt service of ours was last listed
+        self.homes = affinity.PrefixHomes() if settings.prefix_routing else None
 
     async def services(self, kind: ServiceKind) -> list[ServiceInfo]:
         """The services to route to (RecentServices: a Redis that restarted empty a moment ago
@@ -119,8 +125,9 @@ class Router:
         outputs = run.outputs
         prefix = run.prompt_ids + outputs[:-1]  # KV the token service needs; outputs[-1] is the next input
         remaining = run.sampling.max_tokens - max(len(outputs) - 1, 0)
+        home = self.homes.home(run.prompt_ids)[0] if self.homes else None
         reservation, token_svc = await self.reserve(run.request_id, len(prefix), remaining, exclude=run.lost,
-                                                    resume=bool(run.lost))
+                                                    resume=bool(run.lost), prefer=home)
         released, holders = False, [token_svc]  # holders: services that may still hold something of it
         try:
             path, have = None, len(run.prompt_ids)  # have: tokens of prefix whose KV the row gets from outside
@@ -140,11 +147,15 @@ class Router:
                     raise BadRequest("'echo' with 'logprobs' needs a token service of one stage in colocated "
                                      "mode, and this one is a pipeline (--stages): drop one of the two", "echo")
                 try:
-                    result = await (self.prefill_on(token_svc, req) if token_svc.colocated else self.prefill(req, holders))
+                    result = await (self.prefill_on(token_svc, req) if token_svc.colocated
+                                    else self.prefill(req, holders, prefer=home))
                 except UpstreamError as exc:
                     if not await self._alive(token_svc):  # the KV had nowhere to go: its target died
                         raise TokenServiceLost(f"token service {token_svc.id} died during prefill") from exc
                     raise
+                if self.homes and req.prompt_logprobs is None:  # a prompt scored is not cached
+                    PREFIX_ROUTED.inc(holders[-1].id == home)
+                    self.homes.record(run.prompt_ids, holders[-1].id)  # the service that prefilled it
                 del holders[1:]  # prefill answered: the prompt service holds nothing any more
                 if not outputs:
                     yield result.first
@@ -255,23 +266,24 @@ class Router:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
 
-    async def reserve(self, request_id: str, prompt_tokens: int, max_tokens: int,
-                      exclude: set[str] = frozenset(), resume: bool = False) -> tuple[Reservation, ServiceInfo]:
-        """Room on the least loaded token service that has it, in arrival order: a request that
+    async def reserve(self, request_id: str, prompt_tokens: int, max_tokens: int, exclude: set[str] = frozenset(),
+                      resume: bool = False, prefer: str | None = None) -> tuple[Reservation, ServiceInfo]:
+        """Room on the least loaded token service that has it (`prefer` first, a colocated one that
+        prefilled the prompt's prefix, within affinity.SLACK), in arrival order: a request that
         finds none waits in the admission queue (gateway/admission.py), a resumed one in front.
         Counted in `in_flight` until the caller ends it."""
         req = ReserveRequest(request_id=request_id, prompt_tokens=prompt_tokens, max_tokens=max_tokens)
         if not resume:
-            return await self.admission.admit(lambda: self._try_reserve(req, exclude))
+            return await self.admission.admit(lambda: self._try_reserve(req, exclude, prefer=prefer))
         try:
-            return await self.admission.admit(lambda: self._try_reserve(req, exclude, resume), front=True,
+            return await self.admission.admit(lambda: self._try_reserve(req, exclude, resume, prefer), front=True,
                                               timeout_s=self.settings.resume_wait_s)
         except Overloaded:
             raise Unavailable(f"no token service with room for it came up within {self.settings.resume_wait_s:.0f} "
                               "s (--resume-wait-s)") from None
 
-    async def _try_reserve(self, req: ReserveRequest, exclude: set[str],
-                           resume: bool = False) -> tuple[Reservation, ServiceInfo] | None:
+    async def _try_reserve(self, req: ReserveRequest, exclude: set[str], resume: bool = False,
+                           prefer: str | None = None) -> tuple[Reservation, ServiceInfo] | None:
         """One round over the token services that could take the request; None if all are full
         (and, for a resumed request, if none is up: the one that failed it may be starting again,
         as `dejavu up` and compose restart it; its client waits, as for room)."""
@@ -290,7 +302,8 @@ class Router:
             raise Unavailable(f"no token service takes {tokens} tokens (the largest takes "
                               f"{max(s.max_model_len for s in services)}): check their --max-model-len")
         remembered = lambda s: s.id not in self.recent.listed  # noqa: E731 - listed now first: a remembered one may be dead
-        for svc in sorted(fitting, key=lambda s: (remembered(s), self.in_flight[s.id], s.active_requests,
+        home = self._home(prefer, fitting)
+        for svc in sorted(fitting, key=lambda s: (remembered(s), s.id != home, self.in_flight[s.id], s.active_requests,
                                                   -s.kv_bytes_free)):
             if (req.request_id, svc.id) in self._aborting:
                 continue  # its abort could land after a new reservation there and free it
@@ -313,14 +326,15 @@ class Router:
                     self._done(svc.id)
         return None
 
-    async def prefill(self, req: PrefillRequest, holders: list[ServiceInfo]) -> PrefillResult:
-        """Prefill on the least loaded prompt service; on failure, abort there and try another.
+    async def prefill(self, req: PrefillRequest, holders: list[ServiceInfo], prefer: str | None = None) -> PrefillResult:
+        """Prefill on the least loaded prompt service (`prefer` first, the one that prefilled the
+        prompt's prefix, within affinity.SLACK); on failure, abort there and try another.
         When every one tried failed, wait (up to --resume-wait-s) for a prompt service that answers
         /health and try once more: a killed one is still registered until its lease lapses, and
         `dejavu up` or compose start it again within seconds; its requests then wait, not fail
         (a 503 if none came back)."""
         try:
-            return await self._prefill_round(req, holders)
+            return await self._prefill_round(req, holders, prefer)
         except (UpstreamError, Unavailable) as first:
             # none registered: wait too if one was, lately (its lease lapsed before it came back)
             if isinstance(first, Unavailable) and time.monotonic() - self.prompt_seen > self.settings.resume_wait_s:
@@ -337,7 +351,8 @@ class Router:
             log.info("a prompt service answers again: prefilling once more")
             return await self._prefill_round(req, holders)
 
-    async def _prefill_round(self, req: PrefillRequest, holders: list[ServiceInfo]) -> PrefillResult:
+    async def _prefill_round(self, req: PrefillRequest, holders: list[ServiceInfo],
+                             prefer: str | None = None) -> PrefillResult:
         errors, tried = [], set()
         for _ in range(PREFILL_ATTEMPTS):
             live = await self.services(ServiceKind.PROMPT)
@@ -346,8 +361,9 @@ class Router:
                     raise BadRequest("'echo' with 'logprobs' needs a prompt service of one stage, and this "
                                      "cluster's are pipelines (--stages): drop one of the two", "echo")
                 live = [s for s in live if s.stages <= 1]
-            candidates = sorted(live, key=lambda s: (s.id in tried, s.id not in self.recent.listed, self.in_flight[s.id],
-                                                     s.active_requests))
+            home = self._home(prefer, [s for s in live if s.id not in tried])
+            candidates = sorted(live, key=lambda s: (s.id in tried, s.id not in self.recent.listed, s.id != home,
+                                                     self.in_flight[s.id], s.active_requests))
             if not candidates:
                 break
             svc = candidates[0]  # an untried one first; a failed one again only if it is still registered
@@ -375,6 +391,13 @@ class Router:
         if not errors:
             raise Unavailable("no prompt service is registered: start one (python -m prompt_service)")
         raise UpstreamError("prefill failed on every prompt service tried: " + "; ".join(errors))
+
+    def _home(self, prefer: str | None, candidates: list[ServiceInfo]) -> str | None:
+        """`prefer`, if it is a candidate with at most affinity.SLACK requests in flight more than
+        the least loaded one: a prefix is worth a short wait, not a queue."""
+        if prefer is None or prefer not in {s.id for s in candidates}:
+            return None
+        return prefer if self.in_flight[prefer] <= min(self.in_flight[s.id] for s in candidates) + affinity.SLACK else None
 
     async def prefill_on(self, svc: ServiceInfo, req: PrefillRequest) -> PrefillResult:
         """One prefill on `svc`: a prompt service, or in colocated mode the token service holding
