@@ -198,6 +198,7 @@ class TokenEvent(Message):
     finish_reason: str | None = None   # "stop" (EOS) | "length" | None while going on
     # the first event of a prefill asked for them (PrefillRequest.prompt_logprobs): prompt tokens 1..
     prompt_logprobs: list[PromptLogprob] | None = None
+    cached_tokens: int | None = None   # the first event of a prefill: prompt tokens whose KV a prefix cache had
 
 
 class PrefillResult(Message):

@@ -30,14 +30,23 @@ class Totals:
 
 def usage(job: Job, totals: Totals) -> dict:
     n = len(totals.tokens)
-    return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": n, "total_tokens": len(job.prompt_ids) + n}
+    return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": n, "total_tokens": len(job.prompt_ids) + n,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens(totals)}}
 
 
 def usage_of(jobs: list[Job], totals: list[Totals]) -> dict:
     """A request's usage over its choices: each prompt counted once (not once per choice of n)."""
     prompt = sum(len(job.prompt_ids) for job in jobs if job.choice == 0)
     completion = sum(len(t.tokens) for t in totals)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = sum(cached_tokens(t) for job, t in zip(jobs, totals) if job.choice == 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def cached_tokens(totals: Totals) -> int:
+    """Prompt tokens whose KV came from a prefix cache (OpenAI's usage.prompt_tokens_details), as
+    the first token's event says (a failover's re-prefill does not change it)."""
+    return (totals.tokens[0].cached_tokens or 0) if totals.tokens else 0
 
 
 def merged_body(jobs: list[Job], totals: list[Totals], tokenizer, chat: bool) -> dict:

@@ -176,6 +176,7 @@ class PrefillJob:
     looked_up: bool = False         # the prefix cache was asked (as it reached the head of the queue)
     keys: list[bytes] = field(default_factory=list)  # the prefix cache's keys of its whole blocks
     prefix: list[torch.Tensor] = field(default_factory=list)  # cached KV of its first blocks, not loaded yet
+    cached: int = 0                 # prompt tokens whose KV the prefix cache had
     kept: list | None = None        # a whole prompt's KV messages, for the prefix cache (Sink.keep)
 
     @property
@@ -269,7 +270,7 @@ class PrefillEngine:
         job.looked_up = True
         if self.caching and job.req.prompt_logprobs is None:  # echo with logprobs: every prompt token is scored
             job.keys, job.prefix = self.cache.lookup(job.req.prompt_ids)
-            job.done = len(job.prefix) * self.runner.block_size
+            job.done = job.cached = len(job.prefix) * self.runner.block_size
 
     @property
     def caching(self) -> bool:
@@ -383,6 +384,7 @@ class PrefillEngine:
             return
         for (job, _), event in zip(ended, events):
             job.first, job.computed_at, job.pool, job.kept = first_event(job.req.sampling, event), done, None, None
+            job.first = job.first.model_copy(update={"cached_tokens": job.cached})
             if job.req.prompt_logprobs is not None:
                 job.first = job.first.model_copy(update={"prompt_logprobs": job.prompt_logprobs})
             loop.call_soon(job.outbox.put_nowait, None)  # after every message: the sender may answer

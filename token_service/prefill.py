@@ -59,6 +59,7 @@ class PrefillJob:
     prompt_logprobs: list[PromptLogprob] = field(default_factory=list)  # req.prompt_logprobs: tokens 1.. so far
     matcher: Matcher | None = None  # its grammar's, at the start (grammar.start), for the first pick
     keys: list[bytes] | None = None  # the prefix cache's keys of its prompt's whole blocks, once hashed
+    cached: int = 0              # prompt tokens whose KV the prefix cache had
 
     @property
     def num_tokens(self) -> int:
@@ -111,6 +112,7 @@ class PrefillQueue:
                 break
             if not job.started and job.keys is not None:
                 self.cache.used(job.keys, job.num_tokens, len(prefix))
+                job.cached = start
             job.done, job.started = start, job.started or time.perf_counter()
             tokens = job.req.prompt_ids[start: start + n]
             chunks.append(Chunk(job, Segment(tokens, start, job.seq.blocks), prefix, self._keep(job, start, start + n)))
@@ -172,7 +174,7 @@ class PrefillQueue:
         job.seq.filling = False
         self.jobs.remove(job)
         ms = (time.perf_counter() - job.started) * 1e3
-        first = first_event(job.req.sampling, event)
+        first = first_event(job.req.sampling, event).model_copy(update={"cached_tokens": job.cached})
         if job.req.prompt_logprobs is not None:
             first = first.model_copy(update={"prompt_logprobs": job.prompt_logprobs})
         job.result.set_result(PrefillResult(request_id=job.req.request_id, prefill_ms=ms, first=first,

@@ -34,7 +34,8 @@ def test_a_killed_token_service_changes_nothing_in_bf16(cluster, body):
     clean, clean_usage, _ = stream_with_fault(cluster, body, None)
     failed, usage, victims = stream_with_fault(cluster, body, signal.SIGKILL, after=60)
     assert victims, "the fault was never injected"
-    assert failed == clean and usage == clean_usage
+    assert failed == clean and usage["prompt_tokens"] == clean_usage["prompt_tokens"]
+    assert usage["completion_tokens"] == clean_usage["completion_tokens"]  # cached_tokens: the second run may hit
     assert metric(cluster.url, 'dejavu_gateway_recoveries_total{path="replica"}') == recoveries + 1
     respawned = cluster.respawn(victims[0])  # back to two token services for the next case
     cluster.wait_ready(120, [respawned])

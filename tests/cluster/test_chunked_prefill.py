@@ -102,13 +102,16 @@ def test_a_prompt_sharing_a_prefix_computes_the_rest_only_and_equals_hf(cluster,
     engine = cluster.of(cluster.prefill_kind)[0]
     hits = metric(engine.url, "dejavu_prompt_prefix_cache_hits_total")
     want, _ = tiny_oracle.text(first, 12)
-    assert completion(cluster.url, prompt=first, max_tokens=12, temperature=0)["choices"][0]["text"] == want
+    answer = completion(cluster.url, prompt=first, max_tokens=12, temperature=0)
+    assert answer["choices"][0]["text"] == want and answer["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
     second = first + tok(want + " And of Spain?", add_special_tokens=False)["input_ids"]
     forwards = f"dejavu_{cluster.prefill_kind}_prefill_seconds_count"
     before = metric(engine.url, forwards)
     want, _ = tiny_oracle.text(second, 12)
-    assert completion(cluster.url, prompt=second, max_tokens=12, temperature=0)["choices"][0]["text"] == want
+    answer = completion(cluster.url, prompt=second, max_tokens=12, temperature=0)
+    assert answer["choices"][0]["text"] == want
     reused = metric(engine.url, "dejavu_prompt_prefix_cache_hits_total") - hits
     assert reused == len(first) // 16 * 16, (reused, len(first))  # every whole block of the first turn
+    assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == reused  # OpenAI's usage field
     assert metric(engine.url, forwards) - before <= -(-(len(second) - reused) // 16)  # the rest's chunks only
     assert_no_kv_held_on(cluster)

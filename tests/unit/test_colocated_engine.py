@@ -209,7 +209,7 @@ async def test_a_prompt_sharing_a_prefix_computes_only_the_rest_and_gets_the_sam
         results = await asyncio.wait_for(asyncio.gather(prefill(engine, "a", a), prefill(engine, "b", b)), 30)
         assert [r.first.token_id for r in results] == [tiny_oracle.generate_ids(p, 1)[0] for p in (a, b)]
         assert sizes == [[(0, 16)], [(16, 16)], [(32, 8)], [(32, 9)]]  # b's 9 did not fit beside a's last 8
-        assert HIT_TOKENS._value.get() - before == 32
+        assert HIT_TOKENS._value.get() - before == 32 and [r.first.cached_tokens for r in results] == [0, 32]
         assert engine.prefills.cache.bytes == 2 * engine.block_bytes  # a's two whole blocks (b's third is partial)
 
         def kv(e: TokenEngine, rid: str, n: int) -> torch.Tensor:
@@ -228,7 +228,7 @@ async def test_a_prompt_sharing_a_prefix_computes_only_the_rest_and_gets_the_sam
             request_id="c", prompt_ids=a, sampling=SamplingParams(max_tokens=8), prompt_logprobs=0,
             target_service_id="token-test", target_kv_address="")), 30)
         assert len(scored.first.prompt_logprobs) == len(a) - 1 and [s[0] for s in sizes] == [(0, 16), (16, 16), (32, 8)]
-        assert HIT_TOKENS._value.get() - before == 64
+        assert HIT_TOKENS._value.get() - before == 64 and scored.first.cached_tokens == 0
         for rid in ("a", "b", "b-again", "c"):
             engine.abort(rid)
         plain.abort("b")
