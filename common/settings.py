@@ -239,8 +239,9 @@ class GatewaySettings(ServiceSettings):
                                     "function work with any model), auto (hermes where the model's chat template "
                                     "writes <tool_call>, else none)", choices=("auto", "hermes", "none"))
     prefix_routing: bool = setting(True, "send a prompt to the prompt service (colocated: the token service) that "
-                                   "prefilled its longest prefix last, whose prefix cache likely holds it, unless "
-                                   "that one has 2 requests in flight more than the least loaded")
+                                   "prefilled its longest prefix last (of 64 tokens and a quarter of the prompt at "
+                                   "least), whose prefix cache likely holds it, unless that one has more than 2 "
+                                   "requests in flight beyond the least loaded")
     api_keys: tuple[str, ...] = setting((), "an API key clients must send as 'Authorization: Bearer KEY' on every "
                                         "route but /health and /metrics (repeat for several; none: no "
                                         "authentication)", flag="--api-key")

@@ -81,8 +81,9 @@ def main(argv: list[str] | None = None) -> None:
                     "with --colocated)")
     up.add_argument("--prefix-routing", choices=("on", "off"), default="on",
                     help="send a prompt to the prompt service (with --colocated: the token service) that prefilled "
-                    "its longest prefix last, whose prefix cache likely holds it, unless that one has 2 requests in "
-                    "flight more than the least loaded (off: the least loaded always)")
+                    "its longest prefix last (of 64 tokens and a quarter of the prompt at least), whose prefix cache "
+                    "likely holds it, unless that one has more than 2 requests in flight beyond the least loaded "
+                    "(off: the least loaded always)")
     up.add_argument("--tool-call-parser", choices=("auto", "hermes", "none"), default="auto",
                     help="how chat's tool_choice 'auto' finds tool calls in the output: hermes "
                     "(<tool_call>{...}</tool_call>, Qwen2.5/3 and Hermes), none ('auto' is a 400; 'required' and a "

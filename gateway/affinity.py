@@ -9,8 +9,11 @@ prompt.
 A prompt's prefixes are its whole blocks of BLOCK_TOKENS tokens, each keyed by a hash of its tokens
 and every token before it (as the caches key theirs); the gateway keeps the service of the last
 prefill of each key, least recently used out past `capacity` keys. The home of a prompt is the
-service of its longest remembered prefix. Load comes first: the router takes the home only while
-it has at most SLACK requests in flight more than the least loaded candidate (gateway/router.py).
+service of its longest remembered prefix, if that prefix is worth a detour: at least MIN_TOKENS
+and a quarter of the prompt (a chat template's system header alone is a block or two, and would
+make every new conversation follow the last one). Load comes first: the router takes the home
+only while it has at most SLACK requests in flight more than the least loaded candidate
+(gateway/router.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from engine.prefix_cache import block_keys
 
 BLOCK_TOKENS = 16  # the services' default --block-size: a prefix shorter than that is no reason to route
 SLACK = 2          # requests in flight a home may have beyond the least loaded service's (a judgment, not measured)
+MIN_TOKENS = 64    # the shortest prefix worth routing for (a judgment: longer than chat templates' headers)
 
 
 class PrefixHomes:
@@ -37,6 +41,11 @@ class PrefixHomes:
                 break
             found, length = service, (i + 1) * BLOCK_TOKENS
         return found, length
+
+    def home_worth_it(self, ids: list[int]) -> str | None:
+        """The home of `ids` where its prefix there is at least MIN_TOKENS and a quarter of it."""
+        found, length = self.home(ids)
+        return found if length >= max(MIN_TOKENS, len(ids) / 4) else None
 
     def record(self, ids: list[int], service_id: str) -> None:
         """`service_id` has prefilled `ids`: it is the home of each of its prefixes now."""

@@ -4,8 +4,8 @@
 TokenEvents: reserve KV room on a token service T (least loaded first; a full one is skipped),
 prefill on a prompt service P (another P is tried if one fails; a colocated T prefills itself),
 then stream decode events from T. The prefilling service is the one that prefilled the prompt's
-longest prefix last, where its load allows (gateway/affinity.py). Leaving the iterator early (stop string, client gone, error)
-aborts the request on T and P.
+longest prefix last, where its load allows (gateway/affinity.py). Leaving the iterator early
+(stop string, client gone, error) aborts the request on T and P.
 If T dies or hangs, the request goes on on another token service (gateway/recovery.py).
 """
 
@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 
 import httpx
-from prometheus_client import Counter as Counted
+import prometheus_client
 
 from common.errors import BadRequest, DejavuError, KVFull, Overloaded, Unavailable, UpstreamError, from_body
 from common.metadata import RecentServices, Registry, RequestStore
@@ -41,7 +41,7 @@ OWNER_WATCH_S = 45.0  # a finished request's replica is dropped by the gateway i
 #                       long (longer than the owner's own drop can take: a replica send in flight, then /drop)
 DROP_CONCURRENCY = 16  # replicas of a dead owner's finished requests dropped at a time
 RESERVE_TIMEOUT_S = 10.0  # a /reserve unanswered this long is given up (and aborted: it may have taken room)
-PREFIX_ROUTED = Counted("dejavu_gateway_prefix_routed_total", "prompts sent to the service that prefilled their "
+PREFIX_ROUTED = prometheus_client.Counter("dejavu_gateway_prefix_routed_total", "prompts sent to the service that prefilled their "
                         "longest prefix last (--prefix-routing)")
 
 
@@ -125,7 +125,7 @@ class Router:
         outputs = run.outputs
         prefix = run.prompt_ids + outputs[:-1]  # KV the token service needs; outputs[-1] is the next input
         remaining = run.sampling.max_tokens - max(len(outputs) - 1, 0)
-        home = self.homes.home(run.prompt_ids)[0] if self.homes else None
+        home = self.homes.home_worth_it(run.prompt_ids) if self.homes else None
         reservation, token_svc = await self.reserve(run.request_id, len(prefix), remaining, exclude=run.lost,
                                                     resume=bool(run.lost), prefer=home)
         released, holders = False, [token_svc]  # holders: services that may still hold something of it
@@ -154,7 +154,8 @@ class Router:
                         raise TokenServiceLost(f"token service {token_svc.id} died during prefill") from exc
                     raise
                 if self.homes and req.prompt_logprobs is None:  # a prompt scored is not cached
-                    PREFIX_ROUTED.inc(holders[-1].id == home)
+                    if holders[-1].id == home:
+                        PREFIX_ROUTED.inc()
                     self.homes.record(run.prompt_ids, holders[-1].id)  # the service that prefilled it
                 del holders[1:]  # prefill answered: the prompt service holds nothing any more
                 if not outputs:
@@ -268,8 +269,9 @@ class Router:
 
     async def reserve(self, request_id: str, prompt_tokens: int, max_tokens: int, exclude: set[str] = frozenset(),
                       resume: bool = False, prefer: str | None = None) -> tuple[Reservation, ServiceInfo]:
-        """Room on the least loaded token service that has it (`prefer` first, a colocated one that
-        prefilled the prompt's prefix, within affinity.SLACK), in arrival order: a request that
+        """Room on the least loaded token service that has it (`prefer` first, within
+        affinity.SLACK: where a colocated one prefilled the prompt's prefix; the id of a prompt
+        service is no candidate here, it is `prefill`'s), in arrival order: a request that
         finds none waits in the admission queue (gateway/admission.py), a resumed one in front.
         Counted in `in_flight` until the caller ends it."""
         req = ReserveRequest(request_id=request_id, prompt_tokens=prompt_tokens, max_tokens=max_tokens)
@@ -349,7 +351,7 @@ class Router:
                                       f"(--resume-wait-s) after {first.message}") from None
                 await asyncio.sleep(PROMPT_WAIT_POLL_S)
             log.info("a prompt service answers again: prefilling once more")
-            return await self._prefill_round(req, holders)
+            return await self._prefill_round(req, holders, prefer)
 
     async def _prefill_round(self, req: PrefillRequest, holders: list[ServiceInfo],
                              prefer: str | None = None) -> PrefillResult:
@@ -394,10 +396,12 @@ class Router:
 
     def _home(self, prefer: str | None, candidates: list[ServiceInfo]) -> str | None:
         """`prefer`, if it is a candidate with at most affinity.SLACK requests in flight more than
-        the least loaded one: a prefix is worth a short wait, not a queue."""
+        the least loaded one listed now (one only remembered may be dead): a prefix is worth a
+        short wait, not a queue."""
         if prefer is None or prefer not in {s.id for s in candidates}:
             return None
-        return prefer if self.in_flight[prefer] <= min(self.in_flight[s.id] for s in candidates) + affinity.SLACK else None
+        loads = [self.in_flight[s.id] for s in candidates if s.id in self.recent.listed] or [0]
+        return prefer if self.in_flight[prefer] <= min(loads) + affinity.SLACK else None
 
     async def prefill_on(self, svc: ServiceInfo, req: PrefillRequest) -> PrefillResult:
         """One prefill on `svc`: a prompt service, or in colocated mode the token service holding

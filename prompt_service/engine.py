@@ -20,8 +20,9 @@
 
 With the prefix cache (engine/prefix_cache.py) a prompt is looked up as it reaches the head of the
 queue; a hit's KV is sent to T first, from the cache, and the rest of the prompt is computed as a
-chunk attending to it; a request resumed by re-prefill gets its prompt's whole blocks back as
-its first prefill computed them.
+chunk attending to it: on CPU the KV T gets is the bits a prefill without the hit computes
+(engine/prefix_cache.py, MIN_COMPUTED), so a request resumed by re-prefill gets the KV its first
+prefill had.
 """
 
 from __future__ import annotations

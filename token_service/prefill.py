@@ -23,7 +23,9 @@ finds the blocks that one's chunks computed. Its first chunk then starts after t
 blocks are copied into its own blocks in the engine thread just before the forward (no block is
 shared with another sequence, so replication, aborts and frees are as for any prefill), and the
 whole blocks each chunk completes that the cache lacks are copied out just after it, into the
-cache as the step ends. With prompt logprobs (echo with logprobs) every prompt token is scored, so
+cache as the step ends. The chunks then start at the hit, not on the grid of point 2, and the KV
+is still the same to the bit on CPU (engine/prefix_cache.py, MIN_COMPUTED), so a re-prefill
+with or without a hit of its own still computes the KV of the first prefill. With prompt logprobs (echo with logprobs) every prompt token is scored, so
 nothing is looked up.
 """
 

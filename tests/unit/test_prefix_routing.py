@@ -20,7 +20,7 @@ from gateway.affinity import PrefixHomes
 from gateway.router import Router
 
 pytestmark = pytest.mark.asyncio
-CHAT = list(range(100, 140))  # a conversation's first turn: two whole blocks and 8 tokens
+CHAT = list(range(100, 140))  # two whole blocks and 8 tokens
 
 
 async def test_the_home_is_the_last_service_of_the_longest_remembered_prefix():
@@ -34,6 +34,12 @@ async def test_the_home_is_the_last_service_of_the_longest_remembered_prefix():
     assert homes.home(CHAT[:15]) == (None, 0)            # shorter than a block
     homes.record(list(range(500, 548)), "p-0")           # 3 blocks more, 5 in all: CHAT's tail goes first
     assert len(homes.homes) == 4 and homes.home(CHAT) == ("p-1", 16)
+    homes.record(CHAT, "p-1")
+    assert homes.home_worth_it(CHAT) is None  # 32 tokens: fewer than MIN_TOKENS
+    homes = PrefixHomes()
+    homes.record(CHAT * 3, "p-1")             # 120 tokens, 7 whole blocks
+    assert homes.home_worth_it(CHAT * 3 + [5] * 100) == "p-1"    # 112 of 220 tokens
+    assert homes.home_worth_it(CHAT * 3 + [5] * 400) is None     # 112 of 520: less than a quarter
 
 
 class Fakes:
@@ -92,11 +98,13 @@ async def test_a_chats_next_turn_goes_where_its_prefix_was_prefilled_unless_that
                     pass
                 return fakes.prefilled[-1]
 
+            chat = CHAT * 2                            # a conversation's first turn: 80 tokens
             assert await ask("r-other", [9] * 40) == a  # all idle: the first listed
             router.in_flight[a] = 1                     # a busy: the first turn goes to b
-            assert await ask("r-turn-1", CHAT) == b
+            assert await ask("r-turn-1", chat) == b
             router.in_flight[a] = 0
-            turn_2 = CHAT + [7] * 20
+            assert await ask("r-header-only", chat[:20] + [3] * 80) == a  # a block in common: no reason to route
+            turn_2 = chat + [7] * 20
             assert await ask("r-turn-2", turn_2) == (b if routing else a)  # all idle again
             router.in_flight[b] = affinity.SLACK        # b busier than a, within the slack
             assert await ask("r-turn-3", turn_2 + [8] * 9) == (b if routing else a)
@@ -104,7 +112,7 @@ async def test_a_chats_next_turn_goes_where_its_prefix_was_prefilled_unless_that
             assert await ask("r-turn-4", turn_2 + [6] * 9) == a
             router.in_flight[b] = 0
             if routing:  # turn 4 went to a: a is the home now
-                assert router.homes.home(turn_2 + [6] * 9)[0] == a and router.homes.home(CHAT)[0] == a
+                assert router.homes.home(turn_2 + [6] * 9)[0] == a and router.homes.home(chat)[0] == a
                 assert await ask("r-turn-5", turn_2 + [6] * 9 + [5]) == a
     finally:
         for info in services:
