@@ -115,12 +115,16 @@ class ModelSettings(KVSettings):
                          "stage worker that computes its layers for the head)")
     pipeline: str = setting("", "with --stages: the pipeline's id, the same on all of its stages (they find each "
                             "other by it in the registry)")
+    prefix_cache_mib: int = setting(1024, "host memory for the KV of prompt blocks this service prefilled (a token "
+                                    "service: with --colocated): a prompt that starts with the same tokens computes "
+                                    "only the rest (0: off; not on pipelines, --stages)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self, 16 <= self.max_model_len <= 1 << 20, "max_model_len", "must be in 16..1048576")
         _check(self, self.threads >= 0, "threads", "must be >= 0")
         _check(self, 1 <= self.block_size <= 1024, "block_size", "must be in 1..1024")
+        _check(self, self.prefix_cache_mib >= 0, "prefix_cache_mib", "must be >= 0 (0: off)")
         _check(self, 0.0 <= self.inject_kv_faults < 1.0, "inject_kv_faults", "must be in [0, 1)")
         _check(self, 1 <= self.stages <= 64, "stages", "must be in 1..64")
         _check(self, 0 <= self.stage < self.stages, "stage", f"must be in 0..{self.stages - 1} (--stages {self.stages})")
@@ -138,14 +142,11 @@ class PromptSettings(ModelSettings):
                                 ("layerwise", "after_prefill"))
     kv_stream_layers: int = setting(0, "layer by layer: layers per KV message (1: each layer as soon as it is "
                                     "computed; 0: a fifth of the model's layers, rounded up: 6 of SmolLM2's 30)")
-    prefix_cache_mib: int = setting(1024, "host memory for the KV of prompt blocks already prefilled: a prompt that "
-                                    "starts with the same tokens computes only the rest (0: off)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self, self.max_batch_tokens >= 16, "max_batch_tokens", "must be >= 16")
         _check(self, self.kv_stream_layers >= 0, "kv_stream_layers", "must be >= 0")
-        _check(self, self.prefix_cache_mib >= 0, "prefix_cache_mib", "must be >= 0 (0: off)")
 
 
 @dataclass(frozen=True)
@@ -160,9 +161,6 @@ class TokenSettings(ModelSettings):
                               "request, no prompt service (colocated mode)")
     max_batch_tokens: int = setting(512, "with --colocated: most prompt tokens prefilled between two decode steps "
                                     "(at least one prompt; a longer batch stalls running decodes longer)")
-    prefix_cache_mib: int = setting(1024, "with --colocated: host memory for the KV of prompt blocks already "
-                                    "prefilled here: a prompt that starts with the same tokens computes only the "
-                                    "rest (0: off; not with --stages)")
     compile: bool = setting(False, "run decode steps of Llama-family models through torch.compile (measured no "
                             "faster on a 2-core CPU, 0.90-1.04x, for 35-62 s more at each start and restart)")
     enforce_eager: bool = setting(False, "on a GPU, run every decode step eagerly, kernel by kernel, instead of "
@@ -202,7 +200,6 @@ class TokenSettings(ModelSettings):
         _check(self, self.reservation_ttl_s > 0, "reservation_ttl_s", "must be > 0")
         _check(self, self.replicate_every >= 1, "replicate_every", "must be >= 1")
         _check(self, self.max_batch_tokens >= 16, "max_batch_tokens", "must be >= 16")
-        _check(self, self.prefix_cache_mib >= 0, "prefix_cache_mib", "must be >= 0 (0: off)")
         _check(self, 0 <= self.microbatches <= 64, "microbatches", "must be in 0..64")
         _check(self, self.kv_device_bytes >= 0, "kv_device_bytes", "must be >= 0")
         _check(self, 0.0 <= self.inject_step_delay_ms <= 10_000, "inject_step_delay_ms", "must be in 0..10000")

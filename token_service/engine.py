@@ -447,7 +447,7 @@ class TokenEngine:
         after: (the forward's output, kept_blocks')."""
         start = time.perf_counter()
         size = self.runner.block_size
-        load_prefixes(self.pool, chunks, size)
+        load_prefixes(self.pool, chunks, size)  # into the pool the forward reads (no --swap with --colocated)
         if scored:
             out = self.runner.forward_scored(segments, self.pool, None, scored)
         elif staged is not None:
