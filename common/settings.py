@@ -235,6 +235,11 @@ class GatewaySettings(ServiceSettings):
                                     "Hermes write them), none (tool_choice 'auto' is a 400; 'required' and a named "
                                     "function work with any model), auto (hermes where the model's chat template "
                                     "writes <tool_call>, else none)", choices=("auto", "hermes", "none"))
+    reasoning_parser: str = setting("auto", "on chat, the text between <think> and </think> as the message's "
+                                    "reasoning_content (and reasoning), the rest as its content: qwen3 and "
+                                    "deepseek_r1 read alike (the prompt says whether the output starts inside the "
+                                    "thinking), none leaves the text whole, auto is qwen3 where the model's chat "
+                                    "template writes </think>, else none", choices=("auto", "deepseek_r1", "qwen3", "none"))
     prefix_routing: bool = setting(True, "send a prompt to the prompt service (colocated: the token service) that "
                                    "prefilled its longest prefix last (of 64 tokens and a quarter of the prompt at "
                                    "least), whose prefix cache likely holds it, unless that one has more than 2 "

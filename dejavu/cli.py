@@ -3,7 +3,8 @@
   dejavu up [--model M] [--port 8000] [--prompt-services 1] [--token-services 1] [--cache-stores 1]
             [--colocated] [--stages 1] [--prompt-stages 1] [--swap --kv-device-bytes B] [--redis-url URL] [--kv-transport ucx|tcp] [--dtype auto|float32|bfloat16|float16]
             [--cpu-placement auto|split|turns|off] [--api-key KEY ...] [--max-queued-requests 1024]
-            [--tool-call-parser auto|hermes|none] [--prefix-cache-mib 1024] [--prefix-routing on|off]
+            [--tool-call-parser auto|hermes|none] [--reasoning-parser auto|deepseek_r1|qwen3|none]
+            [--prefix-cache-mib 1024] [--prefix-routing on|off]
   dejavu status [--redis-url URL] [--json]
   dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, gemm, agreement, capacity, chaos, overload, pipeline, swap, startup, lmeval, sampling, prefix: python -m bench.NAME)
   dejavu profile [--model M] [--quick] [--out profile.json]
@@ -84,6 +85,10 @@ def main(argv: list[str] | None = None) -> None:
                     "its longest prefix last (of 64 tokens and a quarter of the prompt at least), whose prefix cache "
                     "likely holds it, unless that one has more than 2 requests in flight beyond the least loaded "
                     "(off: the least loaded always)")
+    up.add_argument("--reasoning-parser", choices=("auto", "deepseek_r1", "qwen3", "none"), default="auto",
+                    help="on chat, the text between <think> and </think> as the message's reasoning_content (and "
+                    "reasoning), the rest as its content: qwen3 and deepseek_r1 read alike, none leaves the text "
+                    "whole, auto is qwen3 where the model's chat template writes </think>")
     up.add_argument("--tool-call-parser", choices=("auto", "hermes", "none"), default="auto",
                     help="how chat's tool_choice 'auto' finds tool calls in the output: hermes "
                     "(<tool_call>{...}</tool_call>, Qwen2.5/3 and Hermes), none ('auto' is a 400; 'required' and a "
@@ -258,6 +263,7 @@ def cmd_up(args, parser) -> int:
            "DEJAVU_MAX_QUEUED_REQUESTS": str(args.max_queued_requests),
            "DEJAVU_MICROBATCHES": str(args.microbatches), "DEJAVU_KV_DEVICE_BYTES": str(args.kv_device_bytes),
            "DEJAVU_SWAP": str(args.swap).lower(), "DEJAVU_TOOL_CALL_PARSER": args.tool_call_parser,
+           "DEJAVU_REASONING_PARSER": args.reasoning_parser,
            "DEJAVU_PREFIX_CACHE_MIB": str(args.prefix_cache_mib),
            "DEJAVU_PREFIX_ROUTING": str(args.prefix_routing == "on").lower()}
     given = args.api_key if args.api_key is not None else [os.environ.get("DEJAVU_API_KEYS", "")]

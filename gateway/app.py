@@ -33,6 +33,7 @@ from gateway.jobs import IN_FLIGHT, REQUESTS, Delta, Job, Limits, chat_jobs, com
 from gateway.openai_types import ChatRequest, CompletionRequest
 from gateway.responses import ChunkWriter, Totals, chat_body, completion_body, merged_body, sse
 from gateway.router import Router
+from gateway import reasoning
 from gateway.tools import parser_for
 
 log = logging.getLogger(__name__)
@@ -47,15 +48,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.state.encoder = await asyncio.to_thread(Encoder, path)
         app.state.limits = Limits(settings.model_name, min(settings.max_model_len, context_length(path)),
                                   len(tokenizer), eos_token_ids(path), settings.max_tokens_default,
-                                  max(map(len, tokenizer.get_vocab())), tool_parser(settings, tokenizer))
+                                  max(map(len, tokenizer.get_vocab())), tool_parser(settings, tokenizer),
+                                  *reasoning_parser(settings, tokenizer))
         app.state.active = set()  # request ids being served
         app.state.redis_grace_s = settings.lease_ttl_s
         client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
                                    headers=cluster_headers(settings))  # every internal call carries the token
         lease_fields = lambda: dict(model=str(path), model_id=model_id,  # noqa: E731
                                     max_model_len=app.state.limits.max_model_len, active_requests=len(app.state.active))
-        log.info("gateway ready: serving %r (%s), max context %d, tool-call parser %s", settings.model_name, path,
-                 app.state.limits.max_model_len, app.state.limits.tool_parser)
+        log.info("gateway ready: serving %r (%s), max context %d, tool-call parser %s, reasoning parser %s",
+                 settings.model_name, path, app.state.limits.max_model_len, app.state.limits.tool_parser,
+                 app.state.limits.reasoning_parser)
         try:
             async with registered(app, settings, ServiceKind.GATEWAY, lease_fields) as redis:
                 app.state.store = metadata.RequestStore(redis)
@@ -114,8 +117,21 @@ def tool_parser(settings: GatewaySettings, tokenizer) -> str:
     """--tool-call-parser, with auto resolved: hermes where the chat template writes <tool_call>."""
     if settings.tool_call_parser != "auto":
         return settings.tool_call_parser
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else str(tokenizer.chat_template)
-    return parser_for(template)
+    return parser_for(_template(tokenizer))
+
+
+def reasoning_parser(settings: GatewaySettings, tokenizer) -> tuple[str, bool]:
+    """(--reasoning-parser with auto resolved, whether its tags are special tokens, which the
+    text then keeps: as vLLM's parsers read them)."""
+    parser = settings.reasoning_parser
+    if parser == "auto":
+        parser = reasoning.parser_for(_template(tokenizer))
+    special = {reasoning.START, reasoning.END} & set(getattr(tokenizer, "all_special_tokens", []))
+    return parser, parser != "none" and bool(special)
+
+
+def _template(tokenizer) -> str:
+    return tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else str(tokenizer.chat_template)
 
 
 LARGE_TEXT_CHARS = 16_384  # text past this is tokenized off the event loop

@@ -21,6 +21,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from common.errors import BadRequest, ContextLengthExceeded, NotFound
 from common.protocol import PromptLogprob, SamplingParams, TokenEvent
+from gateway import reasoning
 from gateway.detokenizer import IncrementalDetokenizer, StopStrings
 from gateway.openai_types import ChatRequest, CompletionRequest, SamplingFields
 from gateway.router import Router
@@ -55,6 +56,7 @@ class Job:
     recorded: bool = False        # its outcome has been counted and written to Redis
     tools: Plan | None = None     # chat with tools to call: its output is read for calls (gateway/tools.py)
     skip_special: bool = True     # skip_special_tokens: special tokens left out of the text
+    thinking: bool | None = None  # chat, with a reasoning parser: whether the output starts inside <think>
 
 
 @dataclass
@@ -74,6 +76,8 @@ class Limits:
     chat_max_tokens: int
     max_token_chars: int = 0      # characters of the vocabulary's longest token (0: unknown)
     tool_parser: str = "none"     # how tool_choice 'auto' reads calls in the output (gateway/tools.py)
+    reasoning_parser: str = "none"  # how chat's output is split into reasoning and content (gateway/reasoning.py)
+    think_special: bool = False   # <think> and </think> are special tokens: kept in the text when reading them
 
 
 def text_chars(body: CompletionRequest | ChatRequest) -> int:
@@ -169,9 +173,13 @@ def chat_jobs(body: ChatRequest, tokenizer, limits: Limits) -> list[Job]:
     ids = _truncated(body, list(out["input_ids"] if hasattr(out, "keys") else out), limits)
     jobs = [_job(body, ids, limits, limits.chat_max_tokens, body.logprobs_k, "", "messages", choice=i)
             for i in range(body.n)]
+    thinking = reasoning.opens_thinking(tokenizer, ids) if limits.reasoning_parser != "none" else None
     for job in jobs:
         job.tools = plan if plan and plan.mode != "none" else None
+        job.thinking = thinking
         if plan and plan.mode == "auto":  # a model's tool-call tags may be special tokens: kept, as vLLM's hermes
+            job.skip_special = False
+        if thinking is not None and limits.think_special:
             job.skip_special = False
     return jobs
 

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 
 from common.protocol import PromptLogprob, TokenEvent, TopLogprob
-from gateway import tools
+from gateway import reasoning, tools
 from gateway.jobs import Delta, Job
 
 
@@ -142,6 +142,9 @@ def completion_body(job: Job, totals: Totals, tokenizer) -> dict:
 
 def chat_body(job: Job, totals: Totals, tokenizer) -> dict:
     message, finish = {"role": "assistant", "content": "".join(totals.text)}, totals.finish_reason
+    if job.thinking is not None:  # the thinking apart, under both of vLLM's names; the answer is the rest
+        thought, message["content"] = reasoning.split_whole(job.thinking, message["content"])
+        message["reasoning_content"] = message["reasoning"] = thought or None
     if job.tools:  # the calls in the text (content None where they stand alone, as OpenAI's)
         message["content"], calls, finish = tools.read_whole(job.tools, message["content"], finish)
         if calls:
@@ -165,6 +168,7 @@ class ChunkWriter:
         self.job, self.tokenizer, self.chat, self.index = job, tokenizer, chat, index
         self.offset = len(job.echo_text)
         self.tools = tools.Reader(job.tools) if chat and job.tools else None
+        self.thinking = reasoning.Thinking(job.thinking) if chat and job.thinking is not None else None
         kind = "chat.completion.chunk" if chat else "text_completion"
         self.head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job.request_id}", "object": kind,
                      "created": job.created, "model": job.model}
@@ -201,14 +205,21 @@ class ChunkWriter:
         return self._chunk(choice)
 
     def _chat_delta(self, d: Delta) -> tuple[dict, str | None]:
-        """A chat chunk's delta (content, tool calls) and finish reason."""
+        """A chat chunk's delta (reasoning, content, tool calls) and finish reason."""
+        thought, text = "", d.text
+        if self.thinking is not None:
+            thought, text = self.thinking.push(text)
+            if d.finish_reason:
+                more_thought, more_text = self.thinking.finish()
+                thought, text = thought + more_thought, text + more_text
+        delta = {"reasoning_content": thought, "reasoning": thought} if thought else {}
         if self.tools is None:
-            return ({"content": d.text} if d.text else {}), d.finish_reason
-        content, calls = self.tools.push(d.text)
+            return delta | ({"content": text} if text else {}), d.finish_reason
+        content, calls = self.tools.push(text)
         if d.finish_reason:
             more, last = self.tools.finish()
             content, calls = content + more, calls + last
-        delta = ({"content": content} if content else {}) | ({"tool_calls": calls} if calls else {})
+        delta |= ({"content": content} if content else {}) | ({"tool_calls": calls} if calls else {})
         return delta, self.tools.finish_reason(d.finish_reason)
 
     def usage(self, totals: Totals | list[Totals], jobs: list[Job] | None = None) -> str:
