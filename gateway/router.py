@@ -153,7 +153,7 @@ class Router:
                     if not await self._alive(token_svc):  # the KV had nowhere to go: its target died
                         raise TokenServiceLost(f"token service {token_svc.id} died during prefill") from exc
                     raise
-                if self.homes and req.prompt_logprobs is None:  # a prompt scored is not cached
+                if self.homes:  # a prompt scored looks nothing up, but its blocks are kept all the same
                     if holders[-1].id == home:
                         PREFIX_ROUTED.inc()
                     self.homes.record(run.prompt_ids, holders[-1].id)  # the service that prefilled it

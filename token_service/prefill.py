@@ -24,9 +24,9 @@ blocks are copied into its own blocks in the engine thread just before the forwa
 shared with another sequence, so replication, aborts and frees are as for any prefill), and the
 whole blocks each chunk completes that the cache lacks are copied out just after it, into the
 cache as the step ends. The chunks then start at the hit, not on the grid of point 2, and the KV
-is still the same to the bit on CPU (engine/prefix_cache.py, MIN_COMPUTED), so a re-prefill
-with or without a hit of its own still computes the KV of the first prefill. With prompt logprobs (echo with logprobs) every prompt token is scored, so
-nothing is looked up.
+is still the same to the bit on CPU (engine/prefix_cache.py, MIN_COMPUTED), so a re-prefill with
+or without a hit of its own still computes the KV of the first prefill. A prompt scored (echo
+with logprobs) computes every token, so looks nothing up; its blocks are kept all the same.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class PrefillQueue:
             n = min(job.num_tokens - start, self.budget)
             if n > left:
                 break
-            if not job.started and job.keys is not None:
+            if not job.started and job.keys is not None and job.req.prompt_logprobs is None:
                 self.cache.used(job.keys, job.num_tokens, len(prefix))
                 job.cached = start
             job.done, job.started = start, job.started or time.perf_counter()
@@ -122,12 +122,13 @@ class PrefillQueue:
         return chunks
 
     def _find(self, job: PrefillJob) -> list[torch.Tensor]:
-        """The prefix cache's hit for a job that has not started (none with prompt logprobs)."""
-        if self.cache is None or job.req.prompt_logprobs is not None:
+        """The prefix cache's hit for a job that has not started (none with prompt logprobs, whose
+        every token is scored: its blocks are still kept, as they are computed)."""
+        if self.cache is None:
             return []
         if job.keys is None:
             job.keys = block_keys(job.req.prompt_ids, self.cache.block_size)
-        return self.cache.find(job.keys, job.num_tokens)
+        return self.cache.find(job.keys, job.num_tokens) if job.req.prompt_logprobs is None else []
 
     def _keep(self, job: PrefillJob, start: int, end: int) -> list[int]:
         """The whole blocks that prompt tokens [start, end) complete and the prefix cache will take."""

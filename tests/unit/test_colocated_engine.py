@@ -191,8 +191,8 @@ async def test_a_prompt_sharing_a_prefix_computes_only_the_rest_and_gets_the_sam
     looks them up anew at each step until it starts: in the step of a's last chunk it finds both
     and computes its own 9 tokens only, after it. The bits of the shared blocks are a's, and all
     of its KV is what a service without a cache computes; both first tokens equal HF's. Later "b"
-    again reuses its own blocks; "c", echo with logprobs, scores every token, so reuses nothing.
-    Every block comes back."""
+    again reuses its own blocks; "c", echo with logprobs, scores every token, so reuses nothing,
+    but what such a prompt ("d") computes is kept for the next ("e"). Every block comes back."""
     from engine.prefix_cache import HIT_TOKENS
 
     generator = torch.Generator().manual_seed(7)
@@ -230,7 +230,17 @@ async def test_a_prompt_sharing_a_prefix_computes_only_the_rest_and_gets_the_sam
             target_service_id="token-test", target_kv_address="")), 30)
         assert len(scored.first.prompt_logprobs) == len(a) - 1 and [s[0] for s in sizes] == [(0, 16), (16, 16), (32, 8)]
         assert HIT_TOKENS._value.get() - before == 64 and scored.first.cached_tokens == 0
-        for rid in ("a", "b", "b-again", "c"):
+        # a prompt scored looks nothing up, but the blocks it computes are kept for the next one
+        engine.abort("b-again")
+        engine.abort("c")
+        d = torch.randint(3, 49152, (40,), generator=generator).tolist()
+        engine.reserve(ReserveRequest(request_id="d", prompt_tokens=len(d), max_tokens=8))
+        await asyncio.wait_for(engine.prefill(PrefillRequest(
+            request_id="d", prompt_ids=d, sampling=SamplingParams(max_tokens=8), prompt_logprobs=0,
+            target_service_id="token-test", target_kv_address="")), 30)
+        after_d = await asyncio.wait_for(prefill(engine, "e", d[:32] + [5, 6, 7]), 30)
+        assert after_d.first.cached_tokens == 32
+        for rid in ("a", "b", "d", "e"):
             engine.abort(rid)
         plain.abort("b")
         assert engine.blocks.num_used == plain.blocks.num_used == 0 and not engine.scheduler.seqs
