@@ -65,7 +65,7 @@ class PrefixCache:
     def find(self, keys: list[bytes], num_tokens: int) -> list[torch.Tensor]:
         """lookup's hit for a prompt of `num_tokens` whose block keys are `keys`, changing nothing."""
         hit = []
-        for key in keys[:(num_tokens - MIN_COMPUTED) // self.block_size]:
+        for key in keys[:max(num_tokens - MIN_COMPUTED, 0) // self.block_size]:
             block = self.blocks.get(key)
             if block is None:
                 break

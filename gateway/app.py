@@ -126,8 +126,16 @@ def reasoning_parser(settings: GatewaySettings, tokenizer) -> tuple[str, bool]:
     parser = settings.reasoning_parser
     if parser == "auto":
         parser = reasoning.parser_for(_template(tokenizer))
-    special = {reasoning.START, reasoning.END} & set(getattr(tokenizer, "all_special_tokens", []))
-    return parser, parser != "none" and bool(special)
+    return parser, parser != "none" and any(_special(tokenizer, tag) for tag in (reasoning.START, reasoning.END))
+
+
+def _special(tokenizer, token: str) -> bool:
+    """A special token, which decoding skips: listed as one, or an added token marked special."""
+    if token in getattr(tokenizer, "all_special_tokens", []):
+        return True
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    return token_id in added and added[token_id].content == token and added[token_id].special  # not unk's
 
 
 def _template(tokenizer) -> str:

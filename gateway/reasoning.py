@@ -3,13 +3,16 @@ between <think> and </think> is the message's `reasoning_content` (and `reasonin
 vLLM uses now), the rest its `content`, streamed or not, as vLLM's and SGLang's reasoning parsers
 give them (DeepSeek-R1, QwQ, Qwen3).
 
-Where the output starts is read off the prompt, not guessed from the model's name: a chat template
-that ends the prompt inside an open <think> (DeepSeek-R1's, Qwen3-Thinking's) makes the output
-start as reasoning; otherwise a <think> at the very start of the output opens it (Qwen3 writing
-its own), and an output without one is all answer (Qwen3 with enable_thinking false, whose
-template writes an empty think block into the prompt). An output cut short inside its thinking
-is all reasoning and no content. Whitespace at either end of the reasoning and at the start of the
-answer is dropped (Qwen3 writes "<think>\n...\n</think>\n\n").
+Where the output starts is read off the prompt, not guessed from the model's name: a generation
+prompt that ends with an open <think> (DeepSeek-R1's, Qwen3-Thinking's templates) makes the output
+start as reasoning (a <think> the model writes again is dropped); otherwise a <think> at the very
+start of the output opens it (Qwen3 writing its own), and an output without one is all answer, left
+as it is (Qwen3 with enable_thinking false, whose template writes an empty think block into the
+prompt). With continue_final_message, the assistant's message being continued says it. An output
+cut short inside its thinking is all reasoning and no content. Whitespace at either end of the
+reasoning and at the start of an answer after it is dropped (Qwen3 writes
+"<think>\n...\n</think>\n\n"). A request held to a grammar (structured output, a forced tool
+call) is all answer: the grammar holds it from the first token (gateway/jobs.py).
 
 The split is made in the gateway on the text after stop strings, like tool calls
 (gateway/tools.py, which then reads the answer only), so a failover resumes thinking as exactly as
@@ -27,19 +30,23 @@ def parser_for(template: str) -> str:
     return "qwen3" if END in (template or "") else "none"
 
 
-def opens_thinking(tokenizer, prompt_ids: list[int]) -> bool:
-    """Whether the prompt ends inside an open <think> (its template started the thinking)."""
-    tail = tokenizer.decode(prompt_ids[-32:], skip_special_tokens=False)
-    return tail.rfind(START) > tail.rfind(END)
+def opens_thinking(tokenizer, prompt_ids: list[int], continued: str | None = None) -> bool:
+    """Whether the output starts inside the thinking: the generation prompt ends with <think>
+    (its template started it), or, continuing the assistant's message `continued`, that message
+    has a <think> it did not close. (Not any <think> in the prompt: a user may ask about the tag.)"""
+    if continued is not None:
+        return continued.rfind(START) > continued.rfind(END)
+    return tokenizer.decode(prompt_ids[-8:], skip_special_tokens=False).rstrip().endswith(START)
 
 
 class Thinking:
     """Reads an output's text, piece by piece, into (reasoning, content) to send now."""
 
     def __init__(self, open_: bool):
-        self.state = "reasoning" if open_ else "start"  # start: a <think> may still open the output
+        self.state = "start"  # a <think> may still open the output (dropped, if the prompt opened it already)
+        self.otherwise = "reasoning" if open_ else "content"  # what the output is if it does not
         self.buf = ""      # text held back: what may be the start of a tag, or whitespace at the end of reasoning
-        self.lead = True   # at the start of the reasoning or of the answer: whitespace is dropped
+        self.lead = True   # at the start of the reasoning or of an answer after it: whitespace is dropped
 
     def push(self, text: str) -> tuple[str, str]:
         self.buf += text
@@ -52,7 +59,8 @@ class Thinking:
                     continue
                 if START.startswith(head):  # nothing yet, or the start of a <think>
                     return reasoning, content
-                self.state = "content"
+                self.state = self.otherwise
+                self.lead = self.state == "reasoning"  # an answer with no thinking is left as it is
             if self.state == "reasoning":
                 end = self.buf.find(END)
                 if end >= 0:
@@ -71,9 +79,12 @@ class Thinking:
     def finish(self) -> tuple[str, str]:
         """What is still held once the output has ended."""
         text, self.buf = self.buf, ""
+        if self.state == "start":  # a start of a <think> that never came
+            self.state = self.otherwise
+            self.lead = self.state == "reasoning"
         if self.state == "reasoning":
             return self._said(text.rstrip()), ""
-        return "", self._said(text)  # a start of a <think> that never came is answer
+        return "", self._said(text)
 
     def _said(self, text: str) -> str:
         if self.lead:

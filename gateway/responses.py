@@ -149,6 +149,8 @@ def chat_body(job: Job, totals: Totals, tokenizer) -> dict:
         message["content"], calls, finish = tools.read_whole(job.tools, message["content"], finish)
         if calls:
             message["tool_calls"] = calls
+    if job.thinking is not None and not message["content"]:  # all thinking: no answer, as vLLM's null
+        message["content"] = None
     return {"id": f"chatcmpl-{job.request_id}", "object": "chat.completion", "created": job.created,
             "model": job.model,
             "choices": [{"index": 0, "message": message, "finish_reason": finish,

@@ -385,9 +385,8 @@ class PrefillEngine:
             return
         for (job, _), event in zip(ended, events):
             job.first, job.computed_at, job.pool, job.kept = first_event(job.req.sampling, event), done, None, None
-            job.first = job.first.model_copy(update={"cached_tokens": job.cached})
-            if job.req.prompt_logprobs is not None:
-                job.first = job.first.model_copy(update={"prompt_logprobs": job.prompt_logprobs})
+            scores = {"prompt_logprobs": job.prompt_logprobs} if job.req.prompt_logprobs is not None else {}
+            job.first = job.first.model_copy(update={"cached_tokens": job.cached, **scores})
             loop.call_soon(job.outbox.put_nowait, None)  # after every message: the sender may answer
         for job, blocks in copies:
             self.cache.insert(job.keys, blocks)

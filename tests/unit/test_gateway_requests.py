@@ -454,3 +454,25 @@ def test_vllms_chat_template_fields_shape_the_prompt(tokenizer):
         with pytest.raises(BadRequest) as info:
             prompt(**fields)
         assert info.value.param == param, fields
+
+
+def test_usage_counts_each_prompt_and_its_cached_tokens_once_over_its_choices(tokenizer):
+    """Two prompts, n = 2: prompt tokens and cached tokens (OpenAI's prompt_tokens_details, as the
+    first token's event says) once a prompt, from its first choice; completion tokens every choice's."""
+    from common.protocol import TokenEvent
+    from gateway.responses import Totals, usage, usage_of
+
+    jobs = completion_jobs(CompletionRequest(prompt=["one two three", "four"], n=2, max_tokens=3), tokenizer,
+                           limits_of(tokenizer, 128))
+    assert [j.choice for j in jobs] == [0, 1, 0, 1]
+
+    def totals(cached: int | None, n: int) -> Totals:
+        return Totals(tokens=[TokenEvent(request_id="r", index=i, token_id=5, cached_tokens=cached if i == 0 else None)
+                              for i in range(n)])
+
+    done = [totals(16, 3), totals(32, 2), totals(None, 1), totals(0, 3)]
+    prompts = len(jobs[0].prompt_ids) + len(jobs[2].prompt_ids)
+    assert usage_of(jobs, done) == {"prompt_tokens": prompts, "completion_tokens": 9, "total_tokens": prompts + 9,
+                                    "prompt_tokens_details": {"cached_tokens": 16}}
+    assert usage(jobs[1], done[1])["prompt_tokens_details"] == {"cached_tokens": 32}
+    assert usage(jobs[0], Totals())["prompt_tokens_details"] == {"cached_tokens": 0}  # echo alone: no token

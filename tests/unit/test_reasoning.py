@@ -28,6 +28,9 @@ CASES = [  # (the prompt left a <think> open, output text, reasoning, content)
     (True, "a\n\n  \nb \n</think>", "a\n\n  \nb", ""),
     (True, "</think>answer </think> ", "", "answer </think> "),                          # the first one closes it
     (False, "", "", ""),
+    (False, "    return 1\n", "", "    return 1\n"),                                   # no thinking: left as it is
+    (True, "<think>\nHmm.\n</think>\nYes", "Hmm.", "Yes"),                            # a <think> again: dropped
+    (True, "  <thi", "<thi", ""),
 ]
 
 
@@ -55,6 +58,11 @@ def test_the_prompt_says_whether_the_output_starts_inside_the_thinking(tokenizer
     assert reasoning.opens_thinking(tokenizer, ids("<|im_start|>assistant\n<think>\n"))
     assert not reasoning.opens_thinking(tokenizer, ids("<|im_start|>assistant\n<think>\n\n</think>\n\n"))
     assert not reasoning.opens_thinking(tokenizer, ids("<|im_start|>assistant\n"))
+    asked = "<|im_start|>user\nWhat does the <think> tag do?<|im_end|>\n<|im_start|>assistant\n"
+    assert not reasoning.opens_thinking(tokenizer, ids(asked))  # a <think> the user wrote opens nothing
+    # continue_final_message: the assistant's message being continued says it, however long
+    assert reasoning.opens_thinking(tokenizer, ids("long " * 60), "<think>\n" + "long " * 60)
+    assert not reasoning.opens_thinking(tokenizer, ids("x"), "<think>a</think>\n\nThe answer")
     assert reasoning.parser_for("{{ '<think>' }}...{{ '</think>' }}") == "qwen3"
     assert reasoning.parser_for(tokenizer.chat_template) == "none"  # SmolLM2 does not think
 
@@ -103,7 +111,27 @@ def test_a_chat_answer_and_its_stream_carry_the_reasoning_and_the_calls_after_it
     body = chat_body(off, Totals(text=["It is sunny."], tokens=[event], finish_reason="stop"), own)
     assert body["choices"][0]["message"] | {"role": "assistant"} == {
         "role": "assistant", "content": "It is sunny.", "reasoning_content": None, "reasoning": None}
+    for held in ({"tools": [fn], "tool_choice": "required"}, {"response_format": {"type": "json_object"}}):
+        [forced] = chat_jobs(ChatRequest(messages=hi, **held), own, limits)  # a grammar from the first token
+        assert forced.sampling.grammar and forced.thinking is None, held
     [plain] = chat_jobs(ChatRequest(messages=hi), own, base)
     assert plain.thinking is None
     message = chat_body(plain, totals, own)["choices"][0]["message"]
     assert message["content"] == text and "reasoning_content" not in message
+
+
+def test_think_tags_that_decoding_skips_are_kept_in_the_text(tokenizer):
+    """Tags added as special tokens (in added_tokens_decoder, not only the special-tokens map) are
+    found, so the text the parser reads keeps them."""
+    from tokenizers import AddedToken
+
+    from common.settings import GatewaySettings
+    from gateway.app import reasoning_parser
+
+    settings = GatewaySettings(reasoning_parser="qwen3")
+    assert reasoning_parser(settings, tokenizer) == ("qwen3", False)
+    own = deepcopy(tokenizer)
+    own.add_tokens([AddedToken("<think>", special=True), AddedToken("</think>", special=True)])
+    assert own.decode(own("a<think>b</think>c")["input_ids"], skip_special_tokens=True) == "abc"
+    assert reasoning_parser(settings, own) == ("qwen3", True)
+    assert reasoning_parser(GatewaySettings(reasoning_parser="none"), own) == ("none", False)
