@@ -11,7 +11,8 @@ Step by step:
    loaded one only: with several services and --concurrency conversations at once, what the
    routing adds to the cache.
 2. A conversation: a system prompt of about --system-tokens tokens, unique to it (no conversation
-   reuses another's KV), then --turns user turns; each turn sends every message so far (its
+   reuses another's KV; with --shared-system, the conversations of a round share one, as the users
+   of one assistant do), then --turns user turns; each turn sends every message so far (its
    answers included, as a chat client does), greedy, --max-tokens out, streamed; its TTFT is the
    time to the first streamed token.
 3. One conversation on each cluster unrecorded, then --repeats rounds of --concurrency
@@ -63,10 +64,12 @@ def turn(client: httpx.Client, url: str, messages: list[dict], max_tokens: int) 
     return first, "".join(text)
 
 
-def conversation(cluster, args, seed: int) -> list[float]:
-    """The TTFT of each turn of one conversation, in seconds."""
+def conversation(cluster, args, seed: int, system_seed: int | None = None) -> list[float]:
+    """The TTFT of each turn of one conversation, in seconds (its system prompt drawn from
+    `system_seed` where given: conversations that share it share their system prompt)."""
     rng = random.Random(seed)
-    messages = [{"role": "system", "content": system_prompt(rng, args.system_tokens)}]
+    system = system_prompt(random.Random(system_seed) if system_seed is not None else rng, args.system_tokens)
+    messages = [{"role": "system", "content": system}]
     ttfts = []
     with httpx.Client(timeout=600) as client:
         for _ in range(args.turns):
@@ -86,8 +89,9 @@ def reused(cluster, args) -> float:
 def round_of(cluster, args, seed: int) -> dict:
     """--concurrency conversations at once: their TTFTs, and the prompt tokens reused meanwhile."""
     before = reused(cluster, args)
+    shared = seed if args.shared_system else None  # one system prompt for the round's conversations
     with ThreadPoolExecutor(args.concurrency) as pool:
-        ttfts = list(pool.map(lambda i: conversation(cluster, args, seed * 1000 + i), range(args.concurrency)))
+        ttfts = list(pool.map(lambda i: conversation(cluster, args, seed * 1000 + i, shared), range(args.concurrency)))
     return {"first_turn_s": [t[0] for t in ttfts], "later_turns_s": [x for t in ttfts for x in t[1:]],
             "reused_tokens": reused(cluster, args) - before}
 
@@ -101,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-tokens", type=int, default=24, help="tokens of each answer")
     p.add_argument("--repeats", type=int, default=3, help="rounds of conversations on each cluster, alternated")
     p.add_argument("--concurrency", type=int, default=1, help="conversations at once in a round")
+    p.add_argument("--shared-system", action="store_true",
+                   help="the conversations of a round share one system prompt (many users of one assistant)")
     p.add_argument("--services", type=int, default=1, help="prompt services (with --colocated: token services)")
     p.add_argument("--cache-mib", type=int, default=1024, help="--prefix-cache-mib of the cached cluster")
     p.add_argument("--colocated", action="store_true", help="colocated clusters: token services prefill")
