@@ -173,10 +173,11 @@ def chat_jobs(body: ChatRequest, tokenizer, limits: Limits) -> list[Job]:
     ids = _truncated(body, list(out["input_ids"] if hasattr(out, "keys") else out), limits)
     jobs = [_job(body, ids, limits, limits.chat_max_tokens, body.logprobs_k, "", "messages", choice=i)
             for i in range(body.n)]
-    thinking = None  # a grammar holds the output from its first token: no thinking, all answer
-    if limits.reasoning_parser != "none" and not jobs[0].sampling.grammar:
+    thinking = None
+    if limits.reasoning_parser != "none":  # a grammar holds the output from its first token: not inside a <think>
         continued = messages[-1]["content"] if body.continue_final_message else None
-        thinking = reasoning.opens_thinking(tokenizer, ids, continued if isinstance(continued, str) else None)
+        thinking = not jobs[0].sampling.grammar and reasoning.opens_thinking(
+            tokenizer, ids, continued if isinstance(continued, str) else None)
     for job in jobs:
         job.tools = plan if plan and plan.mode != "none" else None
         job.thinking = thinking

@@ -11,8 +11,9 @@ as it is (Qwen3 with enable_thinking false, whose template writes an empty think
 prompt). With continue_final_message, the assistant's message being continued says it. An output
 cut short inside its thinking is all reasoning and no content. Whitespace at either end of the
 reasoning and at the start of an answer after it is dropped (Qwen3 writes
-"<think>\n...\n</think>\n\n"). A request held to a grammar (structured output, a forced tool
-call) is all answer: the grammar holds it from the first token (gateway/jobs.py).
+"<think>\n...\n</think>\n\n"). The output of a request held to a grammar (structured output, a
+forced tool call) starts outside any <think> whatever the prompt says: the grammar holds it from
+its first token (gateway/jobs.py), so it is all answer unless the grammar itself writes one.
 
 The split is made in the gateway on the text after stop strings, like tool calls
 (gateway/tools.py, which then reads the answer only), so a failover resumes thinking as exactly as

@@ -113,7 +113,11 @@ def test_a_chat_answer_and_its_stream_carry_the_reasoning_and_the_calls_after_it
         "role": "assistant", "content": "It is sunny.", "reasoning_content": None, "reasoning": None}
     for held in ({"tools": [fn], "tool_choice": "required"}, {"response_format": {"type": "json_object"}}):
         [forced] = chat_jobs(ChatRequest(messages=hi, **held), own, limits)  # a grammar from the first token
-        assert forced.sampling.grammar and forced.thinking is None, held
+        assert forced.sampling.grammar and forced.thinking is False, held
+        if "tools" in held:  # its calls are read from the answer, not taken for thinking
+            called = chat_body(forced, Totals(text=['[{"name": "weather", "parameters": {}}]'], tokens=[event],
+                                              finish_reason="stop"), own)["choices"][0]
+            assert called["finish_reason"] == "tool_calls" and called["message"]["reasoning_content"] is None
     [plain] = chat_jobs(ChatRequest(messages=hi), own, base)
     assert plain.thinking is None
     message = chat_body(plain, totals, own)["choices"][0]["message"]
