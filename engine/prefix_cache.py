@@ -6,8 +6,9 @@ request resumed by re-prefill) computes only the rest. Prompt services use it
 A block is --block-size prompt tokens; it is found by a hash of its tokens and of every token
 before it (a chain, as vLLM's), so a block's KV is only ever reused behind the same prefix. Only
 whole blocks are kept, and a prompt always computes at least its last MIN_COMPUTED tokens (the
-first output token is drawn from the last one's logits; see MIN_COMPUTED for why two). The blocks are kept least recently used first out, up to
---prefix-cache-mib; a chain's first blocks are touched last, so its tail goes before its head.
+first output token is drawn from the last one's logits; see MIN_COMPUTED for why two). The blocks
+are kept least recently used first out, up to --prefix-cache-mib; a chain's first blocks are
+touched last, so its tail goes before its head.
 One prompt takes at most half the cache (its first blocks), so that one long prompt does not flush
 the prefixes others share. The cache is read and changed on the service's event loop only; the
 copies into and out of it run in the engine thread, in the forward's own call, so that taking

@@ -29,11 +29,11 @@ from common.protocol import ServiceKind, cluster_fingerprint, cluster_status
 from common.service import (API_KEYS, BodyLimit, ClosingStreamingResponse, RequireSecret, add_health_and_metrics,
                             cluster_headers, registered, request_id_var)
 from common.settings import GatewaySettings
+from gateway import reasoning
 from gateway.jobs import IN_FLIGHT, REQUESTS, Delta, Job, Limits, chat_jobs, completion_jobs, deltas, text_chars
 from gateway.openai_types import ChatRequest, CompletionRequest
 from gateway.responses import ChunkWriter, Totals, chat_body, completion_body, merged_body, sse
 from gateway.router import Router
-from gateway import reasoning
 from gateway.tools import parser_for
 
 log = logging.getLogger(__name__)

@@ -37,6 +37,12 @@ class IncrementalDetokenizer:
         return text
 
 
+def tag_start(text: str, tag: str) -> int:
+    """How many characters at the end of `text` could be the start of `tag` (held back until the
+    next piece says whether the tag came)."""
+    return next((k for k in range(len(tag) - 1, 0, -1) if text.endswith(tag[:k])), 0)
+
+
 class StopStrings:
     """Holds back the longest tail of the text that could still grow into a stop string."""
 

@@ -22,8 +22,9 @@ any text; streamed pieces add up to the whole answer's for any chunking of the t
 
 from __future__ import annotations
 
+from gateway.detokenizer import tag_start
+
 START, END = "<think>", "</think>"
-PARSERS = ("auto", "deepseek_r1", "qwen3", "none")  # deepseek_r1 and qwen3 read alike (see above)
 
 
 def parser_for(template: str) -> str:
@@ -60,15 +61,14 @@ class Thinking:
                     continue
                 if START.startswith(head):  # nothing yet, or the start of a <think>
                     return reasoning, content
-                self.state = self.otherwise
-                self.lead = self.state == "reasoning"  # an answer with no thinking is left as it is
+                self._settle()
             if self.state == "reasoning":
                 end = self.buf.find(END)
                 if end >= 0:
                     reasoning += self._said(self.buf[:end].rstrip())
                     self.state, self.buf, self.lead = "content", self.buf[end + len(END):], True
                     continue
-                partial = next((k for k in range(len(END) - 1, 0, -1) if self.buf.endswith(END[:k])), 0)
+                partial = tag_start(self.buf, END)
                 safe = self.buf[:len(self.buf) - partial]
                 said = safe.rstrip()
                 self.buf = safe[len(said):] + self.buf[len(self.buf) - partial:]
@@ -81,11 +81,16 @@ class Thinking:
         """What is still held once the output has ended."""
         text, self.buf = self.buf, ""
         if self.state == "start":  # a start of a <think> that never came
-            self.state = self.otherwise
-            self.lead = self.state == "reasoning"
+            self._settle()
         if self.state == "reasoning":
             return self._said(text.rstrip()), ""
         return "", self._said(text)
+
+    def _settle(self) -> None:
+        """No <think> opens the output: it is what the prompt says (an answer with no thinking is
+        left as it is, whitespace and all)."""
+        self.state = self.otherwise
+        self.lead = self.state == "reasoning"
 
     def _said(self, text: str) -> str:
         if self.lead:

@@ -41,8 +41,8 @@ OWNER_WATCH_S = 45.0  # a finished request's replica is dropped by the gateway i
 #                       long (longer than the owner's own drop can take: a replica send in flight, then /drop)
 DROP_CONCURRENCY = 16  # replicas of a dead owner's finished requests dropped at a time
 RESERVE_TIMEOUT_S = 10.0  # a /reserve unanswered this long is given up (and aborted: it may have taken room)
-PREFIX_ROUTED = prometheus_client.Counter("dejavu_gateway_prefix_routed_total", "prompts sent to the service that prefilled their "
-                        "longest prefix last (--prefix-routing)")
+PREFIX_ROUTED = prometheus_client.Counter("dejavu_gateway_prefix_routed_total", "prompts sent to the service that "
+                                          "prefilled their longest prefix last (--prefix-routing)")
 
 
 class LeaseLapsed(UpstreamError):

@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass
 
 from common.errors import BadRequest
+from gateway.detokenizer import tag_start
 
 MAX_TOOLS = 128               # OpenAI's limit
 MAX_NAME_CHARS = 256
@@ -187,7 +188,7 @@ class Reader:
             return ("" if self.calls else "".join(self.raw)), []
         content, calls = "", []
         if self.inside:  # a call the model did not close (it ended, or ran out of tokens, maybe inside the tag)
-            cut = next((k for k in range(len(self.END) - 1, 0, -1) if self.buf.endswith(self.END[:k])), 0)
+            cut = tag_start(self.buf, self.END)
             if not self._hermes(self.buf[:len(self.buf) - cut], calls):
                 content = self._text(self.START + self.buf)
         else:
@@ -256,8 +257,7 @@ class Reader:
             if not self.inside:
                 at = self.buf.find(self.START)
                 if at < 0:
-                    keep = next((k for k in range(min(len(self.START) - 1, len(self.buf)), 0, -1)
-                                 if self.START.startswith(self.buf[-k:])), 0)
+                    keep = tag_start(self.buf, self.START)
                     content += self._text(self.buf[:len(self.buf) - keep])
                     self.buf = self.buf[len(self.buf) - keep:]
                     break
