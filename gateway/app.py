@@ -2,6 +2,7 @@
 
 GET  /v1/models
 POST /v1/completions, /v1/chat/completions   (stream or not)
+POST /v1/responses                           (OpenAI's Responses API, on chat: gateway/responses_api.py)
 GET  /health, /metrics
 GET  /cluster                                (every registered service and its lease: for operators)
 
@@ -23,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from common import metadata
-from common.errors import DejavuError, NotFound, error_body, install_error_handlers
+from common.errors import BadRequest, DejavuError, NotFound, error_body, install_error_handlers
 from common.model import context_length, eos_token_ids, load_tokenizer, model_fingerprint, resolve_model_path
 from common.protocol import ServiceKind, cluster_fingerprint, cluster_status
 from common.service import (API_KEYS, BodyLimit, ClosingStreamingResponse, RequireSecret, add_health_and_metrics,
@@ -32,7 +33,8 @@ from common.settings import GatewaySettings
 from gateway import reasoning
 from gateway.jobs import IN_FLIGHT, REQUESTS, Delta, Job, Limits, chat_jobs, completion_jobs, deltas, text_chars
 from gateway.openai_types import ChatRequest, CompletionRequest
-from gateway.responses import ChunkWriter, Totals, chat_body, completion_body, merged_body, sse
+from gateway.responses import CHAT, COMPLETION, ChunkWriter, Totals, merged_body, sse
+from gateway.responses_api import ResponsesForm, ResponsesRequest
 from gateway.router import Router
 from gateway.tools import parser_for
 
@@ -100,11 +102,21 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        return await serve(app, await _jobs(app, completion_jobs, body), request, chat=False)
+        return await serve(app, await _jobs(app, completion_jobs, body), request, COMPLETION)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        return await serve(app, await _jobs(app, chat_jobs, body), request, chat=True)
+        return await serve(app, await _jobs(app, chat_jobs, body), request, CHAT)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request):
+        """OpenAI's Responses API, on the chat machinery (gateway/responses_api.py)."""
+        form = ResponsesForm(body)
+        try:
+            jobs = await _jobs(app, chat_jobs, form.as_chat)
+        except BadRequest as exc:  # chat's words for what this API names otherwise
+            raise body.renamed(exc) from None
+        return await serve(app, jobs, request, form)
 
     @app.get("/cluster")
     async def cluster() -> dict:  # Redis down: Unavailable, a 503 with the OpenAI error body
@@ -184,23 +196,24 @@ class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
 
-async def serve(app: FastAPI, jobs: list[Job], request: Request, chat: bool):
-    """A request's answer: of its one job, or merged from its choices' (a batch of prompts, n > 1)."""
+async def serve(app: FastAPI, jobs: list[Job], request: Request, form):
+    """A request's answer, written as `form` says (responses.CHAT, COMPLETION, a ResponsesForm):
+    of its one job, or merged from its choices' (a batch of prompts, n > 1)."""
     if len(jobs) > 1:
-        return await _serve_choices(app, jobs, request, chat)
+        return await _serve_choices(app, jobs, request, form.chat)
     job = jobs[0]
     request_id_var.set(job.request_id)
-    await _start(app, job, chat)
+    await _start(app, job, form.name)
     gen = deltas(app.state.router, app.state.tokenizer, job)
     if not job.stream:
-        return await _with_cancellation(_collect(app, job, gen, chat), request)
+        return await _with_cancellation(_collect(app, job, gen, form), request)
     try:  # the first token before any header: routing errors still get their own status
         first = await _with_cancellation(anext(gen), request)
     except BaseException as exc:
         await gen.aclose()
         await _finish(app, job, None, exc)
         raise
-    stream = _stream(app, job, gen, first, chat)
+    stream = _stream(app, job, gen, first, form.writer(job, app.state.tokenizer))
 
     async def on_close() -> None:  # runs even if the client left before the body started
         await stream.aclose()
@@ -210,12 +223,12 @@ async def serve(app: FastAPI, jobs: list[Job], request: Request, chat: bool):
     return ClosingStreamingResponse(stream, on_close, media_type="text/event-stream")
 
 
-async def _start(app: FastAPI, job: Job, chat: bool) -> None:
+async def _start(app: FastAPI, job: Job, kind: str) -> None:
     """Record the request in Redis and count it in flight."""
     await app.state.store.create(job.request_id, {"prompt_tokens": len(job.prompt_ids), "status": "running",
                                                    "sampling": job.sampling.model_dump(), "stream": job.stream},
                                  wait_s=app.state.redis_grace_s)  # a Redis restart costs a pause, not a 503
-    log.info("%s: %d prompt tokens, max_tokens %d, stream %s", "chat" if chat else "completion",
+    log.info("%s: %d prompt tokens, max_tokens %d, stream %s", kind,
              len(job.prompt_ids), job.sampling.max_tokens, job.stream)
     app.state.active.add(job.request_id)
     IN_FLIGHT.set(len(app.state.active))
@@ -227,7 +240,7 @@ async def _serve_choices(app: FastAPI, jobs: list[Job], request: Request, chat: 
     and aborts the others; a stream starts once every choice has its first token."""
     log.info("%d choices: requests %s", len(jobs), ", ".join(job.request_id for job in jobs))
     for job in jobs:
-        await _start(app, job, chat)
+        await _start(app, job, "chat" if chat else "completion")
     gens = [deltas(app.state.router, app.state.tokenizer, job) for job in jobs]
 
     async def close_all(error: BaseException | None, totals: list[Totals] | None = None) -> None:
@@ -339,7 +352,7 @@ async def _stream_choices(app: FastAPI, jobs: list[Job], gens: list, firsts: lis
     yield sse("[DONE]")
 
 
-async def _collect(app: FastAPI, job: Job, gen, chat: bool) -> JSONResponse:
+async def _collect(app: FastAPI, job: Job, gen, form) -> JSONResponse:
     totals, error = Totals(), None
     try:
         async for delta in gen:
@@ -350,12 +363,14 @@ async def _collect(app: FastAPI, job: Job, gen, chat: bool) -> JSONResponse:
     finally:
         await gen.aclose()
         await _finish(app, job, totals, error)
-    return JSONResponse((chat_body if chat else completion_body)(job, totals, app.state.tokenizer))
+    return JSONResponse(form.body(job, totals, app.state.tokenizer))
 
 
-async def _stream(app: FastAPI, job: Job, gen, first, chat: bool):
+async def _stream(app: FastAPI, job: Job, gen, first, writer):
+    """The SSE body of a streamed request: `writer` (a ChunkWriter, an EventWriter) writes its
+    events from the deltas."""
     request_id_var.set(job.request_id)
-    writer, totals, error = ChunkWriter(job, app.state.tokenizer, chat), Totals(), None
+    totals, error = Totals(), None
     rest = with_keepalive(gen, KEEPALIVE_S)
     try:
         for chunk in writer.first(first):
@@ -369,12 +384,12 @@ async def _stream(app: FastAPI, job: Job, gen, first, chat: bool):
                 if (chunk := writer.delta(delta)) is not None:
                     yield chunk
             delta = await anext(rest, None)
-        if job.include_usage:
-            yield writer.usage(totals)
+        if end := writer.end(totals):
+            yield end
     except DejavuError as exc:
         error = exc
         log.warning("stream failed: %s", exc.message)
-        yield sse(exc.client_body(job.request_id))
+        yield writer.failed(exc)
     except BaseException as exc:  # client gone (cancelled) or a bug: record it, let it propagate
         error = exc
         raise
@@ -382,7 +397,8 @@ async def _stream(app: FastAPI, job: Job, gen, first, chat: bool):
         await rest.aclose()  # first: it may be waiting on gen in a task of its own
         await gen.aclose()
         await _finish(app, job, totals, error)
-    yield sse("[DONE]")
+    if done := writer.done():
+        yield done
 
 
 KEEPALIVE_S = 15.0  # a stream quiet this long gets an SSE comment (a failover's replay can take minutes)

@@ -49,6 +49,7 @@ class Thinking:
         self.otherwise = "reasoning" if open_ else "content"  # what the output is if it does not
         self.buf = ""      # text held back: what may be the start of a tag, or whitespace at the end of reasoning
         self.lead = True   # at the start of the reasoning or of an answer after it: whitespace is dropped
+        self.opened = False  # the output has been inside the thinking
 
     def push(self, text: str) -> tuple[str, str]:
         self.buf += text
@@ -57,7 +58,7 @@ class Thinking:
             if self.state == "start":
                 head = self.buf.lstrip()
                 if head.startswith(START):
-                    self.state, self.buf, self.lead = "reasoning", head[len(START):], True
+                    self.state, self.buf, self.lead, self.opened = "reasoning", head[len(START):], True, True
                     continue
                 if START.startswith(head):  # nothing yet, or the start of a <think>
                     return reasoning, content
@@ -90,7 +91,7 @@ class Thinking:
         """No <think> opens the output: it is what the prompt says (an answer with no thinking is
         left as it is, whitespace and all)."""
         self.state = self.otherwise
-        self.lead = self.state == "reasoning"
+        self.lead = self.opened = self.state == "reasoning"
 
     def _said(self, text: str) -> str:
         if self.lead:

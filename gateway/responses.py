@@ -7,6 +7,7 @@ import itertools
 import json
 from dataclasses import dataclass, field
 
+from common.errors import DejavuError
 from common.protocol import PromptLogprob, TokenEvent, TopLogprob
 from gateway import reasoning, tools
 from gateway.jobs import Delta, Job
@@ -158,6 +159,27 @@ def chat_body(job: Job, totals: Totals, tokenizer) -> dict:
             "usage": usage(job, totals)}
 
 
+@dataclass(frozen=True)
+class Form:
+    """How a completions or chat request's answer is written: whole (`body`) or as SSE chunks
+    (`writer`); gateway/responses_api.py has the Responses API's."""
+
+    name: str  # completion | chat
+
+    @property
+    def chat(self) -> bool:
+        return self.name == "chat"
+
+    def body(self, job: Job, totals: Totals, tokenizer) -> dict:
+        return (chat_body if self.chat else completion_body)(job, totals, tokenizer)
+
+    def writer(self, job: Job, tokenizer) -> ChunkWriter:
+        return ChunkWriter(job, tokenizer, self.chat)
+
+
+COMPLETION, CHAT = Form("completion"), Form("chat")
+
+
 def sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
@@ -223,6 +245,16 @@ class ChunkWriter:
             content, calls = content + more, calls + last
         delta |= ({"content": content} if content else {}) | ({"tool_calls": calls} if calls else {})
         return delta, self.tools.finish_reason(d.finish_reason)
+
+    def end(self, totals: Totals) -> str:
+        """What goes after the last delta: the usage chunk, where asked for."""
+        return self.usage(totals) if self.job.include_usage else ""
+
+    def failed(self, exc: DejavuError) -> str:
+        return sse(exc.client_body(self.job.request_id))
+
+    def done(self) -> str:
+        return sse("[DONE]")
 
     def usage(self, totals: Totals | list[Totals], jobs: list[Job] | None = None) -> str:
         """The usage chunk: of this job, or of every job of the request (`jobs`, with their totals)."""

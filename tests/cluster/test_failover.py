@@ -113,6 +113,36 @@ def test_seeded_sampling_is_identical_across_a_failover(cluster):
     assert_no_kv_held_on(cluster)
 
 
+def test_a_responses_api_stream_survives_a_token_service_failure(cluster):
+    """POST /v1/responses, streamed and seeded: the token service is killed mid-stream, and the
+    events go on to response.completed/incomplete with the clean run's text and usage."""
+    body = {"input": PROMPT, "max_output_tokens": 200, "temperature": 0.8, "seed": 5, "ignore_eos": True,
+            "stream": True}
+
+    def run(kill_after: int | None) -> tuple[str, dict]:
+        text, last = [], None
+        with httpx.stream("POST", cluster.url + "/v1/responses", json=body, timeout=120) as resp:
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    last = json.loads(line[6:])
+                    assert last["type"] != "response.failed", last
+                    if last["type"] == "response.output_text.delta":
+                        text.append(last["delta"])
+                        if len(text) == kill_after:
+                            cluster.kill(serving(cluster), signal.SIGKILL)
+        assert last["type"] == "response.incomplete"  # max_output_tokens reached
+        return "".join(text), last["response"]
+
+    clean, clean_response = run(None)
+    failed, response = run(40)
+    assert failed == clean and response["output"][0]["content"][0]["text"] == clean
+    counts = [{k: v for k, v in r["usage"].items() if k != "input_tokens_details"} for r in (response, clean_response)]
+    assert counts[0] == counts[1] and counts[0]["output_tokens"] == 200  # the prompt is cached the second time
+    assert metric(cluster.url, "dejavu_gateway_recoveries_total" + f'{{path="{cluster.path}"}}') == 1
+    assert_no_kv_held_on(cluster)
+
+
 def test_the_choices_of_one_request_survive_a_token_service_failure(cluster):
     """n = 2, seeded, streamed: each choice is a request of its own, so the one whose token service
     is killed resumes elsewhere while the other goes on; both texts are a clean run's."""

@@ -117,6 +117,7 @@ def with_raw(name: str, raw: bytes, body: dict | None = None) -> bytes:
 
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+RESPONSE = {"input": "Hi", "max_output_tokens": 2}
 JSON = "application/json"
 HOSTILE = [
     # (name, path, body, content type, status, param): each must be refused, with OpenAI's error body
@@ -213,6 +214,23 @@ HOSTILE = [
     ("a form", "/v1/completions", b"prompt=hi&max_tokens=2", "application/x-www-form-urlencoded", 400, None),
     ("multipart", "/v1/completions", b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nhi\r\n--b--\r\n',
      "multipart/form-data; boundary=b", 400, None),
+    # the Responses API: its fields echo back into the response, so nothing that is not JSON may pass
+    ("surrogate in responses input", "/v1/responses", with_raw("input", b'"\\ud800"', RESPONSE), JSON, 400, "input"),
+    ("surrogate in an input item", "/v1/responses",
+     with_raw("input", b'[{"role": "user", "content": [{"type": "input_text", "text": "\\udfff"}]}]', RESPONSE), JSON,
+     400, "input"),
+    ("NaN responses temperature", "/v1/responses", with_raw("temperature", b"NaN", RESPONSE), JSON, 400,
+     "temperature"),
+    ("Infinity in a tool's schema", "/v1/responses", with_raw("tools", b'[{"type": "function", "name": "f", '
+     b'"parameters": {"type": "object", "maximum": Infinity}}]', RESPONSE), JSON, 400, "tools"),
+    ("NaN in metadata", "/v1/responses", with_raw("metadata", b'{"k": NaN}', RESPONSE), JSON, 400, "metadata"),
+    ("input nested 10,000 deep", "/v1/responses", with_raw("input", nested(10_000), RESPONSE), JSON, 400, None),
+    ("an input item nested 900 deep", "/v1/responses", with_raw("input", b"[" + b'{"role": "user", "content": '
+     + nested(900) + b"}]", RESPONSE), JSON, 400, "input"),
+    ("10**30 max_output_tokens", "/v1/responses", json.dumps({**RESPONSE, "max_output_tokens": 10**30}).encode(), JSON,
+     400, "max_output_tokens"),
+    ("input of numbers", "/v1/responses", json.dumps({**RESPONSE, "input": [1, 2]}).encode(), JSON, 400, "input"),
+    ("empty responses body", "/v1/responses", b"", JSON, 400, None),
 ]
 
 

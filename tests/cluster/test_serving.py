@@ -416,3 +416,38 @@ def test_prompts_sharing_a_prefix_reuse_its_kv_and_still_equal_hf(tiny_cluster, 
     # the second prompt again: all its whole blocks but those in its last 2 tokens (MIN_COMPUTED)
     assert metric(url, "dejavu_prompt_prefix_cache_hits_total") - hits == reused + (len(second) - 2) // 16 * 16
     assert_no_kv_held(tiny_cluster)
+
+
+def test_the_responses_api_answers_as_chat_does_through_the_openai_sdk(tiny_cluster, tiny_oracle):
+    """POST /v1/responses (the openai SDK's `responses`): greedy, its output_text is the chat
+    answer to the same conversation, which equals HF generate on the chat template's prompt;
+    streamed (the SDK's stream helper, which checks the events' order) the same, with the same
+    usage."""
+    import openai
+
+    tok = tiny_oracle.tokenizer
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours."}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    want, n = tiny_oracle.text(ids, 16)
+    client = openai.OpenAI(base_url=tiny_cluster.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0)
+    assert chat.choices[0].message.content == want
+    whole = client.responses.create(model=model, instructions="Be brief.", input="Name three colours.",
+                                    max_output_tokens=16, temperature=0)
+    assert whole.output_text == want and whole.id.startswith("resp_") and whole.object == "response"
+    assert (whole.usage.input_tokens, whole.usage.output_tokens) == (len(ids), n)
+    assert whole.status == ("incomplete" if n == 16 else "completed")
+    with client.responses.stream(model=model, instructions="Be brief.", max_output_tokens=16, temperature=0,
+                                 input=[{"role": "user", "content": [{"type": "input_text",
+                                                                      "text": "Name three colours."}]}]) as stream:
+        events = list(stream)
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == want
+    last = events[-1]  # what the SDK's stream helper made of the last event: the response, whole
+    assert last.type == ("response.incomplete" if n == 16 else "response.completed")
+    assert last.response.output_text == want and last.response.usage.output_tokens == n
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=model, input="Hi", previous_response_id="resp_123")
+    assert err.value.body["param"] == "previous_response_id"
+    assert_no_kv_held(tiny_cluster)

@@ -1,0 +1,526 @@
+"""OpenAI's Responses API (POST /v1/responses), served by the chat machinery.
+
+A request is translated into a chat request (`ResponsesRequest.chat_request`): `instructions` is
+a system message; `input` a user message (a string) or a list of items: messages (text parts),
+`function_call` items (an assistant's tool calls) and `function_call_output` items (a tool's
+answer); reasoning items are dropped (chat templates drop earlier turns' thinking).
+`max_output_tokens`, `temperature`, `top_p`, function `tools` (flat, as the Responses API writes
+them), `tool_choice`, `parallel_tool_calls`, `text.format` (structured output), `top_logprobs`
+and `reasoning.effort` (the chat template's `reasoning_effort`) carry over, with vLLM's sampling
+extensions (`seed`, `top_k`, `min_p`, penalties, `ignore_eos`, `min_tokens`,
+`chat_template_kwargs`). The answer is the same text, thinking and tool calls as chat's, as output
+items: a `reasoning` item, a `message` with one `output_text`, `function_call` items.
+
+Responses are not stored (`store` is answered false, as vLLM does by default), so
+`previous_response_id`, `conversation` and `item_reference` inputs are refused: send the
+conversation in `input`. Hosted tools (web search, files, code) and background mode are refused
+too; nothing asked for is silently ignored.
+
+Streamed, the events are OpenAI's (`event:` and `data:` lines, a `sequence_number` each):
+response.created, response.in_progress, then for each output item its output_item.added,
+content_part.added, ...delta events, ...done events, content_part.done, output_item.done, and at
+the end response.completed (or response.incomplete where max_output_tokens cut it short, or
+response.failed where serving failed). The final response equals the whole answer's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import uuid
+from typing import Any
+
+from pydantic import (BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError,
+                      model_validator)
+
+from common.errors import BadRequest, DejavuError
+from gateway import reasoning, tools
+from gateway.jobs import Delta, Job
+from gateway.openai_types import ChatRequest, _has_lone_surrogate
+from gateway.responses import Totals, cached_tokens, chat_logprobs
+
+Number = StrictFloat | StrictInt
+TEXT_PARTS = ("input_text", "output_text", "text")
+# vLLM's sampling extensions, passed to the chat request as they are
+EXTENSIONS = ("seed", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "ignore_eos",
+              "min_tokens", "chat_template_kwargs")
+# chat's names in its errors, and what this API calls them
+RENAMED = {"messages": "input", "max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
+           "response_format": "text", "logprobs": "top_logprobs"}
+NOT_STORED = ("responses are not stored on this server (as vLLM's by default): send the whole conversation in "
+              "'input' (earlier turns' messages, function calls and their outputs)")
+
+
+class ResponsesRequest(BaseModel):
+    """The body of POST /v1/responses. Unknown fields are ignored, as elsewhere."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr | None = None
+    input: StrictStr | list[Any] | None = None
+    instructions: StrictStr | None = None
+    max_output_tokens: StrictInt | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    top_logprobs: StrictInt | None = None
+    include: list[StrictStr] | None = None
+    stream: StrictBool = False
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: StrictBool | None = None
+    text: dict | None = None
+    reasoning: dict | None = None
+    metadata: dict[StrictStr, StrictStr] | None = None
+    user: StrictStr | None = None
+    store: StrictBool | None = None
+    service_tier: StrictStr | None = None
+    truncation: StrictStr | None = None
+    # refused unless unset (see the module's docstring)
+    previous_response_id: StrictStr | None = None
+    conversation: Any = None
+    background: StrictBool | None = None
+    prompt: Any = None
+    max_tool_calls: StrictInt | None = None
+    # vLLM's extensions
+    seed: StrictInt | None = None
+    top_k: StrictInt | None = None
+    min_p: Number | None = None
+    repetition_penalty: Number | None = None
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    ignore_eos: StrictBool = False
+    min_tokens: StrictInt | None = None
+    chat_template_kwargs: dict | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        if isinstance(data, dict):
+            for key, value in data.items():
+                name = key if key in cls.model_fields else None
+                if _has_lone_surrogate(key) or _has_lone_surrogate(value):
+                    raise BadRequest(f"'{name or 'a field'}' holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                                     "escape): not valid Unicode text", name)
+                if _has_non_finite(value):  # parsed from NaN or Infinity; echoed (tools, text) it would not be JSON
+                    raise BadRequest(f"'{name or 'a field'}' holds NaN or Infinity: not a JSON number", name)
+        return data
+
+    def chat_request(self) -> ChatRequest:
+        """The same request on chat; a 400 naming this API's field for anything it cannot be."""
+        for name, why in (("previous_response_id", NOT_STORED), ("conversation", NOT_STORED),
+                          ("prompt", "reusable prompts are not stored on this server: send the text in 'input'"),
+                          ("max_tool_calls", "not supported: limit the calls with 'parallel_tool_calls' false (one "
+                                             "call at most)")):
+            if getattr(self, name) is not None:
+                raise BadRequest(f"'{name}': {why}", name)
+        if self.background:
+            raise BadRequest("'background': not supported; stream the response instead", "background")
+        if self.truncation not in (None, "disabled"):
+            raise BadRequest(f"'truncation' = {self.truncation[:40]!r}: only 'disabled' is supported (a conversation "
+                             "longer than the context is a 400)", "truncation")
+        if self.max_output_tokens is not None and self.max_output_tokens < 1:
+            raise BadRequest(f"'max_output_tokens' = {self.max_output_tokens}: must be at least 1", "max_output_tokens")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 5:
+            raise BadRequest(f"'top_logprobs' = {self.top_logprobs}: must be between 0 and 5", "top_logprobs")
+        if self.metadata is not None and len(self.metadata) > 16:
+            raise BadRequest(f"'metadata' has {len(self.metadata)} keys: at most 16", "metadata")
+        body: dict[str, Any] = {"model": self.model, "messages": self._messages(), "stream": self.stream,
+                                "max_completion_tokens": self.max_output_tokens, "user": self.user,
+                                "temperature": self.temperature, "top_p": self.top_p,
+                                **{name: getattr(self, name) for name in EXTENSIONS}}
+        if self.stream:
+            body["stream_options"] = {"include_usage": True}
+        if self.logprobs_wanted:
+            body |= {"logprobs": True, "top_logprobs": self.top_logprobs or 0}
+        if self.tools:
+            body["tools"] = [_chat_tool(i, t) for i, t in enumerate(self.tools)]
+        if self.tool_choice is not None:
+            body["tool_choice"] = _chat_tool_choice(self.tool_choice)
+        if self.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = self.parallel_tool_calls
+        if (fmt := self._format()) is not None:
+            body["response_format"] = fmt
+        if (effort := self._effort()) is not None:
+            body["chat_template_kwargs"] = {"reasoning_effort": effort, **(self.chat_template_kwargs or {})}
+        try:
+            return ChatRequest(**body)
+        except ValidationError as exc:  # the items made messages chat cannot take
+            raise BadRequest(f"'input' is not a conversation this server can read: {exc.errors()[0]['msg']}",
+                             "input") from None
+
+    @property
+    def logprobs_wanted(self) -> bool:
+        return self.top_logprobs is not None or "message.output_text.logprobs" in (self.include or [])
+
+    def _messages(self) -> list[dict]:
+        messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        if self.input is None or self.input == "" or self.input == []:
+            raise BadRequest("'input' is required: a string, or a list of messages and items", "input")
+        if isinstance(self.input, str):
+            return messages + [{"role": "user", "content": self.input}]
+        for i, item in enumerate(self.input):
+            if not isinstance(item, dict):
+                raise BadRequest(f"input[{i}] must be an object: a message ({{'role': ..., 'content': ...}}) or an "
+                                 "item", "input")
+            kind = item.get("type", "message")
+            if kind == "message":
+                messages.append(_message(i, item))
+            elif kind == "function_call":
+                call = {"id": _string(i, item, "call_id"), "type": "function",
+                        "function": {"name": _string(i, item, "name"), "arguments": _string(i, item, "arguments")}}
+                last = messages[-1] if messages else None
+                if last is not None and last["role"] == "assistant" and (last.get("tool_calls") or not last["content"]
+                                                                         or last.get("calls_may_follow")):
+                    last.setdefault("tool_calls", []).append(call)  # a turn's calls in one assistant message
+                else:
+                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            elif kind == "function_call_output":
+                output = item.get("output")
+                text = output if isinstance(output, str) else _parts_text(i, output) if isinstance(output, list) else None
+                if text is None:
+                    raise BadRequest(f"input[{i}] (function_call_output) needs 'output': a string or text parts", "input")
+                messages.append({"role": "tool", "tool_call_id": _string(i, item, "call_id"), "content": text})
+            elif kind == "reasoning":  # an earlier turn's thinking: chat templates leave it out of the prompt
+                continue
+            elif kind == "item_reference":
+                raise BadRequest(f"input[{i}]: {NOT_STORED}", "input")
+            else:
+                raise BadRequest(f"input[{i}]: items of type {str(kind)[:40]!r} are not supported (message, "
+                                 "function_call, function_call_output and reasoning are)", "input")
+        for m in messages:
+            m.pop("calls_may_follow", None)
+        return messages
+
+    def _format(self) -> dict | None:
+        """text.format as chat's response_format."""
+        text = self.text or {}
+        fmt = text.get("format")
+        if fmt is None:
+            return None
+        if not isinstance(fmt, dict):
+            raise BadRequest("'text.format' must be {'type': 'text'}, {'type': 'json_object'} or {'type': "
+                             "'json_schema', 'name': ..., 'schema': {...}}", "text")
+        kind = fmt.get("type")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return {"type": "json_object"}
+        if kind == "json_schema":
+            if not isinstance(fmt.get("schema"), dict):
+                raise BadRequest("'text.format' of type json_schema needs 'schema': a JSON schema (an object)", "text")
+            return {"type": "json_schema", "json_schema": {"name": fmt.get("name") or "output", "schema": fmt["schema"]}}
+        raise BadRequest(f"'text.format' type {str(kind)[:40]!r}: must be 'text', 'json_object' or 'json_schema'", "text")
+
+    def _effort(self) -> str | None:
+        if self.reasoning is None:
+            return None
+        effort = self.reasoning.get("effort")
+        if effort is not None and effort not in ("none", "minimal", "low", "medium", "high", "xhigh"):
+            raise BadRequest(f"'reasoning.effort' = {str(effort)[:40]!r}: must be none, minimal, low, medium, high or "
+                             "xhigh", "reasoning")
+        return effort
+
+    def renamed(self, exc: BadRequest) -> BadRequest:
+        """Chat's 400 about the translated request, in this API's names."""
+        message = re.sub(r"\bmax_tokens\b", "max_output_tokens", exc.message)  # also "lower max_tokens"
+        for chat, ours in RENAMED.items():
+            message = message.replace(f"'{chat}'", f"'{ours}'")
+        out = type(exc)(message, RENAMED.get(exc.param, exc.param))
+        out.code = exc.code
+        return out
+
+
+def _has_non_finite(value) -> bool:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return True
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
+
+
+def _message(i: int, item: dict) -> dict:
+    role, content = item.get("role"), item.get("content")
+    if role not in ("user", "system", "developer", "assistant"):
+        raise BadRequest(f"input[{i}] has role {str(role)[:40]!r}: must be user, system, developer or assistant "
+                         "(a tool's answer is a function_call_output item)", "input")
+    text = content if isinstance(content, str) else _parts_text(i, content) if isinstance(content, list) else None
+    if text is None:
+        raise BadRequest(f"input[{i}] ({role}) needs 'content': a string or a list of text parts", "input")
+    return {"role": role, "content": text} | ({"calls_may_follow": True} if role == "assistant" else {})
+
+
+def _parts_text(i: int, parts: list) -> str:
+    out = []
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "refusal" and isinstance(part.get("refusal"), str):
+            out.append(part["refusal"])
+        elif kind in TEXT_PARTS and isinstance(part.get("text"), str):
+            out.append(part["text"])
+        else:
+            raise BadRequest(f"input[{i}] has a content part of type {str(kind)[:40]!r}: this model reads text only "
+                             "({'type': 'input_text', 'text': ...})", "input")
+    return "".join(out)
+
+
+def _string(i: int, item: dict, key: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str):
+        raise BadRequest(f"input[{i}] ({item.get('type')}) needs '{key}': a string", "input")
+    return value
+
+
+def _chat_tool(i: int, tool) -> dict:
+    """A Responses function tool ({"type": "function", "name", "description", "parameters",
+    "strict"}) as chat's; chat's own nested form is taken as it is."""
+    kind = tool.get("type") if isinstance(tool, dict) else None
+    if kind != "function":
+        raise BadRequest(f"tools[{i}] has type {str(kind)[:40]!r}: only 'function' tools are supported (this server "
+                         "runs no hosted tools)", "tools")
+    if "function" in tool:
+        return tool
+    return {"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters") if k in tool}}
+
+
+def _chat_tool_choice(choice):
+    if isinstance(choice, str):
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function" and "function" not in choice:
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        return choice
+    raise BadRequest("'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', 'name': ...}",
+                     "tool_choice")
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class ResponsesForm:
+    """How one /v1/responses request's answer is written: whole (`body`) or as events (`writer`)."""
+
+    name = "responses"
+
+    def __init__(self, request: ResponsesRequest):
+        self.request = request
+        self.as_chat = request.chat_request()  # the same request on chat, which serves it
+
+    def head(self, job: Job, status: str) -> dict:
+        """The response object, as it stands before any output."""
+        r = self.request
+        fmt = (r.text or {}).get("format") or {"type": "text"}
+        return {"id": f"resp_{job.request_id}", "object": "response", "created_at": job.created, "status": status,
+                "background": False, "error": None, "incomplete_details": None, "instructions": r.instructions,
+                "max_output_tokens": r.max_output_tokens, "max_tool_calls": None, "model": job.model, "output": [],
+                "parallel_tool_calls": r.parallel_tool_calls is not False, "previous_response_id": None,
+                "reasoning": {"effort": (r.reasoning or {}).get("effort"), "summary": None},
+                "service_tier": "default", "store": False,
+                "temperature": 1.0 if r.temperature is None else r.temperature,
+                "text": {"format": fmt}, "tool_choice": r.tool_choice if r.tool_choice is not None else "auto",
+                "tools": r.tools or [], "top_logprobs": r.top_logprobs, "top_p": 1.0 if r.top_p is None else r.top_p,
+                "truncation": "disabled", "usage": None, "user": r.user, "metadata": r.metadata or {}}
+
+    def body(self, job: Job, totals: Totals, tokenizer) -> dict:
+        """The whole response: what the stream of the same output ends with (its deltas replayed
+        through an EventWriter that writes no events), so the two cannot differ."""
+        writer = EventWriter(self, job, tokenizer, quiet=True)
+        pieces = list(zip(totals.text, ([t] for t in totals.tokens))) if len(totals.text) == len(totals.tokens) else [
+            ("".join(totals.text), totals.tokens)]
+        for i, (text, tokens) in enumerate(pieces):
+            writer.delta(Delta(text, tokens, totals.finish_reason if i == len(pieces) - 1 else None))
+        writer.end(totals)
+        return writer.response
+
+    def writer(self, job: Job, tokenizer) -> EventWriter:
+        return EventWriter(self, job, tokenizer)
+
+
+def _reasoning_item(item_id: str, text: str, status: str) -> dict:
+    return {"id": item_id, "type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": text}],
+            "status": status}
+
+
+def _text_part(text: str, logprobs: list | None) -> dict:
+    return {"type": "output_text", "text": text, "annotations": []} | ({} if logprobs is None else {"logprobs": logprobs})
+
+
+def _message_item(item_id: str, text: str, status: str, logprobs: list | None) -> dict:
+    return {"id": item_id, "type": "message", "status": status, "role": "assistant",
+            "content": [_text_part(text, logprobs)]}
+
+
+def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict:
+    return {"id": item_id, "type": "function_call", "call_id": call_id, "name": name, "arguments": arguments,
+            "status": status}
+
+
+class EventWriter:
+    """The server-sent events of one streamed response, with the interface of
+    responses.ChunkWriter (first, delta, end, failed, done): OpenAI's Responses events in place of
+    chat chunks. The text is split as chat's is (reasoning.Thinking, then tools.Reader); each kind
+    of text is an output item, opened when its first text comes and done when another kind's
+    comes or the output ends. A message's logprobs are those of the tokens up to its last text
+    (the thinking's tokens included, as chat's logprobs are); `quiet` writes no events, for
+    ResponsesForm.body."""
+
+    def __init__(self, form: ResponsesForm, job: Job, tokenizer, quiet: bool = False):
+        self.form, self.job, self.tokenizer, self.quiet = form, job, tokenizer, quiet
+        self.tools = tools.Reader(job.tools) if job.tools else None
+        self.thinking = reasoning.Thinking(job.thinking) if job.thinking is not None else None
+        self.sequence = 0
+        self.output: list[dict] = []   # the items done
+        self.open: dict | None = None  # the item being written: kind, item, index, text, logprobs
+        self.logprobs: list[dict] = []  # of tokens not yet sent with a text delta
+        self.reasoning_tokens = self.undecided = 0  # tokens of thinking; tokens before the output's start is known
+        self.response: dict | None = None  # the final response, once `end` has run
+
+    def _event(self, kind: str, **fields) -> str:
+        self.sequence += 1
+        if self.quiet:
+            return ""
+        payload = json.dumps({"type": kind, "sequence_number": self.sequence - 1, **fields})
+        return f"event: {kind}\ndata: {payload}\n\n"
+
+    def first(self, delta: Delta) -> list[str]:
+        head = self.form.head(self.job, "in_progress")
+        return [self._event("response.created", response=head), self._event("response.in_progress", response=head)]
+
+    def delta(self, d: Delta) -> str | None:
+        if self.form.request.logprobs_wanted:
+            self.logprobs += (chat_logprobs(self.tokenizer, d.tokens) or {"content": []})["content"]
+        thought, text = "", d.text
+        if self.thinking is not None:
+            before = self.thinking.state
+            thought, text = self.thinking.push(d.text)
+            if d.finish_reason:
+                more_thought, more_text = self.thinking.finish()
+                thought, text = thought + more_thought, text + more_text
+            self._count(before, len(d.tokens))
+        out = [self._reasoning(thought)] if thought else []
+        if self.tools is None:
+            out.append(self._text(text))
+        else:
+            content, calls = self.tools.push(text)
+            if d.finish_reason:
+                more, last = self.tools.finish()
+                content, calls = content + more, calls + last
+            out.append(self._text(content))
+            out += [self._call(c) for c in calls]
+        if d.finish_reason:
+            out.append(self._close("incomplete" if d.finish_reason == "length" else "completed"))
+        return "".join(out) or None
+
+    def _count(self, before: str, tokens: int) -> None:
+        """output_tokens_details.reasoning_tokens: a token is thinking if the thinking was open
+        when it came (the one that closes it too); tokens that came while the start was undecided
+        are counted once it is, if it opened."""
+        if before == "reasoning":
+            self.reasoning_tokens += tokens
+        elif before == "start":
+            if self.thinking.state == "start":
+                self.undecided += tokens
+                return
+            if self.thinking.opened:
+                self.reasoning_tokens += self.undecided + tokens
+            self.undecided = 0
+
+    def end(self, totals: Totals) -> str:
+        out = self._close("completed")  # where no delta said the output had ended
+        if not self.output:  # nothing at all (an EOS first): an empty message, as chat's empty content
+            out += self._start("message", {"id": _new_id("msg"), "type": "message", "status": "in_progress",
+                                           "role": "assistant", "content": []}, _text_part("", self._wanted([])))
+            out += self._close("incomplete" if totals.finish_reason == "length" else "completed")
+        cut = totals.finish_reason == "length"
+        n, prompt = len(totals.tokens), len(self.job.prompt_ids)
+        usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached_tokens(totals)},
+                 "output_tokens": n, "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
+                 "total_tokens": prompt + n}
+        self.response = self.form.head(self.job, "incomplete" if cut else "completed") | {
+            "output": self.output, "usage": usage, "incomplete_details": {"reason": "max_output_tokens"} if cut else None}
+        return out + self._event("response.incomplete" if cut else "response.completed", response=self.response)
+
+    def failed(self, exc: DejavuError) -> str:
+        error = exc.client_body(self.job.request_id)["error"]
+        response = self.form.head(self.job, "failed") | {
+            "output": self.output, "error": {"code": error.get("code") or "server_error", "message": error["message"]}}
+        return self._event("response.failed", response=response)
+
+    def done(self) -> str:
+        return ""  # no [DONE] on this API: response.completed (or .incomplete, .failed) is the last event
+
+    def _start(self, kind: str, item: dict, part: dict | None) -> str:
+        index = len(self.output)
+        self.open = {"kind": kind, "item": item, "index": index, "text": "", "logprobs": []}
+        out = self._event("response.output_item.added", output_index=index, item=item)
+        if part is not None:
+            out += self._event("response.content_part.added", item_id=item["id"], output_index=index,
+                               content_index=0, part=part)
+        return out
+
+    def _reasoning(self, text: str) -> str:
+        out = ""
+        if self.open is None or self.open["kind"] != "reasoning":
+            out += self._close("completed")
+            out += self._start("reasoning", {"id": _new_id("rs"), "type": "reasoning", "summary": [], "content": [],
+                                             "status": "in_progress"}, {"type": "reasoning_text", "text": ""})
+        self.open["text"] += text
+        return out + self._event("response.reasoning_text.delta", item_id=self.open["item"]["id"],
+                                 output_index=self.open["index"], content_index=0, delta=text)
+
+    def _text(self, text: str) -> str:
+        if not text:
+            return ""
+        out = ""
+        if self.open is None or self.open["kind"] != "message":
+            out += self._close("completed")
+            out += self._start("message", {"id": _new_id("msg"), "type": "message", "status": "in_progress",
+                                           "role": "assistant", "content": []}, _text_part("", self._wanted([])))
+        logprobs, self.logprobs = self.logprobs, []
+        self.open["text"] += text
+        self.open["logprobs"] += logprobs
+        return out + self._event("response.output_text.delta", item_id=self.open["item"]["id"],
+                                 output_index=self.open["index"], content_index=0, delta=text, logprobs=logprobs)
+
+    def _call(self, delta: dict) -> str:
+        """A tool-call delta of tools.Reader: a new call (with its id), or more of its arguments."""
+        out, arguments = "", delta["function"].get("arguments", "")
+        if "id" in delta:
+            out += self._close("completed")
+            out += self._start("call", _call_item(_new_id("fc"), delta["id"], delta["function"]["name"], "",
+                                                  "in_progress"), None)
+        if arguments:
+            self.open["text"] += arguments
+            out += self._event("response.function_call_arguments.delta", item_id=self.open["item"]["id"],
+                               output_index=self.open["index"], delta=arguments)
+        return out
+
+    def _close(self, status: str) -> str:
+        """The ...done events of the item being written; the item joins the output."""
+        if self.open is None:
+            return ""
+        kind, item, text = self.open["kind"], self.open["item"], self.open["text"]
+        ids = {"item_id": item["id"], "output_index": self.open["index"]}
+        if kind == "reasoning":
+            done = _reasoning_item(item["id"], text, status)
+            out = self._event("response.reasoning_text.done", **ids, content_index=0, text=text)
+            out += self._event("response.content_part.done", **ids, content_index=0, part=done["content"][0])
+        elif kind == "message":
+            done = _message_item(item["id"], text, status, self._wanted(self.open["logprobs"]))
+            out = self._event("response.output_text.done", **ids, content_index=0, text=text,
+                              logprobs=self.open["logprobs"])
+            out += self._event("response.content_part.done", **ids, content_index=0, part=done["content"][0])
+        else:
+            done = _call_item(item["id"], item["call_id"], item["name"], text, "completed")
+            out = self._event("response.function_call_arguments.done", **ids, name=item["name"], arguments=text)
+        self.open = None
+        self.output.append(done)
+        return out + self._event("response.output_item.done", output_index=ids["output_index"], item=done)
+
+    def _wanted(self, logprobs: list) -> list | None:
+        return logprobs if self.form.request.logprobs_wanted else None

@@ -1,0 +1,261 @@
+"""OpenAI's Responses API on the gateway (gateway/responses_api.py): what a request becomes on
+chat, what it refuses, and its answer, whole and streamed, read back by the official openai SDK
+(over an httpx transport that answers with our events: the SDK's own parsing and its stream
+helper's checks of the event order)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+from common.errors import BadRequest, ContextLengthExceeded, UpstreamError
+from common.model import load_tokenizer
+from common.protocol import TopLogprob
+from gateway.jobs import Limits, chat_jobs, deltas
+from gateway.openai_types import ChatRequest
+from gateway.responses import Totals
+from gateway.responses_api import ResponsesForm, ResponsesRequest
+from tests.unit.test_gateway_requests import Replay
+
+FN = {"type": "function", "name": "add", "description": "Adds", "parameters": {"type": "object", "properties": {
+    "a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(bundled_path):
+    return load_tokenizer(bundled_path)
+
+
+def limits_of(tokenizer, **fields) -> Limits:
+    return Limits(**{"model_name": "m", "max_model_len": 512, "vocab_size": len(tokenizer), "eos_ids": [2],
+                     "chat_max_tokens": 64, "max_token_chars": max(map(len, tokenizer.get_vocab())), **fields})
+
+
+def jobs_of(body: dict, tokenizer, limits: Limits):
+    request = ResponsesRequest(**body)
+    form = ResponsesForm(request)
+    try:
+        return form, chat_jobs(form.as_chat, tokenizer, limits)
+    except BadRequest as exc:
+        raise request.renamed(exc) from None
+
+
+def test_a_conversation_of_items_is_the_chat_it_stands_for(tokenizer):
+    """instructions, messages with text parts, a turn's function calls (one assistant message) and
+    their outputs (tool messages); a reasoning item is left out, as chat templates leave it."""
+    limits = limits_of(tokenizer, tool_parser="hermes")
+    items = [{"role": "user", "content": [{"type": "input_text", "text": "Add 1 and 2, "},
+                                          {"type": "input_text", "text": "then 3 and 4."}]},
+             {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "hm"}]},
+             {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "On it."}]},
+             {"type": "function_call", "call_id": "c1", "name": "add", "arguments": '{"a": 1, "b": 2}'},
+             {"type": "function_call", "call_id": "c2", "name": "add", "arguments": '{"a": 3, "b": 4}'},
+             {"type": "function_call_output", "call_id": "c1", "output": "3"},
+             {"type": "function_call_output", "call_id": "c2", "output": [{"type": "input_text", "text": "7"}]}]
+    form, [job] = jobs_of({"model": "m", "instructions": "Be brief.", "input": items, "tools": [FN],
+                           "max_output_tokens": 9, "temperature": 0.5, "top_p": 0.9, "seed": 7, "top_logprobs": 2},
+                          tokenizer, limits)
+    calls = [{"id": f"c{i}", "type": "function", "function": {"name": "add", "arguments": json.dumps(args)}}
+             for i, args in ((1, {"a": 1, "b": 2}), (2, {"a": 3, "b": 4}))]
+    chat = ChatRequest(model="m", messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 1 and 2, then 3 and 4."},
+        {"role": "assistant", "content": "On it.", "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "c1", "content": "3"}, {"role": "tool", "tool_call_id": "c2", "content": "7"}],
+        tools=[{"type": "function", "function": {k: FN[k] for k in ("name", "description", "parameters")}}],
+        max_completion_tokens=9, temperature=0.5, top_p=0.9, seed=7, logprobs=True, top_logprobs=2)
+    [expected] = chat_jobs(chat, tokenizer, limits)
+    assert job.prompt_ids == expected.prompt_ids
+    # the same messages reach the template (SmolLM2's writes no tool calls: compared before it)
+    assert [m.for_template() for m in form.as_chat.messages] == [m.for_template() for m in chat.messages]
+    s = job.sampling
+    assert (s.max_tokens, s.temperature, s.top_p, s.seed, s.logprobs) == (9, 0.5, 0.9, 7, 2)
+    assert job.tools.mode == "auto" and job.tools.names == {"add"}
+    assert form.head(job, "completed")["tools"] == [FN]  # echoed as given
+
+
+def test_a_string_input_a_named_tool_and_a_json_format_ask_what_chats_fields_do(tokenizer):
+    limits = limits_of(tokenizer)
+    _, [named] = jobs_of({"input": "1+2?", "tools": [FN], "tool_choice": {"type": "function", "name": "add"}},
+                         tokenizer, limits)
+    [chat_named] = chat_jobs(ChatRequest(messages=[{"role": "user", "content": "1+2?"}], tools=[
+        {"type": "function", "function": {k: FN[k] for k in ("name", "description", "parameters")}}],
+        tool_choice={"type": "function", "function": {"name": "add"}}), tokenizer, limits)
+    assert named.tools.mode == "named" and named.sampling.grammar == chat_named.sampling.grammar != ""
+    assert named.prompt_ids == chat_named.prompt_ids
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    _, [fmt] = jobs_of({"input": "A city?", "text": {"format": {"type": "json_schema", "name": "c", "schema": schema,
+                                                                 "strict": True}}}, tokenizer, limits)
+    [chat_fmt] = chat_jobs(ChatRequest(messages=[{"role": "user", "content": "A city?"}], response_format={
+        "type": "json_schema", "json_schema": {"name": "c", "schema": schema}}), tokenizer, limits)
+    assert fmt.sampling.grammar == chat_fmt.sampling.grammar != ""
+    _, [plain] = jobs_of({"input": "A city?", "text": {"format": {"type": "text"}}}, tokenizer, limits)
+    assert plain.sampling.grammar == "" and plain.sampling.max_tokens == 64  # the chat default
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"input": "x", "conversation": "conv_1"}, "conversation"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input"),
+    ({"input": "x", "background": True}, "background"),
+    ({"input": "x", "truncation": "auto"}, "truncation"),
+    ({"input": "x", "max_tool_calls": 2}, "max_tool_calls"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+    ({"input": "x", "tools": [FN], "tool_choice": {"type": "file_search"}}, "tool_choice"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]}, "input"),
+    ({"input": [{"role": "tool", "content": "3"}]}, "input"),
+    ({"input": [{"type": "function_call", "name": "add", "arguments": "{}"}]}, "input"),
+    ({"input": [{"type": "function_call_output", "call_id": "c"}]}, "input"),
+    ({"input": [7]}, "input"),
+    ({"input": [{"type": "computer_call"}]}, "input"),
+    ({"input": ""}, "input"),
+    ({}, "input"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "c"}}}, "text"),
+    ({"input": "x", "text": {"format": {"type": "yaml"}}}, "text"),
+    ({"input": "x", "reasoning": {"effort": "extreme"}}, "reasoning"),
+    ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": "x", "top_logprobs": 6}, "top_logprobs"),
+    ({"input": "x", "temperature": 2.5}, "temperature"),
+    ({"input": "x", "tool_choice": "required"}, "tool_choice"),
+    ({"input": "x", "tools": [{"type": "function", "name": ""}]}, "tools"),
+    ({"input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+    ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"type": "object", "x": float("nan")}}]},
+     "tools"),
+])
+def test_what_it_cannot_serve_is_a_400_naming_its_field(tokenizer, body, param):
+    with pytest.raises(BadRequest) as info:
+        jobs_of(body, tokenizer, limits_of(tokenizer, tool_parser="hermes"))
+    assert info.value.param == param, info.value.message
+
+
+def test_chats_errors_come_back_in_this_apis_names(tokenizer):
+    limits = limits_of(tokenizer)
+    with pytest.raises(ContextLengthExceeded) as info:
+        jobs_of({"input": "Hi", "max_output_tokens": 600}, tokenizer, limits)
+    assert info.value.param == "max_output_tokens" and "lower max_output_tokens" in info.value.message
+    assert "max_tokens" not in info.value.message
+    with pytest.raises(ContextLengthExceeded) as info:
+        jobs_of({"input": "word " * 600}, tokenizer, limits)
+    assert info.value.param == "input"
+
+
+SAID = ('<think>\nThe user wants a sum.\n</think>\n\nLet me add.\n<tool_call>\n{"name": "add", "arguments": '
+        '{"a": 1, "b": 2}}\n</tool_call>')
+
+
+class Scored(Replay):
+    """A router that answers with given tokens, each with a logprob (-0.5) and itself as the top one."""
+
+    async def generate(self, request_id, prompt_ids, sampling, prompt_logprobs=None):
+        async for event in super().generate(request_id, prompt_ids, sampling, prompt_logprobs):
+            yield event.model_copy(update={"logprob": -0.5,
+                                           "top_logprobs": [TopLogprob(token_id=event.token_id, logprob=-0.5)]})
+
+
+def run(form: ResponsesForm, job, tokenizer, ids: list[int]):
+    """The deltas of a job whose output is `ids`, and their totals."""
+    async def go():
+        return [d async for d in deltas(Scored(ids), tokenizer, job)]
+
+    out, totals = asyncio.run(go()), Totals()
+    for d in out:
+        totals.add(d)
+    return out, totals
+
+
+def stream_of(form: ResponsesForm, job, tokenizer, out, totals) -> str:
+    writer = form.writer(job, tokenizer)
+    text = "".join(writer.first(out[0])) + "".join(writer.delta(d) or "" for d in out)
+    return text + writer.end(totals) + writer.done()
+
+
+def sdk(sse: str) -> openai.OpenAI:
+    """An openai client whose every call is answered with `sse`."""
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=sse.encode())
+
+    return openai.OpenAI(base_url="http://test/v1", api_key="x", max_retries=0,
+                         http_client=httpx.Client(transport=httpx.MockTransport(answer)))
+
+
+def test_thinking_an_answer_and_a_call_stream_as_the_whole_response_says(tokenizer):
+    """A reasoning item, a message and a function call: streamed, the events' deltas add up to the
+    items, the SDK's stream helper accepts their order and ends with the response the whole answer
+    is (ids aside), and the thinking's tokens are counted as reasoning tokens."""
+    limits = limits_of(tokenizer, tool_parser="hermes", reasoning_parser="qwen3")
+    ids = tokenizer(SAID, add_special_tokens=False)["input_ids"]
+    form, [job] = jobs_of({"input": "1+2", "tools": [FN], "max_output_tokens": len(ids) + 1}, tokenizer, limits)
+    out, totals = run(form, job, tokenizer, ids + [2])
+    whole = form.body(job, totals, tokenizer)
+    assert whole["status"] == "completed" and whole["incomplete_details"] is None
+    kinds = [item["type"] for item in whole["output"]]
+    assert kinds == ["reasoning", "message", "function_call"]
+    reasoning_item, message, call = whole["output"]
+    assert reasoning_item["content"] == [{"type": "reasoning_text", "text": "The user wants a sum."}]
+    assert message["content"][0]["text"] == "Let me add." and message["status"] == "completed"
+    assert (call["name"], json.loads(call["arguments"])) == ("add", {"a": 1, "b": 2})
+    assert call["call_id"].startswith("call_") and call["id"].startswith("fc_")
+    think_end = next(i for i in range(len(ids)) if "</think>" in tokenizer.decode(ids[:i + 1]))
+    usage = whole["usage"]
+    assert usage["output_tokens_details"]["reasoning_tokens"] == think_end + 1
+    assert (usage["input_tokens"], usage["output_tokens"]) == (len(job.prompt_ids), len(ids) + 1)
+
+    sse = stream_of(form, job, tokenizer, out, totals)
+    events = [json.loads(block.split("\ndata: ", 1)[1]) for block in sse.strip().split("\n\n")]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert all(block.startswith(f"event: {e['type']}\n") for block, e in zip(sse.strip().split("\n\n"), events))
+    assert events[0]["type"] == "response.created" and events[-1]["type"] == "response.completed"
+    said = {kind: "".join(e["delta"] for e in events if e["type"] == kind) for kind in (
+        "response.reasoning_text.delta", "response.output_text.delta", "response.function_call_arguments.delta")}
+    assert said == {"response.reasoning_text.delta": "The user wants a sum.",
+                    "response.output_text.delta": "Let me add.",
+                    "response.function_call_arguments.delta": call["arguments"]}
+    final = events[-1]["response"]
+
+    def without_ids(r):
+        return [{k: v for k, v in item.items() if k not in ("id", "call_id")} for item in r["output"]]
+
+    assert without_ids(final) == without_ids(whole) and final["usage"] == whole["usage"]
+
+    with sdk(sse).responses.stream(model="m", input="1+2") as stream:
+        seen = [e.type for e in stream]
+        response = stream.get_final_response()
+    assert seen[0] == "response.created" and seen[-1] == "response.completed"
+    assert response.output_text == "Let me add." and response.usage.output_tokens_details.reasoning_tokens == think_end + 1
+    assert [o.type for o in response.output] == kinds and response.output[2].arguments == call["arguments"]
+
+
+def test_an_answer_cut_by_max_output_tokens_is_incomplete_whole_and_streamed(tokenizer):
+    limits = limits_of(tokenizer)
+    ids = tokenizer("Paris is the capital of France.", add_special_tokens=False)["input_ids"]
+    form, [job] = jobs_of({"input": "Capital?", "max_output_tokens": 3, "top_logprobs": 1}, tokenizer, limits)
+    out, totals = run(form, job, tokenizer, ids[:3])
+    whole = form.body(job, totals, tokenizer)
+    assert whole["status"] == "incomplete" and whole["incomplete_details"] == {"reason": "max_output_tokens"}
+    [message] = whole["output"]
+    assert message["status"] == "incomplete" and message["content"][0]["text"] == tokenizer.decode(ids[:3])
+    assert [p["token"] for p in message["content"][0]["logprobs"]] == [tokenizer.decode([t]) for t in ids[:3]]
+    sse = stream_of(form, job, tokenizer, out, totals)
+    assert sse.rstrip().rsplit("\n\n", 1)[-1].startswith("event: response.incomplete\n")
+    events = list(sdk(sse).responses.create(model="m", input="Capital?", stream=True))
+    assert events[-1].type == "response.incomplete" and events[-1].response.output_text == tokenizer.decode(ids[:3])
+    assert sum(len(e.logprobs) for e in events if e.type == "response.output_text.delta") == 3
+
+
+def test_an_output_with_no_text_is_one_empty_message_and_a_failure_a_failed_response(tokenizer):
+    limits = limits_of(tokenizer)
+    form, [job] = jobs_of({"input": "Hi", "stream": True}, tokenizer, limits)
+    out, totals = run(form, job, tokenizer, [2])  # EOS first
+    whole = form.body(job, totals, tokenizer)
+    assert [(o["type"], o["content"][0]["text"]) for o in whole["output"]] == [("message", "")]
+    sse = stream_of(form, job, tokenizer, out, totals)
+    with sdk(sse).responses.stream(model="m", input="Hi") as stream:
+        assert stream.get_final_response().output_text == ""
+    writer = form.writer(job, tokenizer)
+    failed = writer.failed(UpstreamError("token service 10.0.0.7:9000 failed"))
+    event = json.loads(failed.split("\ndata: ", 1)[1])
+    assert event["type"] == "response.failed" and event["response"]["status"] == "failed"
+    assert "10.0.0.7" not in failed and job.request_id in event["response"]["error"]["message"]
