@@ -232,9 +232,12 @@ class GatewaySettings(ServiceSettings):
                                       "(0: fault tolerance off, a failure ends the request)")
     tool_call_parser: str = setting("auto", "how chat's tool_choice 'auto' finds tool calls in the output: hermes "
                                     "(<tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>, as Qwen2.5/3 and "
-                                    "Hermes write them), none (tool_choice 'auto' is a 400; 'required' and a named "
-                                    "function work with any model), auto (hermes where the model's chat template "
-                                    "writes <tool_call>, else none)", choices=("auto", "hermes", "none"))
+                                    "Hermes write them), llama3_json (an output that starts with {\"name\": ..., "
+                                    "\"parameters\": ...}, Llama 3.1-3.3), mistral ([TOOL_CALLS] and the calls), none "
+                                    "(tool_choice 'auto' is a 400; 'required' and a named function work with any "
+                                    "model), auto (from what the model's chat template writes: <tool_call>, "
+                                    "[TOOL_CALLS] or <|python_tag|>; else none)",
+                                    choices=("auto", "hermes", "llama3_json", "mistral", "none"))
     reasoning_parser: str = setting("auto", "on chat, the text between <think> and </think> as the message's "
                                     "reasoning_content (and reasoning), the rest as its content: qwen3 and "
                                     "deepseek_r1 read alike (the prompt says whether the output starts inside the "

@@ -3,7 +3,7 @@
   dejavu up [--model M] [--port 8000] [--prompt-services 1] [--token-services 1] [--cache-stores 1]
             [--colocated] [--stages 1] [--prompt-stages 1] [--swap --kv-device-bytes B] [--redis-url URL] [--kv-transport ucx|tcp] [--dtype auto|float32|bfloat16|float16]
             [--cpu-placement auto|split|turns|off] [--api-key KEY ...] [--max-queued-requests 1024]
-            [--tool-call-parser auto|hermes|none] [--reasoning-parser auto|deepseek_r1|qwen3|none]
+            [--tool-call-parser auto|hermes|llama3_json|mistral|none] [--reasoning-parser auto|deepseek_r1|qwen3|none]
             [--prefix-cache-mib 1024] [--prefix-routing on|off]
   dejavu status [--redis-url URL] [--json]
   dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, gemm, agreement, capacity, chaos, overload, pipeline, swap, startup, lmeval, sampling, prefix: python -m bench.NAME)
@@ -89,10 +89,13 @@ def main(argv: list[str] | None = None) -> None:
                     help="on chat, the text between <think> and </think> as the message's reasoning_content (and "
                     "reasoning), the rest as its content: qwen3 and deepseek_r1 read alike, none leaves the text "
                     "whole, auto is qwen3 where the model's chat template writes </think>")
-    up.add_argument("--tool-call-parser", choices=("auto", "hermes", "none"), default="auto",
+    up.add_argument("--tool-call-parser", choices=("auto", "hermes", "llama3_json", "mistral", "none"),
+                    default="auto",
                     help="how chat's tool_choice 'auto' finds tool calls in the output: hermes "
-                    "(<tool_call>{...}</tool_call>, Qwen2.5/3 and Hermes), none ('auto' is a 400; 'required' and a "
-                    "named function work with any model), auto (hermes where the chat template writes <tool_call>)")
+                    "(<tool_call>{...}</tool_call>, Qwen2.5/3 and Hermes), llama3_json (an output that starts with "
+                    "{\"name\": ..., \"parameters\": ...}, Llama 3.1-3.3), mistral ([TOOL_CALLS] and the calls), "
+                    "none ('auto' is a 400; 'required' and a named function work with any model), auto (from what "
+                    "the chat template writes: <tool_call>, [TOOL_CALLS] or <|python_tag|>)")
     up.add_argument("--block-size", type=int, default=16, help="tokens per block of the paged KV pool")
     up.add_argument("--kv-blocks", type=int, default=0,
                     help="KV pool blocks per token service (0: room for --max-seqs sequences of --max-model-len)")

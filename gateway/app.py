@@ -126,7 +126,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
 
 def tool_parser(settings: GatewaySettings, tokenizer) -> str:
-    """--tool-call-parser, with auto resolved: hermes where the chat template writes <tool_call>."""
+    """--tool-call-parser, with auto resolved from the chat template (tools.parser_for)."""
     if settings.tool_call_parser != "auto":
         return settings.tool_call_parser
     return parser_for(_template(tokenizer))

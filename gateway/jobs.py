@@ -10,6 +10,7 @@ A request's life in the gateway:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -161,7 +162,8 @@ def chat_jobs(body: ChatRequest, tokenizer, limits: Limits) -> list[Job]:
     if plan and plan.mode == "auto" and limits.tool_parser == "none":
         raise BadRequest("'tool_choice' 'auto' (the default with 'tools') needs a tool-call parser, and this model's "
                          "chat template has no tool-call format the gateway knows: start it with --tool-call-parser "
-                         "hermes if the model writes <tool_call>{...}</tool_call>, or ask for 'required' or a named "
+                         "hermes, llama3_json or mistral if the model writes calls in one of those formats, or ask "
+                         "for 'required' or a named "
                          "function (the output is then held to the tools' schemas)", "tool_choice")
     try:
         out = tokenizer.apply_chat_template(messages, tools=list(plan.tools) if plan else None,
@@ -179,7 +181,7 @@ def chat_jobs(body: ChatRequest, tokenizer, limits: Limits) -> list[Job]:
         thinking = not jobs[0].sampling.grammar and reasoning.opens_thinking(
             tokenizer, ids, continued if isinstance(continued, str) else None)
     for job in jobs:
-        job.tools = plan if plan and plan.mode != "none" else None
+        job.tools = dataclasses.replace(plan, parser=limits.tool_parser) if plan and plan.mode != "none" else None
         job.thinking = thinking
         if plan and plan.mode == "auto":  # a model's tool-call tags may be special tokens: kept, as vLLM's hermes
             job.skip_special = False

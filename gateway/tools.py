@@ -7,9 +7,18 @@
 - "required": the output is held to a JSON array of {"name", "parameters"} objects, one of the
   tools each (vLLM's schema); each element is a call, and the finish reason "tool_calls".
 - "auto" (the default when tools are given): free text, read in the model's own tool-call format
-  by a parser (the gateway's --tool-call-parser). hermes: `<tool_call>{"name": ..., "arguments":
-  {...}}</tool_call>`, the format of Qwen2.5 and Qwen3, Hermes and SmolLM3 templates. The text
-  around the calls is the message's content.
+  by a parser (the gateway's --tool-call-parser), as vLLM's parsers of the same names read it:
+  - hermes: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, the format of Qwen2.5 and
+    Qwen3, Hermes and SmolLM3 templates; calls anywhere in the text, each sent once whole.
+  - llama3_json: an output that starts with `{` or `<|python_tag|>` is one or more
+    `{"name": ..., "parameters": {...}}` objects (separated by `;`), as Llama 3.1-3.3 write them
+    (and Llama 4's JSON form); any other output is text.
+  - mistral: text until `[TOOL_CALLS]`, then the calls: a JSON array of `{"name", "arguments"}`
+    (Mistral 7B v0.3, Mixtral, Nemo) or `name[ARGS]{...}`, repeated after each `[TOOL_CALLS]`
+    (the tokenizers of Mistral Small 3.2, Magistral, Devstral).
+  The text around the calls is the message's content. Where a llama3_json or mistral output's
+  calls do not read as calls to the request's tools, the whole of it is content; its calls are
+  sent once the output ends (a call is the output's last text in both formats).
 
 Everything here reads the output text in the gateway, after the stop strings: the services see a
 grammar or nothing, so a failover resumes a tool call as exactly as any text.
@@ -28,10 +37,22 @@ MAX_TOOLS = 128               # OpenAI's limit
 MAX_NAME_CHARS = 256
 
 
+PARSERS = ("hermes", "llama3_json", "mistral")
+PYTHON_TAG, TOOL_CALLS, ARGS = "<|python_tag|>", "[TOOL_CALLS]", "[ARGS]"
+
+
 def parser_for(template: str) -> str:
-    """--tool-call-parser auto: hermes where the chat template writes <tool_call> with JSON in it
-    (Qwen2.5, Qwen3, Hermes, SmolLM3), not an XML body (Qwen3-Coder, GLM-4.5: <function=...>)."""
-    return "hermes" if Reader.START in template and "<function=" not in template else "none"
+    """--tool-call-parser auto, from what the chat template writes: hermes for <tool_call> with
+    JSON in it (Qwen2.5, Qwen3, Hermes, SmolLM3; not an XML body: Qwen3-Coder, GLM-4.5 write
+    <function=...>), mistral for [TOOL_CALLS], llama3_json for <|python_tag|> or Llama 3.1's
+    instruction to answer {"name": ..., "parameters": ...}; none otherwise."""
+    if Reader.START in template and "<function=" not in template:
+        return "hermes"
+    if TOOL_CALLS in template:
+        return "mistral"
+    if PYTHON_TAG in template or '"parameters": dictionary of argument name' in template:
+        return "llama3_json"
+    return "none"
 
 
 @dataclass(frozen=True)
@@ -42,6 +63,7 @@ class Plan:
     tools: tuple[dict, ...]         # as given (validated), for the chat template
     named: str = ""                 # the named function's name
     parallel: bool = True           # parallel_tool_calls
+    parser: str = "hermes"          # auto: the format calls are read in (PARSERS; the gateway's --tool-call-parser)
 
     @property
     def names(self) -> set[str]:
@@ -159,6 +181,8 @@ class Reader:
         self.depth, self.in_string, self.escaped = 0, False, False  # required: where the scan is in an element
         self.element: list[str] = []  # required: the text of the element being read, before this piece
         self.searched = 0           # auto: the call's text before this has no </tool_call>
+        self.said = False           # auto, llama3_json: text other than whitespace was sent (no call can start)
+        self.opening = ""           # auto, llama3_json or mistral: the text that started the held calls
         self.pending = ""           # auto: whitespace held back (Reader._text)
         self.raw: list[str] = []    # required: the text, shown as content if no call could be read
 
@@ -187,7 +211,10 @@ class Reader:
         if self.plan.mode == "required":  # cut short ("length") before any whole call: the text as it is
             return ("" if self.calls else "".join(self.raw)), []
         content, calls = "", []
-        if self.inside:  # a call the model did not close (it ended, or ran out of tokens, maybe inside the tag)
+        if self.inside and self.plan.parser != "hermes":  # the held calls, read whole
+            if not self._held_calls(self.buf, calls):
+                content = self._text(self.opening + self.buf)
+        elif self.inside:  # a call the model did not close (it ended, or ran out of tokens, maybe inside the tag)
             cut = tag_start(self.buf, self.END)
             if not self._hermes(self.buf[:len(self.buf) - cut], calls):
                 content = self._text(self.START + self.buf)
@@ -251,6 +278,8 @@ class Reader:
 
     def _auto(self, text: str) -> tuple[str, list[dict]]:
         """hermes: content until <tool_call>, a call until </tool_call>; a partial tag is held back."""
+        if self.plan.parser != "hermes":
+            return self._held(text)
         self.buf += text
         content, calls = "", []
         while True:
@@ -275,6 +304,42 @@ class Reader:
                     content += self._text(self.START + body + self.END)
         return content, calls
 
+    def _held(self, text: str) -> tuple[str, list[dict]]:
+        """llama3_json and mistral: content until the calls start, then everything is held for
+        `finish` to read (`opening`: the text that started them, given back as content if they do
+        not read as calls)."""
+        self.buf += text
+        if self.inside:
+            return "", []
+        if self.plan.parser == "mistral":
+            at = self.buf.find(TOOL_CALLS)
+            if at < 0:
+                keep = tag_start(self.buf, TOOL_CALLS)
+                content = self._text(self.buf[:len(self.buf) - keep])
+                self.buf = self.buf[len(self.buf) - keep:]
+                return content, []
+            content = self._text(self.buf[:at])
+            self.buf, self.inside, self.opening = self.buf[at + len(TOOL_CALLS):], True, TOOL_CALLS
+            return content, []
+        if not self.said:  # llama3_json: only an output that starts with a call is one
+            head = self.buf.lstrip()
+            if head.startswith("{") or head.startswith(PYTHON_TAG):
+                self.buf, self.inside, self.opening = head, True, ""
+                return "", []
+            if not head or PYTHON_TAG.startswith(head):
+                return "", []  # whitespace, or what may be the start of the tag
+            self.said = True
+        content, self.buf = self._text(self.buf), ""
+        return content, []
+
+    def _held_calls(self, body: str, calls: list[dict]) -> bool:
+        """Whether the held text reads as calls to the request's tools (added to `calls`)."""
+        if self.plan.parser == "mistral":
+            objs = _mistral_calls(body)
+        else:
+            objs = _json_objects(body.strip().removeprefix(PYTHON_TAG))
+        return objs is not None and self._add(objs, calls)
+
     def _text(self, text: str) -> str:
         """Text outside the calls, to send now: whitespace at its end waits for what follows it
         (more text: sent before it; a call: dropped; the end: sent only if no call was made), and
@@ -292,14 +357,51 @@ class Reader:
         them (as SmolLM2 writes them); the calls are added to `calls` (past the first, dropped
         where parallel_tool_calls is false)."""
         obj = _json(body)
-        objs = obj if isinstance(obj, list) and obj else [obj]
-        if not all(isinstance(o, dict) and isinstance(o.get("name"), str) and o["name"] in self.plan.names
-                   for o in objs):
+        return self._add(obj if isinstance(obj, list) and obj else [obj], calls)
+
+    def _add(self, objs: list, calls: list[dict]) -> bool:
+        """Whether every one of `objs` is a call ({"name", "arguments" or "parameters"}) to one of
+        the tools; if so they are added to `calls` (past the first, dropped where
+        parallel_tool_calls is false)."""
+        if not objs or not all(isinstance(o, dict) and isinstance(o.get("name"), str) and o["name"] in self.plan.names
+                               for o in objs):
             return False
         for o in objs:
             if (call := self._call(o["name"], o.get("arguments", o.get("parameters", {})))) is not None:
                 calls.append(call)
         return True
+
+
+def _json_objects(text: str) -> list | None:
+    """JSON values one after another, separated by whitespace or `;` (Llama 3's parallel calls);
+    None where the text is not that."""
+    decoder, out, at, text = json.JSONDecoder(), [], 0, text.strip()
+    while at < len(text):
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except (ValueError, RecursionError):
+            return None
+        out.append(value)
+        while at < len(text) and (text[at].isspace() or text[at] == ";"):
+            at += 1
+    return out
+
+
+def _mistral_calls(body: str) -> list | None:
+    """The calls after a [TOOL_CALLS]: a JSON array (v0.3 tokenizers), or `name[ARGS]{...}`, one
+    after each [TOOL_CALLS] (v11 and later)."""
+    body = body.strip()
+    if body.startswith("["):
+        calls = _json(body)
+        return calls if isinstance(calls, list) else None
+    out = []
+    for part in body.split(TOOL_CALLS):
+        name, sep, arguments = part.strip().partition(ARGS)
+        value = _json(arguments) if sep else None
+        if value is None:
+            return None
+        out.append({"name": name.strip(), "arguments": value})
+    return out
 
 
 def _json(text: str):

@@ -4,6 +4,7 @@ any pieces."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -182,3 +183,52 @@ def test_auto_reads_hermes_only_where_the_template_writes_json_calls():
     coder = "<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>"
     assert tools.parser_for(qwen) == "hermes" and tools.parser_for(coder) == "none"
     assert tools.parser_for("{% for m in messages %}{{ m.content }}{% endfor %}") == "none"
+    llama31 = ('Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+               "{{- '<|python_tag|>' + tool_call.name }}")
+    assert tools.parser_for(llama31) == "llama3_json" and tools.parser_for(llama31.split(".")[0]) == "llama3_json"
+    assert tools.parser_for("{%- if message.tool_calls %}{{- '[TOOL_CALLS][' }}") == "mistral"
+
+
+LLAMA3 = [
+    ('{"name": "get_weather", "parameters": {"city": "Paris"}}', None, [("get_weather", {"city": "Paris"})]),
+    ('<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}; {"name": "now", "parameters": {}}', None,
+     [("add", {"a": 1, "b": 2}), ("now", {})]),                                  # parallel calls, after the tag
+    ('\n {"name": "now", "arguments": {}}', None, [("now", {})]),                 # leading whitespace, "arguments"
+    ('The weather is {"sunny": true}.', 'The weather is {"sunny": true}.', []),  # a call only at the start
+    ('{"sunny": true}', '{"sunny": true}', []),                                  # JSON that is no call: text
+    ('{"name": "nope", "parameters": {}}', '{"name": "nope", "parameters": {}}', []),  # not one of the tools
+    ('{"name": "add", "parameters": {"a": 1', '{"name": "add", "parameters": {"a": 1', []),  # cut short
+    ('<|python_ta', '<|python_ta', []),                                            # a tag's start, then the end
+    ('<|python_tag|>' + "[" * 5000, '<|python_tag|>' + "[" * 5000, []),           # nested deep
+    ('Paris is sunny.', 'Paris is sunny.', []),
+]
+
+MISTRAL = [
+    ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "now", "arguments": {}}]', None,
+     [("get_weather", {"city": "Paris"}), ("now", {})]),                         # v0.3: a JSON array
+    ('Let me look.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]add[ARGS]{"a": 1}', "Let me look.",
+     [("get_weather", {"city": "Paris"}), ("add", {"a": 1})]),                   # v11: name[ARGS]{...}
+    ('[TOOL_CALLS]nope[ARGS]{}', '[TOOL_CALLS]nope[ARGS]{}', []),                  # not one of the tools
+    ('[TOOL_CALLS]add[ARGS]{"a": ', '[TOOL_CALLS]add[ARGS]{"a": ', []),            # cut short
+    ('[TOOL_CALLS] not json', '[TOOL_CALLS] not json', []),
+    ('No calls [TOOL_CAL', 'No calls [TOOL_CAL', []),                              # a tag's start, then the end
+    ('Sunny in Paris.', 'Sunny in Paris.', []),
+]
+
+
+@pytest.mark.parametrize("parser, text, content, calls", [("llama3_json", *c) for c in LLAMA3] +
+                         [("mistral", *c) for c in MISTRAL])
+def test_llama3_json_and_mistral_outputs_read_alike_whole_or_in_any_pieces(parser, text, content, calls):
+    """As hermes above: the calls read from a whole output, and the same from its pieces
+    streamed at random cuts; an output whose calls do not read as calls to the tools is text."""
+    plan = dataclasses.replace(tools.plan([WEATHER, ADD, NOPARAMS], "auto", None), parser=parser)
+    got_content, got_calls, reason = tools.read_whole(plan, text, "stop")
+    assert got_content == content
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got_calls] == calls
+    assert reason == ("tool_calls" if calls else "stop")
+    rng = random.Random(len(text))
+    for _ in range(30 if len(text) < 1000 else 3):
+        c, k, r = streamed(plan, text, "stop", rng)
+        assert (c or None if k else c) == got_content and same_but_ids(k, got_calls) and r == reason, (c, k)
+    one = dataclasses.replace(plan, parallel=False)  # parallel_tool_calls false: the first call
+    assert [c["function"]["name"] for c in tools.read_whole(one, text, "stop")[1]] == [n for n, _ in calls[:1]]
