@@ -13,8 +13,11 @@ items: a `reasoning` item, a `message` with one `output_text`, `function_call` i
 
 Responses are not stored (`store` is answered false, as vLLM does by default), so
 `previous_response_id`, `conversation` and `item_reference` inputs are refused: send the
-conversation in `input`. Hosted tools (web search, files, code) and background mode are refused
-too; nothing asked for is silently ignored.
+conversation in `input`. Hosted tools (web search, files, code), images, background mode and
+automatic truncation are refused too. Accepted with nothing more to do: `include` values other than
+message.output_text.logprobs (they are about hosted tools, or encrypted reasoning, which a
+response not stored does not need), `reasoning.summary` (no summaries are written: the reasoning
+item has the thinking itself), a tool's `strict` (calls are read from the model's text, as chat's).
 
 Streamed, the events are OpenAI's (`event:` and `data:` lines, a `sequence_number` each):
 response.created, response.in_progress, then for each output item its output_item.added,
@@ -37,7 +40,7 @@ from pydantic import (BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt,
 from common.errors import BadRequest, DejavuError
 from gateway import reasoning, tools
 from gateway.jobs import Delta, Job
-from gateway.openai_types import ChatRequest, _has_lone_surrogate
+from gateway.openai_types import ChatRequest
 from gateway.responses import Totals, cached_tokens, chat_logprobs
 
 Number = StrictFloat | StrictInt
@@ -98,10 +101,10 @@ class ResponsesRequest(BaseModel):
         if isinstance(data, dict):
             for key, value in data.items():
                 name = key if key in cls.model_fields else None
-                if _has_lone_surrogate(key) or _has_lone_surrogate(value):
+                if (bad := _not_json(key)) == "surrogate" or (bad := _not_json(value)) == "surrogate":
                     raise BadRequest(f"'{name or 'a field'}' holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
                                      "escape): not valid Unicode text", name)
-                if _has_non_finite(value):  # parsed from NaN or Infinity; echoed (tools, text) it would not be JSON
+                if bad:  # parsed from NaN or Infinity
                     raise BadRequest(f"'{name or 'a field'}' holds NaN or Infinity: not a JSON number", name)
         return data
 
@@ -122,8 +125,10 @@ class ResponsesRequest(BaseModel):
             raise BadRequest(f"'max_output_tokens' = {self.max_output_tokens}: must be at least 1", "max_output_tokens")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 5:
             raise BadRequest(f"'top_logprobs' = {self.top_logprobs}: must be between 0 and 5", "top_logprobs")
-        if self.metadata is not None and len(self.metadata) > 16:
-            raise BadRequest(f"'metadata' has {len(self.metadata)} keys: at most 16", "metadata")
+        if self.metadata is not None and (len(self.metadata) > 16 or any(
+                len(k) > 64 or len(v) > 512 for k, v in self.metadata.items())):
+            raise BadRequest("'metadata' holds at most 16 keys of at most 64 characters, each value at most 512",
+                             "metadata")
         body: dict[str, Any] = {"model": self.model, "messages": self._messages(), "stream": self.stream,
                                 "max_completion_tokens": self.max_output_tokens, "user": self.user,
                                 "temperature": self.temperature, "top_p": self.top_p,
@@ -206,6 +211,8 @@ class ResponsesRequest(BaseModel):
         if kind == "json_object":
             return {"type": "json_object"}
         if kind == "json_schema":
+            if not isinstance(fmt.get("name", ""), str):
+                raise BadRequest("'text.format.name' must be a string", "text")
             if not isinstance(fmt.get("schema"), dict):
                 raise BadRequest("'text.format' of type json_schema needs 'schema': a JSON schema (an object)", "text")
             return {"type": "json_schema", "json_schema": {"name": fmt.get("name") or "output", "schema": fmt["schema"]}}
@@ -230,17 +237,27 @@ class ResponsesRequest(BaseModel):
         return out
 
 
-def _has_non_finite(value) -> bool:
+def _not_json(value) -> str:
+    """What in a parsed value could not be written back as JSON text: "surrogate" (a string with
+    a lone UTF-16 surrogate), "number" (NaN or an infinity), or "". Every value is looked at: this
+    API has no field of token ids to skip, and its tools, tool_choice and text come back in the
+    response."""
     stack = [value]
     while stack:
         v = stack.pop()
-        if isinstance(v, float) and not math.isfinite(v):
-            return True
-        if isinstance(v, dict):
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return "surrogate"
+        elif isinstance(v, float) and not math.isfinite(v):
+            return "number"
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
             stack.extend(v.values())
         elif isinstance(v, list):
             stack.extend(v)
-    return False
+    return ""
 
 
 def _message(i: int, item: dict) -> dict:
@@ -277,23 +294,23 @@ def _string(i: int, item: dict, key: str) -> str:
 
 def _chat_tool(i: int, tool) -> dict:
     """A Responses function tool ({"type": "function", "name", "description", "parameters",
-    "strict"}) as chat's; chat's own nested form is taken as it is."""
+    "strict"}: flat, not chat's {"function": {...}}) as chat's."""
     kind = tool.get("type") if isinstance(tool, dict) else None
     if kind != "function":
         raise BadRequest(f"tools[{i}] has type {str(kind)[:40]!r}: only 'function' tools are supported (this server "
                          "runs no hosted tools)", "tools")
-    if "function" in tool:
-        return tool
+    name = tool.get("name")
+    if "function" in tool or not isinstance(name, str) or not 0 < len(name) <= tools.MAX_NAME_CHARS:
+        raise BadRequest(f"tools[{i}] must be {{'type': 'function', 'name': ..., 'parameters': {{...}}}} (this API's "
+                         f"flat form), its name a string of 1 to {tools.MAX_NAME_CHARS} characters", "tools")
     return {"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters") if k in tool}}
 
 
 def _chat_tool_choice(choice):
-    if isinstance(choice, str):
+    if choice in ("none", "auto", "required"):
         return choice
-    if isinstance(choice, dict) and choice.get("type") == "function" and "function" not in choice:
-        return {"type": "function", "function": {"name": choice.get("name")}}
-    if isinstance(choice, dict) and choice.get("type") == "function":
-        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
     raise BadRequest("'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', 'name': ...}",
                      "tool_choice")
 
@@ -305,7 +322,7 @@ def _new_id(prefix: str) -> str:
 class ResponsesForm:
     """How one /v1/responses request's answer is written: whole (`body`) or as events (`writer`)."""
 
-    name = "responses"
+    name, chat = "responses", True  # chat: for serve(), which has only ever one job of this API
 
     def __init__(self, request: ResponsesRequest):
         self.request = request
@@ -315,6 +332,8 @@ class ResponsesForm:
         """The response object, as it stands before any output."""
         r = self.request
         fmt = (r.text or {}).get("format") or {"type": "text"}
+        if fmt.get("type") == "json_schema":  # its name is optional here, required in the response
+            fmt = {**fmt, "name": fmt.get("name") or "output"}
         return {"id": f"resp_{job.request_id}", "object": "response", "created_at": job.created, "status": status,
                 "background": False, "error": None, "incomplete_details": None, "instructions": r.instructions,
                 "max_output_tokens": r.max_output_tokens, "max_tool_calls": None, "model": job.model, "output": [],
@@ -330,10 +349,9 @@ class ResponsesForm:
         """The whole response: what the stream of the same output ends with (its deltas replayed
         through an EventWriter that writes no events), so the two cannot differ."""
         writer = EventWriter(self, job, tokenizer, quiet=True)
-        pieces = list(zip(totals.text, ([t] for t in totals.tokens))) if len(totals.text) == len(totals.tokens) else [
-            ("".join(totals.text), totals.tokens)]
-        for i, (text, tokens) in enumerate(pieces):
-            writer.delta(Delta(text, tokens, totals.finish_reason if i == len(pieces) - 1 else None))
+        assert len(totals.text) == len(totals.tokens)  # a delta a token (gateway/jobs.deltas)
+        for i, (text, token) in enumerate(zip(totals.text, totals.tokens)):
+            writer.delta(Delta(text, [token], totals.finish_reason if i == len(totals.tokens) - 1 else None))
         writer.end(totals)
         return writer.response
 
@@ -365,9 +383,10 @@ class EventWriter:
     responses.ChunkWriter (first, delta, end, failed, done): OpenAI's Responses events in place of
     chat chunks. The text is split as chat's is (reasoning.Thinking, then tools.Reader); each kind
     of text is an output item, opened when its first text comes and done when another kind's
-    comes or the output ends. A message's logprobs are those of the tokens up to its last text
-    (the thinking's tokens included, as chat's logprobs are); `quiet` writes no events, for
-    ResponsesForm.body."""
+    comes or the output ends. With logprobs asked for, a message has those of the tokens whose
+    text it shows (a token whose text was held back, a partial tag, goes with the text it turns
+    out to be); the thinking's and the calls' tokens have none here, nor an end-of-sequence token.
+    `quiet` writes no events, for ResponsesForm.body."""
 
     def __init__(self, form: ResponsesForm, job: Job, tokenizer, quiet: bool = False):
         self.form, self.job, self.tokenizer, self.quiet = form, job, tokenizer, quiet
@@ -375,8 +394,8 @@ class EventWriter:
         self.thinking = reasoning.Thinking(job.thinking) if job.thinking is not None else None
         self.sequence = 0
         self.output: list[dict] = []   # the items done
-        self.open: dict | None = None  # the item being written: kind, item, index, text, logprobs
-        self.logprobs: list[dict] = []  # of tokens not yet sent with a text delta
+        self.open: dict | None = None  # the item being written: kind, item, index, text (pieces), logprobs
+        self.logprobs: list[dict] = []  # of tokens whose text is held back
         self.reasoning_tokens = self.undecided = 0  # tokens of thinking; tokens before the output's start is known
         self.response: dict | None = None  # the final response, once `end` has run
 
@@ -394,7 +413,7 @@ class EventWriter:
     def delta(self, d: Delta) -> str | None:
         if self.form.request.logprobs_wanted:
             self.logprobs += (chat_logprobs(self.tokenizer, d.tokens) or {"content": []})["content"]
-        thought, text = "", d.text
+        thought, text, crossed = "", d.text, False
         if self.thinking is not None:
             before = self.thinking.state
             thought, text = self.thinking.push(d.text)
@@ -402,7 +421,9 @@ class EventWriter:
                 more_thought, more_text = self.thinking.finish()
                 thought, text = thought + more_thought, text + more_text
             self._count(before, len(d.tokens))
-        out = [self._reasoning(thought)] if thought else []
+            # a <think> or </think> completed: the tokens held back were the tag's, the thinking's
+            crossed = before != self.thinking.state and (before == "reasoning" or self.thinking.opened)
+        out, calls = [self._reasoning(thought)] if thought else [], []
         if self.tools is None:
             out.append(self._text(text))
         else:
@@ -412,6 +433,8 @@ class EventWriter:
                 content, calls = content + more, calls + last
             out.append(self._text(content))
             out += [self._call(c) for c in calls]
+        if thought or calls or crossed or d.finish_reason:  # tokens of thinking or of calls (or the end)
+            self.logprobs = []
         if d.finish_reason:
             out.append(self._close("incomplete" if d.finish_reason == "length" else "completed"))
         return "".join(out) or None
@@ -431,14 +454,15 @@ class EventWriter:
             self.undecided = 0
 
     def end(self, totals: Totals) -> str:
-        out = self._close("completed")  # where no delta said the output had ended
+        cut = totals.finish_reason == "length"
+        out = self._close("incomplete" if cut else "completed")  # where no delta said the output had ended
         if not self.output:  # nothing at all (an EOS first): an empty message, as chat's empty content
             out += self._start("message", {"id": _new_id("msg"), "type": "message", "status": "in_progress",
                                            "role": "assistant", "content": []}, _text_part("", self._wanted([])))
-            out += self._close("incomplete" if totals.finish_reason == "length" else "completed")
-        cut = totals.finish_reason == "length"
+            out += self._close("incomplete" if cut else "completed")
         n, prompt = len(totals.tokens), len(self.job.prompt_ids)
-        usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached_tokens(totals)},
+        usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached_tokens(totals),
+                                                                  "cache_write_tokens": 0},
                  "output_tokens": n, "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
                  "total_tokens": prompt + n}
         self.response = self.form.head(self.job, "incomplete" if cut else "completed") | {
@@ -446,9 +470,12 @@ class EventWriter:
         return out + self._event("response.incomplete" if cut else "response.completed", response=self.response)
 
     def failed(self, exc: DejavuError) -> str:
+        """response.failed: the items done so far (not the one being written), and the error as
+        OpenAI's codes say it (server_error; rate_limit_exceeded where the cluster had no room)."""
         error = exc.client_body(self.job.request_id)["error"]
-        response = self.form.head(self.job, "failed") | {
-            "output": self.output, "error": {"code": error.get("code") or "server_error", "message": error["message"]}}
+        code = "rate_limit_exceeded" if exc.status == 429 or exc.code == "kv_full" else "server_error"
+        response = self.form.head(self.job, "failed") | {"output": self.output,
+                                                          "error": {"code": code, "message": error["message"]}}
         return self._event("response.failed", response=response)
 
     def done(self) -> str:
@@ -456,7 +483,7 @@ class EventWriter:
 
     def _start(self, kind: str, item: dict, part: dict | None) -> str:
         index = len(self.output)
-        self.open = {"kind": kind, "item": item, "index": index, "text": "", "logprobs": []}
+        self.open = {"kind": kind, "item": item, "index": index, "text": [], "logprobs": []}
         out = self._event("response.output_item.added", output_index=index, item=item)
         if part is not None:
             out += self._event("response.content_part.added", item_id=item["id"], output_index=index,
@@ -469,7 +496,7 @@ class EventWriter:
             out += self._close("completed")
             out += self._start("reasoning", {"id": _new_id("rs"), "type": "reasoning", "summary": [], "content": [],
                                              "status": "in_progress"}, {"type": "reasoning_text", "text": ""})
-        self.open["text"] += text
+        self.open["text"].append(text)
         return out + self._event("response.reasoning_text.delta", item_id=self.open["item"]["id"],
                                  output_index=self.open["index"], content_index=0, delta=text)
 
@@ -482,7 +509,7 @@ class EventWriter:
             out += self._start("message", {"id": _new_id("msg"), "type": "message", "status": "in_progress",
                                            "role": "assistant", "content": []}, _text_part("", self._wanted([])))
         logprobs, self.logprobs = self.logprobs, []
-        self.open["text"] += text
+        self.open["text"].append(text)
         self.open["logprobs"] += logprobs
         return out + self._event("response.output_text.delta", item_id=self.open["item"]["id"],
                                  output_index=self.open["index"], content_index=0, delta=text, logprobs=logprobs)
@@ -495,7 +522,7 @@ class EventWriter:
             out += self._start("call", _call_item(_new_id("fc"), delta["id"], delta["function"]["name"], "",
                                                   "in_progress"), None)
         if arguments:
-            self.open["text"] += arguments
+            self.open["text"].append(arguments)
             out += self._event("response.function_call_arguments.delta", item_id=self.open["item"]["id"],
                                output_index=self.open["index"], delta=arguments)
         return out
@@ -504,7 +531,7 @@ class EventWriter:
         """The ...done events of the item being written; the item joins the output."""
         if self.open is None:
             return ""
-        kind, item, text = self.open["kind"], self.open["item"], self.open["text"]
+        kind, item, text = self.open["kind"], self.open["item"], "".join(self.open["text"])
         ids = {"item_id": item["id"], "output_index": self.open["index"]}
         if kind == "reasoning":
             done = _reasoning_item(item["id"], text, status)
@@ -515,8 +542,8 @@ class EventWriter:
             out = self._event("response.output_text.done", **ids, content_index=0, text=text,
                               logprobs=self.open["logprobs"])
             out += self._event("response.content_part.done", **ids, content_index=0, part=done["content"][0])
-        else:
-            done = _call_item(item["id"], item["call_id"], item["name"], text, "completed")
+        else:  # a call cut short by max_output_tokens is "incomplete", its arguments as far as they came
+            done = _call_item(item["id"], item["call_id"], item["name"], text, status)
             out = self._event("response.function_call_arguments.done", **ids, name=item["name"], arguments=text)
         self.open = None
         self.output.append(done)

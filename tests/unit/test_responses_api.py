@@ -124,6 +124,14 @@ def test_a_string_input_a_named_tool_and_a_json_format_ask_what_chats_fields_do(
     ({"input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
     ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"type": "object", "x": float("nan")}}]},
      "tools"),
+    # a lone surrogate anywhere, in a list that looks like token ids too: these come back in the response
+    ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"enum": [1, "\ud800", 1]}}]}, "tools"),
+    ({"input": "x", "tools": [FN], "tool_choice": {"type": "function", "name": "add", "x": [1, "\udfff", 2]}},
+     "tool_choice"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "\ud800", "schema": {}}}}, "text"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": 5, "schema": {}}}}, "text"),
+    ({"input": "x", "tools": [{"type": "function", "function": {"name": "add"}}]}, "tools"),  # chat's nested form
+    ({"input": "x", "metadata": {"k": "v" * 513}}, "metadata"),
 ])
 def test_what_it_cannot_serve_is_a_400_naming_its_field(tokenizer, body, param):
     with pytest.raises(BadRequest) as info:
@@ -220,6 +228,13 @@ def test_thinking_an_answer_and_a_call_stream_as_the_whole_response_says(tokeniz
 
     assert without_ids(final) == without_ids(whole) and final["usage"] == whole["usage"]
 
+    # strictly as the SDK's own models have them (its client reads leniently)
+    from pydantic import TypeAdapter
+    from openai.types.responses import Response, ResponseStreamEvent
+
+    Response.model_validate(whole)
+    for e in events:
+        TypeAdapter(ResponseStreamEvent).validate_python(e)
     with sdk(sse).responses.stream(model="m", input="1+2") as stream:
         seen = [e.type for e in stream]
         response = stream.get_final_response()
@@ -259,3 +274,48 @@ def test_an_output_with_no_text_is_one_empty_message_and_a_failure_a_failed_resp
     event = json.loads(failed.split("\ndata: ", 1)[1])
     assert event["type"] == "response.failed" and event["response"]["status"] == "failed"
     assert "10.0.0.7" not in failed and job.request_id in event["response"]["error"]["message"]
+
+
+def test_the_response_says_what_chat_says_of_the_same_output(tokenizer):
+    """Thinking, answer and calls: the Responses items hold what chat's message does for the same
+    tokens (reasoning_content, content, tool_calls)."""
+    from gateway.responses import chat_body
+
+    limits = limits_of(tokenizer, tool_parser="hermes", reasoning_parser="qwen3")
+    ids = tokenizer(SAID + "\nThat is all.", add_special_tokens=False)["input_ids"]
+    form, [job] = jobs_of({"input": "1+2", "tools": [FN]}, tokenizer, limits)
+    _, totals = run(form, job, tokenizer, ids + [2])
+    message = chat_body(job, totals, tokenizer)["choices"][0]["message"]
+    items = form.body(job, totals, tokenizer)["output"]
+    assert [i["type"] for i in items] == ["reasoning", "message", "function_call", "message"]
+    assert items[0]["content"][0]["text"] == message["reasoning_content"]
+    assert items[1]["content"][0]["text"] + items[3]["content"][0]["text"] == message["content"].replace("\n", "")
+    assert [(items[2]["name"], items[2]["arguments"])] == [(c["function"]["name"], c["function"]["arguments"])
+                                                           for c in message["tool_calls"]]
+
+
+def test_a_messages_logprobs_are_its_own_tokens_and_a_cut_call_is_incomplete(tokenizer):
+    """With thinking and a call around it, a message's logprobs are those of the tokens whose text
+    it shows; a named call cut by max_output_tokens is an incomplete item in an incomplete
+    response; a failure mid-stream reads back through the SDK as response.failed."""
+    limits = limits_of(tokenizer, tool_parser="hermes", reasoning_parser="qwen3")
+    ids = tokenizer(SAID, add_special_tokens=False)["input_ids"]
+    form, [job] = jobs_of({"input": "1+2", "tools": [FN], "top_logprobs": 1}, tokenizer, limits)
+    _, totals = run(form, job, tokenizer, ids + [2])
+    [message] = [i for i in form.body(job, totals, tokenizer)["output"] if i["type"] == "message"]
+    part = message["content"][0]
+    assert "".join(p["token"] for p in part["logprobs"]).strip() == part["text"] == "Let me add."
+
+    form, [job] = jobs_of({"input": "1+2", "tools": [FN], "tool_choice": {"type": "function", "name": "add"},
+                           "max_output_tokens": 4}, tokenizer, limits)
+    cut = tokenizer('{"a": 1, "b": 2}', add_special_tokens=False)["input_ids"][:4]
+    out, totals = run(form, job, tokenizer, cut)
+    whole = form.body(job, totals, tokenizer)
+    [call] = whole["output"]
+    assert whole["status"] == "incomplete" and call["status"] == "incomplete"
+    assert call["arguments"] == tokenizer.decode(cut)
+
+    writer = form.writer(job, tokenizer)
+    sse = "".join(writer.first(out[0])) + (writer.delta(out[0]) or "") + writer.failed(UpstreamError("gone"))
+    events = list(sdk(sse).responses.create(model="m", input="1+2", stream=True))
+    assert events[-1].type == "response.failed" and events[-1].response.error.code == "server_error"
