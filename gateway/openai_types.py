@@ -23,9 +23,13 @@ MAX_STOP_CHARS = 512  # per stop string: each is matched against the tail of the
 MAX_CHOICES = 128
 
 
-def _has_lone_surrogate(value) -> bool:
-    """Whether a parsed JSON value holds a string with a lone UTF-16 surrogate ("\\ud800"): JSON
-    allows the escape, Unicode text does not; the tokenizer and every encoder choke on it."""
+def unwritable(value, token_ids: bool = True, numbers: bool = False) -> str:
+    """What in a parsed JSON value cannot be written as text again: "surrogate" (a string with a
+    lone UTF-16 surrogate, "\\ud800": JSON allows the escape, Unicode text does not; the tokenizer
+    and every encoder choke on it), with `numbers` "number" (NaN or an infinity, which Python's
+    JSON reads), or "". `token_ids`: a list with ints at both ends is token ids, not walked."""
+    import math
+
     stack = [value]
     while stack:
         v = stack.pop()
@@ -33,13 +37,19 @@ def _has_lone_surrogate(value) -> bool:
             try:
                 v.encode("utf-8")
             except UnicodeEncodeError:
-                return True
+                return "surrogate"
+        elif numbers and isinstance(v, float) and not math.isfinite(v):
+            return "number"
         elif isinstance(v, dict):
             stack.extend(v.keys())
             stack.extend(v.values())
-        elif isinstance(v, list) and v and not (type(v[0]) is int and type(v[-1]) is int):  # token ids: skip
+        elif isinstance(v, list) and v and not (token_ids and type(v[0]) is int and type(v[-1]) is int):
             stack.extend(v)
-    return False
+    return ""
+
+
+def _has_lone_surrogate(value) -> bool:
+    return unwritable(value) == "surrogate"
 
 
 class StreamOptions(BaseModel):

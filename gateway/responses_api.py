@@ -29,7 +29,6 @@ response.failed where serving failed). The final response equals the whole answe
 from __future__ import annotations
 
 import json
-import math
 import re
 import uuid
 from typing import Any
@@ -40,7 +39,7 @@ from pydantic import (BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt,
 from common.errors import BadRequest, DejavuError
 from gateway import reasoning, tools
 from gateway.jobs import Delta, Job
-from gateway.openai_types import ChatRequest
+from gateway.openai_types import ChatRequest, unwritable
 from gateway.responses import Totals, cached_tokens, chat_logprobs
 
 Number = StrictFloat | StrictInt
@@ -238,26 +237,9 @@ class ResponsesRequest(BaseModel):
 
 
 def _not_json(value) -> str:
-    """What in a parsed value could not be written back as JSON text: "surrogate" (a string with
-    a lone UTF-16 surrogate), "number" (NaN or an infinity), or "". Every value is looked at: this
-    API has no field of token ids to skip, and its tools, tool_choice and text come back in the
-    response."""
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, str):
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
-                return "surrogate"
-        elif isinstance(v, float) and not math.isfinite(v):
-            return "number"
-        elif isinstance(v, dict):
-            stack.extend(v.keys())
-            stack.extend(v.values())
-        elif isinstance(v, list):
-            stack.extend(v)
-    return ""
+    """openai_types.unwritable, every value looked at (this API has no field of token ids to skip,
+    and its tools, tool_choice and text come back in the response), NaN and infinities too."""
+    return unwritable(value, token_ids=False, numbers=True)
 
 
 def _message(i: int, item: dict) -> dict:
