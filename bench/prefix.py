@@ -21,7 +21,9 @@ Step by step:
 3. One conversation on each cluster unrecorded, then --repeats rounds of --concurrency
    conversations at once, the clusters taking turns; medians [min-max] of turn 1 (nothing to reuse) and of the later turns, and the cached
    cluster's TTFT over the other's. The prompt tokens reused are read off the prefilling services'
-   /metrics (dejavu_prompt_prefix_cache_hits_total), summed over a round.
+   /metrics (dejavu_prompt_prefix_cache_hits_total; vLLM's vllm:prefix_cache_hits_total), summed
+   over a round. vLLM computes on cores 0-1 (bench.targets), our cluster on the host's cores as
+   `dejavu up` places them: the same cores on a 2-core host only.
 Nothing is asserted; figures depend on the machine (recorded in the JSON).
 """
 
@@ -54,7 +56,7 @@ def turn(client: httpx.Client, server, messages: list[dict], max_tokens: int) ->
     import json
 
     start, first, text = time.perf_counter(), None, []
-    body = {"model": server.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body = {"model": server.served, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     url = server.url
     with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
         resp.raise_for_status()
@@ -93,12 +95,13 @@ def reused(cluster, args) -> float:
 
 
 class Peer:
-    """vLLM as a target of this bench: its URL, the model name it serves, and its prefix cache's
+    """vLLM as a target of this bench: its URL, the model name it serves (`served`, as a Cluster's),
+    and its prefix cache's
     hits (vllm:prefix_cache_hits_total, prompt tokens)."""
 
     def __init__(self, url: str):
         self.url = url
-        self.model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        self.served = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
 
     def reused(self) -> float:
         return sum(v for k, v in metrics(self.url).items() if k.startswith("vllm:prefix_cache_hits_total"))
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
             env = {**env, "DEJAVU_COLOCATED": str(args.colocated).lower(), "DEJAVU_DTYPE": args.dtype}
             clusters[name] = stack.enter_context(Cluster(args.model, port=0, prompt_services=prompts, token_services=tokens,
                                                          cache_stores=0, env=env, echo_logs=False, placement=plan))
-            clusters[name].model = httpx.get(clusters[name].url + "/v1/models", timeout=30).json()["data"][0]["id"]
+            clusters[name].served = httpx.get(clusters[name].url + "/v1/models", timeout=30).json()["data"][0]["id"]
         for name, cluster in clusters.items():
             conversation(cluster, args, seed=-1 - len(name))  # warm-up, unrecorded
         for r in range(1, args.repeats + 1):

@@ -37,7 +37,6 @@ MAX_TOOLS = 128               # OpenAI's limit
 MAX_NAME_CHARS = 256
 
 
-PARSERS = ("hermes", "llama3_json", "mistral")
 PYTHON_TAG, TOOL_CALLS, ARGS = "<|python_tag|>", "[TOOL_CALLS]", "[ARGS]"
 
 
@@ -50,8 +49,8 @@ def parser_for(template: str) -> str:
         return "hermes"
     if TOOL_CALLS in template:
         return "mistral"
-    if PYTHON_TAG in template or '"parameters": dictionary of argument name' in template:
-        return "llama3_json"
+    if (PYTHON_TAG in template or '"parameters": dictionary of argument name' in template) and "<function=" not in template:
+        return "llama3_json"  # (Functionary v3.1 has <|python_tag|> for code, but writes <function=...> calls)
     return "none"
 
 
@@ -63,7 +62,7 @@ class Plan:
     tools: tuple[dict, ...]         # as given (validated), for the chat template
     named: str = ""                 # the named function's name
     parallel: bool = True           # parallel_tool_calls
-    parser: str = "hermes"          # auto: the format calls are read in (PARSERS; the gateway's --tool-call-parser)
+    parser: str = "hermes"          # auto: the format calls are read in (hermes, llama3_json, mistral: the gateway's --tool-call-parser)
 
     @property
     def names(self) -> set[str]:
@@ -182,7 +181,9 @@ class Reader:
         self.element: list[str] = []  # required: the text of the element being read, before this piece
         self.searched = 0           # auto: the call's text before this has no </tool_call>
         self.said = False           # auto, llama3_json: text other than whitespace was sent (no call can start)
-        self.opening = ""           # auto, llama3_json or mistral: the text that started the held calls
+        self.lead: list[str] = []   # auto, llama3_json: the output's leading whitespace, while undecided
+        self.held: list[str] = []   # auto, llama3_json or mistral: the text of the calls, held for finish()
+        self.opening = ""           # auto, llama3_json or mistral: the text before them that started them
         self.pending = ""           # auto: whitespace held back (Reader._text)
         self.raw: list[str] = []    # required: the text, shown as content if no call could be read
 
@@ -212,8 +213,9 @@ class Reader:
             return ("" if self.calls else "".join(self.raw)), []
         content, calls = "", []
         if self.inside and self.plan.parser != "hermes":  # the held calls, read whole
-            if not self._held_calls(self.buf, calls):
-                content = self._text(self.opening + self.buf)
+            body = "".join(self.held)
+            if not self._held_calls(body, calls):
+                content = self._text(self.opening + body)
         elif self.inside:  # a call the model did not close (it ended, or ran out of tokens, maybe inside the tag)
             cut = tag_start(self.buf, self.END)
             if not self._hermes(self.buf[:len(self.buf) - cut], calls):
@@ -305,13 +307,15 @@ class Reader:
         return content, calls
 
     def _held(self, text: str) -> tuple[str, list[dict]]:
-        """llama3_json and mistral: content until the calls start, then everything is held for
-        `finish` to read (`opening`: the text that started them, given back as content if they do
-        not read as calls)."""
-        self.buf += text
+        """llama3_json and mistral: content until the calls start, then everything is held (in
+        pieces, joined once) for `finish` to read; `opening` is the text before them that started
+        them, given back with them as content if they do not read as calls. What waits for a
+        decision is bounded: a tag's length, and the output's leading whitespace (kept apart)."""
         if self.inside:
+            self.held.append(text)
             return "", []
         if self.plan.parser == "mistral":
+            self.buf += text  # content is sent at once: the buffer holds a partial tag at most
             at = self.buf.find(TOOL_CALLS)
             if at < 0:
                 keep = tag_start(self.buf, TOOL_CALLS)
@@ -319,18 +323,23 @@ class Reader:
                 self.buf = self.buf[len(self.buf) - keep:]
                 return content, []
             content = self._text(self.buf[:at])
-            self.buf, self.inside, self.opening = self.buf[at + len(TOOL_CALLS):], True, TOOL_CALLS
+            self.held, self.inside, self.opening = [self.buf[at + len(TOOL_CALLS):]], True, TOOL_CALLS
+            self.buf = ""
             return content, []
         if not self.said:  # llama3_json: only an output that starts with a call is one
-            head = self.buf.lstrip()
-            if head.startswith("{") or head.startswith(PYTHON_TAG):
-                self.buf, self.inside, self.opening = head, True, ""
+            if not self.buf:  # whitespace only so far
+                head = text.lstrip()
+                self.lead.append(text[:len(text) - len(head)])
+                text = head
+            self.buf += text
+            if self.buf.startswith("{") or self.buf.startswith(PYTHON_TAG):
+                self.held, self.inside, self.opening = [self.buf], True, "".join(self.lead)
+                self.buf = ""
                 return "", []
-            if not head or PYTHON_TAG.startswith(head):
+            if not self.buf or PYTHON_TAG.startswith(self.buf):
                 return "", []  # whitespace, or what may be the start of the tag
-            self.said = True
-        content, self.buf = self._text(self.buf), ""
-        return content, []
+            self.said, text, self.buf = True, "".join(self.lead) + self.buf, ""
+        return self._text(text), []
 
     def _held_calls(self, body: str, calls: list[dict]) -> bool:
         """Whether the held text reads as calls to the request's tools (added to `calls`)."""
@@ -366,8 +375,16 @@ class Reader:
         if not objs or not all(isinstance(o, dict) and isinstance(o.get("name"), str) and o["name"] in self.plan.names
                                for o in objs):
             return False
-        for o in objs:
-            if (call := self._call(o["name"], o.get("arguments", o.get("parameters", {})))) is not None:
+        made = []
+        for o in objs:  # every call's arguments as text first: one that cannot be written makes none a call
+            arguments = o.get("arguments", o.get("parameters", {}))
+            try:
+                made.append((o["name"], arguments if isinstance(arguments, str)
+                             else json.dumps(arguments, ensure_ascii=False)))
+            except RecursionError:  # decoded at a shallower stack than it is written again
+                return False
+        for name, arguments in made:
+            if (call := self._call(name, arguments)) is not None:
                 calls.append(call)
         return True
 
@@ -388,15 +405,19 @@ def _json_objects(text: str) -> list | None:
 
 
 def _mistral_calls(body: str) -> list | None:
-    """The calls after a [TOOL_CALLS]: a JSON array (v0.3 tokenizers), or `name[ARGS]{...}`, one
-    after each [TOOL_CALLS] (v11 and later)."""
-    body = body.strip()
-    if body.startswith("["):
-        calls = _json(body)
-        return calls if isinstance(calls, list) else None
+    """The calls after a [TOOL_CALLS]: a JSON array (v0.3 tokenizers) or object, or
+    `name[ARGS]{...}` (v11 and later), after each [TOOL_CALLS] (empty ones skipped)."""
     out = []
-    for part in body.split(TOOL_CALLS):
-        name, sep, arguments = part.strip().partition(ARGS)
+    for part in (p.strip() for p in body.split(TOOL_CALLS)):
+        if not part:
+            continue
+        if part.startswith(("[", "{")):
+            value = _json(part)
+            if not isinstance(value, (list, dict)):
+                return None
+            out += value if isinstance(value, list) else [value]
+            continue
+        name, sep, arguments = part.partition(ARGS)
         value = _json(arguments) if sep else None
         if value is None:
             return None

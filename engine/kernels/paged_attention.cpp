@@ -120,7 +120,7 @@ static void run(const T* q, const T* k_pool, const T* v_pool, const int64_t* slo
 // alike (a 500-token prompt of SmolLM2: 8 ms a layer, a third of the bf16 prefill). Here the G
 // query heads of a KV head and R positions make one block of G * R rows: keys and values are read
 // (and widened to float32) once per block, and the two products run as register-tiled loops the
-// compiler vectorizes (8 rows x 16 keys for the scores, 4 rows x D for the values). Softmax is
+// compiler vectorizes (sized below for AVX-512 or AVX2). Softmax is
 // exact (max first); every sum is float32.
 template <typename T, int D>
 static void causal(const T* q, int64_t q_row, const T* k, int64_t k_row, const T* v, int64_t v_row, T* out,

@@ -187,6 +187,8 @@ def test_auto_reads_hermes_only_where_the_template_writes_json_calls():
                "{{- '<|python_tag|>' + tool_call.name }}")
     assert tools.parser_for(llama31) == "llama3_json" and tools.parser_for(llama31.split(".")[0]) == "llama3_json"
     assert tools.parser_for("{%- if message.tool_calls %}{{- '[TOOL_CALLS][' }}") == "mistral"
+    functionary = "{{- '<|python_tag|>' + code }}{{- '<function=' + call.name + '>' }}"  # its own format
+    assert tools.parser_for(functionary) == "none"
 
 
 LLAMA3 = [
@@ -201,6 +203,10 @@ LLAMA3 = [
     ('<|python_ta', '<|python_ta', []),                                            # a tag's start, then the end
     ('<|python_tag|>' + "[" * 5000, '<|python_tag|>' + "[" * 5000, []),           # nested deep
     ('Paris is sunny.', 'Paris is sunny.', []),
+    ('\n\n {"sunny": true}', '\n\n {"sunny": true}', []),                    # no call: the text verbatim
+    ('\n' * 3000 + 'Hi', '\n' * 3000 + 'Hi', []),                              # long leading whitespace
+    ('{"name": "add", "parameters": {"a": ' + "[" * 990 + "]" * 990 + '}}',    # decodes, but would not re-encode
+     None, "deep"),
 ]
 
 MISTRAL = [
@@ -213,6 +219,10 @@ MISTRAL = [
     ('[TOOL_CALLS] not json', '[TOOL_CALLS] not json', []),
     ('No calls [TOOL_CAL', 'No calls [TOOL_CAL', []),                              # a tag's start, then the end
     ('Sunny in Paris.', 'Sunny in Paris.', []),
+    ('[TOOL_CALLS]{"name": "now", "arguments": {}}', None, [("now", {})]),        # a bare object: one call
+    ('[TOOL_CALLS][{"name": "now", "arguments": {}}][TOOL_CALLS][{"name": "add", "arguments": {"a": 1}}]', None,
+     [("now", {}), ("add", {"a": 1})]),                                          # the array form, tag repeated
+    ('[TOOL_CALLS][TOOL_CALLS]add[ARGS]{"a": 2}', None, [("add", {"a": 2})]),      # an empty segment
 ]
 
 
@@ -222,6 +232,10 @@ def test_llama3_json_and_mistral_outputs_read_alike_whole_or_in_any_pieces(parse
     """As hermes above: the calls read from a whole output, and the same from its pieces
     streamed at random cuts; an output whose calls do not read as calls to the tools is text."""
     plan = dataclasses.replace(tools.plan([WEATHER, ADD, NOPARAMS], "auto", None), parser=parser)
+    if calls == "deep":  # either a call or the text, never a RecursionError out of the reader
+        got_content, got_calls, _ = tools.read_whole(plan, text, "stop")
+        assert got_content == text if not got_calls else got_content is None
+        return
     got_content, got_calls, reason = tools.read_whole(plan, text, "stop")
     assert got_content == content
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got_calls] == calls
