@@ -184,6 +184,33 @@ def sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
 
+class ChatSplit:
+    """A chat output's text, piece by piece, as its parts: the thinking (reasoning.Thinking,
+    where the job has a reasoning parser), then of the rest the answer's text and its tool-call
+    deltas (tools.Reader, where it has tools). Both writers of chat's output use it: ChunkWriter
+    here and responses_api.EventWriter."""
+
+    def __init__(self, job: Job):
+        self.thinking = reasoning.Thinking(job.thinking) if job.thinking is not None else None
+        self.tools = tools.Reader(job.tools) if job.tools else None
+
+    def push(self, text: str, end: bool) -> tuple[str, str, list[dict]]:
+        """(thinking, answer text, tool-call deltas) to send now; `end`: the output ends here."""
+        thought = ""
+        if self.thinking is not None:
+            thought, text = self.thinking.push(text)
+            if end:
+                more_thought, more_text = self.thinking.finish()
+                thought, text = thought + more_thought, text + more_text
+        if self.tools is None:
+            return thought, text, []
+        content, calls = self.tools.push(text)
+        if end:
+            more, last = self.tools.finish()
+            content, calls = content + more, calls + last
+        return thought, content, calls
+
+
 class ChunkWriter:
     """SSE chunks for one streamed request (completions or chat)."""
 
@@ -191,8 +218,7 @@ class ChunkWriter:
         """`index`: the job's choice in the request (a batch of prompts, or n > 1)."""
         self.job, self.tokenizer, self.chat, self.index = job, tokenizer, chat, index
         self.offset = len(job.echo_text)
-        self.tools = tools.Reader(job.tools) if chat and job.tools else None
-        self.thinking = reasoning.Thinking(job.thinking) if chat and job.thinking is not None else None
+        self.split = ChatSplit(job) if chat else None
         kind = "chat.completion.chunk" if chat else "text_completion"
         self.head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job.request_id}", "object": kind,
                      "created": job.created, "model": job.model}
@@ -230,21 +256,12 @@ class ChunkWriter:
 
     def _chat_delta(self, d: Delta) -> tuple[dict, str | None]:
         """A chat chunk's delta (reasoning, content, tool calls) and finish reason."""
-        thought, text = "", d.text
-        if self.thinking is not None:
-            thought, text = self.thinking.push(text)
-            if d.finish_reason:
-                more_thought, more_text = self.thinking.finish()
-                thought, text = thought + more_thought, text + more_text
+        thought, content, calls = self.split.push(d.text, bool(d.finish_reason))
         delta = {"reasoning_content": thought, "reasoning": thought} if thought else {}
-        if self.tools is None:
-            return delta | ({"content": text} if text else {}), d.finish_reason
-        content, calls = self.tools.push(text)
-        if d.finish_reason:
-            more, last = self.tools.finish()
-            content, calls = content + more, calls + last
         delta |= ({"content": content} if content else {}) | ({"tool_calls": calls} if calls else {})
-        return delta, self.tools.finish_reason(d.finish_reason)
+        if self.split.tools is None:
+            return delta, d.finish_reason
+        return delta, self.split.tools.finish_reason(d.finish_reason)
 
     def end(self, totals: Totals) -> str:
         """What goes after the last delta: the usage chunk, where asked for."""

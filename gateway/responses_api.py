@@ -37,10 +37,10 @@ from pydantic import (BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt,
                       model_validator)
 
 from common.errors import BadRequest, DejavuError
-from gateway import reasoning, tools
+from gateway import tools
 from gateway.jobs import Delta, Job
 from gateway.openai_types import ChatRequest, unwritable
-from gateway.responses import Totals, cached_tokens, chat_logprobs
+from gateway.responses import ChatSplit, Totals, cached_tokens, chat_logprobs
 
 Number = StrictFloat | StrictInt
 TEXT_PARTS = ("input_text", "output_text", "text")
@@ -100,7 +100,8 @@ class ResponsesRequest(BaseModel):
         if isinstance(data, dict):
             for key, value in data.items():
                 name = key if key in cls.model_fields else None
-                if (bad := _not_json(key)) == "surrogate" or (bad := _not_json(value)) == "surrogate":
+                bad = _not_json(key) or _not_json(value)  # a key is a string: a surrogate at most
+                if bad == "surrogate":
                     raise BadRequest(f"'{name or 'a field'}' holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
                                      "escape): not valid Unicode text", name)
                 if bad:  # parsed from NaN or Infinity
@@ -363,7 +364,7 @@ def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: st
 class EventWriter:
     """The server-sent events of one streamed response, with the interface of
     responses.ChunkWriter (first, delta, end, failed, done): OpenAI's Responses events in place of
-    chat chunks. The text is split as chat's is (reasoning.Thinking, then tools.Reader); each kind
+    chat chunks. The text is split as chat's is (responses.ChatSplit); each kind
     of text is an output item, opened when its first text comes and done when another kind's
     comes or the output ends. With logprobs asked for, a message has those of the tokens whose
     text it shows (a token whose text was held back, a partial tag, goes with the text it turns
@@ -372,8 +373,7 @@ class EventWriter:
 
     def __init__(self, form: ResponsesForm, job: Job, tokenizer, quiet: bool = False):
         self.form, self.job, self.tokenizer, self.quiet = form, job, tokenizer, quiet
-        self.tools = tools.Reader(job.tools) if job.tools else None
-        self.thinking = reasoning.Thinking(job.thinking) if job.thinking is not None else None
+        self.split = ChatSplit(job)
         self.sequence = 0
         self.output: list[dict] = []   # the items done
         self.open: dict | None = None  # the item being written: kind, item, index, text (pieces), logprobs
@@ -395,26 +395,17 @@ class EventWriter:
     def delta(self, d: Delta) -> str | None:
         if self.form.request.logprobs_wanted:
             self.logprobs += (chat_logprobs(self.tokenizer, d.tokens) or {"content": []})["content"]
-        thought, text, crossed = "", d.text, False
-        if self.thinking is not None:
-            before = self.thinking.state
-            thought, text = self.thinking.push(d.text)
-            if d.finish_reason:
-                more_thought, more_text = self.thinking.finish()
-                thought, text = thought + more_thought, text + more_text
+        thinking = self.split.thinking
+        before = thinking.state if thinking is not None else None
+        thought, text, calls = self.split.push(d.text, bool(d.finish_reason))
+        crossed = False
+        if thinking is not None:
             self._count(before, len(d.tokens))
             # a <think> or </think> completed: the tokens held back were the tag's, the thinking's
-            crossed = before != self.thinking.state and (before == "reasoning" or self.thinking.opened)
-        out, calls = [self._reasoning(thought)] if thought else [], []
-        if self.tools is None:
-            out.append(self._text(text))
-        else:
-            content, calls = self.tools.push(text)
-            if d.finish_reason:
-                more, last = self.tools.finish()
-                content, calls = content + more, calls + last
-            out.append(self._text(content))
-            out += [self._call(c) for c in calls]
+            crossed = before != thinking.state and (before == "reasoning" or thinking.opened)
+        out = [self._reasoning(thought)] if thought else []
+        out.append(self._text(text))
+        out += [self._call(c) for c in calls]
         if thought or calls or crossed or d.finish_reason:  # tokens of thinking or of calls (or the end)
             self.logprobs = []
         if d.finish_reason:
@@ -428,10 +419,10 @@ class EventWriter:
         if before == "reasoning":
             self.reasoning_tokens += tokens
         elif before == "start":
-            if self.thinking.state == "start":
+            if self.split.thinking.state == "start":
                 self.undecided += tokens
                 return
-            if self.thinking.opened:
+            if self.split.thinking.opened:
                 self.reasoning_tokens += self.undecided + tokens
             self.undecided = 0
 
@@ -439,8 +430,7 @@ class EventWriter:
         cut = totals.finish_reason == "length"
         out = self._close("incomplete" if cut else "completed")  # where no delta said the output had ended
         if not self.output:  # nothing at all (an EOS first): an empty message, as chat's empty content
-            out += self._start("message", {"id": _new_id("msg"), "type": "message", "status": "in_progress",
-                                           "role": "assistant", "content": []}, _text_part("", self._wanted([])))
+            out += self._start_message()
             out += self._close("incomplete" if cut else "completed")
         n, prompt = len(totals.tokens), len(self.job.prompt_ids)
         usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached_tokens(totals),
@@ -472,6 +462,10 @@ class EventWriter:
                                content_index=0, part=part)
         return out
 
+    def _start_message(self) -> str:
+        return self._start("message", {"id": _new_id("msg"), "type": "message", "status": "in_progress",
+                                       "role": "assistant", "content": []}, _text_part("", self._wanted([])))
+
     def _reasoning(self, text: str) -> str:
         out = ""
         if self.open is None or self.open["kind"] != "reasoning":
@@ -488,8 +482,7 @@ class EventWriter:
         out = ""
         if self.open is None or self.open["kind"] != "message":
             out += self._close("completed")
-            out += self._start("message", {"id": _new_id("msg"), "type": "message", "status": "in_progress",
-                                           "role": "assistant", "content": []}, _text_part("", self._wanted([])))
+            out += self._start_message()
         logprobs, self.logprobs = self.logprobs, []
         self.open["text"].append(text)
         self.open["logprobs"] += logprobs
