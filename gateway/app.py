@@ -3,6 +3,8 @@
 GET  /v1/models
 POST /v1/completions, /v1/chat/completions   (stream or not)
 POST /v1/responses                           (OpenAI's Responses API, on chat: gateway/responses_api.py)
+POST /tokenize, /detokenize                  (vLLM's: a prompt's or chat's token ids, and text from ids)
+GET  /version
 GET  /health, /metrics
 GET  /cluster                                (every registered service and its lease: for operators)
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,10 +34,12 @@ from common.service import (API_KEYS, BodyLimit, ClosingStreamingResponse, Requi
                             cluster_headers, registered, request_id_var)
 from common.settings import GatewaySettings
 from gateway import reasoning
-from gateway.jobs import IN_FLIGHT, REQUESTS, Delta, Job, Limits, chat_jobs, completion_jobs, deltas, text_chars
+from gateway.jobs import (IN_FLIGHT, LARGE_TEXT_CHARS, REQUESTS, Delta, Job, Limits, chat_jobs, completion_jobs,
+                          deltas, text_chars)
 from gateway.openai_types import ChatRequest, CompletionRequest
 from gateway.responses import CHAT, COMPLETION, ChunkWriter, Totals, merged_body, sse
 from gateway.responses_api import ResponsesForm, ResponsesRequest
+from gateway.tokenize_api import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 from gateway.router import Router
 from gateway.tools import parser_for
 
@@ -118,11 +123,35 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             raise body.renamed(exc) from None
         return await serve(app, jobs, request, form)
 
+    @app.post("/tokenize")
+    async def tokenize_(body: TokenizeRequest) -> dict:
+        """vLLM's: the token ids a prompt, or a chat's messages, would be prefilled with."""
+        return await _tokenizing(app, tokenize, body)
+
+    @app.post("/detokenize")
+    async def detokenize_(body: DetokenizeRequest) -> dict:
+        """vLLM's: the text of token ids."""
+        return await _tokenizing(app, detokenize, body)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": VERSION}
+
     @app.get("/cluster")
     async def cluster() -> dict:  # Redis down: Unavailable, a 503 with the OpenAI error body
         return cluster_status(await app.state.router.registry.services(), time.time())
 
     return app
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("dejavu-serving")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was not installed
+        return "unknown"
+
+
+VERSION = _version()
 
 
 def tool_parser(settings: GatewaySettings, tokenizer) -> str:
@@ -154,9 +183,6 @@ def _template(tokenizer) -> str:
     return tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else str(tokenizer.chat_template)
 
 
-LARGE_TEXT_CHARS = 16_384  # text past this is tokenized off the event loop
-
-
 class Encoder:
     """Tokenization of large prompts off the event loop, on one thread with a tokenizer of its
     own (a fast tokenizer used from two threads at once can fail with "Already borrowed"): a
@@ -174,6 +200,12 @@ async def _jobs(app: FastAPI, make_jobs, body) -> list[Job]:
     if text_chars(body) < LARGE_TEXT_CHARS and not body.constrained:  # a grammar may take long to compile
         return make_jobs(body, app.state.tokenizer, app.state.limits)
     return await app.state.encoder.run(make_jobs, body, app.state.limits)
+
+
+async def _tokenizing(app: FastAPI, work, body) -> dict:
+    if not body.large:
+        return work(body, app.state.tokenizer, app.state.limits)
+    return await app.state.encoder.run(work, body, app.state.limits)
 
 
 async def _health(app: FastAPI) -> dict:

@@ -35,6 +35,7 @@ TPOT = Histogram("dejavu_gateway_time_per_output_token_seconds", "mean time betw
 IN_FLIGHT = Gauge("dejavu_gateway_in_flight_requests", "requests being served")
 REQUESTS = Counter("dejavu_gateway_requests_total", "finished requests", ["outcome"])
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+LARGE_TEXT_CHARS = 16_384  # text past this is tokenized off the event loop (app.Encoder)
 
 
 @dataclass
@@ -165,14 +166,7 @@ def chat_jobs(body: ChatRequest, tokenizer, limits: Limits) -> list[Job]:
                          "hermes, llama3_json or mistral if the model writes calls in one of those formats, or ask "
                          "for 'required' or a named "
                          "function (the output is then held to the tools' schemas)", "tool_choice")
-    try:
-        out = tokenizer.apply_chat_template(messages, tools=list(plan.tools) if plan else None,
-                                            add_generation_prompt=body.add_generation_prompt,
-                                            continue_final_message=body.continue_final_message, tokenize=True,
-                                            **(body.chat_template_kwargs or {}))
-    except Exception as exc:  # a template that rejects this conversation is the caller's problem
-        raise BadRequest(f"'messages' cannot be formatted by the model's chat template: {exc}", "messages") from exc
-    ids = _truncated(body, list(out["input_ids"] if hasattr(out, "keys") else out), limits)
+    ids = _truncated(body, chat_prompt_ids(body, messages, tokenizer), limits)
     jobs = [_job(body, ids, limits, limits.chat_max_tokens, body.logprobs_k, "", "messages", choice=i)
             for i in range(body.n)]
     thinking = None
@@ -188,6 +182,22 @@ def chat_jobs(body: ChatRequest, tokenizer, limits: Limits) -> list[Job]:
         if thinking is not None and limits.think_special:
             job.skip_special = False
     return jobs
+
+
+def chat_prompt_ids(body: ChatRequest, messages: list[dict], tokenizer, tokenize: bool = True) -> list[int] | str:
+    """The prompt the model's chat template makes of the messages (`for_template()`'s): its token
+    ids, or with `tokenize` False its text. A template that rejects them is a 400."""
+    plan = body.tool_plan
+    try:
+        out = tokenizer.apply_chat_template(messages, tools=list(plan.tools) if plan else None,
+                                            add_generation_prompt=body.add_generation_prompt,
+                                            continue_final_message=body.continue_final_message, tokenize=tokenize,
+                                            **(body.chat_template_kwargs or {}))
+    except Exception as exc:  # a template that rejects this conversation is the caller's problem
+        raise BadRequest(f"'messages' cannot be formatted by the model's chat template: {exc}", "messages") from exc
+    if not tokenize:
+        return out
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
 def _check_model(body: SamplingFields, limits: Limits) -> None:

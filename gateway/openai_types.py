@@ -57,10 +57,27 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-class SamplingFields(BaseModel):
-    """What completions and chat share."""
+class TextBody(BaseModel):
+    """A request body whose strings must be text: a lone UTF-16 surrogate anywhere is a 400 naming
+    the field. Unknown fields are ignored, as OpenAI does."""
 
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if _has_lone_surrogate(key) or _has_lone_surrogate(value):
+                    name = key if key in cls.model_fields else None
+                    raise BadRequest(f"'{name or 'a field'}' holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                                     "escape): not valid Unicode text", name)
+        return data
+
+
+class SamplingFields(TextBody):
+    """What completions and chat share."""
+
     model: StrictStr | None = None
     max_tokens: StrictInt | None = None
     temperature: Number | None = None
@@ -94,17 +111,6 @@ class SamplingFields(BaseModel):
     guided_whitespace_pattern: StrictStr | None = None  # JSON: the whitespace allowed (a regex)
     guided_decoding_backend: StrictStr | None = None   # accepted, unused: one backend here (llguidance)
     _grammar: str = PrivateAttr("")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _valid_unicode(cls, data):
-        if isinstance(data, dict):
-            for key, value in data.items():
-                if _has_lone_surrogate(key) or _has_lone_surrogate(value):
-                    name = key if key in cls.model_fields else None
-                    raise BadRequest(f"'{name or 'a field'}' holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
-                                     "escape): not valid Unicode text", name)
-        return data
 
     @property
     def echoes(self) -> bool:

@@ -28,7 +28,7 @@ def cluster(tiny_model_path, redis_server):
                                      {"Authorization": "Bearer sk-first-key-and-more"}])
 @pytest.mark.parametrize("method,path", [("GET", "/v1/models"), ("POST", "/v1/completions"),
                                          ("POST", "/v1/chat/completions"), ("GET", "/cluster"),
-                                         ("GET", "/openapi.json"), ("GET", "/docs")])
+                                         ("GET", "/openapi.json"), ("GET", "/docs"), ("POST", "/tokenize")])
 def test_calls_without_a_valid_key_get_401_and_change_nothing(cluster, headers, method, path):
     body = {"prompt": "hi", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
     resp = httpx.request(method, cluster.url + path, headers=headers, json=body if method == "POST" else None, timeout=30)

@@ -231,6 +231,18 @@ HOSTILE = [
      400, "max_output_tokens"),
     ("input of numbers", "/v1/responses", json.dumps({**RESPONSE, "input": [1, 2]}).encode(), JSON, 400, "input"),
     ("empty responses body", "/v1/responses", b"", JSON, 400, None),
+    # vLLM's /tokenize and /detokenize
+    ("surrogate to tokenize", "/tokenize", with_raw("prompt", b'"\\ud800"', {}), JSON, 400, "prompt"),
+    ("surrogate in tokenize's template kwargs", "/tokenize",
+     with_raw("chat_template_kwargs", b'{"x": "\\udfff"}', {"messages": CHAT["messages"]}), JSON, 400,
+     "chat_template_kwargs"),
+    ("messages nested 10,000 deep to tokenize", "/tokenize", with_raw("messages", nested(10_000), {}), JSON, 400, None),
+    ("a tool nested 900 deep to tokenize", "/tokenize", with_raw("tools", b'[{"type": "function", "function": '
+     b'{"name": "f", "parameters": ' + b'{"a": ' * 900 + b"1" + b"}" * 900 + b"}}]", {"messages": CHAT["messages"]}),
+     JSON, 400, None),
+    ("10**30 to detokenize", "/detokenize", json.dumps({"tokens": [10**30]}).encode(), JSON, 400, "tokens"),
+    ("floats to detokenize", "/detokenize", json.dumps({"tokens": [1.5]}).encode(), JSON, 400, "tokens"),
+    ("empty tokenize body", "/tokenize", b"", JSON, 400, None),
 ]
 
 

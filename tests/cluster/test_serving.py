@@ -451,3 +451,50 @@ def test_the_responses_api_answers_as_chat_does_through_the_openai_sdk(tiny_clus
         client.responses.create(model=model, input="Hi", previous_response_id="resp_123")
     assert err.value.body["param"] == "previous_response_id"
     assert_no_kv_held(tiny_cluster)
+
+
+def test_tokenize_gives_the_ids_a_completion_or_chat_is_prefilled_with(tiny_cluster, tiny_oracle):
+    """vLLM's /tokenize and /detokenize: a prompt's ids are the ones /v1/completions counts (and,
+    sent back as the prompt, answer the same); a chat's are the template's, as the chat's usage
+    counts them; ids detokenize to their text; bad input is an OpenAI 4xx naming the field."""
+    url, tok = tiny_cluster.url, tiny_oracle.tokenizer
+    prompt = PROMPTS[4]
+    got = httpx.post(url + "/tokenize", json={"prompt": prompt, "return_token_strs": True}, timeout=30)
+    assert got.status_code == 200, got.text
+    body = got.json()
+    assert body["tokens"] == tok(prompt)["input_ids"] and body["count"] == len(body["tokens"])
+    assert body["token_strs"] == tok.convert_ids_to_tokens(body["tokens"]) and body["max_model_len"] > body["count"]
+    by_text = completion(url, prompt=prompt, max_tokens=6, temperature=0)
+    by_ids = completion(url, prompt=body["tokens"], max_tokens=6, temperature=0)
+    assert by_text["usage"]["prompt_tokens"] == body["count"]
+    assert by_ids["choices"][0]["text"] == by_text["choices"][0]["text"]
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours."}]
+    chat = httpx.post(url + "/tokenize", json={"messages": messages}, timeout=30).json()
+    want = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert chat["tokens"] == list(want["input_ids"] if hasattr(want, "keys") else want) and chat["token_strs"] is None
+    answered = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 2}, timeout=60)
+    assert answered.json()["usage"]["prompt_tokens"] == chat["count"]
+
+    text = httpx.post(url + "/detokenize", json={"tokens": body["tokens"]}, timeout=30).json()
+    assert text == {"prompt": tok.decode(body["tokens"])}
+    version = httpx.get(url + "/version", timeout=10).json()
+    assert isinstance(version["version"], str) and version["version"]
+
+    for path, bad, param, status in (
+            ("/tokenize", {}, None, 400),
+            ("/tokenize", {"prompt": "a", "messages": messages}, "prompt", 400),
+            ("/tokenize", {"prompt": 5}, "prompt", 400),
+            ("/tokenize", {"prompt": "\ud800"}, "prompt", 400),
+            ("/tokenize", {"messages": [{"role": "robot", "content": "hi"}]}, "messages", 400),
+            ("/tokenize", {"messages": messages, "continue_final_message": True}, "continue_final_message", 400),
+            ("/tokenize", {"prompt": "a", "model": "no-such-model"}, "model", 404),
+            ("/detokenize", {"tokens": [1, -1]}, "tokens", 400),
+            ("/detokenize", {"tokens": [10 ** 30]}, "tokens", 400),
+            ("/detokenize", {"tokens": "12"}, "tokens", 400)):
+        resp = httpx.post(url + path, content=json.dumps(bad), headers={"content-type": "application/json"}, timeout=30)
+        assert resp.status_code == status, (path, bad, resp.text)
+        error = resp.json()["error"]
+        assert set(error) >= {"message", "type", "param", "code"} and error["message"], error
+        if param:
+            assert error["param"] == param, (bad, error)

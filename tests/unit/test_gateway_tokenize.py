@@ -62,3 +62,58 @@ def test_the_bound_holds_for_real_text(app):
     texts = ["\n" + " " * 200, "a" * 5000, "héllo wörld 😀 " * 300, open(__file__).read(), "0123456789" * 500]
     for text in texts:
         assert len(tokenizer(text)["input_ids"]) >= len(text) / limits.max_token_chars
+
+
+async def test_tokenize_endpoint_counts_what_chat_and_completions_prefill(app):
+    """/tokenize (vLLM's): a chat's ids, tools included, are chat_jobs' prompt; add_special_tokens
+    follows vLLM's defaults (true for a prompt, false for messages); large ones go to the encoder
+    thread, as a large completion does; /detokenize gives the text back."""
+    from gateway.app import _tokenizing
+    from gateway.tokenize_api import LARGE_TOKEN_LISTS, DetokenizeRequest, TokenizeRequest, detokenize, tokenize
+
+    import copy
+
+    tokenizer, limits = app.state.tokenizer, app.state.limits
+    with_tools = copy.deepcopy(tokenizer)  # SmolLM2's template does not write tools; this one does
+    with_tools.chat_template = ("{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}"
+                                "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}")
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    chat = ChatRequest(messages=messages, tools=tools, tool_choice="required", max_tokens=4)
+    [job] = chat_jobs(chat, with_tools, limits)
+    got = tokenize(TokenizeRequest(messages=messages, tools=tools), with_tools, limits)
+    assert got["tokens"] == job.prompt_ids and got["count"] == len(job.prompt_ids)
+    assert tokenizer.decode(got["tokens"]) == "[get_weather]<user>Weather in Paris?"
+    with_special = tokenize(TokenizeRequest(messages=messages, add_special_tokens=True), tokenizer, limits)["tokens"]
+    template_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert with_special == tokenizer(template_text, add_special_tokens=True)["input_ids"]
+    continued = tokenize(TokenizeRequest(messages=messages + [{"role": "assistant", "content": "It is"}],
+                                         add_generation_prompt=False, continue_final_message=True), tokenizer, limits)
+    assert tokenizer.decode(continued["tokens"]).rstrip().endswith("It is")
+
+    text = "Bonjour à tous 🚀"
+    assert tokenize(TokenizeRequest(prompt=text), tokenizer, limits)["tokens"] == tokenizer(text)["input_ids"]
+    assert tokenize(TokenizeRequest(prompt=text, add_special_tokens=False), tokenizer, limits)["tokens"] == \
+        tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    threads = []
+
+    def recording(work):
+        def run(body, tokenizer, limits):
+            threads.append(threading.current_thread().name)
+            return work(body, tokenizer, limits)
+        return run
+
+    big = "word " * (LARGE_TEXT_CHARS // 5 + 1)
+    assert (await _tokenizing(app, recording(tokenize), TokenizeRequest(prompt=big)))["count"] > 3000
+    assert (await _tokenizing(app, recording(tokenize), TokenizeRequest(messages=[
+        {"role": "user", "content": big}])))["count"] > 3000
+    ids = tokenizer(big)["input_ids"] * (LARGE_TOKEN_LISTS // 1000)
+    assert len(ids) >= LARGE_TOKEN_LISTS
+    back = await _tokenizing(app, recording(detokenize), DetokenizeRequest(tokens=ids))
+    assert back["prompt"] == tokenizer.decode(ids)
+    small = await _tokenizing(app, recording(tokenize), TokenizeRequest(prompt="hi"))
+    assert small["count"] >= 1
+    assert [name.startswith("tokenize") for name in threads] == [True, True, True, False]
