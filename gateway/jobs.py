@@ -59,6 +59,8 @@ class Job:
     tools: Plan | None = None     # chat with tools to call: its output is read for calls (gateway/tools.py)
     skip_special: bool = True     # skip_special_tokens: special tokens left out of the text
     thinking: bool | None = None  # chat, with a reasoning parser: whether the output starts inside <think>
+    token_ids_as_names: bool = False  # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:N"
+    continuous_usage: bool = False    # vLLM's stream_options.continuous_usage_stats: usage on every chunk
 
 
 @dataclass
@@ -242,7 +244,8 @@ def _job(body: SamplingFields, ids: list[int], limits: Limits, default_max: int,
         logit_bias=bias, min_tokens=body.min_tokens or 0, min_p=float(body.min_p or 0), grammar=body.grammar)
     return Job(new_request_id(), limits.model_name, ids, sampling, body.stop_list, body.stream,
                body.include_usage, echo, prompt_logprobs, echo_only, choice,
-               include_stop=body.include_stop_str_in_output, skip_special=body.skip_special_tokens)
+               include_stop=body.include_stop_str_in_output, skip_special=body.skip_special_tokens,
+               token_ids_as_names=bool(body.return_tokens_as_token_ids), continuous_usage=body.continuous_usage)
 
 
 async def deltas(router: Router, tokenizer, job: Job) -> AsyncIterator[Delta]:

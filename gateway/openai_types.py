@@ -55,6 +55,7 @@ def _has_lone_surrogate(value) -> bool:
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False  # vLLM's: with include_usage, usage on every chunk too
 
 
 class TextBody(BaseModel):
@@ -95,6 +96,7 @@ class SamplingFields(TextBody):
     ignore_eos: StrictBool = False            # extension (as vLLM)
     repetition_penalty: Number | None = None  # extension (as vLLM): 1 = off
     min_p: Number | None = None               # extension (as vLLM): 0 = off
+    return_tokens_as_token_ids: StrictBool | None = None  # extension (as vLLM): logprobs' tokens as "token_id:N"
     min_tokens: StrictInt | None = None       # extension (as vLLM): 0 = off
     stop_token_ids: list[StrictInt] | None = None  # extension (as vLLM): token ids that end the output
     include_stop_str_in_output: StrictBool = False  # extension (as vLLM): the stop string or token kept in the text
@@ -244,6 +246,10 @@ class SamplingFields(TextBody):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
 
 class CompletionRequest(SamplingFields):

@@ -81,51 +81,62 @@ def _piece(tokenizer, token_id: int) -> str:
     return token_bytes(tokenizer, token_id).decode(errors="replace")
 
 
+def _name(tokenizer, token_id: int, as_ids: bool) -> str:
+    """A token as logprobs name it: its text, or with vLLM's `return_tokens_as_token_ids`
+    "token_id:N" (a token whose bytes are not whole characters is then still told apart)."""
+    return f"token_id:{token_id}" if as_ids else _piece(tokenizer, token_id)
+
+
 Scored = tuple[int, float | None, list[TopLogprob] | None]  # a token, its logprob and the likeliest there
 
 
 def completion_logprobs(tokenizer, tokens: list[TokenEvent], offset: int,
-                        prompt: tuple[list[int], list[PromptLogprob]] | None = None) -> dict | None:
-    """The logprobs of `tokens` (text offsets from `offset`), after, with echo, the prompt's:
-    (ids, logprobs of ids[1:]); the first prompt token has none (OpenAI's and vLLM's null). With
-    the prompt's, the offsets run on over its tokens' texts, as vLLM's: `offset` is not used."""
+                        prompt: tuple[list[int], list[PromptLogprob]] | None = None,
+                        as_ids: bool = False) -> tuple[dict | None, int]:
+    """(the logprobs of `tokens`, text offsets from `offset`, after, with echo, the prompt's:
+    (ids, logprobs of ids[1:]), where the text after them starts). The first prompt token has no
+    logprob (OpenAI's and vLLM's null). With the prompt's, the offsets run on over its tokens'
+    texts, as vLLM's: `offset` is not used. `as_ids`: tokens named "token_id:N" (_name); the
+    offsets still count their texts."""
     parts = []
     if prompt is not None:
         ids, scored = prompt
-        parts.append(_entries(tokenizer, [(ids[0], None, None)] + [(p.token_id, p.logprob, p.top_logprobs)
-                                                                    for p in scored], 0))
-        offset = text_end(parts[0])
+        part, offset = _entries(tokenizer, [(ids[0], None, None)] + [(p.token_id, p.logprob, p.top_logprobs)
+                                                                      for p in scored], 0, as_ids)
+        parts.append(part)
     if tokens and tokens[0].logprob is not None:
-        parts.append(_entries(tokenizer, [(t.token_id, t.logprob, t.top_logprobs or []) for t in tokens], offset))
+        part, offset = _entries(tokenizer, [(t.token_id, t.logprob, t.top_logprobs or []) for t in tokens], offset,
+                                as_ids)
+        parts.append(part)
     if not parts:
-        return None
-    return {key: [x for part in parts for x in part[key]] for key in parts[0]}
+        return None, offset
+    return {key: [x for part in parts for x in part[key]] for key in parts[0]}, offset
 
 
-def text_end(entries: dict) -> int:
-    """Where the text after logprob entries starts: the end of their last token's text."""
-    return entries["text_offset"][-1] + len(entries["tokens"][-1]) if entries["tokens"] else 0
-
-
-def _entries(tokenizer, rows: list[Scored], offset: int) -> dict:
+def _entries(tokenizer, rows: list[Scored], offset: int, as_ids: bool) -> tuple[dict, int]:
+    """(OpenAI's completion logprobs of the rows, where the text after them starts)."""
     pieces = [_piece(tokenizer, token_id) for token_id, _, _ in rows]
-    return {"tokens": pieces, "token_logprobs": [logprob for _, logprob, _ in rows],
-            "top_logprobs": [None if top is None else {_piece(tokenizer, x.token_id): x.logprob for x in top}
+    offsets = list(itertools.accumulate((len(p) for p in pieces), initial=offset))
+    return {"tokens": [_name(tokenizer, t, as_ids) for t, _, _ in rows] if as_ids else pieces,
+            "token_logprobs": [logprob for _, logprob, _ in rows],
+            "top_logprobs": [None if top is None else {_name(tokenizer, x.token_id, as_ids): x.logprob for x in top}
                              for _, _, top in rows],
-            "text_offset": list(itertools.accumulate((len(p) for p in pieces[:-1]), initial=offset))}
+            "text_offset": offsets[:-1]}, offsets[-1]
 
 
 def _prompt(job: Job, totals_or_delta) -> tuple[list[int], list[PromptLogprob]] | None:
     return None if totals_or_delta.prompt is None else (job.prompt_ids, totals_or_delta.prompt)
 
 
-def chat_logprobs(tokenizer, tokens: list[TokenEvent]) -> dict | None:
+def chat_logprobs(tokenizer, tokens: list[TokenEvent], as_ids: bool = False) -> dict | None:
+    """Chat's logprobs of `tokens`; `as_ids`: named "token_id:N" (_name), `bytes` still theirs."""
     if not tokens or tokens[0].logprob is None:
         return None
 
     def entry(token_id: int, logprob: float) -> dict:
         raw = token_bytes(tokenizer, token_id)
-        return {"token": raw.decode(errors="replace"), "logprob": logprob, "bytes": list(raw)}
+        name = f"token_id:{token_id}" if as_ids else raw.decode(errors="replace")
+        return {"token": name, "logprob": logprob, "bytes": list(raw)}
 
     return {"content": [{**entry(t.token_id, t.logprob),
                          "top_logprobs": [entry(x.token_id, x.logprob) for x in (t.top_logprobs or [])]}
@@ -137,7 +148,7 @@ def completion_body(job: Job, totals: Totals, tokenizer) -> dict:
     return {"id": f"cmpl-{job.request_id}", "object": "text_completion", "created": job.created, "model": job.model,
             "choices": [{"index": 0, "text": text, "finish_reason": totals.finish_reason,
                          "logprobs": completion_logprobs(tokenizer, totals.tokens, len(job.echo_text),
-                                                         _prompt(job, totals))}],
+                                                         _prompt(job, totals), job.token_ids_as_names)[0]}],
             "usage": usage(job, totals)}
 
 
@@ -155,7 +166,7 @@ def chat_body(job: Job, totals: Totals, tokenizer) -> dict:
     return {"id": f"chatcmpl-{job.request_id}", "object": "chat.completion", "created": job.created,
             "model": job.model,
             "choices": [{"index": 0, "message": message, "finish_reason": finish,
-                         "logprobs": chat_logprobs(tokenizer, totals.tokens)}],
+                         "logprobs": chat_logprobs(tokenizer, totals.tokens, job.token_ids_as_names)}],
             "usage": usage(job, totals)}
 
 
@@ -218,6 +229,7 @@ class ChunkWriter:
         """`index`: the job's choice in the request (a batch of prompts, or n > 1)."""
         self.job, self.tokenizer, self.chat, self.index = job, tokenizer, chat, index
         self.offset = len(job.echo_text)
+        self.sent = Totals()  # vLLM's continuous_usage_stats: the tokens so far, for each chunk's usage
         self.split = ChatSplit(job) if chat else None
         kind = "chat.completion.chunk" if chat else "text_completion"
         self.head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job.request_id}", "object": kind,
@@ -232,25 +244,28 @@ class ChunkWriter:
         prompt = _prompt(self.job, delta)
         if not (self.job.echo_text or prompt):
             return []
-        logprobs = completion_logprobs(self.tokenizer, [], 0, prompt)
+        logprobs, end = completion_logprobs(self.tokenizer, [], 0, prompt, self.job.token_ids_as_names)
         if logprobs is not None:  # the generated tokens' offsets run on from the prompt's
-            self.offset = text_end(logprobs)
+            self.offset = end
         return [self._chunk({"index": self.index, "text": self.job.echo_text, "logprobs": logprobs,
                              "finish_reason": None})]
 
     def delta(self, d: Delta) -> str | None:
+        if self.job.continuous_usage:
+            self.sent.tokens.extend(d.tokens)
         if not d.text and not d.finish_reason and (not d.tokens or d.tokens[0].logprob is None):
             return None  # nothing to say yet (a held-back partial character or stop-string prefix)
         if self.chat:
             delta, finish = self._chat_delta(d)
-            logprobs = chat_logprobs(self.tokenizer, d.tokens)
+            logprobs = chat_logprobs(self.tokenizer, d.tokens, self.job.token_ids_as_names)
             if not delta and not finish and logprobs is None:
                 return None  # text a tool call holds until it is whole
             choice = {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            logprobs = completion_logprobs(self.tokenizer, d.tokens, self.offset)
-            if logprobs is not None:  # offsets count the tokens' texts, as the whole body's do (a
-                self.offset = text_end(logprobs)  # character split over tokens: U+FFFDs a piece)
+            # offsets count the tokens' texts, as the whole body's do (a character split over tokens:
+            # U+FFFDs a piece)
+            logprobs, self.offset = completion_logprobs(self.tokenizer, d.tokens, self.offset,
+                                                        as_ids=self.job.token_ids_as_names)
             choice = {"index": self.index, "text": d.text, "logprobs": logprobs, "finish_reason": d.finish_reason}
         return self._chunk(choice)
 
@@ -279,4 +294,6 @@ class ChunkWriter:
         return sse({**self.head, "choices": [], "usage": counted})
 
     def _chunk(self, choice: dict) -> str:
+        if self.job.continuous_usage:  # this choice's usage so far, on every chunk
+            return sse({**self.head, "choices": [choice], "usage": usage(self.job, self.sent)})
         return sse({**self.head, "choices": [choice]})

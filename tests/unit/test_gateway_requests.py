@@ -159,7 +159,7 @@ def test_echo_with_logprobs_and_n_scores_a_prompt_once_and_offsets_run_on(tokeni
     ids = jobs[0].prompt_ids
     generated = tokenizer(" Paris.")["input_ids"]
     out = completion_logprobs(tokenizer, [TokenEvent(request_id="r", index=i, token_id=t, logprob=-0.5)
-                                          for i, t in enumerate(generated)], 12345, (ids, scores[0]))
+                                          for i, t in enumerate(generated)], 12345, (ids, scores[0]))[0]
     assert len(out["tokens"]) == len(ids) + len(generated)
     ends = [offset + len(token) for offset, token in zip(out["text_offset"], out["tokens"])]
     assert out["text_offset"] == [0] + ends[:-1]  # no gap and no restart where the generated text begins
@@ -183,7 +183,7 @@ def test_offsets_after_a_prompt_split_mid_character_count_its_tokens_texts(token
     assert job.echo_text == "Hi \U0001F600 there" and job.prompt_logprobs is None
     scores = [PromptLogprob(token_id=t, logprob=-1.0) for t in ids[1:]]
     event = TokenEvent(request_id="r", index=0, token_id=tokenizer(" now")["input_ids"][0], logprob=-0.5)
-    body = completion_logprobs(tokenizer, [event], len(job.echo_text), (ids, scores))
+    body, _ = completion_logprobs(tokenizer, [event], len(job.echo_text), (ids, scores))
     assert "".join(body["tokens"][:-1]) == "Hi \ufffd\ufffd there"
     assert body["text_offset"][-1] == len(job.echo_text) + 1
 
@@ -201,12 +201,95 @@ def test_offsets_after_a_prompt_split_mid_character_count_its_tokens_texts(token
               for i, t in enumerate(tokenizer(" \U0001F600 ok")["input_ids"])]
     texts = ["", " \U0001F600", " ok"]
     assert len(events) == 3
-    whole = completion_logprobs(tokenizer, events, len(job.echo_text), (ids, scores))["text_offset"][len(ids):]
+    whole = completion_logprobs(tokenizer, events, len(job.echo_text), (ids, scores))[0]["text_offset"][len(ids):]
     writer = ChunkWriter(job, tokenizer, chat=False, index=1)
     writer.first(Delta("", [], None, scores))
     streamed = [json.loads(writer.delta(Delta(text, [e], None))[6:])["choices"][0]["logprobs"]["text_offset"][0]
                 for text, e in zip(texts, events)]
     assert streamed == whole == [11, 13, 14]
+
+
+def test_return_tokens_as_token_ids_names_logprobs_tokens_by_id(tokenizer):
+    """vLLM's return_tokens_as_token_ids: every token of the logprobs (the alternatives too, the
+    echoed prompt's too) is "token_id:N", in the body and the stream of completions and chat;
+    completions' offsets still count the text, chat's bytes are still the token's."""
+    import json
+
+    from common.protocol import PromptLogprob, TokenEvent, TopLogprob
+    from gateway.jobs import Delta
+    from gateway.responses import ChunkWriter, Totals, chat_body, completion_body
+
+    limits = limits_of(tokenizer, 512)
+    [job] = completion_jobs(CompletionRequest(prompt="Hi \U0001F600", echo=True, logprobs=1, max_tokens=2,
+                                              return_tokens_as_token_ids=True), tokenizer, limits)
+    [plain] = completion_jobs(CompletionRequest(prompt="Hi \U0001F600", echo=True, logprobs=1, max_tokens=2),
+                              tokenizer, limits)
+    assert job.token_ids_as_names and not plain.token_ids_as_names
+    ids = job.prompt_ids
+    scores = [PromptLogprob(token_id=t, logprob=-1.0, top_logprobs=[TopLogprob(token_id=7, logprob=-0.1)])
+              for t in ids[1:]]
+    events = [TokenEvent(request_id="r", index=i, token_id=t, logprob=-0.5,
+                         top_logprobs=[TopLogprob(token_id=t, logprob=-0.5), TopLogprob(token_id=9, logprob=-2.0)])
+              for i, t in enumerate(tokenizer(" ok")["input_ids"])]
+    totals = Totals(text=[" ok"], tokens=events, finish_reason="length", prompt=scores)
+    named = completion_body(job, totals, tokenizer)["choices"][0]["logprobs"]
+    texts = completion_body(plain, totals, tokenizer)["choices"][0]["logprobs"]
+    every = ids + [e.token_id for e in events]
+    assert named["tokens"] == [f"token_id:{t}" for t in every]
+    assert named["text_offset"] == texts["text_offset"] and named["token_logprobs"] == texts["token_logprobs"]
+    assert named["top_logprobs"][0] is None and named["top_logprobs"][1] == {"token_id:7": -0.1}
+    assert named["top_logprobs"][-1] == {f"token_id:{events[-1].token_id}": -0.5, "token_id:9": -2.0}
+    writer = ChunkWriter(job, tokenizer, chat=False)
+    [echo] = writer.first(Delta("", [], None, scores))
+    streamed = json.loads(echo[6:])["choices"][0]["logprobs"]["tokens"]
+    for e in events:
+        streamed += json.loads(writer.delta(Delta(" ok" if e is events[-1] else "", [e], None))[6:]
+                               )["choices"][0]["logprobs"]["tokens"]
+    assert streamed == named["tokens"]
+
+    [chat] = chat_jobs(ChatRequest(messages=[{"role": "user", "content": "hi"}], logprobs=True, top_logprobs=2,
+                                   return_tokens_as_token_ids=True, max_tokens=2), tokenizer, limits)
+    content = chat_body(chat, Totals(text=[" ok"], tokens=events, finish_reason="length"),
+                        tokenizer)["choices"][0]["logprobs"]["content"]
+    assert [c["token"] for c in content] == [f"token_id:{e.token_id}" for e in events]
+    assert content[-1]["bytes"] == list(tokenizer.decode([events[-1].token_id]).encode())  # the token's own
+    assert [t["token"] for t in content[-1]["top_logprobs"]] == [f"token_id:{events[-1].token_id}", "token_id:9"]
+    writer = ChunkWriter(chat, tokenizer, chat=True)
+    writer.first(Delta("", [], None))
+    chunk = json.loads(writer.delta(Delta(" ok", events, None))[6:])["choices"][0]
+    assert chunk["logprobs"]["content"] == content
+
+
+def test_continuous_usage_stats_puts_usage_so_far_on_every_chunk(tokenizer):
+    """vLLM's stream_options.continuous_usage_stats (with include_usage): each chunk carries its
+    choice's usage so far, the role chunk's 0 tokens; without it, chunks carry none."""
+    import json
+
+    from common.protocol import TokenEvent
+    from gateway.jobs import Delta
+    from gateway.responses import ChunkWriter
+
+    limits = limits_of(tokenizer, 512)
+    events = [TokenEvent(request_id="r", index=i, token_id=t) for i, t in enumerate(tokenizer(" a b c")["input_ids"])]
+    for chat in (False, True):
+        def body(**options):
+            fields = {"stream": True, "max_tokens": 3, "stream_options": options}
+            return (ChatRequest(messages=[{"role": "user", "content": "hi"}], **fields) if chat else
+                    CompletionRequest(prompt="hi", **fields))
+        make = chat_jobs if chat else completion_jobs
+        [job] = make(body(include_usage=True, continuous_usage_stats=True), tokenizer, limits)
+        writer = ChunkWriter(job, tokenizer, chat=chat)
+        chunks = [json.loads(c[6:]) for c in writer.first(Delta("", [], None))]
+        chunks += [json.loads(writer.delta(Delta(tokenizer.decode([e.token_id]), [e], "length" if e is events[-1]
+                                                 else None))[6:]) for e in events]
+        prompt = len(job.prompt_ids)
+        assert [c["usage"]["completion_tokens"] for c in chunks] == ([0] if chat else []) + [1, 2, 3]
+        assert all(c["usage"]["prompt_tokens"] == prompt and c["usage"]["total_tokens"] ==
+                   prompt + c["usage"]["completion_tokens"] for c in chunks)
+        for options in ({"include_usage": True}, {"continuous_usage_stats": True}):  # both are needed
+            [job] = make(body(**options), tokenizer, limits)
+            writer = ChunkWriter(job, tokenizer, chat=chat)
+            assert "usage" not in json.loads(writer.delta(Delta(" a", events[:1], None))[6:])
 
 
 @pytest.mark.parametrize("fields, param", [
