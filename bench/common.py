@@ -71,14 +71,28 @@ def metrics(url: str) -> dict[str, float]:
             for name, _, value in [line.rpartition(" ")]}
 
 
+# the vector extensions our kernels and oneDNN choose between (engine/kernels): what a CPU had
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_ne_convert", "amx_bf16", "amx_tile")
+
+
 def machine() -> dict:
-    """Where a figure was measured: CPU, cores, memory, versions, commit, date."""
-    cpu = platform.processor() or platform.machine()
+    """Where a figure was measured: CPU (its name, and on x86 its family and model, which a VM's
+    name alone may not tell apart: "AMD EPYC" is Zen 1 as well as Zen 3, and the ISA flags that
+    pick our kernels' paths), cores, memory, versions, commit, date."""
+    cpu, info = platform.processor() or platform.machine(), {}
     try:
         with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+            for line in fh:
+                key, _, value = line.partition(":")
+                if not line.strip():  # the first processor's block is enough
+                    break
+                info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    cpu = info.get("model name", cpu)
+    if "cpu family" in info:
+        cpu += f" (family {info['cpu family']}, model {info.get('model', '?')})"
+    isa = [flag for flag in ISA_FLAGS if flag in info.get("flags", "").split()]
     try:
         mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
@@ -90,7 +104,8 @@ def machine() -> dict:
         commit = ""
     import torch
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1), "python": platform.python_version(),
+    return {"cpu": cpu, "isa": isa, "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1),
+            "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "commit": commit,
             "date": datetime.datetime.now().isoformat(timespec="seconds")}
 
