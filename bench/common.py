@@ -79,17 +79,8 @@ def machine() -> dict:
     """Where a figure was measured: CPU (its name, and on x86 its family and model, which a VM's
     name alone may not tell apart: "AMD EPYC" is Zen 1 as well as Zen 3, and the ISA flags that
     pick our kernels' paths), cores, memory, versions, commit, date."""
-    cpu, info = platform.processor() or platform.machine(), {}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if not line.strip():  # the first processor's block is enough
-                    break
-                info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    cpu = info.get("model name", cpu)
+    info = _cpuinfo()
+    cpu = info.get("model name", platform.processor() or platform.machine())
     if "cpu family" in info:
         cpu += f" (family {info['cpu family']}, model {info.get('model', '?')})"
     isa = [flag for flag in ISA_FLAGS if flag in info.get("flags", "").split()]
@@ -108,6 +99,21 @@ def machine() -> dict:
             "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "commit": commit,
             "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (none where there is no such file)."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return info
 
 
 def write_json(path: str, summary: dict, **sections) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,11 +38,12 @@ from gateway.jobs import (IN_FLIGHT, LARGE_TEXT_CHARS, REQUESTS, Delta, Job, Lim
 from gateway.openai_types import ChatRequest, CompletionRequest
 from gateway.responses import CHAT, COMPLETION, ChunkWriter, Totals, merged_body, sse
 from gateway.responses_api import ResponsesForm, ResponsesRequest
-from gateway.tokenize_api import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 from gateway.router import Router
+from gateway.tokenize_api import DetokenizeRequest, TokenizeRequest, detokenize, tokenize, version
 from gateway.tools import parser_for
 
 log = logging.getLogger(__name__)
+VERSION = version()  # GET /version
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -78,7 +78,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         finally:
             await client.aclose()
 
-    app = FastAPI(title="DéjàVu gateway", lifespan=lifespan)
+    app = FastAPI(title="DéjàVu gateway", version=VERSION, lifespan=lifespan)
     install_error_handlers(app, public=True)
 
     @app.exception_handler(ClientGone)
@@ -134,7 +134,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return await _tokenizing(app, detokenize, body)
 
     @app.get("/version")
-    async def version() -> dict:
+    async def version_() -> dict:
         return {"version": VERSION}
 
     @app.get("/cluster")
@@ -142,16 +142,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return cluster_status(await app.state.router.registry.services(), time.time())
 
     return app
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("dejavu-serving")
-    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was not installed
-        return "unknown"
-
-
-VERSION = _version()
 
 
 def tool_parser(settings: GatewaySettings, tokenizer) -> str:
@@ -192,8 +182,9 @@ class Encoder:
         self.tokenizer = load_tokenizer(path)
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
 
-    async def run(self, make_jobs, body, limits: Limits) -> list[Job]:
-        return await asyncio.get_running_loop().run_in_executor(self.thread, make_jobs, body, self.tokenizer, limits)
+    async def run(self, work, body, limits: Limits):
+        """work(body, tokenizer, limits) on the thread: a request's jobs (jobs.py), /tokenize's answer."""
+        return await asyncio.get_running_loop().run_in_executor(self.thread, work, body, self.tokenizer, limits)
 
 
 async def _jobs(app: FastAPI, make_jobs, body) -> list[Job]:

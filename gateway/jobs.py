@@ -87,12 +87,23 @@ class Limits:
 def text_chars(body: CompletionRequest | ChatRequest) -> int:
     """Characters of text the request would have tokenized (0 for token ids)."""
     if isinstance(body, ChatRequest):
-        parts = [p for m in body.messages if m.content for p in ([m.content] if isinstance(m.content, str) else m.content)]
-        calls = [m.tool_calls for m in body.messages if m.tool_calls]
-        tools = sum(len(json.dumps(x)) for x in (body.tools, *calls) if x)  # the template writes them into the prompt
-        return sum(len(p) if isinstance(p, str) else len(str(p.get("text", ""))) for p in parts) + tools
+        return chat_chars(body.messages, body.tools)
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt or []
     return sum(len(t) for t in texts if isinstance(t, str))
+
+
+def chat_chars(messages: list, tools) -> int:
+    """Characters of text a chat's messages and tools make (the template writes the tools and the
+    assistants' calls into the prompt as JSON). JSON nested deeper than Python writes it back is a
+    400: no template could write it either."""
+    parts = [p for m in messages if m.content for p in ([m.content] if isinstance(m.content, str) else m.content)]
+    calls = [m.tool_calls for m in messages if m.tool_calls]
+    try:
+        written = sum(len(json.dumps(x)) for x in (tools, *calls) if x)
+    except RecursionError:  # parsed, but past the writer's depth (a band just below the reader's limit)
+        raise BadRequest("'tools' or an assistant message's 'tool_calls' is nested too deeply to be written into "
+                         "the prompt", "tools" if tools else "messages") from None
+    return sum(len(p) if isinstance(p, str) else len(str(p.get("text", ""))) for p in parts) + written
 
 
 def rule_out_by_length(chars: int, limits: Limits, param: str) -> None:
@@ -113,7 +124,7 @@ def new_request_id() -> str:
 def completion_jobs(body: CompletionRequest, tokenizer, limits: Limits) -> list[Job]:
     """A job a choice: each prompt's `n`, prompt after prompt (the order of OpenAI's choices)."""
     body.check()
-    _check_model(body, limits)
+    check_model(body, limits)
     jobs = []
     for prompt in body.prompts():
         given = _prompt_ids(prompt, tokenizer, limits, whole=body.truncate_prompt_tokens is None)
@@ -157,7 +168,7 @@ def _truncated(body: SamplingFields, ids: list[int], limits: Limits) -> list[int
 def chat_jobs(body: ChatRequest, tokenizer, limits: Limits) -> list[Job]:
     """A job a choice (`n`)."""
     body.check()
-    _check_model(body, limits)
+    check_model(body, limits)
     messages = [m.for_template() for m in body.messages]
     if body.truncate_prompt_tokens is None:
         rule_out_by_length(sum(len(m["content"]) for m in messages), limits, "messages")
@@ -202,7 +213,7 @@ def chat_prompt_ids(body: ChatRequest, messages: list[dict], tokenizer, tokenize
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
-def _check_model(body: SamplingFields, limits: Limits) -> None:
+def check_model(body: SamplingFields, limits: Limits) -> None:
     if body.model is not None and body.model != limits.model_name:
         raise NotFound(f"model '{body.model}' does not exist; this server serves '{limits.model_name}'",
                        "model", code="model_not_found")

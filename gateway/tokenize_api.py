@@ -15,8 +15,10 @@ from typing import Any
 
 from pydantic import StrictBool, StrictInt, StrictStr
 
-from common.errors import BadRequest, NotFound
-from gateway.jobs import LARGE_TEXT_CHARS, Limits, chat_prompt_ids, rule_out_by_length, text_chars
+import importlib.metadata
+
+from common.errors import BadRequest
+from gateway.jobs import LARGE_TEXT_CHARS, Limits, chat_chars, chat_prompt_ids, check_model
 from gateway.openai_types import ChatMessage, ChatRequest, TextBody
 
 LARGE_TOKEN_LISTS = 8192  # token ids past this are detokenized off the event loop
@@ -50,8 +52,7 @@ class TokenizeRequest(TextBody):
         """Tokenized off the event loop (app.Encoder), as a long prompt is."""
         if self.prompt is not None:
             return len(self.prompt) >= LARGE_TEXT_CHARS
-        return self.messages is not None and text_chars(ChatRequest.model_construct(
-            messages=self.messages, tools=self.tools)) >= LARGE_TEXT_CHARS
+        return self.messages is not None and chat_chars(self.messages, self.tools) >= LARGE_TEXT_CHARS
 
 
 class DetokenizeRequest(TextBody):
@@ -64,18 +65,18 @@ class DetokenizeRequest(TextBody):
 
 
 def tokenize(body: TokenizeRequest, tokenizer, limits: Limits) -> dict:
-    _check_model(body.model, limits)
+    """Text of any length is counted, as vLLM's (a client asks to learn how much to cut); the body
+    limit (--max-body-bytes) bounds the work, done on the tokenizer thread when large."""
+    check_model(body, limits)
     if (body.prompt is None) == (body.messages is None):
         raise BadRequest("give one of 'prompt' (text) or 'messages' (a chat)",
                          "prompt" if body.prompt is not None else "messages")
     if body.prompt is not None:
-        rule_out_by_length(len(body.prompt), limits, "prompt")
         special = True if body.add_special_tokens is None else body.add_special_tokens
         ids = tokenizer(body.prompt, add_special_tokens=special)["input_ids"]
     else:
         chat = body.chat()
         messages = [m.for_template() for m in chat.messages]
-        rule_out_by_length(sum(len(m["content"]) for m in messages), limits, "messages")
         if body.add_special_tokens:  # the template's text, tokenized with the tokenizer's own special tokens
             ids = tokenizer(chat_prompt_ids(chat, messages, tokenizer, tokenize=False),
                             add_special_tokens=True)["input_ids"]
@@ -87,14 +88,16 @@ def tokenize(body: TokenizeRequest, tokenizer, limits: Limits) -> dict:
 
 
 def detokenize(body: DetokenizeRequest, tokenizer, limits: Limits) -> dict:
-    _check_model(body.model, limits)
+    check_model(body, limits)
     bad = [t for t in body.tokens if not 0 <= t < limits.vocab_size]
     if bad:
         raise BadRequest(f"'tokens' token id {bad[0]} is outside the vocabulary [0, {limits.vocab_size})", "tokens")
     return {"prompt": tokenizer.decode(body.tokens)}
 
 
-def _check_model(model: str | None, limits: Limits) -> None:
-    if model is not None and model != limits.model_name:
-        raise NotFound(f"model '{model}' does not exist; this server serves '{limits.model_name}'",
-                       "model", code="model_not_found")
+def version() -> str:
+    """This package's version, for GET /version (vLLM's)."""
+    try:
+        return importlib.metadata.version("dejavu-serving")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was not installed
+        return "unknown"

@@ -22,7 +22,7 @@ def reference(q, k, v, start):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (4, 2, 16), (8, 8, 128), (2, 1, 80)])
-@pytest.mark.parametrize("M, start", [(1, 0), (17, 0), (500, 0), (33, 100), (1, 7)])
+@pytest.mark.parametrize("M, start", [(1, 0), (17, 0), (500, 0), (33, 100), (1, 7), (16, 16)])  # 16, 32: whole key tiles
 def test_causal_attention_equals_sdpa(dtype, tol, heads, kv_heads, dim, M, start):
     torch.manual_seed(M + start + dim)
     qkv = torch.randn(M, (heads + 2 * kv_heads) * dim, dtype=dtype)  # strided views, as the model's
@@ -33,6 +33,11 @@ def test_causal_attention_equals_sdpa(dtype, tol, heads, kv_heads, dim, M, start
     out = kernel.causal_attention(q, k, v, start, dim ** -0.5)
     assert out.dtype == dtype and out.shape == q.shape
     torch.testing.assert_close(out.double(), reference(q, k, v, start), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dim", [32, 96, 256])  # the other head dims built (kernels.HEAD_DIMS)
+def test_causal_attention_other_head_dims(dim):
+    test_causal_attention_equals_sdpa(torch.float32, 1e-5, 4, 2, dim, 37, 11)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

@@ -117,3 +117,32 @@ async def test_tokenize_endpoint_counts_what_chat_and_completions_prefill(app):
     small = await _tokenizing(app, recording(tokenize), TokenizeRequest(prompt="hi"))
     assert small["count"] >= 1
     assert [name.startswith("tokenize") for name in threads] == [True, True, True, False]
+
+
+async def test_tools_nested_past_what_json_writes_back_are_a_400(app):
+    """A tools schema that parses but is nested deeper than json.dumps writes (a band below the
+    parser's limit) is a 400 naming it, from chat and /tokenize alike, not a RecursionError."""
+    from common.errors import BadRequest
+    from gateway.jobs import text_chars
+    from gateway.tokenize_api import TokenizeRequest
+
+    deep = 1
+    for _ in range(1500):
+        deep = {"a": deep}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": deep}}]
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(BadRequest) as info:
+        text_chars(ChatRequest(messages=messages, tools=tools))
+    assert info.value.param == "tools"
+    with pytest.raises(BadRequest):
+        TokenizeRequest(messages=messages, tools=tools).large
+
+
+async def test_tokenize_counts_text_longer_than_the_context(app):
+    """/tokenize answers however long the text (vLLM's): the count is what a client asks for."""
+    from gateway.tokenize_api import TokenizeRequest, tokenize
+
+    limits = app.state.limits
+    text = "a " * (limits.max_model_len * limits.max_token_chars)
+    got = tokenize(TokenizeRequest(prompt=text), app.state.tokenizer, limits)
+    assert got["count"] > limits.max_model_len and got["max_model_len"] == limits.max_model_len
