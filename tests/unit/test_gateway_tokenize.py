@@ -4,6 +4,7 @@ that cannot fit however it tokenizes is refused before it is tokenized."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from types import SimpleNamespace
 
@@ -131,11 +132,16 @@ async def test_tools_nested_past_what_json_writes_back_are_a_400(app):
         deep = {"a": deep}
     tools = [{"type": "function", "function": {"name": "f", "parameters": deep}}]
     messages = [{"role": "user", "content": "hi"}]
-    with pytest.raises(BadRequest) as info:
-        text_chars(ChatRequest(messages=messages, tools=tools))
-    assert info.value.param == "tools"
-    with pytest.raises(BadRequest):
-        TokenizeRequest(messages=messages, tools=tools).large
+    limit = sys.getrecursionlimit()  # Python's default: a library loaded earlier in the run may have raised it
+    sys.setrecursionlimit(1000)
+    try:
+        with pytest.raises(BadRequest) as info:
+            text_chars(ChatRequest(messages=messages, tools=tools))
+        assert info.value.param == "tools"
+        with pytest.raises(BadRequest):
+            TokenizeRequest(messages=messages, tools=tools).large
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 async def test_tokenize_counts_text_longer_than_the_context(app):
