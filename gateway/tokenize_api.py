@@ -11,11 +11,10 @@ template and validation (ChatRequest's), so a client can count a conversation be
 
 from __future__ import annotations
 
+import importlib.metadata
 from typing import Any
 
 from pydantic import StrictBool, StrictInt, StrictStr
-
-import importlib.metadata
 
 from common.errors import BadRequest
 from gateway.jobs import LARGE_TEXT_CHARS, Limits, chat_chars, chat_prompt_ids, check_model
