@@ -213,8 +213,9 @@ def cluster_headers(settings: ServiceSettings) -> dict[str, str]:
 
 class RequireSecret:
     """401, OpenAI's way, for any call but the probes' (/health, /metrics) whose `header` does not
-    carry one of `secrets` (after `scheme`, e.g. "Bearer"). Every secret is compared, in constant
-    time: how long a refusal takes says nothing about them. Two uses:
+    carry one of `secrets` (after `scheme`, e.g. "Bearer"; or, without that header, alone in
+    `bare_header`). Every secret is compared, in constant time: how long a refusal takes says
+    nothing about them. Two uses:
     - the gateway's API keys (API_KEYS): /v1/*, /cluster (it names internal addresses), the
       OpenAPI pages, any route added later;
     - an internal service's cluster token (CLUSTER_TOKEN): a stranger who reaches the port can
@@ -223,16 +224,22 @@ class RequireSecret:
     OPEN = ("/health", "/metrics")
 
     def __init__(self, app, secrets: tuple[str, ...], header: str, scheme: str, code: str, missing: str, wrong: str,
-                 challenge: str = ""):
+                 challenge: str = "", bare_header: str = ""):
+        """`bare_header`: another header that may carry a secret, alone (Anthropic's x-api-key)."""
         self.app, self.secrets = app, [x.encode() for x in secrets]
         self.header, self.scheme, self.code = header.lower().encode(), scheme.lower().encode(), code
+        self.bare = bare_header.lower().encode()
         self.missing, self.wrong, self.challenge = missing, wrong, challenge
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in self.OPEN:
             return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(self.header, b"")
+        sent = dict(scope["headers"])
+        given = sent.get(self.header, b"")
         scheme, _, value = given.partition(b" ") if self.scheme else (b"", b"", given)
+        if not given and self.bare and self.bare in sent:  # the secret alone, in the other header
+            given = value = sent[self.bare]
+            scheme = self.scheme
         if scheme.lower() == self.scheme and sum(hmac.compare_digest(x, value.strip()) for x in self.secrets):
             return await self.app(scope, receive, send)  # (the caller's length sets the time, not a secret's)
         log.info("refused %s %r from %s: %s", scope["method"], scope["path"][:200],
@@ -243,8 +250,9 @@ class RequireSecret:
 
 
 API_KEYS = dict(header="authorization", scheme="Bearer", code="invalid_api_key", challenge="Bearer",
-                missing="no API key: send it as 'Authorization: Bearer KEY'",
-                wrong="incorrect API key (send 'Authorization: Bearer KEY')")
+                bare_header="x-api-key",  # as Anthropic's clients send it (/v1/messages)
+                missing="no API key: send it as 'Authorization: Bearer KEY' (or 'x-api-key: KEY')",
+                wrong="incorrect API key (send 'Authorization: Bearer KEY' or 'x-api-key: KEY')")
 CLUSTER_TOKEN = dict(header=CLUSTER_TOKEN_HEADER, scheme="", code="invalid_cluster_token",
                      missing="this endpoint is internal: it needs the cluster token (DEJAVU_CLUSTER_TOKEN)",
                      wrong="this endpoint is internal: it needs the cluster token (DEJAVU_CLUSTER_TOKEN)")

@@ -3,14 +3,15 @@
 GET  /v1/models
 POST /v1/completions, /v1/chat/completions   (stream or not)
 POST /v1/responses                           (OpenAI's Responses API, on chat: gateway/responses_api.py)
+POST /v1/messages, /v1/messages/count_tokens (Anthropic's Messages API, on chat: gateway/messages_api.py)
 POST /tokenize, /detokenize                  (vLLM's: a prompt's or chat's token ids, and text from ids)
 GET  /version
 GET  /health, /metrics
 GET  /cluster                                (every registered service and its lease: for operators)
 
 With --api-key set (DEJAVU_API_KEYS), every route but /health and /metrics (/v1/*, /cluster, which
-names internal addresses, the OpenAPI pages) needs `Authorization: Bearer KEY`; the probes and
-scrapers' two stay open.
+names internal addresses, the OpenAPI pages) needs `Authorization: Bearer KEY` (or `x-api-key: KEY`,
+as Anthropic's clients send it); the probes and scrapers' two stay open.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from common.settings import GatewaySettings
 from gateway import reasoning
 from gateway.jobs import (IN_FLIGHT, LARGE_TEXT_CHARS, REQUESTS, Delta, Job, Limits, chat_jobs, completion_jobs,
                           deltas, text_chars)
+from gateway.messages_api import AnthropicErrors, MessagesForm, MessagesRequest, count_tokens
 from gateway.openai_types import ChatRequest, CompletionRequest
 from gateway.responses import CHAT, COMPLETION, ChunkWriter, Totals, merged_body, sse
 from gateway.responses_api import ResponsesForm, ResponsesRequest
@@ -88,13 +90,19 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.api_keys:  # added last: it runs first, before a body is read
         app.add_middleware(RequireSecret, **API_KEYS, secrets=settings.api_keys)
+    app.add_middleware(AnthropicErrors)  # outermost: it rewrites the errors of every layer on /v1/messages
     add_health_and_metrics(app, lambda: _health(app))
 
     @app.get("/v1/models")
     async def models() -> dict:
+        """OpenAI's list, which Anthropic's clients read too (their fields alongside: type,
+        display_name, created_at; has_more, first_id, last_id)."""
         limits: Limits = app.state.limits
-        return {"object": "list", "data": [{"id": limits.model_name, "object": "model", "created": 0,
-                                            "owned_by": "dejavu", "max_model_len": limits.max_model_len}]}
+        name = limits.model_name
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "dejavu",
+                                            "max_model_len": limits.max_model_len, "type": "model",
+                                            "display_name": name, "created_at": "1970-01-01T00:00:00Z"}],
+                "has_more": False, "first_id": name, "last_id": name}
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> dict:
@@ -116,12 +124,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request):
         """OpenAI's Responses API, on the chat machinery (gateway/responses_api.py)."""
-        form = ResponsesForm(body)
-        try:
-            jobs = await _jobs(app, chat_jobs, form.as_chat)
-        except BadRequest as exc:  # chat's words for what this API names otherwise
-            raise body.renamed(exc) from None
-        return await serve(app, jobs, request, form)
+        return await _translated(app, ResponsesForm(body), request)
+
+    @app.post("/v1/messages")
+    async def messages(body: MessagesRequest, request: Request):
+        """Anthropic's Messages API, on the chat machinery (gateway/messages_api.py)."""
+        return await _translated(app, MessagesForm(body), request)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens_(body: MessagesRequest) -> dict:
+        """Anthropic's: the input tokens a message request would have."""
+        return await _tokenizing(app, count_tokens, body)
 
     @app.post("/tokenize")
     async def tokenize_(body: TokenizeRequest) -> dict:
@@ -191,6 +204,16 @@ async def _jobs(app: FastAPI, make_jobs, body) -> list[Job]:
     if text_chars(body) < LARGE_TEXT_CHARS and not body.constrained:  # a grammar may take long to compile
         return make_jobs(body, app.state.tokenizer, app.state.limits)
     return await app.state.encoder.run(make_jobs, body, app.state.limits)
+
+
+async def _translated(app: FastAPI, form, request: Request):
+    """A request of another API (a ResponsesForm, a MessagesForm) served as the chat request it
+    translates to (`form.as_chat`); chat's 400s come back in that API's names."""
+    try:
+        jobs = await _jobs(app, chat_jobs, form.as_chat)
+    except BadRequest as exc:
+        raise form.request.renamed(exc) from None
+    return await serve(app, jobs, request, form)
 
 
 async def _tokenizing(app: FastAPI, work, body) -> dict:

@@ -52,6 +52,7 @@ class StopStrings:
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def push(self, text: str, match: bool = True) -> str:
         """Text safe to release now. After a stop string is seen, `stopped` is set and the
@@ -64,7 +65,7 @@ class StopStrings:
         hits = [] if not match else [(i, -len(s)) for i, s in ((self.pending.find(s), s) for s in self.stops) if i >= 0]
         if hits:  # the earliest, and of two there the longest
             i, minus_len = min(hits)
-            self.stopped = True
+            self.stopped, self.matched = True, self.pending[i: i - minus_len]
             out, self.pending = self.pending[: i - minus_len if self.include else i], ""
             return out
         cut = len(self.pending) - self._held()

@@ -69,6 +69,7 @@ class Delta:
     tokens: list[TokenEvent]
     finish_reason: str | None
     prompt: list[PromptLogprob] | None = None  # the first delta, with echo and logprobs: prompt tokens 1..
+    stop: str | int | None = None  # the last delta: the stop string, or stop token (not EOS), that ended it
 
 
 @dataclass
@@ -283,9 +284,12 @@ async def deltas(router: Router, tokenizer, job: Job) -> AsyncIterator[Delta]:
             if finish and not stops.stopped:
                 text += stops.push(detok.finish(), armed)
                 text += stops.flush()
+            stop = None  # what ended it, as vLLM's stop_reason: a stop string, a stop token of the request's
             if stops.stopped:
-                finish = "stop"
-            yield Delta(text, [event], finish, event.prompt_logprobs)
+                finish, stop = "stop", stops.matched
+            elif finish == "stop" and event.token_id in job.sampling.stop_token_ids:
+                stop = event.token_id
+            yield Delta(text, [event], finish, event.prompt_logprobs, stop)
             if finish:
                 if count > 1:
                     TPOT.observe((time.perf_counter() - first_at) / (count - 1))

@@ -6,7 +6,7 @@ ignored, as OpenAI does. Each check names the parameter and says what to change.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt, StrictStr,
                       model_validator)
@@ -48,10 +48,6 @@ def unwritable(value, token_ids: bool = True, numbers: bool = False) -> str:
     return ""
 
 
-def _has_lone_surrogate(value) -> bool:
-    return unwritable(value) == "surrogate"
-
-
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: StrictBool = False
@@ -60,19 +56,25 @@ class StreamOptions(BaseModel):
 
 class TextBody(BaseModel):
     """A request body whose strings must be text: a lone UTF-16 surrogate anywhere is a 400 naming
-    the field. Unknown fields are ignored, as OpenAI does."""
+    the field. Unknown fields are ignored, as OpenAI does. `WHOLE`: every value is looked at (a body
+    with no field of token ids to skip, whose tools and the like come back in its answer), and NaN
+    and infinities are refused too (Python's JSON reads them; no JSON writer writes them back)."""
 
     model_config = ConfigDict(extra="ignore")
+    WHOLE: ClassVar[bool] = False
 
     @model_validator(mode="before")
     @classmethod
     def _valid_unicode(cls, data):
         if isinstance(data, dict):
             for key, value in data.items():
-                if _has_lone_surrogate(key) or _has_lone_surrogate(value):
-                    name = key if key in cls.model_fields else None
-                    raise BadRequest(f"'{name or 'a field'}' holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
-                                     "escape): not valid Unicode text", name)
+                bad = unwritable(key) or unwritable(value, token_ids=not cls.WHOLE, numbers=cls.WHOLE)
+                name = key if key in cls.model_fields else None
+                if bad == "surrogate":
+                    raise BadRequest(f"'{name or 'a field'}' holds a lone UTF-16 surrogate (an unpaired "
+                                     "\\ud800-\\udfff escape): not valid Unicode text", name)
+                if bad:
+                    raise BadRequest(f"'{name or 'a field'}' holds NaN or Infinity: not a JSON number", name)
         return data
 
 

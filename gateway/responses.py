@@ -21,12 +21,14 @@ class Totals:
     tokens: list[TokenEvent] = field(default_factory=list)
     finish_reason: str | None = None
     prompt: list[PromptLogprob] | None = None  # echo with logprobs: prompt tokens 1..
+    stop: str | int | None = None  # the stop string or stop token that ended the output (Delta.stop)
 
     def add(self, delta: Delta) -> None:
         self.prompt = delta.prompt if delta.prompt is not None else self.prompt
         self.text.append(delta.text)
         self.tokens.extend(delta.tokens)
         self.finish_reason = delta.finish_reason or self.finish_reason
+        self.stop = delta.stop if delta.stop is not None else self.stop
 
 
 def usage(job: Job, totals: Totals) -> dict:
@@ -146,7 +148,7 @@ def chat_logprobs(tokenizer, tokens: list[TokenEvent], as_ids: bool = False) -> 
 def completion_body(job: Job, totals: Totals, tokenizer) -> dict:
     text = job.echo_text + "".join(totals.text)
     return {"id": f"cmpl-{job.request_id}", "object": "text_completion", "created": job.created, "model": job.model,
-            "choices": [{"index": 0, "text": text, "finish_reason": totals.finish_reason,
+            "choices": [{"index": 0, "text": text, "finish_reason": totals.finish_reason, "stop_reason": totals.stop,
                          "logprobs": completion_logprobs(tokenizer, totals.tokens, len(job.echo_text),
                                                          _prompt(job, totals), job.token_ids_as_names)[0]}],
             "usage": usage(job, totals)}
@@ -165,7 +167,7 @@ def chat_body(job: Job, totals: Totals, tokenizer) -> dict:
         message["content"] = None
     return {"id": f"chatcmpl-{job.request_id}", "object": "chat.completion", "created": job.created,
             "model": job.model,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish, "stop_reason": totals.stop,
                          "logprobs": chat_logprobs(tokenizer, totals.tokens, job.token_ids_as_names)}],
             "usage": usage(job, totals)}
 
@@ -267,6 +269,8 @@ class ChunkWriter:
             logprobs, self.offset = completion_logprobs(self.tokenizer, d.tokens, self.offset,
                                                         as_ids=self.job.token_ids_as_names)
             choice = {"index": self.index, "text": d.text, "logprobs": logprobs, "finish_reason": d.finish_reason}
+        if d.finish_reason:  # vLLM's: the stop string or stop token that ended it (null: EOS, or the length)
+            choice["stop_reason"] = d.stop
         return self._chunk(choice)
 
     def _chat_delta(self, d: Delta) -> tuple[dict, str | None]:

@@ -33,13 +33,12 @@ import re
 import uuid
 from typing import Any
 
-from pydantic import (BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError,
-                      model_validator)
+from pydantic import StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from common.errors import BadRequest, DejavuError
 from gateway import tools
 from gateway.jobs import Delta, Job
-from gateway.openai_types import ChatRequest, unwritable
+from gateway.openai_types import ChatRequest, TextBody
 from gateway.responses import ChatSplit, Totals, cached_tokens, chat_logprobs
 
 Number = StrictFloat | StrictInt
@@ -54,10 +53,10 @@ NOT_STORED = ("responses are not stored on this server (as vLLM's by default): s
               "'input' (earlier turns' messages, function calls and their outputs)")
 
 
-class ResponsesRequest(BaseModel):
+class ResponsesRequest(TextBody):
     """The body of POST /v1/responses. Unknown fields are ignored, as elsewhere."""
 
-    model_config = ConfigDict(extra="ignore")
+    WHOLE = True
     model: StrictStr | None = None
     input: StrictStr | list[Any] | None = None
     instructions: StrictStr | None = None
@@ -93,20 +92,6 @@ class ResponsesRequest(BaseModel):
     ignore_eos: StrictBool = False
     min_tokens: StrictInt | None = None
     chat_template_kwargs: dict | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _valid_unicode(cls, data):
-        if isinstance(data, dict):
-            for key, value in data.items():
-                name = key if key in cls.model_fields else None
-                bad = _not_json(key) or _not_json(value)  # a key is a string: a surrogate at most
-                if bad == "surrogate":
-                    raise BadRequest(f"'{name or 'a field'}' holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
-                                     "escape): not valid Unicode text", name)
-                if bad:  # parsed from NaN or Infinity
-                    raise BadRequest(f"'{name or 'a field'}' holds NaN or Infinity: not a JSON number", name)
-        return data
 
     def chat_request(self) -> ChatRequest:
         """The same request on chat; a 400 naming this API's field for anything it cannot be."""
@@ -235,12 +220,6 @@ class ResponsesRequest(BaseModel):
         out = type(exc)(message, RENAMED.get(exc.param, exc.param))
         out.code = exc.code
         return out
-
-
-def _not_json(value) -> str:
-    """openai_types.unwritable, every value looked at (this API has no field of token ids to skip,
-    and its tools, tool_choice and text come back in the response), NaN and infinities too."""
-    return unwritable(value, token_ids=False, numbers=True)
 
 
 def _message(i: int, item: dict) -> dict:

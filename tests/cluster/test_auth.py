@@ -1,6 +1,7 @@
 """API keys on the OpenAI surface (--api-key / DEJAVU_API_KEYS): with keys set, every route but the
-probes' (/v1/*, /cluster, the OpenAPI pages) answers 401 (OpenAI's error body) to a call without a
-valid bearer key, changes nothing, and serves one that has it, through the official SDK too;
+probes' (/v1/*, /cluster, the OpenAPI pages) answers 401 (OpenAI's error body; Anthropic's on
+/v1/messages) to a call without a valid key (a bearer token, or x-api-key), changes nothing, and
+serves one that has it, through the official SDKs too;
 /health and /metrics stay open for probes. Then the cluster token on internal endpoints."""
 
 from __future__ import annotations
@@ -28,14 +29,16 @@ def cluster(tiny_model_path, redis_server):
                                      {"Authorization": "Bearer sk-first-key-and-more"}])
 @pytest.mark.parametrize("method,path", [("GET", "/v1/models"), ("POST", "/v1/completions"),
                                          ("POST", "/v1/chat/completions"), ("GET", "/cluster"),
-                                         ("GET", "/openapi.json"), ("GET", "/docs"), ("POST", "/tokenize")])
+                                         ("GET", "/openapi.json"), ("GET", "/docs"), ("POST", "/tokenize"),
+                                         ("POST", "/v1/messages")])
 def test_calls_without_a_valid_key_get_401_and_change_nothing(cluster, headers, method, path):
     body = {"prompt": "hi", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
     resp = httpx.request(method, cluster.url + path, headers=headers, json=body if method == "POST" else None, timeout=30)
     assert resp.status_code == 401, resp.text
     assert resp.headers["www-authenticate"] == "Bearer"
     error = resp.json()["error"]
-    assert error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error" and error["param"] is None
+    kind = "authentication_error" if path == "/v1/messages" else "invalid_request_error"  # Anthropic's name there
+    assert error["code"] == "invalid_api_key" and error["type"] == kind and error["param"] is None
     assert "Bearer" in error["message"]
     assert metric(cluster.of("token")[0].url, "dejavu_token_sequences") == 0
 
@@ -59,6 +62,30 @@ def test_openai_sdk_with_and_without_the_key(cluster):
     with pytest.raises(openai.AuthenticationError) as err:
         bad.completions.create(model=model, prompt="Water boils at", max_tokens=4)
     assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
+
+
+def test_the_anthropic_sdk_sends_its_key_as_x_api_key_and_is_refused_in_anthropics_words(cluster):
+    """x-api-key (Anthropic's header) carries a key as well as a bearer token does, on every route;
+    a wrong one on /v1/messages is a 401 whose body the anthropic SDK reads as an authentication
+    error (Anthropic's type), and changes nothing."""
+    import anthropic
+
+    model = httpx.get(cluster.url + "/v1/models", headers={"x-api-key": KEYS[1]}, timeout=10).json()["data"][0]["id"]
+    good = anthropic.Anthropic(base_url=cluster.url, api_key=KEYS[0], max_retries=0, timeout=60)
+    out = good.messages.create(model=model, max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
+    assert out.usage.output_tokens >= 1 and out.content[0].type == "text"
+    bad = anthropic.Anthropic(base_url=cluster.url, api_key="sk-nope", max_retries=0, timeout=60)
+    with pytest.raises(anthropic.AuthenticationError) as err:
+        bad.messages.create(model=model, max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
+    assert err.value.status_code == 401
+    assert err.value.body["type"] == "error" and err.value.body["error"]["type"] == "authentication_error"
+    assert "x-api-key" in err.value.body["error"]["message"]
+    for headers in ({"x-api-key": "sk-nope"}, {"x-api-key": ""},
+                    {"Authorization": "Bearer sk-nope", "x-api-key": KEYS[0]}):
+        resp = httpx.post(cluster.url + "/v1/completions", headers=headers, json={"prompt": "hi", "max_tokens": 2},
+                          timeout=30)
+        assert resp.status_code == 401, (headers, resp.text)  # a wrong bearer token is not saved by x-api-key
+    assert metric(cluster.of("token")[0].url, "dejavu_token_sequences") == 0
 
 
 INTERNAL = [("token", "POST", "/reserve", {"request_id": "r1", "prompt_tokens": 4, "max_tokens": 4}),

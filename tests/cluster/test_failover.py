@@ -143,6 +143,34 @@ def test_a_responses_api_stream_survives_a_token_service_failure(cluster):
     assert_no_kv_held_on(cluster)
 
 
+def test_an_anthropic_messages_stream_survives_a_token_service_failure(cluster):
+    """POST /v1/messages through the anthropic SDK's stream helper, seeded: the token service is
+    killed mid-stream, and the SDK's message ends as the clean run's, text and usage."""
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=cluster.url, api_key="unused", max_retries=0, timeout=120)
+    ask = dict(model=httpx.get(cluster.url + "/v1/models", timeout=10).json()["data"][0]["id"], max_tokens=200,
+               messages=[{"role": "user", "content": PROMPT}],
+               extra_body={"temperature": 0.8, "seed": 5, "ignore_eos": True})
+
+    def run(kill_after: int | None):
+        pieces = []
+        with client.messages.stream(**ask) as stream:
+            for event in stream:
+                if event.type == "text":
+                    pieces.append(event.text)
+                    if len(pieces) == kill_after:
+                        cluster.kill(serving(cluster), signal.SIGKILL)
+            return "".join(pieces), stream.get_final_message()
+
+    clean, clean_message = run(None)
+    failed, message = run(40)
+    assert failed == clean == message.content[0].text and message.stop_reason == "max_tokens"
+    assert message.usage.output_tokens == clean_message.usage.output_tokens == 200
+    assert metric(cluster.url, "dejavu_gateway_recoveries_total" + f'{{path="{cluster.path}"}}') == 1
+    assert_no_kv_held_on(cluster)
+
+
 def test_the_choices_of_one_request_survive_a_token_service_failure(cluster):
     """n = 2, seeded, streamed: each choice is a request of its own, so the one whose token service
     is killed resumes elsewhere while the other goes on; both texts are a clean run's."""

@@ -118,6 +118,7 @@ def with_raw(name: str, raw: bytes, body: dict | None = None) -> bytes:
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 RESPONSE = {"input": "Hi", "max_output_tokens": 2}
+MESSAGE = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 JSON = "application/json"
 HOSTILE = [
     # (name, path, body, content type, status, param): each must be refused, with OpenAI's error body
@@ -243,6 +244,24 @@ HOSTILE = [
     ("10**30 to detokenize", "/detokenize", json.dumps({"tokens": [10**30]}).encode(), JSON, 400, "tokens"),
     ("floats to detokenize", "/detokenize", json.dumps({"tokens": [1.5]}).encode(), JSON, 400, "tokens"),
     ("empty tokenize body", "/tokenize", b"", JSON, 400, None),
+    # Anthropic's Messages API (its errors are Anthropic's body, which keeps OpenAI's error fields)
+    ("surrogate in a message's block", "/v1/messages", with_raw(
+        "messages", b'[{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]', MESSAGE), JSON, 400,
+     "messages"),
+    ("NaN in a tool's input_schema", "/v1/messages", with_raw("tools", b'[{"name": "f", "input_schema": '
+     b'{"type": "object", "maximum": NaN}}]', MESSAGE), JSON, 400, "tools"),
+    ("messages nested 10,000 deep", "/v1/messages", with_raw("messages", nested(10_000), MESSAGE), JSON, 400, None),
+    ("a tool_use input nested 960 deep", "/v1/messages", with_raw("messages", b'[{"role": "assistant", "content": '
+     b'[{"type": "tool_use", "id": "t", "name": "f", "input": ' + b'{"a": ' * 960 + b"1" + b"}" * 960 + b"}]}]",
+     MESSAGE), JSON, 400, None),
+    ("a tool nested 960 deep to count", "/v1/messages/count_tokens", with_raw("tools", b'[{"name": "f", '
+     b'"input_schema": ' + b'{"a": ' * 960 + b"1" + b"}" * 960 + b"}]", MESSAGE), JSON, 400, None),
+    ("10**30 max_tokens", "/v1/messages", json.dumps({**MESSAGE, "max_tokens": 10**30}).encode(), JSON, 400,
+     "max_tokens"),
+    ("an image block", "/v1/messages", json.dumps({**MESSAGE, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]}).encode(), JSON,
+     400, "messages"),
+    ("empty messages body", "/v1/messages", b"", JSON, 400, None),
 ]
 
 
@@ -250,6 +269,7 @@ HOSTILE = [
 def test_hostile_payloads_get_an_openai_4xx(cluster, name, path, body, content_type, status, param):
     resp = httpx.post(cluster.url + path, content=body, headers={"content-type": content_type}, timeout=TIMEOUT_S)
     assert_openai_error(resp, status, param)
+    assert ("type" in resp.json()) == path.startswith("/v1/messages")  # Anthropic's {"type": "error", ...} there
 
 
 EXTREMES = [

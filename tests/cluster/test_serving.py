@@ -453,6 +453,54 @@ def test_the_responses_api_answers_as_chat_does_through_the_openai_sdk(tiny_clus
     assert_no_kv_held(tiny_cluster)
 
 
+def test_anthropics_messages_api_answers_as_chat_does_through_the_anthropic_sdk(tiny_cluster, tiny_oracle):
+    """POST /v1/messages (the anthropic SDK's `messages`): greedy, its text is the chat answer to
+    the same conversation, which equals HF generate on the chat template's prompt; streamed (the
+    SDK's stream helper) the same, with the same usage; count_tokens counts that prompt; a prefill
+    (a final assistant turn) is continued; errors are Anthropic's body, which the SDK raises."""
+    import anthropic
+
+    tok = tiny_oracle.tokenizer
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours."}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    want, n = tiny_oracle.text(ids, 16)
+    client = anthropic.Anthropic(base_url=tiny_cluster.url, api_key="unused", max_retries=0, timeout=120)
+    [listed] = client.models.list().data  # the OpenAI list, read by the anthropic SDK
+    model = listed.id
+    assert listed.type == "model" and listed.display_name == model
+    greedy = {"temperature": 0}  # the SDK no longer names it: a field of the body all the same
+    ask = dict(model=model, system="Be brief.", max_tokens=16, extra_body=greedy,
+               messages=[{"role": "user", "content": "Name three colours."}])
+    whole = client.messages.create(**ask)
+    assert whole.content[0].text == want and whole.id.startswith("msg_") and whole.type == "message"
+    assert (whole.usage.input_tokens + whole.usage.cache_read_input_tokens, whole.usage.output_tokens) == (len(ids), n)
+    assert whole.stop_reason == ("max_tokens" if n == 16 else "end_turn")
+    with client.messages.stream(**ask) as stream:
+        said = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert said == want and final.content[0].text == want and final.usage.output_tokens == n
+    assert client.messages.count_tokens(model=model, system="Be brief.",
+                                        messages=ask["messages"]).input_tokens == len(ids)
+
+    prefill = [{"role": "user", "content": "Name three colours."}, {"role": "assistant", "content": "Red,"}]
+    continued = tok.apply_chat_template(prefill, continue_final_message=True, tokenize=True)
+    continued = list(continued["input_ids"] if hasattr(continued, "keys") else continued)
+    got = client.messages.create(model=model, max_tokens=8, extra_body=greedy, messages=prefill)
+    assert got.content[0].text == tiny_oracle.text(continued, 8)[0]
+
+    with pytest.raises(anthropic.BadRequestError) as err:
+        client.messages.create(model=model, max_tokens=0, messages=ask["messages"])
+    assert err.value.body["type"] == "error" and err.value.body["error"]["type"] == "invalid_request_error"
+    assert err.value.body["error"]["param"] == "max_tokens"
+    with pytest.raises(anthropic.NotFoundError) as err:
+        client.messages.create(model="claude-sonnet-4-5", max_tokens=8, messages=ask["messages"])
+    assert err.value.body["error"]["type"] == "not_found_error"
+    missing = httpx.post(tiny_cluster.url + "/v1/messages", json={"messages": ask["messages"]}, timeout=30)
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "max_tokens"
+    assert_no_kv_held(tiny_cluster)
+
+
 def test_tokenize_gives_the_ids_a_completion_or_chat_is_prefilled_with(tiny_cluster, tiny_oracle):
     """vLLM's /tokenize and /detokenize: a prompt's ids are the ones /v1/completions counts (and,
     sent back as the prompt, answer the same); a chat's are the template's, as the chat's usage
