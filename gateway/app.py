@@ -90,7 +90,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.api_keys:  # added last: it runs first, before a body is read
         app.add_middleware(RequireSecret, **API_KEYS, secrets=settings.api_keys)
-    app.add_middleware(AnthropicErrors)  # outermost: it rewrites the errors of every layer on /v1/messages
+    app.add_middleware(AnthropicErrors)  # it rewrites the errors of every layer on /v1/messages
+    app.add_middleware(RequestIds)
     add_health_and_metrics(app, lambda: _health(app))
 
     @app.get("/v1/models")
@@ -245,6 +246,9 @@ class ClientGone(Exception):
 async def serve(app: FastAPI, jobs: list[Job], request: Request, form):
     """A request's answer, written as `form` says (responses.CHAT, COMPLETION, a ResponsesForm):
     of its one job, or merged from its choices' (a batch of prompts, n > 1)."""
+    request.state.request_ids = [job.request_id for job in jobs]  # the answer's headers (RequestIds)
+    if client_id := _client_id(request):
+        log.info("the client's X-Request-Id %r is request %s", client_id, ", ".join(request.state.request_ids))
     if len(jobs) > 1:
         return await _serve_choices(app, jobs, request, form.chat)
     job = jobs[0]
@@ -267,6 +271,38 @@ async def serve(app: FastAPI, jobs: list[Job], request: Request, form):
         await _finish(app, job, None, ClientGone())
 
     return ClosingStreamingResponse(stream, on_close, media_type="text/event-stream")
+
+
+def _client_id(request: Request) -> str:
+    """The client's own X-Request-Id, for the log (printable, 128 characters at most). Never used
+    as the request's id: two clients could send the same one, and it names the request's KV and its
+    records in Redis."""
+    given = request.headers.get("x-request-id", "")
+    return "".join(c for c in given[:128] if c.isprintable())
+
+
+class RequestIds:
+    """ASGI middleware: the answer to a request that was served (its choices' ids in
+    `request.state.request_ids`, set by serve) carries them in `x-request-id` (OpenAI's header, the
+    openai SDK's `_request_id`) and `request-id` (Anthropic's), errors after that point included:
+    the ids every log line of the request carries."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+
+        async def with_ids(message):
+            if message["type"] == "http.response.start" and state.get("request_ids"):
+                value = ", ".join(state["request_ids"]).encode()
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", value),
+                                                  (b"request-id", value)]}
+            await send(message)
+
+        return await self.app(scope, receive, with_ids)
 
 
 async def _start(app: FastAPI, job: Job, kind: str) -> None:

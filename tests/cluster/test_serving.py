@@ -248,6 +248,38 @@ def test_one_model_is_retrieved_by_its_id(tiny_cluster):
     assert missing.json()["error"]["code"] == "model_not_found" and missing.json()["error"]["param"] == "model"
 
 
+def test_answers_carry_their_request_ids_and_a_clients_own_id_is_logged_with_them(tiny_cluster):
+    """x-request-id (and Anthropic's request-id) on every answer, whole or streamed, one id a choice:
+    the ids the logs carry (and the openai SDK's `_request_id`); a client's X-Request-Id is
+    written to the gateway's log beside ours, and never becomes ours."""
+    import openai
+
+    url = tiny_cluster.url
+    whole = httpx.post(url + "/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 2},
+                       headers={"X-Request-Id": "trace-7f3a"}, timeout=60)
+    rid = whole.json()["id"].removeprefix("cmpl-")
+    assert whole.headers["x-request-id"] == whole.headers["request-id"] == rid != "trace-7f3a"
+    gateway = tiny_cluster.of("gateway")[0]
+    deadline = time.monotonic() + 10
+    while not any("trace-7f3a" in line and rid in line for line in gateway.tail) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert any("trace-7f3a" in line and rid in line for line in gateway.tail), list(gateway.tail)
+
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as resp:
+        chunks = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+        assert resp.headers["x-request-id"] == chunks[0]["id"].removeprefix("chatcmpl-")
+    two = httpx.post(url + "/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 1, "n": 2}, timeout=60)
+    ids = two.headers["x-request-id"].split(", ")
+    assert len(set(ids)) == 2 and two.json()["id"].removeprefix("cmpl-") == ids[0]
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    out = client.completions.create(model=client.models.list().data[0].id, prompt=PROMPTS[0], max_tokens=1)
+    assert out._request_id == out.id.removeprefix("cmpl-")
+    refused = httpx.post(url + "/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 10**6}, timeout=60)
+    assert refused.status_code == 400 and "x-request-id" not in refused.headers  # refused before it had one
+    assert_no_kv_held(tiny_cluster)
+
+
 def penalized_cases(tiny_oracle) -> list[tuple[dict, list[int]]]:
     """(request fields, the token ids Hugging Face gives) for greedy requests with penalties, a
     logit bias and min_tokens. `generate` has the repetition penalty, single-token sequence biases
@@ -474,6 +506,7 @@ def test_anthropics_messages_api_answers_as_chat_does_through_the_anthropic_sdk(
                messages=[{"role": "user", "content": "Name three colours."}])
     whole = client.messages.create(**ask)
     assert whole.content[0].text == want and whole.id.startswith("msg_") and whole.type == "message"
+    assert whole._request_id == whole.id.removeprefix("msg_")  # the request-id header, which the logs carry
     assert (whole.usage.input_tokens + whole.usage.cache_read_input_tokens, whole.usage.output_tokens) == (len(ids), n)
     assert whole.stop_reason == ("max_tokens" if n == 16 else "end_turn")
     with client.messages.stream(**ask) as stream:
