@@ -262,17 +262,20 @@ def _event(rid: str, index: int, token: int, p: SamplingParams, logprobs: torch.
 
 def prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[PromptLogprob]:
     """logits: (n, vocab) float32, row i the model's prediction for targets[i] (the prompt token
-    after it): each target's logprob there and the k likeliest tokens (OpenAI's echo with logprobs)."""
+    after it): each target's logprob and rank there and the k likeliest tokens (OpenAI's echo with
+    logprobs, vLLM's prompt_logprobs)."""
     if not targets:
         return []
     logprobs = torch.log_softmax(logits, dim=-1)
     rows = torch.arange(len(targets), device=logits.device)
     ids = torch.tensor(targets, dtype=torch.long, device=logits.device)
-    chosen = logprobs[rows, ids].tolist()
+    picked = logprobs[rows, ids]
+    chosen, ranks = picked.tolist(), ((logprobs > picked[:, None]).sum(-1) + 1).tolist()
     if k:
         values, ids = torch.topk(logprobs, k)
         tops = [[TopLogprob(token_id=i, logprob=v) for v, i in zip(vs, is_)]
                 for vs, is_ in zip(values.tolist(), ids.tolist())]
     else:
         tops = [[] for _ in targets]
-    return [PromptLogprob(token_id=t, logprob=lp, top_logprobs=top) for t, lp, top in zip(targets, chosen, tops)]
+    return [PromptLogprob(token_id=t, logprob=lp, top_logprobs=top, rank=r)
+            for t, lp, top, r in zip(targets, chosen, tops, ranks)]

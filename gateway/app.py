@@ -356,7 +356,7 @@ def share_prompt_scores(jobs: list[Job], firsts: list[Delta | Totals]) -> None:
     """Echo with logprobs and n > 1: a prompt is scored once, by its choice 0 (the job `choice`
     places before), and its other choices show the same scores."""
     for i, job in enumerate(jobs):
-        if job.choice and jobs[i - job.choice].prompt_logprobs is not None:
+        if job.choice and jobs[i - job.choice].scored is not None:
             firsts[i].prompt = firsts[i - job.choice].prompt
 
 

@@ -49,7 +49,7 @@ class Job:
     include_usage: bool
     echo_text: str = ""
     # echo with logprobs: the prompt scored, with this many alternatives; n > 1: only its choice 0
-    # asks, the others show that one's scores (app.share_prompt_scores)
+    # asks (`scored`), the others show that one's scores (app.share_prompt_scores)
     prompt_logprobs: int | None = None
     echo_only: bool = False       # max_tokens 0 with echo: the prompt back, the token drawn at prefill dropped
     choice: int = 0               # which of its prompt's n choices
@@ -61,6 +61,15 @@ class Job:
     thinking: bool | None = None  # chat, with a reasoning parser: whether the output starts inside <think>
     token_ids_as_names: bool = False  # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:N"
     continuous_usage: bool = False    # vLLM's stream_options.continuous_usage_stats: usage on every chunk
+    prompt_scores: int | None = None  # vLLM's prompt_logprobs: the prompt scored, shown with this many
+
+    @property
+    def scored(self) -> int | None:
+        """How many of the likeliest tokens its prefill reports at each prompt position: what echo
+        with logprobs and prompt_logprobs ask, the more of the two; None: the prompt is not scored
+        (or is, by its choice 0)."""
+        asked = [k for k in (self.prompt_logprobs, self.prompt_scores) if k is not None]
+        return max(asked) if asked and self.choice == 0 else None
 
 
 @dataclass
@@ -132,8 +141,8 @@ def completion_jobs(body: CompletionRequest, tokenizer, limits: Limits) -> list[
         ids = _truncated(body, given, limits)
         echo = "" if not body.echo else prompt if isinstance(prompt, str) and ids is given else tokenizer.decode(
             ids, skip_special_tokens=body.skip_special_tokens)
-        jobs += [_job(body, ids, limits, COMPLETION_DEFAULT_MAX_TOKENS, body.logprobs, echo, choice=i,  # scored once
-                      prompt_logprobs=body.logprobs if body.echo and i == 0 else None) for i in range(body.n)]
+        jobs += [_job(body, ids, limits, COMPLETION_DEFAULT_MAX_TOKENS, body.logprobs, echo, choice=i,
+                      prompt_logprobs=body.logprobs if body.echo else None) for i in range(body.n)]
     return jobs
 
 
@@ -257,7 +266,8 @@ def _job(body: SamplingFields, ids: list[int], limits: Limits, default_max: int,
     return Job(new_request_id(), limits.model_name, ids, sampling, body.stop_list, body.stream,
                body.include_usage, echo, prompt_logprobs, echo_only, choice,
                include_stop=body.include_stop_str_in_output, skip_special=body.skip_special_tokens,
-               token_ids_as_names=bool(body.return_tokens_as_token_ids), continuous_usage=body.continuous_usage)
+               token_ids_as_names=bool(body.return_tokens_as_token_ids), continuous_usage=body.continuous_usage,
+               prompt_scores=body.prompt_logprobs)
 
 
 async def deltas(router: Router, tokenizer, job: Job) -> AsyncIterator[Delta]:
@@ -265,7 +275,7 @@ async def deltas(router: Router, tokenizer, job: Job) -> AsyncIterator[Delta]:
     detok, stops = IncrementalDetokenizer(tokenizer, job.skip_special), StopStrings(job.stops, job.include_stop)
     ends = {*job.sampling.stop_token_ids, *([] if job.sampling.ignore_eos else job.sampling.eos_token_ids)}
     start, first_at, count = time.perf_counter(), None, 0
-    gen = router.generate(job.request_id, job.prompt_ids, job.sampling, job.prompt_logprobs)
+    gen = router.generate(job.request_id, job.prompt_ids, job.sampling, job.scored)
     try:
         async for event in gen:
             count += 1

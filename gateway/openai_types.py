@@ -21,6 +21,7 @@ MAX_STOP_CHARS = 512  # per stop string: each is matched against the tail of the
 # choices in one request (prompts x n): each is a request of its own downstream, admitted, routed
 # and resumed alone; more wait in the admission queue like any other requests
 MAX_CHOICES = 128
+MAX_PROMPT_LOGPROBS = 20  # vLLM's default --max-logprobs
 
 
 def unwritable(value, token_ids: bool = True, numbers: bool = False) -> str:
@@ -100,6 +101,7 @@ class SamplingFields(TextBody):
     min_p: Number | None = None               # extension (as vLLM): 0 = off
     return_tokens_as_token_ids: StrictBool | None = None  # extension (as vLLM): logprobs' tokens as "token_id:N"
     min_tokens: StrictInt | None = None       # extension (as vLLM): 0 = off
+    prompt_logprobs: StrictInt | None = None  # extension (as vLLM): each prompt token's logprob, rank and the k likeliest
     stop_token_ids: list[StrictInt] | None = None  # extension (as vLLM): token ids that end the output
     include_stop_str_in_output: StrictBool = False  # extension (as vLLM): the stop string or token kept in the text
     skip_special_tokens: StrictBool = True    # extension (as vLLM): special tokens left out of the text
@@ -149,6 +151,13 @@ class SamplingFields(TextBody):
                                                             or self.truncate_prompt_tokens >= 1):
             raise BadRequest(f"'truncate_prompt_tokens' = {self.truncate_prompt_tokens}: must be at least 1 (or -1: as "
                              "many as the context holds)", "truncate_prompt_tokens")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_PROMPT_LOGPROBS:
+            raise BadRequest(f"'prompt_logprobs' = {self.prompt_logprobs}: must be between 0 and {MAX_PROMPT_LOGPROBS} "
+                             "(the likeliest tokens shown at each prompt position, beside the prompt's own)",
+                             "prompt_logprobs")
+        if self.prompt_logprobs is not None and self.stream:
+            raise BadRequest("'prompt_logprobs' is not available when streaming (as vLLM's): ask without 'stream'",
+                             "prompt_logprobs")
         if self.min_tokens is not None and self.min_tokens < 0:
             raise BadRequest(f"'min_tokens' = {self.min_tokens}: must be at least 0", "min_tokens")
         self.logit_bias_pairs()

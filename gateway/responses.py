@@ -127,7 +127,31 @@ def _entries(tokenizer, rows: list[Scored], offset: int, as_ids: bool) -> tuple[
 
 
 def _prompt(job: Job, totals_or_delta) -> tuple[list[int], list[PromptLogprob]] | None:
-    return None if totals_or_delta.prompt is None else (job.prompt_ids, totals_or_delta.prompt)
+    """Echo with logprobs: (the prompt's ids, its scores with the alternatives `logprobs` asks)."""
+    scores, k = totals_or_delta.prompt, job.prompt_logprobs
+    if scores is None or k is None:
+        return None
+    return job.prompt_ids, [p if len(p.top_logprobs) <= k else p.model_copy(update={"top_logprobs": p.top_logprobs[:k]})
+                            for p in scores]  # prompt_logprobs may have asked for more
+
+
+def vllm_prompt_logprobs(tokenizer, job: Job, totals: Totals) -> list[dict | None] | None:
+    """vLLM's prompt_logprobs: null for the first prompt token, then for each the prompt's token
+    (its logprob and rank there) and the k likeliest there (ranks 1..k), by token id, each with its
+    text (`decoded_token`)."""
+    if job.prompt_scores is None or totals.prompt is None:
+        return None
+
+    def entry(token_id: int, logprob: float, rank: int | None) -> dict:
+        return {"logprob": logprob, "rank": rank, "decoded_token": _name(tokenizer, token_id, job.token_ids_as_names)}
+
+    out: list[dict | None] = [None]
+    for p in totals.prompt:
+        scores = {str(p.token_id): entry(p.token_id, p.logprob, p.rank)}
+        for rank, top in enumerate(p.top_logprobs[:job.prompt_scores], 1):
+            scores.setdefault(str(top.token_id), entry(top.token_id, top.logprob, rank))
+        out.append(scores)
+    return out
 
 
 def chat_logprobs(tokenizer, tokens: list[TokenEvent], as_ids: bool = False) -> dict | None:
@@ -150,8 +174,14 @@ def completion_body(job: Job, totals: Totals, tokenizer) -> dict:
     return {"id": f"cmpl-{job.request_id}", "object": "text_completion", "created": job.created, "model": job.model,
             "choices": [{"index": 0, "text": text, "finish_reason": totals.finish_reason, "stop_reason": totals.stop,
                          "logprobs": completion_logprobs(tokenizer, totals.tokens, len(job.echo_text),
-                                                         _prompt(job, totals), job.token_ids_as_names)[0]}],
+                                                         _prompt(job, totals), job.token_ids_as_names)[0]}
+                        | _prompt_scores(tokenizer, job, totals)],
             "usage": usage(job, totals)}
+
+
+def _prompt_scores(tokenizer, job: Job, totals: Totals) -> dict:
+    """{"prompt_logprobs": ...} where the request asked for them (vLLM's), else nothing."""
+    return {} if job.prompt_scores is None else {"prompt_logprobs": vllm_prompt_logprobs(tokenizer, job, totals)}
 
 
 def chat_body(job: Job, totals: Totals, tokenizer) -> dict:
@@ -169,7 +199,7 @@ def chat_body(job: Job, totals: Totals, tokenizer) -> dict:
             "model": job.model,
             "choices": [{"index": 0, "message": message, "finish_reason": finish, "stop_reason": totals.stop,
                          "logprobs": chat_logprobs(tokenizer, totals.tokens, job.token_ids_as_names)}],
-            "usage": usage(job, totals)}
+            "usage": usage(job, totals)} | _prompt_scores(tokenizer, job, totals)  # vLLM's place: the body's
 
 
 @dataclass(frozen=True)

@@ -534,6 +534,56 @@ def test_anthropics_messages_api_answers_as_chat_does_through_the_anthropic_sdk(
     assert_no_kv_held(tiny_cluster)
 
 
+def test_prompt_logprobs_score_the_prompt_as_hf_with_ranks_beside_echos(tiny_cluster, tiny_oracle):
+    """vLLM's prompt_logprobs: null for the first prompt token, then each token's logprob and rank
+    and the k likeliest there, as HF's log-softmax over the prompt says; asked with echo's logprobs
+    (fewer alternatives) and n = 2, each shows its own count, every choice the same scores; on chat
+    the body has them; streamed, a 400 (as vLLM's)."""
+    import torch
+
+    tok = tiny_oracle.tokenizer
+    ids = tok(PROMPTS[2])["input_ids"]
+    with torch.inference_mode():
+        want = torch.log_softmax(tiny_oracle.model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+    def check(scores: list, prompt: list[int], k: int) -> None:
+        assert len(scores) == len(prompt) and scores[0] is None
+        for at, (token, entry) in enumerate(zip(prompt[1:], scores[1:])):
+            row = want[at] if prompt is ids else chat_want[at]
+            mine = entry[str(token)]
+            assert mine["logprob"] == pytest.approx(float(row[token]), abs=1e-4)
+            assert mine["rank"] == int((row > row[token]).sum()) + 1 or abs(
+                float(row.sort(descending=True).values[mine["rank"] - 1] - row[token])) < 1e-4  # a near tie
+            assert mine["decoded_token"] == tok.decode([token], skip_special_tokens=True)  # as logprobs' tokens
+            top = sorted(((v["rank"], int(t)) for t, v in entry.items() if not (int(t) == token and v["rank"] > k)))
+            assert [r for r, _ in top] == list(range(1, k + 1))
+            assert [t for _, t in top] == row.topk(k).indices.tolist() or len(set(row.topk(k + 1).values.tolist())) < k + 1
+
+    chat_want = None
+    out = completion(tiny_cluster.url, prompt=ids, max_tokens=2, temperature=0, n=2, echo=True, logprobs=1,
+                     prompt_logprobs=3)
+    for choice in out["choices"]:
+        check(choice["prompt_logprobs"], ids, 3)
+        assert all(top is None or len(top) == 1 for top in choice["logprobs"]["top_logprobs"][:len(ids)])  # echo's 1
+    assert out["choices"][0]["prompt_logprobs"] == out["choices"][1]["prompt_logprobs"]
+    plain = completion(tiny_cluster.url, prompt=ids, max_tokens=2, temperature=0)
+    assert "prompt_logprobs" not in plain["choices"][0] and plain["choices"][0]["logprobs"] is None
+
+    messages = [{"role": "user", "content": PROMPTS[2]}]
+    chat_ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    chat_ids = list(chat_ids["input_ids"] if hasattr(chat_ids, "keys") else chat_ids)
+    with torch.inference_mode():
+        chat_want = torch.log_softmax(tiny_oracle.model(torch.tensor([chat_ids])).logits[0].float(), dim=-1)
+    chat = httpx.post(tiny_cluster.url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 2,
+                                                                       "prompt_logprobs": 0}, timeout=60).json()
+    check(chat["prompt_logprobs"], chat_ids, 0)
+    for bad in ({"prompt_logprobs": 21}, {"prompt_logprobs": -1}, {"prompt_logprobs": 2, "stream": True}):
+        resp = httpx.post(tiny_cluster.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2, **bad},
+                          timeout=30)
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt_logprobs", resp.text
+    assert_no_kv_held(tiny_cluster)
+
+
 def test_tokenize_gives_the_ids_a_completion_or_chat_is_prefilled_with(tiny_cluster, tiny_oracle):
     """vLLM's /tokenize and /detokenize: a prompt's ids are the ones /v1/completions counts (and,
     sent back as the prompt, answer the same); a chat's are the template's, as the chat's usage
