@@ -247,15 +247,19 @@ class GatewaySettings(ServiceSettings):
                                    "prefilled its longest prefix last (of 64 tokens and a quarter of the prompt at "
                                    "least), whose prefix cache likely holds it, unless that one has more than 2 "
                                    "requests in flight beyond the least loaded")
-    api_keys: tuple[str, ...] = setting((), "an API key clients must send as 'Authorization: Bearer KEY' on every "
-                                        "route but /health and /metrics (repeat for several; none: no "
-                                        "authentication)", flag="--api-key")
+    api_keys: tuple[str, ...] = setting((), "an API key clients must send as 'Authorization: Bearer KEY' (or "
+                                        "'x-api-key: KEY') on every route but /health and /metrics (repeat for "
+                                        "several; none: no authentication)", flag="--api-key")
+    responses_ttl_s: float = setting(3600.0, "how long a /v1/responses answer is kept in Redis, for "
+                                     "previous_response_id and GET /v1/responses/{id} (s; 0: none kept, and 'store' "
+                                     "is answered false)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self, 16 <= self.max_model_len <= 1 << 20, "max_model_len", "must be in 16..1048576")
         _check(self, self.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
         _check(self, self.max_tokens_default >= 1, "max_tokens_default", "must be >= 1")
+        _check(self, self.responses_ttl_s >= 0, "responses_ttl_s", "must be >= 0 (0: no response kept)")
         for name in ("request_timeout_s", "route_timeout_s", "token_timeout_s", "resume_wait_s"):
             _check(self, getattr(self, name) > 0, name, "must be > 0")
         _check(self, self.resume_attempts >= 0, "resume_attempts", "must be >= 0")

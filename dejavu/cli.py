@@ -2,7 +2,7 @@
 
   dejavu up [--model M] [--port 8000] [--prompt-services 1] [--token-services 1] [--cache-stores 1]
             [--colocated] [--stages 1] [--prompt-stages 1] [--swap --kv-device-bytes B] [--redis-url URL] [--kv-transport ucx|tcp] [--dtype auto|float32|bfloat16|float16]
-            [--cpu-placement auto|split|turns|off] [--api-key KEY ...] [--max-queued-requests 1024]
+            [--cpu-placement auto|split|turns|off] [--api-key KEY ...] [--max-queued-requests 1024] [--responses-ttl-s 3600]
             [--tool-call-parser auto|hermes|llama3_json|mistral|none] [--reasoning-parser auto|deepseek_r1|qwen3|none]
             [--prefix-cache-mib 1024] [--prefix-routing on|off]
   dejavu status [--redis-url URL] [--json]
@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--max-queued-requests", type=int, default=1024,
                     help="requests that may wait, in order, for KV room when every token service is full; more "
                     "get a 429 with Retry-After (as do those still waiting after DEJAVU_ROUTE_TIMEOUT_S, 300 s)")
+    up.add_argument("--responses-ttl-s", type=float, default=3600.0,
+                    help="how long a /v1/responses answer is kept in Redis, for previous_response_id and "
+                    "GET /v1/responses/{id} (s; 0: none kept, and 'store' is answered false)")
     up.add_argument("--prefix-cache-mib", type=int, default=1024,
                     help="host memory each prompt service (each token service, with --colocated) keeps the KV of "
                     "prompt blocks it prefilled in: a prompt that starts with the same tokens (a system prompt, a "
@@ -240,6 +243,8 @@ def cmd_up(args, parser) -> int:
         parser.error("without --swap, --kv-device-bytes sizes the KV pool: give it or --kv-blocks, not both")
     if args.prefix_cache_mib < 0:
         parser.error("--prefix-cache-mib must be >= 0 (0: off)")
+    if args.responses_ttl_s < 0:
+        parser.error("--responses-ttl-s must be >= 0 (0: no response kept)")
     if args.max_queued_requests < 0:
         parser.error("--max-queued-requests must be >= 0 (0: a 429 as soon as every token service is full)")
     if not 0 <= args.kv_shm_mib <= 1024:
@@ -263,7 +268,7 @@ def cmd_up(args, parser) -> int:
            "DEJAVU_MAX_SEQS": str(args.max_seqs), "DEJAVU_COLOCATED": str(args.colocated).lower(),
            "DEJAVU_DTYPE": args.dtype, "DEJAVU_BLOCK_SIZE": str(args.block_size), "DEJAVU_KV_BLOCKS": str(args.kv_blocks),
            "DEJAVU_COMPILE": str(args.compile).lower(), "DEJAVU_ENFORCE_EAGER": str(args.enforce_eager).lower(),
-           "DEJAVU_MAX_QUEUED_REQUESTS": str(args.max_queued_requests),
+           "DEJAVU_MAX_QUEUED_REQUESTS": str(args.max_queued_requests), "DEJAVU_RESPONSES_TTL_S": str(args.responses_ttl_s),
            "DEJAVU_MICROBATCHES": str(args.microbatches), "DEJAVU_KV_DEVICE_BYTES": str(args.kv_device_bytes),
            "DEJAVU_SWAP": str(args.swap).lower(), "DEJAVU_TOOL_CALL_PARSER": args.tool_call_parser,
            "DEJAVU_REASONING_PARSER": args.reasoning_parser,

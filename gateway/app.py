@@ -39,7 +39,7 @@ from gateway.jobs import (IN_FLIGHT, LARGE_TEXT_CHARS, REQUESTS, Delta, Job, Lim
 from gateway.messages_api import AnthropicErrors, MessagesForm, MessagesRequest, count_tokens
 from gateway.openai_types import ChatRequest, CompletionRequest
 from gateway.responses import CHAT, COMPLETION, ChunkWriter, Totals, merged_body, sse
-from gateway.responses_api import ResponsesForm, ResponsesRequest
+from gateway.responses_api import ResponsesForm, ResponsesRequest, ResponseStore
 from gateway.router import Router
 from gateway.tokenize_api import DetokenizeRequest, TokenizeRequest, detokenize, tokenize, version
 from gateway.tools import parser_for
@@ -71,6 +71,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         try:
             async with registered(app, settings, ServiceKind.GATEWAY, lease_fields) as redis:
                 app.state.store = metadata.RequestStore(redis)
+                app.state.responses = ResponseStore(redis, settings.responses_ttl_s)
                 registry = metadata.Registry(redis, cluster_fingerprint(settings.cluster_token))  # this cluster's only
                 app.state.router = Router(registry, client, settings, app.state.store, model_id)
                 try:
@@ -125,7 +126,27 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request):
         """OpenAI's Responses API, on the chat machinery (gateway/responses_api.py)."""
-        return await _translated(app, ResponsesForm(body), request)
+        store: ResponseStore = app.state.responses
+        earlier = None
+        if body.previous_response_id is not None and store.enabled:  # the conversation it goes on from
+            earlier = (await store.get(body.previous_response_id, "previous_response_id"))["history"]
+        return await _translated(app, ResponsesForm(body, store, earlier), request)
+
+    @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"])  # one route: a 405's Allow has both
+    async def response(response_id: str, request: Request) -> dict:
+        """A stored response: GET reads it (the openai SDK's responses.retrieve), DELETE drops it
+        (responses.delete)."""
+        if request.method == "DELETE":
+            await app.state.responses.delete(response_id)
+            return {"id": response_id, "object": "response", "deleted": True}
+        return (await app.state.responses.get(response_id))["response"]
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def input_items(response_id: str) -> dict:
+        """A stored response's input items (responses.input_items.list), in order."""
+        items = (await app.state.responses.get(response_id))["input"]
+        return {"object": "list", "data": items, "first_id": items[0].get("id") if items else None,
+                "last_id": items[-1].get("id") if items else None, "has_more": False}
 
     @app.post("/v1/messages")
     async def messages(body: MessagesRequest, request: Request):
@@ -263,7 +284,7 @@ async def serve(app: FastAPI, jobs: list[Job], request: Request, form):
         await gen.aclose()
         await _finish(app, job, None, exc)
         raise
-    stream = _stream(app, job, gen, first, form.writer(job, app.state.tokenizer))
+    stream = _stream(app, job, gen, first, form.writer(job, app.state.tokenizer), getattr(form, "keep", None))
 
     async def on_close() -> None:  # runs even if the client left before the body started
         await stream.aclose()
@@ -445,12 +466,16 @@ async def _collect(app: FastAPI, job: Job, gen, form) -> JSONResponse:
     finally:
         await gen.aclose()
         await _finish(app, job, totals, error)
-    return JSONResponse(form.body(job, totals, app.state.tokenizer))
+    body = form.body(job, totals, app.state.tokenizer)
+    if keep := getattr(form, "keep", None):  # the Responses API's store
+        await keep(body)
+    return JSONResponse(body)
 
 
-async def _stream(app: FastAPI, job: Job, gen, first, writer):
+async def _stream(app: FastAPI, job: Job, gen, first, writer, keep=None):
     """The SSE body of a streamed request: `writer` (a ChunkWriter, an EventWriter) writes its
-    events from the deltas."""
+    events from the deltas; `keep` (the Responses API's store) takes the whole answer before the
+    event that ends it goes out."""
     request_id_var.set(job.request_id)
     totals, error = Totals(), None
     rest = with_keepalive(gen, KEEPALIVE_S)
@@ -466,7 +491,10 @@ async def _stream(app: FastAPI, job: Job, gen, first, writer):
                 if (chunk := writer.delta(delta)) is not None:
                     yield chunk
             delta = await anext(rest, None)
-        if end := writer.end(totals):
+        end = writer.end(totals)
+        if keep is not None:
+            await keep(writer.response)
+        if end:
             yield end
     except DejavuError as exc:
         error = exc

@@ -11,12 +11,16 @@ extensions (`seed`, `top_k`, `min_p`, penalties, `ignore_eos`, `min_tokens`,
 `chat_template_kwargs`). The answer is the same text, thinking and tool calls as chat's, as output
 items: a `reasoning` item, a `message` with one `output_text`, `function_call` items.
 
-Responses are not stored (`store` is answered false, as vLLM does by default), so
-`previous_response_id`, `conversation` and `item_reference` inputs are refused: send the
-conversation in `input`. Hosted tools (web search, files, code), images, background mode and
-automatic truncation are refused too. Accepted with nothing more to do: `include` values other than
-message.output_text.logprobs (they are about hosted tools, or encrypted reasoning, which a
-response not stored does not need), `reasoning.summary` (no summaries are written: the reasoning
+Responses are stored, as OpenAI's, in Redis for --responses-ttl-s (an hour by default;
+`ResponseStore`), unless a request says `store: false`: `previous_response_id` goes on from one
+(its conversation's items, input and output, before this turn's input; its instructions not
+carried over, as OpenAI's), GET /v1/responses/{id} and /input_items read one, DELETE drops it. A
+response is kept before the client has the end of it, so the next turn finds it. With the store
+off (0), `previous_response_id` is refused and `store` answered false. `conversation` (OpenAI's
+Conversations API) and `item_reference` inputs are refused: send the items. Hosted tools (web
+search, files, code), images, background mode and automatic truncation are refused too. Accepted
+with nothing more to do: `include` values other than message.output_text.logprobs (they are
+about hosted tools, or encrypted reasoning), `reasoning.summary` (no summaries are written: the reasoning
 item has the thinking itself), a tool's `strict` (calls are read from the model's text, as chat's).
 
 Streamed, the events are OpenAI's (`event:` and `data:` lines, a `sequence_number` each):
@@ -29,13 +33,16 @@ response.failed where serving failed). The final response equals the whole answe
 from __future__ import annotations
 
 import json
+import logging
 import re
 import uuid
 from typing import Any
 
 from pydantic import StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from redis.exceptions import RedisError
 
-from common.errors import BadRequest, DejavuError
+from common.errors import BadRequest, DejavuError, NotFound, Unavailable
+from common.metadata import PREFIX
 from gateway import tools
 from gateway.jobs import Delta, Job
 from gateway.openai_types import ChatRequest, TextBody
@@ -49,7 +56,8 @@ EXTENSIONS = ("seed", "top_k", "min_p", "repetition_penalty", "presence_penalty"
 # chat's names in its errors, and what this API calls them
 RENAMED = {"messages": "input", "max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
            "response_format": "text", "logprobs": "top_logprobs"}
-NOT_STORED = ("responses are not stored on this server (as vLLM's by default): send the whole conversation in "
+log = logging.getLogger(__name__)
+NOT_STORED = ("responses are not stored on this server (--responses-ttl-s 0): send the whole conversation in "
               "'input' (earlier turns' messages, function calls and their outputs)")
 
 
@@ -93,9 +101,13 @@ class ResponsesRequest(TextBody):
     min_tokens: StrictInt | None = None
     chat_template_kwargs: dict | None = None
 
-    def chat_request(self) -> ChatRequest:
-        """The same request on chat; a 400 naming this API's field for anything it cannot be."""
-        for name, why in (("previous_response_id", NOT_STORED), ("conversation", NOT_STORED),
+    def chat_request(self, earlier: list | None = None) -> ChatRequest:
+        """The same request on chat, after the `earlier` items of the response it continues (its
+        previous_response_id's: ResponseStore); a 400 naming this API's field for anything it
+        cannot be."""
+        if self.previous_response_id is not None and earlier is None:
+            raise BadRequest(f"'previous_response_id': {NOT_STORED}", "previous_response_id")
+        for name, why in (("conversation", NOT_STORED),
                           ("prompt", "reusable prompts are not stored on this server: send the text in 'input'"),
                           ("max_tool_calls", "not supported: limit the calls with 'parallel_tool_calls' false (one "
                                              "call at most)")):
@@ -114,7 +126,7 @@ class ResponsesRequest(TextBody):
                 len(k) > 64 or len(v) > 512 for k, v in self.metadata.items())):
             raise BadRequest("'metadata' holds at most 16 keys of at most 64 characters, each value at most 512",
                              "metadata")
-        body: dict[str, Any] = {"model": self.model, "messages": self._messages(), "stream": self.stream,
+        body: dict[str, Any] = {"model": self.model, "messages": self._messages(earlier or []), "stream": self.stream,
                                 "max_completion_tokens": self.max_output_tokens, "user": self.user,
                                 "temperature": self.temperature, "top_p": self.top_p,
                                 **{name: getattr(self, name) for name in EXTENSIONS}}
@@ -142,13 +154,19 @@ class ResponsesRequest(TextBody):
     def logprobs_wanted(self) -> bool:
         return self.top_logprobs is not None or "message.output_text.logprobs" in (self.include or [])
 
-    def _messages(self) -> list[dict]:
-        messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
+    def items(self) -> list:
+        """This turn's input as items (a string: one user message)."""
         if self.input is None or self.input == "" or self.input == []:
             raise BadRequest("'input' is required: a string, or a list of messages and items", "input")
         if isinstance(self.input, str):
-            return messages + [{"role": "user", "content": self.input}]
-        for i, item in enumerate(self.input):
+            return [{"type": "message", "role": "user", "content": self.input}]
+        return self.input
+
+    def _messages(self, earlier: list) -> list[dict]:
+        """Chat's messages: the instructions (not an earlier response's: OpenAI's), the earlier
+        items, this turn's."""
+        messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        for i, item in enumerate(earlier + self.items(), start=-len(earlier)):  # input[i]: this turn's
             if not isinstance(item, dict):
                 raise BadRequest(f"input[{i}] must be an object: a message ({{'role': ..., 'content': ...}}) or an "
                                  "item", "input")
@@ -173,7 +191,8 @@ class ResponsesRequest(TextBody):
             elif kind == "reasoning":  # an earlier turn's thinking: chat templates leave it out of the prompt
                 continue
             elif kind == "item_reference":
-                raise BadRequest(f"input[{i}]: {NOT_STORED}", "input")
+                raise BadRequest(f"input[{i}]: item references are not supported: send the item itself, or go on "
+                                 "from a stored response with 'previous_response_id'", "input")
             else:
                 raise BadRequest(f"input[{i}]: items of type {str(kind)[:40]!r} are not supported (message, "
                                  "function_call, function_call_output and reasoning are)", "input")
@@ -277,6 +296,69 @@ def _chat_tool_choice(choice):
                      "tool_choice")
 
 
+def _listed(item):
+    """An input item as input_items lists it: a message with an id and its text as parts."""
+    if not isinstance(item, dict) or item.get("type", "message") != "message":
+        return item
+    content = item.get("content")
+    if isinstance(content, str):
+        part = "output_text" if item.get("role") == "assistant" else "input_text"
+        content = [{"type": part, "text": content}]
+    return {"id": _new_id("msg"), "type": "message", "status": "completed", **item, "content": content}
+
+
+def _without_logprobs(item: dict) -> dict:
+    """An output item as a later turn's input: its text parts without their logprobs."""
+    if item.get("type") != "message":
+        return item
+    return {**item, "content": [{k: v for k, v in part.items() if k != "logprobs"} for part in item["content"]]}
+
+
+class ResponseStore:
+    """Responses kept in Redis for `ttl_s` (OpenAI's `store`, --responses-ttl-s): a request with
+    previous_response_id goes on from one, GET /v1/responses/{id} reads it, DELETE drops it. One
+    JSON value a response: the response, this turn's input items, and the conversation's items
+    through this turn's output (`history`: what a request going on from it is prefixed with)."""
+
+    MAX_ID_CHARS = 128
+
+    def __init__(self, redis, ttl_s: float):
+        self.redis, self.ttl_s = redis, ttl_s
+
+    @property
+    def enabled(self) -> bool:
+        return self.ttl_s > 0
+
+    def _key(self, response_id: str) -> str:
+        return f"{PREFIX}response:{response_id}"
+
+    async def put(self, response: dict, items: list, history: list) -> None:
+        record = json.dumps({"response": response, "input": items, "history": history})
+        await self._call(self.redis.set, self._key(response["id"]), record, px=max(1, int(self.ttl_s * 1000)))
+
+    async def get(self, response_id: str, param: str | None = None) -> dict:
+        """The record of a kept response; a 404 (naming `param`) where there is none."""
+        raw = None
+        if len(response_id) <= self.MAX_ID_CHARS:
+            raw = await self._call(self.redis.get, self._key(response_id))
+        if raw is None:
+            raise NotFound(f"no response with id {response_id[:self.MAX_ID_CHARS]!r} is stored here (responses are "
+                           f"kept {self.ttl_s:g} s, unless asked with store: false)", param)
+        return json.loads(raw)
+
+    async def delete(self, response_id: str) -> None:
+        gone = len(response_id) <= self.MAX_ID_CHARS and await self._call(self.redis.delete, self._key(response_id))
+        if not gone:
+            raise NotFound(f"no response with id {response_id[:self.MAX_ID_CHARS]!r} is stored here")
+
+    @staticmethod
+    async def _call(method, *args, **kwargs):
+        try:
+            return await method(*args, **kwargs)
+        except RedisError as exc:
+            raise Unavailable(f"the response store (Redis) is unreachable: {exc}") from exc
+
+
 def _new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
@@ -286,9 +368,23 @@ class ResponsesForm:
 
     name, chat = "responses", True  # chat: for serve(), which has only ever one job of this API
 
-    def __init__(self, request: ResponsesRequest):
-        self.request = request
-        self.as_chat = request.chat_request()  # the same request on chat, which serves it
+    def __init__(self, request: ResponsesRequest, store: ResponseStore | None = None, earlier: list | None = None):
+        """`earlier`: the items of the conversation that previous_response_id continues; `store`
+        keeps the answer (unless the request says store: false)."""
+        self.request, self.earlier = request, earlier
+        self.store = store if store is not None and store.enabled and request.store is not False else None
+        self.as_chat = request.chat_request(earlier)  # the same request on chat, which serves it
+
+    async def keep(self, response: dict) -> None:
+        """The whole answer kept (app.serve calls it before the client has the end of it, so a
+        request that goes on from it finds it): Redis trouble costs the keeping, not the answer."""
+        if self.store is None:
+            return
+        history = (self.earlier or []) + self.request.items() + [_without_logprobs(item) for item in response["output"]]
+        try:
+            await self.store.put(response, [_listed(item) for item in self.request.items()], history)
+        except DejavuError as exc:
+            log.warning("response %s not kept: %s", response["id"], exc.message)
 
     def head(self, job: Job, status: str) -> dict:
         """The response object, as it stands before any output."""
@@ -299,9 +395,10 @@ class ResponsesForm:
         return {"id": f"resp_{job.request_id}", "object": "response", "created_at": job.created, "status": status,
                 "background": False, "error": None, "incomplete_details": None, "instructions": r.instructions,
                 "max_output_tokens": r.max_output_tokens, "max_tool_calls": None, "model": job.model, "output": [],
-                "parallel_tool_calls": r.parallel_tool_calls is not False, "previous_response_id": None,
+                "parallel_tool_calls": r.parallel_tool_calls is not False,
+                "previous_response_id": r.previous_response_id,
                 "reasoning": {"effort": (r.reasoning or {}).get("effort"), "summary": None},
-                "service_tier": "default", "store": False,
+                "service_tier": "default", "store": self.store is not None,
                 "temperature": 1.0 if r.temperature is None else r.temperature,
                 "text": {"format": fmt}, "tool_choice": r.tool_choice if r.tool_choice is not None else "auto",
                 "tools": r.tools or [], "top_logprobs": r.top_logprobs, "top_p": 1.0 if r.top_p is None else r.top_p,

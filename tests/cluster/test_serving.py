@@ -479,9 +479,59 @@ def test_the_responses_api_answers_as_chat_does_through_the_openai_sdk(tiny_clus
     last = events[-1]  # what the SDK's stream helper made of the last event: the response, whole
     assert last.type == ("response.incomplete" if n == 16 else "response.completed")
     assert last.response.output_text == want and last.response.usage.output_tokens == n
-    with pytest.raises(openai.BadRequestError) as err:
+    with pytest.raises(openai.NotFoundError) as err:  # never stored
         client.responses.create(model=model, input="Hi", previous_response_id="resp_123")
     assert err.value.body["param"] == "previous_response_id"
+    assert_no_kv_held(tiny_cluster)
+
+
+def test_a_stored_response_is_continued_retrieved_listed_and_deleted_through_the_openai_sdk(tiny_cluster, tiny_oracle):
+    """OpenAI's store, in Redis: a response goes on from another (previous_response_id) as the chat
+    of the whole conversation (HF generate on its template's prompt), its instructions not carried
+    over; streamed, the response is kept before response.completed reaches the client, so the
+    next request finds it at once; retrieve, input_items and delete as the SDK calls them;
+    store: false keeps nothing."""
+    import openai
+
+    tok = tiny_oracle.tokenizer
+    client = openai.OpenAI(base_url=tiny_cluster.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+    first = client.responses.create(model=model, instructions="Be brief.", input="My name is Ada. Say hi.",
+                                     max_output_tokens=8, temperature=0)
+    assert first.store is True
+    messages = [{"role": "user", "content": "My name is Ada. Say hi."},
+                {"role": "assistant", "content": first.output_text}, {"role": "user", "content": "What is my name?"}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    want, n = tiny_oracle.text(ids, 8)
+    second = client.responses.create(model=model, previous_response_id=first.id, input="What is my name?",
+                                     max_output_tokens=8, temperature=0)
+    assert second.output_text == want and second.previous_response_id == first.id
+    assert (second.usage.input_tokens, second.usage.output_tokens) == (len(ids), n)
+
+    with client.responses.stream(model=model, previous_response_id=second.id, input="And again?",
+                                 max_output_tokens=4, temperature=0) as stream:
+        streamed = list(stream)[-1].response  # response.completed, or .incomplete at the limit
+    third = client.responses.create(model=model, previous_response_id=streamed.id, input="Bye.", max_output_tokens=2)
+    assert client.responses.retrieve(streamed.id).output_text == streamed.output_text
+    kept = client.responses.retrieve(first.id)
+    assert kept.model_dump() == first.model_dump()
+    [asked] = client.responses.input_items.list(second.id).data  # this turn's input only, as OpenAI's
+    assert (asked.type, asked.role, asked.content[0].text) == ("message", "user", "What is my name?")
+    assert asked.id.startswith("msg_")
+    assert third.usage.input_tokens > second.usage.input_tokens
+
+    unkept = client.responses.create(model=model, input="Hi", max_output_tokens=2, store=False)
+    assert unkept.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unkept.id)
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError) as err:
+        client.responses.create(model=model, previous_response_id=first.id, input="Hi", max_output_tokens=2)
+    assert err.value.body["param"] == "previous_response_id"
+    assert client.responses.retrieve(second.id).previous_response_id == first.id  # the others stay
     assert_no_kv_held(tiny_cluster)
 
 

@@ -319,3 +319,69 @@ def test_a_messages_logprobs_are_its_own_tokens_and_a_cut_call_is_incomplete(tok
     sse = "".join(writer.first(out[0])) + (writer.delta(out[0]) or "") + writer.failed(UpstreamError("gone"))
     events = list(sdk(sse).responses.create(model="m", input="1+2", stream=True))
     assert events[-1].type == "response.failed" and events[-1].response.error.code == "server_error"
+
+
+def test_a_response_that_goes_on_from_a_stored_one_is_the_chat_of_the_whole_conversation(tokenizer):
+    """previous_response_id: the earlier items (its input and output: a reasoning item left out,
+    a message's logprobs dropped, a function call) come before this turn's input; the earlier
+    instructions do not carry over (OpenAI's), this request's do."""
+    limits = limits_of(tokenizer, tool_parser="hermes")
+    earlier = [{"type": "message", "role": "user", "content": "Add 1 and 2."},
+               {"id": "rs_1", "type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "hm"}],
+                "status": "completed"},
+               {"id": "msg_1", "type": "message", "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": "On it.", "annotations": []}]},
+               {"id": "fc_1", "type": "function_call", "call_id": "c1", "name": "add", "arguments": '{"a": 1, "b": 2}',
+                "status": "completed"}]
+    request = ResponsesRequest(input=[{"type": "function_call_output", "call_id": "c1", "output": "3"}],
+                               instructions="Be brief.", previous_response_id="resp_x", tools=[FN])
+    form = ResponsesForm(request, earlier=earlier)
+    chat = ChatRequest(messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 1 and 2."},
+        {"role": "assistant", "content": "On it.", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "3"}],
+        tools=[{"type": "function", "function": {k: FN[k] for k in ("name", "description", "parameters")}}])
+    assert [m.for_template() for m in form.as_chat.messages] == [m.for_template() for m in chat.messages]
+    [job], [expected] = chat_jobs(form.as_chat, tokenizer, limits), chat_jobs(chat, tokenizer, limits)
+    assert job.prompt_ids == expected.prompt_ids
+    assert form.head(job, "completed")["previous_response_id"] == "resp_x"
+    assert form.head(job, "completed")["store"] is False  # no store given: nothing kept
+    with pytest.raises(BadRequest) as info:  # without a store: what it goes on from cannot be known
+        ResponsesForm(request)
+    assert info.value.param == "previous_response_id"
+
+
+def test_the_store_keeps_a_response_for_its_ttl_and_says_404_and_503_plainly(redis_server):
+    """Real Redis: put, get, delete; a record past its TTL is gone; an id never stored, or too
+    long to be one, is a 404 naming the field; Redis down is a 503, not a 500."""
+    from common import metadata
+    from common.errors import NotFound, Unavailable
+    from gateway.responses_api import ResponseStore
+
+    async def go():
+        redis = metadata.connect(redis_server.url)
+        store = ResponseStore(redis, ttl_s=0.3)
+        await store.put({"id": "resp_a", "output": []}, [{"type": "message"}], [{"type": "message"}])
+        record = await store.get("resp_a")
+        assert record == {"response": {"id": "resp_a", "output": []}, "input": [{"type": "message"}],
+                          "history": [{"type": "message"}]}
+        await asyncio.sleep(0.5)
+        with pytest.raises(NotFound) as info:
+            await store.get("resp_a", "previous_response_id")
+        assert info.value.param == "previous_response_id" and info.value.status == 404
+        await ResponseStore(redis, 60).put({"id": "resp_b", "output": []}, [], [])
+        await store.delete("resp_b")
+        for missing in ("resp_b", "x" * 10_000):
+            with pytest.raises(NotFound):
+                await store.get(missing)
+            with pytest.raises(NotFound):
+                await store.delete(missing)
+        assert not ResponseStore(redis, 0).enabled
+        await redis.aclose()
+        down = metadata.connect("redis://127.0.0.1:1/0")
+        with pytest.raises(Unavailable):
+            await ResponseStore(down, 60).get("resp_a")
+        await down.aclose()
+
+    asyncio.run(go())
