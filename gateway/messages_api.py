@@ -39,7 +39,6 @@ Errors on these routes are Anthropic's body, which is also OpenAI's shape:
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from pydantic import StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
@@ -47,24 +46,22 @@ from pydantic import StrictBool, StrictFloat, StrictInt, StrictStr, ValidationEr
 from common.errors import BadRequest, DejavuError
 from gateway import tools
 from gateway.jobs import LARGE_TEXT_CHARS, Delta, Job, Limits, chat_chars, chat_prompt_ids, check_model
-from gateway.openai_types import ChatRequest, TextBody
+from gateway.openai_types import ChatRequest, TranslatedBody
 from gateway.responses import ChatSplit, Totals, cached_tokens
 
 Number = StrictFloat | StrictInt
-# vLLM's sampling extensions, passed to the chat request as they are
-EXTENSIONS = ("seed", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "ignore_eos",
-              "min_tokens")
 # chat's names in its errors, and what this API calls them
-RENAMED = {"max_completion_tokens": "max_tokens", "stop": "stop_sequences", "parallel_tool_calls": "tool_choice",
+_RENAMED = {"max_completion_tokens": "max_tokens", "stop": "stop_sequences", "parallel_tool_calls": "tool_choice",
            "user": "metadata", "continue_final_message": "messages", "add_generation_prompt": "messages",
            "response_format": "output_config"}
 UNREADABLE = ("image", "document", "search_result", "container_upload")  # content a text model cannot read
 
 
-class MessagesRequest(TextBody):
+class MessagesRequest(TranslatedBody):
     """The body of POST /v1/messages (and of count_tokens, which needs no max_tokens)."""
 
-    WHOLE = True  # no field of token ids to skip; NaN has no place in a message, a tool or a schema
+    RENAMED = _RENAMED
+    MAX_TOKENS = ("max_completion_tokens", "max_tokens")
     model: StrictStr | None = None
     messages: list[Any] | None = None
     max_tokens: StrictInt | None = None
@@ -73,7 +70,6 @@ class MessagesRequest(TextBody):
     stream: StrictBool = False
     temperature: Number | None = None
     top_p: Number | None = None
-    top_k: StrictInt | None = None
     metadata: dict | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -83,16 +79,6 @@ class MessagesRequest(TextBody):
     # refused unless unset (see the module's docstring)
     mcp_servers: Any = None
     container: Any = None
-    # vLLM's extensions
-    seed: StrictInt | None = None
-    min_p: Number | None = None
-    repetition_penalty: Number | None = None
-    presence_penalty: Number | None = None
-    frequency_penalty: Number | None = None
-    ignore_eos: StrictBool = False
-    min_tokens: StrictInt | None = None
-    chat_template_kwargs: dict | None = None
-
     def chat_request(self, counting: bool = False) -> ChatRequest:
         """The same request on chat; a 400 naming this API's field for anything it cannot be.
         `counting`: for count_tokens, where max_tokens is not asked."""
@@ -107,9 +93,9 @@ class MessagesRequest(TextBody):
         prefill = messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls")
         body: dict[str, Any] = {"model": self.model, "messages": messages, "stream": self.stream,
                                 "max_completion_tokens": self.max_tokens, "stop": self.stop_sequences,
-                                "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                                "user": self._user(), "add_generation_prompt": not prefill,
-                                "continue_final_message": prefill, **{name: getattr(self, name) for name in EXTENSIONS}}
+                                "temperature": self.temperature, "top_p": self.top_p, "user": self._user(),
+                                "add_generation_prompt": not prefill, "continue_final_message": prefill,
+                                **self.extensions()}
         if self.stream:
             body["stream_options"] = {"include_usage": True}
         if self.tools:
@@ -189,15 +175,6 @@ class MessagesRequest(TextBody):
             return chat_chars(chat.messages, chat.tools) >= LARGE_TEXT_CHARS
         except BadRequest:  # refused by count_tokens, at once
             return False
-
-    def renamed(self, exc: BadRequest) -> BadRequest:
-        """Chat's 400 about the translated request, in this API's names."""
-        message = re.sub(r"\bmax_completion_tokens\b", "max_tokens", exc.message)
-        for chat, ours in RENAMED.items():
-            message = message.replace(f"'{chat}'", f"'{ours}'")
-        out = type(exc)(message, RENAMED.get(exc.param, exc.param))
-        out.code = exc.code
-        return out
 
 
 def _block_kind(i: int, block: dict, allowed: tuple[str, ...], role: str) -> str:

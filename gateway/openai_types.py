@@ -6,6 +6,7 @@ ignored, as OpenAI does. Each check names the parameter and says what to change.
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt, StrictStr,
@@ -77,6 +78,40 @@ class TextBody(BaseModel):
                 if bad:
                     raise BadRequest(f"'{name or 'a field'}' holds NaN or Infinity: not a JSON number", name)
         return data
+
+
+class TranslatedBody(TextBody):
+    """A body of another API that is served as the chat request it translates to (OpenAI's
+    Responses, Anthropic's Messages): vLLM's sampling extensions, which pass to chat as they are,
+    and chat's 400s about the translation said in this API's names (`renamed`)."""
+
+    WHOLE = True  # no field of token ids to skip; what the request gives may come back in the answer
+    EXTENSIONS: ClassVar[tuple[str, ...]] = ("seed", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                                             "frequency_penalty", "ignore_eos", "min_tokens", "chat_template_kwargs")
+    RENAMED: ClassVar[dict[str, str]] = {}  # chat's field: this API's
+    MAX_TOKENS: ClassVar[tuple[str, str]] = ("", "")  # chat's word in messages ("lower max_tokens"), this API's
+    seed: StrictInt | None = None
+    top_k: StrictInt | None = None
+    min_p: Number | None = None
+    repetition_penalty: Number | None = None
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    ignore_eos: StrictBool = False
+    min_tokens: StrictInt | None = None
+    chat_template_kwargs: dict | None = None
+
+    def extensions(self) -> dict:
+        return {name: getattr(self, name) for name in self.EXTENSIONS}
+
+    def renamed(self, exc: BadRequest) -> BadRequest:
+        """Chat's 400 about the translated request, in this API's names."""
+        chat_word, ours = self.MAX_TOKENS
+        message = re.sub(rf"\b{chat_word}\b", ours, exc.message)
+        for chat, mine in self.RENAMED.items():
+            message = message.replace(f"'{chat}'", f"'{mine}'")
+        out = type(exc)(message, self.RENAMED.get(exc.param, exc.param))
+        out.code = exc.code
+        return out
 
 
 class SamplingFields(TextBody):

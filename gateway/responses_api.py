@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import uuid
 from typing import Any
 
@@ -45,26 +44,24 @@ from common.errors import BadRequest, DejavuError, NotFound, Unavailable
 from common.metadata import PREFIX
 from gateway import tools
 from gateway.jobs import Delta, Job
-from gateway.openai_types import ChatRequest, TextBody
+from gateway.openai_types import ChatRequest, TranslatedBody
 from gateway.responses import ChatSplit, Totals, cached_tokens, chat_logprobs
 
 Number = StrictFloat | StrictInt
 TEXT_PARTS = ("input_text", "output_text", "text")
-# vLLM's sampling extensions, passed to the chat request as they are
-EXTENSIONS = ("seed", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "ignore_eos",
-              "min_tokens", "chat_template_kwargs")
 # chat's names in its errors, and what this API calls them
-RENAMED = {"messages": "input", "max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
+_RENAMED = {"messages": "input", "max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
            "response_format": "text", "logprobs": "top_logprobs"}
 log = logging.getLogger(__name__)
 NOT_STORED = ("responses are not stored on this server (--responses-ttl-s 0): send the whole conversation in "
               "'input' (earlier turns' messages, function calls and their outputs)")
 
 
-class ResponsesRequest(TextBody):
+class ResponsesRequest(TranslatedBody):
     """The body of POST /v1/responses. Unknown fields are ignored, as elsewhere."""
 
-    WHOLE = True
+    RENAMED = _RENAMED
+    MAX_TOKENS = ("max_tokens", "max_output_tokens")  # also "lower max_tokens"
     model: StrictStr | None = None
     input: StrictStr | list[Any] | None = None
     instructions: StrictStr | None = None
@@ -90,17 +87,6 @@ class ResponsesRequest(TextBody):
     background: StrictBool | None = None
     prompt: Any = None
     max_tool_calls: StrictInt | None = None
-    # vLLM's extensions
-    seed: StrictInt | None = None
-    top_k: StrictInt | None = None
-    min_p: Number | None = None
-    repetition_penalty: Number | None = None
-    presence_penalty: Number | None = None
-    frequency_penalty: Number | None = None
-    ignore_eos: StrictBool = False
-    min_tokens: StrictInt | None = None
-    chat_template_kwargs: dict | None = None
-
     def chat_request(self, earlier: list | None = None) -> ChatRequest:
         """The same request on chat, after the `earlier` items of the response it continues (its
         previous_response_id's: ResponseStore); a 400 naming this API's field for anything it
@@ -129,7 +115,7 @@ class ResponsesRequest(TextBody):
         body: dict[str, Any] = {"model": self.model, "messages": self._messages(earlier or []), "stream": self.stream,
                                 "max_completion_tokens": self.max_output_tokens, "user": self.user,
                                 "temperature": self.temperature, "top_p": self.top_p,
-                                **{name: getattr(self, name) for name in EXTENSIONS}}
+                                **self.extensions()}
         if self.stream:
             body["stream_options"] = {"include_usage": True}
         if self.logprobs_wanted:
@@ -230,15 +216,6 @@ class ResponsesRequest(TextBody):
             raise BadRequest(f"'reasoning.effort' = {str(effort)[:40]!r}: must be none, minimal, low, medium, high or "
                              "xhigh", "reasoning")
         return effort
-
-    def renamed(self, exc: BadRequest) -> BadRequest:
-        """Chat's 400 about the translated request, in this API's names."""
-        message = re.sub(r"\bmax_tokens\b", "max_output_tokens", exc.message)  # also "lower max_tokens"
-        for chat, ours in RENAMED.items():
-            message = message.replace(f"'{chat}'", f"'{ours}'")
-        out = type(exc)(message, RENAMED.get(exc.param, exc.param))
-        out.code = exc.code
-        return out
 
 
 def _message(i: int, item: dict) -> dict:

@@ -13,28 +13,18 @@ import httpx2
 import pytest
 
 from common.errors import BadRequest, ContextLengthExceeded, NotFound, UpstreamError
-from common.model import load_tokenizer
 from gateway.jobs import Limits, chat_jobs, deltas
 from gateway.messages_api import AnthropicErrors, MessagesForm, MessagesRequest, count_tokens
 from gateway.openai_types import ChatRequest
 from gateway.responses import Totals, chat_body
 from tests.unit.test_gateway_requests import Replay
+from tests.unit.test_responses_api import limits_of, stream_of, tokenizer  # noqa: F401 - a fixture
 
 ADD = {"name": "add", "description": "Adds", "input_schema": {"type": "object", "properties": {
     "a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}
 CHAT_ADD = {"type": "function", "function": {"name": "add", "parameters": ADD["input_schema"], "description": "Adds"}}
 SAID = ('<think>\nThe user wants a sum.\n</think>\n\nLet me add.\n<tool_call>\n{"name": "add", "arguments": '
         '{"a": 1, "b": 2}}\n</tool_call>')
-
-
-@pytest.fixture(scope="module")
-def tokenizer(bundled_path):
-    return load_tokenizer(bundled_path)
-
-
-def limits_of(tokenizer, **fields) -> Limits:
-    return Limits(**{"model_name": "m", "max_model_len": 512, "vocab_size": len(tokenizer), "eos_ids": [2],
-                     "chat_max_tokens": 64, "max_token_chars": max(map(len, tokenizer.get_vocab())), **fields})
 
 
 def jobs_of(body: dict, tokenizer, limits: Limits):
@@ -61,12 +51,6 @@ def run(job, tokenizer, ids: list[int], cached: int = 0):
     for d in out:
         totals.add(d)
     return out, totals
-
-
-def stream_of(form: MessagesForm, job, tokenizer, out, totals) -> str:
-    writer = form.writer(job, tokenizer)
-    text = "".join(writer.first(out[0])) + "".join(writer.delta(d) or "" for d in out)
-    return text + writer.end(totals) + writer.done()
 
 
 def sdk(sse: str) -> anthropic.Anthropic:
