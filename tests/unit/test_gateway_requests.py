@@ -150,7 +150,8 @@ def test_echo_with_logprobs_and_n_scores_a_prompt_once_and_offsets_run_on(tokeni
     limits = limits_of(tokenizer, 512)
     jobs = completion_jobs(CompletionRequest(prompt=["The capital of France", "Water boils at"], n=3, echo=True,
                                              logprobs=1, max_tokens=2), tokenizer, limits)
-    assert [(job.choice, job.prompt_logprobs) for job in jobs] == [(0, 1), (1, None), (2, None)] * 2
+    assert [(job.choice, job.scored) for job in jobs] == [(0, 1), (1, None), (2, None)] * 2  # what each asks
+    assert all(job.prompt_logprobs == 1 for job in jobs)  # what each shows
     scores = [[PromptLogprob(token_id=t, logprob=-float(i)) for t in job.prompt_ids[1:]] for i, job in enumerate(jobs)]
     firsts = [Delta("x", [], None, scores[i] if job.choice == 0 else None) for i, job in enumerate(jobs)]
     share_prompt_scores(jobs, firsts)
@@ -180,7 +181,7 @@ def test_offsets_after_a_prompt_split_mid_character_count_its_tokens_texts(token
     [_, job] = completion_jobs(CompletionRequest(prompt="Hi \U0001F600 there", echo=True, logprobs=1, max_tokens=2,
                                                  n=2, stream=True), tokenizer, limits_of(tokenizer, 512))
     ids = job.prompt_ids
-    assert job.echo_text == "Hi \U0001F600 there" and job.prompt_logprobs is None
+    assert job.echo_text == "Hi \U0001F600 there" and job.scored is None  # choice 0 asks
     scores = [PromptLogprob(token_id=t, logprob=-1.0) for t in ids[1:]]
     event = TokenEvent(request_id="r", index=0, token_id=tokenizer(" now")["input_ids"][0], logprob=-0.5)
     body, _ = completion_logprobs(tokenizer, [event], len(job.echo_text), (ids, scores))
