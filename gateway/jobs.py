@@ -297,8 +297,9 @@ async def deltas(router: Router, tokenizer, job: Job) -> AsyncIterator[Delta]:
             stop = None  # what ended it, as vLLM's stop_reason: a stop string, a stop token of the request's
             if stops.stopped:
                 finish, stop = "stop", stops.matched
-            elif finish == "stop" and event.token_id in job.sampling.stop_token_ids:
-                stop = event.token_id
+            elif finish == "stop" and event.token_id in job.sampling.stop_token_ids and not (
+                    event.token_id in job.sampling.eos_token_ids and not job.sampling.ignore_eos):
+                stop = event.token_id  # (an EOS is an EOS first, as vLLM's: null)
             yield Delta(text, [event], finish, event.prompt_logprobs, stop)
             if finish:
                 if count > 1:

@@ -12,8 +12,9 @@ prefill: chat's continue_final_message), the answer holding only what follows. `
 `tools` ({name, description, input_schema}) and `tool_choice` (auto, any, tool, none;
 disable_parallel_tool_use) carry over, with vLLM's sampling extensions (`seed`, `min_p`,
 penalties, `ignore_eos`, `min_tokens`, `chat_template_kwargs`). `thinking` ({"type": "enabled" |
-"adaptive" | "disabled"}) sets the template's `enable_thinking` (Qwen3's switch), unless
-chat_template_kwargs does; `budget_tokens` is not enforced. `output_config.format` (a JSON
+"adaptive" | "disabled"}) sets the template's `enable_thinking` (Qwen3's switch; off where
+`thinking` is not given, as Anthropic's default), unless chat_template_kwargs does;
+`budget_tokens` is not enforced. `output_config.format` (a JSON
 schema) is chat's response_format (structured output), `output_config.effort` the template's
 `reasoning_effort`. The current anthropic SDK no longer names temperature, top_p or top_k: send
 them in `extra_body` (older SDKs and plain HTTP send them as fields). Refused: images, documents
@@ -54,13 +55,14 @@ Number = StrictFloat | StrictInt
 _RENAMED = {"max_completion_tokens": "max_tokens", "stop": "stop_sequences", "parallel_tool_calls": "tool_choice",
            "user": "metadata", "continue_final_message": "messages", "add_generation_prompt": "messages",
            "response_format": "output_config"}
+_RENAMED_WORDS = ("max_completion_tokens", "stop", "response_format")  # in messages too: no other sense there
 UNREADABLE = ("image", "document", "search_result", "container_upload")  # content a text model cannot read
 
 
 class MessagesRequest(TranslatedBody):
     """The body of POST /v1/messages (and of count_tokens, which needs no max_tokens)."""
 
-    RENAMED = _RENAMED
+    RENAMED, RENAMED_WORDS = _RENAMED, _RENAMED_WORDS
     MAX_TOKENS = ("max_completion_tokens", "max_tokens")
     model: StrictStr | None = None
     messages: list[Any] | None = None
@@ -103,8 +105,7 @@ class MessagesRequest(TranslatedBody):
         if self.tool_choice is not None:
             body |= _chat_tool_choice(self.tool_choice)
         kwargs = dict(self.chat_template_kwargs or {})
-        if (thinking := self._thinking()) is not None:
-            kwargs.setdefault("enable_thinking", thinking)
+        kwargs.setdefault("enable_thinking", self._thinking())  # off unless asked, as Anthropic's
         schema, effort = self._output_config()
         if schema is not None:
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
@@ -123,9 +124,9 @@ class MessagesRequest(TranslatedBody):
             raise BadRequest("'metadata.user_id' must be a string", "metadata")
         return user
 
-    def _thinking(self) -> bool | None:
+    def _thinking(self) -> bool:
         if self.thinking is None:
-            return None
+            return False
         kind = self.thinking.get("type") if isinstance(self.thinking, dict) else None
         if kind not in ("enabled", "adaptive", "disabled"):
             raise BadRequest("'thinking' must be {'type': 'enabled', 'budget_tokens': N}, {'type': 'adaptive'} or "
@@ -249,7 +250,9 @@ def _assistant_turn(i: int, blocks: list[dict]) -> dict:
 
 def _chat_tool(i: int, tool) -> dict:
     """A custom tool ({"name", "description", "input_schema"}) as chat's function tool."""
-    kind = tool.get("type", "custom") if isinstance(tool, dict) else None
+    if not isinstance(tool, dict):
+        raise BadRequest(f"tools[{i}] must be an object: {{'name': ..., 'input_schema': {{...}}}}", "tools")
+    kind = tool.get("type", "custom")
     if kind not in ("custom", None):
         raise BadRequest(f"tools[{i}] has type {str(kind)[:40]!r}: only custom tools ({{'name', 'description', "
                          "'input_schema'}) are supported (this server runs no server tools)", "tools")
@@ -277,8 +280,8 @@ def _chat_tool_choice(choice) -> dict:
 
 def count_tokens(body: MessagesRequest, tokenizer, limits: Limits) -> dict:
     """POST /v1/messages/count_tokens: the prompt tokens the request would have, tools included."""
+    chat = body.chat_request(counting=True)  # its own errors, in its own names
     try:
-        chat = body.chat_request(counting=True)
         chat.check()
         check_model(chat, limits)
         chat_chars(chat.messages, chat.tools)  # tools nested past what the template can write: a 400
@@ -362,7 +365,8 @@ class EventWriter:
         if not text:
             return ""
         out = ""
-        if not self.open or self.blocks[-1]["type"] != kind:  # a tool_use block is started by its call
+        if not self.open or self.blocks[-1]["type"] != kind:
+            assert kind != "tool_use", "a call's arguments before the call"  # tools.Reader: the id comes first
             out += self._start({"type": "text", "text": ""} if kind == "text" else
                                {"type": "thinking", "thinking": "", "signature": ""})
         self.pieces.append(text)
@@ -415,12 +419,25 @@ class EventWriter:
         return ""  # no [DONE] on this API: message_stop (or error) is the last event
 
 
+MAX_INPUT_DEPTH = 128  # a tool_use's input nested deeper is {}: what Python parses, it must write back too
+
+
 def _arguments(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
+    """A call's arguments as its tool_use's `input`: a JSON object, else {} (text cut by
+    max_tokens, a model's text nested past what can be written back)."""
+    value = tools.json_value(text)
+    return value if isinstance(value, dict) and _depth(value) <= MAX_INPUT_DEPTH else {}
+
+
+def _depth(value) -> int:
+    """How deeply a parsed JSON value nests (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, depth + 1)
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
 
 
 def anthropic_type(status: int) -> str:
@@ -445,10 +462,12 @@ class AnthropicErrors:
             return await self.app(scope, receive, send)
         start: dict | None = None
         body: list[bytes] = []
+        started = False
 
         async def rewriting_send(message):
-            nonlocal start
+            nonlocal start, started
             if message["type"] == "http.response.start":
+                started = True
                 if message["status"] < 400:
                     return await send(message)
                 start = message
@@ -458,12 +477,24 @@ class AnthropicErrors:
             body.append(message.get("body", b""))
             if message.get("more_body"):
                 return None
-            content = _anthropic_error(start["status"], b"".join(body))
-            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-            await send({**start, "headers": headers + [(b"content-length", str(len(content)).encode())]})
-            return await send({"type": "http.response.body", "body": content})
+            await _send_error(send, start["status"], b"".join(body), start.get("headers", []))
 
-        return await self.app(scope, receive, rewriting_send)
+        try:
+            await self.app(scope, receive, rewriting_send)
+        except Exception:  # a bug: the 500 is written outside every middleware, in OpenAI's body; ours first
+            if not started:
+                await _send_error(send, 500, b'{"error": {"message": "internal error"}}', [])
+            raise  # and logged, by the handler outside
+
+
+async def _send_error(send, status: int, raw: bytes, headers: list) -> None:
+    """An error response in Anthropic's body (a JSON one, whatever the original said)."""
+    content = _anthropic_error(status, raw)
+    kept = [(k, v) for k, v in headers if k.lower() not in (b"content-length", b"content-type")]
+    await send({"type": "http.response.start", "status": status,
+                "headers": kept + [(b"content-type", b"application/json"),
+                                   (b"content-length", str(len(content)).encode())]})
+    await send({"type": "http.response.body", "body": content})
 
 
 def _anthropic_error(status: int, raw: bytes) -> bytes:

@@ -89,6 +89,7 @@ class TranslatedBody(TextBody):
     EXTENSIONS: ClassVar[tuple[str, ...]] = ("seed", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                                              "frequency_penalty", "ignore_eos", "min_tokens", "chat_template_kwargs")
     RENAMED: ClassVar[dict[str, str]] = {}  # chat's field: this API's
+    RENAMED_WORDS: ClassVar[tuple[str, ...] | None] = None  # those renamed in messages too (None: all)
     MAX_TOKENS: ClassVar[tuple[str, str]] = ("", "")  # chat's word in messages ("lower max_tokens"), this API's
     seed: StrictInt | None = None
     top_k: StrictInt | None = None
@@ -108,7 +109,8 @@ class TranslatedBody(TextBody):
         chat_word, ours = self.MAX_TOKENS
         message = re.sub(rf"\b{chat_word}\b", ours, exc.message)
         for chat, mine in self.RENAMED.items():
-            message = message.replace(f"'{chat}'", f"'{mine}'")
+            if self.RENAMED_WORDS is None or chat in self.RENAMED_WORDS:
+                message = message.replace(f"'{chat}'", f"'{mine}'")
         out = type(exc)(message, self.RENAMED.get(exc.param, exc.param))
         out.code = exc.code
         return out

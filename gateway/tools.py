@@ -154,7 +154,7 @@ def template_messages(calls) -> list[dict]:
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments", ""), str):
             raise BadRequest("each of a message's 'tool_calls' must be {'id': ..., 'type': 'function', 'function': "
                              "{'name': ..., 'arguments': '<JSON text>'}}", "messages")
-        arguments = _json(fn.get("arguments") or "{}")
+        arguments = json_value(fn.get("arguments") or "{}")
         if arguments is None:  # not JSON: the text as it is
             arguments = fn.get("arguments")
         out.append({**call, "type": "function", "function": {"name": fn["name"], "arguments": arguments}})
@@ -270,7 +270,7 @@ class Reader:
             elif c in "}]":
                 self.depth -= 1
                 if self.depth == 0:
-                    element = _json("".join(self.element) + text[start:i + 1])
+                    element = json_value("".join(self.element) + text[start:i + 1])
                     if isinstance(element, dict) and isinstance(element.get("name"), str):
                         if (call := self._call(element["name"], element.get("parameters", {}))) is not None:
                             calls.append(call)
@@ -365,7 +365,7 @@ class Reader:
         """Whether `body` is a call's JSON ({"name", "arguments"}) to one of the tools, or a list of
         them (as SmolLM2 writes them); the calls are added to `calls` (past the first, dropped
         where parallel_tool_calls is false)."""
-        obj = _json(body)
+        obj = json_value(body)
         return self._add(obj if isinstance(obj, list) and obj else [obj], calls)
 
     def _add(self, objs: list, calls: list[dict]) -> bool:
@@ -412,20 +412,20 @@ def _mistral_calls(body: str) -> list | None:
         if not part:
             continue
         if part.startswith(("[", "{")):
-            value = _json(part)
+            value = json_value(part)
             if not isinstance(value, (list, dict)):
                 return None
             out += value if isinstance(value, list) else [value]
             continue
         name, sep, arguments = part.partition(ARGS)
-        value = _json(arguments) if sep else None
+        value = json_value(arguments) if sep else None
         if value is None:
             return None
         out.append({"name": name.strip(), "arguments": value})
     return out
 
 
-def _json(text: str):
+def json_value(text: str):
     """The JSON value of a model's text, or None where it is not one."""
     try:
         return json.loads(text)

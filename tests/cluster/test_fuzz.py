@@ -262,6 +262,9 @@ HOSTILE = [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]}).encode(), JSON,
      400, "messages"),
     ("empty messages body", "/v1/messages", b"", JSON, 400, None),
+    ("a tool that is a string", "/v1/messages", json.dumps({**MESSAGE, "tools": ["f"]}).encode(), JSON, 400, "tools"),
+    ("a tool that is null, to count", "/v1/messages/count_tokens", json.dumps({**MESSAGE, "tools": [None]}).encode(),
+     JSON, 400, "tools"),
 ]
 
 

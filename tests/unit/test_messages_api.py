@@ -129,9 +129,12 @@ def test_a_final_assistant_turn_is_continued_and_tool_choice_maps_to_chats(token
     [chat_job] = chat_jobs(ChatRequest(messages=ASK["messages"], response_format={
         "type": "json_schema", "json_schema": {"name": "c", "schema": schema}}), tokenizer, limits)
     assert job.sampling.grammar == chat_job.sampling.grammar != ""
-    assert form.as_chat.chat_template_kwargs == {"reasoning_effort": "low"}
-    form, _ = jobs_of({**ASK, "thinking": {"type": "disabled"}}, tokenizer, limits)
-    assert form.as_chat.chat_template_kwargs == {"enable_thinking": False}
+    assert form.as_chat.chat_template_kwargs == {"reasoning_effort": "low", "enable_thinking": False}
+    for thinking in ({"type": "disabled"}, None):  # off unless asked, as Anthropic's (Qwen3's template: on)
+        form, _ = jobs_of({**ASK, "thinking": thinking}, tokenizer, limits)
+        assert form.as_chat.chat_template_kwargs == {"enable_thinking": False}
+    form, _ = jobs_of({**ASK, "thinking": {"type": "adaptive"}}, tokenizer, limits)
+    assert form.as_chat.chat_template_kwargs == {"enable_thinking": True}
     form, _ = jobs_of({**ASK, "thinking": {"type": "enabled", "budget_tokens": 2048},
                        "chat_template_kwargs": {"enable_thinking": False}}, tokenizer, limits)
     assert form.as_chat.chat_template_kwargs == {"enable_thinking": False}  # the explicit one wins
@@ -155,6 +158,9 @@ def test_a_final_assistant_turn_is_continued_and_tool_choice_maps_to_chats(token
     ({**ASK, "system": [{"type": "image"}]}, "system"),
     ({**ASK, "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools"),
     ({**ASK, "tools": [{"name": "f"}]}, "tools"),
+    ({**ASK, "tools": ["f"]}, "tools"),
+    ({**ASK, "tools": [None]}, "tools"),
+    ({**ASK, "tools": [5]}, "tools"),
     ({**ASK, "tools": [{"name": "", "input_schema": {}}]}, "tools"),
     ({**ASK, "tools": [ADD], "tool_choice": "auto"}, "tool_choice"),
     ({**ASK, "tools": [ADD], "tool_choice": {"type": "tool"}}, "tool_choice"),
@@ -199,9 +205,44 @@ def test_count_tokens_is_the_prompt_a_message_request_is_prefilled_with(tokenize
     body = {"system": "Be brief.", "messages": [{"role": "user", "content": "1+2"}], "tools": [ADD]}
     _, [job] = jobs_of(body, tokenizer, limits)
     assert count_tokens(MessagesRequest(**body), tokenizer, limits) == {"input_tokens": len(job.prompt_ids)}
-    with pytest.raises(BadRequest) as info:  # what /v1/messages refuses, count_tokens refuses too
-        count_tokens(MessagesRequest(messages=[{"role": "tool", "content": "x"}]), tokenizer, limits)
-    assert info.value.param == "messages"
+    with pytest.raises(BadRequest) as info:  # what /v1/messages refuses, count_tokens refuses too, in its words
+        count_tokens(MessagesRequest(messages=[{"role": "system", "content": "x"}]), tokenizer, limits)
+    assert info.value.param == "messages" and "'user' or 'assistant'" in info.value.message
+    with pytest.raises(BadRequest) as info:  # chat's words renamed where they are this API's fields only
+        count_tokens(MessagesRequest(messages=[{"role": "user", "content": "x"}],
+                                     chat_template_kwargs={"add_generation_prompt": True}), tokenizer, limits)
+    assert info.value.param == "chat_template_kwargs" and "'add_generation_prompt'" in info.value.message
+
+
+def test_a_calls_arguments_nested_past_what_can_be_written_are_an_empty_input_not_a_500(tokenizer):
+    """A model's text is not ours to trust: arguments nested 3000 deep (past Python's parser) or 200
+    (past what a tool_use input may be) give input {} in the whole message, and stream as they came
+    (the SDK's own accumulator gives up on them past its parser's depth: the client's to judge);
+    5 deep is kept, and read back by the SDK's stream helper."""
+    limits = limits_of(tokenizer, tool_parser="hermes")
+    for depth, kept in ((3000, False), (200, False), (5, True)):
+        deep = "[" * depth + "1" + "]" * depth
+        for body, said in (({**ASK, "tools": [ADD], "max_tokens": 400},
+                            '<tool_call>{"name": "add", "arguments": "{\\"a\\": ' + deep.replace('"', '\\"')
+                            + '}"}</tool_call>'),
+                           ({**ASK, "tools": [ADD], "tool_choice": {"type": "tool", "name": "add"}, "max_tokens": 400},
+                            '{"a": ' + deep + "}")):
+            form, [job] = jobs_of(body, tokenizer, limits)
+            ids = tokenizer(said, add_special_tokens=False)["input_ids"]
+            job.sampling = job.sampling.model_copy(update={"max_tokens": len(ids) + 1})
+            out, totals = run(job, tokenizer, ids + [2])
+            whole = form.body(job, totals, tokenizer)
+            json.dumps(whole)  # it can be written
+            [call] = [b for b in whole["content"] if b["type"] == "tool_use"]
+            assert (call["input"] != {}) == kept, (depth, call["input"])
+            sse = stream_of(form, job, tokenizer, out, totals)
+            events = [json.loads(block.split("\ndata: ", 1)[1]) for block in sse.strip().split("\n\n")]
+            args = "".join(e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta"
+                           and e["delta"]["type"] == "input_json_delta")
+            assert deep in args and events[-1]["type"] == "message_stop"
+            if kept:
+                with sdk(sse).messages.stream(**ASK) as stream:
+                    assert stream.get_final_message().content[-1].input == call["input"]
 
 
 def test_thinking_an_answer_and_a_call_stream_as_the_whole_message_says(tokenizer):
@@ -304,7 +345,7 @@ def test_a_failure_mid_stream_is_an_error_event_the_sdk_raises(tokenizer):
 def test_errors_on_the_messages_routes_are_anthropics_body_and_others_stay_openais():
     """AnthropicErrors rewrites an error (any layer's) on /v1/messages*; not a 200, not another route."""
     from starlette.applications import Starlette
-    from starlette.responses import JSONResponse, PlainTextResponse
+    from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
@@ -318,9 +359,24 @@ def test_errors_on_the_messages_routes_are_anthropics_body_and_others_stay_opena
     async def ok(request):
         return JSONResponse({"error": "not one"})
 
+    async def bug(request):
+        raise RuntimeError("a bug")
+
+    async def chunked(request):
+        async def parts():
+            yield b'{"error": {"message": "in '
+            yield b'parts", "type": "x", "param": null, "code": null}}'
+        return StreamingResponse(parts(), status_code=413, media_type="text/plain")
+
     app = Starlette(routes=[Route("/v1/messages", fail, methods=["POST"]), Route("/v1/messages/ok", ok),
+                            Route("/v1/messages/bug", bug), Route("/v1/messages/chunked", chunked),
                             Route("/v1/chat/completions", fail, methods=["POST"])])
-    client = TestClient(AnthropicErrors(app))
+    client = TestClient(AnthropicErrors(app), raise_server_exceptions=False)
+    resp = client.get("/v1/messages/bug")  # a bug's 500, in Anthropic's body too
+    assert resp.status_code == 500 and resp.json()["error"]["type"] == "api_error" and resp.json()["type"] == "error"
+    resp = client.get("/v1/messages/chunked")
+    assert resp.json()["error"] == {"message": "in parts", "type": "request_too_large", "param": None, "code": None}
+    assert resp.headers["content-type"] == "application/json"
     for status, kind in ((400, "invalid_request_error"), (401, "authentication_error"), (404, "not_found_error"),
                          (413, "request_too_large"), (429, "rate_limit_error"), (500, "api_error"),
                          (503, "overloaded_error")):
@@ -344,7 +400,7 @@ def test_the_stop_string_or_token_that_ended_a_request_is_vllms_stop_reason(toke
     limits = limits_of(tokenizer)
     ids = tokenizer("a STOP b", add_special_tokens=False)["input_ids"]
     for fields, output, stop in (({"stop": ["STOP"]}, ids, "STOP"), ({"stop_token_ids": [ids[-1]]}, ids, ids[-1]),
-                                 ({}, ids + [2], None)):
+                                 ({}, ids + [2], None), ({"stop_token_ids": [2]}, ids + [2], None)):  # EOS first
         [job] = completion_jobs(CompletionRequest(prompt="Hi", max_tokens=8, **fields), tokenizer, limits)
         out, totals = run(job, tokenizer, output)
         assert completion_body(job, totals, tokenizer)["choices"][0]["stop_reason"] == stop
