@@ -62,6 +62,7 @@ class Job:
     token_ids_as_names: bool = False  # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:N"
     continuous_usage: bool = False    # vLLM's stream_options.continuous_usage_stats: usage on every chunk
     prompt_scores: int | None = None  # vLLM's prompt_logprobs: the prompt scored, shown with this many
+    include_reasoning: bool = True    # vLLM's: chat's thinking in the answer (reasoning_content)
 
     @property
     def scored(self) -> int | None:
@@ -199,7 +200,7 @@ def chat_jobs(body: ChatRequest, tokenizer, limits: Limits) -> list[Job]:
             tokenizer, ids, continued if isinstance(continued, str) else None)
     for job in jobs:
         job.tools = dataclasses.replace(plan, parser=limits.tool_parser) if plan and plan.mode != "none" else None
-        job.thinking = thinking
+        job.thinking, job.include_reasoning = thinking, body.include_reasoning
         if plan and plan.mode == "auto":  # a model's tool-call tags may be special tokens: kept, as vLLM's hermes
             job.skip_special = False
         if thinking is not None and limits.think_special:

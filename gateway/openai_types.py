@@ -370,6 +370,8 @@ class ChatMessage(BaseModel):
 UNSUPPORTED_CHAT = ("functions", "function_call")
 
 
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")  # OpenAI's
+
 # apply_chat_template's own arguments: chat_template_kwargs may not set them
 TEMPLATE_ARGUMENTS = frozenset({"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
                                 "continue_final_message", "tokenize", "padding", "truncation", "max_length",
@@ -389,6 +391,8 @@ class ChatRequest(SamplingFields):
     continue_final_message: StrictBool = False
     chat_template_kwargs: dict | None = None
     chat_template: StrictStr | None = None  # refused: a request's own template is code the server would run
+    reasoning_effort: StrictStr | None = None  # OpenAI's: the template's `reasoning_effort` (unless kwargs set it)
+    include_reasoning: StrictBool = True  # vLLM's: false leaves the thinking out of the answer
     functions: Any = None             # refused unless empty (UNSUPPORTED_CHAT)
     function_call: Any = None
     _plan: tuple | None = PrivateAttr(None)
@@ -415,6 +419,11 @@ class ChatRequest(SamplingFields):
         if self.continue_final_message and self.messages[-1].role != "assistant":
             raise BadRequest("'continue_final_message' continues the last message, which must be the assistant's",
                              "continue_final_message")
+        if self.reasoning_effort is not None:
+            if self.reasoning_effort not in REASONING_EFFORTS:
+                raise BadRequest(f"'reasoning_effort' = {self.reasoning_effort[:40]!r}: must be one of "
+                                 f"{', '.join(REASONING_EFFORTS)}", "reasoning_effort")
+            self.chat_template_kwargs = {"reasoning_effort": self.reasoning_effort, **(self.chat_template_kwargs or {})}
         reserved = set(self.chat_template_kwargs or {}) & TEMPLATE_ARGUMENTS
         if reserved:
             raise BadRequest(f"'chat_template_kwargs' may not set {sorted(reserved)[0]!r}: give it as a field of its "

@@ -188,7 +188,8 @@ def chat_body(job: Job, totals: Totals, tokenizer) -> dict:
     message, finish = {"role": "assistant", "content": "".join(totals.text)}, totals.finish_reason
     if job.thinking is not None:  # the thinking apart, under both of vLLM's names; the answer is the rest
         thought, message["content"] = reasoning.split_whole(job.thinking, message["content"])
-        message["reasoning_content"] = message["reasoning"] = thought or None
+        if job.include_reasoning:
+            message["reasoning_content"] = message["reasoning"] = thought or None
     if job.tools:  # the calls in the text (content None where they stand alone, as OpenAI's)
         message["content"], calls, finish = tools.read_whole(job.tools, message["content"], finish)
         if calls:
@@ -306,7 +307,7 @@ class ChunkWriter:
     def _chat_delta(self, d: Delta) -> tuple[dict, str | None]:
         """A chat chunk's delta (reasoning, content, tool calls) and finish reason."""
         thought, content, calls = self.split.push(d.text, bool(d.finish_reason))
-        delta = {"reasoning_content": thought, "reasoning": thought} if thought else {}
+        delta = {"reasoning_content": thought, "reasoning": thought} if thought and self.job.include_reasoning else {}
         delta |= ({"content": content} if content else {}) | ({"tool_calls": calls} if calls else {})
         if self.split.tools is None:
             return delta, d.finish_reason

@@ -139,3 +139,34 @@ def test_think_tags_that_decoding_skips_are_kept_in_the_text(tokenizer):
     assert own.decode(own("a<think>b</think>c")["input_ids"], skip_special_tokens=True) == "abc"
     assert reasoning_parser(settings, own) == ("qwen3", True)
     assert reasoning_parser(GatewaySettings(reasoning_parser="none"), own) == ("none", False)
+
+
+def test_reasoning_effort_reaches_the_template_and_include_reasoning_false_leaves_the_thinking_out(tokenizer):
+    """OpenAI's chat reasoning_effort is the template's `reasoning_effort` (chat_template_kwargs'
+    own wins); vLLM's include_reasoning false: the answer alone, whole and streamed."""
+    from common.errors import BadRequest
+    from common.protocol import TokenEvent
+    from gateway.responses import ChunkWriter, Totals, chat_body
+
+    own = deepcopy(tokenizer)
+    own.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                         "<|im_start|>assistant\n[effort {{ reasoning_effort | default('unset') }}]<think>\n")
+    limits = Limits("m", 512, len(tokenizer), [2], 256, max(map(len, tokenizer.get_vocab())), reasoning_parser="qwen3")
+    hi = [{"role": "user", "content": "Hi"}]
+    for fields, said in (({}, "unset"), ({"reasoning_effort": "low"}, "low"),
+                         ({"reasoning_effort": "low", "chat_template_kwargs": {"reasoning_effort": "high"}}, "high")):
+        [job] = chat_jobs(ChatRequest(messages=hi, **fields), own, limits)
+        assert f"[effort {said}]" in own.decode(job.prompt_ids), fields
+    with pytest.raises(BadRequest) as info:
+        chat_jobs(ChatRequest(messages=hi, reasoning_effort="extreme"), own, limits)
+    assert info.value.param == "reasoning_effort"
+
+    [job] = chat_jobs(ChatRequest(messages=hi, include_reasoning=False), own, limits)
+    text, event = "Hm, a greeting.\n</think>\n\nHello!", TokenEvent(request_id="r", index=0, token_id=5)
+    message = chat_body(job, Totals(text=[text], tokens=[event], finish_reason="stop"), own)["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": "Hello!"}
+    writer = ChunkWriter(job, own, chat=True)
+    chunks = [writer.delta(Delta(c, [event], "stop" if i == len(text) - 1 else None)) for i, c in enumerate(text)]
+    deltas = [json.loads(c[6:])["choices"][0]["delta"] for c in chunks if c]
+    assert "".join(d.get("content", "") for d in deltas) == "Hello!"
+    assert not any("reasoning_content" in d or "reasoning" in d for d in deltas)
