@@ -187,7 +187,7 @@ class PromptLogprob(Message):
     token_id: int
     logprob: float                # natural log, float32's precision
     top_logprobs: list[TopLogprob] = Field(default_factory=list)  # the k likeliest there, likeliest first
-    rank: int | None = None       # the token's rank there (1: the likeliest), as vLLM's prompt_logprobs show it
+    rank: int | None = None       # the token's rank there (1: the likeliest; ties first), as vLLM's prompt_logprobs
 
 
 class TokenEvent(Message):

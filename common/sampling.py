@@ -270,7 +270,7 @@ def prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[Pr
     rows = torch.arange(len(targets), device=logits.device)
     ids = torch.tensor(targets, dtype=torch.long, device=logits.device)
     picked = logprobs[rows, ids]
-    chosen, ranks = picked.tolist(), ((logprobs > picked[:, None]).sum(-1) + 1).tolist()
+    chosen, ranks = picked.tolist(), (logprobs >= picked[:, None]).sum(-1).tolist()  # vLLM's: ties rank after
     if k:
         values, ids = torch.topk(logprobs, k)
         tops = [[TopLogprob(token_id=i, logprob=v) for v, i in zip(vs, is_)]

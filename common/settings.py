@@ -259,7 +259,8 @@ class GatewaySettings(ServiceSettings):
         _check(self, 16 <= self.max_model_len <= 1 << 20, "max_model_len", "must be in 16..1048576")
         _check(self, self.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
         _check(self, self.max_tokens_default >= 1, "max_tokens_default", "must be >= 1")
-        _check(self, self.responses_ttl_s >= 0, "responses_ttl_s", "must be >= 0 (0: no response kept)")
+        _check(self, 0 <= self.responses_ttl_s < 10 ** 9, "responses_ttl_s", "must be >= 0 (0: no response kept) "
+               "and finite")
         for name in ("request_timeout_s", "route_timeout_s", "token_timeout_s", "resume_wait_s"):
             _check(self, getattr(self, name) > 0, name, "must be > 0")
         _check(self, self.resume_attempts >= 0, "resume_attempts", "must be >= 0")

@@ -243,8 +243,8 @@ def cmd_up(args, parser) -> int:
         parser.error("without --swap, --kv-device-bytes sizes the KV pool: give it or --kv-blocks, not both")
     if args.prefix_cache_mib < 0:
         parser.error("--prefix-cache-mib must be >= 0 (0: off)")
-    if args.responses_ttl_s < 0:
-        parser.error("--responses-ttl-s must be >= 0 (0: no response kept)")
+    if not 0 <= args.responses_ttl_s < 10 ** 9:  # (NaN fails this too)
+        parser.error("--responses-ttl-s must be >= 0 (0: no response kept) and finite")
     if args.max_queued_requests < 0:
         parser.error("--max-queued-requests must be >= 0 (0: a 429 as soon as every token service is full)")
     if not 0 <= args.kv_shm_mib <= 1024:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -71,7 +72,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         try:
             async with registered(app, settings, ServiceKind.GATEWAY, lease_fields) as redis:
                 app.state.store = metadata.RequestStore(redis)
-                app.state.responses = ResponseStore(redis, settings.responses_ttl_s)
+                app.state.responses = ResponseStore(redis, settings.responses_ttl_s,
+                                                    cluster_fingerprint(settings.cluster_token))
                 registry = metadata.Registry(redis, cluster_fingerprint(settings.cluster_token))  # this cluster's only
                 app.state.router = Router(registry, client, settings, app.state.store, model_id)
                 try:
@@ -82,6 +84,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             await client.aclose()
 
     app = FastAPI(title="DéjàVu gateway", version=VERSION, lifespan=lifespan)
+    app.state.api_keys = bool(settings.api_keys)
     install_error_handlers(app, public=True)
 
     @app.exception_handler(ClientGone)
@@ -127,26 +130,26 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def responses(body: ResponsesRequest, request: Request):
         """OpenAI's Responses API, on the chat machinery (gateway/responses_api.py)."""
         store: ResponseStore = app.state.responses
-        earlier = None
+        earlier, owner = None, _owner(request)
         if body.previous_response_id is not None and store.enabled:  # the conversation it goes on from
-            earlier = (await store.get(body.previous_response_id, "previous_response_id"))["history"]
-        return await _translated(app, ResponsesForm(body, store, earlier), request)
+            earlier = (await store.get(body.previous_response_id, "previous_response_id", owner))["history"]
+        return await _translated(app, ResponsesForm(body, store, earlier, owner), request)
 
     @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"])  # one route: a 405's Allow has both
     async def response(response_id: str, request: Request) -> dict:
         """A stored response: GET reads it (the openai SDK's responses.retrieve), DELETE drops it
         (responses.delete)."""
         if request.method == "DELETE":
-            await app.state.responses.delete(response_id)
+            await app.state.responses.delete(response_id, _owner(request))
             return {"id": response_id, "object": "response", "deleted": True}
-        return (await app.state.responses.get(response_id))["response"]
+        return (await app.state.responses.get(response_id, owner=_owner(request)))["response"]
 
     @app.get("/v1/responses/{response_id}/input_items")
-    async def input_items(response_id: str) -> dict:
-        """A stored response's input items (responses.input_items.list), in order."""
-        items = (await app.state.responses.get(response_id))["input"]
-        return {"object": "list", "data": items, "first_id": items[0].get("id") if items else None,
-                "last_id": items[-1].get("id") if items else None, "has_more": False}
+    async def input_items(response_id: str, request: Request, order: str = "desc", limit: int = 20,
+                          after: str | None = None) -> dict:
+        """A stored response's input items (responses.input_items.list): newest first by default."""
+        record = await app.state.responses.get(response_id, owner=_owner(request))
+        return ResponseStore.listed(record["input"], order, limit, after)
 
     @app.post("/v1/messages")
     async def messages(body: MessagesRequest, request: Request):
@@ -294,6 +297,16 @@ async def serve(app: FastAPI, jobs: list[Job], request: Request, form):
     return ClosingStreamingResponse(stream, on_close, media_type="text/event-stream")
 
 
+def _owner(request: Request) -> str:
+    """Whose stored responses a request may see: a digest of the API key it came with ("" where
+    the gateway takes none, and where it takes keys a key was checked before this runs)."""
+    if not request.app.state.api_keys:
+        return ""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    key = value.strip() if scheme.lower() == "bearer" and value.strip() else request.headers.get("x-api-key", "")
+    return hashlib.sha256(b"dejavu-api-key:" + key.encode()).hexdigest()[:32]
+
+
 def _client_id(request: Request) -> str:
     """The client's own X-Request-Id, for the log (printable, 128 characters at most). Never used
     as the request's id: two clients could send the same one, and it names the request's KV and its
@@ -305,8 +318,12 @@ def _client_id(request: Request) -> str:
 class RequestIds:
     """ASGI middleware: the answer to a request that was served (its choices' ids in
     `request.state.request_ids`, set by serve) carries them in `x-request-id` (OpenAI's header, the
-    openai SDK's `_request_id`) and `request-id` (Anthropic's), errors after that point included:
-    the ids every log line of the request carries."""
+    openai SDK's `_request_id`) and `request-id` (Anthropic's), errors after that point included (a
+    bug's 500 too, written here: Starlette writes it outside every middleware): the ids every log
+    line of the request carries. The first MAX_IDS of a request of more choices (a header past a
+    few KiB is a 502 at proxies that buffer 4 KiB of them)."""
+
+    MAX_IDS = 16
 
     def __init__(self, app):
         self.app = app
@@ -315,15 +332,25 @@ class RequestIds:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         state = scope.setdefault("state", {})
+        started = False
 
         async def with_ids(message):
-            if message["type"] == "http.response.start" and state.get("request_ids"):
-                value = ", ".join(state["request_ids"]).encode()
-                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", value),
-                                                  (b"request-id", value)]}
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if ids := state.get("request_ids"):
+                    value = ", ".join(ids[:self.MAX_IDS]).encode()
+                    message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", value),
+                                                      (b"request-id", value)]}
             await send(message)
 
-        return await self.app(scope, receive, with_ids)
+        try:
+            await self.app(scope, receive, with_ids)
+        except Exception as exc:
+            if not started and state.get("request_ids"):  # the handler outside logs it and writes nothing more
+                await JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"),
+                                   status_code=500)(scope, receive, with_ids)
+            raise
 
 
 async def _start(app: FastAPI, job: Job, kind: str) -> None:

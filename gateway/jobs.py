@@ -306,5 +306,9 @@ async def deltas(router: Router, tokenizer, job: Job) -> AsyncIterator[Delta]:
                 if count > 1:
                     TPOT.observe((time.perf_counter() - first_at) / (count - 1))
                 return
+    except BadRequest as exc:  # the router names 'echo' for a prompt it cannot score: name what was asked
+        if exc.param == "echo" and job.prompt_logprobs is None and job.prompt_scores is not None:
+            exc.param = "prompt_logprobs"
+        raise
     finally:
         await gen.aclose()

@@ -135,6 +135,12 @@ def _prompt(job: Job, totals_or_delta) -> tuple[list[int], list[PromptLogprob]] 
                             for p in scores]  # prompt_logprobs may have asked for more
 
 
+@functools.lru_cache(maxsize=1 << 17)
+def _token_text(tokenizer, token_id: int) -> str:
+    """A token's text as vLLM's prompt_logprobs show it: a special token's too (<|im_start|>)."""
+    return tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(token_id)])
+
+
 def vllm_prompt_logprobs(tokenizer, job: Job, totals: Totals) -> list[dict | None] | None:
     """vLLM's prompt_logprobs: null for the first prompt token, then for each the prompt's token
     (its logprob and rank there) and the k likeliest there (ranks 1..k), by token id, each with its
@@ -143,7 +149,8 @@ def vllm_prompt_logprobs(tokenizer, job: Job, totals: Totals) -> list[dict | Non
         return None
 
     def entry(token_id: int, logprob: float, rank: int | None) -> dict:
-        return {"logprob": logprob, "rank": rank, "decoded_token": _name(tokenizer, token_id, job.token_ids_as_names)}
+        name = f"token_id:{token_id}" if job.token_ids_as_names else _token_text(tokenizer, token_id)
+        return {"logprob": logprob, "rank": rank, "decoded_token": name}
 
     out: list[dict | None] = [None]
     for p in totals.prompt:

@@ -148,43 +148,16 @@ class ResponsesRequest(TranslatedBody):
             return [{"type": "message", "role": "user", "content": self.input}]
         return self.input
 
-    def _messages(self, earlier: list) -> list[dict]:
+    def _messages(self, earlier: list[dict]) -> list[dict]:
         """Chat's messages: the instructions (not an earlier response's: OpenAI's), the earlier
-        items, this turn's."""
+        conversation's messages (ResponseStore's history), this turn's items'."""
         messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
-        for i, item in enumerate(earlier + self.items(), start=-len(earlier)):  # input[i]: this turn's
-            if not isinstance(item, dict):
-                raise BadRequest(f"input[{i}] must be an object: a message ({{'role': ..., 'content': ...}}) or an "
-                                 "item", "input")
-            kind = item.get("type", "message")
-            if kind == "message":
-                messages.append(_message(i, item))
-            elif kind == "function_call":
-                call = {"id": _string(i, item, "call_id"), "type": "function",
-                        "function": {"name": _string(i, item, "name"), "arguments": _string(i, item, "arguments")}}
-                last = messages[-1] if messages else None
-                if last is not None and last["role"] == "assistant" and (last.get("tool_calls") or not last["content"]
-                                                                         or last.get("calls_may_follow")):
-                    last.setdefault("tool_calls", []).append(call)  # a turn's calls in one assistant message
-                else:
-                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-            elif kind == "function_call_output":
-                output = item.get("output")
-                text = output if isinstance(output, str) else _parts_text(i, output) if isinstance(output, list) else None
-                if text is None:
-                    raise BadRequest(f"input[{i}] (function_call_output) needs 'output': a string or text parts", "input")
-                messages.append({"role": "tool", "tool_call_id": _string(i, item, "call_id"), "content": text})
-            elif kind == "reasoning":  # an earlier turn's thinking: chat templates leave it out of the prompt
-                continue
-            elif kind == "item_reference":
-                raise BadRequest(f"input[{i}]: item references are not supported: send the item itself, or go on "
-                                 "from a stored response with 'previous_response_id'", "input")
-            else:
-                raise BadRequest(f"input[{i}]: items of type {str(kind)[:40]!r} are not supported (message, "
-                                 "function_call, function_call_output and reasoning are)", "input")
-        for m in messages:
-            m.pop("calls_may_follow", None)
-        return messages
+        return _as_messages(self.items(), messages + earlier)
+
+    def turn(self, earlier: list[dict], output: list) -> list[dict]:
+        """The conversation's messages through this turn: `earlier`, this turn's input, its output
+        items (chat's messages as the model saw them: no thinking, no field chat does not read)."""
+        return _as_messages([_without_logprobs(item) for item in output], _as_messages(self.items(), list(earlier)))
 
     def _format(self) -> dict | None:
         """text.format as chat's response_format."""
@@ -216,6 +189,45 @@ class ResponsesRequest(TranslatedBody):
             raise BadRequest(f"'reasoning.effort' = {str(effort)[:40]!r}: must be none, minimal, low, medium, high or "
                              "xhigh", "reasoning")
         return effort
+
+
+def _as_messages(items: list, messages: list[dict]) -> list[dict]:
+    """`messages` with the items' after them (a turn's function calls joined to the assistant's
+    message before them); a 400 naming input[i] for an item chat cannot take."""
+    first = len(messages)
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise BadRequest(f"input[{i}] must be an object: a message ({{'role': ..., 'content': ...}}) or an "
+                             "item", "input")
+        kind = item.get("type", "message")
+        if kind == "message":
+            messages.append(_message(i, item))
+        elif kind == "function_call":
+            call = {"id": _string(i, item, "call_id"), "type": "function",
+                    "function": {"name": _string(i, item, "name"), "arguments": _string(i, item, "arguments")}}
+            last = messages[-1] if len(messages) > first else None
+            if last is not None and last["role"] == "assistant" and (last.get("tool_calls") or not last["content"]
+                                                                     or last.get("calls_may_follow")):
+                last.setdefault("tool_calls", []).append(call)  # a turn's calls in one assistant message
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            text = output if isinstance(output, str) else _parts_text(i, output) if isinstance(output, list) else None
+            if text is None:
+                raise BadRequest(f"input[{i}] (function_call_output) needs 'output': a string or text parts", "input")
+            messages.append({"role": "tool", "tool_call_id": _string(i, item, "call_id"), "content": text})
+        elif kind == "reasoning":  # an earlier turn's thinking: chat templates leave it out of the prompt
+            continue
+        elif kind == "item_reference":
+            raise BadRequest(f"input[{i}]: item references are not supported: send the item itself, or go on "
+                             "from a stored response with 'previous_response_id'", "input")
+        else:
+            raise BadRequest(f"input[{i}]: items of type {str(kind)[:40]!r} are not supported (message, "
+                             "function_call, function_call_output and reasoning are)", "input")
+    for m in messages[first:]:
+        m.pop("calls_may_follow", None)
+    return messages
 
 
 def _message(i: int, item: dict) -> dict:
@@ -273,15 +285,18 @@ def _chat_tool_choice(choice):
                      "tool_choice")
 
 
-def _listed(item):
-    """An input item as input_items lists it: a message with an id and its text as parts."""
-    if not isinstance(item, dict) or item.get("type", "message") != "message":
-        return item
-    content = item.get("content")
-    if isinstance(content, str):
+ITEM_IDS = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+
+
+def _listed(item: dict) -> dict:
+    """An input item as input_items lists it: with an id (its own, if it has one); a message's
+    text as parts."""
+    kind = item.get("type", "message")
+    listed = {"id": _new_id(ITEM_IDS.get(kind, "item")), **item, "type": kind}
+    if kind == "message" and isinstance(item.get("content"), str):
         part = "output_text" if item.get("role") == "assistant" else "input_text"
-        content = [{"type": part, "text": content}]
-    return {"id": _new_id("msg"), "type": "message", "status": "completed", **item, "content": content}
+        listed |= {"status": "completed", "content": [{"type": part, "text": item["content"]}]}
+    return listed
 
 
 def _without_logprobs(item: dict) -> dict:
@@ -294,39 +309,65 @@ def _without_logprobs(item: dict) -> dict:
 class ResponseStore:
     """Responses kept in Redis for `ttl_s` (OpenAI's `store`, --responses-ttl-s): a request with
     previous_response_id goes on from one, GET /v1/responses/{id} reads it, DELETE drops it. One
-    JSON value a response: the response, this turn's input items, and the conversation's items
-    through this turn's output (`history`: what a request going on from it is prefixed with)."""
+    JSON value a response, under this cluster's name (`cluster`: gateways of other clusters on the
+    same Redis see none of it): the response, this turn's input items (as input_items lists them),
+    the conversation's messages through this turn's output (`history`: chat's messages as the
+    model saw them, which a request going on from it is prefixed with), and its owner: a digest of
+    the API key it was made with (none without keys), the only key that may read, go on from or
+    delete it (another's gets a 404, as for one never stored)."""
 
     MAX_ID_CHARS = 128
+    MAX_RECORD_BYTES = 16 << 20  # a record past this is not kept (a history is bounded by the context anyway)
 
-    def __init__(self, redis, ttl_s: float):
-        self.redis, self.ttl_s = redis, ttl_s
+    def __init__(self, redis, ttl_s: float, cluster: str = ""):
+        self.redis, self.ttl_s, self.cluster = redis, ttl_s, cluster
 
     @property
     def enabled(self) -> bool:
         return self.ttl_s > 0
 
     def _key(self, response_id: str) -> str:
-        return f"{PREFIX}response:{response_id}"
+        return f"{PREFIX}response:{self.cluster}:{response_id}"
 
-    async def put(self, response: dict, items: list, history: list) -> None:
-        record = json.dumps({"response": response, "input": items, "history": history})
+    async def put(self, response: dict, items: list, history: list, owner: str = "") -> None:
+        record = json.dumps({"response": response, "input": items, "history": history, "owner": owner})
+        if len(record) > self.MAX_RECORD_BYTES:
+            log.warning("response %s not kept: %d bytes of record, past %d", response["id"], len(record),
+                        self.MAX_RECORD_BYTES)
+            return
         await self._call(self.redis.set, self._key(response["id"]), record, px=max(1, int(self.ttl_s * 1000)))
 
-    async def get(self, response_id: str, param: str | None = None) -> dict:
-        """The record of a kept response; a 404 (naming `param`) where there is none."""
+    async def get(self, response_id: str, param: str | None = None, owner: str = "") -> dict:
+        """The record of a kept response of `owner`'s; a 404 (naming `param`) where there is none."""
         raw = None
         if len(response_id) <= self.MAX_ID_CHARS:
             raw = await self._call(self.redis.get, self._key(response_id))
-        if raw is None:
+        record = json.loads(raw) if raw is not None else None
+        if record is None or record.get("owner", "") != owner:
             raise NotFound(f"no response with id {response_id[:self.MAX_ID_CHARS]!r} is stored here (responses are "
                            f"kept {self.ttl_s:g} s, unless asked with store: false)", param)
-        return json.loads(raw)
+        return record
 
-    async def delete(self, response_id: str) -> None:
-        gone = len(response_id) <= self.MAX_ID_CHARS and await self._call(self.redis.delete, self._key(response_id))
-        if not gone:
-            raise NotFound(f"no response with id {response_id[:self.MAX_ID_CHARS]!r} is stored here")
+    async def delete(self, response_id: str, owner: str = "") -> None:
+        await self.get(response_id, owner=owner)  # another's is not ours to drop
+        await self._call(self.redis.delete, self._key(response_id))
+
+    @staticmethod
+    def listed(items: list, order: str, limit: int, after: str | None) -> dict:
+        """input_items' page: `limit` items in `order` (asc, desc: OpenAI's default) after the one
+        with id `after`."""
+        if order not in ("asc", "desc") or not 1 <= limit <= 100:
+            raise BadRequest("input_items takes order 'asc' or 'desc' and a limit of 1 to 100", "order"
+                             if order not in ("asc", "desc") else "limit")
+        ordered = items if order == "asc" else items[::-1]
+        if after is not None:
+            at = next((i for i, item in enumerate(ordered) if item.get("id") == after), None)
+            if at is None:
+                raise BadRequest(f"'after': no input item with id {after[:128]!r} in this response", "after")
+            ordered = ordered[at + 1:]
+        page = ordered[:limit]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(ordered) > limit}
 
     @staticmethod
     async def _call(method, *args, **kwargs):
@@ -345,10 +386,11 @@ class ResponsesForm:
 
     name, chat = "responses", True  # chat: for serve(), which has only ever one job of this API
 
-    def __init__(self, request: ResponsesRequest, store: ResponseStore | None = None, earlier: list | None = None):
-        """`earlier`: the items of the conversation that previous_response_id continues; `store`
-        keeps the answer (unless the request says store: false)."""
-        self.request, self.earlier = request, earlier
+    def __init__(self, request: ResponsesRequest, store: ResponseStore | None = None, earlier: list | None = None,
+                 owner: str = ""):
+        """`earlier`: the messages of the conversation that previous_response_id continues; `store`
+        keeps the answer (unless the request says store: false), for `owner` (ResponseStore)."""
+        self.request, self.earlier, self.owner = request, earlier, owner
         self.store = store if store is not None and store.enabled and request.store is not False else None
         self.as_chat = request.chat_request(earlier)  # the same request on chat, which serves it
 
@@ -357,9 +399,9 @@ class ResponsesForm:
         request that goes on from it finds it): Redis trouble costs the keeping, not the answer."""
         if self.store is None:
             return
-        history = (self.earlier or []) + self.request.items() + [_without_logprobs(item) for item in response["output"]]
+        history = self.request.turn(self.earlier or [], response["output"])
         try:
-            await self.store.put(response, [_listed(item) for item in self.request.items()], history)
+            await self.store.put(response, [_listed(item) for item in self.request.items()], history, self.owner)
         except DejavuError as exc:
             log.warning("response %s not kept: %s", response["id"], exc.message)
 

@@ -144,8 +144,9 @@ class Router:
                                      target_kv_routes=reservation.kv_routes,
                                      prompt_logprobs=None if outputs else run.prompt_logprobs)  # wanted once
                 if token_svc.colocated and token_svc.stages > 1 and req.prompt_logprobs is not None:
-                    raise BadRequest("'echo' with 'logprobs' needs a token service of one stage in colocated "
-                                     "mode, and this one is a pipeline (--stages): drop one of the two", "echo")
+                    raise BadRequest("scoring the prompt ('echo' with 'logprobs', or 'prompt_logprobs') needs a token "
+                                     "service of one stage in colocated mode, and this one is a pipeline (--stages): "
+                                     "drop one of the two", "echo")
                 try:
                     result = await (self.prefill_on(token_svc, req) if token_svc.colocated
                                     else self.prefill(req, holders, prefer=home))
@@ -360,8 +361,9 @@ class Router:
             live = await self.services(ServiceKind.PROMPT)
             if req.prompt_logprobs is not None:  # only a whole model in one process scores a prompt
                 if live and all(s.stages > 1 for s in live):
-                    raise BadRequest("'echo' with 'logprobs' needs a prompt service of one stage, and this "
-                                     "cluster's are pipelines (--stages): drop one of the two", "echo")
+                    raise BadRequest("scoring the prompt ('echo' with 'logprobs', or 'prompt_logprobs') needs a prompt "
+                                     "service of one stage, and this cluster's are pipelines (--stages): drop one of "
+                                     "the two", "echo")
                 live = [s for s in live if s.stages <= 1]
             home = self._home(prefer, [s for s in live if s.id not in tried])
             candidates = sorted(live, key=lambda s: (s.id in tried, s.id not in self.recent.listed, s.id != home,

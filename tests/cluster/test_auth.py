@@ -88,6 +88,23 @@ def test_the_anthropic_sdk_sends_its_key_as_x_api_key_and_is_refused_in_anthropi
     assert metric(cluster.of("token")[0].url, "dejavu_token_sequences") == 0
 
 
+def test_a_stored_response_is_its_keys_alone(cluster):
+    """The Responses API's store: a response made with one key is read, continued and deleted with
+    that key only (another key's calls get a 404, as for one never stored)."""
+    first = openai.OpenAI(base_url=cluster.url + "/v1", api_key=KEYS[0], max_retries=0, timeout=60)
+    second = openai.OpenAI(base_url=cluster.url + "/v1", api_key=KEYS[1], max_retries=0, timeout=60)
+    model = first.models.list().data[0].id
+    made = first.responses.create(model=model, input="Hi", max_output_tokens=2)
+    for call in (lambda: second.responses.retrieve(made.id), lambda: second.responses.delete(made.id),
+                 lambda: second.responses.create(model=model, input="Hi", max_output_tokens=2,
+                                                 previous_response_id=made.id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert first.responses.retrieve(made.id).id == made.id
+    first.responses.create(model=model, input="Again", max_output_tokens=2, previous_response_id=made.id)
+    first.responses.delete(made.id)
+
+
 INTERNAL = [("token", "POST", "/reserve", {"request_id": "r1", "prompt_tokens": 4, "max_tokens": 4}),
             ("token", "POST", "/abort", {"request_id": "r1"}),
             ("token", "POST", "/decode", {"request_id": "r1", "replay": [1], "first_token": 1, "sampling": {}}),

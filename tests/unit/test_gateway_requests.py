@@ -560,3 +560,32 @@ def test_usage_counts_each_prompt_and_its_cached_tokens_once_over_its_choices(to
                                     "prompt_tokens_details": {"cached_tokens": 16}}
     assert usage(jobs[1], done[1])["prompt_tokens_details"] == {"cached_tokens": 32}
     assert usage(jobs[0], Totals())["prompt_tokens_details"] == {"cached_tokens": 0}  # echo alone: no token
+
+
+def test_request_ids_are_on_every_answer_once_served_a_bugs_500_too_and_at_most_sixteen():
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from gateway.app import RequestIds
+
+    async def served(request):
+        request.state.request_ids = [f"id{i}" for i in range(int(request.query_params["n"]))]
+        if request.query_params.get("bug"):
+            raise RuntimeError("a bug")
+        return JSONResponse({"ok": True})
+
+    async def refused(request):  # before serving: no id yet
+        return JSONResponse({"error": {"message": "no"}}, status_code=400)
+
+    app = Starlette(routes=[Route("/served", served), Route("/refused", refused)],
+                    middleware=[Middleware(RequestIds)])  # where the gateway has it: inside Starlette's 500 writer
+    client = TestClient(app, raise_server_exceptions=False)
+    assert client.get("/served?n=2").headers["x-request-id"] == "id0, id1"
+    bug = client.get("/served?n=1&bug=1")
+    assert bug.status_code == 500 and bug.headers["x-request-id"] == bug.headers["request-id"] == "id0"
+    assert bug.json()["error"]["type"] == "server_error"
+    assert client.get("/served?n=40").headers["x-request-id"].split(", ") == [f"id{i}" for i in range(16)]
+    assert "x-request-id" not in client.get("/refused").headers

@@ -81,5 +81,5 @@ def test_prompt_logprobs_of_logits():
     assert [p.token_id for p in out] == [2, 1]
     assert [p.logprob for p in out] == pytest.approx([float(ref[0, 2]), float(ref[1, 1])])
     assert [t.token_id for t in out[0].top_logprobs] == [2, 1] and [t.token_id for t in out[1].top_logprobs][0] == 0
-    assert [p.rank for p in out] == [1, 2]  # token 1 of [3, 0, 0]: one token above it (a tie is not above)
+    assert [p.rank for p in out] == [1, 3]  # token 1 of [3, 0, 0]: its tie counts ahead of it, as vLLM's
     assert prompt_logprobs(torch.zeros(0, 3), [], 2) == []  # a one-token prompt scores nothing

@@ -326,13 +326,14 @@ def test_a_response_that_goes_on_from_a_stored_one_is_the_chat_of_the_whole_conv
     a message's logprobs dropped, a function call) come before this turn's input; the earlier
     instructions do not carry over (OpenAI's), this request's do."""
     limits = limits_of(tokenizer, tool_parser="hermes")
-    earlier = [{"type": "message", "role": "user", "content": "Add 1 and 2."},
-               {"id": "rs_1", "type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "hm"}],
-                "status": "completed"},
-               {"id": "msg_1", "type": "message", "status": "completed", "role": "assistant",
-                "content": [{"type": "output_text", "text": "On it.", "annotations": []}]},
-               {"id": "fc_1", "type": "function_call", "call_id": "c1", "name": "add", "arguments": '{"a": 1, "b": 2}',
-                "status": "completed"}]
+    first = ResponsesRequest(input="Add 1 and 2.", instructions="Think first.")
+    output = [{"id": "rs_1", "type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "hm"}],
+               "status": "completed"},
+              {"id": "msg_1", "type": "message", "status": "completed", "role": "assistant",
+               "content": [{"type": "output_text", "text": "On it.", "annotations": [], "logprobs": []}]},
+              {"id": "fc_1", "type": "function_call", "call_id": "c1", "name": "add", "arguments": '{"a": 1, "b": 2}',
+               "status": "completed"}]
+    earlier = first.turn([], output)  # what the store keeps of the first response
     request = ResponsesRequest(input=[{"type": "function_call_output", "call_id": "c1", "output": "3"}],
                                instructions="Be brief.", previous_response_id="resp_x", tools=[FN])
     form = ResponsesForm(request, earlier=earlier)
@@ -352,25 +353,30 @@ def test_a_response_that_goes_on_from_a_stored_one_is_the_chat_of_the_whole_conv
     assert info.value.param == "previous_response_id"
 
 
-def test_the_store_keeps_a_response_for_its_ttl_and_says_404_and_503_plainly(redis_server):
+def test_the_store_keeps_a_response_for_its_ttl_and_its_owner_and_says_404_and_503_plainly(redis_server):
     """Real Redis: put, get, delete; a record past its TTL is gone; an id never stored, or too
-    long to be one, is a 404 naming the field; Redis down is a 503, not a 500."""
+    long to be one, or another key's, or another cluster's, is a 404 naming the field; Redis down
+    is a 503, not a 500."""
     from common import metadata
     from common.errors import NotFound, Unavailable
     from gateway.responses_api import ResponseStore
 
     async def go():
         redis = metadata.connect(redis_server.url)
-        store = ResponseStore(redis, ttl_s=0.3)
-        await store.put({"id": "resp_a", "output": []}, [{"type": "message"}], [{"type": "message"}])
-        record = await store.get("resp_a")
+        store = ResponseStore(redis, ttl_s=0.3, cluster="c1")
+        await store.put({"id": "resp_a", "output": []}, [{"type": "message"}], [{"role": "user"}], owner="k1")
+        record = await store.get("resp_a", owner="k1")
         assert record == {"response": {"id": "resp_a", "output": []}, "input": [{"type": "message"}],
-                          "history": [{"type": "message"}]}
+                          "history": [{"role": "user"}], "owner": "k1"}
+        for other in (ResponseStore(redis, 60, cluster="c2").get("resp_a", owner="k1"), store.get("resp_a"),
+                      store.get("resp_a", owner="k2"), store.delete("resp_a", owner="k2")):
+            with pytest.raises(NotFound):
+                await other
         await asyncio.sleep(0.5)
         with pytest.raises(NotFound) as info:
-            await store.get("resp_a", "previous_response_id")
+            await store.get("resp_a", "previous_response_id", owner="k1")
         assert info.value.param == "previous_response_id" and info.value.status == 404
-        await ResponseStore(redis, 60).put({"id": "resp_b", "output": []}, [], [])
+        await ResponseStore(redis, 60, cluster="c1").put({"id": "resp_b", "output": []}, [], [])
         await store.delete("resp_b")
         for missing in ("resp_b", "x" * 10_000):
             with pytest.raises(NotFound):
@@ -378,10 +384,80 @@ def test_the_store_keeps_a_response_for_its_ttl_and_says_404_and_503_plainly(red
             with pytest.raises(NotFound):
                 await store.delete(missing)
         assert not ResponseStore(redis, 0).enabled
+        assert not await redis.keys("dejavu:response:*")  # nothing left behind
         await redis.aclose()
         down = metadata.connect("redis://127.0.0.1:1/0")
         with pytest.raises(Unavailable):
             await ResponseStore(down, 60).get("resp_a")
+        # keeping a response with Redis down costs the keeping, not the answer
+        form = ResponsesForm(ResponsesRequest(input="Hi"), ResponseStore(down, 60))
+        await form.keep({"id": "resp_c", "output": []})
         await down.aclose()
 
     asyncio.run(go())
+
+
+def test_a_kept_history_is_what_the_model_saw_and_input_items_page_as_openais():
+    """The history kept is chat's messages of the conversation (thinking, logprobs and fields
+    chat does not read left out), so a conversation of junk cannot grow the record past what its
+    prompts held; input_items: newest first by default, a limit, after an id, has_more."""
+    from gateway.responses_api import ResponseStore, _listed
+
+    request = ResponsesRequest(input=[{"type": "message", "role": "user", "content": "Hi", "junk": "x" * 100_000},
+                                      {"type": "reasoning", "content": [{"type": "reasoning_text", "text": "y" * 100_000}]}])
+    output = [{"id": "rs_1", "type": "reasoning", "content": [{"type": "reasoning_text", "text": "hm"}]},
+              {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+               "content": [{"type": "output_text", "text": "Hello.", "annotations": [], "logprobs": [{"x": 1}]}]},
+              {"id": "fc_1", "type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}]
+    earlier = [{"role": "user", "content": "Before."}, {"role": "assistant", "content": "Yes."}]
+    history = request.turn(earlier, output)
+    assert history == earlier + [{"role": "user", "content": "Hi"}, {
+        "role": "assistant", "content": "Hello.",
+        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]
+    assert len(json.dumps(history)) < 1000
+
+    items = [_listed({"type": "message", "role": "user", "content": str(i)}) for i in range(5)]
+    page = ResponseStore.listed(items, "desc", 2, None)
+    assert [i["content"][0]["text"] for i in page["data"]] == ["4", "3"] and page["has_more"]
+    page = ResponseStore.listed(items, "desc", 2, page["last_id"])
+    assert [i["content"][0]["text"] for i in page["data"]] == ["2", "1"] and page["has_more"]
+    page = ResponseStore.listed(items, "asc", 20, items[2]["id"])
+    assert [i["content"][0]["text"] for i in page["data"]] == ["3", "4"] and not page["has_more"]
+    assert page["first_id"] == items[3]["id"] and page["last_id"] == items[4]["id"]
+    assert _listed({"type": "function_call", "id": "mine"})["id"] == "mine"
+    for bad in (("up", 2, None), ("asc", 0, None), ("asc", 2, "no-such-id")):
+        with pytest.raises(BadRequest):
+            ResponseStore.listed(items, *bad)
+
+
+def test_a_streamed_response_is_kept_before_the_event_that_ends_it(tokenizer, redis_server):
+    """app._stream awaits the form's keep before it yields the last event: a client that sends its
+    next turn on response.completed finds the response stored."""
+    from types import SimpleNamespace
+
+    from common import metadata
+    from gateway.app import _stream
+
+    limits = limits_of(tokenizer)
+    form, [job] = jobs_of({"input": "Capital?", "max_output_tokens": 3, "stream": True}, tokenizer, limits)
+    ids = tokenizer("Paris is the capital.", add_special_tokens=False)["input_ids"][:3]
+
+    async def go():
+        redis = metadata.connect(redis_server.url)
+        app = SimpleNamespace(state=SimpleNamespace(active={job.request_id}, store=metadata.RequestStore(redis)))
+        gen = deltas(Scored(ids), tokenizer, job)
+        first = await anext(gen)
+        sent, kept_at = [], []
+
+        async def keep(response):
+            kept_at.append((len(sent), response["status"]))
+
+        async for event in _stream(app, job, gen, first, form.writer(job, tokenizer), keep):
+            sent.append(event)
+        await redis.aclose()
+        return sent, kept_at
+
+    sent, kept_at = asyncio.run(go())
+    [(before, status)] = kept_at
+    assert status == "incomplete" and sent[-1].startswith("event: response.incomplete")
+    assert before < len(sent) and all(not e.startswith("event: response.incomplete") for e in sent[:before])
