@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import hashlib
 import hmac
 import logging
 import os
@@ -241,12 +242,20 @@ class RequireSecret:
             given = value = sent[self.bare]
             scheme = self.scheme
         if scheme.lower() == self.scheme and sum(hmac.compare_digest(x, value.strip()) for x in self.secrets):
+            # which secret it was, for what the route keeps per key (the Responses API's store): the
+            # very header checked here, not another copy of it a handler might read
+            scope.setdefault("state", {})["secret_digest"] = secret_digest(value.strip())
             return await self.app(scope, receive, send)  # (the caller's length sets the time, not a secret's)
         log.info("refused %s %r from %s: %s", scope["method"], scope["path"][:200],
                     (scope.get("client") or ("?",))[0], self.wrong if given else self.missing)
         body = error_body(self.wrong if given else self.missing, "invalid_request_error", None, self.code)
         headers = {"WWW-Authenticate": self.challenge} if self.challenge else None
         await JSONResponse(body, status_code=401, headers=headers)(scope, receive, send)
+
+
+def secret_digest(secret: bytes) -> str:
+    """A name for a secret that does not give it away (RequireSecret's, for scope["state"])."""
+    return hashlib.sha256(b"dejavu-secret:" + secret).hexdigest()[:32]
 
 
 API_KEYS = dict(header="authorization", scheme="Bearer", code="invalid_api_key", challenge="Bearer",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -84,7 +83,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             await client.aclose()
 
     app = FastAPI(title="DéjàVu gateway", version=VERSION, lifespan=lifespan)
-    app.state.api_keys = bool(settings.api_keys)
     install_error_handlers(app, public=True)
 
     @app.exception_handler(ClientGone)
@@ -271,6 +269,7 @@ async def serve(app: FastAPI, jobs: list[Job], request: Request, form):
     """A request's answer, written as `form` says (responses.CHAT, COMPLETION, a ResponsesForm):
     of its one job, or merged from its choices' (a batch of prompts, n > 1)."""
     request.state.request_ids = [job.request_id for job in jobs]  # the answer's headers (RequestIds)
+    request_id_var.set(jobs[0].request_id)
     if client_id := _client_id(request):
         log.info("the client's X-Request-Id %r is request %s", client_id, ", ".join(request.state.request_ids))
     if len(jobs) > 1:
@@ -298,13 +297,9 @@ async def serve(app: FastAPI, jobs: list[Job], request: Request, form):
 
 
 def _owner(request: Request) -> str:
-    """Whose stored responses a request may see: a digest of the API key it came with ("" where
-    the gateway takes none, and where it takes keys a key was checked before this runs)."""
-    if not request.app.state.api_keys:
-        return ""
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    key = value.strip() if scheme.lower() == "bearer" and value.strip() else request.headers.get("x-api-key", "")
-    return hashlib.sha256(b"dejavu-api-key:" + key.encode()).hexdigest()[:32]
+    """Whose stored responses a request may see: a digest of the API key RequireSecret checked
+    ("" where the gateway takes no keys)."""
+    return request.scope.get("state", {}).get("secret_digest", "")
 
 
 def _client_id(request: Request) -> str:

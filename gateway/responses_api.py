@@ -157,7 +157,8 @@ class ResponsesRequest(TranslatedBody):
     def turn(self, earlier: list[dict], output: list) -> list[dict]:
         """The conversation's messages through this turn: `earlier`, this turn's input, its output
         items (chat's messages as the model saw them: no thinking, no field chat does not read)."""
-        return _as_messages([_without_logprobs(item) for item in output], _as_messages(self.items(), list(earlier)))
+        return _as_messages([_without_logprobs(item) for item in output], _as_messages(self.items(), list(earlier)),
+                            join_before=False)  # the output is a new assistant turn
 
     def _format(self) -> dict | None:
         """text.format as chat's response_format."""
@@ -191,9 +192,11 @@ class ResponsesRequest(TranslatedBody):
         return effort
 
 
-def _as_messages(items: list, messages: list[dict]) -> list[dict]:
-    """`messages` with the items' after them (a turn's function calls joined to the assistant's
-    message before them); a 400 naming input[i] for an item chat cannot take."""
+def _as_messages(items: list, messages: list[dict], join_before: bool = True) -> list[dict]:
+    """`messages` with the items' after them (function calls joined to the assistant's message
+    before them, one of `messages` too where `join_before`: a continued conversation reads as the
+    same one sent whole, a copy joined, the stored one left as it is); a 400 naming input[i] for
+    an item chat cannot take."""
     first = len(messages)
     for i, item in enumerate(items):
         if not isinstance(item, dict):
@@ -205,9 +208,12 @@ def _as_messages(items: list, messages: list[dict]) -> list[dict]:
         elif kind == "function_call":
             call = {"id": _string(i, item, "call_id"), "type": "function",
                     "function": {"name": _string(i, item, "name"), "arguments": _string(i, item, "arguments")}}
-            last = messages[-1] if len(messages) > first else None
+            last = messages[-1] if messages and (join_before or len(messages) > first) else None
             if last is not None and last["role"] == "assistant" and (last.get("tool_calls") or not last["content"]
-                                                                     or last.get("calls_may_follow")):
+                                                                     or last.get("calls_may_follow")
+                                                                     or len(messages) == first):
+                if len(messages) == first:  # the earlier conversation's: joined in a copy
+                    messages[-1] = last = {**last, "tool_calls": list(last.get("tool_calls") or [])}
                 last.setdefault("tool_calls", []).append(call)  # a turn's calls in one assistant message
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})

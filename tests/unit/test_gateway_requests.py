@@ -589,3 +589,33 @@ def test_request_ids_are_on_every_answer_once_served_a_bugs_500_too_and_at_most_
     assert bug.json()["error"]["type"] == "server_error"
     assert client.get("/served?n=40").headers["x-request-id"].split(", ") == [f"id{i}" for i in range(16)]
     assert "x-request-id" not in client.get("/refused").headers
+
+
+def test_the_key_a_request_is_known_by_is_the_copy_of_the_header_that_was_checked():
+    """The Responses API's store scopes responses to the API key (gateway.app._owner): that key is
+    the one RequireSecret checked, even when a request sends a header twice (a handler reading the
+    other copy would let any valid key act as a revoked one)."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from common.service import API_KEYS, RequireSecret, secret_digest
+    from gateway.app import _owner
+
+    async def whose(request):
+        return JSONResponse({"owner": _owner(request)})
+
+    app = Starlette(routes=[Route("/v1/x", whose)],
+                    middleware=[Middleware(RequireSecret, **API_KEYS, secrets=("KEY_A",))])
+    client = TestClient(app)
+    want = secret_digest(b"KEY_A")
+    for headers in ([("authorization", "Bearer KEY_B"), ("authorization", "Bearer KEY_A")],
+                    [("x-api-key", "KEY_B"), ("x-api-key", "KEY_A")], [("x-api-key", "KEY_A")],
+                    [("authorization", "Bearer KEY_A"), ("x-api-key", "KEY_B")]):
+        resp = client.get("/v1/x", headers=headers)
+        assert resp.status_code == 200 and resp.json() == {"owner": want}, headers
+    assert client.get("/v1/x", headers=[("authorization", "Bearer KEY_A"), ("authorization", "Bearer KEY_B")]
+                      ).status_code == 401
+    assert TestClient(Starlette(routes=[Route("/v1/x", whose)])).get("/v1/x").json() == {"owner": ""}  # no keys

@@ -416,6 +416,18 @@ def test_a_kept_history_is_what_the_model_saw_and_input_items_page_as_openais():
         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]
     assert len(json.dumps(history)) < 1000
 
+    # a turn whose input starts with a call: joined to the stored conversation's last answer, in a
+    # copy, as the same conversation sent whole in `input` reads
+    stored = ResponsesRequest(input="Go.").turn([], [{"type": "message", "role": "assistant",
+                                                     "content": [{"type": "output_text", "text": "a"}]}])
+    calls = [{"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+             {"type": "function_call_output", "call_id": "c1", "output": "ok"}]
+    continued = ResponsesRequest(input=calls)._messages(stored)
+    whole = ResponsesRequest(input=[{"role": "user", "content": "Go."}, {"type": "message", "role": "assistant",
+                                                                       "content": "a"}] + calls)._messages([])
+    assert continued == whole and continued[1]["tool_calls"][0]["id"] == "c1"
+    assert "tool_calls" not in stored[1]  # the stored conversation as it was
+
     items = [_listed({"type": "message", "role": "user", "content": str(i)}) for i in range(5)]
     page = ResponseStore.listed(items, "desc", 2, None)
     assert [i["content"][0]["text"] for i in page["data"]] == ["4", "3"] and page["has_more"]
