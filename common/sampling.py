@@ -266,16 +266,24 @@ def prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[Pr
     logprobs, vLLM's prompt_logprobs)."""
     if not targets:
         return []
-    logprobs = torch.log_softmax(logits, dim=-1)
-    rows = torch.arange(len(targets), device=logits.device)
     ids = torch.tensor(targets, dtype=torch.long, device=logits.device)
-    picked = logprobs[rows, ids]
-    chosen, ranks = picked.tolist(), (logprobs >= picked[:, None]).sum(-1).tolist()  # vLLM's: ties rank after
-    if k:
-        values, ids = torch.topk(logprobs, k)
-        tops = [[TopLogprob(token_id=i, logprob=v) for v, i in zip(vs, is_)]
-                for vs, is_ in zip(values.tolist(), ids.tolist())]
-    else:
-        tops = [[] for _ in targets]
+    chosen, ranks, tops = [], [], []
+    for at in range(0, len(targets), SCORED_ROWS):  # rows a few at a time: their log-softmax stays in cache
+        logprobs = torch.log_softmax(logits[at:at + SCORED_ROWS], dim=-1)
+        picked = logprobs[torch.arange(logprobs.shape[0], device=logits.device), ids[at:at + SCORED_ROWS]]
+        chosen += picked.tolist()
+        ranks += (logprobs >= picked[:, None]).sum(-1, dtype=torch.int32).tolist()  # vLLM's: ties rank ahead
+        if k:
+            values, best = torch.topk(logprobs, k)
+            tops += [[TopLogprob(token_id=i, logprob=v) for v, i in zip(vs, is_)]
+                     for vs, is_ in zip(values.tolist(), best.tolist())]
+        else:
+            tops += [[] for _ in range(logprobs.shape[0])]
     return [PromptLogprob(token_id=t, logprob=lp, top_logprobs=top, rank=r)
             for t, lp, top, r in zip(targets, chosen, tops, ranks)]
+
+
+# prompt_logprobs' rows at a time: 500 rows of SmolLM2's 49152 logits scored whole took 172 ms on a
+# Zen 3 (the rank's comparison over a 96 MB log-softmax), 32 at a time 53-73 ms, less than the
+# whole without ranks (71-92 ms), the same bits
+SCORED_ROWS = 32
