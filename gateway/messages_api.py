@@ -48,7 +48,7 @@ from common.errors import BadRequest, DejavuError
 from gateway import tools
 from gateway.jobs import LARGE_TEXT_CHARS, Delta, Job, Limits, chat_chars, chat_prompt_ids, check_model
 from gateway.openai_types import ChatRequest, TranslatedBody
-from gateway.responses import ChatSplit, Totals, cached_tokens
+from gateway.responses import ChatSplit, Totals, cached_tokens, replayed
 
 Number = StrictFloat | StrictInt
 # chat's names in its errors, and what this API calls them
@@ -304,10 +304,8 @@ class MessagesForm:
         """The whole message: what the stream of the same output ends with (its deltas replayed
         through an EventWriter that writes no events), so the two cannot differ."""
         writer = EventWriter(job, quiet=True)
-        last = len(totals.tokens) - 1
-        for i, (text, token) in enumerate(zip(totals.text, totals.tokens)):  # a delta a token (jobs.deltas)
-            writer.delta(Delta(text, [token], totals.finish_reason if i == last else None, None,
-                               totals.stop if i == last else None))
+        for delta in replayed(totals):
+            writer.delta(delta)
         writer.end(totals)
         return writer.message
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from common.errors import DejavuError
@@ -29,6 +30,15 @@ class Totals:
         self.tokens.extend(delta.tokens)
         self.finish_reason = delta.finish_reason or self.finish_reason
         self.stop = delta.stop if delta.stop is not None else self.stop
+
+
+def replayed(totals: Totals) -> Iterator[Delta]:
+    """The deltas that made `totals` (a delta a token, as jobs.deltas yields them; the finish
+    reason and the stop on the last): a whole answer written by a stream's writer."""
+    assert len(totals.text) == len(totals.tokens)
+    last = len(totals.tokens) - 1
+    for i, (text, token) in enumerate(zip(totals.text, totals.tokens)):
+        yield Delta(text, [token], totals.finish_reason if i == last else None, None, totals.stop if i == last else None)
 
 
 def usage(job: Job, totals: Totals) -> dict:

@@ -45,7 +45,7 @@ from common.metadata import PREFIX
 from gateway import tools
 from gateway.jobs import Delta, Job
 from gateway.openai_types import ChatRequest, TranslatedBody
-from gateway.responses import ChatSplit, Totals, cached_tokens, chat_logprobs
+from gateway.responses import ChatSplit, Totals, cached_tokens, chat_logprobs, replayed
 
 Number = StrictFloat | StrictInt
 TEXT_PARTS = ("input_text", "output_text", "text")
@@ -433,9 +433,8 @@ class ResponsesForm:
         """The whole response: what the stream of the same output ends with (its deltas replayed
         through an EventWriter that writes no events), so the two cannot differ."""
         writer = EventWriter(self, job, tokenizer, quiet=True)
-        assert len(totals.text) == len(totals.tokens)  # a delta a token (gateway/jobs.deltas)
-        for i, (text, token) in enumerate(zip(totals.text, totals.tokens)):
-            writer.delta(Delta(text, [token], totals.finish_reason if i == len(totals.tokens) - 1 else None))
+        for delta in replayed(totals):
+            writer.delta(delta)
         writer.end(totals)
         return writer.response
 
