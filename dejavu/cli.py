@@ -6,7 +6,7 @@
             [--tool-call-parser auto|hermes|llama3_json|mistral|none] [--reasoning-parser auto|deepseek_r1|qwen3|none]
             [--prefix-cache-mib 1024] [--prefix-routing on|off]
   dejavu status [--redis-url URL] [--json]
-  dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, gemm, agreement, capacity, chaos, overload, pipeline, swap, startup, lmeval, sampling, prefix: python -m bench.NAME)
+  dejavu bench NAME [ARGS]   (kv, stream, load, failure, replication, serve, step, gemm, agreement, capacity, chaos, overload, pipeline, swap, startup, lmeval, sampling, prefix, sglang_client: python -m bench.NAME)
   dejavu profile [--model M] [--quick] [--out profile.json]
   dejavu plan --profile FILE --machines D --prompt-tokens P --output-tokens N [--json] [--rate R] [--ttft-s X --tpot-s Y]
   dejavu simulate --profile FILE [--layout 1+1 --layout colocated] [--rates 0.2,0.4] [--plot FILE.png]
@@ -162,6 +162,7 @@ BENCHMARKS = {
     "lmeval": "lm-evaluation-harness's loglikelihoods through our cluster against the harness on HF in float32",
     "sampling": "what penalties, logit biases and min-p add to sampling a decode step's rows",
     "prefix": "what the prefix cache does for a chat's later turns' time to first token (--colocated too)",
+    "sglang_client": "SGLang's load client against us, on SGLang's /generate and on /v1/completions",
 }
 
 

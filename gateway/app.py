@@ -4,6 +4,8 @@ GET  /v1/models
 POST /v1/completions, /v1/chat/completions   (stream or not)
 POST /v1/responses                           (OpenAI's Responses API, on chat: gateway/responses_api.py)
 POST /v1/messages, /v1/messages/count_tokens (Anthropic's Messages API, on chat: gateway/messages_api.py)
+POST /generate                               (SGLang's native API, on completions: gateway/generate_api.py)
+GET  /model_info, /server_info, /health_generate  (SGLang's, with their older /get_* names)
 POST /tokenize, /detokenize                  (vLLM's: a prompt's or chat's token ids, and text from ids)
 GET  /version
 GET  /health, /metrics
@@ -24,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from common import metadata
 from common.errors import BadRequest, DejavuError, NotFound, error_body, install_error_handlers
@@ -34,11 +36,12 @@ from common.service import (API_KEYS, BodyLimit, ClosingStreamingResponse, Requi
                             cluster_headers, registered, request_id_var)
 from common.settings import GatewaySettings
 from gateway import reasoning
+from gateway.generate_api import GenerateForm, GenerateRequest
 from gateway.jobs import (IN_FLIGHT, LARGE_TEXT_CHARS, REQUESTS, Delta, Job, Limits, chat_jobs, completion_jobs,
                           deltas, text_chars)
 from gateway.messages_api import AnthropicErrors, MessagesForm, MessagesRequest, count_tokens
 from gateway.openai_types import ChatRequest, CompletionRequest
-from gateway.responses import CHAT, COMPLETION, ChunkWriter, Totals, merged_body, sse
+from gateway.responses import CHAT, COMPLETION, Totals, sse
 from gateway.responses_api import ResponsesForm, ResponsesRequest, ResponseStore
 from gateway.router import Router
 from gateway.tokenize_api import DetokenizeRequest, TokenizeRequest, detokenize, tokenize, version
@@ -46,6 +49,7 @@ from gateway.tools import parser_for
 
 log = logging.getLogger(__name__)
 VERSION = version()  # GET /version
+HEALTH_GENERATE_S = 20.0  # /health_generate: the most it waits for a token (SGLang's)
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -53,6 +57,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def lifespan(app: FastAPI):
         path = resolve_model_path(settings.model, progress=log.info)
         model_id = model_fingerprint(path)
+        app.state.model_path = path
         app.state.tokenizer = tokenizer = await asyncio.to_thread(load_tokenizer, path)
         app.state.encoder = await asyncio.to_thread(Encoder, path)
         app.state.limits = Limits(settings.model_name, min(settings.max_model_len, context_length(path)),
@@ -158,6 +163,67 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def count_tokens_(body: MessagesRequest) -> dict:
         """Anthropic's: the input tokens a message request would have."""
         return await _tokenizing(app, count_tokens, body)
+
+    @app.post("/generate")
+    async def generate(body: GenerateRequest, request: Request):
+        """SGLang's native API, on the completions machinery (gateway/generate_api.py)."""
+        form = GenerateForm(body)
+        if body.large:
+            jobs = await app.state.encoder.run(GenerateForm.jobs, form, app.state.limits)
+        else:
+            jobs = form.jobs(app.state.tokenizer, app.state.limits)
+        if body.rid is not None:
+            log.info("the client's rid %r is request %s", _printable(str(body.rid)),
+                     ", ".join(job.request_id for job in jobs[:16]))
+        return await serve(app, jobs, request, form)
+
+    @app.get("/model_info")
+    @app.get("/get_model_info")  # SGLang's older name
+    async def model_info() -> dict:
+        """SGLang's: what is served (bench_serving loads `tokenizer_path` where it is given no tokenizer)."""
+        limits: Limits = app.state.limits
+        return {"model_path": str(app.state.model_path), "tokenizer_path": str(app.state.model_path),
+                "served_model_name": limits.model_name, "is_generation": True, "preferred_sampling_params": None,
+                "weight_version": "default", "tool_call_parser": limits.tool_parser,
+                "reasoning_parser": limits.reasoning_parser, "has_image_understanding": False,
+                "has_audio_understanding": False}
+
+    @app.get("/server_info")
+    @app.get("/get_server_info")  # SGLang's older name
+    async def server_info() -> dict:
+        """SGLang's, the part its clients read: the model, the context, the version, how streams
+        are written, and one `internal_states` entry (bench_serving reads it)."""
+        info = await model_info()
+        return {**{k: info[k] for k in ("model_path", "tokenizer_path", "served_model_name")},
+                "context_length": app.state.limits.max_model_len, "max_context_length": app.state.limits.max_model_len,
+                "incremental_streaming_output": False, "stream_interval": 1, "version": VERSION,
+                "internal_states": [{}]}
+
+    @app.get("/health_generate", response_class=Response,  # (200: SGLang's empty body)
+             responses={503: {"description": "no token generated", "content": {"application/json": {}}}})
+    async def health_generate():
+        """SGLang's deep probe: 200 once one token is generated through the cluster (one greedy
+        token of a one-token prompt), 503 if none comes within HEALTH_GENERATE_S."""
+        form = GenerateForm(GenerateRequest(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0}))
+        [job] = form.jobs(app.state.tokenizer, app.state.limits)
+        request_id_var.set(job.request_id)
+        await _start(app, job, "health_generate")
+        gen, totals, error = deltas(app.state.router, app.state.tokenizer, job), None, None
+        try:
+            totals = await asyncio.wait_for(_totals(gen), HEALTH_GENERATE_S)
+        except (DejavuError, asyncio.TimeoutError) as exc:
+            error = exc
+        except BaseException as exc:  # the prober gone (cancelled), or a bug
+            error = exc
+            raise
+        finally:
+            await gen.aclose()  # aborts it downstream where it still runs
+            await _finish(app, job, totals, error)
+        if error is not None:
+            why = error.client_body(job.request_id)["error"]["message"] if isinstance(error, DejavuError) else (
+                f"none within {HEALTH_GENERATE_S:g} s")
+            return JSONResponse(error_body(f"no token generated: {why}", "service_unavailable"), status_code=503)
+        return Response(status_code=200)
 
     @app.post("/tokenize")
     async def tokenize_(body: TokenizeRequest) -> dict:
@@ -273,7 +339,7 @@ async def serve(app: FastAPI, jobs: list[Job], request: Request, form):
     if client_id := _client_id(request):
         log.info("the client's X-Request-Id %r is request %s", client_id, ", ".join(request.state.request_ids))
     if len(jobs) > 1:
-        return await _serve_choices(app, jobs, request, form.chat)
+        return await _serve_choices(app, jobs, request, form)
     job = jobs[0]
     request_id_var.set(job.request_id)
     await _start(app, job, form.name)
@@ -306,7 +372,11 @@ def _client_id(request: Request) -> str:
     """The client's own X-Request-Id, for the log (printable, 128 characters at most). Never used
     as the request's id: two clients could send the same one, and it names the request's KV and its
     records in Redis."""
-    given = request.headers.get("x-request-id", "")
+    return _printable(request.headers.get("x-request-id", ""))
+
+
+def _printable(given: str) -> str:
+    """A client's id of its own, fit for a log line: its first 128 characters, printable ones only."""
     return "".join(c for c in given[:128] if c.isprintable())
 
 
@@ -359,13 +429,14 @@ async def _start(app: FastAPI, job: Job, kind: str) -> None:
     IN_FLIGHT.set(len(app.state.active))
 
 
-async def _serve_choices(app: FastAPI, jobs: list[Job], request: Request, chat: bool):
+async def _serve_choices(app: FastAPI, jobs: list[Job], request: Request, form):
     """Several choices: each job is a request of its own downstream (admitted, routed, resumed
     alone; its logs carry its own id), in a task of its own. The first to fail ends the request
-    and aborts the others; a stream starts once every choice has its first token."""
+    and aborts the others; a stream starts once every choice has its first token. `form` writes
+    them as one answer (`merged`) or one stream (a `writer` a choice, by index)."""
     log.info("%d choices: requests %s", len(jobs), ", ".join(job.request_id for job in jobs))
     for job in jobs:
-        await _start(app, job, "chat" if chat else "completion")
+        await _start(app, job, form.name)
     gens = [deltas(app.state.router, app.state.tokenizer, job) for job in jobs]
 
     async def close_all(error: BaseException | None, totals: list[Totals] | None = None) -> None:
@@ -385,8 +456,8 @@ async def _serve_choices(app: FastAPI, jobs: list[Job], request: Request, chat: 
     share_prompt_scores(jobs, results)
     if not jobs[0].stream:
         await close_all(None, results)
-        return JSONResponse(merged_body(jobs, results, app.state.tokenizer, chat))
-    stream = _stream_choices(app, jobs, gens, results, chat)
+        return JSONResponse(form.merged(jobs, results, app.state.tokenizer))
+    stream = _stream_choices(app, jobs, gens, results, form)
 
     async def on_close() -> None:  # runs even if the client left before the body started
         await stream.aclose()
@@ -422,9 +493,9 @@ async def _all(coros):
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _stream_choices(app: FastAPI, jobs: list[Job], gens: list, firsts: list, chat: bool):
+async def _stream_choices(app: FastAPI, jobs: list[Job], gens: list, firsts: list, form):
     """SSE chunks of every choice as they come, each with its index; one usage chunk at the end."""
-    writers = [ChunkWriter(job, app.state.tokenizer, chat, index=i) for i, job in enumerate(jobs)]
+    writers = [form.writer(job, app.state.tokenizer, index=i) for i, job in enumerate(jobs)]
     totals, error, queue = [Totals() for _ in jobs], None, asyncio.Queue()
 
     async def pump(i: int) -> None:  # a choice's deltas into the queue, then None, or its error

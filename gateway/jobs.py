@@ -55,6 +55,7 @@ class Job:
     choice: int = 0               # which of its prompt's n choices
     include_stop: bool = False    # include_stop_str_in_output: the stop string or stop token kept in the text
     created: int = field(default_factory=lambda: int(time.time()))
+    arrived: float = field(default_factory=time.perf_counter)  # for a latency the answer reports (SGLang's)
     recorded: bool = False        # its outcome has been counted and written to Redis
     tools: Plan | None = None     # chat with tools to call: its output is read for calls (gateway/tools.py)
     skip_special: bool = True     # skip_special_tokens: special tokens left out of the text
@@ -132,8 +133,11 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def completion_jobs(body: CompletionRequest, tokenizer, limits: Limits) -> list[Job]:
-    """A job a choice: each prompt's `n`, prompt after prompt (the order of OpenAI's choices)."""
+def completion_jobs(body: CompletionRequest, tokenizer, limits: Limits,
+                    default_max: int = COMPLETION_DEFAULT_MAX_TOKENS) -> list[Job]:
+    """A job a choice: each prompt's `n`, prompt after prompt (the order of OpenAI's choices).
+    `default_max`: the most tokens generated where max_tokens is not given (at most what the
+    context leaves)."""
     body.check()
     check_model(body, limits)
     jobs = []
@@ -142,7 +146,7 @@ def completion_jobs(body: CompletionRequest, tokenizer, limits: Limits) -> list[
         ids = _truncated(body, given, limits)
         echo = "" if not body.echo else prompt if isinstance(prompt, str) and ids is given else tokenizer.decode(
             ids, skip_special_tokens=body.skip_special_tokens)
-        jobs += [_job(body, ids, limits, COMPLETION_DEFAULT_MAX_TOKENS, body.logprobs, echo, choice=i,
+        jobs += [_job(body, ids, limits, default_max, body.logprobs, echo, choice=i,
                       prompt_logprobs=body.logprobs if body.echo else None) for i in range(body.n)]
     return jobs
 

@@ -294,7 +294,7 @@ def count_tokens(body: MessagesRequest, tokenizer, limits: Limits) -> dict:
 class MessagesForm:
     """How one /v1/messages request's answer is written: whole (`body`) or as events (`writer`)."""
 
-    name, chat = "messages", True  # chat: for serve(), which has only ever one job of this API
+    name = "messages"  # serve() has only ever one job of this API
 
     def __init__(self, request: MessagesRequest):
         self.request = request

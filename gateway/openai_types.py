@@ -106,14 +106,22 @@ class TranslatedBody(TextBody):
 
     def renamed(self, exc: BadRequest) -> BadRequest:
         """Chat's 400 about the translated request, in this API's names."""
-        chat_word, ours = self.MAX_TOKENS
-        message = re.sub(rf"\b{chat_word}\b", ours, exc.message)
-        for chat, mine in self.RENAMED.items():
-            if self.RENAMED_WORDS is None or chat in self.RENAMED_WORDS:
-                message = message.replace(f"'{chat}'", f"'{mine}'")
-        out = type(exc)(message, self.RENAMED.get(exc.param, exc.param))
-        out.code = exc.code
-        return out
+        return renamed_error(exc, self.RENAMED, self.RENAMED_WORDS, self.MAX_TOKENS)
+
+
+def renamed_error(exc: BadRequest, renamed: dict[str, str], words: tuple[str, ...] | None,
+                  max_tokens: tuple[str, str]) -> BadRequest:
+    """A 400 about a request translated into another API's (chat's, completions'), said in the
+    names of the API the client spoke: each quoted field of `renamed` (of `words` only, where they
+    are given, in the message) and the param; the word `max_tokens[0]` as `max_tokens[1]`."""
+    theirs, ours = max_tokens
+    message = re.sub(rf"\b{theirs}\b", ours, exc.message) if theirs else exc.message
+    for name, mine in renamed.items():
+        if words is None or name in words:
+            message = message.replace(f"'{name}'", f"'{mine}'")
+    out = type(exc)(message, renamed.get(exc.param, exc.param))
+    out.code = exc.code
+    return out
 
 
 class SamplingFields(TextBody):

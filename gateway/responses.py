@@ -234,8 +234,12 @@ class Form:
     def body(self, job: Job, totals: Totals, tokenizer) -> dict:
         return (chat_body if self.chat else completion_body)(job, totals, tokenizer)
 
-    def writer(self, job: Job, tokenizer) -> ChunkWriter:
-        return ChunkWriter(job, tokenizer, self.chat)
+    def writer(self, job: Job, tokenizer, index: int = 0) -> ChunkWriter:
+        return ChunkWriter(job, tokenizer, self.chat, index)
+
+    def merged(self, jobs: list[Job], totals: list[Totals], tokenizer) -> dict:
+        """The whole answer of a request of several choices (a batch of prompts, n > 1)."""
+        return merged_body(jobs, totals, tokenizer, self.chat)
 
 
 COMPLETION, CHAT = Form("completion"), Form("chat")

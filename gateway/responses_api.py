@@ -390,7 +390,7 @@ def _new_id(prefix: str) -> str:
 class ResponsesForm:
     """How one /v1/responses request's answer is written: whole (`body`) or as events (`writer`)."""
 
-    name, chat = "responses", True  # chat: for serve(), which has only ever one job of this API
+    name = "responses"  # serve() has only ever one job of this API
 
     def __init__(self, request: ResponsesRequest, store: ResponseStore | None = None, earlier: list | None = None,
                  owner: str = ""):

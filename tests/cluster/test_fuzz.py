@@ -119,6 +119,7 @@ def with_raw(name: str, raw: bytes, body: dict | None = None) -> bytes:
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 RESPONSE = {"input": "Hi", "max_output_tokens": 2}
 MESSAGE = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+GENERATE = {"text": "Hi", "sampling_params": {"max_new_tokens": 2}}
 JSON = "application/json"
 HOSTILE = [
     # (name, path, body, content type, status, param): each must be refused, with OpenAI's error body
@@ -265,6 +266,28 @@ HOSTILE = [
     ("a tool that is a string", "/v1/messages", json.dumps({**MESSAGE, "tools": ["f"]}).encode(), JSON, 400, "tools"),
     ("a tool that is null, to count", "/v1/messages/count_tokens", json.dumps({**MESSAGE, "tools": [None]}).encode(),
      JSON, 400, "tools"),
+    # SGLang's /generate
+    ("surrogate in a batch's text", "/generate", with_raw("text", b'["ok", "\\ud800"]', GENERATE), JSON, 400, "text"),
+    ("token id 10**30", "/generate", json.dumps({"input_ids": [1, 10**30]}).encode(), JSON, 400, "input_ids"),
+    ("float token ids", "/generate", json.dumps({"input_ids": [1.5]}).encode(), JSON, 400, "input_ids"),
+    ("a batch of empty id lists", "/generate", json.dumps({"input_ids": [[]]}).encode(), JSON, 400, "input_ids"),
+    ("sampling_params nested 10,000 deep", "/generate", with_raw("sampling_params", nested(10_000), GENERATE), JSON,
+     400, None),
+    ("a json_schema nested 960 deep", "/generate", json.dumps({"text": "Hi", "sampling_params": {
+        "json_schema": '{"a": ' * 960 + "1" + "}" * 960}}).encode(), JSON, 400, "sampling_params.json_schema"),
+    ("max_new_tokens 10**30", "/generate", json.dumps({"text": "Hi", "sampling_params": {
+        "max_new_tokens": 10**30}}).encode(), JSON, 400, "sampling_params.max_new_tokens"),
+    ("NaN temperature", "/generate", with_raw("sampling_params", b'{"temperature": NaN}', GENERATE), JSON, 400, None),
+    ("a logit_bias key that is no id", "/generate", json.dumps({"text": "Hi", "sampling_params": {
+        "logit_bias": {"x": 1}}}).encode(), JSON, 400, "sampling_params.logit_bias"),
+    ("more rids than prompts", "/generate", json.dumps({**GENERATE, "rid": ["a", "b"]}).encode(), JSON, 400, "rid"),
+    ("300 prompts", "/generate", json.dumps({"text": ["Hi"] * 300}).encode(), JSON, 400, "text"),
+    ("n 0", "/generate", json.dumps({"text": "Hi", "sampling_params": {"n": 0}}).encode(), JSON, 400,
+     "sampling_params.n"),
+    ("1000 stop strings", "/generate", json.dumps({"text": "Hi", "sampling_params": {"stop": ["x"] * 1000}}).encode(),
+     JSON, 400, "sampling_params.stop"),
+    ("an unknown sampling parameter", "/generate", json.dumps({"text": "Hi", "sampling_params": {"best_of": 2}}).encode(),
+     JSON, 400, "sampling_params"),
 ]
 
 

@@ -634,6 +634,68 @@ def test_prompt_logprobs_score_the_prompt_as_hf_with_ranks_beside_echos(tiny_clu
     assert_no_kv_held(tiny_cluster)
 
 
+def test_sglangs_generate_answers_as_hf_generate_whole_streamed_and_batched(tiny_cluster, tiny_oracle):
+    """SGLang's native POST /generate: greedy, text and output_ids are HF generate's (output_ids
+    keep an EOS); streamed, every event holds the answer so far and the last is the whole answer;
+    a batch with n = 2 is a list, prompt by prompt; logprobs are HF's log-softmax, the output's and
+    the prompt's from logprob_start_len; a bad request is a 400 in SGLang's names; SGLang's
+    helper routes answer."""
+    import torch
+
+    url, tok = tiny_cluster.url, tiny_oracle.tokenizer
+    ids = [tok(p)["input_ids"] for p in PROMPTS[:3]]
+    want = [tiny_oracle.generate_ids(p, 12) for p in ids]
+    greedy = {"max_new_tokens": 12, "temperature": 0}
+
+    one = httpx.post(url + "/generate", json={"text": PROMPTS[0], "sampling_params": greedy, "rid": "mine"},
+                     timeout=120)
+    assert one.status_code == 200, one.text
+    body = one.json()
+    assert body["output_ids"] == want[0] and body["text"] == tok.decode(want[0], skip_special_tokens=True)
+    meta = body["meta_info"]
+    assert meta["id"] == "mine" and meta["prompt_tokens"] == len(ids[0]) and meta["completion_tokens"] == len(want[0])
+    eos = tiny_oracle.model.generation_config.eos_token_id
+    assert meta["finish_reason"] == ({"type": "stop", "matched": eos} if want[0][-1] == eos else
+                                     {"type": "length", "length": 12})
+    assert one.headers["x-request-id"] != "mine"  # ours, which the logs carry
+
+    with httpx.stream("POST", url + "/generate", json={"input_ids": ids[1], "sampling_params": greedy,
+                                                       "stream": True}, timeout=120) as resp:
+        events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+    assert [e["meta_info"]["completion_tokens"] for e in events] == list(range(1, len(want[1]) + 1))
+    assert all(want[1][:len(e["output_ids"])] == e["output_ids"] for e in events)
+    assert events[-1]["output_ids"] == want[1] and events[-1]["text"] == tok.decode(want[1], skip_special_tokens=True)
+    assert events[-1]["meta_info"]["finish_reason"] is not None and "index" not in events[-1]
+
+    batch = httpx.post(url + "/generate", json={"input_ids": ids[1:], "sampling_params": {**greedy, "n": 2}},
+                       timeout=120).json()
+    assert [b["output_ids"] for b in batch] == [want[1], want[1], want[2], want[2]]
+
+    scored = httpx.post(url + "/generate", json={
+        "input_ids": ids[2], "sampling_params": {"max_new_tokens": 3, "temperature": 0}, "return_logprob": True,
+        "top_logprobs_num": 2, "logprob_start_len": 1}, timeout=120).json()["meta_info"]
+    with torch.inference_mode():
+        full = ids[2] + want[2][:3]
+        rows = torch.log_softmax(tiny_oracle.model(torch.tensor([full])).logits[0].float(), dim=-1)
+    for at, (lp, token, text) in enumerate(scored["output_token_logprobs"]):
+        assert token == want[2][at] and text is None
+        assert lp == pytest.approx(float(rows[len(ids[2]) - 1 + at, token]), abs=1e-4)
+    assert [t for _, t, _ in scored["output_top_logprobs"][0]] == rows[len(ids[2]) - 1].topk(2).indices.tolist()
+    assert [t for _, t, _ in scored["input_token_logprobs"]] == ids[2][1:]
+    for at, (lp, token, _) in enumerate(scored["input_token_logprobs"], 1):
+        assert lp == pytest.approx(float(rows[at - 1, token]), abs=1e-4)
+
+    bad = httpx.post(url + "/generate", json={"text": "Hi", "sampling_params": {"seed": 1}}, timeout=30)
+    assert bad.status_code == 400 and "sampling_seed" in bad.json()["error"]["message"]
+    long = httpx.post(url + "/generate", json={"input_ids": [5] * 5000}, timeout=30)
+    assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
+    info = httpx.get(url + "/model_info", timeout=30).json()
+    assert info["is_generation"] and info["tokenizer_path"] == info["model_path"]
+    assert httpx.get(url + "/get_server_info", timeout=30).json()["internal_states"] == [{}]
+    assert httpx.get(url + "/health_generate", timeout=60).status_code == 200
+    assert_no_kv_held(tiny_cluster)
+
+
 def test_tokenize_gives_the_ids_a_completion_or_chat_is_prefilled_with(tiny_cluster, tiny_oracle):
     """vLLM's /tokenize and /detokenize: a prompt's ids are the ones /v1/completions counts (and,
     sent back as the prompt, answer the same); a chat's are the template's, as the chat's usage
