@@ -6,7 +6,8 @@ so a user who benchmarks with SGLang's client sees what we serve, and what the n
 Step by step:
 1. One cluster as `dejavu up` runs it (a prompt service and a token service, CPU placement auto;
    --colocated: one colocated token service), the gateway on a free port.
-2. The client's `random-ids` dataset (no download): --prompts prompts of --input-len token ids,
+2. The client's `random-ids` dataset (no download; a seed of its own each run, so no run finds
+   another's prompts in the prefix cache): --prompts prompts of --input-len token ids,
    --output-len tokens out each (ignore_eos, greedy), --concurrency at once; with
    --tokenize-prompt the native backend posts the ids (`input_ids`, as RL frameworks do) instead
    of their text.
@@ -24,6 +25,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import httpx
+
 from bench.common import fmt, log, spread, write_json
 
 CLIENT = Path(".peers/sglang/bin/sglang-bench")
@@ -31,15 +34,17 @@ BACKENDS = {"generate": "sglang", "completions": "vllm"}  # ours: the client's b
 FIGURES = ("output_throughput", "median_ttft_ms", "median_tpot_ms", "completed")
 
 
-def run_client(url: str, backend: str, tokenizer: str, args, prompts: int, output_len: int) -> dict:
+def run_client(url: str, backend: str, tokenizer: str, args, prompts: int, output_len: int, seed: int) -> dict:
     """One run of SGLang's client: its figures (FIGURES) as its --output-file has them."""
+    served = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]  # what completions' `model` names
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run.jsonl"
         command = [str(CLIENT), "--backend", backend, "--base-url", url, "--model", tokenizer, "--tokenizer", tokenizer,
+                   "--served-model-name", served,
                    "--dataset-name", "random-ids", "--random-input-len", str(args.input_len),
                    "--random-output-len", str(output_len), "--random-range-ratio", "1.0",
                    "--num-prompts", str(prompts), "--max-concurrency", str(args.concurrency),
-                   "--seed", str(args.seed), "--output-file", str(out)]
+                   "--seed", str(seed), "--output-file", str(out)]
         if args.tokenize_prompt and backend == "sglang":
             command.append("--tokenize-prompt")
         done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs of each backend, alternated")
     p.add_argument("--tokenize-prompt", action="store_true", help="/generate gets the prompt's ids (input_ids)")
     p.add_argument("--colocated", action="store_true", help="one colocated token service, no prompt service")
-    p.add_argument("--seed", type=int, default=1, help="the client's dataset seed")
+    p.add_argument("--seed", type=int, default=1, help="the client's dataset seeds: 1000 x this, and on (one a run)")
     p.add_argument("--out", default="", help="write the figures here as JSON")
     args = p.parse_args(argv)
     if not CLIENT.exists():
@@ -79,12 +84,14 @@ def main(argv: list[str] | None = None) -> None:
     env = {"DEJAVU_COLOCATED": str(args.colocated).lower()}
     with Cluster(args.model, port=0, prompt_services=prompts, token_services=tokens, cache_stores=0, env=env,
                  echo_logs=False, placement=plan) as cluster:
+        # every run its own prompts (the dataset's seed): none finds another's in the prefix cache
+        seeds = iter(range(args.seed * 1000, args.seed * 1000 + 1000))
         for name, backend in BACKENDS.items():  # warm-up, unrecorded
-            run_client(cluster.url, backend, model_path, args, prompts=2, output_len=8)
+            run_client(cluster.url, backend, model_path, args, 2, 8, next(seeds))
         for r in range(1, args.repeats + 1):
             for name, backend in BACKENDS.items():
                 run = {"api": name, "repeat": r, **run_client(cluster.url, backend, model_path, args, args.prompts,
-                                                               args.output_len)}
+                                                               args.output_len, next(seeds))}
                 runs.append(run)
                 log(f"repeat {r}/{args.repeats} {name:<12}: {run['output_throughput']:.1f} tok/s, median TTFT "
                     f"{run['median_ttft_ms']:.0f} ms, TPOT {run['median_tpot_ms']:.1f} ms, "

@@ -175,7 +175,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         if body.rid is not None:
             log.info("the client's rid %r is request %s", _printable(str(body.rid)),
                      ", ".join(job.request_id for job in jobs[:16]))
-        return await serve(app, jobs, request, form)
+        try:
+            return await serve(app, jobs, request, form)
+        except BadRequest as exc:  # one the router raises (a pipeline cannot score a prompt): SGLang's names
+            raise form.renamed(exc) from None
 
     @app.get("/model_info")
     @app.get("/get_model_info")  # SGLang's older name
@@ -184,8 +187,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         limits: Limits = app.state.limits
         return {"model_path": str(app.state.model_path), "tokenizer_path": str(app.state.model_path),
                 "served_model_name": limits.model_name, "is_generation": True, "preferred_sampling_params": None,
-                "weight_version": "default", "tool_call_parser": limits.tool_parser,
-                "reasoning_parser": limits.reasoning_parser, "has_image_understanding": False,
+                "weight_version": "default",
+                "tool_call_parser": None if limits.tool_parser == "none" else limits.tool_parser,
+                "reasoning_parser": None if limits.reasoning_parser == "none" else limits.reasoning_parser,
+                "has_image_understanding": False,
                 "has_audio_understanding": False}
 
     @app.get("/server_info")
@@ -518,7 +523,7 @@ async def _stream_choices(app: FastAPI, jobs: list[Job], gens: list, firsts: lis
             try:
                 i, delta = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
             except asyncio.TimeoutError:
-                yield ": keep-alive\n\n"
+                yield keepalive(writers[0])
                 continue
             if delta is None:
                 running -= 1
@@ -578,7 +583,7 @@ async def _stream(app: FastAPI, job: Job, gen, first, writer, keep=None):
         delta = first
         while delta is not None:
             if delta is KEEPALIVE:
-                yield ": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see the stream is alive
+                yield keepalive(writer)
             else:
                 totals.add(delta)
                 if (chunk := writer.delta(delta)) is not None:
@@ -606,6 +611,13 @@ async def _stream(app: FastAPI, job: Job, gen, first, writer, keep=None):
 
 KEEPALIVE_S = 15.0  # a stream quiet this long gets an SSE comment (a failover's replay can take minutes)
 KEEPALIVE = object()
+
+
+def keepalive(writer) -> str:
+    """What a quiet stream sends every KEEPALIVE_S: the writer's own (`keepalive()`: SGLang's
+    client reads every line as JSON), or an SSE comment, which clients skip and proxies see."""
+    own = getattr(writer, "keepalive", None)
+    return own() if own is not None else ": keep-alive\n\n"
 
 
 async def with_keepalive(gen, every_s: float):

@@ -14,7 +14,9 @@ string or token kept in the text), `logit_bias`, `sampling_seed`, and structured
 `stream_interval` and `custom_params` are accepted and have no effect; any other key is a 400, as
 SGLang's (its seed is `sampling_seed`, not `seed`). With `return_logprob`, each output token comes
 with its logprob and `top_logprobs_num` alternatives (0-20); `logprob_start_len` k >= 0 scores the
-prompt too, from its token k (the first token's logprob null), -1 (the default) does not.
+prompt too, its tokens from k on (the first of them null, as SGLang's: the logits before it are not
+computed there), -1 (the default) does not. The logprobs are the model's own, before temperature,
+penalties and logit_bias (vLLM's default; SGLang's are after temperature and the bias).
 
 The answer is SGLang's: `{"text", "output_ids", "meta_info": {"id", "finish_reason",
 "prompt_tokens", "completion_tokens", "cached_tokens", "e2e_latency", ...}}`, where `output_ids`
@@ -34,15 +36,18 @@ and logprobs are cumulative, as SGLang streams by default and bench_serving read
 
 Errors are 400s (404s, 429s, ...) with our body, {"error": {"message", "type", "param", "code"}},
 which holds SGLang's own {"error": {"message"}}. Refused: multimodal input, `input_embeds`, LoRA
-adapters, hidden states, custom logit processors, `token_ids_logprob`, `stop_regex`,
-`structural_tag`.
+adapters, hidden states, custom logit processors, sessions, `token_ids_logprob`, `stop_regex`,
+`structural_tag`, `beam_width`, `watermark`. A quiet stream (a failover's replay) sends its last
+event again every 15 s, where other APIs send an SSE comment: SGLang's client reads every line as
+JSON, and skips an event that adds no token.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import StrictBool, StrictInt, StrictStr, ValidationError
 
@@ -71,6 +76,23 @@ UNSERVED = {"input_embeds": "input embeddings", "image_data": "images", "video_d
             "audio_data": "audio", "lora_path": "LoRA adapters", "return_hidden_states": "hidden states",
             "custom_logit_processor": "custom logit processors", "token_ids_logprob": "logprobs of chosen tokens",
             "session_params": "sessions"}
+GRAMMARS = ("json_schema", "regex", "ebnf", "choice")  # "" is unset for these, as SGLang's
+
+
+def _unset(value) -> bool:
+    """Not given: null, false, empty, or a list of such (one a prompt)."""
+    return value in (None, False, "", [], {}) or (isinstance(value, list) and all(_unset(v) for v in value))
+
+
+class Item(NamedTuple):
+    """One prompt of a request: its completion request, and what else it asked."""
+
+    request: CompletionRequest
+    rid: str | None         # the client's, for meta_info.id
+    logprobs: bool          # return_logprob
+    top: int                # top_logprobs_num
+    start: int              # logprob_start_len (-1: the prompt not scored)
+    listed: bool            # the answer is a list (a batch was given)
 
 
 @dataclass
@@ -114,7 +136,7 @@ class GenerateRequest(TextBody):
     def prompts(self) -> tuple[list[str | list[int]], bool]:
         """(the prompts, whether the answer is a list: a batch was given)."""
         for name, what in UNSERVED.items():
-            if getattr(self, name) not in (None, False, [], {}, ""):
+            if not _unset(getattr(self, name)):
                 raise BadRequest(f"'{name}': {what} are not supported on this server", name)
         if self.input_ids is not None:
             batch = bool(self.input_ids) and isinstance(self.input_ids[0], list)
@@ -140,8 +162,8 @@ class GenerateRequest(TextBody):
             return [default if v is None else v for v in value]
         return [default if value is None else value] * count
 
-    def items(self) -> list[tuple[CompletionRequest, Shown]]:
-        """Each prompt as the completion request it is, and how its answers are shown."""
+    def items(self) -> list[Item]:
+        """Each prompt as the completion request it is, and what else it asked."""
         prompts, batch = self.prompts()
         count = len(prompts)
         params = self.per_prompt("sampling_params", count, {})
@@ -152,18 +174,15 @@ class GenerateRequest(TextBody):
             [self.rid if not batch or self.rid is None else f"{self.rid}_{i}" for i in range(count)])
         out, choices = [], 0
         for i, prompt in enumerate(prompts):
-            request, max_new = _completion(prompt, params[i], logprobs[i], starts[i], tops[i], self.stream)
             if logprobs[i] and starts[i] < -1:  # (past the prompt's end: checked on its ids, GenerateForm.jobs)
                 raise BadRequest(f"'logprob_start_len' = {starts[i]}: must be -1 (the prompt not scored) or a "
                                  "position in the prompt", "logprob_start_len")
+            request = _completion(prompt, params[i], logprobs[i], starts[i], tops[i], self.stream)
             choices += request.n
             if choices > MAX_CHOICES and i > 0:  # (one prompt's n past it: completions' 400 names n)
                 raise BadRequest(f"the request asks for {choices}+ answers (prompts x n): at most {MAX_CHOICES}; send "
                                  "the rest in another", "text" if self.input_ids is None else "input_ids")
-            listed = batch or request.n > 1
-            out.append((request, Shown(rids[i] or "", max_new, logprobs[i], tops[i], starts[i] if logprobs[i] else -1,
-                                       0 if listed else None, self.return_text_in_logprobs,
-                                       self.return_prompt_token_ids)))
+            out.append(Item(request, rids[i], logprobs[i], tops[i], starts[i] if logprobs[i] else -1, batch))
         return out
 
     @property
@@ -171,8 +190,7 @@ class GenerateRequest(TextBody):
         """Text past LARGE_TEXT_CHARS, or a grammar to compile: its jobs are made off the event loop."""
         texts = [] if self.input_ids is not None else [self.text] if isinstance(self.text, str) else self.text or []
         params = self.sampling_params if isinstance(self.sampling_params, list) else [self.sampling_params or {}]
-        grammar = any(isinstance(p, dict) and any(p.get(k) for k in ("json_schema", "regex", "ebnf", "choice"))
-                      for p in params)
+        grammar = any(isinstance(p, dict) and any(p.get(k) for k in GRAMMARS) for p in params)
         return grammar or sum(len(t) for t in texts) >= LARGE_TEXT_CHARS
 
 
@@ -180,30 +198,25 @@ class _Item(CompletionRequest):
     """One prompt of a /generate request on completions: logprobs up to vLLM's 20 (SGLang's
     top_logprobs_num), not OpenAI's 5."""
 
-    def check(self) -> None:
-        self.check_common()
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_PROMPT_LOGPROBS:
-            raise BadRequest(f"'logprobs' = {self.logprobs}: must be between 0 and {MAX_PROMPT_LOGPROBS}", "logprobs")
+    MAX_LOGPROBS = MAX_PROMPT_LOGPROBS
 
 
-def _completion(prompt, params, logprob: bool, start: int, top: int, stream: bool) -> tuple[_Item, int | None]:
-    """(one prompt's completion request, its max_new_tokens: None where the context decides)."""
-    body: dict[str, Any] = {"prompt": prompt, "stream": stream}
+def _completion(prompt, params: dict, logprob: bool, start: int, top: int, stream: bool) -> _Item:
+    """One prompt's completion request."""
+    body: dict[str, Any] = {"prompt": prompt, "stream": stream, "max_tokens": DEFAULT_MAX_NEW_TOKENS}
     for key, value in params.items():
         if key in REFUSED:
-            if value not in (None, "", [], False):
+            if not _unset(value):
                 raise BadRequest(f"'sampling_params.{key}': {REFUSED[key]} are not supported on this server",
                                  "sampling_params")
         elif key not in SAMPLING and key not in IGNORED:
             hint = " (the seed is 'sampling_seed')" if key == "seed" else ""
             raise BadRequest(f"'sampling_params' has an unknown field {key[:64]!r}{hint}; known: "
                              f"{', '.join(SAMPLING)}", "sampling_params")
-        elif key in SAMPLING and value is not None and value != "":
-            body[SAMPLING[key]] = value
-    max_new = params.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
-    if "max_new_tokens" not in params:
-        body["max_tokens"] = DEFAULT_MAX_NEW_TOKENS
-    if isinstance(max_new, int) and not isinstance(max_new, bool) and max_new < 0:
+        elif key in SAMPLING and not (value is None and key != "max_new_tokens") and not (value == "" and key in GRAMMARS):
+            body[SAMPLING[key]] = value  # (max_new_tokens null: what the context leaves)
+    max_new = body["max_tokens"]
+    if type(max_new) is int and max_new < 0:
         raise BadRequest(f"'sampling_params.max_new_tokens' = {max_new}: must be at least 0", "sampling_params")
     if body.get("top_k") == -1:
         body["top_k"] = 0  # off, in either's words
@@ -213,7 +226,7 @@ def _completion(prompt, params, logprob: bool, start: int, top: int, stream: boo
     if max_new == 0:
         body["echo"] = True  # completions' max_tokens 0: the prompt alone, nothing generated
     try:
-        return _Item(**body), max_new
+        return _Item(**body)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
@@ -230,59 +243,68 @@ class GenerateForm:
     def __init__(self, request: GenerateRequest):
         self.request = request
         self.shown: dict[str, Shown] = {}
+        self.arrived = time.perf_counter()  # meta_info.e2e_latency counts from here
 
     def jobs(self, tokenizer, limits: Limits) -> list[Job]:
         """Every prompt's jobs (its n), prompt after prompt; a 400 in SGLang's names."""
         out = []
         items = self.request.items()  # its own 400s say SGLang's names already
         try:
-            for request, shown in items:
-                default = limits.max_model_len  # max_new_tokens null: what the context leaves
-                made = completion_jobs(request, tokenizer, limits, default_max=default)
+            for item in items:  # max_new_tokens null: what the context leaves
+                made = completion_jobs(item.request, tokenizer, limits, default_max=limits.max_model_len)
                 for job in made:
-                    if shown.start >= len(job.prompt_ids):
-                        raise BadRequest(f"'logprob_start_len' = {shown.start} is not a position of the prompt's "
+                    if item.start > len(job.prompt_ids):
+                        raise BadRequest(f"'logprob_start_len' = {item.start} is past the end of the prompt's "
                                          f"{len(job.prompt_ids)} tokens", "logprob_start_len")
-                    listed = shown.index is not None or len(made) > 1
                     self.shown[job.request_id] = Shown(
-                        job.request_id if len(made) > 1 or not shown.rid else shown.rid,
-                        job.sampling.max_tokens if not job.echo_only else 0, shown.logprobs, shown.top, shown.start,
-                        len(out) if listed else None, shown.texts, shown.prompt_ids)
+                        item.rid if len(made) == 1 and item.rid else job.request_id,  # n > 1: ids of their own
+                        0 if job.echo_only else job.sampling.max_tokens, item.logprobs, item.top, item.start,
+                        len(out) if item.listed or len(made) > 1 else None, self.request.return_text_in_logprobs,
+                        self.request.return_prompt_token_ids)
                     out.append(job)
         except BadRequest as exc:
-            prompt = "text" if self.request.input_ids is None else "input_ids"
-            raise renamed_error(exc, RENAMED | {"prompt": prompt}, None, ("max_tokens", "max_new_tokens")) from None
+            raise self.renamed(exc) from None
         return out
 
+    def renamed(self, exc: BadRequest) -> BadRequest:
+        """Completions' 400 about this request, in SGLang's names."""
+        prompt = "text" if self.request.input_ids is None else "input_ids"
+        return renamed_error(exc, RENAMED | {"prompt": prompt}, None, ("max_tokens", "max_new_tokens"))
+
     def body(self, job: Job, totals: Totals, tokenizer) -> dict | list:
-        """The whole answer of one job: what its stream's last event holds (its deltas replayed
-        through a writer that writes nothing), so the two cannot differ; a list where the request
-        was a batch."""
+        """The whole answer of one job: its stream's last event (its deltas replayed through a
+        writer that writes nothing), so the two cannot differ; a list where the request was a batch."""
         writer = self.writer(job, tokenizer)
-        writer.prompt_scores = totals.prompt  # (the replayed deltas do not carry them)
-        for delta in replayed(totals) if totals.tokens else [Delta("", [], totals.finish_reason)]:  # [] : max 0
+        writer.scored(totals.prompt)  # (the replayed deltas do not carry the prompt's scores)
+        for delta in replayed(totals) if totals.tokens else [Delta("", [], totals.finish_reason)]:  # []: max 0
             writer.delta(delta, quiet=True)
-        answer = writer.answer(latency=True)
-        answer.pop("index", None)
-        return [answer] if writer.shown.index is not None else answer
+        answer = json.loads(writer.event(latency=True))
+        if answer.pop("index", None) is None:
+            return answer
+        return [answer]
 
     def merged(self, jobs: list[Job], totals: list[Totals], tokenizer) -> list:
         return [one for job, t in zip(jobs, totals) for one in self.body(job, t, tokenizer)]
 
     def writer(self, job: Job, tokenizer, index: int = 0) -> GenerateWriter:
-        return GenerateWriter(job, tokenizer, self.shown[job.request_id])
+        """(`index`, the job's place in the request, is its `shown.index` already.)"""
+        return GenerateWriter(job, tokenizer, self.shown[job.request_id], self.arrived)
 
 
 class GenerateWriter:
     """The SSE events of one streamed job, with the interface of responses.ChunkWriter (first,
     delta, end, failed, done): each event holds the whole answer so far (SGLang's cumulative
-    stream)."""
+    stream). Logprob entries are written as JSON once, as they come: an event joins their texts."""
 
-    def __init__(self, job: Job, tokenizer, shown: Shown):
-        self.job, self.tokenizer, self.shown = job, tokenizer, shown
+    def __init__(self, job: Job, tokenizer, shown: Shown, arrived: float):
+        self.job, self.tokenizer, self.shown, self.arrived = job, tokenizer, shown, arrived
         self.text: list[str] = []
         self.totals = Totals()
-        self.prompt_scores: list | None = None
+        self.output: list[str] = []        # output_token_logprobs' entries, as JSON
+        self.tops: list[str] = []          # output_top_logprobs' rows, as JSON
+        self.prompt: list[str] = []        # input_token_logprobs' entries, as JSON
+        self.prompt_tops: list[str] = []   # input_top_logprobs' rows, as JSON
+        self.last = ""                     # the last event sent
 
     def first(self, delta: Delta) -> list[str]:
         return []
@@ -290,26 +312,51 @@ class GenerateWriter:
     def delta(self, d: Delta, quiet: bool = False) -> str | None:
         self.text.append(d.text)
         self.totals.add(d)
-        if d.prompt is not None and self.prompt_scores is None:
-            self.prompt_scores = d.prompt
-        return None if quiet else sse(self.answer(latency=d.finish_reason is not None))
+        self.scored(d.prompt)
+        if self.shown.logprobs:
+            for t in d.tokens:
+                self.output.append(self._entry(t.logprob, t.token_id))
+                if self.shown.top:
+                    self.tops.append(self._row(t.top_logprobs or []))
+        if quiet:
+            return None
+        self.last = sse(self.event(latency=d.finish_reason is not None))
+        return self.last
 
-    def answer(self, latency: bool = False) -> dict:
-        """SGLang's answer so far: text, output_ids, meta_info (e2e_latency once it ends)."""
+    def scored(self, scores) -> None:
+        """The prompt's scores (tokens 1..), once they come: its entries from logprob_start_len
+        k on, the first null (as SGLang's: the logits before token k are not computed there)."""
+        start = self.shown.start
+        if scores is None or start < 0 or self.prompt or start >= len(self.job.prompt_ids):
+            return
+        self.prompt = [self._entry(None, self.job.prompt_ids[start])] + [self._entry(p.logprob, p.token_id)
+                                                                        for p in scores[start:]]
+        if self.shown.top:
+            self.prompt_tops = ["null"] + [self._row(p.top_logprobs) for p in scores[start:]]
+
+    def event(self, latency: bool = False) -> str:
+        """SGLang's answer so far, as JSON: text, output_ids, meta_info (e2e_latency once it ends)."""
         job, totals, shown = self.job, self.totals, self.shown
         meta: dict[str, Any] = {"id": shown.rid, "finish_reason": self._finish_reason(),
                                 "prompt_tokens": len(job.prompt_ids), "completion_tokens": len(totals.tokens),
                                 "cached_tokens": cached_tokens(totals), "weight_version": "default"}
-        if shown.logprobs:
-            meta |= self._logprobs()
         if latency:
-            meta["e2e_latency"] = time.perf_counter() - job.arrived
-        out = {"text": "".join(self.text), "output_ids": [t.token_id for t in totals.tokens], "meta_info": meta}
+            meta["e2e_latency"] = time.perf_counter() - self.arrived
+        lists = []
+        if shown.logprobs:
+            meta["output_token_logprobs_length"] = len(self.output)
+            named = {"output_token_logprobs": self.output, "input_token_logprobs": self.prompt}
+            if shown.top:
+                named |= {"output_top_logprobs": self.tops, "input_top_logprobs": self.prompt_tops}
+            lists = [f', "{name}": [{", ".join(pieces)}]' for name, pieces in named.items()]
+        parts = [f'{{"text": {json.dumps("".join(self.text))}, "output_ids": '
+                 f'{json.dumps([t.token_id for t in totals.tokens])}, "meta_info": {json.dumps(meta)[:-1]}',
+                 *lists, "}"]
         if shown.prompt_ids:
-            out["prompt_token_ids"] = job.prompt_ids
+            parts.append(f', "prompt_token_ids": {json.dumps(job.prompt_ids)}')
         if shown.index is not None:
-            out["index"] = shown.index
-        return out
+            parts.append(f', "index": {shown.index}')
+        return "".join(parts) + "}"
 
     def _finish_reason(self) -> dict | None:
         reason, totals = self.totals.finish_reason, self.totals
@@ -321,26 +368,16 @@ class GenerateWriter:
             return {"type": "stop", "matched": totals.stop}
         return {"type": "stop", "matched": totals.tokens[-1].token_id if totals.tokens else None}  # EOS
 
-    def _entry(self, logprob: float | None, token_id: int) -> list:
-        return [logprob, token_id, _token_text(self.tokenizer, token_id) if self.shown.texts else None]
+    def _entry(self, logprob: float | None, token_id: int) -> str:
+        text = _token_text(self.tokenizer, token_id) if self.shown.texts else None
+        return json.dumps([logprob, token_id, text])
 
-    def _logprobs(self) -> dict:
-        """meta_info's logprob lists: the output's, and the prompt's from logprob_start_len."""
-        tokens, top = self.totals.tokens, self.shown.top
-        out: dict[str, Any] = {"output_token_logprobs": [self._entry(t.logprob, t.token_id) for t in tokens],
-                               "input_token_logprobs": []}
-        if top:
-            out["output_top_logprobs"] = [[self._entry(x.logprob, x.token_id) for x in (t.top_logprobs or [])[:top]]
-                                          for t in tokens]
-            out["input_top_logprobs"] = []
-        if self.shown.start >= 0 and self.prompt_scores is not None:
-            ids, start = self.job.prompt_ids, self.shown.start
-            out["input_token_logprobs"] = ([self._entry(None, ids[0])] + [self._entry(p.logprob, p.token_id)
-                                                                           for p in self.prompt_scores])[start:]
-            if top:
-                out["input_top_logprobs"] = ([None] + [[self._entry(x.logprob, x.token_id) for x in p.top_logprobs[:top]]
-                                                       for p in self.prompt_scores])[start:]
-        return out
+    def _row(self, top) -> str:
+        return "[" + ", ".join(self._entry(x.logprob, x.token_id) for x in top[:self.shown.top]) + "]"
+
+    def keepalive(self) -> str:
+        """A quiet stream's (app.keepalive): the last event again, which adds no token."""
+        return self.last or ": keep-alive\n\n"
 
     def end(self, totals: Totals) -> str:
         return ""

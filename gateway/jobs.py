@@ -55,7 +55,6 @@ class Job:
     choice: int = 0               # which of its prompt's n choices
     include_stop: bool = False    # include_stop_str_in_output: the stop string or stop token kept in the text
     created: int = field(default_factory=lambda: int(time.time()))
-    arrived: float = field(default_factory=time.perf_counter)  # for a latency the answer reports (SGLang's)
     recorded: bool = False        # its outcome has been counted and written to Redis
     tools: Plan | None = None     # chat with tools to call: its output is read for calls (gateway/tools.py)
     skip_special: bool = True     # skip_special_tokens: special tokens left out of the text

@@ -309,6 +309,7 @@ class SamplingFields(TextBody):
 
 
 class CompletionRequest(SamplingFields):
+    MAX_LOGPROBS: ClassVar[int] = 5  # OpenAI's (SGLang's /generate: vLLM's 20, gateway/generate_api.py)
     prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]] | None = None
     echo: StrictBool = False
     logprobs: StrictInt | None = None
@@ -317,8 +318,8 @@ class CompletionRequest(SamplingFields):
 
     def check(self) -> None:
         self.check_common()
-        if self.logprobs is not None and not 0 <= self.logprobs <= 5:
-            raise BadRequest(f"'logprobs' = {self.logprobs}: must be between 0 and 5", "logprobs")
+        if self.logprobs is not None and not 0 <= self.logprobs <= self.MAX_LOGPROBS:
+            raise BadRequest(f"'logprobs' = {self.logprobs}: must be between 0 and {self.MAX_LOGPROBS}", "logprobs")
         if self.best_of not in (None, 1):
             raise BadRequest(f"'best_of' = {self.best_of}: only 1 is supported", "best_of")
         if self.suffix:

@@ -171,6 +171,33 @@ def test_an_anthropic_messages_stream_survives_a_token_service_failure(cluster):
     assert_no_kv_held_on(cluster)
 
 
+def test_an_sglang_generate_stream_survives_a_token_service_failure(cluster):
+    """SGLang's POST /generate, streamed and seeded (sampling_seed): the token service is killed
+    mid-stream, and the cumulative events go on to the clean run's whole answer, ids and text."""
+    body = {"text": PROMPT, "stream": True, "sampling_params": {
+        "max_new_tokens": 200, "temperature": 0.8, "sampling_seed": 5, "ignore_eos": True}}
+
+    def run(kill_after: int | None) -> dict:
+        last = None
+        with httpx.stream("POST", cluster.url + "/generate", json=body, timeout=120) as resp:
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                if line.startswith("data: {"):
+                    event = json.loads(line[6:])
+                    assert "error" not in event, event
+                    assert last is None or event["output_ids"][:len(last["output_ids"])] == last["output_ids"]
+                    last = event
+                    if event["meta_info"]["completion_tokens"] == kill_after:
+                        cluster.kill(serving(cluster), signal.SIGKILL)
+        return last
+
+    clean, failed = run(None), run(40)
+    assert failed["output_ids"] == clean["output_ids"] and failed["text"] == clean["text"]
+    assert failed["meta_info"]["finish_reason"] == {"type": "length", "length": 200}
+    assert metric(cluster.url, "dejavu_gateway_recoveries_total" + f'{{path="{cluster.path}"}}') == 1
+    assert_no_kv_held_on(cluster)
+
+
 def test_the_choices_of_one_request_survive_a_token_service_failure(cluster):
     """n = 2, seeded, streamed: each choice is a request of its own, so the one whose token service
     is killed resumes elsewhere while the other goes on; both texts are a clean run's."""

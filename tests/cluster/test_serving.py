@@ -670,6 +670,15 @@ def test_sglangs_generate_answers_as_hf_generate_whole_streamed_and_batched(tiny
     batch = httpx.post(url + "/generate", json={"input_ids": ids[1:], "sampling_params": {**greedy, "n": 2}},
                        timeout=120).json()
     assert [b["output_ids"] for b in batch] == [want[1], want[1], want[2], want[2]]
+    with httpx.stream("POST", url + "/generate", json={"input_ids": ids[1:], "sampling_params": {**greedy, "n": 2},
+                                                       "stream": True}, timeout=120) as resp:
+        events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+    last = {e["index"]: e for e in events}  # each answer's events by its index, the last holding it whole
+    assert sorted(last) == [0, 1, 2, 3] and [last[i]["output_ids"] for i in range(4)] == [b["output_ids"] for b in batch]
+    shared = httpx.post(url + "/generate", json={"input_ids": ids[2], "return_logprob": True, "logprob_start_len": 0,
+                                                 "sampling_params": {"max_new_tokens": 0, "n": 2}}, timeout=120).json()
+    assert [s["output_ids"] for s in shared] == [[], []] and len(shared[0]["meta_info"]["input_token_logprobs"]) == len(
+        ids[2]) and shared[0]["meta_info"]["input_token_logprobs"] == shared[1]["meta_info"]["input_token_logprobs"]
 
     scored = httpx.post(url + "/generate", json={
         "input_ids": ids[2], "sampling_params": {"max_new_tokens": 3, "temperature": 0}, "return_logprob": True,
@@ -682,7 +691,8 @@ def test_sglangs_generate_answers_as_hf_generate_whole_streamed_and_batched(tiny
         assert lp == pytest.approx(float(rows[len(ids[2]) - 1 + at, token]), abs=1e-4)
     assert [t for _, t, _ in scored["output_top_logprobs"][0]] == rows[len(ids[2]) - 1].topk(2).indices.tolist()
     assert [t for _, t, _ in scored["input_token_logprobs"]] == ids[2][1:]
-    for at, (lp, token, _) in enumerate(scored["input_token_logprobs"], 1):
+    assert scored["input_token_logprobs"][0][0] is None  # the first from logprob_start_len: null, as SGLang's
+    for at, (lp, token, _) in enumerate(scored["input_token_logprobs"][1:], 2):
         assert lp == pytest.approx(float(rows[at - 1, token]), abs=1e-4)
 
     bad = httpx.post(url + "/generate", json={"text": "Hi", "sampling_params": {"seed": 1}}, timeout=30)

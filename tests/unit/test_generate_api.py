@@ -12,7 +12,8 @@ import pytest
 from common.errors import BadRequest, ContextLengthExceeded
 from common.protocol import PromptLogprob, TokenEvent, TopLogprob
 from gateway.generate_api import GenerateForm, GenerateRequest
-from gateway.jobs import deltas
+from gateway.jobs import chat_jobs, deltas
+from gateway.openai_types import ChatRequest
 from gateway.responses import Totals
 from tests.unit.test_gateway_requests import Replay
 from tests.unit.test_responses_api import limits_of, tokenizer  # noqa: F401 - a fixture
@@ -109,6 +110,8 @@ def test_a_batch_and_n_are_answered_as_a_list_prompt_by_prompt(tokenizer):
     ({"text": "a", "sampling_params": {"max_tokens": 3}}, "sampling_params", "unknown field 'max_tokens'"),
     ({"text": "a", "sampling_params": {"max_new_tokens": -1}}, "sampling_params", "at least 0"),
     ({"text": "a", "sampling_params": {"max_new_tokens": 1.5}}, "sampling_params", "max_new_tokens"),
+    ({"text": "a", "sampling_params": {"max_new_tokens": ""}}, "sampling_params", "max_new_tokens"),
+    ({"text": "a", "sampling_params": {"n": ""}}, "sampling_params", "'sampling_params.n'"),
     ({"text": "a", "sampling_params": {"top_p": 0}}, "sampling_params.top_p", "'sampling_params.top_p'"),
     ({"text": "a", "sampling_params": {"min_new_tokens": 9, "max_new_tokens": 2}}, "sampling_params.min_new_tokens",
      "'sampling_params.min_new_tokens'"),
@@ -116,7 +119,7 @@ def test_a_batch_and_n_are_answered_as_a_list_prompt_by_prompt(tokenizer):
     ({"text": ["a", "b"], "sampling_params": [{}]}, "sampling_params", "1 entries for 2 prompts"),
     ({"text": "a", "return_logprob": True, "top_logprobs_num": 21}, "top_logprobs_num", "between 0 and 20"),
     ({"text": "a", "return_logprob": True, "logprob_start_len": -2}, "logprob_start_len", "-1"),
-    ({"input_ids": [1, 2], "return_logprob": True, "logprob_start_len": 2}, "logprob_start_len", "2 tokens"),
+    ({"input_ids": [1, 2], "return_logprob": True, "logprob_start_len": 3}, "logprob_start_len", "past the end"),
     ({"input_ids": [1, 10 ** 9]}, "input_ids", "outside the vocabulary"),
     ({"text": "a", "image_data": "x.png"}, "image_data", "images"),
     ({"text": "a", "lora_path": "adapter"}, "lora_path", "LoRA"),
@@ -156,7 +159,7 @@ def test_the_answer_keeps_the_stop_token_in_output_ids_and_the_stream_is_cumulat
     form, [job] = jobs_of({"text": "Count:", "sampling_params": {"stop": " two"}}, tokenizer)
     _, whole = run(form, job, tokenizer, said)
     assert whole["text"] == " one" and whole["meta_info"]["finish_reason"] == {"type": "stop", "matched": " two"}
-    assert whole["output_ids"] == said[:whole["meta_info"]["completion_tokens"]]
+    assert whole["output_ids"] == said[:2] and whole["meta_info"]["completion_tokens"] == 2  # " two" completed it
     form, [job] = jobs_of({"text": "Count:", "sampling_params": {"stop": " two", "no_stop_trim": True}}, tokenizer)
     assert run(form, job, tokenizer, said)[1]["text"] == " one two"
     form, [job] = jobs_of({"text": "Count:", "sampling_params": {"max_new_tokens": 2}}, tokenizer)
@@ -180,9 +183,11 @@ def test_logprobs_are_sglangs_entries_for_the_output_and_the_prompt_from_its_sta
                                              [-1.5, said[1], tokenizer.decode(said[1:])]]
     assert meta["output_top_logprobs"][1] == [[-1.5, said[1], tokenizer.decode(said[1:])],
                                               [-3.0, 7, tokenizer.decode([7])]]
-    # positions 1 and 2 of the prompt (start 1): each token's logprob after those before it
-    assert [e[:2] for e in meta["input_token_logprobs"]] == [[-1.0, 12], [-2.0, 13]]
-    assert [[x[:2] for x in row] for row in meta["input_top_logprobs"]] == [[[-1.0, 12]], [[-2.0, 13]]]
+    # tokens 1 and 2 of the prompt (start 1): the first null, as SGLang's, then each token's logprob
+    # after those before it
+    assert [e[:2] for e in meta["input_token_logprobs"]] == [[None, 12], [-2.0, 13]]
+    assert meta["input_top_logprobs"][0] is None and [x[:2] for x in meta["input_top_logprobs"][1]] == [[-2.0, 13]]
+    assert meta["output_token_logprobs_length"] == 2
     assert whole["prompt_token_ids"] == [11, 12, 13]
     for answer in (events[-1], whole):  # the stream ends with the whole answer
         answer["meta_info"].pop("e2e_latency")
@@ -222,3 +227,42 @@ def test_a_batchs_whole_answers_are_merged_in_order(tokenizer):
 
 async def _all(gen):
     return [d async for d in gen]
+
+
+def test_unset_values_are_not_given(tokenizer):
+    """SGLang's clients send fields they do not use as null, false or empty (a list of nulls for a
+    batch); an empty grammar is none."""
+    _, [job] = jobs_of({"text": "a", "lora_path": [None], "image_data": None, "return_hidden_states": False,
+                        "sampling_params": {"regex": "", "json_schema": None, "stop_regex": [], "top_p": None}},
+                       tokenizer)
+    assert not job.sampling.grammar and job.sampling.top_p == 1.0
+
+
+def test_a_quiet_stream_sends_its_last_event_again_which_sglangs_client_skips(tokenizer):
+    """The keep-alive of a failover's pause: an event, since SGLang's client reads every line as
+    JSON (an SSE comment would fail the request), with no token more than the last."""
+    from gateway.app import keepalive
+    from gateway.responses import CHAT
+
+    said = tokenizer(" one two", add_special_tokens=False)["input_ids"]
+    form, [job] = jobs_of({"text": "Count:", "stream": True}, tokenizer)
+    writer = form.writer(job, tokenizer)
+    assert keepalive(writer) == ": keep-alive\n\n"  # nothing sent yet (not reached: a stream starts with a token)
+
+    async def go():
+        return [d async for d in deltas(Scored(said), tokenizer, job)]
+
+    first = writer.delta(asyncio.run(go())[0])
+    assert keepalive(writer) == first and json.loads(first.removeprefix("data: "))["meta_info"]["completion_tokens"] == 1
+    [chat] = chat_jobs(ChatRequest(messages=[{"role": "user", "content": "Hi"}], stream=True), tokenizer,
+                       limits_of(tokenizer))
+    assert keepalive(CHAT.writer(chat, tokenizer)) == ": keep-alive\n\n"  # the other APIs: an SSE comment
+
+
+def test_e2e_latency_counts_from_the_request_not_the_job(tokenizer):
+    form, [job] = jobs_of({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 1}}, tokenizer)
+    form.arrived -= 5.0  # as if tokenizing had taken 5 s
+    t = Totals()
+    for d in asyncio.run(_all(deltas(Scored([42]), tokenizer, job))):
+        t.add(d)
+    assert form.body(job, t, tokenizer)["meta_info"]["e2e_latency"] >= 5.0
