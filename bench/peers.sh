@@ -100,6 +100,7 @@ install_lmeval() {  # not a server: the scorer `python -m bench.lmeval` runs aga
 # answers `import torchvision` with an empty stand-in (stub/sitecustomize.py).
 install_sglang() {
     local venv="$PEERS/sglang"
+    case "$venv" in *[\"\$\`]*) echo "install_sglang: $venv has a quote, \$ or backtick; its wrapper could not name it" >&2; exit 2 ;; esac
     if [ -x "$venv/bin/sglang-bench" ] && "$venv/bin/sglang-bench" --help > /dev/null 2>&1; then
         step "sglang: already installed in $venv ($(size "$venv")); its load client: $venv/bin/sglang-bench"; return
     fi
@@ -114,7 +115,7 @@ install_sglang() {
         transformers msgspec pybase64 psutil pyzmq pillow triton starlette ipython datasets apache-tvm-ffi \
         sentencepiece compressed-tensors gguf
     mkdir -p "$venv/stub"
-    printf '%s\n' "# torchvision for sglang.bench_serving's imports only (bench/peers.sh: install_sglang)" \
+    printf '%s\n' "# torchvision for sglang.benchmark.serving's imports only (bench/peers.sh: install_sglang)" \
         "import importlib.abc, importlib.machinery, sys, types" \
         "class _Stub(importlib.abc.MetaPathFinder, importlib.abc.Loader):" \
         "    def find_spec(self, name, path, target=None):" \

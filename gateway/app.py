@@ -208,7 +208,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
              responses={503: {"description": "no token generated", "content": {"application/json": {}}}})
     async def health_generate():
         """SGLang's deep probe: 200 once one token is generated through the cluster (one greedy
-        token of a one-token prompt), 503 if none comes within HEALTH_GENERATE_S."""
+        token of a one-token prompt), 503 if none comes within HEALTH_GENERATE_S. A request like
+        any other: recorded in Redis, counted in dejavu_gateway_requests_total."""
         form = GenerateForm(GenerateRequest(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0}))
         [job] = form.jobs(app.state.tokenizer, app.state.limits)
         request_id_var.set(job.request_id)
@@ -522,8 +523,8 @@ async def _stream_choices(app: FastAPI, jobs: list[Job], gens: list, firsts: lis
         while running:
             try:
                 i, delta = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
-            except asyncio.TimeoutError:
-                yield keepalive(writers[0])
+            except asyncio.TimeoutError:  # (a writer's own: of a choice still running, whose pause this is)
+                yield keepalive(next((w for i, w in enumerate(writers) if i not in finished), writers[0]))
                 continue
             if delta is None:
                 running -= 1

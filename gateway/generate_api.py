@@ -284,7 +284,10 @@ class GenerateForm:
         return [answer]
 
     def merged(self, jobs: list[Job], totals: list[Totals], tokenizer) -> list:
-        return [one for job, t in zip(jobs, totals) for one in self.body(job, t, tokenizer)]
+        """The answers of a request of several jobs (a batch, n > 1: each a list of one), in order."""
+        answers = [self.body(job, t, tokenizer) for job, t in zip(jobs, totals)]
+        assert all(isinstance(a, list) for a in answers), "several jobs: each shown with its index"
+        return [one for answer in answers for one in answer]
 
     def writer(self, job: Job, tokenizer, index: int = 0) -> GenerateWriter:
         """(`index`, the job's place in the request, is its `shown.index` already.)"""
@@ -339,7 +342,8 @@ class GenerateWriter:
         job, totals, shown = self.job, self.totals, self.shown
         meta: dict[str, Any] = {"id": shown.rid, "finish_reason": self._finish_reason(),
                                 "prompt_tokens": len(job.prompt_ids), "completion_tokens": len(totals.tokens),
-                                "cached_tokens": cached_tokens(totals), "weight_version": "default"}
+                                "cached_tokens": cached_tokens(totals), "reasoning_tokens": 0, "num_retractions": 0,
+                                "weight_version": "default"}
         if latency:
             meta["e2e_latency"] = time.perf_counter() - self.arrived
         lists = []
