@@ -6,6 +6,7 @@ POST /v1/responses                           (OpenAI's Responses API, on chat: g
 POST /v1/messages, /v1/messages/count_tokens (Anthropic's Messages API, on chat: gateway/messages_api.py)
 POST /generate                               (SGLang's native API, on completions: gateway/generate_api.py)
 GET  /model_info, /server_info, /health_generate  (SGLang's, with their older /get_* names)
+POST /abort_request, GET /v1/loads           (SGLang's: end /generate requests by id; requests in flight)
 POST /tokenize, /detokenize                  (vLLM's: a prompt's or chat's token ids, and text from ids)
 GET  /version
 GET  /health, /metrics
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +38,7 @@ from common.service import (API_KEYS, BodyLimit, ClosingStreamingResponse, Requi
                             cluster_headers, registered, request_id_var)
 from common.settings import GatewaySettings
 from gateway import reasoning
-from gateway.generate_api import GenerateForm, GenerateRequest
+from gateway.generate_api import AbortRequest, GenerateForm, GenerateRequest
 from gateway.jobs import (IN_FLIGHT, LARGE_TEXT_CHARS, REQUESTS, Delta, Job, Limits, chat_jobs, completion_jobs,
                           deltas, text_chars)
 from gateway.messages_api import AnthropicErrors, MessagesForm, MessagesRequest, count_tokens
@@ -65,6 +67,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                                   max(map(len, tokenizer.get_vocab())), tool_parser(settings, tokenizer),
                                   *reasoning_parser(settings, tokenizer))
         app.state.active = set()  # request ids being served
+        app.state.abortable = {}  # request id: its job, of those /abort_request may end (SGLang's /generate)
         app.state.redis_grace_s = settings.lease_ttl_s
         client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
                                    headers=cluster_headers(settings))  # every internal call carries the token
@@ -204,6 +207,29 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 "incremental_streaming_output": False, "stream_interval": 1, "version": VERSION,
                 "internal_states": [{}]}
 
+    @app.post("/abort_request", response_class=Response)  # (200: SGLang's empty body)
+    async def abort_request(body: AbortRequest) -> Response:
+        """SGLang's: end the /generate request whose id (meta_info.id) is `rid`, or all of them;
+        each answers with its output so far, finish_reason "abort". 200, empty, as SGLang's. (SGLang's
+        scheduler also takes a prefix, but its front end passes on only a rid it knows.)"""
+        rid = body.rid or ""
+        ended = [job for job in app.state.abortable.values() if body.abort_all or (rid and job.rid == rid)]
+        for job in ended:
+            job.abort.set()
+        if ended:
+            log.info("aborting %d requests (rid %r%s): %s", len(ended), _printable(rid),
+                     ", all" if body.abort_all else "", ", ".join(job.request_id for job in ended[:16]))
+        return Response(status_code=200)
+
+    @app.get("/v1/loads")
+    async def loads() -> dict:
+        """SGLang's: the requests in flight, those waiting for KV room among them (what RL
+        frameworks poll until it is 0 after /abort_request)."""
+        waiting = len(app.state.router.admission.queue)
+        running = max(len(app.state.active) - waiting, 0)
+        return {"timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(), "version": VERSION,
+                "loads": [{"dp_rank": 0, "num_running_reqs": running, "num_waiting_reqs": waiting}]}
+
     @app.get("/health_generate", response_class=Response,  # (200: SGLang's empty body)
              responses={503: {"description": "no token generated", "content": {"application/json": {}}}})
     async def health_generate():
@@ -212,6 +238,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         any other: recorded in Redis, counted in dejavu_gateway_requests_total."""
         form = GenerateForm(GenerateRequest(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0}))
         [job] = form.jobs(app.state.tokenizer, app.state.limits)
+        job.abort = None  # a probe: /abort_request's abort_all must not make it answer 200 untried
         request_id_var.set(job.request_id)
         await _start(app, job, "health_generate")
         gen, totals, error = deltas(app.state.router, app.state.tokenizer, job), None, None
@@ -432,6 +459,8 @@ async def _start(app: FastAPI, job: Job, kind: str) -> None:
     log.info("%s: %d prompt tokens, max_tokens %d, stream %s", kind,
              len(job.prompt_ids), job.sampling.max_tokens, job.stream)
     app.state.active.add(job.request_id)
+    if job.abort is not None:
+        app.state.abortable[job.request_id] = job
     IN_FLIGHT.set(len(app.state.active))
 
 
@@ -660,6 +689,7 @@ async def _finish(app: FastAPI, job: Job, totals: Totals | None, error: BaseExce
         return
     job.recorded = True
     app.state.active.discard(job.request_id)
+    app.state.abortable.pop(job.request_id, None)
     IN_FLIGHT.set(len(app.state.active))
     cancelled = isinstance(error, (asyncio.CancelledError, GeneratorExit, ClientGone))
     outcome = "ok" if error is None else ("cancelled" if cancelled else "error")

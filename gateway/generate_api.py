@@ -37,13 +37,19 @@ and logprobs are cumulative, as SGLang streams by default and bench_serving read
 Errors are 400s (404s, 429s, ...) with our body, {"error": {"message", "type", "param", "code"}},
 which holds SGLang's own {"error": {"message"}}. Refused: multimodal input, `input_embeds`, LoRA
 adapters, hidden states, custom logit processors, sessions, `token_ids_logprob`, `stop_regex`,
-`structural_tag`, `beam_width`, `watermark`. A quiet stream (a failover's replay) sends its last
+`structural_tag`, `beam_width`, `watermark`.
+
+`POST /abort_request` {"rid", "abort_all"} ends the request whose meta_info.id is `rid` (or all
+of them), as SGLang's: each answers with what it has, finish_reason {"type": "abort"},
+queued ones too; `GET /v1/loads` counts the requests running and waiting, which RL frameworks
+poll after aborting. A quiet stream (a failover's replay) sends its last
 event again every 15 s, where other APIs send an SSE comment: SGLang's client reads every line as
 JSON, and skips an event that adds no token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass
@@ -194,6 +200,14 @@ class GenerateRequest(TextBody):
         return grammar or sum(len(t) for t in texts) >= LARGE_TEXT_CHARS
 
 
+class AbortRequest(TextBody):
+    """The body of POST /abort_request (SGLang's): end the request whose id is `rid`, or all of
+    them. An empty (or null) rid without abort_all ends none, as SGLang's."""
+
+    rid: StrictStr | None = None
+    abort_all: StrictBool = False
+
+
 class _Item(CompletionRequest):
     """One prompt of a /generate request on completions: logprobs up to vLLM's 20 (SGLang's
     top_logprobs_num), not OpenAI's 5."""
@@ -213,8 +227,9 @@ def _completion(prompt, params: dict, logprob: bool, start: int, top: int, strea
             hint = " (the seed is 'sampling_seed')" if key == "seed" else ""
             raise BadRequest(f"'sampling_params' has an unknown field {key[:64]!r}{hint}; known: "
                              f"{', '.join(SAMPLING)}", "sampling_params")
-        elif key in SAMPLING and not (value is None and key != "max_new_tokens") and not (value == "" and key in GRAMMARS):
-            body[SAMPLING[key]] = value  # (max_new_tokens null: what the context leaves)
+        elif key in SAMPLING:
+            if (value is not None or key == "max_new_tokens") and not (value == "" and key in GRAMMARS):
+                body[SAMPLING[key]] = value  # null: the default (max_new_tokens': what the context leaves)
     max_new = body["max_tokens"]
     if type(max_new) is int and max_new < 0:
         raise BadRequest(f"'sampling_params.max_new_tokens' = {max_new}: must be at least 0", "sampling_params")
@@ -256,11 +271,13 @@ class GenerateForm:
                     if item.start > len(job.prompt_ids):
                         raise BadRequest(f"'logprob_start_len' = {item.start} is past the end of the prompt's "
                                          f"{len(job.prompt_ids)} tokens", "logprob_start_len")
+                    job.abort = asyncio.Event()  # /abort_request's (SGLang's), by the id shown
                     self.shown[job.request_id] = Shown(
                         item.rid if len(made) == 1 and item.rid else job.request_id,  # n > 1: ids of their own
                         0 if job.echo_only else job.sampling.max_tokens, item.logprobs, item.top, item.start,
                         len(out) if item.listed or len(made) > 1 else None, self.request.return_text_in_logprobs,
                         self.request.return_prompt_token_ids)
+                    job.rid = self.shown[job.request_id].rid
                     out.append(job)
         except BadRequest as exc:
             raise self.renamed(exc) from None
@@ -276,7 +293,7 @@ class GenerateForm:
         writer that writes nothing), so the two cannot differ; a list where the request was a batch."""
         writer = self.writer(job, tokenizer)
         writer.scored(totals.prompt)  # (the replayed deltas do not carry the prompt's scores)
-        for delta in replayed(totals) if totals.tokens else [Delta("", [], totals.finish_reason)]:  # []: max 0
+        for delta in replayed(totals):
             writer.delta(delta, quiet=True)
         answer = json.loads(writer.event(latency=True))
         if answer.pop("index", None) is None:
@@ -368,6 +385,8 @@ class GenerateWriter:
             return None
         if reason == "length":
             return {"type": "length", "length": self.shown.max_new_tokens}
+        if reason == "abort":  # /abort_request
+            return {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
         if totals.stop is not None:  # a stop string, or a stop token of the request's
             return {"type": "stop", "matched": totals.stop}
         return {"type": "stop", "matched": totals.tokens[-1].token_id if totals.tokens else None}  # EOS

@@ -10,6 +10,7 @@ A request's life in the gateway:
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import random
@@ -63,6 +64,9 @@ class Job:
     continuous_usage: bool = False    # vLLM's stream_options.continuous_usage_stats: usage on every chunk
     prompt_scores: int | None = None  # vLLM's prompt_logprobs: the prompt scored, shown with this many
     include_reasoning: bool = True    # vLLM's: chat's thinking in the answer (reasoning_content)
+    # SGLang's /abort_request: set, the output ends where it is, finish reason "abort" (None: not abortable)
+    abort: asyncio.Event | None = None
+    rid: str = ""                     # the id the client knows it by (SGLang's meta_info.id), which that names
 
     @property
     def scored(self) -> int | None:
@@ -280,8 +284,13 @@ async def deltas(router: Router, tokenizer, job: Job) -> AsyncIterator[Delta]:
     ends = {*job.sampling.stop_token_ids, *([] if job.sampling.ignore_eos else job.sampling.eos_token_ids)}
     start, first_at, count = time.perf_counter(), None, 0
     gen = router.generate(job.request_id, job.prompt_ids, job.sampling, job.scored)
+    events = gen if job.abort is None else until(gen, job.abort)
     try:
-        async for event in gen:
+        async for event in events:
+            if event is ABORTED:  # what is held back goes out, as the text so far
+                text = "" if stops.stopped else stops.push(detok.finish(), count > job.sampling.min_tokens)
+                yield Delta(text + stops.flush(), [], "abort")
+                return
             count += 1
             if first_at is None:
                 first_at = time.perf_counter()
@@ -314,4 +323,31 @@ async def deltas(router: Router, tokenizer, job: Job) -> AsyncIterator[Delta]:
             exc.param = "prompt_logprobs"
         raise
     finally:
+        await events.aclose()
         await gen.aclose()
+
+
+ABORTED = object()
+
+
+async def until(gen: AsyncIterator, stop: asyncio.Event) -> AsyncIterator:
+    """gen's items until `stop` is set, then ABORTED (gen left where it waits, cancelled: its own
+    cleanup runs, as for a client that left)."""
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        while not stop.is_set():
+            item = asyncio.ensure_future(anext(gen, ABORTED))  # ABORTED here: gen has ended
+            try:
+                await asyncio.wait({item, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not item.done():
+                    item.cancel()
+                    await asyncio.gather(item, return_exceptions=True)
+            if stop.is_set() and (item.cancelled() or item.exception() is not None):
+                break  # ended by the stop, however gen took its cancellation
+            if item.result() is ABORTED:
+                return
+            yield item.result()
+        yield ABORTED
+    finally:
+        stopped.cancel()

@@ -34,11 +34,15 @@ class Totals:
 
 def replayed(totals: Totals) -> Iterator[Delta]:
     """The deltas that made `totals` (a delta a token, as jobs.deltas yields them; the finish
-    reason and the stop on the last): a whole answer written by a stream's writer."""
-    assert len(totals.text) == len(totals.tokens)
-    last = len(totals.tokens) - 1
+    reason and the stop on the last; text after the last token, or no token at all, in a last delta
+    of no token, as an abort's or a prompt-only answer's): a whole answer written by a stream's writer."""
+    n = len(totals.tokens)
+    rest = "".join(totals.text[n:])
+    last = n - 1 if n and not rest else None  # the token delta that ends it, if one does
     for i, (text, token) in enumerate(zip(totals.text, totals.tokens)):
         yield Delta(text, [token], totals.finish_reason if i == last else None, None, totals.stop if i == last else None)
+    if last is None:
+        yield Delta(rest, [], totals.finish_reason, None, totals.stop)
 
 
 def usage(job: Job, totals: Totals) -> dict:

@@ -706,6 +706,48 @@ def test_sglangs_generate_answers_as_hf_generate_whole_streamed_and_batched(tiny
     assert_no_kv_held(tiny_cluster)
 
 
+def test_sglangs_abort_request_ends_generate_requests_with_what_they_have(tiny_cluster):
+    """SGLang's POST /abort_request: the stream whose rid is named ends with its output so far
+    and finish_reason abort (another's prefix of it ends nothing); abort_all ends a whole answer being waited for, which
+    comes back 200 with what it has; /v1/loads counts them in flight, then none; no KV is held."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = tiny_cluster.url
+    endless = {"max_new_tokens": None, "ignore_eos": True, "temperature": 0}  # to the end of the context
+
+    def loads() -> int:
+        [load] = httpx.get(url + "/v1/loads", timeout=30).json()["loads"]
+        return load["num_running_reqs"] + load["num_waiting_reqs"]
+
+    with ThreadPoolExecutor(1) as pool:
+        whole = pool.submit(httpx.post, url + "/generate", json={"text": "Tell me", "rid": "other",
+                                                                 "sampling_params": endless}, timeout=120)
+        deadline = time.monotonic() + 60
+        while loads() < 1 and time.monotonic() < deadline:  # it has started before the stream opens
+            time.sleep(0.05)
+        events = []
+        with httpx.stream("POST", url + "/generate", json={"text": "Count", "rid": "job-1", "stream": True,
+                                                           "sampling_params": endless}, timeout=120) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: {"):
+                    events.append(json.loads(line[6:]))
+                    if len(events) == 5:
+                        assert loads() == 2
+                        assert httpx.post(url + "/abort_request", json={"rid": "job"}, timeout=30).status_code == 200
+                        time.sleep(0.3)
+                        assert loads() == 2  # a prefix of the rid is not the rid: it ended nothing
+                        assert httpx.post(url + "/abort_request", json={"rid": "job-1"}, timeout=30).status_code == 200
+        assert events[-1]["meta_info"]["finish_reason"]["type"] == "abort" and events[-1]["meta_info"]["id"] == "job-1"
+        assert len(events[-1]["output_ids"]) >= 5
+        assert all(e["output_ids"] == events[-1]["output_ids"][:len(e["output_ids"])] for e in events)
+        assert httpx.post(url + "/abort_request", json={"abort_all": True}, timeout=30).status_code == 200
+        answer = whole.result()
+    assert answer.status_code == 200 and answer.json()["meta_info"]["finish_reason"]["type"] == "abort"
+    assert answer.json()["meta_info"]["id"] == "other"
+    assert loads() == 0
+    assert_no_kv_held(tiny_cluster)
+
+
 def test_tokenize_gives_the_ids_a_completion_or_chat_is_prefilled_with(tiny_cluster, tiny_oracle):
     """vLLM's /tokenize and /detokenize: a prompt's ids are the ones /v1/completions counts (and,
     sent back as the prompt, answer the same); a chat's are the template's, as the chat's usage

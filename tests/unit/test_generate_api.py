@@ -266,3 +266,58 @@ def test_e2e_latency_counts_from_the_request_not_the_job(tokenizer):
     for d in asyncio.run(_all(deltas(Scored([42]), tokenizer, job))):
         t.add(d)
     assert form.body(job, t, tokenizer)["meta_info"]["e2e_latency"] >= 5.0
+
+
+class Held(Replay):
+    """Replay, each token after `gap` s (forever, with gap None, before the first); `closed` once
+    its generator has ended, however it ended."""
+
+    def __init__(self, ids: list[int], gap: float | None):
+        super().__init__(ids)
+        self.gap, self.closed = gap, False
+
+    async def generate(self, request_id, prompt_ids, sampling, prompt_logprobs=None):
+        try:
+            if self.gap is None:
+                await asyncio.Event().wait()
+            async for event in super().generate(request_id, prompt_ids, sampling, prompt_logprobs):
+                await asyncio.sleep(self.gap)
+                yield event
+        finally:
+            self.closed = True
+
+
+def test_an_aborted_job_ends_with_what_it_has_and_its_request_is_closed_downstream(tokenizer):
+    """/abort_request sets the job's event: its output ends there, finish_reason abort, and the
+    router's generator is closed (which aborts it on the services), queued or mid-decode."""
+    said = tokenizer(" one two three four five six", add_special_tokens=False)["input_ids"]
+    form, [job] = jobs_of({"text": "Count:", "rid": "run-7", "sampling_params": {"max_new_tokens": 6}}, tokenizer)
+    assert job.rid == "run-7" and job.abort is not None
+    router = Held(said, 0.05)
+
+    async def go():
+        out = []
+        async for d in deltas(router, tokenizer, job):
+            out.append(d)
+            if len(out) == 2:
+                job.abort.set()
+        return out
+
+    out = asyncio.run(go())
+    assert [d.finish_reason for d in out] == [None, None, "abort"] and router.closed
+    totals = Totals()
+    for d in out:
+        totals.add(d)
+    whole = form.body(job, totals, tokenizer)
+    assert whole["output_ids"] == said[:2] and whole["text"] == tokenizer.decode(said[:2])
+    assert whole["meta_info"]["finish_reason"]["type"] == "abort"
+
+    _, [queued] = jobs_of({"text": "Count:"}, tokenizer)  # waiting for its first token (in admission, say)
+    router = Held(said, None)
+
+    async def waiting():
+        asyncio.get_running_loop().call_later(0.05, queued.abort.set)
+        return [d async for d in deltas(router, tokenizer, queued)]
+
+    out = asyncio.run(waiting())
+    assert [(d.text, d.tokens, d.finish_reason) for d in out] == [("", [], "abort")] and router.closed
