@@ -34,9 +34,10 @@ BACKENDS = {"generate": "sglang", "completions": "vllm"}  # ours: the client's b
 FIGURES = ("output_throughput", "median_ttft_ms", "median_tpot_ms", "completed")
 
 
-def run_client(url: str, backend: str, tokenizer: str, args, prompts: int, output_len: int, seed: int) -> dict:
-    """One run of SGLang's client: its figures (FIGURES) as its --output-file has them."""
-    served = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]  # what completions' `model` names
+def run_client(url: str, served: str, backend: str, tokenizer: str, args, prompts: int, output_len: int,
+               seed: int) -> dict:
+    """One run of SGLang's client (`served`: the model name completions' `model` gives): its
+    figures (FIGURES) as its --output-file has them."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run.jsonl"
         command = [str(CLIENT), "--backend", backend, "--base-url", url, "--model", tokenizer, "--tokenizer", tokenizer,
@@ -86,12 +87,13 @@ def main(argv: list[str] | None = None) -> None:
                  echo_logs=False, placement=plan) as cluster:
         # every run its own prompts (the dataset's seed): none finds another's in the prefix cache
         seeds = iter(range(args.seed * 1000, args.seed * 1000 + 1000))
+        served = httpx.get(cluster.url + "/v1/models", timeout=30).json()["data"][0]["id"]
         for name, backend in BACKENDS.items():  # warm-up, unrecorded
-            run_client(cluster.url, backend, model_path, args, 2, 8, next(seeds))
+            run_client(cluster.url, served, backend, model_path, args, 2, 8, next(seeds))
         for r in range(1, args.repeats + 1):
             for name, backend in BACKENDS.items():
-                run = {"api": name, "repeat": r, **run_client(cluster.url, backend, model_path, args, args.prompts,
-                                                               args.output_len, next(seeds))}
+                run = {"api": name, "repeat": r, **run_client(cluster.url, served, backend, model_path, args,
+                                                               args.prompts, args.output_len, next(seeds))}
                 runs.append(run)
                 log(f"repeat {r}/{args.repeats} {name:<12}: {run['output_throughput']:.1f} tok/s, median TTFT "
                     f"{run['median_ttft_ms']:.0f} ms, TPOT {run['median_tpot_ms']:.1f} ms, "

@@ -66,8 +66,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                                   len(tokenizer), eos_token_ids(path), settings.max_tokens_default,
                                   max(map(len, tokenizer.get_vocab())), tool_parser(settings, tokenizer),
                                   *reasoning_parser(settings, tokenizer))
-        app.state.active = set()  # request ids being served
-        app.state.abortable = {}  # request id: its job, of those /abort_request may end (SGLang's /generate)
+        app.state.active = {}  # request id: its job, of the requests being served
         app.state.redis_grace_s = settings.lease_ttl_s
         client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
                                    headers=cluster_headers(settings))  # every internal call carries the token
@@ -171,10 +170,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def generate(body: GenerateRequest, request: Request):
         """SGLang's native API, on the completions machinery (gateway/generate_api.py)."""
         form = GenerateForm(body)
-        if body.large:
-            jobs = await app.state.encoder.run(GenerateForm.jobs, form, app.state.limits)
-        else:
-            jobs = form.jobs(app.state.tokenizer, app.state.limits)
+        jobs = await _tokenizing(app, GenerateForm.jobs, form)
         if body.rid is not None:
             log.info("the client's rid %r is request %s", _printable(str(body.rid)),
                      ", ".join(job.request_id for job in jobs[:16]))
@@ -213,7 +209,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         each answers with its output so far, finish_reason "abort". 200, empty, as SGLang's. (SGLang's
         scheduler also takes a prefix, but its front end passes on only a rid it knows.)"""
         rid = body.rid or ""
-        ended = [job for job in app.state.abortable.values() if body.abort_all or (rid and job.rid == rid)]
+        ended = [job for job in app.state.active.values()
+                 if job.abort is not None and (body.abort_all or (rid and job.rid == rid))]
         for job in ended:
             job.abort.set()
         if ended:
@@ -338,7 +335,9 @@ async def _translated(app: FastAPI, form, request: Request):
     return await serve(app, jobs, request, form)
 
 
-async def _tokenizing(app: FastAPI, work, body) -> dict:
+async def _tokenizing(app: FastAPI, work, body):
+    """work(body, tokenizer, limits): on the event loop, or on the tokenizer thread where
+    `body.large` (its answer; a request's jobs)."""
     if not body.large:
         return work(body, app.state.tokenizer, app.state.limits)
     return await app.state.encoder.run(work, body, app.state.limits)
@@ -458,9 +457,7 @@ async def _start(app: FastAPI, job: Job, kind: str) -> None:
                                  wait_s=app.state.redis_grace_s)  # a Redis restart costs a pause, not a 503
     log.info("%s: %d prompt tokens, max_tokens %d, stream %s", kind,
              len(job.prompt_ids), job.sampling.max_tokens, job.stream)
-    app.state.active.add(job.request_id)
-    if job.abort is not None:
-        app.state.abortable[job.request_id] = job
+    app.state.active[job.request_id] = job
     IN_FLIGHT.set(len(app.state.active))
 
 
@@ -688,8 +685,7 @@ async def _finish(app: FastAPI, job: Job, totals: Totals | None, error: BaseExce
     if job.recorded:
         return
     job.recorded = True
-    app.state.active.discard(job.request_id)
-    app.state.abortable.pop(job.request_id, None)
+    app.state.active.pop(job.request_id, None)
     IN_FLIGHT.set(len(app.state.active))
     cancelled = isinstance(error, (asyncio.CancelledError, GeneratorExit, ClientGone))
     outcome = "ok" if error is None else ("cancelled" if cancelled else "error")

@@ -233,8 +233,6 @@ def _completion(prompt, params: dict, logprob: bool, start: int, top: int, strea
     max_new = body["max_tokens"]
     if type(max_new) is int and max_new < 0:
         raise BadRequest(f"'sampling_params.max_new_tokens' = {max_new}: must be at least 0", "sampling_params")
-    if body.get("top_k") == -1:
-        body["top_k"] = 0  # off, in either's words
     if logprob and (start >= 0 or max_new != 0):
         body["logprobs"] = top
         body["echo"] = start >= 0  # completions' echo with logprobs: the prompt scored
@@ -259,6 +257,10 @@ class GenerateForm:
         self.request = request
         self.shown: dict[str, Shown] = {}
         self.arrived = time.perf_counter()  # meta_info.e2e_latency counts from here
+
+    @property
+    def large(self) -> bool:  # (app._tokenizing: its jobs made on the tokenizer thread)
+        return self.request.large
 
     def jobs(self, tokenizer, limits: Limits) -> list[Job]:
         """Every prompt's jobs (its n), prompt after prompt; a 400 in SGLang's names."""
@@ -318,8 +320,7 @@ class GenerateWriter:
 
     def __init__(self, job: Job, tokenizer, shown: Shown, arrived: float):
         self.job, self.tokenizer, self.shown, self.arrived = job, tokenizer, shown, arrived
-        self.text: list[str] = []
-        self.totals = Totals()
+        self.totals = Totals()             # the text and tokens so far
         self.output: list[str] = []        # output_token_logprobs' entries, as JSON
         self.tops: list[str] = []          # output_top_logprobs' rows, as JSON
         self.prompt: list[str] = []        # input_token_logprobs' entries, as JSON
@@ -330,7 +331,6 @@ class GenerateWriter:
         return []
 
     def delta(self, d: Delta, quiet: bool = False) -> str | None:
-        self.text.append(d.text)
         self.totals.add(d)
         self.scored(d.prompt)
         if self.shown.logprobs:
@@ -370,7 +370,7 @@ class GenerateWriter:
             if shown.top:
                 named |= {"output_top_logprobs": self.tops, "input_top_logprobs": self.prompt_tops}
             lists = [f', "{name}": [{", ".join(pieces)}]' for name, pieces in named.items()]
-        parts = [f'{{"text": {json.dumps("".join(self.text))}, "output_ids": '
+        parts = [f'{{"text": {json.dumps("".join(totals.text))}, "output_ids": '
                  f'{json.dumps([t.token_id for t in totals.tokens])}, "meta_info": {json.dumps(meta)[:-1]}',
                  *lists, "}"]
         if shown.prompt_ids:

@@ -456,7 +456,7 @@ def test_a_streamed_response_is_kept_before_the_event_that_ends_it(tokenizer, re
 
     async def go():
         redis = metadata.connect(redis_server.url)
-        app = SimpleNamespace(state=SimpleNamespace(active={job.request_id}, abortable={},
+        app = SimpleNamespace(state=SimpleNamespace(active={job.request_id: job},
                                                     store=metadata.RequestStore(redis)))
         gen = deltas(Scored(ids), tokenizer, job)
         first = await anext(gen)
