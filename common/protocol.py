@@ -274,6 +274,12 @@ class AbortResult(Message):
     found: bool
 
 
+class PrefixCacheReset(Message):
+    """POST /prefix_cache/reset's answer: what the service's prefix cache forgot (0, 0 without one)."""
+    blocks: int
+    bytes: int
+
+
 def cluster_status(services: list[ServiceInfo], now: float) -> dict:
     """What `GET /cluster` answers; `dejavu status --json` prints its "services". One entry per live
     service, sorted by (kind, id); lease_age_s is the time since it last renewed its lease (s, as

@@ -16,12 +16,20 @@ turns on the cores (--cpu-placement turns) they cost no turn of their own.
 
 A hit's KV is the bits the first prefill computed; the rest of the prompt is computed as a chunk
 that attends to it, as chunked prefill's later chunks do.
+
+`clear` forgets every block (the gateway's POST /reset_prefix_cache and /flush_cache, vLLM's and
+SGLang's, which benchmark clients call between a warm-up and the measured run): no prompt after it
+reuses KV computed before it. A prefill in flight still uses the hit it was given, but the blocks it
+computes are not kept (`generation`): they attend to KV from before the reset. Unlike vLLM's and
+SGLang's, a reset never waits for, nor refuses because of, requests in flight.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import logging
+
 import numpy as np
 import torch
 from prometheus_client import Counter, Gauge
@@ -36,6 +44,18 @@ MIN_COMPUTED = 2
 QUERY_TOKENS = Counter("dejavu_prompt_prefix_cache_queries_total", "prompt tokens looked up in the prefix cache")
 HIT_TOKENS = Counter("dejavu_prompt_prefix_cache_hits_total", "prompt tokens whose KV came from the prefix cache")
 CACHED_BYTES = Gauge("dejavu_prompt_prefix_cache_bytes", "KV bytes held by the prefix cache")
+RESETS = Counter("dejavu_prompt_prefix_cache_resets_total", "times the prefix cache was cleared on request")
+log = logging.getLogger(__name__)
+
+
+def reset(cache: PrefixCache | None) -> tuple[int, int]:
+    """A service's POST /prefix_cache/reset: (blocks, bytes) its cache forgot; (0, 0) without one."""
+    if cache is None:
+        return 0, 0
+    blocks, size = cache.clear()
+    RESETS.inc()
+    log.info("prefix cache reset: %d blocks (%.1f MiB) forgotten", blocks, size / 2**20)
+    return blocks, size
 
 
 def block_keys(ids: list[int], block_size: int) -> list[bytes]:
@@ -53,6 +73,16 @@ class PrefixCache:
         self.capacity, self.block_size = capacity_bytes, block_size
         self.blocks: collections.OrderedDict[bytes, torch.Tensor] = collections.OrderedDict()  # LRU first
         self.bytes = 0
+        self.generation = 0  # clears so far: a prefill started in an older generation keeps nothing
+
+    def clear(self) -> tuple[int, int]:
+        """Forget every block; (blocks, bytes) forgotten."""
+        forgotten = len(self.blocks), self.bytes
+        self.blocks.clear()
+        self.bytes = 0
+        self.generation += 1
+        CACHED_BYTES.set(0)
+        return forgotten
 
     def lookup(self, ids: list[int]) -> tuple[list[bytes], list[torch.Tensor]]:
         """(the keys of the prompt's whole blocks, the cached KV of its longest cached prefix of
@@ -90,8 +120,11 @@ class PrefixCache:
         """Which of the blocks of `keys` are not kept."""
         return [i for i, key in enumerate(keys) if key not in self.blocks]
 
-    def insert(self, keys: list[bytes], blocks: dict[int, torch.Tensor]) -> None:
-        """Keep blocks[i] (block i's KV, a copy the cache owns) as key i where it is not kept yet."""
+    def insert(self, keys: list[bytes], blocks: dict[int, torch.Tensor], generation: int) -> None:
+        """Keep blocks[i] (block i's KV, a copy the cache owns) as key i where it is not kept yet, if
+        the prefill that computed them started in this `generation` (none was cleared since)."""
+        if generation != self.generation:
+            return
         for i, key in enumerate(keys):
             kv = blocks.get(i)
             if kv is not None and key not in self.blocks and kv.nbytes <= self.capacity:

@@ -70,8 +70,9 @@ class Admission:
                 if left <= 0:
                     raise self._refuse("queue_timeout", f"no KV room became free in {deadline - start:.0f} s "
                                        "(--route-timeout-s); the server is at capacity, retry later")
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(turn.wait(), timeout=min(POLL_S, left))
+                with contextlib.suppress(TimeoutError):  # (asyncio.timeout: wait_for on 3.11 can swallow
+                    async with asyncio.timeout(min(POLL_S, left)):  # a cancel that comes as the turn does)
+                        await turn.wait()
         finally:
             self.queue.remove(turn)
             QUEUED.set(len(self.queue))

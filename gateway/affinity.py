@@ -47,6 +47,10 @@ class PrefixHomes:
         found, length = self.home(ids)
         return found if length >= max(MIN_TOKENS, len(ids) / 4) else None
 
+    def clear(self) -> None:
+        """The services' caches were reset: no prefix has a home."""
+        self.homes.clear()
+
     def record(self, ids: list[int], service_id: str) -> None:
         """`service_id` has prefilled `ids`: it is the home of each of its prefixes now."""
         for key in reversed(block_keys(ids, BLOCK_TOKENS)):  # the first blocks most recently used: evicted last

@@ -7,6 +7,7 @@ POST /v1/messages, /v1/messages/count_tokens (Anthropic's Messages API, on chat:
 POST /generate                               (SGLang's native API, on completions: gateway/generate_api.py)
 GET  /model_info, /server_info, /health_generate  (SGLang's, with their older /get_* names)
 POST /abort_request, GET /v1/loads           (SGLang's: end /generate requests by id; requests in flight)
+POST /reset_prefix_cache, /flush_cache       (vLLM's and SGLang's: every service forgets its prefix cache)
 POST /tokenize, /detokenize                  (vLLM's: a prompt's or chat's token ids, and text from ids)
 GET  /version
 GET  /health, /metrics
@@ -27,8 +28,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from common import metadata
 from common.errors import BadRequest, DejavuError, NotFound, error_body, install_error_handlers
@@ -226,6 +227,29 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         running = max(len(app.state.active) - waiting, 0)
         return {"timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(), "version": VERSION,
                 "loads": [{"dp_rank": 0, "num_running_reqs": running, "num_waiting_reqs": waiting}]}
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache(reset_running_requests: bool = False, reset_external: bool = False) -> dict:
+        """vLLM's: every service forgets its prefix cache (benchmark clients call it between the
+        warm-up and the measured run). Requests in flight are never refused nor waited for: they keep
+        the hits they had and their prompts' blocks are not kept (the two flags change nothing).
+        `success` false where a service did not answer."""
+        return {"success": not await app.state.router.reset_prefix_caches()}
+
+    unflushed = {503: {"description": "a service did not answer", "content": {"application/json": {}}}}
+
+    # POST only: SGLang's takes GET too, but its clients POST, and one route of two methods would be
+    # two operations of one id in the OpenAPI schema
+    @app.post("/flush_cache", response_class=PlainTextResponse, responses=unflushed)
+    async def flush_cache(timeout: float = Query(0.0, ge=0.0)) -> Response:
+        """SGLang's /reset_prefix_cache, its answer a text: 200 once every service has flushed; 503
+        naming those that did not answer. Nothing in flight is waited for, so `timeout` (how long
+        SGLang waits for its requests to end) changes nothing."""
+        failed = await app.state.router.reset_prefix_caches()
+        if failed:
+            return JSONResponse(error_body(f"the prefix cache was not flushed on {', '.join(failed)}: "
+                                           "no answer; retry", "service_unavailable"), status_code=503)
+        return PlainTextResponse("Cache flushed.\n")
 
     @app.get("/health_generate", response_class=Response,  # (200: SGLang's empty body)
              responses={503: {"description": "no token generated", "content": {"application/json": {}}}})
@@ -548,8 +572,9 @@ async def _stream_choices(app: FastAPI, jobs: list[Job], gens: list, firsts: lis
         pumps = [asyncio.ensure_future(pump(i)) for i in range(len(jobs))]
         while running:
             try:
-                i, delta = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
-            except asyncio.TimeoutError:  # (a writer's own: of a choice still running, whose pause this is)
+                async with asyncio.timeout(KEEPALIVE_S):  # (not wait_for, which on 3.11 can swallow the
+                    i, delta = await queue.get()          # cancel of a client gone as a token comes)
+            except TimeoutError:  # (a writer's own: of a choice still running, whose pause this is)
                 yield keepalive(next((w for i, w in enumerate(writers) if i not in finished), writers[0]))
                 continue
             if delta is None:

@@ -17,9 +17,11 @@ from common import grammar
 from common.kv import transport_for
 from common.kv.peers import Peers
 from common.model import model_fingerprint, resolve_model_path, within_context
-from common.protocol import PROTOCOL, AbortRequest, AbortResult, PrefillRequest, PrefillResult, ServiceKind
+from common.protocol import (PROTOCOL, AbortRequest, AbortResult, PrefillRequest, PrefillResult, PrefixCacheReset,
+                             ServiceKind)
 from common.service import add_health_and_metrics, internal_app, registered, request_id_var, supervise
 from common.settings import PromptSettings
+from engine import prefix_cache
 from engine.checkpoint import load_for_engine
 from engine.runner import ModelRunner, stage_layers, teams_on_engine_threads_only
 from prompt_service.engine import PrefillEngine
@@ -104,5 +106,11 @@ def create_app(settings: PromptSettings) -> FastAPI:
     async def abort(req: AbortRequest) -> AbortResult:
         request_id_var.set(req.request_id)
         return AbortResult(request_id=req.request_id, found=app.state.engine.abort(req.request_id))
+
+    @app.post("/prefix_cache/reset")
+    async def reset_prefix_cache() -> PrefixCacheReset:
+        """Forget the prefix cache's blocks (the gateway's /reset_prefix_cache and /flush_cache)."""
+        blocks, size = prefix_cache.reset(app.state.engine.prefix_cache)
+        return PrefixCacheReset(blocks=blocks, bytes=size)
 
     return app

@@ -176,6 +176,7 @@ class PrefillJob:
     inherited: bool = False         # it superseded a call of its request with chunks on a pipeline's stages
     looked_up: bool = False         # the prefix cache was asked (as it reached the head of the queue)
     keys: list[bytes] = field(default_factory=list)  # the prefix cache's keys of its whole blocks
+    generation: int = -1            # the prefix cache's when looked up: the blocks it computes are kept if unchanged
     prefix: list[torch.Tensor] = field(default_factory=list)  # cached KV of its first blocks, not loaded yet
     cached: int = 0                 # prompt tokens whose KV the prefix cache had
     kept: list | None = None        # a whole prompt's KV messages, for the prefix cache (Sink.keep)
@@ -269,9 +270,15 @@ class PrefillEngine:
     def _look_up(self, job: PrefillJob) -> None:
         """The prefix cache's longest hit for the job's prompt: its first tokens are then done."""
         job.looked_up = True
+        if self.caching:
+            job.generation = self.cache.generation
         if self.caching and job.req.prompt_logprobs is None:  # echo with logprobs: every prompt token is scored
             job.keys, job.prefix = self.cache.lookup(job.req.prompt_ids)
             job.done = job.cached = len(job.prefix) * self.runner.block_size
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        return self.cache if self.caching else None
 
     @property
     def caching(self) -> bool:
@@ -389,7 +396,7 @@ class PrefillEngine:
             job.first = job.first.model_copy(update={"cached_tokens": job.cached, **scores})
             loop.call_soon(job.outbox.put_nowait, None)  # after every message: the sender may answer
         for job, blocks in copies:
-            self.cache.insert(job.keys, blocks)
+            self.cache.insert(job.keys, blocks, job.generation)
 
     def _wanted(self, job: PrefillJob) -> list[int]:
         """The blocks of a prompt this forward ends that the prefix cache lacks and will take."""

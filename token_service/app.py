@@ -25,11 +25,12 @@ from common.kv.receiver import kv_server
 from common.metadata import RecentServices, Registry, RequestStore
 from common.model import model_fingerprint, resolve_model_path, within_context
 from common.protocol import (PROTOCOL, AbortRequest, AbortResult, DecodeEvent, DecodeRequest, PrefillRequest,
-                             PrefillResult, Reservation, ReserveRequest, RestoreRequest, RestoreResult, ServiceKind,
+                             PrefillResult, PrefixCacheReset, Reservation, ReserveRequest, RestoreRequest, RestoreResult, ServiceKind,
                              cluster_fingerprint)
 from common.service import (ClosingStreamingResponse, add_health_and_metrics, cluster_headers, internal_app, listen_kv,
                             registered, request_id_var, supervise)
 from common.settings import TokenSettings
+from engine import prefix_cache
 from engine.checkpoint import load_for_engine
 from engine.runner import ModelRunner, stage_layers, teams_on_engine_threads_only
 from token_service.engine import KVMessageError, TokenEngine, outputs_before
@@ -157,6 +158,12 @@ def create_app(settings: TokenSettings) -> FastAPI:
     async def abort(req: AbortRequest) -> AbortResult:
         request_id_var.set(req.request_id)
         return AbortResult(request_id=req.request_id, found=app.state.engine.abort(req.request_id))
+
+    @app.post("/prefix_cache/reset")
+    async def reset_prefix_cache() -> PrefixCacheReset:
+        """Forget the prefix cache's blocks (the gateway's /reset_prefix_cache and /flush_cache)."""
+        blocks, size = prefix_cache.reset(app.state.engine.prefix_cache)
+        return PrefixCacheReset(blocks=blocks, bytes=size)
 
     return app
 

@@ -106,6 +106,10 @@ class TokenEngine:
         self.prefills = PrefillQueue(settings.max_batch_tokens, self.release, cache, self.block_bytes)
         self._tasks: set[asyncio.Task] = set()
 
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        return self.prefills.cache
+
     # -- requests -------------------------------------------------------------------------------
     def reserve(self, req: ReserveRequest) -> Reservation:
         if req.request_id in self.scheduler.seqs:

@@ -61,6 +61,7 @@ class PrefillJob:
     prompt_logprobs: list[PromptLogprob] = field(default_factory=list)  # req.prompt_logprobs: tokens 1.. so far
     matcher: Matcher | None = None  # its grammar's, at the start (grammar.start), for the first pick
     keys: list[bytes] | None = None  # the prefix cache's keys of its prompt's whole blocks, once hashed
+    generation: int = -1         # the prefix cache's as it started: the blocks it computes are kept if unchanged
     cached: int = 0              # prompt tokens whose KV the prefix cache had
 
     @property
@@ -128,6 +129,7 @@ class PrefillQueue:
             return []
         if job.keys is None:
             job.keys = block_keys(job.req.prompt_ids, self.cache.block_size)
+        job.generation = self.cache.generation
         return self.cache.find(job.keys, job.num_tokens) if job.req.prompt_logprobs is None else []
 
     def _keep(self, job: PrefillJob, start: int, end: int) -> list[int]:
@@ -144,7 +146,7 @@ class PrefillQueue:
         Chunk.keep blocks (kept_blocks'), for the prefix cache."""
         for chunk, blocks in zip(chunks, kept):
             if blocks:
-                self.cache.insert(chunk.job.keys, blocks)
+                self.cache.insert(chunk.job.keys, blocks, chunk.job.generation)
         ended = []
         for chunk, row, part in zip(chunks, logits, scores):
             job = chunk.job

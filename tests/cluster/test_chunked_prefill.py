@@ -115,3 +115,33 @@ def test_a_prompt_sharing_a_prefix_computes_the_rest_only_and_equals_hf(cluster,
     assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == reused  # OpenAI's usage field
     assert metric(engine.url, forwards) - before <= -(-(len(second) - reused) // 16)  # the rest's chunks only
     assert_no_kv_held_on(cluster)
+
+
+def test_reset_prefix_cache_and_flush_cache_make_the_next_prompt_compute_whole(cluster, tiny_oracle):
+    """vLLM's POST /reset_prefix_cache and SGLang's /flush_cache, which benchmark clients call
+    between a warm-up and the measured run: a prompt whose blocks were cached is computed whole after
+    either (cached_tokens 0, the cache empty), its text still HF's, and cached again after that."""
+    ids = tiny_oracle.tokenizer("You are a helpful assistant who answers in Italian. " * 6 +
+                                "What is the capital of France?")["input_ids"]
+    engine = cluster.of(cluster.prefill_kind)[0]
+    want, _ = tiny_oracle.text(ids, 8)
+
+    def cached_tokens() -> int:
+        answer = completion(cluster.url, prompt=ids, max_tokens=8, temperature=0)
+        assert answer["choices"][0]["text"] == want
+        return answer["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    cached_tokens()
+    hit = (len(ids) - 2) // 16 * 16  # every whole block but those in the last 2 tokens (MIN_COMPUTED)
+    assert hit > 0 and cached_tokens() == hit
+    resp = httpx.post(cluster.url + "/reset_prefix_cache", timeout=30)
+    assert resp.status_code == 200 and resp.json() == {"success": True}, resp.text
+    assert metric(engine.url, "dejavu_prompt_prefix_cache_bytes") == 0
+    assert cached_tokens() == 0 and cached_tokens() == hit
+    resp = httpx.post(cluster.url + "/flush_cache", params={"timeout": 5}, timeout=30)
+    assert resp.status_code == 200 and resp.text.startswith("Cache flushed"), resp.text
+    assert cached_tokens() == 0
+    resp = httpx.post(cluster.url + "/flush_cache", params={"timeout": -1}, timeout=30)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "timeout", resp.text
+    assert cached_tokens() == hit  # a refused flush flushed nothing
+    assert_no_kv_held_on(cluster)

@@ -45,6 +45,23 @@ class Room:
         return go
 
 
+async def test_a_waiter_cancelled_as_its_turn_comes_leaves_cancelled_not_admitted(monkeypatch):
+    """Its client left just as KV freed up: the cancel and the wake-up in the same loop turn. The
+    waiter leaves the queue cancelled, taking no room (asyncio.wait_for on Python 3.11 returned
+    the wake-up and dropped the cancel: the request went on for a client that was gone)."""
+    monkeypatch.setattr(admission, "POLL_S", 60.0)
+    queue, room = Admission(max_queued=10, timeout_s=120), Room(0)
+    waiter = asyncio.create_task(queue.admit(room.attempt("gone")))
+    await asyncio.sleep(0.05)
+    assert len(queue.queue) == 1 and room.tries == 1
+    room.free = 1
+    queue.wake()
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert room.order == [] and room.free == 1 and not queue.queue
+
+
 async def test_waiters_are_admitted_in_arrival_order_when_woken(monkeypatch):
     monkeypatch.setattr(admission, "POLL_S", 60.0)  # only `wake` can move the queue in time
     queue, room = Admission(max_queued=10, timeout_s=120), Room(1)

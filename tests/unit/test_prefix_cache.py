@@ -26,17 +26,35 @@ async def test_blocks_are_found_behind_the_same_prefix_only_and_the_tail_goes_fi
     a = list(range(1, 15))                      # 3 whole blocks and 2 tokens
     keys, hit = cache.lookup(a)
     assert len(keys) == 3 and hit == []
-    cache.insert(keys, {i: kv(i) for i in range(3)})
+    cache.insert(keys, {i: kv(i) for i in range(3)}, 0)
     assert [int(b[0, 0, 0, 0, 0]) for b in cache.lookup(a)[1]] == [0, 1, 2]
     assert len(cache.lookup(a[:13])[1]) == 2     # two tokens at least are computed: block 2 is not a hit here
     assert len(cache.lookup(a[:4] + [99] + a[5:])[1]) == 1  # block 1 differs: nothing behind it is reused
     assert block_keys([9] + a[1:], 4)[1] != keys[1]  # the same tokens behind another prefix: another key
     b = [50] * 10
-    cache.insert(block_keys(b, 4), {0: kv(10), 1: kv(11)})  # 5 blocks > 4: a's tail (least recently used) goes
+    cache.insert(block_keys(b, 4), {0: kv(10), 1: kv(11)}, 0)  # 5 blocks > 4: a's tail (least recently used) goes
     assert len(cache.blocks) == 4 and cache.bytes == 4 * kv(0).nbytes
     assert len(cache.lookup(a)[1]) == 2 and len(cache.lookup(b)[1]) == 2
-    cache.insert(block_keys(list(range(100, 120)), 4), {i: kv(i) for i in range(5)})  # 5 blocks: 4 kept, head first
+    cache.insert(block_keys(list(range(100, 120)), 4), {i: kv(i) for i in range(5)}, 0)  # 5 blocks: 4 kept, head first
     assert len(cache.lookup(list(range(100, 121)))[1]) == 4 and not cache.lookup(a)[1]
+
+
+async def test_a_reset_forgets_every_block_and_keeps_none_a_prefill_from_before_it_computes():
+    from engine.prefix_cache import CACHED_BYTES, reset
+
+    cache = PrefixCache(capacity_bytes=8 * kv(0).nbytes, block_size=4)
+    a, b = list(range(1, 15)), list(range(20, 34))
+    keys, _ = cache.lookup(a)
+    cache.insert(keys, {i: kv(i) for i in range(3)}, cache.generation)
+    started = cache.generation  # b's prefill starts before the reset and ends after it
+    assert len(cache.lookup(a)[1]) == 3
+    assert reset(cache) == (3, 3 * kv(0).nbytes)
+    assert cache.lookup(a)[1] == [] and cache.bytes == 0 and CACHED_BYTES._value.get() == 0
+    cache.insert(block_keys(b, 4), {i: kv(i) for i in range(3)}, started)
+    assert cache.lookup(b)[1] == [] and not cache.blocks
+    cache.insert(keys, {i: kv(i) for i in range(3)}, cache.generation)  # a prefill after the reset: kept
+    assert len(cache.lookup(a)[1]) == 3
+    assert reset(None) == (0, 0)
 
 
 async def test_a_prompt_that_hits_gets_the_kv_and_first_token_of_one_computed_whole(tiny_model_path, monkeypatch):
@@ -156,7 +174,7 @@ async def test_hits_run_alone_in_chunks_beside_other_prompts_and_a_long_prompt_l
         assert rid == "new" or sent[f"c-{rid}"][0][2:4] == (0, 20), rid  # each hit its 5 shared blocks first
     block = next(iter(cached.cache.blocks.values())).nbytes
     cached.cache.capacity = 9 * block  # room for 9 blocks: the shared 5, 4 others, then a long prompt's half (4)
-    cached.cache.insert([], {})
+    cached.cache.insert([], {}, 0)
     before = set(block_keys(shared, 4))
     assert before <= set(cached.cache.blocks)
     long = torch.randint(3, 49152, (120,), generator=generator).tolist()

@@ -118,3 +118,34 @@ async def test_a_chats_next_turn_goes_where_its_prefix_was_prefilled_unless_that
         for info in services:
             await registry.deregister(info.id)
         await redis.aclose()
+
+
+async def test_a_prefix_cache_reset_reaches_every_service_and_names_those_that_did_not_answer(redis_server):
+    """POST /reset_prefix_cache and /flush_cache (gateway/app.py): every prompt and token service
+    is told, at once; the gateway forgets where it sent each prefix; a service that does not answer
+    is named, the others reset all the same."""
+    services = [service(ServiceKind.PROMPT, "p-ok"), service(ServiceKind.PROMPT, "p-gone"),
+                service(ServiceKind.TOKEN, "t-ok")]
+    told: list[str] = []
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "p-gone":
+            raise httpx.ConnectError("connection refused", request=request)
+        assert request.url.path == "/prefix_cache/reset" and json.loads(request.content) == {}
+        told.append(request.url.host)
+        return httpx.Response(200, json={"blocks": 3, "bytes": 3 << 20})
+
+    redis = metadata.connect(redis_server.url)
+    registry = metadata.Registry(redis)
+    for info in services:
+        await registry.renew(info, ttl_s=60)
+    try:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handle)) as client:
+            router = Router(registry, client, GatewaySettings(), metadata.RequestStore(redis))
+            router.homes.record(CHAT * 3, "p-ok")
+            assert await router.reset_prefix_caches() == ["p-gone"]
+            assert sorted(told) == ["p-ok", "t-ok"] and router.homes.home(CHAT * 3) == (None, 0)
+    finally:
+        for info in services:
+            await registry.deregister(info.id)
+        await redis.aclose()
