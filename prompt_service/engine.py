@@ -20,7 +20,8 @@
 
 With the prefix cache (engine/prefix_cache.py) a prompt is looked up as it reaches the head of the
 queue; a hit's KV is sent to T first, from the cache, and the rest of the prompt is computed as a
-chunk attending to it: on CPU the KV T gets is the bits a prefill without the hit computes
+chunk attending to it, in one forward with other prompts (whole, or the rest of a hit of theirs:
+the cached blocks they share are in the forward's pool once, HIT_BATCH_BYTES): on CPU the KV T gets is the bits a prefill without the hit computes
 (engine/prefix_cache.py, MIN_COMPUTED), so a request resumed by re-prefill gets the KV its first
 prefill had.
 """
@@ -56,6 +57,11 @@ log = logging.getLogger(__name__)
 # at most this many prompt tokens, as a colocated token service prefills between two decode steps:
 # running streams then wait ~0.7 s at most (a 500-token prefill on 2 cores), not one of 4096 tokens.
 TURN_TOKENS = 512
+# Prompts with prefix-cache hits share a forward (the rest of each computed at once, as a batch of
+# whole prompts is) while the forward's pool, where each piece's KV sits for the rests to attend to,
+# holds at most this much (a first piece that needs more runs alone); a block cached once is in it
+# once, however many hits share it. (A judgment: a few hundred MB at most for a batch of chat turns.)
+HIT_BATCH_BYTES = 256 << 20
 
 PREFILL_SECONDS = Histogram("dejavu_prompt_prefill_seconds", "one prefill forward pass (a batch)",
                             buckets=(.05, .1, .25, .5, 1, 2, 4, 8, 16))
@@ -302,12 +308,14 @@ class PrefillEngine:
                 await self._execute(work)
 
     def _next_work(self) -> list[Piece]:
-        """Up to --max-batch-tokens (TURN_TOKENS when taking turns) of prompt: whole prompts back
-        to back, or the next chunk of a prompt longer than that (alone, so its chunks stream out one
-        after another)."""
+        """Up to --max-batch-tokens (TURN_TOKENS when taking turns) of prompt: whole prompts and
+        the rests of prefix-cache hits back to back (while their pool fits HIT_BATCH_BYTES), or the
+        next chunk of a prompt longer than that (alone, so its chunks stream out one after another)."""
         budget, work = self.settings.max_batch_tokens, []
         if self.settings.cpu_turns:  # a turn on the host's cores: the decode steps wait while it lasts
             budget = min(budget, TURN_TOKENS)
+        cached, blocks, hits = set(), 0, False  # the pool a forward with hits would need (_forward_pool)
+        most = HIT_BATCH_BYTES // (self.runner.pool_bytes_per_token * self.runner.block_size) if self.runner else 0
         while self.queue and budget > 0:
             job = self.queue[0]
             if job.result.done():  # aborted while queued
@@ -316,17 +324,48 @@ class PrefillEngine:
             if not job.looked_up:  # at the head, not on arrival: a burst's later prompts find the first's blocks
                 self._look_up(job)
             left = job.num_tokens - job.done
-            if work and (left > budget or job.done):  # a hit (done > 0) runs alone too: its pool is the forward's
+            keys, own = self._pool_blocks(job, cached)
+            if work and (left > budget or job.pool is not None  # a chunk runs alone (the pool it keeps is the forward's)
+                         or ((hits or job.done) and blocks + len(keys) + own > most)):
                 break
             end = job.done + min(left, budget)
             work.append(Piece(job, job.done, end))
             budget -= end - job.done
+            cached.update(keys)
+            blocks, hits = blocks + len(keys) + own, hits or job.done > 0
+            most = max(most, blocks)  # a first piece past the bound runs alone
             if end < job.num_tokens:
                 break  # a chunk: the job stays at the head of the queue for its next one
             self.queue.popleft()
-            if job.done:
-                break  # the last chunk of a prompt: alone too (its pool is the forward's)
+            if job.pool is not None:
+                break  # the last chunk of a prompt: alone too
         return work
+
+    def _pool_blocks(self, job: PrefillJob, cached: set[bytes]) -> tuple[list[bytes], int]:
+        """What a job adds to a forward's pool (_forward_pool) beside the blocks of `cached` keys:
+        (the keys of its cached blocks not among them, how many blocks of its own)."""
+        if self.runner is None:
+            return [], 0
+        own = -(-job.num_tokens // self.runner.block_size) - len(job.prefix)
+        return [key for key in job.keys[:len(job.prefix)] if key not in cached], own
+
+    def _forward_pool(self, work: list[Piece]) -> tuple[torch.Tensor, list[list[int]], list[tuple[int, torch.Tensor]]]:
+        """One pool for a forward with hits: (the pool, each piece's block table in it, the cached
+        blocks to load into it first as (block, KV)). A block cached once is in it once, however
+        many of the pieces' prompts start with it: their rests attend to it, none writes it."""
+        shared, loads, tables, n = {}, [], [], 0
+        for piece in work:
+            job, table = piece.job, []
+            for key, kv in zip(job.keys, job.prefix):
+                if key not in shared:
+                    shared[key] = n
+                    loads.append((n, kv))
+                    n += 1
+                table.append(shared[key])
+            own = -(-job.num_tokens // self.runner.block_size) - len(table)
+            tables.append(table + list(range(n, n + own)))
+            n += own
+        return self.runner.new_pool(n), tables, loads
 
     async def _execute(self, work: list[Piece]) -> None:
         """One forward over `work`; each piece's K/V goes out as messages of a few layers each,
@@ -342,30 +381,36 @@ class PrefillEngine:
             at += n
         on_layer = layer_sink(loop, sinks)
 
-        job, table = work[0].job, None
-        if work[0].end < job.num_tokens or work[0].start > 0:  # a chunk: blocks 0, 1, ... of the job's own pool
-            table = list(range(-(-job.num_tokens // self.runner.block_size)))
+        job, pool, tables, loads = work[0].job, None, [None] * len(work), []
+        if work[0].end < job.num_tokens or job.pool is not None:  # a chunk: blocks 0, 1, ... of the job's own pool
+            tables = [list(range(-(-job.num_tokens // self.runner.block_size)))]
             if job.pool is None:
-                job.pool = self.runner.new_pool(len(table))
+                job.pool = self.runner.new_pool(len(tables[0]))
+            pool, loads = job.pool, list(enumerate(job.prefix))
+        elif any(p.start for p in work):  # hits (and whole prompts): one pool for the forward
+            pool, tables, loads = self._forward_pool(work)
         # the prefix cache's work rides in the forward's call to the engine thread (taking turns on the
-        # cores, a call of its own would wait for a turn): a hit's blocks loaded first, the blocks the
-        # cache lacks of the prompts this forward ends copied after
-        prefix, job.prefix = job.prefix, []
-        wanted = [(p.job, self._wanted(p.job)) for p in work if p.end == p.job.num_tokens] if self.caching else []
-        segments = [Segment(p.job.req.prompt_ids[p.start: p.end], p.start, table) for p in work]
+        # cores, a call of its own would wait for a turn): hits' blocks loaded first and their KV sent,
+        # the blocks the cache lacks of the prompts this forward ends copied after
+        sends = [(p.job, p.job.prefix) for p in work if p.job.prefix]
+        for piece in work:
+            piece.job.prefix = []
+        wanted = [(p.job, table, self._wanted(p.job)) for p, table in zip(work, tables)
+                  if p.end == p.job.num_tokens] if self.caching else []
+        segments = [Segment(p.job.req.prompt_ids[p.start: p.end], p.start, table) for p, table in zip(work, tables)]
         scored = {i: (p.job.req.prompt_ids[p.start + 1: p.end + 1], p.job.req.prompt_logprobs)
                   for i, p in enumerate(work) if p.job.req.prompt_logprobs is not None}
         start = time.perf_counter()
         try:
-            pool = job.pool if table else None
             if scored:
                 (logits, scores), copies = await self.runner.run(
-                    self._compute, loop, job, prefix, wanted, self.runner.forward_scored, segments, pool, on_layer, scored)
+                    self._compute, loop, pool, loads, sends, wanted, self.runner.forward_scored, segments, pool,
+                    on_layer, scored)
                 for i, part in scores.items():
                     work[i].job.prompt_logprobs.extend(part)
             else:
-                logits, copies = await self.runner.run(self._compute, loop, job, prefix, wanted, self.runner.forward,
-                                                       segments, pool, on_layer)
+                logits, copies = await self.runner.run(self._compute, loop, pool, loads, sends, wanted,
+                                                       self.runner.forward, segments, pool, on_layer)
             if self.pipeline is not None:  # the head's output through the later stages, which stream their layers' KV
                 logits = await self.pipeline.prefill([[p.job.req.request_id, p.job.req.epoch, p.start, p.end,
                                                        p.job.num_tokens, p.job.routes] for p in work], logits)
@@ -403,28 +448,33 @@ class PrefillEngine:
         job.keys = job.keys or block_keys(job.req.prompt_ids, self.runner.block_size)
         return self.cache.wanted(job.keys, self.runner.pool_bytes_per_token * self.runner.block_size)
 
-    def _compute(self, loop, job: PrefillJob, prefix: list[torch.Tensor],
-                 wanted: list[tuple[PrefillJob, list[int]]], forward, *args):
-        """In the engine thread: a hit's cached blocks into its pool and their KV messages out (the
-        token service gets the prefix first), the forward, then copies of the blocks `wanted` of
-        the prompts it ends (from a chunked prompt's pool, or a whole prompt's messages): (the
-        forward's result, [(job, {block: KV})])."""
+    def _compute(self, loop, pool: torch.Tensor | None, loads: list[tuple[int, torch.Tensor]],
+                 sends: list[tuple[PrefillJob, list[torch.Tensor]]],
+                 wanted: list[tuple[PrefillJob, list[int] | None, list[int]]], forward, *args):
+        """In the engine thread: cached blocks into the forward's pool (`loads`: (block, KV)) and
+        each hit's KV messages out (`sends`: (job, its cached blocks); the token service gets the
+        prefix first; hits of one prefix share its messages' buffers), the forward, then copies of
+        the blocks `wanted` of the prompts it ends ((job, its block table in `pool` or None, which
+        of its blocks): from the pool, or from a whole prompt's messages): (the forward's result,
+        [(job, {block: KV})])."""
         size, first = self.runner.block_size, self.runner.layers.start
-        if prefix:
+        for block, kv in loads:
+            pool[:, :, block * size:(block + 1) * size].copy_(kv)
+        made: dict[tuple, torch.Tensor] = {}
+        for job, prefix in sends:
             tokens = len(prefix) * size
-            for i, block in enumerate(prefix):
-                job.pool[:, :, i * size:(i + 1) * size].copy_(block)
             for group in sorted(set(job.messages.values()), key=lambda g: g.start):
-                layers = slice(group.start - first, group.stop - first)
-                message = (group.start, group.stop, 0, tokens, torch.cat([b[layers] for b in prefix], dim=2))
-                loop.call_soon_threadsafe(job.outbox.put_nowait, message)
+                layers, key = slice(group.start - first, group.stop - first), (job.keys[len(prefix) - 1], group)
+                if key not in made:
+                    made[key] = torch.cat([b[layers] for b in prefix], dim=2)
+                loop.call_soon_threadsafe(job.outbox.put_nowait, (group.start, group.stop, 0, tokens, made[key]))
         out = forward(*args)
         copies = []
-        for ended, blocks in wanted:
-            if not blocks or (ended.pool is None and not ended.kept):
+        for ended, table, blocks in wanted:
+            if not blocks or (table is None and not ended.kept):
                 continue
-            if ended.pool is not None:
-                copies.append((ended, {i: _host_copy(ended.pool[:, :, i * size:(i + 1) * size]) for i in blocks}))
+            if table is not None:
+                copies.append((ended, {i: _host_copy(pool[:, :, table[i] * size:(table[i] + 1) * size]) for i in blocks}))
             else:
                 parts = [buf for _, _, buf in sorted(ended.kept, key=lambda m: m[0])]  # the layers in order
                 copies.append((ended, {i: torch.cat([p[:, :, i * size:(i + 1) * size] for p in parts])

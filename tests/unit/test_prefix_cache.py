@@ -118,10 +118,11 @@ async def test_a_prompt_that_hits_gets_the_kv_and_first_token_of_one_computed_wh
     assert not cached.jobs and not plain.jobs
 
 
-async def test_hits_run_alone_in_chunks_beside_other_prompts_and_a_long_prompt_leaves_shared_blocks(
+async def test_hits_batch_with_other_prompts_in_chunks_alone_and_a_long_prompt_leaves_shared_blocks(
         tiny_model_path, monkeypatch):
-    """Prompts submitted at once to a service with small forwards (16 tokens): a hit longer than a
-    forward runs alone, chunk after chunk; the others batch as before; each first token and the KV
+    """Prompts submitted at once to a service with small forwards (16 tokens): the rests of hits
+    share forwards with whole prompts and with each other (their shared blocks in the forward's pool
+    once); a hit longer than a forward runs alone, chunk after chunk; each first token and the KV
     each sends equal a service's without a cache. Then a prompt longer than the cache takes at most
     half of it: the blocks the others share stay."""
     import prompt_service.engine as prompt_engine
@@ -145,7 +146,15 @@ async def test_hits_run_alone_in_chunks_beside_other_prompts_and_a_long_prompt_l
     shared = torch.randint(3, 49152, (20,), generator=generator).tolist()
     prompts = {"new": torch.randint(3, 49152, (5,), generator=generator).tolist()}  # nothing to reuse: batched
     prompts |= {f"p{i}": shared + torch.randint(3, 49152, (n,), generator=generator).tolist()
-                for i, n in enumerate((2, 30, 3, 12))}  # p0 would fit beside it, but a hit's pool is its forward's
+                for i, n in enumerate((2, 30, 3, 12))}
+    forwards: list[list[tuple]] = []
+    execute = PrefillEngine._execute
+
+    async def recorded(engine, work):
+        forwards.append([(p.job.req.request_id, p.start, p.end) for p in work])
+        return await execute(engine, work)
+
+    monkeypatch.setattr(PrefillEngine, "_execute", recorded)
 
     async def serve(engine, tag: str) -> dict[str, int]:
         task = asyncio.create_task(engine.run())
@@ -164,6 +173,16 @@ async def test_hits_run_alone_in_chunks_beside_other_prompts_and_a_long_prompt_l
     cached = PrefillEngine(runner, PromptSettings(prefix_cache_mib=16, **settings), peers=None)
     plain = PrefillEngine(runner, PromptSettings(prefix_cache_mib=0, **settings), peers=None)
     assert await serve(cached, "c") == await serve(plain, "p")
+    assert forwards[:6] == [[("c-warm", 0, 16)], [("c-warm", 16, 21)],  # chunks alone
+                            [("c-new", 0, 5), ("c-p0", 20, 22)],          # a whole prompt and a hit's rest
+                            [("c-p1", 20, 36)], [("c-p1", 36, 50)],       # a hit longer than a forward: chunks
+                            [("c-p2", 20, 23), ("c-p3", 20, 32)]]         # two hits, their 5 shared blocks once
+    monkeypatch.setattr(prompt_engine, "HIT_BATCH_BYTES", 0)  # no room beyond a first piece's own: hits alone
+    bounded = PrefillEngine(runner, PromptSettings(prefix_cache_mib=16, **settings), peers=None)
+    forwards.clear()
+    assert await serve(bounded, "z") == await serve(plain, "q")
+    assert [[p[0] for p in f] for f in forwards[:7]] == [["z-warm"], ["z-warm"], ["z-new"], ["z-p0"], ["z-p1"],
+                                                          ["z-p1"], ["z-p2"]]
     for rid, ids in prompts.items():
         got, want = (torch.full((3, 2, len(ids), 2, 16), float("nan")) for _ in range(2))
         for out, tag in ((got, "c"), (want, "p")):
