@@ -5,6 +5,7 @@ gateway -> prompt service  POST /prefill  PrefillRequest -> PrefillResult      (
 gateway -> token service   POST /decode   DecodeRequest  -> NDJSON DecodeEvent lines
 gateway -> token service   POST /restore  RestoreRequest -> RestoreResult      (recovery: KV from a replica)
 gateway -> any engine      POST /abort    AbortRequest   -> AbortResult
+gateway -> any engine      POST /prefix_cache/reset  (no body) -> PrefixCacheReset
 token service, gateway -> cache store  POST /drop  DropRequest -> AbortResult
 every service -> Redis     ServiceInfo (the registry lease)
 
@@ -276,8 +277,8 @@ class AbortResult(Message):
 
 class PrefixCacheReset(Message):
     """POST /prefix_cache/reset's answer: what the service's prefix cache forgot (0, 0 without one)."""
-    blocks: int
-    bytes: int
+    blocks: int  # KV blocks of --block-size prompt tokens
+    bytes: int   # their KV, in host memory
 
 
 def cluster_status(services: list[ServiceInfo], now: float) -> dict:

@@ -32,7 +32,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from common import metadata
-from common.errors import BadRequest, DejavuError, NotFound, error_body, install_error_handlers
+from common.errors import BadRequest, DejavuError, NotFound, Unavailable, error_body, install_error_handlers
 from common.model import context_length, eos_token_ids, load_tokenizer, model_fingerprint, resolve_model_path
 from common.protocol import ServiceKind, cluster_fingerprint, cluster_status
 from common.service import (API_KEYS, BodyLimit, ClosingStreamingResponse, RequireSecret, add_health_and_metrics,
@@ -228,27 +228,31 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return {"timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(), "version": VERSION,
                 "loads": [{"dp_rank": 0, "num_running_reqs": running, "num_waiting_reqs": waiting}]}
 
-    @app.post("/reset_prefix_cache")
+    unreset = {503: {"description": "a service did not reset its cache", "content": {"application/json": {}}}}
+
+    async def reset_caches() -> None:
+        """Every service's prefix cache forgotten, or Unavailable (503) saying how many were not."""
+        failed = await app.state.router.reset_prefix_caches()
+        if failed:
+            raise Unavailable(f"the prefix cache was not reset on {len(failed)} service(s) (the gateway's log "
+                              "names them); retry")
+
+    @app.post("/reset_prefix_cache", responses=unreset)
     async def reset_prefix_cache(reset_running_requests: bool = False, reset_external: bool = False) -> dict:
         """vLLM's: every service forgets its prefix cache (benchmark clients call it between the
         warm-up and the measured run). Requests in flight are never refused nor waited for: they keep
         the hits they had and their prompts' blocks are not kept (the two flags change nothing).
-        `success` false where a service did not answer."""
-        return {"success": not await app.state.router.reset_prefix_caches()}
-
-    unflushed = {503: {"description": "a service did not answer", "content": {"application/json": {}}}}
+        A service that did not reset: a 503 (vLLM's answers `success` false with a 200)."""
+        await reset_caches()
+        return {"success": True}
 
     # POST only: SGLang's takes GET too, but its clients POST, and one route of two methods would be
     # two operations of one id in the OpenAPI schema
-    @app.post("/flush_cache", response_class=PlainTextResponse, responses=unflushed)
+    @app.post("/flush_cache", response_class=PlainTextResponse, responses=unreset)
     async def flush_cache(timeout: float = Query(0.0, ge=0.0)) -> Response:
-        """SGLang's /reset_prefix_cache, its answer a text: 200 once every service has flushed; 503
-        naming those that did not answer. Nothing in flight is waited for, so `timeout` (how long
-        SGLang waits for its requests to end) changes nothing."""
-        failed = await app.state.router.reset_prefix_caches()
-        if failed:
-            return JSONResponse(error_body(f"the prefix cache was not flushed on {', '.join(failed)}: "
-                                           "no answer; retry", "service_unavailable"), status_code=503)
+        """SGLang's /reset_prefix_cache, its answer a text. Nothing in flight is waited for, so
+        `timeout` (how long SGLang waits for its requests to end) changes nothing."""
+        await reset_caches()
         return PlainTextResponse("Cache flushed.\n")
 
     @app.get("/health_generate", response_class=Response,  # (200: SGLang's empty body)

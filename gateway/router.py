@@ -24,7 +24,7 @@ import prometheus_client
 from common.errors import BadRequest, DejavuError, KVFull, Overloaded, Unavailable, UpstreamError, from_body
 from common.metadata import RecentServices, Registry, RequestStore
 from common.protocol import (PROTOCOL, AbortRequest, DecodeEvent, DecodeRequest, Message, PrefillRequest, PrefillResult,
-                             Reservation, ReserveRequest, SamplingParams, ServiceInfo, ServiceKind, TokenEvent)
+                             PrefixCacheReset, Reservation, ReserveRequest, SamplingParams, ServiceInfo, ServiceKind, TokenEvent)
 from common.settings import GatewaySettings
 from gateway import affinity
 from gateway.admission import Admission
@@ -492,22 +492,23 @@ class Router:
 
     async def reset_prefix_caches(self) -> list[str]:
         """Every prompt and token service of this model forgets its prefix cache, and this gateway
-        where it sent each prefix; the ids of the services that did not answer (their caches kept)."""
+        where it sent each prefix; the ids of the services that did not (their caches kept)."""
         if self.homes is not None:
             self.homes.clear()
         services = await self.services(ServiceKind.PROMPT) + await self.services(ServiceKind.TOKEN)
 
-        async def one(svc: ServiceInfo) -> str | None:
+        async def one(svc: ServiceInfo) -> PrefixCacheReset | None:
             try:
-                await self._post(svc, "/prefix_cache/reset", Message(), timeout=10.0)
-            except DejavuError as exc:
-                log.warning("prefix cache reset on %s failed: %s", svc.id, exc.message)
-                return svc.id
-            return None
+                return PrefixCacheReset.model_validate(await self._post(svc, "/prefix_cache/reset", Message(), 10.0))
+            except (DejavuError, ValueError) as exc:  # unreachable, an error, or a build without the route
+                log.warning("prefix cache reset on %s failed: %s", svc.id, getattr(exc, "message", exc))
+                return None
 
-        failed = [svc_id for svc_id in await asyncio.gather(*(one(svc) for svc in services)) if svc_id]
-        log.info("prefix caches reset on %d of %d services", len(services) - len(failed), len(services))
-        return failed
+        answers = await asyncio.gather(*(one(svc) for svc in services))
+        done = [a for a in answers if a is not None]
+        log.info("prefix caches reset on %d of %d services: %d blocks (%.1f MiB) forgotten", len(done), len(services),
+                 sum(a.blocks for a in done), sum(a.bytes for a in done) / 2**20)
+        return [svc.id for svc, a in zip(services, answers) if a is None]
 
     async def _abort_all(self, request_id: str, services: list[ServiceInfo], path: str = "/abort") -> None:
         """At once on every service: one that hangs must not hold back the others."""

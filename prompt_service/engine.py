@@ -20,10 +20,10 @@
 
 With the prefix cache (engine/prefix_cache.py) a prompt is looked up as it reaches the head of the
 queue; a hit's KV is sent to T first, from the cache, and the rest of the prompt is computed as a
-chunk attending to it, in one forward with other prompts (whole, or the rest of a hit of theirs:
-the cached blocks they share are in the forward's pool once, HIT_BATCH_BYTES): on CPU the KV T gets is the bits a prefill without the hit computes
-(engine/prefix_cache.py, MIN_COMPUTED), so a request resumed by re-prefill gets the KV its first
-prefill had.
+chunk attending to it, in one forward with other prompts (whole, or the rests of hits of theirs:
+the cached blocks they share are in the forward's pool once, HIT_BATCH_BYTES): on CPU the KV T
+gets is the bits a prefill without the hit computes (engine/prefix_cache.py, MIN_COMPUTED), so a
+request resumed by re-prefill gets the KV its first prefill had.
 """
 
 from __future__ import annotations
@@ -201,7 +201,8 @@ class PrefillJob:
 
 @dataclass(frozen=True)
 class Piece:
-    """Prompt tokens [start, end) of a job, computed in one forward: the whole prompt or a chunk."""
+    """Prompt tokens [start, end) of a job, computed in one forward: the whole prompt, a chunk, or
+    the rest after a prefix-cache hit."""
     job: PrefillJob
     start: int
     end: int
@@ -325,7 +326,8 @@ class PrefillEngine:
                 self._look_up(job)
             left = job.num_tokens - job.done
             keys, own = self._pool_blocks(job, cached)
-            if work and (left > budget or job.pool is not None  # a chunk runs alone (the pool it keeps is the forward's)
+            # a chunk runs alone (the pool it keeps is the forward's); hits while their pool fits
+            if work and (left > budget or job.pool is not None
                          or ((hits or job.done) and blocks + len(keys) + own > most)):
                 break
             end = job.done + min(left, budget)
@@ -341,22 +343,24 @@ class PrefillEngine:
                 break  # the last chunk of a prompt: alone too
         return work
 
-    def _pool_blocks(self, job: PrefillJob, cached: set[bytes]) -> tuple[list[bytes], int]:
-        """What a job adds to a forward's pool (_forward_pool) beside the blocks of `cached` keys:
-        (the keys of its cached blocks not among them, how many blocks of its own)."""
+    def _pool_blocks(self, job: PrefillJob, cached: set[tuple[int, bytes]]) -> tuple[list[tuple[int, bytes]], int]:
+        """What a job adds to a forward's pool (_forward_pool) beside the blocks of `cached`
+        (generation, key)s: (those of its cached blocks not among them, how many blocks of its own)."""
         if self.runner is None:
             return [], 0
         own = -(-job.num_tokens // self.runner.block_size) - len(job.prefix)
-        return [key for key in job.keys[:len(job.prefix)] if key not in cached], own
+        keys = [(job.generation, key) for key in job.keys[:len(job.prefix)]]
+        return [key for key in keys if key not in cached], own
 
     def _forward_pool(self, work: list[Piece]) -> tuple[torch.Tensor, list[list[int]], list[tuple[int, torch.Tensor]]]:
         """One pool for a forward with hits: (the pool, each piece's block table in it, the cached
         blocks to load into it first as (block, KV)). A block cached once is in it once, however
-        many of the pieces' prompts start with it: their rests attend to it, none writes it."""
+        many of the pieces' prompts start with it: their rests attend to it, none writes it. (By
+        generation and key: a hit looked up before a reset of the cache shares nothing with one after.)"""
         shared, loads, tables, n = {}, [], [], 0
         for piece in work:
             job, table = piece.job, []
-            for key, kv in zip(job.keys, job.prefix):
+            for key, kv in zip(((job.generation, k) for k in job.keys), job.prefix):
                 if key not in shared:
                     shared[key] = n
                     loads.append((n, kv))
@@ -369,8 +373,9 @@ class PrefillEngine:
 
     async def _execute(self, work: list[Piece]) -> None:
         """One forward over `work`; each piece's K/V goes out as messages of a few layers each,
-        as soon as those layers are computed. Whole prompts need no pool; a chunked prompt keeps
-        its KV so far in a pool of its own, which its later chunks attend to."""
+        as soon as those layers are computed. Whole prompts alone need no pool; a chunked prompt
+        keeps its KV so far in a pool of its own, which its later chunks attend to; a forward with
+        the rests of hits has one pool for all its pieces (_forward_pool)."""
         loop = asyncio.get_running_loop()
         sinks, at = [], 0  # each piece's rows in the forward's flat (N, kv_heads, D) K/V
         for piece in work:
@@ -381,27 +386,27 @@ class PrefillEngine:
             at += n
         on_layer = layer_sink(loop, sinks)
 
-        job, pool, tables, loads = work[0].job, None, [None] * len(work), []
-        if work[0].end < job.num_tokens or job.pool is not None:  # a chunk: blocks 0, 1, ... of the job's own pool
-            tables = [list(range(-(-job.num_tokens // self.runner.block_size)))]
-            if job.pool is None:
-                job.pool = self.runner.new_pool(len(tables[0]))
-            pool, loads = job.pool, list(enumerate(job.prefix))
-        elif any(p.start for p in work):  # hits (and whole prompts): one pool for the forward
-            pool, tables, loads = self._forward_pool(work)
-        # the prefix cache's work rides in the forward's call to the engine thread (taking turns on the
-        # cores, a call of its own would wait for a turn): hits' blocks loaded first and their KV sent,
-        # the blocks the cache lacks of the prompts this forward ends copied after
-        sends = [(p.job, p.job.prefix) for p in work if p.job.prefix]
-        for piece in work:
-            piece.job.prefix = []
-        wanted = [(p.job, table, self._wanted(p.job)) for p, table in zip(work, tables)
-                  if p.end == p.job.num_tokens] if self.caching else []
-        segments = [Segment(p.job.req.prompt_ids[p.start: p.end], p.start, table) for p, table in zip(work, tables)]
-        scored = {i: (p.job.req.prompt_ids[p.start + 1: p.end + 1], p.job.req.prompt_logprobs)
-                  for i, p in enumerate(work) if p.job.req.prompt_logprobs is not None}
         start = time.perf_counter()
-        try:
+        try:  # (a pool that cannot be allocated fails this batch's requests, as a failed forward does)
+            job, pool, tables, loads = work[0].job, None, [None] * len(work), []
+            if work[0].end < job.num_tokens or job.pool is not None:  # a chunk: blocks 0, 1, ... of the job's own pool
+                tables = [list(range(-(-job.num_tokens // self.runner.block_size)))]
+                if job.pool is None:
+                    job.pool = self.runner.new_pool(len(tables[0]))
+                pool, loads = job.pool, list(enumerate(job.prefix))
+            elif any(p.start for p in work):  # hits (and whole prompts): one pool for the forward
+                pool, tables, loads = self._forward_pool(work)
+            # the prefix cache's work rides in the forward's call to the engine thread (taking turns on the
+            # cores, a call of its own would wait for a turn): hits' blocks loaded first and their KV sent,
+            # the blocks the cache lacks of the prompts this forward ends copied after
+            sends = [(p.job, p.job.prefix) for p in work if p.job.prefix]
+            for piece in work:
+                piece.job.prefix = []
+            wanted = [(p.job, table, self._wanted(p.job)) for p, table in zip(work, tables)
+                      if p.end == p.job.num_tokens] if self.caching else []
+            segments = [Segment(p.job.req.prompt_ids[p.start: p.end], p.start, table) for p, table in zip(work, tables)]
+            scored = {i: (p.job.req.prompt_ids[p.start + 1: p.end + 1], p.job.req.prompt_logprobs)
+                      for i, p in enumerate(work) if p.job.req.prompt_logprobs is not None}
             if scored:
                 (logits, scores), copies = await self.runner.run(
                     self._compute, loop, pool, loads, sends, wanted, self.runner.forward_scored, segments, pool,
@@ -445,6 +450,8 @@ class PrefillEngine:
 
     def _wanted(self, job: PrefillJob) -> list[int]:
         """The blocks of a prompt this forward ends that the prefix cache lacks and will take."""
+        if job.generation != self.cache.generation:  # looked up before a reset: insert would drop them
+            return []
         job.keys = job.keys or block_keys(job.req.prompt_ids, self.runner.block_size)
         return self.cache.wanted(job.keys, self.runner.pool_bytes_per_token * self.runner.block_size)
 
@@ -464,7 +471,8 @@ class PrefillEngine:
         for job, prefix in sends:
             tokens = len(prefix) * size
             for group in sorted(set(job.messages.values()), key=lambda g: g.start):
-                layers, key = slice(group.start - first, group.stop - first), (job.keys[len(prefix) - 1], group)
+                layers = slice(group.start - first, group.stop - first)
+                key = (job.generation, job.keys[len(prefix) - 1], group)
                 if key not in made:
                     made[key] = torch.cat([b[layers] for b in prefix], dim=2)
                 loop.call_soon_threadsafe(job.outbox.put_nowait, (group.start, group.stop, 0, tokens, made[key]))
@@ -474,7 +482,8 @@ class PrefillEngine:
             if not blocks or (table is None and not ended.kept):
                 continue
             if table is not None:
-                copies.append((ended, {i: _host_copy(pool[:, :, table[i] * size:(table[i] + 1) * size]) for i in blocks}))
+                copies.append((ended, {i: _host_copy(pool[:, :, table[i] * size:(table[i] + 1) * size])
+                                       for i in blocks}))
             else:
                 parts = [buf for _, _, buf in sorted(ended.kept, key=lambda m: m[0])]  # the layers in order
                 copies.append((ended, {i: torch.cat([p[:, :, i * size:(i + 1) * size] for p in parts])

@@ -25,8 +25,8 @@ from common.kv.receiver import kv_server
 from common.metadata import RecentServices, Registry, RequestStore
 from common.model import model_fingerprint, resolve_model_path, within_context
 from common.protocol import (PROTOCOL, AbortRequest, AbortResult, DecodeEvent, DecodeRequest, PrefillRequest,
-                             PrefillResult, PrefixCacheReset, Reservation, ReserveRequest, RestoreRequest, RestoreResult, ServiceKind,
-                             cluster_fingerprint)
+                             PrefillResult, PrefixCacheReset, Reservation, ReserveRequest, RestoreRequest, RestoreResult,
+                             ServiceKind, cluster_fingerprint)
 from common.service import (ClosingStreamingResponse, add_health_and_metrics, cluster_headers, internal_app, listen_kv,
                             registered, request_id_var, supervise)
 from common.settings import TokenSettings

@@ -57,6 +57,34 @@ async def test_a_reset_forgets_every_block_and_keeps_none_a_prefill_from_before_
     assert reset(None) == (0, 0)
 
 
+async def test_a_colocated_prefill_started_before_a_reset_keeps_nothing_it_computes():
+    """token_service/prefill.py: a prompt's chunk planned before a reset of the cache and finished
+    after it keeps none of its blocks; the same chunk planned after the reset keeps them."""
+    from token_service.prefill import PrefillJob, PrefillQueue
+    from token_service.sequence import Sequence
+
+    cache = PrefixCache(capacity_bytes=8 * kv(0).nbytes, block_size=4)
+    queue = PrefillQueue(budget=8, release=lambda seq: None, cache=cache, block_bytes=kv(0).nbytes)
+
+    def planned():
+        queue.jobs.clear()
+        req = PrefillRequest(request_id="r", prompt_ids=list(range(1, 13)), sampling=SamplingParams(),
+                             target_service_id="t", target_kv_address="")
+        seq = Sequence("r", prompt_len=12, max_tokens=4, num_layers=3, blocks=[0, 1, 2, 3])
+        queue.add(PrefillJob(seq, req, asyncio.get_running_loop().create_future()))
+        [chunk] = queue.next_chunks()
+        assert chunk.keep == [0, 1] and not chunk.last  # tokens [0, 8) of 12 complete blocks 0 and 1
+        return chunk
+
+    chunk = planned()
+    cache.clear()
+    queue.finish([chunk], torch.zeros(1, 8), [[]], [{i: kv(i) for i in chunk.keep}])
+    assert not cache.blocks
+    chunk = planned()
+    queue.finish([chunk], torch.zeros(1, 8), [[]], [{i: kv(i) for i in chunk.keep}])
+    assert len(cache.blocks) == 2
+
+
 async def test_a_prompt_that_hits_gets_the_kv_and_first_token_of_one_computed_whole(tiny_model_path, monkeypatch):
     """Prompt A, then B sharing A's first 6 blocks and its own rest: B computes only the rest (the
     prefix's KV sent first, from the cache), and what the token service receives for B is what a
@@ -80,13 +108,13 @@ async def test_a_prompt_that_hits_gets_the_kv_and_first_token_of_one_computed_wh
     monkeypatch.setattr(prompt_engine, "send_messages", capture)
     runner = ModelRunner(load_model(tiny_model_path), block_size=4)
 
-    async def prefill(engine, rid: str, ids: list[int]):
+    async def prefill(engine, rid: str, ids: list[int], kept: bool = True):
         req = PrefillRequest(request_id=rid, prompt_ids=ids, sampling=SamplingParams(temperature=0),
                              target_service_id="t", target_kv_address="")
         task = asyncio.create_task(engine.run())
         try:
             first = (await asyncio.wait_for(engine.submit(req), 30)).first.token_id
-            assert not engine.cache or not engine.cache.missing(block_keys(ids, 4))  # kept by the answer
+            assert not kept or not engine.cache or not engine.cache.missing(block_keys(ids, 4))  # kept by the answer
             return first
         finally:
             task.cancel()
@@ -116,6 +144,20 @@ async def test_a_prompt_that_hits_gets_the_kv_and_first_token_of_one_computed_wh
     assert again == first and HIT_TOKENS._value.get() - before == 24 + 28
     assert torch.equal(received("b-again", 33), received("b", 33))  # a re-prefill gets the KV b's prefill had
     assert not cached.jobs and not plain.jobs
+    # a reset while a prompt's forward computes: the blocks it computed are not kept; after it, they are
+    cached.cache.clear()
+    run = runner.run
+
+    async def reset_meanwhile(*args):
+        cached.cache.clear()
+        return await run(*args)
+
+    monkeypatch.setattr(runner, "run", reset_meanwhile)
+    await prefill(cached, "c", a[:20], kept=False)
+    assert not cached.cache.blocks
+    monkeypatch.setattr(runner, "run", run)
+    await prefill(cached, "c-after", a[:20])
+    assert len(cached.cache.blocks) == 5
 
 
 async def test_hits_batch_with_other_prompts_in_chunks_alone_and_a_long_prompt_leaves_shared_blocks(
@@ -172,7 +214,13 @@ async def test_hits_batch_with_other_prompts_in_chunks_alone_and_a_long_prompt_l
     settings = dict(max_batch_tokens=16, kv_stream_layers=1)
     cached = PrefillEngine(runner, PromptSettings(prefix_cache_mib=16, **settings), peers=None)
     plain = PrefillEngine(runner, PromptSettings(prefix_cache_mib=0, **settings), peers=None)
-    assert await serve(cached, "c") == await serve(plain, "p")
+    pools: list[int] = []  # the blocks of each pool made (a chunked prompt's, or a forward's with hits)
+    new_pool = runner.new_pool
+    monkeypatch.setattr(runner, "new_pool", lambda n, *args: pools.append(n) or new_pool(n, *args))
+    firsts = await serve(cached, "c")
+    assert pools == [6, 8, 13, 9]  # warm's chunks; new (2) + p0 (5 hit, 1); p1's chunks; p2 and p3: 5 shared + 1 + 3
+    assert firsts == await serve(plain, "p")
+    assert all(sent["c-p2"][i][4] is sent["c-p3"][i][4] for i in range(3))  # one buffer for their prefix's messages
     assert forwards[:6] == [[("c-warm", 0, 16)], [("c-warm", 16, 21)],  # chunks alone
                             [("c-new", 0, 5), ("c-p0", 20, 22)],          # a whole prompt and a hit's rest
                             [("c-p1", 20, 36)], [("c-p1", 36, 50)],       # a hit longer than a forward: chunks

@@ -20,23 +20,25 @@ def job(rid: str, n: int) -> PrefillJob:
 
 
 def forwards(engine: PrefillEngine) -> list[list[tuple[str, int, int]]]:
-    """Every forward the queue makes, as (request, start, end) pieces; each piece counts as computed."""
+    """Every forward the queue makes, as (request, start, end) pieces; each piece counts as computed,
+    and a prompt between its chunks holds a pool, as _execute leaves it."""
     out = []
     while work := engine._next_work():
         out.append([(p.job.req.request_id, p.start, p.end) for p in work])
         for p in work:
             p.job.done = p.end
+            p.job.pool = object() if p.end < p.job.num_tokens else None
     return out
 
 
 async def test_whole_prompts_batch_and_long_ones_run_in_chunks_alone():
     engine = PrefillEngine(runner=None, settings=PromptSettings(max_batch_tokens=16), peers=None)
-    for rid, n in [("a", 3), ("b", 40), ("c", 10), ("d", 5), ("e", 16), ("f", 1)]:
+    for rid, n in [("a", 3), ("b", 40), ("c", 8), ("d", 5), ("e", 16), ("f", 1)]:
         engine.queue.append(job(rid, n))
     assert forwards(engine) == [
         [("a", 0, 3)],                  # b does not fit beside it: it starts a forward of its own
         [("b", 0, 16)], [("b", 16, 32)], [("b", 32, 40)],  # its last chunk alone too, though c would fit
-        [("c", 0, 10), ("d", 0, 5)],
+        [("c", 0, 8), ("d", 0, 5)],
         [("e", 0, 16)],
         [("f", 0, 1)],
     ]
