@@ -7,6 +7,7 @@ continues at the next output index. The text equals HF `generate`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 
@@ -53,18 +54,24 @@ def serving(cluster):
     return holders[0]
 
 
+def events(cluster, path: str, body: dict):
+    """The JSON events of a streamed answer from `path`, as they come; an error event fails the test."""
+    with httpx.stream("POST", cluster.url + path, json=body, timeout=120) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                assert "error" not in event, event
+                yield event
+
+
 def stream(cluster, body: dict, at: dict | None = None, close_at: int | None = None) -> tuple[str, dict, str]:
     """Stream a completion, calling at[n](cluster) after n chunks (and leaving after close_at).
     Returns (text, usage, request id); an error event fails the test."""
     text, usage, rid = [], None, None
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    with httpx.stream("POST", cluster.url + "/v1/completions", json=body, timeout=120) as resp:
-        assert resp.status_code == 200
-        for line in resp.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            event = json.loads(line[6:])
-            assert "error" not in event, event
+    with contextlib.closing(events(cluster, "/v1/completions", body)) as answer:  # closed at once on leaving
+        for event in answer:
             rid, usage = event["id"].removeprefix("cmpl-"), event.get("usage") or usage
             if event["choices"]:
                 text.append(event["choices"][0]["text"])
@@ -179,16 +186,11 @@ def test_an_sglang_generate_stream_survives_a_token_service_failure(cluster):
 
     def run(kill_after: int | None) -> dict:
         last = None
-        with httpx.stream("POST", cluster.url + "/generate", json=body, timeout=120) as resp:
-            assert resp.status_code == 200
-            for line in resp.iter_lines():
-                if line.startswith("data: {"):
-                    event = json.loads(line[6:])
-                    assert "error" not in event, event
-                    assert last is None or event["output_ids"][:len(last["output_ids"])] == last["output_ids"]
-                    last = event
-                    if event["meta_info"]["completion_tokens"] == kill_after:
-                        cluster.kill(serving(cluster), signal.SIGKILL)
+        for event in events(cluster, "/generate", body):
+            assert last is None or event["output_ids"][:len(last["output_ids"])] == last["output_ids"]
+            last = event
+            if event["meta_info"]["completion_tokens"] == kill_after:
+                cluster.kill(serving(cluster), signal.SIGKILL)
         return last
 
     clean, failed = run(None), run(40)
@@ -205,18 +207,12 @@ def test_the_choices_of_one_request_survive_a_token_service_failure(cluster):
             "stream": True}
 
     def run(kill_after: int | None) -> dict[int, str]:
-        texts, chunks = {0: "", 1: ""}, 0
-        with httpx.stream("POST", cluster.url + "/v1/completions", json=body, timeout=120) as resp:
-            assert resp.status_code == 200
-            for line in resp.iter_lines():
-                if line.startswith("data: {"):
-                    event = json.loads(line[6:])
-                    assert "error" not in event, event
-                    for c in event["choices"]:
-                        texts[c["index"]] += c["text"]
-                    chunks += 1
-                    if chunks == kill_after:
-                        cluster.kill(next(t for t in cluster.of("token") if holds_kv(t)), signal.SIGKILL)
+        texts = {0: "", 1: ""}
+        for chunks, event in enumerate(events(cluster, "/v1/completions", body), 1):
+            for c in event["choices"]:
+                texts[c["index"]] += c["text"]
+            if chunks == kill_after:
+                cluster.kill(next(t for t in cluster.of("token") if holds_kv(t)), signal.SIGKILL)
         return texts
 
     clean = run(None)
