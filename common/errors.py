@@ -120,9 +120,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if first.get("type") == "json_invalid":
         return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
     param = _param(tuple(first.get("loc", ())))
+    where = ".".join(str(p) for p in first.get("loc", ())[1:])  # messages.1.role: the field inside param
     if first.get("type") == "missing":
-        return (f"'{param}' is required", param) if param else ("the body is required: a JSON object", None)
-    where = ".".join(str(p) for p in first.get("loc", ())[1:])
+        return (f"'{where}' is required", param) if param else ("the body is required: a JSON object", None)
     return f"'{where}': {first.get('msg')}" if param else str(first.get("msg")), param
 
 

@@ -143,8 +143,13 @@ def _compiled(text: str, vocab: int):
             raise GrammarError(f"this model's tokenizer cannot follow a grammar: {exc}") from None
     matcher = LLMatcher(tokenizer, text, log_level=0)
     if matcher.is_error():
-        raise GrammarError(matcher.get_error().strip())
+        raise GrammarError(_error(matcher))
     return matcher
+
+
+def _error(matcher) -> str:
+    """llguidance's error, without the parser state it appends."""
+    return matcher.get_error().strip().split("\n")[0].strip()
 
 
 def start(text: str, vocab: int, before=()) -> Matcher:
@@ -176,6 +181,15 @@ class Matcher:
             if not 0 <= token < self.vocab or not self.matcher.consume_token(int(token)):
                 self.failed = True  # `done` from here on
                 break
+
+    @property
+    def error(self) -> str | None:
+        """Where the grammar itself failed, what llguidance says: the output can no longer be held
+        to it. On a token it allowed, past llguidance's limits (a regex whose automaton grows past
+        them, `a{1000000}`), or at its first mask (a schema that is only a reference to itself
+        allows nothing). (After a token it forbids, this says so too: `sample` only feeds it tokens
+        it allowed, or anything where it allowed none.)"""
+        return _error(self.matcher) or "error" if self.matcher.is_error() else None
 
     @property
     def done(self) -> bool:

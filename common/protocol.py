@@ -44,10 +44,10 @@ class ServiceKind(str, Enum):
 # The internal protocol's version (these messages, the KV wire): engines publish it, and a gateway
 # routes only to engines of its own, so a rolling upgrade never pairs a gateway and an engine that
 # misread each other. Bump it with any change an older peer would refuse or misread.
-PROTOCOL = 6  # 2: DecodeRequest.replay (a resumed request's tokens replayed by decode steps); 3: KV routes;
+PROTOCOL = 7  # 2: DecodeRequest.replay (a resumed request's tokens replayed by decode steps); 3: KV routes;
 #              4: prompt logprobs (PrefillRequest.prompt_logprobs, TokenEvent.prompt_logprobs);
 #              5: penalties, logit bias, min_tokens, min_p (SamplingParams), DecodeRequest.history;
-#              6: SamplingParams.grammar (structured output)
+#              6: SamplingParams.grammar (structured output); 7: TokenEvent.grammar_error
 
 
 class ServiceInfo(Message):
@@ -201,6 +201,9 @@ class TokenEvent(Message):
     # the first event of a prefill asked for them (PrefillRequest.prompt_logprobs): prompt tokens 1..
     prompt_logprobs: list[PromptLogprob] | None = None
     cached_tokens: int | None = None   # the first event of a prefill: prompt tokens whose KV a prefix cache had
+    # the request's grammar failed on this token (grammar.Matcher.error): it ends the request
+    # ("stop" here, so every service frees it as a finished one) and the gateway answers a 400
+    grammar_error: str | None = None
 
 
 class PrefillResult(Message):

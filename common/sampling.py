@@ -225,8 +225,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int
     events = [_event(rid, index, token, p, logprobs[row] if logprobs is not None else None)
               for row, (p, index, rid, token) in enumerate(zip(params, indices, request_ids, tokens))]
     for r, p in enumerate(params):
-        if p.grammar and histories[r].follow(tokens[r]):
-            events[r] = events[r].model_copy(update={"finish_reason": "stop"})
+        if p.grammar and histories[r].follow(tokens[r]):  # complete, or the grammar failed (Matcher.error)
+            failed = {"grammar_error": error} if (error := histories[r].matcher.error) else {}
+            events[r] = events[r].model_copy(update={"finish_reason": "stop", **failed})
     return events
 
 

@@ -250,6 +250,10 @@ class GatewaySettings(ServiceSettings):
     api_keys: tuple[str, ...] = setting((), "an API key clients must send as 'Authorization: Bearer KEY' (or "
                                         "'x-api-key: KEY') on every route but /health and /metrics (repeat for "
                                         "several; none: no authentication)", flag="--api-key")
+    allowed_origins: tuple[str, ...] = setting(("*",), "an origin web pages may call the API from (CORS: the "
+                                               "browser's preflight answered, Access-Control-Allow-Origin sent; '*': "
+                                               "any, as vLLM's and SGLang's default; repeat for several; none, an "
+                                               "empty DEJAVU_ALLOWED_ORIGINS: no CORS)", flag="--allowed-origin")
     responses_ttl_s: float = setting(3600.0, "how long a /v1/responses answer is kept in Redis, for "
                                      "previous_response_id and GET /v1/responses/{id} (s; 0: none kept, and 'store' "
                                      "is answered false)")

@@ -59,7 +59,7 @@ from pydantic import StrictBool, StrictInt, StrictStr, ValidationError
 
 from common.errors import BadRequest
 from gateway.jobs import LARGE_TEXT_CHARS, Delta, Job, Limits, completion_jobs
-from gateway.openai_types import MAX_CHOICES, MAX_PROMPT_LOGPROBS, CompletionRequest, TextBody, renamed_error
+from gateway.openai_types import MAX_CHOICES, CompletionRequest, TextBody, renamed_error
 from gateway.responses import Totals, _token_text, cached_tokens, replayed, sse
 
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's
@@ -208,14 +208,7 @@ class AbortRequest(TextBody):
     abort_all: StrictBool = False
 
 
-class _Item(CompletionRequest):
-    """One prompt of a /generate request on completions: logprobs up to vLLM's 20 (SGLang's
-    top_logprobs_num), not OpenAI's 5."""
-
-    MAX_LOGPROBS = MAX_PROMPT_LOGPROBS
-
-
-def _completion(prompt, params: dict, logprob: bool, start: int, top: int, stream: bool) -> _Item:
+def _completion(prompt, params: dict, logprob: bool, start: int, top: int, stream: bool) -> CompletionRequest:
     """One prompt's completion request."""
     body: dict[str, Any] = {"prompt": prompt, "stream": stream, "max_tokens": DEFAULT_MAX_NEW_TOKENS}
     for key, value in params.items():
@@ -239,7 +232,7 @@ def _completion(prompt, params: dict, logprob: bool, start: int, top: int, strea
     if max_new == 0:
         body["echo"] = True  # completions' max_tokens 0: the prompt alone, nothing generated
     try:
-        return _Item(**body)
+        return CompletionRequest(**body)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))

@@ -195,7 +195,7 @@ def _text(value, where: str) -> str:
         return value
     if isinstance(value, list) and all(
             isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str) for b in value):
-        return "".join(b["text"] for b in value)
+        return "\n".join(b["text"] for b in value)  # as chat's text parts (ChatMessage.text)
     raise BadRequest(f"'{where}' must be a string or a list of text blocks ({{'type': 'text', 'text': ...}})",
                      where.split("[")[0].split(".")[0])
 
@@ -209,7 +209,7 @@ def _user_turn(i: int, blocks: list[dict]) -> list[dict]:
             text.append(_text([block], "messages"))
             continue
         if text:
-            out.append({"role": "user", "content": "".join(text)})
+            out.append({"role": "user", "content": "\n".join(text)})
             text = []
         call = block.get("tool_use_id")
         if not isinstance(call, str) or not call:
@@ -222,7 +222,7 @@ def _user_turn(i: int, blocks: list[dict]) -> list[dict]:
         out.append({"role": "tool", "tool_call_id": call,
                     "content": "" if content is None else _text(content, f"messages[{i}].content.content")})
     if text or not out:
-        out.append({"role": "user", "content": "".join(text)})
+        out.append({"role": "user", "content": "\n".join(text)})
     return out
 
 
@@ -245,7 +245,7 @@ def _assistant_turn(i: int, blocks: list[dict]) -> dict:
                                  "the prompt", "messages") from None
             calls.append({"id": call, "type": "function", "function": {"name": name, "arguments": written}})
         # thinking: an earlier turn's, which chat templates leave out of the prompt
-    return {"role": "assistant", "content": "".join(text)} | ({"tool_calls": calls} if calls else {})
+    return {"role": "assistant", "content": "\n".join(text)} | ({"tool_calls": calls} if calls else {})
 
 
 def _chat_tool(i: int, tool) -> dict:

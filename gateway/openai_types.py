@@ -7,6 +7,7 @@ ignored, as OpenAI does. Each check names the parameter and says what to change.
 from __future__ import annotations
 
 import re
+import typing
 from typing import Any, ClassVar, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt, StrictStr,
@@ -22,7 +23,8 @@ MAX_STOP_CHARS = 512  # per stop string: each is matched against the tail of the
 # choices in one request (prompts x n): each is a request of its own downstream, admitted, routed
 # and resumed alone; more wait in the admission queue like any other requests
 MAX_CHOICES = 128
-MAX_PROMPT_LOGPROBS = 20  # vLLM's default --max-logprobs
+MAX_LOGPROBS = 20  # alternatives a token's logprobs may show: vLLM's default --max-logprobs (OpenAI's chat: 20)
+MAX_PROMPT_LOGPROBS = MAX_LOGPROBS
 
 
 def unwritable(value, token_ids: bool = True, numbers: bool = False) -> str:
@@ -50,19 +52,51 @@ def unwritable(value, token_ids: bool = True, numbers: bool = False) -> str:
     return ""
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+def nulls_as_defaults(cls: type[BaseModel], data):
+    """A JSON null for a field that does not take one is its default, as if it were not sent:
+    OpenAI's spec marks its optional fields nullable and vLLM reads null as unset, so clients
+    send `"stream": null` or `"n": null`. A field that takes null keeps it."""
+    if not isinstance(data, dict):
+        return data
+    return {k: v for k, v in data.items()
+            if v is not None or k not in cls.model_fields or _nullable(cls.model_fields[k].annotation)}
+
+
+def _nullable(annotation) -> bool:
+    return annotation is Any or annotation is None or type(None) in typing.get_args(annotation)
+
+
+def _nulls_in_schema(schema: dict, cls: type[BaseModel]) -> None:
+    """The OpenAPI schema says so too: each field with a default takes null (nulls_as_defaults)."""
+    for name, prop in schema.get("properties", {}).items():
+        field = cls.model_fields.get(name)
+        if field is not None and not field.is_required() and not _nullable(field.annotation):
+            outer = {k: prop.pop(k) for k in ("title", "description", "default") if k in prop}
+            schema["properties"][name] = {"anyOf": [prop, {"type": "null"}], **outer}
+
+
+class Body(BaseModel):
+    """A JSON object of a request: unknown fields ignored (as OpenAI does), null as a default."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_nulls_in_schema)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data):
+        return nulls_as_defaults(cls, data)
+
+
+class StreamOptions(Body):
     include_usage: StrictBool = False
     continuous_usage_stats: StrictBool = False  # vLLM's: with include_usage, usage on every chunk too
 
 
-class TextBody(BaseModel):
+class TextBody(Body):
     """A request body whose strings must be text: a lone UTF-16 surrogate anywhere is a 400 naming
     the field. Unknown fields are ignored, as OpenAI does. `WHOLE`: every value is looked at (a body
     with no field of token ids to skip, whose tools and the like come back in its answer), and NaN
     and infinities are refused too (Python's JSON reads them; no JSON writer writes them back)."""
 
-    model_config = ConfigDict(extra="ignore")
     WHOLE: ClassVar[bool] = False
 
     @model_validator(mode="before")
@@ -309,7 +343,7 @@ class SamplingFields(TextBody):
 
 
 class CompletionRequest(SamplingFields):
-    MAX_LOGPROBS: ClassVar[int] = 5  # OpenAI's (SGLang's /generate: vLLM's 20, gateway/generate_api.py)
+    MAX_LOGPROBS: ClassVar[int] = MAX_LOGPROBS  # vLLM's (OpenAI's legacy completions: 5)
     prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]] | None = None
     echo: StrictBool = False
     logprobs: StrictInt | None = None
@@ -345,8 +379,7 @@ class CompletionRequest(SamplingFields):
         return batch
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ChatMessage(Body):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: StrictStr | list[dict] | None = None
     tool_calls: list | None = None       # an assistant's calls (gateway/tools.py)
@@ -370,7 +403,7 @@ class ChatMessage(BaseModel):
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
                     raise BadRequest("message content parts must be {'type': 'text', 'text': ...}", "messages")
                 parts.append(part["text"])
-            return "".join(parts)
+            return "\n".join(parts)  # as vLLM joins them: words at the parts' edges stay apart
         return self.content or ""
 
 
@@ -408,6 +441,9 @@ class ChatRequest(SamplingFields):
 
     def check(self) -> None:
         if self.max_completion_tokens is not None:  # OpenAI's current name wins over the deprecated one, as there
+            if self.max_completion_tokens < 1:
+                raise BadRequest(f"'max_completion_tokens' = {self.max_completion_tokens}: must be at least 1",
+                                 "max_completion_tokens")
             self.max_tokens = self.max_completion_tokens
         self.check_common()
         if not self.messages:
@@ -418,8 +454,8 @@ class ChatRequest(SamplingFields):
             if m.tool_calls and m.role != "assistant":
                 raise BadRequest(f"messages[{i}] ({m.role}) has 'tool_calls': only an assistant's message may",
                                  "messages")
-        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 5:
-            raise BadRequest(f"'top_logprobs' = {self.top_logprobs}: must be between 0 and 5", "top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise BadRequest(f"'top_logprobs' = {self.top_logprobs}: must be between 0 and {MAX_LOGPROBS}", "top_logprobs")
         if self.top_logprobs and not self.logprobs:
             raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
         if self.continue_final_message and self.add_generation_prompt:

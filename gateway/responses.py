@@ -130,13 +130,17 @@ def completion_logprobs(tokenizer, tokens: list[TokenEvent], offset: int,
 
 
 def _entries(tokenizer, rows: list[Scored], offset: int, as_ids: bool) -> tuple[dict, int]:
-    """(OpenAI's completion logprobs of the rows, where the text after them starts)."""
+    """(OpenAI's completion logprobs of the rows, where the text after them starts). A row's
+    top_logprobs hold its own token first, then the likeliest: up to `logprobs` + 1 entries, as
+    OpenAI's and vLLM's ("the API will always return the logprob of the sampled token")."""
     pieces = [_piece(tokenizer, token_id) for token_id, _, _ in rows]
     offsets = list(itertools.accumulate((len(p) for p in pieces), initial=offset))
     return {"tokens": [_name(tokenizer, t, as_ids) for t, _, _ in rows] if as_ids else pieces,
             "token_logprobs": [logprob for _, logprob, _ in rows],
-            "top_logprobs": [None if top is None else {_name(tokenizer, x.token_id, as_ids): x.logprob for x in top}
-                             for _, _, top in rows],
+            "top_logprobs": [None if top is None else
+                             {_name(tokenizer, t, as_ids): logprob} | {_name(tokenizer, x.token_id, as_ids): x.logprob
+                                                                       for x in top}
+                             for t, logprob, top in rows],
             "text_offset": offsets[:-1]}, offsets[-1]
 
 

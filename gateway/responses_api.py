@@ -44,7 +44,7 @@ from common.errors import BadRequest, DejavuError, NotFound, Unavailable
 from common.metadata import PREFIX
 from gateway import tools
 from gateway.jobs import Delta, Job
-from gateway.openai_types import ChatRequest, TranslatedBody
+from gateway.openai_types import MAX_LOGPROBS, ChatRequest, TranslatedBody
 from gateway.responses import ChatSplit, Totals, cached_tokens, chat_logprobs, replayed
 
 Number = StrictFloat | StrictInt
@@ -106,8 +106,8 @@ class ResponsesRequest(TranslatedBody):
                              "longer than the context is a 400)", "truncation")
         if self.max_output_tokens is not None and self.max_output_tokens < 1:
             raise BadRequest(f"'max_output_tokens' = {self.max_output_tokens}: must be at least 1", "max_output_tokens")
-        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 5:
-            raise BadRequest(f"'top_logprobs' = {self.top_logprobs}: must be between 0 and 5", "top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise BadRequest(f"'top_logprobs' = {self.top_logprobs}: must be between 0 and {MAX_LOGPROBS}", "top_logprobs")
         if self.metadata is not None and (len(self.metadata) > 16 or any(
                 len(k) > 64 or len(v) > 512 for k, v in self.metadata.items())):
             raise BadRequest("'metadata' holds at most 16 keys of at most 64 characters, each value at most 512",
@@ -258,7 +258,7 @@ def _parts_text(i: int, parts: list) -> str:
         else:
             raise BadRequest(f"input[{i}] has a content part of type {str(kind)[:40]!r}: this model reads text only "
                              "({'type': 'input_text', 'text': ...})", "input")
-    return "".join(out)
+    return "\n".join(out)  # as chat's text parts (ChatMessage.text)
 
 
 def _string(i: int, item: dict, key: str) -> str:

@@ -97,6 +97,10 @@ class Router:
                 try:
                     async with contextlib.aclosing(self._attempt(run)) as events:
                         async for event in events:
+                            if event.grammar_error:  # not what the client asked for: no text that breaks it
+                                log.warning("the grammar failed after %d tokens: %s", len(run.outputs), event.grammar_error)
+                                raise BadRequest(f"grammar (structured output) failed after {len(run.outputs)} "
+                                                 f"tokens: {event.grammar_error}; simplify it", code="invalid_grammar")
                             run.outputs.append(event.token_id)
                             yield event
                     return

@@ -53,6 +53,26 @@ def test_each_key_is_served_and_probes_need_none(cluster):
     assert "dejavu_" in httpx.get(cluster.url + "/metrics", timeout=10).text
 
 
+def test_a_browser_page_may_call_the_api_its_key_still_needed(cluster):
+    """CORS, as vLLM's and SGLang's by default (any origin): a browser's preflight, which carries no
+    key, is answered; the call itself still needs the key, and its answer, 401 or 200, says the page
+    may read it."""
+    page = {"Origin": "https://playground.example"}
+    pre = httpx.options(cluster.url + "/v1/chat/completions", timeout=10, headers={
+        **page, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "*", pre.text
+    assert "POST" in pre.headers["access-control-allow-methods"]
+    assert "authorization" in pre.headers["access-control-allow-headers"].lower()
+    body = {"prompt": "hi", "max_tokens": 2}
+    refused = httpx.post(cluster.url + "/v1/completions", headers=page, json=body, timeout=30)
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "*"
+    served = httpx.post(cluster.url + "/v1/completions", headers={**page, "Authorization": f"Bearer {KEYS[0]}"},
+                        json=body, timeout=60)
+    assert served.status_code == 200 and served.headers["access-control-allow-origin"] == "*"
+    assert "x-request-id" in served.headers["access-control-expose-headers"]
+    assert "access-control-allow-origin" not in httpx.get(cluster.url + "/health", timeout=10).headers  # no Origin: none
+
+
 def test_openai_sdk_with_and_without_the_key(cluster):
     good = openai.OpenAI(base_url=cluster.url + "/v1", api_key=KEYS[0], max_retries=0)
     model = good.models.list().data[0].id

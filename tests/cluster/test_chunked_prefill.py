@@ -66,8 +66,9 @@ def test_echo_with_logprobs_scores_the_prompt_chunk_by_chunk_as_hf(cluster, tiny
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
     expect = want[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
     torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:]), expect, rtol=0, atol=1e-4)
-    for top, row in zip(lp["top_logprobs"][1:], want):
-        assert len(top) == 2 and max(top.values()) == pytest.approx(float(row.max()), abs=1e-4)
+    for top, row, token, logprob in zip(lp["top_logprobs"][1:], want, lp["tokens"][1:], lp["token_logprobs"][1:]):
+        assert len(top) in (2, 3) and max(top.values()) == pytest.approx(float(row.max()), abs=1e-4)
+        assert next(iter(top.items())) == (token, logprob)  # the prompt's own token first, as OpenAI's
     assert "".join(lp["tokens"]) == choice["text"] and lp["text_offset"][0] == 0
 
     more = completion(cluster.url, **body, max_tokens=5)["choices"][0]

@@ -121,8 +121,8 @@ def test_a_batch_of_prompts_with_n_choices_each(tiny_cluster, tiny_oracle):
     assert texts == [c["text"] for c in again["choices"]] and len(set(texts)) == 3
     assert texts[0] == completion(tiny_cluster.url, **{**seeded, "n": 1})["choices"][0]["text"]
 
-    async def streamed() -> tuple[dict, dict]:
-        chunks, usage = {}, None
+    async def streamed() -> tuple[dict, dict, set]:
+        chunks, usage, stream_ids = {}, None, set()
         body = {"prompt": ids[:2], "max_tokens": 8, "temperature": 0, "n": 2, "stream": True,
                 "stream_options": {"include_usage": True}}
         async with httpx.AsyncClient() as client:
@@ -131,13 +131,15 @@ def test_a_batch_of_prompts_with_n_choices_each(tiny_cluster, tiny_oracle):
                 async for line in resp.aiter_lines():
                     if line.startswith("data: {"):
                         data = json.loads(line[6:])
+                        stream_ids.add(data["id"])
                         for c in data["choices"]:
                             chunks[c["index"]] = chunks.get(c["index"], "") + c["text"]
                         usage = data.get("usage") or usage
-        return chunks, usage
+        return chunks, usage, stream_ids
 
-    chunks, usage = asyncio.run(streamed())
+    chunks, usage, stream_ids = asyncio.run(streamed())
     assert chunks == {i: want[i // 2] for i in range(4)}
+    assert len(stream_ids) == 1, stream_ids  # one completion, one id on every chunk (as its whole answer)
     assert usage["prompt_tokens"] == len(ids[0]) + len(ids[1])
     assert_no_kv_held(tiny_cluster)
 
@@ -360,6 +362,14 @@ def test_structured_output_follows_its_grammar_streamed_or_not(tiny_cluster):
         assert asyncio.run(streamed(ask)) == text, ask
     resp = httpx.post(tiny_cluster.url + "/v1/completions", json={**body, "guided_regex": "[0-9"}, timeout=30)
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "guided_regex", resp.text
+    # a schema that allows no output; a regex that compiles, then fails on its first token (past
+    # llguidance's limits): a 400, never a "stop" with text that breaks the grammar
+    for ask in ({"response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": {"$ref": "#"}}}},
+                {"guided_regex": "a{1000000}"}):
+        for stream in (False, True):
+            resp = httpx.post(tiny_cluster.url + "/v1/completions", json={**body, **ask, "stream": stream}, timeout=60)
+            assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_grammar", resp.text
+    assert completion(tiny_cluster.url, **body, guided_regex="a{5}")["choices"][0]["text"] == "aaaaa"
     assert_no_kv_held(tiny_cluster)
 
 
@@ -614,7 +624,10 @@ def test_prompt_logprobs_score_the_prompt_as_hf_with_ranks_beside_echos(tiny_clu
                      prompt_logprobs=3)
     for choice in out["choices"]:
         check(choice["prompt_logprobs"], ids, 3)
-        assert all(top is None or len(top) == 1 for top in choice["logprobs"]["top_logprobs"][:len(ids)])  # echo's 1
+        lp = choice["logprobs"]  # echo's 1 likeliest, and each prompt token's own, first
+        assert lp["top_logprobs"][0] is None
+        for top, token, logprob in zip(lp["top_logprobs"][1:len(ids)], lp["tokens"][1:], lp["token_logprobs"][1:]):
+            assert len(top) in (1, 2) and next(iter(top.items())) == (token, logprob)
     assert out["choices"][0]["prompt_logprobs"] == out["choices"][1]["prompt_logprobs"]
     plain = completion(tiny_cluster.url, prompt=ids, max_tokens=2, temperature=0)
     assert "prompt_logprobs" not in plain["choices"][0] and plain["choices"][0]["logprobs"] is None

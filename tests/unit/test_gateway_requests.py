@@ -5,9 +5,11 @@ help), and chat's max_completion_tokens wins over the deprecated max_tokens, as 
 from __future__ import annotations
 
 import json
-import pytest
 
-from common.errors import ContextLengthExceeded
+import pytest
+from pydantic import ValidationError
+
+from common.errors import BadRequest, ContextLengthExceeded
 from common.model import load_tokenizer
 from gateway.jobs import Limits, chat_jobs, completion_jobs
 from gateway.openai_types import ChatRequest, CompletionRequest
@@ -40,6 +42,35 @@ def test_max_completion_tokens_wins_over_max_tokens(tokenizer):
     assert chat_jobs(both, tokenizer, limits)[0].sampling.max_tokens == 3
     old = ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=6)
     assert chat_jobs(old, tokenizer, limits)[0].sampling.max_tokens == 6
+    for value in (0, -1):  # the 400 names the field that was sent
+        with pytest.raises(BadRequest, match="'max_completion_tokens' = ") as info:
+            chat_jobs(ChatRequest(messages=[{"role": "user", "content": "hi"}], max_completion_tokens=value), tokenizer,
+                      limits)
+        assert info.value.param == "max_completion_tokens"
+
+
+def test_null_is_a_fields_default_and_text_parts_are_joined_by_lines(tokenizer):
+    """OpenAI's spec marks its optional fields nullable and vLLM reads null as unset: clients send
+    `"stream": null`. A field that takes null keeps it. Text parts are one text, a line apart, as
+    vLLM joins them (words at the parts' edges stay apart)."""
+    limits = limits_of(tokenizer, 512)
+    nulls = {k: None for k in ("stream", "n", "echo", "ignore_eos", "skip_special_tokens", "stream_options",
+                               "include_stop_str_in_output", "max_tokens", "temperature", "stop", "logprobs")}
+    [job] = completion_jobs(CompletionRequest.model_validate({"prompt": "Hi", **nulls}), tokenizer, limits)
+    [plain] = completion_jobs(CompletionRequest(prompt="Hi"), tokenizer, limits)
+    assert (job.stream, job.echo_text, job.skip_special, job.sampling.max_tokens) == (False, "", True, 16)
+    assert job.sampling.model_copy(update={"seed": 0}) == plain.sampling.model_copy(update={"seed": 0})
+    chat = ChatRequest.model_validate({"messages": [{"role": "user", "content": [{"type": "text", "text": "A"},
+                                                                                 {"type": "text", "text": "B"}],
+                                                     "name": None, "tool_calls": None}],
+                                       "logprobs": None, "add_generation_prompt": None, "include_reasoning": None,
+                                       "stream": True, "stream_options": {"include_usage": None}})
+    [job] = chat_jobs(chat, tokenizer, limits)
+    [lines] = chat_jobs(ChatRequest(messages=[{"role": "user", "content": "A\nB"}]), tokenizer, limits)
+    assert job.prompt_ids == lines.prompt_ids and job.sampling.logprobs is None and not job.include_usage
+    with pytest.raises(ValidationError) as info:  # a required field stays required
+        ChatRequest.model_validate({"messages": [{"role": None, "content": "x"}]})
+    assert info.value.errors()[0]["type"] == "missing"
 
 
 @pytest.mark.parametrize("field, value", [("function_call", {"name": "f"}), ("functions", [{"name": "f"}]),
@@ -238,7 +269,8 @@ def test_return_tokens_as_token_ids_names_logprobs_tokens_by_id(tokenizer):
     every = ids + [e.token_id for e in events]
     assert named["tokens"] == [f"token_id:{t}" for t in every]
     assert named["text_offset"] == texts["text_offset"] and named["token_logprobs"] == texts["token_logprobs"]
-    assert named["top_logprobs"][0] is None and named["top_logprobs"][1] == {"token_id:7": -0.1}
+    assert named["top_logprobs"][0] is None and named["top_logprobs"][1] == {f"token_id:{ids[1]}": -1.0, "token_id:7": -0.1}
+    assert list(texts["top_logprobs"][1].values()) == [-1.0, -0.1]  # its own token first, then the likeliest
     assert named["top_logprobs"][-1] == {f"token_id:{events[-1].token_id}": -0.5, "token_id:9": -2.0}
     writer = ChunkWriter(job, tokenizer, chat=False)
     [echo] = writer.first(Delta("", [], None, scores))

@@ -91,6 +91,20 @@ def test_a_forbidden_token_leaves_the_matcher_done_and_bad_grammars_raise(tokeni
             grammar.from_request(kind, value, **options)
 
 
+def test_a_grammar_that_fails_says_so_where_it_used_to_stop(tokenizer):
+    """A schema that is only a reference to itself allows nothing at its first mask; a regex past
+    llguidance's limits compiles, then fails on the token it allowed. Either pick ends the request
+    and says why (the gateway's 400), where it used to read as a grammar completed ("stop", with
+    text that breaks it)."""
+    for p, words in ((guided("json", {"$ref": "#"}), ""), (guided("regex", "a{1000000}"), "too many")):
+        history = History(VOCAB, [1], matcher=grammar.start(p.grammar, VOCAB))
+        [event] = sample(torch.zeros(1, VOCAB), [p], [0], ["r"], [history])
+        assert event.finish_reason == "stop" and event.grammar_error and words in event.grammar_error, event
+    fine = guided("regex", "a{5}")
+    [event] = sample(torch.zeros(1, VOCAB), [fine], [0], ["r"], [History(VOCAB, [1], matcher=grammar.start(fine.grammar, VOCAB))])
+    assert event.grammar_error is None and tokenizer.decode([event.token_id]) in ("a", "aa", "aaa", "aaaa", "aaaaa")
+
+
 def test_the_services_refuse_a_grammar_that_does_not_compile(tiny_model_path):
     """A grammar the gateway did not check (another client of the services' API) is a 400 there,
     before anything is reserved or queued; a valid one passes."""

@@ -71,7 +71,7 @@ def test_a_conversation_of_blocks_is_the_chat_it_stands_for(tokenizer):
     text after them; sampling fields and the tools carry over."""
     limits = limits_of(tokenizer, tool_parser="hermes")
     messages = [
-        {"role": "user", "content": [{"type": "text", "text": "Add 1 and 2, "},
+        {"role": "user", "content": [{"type": "text", "text": "Add 1 and 2,"},
                                      {"type": "text", "text": "then 3 and 4.",
                                       "cache_control": {"type": "ephemeral"}}]},
         {"role": "assistant", "content": [
@@ -89,7 +89,7 @@ def test_a_conversation_of_blocks_is_the_chat_it_stands_for(tokenizer):
     calls = [{"id": f"t{i}", "type": "function", "function": {"name": "add", "arguments": json.dumps(args)}}
              for i, args in ((1, {"a": 1, "b": 2}), (2, {"a": 3, "b": 4}))]
     chat = ChatRequest(model="m", messages=[
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 1 and 2, then 3 and 4."},
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 1 and 2,\nthen 3 and 4."},
         {"role": "assistant", "content": "On it.", "tool_calls": calls},
         {"role": "tool", "tool_call_id": "t1", "content": "3"}, {"role": "tool", "tool_call_id": "t2", "content": "7"},
         {"role": "user", "content": "Now say both."}],

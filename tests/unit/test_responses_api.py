@@ -48,7 +48,7 @@ def test_a_conversation_of_items_is_the_chat_it_stands_for(tokenizer):
     """instructions, messages with text parts, a turn's function calls (one assistant message) and
     their outputs (tool messages); a reasoning item is left out, as chat templates leave it."""
     limits = limits_of(tokenizer, tool_parser="hermes")
-    items = [{"role": "user", "content": [{"type": "input_text", "text": "Add 1 and 2, "},
+    items = [{"role": "user", "content": [{"type": "input_text", "text": "Add 1 and 2,"},
                                           {"type": "input_text", "text": "then 3 and 4."}]},
              {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "hm"}]},
              {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "On it."}]},
@@ -62,7 +62,7 @@ def test_a_conversation_of_items_is_the_chat_it_stands_for(tokenizer):
     calls = [{"id": f"c{i}", "type": "function", "function": {"name": "add", "arguments": json.dumps(args)}}
              for i, args in ((1, {"a": 1, "b": 2}), (2, {"a": 3, "b": 4}))]
     chat = ChatRequest(model="m", messages=[
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 1 and 2, then 3 and 4."},
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 1 and 2,\nthen 3 and 4."},
         {"role": "assistant", "content": "On it.", "tool_calls": calls},
         {"role": "tool", "tool_call_id": "c1", "content": "3"}, {"role": "tool", "tool_call_id": "c2", "content": "7"}],
         tools=[{"type": "function", "function": {k: FN[k] for k in ("name", "description", "parameters")}}],
@@ -117,7 +117,7 @@ def test_a_string_input_a_named_tool_and_a_json_format_ask_what_chats_fields_do(
     ({"input": "x", "text": {"format": {"type": "yaml"}}}, "text"),
     ({"input": "x", "reasoning": {"effort": "extreme"}}, "reasoning"),
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
-    ({"input": "x", "top_logprobs": 6}, "top_logprobs"),
+    ({"input": "x", "top_logprobs": 21}, "top_logprobs"),
     ({"input": "x", "temperature": 2.5}, "temperature"),
     ({"input": "x", "tool_choice": "required"}, "tool_choice"),
     ({"input": "x", "tools": [{"type": "function", "name": ""}]}, "tools"),

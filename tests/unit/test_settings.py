@@ -48,6 +48,13 @@ def test_api_keys_from_repeated_flags_or_one_variable():
         assert "--api-key / DEJAVU_API_KEYS" in str(err.value) and "good-key" not in str(err.value)  # never printed
 
 
+def test_allowed_origins_any_by_default_some_or_none():
+    assert load(GatewaySettings, [], environ={}).allowed_origins == ("*",)
+    assert load(GatewaySettings, [], environ={"DEJAVU_ALLOWED_ORIGINS": ""}).allowed_origins == ()
+    flags = ["--allowed-origin", "https://a.example", "--allowed-origin", "https://b.example"]
+    assert load(GatewaySettings, flags, environ={}).allowed_origins == ("https://a.example", "https://b.example")
+
+
 def test_default_service_ids_differ_at_every_start():
     """A container restarted in place keeps its hostname and often its pid; the gateway skips the
     services that failed a request, so the new process must not carry the dead one's id."""
