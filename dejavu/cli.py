@@ -287,7 +287,7 @@ def cmd_up(args, parser) -> int:
     placement, placement_line = _cpu_placement(args)
     cluster = Cluster(args.model, args.port, args.prompt_services, args.token_services, args.cache_stores,
                       args.redis_url, env, echo_logs=not args.quiet, host=args.host, placement=placement,
-                      stages=args.stages, prompt_stages=args.prompt_stages)
+                      stages=args.stages, prompt_stages=args.prompt_stages, end_with_us=True)
     mode = "colocated (token services prefill)" if args.colocated else f"{args.prompt_services} prompt"
     pipes = f" ({args.stages} stages each)" if args.stages > 1 else ""
     prompt_pipes = f" ({args.prompt_stages} stages each)" if args.prompt_stages > 1 and not args.colocated else ""

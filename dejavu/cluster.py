@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from common.protocol import CLUSTER_TOKEN_HEADER
+from dejavu.children import ending_with_us
 from dejavu.placement import Placement
 from dejavu.redis_server import RedisServer, free_port
 
@@ -60,8 +61,9 @@ class Cluster:
     def __init__(self, model: str = "smollm2", port: int = 8000, prompt_services: int = 1, token_services: int = 1,
                  cache_stores: int = 1, redis_url: str | None = None, env: dict[str, str] | None = None,
                  echo_logs: bool = True, host: str = "127.0.0.1", placement: dict[str, Placement] | None = None,
-                 stages: int = 1, prompt_stages: int = 1):
+                 stages: int = 1, prompt_stages: int = 1, end_with_us: bool = False):
         self.model, self.port, self.host = model, port, host
+        self.end_with_us = end_with_us  # children (and the embedded Redis) end when this process does (`dejavu up`)
         self.stages = stages  # each token service a pipeline of this many processes (token_service/pipeline.py)
         self.prompt_stages = prompt_stages  # and each prompt service (prompt_service/pipeline.py)
         self.placement = placement or {}  # child name -> cores and threads (dejavu.placement.plan); {} = off
@@ -104,7 +106,7 @@ class Cluster:
     def start(self, timeout: float = 300.0) -> "Cluster":
         try:
             if self.redis_url is None:
-                self.redis = RedisServer()
+                self.redis = RedisServer(end_with_us=self.end_with_us)
                 self.redis_url = self.redis.url
             for kind, count in self.counts.items():
                 for i in range(count):
@@ -138,7 +140,8 @@ class Cluster:
                **({"DEJAVU_CPU_TURNS": os.path.join(self.turns_dir, "cpu.lock") if place.turns else ""} if place else {}),
                **overrides}
         env.setdefault("DEJAVU_PORT", str(self.port) if kind == "gateway" else "0")
-        proc = subprocess.Popen([sys.executable, "-m", MODULES[kind]], env=env, stdout=subprocess.PIPE,
+        argv = [sys.executable, "-m", MODULES[kind]]
+        proc = subprocess.Popen(ending_with_us(argv) if self.end_with_us else argv, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         if place and place.cores:
             _pin(proc.pid, place.cores)
@@ -180,7 +183,7 @@ class Cluster:
 
     def restart_redis(self) -> None:
         """The embedded Redis died: start it again, empty, on the same port (services re-register)."""
-        self.redis = RedisServer(self.redis.port)
+        self.redis = RedisServer(self.redis.port, end_with_us=self.end_with_us)
 
     def dead(self) -> list[Child]:
         return [c for c in self.children if c.proc.poll() is not None]

@@ -9,6 +9,8 @@ import subprocess
 import tempfile
 import time
 
+from dejavu.children import ending_with_us
+
 
 class RedisNotInstalled(RuntimeError):
     pass
@@ -21,7 +23,8 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, port: int = 0):
+    def __init__(self, port: int = 0, end_with_us: bool = False):
+        """`end_with_us`: it ends when this process does (dejavu.cluster.ending_with_us)."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise RedisNotInstalled("redis-server is not installed: `apt-get install -y redis-server` "
@@ -33,10 +36,11 @@ class RedisServer:
         # services (they deregister on the way out)
         self.log = os.path.join(self.dir, "redis.log")
         with open(self.log, "ab") as log:  # its start-up errors (a config it refuses) come on stderr; both append
-            self.proc = subprocess.Popen(
-                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--dir", self.dir, "--protected-mode", "yes", "--loglevel", "warning", "--logfile", self.log],
-                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+            argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                    "--dir", self.dir, "--protected-mode", "yes", "--loglevel", "warning", "--logfile", self.log]
+            if end_with_us:
+                argv = ending_with_us(argv)
+            self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
         self._wait_ready()
 
     def _log_tail(self) -> str:

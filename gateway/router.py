@@ -41,6 +41,11 @@ OWNER_WATCH_S = 45.0  # a finished request's replica is dropped by the gateway i
 #                       long (longer than the owner's own drop can take: a replica send in flight, then /drop)
 DROP_CONCURRENCY = 16  # replicas of a dead owner's finished requests dropped at a time
 RESERVE_TIMEOUT_S = 10.0  # a /reserve unanswered this long is given up (and aborted: it may have taken room)
+# ... this long while another token service is left to ask: one that hangs holds the admission
+# queue's head (and everyone behind it) a second, not until its lease lapses or the timeout
+RESERVE_QUICK_S = 1.0
+PASSED_OVER_S = 1.0  # a token service whose /reserve failed (refused, unanswered) is not asked again this long:
+#                      a dead one still leased would be asked again at every wake-up of the queue's head
 PREFIX_ROUTED = prometheus_client.Counter("dejavu_gateway_prefix_routed_total", "prompts sent to the service that "
                                           "prefilled their longest prefix last (--prefix-routing)")
 
@@ -57,6 +62,7 @@ class Router:
         self._cache: tuple[float, list[ServiceInfo]] = (0.0, [])
         self.recent = RecentServices(registry, settings.lease_ttl_s)
         self._aborting: set[tuple[str, str]] = set()  # (request id, service id): an abort of a reservation in flight
+        self._passed_over: dict[str, float] = {}  # token service id: when it may be asked to reserve again
         # (request id, service id): an abort of a prefill in flight, sent to a service that stopped answering;
         # a retry of that request on that service waits for it (a late abort would fail the retry)
         self._prefill_aborts: dict[tuple[str, str], asyncio.Task] = {}
@@ -309,21 +315,29 @@ class Router:
             raise Unavailable(f"no token service takes {tokens} tokens (the largest takes "
                               f"{max(s.max_model_len for s in services)}): check their --max-model-len")
         remembered = lambda s: s.id not in self.recent.listed  # noqa: E731 - listed now first: a remembered one may be dead
-        home = self._home(prefer, fitting)
-        for svc in sorted(fitting, key=lambda s: (remembered(s), s.id != home, self.in_flight[s.id], s.active_requests,
-                                                  -s.kv_bytes_free)):
-            if (req.request_id, svc.id) in self._aborting:
-                continue  # its abort could land after a new reservation there and free it
+        home, now = self._home(prefer, fitting), time.monotonic()
+        self._passed_over = {sid: until for sid, until in self._passed_over.items() if until > now}
+        order = [s for s in sorted(fitting, key=lambda s: (remembered(s), s.id != home, self.in_flight[s.id],
+                                                           s.active_requests, -s.kv_bytes_free))
+                 if (req.request_id, s.id) not in self._aborting  # its abort could land after a new reservation there
+                 and s.id not in self._passed_over]
+        for i, svc in enumerate(order):
             self.in_flight[svc.id] += 1  # counted now: a burst of reservations spreads out
             reserved = False
             try:
-                reserved = Reservation.model_validate(await self._post(svc, "/reserve", req, timeout=RESERVE_TIMEOUT_S))
+                if i < len(order) - 1:  # another is left: a hung one holds the queue a second, no longer
+                    answer = await self._post(svc, "/reserve", req, timeout=RESERVE_QUICK_S)
+                else:  # the last one: until it answers, or its lease lapses (a hung or dead one)
+                    answer = await self._until_lease_lapses(self._post(svc, "/reserve", req, timeout=RESERVE_TIMEOUT_S),
+                                                            svc)
+                reserved = Reservation.model_validate(answer)
                 return reserved, svc
             except KVFull:
                 pass  # expected under load: the request waits its turn, nothing to log
             except (UpstreamError, Unavailable) as exc:
                 log.warning("token service %s refused a reservation: %s", svc.id, exc.message)
                 if isinstance(exc, UpstreamError):  # e.g. timed out: the room may be taken all the same
+                    self._passed_over[svc.id] = time.monotonic() + PASSED_OVER_S
                     self._spawn(self._abort_reservation(req.request_id, svc))
             except asyncio.CancelledError:  # the client left: the room may be taken already
                 self._spawn(self._abort_all(req.request_id, [svc]))

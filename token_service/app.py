@@ -92,6 +92,7 @@ async def _lifespan(app: FastAPI, settings: TokenSettings):
     def start_replicating(redis) -> None:
         registry = Registry(redis, cluster_fingerprint(settings.cluster_token))  # this cluster's stores only
         stores = RecentServices(registry, settings.lease_ttl_s)  # a Redis restart forgets no store
+        engine.registry = registry
         engine.replicator = Replicator(engine.pool, runner.block_size, peers, stores, RequestStore(redis), client,
                                        settings.replicate_every, runner.layers, runner.kv.layers,
                                        engine.pipeline.replicate if engine.pipeline else None)

@@ -37,8 +37,9 @@ from common.kv.copy import scatter
 from common.kv.fetch import FetchError, fetch_replica
 from common.kv.transport import TransportError
 from common.kv.wire import Header, WireError, as_tensor
+from common.metadata import Registry
 from common.protocol import (DecodeEvent, DecodeRequest, PrefillRequest, PrefillResult, Reservation, ReserveRequest,
-                             RestoreRequest, RestoreResult, SamplingParams)
+                             RestoreRequest, RestoreResult, SamplingParams, ServiceKind)
 from common.sampling import named_tokens, sample
 from common.service import request_id_var
 from common.settings import TokenSettings
@@ -56,6 +57,7 @@ from token_service.sequence import SeqStatus, Sequence
 
 log = logging.getLogger(__name__)
 
+STORE_CHECK_S = 1.0  # a replica's fetch silent this long: is its store still renewing its lease? (restore)
 SEQUENCES = Gauge("dejavu_token_sequences", "requests holding KV room here (reserved, filling or decoding)")
 BLOCKS_USED = Gauge("dejavu_token_kv_blocks_used", "KV pool blocks held by requests")
 BLOCKS_COMMITTED = Gauge("dejavu_token_kv_blocks_committed", "KV pool blocks promised to admitted requests")
@@ -88,6 +90,7 @@ class TokenEngine:
         self.kv_address = ""  # set once the KV listener is up
         self.transport = None  # the KV transport (fetches replicas on recovery)
         self.replicator: Replicator | None = None  # set once Redis is connected
+        self.registry: Registry | None = None  # this cluster's registry, once Redis is connected: a store's lease (restore)
         self.pipeline: Pipeline | None = None  # --stages: the stages after this one (token_service/pipeline.py)
         # steps in flight: a pipeline's, one per stage; with --swap two at least, or no swap-in overlaps a step
         self.microbatches = settings.microbatches or max(settings.stages, 2 if settings.swap else 1)
@@ -227,6 +230,8 @@ class TokenEngine:
                 fetch_replica(self.transport, req.store_kv_address, req.request_id, req.epoch, n, layers=mine),
                 *([self.pipeline.fetch(req.request_id, req.epoch, seq.blocks, n, req.store_kv_address)]
                   if self.pipeline is not None else []), return_exceptions=True)
+            if self.pipeline is None:  # the head's own fetch alone: it writes nothing into the blocks until it is back
+                await self._while_store_leased(fetches, req)
             try:
                 kv, *stages = await asyncio.shield(fetches)
             except asyncio.CancelledError:  # the stages write into the blocks until they report: only then may
@@ -261,6 +266,28 @@ class TokenEngine:
                                               req.store_url)
         return RestoreResult(request_id=req.request_id, fetched=n, recomputed=seq.prompt_len - n,
                              fetch_ms=(time.perf_counter() - start) * 1e3)
+
+    async def _while_store_leased(self, fetch: asyncio.Future, req: RestoreRequest) -> None:
+        """Wait for `fetch`, unless the replica's store stops renewing its lease first: hung
+        (SIGSTOPped, its sockets still open) a fetch would wait out FETCH_TIMEOUT_S, 30 s of a
+        client's pause. Then the fetch is dropped and the replica is unavailable: the gateway
+        prefills the request again, after about a lease TTL. Redis unreachable says nothing of the
+        store: the fetch's own timeout is all there is then."""
+        if self.registry is None:
+            return
+        try:
+            while not (await asyncio.wait({fetch}, timeout=STORE_CHECK_S))[0]:
+                try:
+                    listed = {s.id for s in await self.registry.services(ServiceKind.CACHE_STORE)}
+                except Unavailable:
+                    continue
+                if req.store_id not in listed:
+                    raise Unavailable(f"replica of {req.request_id} not fetched from {req.store_id}: the store stopped "
+                                      "renewing its lease (hung or dead)", code="replica_unavailable")
+        except BaseException:  # the store is gone, or the gateway went away: the fetch is nobody's
+            fetch.cancel()
+            fetch.add_done_callback(lambda f: f.cancelled() or f.exception())  # its end, read: nothing to report
+            raise
 
     def _empty_seq(self, request_id: str, prompt_len: int, what: str) -> Sequence:
         """The sequence of a reservation whose KV is still to be written: by a prefill or a restore."""

@@ -88,7 +88,8 @@ def test_up_serves_and_stops_cleanly_on_sigterm(tiny_model_path, tmp_path):
 
 def test_up_names_and_restarts_a_dead_service(tiny_model_path):
     """With the engines taking turns on the cores (whatever auto would pick on this host): the new
-    token service takes turns with the prompt service through the same lock, and serves."""
+    token service takes turns with the prompt service through the same lock, and serves. Then
+    `dejavu up` is SIGKILLed: every child ends with it."""
     port = free_port()
     up = Up(str(tiny_model_path), port, cpu_placement="turns")
     try:
@@ -112,8 +113,14 @@ def test_up_names_and_restarts_a_dead_service(tiny_model_path):
             assert time.monotonic() < deadline, "\n".join(up.lines[-20:])
             time.sleep(0.5)
         assert up.proc.poll() is None
-        up.proc.send_signal(signal.SIGTERM)
-        assert up.wait_exit() == 0
+        # `dejavu up` itself SIGKILLed (or OOM-killed): its children, the restarted ones too, end
+        # with it, instead of serving on with nobody to restart them (found by killing processes)
+        children = up.children()
+        assert len(children) >= 5
+        up.proc.kill()
+        up.proc.wait(10)
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"children left running: {[' '.join(c.cmdline()) for c in alive]}"
     finally:
         if up.proc.poll() is None:
             up.proc.kill()

@@ -312,6 +312,59 @@ async def test_a_service_whose_reservation_is_being_aborted_is_not_asked_again(r
     assert fake.held == ["r-slow"], "the abort freed the reservation made after it"
 
 
+async def test_a_hung_token_service_holds_a_reservation_a_second_and_is_passed_over_after(registry, monkeypatch):
+    """Found by killing processes (SIGSTOP on an idle token service): every new request waited
+    ~10 s, the admission queue's head on /reserve there until RESERVE_TIMEOUT_S, everyone else
+    behind it. With another service left to ask it is asked with RESERVE_QUICK_S, then passed
+    over for PASSED_OVER_S: the next requests go straight to the other."""
+    monkeypatch.setattr(router_module, "RESERVE_QUICK_S", 0.2)
+    monkeypatch.setattr(router_module, "PASSED_OVER_S", 30.0)
+    fake, asked = FullTokenService(slots=4), []
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "token-h" and request.url.path == "/reserve":  # SIGSTOPped: never answers
+            asked.append(request.extensions["timeout"]["read"])
+            await asyncio.sleep(asked[-1])
+            raise httpx.ReadTimeout("timed out", request=request)
+        if request.url.host == "token-h":  # its abort: no answer either
+            raise httpx.ConnectTimeout("timed out", request=request)
+        return await fake(request)
+
+    hung = token_service("token-h").model_copy(update={"url": "http://token-h", "kv_bytes_free": 1 << 40})  # asked first
+    await registry.renew(hung, ttl_s=60)
+    try:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handle)) as client:
+            router = Router(registry, client, GatewaySettings(route_timeout_s=60), None)
+            for rid in ("r0", "r1", "r2"):
+                reservation, svc = await asyncio.wait_for(router.reserve(rid, 10, 10), 10)
+                assert svc.id == "token-a", rid
+            await asyncio.gather(*router.background)
+        assert asked == [0.2], "the hung service was asked once, and briefly"
+        assert fake.held == ["r0", "r1", "r2"]
+    finally:
+        await registry.deregister("token-h")
+
+
+async def test_a_dead_token_service_still_leased_is_not_asked_in_a_loop(registry, monkeypatch):
+    """Found by killing processes: a resumed request whose only candidate was dead but still
+    leased asked it ~2,000 times in 5 s (each refusal's abort woke the queue's head at once), the
+    gateway's CPU spent on it. Now it is passed over PASSED_OVER_S after each refusal."""
+    monkeypatch.setattr(admission, "POLL_S", 0.05)
+    monkeypatch.setattr(router_module, "PASSED_OVER_S", 0.5)
+    refused = []
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        refused.append(request.url.path)
+        raise httpx.ConnectError("connection refused", request=request)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handle)) as client:
+        router = Router(registry, client, GatewaySettings(resume_wait_s=1.5), None)
+        with pytest.raises(Unavailable, match="--resume-wait-s"):
+            await router.reserve("r-resumed", 10, 10, exclude={"token-x"}, resume=True)
+        await asyncio.gather(*router.background)
+    assert 2 <= refused.count("/reserve") <= 4, refused  # once every PASSED_OVER_S of the 1.5 s
+
+
 async def test_arrivals_are_admitted_in_arrival_order_even_when_answers_come_back_out_of_order():
     """Ten requests arrive together; the earlier ones' reservations take longer to answer. With
     each arrival trying at once they were admitted in the order the answers came back (the

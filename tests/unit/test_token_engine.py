@@ -196,6 +196,61 @@ def test_swapping_microbatches_in_one_process_equal_generate(runner, tiny_oracle
 
 
 @pytest.mark.asyncio
+async def test_a_restore_from_a_hung_store_gives_up_when_its_lease_lapses(runner, redis_server, monkeypatch):
+    """Found by killing processes: a cache store SIGSTOPped keeps its sockets open, so a replica's
+    fetch from it waited out FETCH_TIMEOUT_S, 30 s of the client's pause, before the re-prefill.
+    Now the fetch is dropped once the store's lease is gone from Redis (real Redis here): a 503
+    replica_unavailable, the reservation kept for the prefill that follows. A store that answers
+    slowly but keeps its lease is waited for."""
+    import token_service.engine as token_engine
+    from common import metadata
+    from common.errors import Unavailable
+    from common.kv import make_transport
+    from common.kv.wire import stream_in, stream_out
+    from common.protocol import PROTOCOL, RestoreRequest, ServiceInfo, ServiceKind
+
+    monkeypatch.setattr(token_engine, "STORE_CHECK_S", 0.1)
+    engine = engine_of(runner)
+    engine.transport = transport = make_transport("tcp", "secret")
+    redis = metadata.connect(redis_server.url)
+    engine.registry = registry = metadata.Registry(redis)
+    n, gate = 6, asyncio.Event()
+    kv = torch.randn(runner.kv.layers, 2, n, runner.kv.kv_heads, runner.kv.head_dim)
+
+    async def store(conn):  # answers once the test lets it: never, for the hung one
+        header, _ = await stream_in(conn)
+        await gate.wait()
+        await stream_out(conn, kv, request_id=header.request_id, epoch=header.epoch, layer_start=0,
+                         layer_end=runner.kv.layers, token_start=0, token_end=n)
+
+    def lease(name: str, address: str) -> ServiceInfo:
+        return ServiceInfo(kind=ServiceKind.CACHE_STORE, id=name, url=f"http://{name}", host="h", pid=1,
+                           protocol=PROTOCOL, kv_address=address, kv_transport="tcp")
+
+    try:
+        address = await transport.listen(store, "127.0.0.1")
+        await registry.renew(lease("hung", address), ttl_s=0.5)  # renewed no more: it lapses
+        engine.reserve(ReserveRequest(request_id="r", prompt_tokens=8, max_tokens=4))
+        held = engine.blocks.num_used
+        ask = dict(request_id="r", epoch=1, prompt_ids=list(range(8)), replicated=n, store_kv_address=address)
+        with pytest.raises(Unavailable, match="stopped renewing its lease") as info:
+            await asyncio.wait_for(engine.restore(RestoreRequest(**ask, store_id="hung")), 10)
+        assert info.value.code == "replica_unavailable" and engine.blocks.num_used == held > 0
+        assert "r" in engine.scheduler.seqs and not engine.scheduler.seqs["r"].filling  # a prefill may fill it now
+
+        await registry.renew(lease("slow", address), ttl_s=60)
+        asyncio.get_running_loop().call_later(0.5, gate.set)  # five checks of its lease pass first
+        result = await asyncio.wait_for(engine.restore(RestoreRequest(**ask, store_id="slow")), 10)
+        assert result.fetched == n
+        engine.abort("r")
+        assert engine.blocks.num_used == 0
+    finally:
+        await registry.deregister("slow")
+        await redis.aclose()
+        await transport.close()
+
+
+@pytest.mark.asyncio
 async def test_a_cancelled_restore_keeps_the_blocks_until_its_fetch_is_over(runner):
     """The gateway gives up on a restore (its call cancelled, twice) and the request is aborted
     meanwhile: the replica's fetch, still under way, writes into the reserved blocks until it ends,
