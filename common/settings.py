@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import ipaddress
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -250,10 +251,12 @@ class GatewaySettings(ServiceSettings):
     api_keys: tuple[str, ...] = setting((), "an API key clients must send as 'Authorization: Bearer KEY' (or "
                                         "'x-api-key: KEY') on every route but /health and /metrics (repeat for "
                                         "several; none: no authentication)", flag="--api-key")
-    allowed_origins: tuple[str, ...] = setting(("*",), "an origin web pages may call the API from (CORS: the "
-                                               "browser's preflight answered, Access-Control-Allow-Origin sent; '*': "
-                                               "any, as vLLM's and SGLang's default; repeat for several; none, an "
-                                               "empty DEJAVU_ALLOWED_ORIGINS: no CORS)", flag="--allowed-origin")
+    allowed_origins: tuple[str, ...] = setting(("auto",), "an origin web pages may call the API from (CORS: the "
+                                               "browser's preflight answered, Access-Control-Allow-Origin sent), as "
+                                               "scheme://host[:port]; '*': any (vLLM's and SGLang's default); auto: "
+                                               "any where --api-key is set, none without keys (a page must not drive "
+                                               "a keyless server on your machine); repeat for several; none (an empty "
+                                               "DEJAVU_ALLOWED_ORIGINS): no CORS", flag="--allowed-origin")
     responses_ttl_s: float = setting(3600.0, "how long a /v1/responses answer is kept in Redis, for "
                                      "previous_response_id and GET /v1/responses/{id} (s; 0: none kept, and 'store' "
                                      "is answered false)")
@@ -272,9 +275,21 @@ class GatewaySettings(ServiceSettings):
         _check(self, all(k and k.isascii() and k.isprintable() and " " not in k for k in self.api_keys), "api_keys",
                "each key must be non-empty printable ASCII without spaces (it travels in an HTTP header)")
 
+        for origin in self.allowed_origins:
+            _check(self, origin in ("*", "auto") or re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", origin) is not None,
+                   "allowed_origins", f"{origin!r}: an origin is scheme://host[:port] (no path, no trailing slash), "
+                   "'*' or auto")
+
     @property
     def model_name(self) -> str:
         return self.served_model_name or os.path.basename(os.path.normpath(self.model))
+
+    @property
+    def cors_origins(self) -> list[str]:
+        """The origins CORS lets call the API ([] for none): --allowed-origin, auto resolved."""
+        if self.allowed_origins == ("auto",):
+            return ["*"] if self.api_keys else []
+        return [o for o in self.allowed_origins if o and o != "auto"]
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 
 # A child of `dejavu up` ends with it: SIGKILLed or OOM-killed, it would leave the services running
 # with nobody to restart them, holding its port and their KV pools. Linux's parent-death signal (a
@@ -16,7 +17,10 @@ _TRAMPOLINE = ("import ctypes,os,sys;ctypes.CDLL(None).prctl(1,15);"  # PR_SET_P
 
 
 def ending_with_us(argv: list[str]) -> list[str]:
-    """`argv` (its program an absolute path) so that the process ends when this one does (Linux)."""
+    """`argv` (its program an absolute path) so that the process ends when this one does (Linux).
+    Only from the main thread: the child would end with any other thread that started it."""
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("a child that ends with us is started from the main thread: it would end with this one")
     if not sys.platform.startswith("linux"):
         return argv
     return [sys.executable, "-S", "-c", _TRAMPOLINE, str(os.getpid()), *argv]

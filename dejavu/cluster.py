@@ -63,7 +63,9 @@ class Cluster:
                  echo_logs: bool = True, host: str = "127.0.0.1", placement: dict[str, Placement] | None = None,
                  stages: int = 1, prompt_stages: int = 1, end_with_us: bool = False):
         self.model, self.port, self.host = model, port, host
-        self.end_with_us = end_with_us  # children (and the embedded Redis) end when this process does (`dejavu up`)
+        # children (and the embedded Redis) end when this process does (`dejavu up`): they must then be
+        # started, and restarted, from the main thread (dejavu.children)
+        self.end_with_us = end_with_us
         self.stages = stages  # each token service a pipeline of this many processes (token_service/pipeline.py)
         self.prompt_stages = prompt_stages  # and each prompt service (prompt_service/pipeline.py)
         self.placement = placement or {}  # child name -> cores and threads (dejavu.placement.plan); {} = off

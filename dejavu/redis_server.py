@@ -24,7 +24,7 @@ def free_port() -> int:
 
 class RedisServer:
     def __init__(self, port: int = 0, end_with_us: bool = False):
-        """`end_with_us`: it ends when this process does (dejavu.cluster.ending_with_us)."""
+        """`end_with_us`: it ends when this process does (dejavu.children.ending_with_us)."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise RedisNotInstalled("redis-server is not installed: `apt-get install -y redis-server` "

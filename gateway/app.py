@@ -45,7 +45,7 @@ from gateway.jobs import (IN_FLIGHT, LARGE_TEXT_CHARS, REQUESTS, Delta, Job, Lim
                           deltas, text_chars)
 from gateway.messages_api import AnthropicErrors, MessagesForm, MessagesRequest, count_tokens
 from gateway.openai_types import ChatRequest, CompletionRequest
-from gateway.responses import CHAT, COMPLETION, ChunkWriter, Totals, sse
+from gateway.responses import CHAT, COMPLETION, Totals, sse
 from gateway.responses_api import ResponsesForm, ResponsesRequest, ResponseStore
 from gateway.router import Router
 from gateway.tokenize_api import DetokenizeRequest, TokenizeRequest, detokenize, tokenize, version
@@ -103,7 +103,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.add_middleware(RequireSecret, **API_KEYS, secrets=settings.api_keys)
     app.add_middleware(AnthropicErrors)  # it rewrites the errors of every layer on /v1/messages
     app.add_middleware(RequestIds)
-    if origins := [o for o in settings.allowed_origins if o]:  # outermost: a preflight carries no API key
+    if origins := settings.cors_origins:  # outermost: a preflight carries no API key
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
                            expose_headers=["x-request-id", "request-id"])
     add_health_and_metrics(app, lambda: _health(app))
@@ -559,10 +559,7 @@ async def _all(coros):
 
 async def _stream_choices(app: FastAPI, jobs: list[Job], gens: list, firsts: list, form):
     """SSE chunks of every choice as they come, each with its index; one usage chunk at the end."""
-    writers = [form.writer(job, app.state.tokenizer, index=i) for i, job in enumerate(jobs)]
-    for writer in writers[1:]:  # chunks: one id for the whole stream, as its whole answer has (merged_body)
-        if isinstance(writer, ChunkWriter):
-            writer.head["id"] = writers[0].head["id"]
+    writers = [form.writer(job, app.state.tokenizer, index=i, stream_id=jobs[0].request_id) for i, job in enumerate(jobs)]
     totals, error, queue = [Totals() for _ in jobs], None, asyncio.Queue()
 
     async def pump(i: int) -> None:  # a choice's deltas into the queue, then None, or its error

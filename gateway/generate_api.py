@@ -301,8 +301,9 @@ class GenerateForm:
         assert all(isinstance(a, list) for a in answers), "several jobs: each shown with its index"
         return [one for answer in answers for one in answer]
 
-    def writer(self, job: Job, tokenizer, index: int = 0) -> GenerateWriter:
-        """(`index`, the job's place in the request, is its `shown.index` already.)"""
+    def writer(self, job: Job, tokenizer, index: int = 0, stream_id: str = "") -> GenerateWriter:
+        """(`index`, the job's place in the request, is its `shown.index` already; SGLang names each
+        answer by its own rid, not by a `stream_id`.)"""
         return GenerateWriter(job, tokenizer, self.shown[job.request_id], self.arrived)
 
 

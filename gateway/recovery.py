@@ -92,13 +92,12 @@ async def restore(router: Router, run: Run, svc: ServiceInfo, prefix: list[int])
                          store_url=store.url)
     try:
         timeout = FETCH_TIMEOUT_S + STAGE_MARGIN_S + router.settings.token_timeout_s  # a pipeline's stages fetch too
-        body = await router._until_lease_lapses(router._post(svc, "/restore", req, timeout=timeout), svc)
+        result = await router._until_lease_lapses(router._post(svc, "/restore", req, timeout, RestoreResult), svc)
     except Unavailable as exc:  # the replica could not be fetched: the KV has to come from a prefill
         log.warning("restore from the replica on %s failed (%s): prefilling again", store.id, exc.message)
         return None
     except UpstreamError as exc:  # the new token service itself failed or hangs
         raise TokenServiceLost(f"token service {svc.id} failed the restore: {exc.message}") from exc
-    result = RestoreResult.model_validate(body)
     log.info("resumed on %s from the replica on %s: %d tokens fetched, %d to replay", svc.id, store.id,
              result.fetched, result.recomputed)
     return result.fetched

@@ -137,11 +137,17 @@ def _entries(tokenizer, rows: list[Scored], offset: int, as_ids: bool) -> tuple[
     offsets = list(itertools.accumulate((len(p) for p in pieces), initial=offset))
     return {"tokens": [_name(tokenizer, t, as_ids) for t, _, _ in rows] if as_ids else pieces,
             "token_logprobs": [logprob for _, logprob, _ in rows],
-            "top_logprobs": [None if top is None else
-                             {_name(tokenizer, t, as_ids): logprob} | {_name(tokenizer, x.token_id, as_ids): x.logprob
-                                                                       for x in top}
-                             for t, logprob, top in rows],
+            "top_logprobs": [None if top is None else _top(tokenizer, t, logprob, top, as_ids) for t, logprob, top in rows],
             "text_offset": offsets[:-1]}, offsets[-1]
+
+
+def _top(tokenizer, token_id: int, logprob: float, top: list[TopLogprob], as_ids: bool) -> dict[str, float]:
+    """A row's top_logprobs: its own token first, then the likeliest others. By text, two tokens
+    may read alike (pieces of one character, each U+FFFD): the row's own keeps its logprob."""
+    out = {_name(tokenizer, token_id, as_ids): logprob}
+    for x in top:
+        out.setdefault(_name(tokenizer, x.token_id, as_ids), x.logprob)
+    return out
 
 
 def _prompt(job: Job, totals_or_delta) -> tuple[list[int], list[PromptLogprob]] | None:
@@ -242,8 +248,8 @@ class Form:
     def body(self, job: Job, totals: Totals, tokenizer) -> dict:
         return (chat_body if self.chat else completion_body)(job, totals, tokenizer)
 
-    def writer(self, job: Job, tokenizer, index: int = 0) -> ChunkWriter:
-        return ChunkWriter(job, tokenizer, self.chat, index)
+    def writer(self, job: Job, tokenizer, index: int = 0, stream_id: str = "") -> ChunkWriter:
+        return ChunkWriter(job, tokenizer, self.chat, index, stream_id)
 
     def merged(self, jobs: list[Job], totals: list[Totals], tokenizer) -> dict:
         """The whole answer of a request of several choices (a batch of prompts, n > 1)."""
@@ -287,14 +293,16 @@ class ChatSplit:
 class ChunkWriter:
     """SSE chunks for one streamed request (completions or chat)."""
 
-    def __init__(self, job: Job, tokenizer, chat: bool, index: int = 0):
-        """`index`: the job's choice in the request (a batch of prompts, or n > 1)."""
+    def __init__(self, job: Job, tokenizer, chat: bool, index: int = 0, stream_id: str = ""):
+        """`index`: the job's choice in the request (a batch of prompts, or n > 1); `stream_id`: the
+        request id its chunks are named by (the first choice's: one id for the whole stream, as
+        its whole answer has), the job's own by default."""
         self.job, self.tokenizer, self.chat, self.index = job, tokenizer, chat, index
         self.offset = len(job.echo_text)
         self.sent = Totals()  # vLLM's continuous_usage_stats: the tokens so far, for each chunk's usage
         self.split = ChatSplit(job) if chat else None
         kind = "chat.completion.chunk" if chat else "text_completion"
-        self.head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job.request_id}", "object": kind,
+        self.head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{stream_id or job.request_id}", "object": kind,
                      "created": job.created, "model": job.model}
 
     def first(self, delta: Delta) -> list[str]:

@@ -17,6 +17,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import httpx
 import prometheus_client
@@ -40,6 +41,7 @@ LATE_WRITE_S = 3.0  # a lost request's replicas are dropped again after this (se
 OWNER_WATCH_S = 45.0  # a finished request's replica is dropped by the gateway if its owner dies within this
 #                       long (longer than the owner's own drop can take: a replica send in flight, then /drop)
 DROP_CONCURRENCY = 16  # replicas of a dead owner's finished requests dropped at a time
+M = TypeVar("M", bound=Message)  # an internal answer (_post)
 RESERVE_TIMEOUT_S = 10.0  # a /reserve unanswered this long is given up (and aborted: it may have taken room)
 # ... this long while another token service is left to ask: one that hangs holds the admission
 # queue's head (and everyone behind it) a second, not until its lease lapses or the timeout
@@ -321,16 +323,14 @@ class Router:
                                                            s.active_requests, -s.kv_bytes_free))
                  if (req.request_id, s.id) not in self._aborting  # its abort could land after a new reservation there
                  and s.id not in self._passed_over]
+        # the last one Redis lists now is waited for; before it, a hung one holds the queue a second, no
+        # longer (after it come only those remembered from an earlier read, likely dead: a second too)
+        patient = max((i for i, s in enumerate(order) if not remembered(s)), default=len(order) - 1)
         for i, svc in enumerate(order):
             self.in_flight[svc.id] += 1  # counted now: a burst of reservations spreads out
             reserved = False
             try:
-                if i < len(order) - 1:  # another is left: a hung one holds the queue a second, no longer
-                    answer = await self._post(svc, "/reserve", req, timeout=RESERVE_QUICK_S)
-                else:  # the last one: until it answers, or its lease lapses (a hung or dead one)
-                    answer = await self._until_lease_lapses(self._post(svc, "/reserve", req, timeout=RESERVE_TIMEOUT_S),
-                                                            svc)
-                reserved = Reservation.model_validate(answer)
+                reserved = await self._reserve_on(svc, req, patient=i == patient)
                 return reserved, svc
             except KVFull:
                 pass  # expected under load: the request waits its turn, nothing to log
@@ -346,6 +346,13 @@ class Router:
                 if not reserved:
                     self._done(svc.id)
         return None
+
+    async def _reserve_on(self, svc: ServiceInfo, req: ReserveRequest, patient: bool) -> Reservation:
+        """/reserve on `svc`: `patient`, until it answers or its lease lapses (hung or dead); else
+        for RESERVE_QUICK_S."""
+        if not patient:
+            return await self._post(svc, "/reserve", req, RESERVE_QUICK_S, Reservation)
+        return await self._until_lease_lapses(self._post(svc, "/reserve", req, RESERVE_TIMEOUT_S, Reservation), svc)
 
     async def prefill(self, req: PrefillRequest, holders: list[ServiceInfo], prefer: str | None = None) -> PrefillResult:
         """Prefill on the least loaded prompt service (`prefer` first, the one that prefilled the
@@ -426,8 +433,8 @@ class Router:
     async def prefill_on(self, svc: ServiceInfo, req: PrefillRequest) -> PrefillResult:
         """One prefill on `svc`: a prompt service, or in colocated mode the token service holding
         the reservation. LeaseLapsed if `svc` stops renewing its lease meanwhile."""
-        return PrefillResult.model_validate(await self._until_lease_lapses(
-            self._post(svc, "/prefill", req, timeout=self.settings.request_timeout_s), svc))
+        return await self._until_lease_lapses(self._post(svc, "/prefill", req, self.settings.request_timeout_s,
+                                                         PrefillResult), svc)
 
     async def decode(self, svc: ServiceInfo, req: DecodeRequest) -> AsyncIterator[TokenEvent]:
         timeout = httpx.Timeout(10.0, read=self.settings.token_timeout_s)
@@ -440,7 +447,11 @@ class Router:
                 async for line in self._while_leased(resp.aiter_lines(), svc):
                     if not line:
                         continue
-                    event = DecodeEvent.model_validate_json(line)
+                    try:
+                        event = DecodeEvent.model_validate_json(line)
+                    except ValueError as exc:  # a service of another build than ours (PROTOCOL not bumped?)
+                        raise UpstreamError(f"token service {svc.id} sent a decode event this gateway cannot read: "
+                                            f"{exc}") from exc
                     if event.error:
                         raise UpstreamError(f"token service {svc.id}: {event.error}")
                     yield event.token
@@ -484,7 +495,9 @@ class Router:
             return True
         return svc.id in self.recent.listed
 
-    async def _post(self, svc: ServiceInfo, path: str, body, timeout: float | None = 30.0) -> dict:
+    async def _post(self, svc: ServiceInfo, path: str, body, timeout: float | None = 30.0, answer: type[M] | None = None):
+        """`svc`'s answer to `body` at `path`: JSON, or read as `answer`. An answer this gateway
+        cannot read (a service of another build) is the service's failure, a 502, not ours (a 500)."""
         try:
             resp = await self.client.post(svc.url + path, content=body.model_dump_json(),
                                           headers={"content-type": "application/json"}, timeout=timeout)
@@ -493,7 +506,11 @@ class Router:
                                 f"{type(exc).__name__}: {exc}") from exc
         if resp.status_code != 200:
             raise _internal(svc, resp.status_code, resp.text)
-        return resp.json()
+        try:
+            return resp.json() if answer is None else answer.model_validate_json(resp.content)
+        except ValueError as exc:  # not JSON, or not the message (pydantic's ValidationError is a ValueError)
+            raise UpstreamError(f"{svc.kind.value} service {svc.id} answered {path} with what this gateway cannot "
+                                f"read: {str(exc)[:300]}") from exc
 
     async def _alive(self, svc: ServiceInfo, timeout: float = 2.0) -> bool:
         try:
@@ -517,8 +534,8 @@ class Router:
 
         async def one(svc: ServiceInfo) -> PrefixCacheReset | None:
             try:
-                return PrefixCacheReset.model_validate(await self._post(svc, "/prefix_cache/reset", Message(), 10.0))
-            except (DejavuError, ValueError) as exc:  # unreachable, an error, or a build without the route
+                return await self._post(svc, "/prefix_cache/reset", Message(), 10.0, PrefixCacheReset)
+            except DejavuError as exc:  # unreachable, an error, or a build without the route
                 log.warning("prefix cache reset on %s failed: %s", svc.id, getattr(exc, "message", exc))
                 return None
 

@@ -27,6 +27,7 @@ import contextlib
 import logging
 import time
 
+import httpx
 import numpy as np
 import torch
 from prometheus_client import Counter, Gauge, Histogram
@@ -268,11 +269,13 @@ class TokenEngine:
                              fetch_ms=(time.perf_counter() - start) * 1e3)
 
     async def _while_store_leased(self, fetch: asyncio.Future, req: RestoreRequest) -> None:
-        """Wait for `fetch`, unless the replica's store stops renewing its lease first: hung
-        (SIGSTOPped, its sockets still open) a fetch would wait out FETCH_TIMEOUT_S, 30 s of a
-        client's pause. Then the fetch is dropped and the replica is unavailable: the gateway
-        prefills the request again, after about a lease TTL. Redis unreachable says nothing of the
-        store: the fetch's own timeout is all there is then."""
+        """Wait for `fetch`, unless the replica's store stops renewing its lease first and does
+        not answer /health: hung (SIGSTOPped, its sockets still open) a fetch would wait out
+        FETCH_TIMEOUT_S, 30 s of a client's pause. Then the fetch is dropped and the replica is
+        unavailable: the gateway prefills the request again, after about a lease TTL. A lease gone
+        from a Redis that restarted empty is not death (the store answers /health, and registers
+        again within a renewal); Redis unreachable says nothing of the store either: the fetch's
+        own timeout is all there is then."""
         if self.registry is None:
             return
         try:
@@ -281,9 +284,11 @@ class TokenEngine:
                     listed = {s.id for s in await self.registry.services(ServiceKind.CACHE_STORE)}
                 except Unavailable:
                     continue
-                if req.store_id not in listed:
-                    raise Unavailable(f"replica of {req.request_id} not fetched from {req.store_id}: the store stopped "
-                                      "renewing its lease (hung or dead)", code="replica_unavailable")
+                if req.store_id in listed or fetch.done() or await _answers(req.store_url, STORE_CHECK_S):
+                    continue
+                raise Unavailable(f"replica of {req.request_id} not fetched from {req.store_id}: the store stopped "
+                                  "renewing its lease and does not answer /health (hung or dead)",
+                                  code="replica_unavailable")
         except BaseException:  # the store is gone, or the gateway went away: the fetch is nobody's
             fetch.cancel()
             fetch.add_done_callback(lambda f: f.cancelled() or f.exception())  # its end, read: nothing to report
@@ -531,3 +536,14 @@ class TokenEngine:
     def kv_bytes_free(self) -> int:
         """Room a new request may still be promised."""
         return self.blocks.num_uncommitted * self.block_bytes
+
+
+async def _answers(url: str, timeout: float) -> bool:
+    """Whether the service at `url` answers /health (200) within `timeout` s."""
+    if not url:
+        return False
+    try:
+        async with httpx.AsyncClient() as client:
+            return (await client.get(url + "/health", timeout=timeout)).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -365,6 +365,35 @@ async def test_a_dead_token_service_still_leased_is_not_asked_in_a_loop(registry
     assert 2 <= refused.count("/reserve") <= 4, refused  # once every PASSED_OVER_S of the 1.5 s
 
 
+async def test_an_answer_the_gateway_cannot_read_is_the_services_failure_not_a_500(registry):
+    """Found by killing processes across a code change: a prompt service restarted from newer code
+    answered a prefill with a field the running gateway did not know; pydantic's ValidationError
+    went up as a 500 "internal error". Now an unreadable answer is the service's failure: a 502,
+    and a /reserve's service is passed over as for any other failure."""
+    from common.errors import UpstreamError
+    from common.protocol import PrefillRequest
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/prefill":
+            return httpx.Response(200, json={"request_id": "r", "first": {"request_id": "r", "index": 0, "token_id": 5,
+                                                                          "from_the_future": 1},
+                                             "prefill_ms": 1.0, "stream_tail_ms": 0.0})
+        return httpx.Response(200, content=b"not json")
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handle)) as client:
+        router = Router(registry, client, GatewaySettings(route_timeout_s=0.5), None)
+        svc = token_service("token-a")
+        req = PrefillRequest(request_id="r", prompt_ids=[1, 2], sampling=SamplingParams(), target_service_id="token-a",
+                             target_kv_address="")
+        with pytest.raises(UpstreamError, match="cannot read") as info:
+            await router.prefill_on(svc, req)
+        assert info.value.status == 502 and "from_the_future" in info.value.message
+        with pytest.raises(Overloaded):  # its /reserve answered garbage: passed over, the request waits
+            await router.reserve("r", 10, 10)
+        assert "token-a" in router._passed_over
+        await asyncio.gather(*router.background)
+
+
 async def test_arrivals_are_admitted_in_arrival_order_even_when_answers_come_back_out_of_order():
     """Ten requests arrive together; the earlier ones' reservations take longer to answer. With
     each arrival trying at once they were admitted in the order the answers came back (the

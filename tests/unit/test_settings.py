@@ -48,11 +48,19 @@ def test_api_keys_from_repeated_flags_or_one_variable():
         assert "--api-key / DEJAVU_API_KEYS" in str(err.value) and "good-key" not in str(err.value)  # never printed
 
 
-def test_allowed_origins_any_by_default_some_or_none():
-    assert load(GatewaySettings, [], environ={}).allowed_origins == ("*",)
-    assert load(GatewaySettings, [], environ={"DEJAVU_ALLOWED_ORIGINS": ""}).allowed_origins == ()
-    flags = ["--allowed-origin", "https://a.example", "--allowed-origin", "https://b.example"]
-    assert load(GatewaySettings, flags, environ={}).allowed_origins == ("https://a.example", "https://b.example")
+def test_allowed_origins_any_with_keys_none_without_some_or_none():
+    """CORS by default only where a key is needed: a web page must not drive a keyless server on
+    the user's machine (any page may send a preflighted POST to 127.0.0.1)."""
+    assert load(GatewaySettings, [], environ={}).cors_origins == []
+    assert load(GatewaySettings, ["--api-key", "k"], environ={}).cors_origins == ["*"]
+    assert load(GatewaySettings, [], environ={"DEJAVU_ALLOWED_ORIGINS": ""}).cors_origins == []
+    assert load(GatewaySettings, ["--api-key", "k"], environ={"DEJAVU_ALLOWED_ORIGINS": ""}).cors_origins == []
+    assert load(GatewaySettings, ["--allowed-origin", "*"], environ={}).cors_origins == ["*"]
+    flags = ["--allowed-origin", "https://a.example", "--allowed-origin", "http://b.example:8080"]
+    assert load(GatewaySettings, flags, environ={}).cors_origins == ["https://a.example", "http://b.example:8080"]
+    for bad in ("https://a.example/", "a.example", "https://a.example/chat"):  # would match no page, silently
+        with pytest.raises(SettingsError, match="--allowed-origin"):
+            load(GatewaySettings, ["--allowed-origin", bad], environ={})
 
 
 def test_default_service_ids_differ_at_every_start():

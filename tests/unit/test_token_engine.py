@@ -5,6 +5,8 @@ promised blocks, and blocks coming back exactly once."""
 from __future__ import annotations
 
 import asyncio
+import http.server
+import threading
 
 import numpy as np
 import pytest
@@ -199,9 +201,9 @@ def test_swapping_microbatches_in_one_process_equal_generate(runner, tiny_oracle
 async def test_a_restore_from_a_hung_store_gives_up_when_its_lease_lapses(runner, redis_server, monkeypatch):
     """Found by killing processes: a cache store SIGSTOPped keeps its sockets open, so a replica's
     fetch from it waited out FETCH_TIMEOUT_S, 30 s of the client's pause, before the re-prefill.
-    Now the fetch is dropped once the store's lease is gone from Redis (real Redis here): a 503
-    replica_unavailable, the reservation kept for the prefill that follows. A store that answers
-    slowly but keeps its lease is waited for."""
+    Now the fetch is dropped once the store's lease is gone from Redis (real Redis here) and it
+    does not answer /health: a 503 replica_unavailable, the reservation kept for the prefill that
+    follows. A store whose lease a restarted Redis lost, but which answers /health, is waited for."""
     import token_service.engine as token_engine
     from common import metadata
     from common.errors import Unavailable
@@ -214,7 +216,7 @@ async def test_a_restore_from_a_hung_store_gives_up_when_its_lease_lapses(runner
     engine.transport = transport = make_transport("tcp", "secret")
     redis = metadata.connect(redis_server.url)
     engine.registry = registry = metadata.Registry(redis)
-    n, gate = 6, asyncio.Event()
+    n, gate, health = 6, asyncio.Event(), None
     kv = torch.randn(runner.kv.layers, 2, n, runner.kv.kv_heads, runner.kv.head_dim)
 
     async def store(conn):  # answers once the test lets it: never, for the hung one
@@ -238,16 +240,34 @@ async def test_a_restore_from_a_hung_store_gives_up_when_its_lease_lapses(runner
         assert info.value.code == "replica_unavailable" and engine.blocks.num_used == held > 0
         assert "r" in engine.scheduler.seqs and not engine.scheduler.seqs["r"].filling  # a prefill may fill it now
 
-        await registry.renew(lease("slow", address), ttl_s=60)
+        # a lease gone from a Redis that restarted empty, the store alive: its /health answers
+        health = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+        threading.Thread(target=health.serve_forever, daemon=True).start()
         asyncio.get_running_loop().call_later(0.5, gate.set)  # five checks of its lease pass first
-        result = await asyncio.wait_for(engine.restore(RestoreRequest(**ask, store_id="slow")), 10)
-        assert result.fetched == n
+        alive = RestoreRequest(**ask, store_id="unlisted", store_url=f"http://127.0.0.1:{health.server_address[1]}")
+        result = await asyncio.wait_for(engine.restore(alive), 10)
+        assert result.fetched == n and Healthy.asked >= 2
         engine.abort("r")
         assert engine.blocks.num_used == 0
     finally:
-        await registry.deregister("slow")
+        if health is not None:
+            health.shutdown()
         await redis.aclose()
         await transport.close()
+
+
+class Healthy(http.server.BaseHTTPRequestHandler):
+    """A service's /health, answering 200: a store whose lease Redis lost."""
+
+    asked = 0
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        Healthy.asked += 1
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
 
 
 @pytest.mark.asyncio
