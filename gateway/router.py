@@ -163,8 +163,11 @@ class Router:
                     result = await (self.prefill_on(token_svc, req) if token_svc.colocated
                                     else self.prefill(req, holders, prefer=home))
                 except UpstreamError as exc:
-                    if not await self._alive(token_svc):  # the KV had nowhere to go: its target died
-                        raise TokenServiceLost(f"token service {token_svc.id} died during prefill") from exc
+                    # the KV had nowhere to go: its target died; or, colocated, it hung past its lease
+                    # (awake again by now, maybe: lost all the same, fenced and aborted after the resume)
+                    if (token_svc.colocated and isinstance(exc, LeaseLapsed)) or not await self._alive(token_svc):
+                        raise TokenServiceLost(f"token service {token_svc.id} died or hung during prefill: "
+                                               f"{exc.message}") from exc
                     raise
                 if self.homes:  # a prompt scored looks nothing up, but its blocks are kept all the same
                     if holders[-1].id == home:
@@ -201,6 +204,8 @@ class Router:
                 self._watch_owner(token_svc, run.request_id)
             else:  # early end (stop string, client gone, failure) or no decode at all
                 self._spawn(self._abort_all(run.request_id, holders))
+                if token_svc in holders:  # the abort has it drop the replica: if it dies first, we do
+                    self._watch_owner(token_svc, run.request_id)
 
     async def _abort_reservation(self, request_id: str, svc: ServiceInfo) -> None:
         """Abort a reservation whose /reserve went unanswered; until that abort is through, the
@@ -244,10 +249,11 @@ class Router:
             await asyncio.gather(*(one(r, stores) for r in request_ids))
 
     def _watch_owner(self, svc: ServiceInfo, request_id: str) -> None:
-        """A request finished on `svc`, whose replicator drops its replica now. An owner that dies
-        before that drop lands leaves a replica nobody else would drop (until the store's TTL):
-        bench.chaos saw it, a token service killed a few ms after a request ended. So the gateway
-        watches the owner for OWNER_WATCH_S and drops the replica itself if it dies meanwhile."""
+        """A request finished (or was aborted) on `svc`, whose replicator drops its replica now. An
+        owner that dies before that drop lands leaves a replica nobody else would drop (until the
+        store's TTL): bench.chaos saw it, a token service killed a few ms after a request ended, and
+        so did a client that left just before its token service was killed. So the gateway watches
+        the owner for OWNER_WATCH_S and drops the replica itself if it dies meanwhile."""
         self.ended_on.setdefault(svc.id, (svc, {}))[1][request_id] = time.monotonic()
         if self._watcher is None or self._watcher.done():  # not in `background`: it outlives requests
             self._watcher = asyncio.ensure_future(self._watch_owners())

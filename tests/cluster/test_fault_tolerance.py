@@ -256,6 +256,30 @@ def test_owner_dying_right_after_a_request_ends_leaves_no_replica(cluster, tiny_
     assert_no_kv_held_on(cluster)
 
 
+def test_owner_dying_right_after_its_client_left_leaves_no_replica(cluster, tiny_oracle):
+    """The client leaves mid-stream; the owner, aborted, drops the replica, but dies before that
+    drop lands (forced as above: the store stopped). The gateway watches an aborted request's
+    owner too, and drops the replica itself: none is left for the store's TTL (killing processes
+    found one left, 6 times in 6, where it watched only requests that finished)."""
+    body, _ = greedy(tiny_oracle, 600)
+    seen = {}
+
+    def stop_store(c):
+        seen["owner"], seen["store"] = serving(c), replica_holder(c)
+        c.kill(seen["store"], signal.SIGSTOP)
+
+    try:
+        text, _, _ = stream(cluster, body, at={60: stop_store}, close_at=80)
+        assert text
+        time.sleep(0.5)  # the gateway's abort reaches the owner, whose drop waits on the stopped store
+        cluster.kill(seen["owner"])
+        seen["owner"].proc.wait(10)
+    finally:
+        if "store" in seen:  # stopped, it would fail every later test of the module
+            seen["store"].proc.send_signal(signal.SIGCONT)
+    assert_no_kv_held_on(cluster)
+
+
 def test_fenced_owner_waking_up_cannot_touch_its_successors_replica(cluster, tiny_oracle):
     """A hung owner is fenced and replaced. It wakes up while its successor decodes: its writes
     and its cleanup are refused (the store's replica is the successor's). A second failure later

@@ -113,3 +113,61 @@ async def test_the_lost_owner_is_aborted_only_after_the_fence_and_the_restore(re
             await registry.deregister(i)
         await redis.delete(metadata.PREFIX + "req:" + RID)
         await redis.aclose()
+
+
+async def test_a_colocated_service_that_hangs_in_a_prefill_and_wakes_is_lost_not_a_502(redis_server, monkeypatch):
+    """Found by killing processes: a colocated token service SIGSTOPped 5 s during a prefill. Its
+    lease lapsed, so the prefill was given up; by then it was awake again and answered /health,
+    which made the gateway take it for alive and answer the client a 502. A service that hung
+    past its lease is lost all the same: the request resumes on the other one (prefilled again)."""
+    import gateway.router as router_module
+
+    monkeypatch.setattr(router_module, "REGISTRY_CACHE_S", 0.0)
+    monkeypatch.setattr(router_module, "LEASE_CHECK_S", 0.1)
+    redis = metadata.connect(redis_server.url)
+    registry, requests = metadata.Registry(redis), metadata.RequestStore(redis)
+    rid, calls, hung = "req-colocated-hang", [], {"token-a": True}
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        host, path = request.url.host, request.url.path
+        calls.append((host, path))
+        body = json.loads(request.content) if request.content else {}
+        if path == "/reserve":
+            return httpx.Response(200, json={"request_id": rid, "service_id": host, "kv_address": f"{host}:1",
+                                             "kv_transport": "tcp"})
+        if path == "/prefill" and host == "token-a":
+            await asyncio.sleep(60)  # SIGSTOPped: no answer
+        if path == "/prefill":
+            first = TokenEvent(request_id=rid, index=0, token_id=100)
+            return httpx.Response(200, content=PrefillResult(request_id=rid, first=first, prefill_ms=1,
+                                                             stream_tail_ms=0).model_dump_json())
+        if path == "/health":
+            if hung.pop(host, False):  # hung when the lease is found lapsed; awake (SIGCONT) right after
+                raise httpx.ConnectTimeout("timed out", request=request)
+            return httpx.Response(200, json={"status": "ok"})
+        if path == "/decode":
+            tokens = [TokenEvent(request_id=rid, index=i, token_id=100 + i, finish_reason="length" if i == 9 else None)
+                      for i in range(body["first_index"] + 1, 10)]
+            return httpx.Response(200, content=b"".join(DecodeEvent(token=t).model_dump_json().encode() + b"\n"
+                                                        for t in tokens))
+        if path in ("/abort", "/drop"):
+            return httpx.Response(200, json={"request_id": rid, "found": True})
+        return httpx.Response(404, json={"error": {"message": path, "type": "x", "param": None, "code": None}})
+
+    await registry.renew(token_service("token-a"), ttl_s=0.5)  # its lease lapses during the prefill
+    await registry.renew(token_service("token-b"), ttl_s=60)
+    await requests.create(rid, {"prompt_ids": PROMPT, "status": "running"})
+    try:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handle)) as client:
+            router = Router(registry, client, GatewaySettings(), requests)
+            router.in_flight["token-b"] = 1  # token-a is picked first
+            sampling = SamplingParams(max_tokens=10, ignore_eos=True)
+            tokens = [e.token_id async for e in router.generate(rid, PROMPT, sampling)]
+            await asyncio.gather(*router.background)
+        assert tokens == [100 + i for i in range(10)]
+        assert ("token-b", "/prefill") in calls and ("token-a", "/abort") in calls, calls
+    finally:
+        for i in ("token-a", "token-b"):
+            await registry.deregister(i)
+        await redis.delete(metadata.PREFIX + "req:" + rid)
+        await redis.aclose()
