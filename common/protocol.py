@@ -44,10 +44,11 @@ class ServiceKind(str, Enum):
 # The internal protocol's version (these messages, the KV wire): engines publish it, and a gateway
 # routes only to engines of its own, so a rolling upgrade never pairs a gateway and an engine that
 # misread each other. Bump it with any change an older peer would refuse or misread.
-PROTOCOL = 7  # 2: DecodeRequest.replay (a resumed request's tokens replayed by decode steps); 3: KV routes;
+PROTOCOL = 8  # 2: DecodeRequest.replay (a resumed request's tokens replayed by decode steps); 3: KV routes;
 #              4: prompt logprobs (PrefillRequest.prompt_logprobs, TokenEvent.prompt_logprobs);
 #              5: penalties, logit bias, min_tokens, min_p (SamplingParams), DecodeRequest.history;
-#              6: SamplingParams.grammar (structured output); 7: TokenEvent.grammar_error
+#              6: SamplingParams.grammar (structured output); 7: TokenEvent.grammar_error;
+#              8: ReserveRequest.attempt, AbortRequest.attempt
 
 
 class ServiceInfo(Message):
@@ -150,6 +151,7 @@ class ReserveRequest(Message):
     request_id: RequestId
     prompt_tokens: int = Field(ge=1, le=MAX_SEQUENCE)   # tokens
     max_tokens: int = Field(ge=1, le=MAX_SEQUENCE)      # tokens
+    attempt: RequestId | None = None  # this one call's id: an /abort naming it may overtake it (AbortRequest)
 
 
 KVRoute = tuple[Annotated[str, StringConstraints(max_length=300)], Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]
@@ -262,7 +264,12 @@ class RestoreResult(Message):
 
 
 class AbortRequest(Message):
+    """Free a request's KV room. With an `attempt`, only the room that /reserve call took: the
+    gateway gave the call up (unanswered), so it may not have come yet; if it comes later it is
+    refused, where it used to hold its room until --reservation-ttl-s."""
+
     request_id: RequestId
+    attempt: RequestId | None = None
 
 
 class DropRequest(Message):

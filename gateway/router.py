@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import logging
 import time
 from collections import Counter
@@ -24,8 +25,9 @@ import prometheus_client
 
 from common.errors import BadRequest, DejavuError, KVFull, Overloaded, Unavailable, UpstreamError, from_body
 from common.metadata import RecentServices, Registry, RequestStore
-from common.protocol import (PROTOCOL, AbortRequest, DecodeEvent, DecodeRequest, Message, PrefillRequest, PrefillResult,
-                             PrefixCacheReset, Reservation, ReserveRequest, SamplingParams, ServiceInfo, ServiceKind, TokenEvent)
+from common.protocol import (PROTOCOL, AbortRequest, DecodeEvent, DecodeRequest, DropRequest, Message, PrefillRequest,
+                             PrefillResult, PrefixCacheReset, Reservation, ReserveRequest, SamplingParams, ServiceInfo,
+                             ServiceKind, TokenEvent)
 from common.settings import GatewaySettings
 from gateway import affinity
 from gateway.admission import Admission
@@ -207,14 +209,14 @@ class Router:
                 if token_svc in holders:  # the abort has it drop the replica: if it dies first, we do
                     self._watch_owner(token_svc, run.request_id)
 
-    async def _abort_reservation(self, request_id: str, svc: ServiceInfo) -> None:
-        """Abort a reservation whose /reserve went unanswered; until that abort is through, the
-        request does not try that service again."""
-        self._aborting.add((request_id, svc.id))
+    async def _abort_reservation(self, call: ReserveRequest, svc: ServiceInfo) -> None:
+        """Abort a /reserve call that went unanswered (the service refuses it if the abort comes
+        first); until that abort is through, the request does not try that service again."""
+        self._aborting.add((call.request_id, svc.id))
         try:
-            await self._abort_all(request_id, [svc])
+            await self._abort_all(call.request_id, [svc], attempt=call.attempt)
         finally:
-            self._aborting.discard((request_id, svc.id))
+            self._aborting.discard((call.request_id, svc.id))
 
     def _done(self, service_id: str) -> None:
         """One request less in flight there; a service with none leaves the table (services come
@@ -335,8 +337,9 @@ class Router:
         for i, svc in enumerate(order):
             self.in_flight[svc.id] += 1  # counted now: a burst of reservations spreads out
             reserved = False
+            call = req.model_copy(update={"attempt": secrets.token_hex(8)})  # what an abort of it names
             try:
-                reserved = await self._reserve_on(svc, req, patient=i == patient)
+                reserved = await self._reserve_on(svc, call, patient=i == patient)
                 return reserved, svc
             except KVFull:
                 pass  # expected under load: the request waits its turn, nothing to log
@@ -344,9 +347,9 @@ class Router:
                 log.warning("token service %s refused a reservation: %s", svc.id, exc.message)
                 if isinstance(exc, UpstreamError):  # e.g. timed out: the room may be taken all the same
                     self._passed_over[svc.id] = time.monotonic() + PASSED_OVER_S
-                    self._spawn(self._abort_reservation(req.request_id, svc))
+                    self._spawn(self._abort_reservation(call, svc))
             except asyncio.CancelledError:  # the client left: the room may be taken already
-                self._spawn(self._abort_all(req.request_id, [svc]))
+                self._spawn(self._abort_all(req.request_id, [svc], attempt=call.attempt))
                 raise
             finally:
                 if not reserved:
@@ -551,11 +554,15 @@ class Router:
                  sum(a.blocks for a in done), sum(a.bytes for a in done) / 2**20)
         return [svc.id for svc, a in zip(services, answers) if a is None]
 
-    async def _abort_all(self, request_id: str, services: list[ServiceInfo], path: str = "/abort") -> None:
-        """At once on every service: one that hangs must not hold back the others."""
+    async def _abort_all(self, request_id: str, services: list[ServiceInfo], path: str = "/abort",
+                         attempt: str | None = None) -> None:
+        """At once on every service: one that hangs must not hold back the others. With an
+        `attempt`, only the room that /reserve call took (AbortRequest)."""
+        body = AbortRequest(request_id=request_id, attempt=attempt) if path == "/abort" else DropRequest(request_id=request_id)
+
         async def one(svc: ServiceInfo) -> None:
             try:
-                await self._post(svc, path, AbortRequest(request_id=request_id), timeout=5.0)
+                await self._post(svc, path, body, timeout=5.0)
             except DejavuError as exc:
                 log.debug("abort on %s: %s", svc.id, exc.message)
 

@@ -158,7 +158,7 @@ def create_app(settings: TokenSettings) -> FastAPI:
     @app.post("/abort")
     async def abort(req: AbortRequest) -> AbortResult:
         request_id_var.set(req.request_id)
-        return AbortResult(request_id=req.request_id, found=app.state.engine.abort(req.request_id))
+        return AbortResult(request_id=req.request_id, found=app.state.engine.abort(req.request_id, req.attempt))
 
     @app.post("/prefix_cache/reset")
     async def reset_prefix_cache() -> PrefixCacheReset:

@@ -58,6 +58,7 @@ from token_service.sequence import SeqStatus, Sequence
 
 log = logging.getLogger(__name__)
 
+MAX_GIVEN_UP = 10_000  # /reserve calls remembered as aborted before they came (see TokenEngine._given_up)
 STORE_CHECK_S = 1.0  # a replica's fetch silent this long: is its store still renewing its lease? (restore)
 SEQUENCES = Gauge("dejavu_token_sequences", "requests holding KV room here (reserved, filling or decoding)")
 BLOCKS_USED = Gauge("dejavu_token_kv_blocks_used", "KV pool blocks held by requests")
@@ -109,6 +110,10 @@ class TokenEngine:
                  if settings.colocated and settings.prefix_cache_mib and settings.stages == 1 else None)
         self.prefills = PrefillQueue(settings.max_batch_tokens, self.release, cache, self.block_bytes)
         self._tasks: set[asyncio.Task] = set()
+        # /reserve calls aborted before they came (attempt id: when): the gateway gave them up, so
+        # one that comes after its abort (a hung service waking up reads its sockets in any order)
+        # is refused, not left holding its room until --reservation-ttl-s
+        self._given_up: dict[str, float] = {}
 
     @property
     def prefix_cache(self) -> PrefixCache | None:
@@ -116,6 +121,9 @@ class TokenEngine:
 
     # -- requests -------------------------------------------------------------------------------
     def reserve(self, req: ReserveRequest) -> Reservation:
+        if req.attempt is not None and self._given_up.pop(req.attempt, None) is not None:
+            raise BadRequest(f"request {req.request_id}: this reservation was aborted before it came",
+                             code="reservation_aborted")
         if req.request_id in self.scheduler.seqs:
             raise BadRequest(f"request {req.request_id} already holds KV room here", code="duplicate_request")
         tokens = req.prompt_tokens + req.max_tokens
@@ -127,7 +135,7 @@ class TokenEngine:
                          f"blocks of {self.blocks.block_size} free, {len(self.scheduler.seqs)} of "
                          f"{self.settings.max_seqs} sequences)")
         seq = Sequence(req.request_id, req.prompt_tokens, req.max_tokens, self.runner.kv.layers,
-                       promised=self.blocks.commit(tokens))
+                       promised=self.blocks.commit(tokens), attempt=req.attempt)
         self.blocks.grow(seq.blocks, seq.prompt_len, seq.promised)
         self.scheduler.add(seq)
         self._update_gauges()
@@ -349,8 +357,15 @@ class TokenEngine:
         except ValueError as exc:
             raise BadRequest(str(exc), code="invalid_token_id") from None
 
-    def abort(self, request_id: str) -> bool:
+    def abort(self, request_id: str, attempt: str | None = None) -> bool:
+        """Free the request's room (with an `attempt`: only if that /reserve call took it; one that
+        has not come yet is refused when it does). Whether it held any."""
         seq = self.scheduler.seqs.get(request_id)
+        if attempt is not None and (seq is None or seq.attempt != attempt):
+            if len(self._given_up) >= MAX_GIVEN_UP:  # bounded: the oldest go first (each expires anyway)
+                del self._given_up[next(iter(self._given_up))]
+            self._given_up[attempt] = time.monotonic()
+            return False
         if seq is None:
             return False
         if seq.done:  # aborted (or finished) already: whoever is writing its row releases it
@@ -511,6 +526,8 @@ class TokenEngine:
 
     def expire_reservations(self) -> None:
         now = time.monotonic()
+        ttl = self.settings.reservation_ttl_s  # a call given up later than this came with its room freed since
+        self._given_up = {attempt: at for attempt, at in self._given_up.items() if now - at <= ttl}
         for seq in list(self.scheduler.seqs.values()):
             if seq.sampling is None and now - seq.created > self.settings.reservation_ttl_s:
                 request_id_var.set(seq.request_id)

@@ -39,6 +39,7 @@ class Sequence:
     counted: History | None = field(default=None, repr=False)  # `penalties`, kept from step to step
     matcher: Matcher | None = field(default=None, repr=False)  # its grammar's, the outputs before output[0] consumed
     epoch: int = 0                      # the request's epoch when this service took it (fencing)
+    attempt: str | None = None          # the /reserve call that took its room (ReserveRequest.attempt)
     filling: bool = False               # its row is being written: a restore, a prefill here (colocated), prompt KV sent on to a pipeline's stages
     stepping: bool = False              # in a decode step now (its row is being read and written)
     scheduled: int = 0                  # the scheduler's batch number it last ran in (who waited longest)

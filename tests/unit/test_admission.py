@@ -133,6 +133,7 @@ class FullTokenService:
         self.slots, self.hang_reserve = slots, hang_reserve
         self.held: list[str] = []
         self.reserve_calls, self.refused, self.aborts = 0, 0, []
+        self.given_up, self.aborted_calls = [], []  # the `attempt` of each /reserve timed out, of each /abort
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content) if request.content else {}
@@ -141,6 +142,7 @@ class FullTokenService:
             read_timeout = request.extensions["timeout"]["read"]
             if self.hang_reserve and read_timeout is not None and read_timeout < self.hang_reserve:
                 await asyncio.sleep(read_timeout)  # what the real client does: gives up
+                self.given_up.append(body["attempt"])
                 self.held.append(body["request_id"])  # while the service takes the room all the same
                 raise httpx.ReadTimeout("timed out", request=request)
             if len(self.held) >= self.slots:
@@ -151,6 +153,7 @@ class FullTokenService:
                                              "kv_address": "token-a:1", "kv_transport": "tcp"})
         if request.url.path == "/abort":
             self.aborts.append(body["request_id"])
+            self.aborted_calls.append(body["attempt"])
             found = body["request_id"] in self.held
             if found:
                 self.held.remove(body["request_id"])
@@ -197,6 +200,10 @@ async def test_a_reservation_given_up_on_is_aborted_at_once(registry, monkeypatc
             await router.reserve("slow", 10, 10)
         await asyncio.wait_for(asyncio.gather(*router.background), 10)
     assert "slow" in fake.aborts and fake.held == [], "the room taken by a timed-out /reserve was left to its TTL"
+    # each abort names the call it gives up, which the service refuses if the abort overtook it
+    # (tests/unit/test_token_engine.py); each call has its own
+    assert fake.given_up and fake.aborted_calls == fake.given_up and len(set(fake.given_up)) == len(fake.given_up)
+    assert all(fake.given_up)
 
 
 async def test_the_router_sends_the_429_through_with_sampling_untouched(registry):

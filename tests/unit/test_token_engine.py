@@ -86,6 +86,31 @@ def test_admission_counts_promised_blocks_and_they_come_back_once(runner):
     assert (engine.blocks.num_used, engine.blocks.committed, len(engine.blocks.free_blocks)) == (0, 0, 10)
 
 
+def test_a_reservation_whose_abort_overtook_it_is_refused(runner):
+    """The gateway gives up a /reserve a hung token service left unanswered, and aborts it; waking
+    up, the service may read the abort first. The late call is then refused: it held its room
+    until --reservation-ttl-s before. A new call for the same request is not refused, and an abort
+    naming another call leaves that one's room alone."""
+    import time
+
+    from common.errors import BadRequest
+
+    engine = engine_of(runner, reservation_ttl_s=0.5)
+    assert not engine.abort("r", attempt="given-up")  # nothing to free yet
+    with pytest.raises(BadRequest, match="aborted before it came"):
+        engine.reserve(ReserveRequest(request_id="r", prompt_tokens=8, max_tokens=4, attempt="given-up"))
+    assert not engine.scheduler.seqs and engine.blocks.committed == 0
+    engine.reserve(ReserveRequest(request_id="r", prompt_tokens=8, max_tokens=4, attempt="next"))
+    assert not engine.abort("r", attempt="older")  # another call's abort: this room stays
+    assert engine.blocks.committed == 3
+    assert engine.abort("r", attempt="next") and engine.blocks.committed == 0
+    # remembered only while a reservation would be: then forgotten, the table stays bounded
+    time.sleep(0.6)
+    engine.expire_reservations()
+    engine.reserve(ReserveRequest(request_id="r", prompt_tokens=8, max_tokens=4, attempt="older"))
+    assert engine.abort("r") and engine.blocks.committed == 0  # an abort naming no call frees any
+
+
 def test_a_pool_too_small_for_one_sequence_is_a_settings_error():
     with pytest.raises(SettingsError, match="--kv-blocks"):
         TokenSettings(max_model_len=64, block_size=4, kv_blocks=15)
