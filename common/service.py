@@ -315,8 +315,9 @@ def internal_app(title: str, settings: ServiceSettings, lifespan) -> FastAPI:
 
 def add_health_and_metrics(app: FastAPI, health: Callable[[], Awaitable[dict]] | None = None) -> None:
     """GET /health: 200 {"status": "ok", ...}; 503 when `health` says {"status": "unavailable",
-    "reason": ...} (not ready: a probe should not send traffic here yet)."""
-    @app.get("/health")
+    "reason": ...} (not ready: a probe should not send traffic here yet). HEAD too, as some load
+    balancers' probes send it."""
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def _health() -> JSONResponse:
         body = {"status": "ok", **(await health() if health else {})}
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)

@@ -33,6 +33,7 @@ def test_gateway_health_says_ready_only_when_it_can_route(tiny_model_path):
                  echo_logs=False) as cluster:
         code, body = health(cluster)
         assert code == 503 and body["status"] == "unavailable" and body["reason"] == "no token service registered"
+        assert httpx.head(cluster.url + "/health", timeout=10).status_code == 503  # a load balancer's probe
         token = cluster.spawn("token", "token-0")
         cluster.wait_ready(120, [token])
         body = wait_health(cluster, 503)
@@ -43,6 +44,9 @@ def test_gateway_health_says_ready_only_when_it_can_route(tiny_model_path):
         cluster.wait_ready(120, [prompt])
         body = wait_health(cluster, 200)
         assert body["status"] == "ok" and body["token_services"] == 1 and body["prompt_services"] == 1
+        head = httpx.head(cluster.url + "/health", timeout=10)
+        assert head.status_code == 200 and head.content == b""
+        assert httpx.head(prompt.url + "/health", timeout=10).status_code == 200  # every service's
         assert httpx.post(cluster.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2},
                           timeout=60).status_code == 200
         cluster.redis.stop()
