@@ -252,7 +252,7 @@ def _job(body: SamplingFields, ids: list[int], limits: Limits, default_max: int,
         raise ContextLengthExceeded(
             f"this model's maximum context length is {limits.max_model_len} tokens, but you requested "
             f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} for the completion); "
-            f"shorten the prompt or lower max_tokens", "max_tokens" if body.max_tokens else prompt_param)
+            f"shorten the prompt or lower {body.max_tokens_field}", body.max_tokens_field if body.max_tokens else prompt_param)
     if body.min_tokens and body.min_tokens > max_tokens:
         raise BadRequest(f"'min_tokens' = {body.min_tokens} is more than the {max_tokens} tokens this request may "
                          "generate", "min_tokens")

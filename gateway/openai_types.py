@@ -124,7 +124,7 @@ class TranslatedBody(TextBody):
                                              "frequency_penalty", "ignore_eos", "min_tokens", "chat_template_kwargs")
     RENAMED: ClassVar[dict[str, str]] = {}  # chat's field: this API's
     RENAMED_WORDS: ClassVar[tuple[str, ...] | None] = None  # those renamed in messages too (None: all)
-    MAX_TOKENS: ClassVar[tuple[str, str]] = ("", "")  # chat's word in messages ("lower max_tokens"), this API's
+    MAX_TOKENS: ClassVar[tuple[str, str]] = ("", "")  # chat's word in messages ("lower max_tokens"; a regex), this API's
     seed: StrictInt | None = None
     top_k: StrictInt | None = None
     min_p: Number | None = None
@@ -147,7 +147,7 @@ def renamed_error(exc: BadRequest, renamed: dict[str, str], words: tuple[str, ..
                   max_tokens: tuple[str, str]) -> BadRequest:
     """A 400 about a request translated into another API's (chat's, completions'), said in the
     names of the API the client spoke: each quoted field of `renamed` (of `words` only, where they
-    are given, in the message) and the param; the word `max_tokens[0]` as `max_tokens[1]`."""
+    are given, in the message) and the param; the word(s) `max_tokens[0]` (a regex) as `max_tokens[1]`."""
     theirs, ours = max_tokens
     message = re.sub(rf"\b{theirs}\b", ours, exc.message) if theirs else exc.message
     for name, mine in renamed.items():
@@ -200,6 +200,11 @@ class SamplingFields(TextBody):
     @property
     def echoes(self) -> bool:
         return False
+
+    @property
+    def max_tokens_field(self) -> str:
+        """The field the client named the output's length by (what an error about it names)."""
+        return "max_tokens"
 
     def check_common(self) -> None:
         if not 1 <= self.n <= MAX_CHOICES:
@@ -438,6 +443,10 @@ class ChatRequest(SamplingFields):
     functions: Any = None             # refused unless empty (UNSUPPORTED_CHAT)
     function_call: Any = None
     _plan: tuple | None = PrivateAttr(None)
+
+    @property
+    def max_tokens_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     def check(self) -> None:
         if self.max_completion_tokens is not None:  # OpenAI's current name wins over the deprecated one, as there

@@ -61,7 +61,7 @@ class ResponsesRequest(TranslatedBody):
     """The body of POST /v1/responses. Unknown fields are ignored, as elsewhere."""
 
     RENAMED = _RENAMED
-    MAX_TOKENS = ("max_tokens", "max_output_tokens")  # also "lower max_tokens"
+    MAX_TOKENS = ("max_(?:completion_)?tokens", "max_output_tokens")  # "lower max_completion_tokens", and max_tokens
     model: StrictStr | None = None
     input: StrictStr | list[Any] | None = None
     instructions: StrictStr | None = None

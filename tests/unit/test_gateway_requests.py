@@ -47,6 +47,9 @@ def test_max_completion_tokens_wins_over_max_tokens(tokenizer):
             chat_jobs(ChatRequest(messages=[{"role": "user", "content": "hi"}], max_completion_tokens=value), tokenizer,
                       limits)
         assert info.value.param == "max_completion_tokens"
+    with pytest.raises(ContextLengthExceeded, match="lower max_completion_tokens$") as info:  # and where it is too many
+        chat_jobs(ChatRequest(messages=[{"role": "user", "content": "hi"}], max_completion_tokens=600), tokenizer, limits)
+    assert info.value.param == "max_completion_tokens"
 
 
 def test_null_is_a_fields_default_and_text_parts_are_joined_by_lines(tokenizer):
