@@ -24,3 +24,12 @@ def ending_with_us(argv: list[str]) -> list[str]:
     if not sys.platform.startswith("linux"):
         return argv
     return [sys.executable, "-S", "-c", _TRAMPOLINE, str(os.getpid()), *argv]
+
+
+def child_argv(argv: list[str], end_with_us: bool | None) -> list[str]:
+    """`argv` ending with us (True), or not (False); None: where this is the main thread, the only
+    one where it is safe, so that a harness killed (a test run, a benchmark) leaves nothing running."""
+    if end_with_us is None:
+        end_with_us = threading.current_thread() is threading.main_thread()
+    return ending_with_us(argv) if end_with_us else argv
+

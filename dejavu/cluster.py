@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from common.protocol import CLUSTER_TOKEN_HEADER
-from dejavu.children import ending_with_us
+from dejavu.children import child_argv
 from dejavu.placement import Placement
 from dejavu.redis_server import RedisServer, free_port
 
@@ -61,10 +61,10 @@ class Cluster:
     def __init__(self, model: str = "smollm2", port: int = 8000, prompt_services: int = 1, token_services: int = 1,
                  cache_stores: int = 1, redis_url: str | None = None, env: dict[str, str] | None = None,
                  echo_logs: bool = True, host: str = "127.0.0.1", placement: dict[str, Placement] | None = None,
-                 stages: int = 1, prompt_stages: int = 1, end_with_us: bool = False):
+                 stages: int = 1, prompt_stages: int = 1, end_with_us: bool | None = None):
         self.model, self.port, self.host = model, port, host
         # children (and the embedded Redis) end when this process does (`dejavu up`): they must then be
-        # started, and restarted, from the main thread (dejavu.children)
+        # started, and restarted, from the main thread (dejavu.children); None: those started from it
         self.end_with_us = end_with_us
         self.stages = stages  # each token service a pipeline of this many processes (token_service/pipeline.py)
         self.prompt_stages = prompt_stages  # and each prompt service (prompt_service/pipeline.py)
@@ -143,7 +143,7 @@ class Cluster:
                **overrides}
         env.setdefault("DEJAVU_PORT", str(self.port) if kind == "gateway" else "0")
         argv = [sys.executable, "-m", MODULES[kind]]
-        proc = subprocess.Popen(ending_with_us(argv) if self.end_with_us else argv, env=env, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(child_argv(argv, self.end_with_us), env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         if place and place.cores:
             _pin(proc.pid, place.cores)

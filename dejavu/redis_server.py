@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 import time
 
-from dejavu.children import ending_with_us
+from dejavu.children import child_argv
 
 
 class RedisNotInstalled(RuntimeError):
@@ -23,8 +23,8 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, port: int = 0, end_with_us: bool = False):
-        """`end_with_us`: it ends when this process does (dejavu.children.ending_with_us)."""
+    def __init__(self, port: int = 0, end_with_us: bool | None = None):
+        """`end_with_us`: it ends when this process does (dejavu.children.child_argv)."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise RedisNotInstalled("redis-server is not installed: `apt-get install -y redis-server` "
@@ -38,9 +38,8 @@ class RedisServer:
         with open(self.log, "ab") as log:  # its start-up errors (a config it refuses) come on stderr; both append
             argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                     "--dir", self.dir, "--protected-mode", "yes", "--loglevel", "warning", "--logfile", self.log]
-            if end_with_us:
-                argv = ending_with_us(argv)
-            self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+            self.proc = subprocess.Popen(child_argv(argv, end_with_us), stdout=subprocess.DEVNULL, stderr=log,
+                                         start_new_session=True)
         self._wait_ready()
 
     def _log_tail(self) -> str:
