@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
+import httpx
 import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -311,6 +312,18 @@ def internal_app(title: str, settings: ServiceSettings, lifespan) -> FastAPI:
     if settings.cluster_token:  # added last: it runs first
         app.add_middleware(RequireSecret, **CLUSTER_TOKEN, secrets=(settings.cluster_token,))
     return app
+
+
+async def answers_health(url: str, timeout: float) -> bool:
+    """Whether the service at `url` answers GET /health with a 200 within `timeout` s (one whose
+    lease is gone may be hung, dead, or registered in a Redis that restarted empty: this tells)."""
+    if not url:
+        return False
+    try:
+        async with httpx.AsyncClient() as client:
+            return (await client.get(url + "/health", timeout=timeout)).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def add_health_and_metrics(app: FastAPI, health: Callable[[], Awaitable[dict]] | None = None) -> None:

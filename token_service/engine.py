@@ -27,7 +27,6 @@ import contextlib
 import logging
 import time
 
-import httpx
 import numpy as np
 import torch
 from prometheus_client import Counter, Gauge, Histogram
@@ -42,7 +41,7 @@ from common.metadata import Registry
 from common.protocol import (DecodeEvent, DecodeRequest, PrefillRequest, PrefillResult, Reservation, ReserveRequest,
                              RestoreRequest, RestoreResult, SamplingParams, ServiceKind)
 from common.sampling import named_tokens, sample
-from common.service import request_id_var
+from common.service import answers_health, request_id_var
 from common.settings import TokenSettings
 from engine.attention import slots_of
 from engine.block_manager import BlockManager
@@ -292,7 +291,7 @@ class TokenEngine:
                     listed = {s.id for s in await self.registry.services(ServiceKind.CACHE_STORE)}
                 except Unavailable:
                     continue
-                if req.store_id in listed or fetch.done() or await _answers(req.store_url, STORE_CHECK_S):
+                if req.store_id in listed or fetch.done() or await answers_health(req.store_url, STORE_CHECK_S):
                     continue
                 raise Unavailable(f"replica of {req.request_id} not fetched from {req.store_id}: the store stopped "
                                   "renewing its lease and does not answer /health (hung or dead)",
@@ -553,14 +552,3 @@ class TokenEngine:
     def kv_bytes_free(self) -> int:
         """Room a new request may still be promised."""
         return self.blocks.num_uncommitted * self.block_bytes
-
-
-async def _answers(url: str, timeout: float) -> bool:
-    """Whether the service at `url` answers /health (200) within `timeout` s."""
-    if not url:
-        return False
-    try:
-        async with httpx.AsyncClient() as client:
-            return (await client.get(url + "/health", timeout=timeout)).status_code == 200
-    except httpx.HTTPError:
-        return False

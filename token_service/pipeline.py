@@ -90,7 +90,10 @@ import torch
 from common.kv.fetch import FETCH_TIMEOUT_S, STAGE_MARGIN_S
 from common.kv.transport import Connection, Transport, TransportError
 from common.kv.wire import numpy_dtype
-from common.protocol import ServiceInfo
+from common.errors import Unavailable
+from common.metadata import Registry
+from common.protocol import ServiceInfo, ServiceKind
+from common.service import answers_health
 from engine.attention import Segment
 from engine.runner import ModelRunner
 
@@ -98,6 +101,7 @@ log = logging.getLogger(__name__)
 
 SETUP_TIMEOUT_S = 30.0
 STEP_TIMEOUT_S = 60.0  # a step not back by then means a hung stage: the pipeline ends (a CPU step takes < 1 s)
+STAGE_CHECK_S = 1.0  # how often the head checks that its stages renew their leases (Pipeline._watch_leases)
 _ALIGN = 16
 
 
@@ -154,6 +158,8 @@ class StageInfo:
     stage: int
     address: str
     layers: range
+    service_id: str = ""  # its registration (the head's own: "")
+    url: str = ""         # its HTTP API (/health)
 
 
 class Pipeline:
@@ -164,6 +170,7 @@ class Pipeline:
     def __init__(self, transport: Transport, runner: ModelRunner, stages: list[StageInfo], on_broken: Callable[[], None]):
         self.transport, self.runner, self.stages = transport, runner, stages
         self.on_broken = on_broken
+        self.registry: Registry | None = None  # where the stages' leases are (watch_leases)
         self.session = secrets.token_hex(8)
         self.first: Connection | None = None    # to stage 1
         self.results: Connection | None = None  # from the last stage (the same link when there are 2)
@@ -173,6 +180,7 @@ class Pipeline:
         self.broken: Exception | None = None
         self.reader: asyncio.Task | None = None
         self.watcher: asyncio.Task | None = None
+        self.lease_watcher: asyncio.Task | None = None
         self.closing = False
 
     async def open(self, setup: dict) -> None:
@@ -201,6 +209,12 @@ class Pipeline:
             raise PipelineError(f"pipeline setup refused: {header.get('message', header)}")
         self.reader = asyncio.create_task(self._read())
         self.watcher = asyncio.create_task(self._watch_first(upstream))
+
+    def watch_leases(self, registry: Registry) -> None:
+        """From now on, end the pipeline when a stage hangs (_watch_leases); the registry's
+        connection is the pipeline's, closed with it."""
+        self.registry = registry
+        self.lease_watcher = asyncio.create_task(self._watch_leases())
 
     async def _read(self) -> None:
         try:
@@ -239,6 +253,25 @@ class Pipeline:
         with contextlib.suppress(TransportError):
             await recv
         self._break(TransportError("the link to stage 1 ended"))
+
+    async def _watch_leases(self) -> None:
+        """A stage that hangs (SIGSTOPped, or its host gone without a reset) keeps its links open: a
+        step would wait STEP_TIMEOUT_S for it, a minute of every client's time (a prefill's too, with
+        another pipeline idle). Every STAGE_CHECK_S: a stage whose lease is gone from the registry
+        and that does not answer /health ends the pipeline, about a lease TTL after it stopped. A
+        lease gone from a Redis that restarted empty is no death (the stage answers), and Redis
+        unreachable says nothing of the stages."""
+        while True:
+            await asyncio.sleep(STAGE_CHECK_S)
+            try:
+                listed = {s.id for s in await self.registry.services(ServiceKind.STAGE)}
+            except Unavailable:
+                continue
+            for s in self.stages[1:]:
+                if s.service_id and s.service_id not in listed and not await answers_health(s.url, 2 * STAGE_CHECK_S):
+                    self._break(TransportError(f"stage {s.stage} ({s.service_id}) stopped renewing its lease and "
+                                               "does not answer /health: hung or dead"))
+                    return
 
     def _break(self, exc: Exception) -> None:
         if self.broken is None:
@@ -365,9 +398,11 @@ class Pipeline:
 
     async def close(self) -> None:
         self.closing = True
-        for task in (self.reader, self.watcher):
+        for task in (self.reader, self.watcher, self.lease_watcher):
             if task:
                 task.cancel()
+        if self.registry is not None:
+            await self.registry.redis.aclose()
         for conn in (self.first, self.results):
             if conn is not None:
                 await conn.close()

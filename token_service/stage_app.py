@@ -139,6 +139,8 @@ async def open_pipeline(transport: Transport, runner: ModelRunner, settings: Mod
                     log.info("pipeline %s linked: %s", settings.pipeline,
                              ", ".join(f"stage {s.stage} layers [{s.layers.start}, {s.layers.stop}) at "
                                        f"{s.address or 'here'}" for s in stages))
+                    pipeline.watch_leases(registry)  # the pipeline's now: it closes the connection
+                    redis = None
                     return pipeline
                 except (TransportError, PipelineError, asyncio.TimeoutError) as exc:
                     why = f"{type(exc).__name__}: {exc}"
@@ -150,7 +152,8 @@ async def open_pipeline(transport: Transport, runner: ModelRunner, settings: Mod
                 log.info("pipeline %s: waiting (%.0f s): %s", settings.pipeline, said - started, why)
             await asyncio.sleep(0.5)
     finally:
-        await redis.aclose()
+        if redis is not None:
+            await redis.aclose()
 
 
 async def _find_stages(registry: Registry, settings: ModelSettings, runner: ModelRunner, model_id: str,
@@ -178,7 +181,7 @@ async def _find_stages(registry: Registry, settings: ModelSettings, runner: Mode
             continue
         if info.stage not in found or info.started_at > found[info.stage].started_at:
             found[info.stage] = info
-    return {k: StageInfo(k, s.kv_address, range(s.layer_start, s.layer_end)) for k, s in found.items()}
+    return {k: StageInfo(k, s.kv_address, range(s.layer_start, s.layer_end), s.id, s.url) for k, s in found.items()}
 
 
 def _die(pipeline: Pipeline, what: str) -> None:

@@ -150,6 +150,71 @@ async def test_a_stage_that_goes_away_breaks_the_pipeline(tiny_oracle):
         await head_transport.close()
 
 
+async def test_a_stage_that_hangs_ends_the_pipeline_once_its_lease_is_gone(tiny_oracle, redis_server, monkeypatch):
+    """Found by stopping processes: a SIGSTOPped stage keeps its links open, and a step waited
+    STEP_TIMEOUT_S, 60 s, for it (a prefill's too, with another pipeline idle). The head watches its
+    stages' leases now: a stage whose lease is gone and whose /health does not answer ends the
+    pipeline. A slow step of a stage still leased comes back, and so does one of a stage whose lease
+    is gone but that answers /health (a Redis that restarted empty)."""
+    import dataclasses
+    import http.server
+    import socket
+    import threading
+
+    import token_service.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "STAGE_CHECK_S", 0.2)
+    head, (stage,), pipeline, broken, transports, setup = await linked(tiny_oracle.model)
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    healthy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=healthy.serve_forever, daemon=True).start()
+    hung = socket.create_server(("127.0.0.1", 0))  # connects (the kernel's backlog), never answers
+    urls = {"answers": f"http://127.0.0.1:{healthy.server_port}", "hung": f"http://127.0.0.1:{hung.getsockname()[1]}"}
+    registry = metadata.Registry(metadata.connect(redis_server.url))
+    lease = ServiceInfo(kind=ServiceKind.STAGE, id="stage-hangs-1", url=urls["hung"], host="127.0.0.1", pid=1)
+    delay = {"s": 0.0}
+    compute = stage.runner.run
+
+    async def slow(fn, *args):
+        await asyncio.sleep(delay["s"])
+        return await compute(fn, *args)
+
+    stage.runner.run = slow
+    pool, segment = head.new_pool(BLOCKS), [Segment([1, 2, 3], 0, [0])]
+    try:
+        await pipeline.open(setup)
+        pipeline.watch_leases(registry)
+        for leased, health, wait in ((True, "hung", 1.0), (False, "answers", 1.0), (False, "hung", 3600.0)):
+            pipeline.stages[1] = dataclasses.replace(pipeline.stages[1], service_id=lease.id, url=urls[health])
+            if leased:
+                await registry.renew(lease, ttl_s=60)
+            else:
+                await registry.deregister(lease.id)
+            delay["s"] = wait
+            step = pipeline.forward(segment, head.forward(segment, pool))
+            if wait < 60:
+                assert (await step).shape[0] == 1 and not broken, (leased, health)
+                continue
+            with pytest.raises(TransportError, match="stage 1 .* stopped renewing its lease and does not answer"):
+                await asyncio.wait_for(step, 30)  # well before STEP_TIMEOUT_S
+        assert broken == [True]
+    finally:
+        await pipeline.close()  # the registry's connection with it
+        await stage.close()
+        for t in transports:
+            await t.close()
+        healthy.shutdown()
+        hung.close()
+
+
 async def test_a_stage_silent_past_a_fetch_bound_breaks_the_pipeline_quietly(tiny_oracle, monkeypatch):
     """A stage whose store never answers its fetch: the head gives up at its bound and the pipeline
     breaks (the stage's write could still land in blocks that go to another request); the report's
