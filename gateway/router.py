@@ -40,6 +40,7 @@ PROMPT_WAIT_POLL_S = 0.25  # after every prompt service tried failed: how often 
 LEASE_CHECK_S = 1.0  # a call or stream silent this long makes the gateway check its service's lease
 ENGINES = (ServiceKind.PROMPT, ServiceKind.TOKEN)  # services that run the model
 LATE_WRITE_S = 3.0  # a lost request's replicas are dropped again after this (see _drop_replicas)
+REDROP_S = (15.0, 30.0, 60.0)  # then, on a store that did not answer (hung), again after these
 OWNER_WATCH_S = 45.0  # a finished request's replica is dropped by the gateway if its owner dies within this
 #                       long (longer than the owner's own drop can take: a replica send in flight, then /drop)
 DROP_CONCURRENCY = 16  # replicas of a dead owner's finished requests dropped at a time
@@ -231,24 +232,36 @@ class Router:
             run.unfenced = []
 
     async def _drop_replicas(self, *request_ids: str) -> None:
-        """Drop the requests' replicas on every store (DROP_CONCURRENCY requests at a time), now and
+        """Drop the requests' replicas on every store (DROP_CONCURRENCY drops at a time), now and
         once more LATE_WRITE_S later: a put an owner had in flight as a request ended (an owner
         killed before its own cleanup drops nothing) may land after the first drop (bench.chaos
-        left such a replica over UCX)."""
+        left such a replica over UCX). A store that did not answer (hung, its sockets open) is asked
+        again REDROP_S later: one that wakes up kept the replica its whole --replica-ttl-s (600 s)."""
         gate = asyncio.Semaphore(DROP_CONCURRENCY)
+        unanswered: dict[tuple[str, str], ServiceInfo] = {}  # (request id, store id): the store
 
-        async def one(request_id: str, stores: list[ServiceInfo]) -> None:
+        async def one(request_id: str, store: ServiceInfo) -> None:
             async with gate:
-                await self._abort_all(request_id, stores, path="/drop")
+                try:
+                    await self._post(store, "/drop", DropRequest(request_id=request_id), timeout=5.0)
+                    unanswered.pop((request_id, store.id), None)
+                except DejavuError as exc:
+                    log.debug("drop on %s: %s", store.id, exc.message)
+                    unanswered[request_id, store.id] = store
 
-        for late in (False, True):
-            if late:
-                await asyncio.sleep(LATE_WRITE_S)
-            try:
-                stores = await self.services(ServiceKind.CACHE_STORE)
-            except Unavailable:
-                continue
-            await asyncio.gather(*(one(r, stores) for r in request_ids))
+        for i, wait in enumerate((0.0, LATE_WRITE_S, *REDROP_S)):
+            await asyncio.sleep(wait)
+            if i < 2:
+                try:
+                    stores = await self.services(ServiceKind.CACHE_STORE)
+                except Unavailable:
+                    continue
+                drops = [(r, s) for r in request_ids for s in stores]
+            elif not unanswered:
+                return
+            else:
+                drops = [(r, s) for (r, _), s in list(unanswered.items())]
+            await asyncio.gather(*(one(r, s) for r, s in drops))
 
     def _watch_owner(self, svc: ServiceInfo, request_id: str) -> None:
         """A request finished (or was aborted) on `svc`, whose replicator drops its replica now. An
@@ -554,21 +567,19 @@ class Router:
                  sum(a.blocks for a in done), sum(a.bytes for a in done) / 2**20)
         return [svc.id for svc, a in zip(services, answers) if a is None]
 
-    async def _abort_all(self, request_id: str, services: list[ServiceInfo], path: str = "/abort",
-                         attempt: str | None = None) -> None:
+    async def _abort_all(self, request_id: str, services: list[ServiceInfo], attempt: str | None = None) -> None:
         """At once on every service: one that hangs must not hold back the others. With an
         `attempt`, only the room that /reserve call took (AbortRequest)."""
-        body = AbortRequest(request_id=request_id, attempt=attempt) if path == "/abort" else DropRequest(request_id=request_id)
+        body = AbortRequest(request_id=request_id, attempt=attempt)
 
         async def one(svc: ServiceInfo) -> None:
             try:
-                await self._post(svc, path, body, timeout=5.0)
+                await self._post(svc, "/abort", body, timeout=5.0)
             except DejavuError as exc:
                 log.debug("abort on %s: %s", svc.id, exc.message)
 
         await asyncio.gather(*(one(svc) for svc in services))
-        if path == "/abort":
-            self.admission.wake()  # the aborted request's KV is free
+        self.admission.wake()  # the aborted request's KV is free
 
 
 def _kv_freed(old: list[ServiceInfo], new: list[ServiceInfo]) -> bool:

@@ -171,3 +171,37 @@ async def test_a_colocated_service_that_hangs_in_a_prefill_and_wakes_is_lost_not
             await registry.deregister(i)
         await redis.delete(metadata.PREFIX + "req:" + rid)
         await redis.aclose()
+
+
+async def test_a_store_that_hung_through_the_drops_is_asked_again_once_it_answers(redis_server, monkeypatch):
+    """Found by stopping processes: a cache store SIGSTOPped while a resumed request ended (its
+    old replica abandoned for a re-prefill) missed both of the gateway's drops and, woken, kept the
+    replica its --replica-ttl-s, 600 s. A store that did not answer is asked again (REDROP_S),
+    until it answers."""
+    from gateway import router as router_module
+
+    monkeypatch.setattr(router_module, "LATE_WRITE_S", 0.05)
+    monkeypatch.setattr(router_module, "REDROP_S", (0.05, 0.05, 0.05))
+    redis = metadata.connect(redis_server.url)
+    registry = metadata.Registry(redis)
+    store = ServiceInfo(kind=ServiceKind.CACHE_STORE, id="store-hung", url="http://store-hung", host="h", pid=1,
+                        kv_address="store-hung:1", kv_transport="tcp")
+    await registry.renew(store, ttl_s=60)
+    tries, dropped = [], []
+
+    async def hung_then_awake(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/drop"
+        tries.append(json.loads(request.content))
+        if len(tries) <= 3:  # stopped: the client gives up
+            raise httpx.ReadTimeout("timed out", request=request)
+        dropped.append(tries[-1]["request_id"])
+        return httpx.Response(200, json={"request_id": tries[-1]["request_id"], "found": True})
+
+    try:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(hung_then_awake)) as client:
+            router = Router(registry, client, GatewaySettings(), None)
+            await asyncio.wait_for(router._drop_replicas("req-abandoned"), 10)
+        assert dropped == ["req-abandoned"] and len(tries) == 4  # and not asked again once it answered
+    finally:
+        await registry.deregister("store-hung")
+        await redis.aclose()
