@@ -461,8 +461,9 @@ class Router:
     async def decode(self, svc: ServiceInfo, req: DecodeRequest) -> AsyncIterator[TokenEvent]:
         timeout = httpx.Timeout(10.0, read=self.settings.token_timeout_s)
         try:
-            async with self.client.stream("POST", svc.url + "/decode", content=req.model_dump_json(),
-                                          headers={"content-type": "application/json"}, timeout=timeout) as resp:
+            async with _closing(await self.client.send(self.client.build_request(
+                    "POST", svc.url + "/decode", content=req.model_dump_json(),
+                    headers={"content-type": "application/json"}, timeout=timeout), stream=True)) as resp:
                 if resp.status_code != 200:
                     err = _internal(svc, resp.status_code, (await resp.aread()).decode(errors="replace"))
                     raise TokenServiceLost(err.message)
@@ -580,6 +581,18 @@ class Router:
 
         await asyncio.gather(*(one(svc) for svc in services))
         self.admission.wake()  # the aborted request's KV is free
+
+
+@contextlib.asynccontextmanager
+async def _closing(resp: httpx.Response):
+    """A streamed answer, closed at the end whatever happens meanwhile. When its client leaves, the
+    request is cancelled over and over (the ASGI server's cancel scope) while it cleans up: the
+    close, cut short, left the connection open to the token service for good (a socket and a file
+    descriptor on each side for every stream a client closed). Shielded, it runs to its end."""
+    try:
+        yield resp
+    finally:
+        await asyncio.shield(resp.aclose())
 
 
 def _kv_freed(old: list[ServiceInfo], new: list[ServiceInfo]) -> bool:
