@@ -108,15 +108,18 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                            expose_headers=["x-request-id", "request-id"])
     add_health_and_metrics(app, lambda: _health(app))
 
+    served_since = int(time.time())  # the model's `created`: when this gateway started serving it, as vLLM's
+
     @app.get("/v1/models")
     async def models() -> dict:
         """OpenAI's list, which Anthropic's clients read too (their fields alongside: type,
         display_name, created_at; has_more, first_id, last_id)."""
         limits: Limits = app.state.limits
         name = limits.model_name
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "dejavu",
-                                            "max_model_len": limits.max_model_len, "type": "model",
-                                            "display_name": name, "created_at": "1970-01-01T00:00:00Z"}],
+        since = datetime.datetime.fromtimestamp(served_since, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": served_since,
+                                            "owned_by": "dejavu", "max_model_len": limits.max_model_len,
+                                            "type": "model", "display_name": name, "created_at": since}],
                 "has_more": False, "first_id": name, "last_id": name}
 
     @app.get("/v1/models/{model:path}")

@@ -261,6 +261,9 @@ def test_one_model_is_retrieved_by_its_id(tiny_cluster):
     listed = httpx.get(tiny_cluster.url + "/v1/models", timeout=10).json()["data"][0]
     got = httpx.get(tiny_cluster.url + f"/v1/models/{listed['id']}", timeout=10)
     assert got.status_code == 200 and got.json() == listed
+    # when this gateway started serving it (vLLM's; it said 0, 1970, before)
+    assert time.time() - 3600 < listed["created"] <= time.time()
+    assert listed["created_at"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(listed["created"]))
     missing = httpx.get(tiny_cluster.url + "/v1/models/no-such-model", timeout=10)
     assert missing.status_code == 404
     assert missing.json()["error"]["code"] == "model_not_found" and missing.json()["error"]["param"] == "model"
