@@ -330,10 +330,12 @@ def add_health_and_metrics(app: FastAPI, health: Callable[[], Awaitable[dict]] |
     """GET /health: 200 {"status": "ok", ...}; 503 when `health` says {"status": "unavailable",
     "reason": ...} (not ready: a probe should not send traffic here yet). HEAD too, as some load
     balancers' probes send it."""
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    @app.get("/health")
     async def _health() -> JSONResponse:
         body = {"status": "ok", **(await health() if health else {})}
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+    app.add_api_route("/health", _health, methods=["HEAD"], include_in_schema=False)  # one operation in the schema
 
     @app.get("/metrics")
     async def _metrics() -> Response:

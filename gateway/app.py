@@ -108,7 +108,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                            expose_headers=["x-request-id", "request-id"])
     add_health_and_metrics(app, lambda: _health(app))
 
-    served_since = int(time.time())  # the model's `created`: when this gateway started serving it, as vLLM's
+    served_since = int(time.time())  # the model's `created`: when this gateway started serving it (vLLM's: now)
 
     @app.get("/v1/models")
     async def models() -> dict:

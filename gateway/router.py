@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 import logging
+import secrets
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -249,19 +249,18 @@ class Router:
                     log.debug("drop on %s: %s", store.id, exc.message)
                     unanswered[request_id, store.id] = store
 
-        for i, wait in enumerate((0.0, LATE_WRITE_S, *REDROP_S)):
+        for wait in (0.0, LATE_WRITE_S):  # every store listed
             await asyncio.sleep(wait)
-            if i < 2:
-                try:
-                    stores = await self.services(ServiceKind.CACHE_STORE)
-                except Unavailable:
-                    continue
-                drops = [(r, s) for r in request_ids for s in stores]
-            elif not unanswered:
+            try:
+                stores = await self.services(ServiceKind.CACHE_STORE)
+            except Unavailable:
+                continue
+            await asyncio.gather(*(one(r, s) for r in request_ids for s in stores))
+        for wait in REDROP_S:  # those that did not answer
+            if not unanswered:
                 return
-            else:
-                drops = [(r, s) for (r, _), s in list(unanswered.items())]
-            await asyncio.gather(*(one(r, s) for r, s in drops))
+            await asyncio.sleep(wait)
+            await asyncio.gather(*(one(r, s) for (r, _), s in list(unanswered.items())))
 
     def _watch_owner(self, svc: ServiceInfo, request_id: str) -> None:
         """A request finished (or was aborted) on `svc`, whose replicator drops its replica now. An

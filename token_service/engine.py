@@ -363,6 +363,7 @@ class TokenEngine:
         if attempt is not None and (seq is None or seq.attempt != attempt):
             if len(self._given_up) >= MAX_GIVEN_UP:  # bounded: the oldest go first (each expires anyway)
                 del self._given_up[next(iter(self._given_up))]
+            self._given_up.pop(attempt, None)  # kept in the order they were marked
             self._given_up[attempt] = time.monotonic()
             return False
         if seq is None:
@@ -525,8 +526,9 @@ class TokenEngine:
 
     def expire_reservations(self) -> None:
         now = time.monotonic()
-        ttl = self.settings.reservation_ttl_s  # a call given up later than this came with its room freed since
-        self._given_up = {attempt: at for attempt, at in self._given_up.items() if now - at <= ttl}
+        given_up = self._given_up  # in the order marked: the expired first (a call later than the TTL: freed since)
+        while given_up and now - next(iter(given_up.values())) > self.settings.reservation_ttl_s:
+            del given_up[next(iter(given_up))]
         for seq in list(self.scheduler.seqs.values()):
             if seq.sampling is None and now - seq.created > self.settings.reservation_ttl_s:
                 request_id_var.set(seq.request_id)

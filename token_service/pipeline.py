@@ -87,10 +87,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from common.errors import Unavailable
 from common.kv.fetch import FETCH_TIMEOUT_S, STAGE_MARGIN_S
 from common.kv.transport import Connection, Transport, TransportError
 from common.kv.wire import numpy_dtype
-from common.errors import Unavailable
 from common.metadata import Registry
 from common.protocol import ServiceInfo, ServiceKind
 from common.service import answers_health
@@ -102,6 +102,7 @@ log = logging.getLogger(__name__)
 SETUP_TIMEOUT_S = 30.0
 STEP_TIMEOUT_S = 60.0  # a step not back by then means a hung stage: the pipeline ends (a CPU step takes < 1 s)
 STAGE_CHECK_S = 1.0  # how often the head checks that its stages renew their leases (Pipeline._watch_leases)
+STAGE_HEALTH_S = 2.0  # ... and how long one whose lease is gone has to answer /health
 _ALIGN = 16
 
 
@@ -265,13 +266,15 @@ class Pipeline:
             await asyncio.sleep(STAGE_CHECK_S)
             try:
                 listed = {s.id for s in await self.registry.services(ServiceKind.STAGE)}
-            except Unavailable:
+                for s in self.stages[1:]:
+                    if s.service_id and s.service_id not in listed and not await answers_health(s.url, STAGE_HEALTH_S):
+                        self._break(TransportError(f"stage {s.stage} ({s.service_id}) stopped renewing its lease and "
+                                                   "does not answer /health: hung or dead"))
+                        return
+            except Unavailable:  # Redis unreachable: nothing to tell
                 continue
-            for s in self.stages[1:]:
-                if s.service_id and s.service_id not in listed and not await answers_health(s.url, 2 * STAGE_CHECK_S):
-                    self._break(TransportError(f"stage {s.stage} ({s.service_id}) stopped renewing its lease and "
-                                               "does not answer /health: hung or dead"))
-                    return
+            except Exception:  # noqa: BLE001 - the watch goes on; a hung stage is still caught at STEP_TIMEOUT_S
+                log.exception("checking the pipeline's stages' leases failed; going on")
 
     def _break(self, exc: Exception) -> None:
         if self.broken is None:

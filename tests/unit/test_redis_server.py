@@ -43,6 +43,7 @@ def test_servers_started_from_the_main_thread_end_with_their_starter():
             time.sleep(0.1)
         assert not _running(redis_pid), "the Redis of a killed starter was left running"
     finally:
+        starter.stdout.close()
         if _running(redis_pid):
             os.kill(redis_pid, signal.SIGTERM)
     argv = ["/bin/true"]
