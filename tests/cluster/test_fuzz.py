@@ -163,7 +163,7 @@ HOSTILE = [
     ("-2**63 top_k", "/v1/completions", completion(top_k=-(2**63)), JSON, 400, "top_k"),
     ("10**30 temperature", "/v1/completions", completion(temperature=10**30), JSON, 400, "temperature"),
     ("10**30 chat max_completion_tokens", "/v1/chat/completions", json.dumps({**CHAT, "max_tokens": None,
-     "max_completion_tokens": 10**30}).encode(), JSON, 400, "max_tokens"),
+     "max_completion_tokens": 10**30}).encode(), JSON, 400, "max_completion_tokens"),  # the field sent
     ("2**63 chat top_logprobs", "/v1/chat/completions", json.dumps({**CHAT, "logprobs": True,
      "top_logprobs": 2**63}).encode(), JSON, 400, "top_logprobs"),
     ("token id 2**63", "/v1/completions", completion(prompt=[1, 2**63]), JSON, 400, "prompt"),
