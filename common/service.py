@@ -314,14 +314,17 @@ def internal_app(title: str, settings: ServiceSettings, lifespan) -> FastAPI:
     return app
 
 
-async def answers_health(url: str, timeout: float) -> bool:
+async def answers_health(url: str, timeout: float, client: httpx.AsyncClient | None = None) -> bool:
     """Whether the service at `url` answers GET /health with a 200 within `timeout` s (one whose
-    lease is gone may be hung, dead, or registered in a Redis that restarted empty: this tells)."""
+    lease is gone may be hung, dead, or registered in a Redis that restarted empty: this tells);
+    over `client`, or a client of its own."""
     if not url:
         return False
     try:
-        async with httpx.AsyncClient() as client:
+        if client is not None:
             return (await client.get(url + "/health", timeout=timeout)).status_code == 200
+        async with httpx.AsyncClient() as own:
+            return (await own.get(url + "/health", timeout=timeout)).status_code == 200
     except httpx.HTTPError:
         return False
 

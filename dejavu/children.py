@@ -32,4 +32,3 @@ def child_argv(argv: list[str], end_with_us: bool | None) -> list[str]:
     if end_with_us is None:
         end_with_us = threading.current_thread() is threading.main_thread()
     return ending_with_us(argv) if end_with_us else argv
-

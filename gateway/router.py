@@ -28,6 +28,7 @@ from common.metadata import RecentServices, Registry, RequestStore
 from common.protocol import (PROTOCOL, AbortRequest, DecodeEvent, DecodeRequest, DropRequest, Message, PrefillRequest,
                              PrefillResult, PrefixCacheReset, Reservation, ReserveRequest, SamplingParams, ServiceInfo,
                              ServiceKind, TokenEvent)
+from common.service import answers_health
 from common.settings import GatewaySettings
 from gateway import affinity
 from gateway.admission import Admission
@@ -535,10 +536,7 @@ class Router:
                                 f"read: {str(exc)[:300]}") from exc
 
     async def _alive(self, svc: ServiceInfo, timeout: float = 2.0) -> bool:
-        try:
-            return (await self.client.get(svc.url + "/health", timeout=timeout)).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return await answers_health(svc.url, timeout, self.client)
 
     def _spawn(self, coro) -> asyncio.Task:
         """Run in the background (an abort must not wait on a hung service), keeping a reference."""
