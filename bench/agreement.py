@@ -9,6 +9,12 @@ Step by step:
 3. Top-1 agreement: the fraction of positions whose argmax token matches, for ours-bf16 vs HF-bf16
    (the issue's figure), ours-bf16 vs HF-fp32, HF-bf16 vs HF-fp32 (what bf16 costs HF itself), and
    ours-fp32 vs HF-fp32; plus the largest absolute logit difference of ours-fp32 vs HF-fp32.
+4. Seeded draws: at every --draw-every-th position, --draws seeds at temperature 1 (nothing else:
+   the whole vocabulary drawn from), each drawn from our logits and from HF's in the same dtype;
+   the fraction of draws that pick the same token, by the token services' draw (common/sampling.py,
+   an exponential race) and by the inverse CDF in token-id order that it replaced (kept here as
+   the baseline). Two forwards that differ in their last bits stand for what a resumed request's
+   logits are to the ones it would have had (another batch, a re-prefill, another service).
 
 Nothing is asserted; the figures go to stdout and, with --out, to JSON.
 """
@@ -40,7 +46,7 @@ def run(args) -> dict:
     seqs = [ids[i: i + args.seq_len] for i in range(0, len(ids) - 1, args.seq_len)]
     seqs = [s for s in seqs if len(s) > 1]
     log(f"{sum(len(s) for s in seqs)} positions in {len(seqs)} sequences of up to {args.seq_len} tokens")
-    top1, max_diff = {}, 0.0
+    top1, max_diff, draws = {}, 0.0, {}
     for dtype in ("float32", "bfloat16"):
         model = load_model(path, args.threads, dtype)
         runner = ModelRunner(model, block_size=16)
@@ -52,6 +58,8 @@ def run(args) -> dict:
                 top1.setdefault(f"ours_{dtype}", []).append(ours.argmax(-1))
                 if dtype == "float32":
                     max_diff = max(max_diff, float((hf - ours).abs().max()))
+                for way, same in seeded_draws(hf[::args.draw_every], ours[::args.draw_every], args.draws).items():
+                    draws.setdefault(f"{way}_{dtype}", []).append(same)
                 log(f"{dtype}: sequence {i + 1}/{len(seqs)}")
         del model, runner
     tops = {k: torch.cat(v) for k, v in top1.items()}
@@ -64,7 +72,31 @@ def run(args) -> dict:
             "ours_bf16_vs_hf_fp32": agree("ours_bfloat16", "hf_float32"),
             "hf_bf16_vs_hf_fp32": agree("hf_bfloat16", "hf_float32"),
             "ours_fp32_vs_hf_fp32": agree("ours_float32", "hf_float32"),
-            "ours_fp32_vs_hf_fp32_max_abs_logit_diff": max_diff}
+            "ours_fp32_vs_hf_fp32_max_abs_logit_diff": max_diff,
+            "seeded_draws": sum(len(v) for v in draws["race_float32"]),
+            **{f"seeded_same_{k}": float(torch.cat(v).float().mean()) for k, v in draws.items()}}
+
+
+def seeded_draws(a, b, seeds: int) -> dict:
+    """a, b: (positions, vocab) logits of two forwards -> for each way of drawing, whether the pick
+    from a equals the pick from b, a bool a (position, seed)."""
+    import torch
+
+    from common.protocol import SamplingParams
+    from common.sampling import position_seed, sample_one
+
+    same = {"race": [], "inverse_cdf": []}
+    for row in range(a.shape[0]):
+        pa, pb = torch.softmax(a[row].float(), 0), torch.softmax(b[row].float(), 0)
+        ca, cb = torch.cumsum(pa, 0), torch.cumsum(pb, 0)
+        for seed in range(seeds):
+            p = SamplingParams(temperature=1.0, seed=seed)
+            same["race"].append(sample_one(a[row], p, row) == sample_one(b[row], p, row))
+            g = torch.Generator().manual_seed(position_seed(seed, row))  # the replaced draw: one number
+            u = torch.rand(1, generator=g, dtype=torch.float64).item()
+            picks = [int(torch.searchsorted(c, torch.tensor([u * float(c[-1])]), right=True)) for c in (ca, cb)]
+            same["inverse_cdf"].append(picks[0] == picks[1])
+    return {k: torch.tensor(v) for k, v in same.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,15 +106,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--positions", type=int, default=4096, help="teacher-forced positions in all")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--draws", type=int, default=16, help="seeds drawn at each drawn position")
+    p.add_argument("--draw-every", type=int, default=4, help="draw at every n-th position")
     p.add_argument("--out", help="write the figures as JSON")
     args = p.parse_args(argv)
-    if args.positions < 1 or args.seq_len < 2:
-        p.error("--positions must be >= 1 and --seq-len >= 2")
+    if args.positions < 1 or args.seq_len < 2 or args.draws < 1 or args.draw_every < 1:
+        p.error("--positions and --draws must be >= 1, --seq-len >= 2, --draw-every >= 1")
     out = run(args)
     print(f"\ntop-1 agreement over {out['positions']} teacher-forced positions ({args.model}):")
     for key in ("ours_bf16_vs_hf_bf16", "ours_bf16_vs_hf_fp32", "hf_bf16_vs_hf_fp32", "ours_fp32_vs_hf_fp32"):
         print(f"  {key:24} {out[key] * 100:6.2f} %")
     print(f"  ours fp32 vs HF fp32: largest |logit difference| {out['ours_fp32_vs_hf_fp32_max_abs_logit_diff']:.2e}")
+    print(f"\nseeded draws (temperature 1) picking the same token from ours and HF, {out['seeded_draws']} a dtype:")
+    for dtype in ("float32", "bfloat16"):
+        for way in ("race", "inverse_cdf"):
+            print(f"  {dtype:9} {way:12} {out[f'seeded_same_{way}_{dtype}'] * 100:8.3f} %")
     write_json(args.out or "", out, config=vars(args))
     return 0
 

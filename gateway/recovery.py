@@ -54,6 +54,7 @@ class Run:
     epoch: int = 0
     failed_at: float | None = None                    # monotonic time of the last failure
     replica: tuple[int, str] = (0, "")                 # (tokens replicated, store id) when last fenced
+    stores: set[str] = field(default_factory=set)      # every store id a fence named (dropped from at the end)
     unfenced: list[ServiceInfo] = field(default_factory=list)  # lost owners not aborted yet: see Router._attempt
 
 
@@ -68,6 +69,8 @@ async def fence(requests: RequestStore, run: Run, owner: ServiceInfo) -> None:
     try:
         epoch, replicated, store = await requests.fence(run.request_id, owner.id, at_least=run.epoch + 1)
         run.epoch, run.replica = epoch, (replicated, store)
+        if store:
+            run.stores.add(store)
     except RedisError as exc:
         log.warning("could not fence the old owner in Redis (%s): going on at epoch %d", exc, run.epoch + 1)
         run.epoch, run.replica = run.epoch + 1, (0, "")

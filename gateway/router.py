@@ -17,7 +17,7 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import TypeVar
 
 import httpx
@@ -42,6 +42,7 @@ LEASE_CHECK_S = 1.0  # a call or stream silent this long makes the gateway check
 ENGINES = (ServiceKind.PROMPT, ServiceKind.TOKEN)  # services that run the model
 LATE_WRITE_S = 3.0  # a lost request's replicas are dropped again after this (see _drop_replicas)
 REDROP_S = (15.0, 30.0, 60.0)  # then, on a store that did not answer (hung), again after these
+STORE_MEMORY_S = 3600.0  # a cache store no longer listed is still known (its URL) this long: see _drop_replicas
 OWNER_WATCH_S = 45.0  # a finished request's replica is dropped by the gateway if its owner dies within this
 #                       long (longer than the owner's own drop can take: a replica send in flight, then /drop)
 DROP_CONCURRENCY = 16  # replicas of a dead owner's finished requests dropped at a time
@@ -66,6 +67,7 @@ class Router:
         self.registry, self.client, self.settings, self.requests = registry, client, settings, requests
         self.model_id = model_id  # model_fingerprint of the gateway's model: engines of another are not ours
         self._cache: tuple[float, list[ServiceInfo]] = (0.0, [])
+        self.stores_seen: dict[str, tuple[float, ServiceInfo]] = {}  # store id -> (monotonic s last listed, its lease)
         self.recent = RecentServices(registry, settings.lease_ttl_s)
         self._aborting: set[tuple[str, str]] = set()  # (request id, service id): an abort of a reservation in flight
         self._passed_over: dict[str, float] = {}  # token service id: when it may be asked to reserve again
@@ -86,7 +88,10 @@ class Router:
         at, infos = self._cache
         if time.monotonic() - at > REGISTRY_CACHE_S:
             old, infos = infos, await self.recent.services()
-            self._cache = (time.monotonic(), infos)
+            now = time.monotonic()
+            self._cache = (now, infos)
+            self.stores_seen = {i: (t, info) for i, (t, info) in self.stores_seen.items() if now - t < STORE_MEMORY_S}
+            self.stores_seen.update((i.id, (now, i)) for i in infos if i.kind == ServiceKind.CACHE_STORE)
             if any(i.kind == ServiceKind.PROMPT and self._ours(i) for i in infos):
                 self.prompt_seen = time.monotonic()
             if _kv_freed(old, infos):  # another gateway's request ended: our queue's head may fit now
@@ -131,7 +136,7 @@ class Router:
         finally:
             self._abort_unfenced(run)  # no further attempt (the request ended or failed): abort them now
             if run.lost:  # a dead owner never drops its replica: free it on every store
-                self._spawn(self._drop_replicas(request_id))
+                self._spawn(self._drop_replicas(request_id, named=run.stores))
 
     async def _attempt(self, run: Run) -> AsyncIterator[TokenEvent]:
         """One try: reserve, then the KV (a prefill of the prompt or, on a resume, a replica restored
@@ -232,12 +237,15 @@ class Router:
             self._spawn(self._abort_all(run.request_id, run.unfenced))
             run.unfenced = []
 
-    async def _drop_replicas(self, *request_ids: str) -> None:
+    async def _drop_replicas(self, *request_ids: str, named: Iterable[str] = ()) -> None:
         """Drop the requests' replicas on every store (DROP_CONCURRENCY drops at a time), now and
         once more LATE_WRITE_S later: a put an owner had in flight as a request ended (an owner
         killed before its own cleanup drops nothing) may land after the first drop (bench.chaos
         left such a replica over UCX). A store that did not answer (hung, its sockets open) is asked
-        again REDROP_S later: one that wakes up kept the replica its whole --replica-ttl-s (600 s)."""
+        again REDROP_S later: one that wakes up kept the replica its whole --replica-ttl-s (600 s).
+        So is a store in `named` (the ids Redis gave as the requests' replica stores) that is no
+        longer listed, if it was within STORE_MEMORY_S: one hung past its lease is not listed, and
+        woken it would keep the replica as long."""
         gate = asyncio.Semaphore(DROP_CONCURRENCY)
         unanswered: dict[tuple[str, str], ServiceInfo] = {}  # (request id, store id): the store
 
@@ -255,7 +263,9 @@ class Router:
             try:
                 stores = await self.services(ServiceKind.CACHE_STORE)
             except Unavailable:
-                continue
+                stores = []
+            listed = {s.id for s in stores}
+            stores += [self.stores_seen[i][1] for i in set(named) - listed if i in self.stores_seen]
             await asyncio.gather(*(one(r, s) for r in request_ids for s in stores))
         for wait in REDROP_S:  # those that did not answer
             if not unanswered:

@@ -64,6 +64,16 @@ FULL_ONLY = {
     # with no token service left the request ends in an error event, whichever path it was on
     "test_failover.py::test_a_request_that_cannot_be_saved_ends_with_an_error_event[reprefill]":
         "the same error event: [replica]",
+    # an API's stream meets the recovery below it, the same whichever path that takes: each API keeps
+    # one path (two each), and the paths themselves are checked on /v1/completions, greedy and seeded
+    "test_failover.py::test_a_responses_api_stream_survives_a_token_service_failure[reprefill]":
+        "Responses: [replica]; the re-prefill path: test_seeded_sampling_is_identical_across_a_failover[reprefill]",
+    "test_failover.py::test_an_anthropic_messages_stream_survives_a_token_service_failure[replica]":
+        "Messages: [reprefill]; the replica path: test_seeded_sampling_is_identical_across_a_failover[replica]",
+    "test_failover.py::test_an_sglang_generate_stream_survives_a_token_service_failure[reprefill]":
+        "/generate: [replica]; the re-prefill path: test_seeded_sampling_is_identical_across_a_failover[reprefill]",
+    "test_failover.py::test_the_choices_of_one_request_survive_a_token_service_failure[replica]":
+        "n = 2: [reprefill]; the replica path: test_seeded_sampling_is_identical_across_a_failover[replica]",
 }
 
 
