@@ -168,10 +168,20 @@ def wait_for_line(up: Up, text: str, timeout: float = 30) -> None:
     (["--stages", "2", "--swap", "--kv-device-bytes", "1048575"], "give at least 1048576"),  # 2 x 64 blocks of 2 layers
     (["--kv-device-bytes", "786431"], "does not hold one sequence of --max-model-len 1024 for 3 layers in float32"),
 ])
-def test_up_refuses_bad_options_before_starting_anything(tiny_model_path, args, message):
-    proc = subprocess.run([sys.executable, "-m", "dejavu", "up", "--model", str(tiny_model_path), *args],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+def test_up_refuses_bad_options_before_starting_anything(tiny_model_path, args, message, monkeypatch, capsys):
+    """`dejavu up`'s own code in this process, a cluster never made (a `dejavu up` process each took
+    3-5 s, most of it importing torch to read the model's config; the command line's process and its
+    exit status are test_up_says_when_its_port_is_taken's)."""
+    from dejavu import cli, cluster
+
+    def made(*args, **kwargs):
+        raise AssertionError("dejavu up went on to start a cluster")
+
+    monkeypatch.setattr(cluster.Cluster, "__init__", made)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["up", "--model", str(tiny_model_path), *args])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and message in err, err
 
 
 def test_up_says_when_its_port_is_taken(tiny_model_path):

@@ -22,10 +22,11 @@ PROMPT = "Once upon a time, in a land far away, there lived a dragon who"
 MAX_TOKENS = 900  # long enough to act mid-stream (prompt + 900 < the 1024-token context)
 
 
-@pytest.fixture(params=["replica", "reprefill"])
-def cluster(request, tiny_model_path, redis_server):
+@pytest.fixture(scope="module", params=["replica", "reprefill"])
+def path_cluster(request, tiny_model_path, redis_server):
     """Two token services (a spare), one prompt service, a cache store or none (the recovery path);
-    a silent stream counts as hung after 3 s; a request with no token service left fails after 3 s."""
+    a silent stream counts as hung after 3 s; a request with no token service left fails after 3 s.
+    One a path, for the module's tests (`cluster` puts back what a test killed)."""
     env = {**CLUSTER_ENV, "DEJAVU_KV_TRANSPORT": "tcp", "DEJAVU_TOKEN_TIMEOUT_S": "3", "DEJAVU_RESUME_WAIT_S": "3"}
     stores = 1 if request.param == "replica" else 0
     env["DEJAVU_MEMORY_BYTES"] = "1024"  # the store spills most of a replica: restores read the disk
@@ -33,9 +34,30 @@ def cluster(request, tiny_model_path, redis_server):
                  env=env, echo_logs=False) as c:
         c.path = request.param
         yield c
-        for child in c.of("token"):  # a stopped one must run again to stop
-            if child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGCONT)
+        wake(c)
+
+
+@pytest.fixture
+def cluster(path_cluster):
+    """The path's cluster with both token services running (those a test before killed started
+    again: a cluster a test took 9-14 s to start), and its recoveries counted from here (`recoveries`)."""
+    c = path_cluster
+    new = [c.respawn(t) for t in c.of("token") if t.proc.poll() is not None]
+    c.wait_ready(60, new)
+    c.recovered_before = metric(c.url, f'dejavu_gateway_recoveries_total{{path="{c.path}"}}')
+    yield c
+    wake(c)
+
+
+def wake(cluster) -> None:
+    for child in cluster.of("token"):  # a stopped one must run again to stop
+        if child.proc.poll() is None:
+            child.proc.send_signal(signal.SIGCONT)
+
+
+def recoveries(cluster) -> float:
+    """Requests the gateway resumed since the test began, on the cluster's path."""
+    return metric(cluster.url, f'dejavu_gateway_recoveries_total{{path="{cluster.path}"}}') - cluster.recovered_before
 
 
 def holds_kv(child) -> bool:
@@ -104,7 +126,7 @@ def test_greedy_stream_survives_a_token_service_failure(cluster, tiny_oracle, si
     assert victims, "the fault was never injected"
     assert text == want
     assert usage["completion_tokens"] == n
-    assert metric(cluster.url, "dejavu_gateway_recoveries_total" + f'{{path="{cluster.path}"}}') == 1
+    assert recoveries(cluster) == 1
     assert cluster.path == "reprefill" or cluster.spilled > 0  # restored (in part) from disk
     if sig == signal.SIGSTOP:  # the hung owner wakes up fenced: it frees its row and writes nothing
         victims[0].proc.send_signal(signal.SIGCONT)
@@ -116,7 +138,7 @@ def test_seeded_sampling_is_identical_across_a_failover(cluster):
     clean, _, _ = stream_with_fault(cluster, body, None)
     failed, usage, victims = stream_with_fault(cluster, body, signal.SIGKILL, after=40)
     assert victims and failed == clean and usage["completion_tokens"] == 300
-    assert metric(cluster.url, "dejavu_gateway_recoveries_total" + f'{{path="{cluster.path}"}}') == 1
+    assert recoveries(cluster) == 1
     assert_no_kv_held_on(cluster)
 
 
@@ -146,7 +168,7 @@ def test_a_responses_api_stream_survives_a_token_service_failure(cluster):
     assert failed == clean and response["output"][0]["content"][0]["text"] == clean
     counts = [{k: v for k, v in r["usage"].items() if k != "input_tokens_details"} for r in (response, clean_response)]
     assert counts[0] == counts[1] and counts[0]["output_tokens"] == 200  # the prompt is cached the second time
-    assert metric(cluster.url, "dejavu_gateway_recoveries_total" + f'{{path="{cluster.path}"}}') == 1
+    assert recoveries(cluster) == 1
     assert_no_kv_held_on(cluster)
 
 
@@ -174,7 +196,7 @@ def test_an_anthropic_messages_stream_survives_a_token_service_failure(cluster):
     failed, message = run(40)
     assert failed == clean == message.content[0].text and message.stop_reason == "max_tokens"
     assert message.usage.output_tokens == clean_message.usage.output_tokens == 200
-    assert metric(cluster.url, "dejavu_gateway_recoveries_total" + f'{{path="{cluster.path}"}}') == 1
+    assert recoveries(cluster) == 1
     assert_no_kv_held_on(cluster)
 
 
@@ -196,7 +218,7 @@ def test_an_sglang_generate_stream_survives_a_token_service_failure(cluster):
     clean, failed = run(None), run(40)
     assert failed["output_ids"] == clean["output_ids"] and failed["text"] == clean["text"]
     assert failed["meta_info"]["finish_reason"] == {"type": "length", "length": 200}
-    assert metric(cluster.url, "dejavu_gateway_recoveries_total" + f'{{path="{cluster.path}"}}') == 1
+    assert recoveries(cluster) == 1
     assert_no_kv_held_on(cluster)
 
 
@@ -218,7 +240,7 @@ def test_the_choices_of_one_request_survive_a_token_service_failure(cluster):
     clean = run(None)
     assert len(set(clean.values())) == 2  # seed + i: the choices differ
     assert run(40) == clean
-    assert metric(cluster.url, "dejavu_gateway_recoveries_total" + f'{{path="{cluster.path}"}}') >= 1
+    assert recoveries(cluster) >= 1
     assert_no_kv_held_on(cluster)
 
 
