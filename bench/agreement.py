@@ -58,7 +58,8 @@ def run(args) -> dict:
                 top1.setdefault(f"ours_{dtype}", []).append(ours.argmax(-1))
                 if dtype == "float32":
                     max_diff = max(max_diff, float((hf - ours).abs().max()))
-                for way, same in seeded_draws(hf[::args.draw_every], ours[::args.draw_every], args.draws).items():
+                first = i * args.seq_len  # output indices of their own for each sequence's positions: other numbers
+                for way, same in seeded_draws(hf[::args.draw_every], ours[::args.draw_every], args.draws, first).items():
                     draws.setdefault(f"{way}_{dtype}", []).append(same)
                 log(f"{dtype}: sequence {i + 1}/{len(seqs)}")
         del model, runner
@@ -77,9 +78,10 @@ def run(args) -> dict:
             **{f"seeded_same_{k}": float(torch.cat(v).float().mean()) for k, v in draws.items()}}
 
 
-def seeded_draws(a, b, seeds: int) -> dict:
+def seeded_draws(a, b, seeds: int, first: int) -> dict:
     """a, b: (positions, vocab) logits of two forwards -> for each way of drawing, whether the pick
-    from a equals the pick from b, a bool a (position, seed)."""
+    from a equals the pick from b, for each (position, seed): position r drawn as output index
+    first + r."""
     import torch
 
     from common.protocol import SamplingParams
@@ -91,8 +93,8 @@ def seeded_draws(a, b, seeds: int) -> dict:
         ca, cb = torch.cumsum(pa, 0), torch.cumsum(pb, 0)
         for seed in range(seeds):
             p = SamplingParams(temperature=1.0, seed=seed)
-            same["race"].append(sample_one(a[row], p, row) == sample_one(b[row], p, row))
-            g = torch.Generator().manual_seed(position_seed(seed, row))  # the replaced draw: one number
+            same["race"].append(sample_one(a[row], p, first + row) == sample_one(b[row], p, first + row))
+            g = torch.Generator().manual_seed(position_seed(seed, first + row))  # the replaced draw: one number
             u = torch.rand(1, generator=g, dtype=torch.float64).item()
             picks = [int(torch.searchsorted(c, torch.tensor([u * float(c[-1])]), right=True)) for c in (ca, cb)]
             same["inverse_cdf"].append(picks[0] == picks[1])

@@ -152,7 +152,8 @@ BENCHMARKS = {
     "serve": "closed-loop throughput and TTFT against Hugging Face generate",
     "step": "the engine's decode step against batch size, ours against the Hugging Face modules",
     "gemm": "a decode step's linears alone: our GEMM against oneDNN's, by rows and dtype",
-    "agreement": "top-1 agreement of our logits with Hugging Face's, teacher-forced, float32 and bf16",
+    "agreement": "top-1 agreement of our logits with Hugging Face's, teacher-forced, float32 and bf16, and how "
+                 "often seeded draws from the two pick the same token",
     "capacity": "chat-length requests that fit in a KV budget: whole rows against paged blocks",
     "chaos": "concurrent streams while token services, a cache store, a prompt service and Redis fail",
     "overload": "the token service's decode step with far more clients than KV room, against a full batch",
@@ -342,14 +343,39 @@ def _say(message: str) -> None:
         pass
 
 
-RESTARTS_PER_MINUTE = 3  # a service that dies more often than this is left dead
+class Restarts:
+    """When `dejavu up` starts a dead service again, as compose's `restart: unless-stopped` does:
+    at once for its first QUICK deaths in a row, then after a delay that doubles (1, 2, 4 s ...,
+    at most MAX_DELAY_S), so that one that cannot start does not spin; a run of STABLE_S or more
+    ends the row. An engine or a store is never given up: killed again and again (the OOM killer,
+    an operator), it comes back, or the cluster would answer 503 until someone restarted it all.
+    The gateway, without which nothing is served, is given up after QUICK deaths in a row, and
+    `dejavu up` exits (1) saying so."""
+
+    QUICK = 3
+    MAX_DELAY_S = 30.0
+    STABLE_S = 60.0
+
+    def __init__(self):
+        self.row: dict[str, int] = collections.defaultdict(int)  # name -> deaths in a row
+
+    def delay(self, name: str, ran_s: float) -> float:
+        """A service died after running ran_s: seconds until it is started again."""
+        self.row[name] = 1 if ran_s >= self.STABLE_S else self.row[name] + 1
+        late = self.row[name] - self.QUICK
+        return 0.0 if late <= 0 else min(2.0 ** (late - 1), self.MAX_DELAY_S)
+
+    def give_up(self, name: str, kind: str) -> bool:
+        return kind == "gateway" and self.row[name] > self.QUICK
 
 
 def _watch(cluster) -> int:
     """Until SIGINT/SIGTERM/SIGHUP (exit 0). A service that dies is named, with why, and started
-    again, like compose's `restart: unless-stopped`; its requests resume elsewhere meanwhile. One
-    that keeps dying is left dead; if that is the gateway, everything stops (exit 1)."""
-    stopping, restarts = False, collections.defaultdict(list)  # name -> restart times
+    again (`Restarts` says when); its requests resume elsewhere meanwhile. A gateway that keeps
+    dying stops everything (exit 1)."""
+    stopping, restarts = False, Restarts()
+    started = {child.name: time.monotonic() for child in cluster.children}
+    due: dict[str, float] = {}  # name -> monotonic time a dead one is started again
 
     def on_signal(signum, frame):
         nonlocal stopping
@@ -358,18 +384,23 @@ def _watch(cluster) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     while not stopping:
+        now = time.monotonic()
         for child in cluster.dead():
-            _say(f"[dejavu] {child.describe_exit()}")
-            now = time.monotonic()
-            recent = restarts[child.name] = [t for t in restarts[child.name] if now - t < 60] + [now]
-            if len(recent) > RESTARTS_PER_MINUTE:
-                _say(f"[dejavu] {child.name} died {len(recent)} times within a minute: not restarting it")
-                if child.kind == "gateway":
+            if child.name not in due:  # newly dead
+                _say(f"[dejavu] {child.describe_exit()}")
+                wait = restarts.delay(child.name, now - started.get(child.name, now))
+                if restarts.give_up(child.name, child.kind):
+                    _say(f"[dejavu] the gateway died {restarts.row[child.name]} times in a row: stopping")
                     return 1
-                cluster.children.remove(child)
-                continue
-            new = cluster.respawn(child)
-            _say(f"[dejavu] restarting {child.name} (new pid {new.pid})")
+                if wait:
+                    _say(f"[dejavu] {child.name} died {restarts.row[child.name]} times in a row: "
+                         f"restarting it in {wait:.0f} s")
+                due[child.name] = now + wait
+            if now >= due[child.name]:
+                del due[child.name]
+                new = cluster.respawn(child)
+                started[child.name] = time.monotonic()
+                _say(f"[dejavu] restarting {child.name} (new pid {new.pid})")
         if cluster.redis and cluster.redis.proc.poll() is not None:
             _say("[dejavu] the embedded Redis died: restarting it (empty; the services re-register)")
             try:

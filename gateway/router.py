@@ -241,8 +241,9 @@ class Router:
         """Drop the requests' replicas on every store (DROP_CONCURRENCY drops at a time), now and
         once more LATE_WRITE_S later: a put an owner had in flight as a request ended (an owner
         killed before its own cleanup drops nothing) may land after the first drop (bench.chaos
-        left such a replica over UCX). A store that did not answer (hung, its sockets open) is asked
-        again REDROP_S later: one that wakes up kept the replica its whole --replica-ttl-s (600 s).
+        left such a replica over UCX). A store that did not answer (hung, its sockets open; not one
+        that refused the connection: dead) is asked again REDROP_S later: one that wakes up kept the
+        replica its whole --replica-ttl-s (600 s).
         So is a store in `named` (the ids Redis gave as the requests' replica stores) that is no
         longer listed, if it was within STORE_MEMORY_S: one hung past its lease is not listed, and
         woken it would keep the replica as long."""
@@ -256,7 +257,10 @@ class Router:
                     unanswered.pop((request_id, store.id), None)
                 except DejavuError as exc:
                     log.debug("drop on %s: %s", store.id, exc.message)
-                    unanswered[request_id, store.id] = store
+                    if isinstance(exc.__cause__, httpx.ConnectError):  # refused: no process, no replica to drop
+                        unanswered.pop((request_id, store.id), None)
+                    else:
+                        unanswered[request_id, store.id] = store
 
         for wait in (0.0, LATE_WRITE_S):  # every store listed
             await asyncio.sleep(wait)

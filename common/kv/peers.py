@@ -93,9 +93,13 @@ class PeerLink:
             raise
 
     def _fail_all(self, exc: Exception) -> None:
+        """A sender that awaits its acknowledgement hears `exc`; one whose prefill failed before
+        awaiting it (another send raised on the same broken link) no longer does, and asyncio
+        would log "Future exception was never retrieved" for each: marked retrieved here."""
         for ack in self.waiting.values():
             if not ack.done():
                 ack.set_exception(exc)
+                ack.exception()
         self.waiting.clear()
 
     async def close(self) -> None:

@@ -401,6 +401,8 @@ class UcxTransport(Transport):
                 writer.close()
                 raise
             await serve(handler, conn, "ucx")
+        except asyncio.CancelledError:  # the transport closing (close() cancels us): end here. Re-raised, it
+            pass  # makes Python 3.11's start_server callback ask a cancelled task for its exception: a traceback
         finally:
             self._handlers.discard(task)
 

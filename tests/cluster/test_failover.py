@@ -44,6 +44,8 @@ def cluster(path_cluster):
     c = path_cluster
     new = [c.respawn(t) for t in c.of("token") if t.proc.poll() is not None]
     c.wait_ready(60, new)
+    assert_no_kv_held_on(c)  # what a test before left (its request's replica dropped late) is gone
+    c.spilled = None
     c.recovered_before = metric(c.url, f'dejavu_gateway_recoveries_total{{path="{c.path}"}}')
     yield c
     wake(c)
@@ -87,9 +89,11 @@ def events(cluster, path: str, body: dict):
                 yield event
 
 
-def stream(cluster, body: dict, at: dict | None = None, close_at: int | None = None) -> tuple[str, dict, str]:
-    """Stream a completion, calling at[n](cluster) after n chunks (and leaving after close_at).
-    Returns (text, usage, request id); an error event fails the test."""
+def stream(cluster, body: dict, at: dict | None = None, close_at: int | None = None,
+           logprobs: list | None = None) -> tuple[str, dict, str]:
+    """Stream a completion, calling at[n](cluster) after n chunks (and leaving after close_at), the
+    tokens' logprobs added to `logprobs` (the body asking for them). Returns (text, usage, request
+    id); an error event fails the test."""
     text, usage, rid = [], None, None
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     with contextlib.closing(events(cluster, "/v1/completions", body)) as answer:  # closed at once on leaving
@@ -97,6 +101,8 @@ def stream(cluster, body: dict, at: dict | None = None, close_at: int | None = N
             rid, usage = event["id"].removeprefix("cmpl-"), event.get("usage") or usage
             if event["choices"]:
                 text.append(event["choices"][0]["text"])
+                if logprobs is not None:
+                    logprobs += event["choices"][0]["logprobs"]["token_logprobs"]
                 if at and len(text) in at:
                     at[len(text)](cluster)
                 if len(text) == close_at:
@@ -104,7 +110,8 @@ def stream(cluster, body: dict, at: dict | None = None, close_at: int | None = N
     return "".join(text), usage, rid
 
 
-def stream_with_fault(cluster, body: dict, sig: int | None, after: int = 20) -> tuple[str, dict, list]:
+def stream_with_fault(cluster, body: dict, sig: int | None, after: int = 20,
+                      logprobs: list | None = None) -> tuple[str, dict, list]:
     """Stream a completion; after `after` chunks send `sig` to the token service serving it."""
     victims = []
 
@@ -114,7 +121,7 @@ def stream_with_fault(cluster, body: dict, sig: int | None, after: int = 20) -> 
         victims.append(serving(c))
         c.kill(victims[-1], sig)
 
-    text, usage, _ = stream(cluster, body, at={after: fault} if sig is not None else None)
+    text, usage, _ = stream(cluster, body, at={after: fault} if sig is not None else None, logprobs=logprobs)
     return text, usage, victims
 
 
@@ -134,10 +141,16 @@ def test_greedy_stream_survives_a_token_service_failure(cluster, tiny_oracle, si
 
 
 def test_seeded_sampling_is_identical_across_a_failover(cluster):
-    body = {"prompt": PROMPT, "max_tokens": 300, "temperature": 0.8, "top_p": 0.95, "seed": 7, "ignore_eos": True}
-    clean, _, _ = stream_with_fault(cluster, body, None)
-    failed, usage, victims = stream_with_fault(cluster, body, signal.SIGKILL, after=40)
+    """The same text, and the same logprobs to the bit: a draw moves only where two tokens' odds
+    are that close (common/sampling.py), so the text alone would pass a resume whose logits are
+    off in their last bits; the logprobs show the rows are computed as before (the KV replayed)."""
+    body = {"prompt": PROMPT, "max_tokens": 300, "temperature": 0.8, "top_p": 0.95, "seed": 7, "ignore_eos": True,
+            "logprobs": 1}
+    clean_logprobs, logprobs = [], []
+    clean, _, _ = stream_with_fault(cluster, body, None, logprobs=clean_logprobs)
+    failed, usage, victims = stream_with_fault(cluster, body, signal.SIGKILL, after=40, logprobs=logprobs)
     assert victims and failed == clean and usage["completion_tokens"] == 300
+    assert len(clean_logprobs) == 300 and logprobs == clean_logprobs
     assert recoveries(cluster) == 1
     assert_no_kv_held_on(cluster)
 
@@ -262,6 +275,7 @@ def test_a_request_that_cannot_be_saved_ends_with_an_error_event(cluster):
     request_id = json.loads(events[0])["id"].removeprefix("cmpl-")
     assert error["type"] == "server_error" and error["message"].startswith("an internal service failed")
     assert request_id in error["message"] and "127.0.0.1" not in error["message"]  # the log says which, not the client
+    assert_no_kv_held_on(cluster)  # the gateway dropped the replica the dead owners left
 
 
 def assert_no_kv_held_on(cluster) -> None:

@@ -9,9 +9,10 @@ token after the resume equals the failure-free run's, and so does the KV of the 
 bit: the tokens already out are replayed through decode steps, as they were first computed.
 Before, they were recomputed in one forward (with the prompt, on a re-prefill), whose float32
 rounding differs: the KV differed in its last bits, and now and then so did a token drawn after it
-(at temperature 0.2 about one such resume in 25 within 40 tokens, at 1.0 one in a thousand; with
-torch's SDPA for prompts, before December 1, 2026, this seed's token 31, on both paths). The KV
-is the invariant checked: which token flips moves with every change of a kernel.
+(with the inverse-CDF draw of before December 7, at temperature 0.2 about one such resume in 25
+within 40 tokens; the exponential race moves a pick far more rarely, so the tokens alone would
+hardly show it). The KV is the invariant checked: which token flips moves with every change of a
+kernel or of the draw.
 """
 
 from __future__ import annotations

@@ -118,3 +118,31 @@ async def test_time_behind_other_frames_does_not_count_against_a_send(transport)
     finally:
         await client.close()
         await server.close()
+
+
+async def test_acknowledgements_a_broken_link_fails_log_nothing_when_nobody_awaits_them(peer):
+    """A peer killed with acknowledgements pending: a sender that awaits one hears the link broke;
+    those nobody awaits (their prefill failed first, on another send) are no "Future exception was
+    never retrieved" in the log (a probe saw one in the prompt service at each token-service kill)."""
+    import gc
+
+    address, child, client = peer
+    loop = asyncio.get_running_loop()
+    errors, previous = [], loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    try:
+        peers = Peers(client)
+        link = await asyncio.wait_for(peers.get(address), BOUND_S)
+        child.send_signal(signal.SIGSTOP)  # nothing is acknowledged
+        awaited = await asyncio.wait_for(link.send(BIG[:64], request_id="awaited", **FIELDS), BOUND_S)
+        await asyncio.wait_for(link.send(BIG[:64], request_id="forgotten", **FIELDS), BOUND_S)  # dropped
+        child.send_signal(signal.SIGCONT)
+        child.kill()
+        with pytest.raises(TransportError, match="broke|closed"):
+            await asyncio.wait_for(awaited, BOUND_S)
+        await peers.close()
+        gc.collect()  # the forgotten future goes: asyncio logs it now if its exception was never read
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(previous)
+    assert not errors, [c.get("message") for c in errors]

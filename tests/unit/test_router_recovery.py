@@ -211,36 +211,41 @@ async def test_a_store_hung_past_its_lease_is_still_asked_to_drop_the_replica_re
     """A store SIGSTOPped past its lease TTL is not listed when the resumed request ends, so no
     drop went to it; woken, it kept the replica its --replica-ttl-s. The store Redis named as the
     request's (a fence's answer) is asked from what the router saw of it last, until it answers;
-    one it never saw, or that is named by no one, is not asked."""
+    one it never saw, or that is named by no one, is not asked, and one that refuses the connection
+    (dead: its replicas with it) only in the two passes every store gets."""
     from gateway import router as router_module
 
     monkeypatch.setattr(router_module, "LATE_WRITE_S", 0.05)
     monkeypatch.setattr(router_module, "REDROP_S", (0.05, 0.05, 0.05))
     redis = metadata.connect(redis_server.url)
     registry = metadata.Registry(redis)
-    lapsed, other = (ServiceInfo(kind=ServiceKind.CACHE_STORE, id=i, url=f"http://{i}", host="h", pid=1,
-                                 kv_address=f"{i}:1", kv_transport="tcp") for i in ("store-lapsed", "store-other"))
+    lapsed, other, dead = (ServiceInfo(kind=ServiceKind.CACHE_STORE, id=i, url=f"http://{i}", host="h", pid=1,
+                                       kv_address=f"{i}:1", kv_transport="tcp")
+                           for i in ("store-lapsed", "store-other", "store-dead"))
     tries = []
 
     async def hung_then_awake(request: httpx.Request) -> httpx.Response:
         tries.append((request.url.host, json.loads(request.content)["request_id"]))
-        if len(tries) <= 2:  # stopped: the client gives up
+        if request.url.host == "store-dead":
+            raise httpx.ConnectError("connection refused", request=request)
+        if len(tries) <= 4:  # stopped (both passes): the client gives up
             raise httpx.ReadTimeout("timed out", request=request)
         return httpx.Response(200, json={"request_id": tries[-1][1], "found": True})
 
     try:
-        for store in (lapsed, other):
+        for store in (lapsed, other, dead):
             await registry.renew(store, ttl_s=60)
         async with httpx.AsyncClient(transport=httpx.MockTransport(hung_then_awake)) as client:
             router = Router(registry, client, GatewaySettings(), None)
-            assert {s.id for s in await router.services(ServiceKind.CACHE_STORE)} == {"store-lapsed", "store-other"}
-            for store in (lapsed, other):  # their leases lapse
+            assert {s.id for s in await router.services(ServiceKind.CACHE_STORE)} == {s.id for s in (lapsed, other, dead)}
+            for store in (lapsed, other, dead):  # their leases lapse
                 await registry.deregister(store.id)
             router._cache = (float("-inf"), [])  # (the registry read anew, as REGISTRY_CACHE_S later)
             router.recent.seen.clear()  # (and past the lease TTL RecentServices keeps a lapsed one)
-            await asyncio.wait_for(router._drop_replicas("req-abandoned", named={"store-lapsed", "store-never"}), 10)
-        assert tries == [("store-lapsed", "req-abandoned")] * 3
+            await asyncio.wait_for(router._drop_replicas("req-abandoned",
+                                                         named={"store-lapsed", "store-dead", "store-never"}), 10)
+        assert sorted(tries) == [("store-dead", "req-abandoned")] * 2 + [("store-lapsed", "req-abandoned")] * 3
     finally:
-        for store in (lapsed, other):
+        for store in (lapsed, other, dead):
             await registry.deregister(store.id)
         await redis.aclose()

@@ -474,3 +474,24 @@ def test_network_device_is_the_one_with_the_address():
             address = a.address.split("%")[0]  # fe80::1%eth0
             if a.family in families and not address.startswith(("127.", "::1", "fe80:")):
                 assert network_device(address) == name, (address, name)
+
+
+@pytest.mark.asyncio
+async def test_closing_a_transport_while_it_serves_logs_no_error(pair):
+    """Its handlers are cancelled and end quietly. (Over UCX the handler runs as asyncio's
+    start_server task: re-raising the cancellation made Python 3.11's callback ask a cancelled task
+    for its exception, and the loop logged a CancelledError traceback at every service's stop.)"""
+    loop = asyncio.get_running_loop()
+    errors = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    try:
+        conn = await connect_to(pair)
+        await asyncio.wait_for(conn.send(b"ping", random_bytes(64)), BOUND_S)
+        await asyncio.wait_for(conn.recv(), BOUND_S)  # the handler is up, waiting for the next frame
+        await asyncio.wait_for(pair[0].close(), BOUND_S)
+        for _ in range(5):
+            await asyncio.sleep(0.02)  # the tasks' callbacks run
+    finally:
+        loop.set_exception_handler(previous)
+    assert not errors, [c.get("message") for c in errors]
