@@ -10,7 +10,7 @@ service's threads) move each token's clock by that relative amount only, so a pi
 where the two fastest clocks are that close: about as often as the relative difference itself. An
 inverse CDF (the draw until December 7) moves every bound by the sum of the differences before it,
 and in a distribution's tail, where tokens' intervals are as narrow as that sum, the pick moved in
-0.51% of draws between our float32 logits and Hugging Face's (the race: none of 16,384;
+0.35% of draws between our float32 logits and Hugging Face's (the race: none of 16,384;
 docs/BENCHMARKS.md §17).
 """
 
