@@ -25,3 +25,65 @@ def test_a_gateway_that_keeps_dying_is_given_up():
         assert not r.give_up("gateway-0", "gateway")
     r.delay("gateway-0", ran_s=1.0)
     assert r.give_up("gateway-0", "gateway")
+
+
+class Dying:
+    """A service that dies as soon as it starts: a real process (`true`)."""
+
+    def __init__(self, name: str, kind: str):
+        import subprocess
+
+        self.name, self.kind, self.proc = name, kind, subprocess.Popen(["true"])
+        self.pid = self.proc.pid
+
+    def describe_exit(self) -> str:
+        return f"{self.name} (pid {self.pid}) exited"
+
+
+class Supervised:
+    """What `_watch` reads of a Cluster: its children, the dead ones, a respawn; no Redis."""
+
+    redis = None
+
+    def __init__(self, *children: Dying):
+        self.children, self.respawned = list(children), []
+
+    def dead(self) -> list:
+        return [c for c in self.children if c.proc.poll() is not None]
+
+    def respawn(self, child: Dying) -> Dying:
+        import time
+
+        new = Dying(child.name, child.kind)
+        self.children[self.children.index(child)] = new
+        self.respawned.append((child.name, time.monotonic()))
+        return new
+
+
+def test_the_watch_starts_a_dying_service_again_after_its_delay_and_stops_on_sigterm(capsys):
+    """`dejavu up`'s loop: a service that dies at once, again and again, is started 3 times at
+    once, then after 1 s (the next after 2 s more, past this test's 4.5 s); SIGTERM ends the loop."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from dejavu.cli import _watch
+
+    cluster = Supervised(Dying("token-0", "token"))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    timer = threading.Timer(4.5, os.kill, (os.getpid(), signal.SIGTERM))
+    start = time.monotonic()
+    try:
+        timer.start()
+        assert _watch(cluster) == 0
+    finally:
+        timer.cancel()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    times = [t - start for _, t in cluster.respawned]
+    assert len(times) == 4, times
+    assert times[3] - times[2] >= 1.0, times  # the 4th death waited its 1 s
+    assert "token-0 died 4 times in a row: restarting it in 1 s" in capsys.readouterr().err
+    for child in cluster.children:
+        child.proc.wait()
