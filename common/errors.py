@@ -16,6 +16,7 @@ The body is OpenAI's: {"error": {"message", "type", "param", "code"}}.
 from __future__ import annotations
 
 import json
+import re
 import logging
 
 from fastapi import FastAPI, Request
@@ -115,12 +116,17 @@ def _param(loc: tuple) -> str | None:
     return parts[0] if parts else None
 
 
+# what pydantic puts in an error's location for the member of a union it tried, not a field's name
+_UNION_TAG = re.compile(r"^(?:float|int|str|bool|bytes|none|[a-z][a-z-]*\[.*\])$")
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
     if first.get("type") == "json_invalid":
         return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
     param = _param(tuple(first.get("loc", ())))
-    where = ".".join(str(p) for p in first.get("loc", ())[1:])  # messages.1.role: the field inside param
+    # messages.1.role: the field inside param ('temperature', not pydantic's 'temperature.float')
+    where = ".".join(str(p) for p in first.get("loc", ())[1:] if not _UNION_TAG.match(str(p)))
     if first.get("type") == "missing":
         return (f"'{where}' is required", param) if param else ("the body is required: a JSON object", None)
     return f"'{where}': {first.get('msg')}" if param else str(first.get("msg")), param

@@ -194,3 +194,15 @@ def test_internal_bodies_are_bounded(tiny_cluster, url):
         assert resp.status_code == 413, resp.text
     resp = httpx.post(url + "/v1/completions", json=GOOD, timeout=60)
     assert resp.status_code == 200, resp.text
+
+
+def test_a_field_of_the_wrong_type_is_named_as_the_client_sent_it(url):
+    """Not as pydantic's union member ('temperature.float': a probe's find), on completions and in a chat's messages."""
+    resp = httpx.post(url + "/v1/completions", json={**GOOD, "temperature": "1"}, timeout=30)
+    assert_openai_error(resp, 400, "temperature")
+    assert resp.json()["error"]["message"].startswith("'temperature': "), resp.json()
+    resp = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": 5}], "max_tokens": 2},
+                      timeout=30)
+    assert_openai_error(resp, 400, "messages")
+    assert resp.json()["error"]["message"].startswith("'messages.0"), resp.json()
+    assert "str" not in resp.json()["error"]["message"].split(":")[0], resp.json()
