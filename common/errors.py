@@ -120,13 +120,30 @@ def _param(loc: tuple) -> str | None:
 _UNION_TAG = re.compile(r"^(?:float|int|str|bool|bytes|none|[a-z][a-z-]*\[.*\])$")
 
 
+def _where(loc: tuple, body) -> str:
+    """An error's location as the client sent it: 'temperature', not pydantic's 'temperature.float'
+    (the union member it tried). An element the body holds there is kept (a logit_bias key "none"
+    too); one it does not is dropped if it reads as a union tag (a missing field's name is kept)."""
+    node, parts = body, []
+    for p in loc:
+        if isinstance(node, dict) and p in node:
+            node = node[p]
+        elif isinstance(node, list) and isinstance(p, int) and -len(node) <= p < len(node):
+            node = node[p]
+        elif _UNION_TAG.match(str(p)):
+            continue
+        else:
+            node = None
+        parts.append(str(p))
+    return ".".join(parts)
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
     if first.get("type") == "json_invalid":
         return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
     param = _param(tuple(first.get("loc", ())))
-    # messages.1.role: the field inside param ('temperature', not pydantic's 'temperature.float')
-    where = ".".join(str(p) for p in first.get("loc", ())[1:] if not _UNION_TAG.match(str(p)))
+    where = _where(tuple(first.get("loc", ()))[1:], exc.body)  # messages.1.role: the field inside param
     if first.get("type") == "missing":
         return (f"'{where}' is required", param) if param else ("the body is required: a JSON object", None)
     return f"'{where}': {first.get('msg')}" if param else str(first.get("msg")), param

@@ -344,13 +344,13 @@ def _say(message: str) -> None:
 
 
 class Restarts:
-    """When `dejavu up` starts a dead service again, as compose's `restart: unless-stopped` does:
-    at once for its first QUICK deaths in a row, then after a delay that doubles (1, 2, 4 s ...,
-    at most MAX_DELAY_S), so that one that cannot start does not spin; a run of STABLE_S or more
-    ends the row. An engine or a store is never given up: killed again and again (the OOM killer,
-    an operator), it comes back, or the cluster would answer 503 until someone restarted it all.
-    The gateway, without which nothing is served, is given up after QUICK deaths in a row, and
-    `dejavu up` exits (1) saying so."""
+    """When `dejavu up` starts a dead service again, as compose's `restart: unless-stopped` does
+    (Docker doubles its delay too): at once for its first QUICK deaths in a row, then after a delay
+    that doubles (1, 2, 4 s ..., at most MAX_DELAY_S), so that one that cannot start does not spin;
+    a run of STABLE_S or more ends the row. An engine or a store is never given up: killed again and
+    again (the OOM killer, an operator), it comes back, or the cluster would answer 503 until
+    someone restarted it all. The gateway, without which nothing is served, is given up when it
+    dies more than QUICK times within STABLE_S, and `dejavu up` exits (1) saying so."""
 
     QUICK = 3
     MAX_DELAY_S = 30.0
@@ -358,15 +358,18 @@ class Restarts:
 
     def __init__(self):
         self.row: dict[str, int] = collections.defaultdict(int)  # name -> deaths in a row
+        self.deaths: dict[str, list[float]] = collections.defaultdict(list)  # name -> monotonic times, last STABLE_S
 
-    def delay(self, name: str, ran_s: float) -> float:
+    def delay(self, name: str, ran_s: float, now: float | None = None) -> float:
         """A service died after running ran_s: seconds until it is started again."""
+        now = time.monotonic() if now is None else now
+        self.deaths[name] = [t for t in self.deaths[name] if now - t < self.STABLE_S] + [now]
         self.row[name] = 1 if ran_s >= self.STABLE_S else self.row[name] + 1
         late = self.row[name] - self.QUICK
         return 0.0 if late <= 0 else min(2.0 ** (late - 1), self.MAX_DELAY_S)
 
     def give_up(self, name: str, kind: str) -> bool:
-        return kind == "gateway" and self.row[name] > self.QUICK
+        return kind == "gateway" and len(self.deaths[name]) > self.QUICK
 
 
 def _watch(cluster) -> int:
@@ -390,15 +393,20 @@ def _watch(cluster) -> int:
                 _say(f"[dejavu] {child.describe_exit()}")
                 wait = restarts.delay(child.name, now - started.get(child.name, now))
                 if restarts.give_up(child.name, child.kind):
-                    _say(f"[dejavu] the gateway died {restarts.row[child.name]} times in a row: stopping")
+                    _say(f"[dejavu] the gateway died {len(restarts.deaths[child.name])} times within a minute: stopping")
                     return 1
                 if wait:
                     _say(f"[dejavu] {child.name} died {restarts.row[child.name]} times in a row: "
                          f"restarting it in {wait:.0f} s")
                 due[child.name] = now + wait
             if now >= due[child.name]:
+                try:
+                    new = cluster.respawn(child)
+                except OSError as exc:  # no process to be had (ENOMEM, EAGAIN, EMFILE): try again later
+                    due[child.name] = now + Restarts.MAX_DELAY_S
+                    _say(f"[dejavu] could not restart {child.name} ({exc}): trying again in {Restarts.MAX_DELAY_S:.0f} s")
+                    continue
                 del due[child.name]
-                new = cluster.respawn(child)
                 started[child.name] = time.monotonic()
                 _say(f"[dejavu] restarting {child.name} (new pid {new.pid})")
         if cluster.redis and cluster.redis.proc.poll() is not None:

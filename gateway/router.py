@@ -57,6 +57,21 @@ PREFIX_ROUTED = prometheus_client.Counter("dejavu_gateway_prefix_routed_total", 
                                           "prefilled their longest prefix last (--prefix-routing)")
 
 
+def _refused(exc: BaseException) -> bool:
+    """A connection refused somewhere in exc's causes (httpx -> httpcore -> OSError, or a group of
+    them, one an address): the host answered that nothing listens there. Not an unreachable host."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ConnectionRefusedError):
+            return True
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return False
+
+
 class LeaseLapsed(UpstreamError):
     """A service stopped renewing its lease in Redis while we waited on it."""
 
@@ -257,7 +272,7 @@ class Router:
                     unanswered.pop((request_id, store.id), None)
                 except DejavuError as exc:
                     log.debug("drop on %s: %s", store.id, exc.message)
-                    if isinstance(exc.__cause__, httpx.ConnectError):  # refused: no process, no replica to drop
+                    if _refused(exc):  # no process there, no replica to drop
                         unanswered.pop((request_id, store.id), None)
                     else:
                         unanswered[request_id, store.id] = store

@@ -206,3 +206,6 @@ def test_a_field_of_the_wrong_type_is_named_as_the_client_sent_it(url):
     assert_openai_error(resp, 400, "messages")
     assert resp.json()["error"]["message"].startswith("'messages.0"), resp.json()
     assert "str" not in resp.json()["error"]["message"].split(":")[0], resp.json()
+    resp = httpx.post(url + "/v1/completions", json={**GOOD, "logit_bias": {"none": "x"}}, timeout=30)
+    assert_openai_error(resp, 400, "logit_bias")  # a key of the client's that reads like a tag stays
+    assert resp.json()["error"]["message"].startswith("'logit_bias.none'"), resp.json()

@@ -227,7 +227,10 @@ async def test_a_store_hung_past_its_lease_is_still_asked_to_drop_the_replica_re
     async def hung_then_awake(request: httpx.Request) -> httpx.Response:
         tries.append((request.url.host, json.loads(request.content)["request_id"]))
         if request.url.host == "store-dead":
-            raise httpx.ConnectError("connection refused", request=request)
+            try:  # as httpx raises it: a refused connection underneath
+                raise ConnectionRefusedError(111, "Connection refused")
+            except ConnectionRefusedError as refused:
+                raise httpx.ConnectError("All connection attempts failed", request=request) from refused
         if len(tries) <= 4:  # stopped (both passes): the client gives up
             raise httpx.ReadTimeout("timed out", request=request)
         return httpx.Response(200, json={"request_id": tries[-1][1], "found": True})
