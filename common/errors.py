@@ -16,8 +16,8 @@ The body is OpenAI's: {"error": {"message", "type", "param", "code"}}.
 from __future__ import annotations
 
 import json
-import re
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError

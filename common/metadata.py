@@ -148,10 +148,11 @@ class RecentServices:
     moment, forgets every lease at once, though each service writes its lease again within a
     renewal; meanwhile work in flight keeps routing instead of finding nobody. A dead service is
     listed at most one TTL longer than Redis lists it: a call to it fails and the caller moves on.
-    For "is this one service alive?" ask the Registry itself."""
+    For "is this one service alive?" ask the Registry itself. A service no longer listed is still
+    known by its id (`remembered`) for `remember_s`, if that is longer than the TTL."""
 
-    def __init__(self, registry: Registry, ttl_s: float):
-        self.registry, self.ttl_s = registry, ttl_s
+    def __init__(self, registry: Registry, ttl_s: float, remember_s: float = 0.0):
+        self.registry, self.ttl_s, self.remember_s = registry, ttl_s, max(remember_s, ttl_s)
         self.seen: dict[str, tuple[float, ServiceInfo]] = {}  # id -> (monotonic s it was last listed, its lease)
         self.listed: set[str] = set()  # ids the registry listed at the last read that succeeded
 
@@ -166,10 +167,16 @@ class RecentServices:
             self.seen[info.id] = (now, info)
         if failure is None:
             self.listed = {info.id for info in listed}
-        self.seen = {i: (t, info) for i, (t, info) in self.seen.items() if now - t < self.ttl_s}
-        if failure and not self.seen:
+        self.seen = {i: (t, info) for i, (t, info) in self.seen.items() if now - t < self.remember_s}
+        recent = [info for t, info in self.seen.values() if now - t < self.ttl_s]
+        if failure and not recent:
             raise failure
-        return [info for _, info in self.seen.values() if kind is None or info.kind == kind]
+        return [info for info in recent if kind is None or info.kind == kind]
+
+    def remembered(self, service_id: str) -> ServiceInfo | None:
+        """The lease of a service listed within `remember_s`, listed still or not."""
+        entry = self.seen.get(service_id)
+        return entry[1] if entry else None
 
 
 class RequestStore:

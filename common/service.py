@@ -321,10 +321,8 @@ async def answers_health(url: str, timeout: float, client: httpx.AsyncClient | N
     if not url:
         return False
     try:
-        if client is not None:
-            return (await client.get(url + "/health", timeout=timeout)).status_code == 200
-        async with httpx.AsyncClient() as own:
-            return (await own.get(url + "/health", timeout=timeout)).status_code == 200
+        async with contextlib.nullcontext(client) if client is not None else httpx.AsyncClient() as c:
+            return (await c.get(url + "/health", timeout=timeout)).status_code == 200
     except httpx.HTTPError:
         return False
 

@@ -42,7 +42,7 @@ LEASE_CHECK_S = 1.0  # a call or stream silent this long makes the gateway check
 ENGINES = (ServiceKind.PROMPT, ServiceKind.TOKEN)  # services that run the model
 LATE_WRITE_S = 3.0  # a lost request's replicas are dropped again after this (see _drop_replicas)
 REDROP_S = (15.0, 30.0, 60.0)  # then, on a store that did not answer (hung), again after these
-STORE_MEMORY_S = 3600.0  # a cache store no longer listed is still known (its URL) this long: see _drop_replicas
+STORE_MEMORY_S = 3600.0  # a service no longer listed is still known (a store's URL) this long: see _drop_replicas
 OWNER_WATCH_S = 45.0  # a finished request's replica is dropped by the gateway if its owner dies within this
 #                       long (longer than the owner's own drop can take: a replica send in flight, then /drop)
 DROP_CONCURRENCY = 16  # replicas of a dead owner's finished requests dropped at a time
@@ -82,8 +82,7 @@ class Router:
         self.registry, self.client, self.settings, self.requests = registry, client, settings, requests
         self.model_id = model_id  # model_fingerprint of the gateway's model: engines of another are not ours
         self._cache: tuple[float, list[ServiceInfo]] = (0.0, [])
-        self.stores_seen: dict[str, tuple[float, ServiceInfo]] = {}  # store id -> (monotonic s last listed, its lease)
-        self.recent = RecentServices(registry, settings.lease_ttl_s)
+        self.recent = RecentServices(registry, settings.lease_ttl_s, remember_s=STORE_MEMORY_S)
         self._aborting: set[tuple[str, str]] = set()  # (request id, service id): an abort of a reservation in flight
         self._passed_over: dict[str, float] = {}  # token service id: when it may be asked to reserve again
         # (request id, service id): an abort of a prefill in flight, sent to a service that stopped answering;
@@ -103,10 +102,7 @@ class Router:
         at, infos = self._cache
         if time.monotonic() - at > REGISTRY_CACHE_S:
             old, infos = infos, await self.recent.services()
-            now = time.monotonic()
-            self._cache = (now, infos)
-            self.stores_seen = {i: (t, info) for i, (t, info) in self.stores_seen.items() if now - t < STORE_MEMORY_S}
-            self.stores_seen.update((i.id, (now, i)) for i in infos if i.kind == ServiceKind.CACHE_STORE)
+            self._cache = (time.monotonic(), infos)
             if any(i.kind == ServiceKind.PROMPT and self._ours(i) for i in infos):
                 self.prompt_seen = time.monotonic()
             if _kv_freed(old, infos):  # another gateway's request ended: our queue's head may fit now
@@ -284,7 +280,7 @@ class Router:
             except Unavailable:
                 stores = []
             listed = {s.id for s in stores}
-            stores += [self.stores_seen[i][1] for i in set(named) - listed if i in self.stores_seen]
+            stores += [info for i in set(named) - listed if (info := self.recent.remembered(i))]
             await asyncio.gather(*(one(r, s) for r in request_ids for s in stores))
         for wait in REDROP_S:  # those that did not answer
             if not unanswered:
