@@ -177,7 +177,7 @@ def test_echo_with_logprobs_and_n_scores_a_prompt_once_and_offsets_run_on(tokeni
     forward's worth, not n), the other choices show that one's; the generated tokens' text_offset
     runs on from the end of the prompt tokens' texts, as vLLM's."""
     from common.protocol import PromptLogprob, TokenEvent
-    from gateway.app import share_prompt_scores
+    from gateway.serving import share_prompt_scores
     from gateway.jobs import Delta
     from gateway.responses import completion_logprobs
 
@@ -604,7 +604,7 @@ def test_request_ids_are_on_every_answer_once_served_a_bugs_500_too_and_at_most_
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from gateway.app import RequestIds
+    from gateway.serving import RequestIds
 
     async def served(request):
         request.state.request_ids = [f"id{i}" for i in range(int(request.query_params["n"]))]

@@ -241,7 +241,7 @@ def test_unset_values_are_not_given(tokenizer):
 def test_a_quiet_stream_sends_its_last_event_again_which_sglangs_client_skips(tokenizer):
     """The keep-alive of a failover's pause: an event, since SGLang's client reads every line as
     JSON (an SSE comment would fail the request), with no token more than the last."""
-    from gateway.app import keepalive
+    from gateway.serving import keepalive
     from gateway.responses import CHAT
 
     said = tokenizer(" one two", add_special_tokens=False)["input_ids"]

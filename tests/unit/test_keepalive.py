@@ -1,11 +1,11 @@
 """A streaming response quiet for a while (a failover replaying a long output, a queue) carries SSE
-comments, so that proxies and clients with idle timeouts keep the stream: gateway.app.with_keepalive."""
+comments, so that proxies and clients with idle timeouts keep the stream: gateway.serving.with_keepalive."""
 
 import asyncio
 
 import pytest
 
-from gateway.app import KEEPALIVE, with_keepalive
+from gateway.serving import KEEPALIVE, with_keepalive
 
 
 async def slow(gaps: list[float]):

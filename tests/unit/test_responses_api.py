@@ -448,7 +448,7 @@ def test_a_streamed_response_is_kept_before_the_event_that_ends_it(tokenizer, re
     from types import SimpleNamespace
 
     from common import metadata
-    from gateway.app import _stream
+    from gateway.serving import _stream
 
     limits = limits_of(tokenizer)
     form, [job] = jobs_of({"input": "Capital?", "max_output_tokens": 3, "stream": True}, tokenizer, limits)
