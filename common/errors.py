@@ -180,8 +180,9 @@ def install_error_handlers(app: FastAPI, public: bool = False) -> None:
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
+        code = PayloadTooLarge.code if exc.status_code == 413 else None  # a body counted over the limit (BodyLimit)
         # a 405 must say which methods the route takes (Allow, RFC 9110): Starlette puts it in the headers
-        return JSONResponse(error_body(message, kind), status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(error_body(message, kind, code=code), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -293,13 +293,16 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:  # an HTTPException passes FastAPI's body reader unchanged
-                raise HTTPException(413, f"request body is over the limit of {self.max_bytes} bytes")
+                raise HTTPException(413, self._message())  # (written as a PayloadTooLarge: errors._http)
             return message
 
         return await self.app(scope, counting_receive, send)
 
+    def _message(self) -> str:
+        return f"request body is over the limit of {self.max_bytes} bytes; send a smaller request"
+
     async def _reject(self, send) -> None:
-        err = PayloadTooLarge(f"request body is over the limit of {self.max_bytes} bytes; send a smaller request")
+        err = PayloadTooLarge(self._message())
         await JSONResponse(err.body(), status_code=413)({"type": "http"}, None, send)
 
 

@@ -70,6 +70,7 @@ def test_json_sent_as_a_form_names_the_header(url):
 def test_oversized_body(url):
     resp = httpx.post(url + "/v1/completions", json={"prompt": "x" * (5 << 20)}, timeout=30)
     assert_openai_error(resp, 413, None)
+    assert resp.json()["error"]["code"] == "payload_too_large"
 
 
 def test_chat_bad_input(url):
@@ -117,6 +118,7 @@ def test_oversized_chunked_body_without_length(url):
 
     resp = httpx.post(url + "/v1/completions", content=body(), timeout=30, headers={"content-type": "application/json"})
     assert_openai_error(resp, 413, None)
+    assert resp.json()["error"]["code"] == "payload_too_large"  # as with a Content-Length (a probe saw null)
 
 
 RAW_CASES = [
