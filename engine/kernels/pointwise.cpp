@@ -24,59 +24,74 @@ inline T round_to(float x) { return static_cast<T>(x); }
 
 int64_t rows_grain(int64_t width) { return std::max<int64_t>(1, GRAIN / std::max<int64_t>(width, 1)); }
 
+// A row's arithmetic is a function of its own, never inlined: parallel_for calls its body on the
+// calling thread for a few rows and inside its OpenMP region for more, and an inlined body is two
+// copies of the loop that -ffast-math lets the compiler sum and contract (FMA) each its own way. A
+// row then came out another way beside many rows than alone: a decode row's norm in a step mixed
+// with a prefill chunk differed in the last bit from the same row's in a decode-only step (25 of
+// 203 rows of SmolLM2's hidden states), and in bf16 that moved greedy picks. One copy: a row's
+// result is the same in a batch of any size (tests/unit/test_runner.py).
+template <typename T>
+__attribute__((noinline)) void rms_row(T* x, const T* d, const T* w, T* o, int64_t H, float eps) {
+  if (d != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) x[j] = round_to<T>(static_cast<float>(x[j]) + static_cast<float>(d[j]));
+  }
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t j = 0; j < H; ++j) {
+    const float f = static_cast<float>(x[j]);
+    ss += f * f;
+  }
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(H) + eps);
+#pragma omp simd
+  for (int64_t j = 0; j < H; ++j)
+    o[j] = round_to<T>(static_cast<float>(w[j]) * static_cast<float>(round_to<T>(static_cast<float>(x[j]) * r)));
+}
+
 template <typename T>
 void rms_rows(T* h, const T* delta, const T* w, T* out, int64_t N, int64_t H, int64_t h_row, int64_t d_row,
               float eps) {
   dejavu::parallel_for(0, N, rows_grain(H), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      T* x = h + i * h_row;
-      if (delta != nullptr) {
-        const T* d = delta + i * d_row;
-#pragma omp simd
-        for (int64_t j = 0; j < H; ++j) x[j] = round_to<T>(static_cast<float>(x[j]) + static_cast<float>(d[j]));
-      }
-      float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t j = 0; j < H; ++j) {
-        const float f = static_cast<float>(x[j]);
-        ss += f * f;
-      }
-      const float r = 1.f / std::sqrt(ss / static_cast<float>(H) + eps);
-      T* o = out + i * H;
-#pragma omp simd
-      for (int64_t j = 0; j < H; ++j)
-        o[j] = round_to<T>(static_cast<float>(w[j]) * static_cast<float>(round_to<T>(static_cast<float>(x[j]) * r)));
-    }
+    for (int64_t i = begin; i < end; ++i)
+      rms_row<T>(h + i * h_row, delta != nullptr ? delta + i * d_row : nullptr, w, out + i * H, H, eps);
   });
+}
+
+// One position's heads (see rms_row for why not inlined); `in`: D floats of scratch.
+template <typename T>
+__attribute__((noinline)) void rope_row(T* x, const T* c, const T* s, int64_t heads, int64_t D, float* in) {
+  const int64_t half = D / 2;
+  for (int64_t hd = 0; hd < heads; ++hd) {
+    T* v = x + hd * D;
+    for (int64_t j = 0; j < D; ++j) in[j] = static_cast<float>(v[j]);
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) {
+      const float rot = j < half ? -in[j + half] : in[j - half];
+      const float a = static_cast<float>(round_to<T>(in[j] * static_cast<float>(c[j])));
+      const float b = static_cast<float>(round_to<T>(rot * static_cast<float>(s[j])));
+      v[j] = round_to<T>(a + b);
+    }
+  }
 }
 
 template <typename T>
 void rope_rows(T* x, const T* cos, const T* sin, int64_t N, int64_t heads, int64_t D, int64_t x_row) {
-  const int64_t half = D / 2;
   dejavu::parallel_for(0, N, rows_grain(heads * D), [&](int64_t begin, int64_t end) {
     std::vector<float> in(D);
-    for (int64_t i = begin; i < end; ++i) {
-      const T* c = cos + i * D;
-      const T* s = sin + i * D;
-      for (int64_t hd = 0; hd < heads; ++hd) {
-        T* v = x + i * x_row + hd * D;
-        for (int64_t j = 0; j < D; ++j) in[j] = static_cast<float>(v[j]);
-#pragma omp simd
-        for (int64_t j = 0; j < D; ++j) {
-          const float rot = j < half ? -in[j + half] : in[j - half];
-          const float a = static_cast<float>(round_to<T>(in[j] * static_cast<float>(c[j])));
-          const float b = static_cast<float>(round_to<T>(rot * static_cast<float>(s[j])));
-          v[j] = round_to<T>(a + b);
-        }
-      }
-    }
+    for (int64_t i = begin; i < end; ++i) rope_row<T>(x + i * x_row, cos + i * D, sin + i * D, heads, D, in.data());
   });
+}
+
+template <typename T>
+__attribute__((noinline)) void silu_mul_row(const T* gu, T* out, int64_t I) {  // (see rms_row)
+  dejavu::silu_mul_span(gu, gu + I, out, I);
 }
 
 template <typename T>
 void silu_mul_rows(const T* gu, T* out, int64_t N, int64_t I) {
   dejavu::parallel_for(0, N, rows_grain(2 * I), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) dejavu::silu_mul_span(gu + i * 2 * I, gu + i * 2 * I + I, out + i * I, I);
+    for (int64_t i = begin; i < end; ++i) silu_mul_row<T>(gu + i * 2 * I, out + i * I, I);
   });
 }
 

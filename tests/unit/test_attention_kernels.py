@@ -105,6 +105,37 @@ def test_fused_small_ops_equal_pytorchs(dtype, rows):
     torch.testing.assert_close(kernel.silu_and_mul(gate_up), F.silu(gate) * up, **_tol(dtype))
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_small_ops_are_the_same_alone_and_in_a_batch_the_team_runs(dtype):
+    """A decode row's norm came out other bits beside a prefill chunk's 200 rows (the batch runs on
+    the OpenMP team, a few rows on the calling thread: two inlined copies of the row's loop, each
+    summed its own way under -ffast-math) than in a decode-only step: greedy picks moved in bf16
+    under load. Each row's arithmetic now has one copy (pointwise.cpp, rms_row)."""
+    torch.manual_seed(0)
+    rows, grain = 300, (1 << 15) // 576  # past pointwise.cpp's one-thread grain
+    assert rows > 2 * grain
+    x, delta, w = (torch.randn(rows, 576) * 4).to(dtype), torch.randn(rows, 576).to(dtype), torch.randn(576).to(dtype)
+    batch = kernel.rms_norm(x, w, 1e-5)
+    h = x.clone()
+    added = kernel.add_rms_norm(h, delta, w, 1e-5)
+    qkv = torch.randn(rows, 15 * 64, dtype=dtype)
+    angles = torch.arange(rows).float()[:, None] * torch.rand(32)
+    cos, sin = (f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin))
+    roped = qkv.clone()
+    kernel.rope_(roped[:, :9 * 64].view(rows, 9, 64), cos, sin)
+    gate_up = torch.randn(rows, 2 * 1536, dtype=dtype)
+    act = kernel.silu_and_mul(gate_up)
+    for i in range(rows):
+        one = slice(i, i + 1)
+        assert torch.equal(kernel.rms_norm(x[one].clone(), w, 1e-5), batch[one]), i
+        assert torch.equal(kernel.add_rms_norm(x[one].clone(), delta[one], w, 1e-5), added[one]), i
+        alone = qkv[one].clone()
+        kernel.rope_(alone[:, :9 * 64].view(1, 9, 64), cos[one], sin[one])
+        assert torch.equal(alone, roped[one]), i
+        assert torch.equal(kernel.silu_and_mul(gate_up[one]), act[one]), i
+
+
 linear_dtypes = [d for d in (torch.float32, torch.bfloat16)
                  if kernel is not None and str(d).removeprefix("torch.") in kernel.LINEAR_DTYPES]
 

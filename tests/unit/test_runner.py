@@ -139,6 +139,30 @@ def test_decode_stack_equals_the_python_loop_to_the_bit(tiny_oracle, dtype):
         runner.forward([Segment([100], 32, order[:8])], pool)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decode_rows_logits_are_the_same_beside_a_prefill_chunk(dtype):
+    """Colocated, a step computes the running decodes next to a prompt's chunk when one is queued:
+    whether it was depends on timing, and on a failure. A decode row's logits must not (a probe saw
+    bf16 greedy text move under load). SmolLM2's widths, 2 layers, random weights; past the small
+    ops' one-thread grain (engine/kernels/pointwise.cpp): 300 rows of 576."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1000, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=1024)
+    runner = ModelRunner(LlamaForCausalLM(config).eval().to(dtype), block_size=BLOCK)
+    prompts = [torch.randint(3, 1000, (n,)).tolist() for n in (40, 13, 7)]
+    tables = [list(range(b * 20, b * 20 + 20)) for b in range(3)]
+    pool = runner.new_pool(60 + 80)
+    first = runner.forward([Segment(p, 0, t) for p, t in zip(prompts, tables)], pool).argmax(-1).tolist()
+    decodes = [Segment([f], len(p), t) for f, p, t in zip(first, prompts, tables)]
+    chunk = Segment(torch.randint(3, 1000, (300,)).tolist(), 0, list(range(60, 60 + 80)))
+    alone = runner.forward(decodes, pool.clone())
+    assert torch.equal(runner.forward(decodes + [chunk], pool.clone())[:3], alone)
+    assert torch.equal(runner.forward([chunk] + decodes, pool.clone())[1:], alone)
+
+
 def test_stage_layers_split_the_model_evenly():
     assert [stage_layers(30, 1, 0)] == [range(0, 30)]
     assert [stage_layers(30, 4, k) for k in range(4)] == [range(0, 8), range(8, 16), range(16, 23), range(23, 30)]
