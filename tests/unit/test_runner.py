@@ -161,6 +161,13 @@ def test_a_decode_rows_logits_are_the_same_beside_a_prefill_chunk(dtype):
     alone = runner.forward(decodes, pool.clone())
     assert torch.equal(runner.forward(decodes + [chunk], pool.clone())[:3], alone)
     assert torch.equal(runner.forward([chunk] + decodes, pool.clone())[1:], alone)
+    assert torch.equal(runner.forward(decodes[:1], pool.clone()), alone[:1])  # a step of its own
+    # a prompt alone and in a batch of prompts (a prompt service's prefill): its logits and its K/V
+    own, batched = runner.new_pool(60 + 80), runner.new_pool(60 + 80)
+    first = runner.forward([Segment(prompts[2], 0, tables[2])], own)
+    assert torch.equal(runner.forward([Segment(p, 0, t) for p, t in zip(prompts, tables)] + [chunk], batched)[2], first[0])
+    slots = slots_of(tables[2], BLOCK, 0, len(prompts[2]))
+    assert torch.equal(own[:, :, slots], batched[:, :, slots])
 
 
 def test_stage_layers_split_the_model_evenly():
