@@ -51,6 +51,7 @@ class Run:
     prompt_logprobs: int | None = None  # echo with logprobs: the prompt scored, with this many alternatives
     outputs: list[int] = field(default_factory=list)  # output token ids streamed so far
     lost: set[str] = field(default_factory=set)       # token services that failed it
+    losses: int = 0                                   # times one did (one that hung and woke may again)
     epoch: int = 0
     failed_at: float | None = None                    # monotonic time of the last failure
     replica: tuple[int, str] = (0, "")                 # (tokens replicated, store id) when last fenced

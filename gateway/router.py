@@ -133,9 +133,10 @@ class Router:
                             yield event
                     return
                 except TokenServiceLost as exc:
-                    if len(run.lost) > self.settings.resume_attempts:
+                    run.losses += 1
+                    if run.losses > self.settings.resume_attempts:
                         why = ("fault tolerance is off (--resume-attempts 0)" if not self.settings.resume_attempts
-                               else f"{len(run.lost)} token services failed it")
+                               else f"token services failed it {run.losses} times")
                         raise UpstreamError(f"the request could not be saved: {why} (last: {exc.message})") from exc
                     run.failed_at = time.monotonic()
                     log.warning("%s; resuming on another token service after %d tokens", exc.message, len(run.outputs))
@@ -160,6 +161,8 @@ class Router:
         home = self.homes.home_worth_it(run.prompt_ids) if self.homes else None
         reservation, token_svc = await self.reserve(run.request_id, len(prefix), remaining, exclude=run.lost,
                                                     resume=bool(run.lost), prefer=home)
+        # back where it failed (_try_resume): aborted there already, and its abort now would be the new copy's
+        run.unfenced = [s for s in run.unfenced if s.id != token_svc.id]
         released, holders = False, [token_svc]  # holders: services that may still hold something of it
         try:
             path, have = None, len(run.prompt_ids)  # have: tokens of prefix whose KV the row gets from outside
@@ -337,7 +340,7 @@ class Router:
         if not resume:
             return await self.admission.admit(lambda: self._try_reserve(req, exclude, prefer=prefer))
         try:
-            return await self.admission.admit(lambda: self._try_reserve(req, exclude, resume, prefer), front=True,
+            return await self.admission.admit(lambda: self._try_resume(req, exclude, prefer), front=True,
                                               timeout_s=self.settings.resume_wait_s)
         except Overloaded:
             raise Unavailable(f"no token service with room for it came up within {self.settings.resume_wait_s:.0f} "
@@ -393,6 +396,26 @@ class Router:
                 if not reserved:
                     self._done(svc.id)
         return None
+
+    async def _try_resume(self, req: ReserveRequest, lost: set[str],
+                          prefer: str | None = None) -> tuple[Reservation, ServiceInfo] | None:
+        """A resumed request's round: on the token services that have not failed it; where none
+        is registered, on one that did and is back (it hung and woke: Redis lists its lease again),
+        once the request's old copy there is aborted. With one token service nothing else could take
+        the request, and a pause of a few seconds cost it its stream (a probe: 5 of 5 streams failed
+        after 64 s). Not while another is registered: one that failed it may fail it again."""
+        services = await self.services(ServiceKind.TOKEN)
+        if not lost or any(s.id not in lost for s in services):  # another one will have room: wait for it
+            return await self._try_reserve(req, lost, resume=True, prefer=prefer)
+        back = [s for s in services if s.id in self.recent.listed]
+        aborted = set()
+        for svc in back:  # the old copy goes first: the service refuses room for a request it still holds
+            try:
+                await self._post(svc, "/abort", AbortRequest(request_id=req.request_id), timeout=RESERVE_QUICK_S)
+                aborted.add(svc.id)
+            except DejavuError as exc:
+                log.debug("abort on %s, back after failing the request: %s", svc.id, exc.message)
+        return await self._try_reserve(req, lost - aborted, resume=True, prefer=prefer) if aborted else None
 
     async def _reserve_on(self, svc: ServiceInfo, req: ReserveRequest, patient: bool) -> Reservation:
         """/reserve on `svc`: `patient`, until it answers or its lease lapses (hung or dead); else

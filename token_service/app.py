@@ -173,7 +173,8 @@ def _decode_stream(engine: TokenEngine, req: DecodeRequest, matcher) -> ClosingS
     seq = engine.start_decode(req, matcher)
 
     async def on_close() -> None:  # the gateway went away (or the stream ended): free the row
-        engine.abort(seq.request_id)
+        if engine.scheduler.seqs.get(seq.request_id) is seq:  # not a newer copy: this service hung, woke, and
+            engine.abort(seq.request_id)                       # the request resumed here (Router._try_resume)
 
     return ClosingStreamingResponse(_events(engine, seq), on_close, media_type="application/x-ndjson")
 

@@ -123,7 +123,12 @@ class TokenEngine:
         if req.attempt is not None and self._given_up.pop(req.attempt, None) is not None:
             raise BadRequest(f"request {req.request_id}: this reservation was aborted before it came",
                              code="reservation_aborted")
-        if req.request_id in self.scheduler.seqs:
+        held = self.scheduler.seqs.get(req.request_id)
+        if (held is not None and held.done) or (self.replicator and self.replicator.ending(req.request_id)):
+            # aborted here (it hung, the gateway resumed it, and this is where it resumes): its step
+            # or its last replica send is still out; room like any other, in a moment (no 400)
+            raise KVFull(f"request {req.request_id} is still ending here: its new room follows that")
+        if held is not None:
             raise BadRequest(f"request {req.request_id} already holds KV room here", code="duplicate_request")
         tokens = req.prompt_tokens + req.max_tokens
         if tokens > self.settings.max_model_len:

@@ -214,6 +214,11 @@ class Replicator:
         self.where[rid] = store = min(usable, key=lambda s: (s.id not in self.stores.listed, s.kv_bytes_used))
         return store
 
+    def ending(self, request_id: str) -> bool:
+        """Whether the request ended here but its send in flight has not come back yet (its
+        tables go then: a new sequence of the same request here would lose its own with them)."""
+        return request_id in self.ended
+
     def forget(self, request_id: str, aborted: bool = False) -> None:
         """The request ended here: stop replicating it and drop its replica (in the background;
         after an abort, only if no successor fences it: see the module docstring). A send in
