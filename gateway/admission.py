@@ -2,7 +2,9 @@
 
 A request's path through admission (`Admission.admit`):
 1. It joins the back of the queue (a resumed request, already streaming to its client, joins the
-   front), or gets a 429 with Retry-After if --max-queued-requests are waiting already.
+   front), or gets a 429 with Retry-After if --max-queued-requests are waiting already. Waiting
+   means behind a head that found no room: while the head is still trying (a burst arriving
+   together) arrivals join, and the newest past the bound are refused once a try finds none.
 2. Only the head tries to reserve (`attempt`): at once when it gets there, so with nobody waiting
    a request goes straight through; most stop here. Trying one at a time is what keeps arrival
    order: arrivals that all tried at once would be admitted in the order their answers came back.
@@ -42,28 +44,39 @@ class Admission:
         self.queue: deque[asyncio.Event] = deque()  # one event per waiter: set when it is its turn to try
         self.drain_s = 1.0  # running mean of the time between two admissions from the queue (for Retry-After)
         self._last_admit = 0.0
+        self.full = False  # the head's last try found no room (and nothing was freed since)
+        self._front: set[asyncio.Event] = set()  # resumed requests' turns: never refused
+        self._refused: dict[asyncio.Event, Overloaded] = {}  # turns cut from the queue (`_trim`), to raise
 
     async def admit(self, attempt: Callable[[], Awaitable[T | None]], front: bool = False,
                     timeout_s: float | None = None) -> T:
         """What `attempt` returns once it returns something (None: no room now), in arrival order;
         Overloaded past `timeout_s` in the queue (default: the queue's own)."""
-        if self.queue and len(self.queue) >= self.max_queued and not front:
-            raise self._refuse("queue_full", f"the server is at capacity and {len(self.queue)} requests are waiting "
-                               f"already (--max-queued-requests {self.max_queued}); retry later")
+        if self.full and self._waiting() >= self.max_queued and not front:
+            raise self._refuse("queue_full", self._full_message())
         turn, start = asyncio.Event(), time.monotonic()
         self.queue.appendleft(turn) if front else self.queue.append(turn)  # in the queue from the first try:
-        QUEUED.set(len(self.queue))  # arrivals that try at once would be admitted in the order they got an answer
+        if front:  # arrivals that try at once would be admitted in the order they got an answer
+            self._front.add(turn)
+        QUEUED.set(len(self.queue))
         deadline = start + (self.timeout_s if timeout_s is None else timeout_s)
         try:
             while True:
+                if refusal := self._refused.pop(turn, None):
+                    raise refusal
                 if self.queue[0] is turn:  # the head tries (at once when it arrives at the head)
                     turn.clear()
                     if (got := await attempt()) is not None:
+                        self.full = False
                         self._admitted(start)
                         return got
+                    self.full = True
                     if not self.max_queued and not front:  # no waiting allowed
                         raise self._refuse("queue_full", "the server is at capacity (--max-queued-requests 0); "
                                            "retry later")
+                    self._trim()
+                    if refusal := self._refused.pop(turn, None):
+                        raise refusal
                 else:
                     turn.clear()  # not the head (a resumed request went in front): the one ahead wakes us as it leaves
                 left = deadline - time.monotonic()
@@ -74,16 +87,43 @@ class Admission:
                     async with asyncio.timeout(min(POLL_S, left)):  # a cancel that comes as the turn does)
                         await turn.wait()
         finally:
-            self.queue.remove(turn)
+            if turn in self.queue:  # (not one `_trim` cut)
+                self.queue.remove(turn)
+            self._front.discard(turn)
+            self._refused.pop(turn, None)
             QUEUED.set(len(self.queue))
-            self.wake()  # the next head tries now: the room may fit it too
+            if self.queue:  # the next head tries now: the room may fit it too
+                self.queue[0].set()
+
+    def _waiting(self) -> int:
+        """New requests in the queue (resumed ones, in front, are not bounded)."""
+        return len(self.queue) - len(self._front)
+
+    def _full_message(self) -> str:
+        return (f"the server is at capacity and {self._waiting()} requests are waiting already "
+                f"(--max-queued-requests {self.max_queued}); retry later")
+
+    def _trim(self) -> None:
+        """The head found no room: every request in the queue waits, so past --max-queued-requests
+        the newest are refused now. Arrivals are let in while the server may have room (the head
+        trying, a release since): a burst that came together was refused beyond the first few, whose
+        reservations were still on their way, with places free to run and to wait (a probe: 2 of 12
+        admitted at --max-seqs 2 --max-queued-requests 2, not 4)."""
+        for turn in reversed(list(self.queue)):
+            if self._waiting() <= self.max_queued:
+                return
+            if turn not in self._front and turn is not self.queue[0]:
+                self.queue.remove(turn)
+                self._refused[turn] = self._refuse("queue_full", self._full_message())
+                turn.set()
 
     def _refuse(self, reason: str, message: str) -> Overloaded:
         REJECTED.labels(reason).inc()
         return Overloaded(message, code=reason, retry_after=self.retry_after())
 
     def wake(self) -> None:
-        """KV may have been freed: the head of the queue tries again now."""
+        """KV may have been freed: the head of the queue tries again now (arrivals meanwhile join it)."""
+        self.full = False
         if self.queue:
             self.queue[0].set()
 

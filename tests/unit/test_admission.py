@@ -97,6 +97,33 @@ async def test_a_full_queue_answers_429_with_retry_after():
     assert not queue.queue, "cancelled waiters must leave the queue"
 
 
+
+async def test_a_burst_gets_the_places_to_run_and_to_wait_before_429s(monkeypatch):
+    """--max-seqs 2 --max-queued-requests 2 and 12 requests at once: 2 run and 2 wait, 8 get a 429
+    (a probe saw 2 admitted and 10 refused: the arrivals counted those still reserving as waiting).
+    The places to wait are the oldest arrivals'; the refusals come once a try finds no room."""
+    monkeypatch.setattr(admission, "POLL_S", 60.0)
+    queue, room = Admission(max_queued=2, timeout_s=120), Room(2)
+    slow = room.attempt
+
+    def attempt(name):  # a reservation takes a moment (an HTTP call): the burst arrives meanwhile
+        async def go():
+            await asyncio.sleep(0.01)
+            return await slow(name)()
+        return go
+
+    waiters = [asyncio.create_task(queue.admit(attempt(f"r{i}"))) for i in range(12)]
+    await asyncio.sleep(0.3)
+    refused = [w for w in waiters if w.done() and isinstance(w.exception(), Overloaded)]
+    assert len(refused) == 8 and all(w.exception().code == "queue_full" for w in refused)
+    assert refused == waiters[4:] and room.order == ["r0", "r1"] and len(queue.queue) == 2
+    assert room.tries <= 4, "the refused must not try"
+    room.free = 2  # both running requests end
+    queue.wake()
+    assert await asyncio.wait_for(waiters[2], 10) == "r2" and await asyncio.wait_for(waiters[3], 10) == "r3"
+    assert not queue.queue
+
+
 async def test_waiting_past_the_timeout_is_a_429():
     queue, room = Admission(max_queued=2, timeout_s=0.3), Room(0)
     with pytest.raises(Overloaded) as refused:
