@@ -31,6 +31,7 @@ class DejavuError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
+    public: str | None = None  # a 5xx's words for an outside client, where the status's own say too little
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -47,7 +48,7 @@ class DejavuError(Exception):
         request id given here)."""
         if self.status < 500:
             return self.body()
-        plain = {502: "an internal service failed while serving this request",
+        plain = self.public or {502: "an internal service failed while serving this request",
                  503: "the server is at capacity; retry later" if self.code == "kv_full"
                  else "the service is temporarily unavailable; retry later"}.get(self.status, "internal error")
         return error_body(plain + (f" (request {request_id})" if request_id else ""), self.type, None, self.code)
@@ -88,6 +89,12 @@ class KVFull(Unavailable):
 
 class UpstreamError(DejavuError):
     status, type, code = 502, "server_error", "upstream_error"
+
+
+class ResumeFailed(UpstreamError):
+    """A request whose token service failed, and that could not be resumed elsewhere."""
+    code = "resume_failed"
+    public = "the token service serving this request failed and the request could not be resumed"
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:

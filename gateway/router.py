@@ -23,7 +23,8 @@ from typing import TypeVar
 import httpx
 import prometheus_client
 
-from common.errors import BadRequest, DejavuError, KVFull, Overloaded, Unavailable, UpstreamError, from_body
+from common.errors import (BadRequest, DejavuError, KVFull, Overloaded, ResumeFailed, Unavailable, UpstreamError,
+                           from_body)
 from common.metadata import RecentServices, Registry, RequestStore
 from common.protocol import (PROTOCOL, AbortRequest, DecodeEvent, DecodeRequest, DropRequest, Message, PrefillRequest,
                              PrefillResult, PrefixCacheReset, Reservation, ReserveRequest, SamplingParams, ServiceInfo,
@@ -137,13 +138,13 @@ class Router:
                     if run.losses > self.settings.resume_attempts:
                         why = ("fault tolerance is off (--resume-attempts 0)" if not self.settings.resume_attempts
                                else f"token services failed it {run.losses} times")
-                        raise UpstreamError(f"the request could not be saved: {why} (last: {exc.message})") from exc
+                        raise ResumeFailed(f"the request could not be saved: {why} (last: {exc.message})") from exc
                     run.failed_at = time.monotonic()
                     log.warning("%s; resuming on another token service after %d tokens", exc.message, len(run.outputs))
                 except (Unavailable, UpstreamError) as exc:
                     if not run.lost:
                         raise
-                    raise UpstreamError(f"the request could not be saved after {len(run.outputs)} tokens: its token "
+                    raise ResumeFailed(f"the request could not be saved after {len(run.outputs)} tokens: its token "
                                         f"service failed and resuming failed: {exc.message}") from exc
         finally:
             self._abort_unfenced(run)  # no further attempt (the request ended or failed): abort them now

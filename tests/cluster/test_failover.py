@@ -310,7 +310,8 @@ def test_a_request_that_cannot_be_saved_ends_with_an_error_event(cluster):
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
     request_id = json.loads(events[0])["id"].removeprefix("cmpl-")
-    assert error["type"] == "server_error" and error["message"].startswith("an internal service failed")
+    assert error["type"] == "server_error" and error["code"] == "resume_failed"
+    assert error["message"].startswith("the token service serving this request failed and the request could not be")
     assert request_id in error["message"] and "127.0.0.1" not in error["message"]  # the log says which, not the client
     assert_no_kv_held_on(cluster)  # the gateway dropped the replica the dead owners left
 
