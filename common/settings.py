@@ -224,12 +224,12 @@ class GatewaySettings(ServiceSettings):
     route_timeout_s: float = setting(300.0, "longest a request waits in the admission queue for KV room on a token "
                                      "service before a 429 (s)")
     max_queued_requests: int = setting(1024, "requests that may wait for KV room at once; more get a 429 with "
-                                       "Retry-After")
+                                       "Retry-After (a burst's, once a try finds no room)")
     token_timeout_s: float = setting(10.0, "a decode stream silent this long means a hung token service: resume elsewhere (s)")
     resume_wait_s: float = setting(60.0, "how long a request whose token service failed waits for another with room, "
                                    "or whose prefill failed on every prompt service waits for one that answers (one "
                                    "that failed may be starting again), before it ends in an error (s)")
-    resume_attempts: int = setting(3, "token services that may fail one request before it ends in an error "
+    resume_attempts: int = setting(3, "times token services may fail one request before it ends in an error "
                                       "(0: fault tolerance off, a failure ends the request)")
     tool_call_parser: str = setting("auto", "how chat's tool_choice 'auto' finds tool calls in the output: hermes "
                                     "(<tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>, as Qwen2.5/3 and "

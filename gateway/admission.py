@@ -2,9 +2,10 @@
 
 A request's path through admission (`Admission.admit`):
 1. It joins the back of the queue (a resumed request, already streaming to its client, joins the
-   front), or gets a 429 with Retry-After if --max-queued-requests are waiting already. Waiting
-   means behind a head that found no room: while the head is still trying (a burst arriving
-   together) arrivals join, and the newest past the bound are refused once a try finds none.
+   front), or gets a 429 with Retry-After if --max-queued-requests are waiting already. Once the
+   head's try found no room, that is; while the head may still find some (its try under way, KV
+   freed since: a burst arriving together) up to BURST more join, and once a try finds none the
+   newest past the bound are refused (`_trim`).
 2. Only the head tries to reserve (`attempt`): at once when it gets there, so with nobody waiting
    a request goes straight through; most stop here. Trying one at a time is what keeps arrival
    order: arrivals that all tried at once would be admitted in the order their answers came back.
@@ -32,6 +33,7 @@ from common.errors import Overloaded
 
 T = TypeVar("T")
 POLL_S = 0.5  # the head retries at least this often: a release on another gateway may go unseen
+BURST = 64  # arrivals let in past --max-queued-requests while the head may still find room for them (see _trim)
 QUEUED = Gauge("dejavu_gateway_queued_requests", "requests waiting for KV room on a token service")
 QUEUE_SECONDS = Histogram("dejavu_gateway_queue_seconds", "time a request waited for KV room before it was admitted",
                           buckets=(.01, .05, .1, .25, .5, 1, 2, 4, 8, 16, 32, 64, 128))
@@ -52,11 +54,12 @@ class Admission:
                     timeout_s: float | None = None) -> T:
         """What `attempt` returns once it returns something (None: no room now), in arrival order;
         Overloaded past `timeout_s` in the queue (default: the queue's own)."""
-        if self.full and self._waiting() >= self.max_queued and not front:
+        if not front and self._refused_at_the_door():
             raise self._refuse("queue_full", self._full_message())
         turn, start = asyncio.Event(), time.monotonic()
-        self.queue.appendleft(turn) if front else self.queue.append(turn)  # in the queue from the first try:
-        if front:  # arrivals that try at once would be admitted in the order they got an answer
+        # in the queue from the first try: arrivals that try at once would be admitted in the order they got an answer
+        self.queue.appendleft(turn) if front else self.queue.append(turn)
+        if front:
             self._front.add(turn)
         QUEUED.set(len(self.queue))
         deadline = start + (self.timeout_s if timeout_s is None else timeout_s)
@@ -71,10 +74,10 @@ class Admission:
                         self._admitted(start)
                         return got
                     self.full = True
+                    self._trim()
                     if not self.max_queued and not front:  # no waiting allowed
                         raise self._refuse("queue_full", "the server is at capacity (--max-queued-requests 0); "
                                            "retry later")
-                    self._trim()
                     if refusal := self._refused.pop(turn, None):
                         raise refusal
                 else:
@@ -87,13 +90,21 @@ class Admission:
                     async with asyncio.timeout(min(POLL_S, left)):  # a cancel that comes as the turn does)
                         await turn.wait()
         finally:
+            head = bool(self.queue) and self.queue[0] is turn
             if turn in self.queue:  # (not one `_trim` cut)
                 self.queue.remove(turn)
             self._front.discard(turn)
             self._refused.pop(turn, None)
             QUEUED.set(len(self.queue))
-            if self.queue:  # the next head tries now: the room may fit it too
+            if head and self.queue:  # the next head tries now: the room may fit it too
                 self.queue[0].set()
+
+    def _refused_at_the_door(self) -> bool:
+        """A new arrival's 429 before it joins: with no queue allowed, behind anyone; past the
+        bound, once a try found no room; and past the bound by BURST in any case."""
+        if not self.max_queued:
+            return bool(self.queue)
+        return self._waiting() >= self.max_queued + BURST or (self.full and self._waiting() >= self.max_queued)
 
     def _waiting(self) -> int:
         """New requests in the queue (resumed ones, in front, are not bounded)."""

@@ -9,7 +9,9 @@ they were first computed: their KV, and so every token drawn after them, is the 
 (one forward over them, as a prefill of prompt + tokens out did, rounds differently in float32,
 and seeded sampling then drew another token now and then). Only then is the old owner aborted: one
 that is slow but alive drops its replica when aborted, and the store refuses that drop only once
-the fetch has moved the replica to the new epoch.
+the fetch has moved the replica to the new epoch. (Except where the request resumes on the very
+service that failed it, woken, with no other registered: that copy is aborted first, as the service
+takes no room for a request it still holds; Router._try_resume.)
 
 The restore's call is bounded by the new token service's lease (a dead or hung one is found within
 the lease TTL), not by --token-timeout-s: a healthy one may wait up to the fetch's own timeout on a

@@ -401,7 +401,7 @@ class ResponsesForm:
         self.as_chat = request.chat_request(earlier)  # the same request on chat, which serves it
 
     async def keep(self, response: dict) -> None:
-        """The whole answer kept (app.serve calls it before the client has the end of it, so a
+        """The whole answer kept (serving.serve calls it before the client has the end of it, so a
         request that goes on from it finds it): Redis trouble costs the keeping, not the answer."""
         if self.store is None:
             return

@@ -145,7 +145,7 @@ class Router:
                     if not run.lost:
                         raise
                     raise ResumeFailed(f"the request could not be saved after {len(run.outputs)} tokens: its token "
-                                        f"service failed and resuming failed: {exc.message}") from exc
+                                       f"service failed and resuming failed: {exc.message}") from exc
         finally:
             self._abort_unfenced(run)  # no further attempt (the request ended or failed): abort them now
             if run.lost:  # a dead owner never drops its replica: free it on every store
@@ -403,10 +403,12 @@ class Router:
         """A resumed request's round: on the token services that have not failed it; where none
         is registered, on one that did and is back (it hung and woke: Redis lists its lease again),
         once the request's old copy there is aborted. With one token service nothing else could take
-        the request, and a pause of a few seconds cost it its stream (a probe: 5 of 5 streams failed
-        after 64 s). Not while another is registered: one that failed it may fail it again."""
-        services = await self.services(ServiceKind.TOKEN)
-        if not lost or any(s.id not in lost for s in services):  # another one will have room: wait for it
+        the request, and a pause of a few seconds cost it its stream. Not while another that could
+        take it is registered: one that failed it may fail it again. The old copy is aborted before
+        the fence here, so its replica outlives it only by the token service's DROP_GRACE_S and the
+        fence that follows (token_service/replicator.py): a slow fence costs a re-prefill."""
+        services, tokens = await self.services(ServiceKind.TOKEN), req.prompt_tokens + req.max_tokens
+        if not lost or any(s.id not in lost and s.max_model_len >= tokens for s in services):  # another will have room
             return await self._try_reserve(req, lost, resume=True, prefer=prefer)
         back = [s for s in services if s.id in self.recent.listed]
         aborted = set()

@@ -173,8 +173,7 @@ def _decode_stream(engine: TokenEngine, req: DecodeRequest, matcher) -> ClosingS
     seq = engine.start_decode(req, matcher)
 
     async def on_close() -> None:  # the gateway went away (or the stream ended): free the row
-        if engine.scheduler.seqs.get(seq.request_id) is seq:  # not a newer copy: this service hung, woke, and
-            engine.abort(seq.request_id)                       # the request resumed here (Router._try_resume)
+        engine.abort_seq(seq)
 
     return ClosingStreamingResponse(_events(engine, seq), on_close, media_type="application/x-ndjson")
 
@@ -197,4 +196,4 @@ async def _events(engine: TokenEngine, seq: Sequence):
         if not finished:
             request_id_var.set(seq.request_id)
             log.info("decode stream closed before the end: aborting")
-            engine.abort(seq.request_id)
+            engine.abort_seq(seq)

@@ -127,7 +127,8 @@ class TokenEngine:
         if (held is not None and held.done) or (self.replicator and self.replicator.ending(req.request_id)):
             # aborted here (it hung, the gateway resumed it, and this is where it resumes): its step
             # or its last replica send is still out; room like any other, in a moment (no 400)
-            raise KVFull(f"request {req.request_id} is still ending here: its new room follows that")
+            raise KVFull(f"request {req.request_id} is still ending here; room for it again in a moment",
+                         code="still_ending")
         if held is not None:
             raise BadRequest(f"request {req.request_id} already holds KV room here", code="duplicate_request")
         tokens = req.prompt_tokens + req.max_tokens
@@ -380,6 +381,13 @@ class TokenEngine:
         if not busy:  # one in a step (being filled) is released once the step (restore, prefill) writing its row is done
             self.release(seq)
         return True
+
+    def abort_seq(self, seq: Sequence) -> None:
+        """Abort `seq` if it is still the request's sequence here: its decode stream's end, which
+        may come after the request resumed on this very service (it hung and woke: Router._try_resume)
+        and a newer sequence took the id."""
+        if self.scheduler.seqs.get(seq.request_id) is seq:
+            self.abort(seq.request_id)
 
     def release(self, seq: Sequence) -> None:
         if self.scheduler.seqs.get(seq.request_id) is seq:  # not a newer sequence under the same id

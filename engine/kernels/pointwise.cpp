@@ -15,6 +15,12 @@
 #include <cmath>
 #include <vector>
 
+#if defined(__clang__)
+#define DEJAVU_ONE_COPY __attribute__((noinline))
+#else
+#define DEJAVU_ONE_COPY __attribute__((noinline, noclone))
+#endif
+
 namespace {
 
 constexpr int64_t GRAIN = 1 << 15;  // elements: below this one thread (a decode batch), no fork
@@ -30,9 +36,10 @@ int64_t rows_grain(int64_t width) { return std::max<int64_t>(1, GRAIN / std::max
 // row then came out another way beside many rows than alone: a decode row's norm in a step mixed
 // with a prefill chunk differed in the last bit from the same row's in a decode-only step (25 of
 // 203 rows of SmolLM2's hidden states), and in bf16 that moved greedy picks. One copy: a row's
-// result is the same in a batch of any size (tests/unit/test_runner.py).
+// result is the same in a batch of any size (tests/unit/test_runner.py). noclone too: a clone for a
+// call site's constant argument (delta null) would be a second copy again.
 template <typename T>
-__attribute__((noinline)) void rms_row(T* x, const T* d, const T* w, T* o, int64_t H, float eps) {
+DEJAVU_ONE_COPY void rms_row(T* x, const T* d, const T* w, T* o, int64_t H, float eps) {
   if (d != nullptr) {
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) x[j] = round_to<T>(static_cast<float>(x[j]) + static_cast<float>(d[j]));
@@ -60,7 +67,7 @@ void rms_rows(T* h, const T* delta, const T* w, T* out, int64_t N, int64_t H, in
 
 // One position's heads (see rms_row for why not inlined); `in`: D floats of scratch.
 template <typename T>
-__attribute__((noinline)) void rope_row(T* x, const T* c, const T* s, int64_t heads, int64_t D, float* in) {
+DEJAVU_ONE_COPY void rope_row(T* x, const T* c, const T* s, int64_t heads, int64_t D, float* in) {
   const int64_t half = D / 2;
   for (int64_t hd = 0; hd < heads; ++hd) {
     T* v = x + hd * D;
@@ -84,7 +91,7 @@ void rope_rows(T* x, const T* cos, const T* sin, int64_t N, int64_t heads, int64
 }
 
 template <typename T>
-__attribute__((noinline)) void silu_mul_row(const T* gu, T* out, int64_t I) {  // (see rms_row)
+DEJAVU_ONE_COPY void silu_mul_row(const T* gu, T* out, int64_t I) {  // (see rms_row)
   dejavu::silu_mul_span(gu, gu + I, out, I);
 }
 

@@ -142,7 +142,6 @@ def test_greedy_stream_survives_a_token_service_failure(cluster, tiny_oracle, si
     assert_no_kv_held_on(cluster)
 
 
-
 def test_a_lone_token_service_that_hangs_and_wakes_resumes_its_own_requests(cluster, tiny_oracle):
     """The only token service (`dejavu up`'s one) hangs mid-stream past its lease, then wakes:
     nothing else could take its request, which waited out --resume-wait-s and failed (a probe: 5 of

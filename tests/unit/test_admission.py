@@ -97,7 +97,6 @@ async def test_a_full_queue_answers_429_with_retry_after():
     assert not queue.queue, "cancelled waiters must leave the queue"
 
 
-
 async def test_a_burst_gets_the_places_to_run_and_to_wait_before_429s(monkeypatch):
     """--max-seqs 2 --max-queued-requests 2 and 12 requests at once: 2 run and 2 wait, 8 get a 429
     (a probe saw 2 admitted and 10 refused: the arrivals counted those still reserving as waiting).
@@ -122,6 +121,48 @@ async def test_a_burst_gets_the_places_to_run_and_to_wait_before_429s(monkeypatc
     queue.wake()
     assert await asyncio.wait_for(waiters[2], 10) == "r2" and await asyncio.wait_for(waiters[3], 10) == "r3"
     assert not queue.queue
+
+
+async def test_without_a_queue_a_burst_is_refused_at_once_and_a_later_arrival_tries(monkeypatch):
+    """--max-queued-requests 0: arrivals behind a try are refused without trying; once the queue is
+    empty the next arrival tries again, whatever the last try found (the room may be free now)."""
+    monkeypatch.setattr(admission, "POLL_S", 60.0)
+    queue, room = Admission(max_queued=0, timeout_s=120), Room(0)
+
+    def slow(name):  # the burst arrives while the first try is under way
+        async def go():
+            await asyncio.sleep(0.01)
+            return await room.attempt(name)()
+        return go
+
+    burst = [asyncio.create_task(queue.admit(slow(f"r{i}"))) for i in range(6)]
+    await asyncio.gather(*burst, return_exceptions=True)
+    assert all(isinstance(w.exception(), Overloaded) for w in burst) and room.tries == 1
+    room.free = 1  # freed on another gateway: nothing woke this one
+    assert await queue.admit(room.attempt("later")) == "later"
+
+
+async def test_a_burst_past_the_bound_by_more_than_burst_is_refused_at_the_door(monkeypatch):
+    monkeypatch.setattr(admission, "POLL_S", 60.0)
+    monkeypatch.setattr(admission, "BURST", 3)
+    queue, room = Admission(max_queued=2, timeout_s=120), Room(0)
+    hold = asyncio.Event()
+
+    def slow(name):  # the head's try is still under way as the burst arrives
+        async def go():
+            await hold.wait()
+            return await room.attempt(name)()
+        return go
+
+    waiters = [asyncio.create_task(queue.admit(slow(f"r{i}"))) for i in range(8)]
+    await asyncio.sleep(0.05)
+    assert len(queue.queue) == 5 and all(isinstance(w.exception(), Overloaded) for w in waiters[5:])
+    hold.set()  # the try finds no room: the newest past the bound go too
+    await asyncio.sleep(0.05)
+    assert len(queue.queue) == 2 and all(isinstance(w.exception(), Overloaded) for w in waiters[2:])
+    for w in waiters[:2]:
+        w.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
 
 
 async def test_waiting_past_the_timeout_is_a_429():

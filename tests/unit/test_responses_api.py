@@ -443,7 +443,7 @@ def test_a_kept_history_is_what_the_model_saw_and_input_items_page_as_openais():
 
 
 def test_a_streamed_response_is_kept_before_the_event_that_ends_it(tokenizer, redis_server):
-    """app._stream awaits the form's keep before it yields the last event: a client that sends its
+    """serving._stream awaits the form's keep before it yields the last event: a client that sends its
     next turn on response.completed finds the response stored."""
     from types import SimpleNamespace
 

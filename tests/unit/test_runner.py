@@ -139,9 +139,19 @@ def test_decode_stack_equals_the_python_loop_to_the_bit(tiny_oracle, dtype):
         runner.forward([Segment([100], 32, order[:8])], pool)
 
 
+@pytest.fixture
+def two_threads():
+    """At least two threads, so that a batch runs on the OpenMP team and a row alone on the calling
+    thread, whatever the machine's or OMP_NUM_THREADS' count (one thread would make a test of the
+    two paths a test of one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    yield
+    torch.set_num_threads(before)
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_decode_rows_logits_are_the_same_beside_a_prefill_chunk(dtype):
+def test_a_decode_rows_logits_are_the_same_beside_a_prefill_chunk(dtype, two_threads):
     """Colocated, a step computes the running decodes next to a prompt's chunk when one is queued:
     whether it was depends on timing, and on a failure. A decode row's logits must not (a probe saw
     bf16 greedy text move under load). SmolLM2's widths, 2 layers, random weights; past the small
@@ -152,18 +162,18 @@ def test_a_decode_rows_logits_are_the_same_beside_a_prefill_chunk(dtype):
     config = LlamaConfig(vocab_size=1000, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=1024)
     runner = ModelRunner(LlamaForCausalLM(config).eval().to(dtype), block_size=BLOCK)
-    prompts = [torch.randint(3, 1000, (n,)).tolist() for n in (40, 13, 7)]
-    tables = [list(range(b * 20, b * 20 + 20)) for b in range(3)]
-    pool = runner.new_pool(60 + 80)
+    prompts = [torch.randint(3, 1000, (n,)).tolist() for n in (40, 13, 7, 22, 9)]  # 5: whole rows a work item
+    tables = [list(range(b * 20, b * 20 + 20)) for b in range(5)]
+    pool = runner.new_pool(100 + 80)
     first = runner.forward([Segment(p, 0, t) for p, t in zip(prompts, tables)], pool).argmax(-1).tolist()
     decodes = [Segment([f], len(p), t) for f, p, t in zip(first, prompts, tables)]
-    chunk = Segment(torch.randint(3, 1000, (300,)).tolist(), 0, list(range(60, 60 + 80)))
+    chunk = Segment(torch.randint(3, 1000, (300,)).tolist(), 0, list(range(100, 100 + 80)))
     alone = runner.forward(decodes, pool.clone())
-    assert torch.equal(runner.forward(decodes + [chunk], pool.clone())[:3], alone)
+    assert torch.equal(runner.forward(decodes + [chunk], pool.clone())[:5], alone)
     assert torch.equal(runner.forward([chunk] + decodes, pool.clone())[1:], alone)
     assert torch.equal(runner.forward(decodes[:1], pool.clone()), alone[:1])  # a step of its own
     # a prompt alone and in a batch of prompts (a prompt service's prefill): its logits and its K/V
-    own, batched = runner.new_pool(60 + 80), runner.new_pool(60 + 80)
+    own, batched = runner.new_pool(100 + 80), runner.new_pool(100 + 80)
     first = runner.forward([Segment(prompts[2], 0, tables[2])], own)
     assert torch.equal(runner.forward([Segment(p, 0, t) for p, t in zip(prompts, tables)] + [chunk], batched)[2], first[0])
     slots = slots_of(tables[2], BLOCK, 0, len(prompts[2]))

@@ -334,3 +334,42 @@ async def test_a_cancelled_restore_keeps_the_blocks_until_its_fetch_is_over(runn
         assert engine.blocks.num_used == 0 and engine.blocks.committed == 0 and "r" not in engine.scheduler.seqs
     finally:
         await transport.close()
+
+
+def test_the_old_decode_streams_end_aborts_only_its_own_sequence(runner):
+    """A token service that hung and woke may take its request back (gateway/router.py,
+    _try_resume): the gateway aborts the old copy, reserves again, and only then may the old decode
+    stream's disconnect be seen here. Its end must not abort the new copy under the same id (found
+    by a review: the new stream went silent until --token-timeout-s). A reservation while the old
+    copy is still ending answers "still ending", room in a moment, not a 400."""
+    from common.protocol import DecodeRequest, SamplingParams
+    from token_service.app import _events
+
+    engine = engine_of(runner)
+
+    async def main():
+        engine.reserve(ReserveRequest(request_id="r", prompt_tokens=4, max_tokens=4))
+        old = engine.scheduler.seqs["r"]
+        old.mark_all_received(4)
+        engine.start_decode(DecodeRequest(request_id="r", epoch=0, first_token=5, first_index=0,
+                                          sampling=SamplingParams(max_tokens=4)))
+        stream = _events(engine, old)
+        pending = asyncio.ensure_future(anext(stream))  # the old stream waits for its next event
+        await asyncio.sleep(0)
+        old.stepping = True  # in a step: the abort leaves its release to the step's end
+        engine.abort("r")  # the gateway's /abort
+        with pytest.raises(KVFull, match="still ending"):
+            engine.reserve(ReserveRequest(request_id="r", prompt_tokens=4, max_tokens=4))
+        old.stepping = False
+        engine.release(old)  # the step is over
+        engine.reserve(ReserveRequest(request_id="r", prompt_tokens=4, max_tokens=4))  # the resume's room
+        new = engine.scheduler.seqs["r"]
+        pending.cancel()  # the old connection's disconnect is seen now
+        await asyncio.gather(pending, return_exceptions=True)
+        await stream.aclose()
+        return new
+
+    new = asyncio.run(main())
+    assert engine.scheduler.seqs.get("r") is new and not new.done
+    engine.abort("r")
+    assert engine.blocks.num_used == 0
