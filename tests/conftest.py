@@ -90,3 +90,16 @@ class Oracle:
 @pytest.fixture(scope="session")
 def tiny_oracle(tiny_model_path) -> Oracle:
     return Oracle(tiny_model_path)
+
+
+@pytest.fixture
+def two_threads():
+    """At least two threads, so that a batch runs on the OpenMP team and a row alone on the calling
+    thread, whatever the machine's or OMP_NUM_THREADS' count (one thread would make a test of the
+    two paths a test of one)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    yield
+    torch.set_num_threads(before)

@@ -105,17 +105,6 @@ def test_fused_small_ops_equal_pytorchs(dtype, rows):
     torch.testing.assert_close(kernel.silu_and_mul(gate_up), F.silu(gate) * up, **_tol(dtype))
 
 
-@pytest.fixture
-def two_threads():
-    """At least two threads, so that a batch runs on the OpenMP team and a row alone on the calling
-    thread, whatever the machine's or OMP_NUM_THREADS' count (one thread would make a test of the
-    two paths a test of one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(2, before))
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_rows_small_ops_are_the_same_alone_and_in_a_batch_the_team_runs(dtype, two_threads):
     """A decode row's norm came out other bits beside a prefill chunk's 200 rows (the batch runs on

@@ -139,17 +139,6 @@ def test_decode_stack_equals_the_python_loop_to_the_bit(tiny_oracle, dtype):
         runner.forward([Segment([100], 32, order[:8])], pool)
 
 
-@pytest.fixture
-def two_threads():
-    """At least two threads, so that a batch runs on the OpenMP team and a row alone on the calling
-    thread, whatever the machine's or OMP_NUM_THREADS' count (one thread would make a test of the
-    two paths a test of one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(2, before))
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_decode_rows_logits_are_the_same_beside_a_prefill_chunk(dtype, two_threads):
     """Colocated, a step computes the running decodes next to a prompt's chunk when one is queued:
