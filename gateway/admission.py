@@ -78,8 +78,6 @@ class Admission:
                     if not self.max_queued and not front:  # no waiting allowed
                         raise self._refuse("queue_full", "the server is at capacity (--max-queued-requests 0); "
                                            "retry later")
-                    if refusal := self._refused.pop(turn, None):
-                        raise refusal
                 else:
                     turn.clear()  # not the head (a resumed request went in front): the one ahead wakes us as it leaves
                 left = deadline - time.monotonic()
