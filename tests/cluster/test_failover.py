@@ -142,40 +142,6 @@ def test_greedy_stream_survives_a_token_service_failure(cluster, tiny_oracle, si
     assert_no_kv_held_on(cluster)
 
 
-def test_a_lone_token_service_that_hangs_and_wakes_resumes_its_own_requests(cluster, tiny_oracle):
-    """The only token service (`dejavu up`'s one) hangs mid-stream past its lease, then wakes:
-    nothing else could take its request, which waited out --resume-wait-s and failed (a probe: 5 of
-    5 streams, after 64 s, for a 6 s SIGSTOP). Now the request resumes where it failed, once its old
-    copy there is aborted; the woken service's end of the old stream aborts nothing of the new."""
-    for spare in cluster.of("token")[1:]:
-        cluster.kill(spare, signal.SIGKILL)  # (put back for the next test by the fixture)
-    lone, woken, deadline = cluster.of("token")[0], [], time.monotonic() + 30
-    while httpx.get(cluster.url + "/health", timeout=10).json().get("token_services") != 1:  # the spare forgotten
-        assert time.monotonic() < deadline, "the gateway still lists the killed token service"
-        time.sleep(0.2)
-
-    def wake_once_waiting() -> None:  # the resumed request queued for a token service: none is up
-        deadline = time.monotonic() + 30
-        while metric(cluster.url, "dejavu_gateway_queued_requests") < 1:
-            assert time.monotonic() < deadline, "the request never waited for a token service"
-            time.sleep(0.05)
-        lone.proc.send_signal(signal.SIGCONT)
-        woken.append(time.monotonic())
-
-    def hang(c):
-        c.kill(lone, signal.SIGSTOP)
-        threading.Thread(target=wake_once_waiting, daemon=True).start()
-
-    ids = tiny_oracle.tokenizer(PROMPT)["input_ids"]
-    want, n = tiny_oracle.text(ids, 150)
-    text, usage, _ = stream(cluster, {"prompt": PROMPT, "max_tokens": 150, "temperature": 0}, at={20: hang})
-    assert woken, "the token service was never woken"
-    assert text == want and usage["completion_tokens"] == n
-    assert recoveries(cluster) == 1
-    assert lone.proc.poll() is None  # the same process, serving again
-    assert_no_kv_held_on(cluster)
-
-
 def test_seeded_sampling_is_identical_across_a_failover(cluster):
     """The same text, and the same logprobs to the bit: a draw moves only where two tokens' odds
     are that close (common/sampling.py), so the text alone would pass a resume whose logits are
@@ -313,6 +279,40 @@ def test_a_request_that_cannot_be_saved_ends_with_an_error_event(cluster):
     assert error["message"].startswith("the token service serving this request failed and the request could not be")
     assert request_id in error["message"] and "127.0.0.1" not in error["message"]  # the log says which, not the client
     assert_no_kv_held_on(cluster)  # the gateway dropped the replica the dead owners left
+
+
+def test_a_lone_token_service_that_hangs_and_wakes_resumes_its_own_requests(cluster, tiny_oracle):
+    """The only token service (`dejavu up`'s one) hangs mid-stream past its lease, then wakes:
+    nothing else could take its request, which waited out --resume-wait-s and failed (a probe: 5 of
+    5 streams, after 64 s, for a 6 s SIGSTOP). Now the request resumes where it failed, once its old
+    copy there is aborted; the woken service's end of the old stream aborts nothing of the new."""
+    for spare in cluster.of("token")[1:]:
+        cluster.kill(spare, signal.SIGKILL)  # (put back for the next test by the fixture)
+    lone, woken, deadline = cluster.of("token")[0], [], time.monotonic() + 30
+    while httpx.get(cluster.url + "/health", timeout=10).json().get("token_services") != 1:  # the spare forgotten
+        assert time.monotonic() < deadline, "the gateway still lists the killed token service"
+        time.sleep(0.2)
+
+    def wake_once_waiting() -> None:  # the resumed request queued for a token service: none is up
+        deadline = time.monotonic() + 30
+        while metric(cluster.url, "dejavu_gateway_queued_requests") < 1:
+            assert time.monotonic() < deadline, "the request never waited for a token service"
+            time.sleep(0.05)
+        lone.proc.send_signal(signal.SIGCONT)
+        woken.append(time.monotonic())
+
+    def hang(c):
+        c.kill(lone, signal.SIGSTOP)
+        threading.Thread(target=wake_once_waiting, daemon=True).start()
+
+    ids = tiny_oracle.tokenizer(PROMPT)["input_ids"]
+    want, n = tiny_oracle.text(ids, 150)
+    text, usage, _ = stream(cluster, {"prompt": PROMPT, "max_tokens": 150, "temperature": 0}, at={20: hang})
+    assert woken, "the token service was never woken"
+    assert text == want and usage["completion_tokens"] == n
+    assert recoveries(cluster) == 1
+    assert lone.proc.poll() is None  # the same process, serving again
+    assert_no_kv_held_on(cluster)
 
 
 def assert_no_kv_held_on(cluster) -> None:
