@@ -228,7 +228,8 @@ class GatewaySettings(ServiceSettings):
     token_timeout_s: float = setting(10.0, "a decode stream silent this long means a hung token service: resume elsewhere (s)")
     resume_wait_s: float = setting(60.0, "how long a request whose token service failed waits for another with room, "
                                    "or whose prefill failed on every prompt service waits for one that answers (one "
-                                   "that failed may be starting again), before it ends in an error (s)")
+                                   "that failed may be starting again), before it ends in an error; a new request "
+                                   "waits for a token service while one was listed this long ago at most (s)")
     resume_attempts: int = setting(3, "times token services may fail one request before it ends in an error "
                                       "(0: fault tolerance off, a failure ends the request)")
     tool_call_parser: str = setting("auto", "how chat's tool_choice 'auto' finds tool calls in the output: hermes "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import time
 from collections import Counter
@@ -95,6 +96,7 @@ class Router:
         self.ended_on: dict[str, tuple[ServiceInfo, dict[str, float]]] = {}  # see _watch_owner
         self._watcher: asyncio.Task | None = None
         self.prompt_seen = float("-inf")  # monotonic s a prompt service of ours was last listed
+        self.token_seen = float("-inf")  # and a token service
         self.homes = affinity.PrefixHomes() if settings.prefix_routing else None
 
     async def services(self, kind: ServiceKind) -> list[ServiceInfo]:
@@ -106,6 +108,8 @@ class Router:
             self._cache = (time.monotonic(), infos)
             if any(i.kind == ServiceKind.PROMPT and self._ours(i) for i in infos):
                 self.prompt_seen = time.monotonic()
+            if any(i.kind == ServiceKind.TOKEN and self._ours(i) for i in infos):
+                self.token_seen = time.monotonic()
             if _kv_freed(old, infos):  # another gateway's request ended: our queue's head may fit now
                 self.admission.wake()
         return [i for i in infos if i.kind == kind and (kind not in ENGINES or self._ours(i))]
@@ -350,12 +354,17 @@ class Router:
     async def _try_reserve(self, req: ReserveRequest, exclude: set[str], resume: bool = False,
                            prefer: str | None = None) -> tuple[Reservation, ServiceInfo] | None:
         """One round over the token services that could take the request; None if all are full
-        (and, for a resumed request, if none is up: the one that failed it may be starting again,
-        as `dejavu up` and compose restart it; its client waits, as for room)."""
+        (and if none is up, for a resumed request or while one was listed within --resume-wait-s:
+        the one that failed may be starting again, as `dejavu up` and compose restart it, or be
+        hung a moment; its clients wait, as for room, a new one as a resumed one does)."""
         services = [s for s in await self.services(ServiceKind.TOKEN) if s.id not in exclude]
         if not services:
-            if resume:
+            gone_s = time.monotonic() - self.token_seen
+            if resume or gone_s <= self.settings.resume_wait_s:
                 return None
+            if gone_s < math.inf:
+                raise Unavailable(f"no token service is registered: the last one went {gone_s:.0f} s ago and none "
+                                  f"came back within --resume-wait-s ({self.settings.resume_wait_s:.0f} s)")
             others = [s for s in self._cache[1] if s.kind == ServiceKind.TOKEN and not self._ours(s)]
             raise Unavailable(f"no token service of this gateway's model and version is registered ({len(others)} "
                               "serve another model or version: check --model, or finish the upgrade)"

@@ -27,9 +27,10 @@ MAX_TOKENS = 900  # long enough to act mid-stream (prompt + 900 < the 1024-token
 @pytest.fixture(scope="module", params=["replica", "reprefill"])
 def path_cluster(request, tiny_model_path, redis_server):
     """Two token services (a spare), one prompt service, a cache store or none (the recovery path);
-    a silent stream counts as hung after 3 s; a request with no token service left fails after 3 s.
+    a silent stream counts as hung after 3 s; a request with no token service left fails after 8 s
+    (long enough for a lone stopped one's lease to lapse meanwhile: the lone tests).
     One a path, for the module's tests (`cluster` puts back what a test killed)."""
-    env = {**CLUSTER_ENV, "DEJAVU_KV_TRANSPORT": "tcp", "DEJAVU_TOKEN_TIMEOUT_S": "3", "DEJAVU_RESUME_WAIT_S": "3"}
+    env = {**CLUSTER_ENV, "DEJAVU_KV_TRANSPORT": "tcp", "DEJAVU_TOKEN_TIMEOUT_S": "3", "DEJAVU_RESUME_WAIT_S": "8"}
     stores = 1 if request.param == "replica" else 0
     env["DEJAVU_MEMORY_BYTES"] = "1024"  # the store spills most of a replica: restores read the disk
     with Cluster(str(tiny_model_path), port=0, token_services=2, cache_stores=stores, redis_url=redis_server.url,
@@ -323,6 +324,38 @@ def test_a_lone_token_service_that_hangs_and_wakes_resumes_its_own_requests(clus
     assert text == want and usage["completion_tokens"] == n
     assert recoveries(cluster) == 1
     assert lone.proc.poll() is None  # the same process, serving again
+    assert_no_kv_held_on(cluster)
+
+
+def test_a_new_request_waits_for_a_lone_token_service_that_hangs(cluster, tiny_oracle):
+    """The only token service stops past its lease (a probe: every new request got a 503 while
+    `dejavu up`'s one was stopped 6 s): a request that arrives then waits for it, as a resumed one
+    does, and is served once it is back."""
+    for spare in cluster.of("token")[1:]:
+        cluster.kill(spare, signal.SIGKILL)  # (put back for the next test by the fixture)
+    lone, deadline, answer = cluster.of("token")[0], time.monotonic() + 30, []
+
+    def until(done, failure: str) -> None:
+        while not done():
+            assert time.monotonic() < deadline, failure
+            time.sleep(0.05)
+
+    until(lambda: httpx.get(cluster.url + "/health", timeout=10).json().get("token_services") == 1,
+          "the gateway still lists the killed token service")
+    cluster.kill(lone, signal.SIGSTOP)
+    until(lambda: httpx.get(cluster.url + "/health", timeout=10).status_code == 503,  # its lease lapsed
+          "the gateway still lists the stopped token service")
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    late = threading.Thread(target=lambda: answer.append(httpx.post(cluster.url + "/v1/completions", json=body,
+                                                                    timeout=120)))
+    late.start()
+    until(lambda: metric(cluster.url, "dejavu_gateway_queued_requests") >= 1 or answer,
+          "the request never waited for a token service")
+    assert not answer, f"answered while no token service was up: {answer[0].text}"
+    lone.proc.send_signal(signal.SIGCONT)
+    late.join(60)
+    assert answer[0].status_code == 200, answer[0].text
+    assert answer[0].json()["choices"][0]["text"] == tiny_oracle.text(tiny_oracle.tokenizer(PROMPT)["input_ids"], 8)[0]
     assert_no_kv_held_on(cluster)
 
 

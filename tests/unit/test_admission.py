@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 
 import httpx
 import pytest
@@ -327,8 +328,45 @@ async def test_a_resumed_request_waits_for_a_token_service_to_come_back(redis_se
             await registry.renew(token_service("token-a"), ttl_s=60)  # the restarted one registers
             reservation, svc = await asyncio.wait_for(waiting, 10)
             assert svc.id == "token-a" and fake.held == ["r-resumed"]
-            with pytest.raises(Unavailable, match="no token service is registered"):  # a new request: at once
-                await router.reserve("r-new", 10, 10, exclude={"token-a"})
+    finally:
+        await registry.deregister("token-a")
+        await redis.aclose()
+
+
+async def test_a_new_request_waits_for_a_token_service_listed_lately(redis_server, monkeypatch):
+    """The only token service went (killed and restarting, as under `dejavu up`, or hung past its
+    lease): a new request waits for it as a resumed one does, within --resume-wait-s of its last
+    listing, instead of a 503 a second after the last one was seen (a probe: every new request while
+    `dejavu up`'s token service was stopped 6 s). Past that, or where none was ever listed: at once."""
+    monkeypatch.setattr(admission, "POLL_S", 0.05)
+    monkeypatch.setattr(router_module, "REGISTRY_CACHE_S", 0.0)
+    redis = metadata.connect(redis_server.url)
+    registry, fake = metadata.Registry(redis), FullTokenService(slots=4)
+    settings = GatewaySettings(resume_wait_s=1.0, lease_ttl_s=0.2, lease_renew_s=0.1)
+    try:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(fake)) as client:
+            router = Router(registry, client, settings, None)
+            started = time.monotonic()
+            with pytest.raises(Unavailable, match="no token service is registered: start one"):
+                await router.reserve("r-never", 10, 10)
+            assert time.monotonic() - started < 0.5
+            await registry.renew(token_service("token-a"), ttl_s=60)
+            assert (await router.reserve("r-1", 10, 10))[1].id == "token-a"
+            await registry.deregister("token-a")
+            await asyncio.sleep(0.3)  # past the lease TTL: no longer listed
+            waiting = asyncio.create_task(router.reserve("r-new", 10, 10))
+            await asyncio.sleep(0.4)
+            assert not waiting.done() and len(router.admission.queue) == 1
+            await registry.renew(token_service("token-a"), ttl_s=60)  # back
+            reservation, svc = await asyncio.wait_for(waiting, 10)
+            assert svc.id == "token-a" and fake.held == ["r-1", "r-new"]
+            await registry.deregister("token-a")
+            await asyncio.sleep(0.3)  # past the lease TTL: no longer listed
+            started = time.monotonic()
+            with pytest.raises(Unavailable, match="none came back within --resume-wait-s"):
+                await router.reserve("r-late", 10, 10)
+            assert 0.3 < time.monotonic() - started < 5
+            assert fake.held == ["r-1", "r-new"]
     finally:
         await registry.deregister("token-a")
         await redis.aclose()
