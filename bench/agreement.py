@@ -1,9 +1,9 @@
 """Top-1 agreement of our forward's logits with Hugging Face's, teacher-forced, per dtype.
 
 Step by step:
-1. Text: the project's own documents (README.md, ARCHITECTURE.md when beside the checkout, the
-   engine's docstrings), tokenized and cut into sequences of --seq-len tokens, up to --positions
-   positions in all (nothing is downloaded).
+1. Text: the project's own files (README.md, ../shared/ARCHITECTURE.md when beside the checkout,
+   docs/BENCHMARKS.md, and the sources of engine/ and token_service/), tokenized and cut into
+   sequences of --seq-len tokens, up to --positions positions in all (nothing is downloaded).
 2. For each sequence, logits at every position from: HF float32 (the reference), HF bf16, ours
    float32, ours bf16 (`ModelRunner.logits_all`, our own forward over the whole sequence).
 3. Top-1 agreement: the fraction of positions whose argmax token matches, for ours-bf16 vs HF-bf16
@@ -16,15 +16,15 @@ Step by step:
    the baseline). Two forwards that differ in their last bits stand for what a resumed request's
    logits are to the ones it would have had (another batch, a re-prefill, another service).
 
-Nothing is asserted; the figures go to stdout and, with --out, to JSON.
+The model is loaded once per dtype (float32, then bf16). Progress goes to stderr. Nothing is
+asserted; the figures go to stdout and, with --out, to JSON (no plot).
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from bench.common import log, write_json
+from bench.common import bench_parser, log, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,15 +102,14 @@ def seeded_draws(a, b, seeds: int, first: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dejavu bench agreement", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2")
+    p = bench_parser("agreement", __doc__)
+    p.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a Hugging Face model folder")
     p.add_argument("--positions", type=int, default=4096, help="teacher-forced positions in all")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--draws", type=int, default=16, help="seeds drawn at each drawn position")
     p.add_argument("--draw-every", type=int, default=4, help="draw at every n-th position")
-    p.add_argument("--out", help="write the figures as JSON")
+    p.add_argument("--out", metavar="FILE.json", help="write the figures as JSON")
     args = p.parse_args(argv)
     if args.positions < 1 or args.seq_len < 2 or args.draws < 1 or args.draw_every < 1:
         p.error("--positions and --draws must be >= 1, --seq-len >= 2, --draw-every >= 1")

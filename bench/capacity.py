@@ -5,20 +5,20 @@ Step by step:
 1. The budget: --budget-gib of KV (default 1 GiB) for the model's KV shape (bytes per token from
    its config; no weights are loaded).
 2. Before paging, the token service held one row of --max-model-len + 1 tokens per request
-   (a scratch column included) whatever its length: budget // row bytes requests.
-3. After: the token service's BlockManager over budget // block bytes blocks of --block-size
-   tokens; requests of --prompt-tokens + --output-tokens (500 + 200: a 700-token chat turn) are
-   admitted as TokenEngine.reserve admits them (blocks promised for prompt + max_tokens, the
-   prompt's taken) until the next would not fit; the count admitted.
-Nothing is asserted; the figures go to stdout and, with --out, to JSON.
+   (a scratch column included) whatever its length: budget // row bytes requests, in float32.
+3. After, in float32 and in bf16: the token service's BlockManager over budget // block bytes
+   blocks of --block-size tokens; requests of --prompt-tokens + --output-tokens (500 + 200: a
+   700-token chat turn) are admitted as TokenEngine.reserve admits them (blocks promised for
+   prompt + max_tokens, the prompt's taken) until the next would not fit; the count admitted.
+Nothing is started and nothing is timed. Nothing is asserted; the figures go to stdout and, with
+--out, to JSON (no plot).
 """
 
 from __future__ import annotations
 
-import argparse
 from types import SimpleNamespace
 
-from bench.common import log, write_json
+from bench.common import bench_parser, log, write_json
 
 
 def admitted(kv, args, dtype: str) -> int:
@@ -56,15 +56,14 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dejavu bench capacity", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--budget-gib", type=float, default=1.0)
-    p.add_argument("--max-model-len", type=int, default=2048, help="the row length before paging")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--prompt-tokens", type=int, default=500)
-    p.add_argument("--output-tokens", type=int, default=200)
-    p.add_argument("--out", help="write the figures as JSON")
+    p = bench_parser("capacity", __doc__)
+    p.add_argument("--model", default="smollm2", help="whose KV shape (its config only)")
+    p.add_argument("--budget-gib", type=float, default=1.0, help="the KV budget, GiB")
+    p.add_argument("--max-model-len", type=int, default=2048, help="the row length before paging, tokens")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per block of the paged pool")
+    p.add_argument("--prompt-tokens", type=int, default=500, help="prompt length of every request, tokens")
+    p.add_argument("--output-tokens", type=int, default=200, help="max_tokens of every request")
+    p.add_argument("--out", metavar="FILE.json", help="write the figures as JSON")
     args = p.parse_args(argv)
     out = run(args)
     print(f"\n{args.prompt_tokens + args.output_tokens}-token requests in {args.budget_gib:g} GiB of KV ({args.model}):")

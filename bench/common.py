@@ -7,6 +7,7 @@ Every script is `python -m bench.NAME [--out FILE.json]`, also `dejavu bench NAM
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -18,6 +19,27 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 OUT_DIR = Path("bench/out")  # plots land here when no --out is given (git-ignored)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every benchmark's --help: the description as written (its step-by-step list), and each
+    option's default after its help, unless the help says it already or there is none to say (an
+    unset value, an off flag, an empty list)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or "(default" in text or default is argparse.SUPPRESS or default is None
+                or default is False or default == "" or default == []):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})".strip()
+
+
+def bench_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The argument parser of `dejavu bench NAME`: `doc` (the module's docstring: what a run does,
+    step by step) as its description, the defaults shown."""
+    return argparse.ArgumentParser(prog=f"dejavu bench {name}", description=doc, formatter_class=HelpFormatter)
 
 
 def log(message: str) -> None:

@@ -13,16 +13,18 @@ Step by step:
    layers' linears through each GEMM, alternating, --repeats times; each time is the median of
    --passes passes. Report median [min-max] ms per pass, the weights' GB/s, and baseline/ours.
 
+A dtype that our GEMM is not built for on this CPU is skipped; with no GEMM built at all (neither
+AVX-512 nor AVX2 with FMA) the run stops. Progress goes to stderr, the table to stdout; --out
+FILE.json writes the figures (no plot).
 Nothing is asserted; figures depend on the machine (recorded in the JSON).
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
-from bench.common import fmt, log, spread, write_json
+from bench.common import bench_parser, fmt, log, spread, write_json
 
 
 def layer_shapes(config) -> dict[str, tuple[int, int]]:
@@ -107,17 +109,18 @@ def report(out: dict, args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dejavu bench gemm", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser("gemm", __doc__)
     p.add_argument("--model", default="smollm2", help="whose layer shapes (its config only)")
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16"))
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16"),
+                   help="weight and activation dtypes, one after another")
     p.add_argument("--rows", nargs="+", type=int, default=[1, 8, 16, 32, 500],
                    help="rows of x: sequences of a decode step, or a prompt's tokens")
     p.add_argument("--layers", type=int, default=30, help="layers of weights, read in turn (SmolLM2 has 30)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--passes", type=int, default=3)
-    p.add_argument("--out", help="write the figures as JSON")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="rounds per dtype and row count, the two GEMMs alternating, after one untimed pass each")
+    p.add_argument("--passes", type=int, default=3, help="passes over all layers a round; the round's median counts")
+    p.add_argument("--out", metavar="FILE.json", help="write the figures as JSON")
     args = p.parse_args(argv)
     if min(args.rows) < 1 or args.layers < 1 or args.repeats < 1 or args.passes < 1:
         p.error("--rows, --layers, --repeats and --passes must be positive")

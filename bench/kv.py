@@ -1,38 +1,43 @@
 """KV microbenchmark: how close each KV transport gets to a memcpy, and what buffered copies save
 over one small copy per layer, K/V and token.
 
-    python -m bench.kv [--sizes-mib 1,16,256] [--transports ucx+cma,ucx+ring,ucx-tcp,ucx-shm,tcp+cma,tcp+ring,tcp]
-                       [--repeats 3]
-                       [--tokens 500] [--ucx-env KEY=VALUE ...] [--quick] [--out FILE.json]
-
 What one run does, step by step:
 
 1. start one receiver process per transport (`python -m bench.kv --serve NAME`, which prints its
    address) and connect to it, once for the run: ucx+cma is make_transport("ucx") as the services
    run it (on one host, payloads of 8 MiB or more read by the receiver from the sender's memory,
    those of 64 KiB or more through a shared-memory ring; common/kv/shm.py: below 8 MiB ucx+cma is
-   ucx+ring), ucx+ring with rings only, ucx-tcp neither
-   (UCX over loopback TCP); tcp+cma, tcp+ring and tcp our TcpTransport likewise; ucx-shm (bench
-   only) ucxx endpoints from worker addresses swapped over the receiver's stdin/stdout, error
-   handling off, the receiver on UCX_TLS=SHM_TLS. Each connection has a task that always reads it,
-   as a service's KV sender has (common/kv/peers.py), and acknowledgements come from it;
+   ucx+ring), ucx+ring with rings only, ucx-tcp neither (UCX over loopback TCP); tcp+cma, tcp+ring
+   and tcp our TcpTransport likewise; ucx-shm (bench only) ucxx endpoints from worker addresses
+   swapped over the receiver's stdin/stdout, error handling off, the receiver on UCX_TLS=SHM_TLS.
+   Each connection has a task that always reads it, as a service's KV sender has
+   (common/kv/peers.py), and acknowledgements come from it;
 2. warm up with two messages of each size on each connection (a ring or the sender's memory is
    offered and taken then);
-3. for each repeat, size and configuration in turn (memcpy, then the transports): send messages one
-   at a time, each received into a preallocated buffer by the Connection.recv allocator (as a token
-   service receives KV) and acknowledged by a small frame, for >= 0.3 s and >= 3 messages (2 from
-   128 MiB). The limit, memcpy, is np.copyto between two preallocated arrays in this process;
+3. --repeats times:
+   - for each size and configuration in turn (memcpy, then the transports): send messages one at
+     a time, each received into a preallocated buffer by the Connection.recv allocator (as a token
+     service receives KV) and acknowledged by a small frame, for >= 0.3 s and >= 3 messages (2
+     from 128 MiB). The limit, memcpy, is np.copyto between two preallocated arrays in this process;
+   - streamed, on each connection: 8 messages of 16 MiB (or the smallest size) with at most 2 not
+     yet acknowledged, as a prefill's layers go out: the receiver's copy of one overlaps the
+     sender's next;
+   - the per-hop cost (issue #11): on each connection, a frame of a 64-byte header and no payload
+     sent and answered by the receiver's acknowledgement, back to back for >= 0.3 s: the round
+     trip a pipeline stage's small activation message would pay, in ms;
 4. close the connections, stop the receivers (SIGTERM: they close UCX and exit; else SIGKILL);
-5. copy SmolLM2-135M's KV of --tokens tokens out of and into row 3 of a pool laid out like the
-   token service's: buffered (`common.kv.copy.gather`/`scatter`, one strided copy) against naive
-   (one copy per layer, K/V and token: the DejaVu paper's baseline), alternating, --repeats times;
-6. streamed, on each connection: 8 messages of 16 MiB (or the smallest size) with at most 2 not yet
-   acknowledged, as a prefill's layers go out: the receiver's copy of one overlaps the sender's next;
-7. the per-hop cost (issue #11): on each connection, a frame of a 64-byte header and no payload
-   sent and answered by the receiver's acknowledgement, back to back for >= 0.3 s, each repeat:
-   the round trip a pipeline stage's small activation message would pay, in ms;
-8. print median [min-max] over repeats, fractions of memcpy, speedups, the targets; write the JSON
-   and the plots. GB = 1e9 bytes. Nothing is asserted: this measures, it does not test.
+5. in this process, copy SmolLM2-135M's float32 KV of --tokens tokens out of and into a pool laid
+   out like the token service's (256 blocks of 16 tokens, the request's blocks picked at random):
+   buffered (`common.kv.copy.gather`/`scatter`, one strided copy) against naive (one copy per
+   layer, K/V and token: the DejaVu paper's baseline), alternating, --repeats times, each timed
+   for >= 0.2 s;
+6. print median [min-max] over repeats, fractions of memcpy, speedups, the targets (ucx+cma >= 0.7
+   of memcpy at 16 and 256 MiB, buffered >= 50x naive, a small frame's round trip <= 0.5 ms).
+   GB = 1e9 bytes. Nothing is asserted: this measures, it does not test.
+
+Progress goes to stderr, the tables to stdout. --out FILE.json writes the figures there and the plot
+beside it (FILE-throughput.png); without --out, only the plot, as bench/out/kv-throughput.png.
+A default run took ~1 min on the 2-vCPU VM of docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from bench.common import fmt, log, plot_path, pyplot, save, spread, write_json
+from bench.common import bench_parser, fmt, log, plot_path, pyplot, save, spread, write_json
 from bench.kv_peer import SHM_TLS, open_shm, serve, transport_of
 from common.kv.ucx import UCXX_PROGRESS
 
@@ -398,16 +403,19 @@ def plot(transports: list[dict], args) -> None:
 
 
 def parse_args(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(prog="python -m bench.kv", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = bench_parser("kv", __doc__)
     p.add_argument("--sizes-mib", default="1,16,256", help="comma-separated message sizes, MiB")
-    p.add_argument("--transports", default=",".join(TRANSPORTS), help="comma-separated, of " + ",".join(TRANSPORTS))
+    p.add_argument("--transports", default=",".join(TRANSPORTS),
+                   help="comma-separated, of " + ",".join(TRANSPORTS) + " (default: all of them)")
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds of every configuration")
-    p.add_argument("--tokens", type=int, default=500, help=f"tokens of the request whose KV is copied (<= {MAX_LEN}; its blocks are scattered over the pool)")
+    p.add_argument("--tokens", type=int, default=500,
+                   help=f"tokens of the request whose KV is copied in step 5 (<= {MAX_LEN}; its blocks are scattered "
+                   "over the pool)")
     p.add_argument("--ucx-env", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra UCX setting for both ends of the ucx transports (repeatable)")
+                   help="extra UCX setting for both ends of the ucx transports (repeatable; none by default)")
     p.add_argument("--quick", action="store_true", help="smoke run: sizes 1,16 MiB, 1 repeat")
-    p.add_argument("--out", default="", help="write the figures to this JSON file (plots beside it)")
+    p.add_argument("--out", default="", metavar="FILE.json",
+                   help="write the figures to this JSON file (the plot beside it)")
     p.add_argument("--serve", choices=TRANSPORTS, help=argparse.SUPPRESS)  # a receiver process
     args = p.parse_args(argv)
     try:

@@ -5,21 +5,28 @@ requests to /v1/completions as batches of token-id prompts with `echo`, `logprob
 `max_tokens: 1`, and reads each continuation's summed logprob and whether every one of its tokens
 was the likeliest (is_greedy; the generated token is dropped).
 
+Step by step:
 1. Write a small multiple-choice task (20 capitals, four choices each: 80 loglikelihood requests;
    no dataset download) into a temporary folder.
-2. For each target (disaggregated, colocated), start a cluster and run `lm_eval --model
-   local-completions` against it (`--batch-size` prompts a request, `--concurrency` requests at once).
-3. Run `lm_eval --model hf` on the same model in float32: the oracle.
+2. Run `lm_eval --model hf` on the same model in float32 (--lm-eval, offline, --batch-size): the
+   oracle.
+3. For each target of --targets (disaggregated, colocated), start a cluster in float32 as
+   `dejavu bench load` starts its target (1 token service, 1 cache store, 16 sequences, a prompt
+   service unless colocated, CPU placement auto), run `lm_eval --model local-completions` against
+   it (`--batch-size` prompts a request, `--concurrency` requests at once), and stop it.
 4. Compare request by request: the loglikelihoods' absolute difference, is_greedy agreement,
-   accuracy, and the wall time of each run.
+   accuracy, and the wall time of each run; print the table (stdout; progress to stderr) and, with
+   --out, write JSON (no plot).
+
+Needs the harness, which bench/peers.sh installs (without it the run stops before starting
+anything). A default run took ~3 min on the 2-vCPU VM of docs/BENCHMARKS.md:
 
     bench/peers.sh lmeval        # once: lm-eval 0.4.13 in .peers/lmeval
-    python -m bench.lmeval --out docs/bench/lmeval.json
+    dejavu bench lmeval --out docs/bench/lmeval.json
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -29,7 +36,7 @@ import time
 from pathlib import Path
 
 from bench import targets
-from bench.common import log, write_json
+from bench.common import bench_parser, log, write_json
 from common.model import resolve_model_path
 
 CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
@@ -125,16 +132,14 @@ def run(args) -> tuple[dict, list[dict]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.lmeval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = bench_parser("lmeval", __doc__)
     p.add_argument("--model", default="smollm2", help="'smollm2' or a Hugging Face model folder")
     p.add_argument("--targets", default="disaggregated,colocated", help="comma-separated: disaggregated, colocated")
     p.add_argument("--lm-eval", default=str(targets.PEER_DIR / "lmeval/bin/lm_eval"),
                    help="the harness's lm_eval (bench/peers.sh lmeval puts it there)")
-    p.add_argument("--batch-size", type=int, default=4, help="prompts a request")
+    p.add_argument("--batch-size", type=int, default=4, help="prompts a request (and the oracle's batch size)")
     p.add_argument("--concurrency", type=int, default=2, help="requests at once (the harness's num_concurrent)")
-    p.add_argument("--out", default="", help="write the figures to this JSON file")
+    p.add_argument("--out", default="", metavar="FILE.json", help="write the figures to this JSON file")
     args = p.parse_args(argv)
     args.dtype = "float32"  # our clusters', as the oracle's
     args.targets = [t for t in args.targets.split(",") if t]

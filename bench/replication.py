@@ -1,14 +1,25 @@
 """Replication benchmark: what replicating every request's KV to a cache store costs decode
-throughput, for each replication chunk k (--replicate-every: one message per k new tokens).
+throughput, for each replication chunk k (the token service's --replicate-every,
+DEJAVU_REPLICATE_EVERY: one message per k new tokens).
 
-A cluster without a cache store (replication off) stays up as the baseline; for each k a cluster
-with one cache store is started, and the two alternate on the same batch of concurrent requests.
-Prints tokens/s, the ratio against off measured in the same period, and the replication traffic.
+Step by step:
+1. Build --concurrency prompts of --prompt-tokens token ids (the model's tokenizer; distinct
+   openings, so no two share a prefix).
+2. Start the baseline, a cluster of 1 prompt service, 1 token service and no cache store
+   (replication off), and warm it up with 2 requests; it stays up for the whole run.
+3. For each k of --every: start a cluster of 1 prompt service, 1 token service and 1 cache store,
+   DEJAVU_REPLICATE_EVERY=k, and warm it up; then --repeats times, off then on: all --concurrency
+   requests at once (non-streaming, greedy, ignore_eos, --new-tokens tokens each); tokens/s =
+   completion tokens / wall time, and the MiB the token service replicated meanwhile
+   (dejavu_token_replicated_bytes_total). Stop it before the next k.
+4. Print, per k, tokens/s on and off (median [min-max]), on/off (ratio of the medians, off measured
+   in the same period) and the MiB replicated per batch.
+Progress goes to stderr, the table to stdout; --out FILE.json writes the runs and a summary
+(ratio_on_off_kK). No plot. Nothing is asserted: this measures, it does not test.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import statistics
@@ -17,7 +28,7 @@ import time
 import httpx
 
 from bench.failure import batch, launch, metric
-from bench.common import fmt, log, spread, write_json
+from bench.common import bench_parser, fmt, log, spread, write_json
 from bench.serve import build_prompts
 from common.model import load_tokenizer, resolve_model_path
 
@@ -35,17 +46,21 @@ def replicated_bytes(cluster) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.replication", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = bench_parser("replication", __doc__)
     p.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a Hugging Face model folder")
     p.add_argument("--every", default="4,16,64", help="comma-separated replication chunks k (tokens) to measure")
     p.add_argument("--repeats", type=int, default=2, help="alternating runs of each side, per k")
-    p.add_argument("--concurrency", type=int, default=16, help="concurrent requests")
-    p.add_argument("--prompt-tokens", type=int, default=200, help="prompt length per request")
+    p.add_argument("--concurrency", type=int, default=16, help="concurrent requests (all sent at once)")
+    p.add_argument("--prompt-tokens", type=int, default=200, help="prompt length per request (tokens)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per request")
-    p.add_argument("--out", default="", help="write the raw runs and a summary to this JSON file")
+    p.add_argument("--out", default="", metavar="FILE.json", help="write the raw runs and a summary to this JSON file")
     args = p.parse_args(argv)
-    chunks = [int(k) for k in args.every.split(",")]
+    try:
+        chunks = [int(k) for k in args.every.split(",")]
+    except ValueError:
+        chunks = []
+    if not chunks or min(chunks) < 1:
+        p.error(f"--every {args.every!r}: give comma-separated whole numbers of tokens, each at least 1")
     tokenizer = load_tokenizer(resolve_model_path(args.model, progress=log))
     bodies = [{"prompt": ids, "max_tokens": args.new_tokens, "temperature": 0, "ignore_eos": True}
               for ids in build_prompts(tokenizer, args.prompt_tokens, args.concurrency)]

@@ -6,8 +6,9 @@ Step by step:
    a model's holds a few). Make token services' sequences whose prompt has --prompt-tokens tokens
    and which have put out --output-tokens (random ids).
 2. For each row count, time the token service's sampling call as a decode step makes it (each
-   sequence's penalty history taken from it, `Sequence.penalty_history`, then `sample`) for each
-   kind of request, the kinds alternated, --repeats times; each time is the median of --passes calls:
+   sequence's penalty history taken from it, `Sequence.penalties`, then `sample`) for each kind of
+   request, the kinds alternated, one round unrecorded and then --repeats rounds; each time is the
+   median of --passes calls:
    - greedy: temperature 0, nothing else (the baseline of the greedy kinds);
    - default: temperature 1 and nothing else (what an OpenAI request without sampling fields asks);
    - seeded: temperature 0.8, top-p 0.95, a seed (the baseline of the sampled kinds);
@@ -22,17 +23,17 @@ Step by step:
 3. Report median [min-max] ms a call and each kind's time over its baseline's (the same kind's at
    REV, for those).
 
+Progress goes to stderr, the tables to stdout; --out FILE.json writes the figures (no plot).
 Nothing is asserted; figures depend on the machine (recorded in the JSON). A decode step of
 SmolLM2 at 16 sequences takes tens of milliseconds on a 2-core VM (`dejavu bench step`).
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
-from bench.common import fmt, log, spread, write_json
+from bench.common import bench_parser, fmt, log, spread, write_json
 
 KINDS = ("greedy", "default", "seeded", "bias", "penalties", "everything", "json")
 BASELINE = {"greedy": "greedy", "default": "default", "seeded": "seeded", "bias": "greedy", "penalties": "greedy",
@@ -168,17 +169,20 @@ def report(out: dict, args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dejavu bench sampling", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2", help="whose logits")
-    p.add_argument("--rows", nargs="+", type=int, default=[1, 8, 16, 32], help="sequences in the step")
-    p.add_argument("--prompt-tokens", type=int, default=500)
-    p.add_argument("--output-tokens", type=int, default=128)
+    p = bench_parser("sampling", __doc__)
+    p.add_argument("--model", default="smollm2",
+                   help="whose logits: 'smollm2' (bundled) or a Hugging Face model folder")
+    p.add_argument("--rows", nargs="+", type=int, default=[1, 8, 16, 32],
+                   help="sequences in the step, one count after another")
+    p.add_argument("--prompt-tokens", type=int, default=500,
+                   help="prompt length of every sequence, tokens (random ids)")
+    p.add_argument("--output-tokens", type=int, default=128,
+                   help="tokens every sequence has put out (random ids: the penalties' history)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--passes", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="recorded rounds per row count, after one unrecorded")
+    p.add_argument("--passes", type=int, default=5, help="calls of each kind a round; the round's median counts")
     p.add_argument("--against", help="a git revision whose common/sampling.py to time too (before penalties: 55d15f4)")
-    p.add_argument("--out", help="write the figures as JSON")
+    p.add_argument("--out", metavar="FILE.json", help="write the figures as JSON")
     args = p.parse_args(argv)
     if min(args.rows) < 1 or args.prompt_tokens < 1 or args.output_tokens < 1 or args.repeats < 1 or args.passes < 1:
         p.error("--rows, --prompt-tokens, --output-tokens, --repeats and --passes must be positive")

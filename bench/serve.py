@@ -1,14 +1,12 @@
 """Serving benchmark: our cluster against Hugging Face `generate` on the same model.
 
-    python -m bench.serve [--model smollm2] [--repeats 3] [--prompt-tokens 200] [--new-tokens 128]
-                          [--concurrency 1,16] [--url URL] [--out FILE.json]
-
 What one run does, step by step:
 
 1. load the tokenizer and the model in this process (the baseline) and build one prompt of exactly
    --prompt-tokens token ids per concurrent request; each starts differently, so no prefix is shared;
-2. start a cluster (1 prompt service, 1 token service, no cache store, DEJAVU_MAX_SEQS >= the
-   highest concurrency) unless --url names a running gateway; warm both sides up once;
+2. start a cluster (1 prompt service, 1 token service, --cache-stores cache stores: none by default,
+   DEJAVU_MAX_SEQS >= the highest concurrency) unless --url names a running gateway; warm both sides
+   up once;
 3. for each repeat and each concurrency c, alternately:
    - baseline: one prefill (`generate` with max_new_tokens=1) gives its TTFT, one full greedy
      `generate` of --new-tokens tokens gives its tokens/s. HF serves c requests one after another,
@@ -17,15 +15,15 @@ What one run does, step by step:
    - ours: c concurrent streaming /v1/completions (greedy, ignore_eos, usage in the stream); each
      request's TTFT is the time to its first chunk with text; tokens/s = all completion tokens /
      wall time of the batch;
-4. print medians (min-max over repeats), the ratio ours/HF and the target line; write JSON.
+4. print medians (min-max over repeats), the ratio ours/HF and the target line (>= 4x HF's tokens/s
+   at 16 concurrent); with --out, write JSON. No plot.
 
-The cluster and the baseline share the machine's cores, but never run at the same time. Nothing
-is asserted: this measures, it does not test.
+Progress goes to stderr, the table to stdout. The cluster and the baseline share the machine's
+cores, but never run at the same time. Nothing is asserted: this measures, it does not test.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import time
@@ -33,7 +31,7 @@ from dataclasses import asdict, dataclass
 
 import httpx
 
-from bench.common import fmt, log, spread, sse_chunks, write_json
+from bench.common import bench_parser, fmt, log, spread, sse_chunks, write_json
 from common.model import load_model, load_tokenizer, resolve_model_path
 from dejavu.cluster import Cluster
 
@@ -190,16 +188,16 @@ def print_table(rows: list[dict], summary: dict, args) -> None:
 
 
 def parse_args(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n\n")[0])
+    p = bench_parser("serve", __doc__)
     p.add_argument("--model", default="smollm2", help="'smollm2' or a Hugging Face model folder")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--prompt-tokens", type=int, default=200)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3, help="rounds of every concurrency, HF and ours alternating")
+    p.add_argument("--prompt-tokens", type=int, default=200, help="prompt length per request, tokens")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per request (ignore_eos)")
     p.add_argument("--concurrency", default="1,16", help="comma-separated concurrent request counts")
     p.add_argument("--url", default="", help="a running gateway (default: start a cluster)")
     p.add_argument("--cache-stores", type=int, default=0,
                    help="cache stores in the started cluster")
-    p.add_argument("--out", default="", help="write the figures to this JSON file")
+    p.add_argument("--out", default="", metavar="FILE.json", help="write the figures to this JSON file")
     args = p.parse_args(argv)
     try:
         args.concurrency = [int(c) for c in args.concurrency.split(",")]

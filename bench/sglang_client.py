@@ -1,25 +1,27 @@
-"""SGLang's own load client against us: `python -m sglang.bench_serving` (installed by
-bench/peers.sh sglang) on SGLang's native API, POST /generate (its default backend, `sglang`),
-and on our OpenAI completions (its `vllm` backend, the same client posting to /v1/completions),
-so a user who benchmarks with SGLang's client sees what we serve, and what the native API adds.
+"""SGLang's own load client against us: `python -m sglang.benchmark.serving` (bench_serving;
+installed by bench/peers.sh sglang) on SGLang's native API, POST /generate (its default backend,
+`sglang`), and on our OpenAI completions (its `vllm` backend, the same client posting to
+/v1/completions), so a user who benchmarks with SGLang's client sees what we serve, and what the
+native API adds.
 
 Step by step:
-1. One cluster as `dejavu up` runs it (a prompt service and a token service, CPU placement auto;
-   --colocated: one colocated token service), the gateway on a free port.
-2. The client's `random-ids` dataset (no download; a seed of its own each run, so no run finds
-   another's prompts in the prefix cache): --prompts prompts of --input-len token ids,
-   --output-len tokens out each (ignore_eos, greedy), --concurrency at once; with
-   --tokenize-prompt the native backend posts the ids (`input_ids`, as RL frameworks do) instead
-   of their text.
-3. One short run of each backend unrecorded, then --repeats runs of each, taking turns; medians
-   [min-max] of the client's output throughput, median TTFT and median TPOT, and /generate's over
-   /v1/completions'.
+1. One cluster as `dejavu up` runs it (a prompt service and a token service, no cache store, CPU
+   placement auto; --colocated: one colocated token service), the gateway on a free port.
+2. The client (.peers/sglang/bin/sglang-bench in the checkout) with its `random-ids`
+   dataset (no download; a seed of its own each run, so no run finds another's prompts in the
+   prefix cache): --prompts prompts of --input-len token ids, --output-len tokens out each
+   (ignore_eos, greedy), --concurrency at once; with --tokenize-prompt the native backend posts
+   the ids (`input_ids`, as RL frameworks do) instead of their text.
+3. One short run of each backend unrecorded (2 prompts, 8 tokens out), then --repeats runs of
+   each, taking turns; medians [min-max] of the client's output throughput, median TTFT and median
+   TPOT, and /generate's over /v1/completions'.
+Progress and the figures go to stderr (nothing to stdout); --out FILE.json writes them as JSON (no
+plot). A default run took ~6 min on the 2-vCPU VM of docs/BENCHMARKS.md.
 Nothing is asserted; figures depend on the machine (recorded in the JSON).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import tempfile
@@ -27,9 +29,9 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import fmt, log, spread, write_json
+from bench.common import bench_parser, fmt, log, spread, write_json
 
-CLIENT = Path(".peers/sglang/bin/sglang-bench")
+CLIENT = Path(__file__).resolve().parents[1] / ".peers/sglang/bin/sglang-bench"  # where bench/peers.sh puts it
 BACKENDS = {"generate": "sglang", "completions": "vllm"}  # ours: the client's backend that posts there
 FIGURES = ("output_throughput", "median_ttft_ms", "median_tpot_ms", "completed")
 
@@ -56,8 +58,7 @@ def run_client(url: str, served: str, backend: str, tokenizer: str, args, prompt
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.sglang_client", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = bench_parser("sglang_client", __doc__)
     p.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a Hugging Face model folder")
     p.add_argument("--input-len", type=int, default=500, help="prompt tokens")
     p.add_argument("--output-len", type=int, default=128, help="tokens out (ignore_eos)")
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokenize-prompt", action="store_true", help="/generate gets the prompt's ids (input_ids)")
     p.add_argument("--colocated", action="store_true", help="one colocated token service, no prompt service")
     p.add_argument("--seed", type=int, default=1, help="the client's dataset seeds: 1000 x this, and on (one a run)")
-    p.add_argument("--out", default="", help="write the figures here as JSON")
+    p.add_argument("--out", default="", metavar="FILE.json", help="write the figures here as JSON")
     args = p.parse_args(argv)
     if not CLIENT.exists():
         raise SystemExit(f"{CLIENT} not found: run bench/peers.sh sglang first")

@@ -11,20 +11,19 @@ Step by step:
    with 1 prompt service, 1 token service and 1 cache store, from start() to every service ready.
 3. One round unrecorded first (a tree's first start may build its CPU kernels, ~100 s, and reads
    the weights from disk), then --repeats rounds, the trees alternating; medians [min-max].
-The model is converted once before (the bundled GGUF's first use is a one-time ~40 s). Nothing is
-asserted; figures go to stdout and, with --out, to JSON.
+The model is converted once before (the bundled GGUF's first use is a one-time ~40 s). Progress
+goes to stderr. Nothing is asserted; figures go to stdout and, with --out, to JSON (no plot).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from bench.common import fmt, log, spread, write_json
+from bench.common import bench_parser, fmt, log, spread, write_json
 
 HERE = Path(__file__).resolve().parents[1]
 
@@ -66,13 +65,12 @@ def measure(tree: Path, what: str, env: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dejavu bench startup", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser("startup", __doc__)
     p.add_argument("--model", default="smollm2", help="the bundled model or a Hugging Face folder")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="recorded rounds, after the unrecorded one")
     p.add_argument("--what", default="token,cluster", help="token, cluster or both (comma-separated)")
     p.add_argument("--baseline-tree", help="another checkout to time in the same rounds (e.g. a worktree of HEAD~1)")
-    p.add_argument("--out", help="write the figures as JSON")
+    p.add_argument("--out", metavar="FILE.json", help="write the figures as JSON")
     args = p.parse_args(argv)
 
     from common.model import resolve_model_path

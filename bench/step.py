@@ -19,15 +19,15 @@ Step by step:
    step time, tokens/s (B / step time), and ours/hf.
 4. A profiler table of our step at the largest batch: where the time goes.
 
+Progress goes to stderr, the tables to stdout; --out FILE.json writes the figures (no plot).
 Nothing is asserted; figures depend on the machine (recorded in the JSON).
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from bench.common import fmt, log, spread, write_json
+from bench.common import bench_parser, fmt, log, spread, write_json
 
 
 def hf_cache(model, B: int, L: int, dtype):
@@ -191,22 +191,26 @@ def report(out: dict, args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dejavu bench step", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 16, 32])
+    p = bench_parser("step", __doc__)
+    p.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a Hugging Face model folder")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16", "float16"),
+                   help="dtypes to load the model in, one after another")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 16, 32],
+                   help="batch sizes B: sequences in one decode step")
     p.add_argument("--kv-len", type=int, default=600, help="tokens of KV per sequence")
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=16, help="tokens per block of our paged pool")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds per dtype and batch; each times every variant (ours, hf, ...), alternating")
+    p.add_argument("--steps", type=int, default=5,
+                   help="steps timed a round, after 2 untimed; the round's median counts")
     p.add_argument("--compile", action="store_true", help="also time the decode step through torch.compile")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also time our step replayed from CUDA graphs, as a token service runs it on a GPU (needs one)")
     p.add_argument("--onednn", action="store_true",
-                   help="also time our step with oneDNN's GEMM for the linears (before engine/kernels/linear.cpp; F.linear for bf16 on a CPU where oneDNN cannot prepack it: AVX2 without AVX-512)")
-    p.add_argument("--out", help="write the figures as JSON")
+                   help="also time our step with oneDNN's GEMM for the linears (before engine/kernels/linear.cpp; "
+                   "F.linear for bf16 on a CPU where oneDNN cannot prepack it: AVX2 without AVX-512)")
+    p.add_argument("--out", metavar="FILE.json", help="write the figures as JSON")
     args = p.parse_args(argv)
     if min(args.batches) < 1 or args.kv_len < 1 or args.repeats < 1 or args.steps < 1:
         p.error("--batches, --kv-len, --repeats and --steps must be >= 1")

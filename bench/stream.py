@@ -1,8 +1,6 @@
 """Streaming benchmark: what moving the prompt's KV to the token service adds to the time to first
 token (DéjàVu, Strati et al. ICML 2024, "prompt processing with KV streaming": <= 2 % there).
 
-    python -m bench.stream [--model smollm2] [--prompt-tokens 500,1000] [--repeats 7] [--out FILE.json]
-
 What it does, step by step:
 
 1. build, for each prompt length, --repeats + 1 prompts of exactly that many token ids (the model's
@@ -23,18 +21,21 @@ What it does, step by step:
 4. overhead = TTFT / colocated TTFT - 1, per repeat (the two ran back to back), median [min-max]
    over repeats; print the table and the target (layer-by-layer <= 1 %), write JSON and a plot.
    Nothing is asserted: this measures, it does not test.
+
+Progress goes to stderr, the table to stdout. --out FILE.json writes the figures there and the plot
+beside it (FILE-ttft.png); without --out, only the plot, as bench/out/stream-ttft.png.
+A default run took ~4 min on the 2-vCPU VM of docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import time
 
 import httpx
 
-from bench.common import fmt, log, plot_path, pyplot, save, spread, write_json
+from bench.common import bench_parser, fmt, log, plot_path, pyplot, save, spread, write_json
 from bench.failure import metric
 from bench.serve import build_prompts
 from common.model import load_tokenizer, resolve_model_path
@@ -146,15 +147,18 @@ def plot(rows: list[dict], lengths: list[int], out: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(prog="python -m bench.stream", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+    p = bench_parser("stream", __doc__)
     p.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a Hugging Face model folder")
-    p.add_argument("--prompt-tokens", default="500,1000", help="comma-separated prompt lengths")
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--kv-transport", choices=("ucx", "tcp"), default="ucx")
+    p.add_argument("--prompt-tokens", default="500,1000", help="comma-separated prompt lengths, tokens")
+    p.add_argument("--repeats", type=int, default=7,
+                   help="alternating rounds: one request per prompt length on each cluster")
+    p.add_argument("--kv-transport", choices=("ucx", "tcp"), default="ucx",
+                   help="how the prompt service sends the KV to the token service (DEJAVU_KV_TRANSPORT)")
     p.add_argument("--stream-layers", type=int, default=0,
-                   help="layers per KV message of the layerwise cluster (DEJAVU_KV_STREAM_LAYERS; 0: the default)")
-    p.add_argument("--out", default="", help="write the figures to this JSON file (the plot beside it)")
+                   help="layers per KV message of the layerwise cluster (DEJAVU_KV_STREAM_LAYERS; 0: the service's "
+                   "default, a fifth of the layers)")
+    p.add_argument("--out", default="", metavar="FILE.json",
+                   help="write the figures to this JSON file (the plot beside it)")
     args = p.parse_args(argv)
     try:
         args.prompt_tokens = [int(n) for n in args.prompt_tokens.split(",")]

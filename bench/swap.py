@@ -17,11 +17,25 @@ that take the same cores the stages compute on, and a bigger batch helps only as
 CPU's matmuls gain from more rows. On a GPU the budget is HBM left after the weights, the swaps
 are PCIe copies on their own stream beside the compute, and a bigger batch is nearly free until
 the GPU is compute-bound: that is where the paper measures up to 1.8x.
+
+Step by step:
+1. From the model's config (no weights): the device budget of a stage, --device-seqs sequences of
+   --prompt-tokens + --new-tokens (in whole blocks of 16 tokens) of the largest stage's layers, in
+   --dtype (DEJAVU_KV_DEVICE_BYTES); build one prompt of --prompt-tokens ids per request.
+2. Start both clusters, which stay up for the run: each 1 prompt service and 1 token service of
+   --stages stages with --microbatches steps in flight, no cache store, each engine on cores of its
+   own as `dejavu up --cpu-placement split` places it: "no-swap", and "swap" (DEJAVU_SWAP=true).
+3. Warm each up with 2 requests, then --repeats rounds, the layouts taking turns: all requests at
+   once (non-streaming, greedy, ignore_eos); tokens/s = completion tokens / wall time, the largest
+   batch (the head's running requests, sampled every 50 ms), the swap-in wait a step and the bytes
+   swapped a token (from the head's and stages' /metrics).
+4. Print per layout tokens/s (median [min-max]), its ratio to no-swap (medians of the same runs), the
+   largest batch, the swap-in wait and the bytes swapped; with --out, write JSON (no plot).
+Progress goes to stderr, the table to stdout. Nothing is asserted: this measures, it does not test.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import statistics
@@ -29,7 +43,7 @@ import time
 
 import httpx
 
-from bench.common import alternated, fmt, log, spread, write_json
+from bench.common import alternated, bench_parser, fmt, log, spread, write_json
 from bench.failure import batch, metric
 from bench.serve import build_prompts
 from common.model import load_tokenizer, resolve_model_path
@@ -116,8 +130,7 @@ def measure(cluster: Cluster, bodies: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.swap", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = bench_parser("swap", __doc__)
     p.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a Hugging Face model folder")
     p.add_argument("--stages", type=int, default=2, help="stages of the token pipeline")
     p.add_argument("--microbatches", type=int, default=4, help="steps in flight through the pipeline")
@@ -126,11 +139,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrency", type=int, default=0,
                    help="concurrent requests (0: as many as swapping runs at once, microbatches x device-seqs / 2)")
     p.add_argument("--repeats", type=int, default=3, help="alternated runs of each layout")
-    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length per request")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length per request (tokens)")
     p.add_argument("--new-tokens", type=int, default=96, help="tokens generated per request")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--kv-transport", default="tcp", choices=("tcp", "ucx"))
-    p.add_argument("--out", default="", help="write the runs and a summary to this JSON file")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="of every engine, and of the KV the budget counts")
+    p.add_argument("--kv-transport", default="tcp", choices=("tcp", "ucx"),
+                   help="the transport of the prompt's KV and of the stages' messages (DEJAVU_KV_TRANSPORT)")
+    p.add_argument("--out", default="", metavar="FILE.json", help="write the runs and a summary to this JSON file")
     args = p.parse_args(argv)
     if args.stages < 1 or args.microbatches < 1 or args.device_seqs < 2:
         p.error("--stages and --microbatches must be >= 1, --device-seqs >= 2 (swapping holds two steps)")

@@ -113,6 +113,7 @@ class Registry:
 
     def __init__(self, redis: aioredis.Redis, cluster: str | None = None):
         self.redis, self.cluster = redis, cluster
+        self.foreign = 0  # services of other clusters at the last listing (a wrong cluster token shows as these)
 
     async def renew(self, info: ServiceInfo, ttl_s: float) -> None:
         info = info.model_copy(update={"renewed_at": time.time()})
@@ -138,8 +139,14 @@ class Registry:
         except RedisError as exc:
             raise Unavailable(f"the registry (Redis) is unreachable: {exc}") from exc
         infos = [info for i, v in zip(ids, values) if v is not None and (info := _service_info(i, v)) is not None]
-        return [i for i in infos
-                if (kind is None or i.kind == kind) and (self.cluster is None or i.cluster == self.cluster)]
+        ours = [i for i in infos if self.cluster is None or i.cluster == self.cluster]
+        self.foreign = len(infos) - len(ours)
+        return [i for i in ours if kind is None or i.kind == kind]
+
+    def foreign_hint(self) -> str:
+        """For a "none registered" message: services of another cluster token share this Redis."""
+        return (f" ({self.foreign} service(s) of another cluster token share this Redis: if they are this "
+                "cluster's, give every service the same DEJAVU_CLUSTER_TOKEN)") if self.foreign else ""
 
 
 class RecentServices:

@@ -15,6 +15,7 @@ samples); the token at output index i sits at sequence position len(prompt) + i.
 
 from __future__ import annotations
 
+import array
 import hashlib
 from enum import Enum
 from typing import Annotated
@@ -87,6 +88,22 @@ def cluster_fingerprint(token: str) -> str:
     """What a service publishes of its cluster token in the registry: enough to tell clusters that
     share one Redis apart, nothing that would give the token away. "" without a token."""
     return hashlib.sha256(b"dejavu-cluster:" + token.encode()).hexdigest()[:16] if token else ""
+
+
+def block_keys(ids: list[int], block_size: int) -> list[bytes]:
+    """The key of each whole block of `ids`: a hash of its tokens and of its parent's key. A prompt
+    service's prefix cache names its blocks so, and the gateway's prefix routing guesses by them."""
+    keys, parent = [], b""
+    tokens = array.array("q", ids).tobytes()  # int64, native order
+    for start in range(0, (len(ids) - block_size + 1) * 8, block_size * 8):
+        parent = hashlib.blake2b(parent + tokens[start:start + block_size * 8], digest_size=16).digest()
+        keys.append(parent)
+    return keys
+
+
+FETCH_TIMEOUT_S = 30.0  # a KV fetch from a cache store: connect + fetch + receive (common/kv/fetch.py); the
+#                         gateway's restore call outlasts it (gateway/recovery.py)
+STAGE_MARGIN_S = 10.0  # a token stage's fetch, on top: its turn in the pipeline and its report's way to the head
 
 
 GREEDY_BELOW = 1e-5

@@ -116,9 +116,9 @@ def main(argv: list[str] | None = None) -> None:
                     "split would give an engine fewer than 4 cores, else split. Both override DEJAVU_THREADS. off: "
                     "every engine runs DEJAVU_THREADS or torch's default on every core, at the same time")
     up.add_argument("--api-key", action="append", default=None, metavar="KEY",
-                    help="clients must send 'Authorization: Bearer KEY' on every route but /health and /metrics "
-                    "(repeat for several "
-                    "keys; also DEJAVU_API_KEYS=K1,K2; none: no authentication, fine on loopback only)")
+                    help="clients must send 'Authorization: Bearer KEY' (or 'x-api-key: KEY', as Anthropic's SDK "
+                    "does) on every route but /health and /metrics (repeat for several keys; also "
+                    "DEJAVU_API_KEYS=K1,K2; none: no authentication, fine on loopback only)")
     up.add_argument("--quiet", action="store_true", help="don't echo the services' logs")
     status = sub.add_parser("status", help="list the services registered in Redis")
     status.add_argument("--redis-url", default="",

@@ -27,12 +27,12 @@ SGLang's, a reset never waits for, nor refuses because of, requests in flight.
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
 
-import numpy as np
 import torch
 from prometheus_client import Counter, Gauge
+
+from common.protocol import block_keys
 
 # A hit leaves at least this many prompt tokens to compute: the KV of tokens computed after a hit
 # is then the same to the bit as a prefill without one computes it, on CPU (tests/unit: chunks of
@@ -56,16 +56,6 @@ def reset(cache: PrefixCache | None) -> tuple[int, int]:
     RESETS.inc()
     log.info("prefix cache reset: %d blocks (%.1f MiB) forgotten", blocks, size / 2**20)
     return blocks, size
-
-
-def block_keys(ids: list[int], block_size: int) -> list[bytes]:
-    """The key of each whole block of `ids`: a hash of its tokens and of its parent's key."""
-    keys, parent = [], b""
-    tokens = np.asarray(ids, dtype=np.int64)
-    for start in range(0, len(ids) - block_size + 1, block_size):
-        parent = hashlib.blake2b(parent + tokens[start:start + block_size].tobytes(), digest_size=16).digest()
-        keys.append(parent)
-    return keys
 
 
 class PrefixCache:

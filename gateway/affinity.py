@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import collections
 
-from engine.prefix_cache import block_keys
+from common.protocol import block_keys
 
 BLOCK_TOKENS = 16  # the services' default --block-size: a prefix shorter than that is no reason to route
 SLACK = 2          # requests in flight a home may have beyond the least loaded service's (a judgment, not measured)

@@ -389,7 +389,7 @@ async def _health(app: FastAPI) -> dict:
     except DejavuError:
         return {**body, "status": "unavailable", "reason": "the registry (Redis) is unreachable"}
     if not tokens:
-        return {**body, "status": "unavailable", "reason": "no token service registered"}
+        return {**body, "status": "unavailable", "reason": "no token service registered" + router.registry.foreign_hint()}
     if not prompts and not any(t.colocated for t in tokens):
         return {**body, "status": "unavailable", "reason": "no prompt service registered (and no colocated token service)"}
     return {**body, "token_services": len(tokens), "prompt_services": len(prompts)}

@@ -180,6 +180,11 @@ def _truncated(body: SamplingFields, ids: list[int], limits: Limits) -> list[int
         raise BadRequest(f"'truncate_prompt_tokens' = {keep} is more than this model's context of "
                          f"{limits.max_model_len} tokens", "truncate_prompt_tokens")
     keep = limits.max_model_len if keep == -1 else keep
+    if len(ids) > keep >= limits.max_model_len:  # as vLLM: the whole context, so no room for any output
+        raise ContextLengthExceeded(
+            f"'truncate_prompt_tokens' = {body.truncate_prompt_tokens} keeps {keep} of the prompt's {len(ids)} tokens, "
+            f"this model's whole context, which leaves no room for output: ask for at most the context "
+            f"({limits.max_model_len}) minus max_tokens", "truncate_prompt_tokens")
     return ids if len(ids) <= keep else ids[-keep:]
 
 

@@ -442,6 +442,7 @@ class ChatRequest(SamplingFields):
     include_reasoning: StrictBool = True  # vLLM's: false leaves the thinking out of the answer
     functions: Any = None             # refused unless empty (UNSUPPORTED_CHAT)
     function_call: Any = None
+    echo: StrictBool = False          # vLLM's (the last message's content put before the answer's): refused
     _plan: tuple | None = PrivateAttr(None)
 
     @property
@@ -486,6 +487,9 @@ class ChatRequest(SamplingFields):
             raise BadRequest("'chat_template' is not accepted: a request's own template is code this server would "
                              "run; the model's template is used (its variables: 'chat_template_kwargs')",
                              "chat_template")
+        if self.echo:
+            raise BadRequest("'echo' is not supported on chat (on completions it is): with 'continue_final_message', "
+                             "put the last message's text before the answer's yourself", "echo")
         for name in UNSUPPORTED_CHAT:
             value = getattr(self, name)
             if value not in (None, [], {}, "none", "auto"):

@@ -28,7 +28,7 @@ from prometheus_client import Counter, Histogram
 from redis.exceptions import RedisError
 
 from common.errors import Unavailable, UpstreamError
-from common.kv.fetch import FETCH_TIMEOUT_S, STAGE_MARGIN_S
+from common.protocol import FETCH_TIMEOUT_S, STAGE_MARGIN_S
 from common.metadata import RequestStore
 from common.protocol import RestoreRequest, RestoreResult, SamplingParams, ServiceInfo, ServiceKind
 

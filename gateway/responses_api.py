@@ -87,13 +87,16 @@ class ResponsesRequest(TranslatedBody):
     background: StrictBool | None = None
     prompt: Any = None
     max_tool_calls: StrictInt | None = None
+
     def chat_request(self, earlier: list | None = None) -> ChatRequest:
         """The same request on chat, after the `earlier` items of the response it continues (its
         previous_response_id's: ResponseStore); a 400 naming this API's field for anything it
         cannot be."""
         if self.previous_response_id is not None and earlier is None:
             raise BadRequest(f"'previous_response_id': {NOT_STORED}", "previous_response_id")
-        for name, why in (("conversation", NOT_STORED),
+        for name, why in (("conversation", "conversations are not kept on this server (no Conversations API): send "
+                                           "the earlier turns in 'input', or continue a stored response with "
+                                           "'previous_response_id'"),
                           ("prompt", "reusable prompts are not stored on this server: send the text in 'input'"),
                           ("max_tool_calls", "not supported: limit the calls with 'parallel_tool_calls' false (one "
                                              "call at most)")):

@@ -369,7 +369,8 @@ class Router:
             raise Unavailable(f"no token service of this gateway's model and version is registered ({len(others)} "
                               "serve another model or version: check --model, or finish the upgrade)"
                               if others else
-                              "no token service is registered: start one (python -m token_service)")
+                              "no token service is registered: start one (python -m token_service)"
+                              + self.registry.foreign_hint())
         tokens = req.prompt_tokens + req.max_tokens
         fitting = [s for s in services if s.max_model_len >= tokens]
         if not fitting:

@@ -50,7 +50,8 @@ from common.service import request_id_var
 from common.settings import PromptSettings
 from engine.attention import Segment
 from engine.runner import ModelRunner
-from engine.prefix_cache import PrefixCache, block_keys
+from common.protocol import block_keys
+from engine.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 # Taking turns on the host's cores with token services (--cpu-placement turns), a forward computes

@@ -88,7 +88,7 @@ import numpy as np
 import torch
 
 from common.errors import Unavailable
-from common.kv.fetch import FETCH_TIMEOUT_S, STAGE_MARGIN_S
+from common.protocol import FETCH_TIMEOUT_S, STAGE_MARGIN_S
 from common.kv.transport import Connection, Transport, TransportError
 from common.kv.wire import numpy_dtype
 from common.metadata import Registry

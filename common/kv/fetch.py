@@ -9,13 +9,12 @@ from typing import TYPE_CHECKING
 
 from common.kv.transport import Transport
 from common.kv.wire import as_tensor, send_fetch, stream_in
+from common.protocol import FETCH_TIMEOUT_S
 
 if TYPE_CHECKING:
     import torch
 
 
-FETCH_TIMEOUT_S = 30.0  # connect + fetch + receive; the gateway's restore call outlasts it (gateway/recovery.py)
-STAGE_MARGIN_S = 10.0  # a token stage's fetch, on top: its turn in the pipeline and its report's way to the head
 ACK_TIMEOUT_S = 30.0  # a cache store's acknowledgement of a replica message (token_service/replicator.py, stage.py)
 
 

@@ -270,9 +270,9 @@ def test_one_model_is_retrieved_by_its_id(tiny_cluster):
 
 
 def test_answers_carry_their_request_ids_and_a_clients_own_id_is_logged_with_them(tiny_cluster):
-    """x-request-id (and Anthropic's request-id) on every answer, whole or streamed, one id a choice:
-    the ids the logs carry (and the openai SDK's `_request_id`); a client's X-Request-Id is
-    written to the gateway's log beside ours, and never becomes ours."""
+    """x-request-id (and Anthropic's request-id) on every answer, whole or streamed, one id a choice,
+    a refusal too: the ids the logs carry (and the openai SDK's `_request_id`); a client's
+    X-Request-Id is written to the gateway's log beside ours, and never becomes ours."""
     import openai
 
     url = tiny_cluster.url
@@ -296,8 +296,13 @@ def test_answers_carry_their_request_ids_and_a_clients_own_id_is_logged_with_the
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
     out = client.completions.create(model=client.models.list().data[0].id, prompt=PROMPTS[0], max_tokens=1)
     assert out._request_id == out.id.removeprefix("cmpl-")
-    refused = httpx.post(url + "/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 10**6}, timeout=60)
-    assert refused.status_code == 400 and "x-request-id" not in refused.headers  # refused before it had one
+    refused = httpx.post(url + "/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 10**6},
+                         headers={"X-Request-Id": "trace-9b1c"}, timeout=60)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+    rid = refused.headers["x-request-id"]  # refused before it was served: an id all the same, and a log line
+    while not any(rid in line and "trace-9b1c" in line and "max_tokens" in line for line in gateway.tail):
+        assert time.monotonic() < deadline + 10, list(gateway.tail)
+        time.sleep(0.1)
     assert_no_kv_held(tiny_cluster)
 
 

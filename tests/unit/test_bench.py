@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from bench.common import percentile, spread
+from dejavu.cli import BENCHMARKS
 
 
 def test_percentile_and_spread():
@@ -201,3 +202,19 @@ def test_dejavu_bench_sampling_times_every_kind_against_a_revision(tmp_path):
     assert result["rows"] == 2
     assert all(result[k]["ms"]["median"] > 0 for k in ("greedy", "default", "seeded", "bias", "penalties",
                                                        "everything", "greedy@HEAD", "seeded@HEAD"))
+
+
+@pytest.mark.parametrize("name", list(BENCHMARKS))
+def test_every_benchmark_help_says_step_by_step_what_it_does(name, capsys):
+    """`dejavu bench NAME --help`, as the README promises: its usage under that name, the steps of a
+    run, and the options' defaults (nothing is started: --help exits first)."""
+    import importlib
+
+    module = importlib.import_module(f"bench.{name}")
+    with pytest.raises(SystemExit) as done:
+        (getattr(module, "parse_args", None) or module.main)(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: dejavu bench {name} ") and "tep by step" in text
+    options = text.split("\noptions:\n", 1)[1]
+    assert "--out FILE.json" in options and "(default: " in options

@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from pydantic import ValidationError
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
 
 from common.errors import BadRequest, ContextLengthExceeded
 from common.model import load_tokenizer
@@ -77,7 +78,7 @@ def test_null_is_a_fields_default_and_text_parts_are_joined_by_lines(tokenizer):
 
 
 @pytest.mark.parametrize("field, value", [("function_call", {"name": "f"}), ("functions", [{"name": "f"}]),
-                                          ("top_logprobs", 2)])
+                                          ("top_logprobs", 2), ("echo", True)])
 def test_chat_fields_we_do_not_implement_are_refused_not_ignored(tokenizer, field, value):
     from common.errors import BadRequest
 
@@ -87,7 +88,7 @@ def test_chat_fields_we_do_not_implement_are_refused_not_ignored(tokenizer, fiel
     assert info.value.param == field
     # their empty or default forms are fine
     for harmless in ({"tools": []}, {"tool_choice": "none"}, {"response_format": {"type": "text"}},
-                     {"top_logprobs": 2, "logprobs": True}):
+                     {"top_logprobs": 2, "logprobs": True}, {"echo": False}):
         [job] = chat_jobs(ChatRequest(messages=[{"role": "user", "content": "hi"}], **harmless), tokenizer,
                           limits_of(tokenizer, 512))
         assert job.tools is None
@@ -525,8 +526,11 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(tokenizer):
                                    max_tokens=4), tokenizer, limits)
     full = tokenizer.apply_chat_template([{"role": "user", "content": words}], add_generation_prompt=True)
     assert chat.prompt_ids == list(full["input_ids"] if hasattr(full, "keys") else full)[-20:]
-    with pytest.raises(ContextLengthExceeded):  # -1 keeps the whole context: no room left to generate
-        completion_jobs(CompletionRequest(prompt=words, truncate_prompt_tokens=-1), tokenizer, limits)
+    for k in (-1, 64):  # the whole context: no room left to generate, and the message says why
+        with pytest.raises(ContextLengthExceeded) as info:
+            completion_jobs(CompletionRequest(prompt=words, truncate_prompt_tokens=k), tokenizer, limits)
+        assert info.value.param == "truncate_prompt_tokens"
+        assert f"keeps 64 of the prompt's {len(whole)} tokens" in info.value.message
     for k in (0, -2, 65):
         with pytest.raises(BadRequest) as info:
             completion_jobs(CompletionRequest(prompt=words, truncate_prompt_tokens=k), tokenizer, limits)
@@ -623,7 +627,49 @@ def test_request_ids_are_on_every_answer_once_served_a_bugs_500_too_and_at_most_
     assert bug.status_code == 500 and bug.headers["x-request-id"] == bug.headers["request-id"] == "id0"
     assert bug.json()["error"]["type"] == "server_error"
     assert client.get("/served?n=40").headers["x-request-id"].split(", ") == [f"id{i}" for i in range(16)]
-    assert "x-request-id" not in client.get("/refused").headers
+    assert "x-request-id" not in client.get("/refused").headers  # (the gateway's error handlers give one: common.errors)
+
+
+class Sized(BaseModel):  # a body for the test below (at module level: the annotations are strings)
+    n: int
+
+
+def test_a_request_refused_before_it_was_served_gets_an_id_and_a_log_line_with_it(caplog):
+    """A 4xx from checking a request (a probe: no x-request-id and no log line for any of them) gets
+    an id of its own, on the answer and on the log line that says why; a request served has its ids."""
+    import logging
+
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    from common.errors import install_error_handlers
+    from gateway.serving import RequestIds
+
+    app = FastAPI()
+    install_error_handlers(app, public=True)
+    app.add_middleware(RequestIds)
+
+    @app.post("/checked")
+    async def checked(body: Sized):
+        raise BadRequest(f"'n' = {body.n}: too many", "n")
+
+    @app.post("/served")
+    async def served(request: Request):
+        request.state.request_ids = ["id0"]
+        raise BadRequest("the grammar failed", code="invalid_grammar")
+
+    client = TestClient(app)
+    with caplog.at_level(logging.INFO):
+        bad = client.post("/checked", json={"n": 500}, headers={"X-Request-Id": "trace-1"})
+        invalid = client.post("/checked", json={"n": "many"})
+        late = client.post("/served", json={})
+    assert bad.status_code == invalid.status_code == late.status_code == 400
+    rid, other = bad.headers["x-request-id"], invalid.headers["x-request-id"]
+    assert len(rid) == len(other) == 32 and rid != other and bad.headers["request-id"] == rid
+    assert late.headers["x-request-id"] == "id0"
+    lines = [r.getMessage() for r in caplog.records if r.name == "common.errors"]
+    assert [line for line in lines if "'n' = 500: too many" in line and "'trace-1'" in line and "-> 400" in line]
+    assert len([line for line in lines if "-> 400" in line]) == 2  # not the one served: its own code logged it
 
 
 def test_the_key_a_request_is_known_by_is_the_copy_of_the_header_that_was_checked():

@@ -170,7 +170,8 @@ def test_a_malformed_or_newer_registry_entry_is_skipped_not_fatal(redis_server):
 
 
 def test_a_registry_lists_only_its_own_clusters_services(redis_server):
-    """Two clusters on one Redis (different cluster tokens) never see, so never route to, each other."""
+    """Two clusters on one Redis (different cluster tokens) never see, so never route to, each other;
+    a registry counts the others' services (a gateway given a wrong token says so)."""
     from common.protocol import cluster_fingerprint
 
     async def go():
@@ -181,8 +182,11 @@ def test_a_registry_lists_only_its_own_clusters_services(redis_server):
         for i, cluster in (("c-a1", a), ("c-a2", a), ("c-b1", b)):
             await everyone.renew(info(i).model_copy(update={"cluster": cluster}), ttl_s=30)
         assert {s.id for s in await metadata.Registry(redis, a).services()} == {"c-a1", "c-a2"}
-        assert {s.id for s in await metadata.Registry(redis, b).services()} == {"c-b1"}
+        only_b = metadata.Registry(redis, b)
+        assert {s.id for s in await only_b.services()} == {"c-b1"}
+        assert only_b.foreign == 2 and "2 service(s) of another cluster token" in only_b.foreign_hint()
         assert {"c-a1", "c-a2", "c-b1"} <= {s.id for s in await everyone.services()}  # dejavu status: all
+        assert everyone.foreign_hint() == ""
         for i in ("c-a1", "c-a2", "c-b1"):
             await everyone.deregister(i)
         await redis.aclose()

@@ -11,7 +11,8 @@ import torch
 
 from common.protocol import PrefillRequest, SamplingParams
 from common.settings import PromptSettings
-from engine.prefix_cache import PrefixCache, block_keys
+from common.protocol import block_keys
+from engine.prefix_cache import PrefixCache
 
 pytestmark = pytest.mark.asyncio
 SHAPE = (3, 2, 4, 2, 16)  # (layers, 2, block_size, kv_heads, head_dim)
