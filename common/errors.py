@@ -88,6 +88,12 @@ class KVFull(Unavailable):
     code = "kv_full"
 
 
+class ShuttingDown(Unavailable):
+    """The gateway was told to stop, and the request did not end within --stop-grace-s."""
+    code = "shutting_down"
+    public = "the server is stopping and this request did not finish in time: retry it"
+
+
 class UpstreamError(DejavuError):
     status, type, code = 502, "server_error", "upstream_error"
 

@@ -354,9 +354,35 @@ def run(app: FastAPI, settings: ServiceSettings, kind: ServiceKind) -> None:
     app.state.url = f"http://{settings.public_host}:{port}"
     configure_logging(settings.log_level, app.state.service_id)
     log.info("%s listening on %s", kind.value, app.state.url)
+    grace_s = getattr(settings, "stop_grace_s", STOP_GRACE_S)
     config = uvicorn.Config(app, log_level=settings.log_level, access_log=False, log_config=None,
-                            timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S)
-    uvicorn.Server(config).run(sockets=[sock])
+                            timeout_graceful_shutdown=grace_s + STOP_MARGIN_S, timeout_keep_alive=KEEP_ALIVE_S)
+    _Server(config, app, grace_s).run(sockets=[sock])
+
+
+STOP_GRACE_S = 5.0  # after SIGTERM/SIGINT, what is open may go on this long (the gateway's: --stop-grace-s)
+STOP_MARGIN_S = 1.0  # then uvicorn cancels what is still open, this much later
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the app when its stop began: `app.state.stopped`, a future, is
+    resolved `grace_s` after SIGTERM/SIGINT, STOP_MARGIN_S before uvicorn cancels what is still
+    open, so that a request still open ends its own way (the gateway's: with an error saying the
+    server is stopping, a stream's last event) instead of a connection cut mid-body."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, grace_s: float):
+        super().__init__(config)
+        self.app, self.grace_s = app, grace_s
+
+    async def startup(self, sockets=None) -> None:
+        self.app.state.stopped = asyncio.get_running_loop().create_future()
+        await super().startup(sockets)
+
+    async def shutdown(self, sockets=None) -> None:
+        stopped = self.app.state.stopped
+        log.info("stopping: requests in flight have %.0f s to finish", self.grace_s)
+        asyncio.get_running_loop().call_later(self.grace_s, lambda: stopped.done() or stopped.set_result(None))
+        await super().shutdown(sockets)
 
 
 def ready_line(kind: ServiceKind, url: str) -> None:

@@ -232,6 +232,10 @@ class GatewaySettings(ServiceSettings):
                                    "waits for a token service while one was listed this long ago at most (s)")
     resume_attempts: int = setting(3, "times token services may fail one request before it ends in an error "
                                       "(0: fault tolerance off, a failure ends the request)")
+    stop_grace_s: float = setting(5.0, "after SIGTERM or SIGINT, how long requests in flight may go on (new ones are "
+                                  "no longer taken); one still running then ends with a 503 shutting_down (a "
+                                  "stream's last event, then [DONE]) instead of a cut connection; keep it under "
+                                  "the platform's stop timeout (docker and compose: 10 s) (s)")
     tool_call_parser: str = setting("auto", "how chat's tool_choice 'auto' finds tool calls in the output: hermes "
                                     "(<tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>, as Qwen2.5/3 and "
                                     "Hermes write them), llama3_json (an output that starts with {\"name\": ..., "
@@ -271,6 +275,7 @@ class GatewaySettings(ServiceSettings):
                "and finite")
         for name in ("request_timeout_s", "route_timeout_s", "token_timeout_s", "resume_wait_s"):
             _check(self, getattr(self, name) > 0, name, "must be > 0")
+        _check(self, 0 <= self.stop_grace_s <= 3600, "stop_grace_s", "must be in 0..3600")
         _check(self, self.resume_attempts >= 0, "resume_attempts", "must be >= 0")
         _check(self, self.max_queued_requests >= 0, "max_queued_requests", "must be >= 0 (0: no queue, a 429 at once)")
         _check(self, all(k and k.isascii() and k.isprintable() and " " not in k for k in self.api_keys), "api_keys",

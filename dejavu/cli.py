@@ -167,8 +167,10 @@ BENCHMARKS = {
 }
 
 
-def port_free(host: str, port: int) -> bool:
-    """Whether the gateway could bind `port` on `host` now (as it will: SO_REUSEADDR, as uvicorn)."""
+def bind_problem(host: str, port: int) -> str | None:
+    """Why the gateway could not bind `port` on `host` now (as it will: SO_REUSEADDR, as uvicorn),
+    in words for --host and --port; None if it could."""
+    import errno
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -176,9 +178,35 @@ def port_free(host: str, port: int) -> bool:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
-        except OSError:
-            return False
-    return True
+        except socket.gaierror as exc:
+            return f"--host {host!r} is no address of this machine ({exc.strerror})"
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is in use: stop what holds it, or pick another --port"
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return f"--host {host} is no address of this machine: give one of its own, 127.0.0.1 or 0.0.0.0"
+            if exc.errno == errno.EACCES:
+                return f"port {port} needs privileges to bind (below 1024): pick another --port"
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
+def redis_problem(url: str, timeout_s: float = 3.0) -> str | None:
+    """Why `url` is no Redis the services could use (it must answer PING within `timeout_s`), or None."""
+    import redis
+
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return "must start with redis://, rediss:// or unix://"
+    client = None
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        client.ping()
+    except Exception as exc:  # noqa: BLE001 - refused, timed out, a wrong password, not Redis at all: all said alike
+        return f"no Redis answers there ({type(exc).__name__}: {exc})"
+    finally:
+        if client is not None:
+            client.close()
+    return None
 
 
 def _check_model_fits(args, parser, path) -> None:
@@ -256,8 +284,10 @@ def cmd_up(args, parser) -> int:
     for name, low in (("max_model_len", 16), ("max_seqs", 1), ("block_size", 1), ("kv_blocks", 0)):
         if getattr(args, name) < low:  # the services would refuse it, but only once the rest had started
             parser.error(f"--{name.replace('_', '-')} must be at least {low}")
-    if args.port and not port_free(args.host, args.port):
-        parser.error(f"port {args.port} on {args.host} is in use: stop what holds it, or pick another --port")
+    if problem := bind_problem(args.host, args.port):  # (port 0 checks the host alone)
+        parser.error(problem)
+    if args.redis_url is not None and (problem := redis_problem(args.redis_url)):
+        parser.error(f"--redis-url {args.redis_url}: {problem}")
     try:
         path = resolve_model_path(args.model)  # convert the bundled model once, with progress, before the services start
     except ModelNotFound as exc:
@@ -477,7 +507,7 @@ def cmd_status(args) -> int:
     from common.errors import Unavailable
     from common.protocol import cluster_status
 
-    url = args.redis_url or os.environ.get("DEJAVU_REDIS_URL", "")
+    url, running = args.redis_url or os.environ.get("DEJAVU_REDIS_URL", ""), []
     if not url:
         running = _running_ups()
         if len(running) > 1:
@@ -501,6 +531,9 @@ def cmd_status(args) -> int:
         rows = cluster_status(asyncio.run(fetch()), time.time())["services"]
     except Unavailable as exc:
         print(f"dejavu status: {exc.message}", file=sys.stderr)
+        if not args.redis_url and not os.environ.get("DEJAVU_REDIS_URL") and not running:
+            print("dejavu status: no `dejavu up` runs on this machine (none recorded), and no Redis answers at the "
+                  "default address: start one with `dejavu up`, or give the cluster's --redis-url", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -195,16 +195,21 @@ class Cluster:
         child.proc.send_signal(sig)
 
     def stop(self, grace: float = 10.0) -> None:
-        for child in self.children:
-            if child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for child in self.children:
-            try:
-                child.proc.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                child.proc.kill()
-                child.proc.wait()
+        """SIGTERM, then SIGKILL past `grace`: the gateways first, so that the requests they have in
+        flight finish (or end with an error that says so, past their --stop-grace-s) while the
+        engines still serve them, then the rest."""
+        gateways = self.of("gateway")
+        for group in (gateways, [c for c in self.children if c not in gateways]):
+            for child in group:
+                if child.proc.poll() is None:
+                    child.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            for child in group:
+                try:
+                    child.proc.wait(max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    child.proc.kill()
+                    child.proc.wait()
         if self.redis:
             self.redis.stop()
         if self.turns_dir:

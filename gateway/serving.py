@@ -13,7 +13,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from common.errors import DejavuError, error_body
+from common.errors import DejavuError, ShuttingDown, error_body
 from common.service import ClosingStreamingResponse, request_id_var
 from gateway.jobs import IN_FLIGHT, REQUESTS, Delta, Job, deltas
 from gateway.responses import Totals, sse
@@ -39,9 +39,9 @@ async def serve(app: FastAPI, jobs: list[Job], request: Request, form):
     await start(app, job, form.name)
     gen = deltas(app.state.router, app.state.tokenizer, job)
     if not job.stream:
-        return await _with_cancellation(_collect(app, job, gen, form), request)
+        return await _with_cancellation(_collect(app, job, gen, form), request, _stopped(app))
     try:  # the first token before any header: routing errors still get their own status
-        first = await _with_cancellation(anext(gen), request)
+        first = await _with_cancellation(anext(gen), request, _stopped(app))
     except BaseException as exc:
         await gen.aclose()
         await finish(app, job, None, exc)
@@ -137,7 +137,8 @@ async def _serve_choices(app: FastAPI, jobs: list[Job], request: Request, form):
         return await anext(gen) if job.stream else await totals_of(gen)
 
     try:
-        results = await _with_cancellation(_all(first(job, gen) for job, gen in zip(jobs, gens)), request)
+        results = await _with_cancellation(_all(first(job, gen) for job, gen in zip(jobs, gens)), request,
+                                           _stopped(app))
     except BaseException as exc:
         await close_all(exc)
         raise
@@ -195,7 +196,12 @@ async def _stream_choices(app: FastAPI, jobs: list[Job], gens: list, firsts: lis
         except Exception as exc:  # noqa: BLE001 - handed to the stream, which ends the request with it
             queue.put_nowait((i, exc))
 
-    pumps, running, finished = [], len(jobs), set()
+    def stop(_) -> None:  # the server's stop grace ran out: the stream ends with an error event
+        queue.put_nowait((0, ShuttingDown("the server is stopping (--stop-grace-s ran out)")))
+
+    pumps, running, finished, stopped = [], len(jobs), set(), _stopped(app)
+    if stopped is not None:
+        stopped.add_done_callback(stop)
     try:
         for i, (writer, delta) in enumerate(zip(writers, firsts)):
             for chunk in writer.first(delta):
@@ -228,6 +234,8 @@ async def _stream_choices(app: FastAPI, jobs: list[Job], gens: list, firsts: lis
         error = exc
         raise
     finally:
+        if stopped is not None:
+            stopped.remove_done_callback(stop)
         for task in pumps:
             task.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
@@ -260,7 +268,7 @@ async def _stream(app: FastAPI, job: Job, gen, first, writer, keep=None):
     event that ends it goes out."""
     request_id_var.set(job.request_id)
     totals, error = Totals(), None
-    rest = with_keepalive(gen, KEEPALIVE_S)
+    rest = with_keepalive(gen, KEEPALIVE_S, _stopped(app))
     try:
         for chunk in writer.first(first):
             yield chunk
@@ -304,13 +312,17 @@ def keepalive(writer) -> str:
     return own() if own is not None else ": keep-alive\n\n"
 
 
-async def with_keepalive(gen, every_s: float):
-    """gen's items, and KEEPALIVE each time `every_s` pass without one."""
+async def with_keepalive(gen, every_s: float, stopped: asyncio.Future | None = None):
+    """gen's items, and KEEPALIVE each time `every_s` pass without one; ShuttingDown once `stopped`
+    is done (the server's stop grace ran out)."""
     while True:
         item = asyncio.ensure_future(anext(gen, KEEPALIVE))  # KEEPALIVE here: gen has ended
         try:
-            while not (await asyncio.wait({item}, timeout=every_s))[0]:
+            while not (await asyncio.wait({item} if stopped is None else {item, stopped}, timeout=every_s,
+                                          return_when=asyncio.FIRST_COMPLETED))[0]:
                 yield KEEPALIVE
+            if not item.done():
+                raise ShuttingDown("the server is stopping (--stop-grace-s ran out)")
         finally:
             if not item.done():  # closed while waiting: gen must not run on in that task
                 item.cancel()
@@ -320,14 +332,21 @@ async def with_keepalive(gen, every_s: float):
         yield item.result()
 
 
-async def _with_cancellation(awaitable, request: Request):
-    """Await it; if the client disconnects meanwhile, cancel it (aborting downstream), raise ClientGone."""
+async def _with_cancellation(awaitable, request: Request, stopped: asyncio.Future | None = None):
+    """Await it; if the client disconnects meanwhile, cancel it (aborting downstream), raise
+    ClientGone; if the server's stop grace runs out (`stopped`), cancel it, raise ShuttingDown."""
     task = asyncio.ensure_future(awaitable)
     try:
         while True:
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if done:
+            await asyncio.wait({task} if stopped is None else {task, stopped}, timeout=0.5,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
                 return task.result()
+            if stopped is not None and stopped.done():
+                log.info("the server is stopping: ending the request")
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                raise ShuttingDown("the server is stopping (--stop-grace-s ran out)")
             if await request.is_disconnected():
                 log.info("client disconnected: aborting")
                 task.cancel()
@@ -335,6 +354,12 @@ async def _with_cancellation(awaitable, request: Request):
                 raise ClientGone()
     finally:
         task.cancel()
+
+
+def _stopped(app: FastAPI) -> asyncio.Future | None:
+    """Done once the server's stop grace ran out (common.service._Server); None where no server set
+    one (an app under test)."""
+    return getattr(app.state, "stopped", None)
 
 
 async def finish(app: FastAPI, job: Job, totals: Totals | None, error: BaseException | None) -> None:
