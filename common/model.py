@@ -47,6 +47,14 @@ def resolve_model_path(model: str, progress=print) -> Path:
     path = Path(model).expanduser()
     if not (path / "config.json").is_file():
         raise ModelNotFound(f"--model {model!r}: not {BUNDLED!r} and not a folder with a config.json")
+    try:  # what loading it would find only after seconds of imports, in every service (a probe: 15 s, 3 tracebacks)
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelNotFound(f"--model {model!r}: its config.json is unreadable ({exc})") from None
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise ModelNotFound(f"--model {model!r}: its config.json names no model_type: not a Hugging Face model's config")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ModelNotFound(f"--model {model!r}: the folder holds no weights (*.safetensors or *.bin)")
     return path
 
 
