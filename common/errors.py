@@ -7,8 +7,10 @@
     ├── PayloadTooLarge               413 invalid_request_error
     ├── Overloaded                    429 rate_limit_exceeded     (admission queue full or waited out; Retry-After)
     ├── Unavailable                   503 service_unavailable     (Redis down, no engine, ...)
-    │   └── KVFull                    503 service_unavailable / kv_full  (a token service has no room)
+    │   ├── KVFull                    503 service_unavailable / kv_full  (a token service has no room)
+    │   └── ShuttingDown              503 service_unavailable / shutting_down  (the gateway's stop grace ran out)
     └── UpstreamError                 502 server_error            (another service failed the request)
+        └── ResumeFailed              502 server_error / resume_failed  (its token service failed, not resumed)
 
 The body is OpenAI's: {"error": {"message", "type", "param", "code"}}.
 """
@@ -171,7 +173,7 @@ def install_error_handlers(app: FastAPI, public: bool = False) -> None:
         if exc.status >= 500 and exc.code != "kv_full":  # a full token service is expected, not an incident
             log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
         if public and exc.status < 500:
-            _refused(request, exc.status, exc.message)
+            _give_id(request, exc.status, exc.message)
         body = exc.client_body(_request_id()) if public else exc.body()
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
         return JSONResponse(body, status_code=exc.status, headers=headers)
@@ -189,7 +191,7 @@ def install_error_handlers(app: FastAPI, public: bool = False) -> None:
                 f", sent with 'Content-Type: application/json' (this request's: {sent or 'none'!r}; "
                 "curl -d needs -H 'Content-Type: application/json')" if unparsed else "")
         if public:
-            _refused(request, 400, message)
+            _give_id(request, 400, message)
         return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
 
     @app.exception_handler(HTTPException)
@@ -200,7 +202,7 @@ def install_error_handlers(app: FastAPI, public: bool = False) -> None:
             message = f"no route {request.method} {request.url.path}"
         code = PayloadTooLarge.code if exc.status_code == 413 else None  # a body counted over the limit (BodyLimit)
         if public and exc.status_code < 500:
-            _refused(request, exc.status_code, message)
+            _give_id(request, exc.status_code, message)
         # a 405 must say which methods the route takes (Allow, RFC 9110): Starlette puts it in the headers
         return JSONResponse(error_body(message, kind, code=code), status_code=exc.status_code, headers=exc.headers)
 
@@ -210,16 +212,16 @@ def install_error_handlers(app: FastAPI, public: bool = False) -> None:
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
 
 
-def _refused(request: Request, status: int, message: str) -> None:
+def _give_id(request: Request, status: int, message: str) -> None:
     """A request the gateway refuses before it had an id (a 4xx from checking it) gets one now: its
     answer's x-request-id (gateway.serving.RequestIds) and the log line that says why name it."""
-    from common.service import request_id_var
+    from common.service import printable, request_id_var
 
     if getattr(request.state, "request_ids", None):
         return  # served: it has its ids, and whatever refused it logged why
     request.state.request_ids = [uuid.uuid4().hex]
     request_id_var.set(request.state.request_ids[0])
-    theirs = "".join(c for c in request.headers.get("x-request-id", "")[:128] if c.isprintable())
+    theirs = printable(request.headers.get("x-request-id", ""))
     log.info("%s %s -> %d%s: %s", request.method, request.url.path, status,
              f" (the client's X-Request-Id {theirs!r})" if theirs else "", message)
 

@@ -14,6 +14,7 @@ own layer range (`rep:<start>:<stop>`), and `replicated` is the least over the l
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import time
@@ -113,7 +114,8 @@ class Registry:
 
     def __init__(self, redis: aioredis.Redis, cluster: str | None = None):
         self.redis, self.cluster = redis, cluster
-        self.foreign = 0  # services of other clusters at the last listing (a wrong cluster token shows as these)
+        self.foreign: collections.Counter[ServiceKind] = collections.Counter()  # other clusters' services, by kind,
+        #                                                   at the last listing (a wrong cluster token shows as these)
 
     async def renew(self, info: ServiceInfo, ttl_s: float) -> None:
         info = info.model_copy(update={"renewed_at": time.time()})
@@ -140,13 +142,15 @@ class Registry:
             raise Unavailable(f"the registry (Redis) is unreachable: {exc}") from exc
         infos = [info for i, v in zip(ids, values) if v is not None and (info := _service_info(i, v)) is not None]
         ours = [i for i in infos if self.cluster is None or i.cluster == self.cluster]
-        self.foreign = len(infos) - len(ours)
+        self.foreign = collections.Counter(i.kind for i in infos if i not in ours)
         return [i for i in ours if kind is None or i.kind == kind]
 
-    def foreign_hint(self) -> str:
-        """For a "none registered" message: services of another cluster token share this Redis."""
-        return (f" ({self.foreign} service(s) of another cluster token share this Redis: if they are this "
-                "cluster's, give every service the same DEJAVU_CLUSTER_TOKEN)") if self.foreign else ""
+    def foreign_hint(self, kind: ServiceKind) -> str:
+        """For a "no service of this kind registered" message: some of another cluster token share
+        this Redis."""
+        n = self.foreign[kind]
+        return (f" ({n} {kind.value} service(s) of another cluster token share this Redis: if they are this "
+                "cluster's, give every service the same DEJAVU_CLUSTER_TOKEN)") if n else ""
 
 
 class RecentServices:

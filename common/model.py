@@ -40,14 +40,19 @@ def cache_dir() -> Path:
     return Path(settings.cache_dir())
 
 
-def resolve_model_path(model: str, progress=print) -> Path:
-    """Return a local Hugging Face folder for `model`, converting the bundled GGUF on first use."""
+def resolve_model_path(model: str, progress=print, weights: bool = False) -> Path:
+    """Return a local Hugging Face folder for `model`, converting the bundled GGUF on first use;
+    `weights`: one that an engine can load (a model's config, weights), checked now rather than
+    after seconds of imports in every service (a probe: 15 s and three tracebacks). Without it a
+    config is enough (the gateway reads the tokenizer; some benchmarks the config alone)."""
     if model == BUNDLED:
         return _bundled_folder(progress)
     path = Path(model).expanduser()
     if not (path / "config.json").is_file():
         raise ModelNotFound(f"--model {model!r}: not {BUNDLED!r} and not a folder with a config.json")
-    try:  # what loading it would find only after seconds of imports, in every service (a probe: 15 s, 3 tracebacks)
+    if not weights:
+        return path
+    try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ModelNotFound(f"--model {model!r}: its config.json is unreadable ({exc})") from None

@@ -44,6 +44,12 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 log = logging.getLogger(__name__)
 
 
+def printable(given: str) -> str:
+    """A client's text (its own request id), fit for a log line: its first 128 characters, printable
+    ones only."""
+    return "".join(c for c in given[:128] if c.isprintable())
+
+
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
@@ -51,16 +57,21 @@ class _RequestIdFilter(logging.Filter):
 
 
 class _StopCutFilter(logging.Filter):
-    """uvicorn logs each request its stop cut (open past the grace: a decode stream, a prefill) as an
-    ERROR with a traceback, "Exception in ASGI application" over a CancelledError: an expected part of
-    a stop (the gateway resumes the request elsewhere), said here in one line at INFO, so an alert on
-    ERROR does not fire at every routine restart."""
+    """uvicorn logs the requests its stop cut (open past the grace: a decode stream, a prefill) at
+    ERROR: "Cancel N running task(s), timeout graceful shutdown exceeded", then each with a traceback,
+    "Exception in ASGI application" over a CancelledError. An expected part of a stop (the gateway
+    resumes such a request elsewhere), said here at INFO, in one line each, so that an alert on ERROR
+    does not fire at every routine restart."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "uvicorn.error" or record.levelno < logging.ERROR:
+            return True
         exc = record.exc_info[1] if record.exc_info else None
-        if record.name == "uvicorn.error" and isinstance(exc, asyncio.CancelledError) and "graceful" in str(exc):
-            record.levelno, record.levelname = logging.INFO, "INFO"
+        if isinstance(exc, asyncio.CancelledError) and "graceful shutdown" in str(exc):
             record.msg, record.args, record.exc_info, record.exc_text = "a request cut by the stop: %s", (exc,), None, None
+        elif not str(record.msg).startswith("Cancel %s running task(s), timeout graceful shutdown"):
+            return True
+        record.levelno, record.levelname = logging.INFO, "INFO"
         return True
 
 
@@ -361,6 +372,10 @@ def add_health_and_metrics(app: FastAPI, health: Callable[[], Awaitable[dict]] |
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
+STOP_GRACE_S = 5.0  # after SIGTERM/SIGINT, what is open may go on this long (the gateway's: --stop-grace-s)
+STOP_MARGIN_S = 1.0  # then uvicorn cancels what is still open, this much later
+
+
 def run(app: FastAPI, settings: ServiceSettings, kind: ServiceKind) -> None:
     """Bind, publish the real URL on app.state, serve until SIGINT/SIGTERM."""
     sock = bind(settings.host, settings.port)
@@ -374,9 +389,6 @@ def run(app: FastAPI, settings: ServiceSettings, kind: ServiceKind) -> None:
                             timeout_graceful_shutdown=grace_s + STOP_MARGIN_S, timeout_keep_alive=KEEP_ALIVE_S)
     _Server(config, app, grace_s).run(sockets=[sock])
 
-
-STOP_GRACE_S = 5.0  # after SIGTERM/SIGINT, what is open may go on this long (the gateway's: --stop-grace-s)
-STOP_MARGIN_S = 1.0  # then uvicorn cancels what is still open, this much later
 
 
 class _Server(uvicorn.Server):

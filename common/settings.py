@@ -229,7 +229,8 @@ class GatewaySettings(ServiceSettings):
     resume_wait_s: float = setting(60.0, "how long a request whose token service failed waits for another with room, "
                                    "or whose prefill failed on every prompt service waits for one that answers (one "
                                    "that failed may be starting again), before it ends in an error; a new request "
-                                   "waits for a token service while one was listed this long ago at most (s)")
+                                   "that finds no token service waits as long from when the gateway first found "
+                                   "none (s)")
     resume_attempts: int = setting(3, "times token services may fail one request before it ends in an error "
                                       "(0: fault tolerance off, a failure ends the request)")
     stop_grace_s: float = setting(5.0, "after SIGTERM or SIGINT, how long requests in flight may go on (new ones are "

@@ -191,22 +191,28 @@ def bind_problem(host: str, port: int) -> str | None:
     return None
 
 
-def redis_problem(url: str, timeout_s: float = 3.0) -> str | None:
-    """Why `url` is no Redis the services could use (it must answer PING within `timeout_s`), or None."""
+def redis_problem(url: str, wait_s: float = 10.0) -> str | None:
+    """Why `url` is no Redis the services could use, or None: it must answer PING within `wait_s`
+    (one started beside `dejavu up` may take a few seconds)."""
     import redis
 
     if not url.startswith(("redis://", "rediss://", "unix://")):
         return "must start with redis://, rediss:// or unix://"
-    client = None
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
-        client.ping()
-    except Exception as exc:  # noqa: BLE001 - refused, timed out, a wrong password, not Redis at all: all said alike
-        return f"no Redis answers there ({type(exc).__name__}: {exc})"
-    finally:
-        if client is not None:
+    deadline, said = time.monotonic() + wait_s, False
+    while True:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            client.ping()
+            return None
+        except Exception as exc:  # noqa: BLE001 - refused, timed out, a wrong password, not Redis: all said alike
+            if time.monotonic() > deadline:
+                return f"no Redis answered there within {wait_s:.0f} s ({type(exc).__name__}: {exc})"
+            if not said:
+                print(f"[dejavu] waiting for Redis at {url} ...", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(0.5)
+        finally:
             client.close()
-    return None
 
 
 def _check_model_fits(args, parser, path) -> None:
@@ -289,7 +295,7 @@ def cmd_up(args, parser) -> int:
     if args.redis_url is not None and (problem := redis_problem(args.redis_url)):
         parser.error(f"--redis-url {args.redis_url}: {problem}")
     try:
-        path = resolve_model_path(args.model)  # convert the bundled model once, with progress, before the services start
+        path = resolve_model_path(args.model, weights=True)  # convert the bundled model once, with progress, before the services start
     except ModelNotFound as exc:
         parser.error(str(exc))
     _check_model_fits(args, parser, path)

@@ -199,11 +199,16 @@ class Cluster:
         flight finish (or end with an error that says so, past their --stop-grace-s) while the
         engines still serve them, then the rest."""
         gateways = self.of("gateway")
-        for group in (gateways, [c for c in self.children if c not in gateways]):
+        try:  # a gateway's own grace, and a moment for its last errors and aborts, before its SIGKILL
+            gateway_grace = float({**os.environ, **self.env}.get("DEJAVU_STOP_GRACE_S", 5)) + 3
+        except ValueError:
+            gateway_grace = grace  # (the gateway refused it at start)
+        rest = [c for c in self.children if c not in gateways]
+        for group, wait_s in ((gateways, max(grace, gateway_grace)), (rest, grace)):
             for child in group:
                 if child.proc.poll() is None:
                     child.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + grace
+            deadline = time.monotonic() + wait_s
             for child in group:
                 try:
                     child.proc.wait(max(deadline - time.monotonic(), 0.1))

@@ -37,8 +37,8 @@ from common import metadata
 from common.errors import BadRequest, DejavuError, NotFound, Unavailable, error_body, install_error_handlers
 from common.model import context_length, eos_token_ids, load_tokenizer, model_fingerprint, resolve_model_path
 from common.protocol import ServiceKind, cluster_fingerprint, cluster_status
-from common.service import (API_KEYS, BodyLimit, RequireSecret, add_health_and_metrics, cluster_headers, registered,
-                            request_id_var)
+from common.service import (API_KEYS, BodyLimit, RequireSecret, add_health_and_metrics, cluster_headers, printable,
+                            registered, request_id_var)
 from common.settings import GatewaySettings
 from gateway import reasoning
 from gateway.generate_api import AbortRequest, GenerateForm, GenerateRequest
@@ -48,7 +48,7 @@ from gateway.openai_types import ChatRequest, CompletionRequest
 from gateway.responses import CHAT, COMPLETION
 from gateway.responses_api import ResponsesForm, ResponsesRequest, ResponseStore
 from gateway.router import Router
-from gateway.serving import ClientGone, RequestIds, finish, printable, serve, start, totals_of
+from gateway.serving import ClientGone, RequestIds, finish, serve, start, totals_of
 from gateway.tokenize_api import DetokenizeRequest, TokenizeRequest, detokenize, tokenize, version
 from gateway.tools import parser_for
 
@@ -389,7 +389,7 @@ async def _health(app: FastAPI) -> dict:
     except DejavuError:
         return {**body, "status": "unavailable", "reason": "the registry (Redis) is unreachable"}
     if not tokens:
-        return {**body, "status": "unavailable", "reason": "no token service registered" + router.registry.foreign_hint()}
+        return {**body, "status": "unavailable", "reason": "no token service registered" + router.registry.foreign_hint(ServiceKind.TOKEN)}
     if not prompts and not any(t.colocated for t in tokens):
         return {**body, "status": "unavailable", "reason": "no prompt service registered (and no colocated token service)"}
     return {**body, "token_services": len(tokens), "prompt_services": len(prompts)}

@@ -28,9 +28,9 @@ from prometheus_client import Counter, Histogram
 from redis.exceptions import RedisError
 
 from common.errors import Unavailable, UpstreamError
-from common.protocol import FETCH_TIMEOUT_S, STAGE_MARGIN_S
 from common.metadata import RequestStore
-from common.protocol import RestoreRequest, RestoreResult, SamplingParams, ServiceInfo, ServiceKind
+from common.protocol import (FETCH_TIMEOUT_S, STAGE_MARGIN_S, RestoreRequest, RestoreResult, SamplingParams,
+                             ServiceInfo, ServiceKind)
 
 if TYPE_CHECKING:
     from gateway.router import Router

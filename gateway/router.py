@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import secrets
 import time
 from collections import Counter
@@ -44,6 +43,7 @@ LEASE_CHECK_S = 1.0  # a call or stream silent this long makes the gateway check
 ENGINES = (ServiceKind.PROMPT, ServiceKind.TOKEN)  # services that run the model
 LATE_WRITE_S = 3.0  # a lost request's replicas are dropped again after this (see _drop_replicas)
 REDROP_S = (15.0, 30.0, 60.0)  # then, on a store that did not answer (hung), again after these
+CLOSE_WAIT_S = 2.0  # what the gateway's stop waits for the aborts still on their way (Router.close)
 STORE_MEMORY_S = 3600.0  # a service no longer listed is still known (a store's URL) this long: see _drop_replicas
 OWNER_WATCH_S = 45.0  # a finished request's replica is dropped by the gateway if its owner dies within this
 #                       long (longer than the owner's own drop can take: a replica send in flight, then /drop)
@@ -78,6 +78,25 @@ class LeaseLapsed(UpstreamError):
     """A service stopped renewing its lease in Redis while we waited on it."""
 
 
+class Absence:
+    """Since when none of a kind of service has been listed, by this gateway's reads (None: one is,
+    or none ever was): requests wait for one that went lately (restarting under `dejavu up` or
+    compose, or hung past its lease), not for one that never was. From the first read that found
+    none, not from the last that found one: an idle gateway reads seldom."""
+
+    def __init__(self):
+        self.ever, self.since = False, None
+
+    def read(self, listed: bool) -> None:
+        if listed:
+            self.ever, self.since = True, None
+        elif self.ever and self.since is None:
+            self.since = time.monotonic()
+
+    def lately(self, within_s: float) -> bool:
+        return self.since is not None and time.monotonic() - self.since <= within_s
+
+
 class Router:
     def __init__(self, registry: Registry, client: httpx.AsyncClient, settings: GatewaySettings,
                  requests: RequestStore, model_id: str = ""):
@@ -95,8 +114,7 @@ class Router:
         self.admission = Admission(settings.max_queued_requests, settings.route_timeout_s)
         self.ended_on: dict[str, tuple[ServiceInfo, dict[str, float]]] = {}  # see _watch_owner
         self._watcher: asyncio.Task | None = None
-        self.prompt_seen = float("-inf")  # monotonic s a prompt service of ours was last listed
-        self.token_seen = float("-inf")  # and a token service
+        self.prompts_gone, self.tokens_gone = Absence(), Absence()  # since when none of ours is listed
         self.homes = affinity.PrefixHomes() if settings.prefix_routing else None
 
     async def services(self, kind: ServiceKind) -> list[ServiceInfo]:
@@ -106,10 +124,8 @@ class Router:
         if time.monotonic() - at > REGISTRY_CACHE_S:
             old, infos = infos, await self.recent.services()
             self._cache = (time.monotonic(), infos)
-            if any(i.kind == ServiceKind.PROMPT and self._ours(i) for i in infos):
-                self.prompt_seen = time.monotonic()
-            if any(i.kind == ServiceKind.TOKEN and self._ours(i) for i in infos):
-                self.token_seen = time.monotonic()
+            for engine, gone in ((ServiceKind.PROMPT, self.prompts_gone), (ServiceKind.TOKEN, self.tokens_gone)):
+                gone.read(any(i.kind == engine and self._ours(i) for i in infos))
             if _kv_freed(old, infos):  # another gateway's request ended: our queue's head may fit now
                 self.admission.wake()
         return [i for i in infos if i.kind == kind and (kind not in ENGINES or self._ours(i))]
@@ -329,10 +345,13 @@ class Router:
                 log.exception("watching the owners of finished requests failed; going on")
 
     async def close(self) -> None:
-        """Stop the owner watch (the gateway is shutting down)."""
+        """Stop the owner watch (the gateway is shutting down), and give the aborts and drops that
+        requests ended by the stop left running a moment to reach their engines."""
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
+        if self.background:
+            await asyncio.wait(set(self.background), timeout=CLOSE_WAIT_S)
 
     async def reserve(self, request_id: str, prompt_tokens: int, max_tokens: int, exclude: set[str] = frozenset(),
                       resume: bool = False, prefer: str | None = None) -> tuple[Reservation, ServiceInfo]:
@@ -343,7 +362,12 @@ class Router:
         Counted in `in_flight` until the caller ends it."""
         req = ReserveRequest(request_id=request_id, prompt_tokens=prompt_tokens, max_tokens=max_tokens)
         if not resume:
-            return await self.admission.admit(lambda: self._try_reserve(req, exclude, prefer=prefer))
+            try:
+                return await self.admission.admit(lambda: self._try_reserve(req, exclude, prefer=prefer))
+            except Overloaded:  # refused or timed out while it waited for a token service, not for room
+                if self.tokens_gone.since is None:
+                    raise
+                raise Unavailable(self._none_message()) from None
         try:
             return await self.admission.admit(lambda: self._try_resume(req, exclude, prefer), front=True,
                                               timeout_s=self.settings.resume_wait_s)
@@ -354,23 +378,19 @@ class Router:
     async def _try_reserve(self, req: ReserveRequest, exclude: set[str], resume: bool = False,
                            prefer: str | None = None) -> tuple[Reservation, ServiceInfo] | None:
         """One round over the token services that could take the request; None if all are full
-        (and if none is up, for a resumed request or while one was listed within --resume-wait-s:
-        the one that failed may be starting again, as `dejavu up` and compose restart it, or be
-        hung a moment; its clients wait, as for room, a new one as a resumed one does)."""
+        (and if none is up: for a resumed request, and for a new one while none has been for at most
+        --resume-wait-s: the one that failed may be starting again, as `dejavu up` and compose
+        restart it, or be hung a moment; its clients wait, as for room). Not where the only token
+        services listed are another model's or cluster's: that is said at once."""
         services = [s for s in await self.services(ServiceKind.TOKEN) if s.id not in exclude]
         if not services:
-            gone_s = time.monotonic() - self.token_seen
-            if resume or gone_s <= self.settings.resume_wait_s:
-                return None
-            if gone_s < math.inf:
-                raise Unavailable(f"no token service is registered: the last one went {gone_s:.0f} s ago and none "
-                                  f"came back within --resume-wait-s ({self.settings.resume_wait_s:.0f} s)")
             others = [s for s in self._cache[1] if s.kind == ServiceKind.TOKEN and not self._ours(s)]
+            misconfigured = others or self.registry.foreign[ServiceKind.TOKEN]  # said at once, not waited for
+            if resume or (self.tokens_gone.lately(self.settings.resume_wait_s) and not misconfigured):
+                return None
             raise Unavailable(f"no token service of this gateway's model and version is registered ({len(others)} "
                               "serve another model or version: check --model, or finish the upgrade)"
-                              if others else
-                              "no token service is registered: start one (python -m token_service)"
-                              + self.registry.foreign_hint())
+                              if others else self._none_message())
         tokens = req.prompt_tokens + req.max_tokens
         fitting = [s for s in services if s.max_model_len >= tokens]
         if not fitting:
@@ -407,6 +427,13 @@ class Router:
                 if not reserved:
                     self._done(svc.id)
         return None
+
+    def _none_message(self) -> str:
+        hint = self.registry.foreign_hint(ServiceKind.TOKEN)
+        if self.tokens_gone.since is None:
+            return "no token service is registered: start one (python -m token_service)" + hint
+        return (f"no token service is registered: none has been for {time.monotonic() - self.tokens_gone.since:.0f} s "
+                f"(a request waits --resume-wait-s, {self.settings.resume_wait_s:g} s, for one to come back){hint}")
 
     async def _try_resume(self, req: ReserveRequest, lost: set[str],
                           prefer: str | None = None) -> tuple[Reservation, ServiceInfo] | None:
@@ -448,7 +475,7 @@ class Router:
             return await self._prefill_round(req, holders, prefer)
         except (UpstreamError, Unavailable) as first:
             # none registered: wait too if one was, lately (its lease lapsed before it came back)
-            if isinstance(first, Unavailable) and time.monotonic() - self.prompt_seen > self.settings.resume_wait_s:
+            if isinstance(first, Unavailable) and not self.prompts_gone.lately(self.settings.resume_wait_s):
                 raise
             deadline = time.monotonic() + self.settings.resume_wait_s
             while True:

@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from common.errors import DejavuError, ShuttingDown, error_body
-from common.service import ClosingStreamingResponse, request_id_var
+from common.service import ClosingStreamingResponse, printable, request_id_var
 from gateway.jobs import IN_FLIGHT, REQUESTS, Delta, Job, deltas
 from gateway.responses import Totals, sse
 
@@ -61,11 +61,6 @@ def _client_id(request: Request) -> str:
     as the request's id: two clients could send the same one, and it names the request's KV and its
     records in Redis."""
     return printable(request.headers.get("x-request-id", ""))
-
-
-def printable(given: str) -> str:
-    """A client's id of its own, fit for a log line: its first 128 characters, printable ones only."""
-    return "".join(c for c in given[:128] if c.isprintable())
 
 
 class RequestIds:

@@ -38,7 +38,7 @@ def create_app(settings: PromptSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         nonlocal settings
-        path = resolve_model_path(settings.model, progress=log.info)
+        path = resolve_model_path(settings.model, progress=log.info, weights=True)
         grammar.use_model(path)  # structured output: its tokenizer, read on the first grammar
         settings = within_context(settings, path)
         model_id = model_fingerprint(path)  # the gateway routes only to services of this model

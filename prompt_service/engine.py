@@ -44,13 +44,12 @@ from common.errors import BadRequest, UpstreamError
 from common.kv.copy import gather_prefill
 from common.kv.peers import KVRejected, PeerLink, Peers
 from common.kv.transport import TransportError
-from common.protocol import PrefillRequest, PrefillResult, PromptLogprob, TokenEvent
+from common.protocol import PrefillRequest, PrefillResult, PromptLogprob, TokenEvent, block_keys
 from common.sampling import first_event, named_tokens, sample_first
 from common.service import request_id_var
 from common.settings import PromptSettings
 from engine.attention import Segment
 from engine.runner import ModelRunner
-from common.protocol import block_keys
 from engine.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI, settings: TokenSettings):
     """Load the model, start the KV listener and the decode loop, register; undo it all on the way out."""
-    path = resolve_model_path(settings.model, progress=log.info)
+    path = resolve_model_path(settings.model, progress=log.info, weights=True)
     grammar.use_model(path)  # structured output: its tokenizer, read on the first grammar
     settings = within_context(settings, path)
     model_id = model_fingerprint(path)  # the gateway routes only to services of this model

@@ -41,11 +41,11 @@ from dataclasses import dataclass, field
 import torch
 
 from common.errors import NotFound, UpstreamError
-from common.protocol import PrefillRequest, PrefillResult, PromptLogprob
+from common.protocol import PrefillRequest, PrefillResult, PromptLogprob, block_keys
 from common.grammar import Matcher
 from common.sampling import first_event, sample_first
 from engine.attention import Segment
-from engine.prefix_cache import PrefixCache, block_keys
+from engine.prefix_cache import PrefixCache
 from token_service.sequence import Sequence
 
 log = logging.getLogger(__name__)

@@ -45,7 +45,7 @@ def stage_fields(settings: ModelSettings, runner: ModelRunner) -> dict:
 
 @contextlib.asynccontextmanager
 async def _stage_lifespan(app: FastAPI, settings: ModelSettings):
-    path = resolve_model_path(settings.model, progress=log.info)
+    path = resolve_model_path(settings.model, progress=log.info, weights=True)
     settings = within_context(settings, path)
     model_id = model_fingerprint(path)
     threads = teams_on_engine_threads_only(settings.threads)

@@ -168,7 +168,7 @@ def wait_for_line(up: Up, text: str, timeout: float = 30) -> None:
     (["--stages", "2", "--swap", "--kv-device-bytes", "1048575"], "give at least 1048576"),  # 2 x 64 blocks of 2 layers
     (["--kv-device-bytes", "786431"], "does not hold one sequence of --max-model-len 1024 for 3 layers in float32"),
     # what the services found only after loading the model: 40 s of retries and tracebacks (a probe), or "port in use"
-    (["--redis-url", "redis://127.0.0.1:1/0"], "--redis-url redis://127.0.0.1:1/0: no Redis answers there"),
+    (["--redis-url", "redis://127.0.0.1:1/0"], "--redis-url redis://127.0.0.1:1/0: no Redis answered there within"),
     (["--redis-url", "http://127.0.0.1:6379"], "must start with redis://, rediss:// or unix://"),
     (["--host", "192.0.2.1"], "--host 192.0.2.1 is no address of this machine"),  # (TEST-NET-1: never ours)
 ])

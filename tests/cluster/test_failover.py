@@ -354,6 +354,7 @@ def test_a_new_request_waits_for_a_lone_token_service_that_hangs(cluster, tiny_o
     assert not answer, f"answered while no token service was up: {answer[0].text}"
     lone.proc.send_signal(signal.SIGCONT)
     late.join(60)
+    assert answer, "the request was not answered within 60 s of the token service's waking"
     assert answer[0].status_code == 200, answer[0].text
     assert answer[0].json()["choices"][0]["text"] == tiny_oracle.text(tiny_oracle.tokenizer(PROMPT)["input_ids"], 8)[0]
     assert_no_kv_held_on(cluster)

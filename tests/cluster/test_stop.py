@@ -32,7 +32,9 @@ def test_a_stopping_gateway_ends_what_is_still_running_with_an_error_not_a_cut(t
                     if len(events) == 1:
                         waiting.start()  # a request that is not streamed, in flight too
                     if len(events) == 5:
+                        deadline = time.monotonic() + 30
                         while metric(cluster.url, "dejavu_gateway_in_flight_requests") < 2:
+                            assert time.monotonic() < deadline and not whole, "the second request is not in flight"
                             time.sleep(0.05)
                         gateway.proc.send_signal(signal.SIGTERM)
                         stopped_at = time.monotonic()

@@ -333,42 +333,63 @@ async def test_a_resumed_request_waits_for_a_token_service_to_come_back(redis_se
         await redis.aclose()
 
 
-async def test_a_new_request_waits_for_a_token_service_listed_lately(redis_server, monkeypatch):
+async def test_a_new_request_waits_for_a_token_service_that_went_lately(redis_server, monkeypatch):
     """The only token service went (killed and restarting, as under `dejavu up`, or hung past its
-    lease): a new request waits for it as a resumed one does, within --resume-wait-s of its last
-    listing, instead of a 503 a second after the last one was seen (a probe: every new request while
-    `dejavu up`'s token service was stopped 6 s). Past that, or where none was ever listed: at once."""
+    lease): a new request waits for it as a resumed one does, for --resume-wait-s from the first
+    read that found none (a gateway idle longer than that too), instead of a 503 (a probe: every new
+    request while `dejavu up`'s token service was stopped 6 s). Past that, where none was ever
+    listed, or where only another cluster's are: a 503 at once, saying so, never a 429."""
     monkeypatch.setattr(admission, "POLL_S", 0.05)
     monkeypatch.setattr(router_module, "REGISTRY_CACHE_S", 0.0)
     redis = metadata.connect(redis_server.url)
-    registry, fake = metadata.Registry(redis), FullTokenService(slots=4)
-    settings = GatewaySettings(resume_wait_s=1.0, lease_ttl_s=0.2, lease_renew_s=0.1)
+    registry, fake = metadata.Registry(redis, cluster="ours"), FullTokenService(slots=16)
+    ours = token_service("token-a").model_copy(update={"cluster": "ours"})
+    theirs = token_service("token-x").model_copy(update={"cluster": "theirs"})
     try:
         async with httpx.AsyncClient(transport=httpx.MockTransport(fake)) as client:
-            router = Router(registry, client, settings, None)
-            started = time.monotonic()
-            with pytest.raises(Unavailable, match="no token service is registered: start one"):
-                await router.reserve("r-never", 10, 10)
-            assert time.monotonic() - started < 0.5
-            await registry.renew(token_service("token-a"), ttl_s=60)
-            assert (await router.reserve("r-1", 10, 10))[1].id == "token-a"
-            await registry.deregister("token-a")
-            await asyncio.sleep(0.3)  # past the lease TTL: no longer listed
-            waiting = asyncio.create_task(router.reserve("r-new", 10, 10))
-            await asyncio.sleep(0.4)
-            assert not waiting.done() and len(router.admission.queue) == 1
-            await registry.renew(token_service("token-a"), ttl_s=60)  # back
-            reservation, svc = await asyncio.wait_for(waiting, 10)
-            assert svc.id == "token-a" and fake.held == ["r-1", "r-new"]
-            await registry.deregister("token-a")
-            await asyncio.sleep(0.3)  # past the lease TTL: no longer listed
-            started = time.monotonic()
-            with pytest.raises(Unavailable, match="none came back within --resume-wait-s"):
-                await router.reserve("r-late", 10, 10)
-            assert 0.3 < time.monotonic() - started < 5
-            assert fake.held == ["r-1", "r-new"]
+            for max_queued in (1024, 0):
+                settings = GatewaySettings(resume_wait_s=1.5, lease_ttl_s=0.2, lease_renew_s=0.1,
+                                           max_queued_requests=max_queued)
+                router = Router(registry, client, settings, None)
+                started = time.monotonic()
+                with pytest.raises(Unavailable, match="no token service is registered: start one"):
+                    await router.reserve(f"r-never-{max_queued}", 10, 10)
+                assert time.monotonic() - started < 0.5
+                await registry.renew(ours, ttl_s=60)
+                assert (await router.reserve(f"r-1-{max_queued}", 10, 10))[1].id == "token-a"
+                await asyncio.sleep(1.6)  # idle longer than --resume-wait-s: no read meanwhile
+                await registry.deregister("token-a")
+                await asyncio.sleep(0.3)  # past the lease TTL: no longer listed
+                waiting = asyncio.create_task(router.reserve(f"r-new-{max_queued}", 10, 10))
+                await asyncio.sleep(0.5)
+                if not max_queued:  # no waiting allowed: a 503 that says why, not the 429 "at capacity"
+                    with pytest.raises(Unavailable, match="no token service is registered: none has been for"):
+                        await waiting
+                    waiting = asyncio.create_task(router.reserve(f"r-new-{max_queued}", 10, 10))
+                else:
+                    assert not waiting.done() and len(router.admission.queue) == 1
+                await registry.renew(ours, ttl_s=60)  # back
+                assert (await asyncio.wait_for(waiting, 10))[1].id == "token-a"
+                await registry.deregister("token-a")
+                await asyncio.sleep(0.3)
+                started = time.monotonic()
+                with pytest.raises(Unavailable, match=r"none has been for \d+ s") as refused:
+                    await router.reserve(f"r-late-{max_queued}", 10, 10)  # (with no queue: at once, not a 429)
+                assert refused.value.status == 503 and time.monotonic() - started < 5
+                await registry.renew(ours, ttl_s=60)
+                await router.reserve(f"r-2-{max_queued}", 10, 10)
+                await registry.deregister("token-a")
+                await registry.renew(theirs, ttl_s=60)  # a wrong cluster token on the one restarted
+                await asyncio.sleep(0.3)
+                started = time.monotonic()
+                with pytest.raises(Unavailable, match="1 token service.s. of another cluster token"):
+                    await router.reserve(f"r-foreign-{max_queued}", 10, 10)
+                assert time.monotonic() - started < 0.5
+                await registry.deregister("token-x")
+            assert len(fake.held) == 6
     finally:
-        await registry.deregister("token-a")
+        for name in ("token-a", "token-x"):
+            await registry.deregister(name)
         await redis.aclose()
 
 

@@ -184,9 +184,10 @@ def test_a_registry_lists_only_its_own_clusters_services(redis_server):
         assert {s.id for s in await metadata.Registry(redis, a).services()} == {"c-a1", "c-a2"}
         only_b = metadata.Registry(redis, b)
         assert {s.id for s in await only_b.services()} == {"c-b1"}
-        assert only_b.foreign == 2 and "2 service(s) of another cluster token" in only_b.foreign_hint()
+        assert "2 token service(s) of another cluster token" in only_b.foreign_hint(ServiceKind.TOKEN)
+        assert only_b.foreign_hint(ServiceKind.PROMPT) == ""
         assert {"c-a1", "c-a2", "c-b1"} <= {s.id for s in await everyone.services()}  # dejavu status: all
-        assert everyone.foreign_hint() == ""
+        assert everyone.foreign_hint(ServiceKind.TOKEN) == ""
         for i in ("c-a1", "c-a2", "c-b1"):
             await everyone.deregister(i)
         await redis.aclose()

@@ -9,9 +9,8 @@ import asyncio
 import pytest
 import torch
 
-from common.protocol import PrefillRequest, SamplingParams
+from common.protocol import PrefillRequest, SamplingParams, block_keys
 from common.settings import PromptSettings
-from common.protocol import block_keys
 from engine.prefix_cache import PrefixCache
 
 pytestmark = pytest.mark.asyncio

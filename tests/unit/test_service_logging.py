@@ -24,3 +24,6 @@ def test_a_request_cut_by_a_stop_is_one_info_line_and_any_other_error_keeps_its_
     assert cut.getMessage() == "a request cut by the stop: Task cancelled, timeout graceful shutdown exceeded"
     bug = record(RuntimeError("a bug"))
     assert _StopCutFilter().filter(bug) and bug.levelno == logging.ERROR and bug.exc_info is not None
+    count = logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1,
+                              "Cancel %s running task(s), timeout graceful shutdown exceeded", (2,), None)
+    assert _StopCutFilter().filter(count) and count.levelno == logging.INFO and "Cancel 2 running" in count.getMessage()
