@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException
 from common.errors import PayloadTooLarge, error_body, install_error_handlers
 from common.metadata import Registry
 from common.protocol import CLUSTER_TOKEN_HEADER, ServiceInfo, ServiceKind, cluster_fingerprint
-from common.settings import ServiceSettings
+from common.settings import STOP_GRACE_S, ServiceSettings
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 log = logging.getLogger(__name__)
@@ -372,7 +372,6 @@ def add_health_and_metrics(app: FastAPI, health: Callable[[], Awaitable[dict]] |
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-STOP_GRACE_S = 5.0  # after SIGTERM/SIGINT, what is open may go on this long (the gateway's: --stop-grace-s)
 STOP_MARGIN_S = 1.0  # then uvicorn cancels what is still open, this much later
 
 
@@ -388,7 +387,6 @@ def run(app: FastAPI, settings: ServiceSettings, kind: ServiceKind) -> None:
     config = uvicorn.Config(app, log_level=settings.log_level, access_log=False, log_config=None,
                             timeout_graceful_shutdown=grace_s + STOP_MARGIN_S, timeout_keep_alive=KEEP_ALIVE_S)
     _Server(config, app, grace_s).run(sockets=[sock])
-
 
 
 class _Server(uvicorn.Server):

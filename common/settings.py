@@ -40,6 +40,10 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # what a --redis-url may start with
+STOP_GRACE_S = 5.0  # after SIGTERM/SIGINT, what is open may go on this long (the gateway's: --stop-grace-s)
+
+
 @dataclass(frozen=True)
 class ServiceSettings:
     """What every service process has."""
@@ -62,7 +66,7 @@ class ServiceSettings:
                "cluster_token", "must be printable ASCII without spaces (it travels in an HTTP header)")
         _check(self, self.lease_renew_s > 0, "lease_renew_s", "must be > 0")
         _check(self, self.lease_ttl_s > self.lease_renew_s, "lease_ttl_s", "must be greater than --lease-renew-s")
-        _check(self, self.redis_url.startswith(("redis://", "rediss://", "unix://")), "redis_url",
+        _check(self, self.redis_url.startswith(REDIS_SCHEMES), "redis_url",
                "must start with redis://, rediss:// or unix://")
 
     @property
@@ -233,7 +237,7 @@ class GatewaySettings(ServiceSettings):
                                    "none (s)")
     resume_attempts: int = setting(3, "times token services may fail one request before it ends in an error "
                                       "(0: fault tolerance off, a failure ends the request)")
-    stop_grace_s: float = setting(5.0, "after SIGTERM or SIGINT, how long requests in flight may go on (new ones are "
+    stop_grace_s: float = setting(STOP_GRACE_S, "after SIGTERM or SIGINT, how long requests in flight may go on (new ones are "
                                   "no longer taken); one still running then ends with a 503 shutting_down (a "
                                   "stream's last event, then [DONE]) instead of a cut connection; keep it under "
                                   "the platform's stop timeout (docker and compose: 10 s) (s)")

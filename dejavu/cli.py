@@ -26,7 +26,7 @@ import sys
 import time
 
 from common.model import ModelNotFound, resolve_model_path
-from common.settings import is_loopback
+from common.settings import REDIS_SCHEMES, is_loopback
 from dejavu import planning
 
 
@@ -191,13 +191,16 @@ def bind_problem(host: str, port: int) -> str | None:
     return None
 
 
+BAD_SCHEME = "must start with redis://, rediss:// or unix://"  # (common.settings.REDIS_SCHEMES)
+
+
 def redis_problem(url: str, wait_s: float = 10.0) -> str | None:
     """Why `url` is no Redis the services could use, or None: it must answer PING within `wait_s`
     (one started beside `dejavu up` may take a few seconds)."""
     import redis
 
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        return "must start with redis://, rediss:// or unix://"
+    if not url.startswith(REDIS_SCHEMES):
+        return BAD_SCHEME
     deadline, said = time.monotonic() + wait_s, False
     while True:
         client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
@@ -513,7 +516,7 @@ def cmd_status(args) -> int:
     from common.errors import Unavailable
     from common.protocol import cluster_status
 
-    url, running = args.redis_url or os.environ.get("DEJAVU_REDIS_URL", ""), []
+    url, guessed = args.redis_url or os.environ.get("DEJAVU_REDIS_URL", ""), False
     if not url:
         running = _running_ups()
         if len(running) > 1:
@@ -521,9 +524,9 @@ def cmd_status(args) -> int:
                 f"  --redis-url {r['redis_url']}   (gateway {r['url']}, pid {r['pid']})" for r in running),
                 file=sys.stderr)
             return 2
-        url = running[0]["redis_url"] if running else "redis://127.0.0.1:6379/0"
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        print(f"dejavu status: --redis-url {url!r} must start with redis://, rediss:// or unix://", file=sys.stderr)
+        url, guessed = (running[0]["redis_url"], False) if running else ("redis://127.0.0.1:6379/0", True)
+    if not url.startswith(REDIS_SCHEMES):
+        print(f"dejavu status: --redis-url {url!r} {BAD_SCHEME}", file=sys.stderr)
         return 2
 
     async def fetch():
@@ -537,7 +540,7 @@ def cmd_status(args) -> int:
         rows = cluster_status(asyncio.run(fetch()), time.time())["services"]
     except Unavailable as exc:
         print(f"dejavu status: {exc.message}", file=sys.stderr)
-        if not args.redis_url and not os.environ.get("DEJAVU_REDIS_URL") and not running:
+        if guessed:
             print("dejavu status: no `dejavu up` runs on this machine (none recorded), and no Redis answers at the "
                   "default address: start one with `dejavu up`, or give the cluster's --redis-url", file=sys.stderr)
         return 1

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from common.protocol import CLUSTER_TOKEN_HEADER
+from common.settings import STOP_GRACE_S
 from dejavu.children import child_argv
 from dejavu.placement import Placement
 from dejavu.redis_server import RedisServer, free_port
@@ -200,7 +201,7 @@ class Cluster:
         engines still serve them, then the rest."""
         gateways = self.of("gateway")
         try:  # a gateway's own grace, and a moment for its last errors and aborts, before its SIGKILL
-            gateway_grace = float({**os.environ, **self.env}.get("DEJAVU_STOP_GRACE_S", 5)) + 3
+            gateway_grace = float({**os.environ, **self.env}.get("DEJAVU_STOP_GRACE_S", STOP_GRACE_S)) + 3
         except ValueError:
             gateway_grace = grace  # (the gateway refused it at start)
         rest = [c for c in self.children if c not in gateways]

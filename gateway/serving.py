@@ -19,6 +19,7 @@ from gateway.jobs import IN_FLIGHT, REQUESTS, Delta, Job, deltas
 from gateway.responses import Totals, sse
 
 log = logging.getLogger(__name__)
+STOPPING = "the server is stopping (--stop-grace-s ran out)"  # a request ended so: ShuttingDown's message
 
 
 class ClientGone(Exception):
@@ -192,7 +193,7 @@ async def _stream_choices(app: FastAPI, jobs: list[Job], gens: list, firsts: lis
             queue.put_nowait((i, exc))
 
     def stop(_) -> None:  # the server's stop grace ran out: the stream ends with an error event
-        queue.put_nowait((0, ShuttingDown("the server is stopping (--stop-grace-s ran out)")))
+        queue.put_nowait((0, ShuttingDown(STOPPING)))
 
     pumps, running, finished, stopped = [], len(jobs), set(), _stopped(app)
     if stopped is not None:
@@ -317,7 +318,7 @@ async def with_keepalive(gen, every_s: float, stopped: asyncio.Future | None = N
                                           return_when=asyncio.FIRST_COMPLETED))[0]:
                 yield KEEPALIVE
             if not item.done():
-                raise ShuttingDown("the server is stopping (--stop-grace-s ran out)")
+                raise ShuttingDown(STOPPING)
         finally:
             if not item.done():  # closed while waiting: gen must not run on in that task
                 item.cancel()
@@ -341,7 +342,7 @@ async def _with_cancellation(awaitable, request: Request, stopped: asyncio.Futur
                 log.info("the server is stopping: ending the request")
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-                raise ShuttingDown("the server is stopping (--stop-grace-s ran out)")
+                raise ShuttingDown(STOPPING)
             if await request.is_disconnected():
                 log.info("client disconnected: aborting")
                 task.cancel()
