@@ -25,7 +25,7 @@ Step by step:
    vLLM's vllm:prefix_cache_hits_total), summed over a round. vLLM computes on cores 0-1
    (bench.targets), our cluster on the host's cores as `dejavu up` places them: the same cores on
    a 2-core host only.
-Progress and the figures go to stderr (nothing to stdout); --out FILE.json writes them as JSON (no
+Progress goes to stderr, the figures to stdout; --out FILE.json writes them as JSON (no
 plot). Nothing is asserted; figures depend on the machine (recorded in the JSON).
 """
 
@@ -203,9 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     summary["ratio_later_turns"], summary["ratio_first_turn"] = later, first
     for name in layouts:
         s = summary[name]
-        log(f"{name:<12}: TTFT turn 1 {fmt(s['first_turn_ms'], 0)} ms, later turns {fmt(s['later_turns_ms'], 0)} ms, "
-            f"{fmt(s['reused_tokens_per_conversation'], 0)} prompt tokens reused a conversation")
-    log(f"{ours} / {baseline} TTFT: later turns {later:.2f}x, turn 1 {first:.2f}x")
+        print(f"{name:<12}: TTFT turn 1 {fmt(s['first_turn_ms'], 0)} ms, later turns {fmt(s['later_turns_ms'], 0)} ms, "
+              f"{fmt(s['reused_tokens_per_conversation'], 0)} prompt tokens reused a conversation")
+    print(f"{ours} / {baseline} TTFT: later turns {later:.2f}x, turn 1 {first:.2f}x")
     write_json(args.out, summary, runs=runs, args=vars(args))
 
 

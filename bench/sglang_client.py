@@ -15,7 +15,7 @@ Step by step:
 3. One short run of each backend unrecorded (2 prompts, 8 tokens out), then --repeats runs of
    each, taking turns; medians [min-max] of the client's output throughput, median TTFT and median
    TPOT, and /generate's over /v1/completions'.
-Progress and the figures go to stderr (nothing to stdout); --out FILE.json writes them as JSON (no
+Progress goes to stderr, the figures to stdout; --out FILE.json writes them as JSON (no
 plot). A default run took ~6 min on the 2-vCPU VM of docs/BENCHMARKS.md.
 Nothing is asserted; figures depend on the machine (recorded in the JSON).
 """
@@ -108,9 +108,9 @@ def main(argv: list[str] | None = None) -> None:
                                           / summary["completions"]["output_throughput"]["median"])
     for name in BACKENDS:
         s = summary[name]
-        log(f"{name:<12}: {fmt(s['output_throughput'])} tok/s, median TTFT {fmt(s['median_ttft_ms'], 0)} ms, "
-            f"median TPOT {fmt(s['median_tpot_ms'])} ms, {s['failed']} failed")
-    log(f"/generate / /v1/completions output throughput: {summary['ratio_output_throughput']:.2f}x")
+        print(f"{name:<12}: {fmt(s['output_throughput'])} tok/s, median TTFT {fmt(s['median_ttft_ms'], 0)} ms, "
+              f"median TPOT {fmt(s['median_tpot_ms'])} ms, {s['failed']} failed")
+    print(f"/generate / /v1/completions output throughput: {summary['ratio_output_throughput']:.2f}x")
     write_json(args.out, summary, runs=runs, args=vars(args))
 
 
