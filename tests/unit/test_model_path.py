@@ -27,3 +27,24 @@ def test_a_folder_that_is_no_model_is_refused_saying_why(tiny_model_path, tmp_pa
             resolve_model_path(str(folder), weights=True)
         if config is not None:  # what needs no weights (the gateway, config-only benchmarks) takes the folder
             assert resolve_model_path(str(folder)) == folder
+
+
+def test_a_process_without_torch_has_the_bundled_model_converted_by_a_child(tmp_path, bundled_path):
+    """The gateway runs without torch (gateway/__main__.py), and the bundled GGUF's one-time
+    conversion needs it: on a fresh cache a child process converts it (a review: the gateway alone,
+    `python -m gateway` on a new machine, died with transformers' "Could not import module")."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from common.model import resolve_model_path\n"
+            "print('FOLDER', resolve_model_path('smollm2'))\n"
+            "assert sys.modules['torch'] is None\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "DEJAVU_CACHE_DIR": str(tmp_path)})
+    assert run.returncode == 0, run.stdout + run.stderr
+    folder = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    assert f"FOLDER {folder}" in run.stdout and "a process of its own" in run.stdout
+    assert (folder / "tokenizer.json").read_bytes() == (bundled_path / "tokenizer.json").read_bytes()
+    assert (folder / "model.safetensors").stat().st_size == (bundled_path / "model.safetensors").stat().st_size
