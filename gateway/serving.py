@@ -340,7 +340,7 @@ async def _with_cancellation(awaitable, request: Request, stopped: asyncio.Futur
                 return task.result()
             if stopped is not None and stopped.done():
                 log.info("the server is stopping: ending the request")
-                task.cancel()
+                task.cancel(STOPPING)  # finish() records it as the error it is, not as a client's leaving
                 await asyncio.gather(task, return_exceptions=True)
                 raise ShuttingDown(STOPPING)
             if await request.is_disconnected():
@@ -365,7 +365,8 @@ async def finish(app: FastAPI, job: Job, totals: Totals | None, error: BaseExcep
     job.recorded = True
     app.state.active.pop(job.request_id, None)
     IN_FLIGHT.set(len(app.state.active))
-    cancelled = isinstance(error, (asyncio.CancelledError, GeneratorExit, ClientGone))
+    cancelled = (isinstance(error, (asyncio.CancelledError, GeneratorExit, ClientGone))
+                 and not (isinstance(error, asyncio.CancelledError) and error.args == (STOPPING,)))
     outcome = "ok" if error is None else ("cancelled" if cancelled else "error")
     REQUESTS.labels(outcome).inc()
     fields = {"status": "finished" if error is None else outcome, "finished_at": time.time()}

@@ -11,7 +11,9 @@ import threading
 import time
 
 import httpx
+import redis
 
+from common.metadata import PREFIX
 from dejavu.cluster import Cluster
 from tests.cluster.conftest import CLUSTER_ENV, metric
 
@@ -26,6 +28,7 @@ def test_a_stopping_gateway_ends_what_is_still_running_with_an_error_not_a_cut(t
         waiting = threading.Thread(target=lambda: whole.append(
             httpx.post(cluster.url + "/v1/completions", json=body, timeout=60)))
         with httpx.stream("POST", cluster.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as resp:
+            stream_id = resp.headers["x-request-id"]
             for line in resp.iter_lines():
                 if line.startswith("data: "):
                     events.append(line[6:])
@@ -46,6 +49,9 @@ def test_a_stopping_gateway_ends_what_is_still_running_with_an_error_not_a_cut(t
         waiting.join(30)
         assert whole[0].status_code == 503 and whole[0].json()["error"]["code"] == "shutting_down", whole[0].text
         assert gateway.proc.wait(10) in (0, -signal.SIGTERM)  # (uvicorn ends by the signal it caught)
+        records = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        for resp_id in (stream_id, whole[0].headers["x-request-id"]):  # each an error, not a client's leaving
+            assert records.hget(PREFIX + "req:" + resp_id, "status") == "error", resp_id
         deadline = time.monotonic() + 10  # the gateway aborted both on its way out: no KV left
         while metric(token.url, "dejavu_token_sequences") > 0:
             assert time.monotonic() < deadline, "the token service still holds the requests' KV"
