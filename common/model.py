@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -70,8 +71,6 @@ def _bundled_folder(progress) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     if sys.modules.get("torch", 0) is None:  # a process without torch (the gateway): a child converts
-        import subprocess
-
         progress(f"[dejavu] {target} is not there yet: converting it in a process of its own (this one has no torch)")
         done = subprocess.run([sys.executable, "-m", "common.model", BUNDLED], stdout=2)  # its lines: our stderr
         if done.returncode or not (target / "config.json").is_file():

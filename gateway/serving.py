@@ -365,8 +365,8 @@ async def finish(app: FastAPI, job: Job, totals: Totals | None, error: BaseExcep
     job.recorded = True
     app.state.active.pop(job.request_id, None)
     IN_FLIGHT.set(len(app.state.active))
-    cancelled = (isinstance(error, (asyncio.CancelledError, GeneratorExit, ClientGone))
-                 and not (isinstance(error, asyncio.CancelledError) and error.args == (STOPPING,)))
+    stopping = isinstance(error, asyncio.CancelledError) and error.args == (STOPPING,)  # _with_cancellation's
+    cancelled = not stopping and isinstance(error, (asyncio.CancelledError, GeneratorExit, ClientGone))
     outcome = "ok" if error is None else ("cancelled" if cancelled else "error")
     REQUESTS.labels(outcome).inc()
     fields = {"status": "finished" if error is None else outcome, "finished_at": time.time()}
