@@ -194,11 +194,15 @@ def bind_problem(host: str, port: int) -> str | None:
 BAD_SCHEME = "must start with redis://, rediss:// or unix://"  # (common.settings.REDIS_SCHEMES)
 
 
-def redis_problem(url: str, wait_s: float = 10.0) -> str | None:
+REDIS_WAIT_S = 10.0  # how long `dejavu up --redis-url` waits for that Redis to answer
+
+
+def redis_problem(url: str, wait_s: float | None = None) -> str | None:
     """Why `url` is no Redis the services could use, or None: it must answer PING within `wait_s`
-    (one started beside `dejavu up` may take a few seconds)."""
+    (REDIS_WAIT_S: one started beside `dejavu up` may take a few seconds)."""
     import redis
 
+    wait_s = REDIS_WAIT_S if wait_s is None else wait_s
     if not url.startswith(REDIS_SCHEMES):
         return BAD_SCHEME
     deadline, said = time.monotonic() + wait_s, False

@@ -182,6 +182,7 @@ def test_up_refuses_bad_options_before_starting_anything(tiny_model_path, args, 
         raise AssertionError("dejavu up went on to start a cluster")
 
     monkeypatch.setattr(cluster.Cluster, "__init__", made)
+    monkeypatch.setattr(cli, "REDIS_WAIT_S", 1.0)  # the wait is the same, shorter (10 s for a user)
     with pytest.raises(SystemExit) as exited:
         cli.main(["up", "--model", str(tiny_model_path), *args])
     err = capsys.readouterr().err
