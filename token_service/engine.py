@@ -34,14 +34,14 @@ from prometheus_client import Counter, Gauge, Histogram
 from common import grammar
 from common.errors import BadRequest, KVFull, NotFound, Unavailable
 from common.kv.copy import scatter
-from common.kv.fetch import FetchError, fetch_replica
+from common.kv.fetch import FetchError, fetch_replica, fetch_while_leased
 from common.kv.transport import TransportError
 from common.kv.wire import Header, WireError, as_tensor
 from common.metadata import Registry
 from common.protocol import (DecodeEvent, DecodeRequest, PrefillRequest, PrefillResult, Reservation, ReserveRequest,
-                             RestoreRequest, RestoreResult, SamplingParams, ServiceKind)
+                             RestoreRequest, RestoreResult, SamplingParams)
 from common.sampling import named_tokens, sample
-from common.service import answers_health, request_id_var
+from common.service import request_id_var
 from common.settings import TokenSettings
 from engine.attention import slots_of
 from engine.block_manager import BlockManager
@@ -58,7 +58,6 @@ from token_service.sequence import SeqStatus, Sequence
 log = logging.getLogger(__name__)
 
 MAX_GIVEN_UP = 10_000  # /reserve calls remembered as aborted before they came (see TokenEngine._given_up)
-STORE_CHECK_S = 1.0  # a replica's fetch silent this long: is its store still renewing its lease? (restore)
 SEQUENCES = Gauge("dejavu_token_sequences", "requests holding KV room here (reserved, filling or decoding)")
 BLOCKS_USED = Gauge("dejavu_token_kv_blocks_used", "KV pool blocks held by requests")
 BLOCKS_COMMITTED = Gauge("dejavu_token_kv_blocks_committed", "KV pool blocks promised to admitted requests")
@@ -239,13 +238,13 @@ class TokenEngine:
         start = time.perf_counter()
         seq.filling = True  # an abort meanwhile leaves the blocks to us until we are done writing them
         try:
-            mine = self.runner.layers  # a pipeline's head fetches its own layers, each stage its own
+            mine = self.runner.layers  # a pipeline's head fetches its own layers, each stage its own; each
+            # drops its fetch once the store is gone (hung: its sockets open, a fetch would wait 30 s)
+            own = fetch_replica(self.transport, req.store_kv_address, req.request_id, req.epoch, n, layers=mine)
             fetches = asyncio.gather(
-                fetch_replica(self.transport, req.store_kv_address, req.request_id, req.epoch, n, layers=mine),
-                *([self.pipeline.fetch(req.request_id, req.epoch, seq.blocks, n, req.store_kv_address)]
-                  if self.pipeline is not None else []), return_exceptions=True)
-            if self.pipeline is None:  # the head's own fetch alone: it writes nothing into the blocks until it is back
-                await self._while_store_leased(fetches, req)
+                fetch_while_leased(own, self.registry, req.store_id, req.store_url),
+                *([self.pipeline.fetch(req.request_id, req.epoch, seq.blocks, n, req.store_kv_address, req.store_id,
+                                       req.store_url)] if self.pipeline is not None else []), return_exceptions=True)
             try:
                 kv, *stages = await asyncio.shield(fetches)
             except asyncio.CancelledError:  # the stages write into the blocks until they report: only then may
@@ -280,32 +279,6 @@ class TokenEngine:
                                               req.store_url)
         return RestoreResult(request_id=req.request_id, fetched=n, recomputed=seq.prompt_len - n,
                              fetch_ms=(time.perf_counter() - start) * 1e3)
-
-    async def _while_store_leased(self, fetch: asyncio.Future, req: RestoreRequest) -> None:
-        """Wait for `fetch`, unless the replica's store stops renewing its lease first and does
-        not answer /health: hung (SIGSTOPped, its sockets still open) a fetch would wait out
-        FETCH_TIMEOUT_S, 30 s of a client's pause. Then the fetch is dropped and the replica is
-        unavailable: the gateway prefills the request again, after about a lease TTL. A lease gone
-        from a Redis that restarted empty is not death (the store answers /health, and registers
-        again within a renewal); Redis unreachable says nothing of the store either: the fetch's
-        own timeout is all there is then."""
-        if self.registry is None:
-            return
-        try:
-            while not (await asyncio.wait({fetch}, timeout=STORE_CHECK_S))[0]:
-                try:
-                    listed = {s.id for s in await self.registry.services(ServiceKind.CACHE_STORE)}
-                except Unavailable:
-                    continue
-                if req.store_id in listed or fetch.done() or await answers_health(req.store_url, STORE_CHECK_S):
-                    continue
-                raise Unavailable(f"replica of {req.request_id} not fetched from {req.store_id}: the store stopped "
-                                  "renewing its lease and does not answer /health (hung or dead)",
-                                  code="replica_unavailable")
-        except BaseException:  # the store is gone, or the gateway went away: the fetch is nobody's
-            fetch.cancel()
-            fetch.add_done_callback(lambda f: f.cancelled() or f.exception())  # its end, read: nothing to report
-            raise
 
     def _empty_seq(self, request_id: str, prompt_len: int, what: str) -> Sequence:
         """The sequence of a reservation whose KV is still to be written: by a prefill or a restore."""

@@ -66,7 +66,8 @@ Frames (transport frames: a JSON header, one payload):
                             {"op": "step", "step", "dtype", "shape", "meta"}: payload = meta + hidden states
                             {"op": "replicate", "step", "request", "epoch", "gen", "tokens", "store", "store_id",
                              "num_layers"}: payload = meta (the block table)
-                            {"op": "fetch", "step", "request", "epoch", "tokens", "store"}: payload = meta
+                            {"op": "fetch", "step", "request", "epoch", "tokens", "store", "store_id",
+                             "store_url"}: payload = meta
   head -> S-1               {"op": "results", "session"}: the link the last stage answers on
   S-1 -> head               {"op": "ready"} | {"op": "result", "step", "shape"} | {"op": "error", "step", "message"}
   k -> k+1 -> .. -> head     {"op": "replicated", "step", "stage", "error"?, "fenced"?}: stage k's report
@@ -302,14 +303,17 @@ class Pipeline:
                                 "tokens": [tokens.start, tokens.stop], "store": store.kv_address,
                                 "store_id": store.id, "num_layers": num_layers}, blocks, tokens.stop)
 
-    async def fetch(self, request_id: str, epoch: int, blocks: list[int], tokens: int, store_address: str) -> None:
+    async def fetch(self, request_id: str, epoch: int, blocks: list[int], tokens: int, store_address: str,
+                    store_id: str = "", store_url: str = "") -> None:
         """A restore: each stage after the head fetches its own layers of tokens [0, tokens) of the
         request's replica from the cache store at `store_address` into the blocks `blocks`, as the
-        head does its own. Raises PipelineError naming the stages that could not. A stage silent
-        past its fetch's own bound ends the pipeline: its write could still land in the blocks
-        after they went to another request."""
+        head does its own, and drops it once that store (`store_id`, `store_url`) is gone
+        (common/kv/fetch.py, while_store_leased). Raises PipelineError naming the stages that could
+        not. A stage silent past its fetch's own bound ends the pipeline: its write could still land
+        in the blocks after they went to another request."""
         reports = await self._ask({"op": "fetch", "request": request_id, "epoch": epoch, "tokens": tokens,
-                                   "store": store_address}, blocks, tokens, timeout=FETCH_TIMEOUT_S + STAGE_MARGIN_S)
+                                   "store": store_address, "store_id": store_id, "store_url": store_url},
+                                  blocks, tokens, timeout=FETCH_TIMEOUT_S + STAGE_MARGIN_S)
         if failed := [r for r in reports if r.get("error")]:
             raise PipelineError("; ".join(f"stage {r.get('stage')}: {r['error']}" for r in sorted(
                 failed, key=lambda r: r.get("stage", 0))))

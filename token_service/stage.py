@@ -28,12 +28,12 @@ from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import RedisError
 
 from common.kv.copy import gather, scatter
-from common.kv.fetch import ACK_TIMEOUT_S, FetchError, fetch_replica
+from common.kv.fetch import ACK_TIMEOUT_S, FetchError, fetch_replica, fetch_while_leased
 from common.kv.peers import KVRejected, Peers
 from common.kv.receiver import kv_server
 from common.kv.transport import Connection, Transport, TransportError
 from common.kv.wire import FENCED, Header, as_tensor
-from common.metadata import RequestStore
+from common.metadata import Registry, RequestStore
 from engine.attention import slots_of
 from engine.runner import ModelRunner
 from token_service.pipeline import SETUP_TIMEOUT_S, PipelineError, decode, encode, segments_of
@@ -129,6 +129,7 @@ class Stage:
         self.runner, self.stage, self.stages, self.model_id, self.transport = runner, stage, stages, model_id, transport
         self.peers = peers or Peers(transport)  # to cache stores: this stage's layers of each replica
         self.requests: RequestStore | None = None  # Redis, once registered: each replica's index for our layers
+        self.registry: Registry | None = None  # this cluster's, once registered: a store's lease (a restore's fetch)
         self.background: set[asyncio.Task] = set()
         self.num_blocks = num_blocks
         # --swap: the pool in host memory, each step computed over the device's KV (engine/swap.py)
@@ -399,7 +400,9 @@ class Stage:
         rid, n, layers, kv_shape = header["request"], header["tokens"], self.runner.layers, self.runner.kv
         report = {"op": "fetched", "step": header["step"], "stage": self.stage}
         try:
-            kv = await fetch_replica(self.transport, header["store"], rid, header["epoch"], n, layers=layers)
+            kv = await fetch_while_leased(fetch_replica(self.transport, header["store"], rid, header["epoch"], n,
+                                                        layers=layers),
+                                          self.registry, header.get("store_id", ""), header.get("store_url", ""))
             if kv.dtype != self.pool.dtype:
                 raise FetchError(f"the replica is {kv.dtype}, this stage runs {self.pool.dtype}")
             if tuple(kv.shape) != (len(layers), 2, n, kv_shape.kv_heads, kv_shape.head_dim):

@@ -83,6 +83,7 @@ async def _stage_lifespan(app: FastAPI, settings: ModelSettings):
     try:
         async with registered(app, settings, ServiceKind.STAGE, fields) as redis:
             stage.requests = RequestStore(redis)  # each stage records its own layers' replicated index
+            stage.registry = Registry(redis, cluster_fingerprint(settings.cluster_token))  # this cluster's stores
             yield
     finally:
         await stage.close()

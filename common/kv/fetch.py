@@ -18,8 +18,51 @@ if TYPE_CHECKING:
 ACK_TIMEOUT_S = 30.0  # a cache store's acknowledgement of a replica message (token_service/replicator.py, stage.py)
 
 
+STORE_CHECK_S = 1.0  # a replica's fetch silent this long: is its store still renewing its lease?
+
+
 class FetchError(Exception):
     """The store refused the fetch (no replica, a newer epoch, too few tokens) or answered amiss."""
+
+
+class StoreGone(FetchError):
+    """The replica's store stopped renewing its lease and does not answer /health (hung or dead)."""
+
+
+async def while_store_leased(fetch: asyncio.Future, registry, store_id: str, store_url: str) -> None:
+    """Wait for `fetch`, unless the replica's store stops renewing its lease first and does not
+    answer /health: a store SIGSTOPped keeps its sockets open, and its fetch would wait out
+    FETCH_TIMEOUT_S, 30 s of a client's pause. Then StoreGone (the caller drops the fetch; the
+    gateway prefills the request again, after about a lease TTL). A lease gone from a Redis that
+    restarted empty is not death (the store answers /health, and registers again within a
+    renewal); Redis unreachable says nothing of the store either: the fetch's own timeout is all
+    there is then. `registry`: a common.metadata.Registry of this cluster."""
+    from common.errors import Unavailable
+    from common.protocol import ServiceKind
+    from common.service import answers_health
+
+    while not (await asyncio.wait({fetch}, timeout=STORE_CHECK_S))[0]:
+        try:
+            listed = {s.id for s in await registry.services(ServiceKind.CACHE_STORE)}
+        except Unavailable:
+            continue
+        if store_id in listed or fetch.done() or await answers_health(store_url, STORE_CHECK_S):
+            continue
+        raise StoreGone(f"the store {store_id} stopped renewing its lease and does not answer /health (hung or dead)")
+
+
+async def fetch_while_leased(fetch, registry, store_id: str, store_url: str):
+    """`fetch` (a coroutine of fetch_replica), dropped with StoreGone once its store is gone (see
+    while_store_leased); without a registry (tests), the fetch alone."""
+    task = asyncio.ensure_future(fetch)
+    try:
+        if registry is not None and store_id:
+            await while_store_leased(task, registry, store_id, store_url)
+        return await task
+    finally:
+        if not task.done():
+            task.cancel()
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its end, read: nothing to report
 
 
 async def fetch_replica(transport: Transport, address: str, request_id: str, epoch: int, tokens: int,

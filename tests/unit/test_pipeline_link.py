@@ -251,6 +251,43 @@ async def test_a_stage_silent_past_a_fetch_bound_breaks_the_pipeline_quietly(tin
             await t.close()
 
 
+async def test_a_stage_drops_its_fetch_from_a_hung_store_once_its_lease_is_gone(tiny_oracle, redis_server,
+                                                                                  monkeypatch):
+    """A restore through a pipeline whose replica's store is SIGSTOPped (its sockets open): each
+    stage drops its fetch once the store's lease is gone from Redis (real Redis here) and it does
+    not answer /health, and reports that, so the gateway prefills again after about a lease TTL,
+    not after the fetch's 30 s (a left-alone item of stop 52). The pipeline stays up."""
+    import socket
+
+    import common.kv.fetch as kv_fetch
+
+    monkeypatch.setattr(kv_fetch, "STORE_CHECK_S", 0.1)
+    head, (stage,), pipeline, broken, transports, setup = await linked(tiny_oracle.model)
+    hung_store, redis = make_transport("tcp", "secret"), metadata.connect(redis_server.url)
+    stage.registry = registry = metadata.Registry(redis)
+    with socket.socket() as probe:  # a port nothing listens on: its /health is refused
+        probe.bind(("127.0.0.1", 0))
+        no_health = f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+    async def never_answers(conn):
+        await asyncio.Event().wait()
+
+    try:
+        await pipeline.open(setup)
+        address = await hung_store.listen(never_answers, "127.0.0.1")
+        await registry.renew(ServiceInfo(kind=ServiceKind.CACHE_STORE, id="store-hung", url=no_health, host="h",
+                                         pid=1, kv_address=address, kv_transport="tcp"), ttl_s=0.5)  # lapses
+        with pytest.raises(PipelineError, match="stage 1: StoreGone: the store store-hung stopped renewing its lease"):
+            await asyncio.wait_for(pipeline.fetch("r1", 1, [0, 1], 5, address, "store-hung", no_health), 20)
+        assert not broken and not pipeline.reports
+    finally:
+        await pipeline.close()
+        await stage.close()
+        await redis.aclose()
+        for t in [*transports, hung_store]:
+            await t.close()
+
+
 async def test_three_stages_swapping_compute_what_one_model_does(tiny_oracle, monkeypatch, redis_server):
     """--swap on every stage: each computes over a device of 12 blocks, the KV of record in its host
     pool. Two microbatches in flight; KV sent on for a new sequence right behind a step that is

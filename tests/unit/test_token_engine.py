@@ -229,14 +229,14 @@ async def test_a_restore_from_a_hung_store_gives_up_when_its_lease_lapses(runner
     Now the fetch is dropped once the store's lease is gone from Redis (real Redis here) and it
     does not answer /health: a 503 replica_unavailable, the reservation kept for the prefill that
     follows. A store whose lease a restarted Redis lost, but which answers /health, is waited for."""
-    import token_service.engine as token_engine
+    import common.kv.fetch as kv_fetch
     from common import metadata
     from common.errors import Unavailable
     from common.kv import make_transport
     from common.kv.wire import stream_in, stream_out
     from common.protocol import PROTOCOL, RestoreRequest, ServiceInfo, ServiceKind
 
-    monkeypatch.setattr(token_engine, "STORE_CHECK_S", 0.1)
+    monkeypatch.setattr(kv_fetch, "STORE_CHECK_S", 0.1)
     engine = engine_of(runner)
     engine.transport = transport = make_transport("tcp", "secret")
     redis = metadata.connect(redis_server.url)
