@@ -46,23 +46,24 @@ async def while_store_leased(fetch: asyncio.Future, registry, store_id: str, sto
             listed = {s.id for s in await registry.services(ServiceKind.CACHE_STORE)}
         except Unavailable:
             continue
-        if store_id in listed or fetch.done() or await answers_health(store_url, STORE_CHECK_S):
-            continue
+        if store_id in listed or fetch.done() or await answers_health(store_url, STORE_CHECK_S) or fetch.done():
+            continue  # (done while /health was asked: its KV is good, or its error is the one to say)
         raise StoreGone(f"the store {store_id} stopped renewing its lease and does not answer /health (hung or dead)")
 
 
 async def fetch_while_leased(fetch, registry, store_id: str, store_url: str):
     """`fetch` (a coroutine of fetch_replica), dropped with StoreGone once its store is gone (see
-    while_store_leased); without a registry (tests), the fetch alone."""
+    while_store_leased); without a registry (tests), the fetch alone. TokenEngine.restore runs it
+    under a shield, so a restore cancelled meanwhile keeps the request's blocks until it ends: at
+    most until the store is gone, or the fetch's own timeout for a store that is slow but alive."""
     task = asyncio.ensure_future(fetch)
     try:
         if registry is not None and store_id:
             await while_store_leased(task, registry, store_id, store_url)
         return await task
-    finally:
-        if not task.done():
-            task.cancel()
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its end, read: nothing to report
+    finally:  # dropped (the store gone, or our caller cancelled): its end read, so asyncio logs nothing of it
+        task.cancel()
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 async def fetch_replica(transport: Transport, address: str, request_id: str, epoch: int, tokens: int,
