@@ -197,15 +197,14 @@ BAD_SCHEME = "must start with redis://, rediss:// or unix://"  # (common.setting
 REDIS_WAIT_S = 10.0  # how long `dejavu up --redis-url` waits for that Redis to answer
 
 
-def redis_problem(url: str, wait_s: float | None = None) -> str | None:
-    """Why `url` is no Redis the services could use, or None: it must answer PING within `wait_s`
-    (REDIS_WAIT_S: one started beside `dejavu up` may take a few seconds)."""
+def redis_problem(url: str) -> str | None:
+    """Why `url` is no Redis the services could use, or None: it must answer PING within
+    REDIS_WAIT_S (one started beside `dejavu up` may take a few seconds)."""
     import redis
 
-    wait_s = REDIS_WAIT_S if wait_s is None else wait_s
     if not url.startswith(REDIS_SCHEMES):
         return BAD_SCHEME
-    deadline, said = time.monotonic() + wait_s, False
+    deadline, said = time.monotonic() + REDIS_WAIT_S, False
     while True:
         client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
         try:
@@ -213,7 +212,7 @@ def redis_problem(url: str, wait_s: float | None = None) -> str | None:
             return None
         except Exception as exc:  # noqa: BLE001 - refused, timed out, a wrong password, not Redis: all said alike
             if time.monotonic() > deadline:
-                return f"no Redis answered there within {wait_s:.0f} s ({type(exc).__name__}: {exc})"
+                return f"no Redis answered there within {REDIS_WAIT_S:.0f} s ({type(exc).__name__}: {exc})"
             if not said:
                 print(f"[dejavu] waiting for Redis at {url} ...", file=sys.stderr, flush=True)
                 said = True
