@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import secrets
 import time
@@ -320,7 +321,8 @@ class Router:
         the owner for OWNER_WATCH_S and drops the replica itself if it dies meanwhile."""
         self.ended_on.setdefault(svc.id, (svc, {}))[1][request_id] = time.monotonic()
         if self._watcher is None or self._watcher.done():  # not in `background`: it outlives requests
-            self._watcher = asyncio.ensure_future(self._watch_owners())
+            # in a context of its own: it is no one request's, and logs under none's id (it took this one's)
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_owners(), context=contextvars.Context())
 
     async def _watch_owners(self) -> None:
         """Every LEASE_CHECK_S while requests finished lately: a token service whose lease lapsed

@@ -253,3 +253,47 @@ async def test_a_store_hung_past_its_lease_is_still_asked_to_drop_the_replica_re
         for store in (lapsed, other, dead):
             await registry.deregister(store.id)
         await redis.aclose()
+
+
+async def test_the_owner_watch_logs_under_no_requests_id(redis_server, monkeypatch, caplog):
+    """The watch on the owners of finished requests is started by the first request that ends (in
+    that request's log context) and outlives it: its lines ("token service X died: dropping the
+    replicas of ...") are about every request that ended there, so they carry no one request's id.
+    Before, they carried the id of whichever request had started the watch, minutes earlier."""
+    import logging
+
+    from common.service import request_id_var
+    from gateway import router as router_module
+
+    monkeypatch.setattr(router_module, "LEASE_CHECK_S", 0.05)
+    monkeypatch.setattr(router_module, "REGISTRY_CACHE_S", 0.0)
+
+    async def dead(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            raise httpx.ConnectError("All connection attempts failed", request=request)
+        return httpx.Response(200, json={"request_id": "x", "found": True})
+
+    class Tag(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.request_id = request_id_var.get()
+            return True
+
+    redis = metadata.connect(redis_server.url)
+    registry, owner = metadata.Registry(redis), token_service("token-dies")
+    caplog.handler.addFilter(tag := Tag())
+    as_request = request_id_var.set("req-first")  # as the gateway's middleware sets it for a request
+    try:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(dead)) as client:
+            router = Router(registry, client, GatewaySettings(), None)
+            with caplog.at_level(logging.INFO, logger="gateway.router"):
+                router._watch_owner(owner, "req-first")  # never leased: dead at the first check
+                router._watch_owner(owner, "req-second")
+                await asyncio.wait_for(router._watcher, 10)
+                await router.close()
+        died = [r for r in caplog.records if "died: dropping the replicas" in r.getMessage()]
+        assert [r.request_id for r in died] == ["-"], [(r.request_id, r.getMessage()) for r in died]
+        assert "2 requests" in died[0].getMessage()
+    finally:
+        request_id_var.reset(as_request)
+        caplog.handler.removeFilter(tag)
+        await redis.aclose()
