@@ -114,14 +114,17 @@ async def listen_kv(transport, handler, settings) -> str:
     return f"{settings.public_host}:{split_address(address)[1]}"
 
 
-def supervise(task: asyncio.Task, what: str) -> asyncio.Task:
-    """A background task that fails kills the process: better dead (lease lapses) than a zombie."""
+def supervise(task: asyncio.Task, what: str, expected: tuple[type[BaseException], ...] = ()) -> asyncio.Task:
+    """A background task that fails kills the process: better dead (lease lapses) than a zombie.
+    An `expected` failure (one said already, where it happened) is logged in a line, without a
+    traceback."""
 
     def _done(t: asyncio.Task) -> None:
         if t.cancelled():
             return
         if (exc := t.exception()) is not None:
-            log.critical("%s died: %r; exiting so that the lease lapses", what, exc, exc_info=exc)
+            log.critical("%s died: %r; exiting so that the lease lapses", what, exc,
+                         exc_info=None if isinstance(exc, expected) else exc)
             logging.shutdown()
             os._exit(70)
 

@@ -191,7 +191,7 @@ def _die(pipeline: Pipeline, what: str) -> None:
     async def fail() -> None:
         raise pipeline.broken
 
-    supervise(asyncio.create_task(fail()), what)
+    supervise(asyncio.create_task(fail()), what, expected=(TransportError,))  # said: "pipeline broken: ..."
 
 
 __all__ = ["create_stage_app", "open_pipeline", "stage_fields"]

@@ -124,3 +124,29 @@ def test_a_redis_that_refuses_the_password_stops_the_start_at_once(caplog):
         server.stop()
     messages = [r.getMessage() for r in caplog.records]
     assert not any(m.startswith("registering in Redis failed") for m in messages), messages  # not tried again
+
+
+@pytest.mark.parametrize("failure", [ConnectionError("the link broke"), KeyError("a bug")], ids=["expected", "a-bug"])
+def test_a_supervised_task_that_fails_ends_the_process_with_a_traceback_only_for_a_bug(monkeypatch, caplog, failure):
+    """A background task's failure ends the process (its lease lapses). One it expects (a token
+    pipeline's head whose stage died: the pipeline said so already) is a line; anything else
+    keeps its traceback."""
+    from common import service
+
+    exits = []
+    monkeypatch.setattr(service.os, "_exit", exits.append)  # (the real one ends pytest)
+    monkeypatch.setattr(service.logging, "shutdown", lambda: None)
+
+    async def fail():
+        raise failure
+
+    async def scenario():
+        task = service.supervise(asyncio.create_task(fail()), "the token pipeline", expected=(ConnectionError,))
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.sleep(0)  # its done callback
+
+    with caplog.at_level(logging.INFO, logger="common.service"):
+        asyncio.run(scenario())
+    [record] = [r for r in caplog.records if "the token pipeline died" in r.getMessage()]
+    assert exits == [70]
+    assert (record.exc_info is None) == isinstance(failure, ConnectionError), record.exc_info
