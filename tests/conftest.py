@@ -121,3 +121,21 @@ def two_threads():
     torch.set_num_threads(max(2, before))
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def caplog_ids(caplog):
+    """caplog whose records carry `request_id`, the id a service's log line would show (what
+    common.service's filter reads: the request_id context variable when the line was logged)."""
+    import logging
+
+    from common.service import request_id_var
+
+    class Named(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.request_id = request_id_var.get()
+            return True
+
+    caplog.handler.addFilter(named := Named())
+    yield caplog
+    caplog.handler.removeFilter(named)

@@ -517,9 +517,12 @@ class TokenEngine:
             del given_up[next(iter(given_up))]
         for seq in list(self.scheduler.seqs.values()):
             if seq.sampling is None and now - seq.created > self.settings.reservation_ttl_s:
-                request_id_var.set(seq.request_id)
-                log.warning("reservation unused for %.0f s: freeing its KV room", now - seq.created)
-                self.abort(seq.request_id)
+                named = request_id_var.set(seq.request_id)  # the decode loop's context: reset after
+                try:
+                    log.warning("reservation unused for %.0f s: freeing its KV room", now - seq.created)
+                    self.abort(seq.request_id)
+                finally:
+                    request_id_var.reset(named)
 
     def _update_gauges(self) -> None:
         seqs = self.scheduler.seqs.values()

@@ -41,6 +41,7 @@ from common.kv.peers import KVRejected, Peers
 from common.kv.wire import FENCED
 from common.metadata import RecentServices, RequestStore
 from common.protocol import DropRequest, ServiceInfo, ServiceKind
+from common.service import request_id_var
 from engine.attention import slots_of
 from token_service.sequence import Sequence
 
@@ -135,6 +136,7 @@ class Replicator:
     async def _send(self, seq: Sequence, buf: torch.Tensor, tokens: range, store: ServiceInfo, gen: int,
                     stages: asyncio.Future | None = None) -> None:
         rid, start, end = seq.request_id, tokens.start, tokens.stop
+        request_id_var.set(rid)  # this task's lines are the request's (it started in the decode loop's context)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + STAGES_TIMEOUT_S
         if stages is not None:  # its outcome is read below, unless this send fails first

@@ -59,11 +59,13 @@ async def test_a_finished_request_drops_at_once(redis_server, monkeypatch):
     assert await ended(redis_server, monkeypatch, "rd-3", aborted=False, fence=True) == ["/drop"]
 
 
-async def test_a_send_that_fails_first_waits_for_the_stages_before_the_drop(redis_server, monkeypatch):
+async def test_a_send_that_fails_first_waits_for_the_stages_before_the_drop(redis_server, monkeypatch, caplog_ids):
     """A pipeline's head whose own send fails (here: nothing listens at the store's KV address, over
     a real TCP transport) while the later stages' sends of the same tokens are still out: the
     request ends meanwhile, and its drop waits for the stages' reports. Dropped at once, a stage's
-    put landing after the drop left a replica nobody drops (review of #11 item 5)."""
+    put landing after the drop left a replica nobody drops (review of #11 item 5). The failure's
+    line carries the request's id (the send starts in the decode loop's context, which has none)."""
+    import logging
     import socket
     import types
 
@@ -101,6 +103,8 @@ async def test_a_send_that_fails_first_waits_for_the_stages_before_the_drop(redi
             await asyncio.wait_for(task, 5.0)
             await asyncio.gather(*rep.background)
             assert drops == ["/drop"]
+        [failed] = [r for r in caplog_ids.records if r.getMessage().startswith("replicating tokens [0, 4)")]
+        assert failed.request_id == "rd-4" and failed.levelno == logging.WARNING
     finally:
         await peers.close()
         await transport.close()

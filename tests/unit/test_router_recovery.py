@@ -255,7 +255,7 @@ async def test_a_store_hung_past_its_lease_is_still_asked_to_drop_the_replica_re
         await redis.aclose()
 
 
-async def test_the_owner_watch_logs_under_no_requests_id(redis_server, monkeypatch, caplog):
+async def test_the_owner_watch_logs_under_no_requests_id(redis_server, monkeypatch, caplog_ids):
     """The watch on the owners of finished requests is started by the first request that ends (in
     that request's log context) and outlives it: its lines ("token service X died: dropping the
     replicas of ...") are about every request that ended there, so they carry no one request's id.
@@ -273,27 +273,20 @@ async def test_the_owner_watch_logs_under_no_requests_id(redis_server, monkeypat
             raise httpx.ConnectError("All connection attempts failed", request=request)
         return httpx.Response(200, json={"request_id": "x", "found": True})
 
-    class Tag(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            record.request_id = request_id_var.get()
-            return True
-
     redis = metadata.connect(redis_server.url)
     registry, owner = metadata.Registry(redis), token_service("token-dies")
-    caplog.handler.addFilter(tag := Tag())
     as_request = request_id_var.set("req-first")  # as the gateway's middleware sets it for a request
     try:
         async with httpx.AsyncClient(transport=httpx.MockTransport(dead)) as client:
             router = Router(registry, client, GatewaySettings(), None)
-            with caplog.at_level(logging.INFO, logger="gateway.router"):
+            with caplog_ids.at_level(logging.INFO, logger="gateway.router"):
                 router._watch_owner(owner, "req-first")  # never leased: dead at the first check
                 router._watch_owner(owner, "req-second")
                 await asyncio.wait_for(router._watcher, 10)
                 await router.close()
-        died = [r for r in caplog.records if "died: dropping the replicas" in r.getMessage()]
+        died = [r for r in caplog_ids.records if "died: dropping the replicas" in r.getMessage()]
         assert [r.request_id for r in died] == ["-"], [(r.request_id, r.getMessage()) for r in died]
         assert "2 requests" in died[0].getMessage()
     finally:
         request_id_var.reset(as_request)
-        caplog.handler.removeFilter(tag)
         await redis.aclose()

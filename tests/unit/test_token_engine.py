@@ -111,6 +111,30 @@ def test_a_reservation_whose_abort_overtook_it_is_refused(runner):
     assert engine.abort("r") and engine.blocks.committed == 0  # an abort naming no call frees any
 
 
+def test_an_expired_reservation_is_logged_under_its_id_and_leaves_the_loops_context_alone(runner, caplog_ids):
+    """expire_reservations runs in the decode loop's context: the id it logs under was left set
+    there, so every later line of the loop (a failed step), and every task the loop started after
+    (a replication's failure), named that long-gone reservation."""
+    import logging
+    import time
+
+    from common.service import request_id_var
+
+    engine = engine_of(runner, reservation_ttl_s=0.05)
+    engine.reserve(ReserveRequest(request_id="r-unused", prompt_tokens=8, max_tokens=4))
+    time.sleep(0.1)
+
+    async def a_turn_of_the_loop() -> str:
+        engine.expire_reservations()
+        return request_id_var.get()
+
+    with caplog_ids.at_level(logging.WARNING, logger="token_service.engine"):
+        after = asyncio.run(a_turn_of_the_loop())
+    [expired] = [r for r in caplog_ids.records if r.getMessage().startswith("reservation unused")]
+    assert expired.request_id == "r-unused" and after == "-"
+    assert not engine.scheduler.seqs and engine.blocks.committed == 0
+
+
 def test_a_pool_too_small_for_one_sequence_is_a_settings_error():
     with pytest.raises(SettingsError, match="--kv-blocks"):
         TokenSettings(max_model_len=64, block_size=4, kv_blocks=15)
