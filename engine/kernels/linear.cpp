@@ -100,7 +100,7 @@ void run_gate_up(const X* x, int64_t M, int64_t K, const W* w, int64_t I, const 
   const int64_t take = std::max<int64_t>(1, pairs * chunks / (8 * at::get_num_threads()));
   dejavu::parallel_for_dynamic(0, pairs * chunks, take, [&](int64_t begin, int64_t end) {
     alignas(64) S scratch[TM * 32];  // TM rows x [16 gate | 16 up]
-    [[maybe_unused]] alignas(64) uint16_t rounded[32];  // a row's gate and up, rounded to Act (bf16)
+    [[maybe_unused]] alignas(64) uint16_t rounded[TM * 32];  // the rows' gate and up, rounded to Act (bf16)
     for (int64_t item = begin; item < end; ++item) {
       const int64_t j = item / chunks, c = item % chunks, stop = std::min(M, (c + 1) * ROW_CHUNK);
       const W* wj = w + 2 * j * K * 16;  // gate panel j, then up panel j
@@ -113,16 +113,16 @@ void run_gate_up(const X* x, int64_t M, int64_t K, const W* w, int64_t I, const 
           tile(x + m0 * K, K, wj, bj, scratch, 32, 0, 16, rows);
           tile(x + m0 * K, K, wj + K * 16, bj ? bj + 16 : nullptr, scratch + 16, 32, 0, 16, rows);
         }
-        for (int64_t m = 0; m < rows; ++m) {
-          const Act* row = reinterpret_cast<const Act*>(scratch + m * 32);
-          if constexpr (widened) {
-            static_assert(sizeof(Act) == 2, "a widening tile's activation is bf16");
+        using Bits = std::conditional_t<sizeof(Act) == 4, float, uint16_t>;  // Act's, as silu.h takes them
+        const Bits* act = reinterpret_cast<const Bits*>(scratch);
+        if constexpr (widened) {
+          static_assert(sizeof(Act) == 2, "a widening tile's activation is bf16");
 #pragma omp simd
-            for (int e = 0; e < 32; ++e) rounded[e] = dejavu::bf16_bits(scratch[m * 32 + e]);  // to nearest even
-            row = reinterpret_cast<const Act*>(rounded);
-          }
-          dejavu::silu_mul_span(row, row + 16, reinterpret_cast<Act*>(y + (m0 + m) * I + 16 * j), 16);
+          for (int64_t e = 0; e < rows * 32; ++e) rounded[e] = dejavu::bf16_bits(scratch[e]);  // to nearest even
+          act = rounded;
         }
+        // each row's 16 activations: silu.h's one copy, as silu_and_mul computes them
+        dejavu::silu_mul_spans(act, act + 16, reinterpret_cast<Bits*>(y + m0 * I + 16 * j), rows, 32, I);
       }
     }
   });

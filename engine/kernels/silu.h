@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace dejavu {
 
@@ -26,27 +27,34 @@ inline float bf16_widen(uint16_t bits) {
 
 inline float bf16_round(float x) { return bf16_widen(bf16_bits(x)); }
 
-// T: float, or a bf16 type (c10::BFloat16), taken by its bits: c10's conversions kept this loop
-// scalar (a bf16 silu_and_mul of 500 x 3072 took 4.1 ms against float32's 2.0).
+// SiLU(g) * u over `count` spans of SILU_SPAN elements, span i at g + i * step, u + i * step and
+// o + i * o_step: the one copy of this arithmetic in the build (pointwise.cpp, never inlined), which
+// both `silu_and_mul` (a row's spans) and the gate/up GEMM's epilogue (a tile's rows) call. Two
+// inlined copies of one loop were compiled each its own way (-ffast-math: vector widths, the
+// division's reciprocal): on an AVX-512 Xeon the two paths differed in the last bit for a few inputs
+// in 100k, so a layer's output depended on which one it took. float, or bf16 by its bits.
+constexpr int64_t SILU_SPAN = 16;
+void silu_mul_spans(const float* g, const float* u, float* o, int64_t count, int64_t step, int64_t o_step);
+void silu_mul_spans(const uint16_t* g, const uint16_t* u, uint16_t* o, int64_t count, int64_t step, int64_t o_step);
+
+// SiLU(g) * u over n elements, T float or a bf16 type (c10::BFloat16) taken by its bits (c10's
+// conversions kept the loop scalar: a bf16 silu_and_mul of 500 x 3072 took 4.1 ms against
+// float32's 2.0). A last span short of SILU_SPAN goes through the same function, padded.
 template <typename T>
 inline void silu_mul_span(const T* g, const T* u, T* o, int64_t n) {
-  if constexpr (sizeof(T) == 4) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      const float x = g[j];
-      o[j] = x / (1.f + std::exp(-x)) * u[j];
-    }
-  } else {
-    static_assert(sizeof(T) == 2, "float32 or bf16");
-    const auto* gb = reinterpret_cast<const uint16_t*>(g);
-    const auto* ub = reinterpret_cast<const uint16_t*>(u);
-    auto* ob = reinterpret_cast<uint16_t*>(o);
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      const float x = bf16_widen(gb[j]);
-      const float act = bf16_round(x / (1.f + std::exp(-x)));
-      ob[j] = bf16_bits(act * bf16_widen(ub[j]));
-    }
+  static_assert(sizeof(T) == 4 || sizeof(T) == 2, "float32 or bf16");
+  using Bits = std::conditional_t<sizeof(T) == 4, float, uint16_t>;
+  const auto* gb = reinterpret_cast<const Bits*>(g);
+  const auto* ub = reinterpret_cast<const Bits*>(u);
+  auto* ob = reinterpret_cast<Bits*>(o);
+  const int64_t whole = n / SILU_SPAN * SILU_SPAN;
+  if (whole > 0) silu_mul_spans(gb, ub, ob, whole / SILU_SPAN, SILU_SPAN, SILU_SPAN);
+  if (whole < n) {
+    Bits gt[SILU_SPAN] = {}, ut[SILU_SPAN] = {}, ot[SILU_SPAN];
+    std::memcpy(gt, gb + whole, (n - whole) * sizeof(Bits));
+    std::memcpy(ut, ub + whole, (n - whole) * sizeof(Bits));
+    silu_mul_spans(gt, ut, ot, 1, SILU_SPAN, SILU_SPAN);
+    std::memcpy(ob + whole, ot, (n - whole) * sizeof(Bits));
   }
 }
 

@@ -1,9 +1,9 @@
-"""engine/kernels/linear.cpp, with its tiles (linear_tiles.h), and paged_attention.cpp compile for
-CPUs other than this one. The build is -march=native, so a machine only ever compiles its own CPU's
+"""engine/kernels/linear.cpp, with its tiles (linear_tiles.h), paged_attention.cpp and pointwise.cpp
+compile for CPUs other than this one. The build is -march=native, so a machine only ever compiles its own CPU's
 branch of the tiles' #if ladder (AVX-512 + AVX512-BF16, AVX-512, AVX2 + FMA, none) and of the
-attention's (bf16 prompt attention on VDPBF16PS, or not); a branch broken for another CPU fails
+attention's (bf16 prompt attention on VDPBF16PS, or not) and of SiLU's bf16 widening; a branch broken for another CPU fails
 every kernel there (they are one module), and the engines lose attention and the decode step as
-well as the GEMM. This compiles both files (syntax and template instantiation, no code generated)
+well as the GEMM. This compiles the three files (syntax and template instantiation, no code generated)
 for a CPU without AVX2 and one with AVX512-BF16: with this machine's own build, every branch once.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 KERNELS = Path(__file__).resolve().parents[2] / "engine" / "kernels"
-SOURCES = ("linear.cpp", "paged_attention.cpp")  # the files with #if branches by CPU
+SOURCES = ("linear.cpp", "paged_attention.cpp", "pointwise.cpp")  # the files with #if branches by CPU
 CPUS = {"x86-64-v2": "no AVX2 (a QEMU default CPU, pre-Haswell)", "cooperlake": "AVX-512 with AVX512-BF16"}
 
 
