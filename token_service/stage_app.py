@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 
@@ -191,7 +192,9 @@ def _die(pipeline: Pipeline, what: str) -> None:
     async def fail() -> None:
         raise pipeline.broken
 
-    supervise(asyncio.create_task(fail()), what, expected=(TransportError,))  # said: "pipeline broken: ..."
+    # said already ("pipeline broken: ..."); in a context of its own: _break may run in a request's
+    supervise(asyncio.get_running_loop().create_task(fail(), context=contextvars.Context()), what,
+              expected=(TransportError,))
 
 
 __all__ = ["create_stage_app", "open_pipeline", "stage_fields"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 import random
 
@@ -123,9 +124,15 @@ class Peers:
             if link is None or link.conn.closed or link.reader.done():
                 if link is not None:
                     await link.close()
-                conn = await self.transport.connect(address, timeout=self.connect_timeout)
-                link = self.links[address] = PeerLink(address, conn, self.fault_rate, self.send_timeout)
+                # in a context of its own: the link, its reader and the transport's tasks for it
+                # outlive the request that opened it, and their log lines are no one request's
+                opening = asyncio.get_running_loop().create_task(self._open(address), context=contextvars.Context())
+                link = self.links[address] = await opening
             return link
+
+    async def _open(self, address: str) -> PeerLink:
+        conn = await self.transport.connect(address, timeout=self.connect_timeout)
+        return PeerLink(address, conn, self.fault_rate, self.send_timeout)
 
     def _prune(self, keep: str) -> None:
         """Forget broken links to other peers (stores and token services come and go; their

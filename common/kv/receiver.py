@@ -62,8 +62,7 @@ def kv_server(store: Callable[[Header, np.ndarray], Awaitable[None] | None], ref
                 if answer_to is not None and not await reply_error(conn, answer_to, f"malformed KV message: {exc}"):
                     return
                 continue
-            if request_id_var is not None:
-                request_id_var.set(header.request_id)
+            named = request_id_var.set(header.request_id) if request_id_var is not None else None
             try:
                 await answer(conn, header, payload)
             except TransportError:
@@ -76,6 +75,9 @@ def kv_server(store: Callable[[Header, np.ndarray], Awaitable[None] | None], ref
                 if not await reply_error(conn, header, str(exc) if isinstance(exc, refused)
                                          else f"{type(exc).__name__}: {exc}"):
                     return
+            finally:  # the link's next lines ("KV link dropped") are not this frame's request's
+                if named is not None:
+                    request_id_var.reset(named)
 
     return handle
 

@@ -114,6 +114,7 @@ void run_gate_up(const X* x, int64_t M, int64_t K, const W* w, int64_t I, const 
           tile(x + m0 * K, K, wj + K * 16, bj ? bj + 16 : nullptr, scratch + 16, 32, 0, 16, rows);
         }
         using Bits = std::conditional_t<sizeof(Act) == 4, float, uint16_t>;  // Act's, as silu.h takes them
+        static_assert(sizeof(Y) == sizeof(Bits), "y holds Act's values");
         const Bits* act = reinterpret_cast<const Bits*>(scratch);
         if constexpr (widened) {
           static_assert(sizeof(Act) == 2, "a widening tile's activation is bf16");

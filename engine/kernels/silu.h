@@ -1,6 +1,7 @@
-// SiLU(gate) * up over n elements, rounded as Hugging Face's float32 / bf16 modules round it: the
-// activation in q's dtype, then the product. One definition for `silu_and_mul` (pointwise.cpp) and
-// the gate/up GEMM's epilogue (`linear_silu_mul`, linear.cpp), so both compute it the same way.
+// SiLU(gate) * up, rounded as Hugging Face's float32 / bf16 modules round it: the activation in the
+// input's dtype, then the product. One copy of the arithmetic (silu_mul_spans, defined in
+// pointwise.cpp) for `silu_and_mul` and the gate/up GEMM's epilogue (`linear_silu_mul`, linear.cpp),
+// so both compute it the same way; and the bf16 rounding helpers both use.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -33,7 +34,7 @@ inline float bf16_round(float x) { return bf16_widen(bf16_bits(x)); }
 // inlined copies of one loop were compiled each its own way (-ffast-math: vector widths, the
 // division's reciprocal): on an AVX-512 Xeon the two paths differed in the last bit for a few inputs
 // in 100k, so a layer's output depended on which one it took. float, or bf16 by its bits.
-constexpr int64_t SILU_SPAN = 16;
+inline constexpr int64_t SILU_SPAN = 16;
 void silu_mul_spans(const float* g, const float* u, float* o, int64_t count, int64_t step, int64_t o_step);
 void silu_mul_spans(const uint16_t* g, const uint16_t* u, uint16_t* o, int64_t count, int64_t step, int64_t o_step);
 

@@ -106,6 +106,22 @@ def test_fused_small_ops_equal_pytorchs(dtype, rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("I", [1, 7, 17, 40])
+def test_silu_and_mul_computes_a_rows_last_partial_span_as_a_whole_one(dtype, I):
+    """SiLU(gate) * up runs in spans of 16 (silu.h, the one copy the GEMM's epilogue calls too): a
+    row's last span short of 16 goes through the same code, padded, so its values are what the same
+    inputs give inside a whole span; and they are PyTorch's, to bf16's rounding."""
+    torch.manual_seed(I)
+    gate, up = (torch.randn(3, I) * 4).to(dtype), torch.randn(3, I).to(dtype)
+    got = kernel.silu_and_mul(torch.cat([gate, up], -1))
+    more = -(-I // 16) * 16 - I  # to whole spans: the same values at the same places, and others after
+    whole = kernel.silu_and_mul(torch.cat([gate, torch.randn(3, more).to(dtype), up, torch.randn(3, more).to(dtype)], -1))
+    assert torch.equal(got, whole[:, :I])
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    torch.testing.assert_close(got, F.silu(gate) * up, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_rows_small_ops_are_the_same_alone_and_in_a_batch_the_team_runs(dtype, two_threads):
     """A decode row's norm came out other bits beside a prefill chunk's 200 rows (the batch runs on
     the OpenMP team, a few rows on the calling thread: two inlined copies of the row's loop, each

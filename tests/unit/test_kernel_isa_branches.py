@@ -1,10 +1,11 @@
 """engine/kernels/linear.cpp, with its tiles (linear_tiles.h), paged_attention.cpp and pointwise.cpp
-compile for CPUs other than this one. The build is -march=native, so a machine only ever compiles its own CPU's
-branch of the tiles' #if ladder (AVX-512 + AVX512-BF16, AVX-512, AVX2 + FMA, none) and of the
-attention's (bf16 prompt attention on VDPBF16PS, or not) and of SiLU's bf16 widening; a branch broken for another CPU fails
-every kernel there (they are one module), and the engines lose attention and the decode step as
-well as the GEMM. This compiles the three files (syntax and template instantiation, no code generated)
-for a CPU without AVX2 and one with AVX512-BF16: with this machine's own build, every branch once.
+compile for CPUs other than this one. The build is -march=native, so a machine only ever compiles
+its own CPU's branch of the tiles' #if ladder (AVX-512 + AVX512-BF16, AVX-512, AVX2 + FMA, none), of
+the attention's (bf16 prompt attention on VDPBF16PS, or not) and of SiLU's bf16 widening (AVX-512 or
+not); a branch broken for another CPU fails every kernel there (they are one module), and the
+engines lose attention and the decode step as well as the GEMM. This compiles the three files
+(syntax and template instantiation, no code generated) for a CPU without AVX2 and one with
+AVX512-BF16: with this machine's own build, every branch once.
 """
 
 import shutil

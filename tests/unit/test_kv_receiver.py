@@ -168,3 +168,53 @@ async def test_links_to_peers_that_went_away_are_forgotten():
     finally:
         await peers.close()
         await client.close()
+
+
+async def test_a_links_lines_name_no_request_after_its_frames_are_answered(caplog_ids):
+    """The receiver names each frame's request in the lines about it; the link's own lines after
+    (a malformed frame, the link dropped) are no request's. The id was left set, so they named the
+    last frame's request. And a sender's link, opened for one request's frame, outlives it: its
+    reader (and the transport's tasks for it) run in a context of their own."""
+    import logging
+
+    from common.kv import peers as peers_module
+    from common.kv.peers import Peers
+    from common.service import request_id_var
+
+    server = make_transport("tcp")
+    stored = []
+    address = await server.listen(kv_server(lambda h, payload: stored.append(h.request_id), (), request_id_var),
+                                  "127.0.0.1")
+    client = make_transport("tcp")
+    opened_under = []
+
+    class Recorded(PeerLink):
+        def __init__(self, *args, **kwargs):
+            opened_under.append(request_id_var.get())
+            super().__init__(*args, **kwargs)
+
+    peers = Peers(client)
+    try:
+        with caplog_ids.at_level(logging.INFO, logger="common.kv.receiver"):
+            conn = await client.connect(address)
+            await stream_out(conn, np.ones((1, 2, 4), dtype=np.float32), **GOOD)
+            ack, _ = await asyncio.wait_for(stream_in(conn), BOUND_S)
+            assert ack.kind == "ack" and stored == ["r"]
+            await conn.send(b"\xff\xfenot json", np.zeros(1, dtype=np.uint8))
+            await stream_out(conn, np.ones((1, 2, 4), dtype=np.float32), **{**GOOD, "request_id": "r2"})
+            await asyncio.wait_for(stream_in(conn), BOUND_S)  # the second good frame's ack: the bad one was read
+        [malformed] = [r for r in caplog_ids.records if r.getMessage().startswith("malformed KV message")]
+        assert malformed.request_id == "-"
+
+        peers_module.PeerLink, before = Recorded, peers_module.PeerLink
+        as_request = request_id_var.set("req-opener")
+        try:
+            await peers.get(address)
+        finally:
+            request_id_var.reset(as_request)
+            peers_module.PeerLink = before
+        assert opened_under == ["-"]
+    finally:
+        await peers.close()
+        await client.close()
+        await server.close()

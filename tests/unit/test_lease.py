@@ -12,6 +12,7 @@ import subprocess
 import pytest
 from redis.exceptions import RedisError
 
+from common.kv.transport import TransportError
 from common.metadata import Registry, connect
 from common.protocol import ServiceInfo, ServiceKind
 from common.service import Lease
@@ -126,7 +127,8 @@ def test_a_redis_that_refuses_the_password_stops_the_start_at_once(caplog):
     assert not any(m.startswith("registering in Redis failed") for m in messages), messages  # not tried again
 
 
-@pytest.mark.parametrize("failure", [ConnectionError("the link broke"), KeyError("a bug")], ids=["expected", "a-bug"])
+@pytest.mark.parametrize("failure", [TransportError("the link to stage 1 ended"), KeyError("a bug")],
+                         ids=["expected", "a-bug"])
 def test_a_supervised_task_that_fails_ends_the_process_with_a_traceback_only_for_a_bug(monkeypatch, caplog, failure):
     """A background task's failure ends the process (its lease lapses). One it expects (a token
     pipeline's head whose stage died: the pipeline said so already) is a line; anything else
@@ -141,7 +143,7 @@ def test_a_supervised_task_that_fails_ends_the_process_with_a_traceback_only_for
         raise failure
 
     async def scenario():
-        task = service.supervise(asyncio.create_task(fail()), "the token pipeline", expected=(ConnectionError,))
+        task = service.supervise(asyncio.create_task(fail()), "the token pipeline", expected=(TransportError,))
         await asyncio.gather(task, return_exceptions=True)
         await asyncio.sleep(0)  # its done callback
 
@@ -149,4 +151,4 @@ def test_a_supervised_task_that_fails_ends_the_process_with_a_traceback_only_for
         asyncio.run(scenario())
     [record] = [r for r in caplog.records if "the token pipeline died" in r.getMessage()]
     assert exits == [70]
-    assert (record.exc_info is None) == isinstance(failure, ConnectionError), record.exc_info
+    assert (record.exc_info is None) == isinstance(failure, TransportError), record.exc_info

@@ -279,10 +279,12 @@ async def test_the_owner_watch_logs_under_no_requests_id(redis_server, monkeypat
     try:
         async with httpx.AsyncClient(transport=httpx.MockTransport(dead)) as client:
             router = Router(registry, client, GatewaySettings(), None)
-            with caplog_ids.at_level(logging.INFO, logger="gateway.router"):
-                router._watch_owner(owner, "req-first")  # never leased: dead at the first check
-                router._watch_owner(owner, "req-second")
-                await asyncio.wait_for(router._watcher, 10)
+            try:
+                with caplog_ids.at_level(logging.INFO, logger="gateway.router"):
+                    router._watch_owner(owner, "req-first")  # never leased: dead at the first check
+                    router._watch_owner(owner, "req-second")
+                    await asyncio.wait_for(router._watcher, 10)
+            finally:
                 await router.close()
         died = [r for r in caplog_ids.records if "died: dropping the replicas" in r.getMessage()]
         assert [r.request_id for r in died] == ["-"], [(r.request_id, r.getMessage()) for r in died]
