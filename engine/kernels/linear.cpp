@@ -200,8 +200,12 @@ at::Tensor linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bia
   }
 #ifdef DEJAVU_LINEAR_F32
   auto y = at::empty({M, N}, x.options());
-  run<PANELS_F32, TM_F32>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(), panels, b, y.data_ptr<float>(), N,
-                          DEJAVU_ROWS(tile_f32, PANELS_F32));
+  if (M > 32 && panels % PANELS_F32_PREFILL == 0)  // a prefill (linear_tiles.h); the same sums, in the same order
+    run<PANELS_F32_PREFILL, TM_F32_PREFILL>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(), panels, b,
+                                            y.data_ptr<float>(), N, DEJAVU_ROWS(tile_f32, PANELS_F32_PREFILL));
+  else
+    run<PANELS_F32, TM_F32>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(), panels, b, y.data_ptr<float>(), N,
+                            DEJAVU_ROWS(tile_f32, PANELS_F32));
   return y;
 #else
   TORCH_CHECK(false, "linear: this build has no float32 kernel (no AVX-512, no AVX2 with FMA)");
@@ -256,8 +260,13 @@ at::Tensor linear_silu_mul(at::Tensor x, at::Tensor packed, c10::optional<at::Te
 #endif
   }
 #ifdef DEJAVU_LINEAR_F32
-  run_gate_up<float, float, PANELS_F32, TM_F32>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(), I, b,
-                                                y.data_ptr<float>(), DEJAVU_ROWS(tile_f32, PANELS_F32));
+  if (M > 32)  // a gate/up pair is two panels: PANELS_F32_PREFILL always fits
+    run_gate_up<float, float, PANELS_F32_PREFILL, TM_F32_PREFILL>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(),
+                                                                  I, b, y.data_ptr<float>(),
+                                                                  DEJAVU_ROWS(tile_f32, PANELS_F32_PREFILL));
+  else
+    run_gate_up<float, float, PANELS_F32, TM_F32>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(), I, b,
+                                                  y.data_ptr<float>(), DEJAVU_ROWS(tile_f32, PANELS_F32));
   return y;
 #else
   TORCH_CHECK(false, "linear_silu_mul: this build has no float32 kernel (no AVX-512, no AVX2 with FMA)");

@@ -24,6 +24,17 @@ constexpr int PANELS_F32 = 1;
 #if defined(__AVX512F__)
 #define DEJAVU_LINEAR_F32 1
 constexpr int TM_F32 = 8;
+// A float32 prefill (more than 32 rows): two panels x 12 rows where each core has two 512-bit FMA
+// units, Intel's since Sapphire Rapids (AVX512-FP16 marks them in this build): 24 accumulator
+// chains against 8, which is just the FMAs' latency times their throughput there. On a 2-core
+// Xeon (family 6, model 207) SmolLM2's linears at 500 rows took 346 ms instead of 544 (oneDNN's
+// 329-350; dejavu bench gemm, December 7). Elsewhere one panel x 8 rows: on Zen 4, whose 512-bit
+// FMAs are double-pumped, two panels lost (linear.cpp's header).
+#if defined(__AVX512FP16__)
+constexpr int PANELS_F32_PREFILL = 2, TM_F32_PREFILL = 12;
+#else
+constexpr int PANELS_F32_PREFILL = 1, TM_F32_PREFILL = 8;
+#endif
 // float32: panel (K, 16); one FMA per weight vector and row.
 template <int TM, int PANELS>
 void tile_f32(const float* x, int64_t K, const float* w, const float* bias, float* y, int64_t ldy,
@@ -58,6 +69,7 @@ void tile_f32(const float* x, int64_t K, const float* w, const float* bias, floa
 // row element take 15 of the 16 ymm registers (8 rows spilled). oneDNN's float32 GEMM on AVX2
 // streams the weights slower at decode's few rows (dejavu bench gemm, docs/BENCHMARKS.md §5).
 constexpr int TM_F32 = 6;
+constexpr int PANELS_F32_PREFILL = 1, TM_F32_PREFILL = 6;  // AVX2's 16 registers: no room for more
 template <int TM, int PANELS>
 void tile_f32(const float* x, int64_t K, const float* w, const float* bias, float* y, int64_t ldy,
               int64_t n0, int64_t N) {
