@@ -41,8 +41,9 @@ using namespace dejavu::tiles;
 constexpr int64_t ROW_CHUNK = 64;  // rows of one work item: a prefill splits into chunks too
 
 // The tile shapes (linear_tiles.h), measured on the 2-core Zen 4 VM (30 layers of SmolLM2's linears, 2 threads):
-// float32 one panel x 8 rows (two panels lose at 1 and 512 rows); bfloat16 two panels x 12 rows
-// up to 32 rows (at 16 rows 11.4 ms against 12.5 with one panel), x 8 beyond.
+// float32 one panel x 8 rows (two panels lose at 1 and 512 rows; beyond 32 rows two panels x 12 on
+// a core with two 512-bit FMA units, linear_tiles.h); bfloat16 two panels x 12 rows up to 32 rows
+// (at 16 rows 11.4 ms against 12.5 with one panel), x 8 beyond.
 // X, W, Y: the element types of x, the packed weight and y (bf16's widening tile: float, bf16, float).
 template <int PANELS, int TM, typename X, typename W, typename Y, typename Tile>
 void run(const X* x, int64_t M, int64_t K, const W* w, int64_t panels, const float* bias, Y* y, int64_t N,

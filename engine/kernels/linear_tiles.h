@@ -27,8 +27,8 @@ constexpr int TM_F32 = 8;
 // A float32 prefill (more than 32 rows): two panels x 12 rows where each core has two 512-bit FMA
 // units, Intel's since Sapphire Rapids (AVX512-FP16 marks them in this build): 24 accumulator
 // chains against 8, which is just the FMAs' latency times their throughput there. On a 2-core
-// Xeon (family 6, model 207) SmolLM2's linears at 500 rows took 346 ms instead of 544 (oneDNN's
-// 329-350; dejavu bench gemm, December 7). Elsewhere one panel x 8 rows: on Zen 4, whose 512-bit
+// Xeon (family 6, model 207) SmolLM2's linears at 500 rows took 346-353 ms instead of 544, 0.94x
+// oneDNN's instead of 0.63x (dejavu bench gemm's paired ratios, December 7). Elsewhere one panel x 8 rows: on Zen 4, whose 512-bit
 // FMAs are double-pumped, two panels lost (linear.cpp's header).
 #if defined(__AVX512FP16__)
 constexpr int PANELS_F32_PREFILL = 2, TM_F32_PREFILL = 12;

@@ -4,8 +4,8 @@ its own CPU's branch of the tiles' #if ladder (AVX-512 + AVX512-BF16, AVX-512, A
 the attention's (bf16 prompt attention on VDPBF16PS, or not) and of SiLU's bf16 widening (AVX-512 or
 not); a branch broken for another CPU fails every kernel there (they are one module), and the
 engines lose attention and the decode step as well as the GEMM. This compiles the three files
-(syntax and template instantiation, no code generated) for a CPU without AVX2 and one with
-AVX512-BF16: with this machine's own build, every branch once.
+(syntax and template instantiation, no code generated) for a CPU without AVX2, one with
+AVX512-BF16 and one with AVX512-FP16: with this machine's own build, every branch once.
 """
 
 import shutil
@@ -17,7 +17,8 @@ import pytest
 
 KERNELS = Path(__file__).resolve().parents[2] / "engine" / "kernels"
 SOURCES = ("linear.cpp", "paged_attention.cpp", "pointwise.cpp")  # the files with #if branches by CPU
-CPUS = {"x86-64-v2": "no AVX2 (a QEMU default CPU, pre-Haswell)", "cooperlake": "AVX-512 with AVX512-BF16"}
+CPUS = {"x86-64-v2": "no AVX2 (a QEMU default CPU, pre-Haswell)", "cooperlake": "AVX-512 with AVX512-BF16",
+        "sapphirerapids": "AVX512-FP16 too (the float32 prefill tile)"}
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no g++: the kernels cannot be built here at all")
