@@ -5,6 +5,7 @@ without a failure: a token service killed mid-stream changes nothing, greedy or 
 from __future__ import annotations
 
 import signal
+import time
 
 import httpx
 import pytest
@@ -28,8 +29,12 @@ def cluster(tiny_model_path, redis_server):
 ], ids=["greedy", "seeded"])
 def test_a_killed_token_service_changes_nothing_in_bf16(cluster, body):
     body = {"prompt": PROMPT, **body}
-    engines = [s for s in httpx.get(cluster.url + "/cluster", timeout=10).json()["services"] if s["kind"] in ("prompt", "token")]
-    assert len(engines) == 3 and {s["dtype"] for s in engines} == {"bfloat16"}
+    deadline = time.monotonic() + 30  # the case before killed a token service: listed until its lease lapses
+    while len(engines := [s for s in httpx.get(cluster.url + "/cluster", timeout=10).json()["services"]
+                          if s["kind"] in ("prompt", "token")]) != 3:
+        assert time.monotonic() < deadline, [s["id"] for s in engines]
+        time.sleep(0.1)
+    assert {s["dtype"] for s in engines} == {"bfloat16"}
     recoveries = metric(cluster.url, 'dejavu_gateway_recoveries_total{path="replica"}')
     clean, clean_usage, _ = stream_with_fault(cluster, body, None)
     failed, usage, victims = stream_with_fault(cluster, body, signal.SIGKILL, after=60)
