@@ -127,12 +127,15 @@ class Peers:
                 # in a context of its own: the link, its reader and the transport's tasks for it
                 # outlive the request that opened it, and their log lines are no one request's
                 opening = asyncio.get_running_loop().create_task(self._open(address), context=contextvars.Context())
-                link = self.links[address] = await opening
+                link = await opening
             return link
 
     async def _open(self, address: str) -> PeerLink:
+        """A new link to `address`, kept here as soon as it exists: a caller cancelled just as it
+        opened leaves it to the next caller (or to close), not open and unreferenced."""
         conn = await self.transport.connect(address, timeout=self.connect_timeout)
-        return PeerLink(address, conn, self.fault_rate, self.send_timeout)
+        link = self.links[address] = PeerLink(address, conn, self.fault_rate, self.send_timeout)
+        return link
 
     def _prune(self, keep: str) -> None:
         """Forget broken links to other peers (stores and token services come and go; their

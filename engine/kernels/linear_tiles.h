@@ -28,8 +28,8 @@ constexpr int TM_F32 = 8;
 // units, Intel's since Sapphire Rapids (AVX512-FP16 marks them in this build): 24 accumulator
 // chains against 8, which is just the FMAs' latency times their throughput there. On a 2-core
 // Xeon (family 6, model 207) SmolLM2's linears at 500 rows took 346-353 ms instead of 544, 0.94x
-// oneDNN's instead of 0.63x (dejavu bench gemm's paired ratios, December 7). Elsewhere one panel x 8 rows: on Zen 4, whose 512-bit
-// FMAs are double-pumped, two panels lost (linear.cpp's header).
+// oneDNN's instead of 0.63x (dejavu bench gemm's paired ratios, December 7). Elsewhere one panel
+// x 8 rows: on Zen 4, whose 512-bit FMAs are double-pumped, two panels lost (linear.cpp's header).
 #if defined(__AVX512FP16__)
 constexpr int PANELS_F32_PREFILL = 2, TM_F32_PREFILL = 12;
 #else
