@@ -45,43 +45,56 @@ constexpr int64_t ROW_CHUNK = 64;  // rows of one work item: a prefill splits in
 // a core with two 512-bit FMA units, linear_tiles.h); bfloat16 two panels x 12 rows up to 32 rows
 // (at 16 rows 11.4 ms against 12.5 with one panel), x 8 beyond.
 // X, W, Y: the element types of x, the packed weight and y (bf16's widening tile: float, bf16, float).
+// A last group short of PANELS panels (N not a multiple of PANELS x 16 columns: the weight is padded
+// to whole panels only) takes a tile of the panels it has.
 template <int PANELS, int TM, typename X, typename W, typename Y, typename Tile>
 void run(const X* x, int64_t M, int64_t K, const W* w, int64_t panels, const float* bias, Y* y, int64_t N,
          Tile tile) {
-  static_assert(TM >= 1 && TM <= 12, "DEJAVU_ROWS instantiates tiles of 1-12 rows");
+  static_assert(TM >= 1 && TM <= 12, "DEJAVU_TILE instantiates tiles of 1-12 rows");
   const int64_t groups = (panels + PANELS - 1) / PANELS, chunks = (M + ROW_CHUNK - 1) / ROW_CHUNK;
   // items taken a few at a time (parallel.h): about 8 takes a thread
   const int64_t take = std::max<int64_t>(1, groups * chunks / (8 * at::get_num_threads()));
   dejavu::parallel_for_dynamic(0, groups * chunks, take, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t g = item / chunks, c = item % chunks;
+      const int64_t g = item / chunks, c = item % chunks, in_group = std::min<int64_t>(PANELS, panels - g * PANELS);
       const W* wg = w + g * PANELS * K * 16;
       for (int64_t m0 = c * ROW_CHUNK; m0 < std::min(M, (c + 1) * ROW_CHUNK); m0 += TM) {
         const int64_t rows = std::min<int64_t>(TM, std::min(M, (c + 1) * ROW_CHUNK) - m0);  // within the chunk
-        tile(x + m0 * K, K, wg, bias, y + m0 * N, N, g * PANELS * 16, N, rows);
+        tile(x + m0 * K, K, wg, bias, y + m0 * N, N, g * PANELS * 16, N, rows, in_group);
       }
     }
   });
 }
 
-// A tile of `rows` < TM rows: the template for that count (registers are fixed at compile time).
-#define DEJAVU_ROWS(F, PANELS)                                                                       \
+// A tile of `rows` <= TM rows and `panels` <= PANELS panels: the template for that shape (registers
+// are fixed at compile time). A tile of fewer panels than PANELS is a group's tail (run,
+// run_gate_up); PANELS is at most 3.
+#define DEJAVU_ROWS(F, P)                                                                            \
+  switch (rows) {                                                                                    \
+    case 1: return F<1, P>(x, K, w, bias, y, ldy, n0, N);                                            \
+    case 2: return F<2, P>(x, K, w, bias, y, ldy, n0, N);                                            \
+    case 3: return F<3, P>(x, K, w, bias, y, ldy, n0, N);                                            \
+    case 4: return F<4, P>(x, K, w, bias, y, ldy, n0, N);                                            \
+    case 5: return F<5, P>(x, K, w, bias, y, ldy, n0, N);                                            \
+    case 6: return F<6, P>(x, K, w, bias, y, ldy, n0, N);                                            \
+    case 7: return F<7, P>(x, K, w, bias, y, ldy, n0, N);                                            \
+    case 8: return F<8, P>(x, K, w, bias, y, ldy, n0, N);                                            \
+    case 9: return F<9, P>(x, K, w, bias, y, ldy, n0, N);                                            \
+    case 10: return F<10, P>(x, K, w, bias, y, ldy, n0, N);                                          \
+    case 11: return F<11, P>(x, K, w, bias, y, ldy, n0, N);                                          \
+    case 12: return F<12, P>(x, K, w, bias, y, ldy, n0, N);                                          \
+    default: TORCH_CHECK(false, "linear: a tile of ", rows, " rows");                                \
+  }
+#define DEJAVU_TILE(F, PANELS)                                                                       \
   [](auto x, int64_t K, auto w, const float* bias, auto y, int64_t ldy, int64_t n0, int64_t N,       \
-     int64_t rows) {                                                                                 \
-    switch (rows) {                                                                                  \
-      case 1: return F<1, PANELS>(x, K, w, bias, y, ldy, n0, N);                                     \
-      case 2: return F<2, PANELS>(x, K, w, bias, y, ldy, n0, N);                                     \
-      case 3: return F<3, PANELS>(x, K, w, bias, y, ldy, n0, N);                                     \
-      case 4: return F<4, PANELS>(x, K, w, bias, y, ldy, n0, N);                                     \
-      case 5: return F<5, PANELS>(x, K, w, bias, y, ldy, n0, N);                                     \
-      case 6: return F<6, PANELS>(x, K, w, bias, y, ldy, n0, N);                                     \
-      case 7: return F<7, PANELS>(x, K, w, bias, y, ldy, n0, N);                                     \
-      case 8: return F<8, PANELS>(x, K, w, bias, y, ldy, n0, N);                                     \
-      case 9: return F<9, PANELS>(x, K, w, bias, y, ldy, n0, N);                                     \
-      case 10: return F<10, PANELS>(x, K, w, bias, y, ldy, n0, N);                                   \
-      case 11: return F<11, PANELS>(x, K, w, bias, y, ldy, n0, N);                                   \
-      case 12: return F<12, PANELS>(x, K, w, bias, y, ldy, n0, N);                                   \
-      default: TORCH_CHECK(false, "linear: a tile of ", rows, " rows");                              \
+     int64_t rows, int64_t panels) {                                                                 \
+    static_assert(PANELS >= 1 && PANELS <= 3, "tails of 1 or 2 panels");                             \
+    if (panels == PANELS) {                                                                          \
+      DEJAVU_ROWS(F, PANELS)                                                                         \
+    } else if (panels == 1 || PANELS == 1) {                                                         \
+      DEJAVU_ROWS(F, 1)                                                                              \
+    } else {                                                                                         \
+      DEJAVU_ROWS(F, (PANELS > 1 ? 2 : 1))                                                           \
     }                                                                                                \
   }
 
@@ -90,29 +103,34 @@ void run(const X* x, int64_t M, int64_t K, const W* w, int64_t panels, const flo
 // for its rows into a scratch tile in L1, and writes 16 columns of the activation. The gate/up
 // output (M, 2I) is never written out and read back: at a 500-token prompt of SmolLM2 that was
 // 6 MB a layer and a separate pass (silu_and_mul), ~20 ms of a 650 ms float32 prefill.
+// A work item takes PAIRS such pairs, 2 x PAIRS panels in tiles of PANELS: one pair for tiles of
+// one or two panels, three for tiles of three (linear_tiles.h); the last item fewer, if I / 16 is
+// not a multiple of PAIRS.
 // `Act` is the element type the activation rounds through (float, or c10::BFloat16 for bf16); S the
 // tile's output (Act's bits, or float32 from the widening tile: then gate and up are rounded to Act
 // first, as linear rounds its output).
 template <typename Act, typename S, int PANELS, int TM, typename X, typename W, typename Y, typename Tile>
 void run_gate_up(const X* x, int64_t M, int64_t K, const W* w, int64_t I, const float* bias, Y* y, Tile tile) {
-  static_assert(TM >= 1 && TM <= 12, "DEJAVU_ROWS instantiates tiles of 1-12 rows");
+  static_assert(TM >= 1 && TM <= 12, "DEJAVU_TILE instantiates tiles of 1-12 rows");
+  constexpr int64_t PAIRS = PANELS == 3 ? 3 : 1, WIDTH = 32 * PAIRS;  // a scratch row: PAIRS x [16 gate | 16 up]
+  static_assert(2 * PAIRS % PANELS == 0, "an item's panels are whole tiles");
   constexpr bool widened = std::is_same_v<S, float> && !std::is_same_v<Act, float>;
-  const int64_t pairs = I / 16, chunks = (M + ROW_CHUNK - 1) / ROW_CHUNK;
-  const int64_t take = std::max<int64_t>(1, pairs * chunks / (8 * at::get_num_threads()));
-  dejavu::parallel_for_dynamic(0, pairs * chunks, take, [&](int64_t begin, int64_t end) {
-    alignas(64) S scratch[TM * 32];  // TM rows x [16 gate | 16 up]
-    [[maybe_unused]] alignas(64) uint16_t rounded[TM * 32];  // the rows' gate and up, rounded to Act (bf16)
+  const int64_t pairs = I / 16, groups = (pairs + PAIRS - 1) / PAIRS, chunks = (M + ROW_CHUNK - 1) / ROW_CHUNK;
+  const int64_t take = std::max<int64_t>(1, groups * chunks / (8 * at::get_num_threads()));
+  dejavu::parallel_for_dynamic(0, groups * chunks, take, [&](int64_t begin, int64_t end) {
+    alignas(64) S scratch[TM * WIDTH];
+    [[maybe_unused]] alignas(64) uint16_t rounded[TM * WIDTH];  // the rows' gate and up, rounded to Act (bf16)
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t j = item / chunks, c = item % chunks, stop = std::min(M, (c + 1) * ROW_CHUNK);
-      const W* wj = w + 2 * j * K * 16;  // gate panel j, then up panel j
+      const int64_t j = item / chunks * PAIRS, c = item % chunks, stop = std::min(M, (c + 1) * ROW_CHUNK);
+      const int64_t n = 2 * std::min(PAIRS, pairs - j);  // this item's panels: gate j, up j, gate j + 1, ...
+      const W* wj = w + 2 * j * K * 16;
       const float* bj = bias ? bias + 32 * j : nullptr;
       for (int64_t m0 = c * ROW_CHUNK; m0 < stop; m0 += TM) {
         const int64_t rows = std::min<int64_t>(TM, stop - m0);
-        if constexpr (PANELS == 2) {
-          tile(x + m0 * K, K, wj, bj, scratch, 32, 0, 32, rows);
-        } else {
-          tile(x + m0 * K, K, wj, bj, scratch, 32, 0, 16, rows);
-          tile(x + m0 * K, K, wj + K * 16, bj ? bj + 16 : nullptr, scratch + 16, 32, 0, 16, rows);
+        for (int64_t p = 0; p < n; p += PANELS) {
+          const int64_t in_tile = std::min<int64_t>(PANELS, n - p);
+          tile(x + m0 * K, K, wj + p * K * 16, bj ? bj + 16 * p : nullptr, scratch + 16 * p, WIDTH, 0, 16 * in_tile,
+               rows, in_tile);
         }
         using Bits = std::conditional_t<sizeof(Act) == 4, float, uint16_t>;  // Act's, as silu.h takes them
         static_assert(sizeof(Y) == sizeof(Bits), "y holds Act's values");
@@ -120,11 +138,13 @@ void run_gate_up(const X* x, int64_t M, int64_t K, const W* w, int64_t I, const 
         if constexpr (widened) {
           static_assert(sizeof(Act) == 2, "a widening tile's activation is bf16");
 #pragma omp simd
-          for (int64_t e = 0; e < rows * 32; ++e) rounded[e] = dejavu::bf16_bits(scratch[e]);  // to nearest even
+          for (int64_t e = 0; e < rows * WIDTH; ++e) rounded[e] = dejavu::bf16_bits(scratch[e]);  // to nearest even
           act = rounded;
         }
-        // each row's 16 activations: silu.h's one copy, as silu_and_mul computes them
-        dejavu::silu_mul_spans(act, act + 16, reinterpret_cast<Bits*>(y + m0 * I + 16 * j), rows, 32, I);
+        // each row's 16 activations of each pair: silu.h's one copy, as silu_and_mul computes them
+        for (int64_t q = 0; q < n / 2; ++q)
+          dejavu::silu_mul_spans(act + 32 * q, act + 32 * q + 16, reinterpret_cast<Bits*>(y + m0 * I + 16 * (j + q)),
+                                 rows, WIDTH, I);
       }
     }
   });
@@ -182,7 +202,7 @@ at::Tensor linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bia
     const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
     auto xf = x.to(at::kFloat), yf = at::empty({M, N}, xf.options());
     run<PANELS_BF16, TM_BF16>(xf.data_ptr<float>(), M, K, wp, panels, b, yf.data_ptr<float>(), N,
-                              DEJAVU_ROWS(tile_bf16, PANELS_BF16));
+                              DEJAVU_TILE(tile_bf16, PANELS_BF16));
     return yf.to(at::kBFloat16);  // to nearest even
 #elif defined(DEJAVU_LINEAR_BF16)
     auto y = at::empty({M, N}, x.options());
@@ -190,9 +210,9 @@ at::Tensor linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bia
     const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
     auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
     if (M <= 32)
-      run<PANELS_BF16, TM_BF16>(xp, M, K, wp, panels, b, yp, N, DEJAVU_ROWS(tile_bf16, PANELS_BF16));
+      run<PANELS_BF16, TM_BF16>(xp, M, K, wp, panels, b, yp, N, DEJAVU_TILE(tile_bf16, PANELS_BF16));
     else
-      run<PANELS_BF16, TM_BF16_PREFILL>(xp, M, K, wp, panels, b, yp, N, DEJAVU_ROWS(tile_bf16, PANELS_BF16));
+      run<PANELS_BF16, TM_BF16_PREFILL>(xp, M, K, wp, panels, b, yp, N, DEJAVU_TILE(tile_bf16, PANELS_BF16));
     return y;
 #else
     TORCH_CHECK(false, "linear: this build has no bfloat16 kernel (no AVX512-BF16, no AVX2 with FMA)");
@@ -201,12 +221,12 @@ at::Tensor linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bia
   }
 #ifdef DEJAVU_LINEAR_F32
   auto y = at::empty({M, N}, x.options());
-  if (M > 32 && panels % PANELS_F32_PREFILL == 0)  // a prefill (linear_tiles.h); the same sums, in the same order
+  if (M > 32)  // a prefill (linear_tiles.h); the same sums, in the same order
     run<PANELS_F32_PREFILL, TM_F32_PREFILL>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(), panels, b,
-                                            y.data_ptr<float>(), N, DEJAVU_ROWS(tile_f32, PANELS_F32_PREFILL));
+                                            y.data_ptr<float>(), N, DEJAVU_TILE(tile_f32, PANELS_F32_PREFILL));
   else
     run<PANELS_F32, TM_F32>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(), panels, b, y.data_ptr<float>(), N,
-                            DEJAVU_ROWS(tile_f32, PANELS_F32));
+                            DEJAVU_TILE(tile_f32, PANELS_F32));
   return y;
 #else
   TORCH_CHECK(false, "linear: this build has no float32 kernel (no AVX-512, no AVX2 with FMA)");
@@ -242,7 +262,7 @@ at::Tensor linear_silu_mul(at::Tensor x, at::Tensor packed, c10::optional<at::Te
     auto xf = x.to(at::kFloat);
     auto* yp = reinterpret_cast<c10::BFloat16*>(y.data_ptr());
     run_gate_up<c10::BFloat16, float, PANELS_BF16, TM_BF16>(xf.data_ptr<float>(), M, K, wp, I, b, yp,
-                                                             DEJAVU_ROWS(tile_bf16, PANELS_BF16));
+                                                             DEJAVU_TILE(tile_bf16, PANELS_BF16));
     return y;
 #elif defined(DEJAVU_LINEAR_BF16)
     const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
@@ -250,10 +270,10 @@ at::Tensor linear_silu_mul(at::Tensor x, at::Tensor packed, c10::optional<at::Te
     auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
     static_assert(PANELS_BF16 == 2, "a gate/up pair is one bf16 panel group");
     if (M <= 32)
-      run_gate_up<c10::BFloat16, uint16_t, PANELS_BF16, TM_BF16>(xp, M, K, wp, I, b, yp, DEJAVU_ROWS(tile_bf16, PANELS_BF16));
+      run_gate_up<c10::BFloat16, uint16_t, PANELS_BF16, TM_BF16>(xp, M, K, wp, I, b, yp, DEJAVU_TILE(tile_bf16, PANELS_BF16));
     else
       run_gate_up<c10::BFloat16, uint16_t, PANELS_BF16, TM_BF16_PREFILL>(xp, M, K, wp, I, b, yp,
-                                                                          DEJAVU_ROWS(tile_bf16, PANELS_BF16));
+                                                                          DEJAVU_TILE(tile_bf16, PANELS_BF16));
     return y;
 #else
     TORCH_CHECK(false, "linear_silu_mul: this build has no bfloat16 kernel (no AVX512-BF16, no AVX2 with FMA)");
@@ -261,13 +281,13 @@ at::Tensor linear_silu_mul(at::Tensor x, at::Tensor packed, c10::optional<at::Te
 #endif
   }
 #ifdef DEJAVU_LINEAR_F32
-  if (M > 32)  // a gate/up pair is two panels: PANELS_F32_PREFILL always fits
+  if (M > 32)
     run_gate_up<float, float, PANELS_F32_PREFILL, TM_F32_PREFILL>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(),
                                                                   I, b, y.data_ptr<float>(),
-                                                                  DEJAVU_ROWS(tile_f32, PANELS_F32_PREFILL));
+                                                                  DEJAVU_TILE(tile_f32, PANELS_F32_PREFILL));
   else
     run_gate_up<float, float, PANELS_F32, TM_F32>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(), I, b,
-                                                  y.data_ptr<float>(), DEJAVU_ROWS(tile_f32, PANELS_F32));
+                                                  y.data_ptr<float>(), DEJAVU_TILE(tile_f32, PANELS_F32));
   return y;
 #else
   TORCH_CHECK(false, "linear_silu_mul: this build has no float32 kernel (no AVX-512, no AVX2 with FMA)");

@@ -24,14 +24,18 @@ constexpr int PANELS_F32 = 1;
 #if defined(__AVX512F__)
 #define DEJAVU_LINEAR_F32 1
 constexpr int TM_F32 = 8;
-// A float32 prefill (more than 32 rows): two panels x 12 rows where each core has two 512-bit FMA
+// A float32 prefill (more than 32 rows): three panels x 8 rows where each core has two 512-bit FMA
 // units, Intel's since Sapphire Rapids (AVX512-FP16 marks them in this build): 24 accumulator
 // chains against 8, which is just the FMAs' latency times their throughput there. On a 2-core
-// Xeon (family 6, model 207) SmolLM2's linears at 500 rows took 346-353 ms instead of 544, 0.94x
-// oneDNN's instead of 0.63x (dejavu bench gemm's paired ratios, December 7). Elsewhere one panel
-// x 8 rows: on Zen 4, whose 512-bit FMAs are double-pumped, two panels lost (linear.cpp's header).
+// Xeon (family 6, model 207) SmolLM2's linears at 500 rows took 346-353 ms with two panels x 12
+// rows instead of 544, 0.94x oneDNN's instead of 0.63x (dejavu bench gemm's paired ratios, December
+// 7). Three panels x 8 rows load 11 vectors (3 of weights, 8 broadcasts of x) for 24 FMAs where two
+// x 12 load 14: 1.15-1.19x the GFLOP/s of two x 12 in a C++ loop of SmolLM2's four linears on that
+// Xeon (four panels x 6 rows: 1.12-1.15x; three x 9 and two x 14: 1.0x; blocking K so that a group's
+// panels stay in L1: no gain; x packed in rows of 12: slower). Elsewhere one panel x 8 rows: on Zen
+// 4, whose 512-bit FMAs are double-pumped, two panels lost (linear.cpp's header).
 #if defined(__AVX512FP16__)
-constexpr int PANELS_F32_PREFILL = 2, TM_F32_PREFILL = 12;
+constexpr int PANELS_F32_PREFILL = 3, TM_F32_PREFILL = 8;
 #else
 constexpr int PANELS_F32_PREFILL = 1, TM_F32_PREFILL = 8;
 #endif

@@ -132,7 +132,7 @@ static void causal(const T* q, int64_t q_row, const T* k, int64_t k_row, const T
   // 12 registers each (33 GFLOP/s there; 6 x 16 and 3 x 32: 29; 4 x 16 and 3 x 32: 28). The order of
   // every sum is the same whatever the tiles: so is the output, to the bit.
 #if defined(__AVX512F__)
-  constexpr int64_t R = 16, KT = 16, SR = 8, VR = 4, DC = D;
+  constexpr int64_t R = 16, KT = 16, KN = 3, SR = 8, DC = D % 64 == 0 ? 64 : D, VR = std::min<int64_t>(12, 24 / (DC / 16));
 #else
   constexpr int64_t R = 16, KT = 16, SR = 6, VR = 6, DC = 16;
 #endif
@@ -180,7 +180,29 @@ static void causal(const T* q, int64_t q_row, const T* k, int64_t k_row, const T
           for (int d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]) * scale;
           count[g * n + i] = start + i0 + i + 1;
         }
-      for (int64_t j0 = 0; j0 < keys; j0 += KT) {  // scores, KT keys at a time
+      for (int64_t j0 = 0; j0 < keys;) {  // scores, KN x KT keys at a time, then KT
+#if defined(__AVX512F__)
+        if (keys - j0 >= KN * KT) {
+          static_assert(KT == 16, "a key tile is one zmm");
+          for (int64_t r0 = 0; r0 < padded; r0 += SR) {
+            __m512 acc[SR][KN];
+            for (int64_t r = 0; r < SR; ++r)
+              for (int64_t t = 0; t < KN; ++t) acc[r][t] = _mm512_setzero_ps();
+            for (int d = 0; d < D; ++d) {
+              __m512 kv[KN];
+              for (int64_t t = 0; t < KN; ++t) kv[t] = _mm512_loadu_ps(kh + (j0 + t * KT) * D + d * KT);
+              for (int64_t r = 0; r < SR; ++r) {
+                const __m512 x = _mm512_set1_ps(qf[(r0 + r) * D + d]);
+                for (int64_t t = 0; t < KN; ++t) acc[r][t] = _mm512_fmadd_ps(x, kv[t], acc[r][t]);
+              }
+            }
+            for (int64_t r = 0; r < SR && r0 + r < rows; ++r)
+              for (int64_t t = 0; t < KN; ++t) _mm512_storeu_ps(scores.data() + (r0 + r) * keys + j0 + t * KT, acc[r][t]);
+          }
+          j0 += KN * KT;
+          continue;
+        }
+#endif
         const int64_t kn = std::min(KT, keys - j0);
         for (int64_t r0 = 0; r0 < padded; r0 += SR) {
           float acc[SR][KT] = {};
@@ -201,6 +223,7 @@ static void causal(const T* q, int64_t q_row, const T* k, int64_t k_row, const T
           for (int64_t r = 0; r < SR && r0 + r < rows; ++r)
             std::copy(acc[r], acc[r] + kn, scores.data() + (r0 + r) * keys + j0);
         }
+        j0 += KT;
       }
       // softmax over the keys each row sees, as torch's flash attention rounds it: the weights
       // exp(s - max) in q's dtype for the product with the values, divided by their float32 sum
@@ -222,6 +245,32 @@ static void causal(const T* q, int64_t q_row, const T* k, int64_t k_row, const T
         const int64_t rn = std::min(VR, rows - r0);
         const int64_t last = *std::max_element(count.begin() + r0, count.begin() + r0 + rn);
         for (int64_t d0 = 0; d0 < D; d0 += DC) {
+#if defined(__AVX512F__)
+          if (rn == VR) {
+            constexpr int64_t VC = DC / 16;  // a row's vectors
+            __m512 acc[VR][VC];
+            for (int64_t r = 0; r < VR; ++r)
+              for (int64_t c = 0; c < VC; ++c) acc[r][c] = _mm512_setzero_ps();
+            for (int64_t j = 0; j < last; ++j) {
+              const float* vj = vh + d0 * L + j * DC;
+              __m512 vv[VC];
+              for (int64_t c = 0; c < VC; ++c) vv[c] = _mm512_loadu_ps(vj + 16 * c);
+              for (int64_t r = 0; r < VR; ++r) {
+                const __m512 p = _mm512_set1_ps(scores[(r0 + r) * keys + j]);
+                for (int64_t c = 0; c < VC; ++c) acc[r][c] = _mm512_fmadd_ps(p, vv[c], acc[r][c]);
+              }
+            }
+            for (int64_t r = 0; r < VR; ++r) {
+              const int64_t g = (r0 + r) / n, i = (r0 + r) % n;
+              T* dst = out + ((i0 + i) * Hq + h * G + g) * D + d0;
+              alignas(64) float row[DC];
+              const __m512 inv = _mm512_set1_ps(inv_sum[r0 + r]);
+              for (int64_t c = 0; c < VC; ++c) _mm512_store_ps(row + 16 * c, _mm512_mul_ps(acc[r][c], inv));
+              for (int d = 0; d < DC; ++d) dst[d] = static_cast<T>(row[d]);
+            }
+            continue;
+          }
+#endif
           float acc[VR][DC] = {};
           for (int64_t j = 0; j < last; ++j) {
             const float* vj = vh + d0 * L + j * DC;

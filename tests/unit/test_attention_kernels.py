@@ -174,6 +174,23 @@ def test_linear_equals_a_float64_matmul(N, K, M):
         torch.testing.assert_close(kernel.linear(x, packed, b, N).double(), want + b.double(), **tol)
 
 
+@pytest.mark.skipif(not linear_dtypes, reason="this CPU has neither AVX-512 nor AVX2 with FMA: the engines keep oneDNN's GEMM")
+@pytest.mark.parametrize("N, K", [(960, 576), (49, 1536), (24, 18), (13, 6)])  # whole groups of panels; groups cut short
+def test_a_rows_output_is_the_same_bits_in_a_prefill_and_alone(N, K):
+    """A prefill's rows (more than 32) take other tiles than a decode step's (linear_tiles.h), but
+    every output element is the same sum in the same order: a row comes out the same bits whether
+    it is computed alone, in a few rows or in a long prompt."""
+    for dtype in linear_dtypes:
+        torch.manual_seed(N + K)
+        w, b, x = torch.randn(N, K).to(dtype), torch.randn(N), torch.randn(70, K).to(dtype)
+        packed = kernel.pack_linear(w)
+        for bias in (None, b):
+            whole = kernel.linear(x, packed, bias, N)
+            alone = torch.cat([kernel.linear(x[i:i + 1], packed, bias, N) for i in range(len(x))])
+            assert torch.equal(whole, alone)
+            assert torch.equal(kernel.linear(x[:16], packed, bias, N), whole[:16])
+
+
 @pytest.mark.skipif(torch.bfloat16 not in linear_dtypes or not kernel.LINEAR_BF16_WIDENED,
                     reason="the widening bf16 tile is built only for AVX2 + FMA without AVX-512")
 @pytest.mark.parametrize("N, K", [(960, 576), (13, 6), (24, 18), (49, 1536)])
@@ -192,7 +209,7 @@ def test_bf16_on_avx2_is_the_float32_gemm_rounded_to_nearest_even_to_the_bit(N, 
 
 
 @pytest.mark.skipif(not linear_dtypes, reason="this CPU has neither AVX-512 nor AVX2 with FMA: the engines keep oneDNN's GEMM")
-@pytest.mark.parametrize("I, K", [(1536, 576), (16, 6), (48, 18)])  # one gate/up pair; pairs over several groups
+@pytest.mark.parametrize("I, K", [(1536, 576), (16, 6), (48, 18), (32, 18), (80, 18)])  # one gate/up pair; pairs over several groups; groups of 3 pairs cut short (1, 2 left)
 @pytest.mark.parametrize("M", [1, 5, 12, 13, 33, 65, 500])
 def test_the_gate_up_gemm_with_its_activation_equals_the_two_calls_to_the_bit(I, K, M):
     """linear_silu_mul (the activation in the GEMM's epilogue, engine/model.py Linear.silu_mul) is
