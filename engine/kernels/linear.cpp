@@ -12,14 +12,16 @@
 //                                 next to up panel j (gate_up_order reorders its rows, or a bias)
 //   linear_silu_mul(x, packed, bias (2I,) in gate_up_order or None, I) -> SiLU(gate) * up, (M, I)
 //
-// A microkernel takes `PANELS` panels (16 or 32 output columns) and up to TM rows of x; its
+// A microkernel takes `PANELS` panels (16, 32 or 48 output columns) and up to TM rows of x; its
 // accumulators (TM x PANELS zmm registers, float32) stay in registers over the whole of K, each
 // weight vector loaded once and used by every row (a row's x element broadcast). Work items are
 // panel groups x row chunks, group-major: a thread's items share weight panels. bfloat16 products
-// accumulate in float32 (VDPBF16PS), rounded to bfloat16 once at the end, as oneDNN does.
+// accumulate in float32 (VDPBF16PS, or FMAs on the weights widened), rounded to bfloat16 once at the
+// end, as oneDNN does.
 //
 // float32 needs AVX-512 or AVX2 with FMA (the tiles: linear_tiles.h); bfloat16 AVX512-BF16 without
-// AMX, or AVX2 with FMA and no AVX-512 (a tile that widens the bf16 weights to float32 in registers).
+// AMX, or AVX2 with FMA and no AVX-512, and on a core with AVX512-FP16 takes FMAs where VDPBF16PS
+// is slower there (the latter two: a tile that widens the bf16 weights to float32 in registers).
 // On AVX2 both dtypes take one panel x 6 rows in ymm registers.
 // LINEAR_DTYPES says which this build runs; the engine keeps oneDNN's GEMM for the others
 // (engine/model.py, Linear).
@@ -41,7 +43,7 @@ using namespace dejavu::tiles;
 constexpr int64_t ROW_CHUNK = 64;  // rows of one work item: a prefill splits into chunks too
 
 // The tile shapes (linear_tiles.h), measured on the 2-core Zen 4 VM (30 layers of SmolLM2's linears, 2 threads):
-// float32 one panel x 8 rows (two panels lose at 1 and 512 rows; beyond 32 rows two panels x 12 on
+// float32 one panel x 8 rows (two panels lose at 1 and 512 rows; beyond 32 rows three panels x 8 on
 // a core with two 512-bit FMA units, linear_tiles.h); bfloat16 two panels x 12 rows up to 32 rows
 // (at 16 rows 11.4 ms against 12.5 with one panel), x 8 beyond.
 // X, W, Y: the element types of x, the packed weight and y (bf16's widening tile: float, bf16, float).
@@ -137,8 +139,9 @@ void run_gate_up(const X* x, int64_t M, int64_t K, const W* w, int64_t I, const 
         const Bits* act = reinterpret_cast<const Bits*>(scratch);
         if constexpr (widened) {
           static_assert(sizeof(Act) == 2, "a widening tile's activation is bf16");
+          for (int64_t r = 0; r < rows; ++r)  // the columns this item's tiles wrote
 #pragma omp simd
-          for (int64_t e = 0; e < rows * WIDTH; ++e) rounded[e] = dejavu::bf16_bits(scratch[e]);  // to nearest even
+            for (int64_t e = r * WIDTH; e < r * WIDTH + 16 * n; ++e) rounded[e] = dejavu::bf16_bits(scratch[e]);  // to nearest even
           act = rounded;
         }
         // each row's 16 activations of each pair: silu.h's one copy, as silu_and_mul computes them
@@ -201,8 +204,12 @@ at::Tensor linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bia
 #if defined(DEJAVU_LINEAR_BF16_WIDENED)
     const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
     auto xf = x.to(at::kFloat), yf = at::empty({M, N}, xf.options());
-    run<PANELS_BF16, TM_BF16>(xf.data_ptr<float>(), M, K, wp, panels, b, yf.data_ptr<float>(), N,
-                              DEJAVU_TILE(tile_bf16, PANELS_BF16));
+    if (M <= 32)
+      run<PANELS_BF16, TM_BF16>(xf.data_ptr<float>(), M, K, wp, panels, b, yf.data_ptr<float>(), N,
+                                DEJAVU_TILE(tile_bf16, PANELS_BF16));
+    else  // the same sums, in the same order
+      run<PANELS_BF16_PREFILL, TM_BF16_PREFILL>(xf.data_ptr<float>(), M, K, wp, panels, b, yf.data_ptr<float>(), N,
+                                                DEJAVU_TILE(tile_bf16, PANELS_BF16_PREFILL));
     return yf.to(at::kBFloat16);  // to nearest even
 #elif defined(DEJAVU_LINEAR_BF16)
     auto y = at::empty({M, N}, x.options());
@@ -261,8 +268,12 @@ at::Tensor linear_silu_mul(at::Tensor x, at::Tensor packed, c10::optional<at::Te
     const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
     auto xf = x.to(at::kFloat);
     auto* yp = reinterpret_cast<c10::BFloat16*>(y.data_ptr());
-    run_gate_up<c10::BFloat16, float, PANELS_BF16, TM_BF16>(xf.data_ptr<float>(), M, K, wp, I, b, yp,
-                                                             DEJAVU_TILE(tile_bf16, PANELS_BF16));
+    if (M <= 32)
+      run_gate_up<c10::BFloat16, float, PANELS_BF16, TM_BF16>(xf.data_ptr<float>(), M, K, wp, I, b, yp,
+                                                               DEJAVU_TILE(tile_bf16, PANELS_BF16));
+    else
+      run_gate_up<c10::BFloat16, float, PANELS_BF16_PREFILL, TM_BF16_PREFILL>(xf.data_ptr<float>(), M, K, wp, I, b, yp,
+                                                                               DEJAVU_TILE(tile_bf16, PANELS_BF16_PREFILL));
     return y;
 #elif defined(DEJAVU_LINEAR_BF16)
     const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
@@ -308,7 +319,7 @@ std::vector<std::string> linear_dtypes() {
   return out;
 }
 
-bool linear_bf16_widened() {  // bf16 by the AVX2 tile that widens to float32 (its output: float32 sums rounded)
+bool linear_bf16_widened() {  // bf16 by a tile that widens to float32 (AVX2's, or AVX512-FP16's: float32 sums rounded)
 #if defined(DEJAVU_LINEAR_BF16_WIDENED)
   return true;
 #else

@@ -4,9 +4,10 @@
 //
 // Which tiles a build has follows the CPU it is compiled for (-march=native), and says so in macros:
 //   DEJAVU_LINEAR_F32           float32: AVX-512, or AVX2 + FMA
-//   DEJAVU_LINEAR_BF16          bfloat16: AVX512-BF16 (VDPBF16PS), or AVX2 + FMA without AVX-512
-//   DEJAVU_LINEAR_BF16_WIDENED  the latter: bf16 weights widened to float32 in registers; x and y
-//                               float32 (linear.cpp widens x and rounds y around it)
+//   DEJAVU_LINEAR_BF16          bfloat16: AVX-512 with AVX512-FP16 (FMAs on widened weights),
+//                               AVX512-BF16 (VDPBF16PS), or AVX2 + FMA without AVX-512
+//   DEJAVU_LINEAR_BF16_WIDENED  the first and the last: bf16 weights widened to float32 in
+//                               registers; x and y float32 (linear.cpp widens x and rounds y around it)
 // with the tile shapes each takes (TM_*, PANELS_*). tests/unit/test_kernel_isa_branches.py compiles
 // every branch of this ladder.
 #pragma once
@@ -110,7 +111,55 @@ void tile_f32(const float* x, int64_t K, const float* w, const float* bias, floa
 }
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(__AVX512F__) && defined(__AVX512FP16__)
+#define DEJAVU_LINEAR_BF16 1
+#define DEJAVU_LINEAR_BF16_WIDENED 1
+// bfloat16 on an Intel core with two 512-bit FMA units (AVX512-FP16 marks them in this build, as for
+// the float32 prefill tile above): there VDPBF16PS runs at half the FMA rate, one every two cycles
+// a core (C loops of independent chains on a 2-core Xeon, family 6, model 207: 203 GFLOP/s against
+// 423 of float32 FMAs), and a bf16 prefill through it took longer than a float32 one (630 against 394
+// ms for 500 tokens of SmolLM2). So the weights, bf16 in memory, are widened in registers as AVX2's
+// tile below widens them (the even k of a packed pair: the lane shifted left by 16; the odd k: its
+// low half cleared) and multiplied by FMAs; x is widened to float32 once per call and y rounded to
+// bf16 once, to nearest even (linear.cpp): each output is the float32 GEMM of the same bf16 values,
+// rounded, whatever the rows or the tile. In that C loop of SmolLM2's four linears at 500 rows: 322
+// GFLOP/s against 203 through VDPBF16PS. Tiles: two panels x 12 rows up to 32 rows, three x 8 beyond.
+constexpr int PANELS_BF16 = 2, TM_BF16 = 12, PANELS_BF16_PREFILL = 3, TM_BF16_PREFILL = 8;
+template <int TM, int PANELS>
+void tile_bf16(const float* x, int64_t K, const uint16_t* w, const float* bias, float* y, int64_t ldy,
+               int64_t n0, int64_t N) {
+  __m512 acc[PANELS][TM];
+  for (int p = 0; p < PANELS; ++p)
+    for (int m = 0; m < TM; ++m) acc[p][m] = _mm512_setzero_ps();
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const int64_t pairs = K / 2;
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    __m512i wv[PANELS];
+    for (int p = 0; p < PANELS; ++p) {
+      const uint16_t* wp = w + p * K * 16 + kp * 32;
+      wv[p] = _mm512_loadu_si512(wp);
+      _mm_prefetch(reinterpret_cast<const char*>(wp + 512), _MM_HINT_T0);  // 1 KiB ahead
+    }
+    for (int m = 0; m < TM; ++m) {  // the even k
+      const __m512 xv = _mm512_set1_ps(x[m * K + 2 * kp]);
+      for (int p = 0; p < PANELS; ++p)
+        acc[p][m] = _mm512_fmadd_ps(xv, _mm512_castsi512_ps(_mm512_slli_epi32(wv[p], 16)), acc[p][m]);
+    }
+    for (int m = 0; m < TM; ++m) {  // the odd k
+      const __m512 xv = _mm512_set1_ps(x[m * K + 2 * kp + 1]);
+      for (int p = 0; p < PANELS; ++p)
+        acc[p][m] = _mm512_fmadd_ps(xv, _mm512_castsi512_ps(_mm512_and_si512(wv[p], high)), acc[p][m]);
+    }
+  }
+  for (int p = 0; p < PANELS; ++p) {
+    const int64_t n = n0 + 16 * p;
+    if (n >= N) break;
+    const __mmask16 mask = N - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n)) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
+    for (int m = 0; m < TM; ++m) _mm512_mask_storeu_ps(y + m * ldy + n, mask, _mm512_add_ps(acc[p][m], b));
+  }
+}
+#elif defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define DEJAVU_LINEAR_BF16 1
 // bfloat16: panel (K/2, 16, 2); one VDPBF16PS (two products a lane) per weight vector and row.
 template <int TM, int PANELS>
@@ -145,7 +194,7 @@ void tile_bf16(const uint16_t* x, int64_t K, const uint16_t* w, const float* bia
     }
   }
 }
-constexpr int PANELS_BF16 = 2, TM_BF16 = 12, TM_BF16_PREFILL = 8;
+constexpr int PANELS_BF16 = 2, TM_BF16 = 12, PANELS_BF16_PREFILL = 2, TM_BF16_PREFILL = 8;
 #elif defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
 #define DEJAVU_LINEAR_BF16 1
 #define DEJAVU_LINEAR_BF16_WIDENED 1
@@ -158,7 +207,7 @@ constexpr int PANELS_BF16 = 2, TM_BF16 = 12, TM_BF16_PREFILL = 8;
 // its low half cleared (two shifts). x is widened to float32 once per call (linear,
 // linear_silu_mul); products and sums are float32, the result rounded to bf16 once, to nearest
 // even, as oneDNN's and the AVX512-BF16 tile's. One panel (16 columns) x 6 rows: 12 accumulators.
-constexpr int PANELS_BF16 = 1, TM_BF16 = 6, TM_BF16_PREFILL = 6;
+constexpr int PANELS_BF16 = 1, TM_BF16 = 6, PANELS_BF16_PREFILL = 1, TM_BF16_PREFILL = 6;
 template <int TM, int PANELS>
 void tile_bf16(const float* x, int64_t K, const uint16_t* w, const float* bias, float* y, int64_t ldy,
                int64_t n0, int64_t N) {

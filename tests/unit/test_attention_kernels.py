@@ -156,7 +156,7 @@ linear_dtypes = [d for d in (torch.float32, torch.bfloat16)
 
 
 @pytest.mark.skipif(not linear_dtypes, reason="this CPU has neither AVX-512 nor AVX2 with FMA: the engines keep oneDNN's GEMM")
-@pytest.mark.parametrize("N, K", [(960, 576), (7, 6), (33, 18), (49, 1536), (24, 18), (13, 6)])  # panels cut short, odd N; on AVX2 a half panel exactly, a half cut short
+@pytest.mark.parametrize("N, K", [(960, 576), (7, 6), (33, 18), (49, 1536), (24, 18), (13, 6), (80, 18), (65, 18)])  # panels cut short, odd N; on AVX2 a half panel exactly, a half cut short; groups of 3 panels cut short (1, 2 left)
 @pytest.mark.parametrize("M", [1, 5, 12, 13, 32, 33, 64, 65, 500])  # tiles of 12, 8 (6 on AVX2) rows, cut short; row chunks
 def test_linear_equals_a_float64_matmul(N, K, M):
     """engine/kernels/linear.cpp: x W^T + b against float64, with and without a bias, every column
@@ -175,7 +175,7 @@ def test_linear_equals_a_float64_matmul(N, K, M):
 
 
 @pytest.mark.skipif(not linear_dtypes, reason="this CPU has neither AVX-512 nor AVX2 with FMA: the engines keep oneDNN's GEMM")
-@pytest.mark.parametrize("N, K", [(960, 576), (49, 1536), (24, 18), (13, 6)])  # whole groups of panels; groups cut short
+@pytest.mark.parametrize("N, K", [(960, 576), (49, 1536), (24, 18), (13, 6), (80, 18), (65, 18)])  # whole groups of panels; groups cut short
 def test_a_rows_output_is_the_same_bits_in_a_prefill_and_alone(N, K):
     """A prefill's rows (more than 32) take other tiles than a decode step's (linear_tiles.h), but
     every output element is the same sum in the same order: a row comes out the same bits whether
@@ -192,13 +192,15 @@ def test_a_rows_output_is_the_same_bits_in_a_prefill_and_alone(N, K):
 
 
 @pytest.mark.skipif(torch.bfloat16 not in linear_dtypes or not kernel.LINEAR_BF16_WIDENED,
-                    reason="the widening bf16 tile is built only for AVX2 + FMA without AVX-512")
+                    reason="the widening bf16 tiles are built only for AVX2 + FMA without AVX-512, and for "
+                           "AVX-512 with AVX512-FP16")
 @pytest.mark.parametrize("N, K", [(960, 576), (13, 6), (24, 18), (49, 1536)])
 @pytest.mark.parametrize("M", [1, 7, 65])
-def test_bf16_on_avx2_is_the_float32_gemm_rounded_to_nearest_even_to_the_bit(N, K, M):
-    """On AVX2 the bf16 tile widens the weights and sums in float32 in the float32 tile's order, and
-    rounds y to bf16 as it stores it: so its output is exactly the float32 GEMM of the same (bf16)
-    values, rounded by PyTorch (to nearest even), every column of a cut-short panel included."""
+def test_a_widening_bf16_tile_is_the_float32_gemm_rounded_to_nearest_even_to_the_bit(N, K, M):
+    """A widening bf16 tile (AVX2's; AVX512-FP16's) widens the weights and sums in float32 in the
+    float32 tile's order, and y is rounded to bf16 once: so its output is exactly the float32 GEMM
+    of the same (bf16) values, rounded by PyTorch (to nearest even), every column of a cut-short
+    panel included, a decode step's rows and a prefill's alike."""
     torch.manual_seed(M * N + K)
     w, b, x = torch.randn(N, K).bfloat16(), torch.randn(N), torch.randn(M, K).bfloat16()
     w[0, 0], x[0, 0] = 3e38, 3e38  # an overflow to inf in row 0 (the rounding of large values)
@@ -209,7 +211,7 @@ def test_bf16_on_avx2_is_the_float32_gemm_rounded_to_nearest_even_to_the_bit(N, 
 
 
 @pytest.mark.skipif(not linear_dtypes, reason="this CPU has neither AVX-512 nor AVX2 with FMA: the engines keep oneDNN's GEMM")
-@pytest.mark.parametrize("I, K", [(1536, 576), (16, 6), (48, 18), (32, 18), (80, 18)])  # one gate/up pair; pairs over several groups; groups of 3 pairs cut short (1, 2 left)
+@pytest.mark.parametrize("I, K", [(1536, 576), (16, 6), (48, 18), (32, 18), (80, 18), (64, 18)])  # one gate/up pair; pairs over several groups; groups of 3 pairs cut short (2, 2, 1 pairs)
 @pytest.mark.parametrize("M", [1, 5, 12, 13, 33, 65, 500])
 def test_the_gate_up_gemm_with_its_activation_equals_the_two_calls_to_the_bit(I, K, M):
     """linear_silu_mul (the activation in the GEMM's epilogue, engine/model.py Linear.silu_mul) is
