@@ -298,8 +298,13 @@ static void causal(const T* q, int64_t q_row, const T* k, int64_t k_row, const T
   }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    !defined(__AVX512FP16__)
 #define DEJAVU_CAUSAL_BF16 1
+// Not where AVX512-FP16 marks a core with two 512-bit FMA units: there VDPBF16PS runs at half their
+// rate (linear_tiles.h), and `causal` on keys and values widened to float32 took a 500-token prompt
+// of SmolLM2's 30 layers in 47.2 ms against this kernel's 61.3 (a 2-core Xeon, family 6, model 207,
+// alternated; docs/BENCHMARKS.md §18).
 // The same attention in bf16 on a CPU with AVX512-BF16: both products through VDPBF16PS, two exact
 // bf16 products a float32 lane, where `causal` widens keys and values to float32 and runs plain
 // FMAs (one product a lane). The sums stay float32 and the softmax is the one above (weights
