@@ -9,7 +9,8 @@ measured on CPU:
   takes the query heads of a KV head and 16 positions as one block of rows: at a 500-token prompt
   of SmolLM2, one core, 4.1 ms a layer against 7.8 for torch's SDPA (flash) in float32, 3.8
   against 8.5 in bf16; in bf16 on a CPU with AVX512-BF16 both products now run on VDPBF16PS,
-  1.7x faster again. Elsewhere SDPA, one call for a run of fresh segments of one length.
+  1.7x faster again (not where AVX512-FP16 marks a core on which VDPBF16PS runs at half the FMA
+  rate: there bf16 keys and values are widened to float32). Elsewhere SDPA, one call for a run of fresh segments of one length.
 - decode (one new token, start > 0): the decode segments of a step are batched. On CPU our
   kernel (`paged_decode_attention`) reads each sequence's K/V in place through its
   slots, each key and value once for all the query heads of its group (a position's KV heads as

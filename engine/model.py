@@ -52,8 +52,9 @@ def check_supported(hf_model, max_model_len: int) -> None:
 class Linear:
     """y = x W^T + b. On CPU, by our GEMM (engine/kernels/linear.cpp) when the runner's kernel module
     runs the weight's dtype (float32: AVX-512, or AVX2 + FMA, 1.3-1.5x oneDNN's at 1-32 rows on a
-    Zen 3 VM; bf16: AVX512-BF16 unless the CPU has AMX, or AVX2 + FMA without AVX-512, where oneDNN
-    has no bf16 GEMM: 1.45x F.linear at 1 row and 5-8x at 8-500), else by oneDNN's on a weight
+    Zen 3 VM; bf16: AVX512-BF16 unless the CPU has AMX (with AVX512-FP16: FMAs on widened
+    weights), or AVX2 + FMA without AVX-512, where oneDNN has no bf16 GEMM: 1.45x F.linear at 1 row
+    and 5-8x at 8-500), else by oneDNN's on a weight
     prepacked once into its blocked layout, else by F.linear. Measured on a 2-core Zen 4 VM, 30
     layers of SmolLM2's linears, 2 threads (`dejavu bench gemm`): ours against prepacked oneDNN
     1.55x / 1.68x at 1 row (float32 / bf16), 1.19x / 1.34x at 16, 1.05x / 1.02x at 500 (a prefill);
