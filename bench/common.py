@@ -94,7 +94,8 @@ def metrics(url: str) -> dict[str, float]:
 
 
 # the vector extensions our kernels and oneDNN choose between (engine/kernels): what a CPU had
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_ne_convert", "amx_bf16", "amx_tile")
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_ne_convert", "amx_bf16",
+             "amx_tile")
 
 
 def machine() -> dict:

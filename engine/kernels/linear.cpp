@@ -6,7 +6,10 @@
 //
 //   pack_linear(W (N, K))      -> the weight in 16-column panels, read front to back:
 //                                 float32 (N/16, K, 16); bfloat16 (N/16, K/2, 16, 2), k-pairs for
-//                                 VDPBF16PS; N zero-padded to whole panels (PANELS of them together)
+//                                 VDPBF16PS (the widening tiles read the same); N zero-padded to
+//                                 whole panels, in groups of PANELS_F32 (1) or PANELS_BF16 (2; 1 on
+//                                 AVX2); a tile of more panels than that (a prefill's) takes a
+//                                 group's last panels by a tile of fewer (run)
 //   linear(x (M, K), packed, bias (N,) float32 or None, N) -> (M, N), x's dtype
 //   pack_gate_up(W (2I, K))    -> an MLP's [gate; up] packed as pack_linear packs it, gate panel j
 //                                 next to up panel j (gate_up_order reorders its rows, or a bias)
@@ -20,8 +23,9 @@
 // end, as oneDNN does.
 //
 // float32 needs AVX-512 or AVX2 with FMA (the tiles: linear_tiles.h); bfloat16 AVX512-BF16 without
-// AMX, or AVX2 with FMA and no AVX-512, and on a core with AVX512-FP16 takes FMAs where VDPBF16PS
-// is slower there (the latter two: a tile that widens the bf16 weights to float32 in registers).
+// AMX (with AVX512-FP16 too: FMAs on widened weights, VDPBF16PS being slower there; a VM that hides
+// AMX, as this project's Xeon did), or AVX2 with FMA and no AVX-512 (a tile that widens the bf16
+// weights to float32 in registers as well).
 // On AVX2 both dtypes take one panel x 6 rows in ymm registers.
 // LINEAR_DTYPES says which this build runs; the engine keeps oneDNN's GEMM for the others
 // (engine/model.py, Linear).
@@ -45,7 +49,8 @@ constexpr int64_t ROW_CHUNK = 64;  // rows of one work item: a prefill splits in
 // The tile shapes (linear_tiles.h), measured on the 2-core Zen 4 VM (30 layers of SmolLM2's linears, 2 threads):
 // float32 one panel x 8 rows (two panels lose at 1 and 512 rows; beyond 32 rows three panels x 8 on
 // a core with two 512-bit FMA units, linear_tiles.h); bfloat16 two panels x 12 rows up to 32 rows
-// (at 16 rows 11.4 ms against 12.5 with one panel), x 8 beyond.
+// (at 16 rows 11.4 ms against 12.5 with one panel), x 8 beyond (three panels x 8 where AVX512-FP16
+// widens the weights).
 // X, W, Y: the element types of x, the packed weight and y (bf16's widening tile: float, bf16, float).
 // A last group short of PANELS panels (N not a multiple of PANELS x 16 columns: the weight is padded
 // to whole panels only) takes a tile of the panels it has.
@@ -313,7 +318,8 @@ std::vector<std::string> linear_dtypes() {
 #endif
 #if defined(DEJAVU_LINEAR_BF16) && !defined(__AMX_BF16__)
   // Not on a CPU with AMX (Intel Sapphire Rapids and later): there oneDNN runs bf16 GEMMs on AMX
-  // tiles, far faster than VDPBF16PS for a prefill's rows; ours is unmeasured there, oneDNN stays.
+  // tiles, far faster than our FMAs or VDPBF16PS for a prefill's rows; ours is unmeasured against
+  // AMX, oneDNN stays.
   out.push_back("bfloat16");
 #endif
   return out;

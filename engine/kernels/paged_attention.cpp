@@ -301,11 +301,8 @@ static void causal(const T* q, int64_t q_row, const T* k, int64_t k_row, const T
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
     !defined(__AVX512FP16__)
 #define DEJAVU_CAUSAL_BF16 1
-// Not where AVX512-FP16 marks a core with two 512-bit FMA units: there VDPBF16PS runs at half their
-// rate (linear_tiles.h), and `causal` on keys and values widened to float32 took a 500-token prompt
-// of SmolLM2's 30 layers in 47.2 ms against this kernel's 61.3 (a 2-core Xeon, family 6, model 207,
-// alternated; docs/BENCHMARKS.md §18).
-// The same attention in bf16 on a CPU with AVX512-BF16: both products through VDPBF16PS, two exact
+// The same attention in bf16 on a CPU with AVX512-BF16 and without AVX512-FP16: both products
+// through VDPBF16PS, two exact
 // bf16 products a float32 lane, where `causal` widens keys and values to float32 and runs plain
 // FMAs (one product a lane). The sums stay float32 and the softmax is the one above (weights
 // exp(s - max) rounded to bf16, their float32 sum divided after); only the order of the sums
@@ -313,6 +310,10 @@ static void causal(const T* q, int64_t q_row, const T* k, int64_t k_row, const T
 // prompt of SmolLM2 on the 2-core Zen 4 VM, old and new alternated in one process: 3.0-3.3 -> 1.7-2.0
 // ms a layer (1.66-1.79x); 1.45-2.3x for Llama-3-8B's heads (32 / 8 x 128); out equal to the bit to
 // `causal`'s for SmolLM2's shapes (docs/BENCHMARKS.md §5).
+// Not where AVX512-FP16 marks a core with two 512-bit FMA units: there VDPBF16PS runs at half their
+// rate (linear_tiles.h), and `causal` on keys and values widened to float32 took a 500-token prompt
+// of SmolLM2's 30 layers in 47.2 ms against this kernel's 61.3 (a 2-core Xeon, family 6, model 207,
+// alternated; docs/BENCHMARKS.md §18).
 //
 // Keys are packed per KV head in tiles of 16 keys, head_dim in pairs (LT, D/2, 16, 2): one zmm
 // holds a pair of dims of 16 keys, against which each query row's pair is broadcast. Values in

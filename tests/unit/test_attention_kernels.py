@@ -156,7 +156,7 @@ linear_dtypes = [d for d in (torch.float32, torch.bfloat16)
 
 
 @pytest.mark.skipif(not linear_dtypes, reason="this CPU has neither AVX-512 nor AVX2 with FMA: the engines keep oneDNN's GEMM")
-@pytest.mark.parametrize("N, K", [(960, 576), (7, 6), (33, 18), (49, 1536), (24, 18), (13, 6), (80, 18), (65, 18)])  # panels cut short, odd N; on AVX2 a half panel exactly, a half cut short; groups of 3 panels cut short (1, 2 left)
+@pytest.mark.parametrize("N, K", [(960, 576), (7, 6), (33, 18), (49, 1536), (24, 18), (13, 6), (80, 18), (65, 18)])  # panels cut short, odd N; on AVX2 a half panel exactly, a half cut short; float32's groups of 3 panels cut short (1, 2 left; bf16's: 33, 49, 7, 13, 24)
 @pytest.mark.parametrize("M", [1, 5, 12, 13, 32, 33, 64, 65, 500])  # tiles of 12, 8 (6 on AVX2) rows, cut short; row chunks
 def test_linear_equals_a_float64_matmul(N, K, M):
     """engine/kernels/linear.cpp: x W^T + b against float64, with and without a bias, every column
