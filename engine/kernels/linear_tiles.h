@@ -40,6 +40,20 @@ constexpr int PANELS_F32_PREFILL = 3, TM_F32_PREFILL = 8;
 #else
 constexpr int PANELS_F32_PREFILL = 1, TM_F32_PREFILL = 8;
 #endif
+// The end of a tile whose float32 sums are in acc: y = acc + bias, the columns of a panel at or
+// past N left alone (a last panel cut short; a panel of the zero padding).
+template <int TM, int PANELS>
+__attribute__((always_inline)) inline void store_f32(const __m512 (&acc)[PANELS][TM], const float* bias, float* y,
+                                                     int64_t ldy, int64_t n0, int64_t N) {
+  for (int p = 0; p < PANELS; ++p) {
+    const int64_t n = n0 + 16 * p;
+    if (n >= N) break;
+    const __mmask16 mask = N - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n)) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
+    for (int m = 0; m < TM; ++m) _mm512_mask_storeu_ps(y + m * ldy + n, mask, _mm512_add_ps(acc[p][m], b));
+  }
+}
+
 // float32: panel (K, 16); one FMA per weight vector and row.
 template <int TM, int PANELS>
 void tile_f32(const float* x, int64_t K, const float* w, const float* bias, float* y, int64_t ldy,
@@ -59,13 +73,7 @@ void tile_f32(const float* x, int64_t K, const float* w, const float* bias, floa
       for (int p = 0; p < PANELS; ++p) acc[p][m] = _mm512_fmadd_ps(xv, wv[p], acc[p][m]);
     }
   }
-  for (int p = 0; p < PANELS; ++p) {
-    const int64_t n = n0 + 16 * p;
-    if (n >= N) break;
-    const __mmask16 mask = N - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n)) - 1);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
-    for (int m = 0; m < TM; ++m) _mm512_mask_storeu_ps(y + m * ldy + n, mask, _mm512_add_ps(acc[p][m], b));
-  }
+  store_f32<TM, PANELS>(acc, bias, y, ldy, n0, N);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define DEJAVU_LINEAR_F32 1
@@ -151,13 +159,7 @@ void tile_bf16(const float* x, int64_t K, const uint16_t* w, const float* bias, 
         acc[p][m] = _mm512_fmadd_ps(xv, _mm512_castsi512_ps(_mm512_and_si512(wv[p], high)), acc[p][m]);
     }
   }
-  for (int p = 0; p < PANELS; ++p) {
-    const int64_t n = n0 + 16 * p;
-    if (n >= N) break;
-    const __mmask16 mask = N - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n)) - 1);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
-    for (int m = 0; m < TM; ++m) _mm512_mask_storeu_ps(y + m * ldy + n, mask, _mm512_add_ps(acc[p][m], b));
-  }
+  store_f32<TM, PANELS>(acc, bias, y, ldy, n0, N);
 }
 #elif defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define DEJAVU_LINEAR_BF16 1
