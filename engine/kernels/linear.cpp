@@ -45,6 +45,7 @@ namespace {
 using namespace dejavu::tiles;
 
 constexpr int64_t ROW_CHUNK = 64;  // rows of one work item: a prefill splits into chunks too
+constexpr int64_t DECODE_ROWS = 32;  // up to this many rows of x: the decode tiles (TM_*); beyond, a prefill's (*_PREFILL)
 
 // The tile shapes (linear_tiles.h), measured on the 2-core Zen 4 VM (30 layers of SmolLM2's linears, 2 threads):
 // float32 one panel x 8 rows (two panels lose at 1 and 512 rows; beyond 32 rows three panels x 8 on
@@ -209,7 +210,7 @@ at::Tensor linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bia
 #if defined(DEJAVU_LINEAR_BF16_WIDENED)
     const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
     auto xf = x.to(at::kFloat), yf = at::empty({M, N}, xf.options());
-    if (M <= 32)
+    if (M <= DECODE_ROWS)
       run<PANELS_BF16, TM_BF16>(xf.data_ptr<float>(), M, K, wp, panels, b, yf.data_ptr<float>(), N,
                                 DEJAVU_TILE(tile_bf16, PANELS_BF16));
     else  // the same sums, in the same order
@@ -221,10 +222,11 @@ at::Tensor linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bia
     const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
     const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
     auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
-    if (M <= 32)
+    if (M <= DECODE_ROWS)
       run<PANELS_BF16, TM_BF16>(xp, M, K, wp, panels, b, yp, N, DEJAVU_TILE(tile_bf16, PANELS_BF16));
     else
-      run<PANELS_BF16, TM_BF16_PREFILL>(xp, M, K, wp, panels, b, yp, N, DEJAVU_TILE(tile_bf16, PANELS_BF16));
+      run<PANELS_BF16_PREFILL, TM_BF16_PREFILL>(xp, M, K, wp, panels, b, yp, N,
+                                                DEJAVU_TILE(tile_bf16, PANELS_BF16_PREFILL));
     return y;
 #else
     TORCH_CHECK(false, "linear: this build has no bfloat16 kernel (no AVX512-BF16, no AVX2 with FMA)");
@@ -233,7 +235,7 @@ at::Tensor linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bia
   }
 #ifdef DEJAVU_LINEAR_F32
   auto y = at::empty({M, N}, x.options());
-  if (M > 32)  // a prefill (linear_tiles.h); the same sums, in the same order
+  if (M > DECODE_ROWS)  // a prefill (linear_tiles.h); the same sums, in the same order
     run<PANELS_F32_PREFILL, TM_F32_PREFILL>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(), panels, b,
                                             y.data_ptr<float>(), N, DEJAVU_TILE(tile_f32, PANELS_F32_PREFILL));
   else
@@ -273,7 +275,7 @@ at::Tensor linear_silu_mul(at::Tensor x, at::Tensor packed, c10::optional<at::Te
     const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
     auto xf = x.to(at::kFloat);
     auto* yp = reinterpret_cast<c10::BFloat16*>(y.data_ptr());
-    if (M <= 32)
+    if (M <= DECODE_ROWS)
       run_gate_up<c10::BFloat16, float, PANELS_BF16, TM_BF16>(xf.data_ptr<float>(), M, K, wp, I, b, yp,
                                                                DEJAVU_TILE(tile_bf16, PANELS_BF16));
     else
@@ -284,12 +286,12 @@ at::Tensor linear_silu_mul(at::Tensor x, at::Tensor packed, c10::optional<at::Te
     const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
     const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
     auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
-    static_assert(PANELS_BF16 == 2, "a gate/up pair is one bf16 panel group");
-    if (M <= 32)
+    static_assert(PANELS_BF16 == 2 && PANELS_BF16_PREFILL == 2, "a gate/up pair is one bf16 panel group");
+    if (M <= DECODE_ROWS)
       run_gate_up<c10::BFloat16, uint16_t, PANELS_BF16, TM_BF16>(xp, M, K, wp, I, b, yp, DEJAVU_TILE(tile_bf16, PANELS_BF16));
     else
-      run_gate_up<c10::BFloat16, uint16_t, PANELS_BF16, TM_BF16_PREFILL>(xp, M, K, wp, I, b, yp,
-                                                                          DEJAVU_TILE(tile_bf16, PANELS_BF16));
+      run_gate_up<c10::BFloat16, uint16_t, PANELS_BF16_PREFILL, TM_BF16_PREFILL>(xp, M, K, wp, I, b, yp,
+                                                                                  DEJAVU_TILE(tile_bf16, PANELS_BF16_PREFILL));
     return y;
 #else
     TORCH_CHECK(false, "linear_silu_mul: this build has no bfloat16 kernel (no AVX512-BF16, no AVX2 with FMA)");
@@ -297,7 +299,7 @@ at::Tensor linear_silu_mul(at::Tensor x, at::Tensor packed, c10::optional<at::Te
 #endif
   }
 #ifdef DEJAVU_LINEAR_F32
-  if (M > 32)
+  if (M > DECODE_ROWS)
     run_gate_up<float, float, PANELS_F32_PREFILL, TM_F32_PREFILL>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(),
                                                                   I, b, y.data_ptr<float>(),
                                                                   DEJAVU_TILE(tile_f32, PANELS_F32_PREFILL));

@@ -125,21 +125,22 @@ static void run(const T* q, const T* k_pool, const T* v_pool, const int64_t* slo
 template <typename T, int D>
 static void causal(const T* q, int64_t q_row, const T* k, int64_t k_row, const T* v, int64_t v_row, T* out,
                    int64_t M, int64_t start, int64_t Hq, int64_t Hkv, float scale) {
-  // positions per block; tile sizes: a scores tile of SR rows x KN tiles of KT keys, a values tile
-  // of VR rows x DC of the head's dimensions. Each tile's sums stay in registers: with AVX-512's 32
-  // registers of 16 floats 8 x 16 and 4 x 64; with AVX2's 16 of 8 floats that would spill (the
-  // float32 prompt attention ran at 20 GFLOP/s on a 2-core Zen 1, a third of its GEMM's), so 6 x 16
-  // and 6 x 16, 12 registers each (33 GFLOP/s there; 6 x 16 and 3 x 32: 29; 4 x 16 and 3 x 32: 28).
-  // Where a core starts two 512-bit FMAs a cycle (AVX512-FP16 marks Intel's, as for the GEMM's
-  // prefill tile, linear_tiles.h), 8 accumulators are just the FMAs' latency times their throughput:
-  // there 8 x 48 (24) and VR x DC of 24 vectors (6 x 64 for SmolLM2's heads): 30 layers of a
-  // 500-token prompt 52.9 -> 44.4 ms, 1024 tokens 192.9 -> 158.1 (a 2-core Xeon, family 6, model 207;
-  // docs/BENCHMARKS.md §18). Zen 4's double-pumped FMAs keep the first (unmeasured there). The order
-  // of every sum is the same whatever the tiles: so is the output, to the bit.
+  // positions per block; tile sizes: a scores tile of SR rows x KT keys (KN tiles of them where
+  // AVX512-FP16), a values tile of VR rows x DC of the head's dimensions. Each tile's sums stay in
+  // registers: with AVX-512's 32 registers of 16 floats 8 x 16 and 4 x 64; with AVX2's 16 of 8
+  // floats that would spill (the float32 prompt attention ran at 20 GFLOP/s on a 2-core Zen 1, a
+  // third of its GEMM's), so 6 x 16 and 6 x 16, 12 registers each (33 GFLOP/s there; 6 x 16 and 3 x
+  // 32: 29; 4 x 16 and 3 x 32: 28). Where a core starts two 512-bit FMAs a cycle (AVX512-FP16 marks
+  // Intel's, as for the GEMM's prefill tile, linear_tiles.h), 8 accumulators are just the FMAs'
+  // latency times their throughput: there 8 x 48 (24) and VR x DC of 24 vectors (6 x 64 for
+  // SmolLM2's heads): 30 layers of a 500-token prompt 52.9 -> 44.4 ms, 1024 tokens 192.9 -> 158.1
+  // (a 2-core Xeon, family 6, model 207; docs/BENCHMARKS.md §18). Zen 4's double-pumped FMAs keep
+  // the first (unmeasured there). The order of every sum is the same whatever the tiles: so is the
+  // output, to the bit.
 #if defined(__AVX512FP16__)
   constexpr int64_t R = 16, KT = 16, KN = 3, SR = 8, DC = D % 64 == 0 ? 64 : D, VR = std::min<int64_t>(12, 24 / (DC / 16));
 #elif defined(__AVX512F__)
-  constexpr int64_t R = 16, KT = 16, KN = 1, SR = 8, VR = 4, DC = D;
+  constexpr int64_t R = 16, KT = 16, SR = 8, VR = 4, DC = D;
 #else
   constexpr int64_t R = 16, KT = 16, SR = 6, VR = 6, DC = 16;
 #endif
