@@ -108,6 +108,30 @@ static void run(const T* q, const T* k_pool, const T* v_pool, const int64_t* slo
   });
 }
 
+#if defined(__AVX512FP16__)
+// A values tile of `causal`: VR rows x VC vectors of the head's dimensions, keys [j0, j1). p: the
+// rows' weights (row r at p + r * ldp, key j at [j]); v: values in chunks (key j's at v + j * 16 * VC);
+// sums: the rows' partial sums (row r at sums + r * ld), added to in key order. A function of its
+// own: inlined, its row pointers and the loop's spilled to the stack, a load in the loop.
+template <int64_t VR, int64_t VC>
+__attribute__((noinline)) static void values_tile(const float* p, int64_t ldp, const float* v, int64_t j0, int64_t j1,
+                                                  float* sums, int64_t ld) {
+  __m512 acc[VR][VC];
+  for (int64_t r = 0; r < VR; ++r)
+    for (int64_t c = 0; c < VC; ++c) acc[r][c] = _mm512_loadu_ps(sums + r * ld + 16 * c);
+  for (int64_t j = j0; j < j1; ++j) {
+    __m512 vv[VC];
+    for (int64_t c = 0; c < VC; ++c) vv[c] = _mm512_loadu_ps(v + (j * VC + c) * 16);
+    for (int64_t r = 0; r < VR; ++r) {
+      const __m512 w = _mm512_set1_ps(p[r * ldp + j]);
+      for (int64_t c = 0; c < VC; ++c) acc[r][c] = _mm512_fmadd_ps(w, vv[c], acc[r][c]);
+    }
+  }
+  for (int64_t r = 0; r < VR; ++r)
+    for (int64_t c = 0; c < VC; ++c) _mm512_storeu_ps(sums + r * ld + 16 * c, acc[r][c]);
+}
+#endif
+
 // Causal attention of M new tokens of one sequence against K/V that include them: prompts (start
 // 0, the K/V are the new tokens' own) and a prompt's later chunks (start > 0, the K/V gathered
 // from the pool). Query row i sits at position start + i and attends keys [0, start + i].
@@ -170,6 +194,7 @@ static void causal(const T* q, int64_t q_row, const T* k, int64_t k_row, const T
           for (int d = 0; d < DC; ++d) vd[c * L * DC + d] = static_cast<float>(vs[c * DC + d]);
       }
     std::vector<float> qf(max_rows * D), scores(max_rows * L);
+    [[maybe_unused]] std::vector<float> sums(max_rows * D);  // the values tiles' partial sums (AVX512-FP16)
     std::vector<int64_t> count(max_rows);
     std::vector<float> inv_sum(max_rows);
 #pragma omp for schedule(dynamic, 1)
@@ -249,36 +274,44 @@ static void causal(const T* q, int64_t q_row, const T* k, int64_t k_row, const T
         inv_sum[r] = 1.f / sum;
         std::fill(s + c, s + keys, 0.f);
       }
-      for (int64_t r0 = 0; r0 < rows; r0 += VR) {  // values
+      int64_t r_first = 0;  // the first row the loop below computes: after the full tiles where AVX512-FP16
+#if defined(__AVX512FP16__)
+      {
+        // Values in blocks of VB keys, each block taken by every full tile of VR rows before the next:
+        // a block of V (VB x DC floats, 16 KiB for SmolLM2) stays in L1 while the tiles read it, where
+        // a tile that ran over all its keys streamed the head's V from L2 once per tile (8 times a
+        // block of rows). The partial sums wait in `sums` between blocks; each still adds its keys
+        // in order, so the output is the same to the bit.
+        constexpr int64_t VB = 64, VC = DC / 16;
+        const int64_t full = rows / VR * VR;
+        int64_t reach = 0;  // keys any full tile reads
+        for (int64_t r0 = 0; r0 < full; r0 += VR)
+          reach = std::max(reach, *std::max_element(count.begin() + r0, count.begin() + r0 + VR));
+        std::fill(sums.begin(), sums.begin() + full * D, 0.f);
+        for (int64_t j0 = 0; j0 < reach; j0 += VB)
+          for (int64_t d0 = 0; d0 < D; d0 += DC)
+            for (int64_t r0 = 0; r0 < full; r0 += VR) {
+              const int64_t last = *std::max_element(count.begin() + r0, count.begin() + r0 + VR);
+              if (last > j0)
+                values_tile<VR, VC>(scores.data() + r0 * keys, keys, vh + d0 * L, j0, std::min(j0 + VB, last),
+                                    sums.data() + r0 * D + d0, D);
+            }
+        for (int64_t r = 0; r < full; ++r) {
+          const int64_t g = r / n, i = r % n;
+          T* dst = out + ((i0 + i) * Hq + h * G + g) * D;
+          const __m512 inv = _mm512_set1_ps(inv_sum[r]);
+          alignas(64) float row[D];
+          for (int64_t c = 0; c < D / 16; ++c)
+            _mm512_store_ps(row + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(sums.data() + r * D + 16 * c), inv));
+          for (int d = 0; d < D; ++d) dst[d] = static_cast<T>(row[d]);
+        }
+        r_first = full;
+      }
+#endif
+      for (int64_t r0 = r_first; r0 < rows; r0 += VR) {  // values
         const int64_t rn = std::min(VR, rows - r0);
         const int64_t last = *std::max_element(count.begin() + r0, count.begin() + r0 + rn);
         for (int64_t d0 = 0; d0 < D; d0 += DC) {
-#if defined(__AVX512FP16__)
-          if (rn == VR) {
-            constexpr int64_t VC = DC / 16;  // a row's vectors
-            __m512 acc[VR][VC];
-            for (int64_t r = 0; r < VR; ++r)
-              for (int64_t c = 0; c < VC; ++c) acc[r][c] = _mm512_setzero_ps();
-            for (int64_t j = 0; j < last; ++j) {
-              const float* vj = vh + d0 * L + j * DC;
-              __m512 vv[VC];
-              for (int64_t c = 0; c < VC; ++c) vv[c] = _mm512_loadu_ps(vj + 16 * c);
-              for (int64_t r = 0; r < VR; ++r) {
-                const __m512 p = _mm512_set1_ps(scores[(r0 + r) * keys + j]);
-                for (int64_t c = 0; c < VC; ++c) acc[r][c] = _mm512_fmadd_ps(p, vv[c], acc[r][c]);
-              }
-            }
-            for (int64_t r = 0; r < VR; ++r) {
-              const int64_t g = (r0 + r) / n, i = (r0 + r) % n;
-              T* dst = out + ((i0 + i) * Hq + h * G + g) * D + d0;
-              alignas(64) float row[DC];
-              const __m512 inv = _mm512_set1_ps(inv_sum[r0 + r]);
-              for (int64_t c = 0; c < VC; ++c) _mm512_store_ps(row + 16 * c, _mm512_mul_ps(acc[r][c], inv));
-              for (int d = 0; d < DC; ++d) dst[d] = static_cast<T>(row[d]);
-            }
-            continue;
-          }
-#endif
           float acc[VR][DC] = {};
           for (int64_t j = 0; j < last; ++j) {
             const float* vj = vh + d0 * L + j * DC;

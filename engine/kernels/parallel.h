@@ -46,12 +46,16 @@ inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) 
   if (error) std::rethrow_exception(error);
 }
 
-// parallel_for_dynamic(begin, end, chunk, f): the same contract, but the team takes `chunk` items
-// at a time from a shared counter until none are left, rather than one range a thread fixed up
+// parallel_for_dynamic(begin, end, chunk, f): the same contract, but the team takes up to `chunk`
+// items at a time from a shared counter until none are left, rather than one range a thread fixed up
 // front. On a host whose cores the services share (the gateway, the event loop, a cache store), a
 // thread that loses its core mid-op then holds up its team by the chunk it is in, not by half the
 // op: the others take the rest. For ops of many similar items (a GEMM's panels, a decode step's
-// sequences); items are taken in order, so neighbours still tend to share a thread.
+// sequences); items are taken in order, so neighbours still tend to share a thread. Near the end a
+// take shrinks (to half an even share of what is left, at least one item): a fixed take left one
+// thread finishing up to a whole take while the other waited at the region's end. SmolLM2's linears,
+// 30 layers of distinct weights, 2 threads on a Xeon (family 6, model 207), alternated: 1.3% less
+// time for the gate/up projection at 500 rows, 1-3% less for the four at 16 rows.
 template <typename F>
 inline void parallel_for_dynamic(int64_t begin, int64_t end, int64_t chunk, const F& f) {
   const int64_t n = end - begin;
@@ -66,10 +70,15 @@ inline void parallel_for_dynamic(int64_t begin, int64_t end, int64_t chunk, cons
   std::exception_ptr error;
 #pragma omp parallel
   {
-    for (int64_t b = next.fetch_add(chunk, std::memory_order_relaxed); b < end;
-         b = next.fetch_add(chunk, std::memory_order_relaxed)) {
+    const int64_t share = 2 * omp_get_num_threads();
+    for (;;) {
+      int64_t b = next.load(std::memory_order_relaxed), take;
+      do {
+        take = std::clamp<int64_t>((end - b) / share, 1, chunk);
+      } while (b < end && !next.compare_exchange_weak(b, b + take, std::memory_order_relaxed));
+      if (b >= end) break;
       try {
-        f(b, std::min(end, b + chunk));
+        f(b, std::min(end, b + take));
       } catch (...) {
         if (!failed.test_and_set()) error = std::current_exception();
         next.store(end, std::memory_order_relaxed);  // the others stop taking items
