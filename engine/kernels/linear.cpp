@@ -207,7 +207,17 @@ at::Tensor linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bia
   const int64_t M = x.size(0), K = x.size(1);
   if (M == 0) return at::empty({M, N}, x.options());
   if (x.scalar_type() == at::kBFloat16) {
-#if defined(DEJAVU_LINEAR_BF16_WIDENED)
+#if defined(DEJAVU_LINEAR_BF16_TILE_ROUNDS)
+    const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
+    auto xf = x.to(at::kFloat), y = at::empty({M, N}, x.options());
+    auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
+    if (M <= DECODE_ROWS)
+      run<PANELS_BF16, TM_BF16>(xf.data_ptr<float>(), M, K, wp, panels, b, yp, N, DEJAVU_TILE(tile_bf16, PANELS_BF16));
+    else  // the same sums, in the same order
+      run<PANELS_BF16_PREFILL, TM_BF16_PREFILL>(xf.data_ptr<float>(), M, K, wp, panels, b, yp, N,
+                                                DEJAVU_TILE(tile_bf16, PANELS_BF16_PREFILL));
+    return y;
+#elif defined(DEJAVU_LINEAR_BF16_WIDENED)
     const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
     auto xf = x.to(at::kFloat), yf = at::empty({M, N}, xf.options());
     if (M <= DECODE_ROWS)

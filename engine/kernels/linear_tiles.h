@@ -7,7 +7,9 @@
 //   DEJAVU_LINEAR_BF16          bfloat16: AVX-512 with AVX512-FP16 (FMAs on widened weights),
 //                               AVX512-BF16 (VDPBF16PS), or AVX2 + FMA without AVX-512
 //   DEJAVU_LINEAR_BF16_WIDENED  the first and the last: bf16 weights widened to float32 in
-//                               registers; x and y float32 (linear.cpp widens x and rounds y around it)
+//                               registers; x float32 (linear.cpp widens it), y float32 (AVX2's:
+//                               linear.cpp rounds it after) or bf16 where
+//   DEJAVU_LINEAR_BF16_TILE_ROUNDS the tile rounds y itself (AVX-512's)
 // with the tile shapes each takes (TM_*, PANELS_*). tests/unit/test_kernel_isa_branches.py compiles
 // every branch of this ladder.
 #pragma once
@@ -17,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace dejavu::tiles {
 
@@ -129,12 +132,40 @@ void tile_f32(const float* x, int64_t K, const float* w, const float* bias, floa
 // ms for 500 tokens of SmolLM2). So the weights, bf16 in memory, are widened in registers as AVX2's
 // tile below widens them (the even k of a packed pair: the lane shifted left by 16; the odd k: its
 // low half cleared) and multiplied by FMAs; x is widened to float32 once per call and y rounded to
-// bf16 once, to nearest even (linear.cpp): each output is the float32 GEMM of the same bf16 values,
-// rounded, whatever the rows or the tile. In that C loop of SmolLM2's four linears at 500 rows: 322
-// GFLOP/s against 203 through VDPBF16PS. Tiles: two panels x 12 rows up to 32 rows, three x 8 beyond.
+// bf16 once, to nearest even, by the tile itself (store_bf16): each output is the float32 GEMM of the
+// same bf16 values, rounded, whatever the rows or the tile. In that C loop of SmolLM2's four linears
+// at 500 rows: 322 GFLOP/s against 203 through VDPBF16PS. Tiles: two panels x 12 rows up to 32 rows,
+// three x 8 beyond.
+#define DEJAVU_LINEAR_BF16_TILE_ROUNDS 1  // y is bf16: tile_bf16 rounds it (AVX2's: linear.cpp, after)
 constexpr int PANELS_BF16 = 2, TM_BF16 = 12, PANELS_BF16_PREFILL = 3, TM_BF16_PREFILL = 8;
+// The end of a widening tile into bf16: y = bf16(acc + bias), the columns at or past N left alone.
+// Rounded as silu.h's bf16_bits (which the gate/up epilogue takes), to nearest even, NaN as 0x7FC0:
+// PyTorch's float -> bf16 for every other value, denormals included, which VCVTNEPS2BF16 flushes to
+// zero. In the tile rather than a pass over a float32 y (at::Tensor::to) after it: a 500-token bf16
+// prefill of SmolLM2 wrote and read 32M floats more that way, a decode row paid another dispatch.
 template <int TM, int PANELS>
-void tile_bf16(const float* x, int64_t K, const uint16_t* w, const float* bias, float* y, int64_t ldy,
+__attribute__((always_inline)) inline void store_bf16(const __m512 (&acc)[PANELS][TM], const float* bias, uint16_t* y,
+                                                      int64_t ldy, int64_t n0, int64_t N) {
+  const __m512i one = _mm512_set1_epi32(1), bias16 = _mm512_set1_epi32(0x7FFF), magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+  const __m512i inf = _mm512_set1_epi32(0x7F800000), nan = _mm512_set1_epi32(0x7FC0);
+  for (int p = 0; p < PANELS; ++p) {
+    const int64_t n = n0 + 16 * p;
+    if (n >= N) break;
+    const __mmask16 mask = N - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n)) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
+    for (int m = 0; m < TM; ++m) {
+      const __m512i u = _mm512_castps_si512(_mm512_add_ps(acc[p][m], b));
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, bias16), lsb), 16);
+      r = _mm512_mask_mov_epi32(r, _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, magnitude), inf), nan);
+      _mm256_mask_storeu_epi16(y + m * ldy + n, mask, _mm512_cvtepi32_epi16(r));
+    }
+  }
+}
+// Y: float (the gate/up epilogue's scratch, which rounds after the sums of its pairs) or uint16_t
+// (bf16's bits: linear's y, rounded here).
+template <int TM, int PANELS, typename Y>
+void tile_bf16(const float* x, int64_t K, const uint16_t* w, const float* bias, Y* y, int64_t ldy,
                int64_t n0, int64_t N) {
   __m512 acc[PANELS][TM];
   for (int p = 0; p < PANELS; ++p)
@@ -159,7 +190,10 @@ void tile_bf16(const float* x, int64_t K, const uint16_t* w, const float* bias, 
         acc[p][m] = _mm512_fmadd_ps(xv, _mm512_castsi512_ps(_mm512_and_si512(wv[p], high)), acc[p][m]);
     }
   }
-  store_f32<TM, PANELS>(acc, bias, y, ldy, n0, N);
+  if constexpr (std::is_same_v<Y, float>)
+    store_f32<TM, PANELS>(acc, bias, y, ldy, n0, N);
+  else
+    store_bf16<TM, PANELS>(acc, bias, y, ldy, n0, N);
 }
 #elif defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define DEJAVU_LINEAR_BF16 1
