@@ -43,18 +43,25 @@ constexpr int PANELS_F32_PREFILL = 3, TM_F32_PREFILL = 8;
 #else
 constexpr int PANELS_F32_PREFILL = 1, TM_F32_PREFILL = 8;
 #endif
+// The panels of a tile's end, for every AVX-512 tile: store(p, n, mask, b) for panel p, its first
+// column n, the mask of its columns before N and its 16 biases (zeros where there is no bias).
+template <int PANELS, typename Store>
+__attribute__((always_inline)) inline void each_panel(const float* bias, int64_t n0, int64_t N, Store&& store) {
+  for (int p = 0; p < PANELS; ++p) {
+    const int64_t n = n0 + 16 * p;
+    if (n >= N) break;
+    const __mmask16 mask = N - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n)) - 1);
+    store(p, n, mask, bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps());
+  }
+}
 // The end of a tile whose float32 sums are in acc: y = acc + bias, the columns of a panel at or
 // past N left alone (a last panel cut short; a panel of the zero padding).
 template <int TM, int PANELS>
 __attribute__((always_inline)) inline void store_f32(const __m512 (&acc)[PANELS][TM], const float* bias, float* y,
                                                      int64_t ldy, int64_t n0, int64_t N) {
-  for (int p = 0; p < PANELS; ++p) {
-    const int64_t n = n0 + 16 * p;
-    if (n >= N) break;
-    const __mmask16 mask = N - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n)) - 1);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
+  each_panel<PANELS>(bias, n0, N, [&](int p, int64_t n, __mmask16 mask, __m512 b) {
     for (int m = 0; m < TM; ++m) _mm512_mask_storeu_ps(y + m * ldy + n, mask, _mm512_add_ps(acc[p][m], b));
-  }
+  });
 }
 
 // float32: panel (K, 16); one FMA per weight vector and row.
@@ -148,11 +155,7 @@ __attribute__((always_inline)) inline void store_bf16(const __m512 (&acc)[PANELS
                                                       int64_t ldy, int64_t n0, int64_t N) {
   const __m512i one = _mm512_set1_epi32(1), bias16 = _mm512_set1_epi32(0x7FFF), magnitude = _mm512_set1_epi32(0x7FFFFFFF);
   const __m512i inf = _mm512_set1_epi32(0x7F800000), nan = _mm512_set1_epi32(0x7FC0);
-  for (int p = 0; p < PANELS; ++p) {
-    const int64_t n = n0 + 16 * p;
-    if (n >= N) break;
-    const __mmask16 mask = N - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n)) - 1);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
+  each_panel<PANELS>(bias, n0, N, [&](int p, int64_t n, __mmask16 mask, __m512 b) {
     for (int m = 0; m < TM; ++m) {
       const __m512i u = _mm512_castps_si512(_mm512_add_ps(acc[p][m], b));
       const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
@@ -160,7 +163,7 @@ __attribute__((always_inline)) inline void store_bf16(const __m512 (&acc)[PANELS
       r = _mm512_mask_mov_epi32(r, _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, magnitude), inf), nan);
       _mm256_mask_storeu_epi16(y + m * ldy + n, mask, _mm512_cvtepi32_epi16(r));
     }
-  }
+  });
 }
 // Y: float (the gate/up epilogue's scratch, which rounds after the sums of its pairs) or uint16_t
 // (bf16's bits: linear's y, rounded here).
@@ -219,16 +222,12 @@ void tile_bf16(const uint16_t* x, int64_t K, const uint16_t* w, const float* bia
       for (int p = 0; p < PANELS; ++p) acc[p][m] = _mm512_dpbf16_ps(acc[p][m], xv, wv[p]);
     }
   }
-  for (int p = 0; p < PANELS; ++p) {
-    const int64_t n = n0 + 16 * p;
-    if (n >= N) break;
-    const __mmask16 mask = N - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n)) - 1);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
+  each_panel<PANELS>(bias, n0, N, [&](int p, int64_t n, __mmask16 mask, __m512 b) {
     for (int m = 0; m < TM; ++m) {
       const __m256bh out = _mm512_cvtneps_pbh(_mm512_add_ps(acc[p][m], b));  // round to nearest even
       _mm256_mask_storeu_epi16(y + m * ldy + n, mask, (__m256i)out);
     }
-  }
+  });
 }
 constexpr int PANELS_BF16 = 2, TM_BF16 = 12, PANELS_BF16_PREFILL = 2, TM_BF16_PREFILL = 8;
 #elif defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
