@@ -52,7 +52,8 @@ constexpr int64_t DECODE_ROWS = 32;  // up to this many rows of x: the decode ti
 // a core with two 512-bit FMA units, linear_tiles.h); bfloat16 two panels x 12 rows up to 32 rows
 // (at 16 rows 11.4 ms against 12.5 with one panel), x 8 beyond (three panels x 8 where AVX512-FP16
 // widens the weights).
-// X, W, Y: the element types of x, the packed weight and y (bf16's widening tile: float, bf16, float).
+// X, W, Y: the element types of x, the packed weight and y (bf16's widening tiles: float, bf16, and
+// bf16's bits where the tile rounds y itself (AVX-512), else float).
 // A last group short of PANELS panels (N not a multiple of PANELS x 16 columns: the weight is padded
 // to whole panels only) takes a tile of the panels it has.
 template <int PANELS, int TM, typename X, typename W, typename Y, typename Tile>
@@ -207,26 +208,27 @@ at::Tensor linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bia
   const int64_t M = x.size(0), K = x.size(1);
   if (M == 0) return at::empty({M, N}, x.options());
   if (x.scalar_type() == at::kBFloat16) {
+#if defined(DEJAVU_LINEAR_BF16_WIDENED)
+    // x widened once; y bf16 from the tile (AVX-512's rounds it itself) or float32, rounded after (AVX2's)
 #if defined(DEJAVU_LINEAR_BF16_TILE_ROUNDS)
+    using Y = uint16_t;
+    auto y = at::empty({M, N}, x.options());
+#else
+    using Y = float;
+    auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+#endif
     const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
-    auto xf = x.to(at::kFloat), y = at::empty({M, N}, x.options());
-    auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
+    auto xf = x.to(at::kFloat);
+    auto* yp = reinterpret_cast<Y*>(y.data_ptr());
     if (M <= DECODE_ROWS)
       run<PANELS_BF16, TM_BF16>(xf.data_ptr<float>(), M, K, wp, panels, b, yp, N, DEJAVU_TILE(tile_bf16, PANELS_BF16));
     else  // the same sums, in the same order
       run<PANELS_BF16_PREFILL, TM_BF16_PREFILL>(xf.data_ptr<float>(), M, K, wp, panels, b, yp, N,
                                                 DEJAVU_TILE(tile_bf16, PANELS_BF16_PREFILL));
-    return y;
-#elif defined(DEJAVU_LINEAR_BF16_WIDENED)
-    const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
-    auto xf = x.to(at::kFloat), yf = at::empty({M, N}, xf.options());
-    if (M <= DECODE_ROWS)
-      run<PANELS_BF16, TM_BF16>(xf.data_ptr<float>(), M, K, wp, panels, b, yf.data_ptr<float>(), N,
-                                DEJAVU_TILE(tile_bf16, PANELS_BF16));
-    else  // the same sums, in the same order
-      run<PANELS_BF16_PREFILL, TM_BF16_PREFILL>(xf.data_ptr<float>(), M, K, wp, panels, b, yf.data_ptr<float>(), N,
-                                                DEJAVU_TILE(tile_bf16, PANELS_BF16_PREFILL));
-    return yf.to(at::kBFloat16);  // to nearest even
+    if constexpr (std::is_same_v<Y, float>)
+      return y.to(at::kBFloat16);  // to nearest even
+    else
+      return y;
 #elif defined(DEJAVU_LINEAR_BF16)
     auto y = at::empty({M, N}, x.options());
     const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());

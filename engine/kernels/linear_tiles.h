@@ -7,9 +7,10 @@
 //   DEJAVU_LINEAR_BF16          bfloat16: AVX-512 with AVX512-FP16 (FMAs on widened weights),
 //                               AVX512-BF16 (VDPBF16PS), or AVX2 + FMA without AVX-512
 //   DEJAVU_LINEAR_BF16_WIDENED  the first and the last: bf16 weights widened to float32 in
-//                               registers; x float32 (linear.cpp widens it), y float32 (AVX2's:
-//                               linear.cpp rounds it after) or bf16 where
-//   DEJAVU_LINEAR_BF16_TILE_ROUNDS the tile rounds y itself (AVX-512's)
+//                               registers; x float32 (linear.cpp widens it once a call)
+//   DEJAVU_LINEAR_BF16_TILE_ROUNDS  of those, AVX-512's: linear's y rounded to bf16 in the tile
+//                               (store_bf16; AVX2's y is float32, rounded after); the gate/up
+//                               epilogue still takes the tile's float32 sums
 // with the tile shapes each takes (TM_*, PANELS_*). tests/unit/test_kernel_isa_branches.py compiles
 // every branch of this ladder.
 #pragma once
@@ -161,7 +162,7 @@ __attribute__((always_inline)) inline void store_bf16(const __m512 (&acc)[PANELS
       const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
       __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, bias16), lsb), 16);
       r = _mm512_mask_mov_epi32(r, _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, magnitude), inf), nan);
-      _mm256_mask_storeu_epi16(y + m * ldy + n, mask, _mm512_cvtepi32_epi16(r));
+      _mm512_mask_cvtepi32_storeu_epi16(y + m * ldy + n, mask, r);  // AVX512F alone (VPMOVDW to memory)
     }
   });
 }

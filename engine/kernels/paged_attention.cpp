@@ -197,7 +197,9 @@ static void causal(const T* q, int64_t q_row, const T* k, int64_t k_row, const T
           for (int d = 0; d < DC; ++d) vd[c * L * DC + d] = static_cast<float>(vs[c * DC + d]);
       }
     std::vector<float> qf(max_rows * D), scores(max_rows * L);
-    [[maybe_unused]] std::vector<float> sums(VR * D);  // a values tile's sums (AVX512-FP16)
+#if defined(__AVX512FP16__)
+    std::vector<float> sums(VR * D);  // a values tile's sums
+#endif
     std::vector<int64_t> count(max_rows);
     std::vector<float> inv_sum(max_rows);
 #pragma omp for schedule(dynamic, 1)

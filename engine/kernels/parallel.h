@@ -78,7 +78,7 @@ inline void parallel_for_dynamic(int64_t begin, int64_t end, int64_t chunk, cons
       } while (b < end && !next.compare_exchange_weak(b, b + take, std::memory_order_relaxed));
       if (b >= end) break;
       try {
-        f(b, std::min(end, b + take));
+        f(b, b + take);  // take <= end - b while b < end
       } catch (...) {
         if (!failed.test_and_set()) error = std::current_exception();
         next.store(end, std::memory_order_relaxed);  // the others stop taking items
