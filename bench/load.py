@@ -99,6 +99,7 @@ class Workload:
     lengths: list[int]                                   # output tokens of request i, at every rate
     concurrent: list[list[str]]                          # per repeat, CONCURRENT prompts
     warmup: str
+    single: list[str]                                    # one prompt per single request
 
 
 @dataclass
@@ -125,14 +126,18 @@ def arrivals(args, rate: float) -> list[float]:
 
 
 def workload(args, tokenizer) -> Workload:
+    """Every request its own prompt: the single requests' too. They once took the first repeat's
+    prompts (and, past 16, their own again), which our prefix cache then served from memory: that
+    repeat of ours ran 1.2-1.5x faster than the next, and single requests past the 16th took ~50 ms."""
     n, k = args.requests, CONCURRENT
     texts = [tokenizer.decode(ids) for ids in build_prompts(tokenizer, args.prompt_tokens, 1 + len(args.rates) * n
-                                                            + args.repeats * k)]
+                                                            + args.repeats * k + args.single)]
     sizes = sorted({len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts})
     log(f"{len(texts)} prompts of {sizes} tokens (asked {args.prompt_tokens})")
     rates = {rate: (texts[1 + j * n:1 + (j + 1) * n], arrivals(args, rate)) for j, rate in enumerate(args.rates)}
     rest = texts[1 + len(args.rates) * n:]
-    return Workload(rates, output_lengths(args), [rest[r * k:(r + 1) * k] for r in range(args.repeats)], texts[0])
+    concurrent = [rest[r * k:(r + 1) * k] for r in range(args.repeats)]
+    return Workload(rates, output_lengths(args), concurrent, texts[0], rest[args.repeats * k:])
 
 
 # --- one request and the two loops -----------------------------------------------------------------
@@ -237,7 +242,7 @@ async def measure(urls: dict[str, str], args, work: Workload, out: dict[str, dic
         for i in range(args.single):  # one request alone: the TTFT and TPOT of an idle server
             for target, ep in eps.items():
                 await turn()
-                out[target]["raw"].append(alone := await request(ep, "single", i, work.concurrent[0][i % CONCURRENT],
+                out[target]["raw"].append(alone := await request(ep, "single", i, work.single[i],
                                                                  args.concurrent_output_tokens, time.perf_counter()))
                 log(f"{target} single request {i + 1}/{args.single}: TTFT {alone.ttft_s * 1e3:.0f} ms, "
                     f"TPOT {alone.tpot_s * 1e3:.1f} ms")

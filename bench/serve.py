@@ -2,8 +2,10 @@
 
 What one run does, step by step:
 
-1. load the tokenizer and the model in this process (the baseline) and build one prompt of exactly
-   --prompt-tokens token ids per concurrent request; each starts differently, so no prefix is shared;
+1. load the tokenizer and the model in this process (the baseline) and build a prompt of exactly
+   --prompt-tokens token ids for every request ours serves (each repeat and concurrency its own, and
+   the warm-up's): each starts differently, so no prefix is shared and our prefix cache serves none
+   (reused across repeats, prompts came back from it: a repeat's TTFT ~50 ms);
 2. start a cluster (1 prompt service, 1 token service, --cache-stores cache stores: none by default,
    DEJAVU_MAX_SEQS >= the highest concurrency) unless --url names a running gateway; warm both sides
    up once;
@@ -135,15 +137,17 @@ def measure_ours(url: str, repeat: int, prompts: list[list[int]], new_tokens: in
 # --- the run -------------------------------------------------------------------------------------
 
 def run(args, url: str, hf: HFBaseline, prompts: list[list[int]]) -> list[Measurement]:
+    """prompts: 1 + repeats x sum(concurrency), each sent to us once (HF's baseline has no cache)."""
     log("warming up both sides")
     hf.generate(prompts[0], 4)
     measure_ours(url, 0, prompts[:1], 4)
-    done = []
+    done, fresh = [], iter(prompts[1:])
     for r in range(1, args.repeats + 1):
         for c in args.concurrency:
-            m = hf.measure(r, c, prompts[0], args.new_tokens)
+            mine = [next(fresh) for _ in range(c)]
+            m = hf.measure(r, c, mine[0], args.new_tokens)
             log(f"repeat {r}/{args.repeats} c={c:<3} HF   : TTFT {m.ttft_p50_ms:7.0f} ms, {m.tokens_per_s:7.1f} tok/s")
-            o = measure_ours(url, r, prompts[:c], args.new_tokens)
+            o = measure_ours(url, r, mine, args.new_tokens)
             log(f"repeat {r}/{args.repeats} c={c:<3} ours : TTFT p50 {o.ttft_p50_ms:7.0f} ms (max {max(o.ttft_ms):.0f}), "
                 f"{o.tokens_per_s:7.1f} tok/s ({o.tokens} tokens in {o.wall_s:.1f} s)")
             done += [m, o]
@@ -211,7 +215,7 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     path = resolve_model_path(args.model, progress=log)
-    prompts = build_prompts(load_tokenizer(path), args.prompt_tokens, max(args.concurrency))
+    prompts = build_prompts(load_tokenizer(path), args.prompt_tokens, 1 + args.repeats * sum(args.concurrency))
     hf = HFBaseline(path)
     if args.url:
         measurements = run(args, args.url.rstrip("/"), hf, prompts)

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from bench.common import percentile, spread
+from common.model import load_tokenizer
 from dejavu.cli import BENCHMARKS
 
 
@@ -141,7 +142,7 @@ def test_bench_load_alternate_takes_turns(monkeypatch):
         args = bench_load.parse_args(["--url", "x", "--rates", "none", "--repeats", "3", "--single", "2",
                                       "--concurrent-output-tokens", "3", "--alternate"])
         concurrent = [[f"r{r} p{i}" for i in range(bench_load.CONCURRENT)] for r in range(1, 4)]
-        work = bench_load.Workload({}, [], concurrent, "warm")
+        work = bench_load.Workload({}, [], concurrent, "warm", ["s1 alone", "s2 alone"])
         out, skipped = {}, {}
         asyncio.run(bench_load.measure(urls, args, work, out, skipped))
     finally:
@@ -159,12 +160,33 @@ def test_bench_load_alternate_takes_turns(monkeypatch):
     S = [("settle", "settle"), 1]
     n = bench_load.CONCURRENT
     assert runs == [[("a", "warm"), 1], [("b", "warm"), 1],
-                    S, [("a", "r1"), 1], S, [("b", "r1"), 1], S, [("a", "r1"), 1], S, [("b", "r1"), 1],  # alone, in turn
+                    S, [("a", "s1"), 1], S, [("b", "s1"), 1], S, [("a", "s2"), 1], S, [("b", "s2"), 1],  # alone, in turn
                     S, [("a", "r1"), n], S, [("b", "r1"), n], S, [("b", "r2"), n], S, [("a", "r2"), n],
                     S, [("a", "r3"), n], S, [("b", "r3"), n]]
     for name in out:
         assert len(out[name]["tokens_per_s"]) == 3 and out[name]["errors"] == 0 and out[name]["complete"]
         assert all(r.tokens == 3 for r in out[name]["raw"])
+        prompts = [prompt for server, prompt in events if server == name]
+        assert len(prompts) == len(set(prompts)), "a prompt sent to one server twice: its prefix cache would serve it"
+
+
+def test_bench_load_gives_every_request_a_prompt_of_its_own(bundled_path):
+    """The single requests, each repeat of the closed loop and each rate: no prompt twice, none
+    sharing a first block with another, so that a prefix cache (ours is on by default) serves none of
+    them. The single requests once took the first repeat's prompts: that repeat of ours then ran
+    1.2-1.5x faster than the next one."""
+    from bench import load as bench_load
+
+    tokenizer = load_tokenizer(bundled_path)
+    args = bench_load.parse_args(["--url", "x", "--rates", "0.5", "--requests", "3", "--repeats", "2", "--single", "20",
+                                  "--prompt-tokens", "40"])
+    work = bench_load.workload(args, tokenizer)
+    everything = [work.warmup, *work.single, *[p for rep in work.concurrent for p in rep],
+                  *[p for prompts, _ in work.rates.values() for p in prompts]]
+    assert len(work.single) == 20 and [len(r) for r in work.concurrent] == [bench_load.CONCURRENT] * 2
+    assert len(everything) == 1 + 20 + 2 * bench_load.CONCURRENT + 3
+    first_blocks = {tuple(tokenizer(p, add_special_tokens=False)["input_ids"][:16]) for p in everything}
+    assert len(first_blocks) == len(everything)
 
 
 def test_dejavu_bench_lmeval_says_where_the_harness_comes_from(tmp_path):
