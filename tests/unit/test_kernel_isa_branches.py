@@ -28,9 +28,10 @@ def test_the_kernels_compile_for_other_cpus():
     from torch.utils.cpp_extension import include_paths
 
     includes = [f"-isystem{p}" for p in include_paths()] + [f"-isystem{sysconfig.get_paths()['include']}"]
-    # code generated (-O0: quick), not -fsyntax-only: an intrinsic that needs an ISA extension the
-    # branch does not test for only fails where GCC inlines it (AVX512-VL's masked 16-bit store in the
-    # AVX512-FP16 branch, which -mavx512fp16 alone does not bring, passed -fsyntax-only)
+    # code generated (-O0: quick), not -fsyntax-only: an intrinsic of an ISA extension the -march
+    # lacks only fails where GCC inlines it, which -fsyntax-only never does (an AVX512-VL store in the
+    # AVX512-FP16 branch passed it for -march=x86-64-v3 -mavx512f -mavx512fp16, a CPU with FP16 and no
+    # VL; the CPUs below all have VL, so this catches such a slip in the branches they take)
     flags = ["-c", "-o", "/dev/null", "-std=c++20", "-O0", "-ffast-math", "-fopenmp", *includes]
     failed = {}
     for source in SOURCES:  # a file's compiles at once, one per CPU, each ~5-8 s
